@@ -1,0 +1,157 @@
+"""The whole exception tree of provisiond. No other module defines exceptions.
+
+::
+
+    ProvisioningError                      root; carries the DPS wire mapping
+    ├── RequestError                       400: the request itself is wrong
+    │   ├── InvalidBodyError               400004: body is not JSON / fields of the wrong type
+    │   ├── InvalidIdError                 400005: a registration/group/hub id breaks the id rules
+    │   ├── MissingApiVersionError         400001: no api-version query parameter
+    │   ├── BodyTooLargeError              413-ish, answered as 400 like DPS (400007)
+    │   └── InvalidQueryError              400008: unsupported query text
+    ├── AuthenticationError                401: no, malformed, expired or forged credential
+    ├── AuthorizationError                 403: a valid credential without the right
+    ├── NotFoundError (LookupError)        404: a record does not exist
+    ├── ConflictError                      409: the record already exists
+    ├── PreconditionFailedError            412: If-Match does not match the stored etag
+    ├── ThrottledError                     429: rate limit; carries retry_after
+    ├── StorageError                       500: the database failed (after translation)
+    └── ConfigurationError                 startup problems (bad flags, unreadable PKI); never on the wire
+
+Each class carries ``http_status`` and ``error_code`` (HTTP status x 1000 + detail, as DPS
+answers), so that endpoint adapters read attributes instead of keeping lookup tables.
+The CLI reads ``exit_code``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "AuthenticationError",
+    "AuthorizationError",
+    "BodyTooLargeError",
+    "ConfigurationError",
+    "ConflictError",
+    "InvalidBodyError",
+    "InvalidIdError",
+    "InvalidQueryError",
+    "MissingApiVersionError",
+    "NotFoundError",
+    "PreconditionFailedError",
+    "ProvisioningError",
+    "RequestError",
+    "StorageError",
+    "ThrottledError",
+]
+
+
+class ProvisioningError(Exception):
+    """Root of every error provisiond raises on purpose."""
+
+    http_status: ClassVar[int] = 500
+    error_code: ClassVar[int] = 500000
+    exit_code: ClassVar[int] = 1
+
+    def __init__(self, message: str, *, error_code: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if error_code is not None:
+            # Instance override of the class default (a more specific DPS detail code).
+            self.error_code = error_code  # type: ignore[misc]
+
+
+class RequestError(ProvisioningError):
+    """The request is malformed: bad JSON, bad field types, bad ids, bad parameters."""
+
+    http_status = 400
+    error_code = 400000
+
+
+class InvalidBodyError(RequestError):
+    """The body is not JSON, or a field has the wrong type or value."""
+
+    error_code = 400004
+
+
+class InvalidIdError(RequestError):
+    """An id (registration, enrollment group, hub, certificate, policy) breaks the id rules."""
+
+    error_code = 400005
+
+
+class MissingApiVersionError(RequestError):
+    """The request has no ``api-version`` query parameter, or one that is not a date."""
+
+    error_code = 400001
+
+
+class BodyTooLargeError(RequestError):
+    """The body is larger than the service accepts (96 KB, DPS's message size limit)."""
+
+    error_code = 400007
+
+
+class InvalidQueryError(RequestError):
+    """The query text is not one provisiond understands."""
+
+    error_code = 400008
+
+
+class AuthenticationError(ProvisioningError):
+    """The credential is missing, malformed, expired, forged, or for another resource."""
+
+    http_status = 401
+    error_code = 401000
+
+
+class AuthorizationError(ProvisioningError):
+    """The credential is valid but its policy lacks the right the operation needs."""
+
+    http_status = 403
+    error_code = 403000
+
+
+class NotFoundError(ProvisioningError, LookupError):
+    """The record the request names does not exist."""
+
+    http_status = 404
+    error_code = 404000
+
+
+class ConflictError(ProvisioningError):
+    """The record already exists (a create without If-Match on an existing id)."""
+
+    http_status = 409
+    error_code = 409000
+
+
+class PreconditionFailedError(ProvisioningError):
+    """If-Match names an etag that is not the stored one (RFC 7232)."""
+
+    http_status = 412
+    error_code = 412000
+
+
+class ThrottledError(ProvisioningError):
+    """A rate limit was hit; the caller should come back after ``retry_after`` seconds."""
+
+    http_status = 429
+    error_code = 429000
+
+    def __init__(self, message: str, *, retry_after: int, error_code: int | None = None) -> None:
+        super().__init__(message, error_code=error_code)
+        self.retry_after = retry_after
+
+
+class StorageError(ProvisioningError):
+    """The database failed in a way the caller cannot fix (translated from the driver)."""
+
+    http_status = 500
+    error_code = 500001
+
+
+class ConfigurationError(ProvisioningError):
+    """The service cannot start as configured (bad flag, unreadable file, bad database URL)."""
+
+    exit_code = 2

@@ -1,0 +1,279 @@
+"""The storage contract. Every backend (SQLite, PostgreSQL) implements :class:`Store` and passes
+the one contract suite in ``tests/storage/test_contract.py``.
+
+Theory of operation
+-------------------
+provisiond keeps every piece of state in the database; a service node holds nothing of its own,
+so several nodes can share one PostgreSQL database. The store is a set of *collections*
+(:class:`Collection`), each a table of JSON documents keyed by id, plus a few *index columns*
+that the service derives from the document on every write (for lookups and query filters).
+
+The store does not interpret documents: the service encodes them (msgspec, camelCase JSON) and
+passes the bytes together with the index values. What the store guarantees:
+
+- **Keys.** A record's key is ``Collection.key(id)``: the id lower-cased for collections whose
+  ids are case-insensitive (enrollments, groups, registrations, ...), the id as given otherwise.
+  Two ids that differ only in case are the same record there. The id as first written is kept
+  and returned in :attr:`Record.id`.
+- **Etags.** Every successful write gives the record a new etag, different from every etag the
+  record had before (a quoted opaque string, ``"\\"<uuid>\\""``, as DPS writes them).
+- **Conditional writes.** ``if_match`` is ``None`` (no condition), ``"*"`` (the record must
+  exist) or an etag (the record must exist and carry that etag). Etags compare after stripping
+  surrounding double quotes and a ``W/`` prefix. A failed condition raises
+  :class:`~provisiond.errors.PreconditionFailedError` and writes nothing.
+- **Write modes** (:class:`WriteMode`): CREATE raises :class:`~provisiond.errors.ConflictError`
+  when the key exists; UPDATE raises :class:`~provisiond.errors.NotFoundError` when it does not;
+  UPSERT does either. ``if_match`` is checked first: an etag or ``"*"`` on a missing record is a
+  :class:`~provisiond.errors.PreconditionFailedError`.
+- **Timestamps.** ``created`` is set on the first write and kept by later ones; ``updated`` is
+  set on every write. Both are ISO 8601 UTC strings with a ``Z`` suffix and microseconds.
+- **Atomicity.** Each write is all or nothing. :meth:`Store.write_many` applies each item
+  independently (one failing item does not stop the others) and returns one outcome per item in
+  order; it is one round trip/transaction for speed, not an all-or-nothing batch.
+- **Queries.** :meth:`Store.query` returns records in key order, filtered by equality on index
+  columns (AND), at most ``limit`` of them, plus an opaque continuation token when more remain.
+  Passing the token back continues after the last record returned, even if records were written
+  in between (keyset paging: no record is returned twice; records created behind the cursor are
+  not returned).
+- **Settings.** A small key/value table for the service's own settings (ID scope, keys).
+  :meth:`Store.setting_setdefault` is atomic across nodes: the first writer wins and every caller
+  gets the winning value.
+- **Errors.** Driver exceptions never escape: they become :class:`~provisiond.errors.StorageError`
+  (with ``from exc``), except the contract errors above.
+- **Concurrency.** Methods are coroutine-safe: many tasks may call one store at once.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from ..errors import ProvisioningError
+
+__all__ = [
+    "Collection",
+    "Delete",
+    "Page",
+    "Record",
+    "Store",
+    "Write",
+    "WriteMode",
+    "etags_match",
+    "new_etag",
+    "utc_now",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class _CollectionSpec:
+    table: str
+    label: str
+    case_insensitive: bool
+    index_columns: tuple[str, ...]
+
+
+class Collection(enum.Enum):
+    """The collections the store holds. ``value`` is the table's spec."""
+
+    ENROLLMENTS = _CollectionSpec(
+        "enrollments",
+        "individual enrollment",
+        True,
+        ("device_id", "provisioning_status", "attestation_type", "iot_hub_host_name"),
+    )
+    ENROLLMENT_GROUPS = _CollectionSpec(
+        "enrollment_groups",
+        "enrollment group",
+        True,
+        ("provisioning_status", "attestation_type", "iot_hub_host_name"),
+    )
+    REGISTRATIONS = _CollectionSpec(
+        "registrations",
+        "device registration",
+        True,
+        ("device_id", "status", "assigned_hub", "enrollment_group_id", "operation_id"),
+    )
+    LINKED_HUBS = _CollectionSpec("linked_hubs", "linked IoT hub", True, ())
+    CA_CERTIFICATES = _CollectionSpec("ca_certificates", "CA certificate", True, ())
+    ACCESS_POLICIES = _CollectionSpec("access_policies", "shared access policy", True, ())
+    # The built-in hub's device identities (with their twins), keyed "{hubHostName}/{deviceId}".
+    # IoT Hub device ids are case-sensitive.
+    HUB_DEVICES = _CollectionSpec("hub_devices", "hub device identity", False, ("hub",))
+
+    @property
+    def table(self) -> str:
+        return self.value.table
+
+    @property
+    def label(self) -> str:
+        return self.value.label
+
+    @property
+    def index_columns(self) -> tuple[str, ...]:
+        return self.value.index_columns
+
+    def key(self, id: str) -> str:
+        return id.lower() if self.value.case_insensitive else id
+
+
+class WriteMode(enum.Enum):
+    CREATE = "create"
+    UPDATE = "update"
+    UPSERT = "upsert"
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One stored document. ``doc`` is the JSON bytes the service wrote."""
+
+    id: str
+    etag: str
+    created: str
+    updated: str
+    doc: bytes
+    index: Mapping[str, str | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One item of :meth:`Store.write_many` (and the arguments of :meth:`Store.write`)."""
+
+    id: str
+    doc: bytes
+    index: Mapping[str, str | None] = field(default_factory=dict)
+    mode: WriteMode = WriteMode.UPSERT
+    if_match: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """A delete item of :meth:`Store.write_many`."""
+
+    id: str
+    if_match: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    records: list[Record]
+    continuation: str | None
+
+
+def new_etag() -> str:
+    """A fresh etag in DPS's shape: a quoted opaque string."""
+    return f'"{uuid.uuid4()}"'
+
+
+def _bare_etag(etag: str) -> str:
+    etag = etag.strip()
+    if etag.startswith("W/"):
+        etag = etag[2:]
+    return etag.strip('"')
+
+
+def etags_match(if_match: str, etag: str) -> bool:
+    """Whether an If-Match value matches a stored etag (``*`` matches any)."""
+    if if_match.strip() == "*":
+        return True
+    return _bare_etag(if_match) == _bare_etag(etag)
+
+
+def utc_now() -> str:
+    """The current time as the store writes it: ISO 8601 UTC with microseconds and ``Z``."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Store(ABC):
+    """The storage contract (see the module docstring for the rules every backend keeps)."""
+
+    #: A short name for logs and the CLI ("sqlite", "postgresql").
+    backend: str
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect, and bring the schema to the latest version (migrations run here, once,
+        under a lock that makes concurrent ``open`` calls from several nodes safe)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release every connection. Idempotent."""
+
+    @abstractmethod
+    async def schema_version(self) -> int:
+        """The number of the last migration applied."""
+
+    @abstractmethod
+    async def get(self, collection: Collection, id: str) -> Record | None:
+        """The record whose key is ``collection.key(id)``, or ``None``."""
+
+    @abstractmethod
+    async def get_many(self, collection: Collection, ids: Sequence[str]) -> dict[str, Record]:
+        """The records that exist among ``ids``, keyed by ``collection.key(id)``."""
+
+    @abstractmethod
+    async def write(
+        self,
+        collection: Collection,
+        id: str,
+        doc: bytes,
+        *,
+        index: Mapping[str, str | None] | None = None,
+        mode: WriteMode = WriteMode.UPSERT,
+        if_match: str | None = None,
+    ) -> Record:
+        """Write one record (rules: module docstring) and return it as stored.
+
+        :raises ConflictError: CREATE on an existing key.
+        :raises NotFoundError: UPDATE on a missing key.
+        :raises PreconditionFailedError: ``if_match`` not satisfied.
+        """
+
+    @abstractmethod
+    async def delete(self, collection: Collection, id: str, *, if_match: str | None = None) -> Record:
+        """Delete one record and return what was deleted.
+
+        :raises NotFoundError: no such key.
+        :raises PreconditionFailedError: ``if_match`` not satisfied.
+        """
+
+    @abstractmethod
+    async def write_many(
+        self, collection: Collection, items: Sequence[Write | Delete]
+    ) -> list[Record | ProvisioningError]:
+        """Apply each item independently, in order; one outcome per item (the stored or deleted
+        record, or the contract error that item raised)."""
+
+    @abstractmethod
+    async def query(
+        self,
+        collection: Collection,
+        *,
+        filters: Mapping[str, str] | None = None,
+        limit: int = 100,
+        continuation: str | None = None,
+    ) -> Page:
+        """A page of records in key order. ``filters`` maps an index column (or ``"id"`` for the
+        key, compared as ``collection.key(value)``) to the value it must equal.
+
+        :raises ValueError: a filter names a column the collection does not index.
+        """
+
+    @abstractmethod
+    async def count(self, collection: Collection, *, filters: Mapping[str, str] | None = None) -> int:
+        """How many records match ``filters`` (same rules as :meth:`query`)."""
+
+    @abstractmethod
+    async def get_setting(self, key: str) -> str | None:
+        """A service setting, or ``None``."""
+
+    @abstractmethod
+    async def set_setting(self, key: str, value: str) -> None:
+        """Set a service setting (last writer wins)."""
+
+    @abstractmethod
+    async def setting_setdefault(self, key: str, value: str) -> str:
+        """Set ``key`` to ``value`` unless it is set; return the value now stored (atomic)."""
