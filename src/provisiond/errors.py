@@ -8,7 +8,8 @@
     │   ├── InvalidIdError                 400005: a registration/group/hub id breaks the id rules
     │   ├── MissingApiVersionError         400001: no api-version query parameter
     │   ├── BodyTooLargeError              413-ish, answered as 400 like DPS (400007)
-    │   └── InvalidQueryError              400008: unsupported query text
+    │   ├── InvalidQueryError              400008: unsupported query text
+    │   └── MethodNotAllowedError          405: the path exists, the method does not
     ├── AuthenticationError                401: no, malformed, expired or forged credential
     ├── AuthorizationError                 403: a valid credential without the right
     ├── NotFoundError (LookupError)        404: a record does not exist
@@ -36,6 +37,7 @@ __all__ = [
     "InvalidBodyError",
     "InvalidIdError",
     "InvalidQueryError",
+    "MethodNotAllowedError",
     "MissingApiVersionError",
     "NotFoundError",
     "PreconditionFailedError",
@@ -96,6 +98,13 @@ class InvalidQueryError(RequestError):
     """The query text is not one provisiond understands."""
 
     error_code = 400008
+
+
+class MethodNotAllowedError(RequestError):
+    """The path exists but does not take this method."""
+
+    http_status = 405
+    error_code = 405000
 
 
 class AuthenticationError(ProvisioningError):

@@ -216,14 +216,14 @@ class _EnrollmentCommon(_Model):
     credential_policy_name: str | None = None
 
 
-class IndividualEnrollment(_EnrollmentCommon):
+class IndividualEnrollment(_EnrollmentCommon, kw_only=True):
     registration_id: str
     device_id: str | None = None
     registration_state: DeviceRegistrationState | None = None
     optional_device_information: dict[str, Any] | None = None
 
 
-class EnrollmentGroup(_EnrollmentCommon):
+class EnrollmentGroup(_EnrollmentCommon, kw_only=True):
     enrollment_group_id: str
 
 

@@ -1,0 +1,258 @@
+"""``provisiond serve``: run the service."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import ConfigurationError
+from ..service.settings import DEFAULT_BUILTIN_HUB, Settings
+
+__all__ = ["connection_info", "serve"]
+
+log = logging.getLogger("provisiond.serve")
+
+
+def connection_info(
+    settings: Settings, *, id_scope: str, owner_key: str, ca_file: Path | None
+) -> dict[str, Any]:
+    """What ``DIR/connection.json`` holds. These keys are a stable interface: automation reads them."""
+    from ..service.app import OWNER_POLICY
+
+    endpoint = f"{settings.host}:{settings.https_port}"
+    return {
+        "idScope": id_scope,
+        "host": settings.host,
+        "httpsPort": settings.https_port,
+        "mqttPort": settings.mqtt_port,
+        "amqpPort": settings.amqp_port,
+        "globalEndpoint": endpoint,
+        "serviceConnectionString": (
+            f"HostName={endpoint};SharedAccessKeyName={OWNER_POLICY};SharedAccessKey={owner_key}"
+        ),
+        "caCertificate": str(ca_file) if ca_file else None,
+        "builtinHub": settings.builtin_hub,
+        "database": _redacted(settings.db_url),
+    }
+
+
+def _redacted(url: str) -> str:
+    """The database URL without its password."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, location = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}@{location}"
+
+
+def _write_connection_json(data_dir: Path, info: dict[str, Any]) -> Path:
+    path = data_dir / "connection.json"
+    tmp = path.with_suffix(".json.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(info, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _banner(info: dict[str, Any], path: Path) -> str:
+    scope, endpoint, ca = info["idScope"], info["globalEndpoint"], info["caCertificate"]
+    return f"""
+provisiond is running.
+  Device endpoint (HTTPS)  https://{endpoint}   ID scope: {scope}
+  Service API              https://{endpoint}   (Azure DPS service API 2021-10-01 + /admin)
+  Trusted CA for clients   {ca}
+  Built-in IoT hub         {info["builtinHub"]}
+  Connection details       {path}
+
+Try it (in another terminal):
+  provisiond --help
+  provisiond enrollment create my-first-device --data-dir {path.parent}
+  provisiond enrollment list --data-dir {path.parent}
+"""
+
+
+async def _run(settings: Settings, cert_file: Path, key_file: Path, ca_file: Path | None) -> None:
+    import uvicorn
+
+    from ..service.app import create_app, initialize, owner_key
+    from ..service.context import ServiceContext
+    from ..storage import open_store
+    from ..tls import uvicorn_config
+
+    store = open_store(settings.db_url)
+    await store.open()
+    try:
+        service_settings = await initialize(store, settings)
+        assert service_settings.id_scope is not None
+        info = connection_info(
+            settings, id_scope=service_settings.id_scope, owner_key=await owner_key(store), ca_file=ca_file
+        )
+        path = _write_connection_json(settings.data_dir, info)
+        app = create_app(ServiceContext(settings=settings, store=store))
+        config = uvicorn_config(
+            app,
+            host=settings.bind,
+            port=settings.https_port,
+            cert_file=cert_file,
+            key_file=key_file,
+            log_level="warning",
+        )
+        server = uvicorn.Server(config)
+        click.echo(_banner(info, path))
+        log.info(
+            "serving HTTPS on %s:%d with the %s store", settings.bind, settings.https_port, store.backend
+        )
+        await server.serve()
+    finally:
+        await store.close()
+
+
+@click.command()
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("./provisiond-data"),
+    show_default=True,
+    envvar="PROVISIOND_DATA_DIR",
+    help="Holds everything: the SQLite database, the development PKI, connection.json.",
+)
+@click.option(
+    "--host",
+    default="localhost",
+    show_default=True,
+    envvar="PROVISIOND_HOST",
+    help="The host name devices and tools use to reach this service (in the server certificate, "
+    "connection.json and the SAS audience).",
+)
+@click.option(
+    "--bind", default="0.0.0.0", show_default=True, envvar="PROVISIOND_BIND", help="Address to listen on."
+)
+@click.option(
+    "--https-port",
+    type=click.IntRange(1, 65535),
+    default=8443,
+    show_default=True,
+    envvar="PROVISIOND_HTTPS_PORT",
+    help="HTTPS port for the device and service APIs (443 for the official SDKs).",
+)
+@click.option(
+    "--mqtt-port",
+    type=click.IntRange(1, 65535),
+    default=8883,
+    show_default=True,
+    envvar="PROVISIOND_MQTT_PORT",
+    help="MQTT over TLS port (reserved: the MQTT transport is not built yet).",
+)
+@click.option(
+    "--amqp-port",
+    type=click.IntRange(1, 65535),
+    default=5671,
+    show_default=True,
+    envvar="PROVISIOND_AMQP_PORT",
+    help="AMQP over TLS port (reserved: the AMQP transport is not built yet).",
+)
+@click.option(
+    "--db",
+    default=None,
+    envvar="PROVISIOND_DB",
+    help="A SQLite file path (default DATA_DIR/provisiond.db) or a postgresql:// URL.",
+)
+@click.option(
+    "--server-cert",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    envvar="PROVISIOND_SERVER_CERT",
+    help="Your own server certificate (PEM, chain allowed); "
+    "default: a development PKI generated in DATA_DIR/pki.",
+)
+@click.option(
+    "--server-key",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    envvar="PROVISIOND_SERVER_KEY",
+    help="The key of --server-cert (PEM).",
+)
+@click.option(
+    "--builtin-hub",
+    default=DEFAULT_BUILTIN_HUB,
+    show_default=True,
+    envvar="PROVISIOND_BUILTIN_HUB",
+    help="Host name of the IoT hub provisiond keeps itself (identities and twins in its database).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    envvar="PROVISIOND_LOG_LEVEL",
+)
+def serve(
+    data_dir: Path,
+    host: str,
+    bind: str,
+    https_port: int,
+    mqtt_port: int,
+    amqp_port: int,
+    db: str | None,
+    server_cert: Path | None,
+    server_key: Path | None,
+    builtin_hub: str,
+    log_level: str,
+) -> None:
+    """Run the provisioning service on its embedded default: SQLite in DATA_DIR, a development
+    PKI generated on first start, and a built-in IoT hub.
+
+    On start it writes DATA_DIR/connection.json (idScope, host, httpsPort, serviceConnectionString,
+    caCertificate, ...) and prints the same. Every option also reads the environment variable
+    shown (PROVISIOND_*).
+    """
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if (server_cert is None) != (server_key is None):
+        raise click.UsageError("--server-cert and --server-key go together.")
+    data_dir = data_dir.absolute()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    settings = Settings(
+        data_dir=data_dir,
+        host=host,
+        bind=bind,
+        https_port=https_port,
+        mqtt_port=mqtt_port,
+        amqp_port=amqp_port,
+        db=db,
+        server_cert=server_cert,
+        server_key=server_key,
+        builtin_hub=builtin_hub,
+    )
+    if server_cert is not None and server_key is not None:
+        cert_file, key_file, ca_file = server_cert, server_key, server_cert
+    else:
+        from ..pki import ensure_dev_pki
+
+        files = ensure_dev_pki(data_dir, [host])
+        cert_file, key_file, ca_file = files.cert_file, files.key_file, files.ca_file
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is in uvicorn[standard]
+        runner = asyncio.run
+    try:
+        runner(_run(settings, cert_file, key_file, ca_file))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        raise ConfigurationError(f"Cannot serve on port {https_port}: {exc.strerror or exc}") from exc

@@ -1,0 +1,83 @@
+"""Service API authentication: SAS tokens signed with a shared access policy key.
+
+A token's ``sr`` must name this service (one of its host names, with or without the port, or a
+path prefix of the request matched segment by segment), ``skn`` must name a policy, ``sig`` must
+verify under one of the policy's keys, and ``se`` must not be in the past (beyond a small clock
+skew). The policy must hold the right the operation needs. Each failure says which.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from ..errors import AuthenticationError, AuthorizationError
+from ..models import Right, SharedAccessPolicy
+from ..protocol.sas import parse_sas_token, verify_signature
+from ..storage import Collection, Store
+
+__all__ = ["authorize"]
+
+
+def _resource_matches(resource: str, host_names: tuple[str, ...], request_host: str, path: str) -> bool:
+    res = resource.lower().strip()
+    for prefix in ("https://", "http://"):
+        res = res.removeprefix(prefix)
+    host, _, res_path = res.partition("/")
+    host_only = host.split(":", 1)[0]
+    known = {h.lower() for h in host_names} | {request_host.lower().split(":", 1)[0]}
+    if host_only not in known:
+        return False
+    if not res_path:
+        return True
+    want = [s for s in res_path.split("/") if s]
+    have = [s for s in path.lower().split("/") if s]
+    return have[: len(want)] == want
+
+
+async def authorize(
+    store: Store,
+    authorization: str | None,
+    right: Right,
+    *,
+    host_names: tuple[str, ...],
+    request_host: str,
+    path: str,
+    now: int,
+    clock_skew: int,
+) -> SharedAccessPolicy:
+    """Check a service request's ``Authorization`` header; return the policy that signed it.
+
+    :raises AuthenticationError: missing, malformed, expired, forged, or for another service.
+    :raises AuthorizationError: the policy lacks ``right``.
+    """
+    if not authorization:
+        raise AuthenticationError("The Authorization header is missing; send a SharedAccessSignature token.")
+    token = parse_sas_token(authorization)
+    if token.key_name is None:
+        raise AuthenticationError("The SAS token has no skn: name the shared access policy that signed it.")
+    if token.expiry + clock_skew < now:
+        raise AuthenticationError(
+            f"The SAS token expired {now - token.expiry} s ago (se={token.expiry}).", error_code=401003
+        )
+    if not _resource_matches(token.resource, host_names, request_host, path):
+        raise AuthenticationError(
+            f"The SAS token is for resource {token.resource[:200]!r}, not this service.", error_code=401004
+        )
+    record = await store.get(Collection.ACCESS_POLICIES, token.key_name)
+    if record is None:
+        raise AuthenticationError(
+            f"No shared access policy is named {token.key_name[:128]!r}.", error_code=401005
+        )
+    policy = msgspec.json.decode(record.doc, type=SharedAccessPolicy)
+    keys = [k for k in (policy.primary_key, policy.secondary_key) if k]
+    if not any(verify_signature(token, key) for key in keys):
+        raise AuthenticationError(
+            f"The SAS token's signature does not match either key of policy {policy.key_name!r}.",
+            error_code=401002,
+        )
+    if right not in (policy.rights or []):
+        raise AuthorizationError(
+            f"Policy {policy.key_name!r} lacks the {right.value} right this operation needs.",
+            error_code=403001,
+        )
+    return policy

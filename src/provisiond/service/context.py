@@ -1,0 +1,77 @@
+"""What every request handler needs: the store, the settings, the clock, and the small helpers
+that turn a request into an authorized, validated call. Holds no state of its own: everything
+it knows lives in the database, so several service nodes can share one."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
+from starlette.requests import Request
+
+from ..errors import NotFoundError
+from ..models import LinkedHub, Right, ServiceSettings
+from ..storage import Collection, Record, Store
+from .auth import authorize
+from .http import read_body, require_api_version
+from .settings import Settings
+
+__all__ = ["ServiceContext", "context_of"]
+
+SETTINGS_KEY = "service"
+
+
+@dataclass
+class ServiceContext:
+    settings: Settings
+    store: Store
+    clock: Callable[[], float] = field(default=time.time)
+
+    async def authorize(self, request: Request, right: Right) -> None:
+        """Check api-version and the SAS token for ``right`` (raises the DPS error)."""
+        require_api_version(request)
+        await authorize(
+            self.store,
+            request.headers.get("authorization"),
+            right,
+            host_names=self.settings.host_names,
+            request_host=request.headers.get("host", ""),
+            path=request.url.path,
+            now=int(self.clock()),
+            clock_skew=self.settings.clock_skew,
+        )
+
+    async def body(self, request: Request) -> bytes:
+        return await read_body(request, self.settings.max_body_bytes)
+
+    async def service_settings(self) -> ServiceSettings:
+        raw = await self.store.get_setting(SETTINGS_KEY)
+        if raw is None:
+            raise NotFoundError("The service settings are missing: the database was not initialized.")
+        return msgspec.json.decode(raw, type=ServiceSettings)
+
+    async def linked_hubs(self) -> dict[str, LinkedHub]:
+        """Every linked hub, keyed by lower-cased host name."""
+        hubs: dict[str, LinkedHub] = {}
+        continuation: str | None = None
+        while True:
+            page = await self.store.query(Collection.LINKED_HUBS, limit=1000, continuation=continuation)
+            for record in page.records:
+                hub = msgspec.json.decode(record.doc, type=LinkedHub)
+                hubs[hub.host_name.lower()] = hub
+            continuation = page.continuation
+            if continuation is None:
+                return hubs
+
+    async def get_or_404(self, collection: Collection, id: str, code: int) -> Record:
+        record = await self.store.get(collection, id)
+        if record is None:
+            raise NotFoundError(f"No {collection.label} is named {id[:140]!r}.", error_code=code)
+        return record
+
+
+def context_of(request: Request) -> ServiceContext:
+    ctx: ServiceContext = request.app.state.ctx
+    return ctx

@@ -1,0 +1,158 @@
+"""HTTP plumbing shared by every endpoint: DPS error bodies, JSON responses, bounded body reads,
+the api-version rule, and the one place where exceptions become responses."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..errors import BodyTooLargeError, InvalidBodyError, MissingApiVersionError, ProvisioningError
+from ..storage import utc_now
+
+__all__ = [
+    "ApiHandler",
+    "decode_body",
+    "error_response",
+    "handle_errors",
+    "json_response",
+    "read_body",
+    "require_api_version",
+    "tracking_id",
+]
+
+log = logging.getLogger("provisiond.http")
+
+T = TypeVar("T")
+ApiHandler = Callable[[Request], Awaitable[Response]]
+
+_API_VERSION = re.compile(r"^(\d{4})-(\d{2})-(\d{2})(-preview)?$")
+_JSON = "application/json; charset=utf-8"
+_encoder = msgspec.json.Encoder()
+
+
+def tracking_id(request: Request) -> str:
+    """The request's tracking id (made on first use, echoed in error bodies and logs)."""
+    tid: str | None = request.scope.get("provisiond.tracking_id")
+    if tid is None:
+        tid = str(uuid.uuid4())
+        request.scope["provisiond.tracking_id"] = tid
+    return tid
+
+
+def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A JSON response; ``content`` is a msgspec struct, a builtin, or already-encoded bytes."""
+    body = content if isinstance(content, bytes) else _encoder.encode(content)
+    return Response(body, status_code=status, headers=headers, media_type=_JSON)
+
+
+def error_response(exc: ProvisioningError, tid: str, headers: dict[str, str] | None = None) -> Response:
+    """DPS's ProvisioningServiceErrorDetails body plus the ``x-ms-error-code`` header."""
+    body = {
+        "errorCode": exc.error_code,
+        "trackingId": tid,
+        "message": exc.message,
+        "timestampUtc": utc_now(),
+    }
+    all_headers = {"x-ms-error-code": str(exc.error_code)}
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        all_headers["Retry-After"] = str(retry_after)
+    if headers:
+        all_headers.update(headers)
+    return json_response(body, exc.http_status, all_headers)
+
+
+def handle_errors(handler: ApiHandler) -> ApiHandler:
+    """Wrap an endpoint: provisiond errors become DPS error bodies with a log line that says
+    why; anything else is our bug, logged with its traceback and answered as a 500."""
+
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ProvisioningError as exc:
+            tid = tracking_id(request)
+            level = logging.ERROR if exc.http_status >= 500 else logging.INFO
+            log.log(
+                level,
+                "%s %s -> %d %d: %s [trackingId=%s]",
+                request.method,
+                request.url.path,
+                exc.http_status,
+                exc.error_code,
+                exc.message,
+                tid,
+            )
+            return error_response(exc, tid)
+        except Exception:
+            tid = tracking_id(request)
+            log.exception(
+                "%s %s -> 500: internal error [trackingId=%s]", request.method, request.url.path, tid
+            )
+            return error_response(
+                ProvisioningError(f"Internal error; the service log has the details under trackingId {tid}."),
+                tid,
+            )
+
+    wrapped.__name__ = handler.__name__
+    wrapped.__doc__ = handler.__doc__
+    return wrapped
+
+
+def require_api_version(request: Request) -> str:
+    """The request's ``api-version``: any date from 2018 on (``-preview`` allowed).
+
+    :raises MissingApiVersionError: absent or not such a date.
+    """
+    version = request.query_params.get("api-version")
+    if not version:
+        raise MissingApiVersionError("The api-version query parameter is required (for example 2021-10-01).")
+    match = _API_VERSION.match(version)
+    if match is None or int(match.group(1)) < 2018:
+        raise MissingApiVersionError(
+            f"Unsupported api-version {version[:40]!r}: use a date from 2018 on, such as 2021-10-01."
+        )
+    return version
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes without reading them all.
+
+    :raises BodyTooLargeError: the body is larger than ``limit``.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise BodyTooLargeError(
+                    f"The request body ({declared} bytes) exceeds the {limit}-byte limit."
+                )
+        except ValueError:
+            raise InvalidBodyError("The Content-Length header is not a number.") from None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLargeError(f"The request body exceeds the {limit}-byte limit.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode_body(body: bytes, type_: type[T], what: str) -> T:
+    """Decode JSON into ``type_``; malformed JSON or a field of the wrong type is a 400 that names
+    the field (msgspec's message, e.g. "Expected `str`, got `int` - at `$.registrationId`")."""
+    if not body.strip():
+        raise InvalidBodyError(f"The request body is empty; expected {what} as JSON.")
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except msgspec.ValidationError as exc:
+        raise InvalidBodyError(f"Invalid {what}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidBodyError(f"The request body is not valid JSON: {exc}") from None

@@ -1,0 +1,43 @@
+"""Typed service settings. Flags and environment variables are parsed in the CLI and nowhere else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["DEFAULT_BUILTIN_HUB", "MAX_BODY_BYTES", "Settings"]
+
+#: DPS's maximum message size; larger request bodies are refused with a 400.
+MAX_BODY_BYTES = 96 * 1024
+
+#: Host name of the hub provisiond serves itself (identities and twins in its own database).
+DEFAULT_BUILTIN_HUB = "builtin-hub.provisiond.local"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """What ``provisiond serve`` was asked to do."""
+
+    data_dir: Path
+    host: str = "localhost"
+    bind: str = "0.0.0.0"
+    https_port: int = 8443
+    mqtt_port: int = 8883
+    amqp_port: int = 5671
+    db: str | None = None
+    server_cert: Path | None = None
+    server_key: Path | None = None
+    builtin_hub: str = DEFAULT_BUILTIN_HUB
+    max_body_bytes: int = MAX_BODY_BYTES
+    #: Allowed clock skew for SAS token expiry checks, in seconds.
+    clock_skew: int = 60
+    #: Extra host names the server certificate and SAS ``sr`` checks accept.
+    extra_host_names: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def db_url(self) -> str:
+        return self.db or f"sqlite:///{self.data_dir / 'provisiond.db'}"
+
+    @property
+    def host_names(self) -> tuple[str, ...]:
+        return (self.host, *self.extra_host_names)
