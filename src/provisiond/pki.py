@@ -55,6 +55,7 @@ __all__ = [
     "PrivateKey",
     "ServerTlsFiles",
     "cert_path",
+    "certificate_der",
     "certificate_info",
     "certificate_pem",
     "chain_path",
@@ -344,7 +345,7 @@ def certificate_info(cert: x509.Certificate) -> dict[str, str | int]:
     (a leading ``00`` when the top bit is set), as .NET prints it. Names are most-specific first,
     ``CN=leaf, O=org``.
     """
-    der = cert.public_bytes(serialization.Encoding.DER)
+    der = certificate_der(cert)
     serial = cert.serial_number
     serial_bytes = serial.to_bytes(max(1, (serial.bit_length() + 8) // 8), "big", signed=True)
     return {
@@ -382,6 +383,11 @@ def load_private_key(data: bytes, password: str | bytes | None = None) -> Privat
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise TypeError(f"unsupported key type {type(key).__name__} (expected EC or RSA)")
     return key
+
+
+def certificate_der(cert: x509.Certificate) -> bytes:
+    """The certificate's DER encoding (what TLS carries and thumbprints hash)."""
+    return cert.public_bytes(serialization.Encoding.DER)
 
 
 def certificate_pem(*certs: x509.Certificate) -> bytes:

@@ -1,0 +1,424 @@
+"""The one TLS front of the service: a server context that lets every client certificate through,
+and the glue that hands the presented chain to the application.
+
+Why: DPS authenticates X.509 devices *after* the handshake and answers an unknown or forged
+certificate with a JSON 401, not with a TLS alert. Python's ``ssl`` has no verify callback, so
+with ``CERT_OPTIONAL`` and no CA loaded OpenSSL rejects every client certificate inside the
+handshake. :func:`server_context` therefore installs an always-accept callback on the
+``SSL_CTX`` behind the ``ssl.SSLContext`` through ``ctypes`` (see
+``shared/reference/libraries.md`` §1). The application must verify the chain itself.
+
+How the hack is kept honest:
+
+* the ``SSL_CTX *`` is read from the first field of CPython's ``PySSLContext`` and checked against
+  ``SSL_CTX_get_options`` before it is used, and the libssl found through ``_ssl`` must be the
+  version ``ssl`` reports;
+* after installing the callback we read it back (``SSL_CTX_get_verify_callback``);
+* the first :func:`server_context` call of a process runs an in-memory handshake with a
+  self-signed client certificate and checks that the server sees it;
+* any failure raises :class:`~provisiond.errors.ConfigurationError` at startup.
+
+Session resumption: a session resumed from a *stateless* ticket remembers only the leaf
+certificate, not the intermediates the device sent. :func:`server_context` keeps resumption but
+makes it stateful (``OP_NO_TICKET``: TLS 1.3 tickets then name a session in the server's cache,
+TLS 1.2 uses session ids), so a resumed connection reports the same chain as the first one.
+
+The chain reaches ASGI apps as ``scope["extensions"]["tls"]`` (see :class:`TlsScopeExtension`),
+in the spirit of the ASGI TLS extension but with DER ``bytes`` instead of PEM strings, for both
+``http`` and ``websocket`` scopes. Use :func:`uvicorn_config` to get a ``uvicorn.Config`` wired
+with the context and the protocol classes below.
+"""
+
+from __future__ import annotations
+
+import _ssl
+import asyncio
+import ctypes
+import functools
+import logging
+import os
+import ssl
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast
+
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from . import pki
+from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
+
+__all__ = [
+    "TlsH11Protocol",
+    "TlsHttpToolsProtocol",
+    "TlsScopeExtension",
+    "TlsWebSocketsProtocol",
+    "accept_any_client_certificate",
+    "peer_chain",
+    "server_context",
+    "tls_extension",
+    "uvicorn_config",
+]
+
+logger = logging.getLogger(__name__)
+
+StrPath = str | os.PathLike[str]
+
+# --- the ctypes verify-callback hack -----------------------------------------------------------
+
+_SSL_VERIFY_PEER = 0x01  # request a certificate; without FAIL_IF_NO_PEER_CERT none is fine too
+_SSL_CTRL_SET_SESS_CACHE_SIZE = 42  # SSL_CTX_sess_set_cache_size is a macro over SSL_CTX_ctrl
+
+_VerifyCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
+
+
+def _accept_any(preverify_ok: int, x509_store_ctx: int | None) -> int:
+    """OpenSSL's verify callback: 1 = carry on, whatever OpenSSL's own verdict was."""
+    return 1
+
+
+# OpenSSL keeps only a raw pointer to this: the module-level reference keeps it alive for ever.
+_ACCEPT_ANY = _VerifyCallback(_accept_any)
+_ACCEPT_ANY_ADDRESS = ctypes.cast(_ACCEPT_ANY, ctypes.c_void_p).value
+
+
+@functools.cache
+def _libssl() -> ctypes.CDLL:
+    """libssl as ``_ssl`` links it, with the few functions we call declared."""
+    if sys.implementation.name != "cpython":
+        raise ConfigurationError(
+            f"accepting any client certificate needs CPython's ssl module, not {sys.implementation.name}"
+        )
+    # dlopen() of the _ssl extension resolves symbols through the very libssl it links;
+    # a statically linked _ssl has no __file__, and then the symbols are in the main program.
+    path = getattr(_ssl, "__file__", None)
+    try:
+        lib = ctypes.CDLL(path)
+        lib.SSL_CTX_set_verify.argtypes = [ctypes.c_void_p, ctypes.c_int, _VerifyCallback]
+        lib.SSL_CTX_set_verify.restype = None
+        lib.SSL_CTX_get_verify_callback.argtypes = [ctypes.c_void_p]
+        lib.SSL_CTX_get_verify_callback.restype = ctypes.c_void_p
+        lib.SSL_CTX_get_verify_mode.argtypes = [ctypes.c_void_p]
+        lib.SSL_CTX_get_verify_mode.restype = ctypes.c_int
+        lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+        lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+        lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+        lib.SSL_CTX_ctrl.restype = ctypes.c_long
+        lib.OpenSSL_version_num.argtypes = []
+        lib.OpenSSL_version_num.restype = ctypes.c_ulong
+    except (OSError, AttributeError) as exc:
+        raise ConfigurationError(f"cannot reach OpenSSL's SSL_CTX functions through {path}: {exc}") from exc
+    if lib.OpenSSL_version_num() != ssl.OPENSSL_VERSION_NUMBER:
+        raise ConfigurationError(
+            f"the libssl found through {path} ({lib.OpenSSL_version_num():#x}) is not the one the ssl "
+            f"module uses ({ssl.OPENSSL_VERSION})"
+        )
+    return lib
+
+
+def _ssl_ctx_pointer(ctx: ssl.SSLContext, lib: ctypes.CDLL) -> int:
+    """The ``SSL_CTX *`` of ``ctx``: the first field after the object header of ``PySSLContext``
+    (true for CPython 3.8 to 3.13). Checked against the options CPython reports before use."""
+    pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not pointer or lib.SSL_CTX_get_options(pointer) != int(ctx.options):
+        raise ConfigurationError(
+            f"cannot locate the SSL_CTX of an ssl.SSLContext on Python {sys.version.split()[0]}; "
+            "the accept-any-client-certificate hook does not support this version"
+        )
+    return pointer
+
+
+def accept_any_client_certificate(ctx: ssl.SSLContext) -> None:
+    """Make the server context ``ctx`` request a client certificate and accept any, or none.
+
+    The handshake then succeeds with a self-signed certificate, a chain to an unknown root, an
+    expired certificate or no certificate; :func:`peer_chain` tells the application what was sent.
+    Assigning ``ctx.verify_mode`` later keeps the callback (CPython re-reads it), but changes the mode.
+
+    :raises ConfigurationError: the hook cannot be installed on this Python.
+    """
+    lib = _libssl()
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    pointer = _ssl_ctx_pointer(ctx, lib)
+    lib.SSL_CTX_set_verify(pointer, _SSL_VERIFY_PEER, _ACCEPT_ANY)
+    if (
+        lib.SSL_CTX_get_verify_callback(pointer) != _ACCEPT_ANY_ADDRESS
+        or lib.SSL_CTX_get_verify_mode(pointer) != _SSL_VERIFY_PEER
+    ):
+        raise ConfigurationError("installing the accept-any-client-certificate callback had no effect")
+
+
+def _build_server_context(
+    cert_file: StrPath,
+    key_file: StrPath,
+    *,
+    min_version: ssl.TLSVersion,
+    password: str | None,
+    session_cache_size: int,
+) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = min_version  # the maximum stays at TLS 1.3
+    try:
+        ctx.load_cert_chain(cert_file, key_file, password)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(
+            f"cannot load the server certificate {cert_file} with key {key_file}: {exc}"
+        ) from exc
+    # Stateful resumption: stateless tickets lose the peer's intermediates (see the module docstring).
+    # One TLS 1.3 ticket per connection instead of two halves the cache; the cache holds each
+    # session's certificates (about 5 KB), so it is bounded.
+    ctx.options |= ssl.OP_NO_TICKET
+    ctx.num_tickets = 1
+    accept_any_client_certificate(ctx)
+    lib = _libssl()
+    lib.SSL_CTX_ctrl(_ssl_ctx_pointer(ctx, lib), _SSL_CTRL_SET_SESS_CACHE_SIZE, session_cache_size, None)
+    return ctx
+
+
+def _pump(client: ssl.SSLObject, server: ssl.SSLObject, wires: tuple[ssl.MemoryBIO, ...]) -> None:
+    """Run a handshake between two memory-BIO endpoints."""
+    client_in, client_out, server_in, server_out = wires
+    done = {id(client): False, id(server): False}
+    for _ in range(20):
+        for endpoint in (client, server):
+            if not done[id(endpoint)]:
+                try:
+                    endpoint.do_handshake()
+                    done[id(endpoint)] = True
+                except ssl.SSLWantReadError:
+                    pass
+        server_in.write(client_out.read())
+        client_in.write(server_out.read())
+        if all(done.values()):
+            return
+    raise ssl.SSLError("the self-test handshake did not finish")
+
+
+@functools.cache
+def _self_test() -> None:
+    """Once per process: a server context made here must let a self-signed client certificate in
+    and report it. Catches a hook that installs without error but does nothing."""
+    client = pki.make_device_cert("provisiond-tls-self-test-device")
+    server = pki.make_server_cert(pki.make_root_ca("provisiond-tls-self-test-ca"), ["localhost"])
+    with tempfile.TemporaryDirectory(prefix="provisiond-tls-") as tmp:
+        pki.write_issued(client, Path(tmp) / "client")
+        pki.write_issued(server, Path(tmp) / "server")
+        server_ctx = _build_server_context(
+            pki.cert_path(Path(tmp) / "server"),
+            pki.key_path(Path(tmp) / "server"),
+            min_version=ssl.TLSVersion.TLSv1_2,
+            password=None,
+            session_cache_size=16,
+        )
+        client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client_ctx.check_hostname = False
+        client_ctx.verify_mode = ssl.CERT_NONE
+        client_ctx.load_cert_chain(pki.cert_path(Path(tmp) / "client"), pki.key_path(Path(tmp) / "client"))
+    wires = (ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO())
+    client_end = client_ctx.wrap_bio(wires[0], wires[1], server_hostname="localhost")
+    server_end = server_ctx.wrap_bio(wires[2], wires[3], server_side=True)
+    try:
+        _pump(client_end, server_end, wires)
+        seen = peer_chain(server_end)
+    except (ssl.SSLError, AttributeError, TypeError) as exc:
+        raise ConfigurationError(
+            f"the accept-any-client-certificate hook does not work on Python {sys.version.split()[0]}: {exc}"
+        ) from exc
+    if seen != [pki.certificate_der(client.cert)]:
+        raise ConfigurationError("the TLS self-test server did not see the client certificate it was sent")
+    logger.debug("TLS accept-any-client-certificate self-test passed")
+
+
+def server_context(
+    cert_file: StrPath,
+    key_file: StrPath,
+    *,
+    min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2,
+    password: str | None = None,
+    session_cache_size: int = 4096,
+) -> ssl.SSLContext:
+    """A TLS server context that requests a client certificate and lets any (or none) through.
+
+    ``cert_file`` holds the server certificate followed by its chain, ``key_file`` its key. TLS 1.2
+    and 1.3 are both offered by default (the official Python device SDK forces TLS 1.2).
+    Sessions can be resumed (stateful, up to ``session_cache_size`` per process).
+
+    :raises ConfigurationError: the files cannot be loaded, or the accept-any hook does not work here.
+    """
+    _self_test()
+    return _build_server_context(
+        cert_file, key_file, min_version=min_version, password=password, session_cache_size=session_cache_size
+    )
+
+
+# --- what the peer presented -------------------------------------------------------------------
+
+
+def peer_chain(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[bytes]:
+    """The DER certificates the peer presented, its own first, then what it sent after it;
+    ``[]`` when it sent none. Nothing here is verified."""
+    leaf = ssl_object.getpeercert(binary_form=True)
+    if leaf is None:  # also dodges 3.13.0's get_unverified_chain() crash without a peer certificate
+        return []
+    if sys.version_info >= (3, 13):
+        chain = list(ssl_object.get_unverified_chain())
+    else:
+        # The same call, before it was public: a list of _ssl.Certificate, or None.
+        raw = ssl_object._sslobj.get_unverified_chain()  # type: ignore[union-attr]  # private until 3.13
+        chain = [cert.public_bytes(_ssl.ENCODING_DER) for cert in raw or ()]
+    if not chain or chain[0] != leaf:
+        # OpenSSL leaves the peer's own certificate out on the server side (CPython adds it back),
+        # and a session resumed from a stateless ticket has no chain at all.
+        chain.insert(0, leaf)
+    return chain
+
+
+_TLS_VERSIONS = {"TLSv1": 0x0301, "TLSv1.1": 0x0302, "TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
+
+
+class TlsScopeExtension(TypedDict):
+    """``scope["extensions"]["tls"]`` as our protocol classes fill it.
+
+    ``client_cert_chain``: the DER certificates the client presented, leaf first, ``[]`` for none.
+    (The ASGI TLS extension has PEM strings here; DER bytes spare every request a conversion.)
+    ``tls_version``: as in the ASGI extension, e.g. ``0x0304`` for TLS 1.3.
+    ``cipher``: the OpenSSL cipher name, e.g. ``TLS_AES_256_GCM_SHA384``.
+    ``session_reused``: the connection resumed an earlier session.
+    """
+
+    client_cert_chain: list[bytes]
+    tls_version: int | None
+    cipher: str | None
+    session_reused: bool
+
+
+def tls_extension(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> TlsScopeExtension:
+    """What a finished handshake on ``ssl_object`` tells the application."""
+    cipher = ssl_object.cipher()
+    version = ssl_object.version()
+    return {
+        "client_cert_chain": peer_chain(ssl_object),
+        "tls_version": _TLS_VERSIONS.get(version) if version else None,
+        "cipher": cipher[0] if cipher else None,
+        "session_reused": bool(ssl_object.session_reused),
+    }
+
+
+# --- uvicorn -----------------------------------------------------------------------------------
+
+
+class _TlsApp:
+    """Wraps a connection's ASGI app to add the connection's TLS facts to each scope."""
+
+    __slots__ = ("_app", "_tls")
+
+    def __init__(
+        self,
+        app: Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]],
+        tls: TlsScopeExtension,
+    ) -> None:
+        self._app = app
+        self._tls = tls
+
+    async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] in ("http", "websocket"):
+            # A fresh dict per request: an app that edits its scope cannot touch the next request's.
+            tls: TlsScopeExtension = {**self._tls, "client_cert_chain": list(self._tls["client_cert_chain"])}
+            extensions = cast("dict[str, Any]", scope.setdefault("extensions", {}))
+            extensions["tls"] = tls
+        await self._app(scope, receive, send)
+
+
+class _TlsScopeMixin(asyncio.Protocol):
+    """Reads the TLS facts once per connection and hands them to every request on it.
+
+    uvicorn's HTTP and WebSocket protocols call ``self.app(scope, ...)`` per request (the scope is
+    built in different places in each), so wrapping ``self.app`` when the connection is made
+    covers all of them, including the WebSocket protocol uvicorn switches to on an upgrade (it
+    gets the same TLS transport through its own ``connection_made``).
+    """
+
+    app: Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            tls = tls_extension(ssl_object)
+            logger.debug("TLS connection: %d client certificate(s)", len(tls["client_cert_chain"]))
+            self.app = _TlsApp(self.app, tls)
+
+
+class TlsHttpToolsProtocol(_TlsScopeMixin, HttpToolsProtocol):
+    """uvicorn's httptools HTTP/1.1 protocol with ``scope["extensions"]["tls"]``."""
+
+
+class TlsH11Protocol(_TlsScopeMixin, H11Protocol):
+    """uvicorn's h11 HTTP/1.1 protocol with ``scope["extensions"]["tls"]``."""
+
+
+class TlsWebSocketsProtocol(_TlsScopeMixin, WebSocketsSansIOProtocol):
+    """uvicorn's (sans-io) websockets protocol with ``scope["extensions"]["tls"]``."""
+
+
+@dataclass(frozen=True, slots=True)
+class _ServerContextFactory:
+    """uvicorn's ``ssl_context_factory``; a picklable object, since ``workers > 1`` pickles the config."""
+
+    cert_file: str
+    key_file: str
+    min_version: ssl.TLSVersion
+    password: str | None
+
+    def __call__(
+        self, config: uvicorn.Config, default_factory: Callable[[], ssl.SSLContext]
+    ) -> ssl.SSLContext:
+        return server_context(
+            self.cert_file, self.key_file, min_version=self.min_version, password=self.password
+        )
+
+
+_HTTP_PROTOCOLS: dict[str, type[asyncio.Protocol]] = {
+    "httptools": TlsHttpToolsProtocol,
+    "h11": TlsH11Protocol,
+}
+
+
+def uvicorn_config(
+    app: Any,
+    *,
+    host: str,
+    port: int,
+    cert_file: StrPath,
+    key_file: StrPath,
+    key_password: str | None = None,
+    min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2,
+    http: Literal["httptools", "h11"] = "httptools",
+    **kwargs: Any,
+) -> uvicorn.Config:
+    """A ``uvicorn.Config`` serving ``app`` over TLS with :func:`server_context` and the protocol
+    classes that put ``scope["extensions"]["tls"]`` into HTTP and WebSocket scopes.
+
+    ``kwargs`` go to ``uvicorn.Config`` unchanged (``log_level``, ``workers``, ``lifespan``, ...);
+    ``http``, ``ws`` and the ``ssl_*`` options are ours. The context is built when uvicorn loads
+    the config, so a :class:`ConfigurationError` surfaces at ``Server.startup``/``Config.load``.
+    """
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=_HTTP_PROTOCOLS[http],
+        ws=TlsWebSocketsProtocol,
+        ssl_context_factory=_ServerContextFactory(
+            os.fspath(cert_file), os.fspath(key_file), min_version, key_password
+        ),
+        **kwargs,
+    )
