@@ -1,0 +1,7 @@
+"""``python -m provisiond``: the same as the ``provisiond`` command."""
+
+from __future__ import annotations
+
+from .cli import main
+
+main()

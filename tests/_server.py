@@ -1,0 +1,123 @@
+"""Fixtures that run a real ``provisiond serve`` process on loopback (TLS, free ports)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from provisiond.protocol.sas import build_sas_token
+from provisiond.service_client import ConnectionString, ServiceClient
+
+__all__ = ["RunningServer", "free_port", "server", "start_server"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class RunningServer:
+    data_dir: Path
+    process: subprocess.Popen[bytes]
+    log_file: Path
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def port(self) -> int:
+        return int(self.info["httpsPort"])
+
+    @property
+    def base_url(self) -> str:
+        return f"https://localhost:{self.port}"
+
+    @property
+    def ca_file(self) -> str:
+        return str(self.info["caCertificate"])
+
+    @property
+    def connection_string(self) -> str:
+        return str(self.info["serviceConnectionString"])
+
+    @property
+    def id_scope(self) -> str:
+        return str(self.info["idScope"])
+
+    def client(self) -> ServiceClient:
+        return ServiceClient(self.connection_string, ca_file=self.ca_file)
+
+    def http(self, **kwargs: Any) -> httpx.Client:
+        """A plain HTTPS client trusting the server's CA (no auth header)."""
+        return httpx.Client(base_url=self.base_url, verify=self.ca_file, timeout=10, **kwargs)
+
+    def token(self, *, ttl: int = 3600, key_name: str | None = None, key: str | None = None) -> str:
+        cs = ConnectionString.parse(self.connection_string)
+        return build_sas_token(cs.host, key or cs.key, int(time.time()) + ttl, key_name=key_name or cs.key_name)
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        return self.process.returncode
+
+
+def start_server(data_dir: Path, *extra: str, port: int | None = None, timeout: float = 30.0) -> RunningServer:
+    """Start ``provisiond serve`` and wait until it answers; its stderr goes to DATA_DIR/serve.log."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    conn = data_dir / "connection.json"
+    conn.unlink(missing_ok=True)
+    log_file = data_dir / "serve.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROVISIOND_")}
+    with open(log_file, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "provisiond", "serve", "--data-dir", str(data_dir), "--bind", "127.0.0.1",
+             "--https-port", str(port), "--mqtt-port", str(free_port()), "--amqp-port", str(free_port()), *extra],
+            stdout=log,
+            stderr=log,
+            env=env,
+        )
+    running = RunningServer(data_dir, process, log_file)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"provisiond serve exited with {process.returncode}:\n{running.log()}")
+        if conn.exists():
+            try:
+                running.info = json.loads(conn.read_text())
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return running
+            except (ValueError, OSError):
+                pass
+        time.sleep(0.05)
+    running.stop()
+    raise RuntimeError(f"provisiond serve did not start within {timeout} s:\n{running.log()}")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """One server for the session (tests use their own ids, so they don't collide)."""
+    running = start_server(tmp_path_factory.mktemp("server"))
+    yield running
+    running.stop()
