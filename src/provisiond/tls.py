@@ -141,12 +141,13 @@ def accept_any_client_certificate(ctx: ssl.SSLContext) -> None:
 
     The handshake then succeeds with a self-signed certificate, a chain to an unknown root, an
     expired certificate or no certificate; :func:`peer_chain` tells the application what was sent.
-    Assigning ``ctx.verify_mode`` later keeps the callback (CPython re-reads it), but changes the mode.
+    Do not assign ``ctx.verify_mode`` afterwards: on CPython 3.13 that installs a NULL callback and
+    the hook is gone (3.11 and 3.12 keep it). Contexts from :func:`server_context` refuse it.
 
     :raises ConfigurationError: the hook cannot be installed on this Python.
     """
     lib = _libssl()
-    ctx.verify_mode = ssl.CERT_OPTIONAL
+    _SSLCONTEXT_VERIFY_MODE.__set__(ctx, ssl.CERT_OPTIONAL)
     pointer = _ssl_ctx_pointer(ctx, lib)
     lib.SSL_CTX_set_verify(pointer, _SSL_VERIFY_PEER, _ACCEPT_ANY)
     if (
@@ -154,6 +155,26 @@ def accept_any_client_certificate(ctx: ssl.SSLContext) -> None:
         or lib.SSL_CTX_get_verify_mode(pointer) != _SSL_VERIFY_PEER
     ):
         raise ConfigurationError("installing the accept-any-client-certificate callback had no effect")
+
+
+_SSLCONTEXT_VERIFY_MODE = vars(ssl.SSLContext)["verify_mode"]  # the property ssl.py defines
+
+
+class _AcceptAnyContext(ssl.SSLContext):
+    """The context :func:`server_context` returns: its ``verify_mode`` is read-only, because
+    assigning it removes the accept-any callback on CPython 3.13 and devices would then get TLS
+    alerts instead of DPS's 401."""
+
+    @property
+    def verify_mode(self) -> ssl.VerifyMode:
+        return ssl.VerifyMode(_SSLCONTEXT_VERIFY_MODE.__get__(self))
+
+    @verify_mode.setter
+    def verify_mode(self, value: int) -> None:
+        raise RuntimeError(
+            "the verify_mode of a provisiond.tls.server_context() is fixed: changing it would drop "
+            "the accept-any-client-certificate callback"
+        )
 
 
 def _build_server_context(
@@ -164,7 +185,7 @@ def _build_server_context(
     password: str | None,
     session_cache_size: int,
 ) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx = _AcceptAnyContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = min_version  # the maximum stays at TLS 1.3
     try:
         ctx.load_cert_chain(cert_file, key_file, password)
