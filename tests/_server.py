@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -62,11 +63,18 @@ class RunningServer:
 
     def http(self, **kwargs: Any) -> httpx.Client:
         """A plain HTTPS client trusting the server's CA (no auth header)."""
-        return httpx.Client(base_url=self.base_url, verify=self.ca_file, timeout=10, **kwargs)
+        return httpx.Client(
+            base_url=self.base_url,
+            verify=ssl.create_default_context(cafile=self.ca_file),
+            timeout=10,
+            **kwargs,
+        )
 
     def token(self, *, ttl: int = 3600, key_name: str | None = None, key: str | None = None) -> str:
         cs = ConnectionString.parse(self.connection_string)
-        return build_sas_token(cs.host, key or cs.key, int(time.time()) + ttl, key_name=key_name or cs.key_name)
+        return build_sas_token(
+            cs.host, key or cs.key, int(time.time()) + ttl, key_name=key_name or cs.key_name
+        )
 
     def log(self) -> str:
         return self.log_file.read_text(errors="replace")
@@ -82,7 +90,9 @@ class RunningServer:
         return self.process.returncode
 
 
-def start_server(data_dir: Path, *extra: str, port: int | None = None, timeout: float = 30.0) -> RunningServer:
+def start_server(
+    data_dir: Path, *extra: str, port: int | None = None, timeout: float = 30.0
+) -> RunningServer:
     """Start ``provisiond serve`` and wait until it answers; its stderr goes to DATA_DIR/serve.log."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -92,8 +102,23 @@ def start_server(data_dir: Path, *extra: str, port: int | None = None, timeout: 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROVISIOND_")}
     with open(log_file, "ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "provisiond", "serve", "--data-dir", str(data_dir), "--bind", "127.0.0.1",
-             "--https-port", str(port), "--mqtt-port", str(free_port()), "--amqp-port", str(free_port()), *extra],
+            [
+                sys.executable,
+                "-m",
+                "provisiond",
+                "serve",
+                "--data-dir",
+                str(data_dir),
+                "--bind",
+                "127.0.0.1",
+                "--https-port",
+                str(port),
+                "--mqtt-port",
+                str(free_port()),
+                "--amqp-port",
+                str(free_port()),
+                *extra,
+            ],
             stdout=log,
             stderr=log,
             env=env,

@@ -8,6 +8,7 @@ back into the :mod:`provisiond.errors` classes, keeping the service's message an
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -89,7 +90,7 @@ class ServiceClient:
             else ConnectionString.parse(connection_string)
         )
         self.api_version = api_version
-        verify: Any = str(ca_file) if ca_file else True
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
         self._http = httpx.Client(base_url=f"https://{self.connection.host}", verify=verify, timeout=timeout)
 
     @classmethod
@@ -99,7 +100,9 @@ class ServiceClient:
         try:
             info = json.loads(path.read_text())
         except FileNotFoundError:
-            raise ConfigurationError(f"{path} does not exist: has `provisiond serve --data-dir {data_dir}` run?") from None
+            raise ConfigurationError(
+                f"{path} does not exist: has `provisiond serve --data-dir {data_dir}` run?"
+            ) from None
         except (OSError, ValueError) as exc:
             raise ConfigurationError(f"Cannot read {path}: {exc}") from exc
         kwargs.setdefault("ca_file", info.get("caCertificate"))
@@ -116,7 +119,10 @@ class ServiceClient:
 
     def _token(self) -> str:
         return build_sas_token(
-            self.connection.host, self.connection.key, int(time.time()) + _TOKEN_TTL, key_name=self.connection.key_name
+            self.connection.host,
+            self.connection.key,
+            int(time.time()) + _TOKEN_TTL,
+            key_name=self.connection.key_name,
         )
 
     def request(
@@ -154,15 +160,21 @@ class ServiceClient:
             message, code = response.text[:500], None
         message = message or f"HTTP {response.status_code}"
         if response.status_code == 429:
-            return ThrottledError(message, retry_after=int(response.headers.get("retry-after", "1")), error_code=code)
-        cls = _BY_STATUS.get(response.status_code, StorageError if response.status_code >= 500 else RequestError)
+            return ThrottledError(
+                message, retry_after=int(response.headers.get("retry-after", "1")), error_code=code
+            )
+        cls = _BY_STATUS.get(
+            response.status_code, StorageError if response.status_code >= 500 else RequestError
+        )
         return cls(message, error_code=code if isinstance(code, int) else None)
 
     def get(self, path: str) -> Any:
         return self.request("GET", path).json()
 
     def put(self, path: str, body: Any, *, if_match: str | None = None) -> Any:
-        return self.request("PUT", path, body=body, headers={"If-Match": if_match} if if_match else None).json()
+        return self.request(
+            "PUT", path, body=body, headers={"If-Match": if_match} if if_match else None
+        ).json()
 
     def post(self, path: str, body: Any = None) -> Any:
         return self.request("POST", path, body=body).json()
