@@ -56,6 +56,7 @@ class Pki:
 
     def client_context(self, credential: str | None = None, *, tls12_only: bool = False) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=self.server_files.ca_file)
+        ctx.verify_flags |= ssl.VERIFY_X509_STRICT  # Python 3.13's default: the dev PKI must pass it
         if tls12_only:
             ctx.maximum_version = ssl.TLSVersion.TLSv1_2
         if credential is not None:
