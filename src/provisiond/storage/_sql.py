@@ -1,0 +1,413 @@
+"""What the SQLite and PostgreSQL backends share: SQL text, the write rules, paging tokens.
+
+The SQL is written once with ``?`` placeholders; :func:`sql` turns it into psycopg's ``%s``
+style. Both engines accept the same dialect for everything here (``ON CONFLICT``,
+``RETURNING``, ``IN (...)``); what differs (``FOR UPDATE``, ``BEGIN IMMEDIATE``, advisory
+locks, column types in the migrations) stays in the backend modules.
+
+The write rules of the contract (``if_match`` first, then the write mode) live in
+:func:`check_write` and :func:`check_delete`, so that both backends decide every case the same
+way: each backend reads the current row under a write lock, asks these functions, then writes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import functools
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from ..errors import ConflictError, InvalidQueryError, NotFoundError, PreconditionFailedError
+from .base import Collection, Delete, Page, Record, Write, WriteMode, etags_match
+
+__all__ = [
+    "BOOTSTRAP_MIGRATIONS",
+    "CHUNK",
+    "MIGRATION_APPLIED",
+    "RECORD_MIGRATION",
+    "SCHEMA_VERSION",
+    "Meta",
+    "Migration",
+    "ParamStyle",
+    "Statements",
+    "check_delete",
+    "check_write",
+    "chunks",
+    "count_sql",
+    "decode_continuation",
+    "encode_continuation",
+    "filter_params",
+    "index_values",
+    "insert_params",
+    "load_migrations",
+    "make_page",
+    "page_query",
+    "page_sql",
+    "record_from_row",
+    "settings_sql",
+    "sql",
+    "statements",
+    "update_params",
+    "written_record",
+]
+
+#: How many keys go into one ``IN (...)`` list (SQLite's historic limit is 999 parameters).
+CHUNK = 500
+
+#: The columns every collection table starts with, in this order; index columns follow.
+BASE_COLUMNS = ("key", "id", "etag", "created", "updated", "doc")
+
+
+class ParamStyle(enum.Enum):
+    """Placeholder style of a DB-API driver."""
+
+    QMARK = "qmark"  # sqlite3
+    FORMAT = "format"  # psycopg
+
+
+def sql(text: str, style: ParamStyle) -> str:
+    """``text`` (written with ``?`` placeholders) in ``style``."""
+    if style is ParamStyle.QMARK:
+        return text
+    # None of our SQL contains a literal "%" or "?", so a plain replace is exact.
+    return text.replace("?", "%s")
+
+
+# -- migrations -------------------------------------------------------------------------------
+
+BOOTSTRAP_MIGRATIONS = (
+    "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, applied_at text NOT NULL)"
+)
+MIGRATION_APPLIED = "SELECT 1 FROM schema_migrations WHERE version = ?"
+RECORD_MIGRATION = "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)"
+SCHEMA_VERSION = "SELECT coalesce(max(version), 0) FROM schema_migrations"
+
+_MIGRATION_NAME = re.compile(r"^(\d+)_[A-Za-z0-9_]+\.sql$")
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One versioned migration file."""
+
+    version: int
+    name: str
+    text: str
+
+
+def load_migrations(dialect: str) -> list[Migration]:
+    """The migrations of ``dialect`` (``"sqlite"`` or ``"postgresql"``), in version order.
+
+    :raises RuntimeError: two files share a version (a packaging mistake, not a runtime one).
+    """
+    folder = resources.files(__package__).joinpath("migrations", dialect)
+    found: dict[int, Migration] = {}
+    for entry in folder.iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match is None:
+            continue
+        version = int(match.group(1))
+        if version in found:
+            raise RuntimeError(f"Two {dialect} migrations have version {version}")
+        found[version] = Migration(version, entry.name, entry.read_text(encoding="utf-8"))
+    return [found[version] for version in sorted(found)]
+
+
+# -- settings ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SettingsSql:
+    get: str
+    set: str
+    insert_if_missing: str
+
+
+@functools.cache
+def settings_sql(style: ParamStyle) -> SettingsSql:
+    """The statements of the settings table."""
+    return SettingsSql(
+        get=sql("SELECT value FROM settings WHERE key = ?", style),
+        set=sql(
+            "INSERT INTO settings (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            style,
+        ),
+        insert_if_missing=sql(
+            "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING RETURNING value",
+            style,
+        ),
+    )
+
+
+# -- collections ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Statements:
+    """The fixed statements of one collection table, in one placeholder style.
+
+    Rows selected with :attr:`columns` are ``key, id, etag, created, updated, doc, *index``;
+    :attr:`select_meta` yields ``key, id, etag, created``.
+    """
+
+    columns: str
+    select_meta: str
+    insert: str
+    insert_if_missing: str
+    upsert: str
+    update: str
+    delete: str
+    select_full_prefix: str
+    select_meta_prefix: str
+    placeholder: str
+
+    def select_many(self, count: int) -> str:
+        """Full rows whose key is one of ``count`` parameters, in key order."""
+        return self._many(self.select_full_prefix, count)
+
+    def select_meta_many(self, count: int) -> str:
+        """Meta rows (``key, id, etag, created``) whose key is one of ``count`` parameters."""
+        return self._many(self.select_meta_prefix, count)
+
+    def _many(self, prefix: str, count: int) -> str:
+        return f"{prefix} WHERE key IN ({', '.join([self.placeholder] * count)}) ORDER BY key"
+
+
+@functools.cache
+def statements(collection: Collection, style: ParamStyle) -> Statements:
+    """The statements of ``collection`` in ``style`` (built once)."""
+    table = collection.table
+    index = collection.index_columns
+    columns = ", ".join((*BASE_COLUMNS, *index))
+    values = ", ".join("?" * (len(BASE_COLUMNS) + len(index)))
+    # An upsert keeps id and created (the first write's) and replaces everything else.
+    replaced = ", ".join(f"{column} = excluded.{column}" for column in ("etag", "updated", "doc", *index))
+    assignments = ", ".join(f"{column} = ?" for column in ("etag", "updated", "doc", *index))
+    insert = f"INSERT INTO {table} ({columns}) VALUES ({values})"
+    return Statements(
+        columns=columns,
+        select_meta=sql(f"SELECT key, id, etag, created FROM {table} WHERE key = ?", style),
+        insert=sql(insert, style),
+        insert_if_missing=sql(f"{insert} ON CONFLICT (key) DO NOTHING RETURNING id, created", style),
+        upsert=sql(f"{insert} ON CONFLICT (key) DO UPDATE SET {replaced} RETURNING id, created", style),
+        update=sql(f"UPDATE {table} SET {assignments} WHERE key = ?", style),
+        delete=sql(f"DELETE FROM {table} WHERE key = ? RETURNING {columns}", style),
+        select_full_prefix=f"SELECT {columns} FROM {table}",
+        select_meta_prefix=f"SELECT key, id, etag, created FROM {table}",
+        placeholder=sql("?", style),
+    )
+
+
+def chunks(keys: Sequence[str], size: int = CHUNK) -> Iterator[Sequence[str]]:
+    """``keys`` in slices of at most ``size``."""
+    for start in range(0, len(keys), size):
+        yield keys[start : start + size]
+
+
+def index_values(collection: Collection, index: Mapping[str, str | None]) -> tuple[str | None, ...]:
+    """The values of every index column of ``collection``, in column order (missing ones None).
+
+    :raises ValueError: ``index`` names a column the collection does not have.
+    """
+    unknown = set(index).difference(collection.index_columns)
+    if unknown:
+        raise ValueError(f"{collection.table} has no index column(s) {sorted(unknown)}")
+    return tuple(index.get(column) for column in collection.index_columns)
+
+
+def insert_params(
+    key: str, item: Write, etag: str, now: str, values: tuple[str | None, ...]
+) -> tuple[Any, ...]:
+    """Parameters of :attr:`Statements.insert` (and its variants)."""
+    return (key, item.id, etag, now, now, item.doc, *values)
+
+
+def update_params(
+    key: str, item: Write, etag: str, now: str, values: tuple[str | None, ...]
+) -> tuple[Any, ...]:
+    """Parameters of :attr:`Statements.update`."""
+    return (etag, now, item.doc, *values, key)
+
+
+def record_from_row(collection: Collection, row: Sequence[Any]) -> Record:
+    """A :class:`Record` from a full row (``key, id, etag, created, updated, doc, *index``)."""
+    return Record(
+        id=row[1],
+        etag=row[2],
+        created=row[3],
+        updated=row[4],
+        doc=bytes(row[5]),
+        index=dict(zip(collection.index_columns, row[6:], strict=True)),
+    )
+
+
+def written_record(
+    collection: Collection,
+    item: Write,
+    id: str,
+    etag: str,
+    created: str,
+    now: str,
+    values: tuple[str | None, ...],
+) -> Record:
+    """The record a successful write stored (``id`` and ``created`` as the row keeps them)."""
+    return Record(
+        id=id,
+        etag=etag,
+        created=created,
+        updated=now,
+        doc=item.doc,
+        index=dict(zip(collection.index_columns, values, strict=True)),
+    )
+
+
+# -- the write rules --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    """What the write rules need to know about an existing row."""
+
+    key: str
+    id: str
+    etag: str
+    created: str
+
+
+def check_write(
+    collection: Collection, item: Write, existing: Meta | None
+) -> ConflictError | NotFoundError | PreconditionFailedError | None:
+    """The contract error ``item`` meets given the current row (``None``: go ahead).
+
+    ``if_match`` is checked first: ``"*"`` or an etag on a missing record fails the condition.
+    """
+    if item.if_match is not None and (existing is None or not etags_match(item.if_match, existing.etag)):
+        return _precondition_failed(collection, item.id, existing)
+    if existing is not None and item.mode is WriteMode.CREATE:
+        return ConflictError(f"The {collection.label} {existing.id!r} already exists")
+    if existing is None and item.mode is WriteMode.UPDATE:
+        return NotFoundError(f"No {collection.label} by the id of {item.id!r} was found")
+    return None
+
+
+def check_delete(
+    collection: Collection, item: Delete, existing: Meta | None
+) -> NotFoundError | PreconditionFailedError | None:
+    """The contract error a delete meets given the current row (``None``: go ahead).
+
+    As for writes, ``if_match`` is checked first, so an etag (or ``"*"``) on a missing record is
+    a failed precondition, and a missing record without ``if_match`` is not found.
+    """
+    if item.if_match is not None and (existing is None or not etags_match(item.if_match, existing.etag)):
+        return _precondition_failed(collection, item.id, existing)
+    if existing is None:
+        return NotFoundError(f"No {collection.label} by the id of {item.id!r} was found")
+    return None
+
+
+def _precondition_failed(collection: Collection, id: str, existing: Meta | None) -> PreconditionFailedError:
+    if existing is None:
+        return PreconditionFailedError(
+            f"If-Match was given but no {collection.label} by the id of {id!r} exists"
+        )
+    return PreconditionFailedError(f"If-Match does not match the etag of the {collection.label} {id!r}")
+
+
+# -- queries ----------------------------------------------------------------------------------
+
+_TOKEN_PREFIX = "k1:"
+_TOKEN_ALPHABET = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def encode_continuation(key: str) -> str:
+    """The opaque continuation token that resumes after ``key``."""
+    raw = (_TOKEN_PREFIX + key).encode("utf-8")
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def decode_continuation(token: str) -> str:
+    """The key a continuation token resumes after.
+
+    :raises InvalidQueryError: the token is not one :func:`encode_continuation` made.
+    """
+    if not _TOKEN_ALPHABET.match(token):
+        raise InvalidQueryError("The continuation token is malformed")
+    try:
+        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise InvalidQueryError("The continuation token is malformed") from exc
+    if not text.startswith(_TOKEN_PREFIX):
+        raise InvalidQueryError("The continuation token is malformed")
+    return text[len(_TOKEN_PREFIX) :]
+
+
+def filter_params(
+    collection: Collection, filters: Mapping[str, str] | None
+) -> tuple[tuple[str, ...], list[str]]:
+    """The filtered columns (sorted, ``"id"`` becoming ``key``) and their values.
+
+    :raises ValueError: a filter names neither ``"id"`` nor an index column of ``collection``.
+    """
+    if not filters:
+        return (), []
+    unknown = set(filters).difference(("id", *collection.index_columns))
+    if unknown:
+        raise ValueError(f"{collection.table} cannot be filtered on {sorted(unknown)}")
+    names = sorted(filters)
+    columns = tuple("key" if name == "id" else name for name in names)
+    values = [collection.key(filters[name]) if name == "id" else filters[name] for name in names]
+    return columns, values
+
+
+@functools.lru_cache(maxsize=256)
+def page_sql(collection: Collection, columns: tuple[str, ...], after: bool, style: ParamStyle) -> str:
+    """A page query: ``columns`` equal to parameters, then (``after``) ``key > ?``, then LIMIT ?."""
+    conditions = [f"{column} = ?" for column in columns]
+    if after:
+        conditions.append("key > ?")
+    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    text = (
+        f"SELECT {statements(collection, style).columns} FROM {collection.table}{where} ORDER BY key LIMIT ?"
+    )
+    return sql(text, style)
+
+
+@functools.lru_cache(maxsize=256)
+def count_sql(collection: Collection, columns: tuple[str, ...], style: ParamStyle) -> str:
+    """A count query with ``columns`` equal to parameters."""
+    where = f" WHERE {' AND '.join(f'{column} = ?' for column in columns)}" if columns else ""
+    return sql(f"SELECT count(*) FROM {collection.table}{where}", style)
+
+
+def page_query(
+    collection: Collection,
+    filters: Mapping[str, str] | None,
+    limit: int,
+    continuation: str | None,
+    style: ParamStyle,
+) -> tuple[str, list[Any]]:
+    """The statement and parameters of one :meth:`Store.query` page (it asks for one extra row
+    to learn whether more remain; :func:`make_page` drops it).
+
+    :raises ValueError: a bad filter, or ``limit`` below 1.
+    :raises InvalidQueryError: a malformed continuation token.
+    """
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")
+    columns, params = filter_params(collection, filters)
+    after = None if continuation is None else decode_continuation(continuation)
+    text = page_sql(collection, columns, after is not None, style)
+    return text, [*params, *(() if after is None else (after,)), limit + 1]
+
+
+def make_page(collection: Collection, rows: Sequence[Sequence[Any]], limit: int) -> Page:
+    """The page for the rows of a :func:`page_query` statement."""
+    more = len(rows) > limit
+    rows = rows[:limit]
+    continuation = encode_continuation(rows[-1][0]) if more else None
+    return Page([record_from_row(collection, row) for row in rows], continuation)

@@ -1,0 +1,381 @@
+"""The PostgreSQL backend: psycopg 3 (async) with a :class:`psycopg_pool.AsyncConnectionPool`,
+for one node or several nodes sharing one database.
+
+Theory of operation
+-------------------
+Connections are in autocommit mode; a method that needs several statements opens an explicit
+transaction. Conditional writes are race-free across processes because every decision is taken
+on a row this transaction has locked:
+
+- The common unconditional writes are one statement each: UPSERT is
+  ``INSERT ... ON CONFLICT (key) DO UPDATE`` (keeping ``id`` and ``created``), CREATE is
+  ``INSERT ... ON CONFLICT (key) DO NOTHING`` (no row back means the key exists: conflict).
+  Among racing CREATEs the unique index lets exactly one insert win.
+- Everything else (``if_match``, UPDATE, deletes, :meth:`PostgresStore.write_many`) runs in a
+  transaction that locks the existing rows of all its keys with ``SELECT ... FOR UPDATE``,
+  decides each item with the shared rules in :mod:`._sql`, and writes. A key that did not exist
+  is inserted with ``ON CONFLICT DO NOTHING``; if another node inserted it meanwhile, the row is
+  locked and the item decided again.
+- A batch of several keys first takes one transaction-scoped advisory lock per key, in one
+  global order, so that two batches sharing keys (existing or not) queue instead of
+  deadlocking. Should a deadlock or serialization failure happen anyway, the transaction is
+  rolled back and retried.
+
+Migrations run in :meth:`PostgresStore.open`, each in a transaction holding
+``pg_advisory_xact_lock``, so nodes starting together apply each migration exactly once.
+Driver exceptions are translated once, in :func:`_map_errors`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg_pool import AsyncConnectionPool
+
+from ..errors import ConflictError, NotFoundError, ProvisioningError, StorageError
+from . import _sql
+from ._sql import Meta, ParamStyle
+from .base import Collection, Delete, Page, Record, Store, Write, WriteMode, new_etag, utc_now
+
+__all__ = ["PostgresStore"]
+
+log = logging.getLogger(__name__)
+
+_STYLE = ParamStyle.FORMAT
+#: The advisory lock that serializes migrations ("prov" in ASCII).
+_MIGRATION_LOCK = 0x70726F76
+#: How often a write transaction is retried after a deadlock or serialization failure.
+_TRANSACTION_ATTEMPTS = 3
+#: How often one item re-reads its row after losing an insert race (inside one transaction).
+_ITEM_ATTEMPTS = 5
+
+_Prepared = tuple[str, Write | Delete, tuple[str | None, ...]]
+_Connection = psycopg.AsyncConnection[tuple[Any, ...]]
+
+
+@contextlib.contextmanager
+def _map_errors() -> Iterator[None]:
+    """Turn psycopg (and pool) failures into :class:`StorageError`, keeping the cause.
+
+    ``psycopg_pool.PoolTimeout`` and ``PoolClosed`` are ``psycopg.OperationalError`` subclasses.
+    """
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise StorageError(f"PostgreSQL error: {exc}") from exc
+
+
+class PostgresStore(Store):
+    """A :class:`Store` in a PostgreSQL database.
+
+    :param url: a libpq connection string or ``postgresql://`` URL.
+    :param min_size: connections the pool keeps open.
+    :param max_size: the most connections the pool opens.
+    :param timeout: seconds a call waits for a free pool connection before failing.
+    :param connect_timeout: seconds :meth:`open` waits for the first connections.
+    """
+
+    backend = "postgresql"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        timeout: float = 30.0,
+        connect_timeout: float = 30.0,
+    ) -> None:
+        self.url = url
+        self._min_size = min_size
+        self._max_size = max_size
+        self._timeout = timeout
+        self._connect_timeout = connect_timeout
+        self._pool: AsyncConnectionPool[_Connection] | None = None
+
+    def __repr__(self) -> str:
+        # The URL may carry a password: show only where it points.
+        try:
+            info = psycopg.conninfo.conninfo_to_dict(self.url)
+        except psycopg.Error:
+            return "PostgresStore(<invalid url>)"
+        return f"PostgresStore(host={info.get('host')!r}, dbname={info.get('dbname')!r})"
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        pool: AsyncConnectionPool[_Connection] = AsyncConnectionPool(
+            self.url,
+            min_size=self._min_size,
+            max_size=self._max_size,
+            timeout=self._timeout,
+            kwargs={"autocommit": True},
+            name="provisiond",
+            open=False,
+        )
+        try:
+            with _map_errors():
+                await pool.open(wait=True, timeout=self._connect_timeout)
+                await self._migrate(pool)
+        except BaseException:
+            await pool.close()
+            raise
+        self._pool = pool
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            with _map_errors():
+                await pool.close()
+
+    async def _migrate(self, pool: AsyncConnectionPool[_Connection]) -> None:
+        async with pool.connection() as conn:
+            for migration in _sql.load_migrations("postgresql"):
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+                    await conn.execute(_sql.BOOTSTRAP_MIGRATIONS)
+                    cursor = await conn.execute(
+                        _sql.sql(_sql.MIGRATION_APPLIED, _STYLE), (migration.version,)
+                    )
+                    if await cursor.fetchone() is not None:
+                        continue
+                    await conn.execute(migration.text)
+                    await conn.execute(
+                        _sql.sql(_sql.RECORD_MIGRATION, _STYLE), (migration.version, utc_now())
+                    )
+                    log.info("Applied migration %s to %r", migration.name, self)
+
+    def _require_pool(self) -> AsyncConnectionPool[_Connection]:
+        pool = self._pool
+        if pool is None:
+            raise StorageError(f"{self!r} is not open")
+        return pool
+
+    async def _fetch_all(self, text: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        with _map_errors():
+            async with self._require_pool().connection() as conn:
+                cursor = await conn.execute(text, params)
+                return await cursor.fetchall()
+
+    # -- records ------------------------------------------------------------------------------
+
+    async def schema_version(self) -> int:
+        [(version,)] = await self._fetch_all(_sql.SCHEMA_VERSION, ())
+        return int(version)
+
+    async def get(self, collection: Collection, id: str) -> Record | None:
+        key = collection.key(id)
+        rows = await self._fetch_all(_sql.statements(collection, _STYLE).select_many(1), (key,))
+        return _sql.record_from_row(collection, rows[0]) if rows else None
+
+    async def get_many(self, collection: Collection, ids: Sequence[str]) -> dict[str, Record]:
+        keys = sorted({collection.key(id) for id in ids})
+        statements = _sql.statements(collection, _STYLE)
+        found: dict[str, Record] = {}
+        with _map_errors():
+            async with self._require_pool().connection() as conn:
+                for chunk in _sql.chunks(keys):
+                    cursor = await conn.execute(statements.select_many(len(chunk)), chunk)
+                    for row in await cursor.fetchall():
+                        found[row[0]] = _sql.record_from_row(collection, row)
+        return found
+
+    async def write(
+        self,
+        collection: Collection,
+        id: str,
+        doc: bytes,
+        *,
+        index: Mapping[str, str | None] | None = None,
+        mode: WriteMode = WriteMode.UPSERT,
+        if_match: str | None = None,
+    ) -> Record:
+        item = Write(id, doc, index or {}, mode, if_match)
+        values = _sql.index_values(collection, item.index)
+        key = collection.key(id)
+        outcome: Record | ProvisioningError
+        if if_match is None and mode is not WriteMode.UPDATE:
+            outcome = await self._write_one_statement(collection, key, item, values)
+        else:
+            [outcome] = await self._write_batch(collection, [(key, item, values)])
+        if isinstance(outcome, ProvisioningError):
+            raise outcome
+        return outcome
+
+    async def delete(self, collection: Collection, id: str, *, if_match: str | None = None) -> Record:
+        [outcome] = await self._write_batch(collection, [(collection.key(id), Delete(id, if_match), ())])
+        if isinstance(outcome, ProvisioningError):
+            raise outcome
+        return outcome
+
+    async def write_many(
+        self, collection: Collection, items: Sequence[Write | Delete]
+    ) -> list[Record | ProvisioningError]:
+        prepared: list[_Prepared] = [
+            (
+                collection.key(item.id),
+                item,
+                _sql.index_values(collection, item.index) if isinstance(item, Write) else (),
+            )
+            for item in items
+        ]
+        if not prepared:
+            return []
+        return await self._write_batch(collection, prepared)
+
+    async def _write_one_statement(
+        self, collection: Collection, key: str, item: Write, values: tuple[str | None, ...]
+    ) -> Record | ProvisioningError:
+        """An unconditional CREATE or UPSERT, in one statement (see the module docstring)."""
+        statements = _sql.statements(collection, _STYLE)
+        etag, now = new_etag(), utc_now()
+        params = _sql.insert_params(key, item, etag, now, values)
+        text = statements.insert_if_missing if item.mode is WriteMode.CREATE else statements.upsert
+        rows = await self._fetch_all(text, params)
+        if not rows:
+            return ConflictError(f"The {collection.label} {item.id!r} already exists")
+        [(stored_id, created)] = rows
+        return _sql.written_record(collection, item, stored_id, etag, created, now, values)
+
+    async def _write_batch(
+        self, collection: Collection, prepared: list[_Prepared]
+    ) -> list[Record | ProvisioningError]:
+        pool = self._require_pool()
+        attempt = 1
+        with _map_errors():
+            while True:
+                try:
+                    async with pool.connection() as conn, conn.transaction():
+                        return await _apply_batch(conn, collection, prepared)
+                except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
+                    if attempt >= _TRANSACTION_ATTEMPTS:
+                        raise
+                    log.info("Retrying a write to %s after: %s", collection.table, exc)
+                    attempt += 1
+
+    async def query(
+        self,
+        collection: Collection,
+        *,
+        filters: Mapping[str, str] | None = None,
+        limit: int = 100,
+        continuation: str | None = None,
+    ) -> Page:
+        text, params = _sql.page_query(collection, filters, limit, continuation, _STYLE)
+        rows = await self._fetch_all(text, params)
+        return _sql.make_page(collection, rows, limit)
+
+    async def count(self, collection: Collection, *, filters: Mapping[str, str] | None = None) -> int:
+        columns, params = _sql.filter_params(collection, filters)
+        [(count,)] = await self._fetch_all(_sql.count_sql(collection, columns, _STYLE), params)
+        return int(count)
+
+    # -- settings -----------------------------------------------------------------------------
+
+    async def get_setting(self, key: str) -> str | None:
+        rows = await self._fetch_all(_sql.settings_sql(_STYLE).get, (key,))
+        return str(rows[0][0]) if rows else None
+
+    async def set_setting(self, key: str, value: str) -> None:
+        await self._execute(_sql.settings_sql(_STYLE).set, (key, value))
+
+    async def setting_setdefault(self, key: str, value: str) -> str:
+        statements = _sql.settings_sql(_STYLE)
+        with _map_errors():
+            async with self._require_pool().connection() as conn:
+                # Two statements, not one: a statement's snapshot may predate the row that made
+                # its insert a no-op, so the lookup must be a statement of its own.
+                cursor = await conn.execute(statements.insert_if_missing, (key, value))
+                row = await cursor.fetchone()
+                if row is None:
+                    cursor = await conn.execute(statements.get, (key,))
+                    row = await cursor.fetchone()
+        if row is None:  # settings are never deleted, so this cannot happen
+            raise StorageError(f"The setting {key!r} vanished while it was being set")
+        return str(row[0])
+
+    async def _execute(self, text: str, params: Sequence[Any]) -> None:
+        with _map_errors():
+            async with self._require_pool().connection() as conn:
+                await conn.execute(text, params)
+
+
+def _lock_id(collection: Collection, key: str) -> int:
+    """The advisory lock id of a key (a 64-bit hash; a collision only serializes two batches)."""
+    digest = hashlib.blake2b(f"{collection.table}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+async def _apply_batch(
+    conn: _Connection, collection: Collection, prepared: list[_Prepared]
+) -> list[Record | ProvisioningError]:
+    """Apply a batch inside the caller's transaction (see the module docstring)."""
+    statements = _sql.statements(collection, _STYLE)
+    keys = sorted({key for key, _, _ in prepared})
+    if len(keys) > 1:
+        # Batches that share keys queue here, in one global order, so that they cannot deadlock
+        # on keys that do not exist yet (single-key writes never hold one lock while waiting
+        # for another, so they need no such lock).
+        locks = sorted({_lock_id(collection, key) for key in keys})
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(k.id)"
+            " FROM unnest(%s::bigint[]) WITH ORDINALITY AS k(id, n) ORDER BY k.n",
+            (locks,),
+        )
+    state: dict[str, Meta | None] = {}
+    for chunk in _sql.chunks(keys):
+        cursor = await conn.execute(f"{statements.select_meta_many(len(chunk))} FOR UPDATE", chunk)
+        for row in await cursor.fetchall():
+            state[row[0]] = Meta(*row)
+    return [await _apply(conn, collection, statements, state, *entry) for entry in prepared]
+
+
+async def _apply(
+    conn: _Connection,
+    collection: Collection,
+    statements: _sql.Statements,
+    state: dict[str, Meta | None],
+    key: str,
+    item: Write | Delete,
+    values: tuple[str | None, ...],
+) -> Record | ProvisioningError:
+    """Apply one item; ``state`` holds the rows this transaction has locked (and updates)."""
+    for _ in range(_ITEM_ATTEMPTS):
+        existing = state.get(key)
+        if isinstance(item, Delete):
+            delete_error = _sql.check_delete(collection, item, existing)
+            if delete_error is not None:
+                return delete_error
+            cursor = await conn.execute(statements.delete, (key,))
+            row = await cursor.fetchone()
+            if row is None:  # we hold the row lock, so it cannot have gone
+                return NotFoundError(f"No {collection.label} by the id of {item.id!r} was found")
+            state[key] = None
+            return _sql.record_from_row(collection, row)
+        error = _sql.check_write(collection, item, existing)
+        if error is not None:
+            return error
+        etag, now = new_etag(), utc_now()
+        if existing is None:
+            params = _sql.insert_params(key, item, etag, now, values)
+            cursor = await conn.execute(statements.insert_if_missing, params)
+            if await cursor.fetchone() is None:
+                # Another transaction inserted the key after our look: lock its row, decide again.
+                cursor = await conn.execute(f"{statements.select_meta} FOR UPDATE", (key,))
+                row = await cursor.fetchone()
+                state[key] = None if row is None else Meta(*row)
+                continue
+            state[key] = Meta(key, item.id, etag, now)
+            return _sql.written_record(collection, item, item.id, etag, now, now, values)
+        await conn.execute(statements.update, _sql.update_params(key, item, etag, now, values))
+        state[key] = Meta(key, existing.id, etag, existing.created)
+        return _sql.written_record(collection, item, existing.id, etag, existing.created, now, values)
+    raise StorageError(f"Could not write the {collection.label} {item.id!r}: the row kept changing")

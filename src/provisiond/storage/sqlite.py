@@ -1,0 +1,405 @@
+"""The SQLite backend: stdlib :mod:`sqlite3` on threads, for one node (or a few processes on one
+host sharing a file).
+
+Theory of operation
+-------------------
+SQLite allows one writer at a time per file, and in WAL mode readers never wait for it. The
+store mirrors that: every write runs on **one writer thread** (a single-thread executor that owns
+the one write connection), and reads run on a small pool of **reader threads**, each with its own
+connection, so that a read never queues behind a write. Each method is one thread hop: the whole
+operation (all its statements, its transaction) runs in one function on one thread.
+
+Writes take ``BEGIN IMMEDIATE`` before reading the row they are about to change, so the
+check-then-write of a conditional write is atomic even when other processes (or other stores)
+write the same file; ``busy_timeout`` makes them queue instead of failing.
+:meth:`SqliteStore.write_many` runs all its items in one such transaction, deciding each item on
+its own (see :mod:`._sql`), so one failing item does not affect the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..errors import ProvisioningError, StorageError
+from . import _sql
+from ._sql import Meta, ParamStyle
+from .base import Collection, Delete, Page, Record, Store, Write, WriteMode, new_etag, utc_now
+
+__all__ = ["SqliteStore"]
+
+log = logging.getLogger(__name__)
+
+_STYLE = ParamStyle.QMARK
+_T = TypeVar("_T")
+
+#: An item of a write batch: its key, the item, and (for writes) its index values.
+_Prepared = tuple[str, Write | Delete, tuple[str | None, ...]]
+
+
+@contextlib.contextmanager
+def _map_errors() -> Iterator[None]:
+    """Turn driver (and file system) failures into :class:`StorageError`."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise StorageError(f"SQLite error: {exc}") from exc
+    except OSError as exc:
+        raise StorageError(f"SQLite database file error: {exc}") from exc
+
+
+def _split_script(script: str) -> Iterator[str]:
+    """The statements of a migration script, one at a time (``executescript`` would commit
+    the migration's transaction before running)."""
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            yield buffer.strip()
+            buffer = ""
+    leftover = [line for line in buffer.splitlines() if line.strip() and not line.strip().startswith("--")]
+    if leftover:
+        raise ValueError(f"Incomplete SQL statement at the end of a migration: {leftover[0]!r}")
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+
+
+class SqliteStore(Store):
+    """A :class:`Store` in one SQLite file (created with its directory if missing).
+
+    :param path: the database file.
+    :param readers: how many reader threads (and connections) to use.
+    :param busy_timeout: seconds a connection waits for another one's lock before failing.
+    """
+
+    backend = "sqlite"
+
+    def __init__(self, path: str | os.PathLike[str], *, readers: int = 4, busy_timeout: float = 10.0) -> None:
+        if readers < 1:
+            raise ValueError("readers must be at least 1")
+        self.path = Path(path)
+        self._reader_count = readers
+        self._busy_timeout = busy_timeout
+        self._writer: ThreadPoolExecutor | None = None
+        self._readers: ThreadPoolExecutor | None = None
+        self._write_conn: sqlite3.Connection | None = None
+        self._read_conns: list[sqlite3.Connection] = []
+        self._read_conns_lock = threading.Lock()
+        self._local = threading.local()
+        self._lifecycle = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({str(self.path)!r})"
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        async with self._lifecycle:
+            if self._writer is not None:
+                return
+            writer = ThreadPoolExecutor(1, thread_name_prefix="provisiond-sqlite-writer")
+            try:
+                with _map_errors():
+                    await asyncio.get_running_loop().run_in_executor(writer, self._open_writer)
+            except BaseException:
+                writer.shutdown(wait=False)
+                raise
+            self._local = threading.local()
+            self._writer = writer
+            self._readers = ThreadPoolExecutor(
+                self._reader_count, thread_name_prefix="provisiond-sqlite-reader"
+            )
+
+    async def close(self) -> None:
+        async with self._lifecycle:
+            writer, readers = self._writer, self._readers
+            if writer is None or readers is None:
+                return
+            self._writer = self._readers = None
+            loop = asyncio.get_running_loop()
+            try:
+                with _map_errors():
+                    # Queued behind every write already submitted, which therefore completes.
+                    await loop.run_in_executor(writer, self._close_writer)
+            finally:
+                writer.shutdown(wait=True)  # the thread is idle by now: this returns at once
+                await loop.run_in_executor(None, self._close_readers, readers)
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: the driver never opens transactions; we issue BEGIN ourselves.
+        # check_same_thread=False only so that close() may close reader connections after their
+        # threads are gone; each connection is otherwise used by one thread.
+        conn = sqlite3.connect(
+            self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+            conn.execute("PRAGMA synchronous = NORMAL")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _open_writer(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._connect()
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._write_conn = conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Apply the migrations not yet applied, each in its own ``BEGIN IMMEDIATE``
+        transaction (which also keeps two processes from migrating at once)."""
+        for migration in _sql.load_migrations("sqlite"):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(_sql.BOOTSTRAP_MIGRATIONS)
+                if conn.execute(_sql.MIGRATION_APPLIED, (migration.version,)).fetchone() is None:
+                    for statement in _split_script(migration.text):
+                        conn.execute(statement)
+                    conn.execute(_sql.RECORD_MIGRATION, (migration.version, utc_now()))
+                    log.info("Applied migration %s to %s", migration.name, self.path)
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
+
+    def _close_writer(self) -> None:
+        conn, self._write_conn = self._write_conn, None
+        if conn is not None:
+            conn.close()
+
+    def _close_readers(self, readers: ThreadPoolExecutor) -> None:
+        readers.shutdown(wait=True)
+        with self._read_conns_lock:
+            conns, self._read_conns = self._read_conns, []
+        for conn in conns:
+            conn.close()
+
+    # -- thread hops --------------------------------------------------------------------------
+
+    async def _on_writer(self, function: Callable[..., _T], *args: Any) -> _T:
+        executor = self._writer
+        if executor is None:
+            raise StorageError(f"{self!r} is not open")
+        with _map_errors():
+            return await asyncio.get_running_loop().run_in_executor(
+                executor, functools.partial(function, *args)
+            )
+
+    async def _on_reader(self, function: Callable[..., _T], *args: Any) -> _T:
+        executor = self._readers
+        if executor is None:
+            raise StorageError(f"{self!r} is not open")
+        with _map_errors():
+            return await asyncio.get_running_loop().run_in_executor(
+                executor, functools.partial(self._read, function, *args)
+            )
+
+    def _read(self, function: Callable[..., _T], *args: Any) -> _T:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            conn.execute("PRAGMA query_only = ON")
+            self._local.conn = conn
+            with self._read_conns_lock:
+                self._read_conns.append(conn)
+        return function(conn, *args)
+
+    def _writer_conn(self) -> sqlite3.Connection:
+        conn = self._write_conn
+        if conn is None:
+            raise StorageError(f"{self!r} is not open")
+        return conn
+
+    # -- records ------------------------------------------------------------------------------
+
+    async def schema_version(self) -> int:
+        return await self._on_reader(_schema_version)
+
+    async def get(self, collection: Collection, id: str) -> Record | None:
+        records = await self._on_reader(_get_many, collection, [collection.key(id)])
+        return next(iter(records.values()), None)
+
+    async def get_many(self, collection: Collection, ids: Sequence[str]) -> dict[str, Record]:
+        keys = sorted({collection.key(id) for id in ids})
+        if not keys:
+            return {}
+        return await self._on_reader(_get_many, collection, keys)
+
+    async def write(
+        self,
+        collection: Collection,
+        id: str,
+        doc: bytes,
+        *,
+        index: Mapping[str, str | None] | None = None,
+        mode: WriteMode = WriteMode.UPSERT,
+        if_match: str | None = None,
+    ) -> Record:
+        item = Write(id, doc, index or {}, mode, if_match)
+        [outcome] = await self.write_many(collection, [item])
+        if isinstance(outcome, ProvisioningError):
+            raise outcome
+        return outcome
+
+    async def delete(self, collection: Collection, id: str, *, if_match: str | None = None) -> Record:
+        [outcome] = await self.write_many(collection, [Delete(id, if_match)])
+        if isinstance(outcome, ProvisioningError):
+            raise outcome
+        return outcome
+
+    async def write_many(
+        self, collection: Collection, items: Sequence[Write | Delete]
+    ) -> list[Record | ProvisioningError]:
+        prepared: list[_Prepared] = [
+            (
+                collection.key(item.id),
+                item,
+                _sql.index_values(collection, item.index) if isinstance(item, Write) else (),
+            )
+            for item in items
+        ]
+        if not prepared:
+            return []
+        return await self._on_writer(self._write_batch, collection, prepared)
+
+    def _write_batch(
+        self, collection: Collection, prepared: list[_Prepared]
+    ) -> list[Record | ProvisioningError]:
+        conn = self._writer_conn()
+        statements = _sql.statements(collection, _STYLE)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            outcomes = [_apply(conn, collection, statements, *entry) for entry in prepared]
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+        return outcomes
+
+    async def query(
+        self,
+        collection: Collection,
+        *,
+        filters: Mapping[str, str] | None = None,
+        limit: int = 100,
+        continuation: str | None = None,
+    ) -> Page:
+        text, params = _sql.page_query(collection, filters, limit, continuation, _STYLE)
+        rows = await self._on_reader(_fetch_all, text, params)
+        return _sql.make_page(collection, rows, limit)
+
+    async def count(self, collection: Collection, *, filters: Mapping[str, str] | None = None) -> int:
+        columns, params = _sql.filter_params(collection, filters)
+        return await self._on_reader(_fetch_int, _sql.count_sql(collection, columns, _STYLE), params)
+
+    # -- settings -----------------------------------------------------------------------------
+
+    async def get_setting(self, key: str) -> str | None:
+        return await self._on_reader(_get_setting, key)
+
+    async def set_setting(self, key: str, value: str) -> None:
+        await self._on_writer(self._set_setting, key, value)
+
+    async def setting_setdefault(self, key: str, value: str) -> str:
+        return await self._on_writer(self._setting_setdefault, key, value)
+
+    def _set_setting(self, key: str, value: str) -> None:
+        self._writer_conn().execute(_sql.settings_sql(_STYLE).set, (key, value))
+
+    def _setting_setdefault(self, key: str, value: str) -> str:
+        conn = self._writer_conn()
+        statements = _sql.settings_sql(_STYLE)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            rows = conn.execute(statements.insert_if_missing, (key, value)).fetchall()
+            if not rows:
+                rows = conn.execute(statements.get, (key,)).fetchall()
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+        stored: str = rows[0][0]
+        return stored
+
+
+# -- functions that run on a reader or the writer thread ---------------------------------------
+
+
+def _schema_version(conn: sqlite3.Connection) -> int:
+    return _fetch_int(conn, _sql.SCHEMA_VERSION, ())
+
+
+def _fetch_int(conn: sqlite3.Connection, text: str, params: Sequence[Any]) -> int:
+    row = conn.execute(text, params).fetchone()
+    return int(row[0])
+
+
+def _fetch_all(conn: sqlite3.Connection, text: str, params: Sequence[Any]) -> list[Any]:
+    return conn.execute(text, params).fetchall()
+
+
+def _get_setting(conn: sqlite3.Connection, key: str) -> str | None:
+    row = conn.execute(_sql.settings_sql(_STYLE).get, (key,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _get_many(conn: sqlite3.Connection, collection: Collection, keys: list[str]) -> dict[str, Record]:
+    statements = _sql.statements(collection, _STYLE)
+    found: dict[str, Record] = {}
+    several = len(keys) > _sql.CHUNK
+    if several:
+        conn.execute("BEGIN")  # one read transaction, so that every chunk sees one snapshot
+    try:
+        for chunk in _sql.chunks(keys):
+            for row in conn.execute(statements.select_many(len(chunk)), chunk):
+                found[row[0]] = _sql.record_from_row(collection, row)
+    finally:
+        if several:
+            _rollback(conn)
+    return found
+
+
+def _apply(
+    conn: sqlite3.Connection,
+    collection: Collection,
+    statements: _sql.Statements,
+    key: str,
+    item: Write | Delete,
+    values: tuple[str | None, ...],
+) -> Record | ProvisioningError:
+    """Apply one batch item inside the writer's transaction; its outcome."""
+    row = conn.execute(statements.select_meta, (key,)).fetchone()
+    existing = None if row is None else Meta(*row)
+    if isinstance(item, Delete):
+        delete_error = _sql.check_delete(collection, item, existing)
+        if delete_error is not None:
+            return delete_error
+        [deleted] = conn.execute(statements.delete, (key,)).fetchall()
+        return _sql.record_from_row(collection, deleted)
+    error = _sql.check_write(collection, item, existing)
+    if error is not None:
+        return error
+    etag, now = new_etag(), utc_now()
+    if existing is None:
+        conn.execute(statements.insert, _sql.insert_params(key, item, etag, now, values))
+        return _sql.written_record(collection, item, item.id, etag, now, now, values)
+    conn.execute(statements.update, _sql.update_params(key, item, etag, now, values))
+    return _sql.written_record(collection, item, existing.id, etag, existing.created, now, values)

@@ -1,0 +1,624 @@
+"""The storage contract suite: every rule of :mod:`provisiond.storage.base`, run against every
+backend through the ``store`` fixture (SQLite on a temporary file, PostgreSQL on a fresh
+database of a real server)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+import re
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from provisiond.errors import (
+    ConflictError,
+    InvalidQueryError,
+    NotFoundError,
+    PreconditionFailedError,
+    ProvisioningError,
+    RequestError,
+    StorageError,
+)
+from provisiond.storage import (
+    Collection,
+    Delete,
+    Record,
+    Store,
+    Write,
+    WriteMode,
+    new_etag,
+    open_store,
+)
+from provisiond.storage._sql import load_migrations
+from provisiond.storage.postgres import PostgresStore
+from provisiond.storage.sqlite import SqliteStore
+from tests._postgres import wait_for_no_connections
+
+E = Collection.ENROLLMENTS
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+ETAG = re.compile(r'^"[^"]+"$')
+
+
+async def outcome(coro: object) -> object:
+    """The result of ``coro``, or the contract error it raised (as a value)."""
+    try:
+        return await coro  # type: ignore[misc]
+    except ProvisioningError as exc:
+        return exc
+
+
+def ids(records: list[Record]) -> list[str]:
+    return [record.id for record in records]
+
+
+async def query_all(store: Store, collection: Collection, limit: int, **filters: str) -> list[list[Record]]:
+    pages: list[list[Record]] = []
+    continuation: str | None = None
+    while True:
+        page = await store.query(collection, filters=filters or None, limit=limit, continuation=continuation)
+        pages.append(page.records)
+        continuation = page.continuation
+        if continuation is None:
+            return pages
+        assert len(pages) < 100, "paging does not end"
+
+
+# -- schema -----------------------------------------------------------------------------------
+
+
+async def test_schema_version_is_the_last_migration(store: Store) -> None:
+    dialect = "sqlite" if store.backend == "sqlite" else "postgresql"
+    assert await store.schema_version() == load_migrations(dialect)[-1].version
+
+
+@pytest.mark.parametrize("collection", list(Collection), ids=lambda c: c.name.lower())
+async def test_every_collection_stores_and_filters_its_index_columns(
+    store: Store, collection: Collection
+) -> None:
+    index = {column: f"{column}-value" for column in collection.index_columns}
+    written = await store.write(collection, "Some-Id", b'{"a": 1}', index=index)
+    assert written.index == index
+    assert await store.get(collection, "Some-Id") == written
+    for column, value in index.items():
+        assert ids((await store.query(collection, filters={column: value})).records) == ["Some-Id"]
+        assert await store.count(collection, filters={column: value}) == 1
+        assert await store.count(collection, filters={column: "other"}) == 0
+
+
+# -- records, keys, etags, timestamps ------------------------------------------------------------
+
+
+async def test_write_returns_the_record_as_stored(store: Store) -> None:
+    doc = b'{"x": "\xc3\xa9"}\x00\xff'  # bytes come back exactly, even ones that are not UTF-8
+    written = await store.write(E, "dev-1", doc, index={"device_id": "d1", "attestation_type": "tpm"})
+    assert written.id == "dev-1"
+    assert written.doc == doc
+    assert ETAG.match(written.etag)
+    assert TIMESTAMP.match(written.created) and written.created == written.updated
+    assert written.index == {
+        "device_id": "d1",
+        "provisioning_status": None,
+        "attestation_type": "tpm",
+        "iot_hub_host_name": None,
+    }
+    assert await store.get(E, "dev-1") == written
+    assert await store.get(E, "nope") is None
+
+
+async def test_keys_are_case_insensitive_and_the_first_id_is_kept(store: Store) -> None:
+    first = await store.write(E, "MyDevice", b"1")
+    assert (await store.get(E, "mydevice")) == first
+    assert (await store.get(E, "MYDEVICE")) == first
+    second = await store.write(E, "MYDEVICE", b"2")
+    assert second.id == "MyDevice"
+    assert second.created == first.created
+    assert isinstance(await outcome(store.write(E, "mydevice", b"3", mode=WriteMode.CREATE)), ConflictError)
+    assert await store.count(E) == 1
+    found = await store.get_many(E, ["MYDEVICE", "myDevice", "missing"])
+    assert list(found) == ["mydevice"]
+    assert found["mydevice"].doc == b"2"
+    deleted = await store.delete(E, "MyDEVICE")
+    assert deleted.id == "MyDevice"
+    assert await store.get(E, "mydevice") is None
+
+
+async def test_hub_device_keys_are_case_sensitive(store: Store) -> None:
+    hub = Collection.HUB_DEVICES
+    upper = await store.write(hub, "hub.example/Dev", b"1", index={"hub": "hub.example"})
+    lower = await store.write(hub, "hub.example/dev", b"2", index={"hub": "hub.example"})
+    assert upper.etag != lower.etag
+    assert await store.count(hub) == 2
+    assert (await store.get(hub, "hub.example/Dev")) == upper
+    assert await store.get(hub, "HUB.EXAMPLE/DEV") is None
+    assert sorted(await store.get_many(hub, ["hub.example/Dev", "hub.example/dev", "hub.example/DEV"])) == [
+        "hub.example/Dev",
+        "hub.example/dev",
+    ]
+    assert ids((await store.query(hub, filters={"id": "hub.example/dev"})).records) == ["hub.example/dev"]
+
+
+async def test_etag_changes_on_every_write_and_never_repeats(store: Store) -> None:
+    seen = [(await store.write(E, "dev", b"0")).etag]
+    for n in range(1, 8):
+        seen.append((await store.write(E, "dev", str(n).encode(), if_match=seen[-1])).etag)
+    seen.append((await store.write(E, "dev", b"x", mode=WriteMode.UPDATE)).etag)
+    await store.delete(E, "dev")
+    seen.append((await store.write(E, "dev", b"again", mode=WriteMode.CREATE)).etag)
+    [batch] = await store.write_many(E, [Write("dev", b"batch")])
+    assert isinstance(batch, Record)
+    seen.append(batch.etag)
+    assert len(set(seen)) == len(seen)
+    assert all(ETAG.match(etag) for etag in seen)
+
+
+async def test_created_is_kept_and_updated_is_bumped(store: Store) -> None:
+    first = await store.write(E, "dev", b"1")
+    await asyncio.sleep(0.002)
+    second = await store.write(E, "dev", b"2")
+    third = await store.write(E, "dev", b"3", mode=WriteMode.UPDATE, if_match="*")
+    assert first.created == second.created == third.created
+    assert first.updated < second.updated <= third.updated
+    assert all(TIMESTAMP.match(r.updated) for r in (first, second, third))
+    assert (await store.get(E, "dev")) == third
+    # A record deleted and created again starts over.
+    await store.delete(E, "dev")
+    again = await store.write(E, "dev", b"4")
+    assert again.created == again.updated >= third.updated
+
+
+async def test_index_values_are_replaced_on_every_write(store: Store) -> None:
+    await store.write(E, "dev", b"1", index={"device_id": "d1", "provisioning_status": "enabled"})
+    updated = await store.write(E, "dev", b"2", index={"device_id": "d2"})
+    assert updated.index["device_id"] == "d2" and updated.index["provisioning_status"] is None
+    assert await store.count(E, filters={"provisioning_status": "enabled"}) == 0
+    assert await store.count(E, filters={"device_id": "d2"}) == 1
+
+
+async def test_unknown_index_column_is_a_value_error_and_writes_nothing(store: Store) -> None:
+    with pytest.raises(ValueError, match="hub"):
+        await store.write(E, "dev", b"1", index={"hub": "x"})
+    with pytest.raises(ValueError):
+        await store.write_many(E, [Write("ok", b"1"), Write("bad", b"2", index={"nope": "x"})])
+    assert await store.count(E) == 0
+
+
+# -- conditional writes ---------------------------------------------------------------------------
+
+IF_MATCH_FORMS: dict[str, Callable[[str], str | None]] = {
+    "none": lambda etag: None,
+    "star": lambda etag: "*",
+    "quoted": lambda etag: etag,
+    "unquoted": lambda etag: etag.strip('"'),
+    "weak": lambda etag: f"W/{etag}",
+    "stale": lambda etag: new_etag(),
+}
+MATRIX = [(exists, mode, form) for exists in (True, False) for mode in WriteMode for form in IF_MATCH_FORMS]
+
+
+def expected_error(exists: bool, mode: WriteMode, form: str) -> type[ProvisioningError] | None:
+    """The contract: ``if_match`` first (it needs an existing record), then the write mode."""
+    if form != "none" and (not exists or form == "stale"):
+        return PreconditionFailedError
+    if exists and mode is WriteMode.CREATE:
+        return ConflictError
+    if not exists and mode is WriteMode.UPDATE:
+        return NotFoundError
+    return None
+
+
+def case_id(exists: bool, mode: WriteMode, form: str) -> str:
+    return f"{'exists' if exists else 'missing'}-{mode.value}-{form}"
+
+
+async def test_write_mode_and_if_match_matrix(store: Store) -> None:
+    """Every WriteMode x if_match form, on an existing and a missing record, through write()."""
+    problems = []
+    for exists, mode, form in MATRIX:
+        id = case_id(exists, mode, form)
+        seed = await store.write(E, id, b"old") if exists else None
+        if_match = IF_MATCH_FORMS[form](seed.etag if seed else new_etag())
+        result = await outcome(store.write(E, id, b"new", mode=mode, if_match=if_match))
+        expected = expected_error(exists, mode, form)
+        stored = await store.get(E, id)
+        if expected is not None:
+            if not isinstance(result, expected) or stored != seed:
+                problems.append(f"{id}: expected {expected.__name__}, got {result!r}, stored {stored!r}")
+        elif not isinstance(result, Record) or stored != result or result.doc != b"new":
+            problems.append(f"{id}: expected a write, got {result!r}, stored {stored!r}")
+        elif seed is not None and (result.etag == seed.etag or result.created != seed.created):
+            problems.append(f"{id}: etag kept or created changed: {seed!r} -> {result!r}")
+    assert not problems, "\n".join(problems)
+
+
+async def test_write_many_follows_the_same_matrix(store: Store) -> None:
+    """The same cases in one batch: the same per-item outcomes."""
+    seeds = await store.write_many(E, [Write(case_id(*case), b"old") for case in MATRIX if case[0]])
+    etags = {record.id: record.etag for record in seeds if isinstance(record, Record)}
+    items = [
+        Write(
+            case_id(*case),
+            b"new",
+            mode=case[1],
+            if_match=IF_MATCH_FORMS[case[2]](etags.get(case_id(*case), new_etag())),
+        )
+        for case in MATRIX
+    ]
+    outcomes = await store.write_many(E, items)
+    assert len(outcomes) == len(MATRIX)
+    for case, result in zip(MATRIX, outcomes, strict=True):
+        expected = expected_error(*case)
+        stored = await store.get(E, case_id(*case))
+        if expected is None:
+            assert isinstance(result, Record) and result == stored, case_id(*case)
+        else:
+            assert isinstance(result, expected), (case_id(*case), result)
+            assert (stored.etag if stored else None) == etags.get(case_id(*case)), case_id(*case)
+
+
+@pytest.mark.parametrize("form", ["none", "star", "quoted", "unquoted", "weak"])
+async def test_delete_returns_the_deleted_record(store: Store, form: str) -> None:
+    written = await store.write(E, "Dev", b"doc", index={"device_id": "d"})
+    deleted = await store.delete(E, "DEV", if_match=IF_MATCH_FORMS[form](written.etag))
+    assert deleted == written
+    assert await store.get(E, "dev") is None
+    assert await store.count(E) == 0
+
+
+async def test_delete_failures_write_nothing(store: Store) -> None:
+    written = await store.write(E, "dev", b"doc")
+    with pytest.raises(PreconditionFailedError):
+        await store.delete(E, "dev", if_match=new_etag())
+    assert await store.get(E, "dev") == written
+    with pytest.raises(NotFoundError):
+        await store.delete(E, "missing")
+    # As for writes, if_match is checked first: any if_match on a missing record fails it.
+    for if_match in ("*", new_etag()):
+        with pytest.raises(PreconditionFailedError):
+            await store.delete(E, "missing", if_match=if_match)
+
+
+async def test_write_many_has_one_outcome_per_item(store: Store) -> None:
+    existing = await store.write(E, "a", b"a0")
+    outcomes = await store.write_many(
+        E,
+        [
+            Write("a", b"a1", mode=WriteMode.CREATE),  # conflict
+            Write("b", b"b1", mode=WriteMode.CREATE),  # created
+            Write("B", b"b2", mode=WriteMode.CREATE),  # conflict with the item before it
+            Write("c", b"c1", mode=WriteMode.UPDATE),  # not found
+            Write("A", b"a2", if_match=existing.etag),  # updated
+            Write("a", b"a3", if_match=existing.etag),  # stale now: the item before changed it
+            Delete("b"),  # deletes the record this batch created
+            Delete("b"),  # not found any more
+            Delete("zzz", if_match="*"),  # precondition failed
+            Write("d", b"d1", index={"device_id": "dd"}),  # upsert: created
+        ],
+    )
+    kinds = [type(o).__name__ for o in outcomes]
+    assert kinds == [
+        "ConflictError",
+        "Record",
+        "ConflictError",
+        "NotFoundError",
+        "Record",
+        "PreconditionFailedError",
+        "Record",
+        "NotFoundError",
+        "PreconditionFailedError",
+        "Record",
+    ]
+    updated, deleted = outcomes[4], outcomes[6]
+    assert isinstance(updated, Record) and updated.id == "a" and updated.doc == b"a2"
+    assert isinstance(deleted, Record) and deleted.id == "b" and deleted.doc == b"b1"
+    stored = await store.get_many(E, ["a", "b", "c", "d"])
+    assert {key: r.doc for key, r in stored.items()} == {"a": b"a2", "d": b"d1"}
+    assert stored["a"] == updated
+    assert await store.write_many(E, []) == []
+
+
+# -- reads and queries -----------------------------------------------------------------------------
+
+
+async def test_get_many(store: Store) -> None:
+    await store.write_many(E, [Write(f"Dev-{n:04d}", b"%d" % n) for n in range(0, 1200, 2)])
+    asked = [f"DEV-{n:04d}" for n in range(1200)] + ["dev-0000", "missing"]
+    found = await store.get_many(E, asked)
+    assert sorted(found) == [f"dev-{n:04d}" for n in range(0, 1200, 2)]
+    assert found["dev-0010"].id == "Dev-0010" and found["dev-0010"].doc == b"10"
+    assert await store.get_many(E, []) == {}
+
+
+async def test_query_filters(store: Store) -> None:
+    await store.write_many(
+        E,
+        [
+            Write(
+                f"dev-{n}",
+                b"{}",
+                index={"device_id": f"d{n % 3}", "provisioning_status": "enabled" if n % 2 else "disabled"},
+            )
+            for n in range(12)
+        ],
+    )
+    page = await store.query(E, filters={"device_id": "d1"})
+    assert ids(page.records) == ["dev-1", "dev-10", "dev-4", "dev-7"]
+    assert page.continuation is None
+    both = await store.query(E, filters={"device_id": "d1", "provisioning_status": "enabled"})
+    assert ids(both.records) == ["dev-1", "dev-7"]
+    assert await store.count(E, filters={"device_id": "d1", "provisioning_status": "enabled"}) == 2
+    assert ids((await store.query(E, filters={"id": "DEV-5"})).records) == ["dev-5"]
+    assert ids((await store.query(E, filters={"id": "dev-5", "device_id": "d0"})).records) == []
+    empty = await store.query(E, filters={"device_id": "nobody"})
+    assert empty.records == [] and empty.continuation is None
+    assert await store.count(E) == 12
+    assert await store.count(E, filters={"provisioning_status": "disabled"}) == 6
+    assert (await store.query(Collection.LINKED_HUBS)).records == []
+
+
+@pytest.mark.parametrize("filters", [{"nope": "x"}, {"hub": "x"}, {"key": "x"}, {"etag": "x"}])
+async def test_unknown_filter_is_a_value_error(store: Store, filters: dict[str, str]) -> None:
+    with pytest.raises(ValueError):
+        await store.query(E, filters=filters)
+    with pytest.raises(ValueError):
+        await store.count(E, filters=filters)
+
+
+async def test_paging_returns_every_record_once(store: Store) -> None:
+    names = [f"Dev-{n:03d}" for n in range(250)]
+    random.Random(7).shuffle(names)
+    await store.write_many(E, [Write(name, b"{}", index={"device_id": "all"}) for name in names])
+    for filters in ({}, {"device_id": "all"}):
+        pages = await query_all(store, E, 100, **filters)
+        assert [len(page) for page in pages] == [100, 100, 50]
+        assert [r.id for page in pages for r in page] == sorted(names)
+    # A last page that is exactly full still ends the paging.
+    assert [len(page) for page in await query_all(store, E, 125)] == [125, 125]
+    assert [len(page) for page in await query_all(store, E, 250)] == [250]
+
+
+async def test_paging_is_keyset_across_writes(store: Store) -> None:
+    await store.write_many(E, [Write(f"k{n}", b"{}") for n in range(10, 40)])
+    first = await store.query(E, limit=10)
+    assert ids(first.records) == [f"k{n}" for n in range(10, 20)]
+    assert first.continuation is not None
+    await store.write(E, "k05", b"{}")  # behind the cursor: not returned
+    await store.write(E, "k15", b"changed")  # already returned: not returned again
+    await store.write(E, "k35a", b"{}")  # ahead: returned
+    await store.delete(E, "k25")  # ahead, deleted: not returned
+    await store.delete(E, "k19")  # the cursor's own record going away does not matter
+    rest: list[str] = []
+    continuation: str | None = first.continuation
+    while continuation is not None:
+        page = await store.query(E, limit=10, continuation=continuation)
+        rest += ids(page.records)
+        continuation = page.continuation
+    expected = sorted([f"k{n}" for n in range(20, 40) if n != 25] + ["k35a"])
+    assert rest == expected
+
+
+async def test_key_order_does_not_depend_on_the_database_locale(store: Store) -> None:
+    names = ["a-b", "ab", "a_b", "A1", "a.b", "B", "a b", "é", "z", "Z0", "aB", "a~"]
+    await store.write_many(E, [Write(name, b"{}") for name in names])
+    # Keys compare as Unicode code points (UTF-8 bytes) on both backends.
+    expected = sorted({name.lower() for name in names})
+    pages = await query_all(store, E, 3)
+    assert [E.key(r.id) for page in pages for r in page] == expected
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        pytest.param("!!!", id="not-base64"),
+        pytest.param("", id="empty"),
+        pytest.param("a", id="bad-padding"),
+        pytest.param(base64.urlsafe_b64encode(b"\xff\xfe\xfd").decode(), id="not-utf8"),
+        pytest.param(base64.urlsafe_b64encode(b"some key").decode(), id="no-prefix"),
+        pytest.param("k1:dev-1", id="raw-key"),
+    ],
+)
+async def test_bad_continuation_is_an_invalid_query(store: Store, token: str) -> None:
+    with pytest.raises(InvalidQueryError) as info:
+        await store.query(E, continuation=token)
+    assert isinstance(info.value, RequestError)
+
+
+async def test_limit_must_be_positive(store: Store) -> None:
+    with pytest.raises(ValueError):
+        await store.query(E, limit=0)
+
+
+# -- settings ---------------------------------------------------------------------------------------
+
+
+async def test_settings(store: Store) -> None:
+    assert await store.get_setting("id_scope") is None
+    await store.set_setting("id_scope", "0ne0001")
+    assert await store.get_setting("id_scope") == "0ne0001"
+    await store.set_setting("id_scope", "0ne0002")
+    assert await store.get_setting("id_scope") == "0ne0002"
+    assert await store.setting_setdefault("id_scope", "other") == "0ne0002"
+    assert await store.setting_setdefault("signing_key", "k1") == "k1"
+    assert await store.get_setting("signing_key") == "k1"
+
+
+async def test_concurrent_setdefault_has_one_winner(store: Store) -> None:
+    values = [f"value-{n}" for n in range(30)]
+    results = await asyncio.gather(*(store.setting_setdefault("key", value) for value in values))
+    assert len(set(results)) == 1
+    assert results[0] in values
+    assert await store.get_setting("key") == results[0]
+
+
+# -- concurrency ------------------------------------------------------------------------------------
+
+
+async def test_concurrent_creates_have_one_winner(store: Store) -> None:
+    results = await asyncio.gather(
+        *(
+            outcome(store.write(E, "Race" if n % 2 else "race", b"%d" % n, mode=WriteMode.CREATE))
+            for n in range(50)
+        )
+    )
+    winners = [r for r in results if isinstance(r, Record)]
+    assert len(winners) == 1
+    assert all(isinstance(r, ConflictError) for r in results if not isinstance(r, Record))
+    assert await store.get(E, "race") == winners[0]
+
+
+async def test_concurrent_conditional_updates_have_one_winner(store: Store) -> None:
+    start = await store.write(E, "dev", b"start")
+    results = await asyncio.gather(
+        *(outcome(store.write(E, "dev", b"%d" % n, if_match=start.etag)) for n in range(50))
+    )
+    winners = [r for r in results if isinstance(r, Record)]
+    assert len(winners) == 1
+    assert all(isinstance(r, PreconditionFailedError) for r in results if not isinstance(r, Record))
+    assert await store.get(E, "dev") == winners[0]
+
+
+async def test_concurrent_batches_on_overlapping_keys(store: Store) -> None:
+    """Batches touching the same (new and existing) keys in different orders all succeed."""
+    await store.write_many(E, [Write(f"old-{n}", b"{}") for n in range(10)])
+    keys = [f"old-{n}" for n in range(10)] + [f"new-{n}" for n in range(10)]
+
+    def batch(seed: int) -> list[Write | Delete]:
+        order = keys[:]
+        random.Random(seed).shuffle(order)
+        return [Write(key, b"%d" % seed) for key in order]
+
+    results = await asyncio.gather(*(store.write_many(E, batch(seed)) for seed in range(12)))
+    assert all(isinstance(o, Record) for outcomes in results for o in outcomes)
+    assert await store.count(E) == 20
+
+
+# -- lifecycle and nodes ----------------------------------------------------------------------------
+
+
+async def test_close_is_idempotent_and_a_closed_store_refuses_work(store_url: str) -> None:
+    store = open_store(store_url)
+    await store.open()
+    await store.open()  # already open: nothing happens
+    await store.write(E, "dev", b"kept")
+    await store.close()
+    await store.close()
+    with pytest.raises(StorageError):
+        await store.get(E, "dev")
+    # The same instance opens again, and a new one finds the data too.
+    await store.open()
+    try:
+        assert (await store.get(E, "dev")).doc == b"kept"  # type: ignore[union-attr]
+    finally:
+        await store.close()
+    again = open_store(store_url)
+    await again.open()
+    try:
+        assert (await again.get(E, "dev")).doc == b"kept"  # type: ignore[union-attr]
+        assert await again.schema_version() == await _version(again)
+    finally:
+        await again.close()
+
+
+async def _version(store: Store) -> int:
+    return load_migrations("sqlite" if store.backend == "sqlite" else "postgresql")[-1].version
+
+
+async def test_two_nodes_share_one_database(store_url: str) -> None:
+    one, two = open_store(store_url), open_store(store_url)
+    await asyncio.gather(one.open(), two.open())  # both migrate at once: safe
+    try:
+        assert await one.schema_version() == await two.schema_version() == await _version(one)
+        written = await one.write(E, "Dev", b"from one")
+        assert await two.get(E, "dev") == written
+        updated = await two.write(E, "dev", b"from two", if_match=written.etag)
+        assert await one.get(E, "DEV") == updated
+        with pytest.raises(PreconditionFailedError):
+            await one.write(E, "dev", b"stale", if_match=written.etag)
+        results = await asyncio.gather(
+            *(outcome(node.write(E, "race", b"x", mode=WriteMode.CREATE)) for node in (one, two) * 10)
+        )
+        assert sum(isinstance(r, Record) for r in results) == 1
+        assert sum(isinstance(r, ConflictError) for r in results) == 19
+        assert await two.setting_setdefault("k", "two") == await one.setting_setdefault("k", "one")
+    finally:
+        await asyncio.gather(one.close(), two.close())
+
+
+async def test_driver_errors_become_storage_errors(store: Store, store_url: str) -> None:
+    await store.write(Collection.LINKED_HUBS, "hub", b"{}")
+    if isinstance(store, SqliteStore):
+        with sqlite3.connect(store_url) as conn:
+            conn.execute("DROP TABLE linked_hubs")
+        conn.close()
+        driver_error: type[Exception] = sqlite3.Error
+    else:
+        with psycopg.connect(store_url, autocommit=True) as pg:
+            pg.execute("DROP TABLE linked_hubs")
+        driver_error = psycopg.Error
+    for call in (
+        store.get(Collection.LINKED_HUBS, "hub"),
+        store.write(Collection.LINKED_HUBS, "hub", b"{}"),
+        store.query(Collection.LINKED_HUBS),
+    ):
+        with pytest.raises(StorageError) as info:
+            await call
+        assert isinstance(info.value.__cause__, driver_error)
+
+
+async def test_opening_an_unusable_sqlite_file_is_a_storage_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    store = SqliteStore(blocker / "db.sqlite")
+    with pytest.raises(StorageError):
+        await store.open()
+    await store.close()
+
+
+async def test_sqlite_readers_do_not_wait_for_the_writer(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    store = SqliteStore(path, busy_timeout=0.2)
+    await store.open()
+    try:
+        await store.write(E, "dev", b"committed")
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # another writer holds the write lock
+            other.execute("DELETE FROM enrollments")
+            started = time.monotonic()
+            assert (await store.get(E, "dev")).doc == b"committed"  # type: ignore[union-attr]
+            assert await store.count(E) == 1
+            assert time.monotonic() - started < 0.15
+            with pytest.raises(StorageError):  # a write waits busy_timeout, then fails
+                await store.write(E, "dev", b"blocked")
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        assert (await store.write(E, "dev", b"free again")).doc == b"free again"
+    finally:
+        await store.close()
+
+
+@pytest.mark.postgres
+async def test_postgres_close_releases_every_connection(postgres_url: str, postgres_db_url: str) -> None:
+    store = PostgresStore(postgres_db_url, max_size=6)
+    await store.open()
+    await asyncio.gather(*(store.write(E, f"dev-{n}", b"{}") for n in range(30)))
+    dbname = postgres_db_url.rsplit("/", 1)[1]
+    with psycopg.connect(postgres_url) as admin:
+        row = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (dbname,)).fetchone()
+    assert row is not None and 1 <= row[0] <= 6
+    await store.close()
+    assert wait_for_no_connections(postgres_url, dbname) == 0
+
+
+@pytest.mark.postgres
+async def test_postgres_unreachable_server_is_a_storage_error(postgres_url: str) -> None:
+    store = PostgresStore("postgresql://postgres@127.0.0.1:1/postgres", connect_timeout=0.5)
+    with pytest.raises(StorageError):
+        await store.open()
+    await store.close()
