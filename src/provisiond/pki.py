@@ -75,6 +75,7 @@ __all__ = [
     "to_pkcs12",
     "write_certificates",
     "write_issued",
+    "write_private_bytes",
     "write_private_key",
 ]
 
@@ -424,7 +425,7 @@ def to_pkcs12(issued: Issued, password: str | bytes, *, friendly_name: str | Non
     )
 
 
-def load_pkcs12(data: bytes, password: str | bytes) -> Issued:
+def load_pkcs12(data: bytes, password: str | bytes | None) -> Issued:
     """Read back a PKCS#12 file made by :func:`to_pkcs12` (or any with one EC/RSA key and certificate).
 
     :raises ValueError: wrong password, not PKCS#12, or no key/certificate inside.
@@ -477,6 +478,12 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
 def write_certificates(path: Path, certs: Sequence[x509.Certificate]) -> Path:
     """Write ``certs`` as PEM (mode 0644) and return ``path``."""
     _write_atomic(path, certificate_pem(*certs), 0o644)
+    return path
+
+
+def write_private_bytes(path: Path, data: bytes) -> Path:
+    """Write secret ``data`` (a PKCS#12 file, say) with mode 0600 and return ``path``."""
+    _write_atomic(path, data, 0o600)
     return path
 
 
