@@ -106,6 +106,8 @@ async def _run(settings: Settings, cert_file: Path, key_file: Path, ca_file: Pat
             cert_file=cert_file,
             key_file=key_file,
             log_level="warning",
+            # Idle TLS keep-alive peers may never answer close_notify: do not wait on them forever.
+            timeout_graceful_shutdown=3,
         )
         server = uvicorn.Server(config)
         click.echo(_banner(info, path))

@@ -1,0 +1,41 @@
+# The two commands of the README:
+#   make run    start the service on its embedded default (SQLite, development PKI, built-in hub)
+#   make test   run the whole test suite (starts its own PostgreSQL; needs the server binaries)
+# Both create the virtual environment .venv on first use.
+
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	if command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then echo $$p; break; fi; done)
+VENV := .venv
+BIN := $(VENV)/bin
+DATA_DIR ?= ./data
+PYTEST_ARGS ?=
+
+.PHONY: run test check bench clean venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -n "$(PYTHON)" || { echo "provisiond needs Python 3.11 or newer (python3.11 on PATH)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[postgres,dev]"
+	@touch $@
+
+run: venv
+	$(BIN)/provisiond serve --data-dir $(DATA_DIR)
+
+# pytest exits 5 when it collected no test: that is a failure here, never a pass.
+test: venv
+	@$(BIN)/pytest $(PYTEST_ARGS); status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$status
+
+check: venv
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+
+bench: venv
+	$(BIN)/python bench/enrollments.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
