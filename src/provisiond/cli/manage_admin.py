@@ -1,0 +1,518 @@
+"""The management-plane command groups: linked IoT hubs, CA certificates (proof of
+possession), shared access policies and service settings, all through provisiond's ``/admin``
+API (Azure keeps these in its Resource Manager). Re-exported by :mod:`provisiond.cli.manage`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import click
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from .. import pki
+from ..models import Right
+from ..service_client import ServiceClient
+from ._common import (
+    CONTEXT,
+    connected,
+    echo_json,
+    emit,
+    etag_option,
+    json_option,
+    new_key,
+    print_fields,
+    print_table,
+    read_certificate_file,
+    read_modify_write,
+    seg,
+)
+
+__all__ = ["ca", "hub", "policy", "settings"]
+
+
+# --- hub -----------------------------------------------------------------------------------------
+
+
+@click.group(context_settings=CONTEXT)
+def hub() -> None:
+    """Manage the IoT hubs devices can be assigned to.
+
+    In `hub add` and `hub update`, --connection-string is the hub's; give the service's connection
+    as --service-connection-string (or --data-dir, or the environment variables).
+    """
+
+
+def _hub_path(host: str) -> str:
+    return f"/admin/linkedHubs/{seg(host)}"
+
+
+def _print_hub(verb: str, doc: Mapping[str, Any]) -> None:
+    print_fields(
+        f"{verb} IoT hub {doc.get('hostName')!r}:",
+        [
+            ("Allocation weight", doc.get("allocationWeight")),
+            ("Used by allocation", doc.get("applyAllocationPolicy")),
+            ("Built in", doc.get("builtin")),
+            ("Location", doc.get("location")),
+            ("Etag", doc.get("etag")),
+        ],
+    )
+
+
+@hub.command("list")
+@json_option
+@connected()
+def hub_list(client: ServiceClient, as_json: bool) -> None:
+    """List the linked IoT hubs (their connection strings are never shown)."""
+    hubs = client.get("/admin/linkedHubs")
+    if as_json:
+        echo_json(hubs)
+        return
+    rows = (
+        [
+            h.get("hostName"),
+            h.get("allocationWeight"),
+            h.get("applyAllocationPolicy"),
+            h.get("builtin") or False,
+            h.get("location"),
+        ]
+        for h in hubs
+    )
+    print_table("Linked IoT hubs", ["Host name", "Weight", "Allocation", "Built in", "Location"], rows)
+
+
+def _hub_options(func: Any) -> Any:
+    func = click.option(
+        "--location", metavar="REGION", help="The hub's location (for geoLatency allocation)."
+    )(func)
+    func = click.option(
+        "--allocation/--no-allocation",
+        "allocation",
+        default=None,
+        help="Whether allocation policies may choose this hub [add default: yes]; "
+        "enrollments naming it in --hub can still use it.",
+    )(func)
+    return click.option(
+        "--weight", type=click.IntRange(1, 1000), help="Allocation weight, 1-1000 [add default: 1]."
+    )(func)
+
+
+@hub.command("add")
+@click.argument("host")
+@click.option(
+    "--connection-string",
+    "--hub-connection-string",
+    "hub_connection_string",
+    required=True,
+    metavar="CS",
+    help="The hub's connection string (HostName=...;SharedAccessKeyName=...;SharedAccessKey=...), "
+    "with registry write rights.",
+)
+@_hub_options
+@json_option
+@connected(connection_string_flag=False)
+def hub_add(
+    client: ServiceClient,
+    host: str,
+    hub_connection_string: str,
+    weight: int | None,
+    allocation: bool | None,
+    location: str | None,
+    as_json: bool,
+) -> None:
+    """Link the IoT hub HOST (its host name)."""
+    doc: dict[str, Any] = {
+        "hostName": host,
+        "connectionString": hub_connection_string,
+        "allocationWeight": weight or 1,
+        "applyAllocationPolicy": True if allocation is None else allocation,
+    }
+    if location:
+        doc["location"] = location
+    result = client.put(_hub_path(host), doc)
+    emit(as_json, result, lambda d: _print_hub("Linked", d))
+
+
+@hub.command("update")
+@click.argument("host")
+@click.option(
+    "--connection-string",
+    "--hub-connection-string",
+    "hub_connection_string",
+    metavar="CS",
+    help="A new connection string for the hub [default: keep the stored one].",
+)
+@_hub_options
+@json_option
+@connected(connection_string_flag=False)
+def hub_update(
+    client: ServiceClient,
+    host: str,
+    hub_connection_string: str | None,
+    weight: int | None,
+    allocation: bool | None,
+    location: str | None,
+    as_json: bool,
+) -> None:
+    """Change a linked hub (read, modify, write back with its etag)."""
+    if hub_connection_string is None and weight is None and allocation is None and location is None:
+        raise click.UsageError(
+            "Nothing to change: give --connection-string, --weight, --[no-]allocation or --location."
+        )
+
+    def change(doc: dict[str, Any]) -> None:
+        if hub_connection_string is not None:
+            doc["connectionString"] = hub_connection_string
+        if weight is not None:
+            doc["allocationWeight"] = weight
+        if allocation is not None:
+            doc["applyAllocationPolicy"] = allocation
+        if location is not None:
+            doc["location"] = location
+
+    result = read_modify_write(client, _hub_path(host), change)
+    emit(as_json, result, lambda d: _print_hub("Updated", d))
+
+
+@hub.command("remove")
+@click.argument("host")
+@etag_option
+@connected()
+def hub_remove(client: ServiceClient, host: str, etag: str | None) -> None:
+    """Unlink the IoT hub HOST (the built-in hub cannot be removed; use --no-allocation)."""
+    client.delete(_hub_path(host), if_match=etag)
+    click.echo(f"Unlinked IoT hub {host!r}.")
+
+
+# --- ca ------------------------------------------------------------------------------------------
+
+
+@click.group(context_settings=CONTEXT)
+def ca() -> None:
+    """Manage CA certificates and their proof of possession (for X.509 enrollment groups)."""
+
+
+def _ca_path(name: str, action: str = "") -> str:
+    return f"/admin/certificates/{seg(name)}" + (f"/{action}" if action else "")
+
+
+def _print_ca(verb: str, doc: Mapping[str, Any]) -> None:
+    print_fields(
+        f"{verb} CA certificate {doc.get('name')!r}:",
+        [
+            ("Subject", doc.get("subject")),
+            ("Verified", bool(doc.get("isVerified"))),
+            ("SHA-1 thumbprint", doc.get("thumbprint")),
+            ("Expires", doc.get("expiry")),
+            ("Verification code", doc.get("verificationCode")),
+        ],
+    )
+
+
+@ca.command("list")
+@json_option
+@connected()
+def ca_list(client: ServiceClient, as_json: bool) -> None:
+    """List the CA certificates."""
+    cas = client.get("/admin/certificates")
+    if as_json:
+        echo_json(cas)
+        return
+    rows = (
+        [c.get("name"), c.get("subject"), bool(c.get("isVerified")), c.get("thumbprint"), c.get("expiry")]
+        for c in cas
+    )
+    print_table("CA certificates", ["Name", "Subject", "Verified", "SHA-1 thumbprint", "Expires"], rows)
+
+
+@ca.command("show")
+@click.argument("name")
+@connected()
+def ca_show(client: ServiceClient, name: str) -> None:
+    """Print the CA certificate NAME as JSON."""
+    echo_json(client.get(_ca_path(name)))
+
+
+@ca.command("upload")
+@click.argument("name")
+@click.argument("pem_file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--verified", is_flag=True, help="Mark it verified without proof of possession.")
+@click.option(
+    "--replace", is_flag=True, help="Replace a CA certificate of that name (it becomes unverified)."
+)
+@json_option
+@connected()
+def ca_upload(
+    client: ServiceClient, name: str, pem_file: Path, verified: bool, replace: bool, as_json: bool
+) -> None:
+    """Upload the CA certificate in PEM_FILE as NAME. Then prove you hold its key
+    (`provisiond ca prove`, or verification-code + verify) unless --verified."""
+    body = {"certificate": read_certificate_file(pem_file, "PEM_FILE"), "isVerified": verified}
+    result = client.put(_ca_path(name), body, if_match="*" if replace else None)
+    emit(as_json, result, lambda d: _print_ca("Uploaded", d))
+
+
+@ca.command("verification-code")
+@click.argument("name")
+@json_option
+@connected()
+def ca_verification_code(client: ServiceClient, name: str, as_json: bool) -> None:
+    """Print a fresh verification code for NAME: sign a certificate whose subject CN is the code
+    with the CA's key, then `provisiond ca verify NAME CERT`."""
+    result = client.post(_ca_path(name, "generateVerificationCode"))
+    emit(as_json, result, lambda d: click.echo(d["verificationCode"]))
+
+
+@ca.command("verify")
+@click.argument("name")
+@click.argument("pem_file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@json_option
+@connected()
+def ca_verify(client: ServiceClient, name: str, pem_file: Path, as_json: bool) -> None:
+    """Verify NAME with the proof-of-possession certificate in PEM_FILE (subject CN = the
+    verification code, signed by the CA)."""
+    result = client.post(
+        _ca_path(name, "verify"), {"certificate": read_certificate_file(pem_file, "PEM_FILE")}
+    )
+    emit(as_json, result, lambda d: _print_ca("Verified", d))
+
+
+@ca.command("prove")
+@click.argument("name")
+@click.option(
+    "--ca-key-prefix",
+    required=True,
+    type=click.Path(path_type=Path),
+    metavar="PREFIX",
+    help="The CA as written by `provisiond pki`: PREFIX.pem and PREFIX.key.",
+)
+@json_option
+@connected()
+def ca_prove(client: ServiceClient, name: str, ca_key_prefix: Path, as_json: bool) -> None:
+    """The whole proof of possession in one step: get a verification code, sign the verification
+    certificate with the CA's key (PREFIX.key), and verify NAME with it."""
+    issued = pki.read_issued(ca_key_prefix)
+    stored = client.get(_ca_path(name))
+    local = str(pki.certificate_info(issued.cert)["sha256Thumbprint"])
+    if str(stored.get("sha256Thumbprint", "")).upper() != local:
+        raise click.ClickException(
+            f"{pki.cert_path(ca_key_prefix)} is not the CA certificate uploaded as {name!r} "
+            f"(SHA-256 {local} vs {stored.get('sha256Thumbprint')})."
+        )
+    code = client.post(_ca_path(name, "generateVerificationCode"))["verificationCode"]
+    proof = pki.make_verification_cert(code, issued)
+    pem = proof.cert.public_bytes(Encoding.PEM).decode("ascii")
+    result = client.post(_ca_path(name, "verify"), {"certificate": pem})
+    emit(as_json, result, lambda d: _print_ca("Verified", d))
+
+
+@ca.command("delete")
+@click.argument("name")
+@etag_option
+@connected()
+def ca_delete(client: ServiceClient, name: str, etag: str | None) -> None:
+    """Delete the CA certificate NAME."""
+    client.delete(_ca_path(name), if_match=etag)
+    click.echo(f"Deleted CA certificate {name!r}.")
+
+
+# --- policy --------------------------------------------------------------------------------------
+
+
+@click.group(context_settings=CONTEXT)
+def policy() -> None:
+    """Manage shared access policies: named keys with rights on the service API."""
+
+
+_RIGHTS = {right.value.lower(): right.value for right in Right}
+
+
+def _parse_rights(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    names = [n for n in value.replace(";", ",").replace(" ", ",").split(",") if n]
+    unknown = [n for n in names if n.lower() not in _RIGHTS]
+    if unknown or not names:
+        raise click.BadParameter(
+            f"unknown right(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(_RIGHTS.values())}"
+        )
+    return sorted({_RIGHTS[n.lower()] for n in names})
+
+
+def _rights_option(required: bool) -> Callable[[Any], Any]:
+    return click.option(
+        "--rights",
+        callback=_parse_rights,
+        required=required,
+        metavar="R1,R2",
+        help="Comma-separated rights: " + ", ".join(r.value for r in Right) + ".",
+    )
+
+
+def _policy_path(name: str, action: str = "") -> str:
+    return f"/admin/sharedAccessPolicies/{seg(name)}" + (f"/{action}" if action else "")
+
+
+def _without_keys(doc: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in doc.items() if k not in ("primaryKey", "secondaryKey")}
+
+
+def _print_policy(verb: str, doc: Mapping[str, Any]) -> None:
+    print_fields(
+        f"{verb} shared access policy {doc.get('keyName')!r}:",
+        [
+            ("Rights", doc.get("rights")),
+            ("Primary key", doc.get("primaryKey")),
+            ("Secondary key", doc.get("secondaryKey")),
+            ("Etag", doc.get("etag")),
+        ],
+    )
+
+
+@policy.command("list")
+@json_option
+@connected()
+def policy_list(client: ServiceClient, as_json: bool) -> None:
+    """List the shared access policies (without keys)."""
+    policies = client.get("/admin/sharedAccessPolicies")
+    if as_json:
+        echo_json(policies)
+        return
+    print_table(
+        "Shared access policies", ["Name", "Rights"], ([p.get("keyName"), p.get("rights")] for p in policies)
+    )
+
+
+@policy.command("show")
+@click.argument("name")
+@click.option("--keys", is_flag=True, help="Include the policy's keys.")
+@connected()
+def policy_show(client: ServiceClient, name: str, keys: bool) -> None:
+    """Print the policy NAME as JSON."""
+    echo_json(client.post(_policy_path(name, "listKeys")) if keys else client.get(_policy_path(name)))
+
+
+@policy.command("create")
+@click.argument("name")
+@_rights_option(required=True)
+@click.option("--primary-key", metavar="KEY", help="Primary key (base64) [default: generated].")
+@click.option("--secondary-key", metavar="KEY", help="Secondary key (base64) [default: generated].")
+@json_option
+@connected()
+def policy_create(
+    client: ServiceClient,
+    name: str,
+    rights: list[str],
+    primary_key: str | None,
+    secondary_key: str | None,
+    as_json: bool,
+) -> None:
+    """Create the policy NAME with --rights. Its keys are generated unless given; print a
+    connection string with `provisiond policy connection-string NAME`."""
+    body: dict[str, Any] = {"keyName": name, "rights": rights}
+    body.update({k: v for k, v in (("primaryKey", primary_key), ("secondaryKey", secondary_key)) if v})
+    result = _without_keys(client.put(_policy_path(name), body))
+    emit(as_json, result, lambda d: _print_policy("Created", d))
+
+
+@policy.command("update")
+@click.argument("name")
+@_rights_option(required=False)
+@click.option("--primary-key", metavar="KEY", help="New primary key (base64).")
+@click.option("--secondary-key", metavar="KEY", help="New secondary key (base64).")
+@click.option("--regenerate-primary", is_flag=True, help="Replace the primary key with a fresh random one.")
+@click.option(
+    "--regenerate-secondary", is_flag=True, help="Replace the secondary key with a fresh random one."
+)
+@json_option
+@connected()
+def policy_update(
+    client: ServiceClient,
+    name: str,
+    rights: list[str] | None,
+    primary_key: str | None,
+    secondary_key: str | None,
+    regenerate_primary: bool,
+    regenerate_secondary: bool,
+    as_json: bool,
+) -> None:
+    """Change the rights or keys of the policy NAME (read, modify, write back with its etag).
+    Keys not named stay as they are; connection strings made with a replaced key stop working."""
+    if regenerate_primary and primary_key or regenerate_secondary and secondary_key:
+        raise click.UsageError("Give a key or ask to regenerate it, not both.")
+    primary = new_key() if regenerate_primary else primary_key
+    secondary = new_key() if regenerate_secondary else secondary_key
+    if rights is None and primary is None and secondary is None:
+        raise click.UsageError(
+            "Nothing to change: give --rights, a key, or --regenerate-primary/--regenerate-secondary."
+        )
+
+    def change(doc: dict[str, Any]) -> None:
+        if rights is not None:
+            doc["rights"] = rights
+        if primary is not None:
+            doc["primaryKey"] = primary
+        if secondary is not None:
+            doc["secondaryKey"] = secondary
+
+    result = _without_keys(read_modify_write(client, _policy_path(name), change))
+    emit(as_json, result, lambda d: _print_policy("Updated", d))
+
+
+@policy.command("delete")
+@click.argument("name")
+@etag_option
+@connected()
+def policy_delete(client: ServiceClient, name: str, etag: str | None) -> None:
+    """Delete the policy NAME (the last policy with ServiceConfig cannot be deleted)."""
+    client.delete(_policy_path(name), if_match=etag)
+    click.echo(f"Deleted shared access policy {name!r}.")
+
+
+@policy.command("connection-string")
+@click.argument("name")
+@click.option("--secondary", is_flag=True, help="Use the policy's secondary key.")
+@connected()
+def policy_connection_string(client: ServiceClient, name: str, secondary: bool) -> None:
+    """Print a connection string for this service signed with the policy NAME's key."""
+    keys = client.post(_policy_path(name, "listKeys"))
+    key = keys.get("secondaryKey" if secondary else "primaryKey")
+    click.echo(
+        f"HostName={client.connection.host};SharedAccessKeyName={keys.get('keyName', name)};SharedAccessKey={key}"
+    )
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+
+@click.group(context_settings=CONTEXT)
+def settings() -> None:
+    """Show or change the service settings (ID scope, default allocation policy)."""
+
+
+@settings.command("show")
+@connected()
+def settings_show(client: ServiceClient) -> None:
+    """Print the service settings as JSON (idScope is what devices need)."""
+    echo_json(client.get("/admin/settings"))
+
+
+@settings.command("set")
+@click.option(
+    "--allocation-policy",
+    type=click.Choice(["hashed", "static", "geoLatency"]),
+    help="Default allocation policy for enrollments that set none.",
+)
+@click.option(
+    "--id-scope", metavar="SCOPE", help="The ID scope ('0ne' and 8 hex digits); devices must use the new one."
+)
+@connected()
+def settings_set(client: ServiceClient, allocation_policy: str | None, id_scope: str | None) -> None:
+    """Change service settings; prints the result as JSON."""
+    patch = {k: v for k, v in (("allocationPolicy", allocation_policy), ("idScope", id_scope)) if v}
+    if not patch:
+        raise click.UsageError("Nothing to change: give --allocation-policy or --id-scope.")
+    echo_json(client.patch("/admin/settings", patch))
