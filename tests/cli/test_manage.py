@@ -1,0 +1,619 @@
+"""The management commands (enrollment, group, registration, hub, ca, policy, settings) against a
+real ``provisiond serve`` (the session's shared server: every test uses its own ids)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+
+from provisiond import pki
+from provisiond.cli import cli
+from provisiond.errors import (
+    AuthenticationError,
+    AuthorizationError,
+    ConfigurationError,
+    InvalidQueryError,
+    NotFoundError,
+    PreconditionFailedError,
+    ProvisioningError,
+)
+from provisiond.protocol.sas import derive_device_key
+from tests._server import RunningServer, free_port
+
+_CLEAN_ENV: dict[str, str | None] = {"PROVISIOND_CONNECTION_STRING": None, "PROVISIOND_DATA_DIR": None}
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def invoke(*args: Any, env: dict[str, str | None] | None = None) -> Result:
+    """Run ``provisiond ARGS`` in-process (no connection flag added)."""
+    return CliRunner().invoke(cli, [str(a) for a in args], env={**_CLEAN_ENV, **(env or {})})
+
+
+def run(server: RunningServer, *args: Any) -> Result:
+    """Run ``provisiond ARGS --data-dir DIR`` and require success."""
+    result = invoke(*args, "--data-dir", server.data_dir)
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def run_json(server: RunningServer, *args: Any) -> Any:
+    return json.loads(run(server, *args).stdout)
+
+
+def fails(
+    server: RunningServer | None, *args: Any, env: dict[str, str | None] | None = None
+) -> ProvisioningError:
+    """Run a command that the service (or the client) refuses; return the error it raised
+    (``provisiond``'s ``main()`` prints its message and exits with its exit_code)."""
+    extra = ["--data-dir", server.data_dir] if server else []
+    result = invoke(*args, *extra, env=env)
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, ProvisioningError), (result.output, result.exception)
+    return result.exception
+
+
+def usage_error(server: RunningServer, *args: Any) -> Result:
+    result = invoke(*args, "--data-dir", server.data_dir)
+    assert result.exit_code == 2, (result.output, result.exception)
+    return result
+
+
+# --- the command tree ------------------------------------------------------------------------------
+
+
+def _commands(group: click.Group, ctx: click.Context, prefix: list[str]) -> list[list[str]]:
+    out = []
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        assert command is not None
+        out.append([*prefix, name])
+        if isinstance(command, click.Group):
+            out += _commands(command, ctx, [*prefix, name])
+    return out
+
+
+_GROUPS = ["enrollment", "group", "registration", "hub", "ca", "policy", "settings"]
+
+
+def test_every_management_command_has_help() -> None:
+    with click.Context(cli) as ctx:
+        commands = [c for c in _commands(cli, ctx, []) if c[0] in _GROUPS]
+    assert len(commands) > 40
+    for command in commands:
+        result = invoke(*command, "--help")
+        assert result.exit_code == 0, (command, result.output)
+        assert "Usage:" in result.output
+        # a description, not just the usage line and the options
+        assert result.output.split("Options:")[0].count("\n") >= 3, command
+        if command[-1] not in _GROUPS:
+            assert "--data-dir" in result.output, command
+
+
+# --- connection errors ---------------------------------------------------------------------------
+
+
+def test_no_connection_given_is_a_usage_error() -> None:
+    result = invoke("enrollment", "list")
+    assert result.exit_code == 2
+    assert "--connection-string" in result.output and "--data-dir" in result.output
+
+
+def test_bad_connection_string() -> None:
+    error = fails(
+        None, "enrollment", "list", "--connection-string", "HostName=localhost:1;SharedAccessKey=abc"
+    )
+    assert isinstance(error, ConfigurationError)
+    assert "sharedaccesskeyname" in error.message.lower()
+    assert error.exit_code == 2
+
+
+def test_data_dir_without_connection_json(tmp_path: Path) -> None:
+    error = fails(None, "enrollment", "list", "--data-dir", tmp_path)
+    assert isinstance(error, ConfigurationError) and "connection.json" in error.message
+
+
+def test_unreachable_server(server: RunningServer) -> None:
+    cs = (
+        f"HostName=127.0.0.1:{free_port()};SharedAccessKeyName=owner;SharedAccessKey=YWJjZGVmZ2hpamtsbW5vcA=="
+    )
+    error = fails(None, "settings", "show", "--connection-string", cs, "--ca-file", server.ca_file)
+    assert isinstance(error, ConfigurationError)
+    assert "Cannot reach" in error.message
+
+
+def test_connection_from_environment(server: RunningServer) -> None:
+    result = invoke(
+        "settings",
+        "show",
+        env={"PROVISIOND_CONNECTION_STRING": server.connection_string},
+    )
+    # no --ca-file and no data dir: the development CA is not trusted
+    assert result.exit_code != 0
+    result = invoke(
+        "settings",
+        "show",
+        "--ca-file",
+        server.ca_file,
+        env={"PROVISIOND_CONNECTION_STRING": server.connection_string},
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["idScope"] == server.id_scope
+    result = invoke("settings", "show", env={"PROVISIOND_DATA_DIR": str(server.data_dir)})
+    assert result.exit_code == 0, result.output
+
+
+def test_main_prints_the_service_error_and_exits_non_zero(server: RunningServer) -> None:
+    """The real entry point: `Error: <message>` on stderr, the error's exit code."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROVISIOND_")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "provisiond",
+            "registration",
+            "show",
+            uid("missing"),
+            "--data-dir",
+            str(server.data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("Error: No device registration is named"), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# --- enrollments ---------------------------------------------------------------------------------
+
+
+def test_enrollment_lifecycle(server: RunningServer) -> None:
+    rid = uid("cli-enr")
+    created = run(server, "enrollment", "create", rid)
+    assert f"Created individual enrollment {rid!r}" in created.stdout
+    keys = run_json(server, "enrollment", "keys", rid, "--json")
+    assert keys["type"] == "symmetricKey"
+    assert keys["symmetricKey"]["primaryKey"] in created.stdout
+    assert keys["symmetricKey"]["secondaryKey"] in created.stdout
+
+    shown = run_json(server, "enrollment", "show", rid)
+    assert shown["registrationId"] == rid and shown["provisioningStatus"] == "enabled"
+    assert shown["attestation"]["symmetricKey"] == {}  # secrets stripped
+    with_keys = run_json(server, "enrollment", "show", rid, "--keys")
+    assert with_keys["attestation"] == keys
+
+    listed = run_json(server, "enrollment", "list", "--where", f"registrationId = '{rid}'", "--json")
+    assert [e["registrationId"] for e in listed] == [rid]
+    table = run(server, "enrollment", "list", "--where", f"registrationId = '{rid}'").stdout
+    assert rid in table and "1 individual enrollment." in table
+
+    updated = run_json(
+        server,
+        "enrollment",
+        "update",
+        rid,
+        "--device-id",
+        f"{rid}-dev",
+        "--edge",
+        "--hub",
+        "builtin-hub.provisiond.local",
+        "--allocation-policy",
+        "static",
+        "--initial-twin",
+        '{"tags": {"site": "lab"}, "properties": {"desired": {"interval": 5}}}',
+        "--reprovision",
+        "reset",
+        "--json",
+    )
+    assert updated["deviceId"] == f"{rid}-dev"
+    assert updated["capabilities"] == {"iotEdge": True}
+    assert updated["iotHubs"] == ["builtin-hub.provisiond.local"]
+    assert updated["allocationPolicy"] == "static"
+    assert updated["initialTwin"]["tags"] == {"site": "lab"}
+    assert updated["reprovisionPolicy"] == {"updateHubAssignment": True, "migrateDeviceData": False}
+    assert run_json(server, "enrollment", "keys", rid, "--json") == keys  # kept through the update
+
+    assert "is disabled" in run(server, "enrollment", "disable", rid).stdout
+    disabled = run_json(
+        server,
+        "enrollment",
+        "list",
+        "--where",
+        f"provisioningStatus = 'disabled' AND registrationId = '{rid}'",
+        "--json",
+    )
+    assert [e["registrationId"] for e in disabled] == [rid]
+    assert (
+        run_json(
+            server,
+            "enrollment",
+            "list",
+            "--where",
+            f"provisioningStatus = 'enabled' AND registrationId = '{rid}'",
+            "--json",
+        )
+        == []
+    )
+    run(server, "enrollment", "enable", rid)
+    assert run_json(server, "enrollment", "show", rid)["provisioningStatus"] == "enabled"
+
+    error = fails(server, "enrollment", "delete", rid, "--etag", '"stale"')
+    assert isinstance(error, PreconditionFailedError)
+    etag = run_json(server, "enrollment", "show", rid)["etag"]
+    assert (
+        f"Deleted individual enrollment {rid!r}"
+        in run(server, "enrollment", "delete", rid, "--etag", etag).stdout
+    )
+    error = fails(server, "enrollment", "show", rid)
+    assert isinstance(error, NotFoundError) and rid in error.message
+
+
+def test_enrollment_with_given_keys_and_twin_file(server: RunningServer, tmp_path: Path) -> None:
+    rid = uid("cli-keys")
+    primary = base64.b64encode(b"p" * 32).decode()
+    secondary = base64.b64encode(b"s" * 32).decode()
+    twin = tmp_path / "twin.json"
+    twin.write_text('{"tags": {"from": "file"}}')
+    created = run_json(
+        server,
+        "enrollment",
+        "create",
+        rid,
+        "--primary-key",
+        primary,
+        "--secondary-key",
+        secondary,
+        "--initial-twin",
+        f"@{twin}",
+        "--disabled",
+        "--json",
+    )
+    assert created["attestation"]["symmetricKey"] == {"primaryKey": primary, "secondaryKey": secondary}
+    assert created["initialTwin"] == {"tags": {"from": "file"}}
+    assert created["provisioningStatus"] == "disabled"
+    # a new primary key only: the secondary stays
+    new_primary = base64.b64encode(b"n" * 32).decode()
+    run(server, "enrollment", "update", rid, "--primary-key", new_primary)
+    assert run_json(server, "enrollment", "keys", rid, "--json")["symmetricKey"] == {
+        "primaryKey": new_primary,
+        "secondaryKey": secondary,
+    }
+    # create twice: the service's 409
+    error = fails(server, "enrollment", "create", rid)
+    assert error.http_status == 409 and "already exists" in error.message
+
+
+def test_enrollment_x509_and_tpm(server: RunningServer, tmp_path: Path) -> None:
+    rid = uid("cli-x509")
+    device = pki.make_device_cert(rid)
+    pki.write_issued(device, tmp_path / "device")
+    second = pki.make_device_cert(rid)
+    pki.write_issued(second, tmp_path / "second")
+    created = run_json(server, "enrollment", "create", rid, "--x509-cert", tmp_path / "device.pem", "--json")
+    info = created["attestation"]["x509"]["clientCertificates"]["primary"]["info"]
+    assert info["subjectName"] == f"CN={rid}"
+    # add a secondary: the stored primary is kept
+    run(server, "enrollment", "update", rid, "--x509-secondary", tmp_path / "second.pem")
+    certs = run_json(server, "enrollment", "show", rid)["attestation"]["x509"]["clientCertificates"]
+    assert certs["primary"]["info"]["sha1Thumbprint"] == info["sha1Thumbprint"]
+    assert certs["secondary"]["info"]["sha1Thumbprint"] == pki.certificate_info(second.cert)["sha1Thumbprint"]
+    assert "Primary certificate" in run(server, "enrollment", "keys", rid).stdout
+
+    tpm_id = uid("cli-tpm")
+    ek = base64.b64encode(b"endorsement-key-bytes").decode()
+    created = run_json(server, "enrollment", "create", tpm_id, "--tpm-ek", ek, "--json")
+    assert created["attestation"] == {"type": "tpm", "tpm": {"endorsementKey": ek}}
+
+
+def test_enrollment_flag_errors(server: RunningServer, tmp_path: Path) -> None:
+    rid = uid("cli-flags")
+    assert (
+        "Choose one attestation"
+        in usage_error(server, "enrollment", "create", rid, "--symmetric-key", "--tpm-ek", "AAAA").output
+    )
+    assert (
+        "not valid JSON" in usage_error(server, "enrollment", "create", rid, "--initial-twin", "{nope").output
+    )
+    assert (
+        "--initial-twin"
+        in usage_error(server, "enrollment", "create", rid, "--initial-twin", '{"tags": 3}').output
+    )
+    not_pem = tmp_path / "x.pem"
+    not_pem.write_text("hello")
+    assert (
+        "no PEM certificate"
+        in usage_error(server, "enrollment", "create", rid, "--x509-cert", not_pem).output
+    )
+    assert "Nothing to change" in usage_error(server, "enrollment", "update", rid).output
+    # the service's own validation comes back with its message
+    error = fails(server, "enrollment", "create", rid, "--hub", "not-linked.example.net")
+    assert "not linked" in error.message
+    error = fails(server, "enrollment", "create", "bad id!")
+    assert error.error_code == 400005
+    error = fails(server, "enrollment", "list", "--where", "color = 'red'")
+    assert error.error_code == InvalidQueryError.error_code and "Cannot filter on 'color'" in error.message
+
+
+def test_enrollment_list_limit(server: RunningServer) -> None:
+    prefix = uid("cli-lim")
+    for i in range(3):
+        run(server, "enrollment", "create", f"{prefix}-{i}", "--device-id", prefix)
+    where = f"deviceId = '{prefix}'"
+    assert len(run_json(server, "enrollment", "list", "--where", where, "--json")) == 3
+    assert len(run_json(server, "enrollment", "list", "--where", where, "--limit", "2", "--json")) == 2
+    # a whole SELECT is passed through
+    full = run_json(
+        server, "enrollment", "list", "--where", f"SELECT * FROM enrollments WHERE {where}", "--json"
+    )
+    assert len(full) == 3
+
+
+# --- groups --------------------------------------------------------------------------------------
+
+
+def test_group_lifecycle_and_device_key(server: RunningServer) -> None:
+    gid = uid("cli-grp")
+    created = run(server, "group", "create", gid)
+    assert f"Created enrollment group {gid!r}" in created.stdout
+    keys = run_json(server, "group", "keys", gid, "--json")["symmetricKey"]
+    assert keys["primaryKey"] in created.stdout
+
+    device_key = run(server, "group", "device-key", gid, "dev-001").stdout.strip()
+    assert device_key == derive_device_key(keys["primaryKey"], "dev-001")
+    secondary = run(server, "group", "device-key", gid, "dev-001", "--secondary").stdout.strip()
+    assert secondary == derive_device_key(keys["secondaryKey"], "dev-001")
+
+    shown = run_json(server, "group", "show", gid)
+    assert shown["enrollmentGroupId"] == gid and shown["attestation"]["symmetricKey"] == {}
+    assert run_json(server, "group", "show", gid, "--keys")["attestation"]["symmetricKey"] == keys
+
+    run(
+        server,
+        "group",
+        "update",
+        gid,
+        "--allocation-policy",
+        "hashed",
+        "--hub",
+        "builtin-hub.provisiond.local",
+        "--edge",
+    )
+    shown = run_json(server, "group", "show", gid)
+    assert shown["allocationPolicy"] == "hashed" and shown["capabilities"] == {"iotEdge": True}
+    assert run_json(server, "group", "keys", gid, "--json")["symmetricKey"] == keys
+
+    run(server, "group", "disable", gid)
+    listed = run_json(
+        server,
+        "group",
+        "list",
+        "--where",
+        f"enrollmentGroupId = '{gid}' AND provisioningStatus = 'disabled'",
+        "--json",
+    )
+    assert [g["enrollmentGroupId"] for g in listed] == [gid]
+    run(server, "group", "enable", gid)
+    table = run(server, "group", "list", "--where", f"enrollmentGroupId = '{gid}'").stdout
+    assert gid in table and "enabled" in table
+
+    # no registrations yet
+    assert run_json(server, "registration", "list", gid, "--json") == []
+    assert "0 registrations." in run(server, "registration", "list", gid).stdout
+
+    run(server, "group", "delete", gid)
+    assert isinstance(fails(server, "group", "show", gid), NotFoundError)
+    assert isinstance(fails(server, "registration", "list", gid), NotFoundError)
+
+
+def test_group_x509(server: RunningServer, tmp_path: Path) -> None:
+    root = pki.make_root_ca("CLI group CA")
+    pki.write_issued(root, tmp_path / "root")
+    gid = uid("cli-grp-x509")
+    created = run_json(server, "group", "create", gid, "--ca-cert", tmp_path / "root.pem", "--json")
+    signing = created["attestation"]["x509"]["signingCertificates"]["primary"]
+    assert signing["info"]["subjectName"] == "CN=CLI group CA"
+    result = invoke("group", "device-key", gid, "dev-1", "--data-dir", server.data_dir)
+    assert result.exit_code == 1 and "not a symmetric key" in result.output
+
+    ref_id = uid("cli-grp-ref")
+    created = run_json(server, "group", "create", ref_id, "--ca-ref", "some-ca", "--json")
+    assert created["attestation"]["x509"] == {"caReferences": {"primary": "some-ca"}}
+
+
+# --- registrations -------------------------------------------------------------------------------
+
+
+def test_registration_show_and_delete_of_a_missing_id(server: RunningServer) -> None:
+    rid = uid("cli-noreg")
+    error = fails(server, "registration", "show", rid)
+    assert isinstance(error, NotFoundError)
+    assert error.message == f"No device registration is named {rid!r}."
+    assert error.error_code == 404202 and error.exit_code == 1
+    assert isinstance(fails(server, "registration", "delete", rid), NotFoundError)
+
+
+# --- hubs ----------------------------------------------------------------------------------------
+
+
+def test_hub_add_list_update_remove(server: RunningServer) -> None:
+    host = f"{uid('cli-hub')}.example.net"
+    hub_cs = f"HostName={host};SharedAccessKeyName=iothubowner;SharedAccessKey=YWJjZGVmZ2hpamtsbW5vcA=="
+    # --no-allocation: other tests' devices on the shared server are never sent to this fake hub
+    added = run_json(
+        server,
+        "hub",
+        "add",
+        host,
+        "--connection-string",
+        hub_cs,
+        "--weight",
+        "3",
+        "--no-allocation",
+        "--json",
+    )
+    assert added["hostName"] == host and added["allocationWeight"] == 3
+    assert added["applyAllocationPolicy"] is False and "connectionString" not in added
+    hubs = {h["hostName"]: h for h in run_json(server, "hub", "list", "--json")}
+    assert host in hubs and hubs["builtin-hub.provisiond.local"]["builtin"] is True
+    assert host in run(server, "hub", "list").stdout
+
+    updated = run_json(server, "hub", "update", host, "--weight", "9", "--location", "westeurope", "--json")
+    assert updated["allocationWeight"] == 9 and updated["location"] == "westeurope"
+    assert updated["applyAllocationPolicy"] is False
+
+    # an enrollment may name the linked hub
+    rid = uid("cli-hub-enr")
+    run(server, "enrollment", "create", rid, "--hub", host)
+    run(server, "enrollment", "delete", rid)
+
+    assert "Unlinked" in run(server, "hub", "remove", host).stdout
+    assert host not in {h["hostName"] for h in run_json(server, "hub", "list", "--json")}
+    assert isinstance(fails(server, "hub", "remove", host), NotFoundError)
+    error = fails(server, "hub", "remove", "builtin-hub.provisiond.local")
+    assert "built-in" in error.message
+    result = invoke("hub", "add", "x.example.net", "--data-dir", server.data_dir)
+    assert result.exit_code == 2 and "--connection-string" in result.output
+
+
+# --- CA certificates -----------------------------------------------------------------------------
+
+
+def test_ca_upload_and_prove(server: RunningServer, tmp_path: Path) -> None:
+    root = pki.make_root_ca("CLI proof CA")
+    pki.write_issued(root, tmp_path / "root")
+    name = uid("cli-ca")
+    uploaded = run_json(server, "ca", "upload", name, tmp_path / "root.pem", "--json")
+    assert uploaded["isVerified"] is False and uploaded["subject"] == "CN=CLI proof CA"
+
+    proved = run_json(server, "ca", "prove", name, "--ca-key-prefix", tmp_path / "root", "--json")
+    assert proved["isVerified"] is True
+    assert run_json(server, "ca", "show", name)["isVerified"] is True
+    assert name in {c["name"] for c in run_json(server, "ca", "list", "--json")}
+    assert name in run(server, "ca", "list").stdout
+
+    # a group referencing the verified CA
+    gid = uid("cli-ca-grp")
+    assert (
+        run_json(server, "group", "create", gid, "--ca-ref", name, "--json")["attestation"]["type"] == "x509"
+    )
+
+    # the key of another CA is refused before anything is sent
+    other = pki.make_root_ca("Someone else")
+    pki.write_issued(other, tmp_path / "other")
+    result = invoke("ca", "prove", name, "--ca-key-prefix", tmp_path / "other", "--data-dir", server.data_dir)
+    assert result.exit_code == 1 and "is not the CA certificate uploaded" in result.output
+
+    run(server, "ca", "delete", name)
+    assert isinstance(fails(server, "ca", "show", name), NotFoundError)
+
+
+def test_ca_verification_code_and_verify_by_hand(server: RunningServer, tmp_path: Path) -> None:
+    root = pki.make_root_ca("CLI manual CA")
+    pki.write_issued(root, tmp_path / "root")
+    name = uid("cli-ca-man")
+    run(server, "ca", "upload", name, tmp_path / "root.pem")
+    code = run(server, "ca", "verification-code", name).stdout.strip()
+    assert run_json(server, "ca", "show", name)["verificationCode"] == code
+
+    wrong = pki.make_verification_cert("not-the-code", root)
+    pki.write_issued(wrong, tmp_path / "wrong")
+    error = fails(server, "ca", "verify", name, tmp_path / "wrong.pem")
+    assert error.error_code == 400011
+
+    proof = pki.make_verification_cert(code, root)
+    pki.write_issued(proof, tmp_path / "proof")
+    assert "Verified" in run(server, "ca", "verify", name, tmp_path / "proof.pem").stdout
+    assert run_json(server, "ca", "show", name)["isVerified"] is True
+    error = fails(server, "ca", "upload", name, tmp_path / "root.pem")
+    assert error.http_status == 409
+    assert (
+        run_json(server, "ca", "upload", name, tmp_path / "root.pem", "--replace", "--json")["isVerified"]
+        is False
+    )
+    run(server, "ca", "delete", name)
+
+
+# --- policies ------------------------------------------------------------------------------------
+
+
+def test_policy_with_a_limited_right(server: RunningServer) -> None:
+    name = uid("cli-pol")
+    created = run_json(
+        server, "policy", "create", name, "--rights", "enrollmentread, RegistrationStatusRead", "--json"
+    )
+    assert created["rights"] == ["EnrollmentRead", "RegistrationStatusRead"]
+    assert "primaryKey" not in created
+    with_keys = run_json(server, "policy", "show", name, "--keys")
+    cs = run(server, "policy", "connection-string", name).stdout.strip()
+    assert cs.endswith(f";SharedAccessKeyName={name};SharedAccessKey={with_keys['primaryKey']}")
+    assert cs.startswith(f"HostName=localhost:{server.port};")
+
+    limited = ["--connection-string", cs, "--ca-file", server.ca_file]
+    result = invoke("enrollment", "list", "--limit", "1", *limited)
+    assert result.exit_code == 0, result.output
+    result = invoke("enrollment", "create", uid("cli-pol-enr"), *limited)
+    assert result.exit_code != 0
+    assert isinstance(result.exception, AuthorizationError)
+    assert "EnrollmentWrite" in result.exception.message and name in result.exception.message
+    result = invoke("settings", "show", *limited)
+    assert isinstance(result.exception, AuthorizationError) and "ServiceConfig" in result.exception.message
+
+    run(server, "policy", "update", name, "--rights", "EnrollmentRead,EnrollmentWrite")
+    result = invoke("enrollment", "create", uid("cli-pol-enr"), *limited)
+    assert result.exit_code == 0, result.output
+
+    run(server, "policy", "update", name, "--regenerate-primary")
+    result = invoke("enrollment", "list", "--limit", "1", *limited)
+    assert isinstance(result.exception, AuthenticationError)
+    secondary_cs = run(server, "policy", "connection-string", name, "--secondary").stdout.strip()
+    assert secondary_cs.endswith(with_keys["secondaryKey"])  # the secondary key was kept
+
+    assert name in {p["keyName"] for p in run_json(server, "policy", "list", "--json")}
+    assert (
+        "unknown right(s) Everything"
+        in usage_error(server, "policy", "create", uid("cli-pol2"), "--rights", "Everything").output
+    )
+    run(server, "policy", "delete", name)
+    assert isinstance(fails(server, "policy", "show", name), NotFoundError)
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+
+def test_settings_show_and_set(server: RunningServer) -> None:
+    shown = run_json(server, "settings", "show")
+    assert shown["idScope"] == server.id_scope
+    # set what is already there (the session's server is shared)
+    updated = run_json(
+        server,
+        "settings",
+        "set",
+        "--allocation-policy",
+        shown["allocationPolicy"],
+        "--id-scope",
+        shown["idScope"],
+    )
+    assert updated["idScope"] == server.id_scope
+    assert "Nothing to change" in usage_error(server, "settings", "set").output
+    error = fails(server, "settings", "set", "--id-scope", "nope")
+    assert "ID scope" in error.message
+
+
+@pytest.mark.parametrize("command", [["enrollment", "list", "--json"], ["hub", "list", "--json"]])
+def test_json_output_is_a_list(server: RunningServer, command: list[str]) -> None:
+    assert isinstance(run_json(server, *command), list)
