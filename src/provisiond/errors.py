@@ -17,7 +17,13 @@
     ├── PreconditionFailedError            412: If-Match does not match the stored etag
     ├── ThrottledError                     429: rate limit; carries retry_after
     ├── StorageError                       500: the database failed (after translation)
-    └── ConfigurationError                 startup problems (bad flags, unreadable PKI); never on the wire
+    ├── ConfigurationError                 startup problems (bad flags, unreadable PKI); never on the wire
+    ├── RegistrationError                  device side: the service answered register with an error
+    │   ├── RegistrationFailedError        the registration ended failed/disabled (carries the result)
+    │   └── ServiceResponseError           an HTTP-ish error status from the service (status, body)
+    └── TransportError                     device side: the connection to the service failed
+        ├── ConnectError                   could not connect / TLS handshake failed
+        └── TimeoutError                   no answer in time (also a builtin TimeoutError subclass)
 
 Each class carries ``http_status`` and ``error_code`` (HTTP status x 1000 + detail, as DPS
 answers), so that endpoint adapters read attributes instead of keeping lookup tables.
@@ -26,7 +32,8 @@ The CLI reads ``exit_code``.
 
 from __future__ import annotations
 
-from typing import ClassVar
+import builtins
+from typing import Any, ClassVar
 
 __all__ = [
     "AuthenticationError",
@@ -34,6 +41,7 @@ __all__ = [
     "BodyTooLargeError",
     "ConfigurationError",
     "ConflictError",
+    "ConnectError",
     "InvalidBodyError",
     "InvalidIdError",
     "InvalidQueryError",
@@ -42,9 +50,14 @@ __all__ = [
     "NotFoundError",
     "PreconditionFailedError",
     "ProvisioningError",
+    "RegistrationError",
+    "RegistrationFailedError",
+    "ServiceResponseError",
     "RequestError",
     "StorageError",
     "ThrottledError",
+    "TimeoutError",
+    "TransportError",
 ]
 
 
@@ -164,3 +177,47 @@ class ConfigurationError(ProvisioningError):
     """The service cannot start as configured (bad flag, unreadable file, bad database URL)."""
 
     exit_code = 2
+
+
+class RegistrationError(ProvisioningError):
+    """Device side: the service refused or failed the registration."""
+
+
+class RegistrationFailedError(RegistrationError):
+    """The registration reached a terminal status other than ``assigned`` (failed, disabled).
+
+    ``result`` is the service's ``registrationState`` (with ``errorCode``/``errorMessage``) when it
+    sent one; ``status`` is the terminal status.
+    """
+
+    def __init__(self, message: str, *, status: str, result: Any = None, error_code: int | None = None) -> None:
+        super().__init__(message, error_code=error_code)
+        self.status = status
+        self.result = result
+
+
+class ServiceResponseError(RegistrationError):
+    """The service answered with an error status (4xx/5xx) the client does not retry, or kept
+    answering with a retryable one until the client gave up.
+
+    ``status_code`` is the HTTP (or HTTP-like, for MQTT/AMQP) status; ``body`` the DPS error body.
+    """
+
+    def __init__(self, message: str, *, status_code: int, body: dict[str, Any] | None = None) -> None:
+        code = body.get("errorCode") if body else None
+        super().__init__(message, error_code=code if isinstance(code, int) else status_code * 1000)
+        self.status_code = status_code
+        self.body = body or {}
+        self.tracking_id: str | None = self.body.get("trackingId")
+
+
+class TransportError(ProvisioningError):
+    """Device side: the connection to the service failed."""
+
+
+class ConnectError(TransportError):
+    """Could not connect, or the TLS handshake failed (wrong CA, refused certificate)."""
+
+
+class TimeoutError(TransportError, builtins.TimeoutError):  # shadows the builtin on purpose, like httpx
+    """The service did not answer in time."""

@@ -1,0 +1,111 @@
+"""The device registration messages of DPS (device API), shared by the service and the device
+client so that both encode and decode them from one declaration.
+
+Wire shapes (device-protocol.md §1.2):
+
+- request ``DeviceRegistration``: ``{"registrationId", "tpm"?: {"endorsementKey", "storageRootKey"},
+  "payload"?}``. The SDKs differ: Python sends ``"payload": null``, .NET over MQTT/AMQP sends no
+  ``registrationId`` at all, so every field is optional here and the transport supplies the id.
+- response ``RegistrationOperationStatus``: ``{"operationId", "status", "registrationState"?}``.
+- ``DeviceRegistrationResult``: what the device learns (hub, device id, status, substatus,
+  payload, and per attestation: ``x509``, ``symmetricKey``, ``tpm``).
+- TPM challenge (401 body): ``{"message", "authenticationKey", "keyName"}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from ..models import RegistrationStatus, RegistrationSubstatus, X509CertificateInfo
+
+__all__ = [
+    "DeviceRegistration",
+    "DeviceRegistrationResult",
+    "RegistrationOperationStatus",
+    "SymmetricKeyRegistrationResult",
+    "TpmAttestationRequest",
+    "TpmChallenge",
+    "TpmRegistrationResult",
+    "X509RegistrationResult",
+    "decode_operation_status",
+    "encode",
+]
+
+
+class _Message(msgspec.Struct, rename="camel", omit_defaults=True, kw_only=True):
+    pass
+
+
+class TpmAttestationRequest(_Message):
+    endorsement_key: str
+    storage_root_key: str | None = None
+
+
+class DeviceRegistration(_Message):
+    """The register (and status lookup) request body."""
+
+    registration_id: str | None = None
+    tpm: TpmAttestationRequest | None = None
+    payload: Any = None
+    csr: str | None = None
+
+
+class X509RegistrationResult(_Message):
+    certificate_info: X509CertificateInfo | None = None
+    enrollment_group_id: str | None = None
+    signing_certificate_info: X509CertificateInfo | None = None
+
+
+class SymmetricKeyRegistrationResult(_Message):
+    enrollment_group_id: str | None = None
+
+
+class TpmRegistrationResult(_Message):
+    authentication_key: str | None = None
+
+
+class DeviceRegistrationResult(_Message):
+    registration_id: str
+    created_date_time_utc: str | None = None
+    assigned_hub: str | None = None
+    device_id: str | None = None
+    status: RegistrationStatus | None = None
+    substatus: RegistrationSubstatus | None = None
+    error_code: int | None = None
+    error_message: str | None = None
+    last_updated_date_time_utc: str | None = None
+    etag: str | None = None
+    payload: Any = None
+    x509: X509RegistrationResult | None = None
+    symmetric_key: SymmetricKeyRegistrationResult | None = None
+    tpm: TpmRegistrationResult | None = None
+
+
+class RegistrationOperationStatus(_Message):
+    operation_id: str
+    status: RegistrationStatus
+    registration_state: DeviceRegistrationResult | None = None
+
+
+class TpmChallenge(_Message):
+    authentication_key: str
+    key_name: str = "registration"
+    message: str | None = None
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    """JSON bytes of a message (camelCase, unset fields omitted)."""
+    return _encoder.encode(message)
+
+
+def decode_operation_status(body: bytes) -> RegistrationOperationStatus:
+    """Decode a register/poll answer.
+
+    :raises msgspec.ValidationError, msgspec.DecodeError: the caller maps these to its own error.
+    """
+    return msgspec.json.decode(body, type=RegistrationOperationStatus)
