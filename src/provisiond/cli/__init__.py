@@ -26,6 +26,7 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
     "policy": ("provisiond.cli.manage", "policy", "Manage shared access policies."),
     "settings": ("provisiond.cli.manage", "settings", "Show or change the service settings."),
     "pki": ("provisiond.cli.pki", "pki", "Make a development PKI: CAs, device certificates, PKCS#12."),
+    "device": ("provisiond.cli.device", "device", "Act as a device: register with a provisioning service."),
 }
 
 
