@@ -28,6 +28,7 @@ Driver exceptions are translated once, in :func:`_map_errors`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -98,6 +99,7 @@ class PostgresStore(Store):
         self._timeout = timeout
         self._connect_timeout = connect_timeout
         self._pool: AsyncConnectionPool[_Connection] | None = None
+        self._lifecycle = asyncio.Lock()
 
     def __repr__(self) -> str:
         # The URL may carry a password: show only where it points.
@@ -110,6 +112,10 @@ class PostgresStore(Store):
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def open(self) -> None:
+        async with self._lifecycle:
+            await self._open()
+
+    async def _open(self) -> None:
         if self._pool is not None:
             return
         pool: AsyncConnectionPool[_Connection] = AsyncConnectionPool(
@@ -131,10 +137,11 @@ class PostgresStore(Store):
         self._pool = pool
 
     async def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            with _map_errors():
-                await pool.close()
+        async with self._lifecycle:
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                with _map_errors():
+                    await pool.close()
 
     async def _migrate(self, pool: AsyncConnectionPool[_Connection]) -> None:
         async with pool.connection() as conn:

@@ -25,6 +25,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -156,12 +157,29 @@ class SqliteStore(Store):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = self._connect()
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
+            self._enable_wal(conn)
             self._migrate(conn)
         except BaseException:
             conn.close()
             raise
         self._write_conn = conn
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> None:
+        """Switch the file to WAL (a no-op when it is already). The switch needs an exclusive
+        lock and fails at once with SQLITE_BUSY, without waiting for busy_timeout, when another
+        connection is opening the same new file: retry until busy_timeout has passed."""
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                [mode] = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+                break
+            except sqlite3.OperationalError as exc:
+                busy = exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+                if not busy or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.005)
+        if str(mode).lower() != "wal":
+            log.warning("%s cannot use WAL (journal mode %s): readers will wait for writers", self.path, mode)
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         """Apply the migrations not yet applied, each in its own ``BEGIN IMMEDIATE``
