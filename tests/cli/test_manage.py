@@ -74,23 +74,23 @@ def usage_error(server: RunningServer, *args: Any) -> Result:
 # --- the command tree ------------------------------------------------------------------------------
 
 
-def _commands(group: click.Group, ctx: click.Context, prefix: list[str]) -> list[list[str]]:
-    out = []
-    for name in group.list_commands(ctx):
-        command = group.get_command(ctx, name)
-        assert command is not None
-        out.append([*prefix, name])
-        if isinstance(command, click.Group):
-            out += _commands(command, ctx, [*prefix, name])
-    return out
-
-
 _GROUPS = ["enrollment", "group", "registration", "hub", "ca", "policy", "settings"]
 
 
-def test_every_management_command_has_help() -> None:
+def _management_commands() -> list[list[str]]:
+    """Every management group and its subcommands (other groups are someone else's)."""
+    out = []
     with click.Context(cli) as ctx:
-        commands = [c for c in _commands(cli, ctx, []) if c[0] in _GROUPS]
+        for name in _GROUPS:
+            group = cli.get_command(ctx, name)
+            assert isinstance(group, click.Group)
+            out.append([name])
+            out += [[name, sub] for sub in group.list_commands(ctx)]
+    return out
+
+
+def test_every_management_command_has_help() -> None:
+    commands = _management_commands()
     assert len(commands) > 40
     for command in commands:
         result = invoke(*command, "--help")
@@ -98,7 +98,7 @@ def test_every_management_command_has_help() -> None:
         assert "Usage:" in result.output
         # a description, not just the usage line and the options
         assert result.output.split("Options:")[0].count("\n") >= 3, command
-        if command[-1] not in _GROUPS:
+        if len(command) > 1:
             assert "--data-dir" in result.output, command
 
 
