@@ -186,6 +186,7 @@ def test_enrollment_lifecycle(server: RunningServer) -> None:
     rid = uid("cli-enr")
     created = run(server, "enrollment", "create", rid)
     assert f"Created individual enrollment {rid!r}" in created.stdout
+    assert f"ID scope {server.id_scope} at https://localhost:{server.port}" in created.stdout
     keys = run_json(server, "enrollment", "keys", rid, "--json")
     assert keys["type"] == "symmetricKey"
     assert keys["symmetricKey"]["primaryKey"] in created.stdout
@@ -296,6 +297,31 @@ def test_enrollment_with_given_keys_and_twin_file(server: RunningServer, tmp_pat
     # create twice: the service's 409
     error = fails(server, "enrollment", "create", rid)
     assert error.http_status == 409 and "already exists" in error.message
+
+
+def test_enrollment_webhook_and_reprovision(server: RunningServer) -> None:
+    rid = uid("cli-hook")
+    created = run_json(
+        server,
+        "enrollment",
+        "create",
+        rid,
+        "--webhook-url",
+        "https://alloc.example.net/api",
+        "--reprovision",
+        "never",
+        "--json",
+    )
+    assert created["allocationPolicy"] == "custom"
+    assert created["customAllocationDefinition"] == {
+        "webhookUrl": "https://alloc.example.net/api",
+        "apiVersion": "2019-03-31",
+    }
+    assert created["reprovisionPolicy"] == {"updateHubAssignment": False, "migrateDeviceData": False}
+    updated = run_json(server, "enrollment", "update", rid, "--webhook-api-version", "2021-10-01", "--json")
+    assert updated["customAllocationDefinition"]["apiVersion"] == "2021-10-01"
+    updated = run_json(server, "enrollment", "update", rid, "--allocation-policy", "hashed", "--json")
+    assert updated["allocationPolicy"] == "hashed"
 
 
 def test_enrollment_x509_and_tpm(server: RunningServer, tmp_path: Path) -> None:

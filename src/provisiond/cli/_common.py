@@ -31,6 +31,7 @@ __all__ = [
     "CONTEXT",
     "emit",
     "etag_option",
+    "DEFAULT_WEBHOOK_API_VERSION",
     "ENROLLMENTS",
     "GROUPS",
     "Kind",
@@ -158,7 +159,9 @@ etag_option = click.option(
 
 def json_option(func: F) -> F:
     """``--json``: print machine-readable JSON instead of tables."""
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(func)
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print JSON (for scripts) instead of text and tables."
+    )(func)
 
 
 def seg(value: str) -> str:
@@ -299,7 +302,8 @@ _REPROVISION = {
     "reset": {"updateHubAssignment": True, "migrateDeviceData": False},
     "migrate": {"updateHubAssignment": True, "migrateDeviceData": True},
 }
-DEFAULT_WEBHOOK_API_VERSION = "2021-10-01"
+#: The custom allocation webhook API version Azure's portal proposes (the request payload format).
+DEFAULT_WEBHOOK_API_VERSION = "2019-03-31"
 
 
 def common_enrollment_options(func: F) -> F:

@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..errors import MethodNotAllowedError, ProvisioningError, RequestError, ThrottledError
 from ..models import IndividualEnrollment
 from ..service_client import ServiceClient
-from ._common import connected, console, echo_json, print_table
+from ._common import DEFAULT_WEBHOOK_API_VERSION, connected, console, echo_json, print_table
 
 __all__ = [
     "CSV_COLUMNS",
@@ -199,7 +199,7 @@ def csv_enrollment(cells: dict[str, str], base_dir: Path) -> dict[str, Any]:
     if get("webhookUrl"):
         doc["customAllocationDefinition"] = {
             "webhookUrl": get("webhookUrl"),
-            "apiVersion": get("webhookApiVersion") or "2021-10-01",
+            "apiVersion": get("webhookApiVersion") or DEFAULT_WEBHOOK_API_VERSION,
         }
     if get("initialTwin"):
         try:

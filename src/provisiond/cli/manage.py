@@ -25,6 +25,7 @@ from typing import Any
 
 import click
 
+from ..errors import AuthorizationError
 from ..protocol.sas import derive_device_key
 from ..service_client import ServiceClient
 from ._common import (
@@ -142,8 +143,17 @@ def _output_written(client: ServiceClient, kind: Kind, verb: str, doc: dict[str,
         doc = {**doc, "attestation": mechanism}
     if as_json:
         echo_json(doc)
-    else:
-        _print_record(kind, verb, doc, mechanism)
+        return
+    _print_record(kind, verb, doc, mechanism)
+    if mechanism is not None:
+        try:
+            scope = client.get("/admin/settings").get("idScope")
+        except AuthorizationError:  # a policy without ServiceConfig: the hint is optional
+            return
+        click.echo(
+            f"Devices provision with ID scope {scope} at https://{client.connection.host} "
+            f"(trust the service's CA certificate)."
+        )
 
 
 def _list_rows(kind: Kind, items: Iterator[Any]) -> Iterator[list[Any]]:
