@@ -122,6 +122,8 @@ def load_migrations(dialect: str) -> list[Migration]:
 
 @dataclass(frozen=True, slots=True)
 class SettingsSql:
+    """The statements of the settings table, in one placeholder style."""
+
     get: str
     set: str
     insert_if_missing: str
