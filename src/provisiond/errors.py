@@ -18,6 +18,9 @@
     ├── ThrottledError                     429: rate limit; carries retry_after
     ├── StorageError                       500: the database failed (after translation)
     ├── ConfigurationError                 startup problems (bad flags, unreadable PKI); never on the wire
+    ├── ProtocolError                      abstract: a protocol rule was broken (h11 style)
+    │   ├── LocalProtocolError             we broke it: the API was misused (a bug on our side)
+    │   └── RemoteProtocolError            the peer broke it: malformed or impossible answer
     ├── RegistrationError                  device side: the service answered register with an error
     │   ├── RegistrationFailedError        the registration ended failed/disabled (carries the result)
     │   └── ServiceResponseError           an HTTP-ish error status from the service (status, body)
@@ -33,7 +36,10 @@ The CLI reads ``exit_code``.
 from __future__ import annotations
 
 import builtins
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from .models import RegistrationStatus
 
 __all__ = [
     "AuthenticationError",
@@ -45,13 +51,16 @@ __all__ = [
     "InvalidBodyError",
     "InvalidIdError",
     "InvalidQueryError",
+    "LocalProtocolError",
     "MethodNotAllowedError",
     "MissingApiVersionError",
     "NotFoundError",
     "PreconditionFailedError",
+    "ProtocolError",
     "ProvisioningError",
     "RegistrationError",
     "RegistrationFailedError",
+    "RemoteProtocolError",
     "ServiceResponseError",
     "RequestError",
     "StorageError",
@@ -179,6 +188,25 @@ class ConfigurationError(ProvisioningError):
     exit_code = 2
 
 
+class ProtocolError(ProvisioningError):
+    """A protocol rule was broken. Abstract: raise :class:`LocalProtocolError` (our side misused
+    the API) or :class:`RemoteProtocolError` (the peer sent something malformed or impossible)."""
+
+    def __init__(self, message: str, *, error_code: int | None = None) -> None:
+        if type(self) is ProtocolError:
+            raise TypeError("ProtocolError is abstract: raise LocalProtocolError or RemoteProtocolError")
+        super().__init__(message, error_code=error_code)
+
+
+class LocalProtocolError(ProtocolError):
+    """Our side broke the protocol: a driver sent the flow something it did not ask for (a bug)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the protocol: an answer that is not JSON, lacks required fields, or carries
+    a status that is impossible where it appears (``unassigned`` in a 2xx)."""
+
+
 class RegistrationError(ProvisioningError):
     """Device side: the service refused or failed the registration."""
 
@@ -190,7 +218,9 @@ class RegistrationFailedError(RegistrationError):
     sent one; ``status`` is the terminal status.
     """
 
-    def __init__(self, message: str, *, status: str, result: Any = None, error_code: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, status: RegistrationStatus, result: Any = None, error_code: int | None = None
+    ) -> None:
         super().__init__(message, error_code=error_code)
         self.status = status
         self.result = result
