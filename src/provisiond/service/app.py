@@ -14,8 +14,9 @@ from starlette.responses import Response
 from ..errors import ConflictError, MethodNotAllowedError, NotFoundError, ProvisioningError, RequestError
 from ..models import AllocationPolicy, LinkedHub, Right, ServiceSettings, SharedAccessPolicy
 from ..storage import Collection, Store, WriteMode
-from . import admin, api
+from . import admin, api, device_api
 from .context import SETTINGS_KEY, ServiceContext
+from .registrar import Registrar
 from .enrollments import generate_key
 from .http import error_response, tracking_id
 from .settings import Settings
@@ -84,10 +85,11 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
 
 
 def create_app(ctx: ServiceContext) -> Starlette:
-    """The ASGI app serving the service API and the admin API (the device API joins later)."""
+    """The ASGI app serving the service API, the admin API and the device API."""
     app = Starlette(
-        routes=[*api.routes(), *admin.routes()],
+        routes=[*api.routes(), *admin.routes(), *device_api.routes()],
         exception_handlers={HTTPException: _http_exception},
     )
     app.state.ctx = ctx
+    app.state.registrar = Registrar(ctx)
     return app

@@ -1,0 +1,77 @@
+"""Allocation: which linked hub a device goes to. Pure.
+
+Candidates are the enrollment's ``iotHubs`` (or its legacy ``iotHubHostName``) when it names
+any, otherwise every linked hub whose ``applyAllocationPolicy`` is true. Policies:
+
+- ``static``: the one hub the enrollment names.
+- ``hashed``: weighted rendezvous hashing over the candidates: deterministic per registration id
+  (a device re-registering lands on the same hub), proportional to ``allocationWeight``, and
+  stable when hubs come and go (only the devices of a removed hub move).
+- ``geoLatency``: provisiond does not measure latency; it allocates as ``hashed`` (documented).
+- ``custom``: the webhook (a later issue); until then allocation fails with a clear message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+
+from .models import AllocationPolicy, LinkedHub
+
+__all__ = ["AllocationError", "allocate", "candidate_hubs"]
+
+
+class AllocationError(Exception):
+    """No hub can be chosen; the message says why. (Internal: the registrar turns it into a
+    failed registration with DPS's errorCode 400208.)"""
+
+
+def candidate_hubs(named: Sequence[str], linked: Mapping[str, LinkedHub]) -> list[LinkedHub]:
+    """The hubs an enrollment may be assigned to (``named``: its iotHubs, possibly empty)."""
+    if named:
+        return [linked[h.lower()] for h in dict.fromkeys(named) if h.lower() in linked]
+    return [hub for hub in linked.values() if hub.apply_allocation_policy is not False]
+
+
+def _score(registration_id: str, hub: LinkedHub) -> float:
+    digest = hashlib.sha256(f"{registration_id.lower()}\0{hub.host_name.lower()}".encode()).digest()
+    # A uniform number in (0, 1) from 53 bits of the hash.
+    u = (int.from_bytes(digest[:8], "big") >> 11) + 1
+    unit = u / float((1 << 53) + 1)
+    return -(hub.allocation_weight or 1) / math.log(unit)
+
+
+def allocate(
+    policy: AllocationPolicy,
+    registration_id: str,
+    candidates: Sequence[LinkedHub],
+    *,
+    named: Sequence[str] = (),
+) -> LinkedHub:
+    """Choose a hub for ``registration_id``.
+
+    :raises AllocationError: no candidate, or a policy that cannot be applied.
+    """
+    if not candidates:
+        if named:
+            raise AllocationError(
+                f"None of the enrollment's IoT hubs ({', '.join(named)}) is linked to this service."
+            )
+        raise AllocationError(
+            "No linked IoT hub takes part in allocation (applyAllocationPolicy is false on every hub)."
+        )
+    match policy:
+        case AllocationPolicy.STATIC:
+            if not named:
+                raise AllocationError(
+                    "The static allocation policy needs the enrollment to name its IoT hub (iotHubs)."
+                )
+            return candidates[0]
+        case AllocationPolicy.HASHED | AllocationPolicy.GEO_LATENCY:
+            return max(candidates, key=lambda hub: (_score(registration_id, hub), hub.host_name))
+        case AllocationPolicy.CUSTOM:
+            raise AllocationError(
+                "Custom allocation (webhooks) is not supported by this provisiond version yet."
+            )
+    raise AssertionError(policy)  # pragma: no cover

@@ -1,0 +1,144 @@
+"""X.509 attestation checks, pure (no I/O; the time is passed in).
+
+The TLS front accepts any client certificate and hands over the chain the device presented
+(leaf first). These helpers parse it, walk it for enrollment-group candidates, and verify a
+chain up to the certificate an enrollment names, with ``cryptography``'s verifier: signatures,
+validity dates and CA constraints. The end-entity policy permits any extensions (device
+certificates usually carry a CN and no SAN); CA certificates must assert basicConstraints CA.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509 import verification as xv
+from cryptography.x509.oid import NameOID
+
+from ..errors import AuthenticationError
+
+__all__ = [
+    "PresentedChain",
+    "common_name",
+    "parse_presented_chain",
+    "sha1_thumbprint",
+    "sha256_thumbprint",
+    "verify_chain",
+    "verify_self_signed",
+]
+
+_MAX_CHAIN = 8
+_DER = Encoding.DER
+
+# Error codes of X.509 attestation failures (401 + detail).
+CN_MISMATCH = 401010
+CHAIN_INVALID = 401011
+CERT_EXPIRED = 401012
+NO_CERTIFICATE = 401013
+
+
+def sha1_thumbprint(cert: x509.Certificate) -> str:
+    return hashlib.sha1(cert.public_bytes(_DER)).hexdigest().upper()  # DPS's sha1Thumbprint
+
+
+def sha256_thumbprint(cert: x509.Certificate) -> str:
+    return hashlib.sha256(cert.public_bytes(_DER)).hexdigest().upper()
+
+
+def common_name(cert: x509.Certificate) -> str | None:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else None
+
+
+@dataclass(frozen=True)
+class PresentedChain:
+    """The device's certificates, leaf first, as parsed from the TLS handshake."""
+
+    leaf: x509.Certificate
+    intermediates: tuple[x509.Certificate, ...]
+
+    @property
+    def certificates(self) -> tuple[x509.Certificate, ...]:
+        return (self.leaf, *self.intermediates)
+
+
+def parse_presented_chain(der_chain: Sequence[bytes]) -> PresentedChain:
+    """Parse the DER chain from the TLS front.
+
+    :raises AuthenticationError: no certificate, too many, or one that does not parse.
+    """
+    if not der_chain:
+        raise AuthenticationError(
+            "No client certificate was presented: X.509 devices must present their certificate "
+            "(and its intermediates) in the TLS handshake.",
+            error_code=NO_CERTIFICATE,
+        )
+    if len(der_chain) > _MAX_CHAIN:
+        raise AuthenticationError(
+            f"The presented chain has {len(der_chain)} certificates; at most {_MAX_CHAIN}.",
+            error_code=CHAIN_INVALID,
+        )
+    try:
+        certs = [x509.load_der_x509_certificate(der) for der in der_chain]
+    except ValueError as exc:
+        raise AuthenticationError(
+            f"A presented certificate does not parse: {exc}", error_code=CHAIN_INVALID
+        ) from None
+    return PresentedChain(certs[0], tuple(certs[1:]))
+
+
+def _check_dates(cert: x509.Certificate, now: dt.datetime, what: str) -> None:
+    if cert.not_valid_after_utc < now:
+        raise AuthenticationError(
+            f"The {what} certificate {cert.subject.rfc4514_string()!r} expired on {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}.",
+            error_code=CERT_EXPIRED,
+        )
+    if cert.not_valid_before_utc > now:
+        raise AuthenticationError(
+            f"The {what} certificate {cert.subject.rfc4514_string()!r} is not valid before {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}.",
+            error_code=CERT_EXPIRED,
+        )
+
+
+_CA_POLICY = xv.ExtensionPolicy.permit_all().require_present(
+    x509.BasicConstraints, xv.Criticality.AGNOSTIC, None
+)
+_EE_POLICY = xv.ExtensionPolicy.permit_all()
+
+
+def verify_chain(chain: PresentedChain, anchor: x509.Certificate, now: dt.datetime) -> None:
+    """Verify that the leaf chains to ``anchor`` through the presented intermediates (which may
+    include ``anchor`` itself or certificates above it; those are ignored).
+
+    :raises AuthenticationError: expired or not-yet-valid certificates, or no valid path.
+    """
+    for i, cert in enumerate(chain.certificates):
+        if cert == anchor:
+            break
+        _check_dates(cert, now, "device" if i == 0 else "intermediate")
+    _check_dates(anchor, now, "enrollment's signing")
+    verifier = (
+        xv.PolicyBuilder()
+        .store(xv.Store([anchor]))
+        .time(now)
+        .max_chain_depth(_MAX_CHAIN)
+        .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
+        .build_client_verifier()
+    )
+    try:
+        verifier.verify(chain.leaf, list(chain.intermediates))
+    except xv.VerificationError as exc:
+        raise AuthenticationError(
+            f"The presented certificate chain does not verify up to {anchor.subject.rfc4514_string()!r}: {exc}",
+            error_code=CHAIN_INVALID,
+        ) from None
+
+
+def verify_self_signed(cert: x509.Certificate, now: dt.datetime) -> None:
+    """Check the dates of a leaf enrolled by its own certificate (matched by thumbprint; the TLS
+    handshake proved the device holds its key)."""
+    _check_dates(cert, now, "device")

@@ -1,0 +1,569 @@
+"""The registrar: one use case for every transport. A device's request (whatever carried it:
+HTTPS now, MQTT and AMQP later) arrives as a :class:`DeviceRequest`; the registrar attests it,
+matches it to an enrollment, allocates a hub, creates the identity there, and writes the
+registration record.
+
+Theory of operation
+-------------------
+1. **Attest and match** (``_match``): the credential decides the path. A SAS token means
+   symmetric key: the individual enrollment of that registration id if there is one (its keys
+   must have signed the token), else the first symmetric-key group whose derived key did. A
+   client certificate chain (and no token) means X.509: the leaf's CN must be the registration
+   id; an individual enrollment matches the leaf (or a certificate of its chain), else the chain
+   is walked from the first intermediate up to the root for a group (its signing certificate or
+   a verified CA it references), and the chain is verified up to what matched. The first match
+   decides: an individual enrollment wins over groups, a disabled match denies.
+2. **Allocate** with the enrollment's policy (or the service default) and its reprovision
+   policy, given the device's previous registration record.
+3. **Create the identity** in the chosen hub (idempotent), with authentication that matches the
+   attestation, the enrollment's capabilities and initial twin (unless data is migrated).
+4. **Write the record** conditionally (create, or update on the etag read in step 2). When two
+   registrations of one id race, one write wins and the other answers with the winner's record:
+   one identity, one record.
+
+Authentication failures raise :class:`~provisiond.errors.AuthenticationError` (401, nothing
+written). Outcomes the device should see as a registration result (disabled enrollment, no hub)
+are written as records with status ``disabled`` or ``failed`` and DPS's errorCode.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from .. import pki
+from ..allocation import AllocationError, allocate, candidate_hubs
+from ..attestation import symmetric_key as sk
+from ..attestation import x509 as x5
+from ..errors import (
+    AuthenticationError,
+    ConflictError,
+    InvalidBodyError,
+    NotFoundError,
+    PreconditionFailedError,
+)
+from ..hub import DeviceAuthentication, HubError, HubRegistry, SymmetricKeyAuth, X509Thumbprint, twin_from
+from ..models import (
+    AllocationPolicy,
+    AttestationType,
+    CaCertificate,
+    EnrollmentGroup,
+    IndividualEnrollment,
+    ProvisioningStatus,
+    RegistrationStatus,
+    RegistrationSubstatus,
+    ReprovisionPolicy,
+    X509CertificateInfo,
+)
+from ..protocol.messages import (
+    DeviceRegistration,
+    DeviceRegistrationResult,
+    RegistrationOperationStatus,
+    SymmetricKeyRegistrationResult,
+    X509RegistrationResult,
+)
+from ..protocol.sas import derive_device_key
+from ..storage import Collection, Record, WriteMode, utc_now
+from .context import ServiceContext
+from .enrollments import validate_id
+
+__all__ = ["DeviceRequest", "Registrar", "StoredRegistration"]
+
+log = logging.getLogger("provisiond.registrar")
+
+# DPS's registration errorCodes (device-protocol.md §1.2: the C SDK knows 400208 and 400209).
+NO_HUB = 400208
+HUB_FAILED = 400209
+DISABLED = 401101  # enrollment or group disabled (reported in the record, status "disabled")
+_WRITE_ATTEMPTS = 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceRequest:
+    """A device's register / status request, as every transport hands it over."""
+
+    id_scope: str
+    registration_id: str
+    body: DeviceRegistration
+    authorization: str | None = None
+    client_chain: Sequence[bytes] = ()
+    force: bool = False
+    transport: str = "https"
+
+
+class StoredRegistration(DeviceRegistrationResult, kw_only=True):
+    """The registration record as stored: what the device is told, plus what the service
+    needs to answer polls and re-registrations."""
+
+    operation_id: str | None = None
+    enrollment_group_id: str | None = None
+    attestation_type: str | None = None
+
+
+@dataclass(frozen=True)
+class _Match:
+    individual: IndividualEnrollment | None
+    group: EnrollmentGroup | None
+    attestation: AttestationType
+    x509: X509RegistrationResult | None = None
+    leaf_sha256: str | None = None
+
+    @property
+    def enrollment(self) -> IndividualEnrollment | EnrollmentGroup:
+        enrollment = self.individual or self.group
+        assert enrollment is not None
+        return enrollment
+
+    @property
+    def label(self) -> str:
+        if self.individual is not None:
+            return f"individual enrollment {self.individual.registration_id!r}"
+        assert self.group is not None
+        return f"enrollment group {self.group.enrollment_group_id!r}"
+
+
+def _decode(record: Record, type_: type[Any]) -> Any:
+    return msgspec.json.decode(record.doc, type=type_)
+
+
+class Registrar:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.hubs = HubRegistry(ctx.store)
+
+    # --- entry points ------------------------------------------------------------------------
+
+    async def register(self, request: DeviceRequest) -> RegistrationOperationStatus:
+        """Register a device and return the operation status (terminal in the common case).
+
+        :raises AuthenticationError: the device did not prove an enrollment's credential.
+        :raises InvalidBodyError, InvalidIdError: the request is malformed.
+        """
+        await self._check_request(request)
+        match = await self._match(request)
+        previous = await self.ctx.store.get(Collection.REGISTRATIONS, request.registration_id)
+        for _ in range(_WRITE_ATTEMPTS):
+            state = await self._assign(request, match, previous)
+            try:
+                record = await self._write_record(request.registration_id, state, previous)
+            except (ConflictError, PreconditionFailedError):
+                # A concurrent registration of the same id won: answer with its record.
+                latest = await self.ctx.store.get(Collection.REGISTRATIONS, request.registration_id)
+                if latest is None:  # deleted in between: try again from scratch
+                    previous = None
+                    continue
+                record = latest
+            return self._operation(record)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def operation_status(
+        self, request: DeviceRequest, operation_id: str
+    ) -> RegistrationOperationStatus:
+        """The status of an earlier register operation (the device must attest again).
+
+        :raises NotFoundError: no such operation for this registration id.
+        """
+        await self._check_request(request)
+        await self._match(request)
+        record = await self.ctx.store.get(Collection.REGISTRATIONS, request.registration_id)
+        if record is None or _decode(record, StoredRegistration).operation_id != operation_id:
+            raise NotFoundError(
+                f"No registration operation {operation_id[:64]!r} for {request.registration_id!r}.",
+                error_code=404204,
+            )
+        return self._operation(record)
+
+    async def status_lookup(self, request: DeviceRequest) -> DeviceRegistrationResult:
+        """The device's registration record (``POST /{idScope}/registrations/{id}``)."""
+        await self._check_request(request)
+        await self._match(request)
+        record = await self.ctx.store.get(Collection.REGISTRATIONS, request.registration_id)
+        if record is None:
+            raise NotFoundError(f"{request.registration_id!r} has not registered.", error_code=404202)
+        return self._result(record)
+
+    # --- request checks ----------------------------------------------------------------------
+
+    async def _check_request(self, request: DeviceRequest) -> None:
+        validate_id(request.registration_id, "registrationId")
+        body_id = request.body.registration_id
+        if body_id is not None and body_id.lower() != request.registration_id.lower():
+            raise InvalidBodyError(
+                f"registrationId {body_id[:140]!r} in the body differs from {request.registration_id!r} in the address."
+            )
+        settings = await self.ctx.service_settings()
+        if request.id_scope.lower() != (settings.id_scope or "").lower():
+            raise AuthenticationError(
+                f"ID scope {request.id_scope[:40]!r} is not this service's; check the ID scope the device uses.",
+                error_code=401004,
+            )
+
+    # --- attestation and matching ------------------------------------------------------------
+
+    async def _match(self, request: DeviceRequest) -> _Match:
+        if request.authorization:
+            return await self._match_symmetric_key(request)
+        if request.client_chain:
+            return await self._match_x509(request)
+        if request.body.tpm is not None:
+            raise AuthenticationError(
+                "TPM attestation is not supported by this provisiond version yet.", error_code=401000
+            )
+        raise AuthenticationError(
+            "No credential: send a SharedAccessSignature token (symmetric key), or present the device "
+            "certificate and its chain in the TLS handshake (X.509).",
+            error_code=401000,
+        )
+
+    async def _match_symmetric_key(self, request: DeviceRequest) -> _Match:
+        reg_id = request.registration_id
+        token = sk.check_device_token(
+            request.authorization,
+            request.id_scope,
+            reg_id,
+            now=int(self.ctx.clock()),
+            clock_skew=self.ctx.settings.clock_skew,
+        )
+        record = await self.ctx.store.get(Collection.ENROLLMENTS, reg_id)
+        if record is not None:
+            enrollment: IndividualEnrollment = _decode(record, IndividualEnrollment)
+            if enrollment.attestation.type is not AttestationType.SYMMETRIC_KEY:
+                raise AuthenticationError(
+                    f"The individual enrollment {enrollment.registration_id!r} uses {enrollment.attestation.type.value} "
+                    "attestation, not a symmetric key.",
+                    error_code=sk.TOKEN_INVALID,
+                )
+            keys = enrollment.attestation.symmetric_key
+            if keys is None or not sk.matches_any(token, [keys.primary_key, keys.secondary_key]):
+                raise AuthenticationError(
+                    f"The SAS token was not signed with a key of the individual enrollment {enrollment.registration_id!r}.",
+                    error_code=sk.TOKEN_INVALID,
+                )
+            return _Match(enrollment, None, AttestationType.SYMMETRIC_KEY)
+        group = await self._find_symmetric_key_group(reg_id, token)
+        if group is None:
+            raise AuthenticationError(
+                f"No individual enrollment is named {reg_id!r}, and no symmetric-key enrollment group's derived key "
+                "signed the SAS token.",
+                error_code=sk.TOKEN_INVALID,
+            )
+        return _Match(None, group, AttestationType.SYMMETRIC_KEY)
+
+    async def _groups(self, attestation: AttestationType) -> list[EnrollmentGroup]:
+        groups: list[EnrollmentGroup] = []
+        continuation = None
+        while True:
+            page = await self.ctx.store.query(
+                Collection.ENROLLMENT_GROUPS,
+                filters={"attestation_type": attestation.value.lower()},
+                limit=1000,
+                continuation=continuation,
+            )
+            groups += [_decode(r, EnrollmentGroup) for r in page.records]
+            if page.continuation is None:
+                return groups
+            continuation = page.continuation
+
+    async def _find_symmetric_key_group(self, reg_id: str, token: Any) -> EnrollmentGroup | None:
+        # The group of the device's last registration first: a re-registration costs one HMAC.
+        previous = await self.ctx.store.get(Collection.REGISTRATIONS, reg_id)
+        hint = _decode(previous, StoredRegistration).enrollment_group_id if previous else None
+        groups = await self._groups(AttestationType.SYMMETRIC_KEY)
+        if hint:
+            groups.sort(key=lambda g: g.enrollment_group_id.lower() != hint.lower())
+        for group in groups:
+            keys = group.attestation.symmetric_key
+            if keys is not None and sk.matches_group(token, [keys.primary_key, keys.secondary_key], reg_id):
+                return group
+        return None
+
+    async def _match_x509(self, request: DeviceRequest) -> _Match:
+        now = dt.datetime.fromtimestamp(self.ctx.clock(), dt.UTC)
+        chain = x5.parse_presented_chain(request.client_chain)
+        cn = x5.common_name(chain.leaf)
+        if cn is None or cn.lower() != request.registration_id.lower():
+            raise AuthenticationError(
+                f"The device certificate's subject CN {cn!r} is not the registration id {request.registration_id!r}.",
+                error_code=x5.CN_MISMATCH,
+            )
+        leaf_info = msgspec.convert(pki.certificate_info(chain.leaf), X509CertificateInfo)
+        leaf_sha256 = x5.sha256_thumbprint(chain.leaf)
+        record = await self.ctx.store.get(Collection.ENROLLMENTS, request.registration_id)
+        if record is not None:
+            enrollment: IndividualEnrollment = _decode(record, IndividualEnrollment)
+            self._verify_individual_x509(enrollment, chain, now)
+            return _Match(
+                enrollment,
+                None,
+                AttestationType.X509,
+                x509=X509RegistrationResult(certificate_info=leaf_info),
+                leaf_sha256=leaf_sha256,
+            )
+        group, anchor = await self._find_x509_group(chain)
+        x5.verify_chain(chain, anchor, now)
+        return _Match(
+            None,
+            group,
+            AttestationType.X509,
+            x509=X509RegistrationResult(
+                certificate_info=leaf_info,
+                enrollment_group_id=group.enrollment_group_id,
+                signing_certificate_info=msgspec.convert(pki.certificate_info(anchor), X509CertificateInfo),
+            ),
+            leaf_sha256=leaf_sha256,
+        )
+
+    @staticmethod
+    def _verify_individual_x509(
+        enrollment: IndividualEnrollment, chain: x5.PresentedChain, now: dt.datetime
+    ) -> None:
+        name = enrollment.registration_id
+        x509_att = enrollment.attestation.x509
+        if enrollment.attestation.type is not AttestationType.X509 or x509_att is None:
+            raise AuthenticationError(
+                f"The individual enrollment {name!r} uses {enrollment.attestation.type.value} attestation, not X.509.",
+                error_code=x5.CHAIN_INVALID,
+            )
+        certs = x509_att.client_certificates
+        enrolled = (
+            [c.certificate for c in (certs.primary, certs.secondary) if c and c.certificate] if certs else []
+        )
+        anchors = [pki.load_pem_chain(pem)[0] for pem in enrolled]
+        leaf_print = x5.sha1_thumbprint(chain.leaf)
+        for anchor in anchors:
+            if x5.sha1_thumbprint(anchor) == leaf_print:
+                x5.verify_self_signed(chain.leaf, now)
+                return
+        # The enrollment may name a certificate that signed the leaf (in the chain, or its issuer).
+        for anchor in anchors:
+            if anchor in chain.intermediates or chain.certificates[-1].issuer == anchor.subject:
+                x5.verify_chain(chain, anchor, now)
+                return
+        raise AuthenticationError(
+            f"The presented certificate (SHA-1 {leaf_print}) is not the certificate of the individual enrollment "
+            f"{name!r}, nor signed by it.",
+            error_code=x5.CHAIN_INVALID,
+        )
+
+    async def _find_x509_group(self, chain: x5.PresentedChain) -> tuple[EnrollmentGroup, Any]:
+        groups = await self._groups(AttestationType.X509)
+        cas: dict[str, CaCertificate] = {}
+        for group in groups:
+            refs = group.attestation.x509.ca_references if group.attestation.x509 else None
+            for name in (refs.primary, refs.secondary) if refs else ():
+                if name and name.lower() not in cas:
+                    record = await self.ctx.store.get(Collection.CA_CERTIFICATES, name)
+                    if record is not None:
+                        cas[name.lower()] = _decode(record, CaCertificate)
+        unverified: list[str] = []
+        candidates: list[tuple[EnrollmentGroup, Any]] = []
+        for group in groups:
+            x509_att = group.attestation.x509
+            if x509_att is None:
+                continue
+            pems: list[str] = []
+            signing = x509_att.signing_certificates
+            if signing is not None:
+                pems += [c.certificate for c in (signing.primary, signing.secondary) if c and c.certificate]
+            refs = x509_att.ca_references
+            for name in (refs.primary, refs.secondary) if refs else ():
+                ca = cas.get(name.lower()) if name else None
+                if ca is not None and ca.certificate:
+                    if ca.is_verified:
+                        pems.append(ca.certificate)
+                    else:
+                        unverified.append(f"{ca.name} (group {group.enrollment_group_id})")
+            candidates += [(group, pki.load_pem_chain(pem)[0]) for pem in pems]
+        # Walk up from the first intermediate; then the issuer of the topmost presented certificate.
+        for cert in chain.intermediates:
+            for group, anchor in candidates:
+                if anchor == cert:
+                    return group, anchor
+        top = chain.certificates[-1]
+        for group, anchor in candidates:
+            if top.issuer == anchor.subject and top != anchor:
+                return group, anchor
+        hint = f" (CA certificates not verified: {', '.join(unverified)})" if unverified else ""
+        raise AuthenticationError(
+            f"No individual enrollment is named {x5.common_name(chain.leaf)!r}, and no X.509 enrollment group's "
+            f"certificate is in, or signed, the presented chain of {len(chain.certificates)} certificate(s){hint}.",
+            error_code=x5.CHAIN_INVALID,
+        )
+
+    # --- assignment --------------------------------------------------------------------------
+
+    async def _assign(
+        self, request: DeviceRequest, match: _Match, previous: Record | None
+    ) -> StoredRegistration:
+        enrollment = match.enrollment
+        reg_id = request.registration_id
+        old: StoredRegistration | None = _decode(previous, StoredRegistration) if previous else None
+        now = utc_now()
+        base = StoredRegistration(
+            registration_id=previous.id if previous else reg_id,
+            created_date_time_utc=old.created_date_time_utc if old and old.created_date_time_utc else now,
+            last_updated_date_time_utc=now,
+            operation_id=str(uuid.uuid4()),
+            enrollment_group_id=match.group.enrollment_group_id if match.group else None,
+            attestation_type=match.attestation.value,
+            x509=match.x509,
+            symmetric_key=SymmetricKeyRegistrationResult(enrollment_group_id=match.group.enrollment_group_id)
+            if match.attestation is AttestationType.SYMMETRIC_KEY and match.group
+            else (
+                SymmetricKeyRegistrationResult()
+                if match.attestation is AttestationType.SYMMETRIC_KEY
+                else None
+            ),
+            payload=request.body.payload,
+        )
+        if enrollment.provisioning_status is ProvisioningStatus.DISABLED:
+            log.info(
+                "registration %s denied: the %s is disabled [%s]", reg_id, match.label, request.transport
+            )
+            return msgspec.structs.replace(
+                base,
+                status=RegistrationStatus.DISABLED,
+                assigned_hub=old.assigned_hub if old else None,
+                device_id=old.device_id if old else None,
+                error_code=DISABLED,
+                error_message=f"The {match.label} is disabled.",
+            )
+        device_id = (match.individual.device_id if match.individual else None) or reg_id
+        linked = await self.ctx.linked_hubs()
+        named = list(
+            enrollment.iot_hubs or ([enrollment.iot_hub_host_name] if enrollment.iot_hub_host_name else [])
+        )
+        policy = (
+            enrollment.allocation_policy
+            or (await self.ctx.service_settings()).allocation_policy
+            or AllocationPolicy.HASHED
+        )
+        reprovision = enrollment.reprovision_policy or ReprovisionPolicy()
+        was_assigned = old is not None and old.status is RegistrationStatus.ASSIGNED and old.assigned_hub
+        try:
+            if was_assigned and not reprovision.update_hub_assignment and old and old.assigned_hub in linked:
+                hub = linked[old.assigned_hub]
+            else:
+                hub = allocate(policy, reg_id, candidate_hubs(named, linked), named=named)
+        except AllocationError as exc:
+            log.info("registration %s failed: %s [%s]", reg_id, exc, request.transport)
+            return msgspec.structs.replace(
+                base, status=RegistrationStatus.FAILED, error_code=NO_HUB, error_message=str(exc)
+            )
+        moved = bool(
+            was_assigned and old and (old.assigned_hub != hub.host_name.lower() or old.device_id != device_id)
+        )
+        if not was_assigned:
+            substatus, twin = RegistrationSubstatus.INITIAL_ASSIGNMENT, twin_from(enrollment.initial_twin)
+        elif not moved:
+            substatus, twin = (
+                (old.substatus if old else None) or RegistrationSubstatus.INITIAL_ASSIGNMENT,
+                None,
+            )
+        elif reprovision.migrate_device_data:
+            substatus, twin = RegistrationSubstatus.DEVICE_DATA_MIGRATED, None
+        else:
+            substatus, twin = RegistrationSubstatus.DEVICE_DATA_RESET, twin_from(enrollment.initial_twin)
+        try:
+            if moved and old and old.assigned_hub and old.device_id:
+                migrated = await self.hubs.get(old.assigned_hub, old.device_id)
+                if twin is None and migrated is not None:
+                    twin = migrated.twin
+            await self.hubs.put(
+                hub,
+                device_id,
+                registration_id=reg_id,
+                authentication=self._authentication(match, reg_id),
+                capabilities=enrollment.capabilities,
+                twin=twin,
+            )
+            if moved and old and old.assigned_hub and old.device_id:
+                await self.hubs.delete(old.assigned_hub, old.device_id)
+        except HubError as exc:
+            log.warning(
+                "registration %s failed in hub %s: %s [%s]", reg_id, hub.host_name, exc, request.transport
+            )
+            return msgspec.structs.replace(
+                base, status=RegistrationStatus.FAILED, error_code=HUB_FAILED, error_message=str(exc)
+            )
+        log.info(
+            "registration %s assigned to %s as %s by the %s (%s) [%s]",
+            reg_id,
+            hub.host_name,
+            device_id,
+            match.label,
+            substatus.value,
+            request.transport,
+        )
+        return msgspec.structs.replace(
+            base,
+            status=RegistrationStatus.ASSIGNED,
+            substatus=substatus,
+            assigned_hub=hub.host_name.lower(),
+            device_id=device_id,
+        )
+
+    @staticmethod
+    def _authentication(match: _Match, reg_id: str) -> DeviceAuthentication:
+        if match.attestation is AttestationType.SYMMETRIC_KEY:
+            keys = match.enrollment.attestation.symmetric_key
+            assert keys is not None
+            if match.group is not None:
+                primary = derive_device_key(keys.primary_key or "", reg_id) if keys.primary_key else None
+                secondary = (
+                    derive_device_key(keys.secondary_key or "", reg_id) if keys.secondary_key else None
+                )
+            else:
+                primary, secondary = keys.primary_key, keys.secondary_key
+            return DeviceAuthentication(
+                type="sas", symmetric_key=SymmetricKeyAuth(primary_key=primary, secondary_key=secondary)
+            )
+        if match.group is not None:
+            # Group devices are CA-authenticated in the hub, not "self-signed" thumbprint devices.
+            return DeviceAuthentication(type="certificateAuthority")
+        return DeviceAuthentication(
+            type="selfSigned",
+            x509_thumbprint=X509Thumbprint(
+                primary_thumbprint=match.leaf_sha256, secondary_thumbprint=match.leaf_sha256
+            ),
+        )
+
+    # --- records -----------------------------------------------------------------------------
+
+    async def _write_record(self, reg_id: str, state: StoredRegistration, previous: Record | None) -> Record:
+        index = {
+            "device_id": state.device_id,
+            "status": state.status.value if state.status else None,
+            "assigned_hub": state.assigned_hub,
+            "enrollment_group_id": state.enrollment_group_id.lower() if state.enrollment_group_id else None,
+            "operation_id": state.operation_id,
+        }
+        doc = msgspec.json.encode(state)
+        if previous is None:
+            return await self.ctx.store.write(
+                Collection.REGISTRATIONS, reg_id, doc, index=index, mode=WriteMode.CREATE
+            )
+        return await self.ctx.store.write(
+            Collection.REGISTRATIONS, reg_id, doc, index=index, mode=WriteMode.UPDATE, if_match=previous.etag
+        )
+
+    @staticmethod
+    def _result(record: Record) -> DeviceRegistrationResult:
+        stored: StoredRegistration = _decode(record, StoredRegistration)
+        fields = {f: getattr(stored, f) for f in DeviceRegistrationResult.__struct_fields__}
+        fields.update(registration_id=record.id, etag=record.etag, last_updated_date_time_utc=record.updated)
+        return DeviceRegistrationResult(**fields)
+
+    def _operation(self, record: Record) -> RegistrationOperationStatus:
+        result = self._result(record)
+        stored: StoredRegistration = _decode(record, StoredRegistration)
+        assert result.status is not None and stored.operation_id is not None
+        return RegistrationOperationStatus(
+            operation_id=stored.operation_id, status=result.status, registration_state=result
+        )
