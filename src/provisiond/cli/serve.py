@@ -209,6 +209,8 @@ def serve(
     server_cert: Path | None,
     server_key: Path | None,
     builtin_hub: str,
+    rate_limit: float | None,
+    device_rate_limit: float | None,
     log_level: str,
 ) -> None:
     """Run the provisioning service on its embedded default: SQLite in DATA_DIR, a development
@@ -238,6 +240,8 @@ def serve(
         server_cert=server_cert,
         server_key=server_key,
         builtin_hub=builtin_hub,
+        rate_limit=rate_limit,
+        device_rate_limit=device_rate_limit,
     )
     if server_cert is not None and server_key is not None:
         cert_file, key_file, ca_file = server_cert, server_key, server_cert

@@ -16,10 +16,11 @@ from ..models import AllocationPolicy, LinkedHub, Right, ServiceSettings, Shared
 from ..storage import Collection, Store, WriteMode
 from . import admin, api, device_api
 from .context import SETTINGS_KEY, ServiceContext
-from .registrar import Registrar
 from .enrollments import generate_key
 from .http import error_response, tracking_id
+from .registrar import Registrar
 from .settings import Settings
+from .throttle import RateLimiter
 
 __all__ = ["OWNER_POLICY", "create_app", "initialize"]
 
@@ -92,4 +93,9 @@ def create_app(ctx: ServiceContext) -> Starlette:
     )
     app.state.ctx = ctx
     app.state.registrar = Registrar(ctx)
+    app.state.limiter = RateLimiter(
+        clock=ctx.clock,
+        global_per_second=ctx.settings.rate_limit,
+        device_per_minute=ctx.settings.device_rate_limit,
+    )
     return app

@@ -31,6 +31,10 @@ class Settings:
     max_body_bytes: int = MAX_BODY_BYTES
     #: Allowed clock skew for SAS token expiry checks, in seconds.
     clock_skew: int = 60
+    #: Device API rate limits (None: off): registrations per second on this node, and requests
+    #: per minute per registration id.
+    rate_limit: float | None = None
+    device_rate_limit: float | None = None
     #: Extra host names the server certificate and SAS ``sr`` checks accept.
     extra_host_names: tuple[str, ...] = field(default_factory=tuple)
 
