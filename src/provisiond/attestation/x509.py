@@ -24,6 +24,7 @@ from ..errors import AuthenticationError
 __all__ = [
     "PresentedChain",
     "common_name",
+    "is_ca",
     "parse_presented_chain",
     "sha1_thumbprint",
     "sha256_thumbprint",
@@ -47,6 +48,14 @@ def sha1_thumbprint(cert: x509.Certificate) -> str:
 
 def sha256_thumbprint(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_bytes(_DER)).hexdigest().upper()
+
+
+def is_ca(cert: x509.Certificate) -> bool:
+    """Whether the certificate asserts basicConstraints CA (only such can sign a device's)."""
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
 
 
 def common_name(cert: x509.Certificate) -> str | None:

@@ -192,6 +192,20 @@ async def _run(settings: Settings, cert_file: Path, key_file: Path, ca_file: Pat
     help="Host name of the IoT hub provisiond keeps itself (identities and twins in its database).",
 )
 @click.option(
+    "--rate-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    envvar="PROVISIOND_RATE_LIMIT",
+    help="Device API limit: registrations per second on this node (default: none). Over it: 429 + Retry-After.",
+)
+@click.option(
+    "--device-rate-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    envvar="PROVISIOND_DEVICE_RATE_LIMIT",
+    help="Device API limit: requests per minute per registration id (default: none).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",

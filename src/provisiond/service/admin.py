@@ -5,7 +5,9 @@
 |---|---|---|
 | GET, PATCH | /admin/settings | ID scope, default allocation policy, host names |
 | GET | /admin/linkedHubs | every linked hub (connection strings stripped) |
-| GET, PUT, DELETE | /admin/linkedHubs/{hostName} | one linked hub |
+| GET, PUT, DELETE | /admin/linkedHubs/{hostName} | one linked hub (``"builtin": true`` on create: a hub provisiond keeps itself) |
+| GET | /admin/linkedHubs/{hostName}/devices | the identities provisiond created in a built-in hub (keys stripped) |
+| GET, DELETE | /admin/linkedHubs/{hostName}/devices/{deviceId} | one identity, with its twin |
 | GET | /admin/certificates | every CA certificate |
 | GET, PUT, DELETE | /admin/certificates/{name} | one CA certificate (PUT uploads it, unverified) |
 | POST | /admin/certificates/{name}/generateVerificationCode | a fresh proof-of-possession code |
@@ -33,6 +35,7 @@ from starlette.routing import Route
 
 from .. import pki
 from ..errors import ConflictError, InvalidBodyError, InvalidIdError, PreconditionFailedError, RequestError
+from ..hub import HubDevice, SymmetricKeyAuth
 from ..models import AllocationPolicy, CaCertificate, LinkedHub, Right, SharedAccessPolicy
 from ..storage import Collection, Record, WriteMode, utc_now
 from .context import SETTINGS_KEY, ServiceContext, context_of
@@ -178,7 +181,10 @@ async def put_hub(request: Request) -> Response:
         raise InvalidBodyError(f"allocationWeight must be between 1 and 1000, not {weight}.")
     existing = await ctx.store.get(Collection.LINKED_HUBS, name)
     old = msgspec.json.decode(existing.doc, type=LinkedHub) if existing else None
-    builtin = bool(old and old.builtin)
+    # A hub is built in when it was (the one made on first start) or when the request asks for
+    # one: further built-in hubs keep their identities in provisiond's database too (handy for
+    # trying allocation across several hubs without any Azure resource).
+    builtin = bool((old and old.builtin) or (old is None and hub.builtin))
     connection_string = hub.connection_string or (old.connection_string if old else None)
     if not builtin and not connection_string:
         raise InvalidBodyError(
@@ -202,12 +208,58 @@ async def delete_hub(request: Request) -> Response:
     ctx = context_of(request)
     await ctx.authorize(request, Right.SERVICE_CONFIG)
     name = request.path_params["name"]
-    record = await ctx.get_or_404(Collection.LINKED_HUBS, name, 404204)
-    if msgspec.json.decode(record.doc, type=LinkedHub).builtin:
+    await ctx.get_or_404(Collection.LINKED_HUBS, name, 404204)
+    if name.lower() == ctx.settings.builtin_hub.lower():
         raise RequestError(
             f"{name!r} is the built-in hub; it can be excluded from allocation but not unlinked."
         )
     await _delete(ctx, request, Collection.LINKED_HUBS, name)
+    return Response(status_code=204)
+
+
+def _present_device(record: Record) -> HubDevice:
+    device = msgspec.json.decode(record.doc, type=HubDevice)
+    keys = device.authentication.symmetric_key
+    if keys is not None:  # the device's keys are secrets, like enrollment keys
+        device = msgspec.structs.replace(
+            device,
+            authentication=msgspec.structs.replace(device.authentication, symmetric_key=SymmetricKeyAuth()),
+        )
+    return device
+
+
+@handle_errors
+async def list_hub_devices(request: Request) -> Response:
+    """The identities provisiond created in a built-in hub (paged like the query APIs)."""
+    ctx = context_of(request)
+    await ctx.authorize(request, Right.SERVICE_CONFIG)
+    name = request.path_params["name"]
+    await ctx.get_or_404(Collection.LINKED_HUBS, name, 404204)
+    page = await ctx.store.query(
+        Collection.HUB_DEVICES,
+        filters={"hub": name.lower()},
+        limit=1000,
+        continuation=request.headers.get("x-ms-continuation") or None,
+    )
+    headers = {"x-ms-continuation": page.continuation} if page.continuation else None
+    return json_response([_present_device(r) for r in page.records], headers=headers)
+
+
+@handle_errors
+async def get_hub_device(request: Request) -> Response:
+    ctx = context_of(request)
+    await ctx.authorize(request, Right.SERVICE_CONFIG)
+    key = f"{request.path_params['name'].lower()}/{request.path_params['device_id']}"
+    record = await ctx.get_or_404(Collection.HUB_DEVICES, key, 404001)
+    return json_response(_present_device(record), headers={"ETag": record.etag})
+
+
+@handle_errors
+async def delete_hub_device(request: Request) -> Response:
+    ctx = context_of(request)
+    await ctx.authorize(request, Right.SERVICE_CONFIG)
+    key = f"{request.path_params['name'].lower()}/{request.path_params['device_id']}"
+    await _delete(ctx, request, Collection.HUB_DEVICES, key)
     return Response(status_code=204)
 
 
@@ -449,6 +501,9 @@ def routes() -> list[Route]:
         Route("/admin/linkedHubs/{name}", get_hub, methods=["GET"]),
         Route("/admin/linkedHubs/{name}", put_hub, methods=["PUT"]),
         Route("/admin/linkedHubs/{name}", delete_hub, methods=["DELETE"]),
+        Route("/admin/linkedHubs/{name}/devices", list_hub_devices, methods=["GET"]),
+        Route("/admin/linkedHubs/{name}/devices/{device_id}", get_hub_device, methods=["GET"]),
+        Route("/admin/linkedHubs/{name}/devices/{device_id}", delete_hub_device, methods=["DELETE"]),
         Route("/admin/certificates", list_cas, methods=["GET"]),
         Route(
             "/admin/certificates/{name}/generateVerificationCode",

@@ -341,7 +341,7 @@ class Registrar:
                 x5.verify_self_signed(chain.leaf, now)
                 return
         # The enrollment may name a certificate that signed the leaf (in the chain, or its issuer).
-        for anchor in anchors:
+        for anchor in filter(x5.is_ca, anchors):
             if anchor in chain.intermediates or chain.certificates[-1].issuer == anchor.subject:
                 x5.verify_chain(chain, anchor, now)
                 return
@@ -387,7 +387,7 @@ class Registrar:
                     return group, anchor
         top = chain.certificates[-1]
         for group, anchor in candidates:
-            if top.issuer == anchor.subject and top != anchor:
+            if top.issuer == anchor.subject and top != anchor and x5.is_ca(anchor):
                 return group, anchor
         hint = f" (CA certificates not verified: {', '.join(unverified)})" if unverified else ""
         raise AuthenticationError(
