@@ -81,13 +81,10 @@ Try it (in another terminal):
 """
 
 
-async def _run(settings: Settings, cert_file: Path, key_file: Path, ca_file: Path | None) -> None:
-    import uvicorn
-
-    from ..service.app import create_app, initialize, owner_key
-    from ..service.context import ServiceContext
+async def _prepare(settings: Settings, ca_file: Path | None) -> tuple[dict[str, Any], Path, str]:
+    """First-start initialization (ID scope, owner policy, built-in hub) and connection.json."""
+    from ..service.app import initialize, owner_key
     from ..storage import open_store
-    from ..tls import uvicorn_config
 
     store = open_store(settings.db_url)
     await store.open()
@@ -97,26 +94,45 @@ async def _run(settings: Settings, cert_file: Path, key_file: Path, ca_file: Pat
         info = connection_info(
             settings, id_scope=service_settings.id_scope, owner_key=await owner_key(store), ca_file=ca_file
         )
-        path = _write_connection_json(settings.data_dir, info)
-        app = create_app(ServiceContext(settings=settings, store=store))
-        config = uvicorn_config(
-            app,
-            host=settings.bind,
-            port=settings.https_port,
-            cert_file=cert_file,
-            key_file=key_file,
-            log_level="warning",
-            # Idle TLS keep-alive peers may never answer close_notify: do not wait on them forever.
-            timeout_graceful_shutdown=3,
-        )
-        server = uvicorn.Server(config)
-        click.echo(_banner(info, path))
-        log.info(
-            "serving HTTPS on %s:%d with the %s store", settings.bind, settings.https_port, store.backend
-        )
-        await server.serve()
+        return info, _write_connection_json(settings.data_dir, info), store.backend
     finally:
         await store.close()
+
+
+def _run(settings: Settings, cert_file: Path, key_file: Path, ca_file: Path | None) -> None:
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    from ..service.app import WORKER_SETTINGS_ENV, create_app
+    from ..tls import uvicorn_config
+
+    info, path, backend = asyncio.run(_prepare(settings, ca_file))
+    common: dict[str, Any] = {
+        "host": settings.bind,
+        "port": settings.https_port,
+        "cert_file": cert_file,
+        "key_file": key_file,
+        "log_level": "warning",
+        # Idle TLS keep-alive peers may never answer close_notify: do not wait on them forever.
+        "timeout_graceful_shutdown": 3,
+    }
+    click.echo(_banner(info, path))
+    log.info(
+        "serving HTTPS on %s:%d with the %s store, %d worker process(es)",
+        settings.bind,
+        settings.https_port,
+        backend,
+        settings.workers,
+    )
+    if settings.workers == 1:
+        uvicorn.Server(uvicorn_config(create_app(settings), **common)).run()
+        return
+    os.environ[WORKER_SETTINGS_ENV] = settings.to_json()
+    os.environ["PROVISIOND_LOG_LEVEL"] = logging.getLevelName(logging.getLogger().level).lower()
+    config = uvicorn_config(
+        "provisiond.service.app:app_from_environment", factory=True, workers=settings.workers, **common
+    )
+    Multiprocess(config, sockets=[config.bind_socket()]).run()
 
 
 @click.command()
@@ -192,6 +208,14 @@ async def _run(settings: Settings, cert_file: Path, key_file: Path, ca_file: Pat
     help="Host name of the IoT hub provisiond keeps itself (identities and twins in its database).",
 )
 @click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    envvar="PROVISIOND_WORKERS",
+    help="Worker processes sharing the HTTPS port (each with its own database connections).",
+)
+@click.option(
     "--rate-limit",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
@@ -223,6 +247,7 @@ def serve(
     server_cert: Path | None,
     server_key: Path | None,
     builtin_hub: str,
+    workers: int,
     rate_limit: float | None,
     device_rate_limit: float | None,
     log_level: str,
@@ -256,6 +281,7 @@ def serve(
         builtin_hub=builtin_hub,
         rate_limit=rate_limit,
         device_rate_limit=device_rate_limit,
+        workers=workers,
     )
     if server_cert is not None and server_key is not None:
         cert_file, key_file, ca_file = server_cert, server_key, server_cert
@@ -265,13 +291,7 @@ def serve(
         files = ensure_dev_pki(data_dir, [host])
         cert_file, key_file, ca_file = files.cert_file, files.key_file, files.ca_file
     try:
-        import uvloop
-
-        runner: Any = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is in uvicorn[standard]
-        runner = asyncio.run
-    try:
-        runner(_run(settings, cert_file, key_file, ca_file))
+        _run(settings, cert_file, key_file, ca_file)
     except KeyboardInterrupt:
         pass
     except OSError as exc:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import secrets
+import time
+from collections.abc import AsyncIterator, Callable
 
 import msgspec
 from starlette.applications import Starlette
@@ -13,7 +17,7 @@ from starlette.responses import Response
 
 from ..errors import ConflictError, MethodNotAllowedError, NotFoundError, ProvisioningError, RequestError
 from ..models import AllocationPolicy, LinkedHub, Right, ServiceSettings, SharedAccessPolicy
-from ..storage import Collection, Store, WriteMode
+from ..storage import Collection, Store, WriteMode, open_store
 from . import admin, api, device_api
 from .context import SETTINGS_KEY, ServiceContext
 from .enrollments import generate_key
@@ -22,7 +26,9 @@ from .registrar import Registrar
 from .settings import Settings
 from .throttle import RateLimiter
 
-__all__ = ["OWNER_POLICY", "create_app", "initialize"]
+__all__ = ["OWNER_POLICY", "WORKER_SETTINGS_ENV", "app_from_environment", "create_app", "initialize"]
+
+WORKER_SETTINGS_ENV = "PROVISIOND_WORKER_SETTINGS"
 
 log = logging.getLogger("provisiond.service")
 
@@ -85,17 +91,53 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return error_response(error, tracking_id(request))
 
 
-def create_app(ctx: ServiceContext) -> Starlette:
-    """The ASGI app serving the service API, the admin API and the device API."""
+def create_app(
+    settings: Settings, *, store: Store | None = None, clock: Callable[[], float] = time.time
+) -> Starlette:
+    """The ASGI app serving the service API, the admin API and the device API.
+
+    Without ``store`` the app opens the database of ``settings`` at startup and closes it at
+    shutdown (its lifespan), so every worker process has its own connections; a ``store`` given
+    here must already be open and stays the caller's.
+    """
+    owned = store is None
+    ctx = ServiceContext(settings=settings, store=store or open_store(settings.db_url), clock=clock)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if owned:
+            await ctx.store.open()
+        try:
+            yield
+        finally:
+            if owned:
+                await ctx.store.close()
+
     app = Starlette(
         routes=[*api.routes(), *admin.routes(), *device_api.routes()],
         exception_handlers={HTTPException: _http_exception},
+        lifespan=lifespan,
     )
     app.state.ctx = ctx
     app.state.registrar = Registrar(ctx)
     app.state.limiter = RateLimiter(
         clock=ctx.clock,
-        global_per_second=ctx.settings.rate_limit,
-        device_per_minute=ctx.settings.device_rate_limit,
+        global_per_second=settings.rate_limit,
+        device_per_minute=settings.device_rate_limit,
     )
     return app
+
+
+def app_from_environment() -> Starlette:
+    """The app for a worker process: settings from ``PROVISIOND_WORKER_SETTINGS`` (JSON), which
+    ``provisiond serve --workers N`` sets before it starts the workers."""
+    raw = os.environ.get(WORKER_SETTINGS_ENV)
+    if not raw:
+        raise RuntimeError(
+            f"{WORKER_SETTINGS_ENV} is not set: start workers with `provisiond serve --workers N`."
+        )
+    logging.basicConfig(
+        level=os.environ.get("PROVISIOND_LOG_LEVEL", "info").upper(),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+    )
+    return create_app(Settings.from_json(raw))

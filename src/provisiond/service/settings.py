@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 __all__ = ["DEFAULT_BUILTIN_HUB", "MAX_BODY_BYTES", "Settings"]
@@ -28,6 +29,7 @@ class Settings:
     server_cert: Path | None = None
     server_key: Path | None = None
     builtin_hub: str = DEFAULT_BUILTIN_HUB
+    workers: int = 1
     max_body_bytes: int = MAX_BODY_BYTES
     #: Allowed clock skew for SAS token expiry checks, in seconds.
     clock_skew: int = 60
@@ -37,6 +39,20 @@ class Settings:
     device_rate_limit: float | None = None
     #: Extra host names the server certificate and SAS ``sr`` checks accept.
     extra_host_names: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_json(self) -> str:
+        """For worker processes (see :func:`provisiond.service.app.app_from_environment`)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        return json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> Settings:
+        data = json.loads(text)
+        for name in ("data_dir", "server_cert", "server_key"):
+            if data.get(name) is not None:
+                data[name] = Path(data[name])
+        data["extra_host_names"] = tuple(data.get("extra_host_names") or ())
+        return cls(**data)
 
     @property
     def db_url(self) -> str:
