@@ -99,7 +99,7 @@ async def _prepare(settings: Settings, ca_file: Path | None) -> tuple[dict[str, 
         await store.close()
 
 
-def _run(settings: Settings, cert_file: Path, key_file: Path, ca_file: Path | None) -> None:
+def _run(settings: Settings, ca_file: Path | None) -> None:
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
@@ -110,8 +110,8 @@ def _run(settings: Settings, cert_file: Path, key_file: Path, ca_file: Path | No
     common: dict[str, Any] = {
         "host": settings.bind,
         "port": settings.https_port,
-        "cert_file": cert_file,
-        "key_file": key_file,
+        "cert_file": settings.server_cert,
+        "key_file": settings.server_key,
         "log_level": "warning",
         # Idle TLS keep-alive peers may never answer close_notify: do not wait on them forever.
         "timeout_graceful_shutdown": 3,
@@ -268,6 +268,13 @@ def serve(
         raise click.UsageError("--server-cert and --server-key go together.")
     data_dir = data_dir.absolute()
     data_dir.mkdir(parents=True, exist_ok=True)
+    if server_cert is not None and server_key is not None:
+        ca_file: Path = server_cert
+    else:
+        from ..pki import ensure_dev_pki
+
+        files = ensure_dev_pki(data_dir, [host])
+        server_cert, server_key, ca_file = files.cert_file, files.key_file, files.ca_file
     settings = Settings(
         data_dir=data_dir,
         host=host,
@@ -283,15 +290,8 @@ def serve(
         device_rate_limit=device_rate_limit,
         workers=workers,
     )
-    if server_cert is not None and server_key is not None:
-        cert_file, key_file, ca_file = server_cert, server_key, server_cert
-    else:
-        from ..pki import ensure_dev_pki
-
-        files = ensure_dev_pki(data_dir, [host])
-        cert_file, key_file, ca_file = files.cert_file, files.key_file, files.ca_file
     try:
-        _run(settings, cert_file, key_file, ca_file)
+        _run(settings, ca_file)
     except KeyboardInterrupt:
         pass
     except OSError as exc:

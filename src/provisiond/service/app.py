@@ -14,6 +14,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route, WebSocketRoute
 
 from ..errors import ConflictError, MethodNotAllowedError, NotFoundError, ProvisioningError, RequestError
 from ..models import AllocationPolicy, LinkedHub, Right, ServiceSettings, SharedAccessPolicy
@@ -22,8 +23,10 @@ from . import admin, api, device_api
 from .context import SETTINGS_KEY, ServiceContext
 from .enrollments import generate_key
 from .http import error_response, tracking_id
+from .listeners import running_listeners
 from .registrar import Registrar
 from .settings import Settings
+from .streams import websocket_endpoint
 from .throttle import RateLimiter
 
 __all__ = ["OWNER_POLICY", "WORKER_SETTINGS_ENV", "app_from_environment", "create_app", "initialize"]
@@ -91,6 +94,11 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return error_response(error, tracking_id(request))
 
 
+async def healthz(request: Request) -> Response:
+    """Liveness: answers without touching the database (also the benchmark's trivial request)."""
+    return Response(b'{"status":"ok"}', media_type="application/json")
+
+
 def create_app(
     settings: Settings, *, store: Store | None = None, clock: Callable[[], float] = time.time
 ) -> Starlette:
@@ -103,23 +111,33 @@ def create_app(
     owned = store is None
     ctx = ServiceContext(settings=settings, store=store or open_store(settings.db_url), clock=clock)
 
+    registrar = Registrar(ctx)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if owned:
             await ctx.store.open()
         try:
-            yield
+            async with running_listeners(ctx, registrar):
+                yield
         finally:
             if owned:
                 await ctx.store.close()
 
     app = Starlette(
-        routes=[*api.routes(), *admin.routes(), *device_api.routes()],
+        routes=[
+            Route("/healthz", healthz, methods=["GET"]),
+            *api.routes(),
+            *admin.routes(),
+            *device_api.routes(),
+            WebSocketRoute("/", websocket_endpoint),
+            WebSocketRoute("/$iothub/websocket", websocket_endpoint),
+        ],
         exception_handlers={HTTPException: _http_exception},
         lifespan=lifespan,
     )
     app.state.ctx = ctx
-    app.state.registrar = Registrar(ctx)
+    app.state.registrar = registrar
     app.state.limiter = RateLimiter(
         clock=ctx.clock,
         global_per_second=settings.rate_limit,

@@ -26,6 +26,8 @@ class Settings:
     mqtt_port: int = 8883
     amqp_port: int = 5671
     db: str | None = None
+    #: The server certificate (chain) and key every TLS listener uses (the development PKI's
+    #: unless the operator brought their own).
     server_cert: Path | None = None
     server_key: Path | None = None
     builtin_hub: str = DEFAULT_BUILTIN_HUB

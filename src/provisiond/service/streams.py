@@ -1,0 +1,188 @@
+"""Byte streams for the connection-oriented device transports (MQTT, AMQP).
+
+The MQTT and AMQP endpoints run one session loop per connection over a :class:`ByteStream`,
+whether the bytes come from a TLS socket on their own port or from a WebSocket on the shared
+HTTPS port. The TLS front (:mod:`provisiond.tls`) provides the presented client certificate
+chain either way, so X.509 attestation sees the same thing on every transport.
+
+Listeners: :func:`serve_tls` starts an asyncio TLS server for one protocol. The WebSocket side is
+one ASGI endpoint (``/`` and ``/$iothub/websocket``) that picks the protocol handler by the
+subprotocol the client asks for (``mqtt``/``MQTT``, ``AMQPWSB10``), see :data:`WEBSOCKET_HANDLERS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from ..tls import peer_chain
+
+__all__ = [
+    "WEBSOCKET_HANDLERS",
+    "ByteStream",
+    "SessionHandler",
+    "StreamClosed",
+    "TcpStream",
+    "WebSocketStream",
+    "serve_tls",
+    "websocket_endpoint",
+]
+
+log = logging.getLogger("provisiond.streams")
+
+
+class StreamClosed(Exception):
+    """The peer closed the connection (internal to the session loops)."""
+
+
+class ByteStream(Protocol):
+    """One device connection: bytes in, bytes out, and who the device said it is in TLS."""
+
+    #: The client certificate chain the device presented (DER, leaf first; empty if none).
+    client_chain: list[bytes]
+    #: Short peer description for logs ("127.0.0.1:53412" or "websocket 127.0.0.1:53412").
+    peer: str
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        """The next bytes from the peer; ``b""`` when it closed the connection."""
+        ...
+
+    async def send(self, data: bytes) -> None:
+        """Send bytes (raises :class:`StreamClosed` if the peer is gone)."""
+        ...
+
+    async def close(self) -> None:
+        """Close the connection (idempotent)."""
+        ...
+
+
+SessionHandler = Callable[[ByteStream], Awaitable[None]]
+
+
+class TcpStream:
+    """A :class:`ByteStream` over an asyncio TLS connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        ssl_object = writer.get_extra_info("ssl_object")
+        self.client_chain = peer_chain(ssl_object) if ssl_object is not None else []
+        peername = writer.get_extra_info("peername")
+        self.peer = f"{peername[0]}:{peername[1]}" if peername else "?"
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        try:
+            return await self._reader.read(max_bytes)
+        except (ConnectionError, ssl.SSLError):
+            return b""
+
+    async def send(self, data: bytes) -> None:
+        try:
+            self._writer.write(data)
+            await self._writer.drain()
+        except (ConnectionError, ssl.SSLError) as exc:
+            raise StreamClosed(str(exc)) from exc
+
+    async def close(self) -> None:
+        if self._writer.is_closing():
+            return
+        self._writer.close()
+        try:
+            await asyncio.wait_for(self._writer.wait_closed(), 2)
+        except (ConnectionError, ssl.SSLError, TimeoutError):
+            pass
+
+
+class WebSocketStream:
+    """A :class:`ByteStream` over an accepted Starlette WebSocket (binary messages)."""
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self._ws = websocket
+        tls = websocket.scope.get("extensions", {}).get("tls", {})
+        self.client_chain = list(tls.get("client_cert_chain", []))
+        client = websocket.client
+        self.peer = f"websocket {client.host}:{client.port}" if client else "websocket"
+        self._closed = False
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if self._closed:
+            return b""
+        try:
+            message = await self._ws.receive()
+        except (WebSocketDisconnect, RuntimeError):
+            return b""
+        if message["type"] == "websocket.disconnect":
+            self._closed = True
+            return b""
+        data = message.get("bytes")
+        if data is None:  # a text frame: not what MQTT or AMQP send
+            text = message.get("text") or ""
+            data = text.encode()
+        return data if data else await self.receive(max_bytes)
+
+    async def send(self, data: bytes) -> None:
+        if self._closed:
+            raise StreamClosed("websocket closed")
+        try:
+            await self._ws.send_bytes(data)
+        except (WebSocketDisconnect, RuntimeError) as exc:
+            self._closed = True
+            raise StreamClosed(str(exc)) from exc
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._ws.close()
+        except RuntimeError:
+            pass
+
+
+async def serve_tls(
+    handler: SessionHandler, *, host: str, port: int, ssl_context: ssl.SSLContext, name: str
+) -> asyncio.Server:
+    """Start a TLS listener whose connections each run ``handler`` (SO_REUSEPORT, so that every
+    worker process can listen on the same port)."""
+
+    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stream = TcpStream(reader, writer)
+        try:
+            await handler(stream)
+        except Exception:
+            log.exception("%s session with %s ended with an internal error", name, stream.peer)
+        finally:
+            await stream.close()
+
+    server = await asyncio.start_server(
+        on_connection, host, port, ssl=ssl_context, reuse_port=True, ssl_handshake_timeout=15
+    )
+    log.info("%s listening on %s:%d (TLS)", name, host, port)
+    return server
+
+
+#: WebSocket subprotocol (lower-cased) -> (handler, subprotocol spelling to echo is the client's).
+WEBSOCKET_HANDLERS: dict[str, SessionHandler] = {}
+
+
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    """``/`` and ``/$iothub/websocket``: MQTT or AMQP over WebSockets, by subprotocol."""
+    offered = [p.strip() for p in websocket.scope.get("subprotocols", [])]
+    chosen = next((p for p in offered if p.lower() in WEBSOCKET_HANDLERS), None)
+    if chosen is None:
+        log.info("websocket from %s refused: no supported subprotocol in %s", websocket.client, offered)
+        await websocket.close(code=1002)
+        return
+    await websocket.accept(subprotocol=chosen)
+    stream = WebSocketStream(websocket)
+    try:
+        await WEBSOCKET_HANDLERS[chosen.lower()](stream)
+    except Exception:
+        log.exception("websocket %s session with %s ended with an internal error", chosen, stream.peer)
+    finally:
+        await stream.close()
