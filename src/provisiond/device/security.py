@@ -174,10 +174,12 @@ class SymmetricKeySecurity(SecurityProvider):
         """The device key derived from an enrollment group's key (device-protocol.md §5.2)."""
         _check_registration_id(registration_id)
         try:
-            device_key = derive_device_key(group_key, registration_id)
+            base64.b64decode(group_key, validate=True)
         except (binascii.Error, ValueError):
             raise ConfigurationError("The group key is not base64.") from None
-        return cls(registration_id=registration_id, symmetric_key=device_key)
+        return cls(
+            registration_id=registration_id, symmetric_key=derive_device_key(group_key, registration_id)
+        )
 
     @property
     def registration_id(self) -> str:

@@ -152,6 +152,8 @@ class HttpsTransport(Transport):
     :param timeout: seconds for each network operation (connect, write, read).
     :param api_version: the ``api-version`` query parameter.
     :param sas_ttl: lifetime in seconds of the SAS tokens it signs.
+    :param http_transport: an httpx transport to send through instead of the network (tests,
+        an in-process ASGI app, a custom proxy setup); TLS settings are then its business.
     :raises ValueError: a malformed host, or both ``ssl_context`` and ``ca_file``.
     :raises ConfigurationError: the CA file or the client certificate cannot be loaded.
     """
@@ -167,6 +169,7 @@ class HttpsTransport(Transport):
         timeout: float = 30.0,
         api_version: str = DEFAULT_API_VERSION,
         sas_ttl: int = DEFAULT_SAS_TTL,
+        http_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if ssl_context is not None and ca_file is not None:
             raise ValueError("Give ssl_context or ca_file, not both.")
@@ -188,6 +191,7 @@ class HttpsTransport(Transport):
             verify=ssl_context,
             timeout=timeout,
             follow_redirects=False,
+            transport=http_transport,
             headers={
                 "Accept": "application/json",
                 "Content-Type": "application/json; charset=utf-8",
