@@ -21,7 +21,9 @@ import asyncio
 import base64
 import json
 import multiprocessing
+import re
 import ssl
+import subprocess
 import sys
 import tempfile
 import time
@@ -154,6 +156,82 @@ def _load(jobs: list[Job]) -> tuple[list[float], int, float]:
     return latencies, sum(r[1] for r in results), wall
 
 
+_LUA = """
+local requests = {}
+%s
+local counter = 0
+local offset = 0
+local threads = 0
+function setup(thread)
+  thread:set("offset", threads)
+  threads = threads + 1
+end
+function init(args)
+  counter = offset
+end
+function request()
+  counter = counter + 1
+  return requests[(counter %% #requests) + 1]
+end
+"""
+
+
+def _lua_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _wrk(
+    port: int, scope: str, devices: list[tuple[str, str]], args: argparse.Namespace, trivial: bool, root: Path
+) -> dict[str, float]:
+    """Drive the server with wrk (C, cheap on CPU): every request on a new TLS connection
+    (``Connection: close``), cycling over the devices (later rounds are re-registrations)."""
+    lines = []
+    for i, (reg, key) in enumerate(devices, start=1):
+        if trivial:
+            lines.append(f'requests[{i}] = wrk.format("GET", "/healthz", {{["Connection"] = "close"}})')
+            continue
+        token = build_sas_token(
+            f"{scope}/registrations/{reg}", key, int(time.time()) + 3600, key_name="registration"
+        )
+        body = json.dumps({"registrationId": reg})
+        path = f"/{scope}/registrations/{reg}/register?api-version={API_VERSION}"
+        lines.append(
+            f'requests[{i}] = wrk.format("PUT", {_lua_string(path)}, {{["Authorization"] = {_lua_string(token)}, '
+            f'["Content-Type"] = "application/json", ["Connection"] = "close"}}, {_lua_string(body)})'
+        )
+    script = root / ("trivial.lua" if trivial else "register.lua")
+    script.write_text(_LUA % "\n".join(lines))
+    command = [
+        "wrk",
+        "-t",
+        str(args.clients),
+        "-c",
+        str(args.concurrency),
+        "-d",
+        f"{args.duration}s",
+        "--latency",
+        "-s",
+        str(script),
+        f"https://127.0.0.1:{port}",
+    ]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+
+    def pct(p: str) -> float:
+        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out)
+        if m is None:
+            return float("nan")
+        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    failures = int(errors.group(1)) if errors else 0
+    if socket_errors:
+        failures += sum(int(x) for x in socket_errors.groups())
+    return {"rate": rate, "p50": pct("50"), "p99": pct("99"), "total": total, "failures": failures}
+
+
 def _split(items: list[Any], parts: int) -> list[list[Any]]:
     return [items[i::parts] for i in range(parts)]
 
@@ -192,10 +270,31 @@ def run_config(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any
                     }
                 )
                 if len(batch) == 300:
-                    api.request("POST", "/enrollments", json.dumps({"mode": "create", "enrollments": batch}).encode())
+                    api.request(
+                        "POST", "/enrollments", json.dumps({"mode": "create", "enrollments": batch}).encode()
+                    )
                     batch = []
             if batch:
-                api.request("POST", "/enrollments", json.dumps({"mode": "create", "enrollments": batch}).encode())
+                api.request(
+                    "POST", "/enrollments", json.dumps({"mode": "create", "enrollments": batch}).encode()
+                )
+        if args.load == "wrk":
+            if name.endswith("-resume"):
+                raise SystemExit("wrk cannot resume TLS sessions: run ec-resume with --load python")
+            ceiling = _wrk(port, scope, devices, args, True, root)
+            reg = _wrk(port, scope, devices, args, False, root)
+            return {
+                "config": name,
+                "registrations": reg["total"],
+                "failures": reg["failures"],
+                "reg_per_s": reg["rate"],
+                "p50_ms": reg["p50"],
+                "p99_ms": reg["p99"],
+                "ceiling_per_s": ceiling["rate"],
+                "ceiling_failures": ceiling["failures"],
+                "ceiling_p50_ms": ceiling["p50"],
+                "ratio": reg["rate"] / ceiling["rate"] if ceiling["rate"] else 0.0,
+            }
         resume = name.endswith("-resume")
         per = max(1, args.concurrency // args.clients)
 
@@ -236,6 +335,14 @@ def main() -> None:
     )
     parser.add_argument("--clients", type=int, default=2, help="load generator processes")
     parser.add_argument("--configs", default="ec,rsa,ec-2w,ec-resume")
+    parser.add_argument(
+        "--load",
+        choices=["python", "wrk"],
+        default="python",
+        help="load generator: asyncio clients (latency includes connect+handshake) or wrk (cheaper on CPU; "
+        "latency from request write; needs the wrk command)",
+    )
+    parser.add_argument("--duration", type=int, default=15, help="seconds per wrk run")
     args = parser.parse_args()
     print(
         f"# registration bench: {args.devices} devices, concurrency {args.concurrency}, {args.clients} client processes"
