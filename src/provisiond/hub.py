@@ -98,10 +98,12 @@ class HubRegistry:
         authentication: DeviceAuthentication,
         capabilities: DeviceCapabilities | None,
         twin: Twin | None,
+        probably_new: bool = False,
     ) -> HubDevice:
         """Create the identity, or update an existing one in place (idempotent: two concurrent
         calls for one device leave one identity). ``twin=None`` keeps the existing twin (data
         migrated or kept); a twin replaces it (initial or reset configuration).
+        ``probably_new`` skips the first read (a first registration: one round trip, not two).
 
         :raises HubError: the hub is not one provisiond can write to.
         """
@@ -111,8 +113,8 @@ class HubRegistry:
                 "hubs (their registry REST API) is not implemented yet."
             )
         key = self._key(hub.host_name, device_id)
-        for _ in range(_WRITE_ATTEMPTS):
-            existing = await self._store.get(Collection.HUB_DEVICES, key)
+        for attempt in range(_WRITE_ATTEMPTS):
+            existing = None if probably_new and attempt == 0 else await self._store.get(Collection.HUB_DEVICES, key)
             now = utc_now()
             old = msgspec.json.decode(existing.doc, type=HubDevice) if existing else None
             device = HubDevice(

@@ -69,6 +69,7 @@ async def _write(
     ctx: ServiceContext, request: Request, collection: Collection, id: str, doc: bytes, body_etag: str | None
 ) -> Record:
     if_match = request.headers.get("if-match") or body_etag
+    ctx.invalidate()
     try:
         if if_match is None:
             return await ctx.store.write(collection, id, doc, mode=WriteMode.CREATE)
@@ -84,6 +85,7 @@ async def _write(
 
 
 async def _delete(ctx: ServiceContext, request: Request, collection: Collection, id: str) -> None:
+    ctx.invalidate()
     await ctx.get_or_404(collection, id, 404000)
     try:
         await ctx.store.delete(collection, id, if_match=request.headers.get("if-match"))
@@ -136,6 +138,7 @@ async def patch_settings(request: Request) -> Response:
         changes["allocation_policy"] = patch.allocation_policy
     updated = msgspec.structs.replace(current, **changes)
     await ctx.store.set_setting(SETTINGS_KEY, msgspec.json.encode(updated).decode())
+    ctx.invalidate()
     return json_response(updated)
 
 

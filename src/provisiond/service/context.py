@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 from starlette.requests import Request
@@ -28,6 +29,22 @@ class ServiceContext:
     settings: Settings
     store: Store
     clock: Callable[[], float] = field(default=time.time)
+    # A short-lived copy of the rarely written settings and linked hubs, for the registration
+    # path only (``max_age``); never the source of truth (see ``invalidate``).
+    _cache: dict[str, tuple[float, Any]] = field(default_factory=dict, repr=False)
+
+    def invalidate(self) -> None:
+        """Forget cached settings and hubs (after an admin write on this node; other nodes and
+        workers see the change within ``max_age``)."""
+        self._cache.clear()
+
+    def _cached(self, key: str, max_age: float) -> Any:
+        if max_age <= 0:
+            return None
+        hit = self._cache.get(key)
+        if hit is not None and time.monotonic() - hit[0] < max_age:
+            return hit[1]
+        return None
 
     async def authorize(self, request: Request, right: Right) -> None:
         """Check api-version and the SAS token for ``right`` (raises the DPS error)."""
@@ -46,14 +63,28 @@ class ServiceContext:
     async def body(self, request: Request) -> bytes:
         return await read_body(request, self.settings.max_body_bytes)
 
-    async def service_settings(self) -> ServiceSettings:
+    async def service_settings(self, *, max_age: float = 0) -> ServiceSettings:
+        """The service settings; ``max_age`` > 0 accepts a copy read that many seconds ago."""
+        cached: ServiceSettings | None = self._cached(SETTINGS_KEY, max_age)
+        if cached is not None:
+            return cached
         raw = await self.store.get_setting(SETTINGS_KEY)
         if raw is None:
             raise NotFoundError("The service settings are missing: the database was not initialized.")
-        return msgspec.json.decode(raw, type=ServiceSettings)
+        settings = msgspec.json.decode(raw, type=ServiceSettings)
+        self._cache[SETTINGS_KEY] = (time.monotonic(), settings)
+        return settings
 
-    async def linked_hubs(self) -> dict[str, LinkedHub]:
-        """Every linked hub, keyed by lower-cased host name."""
+    async def linked_hubs(self, *, max_age: float = 0) -> dict[str, LinkedHub]:
+        """Every linked hub, keyed by lower-cased host name (``max_age``: as for settings)."""
+        cached: dict[str, LinkedHub] | None = self._cached("linked_hubs", max_age)
+        if cached is not None:
+            return cached
+        hubs = await self._read_linked_hubs()
+        self._cache["linked_hubs"] = (time.monotonic(), hubs)
+        return hubs
+
+    async def _read_linked_hubs(self) -> dict[str, LinkedHub]:
         hubs: dict[str, LinkedHub] = {}
         continuation: str | None = None
         while True:

@@ -82,6 +82,9 @@ NO_HUB = 400208
 HUB_FAILED = 400209
 DISABLED = 401101  # enrollment or group disabled (reported in the record, status "disabled")
 _WRITE_ATTEMPTS = 3
+#: How stale the registration path may see the settings and linked hubs (seconds): they change
+#: rarely, and reading them on every registration doubled its database round trips.
+CONFIG_MAX_AGE = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,7 +200,7 @@ class Registrar:
             raise InvalidBodyError(
                 f"registrationId {body_id[:140]!r} in the body differs from {request.registration_id!r} in the address."
             )
-        settings = await self.ctx.service_settings()
+        settings = await self.ctx.service_settings(max_age=CONFIG_MAX_AGE)
         if request.id_scope.lower() != (settings.id_scope or "").lower():
             raise AuthenticationError(
                 f"ID scope {request.id_scope[:40]!r} is not this service's; check the ID scope the device uses.",
@@ -435,13 +438,13 @@ class Registrar:
                 error_message=f"The {match.label} is disabled.",
             )
         device_id = (match.individual.device_id if match.individual else None) or reg_id
-        linked = await self.ctx.linked_hubs()
+        linked = await self.ctx.linked_hubs(max_age=CONFIG_MAX_AGE)
         named = list(
             enrollment.iot_hubs or ([enrollment.iot_hub_host_name] if enrollment.iot_hub_host_name else [])
         )
         policy = (
             enrollment.allocation_policy
-            or (await self.ctx.service_settings()).allocation_policy
+            or (await self.ctx.service_settings(max_age=CONFIG_MAX_AGE)).allocation_policy
             or AllocationPolicy.HASHED
         )
         reprovision = enrollment.reprovision_policy or ReprovisionPolicy()
@@ -482,6 +485,7 @@ class Registrar:
                 authentication=self._authentication(match, reg_id),
                 capabilities=enrollment.capabilities,
                 twin=twin,
+                probably_new=not was_assigned or moved,
             )
             if moved and old and old.assigned_hub and old.device_id:
                 await self.hubs.delete(old.assigned_hub, old.device_id)
