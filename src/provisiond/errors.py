@@ -21,12 +21,16 @@
     ├── ProtocolError                      abstract: a protocol rule was broken (h11 style)
     │   ├── LocalProtocolError             we broke it: the API was misused (a bug on our side)
     │   └── RemoteProtocolError            the peer broke it: malformed or impossible answer
+    │       └── AmqpProtocolError          an AMQP 1.0 peer broke it; carries the AMQP error condition
     ├── RegistrationError                  device side: the service answered register with an error
     │   ├── RegistrationFailedError        the registration ended failed/disabled (carries the result)
     │   └── ServiceResponseError           an HTTP-ish error status from the service (status, body)
     └── TransportError                     device side: the connection to the service failed
         ├── ConnectError                   could not connect / TLS handshake failed
         └── TimeoutError                   no answer in time (also a builtin TimeoutError subclass)
+
+Outside the tree, :class:`InsufficientData` is not an error but the sans-io codecs' signal
+"need more bytes" (mqttproto's); it never leaves a protocol machine.
 
 Each class carries ``http_status`` and ``error_code`` (HTTP status x 1000 + detail, as DPS
 answers), so that endpoint adapters read attributes instead of keeping lookup tables.
@@ -42,12 +46,14 @@ if TYPE_CHECKING:
     from .models import RegistrationStatus
 
 __all__ = [
+    "AmqpProtocolError",
     "AuthenticationError",
     "AuthorizationError",
     "BodyTooLargeError",
     "ConfigurationError",
     "ConflictError",
     "ConnectError",
+    "InsufficientData",
     "InvalidBodyError",
     "InvalidIdError",
     "InvalidQueryError",
@@ -205,6 +211,21 @@ class LocalProtocolError(ProtocolError):
 class RemoteProtocolError(ProtocolError):
     """The peer broke the protocol: an answer that is not JSON, lacks required fields, or carries
     a status that is impossible where it appears (``unassigned`` in a 2xx)."""
+
+
+class AmqpProtocolError(RemoteProtocolError):
+    """An AMQP 1.0 peer sent something malformed or out of order. ``condition`` is the AMQP
+    error condition (a symbol such as ``amqp:decode-error``) the connection, session or link is
+    closed with, so that the peer learns why."""
+
+    def __init__(self, message: str, *, condition: str = "amqp:decode-error") -> None:
+        super().__init__(message)
+        self.condition = condition
+
+
+class InsufficientData(Exception):
+    """Not an error: a sans-io decoder reached the end of its input before the end of the value
+    (need more bytes). Protocol machines catch it and wait; it never reaches a caller."""
 
 
 class RegistrationError(ProvisioningError):
