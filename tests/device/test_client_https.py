@@ -19,16 +19,20 @@ from provisiond import pki
 from provisiond.cli import cli
 from provisiond.device import (
     AsyncProvisioningDeviceClient,
+    HttpsTransport,
     ProvisioningDeviceClient,
     RegistrationResult,
+    RetryPolicy,
     SecurityProvider,
     SymmetricKeySecurity,
+    Transport,
     X509Security,
 )
 from provisiond.errors import ConnectError, RegistrationFailedError, ServiceResponseError
 from provisiond.models import RegistrationStatus
+from provisiond.protocol.registration import Reply, Request
 from provisiond.service_client import ServiceClient
-from tests._server import RunningServer
+from tests._server import RunningServer, start_server
 
 
 def uid(prefix: str) -> str:
@@ -298,3 +302,60 @@ def test_cli_errors_print_the_cause_and_exit_non_zero(server: RunningServer, adm
     assert usage.exit_code == 2 and "needs --registration-id" in usage.output
     both = device_register(server, "--registration-id", reg, "--symmetric-key", "AAAA", "--group-key", "AAAA")
     assert both.exit_code == 2 and "exactly one attestation" in both.output
+
+
+# --- throttling ----------------------------------------------------------------------------------
+
+
+class RecordingTransport(Transport):
+    """Delegates to a real transport and records the status of every answer."""
+
+    def __init__(self, inner: Transport) -> None:
+        self.inner = inner
+        self.statuses: list[int] = []
+
+    async def send(self, request: Request) -> Reply:
+        reply = await self.inner.send(request)
+        self.statuses.append(reply.status)
+        return reply
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+@pytest.fixture(scope="module")
+def throttled_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A server that takes 4 registrations a second (burst of 4), then answers 429 + Retry-After."""
+    running = start_server(tmp_path_factory.mktemp("throttled"), "--rate-limit", "4")
+    yield running
+    running.stop()
+
+
+async def test_a_burst_over_the_rate_limit_is_absorbed_by_retries(throttled_server: RunningServer) -> None:
+    server = throttled_server
+    with server.client() as admin:
+        gid = uid("burst")
+        admin.put(
+            f"/enrollmentGroups/{gid}", {"enrollmentGroupId": gid, "attestation": {"type": "symmetricKey"}}
+        )
+        group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
+
+    async def one(reg: str) -> tuple[RegistrationResult, list[int]]:
+        security = SymmetricKeySecurity.from_group_key(registration_id=reg, group_key=group_key)
+        https = HttpsTransport(
+            host=server.info["globalEndpoint"],
+            id_scope=server.id_scope,
+            security=security,
+            ca_file=server.ca_file,
+        )
+        transport = RecordingTransport(https)
+        policy = RetryPolicy(max_attempts=8, initial_backoff=0.5, total_timeout=30)
+        async with AsyncProvisioningDeviceClient(
+            security=security, transport=transport, retry=policy
+        ) as client:
+            return await client.register(), transport.statuses
+
+    outcomes = await asyncio.gather(*(one(uid("bd")) for _ in range(10)))
+    assert all(result.status is RegistrationStatus.ASSIGNED for result, _ in outcomes)
+    statuses = [status for _, seen in outcomes for status in seen]
+    assert statuses.count(202) == 10 and statuses.count(429) >= 1 and set(statuses) <= {202, 429}
