@@ -30,8 +30,8 @@ test: venv
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$status
 
 check: venv
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench samples
+	$(BIN)/ruff format --check src tests bench samples
 	$(BIN)/mypy
 
 bench: venv

@@ -66,6 +66,7 @@ def _write_connection_json(data_dir: Path, info: dict[str, Any]) -> Path:
 
 def _banner(info: dict[str, Any], path: Path) -> str:
     scope, endpoint, ca = info["idScope"], info["globalEndpoint"], info["caCertificate"]
+    d = path.parent
     return f"""
 provisiond is running.
   Device endpoint (HTTPS)  https://{endpoint}   ID scope: {scope}
@@ -74,10 +75,10 @@ provisiond is running.
   Built-in IoT hub         {info["builtinHub"]}
   Connection details       {path}
 
-Try it (in another terminal):
-  provisiond --help
-  provisiond enrollment create my-first-device --data-dir {path.parent}
-  provisiond enrollment list --data-dir {path.parent}
+Provision a first device (in another terminal):
+  provisiond enrollment create my-first-device --data-dir {d}
+  provisiond device register --data-dir {d} --registration-id my-first-device --symmetric-key <its primary key>
+  provisiond registration show my-first-device --data-dir {d}
 """
 
 
