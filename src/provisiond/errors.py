@@ -11,6 +11,7 @@
     │   ├── InvalidQueryError              400008: unsupported query text
     │   └── MethodNotAllowedError          405: the path exists, the method does not
     ├── AuthenticationError                401: no, malformed, expired or forged credential
+    │   └── TpmChallengeRequired           401 answered with a TPM challenge, not an error body
     ├── AuthorizationError                 403: a valid credential without the right
     ├── NotFoundError (LookupError)        404: a record does not exist
     ├── ConflictError                      409: the record already exists
@@ -25,9 +26,12 @@
     ├── RegistrationError                  device side: the service answered register with an error
     │   ├── RegistrationFailedError        the registration ended failed/disabled (carries the result)
     │   └── ServiceResponseError           an HTTP-ish error status from the service (status, body)
-    └── TransportError                     device side: the connection to the service failed
-        ├── ConnectError                   could not connect / TLS handshake failed
-        └── TimeoutError                   no answer in time (also a builtin TimeoutError subclass)
+    ├── TransportError                     device side: the connection to the service failed
+    │   ├── ConnectError                   could not connect / TLS handshake failed
+    │   └── TimeoutError                   no answer in time (also a builtin TimeoutError subclass)
+    └── TpmError                           a TPM structure is malformed, or a TPM command failed
+        ├── TpmFormatError (ValueError)    bytes that are not the TPM structure they claim to be (400004)
+        └── TpmCommandError                device side: the TPM (or its TCTI) failed a command; carries rc
 
 Outside the tree, :class:`InsufficientData` is not an error but the sans-io codecs' signal
 "need more bytes" (mqttproto's); it never leaves a protocol machine.
@@ -72,6 +76,10 @@ __all__ = [
     "StorageError",
     "ThrottledError",
     "TimeoutError",
+    "TpmChallengeRequired",
+    "TpmCommandError",
+    "TpmError",
+    "TpmFormatError",
     "TransportError",
 ]
 
@@ -272,3 +280,38 @@ class ConnectError(TransportError):
 
 class TimeoutError(TransportError, builtins.TimeoutError):  # shadows the builtin on purpose, like httpx
     """The service did not answer in time."""
+
+
+class TpmChallengeRequired(AuthenticationError):
+    """Not a failure of the device: a TPM register without a token gets a challenge. Endpoints
+    answer it with the challenge body (device-protocol.md §2.3: ``message``,
+    ``authenticationKey``, ``keyName``, no ``status``) instead of an error body.
+
+    ``authentication_key`` is the base64 activation blob; ``key_name`` the SAS ``skn`` to use.
+    """
+
+    def __init__(self, message: str, *, authentication_key: str, key_name: str = "registration") -> None:
+        super().__init__(message)
+        self.authentication_key = authentication_key
+        self.key_name = key_name
+
+
+class TpmError(ProvisioningError):
+    """A TPM structure is malformed, or a TPM command failed."""
+
+
+class TpmFormatError(TpmError, ValueError):
+    """Bytes that are not the TPM structure they claim to be (an EK that is not a TPM2B_PUBLIC
+    RSA-2048 endorsement key, a truncated activation blob); the message says what is wrong."""
+
+    http_status = 400
+    error_code = 400004
+
+
+class TpmCommandError(TpmError):
+    """Device side: the TPM, or the TCTI that reaches it, failed a command. ``rc`` is the TSS2
+    response code when there is one (e.g. TPM_RC_INTEGRITY for a blob made for another TPM)."""
+
+    def __init__(self, message: str, *, rc: int | None = None) -> None:
+        super().__init__(message)
+        self.rc = rc
