@@ -103,6 +103,9 @@ class Collection(enum.Enum):
     # The built-in hub's device identities (with their twins), keyed "{hubHostName}/{deviceId}".
     # IoT Hub device ids are case-sensitive.
     HUB_DEVICES = _CollectionSpec("hub_devices", "hub device identity", False, ("hub",))
+    # Pending TPM challenges (attestation/tpm.py), one per registration id: single use through
+    # conditional writes, expiry in the document. Shared by every node, like all state.
+    TPM_CHALLENGES = _CollectionSpec("tpm_challenges", "TPM challenge", True, ())
 
     @property
     def table(self) -> str:
