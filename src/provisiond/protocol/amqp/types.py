@@ -1,0 +1,812 @@
+"""The AMQP 1.0 type system codec (OASIS AMQP 1.0 Part 1, "Types", §1.2-§1.6), sans-io.
+
+Every value on the wire is a *constructor* (one format-code byte, or ``0x00`` followed by a
+descriptor value and a primitive constructor for a described type) followed by its data. The
+format codes fall into width classes (§1.2.2): fixed widths of 0, 1, 2, 4, 8 and 16 bytes,
+variable widths with a 1- or 4-byte size (binary, string, symbol), and compound/array
+widths whose size is followed by an element count.
+
+Python representation
+---------------------
+Decoding keeps the AMQP type, so that re-encoding a decoded value yields the same AMQP type
+(the narrowest encoding of it, which may differ from the peer's chosen width):
+
+========================  ===============================================================
+AMQP type                 Python
+========================  ===============================================================
+null, boolean             ``None``, ``bool``
+ubyte/ushort/uint/ulong   :class:`UByte`, :class:`UShort`, :class:`UInt`, :class:`ULong`
+byte/short/int/long       :class:`Byte`, :class:`Short`, :class:`Int`, :class:`Long`
+                          (a plain ``int`` encodes as long)
+float, double             :class:`Float`, ``float``
+decimal32/64/128          :class:`Decimal32`, :class:`Decimal64`, :class:`Decimal128` (raw bytes)
+char, timestamp, uuid     :class:`Char`, :class:`Timestamp` (ms since the epoch), ``uuid.UUID``
+binary, string, symbol    ``bytes``, ``str``, :class:`Symbol`
+list, map                 ``list`` (a ``tuple`` encodes as a list too), ``dict``
+array                     :class:`Array` (one element constructor for all elements)
+described                 :class:`Described` (descriptor, value)
+========================  ===============================================================
+
+Codec shape (mqttproto's): ``encode_value(value, buffer)`` appends to a ``bytearray``;
+``decode_value(data) -> (rest, value)`` raises :class:`~provisiond.errors.InsufficientData`
+when ``data`` ends before the value does, and :class:`~provisiond.errors.AmqpProtocolError`
+(``amqp:decode-error``) when the bytes can never be a value: an unknown format code, a size
+that contradicts its contents, invalid UTF-8 in a string, a non-ASCII symbol, a map with an
+odd element count or duplicate keys, nesting deeper than :data:`MAX_DEPTH`, or an element count
+larger than its bytes could hold (so that a hostile count cannot make the decoder allocate).
+Encoding a value that has no AMQP encoding (a ``set``, a ``UInt(-1)``) is our bug and raises
+:class:`~provisiond.errors.LocalProtocolError`.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ...errors import AmqpProtocolError, InsufficientData, LocalProtocolError
+
+__all__ = [
+    "MAX_DEPTH",
+    "Array",
+    "Byte",
+    "Char",
+    "Decimal32",
+    "Decimal64",
+    "Decimal128",
+    "Described",
+    "Float",
+    "Int",
+    "Long",
+    "Short",
+    "Symbol",
+    "Timestamp",
+    "TypeCode",
+    "UByte",
+    "UInt",
+    "ULong",
+    "UShort",
+    "decode_value",
+    "encode_value",
+    "symbol_array",
+]
+
+#: Deepest nesting of compound and described values the decoder accepts (DPS needs 4).
+MAX_DEPTH = 32
+#: Most elements an array of zero-width elements (nulls, uint0, ...) may claim.
+MAX_EMPTY_ELEMENTS = 1024
+
+
+class TypeCode(enum.IntEnum):
+    """The primitive format codes (Part 1 §1.6)."""
+
+    DESCRIBED = 0x00
+    NULL = 0x40
+    TRUE = 0x41
+    FALSE = 0x42
+    UINT0 = 0x43
+    ULONG0 = 0x44
+    LIST0 = 0x45
+    UBYTE = 0x50
+    BYTE = 0x51
+    SMALLUINT = 0x52
+    SMALLULONG = 0x53
+    SMALLINT = 0x54
+    SMALLLONG = 0x55
+    BOOLEAN = 0x56
+    USHORT = 0x60
+    SHORT = 0x61
+    UINT = 0x70
+    INT = 0x71
+    FLOAT = 0x72
+    CHAR = 0x73
+    DECIMAL32 = 0x74
+    ULONG = 0x80
+    LONG = 0x81
+    DOUBLE = 0x82
+    TIMESTAMP = 0x83
+    DECIMAL64 = 0x84
+    DECIMAL128 = 0x94
+    UUID = 0x98
+    VBIN8 = 0xA0
+    STR8 = 0xA1
+    SYM8 = 0xA3
+    VBIN32 = 0xB0
+    STR32 = 0xB1
+    SYM32 = 0xB3
+    LIST8 = 0xC0
+    MAP8 = 0xC1
+    LIST32 = 0xD0
+    MAP32 = 0xD1
+    ARRAY8 = 0xE0
+    ARRAY32 = 0xF0
+
+
+# --- typed values ------------------------------------------------------------------------------
+
+
+class _RangedInt(int):
+    _min: ClassVar[int]
+    _max: ClassVar[int]
+
+    def __new__(cls, value: int = 0) -> Any:
+        if not cls._min <= int(value) <= cls._max:
+            raise LocalProtocolError(f"{value!r} is out of range for an AMQP {cls.__name__.lower()}")
+        return super().__new__(cls, value)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({int(self)})"
+
+
+class UByte(_RangedInt):
+    _min, _max = 0, 0xFF
+
+
+class UShort(_RangedInt):
+    _min, _max = 0, 0xFFFF
+
+
+class UInt(_RangedInt):
+    _min, _max = 0, 0xFFFF_FFFF
+
+
+class ULong(_RangedInt):
+    _min, _max = 0, 0xFFFF_FFFF_FFFF_FFFF
+
+
+class Byte(_RangedInt):
+    _min, _max = -0x80, 0x7F
+
+
+class Short(_RangedInt):
+    _min, _max = -0x8000, 0x7FFF
+
+
+class Int(_RangedInt):
+    _min, _max = -0x8000_0000, 0x7FFF_FFFF
+
+
+class Long(_RangedInt):
+    _min, _max = -0x8000_0000_0000_0000, 0x7FFF_FFFF_FFFF_FFFF
+
+
+class Timestamp(Long):
+    """Milliseconds since the Unix epoch (signed 64-bit)."""
+
+
+class Float(float):
+    """An IEEE 754 single-precision float (a plain ``float`` is a double)."""
+
+    def __repr__(self) -> str:
+        return f"Float({float(self)!r})"
+
+
+class Symbol(str):
+    """A symbolic value from a constrained domain: ASCII only (Part 1 §1.6.21)."""
+
+    def __new__(cls, value: str = "") -> Symbol:
+        if not value.isascii():
+            raise LocalProtocolError(f"An AMQP symbol is ASCII only, not {value[:40]!r}")
+        return super().__new__(cls, value)
+
+    def __repr__(self) -> str:
+        return f"Symbol({str(self)!r})"
+
+
+class Char(str):
+    """A single Unicode code point (UTF-32BE on the wire)."""
+
+    def __new__(cls, value: str) -> Char:
+        if len(value) != 1:
+            raise LocalProtocolError(f"An AMQP char is one code point, not {value[:40]!r}")
+        return super().__new__(cls, value)
+
+
+class _Decimal(bytes):
+    _width: ClassVar[int]
+
+    def __new__(cls, value: bytes) -> Any:
+        if len(value) != cls._width:
+            raise LocalProtocolError(f"An AMQP {cls.__name__.lower()} is {cls._width} bytes")
+        return super().__new__(cls, value)
+
+
+class Decimal32(_Decimal):
+    """IEEE 754 decimal32, kept as its raw bytes."""
+
+    _width = 4
+
+
+class Decimal64(_Decimal):
+    """IEEE 754 decimal64, kept as its raw bytes."""
+
+    _width = 8
+
+
+class Decimal128(_Decimal):
+    """IEEE 754 decimal128, kept as its raw bytes."""
+
+    _width = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Described:
+    """A described value (Part 1 §1.5): the descriptor (a ulong code or a symbol) says how to
+    interpret the value."""
+
+    descriptor: ULong | Symbol
+    value: Any
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.descriptor, ULong | Symbol):
+            raise LocalProtocolError(f"A descriptor is a ulong or a symbol, not {self.descriptor!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Array:
+    """An AMQP array: elements of one type, sharing one constructor (Part 1 §1.2.4).
+
+    ``element`` is the element type as its widest format code (``SYM32``, ``UINT``, ``LIST32``,
+    ``BOOLEAN``...); the encoder picks the narrowest width that fits every element. A described
+    element type has a ``descriptor``.
+    """
+
+    element: TypeCode
+    items: tuple[Any, ...] = ()
+    descriptor: ULong | Symbol | None = None
+
+    def __post_init__(self) -> None:
+        if self.element not in _CANONICAL.values():
+            raise LocalProtocolError(f"{self.element!r} is not an array element type")
+
+
+def symbol_array(names: Iterable[str]) -> Array:
+    """An array of symbols (how ``multiple`` symbol fields are usually sent)."""
+    return Array(TypeCode.SYM32, tuple(Symbol(n) for n in names))
+
+
+# Each format code's canonical (widest) code, which identifies the AMQP type.
+_CANONICAL: dict[TypeCode, TypeCode] = {
+    TypeCode.NULL: TypeCode.NULL,
+    TypeCode.TRUE: TypeCode.BOOLEAN,
+    TypeCode.FALSE: TypeCode.BOOLEAN,
+    TypeCode.BOOLEAN: TypeCode.BOOLEAN,
+    TypeCode.UBYTE: TypeCode.UBYTE,
+    TypeCode.USHORT: TypeCode.USHORT,
+    TypeCode.UINT0: TypeCode.UINT,
+    TypeCode.SMALLUINT: TypeCode.UINT,
+    TypeCode.UINT: TypeCode.UINT,
+    TypeCode.ULONG0: TypeCode.ULONG,
+    TypeCode.SMALLULONG: TypeCode.ULONG,
+    TypeCode.ULONG: TypeCode.ULONG,
+    TypeCode.BYTE: TypeCode.BYTE,
+    TypeCode.SHORT: TypeCode.SHORT,
+    TypeCode.SMALLINT: TypeCode.INT,
+    TypeCode.INT: TypeCode.INT,
+    TypeCode.SMALLLONG: TypeCode.LONG,
+    TypeCode.LONG: TypeCode.LONG,
+    TypeCode.FLOAT: TypeCode.FLOAT,
+    TypeCode.DOUBLE: TypeCode.DOUBLE,
+    TypeCode.DECIMAL32: TypeCode.DECIMAL32,
+    TypeCode.DECIMAL64: TypeCode.DECIMAL64,
+    TypeCode.DECIMAL128: TypeCode.DECIMAL128,
+    TypeCode.CHAR: TypeCode.CHAR,
+    TypeCode.TIMESTAMP: TypeCode.TIMESTAMP,
+    TypeCode.UUID: TypeCode.UUID,
+    TypeCode.VBIN8: TypeCode.VBIN32,
+    TypeCode.VBIN32: TypeCode.VBIN32,
+    TypeCode.STR8: TypeCode.STR32,
+    TypeCode.STR32: TypeCode.STR32,
+    TypeCode.SYM8: TypeCode.SYM32,
+    TypeCode.SYM32: TypeCode.SYM32,
+    TypeCode.LIST0: TypeCode.LIST32,
+    TypeCode.LIST8: TypeCode.LIST32,
+    TypeCode.LIST32: TypeCode.LIST32,
+    TypeCode.MAP8: TypeCode.MAP32,
+    TypeCode.MAP32: TypeCode.MAP32,
+    TypeCode.ARRAY8: TypeCode.ARRAY32,
+    TypeCode.ARRAY32: TypeCode.ARRAY32,
+}
+
+
+def _decode_error(message: str) -> AmqpProtocolError:
+    return AmqpProtocolError(message, condition="amqp:decode-error")
+
+
+# --- decoding ----------------------------------------------------------------------------------
+
+_Body = Callable[[memoryview, int], tuple[memoryview, Any]]
+
+
+def _take(data: memoryview, size: int) -> tuple[memoryview, memoryview]:
+    if len(data) < size:
+        raise InsufficientData
+    return data[size:], data[:size]
+
+
+def _fixed(fmt: str, wrap: Callable[[Any], Any]) -> _Body:
+    packer = struct.Struct(fmt)
+
+    def decode(data: memoryview, depth: int) -> tuple[memoryview, Any]:
+        rest, raw = _take(data, packer.size)
+        return rest, wrap(packer.unpack(raw)[0])
+
+    return decode
+
+
+def _constant(value: Any) -> _Body:
+    def decode(data: memoryview, depth: int) -> tuple[memoryview, Any]:
+        return data, value
+
+    return decode
+
+
+def _sized(width: int) -> Callable[[memoryview], tuple[memoryview, memoryview]]:
+    """Split off a size-prefixed body (the size field is 1 or 4 bytes, big-endian)."""
+
+    def split(data: memoryview) -> tuple[memoryview, memoryview]:
+        rest, raw = _take(data, width)
+        return _take(rest, int.from_bytes(raw, "big"))
+
+    return split
+
+
+def _variable(width: int, wrap: Callable[[memoryview], Any]) -> _Body:
+    split = _sized(width)
+
+    def decode(data: memoryview, depth: int) -> tuple[memoryview, Any]:
+        rest, body = split(data)
+        return rest, wrap(body)
+
+    return decode
+
+
+def _utf8(body: memoryview) -> str:
+    try:
+        return bytes(body).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _decode_error(f"A string is not valid UTF-8: {exc}") from None
+
+
+def _ascii(body: memoryview) -> Symbol:
+    try:
+        return Symbol(bytes(body).decode("ascii"))
+    except UnicodeDecodeError:
+        raise _decode_error("A symbol is not ASCII.") from None
+
+
+def _char(value: int) -> Char:
+    if value > 0x10FFFF or 0xD800 <= value <= 0xDFFF:
+        raise _decode_error(f"{value:#x} is not a Unicode code point.")
+    return Char(chr(value))
+
+
+def _elements(body: memoryview, count: int, depth: int, what: str) -> list[Any]:
+    """``count`` values that must fill ``body`` exactly."""
+    if count > len(body):  # every element has at least a one-byte constructor
+        raise _decode_error(f"A {what} claims {count} elements in {len(body)} bytes.")
+    items = []
+    try:
+        for _ in range(count):
+            body, item = _decode(body, depth + 1)
+            items.append(item)
+    except InsufficientData:
+        raise _decode_error(f"The elements of a {what} overrun its size.") from None
+    if body:
+        raise _decode_error(f"A {what} has {len(body)} bytes after its {count} elements.")
+    return items
+
+
+def _compound(width: int, make: Callable[[list[Any]], Any], what: str) -> _Body:
+    split = _sized(width)
+
+    def decode(data: memoryview, depth: int) -> tuple[memoryview, Any]:
+        rest, body = split(data)
+        if len(body) < width:
+            raise _decode_error(f"A {what} of size {len(body)} has no room for its count.")
+        count = int.from_bytes(body[:width], "big")
+        return rest, make(_elements(body[width:], count, depth, what))
+
+    return decode
+
+
+def _map(items: list[Any]) -> dict[Any, Any]:
+    if len(items) % 2:
+        raise _decode_error(f"A map has an odd number of elements ({len(items)}).")
+    result: dict[Any, Any] = {}
+    for key, value in zip(items[::2], items[1::2], strict=True):
+        try:
+            if key in result:
+                raise _decode_error(f"A map has the key {key!r} twice.")
+        except TypeError:
+            raise _decode_error(f"A map key of type {type(key).__name__} is not supported.") from None
+        result[key] = value
+    return result
+
+
+def _array(width: int) -> _Body:
+    split = _sized(width)
+
+    def decode(data: memoryview, depth: int) -> tuple[memoryview, Any]:
+        rest, body = split(data)
+        try:
+            return rest, _array_body(body, width, depth)
+        except InsufficientData:
+            raise _decode_error("An array's elements overrun its size.") from None
+
+    return decode
+
+
+def _array_body(body: memoryview, width: int, depth: int) -> Array:
+    if depth >= MAX_DEPTH:
+        raise _decode_error(f"Values are nested deeper than {MAX_DEPTH} levels.")
+    body, raw = _take(body, width)
+    count = int.from_bytes(raw, "big")
+    body, code = _take(body, 1)
+    descriptor = None
+    if code[0] == TypeCode.DESCRIBED:
+        body, descriptor = _decode(body, depth + 1)
+        _check_descriptor(descriptor)
+        body, code = _take(body, 1)
+    element = _known_code(code[0])
+    if element is TypeCode.DESCRIBED:
+        raise _decode_error("An array element constructor is described twice.")
+    limit = MAX_EMPTY_ELEMENTS if element in _ZERO_WIDTH else len(body)
+    if count > limit:
+        raise _decode_error(f"An array claims {count} elements in {len(body)} bytes.")
+    decoder = _DECODERS[element]
+    items = []
+    for _ in range(count):
+        body, item = decoder(body, depth + 1)
+        items.append(item)
+    if body:
+        raise _decode_error(f"An array has {len(body)} bytes after its {count} elements.")
+    return Array(_CANONICAL[element], tuple(items), descriptor)
+
+
+def _known_code(code: int) -> TypeCode:
+    try:
+        return TypeCode(code)
+    except ValueError:
+        raise _decode_error(f"{code:#04x} is not an AMQP format code.") from None
+
+
+def _check_descriptor(descriptor: Any) -> None:
+    if not isinstance(descriptor, ULong | Symbol):
+        raise _decode_error(f"A descriptor must be a ulong or a symbol, not {type(descriptor).__name__}.")
+
+
+_ZERO_WIDTH: dict[TypeCode, Any] = {
+    TypeCode.NULL: None,
+    TypeCode.TRUE: True,
+    TypeCode.FALSE: False,
+    TypeCode.UINT0: UInt(0),
+    TypeCode.ULONG0: ULong(0),
+    TypeCode.LIST0: [],
+}
+
+
+def _boolean(value: int) -> bool:
+    if value > 1:
+        raise _decode_error(f"{value:#04x} is not a boolean (0x00 or 0x01).")
+    return value == 1
+
+
+_DECODERS: dict[TypeCode, _Body] = {
+    **{code: _constant(value) for code, value in _ZERO_WIDTH.items()},
+    TypeCode.BOOLEAN: _fixed(">B", _boolean),
+    TypeCode.UBYTE: _fixed(">B", UByte),
+    TypeCode.USHORT: _fixed(">H", UShort),
+    TypeCode.UINT: _fixed(">I", UInt),
+    TypeCode.SMALLUINT: _fixed(">B", UInt),
+    TypeCode.ULONG: _fixed(">Q", ULong),
+    TypeCode.SMALLULONG: _fixed(">B", ULong),
+    TypeCode.BYTE: _fixed(">b", Byte),
+    TypeCode.SHORT: _fixed(">h", Short),
+    TypeCode.INT: _fixed(">i", Int),
+    TypeCode.SMALLINT: _fixed(">b", Int),
+    TypeCode.LONG: _fixed(">q", Long),
+    TypeCode.SMALLLONG: _fixed(">b", Long),
+    TypeCode.FLOAT: _fixed(">f", Float),
+    TypeCode.DOUBLE: _fixed(">d", float),
+    TypeCode.CHAR: _fixed(">I", _char),
+    TypeCode.TIMESTAMP: _fixed(">q", Timestamp),
+    TypeCode.DECIMAL32: _fixed(">4s", Decimal32),
+    TypeCode.DECIMAL64: _fixed(">8s", Decimal64),
+    TypeCode.DECIMAL128: _fixed(">16s", Decimal128),
+    TypeCode.UUID: _fixed(">16s", lambda raw: uuid.UUID(bytes=raw)),
+    TypeCode.VBIN8: _variable(1, bytes),
+    TypeCode.VBIN32: _variable(4, bytes),
+    TypeCode.STR8: _variable(1, _utf8),
+    TypeCode.STR32: _variable(4, _utf8),
+    TypeCode.SYM8: _variable(1, _ascii),
+    TypeCode.SYM32: _variable(4, _ascii),
+    TypeCode.LIST8: _compound(1, list, "list8"),
+    TypeCode.LIST32: _compound(4, list, "list32"),
+    TypeCode.MAP8: _compound(1, _map, "map8"),
+    TypeCode.MAP32: _compound(4, _map, "map32"),
+    TypeCode.ARRAY8: _array(1),
+    TypeCode.ARRAY32: _array(4),
+}
+
+
+def _decode(data: memoryview, depth: int) -> tuple[memoryview, Any]:
+    if depth > MAX_DEPTH:
+        raise _decode_error(f"Values are nested deeper than {MAX_DEPTH} levels.")
+    if not data:
+        raise InsufficientData
+    code = _known_code(data[0])
+    if code is TypeCode.DESCRIBED:
+        rest, descriptor = _decode(data[1:], depth + 1)
+        _check_descriptor(descriptor)
+        rest, value = _decode(rest, depth + 1)
+        return rest, Described(descriptor, value)
+    return _DECODERS[code](data[1:], depth)
+
+
+def decode_value(data: memoryview | bytes) -> tuple[memoryview, Any]:
+    """Decode one value from the start of ``data``; return the bytes after it and the value.
+
+    :raises InsufficientData: ``data`` ends before the value does.
+    :raises AmqpProtocolError: the bytes are not an AMQP value (``amqp:decode-error``).
+    """
+    return _decode(memoryview(data), 0)
+
+
+# --- encoding ----------------------------------------------------------------------------------
+
+
+def _pack(buffer: bytearray, code: TypeCode, fmt: str, value: Any) -> None:
+    buffer.append(code)
+    try:
+        buffer += struct.pack(fmt, value)
+    except (struct.error, OverflowError) as exc:
+        raise LocalProtocolError(f"{value!r} cannot be encoded as {code.name}: {exc}") from None
+
+
+def _encode_unsigned(buffer: bytearray, value: int, zero: TypeCode, small: TypeCode, wide: TypeCode) -> None:
+    if value == 0:
+        buffer.append(zero)
+    elif value < 256:
+        buffer += bytes((small, value))
+    else:
+        _pack(buffer, wide, ">I" if wide is TypeCode.UINT else ">Q", value)
+
+
+def _encode_signed(buffer: bytearray, value: int, small: TypeCode, wide: TypeCode) -> None:
+    if -128 <= value <= 127:
+        _pack(buffer, small, ">b", value)
+    else:
+        _pack(buffer, wide, ">i" if wide is TypeCode.INT else ">q", value)
+
+
+def _encode_variable(buffer: bytearray, raw: bytes, small: TypeCode, wide: TypeCode) -> None:
+    if len(raw) < 256:
+        buffer += bytes((small, len(raw)))
+    else:
+        _pack(buffer, wide, ">I", len(raw))
+    buffer += raw
+
+
+def _encode_compound(
+    buffer: bytearray, items: Iterable[Any], count: int, small: TypeCode, wide: TypeCode
+) -> None:
+    body = bytearray()
+    for item in items:
+        encode_value(item, body)
+    if len(body) < 255 and count < 256:
+        buffer += bytes((small, len(body) + 1, count))
+    else:
+        buffer.append(wide)
+        buffer += struct.pack(">II", len(body) + 4, count)
+    buffer += body
+
+
+def encode_value(value: Any, buffer: bytearray) -> None:
+    """Append the narrowest encoding of ``value`` (see the module docstring for the types).
+
+    :raises LocalProtocolError: ``value`` has no AMQP encoding.
+    """
+    if value is None:
+        buffer.append(TypeCode.NULL)
+    elif value is True or value is False:
+        buffer.append(TypeCode.TRUE if value else TypeCode.FALSE)
+    elif isinstance(value, int):
+        _encode_int(value, buffer)
+    elif isinstance(value, float):
+        if isinstance(value, Float):
+            _pack(buffer, TypeCode.FLOAT, ">f", value)
+        else:
+            _pack(buffer, TypeCode.DOUBLE, ">d", value)
+    elif isinstance(value, str):
+        if isinstance(value, Symbol):
+            _encode_variable(buffer, value.encode("ascii"), TypeCode.SYM8, TypeCode.SYM32)
+        elif isinstance(value, Char):
+            _pack(buffer, TypeCode.CHAR, ">I", ord(value))
+        else:
+            _encode_variable(buffer, _to_utf8(value), TypeCode.STR8, TypeCode.STR32)
+    elif isinstance(value, bytes | bytearray | memoryview):
+        if isinstance(value, _Decimal):
+            code = {4: TypeCode.DECIMAL32, 8: TypeCode.DECIMAL64, 16: TypeCode.DECIMAL128}[len(value)]
+            buffer.append(code)
+            buffer += value
+        else:
+            _encode_variable(buffer, bytes(value), TypeCode.VBIN8, TypeCode.VBIN32)
+    elif isinstance(value, uuid.UUID):
+        buffer.append(TypeCode.UUID)
+        buffer += value.bytes
+    elif isinstance(value, Described):
+        buffer.append(TypeCode.DESCRIBED)
+        encode_value(value.descriptor, buffer)
+        encode_value(value.value, buffer)
+    elif isinstance(value, list | tuple):
+        if not value:
+            buffer.append(TypeCode.LIST0)
+        else:
+            _encode_compound(buffer, value, len(value), TypeCode.LIST8, TypeCode.LIST32)
+    elif isinstance(value, dict):
+        flat = [x for pair in value.items() for x in pair]
+        _encode_compound(buffer, flat, len(flat), TypeCode.MAP8, TypeCode.MAP32)
+    elif isinstance(value, Array):
+        _encode_array(value, buffer)
+    else:
+        raise LocalProtocolError(f"A {type(value).__name__} has no AMQP encoding.")
+
+
+def _to_utf8(value: str) -> bytes:
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise LocalProtocolError(f"The string cannot be encoded as UTF-8: {exc}") from None
+
+
+_INT_ENCODERS: dict[type, Callable[[bytearray, int], None]] = {
+    UByte: lambda b, v: _pack(b, TypeCode.UBYTE, ">B", v),
+    UShort: lambda b, v: _pack(b, TypeCode.USHORT, ">H", v),
+    UInt: lambda b, v: _encode_unsigned(b, v, TypeCode.UINT0, TypeCode.SMALLUINT, TypeCode.UINT),
+    ULong: lambda b, v: _encode_unsigned(b, v, TypeCode.ULONG0, TypeCode.SMALLULONG, TypeCode.ULONG),
+    Byte: lambda b, v: _pack(b, TypeCode.BYTE, ">b", v),
+    Short: lambda b, v: _pack(b, TypeCode.SHORT, ">h", v),
+    Int: lambda b, v: _encode_signed(b, v, TypeCode.SMALLINT, TypeCode.INT),
+    Long: lambda b, v: _encode_signed(b, v, TypeCode.SMALLLONG, TypeCode.LONG),
+    Timestamp: lambda b, v: _pack(b, TypeCode.TIMESTAMP, ">q", v),
+    int: lambda b, v: _encode_signed(b, v, TypeCode.SMALLLONG, TypeCode.LONG),
+}
+
+
+def _encode_int(value: int, buffer: bytearray) -> None:
+    encoder = _INT_ENCODERS.get(type(value))
+    if encoder is None:
+        raise LocalProtocolError(f"A {type(value).__name__} has no AMQP encoding.")
+    encoder(buffer, value)
+
+
+# Array element encodings: the fixed-width constructor of each element type, or for variable
+# and compound types the (narrow, wide) pair; the narrow one is used when every element fits.
+_ARRAY_FIXED: dict[TypeCode, tuple[TypeCode, str | None]] = {
+    TypeCode.NULL: (TypeCode.NULL, None),
+    TypeCode.BOOLEAN: (TypeCode.BOOLEAN, ">?"),
+    TypeCode.UBYTE: (TypeCode.UBYTE, ">B"),
+    TypeCode.USHORT: (TypeCode.USHORT, ">H"),
+    TypeCode.UINT: (TypeCode.UINT, ">I"),
+    TypeCode.ULONG: (TypeCode.ULONG, ">Q"),
+    TypeCode.BYTE: (TypeCode.BYTE, ">b"),
+    TypeCode.SHORT: (TypeCode.SHORT, ">h"),
+    TypeCode.INT: (TypeCode.INT, ">i"),
+    TypeCode.LONG: (TypeCode.LONG, ">q"),
+    TypeCode.FLOAT: (TypeCode.FLOAT, ">f"),
+    TypeCode.DOUBLE: (TypeCode.DOUBLE, ">d"),
+    TypeCode.TIMESTAMP: (TypeCode.TIMESTAMP, ">q"),
+    TypeCode.CHAR: (TypeCode.CHAR, None),
+    TypeCode.DECIMAL32: (TypeCode.DECIMAL32, None),
+    TypeCode.DECIMAL64: (TypeCode.DECIMAL64, None),
+    TypeCode.DECIMAL128: (TypeCode.DECIMAL128, None),
+    TypeCode.UUID: (TypeCode.UUID, None),
+}
+_ARRAY_VARIABLE: dict[TypeCode, tuple[TypeCode, TypeCode]] = {
+    TypeCode.VBIN32: (TypeCode.VBIN8, TypeCode.VBIN32),
+    TypeCode.STR32: (TypeCode.STR8, TypeCode.STR32),
+    TypeCode.SYM32: (TypeCode.SYM8, TypeCode.SYM32),
+    TypeCode.LIST32: (TypeCode.LIST8, TypeCode.LIST32),
+    TypeCode.MAP32: (TypeCode.MAP8, TypeCode.MAP32),
+    TypeCode.ARRAY32: (TypeCode.ARRAY8, TypeCode.ARRAY32),
+}
+
+
+def _element_bodies(array: Array) -> tuple[TypeCode, list[bytes]]:
+    """The element constructor and each element's encoding without a constructor."""
+    element = array.element
+    if element in _ARRAY_FIXED:
+        code, fmt = _ARRAY_FIXED[element]
+        bodies = []
+        for item in array.items:
+            encoded = bytearray()
+            encode_value(item, encoded)
+            if fmt is None:  # the full encoding already uses this constructor
+                if code is TypeCode.NULL and item is not None or encoded[0] != code:
+                    raise LocalProtocolError(f"{item!r} is not an element of a {element.name} array")
+                bodies.append(bytes(encoded[1:]))
+            else:
+                if _canonical_of(encoded[0]) is not element:
+                    raise LocalProtocolError(f"{item!r} is not an element of a {element.name} array")
+                try:
+                    bodies.append(struct.pack(fmt, item))
+                except struct.error as exc:
+                    raise LocalProtocolError(f"{item!r} does not fit a {element.name}: {exc}") from None
+        return code, bodies
+    narrow, wide = _ARRAY_VARIABLE[element]
+    encodings = []
+    for item in array.items:
+        encoded = bytearray()
+        encode_value(item, encoded)
+        if _canonical_of(encoded[0]) is not element:
+            raise LocalProtocolError(f"{item!r} is not an element of a {element.name} array")
+        encodings.append(_widen(encoded))
+    # Every element re-encoded at the wide width first; narrowed when all of them fit.
+    small = all(_fits_narrow(e, element) for e in encodings)
+    if small:
+        return narrow, [_narrow(e, element) for e in encodings]
+    return wide, [bytes(e[1:]) for e in encodings]
+
+
+def _canonical_of(code: int) -> TypeCode | None:
+    try:
+        return _CANONICAL[TypeCode(code)]
+    except (ValueError, KeyError):
+        return None
+
+
+def _widen(encoded: bytearray) -> bytes:
+    """Re-encode a variable or compound value at its 32-bit width (constructor included)."""
+    code = TypeCode(encoded[0])
+    if code in (
+        TypeCode.VBIN32,
+        TypeCode.STR32,
+        TypeCode.SYM32,
+        TypeCode.LIST32,
+        TypeCode.MAP32,
+        TypeCode.ARRAY32,
+    ):
+        return bytes(encoded)
+    if code is TypeCode.LIST0:
+        return bytes((TypeCode.LIST32,)) + struct.pack(">II", 4, 0)
+    wide = _CANONICAL[code]
+    if code in (TypeCode.VBIN8, TypeCode.STR8, TypeCode.SYM8):
+        return bytes((wide,)) + struct.pack(">I", encoded[1]) + bytes(encoded[2:])
+    size, count = encoded[1], encoded[2]  # list8, map8, array8
+    return bytes((wide,)) + struct.pack(">II", size + 3, count) + bytes(encoded[3:])
+
+
+def _fits_narrow(wide: bytes, element: TypeCode) -> bool:
+    size = int.from_bytes(wide[1:5], "big")
+    if element in (TypeCode.VBIN32, TypeCode.STR32, TypeCode.SYM32):
+        return size < 256
+    return size - 3 < 256 and int.from_bytes(wide[5:9], "big") < 256
+
+
+def _narrow(wide: bytes, element: TypeCode) -> bytes:
+    size = int.from_bytes(wide[1:5], "big")
+    if element in (TypeCode.VBIN32, TypeCode.STR32, TypeCode.SYM32):
+        return bytes((size,)) + wide[5:]
+    return bytes((size - 3, int.from_bytes(wide[5:9], "big"))) + wide[9:]
+
+
+def _encode_array(array: Array, buffer: bytearray) -> None:
+    code, bodies = _element_bodies(array)
+    constructor = bytearray()
+    if array.descriptor is not None:
+        constructor.append(TypeCode.DESCRIBED)
+        encode_value(array.descriptor, constructor)
+    constructor.append(code)
+    payload = b"".join(bodies)
+    count = len(bodies)
+    if len(constructor) + len(payload) + 1 < 256 and count < 256:
+        buffer += bytes((TypeCode.ARRAY8, len(constructor) + len(payload) + 1, count))
+    else:
+        buffer.append(TypeCode.ARRAY32)
+        buffer += struct.pack(">II", len(constructor) + len(payload) + 4, count)
+    buffer += constructor
+    buffer += payload
