@@ -1,0 +1,197 @@
+"""AMQP 1.0 framing (Part 2 §2.2-§2.3, Part 5 §5.3.1): protocol headers and frames, sans-io.
+
+A connection starts with an 8-byte protocol header, ``AMQP`` then protocol id, major, minor,
+revision: ``AMQP\\x03\\x01\\x00\\x00`` opens the SASL layer, ``AMQP\\x00\\x01\\x00\\x00`` the AMQP
+layer (``AMQP\\x02...`` would be TLS, which provisiond does below AMQP instead).
+
+A frame is::
+
+    SIZE (4, the whole frame) | DOFF (1, header length in 4-byte words, >= 2) | TYPE (1) |
+    CHANNEL (2; ignored for SASL) | extended header (DOFF*4 - 8 bytes, ignored) | body
+
+Type 0x00 is an AMQP frame, 0x01 a SASL frame. The body is one performative (a described
+list), followed by the message payload for a transfer. An AMQP frame with no body is an empty
+frame: a heartbeat.
+
+``decode_frame`` raises :class:`~provisiond.errors.InsufficientData` until the whole frame is
+there, refuses a frame larger than ``max_frame_size`` as soon as its size field is readable
+(``amqp:connection:framing-error``), so that a peer cannot make the decoder buffer more than
+that, and treats anything wrong inside a complete frame as malformed
+(``amqp:decode-error``), never as "need more".
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+from ...errors import AmqpProtocolError, InsufficientData, LocalProtocolError
+from .performatives import Performative, Transfer, decode_composite, encode_composite
+from .types import Described, decode_value, encode_value
+
+__all__ = [
+    "HEADER_SIZE",
+    "MIN_MAX_FRAME_SIZE",
+    "Frame",
+    "FrameType",
+    "ProtocolHeader",
+    "ProtocolId",
+    "decode_frame",
+    "decode_protocol_header",
+    "encode_frame",
+    "frame_size",
+]
+
+#: The frame header's size; also the smallest legal frame (an empty frame).
+HEADER_SIZE = 8
+#: The largest frame every peer must accept before open negotiates (Part 2 §2.7.1), and the
+#: limit of SASL frames.
+MIN_MAX_FRAME_SIZE = 512
+
+_FRAME_HEADER = struct.Struct(">IBBH")
+
+
+class ProtocolId(enum.IntEnum):
+    AMQP = 0
+    TLS = 2
+    SASL = 3
+
+
+class FrameType(enum.IntEnum):
+    AMQP = 0x00
+    SASL = 0x01
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolHeader:
+    """``AMQP`` + protocol id + version (1.0.0 is the only one)."""
+
+    protocol: ProtocolId
+    version: tuple[int, int, int] = (1, 0, 0)
+
+    def encode(self) -> bytes:
+        return b"AMQP" + bytes((self.protocol, *self.version))
+
+
+def decode_protocol_header(data: memoryview | bytes) -> tuple[memoryview, ProtocolHeader]:
+    """The protocol header at the start of ``data``.
+
+    :raises InsufficientData: fewer than 8 bytes.
+    :raises AmqpProtocolError: not an AMQP protocol header, or an unknown protocol id
+        (``amqp:connection:framing-error``). The caller answers with the header it supports.
+    """
+    view = memoryview(data)
+    # A prefix that can no longer become "AMQP" is refused at once, not after 8 bytes.
+    head = bytes(view[:4])
+    if not b"AMQP".startswith(head):
+        raise AmqpProtocolError(
+            f"Not an AMQP protocol header: {bytes(view[:8])!r}", condition="amqp:connection:framing-error"
+        )
+    if len(view) < 8:
+        raise InsufficientData
+    try:
+        protocol = ProtocolId(view[4])
+    except ValueError:
+        raise AmqpProtocolError(
+            f"Unknown AMQP protocol id {view[4]}", condition="amqp:connection:framing-error"
+        ) from None
+    return view[8:], ProtocolHeader(protocol, (view[5], view[6], view[7]))
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One frame. ``performative`` is None for an empty (heartbeat) frame; ``payload`` is a
+    transfer's message bytes (a part of them when ``more`` is set)."""
+
+    type: FrameType
+    channel: int
+    performative: Performative | None
+    payload: bytes = b""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.channel <= 0xFFFF:
+            raise LocalProtocolError(f"{self.channel} is not a channel number")
+        if self.payload and not isinstance(self.performative, Transfer):
+            raise LocalProtocolError("Only a transfer frame carries a payload")
+        if self.performative is not None and self.performative.sasl != (self.type is FrameType.SASL):
+            raise LocalProtocolError(
+                f"A {type(self.performative).__name__} does not go in a {self.type.name} frame"
+            )
+
+
+def encode_frame(frame: Frame, buffer: bytearray) -> None:
+    """Append ``frame`` (DOFF 2: no extended header)."""
+    body = bytearray()
+    if frame.performative is not None:
+        encode_value(encode_composite(frame.performative), body)
+        body += frame.payload
+    buffer += _FRAME_HEADER.pack(HEADER_SIZE + len(body), 2, frame.type, frame.channel)
+    buffer += body
+
+
+def frame_size(performative: Performative, payload_size: int = 0) -> int:
+    """The size of the frame that would carry ``performative`` and that much payload."""
+    body = bytearray()
+    encode_value(encode_composite(performative), body)
+    return HEADER_SIZE + len(body) + payload_size
+
+
+def _framing(message: str) -> AmqpProtocolError:
+    return AmqpProtocolError(message, condition="amqp:connection:framing-error")
+
+
+def decode_frame(data: memoryview | bytes, max_frame_size: int) -> tuple[memoryview, Frame]:
+    """The frame at the start of ``data``.
+
+    :raises InsufficientData: the frame is not complete yet.
+    :raises AmqpProtocolError: a bad size or data offset, an unknown frame type, a frame over
+        ``max_frame_size`` (``amqp:connection:framing-error``); a body that is not one known
+        performative of the frame's type, or a payload after anything but a transfer
+        (``amqp:decode-error``).
+    """
+    view = memoryview(data)
+    if len(view) < HEADER_SIZE:
+        raise InsufficientData
+    size, doff, type_code, channel = _FRAME_HEADER.unpack(view[:HEADER_SIZE])
+    if size < HEADER_SIZE:
+        raise _framing(f"A frame of size {size} is smaller than its header.")
+    if size > max_frame_size:
+        raise _framing(f"A frame of {size} bytes exceeds the maximum frame size of {max_frame_size}.")
+    if doff < 2 or doff * 4 > size:
+        raise _framing(f"A frame's data offset {doff} is outside its size {size}.")
+    try:
+        frame_type = FrameType(type_code)
+    except ValueError:
+        raise _framing(f"Unknown frame type {type_code:#04x}.") from None
+    if len(view) < size:
+        raise InsufficientData
+    body = view[doff * 4 : size]
+    rest = view[size:]
+    if frame_type is FrameType.SASL:
+        channel = 0  # ignored for SASL frames (Part 5 §5.3.1)
+    if not body:
+        if frame_type is FrameType.SASL:
+            raise AmqpProtocolError("An empty SASL frame.", condition="amqp:decode-error")
+        return rest, Frame(frame_type, channel, None)
+    try:
+        after, value = decode_value(body)
+    except InsufficientData:
+        raise AmqpProtocolError(
+            "A frame's performative is truncated.", condition="amqp:decode-error"
+        ) from None
+    if not isinstance(value, Described):
+        raise AmqpProtocolError(
+            "A frame body does not start with a performative.", condition="amqp:decode-error"
+        )
+    performative = decode_composite(value)
+    if not isinstance(performative, Performative) or performative.sasl != (frame_type is FrameType.SASL):
+        raise AmqpProtocolError(
+            f"A {type(performative).__name__} is not a performative of a {frame_type.name} frame.",
+            condition="amqp:decode-error",
+        )
+    if after and not isinstance(performative, Transfer):
+        raise AmqpProtocolError(
+            f"{len(after)} bytes follow a {type(performative).__name__}.", condition="amqp:decode-error"
+        )
+    return rest, Frame(frame_type, channel, performative, bytes(after))

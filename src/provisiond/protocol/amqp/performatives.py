@@ -1,0 +1,849 @@
+"""AMQP 1.0 composite types, declared once for both roles: the transport performatives (Part 2
+§2.7), the error and delivery states (Part 2 §2.8, Part 3 §3.4), source and target (Part 3
+§3.5), the message sections (Part 3 §3.2) and the SASL frames (Part 5 §5.3.3).
+
+Each composite is a frozen dataclass whose fields carry their AMQP wire type in the field's
+metadata (:func:`amqp_field`). One generic pair of functions maps every composite to and from
+its described list (:func:`encode_composite`, :func:`decode_composite`): a field equal to its
+default is sent as null, trailing nulls are dropped, a null or missing field decodes as its
+default, a missing mandatory field or a field of the wrong type is a decode error. Composite
+classes register themselves by descriptor code and by descriptor name (``__init_subclass__``),
+so that either form of descriptor decodes. Fields a later protocol version adds are ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeAlias
+
+from ...errors import AmqpProtocolError, InsufficientData
+from .types import (
+    Array,
+    Described,
+    Symbol,
+    Timestamp,
+    UByte,
+    UInt,
+    ULong,
+    UShort,
+    decode_value,
+    encode_value,
+    symbol_array,
+)
+
+__all__ = [
+    "COMPOSITES",
+    "Accepted",
+    "AmqpSequence",
+    "AmqpValue",
+    "ApplicationProperties",
+    "Attach",
+    "Begin",
+    "Close",
+    "Composite",
+    "Data",
+    "DeliveryAnnotations",
+    "DeliveryState",
+    "Detach",
+    "Disposition",
+    "End",
+    "Error",
+    "ErrorCondition",
+    "Flow",
+    "Footer",
+    "Header",
+    "Kind",
+    "Message",
+    "MessageAnnotations",
+    "Modified",
+    "Open",
+    "Performative",
+    "Properties",
+    "RcvSettleMode",
+    "Received",
+    "Rejected",
+    "Released",
+    "Role",
+    "SaslChallenge",
+    "SaslCode",
+    "SaslInit",
+    "SaslMechanisms",
+    "SaslOutcome",
+    "SaslResponse",
+    "SndSettleMode",
+    "Source",
+    "Target",
+    "Transfer",
+    "amqp_field",
+    "decode_composite",
+    "decode_message",
+    "encode_composite",
+    "encode_message",
+]
+
+
+def _invalid(message: str) -> AmqpProtocolError:
+    return AmqpProtocolError(message, condition="amqp:decode-error")
+
+
+# --- enums -------------------------------------------------------------------------------------
+
+
+class Role(enum.Enum):
+    """A link end's role (a boolean on the wire)."""
+
+    SENDER = False
+    RECEIVER = True
+
+
+class SndSettleMode(enum.IntEnum):
+    UNSETTLED = 0
+    SETTLED = 1
+    MIXED = 2
+
+
+class RcvSettleMode(enum.IntEnum):
+    FIRST = 0
+    SECOND = 1
+
+
+class SaslCode(enum.IntEnum):
+    """sasl-outcome codes (Part 5 §5.3.3.6)."""
+
+    OK = 0
+    AUTH = 1
+    SYS = 2
+    SYS_PERM = 3
+    SYS_TEMP = 4
+
+
+class ErrorCondition(enum.StrEnum):
+    """The error conditions provisiond sends (Part 2 §2.8.15-§2.8.18). Peers may send others:
+    :attr:`Error.condition` is a plain symbol."""
+
+    INTERNAL_ERROR = "amqp:internal-error"
+    NOT_FOUND = "amqp:not-found"
+    UNAUTHORIZED_ACCESS = "amqp:unauthorized-access"
+    DECODE_ERROR = "amqp:decode-error"
+    RESOURCE_LIMIT_EXCEEDED = "amqp:resource-limit-exceeded"
+    NOT_ALLOWED = "amqp:not-allowed"
+    INVALID_FIELD = "amqp:invalid-field"
+    NOT_IMPLEMENTED = "amqp:not-implemented"
+    PRECONDITION_FAILED = "amqp:precondition-failed"
+    ILLEGAL_STATE = "amqp:illegal-state"
+    FRAME_SIZE_TOO_SMALL = "amqp:frame-size-too-small"
+    CONNECTION_FORCED = "amqp:connection:forced"
+    FRAMING_ERROR = "amqp:connection:framing-error"
+    WINDOW_VIOLATION = "amqp:session:window-violation"
+    ERRANT_LINK = "amqp:session:errant-link"
+    HANDLE_IN_USE = "amqp:session:handle-in-use"
+    UNATTACHED_HANDLE = "amqp:session:unattached-handle"
+    DETACH_FORCED = "amqp:link:detach-forced"
+    TRANSFER_LIMIT_EXCEEDED = "amqp:link:transfer-limit-exceeded"
+    MESSAGE_SIZE_EXCEEDED = "amqp:link:message-size-exceeded"
+
+
+# --- field kinds -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Kind:
+    """An AMQP field type: how a decoded value is checked and converted (``decode``) and how a
+    Python value is wrapped for the encoder (``encode``)."""
+
+    name: str
+    decode: Callable[[Any], Any]
+    encode: Callable[[Any], Any]
+
+
+def _unsigned(wrap: type[int]) -> Kind:
+    def decode(value: Any) -> Any:
+        # Any unsigned encoding that fits is accepted (some peers widen small fields).
+        if not isinstance(value, UByte | UShort | UInt | ULong):
+            raise _invalid(f"expected {wrap.__name__.lower()}, got {type(value).__name__}")
+        try:
+            return wrap(value)
+        except Exception:
+            raise _invalid(f"{int(value)} does not fit a {wrap.__name__.lower()}") from None
+
+    return Kind(wrap.__name__.lower(), decode, wrap)
+
+
+def _typed(name: str, types: type | tuple[type, ...], convert: Callable[[Any], Any] = lambda v: v) -> Kind:
+    def decode(value: Any) -> Any:
+        if not isinstance(value, types):
+            raise _invalid(f"expected {name}, got {type(value).__name__}")
+        return convert(value)
+
+    return Kind(name, decode, convert)
+
+
+def _enum_kind(enum_type: type[enum.Enum], base: Kind) -> Kind:
+    def decode(value: Any) -> Any:
+        raw = base.decode(value)
+        try:
+            return enum_type(raw if not isinstance(raw, int) or isinstance(raw, bool) else int(raw))
+        except ValueError:
+            raise _invalid(f"{raw!r} is not a {enum_type.__name__}") from None
+
+    def encode(value: Any) -> Any:
+        return base.encode(enum_type(value).value)
+
+    return Kind(enum_type.__name__, decode, encode)
+
+
+def _fields_map(value: Any) -> dict[Symbol, Any]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise _invalid("expected a map with symbol keys")
+    return {Symbol(k) if isinstance(k, Symbol) else _symbol(k): v for k, v in value.items()}
+
+
+def _symbol(value: Any) -> Symbol:
+    if not isinstance(value, str) or not value.isascii():
+        raise _invalid(f"expected a symbol, got {type(value).__name__}")
+    return Symbol(value)
+
+
+def _symbols(value: Any) -> tuple[Symbol, ...]:
+    """A ``multiple`` symbol field: one symbol, or an array (or list) of them."""
+    if isinstance(value, Array):
+        items: Any = value.items
+    elif isinstance(value, list):
+        items = value
+    else:
+        items = (value,)
+    return tuple(_symbol(item) for item in items)
+
+
+def _composite_of(*types: type[Composite]) -> Kind:
+    def decode(value: Any) -> Any:
+        if not isinstance(value, Described):
+            raise _invalid(f"expected {' or '.join(t.__name__ for t in types)}, got {type(value).__name__}")
+        composite = decode_composite(value)
+        if not isinstance(composite, types):
+            raise _invalid(
+                f"expected {' or '.join(t.__name__ for t in types)}, got {type(composite).__name__}"
+            )
+        return composite
+
+    def encode(value: Any) -> Any:
+        return _described(value)
+
+    return Kind("/".join(t.__name__ for t in types), decode, encode)
+
+
+def _any_composite(value: Any) -> Any:
+    """Decode a described value we know; keep one we do not (a transactional target...)."""
+    if isinstance(value, Described) and _lookup(value.descriptor) is not None:
+        return decode_composite(value)
+    return value
+
+
+def _any_encode(value: Any) -> Any:
+    return _described(value) if isinstance(value, Composite) else value
+
+
+BOOLEAN = _typed("boolean", bool)
+UBYTE = _unsigned(UByte)
+USHORT = _unsigned(UShort)
+UINT = _unsigned(UInt)
+ULONG = _unsigned(ULong)
+STRING = _typed("string", str, str)
+SYMBOL = Kind("symbol", _symbol, _symbol)
+SYMBOLS = Kind("symbol[]", _symbols, lambda v: symbol_array(v))
+BINARY = _typed("binary", bytes)
+TIMESTAMP = _typed("timestamp", Timestamp)
+FIELDS = Kind("fields", _fields_map, lambda v: {Symbol(k): _any_encode(x) for k, x in v.items()})
+MAP = _typed("map", dict)
+ANY = Kind("*", _any_composite, _any_encode)
+ROLE = _enum_kind(Role, BOOLEAN)
+SND_SETTLE_MODE = _enum_kind(SndSettleMode, UBYTE)
+RCV_SETTLE_MODE = _enum_kind(RcvSettleMode, UBYTE)
+SASL_CODE = _enum_kind(SaslCode, UBYTE)
+
+
+def amqp_field(kind: Kind, default: Any = None, *, mandatory: bool = False) -> Any:
+    """A dataclass field with its AMQP type. Mandatory fields have no default."""
+    metadata = {"amqp": kind, "mandatory": mandatory}
+    if mandatory:
+        return dataclasses.field(metadata=metadata)
+    if isinstance(default, dict | tuple) and default:
+        raise AssertionError("mutable defaults are not supported")  # pragma: no cover
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+# --- composites --------------------------------------------------------------------------------
+
+COMPOSITES: dict[int | str, type[Composite]] = {}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Composite:
+    """A described list: ``descriptor_code`` (domain 0x00000000) and ``descriptor_name``."""
+
+    descriptor_code: ClassVar[int] = -1
+    descriptor_name: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.descriptor_code >= 0:
+            if cls.descriptor_code in COMPOSITES:
+                raise AssertionError(f"{cls.descriptor_code:#x} registered twice")  # pragma: no cover
+            COMPOSITES[cls.descriptor_code] = cls
+            COMPOSITES[cls.descriptor_name] = cls
+
+
+def _lookup(descriptor: Any) -> type[Composite] | None:
+    if isinstance(descriptor, ULong):
+        return COMPOSITES.get(int(descriptor))
+    if isinstance(descriptor, Symbol):
+        return COMPOSITES.get(str(descriptor))
+    return None
+
+
+def _described(value: Composite) -> Described:
+    return encode_composite(value)
+
+
+def encode_composite(value: Composite) -> Described:
+    """The described list of ``value`` (defaults as null, trailing nulls dropped)."""
+    items: list[Any] = []
+    for f in dataclasses.fields(value):
+        current = getattr(value, f.name)
+        kind: Kind = f.metadata["amqp"]
+        if current is None or (not f.metadata["mandatory"] and current == f.default):
+            items.append(None)
+        else:
+            items.append(kind.encode(current))
+    while items and items[-1] is None:
+        items.pop()
+    return Described(ULong(value.descriptor_code), items)
+
+
+def decode_composite(value: Described) -> Composite:
+    """The composite a described list stands for.
+
+    :raises AmqpProtocolError: unknown descriptor, not a list, a missing mandatory field or a
+        field of the wrong type (``amqp:decode-error``).
+    """
+    cls = _lookup(value.descriptor)
+    if cls is None:
+        raise _invalid(f"Unknown descriptor {value.descriptor!r}.")
+    items = value.value
+    if not isinstance(items, list):
+        raise _invalid(f"A {cls.__name__} must be a list, not {type(items).__name__}.")
+    kwargs: dict[str, Any] = {}
+    for index, f in enumerate(dataclasses.fields(cls)):
+        raw = items[index] if index < len(items) else None
+        if raw is None:
+            if f.metadata["mandatory"]:
+                raise _invalid(f"{cls.__name__}.{f.name} is mandatory.")
+            continue
+        try:
+            kwargs[f.name] = f.metadata["amqp"].decode(raw)
+        except AmqpProtocolError as exc:
+            raise _invalid(f"{cls.__name__}.{f.name}: {exc}") from None
+    return cls(**kwargs)
+
+
+# --- error, delivery states, terminus ----------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Error(Composite):
+    descriptor_code = 0x1D
+    descriptor_name = "amqp:error:list"
+    condition: Symbol = amqp_field(SYMBOL, mandatory=True)
+    description: str | None = amqp_field(STRING)
+    info: dict[Symbol, Any] | None = amqp_field(FIELDS)
+
+
+ERROR = _composite_of(Error)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeliveryState(Composite):
+    """Base of the delivery states and outcomes."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Received(DeliveryState):
+    descriptor_code = 0x23
+    descriptor_name = "amqp:received:list"
+    section_number: int = amqp_field(UINT, mandatory=True)
+    section_offset: int = amqp_field(ULONG, mandatory=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Accepted(DeliveryState):
+    descriptor_code = 0x24
+    descriptor_name = "amqp:accepted:list"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rejected(DeliveryState):
+    descriptor_code = 0x25
+    descriptor_name = "amqp:rejected:list"
+    error: Error | None = amqp_field(ERROR)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Released(DeliveryState):
+    descriptor_code = 0x26
+    descriptor_name = "amqp:released:list"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Modified(DeliveryState):
+    descriptor_code = 0x27
+    descriptor_name = "amqp:modified:list"
+    delivery_failed: bool | None = amqp_field(BOOLEAN)
+    undeliverable_here: bool | None = amqp_field(BOOLEAN)
+    message_annotations: dict[Symbol, Any] | None = amqp_field(FIELDS)
+
+
+DELIVERY_STATE = _composite_of(DeliveryState)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Source(Composite):
+    descriptor_code = 0x28
+    descriptor_name = "amqp:source:list"
+    address: str | None = amqp_field(ANY)
+    durable: int = amqp_field(UINT, 0)
+    expiry_policy: Symbol | None = amqp_field(SYMBOL)
+    timeout: int = amqp_field(UINT, 0)
+    dynamic: bool = amqp_field(BOOLEAN, False)
+    dynamic_node_properties: dict[Symbol, Any] | None = amqp_field(FIELDS)
+    distribution_mode: Symbol | None = amqp_field(SYMBOL)
+    filter: dict[Any, Any] | None = amqp_field(MAP)
+    default_outcome: Any = amqp_field(ANY)
+    outcomes: tuple[Symbol, ...] | None = amqp_field(SYMBOLS)
+    capabilities: tuple[Symbol, ...] | None = amqp_field(SYMBOLS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Target(Composite):
+    descriptor_code = 0x29
+    descriptor_name = "amqp:target:list"
+    address: str | None = amqp_field(ANY)
+    durable: int = amqp_field(UINT, 0)
+    expiry_policy: Symbol | None = amqp_field(SYMBOL)
+    timeout: int = amqp_field(UINT, 0)
+    dynamic: bool = amqp_field(BOOLEAN, False)
+    dynamic_node_properties: dict[Symbol, Any] | None = amqp_field(FIELDS)
+    capabilities: tuple[Symbol, ...] | None = amqp_field(SYMBOLS)
+
+
+# --- performatives -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Performative(Composite):
+    """A frame body's leading composite. ``sasl`` says which frame type carries it."""
+
+    sasl: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Open(Performative):
+    descriptor_code = 0x10
+    descriptor_name = "amqp:open:list"
+    container_id: str = amqp_field(STRING, mandatory=True)
+    hostname: str | None = amqp_field(STRING)
+    max_frame_size: int = amqp_field(UINT, 0xFFFF_FFFF)
+    channel_max: int = amqp_field(USHORT, 0xFFFF)
+    idle_time_out: int | None = amqp_field(UINT)  # milliseconds
+    outgoing_locales: tuple[Symbol, ...] | None = amqp_field(SYMBOLS)
+    incoming_locales: tuple[Symbol, ...] | None = amqp_field(SYMBOLS)
+    offered_capabilities: tuple[Symbol, ...] | None = amqp_field(SYMBOLS)
+    desired_capabilities: tuple[Symbol, ...] | None = amqp_field(SYMBOLS)
+    properties: dict[Symbol, Any] | None = amqp_field(FIELDS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Begin(Performative):
+    descriptor_code = 0x11
+    descriptor_name = "amqp:begin:list"
+    remote_channel: int | None = amqp_field(USHORT)
+    next_outgoing_id: int = amqp_field(UINT, mandatory=True)
+    incoming_window: int = amqp_field(UINT, mandatory=True)
+    outgoing_window: int = amqp_field(UINT, mandatory=True)
+    handle_max: int = amqp_field(UINT, 0xFFFF_FFFF)
+    offered_capabilities: tuple[Symbol, ...] | None = amqp_field(SYMBOLS)
+    desired_capabilities: tuple[Symbol, ...] | None = amqp_field(SYMBOLS)
+    properties: dict[Symbol, Any] | None = amqp_field(FIELDS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Attach(Performative):
+    descriptor_code = 0x12
+    descriptor_name = "amqp:attach:list"
+    name: str = amqp_field(STRING, mandatory=True)
+    handle: int = amqp_field(UINT, mandatory=True)
+    role: Role = amqp_field(ROLE, mandatory=True)
+    snd_settle_mode: SndSettleMode = amqp_field(SND_SETTLE_MODE, SndSettleMode.MIXED)
+    rcv_settle_mode: RcvSettleMode = amqp_field(RCV_SETTLE_MODE, RcvSettleMode.FIRST)
+    source: Source | None = amqp_field(ANY)
+    target: Target | None = amqp_field(ANY)
+    unsettled: dict[Any, Any] | None = amqp_field(MAP)
+    incomplete_unsettled: bool = amqp_field(BOOLEAN, False)
+    initial_delivery_count: int | None = amqp_field(UINT)
+    max_message_size: int | None = amqp_field(ULONG)
+    offered_capabilities: tuple[Symbol, ...] | None = amqp_field(SYMBOLS)
+    desired_capabilities: tuple[Symbol, ...] | None = amqp_field(SYMBOLS)
+    properties: dict[Symbol, Any] | None = amqp_field(FIELDS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Flow(Performative):
+    descriptor_code = 0x13
+    descriptor_name = "amqp:flow:list"
+    next_incoming_id: int | None = amqp_field(UINT)
+    incoming_window: int = amqp_field(UINT, mandatory=True)
+    next_outgoing_id: int = amqp_field(UINT, mandatory=True)
+    outgoing_window: int = amqp_field(UINT, mandatory=True)
+    handle: int | None = amqp_field(UINT)
+    delivery_count: int | None = amqp_field(UINT)
+    link_credit: int | None = amqp_field(UINT)
+    available: int | None = amqp_field(UINT)
+    drain: bool = amqp_field(BOOLEAN, False)
+    echo: bool = amqp_field(BOOLEAN, False)
+    properties: dict[Symbol, Any] | None = amqp_field(FIELDS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Transfer(Performative):
+    descriptor_code = 0x14
+    descriptor_name = "amqp:transfer:list"
+    handle: int = amqp_field(UINT, mandatory=True)
+    delivery_id: int | None = amqp_field(UINT)
+    delivery_tag: bytes | None = amqp_field(BINARY)
+    message_format: int | None = amqp_field(UINT)
+    settled: bool | None = amqp_field(BOOLEAN)
+    more: bool = amqp_field(BOOLEAN, False)
+    rcv_settle_mode: RcvSettleMode | None = amqp_field(RCV_SETTLE_MODE)
+    state: DeliveryState | None = amqp_field(DELIVERY_STATE)
+    resume: bool = amqp_field(BOOLEAN, False)
+    aborted: bool = amqp_field(BOOLEAN, False)
+    batchable: bool = amqp_field(BOOLEAN, False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Disposition(Performative):
+    descriptor_code = 0x15
+    descriptor_name = "amqp:disposition:list"
+    role: Role = amqp_field(ROLE, mandatory=True)
+    first: int = amqp_field(UINT, mandatory=True)
+    last: int | None = amqp_field(UINT)
+    settled: bool = amqp_field(BOOLEAN, False)
+    state: DeliveryState | None = amqp_field(DELIVERY_STATE)
+    batchable: bool = amqp_field(BOOLEAN, False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Detach(Performative):
+    descriptor_code = 0x16
+    descriptor_name = "amqp:detach:list"
+    handle: int = amqp_field(UINT, mandatory=True)
+    closed: bool = amqp_field(BOOLEAN, False)
+    error: Error | None = amqp_field(ERROR)
+
+
+@dataclass(frozen=True, kw_only=True)
+class End(Performative):
+    descriptor_code = 0x17
+    descriptor_name = "amqp:end:list"
+    error: Error | None = amqp_field(ERROR)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Close(Performative):
+    descriptor_code = 0x18
+    descriptor_name = "amqp:close:list"
+    error: Error | None = amqp_field(ERROR)
+
+
+# --- SASL (Part 5 §5.3.3) ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class SaslMechanisms(Performative):
+    sasl = True
+    descriptor_code = 0x40
+    descriptor_name = "amqp:sasl-mechanisms:list"
+    sasl_server_mechanisms: tuple[Symbol, ...] = amqp_field(SYMBOLS, mandatory=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SaslInit(Performative):
+    sasl = True
+    descriptor_code = 0x41
+    descriptor_name = "amqp:sasl-init:list"
+    mechanism: Symbol = amqp_field(SYMBOL, mandatory=True)
+    initial_response: bytes | None = amqp_field(BINARY)
+    hostname: str | None = amqp_field(STRING)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SaslChallenge(Performative):
+    sasl = True
+    descriptor_code = 0x42
+    descriptor_name = "amqp:sasl-challenge:list"
+    challenge: bytes = amqp_field(BINARY, mandatory=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SaslResponse(Performative):
+    sasl = True
+    descriptor_code = 0x43
+    descriptor_name = "amqp:sasl-response:list"
+    response: bytes = amqp_field(BINARY, mandatory=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SaslOutcome(Performative):
+    sasl = True
+    descriptor_code = 0x44
+    descriptor_name = "amqp:sasl-outcome:list"
+    code: SaslCode = amqp_field(SASL_CODE, mandatory=True)
+    additional_data: bytes | None = amqp_field(BINARY)
+
+
+# --- message sections (Part 3 §3.2) ------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Header(Composite):
+    descriptor_code = 0x70
+    descriptor_name = "amqp:header:list"
+    durable: bool = amqp_field(BOOLEAN, False)
+    priority: int = amqp_field(UBYTE, 4)
+    ttl: int | None = amqp_field(UINT)
+    first_acquirer: bool = amqp_field(BOOLEAN, False)
+    delivery_count: int = amqp_field(UINT, 0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Properties(Composite):
+    descriptor_code = 0x73
+    descriptor_name = "amqp:properties:list"
+    message_id: Any = amqp_field(ANY)
+    user_id: bytes | None = amqp_field(BINARY)
+    to: Any = amqp_field(ANY)
+    subject: str | None = amqp_field(STRING)
+    reply_to: Any = amqp_field(ANY)
+    correlation_id: Any = amqp_field(ANY)
+    content_type: Symbol | None = amqp_field(SYMBOL)
+    content_encoding: Symbol | None = amqp_field(SYMBOL)
+    absolute_expiry_time: Timestamp | None = amqp_field(TIMESTAMP)
+    creation_time: Timestamp | None = amqp_field(TIMESTAMP)
+    group_id: str | None = amqp_field(STRING)
+    group_sequence: int | None = amqp_field(UINT)
+    reply_to_group_id: str | None = amqp_field(STRING)
+
+
+@dataclass(frozen=True)
+class _Section:
+    """A described non-list section: its value is kept as it is."""
+
+    descriptor_code: ClassVar[int]
+    descriptor_name: ClassVar[str]
+    value: Any
+
+
+@dataclass(frozen=True)
+class DeliveryAnnotations(_Section):
+    descriptor_code = 0x71
+    descriptor_name = "amqp:delivery-annotations:map"
+
+
+@dataclass(frozen=True)
+class MessageAnnotations(_Section):
+    descriptor_code = 0x72
+    descriptor_name = "amqp:message-annotations:map"
+
+
+@dataclass(frozen=True)
+class ApplicationProperties(_Section):
+    descriptor_code = 0x74
+    descriptor_name = "amqp:application-properties:map"
+
+
+@dataclass(frozen=True)
+class Data(_Section):
+    descriptor_code = 0x75
+    descriptor_name = "amqp:data:binary"
+
+
+@dataclass(frozen=True)
+class AmqpSequence(_Section):
+    descriptor_code = 0x76
+    descriptor_name = "amqp:amqp-sequence:list"
+
+
+@dataclass(frozen=True)
+class AmqpValue(_Section):
+    descriptor_code = 0x77
+    descriptor_name = "amqp:amqp-value:*"
+
+
+@dataclass(frozen=True)
+class Footer(_Section):
+    descriptor_code = 0x78
+    descriptor_name = "amqp:footer:map"
+
+
+# Section order in a bare message (Part 3 §3.2): position, and whether it may repeat.
+_SECTION_ORDER: dict[type[Any], int] = {
+    Header: 0,
+    DeliveryAnnotations: 1,
+    MessageAnnotations: 2,
+    Properties: 3,
+    ApplicationProperties: 4,
+    Data: 5,
+    AmqpSequence: 5,
+    AmqpValue: 5,
+    Footer: 6,
+}
+_SECTIONS: dict[int | str, type[_Section]] = {
+    key: cls
+    for cls in (
+        DeliveryAnnotations,
+        MessageAnnotations,
+        ApplicationProperties,
+        Data,
+        AmqpSequence,
+        AmqpValue,
+        Footer,
+    )
+    for key in (cls.descriptor_code, cls.descriptor_name)
+}
+_SECTION_TYPES: dict[type[_Section], tuple[type, ...]] = {
+    DeliveryAnnotations: (dict,),
+    MessageAnnotations: (dict,),
+    ApplicationProperties: (dict,),
+    Data: (bytes,),
+    AmqpSequence: (list,),
+    AmqpValue: (object,),
+    Footer: (dict,),
+}
+
+Body: TypeAlias = "tuple[Data, ...] | tuple[AmqpSequence, ...] | AmqpValue | None"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Message:
+    """An annotated message: every section optional; the body is data sections, sequence
+    sections, or one amqp-value."""
+
+    header: Header | None = None
+    delivery_annotations: dict[Any, Any] | None = None
+    message_annotations: dict[Any, Any] | None = None
+    properties: Properties | None = None
+    application_properties: dict[str, Any] | None = None
+    body: Body = None
+    footer: dict[Any, Any] | None = None
+
+    @property
+    def data(self) -> bytes | None:
+        """The concatenated data sections, or None when the body is not data."""
+        if isinstance(self.body, tuple) and all(isinstance(s, Data) for s in self.body):
+            return b"".join(s.value for s in self.body if isinstance(s, Data))
+        return None
+
+
+def encode_message(message: Message) -> bytes:
+    """The bytes of a message's sections, in order (a transfer's payload)."""
+    sections: list[Any] = []
+    if message.header is not None:
+        sections.append(encode_composite(message.header))
+    for cls, value in (
+        (DeliveryAnnotations, message.delivery_annotations),
+        (MessageAnnotations, message.message_annotations),
+    ):
+        if value is not None:
+            sections.append(Described(ULong(cls.descriptor_code), value))
+    if message.properties is not None:
+        sections.append(encode_composite(message.properties))
+    if message.application_properties is not None:
+        sections.append(
+            Described(ULong(ApplicationProperties.descriptor_code), message.application_properties)
+        )
+    body = message.body
+    for section in (body,) if isinstance(body, AmqpValue) else body or ():
+        sections.append(Described(ULong(section.descriptor_code), section.value))
+    if message.footer is not None:
+        sections.append(Described(ULong(Footer.descriptor_code), message.footer))
+    buffer = bytearray()
+    for section in sections:
+        encode_value(section, buffer)
+    return bytes(buffer)
+
+
+def _section(value: Any) -> Any:
+    if not isinstance(value, Described):
+        raise _invalid(f"A message section must be described, not {type(value).__name__}.")
+    key = int(value.descriptor) if isinstance(value.descriptor, ULong) else str(value.descriptor)
+    if key in (
+        Header.descriptor_code,
+        Header.descriptor_name,
+        Properties.descriptor_code,
+        Properties.descriptor_name,
+    ):
+        return decode_composite(value)
+    cls = _SECTIONS.get(key)
+    if cls is None:
+        raise _invalid(f"{value.descriptor!r} is not a message section.")
+    if not isinstance(value.value, _SECTION_TYPES[cls]):
+        raise _invalid(f"A {cls.__name__} section holds a {type(value.value).__name__}.")
+    return cls(value.value)
+
+
+def decode_message(payload: bytes | memoryview) -> Message:
+    """The message in a (complete) transfer payload.
+
+    :raises AmqpProtocolError: a section is malformed, unknown, out of order or repeated, or the
+        body mixes section kinds (``amqp:decode-error``).
+    """
+    data = memoryview(payload)
+    found: dict[str, Any] = {}
+    body: list[Any] = []
+    position = -1
+    while data:
+        try:
+            data, raw = decode_value(data)
+        except InsufficientData:
+            raise _invalid("A message section is truncated.") from None
+        section = _section(raw)
+        order = _SECTION_ORDER[type(section)]
+        if order < position or (order == position and (order != 5 or isinstance(section, AmqpValue))):
+            raise _invalid(f"The {type(section).__name__} section is out of order or repeated.")
+        position = order
+        if order == 5:
+            if body and type(body[0]) is not type(section):
+                raise _invalid("A message body mixes section kinds.")
+            body.append(section)
+        else:
+            found[type(section).__name__] = section
+    if body and isinstance(body[0], AmqpValue):
+        message_body: Body = body[0]
+    else:
+        message_body = tuple(body) if body else None
+    annotations = found.get("ApplicationProperties")
+    return Message(
+        header=found.get("Header"),
+        delivery_annotations=_value(found.get("DeliveryAnnotations")),
+        message_annotations=_value(found.get("MessageAnnotations")),
+        properties=found.get("Properties"),
+        application_properties=_value(annotations),
+        body=message_body,
+        footer=_value(found.get("Footer")),
+    )
+
+
+def _value(section: _Section | None) -> Any:
+    return None if section is None else section.value
