@@ -3,4 +3,4 @@
 
 from __future__ import annotations
 
-pytest_plugins = ["tests._postgres", "tests._server"]
+pytest_plugins = ["tests._postgres", "tests._server", "tests._swtpm"]

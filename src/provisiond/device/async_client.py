@@ -118,6 +118,7 @@ class AsyncProvisioningDeviceClient:
         registration_id = self.security.registration_id
         flow = registration_flow(
             registration_id,
+            tpm=self.security.begin_registration(),
             payload=payload,
             force=force,
             policy=self.retry,
@@ -145,6 +146,7 @@ class AsyncProvisioningDeviceClient:
             result: RegistrationResult = stop.value
         finally:
             flow.close()
+        await asyncio.to_thread(self.security.complete_registration, result)
         logger.info(
             "%s registered: %s to %s as %s",
             registration_id,

@@ -21,8 +21,10 @@ PEM files through :meth:`~ssl.SSLContext.load_cert_chain`, so such an integratio
 relies on an OpenSSL provider or engine configured outside Python; the seam is here so that it
 needs no change to the client or the transports.
 
-The TPM challenge (device-protocol.md §2.3) is a later task; its seam is
-:attr:`SecurityProvider.answers_challenges` and :meth:`SecurityProvider.answer_challenge`.
+The TPM challenge (device-protocol.md §2.3) goes through :meth:`SecurityProvider.begin_registration`
+(the ``tpm`` of the register body), :attr:`SecurityProvider.answers_challenges`,
+:meth:`SecurityProvider.answer_challenge` and :meth:`SecurityProvider.complete_registration`;
+:class:`provisiond.device.tpm.TpmSecurity` (the ``tpm`` extra) implements them.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -45,8 +47,11 @@ from cryptography.x509.oid import NameOID
 
 from .. import pki
 from ..errors import ConfigurationError
-from ..protocol.messages import TpmChallenge
+from ..protocol.messages import TpmAttestationRequest, TpmChallenge
 from ..protocol.sas import build_sas_token, derive_device_key
+
+if TYPE_CHECKING:
+    from ..protocol.registration import RegistrationResult
 
 __all__ = [
     "PemX509Credential",
@@ -149,6 +154,17 @@ class SecurityProvider(ABC):
         """Activate the TPM challenge's ``authenticationKey``, so that :meth:`sas_token` signs
         with the key it wraps. Called from a worker thread (TPM commands block)."""
         raise NotImplementedError(f"{type(self).__name__} cannot answer a TPM challenge")
+
+    def begin_registration(self) -> TpmAttestationRequest | None:
+        """Called when a registration starts: the ``tpm`` (EK and SRK) the register body
+        carries, None for other attestations. (A TPM provider also forgets an earlier
+        challenge's key here, so that the first register goes without a token.)"""
+        return None
+
+    def complete_registration(self, result: RegistrationResult) -> None:
+        """Called with the assigned result, from a worker thread. (A TPM provider imports the
+        hub key that ``registrationState.tpm.authenticationKey`` wraps.)"""
+        return None
 
 
 class SymmetricKeySecurity(SecurityProvider):

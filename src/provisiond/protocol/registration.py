@@ -67,6 +67,7 @@ from .messages import (
     DeviceRegistration,
     DeviceRegistrationResult,
     RegistrationOperationStatus,
+    TpmAttestationRequest,
     TpmChallenge,
     decode_operation_status,
 )
@@ -316,6 +317,7 @@ def registration_flow(
     clock: Callable[[], float],
     random: Callable[[], float],
     answers_challenges: bool = False,
+    tpm: TpmAttestationRequest | None = None,
 ) -> RegistrationFlow:
     """Register ``registration_id``: yields commands, returns the :class:`RegistrationResult`.
 
@@ -324,6 +326,7 @@ def registration_flow(
     :param clock: monotonic seconds (``time.monotonic``); read to enforce ``total_timeout``.
     :param random: a float in [0, 1) (``random.random``); the backoff jitter.
     :param answers_challenges: the security provider can answer a TPM challenge.
+    :param tpm: the device's EK and SRK (TPM attestation), sent in the register body.
     :raises RegistrationFailedError: the registration ended ``failed`` or ``disabled``.
     :raises ServiceResponseError: the service refused (4xx), or kept failing (429/5xx) until
         the policy gave up.
@@ -334,7 +337,7 @@ def registration_flow(
     deadline = clock() + policy.total_timeout
     request: Request = SendRegister(
         registration_id=registration_id,
-        body=DeviceRegistration(registration_id=registration_id, payload=payload),
+        body=DeviceRegistration(registration_id=registration_id, tpm=tpm, payload=payload),
         force=force,
     )
     challenged = False

@@ -18,12 +18,21 @@ import base64
 import binascii
 import hashlib
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlencode
 
 from ..errors import AuthenticationError
 
-__all__ = ["SasToken", "build_sas_token", "derive_device_key", "parse_sas_token", "sign", "verify_signature"]
+__all__ = [
+    "SasToken",
+    "build_sas_token",
+    "derive_device_key",
+    "parse_sas_token",
+    "sign",
+    "signed_sas_token",
+    "verify_signature",
+]
 
 _PREFIX = "SharedAccessSignature "
 _MAX_TOKEN_LENGTH = 4096
@@ -50,13 +59,27 @@ def sign(key: str | bytes, resource_encoded: str, expiry: int) -> str:
 
 def build_sas_token(resource: str, key: str | bytes, expiry: int, *, key_name: str | None = None) -> str:
     """A SAS token for ``resource`` (unencoded) valid until ``expiry`` (Unix seconds)."""
+    raw_key = base64.b64decode(key, validate=True) if isinstance(key, str) else key
+    return signed_sas_token(
+        resource,
+        expiry,
+        lambda message: hmac.new(raw_key, message, hashlib.sha256).digest(),
+        key_name=key_name,
+    )
+
+
+def signed_sas_token(
+    resource: str, expiry: int, signer: Callable[[bytes], bytes], *, key_name: str | None = None
+) -> str:
+    """A SAS token whose HMAC-SHA256 ``signer`` computes over ``"{encoded sr}\\n{expiry}"``
+    (a key that never leaves a TPM or an HSM)."""
     encoded = quote(resource, safe="")
-    fields = {"sr": encoded, "sig": sign(key, encoded, expiry), "se": str(expiry)}
+    signature = base64.b64encode(signer(f"{encoded}\n{expiry}".encode())).decode("ascii")
+    fields = {"sig": signature, "se": str(expiry)}
     if key_name:
         fields["skn"] = key_name
     # sr is already encoded; encode sig/se/skn only.
-    rest = urlencode({k: v for k, v in fields.items() if k != "sr"}, quote_via=quote)
-    return f"{_PREFIX}sr={encoded}&{rest}"
+    return f"{_PREFIX}sr={encoded}&{urlencode(fields, quote_via=quote)}"
 
 
 def derive_device_key(group_key: str, registration_id: str) -> str:

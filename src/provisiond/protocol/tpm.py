@@ -664,4 +664,3 @@ def make_activation_blob(
         in_sym_seed=in_sym_seed,
         object_public=public.marshal(),
     )
-

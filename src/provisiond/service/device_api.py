@@ -20,8 +20,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ..errors import TpmChallengeRequired
 from ..models import RegistrationStatus
-from ..protocol.messages import DeviceRegistration, encode
+from ..protocol.messages import DeviceRegistration, TpmChallenge, encode
 from .context import context_of
 from .http import decode_body, handle_errors, json_response, require_api_version
 from .registrar import DeviceRequest, Registrar
@@ -66,10 +67,24 @@ def _status_headers(status: RegistrationStatus) -> dict[str, str]:
     return {"Retry-After": str(POLL_AFTER_SECONDS)} if status is RegistrationStatus.ASSIGNING else {}
 
 
+def _tpm_challenge(device: DeviceRequest, challenge: TpmChallengeRequired) -> Response:
+    # Not a DPS error body: the C SDK requires keyName and the absence of status (§2.3).
+    log.info("TPM challenge sent to %s [https]", device.registration_id)
+    body = TpmChallenge(
+        message=challenge.message,
+        authentication_key=challenge.authentication_key,
+        key_name=challenge.key_name,
+    )
+    return json_response(encode(body), 401)
+
+
 @handle_errors
 async def register(request: Request) -> Response:
     device = await _device_request(request, with_body=True)
-    result = await _registrar(request).register(device)
+    try:
+        result = await _registrar(request).register(device)
+    except TpmChallengeRequired as challenge:
+        return _tpm_challenge(device, challenge)
     return json_response(encode(result), 202, _status_headers(result.status))
 
 
@@ -84,7 +99,10 @@ async def operation_status(request: Request) -> Response:
 @handle_errors
 async def status_lookup(request: Request) -> Response:
     device = await _device_request(request, with_body=True)
-    return json_response(encode(await _registrar(request).status_lookup(device)))
+    try:
+        return json_response(encode(await _registrar(request).status_lookup(device)))
+    except TpmChallengeRequired as challenge:
+        return _tpm_challenge(device, challenge)
 
 
 def routes() -> list[Route]:

@@ -24,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from .. import pki
+from ..attestation import tpm as tpm_attestation
 from ..errors import InvalidBodyError, InvalidIdError
 from ..models import (
     AllocationPolicy,
@@ -209,17 +210,8 @@ def _prepare_attestation(
                 raise InvalidBodyError(
                     "attestation.tpm.endorsementKey is required when attestation.type is tpm."
                 )
-            for field, value in (
-                ("endorsementKey", new.tpm.endorsement_key),
-                ("storageRootKey", new.tpm.storage_root_key),
-            ):
-                if value is None:
-                    continue
-                try:
-                    base64.b64decode(value, validate=True)
-                except (binascii.Error, ValueError):
-                    raise InvalidBodyError(f"attestation.tpm.{field} is not valid base64.") from None
-            return AttestationMechanism(type=new.type, tpm=new.tpm)
+            # The EK must be an RSA-2048 endorsement key (TPM2B_PUBLIC), the SRK a storage key.
+            return AttestationMechanism(type=new.type, tpm=tpm_attestation.check_enrollment(new.tpm))
         case AttestationType.X509:
             stored_x509 = old.x509 if (same_type and old is not None) else None
             return AttestationMechanism(type=new.type, x509=_prepare_x509(new.x509, stored_x509, individual))

@@ -12,7 +12,10 @@ Theory of operation
    id; an individual enrollment matches the leaf (or a certificate of its chain), else the chain
    is walked from the first intermediate up to the root for a group (its signing certificate or
    a verified CA it references), and the chain is verified up to what matched. The first match
-   decides: an individual enrollment wins over groups, a disabled match denies.
+   decides: an individual enrollment wins over groups, a disabled match denies. TPM: a register
+   with the EK and SRK and no credential gets a challenge (401); the token of the retried
+   register, for an individual TPM enrollment, must be signed in the TPM with the challenge's
+   key (``attestation/tpm.py``), and the result wraps the hub identity's key for that TPM.
 2. **Allocate** with the enrollment's policy (or the service default) and its reprovision
    policy, given the device's previous registration record.
 3. **Create the identity** in the chosen hub (idempotent), with authentication that matches the
@@ -28,8 +31,10 @@ are written as records with status ``disabled`` or ``failed`` and DPS's errorCod
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import logging
+import secrets
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +45,7 @@ import msgspec
 from .. import pki
 from ..allocation import AllocationError, allocate, candidate_hubs
 from ..attestation import symmetric_key as sk
+from ..attestation import tpm as tpm_att
 from ..attestation import x509 as x5
 from ..errors import (
     AuthenticationError,
@@ -47,6 +53,7 @@ from ..errors import (
     InvalidBodyError,
     NotFoundError,
     PreconditionFailedError,
+    TpmChallengeRequired,
 )
 from ..hub import DeviceAuthentication, HubError, HubRegistry, SymmetricKeyAuth, X509Thumbprint, twin_from
 from ..models import (
@@ -66,6 +73,7 @@ from ..protocol.messages import (
     DeviceRegistrationResult,
     RegistrationOperationStatus,
     SymmetricKeyRegistrationResult,
+    TpmRegistrationResult,
     X509RegistrationResult,
 )
 from ..protocol.sas import derive_device_key
@@ -116,6 +124,8 @@ class _Match:
     attestation: AttestationType
     x509: X509RegistrationResult | None = None
     leaf_sha256: str | None = None
+    tpm: tpm_att.TpmProof | None = None
+    hub_keys: tuple[bytes, bytes] | None = None  # TPM: the hub identity's keys (primary wrapped for the TPM)
 
     @property
     def enrollment(self) -> IndividualEnrollment | EnrollmentGroup:
@@ -139,6 +149,7 @@ class Registrar:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.hubs = HubRegistry(ctx.store)
+        self.tpm = tpm_att.TpmAttestor(ctx.store, clock=ctx.clock)
 
     # --- entry points ------------------------------------------------------------------------
 
@@ -149,7 +160,7 @@ class Registrar:
         :raises InvalidBodyError, InvalidIdError: the request is malformed.
         """
         await self._check_request(request)
-        match = await self._match(request)
+        match = await self._match(request, registering=True)
         previous = await self.ctx.store.get(Collection.REGISTRATIONS, request.registration_id)
         for _ in range(_WRITE_ATTEMPTS):
             state = await self._assign(request, match, previous)
@@ -209,14 +220,19 @@ class Registrar:
 
     # --- attestation and matching ------------------------------------------------------------
 
-    async def _match(self, request: DeviceRequest) -> _Match:
+    async def _match(self, request: DeviceRequest, *, registering: bool = False) -> _Match:
         if request.authorization:
-            return await self._match_symmetric_key(request)
+            return await self._match_symmetric_key(request, registering=registering)
         if request.client_chain:
             return await self._match_x509(request)
         if request.body.tpm is not None:
-            raise AuthenticationError(
-                "TPM attestation is not supported by this provisiond version yet.", error_code=401000
+            ek, srk = tpm_att.request_keys(request.body.tpm)
+            blob = await self.tpm.challenge(request.registration_id, ek, srk)
+            raise TpmChallengeRequired(
+                "Activate the authenticationKey in the TPM, then register again with a SAS token signed by the "
+                "imported key.",
+                authentication_key=blob.b64(),
+                key_name=tpm_att.KEY_NAME,
             )
         raise AuthenticationError(
             "No credential: send a SharedAccessSignature token (symmetric key), or present the device "
@@ -224,7 +240,7 @@ class Registrar:
             error_code=401000,
         )
 
-    async def _match_symmetric_key(self, request: DeviceRequest) -> _Match:
+    async def _match_symmetric_key(self, request: DeviceRequest, *, registering: bool = False) -> _Match:
         reg_id = request.registration_id
         token = sk.check_device_token(
             request.authorization,
@@ -236,6 +252,8 @@ class Registrar:
         record = await self.ctx.store.get(Collection.ENROLLMENTS, reg_id)
         if record is not None:
             enrollment: IndividualEnrollment = _decode(record, IndividualEnrollment)
+            if enrollment.attestation.type is AttestationType.TPM:  # a token signed in the TPM
+                return await self._match_tpm(request, enrollment, token, registering=registering)
             if enrollment.attestation.type is not AttestationType.SYMMETRIC_KEY:
                 raise AuthenticationError(
                     f"The individual enrollment {enrollment.registration_id!r} uses {enrollment.attestation.type.value} "
@@ -257,6 +275,19 @@ class Registrar:
                 error_code=sk.TOKEN_INVALID,
             )
         return _Match(None, group, AttestationType.SYMMETRIC_KEY)
+
+    async def _match_tpm(
+        self, request: DeviceRequest, enrollment: IndividualEnrollment, token: Any, *, registering: bool
+    ) -> _Match:
+        proof = await self.tpm.authenticate(
+            token,
+            request.registration_id,
+            enrollment=enrollment,
+            presented=request.body.tpm,
+            consume=registering,
+        )
+        keys = (secrets.token_bytes(tpm_att.KEY_BYTES), secrets.token_bytes(tpm_att.KEY_BYTES))
+        return _Match(enrollment, None, AttestationType.TPM, tpm=proof, hub_keys=keys)
 
     async def _groups(self, attestation: AttestationType) -> list[EnrollmentGroup]:
         groups: list[EnrollmentGroup] = []
@@ -511,6 +542,9 @@ class Registrar:
             substatus=substatus,
             assigned_hub=hub.host_name.lower(),
             device_id=device_id,
+            tpm=TpmRegistrationResult(authentication_key=match.tpm.wrap(match.hub_keys[0]))
+            if match.tpm is not None and match.hub_keys is not None
+            else None,
         )
 
     @staticmethod
@@ -525,6 +559,12 @@ class Registrar:
                 )
             else:
                 primary, secondary = keys.primary_key, keys.secondary_key
+            return DeviceAuthentication(
+                type="sas", symmetric_key=SymmetricKeyAuth(primary_key=primary, secondary_key=secondary)
+            )
+        if match.attestation is AttestationType.TPM:
+            assert match.hub_keys is not None
+            primary, secondary = (base64.b64encode(key).decode("ascii") for key in match.hub_keys)
             return DeviceAuthentication(
                 type="sas", symmetric_key=SymmetricKeyAuth(primary_key=primary, secondary_key=secondary)
             )
