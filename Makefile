@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "provisiond needs Python 3.11 or newer (python3.11 on PATH)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[postgres,dev]"
+	$(BIN)/pip install -q -e ".[postgres,dev,tpm]"
 	@touch $@
 
 run: venv
