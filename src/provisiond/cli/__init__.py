@@ -27,6 +27,7 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
     "settings": ("provisiond.cli.manage", "settings", "Show or change the service settings."),
     "pki": ("provisiond.cli.pki", "pki", "Make a development PKI: CAs, device certificates, PKCS#12."),
     "device": ("provisiond.cli.device", "device", "Act as a device: register with a provisioning service."),
+    "tpm": ("provisiond.cli.tpm", "tpm", "Read a TPM's endorsement key and registration id, to enroll it."),
 }
 
 

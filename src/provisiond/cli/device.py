@@ -37,6 +37,7 @@ def device() -> None:
       provisiond device register --data-dir DIR --registration-id dev-2 --group-key GROUPKEY
       provisiond device register --data-dir DIR --cert certs/dev-3-chain.pem --key certs/dev-3.key
       provisiond device register --data-dir DIR --pkcs12 dev-4.pfx --password secret
+      provisiond device register --data-dir DIR --tpm swtpm:host=127.0.0.1,port=2321
     """
 
 
@@ -83,14 +84,20 @@ def _security(
     key_password: str | None,
     pkcs12: Path | None,
     password: str | None,
+    tpm: str | None = None,
 ) -> SecurityProvider:
     chosen = [name for name, value in (("--symmetric-key", symmetric_key), ("--group-key", group_key),
-                                       ("--cert", cert), ("--pkcs12", pkcs12)) if value is not None]  # fmt: skip
+                                       ("--cert", cert), ("--pkcs12", pkcs12), ("--tpm", tpm)) if value is not None]  # fmt: skip
     if len(chosen) != 1:
         raise click.UsageError(
             "Give exactly one attestation: --symmetric-key KEY, --group-key KEY (each with --registration-id), "
-            "--cert PEM --key PEM, or --pkcs12 FILE." + (f" Got {', '.join(chosen)}." if chosen else "")
+            "--cert PEM --key PEM, --pkcs12 FILE, or --tpm TCTI."
+            + (f" Got {', '.join(chosen)}." if chosen else "")
         )
+    if tpm is not None:
+        from ..device.tpm import TpmSecurity  # the tpm extra; imported only when asked for
+
+        return TpmSecurity(tcti=tpm, registration_id=registration_id)
     if cert is None and (key or chain or key_password):
         raise click.UsageError("--key, --chain and --key-password go with --cert.")
     if pkcs12 is None and password is not None:
@@ -180,6 +187,12 @@ def _print_result(doc: dict[str, Any]) -> None:
 @click.option(
     "--password", metavar="PASSWORD", envvar="PROVISIOND_PKCS12_PASSWORD", help="Password of --pkcs12."
 )
+@click.option(
+    "--tpm",
+    metavar="TCTI",
+    help="TPM 2.0: how to reach the device's TPM (device:/dev/tpmrm0, swtpm:host=H,port=P, mssim:...); "
+    "the registration id defaults to the one derived from its EK (`provisiond tpm ek`).",
+)
 @click.option("--payload", metavar="JSON|@FILE", help="Custom data for the service's allocation.")
 @click.option("--force", is_flag=True, help="Re-run the assignment even if the device is already assigned.")
 @click.option(
@@ -212,6 +225,7 @@ def register(
     key_password: str | None,
     pkcs12: Path | None,
     password: str | None,
+    tpm: str | None,
     payload: str | None,
     force: bool,
     transport: str,
@@ -222,7 +236,7 @@ def register(
     """Register a device and print where it was assigned.
 
     Exactly one attestation: --symmetric-key or --group-key (with --registration-id),
-    --cert and --key (X.509, PEM), or --pkcs12 (X.509). On failure the service's message,
+    --cert and --key (X.509, PEM), --pkcs12 (X.509), or --tpm (TPM 2.0). On failure the service's message,
     errorCode and trackingId are printed and the exit code is non-zero (the error propagates as
     a ProvisioningError, which `provisiond`'s main() prints, as for every command).
     """
@@ -243,6 +257,7 @@ def register(
             key_password=key_password,
             pkcs12=pkcs12,
             password=password,
+            tpm=tpm,
         )
         with ProvisioningDeviceClient.create(
             service.endpoint,

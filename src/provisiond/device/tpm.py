@@ -123,8 +123,14 @@ class TpmSecurity(SecurityProvider):
         self._lock = threading.RLock()
         self._activated = False
         self._key_name = SAS_KEY_NAME
-        with _step(f"to open the TCTI {tcti!r} (is the TPM or simulator there?)"):
+        try:
             self._esapi: Any = ESAPI(tcti)
+        except TSS2_Exception as exc:
+            raise TpmCommandError(
+                f"Cannot reach a TPM through the TCTI {tcti!r} ({exc}): is the TPM (or the simulator) there, "
+                "and may this user open it?",
+                rc=int(exc.rc),
+            ) from exc
         try:
             self._ek = self._persistent_key(tpm.EK_HANDLE, tpm.EK_TEMPLATE, ESYS_TR.ENDORSEMENT, "EK")
             self._srk = self._persistent_key(tpm.SRK_HANDLE, tpm.SRK_TEMPLATE, ESYS_TR.OWNER, "SRK")
