@@ -434,8 +434,23 @@ def _storage_key(data: bytes, what: str, *, endorsement: bool) -> PublicArea:
     return key
 
 
+_ATTRIBUTE_NAMES = {  # the spelling of TPM 2.0 Part 2 (TPMA_OBJECT)
+    ObjectAttributes.FIXED_TPM: "fixedTPM",
+    ObjectAttributes.ST_CLEAR: "stClear",
+    ObjectAttributes.FIXED_PARENT: "fixedParent",
+    ObjectAttributes.SENSITIVE_DATA_ORIGIN: "sensitiveDataOrigin",
+    ObjectAttributes.USER_WITH_AUTH: "userWithAuth",
+    ObjectAttributes.ADMIN_WITH_POLICY: "adminWithPolicy",
+    ObjectAttributes.NO_DA: "noDA",
+    ObjectAttributes.ENCRYPTED_DUPLICATION: "encryptedDuplication",
+    ObjectAttributes.RESTRICTED: "restricted",
+    ObjectAttributes.DECRYPT: "decrypt",
+    ObjectAttributes.SIGN_ENCRYPT: "sign",
+}
+
+
 def _flags(flags: ObjectAttributes) -> str:
-    return "|".join(f.name.lower() for f in ObjectAttributes if f in flags and f.name)
+    return "|".join(name for flag, name in _ATTRIBUTE_NAMES.items() if flag in flags)
 
 
 def endorsement_key(data: bytes, what: str = "endorsement key") -> PublicArea:
