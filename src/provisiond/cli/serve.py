@@ -166,11 +166,20 @@ def _run(settings: Settings, ca_file: Path | None) -> None:
 )
 @click.option(
     "--mqtt-port",
-    type=click.IntRange(1, 65535),
+    type=click.IntRange(0, 65535),
     default=8883,
     show_default=True,
     envvar="PROVISIOND_MQTT_PORT",
-    help="MQTT over TLS port (reserved: the MQTT transport is not built yet).",
+    help="MQTT 3.1.1 over TLS port for devices (8883 for the official SDKs; 0: off). MQTT over "
+    "WebSockets is served on the HTTPS port either way.",
+)
+@click.option(
+    "--mqtt-connect-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    envvar="PROVISIOND_MQTT_CONNECT_TIMEOUT",
+    help="Seconds an MQTT connection may take to send its CONNECT before it is closed.",
 )
 @click.option(
     "--amqp-port",
@@ -243,6 +252,7 @@ def serve(
     bind: str,
     https_port: int,
     mqtt_port: int,
+    mqtt_connect_timeout: float,
     amqp_port: int,
     db: str | None,
     server_cert: Path | None,
@@ -282,6 +292,7 @@ def serve(
         bind=bind,
         https_port=https_port,
         mqtt_port=mqtt_port,
+        mqtt_connect_timeout=mqtt_connect_timeout,
         amqp_port=amqp_port,
         db=db,
         server_cert=server_cert,

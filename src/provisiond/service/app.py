@@ -20,6 +20,7 @@ from ..errors import ConflictError, MethodNotAllowedError, NotFoundError, Provis
 from ..models import AllocationPolicy, LinkedHub, Right, ServiceSettings, SharedAccessPolicy
 from ..storage import Collection, Store, WriteMode, open_store
 from . import admin, api, device_api
+from . import mqtt as _mqtt  # noqa: F401  (registers the MQTT listeners: STARTERS, WEBSOCKET_HANDLERS)
 from .context import SETTINGS_KEY, ServiceContext
 from .enrollments import generate_key
 from .http import error_response, tracking_id
@@ -27,7 +28,6 @@ from .listeners import running_listeners
 from .registrar import Registrar
 from .settings import Settings
 from .streams import websocket_endpoint
-from .throttle import RateLimiter
 
 __all__ = ["OWNER_POLICY", "WORKER_SETTINGS_ENV", "app_from_environment", "create_app", "initialize"]
 
@@ -138,11 +138,7 @@ def create_app(
     )
     app.state.ctx = ctx
     app.state.registrar = registrar
-    app.state.limiter = RateLimiter(
-        clock=ctx.clock,
-        global_per_second=settings.rate_limit,
-        device_per_minute=settings.device_rate_limit,
-    )
+    app.state.limiter = ctx.limiter
     return app
 
 

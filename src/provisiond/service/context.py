@@ -18,6 +18,7 @@ from ..storage import Collection, Record, Store
 from .auth import authorize
 from .http import read_body, require_api_version
 from .settings import Settings
+from .throttle import RateLimiter
 
 __all__ = ["ServiceContext", "context_of"]
 
@@ -32,6 +33,15 @@ class ServiceContext:
     # A short-lived copy of the rarely written settings and linked hubs, for the registration
     # path only (``max_age``); never the source of truth (see ``invalidate``).
     _cache: dict[str, tuple[float, Any]] = field(default_factory=dict, repr=False)
+    #: The device API's rate limits in this worker, one for every transport (HTTPS, MQTT, AMQP).
+    limiter: RateLimiter = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.limiter = RateLimiter(
+            clock=self.clock,
+            global_per_second=self.settings.rate_limit,
+            device_per_minute=self.settings.device_rate_limit,
+        )
 
     def invalidate(self) -> None:
         """Forget cached settings and hubs (after an admin write on this node; other nodes and

@@ -39,6 +39,8 @@ class Settings:
     #: per minute per registration id.
     rate_limit: float | None = None
     device_rate_limit: float | None = None
+    #: MQTT: seconds a connection may take to send its CONNECT (after the TLS handshake).
+    mqtt_connect_timeout: float = 10.0
     #: Extra host names the server certificate and SAS ``sr`` checks accept.
     extra_host_names: tuple[str, ...] = field(default_factory=tuple)
 
