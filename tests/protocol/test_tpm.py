@@ -217,6 +217,8 @@ def test_the_standard_ek_passes() -> None:
             "AES-256-CFB, not AES-128-CFB",
             id="aes-256",
         ),
+        pytest.param(_variant(EK, auth_policy=b""), "authPolicy is not PolicySecret", id="no-ek-policy"),
+        pytest.param(SRK.tpm2b(), "lacks the attribute(s) adminWithPolicy", id="srk-as-ek"),
         pytest.param(tpm.hmac_key_public(b"k", b"s").tpm2b(), "not an RSA key", id="keyedhash"),
         pytest.param(b"\x00\x0a\x00\x23\x00\x0b\x00\x03\x00\x72\x00\x00", "ECC key", id="ecc"),
         pytest.param(EK.marshal(), "endorsement key", id="tpmt-without-size"),

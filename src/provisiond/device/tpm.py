@@ -90,9 +90,11 @@ def _step(what: str, hint: str = "") -> Iterator[None]:
         yield
     except TSS2_Exception as exc:
         rc = int(exc.rc)
-        error = int(getattr(exc, "error", rc))
         text = f"The TPM failed {what}: {exc} (rc 0x{rc:x})."
-        if hint and error in (0x09F, 0x084, 0x095, 0x096):  # integrity, value, size, key size
+        from_tpm = rc >> 16 == 0  # not the TSS's own (layered) codes
+        warning = not rc & 0x80 and rc & 0x900 == 0x900  # e.g. out of object memory: not the blob's fault
+        if hint and from_tpm and not warning:
+            # Integrity, value or size errors; swtpm answers TPM_RC_FAILURE to a bad OAEP secret.
             text += f" {hint}"
         raise TpmCommandError(text, rc=rc) from exc
 
@@ -331,7 +333,9 @@ class TpmSecurity(SecurityProvider):
         with _step(f"to persist the identity key at 0x{handle:08x} (TPM2_EvictControl)"):
             if self._exists(handle):
                 old = e.tr_from_tpmpublic(handle)
-                e.evict_control(ESYS_TR.OWNER, old, handle)  # evicts; the TR is closed by ESAPI
+                e.evict_control(ESYS_TR.OWNER, old, handle)  # evicts the older key
+                with contextlib.suppress(TSS2_Exception):  # ESAPI keeps the TR (and its Name) otherwise
+                    e.tr_close(old)
             persistent = e.evict_control(ESYS_TR.OWNER, loaded, handle)
             e.tr_close(persistent)
 

@@ -411,10 +411,13 @@ def _storage_key(data: bytes, what: str, *, endorsement: bool) -> PublicArea:
         problems.append(f"its name algorithm is {_alg_name(key.name_alg)}, not SHA256")
     needed = ObjectAttributes.RESTRICTED | ObjectAttributes.DECRYPT
     if endorsement:
-        needed |= ObjectAttributes.FIXED_TPM | ObjectAttributes.FIXED_PARENT
+        needed |= ObjectAttributes.FIXED_TPM | ObjectAttributes.FIXED_PARENT | ObjectAttributes.ADMIN_WITH_POLICY
     missing = needed & ~key.object_attributes
     if missing:
         problems.append(f"it lacks the attribute(s) {_flags(missing)}")
+    if endorsement and key.auth_policy != EK_AUTH_POLICY:
+        # The SDKs (and provisiond's device) satisfy the EK's policy with PolicySecret(ENDORSEMENT).
+        problems.append("its authPolicy is not PolicySecret(TPM_RH_ENDORSEMENT) (the TCG default EK's)")
     if ObjectAttributes.SIGN_ENCRYPT in key.object_attributes:
         problems.append("it is a signing key, not a decryption (storage) key")
     if key.parameters.symmetric != AES_128_CFB:

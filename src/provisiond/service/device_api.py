@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from ..errors import TpmChallengeRequired
 from ..models import RegistrationStatus
-from ..protocol.messages import DeviceRegistration, TpmChallenge, encode
+from ..protocol.messages import DeviceRegistration, encode
 from .context import context_of
 from .http import decode_body, handle_errors, json_response, require_api_version
 from .registrar import DeviceRequest, Registrar
@@ -70,12 +70,12 @@ def _status_headers(status: RegistrationStatus) -> dict[str, str]:
 def _tpm_challenge(device: DeviceRequest, challenge: TpmChallengeRequired) -> Response:
     # Not a DPS error body: the C SDK requires keyName and the absence of status (§2.3).
     log.info("TPM challenge sent to %s [https]", device.registration_id)
-    body = TpmChallenge(
-        message=challenge.message,
-        authentication_key=challenge.authentication_key,
-        key_name=challenge.key_name,
-    )
-    return json_response(encode(body), 401)
+    body = {
+        "message": challenge.message,
+        "authenticationKey": challenge.authentication_key,
+        "keyName": challenge.key_name,  # always written (TpmChallenge would omit the default)
+    }
+    return json_response(body, 401)
 
 
 @handle_errors
