@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import given, settings
@@ -437,8 +437,8 @@ FUZZ_INPUTS = 20_000
 
 def test_fuzz_mutated_frames() -> None:
     rng = random.Random(61)
-    message = encode_message(MESSAGES[1].values[0])
-    seeds = [frame_bytes(p.values[0]) for p in FRAMES]
+    message = encode_message(cast(Message, MESSAGES[1].values[0]))
+    seeds = [frame_bytes(cast(Frame, p.values[0])) for p in FRAMES]
     seeds.append(
         frame_bytes(Frame(FrameType.AMQP, 0, Transfer(handle=0, delivery_id=0, delivery_tag=b"t"), message))
     )
