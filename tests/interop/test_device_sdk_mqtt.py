@@ -89,6 +89,10 @@ def assert_assigned(result: Any, dps: RunningServer, device_id: str) -> None:
     assert result.registration_state.device_id == device_id
 
 
+def x509(cert: Path, key: Path) -> Any:
+    return X509(str(cert), str(key))  # type: ignore[no-untyped-call]
+
+
 def symmetric_client(dps: RunningServer, ca_pem: str, reg: str, key: str, websockets: bool) -> Any:
     return ProvisioningDeviceClient.create_from_symmetric_key(
         provisioning_host="localhost",
@@ -153,7 +157,7 @@ def test_x509_individual(
         provisioning_host="localhost",
         registration_id=reg,
         id_scope=dps.id_scope,
-        x509=X509(str(pki.cert_path(tmp_path / "dev")), str(pki.key_path(tmp_path / "dev"))),
+        x509=x509(pki.cert_path(tmp_path / "dev"), pki.key_path(tmp_path / "dev")),
         server_verification_cert=ca_pem,
         websockets=websockets,
     )
@@ -184,7 +188,7 @@ def test_x509_group_with_an_intermediate(
         registration_id=reg,
         id_scope=dps.id_scope,
         # The cert file holds the leaf and the intermediate; the SDK presents both.
-        x509=X509(str(pki.chain_path(tmp_path / "dev")), str(pki.key_path(tmp_path / "dev"))),
+        x509=x509(pki.chain_path(tmp_path / "dev"), pki.key_path(tmp_path / "dev")),
         server_verification_cert=ca_pem,
         websockets=websockets,
     )
@@ -209,6 +213,6 @@ def test_a_wrong_key_fails_with_the_services_401(
     finally:
         # The SDK shuts its pipeline down only after a success; without this its timers keep
         # the interpreter waiting at exit.
-        done = EventedCallback()
+        done = EventedCallback()  # type: ignore[no-untyped-call]
         client._pipeline.shutdown(callback=done)
-        done.wait_for_completion()
+        done.wait_for_completion()  # type: ignore[no-untyped-call]
