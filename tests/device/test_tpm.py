@@ -13,6 +13,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -207,6 +208,19 @@ def test_a_missing_tpm_extra_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(device_tpm, "_IMPORT_ERROR", ImportError("No module named 'tpm2_pytss'"))
     with pytest.raises(ConfigurationError, match=r"pip install 'provisiond\[tpm\]'"):
         TpmSecurity(tcti="device:/dev/tpmrm0")
+
+
+def test_the_service_and_the_cli_work_without_tpm2_pytss() -> None:
+    # The server installs without libtss2: nothing outside TpmSecurity may need tpm2-pytss.
+    code = (
+        "import sys; sys.modules['tpm2_pytss'] = None\n"
+        "import provisiond.service.app, provisiond.cli.serve, provisiond.cli.device, provisiond.cli.tpm\n"
+        "from provisiond.cli import main\n"
+        "main(['tpm', 'ek', '--tcti', 'device:/nonexistent'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr  # ConfigurationError's exit code, not a traceback
+    assert "pip install 'provisiond[tpm]'" in done.stderr and "Traceback" not in done.stderr
 
 
 # --- tpm2-tools as an independent peer -----------------------------------------------------------
