@@ -274,3 +274,21 @@ def test_the_provider_uses_an_ek_tpm2_tools_persisted(
     with TpmSecurity(tcti=simulator.tcti) as provider:
         assert provider.endorsement_key == (tmp_path / "ek.pub").read_bytes()
         assert provider.registration_id == tpm.registration_id((tmp_path / "ek.pub").read_bytes())
+
+
+def test_the_tpm_sample_provisions_through_a_simulated_tpm(server: RunningServer) -> None:
+    sample = Path(__file__).parents[2] / "samples" / "tpm_simulated.py"
+    runs = [
+        subprocess.run(
+            [sys.executable, str(sample), "--data-dir", str(server.data_dir)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        for _ in range(2)  # the second run is the same device (the TPM's state is kept)
+    ]
+    for done in runs:
+        assert done.returncode == 0, done.stderr
+        assert "assigned: device" in done.stdout and "hub SAS signature, computed in the TPM" in done.stdout
+    first_id, second_id = (done.stdout.splitlines()[0] for done in runs)
+    assert first_id == second_id and first_id.startswith("TPM registration id: ")
