@@ -252,7 +252,13 @@ class Connection:
 
     @property
     def _paused(self) -> bool:
-        return self._phase is _Phase.SASL and self.sasl_state is SaslState.DECIDING
+        """Whether the next input must wait for the application: it owes the peer a SASL frame,
+        its open, or the answer to an attach (a pipelining peer's next frames depend on it)."""
+        if self._phase is _Phase.SASL:
+            return self.sasl_state is SaslState.DECIDING
+        return self.state is ConnectionState.OPEN_RCVD or any(
+            s.awaiting_answer for s in self.sessions.values()
+        )
 
     def get_outbound_data(self) -> bytes:
         """The bytes to send now (and forget)."""

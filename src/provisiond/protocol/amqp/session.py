@@ -194,6 +194,11 @@ class Session:
         self.end(error(condition, description))
 
     @property
+    def awaiting_answer(self) -> bool:
+        """Whether the peer attached a link the application has not answered yet."""
+        return any(link.state is LinkState.ATTACH_RCVD for link in self.links.values())
+
+    @property
     def live(self) -> bool:
         """Whether the peer's session frames are still processed (not ending)."""
         return self.state is SessionState.MAPPED
