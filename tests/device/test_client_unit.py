@@ -169,8 +169,8 @@ def test_create_picks_transports_by_name_or_instance(tmp_path: Path) -> None:
     assert isinstance(client.transport, HttpsTransport) and client.transport.host == "localhost:8443"
     mock = MockTransport(assigning_then_assigned)
     assert AsyncProvisioningDeviceClient.create("x:1", SCOPE, security(), mock).transport is mock
-    with pytest.raises(ValueError, match="Unknown transport 'mqtt'"):
-        AsyncProvisioningDeviceClient.create("localhost:8443", SCOPE, security(), "mqtt")
+    with pytest.raises(ValueError, match="Unknown transport 'smtp'"):
+        AsyncProvisioningDeviceClient.create("localhost:8443", SCOPE, security(), "smtp")
     with pytest.raises(ValueError, match="not an endpoint"):
         AsyncProvisioningDeviceClient.create("localhost:8443/path", SCOPE, security(), TransportKind.HTTPS)
     with pytest.raises(ConfigurationError, match="CA certificates"):

@@ -49,7 +49,11 @@ class _Service:
 
 
 def _service(
-    data_dir: Path | None, endpoint: str | None, id_scope: str | None, ca_file: Path | None
+    data_dir: Path | None,
+    endpoint: str | None,
+    id_scope: str | None,
+    ca_file: Path | None,
+    transport: TransportKind = TransportKind.HTTPS,
 ) -> _Service:
     info: dict[str, Any] = {}
     if data_dir is not None:
@@ -62,6 +66,8 @@ def _service(
                 param_hint="--data-dir",
             ) from None
         info = loaded if isinstance(loaded, dict) else {}
+    if not endpoint and transport is TransportKind.MQTT and info.get("host") and info.get("mqttPort"):
+        endpoint = f"{info['host']}:{info['mqttPort']}"  # MQTT over WebSockets shares the HTTPS port
     endpoint = endpoint or info.get("globalEndpoint")
     id_scope = id_scope or info.get("idScope")
     if not endpoint or not id_scope:
@@ -200,7 +206,8 @@ def _print_result(doc: dict[str, Any]) -> None:
     type=click.Choice([kind.value for kind in TransportKind]),
     default=TransportKind.HTTPS.value,
     show_default=True,
-    help="The device protocol.",
+    help="The device protocol: HTTPS, MQTT over TLS (with --data-dir: the server's mqttPort; else "
+    "--endpoint's port, default 8883) or MQTT over WebSockets (the HTTPS port, default 443).",
 )
 @click.option(
     "--timeout",
@@ -244,7 +251,7 @@ def register(
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         for name in ("provisiond.device", "provisiond.protocol"):
             logging.getLogger(name).setLevel(logging.DEBUG)
-    service = _service(data_dir, endpoint, id_scope, ca_file)
+    service = _service(data_dir, endpoint, id_scope, ca_file, TransportKind(transport))
     data = load_json_arg(payload, "--payload") if payload is not None else None
     try:
         security = _security(

@@ -18,6 +18,7 @@ from __future__ import annotations
 from ..protocol.registration import RegistrationResult, RetryPolicy
 from ..protocol.sas import derive_device_key
 from .async_client import AsyncProvisioningDeviceClient
+from .mqtt import MqttTransport
 from .security import PemX509Credential, SecurityProvider, SymmetricKeySecurity, X509Credential, X509Security
 from .sync_client import ProvisioningDeviceClient
 from .transport import HttpsTransport, MockTransport, Transport, TransportKind
@@ -26,6 +27,7 @@ __all__ = [
     "AsyncProvisioningDeviceClient",
     "HttpsTransport",
     "MockTransport",
+    "MqttTransport",
     "PemX509Credential",
     "ProvisioningDeviceClient",
     "RegistrationResult",

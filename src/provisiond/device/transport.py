@@ -56,6 +56,8 @@ class TransportKind(enum.Enum):
     """The transports :meth:`AsyncProvisioningDeviceClient.create` can build by name."""
 
     HTTPS = "https"
+    MQTT = "mqtt"
+    MQTT_WS = "mqtt-ws"
 
 
 class Transport(ABC):

@@ -1,0 +1,440 @@
+"""The device client's MQTT transport: DPS over MQTT 3.1.1 on TLS (port 8883) or over
+WebSockets (``wss://host:443/$iothub/websocket``, subprotocol ``mqtt``), device-protocol.md §3.
+
+It carries the flow's requests like :class:`~provisiond.device.transport.HttpsTransport`:
+it makes no decisions (polling, retries and backoff live in
+:mod:`provisiond.protocol.registration`) and hands every answer back as a
+:class:`~provisiond.protocol.registration.Reply` whose status is the one in the response topic,
+with the topic's ``retry-after``.
+
+One connection serves the device's whole registration (register, then polls): the first
+request opens it and sends CONNECT, SUBSCRIBE ``$dps/registrations/res/#`` and the PUBLISH in
+one write (MQTT lets a client pipeline behind its CONNECT), so a registration costs one round
+trip after the TLS handshake. Requests go one at a time, each with its own ``$rid``; answers
+to other rids (a late answer to a request that timed out) are acknowledged and dropped.
+While the flow sleeps the connection idles; if it idled past its keep-alive, or the service
+closed it, the next request opens a new one. :meth:`MqttTransport.close` sends DISCONNECT.
+
+Errors are translated once, at this boundary: cannot connect or TLS refused ->
+:class:`~provisiond.errors.ConnectError`; no answer in time ->
+:class:`~provisiond.errors.TimeoutError`; the connection broke ->
+:class:`~provisiond.errors.TransportError`; a malformed packet or topic from the service ->
+:class:`~provisiond.errors.RemoteProtocolError`. A refusing CONNACK is the service's answer,
+so it becomes a :class:`Reply` with the HTTP-like status of :data:`CONNACK_STATUS` (4 and 5:
+401, refused by the flow with the reason; 3: 503, retried with backoff).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import itertools
+import logging
+import os
+import ssl
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Protocol
+
+import httpx
+import msgspec
+
+from ..errors import ConnectError, ProvisioningError, RemoteProtocolError, TimeoutError, TransportError
+from ..protocol.messages import encode
+from ..protocol.mqtt import (
+    Connack,
+    ConnectReturnCode,
+    Lapse,
+    MqttConnection,
+    Packet,
+    Publish,
+    QoS,
+    Role,
+    State,
+    Suback,
+    SubackReturnCode,
+    Subscription,
+)
+from ..protocol.registration import Reply, Request, SendRegister, parse_retry_after
+from ..protocol.topics import (
+    RESPONSE_FILTER,
+    build_username,
+    parse_response_topic,
+    register_topic,
+    status_topic,
+)
+from .security import SecurityProvider
+from .transport import (
+    DEFAULT_API_VERSION,
+    DEFAULT_SAS_TTL,
+    USER_AGENT,
+    Transport,
+    _endpoint,
+    _load_client_certificate,
+    client_ssl_context,
+)
+
+if TYPE_CHECKING:
+    from websockets.asyncio.client import ClientConnection
+
+__all__ = [
+    "CONNACK_STATUS",
+    "DEFAULT_KEEP_ALIVE",
+    "MQTT_PORT",
+    "WEBSOCKET_PATH",
+    "WEBSOCKET_PORT",
+    "MqttTransport",
+]
+
+logger = logging.getLogger(__name__)
+
+MQTT_PORT = 8883
+WEBSOCKET_PORT = 443
+WEBSOCKET_PATH = "/$iothub/websocket"
+#: Seconds between the client's keep-alive pings (the Python SDK's default).
+DEFAULT_KEEP_ALIVE = 60
+#: A refusing CONNACK as the HTTP-like status the registration flow understands.
+CONNACK_STATUS: dict[ConnectReturnCode, int] = {
+    ConnectReturnCode.UNACCEPTABLE_PROTOCOL_VERSION: 400,
+    ConnectReturnCode.IDENTIFIER_REJECTED: 400,
+    ConnectReturnCode.SERVER_UNAVAILABLE: 503,
+    ConnectReturnCode.BAD_USERNAME_OR_PASSWORD: 401,
+    ConnectReturnCode.NOT_AUTHORIZED: 401,
+}
+_CONNACK_TEXT = {
+    ConnectReturnCode.UNACCEPTABLE_PROTOCOL_VERSION: "it does not speak MQTT 3.1.1",
+    ConnectReturnCode.IDENTIFIER_REJECTED: "it rejected the client id (the registration id)",
+    ConnectReturnCode.SERVER_UNAVAILABLE: "it is unavailable",
+    ConnectReturnCode.BAD_USERNAME_OR_PASSWORD: "bad user name or password (the ID scope, registration id or SAS token)",
+    ConnectReturnCode.NOT_AUTHORIZED: "not authorized (no credential it accepts)",
+}
+_READ_SIZE = 65536
+
+
+class _Channel(Protocol):
+    """Bytes to and from the service, over TLS or a WebSocket."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    async def read(self) -> bytes:
+        """The next bytes; ``b""`` when the service closed the connection."""
+        ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class _TlsChannel:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    @property
+    def closed(self) -> bool:
+        return self._reader.at_eof() or self._writer.is_closing()
+
+    async def read(self) -> bytes:
+        return await self._reader.read(_READ_SIZE)
+
+    async def write(self, data: bytes) -> None:
+        self._writer.write(data)
+        await self._writer.drain()
+
+    async def close(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(OSError, builtins.TimeoutError):
+            await asyncio.wait_for(self._writer.wait_closed(), 2)
+
+
+class _WebSocketChannel:
+    def __init__(self, websocket: ClientConnection) -> None:
+        self._ws = websocket
+
+    @property
+    def closed(self) -> bool:
+        return self._ws.close_code is not None
+
+    async def read(self) -> bytes:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            message = await self._ws.recv()
+        except ConnectionClosed:
+            return b""
+        return message if isinstance(message, bytes) else message.encode()
+
+    async def write(self, data: bytes) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            await self._ws.send(data)
+        except ConnectionClosed as exc:
+            raise ConnectionResetError(str(exc)) from exc
+
+    async def close(self) -> None:
+        await self._ws.close()
+
+
+class _Connection:
+    """One MQTT connection: the channel and the client machine."""
+
+    def __init__(self, channel: _Channel, machine: MqttConnection, registration_id: str) -> None:
+        self.channel = channel
+        self.machine = machine
+        self.registration_id = registration_id
+
+    @property
+    def usable(self) -> bool:
+        deadline = self.machine.deadline()
+        idle_too_long = deadline is not None and time.monotonic() >= deadline
+        return self.machine.state is not State.CLOSED and not self.channel.closed and not idle_too_long
+
+    async def flush(self) -> None:
+        data = self.machine.get_outbound_data()
+        if data:
+            await self.channel.write(data)
+
+
+class _Refused(Exception):
+    def __init__(self, code: ConnectReturnCode) -> None:
+        super().__init__(code.name)
+        self.code = code
+
+
+class MqttTransport(Transport):
+    """DPS's MQTT device API (device-protocol.md §3), over TLS or WebSockets.
+
+    :param host: the global endpoint, ``host`` or ``host:port`` (default port 8883, or 443
+        with ``websockets``).
+    :param id_scope: the service's ID scope.
+    :param security: signs SAS tokens (the CONNECT password) or supplies the TLS client
+        certificate (X.509).
+    :param websockets: MQTT over WebSockets (``wss://host:port/$iothub/websocket``).
+    :param ssl_context: the TLS context to use; the security provider's client certificate is
+        loaded into it. Give this or ``ca_file``, not both.
+    :param ca_file: PEM file of the CAs that may sign the service's certificate (default: the
+        system's trust store).
+    :param timeout: seconds for each network operation (connect, TLS handshake, an answer).
+    :param api_version: the ``api-version`` in the CONNECT user name.
+    :param sas_ttl: lifetime in seconds of the SAS tokens it signs.
+    :param keep_alive: the MQTT keep-alive interval in seconds (0: none).
+    :raises ValueError: a malformed host, or both ``ssl_context`` and ``ca_file``.
+    :raises ConfigurationError: the CA file or the client certificate cannot be loaded.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        id_scope: str,
+        security: SecurityProvider,
+        websockets: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        timeout: float = 30.0,
+        api_version: str = DEFAULT_API_VERSION,
+        sas_ttl: int = DEFAULT_SAS_TTL,
+        keep_alive: int = DEFAULT_KEEP_ALIVE,
+    ) -> None:
+        if ssl_context is not None and ca_file is not None:
+            raise ValueError("Give ssl_context or ca_file, not both.")
+        if not id_scope or "/" in id_scope:
+            raise ValueError(f"{id_scope!r} is not an ID scope.")
+        if not timeout > 0 or sas_ttl <= 0 or not 0 <= keep_alive <= 0xFFFF:
+            raise ValueError("timeout and sas_ttl must be positive, keep_alive 0 to 65535.")
+        for scheme in ("mqtts://", "wss://"):
+            host = host.removeprefix(scheme)
+        url = httpx.URL(f"https://{_endpoint(host)}")
+        self.host = url.host
+        self.port = url.port or (WEBSOCKET_PORT if websockets else MQTT_PORT)
+        self.websockets = websockets
+        self.id_scope = id_scope
+        self.api_version = api_version
+        self.timeout = timeout
+        self.keep_alive = keep_alive
+        self._security = security
+        self._sas_ttl = sas_ttl
+        if ssl_context is None:
+            ssl_context = client_ssl_context(ca_file=ca_file, security=security)
+        else:
+            _load_client_certificate(ssl_context, security)
+        self._ssl = ssl_context
+        self._connection: _Connection | None = None
+        self._lock = asyncio.Lock()
+        self._rids = itertools.count(1)
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.websockets:
+            return f"wss://{host}:{self.port}{WEBSOCKET_PATH}"
+        return f"mqtts://{host}:{self.port}"
+
+    async def send(self, request: Request) -> Reply:
+        rid = str(next(self._rids))
+        if isinstance(request, SendRegister):
+            if request.force:
+                logger.warning("forceRegistration has no MQTT form in DPS; registering without it")
+            topic, payload = register_topic(rid), encode(request.body)
+        else:
+            topic, payload = status_topic(rid, request.operation_id), b""
+        async with self._lock:
+            try:
+                async with self._errors_mapped():
+                    connection = await self._connection_for(request.registration_id)
+                    connection.machine.publish(topic, payload, qos=QoS.AT_LEAST_ONCE)
+                    await connection.flush()
+                    reply = await self._response(connection, rid)
+            except _Refused as refused:
+                await self._drop()
+                return _refusal(refused.code)
+            except BaseException:
+                await self._drop()
+                raise
+        logger.debug("%s %s -> %d", self.address, topic, reply.status)
+        return reply
+
+    async def close(self) -> None:
+        async with self._lock:
+            connection = self._connection
+            if connection is not None and connection.usable:
+                connection.machine.disconnect()
+                with contextlib.suppress(OSError, ssl.SSLError):
+                    await connection.flush()
+            await self._drop()
+
+    # --- internals -------------------------------------------------------------------------------
+
+    async def _connection_for(self, registration_id: str) -> _Connection:
+        connection = self._connection
+        if connection is not None and connection.usable and connection.registration_id == registration_id:
+            return connection
+        await self._drop()
+        channel = await self._open()
+        machine = MqttConnection(Role.CLIENT, clock=time.monotonic)
+        resource = f"{self.id_scope}/registrations/{registration_id}"
+        token = self._security.sas_token(resource, int(time.time()) + self._sas_ttl)
+        machine.connect(
+            client_id=registration_id,
+            username=build_username(
+                self.id_scope, registration_id, api_version=self.api_version, client_version=USER_AGENT
+            ),
+            password=token.encode() if token else None,
+            keep_alive=self.keep_alive,
+        )
+        machine.subscribe([Subscription(topic_filter=RESPONSE_FILTER, qos=QoS.AT_LEAST_ONCE)])
+        self._connection = _Connection(channel, machine, registration_id)
+        return self._connection
+
+    async def _open(self) -> _Channel:
+        if not self.websockets:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    self.host,
+                    self.port,
+                    ssl=self._ssl,
+                    server_hostname=self.host,
+                    ssl_handshake_timeout=self.timeout,
+                ),
+                self.timeout,
+            )
+            return _TlsChannel(reader, writer)
+        from websockets.asyncio.client import connect
+        from websockets.typing import Subprotocol
+
+        websocket = await connect(
+            self.address,
+            ssl=self._ssl,
+            subprotocols=[Subprotocol("mqtt")],
+            open_timeout=self.timeout,
+            ping_interval=None,  # MQTT's keep-alive does this job
+            compression=None,
+            max_size=None,  # the MQTT codec bounds what it accepts
+            user_agent_header=USER_AGENT,
+        )
+        return _WebSocketChannel(websocket)
+
+    async def _response(self, connection: _Connection, rid: str) -> Reply:
+        """Read until the answer to ``rid`` arrives, pinging while waiting."""
+        machine = connection.machine
+        give_up = time.monotonic() + self.timeout
+        while True:
+            ping_at = machine.deadline()
+            until = give_up if ping_at is None else min(give_up, ping_at)
+            try:
+                async with asyncio.timeout(max(0.0, until - time.monotonic())):
+                    data = await connection.channel.read()
+            except builtins.TimeoutError:
+                if time.monotonic() >= give_up:
+                    raise TimeoutError(
+                        f"{self.address} did not answer request $rid={rid} within {self.timeout:g} s"
+                    ) from None
+                if machine.handle_deadline() is Lapse.KEEP_ALIVE:
+                    raise TransportError(f"{self.address} stopped answering pings") from None
+                await connection.flush()
+                continue
+            if not data:
+                raise TransportError(f"{self.address} closed the MQTT connection before answering $rid={rid}")
+            reply = self._answer(machine.feed_bytes(data), rid, machine)
+            await connection.flush()  # PUBACKs
+            if reply is not None:
+                return reply
+
+    def _answer(self, packets: list[Packet], rid: str, machine: MqttConnection) -> Reply | None:
+        reply = None
+        for packet in packets:
+            if isinstance(packet, Connack) and packet.return_code is not ConnectReturnCode.ACCEPTED:
+                raise _Refused(packet.return_code)
+            if isinstance(packet, Suback) and SubackReturnCode.FAILURE in packet.return_codes:
+                raise RemoteProtocolError(f"{self.address} refused the subscription to {RESPONSE_FILTER}.")
+            if isinstance(packet, Publish):
+                machine.acknowledge(packet)
+                response = parse_response_topic(packet.topic)
+                if response.rid == rid:
+                    reply = Reply(
+                        status=response.status,
+                        body=packet.payload,
+                        retry_after=parse_retry_after(response.retry_after),
+                    )
+                else:
+                    logger.debug("dropped an answer to $rid=%s while waiting for %s", response.rid, rid)
+        return reply
+
+    async def _drop(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.channel.close()
+
+    @contextlib.asynccontextmanager
+    async def _errors_mapped(self) -> AsyncIterator[None]:
+        """Translate socket, TLS and WebSocket exceptions into ours, keeping the cause."""
+        from websockets.exceptions import InvalidHandshake, InvalidURI
+
+        try:
+            yield
+        except ProvisioningError:  # ours already (our TimeoutError is also a builtin TimeoutError)
+            raise
+        except (ssl.SSLCertVerificationError, InvalidHandshake, InvalidURI) as exc:
+            raise ConnectError(f"Cannot connect to {self.address}: {exc}") from exc
+        except builtins.TimeoutError as exc:
+            raise TimeoutError(f"{self.address} did not answer within {self.timeout:g} s") from exc
+        except (OSError, EOFError) as exc:  # ssl.SSLError is an OSError
+            detail = str(exc) or type(exc).__name__
+            connection = self._connection
+            if connection is None or connection.machine.state is not State.CONNECTED:
+                raise ConnectError(f"Cannot connect to {self.address}: {detail}") from exc
+            raise TransportError(f"The MQTT connection to {self.address} failed: {detail}") from exc
+
+    def __repr__(self) -> str:
+        return f"<MqttTransport {self.address} id_scope={self.id_scope!r}>"
+
+
+def _refusal(code: ConnectReturnCode) -> Reply:
+    """A refusing CONNACK as the flow's reply: the HTTP-like status and a body with the reason."""
+    message = (
+        f"The service refused the MQTT connection: {_CONNACK_TEXT[code]} (CONNACK return code {int(code)})"
+    )
+    return Reply(status=CONNACK_STATUS[code], body=msgspec.json.encode({"message": message}))
