@@ -53,6 +53,7 @@ __all__ = [
     "IDENTITY_KEY_HANDLE",
     "SRK_HANDLE",
     "SRK_TEMPLATE",
+    "AES_128_CFB",
     "ActivationBlob",
     "Alg",
     "KeyedHashParameters",
@@ -411,7 +412,9 @@ def _storage_key(data: bytes, what: str, *, endorsement: bool) -> PublicArea:
         problems.append(f"its name algorithm is {_alg_name(key.name_alg)}, not SHA256")
     needed = ObjectAttributes.RESTRICTED | ObjectAttributes.DECRYPT
     if endorsement:
-        needed |= ObjectAttributes.FIXED_TPM | ObjectAttributes.FIXED_PARENT | ObjectAttributes.ADMIN_WITH_POLICY
+        needed |= (
+            ObjectAttributes.FIXED_TPM | ObjectAttributes.FIXED_PARENT | ObjectAttributes.ADMIN_WITH_POLICY
+        )
     missing = needed & ~key.object_attributes
     if missing:
         problems.append(f"it lacks the attribute(s) {_flags(missing)}")
