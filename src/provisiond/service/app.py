@@ -20,6 +20,7 @@ from ..errors import ConflictError, MethodNotAllowedError, NotFoundError, Provis
 from ..models import AllocationPolicy, LinkedHub, Right, ServiceSettings, SharedAccessPolicy
 from ..storage import Collection, Store, WriteMode, open_store
 from . import admin, api, device_api
+from . import amqp as _amqp  # noqa: F401  (registers the AMQP listeners: STARTERS, WEBSOCKET_HANDLERS)
 from . import mqtt as _mqtt  # noqa: F401  (registers the MQTT listeners: STARTERS, WEBSOCKET_HANDLERS)
 from .context import SETTINGS_KEY, ServiceContext
 from .enrollments import generate_key

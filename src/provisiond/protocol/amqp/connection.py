@@ -369,7 +369,7 @@ class Connection:
             self._send_header(ProtocolId.AMQP)
 
     def _refuse(self, why: str) -> None:
-        logger.info("AMQP connection refused: %s", why)
+        logger.debug("AMQP connection refused: %s", why)
         self._phase = _Phase.FINISHED
         self._events.append(ConnectionClosed(error=error(ErrorCondition.NOT_ALLOWED, why), by_peer=False))
 
@@ -492,7 +492,7 @@ class Connection:
 
     def _fail(self, condition: str, description: str) -> None:
         """Close because the peer broke the protocol (or went idle), as the phase allows."""
-        logger.info("closing AMQP connection (%s phase): %s (%s)", self._phase.value, description, condition)
+        logger.debug("closing AMQP connection (%s phase): %s (%s)", self._phase.value, description, condition)
         err = error(condition, description)
         if self._phase is _Phase.HEADER and self.side is Side.SERVER:
             preferred = (
@@ -647,6 +647,12 @@ class Connection:
     def send_message(self, link: LinkId, message: Message, *, settled: bool = False) -> None:
         """Queue ``message`` on our sending link; it leaves when the peer grants credit."""
         self._session(link.channel).send_message(link, encode_message(message), settled=settled)
+
+    def credit(self, link: LinkId) -> int:
+        """The link credit left on one of our links (0 when it is gone)."""
+        session = self.sessions.get(link.channel)
+        found = session.links.get(link.handle) if session else None
+        return found.credit if found is not None and found.id == link else 0
 
     def settle(self, link: LinkId, delivery_id: int, state: DeliveryState) -> None:
         """Settle a received message with an outcome (accepted, rejected...)."""

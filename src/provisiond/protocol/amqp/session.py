@@ -190,7 +190,7 @@ class Session:
 
     def fail(self, condition: str, description: str) -> None:
         """End the session because the peer broke a session rule."""
-        logger.info("ending AMQP session %d: %s (%s)", self.channel, description, condition)
+        logger.debug("ending AMQP session %d: %s (%s)", self.channel, description, condition)
         self.end(error(condition, description))
 
     @property
@@ -356,7 +356,7 @@ class Session:
         if link.state is LinkState.GONE:
             self._forget(link)
         if err is not None:
-            logger.info("detaching AMQP link %r: %s (%s)", link.name, err.description, err.condition)
+            logger.debug("detaching AMQP link %r: %s (%s)", link.name, err.description, err.condition)
             self._events.append(LinkDetached(link=link.id, error=err, by_peer=False))
 
     def _forget(self, link: Link) -> None:
@@ -571,7 +571,7 @@ class Session:
         try:
             message = decode_message(data)
         except AmqpProtocolError as exc:
-            logger.info("rejecting a malformed AMQP message on %r: %s", link.name, exc)
+            logger.debug("rejecting a malformed AMQP message on %r: %s", link.name, exc)
             if not link.incoming_settled:
                 self.settle(link.id, link.incoming_id, Rejected(error=error(exc.condition, exc.message)))
             return
