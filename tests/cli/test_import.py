@@ -18,6 +18,7 @@ from provisiond.cli.enroll_import import MAX_REQUEST_BYTES, make_batches, read_r
 from provisiond.errors import RequestError
 from provisiond.service_client import ServiceClient
 from tests._server import RunningServer
+from tests._tpm_keys import software_ek
 
 _CLEAN_ENV: dict[str, str | None] = {"PROVISIOND_CONNECTION_STRING": None, "PROVISIOND_DATA_DIR": None}
 _HEADER = ["registrationId", "deviceId", "attestationType", "provisioningStatus", "iotHubs", "initialTwin"]
@@ -131,7 +132,7 @@ def test_jsonl_import(server: RunningServer, tmp_path: Path) -> None:
     prefix = f"imp-jl-{uuid.uuid4().hex[:8]}"
     device = pki.make_device_cert(f"{prefix}-x509")
     pem = pki.certificate_pem(device.cert).decode()
-    ek = base64.b64encode(b"an endorsement key").decode()
+    ek = software_ek()
     lines = [
         json.dumps({"registrationId": f"{prefix}-sym", "deviceId": prefix}),
         "",

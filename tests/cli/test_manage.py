@@ -29,6 +29,7 @@ from provisiond.errors import (
 )
 from provisiond.protocol.sas import derive_device_key
 from tests._server import RunningServer, free_port
+from tests._tpm_keys import software_ek
 
 _CLEAN_ENV: dict[str, str | None] = {"PROVISIOND_CONNECTION_STRING": None, "PROVISIOND_DATA_DIR": None}
 
@@ -341,7 +342,7 @@ def test_enrollment_x509_and_tpm(server: RunningServer, tmp_path: Path) -> None:
     assert "Primary certificate" in run(server, "enrollment", "keys", rid).stdout
 
     tpm_id = uid("cli-tpm")
-    ek = base64.b64encode(b"endorsement-key-bytes").decode()
+    ek = software_ek()
     created = run_json(server, "enrollment", "create", tpm_id, "--tpm-ek", ek, "--json")
     assert created["attestation"] == {"type": "tpm", "tpm": {"endorsementKey": ek}}
 

@@ -12,6 +12,7 @@ import pytest
 
 from provisiond import pki
 from tests._server import RunningServer
+from tests._tpm_keys import software_ek
 
 V = {"api-version": "2021-10-01"}
 
@@ -147,7 +148,7 @@ def test_x509_individual_enrollment_reports_certificate_info(http: httpx.Client)
 
 def test_tpm_enrollment_and_group_tpm_refused(http: httpx.Client) -> None:
     reg = uid("tpm")
-    ek = base64.b64encode(b"\x01" * 300).decode()
+    ek = software_ek()
     body = {"registrationId": reg, "attestation": {"type": "tpm", "tpm": {"endorsementKey": ek}}}
     assert (
         http.put(f"/enrollments/{reg}", params=V, json=body).json()["attestation"]["tpm"]["endorsementKey"]
