@@ -11,9 +11,10 @@ client and broker machines; mqttproto itself speaks only MQTT 5, DPS devices spe
         ...                                  # Connect -> server.accept() / server.refuse(code, why)
     stream.send(server.get_outbound_data())
 
-* :mod:`._mqtt_packets`: packets (frozen dataclasses), enums, :func:`decode_packet` and the
-  primitives, in the codec shape ``decode(memoryview) -> (rest, value)`` raising
+* :mod:`._mqtt_wire`: the grammar's primitives (integers, strings, the remaining length), in
+  the codec shape ``decode(memoryview) -> (rest, value)`` raising
   :class:`~provisiond.errors.InsufficientData`;
+* :mod:`._mqtt_packets`: packets (frozen dataclasses), enums, :func:`decode_packet`;
 * :mod:`._mqtt_connection`: :class:`MqttConnection` (both roles; its module opens with the
   theory of operation).
 
