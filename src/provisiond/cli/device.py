@@ -68,6 +68,8 @@ def _service(
         info = loaded if isinstance(loaded, dict) else {}
     if not endpoint and transport is TransportKind.MQTT and info.get("host") and info.get("mqttPort"):
         endpoint = f"{info['host']}:{info['mqttPort']}"  # MQTT over WebSockets shares the HTTPS port
+    if not endpoint and transport is TransportKind.AMQP and info.get("host") and info.get("amqpPort"):
+        endpoint = f"{info['host']}:{info['amqpPort']}"  # so does AMQP over WebSockets
     endpoint = endpoint or info.get("globalEndpoint")
     id_scope = id_scope or info.get("idScope")
     if not endpoint or not id_scope:
@@ -207,7 +209,8 @@ def _print_result(doc: dict[str, Any]) -> None:
     default=TransportKind.HTTPS.value,
     show_default=True,
     help="The device protocol: HTTPS, MQTT over TLS (with --data-dir: the server's mqttPort; else "
-    "--endpoint's port, default 8883) or MQTT over WebSockets (the HTTPS port, default 443).",
+    "--endpoint's port, default 8883), MQTT over WebSockets (the HTTPS port, default 443), AMQP over TLS "
+    "(the server's amqpPort, or --endpoint's port, default 5671) or AMQP over WebSockets (the HTTPS port).",
 )
 @click.option(
     "--timeout",

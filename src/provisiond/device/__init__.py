@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from ..protocol.registration import RegistrationResult, RetryPolicy
 from ..protocol.sas import derive_device_key
+from .amqp import AmqpTransport
 from .async_client import AsyncProvisioningDeviceClient
 from .mqtt import MqttTransport
 from .security import PemX509Credential, SecurityProvider, SymmetricKeySecurity, X509Credential, X509Security
@@ -24,6 +25,7 @@ from .sync_client import ProvisioningDeviceClient
 from .transport import HttpsTransport, MockTransport, Transport, TransportKind
 
 __all__ = [
+    "AmqpTransport",
     "AsyncProvisioningDeviceClient",
     "HttpsTransport",
     "MockTransport",

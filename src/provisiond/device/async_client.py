@@ -22,6 +22,7 @@ from ..protocol.registration import (
     Sleep,
     registration_flow,
 )
+from .amqp import AmqpTransport
 from .mqtt import MqttTransport
 from .security import SecurityProvider
 from .transport import DEFAULT_API_VERSION, HttpsTransport, Transport, TransportKind
@@ -78,8 +79,9 @@ class AsyncProvisioningDeviceClient:
         """A client for the service at ``global_endpoint`` (``host`` or ``host:port``), the shape
         of the Azure SDK's ``ProvisioningDeviceClient.create``.
 
-        :param transport: ``"https"``, ``"mqtt"`` or ``"mqtt-ws"`` (:class:`TransportKind`; MQTT's
-            default port is 8883, MQTT over WebSockets' 443), or a ready :class:`Transport`
+        :param transport: ``"https"``, ``"mqtt"``, ``"mqtt-ws"``, ``"amqp"`` or ``"amqp-ws"``
+            (:class:`TransportKind`; MQTT's default port is 8883, AMQP's 5671, over WebSockets
+            443), or a ready :class:`Transport`
             (then ``global_endpoint``, ``id_scope``, ``ca_file``, ``ssl_context``, ``timeout``
             and ``api_version`` are the transport's business and ignored here).
         :param ca_file: PEM file of the CAs to trust for the service's certificate.
@@ -111,7 +113,18 @@ class AsyncProvisioningDeviceClient:
                     timeout=timeout,
                     api_version=api_version,
                 )
-            else:  # pragma: no cover - AMQP comes later
+            elif kind is TransportKind.AMQP or kind is TransportKind.AMQP_WS:
+                transport = AmqpTransport(
+                    host=global_endpoint,
+                    id_scope=id_scope,
+                    security=security,
+                    websockets=kind is TransportKind.AMQP_WS,
+                    ca_file=ca_file,
+                    ssl_context=ssl_context,
+                    timeout=timeout,
+                    api_version=api_version,
+                )
+            else:  # pragma: no cover - the enum is closed
                 assert_never(kind)
         return cls(security=security, transport=transport, retry=retry)
 

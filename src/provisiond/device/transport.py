@@ -58,6 +58,8 @@ class TransportKind(enum.Enum):
     HTTPS = "https"
     MQTT = "mqtt"
     MQTT_WS = "mqtt-ws"
+    AMQP = "amqp"
+    AMQP_WS = "amqp-ws"
 
 
 class Transport(ABC):
