@@ -94,11 +94,17 @@ function securityFor(opts) {
 
 // Everything the SDK's error objects carry that says why: their class, message, and the
 // service's answer as each transport attaches it (HTTP: responseBody and the response status;
-// all: result / transportObject when set).
+// MQTT: result, the parsed error body; AMQP: the rejection's AMQP error itself, a plain rhea
+// object with condition, description and info instead of an Error).
 function describeError(err) {
   const out = { name: (err && err.constructor && err.constructor.name) || typeof err };
   if (err && typeof err === 'object') {
-    out.message = err.message;
+    if (err.message !== undefined) out.message = err.message;
+    if (err.condition !== undefined) {
+      out.condition = String(err.condition);
+      out.description = err.description;
+      if (err.info !== undefined) out.info = err.info;
+    }
     if (err.responseBody !== undefined) out.responseBody = String(err.responseBody);
     if (err.response && err.response.statusCode !== undefined) out.statusCode = err.response.statusCode;
     if (err.result !== undefined) out.result = err.result;
