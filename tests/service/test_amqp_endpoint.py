@@ -1,0 +1,682 @@
+"""The AMQP endpoint against a real ``provisiond serve`` over TLS (and WebSockets):
+python-qpid-proton as an independent AMQP 1.0 client (PLAIN, EXTERNAL, ANONYMOUS, a full
+registration exchange, status requests, refusals), the project's own client for symmetric key,
+X.509 and TPM (swtpm) over AMQP and AMQP over WebSockets, raw bytes for bad input, and a
+bounded fuzz of the endpoint with mutated valid sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import ssl
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from proton import Message as ProtonMessage
+from proton import SSLDomain
+from proton.utils import BlockingConnection, SendException
+
+from provisiond import pki
+from provisiond.cli import cli
+from provisiond.device import ProvisioningDeviceClient, SecurityProvider, SymmetricKeySecurity, X509Security
+from provisiond.errors import ServiceResponseError
+from provisiond.models import RegistrationStatus
+from provisiond.protocol.amqp import dps
+from provisiond.protocol.amqp.connection import Connection, ConnectionConfig, Side
+from provisiond.protocol.amqp.events import (
+    ConnectionOpened,
+    Event,
+    LinkAttached,
+    LinkId,
+    MessageReceived,
+    SaslMechanismsReceived,
+    SaslOutcomeReceived,
+)
+from provisiond.protocol.amqp.performatives import (
+    Accepted,
+    Data,
+    Message,
+    Properties,
+    Role,
+    SaslCode,
+    Source,
+    Target,
+)
+from provisiond.protocol.messages import RegistrationOperationStatus
+from provisiond.protocol.sas import build_sas_token
+from provisiond.service.amqp import AmqpEndpoint
+from provisiond.service.context import ServiceContext
+from provisiond.service.settings import Settings
+from provisiond.service_client import ServiceClient
+from tests._server import RunningServer
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:proton.*")
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="module")
+def admin(server: RunningServer) -> Iterator[ServiceClient]:
+    with server.client() as client:
+        yield client
+
+
+def enroll_symmetric(admin: ServiceClient, reg: str) -> str:
+    admin.put(f"/enrollments/{reg}", {"registrationId": reg, "attestation": {"type": "symmetricKey"}})
+    key: str = admin.post(f"/enrollments/{reg}/attestationmechanism")["symmetricKey"]["primaryKey"]
+    return key
+
+
+def enroll_x509(admin: ServiceClient, reg: str) -> pki.Issued:
+    leaf = pki.make_device_cert(reg)
+    pem = pki.certificate_pem(leaf.cert).decode()
+    admin.put(
+        f"/enrollments/{reg}",
+        {
+            "registrationId": reg,
+            "attestation": {
+                "type": "x509",
+                "x509": {"clientCertificates": {"primary": {"certificate": pem}}},
+            },
+        },
+    )
+    return leaf
+
+
+def token_for(server: RunningServer, reg: str, key: str) -> str:
+    return build_sas_token(
+        f"{server.id_scope}/registrations/{reg}", key, int(time.time()) + 600, key_name="registration"
+    )
+
+
+def amqp_url(server: RunningServer) -> str:
+    return f"amqps://localhost:{server.info['amqpPort']}"
+
+
+def proton_tls(server: RunningServer, client_cert: tuple[Path, Path] | None = None) -> SSLDomain:
+    domain = SSLDomain(SSLDomain.MODE_CLIENT)
+    domain.set_trusted_ca_db(server.ca_file)
+    domain.set_peer_authentication(SSLDomain.VERIFY_PEER_NAME)
+    if client_cert is not None:
+        domain.set_credentials(str(client_cert[0]), str(client_cert[1]), None)
+    return domain
+
+
+def register_message(reg: str, correlation_id: str, **properties: Any) -> ProtonMessage:
+    return ProtonMessage(
+        body=json.dumps({"registrationId": reg}).encode(),
+        inferred=True,  # a data section, as the C and Node SDKs send
+        correlation_id=correlation_id,
+        properties={dps.OPERATION_TYPE: dps.OperationType.REGISTER.value, **properties},
+    )
+
+
+def exchange(conn: BlockingConnection, address: str, *messages: ProtonMessage) -> list[ProtonMessage]:
+    """Attach a sender and a receiver on ``address``; send each message, read each answer."""
+    sender = conn.create_sender(address)
+    receiver = conn.create_receiver(address)
+    answers = []
+    for message in messages:
+        sender.send(message)
+        answers.append(receiver.receive(timeout=10))
+        receiver.accept()
+    return answers
+
+
+def operation(answer: ProtonMessage) -> dict[str, Any]:
+    document: dict[str, Any] = json.loads(bytes(answer.body))  # type: ignore[arg-type]  # a memoryview
+    return document
+
+
+# --- python-qpid-proton, an independent AMQP 1.0 client ----------------------------------------
+
+
+def test_proton_plain_registration_exchange(server: RunningServer, admin: ServiceClient) -> None:
+    reg = uid("amqp-plain")
+    key = enroll_symmetric(admin, reg)
+    address = f"{server.id_scope}/registrations/{reg}"
+    conn = BlockingConnection(
+        amqp_url(server),
+        ssl_domain=proton_tls(server),
+        sasl_enabled=True,
+        allowed_mechs="PLAIN",
+        user=address,
+        password=token_for(server, reg, key),
+        timeout=10,
+    )
+    try:
+        register = register_message(reg, "corr-1", **{dps.FORCE_REGISTRATION: False})
+        sender = conn.create_sender(address)
+        receiver = conn.create_receiver(address)
+        sender.send(register)
+        answer = receiver.receive(timeout=10)
+        receiver.accept()
+        assert answer.correlation_id == "corr-1"
+        result = operation(answer)
+        assert result["status"] == "assigned" and result["registrationState"]["deviceId"] == reg
+        # A status request for that operation on the same links, with a new correlation id.
+        status = ProtonMessage(
+            body="iotdps-get-operationstatus",  # .NET sends an amqp-value
+            correlation_id="corr-2",
+            properties={
+                dps.OPERATION_TYPE: dps.OperationType.GET_OPERATION_STATUS.value,
+                dps.OPERATION_ID: result["operationId"],
+            },
+        )
+        sender.send(status)
+        again = receiver.receive(timeout=10)
+        receiver.accept()
+        assert again.correlation_id == "corr-2" and operation(again)["operationId"] == result["operationId"]
+    finally:
+        conn.close()
+    assert f"registration {reg} assigned" in server.log() and "[amqp]" in server.log()
+
+
+def test_proton_with_the_c_sdks_amqps_address_prefix(server: RunningServer, admin: ServiceClient) -> None:
+    reg = uid("amqp-prefix")
+    key = enroll_symmetric(admin, reg)
+    resource = f"{server.id_scope}/registrations/{reg}"
+    conn = BlockingConnection(
+        amqp_url(server),
+        ssl_domain=proton_tls(server),
+        sasl_enabled=True,
+        allowed_mechs="PLAIN",
+        user=resource,
+        password=token_for(server, reg, key),
+        timeout=10,
+    )
+    try:
+        (answer,) = exchange(conn, f"amqps://localhost/{resource}", register_message(reg, "c"))
+        assert operation(answer)["status"] == "assigned"
+    finally:
+        conn.close()
+
+
+def test_proton_external_with_a_client_certificate(
+    server: RunningServer, admin: ServiceClient, tmp_path: Path
+) -> None:
+    reg = uid("amqp-ext")
+    leaf = enroll_x509(admin, reg)
+    cert, key = tmp_path / "dev.pem", tmp_path / "dev.key"
+    cert.write_bytes(pki.certificate_pem(leaf.cert))
+    key.write_bytes(pki.private_key_pem(leaf.key))
+    conn = BlockingConnection(
+        amqp_url(server),
+        ssl_domain=proton_tls(server, (cert, key)),
+        sasl_enabled=True,
+        allowed_mechs="EXTERNAL",
+        timeout=10,
+    )
+    try:
+        (answer,) = exchange(conn, f"{server.id_scope}/registrations/{reg}", register_message(reg, "x"))
+        result = operation(answer)
+        assert result["status"] == "assigned" and result["registrationState"]["x509"]["certificateInfo"]
+    finally:
+        conn.close()
+
+
+def test_proton_anonymous_without_a_credential_is_rejected(
+    server: RunningServer, admin: ServiceClient
+) -> None:
+    reg = uid("amqp-anon")
+    enroll_symmetric(admin, reg)
+    address = f"{server.id_scope}/registrations/{reg}"
+    conn = BlockingConnection(
+        amqp_url(server),
+        ssl_domain=proton_tls(server),
+        sasl_enabled=True,
+        allowed_mechs="ANONYMOUS",
+        timeout=10,
+    )
+    try:
+        sender = conn.create_sender(address)
+        conn.create_receiver(address)
+        with pytest.raises(SendException):
+            sender.send(register_message(reg, "a"))
+    finally:
+        conn.close()
+    assert f"{reg} [amqp]: iotdps-register -> 401" in server.log()
+
+
+def test_proton_with_a_token_for_another_device_fails_sasl(
+    server: RunningServer, admin: ServiceClient
+) -> None:
+    reg = uid("amqp-wrong")
+    key = enroll_symmetric(admin, reg)
+    with pytest.raises(Exception, match="(?i)auth|sasl"):
+        BlockingConnection(
+            amqp_url(server),
+            ssl_domain=proton_tls(server),
+            sasl_enabled=True,
+            allowed_mechs="PLAIN",
+            user=f"{server.id_scope}/registrations/{reg}",
+            password=token_for(server, "someone-else", key),
+            timeout=10,
+        )
+    assert "SASL PLAIN refused: The SAS token is for" in server.log()
+
+
+def test_proton_link_for_another_device_is_refused(server: RunningServer, admin: ServiceClient) -> None:
+    reg = uid("amqp-other")
+    key = enroll_symmetric(admin, reg)
+    conn = BlockingConnection(
+        amqp_url(server),
+        ssl_domain=proton_tls(server),
+        sasl_enabled=True,
+        allowed_mechs="PLAIN",
+        user=f"{server.id_scope}/registrations/{reg}",
+        password=token_for(server, reg, key),
+        timeout=10,
+    )
+    try:
+        with pytest.raises(Exception, match="unauthorized|authenticated"):
+            conn.create_sender(f"{server.id_scope}/registrations/not-{reg}")
+    finally:
+        conn.close()
+
+
+# --- the project's own client ------------------------------------------------------------------
+
+TRANSPORTS = [pytest.param("amqp", id="amqp"), pytest.param("amqp-ws", id="amqp-ws")]
+
+
+def endpoint_for(server: RunningServer, transport: str) -> str:
+    return f"localhost:{server.info['amqpPort']}" if transport == "amqp" else f"localhost:{server.port}"
+
+
+def register(server: RunningServer, security: SecurityProvider, transport: str, **kwargs: Any) -> Any:
+    with ProvisioningDeviceClient.create(
+        endpoint_for(server, transport),
+        server.id_scope,
+        security,
+        transport,
+        ca_file=server.ca_file,
+        timeout=15,
+    ) as client:
+        return client.register(**kwargs)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_client_symmetric_key_individual_and_group(
+    server: RunningServer, admin: ServiceClient, transport: str
+) -> None:
+    reg = uid("sk")
+    result = register(
+        server,
+        SymmetricKeySecurity(registration_id=reg, symmetric_key=enroll_symmetric(admin, reg)),
+        transport,
+    )
+    assert result.status is RegistrationStatus.ASSIGNED and result.device_id == reg
+    gid = uid("skg")
+    admin.put(f"/enrollmentGroups/{gid}", {"enrollmentGroupId": gid, "attestation": {"type": "symmetricKey"}})
+    group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
+    member = uid("skgd")
+    grouped = register(
+        server,
+        SymmetricKeySecurity.from_group_key(registration_id=member, group_key=group_key),
+        transport,
+        force=True,
+    )
+    assert grouped.registration_state.symmetric_key.enrollment_group_id == gid
+    assert f"registration {member} assigned" in server.log() and f"[{transport}]" in server.log()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_client_x509_individual_and_group_with_intermediate(
+    server: RunningServer, admin: ServiceClient, transport: str
+) -> None:
+    reg = uid("x5")
+    result = register(server, X509Security.from_issued(enroll_x509(admin, reg)), transport)
+    assert result.status is RegistrationStatus.ASSIGNED and result.device_id == reg
+    root = pki.make_root_ca("AMQP Root " + uid("r"))
+    intermediate = pki.make_intermediate_ca("AMQP Intermediate " + uid("i"), root)
+    gid = uid("xg")
+    admin.put(
+        f"/enrollmentGroups/{gid}",
+        {
+            "enrollmentGroupId": gid,
+            "attestation": {
+                "type": "x509",
+                "x509": {
+                    "signingCertificates": {
+                        "primary": {"certificate": pki.certificate_pem(root.cert).decode()}
+                    }
+                },
+            },
+        },
+    )
+    member = uid("xgd")
+    grouped = register(
+        server, X509Security.from_issued(pki.make_device_cert(member, intermediate)), transport
+    )
+    assert grouped.registration_state.x509.enrollment_group_id == gid
+
+
+def test_client_wrong_key_reads_the_services_error(server: RunningServer, admin: ServiceClient) -> None:
+    reg = uid("sk-wrong")
+    enroll_symmetric(admin, reg)
+    with pytest.raises(ServiceResponseError) as info:
+        register(
+            server, SymmetricKeySecurity.from_group_key(registration_id=reg, group_key="AAAAAAAA"), "amqp"
+        )
+    assert info.value.status_code == 401 and info.value.error_code == 401002 and info.value.tracking_id
+
+
+def test_client_throttled_reads_retry_after(tmp_path: Path) -> None:
+    """Over the per-device limit the request is rejected with 429 and retry-after in the
+    error's info (both spellings); the client retries after it, then gives up."""
+    from tests._server import start_server
+
+    limited = start_server(tmp_path / "limited", "--device-rate-limit", "1")
+    try:
+        with limited.client() as admin:
+            reg = uid("sk-throttled")
+            key = enroll_symmetric(admin, reg)
+        security = SymmetricKeySecurity(registration_id=reg, symmetric_key=key)
+        from provisiond.device import RetryPolicy
+
+        with ProvisioningDeviceClient.create(
+            endpoint_for(limited, "amqp"),
+            limited.id_scope,
+            security,
+            "amqp",
+            ca_file=limited.ca_file,
+            retry=RetryPolicy(max_attempts=1),
+        ) as client:
+            assert client.register().status is RegistrationStatus.ASSIGNED
+            with pytest.raises(ServiceResponseError) as info:
+                client.register()
+        assert info.value.status_code == 429
+    finally:
+        limited.stop()
+    assert "iotdps-register -> 429" in limited.log()
+
+
+def test_cli_device_register_over_amqp(server: RunningServer, admin: ServiceClient) -> None:
+    reg = uid("cli-amqp")
+    key = enroll_symmetric(admin, reg)
+    for transport in ("amqp", "amqp-ws"):
+        result = CliRunner().invoke(
+            cli,
+            ["device", "register", "--data-dir", str(server.data_dir), "--registration-id", reg,
+             "--symmetric-key", key, "--transport", transport, "--json"],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output)["status"] == "assigned"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_client_tpm_through_swtpm(
+    server: RunningServer, admin: ServiceClient, transport: str, swtpm_factory: Any
+) -> None:
+    from provisiond.device.tpm import TpmSecurity
+
+    simulator = swtpm_factory()
+    reg = uid("tpm-amqp")
+    with TpmSecurity(tcti=simulator.tcti, registration_id=reg) as security:
+        admin.put(
+            f"/enrollments/{reg}",
+            {
+                "registrationId": reg,
+                "attestation": {"type": "tpm", "tpm": {"endorsementKey": security.endorsement_key_b64}},
+            },
+        )
+        result = register(server, security, transport)
+        assert result.status is RegistrationStatus.ASSIGNED and result.device_id == reg
+        assert result.registration_state.tpm.authentication_key  # the hub key, wrapped for this TPM
+        again = register(server, security, transport)  # a fresh SASL TPM exchange
+        assert again.operation_id != result.operation_id
+    assert f"registration {reg} assigned" in server.log() and f"[{transport}]" in server.log()
+
+
+def test_tpm_of_another_enrollment_fails_sasl(
+    server: RunningServer, admin: ServiceClient, swtpm_factory: Any
+) -> None:
+    from provisiond.device.tpm import TpmSecurity
+
+    reg = uid("tpm-other")
+    with TpmSecurity(tcti=swtpm_factory().tcti, registration_id=reg) as stranger:
+        with TpmSecurity(tcti=swtpm_factory().tcti) as enrolled:
+            admin.put(
+                f"/enrollments/{reg}",
+                {
+                    "registrationId": reg,
+                    "attestation": {"type": "tpm", "tpm": {"endorsementKey": enrolled.endorsement_key_b64}},
+                },
+            )
+        with pytest.raises(ServiceResponseError) as info:
+            register(server, stranger, "amqp")
+    assert info.value.status_code == 401 and "SASL TPM" in str(info.value)
+    assert "SASL TPM refused" in server.log()
+
+
+# --- raw bytes ---------------------------------------------------------------------------------
+
+
+def raw_tls(server: RunningServer) -> ssl.SSLSocket:
+    context = ssl.create_default_context(cafile=server.ca_file)
+    sock = socket.create_connection(("127.0.0.1", server.info["amqpPort"]), timeout=10)
+    return context.wrap_socket(sock, server_hostname="localhost")
+
+
+def read_all(sock: ssl.SSLSocket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize(
+    ("wire", "answer_prefix"),
+    [
+        pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"AMQP\x03\x01\x00\x00", id="http"),
+        pytest.param(b"AMQP\x02\x01\x00\x00", b"AMQP\x03\x01\x00\x00", id="tls-header"),
+        pytest.param(
+            b"AMQP\x00\x01\x00\x00" + b"\x00\x00\x00\x09\x02\x00\x00\x00\x40",
+            b"AMQP\x00\x01\x00\x00",
+            id="bad-frame",
+        ),
+    ],
+)
+def test_bad_input_is_answered_and_closed(server: RunningServer, wire: bytes, answer_prefix: bytes) -> None:
+    with raw_tls(server) as sock:
+        sock.sendall(wire)
+        answer = read_all(sock)
+    assert answer.startswith(answer_prefix)
+    time.sleep(0.2)
+    assert "AMQP 127.0.0.1" in server.log() and "closed:" in server.log()
+
+
+def test_a_bad_frame_after_open_is_closed_with_decode_error(server: RunningServer) -> None:
+    from provisiond.protocol.amqp.frames import Frame, FrameType, encode_frame
+    from provisiond.protocol.amqp.performatives import Open
+
+    wire = bytearray(b"AMQP\x00\x01\x00\x00")
+    encode_frame(Frame(FrameType.AMQP, 0, Open(container_id="raw")), wire)
+    with raw_tls(server) as sock:
+        sock.sendall(bytes(wire))
+        time.sleep(0.2)
+        sock.sendall(b"\x00\x00\x00\x0c\x02\x00\x00\x00\x00\x53\x10\x45")  # open with no container id
+        answer = read_all(sock)
+    assert b"amqp:decode-error" in answer and b"Open.container_id is mandatory" in answer
+    time.sleep(0.2)
+    assert "Open.container_id is mandatory. (amqp:decode-error)" in server.log()
+
+
+# --- the endpoint in process: pipelining and a fuzz of mutated sessions -------------------------
+
+
+class _FakeStream:
+    """A ByteStream that plays ``chunks`` and records what the endpoint sends."""
+
+    def __init__(self, chunks: list[bytes], client_chain: list[bytes] | None = None) -> None:
+        self._chunks = list(chunks)
+        self.sent = bytearray()
+        self.client_chain = client_chain or []
+        self.peer = "fuzz"
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        await asyncio.sleep(0)
+        return self._chunks.pop(0) if self._chunks else b""
+
+    async def send(self, data: bytes) -> None:
+        self.sent += data
+
+    async def close(self) -> None:
+        return None
+
+
+class _StubTpm:
+    async def challenge(self, registration_id: str, ek: bytes, srk: bytes | None) -> Any:
+        class Blob:
+            def marshal(self) -> bytes:
+                return bytes(900)
+
+        return Blob()
+
+    async def authenticate(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+class _StubRegistrar:
+    """Answers every request at once, as the registrar would for an assigned device."""
+
+    tpm = _StubTpm()
+
+    async def register(self, request: Any) -> RegistrationOperationStatus:
+        return RegistrationOperationStatus(operation_id="op", status=RegistrationStatus.ASSIGNED)
+
+    async def operation_status(self, request: Any, operation_id: str) -> RegistrationOperationStatus:
+        return RegistrationOperationStatus(operation_id=operation_id, status=RegistrationStatus.ASSIGNING)
+
+
+SCOPE = "0ne00AMQP00"
+REG = "fuzz-device"
+
+
+def _endpoint(tmp_path: Path) -> AmqpEndpoint:
+    ctx = ServiceContext(settings=Settings(data_dir=tmp_path), store=None, clock=time.time)  # type: ignore[arg-type]
+    return AmqpEndpoint(ctx, _StubRegistrar(), transport="amqp")  # type: ignore[arg-type]
+
+
+def _client_wire(mechanism: str | None) -> bytes:
+    """What a device sends in a whole registration, recorded against a stand-in server."""
+    clock = time.monotonic
+    client = Connection(
+        Side.CLIENT, ConnectionConfig(container_id="d", use_sasl=mechanism is not None), clock=clock
+    )
+    server = Connection(
+        Side.SERVER,
+        ConnectionConfig(container_id="s", sasl_mechanisms=tuple(m.value for m in dps.Mechanism)),
+        clock=clock,
+    )
+    address = f"{SCOPE}/registrations/{REG}"
+    links: dict[str, LinkId] = {}
+    wire = bytearray()
+    if mechanism is None:
+        client.open()
+
+    def on_client(event: Event) -> None:
+        if isinstance(event, SaslMechanismsReceived):
+            token = build_sas_token(address, "AAAA", int(time.time()) + 600)
+            client.sasl_init(
+                mechanism or "", dps.plain_response(address, token) if mechanism == "PLAIN" else None
+            )
+        elif isinstance(event, SaslOutcomeReceived):
+            client.open()
+        elif isinstance(event, ConnectionOpened):
+            channel = client.begin()
+            links["send"] = client.attach(channel, name="s", role=Role.SENDER, target=Target(address=address))
+            links["recv"] = client.attach(
+                channel, name="r", role=Role.RECEIVER, source=Source(address=address)
+            )
+            client.grant_credit(links["recv"], 5)
+            for n, kind in enumerate((dps.OperationType.REGISTER, dps.OperationType.GET_OPERATION_STATUS)):
+                client.send_message(
+                    links["send"],
+                    Message(
+                        properties=Properties(correlation_id=f"c{n}"),
+                        application_properties={dps.OPERATION_TYPE: kind.value, dps.OPERATION_ID: "op"},
+                        body=(Data(json.dumps({"registrationId": REG}).encode()),),
+                    ),
+                )
+        elif isinstance(event, MessageReceived):
+            client.settle(event.link, event.delivery_id, Accepted())
+
+    def on_server(event: Event) -> None:
+        from provisiond.protocol.amqp.events import SaslInitReceived
+
+        if isinstance(event, SaslInitReceived):
+            server.sasl_outcome(SaslCode.OK)
+        elif isinstance(event, ConnectionOpened):
+            server.open()
+        elif isinstance(event, LinkAttached) and event.answer_needed:
+            server.accept_link(event.link)
+            if event.role is Role.RECEIVER:
+                server.grant_credit(event.link, 5)
+
+    for _ in range(30):
+        out = client.get_outbound_data()
+        wire += out
+        for source, sink, handler in (
+            (out, server, on_server),
+            (server.get_outbound_data(), client, on_client),
+        ):
+            events = sink.feed_bytes(source) if source else []
+            while events:
+                for event in events:
+                    handler(event)
+                events = sink.poll_events()
+    client.close()
+    wire += client.get_outbound_data()
+    return bytes(wire)
+
+
+@pytest.mark.parametrize("mechanism", [pytest.param("PLAIN", id="plain"), pytest.param(None, id="no-sasl")])
+async def test_a_pipelined_session_is_answered_in_full(tmp_path: Path, mechanism: str | None) -> None:
+    """The whole client side in one write (as if pipelined): both requests are answered."""
+    stream = _FakeStream([_client_wire(mechanism)])
+    await _endpoint(tmp_path)(stream)
+    assert stream.sent.count(b'"operationId":"op"') == 2
+
+
+#: Mutated device sessions replayed against the endpoint (reported in the issue).
+ENDPOINT_FUZZ_SESSIONS = 5_000
+
+
+async def test_fuzz_the_endpoint_with_mutated_sessions(tmp_path: Path) -> None:
+    """The endpoint loop must end every mutated session by itself and never raise."""
+    endpoint = _endpoint(tmp_path)
+    seeds = [_client_wire("PLAIN"), _client_wire(None), _client_wire("ANONYMOUS")]
+    rng = random.Random(66)
+    tried = answered = 0
+    for _ in range(ENDPOINT_FUZZ_SESSIONS):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 5)):
+            where = rng.randrange(len(data))
+            op = rng.randrange(4)
+            if op == 0:
+                data[where] ^= 1 << rng.randrange(8)
+            elif op == 1:
+                data[where] = rng.choice((0x00, 0xFF, 0x40, 0x45, 0x53, 0xA1, 0xE0, 0xC0, 0x70))
+            elif op == 2:
+                del data[where : where + rng.randint(1, 8)]
+            else:
+                data[where:where] = rng.randbytes(rng.randint(1, 8))
+        cuts = sorted(rng.sample(range(1, len(data)), k=min(4, len(data) - 1)))
+        chunks = [bytes(data[a:b]) for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+        stream = _FakeStream(chunks)
+        await asyncio.wait_for(endpoint(stream), 5)
+        answered += b'"operationId"' in stream.sent
+        tried += 1
+    assert tried == ENDPOINT_FUZZ_SESSIONS
+    assert answered > ENDPOINT_FUZZ_SESSIONS // 10  # the mutations reach the registration path
