@@ -680,3 +680,18 @@ async def test_fuzz_the_endpoint_with_mutated_sessions(tmp_path: Path) -> None:
         tried += 1
     assert tried == ENDPOINT_FUZZ_SESSIONS
     assert answered > ENDPOINT_FUZZ_SESSIONS // 10  # the mutations reach the registration path
+
+
+def test_amqp_port_0_turns_tls_off_and_keeps_websockets(tmp_path: Path) -> None:
+    from tests._server import start_server
+
+    quiet = start_server(tmp_path / "no-amqp", "--amqp-port", "0")
+    try:
+        with quiet.client() as admin:
+            reg = uid("ws-only")
+            key = enroll_symmetric(admin, reg)
+        result = register(quiet, SymmetricKeySecurity(registration_id=reg, symmetric_key=key), "amqp-ws")
+        assert result.status is RegistrationStatus.ASSIGNED
+    finally:
+        quiet.stop()
+    assert "AMQP over TLS is off (--amqp-port 0)" in quiet.log()

@@ -183,11 +183,12 @@ def _run(settings: Settings, ca_file: Path | None) -> None:
 )
 @click.option(
     "--amqp-port",
-    type=click.IntRange(1, 65535),
+    type=click.IntRange(0, 65535),
     default=5671,
     show_default=True,
     envvar="PROVISIOND_AMQP_PORT",
-    help="AMQP over TLS port (reserved: the AMQP transport is not built yet).",
+    help="AMQP 1.0 over TLS port for devices (5671 for the official SDKs; 0: off). AMQP over "
+    "WebSockets (AMQPWSB10) is served on the HTTPS port either way.",
 )
 @click.option(
     "--db",
