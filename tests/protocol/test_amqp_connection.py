@@ -600,6 +600,23 @@ def test_frames_on_an_unattached_handle_end_the_session() -> None:
     )
 
 
+def test_input_piling_up_while_an_answer_is_due_is_refused() -> None:
+    server = _fresh_server(max_frame_size=512)
+    wire = bytearray(b"AMQP\x03\x01\x00\x00")
+    from provisiond.protocol.amqp.performatives import SaslInit
+
+    encode_frame(
+        Frame(FrameType.SASL, 0, SaslInit(mechanism=Symbol("PLAIN"), initial_response=b"\x00u\x00p")), wire
+    )
+    assert isinstance(server.feed_bytes(bytes(wire))[-1], SaslInitReceived)  # the app now owes the outcome
+    closed = of(server.feed_bytes(b"\x00" * 4096), ConnectionClosed)
+    assert (
+        closed
+        and closed[0].error is not None
+        and closed[0].error.condition == ErrorCondition.RESOURCE_LIMIT_EXCEEDED
+    )
+
+
 def test_garbage_after_close_is_ignored() -> None:
     pair = make_pair()
     pair.run()

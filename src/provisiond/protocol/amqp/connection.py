@@ -116,6 +116,8 @@ logger = logging.getLogger("provisiond.protocol.amqp")
 
 #: Heartbeats are never sent more often than this, whatever idle-time-out the peer asks for.
 _MIN_HEARTBEAT = 0.5
+#: Input buffered while the application owes the peer an answer, in frames of our maximum size.
+_PAUSED_INPUT_FRAMES = 4
 
 
 T = TypeVar("T")
@@ -233,6 +235,10 @@ class Connection:
             return self._take_events()
         self._last_received = self._clock()
         self._in += data
+        if self._paused and len(self._in) > _PAUSED_INPUT_FRAMES * self.config.max_frame_size:
+            self._in = bytearray()
+            self._fail(ErrorCondition.RESOURCE_LIMIT_EXCEEDED, "Too much input while an answer was due.")
+            return self._take_events()
         return self.poll_events()
 
     def poll_events(self) -> list[Event]:
