@@ -695,3 +695,41 @@ def test_amqp_port_0_turns_tls_off_and_keeps_websockets(tmp_path: Path) -> None:
     finally:
         quiet.stop()
     assert "AMQP over TLS is off (--amqp-port 0)" in quiet.log()
+
+
+class _SilentStream(_FakeStream):
+    """Plays its chunks, then keeps the connection open without sending anything."""
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if self._chunks:
+            return self._chunks.pop(0)
+        await asyncio.Event().wait()
+        return b""
+
+
+async def test_a_connection_that_never_opens_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import provisiond.service.amqp as endpoint_module
+
+    monkeypatch.setattr(endpoint_module, "HANDSHAKE_TIMEOUT", 0.2)
+    stream = _SilentStream([b"AMQP\x03\x01\x00\x00"])
+    with caplog.at_level("INFO", logger="provisiond.amqp"):
+        await asyncio.wait_for(_endpoint(tmp_path)(stream), 5)
+    assert stream.sent.startswith(b"AMQP\x03\x01\x00\x00")  # the mechanisms went out, then silence
+    assert "the connection was not open within 0.2 s" in caplog.text
+
+
+async def test_an_idle_connection_is_closed_with_resource_limit_exceeded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import provisiond.service.amqp as endpoint_module
+
+    monkeypatch.setattr(endpoint_module, "IDLE_TIMEOUT", 0.3)
+    wire = _client_wire(None)
+    opened = wire[: wire.index(b"\x00\x53\x11") - 8]  # header and open, up to the begin frame
+    stream = _SilentStream([opened])
+    with caplog.at_level("INFO", logger="provisiond.amqp"):
+        await asyncio.wait_for(_endpoint(tmp_path)(stream), 5)
+    assert b"amqp:resource-limit-exceeded" in stream.sent
+    assert "idle timeout" in caplog.text
