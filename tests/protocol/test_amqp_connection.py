@@ -696,7 +696,7 @@ def test_rejections_carry_the_error() -> None:
 FUZZ_SESSIONS = 10_000
 
 
-def test_fuzz_the_server_with_mutated_sessions() -> None:
+def test_fuzz_the_server_with_mutated_sessions(capsys: pytest.CaptureFixture[str]) -> None:
     """Record valid client byte streams (PLAIN, none, TPM-like), mutate them, and feed each
     to a fresh server in random chunks; the server must never raise (it closes instead) and
     its buffers stay bounded."""
@@ -750,3 +750,7 @@ def test_fuzz_the_server_with_mutated_sessions() -> None:
         tried += 1
     assert tried == FUZZ_SESSIONS
     assert opened > FUZZ_SESSIONS // 4 and messages > FUZZ_SESSIONS // 10  # the mutations reach deep states
+    with capsys.disabled():
+        print(  # noqa: T201 (the report line)
+            f"\n[amqp fuzz] server connection: {tried} mutated sessions, {opened} reached open, {messages} reached links"
+        )

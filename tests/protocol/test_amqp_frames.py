@@ -435,7 +435,7 @@ def test_arbitrary_bytes_decode_or_raise_the_protocol_error(data: bytes) -> None
 FUZZ_INPUTS = 20_000
 
 
-def test_fuzz_mutated_frames() -> None:
+def test_fuzz_mutated_frames(capsys: pytest.CaptureFixture[str]) -> None:
     rng = random.Random(61)
     message = encode_message(cast(Message, MESSAGES[1].values[0]))
     seeds = [frame_bytes(cast(Frame, p.values[0])) for p in FRAMES]
@@ -459,3 +459,5 @@ def test_fuzz_mutated_frames() -> None:
         _decode_or_protocol_error(bytes(data))
         tried += 1
     assert tried == FUZZ_INPUTS
+    with capsys.disabled():
+        print(f"\n[amqp fuzz] frames and messages: {tried} mutated frames tried")  # noqa: T201 (the report line)

@@ -298,7 +298,7 @@ def test_arbitrary_bytes_decode_or_raise_the_protocol_error(data: bytes) -> None
 FUZZ_INPUTS = 20_000
 
 
-def test_fuzz_mutated_encodings() -> None:
+def test_fuzz_mutated_encodings(capsys: pytest.CaptureFixture[str]) -> None:
     """Flip, insert, delete and overwrite bytes of valid encodings; the decoder must decode or
     raise InsufficientData/AmqpProtocolError, nothing else."""
     rng = random.Random(6)
@@ -320,3 +320,5 @@ def test_fuzz_mutated_encodings() -> None:
         _decode_or_protocol_error(bytes(data))
         tried += 1
     assert tried == FUZZ_INPUTS
+    with capsys.disabled():
+        print(f"\n[amqp fuzz] type codec: {tried} mutated encodings tried")  # noqa: T201 (the report line)

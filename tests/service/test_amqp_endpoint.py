@@ -653,7 +653,9 @@ async def test_a_pipelined_session_is_answered_in_full(tmp_path: Path, mechanism
 ENDPOINT_FUZZ_SESSIONS = 5_000
 
 
-async def test_fuzz_the_endpoint_with_mutated_sessions(tmp_path: Path) -> None:
+async def test_fuzz_the_endpoint_with_mutated_sessions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The endpoint loop must end every mutated session by itself and never raise."""
     endpoint = _endpoint(tmp_path)
     seeds = [_client_wire("PLAIN"), _client_wire(None), _client_wire("ANONYMOUS")]
@@ -680,6 +682,8 @@ async def test_fuzz_the_endpoint_with_mutated_sessions(tmp_path: Path) -> None:
         tried += 1
     assert tried == ENDPOINT_FUZZ_SESSIONS
     assert answered > ENDPOINT_FUZZ_SESSIONS // 10  # the mutations reach the registration path
+    with capsys.disabled():
+        print(f"\n[amqp fuzz] endpoint: {tried} mutated sessions, {answered} answered a request")  # noqa: T201 (the report line)
 
 
 def test_amqp_port_0_turns_tls_off_and_keeps_websockets(tmp_path: Path) -> None:
