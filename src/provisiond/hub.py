@@ -114,7 +114,9 @@ class HubRegistry:
             )
         key = self._key(hub.host_name, device_id)
         for attempt in range(_WRITE_ATTEMPTS):
-            existing = None if probably_new and attempt == 0 else await self._store.get(Collection.HUB_DEVICES, key)
+            existing = (
+                None if probably_new and attempt == 0 else await self._store.get(Collection.HUB_DEVICES, key)
+            )
             now = utc_now()
             old = msgspec.json.decode(existing.doc, type=HubDevice) if existing else None
             device = HubDevice(
