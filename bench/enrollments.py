@@ -143,6 +143,7 @@ class Result:
     page_device: Latencies = field(default_factory=Latencies)
     rss: int = 0
     rss_peak: int = 0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def create_rate(self) -> float:
@@ -242,6 +243,26 @@ def measure_size(server: Server, backend: str, db_url: str | None, result: Resul
     result.db_detail = (
         f"enrollments table {human_bytes(table_total)} (heap {human_bytes(heap)}, "
         f"indexes {human_bytes(indexes)}, TOAST and the rest {human_bytes(table_total - heap - indexes)})"
+    )
+
+
+def autovacuum_state(db_url: str) -> str:
+    """Whether autovacuum is at work (it starts on a table after many inserts, and competes
+    with the reads for the CPUs), and what it has done to the enrollments table so far."""
+    import psycopg
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        workers = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'"
+        ).fetchone()
+        table = conn.execute(
+            "SELECT autovacuum_count, autoanalyze_count FROM pg_stat_user_tables WHERE relname = 'enrollments'"
+        ).fetchone()
+    running = int(workers[0]) if workers else 0
+    vacuums, analyzes = (int(table[0]), int(table[1])) if table else (0, 0)
+    return (
+        f"{running} autovacuum worker(s) running; enrollments autovacuumed {vacuums} time(s), "
+        f"autoanalyzed {analyzes} time(s)"
     )
 
 
@@ -359,8 +380,14 @@ def run_backend(backend: str, args: argparse.Namespace, root: Path) -> Result:
             )
             measure_size(server, backend, db_url, result)
             print(f"  database {human_bytes(result.db_bytes)}: {result.db_detail}", flush=True)
+            if db_url is not None:
+                result.notes.append(f"before the reads: {autovacuum_state(db_url)}")
             measure_reads(server, args, result)
             result.rss, result.rss_peak = rss_of(server.pid)
+            if db_url is not None:
+                result.notes.append(f"after the reads: {autovacuum_state(db_url)}")
+            for note in result.notes:
+                print(f"  {note}", flush=True)
         except (ApiError, RuntimeError, OSError):
             print(f"  server log (tail):\n{server.log_tail()}", file=sys.stderr)
             raise
@@ -453,6 +480,8 @@ def report(results: Sequence[Result]) -> None:
         )
     for r in results:
         print(f"{r.backend} database: {human_bytes(r.db_bytes)} ({r.db_detail})")
+        for note in r.notes:
+            print(f"{r.backend} {note}")
     print(
         f"Query pages hold {PAGE_SIZE} enrollments and start at a random continuation token from the "
         "listing; WHERE deviceId matches one enrollment. Latencies are client-side, one request at a time."
