@@ -9,6 +9,17 @@ the one write connection), and reads run on a small pool of **reader threads**, 
 connection, so that a read never queues behind a write. Each method is one thread hop: the whole
 operation (all its statements, its transaction) runs in one function on one thread.
 
+Point reads (``get``, small ``get_many``, ``get_setting``) are the exception: they run on the
+calling event loop's own thread, with its own read-only connection. A primary-key lookup in WAL
+mode takes tens of microseconds and never waits for the writer, while a hop to a reader thread
+(queue, wake-up, GIL hand-over, future) costs several times that; the registration path does
+such lookups on every request. Queries still hop.
+
+Small writes (a few items) first try the same on the caller's thread, with a connection whose
+``busy_timeout`` is zero: ``BEGIN IMMEDIATE`` either gets the write lock at once or fails at
+once, and then the write goes to the writer thread as usual, which waits its turn. SQLite's lock
+keeps the two writers (and other processes) serialized; the caller's thread never waits on it.
+
 Writes take ``BEGIN IMMEDIATE`` before reading the row they are about to change, so the
 check-then-write of a conditional write is atomic even when other processes (or other stores)
 write the same file; ``busy_timeout`` makes them queue instead of failing.
@@ -86,6 +97,11 @@ class SqliteStore(Store):
     """
 
     backend = "sqlite"
+
+    #: ``get_many`` with at most this many ids reads on the caller's thread (see the module docstring).
+    INLINE_READ_MAX_IDS = 32
+    #: ``write_many`` with at most this many items first tries the caller's thread.
+    INLINE_WRITE_MAX_ITEMS = 4
 
     def __init__(self, path: str | os.PathLike[str], *, readers: int = 4, busy_timeout: float = 10.0) -> None:
         if readers < 1:
@@ -230,6 +246,13 @@ class SqliteStore(Store):
                 executor, functools.partial(self._read, function, *args)
             )
 
+    def _inline(self, function: Callable[..., _T], *args: Any) -> _T:
+        """A point read on the caller's thread (its own connection, made on first use)."""
+        if self._readers is None:
+            raise StorageError(f"{self!r} is not open")
+        with _map_errors():
+            return self._read(function, *args)
+
     def _read(self, function: Callable[..., _T], *args: Any) -> _T:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
@@ -252,13 +275,15 @@ class SqliteStore(Store):
         return await self._on_reader(_schema_version)
 
     async def get(self, collection: Collection, id: str) -> Record | None:
-        records = await self._on_reader(_get_many, collection, [collection.key(id)])
+        records = self._inline(_get_many, collection, [collection.key(id)])
         return next(iter(records.values()), None)
 
     async def get_many(self, collection: Collection, ids: Sequence[str]) -> dict[str, Record]:
         keys = sorted({collection.key(id) for id in ids})
         if not keys:
             return {}
+        if len(keys) <= self.INLINE_READ_MAX_IDS:
+            return self._inline(_get_many, collection, keys)
         return await self._on_reader(_get_many, collection, keys)
 
     async def write(
@@ -296,14 +321,47 @@ class SqliteStore(Store):
         ]
         if not prepared:
             return []
+        if len(prepared) <= self.INLINE_WRITE_MAX_ITEMS:
+            done = self._try_inline_write(collection, prepared)
+            if done is not None:
+                return done
         return await self._on_writer(self._write_batch, collection, prepared)
+
+    def _try_inline_write(
+        self, collection: Collection, prepared: list[_Prepared]
+    ) -> list[Record | ProvisioningError] | None:
+        """The batch written on the caller's thread, or ``None`` when the write lock is taken."""
+        if self._writer is None:
+            raise StorageError(f"{self!r} is not open")
+        conn: sqlite3.Connection | None = getattr(self._local, "write_conn", None)
+        with _map_errors():
+            if conn is None:
+                conn = self._connect()
+                conn.execute("PRAGMA busy_timeout = 0")
+                self._local.write_conn = conn
+                with self._read_conns_lock:
+                    self._read_conns.append(conn)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                    return None
+                raise
+            return self._apply_batch(conn, collection, prepared)
 
     def _write_batch(
         self, collection: Collection, prepared: list[_Prepared]
     ) -> list[Record | ProvisioningError]:
         conn = self._writer_conn()
-        statements = _sql.statements(collection, _STYLE)
         conn.execute("BEGIN IMMEDIATE")
+        return self._apply_batch(conn, collection, prepared)
+
+    @staticmethod
+    def _apply_batch(
+        conn: sqlite3.Connection, collection: Collection, prepared: list[_Prepared]
+    ) -> list[Record | ProvisioningError]:
+        """Apply the items in the transaction ``conn`` has begun, and commit."""
+        statements = _sql.statements(collection, _STYLE)
         try:
             outcomes = [_apply(conn, collection, statements, *entry) for entry in prepared]
             conn.execute("COMMIT")
@@ -331,7 +389,7 @@ class SqliteStore(Store):
     # -- settings -----------------------------------------------------------------------------
 
     async def get_setting(self, key: str) -> str | None:
-        return await self._on_reader(_get_setting, key)
+        return self._inline(_get_setting, key)
 
     async def set_setting(self, key: str, value: str) -> None:
         await self._on_writer(self._set_setting, key, value)
