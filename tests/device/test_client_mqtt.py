@@ -6,6 +6,7 @@ retry-after, refusing CONNACKs, stale answers, keep-alive pings)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 import time
@@ -289,8 +290,10 @@ class ScriptedDps:
     connects: list[Connect] = field(default_factory=list)
     pings: int = 0
     port: int = 0
+    handlers: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.handlers.add(asyncio.current_task())  # type: ignore[arg-type]
         machine = MqttConnection(Role.SERVER, clock=time.monotonic)
         try:
             while machine.state is not State.CLOSED and (data := await reader.read(65536)):
@@ -322,6 +325,8 @@ class ScriptedDps:
                 writer.write(machine.get_outbound_data())
         finally:
             writer.close()
+            with contextlib.suppress(OSError, asyncio.TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), 2)  # TLS close_notify needs the loop
 
     @staticmethod
     def _answer(machine: MqttConnection, writer: asyncio.StreamWriter, topic: str, body: bytes) -> None:
@@ -336,8 +341,10 @@ async def scripted(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(files.cert_file, files.key_file)
     servers: list[asyncio.Server] = []
+    started: list[ScriptedDps] = []
 
     async def start(dps: ScriptedDps) -> MqttTransport:
+        started.append(dps)
         server = await asyncio.start_server(dps.handle, "127.0.0.1", 0, ssl=ctx)
         servers.append(server)
         dps.port = server.sockets[0].getsockname()[1]
@@ -352,6 +359,10 @@ async def scripted(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     yield start
     for server in servers:
         server.close()
+        await server.wait_closed()
+    handlers = [task for dps in started for task in dps.handlers]
+    if handlers:  # let every connection finish closing (TLS close_notify) before the loop ends
+        await asyncio.wait(handlers, timeout=5)
 
 
 def assigned(operation: str = "op-1") -> dict[str, Any]:

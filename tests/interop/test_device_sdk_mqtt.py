@@ -9,9 +9,11 @@ when another process holds one of those ports. The tests share that server and r
 
 from __future__ import annotations
 
+import gc
 import socket
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,17 @@ def dps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     )
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _collect_paho_sockets() -> Iterator[None]:
+    """paho-mqtt 1.6 (inside the SDK) leaves its wake-up socket pair to the garbage collector
+    when the SDK stops its loop from the loop's own thread; collect them here, quietly, rather
+    than as unraisable ResourceWarnings at the end of the session."""
+    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
 
 
 @pytest.fixture(scope="module")

@@ -200,7 +200,9 @@ class _Session:
     def _log_close(self) -> None:
         reason = self.machine.close_reason or "closed"
         normal = reason in ("the client disconnected", "the device closed the connection without DISCONNECT")
-        log.log(logging.DEBUG if normal else logging.INFO, "MQTT %s: closed: %s", self.who, reason)
+        level = logging.DEBUG if normal else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "MQTT %s: closed: %s", self.who, reason)
 
     # --- packets ---------------------------------------------------------------------------------
 
@@ -229,7 +231,8 @@ class _Session:
             self.machine.refuse(refusal.code, refusal.reason)
             return
         self.machine.accept()
-        log.debug("MQTT %s: connected (keep-alive %d s)", self.who, connect.keep_alive)
+        if log.isEnabledFor(logging.DEBUG):  # ``who`` formats a string: not on the hot path
+            log.debug("MQTT %s: connected (keep-alive %d s)", self.who, connect.keep_alive)
 
     def _identify(self, connect: Connect) -> _Identity:
         registration_id = connect.client_id
