@@ -198,12 +198,6 @@ class _Connection:
             await self.channel.write(data)
 
 
-class _Refused(Exception):
-    def __init__(self, code: ConnectReturnCode) -> None:
-        super().__init__(code.name)
-        self.code = code
-
-
 class MqttTransport(Transport):
     """DPS's MQTT device API (device-protocol.md §3), over TLS or WebSockets.
 
@@ -288,12 +282,11 @@ class MqttTransport(Transport):
                     connection.machine.publish(topic, payload, qos=QoS.AT_LEAST_ONCE)
                     await connection.flush()
                     reply = await self._response(connection, rid)
-            except _Refused as refused:
-                await self._drop()
-                return _refusal(refused.code)
             except BaseException:
                 await self._drop()
                 raise
+            if connection.machine.state is State.CLOSED:  # the CONNACK refused
+                await self._drop()
         logger.debug("%s %s -> %d", self.address, topic, reply.status)
         return reply
 
@@ -387,7 +380,7 @@ class MqttTransport(Transport):
         reply = None
         for packet in packets:
             if isinstance(packet, Connack) and packet.return_code is not ConnectReturnCode.ACCEPTED:
-                raise _Refused(packet.return_code)
+                return _refusal(packet.return_code)  # nothing else comes on this connection
             if isinstance(packet, Suback) and SubackReturnCode.FAILURE in packet.return_codes:
                 raise RemoteProtocolError(f"{self.address} refused the subscription to {RESPONSE_FILTER}.")
             if isinstance(packet, Publish):

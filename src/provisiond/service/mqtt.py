@@ -117,13 +117,12 @@ class _Identity:
     client_chain: Sequence[bytes]
 
 
-class _Refusal(Exception):
-    """A CONNECT to refuse with ``code`` (internal to this module)."""
+@dataclass(frozen=True)
+class _Refusal:
+    """A CONNECT to refuse: the return code, and why (for the log)."""
 
-    def __init__(self, code: ConnectReturnCode, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
+    code: ConnectReturnCode
+    reason: str
 
 
 class MqttEndpoint:
@@ -225,32 +224,32 @@ class _Session:
     def _on_connect(self, connect: Connect) -> None:
         if self.machine.state is State.CLOSED:  # refused by the protocol rules already
             return
-        try:
-            self.identity = self._identify(connect)
-        except _Refusal as refusal:
-            self.machine.refuse(refusal.code, refusal.reason)
+        identity = self._identify(connect)
+        if isinstance(identity, _Refusal):
+            self.machine.refuse(identity.code, identity.reason)
             return
+        self.identity = identity
         self.machine.accept()
         if log.isEnabledFor(logging.DEBUG):  # ``who`` formats a string: not on the hot path
             log.debug("MQTT %s: connected (keep-alive %d s)", self.who, connect.keep_alive)
 
-    def _identify(self, connect: Connect) -> _Identity:
+    def _identify(self, connect: Connect) -> _Identity | _Refusal:
         registration_id = connect.client_id
         try:
             validate_id(registration_id, "client id")
         except InvalidIdError as exc:
-            raise _Refusal(
+            return _Refusal(
                 ConnectReturnCode.IDENTIFIER_REJECTED,
                 f"the client id must be the registration id: {exc.message}",
-            ) from None
+            )
         if connect.username is None:
-            raise _Refusal(ConnectReturnCode.BAD_USERNAME_OR_PASSWORD, "no user name")
+            return _Refusal(ConnectReturnCode.BAD_USERNAME_OR_PASSWORD, "no user name")
         try:
             username = parse_username(connect.username)
         except RemoteProtocolError as exc:
-            raise _Refusal(ConnectReturnCode.BAD_USERNAME_OR_PASSWORD, exc.message) from None
+            return _Refusal(ConnectReturnCode.BAD_USERNAME_OR_PASSWORD, exc.message)
         if username.registration_id.lower() != registration_id.lower():
-            raise _Refusal(
+            return _Refusal(
                 ConnectReturnCode.IDENTIFIER_REJECTED,
                 f"the client id {registration_id!r} is not the user name's registration id "
                 f"{username.registration_id[:128]!r}",
@@ -267,13 +266,11 @@ class _Session:
                     clock_skew=self.endpoint.ctx.settings.clock_skew,
                 )
             except UnicodeDecodeError:
-                raise _Refusal(
-                    ConnectReturnCode.BAD_USERNAME_OR_PASSWORD, "the password is not UTF-8"
-                ) from None
+                return _Refusal(ConnectReturnCode.BAD_USERNAME_OR_PASSWORD, "the password is not UTF-8")
             except ProvisioningError as exc:
-                raise _Refusal(ConnectReturnCode.BAD_USERNAME_OR_PASSWORD, exc.message) from None
+                return _Refusal(ConnectReturnCode.BAD_USERNAME_OR_PASSWORD, exc.message)
         elif not self.stream.client_chain:
-            raise _Refusal(
+            return _Refusal(
                 ConnectReturnCode.NOT_AUTHORIZED,
                 "no credential: a SAS token as the password (symmetric key), or a client certificate "
                 "in the TLS handshake (X.509)",
