@@ -51,6 +51,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -69,6 +70,7 @@ from ..protocol.messages import DeviceRegistration, RegistrationOperationStatus,
 from ..protocol.mqtt import (
     Connect,
     ConnectReturnCode,
+    Disconnect,
     MqttConnection,
     Packet,
     Publish,
@@ -151,6 +153,7 @@ class _Session:
             max_inflight=MAX_INFLIGHT,
         )
         self.identity: _Identity | None = None
+        self.orderly = False  # the device said DISCONNECT, or closed its end: no log line at info
 
     @property
     def who(self) -> str:
@@ -167,6 +170,7 @@ class _Session:
                 if data is None:
                     continue  # a deadline passed; the machine decided what that means
                 if not data:
+                    self.orderly = True
                     machine.close("the device closed the connection without DISCONNECT")
                     break
                 packets = machine.feed_bytes(data)
@@ -197,24 +201,24 @@ class _Session:
             await self.stream.send(data)
 
     def _log_close(self) -> None:
-        reason = self.machine.close_reason or "closed"
-        normal = reason in ("the client disconnected", "the device closed the connection without DISCONNECT")
-        level = logging.DEBUG if normal else logging.INFO
+        level = logging.DEBUG if self.orderly else logging.INFO
         if log.isEnabledFor(level):
-            log.log(level, "MQTT %s: closed: %s", self.who, reason)
+            log.log(level, "MQTT %s: closed: %s", self.who, self.machine.close_reason or "closed")
 
     # --- packets ---------------------------------------------------------------------------------
 
     async def _handle(self, packets: list[Packet]) -> None:
-        pending = list(packets)
+        pending = deque(packets)
         while pending:
-            packet = pending.pop(0)
+            packet = pending.popleft()
+            if isinstance(packet, Disconnect):
+                self.orderly = True
             if self.machine.state is State.CLOSED:
                 return
             if isinstance(packet, Connect):
                 self._on_connect(packet)
                 if self.machine.state is State.CONNECTED:
-                    pending += self.machine.feed_bytes(b"")  # what was pipelined behind the CONNECT
+                    pending.extend(self.machine.feed_bytes(b""))  # what was pipelined behind the CONNECT
             elif isinstance(packet, Subscribe):
                 self._on_subscribe(packet)
             elif isinstance(packet, Publish):
