@@ -271,7 +271,8 @@ class MqttTransport(Transport):
         rid = str(next(self._rids))
         if isinstance(request, SendRegister):
             if request.force:
-                logger.warning("forceRegistration has no MQTT form in DPS; registering without it")
+                # No SDK sends forceRegistration over MQTT, and DPS documents no topic property for it.
+                logger.warning("force=True is not carried over MQTT; registering without it")
             topic, payload = register_topic(rid), encode(request.body)
         else:
             topic, payload = status_topic(rid, request.operation_id), b""
