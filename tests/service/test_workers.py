@@ -6,6 +6,8 @@ import re
 import time
 from pathlib import Path
 
+import pytest
+
 from provisiond.protocol.sas import build_sas_token
 from tests._server import start_server
 
@@ -48,3 +50,16 @@ def test_two_workers_serve_the_same_data(tmp_path: Path) -> None:
         assert len(re.findall(r"registration w-\d assigned", server.log())) == 8
     finally:
         assert server.stop() == 0
+
+
+def test_a_taken_device_port_fails_loudly(tmp_path: Path) -> None:
+    """One worker binds its MQTT/AMQP ports without SO_REUSEPORT: a second service on the same
+    port must fail to start with a message naming the port, not silently share it."""
+    first = start_server(tmp_path / "first")
+    try:
+        mqtt_port = int(first.info["mqttPort"])
+        with pytest.raises(RuntimeError) as failed:
+            start_server(tmp_path / "second", "--mqtt-port", str(mqtt_port))
+        assert f"Cannot serve MQTT on 127.0.0.1:{mqtt_port}" in str(failed.value)
+    finally:
+        first.stop()

@@ -60,7 +60,6 @@ from ..attestation import symmetric_key as sk
 from ..errors import (
     AmqpProtocolError,
     BodyTooLargeError,
-    ConfigurationError,
     InvalidBodyError,
     ProvisioningError,
     RequestError,
@@ -93,13 +92,12 @@ from ..protocol.amqp.performatives import (
 from ..protocol.amqp.session import SessionLimits
 from ..protocol.amqp.types import Symbol
 from ..protocol.messages import DeviceRegistration, RegistrationOperationStatus, TpmAttestationRequest, encode
-from ..tls import server_context
 from .context import ServiceContext
 from .device_api import POLL_AFTER_SECONDS
 from .http import decode_body, error_response
 from .listeners import STARTERS
 from .registrar import DeviceRequest, Registrar
-from .streams import WEBSOCKET_HANDLERS, ByteStream, StreamClosed, serve_tls
+from .streams import WEBSOCKET_HANDLERS, ByteStream, StreamClosed, start_tls_listener
 
 __all__ = ["HANDSHAKE_TIMEOUT", "IDLE_TIMEOUT", "AmqpEndpoint", "start_amqp"]
 
@@ -497,22 +495,13 @@ async def start_amqp(ctx: ServiceContext, registrar: Registrar) -> asyncio.Serve
     """
     WEBSOCKET_HANDLERS["amqpwsb10"] = AmqpEndpoint(ctx, registrar, transport="amqp-ws")
     settings = ctx.settings
-    if not settings.amqp_port:
-        log.info("AMQP over TLS is off (--amqp-port 0); AMQP over WebSockets is on the HTTPS port")
-        return None
-    if settings.server_cert is None or settings.server_key is None:
-        log.warning("AMQP over TLS is off: the service has no server certificate")
-        return None
-    context = server_context(settings.server_cert, settings.server_key)
-    handler = AmqpEndpoint(ctx, registrar, transport="amqp")
-    try:
-        return await serve_tls(
-            handler, host=settings.bind, port=settings.amqp_port, ssl_context=context, name="AMQP"
-        )
-    except OSError as exc:
-        raise ConfigurationError(
-            f"Cannot serve AMQP on {settings.bind}:{settings.amqp_port}: {exc.strerror or exc}"
-        ) from exc
+    return await start_tls_listener(
+        settings,
+        AmqpEndpoint(ctx, registrar, transport="amqp"),
+        port=settings.amqp_port,
+        name="AMQP",
+        flag="--amqp-port",
+    )
 
 
 STARTERS.append(start_amqp)

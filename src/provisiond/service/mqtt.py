@@ -58,7 +58,6 @@ from dataclasses import dataclass
 from ..attestation import symmetric_key as sk
 from ..errors import (
     BodyTooLargeError,
-    ConfigurationError,
     InvalidBodyError,
     InvalidIdError,
     LocalProtocolError,
@@ -88,14 +87,13 @@ from ..protocol.topics import (
     parse_username,
     response_topic,
 )
-from ..tls import server_context
 from .context import ServiceContext
 from .device_api import POLL_AFTER_SECONDS
 from .enrollments import validate_id
 from .http import decode_body, error_response
 from .listeners import STARTERS
 from .registrar import DeviceRequest, Registrar
-from .streams import WEBSOCKET_HANDLERS, ByteStream, StreamClosed, serve_tls
+from .streams import WEBSOCKET_HANDLERS, ByteStream, StreamClosed, start_tls_listener
 
 __all__ = ["MqttEndpoint", "start_mqtt"]
 
@@ -389,22 +387,13 @@ async def start_mqtt(ctx: ServiceContext, registrar: Registrar) -> asyncio.Serve
     websocket = MqttEndpoint(ctx, registrar, transport="mqtt-ws")
     WEBSOCKET_HANDLERS["mqtt"] = websocket  # the lookup is by lower-cased subprotocol (also "MQTT")
     settings = ctx.settings
-    if not settings.mqtt_port:
-        log.info("MQTT over TLS is off (--mqtt-port 0); MQTT over WebSockets is on the HTTPS port")
-        return None
-    if settings.server_cert is None or settings.server_key is None:
-        log.warning("MQTT over TLS is off: the service has no server certificate")
-        return None
-    context = server_context(settings.server_cert, settings.server_key)
-    handler = MqttEndpoint(ctx, registrar, transport="mqtt")
-    try:
-        return await serve_tls(
-            handler, host=settings.bind, port=settings.mqtt_port, ssl_context=context, name="MQTT"
-        )
-    except OSError as exc:
-        raise ConfigurationError(
-            f"Cannot serve MQTT on {settings.bind}:{settings.mqtt_port}: {exc.strerror or exc}"
-        ) from exc
+    return await start_tls_listener(
+        settings,
+        MqttEndpoint(ctx, registrar, transport="mqtt"),
+        port=settings.mqtt_port,
+        name="MQTT",
+        flag="--mqtt-port",
+    )
 
 
 STARTERS.append(start_mqtt)

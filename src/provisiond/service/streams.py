@@ -5,7 +5,8 @@ whether the bytes come from a TLS socket on their own port or from a WebSocket o
 HTTPS port. The TLS front (:mod:`provisiond.tls`) provides the presented client certificate
 chain either way, so X.509 attestation sees the same thing on every transport.
 
-Listeners: :func:`serve_tls` starts an asyncio TLS server for one protocol. The WebSocket side is
+Listeners: :func:`start_tls_listener` starts an asyncio TLS server for one protocol (SO_REUSEPORT
+only when there are several workers). The WebSocket side is
 one ASGI endpoint (``/`` and ``/$iothub/websocket``) that picks the protocol handler by the
 subprotocol the client asks for (``mqtt``/``MQTT``, ``AMQPWSB10``), see :data:`WEBSOCKET_HANDLERS`.
 """
@@ -20,7 +21,9 @@ from typing import Protocol
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from ..tls import peer_chain
+from ..errors import ConfigurationError
+from ..tls import peer_chain, server_context
+from .settings import Settings
 
 __all__ = [
     "WEBSOCKET_HANDLERS",
@@ -30,6 +33,7 @@ __all__ = [
     "TcpStream",
     "WebSocketStream",
     "serve_tls",
+    "start_tls_listener",
     "websocket_endpoint",
 ]
 
@@ -145,10 +149,17 @@ class WebSocketStream:
 
 
 async def serve_tls(
-    handler: SessionHandler, *, host: str, port: int, ssl_context: ssl.SSLContext, name: str
+    handler: SessionHandler,
+    *,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext,
+    name: str,
+    reuse_port: bool = False,
 ) -> asyncio.Server:
-    """Start a TLS listener whose connections each run ``handler`` (SO_REUSEPORT, so that every
-    worker process can listen on the same port)."""
+    """Start a TLS listener whose connections each run ``handler``. ``reuse_port`` (SO_REUSEPORT)
+    lets every worker process of one service listen on the same port; a single worker leaves it
+    off, so that a second service on a taken port fails loudly instead of sharing it."""
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         stream = TcpStream(reader, writer)
@@ -160,10 +171,40 @@ async def serve_tls(
             await stream.close()
 
     server = await asyncio.start_server(
-        on_connection, host, port, ssl=ssl_context, reuse_port=True, ssl_handshake_timeout=15
+        on_connection, host, port, ssl=ssl_context, reuse_port=reuse_port, ssl_handshake_timeout=15
     )
     log.info("%s listening on %s:%d (TLS)", name, host, port)
     return server
+
+
+async def start_tls_listener(
+    settings: Settings, handler: SessionHandler, *, port: int, name: str, flag: str
+) -> asyncio.Server | None:
+    """The TLS listener of one device transport for this worker, or ``None`` when its port is 0
+    (or there is no server certificate: the transport then runs over WebSockets only).
+
+    :raises ConfigurationError: the port cannot be bound (the worker does not start).
+    """
+    if not port:
+        log.info("%s over TLS is off (%s 0); %s over WebSockets is on the HTTPS port", name, flag, name)
+        return None
+    if settings.server_cert is None or settings.server_key is None:
+        log.warning("%s over TLS is off: the service has no server certificate", name)
+        return None
+    context = server_context(settings.server_cert, settings.server_key)
+    try:
+        return await serve_tls(
+            handler,
+            host=settings.bind,
+            port=port,
+            ssl_context=context,
+            name=name,
+            reuse_port=settings.workers > 1,
+        )
+    except OSError as exc:
+        raise ConfigurationError(
+            f"Cannot serve {name} on {settings.bind}:{port}: {exc.strerror or exc}"
+        ) from exc
 
 
 #: WebSocket subprotocol (lower-cased) -> (handler, subprotocol spelling to echo is the client's).
