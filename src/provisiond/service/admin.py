@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -40,7 +41,7 @@ from ..models import AllocationPolicy, CaCertificate, LinkedHub, Right, SharedAc
 from ..storage import Collection, Record, WriteMode, utc_now
 from .context import SETTINGS_KEY, ServiceContext, context_of
 from .enrollments import check_key, generate_key
-from .http import decode_body, handle_errors, json_response
+from .http import ApiHandler, decode_body, handle_errors, json_response
 
 __all__ = ["routes", "validate_id_scope"]
 
@@ -106,6 +107,31 @@ async def _list(ctx: ServiceContext, collection: Collection) -> list[Record]:
         continuation = page.continuation
 
 
+def _lister(collection: Collection, present: Callable[[Record], Any]) -> ApiHandler:
+    """``GET /admin/<collection>``: every record, presented (secrets stripped)."""
+
+    @handle_errors
+    async def list_records(request: Request) -> Response:
+        ctx = context_of(request)
+        await ctx.authorize(request, Right.SERVICE_CONFIG)
+        return json_response([present(r) for r in await _list(ctx, collection)])
+
+    return list_records
+
+
+def _getter(collection: Collection, not_found: int, present: Callable[[Record], Any]) -> ApiHandler:
+    """``GET /admin/<collection>/{name}``: one record, presented, with its ETag."""
+
+    @handle_errors
+    async def get_record(request: Request) -> Response:
+        ctx = context_of(request)
+        await ctx.authorize(request, Right.SERVICE_CONFIG)
+        record = await ctx.get_or_404(collection, request.path_params["name"], not_found)
+        return json_response(present(record), headers={"ETag": record.etag})
+
+    return get_record
+
+
 # --- settings ----------------------------------------------------------------------------------
 
 
@@ -150,21 +176,6 @@ def _present_hub(record: Record, *, secrets: bool = False) -> LinkedHub:
     return msgspec.structs.replace(
         hub, etag=record.etag, connection_string=hub.connection_string if secrets else None
     )
-
-
-@handle_errors
-async def list_hubs(request: Request) -> Response:
-    ctx = context_of(request)
-    await ctx.authorize(request, Right.SERVICE_CONFIG)
-    return json_response([_present_hub(r) for r in await _list(ctx, Collection.LINKED_HUBS)])
-
-
-@handle_errors
-async def get_hub(request: Request) -> Response:
-    ctx = context_of(request)
-    await ctx.authorize(request, Right.SERVICE_CONFIG)
-    record = await ctx.get_or_404(Collection.LINKED_HUBS, request.path_params["name"], 404204)
-    return json_response(_present_hub(record), headers={"ETag": record.etag})
 
 
 @handle_errors
@@ -290,21 +301,6 @@ def _present_ca(record: Record) -> CaCertificate:
 
 
 @handle_errors
-async def list_cas(request: Request) -> Response:
-    ctx = context_of(request)
-    await ctx.authorize(request, Right.SERVICE_CONFIG)
-    return json_response([_present_ca(r) for r in await _list(ctx, Collection.CA_CERTIFICATES)])
-
-
-@handle_errors
-async def get_ca(request: Request) -> Response:
-    ctx = context_of(request)
-    await ctx.authorize(request, Right.SERVICE_CONFIG)
-    record = await ctx.get_or_404(Collection.CA_CERTIFICATES, request.path_params["name"], 404205)
-    return json_response(_present_ca(record), headers={"ETag": record.etag})
-
-
-@handle_errors
 async def put_ca(request: Request) -> Response:
     ctx = context_of(request)
     await ctx.authorize(request, Right.SERVICE_CONFIG)
@@ -420,21 +416,6 @@ def _present_policy(record: Record, *, keys: bool = False) -> SharedAccessPolicy
 
 
 @handle_errors
-async def list_policies(request: Request) -> Response:
-    ctx = context_of(request)
-    await ctx.authorize(request, Right.SERVICE_CONFIG)
-    return json_response([_present_policy(r) for r in await _list(ctx, Collection.ACCESS_POLICIES)])
-
-
-@handle_errors
-async def get_policy(request: Request) -> Response:
-    ctx = context_of(request)
-    await ctx.authorize(request, Right.SERVICE_CONFIG)
-    record = await ctx.get_or_404(Collection.ACCESS_POLICIES, request.path_params["name"], 404206)
-    return json_response(_present_policy(record), headers={"ETag": record.etag})
-
-
-@handle_errors
 async def list_policy_keys(request: Request) -> Response:
     ctx = context_of(request)
     await ctx.authorize(request, Right.SERVICE_CONFIG)
@@ -500,26 +481,40 @@ def routes() -> list[Route]:
     return [
         Route("/admin/settings", get_settings, methods=["GET"]),
         Route("/admin/settings", patch_settings, methods=["PATCH"]),
-        Route("/admin/linkedHubs", list_hubs, methods=["GET"]),
-        Route("/admin/linkedHubs/{name}", get_hub, methods=["GET"]),
+        Route("/admin/linkedHubs", _lister(Collection.LINKED_HUBS, _present_hub), methods=["GET"]),
+        Route(
+            "/admin/linkedHubs/{name}", _getter(Collection.LINKED_HUBS, 404204, _present_hub), methods=["GET"]
+        ),
         Route("/admin/linkedHubs/{name}", put_hub, methods=["PUT"]),
         Route("/admin/linkedHubs/{name}", delete_hub, methods=["DELETE"]),
         Route("/admin/linkedHubs/{name}/devices", list_hub_devices, methods=["GET"]),
         Route("/admin/linkedHubs/{name}/devices/{device_id}", get_hub_device, methods=["GET"]),
         Route("/admin/linkedHubs/{name}/devices/{device_id}", delete_hub_device, methods=["DELETE"]),
-        Route("/admin/certificates", list_cas, methods=["GET"]),
+        Route("/admin/certificates", _lister(Collection.CA_CERTIFICATES, _present_ca), methods=["GET"]),
         Route(
             "/admin/certificates/{name}/generateVerificationCode",
             generate_verification_code,
             methods=["POST"],
         ),
         Route("/admin/certificates/{name}/verify", verify_ca, methods=["POST"]),
-        Route("/admin/certificates/{name}", get_ca, methods=["GET"]),
+        Route(
+            "/admin/certificates/{name}",
+            _getter(Collection.CA_CERTIFICATES, 404205, _present_ca),
+            methods=["GET"],
+        ),
         Route("/admin/certificates/{name}", put_ca, methods=["PUT"]),
         Route("/admin/certificates/{name}", delete_ca, methods=["DELETE"]),
-        Route("/admin/sharedAccessPolicies", list_policies, methods=["GET"]),
+        Route(
+            "/admin/sharedAccessPolicies",
+            _lister(Collection.ACCESS_POLICIES, _present_policy),
+            methods=["GET"],
+        ),
         Route("/admin/sharedAccessPolicies/{name}/listKeys", list_policy_keys, methods=["POST"]),
-        Route("/admin/sharedAccessPolicies/{name}", get_policy, methods=["GET"]),
+        Route(
+            "/admin/sharedAccessPolicies/{name}",
+            _getter(Collection.ACCESS_POLICIES, 404206, _present_policy),
+            methods=["GET"],
+        ),
         Route("/admin/sharedAccessPolicies/{name}", put_policy, methods=["PUT"]),
         Route("/admin/sharedAccessPolicies/{name}", delete_policy, methods=["DELETE"]),
     ]
