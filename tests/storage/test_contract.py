@@ -10,7 +10,7 @@ import random
 import re
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import psycopg
@@ -640,3 +640,307 @@ async def test_postgres_unreachable_server_is_a_storage_error(postgres_url: str)
     with pytest.raises(StorageError):
         await store.open()
     await store.close()
+
+
+# -- write_atomic: all or nothing, across collections ------------------------------------------------
+
+H = Collection.HUB_DEVICES
+R = Collection.REGISTRATIONS
+L = Collection.LINKED_HUBS
+CREATE = WriteMode.CREATE
+
+
+async def snapshot(store: Store) -> dict[Collection, list[Record]]:
+    """Every record of every collection, to show that a failed write_atomic wrote nothing."""
+    return {c: [r for page in await query_all(store, c, 1000) for r in page] for c in Collection}
+
+
+def hub_and_registration(n: int, reverse: bool = False) -> list[tuple[Collection, Write | Delete]]:
+    """The registrar's pair: a hub identity and a registration record, both CREATE."""
+    items: list[tuple[Collection, Write | Delete]] = [
+        (H, Write("hub.example/Dev", b"hub-%d" % n, index={"hub": "hub.example"}, mode=CREATE)),
+        (R, Write("Dev" if n % 2 else "dev", b"reg-%d" % n, index={"device_id": "Dev"}, mode=CREATE)),
+    ]
+    return items[::-1] if reverse else items
+
+
+async def test_write_atomic_applies_every_item_across_collections(store: Store) -> None:
+    registration = await store.write(R, "Dev-1", b"r0", index={"device_id": "Dev-1"})
+    enrollment = await store.write(E, "enr", b"e0", index={"device_id": "x"})
+    linked = await store.write(L, "hub.example", b"l0")
+    records = await store.write_atomic(
+        [
+            (H, Write("hub.example/Dev-1", b"h1", index={"hub": "hub.example"}, mode=CREATE)),
+            (
+                R,
+                Write(
+                    "DEV-1",
+                    b"r1",
+                    index={"device_id": "Dev-1", "status": "assigned"},
+                    mode=WriteMode.UPDATE,
+                    if_match=registration.etag,
+                ),
+            ),
+            (E, Write("ENR", b"e1")),  # an upsert of an existing record
+            (L, Delete("HUB.example", if_match=linked.etag)),
+            (E, Write("new", b"n1", mode=WriteMode.UPSERT)),
+        ]
+    )
+    assert ids(records) == ["hub.example/Dev-1", "Dev-1", "enr", "hub.example", "new"]
+    assert [r.doc for r in records] == [b"h1", b"r1", b"e1", b"l0", b"n1"]
+    hub, reg, enr, deleted, new = records
+    assert await store.get(H, "hub.example/Dev-1") == hub and hub.index == {"hub": "hub.example"}
+    assert hub.created == hub.updated and TIMESTAMP.match(hub.created)
+    assert await store.get(R, "dev-1") == reg and reg.created == registration.created
+    assert reg.index["status"] == "assigned"
+    assert await store.get(E, "enr") == enr and enr.created == enrollment.created
+    assert enr.index["device_id"] is None  # index values are replaced, as by write()
+    assert deleted == linked and await store.get(L, "hub.example") is None
+    assert await store.get(E, "new") == new
+    etags = [hub.etag, reg.etag, enr.etag, new.etag]
+    assert len(set(etags)) == 4 and all(ETAG.match(etag) for etag in etags)
+    assert not {registration.etag, enrollment.etag} & set(etags)
+
+
+ATOMIC_FAILURES: dict[str, tuple[Write | Delete, type[ProvisioningError]]] = {
+    "conflict": (Write("seeded", b"x", mode=CREATE), ConflictError),
+    "stale-etag": (Write("seeded", b"x", if_match='"stale"'), PreconditionFailedError),
+    "update-missing": (Write("missing", b"x", mode=WriteMode.UPDATE), NotFoundError),
+    "if-match-missing": (Write("missing", b"x", if_match="*"), PreconditionFailedError),
+    "delete-missing": (Delete("missing"), NotFoundError),
+    "delete-stale-etag": (Delete("seeded", if_match='"stale"'), PreconditionFailedError),
+}
+
+
+@pytest.mark.parametrize("failure", list(ATOMIC_FAILURES))
+async def test_write_atomic_with_a_failing_item_writes_nothing(store: Store, failure: str) -> None:
+    registration = await store.write(R, "reg", b"r0", index={"device_id": "d"})
+    seeded = await store.write(E, "seeded", b"s0")
+    doomed = await store.write(L, "doomed", b"l0")
+    other = await store.write(E, "other", b"o0")
+    before = await snapshot(store)
+    bad, error = ATOMIC_FAILURES[failure]
+    items: list[tuple[Collection, Write | Delete]] = [
+        (H, Write("hub/dev", b"h", index={"hub": "hub"}, mode=CREATE)),  # would create
+        (R, Write("reg", b"r1", mode=WriteMode.UPDATE, if_match=registration.etag)),  # would update
+        (E, bad),
+        (L, Delete("doomed")),  # would delete
+        (E, Write("other", b"o1", if_match=other.etag)),  # would update
+    ]
+    with pytest.raises(error) as info:
+        await store.write_atomic(items)
+    assert repr(bad.id) in str(info.value)  # the failing item's own error
+    assert await snapshot(store) == before
+    assert await store.get(H, "hub/dev") is None
+    assert await store.get(R, "reg") == registration
+    assert await store.get(E, "seeded") == seeded
+    assert await store.get(L, "doomed") == doomed
+    assert await store.get(E, "other") == other
+    # Nothing was left locked or half-done: the other items still go through together.
+    records = await store.write_atomic(items[:2] + items[3:])
+    assert [r.doc for r in records] == [b"h", b"r1", b"l0", b"o1"]
+
+
+async def test_write_atomic_raises_the_first_failing_item(store: Store) -> None:
+    await store.write(E, "taken", b"0")
+    items: list[tuple[Collection, Write | Delete]] = [
+        (E, Write("fine", b"1")),
+        (R, Delete("gone")),
+        (E, Write("taken", b"1", mode=CREATE)),
+    ]
+    with pytest.raises(NotFoundError, match="'gone'"):
+        await store.write_atomic(items)
+    with pytest.raises(ConflictError, match="'taken'"):
+        await store.write_atomic(items[::-1])
+    assert await store.get(E, "fine") is None
+    assert (await store.get(E, "taken")).doc == b"0"  # type: ignore[union-attr]
+
+
+async def test_write_atomic_large_batch_is_all_or_nothing(store: Store) -> None:
+    """More items than SQLite writes on the caller's thread: the writer thread's path."""
+    items: list[tuple[Collection, Write | Delete]] = [
+        (E if n % 2 else R, Write(f"dev-{n:02d}", b"%d" % n, mode=CREATE)) for n in range(40)
+    ]
+    await store.write(R, "dev-38", b"taken")
+    with pytest.raises(ConflictError, match="dev-38"):
+        await store.write_atomic(items)
+    assert (await store.count(E), await store.count(R)) == (0, 1)
+    records = await store.write_atomic(items[:38])
+    assert ids(records) == [f"dev-{n:02d}" for n in range(38)]
+    assert (await store.count(E), await store.count(R)) == (19, 20)
+
+
+async def test_write_atomic_validates_before_writing(store: Store) -> None:
+    assert await store.write_atomic([]) == []
+    bad_calls: list[list[tuple[Collection, Write | Delete]]] = [
+        [(E, Write("a", b"1")), (E, Write("a", b"2"))],
+        [(E, Write("a", b"1")), (R, Write("b", b"2")), (E, Delete("A"))],  # one key, two cases
+        [(H, Write("h/x", b"1")), (H, Write("h/x", b"2", mode=CREATE))],
+        [(E, Write("a", b"1")), (R, Write("b", b"2", index={"nope": "x"}))],
+        [(E, Write("a", b"1")), (H, Write("h/x", b"2", index={"device_id": "x"}))],  # not H's column
+    ]
+    for items in bad_calls:
+        with pytest.raises(ValueError):
+            await store.write_atomic(items)
+    assert all(records == [] for records in (await snapshot(store)).values())
+    # One id in several collections, and ids that differ in case where keys are case-sensitive,
+    # are different records.
+    records = await store.write_atomic(
+        [
+            (E, Write("Dev", b"1")),
+            (R, Write("dev", b"2")),
+            (H, Write("h/Dev", b"3")),
+            (H, Write("h/dev", b"4")),
+        ]
+    )
+    assert ids(records) == ["Dev", "dev", "h/Dev", "h/dev"]
+
+
+async def test_concurrent_write_atomic_creates_have_one_winner(store: Store) -> None:
+    results = await asyncio.gather(
+        *(outcome(store.write_atomic(hub_and_registration(n, reverse=n % 3 == 0))) for n in range(40))
+    )
+    winners = [r for r in results if isinstance(r, list)]
+    assert len(winners) == 1, results
+    assert all(isinstance(r, ConflictError) for r in results if not isinstance(r, list))
+    stored = [await store.get(H, "hub.example/Dev"), await store.get(R, "dev")]
+    assert sorted(winners[0], key=lambda r: r.doc) == stored  # one task's pair, whole
+
+
+async def test_concurrent_write_atomic_on_overlapping_keys(store: Store) -> None:
+    """Transactions over the same (new and existing) keys in different orders, mixed with
+    batches and single writes: none deadlocks or fails."""
+    await store.write_many(E, [Write(f"k{n}", b"old") for n in range(3)])
+    keys = [(c, f"k{n}") for c in (E, R) for n in range(6)]
+
+    def items(seed: int) -> list[tuple[Collection, Write | Delete]]:
+        order = keys[:]
+        random.Random(seed).shuffle(order)
+        return [(c, Write(key, b"%d" % seed)) for c, key in order]
+
+    calls: list[Awaitable[object]] = [store.write_atomic(items(seed)) for seed in range(12)]
+    calls += [
+        store.write_many(E, [Write(item.id, b"m") for c, item in items(seed) if c is E]) for seed in range(4)
+    ]
+    calls += [store.write(R, "k3", b"w") for _ in range(4)]
+    results = await asyncio.gather(*calls)
+    assert all(isinstance(o, Record) for r in results for o in (r if isinstance(r, list) else [r]))
+    assert (await store.count(E), await store.count(R)) == (6, 6)
+
+
+async def test_two_nodes_race_write_atomic(store_url: str) -> None:
+    one, two = open_store(store_url), open_store(store_url)
+    await asyncio.gather(one.open(), two.open())
+    try:
+        # The same CREATE pair from both nodes, in both orders: exactly one commits.
+        results = await asyncio.gather(
+            *(
+                outcome(node.write_atomic(hub_and_registration(n, n % 4 < 2)))
+                for n, node in enumerate((one, two) * 10)
+            )
+        )
+        winners = [r for r in results if isinstance(r, list)]
+        assert len(winners) == 1, results
+        assert sum(isinstance(r, ConflictError) for r in results) == 19
+        assert sorted(winners[0], key=lambda r: r.doc) == [
+            await two.get(H, "hub.example/Dev"),
+            await one.get(R, "dev"),
+        ]
+        # Against a plain CREATE of one of its keys on the other node: the pair commits whole,
+        # or nothing of it does.
+        for n in range(20):
+            atomic, single = await asyncio.gather(
+                outcome(
+                    one.write_atomic(
+                        [
+                            (H, Write(f"hub/{n}", b"pair", mode=CREATE)),
+                            (R, Write(f"r{n}", b"pair", mode=CREATE)),
+                        ]
+                    )
+                ),
+                outcome(two.write(R, f"r{n}", b"single", mode=CREATE)),
+            )
+            if isinstance(atomic, list):
+                assert isinstance(single, ConflictError)
+                assert [await two.get(H, f"hub/{n}"), await two.get(R, f"r{n}")] == atomic
+            else:
+                assert isinstance(atomic, ConflictError) and isinstance(single, Record)
+                assert await one.get(H, f"hub/{n}") is None
+                assert await one.get(R, f"r{n}") == single
+    finally:
+        await asyncio.gather(one.close(), two.close())
+
+
+async def test_sqlite_write_atomic_waits_for_another_writer(tmp_path: Path) -> None:
+    """With the write lock taken, a small write_atomic goes to the writer thread and waits."""
+    path = tmp_path / "db.sqlite"
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute(
+                "INSERT INTO registrations (key, id, etag, created, updated, doc) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    "dev",
+                    "Dev",
+                    new_etag(),
+                    "2024-01-01T00:00:00.000000Z",
+                    "2024-01-01T00:00:00.000000Z",
+                    b"other",
+                ),
+            )
+            task = asyncio.create_task(store.write_atomic(hub_and_registration(0)))
+            await asyncio.sleep(0.2)
+            assert not task.done()
+            other.execute("COMMIT")
+        finally:
+            other.close()
+        with pytest.raises(ConflictError):
+            await task
+        assert await store.get(H, "hub.example/Dev") is None
+        assert (
+            len(await store.write_atomic([(H, Write("hub.example/Dev", b"h")), (E, Write("e", b"e"))])) == 2
+        )
+    finally:
+        await store.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("mode", [WriteMode.CREATE, WriteMode.UPSERT])
+async def test_postgres_write_atomic_losing_an_insert_race(postgres_db_url: str, mode: WriteMode) -> None:
+    """Another node inserts a key after write_atomic looked (and found nothing to lock): the
+    item is decided again on that row. A CREATE fails and rolls the whole transaction back;
+    an UPSERT updates the row."""
+    store = PostgresStore(postgres_db_url)
+    await store.open()
+    try:
+        async with await psycopg.AsyncConnection.connect(postgres_db_url) as other:
+            await other.execute(
+                "INSERT INTO registrations (key, id, etag, created, updated, doc) VALUES (%s, %s, %s, %s, %s, %s)",
+                (
+                    "dev",
+                    "Dev",
+                    new_etag(),
+                    "2024-01-01T00:00:00.000000Z",
+                    "2024-01-01T00:00:00.000000Z",
+                    b"other",
+                ),
+            )  # not committed yet: invisible to write_atomic's look, but its insert waits for it
+            items = [(H, Write("hub.example/Dev", b"h", mode=mode)), (R, Write("DEV", b"r", mode=mode))]
+            task = asyncio.create_task(store.write_atomic(items))
+            await asyncio.sleep(0.3)
+            assert not task.done()
+            await other.commit()
+        if mode is WriteMode.CREATE:
+            with pytest.raises(ConflictError):
+                await task
+            assert await store.get(H, "hub.example/Dev") is None
+            assert (await store.get(R, "dev")).doc == b"other"  # type: ignore[union-attr]
+        else:
+            hub, reg = await task
+            assert reg.id == "Dev" and reg.created == "2024-01-01T00:00:00.000000Z" and reg.doc == b"r"
+            assert [await store.get(H, "hub.example/Dev"), await store.get(R, "dev")] == [hub, reg]
+    finally:
+        await store.close()

@@ -8,6 +8,7 @@ locks, column types in the migrations) stays in the backend modules.
 The write rules of the contract (``if_match`` first, then the write mode) live in
 :func:`check_write` and :func:`check_delete`, so that both backends decide every case the same
 way: each backend reads the current row under a write lock, asks these functions, then writes.
+:func:`prepare_atomic` likewise validates the items of :meth:`Store.write_atomic` once for both.
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ __all__ = [
     "MIGRATION_APPLIED",
     "RECORD_MIGRATION",
     "SCHEMA_VERSION",
+    "AtomicItem",
     "Meta",
     "Migration",
     "ParamStyle",
     "Statements",
     "check_delete",
+    "check_item",
     "check_write",
     "chunks",
     "count_sql",
@@ -48,6 +51,7 @@ __all__ = [
     "make_page",
     "page_query",
     "page_sql",
+    "prepare_atomic",
     "record_from_row",
     "settings_sql",
     "sql",
@@ -310,6 +314,38 @@ def check_delete(
     if existing is None:
         return NotFoundError(f"No {collection.label} by the id of {item.id!r} was found")
     return None
+
+
+def check_item(
+    collection: Collection, item: Write | Delete, existing: Meta | None
+) -> ConflictError | NotFoundError | PreconditionFailedError | None:
+    """:func:`check_write` or :func:`check_delete`, as ``item`` is."""
+    if isinstance(item, Delete):
+        return check_delete(collection, item, existing)
+    return check_write(collection, item, existing)
+
+
+#: An item of :meth:`Store.write_atomic`, prepared: its collection, its key, the item, and (for
+#: writes) its index values in column order.
+AtomicItem = tuple[Collection, str, Write | Delete, tuple[str | None, ...]]
+
+
+def prepare_atomic(items: Sequence[tuple[Collection, Write | Delete]]) -> list[AtomicItem]:
+    """The items of :meth:`Store.write_atomic` with their keys and index values, in order.
+
+    :raises ValueError: two items on one (collection, key), or an unknown index column (so
+        that a backend finds every such mistake before it writes anything).
+    """
+    prepared: list[AtomicItem] = []
+    seen: set[tuple[Collection, str]] = set()
+    for collection, item in items:
+        key = collection.key(item.id)
+        if (collection, key) in seen:
+            raise ValueError(f"write_atomic has two items on the {collection.label} {item.id!r}")
+        seen.add((collection, key))
+        values = index_values(collection, item.index) if isinstance(item, Write) else ()
+        prepared.append((collection, key, item, values))
+    return prepared
 
 
 def _precondition_failed(collection: Collection, id: str, existing: Meta | None) -> PreconditionFailedError:

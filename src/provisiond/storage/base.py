@@ -30,6 +30,13 @@ passes the bytes together with the index values. What the store guarantees:
 - **Atomicity.** Each write is all or nothing. :meth:`Store.write_many` applies each item
   independently (one failing item does not stop the others) and returns one outcome per item in
   order; it is one round trip/transaction for speed, not an all-or-nothing batch.
+  :meth:`Store.write_atomic` is the all-or-nothing one: its items (writes and deletes, in any
+  collections, at most one per record key) commit together in one transaction or not at all,
+  even if the process dies half-way. Each item is decided by the rules above on its record as
+  the transaction finds it (no two items share a key, so no item sees another's effect); the
+  first item, in order, whose condition fails aborts the transaction and its contract error is
+  raised, with nothing written. It is meant for a few records that belong together (a
+  registration and its hub identity), not for bulk writes.
 - **Queries.** :meth:`Store.query` returns records in key order, filtered by equality on index
   columns (AND), at most ``limit`` of them, plus an opaque continuation token when more remain.
   Passing the token back continues after the last record returned, even if records were written
@@ -143,7 +150,8 @@ class Record:
 
 @dataclass(frozen=True, slots=True)
 class Write:
-    """One item of :meth:`Store.write_many` (and the arguments of :meth:`Store.write`)."""
+    """One item of :meth:`Store.write_many` or :meth:`Store.write_atomic` (and the arguments of
+    :meth:`Store.write`)."""
 
     id: str
     doc: bytes
@@ -154,7 +162,7 @@ class Write:
 
 @dataclass(frozen=True, slots=True)
 class Delete:
-    """A delete item of :meth:`Store.write_many`."""
+    """A delete item of :meth:`Store.write_many` or :meth:`Store.write_atomic`."""
 
     id: str
     if_match: str | None = None
@@ -249,6 +257,22 @@ class Store(ABC):
     ) -> list[Record | ProvisioningError]:
         """Apply each item independently, in order; one outcome per item (the stored or deleted
         record, or the contract error that item raised)."""
+
+    @abstractmethod
+    async def write_atomic(self, items: Sequence[tuple[Collection, Write | Delete]]) -> list[Record]:
+        """Apply every item in one transaction: all of them, or none. Returns the stored (or
+        deleted) record per item, in order. The first item whose condition fails (the same
+        rules as :meth:`write` and :meth:`delete`) aborts the whole transaction and is raised;
+        nothing is written. Items may span collections; at most one item per (collection, key).
+        An empty ``items`` writes nothing and returns ``[]``.
+
+        :raises ConflictError: a CREATE item on an existing key.
+        :raises NotFoundError: an UPDATE item, or a delete, on a missing key.
+        :raises PreconditionFailedError: an item's ``if_match`` not satisfied.
+        :raises ValueError: two items on one (collection, key) (ids compared as
+            :meth:`Collection.key` does), or an item naming an unknown index column; raised
+            before anything is written.
+        """
 
     @abstractmethod
     async def query(

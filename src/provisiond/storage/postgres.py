@@ -27,6 +27,13 @@ on a row this transaction has locked:
   by another node after our look: that item is decided again on its own, as above. Items on a
   key already pending in the batch flush the pending inserts first, so each key still sees its
   items in order.
+- :meth:`PostgresStore.write_atomic` is one transaction too, across tables: the advisory locks
+  of all its keys (the same lock ids and global order as batches, so the two queue on shared
+  keys instead of deadlocking), the existing rows of each table ``FOR UPDATE``, then every item
+  decided before anything is written, then the writes one by one. A failing item, including
+  one that loses an insert race to another node (decided again as above), raises inside the
+  transaction, which rolls it back: among nodes racing to create the same keys, exactly one
+  commits. It has the same deadlock retry.
 
 Migrations run in :meth:`PostgresStore.open`, each in a transaction holding
 ``pg_advisory_xact_lock``, so nodes starting together apply each migration exactly once.
@@ -40,8 +47,8 @@ import contextlib
 import functools
 import hashlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -66,6 +73,7 @@ _ITEM_ATTEMPTS = 5
 #: The most rows one batched INSERT statement carries.
 _INSERT_CHUNK = 1000
 
+_T = TypeVar("_T")
 _Prepared = tuple[str, Write | Delete, tuple[str | None, ...]]
 _Connection = psycopg.AsyncConnection[tuple[Any, ...]]
 
@@ -244,6 +252,13 @@ class PostgresStore(Store):
             return []
         return await self._write_batch(collection, prepared)
 
+    async def write_atomic(self, items: Sequence[tuple[Collection, Write | Delete]]) -> list[Record]:
+        prepared = _sql.prepare_atomic(items)
+        if not prepared:
+            return []
+        tables = ", ".join(sorted({collection.table for collection, *_ in prepared}))
+        return await self._transaction(tables, _apply_atomic, prepared)
+
     async def _write_one_statement(
         self, collection: Collection, key: str, item: Write, values: tuple[str | None, ...]
     ) -> Record | ProvisioningError:
@@ -261,17 +276,22 @@ class PostgresStore(Store):
     async def _write_batch(
         self, collection: Collection, prepared: list[_Prepared]
     ) -> list[Record | ProvisioningError]:
+        return await self._transaction(collection.table, _apply_batch, collection, prepared)
+
+    async def _transaction(self, tables: str, function: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+        """``await function(conn, *args)`` in a transaction, which commits when it returns and
+        rolls back when it raises; retried after a deadlock or serialization failure."""
         pool = self._require_pool()
         attempt = 1
         with _map_errors():
             while True:
                 try:
                     async with pool.connection() as conn, conn.transaction():
-                        return await _apply_batch(conn, collection, prepared)
+                        return await function(conn, *args)
                 except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
                     if attempt >= _TRANSACTION_ATTEMPTS:
                         raise
-                    log.info("Retrying a write to %s after: %s", collection.table, exc)
+                    log.info("Retrying a write to %s after: %s", tables, exc)
                     attempt += 1
 
     async def query(
@@ -333,20 +353,8 @@ async def _apply_batch(
     """Apply a batch inside the caller's transaction (see the module docstring)."""
     statements = _sql.statements(collection, _STYLE)
     keys = sorted({key for key, _, _ in prepared})
-    if len(keys) > 1:
-        # Batches that share keys queue here, in one global order, so that they cannot deadlock
-        # on keys that do not exist yet (single-key writes never hold one lock while waiting
-        # for another, so they need no such lock).
-        locks = sorted({_lock_id(collection, key) for key in keys})
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(k.id)"
-            " FROM unnest(%s::bigint[]) WITH ORDINALITY AS k(id, n) ORDER BY k.n",
-            (locks,),
-        )
-    state: dict[str, Meta | None] = {}
-    cursor = await conn.execute(f"{_select_any_sql(collection, meta=True)} FOR UPDATE", (keys,))
-    for row in await cursor.fetchall():
-        state[row[0]] = Meta(*row)
+    await _lock_keys(conn, [(collection, key) for key in keys])
+    state = await _lock_rows(conn, collection, keys)
     outcomes: list[Record | ProvisioningError | None] = [None] * len(prepared)
     # Positions of items that insert a key missing from the table, sent together by _flush.
     pending: dict[str, int] = {}
@@ -365,6 +373,51 @@ async def _apply_batch(
     done = [outcome for outcome in outcomes if outcome is not None]
     assert len(done) == len(prepared), "every item has an outcome"
     return done
+
+
+async def _apply_atomic(conn: _Connection, prepared: list[_sql.AtomicItem]) -> list[Record]:
+    """Apply the items of ``write_atomic`` inside the caller's transaction; raise the first
+    failing item's error, so that the transaction rolls back (see the module docstring)."""
+    await _lock_keys(conn, [(collection, key) for collection, key, _, _ in prepared])
+    states: dict[Collection, dict[str, Meta | None]] = {}
+    for collection in sorted({collection for collection, *_ in prepared}, key=lambda c: c.table):
+        keys = sorted(key for c, key, _, _ in prepared if c is collection)
+        states[collection] = await _lock_rows(conn, collection, keys)
+    # Every item is decided on the locked rows before anything is written: a failing item
+    # (the usual failure: a CREATE racing another request) costs no write to roll back.
+    for collection, key, item, _ in prepared:
+        error = _sql.check_item(collection, item, states[collection].get(key))
+        if error is not None:
+            raise error
+    records: list[Record] = []
+    for collection, key, item, values in prepared:
+        statements = _sql.statements(collection, _STYLE)
+        outcome = await _apply(conn, collection, statements, states[collection], key, item, values)
+        if isinstance(outcome, ProvisioningError):  # another node inserted the key after our look
+            raise outcome
+        records.append(outcome)
+    return records
+
+
+async def _lock_keys(conn: _Connection, keys: Sequence[tuple[Collection, str]]) -> None:
+    """Take the transaction-scoped advisory lock of every key when there are several, in one
+    global order, so that transactions sharing keys queue here and cannot deadlock on keys that
+    do not exist yet (single-key writes never hold one lock while waiting for another, so they
+    need no such lock)."""
+    if len(keys) < 2:
+        return
+    locks = sorted({_lock_id(collection, key) for collection, key in keys})
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(k.id)"
+        " FROM unnest(%s::bigint[]) WITH ORDINALITY AS k(id, n) ORDER BY k.n",
+        (locks,),
+    )
+
+
+async def _lock_rows(conn: _Connection, collection: Collection, keys: list[str]) -> dict[str, Meta | None]:
+    """Lock the existing rows among ``keys`` (sorted) for this transaction; their metadata."""
+    cursor = await conn.execute(f"{_select_any_sql(collection, meta=True)} FOR UPDATE", (keys,))
+    return {row[0]: Meta(*row) for row in await cursor.fetchall()}
 
 
 @functools.cache

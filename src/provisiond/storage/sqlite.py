@@ -25,6 +25,10 @@ check-then-write of a conditional write is atomic even when other processes (or 
 write the same file; ``busy_timeout`` makes them queue instead of failing.
 :meth:`SqliteStore.write_many` runs all its items in one such transaction, deciding each item on
 its own (see :mod:`._sql`), so one failing item does not affect the others.
+:meth:`SqliteStore.write_atomic` runs its items (in any tables) in one such transaction too, and
+on the first failing item rolls it back and raises that item's error; SQLite's journal makes the
+transaction atomic across crashes as well. It takes the same two paths as ``write_many``: the
+caller's thread when it is small and the lock is free at once, else the writer thread.
 """
 
 from __future__ import annotations
@@ -321,16 +325,31 @@ class SqliteStore(Store):
         ]
         if not prepared:
             return []
-        if len(prepared) <= self.INLINE_WRITE_MAX_ITEMS:
-            done = self._try_inline_write(collection, prepared)
-            if done is not None:
-                return done
-        return await self._on_writer(self._write_batch, collection, prepared)
+        return await self._write_transaction(len(prepared), _apply_batch, collection, prepared)
 
-    def _try_inline_write(
-        self, collection: Collection, prepared: list[_Prepared]
-    ) -> list[Record | ProvisioningError] | None:
-        """The batch written on the caller's thread, or ``None`` when the write lock is taken."""
+    async def write_atomic(self, items: Sequence[tuple[Collection, Write | Delete]]) -> list[Record]:
+        prepared = _sql.prepare_atomic(items)
+        if not prepared:
+            return []
+        outcome = await self._write_transaction(len(prepared), _apply_atomic, prepared)
+        if isinstance(outcome, ProvisioningError):
+            raise outcome
+        return outcome
+
+    async def _write_transaction(self, size: int, function: Callable[..., _T], *args: Any) -> _T:
+        """``function(conn, *args)`` in a ``BEGIN IMMEDIATE`` transaction it ends (commits or
+        rolls back): on the caller's thread when ``size`` items are few and the write lock is
+        free at once, else on the writer thread (see the module docstring)."""
+        if size <= self.INLINE_WRITE_MAX_ITEMS:
+            conn = self._begin_inline_write()
+            if conn is not None:
+                with _map_errors():
+                    return function(conn, *args)
+        return await self._on_writer(self._on_writer_transaction, function, *args)
+
+    def _begin_inline_write(self) -> sqlite3.Connection | None:
+        """The caller's thread's write connection with a transaction begun, or ``None`` when
+        the write lock is taken."""
         if self._writer is None:
             raise StorageError(f"{self!r} is not open")
         conn: sqlite3.Connection | None = getattr(self._local, "write_conn", None)
@@ -347,28 +366,12 @@ class SqliteStore(Store):
                 if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                     return None
                 raise
-            return self._apply_batch(conn, collection, prepared)
+        return conn
 
-    def _write_batch(
-        self, collection: Collection, prepared: list[_Prepared]
-    ) -> list[Record | ProvisioningError]:
+    def _on_writer_transaction(self, function: Callable[..., _T], *args: Any) -> _T:
         conn = self._writer_conn()
         conn.execute("BEGIN IMMEDIATE")
-        return self._apply_batch(conn, collection, prepared)
-
-    @staticmethod
-    def _apply_batch(
-        conn: sqlite3.Connection, collection: Collection, prepared: list[_Prepared]
-    ) -> list[Record | ProvisioningError]:
-        """Apply the items in the transaction ``conn`` has begun, and commit."""
-        statements = _sql.statements(collection, _STYLE)
-        try:
-            outcomes = [_apply(conn, collection, statements, *entry) for entry in prepared]
-            conn.execute("COMMIT")
-        except BaseException:
-            _rollback(conn)
-            raise
-        return outcomes
+        return function(conn, *args)
 
     async def query(
         self,
@@ -451,6 +454,40 @@ def _get_many(conn: sqlite3.Connection, collection: Collection, keys: list[str])
         if several:
             _rollback(conn)
     return found
+
+
+def _apply_batch(
+    conn: sqlite3.Connection, collection: Collection, prepared: list[_Prepared]
+) -> list[Record | ProvisioningError]:
+    """Apply the items of ``write_many`` in the transaction ``conn`` has begun, and commit."""
+    statements = _sql.statements(collection, _STYLE)
+    try:
+        outcomes = [_apply(conn, collection, statements, *entry) for entry in prepared]
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+    return outcomes
+
+
+def _apply_atomic(
+    conn: sqlite3.Connection, prepared: list[_sql.AtomicItem]
+) -> list[Record] | ProvisioningError:
+    """Apply the items of ``write_atomic`` in the transaction ``conn`` has begun: commit them
+    all, or roll back at the first failing item and return its error."""
+    records: list[Record] = []
+    try:
+        for collection, key, item, values in prepared:
+            outcome = _apply(conn, collection, _sql.statements(collection, _STYLE), key, item, values)
+            if isinstance(outcome, ProvisioningError):
+                _rollback(conn)
+                return outcome
+            records.append(outcome)
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+    return records
 
 
 def _apply(
