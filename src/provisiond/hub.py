@@ -16,13 +16,10 @@ from typing import Any
 
 import msgspec
 
-from .errors import ConflictError, PreconditionFailedError
 from .models import DeviceCapabilities, InitialTwin, LinkedHub
-from .storage import Collection, Record, Store, WriteMode, utc_now
+from .storage import Collection, Delete, Store, Write, WriteMode, utc_now
 
-__all__ = ["DeviceAuthentication", "HubDevice", "HubError", "HubRegistry", "Twin"]
-
-_WRITE_ATTEMPTS = 5
+__all__ = ["DeviceAuthentication", "HubDevice", "HubError", "HubRegistry", "Planned", "Twin"]
 
 
 class HubError(Exception):
@@ -75,8 +72,14 @@ def twin_from(initial: InitialTwin | None) -> Twin:
     return Twin(tags=initial.tags, desired=initial.properties.desired if initial.properties else None)
 
 
+#: One write of a registration's transaction (see :meth:`HubRegistry.plan_put`).
+Planned = tuple[Collection, Write | Delete]
+
+
 class HubRegistry:
-    """Creates, updates and deletes device identities in linked hubs."""
+    """Plans the identity writes of a registration; the registrar commits them together with the
+    registration record in one transaction (:meth:`Store.write_atomic`), so a registration is
+    never half written: identity and record land together or not at all."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
@@ -89,7 +92,7 @@ class HubRegistry:
         record = await self._store.get(Collection.HUB_DEVICES, self._key(hub, device_id))
         return msgspec.json.decode(record.doc, type=HubDevice) if record else None
 
-    async def put(
+    async def plan_put(
         self,
         hub: LinkedHub,
         device_id: str,
@@ -99,11 +102,12 @@ class HubRegistry:
         capabilities: DeviceCapabilities | None,
         twin: Twin | None,
         probably_new: bool = False,
-    ) -> HubDevice:
-        """Create the identity, or update an existing one in place (idempotent: two concurrent
-        calls for one device leave one identity). ``twin=None`` keeps the existing twin (data
-        migrated or kept); a twin replaces it (initial or reset configuration).
-        ``probably_new`` skips the first read (a first registration: one round trip, not two).
+    ) -> Planned:
+        """The write that creates the identity, or updates the existing one in place (on the
+        etag read here: a concurrent change makes the transaction fail, and the registrar
+        retries). ``twin=None`` keeps the existing twin (data migrated or kept); a twin replaces
+        it (initial or reset configuration). ``probably_new`` skips the read (a first
+        registration): the write is then a create.
 
         :raises HubError: the hub is not one provisiond can write to.
         """
@@ -113,55 +117,26 @@ class HubRegistry:
                 "hubs (their registry REST API) is not implemented yet."
             )
         key = self._key(hub.host_name, device_id)
-        for attempt in range(_WRITE_ATTEMPTS):
-            existing = (
-                None if probably_new and attempt == 0 else await self._store.get(Collection.HUB_DEVICES, key)
-            )
-            now = utc_now()
-            old = msgspec.json.decode(existing.doc, type=HubDevice) if existing else None
-            device = HubDevice(
-                device_id=device_id,
-                hub=hub.host_name.lower(),
-                authentication=authentication,
-                capabilities=capabilities,
-                twin=twin if twin is not None or old is None else old.twin,
-                registration_id=registration_id,
-                created=old.created if old else now,
-                updated=now,
-                generation=old.generation if old else 1,
-            )
-            doc = msgspec.json.encode(device)
-            try:
-                if existing is None:
-                    await self._write(key, doc, hub, WriteMode.CREATE, None)
-                else:
-                    await self._write(key, doc, hub, WriteMode.UPDATE, existing.etag)
-                return device
-            except (ConflictError, PreconditionFailedError):
-                continue  # someone else wrote it in between: read again and reapply
-        raise HubError(
-            f"The identity {device_id!r} in {hub.host_name!r} kept changing under concurrent writes."
+        existing = None if probably_new else await self._store.get(Collection.HUB_DEVICES, key)
+        now = utc_now()
+        old = msgspec.json.decode(existing.doc, type=HubDevice) if existing else None
+        device = HubDevice(
+            device_id=device_id,
+            hub=hub.host_name.lower(),
+            authentication=authentication,
+            capabilities=capabilities,
+            twin=twin if twin is not None or old is None else old.twin,
+            registration_id=registration_id,
+            created=old.created if old else now,
+            updated=now,
+            generation=old.generation if old else 1,
         )
+        mode, etag = (WriteMode.CREATE, None) if existing is None else (WriteMode.UPDATE, existing.etag)
+        write = Write(key, msgspec.json.encode(device), {"hub": hub.host_name.lower()}, mode, etag)
+        return Collection.HUB_DEVICES, write
 
-    async def _write(
-        self, key: str, doc: bytes, hub: LinkedHub, mode: WriteMode, if_match: str | None
-    ) -> Record:
-        return await self._store.write(
-            Collection.HUB_DEVICES,
-            key,
-            doc,
-            index={"hub": hub.host_name.lower()},
-            mode=mode,
-            if_match=if_match,
-        )
-
-    async def delete(self, hub: str, device_id: str) -> bool:
-        """Remove an identity; ``False`` when there was none."""
+    async def plan_delete(self, hub: str, device_id: str) -> Planned | None:
+        """The delete of an identity (on its current etag), or ``None`` when there is none."""
         key = self._key(hub, device_id)
-        if await self._store.get(Collection.HUB_DEVICES, key) is None:
-            return False
-        try:
-            await self._store.delete(Collection.HUB_DEVICES, key)
-        except LookupError:
-            return False
-        return True
+        existing = await self._store.get(Collection.HUB_DEVICES, key)
+        return None if existing is None else (Collection.HUB_DEVICES, Delete(key, existing.etag))

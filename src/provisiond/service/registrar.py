@@ -18,11 +18,14 @@ Theory of operation
    key (``attestation/tpm.py``), and the result wraps the hub identity's key for that TPM.
 2. **Allocate** with the enrollment's policy (or the service default) and its reprovision
    policy, given the device's previous registration record.
-3. **Create the identity** in the chosen hub (idempotent), with authentication that matches the
-   attestation, the enrollment's capabilities and initial twin (unless data is migrated).
-4. **Write the record** conditionally (create, or update on the etag read in step 2). When two
-   registrations of one id race, one write wins and the other answers with the winner's record:
-   one identity, one record.
+3. **Plan the identity** in the chosen hub, with authentication that matches the attestation,
+   the enrollment's capabilities and initial twin (unless data is migrated), and the removal of
+   the old identity when the device moves.
+4. **Commit identity and record in one transaction** (``Store.write_atomic``): the record is a
+   create, or an update on the etag read in step 2; the identity a create, or an update on its
+   etag. Either everything lands or nothing does, so a registration is never half written.
+   When two registrations of one id race, one transaction wins and the other answers with the
+   winner's record: one identity, one record.
 
 Authentication failures raise :class:`~provisiond.errors.AuthenticationError` (401, nothing
 written). Outcomes the device should see as a registration result (disabled enrollment, no hub)
@@ -55,7 +58,15 @@ from ..errors import (
     PreconditionFailedError,
     TpmChallengeRequired,
 )
-from ..hub import DeviceAuthentication, HubError, HubRegistry, SymmetricKeyAuth, X509Thumbprint, twin_from
+from ..hub import (
+    DeviceAuthentication,
+    HubError,
+    HubRegistry,
+    Planned,
+    SymmetricKeyAuth,
+    X509Thumbprint,
+    twin_from,
+)
 from ..models import (
     AllocationPolicy,
     AttestationType,
@@ -77,7 +88,7 @@ from ..protocol.messages import (
     X509RegistrationResult,
 )
 from ..protocol.sas import derive_device_key
-from ..storage import Collection, Record, WriteMode, utc_now
+from ..storage import Collection, Record, Write, WriteMode, utc_now
 from .context import ServiceContext
 from .enrollments import validate_id
 
@@ -163,18 +174,23 @@ class Registrar:
         match = await self._match(request, registering=True)
         previous = await self.ctx.store.get(Collection.REGISTRATIONS, request.registration_id)
         for _ in range(_WRITE_ATTEMPTS):
-            state = await self._assign(request, match, previous)
+            state, identity = await self._assign(request, match, previous)
             try:
-                record = await self._write_record(request.registration_id, state, previous)
+                written = await self.ctx.store.write_atomic(
+                    [*identity, self._record_write(request.registration_id, state, previous)]
+                )
+                return self._operation(written[-1])
             except (ConflictError, PreconditionFailedError):
-                # A concurrent registration of the same id won: answer with its record.
+                # Something changed under us (nothing was written). If a concurrent registration
+                # of the same id won, answer with its record; otherwise plan again.
                 latest = await self.ctx.store.get(Collection.REGISTRATIONS, request.registration_id)
-                if latest is None:  # deleted in between: try again from scratch
-                    previous = None
-                    continue
-                record = latest
-            return self._operation(record)
-        raise AssertionError("unreachable")  # pragma: no cover
+                if latest is not None and (previous is None or latest.etag != previous.etag):
+                    return self._operation(latest)
+                previous = latest
+        raise ConflictError(
+            f"The registration of {request.registration_id!r} kept changing under concurrent writes; retry.",
+            error_code=409202,
+        )
 
     async def operation_status(
         self, request: DeviceRequest, operation_id: str
@@ -434,7 +450,8 @@ class Registrar:
 
     async def _assign(
         self, request: DeviceRequest, match: _Match, previous: Record | None
-    ) -> StoredRegistration:
+    ) -> tuple[StoredRegistration, list[Planned]]:
+        """The registration record to write, and the identity writes that go with it."""
         enrollment = match.enrollment
         reg_id = request.registration_id
         old: StoredRegistration | None = _decode(previous, StoredRegistration) if previous else None
@@ -467,7 +484,7 @@ class Registrar:
                 device_id=old.device_id if old else None,
                 error_code=DISABLED,
                 error_message=f"The {match.label} is disabled.",
-            )
+            ), []
         device_id = (match.individual.device_id if match.individual else None) or reg_id
         linked = await self.ctx.linked_hubs(max_age=CONFIG_MAX_AGE)
         named = list(
@@ -489,7 +506,7 @@ class Registrar:
             log.info("registration %s failed: %s [%s]", reg_id, exc, request.transport)
             return msgspec.structs.replace(
                 base, status=RegistrationStatus.FAILED, error_code=NO_HUB, error_message=str(exc)
-            )
+            ), []
         moved = bool(
             was_assigned and old and (old.assigned_hub != hub.host_name.lower() or old.device_id != device_id)
         )
@@ -504,29 +521,32 @@ class Registrar:
             substatus, twin = RegistrationSubstatus.DEVICE_DATA_MIGRATED, None
         else:
             substatus, twin = RegistrationSubstatus.DEVICE_DATA_RESET, twin_from(enrollment.initial_twin)
+        identity: list[Planned] = []
         try:
             if moved and old and old.assigned_hub and old.device_id:
                 migrated = await self.hubs.get(old.assigned_hub, old.device_id)
                 if twin is None and migrated is not None:
                     twin = migrated.twin
-            await self.hubs.put(
-                hub,
-                device_id,
-                registration_id=reg_id,
-                authentication=self._authentication(match, reg_id),
-                capabilities=enrollment.capabilities,
-                twin=twin,
-                probably_new=not was_assigned or moved,
+                removal = await self.hubs.plan_delete(old.assigned_hub, old.device_id)
+                identity += [removal] if removal else []
+            identity.append(
+                await self.hubs.plan_put(
+                    hub,
+                    device_id,
+                    registration_id=reg_id,
+                    authentication=self._authentication(match, reg_id),
+                    capabilities=enrollment.capabilities,
+                    twin=twin,
+                    probably_new=not was_assigned or moved,
+                )
             )
-            if moved and old and old.assigned_hub and old.device_id:
-                await self.hubs.delete(old.assigned_hub, old.device_id)
         except HubError as exc:
             log.warning(
                 "registration %s failed in hub %s: %s [%s]", reg_id, hub.host_name, exc, request.transport
             )
             return msgspec.structs.replace(
                 base, status=RegistrationStatus.FAILED, error_code=HUB_FAILED, error_message=str(exc)
-            )
+            ), []
         log.info(
             "registration %s assigned to %s as %s by the %s (%s) [%s]",
             reg_id,
@@ -536,7 +556,7 @@ class Registrar:
             substatus.value,
             request.transport,
         )
-        return msgspec.structs.replace(
+        state = msgspec.structs.replace(
             base,
             status=RegistrationStatus.ASSIGNED,
             substatus=substatus,
@@ -546,6 +566,7 @@ class Registrar:
             if match.tpm is not None and match.hub_keys is not None
             else None,
         )
+        return state, identity
 
     @staticmethod
     def _authentication(match: _Match, reg_id: str) -> DeviceAuthentication:
@@ -580,7 +601,9 @@ class Registrar:
 
     # --- records -----------------------------------------------------------------------------
 
-    async def _write_record(self, reg_id: str, state: StoredRegistration, previous: Record | None) -> Record:
+    @staticmethod
+    def _record_write(reg_id: str, state: StoredRegistration, previous: Record | None) -> Planned:
+        """The registration record's write: a create, or an update on the etag read before."""
         index = {
             "device_id": state.device_id,
             "status": state.status.value if state.status else None,
@@ -590,12 +613,8 @@ class Registrar:
         }
         doc = msgspec.json.encode(state)
         if previous is None:
-            return await self.ctx.store.write(
-                Collection.REGISTRATIONS, reg_id, doc, index=index, mode=WriteMode.CREATE
-            )
-        return await self.ctx.store.write(
-            Collection.REGISTRATIONS, reg_id, doc, index=index, mode=WriteMode.UPDATE, if_match=previous.etag
-        )
+            return Collection.REGISTRATIONS, Write(reg_id, doc, index, WriteMode.CREATE)
+        return Collection.REGISTRATIONS, Write(reg_id, doc, index, WriteMode.UPDATE, previous.etag)
 
     @staticmethod
     def _result(record: Record) -> DeviceRegistrationResult:
