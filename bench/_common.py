@@ -37,6 +37,7 @@ __all__ = [
     "human_bytes",
     "machine_summary",
     "percentile",
+    "port_is_free",
     "rss_of",
     "start_server",
     "terminate_on_signals",
@@ -48,6 +49,17 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def port_is_free(port: int) -> bool:
+    """Whether ``port`` on 127.0.0.1 can be bound now (one in TIME_WAIT counts as free)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 # -- the server -------------------------------------------------------------------------------

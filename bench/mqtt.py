@@ -24,7 +24,6 @@ import base64
 import json
 import multiprocessing
 import resource
-import socket
 import ssl
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from _common import (
     human_bytes,
     machine_summary,
     percentile,
+    port_is_free,
     rss_of,
     start_server,
     terminate_on_signals,
@@ -58,16 +58,6 @@ def _raise_fd_limit() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _context(ca_file: str) -> ssl.SSLContext:
@@ -351,7 +341,7 @@ def main() -> None:
         if "sdk" in parts:
             # The listeners use SO_REUSEPORT (workers share a port), so a second server on 8883
             # would silently share its connections: insist on a free port.
-            if not _port_is_free(SDK_MQTT_PORT):
+            if not port_is_free(SDK_MQTT_PORT):
                 raise SystemExit(f"port {SDK_MQTT_PORT} on 127.0.0.1 is in use; the SDK part needs it")
             server = start_server(Path(tmp) / "sdk", "--mqtt-port", str(SDK_MQTT_PORT))
             try:

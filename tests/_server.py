@@ -146,3 +146,23 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     running = start_server(tmp_path_factory.mktemp("server"))
     yield running
     running.stop()
+
+
+def port_is_free(port: int) -> bool:
+    """Whether ``port`` on 127.0.0.1 can be bound now (one in TIME_WAIT counts as free)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_for_free_ports(ports: tuple[int, ...], timeout: float) -> list[int]:
+    """Wait up to ``timeout`` seconds for ``ports`` on 127.0.0.1 to be free (another test module
+    may be finishing with them); return those still taken."""
+    deadline = time.monotonic() + timeout
+    while (taken := [port for port in ports if not port_is_free(port)]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return taken

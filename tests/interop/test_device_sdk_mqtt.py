@@ -10,7 +10,6 @@ when another process holds one of those ports. The tests share that server and r
 from __future__ import annotations
 
 import gc
-import socket
 import time
 import uuid
 import warnings
@@ -26,7 +25,7 @@ from azure.iot.device.common.evented_callback import EventedCallback
 from provisiond import pki
 from provisiond.protocol.sas import derive_device_key
 from provisiond.service_client import ServiceClient
-from tests._server import RunningServer, start_server
+from tests._server import RunningServer, start_server, wait_for_free_ports
 
 pytestmark = pytest.mark.interop
 
@@ -35,25 +34,10 @@ PORT_WAIT = 30.0  # seconds to wait for the fixed ports before failing
 TRANSPORTS = [pytest.param(False, id="mqtt"), pytest.param(True, id="mqtt-ws")]
 
 
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def dps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """provisiond on 127.0.0.1:443 (HTTPS and WebSockets) and :8883 (MQTT)."""
-    deadline = time.monotonic() + PORT_WAIT  # another test module may be finishing with them
-    while (taken := [port for port in (HTTPS_PORT, MQTT_PORT) if not _port_is_free(port)]) and (
-        time.monotonic() < deadline
-    ):
-        time.sleep(0.5)
-    if taken:
+    if taken := wait_for_free_ports((HTTPS_PORT, MQTT_PORT), PORT_WAIT):
         pytest.fail(
             f"port(s) {taken} on 127.0.0.1 are in use: the Python device SDK only connects to 8883 "
             "(MQTT) and 443 (WebSockets), so stop whatever holds them",

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -29,7 +28,7 @@ import pytest
 from provisiond import pki
 from provisiond.protocol.sas import derive_device_key
 from provisiond.service_client import ServiceClient
-from tests._server import RunningServer, start_server
+from tests._server import RunningServer, port_is_free, start_server
 
 pytestmark = pytest.mark.interop
 
@@ -68,20 +67,10 @@ def node() -> str:
     return node_bin
 
 
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def dps(tmp_path_factory: pytest.TempPathFactory, node: str) -> Iterator[RunningServer]:
     """provisiond on the standard ports of 127.0.0.1, reached as ``localhost``."""
-    taken = [port for port in (HTTPS_PORT, MQTT_PORT, AMQP_PORT) if not _port_is_free(port)]
+    taken = [port for port in (HTTPS_PORT, MQTT_PORT, AMQP_PORT) if not port_is_free(port)]
     if taken:
         pytest.fail(
             f"port(s) {taken} on 127.0.0.1 are in use: the Node.js SDK only connects to the "

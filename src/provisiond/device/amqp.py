@@ -38,13 +38,11 @@ import os
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 
-import httpx
 import msgspec
 
-from ..errors import ConnectError, ProvisioningError, RemoteProtocolError, TimeoutError, TransportError
+from ..errors import ProvisioningError, RemoteProtocolError, TimeoutError, TransportError
 from ..protocol.amqp import dps
 from ..protocol.amqp.connection import Connection, ConnectionConfig, Side
 from ..protocol.amqp.events import (
@@ -75,25 +73,15 @@ from ..protocol.amqp.performatives import (
 from ..protocol.amqp.types import Symbol
 from ..protocol.messages import TpmChallenge, encode
 from ..protocol.registration import Reply, Request, SendRegister, parse_retry_after
-from .mqtt import _Channel, _TlsChannel, _WebSocketChannel
+from ._stream import WEBSOCKET_PATH, WEBSOCKET_PORT, Channel, StreamTransport
 from .security import SecurityProvider
-from .transport import (
-    DEFAULT_API_VERSION,
-    DEFAULT_SAS_TTL,
-    USER_AGENT,
-    Transport,
-    _endpoint,
-    _load_client_certificate,
-    client_ssl_context,
-)
+from .transport import DEFAULT_API_VERSION, DEFAULT_SAS_TTL, USER_AGENT, check_options
 
 __all__ = ["AMQP_PORT", "WEBSOCKET_PATH", "WEBSOCKET_PORT", "AmqpTransport"]
 
 logger = logging.getLogger(__name__)
 
 AMQP_PORT = 5671
-WEBSOCKET_PORT = 443
-WEBSOCKET_PATH = "/$iothub/websocket"
 #: The HTTP-like status of a refusal that carries no DPS error body, by AMQP error condition.
 CONDITION_STATUS = {
     "amqp:unauthorized-access": 401,
@@ -115,7 +103,7 @@ class _Refusal(Exception):
 class _Link:
     """One AMQP connection with its two links, for one registration id."""
 
-    def __init__(self, channel: _Channel, machine: Connection, registration_id: str) -> None:
+    def __init__(self, channel: Channel, machine: Connection, registration_id: str) -> None:
         self.channel = channel
         self.machine = machine
         self.registration_id = registration_id
@@ -134,7 +122,7 @@ class _Link:
             await self.channel.write(data)
 
 
-class AmqpTransport(Transport):
+class AmqpTransport(StreamTransport):
     """DPS's AMQP device API (device-protocol.md §4), over TLS or WebSockets.
 
     :param host: the global endpoint, ``host`` or ``host:port`` (default port 5671, or 443
@@ -153,6 +141,11 @@ class AmqpTransport(Transport):
     :raises ConfigurationError: the CA file or the client certificate cannot be loaded.
     """
 
+    _protocol: ClassVar[str] = "AMQP"
+    _scheme: ClassVar[str] = "amqps"
+    _default_port: ClassVar[int] = AMQP_PORT
+    _subprotocol: ClassVar[str] = "AMQPWSB10"
+
     def __init__(
         self,
         *,
@@ -166,37 +159,21 @@ class AmqpTransport(Transport):
         api_version: str = DEFAULT_API_VERSION,
         sas_ttl: int = DEFAULT_SAS_TTL,
     ) -> None:
-        if ssl_context is not None and ca_file is not None:
-            raise ValueError("Give ssl_context or ca_file, not both.")
-        if not id_scope or "/" in id_scope:
-            raise ValueError(f"{id_scope!r} is not an ID scope.")
+        check_options(id_scope=id_scope, ssl_context=ssl_context, ca_file=ca_file)
         if not timeout > 0 or sas_ttl <= 0:
             raise ValueError("timeout and sas_ttl must be positive.")
-        for scheme in ("amqps://", "wss://"):
-            host = host.removeprefix(scheme)
-        url = httpx.URL(f"https://{_endpoint(host)}")
-        self.host = url.host
-        self.port = url.port or (WEBSOCKET_PORT if websockets else AMQP_PORT)
-        self.websockets = websockets
-        self.id_scope = id_scope
-        self.api_version = api_version
-        self.timeout = timeout
-        self._security = security
-        self._sas_ttl = sas_ttl
-        if ssl_context is None:
-            ssl_context = client_ssl_context(ca_file=ca_file, security=security)
-        else:
-            _load_client_certificate(ssl_context, security)
-        self._ssl = ssl_context
+        super().__init__(
+            host=host,
+            id_scope=id_scope,
+            security=security,
+            websockets=websockets,
+            ssl_context=ssl_context,
+            ca_file=ca_file,
+            timeout=timeout,
+            api_version=api_version,
+            sas_ttl=sas_ttl,
+        )
         self._link: _Link | None = None
-        self._lock = asyncio.Lock()
-
-    @property
-    def address(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        if self.websockets:
-            return f"wss://{host}:{self.port}{WEBSOCKET_PATH}"
-        return f"amqps://{host}:{self.port}"
 
     async def send(self, request: Request) -> Reply:
         correlation_id = str(uuid.uuid4())
@@ -278,34 +255,6 @@ class AmqpTransport(Transport):
             await self._authenticate(link, mechanism, request)
         await self._attach(link)
         return link
-
-    async def _open(self) -> _Channel:
-        if not self.websockets:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(
-                    self.host,
-                    self.port,
-                    ssl=self._ssl,
-                    server_hostname=self.host,
-                    ssl_handshake_timeout=self.timeout,
-                ),
-                self.timeout,
-            )
-            return _TlsChannel(reader, writer)
-        from websockets.asyncio.client import connect
-        from websockets.typing import Subprotocol
-
-        websocket = await connect(
-            self.address,
-            ssl=self._ssl,
-            subprotocols=[Subprotocol("AMQPWSB10")],
-            open_timeout=self.timeout,
-            ping_interval=None,
-            compression=None,
-            max_size=None,  # the AMQP layer bounds what it accepts
-            user_agent_header=USER_AGENT,
-        )
-        return _WebSocketChannel(websocket)
 
     async def _authenticate(self, link: _Link, mechanism: dps.Mechanism, request: Request) -> None:
         resource = f"{self.id_scope}/registrations/{request.registration_id}"
@@ -458,27 +407,9 @@ class AmqpTransport(Transport):
             with contextlib.suppress(OSError, ssl.SSLError):
                 await link.channel.close()
 
-    @contextlib.asynccontextmanager
-    async def _errors_mapped(self) -> AsyncIterator[None]:
-        """Translate socket, TLS, WebSocket and AMQP exceptions into ours, keeping the cause."""
-        from websockets.exceptions import InvalidHandshake, InvalidURI
-
-        try:
-            yield
-        except _Refusal:
-            raise
-        except ProvisioningError:  # ours already (our TimeoutError is also a builtin TimeoutError)
-            raise
-        except (ssl.SSLCertVerificationError, InvalidHandshake, InvalidURI) as exc:
-            raise ConnectError(f"Cannot connect to {self.address}: {exc}") from exc
-        except builtins.TimeoutError as exc:
-            raise TimeoutError(f"{self.address} did not answer within {self.timeout:g} s") from exc
-        except (OSError, EOFError) as exc:  # ssl.SSLError is an OSError
-            detail = str(exc) or type(exc).__name__
-            link = self._link
-            if link is None or not link.machine.opened:
-                raise ConnectError(f"Cannot connect to {self.address}: {detail}") from exc
-            raise TransportError(f"The AMQP connection to {self.address} failed: {detail}") from exc
+    def _established(self) -> bool:
+        link = self._link
+        return link is not None and link.machine.opened
 
     def __repr__(self) -> str:
         return f"<AmqpTransport {self.address} id_scope={self.id_scope!r}>"

@@ -34,13 +34,11 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Protocol
+from typing import ClassVar
 
-import httpx
 import msgspec
 
-from ..errors import ConnectError, ProvisioningError, RemoteProtocolError, TimeoutError, TransportError
+from ..errors import RemoteProtocolError, TimeoutError, TransportError
 from ..protocol.messages import encode
 from ..protocol.mqtt import (
     Connack,
@@ -64,19 +62,9 @@ from ..protocol.topics import (
     register_topic,
     status_topic,
 )
+from ._stream import WEBSOCKET_PATH, WEBSOCKET_PORT, Channel, StreamTransport
 from .security import SecurityProvider
-from .transport import (
-    DEFAULT_API_VERSION,
-    DEFAULT_SAS_TTL,
-    USER_AGENT,
-    Transport,
-    _endpoint,
-    _load_client_certificate,
-    client_ssl_context,
-)
-
-if TYPE_CHECKING:
-    from websockets.asyncio.client import ClientConnection
+from .transport import DEFAULT_API_VERSION, DEFAULT_SAS_TTL, USER_AGENT, check_options
 
 __all__ = [
     "CONNACK_STATUS",
@@ -90,8 +78,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MQTT_PORT = 8883
-WEBSOCKET_PORT = 443
-WEBSOCKET_PATH = "/$iothub/websocket"
 #: Seconds between the client's keep-alive pings (the Python SDK's default).
 DEFAULT_KEEP_ALIVE = 60
 #: A refusing CONNACK as the HTTP-like status the registration flow understands.
@@ -109,79 +95,12 @@ _CONNACK_TEXT = {
     ConnectReturnCode.BAD_USERNAME_OR_PASSWORD: "bad user name or password (the ID scope, registration id or SAS token)",
     ConnectReturnCode.NOT_AUTHORIZED: "not authorized (no credential it accepts)",
 }
-_READ_SIZE = 65536
-
-
-class _Channel(Protocol):
-    """Bytes to and from the service, over TLS or a WebSocket."""
-
-    @property
-    def closed(self) -> bool: ...
-
-    async def read(self) -> bytes:
-        """The next bytes; ``b""`` when the service closed the connection."""
-        ...
-
-    async def write(self, data: bytes) -> None: ...
-
-    async def close(self) -> None: ...
-
-
-class _TlsChannel:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
-
-    @property
-    def closed(self) -> bool:
-        return self._reader.at_eof() or self._writer.is_closing()
-
-    async def read(self) -> bytes:
-        return await self._reader.read(_READ_SIZE)
-
-    async def write(self, data: bytes) -> None:
-        self._writer.write(data)
-        await self._writer.drain()
-
-    async def close(self) -> None:
-        self._writer.close()
-        with contextlib.suppress(OSError, builtins.TimeoutError):
-            await asyncio.wait_for(self._writer.wait_closed(), 2)
-
-
-class _WebSocketChannel:
-    def __init__(self, websocket: ClientConnection) -> None:
-        self._ws = websocket
-
-    @property
-    def closed(self) -> bool:
-        return self._ws.close_code is not None
-
-    async def read(self) -> bytes:
-        from websockets.exceptions import ConnectionClosed
-
-        try:
-            message = await self._ws.recv()
-        except ConnectionClosed:
-            return b""
-        return message if isinstance(message, bytes) else message.encode()
-
-    async def write(self, data: bytes) -> None:
-        from websockets.exceptions import ConnectionClosed
-
-        try:
-            await self._ws.send(data)
-        except ConnectionClosed as exc:
-            raise ConnectionResetError(str(exc)) from exc
-
-    async def close(self) -> None:
-        await self._ws.close()
 
 
 class _Connection:
     """One MQTT connection: the channel and the client machine."""
 
-    def __init__(self, channel: _Channel, machine: MqttConnection, registration_id: str) -> None:
+    def __init__(self, channel: Channel, machine: MqttConnection, registration_id: str) -> None:
         self.channel = channel
         self.machine = machine
         self.registration_id = registration_id
@@ -198,7 +117,7 @@ class _Connection:
             await self.channel.write(data)
 
 
-class MqttTransport(Transport):
+class MqttTransport(StreamTransport):
     """DPS's MQTT device API (device-protocol.md §3), over TLS or WebSockets.
 
     :param host: the global endpoint, ``host`` or ``host:port`` (default port 8883, or 443
@@ -219,6 +138,11 @@ class MqttTransport(Transport):
     :raises ConfigurationError: the CA file or the client certificate cannot be loaded.
     """
 
+    _protocol: ClassVar[str] = "MQTT"
+    _scheme: ClassVar[str] = "mqtts"
+    _default_port: ClassVar[int] = MQTT_PORT
+    _subprotocol: ClassVar[str] = "mqtt"
+
     def __init__(
         self,
         *,
@@ -233,39 +157,23 @@ class MqttTransport(Transport):
         sas_ttl: int = DEFAULT_SAS_TTL,
         keep_alive: int = DEFAULT_KEEP_ALIVE,
     ) -> None:
-        if ssl_context is not None and ca_file is not None:
-            raise ValueError("Give ssl_context or ca_file, not both.")
-        if not id_scope or "/" in id_scope:
-            raise ValueError(f"{id_scope!r} is not an ID scope.")
+        check_options(id_scope=id_scope, ssl_context=ssl_context, ca_file=ca_file)
         if not timeout > 0 or sas_ttl <= 0 or not 0 <= keep_alive <= 0xFFFF:
             raise ValueError("timeout and sas_ttl must be positive, keep_alive 0 to 65535.")
-        for scheme in ("mqtts://", "wss://"):
-            host = host.removeprefix(scheme)
-        url = httpx.URL(f"https://{_endpoint(host)}")
-        self.host = url.host
-        self.port = url.port or (WEBSOCKET_PORT if websockets else MQTT_PORT)
-        self.websockets = websockets
-        self.id_scope = id_scope
-        self.api_version = api_version
-        self.timeout = timeout
+        super().__init__(
+            host=host,
+            id_scope=id_scope,
+            security=security,
+            websockets=websockets,
+            ssl_context=ssl_context,
+            ca_file=ca_file,
+            timeout=timeout,
+            api_version=api_version,
+            sas_ttl=sas_ttl,
+        )
         self.keep_alive = keep_alive
-        self._security = security
-        self._sas_ttl = sas_ttl
-        if ssl_context is None:
-            ssl_context = client_ssl_context(ca_file=ca_file, security=security)
-        else:
-            _load_client_certificate(ssl_context, security)
-        self._ssl = ssl_context
         self._connection: _Connection | None = None
-        self._lock = asyncio.Lock()
         self._rids = itertools.count(1)
-
-    @property
-    def address(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        if self.websockets:
-            return f"wss://{host}:{self.port}{WEBSOCKET_PATH}"
-        return f"mqtts://{host}:{self.port}"
 
     async def send(self, request: Request) -> Reply:
         rid = str(next(self._rids))
@@ -323,34 +231,6 @@ class MqttTransport(Transport):
         self._connection = _Connection(channel, machine, registration_id)
         return self._connection
 
-    async def _open(self) -> _Channel:
-        if not self.websockets:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(
-                    self.host,
-                    self.port,
-                    ssl=self._ssl,
-                    server_hostname=self.host,
-                    ssl_handshake_timeout=self.timeout,
-                ),
-                self.timeout,
-            )
-            return _TlsChannel(reader, writer)
-        from websockets.asyncio.client import connect
-        from websockets.typing import Subprotocol
-
-        websocket = await connect(
-            self.address,
-            ssl=self._ssl,
-            subprotocols=[Subprotocol("mqtt")],
-            open_timeout=self.timeout,
-            ping_interval=None,  # MQTT's keep-alive does this job
-            compression=None,
-            max_size=None,  # the MQTT codec bounds what it accepts
-            user_agent_header=USER_AGENT,
-        )
-        return _WebSocketChannel(websocket)
-
     async def _response(self, connection: _Connection, rid: str) -> Reply:
         """Read until the answer to ``rid`` arrives, pinging while waiting."""
         machine = connection.machine
@@ -402,25 +282,9 @@ class MqttTransport(Transport):
         if connection is not None:
             await connection.channel.close()
 
-    @contextlib.asynccontextmanager
-    async def _errors_mapped(self) -> AsyncIterator[None]:
-        """Translate socket, TLS and WebSocket exceptions into ours, keeping the cause."""
-        from websockets.exceptions import InvalidHandshake, InvalidURI
-
-        try:
-            yield
-        except ProvisioningError:  # ours already (our TimeoutError is also a builtin TimeoutError)
-            raise
-        except (ssl.SSLCertVerificationError, InvalidHandshake, InvalidURI) as exc:
-            raise ConnectError(f"Cannot connect to {self.address}: {exc}") from exc
-        except builtins.TimeoutError as exc:
-            raise TimeoutError(f"{self.address} did not answer within {self.timeout:g} s") from exc
-        except (OSError, EOFError) as exc:  # ssl.SSLError is an OSError
-            detail = str(exc) or type(exc).__name__
-            connection = self._connection
-            if connection is None or connection.machine.state is not State.CONNECTED:
-                raise ConnectError(f"Cannot connect to {self.address}: {detail}") from exc
-            raise TransportError(f"The MQTT connection to {self.address} failed: {detail}") from exc
+    def _established(self) -> bool:
+        connection = self._connection
+        return connection is not None and connection.machine.state is State.CONNECTED
 
     def __repr__(self) -> str:
         return f"<MqttTransport {self.address} id_scope={self.id_scope!r}>"

@@ -125,6 +125,40 @@ def _load_client_certificate(ctx: ssl.SSLContext, security: SecurityProvider | N
         credential.load_into(ctx)
 
 
+# --- what every transport's constructor uses (package-internal, not in __all__; the MQTT and AMQP
+# transports get them through their base, ._stream.StreamTransport) --------------------------------
+
+
+def check_options(
+    *, id_scope: str, ssl_context: ssl.SSLContext | None, ca_file: str | os.PathLike[str] | None
+) -> None:
+    """The checks every transport's constructor starts with.
+
+    :raises ValueError: both ``ssl_context`` and ``ca_file``, or a malformed ID scope.
+    """
+    if ssl_context is not None and ca_file is not None:
+        raise ValueError("Give ssl_context or ca_file, not both.")
+    if not id_scope or "/" in id_scope:
+        raise ValueError(f"{id_scope!r} is not an ID scope.")
+
+
+def tls_context(
+    ssl_context: ssl.SSLContext | None,
+    *,
+    ca_file: str | os.PathLike[str] | None,
+    security: SecurityProvider,
+) -> ssl.SSLContext:
+    """``ssl_context`` with the security provider's client certificate loaded into it, or, without
+    one, a :func:`client_ssl_context` trusting ``ca_file``.
+
+    :raises ConfigurationError: the CA file or the client certificate cannot be loaded.
+    """
+    if ssl_context is None:
+        return client_ssl_context(ca_file=ca_file, security=security)
+    _load_client_certificate(ssl_context, security)
+    return ssl_context
+
+
 @contextlib.contextmanager
 def _map_httpx_exceptions(host: str) -> Iterator[None]:
     """Translate httpx's exceptions into ours, keeping the cause (httpx's ``map_httpcore_exceptions``)."""
@@ -175,21 +209,15 @@ class HttpsTransport(Transport):
         sas_ttl: int = DEFAULT_SAS_TTL,
         http_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        if ssl_context is not None and ca_file is not None:
-            raise ValueError("Give ssl_context or ca_file, not both.")
-        if not id_scope or "/" in id_scope:
-            raise ValueError(f"{id_scope!r} is not an ID scope.")
+        check_options(id_scope=id_scope, ssl_context=ssl_context, ca_file=ca_file)
         if not timeout > 0 or sas_ttl <= 0:
             raise ValueError("timeout and sas_ttl must be positive.")
-        self.host = _endpoint(host)
+        self.host = parse_endpoint(host)
         self.id_scope = id_scope
         self.api_version = api_version
         self._security = security
         self._sas_ttl = sas_ttl
-        if ssl_context is None:
-            ssl_context = client_ssl_context(ca_file=ca_file, security=security)
-        else:
-            _load_client_certificate(ssl_context, security)
+        ssl_context = tls_context(ssl_context, ca_file=ca_file, security=security)
         self._client = httpx.AsyncClient(
             base_url=f"https://{self.host}",
             verify=ssl_context,
@@ -244,8 +272,11 @@ def _segment(value: str) -> str:
     return quote(value, safe="")
 
 
-def _endpoint(host: str) -> str:
-    """``host[:port]`` from a global endpoint, validated."""
+def parse_endpoint(host: str) -> str:
+    """``host[:port]`` from a global endpoint (``https://`` is allowed), validated.
+
+    :raises ValueError: not a ``host[:port]``, or a port out of range.
+    """
     text = host.strip()
     for scheme in ("https://", "HTTPS://"):
         text = text.removeprefix(scheme)
