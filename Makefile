@@ -3,8 +3,10 @@
 #   make test   run the whole test suite (starts its own PostgreSQL; needs the server binaries)
 # Both create the virtual environment .venv on first use.
 
-PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
-	if command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then echo $$p; break; fi; done)
+ifndef PYTHON
+PYTHON := $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	if $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; then echo $$p; break; fi; done)
+endif
 VENV := .venv
 BIN := $(VENV)/bin
 DATA_DIR ?= ./data
