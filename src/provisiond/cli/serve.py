@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -64,9 +65,19 @@ def _write_connection_json(data_dir: Path, info: dict[str, Any]) -> Path:
     return path
 
 
+def _program() -> str:
+    """How the person who started us runs provisiond (``.venv/bin/provisiond`` after ``make run``)."""
+    argv0 = Path(sys.argv[0])
+    if argv0.name != "provisiond":
+        return "provisiond"
+    on_path = shutil.which("provisiond")
+    return "provisiond" if on_path and Path(on_path).resolve() == argv0.resolve() else str(argv0)
+
+
 def _banner(info: dict[str, Any], path: Path) -> str:
     scope, endpoint, ca = info["idScope"], info["globalEndpoint"], info["caCertificate"]
     d = path.parent
+    prog = _program()
     return f"""
 provisiond is running.
   Device endpoint (HTTPS)  https://{endpoint}   ID scope: {scope}
@@ -76,9 +87,9 @@ provisiond is running.
   Connection details       {path}
 
 Provision a first device (in another terminal):
-  provisiond enrollment create my-first-device --data-dir {d}
-  provisiond device register --data-dir {d} --registration-id my-first-device --symmetric-key <its primary key>
-  provisiond registration show my-first-device --data-dir {d}
+  {prog} enrollment create my-first-device --data-dir {d}
+  {prog} device register --data-dir {d} --registration-id my-first-device --symmetric-key <its primary key>
+  {prog} registration show my-first-device --data-dir {d}
 """
 
 
