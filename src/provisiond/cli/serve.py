@@ -153,6 +153,7 @@ def _run(settings: Settings, ca_file: Path | None) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("./provisiond-data"),
     show_default=True,
+    show_envvar=True,
     envvar="PROVISIOND_DATA_DIR",
     help="Holds everything: the SQLite database, the development PKI, connection.json.",
 )
@@ -160,18 +161,25 @@ def _run(settings: Settings, ca_file: Path | None) -> None:
     "--host",
     default="localhost",
     show_default=True,
+    show_envvar=True,
     envvar="PROVISIOND_HOST",
     help="The host name devices and tools use to reach this service (in the server certificate, "
     "connection.json and the SAS audience).",
 )
 @click.option(
-    "--bind", default="0.0.0.0", show_default=True, envvar="PROVISIOND_BIND", help="Address to listen on."
+    "--bind",
+    default="0.0.0.0",
+    show_default=True,
+    show_envvar=True,
+    envvar="PROVISIOND_BIND",
+    help="Address to listen on.",
 )
 @click.option(
     "--https-port",
     type=click.IntRange(1, 65535),
     default=8443,
     show_default=True,
+    show_envvar=True,
     envvar="PROVISIOND_HTTPS_PORT",
     help="HTTPS port for the device and service APIs (443 for the official SDKs).",
 )
@@ -180,6 +188,7 @@ def _run(settings: Settings, ca_file: Path | None) -> None:
     type=click.IntRange(0, 65535),
     default=8883,
     show_default=True,
+    show_envvar=True,
     envvar="PROVISIOND_MQTT_PORT",
     help="MQTT 3.1.1 over TLS port for devices (8883 for the official SDKs; 0: off). MQTT over "
     "WebSockets is served on the HTTPS port either way.",
@@ -189,6 +198,7 @@ def _run(settings: Settings, ca_file: Path | None) -> None:
     type=click.FloatRange(min=0, min_open=True),
     default=10.0,
     show_default=True,
+    show_envvar=True,
     envvar="PROVISIOND_MQTT_CONNECT_TIMEOUT",
     help="Seconds an MQTT connection may take to send its CONNECT before it is closed.",
 )
@@ -197,6 +207,7 @@ def _run(settings: Settings, ca_file: Path | None) -> None:
     type=click.IntRange(0, 65535),
     default=5671,
     show_default=True,
+    show_envvar=True,
     envvar="PROVISIOND_AMQP_PORT",
     help="AMQP 1.0 over TLS port for devices (5671 for the official SDKs; 0: off). AMQP over "
     "WebSockets (AMQPWSB10) is served on the HTTPS port either way.",
@@ -204,6 +215,7 @@ def _run(settings: Settings, ca_file: Path | None) -> None:
 @click.option(
     "--db",
     default=None,
+    show_envvar=True,
     envvar="PROVISIOND_DB",
     help="A SQLite file path (default DATA_DIR/provisiond.db) or a postgresql:// URL.",
 )
@@ -211,6 +223,7 @@ def _run(settings: Settings, ca_file: Path | None) -> None:
     "--server-cert",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     default=None,
+    show_envvar=True,
     envvar="PROVISIOND_SERVER_CERT",
     help="Your own server certificate (PEM, chain allowed); "
     "default: a development PKI generated in DATA_DIR/pki.",
@@ -219,6 +232,7 @@ def _run(settings: Settings, ca_file: Path | None) -> None:
     "--server-key",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     default=None,
+    show_envvar=True,
     envvar="PROVISIOND_SERVER_KEY",
     help="The key of --server-cert (PEM).",
 )
@@ -226,6 +240,7 @@ def _run(settings: Settings, ca_file: Path | None) -> None:
     "--builtin-hub",
     default=DEFAULT_BUILTIN_HUB,
     show_default=True,
+    show_envvar=True,
     envvar="PROVISIOND_BUILTIN_HUB",
     help="Host name of the IoT hub provisiond keeps itself (identities and twins in its database).",
 )
@@ -234,6 +249,7 @@ def _run(settings: Settings, ca_file: Path | None) -> None:
     type=click.IntRange(1, 64),
     default=1,
     show_default=True,
+    show_envvar=True,
     envvar="PROVISIOND_WORKERS",
     help="Worker processes sharing the HTTPS port (each with its own database connections).",
 )
@@ -241,6 +257,7 @@ def _run(settings: Settings, ca_file: Path | None) -> None:
     "--rate-limit",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
+    show_envvar=True,
     envvar="PROVISIOND_RATE_LIMIT",
     help="Device API limit: registrations per second on this node (default: none). Over it: 429 + Retry-After.",
 )
@@ -248,6 +265,7 @@ def _run(settings: Settings, ca_file: Path | None) -> None:
     "--device-rate-limit",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
+    show_envvar=True,
     envvar="PROVISIOND_DEVICE_RATE_LIMIT",
     help="Device API limit: requests per minute per registration id (default: none).",
 )
@@ -256,6 +274,7 @@ def _run(settings: Settings, ca_file: Path | None) -> None:
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
     show_default=True,
+    show_envvar=True,
     envvar="PROVISIOND_LOG_LEVEL",
 )
 def serve(
