@@ -205,7 +205,7 @@ class Registrar:
         if record is None or _decode(record, StoredRegistration).operation_id != operation_id:
             raise NotFoundError(
                 f"No registration operation {operation_id[:64]!r} for {request.registration_id!r}.",
-                error_code=404204,
+                error_code=404207,
             )
         return self._operation(record)
 
