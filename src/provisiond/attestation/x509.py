@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -24,7 +25,9 @@ from ..errors import AuthenticationError
 __all__ = [
     "PresentedChain",
     "common_name",
+    "find_anchor",
     "is_ca",
+    "match_individual",
     "parse_presented_chain",
     "sha1_thumbprint",
     "sha256_thumbprint",
@@ -151,3 +154,48 @@ def verify_self_signed(cert: x509.Certificate, now: dt.datetime) -> None:
     """Check the dates of a leaf enrolled by its own certificate (matched by thumbprint; the TLS
     handshake proved the device holds its key)."""
     _check_dates(cert, now, "device")
+
+
+T = TypeVar("T")
+
+
+def match_individual(
+    name: str, enrolled: Sequence[x509.Certificate], chain: PresentedChain, now: dt.datetime
+) -> None:
+    """Check a chain against an individual enrollment's certificates: the leaf itself (by
+    thumbprint; the TLS handshake proved the key), or a CA certificate that signed it (in the
+    chain, or the issuer of its topmost certificate), verified up to it.
+
+    :raises AuthenticationError: neither, or the chain does not verify.
+    """
+    leaf_print = sha1_thumbprint(chain.leaf)
+    for anchor in enrolled:
+        if sha1_thumbprint(anchor) == leaf_print:
+            verify_self_signed(chain.leaf, now)
+            return
+    for anchor in filter(is_ca, enrolled):
+        if anchor in chain.intermediates or chain.certificates[-1].issuer == anchor.subject:
+            verify_chain(chain, anchor, now)
+            return
+    raise AuthenticationError(
+        f"The presented certificate (SHA-1 {leaf_print}) is not the certificate of the individual enrollment "
+        f"{name!r}, nor signed by it.",
+        error_code=CHAIN_INVALID,
+    )
+
+
+def find_anchor(
+    chain: PresentedChain, candidates: Sequence[tuple[T, x509.Certificate]]
+) -> tuple[T, x509.Certificate] | None:
+    """The first candidate (an enrollment group and its certificate) met walking the presented
+    chain from the first intermediate up, then the CA that issued the topmost certificate; the
+    first match decides. The chain is not verified here (see :func:`verify_chain`)."""
+    for cert in chain.intermediates:
+        for owner, anchor in candidates:
+            if anchor == cert:
+                return owner, anchor
+    top = chain.certificates[-1]
+    for owner, anchor in candidates:
+        if top.issuer == anchor.subject and top != anchor and is_ca(anchor):
+            return owner, anchor
+    return None

@@ -384,22 +384,7 @@ class Registrar:
         enrolled = (
             [c.certificate for c in (certs.primary, certs.secondary) if c and c.certificate] if certs else []
         )
-        anchors = [pki.load_pem_chain(pem)[0] for pem in enrolled]
-        leaf_print = x5.sha1_thumbprint(chain.leaf)
-        for anchor in anchors:
-            if x5.sha1_thumbprint(anchor) == leaf_print:
-                x5.verify_self_signed(chain.leaf, now)
-                return
-        # The enrollment may name a certificate that signed the leaf (in the chain, or its issuer).
-        for anchor in filter(x5.is_ca, anchors):
-            if anchor in chain.intermediates or chain.certificates[-1].issuer == anchor.subject:
-                x5.verify_chain(chain, anchor, now)
-                return
-        raise AuthenticationError(
-            f"The presented certificate (SHA-1 {leaf_print}) is not the certificate of the individual enrollment "
-            f"{name!r}, nor signed by it.",
-            error_code=x5.CHAIN_INVALID,
-        )
+        x5.match_individual(name, [pki.load_pem_chain(pem)[0] for pem in enrolled], chain, now)
 
     async def _find_x509_group(self, chain: x5.PresentedChain) -> tuple[EnrollmentGroup, Any]:
         groups = await self._groups(AttestationType.X509)
@@ -430,15 +415,9 @@ class Registrar:
                     else:
                         unverified.append(f"{ca.name} (group {group.enrollment_group_id})")
             candidates += [(group, pki.load_pem_chain(pem)[0]) for pem in pems]
-        # Walk up from the first intermediate; then the issuer of the topmost presented certificate.
-        for cert in chain.intermediates:
-            for group, anchor in candidates:
-                if anchor == cert:
-                    return group, anchor
-        top = chain.certificates[-1]
-        for group, anchor in candidates:
-            if top.issuer == anchor.subject and top != anchor and x5.is_ca(anchor):
-                return group, anchor
+        found = x5.find_anchor(chain, candidates)
+        if found is not None:
+            return found
         hint = f" (CA certificates not verified: {', '.join(unverified)})" if unverified else ""
         raise AuthenticationError(
             f"No individual enrollment is named {x5.common_name(chain.leaf)!r}, and no X.509 enrollment group's "
