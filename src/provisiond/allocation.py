@@ -8,7 +8,8 @@ any, otherwise every linked hub whose ``applyAllocationPolicy`` is true. Policie
   (a device re-registering lands on the same hub), proportional to ``allocationWeight``, and
   stable when hubs come and go (only the devices of a removed hub move).
 - ``geoLatency``: provisiond does not measure latency; it allocates as ``hashed`` (documented).
-- ``custom``: the webhook (a later issue); until then allocation fails with a clear message.
+- ``custom``: the enrollment's webhook, which the registrar calls (``service/webhook.py``);
+  :func:`allocate` only reports that it cannot choose for it.
 """
 
 from __future__ import annotations
@@ -72,6 +73,6 @@ def allocate(
             return max(candidates, key=lambda hub: (_score(registration_id, hub), hub.host_name))
         case AllocationPolicy.CUSTOM:
             raise AllocationError(
-                "Custom allocation (webhooks) is not supported by this provisiond version yet."
+                "Custom allocation is decided by the enrollment's webhook, not by allocate()."
             )
     raise AssertionError(policy)  # pragma: no cover

@@ -270,6 +270,24 @@ def _run(settings: Settings, ca_file: Path | None) -> None:
     help="Device API limit: requests per minute per registration id (default: none).",
 )
 @click.option(
+    "--webhook-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    show_envvar=True,
+    envvar="PROVISIOND_WEBHOOK_TIMEOUT",
+    help="Custom allocation: seconds a webhook may take to answer before the registration fails.",
+)
+@click.option(
+    "--webhook-ca-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    show_envvar=True,
+    envvar="PROVISIOND_WEBHOOK_CA_FILE",
+    help="Custom allocation: a CA certificate file (PEM) webhooks' TLS certificates may chain to, "
+    "besides the system CAs.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -292,6 +310,8 @@ def serve(
     workers: int,
     rate_limit: float | None,
     device_rate_limit: float | None,
+    webhook_timeout: float,
+    webhook_ca_file: Path | None,
     log_level: str,
 ) -> None:
     """Run the provisioning service on its embedded default: SQLite in DATA_DIR, a development
@@ -332,6 +352,8 @@ def serve(
         rate_limit=rate_limit,
         device_rate_limit=device_rate_limit,
         workers=workers,
+        webhook_timeout=webhook_timeout,
+        webhook_ca_file=webhook_ca_file.absolute() if webhook_ca_file else None,
     )
     try:
         _run(settings, ca_file)

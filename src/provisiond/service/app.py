@@ -122,6 +122,7 @@ def create_app(
             async with running_listeners(ctx, registrar):
                 yield
         finally:
+            await registrar.webhook.aclose()
             if owned:
                 await ctx.store.close()
 

@@ -17,7 +17,8 @@ Theory of operation
    register, for an individual TPM enrollment, must be signed in the TPM with the challenge's
    key (``attestation/tpm.py``), and the result wraps the hub identity's key for that TPM.
 2. **Allocate** with the enrollment's policy (or the service default) and its reprovision
-   policy, given the device's previous registration record.
+   policy, given the device's previous registration record (``custom``: the enrollment's
+   webhook, ``webhook.py``; its initialTwin and payload override the twin and the payload).
 3. **Plan the identity** in the chosen hub, with authentication that matches the attestation,
    the enrollment's capabilities and initial twin (unless data is migrated), and the removal of
    the old identity when the device moves.
@@ -73,6 +74,7 @@ from ..models import (
     CaCertificate,
     EnrollmentGroup,
     IndividualEnrollment,
+    LinkedHub,
     ProvisioningStatus,
     RegistrationStatus,
     RegistrationSubstatus,
@@ -90,7 +92,14 @@ from ..protocol.messages import (
 from ..protocol.sas import derive_device_key
 from ..storage import Collection, Record, Write, WriteMode, utc_now
 from .context import ServiceContext
-from .enrollments import validate_id
+from .enrollments import _strip_secrets, validate_id
+from .webhook import (
+    AllocationRequest,
+    AllocationResponse,
+    AllocationWebhook,
+    DeviceRuntimeContext,
+    WebhookError,
+)
 
 __all__ = ["DeviceRequest", "Registrar", "StoredRegistration"]
 
@@ -99,6 +108,9 @@ log = logging.getLogger("provisiond.registrar")
 # DPS's registration errorCodes (device-protocol.md §1.2: the C SDK knows 400208 and 400209).
 NO_HUB = 400208
 HUB_FAILED = 400209
+#: Custom allocation failed: the webhook errored, timed out, answered badly or chose a hub that is
+#: not a candidate (provisiond's code; the message names the cause, docs/device-api.md).
+CUSTOM_ALLOCATION_FAILED = 400207
 DISABLED = 401101  # enrollment or group disabled (reported in the record, status "disabled")
 _WRITE_ATTEMPTS = 3
 #: How stale the registration path may see the settings and linked hubs (seconds): they change
@@ -161,6 +173,9 @@ class Registrar:
         self.ctx = ctx
         self.hubs = HubRegistry(ctx.store)
         self.tpm = tpm_att.TpmAttestor(ctx.store, clock=ctx.clock)
+        self.webhook = AllocationWebhook(
+            timeout=ctx.settings.webhook_timeout, ca_file=ctx.settings.webhook_ca_file
+        )
 
     # --- entry points ------------------------------------------------------------------------
 
@@ -476,15 +491,28 @@ class Registrar:
         )
         reprovision = enrollment.reprovision_policy or ReprovisionPolicy()
         was_assigned = old is not None and old.status is RegistrationStatus.ASSIGNED and old.assigned_hub
+        custom: AllocationResponse | None = None
         try:
+            candidates = candidate_hubs(named, linked)
             if was_assigned and not reprovision.update_hub_assignment and old and old.assigned_hub in linked:
                 hub = linked[old.assigned_hub]
+            elif policy is AllocationPolicy.CUSTOM and candidates:
+                custom = await self._call_webhook(request, match, old if was_assigned else None, candidates)
+                hub = linked[(custom.iot_hub_host_name or "").lower()]
             else:
-                hub = allocate(policy, reg_id, candidate_hubs(named, linked), named=named)
+                hub = allocate(policy, reg_id, candidates, named=named)
         except AllocationError as exc:
             log.info("registration %s failed: %s [%s]", reg_id, exc, request.transport)
             return msgspec.structs.replace(
                 base, status=RegistrationStatus.FAILED, error_code=NO_HUB, error_message=str(exc)
+            ), []
+        except WebhookError as exc:
+            log.warning("registration %s failed: %s [%s]", reg_id, exc, request.transport)
+            return msgspec.structs.replace(
+                base,
+                status=RegistrationStatus.FAILED,
+                error_code=CUSTOM_ALLOCATION_FAILED,
+                error_message=str(exc),
             ), []
         moved = bool(
             was_assigned and old and (old.assigned_hub != hub.host_name.lower() or old.device_id != device_id)
@@ -500,6 +528,10 @@ class Registrar:
             substatus, twin = RegistrationSubstatus.DEVICE_DATA_MIGRATED, None
         else:
             substatus, twin = RegistrationSubstatus.DEVICE_DATA_RESET, twin_from(enrollment.initial_twin)
+        if custom is not None:
+            base = msgspec.structs.replace(base, payload=custom.payload)
+            if custom.initial_twin is not None:  # overrides the migration settings: the twin is replaced
+                twin = twin_from(custom.initial_twin)
         identity: list[Planned] = []
         try:
             if moved and old and old.assigned_hub and old.device_id:
@@ -546,6 +578,38 @@ class Registrar:
             else None,
         )
         return state, identity
+
+    async def _call_webhook(
+        self,
+        request: DeviceRequest,
+        match: _Match,
+        old: StoredRegistration | None,
+        candidates: Sequence[LinkedHub],
+    ) -> AllocationResponse:
+        """Ask the enrollment's custom allocation webhook for the hub (service-api.md §8)."""
+        enrollment = match.enrollment
+        definition = enrollment.custom_allocation_definition
+        if definition is None or not definition.webhook_url:
+            raise AllocationError(
+                f"The {match.label} uses custom allocation but has no customAllocationDefinition.webhookUrl."
+            )
+        stripped = msgspec.structs.replace(enrollment, attestation=_strip_secrets(enrollment.attestation))
+        hosts = [hub.host_name for hub in candidates]
+        body = AllocationRequest(
+            individual_enrollment=stripped if isinstance(stripped, IndividualEnrollment) else None,
+            enrollment_group=stripped if isinstance(stripped, EnrollmentGroup) else None,
+            device_runtime_context=DeviceRuntimeContext(
+                registration_id=request.registration_id,
+                current_iot_hub_host_name=old.assigned_hub if old else None,
+                current_device_id=old.device_id if old else None,
+                x509=match.x509,
+                symmetric_key={} if match.attestation is AttestationType.SYMMETRIC_KEY else None,
+                tpm=request.body.tpm,
+                payload=request.body.payload,
+            ),
+            linked_hubs=hosts,
+        )
+        return await self.webhook.allocate(definition.webhook_url, body, hosts)
 
     @staticmethod
     def _authentication(match: _Match, reg_id: str) -> DeviceAuthentication:

@@ -41,6 +41,10 @@ class Settings:
     device_rate_limit: float | None = None
     #: MQTT: seconds a connection may take to send its CONNECT (after the TLS handshake).
     mqtt_connect_timeout: float = 10.0
+    #: Custom allocation: seconds a webhook may take to answer, and an extra CA file (PEM) its
+    #: TLS certificate may chain to (the system CAs are trusted either way).
+    webhook_timeout: float = 10.0
+    webhook_ca_file: Path | None = None
     #: Extra host names the server certificate and SAS ``sr`` checks accept.
     extra_host_names: tuple[str, ...] = field(default_factory=tuple)
 
@@ -52,7 +56,7 @@ class Settings:
     @classmethod
     def from_json(cls, text: str) -> Settings:
         data = json.loads(text)
-        for name in ("data_dir", "server_cert", "server_key"):
+        for name in ("data_dir", "server_cert", "server_key", "webhook_ca_file"):
             if data.get(name) is not None:
                 data[name] = Path(data[name])
         data["extra_host_names"] = tuple(data.get("extra_host_names") or ())
