@@ -48,6 +48,7 @@ __all__ = [
     "check_key",
     "generate_key",
     "prepare",
+    "strip_secrets",
     "present",
     "validate_id",
 ]
@@ -285,7 +286,8 @@ def prepare(
     return msgspec.json.encode(doc), index
 
 
-def _strip_secrets(attestation: AttestationMechanism) -> AttestationMechanism:
+def strip_secrets(attestation: AttestationMechanism) -> AttestationMechanism:
+    """The attestation as reads show it: symmetric keys and certificate PEMs removed."""
     if attestation.symmetric_key is not None:
         return msgspec.structs.replace(attestation, symmetric_key=SymmetricKeyAttestation())
     if attestation.x509 is not None:
@@ -321,6 +323,6 @@ def present(
         etag=record.etag,
         created_date_time_utc=record.created,
         last_updated_date_time_utc=record.updated,
-        attestation=doc.attestation if secrets else _strip_secrets(doc.attestation),
+        attestation=doc.attestation if secrets else strip_secrets(doc.attestation),
         **(extra or {}),
     )

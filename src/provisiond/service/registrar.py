@@ -92,7 +92,7 @@ from ..protocol.messages import (
 from ..protocol.sas import derive_device_key
 from ..storage import Collection, Record, Write, WriteMode, utc_now
 from .context import ServiceContext
-from .enrollments import _strip_secrets, validate_id
+from .enrollments import strip_secrets, validate_id
 from .webhook import (
     AllocationRequest,
     AllocationResponse,
@@ -593,7 +593,7 @@ class Registrar:
             raise AllocationError(
                 f"The {match.label} uses custom allocation but has no customAllocationDefinition.webhookUrl."
             )
-        stripped = msgspec.structs.replace(enrollment, attestation=_strip_secrets(enrollment.attestation))
+        stripped = msgspec.structs.replace(enrollment, attestation=strip_secrets(enrollment.attestation))
         hosts = [hub.host_name for hub in candidates]
         body = AllocationRequest(
             individual_enrollment=stripped if isinstance(stripped, IndividualEnrollment) else None,
