@@ -270,6 +270,16 @@ def _run(settings: Settings, ca_file: Path | None) -> None:
     help="Device API limit: requests per minute per registration id (default: none).",
 )
 @click.option(
+    "--assignment-budget",
+    type=click.FloatRange(min=0, min_open=True),
+    default=2.0,
+    show_default=True,
+    show_envvar=True,
+    envvar="PROVISIOND_ASSIGNMENT_BUDGET",
+    help="Seconds a register request waits for its assignment; a slower one (a custom allocation "
+    "webhook) answers 'assigning' with Retry-After, and the device polls.",
+)
+@click.option(
     "--webhook-timeout",
     type=click.FloatRange(min=0, min_open=True),
     default=10.0,
@@ -310,6 +320,7 @@ def serve(
     workers: int,
     rate_limit: float | None,
     device_rate_limit: float | None,
+    assignment_budget: float,
     webhook_timeout: float,
     webhook_ca_file: Path | None,
     log_level: str,
@@ -353,6 +364,7 @@ def serve(
         device_rate_limit=device_rate_limit,
         workers=workers,
         webhook_timeout=webhook_timeout,
+        assignment_budget=assignment_budget,
         webhook_ca_file=webhook_ca_file.absolute() if webhook_ca_file else None,
     )
     try:

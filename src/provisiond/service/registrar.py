@@ -27,6 +27,11 @@ Theory of operation
    etag. Either everything lands or nothing does, so a registration is never half written.
    When two registrations of one id race, one transaction wins and the other answers with the
    winner's record: one identity, one record.
+5. **Answer within the budget.** Steps 2-4 run as a task; the request waits for it up to
+   ``settings.assignment_budget`` (milliseconds are the norm). A slower assignment (a custom
+   allocation webhook) records ``assigning`` under the operation id and answers that; the task
+   then writes its result over that record, and the device's polls see it. Should the task
+   fail, it leaves a ``failed`` record, so that polls end.
 
 Authentication failures raise :class:`~provisiond.errors.AuthenticationError` (401, nothing
 written). Outcomes the device should see as a registration result (disabled enrollment, no hub)
@@ -35,6 +40,7 @@ are written as records with status ``disabled`` or ``failed`` and DPS's errorCod
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import logging
@@ -172,6 +178,8 @@ class Registrar:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.hubs = HubRegistry(ctx.store)
+        # Registrations still finishing after their request answered 'assigning'.
+        self._background: set[asyncio.Task[RegistrationOperationStatus]] = set()
         self.tpm = tpm_att.TpmAttestor(ctx.store, clock=ctx.clock)
         self.webhook = AllocationWebhook(
             timeout=ctx.settings.webhook_timeout, ca_file=ctx.settings.webhook_ca_file
@@ -180,32 +188,130 @@ class Registrar:
     # --- entry points ------------------------------------------------------------------------
 
     async def register(self, request: DeviceRequest) -> RegistrationOperationStatus:
-        """Register a device and return the operation status (terminal in the common case).
+        """Register a device and return the operation status: terminal when the assignment
+        finishes within ``settings.assignment_budget`` (the common case, milliseconds), else
+        ``assigning`` (recorded, so that polls on any node see it) while it finishes in the
+        background.
 
         :raises AuthenticationError: the device did not prove an enrollment's credential.
         :raises InvalidBodyError, InvalidIdError: the request is malformed.
         """
         await self._check_request(request)
         match = await self._match(request, registering=True)
-        previous = await self.ctx.store.get(Collection.REGISTRATIONS, request.registration_id)
-        for _ in range(_WRITE_ATTEMPTS):
-            state, identity = await self._assign(request, match, previous)
-            try:
-                written = await self.ctx.store.write_atomic(
-                    [*identity, self._record_write(request.registration_id, state, previous)]
-                )
-                return self._operation(written[-1])
-            except (ConflictError, PreconditionFailedError):
-                # Something changed under us (nothing was written). If a concurrent registration
-                # of the same id won, answer with its record; otherwise plan again.
-                latest = await self.ctx.store.get(Collection.REGISTRATIONS, request.registration_id)
-                if latest is not None and (previous is None or latest.etag != previous.etag):
-                    return self._operation(latest)
-                previous = latest
-        raise ConflictError(
-            f"The registration of {request.registration_id!r} kept changing under concurrent writes; retry.",
-            error_code=409202,
+        operation_id = str(uuid.uuid4())
+        task = asyncio.create_task(self._complete(request, match, operation_id))
+        self._background.add(task)
+        task.add_done_callback(self._finished)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self.ctx.settings.assignment_budget)
+        except TimeoutError:
+            pass
+        interim = await self._record_assigning(request, operation_id)
+        if interim is None:  # the assignment finished meanwhile
+            return await task
+        log.info(
+            "registration %s is taking longer than %g s: answering 'assigning' (operation %s) [%s]",
+            request.registration_id,
+            self.ctx.settings.assignment_budget,
+            operation_id,
+            request.transport,
         )
+        return self._operation(interim)
+
+    def _finished(self, task: asyncio.Task[RegistrationOperationStatus]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a registration failed in the background", exc_info=task.exception())
+
+    async def _complete(
+        self, request: DeviceRequest, match: _Match, operation_id: str
+    ) -> RegistrationOperationStatus:
+        """Assign and commit identity and record together (see the theory of operation)."""
+        try:
+            return await self._commit(request, match, operation_id)
+        except Exception as exc:
+            # Nobody may be waiting for this answer any more: leave a failed record behind an
+            # 'assigning' one, so that the device's polls end.
+            await self._fail_assigning(request, operation_id, exc)
+            raise
+
+    async def _commit(
+        self, request: DeviceRequest, match: _Match, operation_id: str
+    ) -> RegistrationOperationStatus:
+        reg_id = request.registration_id
+        previous = await self.ctx.store.get(Collection.REGISTRATIONS, reg_id)
+        for _ in range(_WRITE_ATTEMPTS):
+            state, identity = await self._assign(request, match, previous, operation_id)
+            for _ in range(_WRITE_ATTEMPTS):
+                try:
+                    written = await self.ctx.store.write_atomic(
+                        [*identity, self._record_write(reg_id, state, previous)]
+                    )
+                    return self._operation(written[-1])
+                except (ConflictError, PreconditionFailedError):
+                    latest = await self.ctx.store.get(Collection.REGISTRATIONS, reg_id)
+                if latest is not None and self._is_interim(latest, operation_id):
+                    # Our own 'assigning' record (the request ran out of budget): the plan still
+                    # holds; write over it.
+                    previous = latest
+                    continue
+                break
+            # Something else changed (nothing was written). If a concurrent registration of the
+            # same id won, answer with its record; otherwise plan again.
+            if latest is not None and (previous is None or latest.etag != previous.etag):
+                return self._operation(latest)
+            previous = latest
+        raise ConflictError(
+            f"The registration of {reg_id!r} kept changing under concurrent writes; retry.", error_code=409202
+        )
+
+    @staticmethod
+    def _is_interim(record: Record, operation_id: str) -> bool:
+        stored: StoredRegistration = _decode(record, StoredRegistration)
+        return stored.operation_id == operation_id and stored.status is RegistrationStatus.ASSIGNING
+
+    async def _record_assigning(self, request: DeviceRequest, operation_id: str) -> Record | None:
+        """Write the 'assigning' record of a slow registration; ``None`` when the registration
+        finished first (its record carries ``operation_id`` and a terminal status)."""
+        reg_id = request.registration_id
+        for _ in range(_WRITE_ATTEMPTS):
+            previous = await self.ctx.store.get(Collection.REGISTRATIONS, reg_id)
+            if previous is not None and _decode(previous, StoredRegistration).operation_id == operation_id:
+                return None
+            old: StoredRegistration | None = _decode(previous, StoredRegistration) if previous else None
+            now = utc_now()
+            state = StoredRegistration(
+                registration_id=previous.id if previous else reg_id,
+                created_date_time_utc=old.created_date_time_utc if old and old.created_date_time_utc else now,
+                last_updated_date_time_utc=now,
+                status=RegistrationStatus.ASSIGNING,
+                operation_id=operation_id,
+                enrollment_group_id=old.enrollment_group_id if old else None,
+                attestation_type=old.attestation_type if old else None,
+            )
+            try:
+                [record] = await self.ctx.store.write_atomic([self._record_write(reg_id, state, previous)])
+                return record
+            except (ConflictError, PreconditionFailedError):
+                continue
+        return None
+
+    async def _fail_assigning(self, request: DeviceRequest, operation_id: str, exc: Exception) -> None:
+        record = await self.ctx.store.get(Collection.REGISTRATIONS, request.registration_id)
+        if record is None or not self._is_interim(record, operation_id):
+            return
+        stored: StoredRegistration = _decode(record, StoredRegistration)
+        failed = msgspec.structs.replace(
+            stored,
+            status=RegistrationStatus.FAILED,
+            error_code=500000,
+            error_message=f"The assignment failed: {exc}",
+            last_updated_date_time_utc=utc_now(),
+        )
+        try:
+            await self.ctx.store.write_atomic([self._record_write(request.registration_id, failed, record)])
+        except (ConflictError, PreconditionFailedError):
+            pass
 
     async def operation_status(
         self, request: DeviceRequest, operation_id: str
@@ -443,7 +549,7 @@ class Registrar:
     # --- assignment --------------------------------------------------------------------------
 
     async def _assign(
-        self, request: DeviceRequest, match: _Match, previous: Record | None
+        self, request: DeviceRequest, match: _Match, previous: Record | None, operation_id: str
     ) -> tuple[StoredRegistration, list[Planned]]:
         """The registration record to write, and the identity writes that go with it."""
         enrollment = match.enrollment
@@ -454,7 +560,7 @@ class Registrar:
             registration_id=previous.id if previous else reg_id,
             created_date_time_utc=old.created_date_time_utc if old and old.created_date_time_utc else now,
             last_updated_date_time_utc=now,
-            operation_id=str(uuid.uuid4()),
+            operation_id=operation_id,
             enrollment_group_id=match.group.enrollment_group_id if match.group else None,
             attestation_type=match.attestation.value,
             x509=match.x509,

@@ -45,6 +45,9 @@ class Settings:
     #: TLS certificate may chain to (the system CAs are trusted either way).
     webhook_timeout: float = 10.0
     webhook_ca_file: Path | None = None
+    #: Seconds a register request waits for its assignment; a slower one (a custom allocation
+    #: webhook) answers 202 ``assigning`` with Retry-After and finishes in the background.
+    assignment_budget: float = 2.0
     #: Extra host names the server certificate and SAS ``sr`` checks accept.
     extra_host_names: tuple[str, ...] = field(default_factory=tuple)
 
