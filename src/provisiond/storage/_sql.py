@@ -26,6 +26,25 @@ from typing import Any
 from ..errors import ConflictError, InvalidQueryError, NotFoundError, PreconditionFailedError
 from .base import Collection, Delete, Page, Record, Write, WriteMode, etags_match
 
+#: An item of a write batch: its key, the item, and (for writes) its index values.
+Prepared = tuple[str, Write | Delete, tuple[str | None, ...]]
+
+
+def prepare_items(collection: Collection, items: Sequence[Write | Delete]) -> list[Prepared]:
+    """Key and index values of each item of a :meth:`Store.write_many` batch.
+
+    :raises ValueError: an item names an index column the collection does not have.
+    """
+    return [
+        (
+            collection.key(item.id),
+            item,
+            index_values(collection, item.index) if isinstance(item, Write) else (),
+        )
+        for item in items
+    ]
+
+
 __all__ = [
     "BOOTSTRAP_MIGRATIONS",
     "CHUNK",

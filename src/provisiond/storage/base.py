@@ -225,7 +225,6 @@ class Store(ABC):
     async def get_many(self, collection: Collection, ids: Sequence[str]) -> dict[str, Record]:
         """The records that exist among ``ids``, keyed by ``collection.key(id)``."""
 
-    @abstractmethod
     async def write(
         self,
         collection: Collection,
@@ -236,20 +235,28 @@ class Store(ABC):
         mode: WriteMode = WriteMode.UPSERT,
         if_match: str | None = None,
     ) -> Record:
-        """Write one record (rules: module docstring) and return it as stored.
+        """Write one record (rules: module docstring) and return it as stored. (A one-item
+        :meth:`write_many`; a backend may override it with a faster path.)
 
         :raises ConflictError: CREATE on an existing key.
         :raises NotFoundError: UPDATE on a missing key.
         :raises PreconditionFailedError: ``if_match`` not satisfied.
         """
+        [outcome] = await self.write_many(collection, [Write(id, doc, index or {}, mode, if_match)])
+        if isinstance(outcome, ProvisioningError):
+            raise outcome
+        return outcome
 
-    @abstractmethod
     async def delete(self, collection: Collection, id: str, *, if_match: str | None = None) -> Record:
-        """Delete one record and return what was deleted.
+        """Delete one record and return what was deleted (a one-item :meth:`write_many`).
 
         :raises NotFoundError: no such key.
         :raises PreconditionFailedError: ``if_match`` not satisfied.
         """
+        [outcome] = await self.write_many(collection, [Delete(id, if_match)])
+        if isinstance(outcome, ProvisioningError):
+            raise outcome
+        return outcome
 
     @abstractmethod
     async def write_many(

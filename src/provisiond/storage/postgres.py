@@ -74,7 +74,6 @@ _ITEM_ATTEMPTS = 5
 _INSERT_CHUNK = 1000
 
 _T = TypeVar("_T")
-_Prepared = tuple[str, Write | Delete, tuple[str | None, ...]]
 _Connection = psycopg.AsyncConnection[tuple[Any, ...]]
 
 
@@ -231,23 +230,10 @@ class PostgresStore(Store):
             raise outcome
         return outcome
 
-    async def delete(self, collection: Collection, id: str, *, if_match: str | None = None) -> Record:
-        [outcome] = await self._write_batch(collection, [(collection.key(id), Delete(id, if_match), ())])
-        if isinstance(outcome, ProvisioningError):
-            raise outcome
-        return outcome
-
     async def write_many(
         self, collection: Collection, items: Sequence[Write | Delete]
     ) -> list[Record | ProvisioningError]:
-        prepared: list[_Prepared] = [
-            (
-                collection.key(item.id),
-                item,
-                _sql.index_values(collection, item.index) if isinstance(item, Write) else (),
-            )
-            for item in items
-        ]
+        prepared = _sql.prepare_items(collection, items)
         if not prepared:
             return []
         return await self._write_batch(collection, prepared)
@@ -274,7 +260,7 @@ class PostgresStore(Store):
         return _sql.written_record(collection, item, stored_id, etag, created, now, values)
 
     async def _write_batch(
-        self, collection: Collection, prepared: list[_Prepared]
+        self, collection: Collection, prepared: list[_sql.Prepared]
     ) -> list[Record | ProvisioningError]:
         return await self._transaction(collection.table, _apply_batch, collection, prepared)
 
@@ -348,7 +334,7 @@ def _lock_id(collection: Collection, key: str) -> int:
 
 
 async def _apply_batch(
-    conn: _Connection, collection: Collection, prepared: list[_Prepared]
+    conn: _Connection, collection: Collection, prepared: list[_sql.Prepared]
 ) -> list[Record | ProvisioningError]:
     """Apply a batch inside the caller's transaction (see the module docstring)."""
     statements = _sql.statements(collection, _STYLE)
@@ -446,7 +432,7 @@ async def _flush(
     collection: Collection,
     statements: _sql.Statements,
     state: dict[str, Meta | None],
-    prepared: list[_Prepared],
+    prepared: list[_sql.Prepared],
     pending: dict[str, int],
     outcomes: list[Record | ProvisioningError | None],
 ) -> None:

@@ -49,7 +49,7 @@ from typing import Any, TypeVar
 from ..errors import ProvisioningError, StorageError
 from . import _sql
 from ._sql import Meta, ParamStyle
-from .base import Collection, Delete, Page, Record, Store, Write, WriteMode, new_etag, utc_now
+from .base import Collection, Delete, Page, Record, Store, Write, new_etag, utc_now
 
 __all__ = ["SqliteStore"]
 
@@ -57,9 +57,6 @@ log = logging.getLogger(__name__)
 
 _STYLE = ParamStyle.QMARK
 _T = TypeVar("_T")
-
-#: An item of a write batch: its key, the item, and (for writes) its index values.
-_Prepared = tuple[str, Write | Delete, tuple[str | None, ...]]
 
 
 @contextlib.contextmanager
@@ -290,39 +287,10 @@ class SqliteStore(Store):
             return self._inline(_get_many, collection, keys)
         return await self._on_reader(_get_many, collection, keys)
 
-    async def write(
-        self,
-        collection: Collection,
-        id: str,
-        doc: bytes,
-        *,
-        index: Mapping[str, str | None] | None = None,
-        mode: WriteMode = WriteMode.UPSERT,
-        if_match: str | None = None,
-    ) -> Record:
-        item = Write(id, doc, index or {}, mode, if_match)
-        [outcome] = await self.write_many(collection, [item])
-        if isinstance(outcome, ProvisioningError):
-            raise outcome
-        return outcome
-
-    async def delete(self, collection: Collection, id: str, *, if_match: str | None = None) -> Record:
-        [outcome] = await self.write_many(collection, [Delete(id, if_match)])
-        if isinstance(outcome, ProvisioningError):
-            raise outcome
-        return outcome
-
     async def write_many(
         self, collection: Collection, items: Sequence[Write | Delete]
     ) -> list[Record | ProvisioningError]:
-        prepared: list[_Prepared] = [
-            (
-                collection.key(item.id),
-                item,
-                _sql.index_values(collection, item.index) if isinstance(item, Write) else (),
-            )
-            for item in items
-        ]
+        prepared = _sql.prepare_items(collection, items)
         if not prepared:
             return []
         return await self._write_transaction(len(prepared), _apply_batch, collection, prepared)
@@ -457,7 +425,7 @@ def _get_many(conn: sqlite3.Connection, collection: Collection, keys: list[str])
 
 
 def _apply_batch(
-    conn: sqlite3.Connection, collection: Collection, prepared: list[_Prepared]
+    conn: sqlite3.Connection, collection: Collection, prepared: list[_sql.Prepared]
 ) -> list[Record | ProvisioningError]:
     """Apply the items of ``write_many`` in the transaction ``conn`` has begun, and commit."""
     statements = _sql.statements(collection, _STYLE)
