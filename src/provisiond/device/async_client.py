@@ -12,7 +12,7 @@ import ssl
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, assert_never
+from typing import Any
 
 from ..errors import TransportError
 from ..protocol.registration import (
@@ -92,40 +92,21 @@ class AsyncProvisioningDeviceClient:
         """
         if not isinstance(transport, Transport):
             kind = _transport_kind(transport)
+            common: dict[str, Any] = {
+                "host": global_endpoint,
+                "id_scope": id_scope,
+                "security": security,
+                "ca_file": ca_file,
+                "ssl_context": ssl_context,
+                "timeout": timeout,
+                "api_version": api_version,
+            }
             if kind is TransportKind.HTTPS:
-                transport = HttpsTransport(
-                    host=global_endpoint,
-                    id_scope=id_scope,
-                    security=security,
-                    ca_file=ca_file,
-                    ssl_context=ssl_context,
-                    timeout=timeout,
-                    api_version=api_version,
-                )
-            elif kind is TransportKind.MQTT or kind is TransportKind.MQTT_WS:
-                transport = MqttTransport(
-                    host=global_endpoint,
-                    id_scope=id_scope,
-                    security=security,
-                    websockets=kind is TransportKind.MQTT_WS,
-                    ca_file=ca_file,
-                    ssl_context=ssl_context,
-                    timeout=timeout,
-                    api_version=api_version,
-                )
-            elif kind is TransportKind.AMQP or kind is TransportKind.AMQP_WS:
-                transport = AmqpTransport(
-                    host=global_endpoint,
-                    id_scope=id_scope,
-                    security=security,
-                    websockets=kind is TransportKind.AMQP_WS,
-                    ca_file=ca_file,
-                    ssl_context=ssl_context,
-                    timeout=timeout,
-                    api_version=api_version,
-                )
-            else:  # pragma: no cover - the enum is closed
-                assert_never(kind)
+                transport = HttpsTransport(**common)
+            elif kind in (TransportKind.MQTT, TransportKind.MQTT_WS):
+                transport = MqttTransport(websockets=kind is TransportKind.MQTT_WS, **common)
+            else:
+                transport = AmqpTransport(websockets=kind is TransportKind.AMQP_WS, **common)
         return cls(security=security, transport=transport, retry=retry)
 
     async def register(self, payload: Any = None, *, force: bool = False) -> RegistrationResult:
