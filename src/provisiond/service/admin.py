@@ -96,17 +96,6 @@ async def _delete(ctx: ServiceContext, request: Request, collection: Collection,
         ) from None
 
 
-async def _list(ctx: ServiceContext, collection: Collection) -> list[Record]:
-    records: list[Record] = []
-    continuation = None
-    while True:
-        page = await ctx.store.query(collection, limit=1000, continuation=continuation)
-        records += page.records
-        if page.continuation is None:
-            return records
-        continuation = page.continuation
-
-
 def _lister(collection: Collection, present: Callable[[Record], Any]) -> ApiHandler:
     """``GET /admin/<collection>``: every record, presented (secrets stripped)."""
 
@@ -114,7 +103,7 @@ def _lister(collection: Collection, present: Callable[[Record], Any]) -> ApiHand
     async def list_records(request: Request) -> Response:
         ctx = context_of(request)
         await ctx.authorize(request, Right.SERVICE_CONFIG)
-        return json_response([present(r) for r in await _list(ctx, collection)])
+        return json_response([present(r) for r in await ctx.store.query_all(collection)])
 
     return list_records
 
@@ -425,7 +414,7 @@ async def list_policy_keys(request: Request) -> Response:
 
 async def _config_policies_left(ctx: ServiceContext, without: str) -> int:
     count = 0
-    for record in await _list(ctx, Collection.ACCESS_POLICIES):
+    for record in await ctx.store.query_all(Collection.ACCESS_POLICIES):
         policy = msgspec.json.decode(record.doc, type=SharedAccessPolicy)
         if policy.key_name.lower() != without.lower() and Right.SERVICE_CONFIG in (policy.rights or []):
             count += 1

@@ -95,16 +95,11 @@ class ServiceContext:
         return hubs
 
     async def _read_linked_hubs(self) -> dict[str, LinkedHub]:
-        hubs: dict[str, LinkedHub] = {}
-        continuation: str | None = None
-        while True:
-            page = await self.store.query(Collection.LINKED_HUBS, limit=1000, continuation=continuation)
-            for record in page.records:
-                hub = msgspec.json.decode(record.doc, type=LinkedHub)
-                hubs[hub.host_name.lower()] = hub
-            continuation = page.continuation
-            if continuation is None:
-                return hubs
+        hubs = [
+            msgspec.json.decode(r.doc, type=LinkedHub)
+            for r in await self.store.query_all(Collection.LINKED_HUBS)
+        ]
+        return {hub.host_name.lower(): hub for hub in hubs}
 
     async def get_or_404(self, collection: Collection, id: str, code: int) -> Record:
         record = await self.store.get(collection, id)

@@ -431,19 +431,10 @@ class Registrar:
         return _Match(enrollment, None, AttestationType.TPM, tpm=proof, hub_keys=keys)
 
     async def _groups(self, attestation: AttestationType) -> list[EnrollmentGroup]:
-        groups: list[EnrollmentGroup] = []
-        continuation = None
-        while True:
-            page = await self.ctx.store.query(
-                Collection.ENROLLMENT_GROUPS,
-                filters={"attestation_type": attestation.value.lower()},
-                limit=1000,
-                continuation=continuation,
-            )
-            groups += [_decode(r, EnrollmentGroup) for r in page.records]
-            if page.continuation is None:
-                return groups
-            continuation = page.continuation
+        records = await self.ctx.store.query_all(
+            Collection.ENROLLMENT_GROUPS, filters={"attestation_type": attestation.value.lower()}
+        )
+        return [_decode(r, EnrollmentGroup) for r in records]
 
     async def _find_symmetric_key_group(self, reg_id: str, token: Any) -> EnrollmentGroup | None:
         # The group of the device's last registration first: a re-registration costs one HMAC.

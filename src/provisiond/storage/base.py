@@ -296,6 +296,20 @@ class Store(ABC):
         :raises ValueError: a filter names a column the collection does not index.
         """
 
+    async def query_all(
+        self, collection: Collection, *, filters: Mapping[str, str] | None = None
+    ) -> list[Record]:
+        """Every record :meth:`query` matches, page after page (for small collections: hubs,
+        policies, groups of one attestation type)."""
+        records: list[Record] = []
+        continuation: str | None = None
+        while True:
+            page = await self.query(collection, filters=filters, limit=1000, continuation=continuation)
+            records += page.records
+            if page.continuation is None:
+                return records
+            continuation = page.continuation
+
     @abstractmethod
     async def count(self, collection: Collection, *, filters: Mapping[str, str] | None = None) -> int:
         """How many records match ``filters`` (same rules as :meth:`query`)."""
