@@ -382,6 +382,16 @@ async def test_paging_returns_every_record_once(store: Store) -> None:
     assert [len(page) for page in await query_all(store, E, 250)] == [250]
 
 
+async def test_query_all_pages_through_everything(store: Store) -> None:
+    names = [f"All-{n:04d}" for n in range(2100)]
+    await store.write_many(
+        E,
+        [Write(name, b"{}", index={"device_id": "even" if n % 2 else "odd"}) for n, name in enumerate(names)],
+    )
+    assert [r.id for r in await store.query_all(E)] == names
+    assert [r.id for r in await store.query_all(E, filters={"device_id": "even"})] == names[1::2]
+
+
 async def test_paging_is_keyset_across_writes(store: Store) -> None:
     await store.write_many(E, [Write(f"k{n}", b"{}") for n in range(10, 40)])
     first = await store.query(E, limit=10)
