@@ -228,19 +228,20 @@ class GuardedConnection(asyncio.Protocol):
 
     def _replay_hello(self, raw: asyncio.Transport) -> None:
         """Hand the TLS bytes read before start_tls to the TLS protocol it installed."""
-        protocol = raw.get_protocol()
+        installed = raw.get_protocol()
         data, self._hello = b"".join(self._hello), []
-        if not hasattr(protocol, "buffer_updated"):  # both loops install a BufferedProtocol
+        if not hasattr(installed, "buffer_updated"):  # both loops install a BufferedProtocol
             self._close(
-                logging.WARNING, "TLS start", f"cannot hand the TLS layer its first bytes ({protocol!r})"
+                logging.WARNING, "TLS start", f"cannot hand the TLS layer its first bytes ({installed!r})"
             )
             return
+        protocol = cast("asyncio.BufferedProtocol", installed)
         view = memoryview(data)
         while view:
-            buffer = protocol.get_buffer(len(view))  # type: ignore[attr-defined]
+            buffer = memoryview(protocol.get_buffer(len(view)))
             size = min(len(buffer), len(view))
             buffer[:size] = view[:size]
-            protocol.buffer_updated(size)  # type: ignore[attr-defined]
+            protocol.buffer_updated(size)
             view = view[size:]
 
     def _handshake_failed(self, exc: BaseException | None) -> None:
