@@ -34,8 +34,9 @@ The bytes themselves move HANDSHAKE to FIRST and IDLE to HEAD; the application t
 through the :class:`Guard` it finds with ``transport.get_extra_info(GUARD_INFO)``:
 ``head_received()`` (FIRST or HEAD is over), ``receiving()`` (something is incomplete: the rate
 applies), ``busy()`` and ``idle()``. In RATE the peer must have sent ``rate`` bytes a second
-since the phase began, after a grace period; while the application has paused reading (flow
-control), no receive deadline runs. A lapsed deadline aborts the connection with one log line
+since the phase began, after a grace period. While the application has paused reading (flow
+control; uvicorn's WebSocket protocol does it after every message until the session reads it)
+the clock stops for the peer: that time is added to its deadlines. A lapsed deadline aborts the connection with one log line
 that names the flag; lines are throttled per listener.
 """
 
@@ -149,7 +150,8 @@ class GuardedConnection(asyncio.Protocol):
         self._since = 0.0  # when the phase began
         self._received = 0  # bytes from the peer since the handshake
         self._base = 0  # ... when RATE began
-        self._paused = False
+        self._paused = False  # by the application (flow control)
+        self._paused_at = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._tls_started = False
@@ -339,14 +341,19 @@ class GuardedConnection(asyncio.Protocol):
             self._enter(Phase.CLOSING, None)
 
     def _pause_reading(self) -> None:
-        self._paused = True
+        if not self._paused:
+            self._paused, self._paused_at = True, self._loop.time()
         assert self._tls is not None
         self._tls.pause_reading()
 
     def _resume_reading(self) -> None:
-        self._paused = False
-        if self.phase is Phase.RATE:  # the peer could not send while we did not read
-            self._since, self._base = self._loop.time(), self._received
+        if self._paused:
+            # The peer could not send while we did not read: that time is not held against it.
+            held = self._loop.time() - self._paused_at
+            self._since += held
+            if self._deadline is not None:
+                self._deadline += held
+            self._paused = False
         assert self._tls is not None
         self._tls.resume_reading()
         self._arm()
