@@ -58,6 +58,8 @@ log = logging.getLogger("provisiond.connections")
 
 #: The ``get_extra_info`` name under which a guarded transport gives its :class:`Guard`.
 GUARD_INFO = "provisiond.guard"
+#: TLS bytes kept for the handshake while it has not begun (a ClientHello is a few KB).
+_MAX_HELLO = 64 * 1024
 
 
 class Guard(Protocol):
@@ -131,6 +133,35 @@ class Listener:
 class GuardedConnection(asyncio.Protocol):
     """One accepted connection: the TCP transport's protocol until the handshake starts, then
     the TLS transport's, forwarding to the application's protocol. It is the :class:`Guard`."""
+
+    __slots__ = (
+        "_address",
+        "_admitted",
+        "_base",
+        "_deadline",
+        "_early",
+        "_early_eof",
+        "_hello",
+        "_inner",
+        "_limits",
+        "_listener",
+        "_loop",
+        "_make_protocol",
+        "_paused",
+        "_paused_at",
+        "_raw",
+        "_reason",
+        "_received",
+        "_since",
+        "_task",
+        "_timer",
+        "_timer_at",
+        "_tls",
+        "_tls_started",
+        "_transport",
+        "peer",
+        "phase",
+    )
 
     def __init__(self, listener: Listener, make_protocol: Callable[[], asyncio.Protocol]) -> None:
         self._listener = listener
@@ -276,6 +307,10 @@ class GuardedConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self._tls_started:  # TLS bytes (a ClientHello) that beat start_tls
             self._hello.append(data)
+            if sum(map(len, self._hello)) > _MAX_HELLO:
+                self._close(
+                    logging.INFO, "TLS start", f"more than {_MAX_HELLO} bytes before the TLS handshake began"
+                )
             return
         self._received += len(data)
         if self.phase is Phase.IDLE:
