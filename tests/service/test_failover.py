@@ -2,14 +2,16 @@
 a multi-host URL with ``target_session_attrs=read-write``, registrations under load (HTTPS,
 symmetric key); the primary's postmaster is killed (SIGKILL) and the standby promoted.
 
-While the database is gone, requests fail fast with DPS's retryable 503 + Retry-After (never a
-hang: every client call has a timeout, and one that runs out fails the test), ``/readyz`` says
-not ready while ``/healthz`` stays up; afterwards the node serves registrations and service
+While the database is gone, requests fail fast with DPS's retryable 503 + Retry-After over
+HTTPS, MQTT and AMQP (never a hang: every client call has a timeout, and one that runs out
+fails the test), ``/readyz`` says not ready while ``/healthz`` stays up; afterwards the node serves registrations and service
 reads again by itself, and every registration it answered ``assigned`` is on the new primary.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import ssl
 import threading
 import time
@@ -21,6 +23,9 @@ import httpx
 import psycopg
 import pytest
 
+from provisiond.device import AmqpTransport, MqttTransport, SymmetricKeySecurity
+from provisiond.protocol.messages import DeviceRegistration
+from provisiond.protocol.registration import Reply, SendRegister
 from provisiond.protocol.sas import build_sas_token, derive_device_key
 from tests._postgres import ReplicatedPair
 from tests._server import RunningServer, start_server
@@ -144,6 +149,29 @@ class Probe:
         return self.ready[-1][1] if self.ready else None
 
 
+async def register_over_mqtt_and_amqp(server: RunningServer, group_key: str) -> list[Reply]:
+    replies = []
+    for transport_class, port in (
+        (MqttTransport, server.info["mqttPort"]),
+        (AmqpTransport, server.info["amqpPort"]),
+    ):
+        reg = f"failover-{transport_class.__name__.lower()}"
+        security = SymmetricKeySecurity.from_group_key(registration_id=reg, group_key=group_key)
+        async with transport_class(
+            host=f"localhost:{port}",
+            id_scope=server.id_scope,
+            security=security,
+            ca_file=server.ca_file,
+            timeout=CLIENT_TIMEOUT,
+        ) as transport:
+            replies.append(
+                await transport.send(
+                    SendRegister(registration_id=reg, body=DeviceRegistration(registration_id=reg))
+                )
+            )
+    return replies
+
+
 def test_a_node_rides_through_a_postgres_failover(
     replicated_postgres: ReplicatedPair, tmp_path: Path
 ) -> None:
@@ -170,14 +198,18 @@ def test_a_node_rides_through_a_postgres_failover(
 
         pair.primary.kill()
         killed_at = time.monotonic()
-        # The node notices by itself: registrations get 503, readiness says not ready.
+        # The node notices by itself: registrations get 503, readiness says not ready ...
         wait_for(
             lambda: (
-                any(a.status == 503 and a.at > killed_at for a in devices.snapshot())
-                and any(status == 503 and at > killed_at for at, status, _ in probe.ready)
+                sum(a.status == 503 and a.at > killed_at for a in devices.snapshot()) >= 10
+                and sum(status == 503 and at > killed_at for at, status, _ in probe.ready) >= 3
             ),
             "the node to report the database unavailable",
         )
+        # ... over MQTT and AMQP too, with their spelling of Retry-After.
+        for reply in asyncio.run(register_over_mqtt_and_amqp(server, group_key)):
+            assert reply.status == 503 and reply.retry_after is not None and reply.retry_after >= 1, reply
+            assert json.loads(reply.body)["errorCode"] == 503000, reply
         pair.standby.promote()
         promoted_at = time.monotonic()
         # ... and finds the new primary by itself, without a restart.
