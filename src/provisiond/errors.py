@@ -200,9 +200,10 @@ class StorageError(ProvisioningError):
 
 class DatabaseUnavailableError(StorageError):
     """The database cannot be reached now (down, failing over, every connection busy, a lock
-    held too long), but may be soon: the request changed nothing that was acknowledged, and the
-    caller should retry after ``retry_after`` seconds (503 + Retry-After, retryable for every
-    DPS SDK). Raised by the stores at their driver boundary, never decided by a handler."""
+    held too long), but may be soon. Nothing was acknowledged (a write whose answer was lost may
+    still have landed), and the caller should retry after ``retry_after`` seconds (503 +
+    Retry-After, retryable for every DPS SDK). Raised by the stores at their driver boundary,
+    never decided by a handler."""
 
     http_status = 503
     error_code = 503000

@@ -30,14 +30,7 @@ from .registrar import Registrar
 from .settings import Settings
 from .streams import websocket_endpoint
 
-__all__ = [
-    "OWNER_POLICY",
-    "WORKER_SETTINGS_ENV",
-    "app_from_environment",
-    "create_app",
-    "initialize",
-    "readyz",
-]
+__all__ = ["OWNER_POLICY", "WORKER_SETTINGS_ENV", "app_from_environment", "create_app", "initialize"]
 
 WORKER_SETTINGS_ENV = "PROVISIOND_WORKER_SETTINGS"
 

@@ -42,7 +42,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -214,7 +214,7 @@ class PgConnections:
                 yield conn
 
     @contextlib.contextmanager
-    def _errors(self, pool: AsyncConnectionPool[Connection] | None) -> Any:
+    def _errors(self, pool: AsyncConnectionPool[Connection] | None) -> Iterator[None]:
         """Translate driver errors; an "unavailable" one from the serving ``pool`` makes the
         database suspect (see the module docstring)."""
         try:
