@@ -112,16 +112,19 @@ class Devices:
             )
         except httpx.HTTPError as exc:
             return Answer(reg, None, error=f"{type(exc).__name__}: {exc}")
-        return Answer(reg, response.status_code, response.json(), response.headers.get("retry-after"))
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"notJson": response.text[:200]}
+        return Answer(reg, response.status_code, body, response.headers.get("retry-after"))
 
 
 class Probe:
-    """A thread asking ``/readyz`` and ``/healthz`` over and over; what each answered, in order."""
+    """A thread asking ``/readyz`` and ``/healthz`` over and over, and what each answered."""
 
     def __init__(self, server: RunningServer) -> None:
         self.server = server
-        self.ready: list[tuple[float, int | None, str | None]] = []  # (time, status, Retry-After)
-        self.live: list[tuple[float, int | None]] = []
+        self.answers: list[tuple[str, float, int | None, str | None]] = []  # path, time, status, Retry-After
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -129,24 +132,18 @@ class Probe:
         context = ssl.create_default_context(cafile=self.server.ca_file)
         with httpx.Client(base_url=self.server.base_url, verify=context, timeout=CLIENT_TIMEOUT) as http:
             while not self.stopping.is_set():
-                for path, into in (("/readyz", self.ready), ("/healthz", self.live)):
+                for path in ("/readyz", "/healthz"):
                     try:
                         response = http.get(path)
+                        status, retry_after = response.status_code, response.headers.get("retry-after")
                     except httpx.HTTPError:
-                        into.append(
-                            (time.monotonic(), None, None) if path == "/readyz" else (time.monotonic(), None)
-                        )
-                        continue
-                    if path == "/readyz":
-                        self.ready.append(
-                            (time.monotonic(), response.status_code, response.headers.get("retry-after"))
-                        )
-                    else:
-                        self.live.append((time.monotonic(), response.status_code))
+                        status, retry_after = None, None
+                    self.answers.append((path, time.monotonic(), status, retry_after))
                 time.sleep(0.05)
 
-    def last_ready(self) -> int | None:
-        return self.ready[-1][1] if self.ready else None
+    def of(self, path: str) -> list[tuple[float, int | None, str | None]]:
+        """(time, status, Retry-After) of each answer on ``path``, in order."""
+        return [(at, status, retry) for p, at, status, retry in list(self.answers) if p == path]
 
 
 async def register_over_mqtt_and_amqp(server: RunningServer, group_key: str) -> list[Reply]:
@@ -194,7 +191,7 @@ def test_a_node_rides_through_a_postgres_failover(
         wait_for(
             lambda: sum(a.status == 202 for a in devices.snapshot()) >= 20, "registrations before the failure"
         )
-        assert probe.last_ready() == 200
+        assert probe.of("/readyz")[-1][1] == 200
 
         pair.primary.kill()
         killed_at = time.monotonic()
@@ -202,7 +199,7 @@ def test_a_node_rides_through_a_postgres_failover(
         wait_for(
             lambda: (
                 sum(a.status == 503 and a.at > killed_at for a in devices.snapshot()) >= 10
-                and sum(status == 503 and at > killed_at for at, status, _ in probe.ready) >= 3
+                and sum(status == 503 and at > killed_at for at, status, _ in probe.of("/readyz")) >= 3
             ),
             "the node to report the database unavailable",
         )
@@ -216,7 +213,7 @@ def test_a_node_rides_through_a_postgres_failover(
         wait_for(
             lambda: (
                 any(a.status == 202 and a.at > promoted_at for a in devices.snapshot())
-                and any(status == 200 and at > promoted_at for at, status, _ in probe.ready)
+                and any(status == 200 and at > promoted_at for at, status, _ in probe.of("/readyz"))
             ),
             "registrations and readiness on the new primary",
         )
@@ -254,10 +251,10 @@ def test_a_node_rides_through_a_postgres_failover(
     assert assigned <= identities
 
     # Readiness: ready, then not ready (with Retry-After), then ready again; liveness all along.
-    statuses = [status for _, status, _ in probe.ready]
+    statuses = [status for _, status, _ in probe.of("/readyz")]
     first_down = statuses.index(503)
     assert 200 in statuses[:first_down] and 200 in statuses[first_down:]
-    assert all(retry is not None for _, status, retry in probe.ready if status == 503)
-    assert {status for _, status in probe.live} == {200}
+    assert all(retry is not None for _, status, retry in probe.of("/readyz") if status == 503)
+    assert {status for _, status, _ in probe.of("/healthz")} == {200}
 
     assert "Traceback" not in server.log()
