@@ -217,7 +217,8 @@ def _run(settings: Settings, ca_file: Path | None) -> None:
     default=None,
     show_envvar=True,
     envvar="PROVISIOND_DB",
-    help="A SQLite file path (default DATA_DIR/provisiond.db) or a postgresql:// URL.",
+    help="A SQLite file path (default DATA_DIR/provisiond.db) or a postgresql:// URL (the postgres "
+    "extra; several hosts, postgresql://user@db1,db2/name, reach the one that accepts writes).",
 )
 @click.option(
     "--server-cert",
