@@ -159,7 +159,11 @@ class ServiceClient:
         except ValueError:
             data = None
         if isinstance(data, dict):
-            message, code, tracking = str(data.get("message", "")), data.get("errorCode"), data.get("trackingId")
+            message, code, tracking = (
+                str(data.get("message", "")),
+                data.get("errorCode"),
+                data.get("trackingId"),
+            )
         else:
             message, code, tracking = response.text[:500], None, None
         message = message or f"HTTP {response.status_code}"

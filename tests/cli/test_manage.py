@@ -595,6 +595,9 @@ def test_hub_add_list_update_remove(server: RunningServer) -> None:
     updated = run_json(server, "hub", "update", host, "--weight", "9", "--location", "westeurope", "--json")
     assert updated["allocationWeight"] == 9 and updated["location"] == "westeurope"
     assert updated["applyAllocationPolicy"] is False
+    # show, as `az iot dps linked-hub show` (the connection string stays secret)
+    assert run_json(server, "hub", "show", host) == updated
+    assert isinstance(fails(server, "hub", "show", f"x{host}"), NotFoundError)
 
     # an enrollment may name the linked hub
     rid = uid("cli-hub-enr")
@@ -696,6 +699,20 @@ def test_policy_with_a_limited_right(server: RunningServer) -> None:
     run(server, "policy", "update", name, "--rights", "EnrollmentRead,EnrollmentWrite")
     result = invoke("enrollment", "create", uid("cli-pol-enr"), *limited)
     assert result.exit_code == 0, result.output
+    # --rights repeated: every one counts, not only the last
+    updated = run_json(
+        server,
+        "policy",
+        "update",
+        name,
+        "--rights",
+        "EnrollmentRead",
+        "--rights",
+        "RegistrationStatusRead,EnrollmentWrite",
+        "--json",
+    )
+    assert updated["rights"] == ["EnrollmentRead", "EnrollmentWrite", "RegistrationStatusRead"]
+    assert run_json(server, "policy", "show", name)["rights"] == updated["rights"]
 
     run(server, "policy", "update", name, "--regenerate-primary")
     result = invoke("enrollment", "list", "--limit", "1", *limited)
