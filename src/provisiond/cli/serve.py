@@ -450,9 +450,10 @@ def serve(
     """Run the provisioning service on its embedded default: SQLite in DATA_DIR, a development
     PKI generated on first start, and a built-in IoT hub.
 
-    On start it writes DATA_DIR/connection.json (idScope, host, httpsPort, serviceConnectionString,
-    caCertificate, ...) and prints the same. Every option also reads the environment variable
-    shown (PROVISIOND_*).
+    On start it checks that every port can be listened on (a taken one is an error naming its
+    flag), writes DATA_DIR/connection.json (idScope, host, httpsPort, serviceConnectionString,
+    caCertificate, ...), and prints the same once every listener is bound. Every option also
+    reads the environment variable shown (PROVISIOND_*).
     """
     logging.basicConfig(
         level=getattr(logging, log_level.upper()),
