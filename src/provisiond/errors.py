@@ -92,6 +92,9 @@ class ProvisioningError(Exception):
     http_status: ClassVar[int] = 500
     error_code: ClassVar[int] = 500000
     exit_code: ClassVar[int] = 1
+    #: The ``trackingId`` of the DPS error body this error was read from (a client's view of a
+    #: service's answer); None for errors raised here.
+    tracking_id: str | None = None
 
     def __init__(self, message: str, *, error_code: int | None = None) -> None:
         super().__init__(message)
