@@ -5,6 +5,7 @@
     ProvisioningError                      root; carries the DPS wire mapping
     ├── RequestError                       400: the request itself is wrong
     │   ├── InvalidBodyError               400004: body is not JSON / fields of the wrong type
+    │   │   └── TwinLimitError             400004: a twin breaks IoT Hub's limits (twin_limits.py)
     │   ├── InvalidIdError                 400005: a registration/group/hub id breaks the id rules
     │   ├── MissingApiVersionError         400001: no api-version query parameter
     │   ├── BodyTooLargeError              413-ish, answered as 400 like DPS (400007)
@@ -83,6 +84,7 @@ __all__ = [
     "TpmError",
     "TpmFormatError",
     "TransportError",
+    "TwinLimitError",
 ]
 
 
@@ -115,6 +117,11 @@ class InvalidBodyError(RequestError):
     """The body is not JSON, or a field has the wrong type or value."""
 
     error_code = 400004
+
+
+class TwinLimitError(InvalidBodyError):
+    """A twin (an enrollment's initial twin, a webhook's) breaks IoT Hub's twin limits: key
+    rules, value ranges, depth or size. The message names the rule and where it broke."""
 
 
 class InvalidIdError(RequestError):

@@ -101,13 +101,16 @@ class HubRegistry:
         authentication: DeviceAuthentication,
         capabilities: DeviceCapabilities | None,
         twin: Twin | None,
+        initial: Twin,
         probably_new: bool = False,
     ) -> Planned:
         """The write that creates the identity, or updates the existing one in place (on the
         etag read here: a concurrent change makes the transaction fail, and the registrar
         retries). ``twin=None`` keeps the existing twin (data migrated or kept); a twin replaces
-        it (initial or reset configuration). ``probably_new`` skips the read (a first
-        registration): the write is then a create.
+        it (initial or reset configuration). Whenever the identity has to be created, there is
+        no twin to keep: it gets ``twin`` or else ``initial``, the enrollment's (or the custom
+        allocation webhook's) current initial twin. ``probably_new`` skips the read (a first
+        registration): the write is then a create, which fails if the identity exists after all.
 
         :raises HubError: the hub is not one provisiond can write to.
         """
@@ -125,7 +128,7 @@ class HubRegistry:
             hub=hub.host_name.lower(),
             authentication=authentication,
             capabilities=capabilities,
-            twin=twin if twin is not None or old is None else old.twin,
+            twin=twin if twin is not None else (old.twin if old is not None else initial),
             registration_id=registration_id,
             created=old.created if old else now,
             updated=now,

@@ -86,6 +86,7 @@ from ..models import (
     RegistrationSubstatus,
     ReprovisionPolicy,
     X509CertificateInfo,
+    X509GroupAuthentication,
 )
 from ..protocol.messages import (
     DeviceRegistration,
@@ -244,8 +245,12 @@ class Registrar:
     ) -> RegistrationOperationStatus:
         reg_id = request.registration_id
         previous = await self.ctx.store.get(Collection.REGISTRATIONS, reg_id)
-        for _ in range(_WRITE_ATTEMPTS):
-            state, identity = await self._assign(request, match, previous, operation_id)
+        for attempt in range(_WRITE_ATTEMPTS):
+            # After a failed commit, plan on what is stored: the identity may exist although the
+            # record does not (deleted with its individual enrollment, or through the API).
+            state, identity = await self._assign(
+                request, match, previous, operation_id, guess_new=attempt == 0
+            )
             for _ in range(_WRITE_ATTEMPTS):
                 try:
                     written = await self.ctx.store.write_atomic(
@@ -544,9 +549,17 @@ class Registrar:
     # --- assignment --------------------------------------------------------------------------
 
     async def _assign(
-        self, request: DeviceRequest, match: _Match, previous: Record | None, operation_id: str
+        self,
+        request: DeviceRequest,
+        match: _Match,
+        previous: Record | None,
+        operation_id: str,
+        *,
+        guess_new: bool = True,
     ) -> tuple[StoredRegistration, list[Planned]]:
-        """The registration record to write, and the identity writes that go with it."""
+        """The registration record to write, and the identity writes that go with it.
+        ``guess_new``: a device without an assignment probably has no identity yet, so its
+        identity write is a create without reading first; a retry after a failed commit reads."""
         enrollment = match.enrollment
         reg_id = request.registration_id
         old: StoredRegistration | None = _decode(previous, StoredRegistration) if previous else None
@@ -629,10 +642,11 @@ class Registrar:
             substatus, twin = RegistrationSubstatus.DEVICE_DATA_MIGRATED, None
         else:
             substatus, twin = RegistrationSubstatus.DEVICE_DATA_RESET, twin_from(enrollment.initial_twin)
+        initial = twin_from(enrollment.initial_twin)  # for an identity that must be created
         if custom is not None:
             base = msgspec.structs.replace(base, payload=custom.payload)
             if custom.initial_twin is not None:  # overrides the migration settings: the twin is replaced
-                twin = twin_from(custom.initial_twin)
+                twin = initial = twin_from(custom.initial_twin)
         identity: list[Planned] = []
         try:
             if moved and old and old.assigned_hub and old.device_id:
@@ -646,10 +660,11 @@ class Registrar:
                     hub,
                     device_id,
                     registration_id=reg_id,
-                    authentication=self._authentication(match, reg_id),
+                    authentication=self._authentication(match, reg_id, hub),
                     capabilities=enrollment.capabilities,
                     twin=twin,
-                    probably_new=not was_assigned or moved,
+                    initial=initial,
+                    probably_new=guess_new and (not was_assigned or moved),
                 )
             )
         except HubError as exc:
@@ -713,7 +728,7 @@ class Registrar:
         return await self.webhook.allocate(definition.webhook_url, body, hosts)
 
     @staticmethod
-    def _authentication(match: _Match, reg_id: str) -> DeviceAuthentication:
+    def _authentication(match: _Match, reg_id: str, hub: LinkedHub) -> DeviceAuthentication:
         if match.attestation is AttestationType.SYMMETRIC_KEY:
             keys = match.enrollment.attestation.symmetric_key
             assert keys is not None
@@ -733,9 +748,14 @@ class Registrar:
             return DeviceAuthentication(
                 type="sas", symmetric_key=SymmetricKeyAuth(primary_key=primary, secondary_key=secondary)
             )
-        if match.group is not None:
-            # Group devices are CA-authenticated in the hub, not "self-signed" thumbprint devices.
+        if (
+            match.group is not None
+            and hub.x509_group_authentication is X509GroupAuthentication.CERTIFICATE_AUTHORITY
+        ):
+            # The linked hub's opt-in (provisiond's, not DPS's): group devices CA-authenticated.
             return DeviceAuthentication(type="certificateAuthority")
+        # As DPS creates every X.509 device, individual or group: self-signed, with the SHA-256
+        # thumbprint (upper-case hex) of the certificate the device presented, in both slots.
         return DeviceAuthentication(
             type="selfSigned",
             x509_thumbprint=X509Thumbprint(
