@@ -383,11 +383,11 @@ def load_certificate(text: str) -> x509.Certificate:
     data = text.strip().encode("utf-8", "replace")
     if not data.startswith(b"-----BEGIN"):
         try:
-            data = base64.b64decode(b"".join(data.split()), validate=True).strip()
+            data = base64.b64decode(b"".join(data.split()), validate=True)
         except (binascii.Error, ValueError):
             raise ValueError("neither PEM text nor base64 (of DER or of PEM text)") from None
-    if not data.startswith(b"-----BEGIN"):
-        return x509.load_der_x509_certificate(data)
+        if not data.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_der_x509_certificate(data)  # as decoded: DER may end in any byte
     certs = x509.load_pem_x509_certificates(data)
     if len(certs) != 1:
         raise ValueError(f"{len(certs)} certificates where one was expected")
