@@ -250,6 +250,25 @@ def test_custom_allocation_for_a_group(
             "answered iotHubHostName 'elsewhere.azure-devices.net' which is not one of the candidate hubs: {a}, {b}",
             id="unknown-hub",
         ),
+        pytest.param(
+            lambda hubs: (
+                200,
+                json.dumps({"iotHubHostName": hubs[0], "initialTwin": {"tags": {"bad key": 1}}}).encode(),
+                0.0,
+            ),
+            "answered an initialTwin beyond IoT Hub's limits: initialTwin.tags.bad key: twin keys cannot contain ' '",
+            id="twin-key",
+        ),
+        pytest.param(
+            lambda hubs: (
+                200,
+                b'{"iotHubHostName": "%s", "initialTwin": {"properties": {"desired": %s}}}'
+                % (hubs[0].encode(), b'{"a":' * 500 + b"1" + b"}" * 500),
+                0.0,
+            ),
+            "initialTwin.properties.desired.a.a.a.a.a.a.a.a.a.a.a: nested deeper than 10 levels",
+            id="twin-depth",
+        ),
     ],
 )
 def test_webhook_failures_fail_the_registration_with_the_cause(
