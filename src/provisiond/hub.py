@@ -16,10 +16,19 @@ from typing import Any
 
 import msgspec
 
-from .models import DeviceCapabilities, InitialTwin, LinkedHub
+from .models import DeviceCapabilities, InitialTwin, LinkedHub, X509GroupAuthentication
 from .storage import Collection, Delete, Store, Write, WriteMode, utc_now
 
-__all__ = ["DeviceAuthentication", "HubDevice", "HubError", "HubRegistry", "Planned", "Twin"]
+__all__ = [
+    "DeviceAuthentication",
+    "HubDevice",
+    "HubError",
+    "HubRegistry",
+    "Planned",
+    "Twin",
+    "twin_from",
+    "x509_authentication",
+]
 
 
 class HubError(Exception):
@@ -64,6 +73,19 @@ class HubDevice(_HubModel):
     created: str | None = None
     updated: str | None = None
     generation: int = 1
+
+
+def x509_authentication(thumbprint: str | None, *, group: bool, hub: LinkedHub) -> DeviceAuthentication:
+    """An X.509 device's authentication in ``hub``, as DPS creates it: ``selfSigned`` with the
+    SHA-256 thumbprint (upper-case hex) of the certificate the device presented, in both slots,
+    for individual and group devices alike; a group device is ``certificateAuthority`` instead
+    when the linked hub asks for it (``x509GroupAuthentication``, provisiond's option)."""
+    if group and hub.x509_group_authentication is X509GroupAuthentication.CERTIFICATE_AUTHORITY:
+        return DeviceAuthentication(type="certificateAuthority")
+    return DeviceAuthentication(
+        type="selfSigned",
+        x509_thumbprint=X509Thumbprint(primary_thumbprint=thumbprint, secondary_thumbprint=thumbprint),
+    )
 
 
 def twin_from(initial: InitialTwin | None) -> Twin:

@@ -19,9 +19,11 @@ Theory of operation
 2. **Allocate** with the enrollment's policy (or the service default) and its reprovision
    policy, given the device's previous registration record (``custom``: the enrollment's
    webhook, ``webhook.py``; its initialTwin and payload override the twin and the payload).
-3. **Plan the identity** in the chosen hub, with authentication that matches the attestation,
-   the enrollment's capabilities and initial twin (unless data is migrated), and the removal of
-   the old identity when the device moves.
+3. **Plan the identity** in the chosen hub, with authentication that matches the attestation
+   (X.509: ``selfSigned`` with the presented leaf's SHA-256 thumbprint, as DPS does, unless the
+   hub asks for ``certificateAuthority`` group devices), the enrollment's capabilities and
+   initial twin (unless data is migrated or kept; an identity that must be created always gets
+   the current initial twin), and the removal of the old identity when the device moves.
 4. **Commit identity and record in one transaction** (``Store.write_atomic``): the record is a
    create, or an update on the etag read in step 2; the identity a create, or an update on its
    etag. Either everything lands or nothing does, so a registration is never half written.
@@ -71,8 +73,8 @@ from ..hub import (
     HubRegistry,
     Planned,
     SymmetricKeyAuth,
-    X509Thumbprint,
     twin_from,
+    x509_authentication,
 )
 from ..models import (
     AllocationPolicy,
@@ -86,7 +88,6 @@ from ..models import (
     RegistrationSubstatus,
     ReprovisionPolicy,
     X509CertificateInfo,
-    X509GroupAuthentication,
 )
 from ..protocol.messages import (
     DeviceRegistration,
@@ -748,20 +749,7 @@ class Registrar:
             return DeviceAuthentication(
                 type="sas", symmetric_key=SymmetricKeyAuth(primary_key=primary, secondary_key=secondary)
             )
-        if (
-            match.group is not None
-            and hub.x509_group_authentication is X509GroupAuthentication.CERTIFICATE_AUTHORITY
-        ):
-            # The linked hub's opt-in (provisiond's, not DPS's): group devices CA-authenticated.
-            return DeviceAuthentication(type="certificateAuthority")
-        # As DPS creates every X.509 device, individual or group: self-signed, with the SHA-256
-        # thumbprint (upper-case hex) of the certificate the device presented, in both slots.
-        return DeviceAuthentication(
-            type="selfSigned",
-            x509_thumbprint=X509Thumbprint(
-                primary_thumbprint=match.leaf_sha256, secondary_thumbprint=match.leaf_sha256
-            ),
-        )
+        return x509_authentication(match.leaf_sha256, group=match.group is not None, hub=hub)
 
     # --- records -----------------------------------------------------------------------------
 
