@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +30,24 @@ def admin(server: RunningServer) -> Any:
     client.close()
 
 
-def builtin_hub(admin: Any, **options: Any) -> str:
-    """A further built-in hub, out of allocation (only enrollments that name it use it)."""
-    host = f"{uid('idhub')}.example.local"
-    admin.put(
-        f"/admin/linkedHubs/{host}",
-        {"hostName": host, "builtin": True, "applyAllocationPolicy": False, **options},
-    )
-    return host
+@pytest.fixture
+def builtin_hub(admin: Any) -> Iterator[Callable[..., str]]:
+    """Makes further built-in hubs, out of allocation (only enrollments that name them use
+    them), and unlinks them afterwards (the session's server is shared)."""
+    made: list[str] = []
+
+    def make(**options: Any) -> str:
+        host = f"{uid('idhub')}.example.local"
+        admin.put(
+            f"/admin/linkedHubs/{host}",
+            {"hostName": host, "builtin": True, "applyAllocationPolicy": False, **options},
+        )
+        made.append(host)
+        return host
+
+    yield make
+    for host in made:
+        admin.delete(f"/admin/linkedHubs/{host}")
 
 
 def x509_group(admin: Any, gid: str, root: pki.Issued, hub: str | None = None) -> None:
@@ -82,9 +93,9 @@ def test_x509_devices_are_self_signed_with_the_sha256_thumbprint_of_what_they_pr
 
 
 def test_certificate_authority_group_devices_are_a_linked_hubs_option(
-    server: RunningServer, admin: Any, tmp_path: Path
+    server: RunningServer, admin: Any, tmp_path: Path, builtin_hub: Callable[..., str]
 ) -> None:
-    hub = builtin_hub(admin, x509GroupAuthentication="certificateAuthority")
+    hub = builtin_hub(x509GroupAuthentication="certificateAuthority")
     assert admin.get(f"/admin/linkedHubs/{hub}")["x509GroupAuthentication"] == "certificateAuthority"
     root = pki.make_root_ca(uid("CA Root"))
     gid = uid("cag")
@@ -134,9 +145,9 @@ HUB_TWIN_B = {"tags": {"generation": "B"}, "desired": {"rate": 2}}
 
 
 def test_individual_reenrolled_after_its_identity_was_deleted_gets_the_new_twin(
-    server: RunningServer, admin: Any
+    server: RunningServer, admin: Any, builtin_hub: Callable[..., str]
 ) -> None:
-    hub = builtin_hub(admin)
+    hub = builtin_hub()
     reg = uid("twin-i")
     key = enroll_symmetric(admin, reg, initialTwin=TWIN_A, iotHubs=[hub], allocationPolicy="static")
     device = Device(server, reg)
@@ -152,9 +163,9 @@ def test_individual_reenrolled_after_its_identity_was_deleted_gets_the_new_twin(
 
 
 def test_group_device_whose_record_survived_gets_the_new_twin_when_its_identity_is_created(
-    server: RunningServer, admin: Any
+    server: RunningServer, admin: Any, builtin_hub: Callable[..., str]
 ) -> None:
-    hub = builtin_hub(admin)
+    hub = builtin_hub()
     gid = uid("twin-g")
     group = {"enrollmentGroupId": gid, "attestation": {"type": "symmetricKey"}, "iotHubs": [hub]}
     admin.put(f"/enrollmentGroups/{gid}", {**group, "initialTwin": TWIN_A, "allocationPolicy": "static"})
@@ -185,9 +196,9 @@ def test_group_device_whose_record_survived_gets_the_new_twin_when_its_identity_
 
 
 def test_deleting_an_individual_enrollment_deletes_its_registration_record(
-    server: RunningServer, admin: Any
+    server: RunningServer, admin: Any, builtin_hub: Callable[..., str]
 ) -> None:
-    hub = builtin_hub(admin)
+    hub = builtin_hub()
     reg = uid("rec")
     key = enroll_symmetric(admin, reg, initialTwin=TWIN_A, iotHubs=[hub], allocationPolicy="static")
     device = Device(server, reg)
