@@ -7,7 +7,8 @@ reads its attestation mechanism (a path the SDK spells in lower case,
 certificate is base64 of PEM text, and queries both collections with ``{"query": "*"}``. Only
 the host name and the trusted CA change from what it does against Azure: the SDK always connects
 to port 443 (its connection string takes no port), so this module serves HTTPS on 443 of
-127.0.0.1, waiting a while if another test run holds it.
+127.0.0.1, waiting a while if another test run holds it, and passes connection.json's connection
+string as it is.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from typing import Any
 import pytest
 
 from provisiond import pki
-from provisiond.service_client import ConnectionString
 from tests._server import RunningServer, start_server, wait_for_free_ports
 from tests.interop.test_node_sdk import NODE_DIR, node  # noqa: F401  (the fixture: node, after npm ci)
 
@@ -49,9 +49,8 @@ def dps(tmp_path_factory: pytest.TempPathFactory, node: str) -> Iterator[Running
 
 
 def run_service_sdk(node: str, dps: RunningServer, **args: str) -> tuple[int, dict[str, Any]]:  # noqa: F811
-    cs = ConnectionString.parse(dps.connection_string)
-    connection_string = f"HostName=localhost;SharedAccessKeyName={cs.key_name};SharedAccessKey={cs.key}"
-    argv = [node, str(SCRIPT), "--connection-string", connection_string]
+    # On 443, connection.json's connection string names the host as Azure's do (no port).
+    argv = [node, str(SCRIPT), "--connection-string", dps.connection_string]
     for name, value in args.items():
         argv += [f"--{name.replace('_', '-')}", value]
     env = {k: v for k, v in os.environ.items() if not k.startswith("NODE_")}
