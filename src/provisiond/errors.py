@@ -5,6 +5,7 @@
     ProvisioningError                      root; carries the DPS wire mapping
     ├── RequestError                       400: the request itself is wrong
     │   ├── InvalidBodyError               400004: body is not JSON / fields of the wrong type
+    │   │   └── TwinLimitError             400004: a twin breaks IoT Hub's limits (twin_limits.py)
     │   ├── InvalidIdError                 400005: a registration/group/hub id breaks the id rules
     │   ├── MissingApiVersionError         400001: no api-version query parameter
     │   ├── BodyTooLargeError              413-ish, answered as 400 like DPS (400007)
@@ -18,6 +19,7 @@
     ├── PreconditionFailedError            412: If-Match does not match the stored etag
     ├── ThrottledError                     429: rate limit; carries retry_after
     ├── StorageError                       500: the database failed (after translation)
+    │   └── DatabaseUnavailableError       503: unreachable, failing over, locked; carries retry_after
     ├── ConfigurationError                 startup problems (bad flags, unreadable PKI); never on the wire
     ├── ProtocolError                      abstract: a protocol rule was broken (h11 style)
     │   ├── LocalProtocolError             we broke it: the API was misused (a bug on our side)
@@ -57,6 +59,7 @@ __all__ = [
     "ConfigurationError",
     "ConflictError",
     "ConnectError",
+    "DatabaseUnavailableError",
     "InsufficientData",
     "InvalidBodyError",
     "InvalidIdError",
@@ -81,6 +84,7 @@ __all__ = [
     "TpmError",
     "TpmFormatError",
     "TransportError",
+    "TwinLimitError",
 ]
 
 
@@ -90,6 +94,9 @@ class ProvisioningError(Exception):
     http_status: ClassVar[int] = 500
     error_code: ClassVar[int] = 500000
     exit_code: ClassVar[int] = 1
+    #: The ``trackingId`` of the DPS error body this error was read from (a client's view of a
+    #: service's answer); None for errors raised here.
+    tracking_id: str | None = None
 
     def __init__(self, message: str, *, error_code: int | None = None) -> None:
         super().__init__(message)
@@ -110,6 +117,11 @@ class InvalidBodyError(RequestError):
     """The body is not JSON, or a field has the wrong type or value."""
 
     error_code = 400004
+
+
+class TwinLimitError(InvalidBodyError):
+    """A twin (an enrollment's initial twin, a webhook's) breaks IoT Hub's twin limits: key
+    rules, value ranges, depth or size. The message names the rule and where it broke."""
 
 
 class InvalidIdError(RequestError):
@@ -194,6 +206,21 @@ class StorageError(ProvisioningError):
 
     http_status = 500
     error_code = 500001
+
+
+class DatabaseUnavailableError(StorageError):
+    """The database cannot be reached now (down, failing over, every connection busy, a lock
+    held too long), but may be soon. Nothing was acknowledged (a write whose answer was lost may
+    still have landed), and the caller should retry after ``retry_after`` seconds (503 +
+    Retry-After, retryable for every DPS SDK). Raised by the stores at their driver boundary,
+    never decided by a handler."""
+
+    http_status = 503
+    error_code = 503000
+
+    def __init__(self, message: str, *, retry_after: int = 2, error_code: int | None = None) -> None:
+        super().__init__(message, error_code=error_code)
+        self.retry_after = retry_after
 
 
 class ConfigurationError(ProvisioningError):

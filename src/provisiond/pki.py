@@ -21,6 +21,8 @@ On disk a credential is a *prefix* ``DIR/NAME``: ``NAME.pem`` (the certificate a
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import datetime as dt
 import hashlib
@@ -62,6 +64,7 @@ __all__ = [
     "ensure_dev_pki",
     "generate_key",
     "key_path",
+    "load_certificate",
     "load_pem_chain",
     "load_pkcs12",
     "load_private_key",
@@ -368,6 +371,27 @@ def load_pem_chain(text: str | bytes) -> list[x509.Certificate]:
     """
     data = text.encode("ascii") if isinstance(text, str) else text
     return x509.load_pem_x509_certificates(data)
+
+
+def load_certificate(text: str) -> x509.Certificate:
+    """The one certificate in ``text``, in any of the three forms DPS's clients send: PEM text,
+    base64 of DER, or base64 of PEM text (the official C service client always sends that, and
+    so do many Node.js users). Whitespace and line breaks inside the base64 are ignored.
+
+    :raises ValueError: none of the three forms, a malformed certificate, or more than one.
+    """
+    data = text.strip().encode("utf-8", "replace")
+    if not data.startswith(b"-----BEGIN"):
+        try:
+            data = base64.b64decode(b"".join(data.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("neither PEM text nor base64 (of DER or of PEM text)") from None
+        if not data.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_der_x509_certificate(data)  # as decoded: DER may end in any byte
+    certs = x509.load_pem_x509_certificates(data)
+    if len(certs) != 1:
+        raise ValueError(f"{len(certs)} certificates where one was expected")
+    return certs[0]
 
 
 def load_private_key(data: bytes, password: str | bytes | None = None) -> PrivateKey:

@@ -40,7 +40,7 @@ from ..hub import HubDevice, SymmetricKeyAuth
 from ..models import AllocationPolicy, CaCertificate, LinkedHub, Right, SharedAccessPolicy
 from ..storage import Collection, Record, WriteMode, utc_now
 from .context import SETTINGS_KEY, ServiceContext, context_of
-from .enrollments import check_key, generate_key
+from .enrollments import check_key, generate_key, load_certificate
 from .http import ApiHandler, decode_body, handle_errors, json_response
 
 __all__ = ["routes", "validate_id_scope"]
@@ -275,16 +275,6 @@ class _CertificateUpload(msgspec.Struct, rename="camel", kw_only=True):
     etag: str | None = None
 
 
-def _parse_ca(text: str, field: str) -> x509.Certificate:
-    try:
-        certs = pki.load_pem_chain(text)
-    except ValueError as exc:
-        raise InvalidBodyError(f"{field} is not a PEM certificate: {exc}") from None
-    if len(certs) != 1:
-        raise InvalidBodyError(f"{field} must hold exactly one PEM certificate, not {len(certs)}.")
-    return certs[0]
-
-
 def _present_ca(record: Record) -> CaCertificate:
     return msgspec.structs.replace(msgspec.json.decode(record.doc, type=CaCertificate), etag=record.etag)
 
@@ -295,7 +285,7 @@ async def put_ca(request: Request) -> Response:
     await ctx.authorize(request, Right.SERVICE_CONFIG)
     name = _validate_name(request.path_params["name"], "certificate name")
     upload = decode_body(await ctx.body(request), _CertificateUpload, "CA certificate")
-    cert = _parse_ca(upload.certificate, "certificate")
+    cert = load_certificate(upload.certificate, "certificate")
     try:
         constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
@@ -357,7 +347,7 @@ async def verify_ca(request: Request) -> Response:
     name = request.path_params["name"]
     record = await ctx.get_or_404(Collection.CA_CERTIFICATES, name, 404205)
     ca_doc = msgspec.json.decode(record.doc, type=CaCertificate)
-    proof = _parse_ca(
+    proof = load_certificate(
         decode_body(await ctx.body(request), _CertificateUpload, "verification certificate").certificate,
         "certificate",
     )

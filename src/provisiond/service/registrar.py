@@ -19,9 +19,11 @@ Theory of operation
 2. **Allocate** with the enrollment's policy (or the service default) and its reprovision
    policy, given the device's previous registration record (``custom``: the enrollment's
    webhook, ``webhook.py``; its initialTwin and payload override the twin and the payload).
-3. **Plan the identity** in the chosen hub, with authentication that matches the attestation,
-   the enrollment's capabilities and initial twin (unless data is migrated), and the removal of
-   the old identity when the device moves.
+3. **Plan the identity** in the chosen hub, with authentication that matches the attestation
+   (X.509: ``selfSigned`` with the presented leaf's SHA-256 thumbprint, as DPS does, unless the
+   hub asks for ``certificateAuthority`` group devices), the enrollment's capabilities and
+   initial twin (unless data is migrated or kept; an identity that must be created always gets
+   the current initial twin), and the removal of the old identity when the device moves.
 4. **Commit identity and record in one transaction** (``Store.write_atomic``): the record is a
    create, or an update on the etag read in step 2; the identity a create, or an update on its
    etag. Either everything lands or nothing does, so a registration is never half written.
@@ -71,8 +73,8 @@ from ..hub import (
     HubRegistry,
     Planned,
     SymmetricKeyAuth,
-    X509Thumbprint,
     twin_from,
+    x509_authentication,
 )
 from ..models import (
     AllocationPolicy,
@@ -244,8 +246,12 @@ class Registrar:
     ) -> RegistrationOperationStatus:
         reg_id = request.registration_id
         previous = await self.ctx.store.get(Collection.REGISTRATIONS, reg_id)
-        for _ in range(_WRITE_ATTEMPTS):
-            state, identity = await self._assign(request, match, previous, operation_id)
+        for attempt in range(_WRITE_ATTEMPTS):
+            # After a failed commit, plan on what is stored: the identity may exist although the
+            # record does not (deleted with its individual enrollment, or through the API).
+            state, identity = await self._assign(
+                request, match, previous, operation_id, guess_new=attempt == 0
+            )
             for _ in range(_WRITE_ATTEMPTS):
                 try:
                     written = await self.ctx.store.write_atomic(
@@ -544,9 +550,17 @@ class Registrar:
     # --- assignment --------------------------------------------------------------------------
 
     async def _assign(
-        self, request: DeviceRequest, match: _Match, previous: Record | None, operation_id: str
+        self,
+        request: DeviceRequest,
+        match: _Match,
+        previous: Record | None,
+        operation_id: str,
+        *,
+        guess_new: bool = True,
     ) -> tuple[StoredRegistration, list[Planned]]:
-        """The registration record to write, and the identity writes that go with it."""
+        """The registration record to write, and the identity writes that go with it.
+        ``guess_new``: a device without an assignment probably has no identity yet, so its
+        identity write is a create without reading first; a retry after a failed commit reads."""
         enrollment = match.enrollment
         reg_id = request.registration_id
         old: StoredRegistration | None = _decode(previous, StoredRegistration) if previous else None
@@ -629,10 +643,11 @@ class Registrar:
             substatus, twin = RegistrationSubstatus.DEVICE_DATA_MIGRATED, None
         else:
             substatus, twin = RegistrationSubstatus.DEVICE_DATA_RESET, twin_from(enrollment.initial_twin)
+        initial = twin_from(enrollment.initial_twin)  # for an identity that must be created
         if custom is not None:
             base = msgspec.structs.replace(base, payload=custom.payload)
             if custom.initial_twin is not None:  # overrides the migration settings: the twin is replaced
-                twin = twin_from(custom.initial_twin)
+                twin = initial = twin_from(custom.initial_twin)
         identity: list[Planned] = []
         try:
             if moved and old and old.assigned_hub and old.device_id:
@@ -646,10 +661,11 @@ class Registrar:
                     hub,
                     device_id,
                     registration_id=reg_id,
-                    authentication=self._authentication(match, reg_id),
+                    authentication=self._authentication(match, reg_id, hub),
                     capabilities=enrollment.capabilities,
                     twin=twin,
-                    probably_new=not was_assigned or moved,
+                    initial=initial,
+                    probably_new=guess_new and (not was_assigned or moved),
                 )
             )
         except HubError as exc:
@@ -713,7 +729,7 @@ class Registrar:
         return await self.webhook.allocate(definition.webhook_url, body, hosts)
 
     @staticmethod
-    def _authentication(match: _Match, reg_id: str) -> DeviceAuthentication:
+    def _authentication(match: _Match, reg_id: str, hub: LinkedHub) -> DeviceAuthentication:
         if match.attestation is AttestationType.SYMMETRIC_KEY:
             keys = match.enrollment.attestation.symmetric_key
             assert keys is not None
@@ -733,15 +749,7 @@ class Registrar:
             return DeviceAuthentication(
                 type="sas", symmetric_key=SymmetricKeyAuth(primary_key=primary, secondary_key=secondary)
             )
-        if match.group is not None:
-            # Group devices are CA-authenticated in the hub, not "self-signed" thumbprint devices.
-            return DeviceAuthentication(type="certificateAuthority")
-        return DeviceAuthentication(
-            type="selfSigned",
-            x509_thumbprint=X509Thumbprint(
-                primary_thumbprint=match.leaf_sha256, secondary_thumbprint=match.leaf_sha256
-            ),
-        )
+        return x509_authentication(match.leaf_sha256, group=match.group is not None, hub=hub)
 
     # --- records -----------------------------------------------------------------------------
 
