@@ -45,7 +45,8 @@ Time comes from the ``clock`` callable the machine is given (monotonic seconds),
 clock it reads itself. :meth:`~MqttConnection.deadline` says when something lapses: for a
 server, the CONNECT that never came (``connect_timeout``) or the keep-alive (1.5 times the
 client's interval since the last bytes received, MQTT-3.1.2-24), or ``max_idle`` when that is
-shorter or the keep-alive is 0 (as IoT Hub caps long keep-alives); for a client, the keep-alive interval since the last bytes sent. When the deadline passes the I/O
+shorter or the keep-alive is 0 (MQTT 3.1.1 §3.1.2.10 lets a server drop an inactive client
+whatever its keep-alive; IoT Hub caps its side at 1,767 s); for a client, the keep-alive interval since the last bytes sent. When the deadline passes the I/O
 layer calls :meth:`~MqttConnection.handle_deadline`: a server closes and names the
 :class:`Lapse`; a client queues a PINGREQ, or gives up when the previous one went unanswered.
 
