@@ -10,7 +10,6 @@ certificates usually carry a CN and no SAN); CA certificates must assert basicCo
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -20,6 +19,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import verification as xv
 from cryptography.x509.oid import NameOID
 
+from ..certificates import sha1_thumbprint
 from ..errors import AuthenticationError
 
 __all__ = [
@@ -29,8 +29,6 @@ __all__ = [
     "is_ca",
     "match_individual",
     "parse_presented_chain",
-    "sha1_thumbprint",
-    "sha256_thumbprint",
     "verify_chain",
     "verify_self_signed",
 ]
@@ -43,14 +41,6 @@ CN_MISMATCH = 401010
 CHAIN_INVALID = 401011
 CERT_EXPIRED = 401012
 NO_CERTIFICATE = 401013
-
-
-def sha1_thumbprint(cert: x509.Certificate) -> str:
-    return hashlib.sha1(cert.public_bytes(_DER)).hexdigest().upper()  # DPS's sha1Thumbprint
-
-
-def sha256_thumbprint(cert: x509.Certificate) -> str:
-    return hashlib.sha256(cert.public_bytes(_DER)).hexdigest().upper()
 
 
 def is_ca(cert: x509.Certificate) -> bool:

@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .. import pki
+from .. import certificates
 from ..errors import ConflictError, InvalidBodyError, InvalidIdError, PreconditionFailedError, RequestError
 from ..hub import HubDevice, SymmetricKeyAuth
 from ..models import AllocationPolicy, CaCertificate, LinkedHub, Right, SharedAccessPolicy
@@ -294,7 +294,7 @@ async def put_ca(request: Request) -> Response:
         raise InvalidBodyError(
             "The certificate is not a CA certificate (BasicConstraints CA:TRUE is missing)."
         )
-    info = pki.certificate_info(cert)
+    info = certificates.certificate_info(cert)
     now = utc_now()
     doc = CaCertificate(
         name=name,
@@ -356,7 +356,7 @@ async def verify_ca(request: Request) -> Response:
             f"No verification code was generated for {name!r}; call generateVerificationCode first."
         )
     assert ca_doc.certificate is not None
-    ca = pki.load_pem_chain(ca_doc.certificate)[0]
+    ca = certificates.load_pem_chain(ca_doc.certificate)[0]
     cns = proof.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     cn = str(cns[0].value) if cns else ""
     if cn != ca_doc.verification_code:

@@ -25,7 +25,7 @@ import msgspec
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from .. import pki
+from .. import certificates
 from ..attestation import tpm as tpm_attestation
 from ..errors import InvalidBodyError, InvalidIdError
 from ..models import (
@@ -121,12 +121,12 @@ def check_key(value: str, field: str) -> None:
 
 def load_certificate(text: str, field: str) -> x509.Certificate:
     """The certificate a request carries in ``field`` (PEM, base64 of DER or base64 of PEM:
-    :func:`provisiond.pki.load_certificate`).
+    :func:`provisiond.certificates.load_certificate`).
 
     :raises InvalidBodyError: naming the field and what is wrong.
     """
     try:
-        return pki.load_certificate(text)
+        return certificates.load_certificate(text)
     except ValueError as exc:
         raise InvalidBodyError(
             f"{field} is not an X.509 certificate (PEM, base64 of DER, or base64 of PEM): {exc}"
@@ -142,7 +142,7 @@ def _prepare_certificate(
         cert = load_certificate(new.certificate, f"{field}.certificate")
         pem = cert.public_bytes(Encoding.PEM).decode("ascii")
         return X509CertificateWithInfo(
-            certificate=pem, info=msgspec.convert(pki.certificate_info(cert), X509CertificateInfo)
+            certificate=pem, info=msgspec.convert(certificates.certificate_info(cert), X509CertificateInfo)
         )
     # No PEM: a read-modify-write of a record whose GET stripped it. Keep the stored one when
     # the info names the same certificate.

@@ -54,7 +54,7 @@ from typing import Any
 
 import msgspec
 
-from .. import pki
+from .. import certificates
 from ..allocation import AllocationError, allocate, candidate_hubs
 from ..attestation import symmetric_key as sk
 from ..attestation import tpm as tpm_att
@@ -464,8 +464,8 @@ class Registrar:
                 f"The device certificate's subject CN {cn!r} is not the registration id {request.registration_id!r}.",
                 error_code=x5.CN_MISMATCH,
             )
-        leaf_info = msgspec.convert(pki.certificate_info(chain.leaf), X509CertificateInfo)
-        leaf_sha256 = x5.sha256_thumbprint(chain.leaf)
+        leaf_info = msgspec.convert(certificates.certificate_info(chain.leaf), X509CertificateInfo)
+        leaf_sha256 = certificates.sha256_thumbprint(chain.leaf)
         record = await self.ctx.store.get(Collection.ENROLLMENTS, request.registration_id)
         if record is not None:
             enrollment: IndividualEnrollment = _decode(record, IndividualEnrollment)
@@ -486,7 +486,9 @@ class Registrar:
             x509=X509RegistrationResult(
                 certificate_info=leaf_info,
                 enrollment_group_id=group.enrollment_group_id,
-                signing_certificate_info=msgspec.convert(pki.certificate_info(anchor), X509CertificateInfo),
+                signing_certificate_info=msgspec.convert(
+                    certificates.certificate_info(anchor), X509CertificateInfo
+                ),
             ),
             leaf_sha256=leaf_sha256,
         )
@@ -506,7 +508,7 @@ class Registrar:
         enrolled = (
             [c.certificate for c in (certs.primary, certs.secondary) if c and c.certificate] if certs else []
         )
-        x5.match_individual(name, [pki.load_pem_chain(pem)[0] for pem in enrolled], chain, now)
+        x5.match_individual(name, [certificates.load_pem_chain(pem)[0] for pem in enrolled], chain, now)
 
     async def _find_x509_group(self, chain: x5.PresentedChain) -> tuple[EnrollmentGroup, Any]:
         groups = await self._groups(AttestationType.X509)
@@ -536,7 +538,7 @@ class Registrar:
                         pems.append(ca.certificate)
                     else:
                         unverified.append(f"{ca.name} (group {group.enrollment_group_id})")
-            candidates += [(group, pki.load_pem_chain(pem)[0]) for pem in pems]
+            candidates += [(group, certificates.load_pem_chain(pem)[0]) for pem in pems]
         found = x5.find_anchor(chain, candidates)
         if found is not None:
             return found
