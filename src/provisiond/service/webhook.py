@@ -33,6 +33,7 @@ import httpx
 import msgspec
 
 from ..models import EnrollmentGroup, IndividualEnrollment, InitialTwin
+from ..protocol import bounded_json
 from ..protocol.messages import TpmAttestationRequest, X509RegistrationResult
 
 __all__ = [
@@ -170,7 +171,7 @@ class AllocationWebhook:
             snippet = " ".join(text[:BODY_SNIPPET].split())
             raise WebhookError(f"{shown} answered {status}: {snippet or '(no body)'}")
         try:
-            answer = msgspec.json.decode(body, type=AllocationResponse)
+            answer = bounded_json.decode(bytes(body), AllocationResponse)
         except msgspec.ValidationError as exc:
             raise WebhookError(f"{shown} answered an invalid AllocationResponse: {exc}") from None
         except msgspec.DecodeError as exc:
