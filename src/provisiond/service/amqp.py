@@ -393,7 +393,6 @@ class _Session:
     ) -> RegistrationOperationStatus | Rejected:
         endpoint = self.endpoint
         try:
-            endpoint.ctx.limiter.check(address.registration_id)
             if operation == dps.OperationType.REGISTER:
                 device = self._device_request(
                     address, _body_of(message, endpoint.ctx.settings.max_body_bytes), app
@@ -433,6 +432,7 @@ class _Session:
             client_chain=self.stream.client_chain,
             force=app.get(dps.FORCE_REGISTRATION) is True,
             transport=self.endpoint.transport,
+            source=self.stream.address,
         )
 
     def _rejection(self, operation: str, exc: ProvisioningError) -> Rejected:

@@ -140,7 +140,6 @@ def create_app(
     )
     app.state.ctx = ctx
     app.state.registrar = registrar
-    app.state.limiter = ctx.limiter
     return app
 
 

@@ -51,6 +51,8 @@ class ByteStream(Protocol):
     client_chain: list[bytes]
     #: Short peer description for logs ("127.0.0.1:53412" or "websocket 127.0.0.1:53412").
     peer: str
+    #: The peer's IP address (the device API's rate limits count failures per source address).
+    address: str | None
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         """The next bytes from the peer; ``b""`` when it closed the connection."""
@@ -78,6 +80,7 @@ class TcpStream:
         self.client_chain = peer_chain(ssl_object) if ssl_object is not None else []
         peername = writer.get_extra_info("peername")
         self.peer = f"{peername[0]}:{peername[1]}" if peername else "?"
+        self.address = str(peername[0]) if peername else None
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         try:
@@ -111,6 +114,7 @@ class WebSocketStream:
         self.client_chain = list(tls.get("client_cert_chain", []))
         client = websocket.client
         self.peer = f"websocket {client.host}:{client.port}" if client else "websocket"
+        self.address = client.host if client else None
         self._closed = False
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
