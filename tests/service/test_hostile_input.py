@@ -22,7 +22,7 @@ import httpx
 import msgspec
 import pytest
 
-from provisiond.device import ProvisioningDeviceClient, RetryPolicy, SymmetricKeySecurity
+from provisiond.device import ProvisioningDeviceClient, RetryPolicy, SecurityProvider, SymmetricKeySecurity
 from provisiond.errors import NotFoundError, ServiceResponseError
 from provisiond.protocol.bounded_json import MAX_DEPTH
 from provisiond.protocol.sas import build_sas_token
@@ -66,10 +66,18 @@ def endpoint(server: RunningServer, transport: str) -> str:
 
 def register(server: RunningServer, reg: str, key: str, transport: str, payload: Any = None) -> Any:
     """The project's device client, one attempt (no retries), over ``transport``."""
+    return register_as(
+        server, SymmetricKeySecurity(registration_id=reg, symmetric_key=key), transport, payload
+    )
+
+
+def register_as(
+    server: RunningServer, security: SecurityProvider, transport: str, payload: Any = None
+) -> Any:
     with ProvisioningDeviceClient.create(
         endpoint(server, transport),
         server.id_scope,
-        SymmetricKeySecurity(registration_id=reg, symmetric_key=key),
+        security,
         transport,
         ca_file=server.ca_file,
         timeout=15,
@@ -260,6 +268,31 @@ def test_failures_over_mqtt_and_amqp_count_against_their_source_address(limited:
     with limited.http() as http:  # the same device from another address
         r = https_register(http, limited, reg, device_token(limited, reg, key), "203.0.113.10")
         assert r.status_code == 202, r.text
+
+
+def test_failed_tpm_attestation_in_amqp_sasl_counts_against_the_source(
+    limited: RunningServer, swtpm_factory: Any
+) -> None:
+    """Over AMQP, TPM attestation happens in SASL, outside the registrar: its failures spend the
+    source's budget too, and a source over it is refused with the sys-temp outcome."""
+    from provisiond.device.tpm import TpmSecurity
+
+    reg = uid("tpm")
+    with TpmSecurity(tcti=swtpm_factory().tcti, registration_id=reg) as stranger:
+        with TpmSecurity(tcti=swtpm_factory().tcti) as enrolled, limited.client() as admin:
+            tpm = {"type": "tpm", "tpm": {"endorsementKey": enrolled.endorsement_key_b64}}
+            admin.put(f"/enrollments/{reg}", {"registrationId": reg, "attestation": tpm})
+        for _ in range(FAILURE_LIMIT):
+            with pytest.raises(ServiceResponseError) as info:
+                register_as(limited, stranger, "amqp")
+            assert "outcome auth" in str(info.value)
+        with pytest.raises(ServiceResponseError) as info:
+            register_as(limited, stranger, "amqp")
+        assert "outcome sys_temp" in str(info.value)
+    assert "SASL TPM refused: Too many failed attestations from 127.0.0.1" in limited.log()
+    with limited.http() as http:  # the same source over HTTPS
+        r = https_register(http, limited, uid(), None)
+        assert_error(r, 429, 429003, "Too many failed attestations from 127.0.0.1")
 
 
 # --- the limiter's own rules (a clock passed in) ---------------------------------------------------

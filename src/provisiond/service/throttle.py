@@ -131,22 +131,12 @@ class RateLimiter:
 
     def admit(self, source: str | None) -> None:
         """Before any attestation work: refuse a source that spent its budget of failed
-        attestations, and count the request against the node's limit.
+        attestations (:meth:`check_source`), and count the request against the node's limit.
 
         :raises ThrottledError: 429003 (the source) or 429002 (the node), with ``retry_after``.
         """
+        self.check_source(source)
         now = self.clock()
-        key = source_key(source)
-        if self._sources is not None and key is not None:
-            bucket = self._sources.get(key, now, create=False)
-            wait = bucket.wait() if bucket is not None else 0.0
-            if wait:
-                raise ThrottledError(
-                    f"Too many failed attestations from {source}: over the limit of "
-                    f"{self._sources.per_minute:g} a minute per source address.",
-                    retry_after=_retry_after(wait),
-                    error_code=429003,
-                )
         if self.global_per_second:
             if self._global is None:
                 self._global = _Bucket(
@@ -159,6 +149,24 @@ class RateLimiter:
                     retry_after=_retry_after(wait),
                     error_code=429002,
                 )
+
+    def check_source(self, source: str | None) -> None:
+        """Refuse a source that spent its budget of failed attestations (spends nothing).
+
+        :raises ThrottledError: 429003, with ``retry_after``.
+        """
+        key = source_key(source)
+        if self._sources is None or key is None:
+            return
+        bucket = self._sources.get(key, self.clock(), create=False)
+        wait = bucket.wait() if bucket is not None else 0.0
+        if wait:
+            raise ThrottledError(
+                f"Too many failed attestations from {source}: over the limit of "
+                f"{self._sources.per_minute:g} a minute per source address.",
+                retry_after=_retry_after(wait),
+                error_code=429003,
+            )
 
     def attested(self, registration_id: str) -> None:
         """Count one request of a device that proved its credential.
