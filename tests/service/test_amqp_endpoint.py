@@ -548,7 +548,7 @@ class _FakeStream:
         self.sent = bytearray()
         self.client_chain = client_chain or []
         self.peer = "fuzz"
-        self.address = None
+        self.address: str | None = None
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         await asyncio.sleep(0)

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 import time
 import uuid
 from collections.abc import Iterator
@@ -171,6 +173,26 @@ def test_nested_json_on_the_service_and_admin_api_is_400004(server: RunningServe
             r = http.request(method, path, params=V, content=body, headers=headers)
             assert_error(r, 400, 400004, "nested")
         assert http.get(f"/enrollments/{reg}", params=V, headers=headers).status_code == 404  # not written
+    no_tracebacks(server)
+
+
+def test_a_body_cut_short_by_a_hang_up_is_one_log_line(server: RunningServer) -> None:
+    """The client announces 100 bytes, sends 8 and goes away: a 400 logged with the cause
+    (nobody is left to read it), not an internal error."""
+    reg = uid("hangup")
+    context = ssl.create_default_context(cafile=server.ca_file)
+    request = (
+        f"PUT /{server.id_scope}/registrations/{reg}/register?api-version=2021-06-01 HTTP/1.1\r\n"
+        f"Host: localhost\r\nContent-Length: 100\r\n\r\n" + '{"regist'
+    ).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as sock:
+            sock.sendall(request)
+    words = f"/registrations/{reg}/register -> 400 400004: The client closed the connection after 8 bytes"
+    deadline = time.monotonic() + 10
+    while words not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert words in server.log() and "(of 100 announced)" in server.log()
     no_tracebacks(server)
 
 

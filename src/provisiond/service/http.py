@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from ..errors import BodyTooLargeError, InvalidBodyError, MissingApiVersionError, ProvisioningError
@@ -126,6 +126,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing more than ``limit`` bytes without reading them all.
 
     :raises BodyTooLargeError: the body is larger than ``limit``.
+    :raises InvalidBodyError: the client closed the connection before the end of its body.
     """
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -138,11 +139,17 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise InvalidBodyError("The Content-Length header is not a number.") from None
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLargeError(f"The request body exceeds the {limit}-byte limit.")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLargeError(f"The request body exceeds the {limit}-byte limit.")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise InvalidBodyError(
+            f"The client closed the connection after {size} bytes of its body"
+            + (f" (of {declared} announced)." if declared is not None else ".")
+        ) from None
     return b"".join(chunks)
 
 
