@@ -1,0 +1,783 @@
+"""Invariants under hostile input, against a real ``provisiond serve`` on loopback TLS.
+
+Malformed, truncated, nested, oversized and wrongly typed bodies, headers, query strings, paths,
+MQTT packets and AMQP messages, sent to every endpoint (device, service and admin API over HTTPS;
+the device API over MQTT and AMQP), must never produce
+
+* a 5xx (an HTTP status, an MQTT response topic's status, an AMQP rejection's errorCode),
+* an error answer that is not DPS's error body (``errorCode``, ``message``, ``trackingId``),
+* a traceback or an "internal error" in the server's log,
+* a connection the server keeps open past its deadline (MQTT: the connect timeout, or 1.5 times
+  the keep-alive) or after the client went away (the server's open sockets are counted).
+
+Inputs are generated from fixed seeds (a failure names its seed and case to replay), bounded in
+count, and sent from a few threads so that the module takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import ssl
+import string
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from provisiond.errors import InsufficientData
+from provisiond.protocol.amqp import dps as amqp_dps
+from provisiond.protocol.amqp.connection import Connection, ConnectionConfig, Side
+from provisiond.protocol.amqp.events import (
+    ConnectionClosed,
+    ConnectionOpened,
+    DeliveryUpdated,
+    Event,
+    LinkDetached,
+    LinkId,
+    MessageReceived,
+    SaslMechanismsReceived,
+    SaslOutcomeReceived,
+)
+from provisiond.protocol.amqp.performatives import (
+    Accepted,
+    AmqpValue,
+    Data,
+    Message,
+    Properties,
+    Rejected,
+    Role,
+    SaslCode,
+    Source,
+    Target,
+)
+from provisiond.protocol.amqp.types import Symbol
+from provisiond.protocol.mqtt import (
+    Connect,
+    Publish,
+    QoS,
+    Subscribe,
+    Subscription,
+    decode_packet,
+    encode_packet,
+)
+from provisiond.protocol.sas import build_sas_token
+from tests._server import RunningServer, start_server
+
+V = "2021-10-01"
+CONNECT_TIMEOUT = 0.5  # --mqtt-connect-timeout of this module's server
+KEEP_ALIVE = 1  # what the MQTT cases ask for: the server closes 1.5 s after the last packet
+CLOSE_WITHIN = 10.0  # the bound on "past its deadline": far above both deadlines
+THREADS = 12
+
+
+# --- the server and its fixtures ------------------------------------------------------------------
+
+
+@dataclass
+class Dps:
+    server: RunningServer
+    reg: str  # an enrolled symmetric-key device
+    key: str
+    group: str  # an enrollment group
+
+    @property
+    def scope(self) -> str:
+        return self.server.id_scope
+
+    def device_token(self, reg: str | None = None, key: str | None = None) -> str:
+        reg = reg or self.reg
+        return build_sas_token(
+            f"{self.scope}/registrations/{reg}",
+            key or self.key,
+            int(time.time()) + 3600,
+            key_name="registration",
+        )
+
+
+def connections(pid: int) -> int:
+    """The TCP connections process ``pid`` holds open (listening sockets excluded)."""
+    inodes = {
+        os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1]
+        for fd in os.listdir(f"/proc/{pid}/fd")
+        if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")
+    }
+    held = 0
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as rows:
+            next(rows)
+            for row in rows:
+                fields = row.split()
+                held += fields[3] != "0A" and fields[9] in inodes  # 0A: LISTEN
+    return held
+
+
+@pytest.fixture(scope="module")
+def dps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dps]:
+    server = start_server(
+        tmp_path_factory.mktemp("invariants"), "--mqtt-connect-timeout", str(CONNECT_TIMEOUT)
+    )
+    try:
+        with server.client() as admin:
+            reg, group = f"inv-{uuid.uuid4().hex[:8]}", f"inv-g-{uuid.uuid4().hex[:8]}"
+            admin.put(f"/enrollments/{reg}", {"registrationId": reg, "attestation": {"type": "symmetricKey"}})
+            key = admin.post(f"/enrollments/{reg}/attestationmechanism")["symmetricKey"]["primaryKey"]
+            admin.put(
+                f"/enrollmentGroups/{group}",
+                {"enrollmentGroupId": group, "attestation": {"type": "symmetricKey"}},
+            )
+        yield Dps(server, reg, key, group)
+        # Every connection of the module is closed on the client side by now: the server must
+        # let go of all of them (a session that missed the close would hold its socket).
+        deadline = time.monotonic() + CLOSE_WITHIN
+        while connections(server.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not connections(server.process.pid), "the server holds connections nobody uses"
+    finally:
+        server.stop()
+    lines = server.log().splitlines()
+    bad = [
+        n for n, line in enumerate(lines) if any(w in line for w in ("Traceback", "internal error", "-> 5"))
+    ]
+    assert not bad, "the server log has errors:\n" + "\n--\n".join(
+        "\n".join(lines[max(0, n - 1) : n + 12]) for n in bad[:3]
+    )
+
+
+def report(capsys: pytest.CaptureFixture[str], line: str) -> None:
+    with capsys.disabled():
+        print(f"\n[invariants] {line}")  # noqa: T201 (the report line)
+
+
+# --- generators -----------------------------------------------------------------------------------
+
+_TEXT = string.ascii_letters + string.digits + " -_.:/%?&=+#$'\"\\{}[]"
+_ODD_STRINGS = ["", " ", "\x00", "\u202e", "\ud7ff", "é" * 3, "💥", "a" * 300, "%00", "../..", "null", "*"]
+
+
+def text(rng: random.Random, longest: int = 40) -> str:
+    if rng.random() < 0.3:
+        return rng.choice(_ODD_STRINGS)
+    return "".join(rng.choice(_TEXT) for _ in range(rng.randrange(longest)))
+
+
+def json_value(rng: random.Random, depth: int = 0) -> Any:
+    kind = rng.randrange(9 if depth < 4 else 7)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return rng.random() < 0.5
+    if kind == 2:
+        return rng.choice([0, -1, 1, 2**31, 2**63, -(2**63) - 1, 2**64, 10**30])
+    if kind == 3:
+        return rng.choice([0.5, -1e308, 1e-320, 3.0])
+    if kind in (4, 5, 6):
+        return text(rng)
+    if kind == 7:
+        return [json_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {text(rng, 12): json_value(rng, depth + 1) for _ in range(rng.randrange(4))}
+
+
+def mutate_json(doc: Any, rng: random.Random) -> Any:
+    """``doc`` with one node replaced by a value of another type, a key dropped or added."""
+    if isinstance(doc, dict) and doc:
+        doc = dict(doc)
+        key = rng.choice(list(doc))
+        choice = rng.randrange(4)
+        if choice == 0:
+            del doc[key]
+        elif choice == 1:
+            doc[text(rng, 12)] = json_value(rng)
+        elif choice == 2:
+            doc[key] = json_value(rng)
+        else:
+            doc[key] = mutate_json(doc[key], rng)
+        return doc
+    if isinstance(doc, list) and doc:
+        doc = list(doc)
+        i = rng.randrange(len(doc))
+        doc[i] = mutate_json(doc[i], rng)
+        return doc
+    return json_value(rng)
+
+
+def mutate_bytes(data: bytes, rng: random.Random) -> bytes:
+    out = bytearray(data)
+    for _ in range(rng.randrange(1, 4)):
+        op = rng.randrange(5)
+        i = rng.randrange(len(out) + 1)
+        if op == 0:
+            del out[i:]  # truncated
+        elif op == 1 and out:
+            out[min(i, len(out) - 1)] = rng.randrange(256)
+        elif op == 2:
+            out[i:i] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 8)))
+        elif op == 3:
+            del out[i : i + rng.randrange(1, 16)]
+        else:
+            out[i:i] = out[i : i + rng.randrange(1, 64)]
+    return bytes(out)
+
+
+def hostile_body(valid: Any, rng: random.Random) -> bytes:
+    """A body derived from a valid one: wrongly typed, mutated, truncated, nested, oversized..."""
+    choice = rng.randrange(12)
+    encoded = json.dumps(valid).encode()
+    if choice <= 3:
+        doc = valid
+        for _ in range(rng.randrange(1, 4)):
+            doc = mutate_json(doc, rng)
+        return json.dumps(doc).encode()
+    if choice <= 6:
+        return mutate_bytes(encoded, rng)
+    if choice == 7:
+        depth = rng.choice([65, 200, 1000, 5000])
+        opener, closer = rng.choice([(b"[", b"]"), (b'{"a":', b"}")])
+        return opener * depth + closer * depth
+    if choice == 8:
+        return b'{"payload":"' + b"x" * (97 * 1024) + b'"}'
+    if choice == 9:
+        return rng.choice([b"", b" ", b"null", b"[]", b"1", b'"x"', b"\xef\xbb\xbf{}", b"\xff\xfe{", b"{}"])
+    if choice == 10:
+        return json.dumps(json_value(rng)).encode()
+    return encoded.replace(b'"', b"'")
+
+
+# --- HTTPS ------------------------------------------------------------------------------------------
+
+
+def http_request(
+    server: RunningServer, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes
+) -> tuple[int, dict[str, str], bytes]:
+    """One request on a fresh TLS connection, exactly as given; the server's status, headers and body."""
+    context = ssl.create_default_context(cafile=server.ca_file)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=CLOSE_WITHIN) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as sock:
+            head = f"{method} {target} HTTP/1.1\r\n".encode("latin-1")
+            head += f"Host: localhost:{server.port}\r\nConnection: close\r\n".encode()
+            head += b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+            if not any(name.lower() == b"content-length" for name, _ in headers):
+                head += f"Content-Length: {len(body)}\r\n".encode()
+            sock.sendall(head + b"\r\n" + body)
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+    head_bytes, _, payload = data.partition(b"\r\n\r\n")
+    lines = head_bytes.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    response_headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        response_headers[name.strip().lower()] = value.strip()
+    return status, response_headers, payload
+
+
+def endpoints(t: Dps) -> list[tuple[str, str, Any]]:
+    """(method, path, a valid body or None) for every route of the service."""
+    reg, group = t.reg, t.group
+    enrollment = {
+        "registrationId": "{id}",
+        "attestation": {"type": "symmetricKey"},
+        "initialTwin": {"tags": {}},
+    }
+    group_doc = {"enrollmentGroupId": "{id}", "attestation": {"type": "symmetricKey"}}
+    query = {"query": "SELECT * FROM enrollments WHERE provisioningStatus = 'enabled'"}
+    device_body = {"registrationId": reg, "payload": {"a": [1, {"b": None}]}}
+    return [
+        ("PUT", f"/{t.scope}/registrations/{reg}/register", device_body),
+        ("GET", f"/{t.scope}/registrations/{reg}/operations/{uuid.uuid4()}", None),
+        ("POST", f"/{t.scope}/registrations/{reg}", device_body),
+        ("PUT", "/enrollments/{id}", enrollment),
+        ("GET", f"/enrollments/{reg}", None),
+        ("DELETE", "/enrollments/{id}", None),
+        ("POST", f"/enrollments/{reg}/attestationmechanism", None),
+        ("POST", "/enrollments/query", query),
+        ("POST", "/enrollments", {"mode": "create", "enrollments": [enrollment]}),
+        ("PUT", "/enrollmentGroups/{id}", group_doc),
+        ("GET", f"/enrollmentGroups/{group}", None),
+        ("POST", "/enrollmentGroups/query", query),
+        ("POST", "/enrollmentGroups", {"mode": "update", "enrollmentGroups": [group_doc]}),
+        ("GET", f"/registrations/{reg}", None),
+        ("DELETE", "/registrations/{id}", None),
+        ("POST", f"/registrations/{group}/query", query),
+        ("GET", "/admin/settings", None),
+        ("PATCH", "/admin/settings", {"allocationPolicy": "hashed"}),
+        ("GET", "/admin/linkedHubs", None),
+        (
+            "PUT",
+            "/admin/linkedHubs/{id}.example.net",
+            {"hostName": "{id}.example.net", "allocationWeight": 1},
+        ),
+        ("GET", "/admin/linkedHubs/builtin-hub.provisiond.local/devices", None),
+        ("GET", f"/admin/linkedHubs/builtin-hub.provisiond.local/devices/{reg}", None),
+        ("GET", "/admin/certificates", None),
+        (
+            "PUT",
+            "/admin/certificates/{id}",
+            {"certificate": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----"},
+        ),
+        ("POST", "/admin/certificates/{id}/generateVerificationCode", None),
+        ("POST", "/admin/certificates/{id}/verify", {"certificate": "x"}),
+        ("GET", "/admin/sharedAccessPolicies", None),
+        ("PUT", "/admin/sharedAccessPolicies/{id}", {"keyName": "{id}", "rights": ["EnrollmentRead"]}),
+        ("POST", "/admin/sharedAccessPolicies/{id}/listKeys", None),
+        ("GET", "/healthz", None),
+    ]
+
+
+def hostile_query(rng: random.Random) -> str:
+    params = []
+    choice = rng.randrange(15)
+    if choice >= 5:
+        params.append("api-version=" + V)
+    elif choice == 1:
+        params.append("api-version=" + quote(text(rng), safe=""))
+    elif choice == 2:
+        params.append(rng.choice(["api-version=%ZZ", "api-version", "api-version=&api-version=" + V, "%"]))
+    elif choice == 3:
+        params += ["api-version=" + V, "forceRegistration=" + quote(text(rng), safe="")]
+    elif choice == 4:
+        params.append("api-version=" + V + "&" + quote(text(rng), safe="=&"))
+    return "&".join(params)
+
+
+def hostile_headers(t: Dps, path: str, rng: random.Random) -> list[tuple[bytes, bytes]]:
+    headers: list[tuple[bytes, bytes]] = []
+    device = "/registrations/" in path and path.startswith(f"/{t.scope}")
+    auth = rng.randrange(12)
+    if auth >= 4:
+        token = t.device_token() if device else t.server.token()
+        headers.append((b"Authorization", token.encode()))
+    elif auth == 1:
+        token = t.device_token() if device else t.server.token()
+        headers.append(
+            (b"Authorization", mutate_bytes(token.encode(), rng).replace(b"\r", b"").replace(b"\n", b""))
+        )
+    elif auth == 2:
+        headers.append((b"Authorization", text(rng, 200).encode("utf-8", "replace").replace(b"\x00", b"")))
+    elif auth == 3:
+        headers.append(
+            (
+                b"Authorization",
+                b"SharedAccessSignature sr=" + bytes(rng.randrange(128, 256) for _ in range(8)),
+            )
+        )
+    extra = rng.randrange(8)
+    if extra == 0:
+        headers.append((b"If-Match", rng.choice([b"*", b'"x"', b"W/", b'"', b"\xff", b"*, *"])))
+    elif extra == 1:
+        headers.append(
+            (b"x-ms-continuation", rng.choice([b"", b"abc", b"eyJ9", b"\xff\xfe", b"%%%", b"A" * 2000]))
+        )
+    elif extra == 2:
+        headers.append(
+            (b"x-ms-max-item-count", rng.choice([b"-1", b"0", b"99999999999999999999", b"x", b"1e3", b""]))
+        )
+    elif extra == 3:
+        headers.append(
+            (b"Content-Type", rng.choice([b"text/plain", b"application/json; charset=latin-1", b"\xff"]))
+        )
+    return headers
+
+
+def check_http(status: int, headers: dict[str, str], body: bytes, case: str) -> None:
+    assert status < 500, f"{case}: {status} {body[:300]!r}"
+    if status >= 400 and body[:1] == b"{":  # our answers (uvicorn answers bad HTTP in plain text)
+        error = json.loads(body)
+        assert {"errorCode", "message", "trackingId"} <= set(error), f"{case}: {body[:300]!r}"
+        assert error["errorCode"] // 1000 == status, f"{case}: {body[:300]!r}"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_https_endpoints_never_fail_on_hostile_requests(
+    dps: Dps, seed: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = random.Random(seed)
+    cases: list[tuple[str, str, list[tuple[bytes, bytes]], bytes]] = []
+    for method, path, valid in endpoints(dps) * 8:
+        name = rng.choice([f"inv-{rng.randrange(10**6)}", f"inv-{rng.randrange(10**6)}", text(rng)]) or "x"
+        path = path.replace("{id}", quote(name, safe=""))
+        if valid is not None:
+            valid = json.loads(json.dumps(valid).replace("{id}", json.dumps(name)[1:-1]))
+        if rng.random() < 0.1:
+            path = path.replace("/", "/" + quote(text(rng, 8), safe=""), 1)
+        body = hostile_body(valid or {}, rng) if valid is not None or rng.random() < 0.3 else b""
+        query = hostile_query(rng)
+        cases.append((method, path + ("?" + query if query else ""), hostile_headers(dps, path, rng), body))
+
+    def run(case: tuple[str, str, list[tuple[bytes, bytes]], bytes]) -> None:
+        method, url, headers, body = case
+        status, response_headers, payload = http_request(dps.server, method, url, headers, body)
+        seen[status] += 1
+        check_http(
+            status, response_headers, payload, f"seed {seed}: {method} {url[:200]} {headers} {body[:200]!r}"
+        )
+
+    seen: Counter[int] = Counter()
+    with ThreadPoolExecutor(THREADS) as pool:
+        list(pool.map(run, cases))
+    report(capsys, f"https seed {seed}: {len(cases)} requests, statuses {dict(sorted(seen.items()))}")
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_https_bodies_cut_short_by_a_hang_up(dps: Dps, seed: int) -> None:
+    """The client announces more body than it sends, then goes away: the request ends with a
+    log line, not a traceback (the module's teardown reads the log)."""
+    rng = random.Random(100 + seed)
+    context = ssl.create_default_context(cafile=dps.server.ca_file)
+
+    def run(case: tuple[str, str, bytes]) -> None:
+        method, path, body = case
+        announced = len(body) + rng.randrange(1, 5000)
+        head = (
+            f"{method} {path}?api-version={V} HTTP/1.1\r\nHost: localhost:{dps.server.port}\r\n"
+            f"Authorization: {dps.server.token() if not path.startswith('/' + dps.scope) else ''}\r\n"
+            f"Content-Length: {announced}\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", dps.server.port), timeout=CLOSE_WITHIN) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as sock:
+                sock.sendall(head + body)
+
+    cases = []
+    for method, path, valid in endpoints(dps) * 2:
+        if valid is not None:
+            cases.append(
+                (method, path.replace("{id}", f"inv-{rng.randrange(10**6)}"), json.dumps(valid).encode())
+            )
+    with ThreadPoolExecutor(THREADS) as pool:
+        list(pool.map(run, cases))
+
+
+# --- MQTT -------------------------------------------------------------------------------------------
+
+
+def mqtt_connect(t: Dps, rng: random.Random, *, hostile: bool) -> Connect:
+    reg, scope = t.reg, t.scope
+    client_id, username = reg, f"{scope}/registrations/{reg}/api-version=2019-03-31"
+    password: bytes | None = t.device_token().encode()
+    if hostile:
+        field = rng.randrange(4)
+        if field == 0:
+            client_id = text(rng, 200)
+        elif field == 1:
+            username = rng.choice([text(rng, 200), f"{scope}/registrations/{text(rng)}/api-version=x", ""])
+        elif field == 2:
+            password = rng.choice(
+                [
+                    None,
+                    b"",
+                    mutate_bytes(t.device_token().encode(), rng),
+                    bytes(rng.randrange(256) for _ in range(40)),
+                ]
+            )
+        else:
+            password = t.device_token(key="QUFBQQ==").encode()  # the wrong key: attested at register
+    return Connect(client_id=client_id, username=username, password=password, keep_alive=KEEP_ALIVE)
+
+
+def mqtt_topic(rng: random.Random) -> str:
+    rid = rng.choice(["1", "42", text(rng, 20).replace("&", "").replace("#", "").replace("+", "") or "x"])
+    choice = rng.randrange(6)
+    if choice <= 2:
+        return f"$dps/registrations/PUT/iotdps-register/?$rid={rid}"
+    if choice == 3:
+        operation = rng.choice([str(uuid.uuid4()), quote(text(rng), safe=""), ""])
+        return f"$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={operation}"
+    if choice == 4:
+        return f"$dps/registrations/PUT/iotdps-register/?{quote(text(rng), safe='=&$')}"
+    return rng.choice(["$dps/registrations/PUT/", "devices/x/messages/events/", "$dps/#", text(rng) or "x"])
+
+
+def raw_publish(topic: bytes, payload: bytes, qos: int, packet_id: int) -> bytes:
+    """A PUBLISH as bytes (the codec would refuse to encode some of the topics sent here)."""
+    body = len(topic).to_bytes(2, "big") + topic + (packet_id.to_bytes(2, "big") if qos else b"") + payload
+    size, length = len(body), bytearray()
+    while True:
+        size, digit = divmod(size, 128)
+        length.append(digit | (0x80 if size else 0))
+        if not size:
+            break
+    return bytes([0x30 | qos << 1]) + bytes(length) + body
+
+
+def mqtt_session(t: Dps, rng: random.Random) -> bytes:
+    device_body = {"registrationId": t.reg, "payload": {"n": [1, 2]}}
+    kind = rng.randrange(8)
+    if kind == 0:  # not MQTT at all, or a broken CONNECT
+        return rng.choice(
+            [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64))), b"\x10", b"\x10\xff\xff\xff\xff"]
+        )
+    if kind == 1:
+        return encode_packet(mqtt_connect(t, rng, hostile=True))
+    packets = [
+        encode_packet(mqtt_connect(t, rng, hostile=kind == 2)),
+        encode_packet(
+            Subscribe(
+                packet_id=1,
+                subscriptions=(Subscription(topic_filter="$dps/registrations/res/#", qos=QoS.AT_LEAST_ONCE),),
+            )
+        ),
+    ]
+    for n in range(rng.randrange(1, 4)):
+        qos = rng.randrange(2)
+        packets.append(raw_publish(mqtt_topic(rng).encode(), hostile_body(device_body, rng), qos, n + 2))
+    tail = b"".join(packets[1:])
+    if kind == 3:  # a valid CONNECT, then corrupted packets
+        tail = mutate_bytes(tail, rng)
+    return packets[0] + tail
+
+
+def check_mqtt_answer(packet: Any, case: str) -> None:
+    if not isinstance(packet, Publish):
+        return
+    status = int(packet.topic.split("/")[3])
+    assert status < 500, f"{case}: {packet.topic} {packet.payload[:300]!r}"
+    answer = json.loads(packet.payload)
+    if status >= 400:
+        assert {"errorCode", "message", "trackingId"} <= set(answer), f"{case}: {packet.payload[:300]!r}"
+        assert answer["errorCode"] // 1000 == status, f"{case}: {packet.payload[:300]!r}"
+
+
+def test_mqtt_never_fails_and_closes_every_connection_by_its_deadline(
+    dps: Dps, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The server closes each connection itself (the client never does): at once for broken
+    input, else when the connect timeout or the keep-alive of the CONNECT lapses."""
+    rng = random.Random(7)
+    sessions = [mqtt_session(dps, rng) for _ in range(240)]
+    context = ssl.create_default_context(cafile=dps.server.ca_file)
+
+    def run(numbered: tuple[int, bytes]) -> None:
+        n, data = numbered
+        case = f"mqtt session {n}: {data[:300]!r}"
+        with socket.create_connection(
+            ("127.0.0.1", int(dps.server.info["mqttPort"])), timeout=CLOSE_WITHIN
+        ) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as sock:
+                try:
+                    sock.sendall(data)
+                except OSError:
+                    return  # closed while we sent: broken input refused early
+                buffer = b""
+                while True:
+                    try:
+                        chunk = sock.recv(65536)
+                    except TimeoutError:
+                        raise AssertionError(
+                            f"{case}: still open {CLOSE_WITHIN} s after the last byte"
+                        ) from None
+                    except OSError:
+                        chunk = b""
+                    if not chunk:
+                        break
+                    buffer += chunk
+                    while True:
+                        try:
+                            rest, packet = decode_packet(memoryview(buffer))
+                        except InsufficientData:
+                            break
+                        buffer = bytes(rest)
+                        check_mqtt_answer(packet, case)
+                        if isinstance(packet, Publish):
+                            seen[packet.topic.split("/")[3]] += 1
+                assert not buffer, f"{case}: the server sent a truncated packet {buffer[:100]!r}"
+
+    seen: Counter[str] = Counter()
+    with ThreadPoolExecutor(24) as pool:
+        list(pool.map(run, enumerate(sessions)))
+    report(
+        capsys,
+        f"mqtt: {len(sessions)} sessions, all closed by the server; answers {dict(sorted(seen.items()))}",
+    )
+
+
+# --- AMQP -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AmqpOutcome:
+    answers: list[Message]
+    rejections: list[Rejected]
+    closed_with: str | None  # the condition the server closed with, if it closed first
+    wire: bytes = b""  # what the client sent
+
+
+def amqp_exchange(t: Dps, rng: random.Random, messages: list[Message], *, hostile_sasl: bool) -> AmqpOutcome:
+    """One connection with the project's AMQP machine as the client: SASL PLAIN, open, a sender
+    and a receiver on the device's address (or a hostile one), ``messages``, then close once
+    each is answered (or the server refused the link or closed)."""
+    address = f"{t.scope}/registrations/{t.reg}"
+    user, password = address, t.device_token()
+    if hostile_sasl:
+        choice = rng.randrange(3)
+        if choice == 0:
+            user = text(rng, 100)
+        elif choice == 1:
+            password = text(rng, 100)
+        else:
+            password = t.device_token(key="QUFBQQ==")  # the wrong key: attested at register
+    link_address = (
+        address if rng.random() < 0.85 else rng.choice([text(rng), f"{t.scope}/registrations/{text(rng)}"])
+    )
+    conn = Connection(Side.CLIENT, ConnectionConfig(container_id="fuzz", use_sasl=True), clock=time.monotonic)
+    links: dict[str, LinkId] = {}
+    outcome = AmqpOutcome([], [], None)
+    done = closing = False
+
+    def on_event(event: Event) -> None:
+        nonlocal done
+        if isinstance(event, SaslMechanismsReceived):
+            conn.sasl_init("PLAIN", amqp_dps.plain_response(user, password))
+        elif isinstance(event, SaslOutcomeReceived) and event.code is SaslCode.OK:
+            conn.open()
+        elif isinstance(event, ConnectionOpened):
+            channel = conn.begin()
+            links["send"] = conn.attach(
+                channel, name="s", role=Role.SENDER, target=Target(address=link_address)
+            )
+            links["recv"] = conn.attach(
+                channel, name="r", role=Role.RECEIVER, source=Source(address=link_address)
+            )
+            conn.grant_credit(links["recv"], 20)
+            for message in messages:
+                conn.send_message(links["send"], message)
+        elif isinstance(event, MessageReceived):
+            conn.settle(event.link, event.delivery_id, Accepted())
+            outcome.answers.append(event.message)
+        elif isinstance(event, DeliveryUpdated) and isinstance(event.state, Rejected):
+            outcome.rejections.append(event.state)
+        elif isinstance(event, LinkDetached) and event.by_peer:
+            done = True  # a refused link, or a message the service would not take
+        elif isinstance(event, ConnectionClosed) and event.by_peer and not closing:
+            outcome.closed_with = str(event.error.condition) if event.error else ""
+        if len(outcome.answers) + len(outcome.rejections) >= len(messages):
+            done = True
+
+    context = ssl.create_default_context(cafile=t.server.ca_file)
+    wire = bytearray()
+    with socket.create_connection(("127.0.0.1", int(t.server.info["amqpPort"])), timeout=CLOSE_WITHIN) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as sock:
+            while not conn.finished:
+                if done and conn.opened and not closing:
+                    conn.close()
+                    closing = True  # wait for the server's close
+                out = conn.get_outbound_data()
+                if out:
+                    sock.sendall(out)
+                    wire += out
+                try:
+                    data = sock.recv(65536)
+                except TimeoutError:
+                    raise AssertionError(f"no answer within {CLOSE_WITHIN} s") from None
+                except OSError:
+                    data = b""
+                events = conn.feed_bytes(data)
+                while events:
+                    for event in events:
+                        on_event(event)
+                    events = conn.poll_events()
+    outcome.wire = bytes(wire)
+    return outcome
+
+
+def amqp_message(t: Dps, rng: random.Random, n: int) -> Message:
+    device_body = {"registrationId": t.reg, "payload": {"n": [1, 2]}}
+    operation: Any = rng.choice(
+        [amqp_dps.OperationType.REGISTER.value] * 4
+        + [amqp_dps.OperationType.GET_OPERATION_STATUS.value] * 2
+        + [text(rng), 7, None, b"iotdps-register", [1], Symbol("iotdps-register")]
+    )
+    properties: dict[Any, Any] = {amqp_dps.OPERATION_TYPE: operation}
+    if rng.random() < 0.5:
+        properties[amqp_dps.OPERATION_ID] = rng.choice(
+            [str(uuid.uuid4()), text(rng), 12, b"\x00", None, {"a": 1}]
+        )
+    if rng.random() < 0.3:
+        properties[amqp_dps.FORCE_REGISTRATION] = rng.choice([True, "true", 1, None])
+    if rng.random() < 0.1:
+        properties[text(rng, 10) or "k"] = rng.choice([None, 2**63 - 1, -1.5, "", text(rng), b"\xff", [], {}])
+    raw = hostile_body(device_body, rng)
+    body: Any = rng.choice(
+        [
+            (Data(raw),),
+            (Data(raw[: len(raw) // 2]), Data(raw[len(raw) // 2 :])),
+            AmqpValue(raw.decode("utf-8", "replace")),
+            AmqpValue(raw),
+            AmqpValue(rng.choice([7, None, [1, 2], {"registrationId": t.reg}, True])),
+            None,
+        ]
+    )
+    correlation = rng.choice([f"c{n}", n, uuid.uuid4(), b"\x01\x02", None])
+    return Message(
+        properties=Properties(message_id=f"m{n}", correlation_id=correlation),
+        application_properties=properties,
+        body=body,
+    )
+
+
+def test_amqp_never_fails(dps: Dps, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every request is answered (a message, or a rejection carrying DPS's error body) or its
+    link refused, never with a 5xx or amqp:internal-error."""
+    rng = random.Random(11)
+    cases = []
+    for n in range(120):
+        messages = [amqp_message(dps, rng, m) for m in range(rng.randrange(1, 4))]
+        cases.append((n, messages, rng.random() < 0.15, random.Random(n)))
+
+    def run(case: tuple[int, list[Message], bool, random.Random]) -> None:
+        n, messages, hostile_sasl, case_rng = case
+        what = f"amqp session {n}: {messages}"[:2000]
+        outcome = amqp_exchange(dps, case_rng, messages, hostile_sasl=hostile_sasl)
+        assert outcome.closed_with not in ("amqp:internal-error",), what
+        for rejection in outcome.rejections:
+            assert rejection.error is not None, what
+            assert str(rejection.error.condition) != "amqp:internal-error", f"{what}: {rejection}"
+            error = json.loads(rejection.error.description or "")
+            assert {"errorCode", "message", "trackingId"} <= set(error), f"{what}: {rejection}"
+            assert error["errorCode"] < 500000, f"{what}: {rejection}"
+        for answer in outcome.answers:
+            assert json.loads(answer.data or b"")["status"], what
+        seen["answered"] += len(outcome.answers)
+        seen.update(str(r.error.condition) for r in outcome.rejections if r.error)
+        seen["closed by the service"] += outcome.closed_with is not None
+
+    seen: Counter[str] = Counter()
+    with ThreadPoolExecutor(THREADS) as pool:
+        list(pool.map(run, cases))
+    report(capsys, f"amqp: {len(cases)} connections; {dict(seen)}")
+
+
+def test_amqp_mutated_sessions_leave_no_trace(dps: Dps) -> None:
+    """Recorded client sessions, mutated and replayed as bytes: the server answers or closes;
+    whatever it does, no traceback and no connection kept after the client left (teardown)."""
+    rng = random.Random(13)
+    recorded = [
+        amqp_exchange(dps, rng, [amqp_message(dps, rng, n) for n in range(2)], hostile_sasl=False).wire
+        for _ in range(4)
+    ]
+    sessions = [mutate_bytes(rng.choice(recorded), rng) for _ in range(80)]
+    context = ssl.create_default_context(cafile=dps.server.ca_file)
+
+    def run(data: bytes) -> None:
+        with socket.create_connection(
+            ("127.0.0.1", int(dps.server.info["amqpPort"])), timeout=CLOSE_WITHIN
+        ) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as sock:
+                sock.settimeout(0.5)  # an incomplete session waits for more: the client leaves
+                try:
+                    sock.sendall(data)
+                    while sock.recv(65536):
+                        pass
+                except OSError:
+                    pass
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        list(pool.map(run, sessions))
