@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import json
 import socket
 import ssl
@@ -26,11 +28,13 @@ import pytest
 
 from provisiond.device import ProvisioningDeviceClient, RetryPolicy, SecurityProvider, SymmetricKeySecurity
 from provisiond.errors import NotFoundError, ServiceResponseError
+from provisiond.protocol import tpm
 from provisiond.protocol.bounded_json import MAX_DEPTH
 from provisiond.protocol.sas import build_sas_token
 from provisiond.service.throttle import RateLimiter, source_key
 from provisiond.service_client import ServiceClient
 from tests._server import RunningServer, start_server
+from tests._tpm_keys import software_ek
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -193,6 +197,28 @@ def test_a_body_cut_short_by_a_hang_up_is_one_log_line(server: RunningServer) ->
     while words not in server.log() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert words in server.log() and "(of 100 announced)" in server.log()
+    no_tracebacks(server)
+
+
+def test_a_tpm_register_with_an_unusable_srk_is_400004(server: RunningServer, admin: ServiceClient) -> None:
+    """The EK is public: anyone may send a TPM device's EK with a storage root key whose modulus
+    is even. It is refused as malformed before the activation blob is made (that failed in
+    OpenSSL: a 500 with a traceback)."""
+    reg = uid("tpm-srk")
+    ek = software_ek(7)
+    admin.put(
+        f"/enrollments/{reg}",
+        {"registrationId": reg, "attestation": {"type": "tpm", "tpm": {"endorsementKey": ek}}},
+    )
+    modulus = int.from_bytes(tpm.endorsement_key(base64.b64decode(ek)).unique, "big") ^ 1  # even
+    srk = dataclasses.replace(tpm.SRK_TEMPLATE, unique=modulus.to_bytes(256, "big")).tpm2b()
+    body = {
+        "registrationId": reg,
+        "tpm": {"endorsementKey": ek, "storageRootKey": base64.b64encode(srk).decode()},
+    }
+    with server.http() as http:
+        r = http.put(f"/{server.id_scope}/registrations/{reg}/register", params=V, json=body)
+    assert_error(r, 400, 400004, "modulus is even")
     no_tracebacks(server)
 
 

@@ -16,6 +16,8 @@ count, and sent from a few threads so that the module takes seconds.
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import json
 import os
 import random
@@ -34,6 +36,7 @@ from urllib.parse import quote
 import pytest
 
 from provisiond.errors import InsufficientData
+from provisiond.protocol import tpm
 from provisiond.protocol.amqp import dps as amqp_dps
 from provisiond.protocol.amqp.connection import Connection, ConnectionConfig, Side
 from provisiond.protocol.amqp.events import (
@@ -61,7 +64,6 @@ from provisiond.protocol.amqp.performatives import (
 )
 from provisiond.protocol.amqp.types import Symbol
 from provisiond.protocol.mqtt import (
-    Connect,
     Publish,
     QoS,
     Subscribe,
@@ -71,6 +73,7 @@ from provisiond.protocol.mqtt import (
 )
 from provisiond.protocol.sas import build_sas_token
 from tests._server import RunningServer, start_server
+from tests._tpm_keys import software_ek
 
 V = "2021-10-01"
 CONNECT_TIMEOUT = 0.5  # --mqtt-connect-timeout of this module's server
@@ -88,6 +91,9 @@ class Dps:
     reg: str  # an enrolled symmetric-key device
     key: str
     group: str  # an enrollment group
+    tpm_reg: str  # an enrolled TPM device: its EK and an SRK (TPM2B_PUBLIC)
+    ek: bytes
+    srk: bytes
 
     @property
     def scope(self) -> str:
@@ -134,7 +140,12 @@ def dps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dps]:
                 f"/enrollmentGroups/{group}",
                 {"enrollmentGroupId": group, "attestation": {"type": "symmetricKey"}},
             )
-        yield Dps(server, reg, key, group)
+            tpm_reg, ek_b64 = f"inv-tpm-{uuid.uuid4().hex[:8]}", software_ek(3)
+            tpm_attestation = {"type": "tpm", "tpm": {"endorsementKey": ek_b64}}
+            admin.put(f"/enrollments/{tpm_reg}", {"registrationId": tpm_reg, "attestation": tpm_attestation})
+        ek = base64.b64decode(ek_b64)
+        srk = dataclasses.replace(tpm.SRK_TEMPLATE, unique=tpm.endorsement_key(ek).unique).tpm2b()
+        yield Dps(server, reg, key, group, tpm_reg, ek, srk)
         # Every connection of the module is closed on the client side by now: the server must
         # let go of all of them (a session that missed the close would hold its socket).
         deadline = time.monotonic() + CLOSE_WITHIN
@@ -291,8 +302,13 @@ def endpoints(t: Dps) -> list[tuple[str, str, Any]]:
     group_doc = {"enrollmentGroupId": "{id}", "attestation": {"type": "symmetricKey"}}
     query = {"query": "SELECT * FROM enrollments WHERE provisioningStatus = 'enabled'"}
     device_body = {"registrationId": reg, "payload": {"a": [1, {"b": None}]}}
+    keys = {
+        "endorsementKey": base64.b64encode(t.ek).decode(),
+        "storageRootKey": base64.b64encode(t.srk).decode(),
+    }
     return [
         ("PUT", f"/{t.scope}/registrations/{reg}/register", device_body),
+        ("PUT", f"/{t.scope}/registrations/{t.tpm_reg}/register", {"registrationId": t.tpm_reg, "tpm": keys}),
         ("GET", f"/{t.scope}/registrations/{reg}/operations/{uuid.uuid4()}", None),
         ("POST", f"/{t.scope}/registrations/{reg}", device_body),
         ("PUT", "/enrollments/{id}", enrollment),
@@ -331,6 +347,23 @@ def endpoints(t: Dps) -> list[tuple[str, str, Any]]:
         ("POST", "/admin/sharedAccessPolicies/{id}/listKeys", None),
         ("GET", "/healthz", None),
     ]
+
+
+def hostile_tpm_keys(t: Dps, rng: random.Random) -> dict[str, str]:
+    """The enrolled EK and an SRK (or the other way round), one of them damaged: a flipped bit
+    in the modulus (often its lowest or highest), or bytes changed anywhere."""
+    ek, srk = t.ek, t.srk
+    damaged = bytearray(srk if rng.random() < 0.7 else ek)
+    if rng.random() < 0.6:
+        bit = rng.choice([0, 0, 2047, rng.randrange(2048)])  # of the modulus, the last 256 bytes
+        damaged[len(damaged) - 1 - bit // 8] ^= 1 << (bit % 8)
+    else:
+        damaged = bytearray(mutate_bytes(bytes(damaged), rng))
+    if len(damaged) and bytes(damaged[:8]) == ek[:8] and rng.random() < 0.5:
+        ek = bytes(damaged)
+    else:
+        srk = bytes(damaged)
+    return {"endorsementKey": base64.b64encode(ek).decode(), "storageRootKey": base64.b64encode(srk).decode()}
 
 
 def hostile_query(rng: random.Random) -> str:
@@ -392,6 +425,8 @@ def check_http(status: int, headers: dict[str, str], body: bytes, case: str) -> 
     assert status < 500, f"{case}: {status} {body[:300]!r}"
     if status >= 400 and body[:1] == b"{":  # our answers (uvicorn answers bad HTTP in plain text)
         error = json.loads(body)
+        if status == 401 and "authenticationKey" in error:
+            return  # a TPM challenge: DPS's shape for it, not an error body
         assert {"errorCode", "message", "trackingId"} <= set(error), f"{case}: {body[:300]!r}"
         assert error["errorCode"] // 1000 == status, f"{case}: {body[:300]!r}"
 
@@ -410,8 +445,14 @@ def test_https_endpoints_never_fail_on_hostile_requests(
         if rng.random() < 0.1:
             path = path.replace("/", "/" + quote(text(rng, 8), safe=""), 1)
         body = hostile_body(valid or {}, rng) if valid is not None or rng.random() < 0.3 else b""
+        headers = hostile_headers(dps, path, rng)
+        if valid is not None and "tpm" in valid:  # the TPM challenge: no credential, keys damaged
+            headers = [h for h in headers if h[0] != b"Authorization"]
+            for _ in range(8):
+                body = json.dumps({**valid, "tpm": hostile_tpm_keys(dps, rng)}).encode()
+                cases.append((method, f"{path}?api-version={V}", headers, body))
         query = hostile_query(rng)
-        cases.append((method, path + ("?" + query if query else ""), hostile_headers(dps, path, rng), body))
+        cases.append((method, path + ("?" + query if query else ""), headers, body))
 
     def run(case: tuple[str, str, list[tuple[bytes, bytes]], bytes]) -> None:
         method, url, headers, body = case
@@ -459,28 +500,40 @@ def test_https_bodies_cut_short_by_a_hang_up(dps: Dps, seed: int) -> None:
 # --- MQTT -------------------------------------------------------------------------------------------
 
 
-def mqtt_connect(t: Dps, rng: random.Random, *, hostile: bool) -> Connect:
+def mqtt_connect(t: Dps, rng: random.Random, *, hostile: bool) -> bytes:
+    """A CONNECT as bytes (keep-alive :data:`KEEP_ALIVE`), with a hostile field when asked:
+    anything goes in the strings, unpaired surrogates and NULs included."""
     reg, scope = t.reg, t.scope
-    client_id, username = reg, f"{scope}/registrations/{reg}/api-version=2019-03-31"
+    client_id: bytes = reg.encode()
+    username: bytes | None = f"{scope}/registrations/{reg}/api-version=2019-03-31".encode()
     password: bytes | None = t.device_token().encode()
     if hostile:
         field = rng.randrange(4)
         if field == 0:
-            client_id = text(rng, 200)
+            client_id = text(rng, 200).encode("utf-8", "surrogatepass")
         elif field == 1:
-            username = rng.choice([text(rng, 200), f"{scope}/registrations/{text(rng)}/api-version=x", ""])
+            choices = [text(rng, 200), f"{scope}/registrations/{text(rng)}/api-version=x", ""]
+            username = rng.choice([None, *(c.encode("utf-8", "surrogatepass") for c in choices)])
         elif field == 2:
-            password = rng.choice(
-                [
-                    None,
-                    b"",
-                    mutate_bytes(t.device_token().encode(), rng),
-                    bytes(rng.randrange(256) for _ in range(40)),
-                ]
-            )
+            noise = bytes(rng.randrange(256) for _ in range(40))
+            password = rng.choice([None, b"", mutate_bytes(t.device_token().encode(), rng), noise])
         else:
             password = t.device_token(key="QUFBQQ==").encode()  # the wrong key: attested at register
-    return Connect(client_id=client_id, username=username, password=password, keep_alive=KEEP_ALIVE)
+    flags = 0x02 | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
+    body = b"\x00\x04MQTT\x04" + bytes([flags]) + KEEP_ALIVE.to_bytes(2, "big")
+    for value in (client_id, username, password):
+        if value is not None:
+            body += len(value).to_bytes(2, "big") + value
+    return b"\x10" + remaining_length(len(body)) + body
+
+
+def remaining_length(size: int) -> bytes:
+    out = bytearray()
+    while True:
+        size, digit = divmod(size, 128)
+        out.append(digit | (0x80 if size else 0))
+        if not size:
+            return bytes(out)
 
 
 def mqtt_topic(rng: random.Random) -> str:
@@ -499,13 +552,7 @@ def mqtt_topic(rng: random.Random) -> str:
 def raw_publish(topic: bytes, payload: bytes, qos: int, packet_id: int) -> bytes:
     """A PUBLISH as bytes (the codec would refuse to encode some of the topics sent here)."""
     body = len(topic).to_bytes(2, "big") + topic + (packet_id.to_bytes(2, "big") if qos else b"") + payload
-    size, length = len(body), bytearray()
-    while True:
-        size, digit = divmod(size, 128)
-        length.append(digit | (0x80 if size else 0))
-        if not size:
-            break
-    return bytes([0x30 | qos << 1]) + bytes(length) + body
+    return bytes([0x30 | qos << 1]) + remaining_length(len(body)) + body
 
 
 def mqtt_session(t: Dps, rng: random.Random) -> bytes:
@@ -516,9 +563,9 @@ def mqtt_session(t: Dps, rng: random.Random) -> bytes:
             [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64))), b"\x10", b"\x10\xff\xff\xff\xff"]
         )
     if kind == 1:
-        return encode_packet(mqtt_connect(t, rng, hostile=True))
+        return mqtt_connect(t, rng, hostile=True)
     packets = [
-        encode_packet(mqtt_connect(t, rng, hostile=kind == 2)),
+        mqtt_connect(t, rng, hostile=kind == 2),
         encode_packet(
             Subscribe(
                 packet_id=1,
