@@ -2,7 +2,7 @@
 
 Malformed, truncated, nested, oversized and wrongly typed bodies, headers, query strings, paths,
 MQTT packets and AMQP messages, sent to every endpoint (device, service and admin API over HTTPS;
-the device API over MQTT and AMQP), must never produce
+the device API over MQTT and AMQP, over TLS and over WebSockets), must never produce
 
 * a 5xx (an HTTP status, an MQTT response topic's status, an AMQP rejection's errorCode),
 * an error answer that is not DPS's error body (``errorCode``, ``message``, ``trackingId``),
@@ -17,6 +17,7 @@ count, and sent from a few threads so that the module takes seconds.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import json
 import os
@@ -34,6 +35,8 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+from websockets.exceptions import ConnectionClosed as WsClosed
+from websockets.sync.client import connect as ws_connect
 
 from provisiond.errors import InsufficientData
 from provisiond.protocol import tpm
@@ -593,56 +596,108 @@ def check_mqtt_answer(packet: Any, case: str) -> None:
         assert answer["errorCode"] // 1000 == status, f"{case}: {packet.payload[:300]!r}"
 
 
+class Channel:
+    """A device connection for raw bytes: TLS on the protocol's port, or binary WebSocket
+    messages on the HTTPS port (``subprotocol``). ``receive`` returns b"" once the server closed."""
+
+    def __init__(self, dps: Dps, port_key: str, subprotocol: str | None, rng: random.Random) -> None:
+        self.rng = rng
+        context = ssl.create_default_context(cafile=dps.server.ca_file)
+        self.ws: Any = None
+        self.exits = contextlib.ExitStack()
+        self.sock: ssl.SSLSocket | None = None
+        if subprotocol is None:
+            raw = socket.create_connection(
+                ("127.0.0.1", int(dps.server.info[port_key])), timeout=CLOSE_WITHIN
+            )
+            self.sock = context.wrap_socket(raw, server_hostname="localhost")
+        else:
+            self.ws = self.exits.enter_context(
+                ws_connect(
+                    f"wss://localhost:{dps.server.port}/$iothub/websocket",
+                    ssl=context,
+                    subprotocols=[subprotocol],  # type: ignore[list-item]
+                    open_timeout=CLOSE_WITHIN,
+                    max_size=None,
+                )
+            )
+
+    def send(self, data: bytes) -> None:
+        if self.sock is not None:
+            self.sock.sendall(data)
+            return
+        while data:  # in messages of random sizes
+            cut = self.rng.randrange(1, len(data) + 1)
+            self.ws.send(data[:cut])
+            data = data[cut:]
+
+    def receive(self, timeout: float) -> bytes:
+        if self.sock is not None:
+            self.sock.settimeout(timeout)
+            try:
+                return self.sock.recv(65536)
+            except TimeoutError:
+                raise
+            except OSError:
+                return b""
+        try:
+            message = self.ws.recv(timeout=timeout)
+        except WsClosed:
+            return b""
+        return message if isinstance(message, bytes) else message.encode()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        self.exits.close()
+
+
+@pytest.mark.parametrize("transport", ["mqtt", "mqtt-ws"])
 def test_mqtt_never_fails_and_closes_every_connection_by_its_deadline(
-    dps: Dps, capsys: pytest.CaptureFixture[str]
+    dps: Dps, transport: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The server closes each connection itself (the client never does): at once for broken
     input, else when the connect timeout or the keep-alive of the CONNECT lapses."""
     rng = random.Random(7)
-    sessions = [mqtt_session(dps, rng) for _ in range(240)]
-    context = ssl.create_default_context(cafile=dps.server.ca_file)
+    sessions = [mqtt_session(dps, rng) for _ in range(240 if transport == "mqtt" else 80)]
 
     def run(numbered: tuple[int, bytes]) -> None:
         n, data = numbered
-        case = f"mqtt session {n}: {data[:300]!r}"
-        with socket.create_connection(
-            ("127.0.0.1", int(dps.server.info["mqttPort"])), timeout=CLOSE_WITHIN
-        ) as raw:
-            with context.wrap_socket(raw, server_hostname="localhost") as sock:
+        case = f"{transport} session {n}: {data[:300]!r}"
+        channel = Channel(dps, "mqttPort", "mqtt" if transport == "mqtt-ws" else None, random.Random(n))
+        try:
+            try:
+                channel.send(data)
+            except (OSError, WsClosed):
+                return  # closed while we sent: broken input refused early
+            buffer = b""
+            while True:
                 try:
-                    sock.sendall(data)
-                except OSError:
-                    return  # closed while we sent: broken input refused early
-                buffer = b""
+                    chunk = channel.receive(CLOSE_WITHIN)
+                except TimeoutError:
+                    raise AssertionError(f"{case}: still open {CLOSE_WITHIN} s after the last byte") from None
+                if not chunk:
+                    break
+                buffer += chunk
                 while True:
                     try:
-                        chunk = sock.recv(65536)
-                    except TimeoutError:
-                        raise AssertionError(
-                            f"{case}: still open {CLOSE_WITHIN} s after the last byte"
-                        ) from None
-                    except OSError:
-                        chunk = b""
-                    if not chunk:
+                        rest, packet = decode_packet(memoryview(buffer))
+                    except InsufficientData:
                         break
-                    buffer += chunk
-                    while True:
-                        try:
-                            rest, packet = decode_packet(memoryview(buffer))
-                        except InsufficientData:
-                            break
-                        buffer = bytes(rest)
-                        check_mqtt_answer(packet, case)
-                        if isinstance(packet, Publish):
-                            seen[packet.topic.split("/")[3]] += 1
-                assert not buffer, f"{case}: the server sent a truncated packet {buffer[:100]!r}"
+                    buffer = bytes(rest)
+                    check_mqtt_answer(packet, case)
+                    if isinstance(packet, Publish):
+                        seen[packet.topic.split("/")[3]] += 1
+            assert not buffer, f"{case}: the server sent a truncated packet {buffer[:100]!r}"
+        finally:
+            channel.close()
 
     seen: Counter[str] = Counter()
     with ThreadPoolExecutor(24) as pool:
         list(pool.map(run, enumerate(sessions)))
     report(
         capsys,
-        f"mqtt: {len(sessions)} sessions, all closed by the server; answers {dict(sorted(seen.items()))}",
+        f"{transport}: {len(sessions)} sessions, all closed by the server; answers {dict(sorted(seen.items()))}",
     )
 
 
@@ -802,7 +857,8 @@ def test_amqp_never_fails(dps: Dps, capsys: pytest.CaptureFixture[str]) -> None:
     report(capsys, f"amqp: {len(cases)} connections; {dict(seen)}")
 
 
-def test_amqp_mutated_sessions_leave_no_trace(dps: Dps) -> None:
+@pytest.mark.parametrize("transport", ["amqp", "amqp-ws"])
+def test_amqp_mutated_sessions_leave_no_trace(dps: Dps, transport: str) -> None:
     """Recorded client sessions, mutated and replayed as bytes: the server answers or closes;
     whatever it does, no traceback and no connection kept after the client left (teardown)."""
     rng = random.Random(13)
@@ -811,20 +867,18 @@ def test_amqp_mutated_sessions_leave_no_trace(dps: Dps) -> None:
         for _ in range(4)
     ]
     sessions = [mutate_bytes(rng.choice(recorded), rng) for _ in range(80)]
-    context = ssl.create_default_context(cafile=dps.server.ca_file)
 
-    def run(data: bytes) -> None:
-        with socket.create_connection(
-            ("127.0.0.1", int(dps.server.info["amqpPort"])), timeout=CLOSE_WITHIN
-        ) as raw:
-            with context.wrap_socket(raw, server_hostname="localhost") as sock:
-                sock.settimeout(0.5)  # an incomplete session waits for more: the client leaves
-                try:
-                    sock.sendall(data)
-                    while sock.recv(65536):
-                        pass
-                except OSError:
-                    pass
+    def run(numbered: tuple[int, bytes]) -> None:
+        n, data = numbered
+        channel = Channel(dps, "amqpPort", "AMQPWSB10" if transport == "amqp-ws" else None, random.Random(n))
+        try:
+            channel.send(data)
+            while channel.receive(0.5):  # an incomplete session waits for more: the client leaves
+                pass
+        except (OSError, WsClosed):
+            pass
+        finally:
+            channel.close()
 
     with ThreadPoolExecutor(THREADS) as pool:
-        list(pool.map(run, sessions))
+        list(pool.map(run, enumerate(sessions)))
