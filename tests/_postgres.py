@@ -20,12 +20,14 @@ import glob
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -34,7 +36,15 @@ import pytest
 
 from provisiond.storage import Store, open_store
 
-__all__ = ["postgres_db_url", "postgres_url", "store", "store_url", "wait_for_no_connections"]
+__all__ = [
+    "ReplicatedPair",
+    "postgres_db_url",
+    "postgres_url",
+    "replicated_postgres",
+    "store",
+    "store_url",
+    "wait_for_no_connections",
+]
 
 _ENV_URL = "PROVISIOND_TEST_POSTGRES_URL"
 _ENV_SKIP = "PROVISIOND_SKIP_POSTGRES"
@@ -74,6 +84,7 @@ class _Cluster:
         self.dir = Path(tempfile.mkdtemp(prefix="provisiond-pg-", dir="/tmp"))
         self.data = self.dir / "data"
         self.port = _free_port()
+        self.killed = False
         if self.as_root:
             import pwd
 
@@ -95,21 +106,54 @@ class _Cluster:
                 f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}\n{tail}"
             )
 
-    def start(self) -> str:
-        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self, options: str = "-c synchronous_commit=off", *, initdb: bool = True) -> str:
+        if initdb:
+            self._run(
+                "initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"
+            )
         options = (
             f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off"
+            f"-c full_page_writes=off {options}"
         )
         # -l: the server must not inherit our pipes, or capture_output would wait for it.
         self._run(
             "pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.dir / "server.log"), "-w", "start"
         )
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        return self.url
+
+    def start_standby_of(self, primary: _Cluster, name: str) -> str:
+        """Copy ``primary`` with pg_basebackup and start the copy as a streaming standby whose
+        walreceiver reports ``name`` (its ``cluster_name``) as its application name."""
+        self._run(
+            "pg_basebackup", "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres",
+            "-D", str(self.data), "-R", "-X", "stream", "--no-sync",
+        )  # fmt: skip
+        return self.start(f"-c cluster_name={name}", initdb=False)
+
+    def postmaster_pid(self) -> int | None:
+        try:
+            return int((self.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster (a crash: its backends exit when they notice)."""
+        pid = self.postmaster_pid()
+        assert pid is not None, "the server is not running"
+        os.kill(pid, signal.SIGKILL)
+        self.killed = True
+
+    def promote(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-w", "promote")
 
     def stop(self) -> None:
         try:
-            if (self.data / "postmaster.pid").exists():
+            # A killed postmaster may linger as a zombie (no init reaps it in a container).
+            if not self.killed and self.postmaster_pid() is not None:
                 self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -123,6 +167,14 @@ def postgres_url() -> Iterator[str]:
     if url := os.environ.get(_ENV_URL):
         yield url
         return
+    cluster = _Cluster(_bindir_or_fail())
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+def _bindir_or_fail() -> Path:
     bindir = _find_bindir()
     if bindir is None:
         pytest.fail(
@@ -130,11 +182,58 @@ def postgres_url() -> Iterator[str]:
             "`pg_config --bindir` or PATH. Install PostgreSQL (apt-get install postgresql), point "
             f"{_ENV_URL} at a server, or set {_ENV_SKIP}=1 to skip the PostgreSQL tests."
         )
-    cluster = _Cluster(bindir)
+    return bindir
+
+
+@dataclass
+class ReplicatedPair:
+    """A primary and its synchronous streaming standby (commits wait for the standby's flush)."""
+
+    primary: _Cluster
+    standby: _Cluster
+
+    @property
+    def multi_host_url(self) -> str:
+        """One URL naming both servers; libpq connects to whichever accepts writes."""
+        return (
+            f"postgresql://postgres@127.0.0.1:{self.primary.port},127.0.0.1:{self.standby.port}"
+            "/postgres?target_session_attrs=read-write"
+        )
+
+
+_STANDBY_NAME = "standby1"
+
+
+@pytest.fixture
+def replicated_postgres() -> Iterator[ReplicatedPair]:
+    """A fresh primary with a synchronous standby (``synchronous_standby_names``), streaming,
+    for tests that kill the primary and promote the standby. Never the external server of
+    ``PROVISIOND_TEST_POSTGRES_URL``: the test kills it."""
+    if os.environ.get(_ENV_SKIP) == "1":
+        pytest.skip(f"{_ENV_SKIP}=1")
+    bindir = _bindir_or_fail()
+    primary, standby = _Cluster(bindir), _Cluster(bindir)
     try:
-        yield cluster.start()
+        primary.start(f"-c synchronous_commit=on -c synchronous_standby_names={_STANDBY_NAME}")
+        standby.start_standby_of(primary, _STANDBY_NAME)
+        deadline = time.monotonic() + 30
+        with psycopg.connect(primary.url, autocommit=True) as conn:
+            while True:
+                row = conn.execute(
+                    "SELECT sync_state FROM pg_stat_replication WHERE application_name = %s",
+                    (_STANDBY_NAME,),
+                ).fetchone()
+                if row is not None and row[0] == "sync":
+                    break
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the standby did not become synchronous: {row}")
+                time.sleep(0.05)
+        yield ReplicatedPair(primary, standby)
     finally:
-        cluster.stop()
+        try:
+            primary.stop()
+        finally:
+            standby.stop()
 
 
 def _connections_to(admin_url: str, dbname: str) -> int:

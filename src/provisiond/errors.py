@@ -18,6 +18,7 @@
     ├── PreconditionFailedError            412: If-Match does not match the stored etag
     ├── ThrottledError                     429: rate limit; carries retry_after
     ├── StorageError                       500: the database failed (after translation)
+    │   └── DatabaseUnavailableError       503: unreachable, failing over, locked; carries retry_after
     ├── ConfigurationError                 startup problems (bad flags, unreadable PKI); never on the wire
     ├── ProtocolError                      abstract: a protocol rule was broken (h11 style)
     │   ├── LocalProtocolError             we broke it: the API was misused (a bug on our side)
@@ -57,6 +58,7 @@ __all__ = [
     "ConfigurationError",
     "ConflictError",
     "ConnectError",
+    "DatabaseUnavailableError",
     "InsufficientData",
     "InvalidBodyError",
     "InvalidIdError",
@@ -90,6 +92,9 @@ class ProvisioningError(Exception):
     http_status: ClassVar[int] = 500
     error_code: ClassVar[int] = 500000
     exit_code: ClassVar[int] = 1
+    #: The ``trackingId`` of the DPS error body this error was read from (a client's view of a
+    #: service's answer); None for errors raised here.
+    tracking_id: str | None = None
 
     def __init__(self, message: str, *, error_code: int | None = None) -> None:
         super().__init__(message)
@@ -194,6 +199,21 @@ class StorageError(ProvisioningError):
 
     http_status = 500
     error_code = 500001
+
+
+class DatabaseUnavailableError(StorageError):
+    """The database cannot be reached now (down, failing over, every connection busy, a lock
+    held too long), but may be soon. Nothing was acknowledged (a write whose answer was lost may
+    still have landed), and the caller should retry after ``retry_after`` seconds (503 +
+    Retry-After, retryable for every DPS SDK). Raised by the stores at their driver boundary,
+    never decided by a handler."""
+
+    http_status = 503
+    error_code = 503000
+
+    def __init__(self, message: str, *, retry_after: int = 2, error_code: int | None = None) -> None:
+        super().__init__(message, error_code=error_code)
+        self.retry_after = retry_after
 
 
 class ConfigurationError(ProvisioningError):

@@ -153,20 +153,33 @@ class ServiceClient:
 
     @staticmethod
     def _error(response: httpx.Response) -> ProvisioningError:
+        """The error a non-2xx answer means, with the body's message, errorCode and trackingId."""
         try:
             data = response.json()
-            message, code = str(data.get("message", "")), data.get("errorCode")
         except ValueError:
-            message, code = response.text[:500], None
+            data = None
+        if isinstance(data, dict):
+            message, code, tracking = (
+                str(data.get("message", "")),
+                data.get("errorCode"),
+                data.get("trackingId"),
+            )
+        else:
+            message, code, tracking = response.text[:500], None, None
         message = message or f"HTTP {response.status_code}"
+        code = code if isinstance(code, int) else None
+        error: ProvisioningError
         if response.status_code == 429:
-            return ThrottledError(
+            error = ThrottledError(
                 message, retry_after=int(response.headers.get("retry-after", "1")), error_code=code
             )
-        cls = _BY_STATUS.get(
-            response.status_code, StorageError if response.status_code >= 500 else RequestError
-        )
-        return cls(message, error_code=code if isinstance(code, int) else None)
+        else:
+            cls = _BY_STATUS.get(
+                response.status_code, StorageError if response.status_code >= 500 else RequestError
+            )
+            error = cls(message, error_code=code)
+        error.tracking_id = str(tracking) if tracking else None
+        return error
 
     def get(self, path: str) -> Any:
         return self.request("GET", path).json()

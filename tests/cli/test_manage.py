@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -17,7 +18,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from provisiond import pki
-from provisiond.cli import cli
+from provisiond.cli import cli, main
 from provisiond.errors import (
     AuthenticationError,
     AuthorizationError,
@@ -178,6 +179,98 @@ def test_main_prints_the_service_error_and_exits_non_zero(server: RunningServer)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.startswith("Error: No device registration is named"), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _main(capsys: pytest.CaptureFixture[str], *args: Any) -> tuple[int, list[str]]:
+    """Run ``provisiond ARGS`` through the real entry point; its exit code and stderr lines."""
+    with pytest.raises(SystemExit) as exited:
+        main([str(a) for a in args])
+    code = exited.value.code
+    return code if isinstance(code, int) else 1, capsys.readouterr().err.splitlines()
+
+
+_TRACKING = re.compile(r"^  \(errorCode (\d{6}), trackingId ([0-9a-f-]{36})\)$")
+
+
+def _service_error(server: RunningServer, lines: list[str], error_code: int) -> None:
+    """The last line names the errorCode and a trackingId that the service logged."""
+    found = _TRACKING.match(lines[-1])
+    assert found, lines
+    assert int(found.group(1)) == error_code
+    assert f"trackingId={found.group(2)}" in server.log()
+    assert not any("If-Match" in line or "send its etag" in line for line in lines), lines
+
+
+def test_service_errors_print_cli_advice_error_code_and_tracking_id(
+    server: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in _CLEAN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    rid = uid("cli-advice")
+    data = ["--data-dir", server.data_dir]
+    main(["enrollment", "create", rid, *map(str, data)])
+    capsys.readouterr()
+
+    # 409: the service says "send its etag in If-Match"; the CLI names the command to use
+    code, lines = _main(capsys, "enrollment", "create", rid, *data)
+    assert code == 1
+    assert lines[0] == f"Error: The individual enrollment {rid!r} already exists."
+    assert lines[1] == f"  Use `provisiond enrollment update {rid}` to change it, or delete it first."
+    _service_error(server, lines, 409201)
+
+    # 412: a stale --etag (the service speaks of If-Match, a header the user never sent)
+    code, lines = _main(capsys, "enrollment", "delete", rid, "--etag", '"stale"', *data)
+    assert code == 1 and len(lines) == 3
+    assert lines[0] == (
+        f'Error: The individual enrollment {rid!r} no longer has the etag "stale": '
+        "it changed since that etag was read."
+    )
+    assert lines[1] == f"  `provisiond enrollment show {rid}` prints its current etag (or leave out --etag)."
+    _service_error(server, lines, 412001)
+
+    # 412: nothing to replace
+    root = pki.make_root_ca("CLI advice CA")
+    pki.write_issued(root, tmp_path / "root")
+    name = uid("cli-advice-ca")
+    code, lines = _main(capsys, "ca", "upload", name, tmp_path / "root.pem", "--replace", *data)
+    assert code == 1
+    assert lines[:2] == [
+        f"Error: There is no CA certificate {name!r} to replace.",
+        "  Leave out --replace to upload it.",
+    ]
+    _service_error(server, lines, 412000)
+
+    # 404: where to look
+    code, lines = _main(capsys, "group", "show", uid("cli-nogroup"), *data)
+    assert code == 1 and lines[1] == "  `provisiond group list` shows the enrollment groups there are."
+    _service_error(server, lines, 404203)
+
+    # 403 and 401: which credential to use
+    policy = uid("cli-advice-pol")
+    main(["policy", "create", policy, "--rights", "EnrollmentRead", *map(str, data)])
+    capsys.readouterr()
+    main(["policy", "connection-string", policy, *map(str, data)])
+    limited = ["--connection-string", capsys.readouterr().out.strip(), "--ca-file", server.ca_file]
+    code, lines = _main(capsys, "enrollment", "delete", rid, *limited)
+    assert (
+        code == 1
+        and lines[0] == f"Error: Policy {policy!r} lacks the EnrollmentWrite right this operation needs."
+    )
+    assert "`provisiond policy update NAME --rights ...`" in lines[1]
+    _service_error(server, lines, 403001)
+    forged = (
+        limited[1].split(";SharedAccessKey=")[0] + ";SharedAccessKey=" + base64.b64encode(b"x" * 32).decode()
+    )
+    code, lines = _main(
+        capsys, "enrollment", "list", "--connection-string", forged, "--ca-file", server.ca_file
+    )
+    assert code == 1 and "--connection-string" in lines[1]
+    _service_error(server, lines, 401002)
+
+    # an error without advice still names its errorCode and trackingId
+    code, lines = _main(capsys, "enrollment", "create", "bad id!", *data)
+    assert code == 1 and len(lines) == 2 and lines[0].startswith("Error: Invalid registrationId")
+    _service_error(server, lines, 400005)
 
 
 # --- enrollments ---------------------------------------------------------------------------------
@@ -502,6 +595,9 @@ def test_hub_add_list_update_remove(server: RunningServer) -> None:
     updated = run_json(server, "hub", "update", host, "--weight", "9", "--location", "westeurope", "--json")
     assert updated["allocationWeight"] == 9 and updated["location"] == "westeurope"
     assert updated["applyAllocationPolicy"] is False
+    # show, as `az iot dps linked-hub show` (the connection string stays secret)
+    assert run_json(server, "hub", "show", host) == updated
+    assert isinstance(fails(server, "hub", "show", f"x{host}"), NotFoundError)
 
     # an enrollment may name the linked hub
     rid = uid("cli-hub-enr")
@@ -603,6 +699,20 @@ def test_policy_with_a_limited_right(server: RunningServer) -> None:
     run(server, "policy", "update", name, "--rights", "EnrollmentRead,EnrollmentWrite")
     result = invoke("enrollment", "create", uid("cli-pol-enr"), *limited)
     assert result.exit_code == 0, result.output
+    # --rights repeated: every one counts, not only the last
+    updated = run_json(
+        server,
+        "policy",
+        "update",
+        name,
+        "--rights",
+        "EnrollmentRead",
+        "--rights",
+        "RegistrationStatusRead,EnrollmentWrite",
+        "--json",
+    )
+    assert updated["rights"] == ["EnrollmentRead", "EnrollmentWrite", "RegistrationStatusRead"]
+    assert run_json(server, "policy", "show", name)["rights"] == updated["rights"]
 
     run(server, "policy", "update", name, "--regenerate-primary")
     result = invoke("enrollment", "list", "--limit", "1", *limited)

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ pytestmark = pytest.mark.interop
 
 NODE_DIR = Path(__file__).parent / "node"
 SCRIPT = NODE_DIR / "register.js"
+SERVICE_SCRIPT = NODE_DIR / "service.js"
 HTTPS_PORT, MQTT_PORT, AMQP_PORT = 443, 8883, 5671
 NODE_TIMEOUT = 60  # seconds for one registration (the SDK's own operation timeout is 30 s)
 
@@ -51,7 +53,8 @@ def node() -> str:
             "(apt-get install nodejs npm; .ci/run does it)",
             pytrace=False,
         )
-    if not (NODE_DIR / "node_modules" / "azure-iot-provisioning-device").is_dir():
+    wanted = json.loads((NODE_DIR / "package.json").read_text())["dependencies"]
+    if not all((NODE_DIR / "node_modules" / name).is_dir() for name in wanted):
         try:
             done = subprocess.run(
                 [npm_bin, "ci", "--no-audit", "--no-fund"],
@@ -307,3 +310,51 @@ def test_x509_group_with_intermediate(
     assert result["deviceId"] == reg
     assert result["x509"]["enrollmentGroupId"] == gid
     assert result["x509"]["signingCertificateInfo"]["subjectName"] == root.cert.subject.rfc4514_string()
+
+
+def test_connection_json_on_port_443_serves_every_client(node: str, dps: RunningServer) -> None:
+    """On 443, connection.json names the service as Azure does (``localhost``,
+    ``HostName=localhost;``): the Node.js service SDK, which takes the whole HostName as the
+    host name to resolve, works with the connection string as it is, and so do the official
+    Python service SDK and provisiond's own CLI and clients."""
+    cs = dps.connection_string
+    assert dps.info["globalEndpoint"] == "localhost"
+    assert cs.startswith("HostName=localhost;SharedAccessKeyName=provisioningserviceowner;")
+
+    reg = _uid("node-svc")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DPS_", "NODE_"))}
+    env |= {"NODE_EXTRA_CA_CERTS": dps.ca_file, "DPS_CONNECTION_STRING": cs, "DPS_REGISTRATION_ID": reg}
+    done = subprocess.run(
+        [node, str(SERVICE_SCRIPT)],
+        cwd=NODE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=NODE_TIMEOUT,
+    )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    assert json.loads(done.stdout)["registrationId"] == reg
+
+    from azure.iot.deviceprovisioning import DeviceProvisioningClient
+
+    with DeviceProvisioningClient.from_connection_string(cs, connection_verify=dps.ca_file) as sdk:
+        assert sdk.enrollment.get(id=reg)["registrationId"] == reg
+
+    def provisiond(*args: str) -> str:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("PROVISIOND_")}
+        ran = subprocess.run(
+            [sys.executable, "-m", "provisiond", *args, "--data-dir", str(dps.data_dir)],
+            env=clean,
+            capture_output=True,
+            text=True,
+            timeout=NODE_TIMEOUT,
+        )
+        assert ran.returncode == 0, ran.stderr
+        return ran.stdout
+
+    key = json.loads(provisiond("enrollment", "keys", reg, "--json"))["symmetricKey"]["primaryKey"]
+    result = json.loads(
+        provisiond("device", "register", "--registration-id", reg, "--symmetric-key", key, "--json")
+    )
+    assert result["status"] == "assigned"
+    assert provisiond("policy", "connection-string", "provisioningserviceowner").strip() == cs

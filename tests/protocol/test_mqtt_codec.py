@@ -346,11 +346,12 @@ def test_refused_connect_closes_both_sides() -> None:
     ("role", "data", "words"),
     [
         pytest.param(
-            Role.SERVER, b"\xc0\x00", "PINGREQ packet is not allowed", id="server-ping-before-connect"
+            Role.SERVER,
+            b"\xc0\x00",
+            r"client's first bytes b'\\xc0\\x00' are not a CONNECT packet",
+            id="server-ping-before-connect",
         ),
-        pytest.param(
-            Role.SERVER, b"\x20\x02\x00\x00", "CONNACK packet is not allowed", id="server-gets-connack"
-        ),
+        pytest.param(Role.SERVER, b"\x20\x02\x00\x00", "are not a CONNECT packet", id="server-gets-connack"),
         pytest.param(
             Role.SERVER,
             encode_packet(Connect(client_id="a")) + encode_packet(Connect(client_id="a")),
@@ -379,6 +380,25 @@ def test_packets_out_of_place_are_remote_errors(role: Role, data: bytes, words: 
         conn.accept()
         conn.feed_bytes(b"")
     assert conn.state is State.CLOSED and conn.close_reason
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n",  # an HTTPS port ('H': a PUBACK's type)
+        b"\x10\x0e\x00\x04MQTT\x04\x02\x00\x3c\x00\x02id",  # a TLS echo: our own CONNECT
+        b"\x00\x00\x00\x00",  # type 0 is reserved
+    ],
+)
+def test_a_server_that_does_not_speak_mqtt_is_named_by_its_first_bytes(first: bytes) -> None:
+    """Whatever a non-MQTT peer sends first, the client says what came instead of a CONNACK,
+    before decoding it as a packet."""
+    client = MqttConnection(Role.CLIENT, clock=Clock())
+    client.connect(client_id="id")
+    with pytest.raises(RemoteProtocolError) as refused:
+        client.feed_bytes(first)
+    assert refused.value.message == f"The server's first bytes {first[:32]!r} are not a CONNACK packet."
+    assert client.state is State.CLOSED
 
 
 def test_client_checks_acknowledgements() -> None:

@@ -60,6 +60,7 @@ def test_a_taken_device_port_fails_loudly(tmp_path: Path) -> None:
         mqtt_port = int(first.info["mqttPort"])
         with pytest.raises(RuntimeError) as failed:
             start_server(tmp_path / "second", "--mqtt-port", str(mqtt_port))
-        assert f"Cannot serve MQTT on 127.0.0.1:{mqtt_port}" in str(failed.value)
+        assert f"MQTT port {mqtt_port} on 127.0.0.1 is in use" in str(failed.value)
+        assert "--mqtt-port" in str(failed.value)
     finally:
         first.stop()

@@ -18,6 +18,7 @@ import pytest
 
 from provisiond.errors import (
     ConflictError,
+    DatabaseUnavailableError,
     InvalidQueryError,
     NotFoundError,
     PreconditionFailedError,
@@ -621,8 +622,11 @@ async def test_sqlite_readers_do_not_wait_for_the_writer(tmp_path: Path) -> None
             # A reader that had to wait for the lock would fail after busy_timeout instead.
             assert (await store.get(E, "dev")).doc == b"committed"  # type: ignore[union-attr]
             assert await store.count(E) == 1
-            with pytest.raises(StorageError):  # a write waits busy_timeout, then fails
+            # A write waits busy_timeout, then fails with the retryable 503.
+            with pytest.raises(DatabaseUnavailableError) as caught:
                 await store.write(E, "dev", b"blocked")
+            assert caught.value.http_status == 503 and caught.value.retry_after >= 1
+            assert "locked" in caught.value.message
             other.execute("ROLLBACK")
         finally:
             other.close()
@@ -647,9 +651,46 @@ async def test_postgres_close_releases_every_connection(postgres_url: str, postg
 @pytest.mark.postgres
 async def test_postgres_unreachable_server_is_a_storage_error(postgres_url: str) -> None:
     store = PostgresStore("postgresql://postgres@127.0.0.1:1/postgres", connect_timeout=0.5)
-    with pytest.raises(StorageError):
+    with pytest.raises(DatabaseUnavailableError, match="port 1 failed: Connection refused"):
         await store.open()
     await store.close()
+
+
+@pytest.mark.postgres
+async def test_postgres_lost_connections_are_retryable_and_replaced(
+    postgres_url: str, postgres_db_url: str
+) -> None:
+    """Every connection of the store dies under it (an administrator, a crashed backend) while
+    the server stays up: the call that meets a dead connection fails with the retryable 503,
+    and the store serves again by itself, on new connections, without being reopened."""
+    store = PostgresStore(postgres_db_url, min_size=2, max_size=2)
+    await store.open()
+    try:
+        await store.write(E, "dev", b"kept")
+        assert await store.ping() is None
+        dbname = postgres_db_url.rsplit("/", 1)[1]
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s",
+                (dbname,),
+            ).fetchone()
+        assert killed is not None and killed[0] == 2
+        with pytest.raises(DatabaseUnavailableError) as caught:
+            await store.get(E, "dev")
+        assert caught.value.http_status == 503 and caught.value.retry_after >= 1
+        assert "terminating connection" in caught.value.message
+        for _ in range(200):  # each try fails at once or succeeds; recovery takes one probe
+            try:
+                record = await store.get(E, "dev")
+                break
+            except DatabaseUnavailableError:
+                await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the store did not serve again on new connections")
+        assert record is not None and record.doc == b"kept"
+        assert (await store.write(E, "dev", b"again")).doc == b"again"
+    finally:
+        await store.close()
 
 
 # -- write_atomic: all or nothing, across collections ------------------------------------------------

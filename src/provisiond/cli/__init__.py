@@ -67,7 +67,8 @@ def cli() -> None:
 
 
 def main(argv: list[str] | None = None) -> Any:
-    """Entry point: domain errors print their cause and exit non-zero, never a traceback."""
+    """Entry point: domain errors print their cause (with advice, errorCode and trackingId when
+    there are some) and exit non-zero, never a traceback."""
     try:
         return cli.main(args=argv, prog_name="provisiond", standalone_mode=False)
     except click.exceptions.Abort:
@@ -77,7 +78,9 @@ def main(argv: list[str] | None = None) -> Any:
         exc.show()
         sys.exit(exc.exit_code)
     except ProvisioningError as exc:
-        click.echo(f"Error: {exc.message}", err=True)
+        from ._errors import render
+
+        click.echo(render(exc), err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

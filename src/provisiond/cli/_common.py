@@ -23,9 +23,10 @@ import msgspec
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import PreconditionFailedError
+from ..errors import PreconditionFailedError, ProvisioningError
 from ..models import InitialTwin
 from ..service_client import ServiceClient
+from ._errors import advise
 
 __all__ = [
     "CONTEXT",
@@ -97,7 +98,8 @@ def open_client(connection_string: str | None, data_dir: Path | None, ca_file: P
 
 def connected(*, connection_string_flag: bool = True) -> Callable[[F], F]:
     """Add the shared connection options to a command and pass it an open ``client`` (first
-    positional argument), closed when the command returns.
+    positional argument), closed when the command returns. An error the service answers leaves
+    with advice in command-line terms when there is some (:mod:`provisiond.cli._errors`).
 
     ``connection_string_flag=False`` leaves ``--connection-string`` free for the command's own
     use (``hub add``): the service's connection string is then ``--service-connection-string``.
@@ -115,7 +117,11 @@ def connected(*, connection_string_flag: bool = True) -> Callable[[F], F]:
             data_dir = kwargs.pop("data_dir")
             ca_file = kwargs.pop("ca_file")
             with open_client(cs, data_dir, ca_file) as client:
-                return func(client, *args, **kwargs)
+                try:
+                    return func(client, *args, **kwargs)
+                except ProvisioningError as exc:
+                    advise(exc, click.get_current_context())
+                    raise
 
         options = [
             click.option(

@@ -84,6 +84,14 @@ def hub_list(client: ServiceClient, as_json: bool) -> None:
     print_table("Linked IoT hubs", ["Host name", "Weight", "Allocation", "Built in", "Location"], rows)
 
 
+@hub.command("show")
+@click.argument("host")
+@connected()
+def hub_show(client: ServiceClient, host: str) -> None:
+    """Print the linked IoT hub HOST as JSON (its connection string is never shown)."""
+    echo_json(client.get(_hub_path(host)))
+
+
 def _hub_options(func: Any) -> Any:
     func = click.option(
         "--location", metavar="REGION", help="The hub's location (for geoLatency allocation)."
@@ -330,10 +338,11 @@ def policy() -> None:
 _RIGHTS = {right.value.lower(): right.value for right in Right}
 
 
-def _parse_rights(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
-    if value is None:
+def _parse_rights(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[str] | None:
+    """Every right of every --rights (each comma-separated); None when there is none."""
+    if not value:
         return None
-    names = [n for n in value.replace(";", ",").replace(" ", ",").split(",") if n]
+    names = [n for item in value for n in item.replace(";", ",").replace(" ", ",").split(",") if n]
     unknown = [n for n in names if n.lower() not in _RIGHTS]
     if unknown or not names:
         raise click.BadParameter(
@@ -347,8 +356,11 @@ def _rights_option(required: bool) -> Callable[[Any], Any]:
         "--rights",
         callback=_parse_rights,
         required=required,
+        multiple=True,
         metavar="R1,R2",
-        help="Comma-separated rights: " + ", ".join(r.value for r in Right) + ".",
+        help="Rights, comma-separated or repeated (--rights A --rights B): "
+        + ", ".join(r.value for r in Right)
+        + ".",
     )
 
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
 import shutil
+import socket
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -18,16 +22,28 @@ from ..service.settings import DEFAULT_BUILTIN_HUB, Settings
 
 __all__ = ["connection_info", "serve"]
 
+if TYPE_CHECKING:
+    import uvicorn
+
 log = logging.getLogger("provisiond.serve")
+
+#: Seconds the worker processes of ``--workers N`` get to start before serve stops waiting to
+#: announce them (they keep starting; only the banner is not printed).
+_WORKER_START_TIMEOUT = 120.0
 
 
 def connection_info(
     settings: Settings, *, id_scope: str, owner_key: str, ca_file: Path | None
 ) -> dict[str, Any]:
-    """What ``DIR/connection.json`` holds. These keys are a stable interface: automation reads them."""
+    """What ``DIR/connection.json`` holds. These keys are a stable interface: automation reads them.
+
+    The endpoint (``globalEndpoint`` and the connection string's ``HostName``) is ``host`` on
+    the standard HTTPS port 443, as Azure writes it (the Node.js and C SDKs take the whole
+    HostName as a host name), and ``host:port`` on any other port.
+    """
     from ..service.app import OWNER_POLICY
 
-    endpoint = f"{settings.host}:{settings.https_port}"
+    endpoint = settings.host if settings.https_port == 443 else f"{settings.host}:{settings.https_port}"
     return {
         "idScope": id_scope,
         "host": settings.host,
@@ -111,10 +127,113 @@ async def _prepare(settings: Settings, ca_file: Path | None) -> tuple[dict[str, 
         await store.close()
 
 
-def _run(settings: Settings, ca_file: Path | None) -> None:
+# --- the ports ---------------------------------------------------------------------------------
+
+
+def _bind_probe(bind: str, port: int) -> list[socket.socket]:
+    """Bind ``port`` on every address ``bind`` names, as the listeners will (SO_REUSEADDR, IPv6
+    only on IPv6 sockets); the caller closes the sockets.
+
+    :raises OSError: the port cannot be bound (in use, not permitted, no such address).
+    """
+    held: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(
+            bind, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        ):
+            sock = socket.socket(family, kind, proto)
+            held.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError:
+        for sock in held:
+            sock.close()
+        raise
+    return held
+
+
+def _check_ports(bind: str, *, https_port: int, mqtt_port: int, amqp_port: int) -> None:
+    """Fail before anything starts when a port cannot be listened on: one line naming the port
+    and the flag that changes it (the listeners bind for real later; this catches the usual
+    case, a port another program or another provisiond holds, without a traceback).
+
+    :raises ConfigurationError: a port is given twice, in use, or not permitted.
+    """
+    candidates = [
+        (https_port, "--https-port", "HTTPS"),
+        (mqtt_port, "--mqtt-port", "MQTT"),
+        (amqp_port, "--amqp-port", "AMQP"),
+    ]
+    ports = [entry for entry in candidates if entry[0]]  # MQTT and AMQP are off at 0
+    seen: dict[int, str] = {}
+    for port, flag, _ in ports:
+        if port in seen:
+            raise ConfigurationError(f"{seen[port]} and {flag} are both {port}: give each its own port.")
+        seen[port] = flag
+    held: list[socket.socket] = []
+    try:
+        for port, flag, what in ports:
+            off = "" if flag == "--https-port" else f" (0 turns {what} over TLS off)"
+            try:
+                held += _bind_probe(bind, port)
+            except socket.gaierror as exc:
+                raise ConfigurationError(f"Cannot listen on --bind {bind}: {exc.strerror}.") from None
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    why = "is in use (by another program, or another provisiond)"
+                elif exc.errno == errno.EACCES:
+                    why = (
+                        "needs privileges to bind (below 1024: root, or the cap_net_bind_service capability)"
+                    )
+                else:
+                    why = f"cannot be bound: {exc.strerror or exc}"
+                raise ConfigurationError(
+                    f"{what} port {port} on {bind} {why}; choose another with {flag}{off}."
+                ) from None
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def _announcing_server(config: uvicorn.Config, announce: Callable[[], None]) -> uvicorn.Server:
+    """A uvicorn server that calls ``announce`` once it has started: the lifespan (which starts
+    the MQTT and AMQP listeners) has finished and the HTTPS socket is listening."""
     import uvicorn
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                announce()
+
+    return _Server(config)
+
+
+def _run_workers(config: uvicorn.Config, sock: socket.socket, announce: Callable[[], None]) -> None:
+    """``--workers N``: uvicorn's supervisor, calling ``announce`` once every worker has started
+    (each one's listeners are bound and its HTTPS server serves)."""
     from uvicorn.supervisors import Multiprocess
 
+    class _Supervisor(Multiprocess):
+        def init_processes(self) -> None:
+            super().init_processes()
+            deadline = time.monotonic() + _WORKER_START_TIMEOUT
+            waiting = list(self.processes)
+            while waiting and time.monotonic() < deadline and not self.signal_queue:
+                if not all(p.process.is_alive() for p in waiting):
+                    return  # a worker failed to start; the supervisor stops the service
+                waiting = [p for p in waiting if not p.is_ready(timeout=1)]
+                if waiting:
+                    time.sleep(0.1)
+            if not waiting:
+                announce()
+
+    _Supervisor(config, sockets=[sock]).run()
+
+
+def _run(settings: Settings, ca_file: Path | None) -> None:
     from ..service.app import WORKER_SETTINGS_ENV, create_app
     from ..tls import uvicorn_config
 
@@ -128,7 +247,10 @@ def _run(settings: Settings, ca_file: Path | None) -> None:
         # Idle TLS keep-alive peers may never answer close_notify: do not wait on them forever.
         "timeout_graceful_shutdown": 3,
     }
-    click.echo(_banner(info, path))
+
+    def announce() -> None:  # once every listener is bound, not before
+        click.echo(_banner(info, path))
+
     log.info(
         "serving HTTPS on %s:%d with the %s store, %d worker process(es)",
         settings.bind,
@@ -137,14 +259,14 @@ def _run(settings: Settings, ca_file: Path | None) -> None:
         settings.workers,
     )
     if settings.workers == 1:
-        uvicorn.Server(uvicorn_config(create_app(settings), **common)).run()
+        _announcing_server(uvicorn_config(create_app(settings), **common), announce).run()
         return
     os.environ[WORKER_SETTINGS_ENV] = settings.to_json()
     os.environ["PROVISIOND_LOG_LEVEL"] = logging.getLevelName(logging.getLogger().level).lower()
     config = uvicorn_config(
         "provisiond.service.app:app_from_environment", factory=True, workers=settings.workers, **common
     )
-    Multiprocess(config, sockets=[config.bind_socket()]).run()
+    _run_workers(config, config.bind_socket(), announce)
 
 
 @click.command()
@@ -217,7 +339,8 @@ def _run(settings: Settings, ca_file: Path | None) -> None:
     default=None,
     show_envvar=True,
     envvar="PROVISIOND_DB",
-    help="A SQLite file path (default DATA_DIR/provisiond.db) or a postgresql:// URL.",
+    help="A SQLite file path (default DATA_DIR/provisiond.db) or a postgresql:// URL (the postgres "
+    "extra; several hosts, postgresql://user@db1,db2/name, reach the one that accepts writes).",
 )
 @click.option(
     "--server-cert",
@@ -339,9 +462,10 @@ def serve(
     """Run the provisioning service on its embedded default: SQLite in DATA_DIR, a development
     PKI generated on first start, and a built-in IoT hub.
 
-    On start it writes DATA_DIR/connection.json (idScope, host, httpsPort, serviceConnectionString,
-    caCertificate, ...) and prints the same. Every option also reads the environment variable
-    shown (PROVISIOND_*).
+    On start it checks that every port can be listened on (a taken one is an error naming its
+    flag), writes DATA_DIR/connection.json (idScope, host, httpsPort, serviceConnectionString,
+    caCertificate, ...), and prints the same once every listener is bound. Every option also
+    reads the environment variable shown (PROVISIOND_*).
     """
     logging.basicConfig(
         level=getattr(logging, log_level.upper()),
@@ -350,6 +474,7 @@ def serve(
     )
     if (server_cert is None) != (server_key is None):
         raise click.UsageError("--server-cert and --server-key go together.")
+    _check_ports(bind, https_port=https_port, mqtt_port=mqtt_port, amqp_port=amqp_port)
     data_dir = data_dir.absolute()
     data_dir.mkdir(parents=True, exist_ok=True)
     if server_cert is not None and server_key is not None:

@@ -22,9 +22,10 @@ correlation-id; the service settles it *accepted* and answers on the receiving l
 the error's info). A refused SASL outcome or link becomes a 401/404 reply with the reason, so
 the flow reports it like an HTTP refusal.
 
-Errors are translated once, here: cannot connect or TLS refused -> ConnectError; no answer in
-time -> TimeoutError; the connection broke or closed -> TransportError; a malformed frame from
-the service -> RemoteProtocolError.
+Errors are translated once, here: cannot connect, TLS refused, or closed before the service's
+protocol header -> ConnectError; no answer in time -> TimeoutError; the connection broke or
+closed -> TransportError; a malformed frame from the service -> RemoteProtocolError (where the
+first bytes are not an AMQP protocol header: "is not an AMQP server", naming them).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from typing import Any, ClassVar
 
 import msgspec
 
-from ..errors import ProvisioningError, RemoteProtocolError, TimeoutError, TransportError
+from ..errors import ConnectError, ProvisioningError, RemoteProtocolError, TimeoutError, TransportError
 from ..protocol import bounded_json
 from ..protocol.amqp import dps
 from ..protocol.amqp.connection import Connection, ConnectionConfig, Side
@@ -54,6 +55,7 @@ from ..protocol.amqp.events import (
     LinkDetached,
     LinkId,
     MessageReceived,
+    ProtocolHeaderReceived,
     SaslChallengeReceived,
     SaslMechanismsReceived,
     SaslOutcomeReceived,
@@ -112,6 +114,8 @@ class _Link:
         self.receiver: LinkId | None = None
         self.attached: set[LinkId] = set()
         self.backlog: list[Event] = []
+        #: Whether the service sent an AMQP protocol header (else it may not speak AMQP at all).
+        self.heard = False
 
     @property
     def usable(self) -> bool:
@@ -366,8 +370,10 @@ class AmqpTransport(StreamTransport):
                 raise TimeoutError(f"{self.address} did not answer within {self.timeout:g} s") from None
             events = link.machine.feed_bytes(data)
             for event in events:
-                if isinstance(event, ConnectionClosed):
-                    raise _closed(self.address, event)
+                if isinstance(event, ProtocolHeaderReceived):
+                    link.heard = True
+                elif isinstance(event, ConnectionClosed):
+                    raise _closed(self.address, event, heard=link.heard)
             collected += events
             if until_opened and not link.machine.opened:
                 await link.flush()
@@ -416,7 +422,15 @@ class AmqpTransport(StreamTransport):
         return f"<AmqpTransport {self.address} id_scope={self.id_scope!r}>"
 
 
-def _closed(address: str, event: ConnectionClosed) -> ProvisioningError:
+def _closed(address: str, event: ConnectionClosed, *, heard: bool) -> ProvisioningError:
+    if not heard:  # no AMQP protocol header came back: whatever answered does not speak AMQP
+        if event.error is None:
+            return ConnectError(
+                f"{address} closed the connection instead of sending an AMQP protocol header: "
+                "is it an AMQP server?"
+            )
+        if not event.by_peer:
+            return RemoteProtocolError(f"{address} is not an AMQP server. {event.error.description}")
     if event.error is None:
         return TransportError(f"{address} closed the AMQP connection")
     text = f"{address} closed the AMQP connection: {event.error.description} ({event.error.condition})"

@@ -15,11 +15,12 @@ to other rids (a late answer to a request that timed out) are acknowledged and d
 While the flow sleeps the connection idles; if it idled past its keep-alive, or the service
 closed it, the next request opens a new one. :meth:`MqttTransport.close` sends DISCONNECT.
 
-Errors are translated once, at this boundary: cannot connect or TLS refused ->
-:class:`~provisiond.errors.ConnectError`; no answer in time ->
+Errors are translated once, at this boundary: cannot connect, TLS refused, or closed before
+the CONNACK -> :class:`~provisiond.errors.ConnectError`; no answer in time ->
 :class:`~provisiond.errors.TimeoutError`; the connection broke ->
 :class:`~provisiond.errors.TransportError`; a malformed packet or topic from the service ->
-:class:`~provisiond.errors.RemoteProtocolError`. A refusing CONNACK is the service's answer,
+:class:`~provisiond.errors.RemoteProtocolError` (before the CONNACK: "is not an MQTT server",
+naming the first bytes that came instead, e.g. an HTTPS port's ``HTTP/1.1 400``). A refusing CONNACK is the service's answer,
 so it becomes a :class:`Reply` with the HTTP-like status of :data:`CONNACK_STATUS` (4 and 5:
 401, refused by the flow with the reason; 3: 503, retried with backoff).
 """
@@ -38,7 +39,7 @@ from typing import ClassVar
 
 import msgspec
 
-from ..errors import RemoteProtocolError, TimeoutError, TransportError
+from ..errors import ConnectError, RemoteProtocolError, TimeoutError, TransportError
 from ..protocol.messages import encode
 from ..protocol.mqtt import (
     Connack,
@@ -250,9 +251,21 @@ class MqttTransport(StreamTransport):
                     raise TransportError(f"{self.address} stopped answering pings") from None
                 await connection.flush()
                 continue
+            connecting = machine.state is State.CONNECTING
             if not data:
+                if connecting:
+                    raise ConnectError(
+                        f"{self.address} closed the connection instead of answering the MQTT CONNECT: "
+                        "is it an MQTT server?"
+                    )
                 raise TransportError(f"{self.address} closed the MQTT connection before answering $rid={rid}")
-            reply = self._answer(machine.feed_bytes(data), rid, machine)
+            try:
+                packets = machine.feed_bytes(data)
+            except RemoteProtocolError as exc:
+                if connecting:  # before the CONNACK: whatever answered does not speak MQTT
+                    raise RemoteProtocolError(f"{self.address} is not an MQTT server. {exc.message}") from exc
+                raise RemoteProtocolError(f"{self.address} broke the MQTT protocol: {exc.message}") from exc
+            reply = self._answer(packets, rid, machine)
             await connection.flush()  # PUBACKs
             if reply is not None:
                 return reply

@@ -86,6 +86,7 @@ from ._mqtt_packets import (
 __all__ = ["RECEIVE", "SEND", "Lapse", "MqttConnection", "Role", "State"]
 
 KEEP_ALIVE_GRACE = 1.5  # MQTT-3.1.2-24: the server allows one and a half keep-alive intervals
+_SHOWN_BYTES = 32  # of a peer that does not speak MQTT, in the error
 
 
 class Role(enum.Enum):
@@ -194,6 +195,7 @@ class MqttConnection:
         self._ping_outstanding = False
         self._clean_session = True
         self._connect_deadline = now + connect_timeout if connect_timeout is not None else None
+        self._heard = False  # whether a packet from the peer has arrived
 
     # --- bytes in, bytes out ---------------------------------------------------------------------
 
@@ -226,6 +228,8 @@ class MqttConnection:
             if self.state is State.CLOSED:
                 offset = len(view)
                 break
+            if not self._heard:
+                self._check_first_bytes(view[offset:])
             try:
                 rest, packet = decode_packet(view[offset:], max_packet_size=self._max_packet_size)
             except InsufficientData:
@@ -236,6 +240,19 @@ class MqttConnection:
             packets.append(packet)
         view.release()
         return packets, offset
+
+    def _check_first_bytes(self, data: memoryview) -> None:
+        """The peer's first byte must begin the packet the table expects first (a CONNACK, a
+        CONNECT). Anything else is refused before it is decoded, naming the bytes: a peer that
+        does not speak MQTT (an HTTPS server's ``HTTP/1.1 400``) is not mistaken for a malformed
+        packet (``H`` is a PUBACK with reserved flags)."""
+        expected = RECEIVE[self.role].get(self.state, {})
+        kind = data[0] >> 4
+        if expected and kind not in {packet_type.value for packet_type in expected}:
+            names = " or ".join(packet_type.name for packet_type in expected)
+            raise RemoteProtocolError(
+                f"The {_peer(self.role)}'s first bytes {bytes(data[:_SHOWN_BYTES])!r} are not a {names} packet."
+            )
 
     def _paused(self) -> bool:
         return self.role is Role.SERVER and self.state is State.CONNECTING
@@ -411,6 +428,7 @@ class MqttConnection:
             self.state = next_state
 
     def _received(self, packet: Packet) -> None:
+        self._heard = True
         next_state = RECEIVE[self.role].get(self.state, {}).get(packet.packet_type)
         if next_state is None:
             raise RemoteProtocolError(

@@ -22,9 +22,9 @@ from ..storage import Collection, Store, WriteMode, open_store
 from . import admin, api, device_api
 from . import amqp as _amqp  # noqa: F401  (registers the AMQP listeners: STARTERS, WEBSOCKET_HANDLERS)
 from . import mqtt as _mqtt  # noqa: F401  (registers the MQTT listeners: STARTERS, WEBSOCKET_HANDLERS)
-from .context import SETTINGS_KEY, ServiceContext
+from .context import SETTINGS_KEY, ServiceContext, context_of
 from .enrollments import generate_key
-from .http import error_response, tracking_id
+from .http import error_response, handle_errors, tracking_id
 from .listeners import running_listeners
 from .registrar import Registrar
 from .settings import Settings
@@ -100,6 +100,14 @@ async def healthz(request: Request) -> Response:
     return Response(b'{"status":"ok"}', media_type="application/json")
 
 
+@handle_errors
+async def readyz(request: Request) -> Response:
+    """Readiness: one round trip to the database; 503 + Retry-After (a DPS error body whose
+    message is the database's error) while it cannot be reached."""
+    await context_of(request).store.ping()
+    return Response(b'{"status":"ready"}', media_type="application/json")
+
+
 def create_app(
     settings: Settings, *, store: Store | None = None, clock: Callable[[], float] = time.time
 ) -> Starlette:
@@ -129,6 +137,7 @@ def create_app(
     app = Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
             *api.routes(),
             *admin.routes(),
             *device_api.routes(),

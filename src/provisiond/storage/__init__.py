@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import ConfigurationError
 from .base import Collection, Delete, Page, Record, Store, Write, WriteMode, etags_match, new_etag, utc_now
 
 __all__ = [
@@ -19,12 +20,27 @@ __all__ = [
 ]
 
 
+#: How to get the PostgreSQL backend's drivers (the ``postgres`` extra, which ``make run`` does not install).
+POSTGRES_EXTRA_HINT = (
+    "pip install 'provisiond[postgres]' (in a checkout: .venv/bin/pip install -e '.[postgres]')"
+)
+
+
 def open_store(url: str) -> Store:
     """A store for a database URL: ``postgresql://...`` or a SQLite path (``sqlite:///path``,
-    or a plain file path). The store is not opened yet: await :meth:`Store.open`."""
-    if url.startswith(("postgresql://", "postgres://")):
-        from .postgres import PostgresStore
+    or a plain file path). The store is not opened yet: await :meth:`Store.open`.
 
+    :raises ConfigurationError: a PostgreSQL URL without the ``postgres`` extra installed.
+    """
+    if url.startswith(("postgresql://", "postgres://")):
+        try:
+            from .postgres import PostgresStore
+        except ImportError as exc:
+            if not (exc.name or "psycopg").startswith("psycopg"):
+                raise
+            raise ConfigurationError(
+                f"PostgreSQL support is not installed ({exc}): {POSTGRES_EXTRA_HINT}"
+            ) from exc
         return PostgresStore(url)
     path = url.removeprefix("sqlite:///").removeprefix("sqlite://")
     from .sqlite import SqliteStore

@@ -46,7 +46,11 @@ passes the bytes together with the index values. What the store guarantees:
   :meth:`Store.setting_setdefault` is atomic across nodes: the first writer wins and every caller
   gets the winning value.
 - **Errors.** Driver exceptions never escape: they become :class:`~provisiond.errors.StorageError`
-  (with ``from exc``), except the contract errors above.
+  (with ``from exc``), except the contract errors above. When the database cannot be reached
+  now (down, failing over, every connection busy, a lock held past the busy timeout), the error
+  is its subclass :class:`~provisiond.errors.DatabaseUnavailableError` (503, ``retry_after``):
+  the call was not acknowledged (a write may or may not have landed), and a retry may succeed.
+  Such a call fails within seconds; it never waits for the database to come back.
 - **Concurrency.** Methods are coroutine-safe: many tasks may call one store at once.
 """
 
@@ -216,6 +220,12 @@ class Store(ABC):
     @abstractmethod
     async def schema_version(self) -> int:
         """The number of the last migration applied."""
+
+    async def ping(self) -> None:
+        """One round trip to the database (readiness): returns when it answers, raises
+        :class:`~provisiond.errors.DatabaseUnavailableError` (or another
+        :class:`~provisiond.errors.StorageError`) when it does not."""
+        await self.schema_version()
 
     @abstractmethod
     async def get(self, collection: Collection, id: str) -> Record | None:

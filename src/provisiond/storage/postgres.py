@@ -37,25 +37,26 @@ on a row this transaction has locked:
 
 Migrations run in :meth:`PostgresStore.open`, each in a transaction holding
 ``pg_advisory_xact_lock``, so nodes starting together apply each migration exactly once.
-Driver exceptions are translated once, in :func:`_map_errors`.
+Connections, the translation of driver exceptions (503 when the database is unreachable) and
+riding through a failover are :mod:`._pg_connections`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
-from psycopg_pool import AsyncConnectionPool
 
 from ..errors import ConflictError, NotFoundError, ProvisioningError, StorageError
 from . import _sql
+from ._pg_connections import Connection as _Connection
+from ._pg_connections import PgConnections
 from ._sql import Meta, ParamStyle
 from .base import Collection, Delete, Page, Record, Store, Write, WriteMode, new_etag, utc_now
 
@@ -74,29 +75,20 @@ _ITEM_ATTEMPTS = 5
 _INSERT_CHUNK = 1000
 
 _T = TypeVar("_T")
-_Connection = psycopg.AsyncConnection[tuple[Any, ...]]
-
-
-@contextlib.contextmanager
-def _map_errors() -> Iterator[None]:
-    """Turn psycopg (and pool) failures into :class:`StorageError`, keeping the cause.
-
-    ``psycopg_pool.PoolTimeout`` and ``PoolClosed`` are ``psycopg.OperationalError`` subclasses.
-    """
-    try:
-        yield
-    except psycopg.Error as exc:
-        raise StorageError(f"PostgreSQL error: {exc}") from exc
 
 
 class PostgresStore(Store):
     """A :class:`Store` in a PostgreSQL database.
 
-    :param url: a libpq connection string or ``postgresql://`` URL.
+    :param url: a libpq connection string or ``postgresql://`` URL (several hosts allowed:
+        provisiond connects to the one that accepts writes).
     :param min_size: connections the pool keeps open.
     :param max_size: the most connections the pool opens.
-    :param timeout: seconds a call waits for a free pool connection before failing.
-    :param connect_timeout: seconds :meth:`open` waits for the first connections.
+    :param timeout: seconds a call waits for a free pool connection before failing (503).
+    :param connect_timeout: seconds one connection attempt may take (unless the URL sets
+        ``connect_timeout``).
+    :param probe_interval: seconds between reconnection attempts while the database is down.
+    :param retry_after: the Retry-After of 503 answers while the database is unavailable.
     """
 
     backend = "postgresql"
@@ -108,14 +100,21 @@ class PostgresStore(Store):
         min_size: int = 1,
         max_size: int = 10,
         timeout: float = 30.0,
-        connect_timeout: float = 30.0,
+        connect_timeout: float = 5.0,
+        probe_interval: float = 0.5,
+        retry_after: int = 2,
     ) -> None:
         self.url = url
-        self._min_size = min_size
-        self._max_size = max_size
-        self._timeout = timeout
-        self._connect_timeout = connect_timeout
-        self._pool: AsyncConnectionPool[_Connection] | None = None
+        self._connections = PgConnections(
+            url,
+            label=repr(self),
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            probe_interval=probe_interval,
+            retry_after=retry_after,
+        )
         self._lifecycle = asyncio.Lock()
 
     def __repr__(self) -> str:
@@ -130,64 +129,28 @@ class PostgresStore(Store):
 
     async def open(self) -> None:
         async with self._lifecycle:
-            await self._open()
-
-    async def _open(self) -> None:
-        if self._pool is not None:
-            return
-        pool: AsyncConnectionPool[_Connection] = AsyncConnectionPool(
-            self.url,
-            min_size=self._min_size,
-            max_size=self._max_size,
-            timeout=self._timeout,
-            kwargs={"autocommit": True},
-            name="provisiond",
-            open=False,
-        )
-        try:
-            with _map_errors():
-                await pool.open(wait=True, timeout=self._connect_timeout)
-                await self._migrate(pool)
-        except BaseException:
-            await pool.close()
-            raise
-        self._pool = pool
+            await self._connections.open(self._migrate)
 
     async def close(self) -> None:
         async with self._lifecycle:
-            pool, self._pool = self._pool, None
-            if pool is not None:
-                with _map_errors():
-                    await pool.close()
+            await self._connections.close()
 
-    async def _migrate(self, pool: AsyncConnectionPool[_Connection]) -> None:
-        async with pool.connection() as conn:
-            for migration in _sql.load_migrations("postgresql"):
-                async with conn.transaction():
-                    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-                    await conn.execute(_sql.BOOTSTRAP_MIGRATIONS)
-                    cursor = await conn.execute(
-                        _sql.sql(_sql.MIGRATION_APPLIED, _STYLE), (migration.version,)
-                    )
-                    if await cursor.fetchone() is not None:
-                        continue
-                    await conn.execute(migration.text)
-                    await conn.execute(
-                        _sql.sql(_sql.RECORD_MIGRATION, _STYLE), (migration.version, utc_now())
-                    )
-                    log.info("Applied migration %s to %r", migration.name, self)
-
-    def _require_pool(self) -> AsyncConnectionPool[_Connection]:
-        pool = self._pool
-        if pool is None:
-            raise StorageError(f"{self!r} is not open")
-        return pool
+    async def _migrate(self, conn: _Connection) -> None:
+        for migration in _sql.load_migrations("postgresql"):
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+                await conn.execute(_sql.BOOTSTRAP_MIGRATIONS)
+                cursor = await conn.execute(_sql.sql(_sql.MIGRATION_APPLIED, _STYLE), (migration.version,))
+                if await cursor.fetchone() is not None:
+                    continue
+                await conn.execute(migration.text)
+                await conn.execute(_sql.sql(_sql.RECORD_MIGRATION, _STYLE), (migration.version, utc_now()))
+                log.info("Applied migration %s to %r", migration.name, self)
 
     async def _fetch_all(self, text: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        with _map_errors():
-            async with self._require_pool().connection() as conn:
-                cursor = await conn.execute(text, params)
-                return await cursor.fetchall()
+        async with self._connections.connection() as conn:
+            cursor = await conn.execute(text, params)
+            return await cursor.fetchall()
 
     # -- records ------------------------------------------------------------------------------
 
@@ -267,18 +230,17 @@ class PostgresStore(Store):
     async def _transaction(self, tables: str, function: Callable[..., Awaitable[_T]], *args: Any) -> _T:
         """``await function(conn, *args)`` in a transaction, which commits when it returns and
         rolls back when it raises; retried after a deadlock or serialization failure."""
-        pool = self._require_pool()
         attempt = 1
-        with _map_errors():
-            while True:
-                try:
-                    async with pool.connection() as conn, conn.transaction():
-                        return await function(conn, *args)
-                except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
-                    if attempt >= _TRANSACTION_ATTEMPTS:
-                        raise
-                    log.info("Retrying a write to %s after: %s", tables, exc)
-                    attempt += 1
+        while True:
+            try:
+                async with self._connections.connection() as conn, conn.transaction():
+                    return await function(conn, *args)
+            except StorageError as exc:
+                retry = isinstance(exc.__cause__, pg_errors.DeadlockDetected | pg_errors.SerializationFailure)
+                if not retry or attempt >= _TRANSACTION_ATTEMPTS:
+                    raise
+                log.info("Retrying a write to %s after: %s", tables, exc.__cause__)
+                attempt += 1
 
     async def query(
         self,
@@ -308,23 +270,21 @@ class PostgresStore(Store):
 
     async def setting_setdefault(self, key: str, value: str) -> str:
         statements = _sql.settings_sql(_STYLE)
-        with _map_errors():
-            async with self._require_pool().connection() as conn:
-                # Two statements, not one: a statement's snapshot may predate the row that made
-                # its insert a no-op, so the lookup must be a statement of its own.
-                cursor = await conn.execute(statements.insert_if_missing, (key, value))
+        async with self._connections.connection() as conn:
+            # Two statements, not one: a statement's snapshot may predate the row that made
+            # its insert a no-op, so the lookup must be a statement of its own.
+            cursor = await conn.execute(statements.insert_if_missing, (key, value))
+            row = await cursor.fetchone()
+            if row is None:
+                cursor = await conn.execute(statements.get, (key,))
                 row = await cursor.fetchone()
-                if row is None:
-                    cursor = await conn.execute(statements.get, (key,))
-                    row = await cursor.fetchone()
         if row is None:  # settings are never deleted, so this cannot happen
             raise StorageError(f"The setting {key!r} vanished while it was being set")
         return str(row[0])
 
     async def _execute(self, text: str, params: Sequence[Any]) -> None:
-        with _map_errors():
-            async with self._require_pool().connection() as conn:
-                await conn.execute(text, params)
+        async with self._connections.connection() as conn:
+            await conn.execute(text, params)
 
 
 def _lock_id(collection: Collection, key: str) -> int:

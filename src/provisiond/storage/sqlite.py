@@ -46,7 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import ProvisioningError, StorageError
+from ..errors import DatabaseUnavailableError, ProvisioningError, StorageError
 from . import _sql
 from ._sql import Meta, ParamStyle
 from .base import Collection, Delete, Page, Record, Store, Write, new_etag, utc_now
@@ -61,9 +61,16 @@ _T = TypeVar("_T")
 
 @contextlib.contextmanager
 def _map_errors() -> Iterator[None]:
-    """Turn driver (and file system) failures into :class:`StorageError`."""
+    """Turn driver (and file system) failures into :class:`StorageError`; a lock that another
+    connection held past ``busy_timeout`` is a retryable :class:`DatabaseUnavailableError`."""
     try:
         yield
+    except sqlite3.OperationalError as exc:
+        if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            raise DatabaseUnavailableError(
+                f"The SQLite database stayed locked by another writer for longer than its busy timeout: {exc}"
+            ) from exc
+        raise StorageError(f"SQLite error: {exc}") from exc
     except sqlite3.Error as exc:
         raise StorageError(f"SQLite error: {exc}") from exc
     except OSError as exc:

@@ -86,7 +86,7 @@ def decode_protocol_header(data: memoryview | bytes) -> tuple[memoryview, Protoc
     head = bytes(view[:4])
     if not b"AMQP".startswith(head):
         raise AmqpProtocolError(
-            f"Not an AMQP protocol header: {bytes(view[:8])!r}", condition="amqp:connection:framing-error"
+            f"{bytes(view[:32])!r} is not an AMQP protocol header.", condition="amqp:connection:framing-error"
         )
     if len(view) < 8:
         raise InsufficientData

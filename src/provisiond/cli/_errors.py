@@ -1,0 +1,136 @@
+"""How the command line reports a failure: the cause, advice in command-line terms, and for
+an error the service answered, its errorCode and trackingId (the service logs the same line
+under that tracking id).
+
+The service's messages are written for its REST API ("to update it, send its etag in
+If-Match"), and stay so. For the errors it knows (409 exists, 412 etag, 404, 401 and 403), a
+management command rewords the error on its way out (:func:`advise`): its message becomes the
+service's statement without the REST advice (DPS messages separate the two with ``"; "``), or
+the command's own statement where the service's is about a header the user never sent (412),
+and the command's advice, naming the command or flag to use, is added as a note (:pep:`678`).
+:func:`render` prints the lot.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+from typing import Any
+
+import click
+
+from ..errors import (
+    AuthenticationError,
+    AuthorizationError,
+    ConflictError,
+    NotFoundError,
+    PreconditionFailedError,
+    ProvisioningError,
+)
+
+__all__ = ["advise", "render"]
+
+#: Command group -> what one of its records is called, and what several are.
+_WHAT = {
+    "enrollment": ("individual enrollment", "individual enrollments"),
+    "group": ("enrollment group", "enrollment groups"),
+    "hub": ("linked IoT hub", "linked IoT hubs"),
+    "ca": ("CA certificate", "CA certificates"),
+    "policy": ("shared access policy", "shared access policies"),
+    "registration": ("registration record", "registration records"),
+}
+#: (group, command) -> the advice when the record it creates already exists (409).
+_EXISTS = {
+    ("enrollment", "create"): "Use `provisiond enrollment update {id}` to change it, or delete it first.",
+    ("group", "create"): "Use `provisiond group update {id}` to change it, or delete it first.",
+    ("hub", "add"): "Use `provisiond hub update {id}` to change it.",
+    ("policy", "create"): "Use `provisiond policy update {id}` to change it.",
+    ("ca", "upload"): "Add --replace to replace it (it must then be verified again).",
+}
+#: Commands that read a record and write it back with its etag (412: someone wrote in between).
+_READ_MODIFY_WRITE = {"update", "enable", "disable"}
+
+
+def _id(ctx: click.Context) -> str:
+    """The value of the command's first argument (the id it acts on)."""
+    for param in ctx.command.params:
+        if isinstance(param, click.Argument) and param.name and ctx.params.get(param.name) is not None:
+            return str(ctx.params[param.name])
+    return ""
+
+
+def _advice(
+    error: ProvisioningError, group: str, command: str, id: str, params: Mapping[str, Any]
+) -> tuple[str | None, str | None]:
+    """(the command's own statement or None for the service's, the advice or None)."""
+    arg = shlex.quote(id)
+    label = _WHAT.get(group, ("record", "records"))[0]
+    if isinstance(error, AuthenticationError):
+        return None, (
+            "The service did not accept the credential: check --connection-string (or "
+            "PROVISIOND_CONNECTION_STRING), or use --data-dir with the directory of the running "
+            "service; `provisiond policy connection-string NAME` prints a current connection string."
+        )
+    if isinstance(error, AuthorizationError):
+        return None, (
+            "Use the connection string of a policy that has this right (`provisiond policy list` "
+            "shows each policy's rights), or grant it with `provisiond policy update NAME --rights ...`."
+        )
+    if isinstance(error, NotFoundError):
+        if error.message.startswith("No such resource"):
+            return None, None  # the service has no such API at all (not provisiond?): its message says so
+        if group == "registration" and command != "list":
+            return None, (
+                "The device has not registered, or its record was deleted; "
+                "`provisiond registration list GROUP_ID` lists the records of a group's devices."
+            )
+        listed = "group" if group == "registration" else group
+        if listed in _WHAT:
+            return None, f"`provisiond {listed} list` shows the {_WHAT[listed][1]} there are."
+        return None, None
+    if isinstance(error, ConflictError):
+        advice = _EXISTS.get((group, command))
+        return None, advice.format(id=arg) if advice else None
+    if isinstance(error, PreconditionFailedError):
+        if params.get("etag"):
+            return (
+                f"The {label} {id!r} no longer has the etag {params['etag']}: it changed since that etag was read.",
+                f"`provisiond {group} show {arg}` prints its current etag (or leave out --etag).",
+            )
+        if (group, command) == ("ca", "upload"):
+            return f"There is no CA certificate {id!r} to replace.", "Leave out --replace to upload it."
+        if command in _READ_MODIFY_WRITE:
+            return (
+                f"The {label} {id!r} kept changing while this command updated it.",
+                "Someone else is writing it: run the command again.",
+            )
+    return None, None
+
+
+def advise(error: ProvisioningError, ctx: click.Context) -> None:
+    """Reword an error the service answered a management command with, when the command line
+    knows it: the command's statement (or the service's without its REST advice) as the
+    message, the command's advice as a note."""
+    if error.tracking_id is None or ctx.parent is None:
+        return
+    group, command = ctx.parent.info_name or "", ctx.info_name or ""
+    statement, advice = _advice(error, group, command, _id(ctx), ctx.params)
+    if advice:
+        error.message = statement or _statement(error.message)
+        error.add_note(advice)
+
+
+def _statement(message: str) -> str:
+    """The service's message without its REST advice ("...; to update it, send its etag ...")."""
+    return message.split("; ", 1)[0].rstrip(".") + "."
+
+
+def render(error: ProvisioningError) -> str:
+    """What ``provisiond`` prints for ``error`` on stderr (no trailing newline): the message,
+    the notes, and the errorCode and trackingId of an error the service answered (unless the
+    message names them already, as the device client's do)."""
+    lines = [f"Error: {error.message}"]
+    lines += [f"  {note}" for note in getattr(error, "__notes__", ())]
+    if error.tracking_id and error.tracking_id not in error.message:
+        lines.append(f"  (errorCode {error.error_code}, trackingId {error.tracking_id})")
+    return "\n".join(lines)
