@@ -409,7 +409,9 @@ def _storage_key(data: bytes, what: str, *, endorsement: bool) -> PublicArea:
         raise TpmFormatError(f"The {what} is a {_alg_name(key.type)} object, not an RSA key.")
     modulus_bits = int.from_bytes(key.unique, "big").bit_length()
     if key.parameters.key_bits != 2048 or modulus_bits != 2048:
-        problems.append(f"it is RSA-{key.parameters.key_bits} with a {modulus_bits}-bit modulus, not RSA-2048")
+        problems.append(
+            f"it is RSA-{key.parameters.key_bits} with a {modulus_bits}-bit modulus, not RSA-2048"
+        )
     if key.name_alg != Alg.SHA256:
         problems.append(f"its name algorithm is {_alg_name(key.name_alg)}, not SHA256")
     needed = ObjectAttributes.RESTRICTED | ObjectAttributes.DECRYPT
