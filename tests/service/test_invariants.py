@@ -31,9 +31,11 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
+import psycopg
 import pytest
 from websockets.exceptions import ConnectionClosed as WsClosed
 from websockets.sync.client import connect as ws_connect
@@ -112,8 +114,10 @@ class Dps:
         )
 
 
-def connections(pid: int) -> int:
-    """The TCP connections process ``pid`` holds open (listening sockets excluded)."""
+def connections(server: RunningServer) -> int:
+    """The TCP connections the server holds on its own ports (not its database's)."""
+    pid = server.process.pid
+    ports = {server.port, int(server.info["mqttPort"]), int(server.info["amqpPort"])}
     inodes = {
         os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1]
         for fd in os.listdir(f"/proc/{pid}/fd")
@@ -125,15 +129,15 @@ def connections(pid: int) -> int:
             next(rows)
             for row in rows:
                 fields = row.split()
-                held += fields[3] != "0A" and fields[9] in inodes  # 0A: LISTEN
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                held += fields[3] != "0A" and fields[9] in inodes and local_port in ports  # 0A: LISTEN
     return held
 
 
-@pytest.fixture(scope="module")
-def dps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dps]:
-    server = start_server(
-        tmp_path_factory.mktemp("invariants"), "--mqtt-connect-timeout", str(CONNECT_TIMEOUT)
-    )
+def serve(data_dir: Path, *extra: str) -> Iterator[Dps]:
+    """A server with an enrolled symmetric-key device, a group and a TPM device; afterwards,
+    the checks that span the whole module: no connection left open, nothing bad in the log."""
+    server = start_server(data_dir, "--mqtt-connect-timeout", str(CONNECT_TIMEOUT), *extra)
     try:
         with server.client() as admin:
             reg, group = f"inv-{uuid.uuid4().hex[:8]}", f"inv-g-{uuid.uuid4().hex[:8]}"
@@ -152,9 +156,9 @@ def dps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dps]:
         # Every connection of the module is closed on the client side by now: the server must
         # let go of all of them (a session that missed the close would hold its socket).
         deadline = time.monotonic() + CLOSE_WITHIN
-        while connections(server.process.pid) and time.monotonic() < deadline:
+        while connections(server) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not connections(server.process.pid), "the server holds connections nobody uses"
+        assert not connections(server), "the server holds connections nobody uses"
     finally:
         server.stop()
     lines = server.log().splitlines()
@@ -164,6 +168,29 @@ def dps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dps]:
     assert not bad, "the server log has errors:\n" + "\n--\n".join(
         "\n".join(lines[max(0, n - 1) : n + 12]) for n in bad[:3]
     )
+
+
+@pytest.fixture(scope="module")
+def dps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dps]:
+    """The server on its embedded default, SQLite."""
+    yield from serve(tmp_path_factory.mktemp("invariants"))
+
+
+@pytest.fixture(scope="module")
+def dps_postgres(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> Iterator[Dps]:
+    """The server on PostgreSQL (a database of its own), for what reaches the store."""
+    dbname = f"invariants_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {dbname}")
+    try:
+        yield from serve(
+            tmp_path_factory.mktemp("invariants-pg"),
+            "--db",
+            urlsplit(postgres_url)._replace(path=f"/{dbname}").geturl(),
+        )
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
 
 
 def report(capsys: pytest.CaptureFixture[str], line: str) -> None:
@@ -434,10 +461,17 @@ def check_http(status: int, headers: dict[str, str], body: bytes, case: str) -> 
         assert error["errorCode"] // 1000 == status, f"{case}: {body[:300]!r}"
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(
+    ("backend", "seed"),
+    [
+        *(("sqlite", seed) for seed in range(4)),
+        *(pytest.param("postgres", seed, marks=pytest.mark.postgres) for seed in range(4, 6)),
+    ],
+)
 def test_https_endpoints_never_fail_on_hostile_requests(
-    dps: Dps, seed: int, capsys: pytest.CaptureFixture[str]
+    request: pytest.FixtureRequest, backend: str, seed: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    dps: Dps = request.getfixturevalue("dps" if backend == "sqlite" else "dps_postgres")
     rng = random.Random(seed)
     cases: list[tuple[str, str, list[tuple[bytes, bytes]], bytes]] = []
     for method, path, valid in endpoints(dps) * 8:
@@ -468,7 +502,9 @@ def test_https_endpoints_never_fail_on_hostile_requests(
     seen: Counter[int] = Counter()
     with ThreadPoolExecutor(THREADS) as pool:
         list(pool.map(run, cases))
-    report(capsys, f"https seed {seed}: {len(cases)} requests, statuses {dict(sorted(seen.items()))}")
+    report(
+        capsys, f"https ({backend}) seed {seed}: {len(cases)} requests, statuses {dict(sorted(seen.items()))}"
+    )
 
 
 @pytest.mark.parametrize("seed", range(2))
