@@ -237,6 +237,21 @@ def test_plain_sasl_registration_exchange(bytewise: bool) -> None:
     assert pair.server.sasl_mechanism == "PLAIN"
 
 
+def test_every_attach_carries_max_message_size() -> None:
+    """Both roles, both sides: the C SDK (uAMQP) logs an error for an attach without
+    max-message-size, so each attach advertises the session's limit, sender links included."""
+    pair = make_pair(
+        server_config={"sessions": SessionLimits(max_message_size=100_000)},
+        client_config={"sessions": SessionLimits(max_message_size=70_000)},
+    )
+    pair.run()
+    from_client = [e.remote for e in of(pair.server_events, LinkAttached)]
+    from_server = [e.remote for e in of(pair.client_events, LinkAttached)]
+    assert {a.role for a in from_client} == {Role.SENDER, Role.RECEIVER} == {a.role for a in from_server}
+    assert [a.max_message_size for a in from_client] == [70_000, 70_000]
+    assert [a.max_message_size for a in from_server] == [100_000, 100_000]
+
+
 def test_no_sasl_for_x509_devices() -> None:
     pair = make_pair(use_sasl=False)
     pair.run()

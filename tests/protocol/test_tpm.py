@@ -13,6 +13,7 @@ import base64
 import hashlib
 import hmac
 import itertools
+from collections.abc import Callable
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -238,6 +239,18 @@ def test_an_srk_needs_not_be_fixed_but_must_be_a_storage_key() -> None:
     assert tpm.storage_root_key(srk)
     with pytest.raises(TpmFormatError, match="storage root key is not an RSA-2048 storage key"):
         tpm.storage_root_key(_variant(SRK, object_attributes=ObjectAttributes.DECRYPT))
+
+
+@pytest.mark.parametrize("parse", [tpm.endorsement_key, tpm.storage_root_key])
+def test_a_modulus_no_rsa_2048_key_has_is_refused(parse: Callable[[bytes], PublicArea]) -> None:
+    """An even modulus passes cryptography's checks but fails OpenSSL's encryption (the
+    activation blob); a clear top bit is a smaller key in 256 bytes."""
+    area = EK if parse is tpm.endorsement_key else SRK
+    n = int.from_bytes(area.unique, "big")
+    with pytest.raises(TpmFormatError, match="modulus is even"):
+        parse(_variant(area, unique=(n ^ 1).to_bytes(256, "big")))
+    with pytest.raises(TpmFormatError, match="2047-bit modulus, not RSA-2048"):
+        parse(_variant(area, unique=(n >> 1 | 1).to_bytes(256, "big")))
 
 
 def test_registration_id_is_lower_case_base32_of_the_ek_sha256_without_padding() -> None:

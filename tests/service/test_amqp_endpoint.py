@@ -202,6 +202,31 @@ def test_proton_with_the_c_sdks_amqps_address_prefix(server: RunningServer, admi
         conn.close()
 
 
+def test_proton_reads_max_message_size_on_both_links(server: RunningServer, admin: ServiceClient) -> None:
+    """Every attach the service sends carries max-message-size, the one answering the device's
+    receiving link too (the C SDK logs an error for an attach without it)."""
+    reg = uid("amqp-attach")
+    key = enroll_symmetric(admin, reg)
+    address = f"{server.id_scope}/registrations/{reg}"
+    conn = BlockingConnection(
+        amqp_url(server),
+        ssl_domain=proton_tls(server),
+        sasl_enabled=True,
+        allowed_mechs="PLAIN",
+        user=address,
+        password=token_for(server, reg, key),
+        timeout=10,
+    )
+    try:
+        sender = conn.create_sender(address)  # returns once the service's attach arrived
+        receiver = conn.create_receiver(address)
+        limit = 96 * 1024 + 8 * 1024  # the body limit and room for the message's other sections
+        assert sender.link.remote_max_message_size == limit
+        assert receiver.link.remote_max_message_size == limit
+    finally:
+        conn.close()
+
+
 def test_proton_external_with_a_client_certificate(
     server: RunningServer, admin: ServiceClient, tmp_path: Path
 ) -> None:
@@ -525,6 +550,7 @@ class _FakeStream:
         self.client_chain = client_chain or []
         self.peer = "fuzz"
         self.guard = NO_GUARD
+        self.address: str | None = None
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         await asyncio.sleep(0)

@@ -362,6 +362,22 @@ async def test_query_filters(store: Store) -> None:
     assert (await store.query(Collection.LINKED_HUBS)).records == []
 
 
+async def test_a_nul_in_an_id_or_a_filter_value_finds_nothing(store: Store) -> None:
+    """The service never writes a NUL (PostgreSQL text cannot hold one), but clients send
+    anything: reads with one find nothing, on every backend, instead of a driver error."""
+    await store.write(E, "dev-1", b"{}", index={"device_id": "d1"})
+    assert await store.get(E, "dev-1\x00") is None
+    assert await store.get(Collection.HUB_DEVICES, "\x00") is None
+    assert sorted(await store.get_many(E, ["dev-1", "dev\x00-1"])) == ["dev-1"]
+    for filters in ({"device_id": "d1\x00"}, {"id": "\x00"}, {"id": "dev-1", "device_id": "\x00"}):
+        page = await store.query(E, filters=filters)
+        assert page.records == [] and page.continuation is None
+        assert await store.count(E, filters=filters) == 0
+    token = base64.urlsafe_b64encode(b"k1:dev\x00").decode().rstrip("=")
+    with pytest.raises(InvalidQueryError):
+        await store.query(E, continuation=token)
+
+
 @pytest.mark.parametrize("filters", [{"nope": "x"}, {"hub": "x"}, {"key": "x"}, {"etag": "x"}])
 async def test_unknown_filter_is_a_value_error(store: Store, filters: dict[str, str]) -> None:
     with pytest.raises(ValueError):

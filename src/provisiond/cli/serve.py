@@ -411,7 +411,17 @@ def _run(settings: Settings, ca_file: Path | None) -> None:
     default=None,
     show_envvar=True,
     envvar="PROVISIOND_DEVICE_RATE_LIMIT",
-    help="Device API limit: requests per minute per registration id (default: none).",
+    help="Device API limit: requests per minute per registration id, counted once the device "
+    "attested (default: none).",
+)
+@click.option(
+    "--failed-attestation-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    show_envvar=True,
+    envvar="PROVISIOND_FAILED_ATTESTATION_LIMIT",
+    help="Device API limit: failed attestations per minute per source address (an IPv6 /64); a "
+    "source over it gets 429 + Retry-After before any attestation (default: none).",
 )
 @click.option(
     "--assignment-budget",
@@ -559,6 +569,7 @@ def serve(
     workers: int,
     rate_limit: float | None,
     device_rate_limit: float | None,
+    failed_attestation_limit: float | None,
     assignment_budget: float,
     webhook_timeout: float,
     webhook_ca_file: Path | None,
@@ -629,6 +640,7 @@ def serve(
         builtin_hub=builtin_hub,
         rate_limit=rate_limit,
         device_rate_limit=device_rate_limit,
+        failed_attestation_limit=failed_attestation_limit,
         workers=workers,
         webhook_timeout=webhook_timeout,
         assignment_budget=assignment_budget,

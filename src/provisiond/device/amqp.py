@@ -44,6 +44,7 @@ from typing import Any, ClassVar
 import msgspec
 
 from ..errors import ConnectError, ProvisioningError, RemoteProtocolError, TimeoutError, TransportError
+from ..protocol import bounded_json
 from ..protocol.amqp import dps
 from ..protocol.amqp.connection import Connection, ConnectionConfig, Side
 from ..protocol.amqp.events import (
@@ -462,7 +463,7 @@ def _rejection(error: Error | None) -> Reply:
     description = (error.description or "").encode("utf-8")
     status = CONDITION_STATUS.get(str(error.condition), 400)
     try:
-        document = msgspec.json.decode(description)
+        document = bounded_json.decode(description, max_depth=bounded_json.REPLY_MAX_DEPTH)
     except msgspec.DecodeError:
         document = None
     if isinstance(document, dict) and isinstance(document.get("errorCode"), int):

@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 
 from ..models import RegistrationStatus, RegistrationSubstatus, X509CertificateInfo
+from . import bounded_json
 
 __all__ = [
     "DeviceRegistration",
@@ -108,4 +109,4 @@ def decode_operation_status(body: bytes) -> RegistrationOperationStatus:
 
     :raises msgspec.ValidationError, msgspec.DecodeError: the caller maps these to its own error.
     """
-    return msgspec.json.decode(body, type=RegistrationOperationStatus)
+    return bounded_json.decode(body, RegistrationOperationStatus, max_depth=bounded_json.REPLY_MAX_DEPTH)

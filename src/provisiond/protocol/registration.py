@@ -63,6 +63,7 @@ from ..errors import (
     TransportError,
 )
 from ..models import RegistrationStatus, RegistrationSubstatus
+from . import bounded_json
 from .messages import (
     DeviceRegistration,
     DeviceRegistrationResult,
@@ -494,7 +495,7 @@ def _failed(op: RegistrationOperationStatus) -> RegistrationFailedError:
 
 def _json_object(body: bytes) -> dict[str, Any] | None:
     try:
-        value = msgspec.json.decode(body)
+        value = bounded_json.decode(body, max_depth=bounded_json.REPLY_MAX_DEPTH)
     except msgspec.DecodeError:
         return None
     return value if isinstance(value, dict) else None

@@ -359,8 +359,11 @@ class PublicArea:
         if not isinstance(self.parameters, RsaParameters):
             raise TpmFormatError("Not an RSA key.")
         exponent = self.parameters.exponent or 65537
+        modulus = int.from_bytes(self.unique, "big")
+        if modulus % 2 == 0:  # cryptography takes it, and OpenSSL then fails to encrypt with it
+            raise TpmFormatError("The RSA public key is invalid: its modulus is even.")
         try:
-            return rsa.RSAPublicNumbers(exponent, int.from_bytes(self.unique, "big")).public_key()
+            return rsa.RSAPublicNumbers(exponent, modulus).public_key()
         except ValueError as exc:
             raise TpmFormatError(f"The RSA public key is invalid: {exc}") from None
 
@@ -404,9 +407,10 @@ def _storage_key(data: bytes, what: str, *, endorsement: bool) -> PublicArea:
     problems: list[str] = []
     if key.type != Alg.RSA or not isinstance(key.parameters, RsaParameters):
         raise TpmFormatError(f"The {what} is a {_alg_name(key.type)} object, not an RSA key.")
-    if key.parameters.key_bits != 2048 or len(key.unique) != 256:
+    modulus_bits = int.from_bytes(key.unique, "big").bit_length()
+    if key.parameters.key_bits != 2048 or modulus_bits != 2048:
         problems.append(
-            f"it is RSA-{key.parameters.key_bits} with a {len(key.unique)}-byte modulus, not RSA-2048"
+            f"it is RSA-{key.parameters.key_bits} with a {modulus_bits}-bit modulus, not RSA-2048"
         )
     if key.name_alg != Alg.SHA256:
         problems.append(f"its name algorithm is {_alg_name(key.name_alg)}, not SHA256")

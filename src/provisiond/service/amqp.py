@@ -61,10 +61,12 @@ import msgspec
 from ..attestation import symmetric_key as sk
 from ..errors import (
     AmqpProtocolError,
+    AuthenticationError,
     BodyTooLargeError,
     InvalidBodyError,
     ProvisioningError,
     RequestError,
+    ThrottledError,
 )
 from ..models import RegistrationStatus
 from ..protocol.amqp import dps
@@ -245,9 +247,9 @@ class _Session:
 
     # --- SASL ----------------------------------------------------------------------------------
 
-    def _sasl_fail(self, why: str) -> None:
+    def _sasl_fail(self, why: str, code: SaslCode = SaslCode.AUTH) -> None:
         self.close_reason = f"SASL {self.identity.mechanism} refused: {why}"
-        self.machine.sasl_outcome(SaslCode.AUTH)
+        self.machine.sasl_outcome(code)
 
     async def _on_sasl_init(self, init: SaslInitReceived) -> None:
         identity = self.identity
@@ -290,11 +292,13 @@ class _Session:
             return
         address = identity.address
         tpm = self.endpoint.registrar.tpm
+        limiter = self.endpoint.ctx.limiter  # TPM attestation happens here, not in the registrar
         try:
             if not identity.tpm_srk:  # the answer to the first challenge: 0x00 ‖ SRK
                 if not response.startswith(b"\x00") or len(response) < 2:
                     raise AmqpProtocolError("The TPM response to the first challenge is 0x00 ‖ SRK.")
                 identity.tpm_srk = response[1:]
+                limiter.check_source(self.stream.address)
                 blob = await tpm.challenge(address.registration_id, identity.tpm_ek, identity.tpm_srk)
                 identity.tpm_chunks = dps.chunk_activation_blob(blob.marshal())
                 self.machine.sasl_challenge(identity.tpm_chunks.pop(0))
@@ -318,6 +322,11 @@ class _Session:
                 self.machine.sasl_outcome(SaslCode.OK)
         except UnicodeDecodeError:
             self._sasl_fail("the SAS token is not UTF-8")
+        except ThrottledError as exc:
+            self._sasl_fail(exc.message, SaslCode.SYS_TEMP)
+        except AuthenticationError as exc:
+            limiter.failed(self.stream.address)
+            self._sasl_fail(exc.message)
         except (AmqpProtocolError, ProvisioningError) as exc:
             self._sasl_fail(exc.message)
 
@@ -400,7 +409,6 @@ class _Session:
     ) -> RegistrationOperationStatus | Rejected:
         endpoint = self.endpoint
         try:
-            endpoint.ctx.limiter.check(address.registration_id)
             if operation == dps.OperationType.REGISTER:
                 device = self._device_request(
                     address, _body_of(message, endpoint.ctx.settings.max_body_bytes), app
@@ -440,6 +448,7 @@ class _Session:
             client_chain=self.stream.client_chain,
             force=app.get(dps.FORCE_REGISTRATION) is True,
             transport=self.endpoint.transport,
+            source=self.stream.address,
         )
 
     def _rejection(self, operation: str, exc: ProvisioningError) -> Rejected:

@@ -151,7 +151,6 @@ def create_app(
     )
     app.state.ctx = ctx
     app.state.registrar = registrar
-    app.state.limiter = ctx.limiter
     return app
 
 

@@ -41,6 +41,7 @@ class ServiceContext:
             clock=self.clock,
             global_per_second=self.settings.rate_limit,
             device_per_minute=self.settings.device_rate_limit,
+            failures_per_minute=self.settings.failed_attestation_limit,
         )
 
     def invalidate(self) -> None:

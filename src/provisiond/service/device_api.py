@@ -26,7 +26,6 @@ from ..protocol.messages import DeviceRegistration, encode
 from .context import context_of
 from .http import decode_body, handle_errors, json_response, require_api_version, shown_path, tracking_id
 from .registrar import DeviceRequest, Registrar
-from .throttle import RateLimiter
 
 __all__ = ["routes"]
 
@@ -43,8 +42,6 @@ def _registrar(request: Request) -> Registrar:
 async def _device_request(request: Request, *, with_body: bool) -> DeviceRequest:
     ctx = context_of(request)
     require_api_version(request)
-    limiter: RateLimiter = request.app.state.limiter
-    limiter.check(request.path_params["id"])
     body = DeviceRegistration()
     if with_body:
         raw = await ctx.body(request)
@@ -60,6 +57,7 @@ async def _device_request(request: Request, *, with_body: bool) -> DeviceRequest
         client_chain=tls.get("client_cert_chain", ()),
         force=force,
         transport="https",
+        source=request.client.host if request.client else None,
     )
 
 

@@ -15,6 +15,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from ..errors import BodyTooLargeError, InvalidBodyError, MissingApiVersionError, ProvisioningError
+from ..protocol import bounded_json
 from ..storage import utc_now
 
 __all__ = [
@@ -172,12 +173,14 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def decode_body(body: bytes, type_: type[T], what: str) -> T:
-    """Decode JSON into ``type_``; malformed JSON or a field of the wrong type is a 400 that names
-    the field (msgspec's message, e.g. "Expected `str`, got `int` - at `$.registrationId`")."""
+    """Decode JSON into ``type_``; malformed JSON, JSON nested deeper than
+    :data:`~provisiond.protocol.bounded_json.MAX_DEPTH` (refused before decoding) or a field of
+    the wrong type is a 400 that names the field (msgspec's message, e.g. "Expected `str`, got
+    `int` - at `$.registrationId`")."""
     if not body.strip():
         raise InvalidBodyError(f"The request body is empty; expected {what} as JSON.")
     try:
-        return msgspec.json.decode(body, type=type_)
+        return bounded_json.decode(body, type_)
     except msgspec.ValidationError as exc:
         raise InvalidBodyError(f"Invalid {what}: {exc}") from None
     except msgspec.DecodeError as exc:

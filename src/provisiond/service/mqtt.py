@@ -326,7 +326,6 @@ class _Session:
         assert self.identity is not None
         identity = self.identity
         try:
-            endpoint.ctx.limiter.check(identity.registration_id)
             body = DeviceRegistration()
             if request.kind is RequestKind.REGISTER and payload.strip():
                 if len(payload) > endpoint.ctx.settings.max_body_bytes:
@@ -346,6 +345,7 @@ class _Session:
                 authorization=identity.authorization,
                 client_chain=identity.client_chain,
                 transport=endpoint.transport,
+                source=self.stream.address,
             )
             if request.kind is RequestKind.REGISTER:
                 result = await endpoint.registrar.register(device)

@@ -137,6 +137,8 @@ class DeviceRequest:
     client_chain: Sequence[bytes] = ()
     force: bool = False
     transport: str = "https"
+    #: The address the request came from (the rate limits count failed attestations per source).
+    source: str | None = None
 
 
 class StoredRegistration(DeviceRegistrationResult, kw_only=True):
@@ -198,8 +200,7 @@ class Registrar:
         :raises AuthenticationError: the device did not prove an enrollment's credential.
         :raises InvalidBodyError, InvalidIdError: the request is malformed.
         """
-        await self._check_request(request)
-        match = await self._match(request, registering=True)
+        match = await self._attest(request, registering=True)
         operation_id = str(uuid.uuid4())
         if match.enrollment.allocation_policy is not AllocationPolicy.CUSTOM:
             # Only a webhook can be slow: everything else finishes in well under a millisecond
@@ -330,8 +331,7 @@ class Registrar:
 
         :raises NotFoundError: no such operation for this registration id.
         """
-        await self._check_request(request)
-        await self._match(request)
+        await self._attest(request)
         record = await self.ctx.store.get(Collection.REGISTRATIONS, request.registration_id)
         if record is None or _decode(record, StoredRegistration).operation_id != operation_id:
             raise NotFoundError(
@@ -342,14 +342,35 @@ class Registrar:
 
     async def status_lookup(self, request: DeviceRequest) -> DeviceRegistrationResult:
         """The device's registration record (``POST /{idScope}/registrations/{id}``)."""
-        await self._check_request(request)
-        await self._match(request)
+        await self._attest(request)
         record = await self.ctx.store.get(Collection.REGISTRATIONS, request.registration_id)
         if record is None:
             raise NotFoundError(f"{request.registration_id!r} has not registered.", error_code=404202)
         return self._result(record)
 
     # --- request checks ----------------------------------------------------------------------
+
+    async def _attest(self, request: DeviceRequest, *, registering: bool = False) -> _Match:
+        """Check the request and attest the device, within the rate limits: a source over its
+        budget of failed attestations is refused before any work, a failed attestation spends
+        that budget, and only an attested request counts against the device's own limit (so
+        that nobody but the device can use it up).
+
+        :raises ThrottledError: over a limit (429 with ``retry_after``).
+        :raises AuthenticationError: the device did not prove an enrollment's credential.
+        """
+        limiter = self.ctx.limiter
+        limiter.admit(request.source)
+        try:
+            await self._check_request(request)
+            match = await self._match(request, registering=registering)
+        except TpmChallengeRequired:
+            raise  # the first step of TPM attestation, not a failure
+        except AuthenticationError:
+            limiter.failed(request.source)
+            raise
+        limiter.attested(request.registration_id)
+        return match
 
     async def _check_request(self, request: DeviceRequest) -> None:
         validate_id(request.registration_id, "registrationId")

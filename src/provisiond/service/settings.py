@@ -64,10 +64,12 @@ class Settings:
     max_body_bytes: int = MAX_BODY_BYTES
     #: Allowed clock skew for SAS token expiry checks, in seconds.
     clock_skew: int = 60
-    #: Device API rate limits (None: off): registrations per second on this node, and requests
-    #: per minute per registration id.
+    #: Device API rate limits (None: off): registrations per second on this node, requests per
+    #: minute per registration id (attested requests only), and failed attestations per minute
+    #: per source address.
     rate_limit: float | None = None
     device_rate_limit: float | None = None
+    failed_attestation_limit: float | None = None
     #: MQTT: seconds a connection may take to send its CONNECT (after the TLS handshake).
     mqtt_connect_timeout: float = 10.0
     #: MQTT and AMQP: seconds a session may go without input (MQTT: also with keep-alive 0, and

@@ -57,6 +57,8 @@ class ByteStream(Protocol):
     peer: str
     #: The connection's deadlines (:data:`~provisiond.service.guard.NO_GUARD` when it has none).
     guard: Guard
+    #: The peer's IP address (the device API's rate limits count failures per source address).
+    address: str | None
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         """The next bytes from the peer; ``b""`` when it closed the connection."""
@@ -85,6 +87,7 @@ class TcpStream:
         peername = writer.get_extra_info("peername")
         self.peer = f"{peername[0]}:{peername[1]}" if peername else "?"
         self.guard: Guard = writer.get_extra_info(GUARD_INFO) or NO_GUARD
+        self.address = str(peername[0]) if peername else None
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         try:
@@ -120,6 +123,7 @@ class WebSocketStream:
         self.guard: Guard = extensions.get(GUARD_INFO) or NO_GUARD
         client = websocket.client
         self.peer = f"websocket {client.host}:{client.port}" if client else "websocket"
+        self.address = client.host if client else None
         self._closed = False
 
     async def receive(self, max_bytes: int = 65536) -> bytes:

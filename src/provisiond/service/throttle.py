@@ -1,13 +1,25 @@
-"""Rate limits on the device API: a global one (registrations per second on this node) and a
-per-device one (requests per minute per registration id). Token buckets; off by default.
+"""Rate limits on the device API, applied by the registrar for every transport (HTTPS, MQTT,
+AMQP). Token buckets; each is off unless its setting is given.
 
-The buckets live in the node's memory, not in the database: with several nodes each enforces
-its own share (set the global limit per node). Per-device buckets are kept for the most
-recent devices only (a bounded LRU), so a flood of distinct ids cannot grow memory unbounded.
+* **Global** (``--rate-limit``): requests a second on this node, counted before attestation;
+  it sheds load, whoever sends it (429002).
+* **Per device** (``--device-rate-limit``): requests a minute per registration id, counted only
+  *after* the device attested: a stranger who merely names a registration id spends nothing of
+  that device's budget, so it cannot lock the device out (429001).
+* **Per source address** (``--failed-attestation-limit``): failed attestations a minute per
+  source address (an IPv6 address counts as its /64 network). A source that used up its
+  budget is refused before any attestation work until the budget refills (429003); requests
+  that attest spend nothing of it.
+
+The buckets live in the node's memory, not in the database: with several nodes (or workers) each
+enforces its own share. Per-device and per-source buckets are kept for the most recent keys only
+(a bounded LRU), so a flood of distinct ids or addresses cannot grow memory without bound; a
+forgotten bucket starts full again.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections import OrderedDict
 from collections.abc import Callable
@@ -15,62 +27,116 @@ from dataclasses import dataclass, field
 
 from ..errors import ThrottledError
 
-__all__ = ["RateLimiter"]
+__all__ = ["MAX_KEYS", "RateLimiter", "source_key"]
 
-_MAX_DEVICES = 100_000
+#: Per-device and per-source buckets kept (each); the least recently used go first.
+MAX_KEYS = 100_000
 
 
-@dataclass
+@dataclass(slots=True)
 class _Bucket:
     rate: float  # tokens per second
     capacity: float
     tokens: float
     stamp: float
 
-    def take(self, now: float) -> float:
-        """Take a token; return 0 when granted, else the seconds until one is available."""
+    @classmethod
+    def per_minute(cls, limit: float, now: float) -> _Bucket:
+        capacity = max(1.0, limit)
+        return cls(limit / 60, capacity, capacity, now)
+
+    def refill(self, now: float) -> None:
         self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1:
+
+    def wait(self) -> float:
+        """Seconds until a token is available (0 when one is)."""
+        return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
+
+    def take(self, now: float) -> float:
+        """Take a token; return 0 when granted, else the seconds until one is available."""
+        self.refill(now)
+        wait = self.wait()
+        if not wait:
             self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate
+        return wait
+
+
+class _Buckets:
+    """Per-key buckets of one per-minute limit, the most recent :data:`MAX_KEYS` keys only."""
+
+    def __init__(self, per_minute: float, max_keys: int) -> None:
+        self.per_minute = per_minute
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def get(self, key: str, now: float, *, create: bool) -> _Bucket | None:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if not create:
+                return None
+            bucket = _Bucket.per_minute(self.per_minute, now)
+            self._buckets[key] = bucket
+            if len(self._buckets) > self.max_keys:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+        bucket.refill(now)
+        return bucket
+
+
+def _retry_after(wait: float) -> int:
+    return max(1, math.ceil(wait))
+
+
+def source_key(address: str | None) -> str | None:
+    """The key a source address is counted under: an IPv4 address as is, an IPv6 address as its
+    /64 network (one host usually has the whole /64); ``None`` for no address."""
+    if not address:
+        return None
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address  # not an IP address (a Unix socket path): count it as it is
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 @dataclass
 class RateLimiter:
-    """``global_per_second`` and ``device_per_minute`` are ``None`` for no limit."""
+    """``global_per_second``, ``device_per_minute`` and ``failures_per_minute`` are ``None``
+    for no limit. The registrar calls :meth:`admit` first, then :meth:`attested` or
+    :meth:`failed` once it knows whether the device proved its credential."""
 
     clock: Callable[[], float]
     global_per_second: float | None = None
     device_per_minute: float | None = None
+    failures_per_minute: float | None = None
+    max_keys: int = MAX_KEYS
     _global: _Bucket | None = field(default=None, init=False)
-    _devices: OrderedDict[str, _Bucket] = field(default_factory=OrderedDict, init=False)
+    _devices: _Buckets | None = field(default=None, init=False)
+    _sources: _Buckets | None = field(default=None, init=False)
 
-    def check(self, registration_id: str) -> None:
-        """Count one request of ``registration_id``.
-
-        :raises ThrottledError: over a limit; ``retry_after`` says when to come back.
-        """
-        now = self.clock()
+    def __post_init__(self) -> None:
         if self.device_per_minute:
-            key = registration_id.lower()
-            bucket = self._devices.pop(key, None)
-            if bucket is None:
-                rate = self.device_per_minute / 60
-                bucket = _Bucket(
-                    rate, max(1.0, self.device_per_minute), max(1.0, self.device_per_minute), now
-                )
-            self._devices[key] = bucket
-            if len(self._devices) > _MAX_DEVICES:
-                self._devices.popitem(last=False)
-            wait = bucket.take(now)
-            if wait:
-                raise ThrottledError(
-                    f"{registration_id!r} is over the per-device limit of {self.device_per_minute:g} requests a minute.",
-                    retry_after=max(1, math.ceil(wait)),
-                    error_code=429001,
-                )
+            self._devices = _Buckets(self.device_per_minute, self.max_keys)
+        if self.failures_per_minute:
+            self._sources = _Buckets(self.failures_per_minute, self.max_keys)
+
+    def admit(self, source: str | None) -> None:
+        """Before any attestation work: refuse a source that spent its budget of failed
+        attestations (:meth:`check_source`), and count the request against the node's limit.
+
+        :raises ThrottledError: 429003 (the source) or 429002 (the node), with ``retry_after``.
+        """
+        self.check_source(source)
+        now = self.clock()
         if self.global_per_second:
             if self._global is None:
                 self._global = _Bucket(
@@ -80,6 +146,51 @@ class RateLimiter:
             if wait:
                 raise ThrottledError(
                     f"The service is over its limit of {self.global_per_second:g} registrations a second.",
-                    retry_after=max(1, math.ceil(wait)),
+                    retry_after=_retry_after(wait),
                     error_code=429002,
                 )
+
+    def check_source(self, source: str | None) -> None:
+        """Refuse a source that spent its budget of failed attestations (spends nothing).
+
+        :raises ThrottledError: 429003, with ``retry_after``.
+        """
+        key = source_key(source)
+        if self._sources is None or key is None:
+            return
+        bucket = self._sources.get(key, self.clock(), create=False)
+        wait = bucket.wait() if bucket is not None else 0.0
+        if wait:
+            raise ThrottledError(
+                f"Too many failed attestations from {source}: over the limit of "
+                f"{self._sources.per_minute:g} a minute per source address.",
+                retry_after=_retry_after(wait),
+                error_code=429003,
+            )
+
+    def attested(self, registration_id: str) -> None:
+        """Count one request of a device that proved its credential.
+
+        :raises ThrottledError: 429001, the device is over its per-device limit.
+        """
+        if self._devices is None:
+            return
+        bucket = self._devices.get(registration_id.lower(), self.clock(), create=True)
+        assert bucket is not None
+        wait = bucket.take(bucket.stamp)
+        if wait:
+            raise ThrottledError(
+                f"{registration_id!r} is over the per-device limit of {self._devices.per_minute:g} "
+                "requests a minute.",
+                retry_after=_retry_after(wait),
+                error_code=429001,
+            )
+
+    def failed(self, source: str | None) -> None:
+        """Count one failed attestation against ``source``'s budget."""
+        key = source_key(source)
+        if self._sources is None or key is None:
+            return
+        bucket = self._sources.get(key, self.clock(), create=True)
+        assert bucket is not None
+        bucket.take(bucket.stamp)

@@ -34,6 +34,7 @@ import msgspec
 
 from ..errors import TwinLimitError
 from ..models import EnrollmentGroup, IndividualEnrollment, InitialTwin
+from ..protocol import bounded_json
 from ..protocol.messages import TpmAttestationRequest, X509RegistrationResult
 from ..twin_limits import check_initial_twin
 
@@ -172,7 +173,7 @@ class AllocationWebhook:
             snippet = " ".join(text[:BODY_SNIPPET].split())
             raise WebhookError(f"{shown} answered {status}: {snippet or '(no body)'}")
         try:
-            answer = msgspec.json.decode(body, type=AllocationResponse)
+            answer = bounded_json.decode(bytes(body), AllocationResponse)
         except msgspec.ValidationError as exc:
             raise WebhookError(f"{shown} answered an invalid AllocationResponse: {exc}") from None
         except msgspec.DecodeError as exc:

@@ -18,7 +18,7 @@ import binascii
 import enum
 import functools
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -398,9 +398,15 @@ def decode_continuation(token: str) -> str:
         text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
         raise InvalidQueryError("The continuation token is malformed") from exc
-    if not text.startswith(_TOKEN_PREFIX):
+    if not text.startswith(_TOKEN_PREFIX) or "\x00" in text:  # no key holds a NUL
         raise InvalidQueryError("The continuation token is malformed")
     return text[len(_TOKEN_PREFIX) :]
+
+
+def holds_nul(values: Iterable[str]) -> bool:
+    """Whether a key or filter value has a NUL: no stored one has (the contract's "Text" rule),
+    and PostgreSQL refuses it as a parameter, so a read with one finds nothing without asking."""
+    return any("\x00" in value for value in values)
 
 
 def filter_params(

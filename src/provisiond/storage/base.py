@@ -37,6 +37,9 @@ passes the bytes together with the index values. What the store guarantees:
   first item, in order, whose condition fails aborts the transaction and its contract error is
   raised, with nothing written. It is meant for a few records that belong together (a
   registration and its hub identity), not for bulk writes.
+- **Text.** Ids, index values and filter values the service writes never contain NUL (U+0000),
+  which PostgreSQL text cannot hold; reads do not assume it: an id with a NUL finds no record,
+  a filter value with a NUL matches none, on every backend (a client may send anything).
 - **Queries.** :meth:`Store.query` returns records in key order, filtered by equality on index
   columns (AND), at most ``limit`` of them, plus an opaque continuation token when more remain.
   Passing the token back continues after the last record returned, even if records were written

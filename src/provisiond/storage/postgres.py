@@ -160,11 +160,13 @@ class PostgresStore(Store):
 
     async def get(self, collection: Collection, id: str) -> Record | None:
         key = collection.key(id)
+        if _sql.holds_nul((key,)):
+            return None
         rows = await self._fetch_all(_sql.statements(collection, _STYLE).select_many(1), (key,))
         return _sql.record_from_row(collection, rows[0]) if rows else None
 
     async def get_many(self, collection: Collection, ids: Sequence[str]) -> dict[str, Record]:
-        keys = sorted({collection.key(id) for id in ids})
+        keys = sorted({collection.key(id) for id in ids if not _sql.holds_nul((id,))})
         if not keys:
             return {}
         # One statement (one snapshot) with one array parameter, whatever the number of keys.
@@ -251,11 +253,15 @@ class PostgresStore(Store):
         continuation: str | None = None,
     ) -> Page:
         text, params = _sql.page_query(collection, filters, limit, continuation, _STYLE)
+        if filters and _sql.holds_nul(filters.values()):
+            return _sql.make_page(collection, [], limit)
         rows = await self._fetch_all(text, params)
         return _sql.make_page(collection, rows, limit)
 
     async def count(self, collection: Collection, *, filters: Mapping[str, str] | None = None) -> int:
         columns, params = _sql.filter_params(collection, filters)
+        if filters and _sql.holds_nul(filters.values()):
+            return 0
         [(count,)] = await self._fetch_all(_sql.count_sql(collection, columns, _STYLE), params)
         return int(count)
 

@@ -275,7 +275,8 @@ class Session:
                 source=source,
                 target=target,
                 initial_delivery_count=0 if link.role is Role.SENDER else None,
-                max_message_size=self.limits.max_message_size if link.role is Role.RECEIVER else None,
+                # Both roles: the C SDK (uAMQP) logs an error for an attach without it.
+                max_message_size=link.max_message_size,
                 properties=properties,
             )
         )
