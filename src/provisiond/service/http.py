@@ -167,7 +167,8 @@ async def read_body(request: Request, limit: int) -> bytes:
             chunks.append(chunk)
     except ClientDisconnect:  # the device left, or its connection was closed (too slow)
         raise InvalidBodyError(
-            f"The connection closed after {size} bytes of the request body, before its end."
+            f"The client closed the connection after {size} bytes of its body"
+            + (f" (of {declared} announced)." if declared is not None else ".")
         ) from None
     return b"".join(chunks)
 
