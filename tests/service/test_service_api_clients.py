@@ -335,15 +335,17 @@ def test_initial_twin_limits_on_put(server: RunningServer, http: httpx.Client) -
             words,
         )
         assert http.get(f"/enrollments/{other}", params=V).status_code == 404
-    # 960 levels (JSON that Python's own encoder cannot even produce): refused just the same,
-    # and nothing was stored that could break a registration or a query.
+    # 960 levels (JSON that Python's own encoder cannot even produce): refused before it is
+    # decoded, by the JSON nesting bound every body passes, and nothing was stored that could
+    # break a registration or a query.
     other = uid("twin")
     deep = '{"a":' * 960 + "1" + "}" * 960
     body = f'{{"registrationId": "{other}", "attestation": {{"type": "symmetricKey"}}, "initialTwin": {{"tags": {deep}}}}}'
     r = http.put(
         f"/enrollments/{other}", params=V, content=body, headers={"Content-Type": "application/json"}
     )
-    assert_error(r, 400, 400004, "nested deeper than 10 levels")
+    assert_error(r, 400, 400004, "nested 962 levels deep (the limit is 64)")
+    assert http.get(f"/enrollments/{other}", params=V).status_code == 404
     assert http.post("/enrollments/query", params=V, json={"query": "*"}).status_code == 200
 
 
