@@ -263,11 +263,21 @@ def test_custom_allocation_for_a_group(
             lambda hubs: (
                 200,
                 b'{"iotHubHostName": "%s", "initialTwin": {"properties": {"desired": %s}}}'
-                % (hubs[0].encode(), b'{"a":' * 500 + b"1" + b"}" * 500),
+                % (hubs[0].encode(), b'{"a":' * 12 + b"1" + b"}" * 12),
                 0.0,
             ),
             "initialTwin.properties.desired.a.a.a.a.a.a.a.a.a.a.a: nested deeper than 10 levels",
             id="twin-depth",
+        ),
+        pytest.param(
+            lambda hubs: (
+                200,
+                b'{"iotHubHostName": "%s", "initialTwin": {"properties": {"desired": %s}}}'
+                % (hubs[0].encode(), b'{"a":' * 500 + b"1" + b"}" * 500),
+                0.0,
+            ),
+            "JSON nested 503 levels deep (the limit is 64)",
+            id="json-depth",
         ),
     ],
 )
