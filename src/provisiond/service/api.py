@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from ..errors import (
     ConflictError,
+    DpsCode,
     InvalidBodyError,
     NotFoundError,
     PreconditionFailedError,
@@ -53,7 +54,6 @@ __all__ = ["routes"]
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 10_000
-_REGISTRATION_NOT_FOUND = 404202
 _WRITE_RETRIES = 3
 
 
@@ -132,7 +132,7 @@ async def put_enrollment(request: Request) -> Response:
                 raise ConflictError(
                     f"The {kind.label} {existing.id!r} already exists; to update it, send its etag in "
                     "If-Match (or If-Match: *).",
-                    error_code=409201,
+                    error_code=DpsCode.ENROLLMENT_EXISTS,
                 )
             record = await ctx.store.write(kind.collection, url_id, doc, index=index, mode=WriteMode.CREATE)
         else:
@@ -150,7 +150,7 @@ async def put_enrollment(request: Request) -> Response:
                     f"The etag in If-Match does not match the stored {kind.label} {url_id!r}"
                     + ("" if existing is not None else " (it does not exist)")
                     + "; read it again and retry.",
-                    error_code=412001,
+                    error_code=DpsCode.ETAG_MISMATCH,
                 ) from None
         # DPS answers a create or update with the symmetric keys (generated or given).
         if kind is en.INDIVIDUAL:
@@ -180,7 +180,7 @@ async def _delete_individual(ctx: ServiceContext, id: str, if_match: str | None)
         if if_match is not None and not etags_match(if_match, enrollment.etag):
             raise PreconditionFailedError(
                 f"The etag in If-Match does not match the stored individual enrollment {id!r}.",
-                error_code=412001,
+                error_code=DpsCode.ETAG_MISMATCH,
             )
         record = await ctx.store.get(Collection.REGISTRATIONS, id)
         items: list[tuple[Collection, Write | Delete]] = [
@@ -194,7 +194,8 @@ async def _delete_individual(ctx: ServiceContext, id: str, if_match: str | None)
         except (PreconditionFailedError, NotFoundError):
             continue  # one of them changed meanwhile: read both again
     raise ConflictError(
-        f"The individual enrollment {id!r} kept changing under concurrent writes; retry.", error_code=409000
+        f"The individual enrollment {id!r} kept changing under concurrent writes; retry.",
+        error_code=DpsCode.CONFLICT,
     )
 
 
@@ -206,7 +207,8 @@ async def _delete(ctx: ServiceContext, collection: Collection, request: Request,
         await ctx.store.delete(collection, id, if_match=if_match)
     except PreconditionFailedError:
         raise PreconditionFailedError(
-            f"The etag in If-Match does not match the stored {collection.label} {id!r}.", error_code=412001
+            f"The etag in If-Match does not match the stored {collection.label} {id!r}.",
+            error_code=DpsCode.ETAG_MISMATCH,
         ) from None
 
 
@@ -327,7 +329,7 @@ async def get_registration(request: Request) -> Response:
     ctx = context_of(request)
     await ctx.authorize(request, Right.REGISTRATION_STATUS_READ)
     record = await ctx.get_or_404(
-        Collection.REGISTRATIONS, request.path_params["id"], _REGISTRATION_NOT_FOUND
+        Collection.REGISTRATIONS, request.path_params["id"], DpsCode.REGISTRATION_NOT_FOUND
     )
     return json_response(_registration_state(record), headers=_etag_headers(record))
 
@@ -336,7 +338,7 @@ async def get_registration(request: Request) -> Response:
 async def delete_registration(request: Request) -> Response:
     ctx = context_of(request)
     await ctx.authorize(request, Right.REGISTRATION_STATUS_WRITE)
-    await _delete(ctx, Collection.REGISTRATIONS, request, _REGISTRATION_NOT_FOUND)
+    await _delete(ctx, Collection.REGISTRATIONS, request, DpsCode.REGISTRATION_NOT_FOUND)
     return Response(status_code=204)
 
 

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from .. import certificates
 from ..attestation import tpm as tpm_attestation
-from ..errors import InvalidBodyError, InvalidIdError
+from ..errors import DpsCode, InvalidBodyError, InvalidIdError
 from ..models import (
     AllocationPolicy,
     AttestationMechanism,
@@ -83,10 +83,18 @@ class EnrollmentKind(Generic[E]):
 
 
 INDIVIDUAL: EnrollmentKind[IndividualEnrollment] = EnrollmentKind(
-    Collection.ENROLLMENTS, IndividualEnrollment, "registrationId", "individual enrollment", 404201
+    Collection.ENROLLMENTS,
+    IndividualEnrollment,
+    "registrationId",
+    "individual enrollment",
+    DpsCode.ENROLLMENT_NOT_FOUND,
 )
 GROUP: EnrollmentKind[EnrollmentGroup] = EnrollmentKind(
-    Collection.ENROLLMENT_GROUPS, EnrollmentGroup, "enrollmentGroupId", "enrollment group", 404203
+    Collection.ENROLLMENT_GROUPS,
+    EnrollmentGroup,
+    "enrollmentGroupId",
+    "enrollment group",
+    DpsCode.GROUP_NOT_FOUND,
 )
 
 

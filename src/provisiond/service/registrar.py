@@ -62,6 +62,7 @@ from ..attestation import x509 as x5
 from ..errors import (
     AuthenticationError,
     ConflictError,
+    DpsCode,
     InvalidBodyError,
     NotFoundError,
     PreconditionFailedError,
@@ -113,13 +114,6 @@ __all__ = ["DeviceRequest", "Registrar", "StoredRegistration"]
 
 log = logging.getLogger("provisiond.registrar")
 
-# DPS's registration errorCodes (device-protocol.md §1.2: the C SDK knows 400208 and 400209).
-NO_HUB = 400208
-HUB_FAILED = 400209
-#: Custom allocation failed: the webhook errored, timed out, answered badly or chose a hub that is
-#: not a candidate (provisiond's code; the message names the cause, docs/device-api.md).
-CUSTOM_ALLOCATION_FAILED = 400207
-DISABLED = 401101  # enrollment or group disabled (reported in the record, status "disabled")
 _WRITE_ATTEMPTS = 3
 #: How stale the registration path may see the settings and linked hubs (seconds): they change
 #: rarely, and reading them on every registration doubled its database round trips.
@@ -273,7 +267,8 @@ class Registrar:
                 return self._operation(latest)
             previous = latest
         raise ConflictError(
-            f"The registration of {reg_id!r} kept changing under concurrent writes; retry.", error_code=409202
+            f"The registration of {reg_id!r} kept changing under concurrent writes; retry.",
+            error_code=DpsCode.REGISTRATION_CONTENDED,
         )
 
     @staticmethod
@@ -315,7 +310,7 @@ class Registrar:
         failed = msgspec.structs.replace(
             stored,
             status=RegistrationStatus.FAILED,
-            error_code=500000,
+            error_code=DpsCode.INTERNAL,
             error_message=f"The assignment failed: {exc}",
             last_updated_date_time_utc=utc_now(),
         )
@@ -336,7 +331,7 @@ class Registrar:
         if record is None or _decode(record, StoredRegistration).operation_id != operation_id:
             raise NotFoundError(
                 f"No registration operation {operation_id[:64]!r} for {request.registration_id!r}.",
-                error_code=404207,
+                error_code=DpsCode.OPERATION_NOT_FOUND,
             )
         return self._operation(record)
 
@@ -345,7 +340,9 @@ class Registrar:
         await self._attest(request)
         record = await self.ctx.store.get(Collection.REGISTRATIONS, request.registration_id)
         if record is None:
-            raise NotFoundError(f"{request.registration_id!r} has not registered.", error_code=404202)
+            raise NotFoundError(
+                f"{request.registration_id!r} has not registered.", error_code=DpsCode.REGISTRATION_NOT_FOUND
+            )
         return self._result(record)
 
     # --- request checks ----------------------------------------------------------------------
@@ -383,7 +380,7 @@ class Registrar:
         if request.id_scope.lower() != (settings.id_scope or "").lower():
             raise AuthenticationError(
                 f"ID scope {request.id_scope[:40]!r} is not this service's; check the ID scope the device uses.",
-                error_code=401004,
+                error_code=DpsCode.TOKEN_AUDIENCE,
             )
 
     # --- attestation and matching ------------------------------------------------------------
@@ -405,7 +402,7 @@ class Registrar:
         raise AuthenticationError(
             "No credential: send a SharedAccessSignature token (symmetric key), or present the device "
             "certificate and its chain in the TLS handshake (X.509).",
-            error_code=401000,
+            error_code=DpsCode.UNAUTHENTICATED,
         )
 
     async def _match_symmetric_key(self, request: DeviceRequest, *, registering: bool = False) -> _Match:
@@ -426,13 +423,13 @@ class Registrar:
                 raise AuthenticationError(
                     f"The individual enrollment {enrollment.registration_id!r} uses {enrollment.attestation.type.value} "
                     "attestation, not a symmetric key.",
-                    error_code=sk.TOKEN_INVALID,
+                    error_code=DpsCode.TOKEN_INVALID,
                 )
             keys = enrollment.attestation.symmetric_key
             if keys is None or not sk.matches_any(token, [keys.primary_key, keys.secondary_key]):
                 raise AuthenticationError(
                     f"The SAS token was not signed with a key of the individual enrollment {enrollment.registration_id!r}.",
-                    error_code=sk.TOKEN_INVALID,
+                    error_code=DpsCode.TOKEN_INVALID,
                 )
             return _Match(enrollment, None, AttestationType.SYMMETRIC_KEY)
         group = await self._find_symmetric_key_group(reg_id, token)
@@ -440,7 +437,7 @@ class Registrar:
             raise AuthenticationError(
                 f"No individual enrollment is named {reg_id!r}, and no symmetric-key enrollment group's derived key "
                 "signed the SAS token.",
-                error_code=sk.TOKEN_INVALID,
+                error_code=DpsCode.TOKEN_INVALID,
             )
         return _Match(None, group, AttestationType.SYMMETRIC_KEY)
 
@@ -483,7 +480,7 @@ class Registrar:
         if cn is None or cn.lower() != request.registration_id.lower():
             raise AuthenticationError(
                 f"The device certificate's subject CN {cn!r} is not the registration id {request.registration_id!r}.",
-                error_code=x5.CN_MISMATCH,
+                error_code=DpsCode.X509_CN_MISMATCH,
             )
         leaf_info = msgspec.convert(certificates.certificate_info(chain.leaf), X509CertificateInfo)
         leaf_sha256 = certificates.sha256_thumbprint(chain.leaf)
@@ -523,7 +520,7 @@ class Registrar:
         if enrollment.attestation.type is not AttestationType.X509 or x509_att is None:
             raise AuthenticationError(
                 f"The individual enrollment {name!r} uses {enrollment.attestation.type.value} attestation, not X.509.",
-                error_code=x5.CHAIN_INVALID,
+                error_code=DpsCode.X509_CHAIN_INVALID,
             )
         certs = x509_att.client_certificates
         enrolled = (
@@ -567,7 +564,7 @@ class Registrar:
         raise AuthenticationError(
             f"No individual enrollment is named {x5.common_name(chain.leaf)!r}, and no X.509 enrollment group's "
             f"certificate is in, or signed, the presented chain of {len(chain.certificates)} certificate(s){hint}.",
-            error_code=x5.CHAIN_INVALID,
+            error_code=DpsCode.X509_CHAIN_INVALID,
         )
 
     # --- assignment --------------------------------------------------------------------------
@@ -614,7 +611,7 @@ class Registrar:
                 status=RegistrationStatus.DISABLED,
                 assigned_hub=old.assigned_hub if old else None,
                 device_id=old.device_id if old else None,
-                error_code=DISABLED,
+                error_code=DpsCode.ENROLLMENT_DISABLED,
                 error_message=f"The {match.label} is disabled.",
             ), []
         device_id = (match.individual.device_id if match.individual else None) or reg_id
@@ -642,14 +639,14 @@ class Registrar:
         except AllocationError as exc:
             log.info("registration %s failed: %s [%s]", reg_id, exc, request.transport)
             return msgspec.structs.replace(
-                base, status=RegistrationStatus.FAILED, error_code=NO_HUB, error_message=str(exc)
+                base, status=RegistrationStatus.FAILED, error_code=DpsCode.NO_HUB, error_message=str(exc)
             ), []
         except WebhookError as exc:
             log.warning("registration %s failed: %s [%s]", reg_id, exc, request.transport)
             return msgspec.structs.replace(
                 base,
                 status=RegistrationStatus.FAILED,
-                error_code=CUSTOM_ALLOCATION_FAILED,
+                error_code=DpsCode.CUSTOM_ALLOCATION_FAILED,
                 error_message=str(exc),
             ), []
         moved = bool(
@@ -696,7 +693,7 @@ class Registrar:
                 "registration %s failed in hub %s: %s [%s]", reg_id, hub.host_name, exc, request.transport
             )
             return msgspec.structs.replace(
-                base, status=RegistrationStatus.FAILED, error_code=HUB_FAILED, error_message=str(exc)
+                base, status=RegistrationStatus.FAILED, error_code=DpsCode.HUB_FAILED, error_message=str(exc)
             ), []
         log.info(
             "registration %s assigned to %s as %s by the %s (%s) [%s]",
