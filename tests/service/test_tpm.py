@@ -42,6 +42,7 @@ from provisiond.models import AttestationMechanism, AttestationType, IndividualE
 from provisiond.protocol import tpm
 from provisiond.protocol.messages import TpmChallenge
 from provisiond.protocol.sas import build_sas_token
+from provisiond.service.sources import StoreSources
 from provisiond.storage import Collection, open_store
 from tests._server import RunningServer
 from tests._swtpm import Swtpm
@@ -426,8 +427,8 @@ async def test_challenges_expire_and_are_single_use_across_nodes(store_url: str,
     await node1.open()
     await node2.open()
     try:
-        one = TpmAttestor(node1, clock=lambda: now[0], ttl=60)
-        two = TpmAttestor(node2, clock=lambda: now[0], ttl=60)
+        one = TpmAttestor(StoreSources(node1), StoreSources(node1), clock=lambda: now[0], ttl=60)
+        two = TpmAttestor(StoreSources(node2), StoreSources(node2), clock=lambda: now[0], ttl=60)
         rid = uid()
         await _enroll_in_store(node1, rid, tpm_a.endorsement_key)
 

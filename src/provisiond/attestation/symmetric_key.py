@@ -1,12 +1,15 @@
 """Symmetric-key attestation on the service side: a device's SAS token, checked against the
-keys of its enrollment (individual) or the keys derived from its group's (group). Pure."""
+keys of its enrollment (individual) or the keys derived from its group's (group)."""
 
 from __future__ import annotations
 
 from ..errors import AuthenticationError, DpsCode
+from ..models import AttestationType, IndividualEnrollment
+from ..protocol.messages import SymmetricKeyRegistrationResult
 from ..protocol.sas import SasToken, derive_device_key, parse_sas_token, verify_signature
+from .base import Credential, EnrollmentSource, Evidence, KeyCredential, Match, require_type
 
-__all__ = ["check_device_token", "matches_any", "matches_group"]
+__all__ = ["SymmetricKeyAttestor", "check_device_token", "matches_any", "matches_group"]
 
 
 def check_device_token(
@@ -47,3 +50,69 @@ def matches_any(token: SasToken, keys: list[str | None]) -> bool:
 def matches_group(token: SasToken, group_keys: list[str | None], registration_id: str) -> bool:
     """Whether the token was signed with a device key derived from one of the group's keys."""
     return any(verify_signature(token, derive_device_key(key, registration_id)) for key in group_keys if key)
+
+
+class SymmetricKeyAttestor:
+    """Symmetric-key attestation: the token must be signed with the individual enrollment's
+    keys, or with the key derived from a symmetric-key group's (the group of the device's last
+    registration is tried first: a re-registration costs one HMAC)."""
+
+    type = AttestationType.SYMMETRIC_KEY
+    credentials = frozenset({Credential.SAS_TOKEN})
+
+    def __init__(self, enrollments: EnrollmentSource, *, clock_skew: int) -> None:
+        self._enrollments = enrollments
+        self._clock_skew = clock_skew
+
+    def parse(self, evidence: Evidence) -> SasToken:
+        return check_device_token(
+            evidence.authorization,
+            evidence.id_scope,
+            evidence.registration_id,
+            now=int(evidence.now),
+            clock_skew=self._clock_skew,
+        )
+
+    async def individual(
+        self, parsed: SasToken, evidence: Evidence, enrollment: IndividualEnrollment
+    ) -> Match:
+        name = enrollment.registration_id
+        require_type(enrollment, self.type, "a symmetric key", DpsCode.TOKEN_INVALID)
+        keys = enrollment.attestation.symmetric_key
+        if keys is None or not matches_any(parsed, [keys.primary_key, keys.secondary_key]):
+            raise AuthenticationError(
+                f"The SAS token was not signed with a key of the individual enrollment {name!r}.",
+                error_code=DpsCode.TOKEN_INVALID,
+            )
+        return Match(
+            enrollment=enrollment,
+            attestation=self.type,
+            identity_credential=KeyCredential(keys.primary_key, keys.secondary_key),
+            symmetric_key=SymmetricKeyRegistrationResult(),
+        )
+
+    async def group(self, parsed: SasToken, evidence: Evidence) -> Match:
+        reg_id = evidence.registration_id
+        hint = await self._enrollments.last_group(reg_id)
+        groups = await self._enrollments.groups(self.type)
+        if hint:
+            groups.sort(key=lambda g: g.enrollment_group_id.lower() != hint.lower())
+        for group in groups:
+            keys = group.attestation.symmetric_key
+            if keys is not None and matches_group(parsed, [keys.primary_key, keys.secondary_key], reg_id):
+                return Match(
+                    enrollment=group,
+                    attestation=self.type,
+                    identity_credential=KeyCredential(
+                        derive_device_key(keys.primary_key, reg_id) if keys.primary_key else None,
+                        derive_device_key(keys.secondary_key, reg_id) if keys.secondary_key else None,
+                    ),
+                    symmetric_key=SymmetricKeyRegistrationResult(
+                        enrollment_group_id=group.enrollment_group_id
+                    ),
+                )
+        raise AuthenticationError(
+            f"No individual enrollment is named {reg_id!r}, and no symmetric-key enrollment group's derived key "
+            "signed the SAS token.",
+            error_code=DpsCode.TOKEN_INVALID,
+        )

@@ -18,15 +18,21 @@ the endorsement key (EK) an operator enrolled, in two rounds (device-protocol.md
    same key is refused (single use), while polls and status lookups of that registration may
    still present it until it expires.
 
-Pending challenges live in the database (``Collection.TPM_CHALLENGES``), never in a node's
-memory, so that the answer may reach another node than the challenge did: one record per
-registration id (a new challenge replaces an older one), an expiry in the document
-(:data:`CHALLENGE_TTL`), and single use by a conditional write on the record's etag, which only
-one of two racing registers can win.
+Pending challenges live behind a :class:`~provisiond.attestation.base.ChallengeStore`, which
+the service keeps in its database (``service/sources.py``), never in a node's memory, so that
+the answer may reach another node than the challenge did: one challenge per registration id (a
+new challenge replaces an older one), an expiry in the challenge (:data:`CHALLENGE_TTL`), and
+single use by a write conditional on the version read, which only one of two racing registers
+can win.
 
 On ``assigned`` the result carries ``registrationState.tpm.authenticationKey``: a second blob,
 made the same way for the same EK and SRK, that wraps the key of the device's identity in the
 IoT hub (:meth:`TpmProof.wrap`); the device imports it and signs its hub SAS tokens in the TPM.
+
+As an :class:`~provisiond.attestation.base.Attestor`, :class:`TpmAttestor` checks the TPM keys
+of a first register (it issues the challenge and raises
+:class:`~provisiond.errors.TpmChallengeRequired`) and the SAS token of the second one, for the
+individual TPM enrollments; TPM enrollment groups do not exist (as in DPS).
 
 AMQP (SASL mechanism ``TPM``, device-protocol.md §4.1) reuses this module as it is: after
 sasl-init (scope, registration id, EK) and the SRK, call :meth:`TpmAttestor.challenge` and send
@@ -42,30 +48,31 @@ import base64
 import binascii
 import logging
 import secrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import msgspec
-
-from ..errors import (
-    AuthenticationError,
-    DpsCode,
-    InvalidBodyError,
-    NotFoundError,
-    PreconditionFailedError,
-    TpmFormatError,
-)
+from ..errors import AuthenticationError, DpsCode, InvalidBodyError, TpmChallengeRequired, TpmFormatError
 from ..models import AttestationType, IndividualEnrollment, TpmAttestation
 from ..protocol import tpm
-from ..protocol.messages import TpmAttestationRequest
+from ..protocol.messages import TpmAttestationRequest, TpmRegistrationResult
 from ..protocol.sas import SasToken, verify_signature
-from ..storage import Collection, Store, WriteMode
+from .base import (
+    ChallengeStore,
+    Credential,
+    EnrollmentSource,
+    Evidence,
+    KeyCredential,
+    Match,
+    PendingChallenge,
+    require_type,
+)
+from .symmetric_key import check_device_token
 
 __all__ = [
     "CHALLENGE_TTL",
     "KEY_NAME",
     "TpmAttestor",
+    "TpmKeys",
     "TpmProof",
     "check_enrollment",
     "request_keys",
@@ -79,20 +86,11 @@ CHALLENGE_TTL = 300.0
 KEY_NAME = "registration"
 #: Bytes of the HMAC keys the service makes (the identity key and the hub key).
 KEY_BYTES = 32
+#: What a TPM device is told with its challenge.
+CHALLENGE_MESSAGE = "Activate the authenticationKey in the TPM, then register again with a SAS token signed by the imported key."
 
 
 Random = Callable[[int], bytes]
-
-
-class _Pending(msgspec.Struct, rename="camel", kw_only=True):
-    """The stored form of a pending challenge."""
-
-    endorsement_key: str
-    storage_root_key: str
-    key: str
-    issued: float
-    expires: float
-    used: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +104,16 @@ class TpmProof:
         """A base64 activation blob that gives ``key`` to this TPM only (the hub key of
         ``registrationState.tpm.authenticationKey``)."""
         return tpm.make_activation_blob(self.endorsement_key, self.storage_root_key, key, random=random).b64()
+
+
+@dataclass(frozen=True, slots=True)
+class TpmKeys:
+    """The EK and SRK a device sent for a challenge, raw and parsed."""
+
+    endorsement_key: bytes
+    storage_root_key: bytes
+    ek: tpm.PublicArea
+    srk: tpm.PublicArea
 
 
 def _b64(value: str, field: str) -> bytes:
@@ -154,30 +162,97 @@ def request_keys(request: TpmAttestationRequest) -> tuple[bytes, bytes | None]:
     return ek, srk
 
 
+def _keys(endorsement_key: bytes, storage_root_key: bytes | None) -> TpmKeys:
+    """Parse the keys of a challenge request.
+
+    :raises InvalidBodyError: the EK or SRK is malformed, or the SRK is missing.
+    """
+    ek = _ek(endorsement_key, "tpm.endorsementKey")
+    if not storage_root_key:
+        raise InvalidBodyError(
+            "tpm.storageRootKey is required: the activation blob is bound to the TPM's storage root key."
+        )
+    return TpmKeys(endorsement_key, storage_root_key, ek, _srk(storage_root_key, "tpm.storageRootKey"))
+
+
 def _describe(ek: bytes) -> str:
     return f"the TPM whose EK-derived registration id is {tpm.registration_id(ek)!r}"
 
 
 class TpmAttestor:
-    """Issues TPM challenges and verifies the answers; all state is in ``store``.
+    """Issues TPM challenges and verifies the answers; the challenges are in ``challenges``.
 
     :param clock: Unix seconds (``time.time``), for expiry.
+    :param clock_skew: seconds a token may be past its expiry.
     :param ttl: seconds a challenge stays valid.
     :param random: random bytes (``secrets.token_bytes``), for keys and blobs.
     """
 
+    type = AttestationType.TPM
+    credentials = frozenset({Credential.SAS_TOKEN, Credential.TPM_KEYS})
+
     def __init__(
         self,
-        store: Store,
+        enrollments: EnrollmentSource,
+        challenges: ChallengeStore,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float],
+        clock_skew: int = 60,
         ttl: float = CHALLENGE_TTL,
         random: Random = secrets.token_bytes,
     ) -> None:
-        self._store = store
+        self._enrollments = enrollments
+        self._challenges = challenges
         self._clock = clock
+        self._clock_skew = clock_skew
         self._ttl = ttl
         self._random = random
+
+    # --- as an attestor ---------------------------------------------------------------------
+
+    def parse(self, evidence: Evidence) -> SasToken | TpmKeys:
+        if evidence.credential is Credential.SAS_TOKEN:
+            return check_device_token(
+                evidence.authorization,
+                evidence.id_scope,
+                evidence.registration_id,
+                now=int(evidence.now),
+                clock_skew=self._clock_skew,
+            )
+        assert evidence.tpm is not None
+        return _keys(*request_keys(evidence.tpm))
+
+    async def individual(
+        self, parsed: SasToken | TpmKeys, evidence: Evidence, enrollment: IndividualEnrollment
+    ) -> Match:
+        if isinstance(parsed, TpmKeys):
+            self._check_enrollment(enrollment)
+            blob = await self._issue(evidence.registration_id, parsed, enrollment)
+            raise TpmChallengeRequired(CHALLENGE_MESSAGE, authentication_key=blob.b64(), key_name=KEY_NAME)
+        proof = await self.authenticate(
+            parsed,
+            evidence.registration_id,
+            enrollment=enrollment,
+            presented=evidence.tpm,
+            consume=evidence.registering,
+        )
+        hub_key, secondary = self._random(KEY_BYTES), self._random(KEY_BYTES)
+        return Match(
+            enrollment=enrollment,
+            attestation=self.type,
+            identity_credential=KeyCredential(
+                *(base64.b64encode(k).decode("ascii") for k in (hub_key, secondary))
+            ),
+            # The identity's key, wrapped for this TPM (only a register's result carries it).
+            tpm=TpmRegistrationResult(authentication_key=proof.wrap(hub_key, random=self._random))
+            if evidence.registering
+            else None,
+        )
+
+    async def group(self, parsed: SasToken | TpmKeys, evidence: Evidence) -> Match:
+        raise self._not_enrolled(evidence.registration_id)
+
+    # --- the two rounds (also the AMQP SASL mechanism's) -------------------------------------
 
     async def challenge(
         self, registration_id: str, endorsement_key: bytes, storage_root_key: bytes | None
@@ -188,26 +263,25 @@ class TpmAttestor:
         :raises InvalidBodyError: the EK or SRK is malformed, or the SRK is missing.
         :raises AuthenticationError: no TPM enrollment for ``registration_id``, or another EK.
         """
-        ek = _ek(endorsement_key, "tpm.endorsementKey")
-        if not storage_root_key:
-            raise InvalidBodyError(
-                "tpm.storageRootKey is required: the activation blob is bound to the TPM's storage root key."
-            )
-        srk = _srk(storage_root_key, "tpm.storageRootKey")
+        keys = _keys(endorsement_key, storage_root_key)
         enrollment = await self._enrollment(registration_id)
-        self._check_keys(enrollment, endorsement_key, storage_root_key)
+        return await self._issue(registration_id, keys, enrollment)
+
+    async def _issue(
+        self, registration_id: str, keys: TpmKeys, enrollment: IndividualEnrollment
+    ) -> tpm.ActivationBlob:
+        self._check_keys(enrollment, keys.endorsement_key, keys.storage_root_key)
         key = self._random(KEY_BYTES)
-        blob = tpm.make_activation_blob(ek, srk, key, random=self._random)
+        blob = tpm.make_activation_blob(keys.ek, keys.srk, key, random=self._random)
         now = self._clock()
-        pending = _Pending(
-            endorsement_key=base64.b64encode(endorsement_key).decode("ascii"),
-            storage_root_key=base64.b64encode(storage_root_key).decode("ascii"),
+        pending = PendingChallenge(
+            endorsement_key=base64.b64encode(keys.endorsement_key).decode("ascii"),
+            storage_root_key=base64.b64encode(keys.storage_root_key).decode("ascii"),
             key=base64.b64encode(key).decode("ascii"),
             issued=now,
             expires=now + self._ttl,
         )
-        # Upsert: a new challenge replaces the registration id's older one.
-        await self._store.write(Collection.TPM_CHALLENGES, registration_id, msgspec.json.encode(pending))
+        await self._challenges.issue(registration_id, pending)
         log.info("TPM challenge issued for %s (valid %g s)", registration_id, self._ttl)
         return blob
 
@@ -233,14 +307,14 @@ class TpmAttestor:
         """
         if enrollment is None:
             enrollment = await self._enrollment(registration_id)
-        record = await self._store.get(Collection.TPM_CHALLENGES, registration_id)
+        issued = await self._challenges.read(registration_id)
         again = "register without a SAS token (with tpm.endorsementKey and tpm.storageRootKey) for a new challenge"
-        if record is None:
+        if issued is None:
             raise AuthenticationError(
                 f"No TPM challenge is pending for {registration_id!r}: {again}.",
                 error_code=DpsCode.TPM_CHALLENGE_INVALID,
             )
-        pending = msgspec.json.decode(record.doc, type=_Pending)
+        pending = issued.challenge
         now = self._clock()
         if now > pending.expires:
             raise AuthenticationError(
@@ -271,37 +345,36 @@ class TpmAttestor:
                 f"The TPM challenge for {registration_id!r} was already used by a registration; each challenge "
                 f"is single use: {again}."
             )
-            if pending.used:
+            # Another register used it, or a new challenge replaced it, in between: refused.
+            if pending.used or not await self._challenges.use(registration_id, issued):
                 raise AuthenticationError(used, error_code=DpsCode.TPM_CHALLENGE_INVALID)
-            try:
-                await self._store.write(
-                    Collection.TPM_CHALLENGES,
-                    registration_id,
-                    msgspec.json.encode(msgspec.structs.replace(pending, used=True)),
-                    mode=WriteMode.UPDATE,
-                    if_match=record.etag,
-                )
-            except (PreconditionFailedError, NotFoundError):
-                # Another register used it, or a new challenge replaced it, in between.
-                raise AuthenticationError(used, error_code=DpsCode.TPM_CHALLENGE_INVALID) from None
         return TpmProof(tpm.endorsement_key(ek), tpm.storage_root_key(srk))
 
+    # --- enrollments ---------------------------------------------------------------------------
+
     async def _enrollment(self, registration_id: str) -> IndividualEnrollment:
-        record = await self._store.get(Collection.ENROLLMENTS, registration_id)
-        if record is None:
-            raise AuthenticationError(
-                f"No individual enrollment is named {registration_id!r}; TPM attestation needs an individual "
-                "enrollment with the device's endorsement key (`provisiond tpm ek` prints it).",
-                error_code=DpsCode.TPM_NOT_ENROLLED,
-            )
-        enrollment = msgspec.json.decode(record.doc, type=IndividualEnrollment)
-        if enrollment.attestation.type is not AttestationType.TPM or enrollment.attestation.tpm is None:
-            raise AuthenticationError(
-                f"The individual enrollment {enrollment.registration_id!r} uses "
-                f"{enrollment.attestation.type.value} attestation, not TPM.",
-                error_code=DpsCode.TPM_NOT_ENROLLED,
-            )
+        enrollment = await self._enrollments.individual(registration_id)
+        if enrollment is None:
+            raise self._not_enrolled(registration_id)
+        self._check_enrollment(enrollment)
         return enrollment
+
+    @staticmethod
+    def _not_enrolled(registration_id: str) -> AuthenticationError:
+        return AuthenticationError(
+            f"No individual enrollment is named {registration_id!r}; TPM attestation needs an individual "
+            "enrollment with the device's endorsement key (`provisiond tpm ek` prints it).",
+            error_code=DpsCode.TPM_NOT_ENROLLED,
+        )
+
+    @staticmethod
+    def _check_enrollment(enrollment: IndividualEnrollment) -> None:
+        require_type(enrollment, AttestationType.TPM, "TPM", DpsCode.TPM_NOT_ENROLLED)
+        if enrollment.attestation.tpm is None:
+            raise AuthenticationError(
+                f"The individual enrollment {enrollment.registration_id!r} has no TPM endorsement key.",
+                error_code=DpsCode.TPM_NOT_ENROLLED,
+            )
 
     @staticmethod
     def _check_keys(enrollment: IndividualEnrollment, ek: bytes, srk: bytes) -> None:

@@ -1,4 +1,4 @@
-"""X.509 attestation checks, pure (no I/O; the time is passed in).
+"""X.509 attestation: the checks, pure (no I/O; the time is passed in), and the attestor.
 
 The TLS front accepts any client certificate and hands over the chain the device presented
 (leaf first). These helpers parse it, walk it for enrollment-group candidates, and verify a
@@ -14,16 +14,29 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+import msgspec
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import verification as xv
 from cryptography.x509.oid import NameOID
 
+from .. import certificates
 from ..certificates import sha1_thumbprint
 from ..errors import AuthenticationError, DpsCode
+from ..models import (
+    AttestationType,
+    CaCertificate,
+    EnrollmentGroup,
+    IndividualEnrollment,
+    X509CertificateInfo,
+)
+from ..protocol.messages import X509RegistrationResult
+from .base import CaSource, CertificateCredential, Credential, EnrollmentSource, Evidence, Match
 
 __all__ = [
     "PresentedChain",
+    "PresentedDevice",
+    "X509Attestor",
     "common_name",
     "find_anchor",
     "is_ca",
@@ -183,3 +196,128 @@ def find_anchor(
         if top.issuer == anchor.subject and top != anchor and is_ca(anchor):
             return owner, anchor
     return None
+
+
+# --- the attestor ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PresentedDevice:
+    """A presented chain whose leaf names the registration id, described as DPS reports it."""
+
+    chain: PresentedChain
+    info: X509CertificateInfo
+    sha256_thumbprint: str
+
+
+def _info(cert: x509.Certificate) -> X509CertificateInfo:
+    return msgspec.convert(certificates.certificate_info(cert), X509CertificateInfo)
+
+
+class X509Attestor:
+    """X.509 attestation: the leaf's CN is the registration id; an individual enrollment matches
+    the leaf (or a CA certificate of its chain), else the chain is walked from the first
+    intermediate up for a group (its signing certificate, or a verified CA certificate it
+    references), and verified up to what matched."""
+
+    type = AttestationType.X509
+    credentials = frozenset({Credential.CERTIFICATE})
+
+    def __init__(self, enrollments: EnrollmentSource, cas: CaSource) -> None:
+        self._enrollments = enrollments
+        self._cas = cas
+
+    def parse(self, evidence: Evidence) -> PresentedDevice:
+        chain = parse_presented_chain(evidence.client_chain)
+        cn = common_name(chain.leaf)
+        if cn is None or cn.lower() != evidence.registration_id.lower():
+            raise AuthenticationError(
+                f"The device certificate's subject CN {cn!r} is not the registration id {evidence.registration_id!r}.",
+                error_code=DpsCode.X509_CN_MISMATCH,
+            )
+        return PresentedDevice(chain, _info(chain.leaf), certificates.sha256_thumbprint(chain.leaf))
+
+    async def individual(
+        self, parsed: PresentedDevice, evidence: Evidence, enrollment: IndividualEnrollment
+    ) -> Match:
+        x509_att = enrollment.attestation.x509
+        if enrollment.attestation.type is not AttestationType.X509 or x509_att is None:
+            raise AuthenticationError(
+                f"The individual enrollment {enrollment.registration_id!r} uses "
+                f"{enrollment.attestation.type.value} attestation, not X.509.",
+                error_code=DpsCode.X509_CHAIN_INVALID,
+            )
+        certs = x509_att.client_certificates
+        enrolled = (
+            [c.certificate for c in (certs.primary, certs.secondary) if c and c.certificate] if certs else []
+        )
+        match_individual(
+            enrollment.registration_id,
+            [certificates.load_pem_chain(pem)[0] for pem in enrolled],
+            parsed.chain,
+            evidence.moment,
+        )
+        return Match(
+            enrollment=enrollment,
+            attestation=self.type,
+            identity_credential=CertificateCredential(parsed.sha256_thumbprint, from_group=False),
+            x509=X509RegistrationResult(certificate_info=parsed.info),
+        )
+
+    async def group(self, parsed: PresentedDevice, evidence: Evidence) -> Match:
+        group, anchor = await self._find_group(parsed.chain)
+        verify_chain(parsed.chain, anchor, evidence.moment)
+        return Match(
+            enrollment=group,
+            attestation=self.type,
+            identity_credential=CertificateCredential(parsed.sha256_thumbprint, from_group=True),
+            x509=X509RegistrationResult(
+                certificate_info=parsed.info,
+                enrollment_group_id=group.enrollment_group_id,
+                signing_certificate_info=_info(anchor),
+            ),
+        )
+
+    async def _find_group(self, chain: PresentedChain) -> tuple[EnrollmentGroup, x509.Certificate]:
+        groups = await self._enrollments.groups(self.type)
+        referenced = [name for group in groups for name in _ca_references(group)]
+        cas = await self._cas.ca_certificates(referenced) if referenced else {}
+        unverified: list[str] = []
+        candidates: list[tuple[EnrollmentGroup, x509.Certificate]] = []
+        for group in groups:
+            pems = _group_anchors(group, cas, unverified)
+            candidates += [(group, certificates.load_pem_chain(pem)[0]) for pem in pems]
+        found = find_anchor(chain, candidates)
+        if found is not None:
+            return found
+        hint = f" (CA certificates not verified: {', '.join(unverified)})" if unverified else ""
+        raise AuthenticationError(
+            f"No individual enrollment is named {common_name(chain.leaf)!r}, and no X.509 enrollment group's "
+            f"certificate is in, or signed, the presented chain of {len(chain.certificates)} certificate(s){hint}.",
+            error_code=DpsCode.X509_CHAIN_INVALID,
+        )
+
+
+def _ca_references(group: EnrollmentGroup) -> list[str]:
+    refs = group.attestation.x509.ca_references if group.attestation.x509 else None
+    return [name for name in (refs.primary, refs.secondary) if name] if refs else []
+
+
+def _group_anchors(group: EnrollmentGroup, cas: dict[str, CaCertificate], unverified: list[str]) -> list[str]:
+    """The PEM certificates a group's devices may chain to: its signing certificates and the
+    verified CA certificates it references (unverified ones are noted for the error message)."""
+    x509_att = group.attestation.x509
+    if x509_att is None:
+        return []
+    pems: list[str] = []
+    signing = x509_att.signing_certificates
+    if signing is not None:
+        pems += [c.certificate for c in (signing.primary, signing.secondary) if c and c.certificate]
+    for name in _ca_references(group):
+        ca = cas.get(name.lower())
+        if ca is not None and ca.certificate:
+            if ca.is_verified:
+                pems.append(ca.certificate)
+            else:
+                unverified.append(f"{ca.name} (group {group.enrollment_group_id})")
+    return pems

@@ -8,7 +8,8 @@ Wire shapes (device-protocol.md §1.2):
   ``registrationId`` at all, so every field is optional here and the transport supplies the id.
 - response ``RegistrationOperationStatus``: ``{"operationId", "status", "registrationState"?}``.
 - ``DeviceRegistrationResult``: what the device learns (hub, device id, status, substatus,
-  payload, and per attestation: ``x509``, ``symmetricKey``, ``tpm``).
+  payload, and per attestation: ``x509``, ``symmetricKey``, ``tpm``): the service API's
+  ``DeviceRegistrationState`` plus the attestation's parts.
 - TPM challenge (401 body): ``{"message", "authenticationKey", "keyName"}``.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from ..models import RegistrationStatus, RegistrationSubstatus, X509CertificateInfo
+from ..models import DeviceRegistrationState, RegistrationStatus, X509CertificateInfo
 from . import bounded_json
 
 __all__ = [
@@ -67,18 +68,11 @@ class TpmRegistrationResult(_Message):
     authentication_key: str | None = None
 
 
-class DeviceRegistrationResult(_Message):
-    registration_id: str
-    created_date_time_utc: str | None = None
-    assigned_hub: str | None = None
-    device_id: str | None = None
-    status: RegistrationStatus | None = None
-    substatus: RegistrationSubstatus | None = None
-    error_code: int | None = None
-    error_message: str | None = None
-    last_updated_date_time_utc: str | None = None
-    etag: str | None = None
-    payload: Any = None
+class DeviceRegistrationResult(DeviceRegistrationState, kw_only=True):
+    """The registration record as the device API shows it: the service API's fields
+    (:class:`~provisiond.models.DeviceRegistrationState`, declared once there), then what the
+    attestation adds."""
+
     x509: X509RegistrationResult | None = None
     symmetric_key: SymmetricKeyRegistrationResult | None = None
     tpm: TpmRegistrationResult | None = None

@@ -3,7 +3,19 @@
 from __future__ import annotations
 
 from ..errors import ConfigurationError
-from .base import Collection, Delete, Page, Record, Store, Write, WriteMode, etags_match, new_etag, utc_now
+from .base import (
+    Collection,
+    Delete,
+    Page,
+    Record,
+    Store,
+    Write,
+    WriteMode,
+    etags_match,
+    new_etag,
+    utc_iso,
+    utc_now,
+)
 
 __all__ = [
     "Collection",
@@ -16,6 +28,7 @@ __all__ = [
     "etags_match",
     "new_etag",
     "open_store",
+    "utc_iso",
     "utc_now",
 ]
 

@@ -78,6 +78,7 @@ __all__ = [
     "WriteMode",
     "etags_match",
     "new_etag",
+    "utc_iso",
     "utc_now",
 ]
 
@@ -203,6 +204,11 @@ def etags_match(if_match: str, etag: str) -> bool:
 def utc_now() -> str:
     """The current time as the store writes it: ISO 8601 UTC with microseconds and ``Z``."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def utc_iso(seconds: float) -> str:
+    """A Unix time as the store writes times (see :func:`utc_now`)."""
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class Store(ABC):

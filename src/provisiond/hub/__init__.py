@@ -1,0 +1,64 @@
+"""IoT hubs as provisiond sees them: where device identities are created on assignment.
+
+- :mod:`.models`: the identity and its twin (IoT Hub's registry shape), and how a device's
+  attested credential becomes the identity's authentication;
+- :mod:`.base`: what a registration asks of a hub (:class:`IdentityChange`), the
+  :class:`HubBackend` interface (one idempotent registry operation at a time, outside any
+  database transaction) and its transactional special case;
+- :mod:`.builtin`: the built-in hub, whose identities live in provisiond's database.
+
+Linked hubs that are not built in are reached through their registry REST API, which is not
+implemented yet: assigning a device to one fails with a message that says so.
+"""
+
+from __future__ import annotations
+
+from .base import (
+    HubBackend,
+    HubBackends,
+    HubError,
+    IdentityChange,
+    IdentityRef,
+    IdentitySpec,
+    Planned,
+    TransactionalHubBackend,
+    TwinPlan,
+    TwinSource,
+    carry_out,
+    resolve_twin,
+)
+from .builtin import BuiltinHub
+from .models import (
+    DeviceAuthentication,
+    HubDevice,
+    SymmetricKeyAuth,
+    Twin,
+    X509Thumbprint,
+    authentication_for,
+    twin_from,
+    x509_authentication,
+)
+
+__all__ = [
+    "BuiltinHub",
+    "DeviceAuthentication",
+    "HubBackend",
+    "HubBackends",
+    "HubDevice",
+    "HubError",
+    "IdentityChange",
+    "IdentityRef",
+    "IdentitySpec",
+    "Planned",
+    "SymmetricKeyAuth",
+    "TransactionalHubBackend",
+    "Twin",
+    "TwinPlan",
+    "TwinSource",
+    "X509Thumbprint",
+    "authentication_for",
+    "carry_out",
+    "resolve_twin",
+    "twin_from",
+    "x509_authentication",
+]

@@ -1,0 +1,231 @@
+"""The hub seam: what a registration asks of IoT hubs, and the interface every hub backend
+implements.
+
+Theory of operation
+-------------------
+The registrar's assignment (``service/assignment.py``) decides, without reading any hub, an
+:class:`IdentityChange`: the identity to put in the assigned hub (:class:`IdentitySpec`: device
+id, authentication, capabilities, and a :class:`TwinPlan` saying which twin it ends up with),
+and the old identity to remove when the device moved. Carrying it out is the backend's part.
+
+A :class:`HubBackend` does what IoT Hub's registry REST API does, one idempotent call at a time,
+outside any database transaction: get an identity, put one (create or update in place), read
+and replace its twin, delete or disable it. A remote hub (issue 12: an Azure IoT hub over HTTPS,
+throttled, failing, slow) implements exactly this; :func:`resolve_twin` and :func:`carry_out`
+are the sequence a worker runs for a change (docs/architecture.md, "Hub backends and the
+never-half-written guarantee", says how a registration stays whole around it).
+
+The built-in hub keeps its identities in provisiond's own database, so it is also a
+:class:`TransactionalHubBackend`: :meth:`~TransactionalHubBackend.plan` turns a change into
+store writes that commit in the registration record's own transaction (``Store.write_atomic``):
+identity and record land together or not at all. That is the special case the registrar uses
+whenever every hub a change touches is built in (:meth:`HubBackends.transactional`).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..attestation.base import IdentityCredential
+from ..models import DeviceCapabilities, LinkedHub
+from ..storage import Collection, Delete, Write
+from .models import HubDevice, Twin
+
+__all__ = [
+    "HubBackend",
+    "HubBackends",
+    "HubError",
+    "IdentityChange",
+    "IdentityRef",
+    "IdentitySpec",
+    "Planned",
+    "TransactionalHubBackend",
+    "TwinPlan",
+    "TwinSource",
+    "carry_out",
+    "resolve_twin",
+]
+
+
+class HubError(Exception):
+    """The hub could not create or update the identity (internal: the registrar fails the
+    registration with DPS's errorCode 400209)."""
+
+
+#: One write of a registration's transaction (see :meth:`TransactionalHubBackend.plan`).
+Planned = tuple[Collection, Write | Delete]
+
+
+class TwinSource(enum.Enum):
+    """Where the twin of the assigned identity comes from."""
+
+    INITIAL = "initial"  # the initial twin (the enrollment's, or the custom allocation webhook's)
+    KEEP = "keep"  # the identity's own (the initial twin when the identity has to be created)
+    MIGRATE = "migrate"  # the removed identity's (as KEEP when that has none)
+    RESET = "reset"  # the initial twin, replacing what the device had in its old hub
+
+
+@dataclass(frozen=True, slots=True)
+class TwinPlan:
+    source: TwinSource
+    #: The enrollment's (or the webhook's) current initial twin.
+    initial: Twin
+
+    def resolve(self, existing: HubDevice | None, removed: HubDevice | None) -> Twin | None:
+        """The twin the identity gets, given the identity as it exists now (``None``: it has to
+        be created) and the identity the change removes (for MIGRATE). ``None``: keep the
+        existing identity's twin as it is."""
+        if self.source is TwinSource.MIGRATE and removed is not None and removed.twin is not None:
+            return removed.twin
+        if self.source in (TwinSource.KEEP, TwinSource.MIGRATE):
+            return None if existing is not None else self.initial
+        return self.initial
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityRef:
+    hub: str  # host name, lower-cased
+    device_id: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class IdentitySpec:
+    """The identity a registration puts in its assigned hub."""
+
+    hub: LinkedHub
+    device_id: str
+    registration_id: str
+    credential: IdentityCredential
+    capabilities: DeviceCapabilities | None
+    twin: TwinPlan
+
+    @property
+    def ref(self) -> IdentityRef:
+        return IdentityRef(self.hub.host_name.lower(), self.device_id)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class IdentityChange:
+    """What an assignment does to hub identities: put one, and remove the old one when the
+    device moved (its twin is the source of a MIGRATE)."""
+
+    put: IdentitySpec
+    remove: IdentityRef | None = None
+    #: The decision's guess that the identity does not exist yet (a first assignment, or a
+    #: move): a backend may create without reading first, and fail if the guess was wrong.
+    probably_new: bool = False
+
+
+class HubBackend(Protocol):
+    """A hub's identity registry, one idempotent operation at a time (IoT Hub's registry REST
+    API: ``/devices/{id}``, ``/twins/{id}``), outside any database transaction."""
+
+    async def get_identity(self, hub: str, device_id: str) -> HubDevice | None:
+        """The identity with its twin, or ``None``."""
+        ...
+
+    async def put_identity(self, spec: IdentitySpec) -> HubDevice:
+        """Create the identity, or update it in place (authentication, capabilities, enabled;
+        IoT Hub: ``PUT /devices/{id}``, ``If-Match: "*"`` on update). A created identity has
+        an empty twin; an updated one keeps its twin.
+
+        :raises HubError: the hub refused it.
+        """
+        ...
+
+    async def read_twin(self, hub: str, device_id: str) -> Twin | None:
+        """The identity's twin (for a migration), or ``None`` when there is no identity."""
+        ...
+
+    async def apply_twin(self, hub: str, device_id: str, twin: Twin) -> None:
+        """Replace the twin's tags and desired properties (IoT Hub: ``PUT /twins/{id}``).
+
+        :raises HubError: there is no such identity, or the hub refused it.
+        """
+        ...
+
+    async def delete_identity(self, hub: str, device_id: str) -> bool:
+        """Delete the identity (IoT Hub: ``DELETE /devices/{id}``, ``If-Match: "*"``);
+        ``False`` when there was none (so a retry is harmless)."""
+        ...
+
+    async def disable_identity(self, hub: str, device_id: str) -> bool:
+        """Set the identity's status to ``disabled`` (deprovisioning that keeps it); ``False``
+        when there is none."""
+        ...
+
+
+class TransactionalHubBackend(HubBackend, Protocol):
+    """A hub whose identities live in provisiond's database (the built-in hub)."""
+
+    async def plan(self, change: IdentityChange, *, probably_new: bool) -> list[Planned]:
+        """The store writes that carry out ``change``, to commit in one transaction with the
+        registration record: the removal of the old identity (on its etag), then the put (a
+        create, or an update on the etag read here). A concurrent change makes the transaction
+        fail, and the registrar plans again. ``probably_new``: create without reading first.
+        """
+        ...
+
+
+class HubBackends:
+    """Which backend serves which hub. Today: the built-in hubs (``builtin`` linked hubs);
+    the identities of a hub no longer linked are in the built-in store too."""
+
+    def __init__(self, builtin: TransactionalHubBackend) -> None:
+        self.builtin = builtin
+
+    def transactional(self, change: IdentityChange) -> TransactionalHubBackend:
+        """The backend that commits ``change`` in the registration's transaction.
+
+        :raises HubError: the change touches a hub that is not built in (remote hubs come with
+            their durable writer: docs/architecture.md).
+        """
+        hub = change.put.hub
+        if not hub.builtin:
+            raise HubError(
+                f"IoT hub {hub.host_name!r} is not provisiond's built-in hub, and writing identities to external "
+                "hubs (their registry REST API) is not implemented yet."
+            )
+        return self.builtin
+
+    def for_hub(self, hub: LinkedHub | None) -> HubBackend:
+        """The backend of a linked hub (``None``: a hub no longer linked).
+
+        :raises HubError: a remote hub (not implemented yet).
+        """
+        if hub is None or hub.builtin:
+            return self.builtin
+        raise HubError(f"IoT hub {hub.host_name!r} is not built in; remote hubs are not implemented yet.")
+
+
+async def resolve_twin(change: IdentityChange, new: HubBackend, old: HubBackend | None) -> Twin | None:
+    """The twin ``change`` gives its identity, read from the hubs as they are (before any
+    write of the change: a worker checkpoints the answer, so that a retry after a crash writes
+    the same twin)."""
+    put = change.put
+    removed = None
+    if change.remove is not None and old is not None and put.twin.source is TwinSource.MIGRATE:
+        removed = await old.get_identity(change.remove.hub, change.remove.device_id)
+    existing = await new.get_identity(put.ref.hub, put.device_id)
+    return put.twin.resolve(existing, removed)
+
+
+async def carry_out(
+    change: IdentityChange, twin: Twin | None, new: HubBackend, old: HubBackend | None
+) -> HubDevice:
+    """Carry out ``change`` outside any transaction, each step idempotent: put the identity,
+    replace its twin with ``twin`` (from :func:`resolve_twin`; ``None`` keeps it), then delete
+    the old identity. Run again after a failure, it ends in the same state.
+
+    :raises HubError: a hub refused a step (what the earlier steps wrote stays: the caller
+        compensates or retries).
+    """
+    put = change.put
+    device = await new.put_identity(put)
+    if twin is not None:
+        await new.apply_twin(put.ref.hub, put.device_id, twin)
+    if change.remove is not None and change.remove != put.ref and old is not None:
+        await old.delete_identity(change.remove.hub, change.remove.device_id)
+    return device

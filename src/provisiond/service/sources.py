@@ -1,0 +1,77 @@
+"""What the attestors read, over the store: enrollments, CA certificates and pending TPM
+challenges (the protocols of :mod:`provisiond.attestation.base`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import msgspec
+
+from ..attestation.base import IssuedChallenge, PendingChallenge
+from ..errors import NotFoundError, PreconditionFailedError
+from ..models import AttestationType, CaCertificate, EnrollmentGroup, IndividualEnrollment
+from ..storage import Collection, Store, WriteMode
+from .records import RegistrationRecord
+
+__all__ = ["StoreSources"]
+
+
+class StoreSources:
+    """:class:`~provisiond.attestation.base.EnrollmentSource`,
+    :class:`~provisiond.attestation.base.CaSource` and
+    :class:`~provisiond.attestation.base.ChallengeStore` over one store."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    # --- enrollments -----------------------------------------------------------------------------
+
+    async def individual(self, registration_id: str) -> IndividualEnrollment | None:
+        record = await self._store.get(Collection.ENROLLMENTS, registration_id)
+        return msgspec.json.decode(record.doc, type=IndividualEnrollment) if record else None
+
+    async def groups(self, attestation: AttestationType) -> list[EnrollmentGroup]:
+        records = await self._store.query_all(
+            Collection.ENROLLMENT_GROUPS, filters={"attestation_type": attestation.value.lower()}
+        )
+        return [msgspec.json.decode(r.doc, type=EnrollmentGroup) for r in records]
+
+    async def last_group(self, registration_id: str) -> str | None:
+        record = await self._store.get(Collection.REGISTRATIONS, registration_id)
+        return (
+            msgspec.json.decode(record.doc, type=RegistrationRecord).enrollment_group_id if record else None
+        )
+
+    # --- CA certificates -------------------------------------------------------------------------
+
+    async def ca_certificates(self, names: Iterable[str]) -> dict[str, CaCertificate]:
+        found = await self._store.get_many(
+            Collection.CA_CERTIFICATES, list({n.lower(): n for n in names}.values())
+        )
+        return {key: msgspec.json.decode(r.doc, type=CaCertificate) for key, r in found.items()}
+
+    # --- TPM challenges (single use through a write conditional on the etag read) ----------------
+
+    async def issue(self, registration_id: str, challenge: PendingChallenge) -> None:
+        # An upsert: a new challenge replaces the registration id's older one.
+        await self._store.write(Collection.TPM_CHALLENGES, registration_id, msgspec.json.encode(challenge))
+
+    async def read(self, registration_id: str) -> IssuedChallenge | None:
+        record = await self._store.get(Collection.TPM_CHALLENGES, registration_id)
+        if record is None:
+            return None
+        return IssuedChallenge(msgspec.json.decode(record.doc, type=PendingChallenge), record.etag)
+
+    async def use(self, registration_id: str, issued: IssuedChallenge) -> bool:
+        used = msgspec.structs.replace(issued.challenge, used=True)
+        try:
+            await self._store.write(
+                Collection.TPM_CHALLENGES,
+                registration_id,
+                msgspec.json.encode(used),
+                mode=WriteMode.UPDATE,
+                if_match=issued.version,
+            )
+        except (PreconditionFailedError, NotFoundError):
+            return False
+        return True
