@@ -37,7 +37,6 @@ from __future__ import annotations
 import datetime as dt
 import enum
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias, TypeVar
 
 import msgspec
@@ -83,8 +82,7 @@ class Credential(enum.Enum):
     TPM_KEYS = "TPM keys"  # tpm.endorsementKey (and storageRootKey) in the body, nothing else
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Evidence:
+class Evidence(msgspec.Struct, frozen=True, kw_only=True):
     """What a device presented, whatever transport carried it."""
 
     id_scope: str
@@ -116,8 +114,7 @@ class Evidence:
 # --- what a match implies for the hub identity ---------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class KeyCredential:
+class KeyCredential(msgspec.Struct, frozen=True):
     """The identity authenticates with symmetric keys (IoT Hub's ``sas``): the enrollment's, the
     keys derived from its group's, or fresh keys a TPM receives wrapped."""
 
@@ -125,8 +122,7 @@ class KeyCredential:
     secondary: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class CertificateCredential:
+class CertificateCredential(msgspec.Struct, frozen=True):
     """The identity authenticates with the certificate the device presented (SHA-256
     thumbprint, upper-case hex); ``from_group``: matched through an enrollment group (a hub
     may then make it ``certificateAuthority``)."""
@@ -138,8 +134,7 @@ class CertificateCredential:
 IdentityCredential: TypeAlias = KeyCredential | CertificateCredential
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Match:
+class Match(msgspec.Struct, frozen=True, kw_only=True):
     """A device proved an enrollment's credential."""
 
     enrollment: IndividualEnrollment | EnrollmentGroup
@@ -201,8 +196,7 @@ class PendingChallenge(msgspec.Struct, rename="camel", kw_only=True, frozen=True
     used: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class IssuedChallenge:
+class IssuedChallenge(msgspec.Struct, frozen=True):
     """A pending challenge as read, with the version its single use is conditional on."""
 
     challenge: PendingChallenge
@@ -234,7 +228,7 @@ class Attestor(Protocol[ParsedT]):
     #: The enrollments it checks (their ``attestation.type``).
     type: AttestationType
     #: The credential shapes it checks.
-    credentials: frozenset[Credential]
+    credentials: tuple[Credential, ...]
 
     def parse(self, evidence: Evidence) -> ParsedT:
         """Every check of the credential that needs no enrollment.

@@ -58,7 +58,7 @@ class SymmetricKeyAttestor:
     registration is tried first: a re-registration costs one HMAC)."""
 
     type = AttestationType.SYMMETRIC_KEY
-    credentials = frozenset({Credential.SAS_TOKEN})
+    credentials: tuple[Credential, ...] = (Credential.SAS_TOKEN,)
 
     def __init__(self, enrollments: EnrollmentSource, *, clock_skew: int) -> None:
         self._enrollments = enrollments

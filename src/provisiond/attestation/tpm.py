@@ -189,7 +189,7 @@ class TpmAttestor:
     """
 
     type = AttestationType.TPM
-    credentials = frozenset({Credential.SAS_TOKEN, Credential.TPM_KEYS})
+    credentials: tuple[Credential, ...] = (Credential.SAS_TOKEN, Credential.TPM_KEYS)
 
     def __init__(
         self,

@@ -201,8 +201,7 @@ def find_anchor(
 # --- the attestor ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class PresentedDevice:
+class PresentedDevice(msgspec.Struct, frozen=True):
     """A presented chain whose leaf names the registration id, described as DPS reports it."""
 
     chain: PresentedChain
@@ -221,7 +220,7 @@ class X509Attestor:
     references), and verified up to what matched."""
 
     type = AttestationType.X509
-    credentials = frozenset({Credential.CERTIFICATE})
+    credentials: tuple[Credential, ...] = (Credential.CERTIFICATE,)
 
     def __init__(self, enrollments: EnrollmentSource, cas: CaSource) -> None:
         self._enrollments = enrollments

@@ -25,8 +25,9 @@ whenever every hub a change touches is built in (:meth:`HubBackends.transactiona
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 from typing import Protocol
+
+import msgspec
 
 from ..attestation.base import IdentityCredential
 from ..models import DeviceCapabilities, LinkedHub
@@ -67,8 +68,7 @@ class TwinSource(enum.Enum):
     RESET = "reset"  # the initial twin, replacing what the device had in its old hub
 
 
-@dataclass(frozen=True, slots=True)
-class TwinPlan:
+class TwinPlan(msgspec.Struct, frozen=True):
     source: TwinSource
     #: The enrollment's (or the webhook's) current initial twin.
     initial: Twin
@@ -84,14 +84,12 @@ class TwinPlan:
         return self.initial
 
 
-@dataclass(frozen=True, slots=True)
-class IdentityRef:
+class IdentityRef(msgspec.Struct, frozen=True):
     hub: str  # host name, lower-cased
     device_id: str
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class IdentitySpec:
+class IdentitySpec(msgspec.Struct, frozen=True, kw_only=True):
     """The identity a registration puts in its assigned hub."""
 
     hub: LinkedHub
@@ -106,8 +104,7 @@ class IdentitySpec:
         return IdentityRef(self.hub.host_name.lower(), self.device_id)
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class IdentityChange:
+class IdentityChange(msgspec.Struct, frozen=True, kw_only=True):
     """What an assignment does to hub identities: put one, and remove the old one when the
     device moved (its twin is the source of a MIGRATE)."""
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import msgspec
@@ -83,8 +82,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Facts:
+class Facts(msgspec.Struct, frozen=True, kw_only=True):
     """What a registration's decision starts from."""
 
     #: As the request spells it (the device id of an identity without one in its enrollment).
@@ -109,28 +107,24 @@ class Facts:
 # --- choosing the hub ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Denied:
+class Denied(msgspec.Struct, frozen=True):
     """The enrollment is disabled."""
 
 
-@dataclass(frozen=True, slots=True)
-class NoHub:
+class NoHub(msgspec.Struct, frozen=True):
     """No hub: the record fails with ``code``."""
 
     code: DpsCode
     message: str
 
 
-@dataclass(frozen=True, slots=True)
-class Assign:
+class Assign(msgspec.Struct, frozen=True):
     hub: LinkedHub
     #: The custom allocation webhook's answer (its payload and initial twin apply).
     custom: AllocationResponse | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class AskWebhook:
+class AskWebhook(msgspec.Struct, frozen=True):
     url: str
     candidates: Sequence[LinkedHub]
 
@@ -220,8 +214,7 @@ OUTCOMES: Mapping[tuple[Placement, bool], tuple[RegistrationSubstatus | None, Tw
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(msgspec.Struct, frozen=True):
     """The record to write, and the identity change that commits with it (none unless the
     record says ``assigned``)."""
 

@@ -117,8 +117,7 @@ class Webhook(Protocol):
     async def aclose(self) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class _Attempt:
+class _Attempt(msgspec.Struct, frozen=True):
     """A commit attempt: the record written, or the record found instead and the one the
     attempt was based on."""
 
