@@ -217,4 +217,3 @@ def test_deleting_an_individual_enrollment_deletes_its_registration_record(
     device.close()
     assert state["substatus"] == "initialAssignment" and state["assignedHub"] == hub
     assert identity(admin, hub, reg)["twin"] == HUB_TWIN_B
-
