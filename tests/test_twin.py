@@ -72,7 +72,7 @@ def test_desired_changes_and_notification() -> None:
         "a": None,
         "b": 3,
         "c": {"x": 1},
-        "$version": 3,
+        "$version": 2,
     }
     assert tw.desired_changes(after, after) is None
 
