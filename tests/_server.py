@@ -10,7 +10,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,15 +91,22 @@ class RunningServer:
 
 
 def start_server(
-    data_dir: Path, *extra: str, port: int | None = None, timeout: float = 30.0
+    data_dir: Path,
+    *extra: str,
+    port: int | None = None,
+    timeout: float = 30.0,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> RunningServer:
-    """Start ``provisiond serve`` and wait until it answers; its stderr goes to DATA_DIR/serve.log."""
+    """Start ``provisiond serve`` and wait until it answers; its stderr goes to DATA_DIR/serve.log.
+    ``env`` adds environment variables (PROVISIOND_* from the test's own environment are dropped);
+    ``preexec_fn`` runs in the child before it starts (to lower its limits, say)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     conn = data_dir / "connection.json"
     conn.unlink(missing_ok=True)
     log_file = data_dir / "serve.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROVISIOND_")}
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("PROVISIOND_")} | (env or {})
     with open(log_file, "ab") as log:
         process = subprocess.Popen(
             [
@@ -121,7 +128,8 @@ def start_server(
             ],
             stdout=log,
             stderr=log,
-            env=env,
+            env=child_env,
+            preexec_fn=preexec_fn,
         )
     running = RunningServer(data_dir, process, log_file)
     deadline = time.monotonic() + timeout

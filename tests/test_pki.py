@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import ipaddress
 import re
@@ -212,6 +213,40 @@ def test_load_pem_chain(device: pki.Issued) -> None:
     assert pki.load_pem_chain(text.encode()) == device.presented_chain
     with pytest.raises(ValueError):
         pki.load_pem_chain("no certificate here")
+
+
+def test_load_certificate_in_every_form_clients_send(device: pki.Issued) -> None:
+    pem = pki.certificate_pem(device.cert)
+    b64_pem = base64.b64encode(pem).decode()
+    forms = {
+        "pem": pem.decode(),
+        "pem-with-blank-lines": f"\n\n{pem.decode()}\n",
+        "base64-der": base64.b64encode(pki.certificate_der(device.cert)).decode(),
+        "base64-pem": b64_pem,  # the C service client's form
+        "base64-pem-wrapped": "\r\n".join(b64_pem[i : i + 76] for i in range(0, len(b64_pem), 76)),
+    }
+    for form, text in forms.items():
+        assert pki.load_certificate(text) == device.cert, form
+    for junk, words in [
+        ("no certificate here", "neither PEM text nor base64"),
+        (base64.b64encode(b"\x30\x03\x02\x01\x01").decode(), "."),  # base64 of DER that is no certificate
+        (pki.certificate_pem(*device.presented_chain).decode(), "2 certificates where one was expected"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            pki.load_certificate(junk)
+
+
+def test_load_certificate_keeps_der_that_ends_in_a_whitespace_byte() -> None:
+    # The last DER byte is the signature's: any value, a space or a line feed included (a loader
+    # that strips the decoded bytes breaks about 1 certificate in 40).
+    for _ in range(2000):
+        cert = pki.make_device_cert("whitespace-tail").cert
+        der = pki.certificate_der(cert)
+        if der[-1:] in (b" ", b"\t", b"\n", b"\r", b"\x0b", b"\x0c"):
+            break
+    else:  # pragma: no cover - (1 - 6/256) ** 2000 is about 1e-21
+        pytest.fail("no certificate ended in a whitespace byte")
+    assert pki.load_certificate(base64.b64encode(der).decode()) == cert
 
 
 def test_write_and_read_a_credential(tmp_path: Path, device: pki.Issued) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import logging
+import re
 import socket
 import ssl
 import subprocess
@@ -23,6 +25,7 @@ from websockets.sync.client import connect as ws_connect
 
 from provisiond import pki, tls
 from provisiond.errors import ConfigurationError
+from provisiond.service.settings import ConnectionLimits
 
 
 async def report_tls_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -228,3 +231,139 @@ def test_selfcheck_script_passes() -> None:
     script = Path(__file__).with_name("_tls_selfcheck.py")
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- the guard under both HTTP implementations (uvloop + httptools, asyncio + h11) -----------------
+
+#: Small deadlines for the guard tests (seconds; bytes/s).
+SMALL = ConnectionLimits(
+    tls_handshake_timeout=0.5,
+    first_request_timeout=0.5,
+    header_timeout=0.5,
+    keep_alive_timeout=0.5,
+    min_receive_rate=100,
+    min_receive_rate_grace=0.5,
+)
+
+
+async def body_length_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Reads the whole body and answers its length."""
+    if scope["type"] != "http":
+        return
+    size, more = 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        size += len(message.get("body", b""))
+        more = message.get("more_body", False)
+    body = str(size).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(("httptools", "auto"), id="httptools-uvloop"),
+        pytest.param(("h11", "asyncio"), id="h11-asyncio"),
+    ],
+)
+def guarded(request: pytest.FixtureRequest, certs: Pki) -> Iterator[int]:
+    http_impl, loop = request.param
+    config = tls.uvicorn_config(
+        body_length_app,
+        host="127.0.0.1",
+        port=0,
+        cert_file=certs.server_files.cert_file,
+        key_file=certs.server_files.key_file,
+        http=http_impl,
+        loop=loop,
+        lifespan="off",
+        log_level="warning",
+        access_log=False,
+        limits=SMALL,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"uvicorn-guarded-{http_impl}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    yield server.servers[0].sockets[0].getsockname()[1]
+    server.should_exit = True
+    thread.join(10)
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server closes ``sock`` within 5 s (reading and dropping what it sends)."""
+    sock.settimeout(5)
+    try:
+        while sock.recv(65536):
+            pass
+    except (ConnectionResetError, ssl.SSLEOFError):
+        pass
+    except TimeoutError:
+        return False
+    return True
+
+
+def exchange(sock: ssl.SSLSocket, request: bytes) -> bytes:
+    sock.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
+    while len(body) < length:
+        body += sock.recv(65536)
+    return body
+
+
+def test_the_guard_under_both_http_implementations(
+    guarded: int, certs: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    ctx = certs.client_context("device")
+
+    def connect() -> ssl.SSLSocket:
+        raw = socket.create_connection(("127.0.0.1", guarded), timeout=5)
+        return ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+
+    with caplog.at_level(logging.DEBUG, logger="provisiond.connections"):
+        with socket.create_connection(("127.0.0.1", guarded), timeout=5) as raw:  # no handshake
+            assert closed_by_server(raw)
+        with connect() as sock:  # silence after the handshake
+            assert closed_by_server(sock)
+        with connect() as sock:  # a body under the rate, after a request with a body answered in full
+            assert exchange(sock, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello") == b"5"
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\n\r\n")
+            try:
+                for _ in range(20):
+                    sock.sendall(b"x")
+                    time.sleep(0.1)
+            except OSError:  # ssl.SSLEOFError: closed while the test still wrote
+                pass
+            else:
+                assert closed_by_server(sock)
+        with connect() as sock:  # half a request line after a response
+            assert exchange(sock, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == b"0"
+            sock.sendall(b"GET /hal")
+            assert closed_by_server(sock)
+        with connect() as sock:  # idle after a response
+            assert exchange(sock, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == b"0"
+            assert closed_by_server(sock)
+    for words in (
+        "TLS handshake not finished within 0.5 s",
+        "no complete request head within 0.5 s",
+        "under 100 bytes/s (--min-receive-rate)",
+        "request head not complete 0.5 s after its first byte",
+        "idle 0.5 s after a response",
+    ):
+        assert words in caplog.text

@@ -5,6 +5,7 @@
     ProvisioningError                      root; carries the DPS wire mapping
     ├── RequestError                       400: the request itself is wrong
     │   ├── InvalidBodyError               400004: body is not JSON / fields of the wrong type
+    │   │   └── TwinLimitError             400004: a twin breaks IoT Hub's limits (twin_limits.py)
     │   ├── InvalidIdError                 400005: a registration/group/hub id breaks the id rules
     │   ├── MissingApiVersionError         400001: no api-version query parameter
     │   ├── BodyTooLargeError              413-ish, answered as 400 like DPS (400007)
@@ -45,12 +46,14 @@ The CLI reads ``exit_code``.
 from __future__ import annotations
 
 import builtins
+import enum
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from .models import RegistrationStatus
 
 __all__ = [
+    "DpsCode",
     "AmqpProtocolError",
     "AuthenticationError",
     "AuthorizationError",
@@ -83,14 +86,100 @@ __all__ = [
     "TpmError",
     "TpmFormatError",
     "TransportError",
+    "TwinLimitError",
 ]
+
+
+class DpsCode(enum.IntEnum):
+    """Every DPS ``errorCode`` provisiond answers with, each exactly once: the HTTP status times
+    1000 plus a detail (DPS's scheme; the SDKs derive the status from ``errorCode // 1000``).
+    ``template`` says what the code means; error messages at the raise sites add the specifics
+    (which enrollment, which field), and :meth:`message` fills a template's ``{fields}``.
+    The codes in use are listed, with their causes, in docs/service-api.md and docs/device-api.md.
+    """
+
+    template: str
+
+    def __new__(cls, value: int, template: str) -> DpsCode:
+        member = int.__new__(cls, value)
+        member._value_ = value
+        member.template = template
+        return member
+
+    @property
+    def http_status(self) -> int:
+        return int(self) // 1000
+
+    def message(self, **fields: object) -> str:
+        return self.template.format(**fields)
+
+    # 400: the request is malformed
+    BAD_REQUEST = 400000, "The request is malformed: {detail}"
+    API_VERSION = 400001, "The api-version query parameter is missing or not a date from 2018 on."
+    INVALID_BODY = 400004, "The request body is not valid: {detail}"
+    INVALID_ID = 400005, "Invalid {what} {value!r}: ids use 1-128 characters from A-Z, a-z, 0-9 and '-._:'."
+    BODY_TOO_LARGE = 400007, "The request body exceeds the {limit}-byte limit."
+    INVALID_QUERY = 400008, "The query is not one provisiond understands: {detail}"
+    VERIFICATION_CODE_MISMATCH = (
+        400011,
+        "The verification certificate's subject CN is not the verification code.",
+    )
+    VERIFICATION_SIGNATURE = 400012, "The verification certificate was not signed by the CA certificate."
+    CUSTOM_ALLOCATION_FAILED = 400207, "Custom allocation failed: {detail}"
+    NO_HUB = 400208, "No IoT hub can be allocated: {detail}"
+    HUB_FAILED = 400209, "The IoT hub could not take the identity: {detail}"
+    # 401: the credential is missing, malformed, expired, forged or for another resource
+    UNAUTHENTICATED = 401000, "No credential, or an unusable one."
+    TOKEN_INVALID = 401002, "The SAS token's signature does not match a key."
+    TOKEN_EXPIRED = 401003, "The SAS token expired."
+    TOKEN_AUDIENCE = 401004, "The SAS token (or ID scope) is for another resource."
+    UNKNOWN_POLICY = 401005, "No shared access policy has the token's key name."
+    X509_CN_MISMATCH = 401010, "The device certificate's subject CN is not the registration id."
+    X509_CHAIN_INVALID = 401011, "The presented certificate chain matches no enrollment, or does not verify."
+    X509_EXPIRED = 401012, "A certificate of the presented chain is expired or not yet valid."
+    X509_NO_CERTIFICATE = 401013, "No client certificate was presented."
+    TPM_NOT_ENROLLED = 401020, "No TPM enrollment has this registration id."
+    TPM_KEY_MISMATCH = 401021, "The endorsement or storage root key is not the enrolled one."
+    TPM_CHALLENGE_INVALID = 401022, "No usable TPM challenge: none issued, expired, or used."
+    ENROLLMENT_DISABLED = 401101, "The matching enrollment or enrollment group is disabled."
+    # 403: a valid credential without the right
+    FORBIDDEN = 403000, "The credential does not allow this operation."
+    MISSING_RIGHT = 403001, "The shared access policy lacks the {right} right."
+    # 404: a record does not exist
+    NOT_FOUND = 404000, "No such resource."
+    HUB_DEVICE_NOT_FOUND = 404001, "No such device identity in the hub."
+    ENROLLMENT_NOT_FOUND = 404201, "No such individual enrollment."
+    REGISTRATION_NOT_FOUND = 404202, "No such device registration record."
+    GROUP_NOT_FOUND = 404203, "No such enrollment group."
+    LINKED_HUB_NOT_FOUND = 404204, "No such linked IoT hub."
+    CA_NOT_FOUND = 404205, "No such CA certificate."
+    POLICY_NOT_FOUND = 404206, "No such shared access policy."
+    OPERATION_NOT_FOUND = 404207, "No such registration operation."
+    # 405
+    METHOD_NOT_ALLOWED = 405000, "The path does not take this method."
+    # 409: the record exists, or changed under concurrent writes
+    CONFLICT = 409000, "The record already exists, or kept changing under concurrent writes."
+    ENROLLMENT_EXISTS = 409201, "The enrollment already exists; update it with its etag."
+    REGISTRATION_CONTENDED = 409202, "The registration kept changing under concurrent writes; retry."
+    # 412: If-Match
+    PRECONDITION_FAILED = 412000, "The etag in If-Match does not match the stored record."
+    ETAG_MISMATCH = 412001, "The etag in If-Match does not match the stored record."
+    # 429: rate limits (with Retry-After)
+    THROTTLED = 429000, "Over a rate limit."
+    DEVICE_RATE_LIMIT = 429001, "The device is over its per-device request limit."
+    NODE_RATE_LIMIT = 429002, "The service node is over its registration rate limit."
+    FAILED_ATTESTATION_LIMIT = 429003, "The source address is over its budget of failed attestations."
+    # 5xx
+    INTERNAL = 500000, "Internal error; the service log has the details under the tracking id."
+    STORAGE = 500001, "The database failed."
+    DATABASE_UNAVAILABLE = 503000, "The database cannot be reached; retry after the delay given."
 
 
 class ProvisioningError(Exception):
     """Root of every error provisiond raises on purpose."""
 
     http_status: ClassVar[int] = 500
-    error_code: ClassVar[int] = 500000
+    error_code: ClassVar[int] = DpsCode.INTERNAL
     exit_code: ClassVar[int] = 1
     #: The ``trackingId`` of the DPS error body this error was read from (a client's view of a
     #: service's answer); None for errors raised here.
@@ -100,7 +189,11 @@ class ProvisioningError(Exception):
         super().__init__(message)
         self.message = message
         if error_code is not None:
-            # Instance override of the class default (a more specific DPS detail code).
+            # Instance override of the class default (a more specific DPS detail code); a code
+            # of another status than the class's is our bug (the wire would contradict itself).
+            assert not isinstance(error_code, DpsCode) or error_code.http_status == self.http_status, (
+                f"{type(self).__name__} ({self.http_status}) raised with {error_code.name}"
+            )
             self.error_code = error_code  # type: ignore[misc]
 
 
@@ -108,86 +201,91 @@ class RequestError(ProvisioningError):
     """The request is malformed: bad JSON, bad field types, bad ids, bad parameters."""
 
     http_status = 400
-    error_code = 400000
+    error_code = DpsCode.BAD_REQUEST
 
 
 class InvalidBodyError(RequestError):
     """The body is not JSON, or a field has the wrong type or value."""
 
-    error_code = 400004
+    error_code = DpsCode.INVALID_BODY
+
+
+class TwinLimitError(InvalidBodyError):
+    """A twin (an enrollment's initial twin, a webhook's) breaks IoT Hub's twin limits: key
+    rules, value ranges, depth or size. The message names the rule and where it broke."""
 
 
 class InvalidIdError(RequestError):
     """An id (registration, enrollment group, hub, certificate, policy) breaks the id rules."""
 
-    error_code = 400005
+    error_code = DpsCode.INVALID_ID
 
 
 class MissingApiVersionError(RequestError):
     """The request has no ``api-version`` query parameter, or one that is not a date."""
 
-    error_code = 400001
+    error_code = DpsCode.API_VERSION
 
 
 class BodyTooLargeError(RequestError):
     """The body is larger than the service accepts (96 KB, DPS's message size limit)."""
 
-    error_code = 400007
+    error_code = DpsCode.BODY_TOO_LARGE
 
 
 class InvalidQueryError(RequestError):
     """The query text is not one provisiond understands."""
 
-    error_code = 400008
+    error_code = DpsCode.INVALID_QUERY
 
 
 class MethodNotAllowedError(RequestError):
     """The path exists but does not take this method."""
 
     http_status = 405
-    error_code = 405000
+    error_code = DpsCode.METHOD_NOT_ALLOWED
 
 
 class AuthenticationError(ProvisioningError):
     """The credential is missing, malformed, expired, forged, or for another resource."""
 
     http_status = 401
-    error_code = 401000
+    error_code = DpsCode.UNAUTHENTICATED
 
 
 class AuthorizationError(ProvisioningError):
     """The credential is valid but its policy lacks the right the operation needs."""
 
     http_status = 403
-    error_code = 403000
+    error_code = DpsCode.FORBIDDEN
 
 
 class NotFoundError(ProvisioningError, LookupError):
     """The record the request names does not exist."""
 
     http_status = 404
-    error_code = 404000
+    error_code = DpsCode.NOT_FOUND
 
 
 class ConflictError(ProvisioningError):
     """The record already exists (a create without If-Match on an existing id)."""
 
     http_status = 409
-    error_code = 409000
+    error_code = DpsCode.CONFLICT
 
 
 class PreconditionFailedError(ProvisioningError):
     """If-Match names an etag that is not the stored one (RFC 7232)."""
 
     http_status = 412
-    error_code = 412000
+    error_code = DpsCode.PRECONDITION_FAILED
 
 
 class ThrottledError(ProvisioningError):
     """A rate limit was hit; the caller should come back after ``retry_after`` seconds."""
 
     http_status = 429
-    error_code = 429000
+    error_code = DpsCode.THROTTLED
 
     def __init__(self, message: str, *, retry_after: int, error_code: int | None = None) -> None:
         super().__init__(message, error_code=error_code)
@@ -198,7 +296,7 @@ class StorageError(ProvisioningError):
     """The database failed in a way the caller cannot fix (translated from the driver)."""
 
     http_status = 500
-    error_code = 500001
+    error_code = DpsCode.STORAGE
 
 
 class DatabaseUnavailableError(StorageError):
@@ -209,7 +307,7 @@ class DatabaseUnavailableError(StorageError):
     never decided by a handler."""
 
     http_status = 503
-    error_code = 503000
+    error_code = DpsCode.DATABASE_UNAVAILABLE
 
     def __init__(self, message: str, *, retry_after: int = 2, error_code: int | None = None) -> None:
         super().__init__(message, error_code=error_code)
@@ -325,7 +423,7 @@ class TpmFormatError(TpmError, ValueError):
     RSA-2048 endorsement key, a truncated activation blob); the message says what is wrong."""
 
     http_status = 400
-    error_code = 400004
+    error_code = DpsCode.INVALID_BODY
 
 
 class TpmCommandError(TpmError):

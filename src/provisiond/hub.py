@@ -16,10 +16,19 @@ from typing import Any
 
 import msgspec
 
-from .models import DeviceCapabilities, InitialTwin, LinkedHub
+from .models import DeviceCapabilities, InitialTwin, LinkedHub, X509GroupAuthentication
 from .storage import Collection, Delete, Store, Write, WriteMode, utc_now
 
-__all__ = ["DeviceAuthentication", "HubDevice", "HubError", "HubRegistry", "Planned", "Twin"]
+__all__ = [
+    "DeviceAuthentication",
+    "HubDevice",
+    "HubError",
+    "HubRegistry",
+    "Planned",
+    "Twin",
+    "twin_from",
+    "x509_authentication",
+]
 
 
 class HubError(Exception):
@@ -66,6 +75,19 @@ class HubDevice(_HubModel):
     generation: int = 1
 
 
+def x509_authentication(thumbprint: str | None, *, group: bool, hub: LinkedHub) -> DeviceAuthentication:
+    """An X.509 device's authentication in ``hub``, as DPS creates it: ``selfSigned`` with the
+    SHA-256 thumbprint (upper-case hex) of the certificate the device presented, in both slots,
+    for individual and group devices alike; a group device is ``certificateAuthority`` instead
+    when the linked hub asks for it (``x509GroupAuthentication``, provisiond's option)."""
+    if group and hub.x509_group_authentication is X509GroupAuthentication.CERTIFICATE_AUTHORITY:
+        return DeviceAuthentication(type="certificateAuthority")
+    return DeviceAuthentication(
+        type="selfSigned",
+        x509_thumbprint=X509Thumbprint(primary_thumbprint=thumbprint, secondary_thumbprint=thumbprint),
+    )
+
+
 def twin_from(initial: InitialTwin | None) -> Twin:
     if initial is None:
         return Twin()
@@ -101,13 +123,16 @@ class HubRegistry:
         authentication: DeviceAuthentication,
         capabilities: DeviceCapabilities | None,
         twin: Twin | None,
+        initial: Twin,
         probably_new: bool = False,
     ) -> Planned:
         """The write that creates the identity, or updates the existing one in place (on the
         etag read here: a concurrent change makes the transaction fail, and the registrar
         retries). ``twin=None`` keeps the existing twin (data migrated or kept); a twin replaces
-        it (initial or reset configuration). ``probably_new`` skips the read (a first
-        registration): the write is then a create.
+        it (initial or reset configuration). Whenever the identity has to be created, there is
+        no twin to keep: it gets ``twin`` or else ``initial``, the enrollment's (or the custom
+        allocation webhook's) current initial twin. ``probably_new`` skips the read (a first
+        registration): the write is then a create, which fails if the identity exists after all.
 
         :raises HubError: the hub is not one provisiond can write to.
         """
@@ -125,7 +150,7 @@ class HubRegistry:
             hub=hub.host_name.lower(),
             authentication=authentication,
             capabilities=capabilities,
-            twin=twin if twin is not None or old is None else old.twin,
+            twin=twin if twin is not None else (old.twin if old is not None else initial),
             registration_id=registration_id,
             created=old.created if old else now,
             updated=now,

@@ -46,6 +46,7 @@ __all__ = [
     "X509CertificateInfo",
     "X509CertificateWithInfo",
     "X509Certificates",
+    "X509GroupAuthentication",
 ]
 
 
@@ -85,6 +86,15 @@ class RegistrationSubstatus(enum.Enum):
     DEVICE_DATA_MIGRATED = "deviceDataMigrated"
     DEVICE_DATA_RESET = "deviceDataReset"
     REPROVISIONED_TO_INITIAL_ASSIGNMENT = "reprovisionedToInitialAssignment"
+
+
+class X509GroupAuthentication(enum.Enum):
+    """How a linked hub authenticates the devices of X.509 enrollment groups (IoT Hub's
+    ``authentication.type``). DPS creates them ``selfSigned`` with the leaf's thumbprint;
+    ``certificateAuthority`` is provisiond's opt-in per linked hub."""
+
+    SELF_SIGNED = "selfSigned"
+    CERTIFICATE_AUTHORITY = "certificateAuthority"
 
 
 class BulkOperationMode(enum.Enum):
@@ -261,7 +271,8 @@ class LinkedHub(_Model):
     """An IoT hub devices can be assigned to.
 
     ``connectionString`` is how provisiond reaches the hub's identity registry (secret: stripped
-    from reads). ``builtin`` marks the hub provisiond itself serves.
+    from reads). ``builtin`` marks the hub provisiond itself serves. ``x509GroupAuthentication``
+    (default ``selfSigned``, as DPS) says how X.509 group devices are created in this hub.
     """
 
     host_name: str
@@ -270,6 +281,7 @@ class LinkedHub(_Model):
     apply_allocation_policy: bool | None = None
     builtin: bool | None = None
     location: str | None = None
+    x509_group_authentication: X509GroupAuthentication | None = None
     etag: str | None = None
 
 

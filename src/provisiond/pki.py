@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import ipaddress
 import logging
 import os
@@ -41,6 +40,18 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .certificates import (
+    Issued,
+    PrivateKey,
+    certificate_der,
+    certificate_info,
+    certificate_pem,
+    load_certificate,
+    load_pem_chain,
+    load_pkcs12,
+    load_private_key,
+    private_key_pem,
+)
 from .errors import ConfigurationError
 
 try:  # POSIX only; elsewhere concurrent first starts are simply not serialised
@@ -62,6 +73,7 @@ __all__ = [
     "ensure_dev_pki",
     "generate_key",
     "key_path",
+    "load_certificate",
     "load_pem_chain",
     "load_pkcs12",
     "load_private_key",
@@ -82,34 +94,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 KeyType: TypeAlias = Literal["ec", "rsa"]
-PrivateKey: TypeAlias = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 #: Certificates start this long before "now", so that a peer whose clock is a little behind accepts them.
 CLOCK_SKEW = dt.timedelta(minutes=5)
 #: ``ensure_dev_pki`` renews the server certificate when it expires within this margin.
 RENEW_BEFORE = dt.timedelta(days=30)
-
-
-@dataclass(frozen=True, slots=True)
-class Issued:
-    """A certificate with its private key and the intermediates between it and the root.
-
-    ``chain`` holds CA certificates only, nearest first, never the root (nor the certificate itself).
-    """
-
-    cert: x509.Certificate
-    key: PrivateKey
-    chain: tuple[x509.Certificate, ...] = ()
-
-    @property
-    def presented_chain(self) -> list[x509.Certificate]:
-        """The certificate followed by its intermediates: what a TLS peer sends."""
-        return [self.cert, *self.chain]
-
-    @property
-    def is_self_signed(self) -> bool:
-        return _is_self_signed(self.cert)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,16 +126,6 @@ def generate_key(key_type: KeyType = "ec") -> PrivateKey:
 
 def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _is_self_signed(cert: x509.Certificate) -> bool:
-    if cert.issuer != cert.subject:
-        return False
-    try:
-        cert.verify_directly_issued_by(cert)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 def _utcnow() -> dt.datetime:
@@ -329,83 +309,6 @@ def make_verification_cert(code: str, ca: Issued, *, key_type: KeyType = "ec", d
 # --- information and parsing -------------------------------------------------------------------
 
 
-def _format_name(name: x509.Name) -> str:
-    # Most specific first, as RFC 4514 and .NET's X500DistinguishedName.Name (which DPS uses) print it,
-    # with .NET's ", " separator.
-    return ", ".join(rdn.rfc4514_string() for rdn in reversed(name.rdns))
-
-
-def _iso_z(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def certificate_info(cert: x509.Certificate) -> dict[str, str | int]:
-    """DPS's ``X509CertificateInfo`` for ``cert``.
-
-    Thumbprints and the serial number are upper-case hex; the serial is its DER content octets
-    (a leading ``00`` when the top bit is set), as .NET prints it. Names are most-specific first,
-    ``CN=leaf, O=org``.
-    """
-    der = certificate_der(cert)
-    serial = cert.serial_number
-    serial_bytes = serial.to_bytes(max(1, (serial.bit_length() + 8) // 8), "big", signed=True)
-    return {
-        "subjectName": _format_name(cert.subject),
-        "sha1Thumbprint": hashlib.sha1(der).hexdigest().upper(),
-        "sha256Thumbprint": hashlib.sha256(der).hexdigest().upper(),
-        "issuerName": _format_name(cert.issuer),
-        "notBeforeUtc": _iso_z(cert.not_valid_before_utc),
-        "notAfterUtc": _iso_z(cert.not_valid_after_utc),
-        "serialNumber": serial_bytes.hex().upper(),
-        "version": cert.version.value + 1,
-    }
-
-
-def load_pem_chain(text: str | bytes) -> list[x509.Certificate]:
-    """Every certificate in a PEM text, in file order.
-
-    :raises ValueError: the text holds no certificate or a malformed one.
-    """
-    data = text.encode("ascii") if isinstance(text, str) else text
-    return x509.load_pem_x509_certificates(data)
-
-
-def load_private_key(data: bytes, password: str | bytes | None = None) -> PrivateKey:
-    """An EC or RSA private key from PEM (PKCS#8 or traditional).
-
-    :raises ValueError: not a key, or the wrong (or a missing) password.
-    :raises TypeError: a key of another type (DSA, Ed25519, ...).
-    """
-    secret = password.encode() if isinstance(password, str) else password
-    try:
-        key = serialization.load_pem_private_key(data, secret)
-    except TypeError as exc:  # cryptography's way to say "encrypted, but no password" and vice versa
-        raise ValueError(str(exc)) from exc
-    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-        raise TypeError(f"unsupported key type {type(key).__name__} (expected EC or RSA)")
-    return key
-
-
-def certificate_der(cert: x509.Certificate) -> bytes:
-    """The certificate's DER encoding (what TLS carries and thumbprints hash)."""
-    return cert.public_bytes(serialization.Encoding.DER)
-
-
-def certificate_pem(*certs: x509.Certificate) -> bytes:
-    """The certificates as concatenated PEM blocks."""
-    return b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in certs)
-
-
-def private_key_pem(key: PrivateKey, password: str | bytes | None = None) -> bytes:
-    """The key as PKCS#8 PEM, encrypted when a password is given."""
-    encryption: serialization.KeySerializationEncryption = serialization.NoEncryption()
-    if password:
-        encryption = serialization.BestAvailableEncryption(
-            password.encode() if isinstance(password, str) else password
-        )
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
-
-
 # --- PKCS#12 -----------------------------------------------------------------------------------
 
 
@@ -423,25 +326,6 @@ def to_pkcs12(issued: Issued, password: str | bytes, *, friendly_name: str | Non
         list(issued.chain) or None,
         serialization.BestAvailableEncryption(secret),
     )
-
-
-def load_pkcs12(data: bytes, password: str | bytes | None) -> Issued:
-    """Read back a PKCS#12 file made by :func:`to_pkcs12` (or any with one EC/RSA key and certificate).
-
-    :raises ValueError: wrong password, not PKCS#12, or no key/certificate inside.
-    :raises TypeError: the key is neither EC nor RSA.
-    """
-    secret = password.encode() if isinstance(password, str) else password
-    try:
-        key, cert, extra = pkcs12.load_key_and_certificates(data, secret)
-    except ValueError as exc:
-        raise ValueError("cannot open the PKCS#12 data: wrong password or not a PKCS#12 file") from exc
-    if cert is None or key is None:
-        raise ValueError("the PKCS#12 file holds no certificate with its private key")
-    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-        raise TypeError(f"unsupported key type {type(key).__name__} (expected EC or RSA)")
-    chain = tuple(c for c in extra if c != cert and not _is_self_signed(c))
-    return Issued(cert, key, chain)
 
 
 # --- files -------------------------------------------------------------------------------------

@@ -27,6 +27,12 @@ The chain reaches ASGI apps as ``scope["extensions"]["tls"]`` (see :class:`TlsSc
 in the spirit of the ASGI TLS extension but with DER ``bytes`` instead of PEM strings, for both
 ``http`` and ``websocket`` scopes. Use :func:`uvicorn_config` to get a ``uvicorn.Config`` wired
 with the context and the protocol classes below.
+
+uvicorn itself serves plain TCP: every connection goes through the guard of
+:mod:`provisiond.service.guard` (admission, the TLS handshake, deadlines), which hands the TLS
+transport to the HTTP protocol classes below. They tell the guard where each request stands
+(head received, body pending, response sent), and pass it on to WebSocket sessions as
+``scope["extensions"]["provisiond.guard"]``.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast
 
+import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -52,6 +59,8 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 
 from . import pki
 from .errors import ConfigurationError
+from .service.guard import GUARD_INFO, NO_GUARD, Guard, Listener
+from .service.settings import ConnectionLimits
 
 if TYPE_CHECKING:
     from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
@@ -337,17 +346,19 @@ def tls_extension(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> TlsScopeExtensio
 
 
 class _TlsApp:
-    """Wraps a connection's ASGI app to add the connection's TLS facts to each scope."""
+    """Wraps a connection's ASGI app to add the connection's TLS facts (and its guard) to each scope."""
 
-    __slots__ = ("_app", "_tls")
+    __slots__ = ("_app", "_guard", "_tls")
 
     def __init__(
         self,
         app: Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]],
         tls: TlsScopeExtension,
+        guard: Guard,
     ) -> None:
         self._app = app
         self._tls = tls
+        self._guard = guard
 
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] in ("http", "websocket"):
@@ -355,6 +366,7 @@ class _TlsApp:
             tls: TlsScopeExtension = {**self._tls, "client_cert_chain": list(self._tls["client_cert_chain"])}
             extensions = cast("dict[str, Any]", scope.setdefault("extensions", {}))
             extensions["tls"] = tls
+            extensions[GUARD_INFO] = self._guard
         await self._app(scope, receive, send)
 
 
@@ -368,22 +380,73 @@ class _TlsScopeMixin(asyncio.Protocol):
     """
 
     app: Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
+    guard: Guard = NO_GUARD
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self.guard = transport.get_extra_info(GUARD_INFO) or NO_GUARD
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             tls = tls_extension(ssl_object)
             logger.debug("TLS connection: %d client certificate(s)", len(tls["client_cert_chain"]))
-            self.app = _TlsApp(self.app, tls)
+            self.app = _TlsApp(self.app, tls, self.guard)
 
 
 class TlsHttpToolsProtocol(_TlsScopeMixin, HttpToolsProtocol):
-    """uvicorn's httptools HTTP/1.1 protocol with ``scope["extensions"]["tls"]``."""
+    """uvicorn's httptools HTTP/1.1 protocol with ``scope["extensions"]["tls"]``, telling its guard
+    where each request stands (from httptools' callbacks)."""
+
+    _in_message = False
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_message = True
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self.guard.head_received()
+        self.guard.receiving()  # the body, if any (on_message_complete follows at once if none)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_message = False
+        self._between_requests()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._between_requests()
+
+    def _between_requests(self) -> None:
+        if self._in_message:
+            return  # an early response: the rest of the body is still due
+        if self.pipeline or (self.cycle is not None and not self.cycle.response_complete):
+            self.guard.busy()
+        else:
+            self.guard.idle()
 
 
 class TlsH11Protocol(_TlsScopeMixin, H11Protocol):
-    """uvicorn's h11 HTTP/1.1 protocol with ``scope["extensions"]["tls"]``."""
+    """uvicorn's h11 HTTP/1.1 protocol with ``scope["extensions"]["tls"]``, telling its guard
+    where each request stands (from h11's states)."""
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        self._tell_guard()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._tell_guard()
+
+    def _tell_guard(self) -> None:
+        theirs, ours = self.conn.their_state, self.conn.our_state
+        if theirs is not h11.IDLE:
+            self.guard.head_received()
+        if theirs is h11.SEND_BODY:
+            self.guard.receiving()
+        elif theirs in (h11.IDLE, h11.DONE) and ours in (h11.IDLE, h11.DONE):
+            self.guard.idle()
+        else:
+            self.guard.busy()
 
 
 class TlsWebSocketsProtocol(_TlsScopeMixin, WebSocketsSansIOProtocol):
@@ -391,20 +454,52 @@ class TlsWebSocketsProtocol(_TlsScopeMixin, WebSocketsSansIOProtocol):
 
 
 @dataclass(frozen=True, slots=True)
-class _ServerContextFactory:
-    """uvicorn's ``ssl_context_factory``; a picklable object, since ``workers > 1`` pickles the config."""
-
+class _ListenerSpec:
     cert_file: str
     key_file: str
     min_version: ssl.TLSVersion
     password: str | None
+    limits: ConnectionLimits
+    protocol: type[asyncio.Protocol]
+
+
+class _HttpsFront:
+    """What uvicorn takes for its HTTP protocol class: called per accepted TCP connection, it
+    returns the guard (:class:`~provisiond.service.guard.GuardedConnection`) that runs the TLS
+    handshake and then uvicorn's HTTP protocol. Picklable (``workers > 1`` pickles the config):
+    each process builds its own listener (TLS context, admission) when it gets the object."""
+
+    def __init__(self, spec: _ListenerSpec) -> None:
+        self._spec = spec
+        self._listener = self._build()  # here: a bad certificate fails at start, not at a connection
+
+    def _build(self) -> Listener:
+        spec = self._spec
+        context = server_context(
+            spec.cert_file, spec.key_file, min_version=spec.min_version, password=spec.password
+        )
+        return Listener("HTTPS", context, spec.limits, first_request="request head")
+
+    def __getstate__(self) -> _ListenerSpec:
+        return self._spec
+
+    def __setstate__(self, spec: _ListenerSpec) -> None:
+        self._spec = spec
+        self._listener = self._build()
 
     def __call__(
-        self, config: uvicorn.Config, default_factory: Callable[[], ssl.SSLContext]
-    ) -> ssl.SSLContext:
-        return server_context(
-            self.cert_file, self.key_file, min_version=self.min_version, password=self.password
-        )
+        self,
+        config: uvicorn.Config,
+        server_state: Any,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> asyncio.Protocol:
+        protocol = self._spec.protocol
+
+        def make() -> asyncio.Protocol:
+            return protocol(config=config, server_state=server_state, app_state=app_state, _loop=_loop)  # type: ignore[call-arg]
+
+        return self._listener.protocol_factory(make)()
 
 
 _HTTP_PROTOCOLS: dict[str, type[asyncio.Protocol]] = {
@@ -423,23 +518,36 @@ def uvicorn_config(
     key_password: str | None = None,
     min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2,
     http: Literal["httptools", "h11"] = "httptools",
+    limits: ConnectionLimits | None = None,
     **kwargs: Any,
 ) -> uvicorn.Config:
     """A ``uvicorn.Config`` serving ``app`` over TLS with :func:`server_context` and the protocol
-    classes that put ``scope["extensions"]["tls"]`` into HTTP and WebSocket scopes.
+    classes that put ``scope["extensions"]["tls"]`` into HTTP and WebSocket scopes, behind the
+    guard of :mod:`provisiond.service.guard` with ``limits`` (default: :class:`ConnectionLimits`).
 
     ``kwargs`` go to ``uvicorn.Config`` unchanged (``log_level``, ``workers``, ``lifespan``, ...);
-    ``http``, ``ws`` and the ``ssl_*`` options are ours. The context is built when uvicorn loads
-    the config, so a :class:`ConfigurationError` surfaces at ``Server.startup``/``Config.load``.
+    ``http``, ``ws``, ``timeout_keep_alive`` and the ``ssl_*`` options are ours.
+
+    :raises ConfigurationError: the server certificate or key cannot be loaded.
     """
+    limits = limits or ConnectionLimits()
+    front = _HttpsFront(
+        _ListenerSpec(
+            os.fspath(cert_file),
+            os.fspath(key_file),
+            min_version,
+            key_password,
+            limits,
+            _HTTP_PROTOCOLS[http],
+        )
+    )
     return uvicorn.Config(
         app,
         host=host,
         port=port,
-        http=_HTTP_PROTOCOLS[http],
+        http=cast("type[asyncio.Protocol]", front),
         ws=TlsWebSocketsProtocol,
-        ssl_context_factory=_ServerContextFactory(
-            os.fspath(cert_file), os.fspath(key_file), min_version, key_password
-        ),
+        # The guard closes idle connections (and says so); uvicorn's own timer is a backstop.
+        timeout_keep_alive=int(limits.keep_alive_timeout) + 2,
         **kwargs,
     )

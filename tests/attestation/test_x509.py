@@ -8,7 +8,7 @@ import pytest
 
 from provisiond import pki
 from provisiond.attestation import x509 as x5
-from provisiond.errors import AuthenticationError
+from provisiond.errors import AuthenticationError, DpsCode
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -53,7 +53,7 @@ def test_verify_chain_refuses_expired_and_foreign_chains() -> None:
     )
     with pytest.raises(AuthenticationError, match="expired") as expired:
         x5.verify_chain(chain_of(leaf), root.cert, NOW)
-    assert expired.value.error_code == x5.CERT_EXPIRED
+    assert expired.value.error_code == DpsCode.X509_EXPIRED
     other = pki.make_root_ca("root")  # same name, other key
     with pytest.raises(AuthenticationError, match="does not verify"):
         x5.verify_chain(chain_of(pki.make_device_cert("dev", root)), other.cert, NOW)
@@ -62,6 +62,6 @@ def test_verify_chain_refuses_expired_and_foreign_chains() -> None:
 def test_the_presented_chain_must_parse_and_be_present() -> None:
     with pytest.raises(AuthenticationError) as none:
         x5.parse_presented_chain([])
-    assert none.value.error_code == x5.NO_CERTIFICATE
+    assert none.value.error_code == DpsCode.X509_NO_CERTIFICATE
     with pytest.raises(AuthenticationError, match="does not parse"):
         x5.parse_presented_chain([b"not a certificate"])

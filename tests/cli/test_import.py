@@ -232,12 +232,16 @@ def test_x509_certificate_path_relative_to_the_csv(server: RunningServer, tmp_pa
 
 
 def test_batches_stay_under_the_request_limit(server: RunningServer, tmp_path: Path) -> None:
-    """Rows with 20 KB initial twins: at most four fit in a 96 KB request, so 100 per batch
-    must be split by size; one 120 KB row cannot be sent at all."""
+    """Rows with 20 KB initial twins (within IoT Hub's 32 KB of desired properties, in 4 KB
+    strings): at most four fit in a 96 KB request, so 100 per batch must be split by size; one
+    120 KB row cannot be sent at all."""
     prefix = f"imp-big-{uuid.uuid4().hex[:8]}"
-    big = json.dumps({"tags": {"blob": "x" * 20_000}})
-    rows = [[f"{prefix}-{i}", prefix, "", "", "", big] for i in range(12)]
-    rows.append([f"{prefix}-huge", prefix, "", "", "", json.dumps({"tags": {"blob": "y" * 120_000}})])
+
+    def twin(kilobytes: int, fill: str) -> str:
+        return json.dumps({"properties": {"desired": {f"k{i}": fill * 4000 for i in range(kilobytes // 4)}}})
+
+    rows = [[f"{prefix}-{i}", prefix, "", "", "", twin(20, "x")] for i in range(12)]
+    rows.append([f"{prefix}-huge", prefix, "", "", "", twin(120, "y")])
     source = write_csv(tmp_path / "big.csv", rows)
 
     parsed = read_rows(source, "csv")

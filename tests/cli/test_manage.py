@@ -288,7 +288,7 @@ def test_enrollment_lifecycle(server: RunningServer) -> None:
 
     shown = run_json(server, "enrollment", "show", rid)
     assert shown["registrationId"] == rid and shown["provisioningStatus"] == "enabled"
-    assert shown["attestation"]["symmetricKey"] == {}  # secrets stripped
+    assert shown["attestation"] == {"type": "symmetricKey"}  # secrets stripped
     with_keys = run_json(server, "enrollment", "show", rid, "--keys")
     assert with_keys["attestation"] == keys
 
@@ -499,7 +499,7 @@ def test_group_lifecycle_and_device_key(server: RunningServer) -> None:
     assert secondary == derive_device_key(keys["secondaryKey"], "dev-001")
 
     shown = run_json(server, "group", "show", gid)
-    assert shown["enrollmentGroupId"] == gid and shown["attestation"]["symmetricKey"] == {}
+    assert shown["enrollmentGroupId"] == gid and shown["attestation"] == {"type": "symmetricKey"}
     assert run_json(server, "group", "show", gid, "--keys")["attestation"]["symmetricKey"] == keys
 
     run(
@@ -598,6 +598,14 @@ def test_hub_add_list_update_remove(server: RunningServer) -> None:
     # show, as `az iot dps linked-hub show` (the connection string stays secret)
     assert run_json(server, "hub", "show", host) == updated
     assert isinstance(fails(server, "hub", "show", f"x{host}"), NotFoundError)
+    assert "x509GroupAuthentication" not in updated  # selfSigned, as DPS, unless asked
+    assert "X.509 group devices  selfSigned" in run(server, "hub", "update", host, "--weight", "8").stdout
+    ca = run_json(
+        server, "hub", "update", host, "--x509-group-authentication", "certificateAuthority", "--json"
+    )
+    assert ca["x509GroupAuthentication"] == "certificateAuthority" and ca["allocationWeight"] == 8
+    result = invoke("hub", "update", host, "--x509-group-authentication", "ca", "--data-dir", server.data_dir)
+    assert result.exit_code == 2 and "'ca' is not one of" in result.output
 
     # an enrollment may name the linked hub
     rid = uid("cli-hub-enr")

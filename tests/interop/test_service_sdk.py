@@ -102,9 +102,18 @@ def test_enrollment_group_lifecycle(sdk: Any) -> None:
     got["provisioningStatus"] = "disabled"
     updated = sdk.enrollment_group.create_or_update(id=gid, enrollment_group=got, if_match=got["etag"])
     assert updated["provisioningStatus"] == "disabled"
-    assert sdk.enrollment_group.get_attestation_mechanism(id=gid)["symmetricKey"]["secondaryKey"]
+    mechanism = sdk.enrollment_group.get_attestation_mechanism(id=gid)
+    assert mechanism["symmetricKey"]["secondaryKey"]
+    # DPS answers a create with the generated keys (and so does provisiond), reads without them.
+    assert created["attestation"] == mechanism and got["attestation"] == {"type": "symmetricKey"}
+    assert updated["attestation"] == mechanism
     groups = list(sdk.enrollment_group.query(query_specification={"query": "SELECT * FROM enrollmentGroups"}))
     assert gid in {g["enrollmentGroupId"] for g in groups}
+    # The query the SDK's own recorded tests send, and the one of Microsoft's service SDK samples.
+    for every in ("SELECT *", "*"):
+        assert gid in {
+            g["enrollmentGroupId"] for g in sdk.enrollment_group.query(query_specification={"query": every})
+        }
     sdk.enrollment_group.delete(id=gid)
     with pytest.raises(ResourceNotFoundError):
         sdk.enrollment_group.get(id=gid)

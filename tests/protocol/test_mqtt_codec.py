@@ -483,6 +483,37 @@ def test_server_deadlines_connect_timeout_and_keep_alive() -> None:
     assert server.deadline() is None  # keep-alive 0: the C SDK's; no limit
 
 
+@pytest.mark.parametrize(
+    ("keep_alive", "deadline", "reason"),
+    [
+        pytest.param(0, 1240.0, "nothing received within the idle timeout (240 s)", id="keep-alive-0"),
+        pytest.param(
+            3600, 1240.0, "nothing received within the idle timeout (240 s)", id="longer-keep-alive"
+        ),
+        pytest.param(60, 1090.0, "the keep-alive lapsed (60 s)", id="shorter-keep-alive"),
+    ],
+)
+def test_server_max_idle_bounds_silence(keep_alive: int, deadline: float, reason: str) -> None:
+    clock = Clock()
+    server = MqttConnection(Role.SERVER, clock=clock, connect_timeout=5, max_idle=240)
+    server.feed_bytes(encode_packet(Connect(client_id="a", keep_alive=keep_alive)))
+    server.accept()
+    assert server.deadline() == deadline
+    clock.now = deadline
+    assert server.handle_deadline() in (Lapse.IDLE, Lapse.KEEP_ALIVE)
+    assert server.state is State.CLOSED and server.close_reason == reason
+
+
+def test_pending_input_counts_an_incomplete_packet_only() -> None:
+    server = MqttConnection(Role.SERVER, clock=Clock(), connect_timeout=5)
+    server.feed_bytes(encode_packet(Connect(client_id="a")) + b"\xc0")
+    assert server.pending_input == 0  # after a CONNECT the input waits for the application
+    server.accept()
+    assert server.feed_bytes(b"") == [] and server.pending_input == 1  # half a PINGREQ
+    server.feed_bytes(b"\x00")
+    assert server.pending_input == 0
+
+
 def test_client_pings_then_gives_up() -> None:
     clock = Clock()
     client = MqttConnection(Role.CLIENT, clock=clock)

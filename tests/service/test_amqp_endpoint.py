@@ -53,6 +53,7 @@ from provisiond.protocol.messages import RegistrationOperationStatus
 from provisiond.protocol.sas import build_sas_token
 from provisiond.service.amqp import AmqpEndpoint
 from provisiond.service.context import ServiceContext
+from provisiond.service.guard import NO_GUARD
 from provisiond.service.settings import Settings
 from provisiond.service_client import ServiceClient
 from tests._server import RunningServer
@@ -548,6 +549,7 @@ class _FakeStream:
         self.sent = bytearray()
         self.client_chain = client_chain or []
         self.peer = "fuzz"
+        self.guard = NO_GUARD
         self.address: str | None = None
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
@@ -589,8 +591,8 @@ SCOPE = "0ne00AMQP00"
 REG = "fuzz-device"
 
 
-def _endpoint(tmp_path: Path) -> AmqpEndpoint:
-    ctx = ServiceContext(settings=Settings(data_dir=tmp_path), store=None, clock=time.time)  # type: ignore[arg-type]
+def _endpoint(tmp_path: Path, **settings: Any) -> AmqpEndpoint:
+    ctx = ServiceContext(settings=Settings(data_dir=tmp_path, **settings), store=None, clock=time.time)  # type: ignore[arg-type]
     return AmqpEndpoint(ctx, _StubRegistrar(), transport="amqp")  # type: ignore[arg-type]
 
 
@@ -751,15 +753,12 @@ async def test_a_connection_that_never_opens_is_dropped(
 
 
 async def test_an_idle_connection_is_closed_with_resource_limit_exceeded(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import provisiond.service.amqp as endpoint_module
-
-    monkeypatch.setattr(endpoint_module, "IDLE_TIMEOUT", 0.3)
     wire = _client_wire(None)
     opened = wire[: wire.index(b"\x00\x53\x11") - 8]  # header and open, up to the begin frame
     stream = _SilentStream([opened])
     with caplog.at_level("INFO", logger="provisiond.amqp"):
-        await asyncio.wait_for(_endpoint(tmp_path)(stream), 5)
+        await asyncio.wait_for(_endpoint(tmp_path, session_idle_timeout=0.3)(stream), 5)
     assert b"amqp:resource-limit-exceeded" in stream.sent
     assert "idle timeout" in caplog.text

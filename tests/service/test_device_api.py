@@ -383,7 +383,12 @@ def test_x509_group_with_intermediate_and_chain_errors(
     assert state["x509"]["enrollmentGroupId"] == gid
     assert state["x509"]["signingCertificateInfo"]["subjectName"].startswith("CN=Group Root")
     identity = admin.get(f"/admin/linkedHubs/{state['assignedHub']}/devices/{reg}")
-    assert identity["authentication"]["type"] == "certificateAuthority"
+    # As DPS creates group devices: self-signed, with the leaf's SHA-256 thumbprint.
+    leaf_sha256 = state["x509"]["certificateInfo"]["sha256Thumbprint"]
+    assert identity["authentication"] == {
+        "type": "selfSigned",
+        "x509Thumbprint": {"primaryThumbprint": leaf_sha256, "secondaryThumbprint": leaf_sha256},
+    }
     device.close()
     # CN that differs from the registration id.
     other = Device(server, uid("x"), credential=pki.make_device_cert(uid("cn"), inter), tmp=tmp_path)

@@ -177,7 +177,7 @@ def test_custom_allocation_assigns_where_the_webhook_says(
     assert set(request) == {"individualEnrollment", "deviceRuntimeContext", "linkedHubs"}
     enrollment = request["individualEnrollment"]
     assert enrollment["registrationId"] == reg and enrollment["allocationPolicy"] == "custom"
-    assert enrollment["attestation"] == {"type": "symmetricKey", "symmetricKey": {}}  # secrets stripped
+    assert enrollment["attestation"] == {"type": "symmetricKey"}  # secrets stripped, as DPS does
     assert key.encode() not in first.raw
     assert request["deviceRuntimeContext"] == {
         "registrationId": reg,
@@ -222,7 +222,7 @@ def test_custom_allocation_for_a_group(
     request = got.body
     assert "individualEnrollment" not in request
     assert request["enrollmentGroup"]["enrollmentGroupId"] == gid
-    assert request["enrollmentGroup"]["attestation"]["symmetricKey"] == {}
+    assert request["enrollmentGroup"]["attestation"] == {"type": "symmetricKey"}
     assert keys["primaryKey"].encode() not in got.raw and keys["secondaryKey"].encode() not in got.raw
     # No iotHubs in the group: every linked hub that takes part in allocation is a candidate.
     assert {hub_a, server.info["builtinHub"]} <= set(request["linkedHubs"])
@@ -249,6 +249,35 @@ def test_custom_allocation_for_a_group(
             lambda hubs: (200, b'{"iotHubHostName": "elsewhere.azure-devices.net"}', 0.0),
             "answered iotHubHostName 'elsewhere.azure-devices.net' which is not one of the candidate hubs: {a}, {b}",
             id="unknown-hub",
+        ),
+        pytest.param(
+            lambda hubs: (
+                200,
+                json.dumps({"iotHubHostName": hubs[0], "initialTwin": {"tags": {"bad key": 1}}}).encode(),
+                0.0,
+            ),
+            "answered an initialTwin beyond IoT Hub's limits: initialTwin.tags.bad key: twin keys cannot contain ' '",
+            id="twin-key",
+        ),
+        pytest.param(
+            lambda hubs: (
+                200,
+                b'{"iotHubHostName": "%s", "initialTwin": {"properties": {"desired": %s}}}'
+                % (hubs[0].encode(), b'{"a":' * 12 + b"1" + b"}" * 12),
+                0.0,
+            ),
+            "initialTwin.properties.desired.a.a.a.a.a.a.a.a.a.a.a: nested deeper than 10 levels",
+            id="twin-depth",
+        ),
+        pytest.param(
+            lambda hubs: (
+                200,
+                b'{"iotHubHostName": "%s", "initialTwin": {"properties": {"desired": %s}}}'
+                % (hubs[0].encode(), b'{"a":' * 500 + b"1" + b"}" * 500),
+                0.0,
+            ),
+            "JSON nested 503 levels deep (the limit is 64)",
+            id="json-depth",
         ),
     ],
 )

@@ -3,15 +3,10 @@ keys of its enrollment (individual) or the keys derived from its group's (group)
 
 from __future__ import annotations
 
-from ..errors import AuthenticationError
+from ..errors import AuthenticationError, DpsCode
 from ..protocol.sas import SasToken, derive_device_key, parse_sas_token, verify_signature
 
 __all__ = ["check_device_token", "matches_any", "matches_group"]
-
-# Error codes of symmetric-key attestation failures (401 + detail).
-TOKEN_INVALID = 401002
-TOKEN_EXPIRED = 401003
-TOKEN_SCOPE = 401004
 
 
 def check_device_token(
@@ -26,7 +21,7 @@ def check_device_token(
         raise AuthenticationError(
             "No credential: send a SharedAccessSignature token (symmetric key or TPM), or present the "
             "device certificate in the TLS handshake (X.509).",
-            error_code=401000,
+            error_code=DpsCode.UNAUTHENTICATED,
         )
     token = parse_sas_token(authorization)
     expected = f"{id_scope}/registrations/{registration_id}".lower()
@@ -34,11 +29,12 @@ def check_device_token(
         raise AuthenticationError(
             f"The SAS token is for {token.resource[:200]!r}, not {id_scope}/registrations/{registration_id}: "
             "check the ID scope and the registration id.",
-            error_code=TOKEN_SCOPE,
+            error_code=DpsCode.TOKEN_AUDIENCE,
         )
     if token.expiry + clock_skew < now:
         raise AuthenticationError(
-            f"The SAS token expired {now - token.expiry} s ago (se={token.expiry}).", error_code=TOKEN_EXPIRED
+            f"The SAS token expired {now - token.expiry} s ago (se={token.expiry}).",
+            error_code=DpsCode.TOKEN_EXPIRED,
         )
     return token
 

@@ -50,6 +50,7 @@ import msgspec
 
 from ..errors import (
     AuthenticationError,
+    DpsCode,
     InvalidBodyError,
     NotFoundError,
     PreconditionFailedError,
@@ -79,11 +80,6 @@ KEY_NAME = "registration"
 #: Bytes of the HMAC keys the service makes (the identity key and the hub key).
 KEY_BYTES = 32
 
-# errorCodes of TPM attestation failures (401 + detail; 401002 is symmetric_key's TOKEN_INVALID).
-TOKEN_INVALID = 401002
-NOT_ENROLLED = 401020
-KEY_MISMATCH = 401021
-CHALLENGE_INVALID = 401022
 
 Random = Callable[[int], bytes]
 
@@ -241,7 +237,8 @@ class TpmAttestor:
         again = "register without a SAS token (with tpm.endorsementKey and tpm.storageRootKey) for a new challenge"
         if record is None:
             raise AuthenticationError(
-                f"No TPM challenge is pending for {registration_id!r}: {again}.", error_code=CHALLENGE_INVALID
+                f"No TPM challenge is pending for {registration_id!r}: {again}.",
+                error_code=DpsCode.TPM_CHALLENGE_INVALID,
             )
         pending = msgspec.json.decode(record.doc, type=_Pending)
         now = self._clock()
@@ -249,7 +246,7 @@ class TpmAttestor:
             raise AuthenticationError(
                 f"The TPM challenge for {registration_id!r} expired {now - pending.expires:.0f} s ago "
                 f"(challenges are valid {pending.expires - pending.issued:g} s): {again}.",
-                error_code=CHALLENGE_INVALID,
+                error_code=DpsCode.TPM_CHALLENGE_INVALID,
             )
         ek = base64.b64decode(pending.endorsement_key)
         srk = base64.b64decode(pending.storage_root_key)
@@ -259,7 +256,7 @@ class TpmAttestor:
                 raise AuthenticationError(
                     f"The request carries another endorsement or storage root key than the TPM challenge for "
                     f"{registration_id!r} was made for: {again}.",
-                    error_code=KEY_MISMATCH,
+                    error_code=DpsCode.TPM_KEY_MISMATCH,
                 )
         self._check_keys(enrollment, ek, srk)
         if not verify_signature(token, pending.key):
@@ -267,7 +264,7 @@ class TpmAttestor:
                 f"The SAS token was not signed with the key of the pending TPM challenge for {registration_id!r}: "
                 "the TPM did not activate this challenge (a newer challenge replaces older ones), or the token "
                 "was signed with another key.",
-                error_code=TOKEN_INVALID,
+                error_code=DpsCode.TOKEN_INVALID,
             )
         if consume:
             used = (
@@ -275,7 +272,7 @@ class TpmAttestor:
                 f"is single use: {again}."
             )
             if pending.used:
-                raise AuthenticationError(used, error_code=CHALLENGE_INVALID)
+                raise AuthenticationError(used, error_code=DpsCode.TPM_CHALLENGE_INVALID)
             try:
                 await self._store.write(
                     Collection.TPM_CHALLENGES,
@@ -286,7 +283,7 @@ class TpmAttestor:
                 )
             except (PreconditionFailedError, NotFoundError):
                 # Another register used it, or a new challenge replaced it, in between.
-                raise AuthenticationError(used, error_code=CHALLENGE_INVALID) from None
+                raise AuthenticationError(used, error_code=DpsCode.TPM_CHALLENGE_INVALID) from None
         return TpmProof(tpm.endorsement_key(ek), tpm.storage_root_key(srk))
 
     async def _enrollment(self, registration_id: str) -> IndividualEnrollment:
@@ -295,14 +292,14 @@ class TpmAttestor:
             raise AuthenticationError(
                 f"No individual enrollment is named {registration_id!r}; TPM attestation needs an individual "
                 "enrollment with the device's endorsement key (`provisiond tpm ek` prints it).",
-                error_code=NOT_ENROLLED,
+                error_code=DpsCode.TPM_NOT_ENROLLED,
             )
         enrollment = msgspec.json.decode(record.doc, type=IndividualEnrollment)
         if enrollment.attestation.type is not AttestationType.TPM or enrollment.attestation.tpm is None:
             raise AuthenticationError(
                 f"The individual enrollment {enrollment.registration_id!r} uses "
                 f"{enrollment.attestation.type.value} attestation, not TPM.",
-                error_code=NOT_ENROLLED,
+                error_code=DpsCode.TPM_NOT_ENROLLED,
             )
         return enrollment
 
@@ -316,11 +313,11 @@ class TpmAttestor:
             raise AuthenticationError(
                 f"The endorsement key is not the one of the individual enrollment {name!r}: the device is "
                 f"{_describe(ek)}, the enrollment's EK is {_describe(enrolled_ek)}.",
-                error_code=KEY_MISMATCH,
+                error_code=DpsCode.TPM_KEY_MISMATCH,
             )
         if enrolled.storage_root_key and srk != base64.b64decode(enrolled.storage_root_key):
             raise AuthenticationError(
                 f"The storage root key is not the one of the individual enrollment {name!r} (the enrollment names "
                 "an SRK; the device's TPM has another one, e.g. after a TPM clear).",
-                error_code=KEY_MISMATCH,
+                error_code=DpsCode.TPM_KEY_MISMATCH,
             )

@@ -10,7 +10,6 @@ certificates usually carry a CN and no SAN); CA certificates must assert basicCo
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -20,7 +19,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import verification as xv
 from cryptography.x509.oid import NameOID
 
-from ..errors import AuthenticationError
+from ..certificates import sha1_thumbprint
+from ..errors import AuthenticationError, DpsCode
 
 __all__ = [
     "PresentedChain",
@@ -29,28 +29,12 @@ __all__ = [
     "is_ca",
     "match_individual",
     "parse_presented_chain",
-    "sha1_thumbprint",
-    "sha256_thumbprint",
     "verify_chain",
     "verify_self_signed",
 ]
 
 _MAX_CHAIN = 8
 _DER = Encoding.DER
-
-# Error codes of X.509 attestation failures (401 + detail).
-CN_MISMATCH = 401010
-CHAIN_INVALID = 401011
-CERT_EXPIRED = 401012
-NO_CERTIFICATE = 401013
-
-
-def sha1_thumbprint(cert: x509.Certificate) -> str:
-    return hashlib.sha1(cert.public_bytes(_DER)).hexdigest().upper()  # DPS's sha1Thumbprint
-
-
-def sha256_thumbprint(cert: x509.Certificate) -> str:
-    return hashlib.sha256(cert.public_bytes(_DER)).hexdigest().upper()
 
 
 def is_ca(cert: x509.Certificate) -> bool:
@@ -87,18 +71,18 @@ def parse_presented_chain(der_chain: Sequence[bytes]) -> PresentedChain:
         raise AuthenticationError(
             "No client certificate was presented: X.509 devices must present their certificate "
             "(and its intermediates) in the TLS handshake.",
-            error_code=NO_CERTIFICATE,
+            error_code=DpsCode.X509_NO_CERTIFICATE,
         )
     if len(der_chain) > _MAX_CHAIN:
         raise AuthenticationError(
             f"The presented chain has {len(der_chain)} certificates; at most {_MAX_CHAIN}.",
-            error_code=CHAIN_INVALID,
+            error_code=DpsCode.X509_CHAIN_INVALID,
         )
     try:
         certs = [x509.load_der_x509_certificate(der) for der in der_chain]
     except ValueError as exc:
         raise AuthenticationError(
-            f"A presented certificate does not parse: {exc}", error_code=CHAIN_INVALID
+            f"A presented certificate does not parse: {exc}", error_code=DpsCode.X509_CHAIN_INVALID
         ) from None
     return PresentedChain(certs[0], tuple(certs[1:]))
 
@@ -107,12 +91,12 @@ def _check_dates(cert: x509.Certificate, now: dt.datetime, what: str) -> None:
     if cert.not_valid_after_utc < now:
         raise AuthenticationError(
             f"The {what} certificate {cert.subject.rfc4514_string()!r} expired on {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}.",
-            error_code=CERT_EXPIRED,
+            error_code=DpsCode.X509_EXPIRED,
         )
     if cert.not_valid_before_utc > now:
         raise AuthenticationError(
             f"The {what} certificate {cert.subject.rfc4514_string()!r} is not valid before {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}.",
-            error_code=CERT_EXPIRED,
+            error_code=DpsCode.X509_EXPIRED,
         )
 
 
@@ -146,7 +130,7 @@ def verify_chain(chain: PresentedChain, anchor: x509.Certificate, now: dt.dateti
     except xv.VerificationError as exc:
         raise AuthenticationError(
             f"The presented certificate chain does not verify up to {anchor.subject.rfc4514_string()!r}: {exc}",
-            error_code=CHAIN_INVALID,
+            error_code=DpsCode.X509_CHAIN_INVALID,
         ) from None
 
 
@@ -180,7 +164,7 @@ def match_individual(
     raise AuthenticationError(
         f"The presented certificate (SHA-1 {leaf_print}) is not the certificate of the individual enrollment "
         f"{name!r}, nor signed by it.",
-        error_code=CHAIN_INVALID,
+        error_code=DpsCode.X509_CHAIN_INVALID,
     )
 
 

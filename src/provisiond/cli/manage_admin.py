@@ -13,7 +13,7 @@ import click
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from .. import pki
-from ..models import Right
+from ..models import Right, X509GroupAuthentication
 from ..service_client import ServiceClient
 from ._common import (
     CONTEXT,
@@ -57,6 +57,7 @@ def _print_hub(verb: str, doc: Mapping[str, Any]) -> None:
             ("Used by allocation", doc.get("applyAllocationPolicy")),
             ("Built in", doc.get("builtin")),
             ("Location", doc.get("location")),
+            ("X.509 group devices", doc.get("x509GroupAuthentication") or "selfSigned"),
             ("Etag", doc.get("etag")),
         ],
     )
@@ -94,6 +95,13 @@ def hub_show(client: ServiceClient, host: str) -> None:
 
 def _hub_options(func: Any) -> Any:
     func = click.option(
+        "--x509-group-authentication",
+        "x509_group_authentication",
+        type=click.Choice([a.value for a in X509GroupAuthentication]),
+        help="How X.509 group devices are created in this hub: selfSigned with the device "
+        "certificate's thumbprint, as DPS does, or certificateAuthority [add default: selfSigned].",
+    )(func)
+    func = click.option(
         "--location", metavar="REGION", help="The hub's location (for geoLatency allocation)."
     )(func)
     func = click.option(
@@ -129,6 +137,7 @@ def hub_add(
     weight: int | None,
     allocation: bool | None,
     location: str | None,
+    x509_group_authentication: str | None,
     as_json: bool,
 ) -> None:
     """Link the IoT hub HOST (its host name)."""
@@ -140,6 +149,8 @@ def hub_add(
     }
     if location:
         doc["location"] = location
+    if x509_group_authentication:
+        doc["x509GroupAuthentication"] = x509_group_authentication
     result = client.put(_hub_path(host), doc)
     emit(as_json, result, lambda d: _print_hub("Linked", d))
 
@@ -163,12 +174,15 @@ def hub_update(
     weight: int | None,
     allocation: bool | None,
     location: str | None,
+    x509_group_authentication: str | None,
     as_json: bool,
 ) -> None:
     """Change a linked hub (read, modify, write back with its etag)."""
-    if hub_connection_string is None and weight is None and allocation is None and location is None:
+    changes = (hub_connection_string, weight, allocation, location, x509_group_authentication)
+    if all(change is None for change in changes):
         raise click.UsageError(
-            "Nothing to change: give --connection-string, --weight, --[no-]allocation or --location."
+            "Nothing to change: give --connection-string, --weight, --[no-]allocation, --location "
+            "or --x509-group-authentication."
         )
 
     def change(doc: dict[str, Any]) -> None:
@@ -180,6 +194,8 @@ def hub_update(
             doc["applyAllocationPolicy"] = allocation
         if location is not None:
             doc["location"] = location
+        if x509_group_authentication is not None:
+            doc["x509GroupAuthentication"] = x509_group_authentication
 
     result = read_modify_write(client, _hub_path(host), change)
     emit(as_json, result, lambda d: _print_hub("Updated", d))

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import ConfigurationError
-from ..service.settings import DEFAULT_BUILTIN_HUB, Settings
+from ..service import admission
+from ..service.settings import DEFAULT_BUILTIN_HUB, ConnectionLimits, Settings
 
 __all__ = ["connection_info", "serve"]
 
@@ -90,7 +91,25 @@ def _program() -> str:
     return "provisiond" if on_path and Path(on_path).resolve() == argv0.resolve() else str(argv0)
 
 
-def _banner(info: dict[str, Any], path: Path) -> str:
+def _open_files(settings: Settings) -> str:
+    """The banner's line about the open-file limit and the connection caps it gave."""
+    limit = admission.open_file_limit()
+    if limit.raised:
+        how = f"raised from {limit.before:,} to the hard limit"
+    elif limit.soft >= limit.hard:
+        how = "the hard limit"
+    else:
+        how = f"could not raise it to the hard limit {limit.hard:,}"
+    caps = settings.connections
+    per_listener = f"{caps.max_connections:,}" if caps.max_connections else "no cap"
+    per_address = f"{caps.max_connections_per_address:,}" if caps.max_connections_per_address else "no cap"
+    return (
+        f"{limit.soft:,} ({how}); connections per listener: {per_listener}, "
+        f"per address: {per_address}, {caps.fd_reserve} kept free"
+    )
+
+
+def _banner(info: dict[str, Any], path: Path, settings: Settings) -> str:
     scope, endpoint, ca = info["idScope"], info["globalEndpoint"], info["caCertificate"]
     d = path.parent
     prog = _program()
@@ -101,6 +120,7 @@ provisiond is running.
   Trusted CA for clients   {ca}
   Built-in IoT hub         {info["builtinHub"]}
   Connection details       {path}
+  Open files               {_open_files(settings)}
 
 Provision a first device (in another terminal):
   {prog} enrollment create my-first-device --data-dir {d}
@@ -243,13 +263,14 @@ def _run(settings: Settings, ca_file: Path | None) -> None:
         "port": settings.https_port,
         "cert_file": settings.server_cert,
         "key_file": settings.server_key,
+        "limits": settings.connections,
         "log_level": "warning",
         # Idle TLS keep-alive peers may never answer close_notify: do not wait on them forever.
         "timeout_graceful_shutdown": 3,
     }
 
     def announce() -> None:  # once every listener is bound, not before
-        click.echo(_banner(info, path))
+        click.echo(_banner(info, path, settings))
 
     log.info(
         "serving HTTPS on %s:%d with the %s store, %d worker process(es)",
@@ -431,6 +452,101 @@ def _run(settings: Settings, ca_file: Path | None) -> None:
     "besides the system CAs.",
 )
 @click.option(
+    "--tls-handshake-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    show_envvar=True,
+    envvar="PROVISIOND_TLS_HANDSHAKE_TIMEOUT",
+    help="Seconds from a connection's accept to the end of its TLS handshake (every listener); also "
+    "how long a closing connection waits for the peer's TLS close.",
+)
+@click.option(
+    "--first-request-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    show_envvar=True,
+    envvar="PROVISIOND_FIRST_REQUEST_TIMEOUT",
+    help="Seconds from the TLS handshake to the first complete request head (HTTPS), CONNECT (MQTT) "
+    "or protocol header (AMQP).",
+)
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    show_envvar=True,
+    envvar="PROVISIOND_HEADER_TIMEOUT",
+    help="HTTPS: seconds from the first byte of a later request on a kept-alive connection to the end of its head.",
+)
+@click.option(
+    "--keep-alive-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    show_envvar=True,
+    envvar="PROVISIOND_KEEP_ALIVE_TIMEOUT",
+    help="HTTPS: seconds an idle kept-alive connection may wait for its next request.",
+)
+@click.option(
+    "--session-idle-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=240.0,
+    show_default=True,
+    show_envvar=True,
+    envvar="PROVISIOND_SESSION_IDLE_TIMEOUT",
+    help="MQTT and AMQP: seconds a session may go without input (MQTT: also with keep-alive 0; "
+    "1.5 times the device's keep-alive when that is shorter).",
+)
+@click.option(
+    "--min-receive-rate",
+    type=click.FloatRange(min=0),
+    default=240.0,
+    show_default=True,
+    show_envvar=True,
+    envvar="PROVISIOND_MIN_RECEIVE_RATE",
+    help="Bytes per second a device must keep up while the service waits for the rest of a request "
+    "body, MQTT packet or AMQP frame (0: no minimum).",
+)
+@click.option(
+    "--min-receive-rate-grace",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    show_envvar=True,
+    envvar="PROVISIOND_MIN_RECEIVE_RATE_GRACE",
+    help="Seconds before --min-receive-rate applies to something incomplete.",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=0),
+    default=None,
+    show_envvar=True,
+    envvar="PROVISIOND_MAX_CONNECTIONS",
+    help="Concurrent connections per listener (HTTPS, MQTT, AMQP) and worker; more are refused at once "
+    "(default: an equal share of the open-file limit less --fd-reserve; 0: no cap).",
+)
+@click.option(
+    "--max-connections-per-address",
+    type=click.IntRange(min=0),
+    default=None,
+    show_envvar=True,
+    envvar="PROVISIOND_MAX_CONNECTIONS_PER_ADDRESS",
+    help="Concurrent connections from one source address per listener and worker "
+    "(default: a quarter of --max-connections; 0: no cap).",
+)
+@click.option(
+    "--fd-reserve",
+    type=click.IntRange(min=0),
+    default=128,
+    show_default=True,
+    show_envvar=True,
+    envvar="PROVISIOND_FD_RESERVE",
+    help="Open files kept free for the database, logs and outgoing connections: connections that "
+    "would use them are refused.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -457,6 +573,16 @@ def serve(
     assignment_budget: float,
     webhook_timeout: float,
     webhook_ca_file: Path | None,
+    tls_handshake_timeout: float,
+    first_request_timeout: float,
+    header_timeout: float,
+    keep_alive_timeout: float,
+    session_idle_timeout: float,
+    min_receive_rate: float,
+    min_receive_rate_grace: float,
+    max_connections: int | None,
+    max_connections_per_address: int | None,
+    fd_reserve: int,
     log_level: str,
 ) -> None:
     """Run the provisioning service on its embedded default: SQLite in DATA_DIR, a development
@@ -484,6 +610,18 @@ def serve(
 
         files = ensure_dev_pki(data_dir, [host])
         server_cert, server_key, ca_file = files.cert_file, files.key_file, files.ca_file
+    open_files = admission.raise_open_file_limit()  # before workers start: they inherit it
+    limits = ConnectionLimits(
+        tls_handshake_timeout=tls_handshake_timeout,
+        first_request_timeout=first_request_timeout,
+        header_timeout=header_timeout,
+        keep_alive_timeout=keep_alive_timeout,
+        min_receive_rate=min_receive_rate,
+        min_receive_rate_grace=min_receive_rate_grace,
+        max_connections=max_connections,
+        max_connections_per_address=max_connections_per_address,
+        fd_reserve=fd_reserve,
+    )
     settings = Settings(
         data_dir=data_dir,
         host=host,
@@ -491,6 +629,10 @@ def serve(
         https_port=https_port,
         mqtt_port=mqtt_port,
         mqtt_connect_timeout=mqtt_connect_timeout,
+        session_idle_timeout=session_idle_timeout,
+        connections=admission.resolve(
+            limits, listeners=1 + bool(mqtt_port) + bool(amqp_port), open_files=open_files.soft
+        ),
         amqp_port=amqp_port,
         db=db,
         server_cert=server_cert,

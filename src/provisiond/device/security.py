@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
-from .. import pki
+from .. import certificates
 from ..errors import ConfigurationError
 from ..protocol.messages import TpmAttestationRequest, TpmChallenge
 from ..protocol.sas import build_sas_token, derive_device_key
@@ -93,7 +93,7 @@ class PemX509Credential(X509Credential):
         self,
         *,
         certificate: x509.Certificate,
-        private_key: pki.PrivateKey,
+        private_key: certificates.PrivateKey,
         chain: Sequence[x509.Certificate] = (),
     ) -> None:
         if _public_der(private_key.public_key()) != _public_der(certificate.public_key()):
@@ -119,8 +119,8 @@ class PemX509Credential(X509Credential):
         with tempfile.TemporaryDirectory(prefix="provisiond-") as directory:
             cert_file = Path(directory, "chain.pem")
             key_file = Path(directory, "key.pem")
-            _write_private(cert_file, pki.certificate_pem(self._certificate, *self._chain))
-            _write_private(key_file, pki.private_key_pem(self._key, secret))
+            _write_private(cert_file, certificates.certificate_pem(self._certificate, *self._chain))
+            _write_private(key_file, certificates.private_key_pem(self._key, secret))
             try:
                 ctx.load_cert_chain(cert_file, key_file, password=secret)
             except ssl.SSLError as exc:
@@ -242,7 +242,7 @@ class X509Security(SecurityProvider):
         if chain_file is not None:
             certs += [c for c in _read_certificates(chain_file) if c not in certs]
         try:
-            key = pki.load_private_key(_read(key_file), password)
+            key = certificates.load_private_key(_read(key_file), password)
         except (ValueError, TypeError) as exc:
             hint = " (wrong or missing password?)" if "password" in str(exc).lower() or password else ""
             raise ConfigurationError(f"Cannot load the private key in {key_file}{hint}: {exc}") from exc
@@ -262,14 +262,14 @@ class X509Security(SecurityProvider):
         :raises ConfigurationError: unreadable, not PKCS#12, or the password is wrong.
         """
         try:
-            issued = pki.load_pkcs12(_read(path), password)
+            issued = certificates.load_pkcs12(_read(path), password)
         except (ValueError, TypeError) as exc:
             raise ConfigurationError(f"Cannot open {path}: {exc}") from exc
         return cls.from_issued(issued, registration_id=registration_id)
 
     @classmethod
-    def from_issued(cls, issued: pki.Issued, *, registration_id: str | None = None) -> X509Security:
-        """From an in-memory :class:`provisiond.pki.Issued` (certificate, key and chain)."""
+    def from_issued(cls, issued: certificates.Issued, *, registration_id: str | None = None) -> X509Security:
+        """From an in-memory :class:`provisiond.certificates.Issued` (certificate, key and chain)."""
         credential = PemX509Credential(certificate=issued.cert, private_key=issued.key, chain=issued.chain)
         return cls(credential=credential, registration_id=registration_id)
 
@@ -305,7 +305,7 @@ def _read(path: str | os.PathLike[str]) -> bytes:
 
 def _read_certificates(path: str | os.PathLike[str]) -> list[x509.Certificate]:
     try:
-        certs = pki.load_pem_chain(_read(path))
+        certs = certificates.load_pem_chain(_read(path))
     except ValueError as exc:
         raise ConfigurationError(f"{path} holds no readable PEM certificate: {exc}") from exc
     if not certs:

@@ -44,8 +44,9 @@ QoS 2 is not supported: a QoS 2 PUBLISH is a protocol error here.
 Time comes from the ``clock`` callable the machine is given (monotonic seconds), never from a
 clock it reads itself. :meth:`~MqttConnection.deadline` says when something lapses: for a
 server, the CONNECT that never came (``connect_timeout``) or the keep-alive (1.5 times the
-client's interval since the last bytes received, MQTT-3.1.2-24; none when it is 0); for a
-client, the keep-alive interval since the last bytes sent. When the deadline passes the I/O
+client's interval since the last bytes received, MQTT-3.1.2-24), or ``max_idle`` when that is
+shorter or the keep-alive is 0 (MQTT 3.1.1 §3.1.2.10 lets a server drop an inactive client
+whatever its keep-alive; IoT Hub caps its side at 1,767 s); for a client, the keep-alive interval since the last bytes sent. When the deadline passes the I/O
 layer calls :meth:`~MqttConnection.handle_deadline`: a server closes and names the
 :class:`Lapse`; a client queues a PINGREQ, or gives up when the previous one went unanswered.
 
@@ -106,6 +107,7 @@ class Lapse(enum.Enum):
 
     CONNECT_TIMEOUT = "no CONNECT arrived within the connect timeout"
     KEEP_ALIVE = "the keep-alive lapsed"
+    IDLE = "nothing received within the idle timeout"
 
 
 _T = PacketType
@@ -160,6 +162,8 @@ class MqttConnection:
     :param clock: monotonic seconds (``time.monotonic``), read on each feed and drain.
     :param max_packet_size: the largest packet accepted from the peer, fixed header included.
     :param connect_timeout: server: seconds from construction to the CONNECT (None: no limit).
+    :param max_idle: server: seconds without input after which a connected client is closed,
+        when its keep-alive does not close it sooner (also with keep-alive 0; None: no limit).
     :param max_inflight: QoS 1 publishes of ours that may await their PUBACK at once.
     """
 
@@ -170,6 +174,7 @@ class MqttConnection:
         clock: Callable[[], float],
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
         connect_timeout: float | None = None,
+        max_idle: float | None = None,
         max_inflight: int = 0xFFFF,
     ) -> None:
         if not 0 < max_inflight <= 0xFFFF:
@@ -195,6 +200,7 @@ class MqttConnection:
         self._ping_outstanding = False
         self._clean_session = True
         self._connect_deadline = now + connect_timeout if connect_timeout is not None else None
+        self._max_idle = max_idle
         self._heard = False  # whether a packet from the peer has arrived
 
     # --- bytes in, bytes out ---------------------------------------------------------------------
@@ -257,6 +263,12 @@ class MqttConnection:
     def _paused(self) -> bool:
         return self.role is Role.SERVER and self.state is State.CONNECTING
 
+    @property
+    def pending_input(self) -> int:
+        """Bytes of a packet that has begun but is not complete (0 while the input waits for
+        the application, as after a CONNECT)."""
+        return 0 if self._paused() else len(self._in)
+
     def get_outbound_data(self) -> bytes:
         """The bytes to send to the peer, in order (empty when there are none)."""
         if not self._out:
@@ -275,8 +287,8 @@ class MqttConnection:
         if self.role is Role.SERVER:
             if self.state is State.IDLE:
                 return self._connect_deadline
-            if self.state is State.CONNECTED and self.keep_alive:
-                return self._last_received + KEEP_ALIVE_GRACE * self.keep_alive
+            if self.state is State.CONNECTED and (limit := self._idle_limit()) is not None:
+                return self._last_received + limit[0]
             return None
         if self.keep_alive and self.state is not State.IDLE:
             return self._last_sent + self.keep_alive
@@ -291,10 +303,20 @@ class MqttConnection:
         if self.role is Role.CLIENT and not self._ping_outstanding:
             self.ping()
             return None
-        lapse = Lapse.CONNECT_TIMEOUT if self.state is State.IDLE else Lapse.KEEP_ALIVE
-        detail = f" ({self.keep_alive} s)" if lapse is Lapse.KEEP_ALIVE else ""
+        if self.state is State.IDLE:
+            lapse, detail = Lapse.CONNECT_TIMEOUT, ""
+        else:
+            seconds, lapse = self._idle_limit() or (0.0, Lapse.KEEP_ALIVE)
+            detail = f" ({self.keep_alive} s)" if lapse is Lapse.KEEP_ALIVE else f" ({seconds:g} s)"
         self._close(lapse.value + detail)
         return lapse
+
+    def _idle_limit(self) -> tuple[float, Lapse] | None:
+        """Server: how long a connected client may be silent, and what lapses then."""
+        keep_alive = KEEP_ALIVE_GRACE * self.keep_alive if self.keep_alive else None
+        if self._max_idle is not None and (keep_alive is None or self._max_idle < keep_alive):
+            return self._max_idle, Lapse.IDLE
+        return (keep_alive, Lapse.KEEP_ALIVE) if keep_alive is not None else None
 
     # --- operations: both roles ------------------------------------------------------------------
 

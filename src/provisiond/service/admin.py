@@ -34,13 +34,20 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .. import pki
-from ..errors import ConflictError, InvalidBodyError, InvalidIdError, PreconditionFailedError, RequestError
+from .. import certificates
+from ..errors import (
+    ConflictError,
+    DpsCode,
+    InvalidBodyError,
+    InvalidIdError,
+    PreconditionFailedError,
+    RequestError,
+)
 from ..hub import HubDevice, SymmetricKeyAuth
 from ..models import AllocationPolicy, CaCertificate, LinkedHub, Right, SharedAccessPolicy
 from ..storage import Collection, Record, WriteMode, utc_now
 from .context import SETTINGS_KEY, ServiceContext, context_of
-from .enrollments import check_key, generate_key
+from .enrollments import check_key, generate_key, load_certificate
 from .http import ApiHandler, decode_body, handle_errors, json_response
 
 __all__ = ["routes", "validate_id_scope"]
@@ -87,7 +94,7 @@ async def _write(
 
 async def _delete(ctx: ServiceContext, request: Request, collection: Collection, id: str) -> None:
     ctx.invalidate()
-    await ctx.get_or_404(collection, id, 404000)
+    await ctx.get_or_404(collection, id, DpsCode.NOT_FOUND)
     try:
         await ctx.store.delete(collection, id, if_match=request.headers.get("if-match"))
     except PreconditionFailedError:
@@ -211,7 +218,7 @@ async def delete_hub(request: Request) -> Response:
     ctx = context_of(request)
     await ctx.authorize(request, Right.SERVICE_CONFIG)
     name = request.path_params["name"]
-    await ctx.get_or_404(Collection.LINKED_HUBS, name, 404204)
+    await ctx.get_or_404(Collection.LINKED_HUBS, name, DpsCode.LINKED_HUB_NOT_FOUND)
     if name.lower() == ctx.settings.builtin_hub.lower():
         raise RequestError(
             f"{name!r} is the built-in hub; it can be excluded from allocation but not unlinked."
@@ -237,7 +244,7 @@ async def list_hub_devices(request: Request) -> Response:
     ctx = context_of(request)
     await ctx.authorize(request, Right.SERVICE_CONFIG)
     name = request.path_params["name"]
-    await ctx.get_or_404(Collection.LINKED_HUBS, name, 404204)
+    await ctx.get_or_404(Collection.LINKED_HUBS, name, DpsCode.LINKED_HUB_NOT_FOUND)
     page = await ctx.store.query(
         Collection.HUB_DEVICES,
         filters={"hub": name.lower()},
@@ -253,7 +260,7 @@ async def get_hub_device(request: Request) -> Response:
     ctx = context_of(request)
     await ctx.authorize(request, Right.SERVICE_CONFIG)
     key = f"{request.path_params['name'].lower()}/{request.path_params['device_id']}"
-    record = await ctx.get_or_404(Collection.HUB_DEVICES, key, 404001)
+    record = await ctx.get_or_404(Collection.HUB_DEVICES, key, DpsCode.HUB_DEVICE_NOT_FOUND)
     return json_response(_present_device(record), headers={"ETag": record.etag})
 
 
@@ -275,16 +282,6 @@ class _CertificateUpload(msgspec.Struct, rename="camel", kw_only=True):
     etag: str | None = None
 
 
-def _parse_ca(text: str, field: str) -> x509.Certificate:
-    try:
-        certs = pki.load_pem_chain(text)
-    except ValueError as exc:
-        raise InvalidBodyError(f"{field} is not a PEM certificate: {exc}") from None
-    if len(certs) != 1:
-        raise InvalidBodyError(f"{field} must hold exactly one PEM certificate, not {len(certs)}.")
-    return certs[0]
-
-
 def _present_ca(record: Record) -> CaCertificate:
     return msgspec.structs.replace(msgspec.json.decode(record.doc, type=CaCertificate), etag=record.etag)
 
@@ -295,7 +292,7 @@ async def put_ca(request: Request) -> Response:
     await ctx.authorize(request, Right.SERVICE_CONFIG)
     name = _validate_name(request.path_params["name"], "certificate name")
     upload = decode_body(await ctx.body(request), _CertificateUpload, "CA certificate")
-    cert = _parse_ca(upload.certificate, "certificate")
+    cert = load_certificate(upload.certificate, "certificate")
     try:
         constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
@@ -304,7 +301,7 @@ async def put_ca(request: Request) -> Response:
         raise InvalidBodyError(
             "The certificate is not a CA certificate (BasicConstraints CA:TRUE is missing)."
         )
-    info = pki.certificate_info(cert)
+    info = certificates.certificate_info(cert)
     now = utc_now()
     doc = CaCertificate(
         name=name,
@@ -336,7 +333,7 @@ async def generate_verification_code(request: Request) -> Response:
     ctx = context_of(request)
     await ctx.authorize(request, Right.SERVICE_CONFIG)
     name = request.path_params["name"]
-    record = await ctx.get_or_404(Collection.CA_CERTIFICATES, name, 404205)
+    record = await ctx.get_or_404(Collection.CA_CERTIFICATES, name, DpsCode.CA_NOT_FOUND)
     ca = msgspec.json.decode(record.doc, type=CaCertificate)
     code = secrets.token_hex(24).upper()
     doc = msgspec.structs.replace(ca, verification_code=code, updated=utc_now(), etag=None)
@@ -355,9 +352,9 @@ async def verify_ca(request: Request) -> Response:
     ctx = context_of(request)
     await ctx.authorize(request, Right.SERVICE_CONFIG)
     name = request.path_params["name"]
-    record = await ctx.get_or_404(Collection.CA_CERTIFICATES, name, 404205)
+    record = await ctx.get_or_404(Collection.CA_CERTIFICATES, name, DpsCode.CA_NOT_FOUND)
     ca_doc = msgspec.json.decode(record.doc, type=CaCertificate)
-    proof = _parse_ca(
+    proof = load_certificate(
         decode_body(await ctx.body(request), _CertificateUpload, "verification certificate").certificate,
         "certificate",
     )
@@ -366,20 +363,20 @@ async def verify_ca(request: Request) -> Response:
             f"No verification code was generated for {name!r}; call generateVerificationCode first."
         )
     assert ca_doc.certificate is not None
-    ca = pki.load_pem_chain(ca_doc.certificate)[0]
+    ca = certificates.load_pem_chain(ca_doc.certificate)[0]
     cns = proof.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     cn = str(cns[0].value) if cns else ""
     if cn != ca_doc.verification_code:
         raise InvalidBodyError(
             f"The verification certificate's subject CN {cn[:80]!r} is not the verification code of {name!r}.",
-            error_code=400011,
+            error_code=DpsCode.VERIFICATION_CODE_MISMATCH,
         )
     try:
         proof.verify_directly_issued_by(ca)
     except (ValueError, TypeError, Exception) as exc:  # InvalidSignature has no common base
         raise InvalidBodyError(
             f"The verification certificate was not signed by CA certificate {name!r}: {exc or 'bad signature'}.",
-            error_code=400012,
+            error_code=DpsCode.VERIFICATION_SIGNATURE,
         ) from None
     doc = msgspec.structs.replace(
         ca_doc, is_verified=True, verification_code=None, updated=utc_now(), etag=None
@@ -408,7 +405,9 @@ def _present_policy(record: Record, *, keys: bool = False) -> SharedAccessPolicy
 async def list_policy_keys(request: Request) -> Response:
     ctx = context_of(request)
     await ctx.authorize(request, Right.SERVICE_CONFIG)
-    record = await ctx.get_or_404(Collection.ACCESS_POLICIES, request.path_params["name"], 404206)
+    record = await ctx.get_or_404(
+        Collection.ACCESS_POLICIES, request.path_params["name"], DpsCode.POLICY_NOT_FOUND
+    )
     return json_response(_present_policy(record, keys=True), headers={"ETag": record.etag})
 
 
@@ -458,7 +457,7 @@ async def delete_policy(request: Request) -> Response:
     ctx = context_of(request)
     await ctx.authorize(request, Right.SERVICE_CONFIG)
     name = request.path_params["name"]
-    record = await ctx.get_or_404(Collection.ACCESS_POLICIES, name, 404206)
+    record = await ctx.get_or_404(Collection.ACCESS_POLICIES, name, DpsCode.POLICY_NOT_FOUND)
     policy = msgspec.json.decode(record.doc, type=SharedAccessPolicy)
     if Right.SERVICE_CONFIG in (policy.rights or []) and await _config_policies_left(ctx, name) == 0:
         raise ConflictError(f"Deleting {name!r} would leave no policy that can administer the service.")
@@ -472,7 +471,9 @@ def routes() -> list[Route]:
         Route("/admin/settings", patch_settings, methods=["PATCH"]),
         Route("/admin/linkedHubs", _lister(Collection.LINKED_HUBS, _present_hub), methods=["GET"]),
         Route(
-            "/admin/linkedHubs/{name}", _getter(Collection.LINKED_HUBS, 404204, _present_hub), methods=["GET"]
+            "/admin/linkedHubs/{name}",
+            _getter(Collection.LINKED_HUBS, DpsCode.LINKED_HUB_NOT_FOUND, _present_hub),
+            methods=["GET"],
         ),
         Route("/admin/linkedHubs/{name}", put_hub, methods=["PUT"]),
         Route("/admin/linkedHubs/{name}", delete_hub, methods=["DELETE"]),
@@ -488,7 +489,7 @@ def routes() -> list[Route]:
         Route("/admin/certificates/{name}/verify", verify_ca, methods=["POST"]),
         Route(
             "/admin/certificates/{name}",
-            _getter(Collection.CA_CERTIFICATES, 404205, _present_ca),
+            _getter(Collection.CA_CERTIFICATES, DpsCode.CA_NOT_FOUND, _present_ca),
             methods=["GET"],
         ),
         Route("/admin/certificates/{name}", put_ca, methods=["PUT"]),
@@ -501,7 +502,7 @@ def routes() -> list[Route]:
         Route("/admin/sharedAccessPolicies/{name}/listKeys", list_policy_keys, methods=["POST"]),
         Route(
             "/admin/sharedAccessPolicies/{name}",
-            _getter(Collection.ACCESS_POLICIES, 404206, _present_policy),
+            _getter(Collection.ACCESS_POLICIES, DpsCode.POLICY_NOT_FOUND, _present_policy),
             methods=["GET"],
         ),
         Route("/admin/sharedAccessPolicies/{name}", put_policy, methods=["PUT"]),

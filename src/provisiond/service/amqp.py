@@ -7,9 +7,11 @@ Theory of operation
 One :class:`_Session` per connection runs a loop over a :class:`~provisiond.service.streams.ByteStream`:
 bytes go into a server :class:`~provisiond.protocol.amqp.connection.Connection`, the events it
 returns are answered here, and what it queued is written back. The loop waits for bytes no
-longer than the machine's next deadline (its idle timeout, :data:`IDLE_TIMEOUT`, and the
+longer than the machine's next deadline (its idle timeout, ``--session-idle-timeout``, and the
 heartbeats the device's idle-time-out asks for) and never longer than
-:data:`HANDSHAKE_TIMEOUT` for the connection to be open.
+:data:`HANDSHAKE_TIMEOUT` for the connection to be open. The connection's guard
+(:mod:`provisiond.service.guard`) learns when the protocol header is in and whether a frame is
+incomplete, so that a device trickling a frame byte by byte is held to the minimum receive rate.
 
 **Who the device is** comes from the SASL layer, or from TLS:
 
@@ -76,6 +78,7 @@ from ..protocol.amqp.events import (
     LinkAttached,
     LinkId,
     MessageReceived,
+    ProtocolHeaderReceived,
     SaslInitReceived,
     SaslResponseReceived,
 )
@@ -101,14 +104,12 @@ from .listeners import STARTERS
 from .registrar import DeviceRequest, Registrar
 from .streams import WEBSOCKET_HANDLERS, ByteStream, StreamClosed, start_tls_listener
 
-__all__ = ["HANDSHAKE_TIMEOUT", "IDLE_TIMEOUT", "AmqpEndpoint", "start_amqp"]
+__all__ = ["HANDSHAKE_TIMEOUT", "AmqpEndpoint", "start_amqp"]
 
 log = logging.getLogger("provisiond.amqp")
 
 #: Seconds a connection may take to be open (TLS excluded): SASL and the open exchange.
 HANDSHAKE_TIMEOUT = 30.0
-#: Seconds without a frame before the connection is closed (our open's idle-time-out).
-IDLE_TIMEOUT = 240.0
 #: Requests a device may have in flight on its sending link.
 LINK_CREDIT = 16
 #: Room for the sections and properties above the largest registration body.
@@ -144,7 +145,7 @@ class AmqpEndpoint:
         return ConnectionConfig(
             container_id=f"provisiond-{uuid.uuid4()}",
             hostname=self.ctx.settings.host,
-            idle_timeout=IDLE_TIMEOUT,
+            idle_timeout=self.ctx.settings.session_idle_timeout,  # our open's idle-time-out
             sessions=SessionLimits(max_message_size=self.ctx.settings.max_body_bytes + MESSAGE_OVERHEAD),
             sasl_mechanisms=MECHANISMS,
             allow_no_sasl=True,
@@ -189,6 +190,10 @@ class _Session:
         log.log(logging.DEBUG if normal else logging.INFO, "AMQP %s: closed: %s", self.who, self.close_reason)
 
     async def _receive(self) -> list[Event]:
+        if self.machine.pending_input:
+            self.stream.guard.receiving()
+        else:
+            self.stream.guard.busy()
         deadlines = [d for d in (self.machine.next_deadline(),) if d is not None]
         if not self.machine.opened:
             deadlines.append(self.started + HANDSHAKE_TIMEOUT)
@@ -217,7 +222,9 @@ class _Session:
 
     async def _on_event(self, event: Event) -> None:
         machine = self.machine
-        if isinstance(event, SaslInitReceived):
+        if isinstance(event, ProtocolHeaderReceived):
+            self.stream.guard.head_received()  # the first request, as far as the guard is concerned
+        elif isinstance(event, SaslInitReceived):
             await self._on_sasl_init(event)
         elif isinstance(event, SaslResponseReceived):
             await self._on_tpm_response(event.response)
@@ -510,6 +517,7 @@ async def start_amqp(ctx: ServiceContext, registrar: Registrar) -> asyncio.Serve
         port=settings.amqp_port,
         name="AMQP",
         flag="--amqp-port",
+        first_request="protocol header",
     )
 
 

@@ -24,7 +24,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..errors import ConflictError, InvalidBodyError, PreconditionFailedError, ProvisioningError, RequestError
+from ..errors import (
+    ConflictError,
+    DpsCode,
+    InvalidBodyError,
+    NotFoundError,
+    PreconditionFailedError,
+    ProvisioningError,
+    RequestError,
+)
 from ..models import (
     BulkEnrollmentGroupOperation,
     BulkEnrollmentOperation,
@@ -36,7 +44,7 @@ from ..models import (
     QuerySpecification,
     Right,
 )
-from ..storage import Collection, Delete, Record, Write, WriteMode
+from ..storage import Collection, Delete, Record, Write, WriteMode, etags_match
 from . import enrollments as en
 from .context import ServiceContext, context_of
 from .http import decode_body, handle_errors, json_response
@@ -46,7 +54,6 @@ __all__ = ["routes"]
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 10_000
-_REGISTRATION_NOT_FOUND = 404202
 _WRITE_RETRIES = 3
 
 
@@ -78,7 +85,9 @@ def _registration_state(record: Record) -> DeviceRegistrationState:
     )
 
 
-async def _with_registration_states(ctx: ServiceContext, records: list[Record]) -> list[IndividualEnrollment]:
+async def _with_registration_states(
+    ctx: ServiceContext, records: list[Record], shown: en.Shown = en.Shown.READ
+) -> list[IndividualEnrollment]:
     """Individual enrollments with their registrationState joined in (DPS's GET has it; its
     query leaves it out, Azure/azure-iot-sdk-csharp#3478: provisiond returns it in both)."""
     states = await ctx.store.get_many(Collection.REGISTRATIONS, [r.id for r in records])
@@ -86,7 +95,7 @@ async def _with_registration_states(ctx: ServiceContext, records: list[Record]) 
     for record in records:
         state = states.get(Collection.REGISTRATIONS.key(record.id))
         extra: dict[str, Any] = {"registration_state": _registration_state(state)} if state else {}
-        out.append(en.present(en.INDIVIDUAL, record, extra=extra))
+        out.append(en.present(en.INDIVIDUAL, record, shown=shown, extra=extra))
     return out
 
 
@@ -123,7 +132,7 @@ async def put_enrollment(request: Request) -> Response:
                 raise ConflictError(
                     f"The {kind.label} {existing.id!r} already exists; to update it, send its etag in "
                     "If-Match (or If-Match: *).",
-                    error_code=409201,
+                    error_code=DpsCode.ENROLLMENT_EXISTS,
                 )
             record = await ctx.store.write(kind.collection, url_id, doc, index=index, mode=WriteMode.CREATE)
         else:
@@ -141,12 +150,13 @@ async def put_enrollment(request: Request) -> Response:
                     f"The etag in If-Match does not match the stored {kind.label} {url_id!r}"
                     + ("" if existing is not None else " (it does not exist)")
                     + "; read it again and retry.",
-                    error_code=412001,
+                    error_code=DpsCode.ETAG_MISMATCH,
                 ) from None
+        # DPS answers a create or update with the symmetric keys (generated or given).
         if kind is en.INDIVIDUAL:
-            [item] = await _with_registration_states(ctx, [record])
+            [item] = await _with_registration_states(ctx, [record], en.Shown.WRITE)
             return json_response(item, headers=_etag_headers(record))
-        return json_response(en.present(kind, record), headers=_etag_headers(record))
+        return json_response(en.present(kind, record, shown=en.Shown.WRITE), headers=_etag_headers(record))
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -155,8 +165,38 @@ async def delete_enrollment(request: Request) -> Response:
     ctx = context_of(request)
     kind = _kind_of(request)
     await ctx.authorize(request, Right.ENROLLMENT_WRITE)
-    await _delete(ctx, kind.collection, request, kind.not_found_code)
+    if kind is en.INDIVIDUAL:
+        await _delete_individual(ctx, request.path_params["id"], request.headers.get("if-match"))
+    else:  # a group's registration records stay, as DPS keeps them
+        await _delete(ctx, kind.collection, request, kind.not_found_code)
     return Response(status_code=204)
+
+
+async def _delete_individual(ctx: ServiceContext, id: str, if_match: str | None) -> None:
+    """Delete an individual enrollment and, as DPS does, its registration record, in one
+    transaction (the hub identity stays: deprovisioning it is a separate step, as with DPS)."""
+    for _ in range(_WRITE_RETRIES):
+        enrollment = await ctx.get_or_404(Collection.ENROLLMENTS, id, en.INDIVIDUAL.not_found_code)
+        if if_match is not None and not etags_match(if_match, enrollment.etag):
+            raise PreconditionFailedError(
+                f"The etag in If-Match does not match the stored individual enrollment {id!r}.",
+                error_code=DpsCode.ETAG_MISMATCH,
+            )
+        record = await ctx.store.get(Collection.REGISTRATIONS, id)
+        items: list[tuple[Collection, Write | Delete]] = [
+            (Collection.ENROLLMENTS, Delete(id, enrollment.etag))
+        ]
+        if record is not None:
+            items.append((Collection.REGISTRATIONS, Delete(id, record.etag)))
+        try:
+            await ctx.store.write_atomic(items)
+            return
+        except (PreconditionFailedError, NotFoundError):
+            continue  # one of them changed meanwhile: read both again
+    raise ConflictError(
+        f"The individual enrollment {id!r} kept changing under concurrent writes; retry.",
+        error_code=DpsCode.CONFLICT,
+    )
 
 
 async def _delete(ctx: ServiceContext, collection: Collection, request: Request, not_found: int) -> None:
@@ -167,7 +207,8 @@ async def _delete(ctx: ServiceContext, collection: Collection, request: Request,
         await ctx.store.delete(collection, id, if_match=if_match)
     except PreconditionFailedError:
         raise PreconditionFailedError(
-            f"The etag in If-Match does not match the stored {collection.label} {id!r}.", error_code=412001
+            f"The etag in If-Match does not match the stored {collection.label} {id!r}.",
+            error_code=DpsCode.ETAG_MISMATCH,
         ) from None
 
 
@@ -177,7 +218,7 @@ async def attestation_mechanism(request: Request) -> Response:
     kind = _kind_of(request)
     await ctx.authorize(request, Right.ENROLLMENT_READ)
     record = await ctx.get_or_404(kind.collection, request.path_params["id"], kind.not_found_code)
-    return json_response(en.present(kind, record, secrets=True).attestation)
+    return json_response(en.present(kind, record, shown=en.Shown.ALL).attestation)
 
 
 async def _query_spec(ctx: ServiceContext, request: Request) -> QuerySpecification:
@@ -261,8 +302,15 @@ async def bulk_enrollments(request: Request) -> Response:
             positions.append(i)
         except ProvisioningError as exc:
             outcomes[i] = exc
-    for pos, written in zip(positions, await ctx.store.write_many(kind.collection, writes), strict=True):
+    results = await ctx.store.write_many(kind.collection, writes)
+    for pos, written in zip(positions, results, strict=True):
         outcomes[pos] = written
+    if kind is en.INDIVIDUAL and mode is BulkOperationMode.DELETE:
+        # As DELETE /enrollments/{id} does: the deleted enrollments' registration records go too
+        # (a second batch here, not one transaction per item).
+        gone = [w.id for w, r in zip(writes, results, strict=True) if isinstance(r, Record)]
+        if gone:
+            await ctx.store.write_many(Collection.REGISTRATIONS, [Delete(id) for id in gone])
     errors = []
     for id, result in zip(ids, outcomes, strict=True):
         if isinstance(result, ProvisioningError):
@@ -281,7 +329,7 @@ async def get_registration(request: Request) -> Response:
     ctx = context_of(request)
     await ctx.authorize(request, Right.REGISTRATION_STATUS_READ)
     record = await ctx.get_or_404(
-        Collection.REGISTRATIONS, request.path_params["id"], _REGISTRATION_NOT_FOUND
+        Collection.REGISTRATIONS, request.path_params["id"], DpsCode.REGISTRATION_NOT_FOUND
     )
     return json_response(_registration_state(record), headers=_etag_headers(record))
 
@@ -290,7 +338,7 @@ async def get_registration(request: Request) -> Response:
 async def delete_registration(request: Request) -> Response:
     ctx = context_of(request)
     await ctx.authorize(request, Right.REGISTRATION_STATUS_WRITE)
-    await _delete(ctx, Collection.REGISTRATIONS, request, _REGISTRATION_NOT_FOUND)
+    await _delete(ctx, Collection.REGISTRATIONS, request, DpsCode.REGISTRATION_NOT_FOUND)
     return Response(status_code=204)
 
 

@@ -24,7 +24,7 @@ from . import amqp as _amqp  # noqa: F401  (registers the AMQP listeners: STARTE
 from . import mqtt as _mqtt  # noqa: F401  (registers the MQTT listeners: STARTERS, WEBSOCKET_HANDLERS)
 from .context import SETTINGS_KEY, ServiceContext, context_of
 from .enrollments import generate_key
-from .http import error_response, handle_errors, tracking_id
+from .http import error_answer, handle_errors, route_table, shown_path
 from .listeners import running_listeners
 from .registrar import Registrar
 from .settings import Settings
@@ -87,12 +87,12 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     error: ProvisioningError
     if exc.status_code == 404:
-        error = NotFoundError(f"No such resource: {request.method} {request.url.path[:200]}.")
+        error = NotFoundError(f"No such resource: {request.method} {shown_path(request)}.")
     elif exc.status_code == 405:
-        error = MethodNotAllowedError(f"{request.method} is not allowed on {request.url.path[:200]}.")
+        error = MethodNotAllowedError(f"{request.method} is not allowed on {shown_path(request)}.")
     else:
         error = RequestError(str(exc.detail))
-    return error_response(error, tracking_id(request))
+    return error_answer(request, error)
 
 
 async def healthz(request: Request) -> Response:
@@ -135,15 +135,17 @@ def create_app(
                 await ctx.store.close()
 
     app = Starlette(
-        routes=[
-            Route("/healthz", healthz, methods=["GET"]),
-            Route("/readyz", readyz, methods=["GET"]),
-            *api.routes(),
-            *admin.routes(),
-            *device_api.routes(),
-            WebSocketRoute("/", websocket_endpoint),
-            WebSocketRoute("/$iothub/websocket", websocket_endpoint),
-        ],
+        routes=route_table(
+            [
+                Route("/healthz", healthz, methods=["GET"]),
+                Route("/readyz", readyz, methods=["GET"]),
+                *api.routes(),
+                *admin.routes(),
+                *device_api.routes(),
+                WebSocketRoute("/", websocket_endpoint),
+                WebSocketRoute("/$iothub/websocket", websocket_endpoint),
+            ]
+        ),
         exception_handlers={HTTPException: _http_exception},
         lifespan=lifespan,
     )

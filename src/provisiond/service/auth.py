@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import msgspec
 
-from ..errors import AuthenticationError, AuthorizationError
+from ..errors import AuthenticationError, AuthorizationError, DpsCode
 from ..models import Right, SharedAccessPolicy
 from ..protocol.sas import parse_sas_token, verify_signature
 from ..storage import Collection, Store
@@ -57,27 +57,29 @@ async def authorize(
         raise AuthenticationError("The SAS token has no skn: name the shared access policy that signed it.")
     if token.expiry + clock_skew < now:
         raise AuthenticationError(
-            f"The SAS token expired {now - token.expiry} s ago (se={token.expiry}).", error_code=401003
+            f"The SAS token expired {now - token.expiry} s ago (se={token.expiry}).",
+            error_code=DpsCode.TOKEN_EXPIRED,
         )
     if not _resource_matches(token.resource, host_names, request_host, path):
         raise AuthenticationError(
-            f"The SAS token is for resource {token.resource[:200]!r}, not this service.", error_code=401004
+            f"The SAS token is for resource {token.resource[:200]!r}, not this service.",
+            error_code=DpsCode.TOKEN_AUDIENCE,
         )
     record = await store.get(Collection.ACCESS_POLICIES, token.key_name)
     if record is None:
         raise AuthenticationError(
-            f"No shared access policy is named {token.key_name[:128]!r}.", error_code=401005
+            f"No shared access policy is named {token.key_name[:128]!r}.", error_code=DpsCode.UNKNOWN_POLICY
         )
     policy = msgspec.json.decode(record.doc, type=SharedAccessPolicy)
     keys = [k for k in (policy.primary_key, policy.secondary_key) if k]
     if not any(verify_signature(token, key) for key in keys):
         raise AuthenticationError(
             f"The SAS token's signature does not match either key of policy {policy.key_name!r}.",
-            error_code=401002,
+            error_code=DpsCode.TOKEN_INVALID,
         )
     if right not in (policy.rights or []):
         raise AuthorizationError(
             f"Policy {policy.key_name!r} lacks the {right.value} right this operation needs.",
-            error_code=403001,
+            error_code=DpsCode.MISSING_RIGHT,
         )
     return policy

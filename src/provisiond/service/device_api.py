@@ -24,7 +24,7 @@ from ..errors import TpmChallengeRequired
 from ..models import RegistrationStatus
 from ..protocol.messages import DeviceRegistration, encode
 from .context import context_of
-from .http import decode_body, handle_errors, json_response, require_api_version
+from .http import decode_body, handle_errors, json_response, require_api_version, shown_path, tracking_id
 from .registrar import DeviceRequest, Registrar
 
 __all__ = ["routes"]
@@ -65,9 +65,15 @@ def _status_headers(status: RegistrationStatus) -> dict[str, str]:
     return {"Retry-After": str(POLL_AFTER_SECONDS)} if status is RegistrationStatus.ASSIGNING else {}
 
 
-def _tpm_challenge(device: DeviceRequest, challenge: TpmChallengeRequired) -> Response:
+def _tpm_challenge(request: Request, device: DeviceRequest, challenge: TpmChallengeRequired) -> Response:
     # Not a DPS error body: the C SDK requires keyName and the absence of status (§2.3).
-    log.info("TPM challenge sent to %s [https]", device.registration_id)
+    log.info(
+        "%s %s -> 401: TPM challenge sent to %s [trackingId=%s] [https]",
+        request.method,
+        shown_path(request),
+        device.registration_id,
+        tracking_id(request),
+    )
     body = {
         "message": challenge.message,
         "authenticationKey": challenge.authentication_key,
@@ -82,7 +88,7 @@ async def register(request: Request) -> Response:
     try:
         result = await _registrar(request).register(device)
     except TpmChallengeRequired as challenge:
-        return _tpm_challenge(device, challenge)
+        return _tpm_challenge(request, device, challenge)
     return json_response(encode(result), 202, _status_headers(result.status))
 
 
@@ -100,7 +106,7 @@ async def status_lookup(request: Request) -> Response:
     try:
         return json_response(encode(await _registrar(request).status_lookup(device)))
     except TpmChallengeRequired as challenge:
-        return _tpm_challenge(device, challenge)
+        return _tpm_challenge(request, device, challenge)
 
 
 def routes() -> list[Route]:

@@ -1,8 +1,9 @@
 """Individual enrollments and enrollment groups: validation, secrets, and the stored form.
 
 Both kinds share one implementation, parametrized by :class:`EnrollmentKind`. What is stored is
-the full document (secrets included); what the API returns from GET and query has the secrets
-stripped (symmetric keys, certificate PEMs); ``attestationmechanism`` returns them.
+the full document (secrets included); what the API shows of it is DPS's choice (:class:`Shown`):
+GET and query strip the secrets (symmetric keys, certificate PEMs), the answer to a PUT shows
+the symmetric keys, ``attestationmechanism`` returns everything.
 
 Writes are read-modify-write friendly: a GET strips secrets, so a PUT that omits symmetric keys
 or certificate PEMs keeps the stored ones instead of silently rotating them (keys are generated
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import re
 import secrets
 from collections.abc import Mapping
@@ -23,9 +25,9 @@ import msgspec
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from .. import pki
+from .. import certificates
 from ..attestation import tpm as tpm_attestation
-from ..errors import InvalidBodyError, InvalidIdError
+from ..errors import DpsCode, InvalidBodyError, InvalidIdError
 from ..models import (
     AllocationPolicy,
     AttestationMechanism,
@@ -40,13 +42,16 @@ from ..models import (
     X509CertificateWithInfo,
 )
 from ..storage import Collection, Record
+from ..twin_limits import check_initial_twin
 
 __all__ = [
     "GROUP",
     "INDIVIDUAL",
     "EnrollmentKind",
+    "Shown",
     "check_key",
     "generate_key",
+    "load_certificate",
     "prepare",
     "strip_secrets",
     "present",
@@ -78,10 +83,18 @@ class EnrollmentKind(Generic[E]):
 
 
 INDIVIDUAL: EnrollmentKind[IndividualEnrollment] = EnrollmentKind(
-    Collection.ENROLLMENTS, IndividualEnrollment, "registrationId", "individual enrollment", 404201
+    Collection.ENROLLMENTS,
+    IndividualEnrollment,
+    "registrationId",
+    "individual enrollment",
+    DpsCode.ENROLLMENT_NOT_FOUND,
 )
 GROUP: EnrollmentKind[EnrollmentGroup] = EnrollmentKind(
-    Collection.ENROLLMENT_GROUPS, EnrollmentGroup, "enrollmentGroupId", "enrollment group", 404203
+    Collection.ENROLLMENT_GROUPS,
+    EnrollmentGroup,
+    "enrollmentGroupId",
+    "enrollment group",
+    DpsCode.GROUP_NOT_FOUND,
 )
 
 
@@ -114,14 +127,18 @@ def check_key(value: str, field: str) -> None:
         )
 
 
-def _load_certificate(text: str, field: str) -> x509.Certificate:
-    data = text.strip()
+def load_certificate(text: str, field: str) -> x509.Certificate:
+    """The certificate a request carries in ``field`` (PEM, base64 of DER or base64 of PEM:
+    :func:`provisiond.certificates.load_certificate`).
+
+    :raises InvalidBodyError: naming the field and what is wrong.
+    """
     try:
-        if data.startswith("-----BEGIN"):
-            return x509.load_pem_x509_certificate(data.encode("ascii"))
-        return x509.load_der_x509_certificate(base64.b64decode(data, validate=True))
-    except (ValueError, binascii.Error, UnicodeEncodeError) as exc:
-        raise InvalidBodyError(f"{field} is not a PEM or base64 DER X.509 certificate: {exc}") from None
+        return certificates.load_certificate(text)
+    except ValueError as exc:
+        raise InvalidBodyError(
+            f"{field} is not an X.509 certificate (PEM, base64 of DER, or base64 of PEM): {exc}"
+        ) from None
 
 
 def _prepare_certificate(
@@ -130,17 +147,17 @@ def _prepare_certificate(
     if new is None:
         return None
     if new.certificate:
-        cert = _load_certificate(new.certificate, field)
+        cert = load_certificate(new.certificate, f"{field}.certificate")
         pem = cert.public_bytes(Encoding.PEM).decode("ascii")
         return X509CertificateWithInfo(
-            certificate=pem, info=msgspec.convert(pki.certificate_info(cert), X509CertificateInfo)
+            certificate=pem, info=msgspec.convert(certificates.certificate_info(cert), X509CertificateInfo)
         )
     # No PEM: a read-modify-write of a record whose GET stripped it. Keep the stored one when
     # the info names the same certificate.
     if old is not None and old.certificate and new.info is not None and old.info is not None:
         if new.info.sha1_thumbprint.upper() == old.info.sha1_thumbprint.upper():
             return old
-    raise InvalidBodyError(f"{field}.certificate is required (a PEM or base64 DER certificate).")
+    raise InvalidBodyError(f"{field}.certificate is required (PEM, base64 of DER, or base64 of PEM).")
 
 
 def _prepare_x509(
@@ -265,6 +282,9 @@ def prepare(
         enrollment.attestation, old.attestation if old else None, kind is INDIVIDUAL
     )
     _check_allocation(enrollment, linked_hubs)
+    if enrollment.initial_twin is not None:  # what the hub will be given must fit IoT Hub's limits
+        twin = enrollment.initial_twin
+        check_initial_twin(twin.tags, twin.properties.desired if twin.properties else None)
     if isinstance(enrollment, IndividualEnrollment) and enrollment.device_id is not None:
         validate_id(enrollment.device_id, "deviceId")
     doc = msgspec.structs.replace(
@@ -286,10 +306,27 @@ def prepare(
     return msgspec.json.encode(doc), index
 
 
-def strip_secrets(attestation: AttestationMechanism) -> AttestationMechanism:
-    """The attestation as reads show it: symmetric keys and certificate PEMs removed."""
+class Shown(enum.Enum):
+    """How much of an enrollment's attestation an answer shows, as DPS does (docs/service-api.md,
+    "Secrets"): reads (GET, query, the custom allocation webhook) show no secret; the answer to a
+    create or update (PUT) shows the symmetric keys, generated or given, but no certificate PEM;
+    ``attestationmechanism`` shows everything."""
+
+    READ = "read"
+    WRITE = "write"
+    ALL = "all"
+
+
+def strip_secrets(attestation: AttestationMechanism, shown: Shown = Shown.READ) -> AttestationMechanism:
+    """The attestation as ``shown``: symmetric keys removed for reads (``symmetricKey`` left
+    out entirely, as DPS answers ``{"type": "symmetricKey"}``), certificate PEMs removed unless
+    everything is shown (their ``info`` stays)."""
+    if shown is Shown.ALL:
+        return attestation
     if attestation.symmetric_key is not None:
-        return msgspec.structs.replace(attestation, symmetric_key=SymmetricKeyAttestation())
+        return (
+            attestation if shown is Shown.WRITE else msgspec.structs.replace(attestation, symmetric_key=None)
+        )
     if attestation.x509 is not None:
         x = attestation.x509
 
@@ -313,16 +350,16 @@ def strip_secrets(attestation: AttestationMechanism) -> AttestationMechanism:
 
 
 def present(
-    kind: EnrollmentKind[E], record: Record, *, secrets: bool = False, extra: dict[str, Any] | None = None
+    kind: EnrollmentKind[E], record: Record, *, shown: Shown = Shown.READ, extra: dict[str, Any] | None = None
 ) -> E:
-    """The API form of a stored record: etag and timestamps from the store, secrets stripped
-    unless ``secrets``; ``extra`` sets further fields (``registration_state``)."""
+    """The API form of a stored record: etag and timestamps from the store, secrets as
+    ``shown``; ``extra`` sets further fields (``registration_state``)."""
     doc = msgspec.json.decode(record.doc, type=kind.model)
     return msgspec.structs.replace(
         doc,
         etag=record.etag,
         created_date_time_utc=record.created,
         last_updated_date_time_utc=record.updated,
-        attestation=doc.attestation if secrets else strip_secrets(doc.attestation),
+        attestation=strip_secrets(doc.attestation, shown),
         **(extra or {}),
     )

@@ -6,12 +6,13 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import msgspec
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from ..errors import BodyTooLargeError, InvalidBodyError, MissingApiVersionError, ProvisioningError
 from ..protocol import bounded_json
@@ -20,11 +21,14 @@ from ..storage import utc_now
 __all__ = [
     "ApiHandler",
     "decode_body",
+    "error_answer",
     "error_response",
     "handle_errors",
     "json_response",
     "read_body",
     "require_api_version",
+    "route_table",
+    "shown_path",
     "tracking_id",
 ]
 
@@ -70,6 +74,34 @@ def error_response(exc: ProvisioningError, tid: str, headers: dict[str, str] | N
     return json_response(body, exc.http_status, all_headers)
 
 
+def shown_path(request: Request) -> str:
+    """The path as the client sent it, for a log line: still percent-encoded (so that no byte
+    the client chose can break the line), without the query string, cut at 300 characters."""
+    raw = request.scope.get("raw_path") or request.url.path.encode("utf-8")
+    text = bytes(raw).partition(b"?")[0].decode("ascii", "backslashreplace")
+    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def error_answer(request: Request, exc: ProvisioningError) -> Response:
+    """The DPS error response for ``exc``, and the log line an operator needs to see what the
+    client asked for: method, path, status, errorCode, message and tracking id (INFO for 4xx,
+    ERROR for 5xx). Every error the HTTP endpoints answer goes through here."""
+    tid = tracking_id(request)
+    level = logging.ERROR if exc.http_status >= 500 else logging.INFO
+    log.log(
+        level,
+        "%s %s -> %d %d: %s [trackingId=%s]",
+        request.method,
+        shown_path(request),
+        exc.http_status,
+        exc.error_code,
+        exc.message,
+        tid,
+    )
+    return error_response(exc, tid)
+
+
 def handle_errors(handler: ApiHandler) -> ApiHandler:
     """Wrap an endpoint: provisiond errors become DPS error bodies with a log line that says
     why; anything else is our bug, logged with its traceback and answered as a 500."""
@@ -78,23 +110,11 @@ def handle_errors(handler: ApiHandler) -> ApiHandler:
         try:
             return await handler(request)
         except ProvisioningError as exc:
-            tid = tracking_id(request)
-            level = logging.ERROR if exc.http_status >= 500 else logging.INFO
-            log.log(
-                level,
-                "%s %s -> %d %d: %s [trackingId=%s]",
-                request.method,
-                request.url.path,
-                exc.http_status,
-                exc.error_code,
-                exc.message,
-                tid,
-            )
-            return error_response(exc, tid)
+            return error_answer(request, exc)
         except Exception:
             tid = tracking_id(request)
             log.exception(
-                "%s %s -> 500: internal error [trackingId=%s]", request.method, request.url.path, tid
+                "%s %s -> 500: internal error [trackingId=%s]", request.method, shown_path(request), tid
             )
             return error_response(
                 ProvisioningError(f"Internal error; the service log has the details under trackingId {tid}."),
@@ -126,7 +146,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing more than ``limit`` bytes without reading them all.
 
     :raises BodyTooLargeError: the body is larger than ``limit``.
-    :raises InvalidBodyError: the client closed the connection before the end of its body.
+    :raises InvalidBodyError: the connection closed before the body's end.
     """
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -145,7 +165,7 @@ async def read_body(request: Request, limit: int) -> bytes:
             if size > limit:
                 raise BodyTooLargeError(f"The request body exceeds the {limit}-byte limit.")
             chunks.append(chunk)
-    except ClientDisconnect:
+    except ClientDisconnect:  # the device left, or its connection was closed (too slow)
         raise InvalidBodyError(
             f"The client closed the connection after {size} bytes of its body"
             + (f" (of {declared} announced)." if declared is not None else ".")
@@ -166,3 +186,18 @@ def decode_body(body: bytes, type_: type[T], what: str) -> T:
         raise InvalidBodyError(f"Invalid {what}: {exc}") from None
     except msgspec.DecodeError as exc:
         raise InvalidBodyError(f"The request body is not valid JSON: {exc}") from None
+
+
+def route_table(routes: Sequence[BaseRoute]) -> list[BaseRoute]:
+    """``routes``, matched the way DPS matches paths: case-insensitively (the Node.js service
+    SDK posts to ``/enrollmentgroups/{id}/attestationmechanism``) and with or without a trailing
+    slash (the C service SDK posts bulk operations to ``/enrollments/``). Path parameters keep
+    the case the client sent. Decided here, once, for every route of the app (service, admin and
+    device API alike), not per route."""
+    for route in routes:
+        if isinstance(route, Route | WebSocketRoute):
+            pattern = route.path_regex.pattern
+            if not pattern.endswith("/$"):
+                pattern = pattern.removesuffix("$") + "/?$"
+            route.path_regex = re.compile(pattern, re.IGNORECASE)
+    return list(routes)

@@ -8,10 +8,13 @@ One :class:`_Session` per connection runs a loop over a :class:`~provisiond.serv
 bytes in go to a server :class:`~provisiond.protocol.mqtt.MqttConnection`, the packets it
 returns are handled in order, and what it queued is written back. The loop waits for bytes no
 longer than the machine's deadline: a connection that never sends its CONNECT
-(``--mqtt-connect-timeout``) or whose keep-alive lapses (1.5 times its interval; 0 means none,
-as the C SDK sends) is closed, as is one that breaks the protocol (malformed or oversized
+(``--mqtt-connect-timeout``), whose keep-alive lapses (1.5 times its interval) or that sends
+nothing for ``--session-idle-timeout`` (also with keep-alive 0, as the C SDK sends) is closed,
+as is one that breaks the protocol (malformed or oversized
 packet, a packet out of place), publishes to a topic DPS does not have, or leaves too many
-responses unacknowledged. Every close names its reason in one log line.
+responses unacknowledged. Every close names its reason in one log line. The connection's
+guard (:mod:`provisiond.service.guard`) learns when the CONNECT is in and whether a packet is
+incomplete, so that a device trickling a packet byte by byte is held to the minimum receive rate.
 
 * **CONNECT**: the client id is the registration id; the user name is
   ``{idScope}/registrations/{registrationId}/api-version=...`` (parsed up to ``/api-version=``);
@@ -148,6 +151,7 @@ class _Session:
             clock=time.monotonic,
             max_packet_size=endpoint.max_packet_size,
             connect_timeout=endpoint.ctx.settings.mqtt_connect_timeout,
+            max_idle=endpoint.ctx.settings.session_idle_timeout,
             max_inflight=MAX_INFLIGHT,
         )
         self.identity: _Identity | None = None
@@ -183,6 +187,13 @@ class _Session:
         self._log_close()
 
     async def _receive(self) -> bytes | None:
+        guard = self.stream.guard
+        if self.machine.state is not State.IDLE:
+            guard.head_received()  # the CONNECT is in (idempotent)
+        if self.machine.pending_input:
+            guard.receiving()
+        else:
+            guard.busy()
         deadline = self.machine.deadline()
         if deadline is None:
             return await self.stream.receive(_READ_SIZE)
@@ -393,6 +404,7 @@ async def start_mqtt(ctx: ServiceContext, registrar: Registrar) -> asyncio.Serve
         port=settings.mqtt_port,
         name="MQTT",
         flag="--mqtt-port",
+        first_request="CONNECT",
     )
 
 

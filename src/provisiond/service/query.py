@@ -7,7 +7,8 @@ conditions on the common fields, joined with AND::
     SELECT * FROM enrollments WHERE provisioningStatus = 'disabled' AND attestation.type = 'x509'
 
 Field names are case-insensitive; string values are single- or double-quoted (a doubled quote
-escapes itself). Anything else is a 400 that lists the fields that can be filtered on.
+escapes itself). ``*`` alone, and ``SELECT *`` without FROM, mean every record. Anything else is
+a 400 that lists the fields that can be filtered on.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ REGISTRATION_FIELDS: Mapping[str, tuple[str, bool]] = {
     "enrollmentgroupid": ("enrollment_group_id", True),
 }
 
+# "SELECT * FROM x [WHERE ...]", and "SELECT *" alone (azure-iot-deviceprovisioning's tests send it).
 _SELECT = re.compile(
-    r"^\s*select\s+\*\s+from\s+([A-Za-z_][\w]*)\s*(?:where\s+(.*?))?\s*;?\s*$", re.IGNORECASE | re.DOTALL
+    r"^\s*select\s+\*(?:\s*\bfrom\s+([A-Za-z_]\w*))?(?:\s*\bwhere\s+(.*?))?\s*;?\s*$",
+    re.IGNORECASE | re.DOTALL,
 )
 _CONDITION = re.compile(
     r"""\s*([A-Za-z_][\w.]*)\s*=\s*(?:'((?:[^']|'')*)'|"((?:[^"]|"")*)")\s*(?:\band\b|$)""", re.IGNORECASE
@@ -59,10 +62,12 @@ def parse_query(text: str, fields: Mapping[str, tuple[str, bool]]) -> dict[str, 
     """
     if len(text) > _MAX_QUERY:
         raise InvalidQueryError(f"The query is longer than {_MAX_QUERY} characters.")
+    if text.strip() == "*":  # all records: the query in Microsoft's service SDK samples (C, Node.js)
+        return {}
     match = _SELECT.match(text)
     if match is None:
         raise InvalidQueryError(
-            f"Unsupported query {text[:200]!r}: use SELECT * FROM <collection> [WHERE field = 'value' [AND ...]]."
+            f"Unsupported query {text[:200]!r}: use * or SELECT * FROM <collection> [WHERE field = 'value' [AND ...]]."
         )
     where = match.group(2)
     filters: dict[str, str] = {}

@@ -19,9 +19,11 @@ Theory of operation
 2. **Allocate** with the enrollment's policy (or the service default) and its reprovision
    policy, given the device's previous registration record (``custom``: the enrollment's
    webhook, ``webhook.py``; its initialTwin and payload override the twin and the payload).
-3. **Plan the identity** in the chosen hub, with authentication that matches the attestation,
-   the enrollment's capabilities and initial twin (unless data is migrated), and the removal of
-   the old identity when the device moves.
+3. **Plan the identity** in the chosen hub, with authentication that matches the attestation
+   (X.509: ``selfSigned`` with the presented leaf's SHA-256 thumbprint, as DPS does, unless the
+   hub asks for ``certificateAuthority`` group devices), the enrollment's capabilities and
+   initial twin (unless data is migrated or kept; an identity that must be created always gets
+   the current initial twin), and the removal of the old identity when the device moves.
 4. **Commit identity and record in one transaction** (``Store.write_atomic``): the record is a
    create, or an update on the etag read in step 2; the identity a create, or an update on its
    etag. Either everything lands or nothing does, so a registration is never half written.
@@ -52,7 +54,7 @@ from typing import Any
 
 import msgspec
 
-from .. import pki
+from .. import certificates
 from ..allocation import AllocationError, allocate, candidate_hubs
 from ..attestation import symmetric_key as sk
 from ..attestation import tpm as tpm_att
@@ -60,6 +62,7 @@ from ..attestation import x509 as x5
 from ..errors import (
     AuthenticationError,
     ConflictError,
+    DpsCode,
     InvalidBodyError,
     NotFoundError,
     PreconditionFailedError,
@@ -71,8 +74,8 @@ from ..hub import (
     HubRegistry,
     Planned,
     SymmetricKeyAuth,
-    X509Thumbprint,
     twin_from,
+    x509_authentication,
 )
 from ..models import (
     AllocationPolicy,
@@ -111,13 +114,6 @@ __all__ = ["DeviceRequest", "Registrar", "StoredRegistration"]
 
 log = logging.getLogger("provisiond.registrar")
 
-# DPS's registration errorCodes (device-protocol.md §1.2: the C SDK knows 400208 and 400209).
-NO_HUB = 400208
-HUB_FAILED = 400209
-#: Custom allocation failed: the webhook errored, timed out, answered badly or chose a hub that is
-#: not a candidate (provisiond's code; the message names the cause, docs/device-api.md).
-CUSTOM_ALLOCATION_FAILED = 400207
-DISABLED = 401101  # enrollment or group disabled (reported in the record, status "disabled")
 _WRITE_ATTEMPTS = 3
 #: How stale the registration path may see the settings and linked hubs (seconds): they change
 #: rarely, and reading them on every registration doubled its database round trips.
@@ -245,8 +241,12 @@ class Registrar:
     ) -> RegistrationOperationStatus:
         reg_id = request.registration_id
         previous = await self.ctx.store.get(Collection.REGISTRATIONS, reg_id)
-        for _ in range(_WRITE_ATTEMPTS):
-            state, identity = await self._assign(request, match, previous, operation_id)
+        for attempt in range(_WRITE_ATTEMPTS):
+            # After a failed commit, plan on what is stored: the identity may exist although the
+            # record does not (deleted with its individual enrollment, or through the API).
+            state, identity = await self._assign(
+                request, match, previous, operation_id, guess_new=attempt == 0
+            )
             for _ in range(_WRITE_ATTEMPTS):
                 try:
                     written = await self.ctx.store.write_atomic(
@@ -267,7 +267,8 @@ class Registrar:
                 return self._operation(latest)
             previous = latest
         raise ConflictError(
-            f"The registration of {reg_id!r} kept changing under concurrent writes; retry.", error_code=409202
+            f"The registration of {reg_id!r} kept changing under concurrent writes; retry.",
+            error_code=DpsCode.REGISTRATION_CONTENDED,
         )
 
     @staticmethod
@@ -309,7 +310,7 @@ class Registrar:
         failed = msgspec.structs.replace(
             stored,
             status=RegistrationStatus.FAILED,
-            error_code=500000,
+            error_code=DpsCode.INTERNAL,
             error_message=f"The assignment failed: {exc}",
             last_updated_date_time_utc=utc_now(),
         )
@@ -330,7 +331,7 @@ class Registrar:
         if record is None or _decode(record, StoredRegistration).operation_id != operation_id:
             raise NotFoundError(
                 f"No registration operation {operation_id[:64]!r} for {request.registration_id!r}.",
-                error_code=404207,
+                error_code=DpsCode.OPERATION_NOT_FOUND,
             )
         return self._operation(record)
 
@@ -339,7 +340,9 @@ class Registrar:
         await self._attest(request)
         record = await self.ctx.store.get(Collection.REGISTRATIONS, request.registration_id)
         if record is None:
-            raise NotFoundError(f"{request.registration_id!r} has not registered.", error_code=404202)
+            raise NotFoundError(
+                f"{request.registration_id!r} has not registered.", error_code=DpsCode.REGISTRATION_NOT_FOUND
+            )
         return self._result(record)
 
     # --- request checks ----------------------------------------------------------------------
@@ -377,7 +380,7 @@ class Registrar:
         if request.id_scope.lower() != (settings.id_scope or "").lower():
             raise AuthenticationError(
                 f"ID scope {request.id_scope[:40]!r} is not this service's; check the ID scope the device uses.",
-                error_code=401004,
+                error_code=DpsCode.TOKEN_AUDIENCE,
             )
 
     # --- attestation and matching ------------------------------------------------------------
@@ -399,7 +402,7 @@ class Registrar:
         raise AuthenticationError(
             "No credential: send a SharedAccessSignature token (symmetric key), or present the device "
             "certificate and its chain in the TLS handshake (X.509).",
-            error_code=401000,
+            error_code=DpsCode.UNAUTHENTICATED,
         )
 
     async def _match_symmetric_key(self, request: DeviceRequest, *, registering: bool = False) -> _Match:
@@ -420,13 +423,13 @@ class Registrar:
                 raise AuthenticationError(
                     f"The individual enrollment {enrollment.registration_id!r} uses {enrollment.attestation.type.value} "
                     "attestation, not a symmetric key.",
-                    error_code=sk.TOKEN_INVALID,
+                    error_code=DpsCode.TOKEN_INVALID,
                 )
             keys = enrollment.attestation.symmetric_key
             if keys is None or not sk.matches_any(token, [keys.primary_key, keys.secondary_key]):
                 raise AuthenticationError(
                     f"The SAS token was not signed with a key of the individual enrollment {enrollment.registration_id!r}.",
-                    error_code=sk.TOKEN_INVALID,
+                    error_code=DpsCode.TOKEN_INVALID,
                 )
             return _Match(enrollment, None, AttestationType.SYMMETRIC_KEY)
         group = await self._find_symmetric_key_group(reg_id, token)
@@ -434,7 +437,7 @@ class Registrar:
             raise AuthenticationError(
                 f"No individual enrollment is named {reg_id!r}, and no symmetric-key enrollment group's derived key "
                 "signed the SAS token.",
-                error_code=sk.TOKEN_INVALID,
+                error_code=DpsCode.TOKEN_INVALID,
             )
         return _Match(None, group, AttestationType.SYMMETRIC_KEY)
 
@@ -477,10 +480,10 @@ class Registrar:
         if cn is None or cn.lower() != request.registration_id.lower():
             raise AuthenticationError(
                 f"The device certificate's subject CN {cn!r} is not the registration id {request.registration_id!r}.",
-                error_code=x5.CN_MISMATCH,
+                error_code=DpsCode.X509_CN_MISMATCH,
             )
-        leaf_info = msgspec.convert(pki.certificate_info(chain.leaf), X509CertificateInfo)
-        leaf_sha256 = x5.sha256_thumbprint(chain.leaf)
+        leaf_info = msgspec.convert(certificates.certificate_info(chain.leaf), X509CertificateInfo)
+        leaf_sha256 = certificates.sha256_thumbprint(chain.leaf)
         record = await self.ctx.store.get(Collection.ENROLLMENTS, request.registration_id)
         if record is not None:
             enrollment: IndividualEnrollment = _decode(record, IndividualEnrollment)
@@ -501,7 +504,9 @@ class Registrar:
             x509=X509RegistrationResult(
                 certificate_info=leaf_info,
                 enrollment_group_id=group.enrollment_group_id,
-                signing_certificate_info=msgspec.convert(pki.certificate_info(anchor), X509CertificateInfo),
+                signing_certificate_info=msgspec.convert(
+                    certificates.certificate_info(anchor), X509CertificateInfo
+                ),
             ),
             leaf_sha256=leaf_sha256,
         )
@@ -515,13 +520,13 @@ class Registrar:
         if enrollment.attestation.type is not AttestationType.X509 or x509_att is None:
             raise AuthenticationError(
                 f"The individual enrollment {name!r} uses {enrollment.attestation.type.value} attestation, not X.509.",
-                error_code=x5.CHAIN_INVALID,
+                error_code=DpsCode.X509_CHAIN_INVALID,
             )
         certs = x509_att.client_certificates
         enrolled = (
             [c.certificate for c in (certs.primary, certs.secondary) if c and c.certificate] if certs else []
         )
-        x5.match_individual(name, [pki.load_pem_chain(pem)[0] for pem in enrolled], chain, now)
+        x5.match_individual(name, [certificates.load_pem_chain(pem)[0] for pem in enrolled], chain, now)
 
     async def _find_x509_group(self, chain: x5.PresentedChain) -> tuple[EnrollmentGroup, Any]:
         groups = await self._groups(AttestationType.X509)
@@ -551,7 +556,7 @@ class Registrar:
                         pems.append(ca.certificate)
                     else:
                         unverified.append(f"{ca.name} (group {group.enrollment_group_id})")
-            candidates += [(group, pki.load_pem_chain(pem)[0]) for pem in pems]
+            candidates += [(group, certificates.load_pem_chain(pem)[0]) for pem in pems]
         found = x5.find_anchor(chain, candidates)
         if found is not None:
             return found
@@ -559,15 +564,23 @@ class Registrar:
         raise AuthenticationError(
             f"No individual enrollment is named {x5.common_name(chain.leaf)!r}, and no X.509 enrollment group's "
             f"certificate is in, or signed, the presented chain of {len(chain.certificates)} certificate(s){hint}.",
-            error_code=x5.CHAIN_INVALID,
+            error_code=DpsCode.X509_CHAIN_INVALID,
         )
 
     # --- assignment --------------------------------------------------------------------------
 
     async def _assign(
-        self, request: DeviceRequest, match: _Match, previous: Record | None, operation_id: str
+        self,
+        request: DeviceRequest,
+        match: _Match,
+        previous: Record | None,
+        operation_id: str,
+        *,
+        guess_new: bool = True,
     ) -> tuple[StoredRegistration, list[Planned]]:
-        """The registration record to write, and the identity writes that go with it."""
+        """The registration record to write, and the identity writes that go with it.
+        ``guess_new``: a device without an assignment probably has no identity yet, so its
+        identity write is a create without reading first; a retry after a failed commit reads."""
         enrollment = match.enrollment
         reg_id = request.registration_id
         old: StoredRegistration | None = _decode(previous, StoredRegistration) if previous else None
@@ -598,7 +611,7 @@ class Registrar:
                 status=RegistrationStatus.DISABLED,
                 assigned_hub=old.assigned_hub if old else None,
                 device_id=old.device_id if old else None,
-                error_code=DISABLED,
+                error_code=DpsCode.ENROLLMENT_DISABLED,
                 error_message=f"The {match.label} is disabled.",
             ), []
         device_id = (match.individual.device_id if match.individual else None) or reg_id
@@ -626,14 +639,14 @@ class Registrar:
         except AllocationError as exc:
             log.info("registration %s failed: %s [%s]", reg_id, exc, request.transport)
             return msgspec.structs.replace(
-                base, status=RegistrationStatus.FAILED, error_code=NO_HUB, error_message=str(exc)
+                base, status=RegistrationStatus.FAILED, error_code=DpsCode.NO_HUB, error_message=str(exc)
             ), []
         except WebhookError as exc:
             log.warning("registration %s failed: %s [%s]", reg_id, exc, request.transport)
             return msgspec.structs.replace(
                 base,
                 status=RegistrationStatus.FAILED,
-                error_code=CUSTOM_ALLOCATION_FAILED,
+                error_code=DpsCode.CUSTOM_ALLOCATION_FAILED,
                 error_message=str(exc),
             ), []
         moved = bool(
@@ -650,10 +663,11 @@ class Registrar:
             substatus, twin = RegistrationSubstatus.DEVICE_DATA_MIGRATED, None
         else:
             substatus, twin = RegistrationSubstatus.DEVICE_DATA_RESET, twin_from(enrollment.initial_twin)
+        initial = twin_from(enrollment.initial_twin)  # for an identity that must be created
         if custom is not None:
             base = msgspec.structs.replace(base, payload=custom.payload)
             if custom.initial_twin is not None:  # overrides the migration settings: the twin is replaced
-                twin = twin_from(custom.initial_twin)
+                twin = initial = twin_from(custom.initial_twin)
         identity: list[Planned] = []
         try:
             if moved and old and old.assigned_hub and old.device_id:
@@ -667,10 +681,11 @@ class Registrar:
                     hub,
                     device_id,
                     registration_id=reg_id,
-                    authentication=self._authentication(match, reg_id),
+                    authentication=self._authentication(match, reg_id, hub),
                     capabilities=enrollment.capabilities,
                     twin=twin,
-                    probably_new=not was_assigned or moved,
+                    initial=initial,
+                    probably_new=guess_new and (not was_assigned or moved),
                 )
             )
         except HubError as exc:
@@ -678,7 +693,7 @@ class Registrar:
                 "registration %s failed in hub %s: %s [%s]", reg_id, hub.host_name, exc, request.transport
             )
             return msgspec.structs.replace(
-                base, status=RegistrationStatus.FAILED, error_code=HUB_FAILED, error_message=str(exc)
+                base, status=RegistrationStatus.FAILED, error_code=DpsCode.HUB_FAILED, error_message=str(exc)
             ), []
         log.info(
             "registration %s assigned to %s as %s by the %s (%s) [%s]",
@@ -734,7 +749,7 @@ class Registrar:
         return await self.webhook.allocate(definition.webhook_url, body, hosts)
 
     @staticmethod
-    def _authentication(match: _Match, reg_id: str) -> DeviceAuthentication:
+    def _authentication(match: _Match, reg_id: str, hub: LinkedHub) -> DeviceAuthentication:
         if match.attestation is AttestationType.SYMMETRIC_KEY:
             keys = match.enrollment.attestation.symmetric_key
             assert keys is not None
@@ -754,15 +769,7 @@ class Registrar:
             return DeviceAuthentication(
                 type="sas", symmetric_key=SymmetricKeyAuth(primary_key=primary, secondary_key=secondary)
             )
-        if match.group is not None:
-            # Group devices are CA-authenticated in the hub, not "self-signed" thumbprint devices.
-            return DeviceAuthentication(type="certificateAuthority")
-        return DeviceAuthentication(
-            type="selfSigned",
-            x509_thumbprint=X509Thumbprint(
-                primary_thumbprint=match.leaf_sha256, secondary_thumbprint=match.leaf_sha256
-            ),
-        )
+        return x509_authentication(match.leaf_sha256, group=match.group is not None, hub=hub)
 
     # --- records -----------------------------------------------------------------------------
 

@@ -3,16 +3,45 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-__all__ = ["DEFAULT_BUILTIN_HUB", "MAX_BODY_BYTES", "Settings"]
+__all__ = ["DEFAULT_BUILTIN_HUB", "MAX_BODY_BYTES", "ConnectionLimits", "Settings"]
 
 #: DPS's maximum message size; larger request bodies are refused with a 400.
 MAX_BODY_BYTES = 96 * 1024
 
 #: Host name of the hub provisiond serves itself (identities and twins in its own database).
 DEFAULT_BUILTIN_HUB = "builtin-hub.provisiond.local"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ConnectionLimits:
+    """What one connection may cost before it is closed or refused, on every TLS listener
+    (HTTPS with its WebSockets, MQTT, AMQP); see :mod:`provisiond.service.guard` and
+    :mod:`provisiond.service.admission`. Seconds, unless said otherwise."""
+
+    #: From the TCP accept to the end of the TLS handshake; also how long a closing connection
+    #: waits for the peer's TLS close_notify before the socket is dropped.
+    tls_handshake_timeout: float = 10.0
+    #: From the end of the handshake to the first complete request head (HTTPS), CONNECT (MQTT)
+    #: or protocol header (AMQP).
+    first_request_timeout: float = 10.0
+    #: HTTPS: from the first byte of a later request on a kept-alive connection to the end of its head.
+    header_timeout: float = 10.0
+    #: HTTPS: how long a connection may wait for its next request after a response.
+    keep_alive_timeout: float = 5.0
+    #: Bytes per second a peer must keep up while the service waits for the rest of something
+    #: (a request body, an MQTT packet, an AMQP frame), after :attr:`min_receive_rate_grace`. 0: off.
+    min_receive_rate: float = 240.0
+    min_receive_rate_grace: float = 5.0
+    #: Concurrent connections per listener and per source address on one listener, in each
+    #: worker process. None: derived from the open-file limit (see ``admission.resolve``); 0: no cap.
+    max_connections: int | None = None
+    max_connections_per_address: int | None = None
+    #: Open files kept free for the database, logs and outgoing connections: a listener
+    #: refuses connections that would eat into them.
+    fd_reserve: int = 128
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +72,11 @@ class Settings:
     failed_attestation_limit: float | None = None
     #: MQTT: seconds a connection may take to send its CONNECT (after the TLS handshake).
     mqtt_connect_timeout: float = 10.0
+    #: MQTT and AMQP: seconds a session may go without input (MQTT: also with keep-alive 0, and
+    #: never more than 1.5 times the device's keep-alive; AMQP: our open's idle-time-out).
+    session_idle_timeout: float = 240.0
+    #: Deadlines and caps of every connection (flags ``--tls-handshake-timeout`` and the like).
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     #: Custom allocation: seconds a webhook may take to answer, and an extra CA file (PEM) its
     #: TLS certificate may chain to (the system CAs are trusted either way).
     webhook_timeout: float = 10.0
@@ -56,6 +90,7 @@ class Settings:
     def to_json(self) -> str:
         """For worker processes (see :func:`provisiond.service.app.app_from_environment`)."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["connections"] = asdict(self.connections)
         return json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()})
 
     @classmethod
@@ -65,6 +100,7 @@ class Settings:
             if data.get(name) is not None:
                 data[name] = Path(data[name])
         data["extra_host_names"] = tuple(data.get("extra_host_names") or ())
+        data["connections"] = ConnectionLimits(**data.get("connections", {}))
         return cls(**data)
 
     @property

@@ -5,8 +5,11 @@ whether the bytes come from a TLS socket on their own port or from a WebSocket o
 HTTPS port. The TLS front (:mod:`provisiond.tls`) provides the presented client certificate
 chain either way, so X.509 attestation sees the same thing on every transport.
 
-Listeners: :func:`start_tls_listener` starts an asyncio TLS server for one protocol (SO_REUSEPORT
-only when there are several workers). The WebSocket side is
+Listeners: :func:`start_tls_listener` starts a TLS listener for one protocol (SO_REUSEPORT
+only when there are several workers), behind the guard of :mod:`provisiond.service.guard`
+(admission, the TLS handshake, deadlines); a session loop tells the stream's :attr:`ByteStream.guard`
+when its first request (CONNECT, protocol header) is in and whether a packet or frame is
+incomplete (the minimum receive rate then applies). The WebSocket side is
 one ASGI endpoint (``/`` and ``/$iothub/websocket``) that picks the protocol handler by the
 subprotocol the client asks for (``mqtt``/``MQTT``, ``AMQPWSB10``), see :data:`WEBSOCKET_HANDLERS`.
 """
@@ -16,14 +19,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol, cast
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..errors import ConfigurationError
 from ..tls import peer_chain, server_context
-from .settings import Settings
+from .guard import GUARD_INFO, NO_GUARD, Guard, Listener
+from .settings import ConnectionLimits, Settings
 
 __all__ = [
     "WEBSOCKET_HANDLERS",
@@ -51,6 +55,8 @@ class ByteStream(Protocol):
     client_chain: list[bytes]
     #: Short peer description for logs ("127.0.0.1:53412" or "websocket 127.0.0.1:53412").
     peer: str
+    #: The connection's deadlines (:data:`~provisiond.service.guard.NO_GUARD` when it has none).
+    guard: Guard
     #: The peer's IP address (the device API's rate limits count failures per source address).
     address: str | None
 
@@ -80,6 +86,7 @@ class TcpStream:
         self.client_chain = peer_chain(ssl_object) if ssl_object is not None else []
         peername = writer.get_extra_info("peername")
         self.peer = f"{peername[0]}:{peername[1]}" if peername else "?"
+        self.guard: Guard = writer.get_extra_info(GUARD_INFO) or NO_GUARD
         self.address = str(peername[0]) if peername else None
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
@@ -110,8 +117,10 @@ class WebSocketStream:
 
     def __init__(self, websocket: WebSocket) -> None:
         self._ws = websocket
-        tls = websocket.scope.get("extensions", {}).get("tls", {})
+        extensions = websocket.scope.get("extensions", {})
+        tls = extensions.get("tls", {})
         self.client_chain = list(tls.get("client_cert_chain", []))
+        self.guard: Guard = extensions.get(GUARD_INFO) or NO_GUARD
         client = websocket.client
         self.peer = f"websocket {client.host}:{client.port}" if client else "websocket"
         self.address = client.host if client else None
@@ -152,6 +161,27 @@ class WebSocketStream:
             pass
 
 
+class _SessionProtocol(asyncio.StreamReaderProtocol):
+    """The application protocol of one stream connection: a reader and a writer, and a task
+    that runs ``session`` over them (asyncio's own callback would log a traceback for a session
+    cancelled at shutdown on Python 3.11)."""
+
+    def __init__(
+        self, session: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
+    ) -> None:
+        self._reader = asyncio.StreamReader()
+        super().__init__(self._reader)
+        self._session = session
+        self._task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        transport = cast("asyncio.Transport", transport)
+        loop = asyncio.get_running_loop()
+        writer = asyncio.StreamWriter(transport, self, self._reader, loop)
+        self._task = loop.create_task(self._session(self._reader, writer))
+
+
 async def serve_tls(
     handler: SessionHandler,
     *,
@@ -159,11 +189,14 @@ async def serve_tls(
     port: int,
     ssl_context: ssl.SSLContext,
     name: str,
+    limits: ConnectionLimits,
+    first_request: str,
     reuse_port: bool = False,
 ) -> asyncio.Server:
-    """Start a TLS listener whose connections each run ``handler``. ``reuse_port`` (SO_REUSEPORT)
-    lets every worker process of one service listen on the same port; a single worker leaves it
-    off, so that a second service on a taken port fails loudly instead of sharing it."""
+    """Start a TLS listener whose connections each run ``handler``, behind a guard with ``limits``
+    (``first_request`` names, for its logs, what a connection owes first). ``reuse_port``
+    (SO_REUSEPORT) lets every worker process of one service listen on the same port; a single
+    worker leaves it off, so that a second service on a taken port fails loudly instead of sharing it."""
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         stream = TcpStream(reader, writer)
@@ -174,15 +207,20 @@ async def serve_tls(
         finally:
             await stream.close()
 
-    server = await asyncio.start_server(
-        on_connection, host, port, ssl=ssl_context, reuse_port=reuse_port, ssl_handshake_timeout=15
+    listener = Listener(name, ssl_context, limits, first_request=first_request)
+    server = await asyncio.get_running_loop().create_server(
+        listener.protocol_factory(lambda: _SessionProtocol(on_connection)),
+        host,
+        port,
+        reuse_port=reuse_port,
+        backlog=2048,  # as uvicorn's: a burst of connections is accepted (or refused) rather than dropped
     )
     log.info("%s listening on %s:%d (TLS)", name, host, port)
     return server
 
 
 async def start_tls_listener(
-    settings: Settings, handler: SessionHandler, *, port: int, name: str, flag: str
+    settings: Settings, handler: SessionHandler, *, port: int, name: str, flag: str, first_request: str
 ) -> asyncio.Server | None:
     """The TLS listener of one device transport for this worker, or ``None`` when its port is 0
     (or there is no server certificate: the transport then runs over WebSockets only).
@@ -203,6 +241,8 @@ async def start_tls_listener(
             port=port,
             ssl_context=context,
             name=name,
+            limits=settings.connections,
+            first_request=first_request,
             reuse_port=settings.workers > 1,
         )
     except OSError as exc:

@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..errors import ThrottledError
+from ..errors import DpsCode, ThrottledError
 
 __all__ = ["MAX_KEYS", "RateLimiter", "source_key"]
 
@@ -147,7 +147,7 @@ class RateLimiter:
                 raise ThrottledError(
                     f"The service is over its limit of {self.global_per_second:g} registrations a second.",
                     retry_after=_retry_after(wait),
-                    error_code=429002,
+                    error_code=DpsCode.NODE_RATE_LIMIT,
                 )
 
     def check_source(self, source: str | None) -> None:
@@ -165,7 +165,7 @@ class RateLimiter:
                 f"Too many failed attestations from {source}: over the limit of "
                 f"{self._sources.per_minute:g} a minute per source address.",
                 retry_after=_retry_after(wait),
-                error_code=429003,
+                error_code=DpsCode.FAILED_ATTESTATION_LIMIT,
             )
 
     def attested(self, registration_id: str) -> None:
@@ -183,7 +183,7 @@ class RateLimiter:
                 f"{registration_id!r} is over the per-device limit of {self._devices.per_minute:g} "
                 "requests a minute.",
                 retry_after=_retry_after(wait),
-                error_code=429001,
+                error_code=DpsCode.DEVICE_RATE_LIMIT,
             )
 
     def failed(self, source: str | None) -> None:

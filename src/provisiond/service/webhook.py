@@ -10,7 +10,7 @@ string; ``apiVersion`` says how the enrollment is serialized, it is not added to
      "linkedHubs": ["hub host name", ...]}
 
 and the webhook answers 200 ``{"iotHubHostName", "initialTwin"?, "payload"?}``. The hub must be
-one of ``linkedHubs``. Anything else fails the registration with a :class:`WebhookError` whose
+one of ``linkedHubs``; the initial twin must keep IoT Hub's twin limits (``twin_limits.py``). Anything else fails the registration with a :class:`WebhookError` whose
 message says why (status and the start of the body, timeout, bad JSON, unknown hub); the URL's
 query string (the function key) never appears in a message or a log line.
 
@@ -32,9 +32,11 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 import httpx
 import msgspec
 
+from ..errors import TwinLimitError
 from ..models import EnrollmentGroup, IndividualEnrollment, InitialTwin
 from ..protocol import bounded_json
 from ..protocol.messages import TpmAttestationRequest, X509RegistrationResult
+from ..twin_limits import check_initial_twin
 
 __all__ = [
     "AllocationRequest",
@@ -178,6 +180,14 @@ class AllocationWebhook:
             raise WebhookError(f"{shown} answered invalid JSON: {exc}") from None
         if not answer.iot_hub_host_name:
             raise WebhookError(f"{shown} answered no iotHubHostName.")
+        if answer.initial_twin is not None:
+            twin = answer.initial_twin
+            try:
+                check_initial_twin(twin.tags, twin.properties.desired if twin.properties else None)
+            except TwinLimitError as exc:
+                raise WebhookError(
+                    f"{shown} answered an initialTwin beyond IoT Hub's limits: {exc.message}"
+                ) from None
         if answer.iot_hub_host_name.lower() not in {c.lower() for c in candidates}:
             raise WebhookError(
                 f"{shown} answered iotHubHostName {answer.iot_hub_host_name[:256]!r} which is not one of the "

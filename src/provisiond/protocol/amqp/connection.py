@@ -266,6 +266,12 @@ class Connection:
             s.awaiting_answer for s in self.sessions.values()
         )
 
+    @property
+    def pending_input(self) -> int:
+        """Bytes of a protocol header or frame that has begun but is not complete (0 while the
+        input waits for the application)."""
+        return 0 if self._paused else len(self._in)
+
     def get_outbound_data(self) -> bytes:
         """The bytes to send now (and forget)."""
         data = bytes(self._out)
