@@ -136,7 +136,7 @@ def _summary(kind: Kind[E], doc: E) -> list[tuple[str, Any]]:
     state = doc.registration_state if isinstance(doc, IndividualEnrollment) else None
     custom = doc.custom_allocation_definition
     return [
-        ("Id", kind_id(doc)),
+        ("Id", _id_of(doc)),
         ("Device id", doc.device_id if isinstance(doc, IndividualEnrollment) else None),
         ("Status", doc.provisioning_status),
         ("IoT hubs", doc.iot_hubs or doc.iot_hub_host_name),
@@ -149,13 +149,13 @@ def _summary(kind: Kind[E], doc: E) -> list[tuple[str, Any]]:
     ]
 
 
-def kind_id(doc: IndividualEnrollment | EnrollmentGroup) -> str:
+def _id_of(doc: IndividualEnrollment | EnrollmentGroup) -> str:
     return doc.registration_id if isinstance(doc, IndividualEnrollment) else doc.enrollment_group_id
 
 
 def _print_record(kind: Kind[E], verb: str, doc: E, mechanism: AttestationMechanism | None) -> None:
     fields = _summary(kind, doc) + _key_fields(mechanism or doc.attestation)
-    print_fields(f"{verb} {kind.label} {kind_id(doc)!r}:", fields)
+    print_fields(f"{verb} {kind.label} {_id_of(doc)!r}:", fields)
 
 
 def _output_written(client: ServiceClient, kind: Kind[E], verb: str, doc: E, as_json: bool) -> None:
@@ -163,7 +163,7 @@ def _output_written(client: ServiceClient, kind: Kind[E], verb: str, doc: E, as_
     can be provisioned straight away)."""
     mechanism = None
     if doc.attestation.type is AttestationType.SYMMETRIC_KEY:
-        mechanism = kind.operations(client).attestation_mechanism(kind_id(doc))
+        mechanism = kind.operations(client).attestation_mechanism(_id_of(doc))
         doc = msgspec.structs.replace(doc, attestation=mechanism)
     if as_json:
         echo_json(doc)
