@@ -6,9 +6,11 @@ from ..errors import ConfigurationError
 from .base import (
     Collection,
     Delete,
+    Entry,
     Page,
     Record,
     Store,
+    Stream,
     Write,
     WriteMode,
     etags_match,
@@ -20,9 +22,11 @@ from .base import (
 __all__ = [
     "Collection",
     "Delete",
+    "Entry",
     "Page",
     "Record",
     "Store",
+    "Stream",
     "Write",
     "WriteMode",
     "etags_match",
