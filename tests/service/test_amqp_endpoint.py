@@ -53,6 +53,7 @@ from provisiond.protocol.messages import RegistrationOperationStatus
 from provisiond.protocol.sas import build_sas_token
 from provisiond.service.amqp import AmqpEndpoint
 from provisiond.service.context import ServiceContext
+from provisiond.service.gateway import AMQP, DeviceGateway
 from provisiond.service.guard import NO_GUARD
 from provisiond.service.settings import Settings
 from provisiond.service_client import ServiceClient
@@ -593,7 +594,7 @@ REG = "fuzz-device"
 
 def _endpoint(tmp_path: Path, **settings: Any) -> AmqpEndpoint:
     ctx = ServiceContext(settings=Settings(data_dir=tmp_path, **settings), store=None, clock=time.time)  # type: ignore[arg-type]
-    return AmqpEndpoint(ctx, _StubRegistrar(), transport="amqp")  # type: ignore[arg-type]
+    return AmqpEndpoint(DeviceGateway(ctx, _StubRegistrar()), AMQP)  # type: ignore[arg-type]
 
 
 def _client_wire(mechanism: str | None) -> bytes:

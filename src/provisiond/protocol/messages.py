@@ -10,6 +10,8 @@ Wire shapes (device-protocol.md §1.2):
 - ``DeviceRegistrationResult``: what the device learns (hub, device id, status, substatus,
   payload, and per attestation: ``x509``, ``symmetricKey``, ``tpm``).
 - TPM challenge (401 body): ``{"message", "authenticationKey", "keyName"}``.
+- error (``ProvisioningServiceErrorDetails``): ``{"errorCode", "trackingId", "message",
+  "timestampUtc"}``, what every transport answers a refused request with.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from . import bounded_json
 __all__ = [
     "DeviceRegistration",
     "DeviceRegistrationResult",
+    "ErrorDetails",
     "RegistrationOperationStatus",
     "SymmetricKeyRegistrationResult",
     "TpmAttestationRequest",
@@ -32,6 +35,7 @@ __all__ = [
     "X509RegistrationResult",
     "decode_operation_status",
     "encode",
+    "error_body",
 ]
 
 
@@ -96,12 +100,31 @@ class TpmChallenge(_Message):
     message: str | None = None
 
 
+class ErrorDetails(_Message):
+    """DPS's ``ProvisioningServiceErrorDetails``: the body of every refusal, on every transport
+    (HTTPS body, MQTT response payload, AMQP rejection description) and on the service API."""
+
+    error_code: int
+    tracking_id: str
+    message: str
+    timestamp_utc: str
+
+
 _encoder = msgspec.json.Encoder()
 
 
 def encode(message: msgspec.Struct) -> bytes:
     """JSON bytes of a message (camelCase, unset fields omitted)."""
     return _encoder.encode(message)
+
+
+def error_body(error_code: int, tracking_id: str, message: str, timestamp_utc: str) -> bytes:
+    """The JSON of an :class:`ErrorDetails` (keys in DPS's order)."""
+    return _encoder.encode(
+        ErrorDetails(
+            error_code=int(error_code), tracking_id=tracking_id, message=message, timestamp_utc=timestamp_utc
+        )
+    )
 
 
 def decode_operation_status(body: bytes) -> RegistrationOperationStatus:
