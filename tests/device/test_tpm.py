@@ -25,7 +25,7 @@ from click.testing import CliRunner, Result
 
 import provisiond.device.tpm as device_tpm
 from provisiond.cli import cli
-from provisiond.device import AsyncProvisioningDeviceClient, ProvisioningDeviceClient
+from provisiond.device import ProvisioningDeviceClient
 from provisiond.device.tpm import TpmSecurity
 from provisiond.errors import ConfigurationError, ServiceResponseError, TpmCommandError
 from provisiond.protocol import tpm
@@ -109,22 +109,6 @@ def test_a_simulated_tpm_provisions_with_the_client_and_holds_the_hub_key(
         )
         new_key = hub_primary_key(server, again.assigned_hub or "", again.device_id or "")
         assert security.sign(data) == hmac.new(new_key, data, hashlib.sha256).digest()
-
-
-async def test_the_async_client_provisions_with_a_tpm(
-    server: RunningServer, admin: Any, security: TpmSecurity
-) -> None:
-    registration_id = f"tpm-async-{uuid.uuid4().hex[:8]}"
-    named = TpmSecurity(tcti=security.tcti, registration_id=registration_id)
-    try:
-        enroll(admin, registration_id, named)
-        async with AsyncProvisioningDeviceClient.create(
-            f"localhost:{server.port}", server.id_scope, named, ca_file=server.ca_file
-        ) as device:
-            result = await device.register()
-        assert result.status.value == "assigned" and result.device_id == registration_id
-    finally:
-        named.close()
 
 
 def test_an_unenrolled_tpm_is_refused_with_the_services_reason(
