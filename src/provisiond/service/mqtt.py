@@ -35,11 +35,12 @@ incomplete, so that a device trickling a packet byte by byte is held to the mini
 Where attestation happens
 -------------------------
 DPS attests the credential when the device registers and answers in JSON, and so does this
-endpoint: the registrar (through the gateway) checks the signature of the SAS token, or the certificate chain,
-against the enrollments at register and poll time, exactly as over HTTPS, and a device with
-a wrong key reads a 401 with errorCode and message on its response topic. The CONNECT is
-refused only for what is wrong without looking at any enrollment, so that no attestation is
-done twice on the registration path: another protocol version (return code 1); an empty or
+endpoint: the registrar (through the gateway) checks the signature of the SAS token, or the
+certificate chain, against the enrollments at register and poll time, exactly as over HTTPS,
+and a device with a wrong key reads a 401 with errorCode and message on its response topic.
+The CONNECT is refused only for what is wrong without looking at any enrollment (the gateway's
+``check_token``), so that no attestation is done twice on the registration path: another
+protocol version (return code 1); an empty or
 malformed client id, or one that is not the user name's registration id (2); a user name that
 is not DPS's, or a password that is not a SAS token for this ID scope and registration id,
 or an expired one (4); no credential at all, neither password nor client certificate (5).
