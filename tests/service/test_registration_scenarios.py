@@ -185,6 +185,7 @@ async def refused(device: Device, status: int, code: int, words: str) -> Service
     assert (exc.status_code, exc.error_code) == (status, code), exc
     assert words.lower() in exc.body["message"].lower(), exc.body
     assert exc.tracking_id and exc.tracking_id in str(exc) and str(code) in str(exc)
+    assert exc.body["message"].rstrip(".") in str(exc)
     wait_for_log(device.server, exc.tracking_id, f"-> {status} {code}")
     return exc
 
