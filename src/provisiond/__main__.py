@@ -4,4 +4,5 @@ from __future__ import annotations
 
 from .cli import main
 
-main()
+# As the installed ``provisiond`` script does: a command's return value is the exit status.
+raise SystemExit(main())

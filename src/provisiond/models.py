@@ -24,6 +24,7 @@ __all__ = [
     "BulkEnrollmentOperationResult",
     "BulkOperationMode",
     "CaCertificate",
+    "CertificateUpload",
     "CustomAllocationDefinition",
     "DeviceCapabilities",
     "DeviceRegistrationState",
@@ -38,6 +39,7 @@ __all__ = [
     "ReprovisionPolicy",
     "Right",
     "ServiceSettings",
+    "ServiceSettingsPatch",
     "SharedAccessPolicy",
     "SymmetricKeyAttestation",
     "TpmAttestation",
@@ -301,6 +303,16 @@ class CaCertificate(_Model):
     etag: str | None = None
 
 
+class CertificateUpload(_Model):
+    """The body of a CA certificate upload (``PUT /admin/certificates/{name}``) and of its proof
+    of possession (``POST .../verify``, where only ``certificate`` counts): PEM, base64 of DER or
+    base64 of PEM."""
+
+    certificate: str
+    is_verified: bool = False
+    etag: str | None = None
+
+
 class SharedAccessPolicy(_Model):
     key_name: str
     rights: list[Right] | None = None
@@ -317,3 +329,10 @@ class ServiceSettings(_Model):
     service_operations_host_name: str | None = None
     device_provisioning_host_name: str | None = None
     etag: str | None = None
+
+
+class ServiceSettingsPatch(_Model):
+    """A change of the service settings (``PATCH /admin/settings``): the fields given are set."""
+
+    id_scope: str | None = None
+    allocation_policy: AllocationPolicy | None = None

@@ -3,6 +3,16 @@
 It signs every request with a SAS token made from a connection string
 (``HostName=host:port;SharedAccessKeyName=...;SharedAccessKey=...``) and turns DPS error bodies
 back into the :mod:`provisiond.errors` classes, keeping the service's message and error code.
+
+Typed operations take and return the models of :mod:`provisiond.models`, under the names the
+service's management layer (:mod:`provisiond.service.management`) gives them::
+
+    with ServiceClient.from_data_dir(Path("data")) as service:
+        enrollment = service.enrollments.create(IndividualEnrollment(registration_id="dev-1", ...))
+        service.enrollments.modify("dev-1", lambda e: msgspec.structs.replace(e, device_id="d1"))
+        for group in service.groups.query("SELECT * FROM enrollmentGroups"): ...
+
+``get``/``put``/``post``/``patch``/``delete``/``query`` send and return plain JSON for any path.
 """
 
 from __future__ import annotations
@@ -10,12 +20,14 @@ from __future__ import annotations
 import json
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
 
 import httpx
+import msgspec
 
 from .errors import (
     AuthenticationError,
@@ -30,12 +42,44 @@ from .errors import (
     StorageError,
     ThrottledError,
 )
+from .models import (
+    AttestationMechanism,
+    BulkEnrollmentGroupOperation,
+    BulkEnrollmentOperation,
+    BulkEnrollmentOperationResult,
+    BulkOperationMode,
+    CaCertificate,
+    CertificateUpload,
+    DeviceRegistrationState,
+    EnrollmentGroup,
+    IndividualEnrollment,
+    LinkedHub,
+    QuerySpecification,
+    ServiceSettings,
+    ServiceSettingsPatch,
+    SharedAccessPolicy,
+)
 from .protocol.sas import build_sas_token
 
-__all__ = ["API_VERSION", "ConnectionString", "ServiceClient"]
+__all__ = [
+    "API_VERSION",
+    "ConnectionString",
+    "EnrollmentsClient",
+    "HubsClient",
+    "CertificatesClient",
+    "PoliciesClient",
+    "RegistrationsClient",
+    "ServiceClient",
+    "SettingsClient",
+]
+
+T = TypeVar("T")
+E = TypeVar("E", IndividualEnrollment, EnrollmentGroup)
 
 API_VERSION = "2021-10-01"
 _TOKEN_TTL = 3600
+#: Tries of a read-modify-write whose write found the etag moved on (412).
+_RMW_ATTEMPTS = 3
 _BY_STATUS: dict[int, type[ProvisioningError]] = {
     400: RequestError,
     401: AuthenticationError,
@@ -92,6 +136,13 @@ class ServiceClient:
         self.api_version = api_version
         verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
         self._http = httpx.Client(base_url=f"https://{self.connection.host}", verify=verify, timeout=timeout)
+        self.enrollments = EnrollmentsClient(self, "/enrollments", IndividualEnrollment)
+        self.groups = EnrollmentsClient(self, "/enrollmentGroups", EnrollmentGroup)
+        self.registrations = RegistrationsClient(self)
+        self.hubs = HubsClient(self)
+        self.certificates = CertificatesClient(self)
+        self.policies = PoliciesClient(self)
+        self.settings = SettingsClient(self)
 
     @classmethod
     def from_data_dir(cls, data_dir: Path, **kwargs: Any) -> ServiceClient:
@@ -140,7 +191,7 @@ class ServiceClient:
                 method,
                 path,
                 params={"api-version": self.api_version},
-                content=json.dumps(body).encode() if body is not None else None,
+                content=_encode(body) if body is not None else None,
                 headers={**all_headers, **({"Content-Type": "application/json"} if body is not None else {})},
             )
         except httpx.ConnectError as exc:
@@ -181,6 +232,32 @@ class ServiceClient:
         error.tracking_id = str(tracking) if tracking else None
         return error
 
+    def call(
+        self,
+        method: str,
+        path: str,
+        type_: type[T],
+        *,
+        body: Any = None,
+        if_match: str | None = None,
+    ) -> T:
+        """Send one request and decode its answer as ``type_`` (a model)."""
+        headers = {"If-Match": if_match} if if_match else None
+        return msgspec.json.decode(self.request(method, path, body=body, headers=headers).content, type=type_)
+
+    def paged(self, path: str, query: str, type_: type[T], *, page_size: int = 1000) -> Iterator[T]:
+        """Every item of a paged query, decoded as ``type_`` (follows ``x-ms-continuation``)."""
+        continuation: str | None = None
+        while True:
+            headers = {"x-ms-max-item-count": str(page_size)}
+            if continuation:
+                headers["x-ms-continuation"] = continuation
+            response = self.request("POST", path, body=QuerySpecification(query=query), headers=headers)
+            yield from msgspec.json.decode(response.content, type=list[type_])  # type: ignore[valid-type]
+            continuation = response.headers.get("x-ms-continuation")
+            if not continuation:
+                return
+
     def get(self, path: str) -> Any:
         return self.request("GET", path).json()
 
@@ -210,3 +287,215 @@ class ServiceClient:
             continuation = response.headers.get("x-ms-continuation")
             if not continuation:
                 return
+
+
+def _encode(body: Any) -> bytes:
+    """A request body: a model as msgspec encodes it (camelCase, unset fields left out), plain
+    JSON data as :func:`json.dumps` does."""
+    if isinstance(body, msgspec.Struct):
+        return msgspec.json.encode(body)
+    return json.dumps(body).encode()
+
+
+def seg(value: str) -> str:
+    """One URL path segment (ids may hold ':' and '.', never '/')."""
+    return quote(value, safe="")
+
+
+def _modify(read: Callable[[], T], write: Callable[[T, str], T], etag_of: Callable[[T], str | None]) -> T:
+    """Read, change and write back on the etag that was read (``*`` when the service gave
+    none); when someone else wrote in between (412), start over with a fresh read, a few times."""
+    for attempt in range(_RMW_ATTEMPTS):
+        current = read()
+        try:
+            return write(current, etag_of(current) or "*")
+        except PreconditionFailedError:
+            if attempt + 1 == _RMW_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class EnrollmentsClient(Generic[E]):
+    """Individual enrollments (``service.enrollments``) or enrollment groups
+    (``service.groups``): the service API's twelve enrollment operations, typed."""
+
+    def __init__(self, client: ServiceClient, path: str, model: type[E]) -> None:
+        self._client = client
+        self.path = path
+        self.model: type[E] = model
+
+    def id_of(self, enrollment: E) -> str:
+        if isinstance(enrollment, IndividualEnrollment):
+            return enrollment.registration_id
+        return enrollment.enrollment_group_id
+
+    def item(self, id: str) -> str:
+        return f"{self.path}/{seg(id)}"
+
+    def get(self, id: str) -> E:
+        """The enrollment, secrets stripped."""
+        return self._client.call("GET", self.item(id), self.model)
+
+    def put(self, enrollment: E, *, if_match: str | None = None) -> E:
+        """Create (no ``if_match``, no ``etag``) or update; the answer shows symmetric keys."""
+        return self._client.call(
+            "PUT", self.item(self.id_of(enrollment)), self.model, body=enrollment, if_match=if_match
+        )
+
+    def create(self, enrollment: E) -> E:
+        return self.put(msgspec.structs.replace(enrollment, etag=None))
+
+    def modify(self, id: str, change: Callable[[E], E]) -> E:
+        """Read, ``change``, write back on the etag read (see :func:`_modify`). Secrets a read
+        leaves out are kept by the service."""
+        return _modify(
+            lambda: self.get(id),
+            lambda current, etag: self.put(change(current), if_match=etag),
+            lambda e: e.etag,
+        )
+
+    def delete(self, id: str, *, if_match: str | None = None) -> None:
+        self._client.delete(self.item(id), if_match=if_match)
+
+    def attestation_mechanism(self, id: str) -> AttestationMechanism:
+        """The attestation with its secrets (keys, certificates)."""
+        return self._client.call("POST", f"{self.item(id)}/attestationmechanism", AttestationMechanism)
+
+    def query(self, query: str = "SELECT * FROM c", *, page_size: int = 1000) -> Iterator[E]:
+        return self._client.paged(f"{self.path}/query", query, self.model, page_size=page_size)
+
+    def bulk(self, mode: BulkOperationMode, items: list[E]) -> BulkEnrollmentOperationResult:
+        body: BulkEnrollmentOperation | BulkEnrollmentGroupOperation
+        if self.model is IndividualEnrollment:
+            body = BulkEnrollmentOperation(enrollments=items, mode=mode)  # type: ignore[arg-type]
+        else:
+            body = BulkEnrollmentGroupOperation(enrollment_groups=items, mode=mode)  # type: ignore[arg-type]
+        return self._client.call("POST", self.path, BulkEnrollmentOperationResult, body=body)
+
+
+class RegistrationsClient:
+    """Device registration records (``service.registrations``)."""
+
+    def __init__(self, client: ServiceClient) -> None:
+        self._client = client
+
+    def get(self, registration_id: str) -> DeviceRegistrationState:
+        return self._client.call("GET", f"/registrations/{seg(registration_id)}", DeviceRegistrationState)
+
+    def delete(self, registration_id: str, *, if_match: str | None = None) -> None:
+        self._client.delete(f"/registrations/{seg(registration_id)}", if_match=if_match)
+
+    def query(
+        self, group_id: str, query: str = "SELECT * FROM registrations", *, page_size: int = 1000
+    ) -> Iterator[DeviceRegistrationState]:
+        """The records of the devices of enrollment group ``group_id``."""
+        path = f"/registrations/{seg(group_id)}/query"
+        return self._client.paged(path, query, DeviceRegistrationState, page_size=page_size)
+
+
+class HubsClient:
+    """Linked IoT hubs (``service.hubs``; provisiond's admin API)."""
+
+    def __init__(self, client: ServiceClient) -> None:
+        self._client = client
+
+    @staticmethod
+    def item(host: str) -> str:
+        return f"/admin/linkedHubs/{seg(host)}"
+
+    def list(self) -> list[LinkedHub]:
+        return self._client.call("GET", "/admin/linkedHubs", list[LinkedHub])
+
+    def get(self, host: str) -> LinkedHub:
+        return self._client.call("GET", self.item(host), LinkedHub)
+
+    def put(self, hub: LinkedHub, *, if_match: str | None = None) -> LinkedHub:
+        return self._client.call("PUT", self.item(hub.host_name), LinkedHub, body=hub, if_match=if_match)
+
+    def modify(self, host: str, change: Callable[[LinkedHub], LinkedHub]) -> LinkedHub:
+        return _modify(
+            lambda: self.get(host), lambda hub, etag: self.put(change(hub), if_match=etag), lambda h: h.etag
+        )
+
+    def delete(self, host: str, *, if_match: str | None = None) -> None:
+        self._client.delete(self.item(host), if_match=if_match)
+
+
+class CertificatesClient:
+    """CA certificates and their proof of possession (``service.certificates``; admin API)."""
+
+    def __init__(self, client: ServiceClient) -> None:
+        self._client = client
+
+    @staticmethod
+    def item(name: str, action: str = "") -> str:
+        return f"/admin/certificates/{seg(name)}" + (f"/{action}" if action else "")
+
+    def list(self) -> list[CaCertificate]:
+        return self._client.call("GET", "/admin/certificates", list[CaCertificate])
+
+    def get(self, name: str) -> CaCertificate:
+        return self._client.call("GET", self.item(name), CaCertificate)
+
+    def upload(self, name: str, upload: CertificateUpload, *, if_match: str | None = None) -> CaCertificate:
+        return self._client.call("PUT", self.item(name), CaCertificate, body=upload, if_match=if_match)
+
+    def generate_verification_code(self, name: str) -> CaCertificate:
+        return self._client.call("POST", self.item(name, "generateVerificationCode"), CaCertificate)
+
+    def verify(self, name: str, certificate: str) -> CaCertificate:
+        """Verify ``name`` with a certificate whose subject CN is its verification code."""
+        body = CertificateUpload(certificate=certificate)
+        return self._client.call("POST", self.item(name, "verify"), CaCertificate, body=body)
+
+    def delete(self, name: str, *, if_match: str | None = None) -> None:
+        self._client.delete(self.item(name), if_match=if_match)
+
+
+class PoliciesClient:
+    """Shared access policies (``service.policies``; admin API)."""
+
+    def __init__(self, client: ServiceClient) -> None:
+        self._client = client
+
+    @staticmethod
+    def item(name: str, action: str = "") -> str:
+        return f"/admin/sharedAccessPolicies/{seg(name)}" + (f"/{action}" if action else "")
+
+    def list(self) -> list[SharedAccessPolicy]:
+        """Every policy, keys stripped."""
+        return self._client.call("GET", "/admin/sharedAccessPolicies", list[SharedAccessPolicy])
+
+    def get(self, name: str, *, keys: bool = False) -> SharedAccessPolicy:
+        """One policy; its keys only when asked (``listKeys``)."""
+        if keys:
+            return self._client.call("POST", self.item(name, "listKeys"), SharedAccessPolicy)
+        return self._client.call("GET", self.item(name), SharedAccessPolicy)
+
+    def put(self, policy: SharedAccessPolicy, *, if_match: str | None = None) -> SharedAccessPolicy:
+        """Create or update; the answer shows the keys."""
+        path = self.item(policy.key_name)
+        return self._client.call("PUT", path, SharedAccessPolicy, body=policy, if_match=if_match)
+
+    def modify(
+        self, name: str, change: Callable[[SharedAccessPolicy], SharedAccessPolicy]
+    ) -> SharedAccessPolicy:
+        return _modify(
+            lambda: self.get(name), lambda p, etag: self.put(change(p), if_match=etag), lambda p: p.etag
+        )
+
+    def delete(self, name: str, *, if_match: str | None = None) -> None:
+        self._client.delete(self.item(name), if_match=if_match)
+
+
+class SettingsClient:
+    """The service settings (``service.settings``; admin API)."""
+
+    def __init__(self, client: ServiceClient) -> None:
+        self._client = client
+
+    def get(self) -> ServiceSettings:
+        return self._client.call("GET", "/admin/settings", ServiceSettings)
+
+    def update(self, patch: ServiceSettingsPatch) -> ServiceSettings:
+        return self._client.call("PATCH", "/admin/settings", ServiceSettings, body=patch)

@@ -10,12 +10,19 @@ import uuid
 from pathlib import Path
 from typing import Any, cast
 
+import msgspec
 from click.testing import CliRunner, Result
 
 from provisiond import pki
 from provisiond.cli import cli
 from provisiond.cli.enroll_import import MAX_REQUEST_BYTES, make_batches, read_rows, run_import
-from provisiond.errors import RequestError
+from provisiond.errors import DpsCode, RequestError
+from provisiond.models import (
+    BulkEnrollmentOperation,
+    BulkEnrollmentOperationResult,
+    BulkOperationMode,
+    IndividualEnrollment,
+)
 from provisiond.service_client import ServiceClient
 from tests._server import RunningServer
 from tests._tpm_keys import software_ek
@@ -248,7 +255,11 @@ def test_batches_stay_under_the_request_limit(server: RunningServer, tmp_path: P
     batches = list(make_batches(parsed, 100))
     assert len(batches) >= 3
     for batch in batches:
-        body = json.dumps({"enrollments": [row.doc for row in batch], "mode": "create"})
+        body = msgspec.json.encode(
+            BulkEnrollmentOperation(
+                enrollments=[row.enrollment for row in batch if row.enrollment], mode=BulkOperationMode.CREATE
+            )
+        )
         assert len(body) < MAX_REQUEST_BYTES
 
     outcome = import_json(server, source, exit_code=1)
@@ -284,19 +295,22 @@ class _RefusesWholeRequests:
 
     def __init__(self) -> None:
         self.requests = 0
+        self.enrollments = self
 
-    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def bulk(
+        self, mode: BulkOperationMode, items: list[IndividualEnrollment]
+    ) -> BulkEnrollmentOperationResult:
         self.requests += 1
-        if any(doc.get("deviceId") == "poison" for doc in body["enrollments"]):
-            raise RequestError("Invalid bulk enrollment operation: poison", error_code=400004)
-        return {"isSuccessful": True, "errors": []}
+        if any(item.device_id == "poison" for item in items):
+            raise RequestError("Invalid bulk enrollment operation: poison", error_code=DpsCode.INVALID_BODY)
+        return BulkEnrollmentOperationResult(is_successful=True)
 
 
 def test_a_request_refused_as_a_whole_is_split_to_find_the_row(tmp_path: Path) -> None:
     rows = [[f"split-{i}", "poison" if i in (3, 9) else "fine", "", "", "", ""] for i in range(16)]
     parsed = read_rows(write_csv(tmp_path / "split.csv", rows), "csv")
     client = _RefusesWholeRequests()
-    result = run_import(cast(ServiceClient, client), parsed, mode="create", batch_size=100)
+    result = run_import(cast(ServiceClient, client), parsed, mode=BulkOperationMode.CREATE, batch_size=100)
     assert result.written == 14
     assert [(f.row, f.registration_id, f.error_code) for f in result.failures] == [
         (5, "split-3", 400004),

@@ -704,3 +704,26 @@ def test_fuzz_decoder_and_server_connection(capsys: pytest.CaptureFixture[str]) 
     assert tried >= 1000
     with capsys.disabled():
         print(f"\n[mqtt fuzz] decoder and server connection: {tried} inputs tried, {parsed} packets parsed")  # noqa: T201 (the report line)
+
+
+def test_a_kept_session_is_announced_and_redeliveries_are_marked() -> None:
+    """IoT Hub keeps sessions for clean-session 0 (the SDKs never subscribe again): CONNACK says
+    session present, and a message the device may have seen before is sent with DUP."""
+    clock = Clock()
+    client, server = pair(clock)
+    client.connect(client_id="dev", clean_session=False)
+    pump(client, server)
+    server.accept(session_present=True)
+    server.publish("devices/dev/messages/devicebound/", b"again", dup=True)
+    connack, publish = pump(server, client)
+    assert connack == Connack(session_present=True) and client.state is State.CONNECTED
+    assert isinstance(publish, Publish) and publish.dup and publish.qos is QoS.AT_LEAST_ONCE
+
+
+def test_a_clean_session_has_no_session_present() -> None:
+    clock = Clock()
+    client, server = pair(clock)
+    client.connect(client_id="dev", clean_session=True)
+    pump(client, server)
+    with pytest.raises(LocalProtocolError, match="MQTT-3.2.2-1"):
+        server.accept(session_present=True)

@@ -217,25 +217,3 @@ def test_deleting_an_individual_enrollment_deletes_its_registration_record(
     device.close()
     assert state["substatus"] == "initialAssignment" and state["assignedHub"] == hub
     assert identity(admin, hub, reg)["twin"] == HUB_TWIN_B
-
-
-def test_bulk_delete_of_individual_enrollments_deletes_their_records(
-    server: RunningServer, admin: Any
-) -> None:
-    regs = [uid("bulkrec") for _ in range(2)]
-    for reg in regs:
-        key = enroll_symmetric(admin, reg)
-        device = Device(server, reg)
-        assigned(device.register(device.token(key)))
-        device.close()
-    result = admin.post(
-        "/enrollments",
-        {
-            "mode": "delete",
-            "enrollments": [{"registrationId": r, "attestation": {"type": "symmetricKey"}} for r in regs],
-        },
-    )
-    assert result == {"isSuccessful": True, "errors": []}
-    with server.http(headers={"Authorization": server.token()}) as http:
-        for reg in regs:
-            assert http.get(f"/registrations/{reg}", params={"api-version": "2021-10-01"}).status_code == 404

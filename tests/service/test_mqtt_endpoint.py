@@ -36,6 +36,7 @@ from provisiond.protocol.mqtt import (
     Publish,
     QoS,
     Role,
+    State,
     Suback,
     SubackReturnCode,
     Subscribe,
@@ -515,6 +516,29 @@ def test_websocket_subprotocol_spellings(dps: RunningServer, admin: ServiceClien
             f"wss://localhost:{dps.port}/$iothub/websocket", ssl=ctx, subprotocols=[Subprotocol("stomp")]
         ) as ws:
             ws.recv(timeout=WAIT)
+
+
+def test_empty_websocket_frames_are_skipped(dps: RunningServer, admin: ServiceClient) -> None:
+    """Thousands of empty binary frames before the CONNECT are nothing to read, not a reason to
+    drop the session (they once recursed until a RecursionError closed it)."""
+    from websockets.sync.client import connect as ws_connect
+    from websockets.typing import Subprotocol
+
+    reg = uid()
+    key = enroll(admin, reg)
+    ctx = ssl.create_default_context(cafile=dps.ca_file)
+    with ws_connect(
+        f"wss://localhost:{dps.port}/$iothub/websocket", ssl=ctx, subprotocols=[Subprotocol("mqtt")]
+    ) as ws:
+        for _ in range(3000):
+            ws.send(b"")
+        client = MqttConnection(Role.CLIENT, clock=time.monotonic)
+        client.connect(client_id=reg, username=username(dps, reg), password=token(dps, reg, key).encode())
+        ws.send(client.get_outbound_data())
+        got: list[Packet] = []
+        while not got:
+            got += client.feed_bytes(ws.recv(timeout=WAIT))  # type: ignore[arg-type]
+        assert client.state is State.CONNECTED, got
 
 
 # --- fuzz: mutated valid sessions over real TLS ----------------------------------------------------

@@ -1,48 +1,39 @@
-"""What the management commands share: how they find the service, how they print, and the
-helpers that turn command-line flags into DPS request bodies.
+"""What the management commands share: how they find the service, how they print, and how
+they read flags (the enrollment documents the flags make are :mod:`provisiond.cli._enrollment_flags`').
 
 Nothing here talks to the service on its own; the commands in :mod:`provisiond.cli.manage`
-and :mod:`provisiond.cli.enroll_import` do, through :class:`~provisiond.service_client.ServiceClient`.
+and :mod:`provisiond.cli.enroll_import` do, through the typed clients of
+:class:`~provisiond.service_client.ServiceClient`.
 """
 
 from __future__ import annotations
 
 import base64
+import enum
 import functools
 import json
 import secrets
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote
 
 import click
 import msgspec
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import PreconditionFailedError, ProvisioningError
-from ..models import InitialTwin
-from ..service_client import ServiceClient
+from ..errors import ProvisioningError
+from ..service_client import ServiceClient, seg
 from ._errors import advise
 
 __all__ = [
     "CONTEXT",
     "emit",
     "etag_option",
-    "DEFAULT_WEBHOOK_API_VERSION",
-    "ENROLLMENTS",
-    "GROUPS",
-    "Kind",
-    "apply_common_flags",
-    "common_enrollment_options",
     "connected",
     "console",
     "echo_json",
-    "group_attestation",
-    "individual_attestation",
     "json_option",
     "load_json_arg",
     "new_key",
@@ -51,16 +42,13 @@ __all__ = [
     "print_table",
     "query_text",
     "read_certificate_file",
-    "read_modify_write",
     "seg",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
-R = TypeVar("R")
 
 CONNECTION_ENV = "PROVISIOND_CONNECTION_STRING"
 DATA_DIR_ENV = "PROVISIOND_DATA_DIR"
-_RMW_ATTEMPTS = 3
 
 
 # --- finding the service -------------------------------------------------------------------------
@@ -170,11 +158,6 @@ def json_option(func: F) -> F:
     )(func)
 
 
-def seg(value: str) -> str:
-    """One URL path segment (ids may hold ':' and '.', never '/')."""
-    return quote(value, safe="")
-
-
 # --- printing ------------------------------------------------------------------------------------
 
 
@@ -187,7 +170,9 @@ def console(*, stderr: bool = False) -> Console:
 
 
 def echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2))
+    """``data`` (a model, a list of models, or plain JSON data) as indented JSON, in the shape
+    the service answers (camelCase, unset fields left out)."""
+    click.echo(json.dumps(msgspec.to_builtins(data), indent=2))
 
 
 def emit(as_json: bool, doc: Any, human: Callable[[Any], None]) -> None:
@@ -203,6 +188,8 @@ def _cell(value: Any) -> str:
         return ""
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if isinstance(value, enum.Enum):
+        return str(value.value)
     if isinstance(value, list | tuple):
         return ", ".join(_cell(v) for v in value)
     return str(value)
@@ -282,272 +269,3 @@ def query_text(collection: str, where: str | None) -> str:
     if where.lstrip().lower().startswith("select "):
         return where
     return f"SELECT * FROM {collection} WHERE {where}"
-
-
-# --- enrollments and groups ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Kind:
-    """Individual enrollments or enrollment groups: where they live and what they are called."""
-
-    path: str
-    id_field: str
-    label: str
-    collection: str
-
-    def item(self, id: str) -> str:
-        return f"{self.path}/{seg(id)}"
-
-
-ENROLLMENTS = Kind("/enrollments", "registrationId", "individual enrollment", "enrollments")
-GROUPS = Kind("/enrollmentGroups", "enrollmentGroupId", "enrollment group", "enrollmentGroups")
-
-_REPROVISION = {
-    "never": {"updateHubAssignment": False, "migrateDeviceData": False},
-    "reset": {"updateHubAssignment": True, "migrateDeviceData": False},
-    "migrate": {"updateHubAssignment": True, "migrateDeviceData": True},
-}
-#: The custom allocation webhook API version Azure's portal proposes (the request payload format).
-DEFAULT_WEBHOOK_API_VERSION = "2019-03-31"
-
-
-def common_enrollment_options(func: F) -> F:
-    """The flags individual enrollments and groups share (create and update)."""
-    options = [
-        click.option(
-            "--hub",
-            "hubs",
-            multiple=True,
-            metavar="HOST",
-            help="IoT hub the device may be assigned to (repeatable; sets iotHubs; must be linked: "
-            "`provisiond hub list`).",
-        ),
-        click.option(
-            "--allocation-policy",
-            type=click.Choice(["hashed", "static", "geoLatency", "custom"]),
-            help="How a hub is chosen [default: the service's].",
-        ),
-        click.option(
-            "--webhook-url",
-            metavar="URL",
-            help="Custom allocation webhook (implies --allocation-policy custom).",
-        ),
-        click.option(
-            "--webhook-api-version",
-            metavar="V",
-            help=f"API version sent to the custom allocation webhook [default: {DEFAULT_WEBHOOK_API_VERSION}].",
-        ),
-        click.option(
-            "--disabled/--enabled",
-            "disabled",
-            default=None,
-            help="Provisioning status [create default: enabled].",
-        ),
-        click.option("--edge/--no-edge", default=None, help="The device is an IoT Edge device."),
-        click.option(
-            "--initial-twin",
-            metavar="JSON|@FILE",
-            help='Initial twin: {"tags": {...}, "properties": {"desired": {...}}}, inline or @file.',
-        ),
-        click.option(
-            "--reprovision",
-            type=click.Choice(list(_REPROVISION)),
-            help="On re-provisioning: never move the device, move it and reset its twin, or move it "
-            "and migrate its data [default: migrate].",
-        ),
-    ]
-    decorated: Any = func
-    for option in reversed(options):
-        decorated = option(decorated)
-    result: F = decorated
-    return result
-
-
-def apply_common_flags(
-    doc: dict[str, Any],
-    *,
-    hubs: Sequence[str] = (),
-    allocation_policy: str | None = None,
-    webhook_url: str | None = None,
-    webhook_api_version: str | None = None,
-    disabled: bool | None = None,
-    edge: bool | None = None,
-    initial_twin: str | None = None,
-    reprovision: str | None = None,
-) -> dict[str, Any]:
-    """Set the fields the common flags give on an enrollment or group document (in place)."""
-    if hubs:
-        doc["iotHubs"] = list(dict.fromkeys(hubs))
-    if webhook_api_version and not webhook_url:
-        existing = doc.get("customAllocationDefinition")
-        if not existing:
-            raise click.UsageError("--webhook-api-version needs --webhook-url.")
-        existing["apiVersion"] = webhook_api_version
-    if webhook_url:
-        doc["customAllocationDefinition"] = {
-            "webhookUrl": webhook_url,
-            "apiVersion": webhook_api_version or DEFAULT_WEBHOOK_API_VERSION,
-        }
-        if allocation_policy is None:
-            allocation_policy = "custom"
-    if allocation_policy is not None:
-        doc["allocationPolicy"] = allocation_policy
-    if disabled is not None:
-        doc["provisioningStatus"] = "disabled" if disabled else "enabled"
-    if edge is not None:
-        doc["capabilities"] = {**(doc.get("capabilities") or {}), "iotEdge": edge}
-    if initial_twin is not None:
-        twin = load_json_arg(initial_twin, "--initial-twin")
-        try:
-            msgspec.convert(twin, InitialTwin)
-        except msgspec.ValidationError as exc:
-            raise click.BadParameter(str(exc), param_hint="--initial-twin") from None
-        doc["initialTwin"] = twin
-    if reprovision is not None:
-        doc["reprovisionPolicy"] = dict(_REPROVISION[reprovision])
-    return doc
-
-
-def _same_type(existing: Mapping[str, Any] | None, type_: str) -> Mapping[str, Any]:
-    """The existing attestation when it has ``type_``, else an empty mapping."""
-    if existing and existing.get("type") == type_:
-        return existing
-    return {}
-
-
-def _symmetric(primary_key: str | None, secondary_key: str | None) -> dict[str, Any]:
-    keys = {"primaryKey": primary_key, "secondaryKey": secondary_key}
-    # Omitted keys: the service keeps the stored ones (same type) or generates new ones.
-    return {"type": "symmetricKey", "symmetricKey": {k: v for k, v in keys.items() if v}}
-
-
-def _one_kind(chosen: Mapping[str, bool]) -> str | None:
-    kinds = [name for name, wanted in chosen.items() if wanted]
-    if len(kinds) > 1:
-        raise click.UsageError(f"Choose one attestation: {' or '.join(kinds)}.")
-    return kinds[0] if kinds else None
-
-
-def individual_attestation(
-    existing: Mapping[str, Any] | None,
-    *,
-    symmetric_key: bool = False,
-    primary_key: str | None = None,
-    secondary_key: str | None = None,
-    x509_cert: Path | None = None,
-    x509_secondary: Path | None = None,
-    tpm_ek: str | None = None,
-    tpm_srk: str | None = None,
-) -> dict[str, Any] | None:
-    """The attestation an individual enrollment's flags ask for, or ``None`` when they name
-    none (create: the caller uses a symmetric key; update: keeps what is stored).
-
-    On update, what the flags leave out is kept from ``existing`` when the type stays the same
-    (e.g. ``--x509-cert`` alone keeps the stored secondary certificate).
-    """
-    kind = _one_kind(
-        {
-            "a symmetric key (--symmetric-key/--primary-key/--secondary-key)": bool(
-                symmetric_key or primary_key or secondary_key
-            ),
-            "X.509 (--x509-cert/--x509-secondary)": bool(x509_cert or x509_secondary),
-            "TPM (--tpm-ek/--tpm-srk)": bool(tpm_ek or tpm_srk),
-        }
-    )
-    if kind is None:
-        return None
-    if kind.startswith("a symmetric"):
-        return _symmetric(primary_key, secondary_key)
-    if kind.startswith("X.509"):
-        old = (_same_type(existing, "x509").get("x509") or {}).get("clientCertificates") or {}
-        primary = (
-            {"certificate": read_certificate_file(x509_cert, "--x509-cert")}
-            if x509_cert
-            else old.get("primary")
-        )
-        if primary is None:
-            raise click.UsageError("X.509 attestation needs --x509-cert (the device's certificate).")
-        certs = {"primary": primary}
-        secondary = (
-            {"certificate": read_certificate_file(x509_secondary, "--x509-secondary")}
-            if x509_secondary
-            else old.get("secondary")
-        )
-        if secondary is not None:
-            certs["secondary"] = secondary
-        return {"type": "x509", "x509": {"clientCertificates": certs}}
-    old_tpm = _same_type(existing, "tpm").get("tpm") or {}
-    ek = tpm_ek or old_tpm.get("endorsementKey")
-    if not ek:
-        raise click.UsageError("TPM attestation needs --tpm-ek (the endorsement key, base64).")
-    tpm = {"endorsementKey": ek}
-    srk = tpm_srk or old_tpm.get("storageRootKey")
-    if srk:
-        tpm["storageRootKey"] = srk
-    return {"type": "tpm", "tpm": tpm}
-
-
-def group_attestation(
-    existing: Mapping[str, Any] | None,
-    *,
-    symmetric_key: bool = False,
-    primary_key: str | None = None,
-    secondary_key: str | None = None,
-    ca_cert: Path | None = None,
-    ca_ref: str | None = None,
-) -> dict[str, Any] | None:
-    """The attestation an enrollment group's flags ask for, or ``None`` when they name none.
-
-    ``--ca-cert`` and ``--ca-ref`` may be combined (both are X.509); on update a stored
-    secondary signing certificate or CA reference is kept.
-    """
-    kind = _one_kind(
-        {
-            "a symmetric key (--symmetric-key/--primary-key/--secondary-key)": bool(
-                symmetric_key or primary_key or secondary_key
-            ),
-            "X.509 (--ca-cert/--ca-ref)": bool(ca_cert or ca_ref),
-        }
-    )
-    if kind is None:
-        return None
-    if kind.startswith("a symmetric"):
-        return _symmetric(primary_key, secondary_key)
-    old = _same_type(existing, "x509").get("x509") or {}
-    x509: dict[str, Any] = {}
-    if ca_cert:
-        signing = {"primary": {"certificate": read_certificate_file(ca_cert, "--ca-cert")}}
-        old_secondary = (old.get("signingCertificates") or {}).get("secondary")
-        if old_secondary:
-            signing["secondary"] = old_secondary
-        x509["signingCertificates"] = signing
-    if ca_ref:
-        refs = {"primary": ca_ref}
-        old_secondary_ref = (old.get("caReferences") or {}).get("secondary")
-        if old_secondary_ref:
-            refs["secondary"] = old_secondary_ref
-        x509["caReferences"] = refs
-    return {"type": "x509", "x509": x509}
-
-
-# --- read-modify-write ---------------------------------------------------------------------------
-
-
-def read_modify_write(
-    client: ServiceClient, path: str, change: Callable[[dict[str, Any]], object]
-) -> dict[str, Any]:
-    """GET ``path``, apply ``change`` to the document (in place), PUT it back with ``If-Match``
-    set to the etag that was read. When someone else wrote in between (412), start over with a
-    fresh read, a few times."""
-    for attempt in range(_RMW_ATTEMPTS):
-        doc: dict[str, Any] = client.get(path)
-        etag = doc.get("etag")
-        change(doc)
-        try:
-            result: dict[str, Any] = client.put(path, doc, if_match=etag or "*")
-            return result
-        except PreconditionFailedError:
-            if attempt + 1 == _RMW_ATTEMPTS:
-                raise
-    raise AssertionError("unreachable")  # pragma: no cover

@@ -13,26 +13,44 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import enum
 import json
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import msgspec
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import MethodNotAllowedError, ProvisioningError, RequestError, ThrottledError
-from ..models import IndividualEnrollment
+from ..models import (
+    AllocationPolicy,
+    AttestationMechanism,
+    AttestationType,
+    BulkEnrollmentOperationResult,
+    BulkOperationMode,
+    CustomAllocationDefinition,
+    IndividualEnrollment,
+    InitialTwin,
+    ProvisioningStatus,
+    SymmetricKeyAttestation,
+    TpmAttestation,
+    X509Attestation,
+    X509Certificates,
+    X509CertificateWithInfo,
+)
 from ..service_client import ServiceClient
-from ._common import DEFAULT_WEBHOOK_API_VERSION, connected, console, echo_json, print_table
+from ._common import connected, console, echo_json, print_table
+from ._enrollment_flags import DEFAULT_WEBHOOK_API_VERSION, EnumChoice
 
 __all__ = [
     "CSV_COLUMNS",
     "Failure",
+    "Format",
     "ImportResult",
     "Row",
     "import_command",
@@ -68,11 +86,17 @@ CSV_COLUMNS = (
     "webhookApiVersion",
 )
 _COLUMN_BY_LOWER = {name.lower(): name for name in CSV_COLUMNS}
-_ATTESTATION_TYPES = {"symmetrickey": "symmetricKey", "x509": "x509", "tpm": "tpm"}
-_STATUSES = {"enabled": "enabled", "disabled": "disabled"}
-_POLICIES = {p.lower(): p for p in ("hashed", "static", "geoLatency", "custom")}
 _READ_ONLY = ("etag", "registrationState", "createdDateTimeUtc", "lastUpdatedDateTimeUtc")
 _HUB_SEPARATORS = re.compile(r"[;,\s]+")
+
+M = TypeVar("M", bound=enum.Enum)
+
+
+class Format(enum.Enum):
+    """The file formats ``enrollment import`` reads."""
+
+    CSV = "csv"
+    JSONL = "jsonl"
 
 
 @dataclass
@@ -81,7 +105,7 @@ class Row:
 
     number: int
     registration_id: str
-    doc: dict[str, Any] | None = None
+    enrollment: IndividualEnrollment | None = None
     error: str | None = None
     size: int = 0
 
@@ -150,75 +174,107 @@ def _certificate(value: str, base_dir: Path) -> str:
     return text
 
 
-def _choice(value: str, choices: dict[str, str], column: str) -> str:
+def _choice(value: str, members: Sequence[M], column: str) -> M:
+    """The member whose wire value ``value`` spells (any case)."""
+    for member in members:
+        if str(member.value).lower() == value.strip().lower():
+            return member
+    raise _RowError(f"{column} {value!r} is not one of {', '.join(str(m.value) for m in members)}")
+
+
+class _TwinCell(msgspec.Struct, rename="camel"):
+    """The initialTwin column, decoded where its errors name ``$.initialTwin``."""
+
+    initial_twin: InitialTwin
+
+
+def _initial_twin(text: str) -> InitialTwin:
     try:
-        return choices[value.strip().lower()]
-    except KeyError:
-        raise _RowError(f"{column} {value!r} is not one of {', '.join(choices.values())}") from None
+        twin = json.loads(text)
+    except ValueError as exc:
+        raise _RowError(f"initialTwin is not valid JSON: {exc}") from None
+    try:
+        return msgspec.convert({"initialTwin": twin}, _TwinCell).initial_twin
+    except msgspec.ValidationError as exc:
+        raise _RowError(str(exc)) from None
 
 
-def csv_enrollment(cells: dict[str, str], base_dir: Path) -> dict[str, Any]:
-    """The IndividualEnrollment JSON for one CSV row (cells keyed by canonical column name).
+_ATTESTATION_TYPES = (AttestationType.SYMMETRIC_KEY, AttestationType.X509, AttestationType.TPM)
+_POLICIES = (
+    AllocationPolicy.HASHED,
+    AllocationPolicy.STATIC,
+    AllocationPolicy.GEO_LATENCY,
+    AllocationPolicy.CUSTOM,
+)
+
+
+def _csv_attestation(get: Callable[[str], str], base_dir: Path) -> AttestationMechanism:
+    kind = _choice(
+        get("attestationType") or AttestationType.SYMMETRIC_KEY.value, _ATTESTATION_TYPES, "attestationType"
+    )
+    if kind is AttestationType.X509:
+        if not get("certificate"):
+            raise _RowError("attestationType x509 needs a certificate (PEM file or base64 DER)")
+        primary = X509CertificateWithInfo(certificate=_certificate(get("certificate"), base_dir))
+        x509 = X509Attestation(client_certificates=X509Certificates(primary=primary))
+        return AttestationMechanism(type=kind, x509=x509)
+    if kind is AttestationType.TPM:
+        if not get("endorsementKey"):
+            raise _RowError("attestationType tpm needs an endorsementKey")
+        tpm = TpmAttestation(
+            endorsement_key=get("endorsementKey"), storage_root_key=get("storageRootKey") or None
+        )
+        return AttestationMechanism(type=kind, tpm=tpm)
+    keys = SymmetricKeyAttestation(
+        primary_key=get("primaryKey") or None, secondary_key=get("secondaryKey") or None
+    )
+    return AttestationMechanism(type=kind, symmetric_key=keys)
+
+
+def csv_enrollment(cells: dict[str, str], base_dir: Path) -> IndividualEnrollment:
+    """The enrollment one CSV row describes (cells keyed by canonical column name).
 
     :raises _RowError: what is wrong with the row.
     """
-    get = {k: (v or "").strip() for k, v in cells.items()}.get
-    registration_id = get("registrationId", "")
+    cleaned = {k: (v or "").strip() for k, v in cells.items()}
+
+    def get(column: str) -> str:
+        return cleaned.get(column, "")
+
+    registration_id = get("registrationId")
     if not registration_id:
         raise _RowError("registrationId is empty")
-    doc: dict[str, Any] = {"registrationId": registration_id}
-    kind = _choice(get("attestationType") or "symmetricKey", _ATTESTATION_TYPES, "attestationType")
-    if kind == "symmetricKey":
-        keys = {k: get(k) for k in ("primaryKey", "secondaryKey") if get(k)}
-        doc["attestation"] = {"type": kind, "symmetricKey": keys}
-    elif kind == "x509":
-        if not get("certificate"):
-            raise _RowError("attestationType x509 needs a certificate (PEM file or base64 DER)")
-        cert = _certificate(get("certificate", ""), base_dir)
-        doc["attestation"] = {
-            "type": kind,
-            "x509": {"clientCertificates": {"primary": {"certificate": cert}}},
-        }
-    else:
-        if not get("endorsementKey"):
-            raise _RowError("attestationType tpm needs an endorsementKey")
-        tpm = {"endorsementKey": get("endorsementKey")}
-        if get("storageRootKey"):
-            tpm["storageRootKey"] = get("storageRootKey", "")
-        doc["attestation"] = {"type": kind, "tpm": tpm}
-    if get("deviceId"):
-        doc["deviceId"] = get("deviceId")
-    if get("iotHubHostName"):
-        doc["iotHubHostName"] = get("iotHubHostName")
-    if get("iotHubs"):
-        doc["iotHubs"] = [h for h in _HUB_SEPARATORS.split(get("iotHubs", "")) if h]
-    if get("provisioningStatus"):
-        doc["provisioningStatus"] = _choice(get("provisioningStatus", ""), _STATUSES, "provisioningStatus")
-    if get("allocationPolicy"):
-        doc["allocationPolicy"] = _choice(get("allocationPolicy", ""), _POLICIES, "allocationPolicy")
-    if get("webhookUrl"):
-        doc["customAllocationDefinition"] = {
-            "webhookUrl": get("webhookUrl"),
-            "apiVersion": get("webhookApiVersion") or DEFAULT_WEBHOOK_API_VERSION,
-        }
-    if get("initialTwin"):
-        try:
-            doc["initialTwin"] = json.loads(get("initialTwin", ""))
-        except ValueError as exc:
-            raise _RowError(f"initialTwin is not valid JSON: {exc}") from None
-    return doc
+    attestation = _csv_attestation(get, base_dir)
+    status, policy, webhook = get("provisioningStatus"), get("allocationPolicy"), get("webhookUrl")
+    return IndividualEnrollment(
+        registration_id=registration_id,
+        attestation=attestation,
+        device_id=get("deviceId") or None,
+        iot_hub_host_name=get("iotHubHostName") or None,
+        iot_hubs=[h for h in _HUB_SEPARATORS.split(get("iotHubs")) if h] or None,
+        provisioning_status=_choice(status, list(ProvisioningStatus), "provisioningStatus")
+        if status
+        else None,
+        allocation_policy=_choice(policy, _POLICIES, "allocationPolicy") if policy else None,
+        custom_allocation_definition=CustomAllocationDefinition(
+            webhook_url=webhook, api_version=get("webhookApiVersion") or DEFAULT_WEBHOOK_API_VERSION
+        )
+        if webhook
+        else None,
+        initial_twin=_initial_twin(get("initialTwin")) if get("initialTwin") else None,
+    )
 
 
-def _checked(doc: Any) -> dict[str, Any]:
-    """``doc`` if it has the IndividualEnrollment shape (types the bulk API would refuse for the
-    whole request are caught here, per row). Ids and keys are left to the service."""
+def _checked(doc: Any) -> IndividualEnrollment:
+    """``doc`` as an enrollment if it has the IndividualEnrollment shape (types the bulk API
+    would refuse for the whole request are caught here, per row). Ids and keys are left to
+    the service."""
     if not isinstance(doc, dict):
         raise _RowError(f"expected a JSON object, got {type(doc).__name__}")
     try:
-        msgspec.convert(doc, IndividualEnrollment)
+        return msgspec.convert(doc, IndividualEnrollment)
     except msgspec.ValidationError as exc:
         raise _RowError(str(exc)) from None
-    return doc
 
 
 def _csv_header(fieldnames: Sequence[str] | None, path: Path) -> list[str]:
@@ -256,7 +312,7 @@ def _read_csv(path: Path) -> Iterator[Row]:
                 )
                 continue
             try:
-                yield Row(number, rid, doc=_checked(csv_enrollment(cells, path.parent)))
+                yield Row(number, rid, enrollment=csv_enrollment(cells, path.parent))
             except _RowError as exc:
                 yield Row(number, rid, error=str(exc))
 
@@ -276,28 +332,28 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
                 if isinstance(doc, dict):
                     doc = {k: v for k, v in doc.items() if k not in _READ_ONLY}
                     doc.setdefault("attestation", {"type": "symmetricKey"})
-                yield Row(number, rid, doc=_checked(doc))
+                yield Row(number, rid, enrollment=_checked(doc))
             except _RowError as exc:
                 yield Row(number, rid, error=str(exc))
 
 
-def read_rows(path: Path, fmt: str) -> list[Row]:
+def read_rows(path: Path, fmt: Format | str) -> list[Row]:
     """Every row of the file, checked; a registrationId seen on an earlier row makes the row
     an error (which of the two should win is the file's author's call)."""
-    rows = list(_read_csv(path) if fmt == "csv" else _read_jsonl(path))
+    rows = list(_read_csv(path) if Format(fmt) is Format.CSV else _read_jsonl(path))
     first_seen: dict[str, int] = {}
     for row in rows:
-        if row.doc is None:
+        if row.enrollment is None:
             continue
         key = row.registration_id.lower()
         if key in first_seen:
-            row.doc, row.error = (
+            row.enrollment, row.error = (
                 None,
                 f"registrationId {row.registration_id!r} is already on row {first_seen[key]}",
             )
             continue
         first_seen[key] = row.number
-        row.size = len(json.dumps(row.doc))  # as ServiceClient encodes it
+        row.size = len(msgspec.json.encode(row.enrollment))  # as ServiceClient encodes it
     return rows
 
 
@@ -313,10 +369,10 @@ def make_batches(
     batch: list[Row] = []
     used = 0
     for row in rows:
-        if row.doc is None:
+        if row.enrollment is None:
             continue
         if row.size > budget:
-            row.doc, row.error = (
+            row.enrollment, row.error = (
                 None,
                 f"the enrollment is {row.size} bytes; a bulk request takes at most {max_bytes}",
             )
@@ -330,11 +386,12 @@ def make_batches(
         yield batch
 
 
-def _post(client: ServiceClient, body: dict[str, Any]) -> dict[str, Any]:
+def _post(
+    client: ServiceClient, mode: BulkOperationMode, enrollments: list[IndividualEnrollment]
+) -> BulkEnrollmentOperationResult:
     for attempt in range(_THROTTLE_RETRIES):
         try:
-            result: dict[str, Any] = client.post("/enrollments", body)
-            return result
+            return client.enrollments.bulk(mode, enrollments)
         except ThrottledError as exc:
             if attempt + 1 == _THROTTLE_RETRIES:
                 raise
@@ -342,11 +399,13 @@ def _post(client: ServiceClient, body: dict[str, Any]) -> dict[str, Any]:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def send_batch(client: ServiceClient, batch: list[Row], mode: str, result: ImportResult) -> None:
+def send_batch(
+    client: ServiceClient, batch: list[Row], mode: BulkOperationMode, result: ImportResult
+) -> None:
     """Send one bulk operation and account for each row. When the service refuses the request
     as a whole (400), halve it until the row at fault is alone; other errors propagate."""
     try:
-        answer = _post(client, {"enrollments": [row.doc for row in batch], "mode": mode})
+        answer = _post(client, mode, [row.enrollment for row in batch if row.enrollment is not None])
     except RequestError as exc:
         if isinstance(exc, MethodNotAllowedError):
             raise
@@ -360,17 +419,20 @@ def send_batch(client: ServiceClient, batch: list[Row], mode: str, result: Impor
         return
     by_id = {row.registration_id.lower(): row for row in batch}
     failed = 0
-    for error in answer.get("errors") or []:
-        rid = str(error.get("registrationId") or "")
+    for error in answer.errors:
+        rid = error.registration_id or ""
         sent = by_id.get(rid.lower())
-        code = error.get("errorCode")
         failed += 1
-        if mode == "create" and isinstance(code, int) and code // 1000 == 409:
+        if mode is BulkOperationMode.CREATE and error.error_code // 1000 == 409:
             result.skipped += 1
             continue
-        message = str(error.get("errorStatus") or "")
         result.failures.append(
-            Failure(sent.number if sent else 0, sent.registration_id if sent else rid, code, message)
+            Failure(
+                sent.number if sent else 0,
+                sent.registration_id if sent else rid,
+                error.error_code,
+                error.error_status,
+            )
         )
     result.written += len(batch) - failed
 
@@ -379,7 +441,7 @@ def run_import(
     client: ServiceClient,
     rows: Sequence[Row],
     *,
-    mode: str,
+    mode: BulkOperationMode,
     batch_size: int,
     progress: Callable[[int], None] = lambda n: None,
     result: ImportResult | None = None,
@@ -402,14 +464,14 @@ def run_import(
 # --- the command ---------------------------------------------------------------------------------
 
 
-def _format_of(path: Path, fmt: str | None) -> str:
+def _format_of(path: Path, fmt: Format | None) -> Format:
     if fmt:
         return fmt
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return "csv"
+        return Format.CSV
     if suffix in (".jsonl", ".ndjson", ".json"):
-        return "jsonl"
+        return Format.JSONL
     raise click.UsageError(
         f"Cannot tell the format of {path.name} from its extension: give --format csv|jsonl."
     )
@@ -425,7 +487,7 @@ def _write_report(path: Path, failures: Sequence[Failure]) -> None:
             )
 
 
-def _print_summary(result: ImportResult, mode: str) -> None:
+def _print_summary(result: ImportResult, mode: BulkOperationMode) -> None:
     if result.failures:
         shown = result.failures[:_PRINTED_FAILURES]
         print_table(
@@ -437,7 +499,7 @@ def _print_summary(result: ImportResult, mode: str) -> None:
             click.echo(
                 f"... and {len(result.failures) - len(shown)} more (write them all with --report FILE)."
             )
-    verb = "created" if mode == "create" else "written"
+    verb = "created" if mode is BulkOperationMode.CREATE else "written"
     click.echo(
         f"{result.rows} rows: {result.written} {verb}, {result.skipped} skipped (already exist), "
         f"{len(result.failures)} failed."
@@ -446,7 +508,7 @@ def _print_summary(result: ImportResult, mode: str) -> None:
 
 @click.command("import")
 @click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), help="[default: from the extension]")
+@click.option("--format", "fmt", type=EnumChoice(*Format), help="[default: from the extension]")
 @click.option(
     "--batch-size",
     type=click.IntRange(1, 10_000),
@@ -456,8 +518,8 @@ def _print_summary(result: ImportResult, mode: str) -> None:
 )
 @click.option(
     "--mode",
-    type=click.Choice(["create", "update"]),
-    default="create",
+    type=EnumChoice(BulkOperationMode.CREATE, BulkOperationMode.UPDATE),
+    default=BulkOperationMode.CREATE.value,
     show_default=True,
     help="create: add new enrollments, skip existing ones. update: create or overwrite.",
 )
@@ -471,9 +533,9 @@ def _print_summary(result: ImportResult, mode: str) -> None:
 def import_command(
     client: ServiceClient,
     file: Path,
-    fmt: str | None,
+    fmt: Format | None,
     batch_size: int,
-    mode: str,
+    mode: BulkOperationMode,
     report: Path | None,
     as_json: bool,
 ) -> None:
@@ -501,7 +563,7 @@ def import_command(
     Exits with 1 when any row failed (the failures are listed, and written with --report).
     """
     rows = read_rows(file, _format_of(file, fmt))
-    sendable = sum(1 for row in rows if row.doc is not None)
+    sendable = sum(1 for row in rows if row.enrollment is not None)
     err = console(stderr=True)
     result = ImportResult()
     try:

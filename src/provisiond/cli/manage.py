@@ -21,36 +21,48 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
+import msgspec
 
 from ..errors import AuthorizationError
+from ..models import (
+    AttestationMechanism,
+    AttestationType,
+    DeviceRegistrationState,
+    EnrollmentGroup,
+    IndividualEnrollment,
+    ProvisioningStatus,
+)
 from ..protocol.sas import derive_device_key
-from ..service_client import ServiceClient
+from ..service_client import EnrollmentsClient, ServiceClient
 from ._common import (
     CONTEXT,
+    connected,
+    echo_json,
+    etag_option,
+    json_option,
+    print_fields,
+    print_table,
+    query_text,
+)
+from ._enrollment_flags import (
     ENROLLMENTS,
     GROUPS,
     Kind,
     apply_common_flags,
     common_enrollment_options,
-    connected,
-    echo_json,
-    etag_option,
     group_attestation,
     individual_attestation,
-    json_option,
-    print_fields,
-    print_table,
-    query_text,
-    read_modify_write,
-    seg,
 )
 from .enroll_import import import_command
 from .manage_admin import ca, hub, policy, settings
 
 __all__ = ["ca", "enrollment", "group", "hub", "policy", "registration", "settings"]
+
+E = TypeVar("E", IndividualEnrollment, EnrollmentGroup)
+T = TypeVar("T")
 
 _QUERY_PAGE = 1000
 _WHERE_HELP = "Filter: conditions `field = 'value'` joined by AND (or a whole SELECT). Fields: {fields}."
@@ -66,88 +78,100 @@ def _where_option(fields: str) -> Callable[[Any], Any]:
 _limit_option = click.option("--limit", type=click.IntRange(min=1), metavar="N", help="Show at most N items.")
 
 
-def _query(client: ServiceClient, path: str, query: str, limit: int | None) -> Iterator[Any]:
-    items = client.query(path, query, page_size=min(limit or _QUERY_PAGE, _QUERY_PAGE))
+def _page(limit: int | None) -> int:
+    return min(limit or _QUERY_PAGE, _QUERY_PAGE)
+
+
+def _first(items: Iterator[T], limit: int | None) -> Iterator[T]:
     return islice(items, limit) if limit else items
 
 
-def _attestation_label(attestation: Mapping[str, Any] | None) -> str:
-    if not attestation:
+def _attestation_label(attestation: AttestationMechanism | None) -> str:
+    if attestation is None:
         return ""
-    kind = str(attestation.get("type", ""))
-    x509 = attestation.get("x509") or {}
-    if kind == "x509" and x509.get("caReferences") and not x509.get("signingCertificates"):
+    x509 = attestation.x509
+    if (
+        attestation.type is AttestationType.X509
+        and x509
+        and x509.ca_references
+        and not x509.signing_certificates
+    ):
         return "x509 (CA ref)"
-    return kind
+    return attestation.type.value
 
 
-def _key_fields(mechanism: Mapping[str, Any]) -> list[tuple[str, Any]]:
+def _key_fields(mechanism: AttestationMechanism) -> list[tuple[str, Any]]:
     """What identifies a device under an attestation mechanism (secrets included)."""
-    fields: list[tuple[str, Any]] = [("Attestation", mechanism.get("type"))]
-    sym = mechanism.get("symmetricKey") or {}
-    fields += [("Primary key", sym.get("primaryKey")), ("Secondary key", sym.get("secondaryKey"))]
-    tpm = mechanism.get("tpm") or {}
+    fields: list[tuple[str, Any]] = [("Attestation", mechanism.type)]
+    sym, tpm = mechanism.symmetric_key, mechanism.tpm
     fields += [
-        ("Endorsement key", tpm.get("endorsementKey")),
-        ("Storage root key", tpm.get("storageRootKey")),
+        ("Primary key", sym.primary_key if sym else None),
+        ("Secondary key", sym.secondary_key if sym else None),
+        ("Endorsement key", tpm.endorsement_key if tpm else None),
+        ("Storage root key", tpm.storage_root_key if tpm else None),
     ]
-    x509 = mechanism.get("x509") or {}
-    for name in ("clientCertificates", "signingCertificates"):
-        for slot in ("primary", "secondary"):
-            info = ((x509.get(name) or {}).get(slot) or {}).get("info") or {}
-            if info:
+    x509 = mechanism.x509
+    for certificates in (x509.client_certificates, x509.signing_certificates) if x509 else ():
+        for slot, cert in (
+            ("Primary", certificates and certificates.primary),
+            ("Secondary", certificates and certificates.secondary),
+        ):
+            if cert and cert.info:
                 fields.append(
-                    (
-                        f"{slot.capitalize()} certificate",
-                        f"{info.get('subjectName')} (SHA-1 {info.get('sha1Thumbprint')})",
-                    )
+                    (f"{slot} certificate", f"{cert.info.subject_name} (SHA-1 {cert.info.sha1_thumbprint})")
                 )
-    refs = x509.get("caReferences") or {}
-    fields += [("Primary CA", refs.get("primary")), ("Secondary CA", refs.get("secondary"))]
+    refs = x509.ca_references if x509 else None
+    fields += [
+        ("Primary CA", refs.primary if refs else None),
+        ("Secondary CA", refs.secondary if refs else None),
+    ]
     return fields
 
 
-def _summary(kind: Kind, doc: Mapping[str, Any]) -> list[tuple[str, Any]]:
-    state = doc.get("registrationState") or {}
-    custom = doc.get("customAllocationDefinition") or {}
+def _status(state: DeviceRegistrationState) -> str | None:
+    return state.status.value if state.status else None
+
+
+def _summary(kind: Kind[E], doc: E) -> list[tuple[str, Any]]:
+    state = doc.registration_state if isinstance(doc, IndividualEnrollment) else None
+    custom = doc.custom_allocation_definition
     return [
-        ("Id", doc.get(kind.id_field)),
-        ("Device id", doc.get("deviceId")),
-        ("Status", doc.get("provisioningStatus")),
-        ("IoT hubs", doc.get("iotHubs") or doc.get("iotHubHostName")),
-        ("Allocation", doc.get("allocationPolicy")),
-        ("Webhook", custom.get("webhookUrl")),
-        ("IoT Edge", (doc.get("capabilities") or {}).get("iotEdge") or None),
-        ("Registration", f"{state.get('status')} on {state.get('assignedHub')}" if state else None),
-        ("Etag", doc.get("etag")),
-        ("Updated", doc.get("lastUpdatedDateTimeUtc")),
+        ("Id", _id_of(doc)),
+        ("Device id", doc.device_id if isinstance(doc, IndividualEnrollment) else None),
+        ("Status", doc.provisioning_status),
+        ("IoT hubs", doc.iot_hubs or doc.iot_hub_host_name),
+        ("Allocation", doc.allocation_policy),
+        ("Webhook", custom.webhook_url if custom else None),
+        ("IoT Edge", (doc.capabilities.iot_edge if doc.capabilities else None) or None),
+        ("Registration", f"{_status(state)} on {state.assigned_hub}" if state else None),
+        ("Etag", doc.etag),
+        ("Updated", doc.last_updated_date_time_utc),
     ]
 
 
-def _print_record(kind: Kind, verb: str, doc: Mapping[str, Any], mechanism: Mapping[str, Any] | None) -> None:
-    fields = _summary(kind, doc) + _key_fields(mechanism or doc.get("attestation") or {})
-    print_fields(f"{verb} {kind.label} {doc.get(kind.id_field)!r}:", fields)
+def _id_of(doc: IndividualEnrollment | EnrollmentGroup) -> str:
+    return doc.registration_id if isinstance(doc, IndividualEnrollment) else doc.enrollment_group_id
 
 
-def _mechanism(client: ServiceClient, kind: Kind, id: str) -> dict[str, Any]:
-    result: dict[str, Any] = client.post(f"{kind.item(id)}/attestationmechanism")
-    return result
+def _print_record(kind: Kind[E], verb: str, doc: E, mechanism: AttestationMechanism | None) -> None:
+    fields = _summary(kind, doc) + _key_fields(mechanism or doc.attestation)
+    print_fields(f"{verb} {kind.label} {_id_of(doc)!r}:", fields)
 
 
-def _output_written(client: ServiceClient, kind: Kind, verb: str, doc: dict[str, Any], as_json: bool) -> None:
+def _output_written(client: ServiceClient, kind: Kind[E], verb: str, doc: E, as_json: bool) -> None:
     """Print a created or updated record; with a symmetric key, also its keys (so that a device
     can be provisioned straight away)."""
     mechanism = None
-    if (doc.get("attestation") or {}).get("type") == "symmetricKey":
-        mechanism = _mechanism(client, kind, str(doc[kind.id_field]))
-        doc = {**doc, "attestation": mechanism}
+    if doc.attestation.type is AttestationType.SYMMETRIC_KEY:
+        mechanism = kind.operations(client).attestation_mechanism(_id_of(doc))
+        doc = msgspec.structs.replace(doc, attestation=mechanism)
     if as_json:
         echo_json(doc)
         return
     _print_record(kind, verb, doc, mechanism)
     if mechanism is not None:
         try:
-            scope = client.get("/admin/settings").get("idScope")
+            scope = client.settings.get().id_scope
         except AuthorizationError:  # a policy without ServiceConfig: the hint is optional
             return
         click.echo(
@@ -156,33 +180,33 @@ def _output_written(client: ServiceClient, kind: Kind, verb: str, doc: dict[str,
         )
 
 
-def _list_rows(kind: Kind, items: Iterator[Any]) -> Iterator[list[Any]]:
+def _list_rows(items: Iterator[IndividualEnrollment | EnrollmentGroup]) -> Iterator[list[Any]]:
     for doc in items:
-        state = doc.get("registrationState") or {}
-        hubs = doc.get("iotHubs") or doc.get("iotHubHostName")
-        if kind is ENROLLMENTS:
+        hubs = doc.iot_hubs or doc.iot_hub_host_name
+        if isinstance(doc, IndividualEnrollment):
+            state = doc.registration_state
             yield [
-                doc.get(kind.id_field),
-                doc.get("deviceId"),
-                _attestation_label(doc.get("attestation")),
-                doc.get("provisioningStatus"),
+                doc.registration_id,
+                doc.device_id,
+                _attestation_label(doc.attestation),
+                doc.provisioning_status,
                 hubs,
-                f"{state.get('status')} ({state.get('assignedHub') or '-'})" if state else "",
-                doc.get("lastUpdatedDateTimeUtc"),
+                f"{_status(state)} ({state.assigned_hub or '-'})" if state else "",
+                doc.last_updated_date_time_utc,
             ]
         else:
             yield [
-                doc.get(kind.id_field),
-                _attestation_label(doc.get("attestation")),
-                doc.get("provisioningStatus"),
+                doc.enrollment_group_id,
+                _attestation_label(doc.attestation),
+                doc.provisioning_status,
                 hubs,
-                doc.get("allocationPolicy"),
-                doc.get("lastUpdatedDateTimeUtc"),
+                doc.allocation_policy,
+                doc.last_updated_date_time_utc,
             ]
 
 
-_LIST_COLUMNS = {
-    ENROLLMENTS.path: [
+_LIST_COLUMNS: Mapping[Kind[Any], list[str]] = {
+    ENROLLMENTS: [
         "Registration id",
         "Device id",
         "Attestation",
@@ -191,11 +215,11 @@ _LIST_COLUMNS = {
         "Registration",
         "Updated",
     ],
-    GROUPS.path: ["Group id", "Attestation", "Status", "IoT hubs", "Allocation", "Updated"],
+    GROUPS: ["Group id", "Attestation", "Status", "IoT hubs", "Allocation", "Updated"],
 }
 
 
-def _add_shared_commands(group_cmd: click.Group, kind: Kind, id_name: str, where_fields: str) -> None:
+def _add_shared_commands(group_cmd: click.Group, kind: Kind[E], id_name: str) -> None:
     """show, list, enable, disable, delete and keys: the same for enrollments and groups."""
     label = kind.label
 
@@ -206,49 +230,50 @@ def _add_shared_commands(group_cmd: click.Group, kind: Kind, id_name: str, where
     )
     @connected()
     def show(client: ServiceClient, id: str, keys: bool) -> None:
-        doc = client.get(kind.item(id))
+        operations = kind.operations(client)
+        doc = operations.get(id)
         if keys:
-            doc["attestation"] = _mechanism(client, kind, id)
+            doc = msgspec.structs.replace(doc, attestation=operations.attestation_mechanism(id))
         echo_json(doc)
 
     @group_cmd.command("list", help=f"List {label}s (a paged query; --where filters on the server).")
-    @_where_option(where_fields)
+    @_where_option(kind.where_fields)
     @_limit_option
     @json_option
     @connected()
     def list_(client: ServiceClient, where: str | None, limit: int | None, as_json: bool) -> None:
-        items = _query(client, f"{kind.path}/query", query_text(kind.collection, where), limit)
+        query = query_text(kind.collection, where)
+        items = _first(kind.operations(client).query(query, page_size=_page(limit)), limit)
         if as_json:
             echo_json(list(items))
         else:
-            count = print_table(f"{label.capitalize()}s", _LIST_COLUMNS[kind.path], _list_rows(kind, items))
+            count = print_table(f"{label.capitalize()}s", _LIST_COLUMNS[kind], _list_rows(items))
             click.echo(f"{count} {label}{'' if count == 1 else 's'}.")
 
-    def _set_status(client: ServiceClient, id: str, status: str) -> None:
-        def change(doc: dict[str, Any]) -> None:
-            doc["provisioningStatus"] = status
-
-        read_modify_write(client, kind.item(id), change)
-        click.echo(f"{label.capitalize()} {id!r} is {status}.")
+    def _set_status(client: ServiceClient, id: str, status: ProvisioningStatus) -> None:
+        kind.operations(client).modify(
+            id, lambda doc: msgspec.structs.replace(doc, provisioning_status=status)
+        )
+        click.echo(f"{label.capitalize()} {id!r} is {status.value}.")
 
     @group_cmd.command("enable", help=f"Let devices of the {label} provision again.")
     @click.argument("id", metavar=id_name)
     @connected()
     def enable(client: ServiceClient, id: str) -> None:
-        _set_status(client, id, "enabled")
+        _set_status(client, id, ProvisioningStatus.ENABLED)
 
     @group_cmd.command("disable", help=f"Refuse provisioning to devices of the {label} (it is kept).")
     @click.argument("id", metavar=id_name)
     @connected()
     def disable(client: ServiceClient, id: str) -> None:
-        _set_status(client, id, "disabled")
+        _set_status(client, id, ProvisioningStatus.DISABLED)
 
     @group_cmd.command("delete", help=f"Delete the {label} (its registration records stay).")
     @click.argument("id", metavar=id_name)
     @etag_option
     @connected()
     def delete(client: ServiceClient, id: str, etag: str | None) -> None:
-        client.delete(kind.item(id), if_match=etag)
+        kind.operations(client).delete(id, if_match=etag)
         click.echo(f"Deleted {label} {id!r}.")
 
     @group_cmd.command(
@@ -258,7 +283,7 @@ def _add_shared_commands(group_cmd: click.Group, kind: Kind, id_name: str, where
     @json_option
     @connected()
     def keys(client: ServiceClient, id: str, as_json: bool) -> None:
-        mechanism = _mechanism(client, kind, id)
+        mechanism = kind.operations(client).attestation_mechanism(id)
         if as_json:
             echo_json(mechanism)
         else:
@@ -277,18 +302,6 @@ def _symmetric_key_options(func: Any) -> Any:
     )(func)
 
 
-_ATTESTATION_FLAGS = {
-    ENROLLMENTS.path: (
-        "symmetric_key",
-        "primary_key",
-        "secondary_key",
-        "x509_cert",
-        "x509_secondary",
-        "tpm_ek",
-        "tpm_srk",
-    ),
-    GROUPS.path: ("symmetric_key", "primary_key", "secondary_key", "ca_cert", "ca_ref"),
-}
 _COMMON_FLAGS = (
     "hubs",
     "allocation_policy",
@@ -299,35 +312,46 @@ _COMMON_FLAGS = (
     "initial_twin",
     "reprovision",
 )
+_INDIVIDUAL_ATTESTATION_FLAGS = (
+    "symmetric_key",
+    "primary_key",
+    "secondary_key",
+    "x509_cert",
+    "x509_secondary",
+    "tpm_ek",
+    "tpm_srk",
+)
+_GROUP_ATTESTATION_FLAGS = ("symmetric_key", "primary_key", "secondary_key", "ca_cert", "ca_ref")
 
 
-def _apply_flags(kind: Kind, doc: dict[str, Any], flags: Mapping[str, Any], *, creating: bool) -> None:
-    """Set on ``doc`` what the create/update flags ask for."""
-    attestation_flags = {name: flags[name] for name in _ATTESTATION_FLAGS[kind.path]}
-    builder = individual_attestation if kind is ENROLLMENTS else group_attestation
-    attestation = builder(doc.get("attestation"), **attestation_flags)
+def _apply_flags(doc: E, flags: Mapping[str, Any]) -> E:
+    """``doc`` with what the create/update flags ask for (an attestation no flag names stays)."""
+    attestation: AttestationMechanism | None
+    if isinstance(doc, IndividualEnrollment):
+        attestation = individual_attestation(
+            doc.attestation, **{name: flags[name] for name in _INDIVIDUAL_ATTESTATION_FLAGS}
+        )
+        if flags.get("device_id"):
+            doc = msgspec.structs.replace(doc, device_id=flags["device_id"])
+    else:
+        attestation = group_attestation(
+            doc.attestation, **{name: flags[name] for name in _GROUP_ATTESTATION_FLAGS}
+        )
     if attestation is not None:
-        doc["attestation"] = attestation
-    elif creating:
-        doc["attestation"] = {"type": "symmetricKey"}
-    if flags.get("device_id"):
-        doc["deviceId"] = flags["device_id"]
-    apply_common_flags(doc, **{name: flags[name] for name in _COMMON_FLAGS})
+        doc = msgspec.structs.replace(doc, attestation=attestation)
+    return apply_common_flags(doc, **{name: flags[name] for name in _COMMON_FLAGS})
 
 
-def _create(client: ServiceClient, kind: Kind, id: str, flags: Mapping[str, Any], as_json: bool) -> None:
-    doc: dict[str, Any] = {kind.id_field: id}
-    _apply_flags(kind, doc, flags, creating=True)
-    created = client.put(kind.item(id), doc)
+def _create(client: ServiceClient, kind: Kind[E], id: str, flags: Mapping[str, Any], as_json: bool) -> None:
+    operations: EnrollmentsClient[E] = kind.operations(client)
+    created = operations.create(_apply_flags(kind.new(id), flags))
     _output_written(client, kind, "Created", created, as_json)
 
 
-def _update(client: ServiceClient, kind: Kind, id: str, flags: Mapping[str, Any], as_json: bool) -> None:
+def _update(client: ServiceClient, kind: Kind[E], id: str, flags: Mapping[str, Any], as_json: bool) -> None:
     if not any(flags[name] not in (None, False, ()) for name in flags):
         raise click.UsageError("Nothing to change: give at least one flag (see --help).")
-    updated = read_modify_write(
-        client, kind.item(id), lambda doc: _apply_flags(kind, doc, flags, creating=False)
-    )
+    updated = kind.operations(client).modify(id, lambda doc: _apply_flags(doc, flags))
     if as_json:
         echo_json(updated)
     else:
@@ -390,12 +414,7 @@ def enrollment_update(client: ServiceClient, registration_id: str, as_json: bool
     _update(client, ENROLLMENTS, registration_id, flags, as_json)
 
 
-_add_shared_commands(
-    enrollment,
-    ENROLLMENTS,
-    "REGISTRATION_ID",
-    "registrationId, deviceId, provisioningStatus, attestation.type, iotHubHostName",
-)
+_add_shared_commands(enrollment, ENROLLMENTS, "REGISTRATION_ID")
 enrollment.add_command(import_command)
 
 
@@ -447,9 +466,7 @@ def group_update(client: ServiceClient, group_id: str, as_json: bool, **flags: A
     _update(client, GROUPS, group_id, flags, as_json)
 
 
-_add_shared_commands(
-    group, GROUPS, "GROUP_ID", "enrollmentGroupId, provisioningStatus, attestation.type, iotHubHostName"
-)
+_add_shared_commands(group, GROUPS, "GROUP_ID")
 
 
 @group.command("device-key")
@@ -460,12 +477,12 @@ _add_shared_commands(
 def group_device_key(client: ServiceClient, group_id: str, registration_id: str, secondary: bool) -> None:
     """Print the symmetric key of device REGISTRATION_ID in group GROUP_ID:
     base64(HMAC-SHA256(group key, registration id))."""
-    mechanism = _mechanism(client, GROUPS, group_id)
-    keys = mechanism.get("symmetricKey") or {}
-    group_key = keys.get("secondaryKey" if secondary else "primaryKey")
-    if mechanism.get("type") != "symmetricKey" or not group_key:
+    mechanism = client.groups.attestation_mechanism(group_id)
+    keys = mechanism.symmetric_key
+    group_key = (keys.secondary_key if secondary else keys.primary_key) if keys else None
+    if mechanism.type is not AttestationType.SYMMETRIC_KEY or not group_key:
         raise click.ClickException(
-            f"Enrollment group {group_id!r} uses {mechanism.get('type')} attestation, not a symmetric key."
+            f"Enrollment group {group_id!r} uses {mechanism.type.value} attestation, not a symmetric key."
         )
     click.echo(derive_device_key(group_key, registration_id))
 
@@ -483,7 +500,7 @@ def registration() -> None:
 @connected()
 def registration_show(client: ServiceClient, registration_id: str) -> None:
     """Print the registration record of REGISTRATION_ID as JSON."""
-    echo_json(client.get(f"/registrations/{seg(registration_id)}"))
+    echo_json(client.registrations.get(registration_id))
 
 
 @registration.command("list")
@@ -496,18 +513,13 @@ def registration_list(
     client: ServiceClient, group_id: str, where: str | None, limit: int | None, as_json: bool
 ) -> None:
     """List the registration records of the devices of enrollment group GROUP_ID."""
-    items = _query(client, f"/registrations/{seg(group_id)}/query", query_text("registrations", where), limit)
+    query = query_text("registrations", where)
+    items = _first(client.registrations.query(group_id, query, page_size=_page(limit)), limit)
     if as_json:
         echo_json(list(items))
         return
     rows = (
-        [
-            r.get("registrationId"),
-            r.get("deviceId"),
-            r.get("status"),
-            r.get("assignedHub"),
-            r.get("lastUpdatedDateTimeUtc"),
-        ]
+        [r.registration_id, r.device_id, r.status, r.assigned_hub, r.last_updated_date_time_utc]
         for r in items
     )
     count = print_table(
@@ -524,5 +536,5 @@ def registration_list(
 @connected()
 def registration_delete(client: ServiceClient, registration_id: str, etag: str | None) -> None:
     """Delete the registration record of REGISTRATION_ID (the device provisions afresh next time)."""
-    client.delete(f"/registrations/{seg(registration_id)}", if_match=etag)
+    client.registrations.delete(registration_id, if_match=etag)
     click.echo(f"Deleted the registration record of {registration_id!r}.")

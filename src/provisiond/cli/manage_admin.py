@@ -5,15 +5,25 @@ API (Azure keeps these in its Resource Manager). Re-exported by :mod:`provisiond
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
+import msgspec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from .. import pki
-from ..models import Right, X509GroupAuthentication
+from ..models import (
+    AllocationPolicy,
+    CaCertificate,
+    CertificateUpload,
+    LinkedHub,
+    Right,
+    ServiceSettingsPatch,
+    SharedAccessPolicy,
+    X509GroupAuthentication,
+)
 from ..service_client import ServiceClient
 from ._common import (
     CONTEXT,
@@ -26,11 +36,18 @@ from ._common import (
     print_fields,
     print_table,
     read_certificate_file,
-    read_modify_write,
-    seg,
 )
+from ._enrollment_flags import EnumChoice
 
 __all__ = ["ca", "hub", "policy", "settings"]
+
+
+T = TypeVar("T")
+
+
+def _given(value: T | None, current: T | None) -> T | None:
+    """What a flag sets: ``value`` when given, else the ``current`` one."""
+    return current if value is None else value
 
 
 # --- hub -----------------------------------------------------------------------------------------
@@ -45,20 +62,16 @@ def hub() -> None:
     """
 
 
-def _hub_path(host: str) -> str:
-    return f"/admin/linkedHubs/{seg(host)}"
-
-
-def _print_hub(verb: str, doc: Mapping[str, Any]) -> None:
+def _print_hub(verb: str, hub: LinkedHub) -> None:
     print_fields(
-        f"{verb} IoT hub {doc.get('hostName')!r}:",
+        f"{verb} IoT hub {hub.host_name!r}:",
         [
-            ("Allocation weight", doc.get("allocationWeight")),
-            ("Used by allocation", doc.get("applyAllocationPolicy")),
-            ("Built in", doc.get("builtin")),
-            ("Location", doc.get("location")),
-            ("X.509 group devices", doc.get("x509GroupAuthentication") or "selfSigned"),
-            ("Etag", doc.get("etag")),
+            ("Allocation weight", hub.allocation_weight),
+            ("Used by allocation", hub.apply_allocation_policy),
+            ("Built in", hub.builtin),
+            ("Location", hub.location),
+            ("X.509 group devices", hub.x509_group_authentication or X509GroupAuthentication.SELF_SIGNED),
+            ("Etag", hub.etag),
         ],
     )
 
@@ -68,18 +81,12 @@ def _print_hub(verb: str, doc: Mapping[str, Any]) -> None:
 @connected()
 def hub_list(client: ServiceClient, as_json: bool) -> None:
     """List the linked IoT hubs (their connection strings are never shown)."""
-    hubs = client.get("/admin/linkedHubs")
+    hubs = client.hubs.list()
     if as_json:
         echo_json(hubs)
         return
     rows = (
-        [
-            h.get("hostName"),
-            h.get("allocationWeight"),
-            h.get("applyAllocationPolicy"),
-            h.get("builtin") or False,
-            h.get("location"),
-        ]
+        [h.host_name, h.allocation_weight, h.apply_allocation_policy, h.builtin or False, h.location]
         for h in hubs
     )
     print_table("Linked IoT hubs", ["Host name", "Weight", "Allocation", "Built in", "Location"], rows)
@@ -90,14 +97,14 @@ def hub_list(client: ServiceClient, as_json: bool) -> None:
 @connected()
 def hub_show(client: ServiceClient, host: str) -> None:
     """Print the linked IoT hub HOST as JSON (its connection string is never shown)."""
-    echo_json(client.get(_hub_path(host)))
+    echo_json(client.hubs.get(host))
 
 
 def _hub_options(func: Any) -> Any:
     func = click.option(
         "--x509-group-authentication",
         "x509_group_authentication",
-        type=click.Choice([a.value for a in X509GroupAuthentication]),
+        type=EnumChoice(*X509GroupAuthentication),
         help="How X.509 group devices are created in this hub: selfSigned with the device "
         "certificate's thumbprint, as DPS does, or certificateAuthority [add default: selfSigned].",
     )(func)
@@ -137,22 +144,19 @@ def hub_add(
     weight: int | None,
     allocation: bool | None,
     location: str | None,
-    x509_group_authentication: str | None,
+    x509_group_authentication: X509GroupAuthentication | None,
     as_json: bool,
 ) -> None:
     """Link the IoT hub HOST (its host name)."""
-    doc: dict[str, Any] = {
-        "hostName": host,
-        "connectionString": hub_connection_string,
-        "allocationWeight": weight or 1,
-        "applyAllocationPolicy": True if allocation is None else allocation,
-    }
-    if location:
-        doc["location"] = location
-    if x509_group_authentication:
-        doc["x509GroupAuthentication"] = x509_group_authentication
-    result = client.put(_hub_path(host), doc)
-    emit(as_json, result, lambda d: _print_hub("Linked", d))
+    hub = LinkedHub(
+        host_name=host,
+        connection_string=hub_connection_string,
+        allocation_weight=weight or 1,
+        apply_allocation_policy=True if allocation is None else allocation,
+        location=location or None,
+        x509_group_authentication=x509_group_authentication,
+    )
+    emit(as_json, client.hubs.put(hub), lambda d: _print_hub("Linked", d))
 
 
 @hub.command("update")
@@ -174,7 +178,7 @@ def hub_update(
     weight: int | None,
     allocation: bool | None,
     location: str | None,
-    x509_group_authentication: str | None,
+    x509_group_authentication: X509GroupAuthentication | None,
     as_json: bool,
 ) -> None:
     """Change a linked hub (read, modify, write back with its etag)."""
@@ -185,20 +189,17 @@ def hub_update(
             "or --x509-group-authentication."
         )
 
-    def change(doc: dict[str, Any]) -> None:
-        if hub_connection_string is not None:
-            doc["connectionString"] = hub_connection_string
-        if weight is not None:
-            doc["allocationWeight"] = weight
-        if allocation is not None:
-            doc["applyAllocationPolicy"] = allocation
-        if location is not None:
-            doc["location"] = location
-        if x509_group_authentication is not None:
-            doc["x509GroupAuthentication"] = x509_group_authentication
+    def change(hub: LinkedHub) -> LinkedHub:
+        return msgspec.structs.replace(
+            hub,
+            connection_string=_given(hub_connection_string, hub.connection_string),
+            allocation_weight=_given(weight, hub.allocation_weight),
+            apply_allocation_policy=_given(allocation, hub.apply_allocation_policy),
+            location=_given(location, hub.location),
+            x509_group_authentication=_given(x509_group_authentication, hub.x509_group_authentication),
+        )
 
-    result = read_modify_write(client, _hub_path(host), change)
-    emit(as_json, result, lambda d: _print_hub("Updated", d))
+    emit(as_json, client.hubs.modify(host, change), lambda d: _print_hub("Updated", d))
 
 
 @hub.command("remove")
@@ -207,7 +208,7 @@ def hub_update(
 @connected()
 def hub_remove(client: ServiceClient, host: str, etag: str | None) -> None:
     """Unlink the IoT hub HOST (the built-in hub cannot be removed; use --no-allocation)."""
-    client.delete(_hub_path(host), if_match=etag)
+    client.hubs.delete(host, if_match=etag)
     click.echo(f"Unlinked IoT hub {host!r}.")
 
 
@@ -219,19 +220,15 @@ def ca() -> None:
     """Manage CA certificates and their proof of possession (for X.509 enrollment groups)."""
 
 
-def _ca_path(name: str, action: str = "") -> str:
-    return f"/admin/certificates/{seg(name)}" + (f"/{action}" if action else "")
-
-
-def _print_ca(verb: str, doc: Mapping[str, Any]) -> None:
+def _print_ca(verb: str, ca: CaCertificate) -> None:
     print_fields(
-        f"{verb} CA certificate {doc.get('name')!r}:",
+        f"{verb} CA certificate {ca.name!r}:",
         [
-            ("Subject", doc.get("subject")),
-            ("Verified", bool(doc.get("isVerified"))),
-            ("SHA-1 thumbprint", doc.get("thumbprint")),
-            ("Expires", doc.get("expiry")),
-            ("Verification code", doc.get("verificationCode")),
+            ("Subject", ca.subject),
+            ("Verified", bool(ca.is_verified)),
+            ("SHA-1 thumbprint", ca.thumbprint),
+            ("Expires", ca.expiry),
+            ("Verification code", ca.verification_code),
         ],
     )
 
@@ -241,14 +238,11 @@ def _print_ca(verb: str, doc: Mapping[str, Any]) -> None:
 @connected()
 def ca_list(client: ServiceClient, as_json: bool) -> None:
     """List the CA certificates."""
-    cas = client.get("/admin/certificates")
+    cas = client.certificates.list()
     if as_json:
         echo_json(cas)
         return
-    rows = (
-        [c.get("name"), c.get("subject"), bool(c.get("isVerified")), c.get("thumbprint"), c.get("expiry")]
-        for c in cas
-    )
+    rows = ([c.name, c.subject, bool(c.is_verified), c.thumbprint, c.expiry] for c in cas)
     print_table("CA certificates", ["Name", "Subject", "Verified", "SHA-1 thumbprint", "Expires"], rows)
 
 
@@ -257,7 +251,7 @@ def ca_list(client: ServiceClient, as_json: bool) -> None:
 @connected()
 def ca_show(client: ServiceClient, name: str) -> None:
     """Print the CA certificate NAME as JSON."""
-    echo_json(client.get(_ca_path(name)))
+    echo_json(client.certificates.get(name))
 
 
 @ca.command("upload")
@@ -274,8 +268,8 @@ def ca_upload(
 ) -> None:
     """Upload the CA certificate in PEM_FILE as NAME. Then prove you hold its key
     (`provisiond ca prove`, or verification-code + verify) unless --verified."""
-    body = {"certificate": read_certificate_file(pem_file, "PEM_FILE"), "isVerified": verified}
-    result = client.put(_ca_path(name), body, if_match="*" if replace else None)
+    upload = CertificateUpload(certificate=read_certificate_file(pem_file, "PEM_FILE"), is_verified=verified)
+    result = client.certificates.upload(name, upload, if_match="*" if replace else None)
     emit(as_json, result, lambda d: _print_ca("Uploaded", d))
 
 
@@ -286,8 +280,8 @@ def ca_upload(
 def ca_verification_code(client: ServiceClient, name: str, as_json: bool) -> None:
     """Print a fresh verification code for NAME: sign a certificate whose subject CN is the code
     with the CA's key, then `provisiond ca verify NAME CERT`."""
-    result = client.post(_ca_path(name, "generateVerificationCode"))
-    emit(as_json, result, lambda d: click.echo(d["verificationCode"]))
+    result = client.certificates.generate_verification_code(name)
+    emit(as_json, result, lambda d: click.echo(d.verification_code))
 
 
 @ca.command("verify")
@@ -298,9 +292,7 @@ def ca_verification_code(client: ServiceClient, name: str, as_json: bool) -> Non
 def ca_verify(client: ServiceClient, name: str, pem_file: Path, as_json: bool) -> None:
     """Verify NAME with the proof-of-possession certificate in PEM_FILE (subject CN = the
     verification code, signed by the CA)."""
-    result = client.post(
-        _ca_path(name, "verify"), {"certificate": read_certificate_file(pem_file, "PEM_FILE")}
-    )
+    result = client.certificates.verify(name, read_certificate_file(pem_file, "PEM_FILE"))
     emit(as_json, result, lambda d: _print_ca("Verified", d))
 
 
@@ -319,17 +311,17 @@ def ca_prove(client: ServiceClient, name: str, ca_key_prefix: Path, as_json: boo
     """The whole proof of possession in one step: get a verification code, sign the verification
     certificate with the CA's key (PREFIX.key), and verify NAME with it."""
     issued = pki.read_issued(ca_key_prefix)
-    stored = client.get(_ca_path(name))
+    stored = client.certificates.get(name)
     local = str(pki.certificate_info(issued.cert)["sha256Thumbprint"])
-    if str(stored.get("sha256Thumbprint", "")).upper() != local:
+    if (stored.sha256_thumbprint or "").upper() != local:
         raise click.ClickException(
             f"{pki.cert_path(ca_key_prefix)} is not the CA certificate uploaded as {name!r} "
-            f"(SHA-256 {local} vs {stored.get('sha256Thumbprint')})."
+            f"(SHA-256 {local} vs {stored.sha256_thumbprint})."
         )
-    code = client.post(_ca_path(name, "generateVerificationCode"))["verificationCode"]
+    code = client.certificates.generate_verification_code(name).verification_code
+    assert code is not None, "the service answered generateVerificationCode without a code"
     proof = pki.make_verification_cert(code, issued)
-    pem = proof.cert.public_bytes(Encoding.PEM).decode("ascii")
-    result = client.post(_ca_path(name, "verify"), {"certificate": pem})
+    result = client.certificates.verify(name, proof.cert.public_bytes(Encoding.PEM).decode("ascii"))
     emit(as_json, result, lambda d: _print_ca("Verified", d))
 
 
@@ -339,7 +331,7 @@ def ca_prove(client: ServiceClient, name: str, ca_key_prefix: Path, as_json: boo
 @connected()
 def ca_delete(client: ServiceClient, name: str, etag: str | None) -> None:
     """Delete the CA certificate NAME."""
-    client.delete(_ca_path(name), if_match=etag)
+    client.certificates.delete(name, if_match=etag)
     click.echo(f"Deleted CA certificate {name!r}.")
 
 
@@ -351,20 +343,20 @@ def policy() -> None:
     """Manage shared access policies: named keys with rights on the service API."""
 
 
-_RIGHTS = {right.value.lower(): right.value for right in Right}
+_RIGHTS = {right.value.lower(): right for right in Right}
 
 
-def _parse_rights(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[str] | None:
-    """Every right of every --rights (each comma-separated); None when there is none."""
+def _parse_rights(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[Right] | None:
+    """Every right of every --rights (each comma-separated, any case); None when there is none."""
     if not value:
         return None
     names = [n for item in value for n in item.replace(";", ",").replace(" ", ",").split(",") if n]
     unknown = [n for n in names if n.lower() not in _RIGHTS]
     if unknown or not names:
         raise click.BadParameter(
-            f"unknown right(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(_RIGHTS.values())}"
+            f"unknown right(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(r.value for r in Right)}"
         )
-    return sorted({_RIGHTS[n.lower()] for n in names})
+    return sorted({_RIGHTS[n.lower()] for n in names}, key=lambda right: right.value)
 
 
 def _rights_option(required: bool) -> Callable[[Any], Any]:
@@ -380,22 +372,18 @@ def _rights_option(required: bool) -> Callable[[Any], Any]:
     )
 
 
-def _policy_path(name: str, action: str = "") -> str:
-    return f"/admin/sharedAccessPolicies/{seg(name)}" + (f"/{action}" if action else "")
+def _without_keys(policy: SharedAccessPolicy) -> SharedAccessPolicy:
+    return msgspec.structs.replace(policy, primary_key=None, secondary_key=None)
 
 
-def _without_keys(doc: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in doc.items() if k not in ("primaryKey", "secondaryKey")}
-
-
-def _print_policy(verb: str, doc: Mapping[str, Any]) -> None:
+def _print_policy(verb: str, policy: SharedAccessPolicy) -> None:
     print_fields(
-        f"{verb} shared access policy {doc.get('keyName')!r}:",
+        f"{verb} shared access policy {policy.key_name!r}:",
         [
-            ("Rights", doc.get("rights")),
-            ("Primary key", doc.get("primaryKey")),
-            ("Secondary key", doc.get("secondaryKey")),
-            ("Etag", doc.get("etag")),
+            ("Rights", policy.rights),
+            ("Primary key", policy.primary_key),
+            ("Secondary key", policy.secondary_key),
+            ("Etag", policy.etag),
         ],
     )
 
@@ -405,13 +393,11 @@ def _print_policy(verb: str, doc: Mapping[str, Any]) -> None:
 @connected()
 def policy_list(client: ServiceClient, as_json: bool) -> None:
     """List the shared access policies (without keys)."""
-    policies = client.get("/admin/sharedAccessPolicies")
+    policies = client.policies.list()
     if as_json:
         echo_json(policies)
         return
-    print_table(
-        "Shared access policies", ["Name", "Rights"], ([p.get("keyName"), p.get("rights")] for p in policies)
-    )
+    print_table("Shared access policies", ["Name", "Rights"], ([p.key_name, p.rights] for p in policies))
 
 
 @policy.command("show")
@@ -420,7 +406,7 @@ def policy_list(client: ServiceClient, as_json: bool) -> None:
 @connected()
 def policy_show(client: ServiceClient, name: str, keys: bool) -> None:
     """Print the policy NAME as JSON."""
-    echo_json(client.post(_policy_path(name, "listKeys")) if keys else client.get(_policy_path(name)))
+    echo_json(client.policies.get(name, keys=keys))
 
 
 @policy.command("create")
@@ -433,16 +419,17 @@ def policy_show(client: ServiceClient, name: str, keys: bool) -> None:
 def policy_create(
     client: ServiceClient,
     name: str,
-    rights: list[str],
+    rights: list[Right],
     primary_key: str | None,
     secondary_key: str | None,
     as_json: bool,
 ) -> None:
     """Create the policy NAME with --rights. Its keys are generated unless given; print a
     connection string with `provisiond policy connection-string NAME`."""
-    body: dict[str, Any] = {"keyName": name, "rights": rights}
-    body.update({k: v for k, v in (("primaryKey", primary_key), ("secondaryKey", secondary_key)) if v})
-    result = _without_keys(client.put(_policy_path(name), body))
+    new = SharedAccessPolicy(
+        key_name=name, rights=rights, primary_key=primary_key or None, secondary_key=secondary_key or None
+    )
+    result = _without_keys(client.policies.put(new))
     emit(as_json, result, lambda d: _print_policy("Created", d))
 
 
@@ -460,7 +447,7 @@ def policy_create(
 def policy_update(
     client: ServiceClient,
     name: str,
-    rights: list[str] | None,
+    rights: list[Right] | None,
     primary_key: str | None,
     secondary_key: str | None,
     regenerate_primary: bool,
@@ -478,15 +465,15 @@ def policy_update(
             "Nothing to change: give --rights, a key, or --regenerate-primary/--regenerate-secondary."
         )
 
-    def change(doc: dict[str, Any]) -> None:
-        if rights is not None:
-            doc["rights"] = rights
-        if primary is not None:
-            doc["primaryKey"] = primary
-        if secondary is not None:
-            doc["secondaryKey"] = secondary
+    def change(policy: SharedAccessPolicy) -> SharedAccessPolicy:
+        return msgspec.structs.replace(
+            policy,
+            rights=_given(rights, policy.rights),
+            primary_key=_given(primary, policy.primary_key),
+            secondary_key=_given(secondary, policy.secondary_key),
+        )
 
-    result = _without_keys(read_modify_write(client, _policy_path(name), change))
+    result = _without_keys(client.policies.modify(name, change))
     emit(as_json, result, lambda d: _print_policy("Updated", d))
 
 
@@ -496,7 +483,7 @@ def policy_update(
 @connected()
 def policy_delete(client: ServiceClient, name: str, etag: str | None) -> None:
     """Delete the policy NAME (the last policy with ServiceConfig cannot be deleted)."""
-    client.delete(_policy_path(name), if_match=etag)
+    client.policies.delete(name, if_match=etag)
     click.echo(f"Deleted shared access policy {name!r}.")
 
 
@@ -506,10 +493,10 @@ def policy_delete(client: ServiceClient, name: str, etag: str | None) -> None:
 @connected()
 def policy_connection_string(client: ServiceClient, name: str, secondary: bool) -> None:
     """Print a connection string for this service signed with the policy NAME's key."""
-    keys = client.post(_policy_path(name, "listKeys"))
-    key = keys.get("secondaryKey" if secondary else "primaryKey")
+    keys = client.policies.get(name, keys=True)
+    key = keys.secondary_key if secondary else keys.primary_key
     click.echo(
-        f"HostName={client.connection.host};SharedAccessKeyName={keys.get('keyName', name)};SharedAccessKey={key}"
+        f"HostName={client.connection.host};SharedAccessKeyName={keys.key_name or name};SharedAccessKey={key}"
     )
 
 
@@ -525,22 +512,24 @@ def settings() -> None:
 @connected()
 def settings_show(client: ServiceClient) -> None:
     """Print the service settings as JSON (idScope is what devices need)."""
-    echo_json(client.get("/admin/settings"))
+    echo_json(client.settings.get())
 
 
 @settings.command("set")
 @click.option(
     "--allocation-policy",
-    type=click.Choice(["hashed", "static", "geoLatency"]),
+    type=EnumChoice(AllocationPolicy.HASHED, AllocationPolicy.STATIC, AllocationPolicy.GEO_LATENCY),
     help="Default allocation policy for enrollments that set none.",
 )
 @click.option(
     "--id-scope", metavar="SCOPE", help="The ID scope ('0ne' and 8 hex digits); devices must use the new one."
 )
 @connected()
-def settings_set(client: ServiceClient, allocation_policy: str | None, id_scope: str | None) -> None:
+def settings_set(
+    client: ServiceClient, allocation_policy: AllocationPolicy | None, id_scope: str | None
+) -> None:
     """Change service settings; prints the result as JSON."""
-    patch = {k: v for k, v in (("allocationPolicy", allocation_policy), ("idScope", id_scope)) if v}
-    if not patch:
+    if allocation_policy is None and not id_scope:
         raise click.UsageError("Nothing to change: give --allocation-policy or --id-scope.")
-    echo_json(client.patch("/admin/settings", patch))
+    patch = ServiceSettingsPatch(id_scope=id_scope or None, allocation_policy=allocation_policy)
+    echo_json(client.settings.update(patch))

@@ -320,8 +320,11 @@ class MqttConnection:
 
     # --- operations: both roles ------------------------------------------------------------------
 
-    def publish(self, topic: str, payload: bytes = b"", *, qos: QoS = QoS.AT_LEAST_ONCE) -> int | None:
-        """Queue a PUBLISH; return its packet identifier (None at QoS 0).
+    def publish(
+        self, topic: str, payload: bytes = b"", *, qos: QoS = QoS.AT_LEAST_ONCE, dup: bool = False
+    ) -> int | None:
+        """Queue a PUBLISH; return its packet identifier (None at QoS 0). ``dup`` marks a
+        redelivery (QoS 1 only): a message the peer may have seen on an earlier connection.
 
         :raises LocalProtocolError: not connected, QoS 2, or too many unacknowledged publishes.
         """
@@ -332,7 +335,7 @@ class MqttConnection:
             if len(self._inflight) >= self._max_inflight:
                 raise LocalProtocolError(f"{len(self._inflight)} publishes already await their PUBACK.")
             packet_id = self._allocate_id()
-        self._send(Publish(topic=topic, payload=payload, qos=qos, packet_id=packet_id))
+        self._send(Publish(topic=topic, payload=payload, qos=qos, packet_id=packet_id, dup=dup))
         if packet_id is not None:
             self._inflight.add(packet_id)
         return packet_id
@@ -353,10 +356,14 @@ class MqttConnection:
 
     # --- operations: server ----------------------------------------------------------------------
 
-    def accept(self) -> None:
-        """Accept the CONNECT (CONNACK 0, session present 0: every session is clean here)."""
+    def accept(self, *, session_present: bool = False) -> None:
+        """Accept the CONNECT (CONNACK 0). ``session_present``: the server kept a session for
+        this client id from an earlier connection (never for a clean-session CONNECT,
+        MQTT-3.2.2-1)."""
         self._require(Role.SERVER, "accept a CONNECT")
-        self._send(Connack(return_code=ConnectReturnCode.ACCEPTED, session_present=False))
+        if session_present and self.connect_packet is not None and self.connect_packet.clean_session:
+            raise LocalProtocolError("A clean-session CONNECT has no session present (MQTT-3.2.2-1).")
+        self._send(Connack(return_code=ConnectReturnCode.ACCEPTED, session_present=session_present))
 
     def refuse(self, code: ConnectReturnCode, reason: str) -> None:
         """Refuse the CONNECT with ``code`` and close; ``reason`` is for the logs."""

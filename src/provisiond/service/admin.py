@@ -1,5 +1,6 @@
 """The admin API: what Azure keeps in its management plane (ARM), served by provisiond under
-``/admin`` with the same SAS authentication and the ServiceConfig right.
+``/admin`` with the same SAS authentication and the ServiceConfig right. Each handler parses
+(path, If-Match, body), calls :mod:`provisiond.service.management`, renders.
 
 | Verb | Path | What |
 |---|---|---|
@@ -22,489 +23,208 @@ record exists).
 
 from __future__ import annotations
 
-import re
-import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgspec
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .. import certificates
-from ..errors import (
-    ConflictError,
-    DpsCode,
-    InvalidBodyError,
-    InvalidIdError,
-    PreconditionFailedError,
-    RequestError,
-)
-from ..hub import HubDevice, SymmetricKeyAuth
-from ..models import AllocationPolicy, CaCertificate, LinkedHub, Right, SharedAccessPolicy
-from ..storage import Collection, Record, WriteMode, utc_now
-from .context import SETTINGS_KEY, ServiceContext, context_of
-from .enrollments import check_key, generate_key, load_certificate
+from ..models import CertificateUpload, LinkedHub, Right, ServiceSettingsPatch, SharedAccessPolicy
+from .context import ServiceContext, context_of
 from .http import ApiHandler, decode_body, handle_errors, json_response
+from .management import Management, validate_id_scope
+from .management.certificates import validate_name
+from .management.hubs import validate_host_name
 
 __all__ = ["routes", "validate_id_scope"]
 
-_HOST_NAME = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?)*$"
-)
-_ID_SCOPE = re.compile(r"^0ne[0-9A-Fa-f]{8}$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-._]{0,63}$")
+
+def _if_match(request: Request) -> str | None:
+    return request.headers.get("if-match")
 
 
-def validate_id_scope(value: str) -> str:
-    if not _ID_SCOPE.match(value):
-        raise InvalidBodyError(f"Invalid ID scope {value[:40]!r}: DPS ID scopes are '0ne' and 8 hex digits.")
-    return value
+def _with_etag(item: Any) -> Response:
+    return json_response(item, headers={"ETag": item.etag})
 
 
-def _validate_name(value: str, what: str) -> str:
-    if not _NAME.match(value):
-        raise InvalidIdError(
-            f"Invalid {what} {value[:80]!r}: use 1-64 characters from A-Z, a-z, 0-9 and '-._'."
-        )
-    return value
+def _no_content() -> Response:
+    return Response(status_code=204)
 
 
-async def _write(
-    ctx: ServiceContext, request: Request, collection: Collection, id: str, doc: bytes, body_etag: str | None
-) -> Record:
-    if_match = request.headers.get("if-match") or body_etag
-    ctx.invalidate()
-    try:
-        if if_match is None:
-            return await ctx.store.write(collection, id, doc, mode=WriteMode.CREATE)
-        return await ctx.store.write(collection, id, doc, mode=WriteMode.UPDATE, if_match=if_match)
-    except ConflictError:
-        raise ConflictError(
-            f"The {collection.label} {id!r} already exists; to replace it, send its etag in If-Match (or *)."
-        ) from None
-    except PreconditionFailedError:
-        raise PreconditionFailedError(
-            f"The etag in If-Match does not match the stored {collection.label} {id!r}."
-        ) from None
+async def _admin(request: Request) -> tuple[ServiceContext, Management, dict[str, Any]]:
+    """The context, the management operations and the path parameters of an authorized
+    admin request (ServiceConfig)."""
+    ctx = context_of(request)
+    await ctx.authorize(request, Right.SERVICE_CONFIG)
+    return ctx, ctx.management, request.path_params
 
 
-async def _delete(ctx: ServiceContext, request: Request, collection: Collection, id: str) -> None:
-    ctx.invalidate()
-    await ctx.get_or_404(collection, id, DpsCode.NOT_FOUND)
-    try:
-        await ctx.store.delete(collection, id, if_match=request.headers.get("if-match"))
-    except PreconditionFailedError:
-        raise PreconditionFailedError(
-            f"The etag in If-Match does not match the stored {collection.label} {id!r}."
-        ) from None
-
-
-def _lister(collection: Collection, present: Callable[[Record], Any]) -> ApiHandler:
-    """``GET /admin/<collection>``: every record, presented (secrets stripped)."""
+def _handler(call: Callable[[Management, dict[str, Any]], Awaitable[Response]]) -> ApiHandler:
+    """A handler without a body: authorize, call, render."""
 
     @handle_errors
-    async def list_records(request: Request) -> Response:
-        ctx = context_of(request)
-        await ctx.authorize(request, Right.SERVICE_CONFIG)
-        return json_response([present(r) for r in await ctx.store.query_all(collection)])
+    async def handle(request: Request) -> Response:
+        _, management, params = await _admin(request)
+        return await call(management, params)
 
-    return list_records
-
-
-def _getter(collection: Collection, not_found: int, present: Callable[[Record], Any]) -> ApiHandler:
-    """``GET /admin/<collection>/{name}``: one record, presented, with its ETag."""
-
-    @handle_errors
-    async def get_record(request: Request) -> Response:
-        ctx = context_of(request)
-        await ctx.authorize(request, Right.SERVICE_CONFIG)
-        record = await ctx.get_or_404(collection, request.path_params["name"], not_found)
-        return json_response(present(record), headers={"ETag": record.etag})
-
-    return get_record
+    handle.__name__ = call.__name__
+    return handle
 
 
 # --- settings ----------------------------------------------------------------------------------
 
 
-class _SettingsPatch(msgspec.Struct, rename="camel", kw_only=True):
-    id_scope: str | None = None
-    allocation_policy: AllocationPolicy | None = None
-
-
-@handle_errors
-async def get_settings(request: Request) -> Response:
-    ctx = context_of(request)
-    await ctx.authorize(request, Right.SERVICE_CONFIG)
-    return json_response(await ctx.service_settings())
+async def get_settings(m: Management, _: dict[str, Any]) -> Response:
+    return json_response(await m.settings.get())
 
 
 @handle_errors
 async def patch_settings(request: Request) -> Response:
-    ctx = context_of(request)
-    await ctx.authorize(request, Right.SERVICE_CONFIG)
-    patch = decode_body(await ctx.body(request), _SettingsPatch, "settings")
-    current = await ctx.service_settings()
-    changes: dict[str, Any] = {}
-    if patch.id_scope is not None:
-        changes["id_scope"] = validate_id_scope(patch.id_scope)
-    if patch.allocation_policy is not None:
-        if patch.allocation_policy is AllocationPolicy.CUSTOM:
-            raise InvalidBodyError(
-                "The service's default allocation policy cannot be custom; set it per enrollment."
-            )
-        changes["allocation_policy"] = patch.allocation_policy
-    updated = msgspec.structs.replace(current, **changes)
-    await ctx.store.set_setting(SETTINGS_KEY, msgspec.json.encode(updated).decode())
-    ctx.invalidate()
-    return json_response(updated)
+    ctx, m, _ = await _admin(request)
+    patch = decode_body(await ctx.body(request), ServiceSettingsPatch, "settings")
+    return json_response(await m.settings.update(patch))
 
 
-# --- linked hubs -------------------------------------------------------------------------------
+# --- linked hubs and their identities -----------------------------------------------------------
 
 
-def _present_hub(record: Record, *, secrets: bool = False) -> LinkedHub:
-    hub = msgspec.json.decode(record.doc, type=LinkedHub)
-    return msgspec.structs.replace(
-        hub, etag=record.etag, connection_string=hub.connection_string if secrets else None
-    )
+async def list_hubs(m: Management, _: dict[str, Any]) -> Response:
+    return json_response(await m.hubs.list())
+
+
+async def get_hub(m: Management, p: dict[str, Any]) -> Response:
+    return _with_etag(await m.hubs.get(p["name"]))
 
 
 @handle_errors
 async def put_hub(request: Request) -> Response:
-    ctx = context_of(request)
-    await ctx.authorize(request, Right.SERVICE_CONFIG)
-    name = request.path_params["name"]
-    if not _HOST_NAME.match(name):
-        raise InvalidIdError(f"Invalid IoT hub host name {name[:260]!r}.")
+    ctx, m, p = await _admin(request)
+    host = validate_host_name(p["name"])
     hub = decode_body(await ctx.body(request), LinkedHub, "linked hub")
-    if hub.host_name.lower() != name.lower():
-        raise InvalidBodyError(
-            f"hostName {hub.host_name[:260]!r} in the body differs from {name!r} in the URL."
-        )
-    weight = hub.allocation_weight
-    if weight is not None and not 1 <= weight <= 1000:
-        raise InvalidBodyError(f"allocationWeight must be between 1 and 1000, not {weight}.")
-    existing = await ctx.store.get(Collection.LINKED_HUBS, name)
-    old = msgspec.json.decode(existing.doc, type=LinkedHub) if existing else None
-    # A hub is built in when it was (the one made on first start) or when the request asks for
-    # one: further built-in hubs keep their identities in provisiond's database too (handy for
-    # trying allocation across several hubs without any Azure resource).
-    builtin = bool((old and old.builtin) or (old is None and hub.builtin))
-    connection_string = hub.connection_string or (old.connection_string if old else None)
-    if not builtin and not connection_string:
-        raise InvalidBodyError(
-            "connectionString is required: how provisiond reaches the hub's identity registry "
-            "(HostName=...;SharedAccessKeyName=...;SharedAccessKey=...)."
-        )
-    doc = msgspec.structs.replace(
-        hub,
-        etag=None,
-        builtin=builtin or None,
-        connection_string=connection_string,
-        allocation_weight=weight if weight is not None else 1,
-        apply_allocation_policy=True if hub.apply_allocation_policy is None else hub.apply_allocation_policy,
-    )
-    record = await _write(ctx, request, Collection.LINKED_HUBS, name, msgspec.json.encode(doc), hub.etag)
-    return json_response(_present_hub(record), headers={"ETag": record.etag})
+    return _with_etag(await m.hubs.put(host, hub, if_match=_if_match(request)))
 
 
 @handle_errors
 async def delete_hub(request: Request) -> Response:
-    ctx = context_of(request)
-    await ctx.authorize(request, Right.SERVICE_CONFIG)
-    name = request.path_params["name"]
-    await ctx.get_or_404(Collection.LINKED_HUBS, name, DpsCode.LINKED_HUB_NOT_FOUND)
-    if name.lower() == ctx.settings.builtin_hub.lower():
-        raise RequestError(
-            f"{name!r} is the built-in hub; it can be excluded from allocation but not unlinked."
-        )
-    await _delete(ctx, request, Collection.LINKED_HUBS, name)
-    return Response(status_code=204)
-
-
-def _present_device(record: Record) -> HubDevice:
-    device = msgspec.json.decode(record.doc, type=HubDevice)
-    keys = device.authentication.symmetric_key
-    if keys is not None:  # the device's keys are secrets, like enrollment keys
-        device = msgspec.structs.replace(
-            device,
-            authentication=msgspec.structs.replace(device.authentication, symmetric_key=SymmetricKeyAuth()),
-        )
-    return device
+    _, m, p = await _admin(request)
+    await m.hubs.delete(p["name"], if_match=_if_match(request))
+    return _no_content()
 
 
 @handle_errors
 async def list_hub_devices(request: Request) -> Response:
     """The identities provisiond created in a built-in hub (paged like the query APIs)."""
-    ctx = context_of(request)
-    await ctx.authorize(request, Right.SERVICE_CONFIG)
-    name = request.path_params["name"]
-    await ctx.get_or_404(Collection.LINKED_HUBS, name, DpsCode.LINKED_HUB_NOT_FOUND)
-    page = await ctx.store.query(
-        Collection.HUB_DEVICES,
-        filters={"hub": name.lower()},
-        limit=1000,
-        continuation=request.headers.get("x-ms-continuation") or None,
-    )
+    _, m, p = await _admin(request)
+    page = await m.hubs.devices(p["name"], continuation=request.headers.get("x-ms-continuation") or None)
     headers = {"x-ms-continuation": page.continuation} if page.continuation else None
-    return json_response([_present_device(r) for r in page.records], headers=headers)
+    return json_response(page.items, headers=headers)
 
 
-@handle_errors
-async def get_hub_device(request: Request) -> Response:
-    ctx = context_of(request)
-    await ctx.authorize(request, Right.SERVICE_CONFIG)
-    key = f"{request.path_params['name'].lower()}/{request.path_params['device_id']}"
-    record = await ctx.get_or_404(Collection.HUB_DEVICES, key, DpsCode.HUB_DEVICE_NOT_FOUND)
-    return json_response(_present_device(record), headers={"ETag": record.etag})
+async def get_hub_device(m: Management, p: dict[str, Any]) -> Response:
+    identity = await m.hubs.device(p["name"], p["device_id"])
+    return json_response(identity.device, headers={"ETag": identity.etag})
 
 
 @handle_errors
 async def delete_hub_device(request: Request) -> Response:
-    ctx = context_of(request)
-    await ctx.authorize(request, Right.SERVICE_CONFIG)
-    key = f"{request.path_params['name'].lower()}/{request.path_params['device_id']}"
-    await _delete(ctx, request, Collection.HUB_DEVICES, key)
-    return Response(status_code=204)
+    _, m, p = await _admin(request)
+    await m.hubs.delete_device(p["name"], p["device_id"], if_match=_if_match(request))
+    return _no_content()
 
 
 # --- CA certificates -----------------------------------------------------------------------------
 
 
-class _CertificateUpload(msgspec.Struct, rename="camel", kw_only=True):
-    certificate: str
-    is_verified: bool = False
-    etag: str | None = None
+async def list_cas(m: Management, _: dict[str, Any]) -> Response:
+    return json_response(await m.certificates.list())
 
 
-def _present_ca(record: Record) -> CaCertificate:
-    return msgspec.structs.replace(msgspec.json.decode(record.doc, type=CaCertificate), etag=record.etag)
+async def get_ca(m: Management, p: dict[str, Any]) -> Response:
+    return _with_etag(await m.certificates.get(p["name"]))
 
 
 @handle_errors
 async def put_ca(request: Request) -> Response:
-    ctx = context_of(request)
-    await ctx.authorize(request, Right.SERVICE_CONFIG)
-    name = _validate_name(request.path_params["name"], "certificate name")
-    upload = decode_body(await ctx.body(request), _CertificateUpload, "CA certificate")
-    cert = load_certificate(upload.certificate, "certificate")
-    try:
-        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        constraints = None
-    if constraints is None or not constraints.ca:
-        raise InvalidBodyError(
-            "The certificate is not a CA certificate (BasicConstraints CA:TRUE is missing)."
-        )
-    info = certificates.certificate_info(cert)
-    now = utc_now()
-    doc = CaCertificate(
-        name=name,
-        certificate=cert.public_bytes(Encoding.PEM).decode("ascii"),
-        is_verified=upload.is_verified,
-        subject=str(info["subjectName"]),
-        thumbprint=str(info["sha1Thumbprint"]),
-        sha256_thumbprint=str(info["sha256Thumbprint"]),
-        expiry=str(info["notAfterUtc"]),
-        created=now,
-        updated=now,
-    )
-    record = await _write(
-        ctx, request, Collection.CA_CERTIFICATES, name, msgspec.json.encode(doc), upload.etag
-    )
-    return json_response(_present_ca(record), headers={"ETag": record.etag})
+    ctx, m, p = await _admin(request)
+    name = validate_name(p["name"], "certificate name")
+    upload = decode_body(await ctx.body(request), CertificateUpload, "CA certificate")
+    return _with_etag(await m.certificates.upload(name, upload, if_match=_if_match(request)))
 
 
 @handle_errors
 async def delete_ca(request: Request) -> Response:
-    ctx = context_of(request)
-    await ctx.authorize(request, Right.SERVICE_CONFIG)
-    await _delete(ctx, request, Collection.CA_CERTIFICATES, request.path_params["name"])
-    return Response(status_code=204)
+    _, m, p = await _admin(request)
+    await m.certificates.delete(p["name"], if_match=_if_match(request))
+    return _no_content()
 
 
-@handle_errors
-async def generate_verification_code(request: Request) -> Response:
-    ctx = context_of(request)
-    await ctx.authorize(request, Right.SERVICE_CONFIG)
-    name = request.path_params["name"]
-    record = await ctx.get_or_404(Collection.CA_CERTIFICATES, name, DpsCode.CA_NOT_FOUND)
-    ca = msgspec.json.decode(record.doc, type=CaCertificate)
-    code = secrets.token_hex(24).upper()
-    doc = msgspec.structs.replace(ca, verification_code=code, updated=utc_now(), etag=None)
-    updated = await ctx.store.write(
-        Collection.CA_CERTIFICATES,
-        name,
-        msgspec.json.encode(doc),
-        mode=WriteMode.UPDATE,
-        if_match=record.etag,
-    )
-    return json_response(_present_ca(updated), headers={"ETag": updated.etag})
+async def generate_verification_code(m: Management, p: dict[str, Any]) -> Response:
+    return _with_etag(await m.certificates.generate_verification_code(p["name"]))
 
 
 @handle_errors
 async def verify_ca(request: Request) -> Response:
-    ctx = context_of(request)
-    await ctx.authorize(request, Right.SERVICE_CONFIG)
-    name = request.path_params["name"]
-    record = await ctx.get_or_404(Collection.CA_CERTIFICATES, name, DpsCode.CA_NOT_FOUND)
-    ca_doc = msgspec.json.decode(record.doc, type=CaCertificate)
-    proof = load_certificate(
-        decode_body(await ctx.body(request), _CertificateUpload, "verification certificate").certificate,
-        "certificate",
-    )
-    if not ca_doc.verification_code:
-        raise RequestError(
-            f"No verification code was generated for {name!r}; call generateVerificationCode first."
-        )
-    assert ca_doc.certificate is not None
-    ca = certificates.load_pem_chain(ca_doc.certificate)[0]
-    cns = proof.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    cn = str(cns[0].value) if cns else ""
-    if cn != ca_doc.verification_code:
-        raise InvalidBodyError(
-            f"The verification certificate's subject CN {cn[:80]!r} is not the verification code of {name!r}.",
-            error_code=DpsCode.VERIFICATION_CODE_MISMATCH,
-        )
-    try:
-        proof.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, Exception) as exc:  # InvalidSignature has no common base
-        raise InvalidBodyError(
-            f"The verification certificate was not signed by CA certificate {name!r}: {exc or 'bad signature'}.",
-            error_code=DpsCode.VERIFICATION_SIGNATURE,
-        ) from None
-    doc = msgspec.structs.replace(
-        ca_doc, is_verified=True, verification_code=None, updated=utc_now(), etag=None
-    )
-    updated = await ctx.store.write(
-        Collection.CA_CERTIFICATES,
-        name,
-        msgspec.json.encode(doc),
-        mode=WriteMode.UPDATE,
-        if_match=record.etag,
-    )
-    return json_response(_present_ca(updated), headers={"ETag": updated.etag})
+    ctx, m, p = await _admin(request)
+    proof = decode_body(await ctx.body(request), CertificateUpload, "verification certificate")
+    return _with_etag(await m.certificates.verify(p["name"], proof.certificate))
 
 
 # --- shared access policies ----------------------------------------------------------------------
 
 
-def _present_policy(record: Record, *, keys: bool = False) -> SharedAccessPolicy:
-    policy = msgspec.json.decode(record.doc, type=SharedAccessPolicy)
-    if not keys:
-        policy = msgspec.structs.replace(policy, primary_key=None, secondary_key=None)
-    return msgspec.structs.replace(policy, etag=record.etag)
+async def list_policies(m: Management, _: dict[str, Any]) -> Response:
+    return json_response(await m.policies.list())
 
 
-@handle_errors
-async def list_policy_keys(request: Request) -> Response:
-    ctx = context_of(request)
-    await ctx.authorize(request, Right.SERVICE_CONFIG)
-    record = await ctx.get_or_404(
-        Collection.ACCESS_POLICIES, request.path_params["name"], DpsCode.POLICY_NOT_FOUND
-    )
-    return json_response(_present_policy(record, keys=True), headers={"ETag": record.etag})
+async def get_policy(m: Management, p: dict[str, Any]) -> Response:
+    return _with_etag(await m.policies.get(p["name"]))
 
 
-async def _config_policies_left(ctx: ServiceContext, without: str) -> int:
-    count = 0
-    for record in await ctx.store.query_all(Collection.ACCESS_POLICIES):
-        policy = msgspec.json.decode(record.doc, type=SharedAccessPolicy)
-        if policy.key_name.lower() != without.lower() and Right.SERVICE_CONFIG in (policy.rights or []):
-            count += 1
-    return count
+async def list_policy_keys(m: Management, p: dict[str, Any]) -> Response:
+    return _with_etag(await m.policies.get(p["name"], keys=True))
 
 
 @handle_errors
 async def put_policy(request: Request) -> Response:
-    ctx = context_of(request)
-    await ctx.authorize(request, Right.SERVICE_CONFIG)
-    name = _validate_name(request.path_params["name"], "policy name")
+    ctx, m, p = await _admin(request)
+    name = m.policies.validate_name(p["name"])
     policy = decode_body(await ctx.body(request), SharedAccessPolicy, "shared access policy")
-    if policy.key_name.lower() != name.lower():
-        raise InvalidBodyError(
-            f"keyName {policy.key_name[:80]!r} in the body differs from {name!r} in the URL."
-        )
-    if not policy.rights:
-        raise InvalidBodyError("rights must list at least one right: " + ", ".join(r.value for r in Right))
-    existing = await ctx.store.get(Collection.ACCESS_POLICIES, name)
-    old = msgspec.json.decode(existing.doc, type=SharedAccessPolicy) if existing else None
-    if old and Right.SERVICE_CONFIG in (old.rights or []) and Right.SERVICE_CONFIG not in policy.rights:
-        if await _config_policies_left(ctx, name) == 0:
-            raise ConflictError(
-                f"Removing ServiceConfig from {name!r} would leave no policy that can administer the service."
-            )
-    keys = {}
-    for field in ("primary_key", "secondary_key"):
-        value = getattr(policy, field) or (getattr(old, field) if old else None) or generate_key()
-        keys[field] = value
-    doc = SharedAccessPolicy(key_name=name, rights=sorted(set(policy.rights), key=lambda r: r.value), **keys)
-    check_key(doc.primary_key or "", "primaryKey")
-    check_key(doc.secondary_key or "", "secondaryKey")
-    record = await _write(
-        ctx, request, Collection.ACCESS_POLICIES, name, msgspec.json.encode(doc), policy.etag
-    )
-    return json_response(_present_policy(record, keys=True), headers={"ETag": record.etag})
+    return _with_etag(await m.policies.put(name, policy, if_match=_if_match(request)))
 
 
 @handle_errors
 async def delete_policy(request: Request) -> Response:
-    ctx = context_of(request)
-    await ctx.authorize(request, Right.SERVICE_CONFIG)
-    name = request.path_params["name"]
-    record = await ctx.get_or_404(Collection.ACCESS_POLICIES, name, DpsCode.POLICY_NOT_FOUND)
-    policy = msgspec.json.decode(record.doc, type=SharedAccessPolicy)
-    if Right.SERVICE_CONFIG in (policy.rights or []) and await _config_policies_left(ctx, name) == 0:
-        raise ConflictError(f"Deleting {name!r} would leave no policy that can administer the service.")
-    await _delete(ctx, request, Collection.ACCESS_POLICIES, name)
-    return Response(status_code=204)
+    _, m, p = await _admin(request)
+    await m.policies.delete(p["name"], if_match=_if_match(request))
+    return _no_content()
 
 
 def routes() -> list[Route]:
+    hub, ca, policy = (
+        "/admin/linkedHubs/{name}",
+        "/admin/certificates/{name}",
+        "/admin/sharedAccessPolicies/{name}",
+    )
     return [
-        Route("/admin/settings", get_settings, methods=["GET"]),
+        Route("/admin/settings", _handler(get_settings), methods=["GET"]),
         Route("/admin/settings", patch_settings, methods=["PATCH"]),
-        Route("/admin/linkedHubs", _lister(Collection.LINKED_HUBS, _present_hub), methods=["GET"]),
-        Route(
-            "/admin/linkedHubs/{name}",
-            _getter(Collection.LINKED_HUBS, DpsCode.LINKED_HUB_NOT_FOUND, _present_hub),
-            methods=["GET"],
-        ),
-        Route("/admin/linkedHubs/{name}", put_hub, methods=["PUT"]),
-        Route("/admin/linkedHubs/{name}", delete_hub, methods=["DELETE"]),
-        Route("/admin/linkedHubs/{name}/devices", list_hub_devices, methods=["GET"]),
-        Route("/admin/linkedHubs/{name}/devices/{device_id}", get_hub_device, methods=["GET"]),
-        Route("/admin/linkedHubs/{name}/devices/{device_id}", delete_hub_device, methods=["DELETE"]),
-        Route("/admin/certificates", _lister(Collection.CA_CERTIFICATES, _present_ca), methods=["GET"]),
-        Route(
-            "/admin/certificates/{name}/generateVerificationCode",
-            generate_verification_code,
-            methods=["POST"],
-        ),
-        Route("/admin/certificates/{name}/verify", verify_ca, methods=["POST"]),
-        Route(
-            "/admin/certificates/{name}",
-            _getter(Collection.CA_CERTIFICATES, DpsCode.CA_NOT_FOUND, _present_ca),
-            methods=["GET"],
-        ),
-        Route("/admin/certificates/{name}", put_ca, methods=["PUT"]),
-        Route("/admin/certificates/{name}", delete_ca, methods=["DELETE"]),
-        Route(
-            "/admin/sharedAccessPolicies",
-            _lister(Collection.ACCESS_POLICIES, _present_policy),
-            methods=["GET"],
-        ),
-        Route("/admin/sharedAccessPolicies/{name}/listKeys", list_policy_keys, methods=["POST"]),
-        Route(
-            "/admin/sharedAccessPolicies/{name}",
-            _getter(Collection.ACCESS_POLICIES, DpsCode.POLICY_NOT_FOUND, _present_policy),
-            methods=["GET"],
-        ),
-        Route("/admin/sharedAccessPolicies/{name}", put_policy, methods=["PUT"]),
-        Route("/admin/sharedAccessPolicies/{name}", delete_policy, methods=["DELETE"]),
+        Route("/admin/linkedHubs", _handler(list_hubs), methods=["GET"]),
+        Route(hub, _handler(get_hub), methods=["GET"]),
+        Route(hub, put_hub, methods=["PUT"]),
+        Route(hub, delete_hub, methods=["DELETE"]),
+        Route(f"{hub}/devices", list_hub_devices, methods=["GET"]),
+        Route(f"{hub}/devices/{{device_id}}", _handler(get_hub_device), methods=["GET"]),
+        Route(f"{hub}/devices/{{device_id}}", delete_hub_device, methods=["DELETE"]),
+        Route("/admin/certificates", _handler(list_cas), methods=["GET"]),
+        Route(f"{ca}/generateVerificationCode", _handler(generate_verification_code), methods=["POST"]),
+        Route(f"{ca}/verify", verify_ca, methods=["POST"]),
+        Route(ca, _handler(get_ca), methods=["GET"]),
+        Route(ca, put_ca, methods=["PUT"]),
+        Route(ca, delete_ca, methods=["DELETE"]),
+        Route("/admin/sharedAccessPolicies", _handler(list_policies), methods=["GET"]),
+        Route(f"{policy}/listKeys", _handler(list_policy_keys), methods=["POST"]),
+        Route(policy, _handler(get_policy), methods=["GET"]),
+        Route(policy, put_policy, methods=["PUT"]),
+        Route(policy, delete_policy, methods=["DELETE"]),
     ]

@@ -1,4 +1,5 @@
-"""The DPS service (data-plane) REST API, 2021-10-01: the fifteen operations.
+"""The DPS service (data-plane) REST API, 2021-10-01: the fifteen operations, each parse (path,
+headers, body), call (:mod:`provisiond.service.management`), render.
 
 | Verb | Path | Right |
 |---|---|---|
@@ -19,326 +20,130 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..errors import (
-    ConflictError,
-    DpsCode,
-    InvalidBodyError,
-    NotFoundError,
-    PreconditionFailedError,
-    ProvisioningError,
-    RequestError,
-)
-from ..models import (
-    BulkEnrollmentGroupOperation,
-    BulkEnrollmentOperation,
-    BulkEnrollmentOperationError,
-    BulkEnrollmentOperationResult,
-    BulkOperationMode,
-    DeviceRegistrationState,
-    IndividualEnrollment,
-    QuerySpecification,
-    Right,
-)
-from ..storage import Collection, Delete, Record, Write, WriteMode, etags_match
-from . import enrollments as en
+from ..errors import RequestError
+from ..models import BulkEnrollmentGroupOperation, BulkEnrollmentOperation, QuerySpecification, Right
 from .context import ServiceContext, context_of
 from .http import decode_body, handle_errors, json_response
-from .query import ENROLLMENT_FIELDS, GROUP_FIELDS, REGISTRATION_FIELDS, parse_query
+from .management import Page
+from .management.enrollments import EnrollmentOperations, IndividualEnrollments
 
 __all__ = ["routes"]
 
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 10_000
-_WRITE_RETRIES = 3
 
-
-def _page_size(request: Request) -> int:
+def _page_size(request: Request) -> int | None:
+    """``x-ms-max-item-count``: None when absent or empty (the management layer's default)."""
     raw = request.headers.get("x-ms-max-item-count")
     if raw is None or raw.strip() == "":
-        return DEFAULT_PAGE_SIZE
+        return None
     try:
-        size = int(raw)
+        return int(raw)
     except ValueError:
         raise RequestError(f"x-ms-max-item-count {raw[:20]!r} is not an integer.") from None
-    if size <= 0:
-        return DEFAULT_PAGE_SIZE
-    return min(size, MAX_PAGE_SIZE)
 
 
-def _etag_headers(record: Record) -> dict[str, str]:
-    return {"ETag": record.etag}
+def _continuation(request: Request) -> str | None:
+    return request.headers.get("x-ms-continuation") or None
 
 
-def _registration_state(record: Record) -> DeviceRegistrationState:
-    state = msgspec.json.decode(record.doc, type=DeviceRegistrationState)
-    return msgspec.structs.replace(
-        state,
-        registration_id=record.id,
-        etag=record.etag,
-        created_date_time_utc=state.created_date_time_utc or record.created,
-        last_updated_date_time_utc=record.updated,
-    )
+def _etag(item: Any) -> dict[str, str]:
+    return {"ETag": item.etag}
 
 
-async def _with_registration_states(
-    ctx: ServiceContext, records: list[Record], shown: en.Shown = en.Shown.READ
-) -> list[IndividualEnrollment]:
-    """Individual enrollments with their registrationState joined in (DPS's GET has it; its
-    query leaves it out, Azure/azure-iot-sdk-csharp#3478: provisiond returns it in both)."""
-    states = await ctx.store.get_many(Collection.REGISTRATIONS, [r.id for r in records])
-    out = []
-    for record in records:
-        state = states.get(Collection.REGISTRATIONS.key(record.id))
-        extra: dict[str, Any] = {"registration_state": _registration_state(state)} if state else {}
-        out.append(en.present(en.INDIVIDUAL, record, shown=shown, extra=extra))
-    return out
+def _page(page: Page[Any], item_type: str) -> Response:
+    headers = {"x-ms-max-item-count": str(page.size), "x-ms-item-type": item_type}
+    if page.continuation:
+        headers["x-ms-continuation"] = page.continuation
+    return json_response(page.items, headers=headers)
 
 
-def _kind_of(request: Request) -> en.EnrollmentKind[Any]:
-    return en.INDIVIDUAL if request.url.path.lower().startswith("/enrollments") else en.GROUP
+def _operations(request: Request) -> tuple[ServiceContext, EnrollmentOperations[Any]]:
+    ctx = context_of(request)
+    individual = request.url.path.lower().startswith("/enrollments")
+    return ctx, ctx.management.enrollments if individual else ctx.management.groups
+
+
+async def _query_text(ctx: ServiceContext, request: Request) -> str | None:
+    """The query of the body's query specification; None for an empty body."""
+    body = await ctx.body(request)
+    if not body.strip():
+        return None
+    return decode_body(body, QuerySpecification, "query specification").query
 
 
 @handle_errors
 async def get_enrollment(request: Request) -> Response:
-    ctx = context_of(request)
-    kind = _kind_of(request)
+    ctx, enrollments = _operations(request)
     await ctx.authorize(request, Right.ENROLLMENT_READ)
-    record = await ctx.get_or_404(kind.collection, request.path_params["id"], kind.not_found_code)
-    if kind is en.INDIVIDUAL:
-        [item] = await _with_registration_states(ctx, [record])
-        return json_response(item, headers=_etag_headers(record))
-    return json_response(en.present(kind, record), headers=_etag_headers(record))
+    item = await enrollments.get(request.path_params["id"])
+    return json_response(item, headers=_etag(item))
 
 
 @handle_errors
 async def put_enrollment(request: Request) -> Response:
-    ctx = context_of(request)
-    kind = _kind_of(request)
+    ctx, enrollments = _operations(request)
     await ctx.authorize(request, Right.ENROLLMENT_WRITE)
-    url_id = en.validate_id(request.path_params["id"], kind.id_field)
+    id = enrollments.validate_id(request.path_params["id"])
+    kind = enrollments.kind
     enrollment = decode_body(await ctx.body(request), kind.model, kind.label)
-    if_match = request.headers.get("if-match") or enrollment.etag
-    hubs = await ctx.linked_hubs()
-    for attempt in range(_WRITE_RETRIES):
-        existing = await ctx.store.get(kind.collection, url_id)
-        doc, index = en.prepare(kind, enrollment, url_id, existing, linked_hubs=hubs)
-        if if_match is None:
-            if existing is not None:
-                raise ConflictError(
-                    f"The {kind.label} {existing.id!r} already exists; to update it, send its etag in "
-                    "If-Match (or If-Match: *).",
-                    error_code=DpsCode.ENROLLMENT_EXISTS,
-                )
-            record = await ctx.store.write(kind.collection, url_id, doc, index=index, mode=WriteMode.CREATE)
-        else:
-            # "*" means "whatever is there": condition the write on the etag we just read, so
-            # that the secrets we carried over are the ones we overwrite.
-            condition = existing.etag if (if_match.strip() == "*" and existing is not None) else if_match
-            try:
-                record = await ctx.store.write(
-                    kind.collection, url_id, doc, index=index, mode=WriteMode.UPDATE, if_match=condition
-                )
-            except PreconditionFailedError:
-                if if_match.strip() == "*" and existing is not None and attempt + 1 < _WRITE_RETRIES:
-                    continue
-                raise PreconditionFailedError(
-                    f"The etag in If-Match does not match the stored {kind.label} {url_id!r}"
-                    + ("" if existing is not None else " (it does not exist)")
-                    + "; read it again and retry.",
-                    error_code=DpsCode.ETAG_MISMATCH,
-                ) from None
-        # DPS answers a create or update with the symmetric keys (generated or given).
-        if kind is en.INDIVIDUAL:
-            [item] = await _with_registration_states(ctx, [record], en.Shown.WRITE)
-            return json_response(item, headers=_etag_headers(record))
-        return json_response(en.present(kind, record, shown=en.Shown.WRITE), headers=_etag_headers(record))
-    raise AssertionError("unreachable")  # pragma: no cover
+    item = await enrollments.put(id, enrollment, if_match=request.headers.get("if-match"))
+    return json_response(item, headers=_etag(item))
 
 
 @handle_errors
 async def delete_enrollment(request: Request) -> Response:
-    ctx = context_of(request)
-    kind = _kind_of(request)
+    ctx, enrollments = _operations(request)
     await ctx.authorize(request, Right.ENROLLMENT_WRITE)
-    if kind is en.INDIVIDUAL:
-        await _delete_individual(ctx, request.path_params["id"], request.headers.get("if-match"))
-    else:  # a group's registration records stay, as DPS keeps them
-        await _delete(ctx, kind.collection, request, kind.not_found_code)
+    await enrollments.delete(request.path_params["id"], if_match=request.headers.get("if-match"))
     return Response(status_code=204)
-
-
-async def _delete_individual(ctx: ServiceContext, id: str, if_match: str | None) -> None:
-    """Delete an individual enrollment and, as DPS does, its registration record, in one
-    transaction (the hub identity stays: deprovisioning it is a separate step, as with DPS)."""
-    for _ in range(_WRITE_RETRIES):
-        enrollment = await ctx.get_or_404(Collection.ENROLLMENTS, id, en.INDIVIDUAL.not_found_code)
-        if if_match is not None and not etags_match(if_match, enrollment.etag):
-            raise PreconditionFailedError(
-                f"The etag in If-Match does not match the stored individual enrollment {id!r}.",
-                error_code=DpsCode.ETAG_MISMATCH,
-            )
-        record = await ctx.store.get(Collection.REGISTRATIONS, id)
-        items: list[tuple[Collection, Write | Delete]] = [
-            (Collection.ENROLLMENTS, Delete(id, enrollment.etag))
-        ]
-        if record is not None:
-            items.append((Collection.REGISTRATIONS, Delete(id, record.etag)))
-        try:
-            await ctx.store.write_atomic(items)
-            return
-        except (PreconditionFailedError, NotFoundError):
-            continue  # one of them changed meanwhile: read both again
-    raise ConflictError(
-        f"The individual enrollment {id!r} kept changing under concurrent writes; retry.",
-        error_code=DpsCode.CONFLICT,
-    )
-
-
-async def _delete(ctx: ServiceContext, collection: Collection, request: Request, not_found: int) -> None:
-    id = request.path_params["id"]
-    if_match = request.headers.get("if-match")
-    await ctx.get_or_404(collection, id, not_found)
-    try:
-        await ctx.store.delete(collection, id, if_match=if_match)
-    except PreconditionFailedError:
-        raise PreconditionFailedError(
-            f"The etag in If-Match does not match the stored {collection.label} {id!r}.",
-            error_code=DpsCode.ETAG_MISMATCH,
-        ) from None
 
 
 @handle_errors
 async def attestation_mechanism(request: Request) -> Response:
-    ctx = context_of(request)
-    kind = _kind_of(request)
+    ctx, enrollments = _operations(request)
     await ctx.authorize(request, Right.ENROLLMENT_READ)
-    record = await ctx.get_or_404(kind.collection, request.path_params["id"], kind.not_found_code)
-    return json_response(en.present(kind, record, shown=en.Shown.ALL).attestation)
-
-
-async def _query_spec(ctx: ServiceContext, request: Request) -> QuerySpecification:
-    body = await ctx.body(request)
-    if not body.strip():
-        return QuerySpecification(query="SELECT * FROM c")
-    return decode_body(body, QuerySpecification, "query specification")
-
-
-def _page_headers(continuation: str | None, size: int, item_type: str) -> dict[str, str]:
-    headers = {"x-ms-max-item-count": str(size), "x-ms-item-type": item_type}
-    if continuation:
-        headers["x-ms-continuation"] = continuation
-    return headers
+    return json_response(await enrollments.attestation_mechanism(request.path_params["id"]))
 
 
 @handle_errors
 async def query_enrollments(request: Request) -> Response:
-    ctx = context_of(request)
-    kind = _kind_of(request)
+    ctx, enrollments = _operations(request)
     await ctx.authorize(request, Right.ENROLLMENT_READ)
-    spec = await _query_spec(ctx, request)
-    filters = parse_query(spec.query, ENROLLMENT_FIELDS if kind is en.INDIVIDUAL else GROUP_FIELDS)
-    size = _page_size(request)
-    item_type = "Enrollment" if kind is en.INDIVIDUAL else "EnrollmentGroup"
-    if filters is None:
-        return json_response([], headers=_page_headers(None, size, item_type))
-    page = await ctx.store.query(
-        kind.collection,
-        filters=filters,
-        limit=size,
-        continuation=request.headers.get("x-ms-continuation") or None,
-    )
-    items: list[Any]
-    if kind is en.INDIVIDUAL:
-        items = await _with_registration_states(ctx, page.records)
-    else:
-        items = [en.present(kind, r) for r in page.records]
-    return json_response(items, headers=_page_headers(page.continuation, size, item_type))
+    query = await _query_text(ctx, request)
+    page = await enrollments.query(query, size=_page_size(request), continuation=_continuation(request))
+    return _page(page, "Enrollment" if isinstance(enrollments, IndividualEnrollments) else "EnrollmentGroup")
 
 
 @handle_errors
 async def bulk_enrollments(request: Request) -> Response:
-    ctx = context_of(request)
-    kind = _kind_of(request)
+    ctx, enrollments = _operations(request)
     await ctx.authorize(request, Right.ENROLLMENT_WRITE)
     body = await ctx.body(request)
-    items: list[Any]
-    if kind is en.INDIVIDUAL:
+    if isinstance(enrollments, IndividualEnrollments):
         op = decode_body(body, BulkEnrollmentOperation, "bulk enrollment operation")
-        items, mode = list(op.enrollments), op.mode
-    else:
-        gop = decode_body(body, BulkEnrollmentGroupOperation, "bulk enrollment group operation")
-        items, mode = list(gop.enrollment_groups), gop.mode
-    ids = [kind.id_of(item) for item in items]
-    existing = await ctx.store.get_many(kind.collection, ids)
-    hubs = await ctx.linked_hubs() if mode is not BulkOperationMode.DELETE else {}
-    outcomes: list[Record | ProvisioningError | None] = [None] * len(items)
-    writes: list[Write | Delete] = []
-    positions: list[int] = []
-    seen: set[str] = set()
-    for i, (item, id) in enumerate(zip(items, ids, strict=True)):
-        key = kind.collection.key(id)
-        try:
-            if key in seen:
-                raise InvalidBodyError(
-                    f"{kind.id_field} {id!r} appears more than once in this bulk operation."
-                )
-            seen.add(key)
-            en.validate_id(id, kind.id_field)
-            if mode is BulkOperationMode.DELETE:
-                writes.append(Delete(id, if_match=item.etag))
-            else:
-                doc, index = en.prepare(kind, item, id, existing.get(key), linked_hubs=hubs)
-                write_mode, if_match = {
-                    BulkOperationMode.CREATE: (WriteMode.CREATE, None),
-                    BulkOperationMode.UPDATE: (WriteMode.UPSERT, None),
-                    BulkOperationMode.UPDATE_IF_MATCH_ETAG: (WriteMode.UPDATE, item.etag or "*"),
-                }[mode]
-                writes.append(Write(id, doc, index, write_mode, if_match))
-            positions.append(i)
-        except ProvisioningError as exc:
-            outcomes[i] = exc
-    results = await ctx.store.write_many(kind.collection, writes)
-    for pos, written in zip(positions, results, strict=True):
-        outcomes[pos] = written
-    if kind is en.INDIVIDUAL and mode is BulkOperationMode.DELETE:
-        # As DELETE /enrollments/{id} does: the deleted enrollments' registration records go too
-        # (a second batch here, not one transaction per item).
-        gone = [w.id for w, r in zip(writes, results, strict=True) if isinstance(r, Record)]
-        if gone:
-            await ctx.store.write_many(Collection.REGISTRATIONS, [Delete(id) for id in gone])
-    errors = []
-    for id, result in zip(ids, outcomes, strict=True):
-        if isinstance(result, ProvisioningError):
-            errors.append(
-                BulkEnrollmentOperationError(
-                    error_code=result.error_code,
-                    error_status=result.message,
-                    **({"registration_id": id} if kind is en.INDIVIDUAL else {"enrollment_group_id": id}),
-                )
-            )
-    return json_response(BulkEnrollmentOperationResult(is_successful=not errors, errors=errors))
+        return json_response(await enrollments.bulk(op.mode, op.enrollments))
+    gop = decode_body(body, BulkEnrollmentGroupOperation, "bulk enrollment group operation")
+    return json_response(await enrollments.bulk(gop.mode, gop.enrollment_groups))
 
 
 @handle_errors
 async def get_registration(request: Request) -> Response:
     ctx = context_of(request)
     await ctx.authorize(request, Right.REGISTRATION_STATUS_READ)
-    record = await ctx.get_or_404(
-        Collection.REGISTRATIONS, request.path_params["id"], DpsCode.REGISTRATION_NOT_FOUND
-    )
-    return json_response(_registration_state(record), headers=_etag_headers(record))
+    state = await ctx.management.registrations.get(request.path_params["id"])
+    return json_response(state, headers=_etag(state))
 
 
 @handle_errors
 async def delete_registration(request: Request) -> Response:
     ctx = context_of(request)
     await ctx.authorize(request, Right.REGISTRATION_STATUS_WRITE)
-    await _delete(ctx, Collection.REGISTRATIONS, request, DpsCode.REGISTRATION_NOT_FOUND)
+    await ctx.management.registrations.delete(
+        request.path_params["id"], if_match=request.headers.get("if-match")
+    )
     return Response(status_code=204)
 
 
@@ -348,26 +153,13 @@ async def query_registrations(request: Request) -> Response:
     narrowed by a query body (provisiond's extension)."""
     ctx = context_of(request)
     await ctx.authorize(request, Right.REGISTRATION_STATUS_READ)
-    group_id = request.path_params["id"]
-    await ctx.get_or_404(Collection.ENROLLMENT_GROUPS, group_id, en.GROUP.not_found_code)
-    body = await ctx.body(request)
-    filters: dict[str, str] | None = {}
-    if body.strip():
-        filters = parse_query(
-            decode_body(body, QuerySpecification, "query specification").query, REGISTRATION_FIELDS
-        )
-    size = _page_size(request)
-    if filters is None or filters.get("enrollment_group_id", group_id.lower()) != group_id.lower():
-        return json_response([], headers=_page_headers(None, size, "DeviceRegistration"))
-    filters["enrollment_group_id"] = group_id.lower()
-    page = await ctx.store.query(
-        Collection.REGISTRATIONS,
-        filters=filters,
-        limit=size,
-        continuation=request.headers.get("x-ms-continuation") or None,
+    page = await ctx.management.registrations.query(
+        request.path_params["id"],
+        await _query_text(ctx, request),
+        size=_page_size(request),
+        continuation=_continuation(request),
     )
-    states = [_registration_state(r) for r in page.records]
-    return json_response(states, headers=_page_headers(page.continuation, size, "DeviceRegistration"))
+    return _page(page, "DeviceRegistration")
 
 
 def routes() -> list[Route]:

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 from starlette.requests import Request
 
 from ..errors import NotFoundError
@@ -17,12 +16,11 @@ from ..models import LinkedHub, Right, ServiceSettings
 from ..storage import Collection, Record, Store
 from .auth import authorize
 from .http import read_body, require_api_version
+from .management import SETTINGS_KEY, Management, read_linked_hubs, read_service_settings
 from .settings import Settings
 from .throttle import RateLimiter
 
-__all__ = ["ServiceContext", "context_of"]
-
-SETTINGS_KEY = "service"
+__all__ = ["SETTINGS_KEY", "ServiceContext", "context_of"]
 
 
 @dataclass
@@ -35,8 +33,13 @@ class ServiceContext:
     _cache: dict[str, tuple[float, Any]] = field(default_factory=dict, repr=False)
     #: The device API's rate limits in this worker, one for every transport (HTTPS, MQTT, AMQP).
     limiter: RateLimiter = field(init=False, repr=False)
+    #: The management operations (service and admin API, a console), over the same store.
+    management: Management = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.management = Management(
+            self.store, builtin_hub=self.settings.builtin_hub, invalidate=self.invalidate
+        )
         self.limiter = RateLimiter(
             clock=self.clock,
             global_per_second=self.settings.rate_limit,
@@ -79,10 +82,7 @@ class ServiceContext:
         cached: ServiceSettings | None = self._cached(SETTINGS_KEY, max_age)
         if cached is not None:
             return cached
-        raw = await self.store.get_setting(SETTINGS_KEY)
-        if raw is None:
-            raise NotFoundError("The service settings are missing: the database was not initialized.")
-        settings = msgspec.json.decode(raw, type=ServiceSettings)
+        settings = await read_service_settings(self.store)
         self._cache[SETTINGS_KEY] = (time.monotonic(), settings)
         return settings
 
@@ -91,16 +91,9 @@ class ServiceContext:
         cached: dict[str, LinkedHub] | None = self._cached("linked_hubs", max_age)
         if cached is not None:
             return cached
-        hubs = await self._read_linked_hubs()
+        hubs = await read_linked_hubs(self.store)
         self._cache["linked_hubs"] = (time.monotonic(), hubs)
         return hubs
-
-    async def _read_linked_hubs(self) -> dict[str, LinkedHub]:
-        hubs = [
-            msgspec.json.decode(r.doc, type=LinkedHub)
-            for r in await self.store.query_all(Collection.LINKED_HUBS)
-        ]
-        return {hub.host_name.lower(): hub for hub in hubs}
 
     async def get_or_404(self, collection: Collection, id: str, code: int) -> Record:
         record = await self.store.get(collection, id)

@@ -73,7 +73,7 @@ class EnrollmentKind(Generic[E]):
     model: type[E]
     id_field: str
     label: str
-    not_found_code: int
+    not_found_code: DpsCode
 
     def id_of(self, enrollment: E) -> str:
         value: str = getattr(

@@ -127,20 +127,21 @@ class WebSocketStream:
         self._closed = False
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
-        if self._closed:
-            return b""
-        try:
-            message = await self._ws.receive()
-        except (WebSocketDisconnect, RuntimeError):
-            return b""
-        if message["type"] == "websocket.disconnect":
-            self._closed = True
-            return b""
-        data = message.get("bytes")
-        if data is None:  # a text frame: not what MQTT or AMQP send
-            text = message.get("text") or ""
-            data = text.encode()
-        return data if data else await self.receive(max_bytes)
+        while not self._closed:  # empty frames carry nothing: wait for the next (a loop, not recursion)
+            try:
+                message = await self._ws.receive()
+            except (WebSocketDisconnect, RuntimeError):
+                return b""
+            if message["type"] == "websocket.disconnect":
+                self._closed = True
+                return b""
+            data = message.get("bytes")
+            if data is None:  # a text frame: not what MQTT or AMQP send
+                text = message.get("text") or ""
+                data = text.encode()
+            if data:
+                return bytes(data)
+        return b""
 
     async def send(self, data: bytes) -> None:
         if self._closed:

@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 from ..errors import ConfigurationError
-from .base import Collection, Delete, Page, Record, Store, Write, WriteMode, etags_match, new_etag, utc_now
+from .base import (
+    Collection,
+    Delete,
+    Entry,
+    Page,
+    Record,
+    Store,
+    Stream,
+    Write,
+    WriteMode,
+    etags_match,
+    new_etag,
+    utc_now,
+)
 
 __all__ = [
     "Collection",
     "Delete",
+    "Entry",
     "Page",
     "Record",
     "Store",
+    "Stream",
     "Write",
     "WriteMode",
     "etags_match",

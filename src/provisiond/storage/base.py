@@ -45,6 +45,14 @@ passes the bytes together with the index values. What the store guarantees:
   Passing the token back continues after the last record returned, even if records were written
   in between (keyset paging: no record is returned twice; records created behind the cursor are
   not returned).
+- **Streams.** Append-only sequences of documents (:class:`Stream`: the built-in hubs'
+  telemetry and queued cloud-to-device messages), each entry in a *partition* (a device).
+  :meth:`Store.append` returns once its entries are committed (durable against a crash of the
+  process); concurrent appends may be committed together (group commit). Every entry gets a
+  ``seq`` that is unique across streams and increases in commit order: a reader that has seen
+  seq N never finds a new entry at or below N later, so ``read(after=N)`` is a complete cursor.
+  :meth:`Store.read` returns entries in seq order; :meth:`Store.remove` and :meth:`Store.trim`
+  delete entries (by seq; by age and by count).
 - **Settings.** A small key/value table for the service's own settings (ID scope, keys).
   :meth:`Store.setting_setdefault` is atomic across nodes: the first writer wins and every caller
   gets the winning value.
@@ -71,9 +79,11 @@ from ..errors import ProvisioningError
 __all__ = [
     "Collection",
     "Delete",
+    "Entry",
     "Page",
     "Record",
     "Store",
+    "Stream",
     "Write",
     "WriteMode",
     "etags_match",
@@ -135,6 +145,26 @@ class Collection(enum.Enum):
 
     def key(self, id: str) -> str:
         return id.lower() if self.value.case_insensitive else id
+
+
+class Stream(enum.Enum):
+    """The append-only streams the store holds (one table; ``value`` is the stream's name)."""
+
+    #: Telemetry the built-in hubs acknowledged, partition ``{hubHostName}/{deviceId}``.
+    HUB_EVENTS = "hub_events"
+    #: Cloud-to-device messages waiting for their device, partition ``{hubHostName}/{deviceId}``.
+    HUB_C2D = "hub_c2d"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One entry of a stream. ``created`` is the store's commit-time stamp (ISO 8601 UTC)."""
+
+    stream: Stream
+    seq: int
+    partition: str
+    created: str
+    doc: bytes
 
 
 class WriteMode(enum.Enum):
@@ -338,3 +368,36 @@ class Store(ABC):
     @abstractmethod
     async def setting_setdefault(self, key: str, value: str) -> str:
         """Set ``key`` to ``value`` unless it is set; return the value now stored (atomic)."""
+
+    # -- streams -------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def append(self, stream: Stream, items: Sequence[tuple[str, bytes]]) -> list[Entry]:
+        """Append ``(partition, doc)`` items; return their entries, in order, once they are
+        committed. Concurrent calls may share one transaction."""
+
+    @abstractmethod
+    async def read(
+        self, stream: Stream, *, after: int = 0, partition: str | None = None, limit: int = 100
+    ) -> list[Entry]:
+        """At most ``limit`` entries with ``seq > after`` (of ``partition`` when given), in seq order."""
+
+    @abstractmethod
+    async def remove(self, stream: Stream, seqs: Sequence[int]) -> int:
+        """Delete the entries with these seqs; return how many existed."""
+
+    @abstractmethod
+    async def trim(
+        self,
+        stream: Stream,
+        *,
+        keep: int | None = None,
+        before: str | None = None,
+        partition: str | None = None,
+    ) -> int:
+        """Delete the entries created before ``before`` and, with ``keep``, all but the newest
+        ``keep`` (of ``partition`` when given, else of the whole stream); return how many."""
+
+    @abstractmethod
+    async def entry_count(self, stream: Stream, *, partition: str | None = None) -> int:
+        """How many entries the stream (or one partition of it) holds."""

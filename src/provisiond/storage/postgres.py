@@ -54,11 +54,11 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from ..errors import ConflictError, NotFoundError, ProvisioningError, StorageError
-from . import _sql
+from . import _sql, _streams
 from ._pg_connections import Connection as _Connection
 from ._pg_connections import PgConnections
 from ._sql import Meta, ParamStyle
-from .base import Collection, Delete, Page, Record, Store, Write, WriteMode, new_etag, utc_now
+from .base import Collection, Delete, Entry, Page, Record, Store, Stream, Write, WriteMode, new_etag, utc_now
 
 __all__ = ["PostgresStore"]
 
@@ -116,6 +116,9 @@ class PostgresStore(Store):
             retry_after=retry_after,
         )
         self._lifecycle = asyncio.Lock()
+        self._appends: _streams.GroupCommit[tuple[Stream, str, bytes], Entry] = _streams.GroupCommit(
+            self._flush_appends
+        )
 
     def __repr__(self) -> str:
         # The URL may carry a password: show only where it points.
@@ -132,6 +135,7 @@ class PostgresStore(Store):
             await self._connections.open(self._migrate)
 
     async def close(self) -> None:
+        await self._appends.close()
         async with self._lifecycle:
             await self._connections.close()
 
@@ -291,6 +295,110 @@ class PostgresStore(Store):
     async def _execute(self, text: str, params: Sequence[Any]) -> None:
         async with self._connections.connection() as conn:
             await conn.execute(text, params)
+
+    # -- streams ------------------------------------------------------------------------------
+
+    async def append(self, stream: Stream, items: Sequence[tuple[str, bytes]]) -> list[Entry]:
+        _streams.check_items(items)
+        if not items:
+            return []
+        return await self._appends.submit([(stream, partition, bytes(doc)) for partition, doc in items])
+
+    async def _flush_appends(self, items: list[tuple[Stream, str, bytes]]) -> list[Entry]:
+        created = utc_now()
+        entries: list[Entry] = []
+        async with self._connections.connection() as conn, conn.transaction():
+            # One lock per stream, in one order: seq values of a stream become visible in order.
+            for name in sorted({stream.value for stream, _, _ in items}):
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_stream_lock_id(name),))
+            for start in range(0, len(items), _INSERT_CHUNK):
+                chunk = items[start : start + _INSERT_CHUNK]
+                cursor = await conn.execute(
+                    "INSERT INTO stream_entries (stream, partition, created, doc) "
+                    "SELECT s, p, %s, d FROM unnest(%s::text[], %s::text[], %s::bytea[]) "
+                    "WITH ORDINALITY AS t(s, p, d, n) ORDER BY n RETURNING seq",
+                    (
+                        created,
+                        [stream.value for stream, _, _ in chunk],
+                        [partition for _, partition, _ in chunk],
+                        [doc for _, _, doc in chunk],
+                    ),
+                )
+                # Identity values are drawn in insertion order (the ORDER BY); RETURNING's own
+                # order is not promised, so sort them back into it.
+                seqs = sorted(int(row[0]) for row in await cursor.fetchall())
+                entries += [
+                    Entry(stream, seq, partition, created, doc)
+                    for (stream, partition, doc), seq in zip(chunk, seqs, strict=True)
+                ]
+        return entries
+
+    async def read(
+        self, stream: Stream, *, after: int = 0, partition: str | None = None, limit: int = 100
+    ) -> list[Entry]:
+        params: tuple[Any, ...]
+        if partition is None:
+            text, params = _streams.READ, (stream.value, after, limit)
+        else:
+            if "\0" in partition:
+                return []
+            text, params = _streams.READ_PARTITION, (stream.value, partition, after, limit)
+        rows = await self._fetch_all(_sql.sql(text, _STYLE), params)
+        return [_streams.entry_from_row(stream, row) for row in rows]
+
+    async def remove(self, stream: Stream, seqs: Sequence[int]) -> int:
+        if not seqs:
+            return 0
+        async with self._connections.connection() as conn:
+            cursor = await conn.execute(
+                "DELETE FROM stream_entries WHERE stream = %s AND seq = ANY(%s)",
+                (stream.value, [int(seq) for seq in seqs]),
+            )
+            return cursor.rowcount
+
+    async def trim(
+        self,
+        stream: Stream,
+        *,
+        keep: int | None = None,
+        before: str | None = None,
+        partition: str | None = None,
+    ) -> int:
+        name = stream.value
+        removed = 0
+        params: tuple[Any, ...]
+        keep_params: tuple[Any, ...]
+        async with self._connections.connection() as conn:
+            if before is not None:
+                if partition is None:
+                    text, params = _streams.TRIM_BEFORE, (name, before)
+                else:
+                    text, params = _streams.TRIM_BEFORE_PARTITION, (name, partition, before)
+                removed += (await conn.execute(_sql.sql(text, _STYLE), params)).rowcount
+            if keep is not None:
+                if partition is None:
+                    text, keep_params = _streams.TRIM_KEEP, (name, name, max(0, keep))
+                else:
+                    text, keep_params = (
+                        _streams.TRIM_KEEP_PARTITION,
+                        (name, partition, name, partition, max(0, keep)),
+                    )
+                removed += (await conn.execute(_sql.sql(text, _STYLE), keep_params)).rowcount
+        return removed
+
+    async def entry_count(self, stream: Stream, *, partition: str | None = None) -> int:
+        if partition is None:
+            rows = await self._fetch_all(_sql.sql(_streams.COUNT, _STYLE), (stream.value,))
+        else:
+            rows = await self._fetch_all(
+                _sql.sql(_streams.COUNT_PARTITION, _STYLE), (stream.value, partition)
+            )
+        return int(rows[0][0])
+
+
+def _stream_lock_id(name: str) -> int:
+    digest = hashlib.blake2b(f"stream\0{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def _lock_id(collection: Collection, key: str) -> int:

@@ -47,9 +47,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import DatabaseUnavailableError, ProvisioningError, StorageError
-from . import _sql
+from . import _sql, _streams
 from ._sql import Meta, ParamStyle
-from .base import Collection, Delete, Page, Record, Store, Write, new_etag, utc_now
+from .base import Collection, Delete, Entry, Page, Record, Store, Stream, Write, new_etag, utc_now
 
 __all__ = ["SqliteStore"]
 
@@ -124,6 +124,9 @@ class SqliteStore(Store):
         self._read_conns_lock = threading.Lock()
         self._local = threading.local()
         self._lifecycle = asyncio.Lock()
+        self._appends: _streams.GroupCommit[tuple[Stream, str, bytes], Entry] = _streams.GroupCommit(
+            self._flush_appends
+        )
 
     def __repr__(self) -> str:
         return f"SqliteStore({str(self.path)!r})"
@@ -148,6 +151,7 @@ class SqliteStore(Store):
             )
 
     async def close(self) -> None:
+        await self._appends.close()
         async with self._lifecycle:
             writer, readers = self._writer, self._readers
             if writer is None or readers is None:
@@ -392,6 +396,96 @@ class SqliteStore(Store):
             raise
         stored: str = rows[0][0]
         return stored
+
+    # -- streams ------------------------------------------------------------------------------
+
+    async def append(self, stream: Stream, items: Sequence[tuple[str, bytes]]) -> list[Entry]:
+        _streams.check_items(items)
+        if not items:
+            return []
+        return await self._appends.submit([(stream, partition, bytes(doc)) for partition, doc in items])
+
+    async def _flush_appends(self, items: list[tuple[Stream, str, bytes]]) -> list[Entry]:
+        return await self._on_writer(self._append_transaction, items)
+
+    def _append_transaction(self, items: list[tuple[Stream, str, bytes]]) -> list[Entry]:
+        conn = self._writer_conn()
+        created = utc_now()
+        text = _sql.sql(_streams.INSERT, _STYLE)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            entries = []
+            for stream, partition, doc in items:
+                [(seq,)] = conn.execute(text, (stream.value, partition, created, doc)).fetchall()
+                entries.append(Entry(stream, seq, partition, created, doc))
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+        return entries
+
+    async def read(
+        self, stream: Stream, *, after: int = 0, partition: str | None = None, limit: int = 100
+    ) -> list[Entry]:
+        params: tuple[Any, ...]
+        if partition is None:
+            text, params = _streams.READ, (stream.value, after, limit)
+        else:
+            text, params = _streams.READ_PARTITION, (stream.value, partition, after, limit)
+        rows = self._inline(_fetch_all, _sql.sql(text, _STYLE), params)
+        return [_streams.entry_from_row(stream, row) for row in rows]
+
+    async def remove(self, stream: Stream, seqs: Sequence[int]) -> int:
+        if not seqs:
+            return 0
+        return await self._on_writer(self._remove, stream, [int(seq) for seq in seqs])
+
+    def _remove(self, stream: Stream, seqs: list[int]) -> int:
+        conn = self._writer_conn()
+        removed = 0
+        for chunk in _sql.chunks([str(seq) for seq in seqs]):
+            marks = ", ".join("?" * len(chunk))
+            cursor = conn.execute(
+                f"DELETE FROM stream_entries WHERE stream = ? AND seq IN ({marks})",
+                (stream.value, *[int(seq) for seq in chunk]),
+            )
+            removed += cursor.rowcount
+        return removed
+
+    async def trim(
+        self,
+        stream: Stream,
+        *,
+        keep: int | None = None,
+        before: str | None = None,
+        partition: str | None = None,
+    ) -> int:
+        return await self._on_writer(self._trim, stream, keep, before, partition)
+
+    def _trim(self, stream: Stream, keep: int | None, before: str | None, partition: str | None) -> int:
+        conn = self._writer_conn()
+        removed = 0
+        name = stream.value
+        if before is not None:
+            if partition is None:
+                cursor = conn.execute(_streams.TRIM_BEFORE, (name, before))
+            else:
+                cursor = conn.execute(_streams.TRIM_BEFORE_PARTITION, (name, partition, before))
+            removed += cursor.rowcount
+        if keep is not None:
+            if partition is None:
+                cursor = conn.execute(_streams.TRIM_KEEP, (name, name, max(0, keep)))
+            else:
+                cursor = conn.execute(
+                    _streams.TRIM_KEEP_PARTITION, (name, partition, name, partition, max(0, keep))
+                )
+            removed += cursor.rowcount
+        return removed
+
+    async def entry_count(self, stream: Stream, *, partition: str | None = None) -> int:
+        if partition is None:
+            return await self._on_reader(_fetch_int, _streams.COUNT, (stream.value,))
+        return await self._on_reader(_fetch_int, _streams.COUNT_PARTITION, (stream.value, partition))
 
 
 # -- functions that run on a reader or the writer thread ---------------------------------------

@@ -1,0 +1,298 @@
+"""Server CPU per request: registrations against the trivial request, under ``wrk``, each on a
+new TLS connection (``Connection: close``), as a fleet of distinct devices would arrive.
+
+For each phase it reads the server's CPU time (utime + stime of ``provisiond serve`` and its
+worker processes, from /proc) before and after, and prints requests per second, server CPU per
+request, and the ratio of the trivial request's CPU to the phase's: 1.0 means a registration
+costs the server no more than the TLS connection it arrives on; the goal is at least 0.8.
+
+Phases (HTTPS):
+- ``trivial``: ``GET /nothing`` answered 404 (the TLS handshake, one request, the close);
+- ``group``: symmetric-key devices derived from one enrollment group, each registering once;
+- ``individual``: symmetric-key individual enrollments, each registering once.
+
+    python bench/cpu.py [--devices 20000] [--seconds 10] [--connections 64] [--threads 2] [--db sqlite|postgresql]
+
+wrk (Debian's package) is the load: it runs on the same cores as the server, and its CPU is not
+counted (only the server's is). CPU per request is steadier on a shared machine than requests
+per second; both are printed. Nothing here asserts a figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import machine_summary, start_server, terminate_on_signals
+
+from provisiond.protocol.sas import build_sas_token, derive_device_key
+
+API_VERSION = "2021-06-01"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_tree_cpu(root: int) -> float:
+    """CPU seconds (user + system) of ``root`` and every process below it, from /proc."""
+    children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        pid, ppid = int(entry.name), int(fields[1])
+        children.setdefault(ppid, []).append(pid)
+        times[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    total, stack = 0.0, [root]
+    while stack:
+        pid = stack.pop()
+        total += times.get(pid, 0.0)
+        stack += children.get(pid, [])
+    return total
+
+
+LUA = r"""
+local requests = {}
+local offset = 0
+local counter = 0
+local threads = {}
+
+function setup(thread)
+  thread:set("id", #threads)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  for line in io.lines(args[1]) do
+    local method, path, token, body = line:match("^(%S+)\t(%S+)\t([^\t]*)\t(.*)$")
+    local headers = {["Connection"] = "close", ["Content-Type"] = "application/json"}
+    if token ~= "" then headers["Authorization"] = token end
+    table.insert(requests, wrk.format(method, path, headers, body ~= "" and body or nil))
+  end
+  offset = math.floor(#requests * id / tonumber(args[2]))
+end
+
+function request()
+  counter = counter + 1
+  return requests[(offset + counter - 1) % #requests + 1]
+end
+
+function done(summary, latency, requests)
+  local statuses = ""
+  io.write(string.format("WRK %d %d %d %d\n", summary.requests, summary.errors.status,
+    summary.errors.connect + summary.errors.read + summary.errors.write, summary.errors.timeout))
+end
+"""
+
+STATUS = re.compile(r"^WRK (\d+) (\d+) (\d+) (\d+)$", re.M)
+
+
+@dataclass
+class Phase:
+    name: str
+    requests: int
+    seconds: float
+    cpu: float
+    bad_status: int
+    socket_errors: int
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_us(self) -> float:
+        return self.cpu / self.requests * 1e6 if self.requests else float("nan")
+
+
+def run_wrk(
+    url: str, requests_file: Path, script: Path, *, seconds: float, connections: int, threads: int, pid: int
+) -> tuple[int, float, float, int, int]:
+    before, started = process_tree_cpu(pid), time.monotonic()
+    out = subprocess.run(
+        [
+            "wrk",
+            f"-t{threads}",
+            f"-c{connections}",
+            f"-d{seconds:g}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(script),
+            url,
+            "--",
+            str(requests_file),
+            str(threads),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    elapsed, cpu = time.monotonic() - started, process_tree_cpu(pid) - before
+    match = STATUS.search(out)
+    if match is None:
+        raise RuntimeError(f"wrk printed no summary:\n{out}")
+    done, bad, socket_errors, _timeouts = (int(g) for g in match.groups())
+    return done, elapsed, cpu, bad, socket_errors
+
+
+def write_requests(path: Path, lines: list[tuple[str, str, str, str]]) -> None:
+    with path.open("w") as out:
+        for method, target, token, body in lines:
+            out.write(f"{method}\t{target}\t{token}\t{body}\n")
+
+
+def device_lines(
+    id_scope: str, devices: list[tuple[str, str]], expiry: int
+) -> list[tuple[str, str, str, str]]:
+    lines = []
+    for reg, key in devices:
+        token = build_sas_token(f"{id_scope}/registrations/{reg}", key, expiry, key_name="registration")
+        body = json.dumps({"registrationId": reg})
+        lines.append(
+            ("PUT", f"/{id_scope}/registrations/{reg}/register?api-version={API_VERSION}", token, body)
+        )
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--devices", type=int, default=20000, help="distinct devices per registration phase")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
+    parser.add_argument("--connections", type=int, default=64, help="requests in flight (wrk -c)")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser.add_argument("--db", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument("--phases", default="trivial,group,individual,trivial")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
+        return 2
+    print(f"# server CPU per request (wrk, new TLS connection each), db {args.db}")
+    print(f"# {machine_summary()}")
+    with terminate_on_signals(), tempfile.TemporaryDirectory(prefix="provisiond-cpu-") as tmp:
+        work = Path(tmp)
+        extra: list[str] = []
+        pg = None
+        if args.db == "postgresql":
+            from _pg import PostgresCluster, find_bindir
+
+            bindir = find_bindir()
+            if bindir is None:
+                print("PostgreSQL's server binaries are not installed", file=sys.stderr)
+                return 2
+            pg = PostgresCluster(bindir)
+            extra = ["--db", pg.start()]
+        server = start_server(work / "data", *extra)
+        try:
+            return _measure(server, work, args)
+        finally:
+            server.stop()
+            if pg is not None:
+                pg.stop()
+
+
+def _measure(server, work: Path, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    info = server.info
+    scope, port = info["idScope"], int(info["httpsPort"])
+    api = server.api()
+    expiry = int(time.time()) + 7200
+    script = work / "bench.lua"
+    script.write_text(LUA)
+    files: dict[str, Path] = {}
+    # trivial: a 404 on a new connection
+    files["trivial"] = work / "trivial.tsv"
+    write_requests(files["trivial"], [("GET", "/nothing", "", "")])
+    # group: one symmetric-key group, devices derived from it
+    group_key = base64.b64encode(os.urandom(64)).decode()
+    api.request(
+        "PUT",
+        "/enrollmentGroups/bench-group",
+        json.dumps(
+            {
+                "enrollmentGroupId": "bench-group",
+                "attestation": {
+                    "type": "symmetricKey",
+                    "symmetricKey": {"primaryKey": group_key, "secondaryKey": group_key},
+                },
+            }
+        ).encode(),
+    )
+    group_devices = [(f"g-{i:07d}", derive_device_key(group_key, f"g-{i:07d}")) for i in range(args.devices)]
+    files["group"] = work / "group.tsv"
+    write_requests(files["group"], device_lines(scope, group_devices, expiry))
+    # individual: enrollments through the bulk API
+    individual = [(f"i-{i:07d}", base64.b64encode(os.urandom(32)).decode()) for i in range(args.devices)]
+    if "individual" in args.phases:
+        for start in range(0, len(individual), 300):
+            chunk = individual[start : start + 300]
+            api.request(
+                "POST",
+                "/enrollments",
+                json.dumps(
+                    {
+                        "mode": "create",
+                        "enrollments": [
+                            {
+                                "registrationId": reg,
+                                "attestation": {
+                                    "type": "symmetricKey",
+                                    "symmetricKey": {"primaryKey": key, "secondaryKey": key},
+                                },
+                            }
+                            for reg, key in chunk
+                        ],
+                    }
+                ).encode(),
+            )
+    files["individual"] = work / "individual.tsv"
+    write_requests(files["individual"], device_lines(scope, individual, expiry))
+    url = f"https://127.0.0.1:{port}"
+    results: list[Phase] = []
+    for name in args.phases.split(","):
+        done, elapsed, cpu, bad, errors = run_wrk(
+            url,
+            files[name],
+            script,
+            seconds=args.seconds,
+            connections=args.connections,
+            threads=args.threads,
+            pid=server.pid,
+        )
+        phase = Phase(name, done, elapsed, cpu, bad if name != "trivial" else 0, errors)
+        results.append(phase)
+        print(
+            f"{name:<11} {phase.rate:8.0f} req/s  {phase.cpu_us:7.0f} us CPU/req  "
+            f"non-2xx {phase.bad_status}  socket errors {phase.socket_errors}",
+            flush=True,
+        )
+    trivial = [p for p in results if p.name == "trivial"]
+    base = sum(p.cpu for p in trivial) / sum(p.requests for p in trivial) * 1e6 if trivial else float("nan")
+    print()
+    print("| phase | req/s | server CPU µs/req | ratio (trivial CPU / phase CPU) | non-2xx | socket errors |")
+    print("|---|---|---|---|---|---|")
+    for p in results:
+        print(
+            f"| {p.name} | {p.rate:.0f} | {p.cpu_us:.0f} | {base / p.cpu_us:.2f} | {p.bad_status} | {p.socket_errors} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Linked IoT hubs (where devices are assigned) and the identities provisiond keeps in its
+built-in hubs. Azure keeps linked hubs in its Resource Manager; provisiond under ``/admin``."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import NamedTuple
+
+import msgspec
+
+from ...errors import DpsCode, InvalidBodyError, InvalidIdError, RequestError
+from ...hub import HubDevice, SymmetricKeyAuth
+from ...models import LinkedHub
+from ...storage import Collection, Record, Store
+from ._base import Page, delete_record, get_or_404, put_record
+
+__all__ = ["HubIdentity", "LinkedHubs", "read_linked_hubs", "validate_host_name"]
+
+_HOST_NAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?)*$"
+)
+#: Identities per page of :meth:`LinkedHubs.devices`.
+DEVICES_PAGE = 1000
+
+
+class HubIdentity(NamedTuple):
+    """An identity of a built-in hub (keys stripped) and its etag."""
+
+    device: HubDevice
+    etag: str
+
+
+def validate_host_name(host: str) -> str:
+    """``host`` if it is a DNS host name. :raises InvalidIdError: it is not."""
+    if not _HOST_NAME.match(host):
+        raise InvalidIdError(f"Invalid IoT hub host name {host[:260]!r}.")
+    return host
+
+
+async def read_linked_hubs(store: Store) -> dict[str, LinkedHub]:
+    """Every linked hub as stored (connection strings included), keyed by lower-cased host name."""
+    hubs = [msgspec.json.decode(r.doc, type=LinkedHub) for r in await store.query_all(Collection.LINKED_HUBS)]
+    return {hub.host_name.lower(): hub for hub in hubs}
+
+
+def _present(record: Record, *, secrets: bool = False) -> LinkedHub:
+    hub = msgspec.json.decode(record.doc, type=LinkedHub)
+    return msgspec.structs.replace(
+        hub, etag=record.etag, connection_string=hub.connection_string if secrets else None
+    )
+
+
+def _present_device(record: Record) -> HubDevice:
+    device = msgspec.json.decode(record.doc, type=HubDevice)
+    keys = device.authentication.symmetric_key
+    if keys is not None:  # the device's keys are secrets, like enrollment keys
+        device = msgspec.structs.replace(
+            device,
+            authentication=msgspec.structs.replace(device.authentication, symmetric_key=SymmetricKeyAuth()),
+        )
+    return device
+
+
+class LinkedHubs:
+    """List, get, link (create or update) and unlink IoT hubs; read and delete the identities
+    of the built-in hubs. Connection strings and device keys never leave."""
+
+    def __init__(self, store: Store, *, builtin_hub: str, invalidate: Callable[[], None]) -> None:
+        self._store = store
+        self._builtin_hub = builtin_hub
+        self._invalidate = invalidate
+
+    async def list(self) -> list[LinkedHub]:
+        return [_present(r) for r in await self._store.query_all(Collection.LINKED_HUBS)]
+
+    async def get(self, host: str) -> LinkedHub:
+        """:raises NotFoundError: 404204."""
+        return _present(await self._get_record(host))
+
+    async def _get_record(self, host: str) -> Record:
+        return await get_or_404(self._store, Collection.LINKED_HUBS, host, DpsCode.LINKED_HUB_NOT_FOUND)
+
+    async def put(self, host: str, hub: LinkedHub, *, if_match: str | None = None) -> LinkedHub:
+        """Link ``host`` or change it (If-Match as for every admin record; ``None``: the hub's own
+        ``etag``). A hub is built in when it was (the one made on first start) or when a new one
+        asks for it (``builtin``): further built-in hubs keep their identities in provisiond's
+        database too. Any other hub needs a connection string; a change without one keeps the
+        stored one.
+
+        :raises InvalidIdError, InvalidBodyError: a bad host name, weight or missing
+            connection string. :raises ConflictError, PreconditionFailedError: the etag rules.
+        """
+        validate_host_name(host)
+        if hub.host_name.lower() != host.lower():
+            raise InvalidBodyError(
+                f"hostName {hub.host_name[:260]!r} in the body differs from {host!r} in the URL."
+            )
+        weight = hub.allocation_weight
+        if weight is not None and not 1 <= weight <= 1000:
+            raise InvalidBodyError(f"allocationWeight must be between 1 and 1000, not {weight}.")
+        existing = await self._store.get(Collection.LINKED_HUBS, host)
+        old = msgspec.json.decode(existing.doc, type=LinkedHub) if existing else None
+        builtin = bool((old and old.builtin) or (old is None and hub.builtin))
+        connection_string = hub.connection_string or (old.connection_string if old else None)
+        if not builtin and not connection_string:
+            raise InvalidBodyError(
+                "connectionString is required: how provisiond reaches the hub's identity registry "
+                "(HostName=...;SharedAccessKeyName=...;SharedAccessKey=...)."
+            )
+        doc = msgspec.structs.replace(
+            hub,
+            etag=None,
+            builtin=builtin or None,
+            connection_string=connection_string,
+            allocation_weight=weight if weight is not None else 1,
+            apply_allocation_policy=True
+            if hub.apply_allocation_policy is None
+            else hub.apply_allocation_policy,
+        )
+        record = await put_record(
+            self._store,
+            Collection.LINKED_HUBS,
+            host,
+            msgspec.json.encode(doc),
+            if_match or hub.etag,
+            invalidate=self._invalidate,
+        )
+        return _present(record)
+
+    async def delete(self, host: str, *, if_match: str | None = None) -> None:
+        """Unlink ``host`` (its identities stay).
+
+        :raises NotFoundError: 404204. :raises RequestError: the built-in hub, which can be left
+            out of allocation but not unlinked. :raises PreconditionFailedError: 412000.
+        """
+        await self._get_record(host)
+        if host.lower() == self._builtin_hub.lower():
+            raise RequestError(
+                f"{host!r} is the built-in hub; it can be excluded from allocation but not unlinked."
+            )
+        try:
+            await delete_record(
+                self._store, Collection.LINKED_HUBS, host, if_match, not_found=DpsCode.NOT_FOUND
+            )
+        finally:
+            self._invalidate()
+
+    # --- the identities of the built-in hubs ---------------------------------------------------
+
+    async def devices(self, host: str, *, continuation: str | None = None) -> Page[HubDevice]:
+        """A page of the identities provisiond created in ``host`` (keys stripped).
+
+        :raises NotFoundError: 404204, no such linked hub.
+        """
+        await self._get_record(host)
+        page = await self._store.query(
+            Collection.HUB_DEVICES,
+            filters={"hub": host.lower()},
+            limit=DEVICES_PAGE,
+            continuation=continuation,
+        )
+        return Page([_present_device(r) for r in page.records], page.continuation, DEVICES_PAGE)
+
+    async def device(self, host: str, device_id: str) -> HubIdentity:
+        """One identity with its twin (keys stripped). :raises NotFoundError: 404001."""
+        record = await get_or_404(
+            self._store, Collection.HUB_DEVICES, _device_key(host, device_id), DpsCode.HUB_DEVICE_NOT_FOUND
+        )
+        return HubIdentity(_present_device(record), record.etag)
+
+    async def delete_device(self, host: str, device_id: str, *, if_match: str | None = None) -> None:
+        """Delete an identity (its registration record stays: the device's next registration
+        creates it again). :raises NotFoundError: 404000. :raises PreconditionFailedError: 412000."""
+        try:
+            await delete_record(
+                self._store,
+                Collection.HUB_DEVICES,
+                _device_key(host, device_id),
+                if_match,
+                not_found=DpsCode.NOT_FOUND,
+            )
+        finally:
+            self._invalidate()
+
+
+def _device_key(host: str, device_id: str) -> str:
+    return f"{host.lower()}/{device_id}"

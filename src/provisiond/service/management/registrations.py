@@ -1,0 +1,87 @@
+"""Device registration records, as the service API shows them (read-only but for delete)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+
+from ...errors import DpsCode
+from ...models import DeviceRegistrationState
+from ...storage import Collection, Record, Store
+from ..query import REGISTRATION_FIELDS, parse_query
+from ._base import Page, delete_record, get_or_404, page_size
+
+__all__ = ["Registrations", "registration_state"]
+
+
+def registration_state(record: Record) -> DeviceRegistrationState:
+    """The service API's view of a stored registration record: its id, etag and timestamps
+    are the store's."""
+    state = msgspec.json.decode(record.doc, type=DeviceRegistrationState)
+    return msgspec.structs.replace(
+        state,
+        registration_id=record.id,
+        etag=record.etag,
+        created_date_time_utc=state.created_date_time_utc or record.created,
+        last_updated_date_time_utc=record.updated,
+    )
+
+
+class Registrations:
+    """Get, delete and query the registration records."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def get(self, registration_id: str) -> DeviceRegistrationState:
+        """:raises NotFoundError: 404202, no record has this id."""
+        record = await get_or_404(
+            self._store, Collection.REGISTRATIONS, registration_id, DpsCode.REGISTRATION_NOT_FOUND
+        )
+        return registration_state(record)
+
+    async def states_of(self, registration_ids: Sequence[str]) -> dict[str, DeviceRegistrationState]:
+        """The records that exist among ``registration_ids``, keyed by lower-cased id."""
+        records = await self._store.get_many(Collection.REGISTRATIONS, registration_ids)
+        return {key: registration_state(record) for key, record in records.items()}
+
+    async def delete(self, registration_id: str, *, if_match: str | None = None) -> None:
+        """Delete a record (the device registers afresh next time; its hub identity stays).
+
+        :raises NotFoundError: 404202. :raises PreconditionFailedError: 412001, a stale etag.
+        """
+        await delete_record(
+            self._store,
+            Collection.REGISTRATIONS,
+            registration_id,
+            if_match,
+            not_found=DpsCode.REGISTRATION_NOT_FOUND,
+            etag_code=DpsCode.ETAG_MISMATCH,
+        )
+
+    async def query(
+        self,
+        group_id: str,
+        query: str | None = None,
+        *,
+        size: int | None = None,
+        continuation: str | None = None,
+    ) -> Page[DeviceRegistrationState]:
+        """The records of the devices of enrollment group ``group_id`` (DPS's only registration
+        query), narrowed by ``query``'s WHERE clause when there is one (provisiond's extension).
+
+        :raises NotFoundError: 404203, no such group. :raises InvalidQueryError: a query
+            provisiond cannot read.
+        """
+        await get_or_404(self._store, Collection.ENROLLMENT_GROUPS, group_id, DpsCode.GROUP_NOT_FOUND)
+        filters = parse_query(query, REGISTRATION_FIELDS) if query is not None else {}
+        size = page_size(size)
+        group_key = group_id.lower()
+        if filters is None or filters.get("enrollment_group_id", group_key) != group_key:
+            return Page([], None, size)
+        filters["enrollment_group_id"] = group_key
+        page = await self._store.query(
+            Collection.REGISTRATIONS, filters=filters, limit=size, continuation=continuation
+        )
+        return Page([registration_state(r) for r in page.records], page.continuation, size)
