@@ -129,8 +129,7 @@ AMQP = Transport("amqp", TpmSupport.SASL, logging.getLogger("provisiond.amqp"))
 AMQP_WS = Transport("amqp-ws", TpmSupport.SASL, AMQP.log)
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Credential:
+class Credential(msgspec.Struct, frozen=True, kw_only=True):
     """Who the device says it is, as its transport established it (nothing is verified yet
     beyond what :meth:`DeviceGateway.check_token` checks)."""
 
@@ -144,8 +143,7 @@ class Credential:
     tpm: TpmAttestationRequest | None = None
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class DeviceCall:
+class DeviceCall(msgspec.Struct, frozen=True, kw_only=True):
     """One request of a device, as its transport hands it over."""
 
     credential: Credential
@@ -161,8 +159,7 @@ class DeviceCall:
     describe: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
+class Answer(msgspec.Struct, frozen=True):
     """What the device reads: an HTTP-like status, the JSON body, and the seconds after which to
     come back (``assigning``, 429, 503). ``error_code`` is set for a refusal (the body is DPS's
     error body); ``challenge`` for HTTPS's TPM challenge (401 with the challenge body)."""
