@@ -28,7 +28,7 @@ from provisiond.device import (
     Transport,
     X509Security,
 )
-from provisiond.errors import ConnectError, RegistrationFailedError, ServiceResponseError
+from provisiond.errors import ConnectError, ServiceResponseError
 from provisiond.models import RegistrationStatus
 from provisiond.protocol.registration import Reply, Request
 from provisiond.service_client import ServiceClient
@@ -104,44 +104,6 @@ async def test_symmetric_key_individual_sync_and_async(server: RunningServer, ad
 
     again = await asyncio.to_thread(register_sync, server, security, force=True)
     assert (again.assigned_hub, again.device_id, again.status) == (first.assigned_hub, reg, first.status)
-
-
-def test_a_wrong_key_names_the_services_error(server: RunningServer, admin: ServiceClient) -> None:
-    reg = uid("sk")
-    enroll_symmetric(admin, reg)
-    other_key = SymmetricKeySecurity.from_group_key(registration_id=reg, group_key="AAAAAAAA")
-    with pytest.raises(ServiceResponseError) as info:
-        register_sync(server, other_key)
-    exc = info.value
-    assert exc.status_code == 401 and exc.error_code // 1000 == 401 and exc.tracking_id
-    assert (
-        str(exc.error_code) in str(exc)
-        and exc.tracking_id in str(exc)
-        and exc.body["message"].rstrip(".") in str(exc)
-    )
-
-
-def test_symmetric_key_group_with_derived_keys(server: RunningServer, admin: ServiceClient) -> None:
-    gid = uid("skg")
-    admin.put(f"/enrollmentGroups/{gid}", {"enrollmentGroupId": gid, "attestation": {"type": "symmetricKey"}})
-    group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
-    for reg in (uid("gd"), uid("gd")):
-        result = register_sync(
-            server, SymmetricKeySecurity.from_group_key(registration_id=reg, group_key=group_key)
-        )
-        assert result.device_id == reg
-        state = result.registration_state
-        assert state is not None and state.symmetric_key is not None
-        assert state.symmetric_key.enrollment_group_id == gid
-
-
-def test_disabled_enrollment_raises_registration_failed(server: RunningServer, admin: ServiceClient) -> None:
-    reg = uid("sk")
-    key = enroll_symmetric(admin, reg, provisioningStatus="disabled")
-    with pytest.raises(RegistrationFailedError) as info:
-        register_sync(server, SymmetricKeySecurity(registration_id=reg, symmetric_key=key))
-    assert info.value.status is RegistrationStatus.DISABLED
-    assert isinstance(info.value.result, RegistrationResult)
 
 
 def test_x509_individual_self_signed(server: RunningServer, admin: ServiceClient, tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """The device client over MQTT and MQTT over WebSockets: against the session's real ``provisiond
-serve`` (every attestation, the typed errors, the CLI), and against a scripted MQTT server on
-loopback TLS for what provisiond never answers by itself (assigning and polls, 429 with
-retry-after, refusing CONNACKs, stale answers, keep-alive pings)."""
+serve`` (what is MQTT's own: refusing CONNACKs as typed errors, connect errors, the CLI), and
+against a scripted MQTT server on loopback TLS for what provisiond never answers by itself
+(assigning and polls, 429 with retry-after, refusing CONNACKs, stale answers, keep-alive pings).
+Every attestation and outcome on every transport: tests/service/test_registration_scenarios.py."""
 
 from __future__ import annotations
 
@@ -24,16 +25,13 @@ from provisiond.cli import cli
 from provisiond.device import (
     AsyncProvisioningDeviceClient,
     MqttTransport,
-    ProvisioningDeviceClient,
     RegistrationResult,
     RetryPolicy,
     SecurityProvider,
     SymmetricKeySecurity,
-    X509Security,
 )
 from provisiond.errors import (
     ConnectError,
-    RegistrationFailedError,
     RemoteProtocolError,
     ServiceResponseError,
     TimeoutError,
@@ -87,105 +85,7 @@ async def register_async(
         return await client.register(**kwargs)
 
 
-def register_sync(server: RunningServer, security: SecurityProvider, transport: str) -> RegistrationResult:
-    with ProvisioningDeviceClient.create(
-        endpoint(server, transport), server.id_scope, security, transport, ca_file=server.ca_file
-    ) as client:
-        return client.register()
-
-
 # --- against provisiond ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_symmetric_key_individual_and_group(
-    server: RunningServer, admin: ServiceClient, transport: str
-) -> None:
-    reg = uid("mk")
-    security = SymmetricKeySecurity(registration_id=reg, symmetric_key=enroll_symmetric(admin, reg))
-    result = await register_async(server, security, transport, payload={"model": "m1"})
-    assert result.status is RegistrationStatus.ASSIGNED and result.device_id == reg
-    assert result.assigned_hub == server.info["builtinHub"]
-    assert admin.get(f"/registrations/{reg}")["payload"] == {"model": "m1"}
-    again = await asyncio.to_thread(register_sync, server, security, transport)
-    assert (again.device_id, again.assigned_hub) == (reg, result.assigned_hub)
-
-    gid = uid("mg")
-    admin.put(f"/enrollmentGroups/{gid}", {"enrollmentGroupId": gid, "attestation": {"type": "symmetricKey"}})
-    group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
-    member = uid("mgd")
-    result = await register_async(
-        server, SymmetricKeySecurity.from_group_key(registration_id=member, group_key=group_key), transport
-    )
-    state = result.registration_state
-    assert (
-        state is not None
-        and state.symmetric_key is not None
-        and state.symmetric_key.enrollment_group_id == gid
-    )
-
-
-@pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_x509_individual_and_group_with_an_intermediate(
-    server: RunningServer, admin: ServiceClient, transport: str
-) -> None:
-    reg = uid("mx")
-    leaf = pki.make_device_cert(reg)
-    admin.put(
-        f"/enrollments/{reg}",
-        {
-            "registrationId": reg,
-            "attestation": {
-                "type": "x509",
-                "x509": {
-                    "clientCertificates": {
-                        "primary": {"certificate": pki.certificate_pem(leaf.cert).decode()}
-                    }
-                },
-            },
-        },
-    )
-    result = await register_async(server, X509Security.from_issued(leaf), transport)
-    assert result.device_id == reg
-
-    root = pki.make_root_ca("MQTT Client Root " + uid("r"))
-    intermediate = pki.make_intermediate_ca("MQTT Client Intermediate " + uid("i"), root)
-    gid = uid("mxg")
-    admin.put(
-        f"/enrollmentGroups/{gid}",
-        {
-            "enrollmentGroupId": gid,
-            "attestation": {
-                "type": "x509",
-                "x509": {
-                    "signingCertificates": {
-                        "primary": {"certificate": pki.certificate_pem(root.cert).decode()}
-                    }
-                },
-            },
-        },
-    )
-    member = uid("mxm")
-    result = await register_async(
-        server, X509Security.from_issued(pki.make_device_cert(member, intermediate)), transport
-    )
-    state = result.registration_state
-    assert state is not None and state.x509 is not None and state.x509.enrollment_group_id == gid
-
-
-async def test_a_wrong_key_names_the_services_error(server: RunningServer, admin: ServiceClient) -> None:
-    reg = uid("mk")
-    enroll_symmetric(admin, reg)
-    wrong = SymmetricKeySecurity.from_group_key(registration_id=reg, group_key="AAAAAAAA")
-    with pytest.raises(ServiceResponseError) as info:
-        await register_async(server, wrong, "mqtt")
-    exc = info.value
-    assert (
-        exc.status_code == 401
-        and exc.error_code == 401002
-        and exc.tracking_id
-        and exc.tracking_id in str(exc)
-    )
 
 
 class _Token(SecurityProvider):
@@ -218,16 +118,6 @@ async def test_refusing_connacks_are_typed_errors(
         await register_async(server, _Token(reg, token), "mqtt")
     assert info.value.status_code == 401
     assert f"CONNACK return code {code}" in str(info.value) and words in str(info.value)
-
-
-async def test_disabled_enrollment_raises_registration_failed(
-    server: RunningServer, admin: ServiceClient
-) -> None:
-    reg = uid("md")
-    key = enroll_symmetric(admin, reg, provisioningStatus="disabled")
-    with pytest.raises(RegistrationFailedError) as info:
-        await register_async(server, SymmetricKeySecurity(registration_id=reg, symmetric_key=key), "mqtt-ws")
-    assert info.value.status is RegistrationStatus.DISABLED
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

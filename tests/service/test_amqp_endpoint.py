@@ -1,8 +1,9 @@
 """The AMQP endpoint against a real ``provisiond serve`` over TLS (and WebSockets):
 python-qpid-proton as an independent AMQP 1.0 client (PLAIN, EXTERNAL, ANONYMOUS, a full
-registration exchange, status requests, refusals), the project's own client for symmetric key,
-X.509 and TPM (swtpm) over AMQP and AMQP over WebSockets, raw bytes for bad input, and a
-bounded fuzz of the endpoint with mutated valid sessions."""
+registration exchange, status requests, refusals), the project's own client for what is AMQP's
+own (a refused SASL TPM exchange, the CLI, AMQP over WebSockets only), raw bytes for bad input,
+and a bounded fuzz of the endpoint with mutated valid sessions. Every attestation and outcome on
+every transport: test_registration_scenarios.py."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from proton.utils import BlockingConnection, SendException
 
 from provisiond import pki
 from provisiond.cli import cli
-from provisiond.device import ProvisioningDeviceClient, SecurityProvider, SymmetricKeySecurity, X509Security
+from provisiond.device import ProvisioningDeviceClient, SecurityProvider, SymmetricKeySecurity
 from provisiond.errors import ServiceResponseError
 from provisiond.models import RegistrationStatus
 from provisiond.protocol.amqp import dps
@@ -53,6 +54,7 @@ from provisiond.protocol.messages import RegistrationOperationStatus
 from provisiond.protocol.sas import build_sas_token
 from provisiond.service.amqp import AmqpEndpoint
 from provisiond.service.context import ServiceContext
+from provisiond.service.gateway import AMQP, DeviceGateway
 from provisiond.service.guard import NO_GUARD
 from provisiond.service.settings import Settings
 from provisiond.service_client import ServiceClient
@@ -312,8 +314,6 @@ def test_proton_link_for_another_device_is_refused(server: RunningServer, admin:
 
 # --- the project's own client ------------------------------------------------------------------
 
-TRANSPORTS = [pytest.param("amqp", id="amqp"), pytest.param("amqp-ws", id="amqp-ws")]
-
 
 def endpoint_for(server: RunningServer, transport: str) -> str:
     return f"localhost:{server.info['amqpPort']}" if transport == "amqp" else f"localhost:{server.port}"
@@ -331,102 +331,6 @@ def register(server: RunningServer, security: SecurityProvider, transport: str, 
         return client.register(**kwargs)
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_client_symmetric_key_individual_and_group(
-    server: RunningServer, admin: ServiceClient, transport: str
-) -> None:
-    reg = uid("sk")
-    result = register(
-        server,
-        SymmetricKeySecurity(registration_id=reg, symmetric_key=enroll_symmetric(admin, reg)),
-        transport,
-    )
-    assert result.status is RegistrationStatus.ASSIGNED and result.device_id == reg
-    gid = uid("skg")
-    admin.put(f"/enrollmentGroups/{gid}", {"enrollmentGroupId": gid, "attestation": {"type": "symmetricKey"}})
-    group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
-    member = uid("skgd")
-    grouped = register(
-        server,
-        SymmetricKeySecurity.from_group_key(registration_id=member, group_key=group_key),
-        transport,
-        force=True,
-    )
-    assert grouped.registration_state.symmetric_key.enrollment_group_id == gid
-    assert f"registration {member} assigned" in server.log() and f"[{transport}]" in server.log()
-
-
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_client_x509_individual_and_group_with_intermediate(
-    server: RunningServer, admin: ServiceClient, transport: str
-) -> None:
-    reg = uid("x5")
-    result = register(server, X509Security.from_issued(enroll_x509(admin, reg)), transport)
-    assert result.status is RegistrationStatus.ASSIGNED and result.device_id == reg
-    root = pki.make_root_ca("AMQP Root " + uid("r"))
-    intermediate = pki.make_intermediate_ca("AMQP Intermediate " + uid("i"), root)
-    gid = uid("xg")
-    admin.put(
-        f"/enrollmentGroups/{gid}",
-        {
-            "enrollmentGroupId": gid,
-            "attestation": {
-                "type": "x509",
-                "x509": {
-                    "signingCertificates": {
-                        "primary": {"certificate": pki.certificate_pem(root.cert).decode()}
-                    }
-                },
-            },
-        },
-    )
-    member = uid("xgd")
-    grouped = register(
-        server, X509Security.from_issued(pki.make_device_cert(member, intermediate)), transport
-    )
-    assert grouped.registration_state.x509.enrollment_group_id == gid
-
-
-def test_client_wrong_key_reads_the_services_error(server: RunningServer, admin: ServiceClient) -> None:
-    reg = uid("sk-wrong")
-    enroll_symmetric(admin, reg)
-    with pytest.raises(ServiceResponseError) as info:
-        register(
-            server, SymmetricKeySecurity.from_group_key(registration_id=reg, group_key="AAAAAAAA"), "amqp"
-        )
-    assert info.value.status_code == 401 and info.value.error_code == 401002 and info.value.tracking_id
-
-
-def test_client_throttled_reads_retry_after(tmp_path: Path) -> None:
-    """Over the per-device limit the request is rejected with 429 and retry-after in the
-    error's info (both spellings); the client retries after it, then gives up."""
-    from tests._server import start_server
-
-    limited = start_server(tmp_path / "limited", "--device-rate-limit", "1")
-    try:
-        with limited.client() as admin:
-            reg = uid("sk-throttled")
-            key = enroll_symmetric(admin, reg)
-        security = SymmetricKeySecurity(registration_id=reg, symmetric_key=key)
-        from provisiond.device import RetryPolicy
-
-        with ProvisioningDeviceClient.create(
-            endpoint_for(limited, "amqp"),
-            limited.id_scope,
-            security,
-            "amqp",
-            ca_file=limited.ca_file,
-            retry=RetryPolicy(max_attempts=1),
-        ) as client:
-            assert client.register().status is RegistrationStatus.ASSIGNED
-            with pytest.raises(ServiceResponseError) as info:
-                client.register()
-        assert info.value.status_code == 429
-    finally:
-        limited.stop()
-    assert "iotdps-register -> 429" in limited.log()
-
-
 def test_cli_device_register_over_amqp(server: RunningServer, admin: ServiceClient) -> None:
     reg = uid("cli-amqp")
     key = enroll_symmetric(admin, reg)
@@ -438,30 +342,6 @@ def test_cli_device_register_over_amqp(server: RunningServer, admin: ServiceClie
         )  # fmt: skip
         assert result.exit_code == 0, result.output
         assert json.loads(result.output)["status"] == "assigned"
-
-
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_client_tpm_through_swtpm(
-    server: RunningServer, admin: ServiceClient, transport: str, swtpm_factory: Any
-) -> None:
-    from provisiond.device.tpm import TpmSecurity
-
-    simulator = swtpm_factory()
-    reg = uid("tpm-amqp")
-    with TpmSecurity(tcti=simulator.tcti, registration_id=reg) as security:
-        admin.put(
-            f"/enrollments/{reg}",
-            {
-                "registrationId": reg,
-                "attestation": {"type": "tpm", "tpm": {"endorsementKey": security.endorsement_key_b64}},
-            },
-        )
-        result = register(server, security, transport)
-        assert result.status is RegistrationStatus.ASSIGNED and result.device_id == reg
-        assert result.registration_state.tpm.authentication_key  # the hub key, wrapped for this TPM
-        again = register(server, security, transport)  # a fresh SASL TPM exchange
-        assert again.operation_id != result.operation_id
-    assert f"registration {reg} assigned" in server.log() and f"[{transport}]" in server.log()
 
 
 def test_tpm_of_another_enrollment_fails_sasl(
@@ -593,7 +473,7 @@ REG = "fuzz-device"
 
 def _endpoint(tmp_path: Path, **settings: Any) -> AmqpEndpoint:
     ctx = ServiceContext(settings=Settings(data_dir=tmp_path, **settings), store=None, clock=time.time)  # type: ignore[arg-type]
-    return AmqpEndpoint(ctx, _StubRegistrar(), transport="amqp")  # type: ignore[arg-type]
+    return AmqpEndpoint(DeviceGateway(ctx, _StubRegistrar()), AMQP)  # type: ignore[arg-type]
 
 
 def _client_wire(mechanism: str | None) -> bytes:

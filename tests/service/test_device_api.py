@@ -1,8 +1,10 @@
 """The device API over real HTTPS, at the wire level (raw requests, as any SDK sends them):
-every attestation path, every error case with its status, errorCode and message, hub
-assignment, reprovisioning, idempotent concurrent registration, and throttling.
+the statuses and headers, the error cases with their status, errorCode and message, X.509 chain
+errors, hub assignment, reprovisioning and idempotent concurrent registration.
 
-The project's own device client is tested end to end in tests/device/.
+What every transport must answer alike (each attestation, disabled enrollments, polls, rate
+limits, TPM) runs on all five in test_registration_scenarios.py; the project's own device client
+is tested in tests/device/.
 """
 
 from __future__ import annotations
@@ -170,25 +172,6 @@ def test_secondary_key_and_token_without_skn(server: RunningServer, admin: Any) 
     device.close()
 
 
-def test_symmetric_key_group_derived_key(server: RunningServer, admin: Any) -> None:
-    gid = uid("grp")
-    admin.put(f"/enrollmentGroups/{gid}", {"enrollmentGroupId": gid, "attestation": {"type": "symmetricKey"}})
-    keys = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]
-    reg = uid()
-    device = Device(server, reg)
-    body = assigned(device.register(device.token(derive_device_key(keys["secondaryKey"], reg))))
-    assert body["registrationState"]["symmetricKey"] == {"enrollmentGroupId": gid}
-    # The group key itself is not the device's key.
-    assert_denied(
-        device.register(device.token(keys["primaryKey"])), 401, 401002, "no symmetric-key enrollment group"
-    )
-    identity = admin.get(f"/admin/linkedHubs/{body['registrationState']['assignedHub']}/devices/{reg}")
-    assert identity["authentication"]["type"] == "sas"
-    regs = admin.post(f"/registrations/{gid}/query")
-    assert [r["registrationId"] for r in regs] == [reg]
-    device.close()
-
-
 def test_net_style_body_without_registration_id(server: RunningServer, admin: Any) -> None:
     reg = uid()
     key = enroll_symmetric(admin, reg)
@@ -238,28 +221,6 @@ def assert_error_free_record(admin: Any, reg: str) -> None:
 
     with pytest.raises(NotFoundError):
         admin.get(f"/registrations/{reg}")
-
-
-def test_disabled_enrollment_and_group(server: RunningServer, admin: Any) -> None:
-    reg = uid()
-    key = enroll_symmetric(admin, reg, provisioningStatus="disabled")
-    device = Device(server, reg)
-    r = device.register(device.token(key))
-    assert r.status_code == 202 and r.json()["status"] == "disabled"
-    state = r.json()["registrationState"]
-    assert state["errorCode"] == 401101 and "disabled" in state["errorMessage"]
-    assert "assignedHub" not in state
-    gid = uid("grp")
-    admin.put(
-        f"/enrollmentGroups/{gid}",
-        {"enrollmentGroupId": gid, "attestation": {"type": "symmetricKey"}, "provisioningStatus": "disabled"},
-    )
-    gkey = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
-    gdev = Device(server, uid())
-    r = gdev.register(gdev.token(derive_device_key(gkey, gdev.registration_id)))
-    assert r.json()["status"] == "disabled" and gid in r.json()["registrationState"]["errorMessage"]
-    device.close()
-    gdev.close()
 
 
 def test_no_hub_available_fails_with_400208(server: RunningServer, admin: Any) -> None:
@@ -328,37 +289,6 @@ def test_invalid_registration_id(server: RunningServer) -> None:
 
 
 # --- X.509 -----------------------------------------------------------------------------------
-
-
-def test_x509_individual_self_signed(server: RunningServer, admin: Any, tmp_path: Path) -> None:
-    reg = uid("x")
-    leaf = pki.make_device_cert(reg)
-    admin.put(
-        f"/enrollments/{reg}",
-        {
-            "registrationId": reg,
-            "attestation": {
-                "type": "x509",
-                "x509": {"clientCertificates": {"primary": {"certificate": pem(leaf.cert)}}},
-            },
-        },
-    )
-    device = Device(server, reg, credential=leaf, tmp=tmp_path)
-    state = assigned(device.register())["registrationState"]
-    assert state["x509"]["certificateInfo"]["subjectName"] == f"CN={reg}"
-    identity = admin.get(f"/admin/linkedHubs/{state['assignedHub']}/devices/{reg}")
-    assert identity["authentication"]["type"] == "selfSigned"
-    assert (
-        identity["authentication"]["x509Thumbprint"]["primaryThumbprint"]
-        == state["x509"]["certificateInfo"]["sha256Thumbprint"]
-    )
-    # Another self-signed certificate with the same CN is not this enrollment's.
-    impostor = Device(server, reg, credential=pki.make_device_cert(reg), tmp=tmp_path)
-    assert_denied(
-        impostor.register(), 401, 401011, "not the certificate of the individual enrollment", server
-    )
-    device.close()
-    impostor.close()
 
 
 def test_x509_group_with_intermediate_and_chain_errors(
@@ -577,23 +507,3 @@ def test_concurrent_registrations_of_one_id_make_one_identity_and_record(
     identities = [d for d in admin.get(f"/admin/linkedHubs/{hub}/devices") if d["registrationId"] == reg]
     assert len(identities) == 1
     assert "Traceback" not in server.log()
-
-
-def test_throttling_answers_429_with_retry_after(tmp_path: Path) -> None:
-    server = start_server(tmp_path / "throttled", "--device-rate-limit", "2")
-    try:
-        with server.client() as admin:
-            reg = uid()
-            key = enroll_symmetric(admin, reg)
-            device = Device(server, reg)
-            assigned(device.register(device.token(key)))
-            assigned(device.register(device.token(key)))
-            r = device.register(device.token(key))
-            assert_denied(r, 429, 429001, "per-device limit")
-            assert int(r.headers["retry-after"]) >= 1
-            other = Device(server, uid())  # another device is not affected
-            assert other.register().status_code == 401
-            device.close()
-            other.close()
-    finally:
-        server.stop()

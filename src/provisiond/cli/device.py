@@ -202,7 +202,11 @@ def _print_result(doc: dict[str, Any]) -> None:
     "the registration id defaults to the one derived from its EK (`provisiond tpm ek`).",
 )
 @click.option("--payload", metavar="JSON|@FILE", help="Custom data for the service's allocation.")
-@click.option("--force", is_flag=True, help="Re-run the assignment even if the device is already assigned.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Send DPS's forceRegistration flag (no effect: every register re-runs the assignment).",
+)
 @click.option(
     "--transport",
     type=click.Choice([kind.value for kind in TransportKind]),

@@ -8,10 +8,11 @@ the SASL layer:
 
 * a SAS token (symmetric key): SASL ``PLAIN``, user ``{idScope}/registrations/{id}``;
 * a TLS client certificate (X.509): no SASL at all, the plain AMQP header after TLS;
-* a provider that answers TPM challenges: SASL ``TPM``; the EK goes in sasl-init, the SRK
-  answers the first challenge, the activation blob arrives in chunks and is activated in the
-  TPM (a worker thread, like the HTTPS challenge), and the last response is the SAS token the
-  TPM signs with the key it imported.
+* a provider that answers TPM challenges: SASL ``TPM``, the client half of
+  :mod:`provisiond.protocol.amqp.sasl_tpm` (the service runs the other): the EK goes in
+  sasl-init, the SRK answers the first challenge, the activation blob arrives in chunks and is
+  activated in the TPM (a worker thread, like the HTTPS challenge), and the last response is
+  the SAS token the TPM signs with the key it imported.
 
 One connection serves the whole registration: the first request opens it (TLS, SASL, open,
 a session, a sender and a receiver link on ``{idScope}/registrations/{id}``), later ones (polls)
@@ -73,6 +74,7 @@ from ..protocol.amqp.performatives import (
     Source,
     Target,
 )
+from ..protocol.amqp.sasl_tpm import Respond, TpmSaslClient
 from ..protocol.amqp.types import Symbol
 from ..protocol.messages import TpmChallenge, encode
 from ..protocol.registration import Reply, Request, SendRegister, parse_retry_after
@@ -264,8 +266,7 @@ class AmqpTransport(StreamTransport):
     async def _authenticate(self, link: _Link, mechanism: dps.Mechanism, request: Request) -> None:
         resource = f"{self.id_scope}/registrations/{request.registration_id}"
         machine = link.machine
-        tpm_keys: tuple[bytes, bytes] | None = None
-        chunks: list[bytes] = []
+        tpm: TpmSaslClient | None = None
         while True:
             for event in await self._events(link):
                 if isinstance(event, SaslMechanismsReceived):
@@ -279,16 +280,17 @@ class AmqpTransport(StreamTransport):
                         machine.sasl_init(mechanism.value, dps.plain_response(resource, token))
                     else:
                         assert isinstance(request, SendRegister) and request.body.tpm is not None
-                        tpm = request.body.tpm
-                        tpm_keys = (
-                            base64.b64decode(tpm.endorsement_key),
-                            base64.b64decode(tpm.storage_root_key or ""),
+                        keys = request.body.tpm
+                        tpm = TpmSaslClient(
+                            self.id_scope,
+                            request.registration_id,
+                            base64.b64decode(keys.endorsement_key),
+                            base64.b64decode(keys.storage_root_key or ""),
                         )
-                        init = dps.tpm_init_response(self.id_scope, request.registration_id, tpm_keys[0])
-                        machine.sasl_init(mechanism.value, init)
+                        machine.sasl_init(mechanism.value, tpm.initial_response())
                 elif isinstance(event, SaslChallengeReceived):
-                    assert tpm_keys is not None
-                    machine.sasl_response(await self._tpm_answer(event.challenge, tpm_keys, chunks, resource))
+                    assert tpm is not None
+                    machine.sasl_response(await self._tpm_answer(tpm, event.challenge, resource))
                 elif isinstance(event, SaslOutcomeReceived):
                     if event.code is not SaslCode.OK:
                         raise _Refusal(
@@ -301,24 +303,17 @@ class AmqpTransport(StreamTransport):
                     return
             await link.flush()
 
-    async def _tpm_answer(
-        self, challenge: bytes, keys: tuple[bytes, bytes], chunks: list[bytes], resource: str
-    ) -> bytes:
-        """The response to one TPM challenge: the SRK, an acknowledgement, or the signed token."""
-        if challenge == b"\x00":
-            return b"\x00" + keys[1]
-        chunk = dps.parse_tpm_chunk(challenge)
-        if chunk.sequence != len(chunks) % 4:
-            raise RemoteProtocolError(
-                f"TPM blob chunk {chunk.sequence} arrived where {len(chunks) % 4} was due."
-            )
-        chunks.append(chunk.data)
-        if not chunk.final:
-            return b"\x00"
-        blob = base64.b64encode(b"".join(chunks)).decode("ascii")
+    async def _tpm_answer(self, tpm: TpmSaslClient, challenge: bytes, resource: str) -> bytes:
+        """The response to one TPM challenge (:mod:`provisiond.protocol.amqp.sasl_tpm`): the SRK,
+        an acknowledgement, or, once the blob is in, the token signed with the key it carried
+        (activated in the TPM on a worker thread, like the HTTPS challenge)."""
+        step = tpm.receive_challenge(challenge)
+        if isinstance(step, Respond):
+            return step.data
+        blob = base64.b64encode(step.blob).decode("ascii")
         await asyncio.to_thread(self._security.answer_challenge, TpmChallenge(authentication_key=blob))
         token = self._security.sas_token(resource, int(time.time()) + self._sas_ttl) or ""
-        return b"\x00" + token.encode("utf-8")
+        return tpm.send_token(token)
 
     async def _attach(self, link: _Link) -> None:
         machine = link.machine

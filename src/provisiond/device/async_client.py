@@ -113,7 +113,9 @@ class AsyncProvisioningDeviceClient:
         """Register the device and wait for the outcome.
 
         :param payload: custom JSON data for the service's allocation (``payload``).
-        :param force: re-run the assignment even if the device is already assigned.
+        :param force: send DPS's ``forceRegistration`` flag (HTTPS, AMQP). Neither DPS nor
+            provisiond needs it: every register runs the assignment again under the
+            enrollment's reprovisioning policy (docs/device-api.md, "forceRegistration").
         :returns: the result, with status ``assigned``.
         :raises RegistrationFailedError: the registration ended ``failed`` or ``disabled``.
         :raises ServiceResponseError: the service refused (4xx), or kept answering 429/5xx.

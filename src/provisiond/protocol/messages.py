@@ -11,6 +11,8 @@ Wire shapes (device-protocol.md §1.2):
   payload, and per attestation: ``x509``, ``symmetricKey``, ``tpm``): the service API's
   ``DeviceRegistrationState`` plus the attestation's parts.
 - TPM challenge (401 body): ``{"message", "authenticationKey", "keyName"}``.
+- error (``ProvisioningServiceErrorDetails``): ``{"errorCode", "trackingId", "message",
+  "timestampUtc"}``, what every transport answers a refused request with.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from . import bounded_json
 __all__ = [
     "DeviceRegistration",
     "DeviceRegistrationResult",
+    "ErrorDetails",
     "RegistrationOperationStatus",
     "SymmetricKeyRegistrationResult",
     "TpmAttestationRequest",
@@ -33,6 +36,7 @@ __all__ = [
     "X509RegistrationResult",
     "decode_operation_status",
     "encode",
+    "error_body",
 ]
 
 
@@ -90,12 +94,31 @@ class TpmChallenge(_Message):
     message: str | None = None
 
 
+class ErrorDetails(_Message):
+    """DPS's ``ProvisioningServiceErrorDetails``: the body of every refusal, on every transport
+    (HTTPS body, MQTT response payload, AMQP rejection description) and on the service API."""
+
+    error_code: int
+    tracking_id: str
+    message: str
+    timestamp_utc: str
+
+
 _encoder = msgspec.json.Encoder()
 
 
 def encode(message: msgspec.Struct) -> bytes:
     """JSON bytes of a message (camelCase, unset fields omitted)."""
     return _encoder.encode(message)
+
+
+def error_body(error_code: int, tracking_id: str, message: str, timestamp_utc: str) -> bytes:
+    """The JSON of an :class:`ErrorDetails` (keys in DPS's order)."""
+    return _encoder.encode(
+        ErrorDetails(
+            error_code=int(error_code), tracking_id=tracking_id, message=message, timestamp_utc=timestamp_utc
+        )
+    )
 
 
 def decode_operation_status(body: bytes) -> RegistrationOperationStatus:

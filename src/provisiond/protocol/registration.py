@@ -323,7 +323,8 @@ def registration_flow(
     """Register ``registration_id``: yields commands, returns the :class:`RegistrationResult`.
 
     :param payload: custom JSON for the service's allocation (sent as ``payload``).
-    :param force: ask the service to re-run the assignment even if the device is assigned.
+    :param force: send DPS's ``forceRegistration`` flag; it changes nothing at DPS or provisiond,
+        where every register runs the assignment again (docs/device-api.md).
     :param clock: monotonic seconds (``time.monotonic``); read to enforce ``total_timeout``.
     :param random: a float in [0, 1) (``random.random``); the backoff jitter.
     :param answers_challenges: the security provider can answer a TPM challenge.

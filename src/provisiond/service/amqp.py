@@ -19,11 +19,14 @@ incomplete, so that a device trickling a frame byte by byte is held to the minim
   SAS token. The outcome is *ok* when the token is for that scope and id and not expired; its
   signature is checked by the registrar at register time, like over HTTPS and MQTT, so that a
   wrong key reads a rejection with DPS's 401 error rather than a bare SASL failure.
-* ``TPM``: sasl-init carries the scope, id and EK; a first challenge asks for the SRK; the
-  activation blob (:meth:`~provisiond.attestation.tpm.TpmAttestor.challenge`) goes out in
-  chunks; the device's last response is the SAS token signed in its TPM, verified against
-  the pending challenge before the outcome is *ok* (the register message then uses the
-  challenge, through the registrar, with that token and the EK/SRK of the exchange).
+* ``TPM``: the exchange is the sans-io :class:`~provisiond.protocol.amqp.sasl_tpm.TpmSaslServer`
+  (the device client runs its other half): sasl-init carries the scope, id and EK; a first
+  challenge asks for the SRK; the activation blob (the gateway's
+  :meth:`~provisiond.service.gateway.DeviceGateway.tpm_challenge`) goes out in chunks; the
+  device's last response is the SAS token signed in its TPM, verified against the pending
+  challenge (:meth:`~provisiond.service.gateway.DeviceGateway.tpm_authenticate`) before the
+  outcome is *ok* (the register message then uses the challenge, through the registrar, with
+  that token and the EK/SRK of the exchange).
 * no SASL at all (X.509: the plain AMQP header after a TLS handshake with a client
   certificate), ``EXTERNAL`` (a client certificate is required) and ``ANONYMOUS``: the
   registration id is the link address's; the registrar checks the presented chain.
@@ -35,8 +38,9 @@ without ``amqps://host/``); another address, or another device's than SASL named
 topped up as requests are answered.
 
 **Messages**: ``iotdps-operation-type`` ``iotdps-register`` (body: a data section, or an
-amqp-value, with the registration JSON; ``iotdps-forceRegistration``) or
-``iotdps-get-operationstatus`` (``iotdps-operation-id``). The request is settled *accepted*
+amqp-value, with the registration JSON; ``iotdps-forceRegistration`` is accepted and changes
+nothing, as in DPS) or ``iotdps-get-operationstatus`` (``iotdps-operation-id``), each answered
+by the device gateway (:mod:`provisiond.service.gateway`). The request is settled *accepted*
 and answered on the device's receiving link with a data section carrying the
 RegistrationOperationStatus JSON and the request's correlation-id (``retry-after`` /
 ``Retry-After`` while assigning). A denial *rejects* the request with ``amqp:...`` error whose
@@ -48,27 +52,14 @@ when the device should come back later (the .NET SDK derives the status from
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import msgspec
-
-from ..attestation import symmetric_key as sk
-from ..errors import (
-    AmqpProtocolError,
-    AuthenticationError,
-    BodyTooLargeError,
-    InvalidBodyError,
-    ProvisioningError,
-    RequestError,
-    ThrottledError,
-)
-from ..models import RegistrationStatus
+from ..errors import AmqpProtocolError, InvalidBodyError, ProvisioningError, RequestError, ThrottledError
 from ..protocol.amqp import dps
 from ..protocol.amqp.connection import Connection, ConnectionConfig, Side
 from ..protocol.amqp.events import (
@@ -94,17 +85,15 @@ from ..protocol.amqp.performatives import (
     Role,
     SaslCode,
 )
+from ..protocol.amqp.sasl_tpm import MakeBlob, SendChallenge, TokenReceived, TpmSaslServer
 from ..protocol.amqp.session import SessionLimits
 from ..protocol.amqp.types import Symbol
-from ..protocol.messages import DeviceRegistration, RegistrationOperationStatus, TpmAttestationRequest, encode
-from .context import ServiceContext
-from .device_api import POLL_AFTER_SECONDS
-from .http import decode_body, error_response
-from .listeners import STARTERS
-from .registrar import DeviceRequest, Registrar
-from .streams import WEBSOCKET_HANDLERS, ByteStream, StreamClosed, start_tls_listener
+from ..protocol.messages import TpmAttestationRequest
+from .gateway import AMQP, Answer, Credential, DeviceCall, DeviceGateway, Operation, Transport
+from .listeners import TlsListener
+from .streams import ByteStream, StreamClosed
 
-__all__ = ["HANDSHAKE_TIMEOUT", "AmqpEndpoint", "start_amqp"]
+__all__ = ["HANDSHAKE_TIMEOUT", "AmqpEndpoint", "tls_listener"]
 
 log = logging.getLogger("provisiond.amqp")
 
@@ -125,28 +114,41 @@ class _Identity:
     mechanism: str | None = None
     address: dps.RegistrationAddress | None = None
     authorization: str | None = None
+    #: The EK and SRK a SASL TPM exchange proved (its token is ``authorization``).
     tpm: TpmAttestationRequest | None = None
-    # TPM exchange state
-    tpm_ek: bytes = b""
-    tpm_srk: bytes = b""
-    tpm_chunks: list[bytes] = field(default_factory=list)
+    tpm_exchange: TpmSaslServer | None = None
+
+
+#: The AMQP error condition a refusal is rejected with, by status (else ``amqp:not-allowed``).
+_CONDITIONS = {
+    401: ErrorCondition.UNAUTHORIZED_ACCESS,
+    403: ErrorCondition.UNAUTHORIZED_ACCESS,
+    404: ErrorCondition.NOT_FOUND,
+    429: ErrorCondition.RESOURCE_LIMIT_EXCEEDED,
+}
+#: What ``iotdps-operation-type`` asks for.
+_OPERATIONS = {
+    dps.OperationType.REGISTER.value: Operation.REGISTER,
+    dps.OperationType.GET_OPERATION_STATUS.value: Operation.OPERATION_STATUS,
+}
 
 
 class AmqpEndpoint:
-    """Runs AMQP sessions for one worker and one transport label (``amqp`` over TLS,
-    ``amqp-ws`` over WebSockets). An instance is a session handler."""
+    """Runs AMQP sessions for one worker's device gateway over one transport (``AMQP`` over
+    TLS, ``AMQP_WS`` over WebSockets: :mod:`provisiond.service.gateway`). An instance is a
+    session handler."""
 
-    def __init__(self, ctx: ServiceContext, registrar: Registrar, *, transport: str) -> None:
-        self.ctx = ctx
-        self.registrar = registrar
+    def __init__(self, gateway: DeviceGateway, transport: Transport) -> None:
+        self.gateway = gateway
         self.transport = transport
+        self.settings = gateway.ctx.settings
 
     def config(self) -> ConnectionConfig:
         return ConnectionConfig(
             container_id=f"provisiond-{uuid.uuid4()}",
-            hostname=self.ctx.settings.host,
-            idle_timeout=self.ctx.settings.session_idle_timeout,  # our open's idle-time-out
-            sessions=SessionLimits(max_message_size=self.ctx.settings.max_body_bytes + MESSAGE_OVERHEAD),
+            hostname=self.settings.host,
+            idle_timeout=self.settings.session_idle_timeout,  # our open's idle-time-out
+            sessions=SessionLimits(max_message_size=self.gateway.max_body_bytes + MESSAGE_OVERHEAD),
             sasl_mechanisms=MECHANISMS,
             allow_no_sasl=True,
         )
@@ -254,7 +256,6 @@ class _Session:
     async def _on_sasl_init(self, init: SaslInitReceived) -> None:
         identity = self.identity
         identity.mechanism = str(init.mechanism)[:40]
-        ctx = self.endpoint.ctx
         try:
             mechanism = dps.Mechanism(str(init.mechanism))
         except ValueError:
@@ -264,19 +265,18 @@ class _Session:
             if mechanism is dps.Mechanism.PLAIN:
                 username, password = dps.parse_plain(init.initial_response)
                 identity.address = dps.parse_registration_address(username)
-                sk.check_device_token(
-                    password,
-                    identity.address.id_scope,
-                    identity.address.registration_id,
-                    now=int(ctx.clock()),
-                    clock_skew=ctx.settings.clock_skew,
+                self.endpoint.gateway.check_token(
+                    password, identity.address.id_scope, identity.address.registration_id
                 )
                 identity.authorization = password
             elif mechanism is dps.Mechanism.TPM:
-                tpm_init = dps.parse_tpm_init(init.initial_response)
-                identity.address = dps.RegistrationAddress(tpm_init.id_scope, tpm_init.registration_id)
-                identity.tpm_ek = tpm_init.endorsement_key
-                self.machine.sasl_challenge(b"\x00")  # send the SRK
+                exchange = identity.tpm_exchange = TpmSaslServer()
+                challenge = exchange.receive_init(init.initial_response)
+                assert exchange.init is not None
+                identity.address = dps.RegistrationAddress(
+                    exchange.init.id_scope, exchange.init.registration_id
+                )
+                self.machine.sasl_challenge(challenge)  # send the SRK
                 return
             elif mechanism is dps.Mechanism.EXTERNAL and not self.stream.client_chain:
                 raise AmqpProtocolError("EXTERNAL needs a client certificate in the TLS handshake.")
@@ -286,47 +286,31 @@ class _Session:
         self.machine.sasl_outcome(SaslCode.OK)
 
     async def _on_tpm_response(self, response: bytes) -> None:
-        identity = self.identity
-        if identity.mechanism != dps.Mechanism.TPM.value or identity.address is None:
+        """One step of the SASL TPM exchange (:mod:`provisiond.protocol.amqp.sasl_tpm`); the
+        attestation itself is the gateway's (the registrar's TPM attestor, the rate limits)."""
+        exchange = self.identity.tpm_exchange
+        if exchange is None or self.identity.address is None:
             self._sasl_fail("a SASL response outside the TPM exchange")
             return
-        address = identity.address
-        tpm = self.endpoint.registrar.tpm
-        limiter = self.endpoint.ctx.limiter  # TPM attestation happens here, not in the registrar
+        address, gateway, peer = self.identity.address, self.endpoint.gateway, self.stream.address
         try:
-            if not identity.tpm_srk:  # the answer to the first challenge: 0x00 ‖ SRK
-                if not response.startswith(b"\x00") or len(response) < 2:
-                    raise AmqpProtocolError("The TPM response to the first challenge is 0x00 ‖ SRK.")
-                identity.tpm_srk = response[1:]
-                limiter.check_source(self.stream.address)
-                blob = await tpm.challenge(address.registration_id, identity.tpm_ek, identity.tpm_srk)
-                identity.tpm_chunks = dps.chunk_activation_blob(blob.marshal())
-                self.machine.sasl_challenge(identity.tpm_chunks.pop(0))
-            elif identity.tpm_chunks:  # an interim chunk was acknowledged
-                self.machine.sasl_challenge(identity.tpm_chunks.pop(0))
-            else:  # 0x00 ‖ SAS token signed in the TPM
-                token_text = response[1:].decode("utf-8")
-                ctx = self.endpoint.ctx
-                token = sk.check_device_token(
-                    token_text,
-                    address.id_scope,
-                    address.registration_id,
-                    now=int(ctx.clock()),
-                    clock_skew=ctx.settings.clock_skew,
+            step = exchange.receive_response(response)
+            if isinstance(step, MakeBlob):
+                blob = await gateway.tpm_challenge(
+                    address.registration_id, step.init.endorsement_key, step.storage_root_key, peer
                 )
-                await tpm.authenticate(token, address.registration_id, consume=False)
-                identity.authorization = token_text
-                identity.tpm = TpmAttestationRequest(
-                    endorsement_key=_b64(identity.tpm_ek), storage_root_key=_b64(identity.tpm_srk)
+                self.machine.sasl_challenge(exchange.send_blob(blob))
+            elif isinstance(step, SendChallenge):
+                self.machine.sasl_challenge(step.data)
+            elif isinstance(step, TokenReceived):
+                keys = (exchange.init.endorsement_key if exchange.init else b"", exchange.storage_root_key)
+                self.identity.tpm = await gateway.tpm_authenticate(
+                    address.id_scope, address.registration_id, step.token, keys, peer
                 )
+                self.identity.authorization = step.token
                 self.machine.sasl_outcome(SaslCode.OK)
-        except UnicodeDecodeError:
-            self._sasl_fail("the SAS token is not UTF-8")
         except ThrottledError as exc:
             self._sasl_fail(exc.message, SaslCode.SYS_TEMP)
-        except AuthenticationError as exc:
-            limiter.failed(self.stream.address)
-            self._sasl_fail(exc.message)
         except (AmqpProtocolError, ProvisioningError) as exc:
             self._sasl_fail(exc.message)
 
@@ -372,153 +356,111 @@ class _Session:
             return
         message = event.message
         properties = message.properties or Properties()
-        app = message.application_properties or {}
-        operation = app.get(dps.OPERATION_TYPE)
-        outcome = await self._answer(address, operation, app, message)
-        if isinstance(outcome, Rejected):
+        answer = await self._answer(address, message)
+        if answer.refused:
             if not event.settled:
-                self.machine.settle(event.link, event.delivery_id, outcome)
+                self.machine.settle(event.link, event.delivery_id, _rejection(answer))
         else:
             if not event.settled:
                 self.machine.settle(event.link, event.delivery_id, Accepted())
-            self._respond(address, properties.correlation_id, outcome)
+            self._respond(address, properties.correlation_id, answer)
         if self.machine.credit(event.link) < LINK_CREDIT // 2:
             self.machine.grant_credit(event.link, LINK_CREDIT)
 
-    def _respond(
-        self, address: dps.RegistrationAddress, correlation_id: Any, result: RegistrationOperationStatus
-    ) -> None:
+    def _respond(self, address: dps.RegistrationAddress, correlation_id: Any, answer: Answer) -> None:
         sender = self.senders.get(address)
         if sender is None:
             log.info("AMQP %s: no receiving link to answer on; the answer is dropped", self.who)
             return
         properties: dict[str, Any] = {}
-        if result.status is RegistrationStatus.ASSIGNING:
-            properties = {name: POLL_AFTER_SECONDS for name in dps.RETRY_AFTER_NAMES}
+        if answer.retry_after is not None:
+            properties = {name: answer.retry_after for name in dps.RETRY_AFTER_NAMES}
         self.machine.send_message(
             sender,
             Message(
                 properties=Properties(message_id=str(uuid.uuid4()), correlation_id=correlation_id),
                 application_properties=properties or None,
-                body=(Data(encode(result)),),
+                body=(Data(answer.body),),
             ),
         )
 
-    async def _answer(
-        self, address: dps.RegistrationAddress, operation: Any, app: dict[str, Any], message: Message
-    ) -> RegistrationOperationStatus | Rejected:
-        endpoint = self.endpoint
-        try:
-            if operation == dps.OperationType.REGISTER:
-                device = self._device_request(
-                    address, _body_of(message, endpoint.ctx.settings.max_body_bytes), app
-                )
-                return await endpoint.registrar.register(device)
-            if operation == dps.OperationType.GET_OPERATION_STATUS:
-                operation_id = app.get(dps.OPERATION_ID)
-                if not isinstance(operation_id, str) or not operation_id:
-                    raise InvalidBodyError(
-                        f"A status request needs the {dps.OPERATION_ID} application property."
-                    )
-                device = self._device_request(address, DeviceRegistration(), app)
-                return await endpoint.registrar.operation_status(device, operation_id)
-            raise RequestError(
-                f"{dps.OPERATION_TYPE} {str(operation)[:60]!r} is not {dps.OperationType.REGISTER.value} or "
-                f"{dps.OperationType.GET_OPERATION_STATUS.value}."
+    async def _answer(self, address: dps.RegistrationAddress, message: Message) -> Answer:
+        """The gateway's answer to one request message."""
+        app = message.application_properties or {}
+        kind = app.get(dps.OPERATION_TYPE)
+        gateway, transport = self.endpoint.gateway, self.endpoint.transport
+        describe = f"AMQP {self.who}: {str(kind)[:60]}"
+        operation = _OPERATIONS.get(kind) if isinstance(kind, str) else None
+        operation_id = app.get(dps.OPERATION_ID)
+        if operation is None:
+            return gateway.refuse(
+                RequestError(
+                    f"{dps.OPERATION_TYPE} {str(kind)[:60]!r} is not {dps.OperationType.REGISTER.value} or "
+                    f"{dps.OperationType.GET_OPERATION_STATUS.value}."
+                ),
+                transport,
+                describe,
             )
-        except ProvisioningError as exc:
-            return self._rejection(str(operation), exc)
-        except Exception:
-            log.exception("AMQP %s: internal error answering %s", self.who, operation)
-            return self._rejection(
-                str(operation), ProvisioningError("Internal error; the service log has the details.")
+        if operation is Operation.OPERATION_STATUS and (
+            not isinstance(operation_id, str) or not operation_id
+        ):
+            return gateway.refuse(
+                InvalidBodyError(f"A status request needs the {dps.OPERATION_ID} application property."),
+                transport,
+                describe,
             )
-
-    def _device_request(
-        self, address: dps.RegistrationAddress, body: DeviceRegistration, app: dict[str, Any]
-    ) -> DeviceRequest:
-        identity = self.identity
-        if identity.tpm is not None and body.tpm is None:  # .NET sends no EK/SRK in the body
-            body = msgspec.structs.replace(body, tpm=identity.tpm)
-        return DeviceRequest(
+        credential = Credential(
             id_scope=address.id_scope,
             registration_id=address.registration_id,
-            body=body,
-            authorization=identity.authorization,
+            authorization=self.identity.authorization,
             client_chain=self.stream.client_chain,
-            force=app.get(dps.FORCE_REGISTRATION) is True,
-            transport=self.endpoint.transport,
-            source=self.stream.address,
+            tpm=self.identity.tpm,
         )
-
-    def _rejection(self, operation: str, exc: ProvisioningError) -> Rejected:
-        tid = str(uuid.uuid4())
-        level = logging.ERROR if exc.http_status >= 500 else logging.INFO
-        log.log(
-            level,
-            "AMQP %s: %s -> %d %d: %s [trackingId=%s]",
-            self.who,
-            operation[:60],
-            exc.http_status,
-            exc.error_code,
-            exc.message,
-            tid,
+        call = DeviceCall(
+            credential=credential,
+            operation=operation,
+            transport=transport,
+            payload=_payload_of(message) if operation is Operation.REGISTER else b"",
+            operation_id=operation_id if isinstance(operation_id, str) else None,
+            peer=self.stream.address,
+            describe=describe,
         )
-        body = bytes(error_response(exc, tid).body).decode("utf-8")
-        info: dict[Symbol, Any] = {}
-        retry_after = getattr(exc, "retry_after", None)
-        if isinstance(retry_after, int):
-            info = {Symbol(name): retry_after for name in dps.RETRY_AFTER_NAMES}
-        condition = (
-            ErrorCondition.UNAUTHORIZED_ACCESS
-            if exc.http_status in (401, 403)
-            else ErrorCondition.NOT_ALLOWED
-        )
-        if exc.http_status == 404:
-            condition = ErrorCondition.NOT_FOUND
-        elif exc.http_status == 429:
-            condition = ErrorCondition.RESOURCE_LIMIT_EXCEEDED
-        elif exc.http_status >= 500:
-            condition = ErrorCondition.INTERNAL_ERROR
-        return Rejected(error=Error(condition=Symbol(condition), description=body, info=info or None))
+        return await gateway.answer(call)
 
 
-def _b64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode("ascii")
+def _rejection(answer: Answer) -> Rejected:
+    """A refusal as AMQP's *rejected* outcome: DPS's error JSON as the description, the
+    retry-after in the info (both spellings the SDKs read)."""
+    info: dict[Symbol, Any] = {}
+    if answer.retry_after is not None:
+        info = {Symbol(name): answer.retry_after for name in dps.RETRY_AFTER_NAMES}
+    condition = _CONDITIONS.get(answer.status, ErrorCondition.NOT_ALLOWED)
+    if answer.status >= 500:
+        condition = ErrorCondition.INTERNAL_ERROR
+    return Rejected(
+        error=Error(condition=Symbol(condition), description=answer.body.decode("utf-8"), info=info or None)
+    )
 
 
-def _body_of(message: Message, limit: int) -> DeviceRegistration:
-    """The registration body: data sections, or an amqp-value (string or binary) of JSON."""
+def _payload_of(message: Message) -> bytes:
+    """The registration body's bytes: data sections, or an amqp-value (string or binary)."""
     raw = message.data
     if raw is None and isinstance(message.body, AmqpValue) and isinstance(message.body.value, str | bytes):
         value = message.body.value
         raw = value.encode("utf-8") if isinstance(value, str) else value
-    if not raw or not raw.strip():
-        return DeviceRegistration()
-    if len(raw) > limit:
-        raise BodyTooLargeError(f"The registration body ({len(raw)} bytes) exceeds the {limit}-byte limit.")
-    return decode_body(raw, DeviceRegistration, "device registration")
+    return raw or b""
 
 
 # --- listeners -------------------------------------------------------------------------------------
 
 
-async def start_amqp(ctx: ServiceContext, registrar: Registrar) -> asyncio.Server | None:
-    """The AMQP listeners of this worker: WebSockets on the HTTPS port (always), and TLS on
-    ``settings.amqp_port`` unless it is 0.
-
-    :raises ConfigurationError: the port cannot be bound (the worker does not start).
-    """
-    WEBSOCKET_HANDLERS["amqpwsb10"] = AmqpEndpoint(ctx, registrar, transport="amqp-ws")
-    settings = ctx.settings
-    return await start_tls_listener(
-        settings,
-        AmqpEndpoint(ctx, registrar, transport="amqp"),
-        port=settings.amqp_port,
+def tls_listener(gateway: DeviceGateway) -> TlsListener:
+    """The AMQP listener of a worker: TLS on ``settings.amqp_port`` (none when it is 0). AMQP over
+    WebSockets is served on the HTTPS port by the app's WebSocket router (``AMQPWSB10``)."""
+    return TlsListener(
         name="AMQP",
+        handler=AmqpEndpoint(gateway, AMQP),
+        port=gateway.ctx.settings.amqp_port,
         flag="--amqp-port",
         first_request="protocol header",
     )
-
-
-STARTERS.append(start_amqp)

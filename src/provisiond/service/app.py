@@ -19,16 +19,15 @@ from starlette.routing import Route, WebSocketRoute
 from ..errors import ConflictError, MethodNotAllowedError, NotFoundError, ProvisioningError, RequestError
 from ..models import AllocationPolicy, LinkedHub, Right, ServiceSettings, SharedAccessPolicy
 from ..storage import Collection, Store, WriteMode, open_store
-from . import admin, api, device_api
-from . import amqp as _amqp  # noqa: F401  (registers the AMQP listeners: STARTERS, WEBSOCKET_HANDLERS)
-from . import mqtt as _mqtt  # noqa: F401  (registers the MQTT listeners: STARTERS, WEBSOCKET_HANDLERS)
+from . import admin, amqp, api, device_api, mqtt
 from .context import SETTINGS_KEY, ServiceContext, context_of
 from .enrollments import generate_key
+from .gateway import AMQP_WS, MQTT_WS, DeviceGateway
 from .http import error_answer, handle_errors, route_table, shown_path
 from .listeners import running_listeners
 from .registrar import Registrar
 from .settings import Settings
-from .streams import websocket_endpoint
+from .streams import WebSocketRouter
 
 __all__ = ["OWNER_POLICY", "WORKER_SETTINGS_ENV", "app_from_environment", "create_app", "initialize"]
 
@@ -121,13 +120,20 @@ def create_app(
     ctx = ServiceContext(settings=settings, store=store or open_store(settings.db_url), clock=clock)
 
     registrar = Registrar(ctx)
+    # The device transports: one gateway; MQTT and AMQP on their own TLS ports (the lifespan
+    # starts them) and over WebSockets on this one, picked by subprotocol.
+    gateway = DeviceGateway(ctx, registrar)
+    listeners = [mqtt.tls_listener(gateway), amqp.tls_listener(gateway)]
+    websockets = WebSocketRouter(
+        {"mqtt": mqtt.MqttEndpoint(gateway, MQTT_WS), "amqpwsb10": amqp.AmqpEndpoint(gateway, AMQP_WS)}
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if owned:
             await ctx.store.open()
         try:
-            async with running_listeners(ctx, registrar):
+            async with running_listeners(settings, listeners):
                 yield
         finally:
             await registrar.webhook.aclose()
@@ -142,8 +148,8 @@ def create_app(
                 *api.routes(),
                 *admin.routes(),
                 *device_api.routes(),
-                WebSocketRoute("/", websocket_endpoint),
-                WebSocketRoute("/$iothub/websocket", websocket_endpoint),
+                WebSocketRoute("/", websockets),
+                WebSocketRoute("/$iothub/websocket", websockets),
             ]
         ),
         exception_handlers={HTTPException: _http_exception},
@@ -151,6 +157,7 @@ def create_app(
     )
     app.state.ctx = ctx
     app.state.registrar = registrar
+    app.state.gateway = gateway
     return app
 
 

@@ -1,5 +1,8 @@
-"""HTTP plumbing shared by every endpoint: DPS error bodies, JSON responses, bounded body reads,
-the api-version rule, and the one place where exceptions become responses."""
+"""HTTP plumbing shared by the HTTPS endpoints (service API, admin API, device API): DPS error
+responses and their log lines, JSON responses, bounded body reads, the api-version rule, and the
+one place where exceptions become responses. The error body itself is DPS's wire message
+(:func:`provisiond.protocol.messages.error_body`), which the MQTT and AMQP endpoints answer
+with too, through the device gateway (:mod:`provisiond.service.gateway`)."""
 
 from __future__ import annotations
 
@@ -16,17 +19,20 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from ..errors import BodyTooLargeError, InvalidBodyError, MissingApiVersionError, ProvisioningError
 from ..protocol import bounded_json
+from ..protocol.messages import error_body
 from ..storage import utc_now
 
 __all__ = [
     "ApiHandler",
     "decode_body",
     "error_answer",
+    "error_headers",
     "error_response",
     "handle_errors",
     "json_response",
     "read_body",
     "require_api_version",
+    "retry_after_of",
     "route_table",
     "shown_path",
     "tracking_id",
@@ -57,21 +63,26 @@ def json_response(content: Any, status: int = 200, headers: dict[str, str] | Non
     return Response(body, status_code=status, headers=headers, media_type=_JSON)
 
 
-def error_response(exc: ProvisioningError, tid: str, headers: dict[str, str] | None = None) -> Response:
-    """DPS's ProvisioningServiceErrorDetails body plus the ``x-ms-error-code`` header."""
-    body = {
-        "errorCode": exc.error_code,
-        "trackingId": tid,
-        "message": exc.message,
-        "timestampUtc": utc_now(),
-    }
-    all_headers = {"x-ms-error-code": str(exc.error_code)}
+def error_response(exc: ProvisioningError, tid: str) -> Response:
+    """DPS's ProvisioningServiceErrorDetails body (:func:`~provisiond.protocol.messages.error_body`,
+    the one every transport answers with) plus the ``x-ms-error-code`` header, and Retry-After
+    when the error carries one."""
+    body = error_body(exc.error_code, tid, exc.message, utc_now())
+    return json_response(body, exc.http_status, error_headers(exc.error_code, retry_after_of(exc)))
+
+
+def retry_after_of(exc: ProvisioningError) -> int | None:
+    """The seconds after which ``exc`` says to come back (429, 503), if it says so."""
     retry_after = getattr(exc, "retry_after", None)
+    return retry_after if isinstance(retry_after, int) else None
+
+
+def error_headers(error_code: int, retry_after: int | None) -> dict[str, str]:
+    """The headers of an error answer: ``x-ms-error-code`` and, when given, ``Retry-After``."""
+    headers = {"x-ms-error-code": str(int(error_code))}
     if retry_after is not None:
-        all_headers["Retry-After"] = str(retry_after)
-    if headers:
-        all_headers.update(headers)
-    return json_response(body, exc.http_status, all_headers)
+        headers["Retry-After"] = str(retry_after)
+    return headers
 
 
 def shown_path(request: Request) -> str:

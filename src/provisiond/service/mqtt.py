@@ -26,20 +26,21 @@ incomplete, so that a device trickling a packet byte by byte is held to the mini
 * **PUBLISH** to ``$dps/registrations/PUT/iotdps-register/?$rid=`` or
   ``.../GET/iotdps-get-operationstatus/?$rid=&operationId=``, at QoS 1 or 0 (the C SDK):
   acknowledged first (the .NET SDK requires the PUBACK before the response), then handed to
-  the same :class:`~provisiond.service.registrar.Registrar` as HTTPS, and answered at QoS 1
-  on ``$dps/registrations/res/{status}/?$rid={rid}[&retry-after={s}]`` to this connection
-  only. Register answers 202 like HTTPS (terminal status in the body when assignment is done);
-  a poll 200, or 202 while assigning. Denials carry the DPS error body with the status of
-  the error (401, 404, 429 with retry-after ...).
+  the device gateway (:mod:`provisiond.service.gateway`) as over HTTPS and AMQP, and its
+  answer published at QoS 1 on ``$dps/registrations/res/{status}/?$rid={rid}[&retry-after={s}]``
+  to this connection only. Register answers 202 like HTTPS (terminal status in the body when
+  assignment is done); a poll 200, or 202 while assigning. Denials carry the DPS error body
+  with the status of the error (401, 404, 429 with retry-after ...).
 
 Where attestation happens
 -------------------------
 DPS attests the credential when the device registers and answers in JSON, and so does this
-endpoint: the registrar checks the signature of the SAS token, or the certificate chain,
-against the enrollments at register and poll time, exactly as over HTTPS, and a device with
-a wrong key reads a 401 with errorCode and message on its response topic. The CONNECT is
-refused only for what is wrong without looking at any enrollment, so that no attestation is
-done twice on the registration path: another protocol version (return code 1); an empty or
+endpoint: the registrar (through the gateway) checks the signature of the SAS token, or the
+certificate chain, against the enrollments at register and poll time, exactly as over HTTPS,
+and a device with a wrong key reads a 401 with errorCode and message on its response topic.
+The CONNECT is refused only for what is wrong without looking at any enrollment (the gateway's
+``check_token``), so that no attestation is done twice on the registration path: another
+protocol version (return code 1); an empty or
 malformed client id, or one that is not the user name's registration id (2); a user name that
 is not DPS's, or a password that is not a SAS token for this ID scope and registration id,
 or an expired one (4); no credential at all, neither password nor client certificate (5).
@@ -53,22 +54,10 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..attestation import symmetric_key as sk
-from ..errors import (
-    BodyTooLargeError,
-    InvalidBodyError,
-    InvalidIdError,
-    LocalProtocolError,
-    ProvisioningError,
-    RemoteProtocolError,
-)
-from ..models import RegistrationStatus
-from ..protocol.messages import DeviceRegistration, RegistrationOperationStatus, encode
+from ..errors import InvalidIdError, LocalProtocolError, ProvisioningError, RemoteProtocolError
 from ..protocol.mqtt import (
     Connect,
     ConnectReturnCode,
@@ -90,15 +79,12 @@ from ..protocol.topics import (
     parse_username,
     response_topic,
 )
-from .context import ServiceContext
-from .device_api import POLL_AFTER_SECONDS
 from .enrollments import validate_id
-from .http import decode_body, error_response
-from .listeners import STARTERS
-from .registrar import DeviceRequest, Registrar
-from .streams import WEBSOCKET_HANDLERS, ByteStream, StreamClosed, start_tls_listener
+from .gateway import MQTT, Answer, Credential, DeviceCall, DeviceGateway, Operation, Transport
+from .listeners import TlsListener
+from .streams import ByteStream, StreamClosed
 
-__all__ = ["MqttEndpoint", "start_mqtt"]
+__all__ = ["MqttEndpoint", "tls_listener"]
 
 log = logging.getLogger("provisiond.mqtt")
 
@@ -110,16 +96,6 @@ _READ_SIZE = 65536
 _QOS_GRANTED = {QoS.AT_MOST_ONCE: SubackReturnCode.GRANTED_QOS_0}
 
 
-@dataclass(frozen=True, kw_only=True)
-class _Identity:
-    """Who the CONNECT says the device is, checked as far as it can be without the store."""
-
-    id_scope: str
-    registration_id: str
-    authorization: str | None
-    client_chain: Sequence[bytes]
-
-
 @dataclass(frozen=True)
 class _Refusal:
     """A CONNECT to refuse: the return code, and why (for the log)."""
@@ -129,14 +105,15 @@ class _Refusal:
 
 
 class MqttEndpoint:
-    """Runs MQTT sessions for one worker (its context and registrar) and one transport label
-    (``mqtt`` over TLS, ``mqtt-ws`` over WebSockets). An instance is a session handler."""
+    """Runs MQTT sessions for one worker's device gateway over one transport (``MQTT`` over
+    TLS, ``MQTT_WS`` over WebSockets: :mod:`provisiond.service.gateway`). An instance is a
+    session handler."""
 
-    def __init__(self, ctx: ServiceContext, registrar: Registrar, *, transport: str) -> None:
-        self.ctx = ctx
-        self.registrar = registrar
+    def __init__(self, gateway: DeviceGateway, transport: Transport) -> None:
+        self.gateway = gateway
         self.transport = transport
-        self.max_packet_size = ctx.settings.max_body_bytes + PACKET_OVERHEAD
+        self.settings = gateway.ctx.settings
+        self.max_packet_size = gateway.max_body_bytes + PACKET_OVERHEAD
 
     async def __call__(self, stream: ByteStream) -> None:
         await _Session(self, stream).run()
@@ -150,11 +127,11 @@ class _Session:
             Role.SERVER,
             clock=time.monotonic,
             max_packet_size=endpoint.max_packet_size,
-            connect_timeout=endpoint.ctx.settings.mqtt_connect_timeout,
-            max_idle=endpoint.ctx.settings.session_idle_timeout,
+            connect_timeout=endpoint.settings.mqtt_connect_timeout,
+            max_idle=endpoint.settings.session_idle_timeout,
             max_inflight=MAX_INFLIGHT,
         )
-        self.identity: _Identity | None = None
+        self.identity: Credential | None = None
         self.orderly = False  # the device said DISCONNECT, or closed its end: no log line at info
 
     @property
@@ -246,7 +223,7 @@ class _Session:
         if log.isEnabledFor(logging.DEBUG):  # ``who`` formats a string: not on the hot path
             log.debug("MQTT %s: connected (keep-alive %d s)", self.who, connect.keep_alive)
 
-    def _identify(self, connect: Connect) -> _Identity | _Refusal:
+    def _identify(self, connect: Connect) -> Credential | _Refusal:
         registration_id = connect.client_id
         try:
             validate_id(registration_id, "client id")
@@ -271,13 +248,7 @@ class _Session:
         if connect.password is not None:
             try:
                 authorization = connect.password.decode("utf-8")
-                sk.check_device_token(
-                    authorization,
-                    username.id_scope,
-                    registration_id,
-                    now=int(self.endpoint.ctx.clock()),
-                    clock_skew=self.endpoint.ctx.settings.clock_skew,
-                )
+                self.endpoint.gateway.check_token(authorization, username.id_scope, registration_id)
             except UnicodeDecodeError:
                 return _Refusal(ConnectReturnCode.BAD_USERNAME_OR_PASSWORD, "the password is not UTF-8")
             except ProvisioningError as exc:
@@ -288,7 +259,7 @@ class _Session:
                 "no credential: a SAS token as the password (symmetric key), or a client certificate "
                 "in the TLS handshake (X.509)",
             )
-        return _Identity(
+        return Credential(
             id_scope=username.id_scope,
             registration_id=registration_id,
             authorization=authorization,
@@ -312,100 +283,42 @@ class _Session:
             self.machine.close(f"a publish to a topic DPS does not have: {exc.message}")
             return
         self.machine.acknowledge(publish)  # PUBACK first, then the response (.NET)
-        status, body, retry_after = await self._answer(request, publish.payload)
+        answer = await self._answer(request, publish.payload)
         try:
             self.machine.publish(
-                response_topic(status, request.rid, retry_after), body, qos=QoS.AT_LEAST_ONCE
+                response_topic(answer.status, request.rid, answer.retry_after),
+                answer.body,
+                qos=QoS.AT_LEAST_ONCE,
             )
         except LocalProtocolError as exc:
             self.machine.close(f"too many unacknowledged responses ({exc.message})")
 
-    async def _answer(self, request: RequestTopic, payload: bytes) -> tuple[int, bytes, int | None]:
-        """The status, body and retry-after of the answer to one request."""
-        endpoint = self.endpoint
+    async def _answer(self, request: RequestTopic, payload: bytes) -> Answer:
+        """The gateway's answer to one request (a register, or an operation status)."""
         assert self.identity is not None
-        identity = self.identity
-        try:
-            body = DeviceRegistration()
-            if request.kind is RequestKind.REGISTER and payload.strip():
-                if len(payload) > endpoint.ctx.settings.max_body_bytes:
-                    raise BodyTooLargeError(
-                        f"The registration body ({len(payload)} bytes) exceeds the "
-                        f"{endpoint.ctx.settings.max_body_bytes}-byte limit."
-                    )
-                body = decode_body(payload, DeviceRegistration, "device registration")
-                if body.tpm is not None:
-                    raise InvalidBodyError(
-                        "TPM attestation is not available over MQTT (as in DPS); use HTTPS or AMQP."
-                    )
-            device = DeviceRequest(
-                id_scope=identity.id_scope,
-                registration_id=identity.registration_id,
-                body=body,
-                authorization=identity.authorization,
-                client_chain=identity.client_chain,
-                transport=endpoint.transport,
-                source=self.stream.address,
-            )
-            if request.kind is RequestKind.REGISTER:
-                result = await endpoint.registrar.register(device)
-                return 202, encode(result), _retry_after(result)
-            assert request.operation_id is not None
-            result = await endpoint.registrar.operation_status(device, request.operation_id)
-            assigning = result.status is RegistrationStatus.ASSIGNING
-            return (202 if assigning else 200), encode(result), _retry_after(result)
-        except ProvisioningError as exc:
-            return self._error(request, exc)
-        except Exception:
-            log.exception(
-                "MQTT %s: internal error answering %s $rid=%s", self.who, request.kind.value, request.rid
-            )
-            return self._error(request, ProvisioningError("Internal error; the service log has the details."))
-
-    def _error(self, request: RequestTopic, exc: ProvisioningError) -> tuple[int, bytes, int | None]:
-        """The DPS error body, rendered by the same function as over HTTPS."""
-        tid = str(uuid.uuid4())
-        level = logging.ERROR if exc.http_status >= 500 else logging.INFO
-        log.log(
-            level,
-            "MQTT %s: %s $rid=%s -> %d %d: %s [trackingId=%s]",
-            self.who,
-            request.kind.value,
-            request.rid,
-            exc.http_status,
-            exc.error_code,
-            exc.message,
-            tid,
+        register = request.kind is RequestKind.REGISTER
+        call = DeviceCall(
+            credential=self.identity,
+            operation=Operation.REGISTER if register else Operation.OPERATION_STATUS,
+            transport=self.endpoint.transport,
+            payload=payload,
+            operation_id=request.operation_id,
+            peer=self.stream.address,
+            describe=f"MQTT {self.who}: {request.kind.value} $rid={request.rid}",
         )
-        retry_after = getattr(exc, "retry_after", None)
-        body = bytes(error_response(exc, tid).body)
-        return exc.http_status, body, retry_after if isinstance(retry_after, int) else None
-
-
-def _retry_after(result: RegistrationOperationStatus) -> int | None:
-    return POLL_AFTER_SECONDS if result.status is RegistrationStatus.ASSIGNING else None
+        return await self.endpoint.gateway.answer(call)
 
 
 # --- listeners -------------------------------------------------------------------------------------
 
 
-async def start_mqtt(ctx: ServiceContext, registrar: Registrar) -> asyncio.Server | None:
-    """The MQTT listeners of this worker: WebSockets on the HTTPS port (always), and TLS on
-    ``settings.mqtt_port`` unless it is 0.
-
-    :raises ConfigurationError: the port cannot be bound (the worker does not start).
-    """
-    websocket = MqttEndpoint(ctx, registrar, transport="mqtt-ws")
-    WEBSOCKET_HANDLERS["mqtt"] = websocket  # the lookup is by lower-cased subprotocol (also "MQTT")
-    settings = ctx.settings
-    return await start_tls_listener(
-        settings,
-        MqttEndpoint(ctx, registrar, transport="mqtt"),
-        port=settings.mqtt_port,
+def tls_listener(gateway: DeviceGateway) -> TlsListener:
+    """The MQTT listener of a worker: TLS on ``settings.mqtt_port`` (none when it is 0). MQTT over
+    WebSockets is served on the HTTPS port by the app's WebSocket router (subprotocol ``mqtt``)."""
+    return TlsListener(
         name="MQTT",
+        handler=MqttEndpoint(gateway, MQTT),
+        port=gateway.ctx.settings.mqtt_port,
         flag="--mqtt-port",
         first_request="CONNECT",
     )
-
-
-STARTERS.append(start_mqtt)

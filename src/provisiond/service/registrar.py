@@ -41,7 +41,6 @@ import logging
 import secrets
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import msgspec
@@ -92,8 +91,7 @@ _WRITE_ATTEMPTS = 3
 CONFIG_MAX_AGE = 1.0
 
 
-@dataclass(frozen=True, kw_only=True)
-class DeviceRequest:
+class DeviceRequest(msgspec.Struct, frozen=True, kw_only=True):
     """A device's register / status request, as every transport hands it over."""
 
     id_scope: str
@@ -101,7 +99,6 @@ class DeviceRequest:
     body: DeviceRegistration
     authorization: str | None = None
     client_chain: Sequence[bytes] = ()
-    force: bool = False
     transport: str = "https"
     #: The address the request came from (the rate limits count failed attestations per source).
     source: str | None = None

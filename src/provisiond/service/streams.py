@@ -11,7 +11,7 @@ only when there are several workers), behind the guard of :mod:`provisiond.servi
 when its first request (CONNECT, protocol header) is in and whether a packet or frame is
 incomplete (the minimum receive rate then applies). The WebSocket side is
 one ASGI endpoint (``/`` and ``/$iothub/websocket``) that picks the protocol handler by the
-subprotocol the client asks for (``mqtt``/``MQTT``, ``AMQPWSB10``), see :data:`WEBSOCKET_HANDLERS`.
+subprotocol the client asks for (``mqtt``/``MQTT``, ``AMQPWSB10``), see :class:`WebSocketRouter`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, cast
 
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..errors import ConfigurationError
@@ -30,15 +31,14 @@ from .guard import GUARD_INFO, NO_GUARD, Guard, Listener
 from .settings import ConnectionLimits, Settings
 
 __all__ = [
-    "WEBSOCKET_HANDLERS",
     "ByteStream",
     "SessionHandler",
     "StreamClosed",
     "TcpStream",
+    "WebSocketRouter",
     "WebSocketStream",
     "serve_tls",
     "start_tls_listener",
-    "websocket_endpoint",
 ]
 
 log = logging.getLogger("provisiond.streams")
@@ -252,23 +252,28 @@ async def start_tls_listener(
         ) from exc
 
 
-#: WebSocket subprotocol (lower-cased) -> (handler, subprotocol spelling to echo is the client's).
-WEBSOCKET_HANDLERS: dict[str, SessionHandler] = {}
+class WebSocketRouter:
+    """The ASGI endpoint of ``/`` and ``/$iothub/websocket``: MQTT or AMQP over WebSockets,
+    picked by the subprotocol the client asks for. ``handlers`` maps a lower-cased subprotocol
+    (``mqtt``, ``amqpwsb10``) to its session handler; the client's spelling is echoed (the C SDK
+    asks for ``MQTT``). The app factory builds it."""
 
+    def __init__(self, handlers: dict[str, SessionHandler]) -> None:
+        self.handlers = {name.lower(): handler for name, handler in handlers.items()}
 
-async def websocket_endpoint(websocket: WebSocket) -> None:
-    """``/`` and ``/$iothub/websocket``: MQTT or AMQP over WebSockets, by subprotocol."""
-    offered = [p.strip() for p in websocket.scope.get("subprotocols", [])]
-    chosen = next((p for p in offered if p.lower() in WEBSOCKET_HANDLERS), None)
-    if chosen is None:
-        log.info("websocket from %s refused: no supported subprotocol in %s", websocket.client, offered)
-        await websocket.close(code=1002)
-        return
-    await websocket.accept(subprotocol=chosen)
-    stream = WebSocketStream(websocket)
-    try:
-        await WEBSOCKET_HANDLERS[chosen.lower()](stream)
-    except Exception:
-        log.exception("websocket %s session with %s ended with an internal error", chosen, stream.peer)
-    finally:
-        await stream.close()
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        websocket = WebSocket(scope, receive, send)
+        offered = [p.strip() for p in websocket.scope.get("subprotocols", [])]
+        chosen = next((p for p in offered if p.lower() in self.handlers), None)
+        if chosen is None:
+            log.info("websocket from %s refused: no supported subprotocol in %s", websocket.client, offered)
+            await websocket.close(code=1002)
+            return
+        await websocket.accept(subprotocol=chosen)
+        stream = WebSocketStream(websocket)
+        try:
+            await self.handlers[chosen.lower()](stream)
+        except Exception:
+            log.exception("websocket %s session with %s ended with an internal error", chosen, stream.peer)
+        finally:
+            await stream.close()

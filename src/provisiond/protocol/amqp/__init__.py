@@ -5,7 +5,8 @@
   message sections (Parts 2, 3, 5);
 * :mod:`.state`: the state machines as tables; :mod:`.connection`, :mod:`.session`: the
   machines themselves (:class:`Connection`, both roles); :mod:`.events`: what they report;
-* :mod:`.dps`: DPS's conventions on top (addresses, SASL PLAIN/TPM bytes, property names).
+* :mod:`.dps`: DPS's conventions on top (addresses, SASL PLAIN bytes, property names);
+  :mod:`.sasl_tpm`: DPS's SASL ``TPM`` mechanism, one machine per role.
 """
 
 from __future__ import annotations
