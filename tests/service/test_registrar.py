@@ -24,29 +24,20 @@ import msgspec
 import pytest
 
 from provisiond import certificates, pki
-from provisiond.errors import AuthenticationError, InvalidBodyError, TpmChallengeRequired
+from provisiond.errors import AuthenticationError, ConflictError, InvalidBodyError, TpmChallengeRequired
 from provisiond.hub import BuiltinHub, HubDevice, Twin
 from provisiond.models import (
     AllocationPolicy,
-    AttestationMechanism,
-    AttestationType,
-    CaCertificate,
+    CertificateUpload,
     CustomAllocationDefinition,
     EnrollmentGroup,
     IndividualEnrollment,
     InitialTwin,
     InitialTwinProperties,
-    LinkedHub,
     ProvisioningStatus,
     RegistrationStatus,
     RegistrationSubstatus,
     ReprovisionPolicy,
-    SymmetricKeyAttestation,
-    TpmAttestation,
-    X509Attestation,
-    X509CaReferences,
-    X509Certificates,
-    X509CertificateWithInfo,
 )
 from provisiond.protocol.messages import (
     DeviceRegistration,
@@ -54,13 +45,13 @@ from provisiond.protocol.messages import (
     TpmAttestationRequest,
 )
 from provisiond.protocol.sas import build_sas_token, derive_device_key
-from provisiond.service import enrollments as en
 from provisiond.service.app import initialize
 from provisiond.service.context import ServiceContext
 from provisiond.service.registrar import DeviceRequest, Registrar
 from provisiond.service.settings import Settings
 from provisiond.service.webhook import AllocationRequest, AllocationResponse, WebhookError
 from provisiond.storage import Collection, Store
+from tests import factories
 from tests._soft_tpm import SoftTpm
 
 KEY_A = base64.b64encode(b"a" * 32).decode()
@@ -119,24 +110,28 @@ class World:
     scope: str
     builtin_hub: str
 
-    # --- set-up through the store, as the service API writes it --------------------------------
+    # --- set-up through the management layer, as the service API does it -------------------------
 
     async def link_hub(self, host: str, **options: Any) -> str:
-        hub = LinkedHub(host_name=host, builtin=True, apply_allocation_policy=False, **options)
-        await self.store.write(Collection.LINKED_HUBS, host, msgspec.json.encode(hub))
-        self.ctx.invalidate()
+        hub = factories.linked_hub(host, builtin=True, apply_allocation_policy=False, **options)
+        await self.ctx.management.hubs.put(host, hub)
         return host
 
     async def unlink_hub(self, host: str) -> None:
-        await self.store.delete(Collection.LINKED_HUBS, host)
-        self.ctx.invalidate()
+        await self.ctx.management.hubs.delete(host)
 
     async def enroll(self, enrollment: IndividualEnrollment | EnrollmentGroup) -> None:
-        kind: Any = en.INDIVIDUAL if isinstance(enrollment, IndividualEnrollment) else en.GROUP
-        url_id = kind.id_of(enrollment)
-        existing = await self.store.get(kind.collection, url_id)
-        doc, index = en.prepare(kind, enrollment, url_id, existing, linked_hubs=await self.ctx.linked_hubs())
-        await self.store.write(kind.collection, url_id, doc, index=index)
+        """Create the enrollment, or replace it (If-Match: *)."""
+        if isinstance(enrollment, IndividualEnrollment):
+            operations: Any = self.ctx.management.enrollments
+            url_id = enrollment.registration_id
+        else:
+            operations = self.ctx.management.groups
+            url_id = enrollment.enrollment_group_id
+        try:
+            await operations.put(url_id, enrollment)
+        except ConflictError:
+            await operations.put(url_id, enrollment, if_match="*")
 
     async def identity(self, hub: str, device_id: str) -> HubDevice | None:
         return await BuiltinHub(self.store).get_identity(hub, device_id)
@@ -170,26 +165,12 @@ async def world(store: Store, tmp_path: Path) -> AsyncIterator[World]:
     yield World(store, ctx, registrar, clock, webhook, service.id_scope, settings.builtin_hub)
 
 
-def symmetric(reg_id: str, *, key: str = KEY_A, **extra: Any) -> IndividualEnrollment:
-    keys = SymmetricKeyAttestation(primary_key=key, secondary_key=KEY_B)
-    return IndividualEnrollment(
-        registration_id=reg_id,
-        attestation=AttestationMechanism(type=AttestationType.SYMMETRIC_KEY, symmetric_key=keys),
-        **extra,
-    )
+def symmetric(reg_id: str, **extra: Any) -> IndividualEnrollment:
+    return factories.symmetric_enrollment(reg_id, primary_key=KEY_A, secondary_key=KEY_B, **extra)
 
 
 def symmetric_group(gid: str, **extra: Any) -> EnrollmentGroup:
-    keys = SymmetricKeyAttestation(primary_key=GROUP_KEY, secondary_key=KEY_B)
-    return EnrollmentGroup(
-        enrollment_group_id=gid,
-        attestation=AttestationMechanism(type=AttestationType.SYMMETRIC_KEY, symmetric_key=keys),
-        **extra,
-    )
-
-
-def pem(issued: pki.Issued) -> X509CertificateWithInfo:
-    return X509CertificateWithInfo(certificate=certificates.certificate_pem(issued.cert).decode())
+    return factories.symmetric_group(gid, primary_key=GROUP_KEY, **extra)
 
 
 def chain_of(issued: pki.Issued) -> list[bytes]:
@@ -241,14 +222,17 @@ async def test_an_individual_enrollment_wins_over_a_group_that_would_match(world
 async def test_a_group_device_proves_its_derived_key_and_gets_derived_keys_in_the_hub(world: World) -> None:
     gid, reg = uid("g"), uid()
     await world.enroll(symmetric_group(gid))
-    result = await world.register(reg, authorization=world.token(reg, derive_device_key(KEY_B, reg)))
-    state = result.registration_state
+    keys = (await world.ctx.management.groups.attestation_mechanism(gid)).symmetric_key
+    assert keys is not None and keys.primary_key == GROUP_KEY and keys.secondary_key is not None
+    # Signed with the key derived from the group's secondary key (the service made that one).
+    token = world.token(reg, derive_device_key(keys.secondary_key, reg))
+    state = (await world.register(reg, authorization=token)).registration_state
     assert state is not None and state.symmetric_key is not None
     assert state.symmetric_key.enrollment_group_id == gid
     identity = await world.identity(world.builtin_hub, reg)
     assert identity is not None and identity.authentication.symmetric_key is not None
     assert identity.authentication.symmetric_key.primary_key == derive_device_key(GROUP_KEY, reg)
-    assert identity.authentication.symmetric_key.secondary_key == derive_device_key(KEY_B, reg)
+    assert identity.authentication.symmetric_key.secondary_key == derive_device_key(keys.secondary_key, reg)
 
 
 @pytest.mark.parametrize(
@@ -267,16 +251,7 @@ async def test_a_group_device_proves_its_derived_key_and_gets_derived_keys_in_th
 async def test_symmetric_key_denials(world: World, case: str, code: int, words: str) -> None:
     reg = uid()
     if case == "x509-enrollment":
-        leaf = pki.make_device_cert(reg)
-        certs = X509Certificates(primary=pem(leaf))
-        await world.enroll(
-            IndividualEnrollment(
-                registration_id=reg,
-                attestation=AttestationMechanism(
-                    type=AttestationType.X509, x509=X509Attestation(client_certificates=certs)
-                ),
-            )
-        )
+        await world.enroll(factories.x509_enrollment(reg, pki.make_device_cert(reg)))
     else:
         await world.enroll(symmetric(reg))
     kw: dict[str, Any] = {"authorization": world.token(reg, KEY_A)}
@@ -354,35 +329,17 @@ def ca() -> Pki:
     return Pki(root, pki.make_intermediate_ca(uid("Registrar Intermediate"), root))
 
 
-def x509_group(gid: str, *, signing: pki.Issued | None = None, ca_name: str | None = None) -> EnrollmentGroup:
-    attestation = X509Attestation(
-        signing_certificates=X509Certificates(primary=pem(signing)) if signing else None,
-        ca_references=X509CaReferences(primary=ca_name) if ca_name else None,
-    )
-    return EnrollmentGroup(
-        enrollment_group_id=gid, attestation=AttestationMechanism(type=AttestationType.X509, x509=attestation)
-    )
-
-
 async def test_x509_an_individual_enrollment_wins_over_the_group_of_its_chain(world: World, ca: Pki) -> None:
     gid, reg = uid("xg"), uid("x")
     leaf = pki.make_device_cert(reg, ca.intermediate)
-    await world.enroll(x509_group(gid, signing=ca.root))
+    await world.enroll(factories.x509_group(gid, ca.root))
     group_result = await world.register(reg, client_chain=chain_of(leaf))
     state = group_result.registration_state
     assert state is not None and state.x509 is not None
     assert state.x509.enrollment_group_id == gid
     assert state.x509.signing_certificate_info is not None
     assert state.x509.signing_certificate_info.sha1_thumbprint == certificates.sha1_thumbprint(ca.root.cert)
-    certs = X509Certificates(primary=pem(leaf))
-    await world.enroll(
-        IndividualEnrollment(
-            registration_id=reg,
-            attestation=AttestationMechanism(
-                type=AttestationType.X509, x509=X509Attestation(client_certificates=certs)
-            ),
-        )
-    )
+    await world.enroll(factories.x509_enrollment(reg, leaf))
     individual = await world.register(reg, client_chain=chain_of(leaf))
     state = individual.registration_state
     assert state is not None and state.x509 is not None and state.x509.enrollment_group_id is None
@@ -400,26 +357,21 @@ async def test_x509_groups_match_by_the_chain_through_verified_ca_certificates_o
 ) -> None:
     gid, reg, name = uid("xg"), uid("x"), uid("ca")
     leaf = pki.make_device_cert(reg, ca.intermediate)
-    pem_text = certificates.certificate_pem(ca.intermediate.cert).decode()
-    await world.store.write(
-        Collection.CA_CERTIFICATES,
-        name,
-        msgspec.json.encode(CaCertificate(name=name, certificate=pem_text, is_verified=False)),
-    )
-    await world.enroll(x509_group(gid, ca_name=name))
+    cas = world.ctx.management.certificates
+    await cas.upload(name, CertificateUpload(certificate=factories.pem(ca.intermediate)))
+    await world.enroll(factories.x509_group(gid, ca_reference=name))
     await denied(world, reg, 401011, f"not verified: {name} (group {gid})", client_chain=chain_of(leaf))
-    await world.store.write(
-        Collection.CA_CERTIFICATES,
-        name,
-        msgspec.json.encode(CaCertificate(name=name, certificate=pem_text, is_verified=True)),
-    )
+    # Proof of possession, as an operator gives it.
+    code = (await cas.generate_verification_code(name)).verification_code
+    assert code is not None
+    await cas.verify(name, factories.pem(pki.make_verification_cert(code, ca.intermediate)))
     state = (await world.register(reg, client_chain=chain_of(leaf))).registration_state
     assert state is not None and state.x509 is not None and state.x509.enrollment_group_id == gid
 
 
 async def test_x509_denials(world: World, ca: Pki) -> None:
     reg = uid("x")
-    await world.enroll(x509_group(uid("xg"), signing=ca.root))
+    await world.enroll(factories.x509_group(uid("xg"), ca.root))
     other = pki.make_device_cert(uid("someone"), ca.intermediate)
     await denied(world, reg, 401010, "is not the registration id", client_chain=chain_of(other))
     stranger = pki.make_device_cert(reg, pki.make_root_ca(uid("Stranger")))
@@ -433,12 +385,7 @@ async def test_x509_denials(world: World, ca: Pki) -> None:
 
 
 def tpm_enrollment(reg_id: str, device: SoftTpm) -> IndividualEnrollment:
-    return IndividualEnrollment(
-        registration_id=reg_id,
-        attestation=AttestationMechanism(
-            type=AttestationType.TPM, tpm=TpmAttestation(endorsement_key=device.ek_b64)
-        ),
-    )
+    return factories.tpm_enrollment(reg_id, device.ek_b64)
 
 
 def tpm_keys(device: SoftTpm) -> TpmAttestationRequest:
