@@ -29,6 +29,7 @@ __all__ = [
     "DeviceCapabilities",
     "DeviceRegistrationState",
     "EnrollmentGroup",
+    "HubTier",
     "IndividualEnrollment",
     "InitialTwin",
     "LinkedHub",
@@ -97,6 +98,20 @@ class X509GroupAuthentication(enum.Enum):
 
     SELF_SIGNED = "selfSigned"
     CERTIFICATE_AUTHORITY = "certificateAuthority"
+
+
+class HubTier(enum.Enum):
+    """An IoT hub's pricing tier: with its units, it sets how many identity registry operations
+    the hub takes (IoT Hub's quotas and throttling page: 100 a minute per unit for F1, B1, B2,
+    S1, S2; 5,000 a minute per unit for B3 and S3)."""
+
+    F1 = "F1"
+    B1 = "B1"
+    B2 = "B2"
+    B3 = "B3"
+    S1 = "S1"
+    S2 = "S2"
+    S3 = "S3"
 
 
 class BulkOperationMode(enum.Enum):
@@ -275,6 +290,9 @@ class LinkedHub(_Model):
     ``connectionString`` is how provisiond reaches the hub's identity registry (secret: stripped
     from reads). ``builtin`` marks the hub provisiond itself serves. ``x509GroupAuthentication``
     (default ``selfSigned``, as DPS) says how X.509 group devices are created in this hub.
+    ``tier`` and ``units``, or ``writeBudgetPerSecond`` (which wins), set the pace of the hub
+    writer (docs/hubs.md); ``caCertificate`` (PEM) is the CA to trust for the hub's TLS instead
+    of the system's trust store.
     """
 
     host_name: str
@@ -284,6 +302,10 @@ class LinkedHub(_Model):
     builtin: bool | None = None
     location: str | None = None
     x509_group_authentication: X509GroupAuthentication | None = None
+    tier: HubTier | None = None
+    units: int | None = None
+    write_budget_per_second: float | None = None
+    ca_certificate: str | None = None
     etag: str | None = None
 
 

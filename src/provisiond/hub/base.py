@@ -30,6 +30,7 @@ from typing import Protocol
 import msgspec
 
 from ..attestation.base import IdentityCredential
+from ..errors import HubError
 from ..models import DeviceCapabilities, LinkedHub
 from ..storage import Collection, Delete, Write
 from .models import HubDevice, Twin
@@ -48,11 +49,6 @@ __all__ = [
     "carry_out",
     "resolve_twin",
 ]
-
-
-class HubError(Exception):
-    """The hub could not create or update the identity (internal: the registrar fails the
-    registration with DPS's errorCode 400209)."""
 
 
 #: One write of a registration's transaction (see :meth:`TransactionalHubBackend.plan`).
