@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -132,10 +133,17 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if owned:
             await ctx.store.open()
+        # Every node drains the outbox of remote hubs' identity writes (service/hub_writer.py).
+        writer = asyncio.create_task(registrar.writer.run(), name="hub-writer")
         try:
             async with running_listeners(settings, listeners):
                 yield
         finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+            await registrar.writer.flush_figures(force=True)
+            await registrar.hubs.aclose()
             await registrar.webhook.aclose()
             if owned:
                 await ctx.store.close()

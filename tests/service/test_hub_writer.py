@@ -1,0 +1,202 @@
+"""Identities in remote hubs through the durable outbox (issue 12, items 2-4), over real HTTPS:
+a device registers with a running ``provisiond serve`` whose enrollment names a linked remote
+hub (tests/_hub_peer.py: IoT Hub's registry REST API with a fault injector). The registration
+says ``assigned`` only once the hub has the identity and its twin; a throttled or failing hub
+is retried (Retry-After honoured) and the device's polls end ``assigned``; a hub that refuses
+for good leaves the registration ``failed`` with 400209 and the hub's error, and no identity.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from provisiond.protocol.sas import derive_device_key
+from tests._hub_peer import Fault, HubPeer, hub_peer, hub_peer_server
+from tests._server import RunningServer, start_server
+from tests.service.test_device_api import Device, enroll_symmetric, uid
+
+__all__ = ["hub_peer", "hub_peer_server"]
+
+V = {"api-version": "2021-06-01"}
+
+
+@pytest.fixture(scope="module")
+def writer_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A server with a short assignment budget (a slow hub answers 'assigning' soon)."""
+    running = start_server(tmp_path_factory.mktemp("writer"), "--assignment-budget", "1")
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def admin(writer_server: RunningServer) -> Iterator[Any]:
+    client = writer_server.client()
+    yield client
+    client.close()
+
+
+def poll(device: Device, first: httpx.Response, key: str, timeout: float = 30.0) -> dict[str, Any]:
+    """The device's polls after a register, as the SDKs make them, until a terminal status."""
+    body: dict[str, Any] = first.json()
+    assert first.status_code == 202, first.text
+    deadline = time.monotonic() + timeout
+    while body["status"] == "assigning":
+        assert time.monotonic() < deadline, body
+        time.sleep(0.2)
+        r = device.http.get(
+            f"/{device.server.id_scope}/registrations/{device.registration_id}/operations/{body['operationId']}",
+            params=V,
+            headers={"Authorization": device.token(key)},
+        )
+        assert r.status_code in (200, 202), r.text
+        body = r.json()
+    return body
+
+
+def register(server: RunningServer, reg: str, key: str) -> tuple[Device, dict[str, Any]]:
+    device = Device(server, reg)
+    return device, poll(device, device.register(device.token(key)), key)
+
+
+TWIN = {"tags": {"site": "line-3"}, "properties": {"desired": {"interval": 30}}}
+
+
+def test_registration_writes_identity_and_twin_into_the_remote_hub(
+    writer_server: RunningServer, admin: Any, hub_peer: HubPeer
+) -> None:
+    hub = f"{uid('remote')}.azure-devices.net"
+    hub_peer.link(admin, hub)
+    reg = uid()
+    key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static", initialTwin=TWIN)
+    device, body = register(writer_server, reg, key)
+    state = body["registrationState"]
+    assert body["status"] == "assigned", body
+    assert state["assignedHub"] == hub and state["deviceId"] == reg
+    identity = hub_peer.devices[reg]
+    assert identity["authentication"]["type"] == "sas"
+    assert identity["authentication"]["symmetricKey"]["primaryKey"] == key
+    assert hub_peer.twins[reg]["tags"] == {"site": "line-3"}
+    assert hub_peer.twins[reg]["properties"]["desired"] == {"interval": 30}
+    # The service API's record agrees; nothing is left in the outbox.
+    assert admin.get(f"/registrations/{reg}")["status"] == "assigned"
+    # Registering again updates the identity in place: one identity, same keys.
+    again = poll(device, device.register(device.token(key)), key)
+    assert again["status"] == "assigned" and list(hub_peer.devices) == [reg]
+    device.close()
+
+
+def test_group_device_keys_are_the_derived_keys(
+    writer_server: RunningServer, admin: Any, hub_peer: HubPeer
+) -> None:
+    hub = f"{uid('remote')}.azure-devices.net"
+    hub_peer.link(admin, hub)
+    gid = uid("g")
+    admin.put(
+        f"/enrollmentGroups/{gid}",
+        {
+            "enrollmentGroupId": gid,
+            "attestation": {"type": "symmetricKey"},
+            "iotHubs": [hub],
+            "allocationPolicy": "static",
+        },
+    )
+    group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
+    reg = uid()
+    key = derive_device_key(group_key, reg)
+    device, body = register(writer_server, reg, key)
+    device.close()
+    assert body["status"] == "assigned", body
+    assert hub_peer.devices[reg]["authentication"]["symmetricKey"]["primaryKey"] == key
+
+
+def test_throttled_and_failing_hub_is_retried_until_assigned(
+    writer_server: RunningServer, admin: Any, hub_peer: HubPeer
+) -> None:
+    hub = f"{uid('remote')}.azure-devices.net"
+    hub_peer.link(admin, hub)
+    reg = uid()
+    key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static", initialTwin=TWIN)
+    hub_peer.inject(
+        Fault(status=429, retry_after=1, method="PUT"),
+        Fault(status=503, method="PUT"),
+        Fault(status=429, retry_after=1, method="PUT"),
+    )
+    device = Device(writer_server, reg)
+    first = device.register(device.token(key))
+    assert first.json()["status"] == "assigning", first.text  # the hub is slower than the budget
+    body = poll(device, first, key)
+    assert body["status"] == "assigned", body
+    assert hub_peer.answered[429] == 2 and hub_peer.answered[503] == 1
+    assert hub_peer.devices[reg]["authentication"]["symmetricKey"]["primaryKey"] == key
+    assert hub_peer.twins[reg]["tags"] == {"site": "line-3"}
+    # A register while the write is in flight would have answered the same operation; now it
+    # is done, the record is assigned.
+    assert admin.get(f"/registrations/{reg}")["status"] == "assigned"
+    device.close()
+
+
+def test_a_slow_hub_answers_assigning_and_polls_end_assigned(
+    writer_server: RunningServer, admin: Any, hub_peer: HubPeer
+) -> None:
+    hub = f"{uid('remote')}.azure-devices.net"
+    hub_peer.link(admin, hub)
+    reg = uid()
+    key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static")
+    hub_peer.inject(Fault(delay=2.5, method="PUT"))
+    device = Device(writer_server, reg)
+    first = device.register(device.token(key))
+    assert first.status_code == 202 and first.json()["status"] == "assigning", first.text
+    # A second register while the first is in flight answers the same operation.
+    second = device.register(device.token(key))
+    assert second.json()["operationId"] == first.json()["operationId"], second.text
+    assert poll(device, first, key)["status"] == "assigned"
+    assert reg in hub_peer.devices
+    device.close()
+
+
+def test_a_hub_that_refuses_fails_the_registration_and_keeps_nothing(
+    writer_server: RunningServer, admin: Any, hub_peer: HubPeer
+) -> None:
+    hub = f"{uid('remote')}.azure-devices.net"
+    hub_peer.link(admin, hub)
+    reg = uid()
+    key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static", initialTwin=TWIN)
+    # The identity is created, then the hub refuses its twin for good: compensation deletes it.
+    hub_peer.inject(Fault(status=403, code="IotHubQuotaExceeded", method="PUT", kind="twins"))
+    device, body = register(writer_server, reg, key)
+    state = body["registrationState"]
+    assert body["status"] == "failed", body
+    assert state["errorCode"] == 400209 and "IotHubQuotaExceeded" in state["errorMessage"], state
+    assert reg not in hub_peer.devices
+    assert "failed for good" in writer_server.log()
+    device.close()
+
+
+def test_a_wrong_key_is_the_hubs_401_named(
+    writer_server: RunningServer, admin: Any, hub_peer: HubPeer
+) -> None:
+    hub = f"{uid('remote')}.azure-devices.net"
+    admin.put(
+        f"/admin/linkedHubs/{hub}",
+        {
+            "hostName": hub,
+            "connectionString": hub_peer.connection_string.replace(
+                hub_peer.key, "d3Jvbmd3cm9uZ3dyb25nd3Jvbmc="
+            ),
+            "caCertificate": hub_peer.ca_pem,
+            "applyAllocationPolicy": False,
+        },
+    )
+    reg = uid()
+    key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static")
+    device, body = register(writer_server, reg, key)
+    device.close()
+    state = body["registrationState"]
+    assert body["status"] == "failed" and state["errorCode"] == 400209
+    assert "401" in state["errorMessage"] and "IotHubUnauthorizedAccess" in state["errorMessage"]
+    assert hub_peer.key not in writer_server.log()
