@@ -15,11 +15,13 @@
     │   └── TpmChallengeRequired           401 answered with a TPM challenge, not an error body
     ├── AuthorizationError                 403: a valid credential without the right
     ├── NotFoundError (LookupError)        404: a record does not exist
+    │   └── DeviceNotOnlineError           404103: a direct method for a device that is not connected
     ├── ConflictError                      409: the record already exists
     ├── PreconditionFailedError            412: If-Match does not match the stored etag
     ├── ThrottledError                     429: rate limit; carries retry_after
     ├── StorageError                       500: the database failed (after translation)
     │   └── DatabaseUnavailableError       503: unreachable, failing over, locked; carries retry_after
+    ├── GatewayTimeoutError                504101: a device did not answer a direct method in time
     ├── ConfigurationError                 startup problems (bad flags, unreadable PKI); never on the wire
     ├── ProtocolError                      abstract: a protocol rule was broken (h11 style)
     │   ├── LocalProtocolError             we broke it: the API was misused (a bug on our side)
@@ -40,7 +42,8 @@ Outside the tree, :class:`InsufficientData` is not an error but the sans-io code
 
 Each class carries ``http_status`` and ``error_code`` (HTTP status x 1000 + detail, as DPS
 answers), so that endpoint adapters read attributes instead of keeping lookup tables.
-The CLI reads ``exit_code``.
+The CLI reads ``exit_code``. The built-in IoT hub answers with IoT Hub's own codes
+(:class:`IotHubCode`, same scheme, each with IoT Hub's name such as ``DeviceNotOnline``).
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DpsCode",
+    "IotHubCode",
+    "DeviceNotOnlineError",
+    "GatewayTimeoutError",
     "AmqpProtocolError",
     "AuthenticationError",
     "AuthorizationError",
@@ -175,6 +181,39 @@ class DpsCode(enum.IntEnum):
     DATABASE_UNAVAILABLE = 503000, "The database cannot be reached; retry after the delay given."
 
 
+class IotHubCode(enum.IntEnum):
+    """IoT Hub's ``errorCode`` values that the built-in hubs answer with, each with IoT Hub's
+    name for it (``error_name``: the REST API's ``iothub-errorcode`` header and the
+    ``ErrorCode:`` of its error body) and what it means. Same scheme as :class:`DpsCode`:
+    HTTP status times 1000 plus a detail."""
+
+    error_name: str
+    template: str
+
+    def __new__(cls, value: int, error_name: str, template: str) -> IotHubCode:
+        member = int.__new__(cls, value)
+        member._value_ = value
+        member.error_name = error_name
+        member.template = template
+        return member
+
+    @property
+    def http_status(self) -> int:
+        return int(self) // 1000
+
+    ARGUMENT_INVALID = 400004, "ArgumentInvalid", "The request is not valid: {detail}"
+    DEVICE_NOT_FOUND = 404001, "DeviceNotFound", "No such device identity in the hub."
+    DEVICE_NOT_ONLINE = (
+        404103,
+        "DeviceNotOnline",
+        "The device is not connected (or not subscribed to methods).",
+    )
+    THROTTLED = 429001, "ThrottlingException", "Over a rate limit."
+    SERVER_ERROR = 500001, "ServerError", "Internal error; the service log has the details."
+    SERVICE_UNAVAILABLE = 503001, "ServiceUnavailable", "The database cannot be reached; retry later."
+    GATEWAY_TIMEOUT = 504101, "GatewayTimeout", "The device did not answer in time."
+
+
 class ProvisioningError(Exception):
     """Root of every error provisiond raises on purpose."""
 
@@ -191,9 +230,9 @@ class ProvisioningError(Exception):
         if error_code is not None:
             # Instance override of the class default (a more specific DPS detail code); a code
             # of another status than the class's is our bug (the wire would contradict itself).
-            assert not isinstance(error_code, DpsCode) or error_code.http_status == self.http_status, (
-                f"{type(self).__name__} ({self.http_status}) raised with {error_code.name}"
-            )
+            assert (
+                not isinstance(error_code, DpsCode | IotHubCode) or error_code.http_status == self.http_status
+            ), f"{type(self).__name__} ({self.http_status}) raised with {error_code.name}"
             self.error_code = error_code  # type: ignore[misc]
 
 
@@ -272,6 +311,20 @@ class ConflictError(ProvisioningError):
 
     http_status = 409
     error_code = DpsCode.CONFLICT
+
+
+class DeviceNotOnlineError(NotFoundError):
+    """A direct method for a device that is not connected to its built-in hub (within the
+    invocation's connect timeout), or connected without a subscription to methods."""
+
+    error_code = IotHubCode.DEVICE_NOT_ONLINE  # type: ignore[assignment]  # IoT Hub's code, not DPS's
+
+
+class GatewayTimeoutError(ProvisioningError):
+    """A connected device did not answer a direct method within its response timeout."""
+
+    http_status = 504
+    error_code = IotHubCode.GATEWAY_TIMEOUT
 
 
 class PreconditionFailedError(ProvisioningError):
