@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import provisiond.errors as errors_module
-from provisiond.errors import DpsCode, IotHubCode, NotFoundError, ProvisioningError
+from provisiond.errors import DpsCode, NotFoundError, ProvisioningError
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "service-api.md"
 
@@ -34,7 +34,7 @@ def test_every_class_default_agrees_with_its_status() -> None:
     ]
     for cls in classes:
         code = cls.error_code
-        assert isinstance(code, DpsCode | IotHubCode), f"{cls.__name__}.error_code is a bare number"
+        assert isinstance(code, DpsCode), f"{cls.__name__}.error_code is a bare number"
         assert code.http_status == cls.http_status, cls.__name__
 
 
@@ -42,12 +42,6 @@ def test_a_code_of_another_status_is_our_bug() -> None:
     with pytest.raises(AssertionError):
         NotFoundError("x", error_code=DpsCode.TOKEN_EXPIRED)
     assert NotFoundError("x", error_code=DpsCode.ENROLLMENT_NOT_FOUND).error_code == 404201
-
-
-def test_iot_hub_codes_carry_their_names() -> None:
-    assert IotHubCode.DEVICE_NOT_ONLINE.error_name == "DeviceNotOnline"
-    assert IotHubCode.GATEWAY_TIMEOUT.http_status == 504
-    assert len({code.error_name for code in IotHubCode}) == len(IotHubCode)
 
 
 def test_templates() -> None:

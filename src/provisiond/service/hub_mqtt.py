@@ -64,7 +64,6 @@ import msgspec
 
 from .. import twin as twins
 from ..errors import (
-    DatabaseUnavailableError,
     IotHubCode,
     LocalProtocolError,
     NotFoundError,
@@ -72,7 +71,6 @@ from ..errors import (
     RemoteProtocolError,
     RequestError,
     StorageError,
-    ThrottledError,
 )
 from ..hub.messages import (
     CloudToDeviceMessage,
@@ -650,7 +648,7 @@ class _HubSession:
         self._publish(topic, body, qos)
 
     def _twin_error(self, rid: str, kind: PublicationKind, exc: ProvisioningError) -> None:
-        code = _hub_code(exc)
+        code = exc.iothub_code
         tracking_id = uuid.uuid4().hex
         level = logging.INFO if code.http_status < 500 else logging.ERROR
         log.log(
@@ -781,17 +779,3 @@ class _HubSession:
         topic = c2d_topic(self.device_id, c2d_properties(message))
         return self._publish(topic, message.body, qos, dup=dup)
 
-
-def _hub_code(exc: ProvisioningError) -> IotHubCode:
-    """IoT Hub's errorCode for an error answered on a twin topic."""
-    if isinstance(exc.error_code, IotHubCode):
-        return exc.error_code
-    if isinstance(exc, RequestError):
-        return IotHubCode.ARGUMENT_INVALID
-    if isinstance(exc, NotFoundError):
-        return IotHubCode.DEVICE_NOT_FOUND
-    if isinstance(exc, ThrottledError):
-        return IotHubCode.THROTTLED
-    if isinstance(exc, DatabaseUnavailableError):
-        return IotHubCode.SERVICE_UNAVAILABLE
-    return IotHubCode.SERVER_ERROR
