@@ -631,15 +631,10 @@ class _HubSession:
             self._twin_error(rid, kind, exc)
 
     def _twin_response(self, status: int, rid: str, body: bytes, *, version: int | None = None) -> None:
-        qos = self._granted(Filter.TWIN_RESPONSES)
-        if qos is None:
-            log.info(
-                "MQTT %s: twin response %d for $rid=%s dropped: not subscribed to $iothub/twin/res/#",
-                self.who,
-                status,
-                rid[:64],
-            )
-            return
+        # Answered whether or not the device subscribed to $iothub/twin/res/# (then at QoS 0):
+        # the Python SDK sends its "ensure desired properties" GET on connect without that
+        # subscription (pipeline_stages_iothub.EnsureDesiredPropertiesStage) and waits for it.
+        qos = self._granted(Filter.TWIN_RESPONSES) or QoS.AT_MOST_ONCE
         try:
             topic = twin_response_topic(status, rid, version)
         except LocalProtocolError as exc:
@@ -778,4 +773,3 @@ class _HubSession:
     def _send_c2d(self, message: CloudToDeviceMessage, qos: QoS, *, dup: bool) -> int | None:
         topic = c2d_topic(self.device_id, c2d_properties(message))
         return self._publish(topic, message.body, qos, dup=dup)
-
