@@ -41,6 +41,8 @@ from ..errors import InvalidQueryError
 __all__ = ["MAX_QUERY_LENGTH", "Query", "parse"]
 
 MAX_QUERY_LENGTH = 8192
+#: How deep NOT and parentheses may nest (a bound on the parser's recursion).
+MAX_NESTING = 32
 _MISSING = object()
 
 _TOKEN = re.compile(
@@ -170,6 +172,7 @@ class _Parser:
     def __init__(self, text: str) -> None:
         self.tokens = _tokens(text)
         self.pos = 0
+        self.depth = 0
 
     @property
     def token(self) -> _Token:
@@ -198,32 +201,33 @@ class _Parser:
 
     # expressions
     def expression(self) -> Predicate:
-        left = self.conjunction()
+        terms = [self.conjunction()]
         while self.is_word("or"):
             self.take()
-            right = self.conjunction()
-            left = _or(left, right)
-        return left
+            terms.append(self.conjunction())
+        return terms[0] if len(terms) == 1 else _any(terms)
 
     def conjunction(self) -> Predicate:
-        left = self.negation()
+        factors = [self.negation()]
         while self.is_word("and"):
             self.take()
-            right = self.negation()
-            left = _and(left, right)
-        return left
+            factors.append(self.negation())
+        return factors[0] if len(factors) == 1 else _all(factors)
 
     def negation(self) -> Predicate:
-        if self.is_word("not"):
-            self.take()
-            inner = self.negation()
-            return lambda doc: not inner(doc)
-        if self.token.text == "(":
-            self.take()
+        if not self.is_word("not") and self.token.text != "(":
+            return self.condition()
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise InvalidQueryError(f"The WHERE clause nests NOT and parentheses deeper than {MAX_NESTING}.")
+        if self.take().text == "(":
             inner = self.expression()
             self.expect_punct(")")
-            return inner
-        return self.condition()
+        else:
+            negated = self.negation()
+            inner = lambda doc: not negated(doc)  # noqa: E731
+        self.depth -= 1
+        return inner
 
     def condition(self) -> Predicate:
         token = self.token
@@ -291,12 +295,12 @@ class _Parser:
             self.expect_punct(",")
 
 
-def _or(left: Predicate, right: Predicate) -> Predicate:
-    return lambda doc: left(doc) or right(doc)
+def _any(terms: Sequence[Predicate]) -> Predicate:
+    return lambda doc: any(term(doc) for term in terms)
 
 
-def _and(left: Predicate, right: Predicate) -> Predicate:
-    return lambda doc: left(doc) and right(doc)
+def _all(factors: Sequence[Predicate]) -> Predicate:
+    return lambda doc: all(factor(doc) for factor in factors)
 
 
 def _membership(operand: Operand, values: Sequence[Any], negate: bool) -> Predicate:
