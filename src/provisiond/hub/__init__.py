@@ -6,7 +6,7 @@
   :class:`HubBackend` interface (one idempotent registry operation at a time, outside any
   database transaction) and its transactional special case;
 - :mod:`.builtin`: the built-in hub, whose identities live in provisiond's database;
-- :mod:`.messages`: the built-in hubs' stored telemetry events and cloud-to-device messages.
+- :mod:`.messages`: the built-in hubs' stored telemetry events and cloud-to-device messages;
 - :mod:`.registry`: the built-in hubs' identity registry, as IoT Hub's service API and the
   hub's device endpoint use it (identities, twins, queries, statistics, connection state);
 - :mod:`.query`: IoT Hub's query language, as far as the built-in hubs read it;
