@@ -49,7 +49,14 @@ from ..models import LinkedHub
 from ..protocol.registration import parse_retry_after
 from ..protocol.sas import build_sas_token
 from .base import IdentitySpec
-from .models import DeviceAuthentication, HubDevice, Twin, authentication_for
+from .models import (
+    AuthenticationType,
+    DeviceAuthentication,
+    DeviceStatus,
+    HubDevice,
+    Twin,
+    authentication_for,
+)
 
 __all__ = ["API_VERSION", "BULK_LIMIT", "HubConnection", "RemoteHub", "hub_error"]
 
@@ -137,7 +144,7 @@ def _device_body(spec: IdentitySpec, *, etag: str | None = None) -> dict[str, An
         "status": "enabled",
         "authentication": msgspec.to_builtins(auth),
     }
-    if auth.type == "certificateAuthority":
+    if auth.type is AuthenticationType.CERTIFICATE_AUTHORITY:
         body["authentication"].setdefault(
             "x509Thumbprint", {"primaryThumbprint": None, "secondaryThumbprint": None}
         )
@@ -156,13 +163,17 @@ def _device_from(hub: str, body: Any) -> HubDevice:
     try:
         authentication = msgspec.convert(auth, DeviceAuthentication)
     except msgspec.ValidationError:
-        kind = auth.get("type") if isinstance(auth, dict) else None
-        authentication = DeviceAuthentication(type=str(kind or "sas"))
+        authentication = DeviceAuthentication(type=AuthenticationType.SAS)
+    try:
+        status = DeviceStatus(body.get("status") or "enabled")
+    except ValueError:
+        status = DeviceStatus.ENABLED
     return HubDevice(
         device_id=str(body.get("deviceId")),
         hub=hub,
         authentication=authentication,
-        status=str(body.get("status") or "enabled"),
+        status=status,
+        etag=body["etag"] if isinstance(body.get("etag"), str) else None,
     )
 
 
@@ -172,11 +183,12 @@ def _twin_from(body: Any) -> Twin:
     properties = body.get("properties") or {}
     desired = {k: v for k, v in (properties.get("desired") or {}).items() if not k.startswith("$")}
     reported = {k: v for k, v in (properties.get("reported") or {}).items() if not k.startswith("$")}
-    return Twin(tags=body.get("tags") or None, desired=desired or None, reported=reported or None)
+    tags = body.get("tags")
+    return Twin(tags=tags if isinstance(tags, dict) else {}, desired=desired, reported=reported)
 
 
 def _twin_body(twin: Twin) -> dict[str, Any]:
-    return {"tags": twin.tags or {}, "properties": {"desired": twin.desired or {}}}
+    return {"tags": twin.tags, "properties": {"desired": twin.desired}}
 
 
 class RemoteHub:
@@ -341,8 +353,8 @@ class RemoteHub:
             if "capabilities" in device:
                 entry["capabilities"] = device["capabilities"]
             if twin is not None:
-                entry["tags"] = twin.tags or {}
-                entry["properties"] = {"desired": twin.desired or {}}
+                entry["tags"] = twin.tags
+                entry["properties"] = {"desired": twin.desired}
             body.append(entry)
         response = await self._call("POST", "/devices", f"a bulk write of {len(items)} devices", body=body)
         try:

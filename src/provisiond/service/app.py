@@ -21,10 +21,13 @@ from ..errors import ConflictError, MethodNotAllowedError, NotFoundError, Provis
 from ..models import AllocationPolicy, LinkedHub, Right, ServiceSettings, SharedAccessPolicy
 from ..storage import Collection, Store, WriteMode, open_store
 from . import admin, amqp, api, device_api, mqtt
+from ._hub_identities import Identities
 from .context import SETTINGS_KEY, ServiceContext, context_of
 from .enrollments import generate_key
 from .gateway import AMQP_WS, MQTT_WS, DeviceGateway
 from .http import error_answer, handle_errors, route_table, shown_path
+from .hub_broker import HubBroker
+from .hub_mqtt import HubEndpoint
 from .listeners import running_listeners
 from .registrar import Registrar
 from .settings import Settings
@@ -124,9 +127,13 @@ def create_app(
     # The device transports: one gateway; MQTT and AMQP on their own TLS ports (the lifespan
     # starts them) and over WebSockets on this one, picked by subprotocol.
     gateway = DeviceGateway(ctx, registrar)
-    listeners = [mqtt.tls_listener(gateway), amqp.tls_listener(gateway)]
+    # The built-in hubs: their devices share the MQTT listener and the WebSocket router (told
+    # apart by the CONNECT's user name); the broker links them to the service side.
+    broker = HubBroker(ctx.store, clock=clock)
+    hub = HubEndpoint(ctx, broker, Identities(ctx.store, clock=clock))
+    listeners = [mqtt.tls_listener(gateway, hub), amqp.tls_listener(gateway)]
     websockets = WebSocketRouter(
-        {"mqtt": mqtt.MqttEndpoint(gateway, MQTT_WS), "amqpwsb10": amqp.AmqpEndpoint(gateway, AMQP_WS)}
+        {"mqtt": mqtt.MqttEndpoint(gateway, MQTT_WS, hub), "amqpwsb10": amqp.AmqpEndpoint(gateway, AMQP_WS)}
     )
 
     @contextlib.asynccontextmanager
@@ -136,9 +143,13 @@ def create_app(
         # Every node drains the outbox of remote hubs' identity writes (service/hub_writer.py).
         writer = asyncio.create_task(registrar.writer.run(), name="hub-writer")
         try:
+            await broker.start()
+            await hub.start()
             async with running_listeners(settings, listeners):
                 yield
         finally:
+            await hub.close()
+            await broker.close()
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
@@ -166,6 +177,7 @@ def create_app(
     app.state.ctx = ctx
     app.state.registrar = registrar
     app.state.gateway = gateway
+    app.state.broker = broker
     return app
 
 

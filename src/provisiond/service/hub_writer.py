@@ -53,7 +53,7 @@ from ..errors import (
     ProvisioningError,
 )
 from ..hub import HubBackend, HubBackends, HubDevice, IdentityChange, Twin, TwinSource
-from ..hub.models import DeviceAuthentication
+from ..hub.models import AuthenticationType, DeviceAuthentication
 from ..hub.outbox import ItemKind, OutboxItem, item_write
 from ..models import HubTier, LinkedHub, RegistrationStatus
 from ..storage import Collection, Delete, Record, WriteMode, utc_iso
@@ -310,7 +310,7 @@ class HubWriter:
             removed = _stub(ref.device_id, ref.hub, removed_twin)
         current = await self._call(hub, lambda: new.read_twin(item.hub, put.device_id))
         existing = _stub(put.device_id, item.hub, current)
-        item.twin = put.twin.resolve(existing, removed)
+        item.twin = put.twin.resolve(existing, removed, now=utc_iso(self.clock()))
         item.existed = current is not None
         item.previous_twin = current
         item.resolved = True
@@ -410,7 +410,12 @@ class HubWriter:
 def _stub(device_id: str, hub: str, twin: Twin | None) -> HubDevice | None:
     if twin is None:
         return None
-    return HubDevice(device_id=device_id, hub=hub, authentication=DeviceAuthentication(type="sas"), twin=twin)
+    return HubDevice(
+        device_id=device_id,
+        hub=hub,
+        authentication=DeviceAuthentication(type=AuthenticationType.SAS),
+        twin=twin,
+    )
 
 
 def _is_interim(record: Record, operation_id: str) -> bool:
