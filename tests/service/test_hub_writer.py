@@ -8,13 +8,16 @@ for good leaves the registration ``failed`` with 400209 and the hub's error, and
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
 
+from provisiond.errors import NotFoundError
 from provisiond.protocol.sas import derive_device_key
 from tests._hub_standin import Fault, HubPeer, hub_peer, hub_peer_server
 from tests._server import RunningServer, start_server
@@ -200,3 +203,95 @@ def test_a_wrong_key_is_the_hubs_401_named(
     assert body["status"] == "failed" and state["errorCode"] == 400209
     assert "401" in state["errorMessage"] and "IotHubUnauthorizedAccess" in state["errorMessage"]
     assert hub_peer.key not in writer_server.log()
+
+
+def test_kill_9_under_load_leaves_every_identity_and_record_in_agreement(
+    tmp_path_factory: pytest.TempPathFactory, hub_peer: HubPeer
+) -> None:
+    """kill -9 of the registering provisiond while its hub writes are in flight; a restart on
+    the same database finishes them once their leases run out. Afterwards every acknowledged
+    registration is assigned and has its identity (and twin) in the hub, every identity in the
+    hub has its assigned record, and nothing is doubled."""
+    data_dir = tmp_path_factory.mktemp("kill9")
+    args = ("--assignment-budget", "0.5", "--hub-write-lease", "2")
+    node = start_server(data_dir, *args)
+    admin = node.client()
+    hub = f"{uid('remote')}.azure-devices.net"
+    hub_peer.link(admin, hub)
+    gid = uid("g")
+    admin.put(
+        f"/enrollmentGroups/{gid}",
+        {
+            "enrollmentGroupId": gid,
+            "attestation": {"type": "symmetricKey"},
+            "iotHubs": [hub],
+            "allocationPolicy": "static",
+            "initialTwin": TWIN,
+        },
+    )
+    group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
+    admin.close()
+    # Every identity write is slow: many are in flight when the node dies.
+    hub_peer.inject(*(Fault(delay=0.4, method="PUT", kind="devices") for _ in range(40)))
+    regs = [uid() for _ in range(24)]
+    acknowledged: set[str] = set()
+    enough = threading.Event()
+
+    def one(reg: str) -> None:
+        device = Device(node, reg)
+        try:
+            r = device.register(device.token(derive_device_key(group_key, reg)))
+            if r.status_code == 202 and r.json().get("operationId"):
+                acknowledged.add(reg)
+                if len(acknowledged) >= 8:
+                    enough.set()
+        except httpx.HTTPError:
+            pass  # the node died under this request: not acknowledged
+        finally:
+            device.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(one, reg) for reg in regs]
+        assert enough.wait(60), "no registrations were acknowledged"
+        node.process.kill()  # kill -9
+        node.process.wait(10)
+        for future in futures:
+            future.result()
+    assert len(acknowledged) >= 8
+
+    node = start_server(data_dir, *args)
+    admin = node.client()
+    try:
+        deadline = time.monotonic() + 60
+        pending = set(regs)
+        records: dict[str, dict[str, Any]] = {}
+        recovered: set[str] = set()  # found 'assigning' after the restart: finished by the new node
+        while pending:
+            assert time.monotonic() < deadline, {r: records.get(r) for r in pending}
+            for reg in sorted(pending):
+                try:
+                    record = admin.get(f"/registrations/{reg}")
+                except NotFoundError:
+                    if reg not in acknowledged:
+                        pending.discard(reg)  # never committed: the device would retry
+                    continue
+                records[reg] = record
+                if record["status"] != "assigning":
+                    pending.discard(reg)
+                else:
+                    recovered.add(reg)
+            time.sleep(0.2)
+        for reg in acknowledged:
+            assert records[reg]["status"] == "assigned", records[reg]
+        assigned = {reg for reg, record in records.items() if record["status"] == "assigned"}
+        assert assigned == set(hub_peer.devices), assigned ^ set(hub_peer.devices)
+        for reg in assigned:
+            assert records[reg]["assignedHub"] == hub and records[reg]["deviceId"] == reg
+            assert hub_peer.twins[reg]["tags"] == {"site": "line-3"}
+            key = derive_device_key(group_key, reg)
+            assert hub_peer.devices[reg]["authentication"]["symmetricKey"]["primaryKey"] == key
+        assert not [r for r in records.values() if r["status"] == "failed"], records
+        assert recovered, "no hub write was in flight at the kill: the test proved nothing"
+    finally:
+        admin.close()
+        node.stop()

@@ -87,8 +87,8 @@ class _LostLease(Exception):
 
 
 class Pacer:
-    """Per-hub pacing: a token bucket at the hub's budget (burst: one second's worth), and a
-    pause after the hub throttled."""
+    """Per-hub pacing in this node: calls evenly spaced at the hub's budget, and a pause after
+    the hub throttled (its Retry-After)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -103,11 +103,9 @@ class Pacer:
             now = self._clock()
             start = max(now, self._paused.get(hub, 0.0))
             if budget:
-                interval = 1.0 / budget
-                slot = max(start, self._next.get(hub, 0.0))
-                # A burst of at most one second's worth after an idle spell.
-                self._next[hub] = max(slot, now - 1.0 + interval) + interval
-                start = slot
+                # Evenly spaced: no burst the hub's own bucket could count against us.
+                start = max(start, self._next.get(hub, 0.0))
+                self._next[hub] = start + 1.0 / budget
             if start > now:
                 await asyncio.sleep(start - now)
 
@@ -145,7 +143,8 @@ class _Figures:
 class HubWriter:
     """Works the outbox (module docstring).
 
-    :param lease: how long a claim or checkpoint holds an item (seconds).
+    :param lease: how long a claim or checkpoint holds an item (seconds; default:
+        ``settings.hub_write_lease``).
     :param poll: how often the loop looks for due items when there were none.
     :param max_attempts: transient failures before an item fails for good.
     """
@@ -156,7 +155,7 @@ class HubWriter:
         hubs: HubBackends,
         *,
         node: str | None = None,
-        lease: float = 30.0,
+        lease: float | None = None,
         poll: float = 0.5,
         max_attempts: int = 8,
         batch: int = 16,
@@ -166,7 +165,7 @@ class HubWriter:
         self.store = ctx.store
         self.hubs = hubs
         self.node = node or uuid.uuid4().hex[:12]
-        self.lease = lease
+        self.lease = lease if lease is not None else ctx.settings.hub_write_lease
         self.poll = poll
         self.max_attempts = max_attempts
         self.batch = batch

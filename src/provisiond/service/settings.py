@@ -84,6 +84,9 @@ class Settings:
     #: Seconds a register request waits for its assignment; a slower one (a custom allocation
     #: webhook) answers 202 ``assigning`` with Retry-After and finishes in the background.
     assignment_budget: float = 2.0
+    #: Seconds a hub writer holds an outbox item it claimed (or checkpointed) before any other
+    #: node may take it over (service/hub_writer.py; the recovery time after a crash).
+    hub_write_lease: float = 30.0
     #: Extra host names the server certificate and SAS ``sr`` checks accept.
     extra_host_names: tuple[str, ...] = field(default_factory=tuple)
 
