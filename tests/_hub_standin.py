@@ -61,6 +61,8 @@ class HubPeer:
     answered: Counter[int] = field(default_factory=Counter)
     call_times: list[float] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Throttle as IoT Hub does: more calls than this in any second answer 429 (None: never).
+    rate_limit: int | None = None
 
     @property
     def connection_string(self) -> str:
@@ -105,7 +107,12 @@ def _app(peer: HubPeer) -> Starlette:
     async def guard(request: Request) -> Response | None:
         kind = request.url.path.split("/")[1]
         peer.calls[f"{request.method} {kind}"] += 1
-        peer.call_times.append(time.monotonic())
+        now = time.monotonic()
+        peer.call_times.append(now)
+        if peer.rate_limit is not None:
+            recent = sum(1 for t in peer.call_times if t > now - 1.0)
+            if recent > peer.rate_limit:
+                return _error(429, "ThrottlingException", "Wait 1 seconds", {"Retry-After": "1"})
         if request.query_params.get("api-version") is None:
             return _error(400, "InvalidProtocolVersion", "api-version is missing")
         try:
@@ -238,4 +245,5 @@ def hub_peer(hub_peer_server: HubPeer) -> HubPeer:
         peer.calls.clear()
         peer.answered.clear()
         peer.call_times.clear()
+        peer.rate_limit = None
     return peer

@@ -295,3 +295,80 @@ def test_kill_9_under_load_leaves_every_identity_and_record_in_agreement(
     finally:
         admin.close()
         node.stop()
+
+
+def writer_figures(admin: Any, hub: str, *, written: int) -> dict[str, Any]:
+    """The writer's figures for ``hub`` once ``written`` identities are counted (the nodes
+    store their figures about once a second)."""
+    deadline = time.monotonic() + 10
+    while True:
+        figures: dict[str, Any] = admin.get(f"/admin/linkedHubs/{hub}/writer")
+        if figures["written"] >= written or time.monotonic() > deadline:
+            return figures
+        time.sleep(0.2)
+
+
+def test_a_write_budget_keeps_a_flood_under_the_hubs_throttle(
+    writer_server: RunningServer, admin: Any, hub_peer: HubPeer
+) -> None:
+    """The hub throttles beyond 30 calls in any second; linked with a budget of 20 writes a
+    second, a flood of registrations gets no 429 at all (unpaced, it gets many: the next test)."""
+    hub = f"{uid('remote')}.azure-devices.net"
+    hub_peer.link(admin, hub, writeBudgetPerSecond=20)
+    hub_peer.rate_limit = 30
+    gid = uid("g")
+    admin.put(
+        f"/enrollmentGroups/{gid}",
+        {
+            "enrollmentGroupId": gid,
+            "attestation": {"type": "symmetricKey"},
+            "iotHubs": [hub],
+            "allocationPolicy": "static",
+            "initialTwin": TWIN,
+        },
+    )
+    group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
+    regs = [uid() for _ in range(12)]
+    with ThreadPoolExecutor(12) as pool:
+        results = list(
+            pool.map(lambda reg: register(writer_server, reg, derive_device_key(group_key, reg)), regs)
+        )
+    for device, body in results:
+        device.close()
+        assert body["status"] == "assigned", body
+    assert hub_peer.answered[429] == 0, hub_peer.answered
+    assert set(hub_peer.devices) == set(regs)
+    figures = writer_figures(admin, hub, written=12)
+    assert figures["budgetPerSecond"] == 20 and figures["queued"] == 0
+    assert (figures["written"], figures["throttled"], figures["failed"]) == (12, 0, 0), figures
+
+
+def test_unpaced_the_flood_is_throttled_and_retried(
+    writer_server: RunningServer, admin: Any, hub_peer: HubPeer
+) -> None:
+    hub = f"{uid('remote')}.azure-devices.net"
+    hub_peer.link(admin, hub)
+    hub_peer.rate_limit = 30
+    gid = uid("g")
+    admin.put(
+        f"/enrollmentGroups/{gid}",
+        {
+            "enrollmentGroupId": gid,
+            "attestation": {"type": "symmetricKey"},
+            "iotHubs": [hub],
+            "allocationPolicy": "static",
+        },
+    )
+    group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
+    regs = [uid() for _ in range(12)]
+    with ThreadPoolExecutor(12) as pool:
+        results = list(
+            pool.map(lambda reg: register(writer_server, reg, derive_device_key(group_key, reg)), regs)
+        )
+    for device, body in results:
+        device.close()
+        assert body["status"] == "assigned", body
+    assert hub_peer.answered[429] > 0
+    figures = writer_figures(admin, hub, written=12)
+    assert figures["written"] == 12 and figures["throttled"] == hub_peer.answered[429], figures
+    assert figures["budgetPerSecond"] is None

@@ -56,13 +56,13 @@ from ..hub import HubBackend, HubBackends, HubDevice, IdentityChange, Twin, Twin
 from ..hub.models import AuthenticationType, DeviceAuthentication
 from ..hub.outbox import ItemKind, OutboxItem, item_write
 from ..models import HubTier, LinkedHub, RegistrationStatus
-from ..storage import Collection, Delete, Record, WriteMode, utc_iso
+from ..storage import Collection, Delete, Record, Store, WriteMode, utc_iso
 from . import records
 from .assignment import Decision, fail_in_hub
 from .context import ServiceContext
 from .records import RegistrationRecord
 
-__all__ = ["HubWriter", "Pacer", "WriterFigures", "budget_per_second"]
+__all__ = ["HubWriter", "HubWriterReport", "Pacer", "WriterFigures", "budget_per_second", "hub_writer_report"]
 
 log = logging.getLogger("provisiond.hub_writer")
 
@@ -125,6 +125,45 @@ class WriterFigures(msgspec.Struct, kw_only=True, rename="camel"):
     retried: int = 0
     failed: int = 0
     removed: int = 0
+
+
+class HubWriterReport(msgspec.Struct, kw_only=True, rename="camel"):
+    """``GET /admin/linkedHubs/{hub}/writer``: the hub writer's figures for one hub, summed
+    over the nodes since their figures were first stored (they survive restarts)."""
+
+    hub: str
+    #: The write budget in force (calls a second; ``None``: unpaced).
+    budget_per_second: float | None
+    #: Outbox items not yet done for this hub (registrations 'assigning', deprovisioning),
+    #: whether a writer holds them now or they wait for their turn.
+    queued: int
+    #: Registry calls made, identities written (registrations finished 'assigned'),
+    #: throttled answers (429), items retried after a transient failure, items failed for
+    #: good, deprovisioning items done.
+    calls: int = 0
+    written: int = 0
+    throttled: int = 0
+    retried: int = 0
+    failed: int = 0
+    removed: int = 0
+    nodes: int = 0
+
+
+async def hub_writer_report(store: Store, hub: LinkedHub) -> HubWriterReport:
+    """The figures of ``hub`` (:class:`HubWriterReport`)."""
+    host = hub.host_name.lower()
+    queued = await store.count(Collection.HUB_OUTBOX, filters={"hub": host})
+    report = HubWriterReport(hub=hub.host_name, budget_per_second=budget_per_second(hub), queued=queued)
+    for record in await store.query_all(Collection.HUB_WRITERS, filters={"hub": host}):
+        figures = msgspec.json.decode(record.doc, type=WriterFigures)
+        report.calls += figures.calls
+        report.written += figures.written
+        report.throttled += figures.throttled
+        report.retried += figures.retried
+        report.failed += figures.failed
+        report.removed += figures.removed
+        report.nodes += 1
+    return report
 
 
 @dataclass
