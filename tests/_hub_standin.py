@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import threading
@@ -29,6 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from provisiond import pki
+from provisiond.errors import NotFoundError
 from provisiond.protocol.sas import parse_sas_token, verify_signature
 from tests._server import free_port
 
@@ -70,18 +72,22 @@ class HubPeer:
             f"HostName={self.host}:{self.port};SharedAccessKeyName={self.key_name};SharedAccessKey={self.key}"
         )
 
-    def link(self, admin: Any, host_name: str, **fields: Any) -> None:
-        """Link this peer to the provisiond of ``admin`` as hub ``host_name``."""
+    def link(self, admin: Any, **fields: Any) -> str:
+        """Link this hub to the provisiond of ``admin`` (replacing an earlier link of it); its
+        host name, as linking requires, is the connection string's (``localhost``)."""
+        with contextlib.suppress(NotFoundError):
+            admin.delete(f"/admin/linkedHubs/{self.host}")
         admin.put(
-            f"/admin/linkedHubs/{host_name}",
+            f"/admin/linkedHubs/{self.host}",
             {
-                "hostName": host_name,
+                "hostName": self.host,
                 "connectionString": self.connection_string,
                 "caCertificate": self.ca_pem,
                 "applyAllocationPolicy": False,
                 **fields,
             },
         )
+        return self.host
 
     def inject(self, *faults: Fault) -> None:
         with self.lock:
@@ -121,7 +127,7 @@ def _app(peer: HubPeer) -> Starlette:
             return _error(401, "IotHubUnauthorizedAccess", "Unauthorized")
         if (
             token.key_name != peer.key_name
-            or token.resource.lower() != f"{peer.host}:{peer.port}".lower()
+            or token.resource.lower() != peer.host.lower()
             or token.expiry < time.time()
             or not verify_signature(token, peer.key)
         ):

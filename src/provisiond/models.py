@@ -26,12 +26,13 @@ __all__ = [
     "CaCertificate",
     "CertificateUpload",
     "CustomAllocationDefinition",
+    "Deprovision",
     "DeviceCapabilities",
     "DeviceRegistrationState",
     "EnrollmentGroup",
-    "HubTier",
     "IndividualEnrollment",
     "InitialTwin",
+    "HubTier",
     "LinkedHub",
     "ProvisioningStatus",
     "QuerySpecification",
@@ -101,9 +102,9 @@ class X509GroupAuthentication(enum.Enum):
 
 
 class HubTier(enum.Enum):
-    """An IoT hub's pricing tier: with its units, it sets how many identity registry operations
-    the hub takes (IoT Hub's quotas and throttling page: 100 a minute per unit for F1, B1, B2,
-    S1, S2; 5,000 a minute per unit for B3 and S3)."""
+    """An IoT hub's pricing tier. It sets the hub's throttle on identity registry operations
+    (create, get, list, update, delete), per unit: 100 a minute on F1, B1, B2, S1 and S2, 5,000 a
+    minute on B3 and S3 (IoT Hub's "quotas and throttling"), and how many units it can have."""
 
     F1 = "F1"
     B1 = "B1"
@@ -112,6 +113,25 @@ class HubTier(enum.Enum):
     S1 = "S1"
     S2 = "S2"
     S3 = "S3"
+
+    @property
+    def registry_operations_per_minute(self) -> int:
+        """Per unit."""
+        return 5000 if self in (HubTier.B3, HubTier.S3) else 100
+
+    @property
+    def max_units(self) -> int:
+        if self is HubTier.F1:
+            return 1
+        return 10 if self in (HubTier.B3, HubTier.S3) else 200
+
+
+class Deprovision(enum.Enum):
+    """What deleting an enrollment, a group's devices or a registration record does to the
+    identities they created in their hubs (provisiond's option; DPS leaves them)."""
+
+    DISABLE = "disable"
+    DELETE = "delete"
 
 
 class BulkOperationMode(enum.Enum):
@@ -290,9 +310,10 @@ class LinkedHub(_Model):
     ``connectionString`` is how provisiond reaches the hub's identity registry (secret: stripped
     from reads). ``builtin`` marks the hub provisiond itself serves. ``x509GroupAuthentication``
     (default ``selfSigned``, as DPS) says how X.509 group devices are created in this hub.
-    ``tier`` and ``units``, or ``writeBudgetPerSecond`` (which wins), set the pace of the hub
-    writer (docs/hubs.md); ``caCertificate`` (PEM) is the CA to trust for the hub's TLS instead
-    of the system's trust store.
+    ``location`` places it for geoLatency allocation (:mod:`provisiond.regions`). A remote hub's
+    write budget is ``writeBudgetPerSecond``, else what its ``tier`` and ``units`` allow
+    (:meth:`registry_write_budget`); ``caCertificate`` (PEM) is what its TLS certificate must
+    chain to, instead of the system's trust store.
     """
 
     host_name: str
@@ -307,6 +328,16 @@ class LinkedHub(_Model):
     write_budget_per_second: float | None = None
     ca_certificate: str | None = None
     etag: str | None = None
+
+    def registry_write_budget(self) -> float | None:
+        """Registry operations a second provisiond may spend on this hub: the explicit
+        ``writeBudgetPerSecond``, else the tier's throttle times its units; ``None``: no budget
+        (the hub's 429s and their Retry-After pace the writes)."""
+        if self.write_budget_per_second is not None:
+            return self.write_budget_per_second
+        if self.tier is None:
+            return None
+        return self.tier.registry_operations_per_minute * (self.units or 1) / 60
 
 
 class CaCertificate(_Model):

@@ -68,15 +68,19 @@ _WAIT = re.compile(r"[Ww]ait (\d+(?:\.\d+)?) ?s")
 
 
 class HubConnection(msgspec.Struct, frozen=True):
-    """A hub's connection string, parsed (``HostName=...;SharedAccessKeyName=...;SharedAccessKey=...``)."""
+    """A hub's connection string, parsed: ``HostName={host}[:{port}];SharedAccessKeyName=...;
+    SharedAccessKey=...``. Tokens are IoT Hub's service tokens (``sr`` the host name, ``skn``
+    the policy); the REST API is at ``host[:port]``."""
 
     host: str
+    port: int | None
     key_name: str
     key: str
 
     @classmethod
     def parse(cls, text: str) -> HubConnection:
-        """:raises ConfigurationError: a part is missing (the message never shows the key)."""
+        """:raises ConfigurationError: a part is missing or the port is not one (the message
+        never shows the key)."""
         parts: dict[str, str] = {}
         for item in text.strip().split(";"):
             name, sep, value = item.partition("=")
@@ -87,7 +91,14 @@ class HubConnection(msgspec.Struct, frozen=True):
         ]
         if missing:
             raise ConfigurationError(f"The hub's connection string lacks {', '.join(missing)}.")
-        return cls(parts["hostname"], parts["sharedaccesskeyname"], parts["sharedaccesskey"])
+        host, _, port = parts["hostname"].partition(":")
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigurationError(f"The hub's connection string has HostName port {port[:10]!r}.")
+        return cls(host, int(port) if port else None, parts["sharedaccesskeyname"], parts["sharedaccesskey"])
+
+    @property
+    def authority(self) -> str:
+        return self.host if self.port is None else f"{self.host}:{self.port}"
 
 
 def _error_code(response: httpx.Response) -> tuple[str | None, str]:
@@ -210,7 +221,7 @@ class RemoteHub:
         if hub.ca_certificate:
             verify = ssl.create_default_context(cadata=hub.ca_certificate)
         self._http = httpx.AsyncClient(
-            base_url=address or f"https://{self.connection.host}",
+            base_url=address or f"https://{self.connection.authority}",
             verify=verify,
             timeout=timeout,
             headers={"User-Agent": "provisiond-hub-writer"},

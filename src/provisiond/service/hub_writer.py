@@ -55,7 +55,7 @@ from ..errors import (
 from ..hub import HubBackend, HubBackends, HubDevice, IdentityChange, Twin, TwinSource
 from ..hub.models import AuthenticationType, DeviceAuthentication
 from ..hub.outbox import ItemKind, OutboxItem, item_write
-from ..models import HubTier, LinkedHub, RegistrationStatus
+from ..models import LinkedHub, RegistrationStatus
 from ..storage import Collection, Delete, Record, Store, WriteMode, utc_iso
 from . import records
 from .assignment import Decision, fail_in_hub
@@ -68,18 +68,11 @@ log = logging.getLogger("provisiond.hub_writer")
 
 T = TypeVar("T")
 
-#: Registry operations a minute per unit, by tier (IoT Hub's quotas and throttling page).
-_PER_MINUTE = {HubTier.S3: 5000.0, HubTier.B3: 5000.0}
-_DEFAULT_PER_MINUTE = 100.0
-
 
 def budget_per_second(hub: LinkedHub) -> float | None:
-    """The hub's write budget (calls a second), or ``None``: unpaced."""
-    if hub.write_budget_per_second:
-        return hub.write_budget_per_second
-    if hub.tier is None:
-        return None
-    return _PER_MINUTE.get(hub.tier, _DEFAULT_PER_MINUTE) * (hub.units or 1) / 60.0
+    """The hub's write budget (calls a second), or ``None``: unpaced
+    (:meth:`~provisiond.models.LinkedHub.registry_write_budget`)."""
+    return hub.registry_write_budget()
 
 
 class _LostLease(Exception):
