@@ -8,6 +8,7 @@ for good leaves the registration ``failed`` with 400209 and the hub's error, and
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +19,11 @@ import httpx
 import pytest
 
 from provisiond.errors import NotFoundError
+from provisiond.hub import IdentityRef
+from provisiond.hub.outbox import removal
+from provisiond.models import Deprovision
 from provisiond.protocol.sas import derive_device_key
+from provisiond.storage import open_store
 from tests._hub_standin import Fault, HubPeer, hub_peer, hub_peer_server
 from tests._server import RunningServer, start_server
 from tests.service.test_device_api import Device, enroll_symmetric, uid
@@ -362,3 +367,41 @@ def test_unpaced_the_flood_is_throttled_and_retried(
     assert figures["written"] - before["written"] == 12, (before, figures)
     assert figures["throttled"] - before["throttled"] == hub_peer.answered[429], (before, figures)
     assert figures["budgetPerSecond"] is None
+
+
+@pytest.mark.parametrize("mode", ["disable", "delete"])
+def test_deprovisioning_items_are_carried_out(
+    writer_server: RunningServer, admin: Any, hub_peer: HubPeer, mode: str
+) -> None:
+    """A removal item in the outbox (what deleting a record with ?deprovision= commits with the
+    deletion) is carried out by the writer loop: the identity disabled or deleted in the hub."""
+    hub = hub_peer.link(admin)
+    reg = uid()
+    key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static")
+    device, body = register(writer_server, reg, key)
+    device.close()
+    assert body["status"] == "assigned" and reg in hub_peer.devices
+    before = admin.get(f"/admin/linkedHubs/{hub}/writer")
+
+    async def enqueue() -> None:
+        store = open_store(f"sqlite:///{writer_server.data_dir / 'provisiond.db'}")
+        await store.open()
+        try:
+            await store.write_atomic([removal(IdentityRef(hub, reg), Deprovision(mode), now=time.time())])
+        finally:
+            await store.close()
+
+    asyncio.run(enqueue())
+    deadline = time.monotonic() + 10
+    while (reg in hub_peer.devices) == (mode == "delete") or (
+        mode == "disable" and hub_peer.devices[reg].get("status") != "disabled"
+    ):
+        assert time.monotonic() < deadline, hub_peer.devices.get(reg)
+        time.sleep(0.1)
+    figures = writer_figures(admin, hub, written=before["written"])
+    deadline = time.monotonic() + 10
+    while figures["removed"] == before["removed"] or figures["queued"]:
+        assert time.monotonic() < deadline, figures
+        time.sleep(0.2)
+        figures = admin.get(f"/admin/linkedHubs/{hub}/writer")
+    assert figures["removed"] == before["removed"] + 1

@@ -12,9 +12,11 @@ the item is deleted in the transaction that records the outcome.
 Keys: a registration's item is keyed by its registration id (one change in flight per device);
 a deprovisioning item by ``~remove/{hub}/{deviceId}``.
 
-Deprovisioning (part "admin" calls these): :func:`removal` is the write that enqueues
-"delete identity" or "disable identity" for one identity; put it in the transaction that
-deletes the record (for a built-in hub, delete the identity in that transaction instead).
+Deprovisioning: :func:`removal` is the write that enqueues "delete identity" or "disable
+identity" for one identity of a remote hub; commit it in the transaction that deletes the
+registration record (a built-in hub's identity is removed in that transaction instead:
+``TransactionalHubBackend.plan_removal``). The writer deletes the item once the hub has done it
+(a 404 counts as done).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 import msgspec
 
 from ..attestation.base import CertificateCredential, IdentityCredential, KeyCredential
-from ..models import DeviceCapabilities, LinkedHub
+from ..models import Deprovision, DeviceCapabilities, LinkedHub
 from ..storage import Collection, Write, WriteMode, utc_iso
 from .base import IdentityChange, IdentityRef, IdentitySpec, Planned, TwinPlan
 from .models import Twin
@@ -131,11 +133,10 @@ def removal_key(target: IdentityRef) -> str:
     return f"~remove/{target.hub}/{target.device_id}"
 
 
-def removal(target: IdentityRef, kind: ItemKind, *, now: float) -> Planned:
-    """The write that enqueues deprovisioning one identity (``kind``: DELETE or DISABLE), due
-    at once. An item already queued for the same identity is replaced (UPSERT): the last
-    request wins."""
-    if kind is ItemKind.ASSIGN:
-        raise ValueError("removal() enqueues DELETE or DISABLE")
+def removal(target: IdentityRef, mode: Deprovision, *, now: float) -> Planned:
+    """The write that enqueues deprovisioning one identity of a remote hub (disable or delete
+    it), due at once; commit it in the transaction that deletes the registration record. An
+    item already queued for the same identity is replaced (UPSERT): the last request wins."""
+    kind = ItemKind.DELETE if mode is Deprovision.DELETE else ItemKind.DISABLE
     item = OutboxItem(kind=kind, hub=target.hub, created=utc_iso(now), target=target)
     return item_write(removal_key(target), item, due=now, owner=None, mode=WriteMode.UPSERT)
