@@ -72,16 +72,19 @@ class HubPeer:
             f"HostName={self.host}:{self.port};SharedAccessKeyName={self.key_name};SharedAccessKey={self.key}"
         )
 
-    def link(self, admin: Any, **fields: Any) -> str:
+    def link(self, admin: Any, *, port: int | None = None, **fields: Any) -> str:
         """Link this hub to the provisiond of ``admin`` (replacing an earlier link of it); its
-        host name, as linking requires, is the connection string's (``localhost``)."""
+        host name, as linking requires, is the connection string's (``localhost``). ``port``:
+        reach it there instead (a proxy in front of it)."""
         with contextlib.suppress(NotFoundError):
             admin.delete(f"/admin/linkedHubs/{self.host}")
         admin.put(
             f"/admin/linkedHubs/{self.host}",
             {
                 "hostName": self.host,
-                "connectionString": self.connection_string,
+                "connectionString": self.connection_string.replace(
+                    f":{self.port};", f":{port or self.port};"
+                ),
                 "caCertificate": self.ca_pem,
                 "applyAllocationPolicy": False,
                 **fields,

@@ -24,11 +24,12 @@ from provisiond.hub.outbox import removal
 from provisiond.models import Deprovision
 from provisiond.protocol.sas import derive_device_key
 from provisiond.storage import open_store
+from tests._fault_proxy import FaultProxy, fault_proxy
 from tests._hub_standin import Fault, HubPeer, hub_peer, hub_peer_server
 from tests._server import RunningServer, start_server
 from tests.service.test_device_api import Device, enroll_symmetric, uid
 
-__all__ = ["hub_peer", "hub_peer_server"]
+__all__ = ["fault_proxy", "hub_peer", "hub_peer_server"]
 
 V = {"api-version": "2021-06-01"}
 
@@ -405,3 +406,23 @@ def test_deprovisioning_items_are_carried_out(
         time.sleep(0.2)
         figures = admin.get(f"/admin/linkedHubs/{hub}/writer")
     assert figures["removed"] == before["removed"] + 1
+
+
+def test_answers_lost_on_the_way_back_are_retried_without_doubling(
+    writer_server: RunningServer, admin: Any, hub_peer: HubPeer, fault_proxy: FaultProxy
+) -> None:
+    """The network cuts the hub's answers (the hub wrote; provisiond never heard) and refuses
+    connections: the writer retries each idempotent step, and the device ends with one
+    identity, its keys and its twin."""
+    hub = hub_peer.link(admin, port=fault_proxy.port)
+    reg = uid()
+    key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static", initialTwin=TWIN)
+    fault_proxy.drop_answers = 2
+    fault_proxy.refuse_connections = 1
+    device, body = register(writer_server, reg, key)
+    device.close()
+    assert body["status"] == "assigned", body
+    assert fault_proxy.dropped == 3
+    assert list(hub_peer.devices) == [reg]
+    assert hub_peer.devices[reg]["authentication"]["symmetricKey"]["primaryKey"] == key
+    assert hub_peer.twins[reg]["tags"] == {"site": "line-3"}
