@@ -426,3 +426,63 @@ def test_answers_lost_on_the_way_back_are_retried_without_doubling(
     assert list(hub_peer.devices) == [reg]
     assert hub_peer.devices[reg]["authentication"]["symmetricKey"]["primaryKey"] == key
     assert hub_peer.twins[reg]["tags"] == {"site": "line-3"}
+
+
+@pytest.mark.parametrize(
+    ("policy", "substatus", "tags"),
+    [
+        ({"updateHubAssignment": True, "migrateDeviceData": True}, "deviceDataMigrated", {"gen": 1}),
+        ({"updateHubAssignment": True, "migrateDeviceData": False}, "deviceDataReset", {"gen": 2}),
+    ],
+    ids=["migrate", "reset"],
+)
+def test_reprovisioning_moves_the_identity_between_built_in_and_remote_hubs(
+    writer_server: RunningServer,
+    admin: Any,
+    hub_peer: HubPeer,
+    policy: dict[str, bool],
+    substatus: str,
+    tags: dict[str, int],
+) -> None:
+    """A device moved from a built-in hub to a remote one gets its twin migrated or reset there,
+    and its old identity is removed; moved back, the remote identity is removed."""
+    remote = hub_peer.link(admin)
+    builtin = f"{uid('hub')}.example.local"
+    admin.put(
+        f"/admin/linkedHubs/{builtin}", {"hostName": builtin, "builtin": True, "applyAllocationPolicy": False}
+    )
+    reg = uid()
+    key = enroll_symmetric(
+        admin,
+        reg,
+        iotHubs=[builtin],
+        allocationPolicy="static",
+        reprovisionPolicy=policy,
+        initialTwin={"tags": {"gen": 1}},
+    )
+    device, body = register(writer_server, reg, key)
+    assert body["registrationState"]["assignedHub"] == builtin
+
+    def move_to(hub: str, gen: int) -> dict[str, Any]:
+        current = admin.get(f"/enrollments/{reg}")
+        admin.put(
+            f"/enrollments/{reg}",
+            {**current, "iotHubs": [hub], "initialTwin": {"tags": {"gen": gen}}},
+            if_match=current["etag"],
+        )
+        return poll(device, device.register(device.token(key)), key)
+
+    moved = move_to(remote, 2)
+    state = moved["registrationState"]
+    assert moved["status"] == "assigned" and (state["assignedHub"], state["substatus"]) == (remote, substatus)
+    assert hub_peer.twins[reg]["tags"] == tags
+    assert hub_peer.devices[reg]["authentication"]["symmetricKey"]["primaryKey"] == key
+    with pytest.raises(NotFoundError):
+        admin.get(f"/admin/linkedHubs/{builtin}/devices/{reg}")
+
+    back = move_to(builtin, 3)
+    assert back["status"] == "assigned" and back["registrationState"]["assignedHub"] == builtin
+    assert reg not in hub_peer.devices
+    assert admin.get(f"/admin/linkedHubs/{builtin}/devices/{reg}")["deviceId"] == reg
+    device.close()
+    admin.delete(f"/admin/linkedHubs/{builtin}")
