@@ -104,10 +104,44 @@ def app(hub: Hub) -> Starlette:
             return _error(404, "DeviceNotFound", device_id)
         stored = hub.twins[device_id]
         if request.method == "PUT":
-            body = json.loads(await request.body())
+            try:
+                body = json.loads(await request.body())
+            except ClientDisconnect:
+                return Response(status_code=499)
             stored["tags"] = body.get("tags") or {}
             stored["properties"]["desired"] = (body.get("properties") or {}).get("desired") or {}
         return JSONResponse({"deviceId": device_id, **stored})
+
+    async def bulk(request: Request) -> Response:
+        if (refused := guard(request)) is not None:
+            return refused
+        errors = []
+        try:
+            entries = json.loads(await request.body())
+        except ClientDisconnect:
+            return Response(status_code=499)
+        for entry in entries:
+            device_id = entry["id"]
+            if entry.get("importMode") != "create" or device_id in hub.devices:
+                errors.append(
+                    {"deviceId": device_id, "errorCode": "DeviceAlreadyExists", "errorStatus": "exists"}
+                )
+                continue
+            hub.devices[device_id] = {
+                "deviceId": device_id,
+                "status": entry.get("status", "enabled"),
+                "authentication": entry.get("authentication") or {},
+                "etag": base64.b64encode(os.urandom(6)).decode(),
+            }
+            hub.twins[device_id] = {
+                "tags": entry.get("tags") or {},
+                "properties": {
+                    "desired": (entry.get("properties") or {}).get("desired") or {},
+                    "reported": {},
+                },
+            }
+        result = {"isSuccessful": not errors, "errors": errors, "warnings": []}
+        return JSONResponse(result, 400 if errors else 200)
 
     async def statistics(request: Request) -> Response:
         if (refused := guard(request)) is not None:
@@ -137,6 +171,7 @@ def app(hub: Hub) -> Starlette:
 
     return Starlette(
         routes=[
+            Route("/devices", bulk, methods=["POST"]),
             Route("/devices/{id}", device, methods=["GET", "PUT", "DELETE"]),
             Route("/twins/{id}", twin, methods=["GET", "PUT"]),
             Route("/statistics/devices", statistics, methods=["GET"]),

@@ -65,6 +65,8 @@ class HubPeer:
     lock: threading.Lock = field(default_factory=threading.Lock)
     #: Throttle as IoT Hub does: more calls than this in any second answer 429 (None: never).
     rate_limit: int | None = None
+    #: Identities created by bulk calls.
+    bulk_devices: int = 0
 
     @property
     def connection_string(self) -> str:
@@ -195,6 +197,38 @@ def _app(peer: HubPeer) -> Starlette:
             stored["properties"]["desired"] = (body.get("properties") or {}).get("desired") or {}
         return answer(JSONResponse({"deviceId": device_id, **stored}))
 
+    async def bulk(request: Request) -> Response:
+        refused = await guard(request)
+        if refused is not None:
+            return answer(refused)
+        errors = []
+        for entry in json.loads(await request.body()):
+            device_id = entry["id"]
+            if entry.get("importMode") != "create":
+                errors.append({"deviceId": device_id, "errorCode": "ArgumentInvalid", "errorStatus": "mode"})
+                continue
+            if device_id in peer.devices:
+                errors.append(
+                    {"deviceId": device_id, "errorCode": "DeviceAlreadyExists", "errorStatus": "exists"}
+                )
+                continue
+            peer.devices[device_id] = {
+                "deviceId": device_id,
+                "status": entry.get("status", "enabled"),
+                "authentication": entry.get("authentication") or {},
+                "etag": base64.b64encode(os.urandom(6)).decode(),
+            }
+            peer.twins[device_id] = {
+                "tags": entry.get("tags") or {},
+                "properties": {
+                    "desired": (entry.get("properties") or {}).get("desired") or {},
+                    "reported": {},
+                },
+            }
+            peer.bulk_devices += 1
+        result = {"isSuccessful": not errors, "errors": errors, "warnings": []}
+        return answer(JSONResponse(result, 400 if errors else 200))
+
     async def statistics(request: Request) -> Response:
         refused = await guard(request)
         if refused is not None:
@@ -203,6 +237,7 @@ def _app(peer: HubPeer) -> Starlette:
 
     return Starlette(
         routes=[
+            Route("/devices", bulk, methods=["POST"]),
             Route("/devices/{id}", device, methods=["GET", "PUT", "DELETE"]),
             Route("/twins/{id}", twin, methods=["GET", "PUT"]),
             Route("/statistics/devices", statistics, methods=["GET"]),
@@ -255,4 +290,5 @@ def hub_peer(hub_peer_server: HubPeer) -> HubPeer:
         peer.answered.clear()
         peer.call_times.clear()
         peer.rate_limit = None
+        peer.bulk_devices = 0
     return peer

@@ -336,6 +336,9 @@ def test_a_write_budget_keeps_a_flood_under_the_hubs_throttle(
     assert figures["budgetPerSecond"] == 20 and figures["queued"] == 0
     done = {name: figures[name] - before[name] for name in ("written", "throttled", "failed")}
     assert done == {"written": 12, "throttled": 0, "failed": 0}, (before, figures)
+    # Queued for the writer loop, the new identities went in bulk calls (with their twins).
+    assert hub_peer.bulk_devices > 0 and figures["bulkCalls"] > before["bulkCalls"], (hub_peer.calls, figures)
+    assert sum(hub_peer.calls.values()) < 3 * 12, hub_peer.calls
 
 
 def test_unpaced_the_flood_is_throttled_and_retried(
@@ -486,3 +489,41 @@ def test_reprovisioning_moves_the_identity_between_built_in_and_remote_hubs(
     assert admin.get(f"/admin/linkedHubs/{builtin}/devices/{reg}")["deviceId"] == reg
     device.close()
     admin.delete(f"/admin/linkedHubs/{builtin}")
+
+
+def test_bulk_writes_send_existing_identities_the_single_way(
+    writer_server: RunningServer, admin: Any, hub_peer: HubPeer
+) -> None:
+    """In a bulk create, an identity the hub already has (made outside provisiond) is refused
+    alone; the writer then reads it and updates it in place: its keys, and (a first assignment)
+    the initial twin's tags and desired properties, as for the others."""
+    hub = hub_peer.link(admin, writeBudgetPerSecond=50)
+    gid = uid("g")
+    admin.put(
+        f"/enrollmentGroups/{gid}",
+        {
+            "enrollmentGroupId": gid,
+            "attestation": {"type": "symmetricKey"},
+            "iotHubs": [hub],
+            "allocationPolicy": "static",
+            "initialTwin": TWIN,
+        },
+    )
+    group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
+    regs = [uid() for _ in range(8)]
+    existing = regs[3]
+    hub_peer.devices[existing] = {"deviceId": existing, "authentication": {"type": "sas"}, "etag": "x"}
+    hub_peer.twins[existing] = {"tags": {"made": "elsewhere"}, "properties": {"desired": {}, "reported": {}}}
+    with ThreadPoolExecutor(8) as pool:
+        results = list(
+            pool.map(lambda reg: register(writer_server, reg, derive_device_key(group_key, reg)), regs)
+        )
+    for device, body in results:
+        device.close()
+        assert body["status"] == "assigned", body
+    assert set(hub_peer.devices) == set(regs)
+    for reg in regs:
+        key = derive_device_key(group_key, reg)
+        assert hub_peer.devices[reg]["authentication"]["symmetricKey"]["primaryKey"] == key
+    assert all(hub_peer.twins[reg]["tags"] == {"site": "line-3"} for reg in regs)
+    assert hub_peer.bulk_devices >= 1

@@ -57,6 +57,7 @@ class _Spec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 class StoredChange(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     put: _Spec
     remove: IdentityRef | None = None
+    probably_new: bool = False
 
     @classmethod
     def of(cls, change: IdentityChange) -> StoredChange:
@@ -72,7 +73,7 @@ class StoredChange(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
             capabilities=spec.capabilities,
             twin=spec.twin,
         )
-        return cls(put=stored, remove=change.remove)
+        return cls(put=stored, remove=change.remove, probably_new=change.probably_new)
 
     def change(self) -> IdentityChange:
         spec = self.put
@@ -92,6 +93,7 @@ class StoredChange(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
                 twin=spec.twin,
             ),
             remove=self.remove,
+            probably_new=self.probably_new,
         )
 
 
@@ -111,6 +113,8 @@ class OutboxItem(msgspec.Struct, kw_only=True, omit_defaults=True, rename="camel
     # --- checkpoints ---
     #: The twin to apply, resolved before any write (``resolved``; ``None``: keep the twin).
     resolved: bool = False
+    #: A bulk create was tried (it is not tried again: the single path follows).
+    bulk_tried: bool = False
     twin: Twin | None = None
     #: Whether the identity existed before this item wrote it, and its twin then (compensation).
     existed: bool | None = None

@@ -13,8 +13,9 @@ Each operation is one call, as the official service SDKs make it (``api-version=
   lost answer) becomes an update;
 - ``PUT /twins/{id}`` with ``If-Match: "*"``: replace tags and desired properties;
 - ``DELETE /devices/{id}`` with ``If-Match: "*"`` (404: already gone, so ``False``);
-- ``POST /devices`` (bulk, :meth:`RemoteHub.put_many`): up to 100 identities with their tags
-  and desired properties in one call (``importMode`` ``createOrUpdate``).
+- ``POST /devices`` (bulk, :meth:`RemoteHub.put_many`): up to 100 new identities with their
+  tags and desired properties in one call (``importMode`` ``create``; IoT Hub answers 400 with
+  the per-device errors when some failed).
 
 The hub's answers are translated once, here (:func:`hub_error`): no answer, timeouts, 408 and
 5xx are :class:`~provisiond.errors.HubUnavailableError` (a retry may succeed); 429 (and IoT
@@ -242,7 +243,14 @@ class RemoteHub:
         return self._token[1]
 
     async def _call(
-        self, method: str, path: str, what: str, *, body: Any = None, if_match: str | None = None
+        self,
+        method: str,
+        path: str,
+        what: str,
+        *,
+        body: Any = None,
+        if_match: str | None = None,
+        accept: tuple[int, ...] = (),
     ) -> httpx.Response:
         headers = {"Authorization": self._authorization(), "Accept": "application/json"}
         if if_match is not None:
@@ -264,7 +272,7 @@ class RemoteHub:
                 f"IoT hub {self.host} could not be reached for {what}: {type(exc).__name__} {exc}",
                 hub=self.host,
             ) from exc
-        if response.status_code >= 400:
+        if response.status_code >= 400 and response.status_code not in accept:
             raise hub_error(self.host, response, what)
         return response
 
@@ -344,9 +352,10 @@ class RemoteHub:
         await self._call("GET", "/statistics/devices", "reading its statistics")
 
     async def put_many(self, items: Sequence[tuple[IdentitySpec, Twin | None]]) -> dict[str, HubError]:
-        """Create or update up to :data:`BULK_LIMIT` identities with their twins' tags and desired
-        properties in one bulk registry call (``POST /devices``, ``importMode``
-        ``createOrUpdate``); the devices the hub refused, by device id (the rest are written).
+        """Create up to :data:`BULK_LIMIT` identities with their twins' tags and desired
+        properties in one bulk registry call (``POST /devices``, ``importMode`` ``create``); the
+        devices the hub refused, by device id (the rest are written; one that exists already is
+        a :class:`~provisiond.errors.HubDeviceExistsError`).
 
         :raises HubError: the call as a whole failed (throttled, unreachable, refused).
         """
@@ -357,7 +366,7 @@ class RemoteHub:
             device = _device_body(spec)
             entry: dict[str, Any] = {
                 "id": spec.device_id,
-                "importMode": "createOrUpdate",
+                "importMode": "create",
                 "status": "enabled",
                 "authentication": device["authentication"],
             }
@@ -367,15 +376,27 @@ class RemoteHub:
                 entry["tags"] = twin.tags
                 entry["properties"] = {"desired": twin.desired}
             body.append(entry)
-        response = await self._call("POST", "/devices", f"a bulk write of {len(items)} devices", body=body)
+        what = f"a bulk write of {len(items)} devices"
+        # IoT Hub answers 400 with the same BulkRegistryOperationResult when some devices failed.
+        response = await self._call("POST", "/devices", what, body=body, accept=(400,))
         try:
             result = response.json()
         except ValueError:
-            result = {}
+            result = None
+        if not isinstance(result, dict) or (response.status_code == 400 and not result.get("errors")):
+            raise (
+                hub_error(self.host, response, what)
+                if response.status_code == 400
+                else HubError(
+                    f"IoT hub {self.host} answered {what} with something that is not a bulk result.",
+                    hub=self.host,
+                )
+            )
         refused: dict[str, HubError] = {}
-        for error in (result.get("errors") if isinstance(result, dict) else None) or []:
+        for error in result.get("errors") or []:
             if isinstance(error, dict) and isinstance(error.get("deviceId"), str):
                 code = str(error.get("errorCode") or "")
                 text = f"IoT hub {self.host} refused device {error['deviceId']!r}: {code} {error.get('errorStatus') or ''}"
-                refused[error["deviceId"]] = HubError(text.rstrip(), hub=self.host, code=code)
+                kind = HubDeviceExistsError if "AlreadyExists" in code or code == "409001" else HubError
+                refused[error["deviceId"]] = kind(text.rstrip(), hub=self.host, code=code)
         return refused

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -47,7 +48,9 @@ import msgspec
 
 from ..errors import (
     ConflictError,
+    HubDeviceExistsError,
     HubError,
+    HubThrottledError,
     NotFoundError,
     PreconditionFailedError,
     ProvisioningError,
@@ -55,6 +58,7 @@ from ..errors import (
 from ..hub import HubBackend, HubBackends, HubDevice, IdentityChange, Twin, TwinSource
 from ..hub.models import AuthenticationType, DeviceAuthentication
 from ..hub.outbox import ItemKind, OutboxItem, item_write
+from ..hub.remote import BULK_LIMIT
 from ..models import LinkedHub, RegistrationStatus
 from ..storage import Collection, Delete, Record, Store, WriteMode, utc_iso
 from . import records
@@ -118,6 +122,7 @@ class WriterFigures(msgspec.Struct, kw_only=True, rename="camel"):
     retried: int = 0
     failed: int = 0
     removed: int = 0
+    bulk_calls: int = 0
 
 
 class HubWriterReport(msgspec.Struct, kw_only=True, rename="camel"):
@@ -139,6 +144,8 @@ class HubWriterReport(msgspec.Struct, kw_only=True, rename="camel"):
     retried: int = 0
     failed: int = 0
     removed: int = 0
+    #: Bulk registry calls (``POST /devices``, up to 100 new identities each) among the calls.
+    bulk_calls: int = 0
     nodes: int = 0
 
 
@@ -155,6 +162,7 @@ async def hub_writer_report(store: Store, hub: LinkedHub) -> HubWriterReport:
         report.retried += figures.retried
         report.failed += figures.failed
         report.removed += figures.removed
+        report.bulk_calls += figures.bulk_calls
         report.nodes += 1
     return report
 
@@ -190,7 +198,7 @@ class HubWriter:
         lease: float | None = None,
         poll: float = 0.5,
         max_attempts: int = 8,
-        batch: int = 16,
+        batch: int = BULK_LIMIT,
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.ctx = ctx
@@ -205,6 +213,7 @@ class HubWriter:
         self.pacer = Pacer()
         self.figures = _Figures()
         self._wake = asyncio.Event()
+        self._watchers: dict[str, asyncio.Event] = {}
         self._last_flush = 0.0
 
     # --- the loop -----------------------------------------------------------------------------
@@ -224,7 +233,7 @@ class HubWriter:
                 log.warning("the hub writer could not claim outbox items: %s", exc)
                 claimed = []
             if claimed:
-                await asyncio.gather(*(self.work(record) for record in claimed))
+                await self.work_many(claimed)
             await self.flush_figures()
             if not claimed:
                 self._wake.clear()
@@ -232,7 +241,21 @@ class HubWriter:
                     await asyncio.wait_for(self._wake.wait(), self.poll)
 
     def wake(self) -> None:
+        """Claim at once (an item was queued)."""
         self._wake.set()
+
+    def watch(self, key: str) -> asyncio.Event:
+        """An event set when this node's writer is done with item ``key`` (its outcome is
+        recorded, or it was dropped); another node may finish it instead, unseen here."""
+        return self._watchers.setdefault(key.lower(), asyncio.Event())
+
+    def unwatch(self, key: str) -> None:
+        self._watchers.pop(key.lower(), None)
+
+    def _done(self, key: str) -> None:
+        event = self._watchers.pop(key.lower(), None)
+        if event is not None:
+            event.set()
 
     async def flush_figures(self, *, force: bool = False) -> None:
         """Store the figures that changed (at most once a second unless ``force``)."""
@@ -258,21 +281,105 @@ class HubWriter:
 
     async def work(self, record: Record) -> None:
         """Work one item this node holds (claimed, or written leased to it)."""
-        item = msgspec.json.decode(record.doc, type=OutboxItem)
-        holder = _Holder(self, record.id, record.etag, item)
+        await self._work(
+            _Holder(self, record.id, record.etag, msgspec.json.decode(record.doc, type=OutboxItem))
+        )
+
+    async def work_many(self, records: list[Record]) -> None:
+        """Work the items a claim returned: new identities of one remote hub in bulk calls
+        (:meth:`_bulk`), the rest one by one, concurrently."""
+        holders = [_Holder(self, r.id, r.etag, msgspec.json.decode(r.doc, type=OutboxItem)) for r in records]
+        by_hub: dict[str, list[_Holder]] = {}
+        singles: list[_Holder] = []
+        for holder in holders:
+            (by_hub.setdefault(holder.item.hub, []) if _bulkable(holder.item) else singles).append(holder)
+        jobs = [self._work(holder) for holder in singles]
+        for hub, group in by_hub.items():
+            if len(group) > 1:
+                jobs.append(self._bulk(hub, group))
+            else:
+                jobs.extend(self._work(holder) for holder in group)
+        await asyncio.gather(*jobs)
+
+    async def _work(self, holder: _Holder) -> None:
         try:
-            if item.kind is ItemKind.ASSIGN:
+            if holder.item.kind is ItemKind.ASSIGN:
                 await self._assign(holder)
             else:
                 await self._remove(holder)
         except _LostLease:
-            log.info("outbox item %s: another writer holds it now", record.id)
+            log.info("outbox item %s: another writer holds it now", holder.key)
         except HubError as exc:
-            await self._failed(holder, exc)
+            try:
+                await self._failed(holder, exc)
+            except _LostLease:
+                log.info("outbox item %s: another writer holds it now", holder.key)
         except Exception as exc:  # the database failed, or our bug: try again later
-            log.exception("outbox item %s: unexpected failure", record.id)
+            log.exception("outbox item %s: unexpected failure", holder.key)
             with contextlib.suppress(Exception):
                 await self._put_back(holder, f"{type(exc).__name__}: {exc}", None)
+
+    async def _bulk(self, host: str, holders: list[_Holder]) -> None:
+        """Create new identities with their twins in bulk calls (at most 100 devices a call, one
+        call against the budget). Each item is checkpointed first (resolved as new, bulk tried),
+        so that after a crash the single path redoes it idempotently; a device the hub already
+        has goes the single path (which reads it first); a call that failed as a whole puts the
+        items back (a throttled one may be tried in bulk again)."""
+        linked = await self.ctx.linked_hubs(max_age=1.0)
+        hub = linked.get(host)
+        backend = self.hubs.for_hub(hub) if hub is not None else None
+        put_many = getattr(backend, "put_many", None)
+        if hub is None or put_many is None:
+            await asyncio.gather(*(self._work(holder) for holder in holders))
+            return
+        now = utc_iso(self.clock())
+        ready: list[_Holder] = []
+        for holder in holders:
+            item = holder.item
+            assert item.change is not None
+            item.bulk_tried, item.resolved, item.existed = True, True, False
+            item.twin = item.change.change().put.twin.resolve(None, None, now=now)
+            try:
+                await holder.checkpoint()
+            except _LostLease:
+                continue
+            ready.append(holder)
+        for start in range(0, len(ready), BULK_LIMIT):
+            chunk = ready[start : start + BULK_LIMIT]
+            specs = [(h.item.change.change().put, h.item.twin) for h in chunk if h.item.change is not None]
+            try:
+                refused: dict[str, HubError] = await self._call(hub, functools.partial(put_many, specs))
+            except HubError as exc:
+                if isinstance(exc, HubThrottledError):  # nothing was written: bulk again later
+                    for h in chunk:
+                        h.item.bulk_tried, h.item.resolved, h.item.existed, h.item.twin = (
+                            False,
+                            False,
+                            None,
+                            None,
+                        )
+                await asyncio.gather(*(self._failed_safely(h, exc) for h in chunk))
+                continue
+            self.figures.of(host, self.node).bulk_calls += 1
+            jobs = []
+            for h in chunk:
+                assert h.item.change is not None
+                error = refused.get(h.item.change.put.device_id)
+                if isinstance(error, HubDeviceExistsError):
+                    h.item.resolved, h.item.existed, h.item.twin = False, None, None
+                    jobs.append(self._work(h))
+                elif error is not None:
+                    jobs.append(self._failed_safely(h, error))
+                else:
+                    h.item.written = True
+                    jobs.append(self._work(h))
+            await asyncio.gather(*jobs)
+
+    async def _failed_safely(self, holder: _Holder, exc: HubError) -> None:
+        try:
+            await self._failed(holder, exc)
+        except _LostLease:
+            log.info("outbox item %s: another writer holds it now", holder.key)
 
     async def _call(self, hub: LinkedHub | None, call: Callable[[], Awaitable[T]]) -> T:
         """One hub call, paced by the hub's budget and counted."""
@@ -363,6 +470,7 @@ class HubWriter:
                         (Collection.HUB_OUTBOX, Delete(holder.key, holder.etag)),
                     ]
                 )
+                self._done(holder.key)
                 return True
             except (ConflictError, PreconditionFailedError, NotFoundError):
                 check = await self.store.get(Collection.HUB_OUTBOX, holder.key)
@@ -438,6 +546,18 @@ class HubWriter:
         await holder.save(due=self.clock() + delay, owner=None)
 
 
+def _bulkable(item: OutboxItem) -> bool:
+    """Whether a bulk create may do the item's writes: a registration's identity that is
+    probably new, not started, not tried in bulk before, whose twin needs no read."""
+    return (
+        item.kind is ItemKind.ASSIGN
+        and item.change is not None
+        and item.change.probably_new
+        and not (item.resolved or item.written or item.bulk_tried)
+        and item.change.put.twin.source is not TwinSource.MIGRATE
+    )
+
+
 def _stub(device_id: str, hub: str, twin: Twin | None) -> HubDevice | None:
     if twin is None:
         return None
@@ -487,3 +607,4 @@ class _Holder:
             await self.writer.store.delete(Collection.HUB_OUTBOX, self.key, if_match=self.etag)
         except (PreconditionFailedError, NotFoundError):
             raise _LostLease() from None
+        self.writer._done(self.key)

@@ -77,7 +77,7 @@ from .assignment import (
 )
 from .context import ServiceContext
 from .enrollments import validate_id
-from .hub_writer import HubWriter
+from .hub_writer import HubWriter, budget_per_second
 from .records import RegistrationRecord
 from .sources import StoreSources
 from .throttle import RateLimiter
@@ -123,8 +123,10 @@ class _Attempt(msgspec.Struct, frozen=True):
     written: Record | None = None
     latest: Record | None = None
     based_on: Record | None = None
-    #: The outbox item written with an 'assigning' record (a remote hub's identity).
+    #: The outbox item written with an 'assigning' record (a remote hub's identity), and
+    #: whether it was queued for the writer loop (a paced hub) rather than leased to this request.
     item: Record | None = None
+    queued: bool = False
 
 
 def _new_operation_id() -> str:
@@ -289,7 +291,7 @@ class Registrar:
             # record does not (deleted with its individual enrollment, or through the API).
             result = await self._commit(request, match, decision, previous, operation_id, first=attempt == 0)
             if result.written is not None and result.item is not None:
-                return await self._await_writer(request, result.item, result.written)
+                return await self._await_writer(request, result.item, result.written, queued=result.queued)
             if result.written is not None:
                 return records.operation_view(result.written)
             in_flight = await self._in_flight(reg_id, result.latest)
@@ -361,9 +363,9 @@ class Registrar:
         for _ in range(_WRITE_ATTEMPTS):
             try:
                 if outbox:
-                    item, interim = self._outbox_writes(decision, previous)
+                    item, interim, queued = self._outbox_writes(decision, previous)
                     written = await self.store.write_atomic([item, interim])
-                    return _Attempt(written=written[-1], item=written[0])
+                    return _Attempt(written=written[-1], item=written[0], queued=queued)
                 written = await self.store.write_atomic(
                     [*identity, records.write(reg_id, decision.record, previous)]
                 )
@@ -405,9 +407,11 @@ class Registrar:
         self._log_decision(request, match, decision)
         return decision, identity
 
-    def _outbox_writes(self, decision: Decision, previous: Record | None) -> tuple[Planned, Planned]:
-        """The outbox item that writes a remote hub's identity (leased to this node's writer,
-        which the request waits for) and the 'assigning' record that commits with it."""
+    def _outbox_writes(self, decision: Decision, previous: Record | None) -> tuple[Planned, Planned, bool]:
+        """The outbox item that writes a remote hub's identity and the 'assigning' record that
+        commits with it. The item is leased to this request, which works it at once, unless the
+        hub has a write budget: then it is queued for the writer loop, which coalesces new
+        identities into bulk calls (the third value says which)."""
         change, decided = decision.identity, decision.record
         assert change is not None and decided.operation_id is not None
         reg_id = decided.registration_id or change.put.registration_id
@@ -430,10 +434,12 @@ class Registrar:
             enrollment_group_id=decided.enrollment_group_id,
             attestation_type=decided.attestation_type,
         )
-        lease = now + self.writer.lease
+        queued = budget_per_second(change.put.hub) is not None
+        due, owner = (now, None) if queued else (now + self.writer.lease, self.writer.node)
         return (
-            item_write(reg_id, item, due=lease, owner=self.writer.node, mode=WriteMode.CREATE),
+            item_write(reg_id, item, due=due, owner=owner, mode=WriteMode.CREATE),
             records.write(reg_id, interim, previous),
+            queued,
         )
 
     async def _in_flight(self, reg_id: str, record: Record | None) -> RegistrationOperationStatus | None:
@@ -446,16 +452,24 @@ class Registrar:
         return records.operation_view(record)
 
     async def _await_writer(
-        self, request: DeviceRequest, item: Record, interim: Record
+        self, request: DeviceRequest, item: Record, interim: Record, *, queued: bool
     ) -> RegistrationOperationStatus:
-        """Work the outbox item in this node, waiting for it up to the assignment budget; the
-        record as it then is (``assigning`` when the hub is slower)."""
-        task = asyncio.create_task(self.writer.work(item))
-        self._background.add(task)
-        task.add_done_callback(self._finished)
+        """Work the outbox item in this node (or, queued, let the writer loop take it), waiting
+        for it up to the assignment budget; the record as it then is (``assigning`` when the
+        hub is slower)."""
+        if queued:
+            done: asyncio.Future[Any] = asyncio.ensure_future(self.writer.watch(item.id).wait())
+            self.writer.wake()
+        else:
+            done = asyncio.create_task(self.writer.work(item))
+            self._background.add(done)
+            done.add_done_callback(self._finished)
         try:
-            await asyncio.wait_for(asyncio.shield(task), self.ctx.settings.assignment_budget)
+            await asyncio.wait_for(asyncio.shield(done), self.ctx.settings.assignment_budget)
         except TimeoutError:
+            if queued:  # the writer loop (here or on another node) finishes it; polls will see it
+                done.cancel()
+                self.writer.unwatch(item.id)
             log.info(
                 "registration %s: the hub write is taking longer than %g s: answering 'assigning' [%s]",
                 request.registration_id,
