@@ -160,8 +160,9 @@ def app(hub: Hub) -> Starlette:
         )
 
     async def reset(request: Request) -> Response:
-        hub.devices.clear()
-        hub.twins.clear()
+        if not request.query_params.get("keepDevices"):
+            hub.devices.clear()
+            hub.twins.clear()
         hub.calls = hub.throttled = 0
         hub.first = hub.last = None
         hub.recent.clear()

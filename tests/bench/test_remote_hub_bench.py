@@ -35,8 +35,9 @@ def test_remote_hub_bench_runs_and_prints_its_table(tmp_path: Path) -> None:
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
     out = result.stdout
     for header in (
-        "== budgeted ==",
-        "== unpaced ==",
+        "== budgeted, new devices ==",
+        "== budgeted, re-registrations ==",
+        "== unpaced, new devices ==",
         "== kill -9 soak ==",
         "achieved/budget",
         "429 from the hub",
