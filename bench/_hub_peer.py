@@ -1,7 +1,7 @@
 """A remote IoT hub for bench/remote_hub.py: IoT Hub's identity registry REST API (the calls
 provisiond's hub writer makes: devices, twins, statistics), IoT Hub's SAS rules and error bodies,
-and IoT Hub's throttle (429 with Retry-After beyond a number of calls in any second), in its own
-process. Identities are kept in memory; ``GET /_stats`` (no auth) tells the bench what the hub
+and IoT Hub's throttle (429 with Retry-After: a token bucket of a number of calls a second with
+bursts of one second's worth), in its own process. Identities are kept in memory; ``GET /_stats`` (no auth) tells the bench what the hub
 saw. It stands in for a second provisiond whose built-in hub serves the registry REST API
 (issue 11) until that API is on main.
 
@@ -15,7 +15,6 @@ import base64
 import json
 import os
 import time
-from collections import deque
 from typing import Any
 
 import uvicorn
@@ -36,7 +35,8 @@ class Hub:
         self.rate_limit = rate_limit
         self.devices: dict[str, dict[str, Any]] = {}
         self.twins: dict[str, dict[str, Any]] = {}
-        self.recent: deque[float] = deque()
+        self.tokens = float(rate_limit or 0)
+        self.refilled = time.monotonic()
         self.calls = 0
         self.throttled = 0
         self.first: float | None = None
@@ -61,12 +61,13 @@ def app(hub: Hub) -> Starlette:
         hub.first = hub.first or now
         hub.last = now
         if hub.rate_limit is not None:
-            while hub.recent and hub.recent[0] <= now - 1.0:
-                hub.recent.popleft()
-            if len(hub.recent) >= hub.rate_limit:
+            # A token bucket: rate_limit calls a second, bursts of at most one second's worth.
+            hub.tokens = min(float(hub.rate_limit), hub.tokens + (now - hub.refilled) * hub.rate_limit)
+            hub.refilled = now
+            if hub.tokens < 1.0:
                 hub.throttled += 1
                 return _error(429, "ThrottlingException", "Wait 1 seconds", {"Retry-After": "1"})
-            hub.recent.append(now)
+            hub.tokens -= 1.0
         return None
 
     async def device(request: Request) -> Response:
@@ -165,9 +166,9 @@ def app(hub: Hub) -> Starlette:
             hub.twins.clear()
         hub.calls = hub.throttled = 0
         hub.first = hub.last = None
-        hub.recent.clear()
         limit = request.query_params.get("rateLimit")
         hub.rate_limit = int(limit) if limit else None
+        hub.tokens, hub.refilled = float(hub.rate_limit or 0), time.monotonic()
         return Response(status_code=204)
 
     return Starlette(

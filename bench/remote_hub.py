@@ -1,7 +1,7 @@
 """Registrations into a remote IoT hub through the hub writer (docs/performance.md, "Remote hubs").
 
-1. **Budgeted**: the hub throttles (429 + Retry-After beyond a number of calls in any second, a
-   little above the budget) and is linked with ``writeBudgetPerSecond``; new devices register as
+1. **Budgeted**: the hub throttles (429 + Retry-After; a token bucket at 110% of the budget with a
+   burst of one second's worth) and is linked with ``writeBudgetPerSecond``; new devices register as
    fast as they can (their identities go in bulk calls), then a third of them again (identities
    that exist: one call at a time, the pacer saturated). Reported: registrations/s, the hub's
    calls/s against the budget (target ratio at least 0.9 when saturated) and the 429s the hub

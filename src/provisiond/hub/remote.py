@@ -293,8 +293,17 @@ class RemoteHub:
         twin = await self.read_twin(hub, device_id)
         return msgspec.structs.replace(device, twin=twin)
 
-    async def put_identity(self, spec: IdentitySpec) -> HubDevice:
+    async def put_identity(self, spec: IdentitySpec, *, exists: bool | None = None) -> HubDevice:
+        """As :meth:`HubBackend.put_identity`; ``exists`` (a read just said so) saves a call:
+        update first (``If-Match: "*"``; a 404 then creates), else create first (a 409 then
+        updates)."""
         path, what = self._path("devices", spec.device_id), f"writing device {spec.device_id!r}"
+        if exists:
+            try:
+                response = await self._call("PUT", path, what, body=_device_body(spec), if_match="*")
+            except HubDeviceNotFoundError:
+                response = await self._call("PUT", path, what, body=_device_body(spec))
+            return _device_from(self.host, response.json())
         try:
             response = await self._call("PUT", path, what, body=_device_body(spec))
         except HubDeviceExistsError:

@@ -58,7 +58,7 @@ from ..errors import (
 from ..hub import HubBackend, HubBackends, HubDevice, IdentityChange, Twin, TwinSource
 from ..hub.models import AuthenticationType, DeviceAuthentication
 from ..hub.outbox import ItemKind, OutboxItem, item_write
-from ..hub.remote import BULK_LIMIT
+from ..hub.remote import BULK_LIMIT, RemoteHub
 from ..models import LinkedHub, RegistrationStatus
 from ..storage import Collection, Delete, Record, Store, WriteMode, utc_iso
 from . import records
@@ -408,7 +408,11 @@ class HubWriter:
         if not item.resolved:
             await self._resolve(holder, change, hub, new, old_hub, old)
         if not item.written:
-            await self._call(hub, lambda: new.put_identity(put))
+            if isinstance(new, RemoteHub):  # it knows whether the identity exists: one call
+                remote, exists = new, item.existed
+                await self._call(hub, lambda: remote.put_identity(put, exists=exists))
+            else:
+                await self._call(hub, lambda: new.put_identity(put))
             if item.twin is not None:
                 twin = item.twin
                 await self._call(hub, lambda: new.apply_twin(item.hub, put.device_id, twin))
