@@ -527,3 +527,32 @@ def test_bulk_writes_send_existing_identities_the_single_way(
         assert hub_peer.devices[reg]["authentication"]["symmetricKey"]["primaryKey"] == key
     assert all(hub_peer.twins[reg]["tags"] == {"site": "line-3"} for reg in regs)
     assert hub_peer.bulk_devices >= 1
+
+
+def test_a_record_deleted_while_its_identity_is_written_leaves_no_identity(
+    writer_server: RunningServer, admin: Any, hub_peer: HubPeer
+) -> None:
+    """The operator deletes the registration record while the hub is still writing its
+    identity: the writer finds no record to finish and deletes the identity it created."""
+    hub = hub_peer.link(admin)
+    reg = uid()
+    key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static")
+    hub_peer.inject(Fault(delay=2.0, method="PUT", kind="devices"))
+    device = Device(writer_server, reg)
+    first = device.register(device.token(key))
+    device.close()
+    assert first.json()["status"] == "assigning", first.text
+    admin.delete(f"/registrations/{reg}")
+    deadline = time.monotonic() + 15
+    while hub_peer.calls["DELETE devices"] == 0:
+        assert time.monotonic() < deadline, hub_peer.calls
+        time.sleep(0.1)
+    assert reg not in hub_peer.devices
+    with pytest.raises(NotFoundError):
+        admin.get(f"/registrations/{reg}")
+    figures = admin.get(f"/admin/linkedHubs/{hub}/writer")
+    deadline = time.monotonic() + 10
+    while figures["queued"]:
+        assert time.monotonic() < deadline, figures
+        time.sleep(0.1)
+        figures = admin.get(f"/admin/linkedHubs/{hub}/writer")

@@ -32,7 +32,7 @@ import msgspec
 
 from .. import twin as twins
 from ..attestation.base import IdentityCredential
-from ..errors import HubError
+from ..errors import ConfigurationError, HubError
 from ..models import DeviceCapabilities, InitialTwin, LinkedHub
 from ..storage import Collection, Delete, Write
 from .models import HubDevice, Twin
@@ -229,7 +229,7 @@ class HubBackends:
         """The backend of a linked hub (``None``: a hub no longer linked: the built-in store).
         A remote hub's backend is made once per hub and made again when the hub's link changes.
 
-        :raises ConfigurationError: a remote hub without a usable connection string.
+        :raises HubError: a remote hub without a usable connection string.
         """
         if hub is None or hub.builtin:
             return self.builtin
@@ -240,7 +240,10 @@ class HubBackends:
         if self._remote_factory is None:
             from .remote import RemoteHub
 
-            backend: HubBackend = RemoteHub(hub)
+            try:
+                backend: HubBackend = RemoteHub(hub)
+            except ConfigurationError as exc:  # no usable connection string: the link is broken
+                raise HubError(str(exc), hub=key) from exc
         else:
             backend = self._remote_factory(hub)
         self._remote[key] = (hub, backend)

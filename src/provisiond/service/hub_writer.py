@@ -314,10 +314,13 @@ class HubWriter:
                 await self._failed(holder, exc)
             except _LostLease:
                 log.info("outbox item %s: another writer holds it now", holder.key)
-        except Exception as exc:  # the database failed, or our bug: try again later
+        except Exception as exc:  # the database failed, a hub's link is unusable, or our bug
             log.exception("outbox item %s: unexpected failure", holder.key)
             with contextlib.suppress(Exception):
-                await self._put_back(holder, f"{type(exc).__name__}: {exc}", None)
+                if holder.item.attempts + 1 < self.max_attempts:
+                    await self._put_back(holder, f"{type(exc).__name__}: {exc}", None)
+                else:  # give up, so that the device's polls end
+                    await self._failed(holder, HubError(f"{type(exc).__name__}: {exc}", hub=holder.item.hub))
 
     async def _bulk(self, host: str, holders: list[_Holder]) -> None:
         """Create new identities with their twins in bulk calls (at most 100 devices a call, one
@@ -425,14 +428,16 @@ class HubWriter:
         outcome = msgspec.convert(item.outcome, RegistrationRecord)
         if await self._finish(holder, outcome):
             self.figures.of(item.hub, self.node).written += 1
-        elif item.existed is False:
-            # The record was deleted (or replaced) while the identity was being written.
-            log.info(
-                "registration %s changed meanwhile: deleting identity %s again",
-                item.registration_id,
-                put.device_id,
-            )
-            await self._call(hub, lambda: new.delete_identity(item.hub, put.device_id))
+        else:
+            # The record was deleted (or replaced) while the identity was being written: an
+            # identity this item created goes again; one that existed before stays.
+            if item.existed is False:
+                log.info(
+                    "registration %s changed meanwhile: deleting identity %s again",
+                    item.registration_id,
+                    put.device_id,
+                )
+                await self._call(hub, lambda: new.delete_identity(item.hub, put.device_id))
             await holder.delete()
 
     async def _resolve(
