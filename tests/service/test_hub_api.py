@@ -5,6 +5,7 @@ call them (iothub.md §3)."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -12,7 +13,8 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from tests._hub import HubService, iothub_error, parse_connection_string
+from tests._hub import HubPaho, Provisioned
+from tests._hub_service import HubService, iothub_error, parse_connection_string
 from tests._server import RunningServer
 
 
@@ -358,3 +360,54 @@ def test_several_hubs_are_told_apart_by_host(server: RunningServer, admin: Any) 
             second.close()
     finally:
         admin.delete(f"/admin/linkedHubs/{other}")
+
+
+def test_identities_made_through_the_api_connect_and_hear_of_service_writes(
+    server: RunningServer, hub: HubService
+) -> None:
+    """The REST API and the device side meet: an identity the API created connects over MQTT
+    with its generated key, a desired patch through the API reaches it with its version, a
+    disable drops it and refuses it, and a delete drops it."""
+    device_id = uid()
+    made = hub.request("PUT", f"/devices/{device_id}", json={"deviceId": device_id}).json()
+    device = Provisioned(
+        hub=server.info["builtinHub"],
+        device_id=device_id,
+        key=made["authentication"]["symmetricKey"]["primaryKey"],
+    )
+    client = HubPaho(server, device, clean_session=True).connected()
+    try:
+        assert client.subscribe("$iothub/twin/PATCH/properties/desired/#") == (1,)
+        patched = hub.request("PATCH", f"/twins/{device_id}", json={"properties": {"desired": {"rate": 7}}})
+        assert patched.status_code == 200
+        topic, qos, payload, _ = client.message()
+        assert topic == "$iothub/twin/PATCH/properties/desired/?$version=2" and qos == 1
+        assert json.loads(payload) == {"rate": 7, "$version": 2}
+        assert hub.request("GET", f"/devices/{device_id}").json()["connectionState"] == "Connected"
+
+        # disabled through the API: the connection is closed, a new one refused (rc 3, as IoT Hub)
+        current = hub.request("GET", f"/devices/{device_id}").json()
+        disabled = hub.request(
+            "PUT", f"/devices/{device_id}", json={**current, "status": "disabled"}, headers={"If-Match": "*"}
+        )
+        assert disabled.status_code == 200
+        assert client.next("disconnect")
+    finally:
+        client.close()
+    refused = HubPaho(server, device, clean_session=True)
+    try:
+        assert refused.connack()[0] != 0
+    finally:
+        refused.close()
+
+    current = hub.request("GET", f"/devices/{device_id}").json()
+    enabled = hub.request(
+        "PUT", f"/devices/{device_id}", json={**current, "status": "enabled"}, headers={"If-Match": "*"}
+    )
+    assert enabled.status_code == 200
+    again = HubPaho(server, device, clean_session=True).connected()
+    try:
+        assert hub.request("DELETE", f"/devices/{device_id}", headers={"If-Match": "*"}).status_code == 204
+        assert again.next("disconnect")
+    finally:
+        again.close()
