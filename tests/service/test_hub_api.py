@@ -93,6 +93,14 @@ def test_identity_lifecycle(hub: HubService) -> None:
     assert updated.json()["etag"] != device["etag"]
     assert updated.json()["authentication"] == device["authentication"]  # keys kept
 
+    # If-Match: "*" (quoted, as both official service SDKs send it) is the wildcard too
+    quoted = hub.request("PUT", f"/devices/{device_id}", json=disabled, headers={"If-Match": '"*"'})
+    assert quoted.status_code == 200, quoted.text
+    twin_star = hub.request(
+        "PATCH", f"/twins/{device_id}", json={"tags": {"a": 1}}, headers={"If-Match": '"*"'}
+    )
+    assert twin_star.status_code == 200, twin_star.text
+
     # delete on a stale etag: 412; with *: 204; then 404 DeviceNotFound
     assert iothub_error(
         hub.request("DELETE", f"/devices/{device_id}", headers={"If-Match": f'"{device["etag"]}"'})

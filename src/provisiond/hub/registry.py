@@ -47,7 +47,7 @@ from ..errors import (
     PreconditionFailedError,
     ThrottledError,
 )
-from ..storage import Collection, Record, Store, Stream, WriteMode, etags_match, utc_iso
+from ..storage import Collection, Record, Store, Stream, WriteMode, etags_match, is_wildcard, utc_iso
 from . import _records
 from .models import (
     AuthenticationType,
@@ -579,7 +579,7 @@ class HubRegistry:
 
     @staticmethod
     def _check_etag(if_match: str | None, etag: str | None, what: str) -> None:
-        if if_match is None or if_match.strip() == "*":
+        if if_match is None or is_wildcard(if_match):
             return
         if etag is None or not etags_match(if_match, etag):
             raise PreconditionFailedError(
