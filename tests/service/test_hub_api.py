@@ -383,8 +383,17 @@ def test_identities_made_through_the_api_connect_and_hear_of_service_writes(
         device_id=device_id,
         key=made["authentication"]["symmetricKey"]["primaryKey"],
     )
+    connected_before = hub.request("GET", "/statistics/service").json()["connectedDeviceCount"]
     client = HubPaho(server, device, clean_session=True).connected()
     try:
+        # the connection state is the identity's, and counted (the registry's index column)
+        assert (
+            hub.request("GET", "/statistics/service").json()["connectedDeviceCount"] == connected_before + 1
+        )
+        query = {
+            "query": f"SELECT * FROM devices WHERE deviceId = '{device_id}' AND connectionState = 'Connected'"
+        }
+        assert len(hub.request("POST", "/devices/query", json=query).json()) == 1
         assert client.subscribe("$iothub/twin/PATCH/properties/desired/#") == (1,)
         patched = hub.request("PATCH", f"/twins/{device_id}", json={"properties": {"desired": {"rate": 7}}})
         assert patched.status_code == 200

@@ -21,7 +21,6 @@ from ..hub.addressing import ensure_builtin_hubs, first_builtin_hub
 from ..models import AllocationPolicy, Right, ServiceSettings, SharedAccessPolicy
 from ..storage import Collection, Store, WriteMode, open_store
 from . import admin, amqp, api, device_api, hub_api, mqtt
-from ._hub_identities import Identities
 from .context import SETTINGS_KEY, ServiceContext, context_of
 from .enrollments import generate_key
 from .gateway import AMQP_WS, MQTT_WS, DeviceGateway
@@ -127,7 +126,7 @@ def create_app(
     # The built-in hubs: their devices share the MQTT listener and the WebSocket router (told
     # apart by the CONNECT's user name); the broker links them to the service side.
     broker = HubBroker(ctx.store, clock=clock)
-    hub = HubEndpoint(ctx, broker, Identities(ctx.store, clock=clock))
+    hub = HubEndpoint(ctx, broker, ctx.hub_registry)
     listeners = [mqtt.tls_listener(gateway, hub), amqp.tls_listener(gateway)]
     websockets = WebSocketRouter(
         {"mqtt": mqtt.MqttEndpoint(gateway, MQTT_WS, hub), "amqpwsb10": amqp.AmqpEndpoint(gateway, AMQP_WS)}
