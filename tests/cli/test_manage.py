@@ -87,7 +87,12 @@ def _management_commands() -> list[list[str]]:
             group = cli.get_command(ctx, name)
             assert isinstance(group, click.Group)
             out.append([name])
-            out += [[name, sub] for sub in group.list_commands(ctx)]
+            for sub in group.list_commands(ctx):
+                command = group.get_command(ctx, sub)
+                if isinstance(command, click.Group):  # hub device ..., hub policy ...
+                    out += [[name, sub, leaf] for leaf in command.list_commands(ctx)]
+                else:
+                    out.append([name, sub])
     return out
 
 
