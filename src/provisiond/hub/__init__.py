@@ -6,11 +6,11 @@
   :class:`HubBackend` interface (one idempotent registry operation at a time, outside any
   database transaction) and its transactional special case;
 - :mod:`.builtin`: the built-in hub, whose identities live in provisiond's database;
+- :mod:`.messages`: the built-in hubs' stored telemetry events and cloud-to-device messages;
 - :mod:`.registry`: the built-in hubs' identity registry, as IoT Hub's service API and the
   hub's device endpoint use it (identities, twins, queries, statistics, connection state);
 - :mod:`.query`: IoT Hub's query language, as far as the built-in hubs read it;
-- :mod:`.policies`: the built-in hubs' shared access policies;
-- :mod:`.messages`: the built-in hubs' stored telemetry events and cloud-to-device messages.
+- :mod:`.policies`: the built-in hubs' shared access policies.
 
 Linked hubs that are not built in are reached through their registry REST API, which is not
 implemented yet: assigning a device to one fails with a message that says so.
