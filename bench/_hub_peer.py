@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from provisiond.protocol.sas import parse_sas_token, verify_signature
 
-HOST = "localhost"
+HOST = "127.0.0.1"
 POLICY = "iothubowner"
 
 

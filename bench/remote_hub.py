@@ -44,7 +44,7 @@ from provisiond import pki
 from provisiond.protocol.sas import build_sas_token, derive_device_key
 from provisiond.service_client import ServiceClient
 
-HUB = "localhost"
+HUB = "127.0.0.1"  # not "localhost": that is the server's own built-in hub
 V = "2021-06-01"
 TWIN = {"tags": {"bench": "remote"}, "properties": {"desired": {"interval": 60}}}
 

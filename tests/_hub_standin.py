@@ -76,7 +76,7 @@ class HubPeer:
 
     def link(self, admin: Any, *, port: int | None = None, **fields: Any) -> str:
         """Link this hub to the provisiond of ``admin`` (replacing an earlier link of it); its
-        host name, as linking requires, is the connection string's (``localhost``). ``port``:
+        host name, as linking requires, is the connection string's (``127.0.0.1``: ``localhost`` is the server's own built-in hub). ``port``:
         reach it there instead (a proxy in front of it)."""
         with contextlib.suppress(NotFoundError):
             admin.delete(f"/admin/linkedHubs/{self.host}")
@@ -255,7 +255,7 @@ def hub_peer_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubPee
     root = pki.make_root_ca("hub peer test CA")
     prefix = tmp_path_factory.mktemp("peer") / "peer"
     pki.write_issued(pki.make_server_cert(root, ["localhost", "127.0.0.1"]), prefix, chain=True)
-    peer = HubPeer("localhost", free_port(), "iothubowner", _key(), pki.certificate_pem(root.cert).decode())
+    peer = HubPeer("127.0.0.1", free_port(), "iothubowner", _key(), pki.certificate_pem(root.cert).decode())
     config = uvicorn.Config(
         _app(peer),
         host="127.0.0.1",
