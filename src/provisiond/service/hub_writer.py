@@ -214,6 +214,8 @@ class HubWriter:
         self.figures = _Figures()
         self._wake = asyncio.Event()
         self._watchers: dict[str, asyncio.Event] = {}
+        #: Hubs that refused a bulk call as a whole (not served): written singly from then on.
+        self._no_bulk: set[str] = set()
         self._last_flush = 0.0
 
     # --- the loop -----------------------------------------------------------------------------
@@ -292,7 +294,8 @@ class HubWriter:
         by_hub: dict[str, list[_Holder]] = {}
         singles: list[_Holder] = []
         for holder in holders:
-            (by_hub.setdefault(holder.item.hub, []) if _bulkable(holder.item) else singles).append(holder)
+            bulk = _bulkable(holder.item) and holder.item.hub not in self._no_bulk
+            (by_hub.setdefault(holder.item.hub, []) if bulk else singles).append(holder)
         jobs = [self._work(holder) for holder in singles]
         for hub, group in by_hub.items():
             if len(group) > 1:
@@ -353,6 +356,15 @@ class HubWriter:
             try:
                 refused: dict[str, HubError] = await self._call(hub, functools.partial(put_many, specs))
             except HubError as exc:
+                if not exc.transient and exc.status in (400, 404, 405, 501):
+                    # The hub does not serve bulk calls (the request was refused as a whole:
+                    # nothing was written): this node writes to it one identity at a time.
+                    log.info("IoT hub %s does not take bulk registry calls (%s): writing singly", host, exc)
+                    self._no_bulk.add(host)
+                    for h in chunk:
+                        h.item.resolved, h.item.existed, h.item.twin = False, None, None
+                    await asyncio.gather(*(self._work(h) for h in chunk))
+                    continue
                 if isinstance(exc, HubThrottledError):  # nothing was written: bulk again later
                     for h in chunk:
                         h.item.bulk_tried, h.item.resolved, h.item.existed, h.item.twin = (
