@@ -26,6 +26,7 @@ import asyncio
 import base64
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -150,7 +151,9 @@ class Fleet:
     def _client(self) -> httpx.AsyncClient:
         port = self.server.info["httpsPort"]
         return httpx.AsyncClient(
-            base_url=f"https://localhost:{port}", verify=self.server.ca_file, timeout=30, http2=False
+            base_url=f"https://localhost:{port}",
+            verify=ssl.create_default_context(cafile=self.server.ca_file),
+            timeout=30,
         )
 
     async def _device(self, reg: str, semaphore: asyncio.Semaphore) -> None:
