@@ -7,7 +7,8 @@
    calls/s against the budget (target ratio at least 0.9 when saturated) and the 429s the hub
    sent (target 0).
 2. **Unpaced**: the same without a budget or a throttle: what the writer does against the hub
-   directly.
+   directly; and against a second ``provisiond serve`` whose built-in hub serves IoT Hub's
+   registry REST API (the real peer: no bulk calls there, one identity at a time).
 3. **kill -9 soak**: devices keep registering (retrying as the SDKs do when their connection
    dies) while the registering provisiond is killed with SIGKILL several times and restarted on
    its database; afterwards: acknowledged registrations, lost (acknowledged but not assigned
@@ -238,6 +239,60 @@ def measure(peer: Peer, fleet: Fleet, concurrency: int, budget: float | None) ->
     }
 
 
+def provisiond_peer(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """Unpaced, against a second provisiond's built-in hub (its registry REST API)."""
+    hub_server = start_server(root / "peer-hub", "--host", "127.0.0.1")
+    server = start_server(root / "dps-peer", "--assignment-budget", "2")
+    try:
+        info = hub_server.info
+        with ServiceClient(server.connection_string, ca_file=server.ca_file) as admin:
+            admin.put(
+                f"/admin/linkedHubs/{info['builtinHub']}",
+                {
+                    "hostName": info["builtinHub"],
+                    "connectionString": info["hubConnectionString"],
+                    "caCertificate": Path(hub_server.ca_file).read_text(),
+                    "applyAllocationPolicy": False,
+                },
+            )
+            admin.put(
+                "/enrollmentGroups/peer",
+                {
+                    "enrollmentGroupId": "peer",
+                    "attestation": {"type": "symmetricKey"},
+                    "iotHubs": [info["builtinHub"]],
+                    "allocationPolicy": "static",
+                    "initialTwin": TWIN,
+                },
+            )
+            key = admin.post("/enrollmentGroups/peer/attestationmechanism")["symmetricKey"]["primaryKey"]
+        fleet = Fleet(server, key, "peer", args.devices)
+        elapsed = asyncio.run(fleet.run(args.concurrency))
+        parts = dict(p.split("=", 1) for p in info["hubConnectionString"].split(";"))
+        token = build_sas_token(
+            info["builtinHub"],
+            parts["SharedAccessKey"],
+            int(time.time()) + 600,
+            key_name=parts["SharedAccessKeyName"],
+        )
+        with httpx.Client(
+            base_url=f"https://{parts['HostName']}",
+            verify=ssl.create_default_context(cafile=hub_server.ca_file),
+        ) as http:
+            stats = http.get(
+                "/statistics/devices", params={"api-version": "2021-04-12"}, headers={"Authorization": token}
+            ).json()
+        assigned = sum(1 for status in fleet.outcome.values() if status == "assigned")
+        return {
+            "registrations": assigned,
+            "registrations/s": assigned / elapsed,
+            "identities in the peer": stats.get("totalDeviceCount"),
+        }
+    finally:
+        server.stop()
+        hub_server.stop()
+
+
 def soak(args: argparse.Namespace, root: Path, peer: Peer) -> dict[str, Any]:
     data_dir = root / "dps-soak"
     flags = ("--assignment-budget", "1", "--hub-write-lease", "2")
@@ -323,6 +378,7 @@ def main() -> None:
             results = {
                 **{f"budgeted, {k}": v for k, v in throughput(args, root, peer, args.budget).items()},
                 **{f"unpaced, {k}": v for k, v in throughput(args, root, peer, None).items()},
+                "unpaced, a second provisiond's hub": provisiond_peer(args, root),
                 "kill -9 soak": soak(args, root, peer),
             }
         finally:

@@ -38,6 +38,7 @@ def test_remote_hub_bench_runs_and_prints_its_table(tmp_path: Path) -> None:
         "== budgeted, new devices ==",
         "== budgeted, re-registrations ==",
         "== unpaced, new devices ==",
+        "== unpaced, a second provisiond's hub ==",
         "== kill -9 soak ==",
         "achieved/budget",
         "429 from the hub",
