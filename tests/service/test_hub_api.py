@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography import x509
 
+from provisiond import pki
+from provisiond.certificates import sha1_thumbprint
 from tests._hub import HubPaho, Provisioned
 from tests._hub_service import HubService, iothub_error, parse_connection_string
 from tests._server import RunningServer
@@ -428,3 +431,42 @@ def test_identities_made_through_the_api_connect_and_hear_of_service_writes(
         assert again.next("disconnect")
     finally:
         again.close()
+
+
+def test_x509_identities_made_through_the_api_connect_with_their_certificate(
+    server: RunningServer, hub: HubService, tmp_path: Path
+) -> None:
+    """A selfSigned identity the API created, with the SHA-1 thumbprint in lower case (as users
+    copy it from openssl), connects with that certificate; another certificate is refused."""
+    device_id = uid("x509")
+    leaf = pki.make_device_cert(device_id)
+    pki.write_issued(leaf, tmp_path / "leaf")
+    body = {
+        "deviceId": device_id,
+        "authentication": {
+            "type": "selfSigned",
+            "x509Thumbprint": {"primaryThumbprint": sha1_thumbprint(leaf.cert).lower()},
+        },
+    }
+    assert hub.request("PUT", f"/devices/{device_id}", json=body).status_code == 200
+    device = Provisioned(
+        hub=server.info["builtinHub"],
+        device_id=device_id,
+        cert=pki.cert_path(tmp_path / "leaf"),
+        key_file=pki.key_path(tmp_path / "leaf"),
+    )
+    client = HubPaho(server, device, clean_session=True).connected()
+    client.close()
+    other = pki.make_device_cert(device_id)
+    pki.write_issued(other, tmp_path / "other")
+    impostor = Provisioned(
+        hub=device.hub,
+        device_id=device_id,
+        cert=pki.cert_path(tmp_path / "other"),
+        key_file=pki.key_path(tmp_path / "other"),
+    )
+    refused = HubPaho(server, impostor, clean_session=True)
+    try:
+        assert refused.connack()[0] != 0
+    finally:
+        refused.close()
