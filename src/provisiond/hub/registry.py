@@ -292,8 +292,8 @@ class HubRegistry:
 
     async def update(self, hub: str, device: Device, *, if_match: str) -> IdentityChanged:
         """Update an identity (``PUT /devices/{id}`` with ``If-Match``: ``*`` or its etag):
-        authentication, status (and its reason), capabilities and scopes are the body's; the
-        generation, the twin and the connection state stay. The identity gets a new etag.
+        authentication (kept when the body has none), status (and its reason), capabilities and
+        scopes are the body's; the generation, the twin and the connection state stay. The identity gets a new etag.
 
         :raises NotFoundError: 404001. :raises PreconditionFailedError: 412001, a stale etag.
         :raises InvalidBodyError: 400004.
@@ -306,7 +306,12 @@ class HubRegistry:
             status = device.status or old.status
             return msgspec.structs.replace(
                 old,
-                authentication=_authentication(device.authentication, old.authentication),
+                # no authentication in the body (a status change): what the device connects with stays
+                authentication=(
+                    _authentication(device.authentication, old.authentication)
+                    if device.authentication is not None
+                    else old.authentication
+                ),
                 capabilities=device.capabilities if device.capabilities is not None else old.capabilities,
                 status=status,
                 status_reason=status_reason,
