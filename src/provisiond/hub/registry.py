@@ -135,7 +135,8 @@ class IdentityChanged(NamedTuple):
 
 class TwinUpdate(NamedTuple):
     """A twin as written by the service, and the desired members a device must be told of
-    (``None``: none changed)."""
+    (``None``: the desired version did not move; empty: it moved, nothing changed: a connected
+    device's session moves on to it without publishing)."""
 
     device: HubDevice
     desired_changes: Json | None
@@ -488,7 +489,10 @@ class HubRegistry:
             return msgspec.structs.replace(old, twin=twin, updated=now)
 
         old, new = await self._modify(hub, device_id, change)
-        return TwinUpdate(new, twins.desired_changes(old.twin, new.twin))
+        changes = twins.desired_changes(old.twin, new.twin)
+        if changes is None and new.twin.desired_version != old.twin.desired_version:
+            changes = {}  # nothing changed, but the version moved: connected devices move on too
+        return TwinUpdate(new, changes)
 
     async def patch_desired(self, hub: str, device_id: str, patch: Json) -> tuple[Json | None, int]:
         """A desired-properties patch alone (:meth:`update_twin` without tags or If-Match, for
