@@ -22,7 +22,7 @@ from provisiond import pki
 from provisiond.errors import DeviceNotOnlineError, GatewayTimeoutError
 from provisiond.hub.messages import CloudToDeviceMessage, c2d_to, decode_event, encode_c2d, partition
 from provisiond.service._hub_identities import Identities
-from provisiond.service.hub_broker import HubBroker
+from provisiond.service.hub_broker import HubBroker, MethodRequest
 from provisiond.service_client import ServiceClient
 from provisiond.storage import Collection, Stream, WriteMode, utc_iso
 from tests._hub import (
@@ -381,6 +381,28 @@ async def test_a_method_invoked_on_another_node_is_answered_by_the_device(
     assert topic.startswith("$iothub/methods/POST/reboot/?$rid=") and qos == 0  # IoT Hub sends them at QoS 0
     assert request == {"delay": 1}
     assert (result.status, result.payload) == (201, {"got": {"delay": 1}})
+
+
+async def test_a_method_request_signalled_twice_reaches_the_device_once(
+    hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho]
+) -> None:
+    """A caller on another node may signal its request again with the same $rid (it saw the
+    device connect); the process holding the device delivers each $rid once."""
+    device = provision_symmetric(hub_server, admin)
+    client = await asyncio.to_thread(lambda: connect(hub_server, device, devices).connected())
+    assert await asyncio.to_thread(client.subscribe, "$iothub/methods/POST/#") == (1,)
+    key = partition(device.hub, device.device_id)
+
+    def request(rid: str, name: str) -> tuple[str, bytes]:
+        signal = MethodRequest(rid=rid, name=name, payload=b"{}", connect_deadline=0.0, origin="elsewhere")
+        return key, msgspec.json.encode(signal)
+
+    async with server_store(hub_server) as store:
+        await store.append(Stream.HUB_SIGNALS, [request("rid-1", "first")])
+        await store.append(Stream.HUB_SIGNALS, [request("rid-1", "first")])
+        await store.append(Stream.HUB_SIGNALS, [request("rid-2", "second")])
+    topics = [(await asyncio.to_thread(client.message))[0] for _ in range(2)]
+    assert topics == ["$iothub/methods/POST/first/?$rid=rid-1", "$iothub/methods/POST/second/?$rid=rid-2"]
 
 
 async def test_a_device_not_subscribed_to_methods_is_not_online(
