@@ -530,3 +530,52 @@ def test_a_persistent_session_keeps_its_subscriptions_across_a_restart(tmp_path:
         again.close()
     finally:
         server.stop()
+
+
+def test_one_connection_per_device_across_nodes(tmp_path: Path) -> None:
+    """Two ``provisiond serve`` on one database: the device's newer connection, on the other
+    node, closes the older one; the identity stays connected, and a method invoked from a
+    third process reaches the device where it is now."""
+    node_a = start_server(tmp_path / "a")
+    node_b = start_server(tmp_path / "b", "--db", str(tmp_path / "a" / "provisiond.db"))
+    made: list[HubPaho] = []
+    try:
+        with node_a.client() as admin:
+            device = provision_symmetric(node_a, admin)
+        first = connect(node_a, device, made).connected()
+        assert first.subscribe("$iothub/methods/POST/#") == (1,)
+        second = connect(node_b, device, made).connected(session_present=1)
+        first.next("disconnect")
+        wait_for_log(
+            node_a, device.device_id, "closed", "a new connection of the device (on another process)"
+        )
+
+        async def invoke() -> tuple[Any, bool]:
+            async with server_store(node_a) as store:
+                broker = HubBroker(store)
+                await broker.start()
+                try:
+                    answering = asyncio.ensure_future(asyncio.to_thread(answer))
+                    result = await broker.invoke_method(
+                        device.hub, device.device_id, "where", None, response_timeout=10
+                    )
+                    await answering
+                finally:
+                    await broker.close()
+                return result, await Identities(store).connected(device.hub, device.device_id)
+
+        def answer() -> None:
+            topic, _, _, _ = second.message()  # the stored session's subscription, on node B
+            rid = topic.split("?$rid=")[1]
+            second.publish(f"$iothub/methods/res/200/?$rid={rid}", b'"node b"')
+
+        result, connected = asyncio.run(invoke())
+        assert (result.status, result.payload) == (200, "node b")
+        assert connected, "the replaced connection does not mark the identity disconnected"
+    finally:
+        for client in made:
+            client.close()
+        node_b.stop()
+        node_a.stop()
+    for node in (node_a, node_b):
+        assert "Traceback" not in node.log(), node.log()[-3000:]
