@@ -579,3 +579,58 @@ def test_one_connection_per_device_across_nodes(tmp_path: Path) -> None:
         node_a.stop()
     for node in (node_a, node_b):
         assert "Traceback" not in node.log(), node.log()[-3000:]
+
+
+def test_last_activity_is_written_in_batches_not_per_message(tmp_path: Path) -> None:
+    """connectionState and lastActivityTime on the identity: written at connect, not for each
+    message (the identity's record is unchanged after a burst of telemetry when the batch
+    interval has not passed), and brought forward by the batch while the device stays
+    connected."""
+
+    async def identity(server: RunningServer, device: Provisioned) -> tuple[str, dict[str, Any]]:
+        async with server_store(server) as store:
+            record = await store.get(Collection.HUB_DEVICES, f"{device.hub}/{device.device_id}")
+        assert record is not None
+        return record.etag, msgspec.json.decode(record.doc)
+
+    def burst(client: HubPaho, device: Provisioned) -> None:
+        mids = [
+            client.publish(f"devices/{device.device_id}/messages/events/", b"x%d" % i, qos=1)
+            for i in range(20)
+        ]
+        acked = {client.next("puback")[1] for _ in mids}
+        assert acked == set(mids)
+
+    for interval, batched in (("3600", False), ("0.2", True)):
+        server = start_server(tmp_path / interval, "--hub-activity-interval", interval)
+        try:
+            with server.client() as admin:
+                device = provision_symmetric(server, admin)
+            client = HubPaho(server, device).connected()
+            try:
+
+                async def connected(server: RunningServer = server, device: Provisioned = device) -> bool:
+                    return (await identity(server, device))[1].get("connectionState") == "Connected"
+
+                assert asyncio.run(poll_until(connected))
+                etag, doc = asyncio.run(identity(server, device))
+                at_connect = doc["lastActivityTime"]
+                assert doc["connectionStateUpdatedTime"] == at_connect
+                burst(client, device)
+                if not batched:
+                    assert asyncio.run(identity(server, device))[0] == etag, "a write per message"
+                    continue
+
+                async def moved(
+                    server: RunningServer = server, device: Provisioned = device, at_connect: str = at_connect
+                ) -> bool:
+                    doc = (await identity(server, device))[1]
+                    return bool(
+                        doc["lastActivityTime"] > at_connect and doc["connectionState"] == "Connected"
+                    )
+
+                assert asyncio.run(poll_until(moved)), "the batch brings lastActivityTime forward"
+            finally:
+                client.close()
+        finally:
+            server.stop()
