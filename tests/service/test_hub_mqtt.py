@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import ssl
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ import pytest
 from provisiond import pki
 from provisiond.errors import DeviceNotOnlineError, GatewayTimeoutError
 from provisiond.hub.messages import CloudToDeviceMessage, c2d_to, decode_event, encode_c2d, partition
+from provisiond.protocol.mqtt import Connack, MqttConnection, Packet, Publish, QoS, Role, Suback, Subscription
 from provisiond.service._hub_identities import Identities
 from provisiond.service.hub_broker import HubBroker, MethodRequest
 from provisiond.service_client import ServiceClient
@@ -29,6 +32,7 @@ from tests._hub import (
     HubPaho,
     Provisioned,
     hub_token,
+    hub_username,
     poll_until,
     provision_symmetric,
     provision_x509,
@@ -634,3 +638,85 @@ def test_last_activity_is_written_in_batches_not_per_message(tmp_path: Path) -> 
                 client.close()
         finally:
             server.stop()
+
+
+class SilentDevice:
+    """A device that does not acknowledge what it receives (provisiond's own MQTT machine, in
+    the client role, over a TLS socket): paho acknowledges every QoS 1 publish at once."""
+
+    def __init__(self, server: RunningServer, device: Provisioned) -> None:
+        assert device.key is not None
+        ctx = ssl.create_default_context(cafile=server.ca_file)
+        raw = socket.create_connection(("localhost", int(server.info["mqttPort"])), timeout=WAIT)
+        self.sock = ctx.wrap_socket(raw, server_hostname="localhost")
+        self.machine = MqttConnection(Role.CLIENT, clock=time.monotonic)
+        self.machine.connect(
+            client_id=device.device_id,
+            username=hub_username(device.hub, device.device_id),
+            password=hub_token(device.hub, device.device_id, device.key).encode(),
+            clean_session=False,
+        )
+        self.packets: list[Packet] = []
+
+    def _send(self) -> None:
+        self.sock.sendall(self.machine.get_outbound_data())
+
+    def next(self, kind: type[Packet]) -> Packet:
+        self._send()
+        while True:
+            for i, packet in enumerate(self.packets):
+                if isinstance(packet, kind):
+                    return self.packets.pop(i)
+            self.packets += self.machine.feed_bytes(self.sock.recv(65536))
+
+    def subscribe(self, topic_filter: str) -> None:
+        self.machine.subscribe([Subscription(topic_filter=topic_filter, qos=QoS.AT_LEAST_ONCE)])
+        self.next(Suback)
+
+    def disconnect(self) -> None:
+        self.machine.disconnect()
+        self._send()
+        self.sock.close()
+
+
+def test_an_unacknowledged_c2d_message_is_delivered_again_with_dup_after_a_restart(tmp_path: Path) -> None:
+    """A cloud-to-device message published to a persistent session and not acknowledged stays
+    queued; the device's next connection, after a server restart, gets it again with DUP set
+    and without subscribing again (its stored session subscribed), and its PUBACK removes it."""
+    server = start_server(tmp_path / "node")
+    try:
+        with server.client() as admin:
+            device = provision_symmetric(server, admin)
+        key = partition(device.hub, device.device_id)
+
+        async def enqueue() -> None:
+            async with server_store(server) as store:
+                await enqueue_c2d(store, device, b"once")
+
+        asyncio.run(enqueue())
+        silent = SilentDevice(server, device)
+        connack = silent.next(Connack)
+        assert isinstance(connack, Connack) and not connack.session_present
+        silent.subscribe(f"devices/{device.device_id}/messages/devicebound/#")
+        first = silent.next(Publish)
+        assert isinstance(first, Publish) and first.payload == b"once" and not first.dup
+        silent.disconnect()  # without a PUBACK
+        wait_for_log(server, device.device_id, "closed")
+        server.stop()
+
+        server = start_server(tmp_path / "node", port=server.port)
+        client = HubPaho(server, device).connected(session_present=1)
+        try:
+            topic, qos, payload, dup = client.message()
+            assert (payload, qos, dup) == (b"once", 1, True)
+            assert topic.startswith(f"devices/{device.device_id}/messages/devicebound/")
+
+            async def drained() -> bool:
+                async with server_store(server) as store:
+                    return await store.entry_count(Stream.HUB_C2D, partition=key) == 0
+
+            assert asyncio.run(poll_until(drained)), "the PUBACK removes it"
+        finally:
+            client.close()
+    finally:
+        server.stop()
