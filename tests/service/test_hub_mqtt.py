@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 
@@ -37,6 +38,7 @@ from tests._hub import (
     provision_symmetric,
     provision_x509,
     server_store,
+    uid,
 )
 from tests._server import RunningServer, start_server
 
@@ -110,6 +112,86 @@ def test_an_x509_device_connects_with_its_certificate(
     )
     assert connect(hub_server, other, devices).connack() == (5, 0)
     wait_for_log(hub_server, device.device_id, "return code 5", "thumbprint mismatch")
+
+
+def test_a_ca_authenticated_device_connects_with_its_chain_to_a_verified_ca(
+    hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho], tmp_path: Path
+) -> None:
+    """A group device the hub keeps as ``certificateAuthority`` connects with a certificate that
+    chains (through the intermediate it presents) to a CA certificate verified in provisiond;
+    while that CA is not verified, or from another CA, the CONNECT is refused (5)."""
+    hub = hub_server.info["builtinHub"]
+    admin.put(
+        f"/admin/linkedHubs/{hub}",
+        {"hostName": hub, "x509GroupAuthentication": "certificateAuthority"},
+        if_match="*",
+    )
+    root = pki.make_root_ca(uid("Hub Root"))
+    inter = pki.make_intermediate_ca(uid("Hub Intermediate"), root)
+    gid = uid("hubca")
+    admin.put(
+        f"/enrollmentGroups/{gid}",
+        {
+            "enrollmentGroupId": gid,
+            "attestation": {
+                "type": "x509",
+                "x509": {
+                    "signingCertificates": {
+                        "primary": {"certificate": pki.certificate_pem(root.cert).decode()}
+                    }
+                },
+            },
+        },
+    )
+
+    def provisioned(issuer: pki.Issued) -> Provisioned:
+        reg = uid("hubcad")
+        prefix = tmp_path / reg
+        pki.write_issued(pki.make_device_cert(reg, issuer), prefix, chain=True)
+        ctx = ssl.create_default_context(cafile=hub_server.ca_file)
+        ctx.load_cert_chain(str(pki.chain_path(prefix)), str(pki.key_path(prefix)))
+        with httpx.Client(base_url=hub_server.base_url, verify=ctx, timeout=10) as http:
+            r = http.put(
+                f"/{hub_server.id_scope}/registrations/{reg}/register",
+                params={"api-version": "2021-10-01"},
+                json={"registrationId": reg},
+            )
+        assert r.status_code == 202 and r.json()["status"] == "assigned", r.text
+        state = r.json()["registrationState"]
+        return Provisioned(
+            state["assignedHub"],
+            state["deviceId"],
+            cert=pki.chain_path(prefix),
+            key_file=pki.key_path(prefix),
+        )
+
+    device = provisioned(inter)
+
+    async def authentication() -> Any:
+        async with server_store(hub_server) as store:
+            record = await store.get(Collection.HUB_DEVICES, f"{device.hub}/{device.device_id}")
+        assert record is not None
+        return msgspec.json.decode(record.doc)["authentication"]["type"]
+
+    assert asyncio.run(authentication()) == "certificateAuthority"
+    # The CA is not verified in provisiond yet.
+    name = uid("hubroot")
+    admin.put(f"/admin/certificates/{name}", {"certificate": pki.certificate_pem(root.cert).decode()})
+    assert connect(hub_server, device, devices).connack() == (5, 0)
+    wait_for_log(hub_server, device.device_id, "return code 5")
+    code = admin.post(f"/admin/certificates/{name}/generateVerificationCode")["verificationCode"]
+    proof = pki.certificate_pem(pki.make_verification_cert(code, root).cert).decode()
+    assert admin.post(f"/admin/certificates/{name}/verify", {"certificate": proof})["isVerified"] is True
+    connect(hub_server, device, devices).connected()
+    # A certificate with the device's name from another CA is not the device's.
+    impostor = Provisioned(device.hub, device.device_id)
+    stranger = pki.make_intermediate_ca(uid("Stranger"), pki.make_root_ca(uid("Stranger Root")))
+    pki.write_issued(pki.make_device_cert(device.device_id, stranger), tmp_path / "stranger", chain=True)
+    impostor.cert, impostor.key_file = (
+        pki.chain_path(tmp_path / "stranger"),
+        pki.key_path(tmp_path / "stranger"),
+    )
+    assert connect(hub_server, impostor, devices).connack() == (5, 0)
 
 
 @pytest.mark.parametrize(
