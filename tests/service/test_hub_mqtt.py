@@ -25,6 +25,7 @@ from provisiond import pki
 from provisiond.errors import DeviceNotOnlineError, GatewayTimeoutError
 from provisiond.hub.messages import CloudToDeviceMessage, c2d_to, decode_event, encode_c2d, partition
 from provisiond.protocol.mqtt import Connack, MqttConnection, Packet, Publish, QoS, Role, Suback, Subscription
+from provisiond.protocol.sas import build_sas_token, derive_device_key
 from provisiond.service._hub_identities import Identities
 from provisiond.service.hub_broker import HubBroker, MethodRequest
 from provisiond.service_client import ServiceClient
@@ -94,6 +95,31 @@ def test_a_provisioned_device_connects_with_its_key(
     device = provision_symmetric(hub_server, admin)
     assert device.hub == hub_server.info["builtinHub"]
     connect(hub_server, device, devices, websockets=websockets).connected()
+
+
+def test_a_group_device_connects_with_its_derived_key(
+    hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho]
+) -> None:
+    gid = uid("hubskg")
+    admin.put(f"/enrollmentGroups/{gid}", {"enrollmentGroupId": gid, "attestation": {"type": "symmetricKey"}})
+    group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
+    reg = uid("hubskgd")
+    key = derive_device_key(group_key, reg)
+    token = build_sas_token(
+        f"{hub_server.id_scope}/registrations/{reg}", key, int(time.time()) + 600, key_name="registration"
+    )
+    with hub_server.http() as http:
+        r = http.put(
+            f"/{hub_server.id_scope}/registrations/{reg}/register",
+            params={"api-version": "2021-10-01"},
+            json={"registrationId": reg},
+            headers={"Authorization": token},
+        )
+    assert r.status_code == 202 and r.json()["status"] == "assigned", r.text
+    device = Provisioned(r.json()["registrationState"]["assignedHub"], reg, key=key)
+    connect(hub_server, device, devices).connected()
+    # The group's own key is not the device's.
+    assert connect(hub_server, Provisioned(device.hub, reg, key=group_key), devices).connack() == (5, 0)
 
 
 def test_an_x509_device_connects_with_its_certificate(
