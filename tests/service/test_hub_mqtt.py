@@ -24,9 +24,10 @@ import pytest
 from provisiond import pki
 from provisiond.errors import DeviceNotOnlineError, GatewayTimeoutError
 from provisiond.hub.messages import CloudToDeviceMessage, c2d_to, decode_event, encode_c2d, partition
+from provisiond.hub.models import ConnectionState, TwinPatch, TwinProperties
+from provisiond.hub.registry import HubRegistry
 from provisiond.protocol.mqtt import Connack, MqttConnection, Packet, Publish, QoS, Role, Suback, Subscription
 from provisiond.protocol.sas import build_sas_token, derive_device_key
-from provisiond.service._hub_identities import Identities
 from provisiond.service.hub_broker import HubBroker, MethodRequest
 from provisiond.service_client import ServiceClient
 from provisiond.storage import Collection, Stream, WriteMode, utc_iso
@@ -446,9 +447,12 @@ async def test_desired_patches_reach_the_connected_device_with_their_version(
         broker = HubBroker(store)
         await broker.start()
         try:
-            changes, version = await Identities(store).patch_desired(
-                device.hub, device.device_id, {"rate": 7, "mode": "eco"}
+            update = await HubRegistry(store).update_twin(
+                device.hub,
+                device.device_id,
+                TwinPatch(properties=TwinProperties(desired={"rate": 7, "mode": "eco"})),
             )
+            changes, version = update.desired_changes, update.device.twin.desired_version
             assert version == 2 and changes is not None
             await broker.notify_desired(device.hub, device.device_id, changes, version)
             topic, qos, payload, _ = await asyncio.to_thread(client.message)
@@ -674,7 +678,8 @@ def test_one_connection_per_device_across_nodes(tmp_path: Path) -> None:
                     await answering
                 finally:
                     await broker.close()
-                return result, await Identities(store).connected(device.hub, device.device_id)
+                identity = await HubRegistry(store).get(device.hub, device.device_id)
+                return result, identity.connection_state is ConnectionState.CONNECTED
 
         def answer() -> None:
             topic, _, _, _ = second.message()  # the stored session's subscription, on node B
