@@ -558,6 +558,19 @@ def test_keep_alive_is_enforced_at_one_and_a_half_times(
     wait_for_log(hub_server, device.device_id, "closed", "the keep-alive lapsed (1 s)")
 
 
+def test_the_session_ends_when_its_sas_token_expires(
+    hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho]
+) -> None:
+    """As IoT Hub: a connection lasts until its SAS token expires (with the service's clock
+    skew, 60 s), then the device must connect again with a new one."""
+    device = provision_symmetric(hub_server, admin)
+    assert device.key is not None
+    token = hub_token(device.hub, device.device_id, device.key, ttl=-58)  # 2 s of skew left
+    client = connect(hub_server, device, devices, password=token).connected()
+    client.next("disconnect")
+    wait_for_log(hub_server, device.device_id, "closed", "the SAS token expired")
+
+
 # --- persistent sessions and cloud-to-device messages --------------------------------------------
 
 
