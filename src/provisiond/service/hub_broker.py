@@ -139,7 +139,11 @@ class Signal(msgspec.Struct, tag_field="kind", rename="camel", omit_defaults=Tru
 
 
 class Connected(Signal, tag="connected", kw_only=True, frozen=True):
-    """A session of the device attached (its seq is its connection order)."""
+    """A session of the device attached (its seq is its connection order) in process ``node``
+    (which closes its own older session itself, and may read this signal before it knows it
+    wrote it)."""
+
+    node: str = ""
 
 
 class Disconnect(Signal, tag="disconnect", kw_only=True, frozen=True):
@@ -278,7 +282,9 @@ class HubBroker:
         :raises StorageError: the signal could not be written (the CONNECT is refused).
         """
         key = partition(session.hub, session.device_id)
-        [entry] = await self._store.append(Stream.HUB_SIGNALS, [(key, _encoder.encode(Connected()))])
+        [entry] = await self._store.append(
+            Stream.HUB_SIGNALS, [(key, _encoder.encode(Connected(node=self.node)))]
+        )
         session.order = entry.seq
         current = self._sessions.get(key)
         if current is not None and current is not session:
@@ -547,7 +553,7 @@ class HubBroker:
         if signal is None:
             return
         if isinstance(signal, Connected):
-            if session is not None and session.order < entry.seq:
+            if session is not None and session.order < entry.seq and signal.node != self.node:
                 session.kick("a new connection of the device (on another process) replaced it", replaced=True)
             for waiter in list(self._attach_waiters.get(key, ())):
                 waiter.offer(entry.seq)

@@ -427,7 +427,9 @@ class _HubSession:
             if not self.replaced:
                 await endpoint.registry.set_connection_state(self.hub, self.device_id, connected=False)
             if self.persistent and self._c2d_sent > self._c2d_sent_before:
-                await endpoint.sessions.save(self.hub, self.device_id, self._stored())
+                await endpoint.sessions.record_c2d_sent(
+                    self.hub, self.device_id, self._c2d_sent, identity=self._identity_created
+                )
         except ProvisioningError as exc:
             log.warning("MQTT %s: after the close: %s", self.who, exc.message)
 
