@@ -24,13 +24,13 @@ import pytest
 from provisiond import pki
 from provisiond.errors import DeviceNotOnlineError, GatewayTimeoutError
 from provisiond.hub.messages import CloudToDeviceMessage, c2d_to, decode_event, encode_c2d, partition
-from provisiond.hub.models import ConnectionState, TwinPatch, TwinProperties
+from provisiond.hub.models import ConnectionState, Device, DeviceStatus, TwinPatch, TwinProperties
 from provisiond.hub.registry import HubRegistry
 from provisiond.protocol.mqtt import Connack, MqttConnection, Packet, Publish, QoS, Role, Suback, Subscription
 from provisiond.protocol.sas import build_sas_token, derive_device_key
 from provisiond.service.hub_broker import HubBroker, MethodRequest
 from provisiond.service_client import ServiceClient
-from provisiond.storage import Collection, Stream, WriteMode, utc_iso
+from provisiond.storage import Collection, Stream, utc_iso
 from tests._hub import (
     HubPaho,
     Provisioned,
@@ -264,24 +264,30 @@ def test_bad_connects_get_iot_hubs_return_codes(
     wait_for_log(hub_server, device.device_id, f"return code {code}", words)
 
 
-async def test_a_disabled_device_is_refused_with_server_unavailable(
+async def test_disabling_a_connected_device_closes_it_and_refuses_it_with_server_unavailable(
     hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho]
 ) -> None:
+    """The registry's update says why a connected device must go; the broker closes its
+    connection wherever it is (here: the server, told by the test process as another node);
+    a disabled device's CONNECT gets 3, what the C and Java SDKs read as "device disabled"."""
     device = provision_symmetric(hub_server, admin)
+    client = await asyncio.to_thread(lambda: connect(hub_server, device, devices).connected())
     async with server_store(hub_server) as store:
-        key = f"{device.hub.lower()}/{device.device_id}"
-        record = await store.get(Collection.HUB_DEVICES, key)
-        assert record is not None
-        doc = {**msgspec.json.decode(record.doc), "status": "disabled"}
-        await store.write(
-            Collection.HUB_DEVICES, key, msgspec.json.encode(doc), index=record.index, mode=WriteMode.UPDATE
-        )
-    client = await asyncio.to_thread(connect, hub_server, device, devices)
-    assert await asyncio.to_thread(client.connack) == (
-        3,
-        0,
-    )  # the C and Java SDKs read 3 as "device disabled"
-    wait_for_log(hub_server, device.device_id, "return code 3", "disabled")
+        broker = HubBroker(store)
+        await broker.start()
+        try:
+            changed = await HubRegistry(store).update(
+                device.hub, Device(device_id=device.device_id, status=DeviceStatus.DISABLED), if_match="*"
+            )
+            assert changed.disconnect == "the device was disabled"
+            await broker.disconnect(device.hub, device.device_id, changed.disconnect)
+        finally:
+            await broker.close()
+    await asyncio.to_thread(client.next, "disconnect")
+    await asyncio.to_thread(wait_for_log, hub_server, device.device_id, "closed", "the device was disabled")
+    again = await asyncio.to_thread(connect, hub_server, device, devices)
+    assert await asyncio.to_thread(again.connack) == (3, 0)
+    await asyncio.to_thread(wait_for_log, hub_server, device.device_id, "return code 3", "disabled")
 
 
 def test_dps_connects_keep_working_on_the_shared_listener(
