@@ -123,6 +123,23 @@ def test_a_group_device_connects_with_its_derived_key(
     assert connect(hub_server, Provisioned(device.hub, reg, key=group_key), devices).connack() == (5, 0)
 
 
+async def test_an_identity_created_in_the_registry_connects_with_either_key(
+    hub_server: RunningServer, devices: list[HubPaho]
+) -> None:
+    """Identities made by the service (the registry, as ``PUT /devices/{id}`` makes them; keys
+    generated) connect like provisioned ones, with the primary or the secondary key."""
+    hub = hub_server.info["builtinHub"]
+    device_id = uid("hubreg")
+    async with server_store(hub_server) as store:
+        created = await HubRegistry(store).create(hub, Device(device_id=device_id))
+    keys = created.authentication.symmetric_key
+    assert keys is not None and keys.primary_key and keys.secondary_key
+    for key, session_present in ((keys.primary_key, 0), (keys.secondary_key, 1)):
+        client = await asyncio.to_thread(connect, hub_server, Provisioned(hub, device_id, key=key), devices)
+        assert await asyncio.to_thread(client.connack) == (0, session_present)
+        await asyncio.to_thread(client.close)
+
+
 def test_an_x509_device_connects_with_its_certificate(
     hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho], tmp_path: Path
 ) -> None:
