@@ -30,7 +30,7 @@ from provisiond.protocol.mqtt import Connack, MqttConnection, Packet, Publish, Q
 from provisiond.protocol.sas import build_sas_token, derive_device_key
 from provisiond.service.hub_broker import HubBroker, MethodRequest
 from provisiond.service_client import ServiceClient
-from provisiond.storage import Collection, Stream, utc_iso
+from provisiond.storage import Collection, Stream, open_store, utc_iso
 from tests._hub import (
     HubPaho,
     Provisioned,
@@ -684,12 +684,20 @@ def test_a_persistent_session_keeps_its_subscriptions_across_a_restart(tmp_path:
         server.stop()
 
 
-def test_one_connection_per_device_across_nodes(tmp_path: Path) -> None:
-    """Two ``provisiond serve`` on one database: the device's newer connection, on the other
-    node, closes the older one; the identity stays connected, and a method invoked from a
-    third process reaches the device where it is now."""
-    node_a = start_server(tmp_path / "a")
-    node_b = start_server(tmp_path / "b", "--db", str(tmp_path / "a" / "provisiond.db"))
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_one_connection_per_device_across_nodes(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Two ``provisiond serve`` on one database (a SQLite file; PostgreSQL, as several nodes
+    run): the device's newer connection, on the other node, closes the older one; the identity
+    stays connected, and a method invoked from a third process reaches the device where it is
+    now."""
+    if backend == "postgresql":
+        db = str(request.getfixturevalue("postgres_db_url"))
+    else:
+        db = f"sqlite:///{tmp_path / 'a' / 'provisiond.db'}"
+    node_a = start_server(tmp_path / "a", "--db", db.removeprefix("sqlite:///"))
+    node_b = start_server(tmp_path / "b", "--db", db.removeprefix("sqlite:///"))
     made: list[HubPaho] = []
     try:
         with node_a.client() as admin:
@@ -703,7 +711,9 @@ def test_one_connection_per_device_across_nodes(tmp_path: Path) -> None:
         )
 
         async def invoke() -> tuple[Any, bool]:
-            async with server_store(node_a) as store:
+            store = open_store(db)
+            await store.open()
+            try:
                 broker = HubBroker(store)
                 await broker.start()
                 try:
@@ -716,6 +726,8 @@ def test_one_connection_per_device_across_nodes(tmp_path: Path) -> None:
                     await broker.close()
                 identity = await HubRegistry(store).get(device.hub, device.device_id)
                 return result, identity.connection_state is ConnectionState.CONNECTED
+            finally:
+                await store.close()
 
         def answer() -> None:
             topic, _, _, _ = second.message()  # the stored session's subscription, on node B
