@@ -229,14 +229,14 @@ async def test_batched_activity_keeps_its_own_time_and_never_goes_back(
     await registry.create(HUB, sas("dev-a"))
     start = clock.now
     clock.now += 30
-    assert await registry.record_activity(HUB, "dev-a", at=start + 12)
+    assert await registry.record_activity(HUB, "dev-a", when=start + 12)
     record = await store.get(Collection.HUB_DEVICES, device_key(HUB, "dev-a"))
     assert (await registry.get(HUB, "dev-a")).last_activity_time == "2027-01-15T08:00:12.000000Z"
-    assert await registry.record_activity(HUB, "dev-a", at=start + 3)
+    assert await registry.record_activity(HUB, "dev-a", when=start + 3)
     assert (await registry.get(HUB, "dev-a")).last_activity_time == "2027-01-15T08:00:12.000000Z"
     after = await store.get(Collection.HUB_DEVICES, device_key(HUB, "dev-a"))
     assert record is not None and after is not None and after.etag == record.etag
-    assert not await registry.record_activity(HUB, "gone", at=start)
+    assert not await registry.record_activity(HUB, "gone", when=start)
 
 
 # --- twins -------------------------------------------------------------------------------------

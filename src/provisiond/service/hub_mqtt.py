@@ -172,7 +172,7 @@ class HubEndpoint:
         if not username or "/" not in username:
             return None
         host = username.split("/", 1)[0].lower()
-        if host == self.ctx.settings.builtin_hub.lower():
+        if host == self.ctx.settings.first_builtin_hub:
             return host
         try:
             hub = (await self.ctx.linked_hubs(max_age=1.0)).get(host)
@@ -205,7 +205,7 @@ class HubEndpoint:
     async def _flush_activity(self) -> None:
         activity, self._activity = self._activity, {}
         for (hub, device_id), when in activity.items():
-            await self.registry.record_activity(hub, device_id, at=when)
+            await self.registry.record_activity(hub, device_id, when=when)
 
 
 class _HubSession:
@@ -278,7 +278,7 @@ class _HubSession:
             log.debug("MQTT %s: connected (keep-alive %d s)", self.who, self.connect.keep_alive)
         try:
             await self.endpoint.registry.set_connection_state(self.hub, self.device_id, connected=True)
-        except StorageError as exc:
+        except ProvisioningError as exc:  # the database is down, or the record kept changing
             log.warning("MQTT %s: cannot record the connection state (%s)", self.who, exc.message)
         self._deliver_c2d()
         pipelined = self.machine.feed_bytes(b"")
@@ -307,9 +307,9 @@ class _HubSession:
             )
         endpoint = self.endpoint
         try:
-            device = await endpoint.registry.find(self.hub, self.device_id)
+            found = await endpoint.registry.find(self.hub, self.device_id)
             result = await endpoint.auth.authenticate(
-                device,
+                found,
                 hub=self.hub,
                 device_id=self.device_id,
                 password=connect.password,
@@ -318,11 +318,11 @@ class _HubSession:
             )
             if isinstance(result, Refused):
                 return result
-            assert device is not None
+            assert found is not None
             self.auth_method = result.method
             if result.expires is not None:
                 self.expires = time.monotonic() + (result.expires - endpoint.ctx.clock())
-            self._identity_created = device.created
+            self._identity_created = found.created
             stored = await self._restore()
             await self.broker.attach(self)
         except StorageError as exc:
@@ -613,7 +613,7 @@ class _HubSession:
             return
         try:
             if kind is PublicationKind.TWIN_GET:
-                device = await self.endpoint.registry.get_twin(self.hub, self.device_id)
+                device = await self.endpoint.registry.get_twin(self.hub, self.device_id)  # 404001
                 self._twin_response(200, rid, _json.encode(twins.device_view(device.twin)))
             else:
                 try:
