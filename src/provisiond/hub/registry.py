@@ -545,8 +545,9 @@ class HubRegistry:
         stamp = utc_iso(when) if when is not None else None
 
         def change(old: HubDevice, now: str) -> HubDevice:
-            latest = max(stamp or now, old.last_activity_time or "")
-            return msgspec.structs.replace(old, last_activity_time=latest, updated=now)
+            if old.last_activity_time is not None and old.last_activity_time >= (stamp or now):
+                return old  # nothing to write
+            return msgspec.structs.replace(old, last_activity_time=stamp or now, updated=now)
 
         return await self._modify_if_present(hub, device_id, change)
 
@@ -568,6 +569,8 @@ class HubRegistry:
                 raise _not_found(hub, device_id)
             old = _records.decode(record)
             new = change(old, self._now())
+            if new is old:  # nothing to write
+                return old, new
             if await self._write_back(new, record):
                 return old, new
         raise self._contended(device_id)

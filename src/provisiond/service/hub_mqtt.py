@@ -45,7 +45,8 @@ device's interval but never past IoT Hub's 1,767 s, more publishes in flight.
   :data:`C2D_WINDOW` awaiting their PUBACK; a PUBACK removes the message; an expired one is
   dropped undelivered; one published to an earlier connection goes out again with DUP.
 * **The identity** learns ``connectionState`` at connect and close, and ``lastActivityTime``
-  in batches (every :data:`ACTIVITY_INTERVAL` seconds at most, not per message).
+  in batches (every ``--hub-activity-interval`` seconds, :data:`ACTIVITY_INTERVAL` by default;
+  not per message).
 
 Every close is one log line that names the reason.
 """
@@ -66,7 +67,6 @@ from .. import twin as twins
 from ..errors import (
     IotHubCode,
     LocalProtocolError,
-    NotFoundError,
     ProvisioningError,
     RemoteProtocolError,
     RequestError,
@@ -130,7 +130,8 @@ MAX_INFLIGHT = 256
 MAX_SUBSCRIPTIONS = 5
 #: Cloud-to-device messages awaiting their PUBACK at once, per device.
 C2D_WINDOW = 10
-#: Seconds between two writes of the devices' ``lastActivityTime``.
+#: Seconds between two writes of the devices' ``lastActivityTime`` (the default of
+#: ``Settings.hub_activity_interval``).
 ACTIVITY_INTERVAL = 30.0
 #: Seconds a desired patch waits for an earlier version's (relayed from another process within
 #: the broker's poll interval) before it goes out without it.
@@ -198,7 +199,7 @@ class HubEndpoint:
 
     async def _flush_activity_forever(self) -> None:
         while True:
-            await asyncio.sleep(ACTIVITY_INTERVAL)
+            await asyncio.sleep(self.ctx.settings.hub_activity_interval)
             try:
                 await self._flush_activity()
             except ProvisioningError as exc:
@@ -439,7 +440,9 @@ class _HubSession:
             if not self.replaced:
                 await endpoint.registry.set_connection_state(self.hub, self.device_id, connected=False)
             if self.persistent and self._c2d_sent > self._c2d_sent_before:
-                await endpoint.sessions.save(self.hub, self.device_id, self._stored())
+                await endpoint.sessions.record_c2d_sent(
+                    self.hub, self.device_id, self._c2d_sent, identity=self._identity_created
+                )
         except ProvisioningError as exc:
             log.warning("MQTT %s: after the close: %s", self.who, exc.message)
 
@@ -649,13 +652,8 @@ class _HubSession:
             return
         try:
             if kind is PublicationKind.TWIN_GET:
-                found = await self.endpoint.registry.find(self.hub, self.device_id)
-                if found is None:
-                    raise NotFoundError(
-                        f"No device {self.device_id!r} in hub {self.hub}.",
-                        error_code=IotHubCode.DEVICE_NOT_FOUND,
-                    )
-                self._twin_response(200, rid, _json.encode(twins.device_view(found.twin)))
+                device = await self.endpoint.registry.get_twin(self.hub, self.device_id)  # 404001
+                self._twin_response(200, rid, _json.encode(twins.device_view(device.twin)))
             else:
                 try:
                     patch = bounded_json.decode(publish.payload)
