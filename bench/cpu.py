@@ -180,11 +180,17 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument("--db", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--phases", default="trivial,group,individual,trivial")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="the server's --log-level (info, its default, logs a line per registration)",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
         return 2
-    print(f"# server CPU per request (wrk, new TLS connection each), db {args.db}")
+    print(f"# server CPU per request (wrk, new TLS connection each), db {args.db}, log level {args.log_level}")
     print(f"# {machine_summary()}")
     with terminate_on_signals(), tempfile.TemporaryDirectory(prefix="provisiond-cpu-") as tmp:
         work = Path(tmp)
@@ -199,7 +205,7 @@ def main() -> int:
                 return 2
             pg = PostgresCluster(bindir)
             extra = ["--db", pg.start()]
-        server = start_server(work / "data", *extra)
+        server = start_server(work / "data", *extra, "--log-level", args.log_level)
         try:
             return _measure(server, work, args)
         finally:

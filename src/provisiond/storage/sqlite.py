@@ -49,7 +49,7 @@ from typing import Any, TypeVar
 from ..errors import DatabaseUnavailableError, ProvisioningError, StorageError
 from . import _sql, _streams
 from ._sql import Meta, ParamStyle
-from .base import Collection, Delete, Entry, Page, Record, Store, Stream, Write, new_etag, utc_now
+from .base import Collection, Delete, Entry, Page, Record, Store, Stream, Write, WriteMode, new_etag, utc_now
 
 __all__ = ["SqliteStore"]
 
@@ -567,7 +567,14 @@ def _apply(
     item: Write | Delete,
     values: tuple[str | None, ...],
 ) -> Record | ProvisioningError:
-    """Apply one batch item inside the writer's transaction; its outcome."""
+    """Apply one batch item inside the writer's transaction; its outcome. An unconditional
+    create is one statement (the insert tells whether the key was free; the row is read only
+    to name the conflict)."""
+    if isinstance(item, Write) and item.mode is WriteMode.CREATE and item.if_match is None:
+        etag, now = new_etag(), utc_now()
+        params = _sql.insert_params(key, item, etag, now, values)
+        if conn.execute(statements.insert_if_missing, params).fetchall():
+            return _sql.written_record(collection, item, item.id, etag, now, now, values)
     row = conn.execute(statements.select_meta, (key,)).fetchone()
     existing = None if row is None else Meta(*row)
     if isinstance(item, Delete):
