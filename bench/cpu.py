@@ -383,7 +383,8 @@ def _measure(server, work: Path, args: argparse.Namespace) -> int:  # type: igno
     x509_requests: dict[str, list[tuple[bytes, str, str]]] = {}
     if "x509" in args.phases:
         root_pem, x509 = x509_devices(work, args.x509_devices)
-        api.request(
+        # a new connection: the first one may have idled past the server's keep-alive timeout
+        server.api().request(
             "PUT",
             "/enrollmentGroups/bench-x509",
             json.dumps(
