@@ -10,7 +10,8 @@ belongs to a collaborator that can be replaced (all injected, with defaults):
    picks the attestors; the individual enrollment decides first, then groups. The result is a
    :class:`~provisiond.attestation.base.Match`. A TPM's first register gets its challenge
    (:class:`~provisiond.errors.TpmChallengeRequired`).
-3. **Load the previous record** of the registration id (polls, re-registrations, races).
+3. **Load the previous record** of the registration id (polls, re-registrations, races): read
+   once, before attesting, since its enrollment group is the symmetric-key attestor's first try.
 4. **Choose the hub** (:func:`~provisiond.service.assignment.choose_hub`, pure): the
    enrollment's allocation policy (or the service's), its reprovision policy, the linked hubs;
    ``custom`` asks the enrollment's webhook (``webhook``, the only slow step).

@@ -589,6 +589,12 @@ def _apply_atomic(
     return records
 
 
+@functools.cache
+def _insert_or_nothing(insert: str) -> str:
+    # Not RETURNING: SQLite's RETURNING costs as much as the read it would save.
+    return f"{insert} ON CONFLICT (key) DO NOTHING"
+
+
 def _apply(
     conn: sqlite3.Connection,
     collection: Collection,
@@ -603,7 +609,7 @@ def _apply(
     if isinstance(item, Write) and item.mode is WriteMode.CREATE and item.if_match is None:
         etag, now = new_etag(), utc_now()
         params = _sql.insert_params(key, item, etag, now, values)
-        if conn.execute(statements.insert_if_missing, params).fetchall():
+        if conn.execute(_insert_or_nothing(statements.insert), params).rowcount == 1:
             return _sql.written_record(collection, item, item.id, etag, now, now, values)
     row = conn.execute(statements.select_meta, (key,)).fetchone()
     existing = None if row is None else Meta(*row)
