@@ -9,6 +9,7 @@ is tested in tests/device/.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import ssl
 import time
@@ -159,6 +160,32 @@ def test_symmetric_key_individual_assigns_in_one_round_trip(server: RunningServe
     )
     assert lookup.status_code == 200 and lookup.json()["assignedHub"] == state["assignedHub"]
     device.close()
+
+
+def test_group_writes_reach_the_next_registration_at_once(server: RunningServer, admin: Any) -> None:
+    """The registration path keeps a copy of the enrollment groups (up to a second old); a
+    group written through this node drops it, so the next registration sees the change."""
+    gid, key = uid("g"), base64.b64encode(b"k" * 32).decode()
+    group = {
+        "enrollmentGroupId": gid,
+        "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key, "secondaryKey": key}},
+    }
+
+    def register() -> httpx.Response:
+        device = Device(server, uid())
+        try:
+            return device.register(device.token(derive_device_key(key, device.registration_id)))
+        finally:
+            device.close()
+
+    admin.put(f"/enrollmentGroups/{gid}", group)
+    assert assigned(register())["registrationState"]["symmetricKey"]["enrollmentGroupId"] == gid
+    admin.put(f"/enrollmentGroups/{gid}", {**group, "provisioningStatus": "disabled"}, if_match="*")
+    assert register().json()["status"] == "disabled"
+    admin.delete(f"/enrollmentGroups/{gid}")
+    assert_denied(register(), 401, 401002, "no symmetric-key enrollment group")
+    admin.put(f"/enrollmentGroups/{gid}", group)
+    assigned(register())
 
 
 def test_secondary_key_and_token_without_skn(server: RunningServer, admin: Any) -> None:

@@ -14,7 +14,7 @@ from reads, as DPS shows them), keep DPS's etag rules (create without an etag, u
 ``*`` for "whatever is there", conditional writes retried where the service itself read the
 etag), and raise :class:`~provisiond.errors.ProvisioningError` subclasses carrying their
 :class:`~provisiond.errors.DpsCode`. A write that changes what the registration path caches
-(settings, linked hubs) calls ``invalidate``. Nothing here knows HTTP: no Starlette, no
+(settings, linked hubs, enrollment groups) calls ``invalidate``. Nothing here knows HTTP: no Starlette, no
 headers (tests/service/test_management.py checks that).
 
 | Attribute | Operations |
@@ -77,7 +77,7 @@ class Management:
         self.store = store
         self.registrations = Registrations(store)
         self.enrollments = IndividualEnrollments(store, self._linked_hubs, self.registrations)
-        self.groups = EnrollmentGroups(store, self._linked_hubs)
+        self.groups = EnrollmentGroups(store, self._linked_hubs, invalidate=invalidate)
         self.hubs = LinkedHubs(store, builtin_hub=builtin_hub, invalidate=invalidate)
         self.certificates = CaCertificates(store, invalidate)
         self.policies = AccessPolicies(store, invalidate)

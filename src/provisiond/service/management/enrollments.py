@@ -57,15 +57,23 @@ _BULK_WRITES = {
 LinkedHubsReader = Callable[[], Awaitable[Mapping[str, LinkedHub]]]
 
 
+def _nothing_cached() -> None:
+    pass
+
+
 class EnrollmentOperations(Generic[E]):
     """The operations both kinds share."""
 
     kind: en.EnrollmentKind[E]
     _fields: Mapping[str, tuple[str, bool]]
 
-    def __init__(self, store: Store, linked_hubs: LinkedHubsReader) -> None:
+    def __init__(
+        self, store: Store, linked_hubs: LinkedHubsReader, *, invalidate: Callable[[], None] = _nothing_cached
+    ) -> None:
         self._store = store
         self._linked_hubs = linked_hubs
+        #: Drops cached copies of this kind after every write (the registration path caches groups).
+        self._invalidate = invalidate
 
     # --- presenting ------------------------------------------------------------------------
 
@@ -145,6 +153,14 @@ class EnrollmentOperations(Generic[E]):
     async def _write(
         self, id: str, doc: bytes, index: dict[str, str | None], existing: Record | None, if_match: str | None
     ) -> Record:
+        try:
+            return await self._write_record(id, doc, index, existing, if_match)
+        finally:
+            self._invalidate()
+
+    async def _write_record(
+        self, id: str, doc: bytes, index: dict[str, str | None], existing: Record | None, if_match: str | None
+    ) -> Record:
         collection, label = self.kind.collection, self.kind.label
         if if_match is None:
             if existing is not None:
@@ -202,14 +218,17 @@ class EnrollmentOperations(Generic[E]):
 
         :raises NotFoundError: 404201 / 404203. :raises PreconditionFailedError: 412001.
         """
-        await delete_record(
-            self._store,
-            self.kind.collection,
-            id,
-            if_match,
-            not_found=self.kind.not_found_code,
-            etag_code=DpsCode.ETAG_MISMATCH,
-        )
+        try:
+            await delete_record(
+                self._store,
+                self.kind.collection,
+                id,
+                if_match,
+                not_found=self.kind.not_found_code,
+                etag_code=DpsCode.ETAG_MISMATCH,
+            )
+        finally:
+            self._invalidate()
 
     # --- bulk ------------------------------------------------------------------------------
 
@@ -229,7 +248,10 @@ class EnrollmentOperations(Generic[E]):
                 positions.append(i)
             except ProvisioningError as exc:
                 outcomes[i] = exc
-        results = await self._store.write_many(self.kind.collection, writes)
+        try:
+            results = await self._store.write_many(self.kind.collection, writes)
+        finally:
+            self._invalidate()
         for pos, written in zip(positions, results, strict=True):
             outcomes[pos] = written
         if mode is BulkOperationMode.DELETE:
