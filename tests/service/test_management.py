@@ -34,9 +34,9 @@ from provisiond.service.app import initialize
 from provisiond.service.management import Management
 from provisiond.service.settings import Settings
 from provisiond.storage import Collection, Store
+from tests._hub_peer import HubPeer
 from tests.factories import (
     key,
-    linked_hub,
     pem,
     policy,
     root_ca,
@@ -218,8 +218,10 @@ async def test_bulk_reports_each_item(store: Store, management: Management) -> N
 # --- the admin records -------------------------------------------------------------------------
 
 
-async def test_admin_writes_drop_cached_copies(management: Management, invalidated: list[str]) -> None:
-    hub = linked_hub(apply_allocation_policy=False)
+async def test_admin_writes_drop_cached_copies(
+    management: Management, invalidated: list[str], hub_peer: HubPeer
+) -> None:
+    hub = hub_peer.linked_hub(apply_allocation_policy=False)
     ca = root_ca()
     writes = [
         management.hubs.put(hub.host_name, hub),
@@ -250,8 +252,10 @@ async def test_builtin_hub_stays_and_policies_keep_an_administrator(management: 
     assert (await management.policies.get("provisioningserviceowner")).primary_key is None
 
 
-async def test_hub_put_keeps_the_connection_string(store: Store, management: Management) -> None:
-    hub = linked_hub(allocation_weight=3)
+async def test_hub_put_keeps_the_connection_string(
+    store: Store, management: Management, hub_peer: HubPeer
+) -> None:
+    hub = hub_peer.linked_hub(allocation_weight=3)
     created = await management.hubs.put(hub.host_name, hub)
     assert created.connection_string is None
     changed = await management.hubs.put(hub.host_name, msgspec.structs.replace(created, location="north"))
