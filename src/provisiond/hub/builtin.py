@@ -9,8 +9,9 @@ from collections.abc import Callable
 
 import msgspec
 
+from ..models import Deprovision
 from ..storage import Collection, Delete, Record, Store, Write, WriteMode, utc_iso
-from .base import HubError, IdentityChange, IdentitySpec, Planned
+from .base import HubError, IdentityChange, IdentityRef, IdentitySpec, Planned
 from .models import HubDevice, Twin, authentication_for
 
 __all__ = ["BuiltinHub"]
@@ -78,6 +79,18 @@ class BuiltinHub:
             twin = existing.twin
         planned.append((Collection.HUB_DEVICES, self._write(self._device(spec, existing, twin), record)))
         return planned
+
+    async def plan_removal(self, ref: IdentityRef, mode: Deprovision) -> list[Planned]:
+        record = await self._record(ref.hub, ref.device_id)
+        device = self._decode(record)
+        if record is None or device is None:
+            return []
+        if mode is Deprovision.DELETE:
+            return [(Collection.HUB_DEVICES, Delete(record.id, record.etag))]
+        if device.status == "disabled":
+            return []
+        disabled = msgspec.structs.replace(device, status="disabled", updated=utc_iso(self._clock()))
+        return [(Collection.HUB_DEVICES, self._write(disabled, record))]
 
     # --- one operation at a time (what a remote hub does too) ----------------------------------
 
