@@ -83,8 +83,14 @@ def test_registration_deprovision_disables_or_deletes_the_identity(
     assert "disabled in" in run(server, "registration", "deprovision", reg).stdout
     assert _record(admin, reg) is None
     assert _status(admin, hub, reg) == "disabled"
-    # the device registers again (its enrollment is still there): a new record, the identity
-    # enabled again as DPS writes it
+    # its enrollment is still there: the device registers afresh, its identity enabled again
+    key = admin.post(f"/enrollments/{reg}/attestationmechanism")["symmetricKey"]["primaryKey"]
+    device = Device(server, reg)
+    assert (
+        assigned(device.register(device.token(key)))["registrationState"]["substatus"] == "initialAssignment"
+    )
+    device.close()
+    assert _status(admin, hub, reg) == "enabled"
     gone = _registered(server, admin, hub)
     run(server, "registration", "deprovision", gone, "--delete")
     assert _record(admin, gone) is None and _status(admin, hub, gone) is None
