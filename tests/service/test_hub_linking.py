@@ -6,6 +6,7 @@ and the connection string is never returned by a read nor written to the log."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from provisiond.errors import DpsCode
 from provisiond.protocol.sas import parse_sas_token
 from tests._hub_peer import HOST, POLICY, HubPeer
-from tests._server import RunningServer, free_port
+from tests._server import RunningServer, free_port, start_server
 from tests.factories import key
 
 V = {"api-version": "2021-10-01"}
@@ -162,3 +163,46 @@ def test_write_budget_settings(server: RunningServer, hub_peer: HubPeer, http: A
         DpsCode.INVALID_BODY,
         "not for a built-in hub",
     )
+
+
+# --- a second provisiond as the remote hub -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A second ``provisiond serve`` whose built-in hub (named 127.0.0.1, which its development
+    certificate covers) serves IoT Hub's registry REST API: the same wire as Azure IoT Hub."""
+    running = start_server(tmp_path_factory.mktemp("peer"), "--host", "127.0.0.1")
+    if not running.info.get("hubConnectionString"):
+        running.stop()
+        pytest.skip("the built-in hub's service REST API (issue 11) is not on this branch yet")
+    yield running
+    running.stop()
+
+
+def test_linking_another_provisionds_builtin_hub(server: RunningServer, peer: RunningServer) -> None:
+    connection_string = str(peer.info["hubConnectionString"])
+    host = connection_string.split(";")[0].split("=", 1)[1].split(":")[0]
+    ca = Path(peer.ca_file).read_text()
+    path = f"/admin/linkedHubs/{host}"
+    body = {
+        "hostName": host,
+        "connectionString": connection_string,
+        "caCertificate": ca,
+        "applyAllocationPolicy": False,
+    }
+    with server.http(headers={"Authorization": server.token()}) as http:
+        try:
+            wrong = connection_string.rsplit("SharedAccessKey=", 1)[0] + f"SharedAccessKey={key(b'w')}"
+            _refused(
+                http.put(path, params=V, json={**body, "connectionString": wrong}),
+                DpsCode.HUB_CREDENTIAL_REJECTED,
+                "401 IotHubUnauthorizedAccess",
+            )
+            r = http.put(path, params=V, json=body)
+            assert r.status_code == 200, r.text
+            assert "connectionString" not in r.json()
+            secret = connection_string.rsplit("SharedAccessKey=", 1)[1]
+            assert secret not in server.log()
+        finally:
+            http.delete(path, params=V)
