@@ -23,6 +23,7 @@ from provisiond.errors import (
 from provisiond.models import (
     BulkOperationMode,
     CertificateUpload,
+    Deprovision,
     DeviceRegistrationState,
     IndividualEnrollment,
     ProvisioningStatus,
@@ -305,3 +306,27 @@ def test_the_management_layer_knows_nothing_of_http() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(SRC)}, timeout=60
     )
     assert done.returncode == 0, f"provisiond.service.management imports {done.stdout.strip()}{done.stderr}"
+
+
+async def test_deprovisioning_in_a_remote_hub_deletes_nothing_until_the_hub_writer_takes_it(
+    store: Store, management: Management, hub_peer: HubPeer
+) -> None:
+    """A remote hub's removal is an item of the hub writer's outbox (part writer); until it is
+    there, the delete is refused as a whole: the record stays, nothing half done."""
+    hub = hub_peer.linked_hub(apply_allocation_policy=False)
+    await management.hubs.put(hub.host_name, hub)
+    state = DeviceRegistrationState(
+        registration_id="r-remote",
+        device_id="r-remote",
+        status=RegistrationStatus.ASSIGNED,
+        assigned_hub=hub.host_name,
+    )
+    await store.write(
+        Collection.REGISTRATIONS, "r-remote", msgspec.json.encode(state), index={"status": "assigned"}
+    )
+    with pytest.raises(RequestError, match="Cannot deprovision 'r-remote' in 'localhost'"):
+        await management.registrations.delete("r-remote", deprovision=Deprovision.DISABLE)
+    assert (await management.registrations.get("r-remote")).assigned_hub == hub.host_name
+    await management.registrations.delete("r-remote")  # without deprovisioning, as DPS
+    with pytest.raises(NotFoundError):
+        await management.registrations.get("r-remote")
