@@ -3,9 +3,10 @@ by its connection string (provisiond checks the credential then: ``GET /statisti
 
 This is the part of IoT Hub's service REST API the link check reads, with IoT Hub's SAS rules
 (``sr`` the hub's host name, ``skn`` a policy, HMAC-SHA256 with its key) and IoT Hub's 401 body.
-It stands in for a second ``provisiond serve`` whose built-in hub serves the registry REST API
-until that API (issue 11) is on main; the hub is ``localhost`` at the peer's port, its TLS
-certificate issued by a private CA (``caCertificate``).
+It stands in for a second ``provisiond serve`` (tests/service/test_hub_linking.py links one
+too) where a test needs a hub of its own that answers in IoT Hub's words, and lets a test see
+the requests it got. The hub is ``127.0.0.2`` at the peer's port, its TLS certificate issued by
+a private CA (``caCertificate``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from provisiond.models import LinkedHub
 from provisiond.protocol.sas import parse_sas_token, verify_signature
 from tests.factories import key, pem
 
-HOST = "localhost"
+#: The stand-in hub's host name: a loopback address of its own (the served hubs are named
+#: ``localhost`` and the like), which its certificate covers.
+HOST = "127.0.0.2"
 POLICY = "registryReadWrite"
 
 
@@ -115,7 +118,7 @@ def _serve(peer: HubPeer, certificate: Path, private_key: Path) -> tuple[Threadi
             self.end_headers()
             self.wfile.write(body)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer((HOST, 0), Handler)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(certificate, private_key)
     server.socket = context.wrap_socket(server.socket, server_side=True)
@@ -127,7 +130,7 @@ def _serve(peer: HubPeer, certificate: Path, private_key: Path) -> tuple[Threadi
 def hub_peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubPeer]:
     directory = tmp_path_factory.mktemp("hubpeer")
     ca = pki.make_root_ca("hub peer test CA")
-    leaf = pki.make_server_cert(ca, [HOST], ["127.0.0.1"])
+    leaf = pki.make_server_cert(ca, [HOST])
     pki.write_issued(leaf, directory / "server", chain=False)
     peer = HubPeer(0, pem(ca), key(b"p"))
     server, peer.port = _serve(peer, pki.cert_path(directory / "server"), pki.key_path(directory / "server"))

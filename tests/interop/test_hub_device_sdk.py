@@ -36,7 +36,7 @@ from provisiond import pki
 from provisiond.device import ProvisioningDeviceClient as OwnClient
 from provisiond.device import X509Security
 from provisiond.hub.messages import CloudToDeviceMessage, c2d_to, decode_event, encode_c2d, partition
-from provisiond.service._hub_identities import Identities
+from provisiond.hub.registry import HubRegistry
 from provisiond.service.hub_broker import HubBroker
 from provisiond.service_client import ServiceClient
 from provisiond.storage import Store, Stream, open_store, utc_iso
@@ -104,7 +104,7 @@ class ServiceSide:
         self.run(self.store.open())
         self.broker = HubBroker(self.store)
         self.run(self.broker.start())
-        self.identities = Identities(self.store)
+        self.identities = HubRegistry(self.store)
 
     def run(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(60)

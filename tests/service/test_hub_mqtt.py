@@ -21,7 +21,7 @@ import pytest
 from provisiond import pki
 from provisiond.errors import DeviceNotOnlineError, GatewayTimeoutError
 from provisiond.hub.messages import CloudToDeviceMessage, c2d_to, decode_event, encode_c2d, partition
-from provisiond.service._hub_identities import Identities
+from provisiond.hub.registry import HubRegistry
 from provisiond.service.hub_broker import HubBroker
 from provisiond.service_client import ServiceClient
 from provisiond.storage import Collection, Stream, WriteMode, utc_iso
@@ -334,7 +334,7 @@ async def test_desired_patches_reach_the_connected_device_with_their_version(
         broker = HubBroker(store)
         await broker.start()
         try:
-            changes, version = await Identities(store).patch_desired(
+            changes, version = await HubRegistry(store).patch_desired(
                 device.hub, device.device_id, {"rate": 7, "mode": "eco"}
             )
             assert version == 2 and changes is not None

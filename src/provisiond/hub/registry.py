@@ -47,7 +47,7 @@ from ..errors import (
     PreconditionFailedError,
     ThrottledError,
 )
-from ..storage import Collection, Record, Store, Stream, WriteMode, etags_match, utc_iso
+from ..storage import Collection, Record, Store, Stream, WriteMode, etags_match, is_wildcard, utc_iso
 from . import _records
 from .models import (
     AuthenticationType,
@@ -59,6 +59,7 @@ from .models import (
     RegistryStatistics,
     SymmetricKeyAuth,
     TwinPatch,
+    TwinProperties,
     X509Thumbprint,
     new_device_etag,
     new_generation_id,
@@ -484,6 +485,12 @@ class HubRegistry:
         old, new = await self._modify(hub, device_id, change)
         return TwinUpdate(new, twins.desired_changes(old.twin, new.twin))
 
+    async def patch_desired(self, hub: str, device_id: str, patch: Json) -> tuple[Json | None, int]:
+        """A desired-properties patch alone (:meth:`update_twin` without tags or If-Match, for
+        tools and tests): what changed (``None``: nothing) and the new desired version."""
+        update = await self.update_twin(hub, device_id, TwinPatch(properties=TwinProperties(desired=patch)))
+        return update.desired_changes, update.device.twin.desired_version
+
     async def patch_reported(self, hub: str, device_id: str, patch: Any) -> int:
         """The device's reported-properties PATCH (MQTT ``$iothub/twin/PATCH/properties/
         reported/``): merged, ``null`` deletes; the identity's last activity is now. Returns the
@@ -521,13 +528,16 @@ class HubRegistry:
 
         return await self._modify_if_present(hub, device_id, change)
 
-    async def record_activity(self, hub: str, device_id: str) -> bool:
-        """Record the device's last activity (it sent or received something) as now; ``False``
-        when the identity is gone. A caller on a hot path (telemetry) calls this at most every
-        few seconds per device."""
+    async def record_activity(self, hub: str, device_id: str, *, when: float | None = None) -> bool:
+        """Record the device's last activity (it sent or received something) at ``when`` (Unix
+        seconds; now by default), unless a later one is recorded; ``False`` when the identity
+        is gone. A caller on a hot path (telemetry) batches it: at most every few seconds per
+        device."""
+        stamp = utc_iso(when) if when is not None else None
 
         def change(old: HubDevice, now: str) -> HubDevice:
-            return msgspec.structs.replace(old, last_activity_time=now, updated=now)
+            latest = max(stamp or now, old.last_activity_time or "")
+            return msgspec.structs.replace(old, last_activity_time=latest, updated=now)
 
         return await self._modify_if_present(hub, device_id, change)
 
@@ -579,7 +589,7 @@ class HubRegistry:
 
     @staticmethod
     def _check_etag(if_match: str | None, etag: str | None, what: str) -> None:
-        if if_match is None or if_match.strip() == "*":
+        if if_match is None or is_wildcard(if_match):
             return
         if etag is None or not etags_match(if_match, etag):
             raise PreconditionFailedError(
