@@ -23,6 +23,7 @@ import pytest
 
 from provisiond import pki
 from provisiond.protocol.sas import build_sas_token, derive_device_key
+from tests._hub_peer import HubPeer
 from tests._server import RunningServer, start_server
 
 V = {"api-version": "2021-06-01"}
@@ -262,15 +263,9 @@ def test_no_hub_available_fails_with_400208(server: RunningServer, admin: Any) -
     device.close()
 
 
-def test_external_hub_fails_with_400209(server: RunningServer, admin: Any) -> None:
-    host = f"{uid('ext')}.azure-devices.net"
-    admin.put(
-        f"/admin/linkedHubs/{host}",
-        {
-            "hostName": host,
-            "connectionString": f"HostName={host};SharedAccessKeyName=o;SharedAccessKey=a2V5a2V5a2V5a2V5a2V5a2V5",
-        },
-    )
+def test_external_hub_fails_with_400209(server: RunningServer, admin: Any, hub_peer: HubPeer) -> None:
+    host = hub_peer.linked_hub().host_name
+    admin.put(f"/admin/linkedHubs/{host}", hub_peer.body())
     reg = uid()
     key = enroll_symmetric(admin, reg, iotHubs=[host], allocationPolicy="static")
     device = Device(server, reg)

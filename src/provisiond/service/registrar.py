@@ -318,7 +318,7 @@ class Registrar:
         default_policy = None
         if match.enrollment.allocation_policy is None:
             default_policy = (await self.ctx.service_settings(max_age=CONFIG_MAX_AGE)).allocation_policy
-        choice = choose_hub(facts, linked, default_policy)
+        choice = choose_hub(facts, linked, default_policy, region=self.ctx.settings.region)
         if isinstance(choice, AskWebhook):
             return decide(facts, await self._ask_webhook(facts, choice, request))
         return decide(facts, choice)
