@@ -133,6 +133,9 @@ C2D_WINDOW = 10
 #: Seconds between two writes of the devices' ``lastActivityTime`` (the default of
 #: ``Settings.hub_activity_interval``).
 ACTIVITY_INTERVAL = 30.0
+#: Seconds a desired patch waits for an earlier version's (relayed from another process within
+#: the broker's poll interval) before it goes out without it.
+DESIRED_GAP_WAIT = 0.5
 _READ_SIZE = 65536
 _GRANTED = {
     QoS.AT_MOST_ONCE: SubackReturnCode.GRANTED_QOS_0,
@@ -242,6 +245,13 @@ class _HubSession:
         self._c2d_inflight: dict[int, int] = {}  # packet id -> seq
         self._c2d_sent = 0  # the newest seq published (this or an earlier connection)
         self._c2d_sent_before = 0
+        # Desired patches go out in version order, whichever process committed them (a write
+        # in another worker or node is relayed through the signal stream, later than a local
+        # one): the newest version published (the twin's at CONNECT before any), and the
+        # patches waiting for the versions before them.
+        self._desired_version = 0
+        self._desired_waiting: dict[int, Mapping[str, Any]] = {}
+        self._desired_timer: asyncio.TimerHandle | None = None
 
     @property
     def key(self) -> str:
@@ -323,6 +333,7 @@ class _HubSession:
             if result.expires is not None:
                 self.expires = time.monotonic() + (result.expires - endpoint.ctx.clock())
             self._identity_created = found.created
+            self._desired_version = found.twin.desired_version
             stored = await self._restore()
             await self.broker.attach(self)
         except StorageError as exc:
@@ -420,6 +431,8 @@ class _HubSession:
     async def _after_close(self) -> None:
         """The Will, what the stored session must remember, and (last: once it reads
         ``Disconnected``, the rest is done) the connection state."""
+        if self._desired_timer is not None:
+            self._desired_timer.cancel()
         endpoint = self.endpoint
         endpoint.forget(self.hub, self.device_id)
         try:
@@ -520,10 +533,36 @@ class _HubSession:
         self._publish(method_request_topic(name, rid), payload, QoS.AT_MOST_ONCE)
 
     def send_desired(self, changes: Mapping[str, Any], version: int) -> None:
-        qos = self._granted(Filter.DESIRED_PATCHES)
-        if qos is not None:
-            body = _json.encode(twins.desired_notification(changes, version))
-            self._publish(desired_patch_topic(version), body, qos)
+        """Publish the desired patch of ``version`` once every earlier one is published (an
+        empty one only moves the version on: a write that changed nothing); one older than
+        the twin the device connected with is in the twin it reads. A version whose patch
+        never comes (its notifier died, or a write that notifies nobody, such as DPS's
+        re-provisioning) holds the later ones back for :data:`DESIRED_GAP_WAIT` at most."""
+        if version <= self._desired_version:
+            return
+        self._desired_waiting[version] = changes
+        self._release_desired(skip_gaps=False)
+
+    def _release_desired(self, *, skip_gaps: bool) -> None:
+        while self._desired_waiting:
+            version = min(self._desired_waiting)
+            if version != self._desired_version + 1 and not skip_gaps:
+                break
+            changes = self._desired_waiting.pop(version)
+            self._desired_version = version
+            qos = self._granted(Filter.DESIRED_PATCHES)
+            if changes and qos is not None:
+                body = _json.encode(twins.desired_notification(changes, version))
+                self._publish(desired_patch_topic(version), body, qos)
+        if not self._desired_waiting and self._desired_timer is not None:
+            self._desired_timer.cancel()
+            self._desired_timer = None
+        elif self._desired_waiting and self._desired_timer is None:
+            self._desired_timer = asyncio.get_running_loop().call_later(DESIRED_GAP_WAIT, self._desired_gap)
+
+    def _desired_gap(self) -> None:
+        self._desired_timer = None
+        self._release_desired(skip_gaps=True)
 
     def wake_c2d(self) -> None:
         self._deliver_c2d()
