@@ -31,9 +31,10 @@ from provisiond.hub import (
     TwinPatch,
     twin_view,
 )
+from provisiond.hub._records import device_key
 from provisiond.hub.models import SymmetricKeyAuth, TwinProperties, X509Thumbprint
 from provisiond.hub.registry import HubRegistry, QueryPage
-from provisiond.storage import Stream, open_store
+from provisiond.storage import Collection, Stream, open_store
 from provisiond.storage._sql import load_migrations
 from provisiond.storage.base import Store
 
@@ -149,6 +150,25 @@ async def test_self_signed_thumbprints_fill_both_slots(registry: HubRegistry) ->
     )
 
 
+async def test_an_update_without_authentication_keeps_the_identitys(registry: HubRegistry) -> None:
+    """A body without ``authentication`` (a status change) keeps a selfSigned identity's
+    thumbprints and a sas identity's keys: nothing the device connects with changes."""
+    auth = DeviceAuthentication(
+        type=AuthenticationType.SELF_SIGNED, x509_thumbprint=X509Thumbprint(primary_thumbprint="cd" * 32)
+    )
+    created = await registry.create(HUB, Device(device_id="x509-keep", authentication=auth))
+    changed = await registry.update(
+        HUB, Device(device_id="x509-keep", status=DeviceStatus.DISABLED), if_match="*"
+    )
+    assert changed.device.authentication == created.authentication
+    assert changed.disconnect == "the device was disabled"
+    keyed = await registry.create(HUB, sas("sas-keep", KEY))
+    enabled = await registry.update(
+        HUB, Device(device_id="sas-keep", status=DeviceStatus.ENABLED), if_match="*"
+    )
+    assert enabled.device.authentication == keyed.authentication and enabled.disconnect is None
+
+
 async def test_update_on_the_identitys_etag(registry: HubRegistry, clock: Clock) -> None:
     created = await registry.create(HUB, sas("dev-u", KEY))
     # A reported patch changes the record, not the identity's etag: an update on it still works.
@@ -218,6 +238,24 @@ async def test_list_statistics_and_connection_state(registry: HubRegistry, clock
         device.connection_state is ConnectionState.DISCONNECTED and await registry.connected_count(HUB) == 0
     )
     assert device.last_activity_time == "2027-01-15T08:00:10.000000Z"
+
+
+async def test_batched_activity_keeps_its_own_time_and_never_goes_back(
+    registry: HubRegistry, clock: Clock, store: Store
+) -> None:
+    """The hub's MQTT endpoint writes last activity in batches, later than it happened: the
+    time it names is kept (not the write's), an older one changes nothing (no write at all)."""
+    await registry.create(HUB, sas("dev-a"))
+    start = clock.now
+    clock.now += 30
+    assert await registry.record_activity(HUB, "dev-a", when=start + 12)
+    record = await store.get(Collection.HUB_DEVICES, device_key(HUB, "dev-a"))
+    assert (await registry.get(HUB, "dev-a")).last_activity_time == "2027-01-15T08:00:12.000000Z"
+    assert await registry.record_activity(HUB, "dev-a", when=start + 3)
+    assert (await registry.get(HUB, "dev-a")).last_activity_time == "2027-01-15T08:00:12.000000Z"
+    after = await store.get(Collection.HUB_DEVICES, device_key(HUB, "dev-a"))
+    assert record is not None and after is not None and after.etag == record.etag
+    assert not await registry.record_activity(HUB, "gone", when=start)
 
 
 # --- twins -------------------------------------------------------------------------------------

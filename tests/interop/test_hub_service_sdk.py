@@ -82,7 +82,12 @@ def test_node_registry(node: str, hub: RunningServer) -> None:  # noqa: F811
     assert out["updatedTwin"]["etag"] != out["twinEtag"]
     # the SDK maps 412 to its InvalidEtagError and the 404 body's DeviceNotFound to its error class
     assert out["staleEtagError"]["name"] == "InvalidEtagError", out["staleEtagError"]
-    assert out["queried"] == [{"deviceId": device_id, "tags": {"tag": tag}}]
+    # two pages of one twin each, in device id order
+    assert out["queried"] == [
+        {"deviceId": device_id, "tags": {"tag": tag}},
+        {"deviceId": f"{device_id}-2", "tags": {"tag": tag}},
+    ]
+    assert out["pages"] == 2
     assert out["disabled"]["status"] == "disabled"
     assert out["statistics"]["totalDeviceCount"] >= 1
     assert out["statistics"]["disabledDeviceCount"] >= 1
@@ -119,9 +124,15 @@ def test_python_registry_manager(hub: RunningServer, monkeypatch: pytest.MonkeyP
     assert stale.value.response.status_code == 412
 
     spec = QuerySpecification(query=f"SELECT * FROM devices WHERE tags.tag = '{tag}'")
+    second = f"{device_id}-2"
+    manager.create_device_with_sas(second, primary, secondary, "enabled")
+    manager.update_twin(second, Twin(tags={"tag": tag}))  # etag "*" (quoted) by default
     page = manager.query_iot_hub(spec, None, 1)
     assert page.type == "twin" and [t.device_id for t in page.items] == [device_id]
-    assert page.continuation_token is None
+    assert page.continuation_token
+    last = manager.query_iot_hub(spec, page.continuation_token, 1)
+    assert [t.device_id for t in last.items] == [second] and last.continuation_token is None
+    manager.delete_device(second)
 
     updated = manager.update_device_with_sas(device_id, device.etag, primary, secondary, "disabled")
     assert updated.status == "disabled" and updated.etag != device.etag

@@ -5,15 +5,20 @@ call them (iothub.md §3)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography import x509
 
-from tests._hub import HubPaho, Provisioned
+from provisiond import pki
+from provisiond.certificates import sha1_thumbprint
+from provisiond.hub.registry import HubRegistry
+from tests._hub import HubPaho, Provisioned, server_store
 from tests._hub_service import HubService, iothub_error, parse_connection_string
 from tests._server import RunningServer
 
@@ -428,3 +433,72 @@ def test_identities_made_through_the_api_connect_and_hear_of_service_writes(
         assert again.next("disconnect")
     finally:
         again.close()
+
+
+def test_x509_identities_made_through_the_api_connect_with_their_certificate(
+    server: RunningServer, hub: HubService, tmp_path: Path
+) -> None:
+    """A selfSigned identity the API created, with the SHA-1 thumbprint in lower case (as users
+    copy it from openssl), connects with that certificate; another certificate is refused."""
+    device_id = uid("x509")
+    leaf = pki.make_device_cert(device_id)
+    pki.write_issued(leaf, tmp_path / "leaf")
+    body = {
+        "deviceId": device_id,
+        "authentication": {
+            "type": "selfSigned",
+            "x509Thumbprint": {"primaryThumbprint": sha1_thumbprint(leaf.cert).lower()},
+        },
+    }
+    assert hub.request("PUT", f"/devices/{device_id}", json=body).status_code == 200
+    device = Provisioned(
+        hub=server.info["builtinHub"],
+        device_id=device_id,
+        cert=pki.cert_path(tmp_path / "leaf"),
+        key_file=pki.key_path(tmp_path / "leaf"),
+    )
+    client = HubPaho(server, device, clean_session=True).connected()
+    client.close()
+    other = pki.make_device_cert(device_id)
+    pki.write_issued(other, tmp_path / "other")
+    impostor = Provisioned(
+        hub=device.hub,
+        device_id=device_id,
+        cert=pki.cert_path(tmp_path / "other"),
+        key_file=pki.key_path(tmp_path / "other"),
+    )
+    refused = HubPaho(server, impostor, clean_session=True)
+    try:
+        assert refused.connack()[0] != 0
+    finally:
+        refused.close()
+
+
+async def test_a_desired_version_nobody_announces_holds_later_patches_back_briefly(
+    server: RunningServer, hub: HubService
+) -> None:
+    """A desired write that notifies nobody (DPS's re-provisioning, a notifier that died before
+    its signal) leaves a gap in the versions a session sees: the next patch goes out anyway, in
+    its turn, once the gap wait is over."""
+    device_id = uid()
+    made = hub.request("PUT", f"/devices/{device_id}", json={"deviceId": device_id}).json()
+    device = Provisioned(
+        hub=server.info["builtinHub"],
+        device_id=device_id,
+        key=made["authentication"]["symmetricKey"]["primaryKey"],
+    )
+    client = await asyncio.to_thread(lambda: HubPaho(server, device, clean_session=True).connected())
+    try:
+        assert await asyncio.to_thread(client.subscribe, "$iothub/twin/PATCH/properties/desired/#") == (1,)
+        async with server_store(server) as store:
+            _, silent = await HubRegistry(store).patch_desired(device.hub, device_id, {"silent": 1})
+        assert silent == 2
+        patched = await asyncio.to_thread(
+            hub.request, "PATCH", f"/twins/{device_id}", json={"properties": {"desired": {"loud": 1}}}
+        )
+        assert patched.status_code == 200
+        topic, _, payload, _ = await asyncio.to_thread(client.message)
+        assert topic == "$iothub/twin/PATCH/properties/desired/?$version=3"
+        assert json.loads(payload) == {"loud": 1, "$version": 3}
+    finally:
+        client.close()

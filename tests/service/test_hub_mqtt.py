@@ -9,30 +9,38 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import ssl
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 
 from provisiond import pki
 from provisiond.errors import DeviceNotOnlineError, GatewayTimeoutError
 from provisiond.hub.messages import CloudToDeviceMessage, c2d_to, decode_event, encode_c2d, partition
+from provisiond.hub.models import ConnectionState, Device, DeviceStatus, TwinPatch, TwinProperties
 from provisiond.hub.registry import HubRegistry
-from provisiond.service.hub_broker import HubBroker
+from provisiond.protocol.mqtt import Connack, MqttConnection, Packet, Publish, QoS, Role, Suback, Subscription
+from provisiond.protocol.sas import build_sas_token, derive_device_key
+from provisiond.service.hub_broker import HubBroker, MethodRequest
 from provisiond.service_client import ServiceClient
-from provisiond.storage import Collection, Stream, WriteMode, utc_iso
+from provisiond.storage import Collection, Stream, open_store, utc_iso
 from tests._hub import (
     HubPaho,
     Provisioned,
     hub_token,
+    hub_username,
     poll_until,
     provision_symmetric,
     provision_x509,
     server_store,
+    uid,
 )
 from tests._server import RunningServer, start_server
 
@@ -90,6 +98,48 @@ def test_a_provisioned_device_connects_with_its_key(
     connect(hub_server, device, devices, websockets=websockets).connected()
 
 
+def test_a_group_device_connects_with_its_derived_key(
+    hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho]
+) -> None:
+    gid = uid("hubskg")
+    admin.put(f"/enrollmentGroups/{gid}", {"enrollmentGroupId": gid, "attestation": {"type": "symmetricKey"}})
+    group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
+    reg = uid("hubskgd")
+    key = derive_device_key(group_key, reg)
+    token = build_sas_token(
+        f"{hub_server.id_scope}/registrations/{reg}", key, int(time.time()) + 600, key_name="registration"
+    )
+    with hub_server.http() as http:
+        r = http.put(
+            f"/{hub_server.id_scope}/registrations/{reg}/register",
+            params={"api-version": "2021-10-01"},
+            json={"registrationId": reg},
+            headers={"Authorization": token},
+        )
+    assert r.status_code == 202 and r.json()["status"] == "assigned", r.text
+    device = Provisioned(r.json()["registrationState"]["assignedHub"], reg, key=key)
+    connect(hub_server, device, devices).connected()
+    # The group's own key is not the device's.
+    assert connect(hub_server, Provisioned(device.hub, reg, key=group_key), devices).connack() == (5, 0)
+
+
+async def test_an_identity_created_in_the_registry_connects_with_either_key(
+    hub_server: RunningServer, devices: list[HubPaho]
+) -> None:
+    """Identities made by the service (the registry, as ``PUT /devices/{id}`` makes them; keys
+    generated) connect like provisioned ones, with the primary or the secondary key."""
+    hub = hub_server.info["builtinHub"]
+    device_id = uid("hubreg")
+    async with server_store(hub_server) as store:
+        created = await HubRegistry(store).create(hub, Device(device_id=device_id))
+    keys = created.authentication.symmetric_key
+    assert keys is not None and keys.primary_key and keys.secondary_key
+    for key, session_present in ((keys.primary_key, 0), (keys.secondary_key, 1)):
+        client = await asyncio.to_thread(connect, hub_server, Provisioned(hub, device_id, key=key), devices)
+        assert await asyncio.to_thread(client.connack) == (0, session_present)
+        await asyncio.to_thread(client.close)
+
+
 def test_an_x509_device_connects_with_its_certificate(
     hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho], tmp_path: Path
 ) -> None:
@@ -106,6 +156,86 @@ def test_an_x509_device_connects_with_its_certificate(
     )
     assert connect(hub_server, other, devices).connack() == (5, 0)
     wait_for_log(hub_server, device.device_id, "return code 5", "thumbprint mismatch")
+
+
+def test_a_ca_authenticated_device_connects_with_its_chain_to_a_verified_ca(
+    hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho], tmp_path: Path
+) -> None:
+    """A group device the hub keeps as ``certificateAuthority`` connects with a certificate that
+    chains (through the intermediate it presents) to a CA certificate verified in provisiond;
+    while that CA is not verified, or from another CA, the CONNECT is refused (5)."""
+    hub = hub_server.info["builtinHub"]
+    admin.put(
+        f"/admin/linkedHubs/{hub}",
+        {"hostName": hub, "x509GroupAuthentication": "certificateAuthority"},
+        if_match="*",
+    )
+    root = pki.make_root_ca(uid("Hub Root"))
+    inter = pki.make_intermediate_ca(uid("Hub Intermediate"), root)
+    gid = uid("hubca")
+    admin.put(
+        f"/enrollmentGroups/{gid}",
+        {
+            "enrollmentGroupId": gid,
+            "attestation": {
+                "type": "x509",
+                "x509": {
+                    "signingCertificates": {
+                        "primary": {"certificate": pki.certificate_pem(root.cert).decode()}
+                    }
+                },
+            },
+        },
+    )
+
+    def provisioned(issuer: pki.Issued) -> Provisioned:
+        reg = uid("hubcad")
+        prefix = tmp_path / reg
+        pki.write_issued(pki.make_device_cert(reg, issuer), prefix, chain=True)
+        ctx = ssl.create_default_context(cafile=hub_server.ca_file)
+        ctx.load_cert_chain(str(pki.chain_path(prefix)), str(pki.key_path(prefix)))
+        with httpx.Client(base_url=hub_server.base_url, verify=ctx, timeout=10) as http:
+            r = http.put(
+                f"/{hub_server.id_scope}/registrations/{reg}/register",
+                params={"api-version": "2021-10-01"},
+                json={"registrationId": reg},
+            )
+        assert r.status_code == 202 and r.json()["status"] == "assigned", r.text
+        state = r.json()["registrationState"]
+        return Provisioned(
+            state["assignedHub"],
+            state["deviceId"],
+            cert=pki.chain_path(prefix),
+            key_file=pki.key_path(prefix),
+        )
+
+    device = provisioned(inter)
+
+    async def authentication() -> Any:
+        async with server_store(hub_server) as store:
+            record = await store.get(Collection.HUB_DEVICES, f"{device.hub}/{device.device_id}")
+        assert record is not None
+        return msgspec.json.decode(record.doc)["authentication"]["type"]
+
+    assert asyncio.run(authentication()) == "certificateAuthority"
+    # The CA is not verified in provisiond yet.
+    name = uid("hubroot")
+    admin.put(f"/admin/certificates/{name}", {"certificate": pki.certificate_pem(root.cert).decode()})
+    assert connect(hub_server, device, devices).connack() == (5, 0)
+    wait_for_log(hub_server, device.device_id, "return code 5")
+    code = admin.post(f"/admin/certificates/{name}/generateVerificationCode")["verificationCode"]
+    proof = pki.certificate_pem(pki.make_verification_cert(code, root).cert).decode()
+    assert admin.post(f"/admin/certificates/{name}/verify", {"certificate": proof})["isVerified"] is True
+    connect(hub_server, device, devices).connected()
+    # A certificate with the device's name from another CA is not the device's.
+    impostor = Provisioned(device.hub, device.device_id)
+    stranger = pki.make_intermediate_ca(uid("Stranger"), pki.make_root_ca(uid("Stranger Root")))
+    pki.write_issued(pki.make_device_cert(device.device_id, stranger), tmp_path / "stranger", chain=True)
+    impostor.cert, impostor.key_file = (
+        pki.chain_path(tmp_path / "stranger"),
+        pki.key_path(tmp_path / "stranger"),
+    )
+    assert connect(hub_server, impostor, devices).connack() == (5, 0)
 
 
 @pytest.mark.parametrize(
@@ -151,24 +281,30 @@ def test_bad_connects_get_iot_hubs_return_codes(
     wait_for_log(hub_server, device.device_id, f"return code {code}", words)
 
 
-async def test_a_disabled_device_is_refused_with_server_unavailable(
+async def test_disabling_a_connected_device_closes_it_and_refuses_it_with_server_unavailable(
     hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho]
 ) -> None:
+    """The registry's update says why a connected device must go; the broker closes its
+    connection wherever it is (here: the server, told by the test process as another node);
+    a disabled device's CONNECT gets 3, what the C and Java SDKs read as "device disabled"."""
     device = provision_symmetric(hub_server, admin)
+    client = await asyncio.to_thread(lambda: connect(hub_server, device, devices).connected())
     async with server_store(hub_server) as store:
-        key = f"{device.hub.lower()}/{device.device_id}"
-        record = await store.get(Collection.HUB_DEVICES, key)
-        assert record is not None
-        doc = {**msgspec.json.decode(record.doc), "status": "disabled"}
-        await store.write(
-            Collection.HUB_DEVICES, key, msgspec.json.encode(doc), index=record.index, mode=WriteMode.UPDATE
-        )
-    client = await asyncio.to_thread(connect, hub_server, device, devices)
-    assert await asyncio.to_thread(client.connack) == (
-        3,
-        0,
-    )  # the C and Java SDKs read 3 as "device disabled"
-    wait_for_log(hub_server, device.device_id, "return code 3", "disabled")
+        broker = HubBroker(store)
+        await broker.start()
+        try:
+            changed = await HubRegistry(store).update(
+                device.hub, Device(device_id=device.device_id, status=DeviceStatus.DISABLED), if_match="*"
+            )
+            assert changed.disconnect == "the device was disabled"
+            await broker.disconnect(device.hub, device.device_id, changed.disconnect)
+        finally:
+            await broker.close()
+    await asyncio.to_thread(client.next, "disconnect")
+    await asyncio.to_thread(wait_for_log, hub_server, device.device_id, "closed", "the device was disabled")
+    again = await asyncio.to_thread(connect, hub_server, device, devices)
+    assert await asyncio.to_thread(again.connack) == (3, 0)
+    await asyncio.to_thread(wait_for_log, hub_server, device.device_id, "return code 3", "disabled")
 
 
 def test_dps_connects_keep_working_on_the_shared_listener(
@@ -334,9 +470,12 @@ async def test_desired_patches_reach_the_connected_device_with_their_version(
         broker = HubBroker(store)
         await broker.start()
         try:
-            changes, version = await HubRegistry(store).patch_desired(
-                device.hub, device.device_id, {"rate": 7, "mode": "eco"}
+            update = await HubRegistry(store).update_twin(
+                device.hub,
+                device.device_id,
+                TwinPatch(properties=TwinProperties(desired={"rate": 7, "mode": "eco"})),
             )
+            changes, version = update.desired_changes, update.device.twin.desired_version
             assert version == 2 and changes is not None
             await broker.notify_desired(device.hub, device.device_id, changes, version)
             topic, qos, payload, _ = await asyncio.to_thread(client.message)
@@ -383,6 +522,28 @@ async def test_a_method_invoked_on_another_node_is_answered_by_the_device(
     assert (result.status, result.payload) == (201, {"got": {"delay": 1}})
 
 
+async def test_a_method_request_signalled_twice_reaches_the_device_once(
+    hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho]
+) -> None:
+    """A caller on another node may signal its request again with the same $rid (it saw the
+    device connect); the process holding the device delivers each $rid once."""
+    device = provision_symmetric(hub_server, admin)
+    client = await asyncio.to_thread(lambda: connect(hub_server, device, devices).connected())
+    assert await asyncio.to_thread(client.subscribe, "$iothub/methods/POST/#") == (1,)
+    key = partition(device.hub, device.device_id)
+
+    def request(rid: str, name: str) -> tuple[str, bytes]:
+        signal = MethodRequest(rid=rid, name=name, payload=b"{}", connect_deadline=0.0, origin="elsewhere")
+        return key, msgspec.json.encode(signal)
+
+    async with server_store(hub_server) as store:
+        await store.append(Stream.HUB_SIGNALS, [request("rid-1", "first")])
+        await store.append(Stream.HUB_SIGNALS, [request("rid-1", "first")])
+        await store.append(Stream.HUB_SIGNALS, [request("rid-2", "second")])
+    topics = [(await asyncio.to_thread(client.message))[0] for _ in range(2)]
+    assert topics == ["$iothub/methods/POST/first/?$rid=rid-1", "$iothub/methods/POST/second/?$rid=rid-2"]
+
+
 async def test_a_device_not_subscribed_to_methods_is_not_online(
     hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho]
 ) -> None:
@@ -418,6 +579,19 @@ def test_keep_alive_is_enforced_at_one_and_a_half_times(
     client = connect(hub_server, device, devices, keepalive=1).connected()
     client.client.loop_stop()  # no more PINGREQs
     wait_for_log(hub_server, device.device_id, "closed", "the keep-alive lapsed (1 s)")
+
+
+def test_the_session_ends_when_its_sas_token_expires(
+    hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho]
+) -> None:
+    """As IoT Hub: a connection lasts until its SAS token expires (with the service's clock
+    skew, 60 s), then the device must connect again with a new one."""
+    device = provision_symmetric(hub_server, admin)
+    assert device.key is not None
+    token = hub_token(device.hub, device.device_id, device.key, ttl=-58)  # 2 s of skew left
+    client = connect(hub_server, device, devices, password=token).connected()
+    client.next("disconnect")
+    wait_for_log(hub_server, device.device_id, "closed", "the SAS token expired")
 
 
 # --- persistent sessions and cloud-to-device messages --------------------------------------------
@@ -506,5 +680,204 @@ def test_a_persistent_session_keeps_its_subscriptions_across_a_restart(tmp_path:
         clean.close()
         again = HubPaho(server, device).connected(session_present=0)
         again.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_one_connection_per_device_across_nodes(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Two ``provisiond serve`` on one database (a SQLite file; PostgreSQL, as several nodes
+    run): the device's newer connection, on the other node, closes the older one; the identity
+    stays connected, and a method invoked from a third process reaches the device where it is
+    now."""
+    if backend == "postgresql":
+        db = str(request.getfixturevalue("postgres_db_url"))
+    else:
+        db = f"sqlite:///{tmp_path / 'a' / 'provisiond.db'}"
+    node_a = start_server(tmp_path / "a", "--db", db.removeprefix("sqlite:///"))
+    node_b = start_server(tmp_path / "b", "--db", db.removeprefix("sqlite:///"))
+    made: list[HubPaho] = []
+    try:
+        with node_a.client() as admin:
+            device = provision_symmetric(node_a, admin)
+        first = connect(node_a, device, made).connected()
+        assert first.subscribe("$iothub/methods/POST/#") == (1,)
+        second = connect(node_b, device, made).connected(session_present=1)
+        first.next("disconnect")
+        wait_for_log(
+            node_a, device.device_id, "closed", "a new connection of the device (on another process)"
+        )
+
+        async def invoke() -> tuple[Any, bool]:
+            store = open_store(db)
+            await store.open()
+            try:
+                broker = HubBroker(store)
+                await broker.start()
+                try:
+                    answering = asyncio.ensure_future(asyncio.to_thread(answer))
+                    result = await broker.invoke_method(
+                        device.hub, device.device_id, "where", None, response_timeout=10
+                    )
+                    await answering
+                finally:
+                    await broker.close()
+                identity = await HubRegistry(store).get(device.hub, device.device_id)
+                return result, identity.connection_state is ConnectionState.CONNECTED
+            finally:
+                await store.close()
+
+        def answer() -> None:
+            topic, _, _, _ = second.message()  # the stored session's subscription, on node B
+            rid = topic.split("?$rid=")[1]
+            second.publish(f"$iothub/methods/res/200/?$rid={rid}", b'"node b"')
+
+        result, connected = asyncio.run(invoke())
+        assert (result.status, result.payload) == (200, "node b")
+        assert connected, "the replaced connection does not mark the identity disconnected"
+    finally:
+        for client in made:
+            client.close()
+        node_b.stop()
+        node_a.stop()
+    for node in (node_a, node_b):
+        assert "Traceback" not in node.log(), node.log()[-3000:]
+
+
+def test_last_activity_is_written_in_batches_not_per_message(tmp_path: Path) -> None:
+    """connectionState and lastActivityTime on the identity: written at connect, not for each
+    message (the identity's record is unchanged after a burst of telemetry when the batch
+    interval has not passed), and brought forward by the batch while the device stays
+    connected."""
+
+    async def identity(server: RunningServer, device: Provisioned) -> tuple[str, dict[str, Any]]:
+        async with server_store(server) as store:
+            record = await store.get(Collection.HUB_DEVICES, f"{device.hub}/{device.device_id}")
+        assert record is not None
+        return record.etag, msgspec.json.decode(record.doc)
+
+    def burst(client: HubPaho, device: Provisioned) -> None:
+        mids = [
+            client.publish(f"devices/{device.device_id}/messages/events/", b"x%d" % i, qos=1)
+            for i in range(20)
+        ]
+        acked = {client.next("puback")[1] for _ in mids}
+        assert acked == set(mids)
+
+    for interval, batched in (("3600", False), ("0.2", True)):
+        server = start_server(tmp_path / interval, "--hub-activity-interval", interval)
+        try:
+            with server.client() as admin:
+                device = provision_symmetric(server, admin)
+            client = HubPaho(server, device).connected()
+            try:
+
+                async def connected(server: RunningServer = server, device: Provisioned = device) -> bool:
+                    return (await identity(server, device))[1].get("connectionState") == "Connected"
+
+                assert asyncio.run(poll_until(connected))
+                etag, doc = asyncio.run(identity(server, device))
+                at_connect = doc["lastActivityTime"]
+                assert doc["connectionStateUpdatedTime"] == at_connect
+                burst(client, device)
+                if not batched:
+                    assert asyncio.run(identity(server, device))[0] == etag, "a write per message"
+                    continue
+
+                async def moved(
+                    server: RunningServer = server, device: Provisioned = device, at_connect: str = at_connect
+                ) -> bool:
+                    doc = (await identity(server, device))[1]
+                    return bool(
+                        doc["lastActivityTime"] > at_connect and doc["connectionState"] == "Connected"
+                    )
+
+                assert asyncio.run(poll_until(moved)), "the batch brings lastActivityTime forward"
+            finally:
+                client.close()
+        finally:
+            server.stop()
+
+
+class SilentDevice:
+    """A device that does not acknowledge what it receives (provisiond's own MQTT machine, in
+    the client role, over a TLS socket): paho acknowledges every QoS 1 publish at once."""
+
+    def __init__(self, server: RunningServer, device: Provisioned) -> None:
+        assert device.key is not None
+        ctx = ssl.create_default_context(cafile=server.ca_file)
+        raw = socket.create_connection(("localhost", int(server.info["mqttPort"])), timeout=WAIT)
+        self.sock = ctx.wrap_socket(raw, server_hostname="localhost")
+        self.machine = MqttConnection(Role.CLIENT, clock=time.monotonic)
+        self.machine.connect(
+            client_id=device.device_id,
+            username=hub_username(device.hub, device.device_id),
+            password=hub_token(device.hub, device.device_id, device.key).encode(),
+            clean_session=False,
+        )
+        self.packets: list[Packet] = []
+
+    def _send(self) -> None:
+        self.sock.sendall(self.machine.get_outbound_data())
+
+    def next(self, kind: type[Packet]) -> Packet:
+        self._send()
+        while True:
+            for i, packet in enumerate(self.packets):
+                if isinstance(packet, kind):
+                    return self.packets.pop(i)
+            self.packets += self.machine.feed_bytes(self.sock.recv(65536))
+
+    def subscribe(self, topic_filter: str) -> None:
+        self.machine.subscribe([Subscription(topic_filter=topic_filter, qos=QoS.AT_LEAST_ONCE)])
+        self.next(Suback)
+
+    def disconnect(self) -> None:
+        self.machine.disconnect()
+        self._send()
+        self.sock.close()
+
+
+def test_an_unacknowledged_c2d_message_is_delivered_again_with_dup_after_a_restart(tmp_path: Path) -> None:
+    """A cloud-to-device message published to a persistent session and not acknowledged stays
+    queued; the device's next connection, after a server restart, gets it again with DUP set
+    and without subscribing again (its stored session subscribed), and its PUBACK removes it."""
+    server = start_server(tmp_path / "node")
+    try:
+        with server.client() as admin:
+            device = provision_symmetric(server, admin)
+        key = partition(device.hub, device.device_id)
+
+        async def enqueue() -> None:
+            async with server_store(server) as store:
+                await enqueue_c2d(store, device, b"once")
+
+        asyncio.run(enqueue())
+        silent = SilentDevice(server, device)
+        connack = silent.next(Connack)
+        assert isinstance(connack, Connack) and not connack.session_present
+        silent.subscribe(f"devices/{device.device_id}/messages/devicebound/#")
+        first = silent.next(Publish)
+        assert isinstance(first, Publish) and first.payload == b"once" and not first.dup
+        silent.disconnect()  # without a PUBACK
+        wait_for_log(server, device.device_id, "closed")
+        server.stop()
+
+        server = start_server(tmp_path / "node", port=server.port)
+        client = HubPaho(server, device).connected(session_present=1)
+        try:
+            topic, qos, payload, dup = client.message()
+            assert (payload, qos, dup) == (b"once", 1, True)
+            assert topic.startswith(f"devices/{device.device_id}/messages/devicebound/")
+
+            async def drained() -> bool:
+                async with server_store(server) as store:
+                    return await store.entry_count(Stream.HUB_C2D, partition=key) == 0
+
+            assert asyncio.run(poll_until(drained)), "the PUBACK removes it"
+        finally:
+            client.close()
     finally:
         server.stop()

@@ -135,7 +135,8 @@ class IdentityChanged(NamedTuple):
 
 class TwinUpdate(NamedTuple):
     """A twin as written by the service, and the desired members a device must be told of
-    (``None``: none changed)."""
+    (``None``: the desired version did not move; empty: it moved, nothing changed: a connected
+    device's session moves on to it without publishing)."""
 
     device: HubDevice
     desired_changes: Json | None
@@ -292,8 +293,8 @@ class HubRegistry:
 
     async def update(self, hub: str, device: Device, *, if_match: str) -> IdentityChanged:
         """Update an identity (``PUT /devices/{id}`` with ``If-Match``: ``*`` or its etag):
-        authentication, status (and its reason), capabilities and scopes are the body's; the
-        generation, the twin and the connection state stay. The identity gets a new etag.
+        authentication (kept when the body has none), status (and its reason), capabilities and
+        scopes are the body's; the generation, the twin and the connection state stay. The identity gets a new etag.
 
         :raises NotFoundError: 404001. :raises PreconditionFailedError: 412001, a stale etag.
         :raises InvalidBodyError: 400004.
@@ -306,7 +307,12 @@ class HubRegistry:
             status = device.status or old.status
             return msgspec.structs.replace(
                 old,
-                authentication=_authentication(device.authentication, old.authentication),
+                # no authentication in the body (a status change): what the device connects with stays
+                authentication=(
+                    _authentication(device.authentication, old.authentication)
+                    if device.authentication is not None
+                    else old.authentication
+                ),
                 capabilities=device.capabilities if device.capabilities is not None else old.capabilities,
                 status=status,
                 status_reason=status_reason,
@@ -483,7 +489,10 @@ class HubRegistry:
             return msgspec.structs.replace(old, twin=twin, updated=now)
 
         old, new = await self._modify(hub, device_id, change)
-        return TwinUpdate(new, twins.desired_changes(old.twin, new.twin))
+        changes = twins.desired_changes(old.twin, new.twin)
+        if changes is None and new.twin.desired_version != old.twin.desired_version:
+            changes = {}  # nothing changed, but the version moved: connected devices move on too
+        return TwinUpdate(new, changes)
 
     async def patch_desired(self, hub: str, device_id: str, patch: Json) -> tuple[Json | None, int]:
         """A desired-properties patch alone (:meth:`update_twin` without tags or If-Match, for
@@ -536,8 +545,9 @@ class HubRegistry:
         stamp = utc_iso(when) if when is not None else None
 
         def change(old: HubDevice, now: str) -> HubDevice:
-            latest = max(stamp or now, old.last_activity_time or "")
-            return msgspec.structs.replace(old, last_activity_time=latest, updated=now)
+            if old.last_activity_time is not None and old.last_activity_time >= (stamp or now):
+                return old  # nothing to write
+            return msgspec.structs.replace(old, last_activity_time=stamp or now, updated=now)
 
         return await self._modify_if_present(hub, device_id, change)
 
@@ -559,6 +569,8 @@ class HubRegistry:
                 raise _not_found(hub, device_id)
             old = _records.decode(record)
             new = change(old, self._now())
+            if new is old:  # nothing to write
+                return old, new
             if await self._write_back(new, record):
                 return old, new
         raise self._contended(device_id)

@@ -32,6 +32,7 @@ the hub's device side, before the catch-alls.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -267,11 +268,12 @@ async def not_served(request: Request) -> Response:
 _ALL = ["GET", "PUT", "POST", "PATCH", "DELETE"]
 
 
-def routes() -> list[BaseRoute]:
-    """The hub API's routes: the operations, then catch-alls under its prefixes (extra routes
-    under them, such as ``POST /twins/{id}/methods``, go before the catch-alls)."""
+def routes(extra: Sequence[BaseRoute] = ()) -> list[BaseRoute]:
+    """The hub API's routes: the operations, ``extra`` (more routes under the hub's prefixes,
+    such as ``POST /twins/{id}/methods``), then catch-alls under its prefixes."""
     return [
         *operation_routes(),
+        *extra,
         *fallback_routes(),
     ]
 

@@ -15,7 +15,9 @@
 //   3. list()                        GET /devices/ (trailing slash)
 //   4. getTwin(ID), then twin.update({tags, properties.desired}) (If-Match: the twin's etag)
 //   5. updateTwin(ID, patch, etag)   with a stale etag: the SDK's InvalidEtagError expected
-//   6. createQuery(... WHERE tags.tag = VALUE, pageSize 1).nextAsTwin() until no more results
+//   6. a second device ID-2 with the same tag (updateTwin with etag '*'), then
+//      createQuery(... WHERE tags.tag = VALUE, pageSize 1).nextAsTwin() until no more results
+//      (two pages: the SDK follows x-ms-continuation), then delete(ID-2)
 //   7. update({deviceId, status: 'disabled'})  (If-Match: *)
 //   8. getRegistryStatistics()
 //   9. delete(ID), then get(ID): the SDK's DeviceNotFoundError expected
@@ -74,6 +76,9 @@ async function main() {
     out.updatedTwin = { tags: updated.tags, desired: updated.properties.desired, etag: updated.etag };
     step = 'updateTwin (stale etag)';
     out.staleEtagError = await expectError(step, registry.updateTwin(id, { tags: { x: 1 } }, out.twinEtag));
+    step = 'a second device with the tag (updateTwin with etag *)';
+    await registry.create({ deviceId: `${id}-2` });
+    await registry.updateTwin(`${id}-2`, { tags: { tag: opts.tag } }, '*');
     step = 'createQuery';
     const query = registry.createQuery(`SELECT * FROM devices WHERE tags.tag = '${opts.tag}'`, 1);
     out.queried = [];
@@ -83,6 +88,7 @@ async function main() {
       out.pages += 1;
       out.queried.push(...page.map((t) => ({ deviceId: t.deviceId, tags: t.tags })));
     }
+    await registry.delete(`${id}-2`);
     step = 'update';
     out.disabled = (await registry.update({ deviceId: id, status: 'disabled' })).responseBody;
     step = 'getRegistryStatistics';
