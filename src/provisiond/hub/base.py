@@ -25,6 +25,7 @@ whenever every hub a change touches is built in (:meth:`HubBackends.transactiona
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
@@ -33,7 +34,7 @@ import msgspec
 from .. import twin as twins
 from ..attestation.base import IdentityCredential
 from ..errors import ConfigurationError, HubError
-from ..models import DeviceCapabilities, InitialTwin, LinkedHub
+from ..models import Deprovision, DeviceCapabilities, InitialTwin, LinkedHub
 from ..storage import Collection, Delete, Write
 from .models import HubDevice, Twin
 
@@ -185,6 +186,12 @@ class TransactionalHubBackend(HubBackend, Protocol):
         """
         ...
 
+    async def plan_removal(self, ref: IdentityRef, mode: Deprovision) -> list[Planned]:
+        """The store writes that disable or delete the identity ``ref`` (deprovisioning), to
+        commit in the transaction that deletes its registration record: a delete on the
+        identity's etag, or the update that disables it; nothing when there is no identity."""
+        ...
+
 
 class HubBackends:
     """Which backend serves which hub: the built-in hubs (``builtin`` linked hubs, and the
@@ -256,6 +263,21 @@ class HubBackends:
             if close is not None:
                 await close()
         self._remote.clear()
+
+    async def plan_removal(self, ref: IdentityRef, hub: LinkedHub | None, mode: Deprovision) -> list[Planned]:
+        """Deprovisioning: the store writes that disable or delete the identity ``ref``, to commit
+        in the transaction that deletes the registration record naming it (so that the record
+        and the identity cannot disagree after a crash). ``hub``: ``ref``'s linked hub (``None``:
+        no longer linked). A built-in hub's identity is written in that transaction; a remote
+        hub's removal is an item of the durable outbox in the same transaction, which the hub
+        writer carries out (docs/architecture.md, "Deprovisioning").
+
+        """
+        if hub is None or hub.builtin:
+            return await self.builtin.plan_removal(ref, mode)
+        from .outbox import removal  # (outbox builds on this module)
+
+        return [removal(ref, mode, now=time.time())]
 
 
 async def resolve_twin(
