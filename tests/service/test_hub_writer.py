@@ -556,3 +556,29 @@ def test_a_record_deleted_while_its_identity_is_written_leaves_no_identity(
         assert time.monotonic() < deadline, figures
         time.sleep(0.1)
         figures = admin.get(f"/admin/linkedHubs/{hub}/writer")
+
+
+@pytest.mark.parametrize("mode", ["disable", "delete"])
+def test_deprovisioning_a_registration_through_the_api_reaches_the_remote_hub(
+    writer_server: RunningServer, admin: Any, hub_peer: HubPeer, mode: str
+) -> None:
+    """DELETE /registrations/{id}?deprovision=... (part admin's operation) commits a removal
+    item with the record's deletion; the writer disables or deletes the identity in the hub."""
+    hub = hub_peer.link(admin)
+    reg = uid()
+    key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static")
+    device, body = register(writer_server, reg, key)
+    device.close()
+    assert body["status"] == "assigned" and reg in hub_peer.devices
+    record = admin.get(f"/registrations/{reg}")
+    admin.request(
+        "DELETE", f"/registrations/{reg}", params={"deprovision": mode}, headers={"If-Match": record["etag"]}
+    )
+    with pytest.raises(NotFoundError):
+        admin.get(f"/registrations/{reg}")
+    deadline = time.monotonic() + 10
+    while (
+        (reg in hub_peer.devices) if mode == "delete" else hub_peer.devices[reg].get("status") != "disabled"
+    ):
+        assert time.monotonic() < deadline, hub_peer.devices.get(reg)
+        time.sleep(0.1)
