@@ -20,7 +20,7 @@ from provisiond.errors import (
     PreconditionFailedError,
     RequestError,
 )
-from provisiond.hub.base import IdentityRef
+from provisiond.hub import IdentityRef
 from provisiond.hub.outbox import ItemKind, OutboxItem, removal_key
 from provisiond.models import (
     BulkOperationMode,
@@ -312,11 +312,11 @@ def test_the_management_layer_knows_nothing_of_http() -> None:
     assert done.returncode == 0, f"provisiond.service.management imports {done.stdout.strip()}{done.stderr}"
 
 
-async def test_deprovisioning_in_a_remote_hub_enqueues_the_removal_with_the_record_delete(
+async def test_deprovisioning_in_a_remote_hub_commits_an_outbox_item_with_the_deletion(
     store: Store, management: Management, hub_peer: HubPeer
 ) -> None:
-    """A remote hub's removal is an item of the hub writer's durable outbox, committed in the
-    transaction that deletes the record: both happen or neither (the writer carries it out)."""
+    """A remote hub's removal is an item of the hub writer's outbox, committed in the
+    transaction that deletes the record (the writer then disables the identity in the hub)."""
     hub = hub_peer.linked_hub(apply_allocation_policy=False)
     await management.hubs.put(hub.host_name, hub)
     state = DeviceRegistrationState(
