@@ -5,7 +5,7 @@ Command tree (each group is loaded lazily by :mod:`provisiond.cli`)::
     enrollment  create | show | list | update | enable | disable | delete | keys | import
     group       create | show | list | update | enable | disable | delete | keys | device-key
     registration show | list | delete
-    hub         list | show | add | update | remove
+    hub         list | show | add | update | remove | monitor-events | send-c2d
     ca          list | show | upload | verification-code | verify | prove | delete
     policy      list | show | create | update | delete | connection-string
     settings    show | set
@@ -57,9 +57,13 @@ from ._enrollment_flags import (
     individual_attestation,
 )
 from .enroll_import import import_command
+from .hub_ops import monitor_events, send_c2d
 from .manage_admin import ca, hub, policy, settings
 
 __all__ = ["ca", "enrollment", "group", "hub", "policy", "registration", "settings"]
+
+hub.add_command(monitor_events)
+hub.add_command(send_c2d)
 
 E = TypeVar("E", IndividualEnrollment, EnrollmentGroup)
 T = TypeVar("T")

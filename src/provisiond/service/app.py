@@ -19,7 +19,7 @@ from starlette.routing import Route, WebSocketRoute
 from ..errors import ConflictError, MethodNotAllowedError, NotFoundError, ProvisioningError, RequestError
 from ..models import AllocationPolicy, LinkedHub, Right, ServiceSettings, SharedAccessPolicy
 from ..storage import Collection, Store, WriteMode, open_store
-from . import admin, amqp, api, device_api, mqtt
+from . import admin, amqp, api, device_api, hub_ops, mqtt
 from .context import SETTINGS_KEY, ServiceContext, context_of
 from .enrollments import generate_key
 from .gateway import AMQP_WS, MQTT_WS, DeviceGateway
@@ -128,12 +128,14 @@ def create_app(
         {"mqtt": mqtt.MqttEndpoint(gateway, MQTT_WS), "amqpwsb10": amqp.AmqpEndpoint(gateway, AMQP_WS)}
     )
 
+    retention = hub_ops.RetentionTask(ctx.store, settings, clock=clock)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if owned:
             await ctx.store.open()
         try:
-            async with running_listeners(settings, listeners):
+            async with running_listeners(settings, listeners), retention.running():
                 yield
         finally:
             await registrar.webhook.aclose()
@@ -147,6 +149,7 @@ def create_app(
                 Route("/readyz", readyz, methods=["GET"]),
                 *api.routes(),
                 *admin.routes(),
+                *hub_ops.routes(),
                 *device_api.routes(),
                 WebSocketRoute("/", websockets),
                 WebSocketRoute("/$iothub/websocket", websockets),

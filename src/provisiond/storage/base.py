@@ -52,7 +52,8 @@ passes the bytes together with the index values. What the store guarantees:
   ``seq`` that is unique across streams and increases in commit order: a reader that has seen
   seq N never finds a new entry at or below N later, so ``read(after=N)`` is a complete cursor.
   :meth:`Store.read` returns entries in seq order; :meth:`Store.remove` and :meth:`Store.trim`
-  delete entries (by seq; by age and by count).
+  delete entries (by seq; by age and by count); :meth:`Store.last_seq` tells where a reader
+  that wants only new entries (or those from a time on) starts.
 - **Settings.** A small key/value table for the service's own settings (ID scope, keys).
   :meth:`Store.setting_setdefault` is atomic across nodes: the first writer wins and every caller
   gets the winning value.
@@ -407,3 +408,10 @@ class Store(ABC):
     @abstractmethod
     async def entry_count(self, stream: Stream, *, partition: str | None = None) -> int:
         """How many entries the stream (or one partition of it) holds."""
+
+    @abstractmethod
+    async def last_seq(self, stream: Stream, *, before: str | None = None) -> int:
+        """The seq of the stream's newest entry (of the newest created before ``before``, an ISO
+        8601 UTC time as the store writes them, when given); 0 when there is none. A reader
+        that starts with ``read(after=last_seq(...))`` sees what is appended from then on (or
+        from that time)."""
