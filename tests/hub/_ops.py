@@ -36,7 +36,7 @@ def provision(server: RunningServer, admin: ServiceClient, device_id: str | None
     with ProvisioningDeviceClient.create(
         f"localhost:{server.port}",
         server.id_scope,
-        SymmetricKeySecurity(reg, key),
+        SymmetricKeySecurity(registration_id=reg, symmetric_key=key),
         "https",
         ca_file=server.ca_file,
         timeout=15,
