@@ -107,13 +107,20 @@ def test_desired_and_method_request_topics() -> None:
     assert parsed.name == "reboot now" and parsed.rid == "00ff"
 
 
-def test_c2d_topic_quotes_everything() -> None:
+def test_c2d_topic_quotes_the_bag_but_not_the_device_id() -> None:
     topic = t.c2d_topic(
-        "d 1", [("$.mid", "m"), ("$.to", "/devices/d 1/messages/devicebound"), ("iothub-ack", "full")]
+        "d:1", [("$.mid", "m"), ("$.to", "/devices/d:1/messages/devicebound"), ("iothub-ack", "full")]
     )
+    # The Python SDK matches ``devices/{id}/messages/devicebound`` with the raw id.
     assert topic == (
-        "devices/d%201/messages/devicebound/%24.mid=m&%24.to=%2Fdevices%2Fd%201%2Fmessages%2Fdevicebound&iothub-ack=full"
+        "devices/d:1/messages/devicebound/%24.mid=m&%24.to=%2Fdevices%2Fd%3A1%2Fmessages%2Fdevicebound&iothub-ack=full"
     )
+
+
+@pytest.mark.parametrize("device_id", ["", "a/b", "a#", "a+b", "a b"])
+def test_c2d_topics_refuse_ids_a_topic_cannot_hold(device_id: str) -> None:
+    with pytest.raises(LocalProtocolError):
+        t.c2d_topic(device_id)
 
 
 @pytest.mark.parametrize("rid", ["", "a&b", "a/b", "a b", "#"])

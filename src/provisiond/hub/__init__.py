@@ -5,7 +5,8 @@
 - :mod:`.base`: what a registration asks of a hub (:class:`IdentityChange`), the
   :class:`HubBackend` interface (one idempotent registry operation at a time, outside any
   database transaction) and its transactional special case;
-- :mod:`.builtin`: the built-in hub, whose identities live in provisiond's database.
+- :mod:`.builtin`: the built-in hub, whose identities live in provisiond's database;
+- :mod:`.messages`: the built-in hubs' stored telemetry events and cloud-to-device messages.
 
 Linked hubs that are not built in are reached through their registry REST API, which is not
 implemented yet: assigning a device to one fails with a message that says so.

@@ -21,10 +21,10 @@ What the official SDKs require of what the hub sends (iothub.md §1.6):
 * property bags quote keys and values with nothing safe (``%24.mid``, ``%2F``), as the Python
   SDK does; a property whose value is ``None`` is written as a bare key, an empty one as ``key=``.
 
-Device ids in topics are URL-quoted by the Python SDK (``devices/my%20dev/...``) and sent raw by
-the others: parsing unquotes them. Anything that is not one of these topics raises
-:class:`~provisiond.errors.RemoteProtocolError`; IoT Hub closes the connection of a device that
-publishes elsewhere.
+Device ids in the topics a device publishes to are parsed unquoted (``devices/my%3Adev/...``
+and ``devices/my:dev/...`` name the same device); the hub sends them raw, as IoT Hub does.
+Anything that is not one of these topics raises :class:`~provisiond.errors.RemoteProtocolError`;
+IoT Hub closes the connection of a device that publishes elsewhere.
 """
 
 from __future__ import annotations
@@ -241,8 +241,13 @@ def method_response_topic(status: int, rid: str) -> str:
 
 
 def c2d_topic(device_id: str, properties: Iterable[tuple[str, str | None]] = ()) -> str:
-    """``devices/{id}/messages/devicebound/{bag}`` (the device id as the device knows it)."""
-    return f"devices/{_q(device_id)}/messages/devicebound/{encode_property_bag(properties)}"
+    """``devices/{id}/messages/devicebound/{bag}``. The device id goes in raw, as IoT Hub sends
+    it: the Python SDK recognises a cloud-to-device message by the unquoted
+    ``devices/{id}/messages/devicebound`` (``mqtt_topic_iothub.is_c2d_topic``), and IoT Hub's
+    device ids hold no character a topic level cannot (no ``/``, ``+``, ``#`` or space)."""
+    if not device_id or any(c in device_id for c in "/+#") or any(c.isspace() for c in device_id):
+        raise LocalProtocolError(f"{device_id!r} cannot be a device id in a topic.")
+    return f"devices/{device_id}/messages/devicebound/{encode_property_bag(properties)}"
 
 
 def twin_response_topic(status: int, rid: str, version: int | None = None) -> str:
