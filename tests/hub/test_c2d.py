@@ -75,7 +75,7 @@ def test_a_message_is_queued_with_its_fields(server: RunningServer, admin: Servi
     assert 3590 < seconds_until(doc["expiryTimeUtc"]) <= 3600, "IoT Hub's default time to live: one hour"
     [message] = queued(server, device)
     assert message.body == b'{"cmd":"reboot"}'
-    assert (message.message_id, message.correlation_id, message.ack) == ("m-1", "c-1", "full")
+    assert (message.message_id, message.correlation_id, message.ack.value) == ("m-1", "c-1", "full")
     assert message.content_type == "application/json"
     assert message.properties == {"priority": "high", "empty": ""}
     assert message.to == f"/devices/{device}/messages/devicebound"

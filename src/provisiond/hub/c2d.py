@@ -18,7 +18,6 @@ IoT Hub's rules (docs: iot-hub-devguide-messages-c2d.md):
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Sequence
 
 import msgspec
@@ -26,7 +25,7 @@ import msgspec
 from ..errors import AuthorizationError, NotFoundError, RequestError
 from ..storage import Collection, Entry, Store, Stream, utc_iso
 from .events import parse_enqueued_time
-from .messages import CloudToDeviceMessage, partition
+from .messages import AckMode, CloudToDeviceMessage, c2d_to, decode_c2d, encode_c2d, new_message_id, partition
 
 __all__ = [
     "ACKS",
@@ -46,7 +45,7 @@ MAX_QUEUE_DEPTH = 50
 DEFAULT_TTL = 3600.0
 MAX_TTL = 48 * 3600.0
 MAX_MESSAGE_BYTES = 64 * 1024
-ACKS = ("none", "positive", "negative", "full")
+ACKS = tuple(mode.value for mode in AckMode)
 
 
 class CloudToDeviceRequest(msgspec.Struct, kw_only=True):
@@ -78,11 +77,14 @@ def _size(request: CloudToDeviceRequest) -> int:
     return len(request.body) + sum(len(k.encode()) + len(v.encode()) for k, v in request.properties.items())
 
 
-def _check(request: CloudToDeviceRequest, now: float) -> tuple[str, str]:
+def _check(request: CloudToDeviceRequest, now: float) -> tuple[AckMode, str]:
     """The ack and the expiry of a request within IoT Hub's bounds. :raises RequestError:"""
-    ack = (request.ack or "none").lower()
-    if ack not in ACKS:
-        raise RequestError(f"ack must be one of {', '.join(ACKS)}, not {request.ack[:40]!r}.")  # type: ignore[index]
+    try:
+        ack = AckMode((request.ack or "none").lower())
+    except ValueError:
+        raise RequestError(
+            f"ack must be one of {', '.join(ACKS)}, not {(request.ack or '')[:40]!r}."
+        ) from None
     if _size(request) > MAX_MESSAGE_BYTES:
         raise RequestError(
             f"The message (body and properties, {_size(request)} bytes) exceeds IoT Hub's "
@@ -107,7 +109,7 @@ def _check(request: CloudToDeviceRequest, now: float) -> tuple[str, str]:
 
 def _decode(entry: Entry) -> CloudToDeviceMessage | None:
     try:
-        return msgspec.json.decode(entry.doc, type=CloudToDeviceMessage)
+        return decode_c2d(entry.doc)
     except msgspec.DecodeError as exc:
         log.warning("Cloud-to-device entry %d of %s does not decode: %s", entry.seq, entry.partition, exc)
         return None
@@ -121,7 +123,7 @@ async def purge_expired(store: Store, entries: Sequence[Entry], *, now: float) -
     kept: list[Entry] = []
     for entry in entries:
         message = _decode(entry)
-        if message is None or message.expiry_time_utc <= stamp:
+        if message is None or message.expired(stamp):
             gone.append(entry.seq)
         else:
             kept.append(entry)
@@ -153,8 +155,8 @@ async def enqueue(
             error_code=403004,
         )
     message = CloudToDeviceMessage(
-        message_id=request.message_id or str(uuid.uuid4()),
-        to=f"/devices/{device_id}/messages/devicebound",
+        message_id=request.message_id or new_message_id(),
+        to=c2d_to(device_id),
         expiry_time_utc=expiry,
         enqueued_time=utc_iso(now),
         correlation_id=request.correlation_id,
@@ -162,14 +164,14 @@ async def enqueue(
         content_type=request.content_type,
         content_encoding=request.content_encoding,
         ack=ack,
-        properties=dict(request.properties),
+        properties=dict[str, str | None](request.properties),
         body=request.body,
     )
-    await store.append(Stream.HUB_C2D, [(key, msgspec.json.encode(message))])
+    await store.append(Stream.HUB_C2D, [(key, encode_c2d(message))])
     return message, Enqueued(
         message_id=message.message_id,
         expiry_time_utc=expiry,
         enqueued_time=message.enqueued_time,
         queue_depth=len(kept) + 1,
-        ack=ack,
+        ack=ack.value,
     )

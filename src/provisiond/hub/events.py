@@ -24,7 +24,7 @@ import msgspec
 
 from ..errors import RequestError
 from ..storage import Store, Stream, utc_iso
-from .messages import TelemetryEvent, partition
+from .messages import decode_event, partition
 
 __all__ = ["EventLog", "Retention", "StoredEvent", "parse_enqueued_time"]
 
@@ -52,7 +52,7 @@ class StoredEvent(msgspec.Struct, rename="camel", omit_defaults=True, kw_only=Tr
     device_id: str
     enqueued_time: str
     module_id: str | None = None
-    properties: dict[str, str] = msgspec.field(default_factory=dict)
+    properties: dict[str, str | None] = msgspec.field(default_factory=dict)
     system_properties: dict[str, str] = msgspec.field(default_factory=dict)
     body: bytes = b""
 
@@ -113,8 +113,8 @@ class EventLog:
             if not entry.partition.startswith(prefix):
                 continue
             try:
-                event = msgspec.json.decode(entry.doc, type=TelemetryEvent)
-            except msgspec.ValidationError as exc:
+                event = decode_event(entry.doc)
+            except msgspec.DecodeError as exc:
                 log.warning("Telemetry entry %d of %s does not decode: %s", entry.seq, entry.partition, exc)
                 continue
             events.append(
