@@ -15,11 +15,13 @@
     │   └── TpmChallengeRequired           401 answered with a TPM challenge, not an error body
     ├── AuthorizationError                 403: a valid credential without the right
     ├── NotFoundError (LookupError)        404: a record does not exist
+    │   └── DeviceNotOnlineError           404103: a built-in hub's device is not connected
     ├── ConflictError                      409: the record already exists
     ├── PreconditionFailedError            412: If-Match does not match the stored etag
     ├── ThrottledError                     429: rate limit; carries retry_after
     ├── StorageError                       500: the database failed (after translation)
     │   └── DatabaseUnavailableError       503: unreachable, failing over, locked; carries retry_after
+    ├── GatewayTimeoutError                504: a built-in hub's device did not answer in time
     ├── ConfigurationError                 startup problems (bad flags, unreadable PKI); never on the wire
     ├── ProtocolError                      abstract: a protocol rule was broken (h11 style)
     │   ├── LocalProtocolError             we broke it: the API was misused (a bug on our side)
@@ -41,6 +43,12 @@ Outside the tree, :class:`InsufficientData` is not an error but the sans-io code
 Each class carries ``http_status`` and ``error_code`` (HTTP status x 1000 + detail, as DPS
 answers), so that endpoint adapters read attributes instead of keeping lookup tables.
 The CLI reads ``exit_code``.
+
+The built-in IoT hubs answer in IoT Hub's terms instead (their REST API and their MQTT
+responses): each class also carries ``iothub_code``, an :class:`IotHubCode` (IoT Hub's number,
+same scheme, and its name such as ``DeviceNotFound``); a raise site that knows better passes an
+``IotHubCode`` as ``error_code`` (``NotFoundError(msg, error_code=IotHubCode.DEVICE_NOT_FOUND)``),
+which sets both.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DpsCode",
+    "IotHubCode",
     "AmqpProtocolError",
     "AuthenticationError",
     "AuthorizationError",
@@ -62,6 +71,8 @@ __all__ = [
     "ConflictError",
     "ConnectError",
     "DatabaseUnavailableError",
+    "DeviceNotOnlineError",
+    "GatewayTimeoutError",
     "InsufficientData",
     "InvalidBodyError",
     "InvalidIdError",
@@ -173,6 +184,47 @@ class DpsCode(enum.IntEnum):
     INTERNAL = 500000, "Internal error; the service log has the details under the tracking id."
     STORAGE = 500001, "The database failed."
     DATABASE_UNAVAILABLE = 503000, "The database cannot be reached; retry after the delay given."
+    GATEWAY_TIMEOUT = 504000, "A built-in hub's device did not answer in time."
+
+
+class IotHubCode(enum.IntEnum):
+    """The error codes a built-in IoT hub answers with, IoT Hub's own: the number (HTTP status
+    x 1000 + detail, as DPS's) and IoT Hub's name for it (``iothub_name``), which its REST API
+    puts in the ``iothub-errorcode`` header and in ``Message: "ErrorCode:{name};..."`` (the
+    Node.js service SDK reads the name; iothub.md §3.6), and its MQTT responses put in the
+    ``errorCode`` of their JSON body (the number; §1.6). Numbers and names are those of
+    Microsoft's C# service SDK (``IotHubServiceErrorCode``) and IoT Hub's error documentation.
+    """
+
+    iothub_name: str
+
+    def __new__(cls, value: int, iothub_name: str) -> IotHubCode:
+        member = int.__new__(cls, value)
+        member._value_ = value
+        member.iothub_name = iothub_name
+        return member
+
+    @property
+    def http_status(self) -> int:
+        return int(self) // 1000
+
+    INVALID_PROTOCOL_VERSION = 400001, "InvalidProtocolVersion"
+    INVALID_OPERATION = 400003, "InvalidOperation"
+    ARGUMENT_INVALID = 400004, "ArgumentInvalid"
+    ARGUMENT_NULL = 400005, "ArgumentNull"
+    IOTHUB_FORMAT_ERROR = 400006, "IotHubFormatError"
+    UNAUTHORIZED = 401002, "IotHubUnauthorizedAccess"
+    QUOTA_EXCEEDED = 403002, "IotHubQuotaExceeded"
+    DEVICE_MAXIMUM_QUEUE_DEPTH_EXCEEDED = 403004, "DeviceMaximumQueueDepthExceeded"
+    DEVICE_NOT_FOUND = 404001, "DeviceNotFound"
+    DEVICE_NOT_ONLINE = 404103, "DeviceNotOnline"
+    DEVICE_ALREADY_EXISTS = 409001, "DeviceAlreadyExists"
+    PRECONDITION_FAILED = 412001, "PreconditionFailed"
+    MESSAGE_TOO_LARGE = 413001, "MessageTooLarge"
+    THROTTLING = 429001, "ThrottlingException"
+    SERVER_ERROR = 500001, "ServerError"
+    SERVICE_UNAVAILABLE = 503001, "ServiceUnavailable"
+    GATEWAY_TIMEOUT = 504101, "GatewayTimeout"
 
 
 class ProvisioningError(Exception):
@@ -180,6 +232,9 @@ class ProvisioningError(Exception):
 
     http_status: ClassVar[int] = 500
     error_code: ClassVar[int] = DpsCode.INTERNAL
+    #: The IoT Hub code a built-in hub answers this error with (its status may differ from
+    #: ``http_status``: IoT Hub answers a missing right with 401, not 403).
+    iothub_code: ClassVar[IotHubCode] = IotHubCode.SERVER_ERROR
     exit_code: ClassVar[int] = 1
     #: The ``trackingId`` of the DPS error body this error was read from (a client's view of a
     #: service's answer); None for errors raised here.
@@ -189,12 +244,15 @@ class ProvisioningError(Exception):
         super().__init__(message)
         self.message = message
         if error_code is not None:
-            # Instance override of the class default (a more specific DPS detail code); a code
-            # of another status than the class's is our bug (the wire would contradict itself).
-            assert not isinstance(error_code, DpsCode) or error_code.http_status == self.http_status, (
-                f"{type(self).__name__} ({self.http_status}) raised with {error_code.name}"
-            )
+            # Instance override of the class default (a more specific DPS detail code, or an IoT
+            # Hub code); a code of another status than the class's is our bug (the wire would
+            # contradict itself).
+            assert (
+                not isinstance(error_code, DpsCode | IotHubCode) or error_code.http_status == self.http_status
+            ), f"{type(self).__name__} ({self.http_status}) raised with {error_code.name}"
             self.error_code = error_code  # type: ignore[misc]
+            if isinstance(error_code, IotHubCode):
+                self.iothub_code = error_code  # type: ignore[misc]
 
 
 class RequestError(ProvisioningError):
@@ -202,6 +260,7 @@ class RequestError(ProvisioningError):
 
     http_status = 400
     error_code = DpsCode.BAD_REQUEST
+    iothub_code = IotHubCode.ARGUMENT_INVALID
 
 
 class InvalidBodyError(RequestError):
@@ -225,12 +284,14 @@ class MissingApiVersionError(RequestError):
     """The request has no ``api-version`` query parameter, or one that is not a date."""
 
     error_code = DpsCode.API_VERSION
+    iothub_code = IotHubCode.INVALID_PROTOCOL_VERSION
 
 
 class BodyTooLargeError(RequestError):
     """The body is larger than the service accepts (96 KB, DPS's message size limit)."""
 
     error_code = DpsCode.BODY_TOO_LARGE
+    iothub_code = IotHubCode.MESSAGE_TOO_LARGE
 
 
 class InvalidQueryError(RequestError):
@@ -251,6 +312,7 @@ class AuthenticationError(ProvisioningError):
 
     http_status = 401
     error_code = DpsCode.UNAUTHENTICATED
+    iothub_code = IotHubCode.UNAUTHORIZED
 
 
 class AuthorizationError(ProvisioningError):
@@ -258,6 +320,7 @@ class AuthorizationError(ProvisioningError):
 
     http_status = 403
     error_code = DpsCode.FORBIDDEN
+    iothub_code = IotHubCode.UNAUTHORIZED
 
 
 class NotFoundError(ProvisioningError, LookupError):
@@ -265,6 +328,14 @@ class NotFoundError(ProvisioningError, LookupError):
 
     http_status = 404
     error_code = DpsCode.NOT_FOUND
+    iothub_code = IotHubCode.DEVICE_NOT_FOUND
+
+
+class DeviceNotOnlineError(NotFoundError):
+    """A built-in hub's device is not connected (or has not subscribed to direct methods): IoT
+    Hub's 404103 ``DeviceNotOnline``."""
+
+    iothub_code = IotHubCode.DEVICE_NOT_ONLINE
 
 
 class ConflictError(ProvisioningError):
@@ -272,6 +343,7 @@ class ConflictError(ProvisioningError):
 
     http_status = 409
     error_code = DpsCode.CONFLICT
+    iothub_code = IotHubCode.DEVICE_ALREADY_EXISTS
 
 
 class PreconditionFailedError(ProvisioningError):
@@ -279,6 +351,7 @@ class PreconditionFailedError(ProvisioningError):
 
     http_status = 412
     error_code = DpsCode.PRECONDITION_FAILED
+    iothub_code = IotHubCode.PRECONDITION_FAILED
 
 
 class ThrottledError(ProvisioningError):
@@ -290,6 +363,8 @@ class ThrottledError(ProvisioningError):
     def __init__(self, message: str, *, retry_after: int, error_code: int | None = None) -> None:
         super().__init__(message, error_code=error_code)
         self.retry_after = retry_after
+
+    iothub_code = IotHubCode.THROTTLING
 
 
 class StorageError(ProvisioningError):
@@ -312,6 +387,17 @@ class DatabaseUnavailableError(StorageError):
     def __init__(self, message: str, *, retry_after: int = 2, error_code: int | None = None) -> None:
         super().__init__(message, error_code=error_code)
         self.retry_after = retry_after
+
+    iothub_code = IotHubCode.SERVICE_UNAVAILABLE
+
+
+class GatewayTimeoutError(ProvisioningError):
+    """A built-in hub's device did not answer in time (a direct method past its response
+    timeout): IoT Hub's 504101 ``GatewayTimeout``."""
+
+    http_status = 504
+    error_code = DpsCode.GATEWAY_TIMEOUT
+    iothub_code = IotHubCode.GATEWAY_TIMEOUT
 
 
 class ConfigurationError(ProvisioningError):

@@ -727,3 +727,21 @@ def test_a_clean_session_has_no_session_present() -> None:
     pump(client, server)
     with pytest.raises(LocalProtocolError, match="MQTT-3.2.2-1"):
         server.accept(session_present=True)
+
+
+def test_limits_change_once_the_server_knows_who_connected() -> None:
+    """The DPS and IoT Hub endpoints share one MQTT port: the hub applies its own limits (larger
+    packets, IoT Hub's idle cap, more publishes in flight) after the CONNECT."""
+    clock = Clock()
+    server = MqttConnection(Role.SERVER, clock=clock, max_packet_size=64, max_idle=240, max_inflight=1)
+    server.feed_bytes(encode_packet(Connect(client_id="a", keep_alive=3600)))
+    server.set_limits(max_packet_size=1024, max_idle=1767, max_inflight=2)
+    server.accept()
+    assert server.deadline() == 1000 + 1767
+    big = Publish(topic="t", payload=b"x" * 200, qos=QoS.AT_MOST_ONCE)
+    assert server.feed_bytes(encode_packet(big)) == [big]
+    assert server.publish("t") == 1 and server.publish("t") == 2
+    with pytest.raises(LocalProtocolError):
+        server.publish("t")
+    with pytest.raises(ValueError):
+        server.set_limits(max_packet_size=1, max_idle=None, max_inflight=0)

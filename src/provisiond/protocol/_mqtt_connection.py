@@ -349,6 +349,17 @@ class MqttConnection:
         """Mark the connection closed by the application (sends nothing)."""
         self._close(reason)
 
+    def set_limits(self, *, max_packet_size: int, max_idle: float | None, max_inflight: int) -> None:
+        """Change the limits given at construction (see the class). A server that serves
+        several protocols on one port learns which one a client speaks from its CONNECT and
+        applies that protocol's limits from then on (the DPS and IoT Hub endpoints share the
+        MQTT port)."""
+        if not 0 < max_inflight <= 0xFFFF:
+            raise ValueError(f"max_inflight must be 1 to 65535, not {max_inflight!r}")
+        self._max_packet_size = max_packet_size
+        self._max_idle = max_idle
+        self._max_inflight = max_inflight
+
     @property
     def inflight(self) -> int:
         """How many of our QoS 1 publishes await their PUBACK."""

@@ -20,10 +20,13 @@ from ..errors import ConflictError, MethodNotAllowedError, NotFoundError, Provis
 from ..models import AllocationPolicy, LinkedHub, Right, ServiceSettings, SharedAccessPolicy
 from ..storage import Collection, Store, WriteMode, open_store
 from . import admin, amqp, api, device_api, hub_ops, mqtt
+from ._hub_identities import Identities
 from .context import SETTINGS_KEY, ServiceContext, context_of
 from .enrollments import generate_key
 from .gateway import AMQP_WS, MQTT_WS, DeviceGateway
 from .http import error_answer, handle_errors, route_table, shown_path
+from .hub_broker import HubBroker
+from .hub_mqtt import HubEndpoint
 from .listeners import running_listeners
 from .registrar import Registrar
 from .settings import Settings
@@ -123,9 +126,13 @@ def create_app(
     # The device transports: one gateway; MQTT and AMQP on their own TLS ports (the lifespan
     # starts them) and over WebSockets on this one, picked by subprotocol.
     gateway = DeviceGateway(ctx, registrar)
-    listeners = [mqtt.tls_listener(gateway), amqp.tls_listener(gateway)]
+    # The built-in hubs: their devices share the MQTT listener and the WebSocket router (told
+    # apart by the CONNECT's user name); the broker links them to the service side.
+    broker = HubBroker(ctx.store, clock=clock)
+    hub = HubEndpoint(ctx, broker, Identities(ctx.store, clock=clock))
+    listeners = [mqtt.tls_listener(gateway, hub), amqp.tls_listener(gateway)]
     websockets = WebSocketRouter(
-        {"mqtt": mqtt.MqttEndpoint(gateway, MQTT_WS), "amqpwsb10": amqp.AmqpEndpoint(gateway, AMQP_WS)}
+        {"mqtt": mqtt.MqttEndpoint(gateway, MQTT_WS, hub), "amqpwsb10": amqp.AmqpEndpoint(gateway, AMQP_WS)}
     )
 
     retention = hub_ops.RetentionTask(ctx.store, settings, clock=clock)
@@ -135,9 +142,13 @@ def create_app(
         if owned:
             await ctx.store.open()
         try:
+            await broker.start()
+            await hub.start()
             async with running_listeners(settings, listeners), retention.running():
                 yield
         finally:
+            await hub.close()
+            await broker.close()
             await registrar.webhook.aclose()
             if owned:
                 await ctx.store.close()
@@ -161,6 +172,7 @@ def create_app(
     app.state.ctx = ctx
     app.state.registrar = registrar
     app.state.gateway = gateway
+    app.state.broker = broker
     return app
 
 

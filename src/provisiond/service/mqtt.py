@@ -32,6 +32,11 @@ incomplete, so that a device trickling a packet byte by byte is held to the mini
   assignment is done); a poll 200, or 202 while assigning. Denials carry the DPS error body
   with the status of the error (401, 404, 429 with retry-after ...).
 
+The built-in IoT hubs share this listener (and the WebSocket router): a CONNECT whose user
+name begins with a built-in hub's host name (``{hubHostName}/{deviceId}/?api-version=...``)
+is handed, with the stream and the machine paused after it, to the hub's endpoint
+(:mod:`provisiond.service.hub_mqtt`), which answers it and runs the session from then on.
+
 Where attestation happens
 -------------------------
 DPS attests the credential when the device registers and answers in JSON, and so does this
@@ -56,6 +61,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidIdError, LocalProtocolError, ProvisioningError, RemoteProtocolError
 from ..protocol.mqtt import (
@@ -84,6 +90,9 @@ from .gateway import MQTT, Answer, Credential, DeviceCall, DeviceGateway, Operat
 from .listeners import TlsListener
 from .streams import ByteStream, StreamClosed
 
+if TYPE_CHECKING:
+    from .hub_mqtt import HubEndpoint
+
 __all__ = ["MqttEndpoint", "tls_listener"]
 
 log = logging.getLogger("provisiond.mqtt")
@@ -109,11 +118,13 @@ class MqttEndpoint:
     TLS, ``MQTT_WS`` over WebSockets: :mod:`provisiond.service.gateway`). An instance is a
     session handler."""
 
-    def __init__(self, gateway: DeviceGateway, transport: Transport) -> None:
+    def __init__(self, gateway: DeviceGateway, transport: Transport, hub: HubEndpoint | None = None) -> None:
         self.gateway = gateway
         self.transport = transport
         self.settings = gateway.ctx.settings
         self.max_packet_size = gateway.max_body_bytes + PACKET_OVERHEAD
+        #: The built-in hubs' endpoint: it takes the connections whose CONNECT names a hub.
+        self.hub = hub
 
     async def __call__(self, stream: ByteStream) -> None:
         await _Session(self, stream).run()
@@ -133,6 +144,7 @@ class _Session:
         )
         self.identity: Credential | None = None
         self.orderly = False  # the device said DISCONNECT, or closed its end: no log line at info
+        self.hub: str | None = None  # the built-in hub whose CONNECT this is (its session takes over)
 
     @property
     def who(self) -> str:
@@ -154,6 +166,12 @@ class _Session:
                     break
                 packets = machine.feed_bytes(data)
                 await self._handle(packets)
+                if self.hub is not None:
+                    assert self.endpoint.hub is not None
+                    await self.endpoint.hub.serve(
+                        self.stream, machine, self.hub, str(self.endpoint.transport)
+                    )
+                    return
                 await self._flush()
         except RemoteProtocolError:
             pass  # the machine closed itself and kept the reason
@@ -202,6 +220,10 @@ class _Session:
             if self.machine.state is State.CLOSED:
                 return
             if isinstance(packet, Connect):
+                hub = self.endpoint.hub
+                if hub is not None and (host := await hub.claims(packet)) is not None:
+                    self.hub = host  # the rest of the input waits in the machine, paused
+                    return
                 self._on_connect(packet)
                 if self.machine.state is State.CONNECTED:
                     pending.extend(self.machine.feed_bytes(b""))  # what was pipelined behind the CONNECT
@@ -312,12 +334,13 @@ class _Session:
 # --- listeners -------------------------------------------------------------------------------------
 
 
-def tls_listener(gateway: DeviceGateway) -> TlsListener:
-    """The MQTT listener of a worker: TLS on ``settings.mqtt_port`` (none when it is 0). MQTT over
-    WebSockets is served on the HTTPS port by the app's WebSocket router (subprotocol ``mqtt``)."""
+def tls_listener(gateway: DeviceGateway, hub: HubEndpoint | None = None) -> TlsListener:
+    """The MQTT listener of a worker: TLS on ``settings.mqtt_port`` (none when it is 0), for DPS
+    and the built-in hubs (``hub``). MQTT over WebSockets is served on the HTTPS port by the
+    app's WebSocket router (subprotocol ``mqtt``)."""
     return TlsListener(
         name="MQTT",
-        handler=MqttEndpoint(gateway, MQTT),
+        handler=MqttEndpoint(gateway, MQTT, hub),
         port=gateway.ctx.settings.mqtt_port,
         flag="--mqtt-port",
         first_request="CONNECT",

@@ -158,7 +158,7 @@ class WebSocketStream:
         self._closed = True
         try:
             await self._ws.close()
-        except RuntimeError:
+        except (RuntimeError, WebSocketDisconnect):  # the peer went first
             pass
 
 

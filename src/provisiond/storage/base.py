@@ -132,6 +132,9 @@ class Collection(enum.Enum):
     # Pending TPM challenges (attestation/tpm.py), one per registration id: single use through
     # conditional writes, expiry in the document. Shared by every node, like all state.
     TPM_CHALLENGES = _CollectionSpec("tpm_challenges", "TPM challenge", True, ())
+    # The built-in hubs' persistent MQTT sessions (clean session 0): the subscriptions of each
+    # device, keyed "{hubHostName}/{deviceId}" like the identities (service/hub_sessions.py).
+    HUB_SESSIONS = _CollectionSpec("hub_sessions", "hub MQTT session", False, ())
 
     @property
     def table(self) -> str:
@@ -156,6 +159,10 @@ class Stream(enum.Enum):
     HUB_EVENTS = "hub_events"
     #: Cloud-to-device messages waiting for their device, partition ``{hubHostName}/{deviceId}``.
     HUB_C2D = "hub_c2d"
+    #: What the processes serving the built-in hubs tell each other (a method invoked on one
+    #: node for a device connected to another, a desired patch, a new connection that closes the
+    #: old one): short-lived, polled by every process (service/hub_broker.py).
+    HUB_SIGNALS = "hub_signals"
 
 
 @dataclass(frozen=True, slots=True)

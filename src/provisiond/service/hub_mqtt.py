@@ -1,0 +1,775 @@
+"""The built-in hubs' device endpoint: devices connect over MQTT 3.1.1 (and MQTT over
+WebSockets) as they connect to IoT Hub (iothub.md §1), on the listener DPS uses.
+
+Theory of operation
+-------------------
+One MQTT listener (and one WebSocket router) serves DPS and the hubs. The DPS endpoint
+(:mod:`provisiond.service.mqtt`) reads the CONNECT and asks :meth:`HubEndpoint.claims`
+whether its user name names a built-in hub (``{hubHostName}/{deviceId}/?api-version=...``);
+if so it hands the stream and its MQTT machine, paused after the CONNECT, to
+:meth:`HubEndpoint.serve`, which runs a :class:`_HubSession` to the end. The hub applies its
+own limits from then on: messages up to IoT Hub's 256 KB, keep-alive enforced at 1.5 times the
+device's interval but never past IoT Hub's 1,767 s, more publishes in flight.
+
+* **CONNECT** (:mod:`provisiond.service.hub_auth`): the device's SAS token or X.509 client
+  certificate against its identity, refusals with IoT Hub's return codes. A clean-session-0
+  connection gets its stored session back (:mod:`provisiond.service.hub_sessions`: its
+  subscriptions; CONNACK's session present says so); a clean one discards it. The session is
+  attached to the broker (:mod:`provisiond.service.hub_broker`), which closes any older
+  connection of the device, here or in another process, and the identity becomes
+  ``Connected``.
+* **SUBSCRIBE**: the documented filters only (``devices/{id}/messages/devicebound/#``,
+  ``$iothub/twin/res/#``, ``$iothub/twin/PATCH/properties/desired/#``,
+  ``$iothub/methods/POST/#``), at most :data:`MAX_SUBSCRIPTIONS`, granted at QoS 0 or 1 (a QoS 2
+  request gets 1); anything else gets the failure code 0x80. A persistent session stores its
+  subscriptions before the SUBACK.
+* **PUBLISH** (a QoS 2 publish closes the connection, as IoT Hub does; so does a publish to a
+  topic IoT Hub does not have, or telemetry on behalf of another device):
+
+  - telemetry (``devices/{id}/messages/events/{bag}``) becomes a
+    :class:`~provisiond.hub.messages.TelemetryEvent` appended to ``Stream.HUB_EVENTS``; the
+    PUBACK goes out only once the append is committed (consecutive publishes of one read are
+    appended together); QoS 0 telemetry is stored too. The retain flag becomes the
+    ``mqtt-retain`` property; a Will on the telemetry topic is stored, with
+    ``iothub-MessageType: Will``, when the connection ends without DISCONNECT;
+  - twin GET answers ``$iothub/twin/res/200/?$rid=`` with the device's view of the twin;
+    a reported-properties PATCH answers ``204`` with ``&$version={new reported version}``;
+    errors answer their status with a JSON body carrying ``errorCode`` (what the Node.js SDK
+    reads) and ``message``;
+  - a method response (``$iothub/methods/res/{status}/?$rid=``) goes to the broker.
+
+  Every QoS 1 publish is acknowledged (the Python SDK publishes everything at QoS 1).
+* **What the hub publishes**: twin responses and desired patches at the QoS the device was
+  granted (desired patches carry ``$version`` in the topic and the body), method requests at QoS
+  0 (as IoT Hub), cloud-to-device messages from ``Stream.HUB_C2D`` at the granted QoS, at most
+  :data:`C2D_WINDOW` awaiting their PUBACK; a PUBACK removes the message; an expired one is
+  dropped undelivered; one published to an earlier connection goes out again with DUP.
+* **The identity** learns ``connectionState`` at connect and close, and ``lastActivityTime``
+  in batches (every :data:`ACTIVITY_INTERVAL` seconds at most, not per message).
+
+Every close is one log line that names the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from .. import twin as twins
+from ..errors import (
+    IotHubCode,
+    LocalProtocolError,
+    NotFoundError,
+    ProvisioningError,
+    RemoteProtocolError,
+    RequestError,
+    StorageError,
+)
+from ..hub.messages import (
+    CloudToDeviceMessage,
+    c2d_properties,
+    decode_c2d,
+    encode_event,
+    partition,
+    telemetry_event,
+)
+from ..protocol import bounded_json
+from ..protocol.hub_topics import (
+    Filter,
+    PublicationKind,
+    c2d_topic,
+    classify_filter,
+    desired_patch_topic,
+    method_request_topic,
+    parse_hub_username,
+    parse_publication,
+    twin_response_topic,
+)
+from ..protocol.messages import error_body
+from ..protocol.mqtt import (
+    Connect,
+    ConnectReturnCode,
+    Disconnect,
+    MqttConnection,
+    Packet,
+    Puback,
+    Publish,
+    QoS,
+    State,
+    SubackReturnCode,
+    Subscribe,
+    Unsubscribe,
+)
+from ..storage import Stream, utc_iso
+from ._hub_identities import Identities
+from .context import ServiceContext
+from .hub_auth import HubAuthenticator, Refused
+from .hub_broker import HubBroker
+from .hub_sessions import SessionStore, StoredSession
+from .streams import ByteStream, StreamClosed
+
+__all__ = ["ACTIVITY_INTERVAL", "C2D_WINDOW", "MAX_MESSAGE_BYTES", "MAX_SUBSCRIPTIONS", "HubEndpoint"]
+
+log = logging.getLogger("provisiond.hub")
+
+#: IoT Hub's largest device-to-cloud message body.
+MAX_MESSAGE_BYTES = 256 * 1024
+#: The largest packet: a message, its topic (property bag) and the header.
+MAX_PACKET = MAX_MESSAGE_BYTES + 64 * 1024 + 16
+#: IoT Hub's cap on how long it waits for a silent client (1.5 x keep-alive, at most this).
+MAX_IDLE = 1767.0
+#: Publishes of the hub a device may leave unacknowledged before it is disconnected.
+MAX_INFLIGHT = 256
+MAX_SUBSCRIPTIONS = 5
+#: Cloud-to-device messages awaiting their PUBACK at once, per device.
+C2D_WINDOW = 10
+#: Seconds between two writes of the devices' ``lastActivityTime``.
+ACTIVITY_INTERVAL = 30.0
+_READ_SIZE = 65536
+_GRANTED = {
+    QoS.AT_MOST_ONCE: SubackReturnCode.GRANTED_QOS_0,
+    QoS.AT_LEAST_ONCE: SubackReturnCode.GRANTED_QOS_1,
+}
+_json = msgspec.json.Encoder()
+
+
+class HubEndpoint:
+    """The built-in hubs' MQTT sessions for one worker (see the module docstring). Its
+    :meth:`start` and :meth:`close` belong to the app's lifespan (the batched activity)."""
+
+    def __init__(self, ctx: ServiceContext, broker: HubBroker, identities: Identities) -> None:
+        self.ctx = ctx
+        self.broker = broker
+        self.identities = identities
+        self.sessions = SessionStore(ctx.store)
+        self.auth = HubAuthenticator(ctx.store, clock_skew=ctx.settings.clock_skew)
+        self._activity: dict[tuple[str, str], float] = {}
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_activity_forever())
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        with contextlib.suppress(ProvisioningError):
+            await self._flush_activity()
+
+    async def claims(self, connect: Connect) -> str | None:
+        """The built-in hub (host name, lower-cased) a CONNECT is for, or None: a user name
+        that begins with a built-in hub's host name is the hub's, anything else DPS's."""
+        username = connect.username
+        if not username or "/" not in username:
+            return None
+        host = username.split("/", 1)[0].lower()
+        if host == self.ctx.settings.builtin_hub.lower():
+            return host
+        try:
+            hub = (await self.ctx.linked_hubs(max_age=1.0)).get(host)
+        except StorageError:
+            # The hub session refuses it with "server unavailable" if it looks like a hub's.
+            return host if "/?" in username else None
+        return host if hub is not None and hub.builtin else None
+
+    async def serve(self, stream: ByteStream, machine: MqttConnection, hub: str, transport: str) -> None:
+        """Run the session of a CONNECT that :meth:`claims` gave to ``hub``; the machine holds
+        the CONNECT, not answered yet."""
+        await _HubSession(self, stream, machine, hub, transport).run()
+
+    # --- lastActivityTime, in batches ---------------------------------------------------------------
+
+    def touch(self, hub: str, device_id: str) -> None:
+        self._activity[(hub, device_id)] = self.ctx.clock()
+
+    def forget(self, hub: str, device_id: str) -> None:
+        self._activity.pop((hub, device_id), None)
+
+    async def _flush_activity_forever(self) -> None:
+        while True:
+            await asyncio.sleep(ACTIVITY_INTERVAL)
+            try:
+                await self._flush_activity()
+            except ProvisioningError as exc:
+                log.warning("hub: cannot record the devices' last activity (%s)", exc.message)
+
+    async def _flush_activity(self) -> None:
+        activity, self._activity = self._activity, {}
+        if activity:
+            await self.identities.record_activity(activity)
+
+
+class _HubSession:
+    """One device's connection to a built-in hub (a :class:`~provisiond.service.hub_broker.DeviceSession`)."""
+
+    def __init__(
+        self, endpoint: HubEndpoint, stream: ByteStream, machine: MqttConnection, hub: str, transport: str
+    ) -> None:
+        self.endpoint = endpoint
+        self.broker = endpoint.broker
+        self.stream = stream
+        self.machine = machine
+        self.hub = hub
+        self.transport = transport
+        assert machine.connect_packet is not None
+        self.connect: Connect = machine.connect_packet
+        self.device_id = ""
+        self.order = 0
+        self.persistent = not self.connect.clean_session
+        self.auth_method = "sas"
+        self.expires: float | None = None  # monotonic, when the SAS token expires
+        self.subscriptions: dict[str, tuple[Filter, QoS]] = {}
+        self.orderly = False  # the device sent DISCONNECT: no Will, no log line at info
+        self.replaced = False  # a newer connection of the device took over
+        self.attached = False
+        self._session_present = False
+        self._identity_created: str | None = None
+        self._recv: asyncio.Future[bytes] | None = None
+        self._flushing: asyncio.Task[None] | None = None
+        self._methods_waiters: list[asyncio.Future[bool]] = []
+        self._c2d_task: asyncio.Task[None] | None = None
+        self._c2d_again = False
+        self._c2d_cursor = 0
+        self._c2d_inflight: dict[int, int] = {}  # packet id -> seq
+        self._c2d_sent = 0  # the newest seq published (this or an earlier connection)
+        self._c2d_sent_before = 0
+
+    @property
+    def key(self) -> str:
+        return partition(self.hub, self.device_id)
+
+    @property
+    def who(self) -> str:
+        return f"{self.stream.peer} {self.hub}/{self.device_id or '?'} [{self.transport}]"
+
+    # --- the connection ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.machine.set_limits(max_packet_size=MAX_PACKET, max_idle=MAX_IDLE, max_inflight=MAX_INFLIGHT)
+        self.stream.guard.head_received()  # the CONNECT is in
+        try:
+            if await self._connect():
+                await self._loop()
+        except StreamClosed as exc:
+            self.machine.close(f"the connection broke while sending ({exc or 'reset'})")
+        finally:
+            await self._end()
+
+    async def _connect(self) -> bool:
+        refusal = await self._admit()
+        if refusal is not None:
+            self.machine.refuse(refusal.code, refusal.reason)
+            return False
+        self.attached = True
+        if self.machine.state is State.CLOSED:  # a newer connection of the device came first
+            return False
+        self.machine.accept(session_present=self._session_present)
+        self._schedule_flush()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("MQTT %s: connected (keep-alive %d s)", self.who, self.connect.keep_alive)
+        try:
+            await self.endpoint.identities.set_connection_state(self.hub, self.device_id, connected=True)
+        except StorageError as exc:
+            log.warning("MQTT %s: cannot record the connection state (%s)", self.who, exc.message)
+        self._deliver_c2d()
+        pipelined = self.machine.feed_bytes(b"")
+        if pipelined:
+            await self._handle(pipelined)
+            self._schedule_flush()
+        return True
+
+    async def _admit(self) -> Refused | None:
+        """Authenticate the CONNECT, restore or discard the stored session, attach to the broker."""
+        connect = self.connect
+        try:
+            username = parse_hub_username(connect.username or "")
+        except RemoteProtocolError as exc:
+            return Refused(ConnectReturnCode.BAD_USERNAME_OR_PASSWORD, exc.message)
+        self.device_id = username.device_id
+        if username.module_id is not None:
+            return Refused(
+                ConnectReturnCode.IDENTIFIER_REJECTED, "module identities are not served by the built-in hub"
+            )
+        if connect.client_id != username.device_id:
+            return Refused(
+                ConnectReturnCode.IDENTIFIER_REJECTED,
+                f"the client id {connect.client_id[:128]!r} is not the user name's device id "
+                f"{username.device_id[:128]!r}",
+            )
+        endpoint = self.endpoint
+        try:
+            found = await endpoint.identities.get(self.hub, self.device_id)
+            result = await endpoint.auth.authenticate(
+                found[0] if found else None,
+                hub=self.hub,
+                device_id=self.device_id,
+                password=connect.password,
+                chain=self.stream.client_chain,
+                now=endpoint.ctx.clock(),
+            )
+            if isinstance(result, Refused):
+                return result
+            assert found is not None
+            self.auth_method = result.method
+            if result.expires is not None:
+                self.expires = time.monotonic() + (result.expires - endpoint.ctx.clock())
+            self._identity_created = found[0].created
+            stored = await self._restore()
+            await self.broker.attach(self)
+        except StorageError as exc:
+            return Refused(ConnectReturnCode.SERVER_UNAVAILABLE, f"the database failed: {exc.message}")
+        self._session_present = stored is not None
+        return None
+
+    async def _restore(self) -> StoredSession | None:
+        sessions = self.endpoint.sessions
+        if not self.persistent:
+            await sessions.discard(self.hub, self.device_id)
+            return None
+        stored = await sessions.load(self.hub, self.device_id, identity=self._identity_created)
+        if stored is None:  # a new session exists from now on (a later CONNECT finds it)
+            await sessions.save(self.hub, self.device_id, StoredSession(identity=self._identity_created))
+            return None
+        for topic_filter, qos in stored.subscriptions.items():
+            kind = classify_filter(topic_filter, self.device_id)
+            if kind is not None:
+                self.subscriptions[topic_filter] = (kind, QoS(min(qos, 1)))
+        self._c2d_sent = self._c2d_sent_before = stored.c2d_sent
+        return stored
+
+    async def _loop(self) -> None:
+        machine = self.machine
+        while machine.state is not State.CLOSED:
+            data = await self._receive()
+            if data is None:
+                continue
+            if not data:
+                machine.close("the device closed the connection without DISCONNECT")
+                break
+            self.endpoint.touch(self.hub, self.device_id)
+            try:
+                packets = machine.feed_bytes(data)
+            except RemoteProtocolError:
+                break  # the machine closed itself and kept the reason
+            await self._handle(packets)
+            self._schedule_flush()
+
+    async def _receive(self) -> bytes | None:
+        """The next bytes; None when a deadline passed (the machine or the token decided) or
+        the session was kicked; b"" when the device closed."""
+        guard = self.stream.guard
+        if self.machine.pending_input:
+            guard.receiving()
+        else:
+            guard.busy()
+        if self._recv is None:
+            self._recv = asyncio.ensure_future(self.stream.receive(_READ_SIZE))
+        now = time.monotonic()
+        deadlines = [d for d in (self.machine.deadline(), self.expires) if d is not None]
+        timeout = max(0.0, min(deadlines) - now) if deadlines else None
+        await asyncio.wait({self._recv}, timeout=timeout)
+        if self._recv.done():
+            task, self._recv = self._recv, None
+            return None if task.cancelled() else task.result()
+        if self.expires is not None and time.monotonic() >= self.expires:
+            self.machine.close("the SAS token expired (the device must reconnect with a new one)")
+        else:
+            self.machine.handle_deadline()
+        return None
+
+    def kick(self, reason: str, *, replaced: bool = False) -> None:
+        """Close the connection from outside (the broker)."""
+        self.replaced = self.replaced or replaced
+        self.machine.close(reason)
+        if self._recv is not None:
+            self._recv.cancel()
+
+    async def _end(self) -> None:
+        machine = self.machine
+        if machine.state is not State.CLOSED:
+            machine.close("closed")
+        if self._recv is not None:
+            self._recv.cancel()
+        for task in (self._c2d_task,):
+            if task is not None:
+                task.cancel()
+        for waiter in self._methods_waiters:
+            if not waiter.done():
+                waiter.set_result(False)
+        with contextlib.suppress(StreamClosed):
+            if self._flushing is not None:
+                await self._flushing
+            if data := machine.get_outbound_data():
+                await self.stream.send(data)
+        if self.attached:
+            self.broker.detach(self)
+            await self._after_close()
+        level = logging.DEBUG if self.orderly else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "MQTT %s: closed: %s", self.who, machine.close_reason or "closed")
+
+    async def _after_close(self) -> None:
+        """The Will, the connection state, and what the stored session must remember."""
+        endpoint = self.endpoint
+        endpoint.forget(self.hub, self.device_id)
+        try:
+            if not self.orderly:
+                await self._send_will()
+            if not self.replaced:
+                await endpoint.identities.set_connection_state(self.hub, self.device_id, connected=False)
+            if self.persistent and self._c2d_sent > self._c2d_sent_before:
+                await endpoint.sessions.save(self.hub, self.device_id, self._stored())
+        except ProvisioningError as exc:
+            log.warning("MQTT %s: after the close: %s", self.who, exc.message)
+
+    async def _send_will(self) -> None:
+        will = self.connect.will
+        if will is None:
+            return
+        try:
+            publication = parse_publication(will.topic)
+        except RemoteProtocolError:
+            publication = None
+        if publication is None or publication.kind is not PublicationKind.TELEMETRY:
+            log.info(
+                "MQTT %s: the Will's topic %r is not the device's telemetry topic: dropped",
+                self.who,
+                will.topic[:200],
+            )
+            return
+        event = telemetry_event(
+            self.device_id,
+            publication.properties,
+            will.message,
+            enqueued_time=utc_iso(self.endpoint.ctx.clock()),
+            auth_method=self.auth_method,
+            retain=will.retain,
+            will=True,
+        )
+        await self.endpoint.ctx.store.append(Stream.HUB_EVENTS, [(self.key, encode_event(event))])
+
+    # --- sending -------------------------------------------------------------------------------
+
+    def _schedule_flush(self) -> None:
+        if self._flushing is None:
+            self._flushing = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while data := self.machine.get_outbound_data():
+                await self.stream.send(data)
+        except StreamClosed as exc:
+            self.kick(f"the connection broke while sending ({exc or 'reset'})")
+        finally:
+            self._flushing = None
+
+    def _publish(self, topic: str, payload: bytes, qos: QoS, *, dup: bool = False) -> int | None:
+        """Queue a publish of ours; None at QoS 0 or when the session closed."""
+        if self.machine.state is not State.CONNECTED:
+            return None
+        try:
+            packet_id = self.machine.publish(topic, payload, qos=qos, dup=dup and qos is QoS.AT_LEAST_ONCE)
+        except LocalProtocolError as exc:
+            self.kick(f"the device leaves too many publishes unacknowledged ({exc.message})")
+            return None
+        self._schedule_flush()
+        return packet_id
+
+    def _granted(self, kind: Filter) -> QoS | None:
+        granted = [qos for filter_kind, qos in self.subscriptions.values() if filter_kind is kind]
+        return max(granted) if granted else None
+
+    # --- what the broker asks ----------------------------------------------------------------------
+
+    def methods_subscribed(self) -> bool:
+        return self._granted(Filter.METHODS) is not None
+
+    async def methods_subscription(self) -> bool:
+        if self.methods_subscribed():
+            return True
+        if self.machine.state is State.CLOSED:
+            return False
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._methods_waiters.append(waiter)
+        try:
+            return await waiter
+        finally:
+            with contextlib.suppress(ValueError):
+                self._methods_waiters.remove(waiter)
+
+    def _ready_methods(self) -> None:
+        if self.methods_subscribed():
+            for waiter in self._methods_waiters:
+                if not waiter.done():
+                    waiter.set_result(True)
+
+    def send_method(self, name: str, rid: str, payload: bytes) -> None:
+        # IoT Hub publishes method requests at QoS 0 (the MQTT doc), whatever was granted.
+        self._publish(method_request_topic(name, rid), payload, QoS.AT_MOST_ONCE)
+
+    def send_desired(self, changes: Mapping[str, Any], version: int) -> None:
+        qos = self._granted(Filter.DESIRED_PATCHES)
+        if qos is not None:
+            body = _json.encode(twins.desired_notification(changes, version))
+            self._publish(desired_patch_topic(version), body, qos)
+
+    def wake_c2d(self) -> None:
+        self._deliver_c2d()
+
+    # --- packets -----------------------------------------------------------------------------------
+
+    async def _handle(self, packets: list[Packet]) -> None:
+        telemetry: list[tuple[Publish, dict[str, str | None]]] = []
+        for packet in packets:
+            if self.machine.state is State.CLOSED:
+                return
+            if isinstance(packet, Publish):
+                try:
+                    publication = parse_publication(packet.topic)
+                except RemoteProtocolError as exc:
+                    self.machine.close(f"a publish to a topic IoT Hub does not have: {exc.message}")
+                    return
+                if publication.kind is PublicationKind.TELEMETRY:
+                    if not self._own_telemetry(packet, publication.device_id):
+                        return
+                    telemetry.append((packet, publication.properties))
+                    continue
+                await self._store_telemetry(telemetry)
+                await self._on_request(packet, publication.kind, publication.rid or "", publication.status)
+                continue
+            await self._store_telemetry(telemetry)
+            if isinstance(packet, Subscribe):
+                await self._on_subscribe(packet)
+            elif isinstance(packet, Unsubscribe):
+                await self._on_unsubscribe(packet)
+            elif isinstance(packet, Puback):
+                await self._on_puback(packet)
+            elif isinstance(packet, Disconnect):
+                self.orderly = True
+            # PINGREQ: the machine answered it.
+        await self._store_telemetry(telemetry)
+
+    def _own_telemetry(self, publish: Publish, device_id: str | None) -> bool:
+        if device_id != self.device_id:
+            self.machine.close(f"telemetry for another device ({(device_id or '')[:128]!r})")
+            return False
+        if len(publish.payload) > MAX_MESSAGE_BYTES:
+            self.machine.close(
+                f"a message of {len(publish.payload)} bytes; IoT Hub takes at most {MAX_MESSAGE_BYTES}"
+            )
+            return False
+        return True
+
+    async def _store_telemetry(self, batch: list[tuple[Publish, dict[str, str | None]]]) -> None:
+        """Append the batch durably, then acknowledge each publish in order."""
+        if not batch:
+            return
+        now = utc_iso(self.endpoint.ctx.clock())
+        items = [
+            (
+                self.key,
+                encode_event(
+                    telemetry_event(
+                        self.device_id,
+                        properties,
+                        publish.payload,
+                        enqueued_time=now,
+                        auth_method=self.auth_method,
+                        retain=publish.retain,
+                    )
+                ),
+            )
+            for publish, properties in batch
+        ]
+        publishes = [publish for publish, _ in batch]
+        batch.clear()
+        try:
+            await self.endpoint.ctx.store.append(Stream.HUB_EVENTS, items)
+        except StorageError as exc:
+            # Not acknowledged: the device sends them again on its next connection.
+            self.machine.close(f"telemetry could not be stored ({exc.message})")
+            return
+        for publish in publishes:
+            self.machine.acknowledge(publish)
+
+    async def _on_request(
+        self, publish: Publish, kind: PublicationKind, rid: str, status: int | None
+    ) -> None:
+        self.machine.acknowledge(publish)  # PUBACK first, then the response
+        if kind is PublicationKind.METHOD_RESPONSE:
+            assert status is not None
+            self.broker.method_response(self, rid, status, publish.payload)
+            return
+        try:
+            if kind is PublicationKind.TWIN_GET:
+                found = await self.endpoint.identities.get(self.hub, self.device_id)
+                if found is None:
+                    raise NotFoundError(
+                        f"No device {self.device_id!r} in hub {self.hub}.",
+                        error_code=IotHubCode.DEVICE_NOT_FOUND,
+                    )
+                self._twin_response(200, rid, _json.encode(twins.device_view(found[1])))
+            else:
+                try:
+                    patch = bounded_json.decode(publish.payload)
+                except msgspec.DecodeError as exc:
+                    raise RequestError(
+                        f"The reported properties patch is not JSON: {exc}",
+                        error_code=IotHubCode.ARGUMENT_INVALID,
+                    ) from None
+                version = await self.endpoint.identities.patch_reported(self.hub, self.device_id, patch)
+                self._twin_response(204, rid, b"", version=version)
+        except ProvisioningError as exc:
+            self._twin_error(rid, kind, exc)
+
+    def _twin_response(self, status: int, rid: str, body: bytes, *, version: int | None = None) -> None:
+        # Answered whether or not the device subscribed to $iothub/twin/res/# (then at QoS 0):
+        # the Python SDK sends its "ensure desired properties" GET on connect without that
+        # subscription (pipeline_stages_iothub.EnsureDesiredPropertiesStage) and waits for it.
+        qos = self._granted(Filter.TWIN_RESPONSES) or QoS.AT_MOST_ONCE
+        try:
+            topic = twin_response_topic(status, rid, version)
+        except LocalProtocolError as exc:
+            log.info("MQTT %s: cannot answer $rid=%r: %s", self.who, rid[:64], exc.message)
+            return
+        self._publish(topic, body, qos)
+
+    def _twin_error(self, rid: str, kind: PublicationKind, exc: ProvisioningError) -> None:
+        code = exc.iothub_code
+        tracking_id = uuid.uuid4().hex
+        level = logging.INFO if code.http_status < 500 else logging.ERROR
+        log.log(
+            level,
+            "MQTT %s: %s $rid=%s: %d %s (tracking id %s)",
+            self.who,
+            kind.value,
+            rid[:64],
+            code.http_status,
+            exc.message,
+            tracking_id,
+        )
+        body = error_body(code, tracking_id, exc.message, utc_iso(self.endpoint.ctx.clock()))
+        self._twin_response(code.http_status, rid, body)
+
+    async def _on_subscribe(self, subscribe: Subscribe) -> None:
+        codes: list[SubackReturnCode] = []
+        before = dict(self.subscriptions)
+        for subscription in subscribe.subscriptions:
+            topic_filter = subscription.topic_filter
+            kind = classify_filter(topic_filter, self.device_id)
+            if kind is None or (
+                topic_filter not in self.subscriptions and len(self.subscriptions) >= MAX_SUBSCRIPTIONS
+            ):
+                why = (
+                    "not a topic filter IoT Hub has"
+                    if kind is None
+                    else f"over {MAX_SUBSCRIPTIONS} subscriptions"
+                )
+                log.info("MQTT %s: refused the subscription to %r (%s)", self.who, topic_filter[:200], why)
+                codes.append(SubackReturnCode.FAILURE)
+                continue
+            qos = QoS.AT_MOST_ONCE if subscription.qos is QoS.AT_MOST_ONCE else QoS.AT_LEAST_ONCE
+            self.subscriptions[topic_filter] = (kind, qos)
+            codes.append(_GRANTED[qos])
+        if self.persistent and self.subscriptions != before:
+            try:
+                await self.endpoint.sessions.save(self.hub, self.device_id, self._stored())
+            except StorageError as exc:
+                log.warning("MQTT %s: cannot store the session's subscriptions (%s)", self.who, exc.message)
+                self.subscriptions = before
+                codes = [SubackReturnCode.FAILURE] * len(codes)
+        if self.machine.state is State.CONNECTED:
+            self.machine.grant(subscribe, codes)
+        self._ready_methods()
+        self._deliver_c2d()
+
+    async def _on_unsubscribe(self, unsubscribe: Unsubscribe) -> None:
+        removed = [f for f in unsubscribe.topic_filters if self.subscriptions.pop(f, None) is not None]
+        if removed and self.persistent:
+            try:
+                await self.endpoint.sessions.save(self.hub, self.device_id, self._stored())
+            except StorageError as exc:
+                log.warning("MQTT %s: cannot store the session's subscriptions (%s)", self.who, exc.message)
+
+    def _stored(self) -> StoredSession:
+        return StoredSession(
+            subscriptions={f: int(qos) for f, (_, qos) in self.subscriptions.items()},
+            c2d_sent=self._c2d_sent,
+            identity=self._identity_created,
+        )
+
+    # --- cloud-to-device messages ----------------------------------------------------------------
+
+    async def _on_puback(self, puback: Puback) -> None:
+        seq = self._c2d_inflight.pop(puback.packet_id, None)
+        if seq is None:
+            return
+        try:
+            await self.endpoint.ctx.store.remove(Stream.HUB_C2D, [seq])
+        except StorageError as exc:
+            log.warning(
+                "MQTT %s: cannot remove an acknowledged cloud-to-device message (%s)", self.who, exc.message
+            )
+        self._deliver_c2d()
+
+    def _deliver_c2d(self) -> None:
+        if self._granted(Filter.C2D) is None or self.machine.state is not State.CONNECTED:
+            return
+        if self._c2d_task is not None:
+            self._c2d_again = True
+            return
+        self._c2d_task = asyncio.get_running_loop().create_task(self._pump_c2d())
+
+    async def _pump_c2d(self) -> None:
+        store = self.endpoint.ctx.store
+        try:
+            while True:
+                self._c2d_again = False
+                qos = self._granted(Filter.C2D)
+                room = C2D_WINDOW - len(self._c2d_inflight)
+                if qos is None or room <= 0 or self.machine.state is not State.CONNECTED:
+                    return
+                entries = await store.read(
+                    Stream.HUB_C2D, partition=self.key, after=self._c2d_cursor, limit=room
+                )
+                now = utc_iso(self.endpoint.ctx.clock())
+                done: list[int] = []
+                for entry in entries:
+                    self._c2d_cursor = entry.seq
+                    message = decode_c2d(entry.doc)
+                    if message.expired(now):
+                        log.info(
+                            "MQTT %s: cloud-to-device message %r expired undelivered: dropped",
+                            self.who,
+                            message.message_id[:128],
+                        )
+                        done.append(entry.seq)
+                        continue
+                    packet_id = self._send_c2d(message, qos, dup=entry.seq <= self._c2d_sent_before)
+                    self._c2d_sent = max(self._c2d_sent, entry.seq)
+                    if packet_id is not None:
+                        self._c2d_inflight[packet_id] = entry.seq
+                    elif self.machine.state is State.CONNECTED:
+                        done.append(entry.seq)  # QoS 0: delivered at most once
+                if done:
+                    await store.remove(Stream.HUB_C2D, done)
+                if len(entries) == room:
+                    continue  # more may be waiting once the window has room
+                if not self._c2d_again:
+                    return
+        except StorageError as exc:
+            log.warning("MQTT %s: cannot read the cloud-to-device queue (%s)", self.who, exc.message)
+        finally:
+            self._c2d_task = None
+
+    def _send_c2d(self, message: CloudToDeviceMessage, qos: QoS, *, dup: bool) -> int | None:
+        topic = c2d_topic(self.device_id, c2d_properties(message))
+        return self._publish(topic, message.body, qos, dup=dup)

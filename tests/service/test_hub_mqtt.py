@@ -1,0 +1,510 @@
+"""The built-in hub's device endpoint over real TLS (and WebSockets) on loopback, against
+``provisiond serve``: devices provisioned through DPS connect to their assigned hub on the
+MQTT listener DPS uses, with paho-mqtt as the independent peer. What the service side triggers
+(a desired patch, a method, a disconnect) comes from the test process acting as a second node
+on the server's database: it reaches the device through the broker's signal stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from provisiond import pki
+from provisiond.errors import DeviceNotOnlineError, GatewayTimeoutError
+from provisiond.hub.messages import CloudToDeviceMessage, c2d_to, decode_event, encode_c2d, partition
+from provisiond.service._hub_identities import Identities
+from provisiond.service.hub_broker import HubBroker
+from provisiond.service_client import ServiceClient
+from provisiond.storage import Collection, Stream, WriteMode, utc_iso
+from tests._hub import (
+    HubPaho,
+    Provisioned,
+    hub_token,
+    poll_until,
+    provision_symmetric,
+    provision_x509,
+    server_store,
+)
+from tests._server import RunningServer, start_server
+
+WAIT = 10.0
+
+
+@pytest.fixture(scope="module")
+def hub_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    running = start_server(tmp_path_factory.mktemp("hub-mqtt"))
+    yield running
+    running.stop()
+    assert "Traceback" not in running.log() and "internal error" not in running.log()
+
+
+@pytest.fixture(scope="module")
+def admin(hub_server: RunningServer) -> Iterator[ServiceClient]:
+    with hub_server.client() as client:
+        yield client
+
+
+@pytest.fixture
+def devices() -> Iterator[list[HubPaho]]:
+    made: list[HubPaho] = []
+    yield made
+    for device in made:
+        device.close()
+
+
+def wait_for_log(server: RunningServer, *words: str, timeout: float = WAIT) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in server.log().splitlines():
+            if all(word in line for word in words):
+                return line
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no log line with {words}:\n{server.log()[-3000:]}")
+        time.sleep(0.05)
+
+
+def connect(server: RunningServer, device: Provisioned, made: list[HubPaho], **options: Any) -> HubPaho:
+    client = HubPaho(server, device, **options)
+    made.append(client)
+    return client
+
+
+# --- CONNECT -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("websockets", [False, True], ids=["mqtt", "mqtt-ws"])
+def test_a_provisioned_device_connects_with_its_key(
+    hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho], websockets: bool
+) -> None:
+    device = provision_symmetric(hub_server, admin)
+    assert device.hub == hub_server.info["builtinHub"]
+    connect(hub_server, device, devices, websockets=websockets).connected()
+
+
+def test_an_x509_device_connects_with_its_certificate(
+    hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho], tmp_path: Path
+) -> None:
+    device = provision_x509(hub_server, admin, tmp_path)
+    connect(hub_server, device, devices).connected()
+    # Another certificate (of the same name) is not the device's.
+    impostor = pki.make_device_cert(device.device_id)
+    pki.write_issued(impostor, tmp_path / "impostor")
+    other = Provisioned(
+        device.hub,
+        device.device_id,
+        cert=pki.cert_path(tmp_path / "impostor"),
+        key_file=pki.key_path(tmp_path / "impostor"),
+    )
+    assert connect(hub_server, other, devices).connack() == (5, 0)
+    wait_for_log(hub_server, device.device_id, "return code 5", "thumbprint mismatch")
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "words"),
+    [
+        pytest.param("wrong-key", 5, "matches neither of the device's keys", id="wrong-key"),
+        pytest.param("expired", 5, "expired", id="expired-token"),
+        pytest.param("other-device", 4, "not {hub}/devices/", id="token-for-another-device"),
+        pytest.param("garbage", 4, "SharedAccessSignature", id="garbage-password"),
+        pytest.param("no-credential", 5, "no credential", id="no-credential"),
+        pytest.param("client-id", 2, "is not the user name's device id", id="client-id-not-username"),
+        pytest.param("module", 2, "module identities", id="module"),
+        pytest.param("unknown", 5, "no device", id="unknown-device"),
+    ],
+)
+def test_bad_connects_get_iot_hubs_return_codes(
+    hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho], case: str, code: int, words: str
+) -> None:
+    device = provision_symmetric(hub_server, admin)
+    assert device.key is not None
+    options: dict[str, Any] = {}
+    other_key = provision_symmetric(hub_server, admin).key
+    assert other_key is not None
+    if case == "wrong-key":
+        options["password"] = hub_token(device.hub, device.device_id, other_key)
+    elif case == "expired":
+        options["password"] = hub_token(device.hub, device.device_id, device.key, ttl=-600)
+    elif case == "other-device":
+        options["password"] = hub_token(device.hub, "someone-else", device.key)
+    elif case == "garbage":
+        options["password"] = "hunter2"
+    elif case == "no-credential":
+        device = Provisioned(device.hub, device.device_id)
+    elif case == "client-id":
+        options["client_id"] = "not-" + device.device_id
+    elif case == "module":
+        options["username"] = f"{device.hub}/{device.device_id}/module-1/?api-version=2021-04-12"
+        options["client_id"] = f"{device.device_id}/module-1"
+    elif case == "unknown":
+        device = Provisioned(device.hub, "no-such-" + device.device_id, key=device.key)
+    words = words.replace("{hub}", device.hub)
+    assert connect(hub_server, device, devices, **options).connack() == (code, 0)
+    wait_for_log(hub_server, device.device_id, f"return code {code}", words)
+
+
+async def test_a_disabled_device_is_refused_with_server_unavailable(
+    hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho]
+) -> None:
+    device = provision_symmetric(hub_server, admin)
+    async with server_store(hub_server) as store:
+        key = f"{device.hub.lower()}/{device.device_id}"
+        record = await store.get(Collection.HUB_DEVICES, key)
+        assert record is not None
+        doc = {**msgspec.json.decode(record.doc), "status": "disabled"}
+        await store.write(
+            Collection.HUB_DEVICES, key, msgspec.json.encode(doc), index=record.index, mode=WriteMode.UPDATE
+        )
+    client = await asyncio.to_thread(connect, hub_server, device, devices)
+    assert await asyncio.to_thread(client.connack) == (
+        3,
+        0,
+    )  # the C and Java SDKs read 3 as "device disabled"
+    wait_for_log(hub_server, device.device_id, "return code 3", "disabled")
+
+
+def test_dps_connects_keep_working_on_the_shared_listener(
+    hub_server: RunningServer, admin: ServiceClient
+) -> None:
+    """A DPS user name is not a hub's: the DPS endpoint answers it as before."""
+    from tests.service.test_mqtt_endpoint import PahoDevice, enroll, token
+
+    reg = uid_()
+    key = enroll(admin, reg)
+    device = PahoDevice(hub_server, reg, password=token(hub_server, reg, key)).connected()
+    try:
+        assert device.subscribe() == (1,)
+    finally:
+        device.close()
+
+
+def uid_() -> str:
+    return f"dps-{uuid.uuid4().hex[:10]}"
+
+
+# --- telemetry ---------------------------------------------------------------------------------
+
+
+async def test_telemetry_is_acknowledged_once_stored_with_its_properties(
+    hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho]
+) -> None:
+    device = provision_symmetric(hub_server, admin)
+    client = await asyncio.to_thread(lambda: connect(hub_server, device, devices).connected())
+    topic = f"devices/{device.device_id}/messages/events/%24.mid=m-1&%24.ct=application%2Fjson&color=red&flag"
+    mid = client.publish(topic, b'{"t":21.5}', qos=1)
+    assert (await asyncio.to_thread(client.next, "puback"))[1] == mid
+    client.publish(f"devices/{device.device_id}/messages/events/", b"qos0", qos=0)
+    retained = client.client.publish(
+        f"devices/{device.device_id}/messages/events/", b"kept", qos=1, retain=True
+    )
+    while (await asyncio.to_thread(client.next, "puback"))[1] != retained.mid:
+        pass  # paho reports QoS 0 publishes as sent too
+    async with server_store(hub_server) as store:
+        entries = await store.read(Stream.HUB_EVENTS, partition=partition(device.hub, device.device_id))
+    events = [decode_event(e.doc) for e in entries]
+    assert [e.body for e in events] == [b'{"t":21.5}', b"qos0", b"kept"]
+    first = events[0]
+    assert first.device_id == device.device_id
+    assert first.properties == {"color": "red", "flag": None}
+    assert first.system_properties["message-id"] == "m-1"
+    assert first.system_properties["content-type"] == "application/json"
+    assert first.system_properties["iothub-connection-device-id"] == device.device_id
+    assert events[2].properties == {"mqtt-retain": "true"}
+
+
+@pytest.mark.parametrize(
+    ("topic", "qos", "words"),
+    [
+        pytest.param(
+            "devices/{other}/messages/events/", 1, "telemetry for another device", id="other-device"
+        ),
+        pytest.param("some/topic", 1, "a topic IoT Hub does not have", id="unknown-topic"),
+        pytest.param("devices/{id}/messages/events/", 2, "QoS 2", id="qos-2"),
+    ],
+)
+def test_publishes_iot_hub_does_not_take_close_the_connection(
+    hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho], topic: str, qos: int, words: str
+) -> None:
+    device = provision_symmetric(hub_server, admin)
+    client = connect(hub_server, device, devices).connected()
+    client.publish(
+        topic.replace("{other}", "x" + device.device_id).replace("{id}", device.device_id), b"x", qos=qos
+    )
+    client.next("disconnect")
+    wait_for_log(hub_server, device.device_id, "closed", words)
+
+
+# --- subscriptions -----------------------------------------------------------------------------
+
+
+def test_subscriptions_are_iot_hubs_and_qos_2_is_granted_as_1(
+    hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho]
+) -> None:
+    device = provision_symmetric(hub_server, admin)
+    client = connect(hub_server, device, devices).connected()
+    assert client.subscribe("$iothub/twin/res/#", qos=2) == (1,)
+    assert client.subscribe("$iothub/methods/POST/#", qos=0) == (0,)
+    assert client.subscribe("some/other/#", f"devices/x{device.device_id}/messages/devicebound/#") == (
+        128,
+        128,
+    )
+    # Five filters at most (two spellings of one filter count twice).
+    assert client.subscribe(
+        f"devices/{device.device_id}/messages/devicebound/#",
+        "$iothub/twin/PATCH/properties/desired/#",
+        "$iothub/twin/res/+/#",
+        "$iothub/methods/POST/+/#",
+    ) == (1, 1, 1, 128)
+    wait_for_log(hub_server, device.device_id, "refused the subscription", "over 5 subscriptions")
+
+
+# --- twins -------------------------------------------------------------------------------------
+
+
+def test_twin_get_and_reported_patch(
+    hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho]
+) -> None:
+    device = provision_symmetric(
+        hub_server, admin, initial_twin={"tags": {"site": "a"}, "properties": {"desired": {"rate": 5}}}
+    )
+    client = connect(hub_server, device, devices).connected()
+    assert client.subscribe("$iothub/twin/res/#") == (1,)
+    topic, body = client.twin_request("$iothub/twin/GET/?$rid=1", b" ")
+    assert topic == "$iothub/twin/res/200/?$rid=1"
+    assert body == {"desired": {"rate": 5, "$version": 1}, "reported": {"$version": 1}}
+    topic, body = client.twin_request(
+        "$iothub/twin/PATCH/properties/reported/?$rid=2", b'{"fw":"1.0","gone":null}'
+    )
+    assert (topic, body) == ("$iothub/twin/res/204/?$rid=2&$version=2", None)
+    client.twin_request("$iothub/twin/PATCH/properties/reported/?$rid=3", b'{"fw":null,"ok":true}')
+    topic, body = client.twin_request("$iothub/twin/GET/?$rid=4", b"")
+    assert body == {"desired": {"rate": 5, "$version": 1}, "reported": {"ok": True, "$version": 3}}
+
+
+def nested(levels: int) -> dict[str, Any]:
+    value: dict[str, Any] = {"leaf": 1}
+    for level in range(levels):
+        value = {f"l{level}": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        pytest.param(b"{not json", "not JSON", id="not-json"),
+        pytest.param(b"[1, 2]", "must be a JSON object", id="not-an-object"),
+        pytest.param(b'{"$version": 4}', "members starting with '$'", id="dollar-member"),
+        pytest.param(json.dumps(nested(12)).encode(), "deep", id="too-deep"),
+        pytest.param(json.dumps({"big": "x" * 4097}).encode(), "4", id="string-too-long"),
+    ],
+)
+def test_bad_reported_patches_answer_400_with_an_error_body(
+    hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho], body: bytes, words: str
+) -> None:
+    device = provision_symmetric(hub_server, admin)
+    client = connect(hub_server, device, devices).connected()
+    client.subscribe("$iothub/twin/res/#")
+    topic, error = client.twin_request("$iothub/twin/PATCH/properties/reported/?$rid=9", body)
+    assert topic == "$iothub/twin/res/400/?$rid=9"
+    # The Node.js SDK only sees an error through errorCode in the body.
+    assert error["errorCode"] == 400004 and words in error["message"] and error["trackingId"]
+    wait_for_log(hub_server, device.device_id, "twin-reported $rid=9: 400", error["trackingId"])
+    _, twin = client.twin_request("$iothub/twin/GET/?$rid=10", b" ")
+    assert twin["reported"] == {"$version": 1}, "a refused patch changes nothing"
+
+
+# --- the service side: desired patches, methods, disconnects -------------------------------------
+
+
+async def test_desired_patches_reach_the_connected_device_with_their_version(
+    hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho]
+) -> None:
+    device = provision_symmetric(hub_server, admin, initial_twin={"properties": {"desired": {"rate": 5}}})
+    client = await asyncio.to_thread(lambda: connect(hub_server, device, devices).connected())
+    assert await asyncio.to_thread(client.subscribe, "$iothub/twin/PATCH/properties/desired/#") == (1,)
+    async with server_store(hub_server) as store:
+        broker = HubBroker(store)
+        await broker.start()
+        try:
+            changes, version = await Identities(store).patch_desired(
+                device.hub, device.device_id, {"rate": 7, "mode": "eco"}
+            )
+            assert version == 2 and changes is not None
+            await broker.notify_desired(device.hub, device.device_id, changes, version)
+            topic, qos, payload, _ = await asyncio.to_thread(client.message)
+        finally:
+            await broker.close()
+    assert topic == "$iothub/twin/PATCH/properties/desired/?$version=2" and qos == 1
+    assert json.loads(payload) == {"rate": 7, "mode": "eco", "$version": 2}
+
+
+async def test_a_method_invoked_on_another_node_is_answered_by_the_device(
+    hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho]
+) -> None:
+    device = provision_symmetric(hub_server, admin)
+    client = await asyncio.to_thread(lambda: connect(hub_server, device, devices).connected())
+    assert await asyncio.to_thread(client.subscribe, "$iothub/methods/POST/#") == (1,)
+
+    def answer() -> tuple[str, int, Any]:
+        topic, qos, payload, _ = client.message()
+        rid = topic.split("?$rid=")[1]
+        client.publish(
+            f"$iothub/methods/res/201/?$rid={rid}", json.dumps({"got": json.loads(payload)}).encode()
+        )
+        return topic, qos, json.loads(payload)
+
+    async with server_store(hub_server) as store:
+        broker = HubBroker(store)
+        await broker.start()
+        try:
+            answering = asyncio.ensure_future(asyncio.to_thread(answer))
+            result = await broker.invoke_method(
+                device.hub, device.device_id, "reboot", {"delay": 1}, response_timeout=10
+            )
+            topic, qos, request = await answering
+            with pytest.raises(GatewayTimeoutError):  # subscribed, but nobody answers
+                await broker.invoke_method(device.hub, device.device_id, "slow", None, response_timeout=0.5)
+            with pytest.raises(DeviceNotOnlineError):
+                await broker.invoke_method(
+                    device.hub, "not-connected-" + device.device_id, "x", None, response_timeout=5
+                )
+        finally:
+            await broker.close()
+    assert topic.startswith("$iothub/methods/POST/reboot/?$rid=") and qos == 0  # IoT Hub sends them at QoS 0
+    assert request == {"delay": 1}
+    assert (result.status, result.payload) == (201, {"got": {"delay": 1}})
+
+
+async def test_a_device_not_subscribed_to_methods_is_not_online(
+    hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho]
+) -> None:
+    device = provision_symmetric(hub_server, admin)
+    await asyncio.to_thread(lambda: connect(hub_server, device, devices).connected())
+    async with server_store(hub_server) as store:
+        broker = HubBroker(store)
+        await broker.start()
+        try:
+            with pytest.raises(DeviceNotOnlineError, match="not subscribed to methods"):
+                await broker.invoke_method(device.hub, device.device_id, "x", None, response_timeout=5)
+        finally:
+            await broker.close()
+
+
+def test_one_connection_per_device_the_new_one_wins(
+    hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho]
+) -> None:
+    device = provision_symmetric(hub_server, admin)
+    first = connect(hub_server, device, devices).connected()
+    second = connect(hub_server, device, devices).connected(session_present=1)
+    first.next("disconnect")
+    wait_for_log(hub_server, device.device_id, "closed", "a new connection of the device replaced it")
+    second.subscribe("$iothub/twin/res/#")  # the new one works
+    _, twin = second.twin_request("$iothub/twin/GET/?$rid=1", b" ")
+    assert twin["reported"] == {"$version": 1}
+
+
+def test_keep_alive_is_enforced_at_one_and_a_half_times(
+    hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho]
+) -> None:
+    device = provision_symmetric(hub_server, admin)
+    client = connect(hub_server, device, devices, keepalive=1).connected()
+    client.client.loop_stop()  # no more PINGREQs
+    wait_for_log(hub_server, device.device_id, "closed", "the keep-alive lapsed (1 s)")
+
+
+# --- persistent sessions and cloud-to-device messages --------------------------------------------
+
+
+async def enqueue_c2d(
+    store: Any, device: Provisioned, body: bytes, *, expiry: str | None = None, **props: str
+) -> None:
+    message = CloudToDeviceMessage(
+        message_id=uuid.uuid4().hex,
+        to=c2d_to(device.device_id),
+        enqueued_time=utc_iso(time.time()),
+        expiry_time_utc=expiry,
+        properties=dict(props),
+        body=body,
+    )
+    await store.append(Stream.HUB_C2D, [(partition(device.hub, device.device_id), encode_c2d(message))])
+
+
+async def test_c2d_messages_wait_for_the_device_and_go_once_acknowledged(
+    hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho]
+) -> None:
+    device = provision_symmetric(hub_server, admin)
+    key = partition(device.hub, device.device_id)
+    async with server_store(hub_server) as store:
+        await enqueue_c2d(store, device, b"one", color="red")
+        await enqueue_c2d(store, device, b"stale", expiry="2001-01-01T00:00:00.000000Z")
+        await enqueue_c2d(store, device, b"two")
+        client = await asyncio.to_thread(lambda: connect(hub_server, device, devices).connected())
+        assert await asyncio.to_thread(
+            client.subscribe, f"devices/{device.device_id}/messages/devicebound/#"
+        ) == (1,)
+        first = await asyncio.to_thread(client.message)
+        second = await asyncio.to_thread(client.message)
+        assert [first[2], second[2]] == [b"one", b"two"], "the expired one is dropped"
+        assert first[0].startswith(f"devices/{device.device_id}/messages/devicebound/%24.mid=")
+        assert first[0].endswith("&color=red") and first[1] == 1 and not first[3]
+
+        async def drained() -> bool:
+            return await store.entry_count(Stream.HUB_C2D, partition=key) == 0
+
+        assert await poll_until(drained), "acknowledged and expired ones are gone"
+        # While connected: a new message arrives once the broker is told.
+        broker = HubBroker(store)
+        await broker.start()
+        try:
+            await enqueue_c2d(store, device, b"three")
+            await broker.notify_c2d(device.hub, device.device_id)
+            assert (await asyncio.to_thread(client.message))[2] == b"three"
+        finally:
+            await broker.close()
+
+
+def test_a_persistent_session_keeps_its_subscriptions_across_a_restart(tmp_path: Path) -> None:
+    server = start_server(tmp_path / "node")
+    try:
+        with server.client() as admin:
+            device = provision_symmetric(server, admin)
+        client = HubPaho(server, device).connected(session_present=0)
+        assert client.subscribe(
+            "$iothub/twin/res/#", f"devices/{device.device_id}/messages/devicebound/#"
+        ) == (1, 1)
+        client.close()
+        server.stop()
+        server = start_server(tmp_path / "node", port=server.port)
+        client = HubPaho(server, device).connected(session_present=1)
+        try:
+            # No SUBSCRIBE on this connection: the twin response still comes.
+            topic, body = client.twin_request("$iothub/twin/GET/?$rid=1", b" ")
+            assert topic == "$iothub/twin/res/200/?$rid=1" and body["reported"] == {"$version": 1}
+
+            async def enqueue() -> None:
+                async with server_store(server) as store:
+                    await enqueue_c2d(store, device, b"after restart")
+                    broker = HubBroker(store)
+                    await broker.start()
+                    await broker.notify_c2d(device.hub, device.device_id)
+                    await broker.close()
+
+            asyncio.run(enqueue())
+            assert client.message()[2] == b"after restart"
+        finally:
+            client.close()
+        # A clean session forgets it.
+        clean = HubPaho(server, device, clean_session=True).connected(session_present=0)
+        clean.close()
+        again = HubPaho(server, device).connected(session_present=0)
+        again.close()
+    finally:
+        server.stop()
