@@ -35,6 +35,7 @@ from .errors import (
     AuthorizationError,
     ConfigurationError,
     ConflictError,
+    GatewayTimeoutError,
     MethodNotAllowedError,
     NotFoundError,
     PreconditionFailedError,
@@ -45,6 +46,7 @@ from .errors import (
 )
 from .hub.c2d import Enqueued
 from .hub.events import StoredEvent
+from .hub.methods import DEFAULT_RESPONSE_TIMEOUT, CloudToDeviceMethodResult
 from .models import (
     AttestationMechanism,
     BulkEnrollmentGroupOperation,
@@ -92,6 +94,7 @@ _BY_STATUS: dict[int, type[ProvisioningError]] = {
     405: MethodNotAllowedError,
     409: ConflictError,
     412: PreconditionFailedError,
+    504: GatewayTimeoutError,
 }
 
 
@@ -189,9 +192,11 @@ class ServiceClient:
         body: Any = None,
         headers: dict[str, str] | None = None,
         content: bytes | None = None,
+        timeout: float | None = None,
     ) -> httpx.Response:
-        """Send one request (``body`` as JSON, or ``content`` as it is); a non-2xx answer
-        raises the matching provisiond error."""
+        """Send one request (``body`` as JSON, or ``content`` as it is; ``timeout``: seconds to
+        wait for the answer, instead of the client's); a non-2xx answer raises the matching
+        provisiond error."""
         all_headers = {"Authorization": self._token(), **(headers or {})}
         if body is not None:
             content = _encode(body)
@@ -203,6 +208,9 @@ class ServiceClient:
                 params={"api-version": self.api_version},
                 content=content,
                 headers=all_headers,
+                timeout=httpx.Timeout(self._http.timeout.connect, read=timeout)
+                if timeout
+                else httpx.USE_CLIENT_DEFAULT,
             )
         except httpx.ConnectError as exc:
             raise ConfigurationError(f"Cannot reach https://{self.connection.host}: {exc}") from exc
@@ -543,6 +551,30 @@ class HubMessagesClient:
         path = f"{HubsClient.item(hub)}/devices/{seg(device_id)}/messages/deviceBound"
         response = self._client.request("POST", path, content=body, headers=headers)
         return msgspec.json.decode(response.content, type=Enqueued)
+
+    def invoke_method(
+        self,
+        hub: str,
+        device_id: str,
+        method_name: str,
+        payload: Any = None,
+        *,
+        response_timeout: int | None = None,
+        connect_timeout: int | None = None,
+    ) -> CloudToDeviceMethodResult:
+        """Invoke direct method ``method_name`` on ``device_id`` and return the device's
+        ``status`` and ``payload`` (IoT Hub's rules and errors: :mod:`provisiond.hub.methods`;
+        404103 DeviceNotOnline raises :class:`NotFoundError`, 504101 GatewayTimeout
+        :class:`GatewayTimeoutError`)."""
+        request: dict[str, Any] = {"methodName": method_name, "payload": payload}
+        if response_timeout is not None:
+            request["responseTimeoutInSeconds"] = response_timeout
+        if connect_timeout is not None:
+            request["connectTimeoutInSeconds"] = connect_timeout
+        waits = (response_timeout or DEFAULT_RESPONSE_TIMEOUT) + (connect_timeout or 0)
+        path = f"{HubsClient.item(hub)}/devices/{seg(device_id)}/methods"
+        response = self._client.request("POST", path, body=request, timeout=waits + 30.0)
+        return msgspec.json.decode(response.content, type=CloudToDeviceMethodResult)
 
 
 class _Cursor(msgspec.Struct):

@@ -1,5 +1,5 @@
-"""``provisiond hub monitor-events`` and ``provisiond hub send-c2d``: the built-in hubs'
-telemetry and cloud-to-device messages, through provisiond's admin API
+"""``provisiond hub monitor-events``, ``send-c2d`` and ``invoke-method``: the built-in hubs'
+telemetry, cloud-to-device messages and direct methods, through provisiond's admin API
 (:mod:`provisiond.service.hub_ops`). Added to the ``hub`` group by :mod:`provisiond.cli.manage`.
 
 ``monitor-events`` prints what ``az iot hub monitor-events`` prints: one JSON document per event,
@@ -20,10 +20,16 @@ from typing import Any
 import click
 
 from ..hub.events import StoredEvent
+from ..hub.methods import (
+    DEFAULT_RESPONSE_TIMEOUT,
+    MAX_CONNECT_TIMEOUT,
+    MAX_RESPONSE_TIMEOUT,
+    MIN_RESPONSE_TIMEOUT,
+)
 from ..service_client import ServiceClient
 from ._common import CONTEXT, connected, echo_json, json_option, print_fields
 
-__all__ = ["monitor_events", "send_c2d"]
+__all__ = ["invoke_method", "monitor_events", "send_c2d"]
 
 _PROPERTY_KINDS = ("sys", "app", "anno", "all")
 
@@ -259,3 +265,65 @@ def send_c2d(
             ("Messages queued", queued.queue_depth),
         ],
     )
+
+
+def _method_payload(text: str | None) -> Any:
+    """``--method-payload``: JSON, else the text as a JSON string (as `az` takes it)."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+@click.command("invoke-method", context_settings=CONTEXT)
+@click.argument("device_id")
+@click.option("--method-name", "--mn", "-n", required=True, metavar="NAME", help="The method to invoke.")
+@click.option(
+    "--method-payload",
+    "--mp",
+    "-p",
+    metavar="JSON",
+    help="The request payload: JSON (text that is not JSON is sent as a JSON string) [default: null].",
+)
+@click.option(
+    "--timeout",
+    "--to",
+    type=click.IntRange(MIN_RESPONSE_TIMEOUT, MAX_RESPONSE_TIMEOUT),
+    default=DEFAULT_RESPONSE_TIMEOUT,
+    show_default=True,
+    help="Seconds the device has to answer (responseTimeoutInSeconds).",
+)
+@click.option(
+    "--connect-timeout",
+    "--cto",
+    type=click.IntRange(0, MAX_CONNECT_TIMEOUT),
+    default=0,
+    show_default=True,
+    help="Seconds to wait for the device to connect and subscribe to methods (0: it must be connected now).",
+)
+@click.option("--hub", metavar="HOST", help="The built-in hub [default: the first built-in hub].")
+@connected()
+def invoke_method(
+    client: ServiceClient,
+    device_id: str,
+    method_name: str,
+    method_payload: str | None,
+    timeout: int,
+    connect_timeout: int,
+    hub: str | None,
+) -> None:
+    """Invoke a direct method on DEVICE_ID of a built-in hub and print the device's answer,
+    {"status": ..., "payload": ...} (like `az iot hub invoke-device-method`). Fails when the
+    device is not connected (404103) or does not answer in time (504101)."""
+    host = _default_hub(client, hub)
+    result = client.hub_messages.invoke_method(
+        host,
+        device_id,
+        method_name,
+        _method_payload(method_payload),
+        response_timeout=timeout,
+        connect_timeout=connect_timeout,
+    )
+    echo_json(result)

@@ -57,13 +57,14 @@ from ._enrollment_flags import (
     individual_attestation,
 )
 from .enroll_import import import_command
-from .hub_ops import monitor_events, send_c2d
+from .hub_ops import invoke_method, monitor_events, send_c2d
 from .manage_admin import ca, hub, policy, settings
 
 __all__ = ["ca", "enrollment", "group", "hub", "policy", "registration", "settings"]
 
 hub.add_command(monitor_events)
 hub.add_command(send_c2d)
+hub.add_command(invoke_method)
 
 E = TypeVar("E", IndividualEnrollment, EnrollmentGroup)
 T = TypeVar("T")

@@ -6,6 +6,7 @@ cloud-to-device messages, and keeping both streams bounded. Adapters over
 |---|---|---|
 | GET | /admin/linkedHubs/{hub}/events | telemetry as NDJSON, long-lived (``after``, ``enqueuedTime``, ``deviceId``, ``timeout``) |
 | POST | /admin/linkedHubs/{hub}/devices/{deviceId}/messages/deviceBound | queue a cloud-to-device message (the body; ``iothub-*`` headers) |
+| POST | /admin/linkedHubs/{hub}/devices/{deviceId}/methods | invoke a direct method (IoT Hub's body and answer: :mod:`provisiond.hub.methods`) |
 
 **The events stream.** One JSON document a line: an event (``seq``, ``deviceId``,
 ``moduleId``, ``enqueuedTime``, ``properties``, ``systemProperties``, ``body`` in base64), or a
@@ -40,6 +41,7 @@ from starlette.routing import Route
 from ..errors import ProvisioningError, RequestError
 from ..hub.c2d import MAX_MESSAGE_BYTES, CloudToDeviceRequest, enqueue, purge_expired
 from ..hub.events import EventLog, Retention, parse_enqueued_time
+from ..hub.methods import MAX_REQUEST_BYTES, MethodBroker, invoke
 from ..models import Right
 from ..storage import Store, Stream
 from .context import ServiceContext, context_of
@@ -167,11 +169,33 @@ async def send_c2d(request: Request) -> Response:
     return json_response(queued)
 
 
+# --- direct methods -----------------------------------------------------------------------------
+
+
+def broker_of(request: Request) -> MethodBroker:
+    """The app's broker (``create_app`` puts it on the app state)."""
+    broker: MethodBroker = request.app.state.broker
+    return broker
+
+
+@handle_errors
+async def invoke_method(request: Request) -> Response:
+    """Invoke a direct method on a device of a built-in hub and answer ``{status, payload}``
+    (the request and the errors are IoT Hub's: :mod:`provisiond.hub.methods`)."""
+    ctx = context_of(request)
+    await ctx.authorize(request, Right.SERVICE_CONFIG)
+    hub = await _builtin_hub(ctx, request.path_params["name"])
+    body = await read_body(request, MAX_REQUEST_BYTES)
+    result = await invoke(broker_of(request), hub, request.path_params["device_id"], body)
+    return json_response(result)
+
+
 def routes() -> list[Route]:
     hub = "/admin/linkedHubs/{name}"
     return [
         Route(f"{hub}/events", stream_events, methods=["GET"]),
         Route(f"{hub}/devices/{{device_id}}/messages/deviceBound", send_c2d, methods=["POST"]),
+        Route(f"{hub}/devices/{{device_id}}/methods", invoke_method, methods=["POST"]),
     ]
 
 
