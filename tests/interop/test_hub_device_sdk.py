@@ -17,15 +17,12 @@ hub's broker.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import queue
-import threading
 import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +32,9 @@ from azure.iot.device import X509, IoTHubDeviceClient, Message, MethodResponse, 
 from provisiond import pki
 from provisiond.device import ProvisioningDeviceClient as OwnClient
 from provisiond.device import X509Security
-from provisiond.hub.messages import CloudToDeviceMessage, c2d_to, decode_event, encode_c2d, partition
-from provisiond.service._hub_identities import Identities
-from provisiond.service.hub_broker import HubBroker
 from provisiond.service_client import ServiceClient
-from provisiond.storage import Store, Stream, open_store, utc_iso
 from tests._server import RunningServer, start_server, wait_for_free_ports
+from tests.interop._hub_service import ServiceSide, events_of
 
 pytestmark = [
     pytest.mark.interop,
@@ -90,52 +84,6 @@ def admin(hub: RunningServer) -> Iterator[ServiceClient]:
 @pytest.fixture(scope="module")
 def ca_pem(hub: RunningServer) -> str:
     return Path(hub.ca_file).read_text()
-
-
-class ServiceSide:
-    """The service side, as a second node on the server's database: a store and a broker on an
-    event loop in a thread of its own (the SDK's calls block)."""
-
-    def __init__(self, hub: RunningServer) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        self.store: Store = open_store(f"sqlite:///{hub.data_dir / 'provisiond.db'}")
-        self.run(self.store.open())
-        self.broker = HubBroker(self.store)
-        self.run(self.broker.start())
-        self.identities = Identities(self.store)
-
-    def run(self, coroutine: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(60)
-
-    def submit(self, coroutine: Any) -> Future[Any]:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
-
-    def patch_desired(self, hub: str, device_id: str, patch: dict[str, Any], *, notify: bool = True) -> int:
-        changes, version = self.run(self.identities.patch_desired(hub, device_id, patch))
-        if notify and changes is not None:
-            self.run(self.broker.notify_desired(hub, device_id, changes, version))
-        return int(version)
-
-    def send_c2d(self, hub: str, device_id: str, body: bytes, **properties: str) -> str:
-        message = CloudToDeviceMessage(
-            message_id=uuid.uuid4().hex,
-            to=c2d_to(device_id),
-            enqueued_time=utc_iso(time.time()),
-            properties=dict(properties),
-            body=body,
-        )
-        self.run(self.store.append(Stream.HUB_C2D, [(partition(hub, device_id), encode_c2d(message))]))
-        self.run(self.broker.notify_c2d(hub, device_id))
-        return message.message_id
-
-    def close(self) -> None:
-        self.run(self.broker.close())
-        self.run(self.store.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
 
 
 @pytest.fixture(scope="module")
@@ -299,16 +247,6 @@ def exercise(
         assert result.status == 200
     finally:
         client.shutdown()
-
-
-def events_of(service: ServiceSide, hub_name: str, device_id: str) -> Callable[[], list[Any]]:
-    def read() -> list[Any]:
-        entries = service.run(
-            service.store.read(Stream.HUB_EVENTS, partition=partition(hub_name, device_id), limit=1000)
-        )
-        return [decode_event(entry.doc) for entry in entries]
-
-    return read
 
 
 @pytest.mark.parametrize("websockets", TRANSPORTS)

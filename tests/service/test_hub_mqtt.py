@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import ssl
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,14 +23,16 @@ import pytest
 from provisiond import pki
 from provisiond.errors import DeviceNotOnlineError, GatewayTimeoutError
 from provisiond.hub.messages import CloudToDeviceMessage, c2d_to, decode_event, encode_c2d, partition
+from provisiond.protocol.mqtt import Connack, MqttConnection, Packet, Publish, QoS, Role, Suback, Subscription
 from provisiond.service._hub_identities import Identities
-from provisiond.service.hub_broker import HubBroker
+from provisiond.service.hub_broker import HubBroker, MethodRequest
 from provisiond.service_client import ServiceClient
 from provisiond.storage import Collection, Stream, WriteMode, utc_iso
 from tests._hub import (
     HubPaho,
     Provisioned,
     hub_token,
+    hub_username,
     poll_until,
     provision_symmetric,
     provision_x509,
@@ -383,6 +387,28 @@ async def test_a_method_invoked_on_another_node_is_answered_by_the_device(
     assert (result.status, result.payload) == (201, {"got": {"delay": 1}})
 
 
+async def test_a_method_request_signalled_twice_reaches_the_device_once(
+    hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho]
+) -> None:
+    """A caller on another node may signal its request again with the same $rid (it saw the
+    device connect); the process holding the device delivers each $rid once."""
+    device = provision_symmetric(hub_server, admin)
+    client = await asyncio.to_thread(lambda: connect(hub_server, device, devices).connected())
+    assert await asyncio.to_thread(client.subscribe, "$iothub/methods/POST/#") == (1,)
+    key = partition(device.hub, device.device_id)
+
+    def request(rid: str, name: str) -> tuple[str, bytes]:
+        signal = MethodRequest(rid=rid, name=name, payload=b"{}", connect_deadline=0.0, origin="elsewhere")
+        return key, msgspec.json.encode(signal)
+
+    async with server_store(hub_server) as store:
+        await store.append(Stream.HUB_SIGNALS, [request("rid-1", "first")])
+        await store.append(Stream.HUB_SIGNALS, [request("rid-1", "first")])
+        await store.append(Stream.HUB_SIGNALS, [request("rid-2", "second")])
+    topics = [(await asyncio.to_thread(client.message))[0] for _ in range(2)]
+    assert topics == ["$iothub/methods/POST/first/?$rid=rid-1", "$iothub/methods/POST/second/?$rid=rid-2"]
+
+
 async def test_a_device_not_subscribed_to_methods_is_not_online(
     hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho]
 ) -> None:
@@ -506,5 +532,191 @@ def test_a_persistent_session_keeps_its_subscriptions_across_a_restart(tmp_path:
         clean.close()
         again = HubPaho(server, device).connected(session_present=0)
         again.close()
+    finally:
+        server.stop()
+
+
+def test_one_connection_per_device_across_nodes(tmp_path: Path) -> None:
+    """Two ``provisiond serve`` on one database: the device's newer connection, on the other
+    node, closes the older one; the identity stays connected, and a method invoked from a
+    third process reaches the device where it is now."""
+    node_a = start_server(tmp_path / "a")
+    node_b = start_server(tmp_path / "b", "--db", str(tmp_path / "a" / "provisiond.db"))
+    made: list[HubPaho] = []
+    try:
+        with node_a.client() as admin:
+            device = provision_symmetric(node_a, admin)
+        first = connect(node_a, device, made).connected()
+        assert first.subscribe("$iothub/methods/POST/#") == (1,)
+        second = connect(node_b, device, made).connected(session_present=1)
+        first.next("disconnect")
+        wait_for_log(
+            node_a, device.device_id, "closed", "a new connection of the device (on another process)"
+        )
+
+        async def invoke() -> tuple[Any, bool]:
+            async with server_store(node_a) as store:
+                broker = HubBroker(store)
+                await broker.start()
+                try:
+                    answering = asyncio.ensure_future(asyncio.to_thread(answer))
+                    result = await broker.invoke_method(
+                        device.hub, device.device_id, "where", None, response_timeout=10
+                    )
+                    await answering
+                finally:
+                    await broker.close()
+                return result, await Identities(store).connected(device.hub, device.device_id)
+
+        def answer() -> None:
+            topic, _, _, _ = second.message()  # the stored session's subscription, on node B
+            rid = topic.split("?$rid=")[1]
+            second.publish(f"$iothub/methods/res/200/?$rid={rid}", b'"node b"')
+
+        result, connected = asyncio.run(invoke())
+        assert (result.status, result.payload) == (200, "node b")
+        assert connected, "the replaced connection does not mark the identity disconnected"
+    finally:
+        for client in made:
+            client.close()
+        node_b.stop()
+        node_a.stop()
+    for node in (node_a, node_b):
+        assert "Traceback" not in node.log(), node.log()[-3000:]
+
+
+def test_last_activity_is_written_in_batches_not_per_message(tmp_path: Path) -> None:
+    """connectionState and lastActivityTime on the identity: written at connect, not for each
+    message (the identity's record is unchanged after a burst of telemetry when the batch
+    interval has not passed), and brought forward by the batch while the device stays
+    connected."""
+
+    async def identity(server: RunningServer, device: Provisioned) -> tuple[str, dict[str, Any]]:
+        async with server_store(server) as store:
+            record = await store.get(Collection.HUB_DEVICES, f"{device.hub}/{device.device_id}")
+        assert record is not None
+        return record.etag, msgspec.json.decode(record.doc)
+
+    def burst(client: HubPaho, device: Provisioned) -> None:
+        mids = [
+            client.publish(f"devices/{device.device_id}/messages/events/", b"x%d" % i, qos=1)
+            for i in range(20)
+        ]
+        acked = {client.next("puback")[1] for _ in mids}
+        assert acked == set(mids)
+
+    for interval, batched in (("3600", False), ("0.2", True)):
+        server = start_server(tmp_path / interval, "--hub-activity-interval", interval)
+        try:
+            with server.client() as admin:
+                device = provision_symmetric(server, admin)
+            client = HubPaho(server, device).connected()
+            try:
+
+                async def connected(server: RunningServer = server, device: Provisioned = device) -> bool:
+                    return (await identity(server, device))[1].get("connectionState") == "Connected"
+
+                assert asyncio.run(poll_until(connected))
+                etag, doc = asyncio.run(identity(server, device))
+                at_connect = doc["lastActivityTime"]
+                assert doc["connectionStateUpdatedTime"] == at_connect
+                burst(client, device)
+                if not batched:
+                    assert asyncio.run(identity(server, device))[0] == etag, "a write per message"
+                    continue
+
+                async def moved(
+                    server: RunningServer = server, device: Provisioned = device, at_connect: str = at_connect
+                ) -> bool:
+                    doc = (await identity(server, device))[1]
+                    return bool(
+                        doc["lastActivityTime"] > at_connect and doc["connectionState"] == "Connected"
+                    )
+
+                assert asyncio.run(poll_until(moved)), "the batch brings lastActivityTime forward"
+            finally:
+                client.close()
+        finally:
+            server.stop()
+
+
+class SilentDevice:
+    """A device that does not acknowledge what it receives (provisiond's own MQTT machine, in
+    the client role, over a TLS socket): paho acknowledges every QoS 1 publish at once."""
+
+    def __init__(self, server: RunningServer, device: Provisioned) -> None:
+        assert device.key is not None
+        ctx = ssl.create_default_context(cafile=server.ca_file)
+        raw = socket.create_connection(("localhost", int(server.info["mqttPort"])), timeout=WAIT)
+        self.sock = ctx.wrap_socket(raw, server_hostname="localhost")
+        self.machine = MqttConnection(Role.CLIENT, clock=time.monotonic)
+        self.machine.connect(
+            client_id=device.device_id,
+            username=hub_username(device.hub, device.device_id),
+            password=hub_token(device.hub, device.device_id, device.key).encode(),
+            clean_session=False,
+        )
+        self.packets: list[Packet] = []
+
+    def _send(self) -> None:
+        self.sock.sendall(self.machine.get_outbound_data())
+
+    def next(self, kind: type[Packet]) -> Packet:
+        self._send()
+        while True:
+            for i, packet in enumerate(self.packets):
+                if isinstance(packet, kind):
+                    return self.packets.pop(i)
+            self.packets += self.machine.feed_bytes(self.sock.recv(65536))
+
+    def subscribe(self, topic_filter: str) -> None:
+        self.machine.subscribe([Subscription(topic_filter=topic_filter, qos=QoS.AT_LEAST_ONCE)])
+        self.next(Suback)
+
+    def disconnect(self) -> None:
+        self.machine.disconnect()
+        self._send()
+        self.sock.close()
+
+
+def test_an_unacknowledged_c2d_message_is_delivered_again_with_dup_after_a_restart(tmp_path: Path) -> None:
+    """A cloud-to-device message published to a persistent session and not acknowledged stays
+    queued; the device's next connection, after a server restart, gets it again with DUP set
+    and without subscribing again (its stored session subscribed), and its PUBACK removes it."""
+    server = start_server(tmp_path / "node")
+    try:
+        with server.client() as admin:
+            device = provision_symmetric(server, admin)
+        key = partition(device.hub, device.device_id)
+
+        async def enqueue() -> None:
+            async with server_store(server) as store:
+                await enqueue_c2d(store, device, b"once")
+
+        asyncio.run(enqueue())
+        silent = SilentDevice(server, device)
+        connack = silent.next(Connack)
+        assert isinstance(connack, Connack) and not connack.session_present
+        silent.subscribe(f"devices/{device.device_id}/messages/devicebound/#")
+        first = silent.next(Publish)
+        assert isinstance(first, Publish) and first.payload == b"once" and not first.dup
+        silent.disconnect()  # without a PUBACK
+        wait_for_log(server, device.device_id, "closed")
+        server.stop()
+
+        server = start_server(tmp_path / "node", port=server.port)
+        client = HubPaho(server, device).connected(session_present=1)
+        try:
+            topic, qos, payload, dup = client.message()
+            assert (payload, qos, dup) == (b"once", 1, True)
+            assert topic.startswith(f"devices/{device.device_id}/messages/devicebound/")
+
+            async def drained() -> bool:
+                async with server_store(server) as store:
+                    return await store.entry_count(Stream.HUB_C2D, partition=key) == 0
+
+            assert asyncio.run(poll_until(drained)), "the PUBACK removes it"
+        finally:
+            client.close()
     finally:
         server.stop()

@@ -500,6 +500,16 @@ def _run(settings: Settings, ca_file: Path | None) -> None:
     "1.5 times the device's keep-alive when that is shorter).",
 )
 @click.option(
+    "--hub-activity-interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    show_envvar=True,
+    envvar="PROVISIOND_HUB_ACTIVITY_INTERVAL",
+    help="Built-in hubs: seconds between two writes of the connected devices' lastActivityTime "
+    "(batched: not a write per message).",
+)
+@click.option(
     "--min-receive-rate",
     type=click.FloatRange(min=0),
     default=240.0,
@@ -606,6 +616,7 @@ def serve(
     header_timeout: float,
     keep_alive_timeout: float,
     session_idle_timeout: float,
+    hub_activity_interval: float,
     min_receive_rate: float,
     min_receive_rate_grace: float,
     max_connections: int | None,
@@ -661,6 +672,7 @@ def serve(
         mqtt_port=mqtt_port,
         mqtt_connect_timeout=mqtt_connect_timeout,
         session_idle_timeout=session_idle_timeout,
+        hub_activity_interval=hub_activity_interval,
         connections=admission.resolve(
             limits, listeners=1 + bool(mqtt_port) + bool(amqp_port), open_files=open_files.soft
         ),

@@ -27,7 +27,9 @@ every process appends what another process must act on and polls the stream ever
   answers ``accepted`` at once and ``response`` when the device answered (or ``response`` with
   404103 when the device is not subscribed to methods). A device that no process accepts for
   within :data:`ACCEPT_WINDOW` is not online; with a connect timeout the call waits that long
-  for the device to connect (anywhere) and to subscribe to methods, as IoT Hub does. Errors:
+  for the device to connect (anywhere) and to subscribe to methods, as IoT Hub does: a
+  connection newer than the request makes the caller signal it again, with the same ``$rid``;
+  a holder delivers each ``$rid`` once. Errors:
   :class:`~provisiond.errors.DeviceNotOnlineError` (404103) and
   :class:`~provisiond.errors.GatewayTimeoutError` (504101).
 * **Desired properties, cloud-to-device messages, disconnects** are told to the session, or
@@ -181,6 +183,26 @@ _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(_AnySignal)
 
 
+class _AttachWaiter:
+    """Resolved when a session of the device attaches (here, or a ``connected`` signal from
+    another process) *after* seq :attr:`after`: a ``connected`` signal older than the method
+    request a caller just signalled says nothing new (the holder got the request already)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.future: asyncio.Future[None] = loop.create_future()
+        self.after: int | None = None  # None until armed: remember what comes meanwhile
+        self._seen = 0
+
+    def offer(self, seq: int) -> None:
+        self._seen = max(self._seen, seq)
+        if self.after is not None and seq > self.after and not self.future.done():
+            self.future.set_result(None)
+
+    def arm(self, after: int) -> None:
+        self.after = after
+        self.offer(self._seen)
+
+
 @dataclass
 class _Call:
     """A method call this process waits on: accepted (a holder has the device), then answered."""
@@ -216,7 +238,8 @@ class HubBroker:
         self._sessions: dict[str, DeviceSession] = {}
         self._calls: dict[str, _Call] = {}
         self._relayed: dict[str, tuple[str, float]] = {}  # rid -> (origin node, expiry)
-        self._attach_waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._taken: dict[str, float] = {}  # rid -> expiry: requests delivered here already
+        self._attach_waiters: dict[str, set[_AttachWaiter]] = {}
         self._cursor = 0
         self._poller: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -264,9 +287,8 @@ class HubBroker:
                 return
             current.kick("a new connection of the device replaced it", replaced=True)
         self._sessions[key] = session
-        for waiter in self._attach_waiters.pop(key, ()):
-            if not waiter.done():
-                waiter.set_result(None)
+        for waiter in list(self._attach_waiters.get(key, ())):
+            waiter.offer(session.order)
 
     def detach(self, session: DeviceSession) -> None:
         key = partition(session.hub, session.device_id)
@@ -382,13 +404,21 @@ class HubBroker:
                     raise _not_online(device_id, name, "it is not subscribed to methods")
                 continue  # it closed while we waited: look again
             # Not here: ask the others, and wait for one of them to take it.
-            attached = self._attach_waiter(key)
-            await self._signal(
-                key,
-                MethodRequest(
-                    rid=rid, name=name, payload=body, connect_deadline=connect_deadline, origin=self.node
-                ),
-            )
+            waiter = self._attach_waiter(key)
+            attached = waiter.future
+            try:
+                seq = await self._signal(
+                    key,
+                    MethodRequest(
+                        rid=rid, name=name, payload=body, connect_deadline=connect_deadline, origin=self.node
+                    ),
+                )
+            except BaseException:
+                attached.cancel()
+                raise
+            # Only a connection newer than the request may need it again (a holder that read it
+            # delivers it; a device that connects later is asked again, with the same $rid).
+            waiter.arm(seq)
             accepted = asyncio.ensure_future(call.accepted.wait())
             try:
                 waits: set[asyncio.Future[Any]] = {accepted, attached, call.answered}
@@ -415,10 +445,18 @@ class HubBroker:
                 accepted.cancel()
                 attached.cancel()
 
-    def _attach_waiter(self, key: str) -> asyncio.Future[None]:
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def _attach_waiter(self, key: str) -> _AttachWaiter:
+        waiter = _AttachWaiter(asyncio.get_running_loop())
         self._attach_waiters.setdefault(key, set()).add(waiter)
-        waiter.add_done_callback(lambda w: self._attach_waiters.get(key, set()).discard(w))
+
+        def forget(_: asyncio.Future[None]) -> None:
+            waiters = self._attach_waiters.get(key)
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
+                    del self._attach_waiters[key]
+
+        waiter.future.add_done_callback(forget)
         return waiter
 
     # --- what sessions report ------------------------------------------------------------------------
@@ -446,8 +484,10 @@ class HubBroker:
 
     # --- signals ---------------------------------------------------------------------------------
 
-    async def _signal(self, key: str, signal: Signal) -> None:
-        await self._store.append(Stream.HUB_SIGNALS, [(key, _encoder.encode(signal))])
+    async def _signal(self, key: str, signal: Signal) -> int:
+        """Append ``signal`` in partition ``key``; its seq."""
+        [entry] = await self._store.append(Stream.HUB_SIGNALS, [(key, _encoder.encode(signal))])
+        return entry.seq
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -490,6 +530,8 @@ class HubBroker:
         now = self._clock()
         for rid in [rid for rid, (_, expiry) in self._relayed.items() if expiry < now]:
             del self._relayed[rid]
+        for rid in [rid for rid, expiry in self._taken.items() if expiry < now]:
+            del self._taken[rid]
 
     def _on_entry(self, entry: Entry) -> None:
         key = entry.partition
@@ -507,9 +549,8 @@ class HubBroker:
         if isinstance(signal, Connected):
             if session is not None and session.order < entry.seq:
                 session.kick("a new connection of the device (on another process) replaced it", replaced=True)
-            for waiter in self._attach_waiters.pop(key, ()):
-                if not waiter.done():
-                    waiter.set_result(None)
+            for waiter in list(self._attach_waiters.get(key, ())):
+                waiter.offer(entry.seq)
         elif session is None:
             return
         elif isinstance(signal, Disconnect):
@@ -536,6 +577,9 @@ class HubBroker:
         """Deliver another process's method request to our session, and say so (or say the
         device is not subscribed to methods)."""
         origin = _NODE_PREFIX + request.origin
+        if request.rid in self._taken:
+            return  # asked again (the origin saw a connection that was not newer): delivered once
+        self._taken[request.rid] = self._clock() + SIGNAL_TTL
         remaining = request.connect_deadline - self._clock()
         if await _methods_ready(session, remaining):
             # The response may come back before ``accepted`` is written: the origin takes either.

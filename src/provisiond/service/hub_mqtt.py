@@ -45,7 +45,8 @@ device's interval but never past IoT Hub's 1,767 s, more publishes in flight.
   :data:`C2D_WINDOW` awaiting their PUBACK; a PUBACK removes the message; an expired one is
   dropped undelivered; one published to an earlier connection goes out again with DUP.
 * **The identity** learns ``connectionState`` at connect and close, and ``lastActivityTime``
-  in batches (every :data:`ACTIVITY_INTERVAL` seconds at most, not per message).
+  in batches (every ``--hub-activity-interval`` seconds, :data:`ACTIVITY_INTERVAL` by default;
+  not per message).
 
 Every close is one log line that names the reason.
 """
@@ -130,7 +131,8 @@ MAX_INFLIGHT = 256
 MAX_SUBSCRIPTIONS = 5
 #: Cloud-to-device messages awaiting their PUBACK at once, per device.
 C2D_WINDOW = 10
-#: Seconds between two writes of the devices' ``lastActivityTime``.
+#: Seconds between two writes of the devices' ``lastActivityTime`` (the default of
+#: ``Settings.hub_activity_interval``).
 ACTIVITY_INTERVAL = 30.0
 _READ_SIZE = 65536
 _GRANTED = {
@@ -195,7 +197,7 @@ class HubEndpoint:
 
     async def _flush_activity_forever(self) -> None:
         while True:
-            await asyncio.sleep(ACTIVITY_INTERVAL)
+            await asyncio.sleep(self.ctx.settings.hub_activity_interval)
             try:
                 await self._flush_activity()
             except ProvisioningError as exc:

@@ -75,6 +75,8 @@ class Settings:
     #: MQTT and AMQP: seconds a session may go without input (MQTT: also with keep-alive 0, and
     #: never more than 1.5 times the device's keep-alive; AMQP: our open's idle-time-out).
     session_idle_timeout: float = 240.0
+    #: Built-in hubs: seconds between two writes of the connected devices' ``lastActivityTime``.
+    hub_activity_interval: float = 30.0
     #: Deadlines and caps of every connection (flags ``--tls-handshake-timeout`` and the like).
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     #: Custom allocation: seconds a webhook may take to answer, and an extra CA file (PEM) its
