@@ -21,10 +21,11 @@ the user name ``{hub}/{deviceId}/?api-version=...``).
   the message is committed to the database) and the PUBLISH-to-PUBACK latency. Load runs in
   ``--clients`` processes, which share the 2 cores with the server. Target: 5,000 messages/s.
 * **methods**: ``--methods`` devices connect and answer every method at once (status 200,
-  the request's payload back); the service side invokes ``--calls`` methods through the hub's
-  REST API (``POST /twins/{id}/methods``, one keep-alive connection, one call at a time, a
-  device picked at random each time) and takes the round trip, request to answer. Target: p99
-  under 50 ms with 1,000 devices connected.
+  the request's payload back); the service side invokes ``--calls`` methods through the admin
+  call (``POST /admin/linkedHubs/{hub}/devices/{id}/methods``: the body, answer and path
+  through the broker that the hub REST API's ``POST /twins/{id}/methods`` will share; one
+  keep-alive connection, one call at a time, a device picked at random each time) and takes
+  the round trip, request to answer. Target: p99 under 50 ms with 1,000 devices connected.
 """
 
 from __future__ import annotations
@@ -407,8 +408,8 @@ async def _answer_methods(device: Device) -> None:
 
 
 def _invoke_calls(server: Server, fleet: Fleet, calls: int) -> list[float]:
-    cs = ConnectionString.parse(str(server.info["hubConnectionString"]))
-    host, _, port = cs.host.partition(":")
+    cs = ConnectionString.parse(server.connection_string)
+    _, _, port = cs.host.partition(":")
     conn = http.client.HTTPSConnection(
         "127.0.0.1", int(port or 443), context=ssl.create_default_context(cafile=server.ca_file), timeout=60
     )
@@ -423,9 +424,9 @@ def _invoke_calls(server: Server, fleet: Fleet, calls: int) -> list[float]:
         start = time.perf_counter()
         conn.request(
             "POST",
-            f"/twins/{device_id}/methods?api-version={HUB_API}",
+            f"/admin/linkedHubs/{fleet.hub}/devices/{device_id}/methods?api-version={HUB_API}",
             body=body,
-            headers={"Authorization": token, "Content-Type": "application/json", "Host": cs.host},
+            headers={"Authorization": token, "Content-Type": "application/json"},
         )
         response = conn.getresponse()
         data = response.read()
