@@ -14,8 +14,9 @@ the user name ``{hub}/{deviceId}/?api-version=...``).
   cloud-to-device messages (what an SDK client holds), and sit idle (keep-alive 1200 s). The
   figure is the server process's RSS after minus before (the clients live in this process);
   target: under 1 GiB for 10,000.
-* **telemetry**: ``--telemetry`` devices connect. First each keeps one PINGREQ in flight for
-  ``--seconds``: PINGRESPs per second are the listener's ceiling (no storage involved). Then
+* **telemetry**: ``--telemetry`` devices connect. First each keeps ``--window`` PINGREQs in
+  flight for ``--seconds``: PINGRESPs per second are the listener's ceiling (no storage
+  involved). Then
   each keeps ``--window`` QoS 1 telemetry PUBLISHes (a 64-byte JSON body, two application
   properties) in flight for ``--seconds``: PUBACKs per second (the hub acknowledges only once
   the message is committed to the database) and the PUBLISH-to-PUBACK latency. Load runs in
@@ -300,15 +301,20 @@ class TelemetryJob:
     window: int
 
 
-async def _pings(device: Device, until: float) -> int:
-    count = 0
-    while time.monotonic() < until:
-        device.machine.ping()
+async def _pings(device: Device, until: float, window: int) -> int:
+    """PINGREQs kept ``window`` in flight (as many as the telemetry phase's PUBLISHes) until
+    ``until``; the PINGRESPs counted."""
+    count = in_flight = 0
+    while True:
+        while time.monotonic() < until and in_flight < window:
+            device.machine.ping()
+            in_flight += 1
         device.flush()
-        while not any(isinstance(p, Pingresp) for p in await device.receive(30)):
-            pass
-        count += 1
-    return count
+        if not in_flight:
+            return count
+        answered = sum(isinstance(p, Pingresp) for p in await device.receive(30))
+        count += answered
+        in_flight -= answered
 
 
 async def _publishes(device: Device, until: float, window: int, latencies: list[float]) -> int:
@@ -338,7 +344,7 @@ async def _telemetry_job(job: TelemetryJob) -> dict[str, Any]:
     devices, failures = await _connect_all(fleet, job.port, job.ca_file, keep_alive=1200, subscribe=())
     until = time.monotonic() + job.seconds
     start = time.perf_counter()
-    pings = sum(await asyncio.gather(*(_pings(d, until) for d in devices)))
+    pings = sum(await asyncio.gather(*(_pings(d, until, job.window) for d in devices)))
     ping_wall = time.perf_counter() - start
     latencies: list[float] = []
     until = time.monotonic() + job.seconds
