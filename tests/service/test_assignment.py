@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
+from provisiond import twin as tw
 from provisiond.attestation.base import KeyCredential, Match
 from provisiond.errors import DpsCode
-from provisiond.hub import HubDevice, IdentityRef, Twin, TwinPlan, TwinSource
+from provisiond.hub import AuthenticationType, HubDevice, IdentityRef, Twin, TwinPlan, TwinSource
 from provisiond.hub.models import DeviceAuthentication
 from provisiond.models import (
     AllocationPolicy,
@@ -23,6 +24,7 @@ from provisiond.models import (
     EnrollmentGroup,
     IndividualEnrollment,
     InitialTwin,
+    InitialTwinProperties,
     LinkedHub,
     ProvisioningStatus,
     RegistrationStatus,
@@ -234,7 +236,7 @@ def test_decide_places_the_device(
     assert record.registration_id == (old.registration_id if old else "dev-1")  # as first written
     assert record.created_date_time_utc == (old.created_date_time_utc if old else NOW)
     assert change is not None
-    assert change.put.twin == TwinPlan(TwinSource(source), Twin(tags={"t": 1}))
+    assert change.put.twin == TwinPlan(TwinSource(source), InitialTwin(tags={"t": 1}))
     assert (change.remove, change.probably_new) == (remove, probably_new)
     assert change.put.credential == KeyCredential("k1", "k2")
 
@@ -249,7 +251,7 @@ def test_the_webhooks_twin_and_payload_win() -> None:
     assert decision.record.substatus is RegistrationSubstatus.DEVICE_DATA_MIGRATED
     assert decision.record.payload == 7
     assert decision.identity is not None
-    assert decision.identity.put.twin == TwinPlan(TwinSource.INITIAL, Twin(tags={"from": "hook"}))
+    assert decision.identity.put.twin == TwinPlan(TwinSource.INITIAL, InitialTwin(tags={"from": "hook"}))
 
 
 def test_denied_and_failed_records() -> None:
@@ -283,30 +285,48 @@ def test_denied_and_failed_records() -> None:
 # --- the twin once the hub is read ----------------------------------------------------------------
 
 
-def device(twin: Twin | None) -> HubDevice:
-    return HubDevice(device_id="d", hub="h", authentication=DeviceAuthentication(type="sas"), twin=twin)
+NOW = "2026-01-02T03:04:05.000000Z"
+INITIAL = InitialTwin(tags={"initial": True}, properties=InitialTwinProperties(desired={"rate": 1}))
+OWN = tw.patch_reported(tw.initial({"own": True}, {"rate": 5}, now=NOW), {"seen": 1}, now=NOW)
+OLD = tw.initial({"old": True}, None, now=NOW)
 
 
-INITIAL = Twin(tags={"initial": True})
-OWN = Twin(tags={"own": True})
-OLD = Twin(tags={"old": True})
+def device(twin: Twin) -> HubDevice:
+    return HubDevice(
+        device_id="d", hub="h", authentication=DeviceAuthentication(type=AuthenticationType.SAS), twin=twin
+    )
+
+
+NEW = tw.initial({"initial": True}, {"rate": 1}, now=NOW)  # the initial twin of a new identity
+OVER_OWN = tw.replace(OWN, {"initial": True}, {"rate": 1}, now=NOW)  # ... over an existing one
 
 
 @pytest.mark.parametrize(
     ("source", "existing", "removed", "expected"),
     [
-        (TwinSource.INITIAL, device(OWN), None, INITIAL),
-        (TwinSource.RESET, device(OWN), device(OLD), INITIAL),
+        (TwinSource.INITIAL, device(OWN), None, OVER_OWN),
+        (TwinSource.INITIAL, None, None, NEW),
+        (TwinSource.RESET, device(OWN), device(OLD), OVER_OWN),
+        (TwinSource.RESET, None, device(OLD), NEW),
         (TwinSource.KEEP, device(OWN), None, None),
-        (TwinSource.KEEP, None, None, INITIAL),
+        (TwinSource.KEEP, None, None, NEW),
         (TwinSource.MIGRATE, device(OWN), device(OLD), OLD),
         (TwinSource.MIGRATE, None, device(OLD), OLD),
         (TwinSource.MIGRATE, device(OWN), None, None),
-        (TwinSource.MIGRATE, None, None, INITIAL),
-        (TwinSource.MIGRATE, None, device(None), INITIAL),
+        (TwinSource.MIGRATE, None, None, NEW),
     ],
 )
 def test_twin_plan_resolves_against_the_hub(
     source: TwinSource, existing: HubDevice | None, removed: HubDevice | None, expected: Twin | None
 ) -> None:
-    assert TwinPlan(source, INITIAL).resolve(existing, removed) == expected
+    assert TwinPlan(source, INITIAL).resolve(existing, removed, now=NOW) == expected
+
+
+def test_an_initial_twin_over_an_existing_identity_keeps_reported_and_counts_on() -> None:
+    assert (OVER_OWN.tags, OVER_OWN.desired, OVER_OWN.reported) == (
+        {"initial": True},
+        {"rate": 1},
+        {"seen": 1},
+    )
+    assert OVER_OWN.desired_version == OWN.desired_version + 1 and OVER_OWN.version == OWN.version + 1
+    assert (NEW.version, NEW.desired_version, NEW.reported_version) == (1, 1, 1)

@@ -756,7 +756,8 @@ async def test_write_atomic_applies_every_item_across_collections(store: Store) 
     assert ids(records) == ["hub.example/Dev-1", "Dev-1", "enr", "hub.example", "new"]
     assert [r.doc for r in records] == [b"h1", b"r1", b"e1", b"l0", b"n1"]
     hub, reg, enr, deleted, new = records
-    assert await store.get(H, "hub.example/Dev-1") == hub and hub.index == {"hub": "hub.example"}
+    assert await store.get(H, "hub.example/Dev-1") == hub
+    assert hub.index == {"hub": "hub.example", "status": None, "connection_state": None}
     assert hub.created == hub.updated and TIMESTAMP.match(hub.created)
     assert await store.get(R, "dev-1") == reg and reg.created == registration.created
     assert reg.index["status"] == "assigned"

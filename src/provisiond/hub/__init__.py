@@ -1,12 +1,16 @@
 """IoT hubs as provisiond sees them: where device identities are created on assignment.
 
-- :mod:`.models`: the identity and its twin (IoT Hub's registry shape), and how a device's
-  attested credential becomes the identity's authentication;
+- :mod:`.models`: the identity and its twin (IoT Hub's registry shape), IoT Hub's REST wire
+  shapes, and how a device's attested credential becomes the identity's authentication;
 - :mod:`.base`: what a registration asks of a hub (:class:`IdentityChange`), the
   :class:`HubBackend` interface (one idempotent registry operation at a time, outside any
   database transaction) and its transactional special case;
 - :mod:`.builtin`: the built-in hub, whose identities live in provisiond's database;
-- :mod:`.messages`: the built-in hubs' stored telemetry events and cloud-to-device messages.
+- :mod:`.messages`: the built-in hubs' stored telemetry events and cloud-to-device messages;
+- :mod:`.registry`: the built-in hubs' identity registry, as IoT Hub's service API and the
+  hub's device endpoint use it (identities, twins, queries, statistics, connection state);
+- :mod:`.query`: IoT Hub's query language, as far as the built-in hubs read it;
+- :mod:`.policies`: the built-in hubs' shared access policies.
 
 Linked hubs that are not built in are reached through their registry REST API, which is not
 implemented yet: assigning a device to one fails with a message that says so.
@@ -30,19 +34,29 @@ from .base import (
 )
 from .builtin import BuiltinHub
 from .models import (
+    AuthenticationType,
+    ConnectionState,
+    Device,
     DeviceAuthentication,
+    DeviceStatus,
     HubDevice,
     SymmetricKeyAuth,
     Twin,
+    TwinPatch,
     X509Thumbprint,
     authentication_for,
-    twin_from,
+    device_view,
+    twin_view,
     x509_authentication,
 )
 
 __all__ = [
+    "AuthenticationType",
     "BuiltinHub",
+    "ConnectionState",
+    "Device",
     "DeviceAuthentication",
+    "DeviceStatus",
     "HubBackend",
     "HubBackends",
     "HubDevice",
@@ -54,12 +68,14 @@ __all__ = [
     "SymmetricKeyAuth",
     "TransactionalHubBackend",
     "Twin",
+    "TwinPatch",
     "TwinPlan",
     "TwinSource",
     "X509Thumbprint",
     "authentication_for",
     "carry_out",
+    "device_view",
     "resolve_twin",
-    "twin_from",
+    "twin_view",
     "x509_authentication",
 ]

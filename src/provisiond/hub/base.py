@@ -29,8 +29,9 @@ from typing import Protocol
 
 import msgspec
 
+from .. import twin as twins
 from ..attestation.base import IdentityCredential
-from ..models import DeviceCapabilities, LinkedHub
+from ..models import DeviceCapabilities, InitialTwin, LinkedHub
 from ..storage import Collection, Delete, Write
 from .models import HubDevice, Twin
 
@@ -70,18 +71,38 @@ class TwinSource(enum.Enum):
 
 class TwinPlan(msgspec.Struct, frozen=True):
     source: TwinSource
-    #: The enrollment's (or the webhook's) current initial twin.
-    initial: Twin
+    #: The enrollment's (or the webhook's) current initial twin (None: none).
+    initial: InitialTwin | None = None
 
-    def resolve(self, existing: HubDevice | None, removed: HubDevice | None) -> Twin | None:
+    def resolve(self, existing: HubDevice | None, removed: HubDevice | None, *, now: str) -> Twin | None:
         """The twin the identity gets, given the identity as it exists now (``None``: it has to
-        be created) and the identity the change removes (for MIGRATE). ``None``: keep the
-        existing identity's twin as it is."""
-        if self.source is TwinSource.MIGRATE and removed is not None and removed.twin is not None:
+        be created) and the identity the change removes (for MIGRATE); ``now`` stamps what is
+        written. ``None``: keep the existing identity's twin as it is.
+
+        A migrated twin is the removed identity's, whole (its versions and reported properties
+        too). The initial twin is a new twin's tags and desired properties, every counter at 1;
+        on an identity that exists it replaces the tags and desired properties as
+        ``PUT /twins/{id}`` does (reported properties stay, the versions go on counting, so that
+        a connected device sees a new desired ``$version``).
+
+        :raises TwinLimitError: the initial twin breaks IoT Hub's limits.
+        """
+        if self.source is TwinSource.MIGRATE and removed is not None:
             return removed.twin
-        if self.source in (TwinSource.KEEP, TwinSource.MIGRATE):
-            return None if existing is not None else self.initial
-        return self.initial
+        if self.source in (TwinSource.KEEP, TwinSource.MIGRATE) and existing is not None:
+            return None
+        tags, desired = _initial_sections(self.initial)
+        if existing is None:
+            return twins.initial(tags, desired, now=now)
+        return twins.replace(existing.twin, tags, desired, now=now)
+
+
+def _initial_sections(
+    initial: InitialTwin | None,
+) -> tuple[dict[str, object] | None, dict[str, object] | None]:
+    if initial is None:
+        return None, None
+    return initial.tags, initial.properties.desired if initial.properties else None
 
 
 class IdentityRef(msgspec.Struct, frozen=True):
@@ -137,7 +158,9 @@ class HubBackend(Protocol):
         ...
 
     async def apply_twin(self, hub: str, device_id: str, twin: Twin) -> None:
-        """Replace the twin's tags and desired properties (IoT Hub: ``PUT /twins/{id}``).
+        """Give the identity ``twin`` (from :meth:`TwinPlan.resolve`). A remote hub replaces the
+        tags and desired properties (IoT Hub: ``PUT /twins/{id}``); the built-in hub keeps the
+        whole twin, versions and reported properties included.
 
         :raises HubError: there is no such identity, or the hub refused it.
         """
@@ -197,16 +220,18 @@ class HubBackends:
         raise HubError(f"IoT hub {hub.host_name!r} is not built in; remote hubs are not implemented yet.")
 
 
-async def resolve_twin(change: IdentityChange, new: HubBackend, old: HubBackend | None) -> Twin | None:
+async def resolve_twin(
+    change: IdentityChange, new: HubBackend, old: HubBackend | None, *, now: str
+) -> Twin | None:
     """The twin ``change`` gives its identity, read from the hubs as they are (before any
     write of the change: a worker checkpoints the answer, so that a retry after a crash writes
-    the same twin)."""
+    the same twin); ``now`` stamps what it writes."""
     put = change.put
     removed = None
     if change.remove is not None and old is not None and put.twin.source is TwinSource.MIGRATE:
         removed = await old.get_identity(change.remove.hub, change.remove.device_id)
     existing = await new.get_identity(put.ref.hub, put.device_id)
-    return put.twin.resolve(existing, removed)
+    return put.twin.resolve(existing, removed, now=now)
 
 
 async def carry_out(

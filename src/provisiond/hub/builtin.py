@@ -1,6 +1,8 @@
 """The built-in hub: identities (and their twins) in provisiond's own database, in the
 ``HUB_DEVICES`` collection keyed ``{hubHostName}/{deviceId}`` (IoT Hub device ids are
-case-sensitive; host names are not)."""
+case-sensitive; host names are not). The registrar writes them through this backend, in the
+registration's transaction; the hub's own API (:mod:`.registry`) reads and writes the same
+records."""
 
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ from collections.abc import Callable
 
 import msgspec
 
-from ..storage import Collection, Delete, Record, Store, Write, WriteMode, utc_iso
+from ..storage import Collection, Delete, Record, Store, Write, utc_iso
+from . import _records
 from .base import HubError, IdentityChange, IdentitySpec, Planned
-from .models import HubDevice, Twin, authentication_for
+from .models import DeviceStatus, HubDevice, Twin, authentication_for, new_device_etag, new_generation_id
 
 __all__ = ["BuiltinHub"]
 
@@ -19,7 +22,7 @@ __all__ = ["BuiltinHub"]
 class BuiltinHub:
     """The built-in hubs' backend (a :class:`~provisiond.hub.base.TransactionalHubBackend`).
 
-    :param clock: Unix seconds, for the identities' ``created`` and ``updated``.
+    :param clock: Unix seconds, for the identities' times and their twins' metadata.
     """
 
     def __init__(self, store: Store, *, clock: Callable[[], float] = time.time) -> None:
@@ -28,34 +31,54 @@ class BuiltinHub:
 
     @staticmethod
     def key(hub: str, device_id: str) -> str:
-        return f"{hub.lower()}/{device_id}"
+        return _records.device_key(hub, device_id)
 
     async def _record(self, hub: str, device_id: str) -> Record | None:
-        return await self._store.get(Collection.HUB_DEVICES, self.key(hub, device_id))
+        return await _records.read(self._store, hub, device_id)
 
     @staticmethod
     def _decode(record: Record | None) -> HubDevice | None:
-        return msgspec.json.decode(record.doc, type=HubDevice) if record else None
+        return _records.decode(record) if record else None
 
-    def _device(self, spec: IdentitySpec, existing: HubDevice | None, twin: Twin | None) -> HubDevice:
-        now = utc_iso(self._clock())
-        return HubDevice(
-            device_id=spec.device_id,
-            hub=spec.hub.host_name.lower(),
-            authentication=authentication_for(spec.credential, spec.hub),
+    def _now(self) -> str:
+        return utc_iso(self._clock())
+
+    def _device(
+        self, spec: IdentitySpec, existing: HubDevice | None, twin: Twin | None, now: str
+    ) -> HubDevice:
+        """The identity ``spec`` describes: a new one, or ``existing`` updated in place (its
+        generation, connection state and counters stay; it is enabled again, as DPS's PUT
+        does; a new identity etag)."""
+        authentication = authentication_for(spec.credential, spec.hub)
+        if existing is None:
+            return HubDevice(
+                device_id=spec.device_id,
+                hub=spec.hub.host_name.lower(),
+                authentication=authentication,
+                capabilities=spec.capabilities,
+                status_updated_time=now,
+                generation_id=new_generation_id(),
+                etag=new_device_etag(),
+                twin=twin or Twin(),
+                registration_id=spec.registration_id,
+                created=now,
+                updated=now,
+            )
+        enabled = existing.status is DeviceStatus.ENABLED
+        return msgspec.structs.replace(
+            existing,
+            authentication=authentication,
             capabilities=spec.capabilities,
-            twin=twin,
+            status=DeviceStatus.ENABLED,
+            status_reason=existing.status_reason if enabled else None,
+            status_updated_time=existing.status_updated_time if enabled else now,
+            generation_id=existing.generation_id or new_generation_id(),
+            etag=new_device_etag(),
+            twin=twin if twin is not None else existing.twin,
             registration_id=spec.registration_id,
-            created=existing.created if existing else now,
+            created=existing.created or now,
             updated=now,
-            generation=existing.generation if existing else 1,
         )
-
-    @staticmethod
-    def _write(device: HubDevice, existing: Record | None) -> Write:
-        key = BuiltinHub.key(device.hub, device.device_id)
-        mode, etag = (WriteMode.CREATE, None) if existing is None else (WriteMode.UPDATE, existing.etag)
-        return Write(key, msgspec.json.encode(device), {"hub": device.hub}, mode, etag)
 
     # --- the registration's transaction ------------------------------------------------------
 
@@ -73,10 +96,11 @@ class BuiltinHub:
             raise HubError(f"IoT hub {spec.hub.host_name!r} is not a built-in hub.")
         record = None if probably_new else await self._record(spec.hub.host_name, spec.device_id)
         existing = self._decode(record)
-        twin = spec.twin.resolve(existing, removed)
-        if twin is None and existing is not None:
-            twin = existing.twin
-        planned.append((Collection.HUB_DEVICES, self._write(self._device(spec, existing, twin), record)))
+        now = self._now()
+        twin = spec.twin.resolve(existing, removed, now=now)
+        planned.append(
+            (Collection.HUB_DEVICES, _records.write_of(self._device(spec, existing, twin, now), record))
+        )
         return planned
 
     # --- one operation at a time (what a remote hub does too) ----------------------------------
@@ -86,14 +110,13 @@ class BuiltinHub:
 
     async def put_identity(self, spec: IdentitySpec) -> HubDevice:
         record = await self._record(spec.hub.host_name, spec.device_id)
-        existing = self._decode(record)
-        device = self._device(spec, existing, existing.twin if existing else Twin())
-        await self._put(self._write(device, record))
+        device = self._device(spec, self._decode(record), None, self._now())
+        await self._put(_records.write_of(device, record))
         return device
 
     async def read_twin(self, hub: str, device_id: str) -> Twin | None:
         device = await self.get_identity(hub, device_id)
-        return (device.twin or Twin()) if device is not None else None
+        return device.twin if device is not None else None
 
     async def apply_twin(self, hub: str, device_id: str, twin: Twin) -> None:
         await self._update(
@@ -108,7 +131,17 @@ class BuiltinHub:
         return True
 
     async def disable_identity(self, hub: str, device_id: str) -> bool:
-        return await self._update(hub, device_id, lambda d: msgspec.structs.replace(d, status="disabled"))
+        def disable(device: HubDevice) -> HubDevice:
+            if device.status is DeviceStatus.DISABLED:
+                return device
+            return msgspec.structs.replace(
+                device,
+                status=DeviceStatus.DISABLED,
+                status_updated_time=self._now(),
+                etag=new_device_etag(),
+            )
+
+        return await self._update(hub, device_id, disable)
 
     async def _update(
         self, hub: str, device_id: str, change: Callable[[HubDevice], HubDevice], *, must_exist: bool = False
@@ -119,8 +152,8 @@ class BuiltinHub:
             if must_exist:
                 raise HubError(f"No device {device_id!r} in IoT hub {hub!r}.")
             return False
-        updated = msgspec.structs.replace(change(device), updated=utc_iso(self._clock()))
-        await self._put(self._write(updated, record))
+        updated = msgspec.structs.replace(change(device), updated=self._now())
+        await self._put(_records.write_of(updated, record))
         return True
 
     async def _put(self, write: Write) -> None:

@@ -48,7 +48,7 @@ import msgspec
 from ..allocation import AllocationError, allocate, candidate_hubs
 from ..attestation.base import Match
 from ..errors import DpsCode
-from ..hub import IdentityChange, IdentityRef, IdentitySpec, TwinPlan, TwinSource, twin_from
+from ..hub import IdentityChange, IdentityRef, IdentitySpec, TwinPlan, TwinSource
 from ..models import (
     AllocationPolicy,
     AttestationType,
@@ -278,11 +278,11 @@ def _assign(facts: Facts, base: RegistrationRecord, choice: Assign) -> Decision:
     placement = _placement(old, hub, device_id)
     migrate = (enrollment.reprovision_policy or ReprovisionPolicy()).migrate_device_data
     substatus, source = OUTCOMES[placement, migrate]
-    initial = twin_from(enrollment.initial_twin)
+    initial = enrollment.initial_twin
     if custom is not None:
         base = msgspec.structs.replace(base, payload=custom.payload)
         if custom.initial_twin is not None:  # replaces the twin, whatever the reprovisioning says
-            source, initial = TwinSource.INITIAL, twin_from(custom.initial_twin)
+            source, initial = TwinSource.INITIAL, custom.initial_twin
     moved_from = IdentityRef(old.assigned_hub or "", old.device_id) if old and old.device_id else None
     change = IdentityChange(
         put=IdentitySpec(

@@ -49,7 +49,7 @@ from cryptography import x509
 from ..attestation import x509 as x509_checks
 from ..certificates import load_certificate, sha1_thumbprint, sha256_thumbprint
 from ..errors import AuthenticationError
-from ..hub.models import HubDevice
+from ..hub.models import AuthenticationType, DeviceStatus, HubDevice
 from ..models import CaCertificate
 from ..protocol.mqtt import ConnectReturnCode
 from ..protocol.sas import SasToken, parse_sas_token, verify_signature
@@ -117,26 +117,26 @@ class HubAuthenticator:
             )
         if device is None:
             return Refused(ConnectReturnCode.NOT_AUTHORIZED, f"no device {device_id!r} in hub {hub}")
-        if device.status.lower() == "disabled":
+        if device.status is DeviceStatus.DISABLED:
             return Refused(ConnectReturnCode.SERVER_UNAVAILABLE, f"device {device_id!r} is disabled")
         kind = device.authentication.type
         if token is not None:
             return self._check_token(device, token, now)
-        if kind == "selfSigned":
+        if kind is AuthenticationType.SELF_SIGNED:
             return _check_thumbprint(device, chain, now)
-        if kind == "certificateAuthority":
+        if kind is AuthenticationType.CERTIFICATE_AUTHORITY:
             return await self._check_ca(device_id, chain, now)
         return Refused(
             ConnectReturnCode.NOT_AUTHORIZED,
-            f"device {device_id!r} authenticates with {kind!r}: it needs a SAS token as the password",
+            f"device {device_id!r} authenticates with {kind.value!r}: it needs a SAS token as the password",
         )
 
     def _check_token(self, device: HubDevice, token: SasToken, now: float) -> Authenticated | Refused:
         keys = device.authentication.symmetric_key
-        if device.authentication.type != "sas" or keys is None:
+        if device.authentication.type is not AuthenticationType.SAS or keys is None:
             return Refused(
                 ConnectReturnCode.NOT_AUTHORIZED,
-                f"device {device.device_id!r} authenticates with {device.authentication.type!r} "
+                f"device {device.device_id!r} authenticates with {device.authentication.type.value!r} "
                 "certificates, not a SAS token",
             )
         if not any(verify_signature(token, key) for key in (keys.primary_key, keys.secondary_key) if key):

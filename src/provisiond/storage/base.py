@@ -45,6 +45,8 @@ passes the bytes together with the index values. What the store guarantees:
   Passing the token back continues after the last record returned, even if records were written
   in between (keyset paging: no record is returned twice; records created behind the cursor are
   not returned).
+  :meth:`Store.continuation_after` makes the token that resumes after a given record (for a
+  caller that filters a page further and stops in its middle).
 - **Streams.** Append-only sequences of documents (:class:`Stream`: the built-in hubs'
   telemetry and queued cloud-to-device messages), each entry in a *partition* (a device).
   :meth:`Store.append` returns once its entries are committed (durable against a crash of the
@@ -126,9 +128,14 @@ class Collection(enum.Enum):
     LINKED_HUBS = _CollectionSpec("linked_hubs", "linked IoT hub", True, ())
     CA_CERTIFICATES = _CollectionSpec("ca_certificates", "CA certificate", True, ())
     ACCESS_POLICIES = _CollectionSpec("access_policies", "shared access policy", True, ())
-    # The built-in hub's device identities (with their twins), keyed "{hubHostName}/{deviceId}".
-    # IoT Hub device ids are case-sensitive.
-    HUB_DEVICES = _CollectionSpec("hub_devices", "hub device identity", False, ("hub",))
+    # The built-in hub's device identities (with their twins), keyed "{hubHostName}/{deviceId}"
+    # (the host name lower-cased: IoT Hub device ids are case-sensitive, host names are not).
+    HUB_DEVICES = _CollectionSpec(
+        "hub_devices", "hub device identity", False, ("hub", "status", "connection_state")
+    )
+    # The built-in hubs' shared access policies (iothubowner, service, ...), keyed
+    # "{hubHostName}/{keyName}" (case-insensitive, as IoT Hub's policy names are).
+    HUB_POLICIES = _CollectionSpec("hub_access_policies", "IoT hub shared access policy", True, ("hub",))
     # Pending TPM challenges (attestation/tpm.py), one per registration id: single use through
     # conditional writes, expiry in the document. Shared by every node, like all state.
     TPM_CHALLENGES = _CollectionSpec("tpm_challenges", "TPM challenge", True, ())
@@ -352,6 +359,14 @@ class Store(ABC):
 
         :raises ValueError: a filter names a column the collection does not index.
         """
+
+    def continuation_after(self, collection: Collection, id: str) -> str:
+        """The continuation token that resumes :meth:`query` right after the record ``id``, as
+        if a page had ended there (for a caller that filters records further and stops in the
+        middle of a page)."""
+        from ._sql import encode_continuation  # the token format both backends share
+
+        return encode_continuation(collection.key(id))
 
     async def query_all(
         self, collection: Collection, *, filters: Mapping[str, str] | None = None

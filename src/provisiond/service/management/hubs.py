@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 
 from ...errors import DpsCode, InvalidBodyError, InvalidIdError, RequestError
-from ...hub import HubDevice, SymmetricKeyAuth
+from ...hub import HubDevice, device_view
+from ...hub._records import decode, device_key
 from ...models import LinkedHub
 from ...storage import Collection, Record, Store
 from ._base import Page, delete_record, get_or_404, put_record
 
-__all__ = ["HubIdentity", "LinkedHubs", "read_linked_hubs", "validate_host_name"]
+__all__ = ["HubIdentity", "LinkedHubs", "identity_view", "read_linked_hubs", "validate_host_name"]
 
 _HOST_NAME = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?)*$"
@@ -25,9 +26,10 @@ DEVICES_PAGE = 1000
 
 
 class HubIdentity(NamedTuple):
-    """An identity of a built-in hub (keys stripped) and its etag."""
+    """An identity of a built-in hub as the admin API shows it (:func:`identity_view`) and the
+    etag of its record."""
 
-    device: HubDevice
+    device: dict[str, Any]
     etag: str
 
 
@@ -51,15 +53,22 @@ def _present(record: Record, *, secrets: bool = False) -> LinkedHub:
     )
 
 
-def _present_device(record: Record) -> HubDevice:
-    device = msgspec.json.decode(record.doc, type=HubDevice)
-    keys = device.authentication.symmetric_key
-    if keys is not None:  # the device's keys are secrets, like enrollment keys
-        device = msgspec.structs.replace(
-            device,
-            authentication=msgspec.structs.replace(device.authentication, symmetric_key=SymmetricKeyAuth()),
-        )
-    return device
+def identity_view(device: HubDevice) -> dict[str, Any]:
+    """An identity as the admin API shows it: IoT Hub's Device JSON without the keys (secrets,
+    like enrollment keys), the DPS registration that created it, and its twin's sections
+    without metadata (``tags``, ``desired``, ``reported``; empty ones left out). The hub's own
+    API (``/devices``, ``/twins``) shows both in IoT Hub's shapes."""
+    view: dict[str, Any] = msgspec.to_builtins(device_view(device, keys=False))
+    if device.registration_id is not None:
+        view["registrationId"] = device.registration_id
+    twin = device.twin
+    sections = {"tags": twin.tags, "desired": twin.desired, "reported": twin.reported}
+    view["twin"] = {name: section for name, section in sections.items() if section}
+    return view
+
+
+def _present_device(record: Record) -> dict[str, Any]:
+    return identity_view(decode(record))
 
 
 class LinkedHubs:
@@ -148,7 +157,7 @@ class LinkedHubs:
 
     # --- the identities of the built-in hubs ---------------------------------------------------
 
-    async def devices(self, host: str, *, continuation: str | None = None) -> Page[HubDevice]:
+    async def devices(self, host: str, *, continuation: str | None = None) -> Page[dict[str, Any]]:
         """A page of the identities provisiond created in ``host`` (keys stripped).
 
         :raises NotFoundError: 404204, no such linked hub.
@@ -185,4 +194,4 @@ class LinkedHubs:
 
 
 def _device_key(host: str, device_id: str) -> str:
-    return f"{host.lower()}/{device_id}"
+    return device_key(host, device_id)
