@@ -148,6 +148,10 @@ class HubPaho:
             assert device.cert is not None
             ctx.load_cert_chain(str(device.cert), str(device.key_file))
         self.client.tls_set_context(ctx)
+        # No reconnecting by itself (paho's loop would, after a second): a test that sees this
+        # connection closed means it to stay closed (a reconnect would replace the device's
+        # newer connection).
+        self.client.reconnect_delay_set(min_delay=3600, max_delay=3600)
         if websockets:
             self.client.ws_set_options(path="/$iothub/websocket")
         if password is None and device.key is not None:

@@ -31,9 +31,10 @@ from provisiond.hub import (
     TwinPatch,
     twin_view,
 )
+from provisiond.hub._records import device_key
 from provisiond.hub.models import SymmetricKeyAuth, TwinProperties, X509Thumbprint
 from provisiond.hub.registry import HubRegistry, QueryPage
-from provisiond.storage import Stream, open_store
+from provisiond.storage import Collection, Stream, open_store
 from provisiond.storage._sql import load_migrations
 from provisiond.storage.base import Store
 
@@ -218,6 +219,24 @@ async def test_list_statistics_and_connection_state(registry: HubRegistry, clock
         device.connection_state is ConnectionState.DISCONNECTED and await registry.connected_count(HUB) == 0
     )
     assert device.last_activity_time == "2027-01-15T08:00:10.000000Z"
+
+
+async def test_batched_activity_keeps_its_own_time_and_never_goes_back(
+    registry: HubRegistry, clock: Clock, store: Store
+) -> None:
+    """The hub's MQTT endpoint writes last activity in batches, later than it happened: the
+    time it names is kept (not the write's), an older one changes nothing (no write at all)."""
+    await registry.create(HUB, sas("dev-a"))
+    start = clock.now
+    clock.now += 30
+    assert await registry.record_activity(HUB, "dev-a", at=start + 12)
+    record = await store.get(Collection.HUB_DEVICES, device_key(HUB, "dev-a"))
+    assert (await registry.get(HUB, "dev-a")).last_activity_time == "2027-01-15T08:00:12.000000Z"
+    assert await registry.record_activity(HUB, "dev-a", at=start + 3)
+    assert (await registry.get(HUB, "dev-a")).last_activity_time == "2027-01-15T08:00:12.000000Z"
+    after = await store.get(Collection.HUB_DEVICES, device_key(HUB, "dev-a"))
+    assert record is not None and after is not None and after.etag == record.etag
+    assert not await registry.record_activity(HUB, "gone", at=start)
 
 
 # --- twins -------------------------------------------------------------------------------------

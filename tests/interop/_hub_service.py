@@ -15,7 +15,8 @@ from concurrent.futures import Future
 from typing import Any
 
 from provisiond.hub.messages import CloudToDeviceMessage, c2d_to, decode_event, encode_c2d, partition
-from provisiond.service._hub_identities import Identities
+from provisiond.hub.models import TwinPatch, TwinProperties
+from provisiond.hub.registry import HubRegistry
 from provisiond.service.hub_broker import HubBroker
 from provisiond.storage import Store, Stream, open_store, utc_iso
 from tests._server import RunningServer
@@ -33,7 +34,7 @@ class ServiceSide:
         self.run(self.store.open())
         self.broker = HubBroker(self.store)
         self.run(self.broker.start())
-        self.identities = Identities(self.store)
+        self.registry = HubRegistry(self.store)
 
     def run(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(60)
@@ -42,10 +43,13 @@ class ServiceSide:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 
     def patch_desired(self, hub: str, device_id: str, patch: dict[str, Any], *, notify: bool = True) -> int:
-        changes, version = self.run(self.identities.patch_desired(hub, device_id, patch))
-        if notify and changes is not None:
-            self.run(self.broker.notify_desired(hub, device_id, changes, version))
-        return int(version)
+        update = self.run(
+            self.registry.update_twin(hub, device_id, TwinPatch(properties=TwinProperties(desired=patch)))
+        )
+        version = update.device.twin.desired_version
+        if notify and update.desired_changes is not None:
+            self.run(self.broker.notify_desired(hub, device_id, update.desired_changes, version))
+        return version
 
     def send_c2d(self, hub: str, device_id: str, body: bytes, **properties: str) -> str:
         message = CloudToDeviceMessage(

@@ -17,14 +17,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 
 from provisiond import pki
 from provisiond.errors import DeviceNotOnlineError, GatewayTimeoutError
 from provisiond.hub.messages import CloudToDeviceMessage, c2d_to, decode_event, encode_c2d, partition
+from provisiond.hub.models import ConnectionState, TwinPatch, TwinProperties
+from provisiond.hub.registry import HubRegistry
 from provisiond.protocol.mqtt import Connack, MqttConnection, Packet, Publish, QoS, Role, Suback, Subscription
-from provisiond.service._hub_identities import Identities
+from provisiond.protocol.sas import build_sas_token, derive_device_key
 from provisiond.service.hub_broker import HubBroker, MethodRequest
 from provisiond.service_client import ServiceClient
 from provisiond.storage import Collection, Stream, WriteMode, utc_iso
@@ -37,6 +40,7 @@ from tests._hub import (
     provision_symmetric,
     provision_x509,
     server_store,
+    uid,
 )
 from tests._server import RunningServer, start_server
 
@@ -94,6 +98,31 @@ def test_a_provisioned_device_connects_with_its_key(
     connect(hub_server, device, devices, websockets=websockets).connected()
 
 
+def test_a_group_device_connects_with_its_derived_key(
+    hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho]
+) -> None:
+    gid = uid("hubskg")
+    admin.put(f"/enrollmentGroups/{gid}", {"enrollmentGroupId": gid, "attestation": {"type": "symmetricKey"}})
+    group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
+    reg = uid("hubskgd")
+    key = derive_device_key(group_key, reg)
+    token = build_sas_token(
+        f"{hub_server.id_scope}/registrations/{reg}", key, int(time.time()) + 600, key_name="registration"
+    )
+    with hub_server.http() as http:
+        r = http.put(
+            f"/{hub_server.id_scope}/registrations/{reg}/register",
+            params={"api-version": "2021-10-01"},
+            json={"registrationId": reg},
+            headers={"Authorization": token},
+        )
+    assert r.status_code == 202 and r.json()["status"] == "assigned", r.text
+    device = Provisioned(r.json()["registrationState"]["assignedHub"], reg, key=key)
+    connect(hub_server, device, devices).connected()
+    # The group's own key is not the device's.
+    assert connect(hub_server, Provisioned(device.hub, reg, key=group_key), devices).connack() == (5, 0)
+
+
 def test_an_x509_device_connects_with_its_certificate(
     hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho], tmp_path: Path
 ) -> None:
@@ -110,6 +139,86 @@ def test_an_x509_device_connects_with_its_certificate(
     )
     assert connect(hub_server, other, devices).connack() == (5, 0)
     wait_for_log(hub_server, device.device_id, "return code 5", "thumbprint mismatch")
+
+
+def test_a_ca_authenticated_device_connects_with_its_chain_to_a_verified_ca(
+    hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho], tmp_path: Path
+) -> None:
+    """A group device the hub keeps as ``certificateAuthority`` connects with a certificate that
+    chains (through the intermediate it presents) to a CA certificate verified in provisiond;
+    while that CA is not verified, or from another CA, the CONNECT is refused (5)."""
+    hub = hub_server.info["builtinHub"]
+    admin.put(
+        f"/admin/linkedHubs/{hub}",
+        {"hostName": hub, "x509GroupAuthentication": "certificateAuthority"},
+        if_match="*",
+    )
+    root = pki.make_root_ca(uid("Hub Root"))
+    inter = pki.make_intermediate_ca(uid("Hub Intermediate"), root)
+    gid = uid("hubca")
+    admin.put(
+        f"/enrollmentGroups/{gid}",
+        {
+            "enrollmentGroupId": gid,
+            "attestation": {
+                "type": "x509",
+                "x509": {
+                    "signingCertificates": {
+                        "primary": {"certificate": pki.certificate_pem(root.cert).decode()}
+                    }
+                },
+            },
+        },
+    )
+
+    def provisioned(issuer: pki.Issued) -> Provisioned:
+        reg = uid("hubcad")
+        prefix = tmp_path / reg
+        pki.write_issued(pki.make_device_cert(reg, issuer), prefix, chain=True)
+        ctx = ssl.create_default_context(cafile=hub_server.ca_file)
+        ctx.load_cert_chain(str(pki.chain_path(prefix)), str(pki.key_path(prefix)))
+        with httpx.Client(base_url=hub_server.base_url, verify=ctx, timeout=10) as http:
+            r = http.put(
+                f"/{hub_server.id_scope}/registrations/{reg}/register",
+                params={"api-version": "2021-10-01"},
+                json={"registrationId": reg},
+            )
+        assert r.status_code == 202 and r.json()["status"] == "assigned", r.text
+        state = r.json()["registrationState"]
+        return Provisioned(
+            state["assignedHub"],
+            state["deviceId"],
+            cert=pki.chain_path(prefix),
+            key_file=pki.key_path(prefix),
+        )
+
+    device = provisioned(inter)
+
+    async def authentication() -> Any:
+        async with server_store(hub_server) as store:
+            record = await store.get(Collection.HUB_DEVICES, f"{device.hub}/{device.device_id}")
+        assert record is not None
+        return msgspec.json.decode(record.doc)["authentication"]["type"]
+
+    assert asyncio.run(authentication()) == "certificateAuthority"
+    # The CA is not verified in provisiond yet.
+    name = uid("hubroot")
+    admin.put(f"/admin/certificates/{name}", {"certificate": pki.certificate_pem(root.cert).decode()})
+    assert connect(hub_server, device, devices).connack() == (5, 0)
+    wait_for_log(hub_server, device.device_id, "return code 5")
+    code = admin.post(f"/admin/certificates/{name}/generateVerificationCode")["verificationCode"]
+    proof = pki.certificate_pem(pki.make_verification_cert(code, root).cert).decode()
+    assert admin.post(f"/admin/certificates/{name}/verify", {"certificate": proof})["isVerified"] is True
+    connect(hub_server, device, devices).connected()
+    # A certificate with the device's name from another CA is not the device's.
+    impostor = Provisioned(device.hub, device.device_id)
+    stranger = pki.make_intermediate_ca(uid("Stranger"), pki.make_root_ca(uid("Stranger Root")))
+    pki.write_issued(pki.make_device_cert(device.device_id, stranger), tmp_path / "stranger", chain=True)
+    impostor.cert, impostor.key_file = (
+        pki.chain_path(tmp_path / "stranger"),
+        pki.key_path(tmp_path / "stranger"),
+    )
+    assert connect(hub_server, impostor, devices).connack() == (5, 0)
 
 
 @pytest.mark.parametrize(
@@ -338,9 +447,12 @@ async def test_desired_patches_reach_the_connected_device_with_their_version(
         broker = HubBroker(store)
         await broker.start()
         try:
-            changes, version = await Identities(store).patch_desired(
-                device.hub, device.device_id, {"rate": 7, "mode": "eco"}
+            update = await HubRegistry(store).update_twin(
+                device.hub,
+                device.device_id,
+                TwinPatch(properties=TwinProperties(desired={"rate": 7, "mode": "eco"})),
             )
+            changes, version = update.desired_changes, update.device.twin.desired_version
             assert version == 2 and changes is not None
             await broker.notify_desired(device.hub, device.device_id, changes, version)
             topic, qos, payload, _ = await asyncio.to_thread(client.message)
@@ -444,6 +556,19 @@ def test_keep_alive_is_enforced_at_one_and_a_half_times(
     client = connect(hub_server, device, devices, keepalive=1).connected()
     client.client.loop_stop()  # no more PINGREQs
     wait_for_log(hub_server, device.device_id, "closed", "the keep-alive lapsed (1 s)")
+
+
+def test_the_session_ends_when_its_sas_token_expires(
+    hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho]
+) -> None:
+    """As IoT Hub: a connection lasts until its SAS token expires (with the service's clock
+    skew, 60 s), then the device must connect again with a new one."""
+    device = provision_symmetric(hub_server, admin)
+    assert device.key is not None
+    token = hub_token(device.hub, device.device_id, device.key, ttl=-58)  # 2 s of skew left
+    client = connect(hub_server, device, devices, password=token).connected()
+    client.next("disconnect")
+    wait_for_log(hub_server, device.device_id, "closed", "the SAS token expired")
 
 
 # --- persistent sessions and cloud-to-device messages --------------------------------------------
@@ -566,7 +691,8 @@ def test_one_connection_per_device_across_nodes(tmp_path: Path) -> None:
                     await answering
                 finally:
                     await broker.close()
-                return result, await Identities(store).connected(device.hub, device.device_id)
+                identity = await HubRegistry(store).get(device.hub, device.device_id)
+                return result, identity.connection_state is ConnectionState.CONNECTED
 
         def answer() -> None:
             topic, _, _, _ = second.message()  # the stored session's subscription, on node B

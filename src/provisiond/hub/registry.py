@@ -521,13 +521,18 @@ class HubRegistry:
 
         return await self._modify_if_present(hub, device_id, change)
 
-    async def record_activity(self, hub: str, device_id: str) -> bool:
-        """Record the device's last activity (it sent or received something) as now; ``False``
-        when the identity is gone. A caller on a hot path (telemetry) calls this at most every
-        few seconds per device."""
+    async def record_activity(self, hub: str, device_id: str, *, at: float | None = None) -> bool:
+        """Record the device's last activity (it sent or received something) as now, or as
+        ``at`` (Unix seconds: a batch of activity written later) unless a later one is recorded;
+        ``False`` when the identity is gone. A caller on a hot path (telemetry) calls this at
+        most every few seconds per device."""
+        when = utc_iso(at) if at is not None else None
 
         def change(old: HubDevice, now: str) -> HubDevice:
-            return msgspec.structs.replace(old, last_activity_time=now, updated=now)
+            stamp = when or now
+            if old.last_activity_time is not None and old.last_activity_time >= stamp:
+                return old
+            return msgspec.structs.replace(old, last_activity_time=stamp, updated=now)
 
         return await self._modify_if_present(hub, device_id, change)
 
@@ -549,6 +554,8 @@ class HubRegistry:
                 raise _not_found(hub, device_id)
             old = _records.decode(record)
             new = change(old, self._now())
+            if new is old:  # nothing to write
+                return old, new
             if await self._write_back(new, record):
                 return old, new
         raise self._contended(device_id)

@@ -17,10 +17,10 @@ from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 
 from ..errors import ConflictError, MethodNotAllowedError, NotFoundError, ProvisioningError, RequestError
+from ..hub.registry import HubRegistry
 from ..models import AllocationPolicy, LinkedHub, Right, ServiceSettings, SharedAccessPolicy
 from ..storage import Collection, Store, WriteMode, open_store
 from . import admin, amqp, api, device_api, hub_ops, mqtt
-from ._hub_identities import Identities
 from .context import SETTINGS_KEY, ServiceContext, context_of
 from .enrollments import generate_key
 from .gateway import AMQP_WS, MQTT_WS, DeviceGateway
@@ -129,7 +129,7 @@ def create_app(
     # The built-in hubs: their devices share the MQTT listener and the WebSocket router (told
     # apart by the CONNECT's user name); the broker links them to the service side.
     broker = HubBroker(ctx.store, clock=clock)
-    hub = HubEndpoint(ctx, broker, Identities(ctx.store, clock=clock))
+    hub = HubEndpoint(ctx, broker, HubRegistry(ctx.store, clock=clock))
     listeners = [mqtt.tls_listener(gateway, hub), amqp.tls_listener(gateway)]
     websockets = WebSocketRouter(
         {"mqtt": mqtt.MqttEndpoint(gateway, MQTT_WS, hub), "amqpwsb10": amqp.AmqpEndpoint(gateway, AMQP_WS)}

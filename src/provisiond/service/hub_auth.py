@@ -57,8 +57,9 @@ from ..storage import Collection, Store
 
 __all__ = ["Authenticated", "HubAuthenticator", "Refused"]
 
-#: Seconds the verified CA certificates are reused between CONNECTs (a CA verified meanwhile
-#: counts within this time).
+#: Seconds the verified CA certificates are reused between CONNECTs. A chain that none of them
+#: anchors reads them again, so a CA verified meanwhile counts at once; one deleted meanwhile
+#: may count for this long.
 _CA_CACHE_SECONDS = 1.0
 
 
@@ -160,8 +161,11 @@ class HubAuthenticator:
                 ConnectReturnCode.NOT_AUTHORIZED,
                 f"the certificate's subject CN {x509_checks.common_name(presented.leaf)!r} is not the device id",
             )
-        cas = await self._verified_cas()
+        cas, fresh = await self._verified_cas()
         found = x509_checks.find_anchor(presented, [(ca, ca) for ca in cas])
+        if found is None and not fresh:
+            cas, _ = await self._verified_cas(reload=True)
+            found = x509_checks.find_anchor(presented, [(ca, ca) for ca in cas])
         if found is None:
             return Refused(
                 ConnectReturnCode.NOT_AUTHORIZED,
@@ -174,10 +178,11 @@ class HubAuthenticator:
             return Refused(ConnectReturnCode.NOT_AUTHORIZED, exc.message)
         return Authenticated("x509", None)
 
-    async def _verified_cas(self) -> list[x509.Certificate]:
+    async def _verified_cas(self, *, reload: bool = False) -> tuple[list[x509.Certificate], bool]:
+        """The verified CA certificates, and whether they were read just now."""
         cached = self._cas
-        if cached is not None and time.monotonic() - cached[0] < _CA_CACHE_SECONDS:
-            return cached[1]
+        if not reload and cached is not None and time.monotonic() - cached[0] < _CA_CACHE_SECONDS:
+            return cached[1], False
         cas = []
         for record in await self._store.query_all(Collection.CA_CERTIFICATES):
             ca = msgspec.json.decode(record.doc, type=CaCertificate)
@@ -187,7 +192,7 @@ class HubAuthenticator:
                 except ValueError:
                     continue
         self._cas = (time.monotonic(), cas)
-        return cas
+        return cas, True
 
 
 def _check_audience(token: SasToken, hub: str, device_id: str) -> Refused | None:

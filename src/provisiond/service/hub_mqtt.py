@@ -67,7 +67,6 @@ from .. import twin as twins
 from ..errors import (
     IotHubCode,
     LocalProtocolError,
-    NotFoundError,
     ProvisioningError,
     RemoteProtocolError,
     RequestError,
@@ -81,6 +80,7 @@ from ..hub.messages import (
     partition,
     telemetry_event,
 )
+from ..hub.registry import HubRegistry
 from ..protocol import bounded_json
 from ..protocol.hub_topics import (
     Filter,
@@ -109,7 +109,6 @@ from ..protocol.mqtt import (
     Unsubscribe,
 )
 from ..storage import Stream, utc_iso
-from ._hub_identities import Identities
 from .context import ServiceContext
 from .hub_auth import HubAuthenticator, Refused
 from .hub_broker import HubBroker
@@ -146,10 +145,10 @@ class HubEndpoint:
     """The built-in hubs' MQTT sessions for one worker (see the module docstring). Its
     :meth:`start` and :meth:`close` belong to the app's lifespan (the batched activity)."""
 
-    def __init__(self, ctx: ServiceContext, broker: HubBroker, identities: Identities) -> None:
+    def __init__(self, ctx: ServiceContext, broker: HubBroker, registry: HubRegistry) -> None:
         self.ctx = ctx
         self.broker = broker
-        self.identities = identities
+        self.registry = registry
         self.sessions = SessionStore(ctx.store)
         self.auth = HubAuthenticator(ctx.store, clock_skew=ctx.settings.clock_skew)
         self._activity: dict[tuple[str, str], float] = {}
@@ -205,8 +204,8 @@ class HubEndpoint:
 
     async def _flush_activity(self) -> None:
         activity, self._activity = self._activity, {}
-        if activity:
-            await self.identities.record_activity(activity)
+        for (hub, device_id), when in activity.items():
+            await self.registry.record_activity(hub, device_id, at=when)
 
 
 class _HubSession:
@@ -278,7 +277,7 @@ class _HubSession:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("MQTT %s: connected (keep-alive %d s)", self.who, self.connect.keep_alive)
         try:
-            await self.endpoint.identities.set_connection_state(self.hub, self.device_id, connected=True)
+            await self.endpoint.registry.set_connection_state(self.hub, self.device_id, connected=True)
         except StorageError as exc:
             log.warning("MQTT %s: cannot record the connection state (%s)", self.who, exc.message)
         self._deliver_c2d()
@@ -308,9 +307,9 @@ class _HubSession:
             )
         endpoint = self.endpoint
         try:
-            found = await endpoint.identities.get(self.hub, self.device_id)
+            device = await endpoint.registry.find(self.hub, self.device_id)
             result = await endpoint.auth.authenticate(
-                found[0] if found else None,
+                device,
                 hub=self.hub,
                 device_id=self.device_id,
                 password=connect.password,
@@ -319,11 +318,11 @@ class _HubSession:
             )
             if isinstance(result, Refused):
                 return result
-            assert found is not None
+            assert device is not None
             self.auth_method = result.method
             if result.expires is not None:
                 self.expires = time.monotonic() + (result.expires - endpoint.ctx.clock())
-            self._identity_created = found[0].created
+            self._identity_created = device.created
             stored = await self._restore()
             await self.broker.attach(self)
         except StorageError as exc:
@@ -426,7 +425,7 @@ class _HubSession:
             if not self.orderly:
                 await self._send_will()
             if not self.replaced:
-                await endpoint.identities.set_connection_state(self.hub, self.device_id, connected=False)
+                await endpoint.registry.set_connection_state(self.hub, self.device_id, connected=False)
             if self.persistent and self._c2d_sent > self._c2d_sent_before:
                 await endpoint.sessions.save(self.hub, self.device_id, self._stored())
         except ProvisioningError as exc:
@@ -612,13 +611,8 @@ class _HubSession:
             return
         try:
             if kind is PublicationKind.TWIN_GET:
-                found = await self.endpoint.identities.get(self.hub, self.device_id)
-                if found is None:
-                    raise NotFoundError(
-                        f"No device {self.device_id!r} in hub {self.hub}.",
-                        error_code=IotHubCode.DEVICE_NOT_FOUND,
-                    )
-                self._twin_response(200, rid, _json.encode(twins.device_view(found[1])))
+                device = await self.endpoint.registry.get_twin(self.hub, self.device_id)
+                self._twin_response(200, rid, _json.encode(twins.device_view(device.twin)))
             else:
                 try:
                     patch = bounded_json.decode(publish.payload)
@@ -627,7 +621,7 @@ class _HubSession:
                         f"The reported properties patch is not JSON: {exc}",
                         error_code=IotHubCode.ARGUMENT_INVALID,
                     ) from None
-                version = await self.endpoint.identities.patch_reported(self.hub, self.device_id, patch)
+                version = await self.endpoint.registry.patch_reported(self.hub, self.device_id, patch)
                 self._twin_response(204, rid, b"", version=version)
         except ProvisioningError as exc:
             self._twin_error(rid, kind, exc)
