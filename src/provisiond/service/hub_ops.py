@@ -238,11 +238,16 @@ class RetentionTask:
         return events, expired
 
     async def _loop(self) -> None:
+        task = asyncio.current_task()
         while True:
             try:
                 await self.run_once()
             except ProvisioningError as exc:  # the database is away: try again next time
                 log.warning("Retention pass failed: %s", exc)
+            # A cancellation that arrived inside a database call may come out of the driver as
+            # an error, or not at all (psycopg cancels the query on the server): stop anyway.
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
             await asyncio.sleep(self._interval)
 
     @contextlib.asynccontextmanager
