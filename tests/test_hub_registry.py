@@ -150,6 +150,25 @@ async def test_self_signed_thumbprints_fill_both_slots(registry: HubRegistry) ->
     )
 
 
+async def test_an_update_without_authentication_keeps_the_identitys(registry: HubRegistry) -> None:
+    """A body without ``authentication`` (a status change) keeps a selfSigned identity's
+    thumbprints and a sas identity's keys: nothing the device connects with changes."""
+    auth = DeviceAuthentication(
+        type=AuthenticationType.SELF_SIGNED, x509_thumbprint=X509Thumbprint(primary_thumbprint="cd" * 32)
+    )
+    created = await registry.create(HUB, Device(device_id="x509-keep", authentication=auth))
+    changed = await registry.update(
+        HUB, Device(device_id="x509-keep", status=DeviceStatus.DISABLED), if_match="*"
+    )
+    assert changed.device.authentication == created.authentication
+    assert changed.disconnect == "the device was disabled"
+    keyed = await registry.create(HUB, sas("sas-keep", KEY))
+    enabled = await registry.update(
+        HUB, Device(device_id="sas-keep", status=DeviceStatus.ENABLED), if_match="*"
+    )
+    assert enabled.device.authentication == keyed.authentication and enabled.disconnect is None
+
+
 async def test_update_on_the_identitys_etag(registry: HubRegistry, clock: Clock) -> None:
     created = await registry.create(HUB, sas("dev-u", KEY))
     # A reported patch changes the record, not the identity's etag: an update on it still works.
@@ -229,14 +248,14 @@ async def test_batched_activity_keeps_its_own_time_and_never_goes_back(
     await registry.create(HUB, sas("dev-a"))
     start = clock.now
     clock.now += 30
-    assert await registry.record_activity(HUB, "dev-a", at=start + 12)
+    assert await registry.record_activity(HUB, "dev-a", when=start + 12)
     record = await store.get(Collection.HUB_DEVICES, device_key(HUB, "dev-a"))
     assert (await registry.get(HUB, "dev-a")).last_activity_time == "2027-01-15T08:00:12.000000Z"
-    assert await registry.record_activity(HUB, "dev-a", at=start + 3)
+    assert await registry.record_activity(HUB, "dev-a", when=start + 3)
     assert (await registry.get(HUB, "dev-a")).last_activity_time == "2027-01-15T08:00:12.000000Z"
     after = await store.get(Collection.HUB_DEVICES, device_key(HUB, "dev-a"))
     assert record is not None and after is not None and after.etag == record.etag
-    assert not await registry.record_activity(HUB, "gone", at=start)
+    assert not await registry.record_activity(HUB, "gone", when=start)
 
 
 # --- twins -------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def test_csv_of_1500_rows_with_bad_rows_then_rerun(server: RunningServer, tmp_pa
     rows[300][0] = ""  # line 302: no registrationId
     rows[400][0] = f"{prefix}-00007"  # line 402: duplicate of line 9
     rows[500][0] = f"{prefix}-00008".upper()  # line 502: duplicate of line 10 (ids are case-insensitive)
-    rows[600][4] = "builtin-hub.provisiond.local"
+    rows[600][4] = server.info["builtinHub"]
     source = write_csv(tmp_path / "devices.csv", rows)
     report = tmp_path / "report.csv"
 
@@ -92,7 +92,7 @@ def test_csv_of_1500_rows_with_bad_rows_then_rerun(server: RunningServer, tmp_pa
     imported = enrollments(server, f"deviceId = '{prefix}'")
     assert len(imported) == 1495
     by_id = {e["registrationId"]: e for e in imported}
-    assert by_id[f"{prefix}-00600"]["iotHubs"] == ["builtin-hub.provisiond.local"]
+    assert by_id[f"{prefix}-00600"]["iotHubs"] == [server.info["builtinHub"]]
     assert f"{prefix}-00100" not in by_id
 
     # the same file again: everything that exists is skipped; only the bad rows fail

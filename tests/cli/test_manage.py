@@ -87,7 +87,12 @@ def _management_commands() -> list[list[str]]:
             group = cli.get_command(ctx, name)
             assert isinstance(group, click.Group)
             out.append([name])
-            out += [[name, sub] for sub in group.list_commands(ctx)]
+            for sub in group.list_commands(ctx):
+                command = group.get_command(ctx, sub)
+                if isinstance(command, click.Group):  # hub device ..., hub policy ...
+                    out += [[name, sub, leaf] for leaf in command.list_commands(ctx)]
+                else:
+                    out.append([name, sub])
     return out
 
 
@@ -306,7 +311,7 @@ def test_enrollment_lifecycle(server: RunningServer) -> None:
         f"{rid}-dev",
         "--edge",
         "--hub",
-        "builtin-hub.provisiond.local",
+        server.info["builtinHub"],
         "--allocation-policy",
         "static",
         "--initial-twin",
@@ -317,7 +322,7 @@ def test_enrollment_lifecycle(server: RunningServer) -> None:
     )
     assert updated["deviceId"] == f"{rid}-dev"
     assert updated["capabilities"] == {"iotEdge": True}
-    assert updated["iotHubs"] == ["builtin-hub.provisiond.local"]
+    assert updated["iotHubs"] == [server.info["builtinHub"]]
     assert updated["allocationPolicy"] == "static"
     assert updated["initialTwin"]["tags"] == {"site": "lab"}
     assert updated["reprovisionPolicy"] == {"updateHubAssignment": True, "migrateDeviceData": False}
@@ -510,7 +515,7 @@ def test_group_lifecycle_and_device_key(server: RunningServer) -> None:
         "--allocation-policy",
         "hashed",
         "--hub",
-        "builtin-hub.provisiond.local",
+        server.info["builtinHub"],
         "--edge",
     )
     shown = run_json(server, "group", "show", gid)
@@ -589,7 +594,7 @@ def test_hub_add_list_update_remove(server: RunningServer) -> None:
     assert added["hostName"] == host and added["allocationWeight"] == 3
     assert added["applyAllocationPolicy"] is False and "connectionString" not in added
     hubs = {h["hostName"]: h for h in run_json(server, "hub", "list", "--json")}
-    assert host in hubs and hubs["builtin-hub.provisiond.local"]["builtin"] is True
+    assert host in hubs and hubs[server.info["builtinHub"]]["builtin"] is True
     assert host in run(server, "hub", "list").stdout
 
     updated = run_json(server, "hub", "update", host, "--weight", "9", "--location", "westeurope", "--json")
@@ -615,7 +620,7 @@ def test_hub_add_list_update_remove(server: RunningServer) -> None:
     assert "Unlinked" in run(server, "hub", "remove", host).stdout
     assert host not in {h["hostName"] for h in run_json(server, "hub", "list", "--json")}
     assert isinstance(fails(server, "hub", "remove", host), NotFoundError)
-    error = fails(server, "hub", "remove", "builtin-hub.provisiond.local")
+    error = fails(server, "hub", "remove", server.info["builtinHub"])
     assert "built-in" in error.message
     result = invoke("hub", "add", "x.example.net", "--data-dir", server.data_dir)
     assert result.exit_code == 2 and "--connection-string" in result.output

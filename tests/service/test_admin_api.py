@@ -40,7 +40,7 @@ async def test_linked_hubs(service: InProcess, http: httpx.AsyncClient) -> None:
     hubs = (await http.get("/admin/linkedHubs", params=V)).json()
     assert hubs == [
         {
-            "hostName": service.settings.builtin_hub,
+            "hostName": service.settings.first_builtin_hub,
             "allocationWeight": 1,
             "applyAllocationPolicy": True,
             "builtin": True,
@@ -98,7 +98,7 @@ async def test_linked_hubs(service: InProcess, http: httpx.AsyncClient) -> None:
     )
     # the built-in hub stays linked; others go
     assert_error(
-        await http.delete(f"/admin/linkedHubs/{service.settings.builtin_hub}", params=V),
+        await http.delete(f"/admin/linkedHubs/{service.settings.first_builtin_hub}", params=V),
         400,
         words="built-in",
     )
@@ -136,7 +136,7 @@ async def test_admin_writes_drop_the_registration_paths_copy(
 
 
 async def test_hub_identities(service: InProcess, http: httpx.AsyncClient) -> None:
-    hub = service.settings.builtin_hub
+    hub = service.settings.first_builtin_hub
     reg = uid("ident")
     created = (await http.put(f"/enrollments/{reg}", params=V, json=body(symmetric_enrollment(reg)))).json()
     await service.register(reg, created["attestation"]["symmetricKey"]["primaryKey"])

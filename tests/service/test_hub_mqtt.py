@@ -24,13 +24,13 @@ import pytest
 from provisiond import pki
 from provisiond.errors import DeviceNotOnlineError, GatewayTimeoutError
 from provisiond.hub.messages import CloudToDeviceMessage, c2d_to, decode_event, encode_c2d, partition
-from provisiond.hub.models import ConnectionState, TwinPatch, TwinProperties
+from provisiond.hub.models import ConnectionState, Device, DeviceStatus, TwinPatch, TwinProperties
 from provisiond.hub.registry import HubRegistry
 from provisiond.protocol.mqtt import Connack, MqttConnection, Packet, Publish, QoS, Role, Suback, Subscription
 from provisiond.protocol.sas import build_sas_token, derive_device_key
 from provisiond.service.hub_broker import HubBroker, MethodRequest
 from provisiond.service_client import ServiceClient
-from provisiond.storage import Collection, Stream, WriteMode, utc_iso
+from provisiond.storage import Collection, Stream, open_store, utc_iso
 from tests._hub import (
     HubPaho,
     Provisioned,
@@ -121,6 +121,23 @@ def test_a_group_device_connects_with_its_derived_key(
     connect(hub_server, device, devices).connected()
     # The group's own key is not the device's.
     assert connect(hub_server, Provisioned(device.hub, reg, key=group_key), devices).connack() == (5, 0)
+
+
+async def test_an_identity_created_in_the_registry_connects_with_either_key(
+    hub_server: RunningServer, devices: list[HubPaho]
+) -> None:
+    """Identities made by the service (the registry, as ``PUT /devices/{id}`` makes them; keys
+    generated) connect like provisioned ones, with the primary or the secondary key."""
+    hub = hub_server.info["builtinHub"]
+    device_id = uid("hubreg")
+    async with server_store(hub_server) as store:
+        created = await HubRegistry(store).create(hub, Device(device_id=device_id))
+    keys = created.authentication.symmetric_key
+    assert keys is not None and keys.primary_key and keys.secondary_key
+    for key, session_present in ((keys.primary_key, 0), (keys.secondary_key, 1)):
+        client = await asyncio.to_thread(connect, hub_server, Provisioned(hub, device_id, key=key), devices)
+        assert await asyncio.to_thread(client.connack) == (0, session_present)
+        await asyncio.to_thread(client.close)
 
 
 def test_an_x509_device_connects_with_its_certificate(
@@ -264,24 +281,30 @@ def test_bad_connects_get_iot_hubs_return_codes(
     wait_for_log(hub_server, device.device_id, f"return code {code}", words)
 
 
-async def test_a_disabled_device_is_refused_with_server_unavailable(
+async def test_disabling_a_connected_device_closes_it_and_refuses_it_with_server_unavailable(
     hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho]
 ) -> None:
+    """The registry's update says why a connected device must go; the broker closes its
+    connection wherever it is (here: the server, told by the test process as another node);
+    a disabled device's CONNECT gets 3, what the C and Java SDKs read as "device disabled"."""
     device = provision_symmetric(hub_server, admin)
+    client = await asyncio.to_thread(lambda: connect(hub_server, device, devices).connected())
     async with server_store(hub_server) as store:
-        key = f"{device.hub.lower()}/{device.device_id}"
-        record = await store.get(Collection.HUB_DEVICES, key)
-        assert record is not None
-        doc = {**msgspec.json.decode(record.doc), "status": "disabled"}
-        await store.write(
-            Collection.HUB_DEVICES, key, msgspec.json.encode(doc), index=record.index, mode=WriteMode.UPDATE
-        )
-    client = await asyncio.to_thread(connect, hub_server, device, devices)
-    assert await asyncio.to_thread(client.connack) == (
-        3,
-        0,
-    )  # the C and Java SDKs read 3 as "device disabled"
-    wait_for_log(hub_server, device.device_id, "return code 3", "disabled")
+        broker = HubBroker(store)
+        await broker.start()
+        try:
+            changed = await HubRegistry(store).update(
+                device.hub, Device(device_id=device.device_id, status=DeviceStatus.DISABLED), if_match="*"
+            )
+            assert changed.disconnect == "the device was disabled"
+            await broker.disconnect(device.hub, device.device_id, changed.disconnect)
+        finally:
+            await broker.close()
+    await asyncio.to_thread(client.next, "disconnect")
+    await asyncio.to_thread(wait_for_log, hub_server, device.device_id, "closed", "the device was disabled")
+    again = await asyncio.to_thread(connect, hub_server, device, devices)
+    assert await asyncio.to_thread(again.connack) == (3, 0)
+    await asyncio.to_thread(wait_for_log, hub_server, device.device_id, "return code 3", "disabled")
 
 
 def test_dps_connects_keep_working_on_the_shared_listener(
@@ -661,12 +684,20 @@ def test_a_persistent_session_keeps_its_subscriptions_across_a_restart(tmp_path:
         server.stop()
 
 
-def test_one_connection_per_device_across_nodes(tmp_path: Path) -> None:
-    """Two ``provisiond serve`` on one database: the device's newer connection, on the other
-    node, closes the older one; the identity stays connected, and a method invoked from a
-    third process reaches the device where it is now."""
-    node_a = start_server(tmp_path / "a")
-    node_b = start_server(tmp_path / "b", "--db", str(tmp_path / "a" / "provisiond.db"))
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_one_connection_per_device_across_nodes(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Two ``provisiond serve`` on one database (a SQLite file; PostgreSQL, as several nodes
+    run): the device's newer connection, on the other node, closes the older one; the identity
+    stays connected, and a method invoked from a third process reaches the device where it is
+    now."""
+    if backend == "postgresql":
+        db = str(request.getfixturevalue("postgres_db_url"))
+    else:
+        db = f"sqlite:///{tmp_path / 'a' / 'provisiond.db'}"
+    node_a = start_server(tmp_path / "a", "--db", db.removeprefix("sqlite:///"))
+    node_b = start_server(tmp_path / "b", "--db", db.removeprefix("sqlite:///"))
     made: list[HubPaho] = []
     try:
         with node_a.client() as admin:
@@ -680,7 +711,9 @@ def test_one_connection_per_device_across_nodes(tmp_path: Path) -> None:
         )
 
         async def invoke() -> tuple[Any, bool]:
-            async with server_store(node_a) as store:
+            store = open_store(db)
+            await store.open()
+            try:
                 broker = HubBroker(store)
                 await broker.start()
                 try:
@@ -693,6 +726,8 @@ def test_one_connection_per_device_across_nodes(tmp_path: Path) -> None:
                     await broker.close()
                 identity = await HubRegistry(store).get(device.hub, device.device_id)
                 return result, identity.connection_state is ConnectionState.CONNECTED
+            finally:
+                await store.close()
 
         def answer() -> None:
             topic, _, _, _ = second.message()  # the stored session's subscription, on node B

@@ -163,7 +163,7 @@ async def world(store: Store, tmp_path: Path) -> AsyncIterator[World]:
     webhook = Webhook()
     registrar = Registrar(ctx, webhook=webhook)
     assert service.id_scope is not None
-    yield World(store, ctx, registrar, clock, webhook, service.id_scope, settings.builtin_hub)
+    yield World(store, ctx, registrar, clock, webhook, service.id_scope, settings.first_builtin_hub)
 
 
 def symmetric(reg_id: str, **extra: Any) -> IndividualEnrollment:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import json
 import logging
@@ -19,7 +20,7 @@ import click
 
 from ..errors import ConfigurationError
 from ..service import admission
-from ..service.settings import DEFAULT_BUILTIN_HUB, ConnectionLimits, Settings
+from ..service.settings import ConnectionLimits, Settings
 
 __all__ = ["connection_info", "serve"]
 
@@ -34,17 +35,25 @@ _WORKER_START_TIMEOUT = 120.0
 
 
 def connection_info(
-    settings: Settings, *, id_scope: str, owner_key: str, ca_file: Path | None
+    settings: Settings,
+    *,
+    id_scope: str,
+    owner_key: str,
+    ca_file: Path | None,
+    hubs: list[dict[str, str | None]] | None = None,
 ) -> dict[str, Any]:
     """What ``DIR/connection.json`` holds. These keys are a stable interface: automation reads them.
 
     The endpoint (``globalEndpoint`` and the connection string's ``HostName``) is ``host`` on
     the standard HTTPS port 443, as Azure writes it (the Node.js and C SDKs take the whole
-    HostName as a host name), and ``host:port`` on any other port.
+    HostName as a host name), and ``host:port`` on any other port. ``hubs``: each built-in
+    hub's ``hostName`` and ``connectionString`` (its ``iothubowner`` policy's, named the same
+    way), the first built-in hub first: ``builtinHub`` and ``hubConnectionString`` are its.
     """
     from ..service.app import OWNER_POLICY
 
     endpoint = settings.host if settings.https_port == 443 else f"{settings.host}:{settings.https_port}"
+    hubs = hubs or []
     return {
         "idScope": id_scope,
         "host": settings.host,
@@ -56,7 +65,9 @@ def connection_info(
             f"HostName={endpoint};SharedAccessKeyName={OWNER_POLICY};SharedAccessKey={owner_key}"
         ),
         "caCertificate": str(ca_file) if ca_file else None,
-        "builtinHub": settings.builtin_hub,
+        "builtinHub": settings.first_builtin_hub,
+        "hubConnectionString": hubs[0]["connectionString"] if hubs else None,
+        "builtinHubs": hubs,
         "database": _redacted(settings.db_url),
     }
 
@@ -113,12 +124,16 @@ def _banner(info: dict[str, Any], path: Path, settings: Settings) -> str:
     scope, endpoint, ca = info["idScope"], info["globalEndpoint"], info["caCertificate"]
     d = path.parent
     prog = _program()
+    hub = info["builtinHub"]
+    mqtt = f"mqtts://{hub}:{settings.mqtt_port}, " if settings.mqtt_port else ""
+    hub_endpoint = hub if settings.https_port == 443 else f"{hub}:{settings.https_port}"
     return f"""
 provisiond is running.
   Device endpoint (HTTPS)  https://{endpoint}   ID scope: {scope}
   Service API              https://{endpoint}   (Azure DPS service API 2021-10-01 + /admin)
   Trusted CA for clients   {ca}
-  Built-in IoT hub         {info["builtinHub"]}
+  Built-in IoT hub         {hub}   (devices: {mqtt}wss://{hub_endpoint}/$iothub/websocket;
+                           service API: https://{hub_endpoint}, hubConnectionString in connection.json)
   Connection details       {path}
   Open files               {_open_files(settings)}
 
@@ -129,8 +144,19 @@ Provision a first device (in another terminal):
 """
 
 
-async def _prepare(settings: Settings, ca_file: Path | None) -> tuple[dict[str, Any], Path, str]:
-    """First-start initialization (ID scope, owner policy, built-in hub) and connection.json."""
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    settings: Settings  # with the first built-in hub and the server certificate resolved
+    info: dict[str, Any]
+    path: Path
+    backend: str
+
+
+async def _prepare(settings: Settings) -> _Prepared:
+    """First-start initialization (ID scope, owner policy, built-in hubs and their policies),
+    the development PKI unless the operator brought a certificate (its server certificate
+    covers ``--host`` and every built-in hub's host name), and connection.json."""
+    from ..hub.addressing import builtin_hub_names, first_builtin_hub, hub_connections
     from ..service.app import initialize, owner_key
     from ..storage import open_store
 
@@ -139,10 +165,24 @@ async def _prepare(settings: Settings, ca_file: Path | None) -> tuple[dict[str, 
     try:
         service_settings = await initialize(store, settings)
         assert service_settings.id_scope is not None
+        first = await first_builtin_hub(store, explicit=settings.builtin_hub, host=settings.host)
+        hubs = await builtin_hub_names(store, first)
+        settings = dataclasses.replace(settings, builtin_hub=first)
+        ca_file: Path | None = settings.server_cert
+        if settings.server_cert is None:
+            from ..pki import ensure_dev_pki
+
+            files = ensure_dev_pki(settings.data_dir, [settings.host, *hubs])
+            settings = dataclasses.replace(settings, server_cert=files.cert_file, server_key=files.key_file)
+            ca_file = files.ca_file
         info = connection_info(
-            settings, id_scope=service_settings.id_scope, owner_key=await owner_key(store), ca_file=ca_file
+            settings,
+            id_scope=service_settings.id_scope,
+            owner_key=await owner_key(store),
+            ca_file=ca_file,
+            hubs=await hub_connections(store, hubs, settings.https_port),
         )
-        return info, _write_connection_json(settings.data_dir, info), store.backend
+        return _Prepared(settings, info, _write_connection_json(settings.data_dir, info), store.backend)
     finally:
         await store.close()
 
@@ -253,11 +293,12 @@ def _run_workers(config: uvicorn.Config, sock: socket.socket, announce: Callable
     _Supervisor(config, sockets=[sock]).run()
 
 
-def _run(settings: Settings, ca_file: Path | None) -> None:
+def _run(settings: Settings) -> None:
     from ..service.app import WORKER_SETTINGS_ENV, create_app
     from ..tls import uvicorn_config
 
-    info, path, backend = asyncio.run(_prepare(settings, ca_file))
+    prepared = asyncio.run(_prepare(settings))
+    settings, info, path, backend = prepared.settings, prepared.info, prepared.path, prepared.backend
     common: dict[str, Any] = {
         "host": settings.bind,
         "port": settings.https_port,
@@ -382,11 +423,12 @@ def _run(settings: Settings, ca_file: Path | None) -> None:
 )
 @click.option(
     "--builtin-hub",
-    default=DEFAULT_BUILTIN_HUB,
-    show_default=True,
+    default=None,
     show_envvar=True,
     envvar="PROVISIOND_BUILTIN_HUB",
-    help="Host name of the IoT hub provisiond keeps itself (identities and twins in its database).",
+    help="Host name of the first IoT hub provisiond serves itself (identities and twins in its "
+    "database; devices connect to it on these ports). Default: the one the database recorded on its "
+    "first start, which is --host for a new database. The server certificate covers it.",
 )
 @click.option(
     "--workers",
@@ -603,7 +645,7 @@ def serve(
     db: str | None,
     server_cert: Path | None,
     server_key: Path | None,
-    builtin_hub: str,
+    builtin_hub: str | None,
     workers: int,
     rate_limit: float | None,
     device_rate_limit: float | None,
@@ -645,13 +687,6 @@ def serve(
     _check_ports(bind, https_port=https_port, mqtt_port=mqtt_port, amqp_port=amqp_port)
     data_dir = data_dir.absolute()
     data_dir.mkdir(parents=True, exist_ok=True)
-    if server_cert is not None and server_key is not None:
-        ca_file: Path = server_cert
-    else:
-        from ..pki import ensure_dev_pki
-
-        files = ensure_dev_pki(data_dir, [host])
-        server_cert, server_key, ca_file = files.cert_file, files.key_file, files.ca_file
     open_files = admission.raise_open_file_limit()  # before workers start: they inherit it
     limits = ConnectionLimits(
         tls_handshake_timeout=tls_handshake_timeout,
@@ -693,7 +728,7 @@ def serve(
         hub_trim_interval=hub_trim_interval,
     )
     try:
-        _run(settings, ca_file)
+        _run(settings)
     except KeyboardInterrupt:
         pass
     except OSError as exc:

@@ -182,15 +182,15 @@ class TwinPatch(_HubModel):
     properties: TwinProperties | None = None
 
 
-class RegistryStatistics(_HubModel):
-    """``GET /statistics/devices``."""
+class RegistryStatistics(_HubModel, omit_defaults=False):
+    """``GET /statistics/devices`` (every count, zeros too)."""
 
     total_device_count: int = 0
     enabled_device_count: int = 0
     disabled_device_count: int = 0
 
 
-class ServiceStatistics(_HubModel):
+class ServiceStatistics(_HubModel, omit_defaults=False):
     """``GET /statistics/service``."""
 
     connected_device_count: int = 0

@@ -47,7 +47,7 @@ from ..errors import (
     PreconditionFailedError,
     ThrottledError,
 )
-from ..storage import Collection, Record, Store, Stream, WriteMode, etags_match, utc_iso
+from ..storage import Collection, Record, Store, Stream, WriteMode, etags_match, is_wildcard, utc_iso
 from . import _records
 from .models import (
     AuthenticationType,
@@ -59,6 +59,7 @@ from .models import (
     RegistryStatistics,
     SymmetricKeyAuth,
     TwinPatch,
+    TwinProperties,
     X509Thumbprint,
     new_device_etag,
     new_generation_id,
@@ -134,7 +135,8 @@ class IdentityChanged(NamedTuple):
 
 class TwinUpdate(NamedTuple):
     """A twin as written by the service, and the desired members a device must be told of
-    (``None``: none changed)."""
+    (``None``: the desired version did not move; empty: it moved, nothing changed: a connected
+    device's session moves on to it without publishing)."""
 
     device: HubDevice
     desired_changes: Json | None
@@ -291,8 +293,8 @@ class HubRegistry:
 
     async def update(self, hub: str, device: Device, *, if_match: str) -> IdentityChanged:
         """Update an identity (``PUT /devices/{id}`` with ``If-Match``: ``*`` or its etag):
-        authentication, status (and its reason), capabilities and scopes are the body's; the
-        generation, the twin and the connection state stay. The identity gets a new etag.
+        authentication (kept when the body has none), status (and its reason), capabilities and
+        scopes are the body's; the generation, the twin and the connection state stay. The identity gets a new etag.
 
         :raises NotFoundError: 404001. :raises PreconditionFailedError: 412001, a stale etag.
         :raises InvalidBodyError: 400004.
@@ -305,7 +307,12 @@ class HubRegistry:
             status = device.status or old.status
             return msgspec.structs.replace(
                 old,
-                authentication=_authentication(device.authentication, old.authentication),
+                # no authentication in the body (a status change): what the device connects with stays
+                authentication=(
+                    _authentication(device.authentication, old.authentication)
+                    if device.authentication is not None
+                    else old.authentication
+                ),
                 capabilities=device.capabilities if device.capabilities is not None else old.capabilities,
                 status=status,
                 status_reason=status_reason,
@@ -482,7 +489,16 @@ class HubRegistry:
             return msgspec.structs.replace(old, twin=twin, updated=now)
 
         old, new = await self._modify(hub, device_id, change)
-        return TwinUpdate(new, twins.desired_changes(old.twin, new.twin))
+        changes = twins.desired_changes(old.twin, new.twin)
+        if changes is None and new.twin.desired_version != old.twin.desired_version:
+            changes = {}  # nothing changed, but the version moved: connected devices move on too
+        return TwinUpdate(new, changes)
+
+    async def patch_desired(self, hub: str, device_id: str, patch: Json) -> tuple[Json | None, int]:
+        """A desired-properties patch alone (:meth:`update_twin` without tags or If-Match, for
+        tools and tests): what changed (``None``: nothing) and the new desired version."""
+        update = await self.update_twin(hub, device_id, TwinPatch(properties=TwinProperties(desired=patch)))
+        return update.desired_changes, update.device.twin.desired_version
 
     async def patch_reported(self, hub: str, device_id: str, patch: Any) -> int:
         """The device's reported-properties PATCH (MQTT ``$iothub/twin/PATCH/properties/
@@ -521,18 +537,17 @@ class HubRegistry:
 
         return await self._modify_if_present(hub, device_id, change)
 
-    async def record_activity(self, hub: str, device_id: str, *, at: float | None = None) -> bool:
-        """Record the device's last activity (it sent or received something) as now, or as
-        ``at`` (Unix seconds: a batch of activity written later) unless a later one is recorded;
-        ``False`` when the identity is gone. A caller on a hot path (telemetry) calls this at
-        most every few seconds per device."""
-        when = utc_iso(at) if at is not None else None
+    async def record_activity(self, hub: str, device_id: str, *, when: float | None = None) -> bool:
+        """Record the device's last activity (it sent or received something) at ``when`` (Unix
+        seconds; now by default), unless a later one is recorded; ``False`` when the identity
+        is gone. A caller on a hot path (telemetry) batches it: at most every few seconds per
+        device."""
+        stamp = utc_iso(when) if when is not None else None
 
         def change(old: HubDevice, now: str) -> HubDevice:
-            stamp = when or now
-            if old.last_activity_time is not None and old.last_activity_time >= stamp:
-                return old
-            return msgspec.structs.replace(old, last_activity_time=stamp, updated=now)
+            if old.last_activity_time is not None and old.last_activity_time >= (stamp or now):
+                return old  # nothing to write
+            return msgspec.structs.replace(old, last_activity_time=stamp or now, updated=now)
 
         return await self._modify_if_present(hub, device_id, change)
 
@@ -586,7 +601,7 @@ class HubRegistry:
 
     @staticmethod
     def _check_etag(if_match: str | None, etag: str | None, what: str) -> None:
-        if if_match is None or if_match.strip() == "*":
+        if if_match is None or is_wildcard(if_match):
             return
         if etag is None or not etags_match(if_match, etag):
             raise PreconditionFailedError(

@@ -7,8 +7,12 @@
 | GET, PATCH | /admin/settings | ID scope, default allocation policy, host names |
 | GET | /admin/linkedHubs | every linked hub (connection strings stripped) |
 | GET, PUT, DELETE | /admin/linkedHubs/{hostName} | one linked hub (``"builtin": true`` on create: a hub provisiond keeps itself) |
-| GET | /admin/linkedHubs/{hostName}/devices | the identities provisiond created in a built-in hub (keys stripped) |
-| GET, DELETE | /admin/linkedHubs/{hostName}/devices/{deviceId} | one identity, with its twin |
+| GET | /admin/linkedHubs/{hostName}/devices | the identities of a built-in hub (keys stripped) |
+| GET, DELETE | /admin/linkedHubs/{hostName}/devices/{deviceId} | one identity, with its twin (ETag: IoT Hub's device etag) |
+| PUT | /admin/linkedHubs/{hostName}/devices/{deviceId} | create an identity (IoT Hub's Device JSON; keys generated when left out; 409 if it exists) |
+| GET | /admin/linkedHubs/{hostName}/sharedAccessPolicies | a built-in hub's policies (keys stripped) |
+| GET, PUT, DELETE | /admin/linkedHubs/{hostName}/sharedAccessPolicies/{name} | one of them (IoT Hub's rights; keys generated when omitted) |
+| POST | /admin/linkedHubs/{hostName}/sharedAccessPolicies/{name}/listKeys | the policy with its keys |
 | GET | /admin/certificates | every CA certificate |
 | GET, PUT, DELETE | /admin/certificates/{name} | one CA certificate (PUT uploads it, unverified) |
 | POST | /admin/certificates/{name}/generateVerificationCode | a fresh proof-of-possession code |
@@ -26,13 +30,18 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ..errors import InvalidBodyError
+from ..hub.models import Device
+from ..hub.policies import HubAccessPolicy
 from ..models import CertificateUpload, LinkedHub, Right, ServiceSettingsPatch, SharedAccessPolicy
 from .context import ServiceContext, context_of
 from .http import ApiHandler, decode_body, handle_errors, json_response
+from .hub_api import events_of
 from .management import Management, validate_id_scope
 from .management.certificates import validate_name
 from .management.hubs import validate_host_name
@@ -127,9 +136,55 @@ async def get_hub_device(m: Management, p: dict[str, Any]) -> Response:
 
 
 @handle_errors
+async def put_hub_device(request: Request) -> Response:
+    ctx, m, p = await _admin(request)
+    device = decode_body(await ctx.body(request), Device, "device")
+    if device.device_id is not None and device.device_id != p["device_id"]:
+        raise InvalidBodyError(f"deviceId {device.device_id[:140]!r} in the body differs from the URL's.")
+    created = await m.hubs.create_device(p["name"], msgspec.structs.replace(device, device_id=p["device_id"]))
+    return json_response(created, headers={"ETag": f'"{created["etag"]}"'})
+
+
+@handle_errors
 async def delete_hub_device(request: Request) -> Response:
     _, m, p = await _admin(request)
     await m.hubs.delete_device(p["name"], p["device_id"], if_match=_if_match(request))
+    await events_of(request).disconnect(p["name"].lower(), p["device_id"], "the device was deleted")
+    return _no_content()
+
+
+# --- a built-in hub's shared access policies ------------------------------------------------------
+
+
+async def list_hub_policies(m: Management, p: dict[str, Any]) -> Response:
+    await m.hubs.builtin(p["name"])
+    return json_response(await m.hub_policies.list(p["name"]))
+
+
+async def get_hub_policy(m: Management, p: dict[str, Any]) -> Response:
+    await m.hubs.builtin(p["name"])
+    return _with_etag(await m.hub_policies.get(p["name"], p["policy"]))
+
+
+async def list_hub_policy_keys(m: Management, p: dict[str, Any]) -> Response:
+    await m.hubs.builtin(p["name"])
+    return _with_etag(await m.hub_policies.get(p["name"], p["policy"], keys=True))
+
+
+@handle_errors
+async def put_hub_policy(request: Request) -> Response:
+    ctx, m, p = await _admin(request)
+    await m.hubs.builtin(p["name"])
+    name = m.hub_policies.validate_name(p["policy"])
+    policy = decode_body(await ctx.body(request), HubAccessPolicy, "shared access policy")
+    return _with_etag(await m.hub_policies.put(p["name"], name, policy, if_match=_if_match(request)))
+
+
+@handle_errors
+async def delete_hub_policy(request: Request) -> Response:
+    _, m, p = await _admin(request)
+    await m.hubs.builtin(p["name"])
+    await m.hub_policies.delete(p["name"], p["policy"], if_match=_if_match(request))
     return _no_content()
 
 
@@ -215,7 +270,17 @@ def routes() -> list[Route]:
         Route(hub, delete_hub, methods=["DELETE"]),
         Route(f"{hub}/devices", list_hub_devices, methods=["GET"]),
         Route(f"{hub}/devices/{{device_id}}", _handler(get_hub_device), methods=["GET"]),
+        Route(f"{hub}/devices/{{device_id}}", put_hub_device, methods=["PUT"]),
         Route(f"{hub}/devices/{{device_id}}", delete_hub_device, methods=["DELETE"]),
+        Route(f"{hub}/sharedAccessPolicies", _handler(list_hub_policies), methods=["GET"]),
+        Route(
+            f"{hub}/sharedAccessPolicies/{{policy}}/listKeys",
+            _handler(list_hub_policy_keys),
+            methods=["POST"],
+        ),
+        Route(f"{hub}/sharedAccessPolicies/{{policy}}", _handler(get_hub_policy), methods=["GET"]),
+        Route(f"{hub}/sharedAccessPolicies/{{policy}}", put_hub_policy, methods=["PUT"]),
+        Route(f"{hub}/sharedAccessPolicies/{{policy}}", delete_hub_policy, methods=["DELETE"]),
         Route("/admin/certificates", _handler(list_cas), methods=["GET"]),
         Route(f"{ca}/generateVerificationCode", _handler(generate_verification_code), methods=["POST"]),
         Route(f"{ca}/verify", verify_ca, methods=["POST"]),

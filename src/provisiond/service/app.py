@@ -17,10 +17,10 @@ from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 
 from ..errors import ConflictError, MethodNotAllowedError, NotFoundError, ProvisioningError, RequestError
-from ..hub.registry import HubRegistry
-from ..models import AllocationPolicy, LinkedHub, Right, ServiceSettings, SharedAccessPolicy
+from ..hub.addressing import ensure_builtin_hubs, first_builtin_hub
+from ..models import AllocationPolicy, Right, ServiceSettings, SharedAccessPolicy
 from ..storage import Collection, Store, WriteMode, open_store
-from . import admin, amqp, api, device_api, hub_ops, mqtt
+from . import admin, amqp, api, device_api, hub_api, hub_ops, mqtt
 from .context import SETTINGS_KEY, ServiceContext, context_of
 from .enrollments import generate_key
 from .gateway import AMQP_WS, MQTT_WS, DeviceGateway
@@ -46,9 +46,9 @@ def _new_id_scope() -> str:
 
 
 async def initialize(store: Store, settings: Settings) -> ServiceSettings:
-    """Make sure the database holds the service settings (ID scope), the owner policy and the
-    built-in hub. Safe to run on every start and from several nodes at once: the first writer
-    wins and the others read what it wrote."""
+    """Make sure the database holds the service settings (ID scope), the owner policy, the
+    first built-in hub and every built-in hub's policies. Safe to run on every start and from
+    several nodes at once: the first writer wins and the others read what it wrote."""
     proposal = ServiceSettings(
         id_scope=_new_id_scope(),
         allocation_policy=AllocationPolicy.HASHED,
@@ -60,18 +60,15 @@ async def initialize(store: Store, settings: Settings) -> ServiceSettings:
     owner = SharedAccessPolicy(
         key_name=OWNER_POLICY, rights=list(Right), primary_key=generate_key(), secondary_key=generate_key()
     )
-    hub = LinkedHub(
-        host_name=settings.builtin_hub, builtin=True, allocation_weight=1, apply_allocation_policy=True
-    )
-    for collection, id, doc in (
-        (Collection.ACCESS_POLICIES, OWNER_POLICY, owner),
-        (Collection.LINKED_HUBS, settings.builtin_hub, hub),
-    ):
-        try:
-            await store.write(collection, id, msgspec.json.encode(doc), mode=WriteMode.CREATE)
-            log.info("Created the %s %r", collection.label, id)
-        except ConflictError:
-            pass
+    try:
+        await store.write(
+            Collection.ACCESS_POLICIES, OWNER_POLICY, msgspec.json.encode(owner), mode=WriteMode.CREATE
+        )
+        log.info("Created the %s %r", Collection.ACCESS_POLICIES.label, OWNER_POLICY)
+    except ConflictError:
+        pass
+    first = await first_builtin_hub(store, explicit=settings.builtin_hub, host=settings.host)
+    await ensure_builtin_hubs(store, first)
     return service_settings
 
 
@@ -129,7 +126,7 @@ def create_app(
     # The built-in hubs: their devices share the MQTT listener and the WebSocket router (told
     # apart by the CONNECT's user name); the broker links them to the service side.
     broker = HubBroker(ctx.store, clock=clock)
-    hub = HubEndpoint(ctx, broker, HubRegistry(ctx.store, clock=clock))
+    hub = HubEndpoint(ctx, broker, ctx.hub_registry)
     listeners = [mqtt.tls_listener(gateway, hub), amqp.tls_listener(gateway)]
     websockets = WebSocketRouter(
         {"mqtt": mqtt.MqttEndpoint(gateway, MQTT_WS, hub), "amqpwsb10": amqp.AmqpEndpoint(gateway, AMQP_WS)}
@@ -162,6 +159,7 @@ def create_app(
                 *admin.routes(),
                 *hub_ops.routes(),
                 *device_api.routes(),
+                *hub_api.routes(),
                 WebSocketRoute("/", websockets),
                 WebSocketRoute("/$iothub/websocket", websockets),
             ]
@@ -173,6 +171,8 @@ def create_app(
     app.state.registrar = registrar
     app.state.gateway = gateway
     app.state.broker = broker
+    # Who tells connected hub devices what a service API write changed: the broker.
+    app.state.hub_events = broker
     return app
 
 

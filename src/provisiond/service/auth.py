@@ -1,4 +1,5 @@
-"""Service API authentication: SAS tokens signed with a shared access policy key.
+"""Service API authentication: SAS tokens signed with a shared access policy key (DPS's
+policies for the service and admin APIs, a built-in hub's for that hub's API).
 
 A token's ``sr`` must name this service (one of its host names, with or without the port, or a
 path prefix of the request matched segment by segment), ``skn`` must name a policy, ``sig`` must
@@ -11,11 +12,12 @@ from __future__ import annotations
 import msgspec
 
 from ..errors import AuthenticationError, AuthorizationError, DpsCode
+from ..hub.policies import HubAccessPolicy, HubPolicies, HubRight, grants
 from ..models import Right, SharedAccessPolicy
-from ..protocol.sas import parse_sas_token, verify_signature
+from ..protocol.sas import SasToken, parse_sas_token, verify_signature
 from ..storage import Collection, Store
 
-__all__ = ["authorize"]
+__all__ = ["authorize", "authorize_hub"]
 
 
 def _resource_matches(resource: str, host_names: tuple[str, ...], request_host: str, path: str) -> bool:
@@ -50,21 +52,8 @@ async def authorize(
     :raises AuthenticationError: missing, malformed, expired, forged, or for another service.
     :raises AuthorizationError: the policy lacks ``right``.
     """
-    if not authorization:
-        raise AuthenticationError("The Authorization header is missing; send a SharedAccessSignature token.")
-    token = parse_sas_token(authorization)
-    if token.key_name is None:
-        raise AuthenticationError("The SAS token has no skn: name the shared access policy that signed it.")
-    if token.expiry + clock_skew < now:
-        raise AuthenticationError(
-            f"The SAS token expired {now - token.expiry} s ago (se={token.expiry}).",
-            error_code=DpsCode.TOKEN_EXPIRED,
-        )
-    if not _resource_matches(token.resource, host_names, request_host, path):
-        raise AuthenticationError(
-            f"The SAS token is for resource {token.resource[:200]!r}, not this service.",
-            error_code=DpsCode.TOKEN_AUDIENCE,
-        )
+    token = _service_token(authorization, host_names, request_host, path, now, clock_skew, "this service")
+    assert token.key_name is not None
     record = await store.get(Collection.ACCESS_POLICIES, token.key_name)
     if record is None:
         raise AuthenticationError(
@@ -80,6 +69,76 @@ async def authorize(
     if right not in (policy.rights or []):
         raise AuthorizationError(
             f"Policy {policy.key_name!r} lacks the {right.value} right this operation needs.",
+            error_code=DpsCode.MISSING_RIGHT,
+        )
+    return policy
+
+
+def _service_token(
+    authorization: str | None,
+    host_names: tuple[str, ...],
+    request_host: str,
+    path: str,
+    now: int,
+    clock_skew: int,
+    audience: str,
+) -> SasToken:
+    """The parsed token of a service request, with a policy name, not expired, for this
+    service. :raises AuthenticationError: which check failed."""
+    if not authorization:
+        raise AuthenticationError("The Authorization header is missing; send a SharedAccessSignature token.")
+    token = parse_sas_token(authorization)
+    if token.key_name is None:
+        raise AuthenticationError("The SAS token has no skn: name the shared access policy that signed it.")
+    if token.expiry + clock_skew < now:
+        raise AuthenticationError(
+            f"The SAS token expired {now - token.expiry} s ago (se={token.expiry}).",
+            error_code=DpsCode.TOKEN_EXPIRED,
+        )
+    if not _resource_matches(token.resource, host_names, request_host, path):
+        raise AuthenticationError(
+            f"The SAS token is for resource {token.resource[:200]!r}, not {audience}.",
+            error_code=DpsCode.TOKEN_AUDIENCE,
+        )
+    return token
+
+
+async def authorize_hub(
+    policies: HubPolicies,
+    authorization: str | None,
+    rights: tuple[HubRight, ...],
+    *,
+    hub: str,
+    request_host: str,
+    path: str,
+    now: int,
+    clock_skew: int,
+) -> HubAccessPolicy:
+    """Check a request to a built-in hub's service API: a token signed with one of the hub's
+    policies (``sr``: the hub's host name, or the host the request was sent to), holding any of
+    ``rights``. A device's token (no ``skn``) is refused: the hub serves no device REST API.
+
+    :raises AuthenticationError: missing, malformed, expired, forged, or for another hub.
+    :raises AuthorizationError: the policy holds none of ``rights`` (IoT Hub answers 401).
+    """
+    token = _service_token(authorization, (hub,), request_host, path, now, clock_skew, f"IoT hub {hub!r}")
+    assert token.key_name is not None
+    policy = await policies.find(hub, token.key_name)
+    if policy is None:
+        raise AuthenticationError(
+            f"IoT hub {hub!r} has no shared access policy named {token.key_name[:128]!r}.",
+            error_code=DpsCode.UNKNOWN_POLICY,
+        )
+    keys = [k for k in (policy.primary_key, policy.secondary_key) if k]
+    if not any(verify_signature(token, key) for key in keys):
+        raise AuthenticationError(
+            f"The SAS token's signature does not match either key of policy {policy.key_name!r}.",
+            error_code=DpsCode.TOKEN_INVALID,
+        )
+    if not grants(policy, rights):
+        wanted = " or ".join(right.value for right in rights)
+        raise AuthorizationError(
+            f"Policy {policy.key_name!r} lacks the {wanted} right this operation needs.",
             error_code=DpsCode.MISSING_RIGHT,
         )
     return policy

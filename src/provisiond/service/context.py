@@ -12,6 +12,7 @@ from typing import Any
 from starlette.requests import Request
 
 from ..errors import NotFoundError
+from ..hub.registry import HubRegistry
 from ..models import LinkedHub, Right, ServiceSettings
 from ..storage import Collection, Record, Store
 from .auth import authorize
@@ -35,11 +36,14 @@ class ServiceContext:
     limiter: RateLimiter = field(init=False, repr=False)
     #: The management operations (service and admin API, a console), over the same store.
     management: Management = field(init=False, repr=False)
+    #: The built-in hubs' identities and twins (the hub's service API and device side).
+    hub_registry: HubRegistry = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.management = Management(
-            self.store, builtin_hub=self.settings.builtin_hub, invalidate=self.invalidate
+            self.store, builtin_hub=self.settings.first_builtin_hub, invalidate=self.invalidate
         )
+        self.hub_registry = HubRegistry(self.store, clock=self.clock)
         self.limiter = RateLimiter(
             clock=self.clock,
             global_per_second=self.settings.rate_limit,
@@ -94,6 +98,13 @@ class ServiceContext:
         hubs = await read_linked_hubs(self.store)
         self._cache["linked_hubs"] = (time.monotonic(), hubs)
         return hubs
+
+    async def builtin_hubs(self, *, max_age: float = 0) -> list[str]:
+        """The host names of the built-in hubs (lower-cased), the first one first (``max_age``:
+        as for :meth:`linked_hubs`)."""
+        first = self.settings.first_builtin_hub
+        names = [name for name, hub in (await self.linked_hubs(max_age=max_age)).items() if hub.builtin]
+        return sorted(names, key=lambda name: (name != first, name))
 
     async def get_or_404(self, collection: Collection, id: str, code: int) -> Record:
         record = await self.store.get(collection, id)

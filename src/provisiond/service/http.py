@@ -24,6 +24,7 @@ from ..storage import utc_now
 
 __all__ = [
     "ApiHandler",
+    "ErrorRenderer",
     "decode_body",
     "error_answer",
     "error_headers",
@@ -42,6 +43,8 @@ log = logging.getLogger("provisiond.http")
 
 T = TypeVar("T")
 ApiHandler = Callable[[Request], Awaitable[Response]]
+#: How an API renders an error as a response (DPS's body; a built-in hub's API, IoT Hub's).
+ErrorRenderer = Callable[[ProvisioningError, str], Response]
 
 _API_VERSION = re.compile(r"^(\d{4})-(\d{2})-(\d{2})(-preview)?$")
 _JSON = "application/json; charset=utf-8"
@@ -94,40 +97,46 @@ def shown_path(request: Request) -> str:
     return text if len(text) <= 300 else text[:300] + "..."
 
 
-def error_answer(request: Request, exc: ProvisioningError) -> Response:
-    """The DPS error response for ``exc``, and the log line an operator needs to see what the
-    client asked for: method, path, status, errorCode, message and tracking id (INFO for 4xx,
-    ERROR for 5xx). Every error the HTTP endpoints answer goes through here."""
+def error_answer(
+    request: Request, exc: ProvisioningError, render: ErrorRenderer = error_response
+) -> Response:
+    """The error response for ``exc`` (DPS's, unless ``render`` says otherwise), and the log
+    line an operator needs to see what the client asked for: method, path, status, errorCode,
+    message and tracking id (INFO for 4xx, ERROR for 5xx). Every error the HTTP endpoints
+    answer goes through here."""
     tid = tracking_id(request)
-    level = logging.ERROR if exc.http_status >= 500 else logging.INFO
+    response = render(exc, tid)
+    level = logging.ERROR if response.status_code >= 500 else logging.INFO
+    code = exc.iothub_code if render is not error_response else exc.error_code
     log.log(
         level,
         "%s %s -> %d %d: %s [trackingId=%s]",
         request.method,
         shown_path(request),
-        exc.http_status,
-        exc.error_code,
+        response.status_code,
+        code,
         exc.message,
         tid,
     )
-    return error_response(exc, tid)
+    return response
 
 
-def handle_errors(handler: ApiHandler) -> ApiHandler:
-    """Wrap an endpoint: provisiond errors become DPS error bodies with a log line that says
-    why; anything else is our bug, logged with its traceback and answered as a 500."""
+def handle_errors(handler: ApiHandler, *, render: ErrorRenderer = error_response) -> ApiHandler:
+    """Wrap an endpoint: provisiond errors become error bodies (DPS's, unless ``render`` says
+    otherwise) with a log line that says why; anything else is our bug, logged with its
+    traceback and answered as a 500."""
 
     async def wrapped(request: Request) -> Response:
         try:
             return await handler(request)
         except ProvisioningError as exc:
-            return error_answer(request, exc)
+            return error_answer(request, exc, render)
         except Exception:
             tid = tracking_id(request)
             log.exception(
                 "%s %s -> 500: internal error [trackingId=%s]", request.method, shown_path(request), tid
             )
-            return error_response(
+            return render(
                 ProvisioningError(f"Internal error; the service log has the details under trackingId {tid}."),
                 tid,
             )

@@ -33,7 +33,8 @@ every process appends what another process must act on and polls the stream ever
   :class:`~provisiond.errors.DeviceNotOnlineError` (404103) and
   :class:`~provisiond.errors.GatewayTimeoutError` (504101).
 * **Desired properties, cloud-to-device messages, disconnects** are told to the session, or
-  signalled to the process that holds it (``desired``, ``c2d``, ``disconnect``). Messages
+  signalled to the process that holds it (``desired``, ``c2d``, ``disconnect``; a ``desired`` or
+  ``disconnect`` signal older than the session's connection does not concern it). Messages
   themselves stay in the database (the twin; ``Stream.HUB_C2D``): a signal only says "look".
 
 Signals are short-lived: every process deletes those older than :data:`SIGNAL_TTL` seconds.
@@ -139,7 +140,11 @@ class Signal(msgspec.Struct, tag_field="kind", rename="camel", omit_defaults=Tru
 
 
 class Connected(Signal, tag="connected", kw_only=True, frozen=True):
-    """A session of the device attached (its seq is its connection order)."""
+    """A session of the device attached (its seq is its connection order) in process ``node``
+    (which closes its own older session itself, and may read this signal before it knows it
+    wrote it)."""
+
+    node: str = ""
 
 
 class Disconnect(Signal, tag="disconnect", kw_only=True, frozen=True):
@@ -278,7 +283,9 @@ class HubBroker:
         :raises StorageError: the signal could not be written (the CONNECT is refused).
         """
         key = partition(session.hub, session.device_id)
-        [entry] = await self._store.append(Stream.HUB_SIGNALS, [(key, _encoder.encode(Connected()))])
+        [entry] = await self._store.append(
+            Stream.HUB_SIGNALS, [(key, _encoder.encode(Connected(node=self.node)))]
+        )
         session.order = entry.seq
         current = self._sessions.get(key)
         if current is not None and current is not session:
@@ -547,7 +554,7 @@ class HubBroker:
         if signal is None:
             return
         if isinstance(signal, Connected):
-            if session is not None and session.order < entry.seq:
+            if session is not None and session.order < entry.seq and signal.node != self.node:
                 session.kick("a new connection of the device (on another process) replaced it", replaced=True)
             for waiter in list(self._attach_waiters.get(key, ())):
                 waiter.offer(entry.seq)
@@ -557,7 +564,10 @@ class HubBroker:
             if session.order < entry.seq:  # not a session that connected after it was asked
                 session.kick(signal.reason)
         elif isinstance(signal, Desired):
-            session.send_desired(signal.changes, signal.version)
+            # Not for a session that connected after the change: as IoT Hub, a device hears of
+            # changes made while it is connected; it reads the twin for the others.
+            if session.order < entry.seq:
+                session.send_desired(signal.changes, signal.version)
         elif isinstance(signal, C2d):
             session.wake_c2d()
         elif isinstance(signal, MethodRequest):

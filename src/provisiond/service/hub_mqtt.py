@@ -133,6 +133,9 @@ C2D_WINDOW = 10
 #: Seconds between two writes of the devices' ``lastActivityTime`` (the default of
 #: ``Settings.hub_activity_interval``).
 ACTIVITY_INTERVAL = 30.0
+#: Seconds a desired patch waits for an earlier version's (relayed from another process within
+#: the broker's poll interval) before it goes out without it.
+DESIRED_GAP_WAIT = 0.5
 _READ_SIZE = 65536
 _GRANTED = {
     QoS.AT_MOST_ONCE: SubackReturnCode.GRANTED_QOS_0,
@@ -172,7 +175,7 @@ class HubEndpoint:
         if not username or "/" not in username:
             return None
         host = username.split("/", 1)[0].lower()
-        if host == self.ctx.settings.builtin_hub.lower():
+        if host == self.ctx.settings.first_builtin_hub:
             return host
         try:
             hub = (await self.ctx.linked_hubs(max_age=1.0)).get(host)
@@ -205,7 +208,7 @@ class HubEndpoint:
     async def _flush_activity(self) -> None:
         activity, self._activity = self._activity, {}
         for (hub, device_id), when in activity.items():
-            await self.registry.record_activity(hub, device_id, at=when)
+            await self.registry.record_activity(hub, device_id, when=when)
 
 
 class _HubSession:
@@ -242,6 +245,13 @@ class _HubSession:
         self._c2d_inflight: dict[int, int] = {}  # packet id -> seq
         self._c2d_sent = 0  # the newest seq published (this or an earlier connection)
         self._c2d_sent_before = 0
+        # Desired patches go out in version order, whichever process committed them (a write
+        # in another worker or node is relayed through the signal stream, later than a local
+        # one): the newest version published (the twin's at CONNECT before any), and the
+        # patches waiting for the versions before them.
+        self._desired_version = 0
+        self._desired_waiting: dict[int, Mapping[str, Any]] = {}
+        self._desired_timer: asyncio.TimerHandle | None = None
 
     @property
     def key(self) -> str:
@@ -278,7 +288,7 @@ class _HubSession:
             log.debug("MQTT %s: connected (keep-alive %d s)", self.who, self.connect.keep_alive)
         try:
             await self.endpoint.registry.set_connection_state(self.hub, self.device_id, connected=True)
-        except StorageError as exc:
+        except ProvisioningError as exc:  # the database is down, or the record kept changing
             log.warning("MQTT %s: cannot record the connection state (%s)", self.who, exc.message)
         self._deliver_c2d()
         pipelined = self.machine.feed_bytes(b"")
@@ -307,9 +317,9 @@ class _HubSession:
             )
         endpoint = self.endpoint
         try:
-            device = await endpoint.registry.find(self.hub, self.device_id)
+            found = await endpoint.registry.find(self.hub, self.device_id)
             result = await endpoint.auth.authenticate(
-                device,
+                found,
                 hub=self.hub,
                 device_id=self.device_id,
                 password=connect.password,
@@ -318,11 +328,12 @@ class _HubSession:
             )
             if isinstance(result, Refused):
                 return result
-            assert device is not None
+            assert found is not None
             self.auth_method = result.method
             if result.expires is not None:
                 self.expires = time.monotonic() + (result.expires - endpoint.ctx.clock())
-            self._identity_created = device.created
+            self._identity_created = found.created
+            self._desired_version = found.twin.desired_version
             stored = await self._restore()
             await self.broker.attach(self)
         except StorageError as exc:
@@ -418,6 +429,8 @@ class _HubSession:
             log.log(level, "MQTT %s: closed: %s", self.who, machine.close_reason or "closed")
 
     async def _after_close(self) -> None:
+        if self._desired_timer is not None:
+            self._desired_timer.cancel()
         """The Will, the connection state, and what the stored session must remember."""
         endpoint = self.endpoint
         endpoint.forget(self.hub, self.device_id)
@@ -427,7 +440,9 @@ class _HubSession:
             if not self.replaced:
                 await endpoint.registry.set_connection_state(self.hub, self.device_id, connected=False)
             if self.persistent and self._c2d_sent > self._c2d_sent_before:
-                await endpoint.sessions.save(self.hub, self.device_id, self._stored())
+                await endpoint.sessions.record_c2d_sent(
+                    self.hub, self.device_id, self._c2d_sent, identity=self._identity_created
+                )
         except ProvisioningError as exc:
             log.warning("MQTT %s: after the close: %s", self.who, exc.message)
 
@@ -517,10 +532,36 @@ class _HubSession:
         self._publish(method_request_topic(name, rid), payload, QoS.AT_MOST_ONCE)
 
     def send_desired(self, changes: Mapping[str, Any], version: int) -> None:
-        qos = self._granted(Filter.DESIRED_PATCHES)
-        if qos is not None:
-            body = _json.encode(twins.desired_notification(changes, version))
-            self._publish(desired_patch_topic(version), body, qos)
+        """Publish the desired patch of ``version`` once every earlier one is published (an
+        empty one only moves the version on: a write that changed nothing); one older than
+        the twin the device connected with is in the twin it reads. A version whose patch
+        never comes (its notifier died, or a write that notifies nobody, such as DPS's
+        re-provisioning) holds the later ones back for :data:`DESIRED_GAP_WAIT` at most."""
+        if version <= self._desired_version:
+            return
+        self._desired_waiting[version] = changes
+        self._release_desired(skip_gaps=False)
+
+    def _release_desired(self, *, skip_gaps: bool) -> None:
+        while self._desired_waiting:
+            version = min(self._desired_waiting)
+            if version != self._desired_version + 1 and not skip_gaps:
+                break
+            changes = self._desired_waiting.pop(version)
+            self._desired_version = version
+            qos = self._granted(Filter.DESIRED_PATCHES)
+            if changes and qos is not None:
+                body = _json.encode(twins.desired_notification(changes, version))
+                self._publish(desired_patch_topic(version), body, qos)
+        if not self._desired_waiting and self._desired_timer is not None:
+            self._desired_timer.cancel()
+            self._desired_timer = None
+        elif self._desired_waiting and self._desired_timer is None:
+            self._desired_timer = asyncio.get_running_loop().call_later(DESIRED_GAP_WAIT, self._desired_gap)
+
+    def _desired_gap(self) -> None:
+        self._desired_timer = None
+        self._release_desired(skip_gaps=True)
 
     def wake_c2d(self) -> None:
         self._deliver_c2d()
@@ -611,7 +652,7 @@ class _HubSession:
             return
         try:
             if kind is PublicationKind.TWIN_GET:
-                device = await self.endpoint.registry.get_twin(self.hub, self.device_id)
+                device = await self.endpoint.registry.get_twin(self.hub, self.device_id)  # 404001
                 self._twin_response(200, rid, _json.encode(twins.device_view(device.twin)))
             else:
                 try:

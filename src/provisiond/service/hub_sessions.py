@@ -7,7 +7,9 @@ session is stored, keyed like the identity (``{hub}/{deviceId}``), with:
 
 * the subscriptions (topic filter as the device sent it, and the QoS granted);
 * ``c2dSent``: the seq of the newest cloud-to-device message published to the device, so that a
-  later connection marks a redelivery with DUP (written when the session ends in order);
+  later connection marks a redelivery with DUP (written when the connection ends, merged into
+  what is stored: a connection that a newer one replaced must not write back its subscriptions
+  over the newer one's);
 * ``identity``: when the identity it belongs to was created, so that a device created again
   under the same id does not inherit a session.
 
@@ -20,8 +22,8 @@ from __future__ import annotations
 
 import msgspec
 
-from ..errors import NotFoundError
-from ..storage import Collection, Store
+from ..errors import NotFoundError, PreconditionFailedError
+from ..storage import Collection, Store, WriteMode
 
 __all__ = ["SessionStore", "StoredSession"]
 
@@ -33,6 +35,7 @@ class StoredSession(msgspec.Struct, rename="camel", omit_defaults=True, kw_only=
 
 
 _decoder = msgspec.json.Decoder(StoredSession)
+_RETRIES = 5
 
 
 def _key(hub: str, device_id: str) -> str:
@@ -53,6 +56,30 @@ class SessionStore:
 
     async def save(self, hub: str, device_id: str, session: StoredSession) -> None:
         await self._store.write(Collection.HUB_SESSIONS, _key(hub, device_id), msgspec.json.encode(session))
+
+    async def record_c2d_sent(self, hub: str, device_id: str, seq: int, *, identity: str | None) -> None:
+        """Raise the stored session's ``c2dSent`` to ``seq``, keeping everything else; nothing
+        when no session of this identity is stored (a clean session discarded it)."""
+        key = _key(hub, device_id)
+        for _ in range(_RETRIES):
+            record = await self._store.get(Collection.HUB_SESSIONS, key)
+            if record is None:
+                return
+            session = _decoder.decode(record.doc)
+            if session.identity != identity or session.c2d_sent >= seq:
+                return
+            updated = msgspec.structs.replace(session, c2d_sent=seq)
+            try:
+                await self._store.write(
+                    Collection.HUB_SESSIONS,
+                    key,
+                    msgspec.json.encode(updated),
+                    mode=WriteMode.UPDATE,
+                    if_match=record.etag,
+                )
+                return
+            except (PreconditionFailedError, NotFoundError):
+                continue
 
     async def discard(self, hub: str, device_id: str) -> None:
         try:

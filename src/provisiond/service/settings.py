@@ -11,7 +11,7 @@ __all__ = ["DEFAULT_BUILTIN_HUB", "MAX_BODY_BYTES", "ConnectionLimits", "Setting
 #: DPS's maximum message size; larger request bodies are refused with a 400.
 MAX_BODY_BYTES = 96 * 1024
 
-#: Host name of the hub provisiond serves itself (identities and twins in its own database).
+#: The built-in hub's host name in databases created before it followed ``--host``.
 DEFAULT_BUILTIN_HUB = "builtin-hub.provisiond.local"
 
 
@@ -59,7 +59,10 @@ class Settings:
     #: unless the operator brought their own).
     server_cert: Path | None = None
     server_key: Path | None = None
-    builtin_hub: str = DEFAULT_BUILTIN_HUB
+    #: The first built-in hub's host name (``--builtin-hub``). None: the one the database
+    #: recorded on its first start, ``host`` for a new database (:mod:`provisiond.hub.addressing`);
+    #: ``serve`` resolves it before the workers start.
+    builtin_hub: str | None = None
     workers: int = 1
     max_body_bytes: int = MAX_BODY_BYTES
     #: Allowed clock skew for SAS token expiry checks, in seconds.
@@ -118,3 +121,8 @@ class Settings:
     @property
     def host_names(self) -> tuple[str, ...]:
         return (self.host, *self.extra_host_names)
+
+    @property
+    def first_builtin_hub(self) -> str:
+        """The first built-in hub's host name (``host`` until ``serve`` resolved it)."""
+        return (self.builtin_hub or self.host).lower()

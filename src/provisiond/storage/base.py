@@ -90,6 +90,7 @@ __all__ = [
     "Write",
     "WriteMode",
     "etags_match",
+    "is_wildcard",
     "new_etag",
     "utc_iso",
     "utc_now",
@@ -239,9 +240,16 @@ def _bare_etag(etag: str) -> str:
     return etag.strip('"')
 
 
+def is_wildcard(if_match: str | None) -> bool:
+    """Whether an If-Match value is the wildcard: ``*``, or ``"*"`` as the official IoT Hub
+    service SDKs send it (``azure-iothub``'s ``_ensureQuoted('*')``, ``azure-iot-hub``'s
+    ``_ensure_quoted``), which IoT Hub takes for the wildcard too."""
+    return if_match is not None and _bare_etag(if_match) == "*"
+
+
 def etags_match(if_match: str, etag: str) -> bool:
-    """Whether an If-Match value matches a stored etag (``*`` matches any)."""
-    if if_match.strip() == "*":
+    """Whether an If-Match value matches a stored etag (the wildcard matches any)."""
+    if is_wildcard(if_match):
         return True
     return _bare_etag(if_match) == _bare_etag(etag)
 

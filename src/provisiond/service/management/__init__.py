@@ -25,6 +25,7 @@ headers (tests/service/test_management.py checks that).
 | ``hubs`` | list, get, put, delete; devices, device, delete_device (built-in hubs) |
 | ``certificates`` | list, get, upload, delete, generate_verification_code, verify |
 | ``policies`` | list, get (keys on request), put, delete |
+| ``hub_policies`` | the same, for a built-in hub's policies (``list(hub)``, ``get(hub, name)``, ...) |
 | ``settings`` | get, update |
 """
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ...hub.policies import HubPolicies
 from ...models import LinkedHub
 from ...storage import Store
 from ._base import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Page
@@ -79,6 +81,7 @@ class Management:
         self.hubs = LinkedHubs(store, builtin_hub=builtin_hub, invalidate=invalidate)
         self.certificates = CaCertificates(store, invalidate)
         self.policies = AccessPolicies(store, invalidate)
+        self.hub_policies = HubPolicies(store)
         self.settings = ServiceSettingsManager(store, invalidate)
 
     async def _linked_hubs(self) -> dict[str, LinkedHub]:

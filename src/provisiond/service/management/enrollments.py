@@ -35,7 +35,7 @@ from ...models import (
     LinkedHub,
     ProvisioningStatus,
 )
-from ...storage import Collection, Delete, Record, Store, Write, WriteMode, etags_match
+from ...storage import Collection, Delete, Record, Store, Write, WriteMode, etags_match, is_wildcard
 from .. import enrollments as en
 from ..query import ENROLLMENT_FIELDS, GROUP_FIELDS, parse_query
 from ._base import WRITE_RETRIES, Page, delete_record, get_or_404, page_size
@@ -135,7 +135,7 @@ class EnrollmentOperations(Generic[E]):
             try:
                 record = await self._write(id, doc, index, existing, if_match)
             except PreconditionFailedError:
-                star = if_match is not None and if_match.strip() == "*"
+                star = is_wildcard(if_match)
                 if star and existing is not None and attempt + 1 < WRITE_RETRIES:
                     continue  # changed between our read and our write: carry over its secrets
                 raise
@@ -156,7 +156,7 @@ class EnrollmentOperations(Generic[E]):
             return await self._store.write(collection, id, doc, index=index, mode=WriteMode.CREATE)
         # "*" means "whatever is there": condition the write on the etag just read, so that the
         # secrets carried over are the ones overwritten.
-        condition = existing.etag if (if_match.strip() == "*" and existing is not None) else if_match
+        condition = existing.etag if (is_wildcard(if_match) and existing is not None) else if_match
         try:
             return await self._store.write(
                 collection, id, doc, index=index, mode=WriteMode.UPDATE, if_match=condition

@@ -9,9 +9,18 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from ...errors import DpsCode, InvalidBodyError, InvalidIdError, RequestError
-from ...hub import HubDevice, device_view
-from ...hub._records import decode, device_key
+from ...errors import (
+    DpsCode,
+    InvalidBodyError,
+    InvalidIdError,
+    NotFoundError,
+    PreconditionFailedError,
+    RequestError,
+)
+from ...hub import Device, HubDevice, device_view
+from ...hub._records import decode
+from ...hub.policies import HubPolicies
+from ...hub.registry import HubRegistry
 from ...models import LinkedHub
 from ...storage import Collection, Record, Store
 from ._base import Page, delete_record, get_or_404, put_record
@@ -79,6 +88,8 @@ class LinkedHubs:
         self._store = store
         self._builtin_hub = builtin_hub
         self._invalidate = invalidate
+        self._policies = HubPolicies(store)
+        self._registry = HubRegistry(store)
 
     async def list(self) -> list[LinkedHub]:
         return [_present(r) for r in await self._store.query_all(Collection.LINKED_HUBS)]
@@ -135,6 +146,8 @@ class LinkedHubs:
             if_match or hub.etag,
             invalidate=self._invalidate,
         )
+        if builtin:
+            await self._policies.ensure_defaults(host)
         return _present(record)
 
     async def delete(self, host: str, *, if_match: str | None = None) -> None:
@@ -143,7 +156,7 @@ class LinkedHubs:
         :raises NotFoundError: 404204. :raises RequestError: the built-in hub, which can be left
             out of allocation but not unlinked. :raises PreconditionFailedError: 412000.
         """
-        await self._get_record(host)
+        hub = _present(await self._get_record(host))
         if host.lower() == self._builtin_hub.lower():
             raise RequestError(
                 f"{host!r} is the built-in hub; it can be excluded from allocation but not unlinked."
@@ -152,13 +165,27 @@ class LinkedHubs:
             await delete_record(
                 self._store, Collection.LINKED_HUBS, host, if_match, not_found=DpsCode.NOT_FOUND
             )
+            if hub.builtin:  # its identities stay (a hub linked again finds them); its keys go
+                await self._policies.delete_all(host)
         finally:
             self._invalidate()
+
+    async def builtin(self, host: str) -> LinkedHub:
+        """The linked hub ``host`` if it is built in.
+
+        :raises NotFoundError: 404204. :raises RequestError: a hub provisiond does not serve.
+        """
+        hub = await self.get(host)
+        if not hub.builtin:
+            raise RequestError(
+                f"{host!r} is not a built-in hub: provisiond keeps no identities or policies of it."
+            )
+        return hub
 
     # --- the identities of the built-in hubs ---------------------------------------------------
 
     async def devices(self, host: str, *, continuation: str | None = None) -> Page[dict[str, Any]]:
-        """A page of the identities provisiond created in ``host`` (keys stripped).
+        """A page of the identities of ``host`` (keys stripped).
 
         :raises NotFoundError: 404204, no such linked hub.
         """
@@ -172,26 +199,41 @@ class LinkedHubs:
         return Page([_present_device(r) for r in page.records], page.continuation, DEVICES_PAGE)
 
     async def device(self, host: str, device_id: str) -> HubIdentity:
-        """One identity with its twin (keys stripped). :raises NotFoundError: 404001."""
-        record = await get_or_404(
-            self._store, Collection.HUB_DEVICES, _device_key(host, device_id), DpsCode.HUB_DEVICE_NOT_FOUND
-        )
-        return HubIdentity(_present_device(record), record.etag)
+        """One identity with its twin (keys stripped), and its etag (IoT Hub's device etag).
+
+        :raises NotFoundError: 404001."""
+        device = await self._registry.find(host, device_id)
+        if device is None:
+            raise NotFoundError(
+                f"IoT hub {host!r} has no device {device_id[:140]!r}.",
+                error_code=DpsCode.HUB_DEVICE_NOT_FOUND,
+            )
+        return HubIdentity(identity_view(device), f'"{device.etag}"')
+
+    async def create_device(self, host: str, device: Device) -> dict[str, Any]:
+        """Create an identity in the built-in hub ``host`` (as ``PUT /devices/{id}`` of the hub's
+        own API does: keys generated when not given); returns IoT Hub's Device JSON, keys
+        included.
+
+        :raises NotFoundError: 404204. :raises RequestError: not a built-in hub; a bad id or
+            body (400). :raises ConflictError: 409, the device exists.
+        """
+        await self.builtin(host)
+        return msgspec.to_builtins(device_view(await self._registry.create(host, device)))  # type: ignore[no-any-return]
 
     async def delete_device(self, host: str, device_id: str, *, if_match: str | None = None) -> None:
-        """Delete an identity (its registration record stays: the device's next registration
-        creates it again). :raises NotFoundError: 404000. :raises PreconditionFailedError: 412000."""
+        """Delete an identity and its queued cloud-to-device messages (its registration record
+        stays: the device's next registration creates it again).
+
+        :raises NotFoundError: 404000. :raises PreconditionFailedError: 412000."""
         try:
-            await delete_record(
-                self._store,
-                Collection.HUB_DEVICES,
-                _device_key(host, device_id),
-                if_match,
-                not_found=DpsCode.NOT_FOUND,
-            )
-        finally:
-            self._invalidate()
-
-
-def _device_key(host: str, device_id: str) -> str:
-    return device_key(host, device_id)
+            await self._registry.delete(host, device_id, if_match=if_match)
+        except NotFoundError:
+            raise NotFoundError(
+                f"IoT hub {host!r} has no device {device_id[:140]!r}.", error_code=DpsCode.NOT_FOUND
+            ) from None
+        except PreconditionFailedError:
+            raise PreconditionFailedError(
+                f"The etag in If-Match does not match the device {device_id[:140]!r}.",
+                error_code=DpsCode.PRECONDITION_FAILED,
+            ) from None

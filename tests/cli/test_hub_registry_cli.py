@@ -1,0 +1,100 @@
+"""``provisiond hub device ...`` and ``provisiond hub policy ...`` against a running server: the
+identities and policies they make are the ones the hub's service REST API serves."""
+
+from __future__ import annotations
+
+import uuid
+
+from provisiond.errors import NotFoundError
+from tests._hub_service import HubService, iothub_error
+from tests._server import RunningServer
+from tests.cli.test_manage import fails, invoke, run, run_json
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def test_hub_devices_and_policies(server: RunningServer) -> None:
+    device_id = uid("cli-dev")
+    created = run_json(server, "hub", "device", "create", device_id, "--json")
+    assert created["deviceId"] == device_id and created["authentication"]["type"] == "sas"
+    key = created["authentication"]["symmetricKey"]["primaryKey"]
+    text = run(server, "hub", "device", "create", uid("cli-dev")).stdout
+    assert f"HostName=localhost:{server.port};DeviceId=" in text  # the device's connection string
+
+    thumb = "AB" * 20
+    x509 = run_json(
+        server, "hub", "device", "create", uid("cli-x509"), "--x509-thumbprint", thumb, "--disabled", "--json"
+    )
+    assert (
+        x509["authentication"]["x509Thumbprint"]["primaryThumbprint"] == thumb
+        and x509["status"] == "disabled"
+    )
+    assert (
+        invoke(
+            "hub",
+            "device",
+            "create",
+            "x",
+            "--x509-thumbprint",
+            thumb,
+            "--primary-key",
+            key,
+            "--data-dir",
+            server.data_dir,
+        ).exit_code
+        == 2
+    )
+
+    listed = {d["deviceId"]: d for d in run_json(server, "hub", "device", "list", "--json")}
+    assert device_id in listed and key not in str(listed[device_id])  # keys left out
+    assert device_id in run(server, "hub", "device", "list").stdout
+    assert run_json(server, "hub", "device", "show", device_id)["deviceId"] == device_id
+
+    # the iothubowner connection string the CLI prints opens the hub's REST API
+    owner = run(server, "hub", "policy", "connection-string").stdout.strip()
+    assert owner == server.info["hubConnectionString"]
+    hub = HubService(owner, ca_file=server.ca_file, port=server.port)
+    try:
+        assert (
+            hub.request("GET", f"/devices/{device_id}").json()["authentication"]["symmetricKey"]["primaryKey"]
+            == key
+        )
+
+        names = {p["keyName"] for p in run_json(server, "hub", "policy", "list", "--json")}
+        assert {"iothubowner", "service", "device", "registryRead", "registryReadWrite"} <= names
+        assert "primaryKey" not in run_json(server, "hub", "policy", "show", "service")
+        assert run_json(server, "hub", "policy", "show", "service", "--keys")["primaryKey"]
+
+        name = uid("reader")
+        made = run_json(server, "hub", "policy", "create", name, "--rights", "RegistryRead", "--json")
+        assert made["rights"] == ["RegistryRead"] and "primaryKey" not in made
+        reader = HubService(
+            run(server, "hub", "policy", "connection-string", name).stdout.strip(),
+            ca_file=server.ca_file,
+            port=server.port,
+        )
+        try:
+            assert reader.request("GET", f"/devices/{device_id}").status_code == 200
+            assert (
+                iothub_error(reader.request("DELETE", f"/devices/{device_id}", headers={"If-Match": "*"}))[0]
+                == 401
+            )
+            run(server, "hub", "policy", "delete", name)
+            assert iothub_error(reader.request("GET", f"/devices/{device_id}"))[0] == 401
+        finally:
+            reader.close()
+        assert (
+            invoke(
+                "hub", "policy", "create", "x", "--rights", "Everything", "--data-dir", server.data_dir
+            ).exit_code
+            == 2
+        )
+
+        assert "Deleted" in run(server, "hub", "device", "delete", device_id).stdout
+        assert iothub_error(hub.request("GET", f"/devices/{device_id}")) == (404, "DeviceNotFound")
+        assert isinstance(fails(server, "hub", "device", "show", device_id), NotFoundError)
+        assert isinstance(fails(server, "hub", "device", "list", "--hub", "nowhere.example"), NotFoundError)
+    finally:
+        hub.close()
