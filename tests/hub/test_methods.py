@@ -1,7 +1,9 @@
-"""Direct methods, service side, over real TLS against ``provisiond serve``: the admin call
-``POST /admin/linkedHubs/{hub}/devices/{id}/methods`` and ``provisiond hub invoke-method`` reach
-a device connected over MQTT (paho as the device), with IoT Hub's request body, answer, bounds
-and errors (404103 not online, 504101 timed out, 400 out of bounds)."""
+"""Direct methods, service side, over real TLS against ``provisiond serve``: the hub REST API's
+``POST /twins/{id}/methods`` (as the service SDKs call it, with the hub's policies and IoT Hub's
+error body), the admin call ``POST /admin/linkedHubs/{hub}/devices/{id}/methods`` and
+``provisiond hub invoke-method`` reach a device connected over MQTT (paho as the device), with
+IoT Hub's request body, answer, bounds and errors (404103 not online, 504101 timed out, 400 out
+of bounds)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from click.testing import CliRunner
 from provisiond.cli import cli
 from provisiond.service_client import ServiceClient
 from tests._hub import HubPaho, Provisioned, provision_symmetric
+from tests._hub_service import HubService, iothub_error
 from tests._server import RunningServer
 
 INVOKE = "/admin/linkedHubs/{hub}/devices/{device}/methods"
@@ -174,3 +177,66 @@ def test_the_cli_invokes_a_method_and_prints_the_answer(
         env=_ENV,
     )
     assert offline.exit_code == 1 and "it is not connected" in str(offline.exception), offline.output
+
+
+# --- the hub's REST API: POST /twins/{id}/methods ----------------------------------------------
+
+
+@pytest.fixture()
+def hub(server: RunningServer) -> Iterator[HubService]:
+    client = HubService(server.info["hubConnectionString"], ca_file=server.ca_file, port=server.port)
+    client.http.timeout = httpx.Timeout(60)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def test_the_hub_rest_api_invokes_a_method(
+    server: RunningServer, admin: ServiceClient, hub: HubService, pool: ThreadPoolExecutor
+) -> None:
+    device, client = connected_device(server, admin)
+    try:
+        body = {"methodName": "getInfo", "payload": [1, "two"], "responseTimeoutInSeconds": 10}
+        pending = pool.submit(hub.request, "POST", f"/twins/{device.device_id}/methods", json=body)
+        assert answer_one(client, 200, {"fw": "1.2"}) == ("getInfo", [1, "two"])
+        response = pending.result()
+        assert response.status_code == 200, response.text
+        assert response.json() == {"status": 200, "payload": {"fw": "1.2"}}
+
+        slow = hub.request(
+            "POST",
+            f"/twins/{device.device_id}/methods",
+            json={"methodName": "slow", "responseTimeoutInSeconds": 5},
+        )
+        assert client.message()[0].startswith("$iothub/methods/POST/slow/")
+        assert iothub_error(slow) == (504, "GatewayTimeout")
+    finally:
+        client.close()
+    bad = hub.request(
+        "POST", f"/twins/{device.device_id}/methods", json={"methodName": "m", "responseTimeoutInSeconds": 1}
+    )
+    assert iothub_error(bad) == (400, "ArgumentInvalid")
+
+
+def test_the_hub_rest_api_errors_are_iot_hubs(
+    server: RunningServer, admin: ServiceClient, hub: HubService
+) -> None:
+    device = provision_symmetric(server, admin)
+    path = f"/twins/{device.device_id}/methods"
+    offline = hub.request("POST", path, json={"methodName": "reboot"})
+    assert iothub_error(offline) == (404, "DeviceNotOnline")
+    assert iothub_error(hub.request("POST", path, json={"methodName": "reboot"}, token="")) == (
+        401,
+        "IotHubUnauthorizedAccess",
+    )
+    # ServiceConnect is the right it takes: registryRead's key does not do
+    keys = admin.post(f"/admin/linkedHubs/{device.hub}/sharedAccessPolicies/registryRead/listKeys")
+    reader = hub.token(key_name="registryRead", key=keys["primaryKey"])
+    assert iothub_error(hub.request("POST", path, json={"methodName": "reboot"}, token=reader))[0] == 401
+    keys = admin.post(f"/admin/linkedHubs/{device.hub}/sharedAccessPolicies/service/listKeys")
+    service = hub.token(key_name="service", key=keys["primaryKey"])
+    assert iothub_error(hub.request("POST", path, json={"methodName": "reboot"}, token=service)) == (
+        404,
+        "DeviceNotOnline",
+    )

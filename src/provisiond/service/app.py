@@ -159,7 +159,7 @@ def create_app(
                 *admin.routes(),
                 *hub_ops.routes(),
                 *device_api.routes(),
-                *hub_api.routes(),
+                *hub_api.routes(extra=hub_ops.hub_api_routes()),
                 WebSocketRoute("/", websockets),
                 WebSocketRoute("/$iothub/websocket", websockets),
             ]

@@ -7,6 +7,7 @@ cloud-to-device messages, and keeping both streams bounded. Adapters over
 | GET | /admin/linkedHubs/{hub}/events | telemetry as NDJSON, long-lived (``after``, ``enqueuedTime``, ``deviceId``, ``timeout``) |
 | POST | /admin/linkedHubs/{hub}/devices/{deviceId}/messages/deviceBound | queue a cloud-to-device message (the body; ``iothub-*`` headers) |
 | POST | /admin/linkedHubs/{hub}/devices/{deviceId}/methods | invoke a direct method (IoT Hub's body and answer: :mod:`provisiond.hub.methods`) |
+| POST | /twins/{deviceId}/methods | the same on the hub's REST API, as the service SDKs call it (:func:`hub_api_routes`) |
 
 **The events stream.** One JSON document a line: an event (``seq``, ``deviceId``,
 ``moduleId``, ``enqueuedTime``, ``properties``, ``systemProperties``, ``body`` in base64), or a
@@ -42,10 +43,13 @@ from ..errors import ProvisioningError, RequestError
 from ..hub.c2d import MAX_MESSAGE_BYTES, CloudToDeviceRequest, enqueue, purge_expired
 from ..hub.events import EventLog, Retention, parse_enqueued_time
 from ..hub.methods import MAX_REQUEST_BYTES, MethodBroker, invoke
+from ..hub.policies import HubRight
 from ..models import Right
 from ..storage import Store, Stream
+from .auth import authorize_hub
 from .context import ServiceContext, context_of
-from .http import handle_errors, json_response, read_body
+from .http import handle_errors, json_response, read_body, require_api_version
+from .hub_api import hub_error_response, hub_of
 from .settings import Settings
 
 __all__ = ["CURSOR_EVERY", "POLL_INTERVAL", "RetentionTask", "routes"]
@@ -188,6 +192,35 @@ async def invoke_method(request: Request) -> Response:
     body = await read_body(request, MAX_REQUEST_BYTES)
     result = await invoke(broker_of(request), hub, request.path_params["device_id"], body)
     return json_response(result)
+
+
+async def invoke_method_on_hub(request: Request) -> Response:
+    """``POST /twins/{deviceId}/methods`` on a built-in hub's REST API (what ``azure-iothub``'s
+    ``Client.invokeDeviceMethod`` and ``azure-iot-hub``'s ``invoke_device_method`` call): the
+    hub is the request's (:func:`provisiond.service.hub_api.hub_of`), the token one of its
+    policies with ServiceConnect, errors IoT Hub's body and ``iothub-errorcode``."""
+    ctx = context_of(request)
+    hub = await hub_of(request, ctx)
+    require_api_version(request)
+    await authorize_hub(
+        ctx.management.hub_policies,
+        request.headers.get("authorization"),
+        (HubRight.SERVICE_CONNECT,),
+        hub=hub,
+        request_host=request.headers.get("host", ""),
+        path=request.url.path,
+        now=int(ctx.clock()),
+        clock_skew=ctx.settings.clock_skew,
+    )
+    body = await read_body(request, MAX_REQUEST_BYTES)
+    result = await invoke(broker_of(request), hub, request.path_params["id"], body)
+    return json_response(result)
+
+
+def hub_api_routes() -> list[Route]:
+    """The routes this module adds to the hub's REST API (``hub_api.routes(extra=...)``)."""
+    handler = handle_errors(invoke_method_on_hub, render=hub_error_response)
+    return [Route("/twins/{id}/methods", handler, methods=["POST"])]
 
 
 def routes() -> list[Route]:
