@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from provisiond.cli import cli
 from provisiond.service_client import ServiceClient
-from tests._hub import HubPaho, Provisioned, provision_symmetric
+from tests._hub import HubPaho, Provisioned, provision_symmetric, uid
 from tests._hub_service import HubService, iothub_error
 from tests._server import RunningServer
 
@@ -90,6 +90,8 @@ def test_a_device_that_is_not_connected_is_not_online(server: RunningServer, adm
     response = invoke(server, device, {"methodName": "reboot"})
     assert response.status_code == 404, response.text
     assert "it is not connected" in response.json()["message"]
+    missing = invoke(server, Provisioned(device.hub, uid("ghost")), {"methodName": "reboot"})
+    assert missing.status_code == 404 and "does not exist" in missing.json()["message"], missing.text
 
 
 def test_a_device_that_does_not_answer_in_time_times_out(server: RunningServer, admin: ServiceClient) -> None:
@@ -226,6 +228,8 @@ def test_the_hub_rest_api_errors_are_iot_hubs(
     path = f"/twins/{device.device_id}/methods"
     offline = hub.request("POST", path, json={"methodName": "reboot"})
     assert iothub_error(offline) == (404, "DeviceNotOnline")
+    missing = hub.request("POST", f"/twins/{uid('ghost')}/methods", json={"methodName": "reboot"})
+    assert iothub_error(missing) == (404, "DeviceNotFound")
     assert iothub_error(hub.request("POST", path, json={"methodName": "reboot"}, token="")) == (
         401,
         "IotHubUnauthorizedAccess",

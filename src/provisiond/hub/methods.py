@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from ..errors import InvalidBodyError, IotHubCode
+from ..errors import InvalidBodyError, IotHubCode, NotFoundError
 from ..protocol import bounded_json
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "MIN_RESPONSE_TIMEOUT",
     "CloudToDeviceMethod",
     "CloudToDeviceMethodResult",
+    "IdentityLookup",
     "MethodBroker",
     "invoke",
     "parse_invocation",
@@ -99,6 +100,12 @@ class MethodBroker(Protocol):
     ) -> _Result: ...
 
 
+class IdentityLookup(Protocol):
+    """What this needs of the identity registry (:class:`provisiond.hub.registry.HubRegistry`)."""
+
+    async def find(self, hub: str, device_id: str) -> object | None: ...
+
+
 def _invalid(message: str) -> InvalidBodyError:
     return InvalidBodyError(message, error_code=IotHubCode.ARGUMENT_INVALID)
 
@@ -146,13 +153,21 @@ def parse_invocation(body: bytes) -> tuple[str, Any, int, int]:
     return name, request.payload, response_timeout, connect_timeout
 
 
-async def invoke(broker: MethodBroker, hub: str, device_id: str, body: bytes) -> CloudToDeviceMethodResult:
+async def invoke(
+    broker: MethodBroker, identities: IdentityLookup, hub: str, device_id: str, body: bytes
+) -> CloudToDeviceMethodResult:
     """Invoke the method a request body asks for on ``device_id`` and return the device's answer.
 
     :raises InvalidBodyError: a bad request (:func:`parse_invocation`), or a payload over 128 KB.
+    :raises NotFoundError: 404001, no such identity in the hub.
     :raises DeviceNotOnlineError: 404103. :raises GatewayTimeoutError: 504101.
     """
     name, payload, response_timeout, connect_timeout = parse_invocation(body)
+    if await identities.find(hub, device_id) is None:
+        raise NotFoundError(
+            f"Device {device_id[:140]!r} does not exist in IoT hub {hub!r}.",
+            error_code=IotHubCode.DEVICE_NOT_FOUND,
+        )
     result = await broker.invoke_method(
         hub, device_id, name, payload, response_timeout=response_timeout, connect_timeout=connect_timeout
     )

@@ -190,7 +190,7 @@ async def invoke_method(request: Request) -> Response:
     await ctx.authorize(request, Right.SERVICE_CONFIG)
     hub = await _builtin_hub(ctx, request.path_params["name"])
     body = await read_body(request, MAX_REQUEST_BYTES)
-    result = await invoke(broker_of(request), hub, request.path_params["device_id"], body)
+    result = await invoke(broker_of(request), ctx.hub_registry, hub, request.path_params["device_id"], body)
     return json_response(result)
 
 
@@ -213,7 +213,7 @@ async def invoke_method_on_hub(request: Request) -> Response:
         clock_skew=ctx.settings.clock_skew,
     )
     body = await read_body(request, MAX_REQUEST_BYTES)
-    result = await invoke(broker_of(request), hub, request.path_params["id"], body)
+    result = await invoke(broker_of(request), ctx.hub_registry, hub, request.path_params["id"], body)
     return json_response(result)
 
 
