@@ -24,7 +24,7 @@ the user name ``{hub}/{deviceId}/?api-version=...``).
 * **methods**: ``--methods`` devices connect and answer every method at once (status 200,
   the request's payload back); the service side invokes ``--calls`` methods through the admin
   call (``POST /admin/linkedHubs/{hub}/devices/{id}/methods``: the body, answer and path
-  through the broker that the hub REST API's ``POST /twins/{id}/methods`` will share; one
+  through the broker that the hub REST API's ``POST /twins/{id}/methods`` shares; one
   keep-alive connection, one call at a time, a device picked at random each time) and takes
   the round trip, request to answer. Target: p99 under 50 ms with 1,000 devices connected.
 """
