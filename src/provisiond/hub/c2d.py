@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from ..errors import AuthorizationError, NotFoundError, RequestError
+from ..errors import AuthorizationError, IotHubCode, NotFoundError, RequestError
 from ..storage import Collection, Entry, Store, Stream, utc_iso
 from .events import parse_enqueued_time
 from .messages import AckMode, CloudToDeviceMessage, c2d_to, decode_c2d, encode_c2d, new_message_id, partition
@@ -144,7 +144,9 @@ async def enqueue(
     """
     ack, expiry = _check(request, now)
     if await store.get(Collection.HUB_DEVICES, partition(hub, device_id)) is None:
-        raise NotFoundError(f"No device {device_id[:128]!r} in the hub {hub!r}.", error_code=404001)
+        raise NotFoundError(
+            f"No device {device_id[:128]!r} in the hub {hub!r}.", error_code=IotHubCode.DEVICE_NOT_FOUND
+        )
     key = partition(hub, device_id)
     queued = await store.read(Stream.HUB_C2D, partition=key, limit=MAX_QUEUE_DEPTH * 2)
     kept = await purge_expired(store, queued, now=now)
@@ -152,7 +154,7 @@ async def enqueue(
         raise AuthorizationError(
             f"The queue of device {device_id!r} holds {len(kept)} messages, IoT Hub's maximum of "
             f"{MAX_QUEUE_DEPTH}; the device must take some first.",
-            error_code=403004,
+            error_code=IotHubCode.DEVICE_MAXIMUM_QUEUE_DEPTH_EXCEEDED,
         )
     message = CloudToDeviceMessage(
         message_id=request.message_id or new_message_id(),
