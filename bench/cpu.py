@@ -9,9 +9,16 @@ costs the server no more than the TLS connection it arrives on; the goal is at l
 Phases (HTTPS):
 - ``trivial``: ``GET /nothing`` answered 404 (the TLS handshake, one request, the close);
 - ``group``: symmetric-key devices derived from one enrollment group, each registering once;
-- ``individual``: symmetric-key individual enrollments, each registering once.
+- ``individual``: symmetric-key individual enrollments, each registering once;
+- ``x509-trivial`` and ``x509-group``: the same two with a client certificate, one per device
+  (leaf and intermediate presented; the X.509 enrollment group holds the root). wrk cannot
+  present a client certificate, so these two phases use a small asyncio load generator in two
+  processes (full TLS handshakes, no session resumption, ``--x509-devices`` connections, each
+  device once); ``x509-group`` is compared with ``x509-trivial``, made by the same generator,
+  not with wrk's ``trivial`` (whose handshakes resume sessions).
 
     python bench/cpu.py [--devices 20000] [--seconds 10] [--connections 64] [--threads 2] [--db sqlite|postgresql]
+                        [--phases trivial,group,individual,trivial,x509-trivial,x509-group] [--log-level info]
 
 wrk (Debian's package) is the load: it runs on the same cores as the server, and its CPU is not
 counted (only the server's is). CPU per request is steadier on a shared machine than requests
@@ -21,15 +28,18 @@ per second; both are printed. Nothing here asserts a figure.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import json
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine_summary, start_server, terminate_on_signals
 
+from provisiond import pki
 from provisiond.protocol.sas import build_sas_token, derive_device_key
 
 API_VERSION = "2021-06-01"
@@ -151,6 +162,101 @@ def run_wrk(
     return done, elapsed, cpu, bad, socket_errors
 
 
+# -- X.509: wrk cannot present client certificates ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class X509Job:
+    port: int
+    #: (request bytes, certificate chain file, key file) per connection
+    connections: list[tuple[bytes, str, str]]
+    concurrency: int
+    #: the status line's code a request must get (b"2": any 2xx)
+    expect: bytes
+
+
+async def _x509_one(port: int, request: bytes, cert: str, key: str, expect: bytes) -> bool:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the server's CPU is measured, not the client's trust
+    context.load_cert_chain(cert, key)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+    try:
+        writer.write(request)
+        answer = await reader.read()
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except (OSError, ssl.SSLError):
+            pass
+    return answer[9 : 9 + len(expect)] == expect
+
+
+async def _x509_run(job: X509Job) -> tuple[int, int]:
+    gate = asyncio.Semaphore(job.concurrency)
+    bad = 0
+
+    async def one(request: bytes, cert: str, key: str) -> None:
+        nonlocal bad
+        async with gate:
+            try:
+                ok = await _x509_one(job.port, request, cert, key, job.expect)
+            except (OSError, ssl.SSLError):
+                ok = False
+            bad += not ok
+
+    await asyncio.gather(*(one(*c) for c in job.connections))
+    return len(job.connections), bad
+
+
+def _x509_worker(job: X509Job) -> tuple[int, int]:
+    return asyncio.run(_x509_run(job))
+
+
+def run_x509(
+    port: int,
+    connections: list[tuple[bytes, str, str]],
+    *,
+    expect: bytes,
+    concurrency: int,
+    processes: int,
+    pid: int,
+) -> tuple[int, float, float, int, int]:
+    """Each connection once, from ``processes`` processes; like :func:`run_wrk`'s result."""
+    parts = [connections[i::processes] for i in range(processes)]
+    with ProcessPoolExecutor(processes) as pool:
+        # start the processes before the clock (their imports are not the server's work)
+        list(pool.map(int, range(processes)))
+        before, started = process_tree_cpu(pid), time.monotonic()
+        results = list(
+            pool.map(
+                _x509_worker,
+                [X509Job(port, part, max(1, concurrency // processes), expect) for part in parts],
+            )
+        )
+        elapsed, cpu = time.monotonic() - started, process_tree_cpu(pid) - before
+    return sum(r[0] for r in results), elapsed, cpu, sum(r[1] for r in results), 0
+
+
+def x509_devices(work: Path, count: int) -> tuple[str, list[tuple[str, str, str]]]:
+    """A root CA (its PEM, for the group), and ``count`` devices (id, chain file, key file)
+    issued by an intermediate CA below it."""
+    root = pki.make_root_ca("provisiond bench root")
+    intermediate = pki.make_intermediate_ca("provisiond bench intermediate", root)
+    folder = work / "x509"
+    folder.mkdir()
+    devices = []
+    for i in range(count):
+        reg = f"x-{i:07d}"
+        issued = pki.make_device_cert(reg, intermediate)
+        cert, key = folder / f"{reg}.pem", folder / f"{reg}.key"
+        pki.write_certificates(cert, issued.presented_chain)
+        pki.write_private_key(key, issued.key)
+        devices.append((reg, str(cert), str(key)))
+    return pki.certificate_pem(root.cert).decode(), devices
+
+
 def write_requests(path: Path, lines: list[tuple[str, str, str, str]]) -> None:
     with path.open("w") as out:
         for method, target, token, body in lines:
@@ -179,12 +285,23 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=64, help="requests in flight (wrk -c)")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument("--db", choices=["sqlite", "postgresql"], default="sqlite")
-    parser.add_argument("--phases", default="trivial,group,individual,trivial")
+    parser.add_argument("--phases", default="trivial,group,individual,trivial,x509-trivial,x509-group")
+    parser.add_argument(
+        "--x509-devices", type=int, default=3000, help="connections (devices) of each X.509 phase"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="the server's --log-level (info, its default, logs a line per registration)",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
         return 2
-    print(f"# server CPU per request (wrk, new TLS connection each), db {args.db}")
+    print(
+        f"# server CPU per request (wrk, new TLS connection each), db {args.db}, log level {args.log_level}"
+    )
     print(f"# {machine_summary()}")
     with terminate_on_signals(), tempfile.TemporaryDirectory(prefix="provisiond-cpu-") as tmp:
         work = Path(tmp)
@@ -199,7 +316,7 @@ def main() -> int:
                 return 2
             pg = PostgresCluster(bindir)
             extra = ["--db", pg.start()]
-        server = start_server(work / "data", *extra)
+        server = start_server(work / "data", *extra, "--log-level", args.log_level)
         try:
             return _measure(server, work, args)
         finally:
@@ -263,35 +380,85 @@ def _measure(server, work: Path, args: argparse.Namespace) -> int:  # type: igno
             )
     files["individual"] = work / "individual.tsv"
     write_requests(files["individual"], device_lines(scope, individual, expiry))
+    x509_requests: dict[str, list[tuple[bytes, str, str]]] = {}
+    if "x509" in args.phases:
+        root_pem, x509 = x509_devices(work, args.x509_devices)
+        # a new connection: the first one may have idled past the server's keep-alive timeout
+        server.api().request(
+            "PUT",
+            "/enrollmentGroups/bench-x509",
+            json.dumps(
+                {
+                    "enrollmentGroupId": "bench-x509",
+                    "attestation": {
+                        "type": "x509",
+                        "x509": {"signingCertificates": {"primary": {"certificate": root_pem}}},
+                    },
+                }
+            ).encode(),
+        )
+        x509_requests["x509-trivial"] = [
+            (b"GET /nothing HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n", cert, key)
+            for _reg, cert, key in x509
+        ]
+        x509_requests["x509-group"] = [(_http_request(scope, reg), cert, key) for reg, cert, key in x509]
     url = f"https://127.0.0.1:{port}"
     results: list[Phase] = []
     for name in args.phases.split(","):
-        done, elapsed, cpu, bad, errors = run_wrk(
-            url,
-            files[name],
-            script,
-            seconds=args.seconds,
-            connections=args.connections,
-            threads=args.threads,
-            pid=server.pid,
-        )
-        phase = Phase(name, done, elapsed, cpu, bad if name != "trivial" else 0, errors)
+        if name.startswith("x509"):
+            done, elapsed, cpu, bad, errors = run_x509(
+                port,
+                x509_requests[name],
+                expect=b"404" if name == "x509-trivial" else b"2",
+                concurrency=args.connections,
+                processes=2,
+                pid=server.pid,
+            )
+        else:
+            done, elapsed, cpu, bad, errors = run_wrk(
+                url,
+                files[name],
+                script,
+                seconds=args.seconds,
+                connections=args.connections,
+                threads=args.threads,
+                pid=server.pid,
+            )
+        phase = Phase(
+            name, done, elapsed, cpu, bad if name != "trivial" else 0, errors
+        )  # a 404 is trivial's answer
         results.append(phase)
         print(
             f"{name:<11} {phase.rate:8.0f} req/s  {phase.cpu_us:7.0f} us CPU/req  "
             f"non-2xx {phase.bad_status}  socket errors {phase.socket_errors}",
             flush=True,
         )
-    trivial = [p for p in results if p.name == "trivial"]
-    base = sum(p.cpu for p in trivial) / sum(p.requests for p in trivial) * 1e6 if trivial else float("nan")
+
+    def baseline(name: str) -> float:
+        trivial = [p for p in results if p.name == name]
+        if not trivial:
+            return float("nan")
+        return sum(p.cpu for p in trivial) / sum(p.requests for p in trivial) * 1e6
+
+    bases = {"wrk": baseline("trivial"), "x509": baseline("x509-trivial")}
     print()
     print("| phase | req/s | server CPU µs/req | ratio (trivial CPU / phase CPU) | non-2xx | socket errors |")
     print("|---|---|---|---|---|---|")
     for p in results:
+        base = bases["x509" if p.name.startswith("x509") else "wrk"]
         print(
             f"| {p.name} | {p.rate:.0f} | {p.cpu_us:.0f} | {base / p.cpu_us:.2f} | {p.bad_status} | {p.socket_errors} |"
         )
     return 0
+
+
+def _http_request(scope: str, reg: str) -> bytes:
+    body = json.dumps({"registrationId": reg}).encode()
+    return (
+        f"PUT /{scope}/registrations/{reg}/register?api-version={API_VERSION} HTTP/1.1\r\n"
+        f"Host: localhost\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
 
 
 if __name__ == "__main__":

@@ -134,6 +134,7 @@ class HubPaho:
         keepalive: int = 60,
         websockets: bool = False,
         use_cert: bool | None = None,
+        will: tuple[str, bytes] | None = None,
     ) -> None:
         self.events: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self.device = device
@@ -162,6 +163,8 @@ class HubPaho:
         self.client.on_publish = lambda c, u, mid: self._event("puback", mid)
         self.client.on_message = lambda c, u, m: self._event("message", m.topic, m.qos, m.payload, m.dup)
         self.client.on_disconnect = lambda c, u, rc: self._event("disconnect", rc)
+        if will is not None:
+            self.client.will_set(will[0], will[1], qos=1)
         port = server.port if websockets else int(server.info["mqttPort"])
         self.client.connect("localhost", port, keepalive)
         self.client.loop_start()

@@ -3,4 +3,4 @@
 
 from __future__ import annotations
 
-pytest_plugins = ["tests._postgres", "tests._server", "tests._swtpm", "tests._inprocess"]
+pytest_plugins = ["tests._postgres", "tests._server", "tests._swtpm", "tests._inprocess", "tests._hub_peer"]

@@ -7,7 +7,11 @@ any, otherwise every linked hub whose ``applyAllocationPolicy`` is true. Policie
 - ``hashed``: weighted rendezvous hashing over the candidates: deterministic per registration id
   (a device re-registering lands on the same hub), proportional to ``allocationWeight``, and
   stable when hubs come and go (only the devices of a removed hub move).
-- ``geoLatency``: provisiond does not measure latency; it allocates as ``hashed`` (documented).
+- ``geoLatency``: the candidates nearest to the region of the node that answered (``serve
+  --region``; distances in :mod:`.regions`), then weighted rendezvous hashing among them, as
+  ``hashed``: hubs at the same distance tie, and the tie goes by weight and hash, the same on
+  every node. Without a region, or when no candidate's location has a known distance to it,
+  every candidate is nearest (geoLatency allocates as ``hashed``).
 - ``custom``: the enrollment's webhook, which the registrar calls (``service/webhook.py``);
   :func:`allocate` only reports that it cannot choose for it.
 """
@@ -19,8 +23,9 @@ import math
 from collections.abc import Mapping, Sequence
 
 from .models import AllocationPolicy, LinkedHub
+from .regions import distance_km
 
-__all__ = ["AllocationError", "allocate", "candidate_hubs"]
+__all__ = ["AllocationError", "allocate", "candidate_hubs", "nearest_hubs"]
 
 
 class AllocationError(Exception):
@@ -33,6 +38,18 @@ def candidate_hubs(named: Sequence[str], linked: Mapping[str, LinkedHub]) -> lis
     if named:
         return [linked[h.lower()] for h in dict.fromkeys(named) if h.lower() in linked]
     return [hub for hub in linked.values() if hub.apply_allocation_policy is not False]
+
+
+def nearest_hubs(region: str | None, candidates: Sequence[LinkedHub]) -> list[LinkedHub]:
+    """The candidates nearest to ``region`` (the answering node's), in their order: those whose
+    ``location`` is at the least known distance from it; every candidate when ``region`` is
+    ``None`` or no candidate is at a known distance."""
+    distances = [distance_km(region, hub.location) for hub in candidates]
+    known = [d for d in distances if d is not None]
+    if not known:
+        return list(candidates)
+    least = min(known)
+    return [hub for hub, d in zip(candidates, distances, strict=True) if d == least]
 
 
 def _score(registration_id: str, hub: LinkedHub) -> float:
@@ -49,8 +66,9 @@ def allocate(
     candidates: Sequence[LinkedHub],
     *,
     named: Sequence[str] = (),
+    region: str | None = None,
 ) -> LinkedHub:
-    """Choose a hub for ``registration_id``.
+    """Choose a hub for ``registration_id``; ``region``: the answering node's (geoLatency).
 
     :raises AllocationError: no candidate, or a policy that cannot be applied.
     """
@@ -69,10 +87,17 @@ def allocate(
                     "The static allocation policy needs the enrollment to name its IoT hub (iotHubs)."
                 )
             return candidates[0]
-        case AllocationPolicy.HASHED | AllocationPolicy.GEO_LATENCY:
-            return max(candidates, key=lambda hub: (_score(registration_id, hub), hub.host_name))
+        case AllocationPolicy.HASHED:
+            return _hashed(registration_id, candidates)
+        case AllocationPolicy.GEO_LATENCY:
+            return _hashed(registration_id, nearest_hubs(region, candidates))
         case AllocationPolicy.CUSTOM:
             raise AllocationError(
                 "Custom allocation is decided by the enrollment's webhook, not by allocate()."
             )
     raise AssertionError(policy)  # pragma: no cover
+
+
+def _hashed(registration_id: str, candidates: Sequence[LinkedHub]) -> LinkedHub:
+    """Weighted rendezvous hashing (the host name breaks an exact tie of scores)."""
+    return max(candidates, key=lambda hub: (_score(registration_id, hub), hub.host_name))

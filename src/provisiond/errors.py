@@ -139,6 +139,8 @@ class DpsCode(enum.IntEnum):
     CUSTOM_ALLOCATION_FAILED = 400207, "Custom allocation failed: {detail}"
     NO_HUB = 400208, "No IoT hub can be allocated: {detail}"
     HUB_FAILED = 400209, "The IoT hub could not take the identity: {detail}"
+    HUB_CREDENTIAL_REJECTED = 400210, "The IoT hub refused the connection string's credential: {detail}"
+    HUB_UNREACHABLE = 400211, "The IoT hub's registry could not be read with the connection string: {detail}"
     # 401: the credential is missing, malformed, expired, forged or for another resource
     UNAUTHENTICATED = 401000, "No credential, or an unusable one."
     TOKEN_INVALID = 401002, "The SAS token's signature does not match a key."

@@ -26,11 +26,13 @@ __all__ = [
     "CaCertificate",
     "CertificateUpload",
     "CustomAllocationDefinition",
+    "Deprovision",
     "DeviceCapabilities",
     "DeviceRegistrationState",
     "EnrollmentGroup",
     "IndividualEnrollment",
     "InitialTwin",
+    "HubTier",
     "LinkedHub",
     "ProvisioningStatus",
     "QuerySpecification",
@@ -97,6 +99,39 @@ class X509GroupAuthentication(enum.Enum):
 
     SELF_SIGNED = "selfSigned"
     CERTIFICATE_AUTHORITY = "certificateAuthority"
+
+
+class HubTier(enum.Enum):
+    """An IoT hub's pricing tier. It sets the hub's throttle on identity registry operations
+    (create, get, list, update, delete), per unit: 100 a minute on F1, B1, B2, S1 and S2, 5,000 a
+    minute on B3 and S3 (IoT Hub's "quotas and throttling"), and how many units it can have."""
+
+    F1 = "F1"
+    B1 = "B1"
+    B2 = "B2"
+    B3 = "B3"
+    S1 = "S1"
+    S2 = "S2"
+    S3 = "S3"
+
+    @property
+    def registry_operations_per_minute(self) -> int:
+        """Per unit."""
+        return 5000 if self in (HubTier.B3, HubTier.S3) else 100
+
+    @property
+    def max_units(self) -> int:
+        if self is HubTier.F1:
+            return 1
+        return 10 if self in (HubTier.B3, HubTier.S3) else 200
+
+
+class Deprovision(enum.Enum):
+    """What deleting an enrollment, a group's devices or a registration record does to the
+    identities they created in their hubs (provisiond's option; DPS leaves them)."""
+
+    DISABLE = "disable"
+    DELETE = "delete"
 
 
 class BulkOperationMode(enum.Enum):
@@ -275,6 +310,10 @@ class LinkedHub(_Model):
     ``connectionString`` is how provisiond reaches the hub's identity registry (secret: stripped
     from reads). ``builtin`` marks the hub provisiond itself serves. ``x509GroupAuthentication``
     (default ``selfSigned``, as DPS) says how X.509 group devices are created in this hub.
+    ``location`` places it for geoLatency allocation (:mod:`provisiond.regions`). A remote hub's
+    write budget is ``writeBudgetPerSecond``, else what its ``tier`` and ``units`` allow
+    (:meth:`registry_write_budget`); ``caCertificate`` (PEM) is what its TLS certificate must
+    chain to, instead of the system's trust store.
     """
 
     host_name: str
@@ -284,7 +323,21 @@ class LinkedHub(_Model):
     builtin: bool | None = None
     location: str | None = None
     x509_group_authentication: X509GroupAuthentication | None = None
+    tier: HubTier | None = None
+    units: int | None = None
+    write_budget_per_second: float | None = None
+    ca_certificate: str | None = None
     etag: str | None = None
+
+    def registry_write_budget(self) -> float | None:
+        """Registry operations a second provisiond may spend on this hub: the explicit
+        ``writeBudgetPerSecond``, else the tier's throttle times its units; ``None``: no budget
+        (the hub's 429s and their Retry-After pace the writes)."""
+        if self.write_budget_per_second is not None:
+            return self.write_budget_per_second
+        if self.tier is None:
+            return None
+        return self.tier.registry_operations_per_minute * (self.units or 1) / 60
 
 
 class CaCertificate(_Model):

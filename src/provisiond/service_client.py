@@ -55,6 +55,7 @@ from .models import (
     BulkOperationMode,
     CaCertificate,
     CertificateUpload,
+    Deprovision,
     DeviceRegistrationState,
     EnrollmentGroup,
     IndividualEnrollment,
@@ -193,6 +194,7 @@ class ServiceClient:
         headers: dict[str, str] | None = None,
         content: bytes | None = None,
         timeout: float | None = None,
+        params: dict[str, str] | None = None,
     ) -> httpx.Response:
         """Send one request (``body`` as JSON, or ``content`` as it is; ``timeout``: seconds to
         wait for the answer, instead of the client's); a non-2xx answer raises the matching
@@ -205,7 +207,7 @@ class ServiceClient:
             response = self._http.request(
                 method,
                 path,
-                params={"api-version": self.api_version},
+                params={"api-version": self.api_version, **(params or {})},
                 content=content,
                 headers=all_headers,
                 timeout=httpx.Timeout(self._http.timeout.connect, read=timeout)
@@ -310,8 +312,17 @@ class ServiceClient:
     def patch(self, path: str, body: Any) -> Any:
         return self.request("PATCH", path, body=body).json()
 
-    def delete(self, path: str, *, if_match: str | None = None) -> None:
-        self.request("DELETE", path, headers={"If-Match": if_match} if if_match else None)
+    def delete(
+        self, path: str, *, if_match: str | None = None, deprovision: Deprovision | None = None
+    ) -> None:
+        """DELETE ``path``; ``deprovision``: also disable or delete the identities the deleted
+        registration records named (enrollments, groups, registrations; provisiond's)."""
+        self.request(
+            "DELETE",
+            path,
+            headers={"If-Match": if_match} if if_match else None,
+            params={"deprovision": deprovision.value} if deprovision else None,
+        )
 
     def query(self, path: str, query: str = "SELECT * FROM c", *, page_size: int = 1000) -> Iterator[Any]:
         """Every item of a paged query (follows ``x-ms-continuation``)."""
@@ -392,8 +403,10 @@ class EnrollmentsClient(Generic[E]):
             lambda e: e.etag,
         )
 
-    def delete(self, id: str, *, if_match: str | None = None) -> None:
-        self._client.delete(self.item(id), if_match=if_match)
+    def delete(self, id: str, *, if_match: str | None = None, deprovision: Deprovision | None = None) -> None:
+        """Delete the enrollment (an individual one with its registration record); with
+        ``deprovision``, the identities its records named are disabled or deleted too."""
+        self._client.delete(self.item(id), if_match=if_match, deprovision=deprovision)
 
     def attestation_mechanism(self, id: str) -> AttestationMechanism:
         """The attestation with its secrets (keys, certificates)."""
@@ -420,8 +433,13 @@ class RegistrationsClient:
     def get(self, registration_id: str) -> DeviceRegistrationState:
         return self._client.call("GET", f"/registrations/{seg(registration_id)}", DeviceRegistrationState)
 
-    def delete(self, registration_id: str, *, if_match: str | None = None) -> None:
-        self._client.delete(f"/registrations/{seg(registration_id)}", if_match=if_match)
+    def delete(
+        self, registration_id: str, *, if_match: str | None = None, deprovision: Deprovision | None = None
+    ) -> None:
+        """Delete the record; with ``deprovision``, its identity is disabled or deleted too."""
+        self._client.delete(
+            f"/registrations/{seg(registration_id)}", if_match=if_match, deprovision=deprovision
+        )
 
     def query(
         self, group_id: str, query: str = "SELECT * FROM registrations", *, page_size: int = 1000

@@ -29,6 +29,7 @@ from provisiond.errors import (
     ProvisioningError,
 )
 from provisiond.protocol.sas import derive_device_key
+from tests._hub_peer import HubPeer
 from tests._server import RunningServer, free_port
 from tests._tpm_keys import software_ek
 
@@ -575,10 +576,12 @@ def test_registration_show_and_delete_of_a_missing_id(server: RunningServer) -> 
 # --- hubs ----------------------------------------------------------------------------------------
 
 
-def test_hub_add_list_update_remove(server: RunningServer) -> None:
-    host = f"{uid('cli-hub')}.example.net"
-    hub_cs = f"HostName={host};SharedAccessKeyName=iothubowner;SharedAccessKey=YWJjZGVmZ2hpamtsbW5vcA=="
-    # --no-allocation: other tests' devices on the shared server are never sent to this fake hub
+def test_hub_add_list_update_remove(server: RunningServer, hub_peer: HubPeer, tmp_path: Path) -> None:
+    host = hub_peer.linked_hub().host_name
+    hub_cs = hub_peer.connection_string()
+    ca_file = tmp_path / "hub-ca.pem"
+    ca_file.write_text(hub_peer.ca_pem)
+    # --no-allocation: other tests' devices on the shared server are never sent to this hub
     added = run_json(
         server,
         "hub",
@@ -586,13 +589,21 @@ def test_hub_add_list_update_remove(server: RunningServer) -> None:
         host,
         "--connection-string",
         hub_cs,
+        "--ca-certificate",
+        ca_file,
         "--weight",
         "3",
         "--no-allocation",
+        "--tier",
+        "S1",
+        "--units",
+        "2",
         "--json",
     )
     assert added["hostName"] == host and added["allocationWeight"] == 3
     assert added["applyAllocationPolicy"] is False and "connectionString" not in added
+    assert added["tier"] == "S1" and added["units"] == 2 and added["caCertificate"] == hub_peer.ca_pem
+    assert hub_peer.policy_key not in run(server, "hub", "show", host).stdout
     hubs = {h["hostName"]: h for h in run_json(server, "hub", "list", "--json")}
     assert host in hubs and hubs[server.info["builtinHub"]]["builtin"] is True
     assert host in run(server, "hub", "list").stdout
@@ -604,7 +615,9 @@ def test_hub_add_list_update_remove(server: RunningServer) -> None:
     assert run_json(server, "hub", "show", host) == updated
     assert isinstance(fails(server, "hub", "show", f"x{host}"), NotFoundError)
     assert "x509GroupAuthentication" not in updated  # selfSigned, as DPS, unless asked
-    assert "X.509 group devices  selfSigned" in run(server, "hub", "update", host, "--weight", "8").stdout
+    shown = run(server, "hub", "update", host, "--weight", "8").stdout
+    assert "X.509 group devices  selfSigned" in shown
+    assert "3.33333 registry operations/s (tier S1)" in shown and "caCertificate" in shown
     ca = run_json(
         server, "hub", "update", host, "--x509-group-authentication", "certificateAuthority", "--json"
     )

@@ -96,6 +96,18 @@ def test_the_same_port_twice_is_refused(tmp_path: Path) -> None:
     assert proc.stderr == f"Error: --https-port and --amqp-port are both {port}: give each its own port.\n"
 
 
+def test_a_region_that_is_no_name_is_refused(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        _serve_command(tmp_path / "data", free_port(), free_port(), free_port(), "--region", "west;europe"),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "--region" in proc.stderr and "letters and digits" in proc.stderr
+    assert not (tmp_path / "data" / "connection.json").exists()
+
+
 def _read_until(proc: subprocess.Popen[bytes], text: str, limit: float = 120.0) -> str:
     """stdout of ``proc`` up to the line holding ``text`` ("" if it exits first); ``limit`` only
     keeps a broken server from hanging the test run."""

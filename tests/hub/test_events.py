@@ -17,6 +17,7 @@ from provisiond.cli import cli
 from provisiond.hub.events import EventLog, Retention
 from provisiond.service_client import ServiceClient
 from provisiond.storage import Store, Stream, utc_iso
+from tests._hub_peer import HOST, HubPeer
 from tests._server import RunningServer, start_server
 from tests.hub._ops import append_events, builtin_hub, read_stream, telemetry, uid
 
@@ -127,7 +128,7 @@ def test_bad_parameters_are_400s(
 
 
 def test_the_stream_is_authorized_and_only_for_builtin_hubs(
-    server: RunningServer, admin: ServiceClient
+    server: RunningServer, admin: ServiceClient, hub_peer: HubPeer
 ) -> None:
     with server.http() as http:
         no_token = http.get(EVENTS.format(hub=builtin_hub(server)), params={"api-version": "2021-10-01"})
@@ -137,14 +138,9 @@ def test_the_stream_is_authorized_and_only_for_builtin_hubs(
             EVENTS.format(hub="nope.example.com"), params={"api-version": "2021-10-01"}, headers=auth
         )
         assert missing.status_code == 404 and missing.json()["errorCode"] == 404204
-        remote = uid("remote") + ".azure-devices.net"
-        admin.put(
-            f"/admin/linkedHubs/{remote}",
-            {
-                "hostName": remote,
-                "connectionString": f"HostName={remote};SharedAccessKeyName=o;SharedAccessKey=a2V5",
-            },
-        )
+        # a linked hub provisiond does not keep itself (a stand-in hub that answers the link check)
+        remote = HOST
+        admin.put(f"/admin/linkedHubs/{remote}", hub_peer.body(applyAllocationPolicy=False))
         try:
             foreign = http.get(EVENTS.format(hub=remote), params={"api-version": "2021-10-01"}, headers=auth)
         finally:  # the other tests of the session's server provision into the built-in hub alone

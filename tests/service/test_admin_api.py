@@ -12,6 +12,7 @@ import pytest
 from provisiond import pki
 from provisiond.errors import DpsCode
 from provisiond.models import Right
+from tests._hub_peer import HubPeer
 from tests._inprocess import SERVICE_API as V
 from tests._inprocess import InProcess
 from tests.factories import body, linked_hub, pem, policy, symmetric_enrollment, uid
@@ -36,7 +37,7 @@ def certificate_forms(issued: pki.Issued) -> dict[str, str]:
 # --- linked hubs ---------------------------------------------------------------------------------
 
 
-async def test_linked_hubs(service: InProcess, http: httpx.AsyncClient) -> None:
+async def test_linked_hubs(service: InProcess, http: httpx.AsyncClient, hub_peer: HubPeer) -> None:
     hubs = (await http.get("/admin/linkedHubs", params=V)).json()
     assert hubs == [
         {
@@ -47,7 +48,7 @@ async def test_linked_hubs(service: InProcess, http: httpx.AsyncClient) -> None:
             "etag": hubs[0]["etag"],
         }
     ]
-    hub = linked_hub(allocation_weight=5)
+    hub = hub_peer.linked_hub(allocation_weight=5)
     host = hub.host_name
     path = f"/admin/linkedHubs/{host}"
     no_cs = {"hostName": host}
@@ -71,7 +72,7 @@ async def test_linked_hubs(service: InProcess, http: httpx.AsyncClient) -> None:
     updated = await http.put(
         path,
         params=V,
-        json={"hostName": host, "location": "westeurope", "builtin": True},
+        json={"hostName": host, "location": "westeurope", "builtin": True, "caCertificate": hub_peer.ca_pem},
         headers={"If-Match": created["etag"]},
     )
     assert updated.status_code == 200, updated.text
@@ -115,14 +116,14 @@ async def test_further_builtin_hubs_need_no_connection_string(http: httpx.AsyncC
 
 
 async def test_admin_writes_drop_the_registration_paths_copy(
-    service: InProcess, http: httpx.AsyncClient
+    service: InProcess, http: httpx.AsyncClient, hub_peer: HubPeer
 ) -> None:
     """The registration path reuses settings and linked hubs for up to a second; an admin write
     on this node drops that copy at once (ServiceContext.invalidate), whatever the clock says."""
     ctx = service.app.state.ctx
     forever = 3600.0
     before = await ctx.linked_hubs(max_age=forever)
-    hub = linked_hub()
+    hub = hub_peer.linked_hub()
     await http.put(f"/admin/linkedHubs/{hub.host_name}", params=V, json=body(hub))
     assert set(await ctx.linked_hubs(max_age=forever)) == {*before, hub.host_name.lower()}
     await http.delete(f"/admin/linkedHubs/{hub.host_name}", params=V)

@@ -80,6 +80,18 @@ def wait_for_log(server: RunningServer, *words: str, timeout: float = WAIT) -> s
         time.sleep(0.05)
 
 
+def wait_for_state(server: RunningServer, device: Provisioned, state: str) -> None:
+    """Until the identity's connectionState is ``state`` (``Disconnected``: the server is done
+    with the connection: its Will, its stored session, then the state)."""
+
+    async def reached() -> bool:
+        async with server_store(server) as store:
+            identity = await HubRegistry(store).find(device.hub, device.device_id)
+        return identity is not None and identity.connection_state.value == state
+
+    assert asyncio.run(poll_until(reached)), f"{device.device_id} never {state}"
+
+
 def connect(server: RunningServer, device: Provisioned, made: list[HubPaho], **options: Any) -> HubPaho:
     client = HubPaho(server, device, **options)
     made.append(client)
@@ -354,6 +366,40 @@ async def test_telemetry_is_acknowledged_once_stored_with_its_properties(
     assert first.system_properties["content-type"] == "application/json"
     assert first.system_properties["iothub-connection-device-id"] == device.device_id
     assert events[2].properties == {"mqtt-retain": "true"}
+
+
+async def test_a_will_on_the_telemetry_topic_is_stored_when_the_connection_breaks(
+    hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho]
+) -> None:
+    """The Will (IoT Hub: on the device's telemetry topic) becomes telemetry with
+    ``iothub-MessageType: Will`` when the connection ends without DISCONNECT; not after one."""
+    device = provision_symmetric(hub_server, admin)
+    topic = f"devices/{device.device_id}/messages/events/reason=gone"
+    orderly = await asyncio.to_thread(
+        lambda: connect(hub_server, device, devices, will=(topic, b"orderly")).connected()
+    )
+    await asyncio.to_thread(wait_for_state, hub_server, device, "Connected")
+    await asyncio.to_thread(orderly.close)  # DISCONNECT: no Will
+    await asyncio.to_thread(wait_for_state, hub_server, device, "Disconnected")
+    broken = await asyncio.to_thread(
+        lambda: connect(hub_server, device, devices, will=(topic, b"broken")).connected(session_present=1)
+    )
+    broken.client.socket().shutdown(socket.SHUT_RDWR)  # no DISCONNECT
+    await asyncio.to_thread(broken.next, "disconnect")
+    key = partition(device.hub, device.device_id)
+
+    async def events() -> list[Any]:
+        async with server_store(hub_server) as store:
+            return [decode_event(e.doc) for e in await store.read(Stream.HUB_EVENTS, partition=key)]
+
+    async def stored() -> bool:
+        return bool(await events())
+
+    assert await poll_until(stored)
+    found = await events()
+    assert [e.body for e in found] == [b"broken"], [(e.body, e.properties) for e in found]
+    event = found[0]
+    assert event.body == b"broken" and event.properties == {"reason": "gone", "iothub-MessageType": "Will"}
 
 
 @pytest.mark.parametrize(
@@ -862,7 +908,7 @@ def test_an_unacknowledged_c2d_message_is_delivered_again_with_dup_after_a_resta
         first = silent.next(Publish)
         assert isinstance(first, Publish) and first.payload == b"once" and not first.dup
         silent.disconnect()  # without a PUBACK
-        wait_for_log(server, device.device_id, "closed")
+        wait_for_state(server, device, "Disconnected")
         server.stop()
 
         server = start_server(tmp_path / "node", port=server.port)

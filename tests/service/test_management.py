@@ -23,6 +23,7 @@ from provisiond.errors import (
 from provisiond.models import (
     BulkOperationMode,
     CertificateUpload,
+    Deprovision,
     DeviceRegistrationState,
     IndividualEnrollment,
     ProvisioningStatus,
@@ -34,9 +35,9 @@ from provisiond.service.app import initialize
 from provisiond.service.management import Management
 from provisiond.service.settings import Settings
 from provisiond.storage import Collection, Store
+from tests._hub_peer import HubPeer
 from tests.factories import (
     key,
-    linked_hub,
     pem,
     policy,
     root_ca,
@@ -220,8 +221,10 @@ async def test_bulk_reports_each_item(store: Store, management: Management) -> N
 # --- the admin records -------------------------------------------------------------------------
 
 
-async def test_admin_writes_drop_cached_copies(management: Management, invalidated: list[str]) -> None:
-    hub = linked_hub(apply_allocation_policy=False)
+async def test_admin_writes_drop_cached_copies(
+    management: Management, invalidated: list[str], hub_peer: HubPeer
+) -> None:
+    hub = hub_peer.linked_hub(apply_allocation_policy=False)
     ca = root_ca()
     writes = [
         management.hubs.put(hub.host_name, hub),
@@ -252,8 +255,10 @@ async def test_builtin_hub_stays_and_policies_keep_an_administrator(management: 
     assert (await management.policies.get("provisioningserviceowner")).primary_key is None
 
 
-async def test_hub_put_keeps_the_connection_string(store: Store, management: Management) -> None:
-    hub = linked_hub(allocation_weight=3)
+async def test_hub_put_keeps_the_connection_string(
+    store: Store, management: Management, hub_peer: HubPeer
+) -> None:
+    hub = hub_peer.linked_hub(allocation_weight=3)
     created = await management.hubs.put(hub.host_name, hub)
     assert created.connection_string is None
     changed = await management.hubs.put(hub.host_name, msgspec.structs.replace(created, location="north"))
@@ -303,3 +308,27 @@ def test_the_management_layer_knows_nothing_of_http() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(SRC)}, timeout=60
     )
     assert done.returncode == 0, f"provisiond.service.management imports {done.stdout.strip()}{done.stderr}"
+
+
+async def test_deprovisioning_in_a_remote_hub_deletes_nothing_until_the_hub_writer_takes_it(
+    store: Store, management: Management, hub_peer: HubPeer
+) -> None:
+    """A remote hub's removal is an item of the hub writer's outbox (part writer); until it is
+    there, the delete is refused as a whole: the record stays, nothing half done."""
+    hub = hub_peer.linked_hub(apply_allocation_policy=False)
+    await management.hubs.put(hub.host_name, hub)
+    state = DeviceRegistrationState(
+        registration_id="r-remote",
+        device_id="r-remote",
+        status=RegistrationStatus.ASSIGNED,
+        assigned_hub=hub.host_name,
+    )
+    await store.write(
+        Collection.REGISTRATIONS, "r-remote", msgspec.json.encode(state), index={"status": "assigned"}
+    )
+    with pytest.raises(RequestError, match="Cannot deprovision 'r-remote' in '127.0.0.2'"):
+        await management.registrations.delete("r-remote", deprovision=Deprovision.DISABLE)
+    assert (await management.registrations.get("r-remote")).assigned_hub == hub.host_name
+    await management.registrations.delete("r-remote")  # without deprovisioning, as DPS
+    with pytest.raises(NotFoundError):
+        await management.registrations.get("r-remote")

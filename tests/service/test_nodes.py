@@ -3,13 +3,16 @@ keeps no state of its own outside the database."""
 
 from __future__ import annotations
 
+import collections
 import shutil
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests._server import start_server
+from provisiond.protocol.sas import derive_device_key
+from tests._server import RunningServer, start_server
+from tests.service.test_device_api import Device, assigned
 
 pytestmark = pytest.mark.postgres
 
@@ -64,6 +67,70 @@ def test_two_nodes_share_one_postgres_database(postgres_db_url: str, tmp_path: P
             )
             assert one.delete(f"/enrollments/{reg}", params=V).status_code == 204
             assert two.get(f"/enrollments/{reg}", params=V).status_code == 404
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_geolatency_on_two_nodes_in_different_regions(postgres_db_url: str, tmp_path: Path) -> None:
+    """Each node allocates to the candidate hubs nearest its own ``--region``, by the same rule
+    on one database; hubs at the same distance share by weight."""
+    first = start_server(tmp_path / "eu", "--db", postgres_db_url, "--region", "West Europe")
+    (tmp_path / "us").mkdir()
+    shutil.copytree(tmp_path / "eu" / "pki", tmp_path / "us" / "pki")
+    second = start_server(tmp_path / "us", "--db", postgres_db_url, "--region", "eastus2")
+    try:
+        assert "region West Europe: an Azure region" in first.log()
+        tag = uuid.uuid4().hex[:8]
+        hubs = {
+            "ams": ("westeurope", 1),
+            "ams2": ("west-europe", 1),
+            "dub": ("northeurope", 1000),  # heavy but farther: never chosen from West Europe
+            "va": ("eastus", 1),
+        }
+        with first.http(headers={"Authorization": first.token()}) as admin:
+            for name, (location, weight) in hubs.items():
+                host = f"{name}-{tag}.example.local"
+                r = admin.put(
+                    f"/admin/linkedHubs/{host}",
+                    params=V,
+                    json={
+                        "hostName": host,
+                        "builtin": True,
+                        "location": location,
+                        "allocationWeight": weight,
+                        "applyAllocationPolicy": False,
+                    },
+                )
+                assert r.status_code == 200, r.text
+            gid = f"geo-{tag}"
+            r = admin.put(
+                f"/enrollmentGroups/{gid}",
+                params=V,
+                json={
+                    "enrollmentGroupId": gid,
+                    "attestation": {"type": "symmetricKey"},
+                    "allocationPolicy": "geoLatency",
+                    "iotHubs": [f"{name}-{tag}.example.local" for name in hubs],
+                },
+            )
+            assert r.status_code == 200, r.text
+            group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism", params=V).json()[
+                "symmetricKey"
+            ]["primaryKey"]
+
+        def register(node: RunningServer, reg: str) -> str:
+            device = Device(node, reg)
+            state = assigned(device.register(device.token(derive_device_key(group_key, reg))))
+            device.close()
+            hub: str = state["registrationState"]["assignedHub"]
+            return hub.split("-", 1)[0]
+
+        europe = collections.Counter(register(first, f"geo-eu-{tag}-{i}") for i in range(20))
+        assert set(europe) <= {"ams", "ams2"} and len(europe) == 2  # the tie shared between both
+        assert {register(second, f"geo-us-{tag}-{i}") for i in range(4)} == {"va"}
+        # the same device through the other node: the same rule moves it to that node's nearest
+        assert register(first, f"geo-us-{tag}-0") in {"ams", "ams2"}
     finally:
         first.stop()
         second.stop()

@@ -595,7 +595,7 @@ async def test_rights_are_enforced_per_operation(service: InProcess) -> None:
 
 
 async def test_enrollments_may_name_linked_hubs_only(http: httpx.AsyncClient) -> None:
-    hub = linked_hub(allocation_weight=5)
+    hub = linked_hub(f"{uid('named')}.example.local", builtin=True, allocation_weight=5)
     reg = uid()
     static = sym(reg, iotHubs=[hub.host_name], allocationPolicy=AllocationPolicy.STATIC.value)
     assert_error(

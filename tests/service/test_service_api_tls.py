@@ -25,11 +25,11 @@ from provisiond.models import (
 )
 from provisiond.protocol.sas import derive_device_key
 from provisiond.service_client import ServiceClient
+from tests._hub_peer import HubPeer
 from tests._server import RunningServer
 from tests.factories import (
     body,
     key,
-    linked_hub,
     pem,
     policy,
     root_ca,
@@ -191,8 +191,8 @@ def test_typed_client_groups_and_registrations(server: RunningServer, client: Se
     client.groups.delete(gid)
 
 
-def test_typed_client_admin(client: ServiceClient, tmp_path: Path) -> None:
-    hub = client.hubs.put(linked_hub(allocation_weight=2, apply_allocation_policy=False))
+def test_typed_client_admin(client: ServiceClient, tmp_path: Path, hub_peer: HubPeer) -> None:
+    hub = client.hubs.put(hub_peer.linked_hub(allocation_weight=2, apply_allocation_policy=False))
     assert hub.connection_string is None and hub.allocation_weight == 2
     moved = client.hubs.modify(hub.host_name, lambda h: msgspec.structs.replace(h, location="westeurope"))
     assert moved.location == "westeurope" and moved.allocation_weight == 2

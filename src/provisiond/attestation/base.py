@@ -93,6 +93,9 @@ class Evidence(msgspec.Struct, frozen=True, kw_only=True):
     tpm: TpmAttestationRequest | None = None
     #: A register (which uses a TPM challenge up), not a poll or a status lookup.
     registering: bool = False
+    #: The enrollment group the device last registered through, if any (a hint: it is tried
+    #: first). The caller reads it with the registration record it needs anyway.
+    last_group: str | None = None
     #: Unix seconds, from the registrar's clock (token expiry, certificate validity, challenges).
     now: float
 
@@ -171,11 +174,8 @@ class EnrollmentSource(Protocol):
         """The individual enrollment of ``registration_id`` (case-insensitive), or ``None``."""
 
     async def groups(self, attestation: AttestationType) -> list[EnrollmentGroup]:
-        """Every enrollment group of one attestation type, in id order."""
-
-    async def last_group(self, registration_id: str) -> str | None:
-        """The enrollment group the device last registered through, if any (a hint: it is
-        tried first)."""
+        """Every enrollment group of one attestation type, in id order (a list the caller may
+        reorder). It may be a copy up to a second old (the service caches groups)."""
 
 
 class CaSource(Protocol):

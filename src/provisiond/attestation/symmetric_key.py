@@ -93,7 +93,7 @@ class SymmetricKeyAttestor:
 
     async def group(self, parsed: SasToken, evidence: Evidence) -> Match:
         reg_id = evidence.registration_id
-        hint = await self._enrollments.last_group(reg_id)
+        hint = evidence.last_group
         groups = await self._enrollments.groups(self.type)
         if hint:
             groups.sort(key=lambda g: g.enrollment_group_id.lower() != hint.lower())

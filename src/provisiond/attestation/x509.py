@@ -10,6 +10,7 @@ certificates usually carry a CN and no SAN); CA certificates must assert basicCo
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -213,6 +214,18 @@ def _info(cert: x509.Certificate) -> X509CertificateInfo:
     return msgspec.convert(certificates.certificate_info(cert), X509CertificateInfo)
 
 
+# Enrollments' certificates (a group's signing certificate, a CA certificate) are the same PEM on
+# every registration of their devices: parsed and described once (pure functions of the PEM).
+@functools.lru_cache(maxsize=256)
+def _enrolled_certificate(pem: str) -> x509.Certificate:
+    return certificates.load_pem_chain(pem)[0]
+
+
+@functools.lru_cache(maxsize=256)
+def _enrolled_info(cert: x509.Certificate) -> X509CertificateInfo:
+    return _info(cert)
+
+
 class X509Attestor:
     """X.509 attestation: the leaf's CN is the registration id; an individual enrollment matches
     the leaf (or a CA certificate of its chain), else the chain is walked from the first
@@ -273,7 +286,7 @@ class X509Attestor:
             x509=X509RegistrationResult(
                 certificate_info=parsed.info,
                 enrollment_group_id=group.enrollment_group_id,
-                signing_certificate_info=_info(anchor),
+                signing_certificate_info=_enrolled_info(anchor),
             ),
         )
 
@@ -285,7 +298,7 @@ class X509Attestor:
         candidates: list[tuple[EnrollmentGroup, x509.Certificate]] = []
         for group in groups:
             pems = _group_anchors(group, cas, unverified)
-            candidates += [(group, certificates.load_pem_chain(pem)[0]) for pem in pems]
+            candidates += [(group, _enrolled_certificate(pem)) for pem in pems]
         found = find_anchor(chain, candidates)
         if found is not None:
             return found

@@ -4,7 +4,7 @@ Command tree (each group is loaded lazily by :mod:`provisiond.cli`)::
 
     enrollment  create | show | list | update | enable | disable | delete | keys | import
     group       create | show | list | update | enable | disable | delete | keys | device-key
-    registration show | list | delete
+    registration show | list | delete | deprovision
     hub         list | show | add | update | remove | device ... | policy ... | monitor-events | send-c2d | invoke-method
     ca          list | show | upload | verification-code | verify | prove | delete
     policy      list | show | create | update | delete | connection-string
@@ -30,6 +30,7 @@ from ..errors import AuthorizationError
 from ..models import (
     AttestationMechanism,
     AttestationType,
+    Deprovision,
     DeviceRegistrationState,
     EnrollmentGroup,
     IndividualEnrollment,
@@ -50,6 +51,7 @@ from ._common import (
 from ._enrollment_flags import (
     ENROLLMENTS,
     GROUPS,
+    EnumChoice,
     Kind,
     apply_common_flags,
     common_enrollment_options,
@@ -60,6 +62,17 @@ from .enroll_import import import_command
 from .hub_ops import invoke_method, monitor_events, send_c2d
 from .hub_registry import hub_device, hub_policy
 from .manage_admin import ca, hub, policy, settings
+
+
+def _deprovision_option(func: Any) -> Any:
+    return click.option(
+        "--deprovision",
+        type=EnumChoice(*Deprovision),
+        default=None,
+        help="Also disable or delete the identities the deleted registration records named, in "
+        "their hubs [default: leave them, as DPS does].",
+    )(func)
+
 
 __all__ = ["ca", "enrollment", "group", "hub", "policy", "registration", "settings"]
 
@@ -276,13 +289,23 @@ def _add_shared_commands(group_cmd: click.Group, kind: Kind[E], id_name: str) ->
     def disable(client: ServiceClient, id: str) -> None:
         _set_status(client, id, ProvisioningStatus.DISABLED)
 
-    @group_cmd.command("delete", help=f"Delete the {label} (its registration records stay).")
+    @group_cmd.command(
+        "delete",
+        help=f"Delete the {label}. The identities its devices got stay in their hubs, as with DPS, "
+        "unless --deprovision disables or deletes them"
+        + (
+            " (the group's registration records are deleted then too)."
+            if label == "enrollment group"
+            else "."
+        ),
+    )
     @click.argument("id", metavar=id_name)
     @etag_option
+    @_deprovision_option
     @connected()
-    def delete(client: ServiceClient, id: str, etag: str | None) -> None:
-        kind.operations(client).delete(id, if_match=etag)
-        click.echo(f"Deleted {label} {id!r}.")
+    def delete(client: ServiceClient, id: str, etag: str | None, deprovision: Deprovision | None) -> None:
+        kind.operations(client).delete(id, if_match=etag, deprovision=deprovision)
+        click.echo(f"Deleted {label} {id!r}{_deprovisioned(deprovision)}.")
 
     @group_cmd.command(
         "keys", help=f"Print the {label}'s attestation secrets (symmetric keys, certificates)."
@@ -541,8 +564,39 @@ def registration_list(
 @registration.command("delete")
 @click.argument("registration_id")
 @etag_option
+@_deprovision_option
 @connected()
-def registration_delete(client: ServiceClient, registration_id: str, etag: str | None) -> None:
-    """Delete the registration record of REGISTRATION_ID (the device provisions afresh next time)."""
-    client.registrations.delete(registration_id, if_match=etag)
-    click.echo(f"Deleted the registration record of {registration_id!r}.")
+def registration_delete(
+    client: ServiceClient, registration_id: str, etag: str | None, deprovision: Deprovision | None
+) -> None:
+    """Delete the registration record of REGISTRATION_ID (the device provisions afresh next
+    time; its identity stays in its hub, as with DPS, unless --deprovision)."""
+    client.registrations.delete(registration_id, if_match=etag, deprovision=deprovision)
+    click.echo(f"Deleted the registration record of {registration_id!r}{_deprovisioned(deprovision)}.")
+
+
+@registration.command("deprovision")
+@click.argument("registration_id")
+@click.option(
+    "--delete",
+    "delete_identity",
+    is_flag=True,
+    help="Delete the identity from its hub [default: disable it, which can be undone in the hub].",
+)
+@etag_option
+@connected()
+def registration_deprovision(
+    client: ServiceClient, registration_id: str, delete_identity: bool, etag: str | None
+) -> None:
+    """Deprovision the device REGISTRATION_ID: delete its registration record and disable (or
+    --delete) the identity it got in its hub, together (the same as `registration delete
+    --deprovision`)."""
+    mode = Deprovision.DELETE if delete_identity else Deprovision.DISABLE
+    client.registrations.delete(registration_id, if_match=etag, deprovision=mode)
+    click.echo(f"Deprovisioned {registration_id!r}{_deprovisioned(mode)}.")
+
+
+def _deprovisioned(mode: Deprovision | None) -> str:
+    if mode is None:
+        return ""
+    return f" (its identities {'deleted from' if mode is Deprovision.DELETE else 'disabled in'} their hubs)"

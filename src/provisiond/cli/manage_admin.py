@@ -18,6 +18,7 @@ from ..models import (
     AllocationPolicy,
     CaCertificate,
     CertificateUpload,
+    HubTier,
     LinkedHub,
     Right,
     ServiceSettingsPatch,
@@ -71,6 +72,12 @@ def _print_hub(verb: str, hub: LinkedHub) -> None:
             ("Built in", hub.builtin),
             ("Location", hub.location),
             ("X.509 group devices", hub.x509_group_authentication or X509GroupAuthentication.SELF_SIGNED),
+            ("Tier", f"{hub.tier.value} x {hub.units or 1}" if hub.tier else None),
+            ("Write budget", _budget(hub)),
+            (
+                "TLS trust",
+                None if hub.builtin else ("caCertificate" if hub.ca_certificate else "system store"),
+            ),
             ("Etag", hub.etag),
         ],
     )
@@ -100,7 +107,42 @@ def hub_show(client: ServiceClient, host: str) -> None:
     echo_json(client.hubs.get(host))
 
 
+def _budget(hub: LinkedHub) -> str | None:
+    budget = hub.registry_write_budget()
+    if hub.builtin:
+        return None
+    if budget is None:
+        return "none (the hub's 429s pace the writes)"
+    how = "given" if hub.write_budget_per_second is not None else f"tier {hub.tier.value if hub.tier else ''}"
+    return f"{budget:g} registry operations/s ({how})"
+
+
 def _hub_options(func: Any) -> Any:
+    func = click.option(
+        "--ca-certificate",
+        "ca_certificate",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        metavar="PEM",
+        help="A PEM file of the CA the hub's TLS certificate chains to (a hub behind a private "
+        "CA) [add default: the system's trust store].",
+    )(func)
+    func = click.option(
+        "--write-budget",
+        "write_budget",
+        type=click.FloatRange(min=0, min_open=True, max=100_000),
+        metavar="N",
+        help="Registry operations a second provisiond may spend on this hub [default: what --tier "
+        "and --units allow].",
+    )(func)
+    func = click.option(
+        "--units", type=click.IntRange(1, 200), help="The hub's units (with --tier) [add default: 1]."
+    )(func)
+    func = click.option(
+        "--tier",
+        type=EnumChoice(*HubTier),
+        help="The hub's tier: its registry throttle (100 operations a minute a unit on F1, B1, B2, "
+        "S1, S2; 5,000 on B3, S3) sets the write budget.",
+    )(func)
     func = click.option(
         "--x509-group-authentication",
         "x509_group_authentication",
@@ -145,9 +187,14 @@ def hub_add(
     allocation: bool | None,
     location: str | None,
     x509_group_authentication: X509GroupAuthentication | None,
+    tier: HubTier | None,
+    units: int | None,
+    write_budget: float | None,
+    ca_certificate: Path | None,
     as_json: bool,
 ) -> None:
-    """Link the IoT hub HOST (its host name)."""
+    """Link the IoT hub HOST (its host name), as DPS does: provisiond reads the hub's registry
+    with the connection string's policy first and refuses with the hub's error if that fails."""
     hub = LinkedHub(
         host_name=host,
         connection_string=hub_connection_string,
@@ -155,6 +202,10 @@ def hub_add(
         apply_allocation_policy=True if allocation is None else allocation,
         location=location or None,
         x509_group_authentication=x509_group_authentication,
+        tier=tier,
+        units=units,
+        write_budget_per_second=write_budget,
+        ca_certificate=read_certificate_file(ca_certificate, "--ca-certificate") if ca_certificate else None,
     )
     emit(as_json, client.hubs.put(hub), lambda d: _print_hub("Linked", d))
 
@@ -179,15 +230,31 @@ def hub_update(
     allocation: bool | None,
     location: str | None,
     x509_group_authentication: X509GroupAuthentication | None,
+    tier: HubTier | None,
+    units: int | None,
+    write_budget: float | None,
+    ca_certificate: Path | None,
     as_json: bool,
 ) -> None:
-    """Change a linked hub (read, modify, write back with its etag)."""
-    changes = (hub_connection_string, weight, allocation, location, x509_group_authentication)
+    """Change a linked hub (read, modify, write back with its etag; a new connection string or
+    CA certificate is checked against the hub first)."""
+    changes = (
+        hub_connection_string,
+        weight,
+        allocation,
+        location,
+        x509_group_authentication,
+        tier,
+        units,
+        write_budget,
+        ca_certificate,
+    )
     if all(change is None for change in changes):
         raise click.UsageError(
-            "Nothing to change: give --connection-string, --weight, --[no-]allocation, --location "
-            "or --x509-group-authentication."
+            "Nothing to change: give --connection-string, --weight, --[no-]allocation, --location, "
+            "--x509-group-authentication, --tier, --units, --write-budget or --ca-certificate."
         )
+    ca_pem = read_certificate_file(ca_certificate, "--ca-certificate") if ca_certificate else None
 
     def change(hub: LinkedHub) -> LinkedHub:
         return msgspec.structs.replace(
@@ -197,6 +264,10 @@ def hub_update(
             apply_allocation_policy=_given(allocation, hub.apply_allocation_policy),
             location=_given(location, hub.location),
             x509_group_authentication=_given(x509_group_authentication, hub.x509_group_authentication),
+            tier=_given(tier, hub.tier),
+            units=_given(units, hub.units),
+            write_budget_per_second=_given(write_budget, hub.write_budget_per_second),
+            ca_certificate=_given(ca_pem, hub.ca_certificate),
         )
 
     emit(as_json, client.hubs.modify(host, change), lambda d: _print_hub("Updated", d))

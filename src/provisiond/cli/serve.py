@@ -257,6 +257,26 @@ def _check_ports(bind: str, *, https_port: int, mqtt_port: int, amqp_port: int) 
             sock.close()
 
 
+def _region(region: str | None) -> str | None:
+    """``--region`` as given (``None`` when empty), with a log line saying how it compares."""
+    from ..regions import NAME_RULE, is_azure_region, is_valid_name
+
+    region = (region or "").strip() or None
+    if region is None:
+        return None
+    if not is_valid_name(region):
+        raise click.BadParameter(f"a region has {NAME_RULE}.", param_hint="--region")
+    if is_azure_region(region):
+        log.info("region %s: an Azure region (geoLatency measures distances to the hubs' locations)", region)
+    else:
+        log.info(
+            "region %s is not an Azure region: geoLatency prefers the hubs located in %r, else any",
+            region,
+            region,
+        )
+    return region
+
+
 def _announcing_server(config: uvicorn.Config, announce: Callable[[], None]) -> uvicorn.Server:
     """A uvicorn server that calls ``announce`` once it has started: the lifespan (which starts
     the MQTT and AMQP listeners) has finished and the HTTPS socket is listening."""
@@ -429,6 +449,16 @@ def _run(settings: Settings) -> None:
     help="Host name of the first IoT hub provisiond serves itself (identities and twins in its "
     "database; devices connect to it on these ports). Default: the one the database recorded on its "
     "first start, which is --host for a new database. The server certificate covers it.",
+)
+@click.option(
+    "--region",
+    default=None,
+    show_envvar=True,
+    envvar="PROVISIOND_REGION",
+    help="This node's region: an Azure region (westeurope, 'West Europe') or a name of your own. "
+    "geoLatency allocation picks among the candidate hubs whose location is nearest to it (the "
+    "same name; else, between Azure regions, the shortest distance), by weight among equals "
+    "(default: none; geoLatency then allocates as hashed).",
 )
 @click.option(
     "--workers",
@@ -646,6 +676,7 @@ def serve(
     server_cert: Path | None,
     server_key: Path | None,
     builtin_hub: str | None,
+    region: str | None,
     workers: int,
     rate_limit: float | None,
     device_rate_limit: float | None,
@@ -716,6 +747,7 @@ def serve(
         server_cert=server_cert,
         server_key=server_key,
         builtin_hub=builtin_hub,
+        region=_region(region),
         rate_limit=rate_limit,
         device_rate_limit=device_rate_limit,
         failed_attestation_limit=failed_attestation_limit,

@@ -31,7 +31,7 @@ import msgspec
 
 from .. import twin as twins
 from ..attestation.base import IdentityCredential
-from ..models import DeviceCapabilities, InitialTwin, LinkedHub
+from ..models import Deprovision, DeviceCapabilities, InitialTwin, LinkedHub
 from ..storage import Collection, Delete, Write
 from .models import HubDevice, Twin
 
@@ -188,6 +188,12 @@ class TransactionalHubBackend(HubBackend, Protocol):
         """
         ...
 
+    async def plan_removal(self, ref: IdentityRef, mode: Deprovision) -> list[Planned]:
+        """The store writes that disable or delete the identity ``ref`` (deprovisioning), to
+        commit in the transaction that deletes its registration record: a delete on the
+        identity's etag, or the update that disables it; nothing when there is no identity."""
+        ...
+
 
 class HubBackends:
     """Which backend serves which hub. Today: the built-in hubs (``builtin`` linked hubs);
@@ -218,6 +224,23 @@ class HubBackends:
         if hub is None or hub.builtin:
             return self.builtin
         raise HubError(f"IoT hub {hub.host_name!r} is not built in; remote hubs are not implemented yet.")
+
+    async def plan_removal(self, ref: IdentityRef, hub: LinkedHub | None, mode: Deprovision) -> list[Planned]:
+        """Deprovisioning: the store writes that disable or delete the identity ``ref``, to commit
+        in the transaction that deletes the registration record naming it (so that the record
+        and the identity cannot disagree after a crash). ``hub``: ``ref``'s linked hub (``None``:
+        no longer linked). A built-in hub's identity is written in that transaction; a remote
+        hub's removal is an item of the durable outbox in the same transaction, which the hub
+        writer carries out (docs/architecture.md, "Deprovisioning").
+
+        :raises HubError: a remote hub (the outbox is not built yet).
+        """
+        if hub is None or hub.builtin:
+            return await self.builtin.plan_removal(ref, mode)
+        raise HubError(
+            f"IoT hub {hub.host_name!r} is not built in; deprovisioning identities in remote hubs "
+            "is not implemented yet."
+        )
 
 
 async def resolve_twin(

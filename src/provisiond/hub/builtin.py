@@ -11,9 +11,10 @@ from collections.abc import Callable
 
 import msgspec
 
+from ..models import Deprovision
 from ..storage import Collection, Delete, Record, Store, Write, utc_iso
 from . import _records
-from .base import HubError, IdentityChange, IdentitySpec, Planned
+from .base import HubError, IdentityChange, IdentityRef, IdentitySpec, Planned
 from .models import DeviceStatus, HubDevice, Twin, authentication_for, new_device_etag, new_generation_id
 
 __all__ = ["BuiltinHub"]
@@ -102,6 +103,21 @@ class BuiltinHub:
             (Collection.HUB_DEVICES, _records.write_of(self._device(spec, existing, twin, now), record))
         )
         return planned
+
+    async def plan_removal(self, ref: IdentityRef, mode: Deprovision) -> list[Planned]:
+        record = await self._record(ref.hub, ref.device_id)
+        device = self._decode(record)
+        if record is None or device is None:
+            return []
+        if mode is Deprovision.DELETE:
+            return [(Collection.HUB_DEVICES, Delete(record.id, record.etag))]
+        if device.status is DeviceStatus.DISABLED:
+            return []
+        now = self._now()
+        disabled = msgspec.structs.replace(
+            device, status=DeviceStatus.DISABLED, status_updated_time=now, etag=new_device_etag(), updated=now
+        )
+        return [(Collection.HUB_DEVICES, _records.write_of(disabled, record))]
 
     # --- one operation at a time (what a remote hub does too) ----------------------------------
 

@@ -11,6 +11,10 @@ headers, body), call (:mod:`provisiond.service.management`), render.
 | GET/DELETE | /registrations/{id} | RegistrationStatusRead / RegistrationStatusWrite |
 | POST | /registrations/{groupId}/query | RegistrationStatusRead |
 
+DELETE of an enrollment, an enrollment group or a registration record takes provisiond's
+``?deprovision=disable|delete``: the identities the deleted records named are disabled or
+deleted in their hubs too (DPS, and provisiond without it, leave them; docs/hubs.md).
+
 PUT is create-or-update with DPS's etag rules: without If-Match (header, or the body's
 ``etag``) it creates, and an existing record is a 409; with If-Match it updates, and a stale
 etag is a 412 (``*`` matches any existing record).
@@ -25,7 +29,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..errors import RequestError
-from ..models import BulkEnrollmentGroupOperation, BulkEnrollmentOperation, QuerySpecification, Right
+from ..models import (
+    BulkEnrollmentGroupOperation,
+    BulkEnrollmentOperation,
+    Deprovision,
+    QuerySpecification,
+    Right,
+)
 from .context import ServiceContext, context_of
 from .http import decode_body, handle_errors, json_response
 from .management import Page
@@ -47,6 +57,20 @@ def _page_size(request: Request) -> int | None:
 
 def _continuation(request: Request) -> str | None:
     return request.headers.get("x-ms-continuation") or None
+
+
+def _deprovision(request: Request) -> Deprovision | None:
+    """``?deprovision=disable|delete`` (provisiond's): what a delete does to the identities."""
+    raw = request.query_params.get("deprovision")
+    if raw is None:
+        return None
+    try:
+        return Deprovision(raw.strip().lower())
+    except ValueError:
+        raise RequestError(
+            f"deprovision {raw[:20]!r} is not one of disable, delete (or leave it out: the "
+            "identities stay in their hubs, as with DPS)."
+        ) from None
 
 
 def _etag(item: Any) -> dict[str, str]:
@@ -97,7 +121,9 @@ async def put_enrollment(request: Request) -> Response:
 async def delete_enrollment(request: Request) -> Response:
     ctx, enrollments = _operations(request)
     await ctx.authorize(request, Right.ENROLLMENT_WRITE)
-    await enrollments.delete(request.path_params["id"], if_match=request.headers.get("if-match"))
+    await enrollments.delete(
+        request.path_params["id"], if_match=request.headers.get("if-match"), deprovision=_deprovision(request)
+    )
     return Response(status_code=204)
 
 
@@ -142,7 +168,7 @@ async def delete_registration(request: Request) -> Response:
     ctx = context_of(request)
     await ctx.authorize(request, Right.REGISTRATION_STATUS_WRITE)
     await ctx.management.registrations.delete(
-        request.path_params["id"], if_match=request.headers.get("if-match")
+        request.path_params["id"], if_match=request.headers.get("if-match"), deprovision=_deprovision(request)
     )
     return Response(status_code=204)
 

@@ -133,12 +133,17 @@ HubChoice: TypeAlias = Denied | NoHub | Assign | AskWebhook
 
 
 def choose_hub(
-    facts: Facts, linked: Mapping[str, LinkedHub], default_policy: AllocationPolicy | None
+    facts: Facts,
+    linked: Mapping[str, LinkedHub],
+    default_policy: AllocationPolicy | None,
+    *,
+    region: str | None = None,
 ) -> HubChoice:
     """Where the device goes, or why it goes nowhere (see the module docstring).
 
     :param linked: every linked hub, keyed by lower-cased host name.
     :param default_policy: the service's allocation policy (for enrollments without one).
+    :param region: the region of the node deciding (``serve --region``; geoLatency).
     """
     match = facts.match
     enrollment = match.enrollment
@@ -160,7 +165,7 @@ def choose_hub(
             )
         return AskWebhook(definition.webhook_url, candidates)
     try:
-        return Assign(allocate(policy, facts.registration_id, candidates, named=named))
+        return Assign(allocate(policy, facts.registration_id, candidates, named=named, region=region))
     except AllocationError as exc:
         return NoHub(DpsCode.NO_HUB, str(exc))
 

@@ -13,12 +13,13 @@ from starlette.requests import Request
 
 from ..errors import NotFoundError
 from ..hub.registry import HubRegistry
-from ..models import LinkedHub, Right, ServiceSettings
+from ..models import AttestationType, EnrollmentGroup, LinkedHub, Right, ServiceSettings
 from ..storage import Collection, Record, Store
 from .auth import authorize
 from .http import read_body, require_api_version
 from .management import SETTINGS_KEY, Management, read_linked_hubs, read_service_settings
 from .settings import Settings
+from .sources import read_groups
 from .throttle import RateLimiter
 
 __all__ = ["SETTINGS_KEY", "ServiceContext", "context_of"]
@@ -29,9 +30,11 @@ class ServiceContext:
     settings: Settings
     store: Store
     clock: Callable[[], float] = field(default=time.time)
-    # A short-lived copy of the rarely written settings and linked hubs, for the registration
-    # path only (``max_age``); never the source of truth (see ``invalidate``).
+    # A short-lived copy of the rarely written settings, linked hubs and enrollment groups, for
+    # the registration path only (``max_age``); never the source of truth (see ``invalidate``).
     _cache: dict[str, tuple[float, Any]] = field(default_factory=dict, repr=False)
+    # Bumped by ``invalidate``: a copy read across an invalidation is not kept.
+    _generation: int = field(default=0, repr=False)
     #: The device API's rate limits in this worker, one for every transport (HTTPS, MQTT, AMQP).
     limiter: RateLimiter = field(init=False, repr=False)
     #: The management operations (service and admin API, a console), over the same store.
@@ -52,9 +55,10 @@ class ServiceContext:
         )
 
     def invalidate(self) -> None:
-        """Forget cached settings and hubs (after an admin write on this node; other nodes and
-        workers see the change within ``max_age``)."""
+        """Forget cached settings, hubs and groups (after an admin or group write on this node;
+        other nodes and workers see the change within ``max_age``)."""
         self._cache.clear()
+        self._generation += 1
 
     def _cached(self, key: str, max_age: float) -> Any:
         if max_age <= 0:
@@ -63,6 +67,11 @@ class ServiceContext:
         if hit is not None and time.monotonic() - hit[0] < max_age:
             return hit[1]
         return None
+
+    def _keep(self, key: str, value: Any, generation: int) -> None:
+        """Cache ``value``, read since ``generation``, unless an invalidation came in between."""
+        if generation == self._generation:
+            self._cache[key] = (time.monotonic(), value)
 
     async def authorize(self, request: Request, right: Right) -> None:
         """Check api-version and the SAS token for ``right`` (raises the DPS error)."""
@@ -86,8 +95,9 @@ class ServiceContext:
         cached: ServiceSettings | None = self._cached(SETTINGS_KEY, max_age)
         if cached is not None:
             return cached
+        generation = self._generation
         settings = await read_service_settings(self.store)
-        self._cache[SETTINGS_KEY] = (time.monotonic(), settings)
+        self._keep(SETTINGS_KEY, settings, generation)
         return settings
 
     async def linked_hubs(self, *, max_age: float = 0) -> dict[str, LinkedHub]:
@@ -95,9 +105,24 @@ class ServiceContext:
         cached: dict[str, LinkedHub] | None = self._cached("linked_hubs", max_age)
         if cached is not None:
             return cached
+        generation = self._generation
         hubs = await read_linked_hubs(self.store)
-        self._cache["linked_hubs"] = (time.monotonic(), hubs)
+        self._keep("linked_hubs", hubs, generation)
         return hubs
+
+    async def enrollment_groups(
+        self, attestation: AttestationType, *, max_age: float = 0
+    ) -> list[EnrollmentGroup]:
+        """Every enrollment group of one attestation type, in id order (``max_age``: as for
+        settings). The list is shared with other requests: callers copy it to reorder it."""
+        key = f"groups:{attestation.value}"
+        cached: list[EnrollmentGroup] | None = self._cached(key, max_age)
+        if cached is not None:
+            return cached
+        generation = self._generation
+        groups = await read_groups(self.store, attestation)
+        self._keep(key, groups, generation)
+        return groups
 
     async def builtin_hubs(self, *, max_age: float = 0) -> list[str]:
         """The host names of the built-in hubs (lower-cased), the first one first (``max_age``:

@@ -33,8 +33,9 @@ every process appends what another process must act on and polls the stream ever
   :class:`~provisiond.errors.DeviceNotOnlineError` (404103) and
   :class:`~provisiond.errors.GatewayTimeoutError` (504101).
 * **Desired properties, cloud-to-device messages, disconnects** are told to the session, or
-  signalled to the process that holds it (``desired``, ``c2d``, ``disconnect``; a ``desired`` or
-  ``disconnect`` signal older than the session's connection does not concern it). Messages
+  signalled to the process that holds it (``desired``, ``c2d``, ``disconnect``; a ``disconnect``
+  older than the session's connection does not concern it, and the session drops a ``desired``
+  version its twin already had when it connected). Messages
   themselves stay in the database (the twin; ``Stream.HUB_C2D``): a signal only says "look".
 
 Signals are short-lived: every process deletes those older than :data:`SIGNAL_TTL` seconds.
@@ -564,10 +565,8 @@ class HubBroker:
             if session.order < entry.seq:  # not a session that connected after it was asked
                 session.kick(signal.reason)
         elif isinstance(signal, Desired):
-            # Not for a session that connected after the change: as IoT Hub, a device hears of
-            # changes made while it is connected; it reads the twin for the others.
-            if session.order < entry.seq:
-                session.send_desired(signal.changes, signal.version)
+            # The session drops a version its twin had when it connected (and orders the rest).
+            session.send_desired(signal.changes, signal.version)
         elif isinstance(signal, C2d):
             session.wake_c2d()
         elif isinstance(signal, MethodRequest):

@@ -429,20 +429,21 @@ class _HubSession:
             log.log(level, "MQTT %s: closed: %s", self.who, machine.close_reason or "closed")
 
     async def _after_close(self) -> None:
+        """The Will, what the stored session must remember, and (last: once it reads
+        ``Disconnected``, the rest is done) the connection state."""
         if self._desired_timer is not None:
             self._desired_timer.cancel()
-        """The Will, the connection state, and what the stored session must remember."""
         endpoint = self.endpoint
         endpoint.forget(self.hub, self.device_id)
         try:
             if not self.orderly:
                 await self._send_will()
-            if not self.replaced:
-                await endpoint.registry.set_connection_state(self.hub, self.device_id, connected=False)
             if self.persistent and self._c2d_sent > self._c2d_sent_before:
                 await endpoint.sessions.record_c2d_sent(
                     self.hub, self.device_id, self._c2d_sent, identity=self._identity_created
                 )
+            if not self.replaced:
+                await endpoint.registry.set_connection_state(self.hub, self.device_id, connected=False)
         except ProvisioningError as exc:
             log.warning("MQTT %s: after the close: %s", self.who, exc.message)
 
@@ -571,6 +572,8 @@ class _HubSession:
     async def _handle(self, packets: list[Packet]) -> None:
         telemetry: list[tuple[Publish, dict[str, str | None]]] = []
         for packet in packets:
+            if isinstance(packet, Disconnect):  # the machine closed on it: an orderly end
+                self.orderly = True
             if self.machine.state is State.CLOSED:
                 return
             if isinstance(packet, Publish):
@@ -594,9 +597,7 @@ class _HubSession:
                 await self._on_unsubscribe(packet)
             elif isinstance(packet, Puback):
                 await self._on_puback(packet)
-            elif isinstance(packet, Disconnect):
-                self.orderly = True
-            # PINGREQ: the machine answered it.
+            # PINGREQ: the machine answered it; DISCONNECT: above.
         await self._store_telemetry(telemetry)
 
     def _own_telemetry(self, publish: Publish, device_id: str | None) -> bool:

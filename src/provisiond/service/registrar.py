@@ -10,7 +10,8 @@ belongs to a collaborator that can be replaced (all injected, with defaults):
    picks the attestors; the individual enrollment decides first, then groups. The result is a
    :class:`~provisiond.attestation.base.Match`. A TPM's first register gets its challenge
    (:class:`~provisiond.errors.TpmChallengeRequired`).
-3. **Load the previous record** of the registration id (polls, re-registrations, races).
+3. **Load the previous record** of the registration id (polls, re-registrations, races): read
+   once, before attesting, since its enrollment group is the symmetric-key attestor's first try.
 4. **Choose the hub** (:func:`~provisiond.service.assignment.choose_hub`, pure): the
    enrollment's allocation policy (or the service's), its reprovision policy, the linked hubs;
    ``custom`` asks the enrollment's webhook (``webhook``, the only slow step).
@@ -86,8 +87,9 @@ __all__ = ["DeviceRequest", "Registrar", "Webhook"]
 log = logging.getLogger("provisiond.registrar")
 
 _WRITE_ATTEMPTS = 3
-#: How stale the registration path may see the settings and linked hubs (seconds): they change
-#: rarely, and reading them on every registration doubled its database round trips.
+#: How stale the registration path may see the settings, linked hubs and enrollment groups
+#: (seconds): they change rarely, and reading them on every registration doubled its database
+#: round trips (the groups' query also cost a hop to a reader thread).
 CONFIG_MAX_AGE = 1.0
 
 
@@ -154,7 +156,9 @@ class Registrar:
         self.ctx = ctx
         self.store = ctx.store
         self.clock = clock or ctx.clock
-        self.sources = StoreSources(ctx.store)
+        self.sources = StoreSources(
+            ctx.store, groups=lambda attestation: ctx.enrollment_groups(attestation, max_age=CONFIG_MAX_AGE)
+        )
         skew = ctx.settings.clock_skew
         #: The TPM attestor (also the AMQP SASL ``TPM`` mechanism's: challenge and answer).
         self.tpm = TpmAttestor(self.sources, self.sources, clock=self.clock, clock_skew=skew, random=random)
@@ -187,13 +191,13 @@ class Registrar:
         :raises AuthenticationError: the device did not prove an enrollment's credential.
         :raises InvalidBodyError, InvalidIdError: the request is malformed.
         """
-        match = await self._attest(request, registering=True)
+        match, previous = await self._attest(request, registering=True)
         operation_id = self._new_operation_id()
         if match.enrollment.allocation_policy is not AllocationPolicy.CUSTOM:
             # Only a webhook can be slow: everything else finishes in well under a millisecond
             # of work, so it runs in this request without a task (that costs about 10%).
-            return await self._assign(request, match, operation_id)
-        return await self._assign_within_budget(request, match, operation_id)
+            return await self._assign(request, match, operation_id, previous)
+        return await self._assign_within_budget(request, match, operation_id, previous)
 
     async def operation_status(
         self, request: DeviceRequest, operation_id: str
@@ -202,8 +206,7 @@ class Registrar:
 
         :raises NotFoundError: no such operation for this registration id.
         """
-        await self._attest(request)
-        record = await self.store.get(Collection.REGISTRATIONS, request.registration_id)
+        _, record = await self._attest(request)
         if record is None or records.decode(record).operation_id != operation_id:
             raise NotFoundError(
                 f"No registration operation {operation_id[:64]!r} for {request.registration_id!r}.",
@@ -213,8 +216,7 @@ class Registrar:
 
     async def status_lookup(self, request: DeviceRequest) -> DeviceRegistrationResult:
         """The device's registration record (``POST /{idScope}/registrations/{id}``)."""
-        await self._attest(request)
-        record = await self.store.get(Collection.REGISTRATIONS, request.registration_id)
+        _, record = await self._attest(request)
         if record is None:
             raise NotFoundError(
                 f"{request.registration_id!r} has not registered.", error_code=DpsCode.REGISTRATION_NOT_FOUND
@@ -223,8 +225,12 @@ class Registrar:
 
     # --- 1, 2: check the request and attest ----------------------------------------------------
 
-    async def _attest(self, request: DeviceRequest, *, registering: bool = False) -> Match:
-        """Check the request and attest the device, within the rate limits.
+    async def _attest(
+        self, request: DeviceRequest, *, registering: bool = False
+    ) -> tuple[Match, Record | None]:
+        """Check the request and attest the device, within the rate limits; the match and the
+        registration record as read before attesting (read once: its group is the attestation's
+        hint, and the register, poll or lookup goes on from it).
 
         :raises ThrottledError: over a limit (429 with ``retry_after``).
         :raises AuthenticationError: the device did not prove an enrollment's credential.
@@ -232,14 +238,17 @@ class Registrar:
         self.limiter.admit(request.source)
         try:
             await self._check_request(request)
-            match = await attest(self._evidence(request, registering), self.attestors, self.sources)
+            record = await self.store.get(Collection.REGISTRATIONS, request.registration_id)
+            last_group = records.decode(record).enrollment_group_id if record is not None else None
+            evidence = self._evidence(request, registering, last_group)
+            match = await attest(evidence, self.attestors, self.sources)
         except TpmChallengeRequired:
             raise  # the first step of TPM attestation, not a failure
         except AuthenticationError:
             self.limiter.failed(request.source)
             raise
         self.limiter.attested(request.registration_id)
-        return match
+        return match, record
 
     async def _check_request(self, request: DeviceRequest) -> None:
         validate_id(request.registration_id, "registrationId")
@@ -255,7 +264,7 @@ class Registrar:
                 error_code=DpsCode.TOKEN_AUDIENCE,
             )
 
-    def _evidence(self, request: DeviceRequest, registering: bool) -> Evidence:
+    def _evidence(self, request: DeviceRequest, registering: bool, last_group: str | None) -> Evidence:
         return Evidence(
             id_scope=request.id_scope,
             registration_id=request.registration_id,
@@ -263,16 +272,18 @@ class Registrar:
             client_chain=request.client_chain,
             tpm=request.body.tpm,
             registering=registering,
+            last_group=last_group,
             now=self.clock(),
         )
 
     # --- 3-6: load the previous record, choose the hub, decide, commit -------------------------
 
     async def _assign(
-        self, request: DeviceRequest, match: Match, operation_id: str
+        self, request: DeviceRequest, match: Match, operation_id: str, previous: Record | None
     ) -> RegistrationOperationStatus:
+        """Steps 3-6 over ``previous``, the record as read (a stale one costs a retry: the
+        commit is conditional on its etag)."""
         reg_id = request.registration_id
-        previous = await self.store.get(Collection.REGISTRATIONS, reg_id)
         for attempt in range(_WRITE_ATTEMPTS):
             decision = await self._decide(request, match, previous, operation_id)
             # After a failed commit, plan on what is stored: the identity may exist although the
@@ -307,7 +318,7 @@ class Registrar:
         default_policy = None
         if match.enrollment.allocation_policy is None:
             default_policy = (await self.ctx.service_settings(max_age=CONFIG_MAX_AGE)).allocation_policy
-        choice = choose_hub(facts, linked, default_policy)
+        choice = choose_hub(facts, linked, default_policy, region=self.ctx.settings.region)
         if isinstance(choice, AskWebhook):
             return decide(facts, await self._ask_webhook(facts, choice, request))
         return decide(facts, choice)
@@ -402,9 +413,9 @@ class Registrar:
     # --- 7: answer within the budget ------------------------------------------------------------
 
     async def _assign_within_budget(
-        self, request: DeviceRequest, match: Match, operation_id: str
+        self, request: DeviceRequest, match: Match, operation_id: str, previous: Record | None
     ) -> RegistrationOperationStatus:
-        task = asyncio.create_task(self._assign_in_background(request, match, operation_id))
+        task = asyncio.create_task(self._assign_in_background(request, match, operation_id, previous))
         self._background.add(task)
         task.add_done_callback(self._finished)
         try:
@@ -429,10 +440,10 @@ class Registrar:
             log.error("a registration failed in the background", exc_info=task.exception())
 
     async def _assign_in_background(
-        self, request: DeviceRequest, match: Match, operation_id: str
+        self, request: DeviceRequest, match: Match, operation_id: str, previous: Record | None
     ) -> RegistrationOperationStatus:
         try:
-            return await self._assign(request, match, operation_id)
+            return await self._assign(request, match, operation_id, previous)
         except Exception as exc:
             # Nobody may be waiting for this answer any more: leave a failed record behind an
             # 'assigning' one, so that the device's polls end.

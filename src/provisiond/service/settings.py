@@ -89,6 +89,9 @@ class Settings:
     #: Seconds a register request waits for its assignment; a slower one (a custom allocation
     #: webhook) answers 202 ``assigning`` with Retry-After and finishes in the background.
     assignment_budget: float = 2.0
+    #: This node's region (an Azure region name or one of the operator's): geoLatency allocation
+    #: picks among the candidate hubs whose location is nearest to it (:mod:`provisiond.regions`).
+    region: str | None = None
     #: Extra host names the server certificate and SAS ``sr`` checks accept.
     extra_host_names: tuple[str, ...] = field(default_factory=tuple)
     #: The built-in hubs' telemetry stream is bounded: events older than this many seconds, and

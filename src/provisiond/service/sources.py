@@ -1,9 +1,13 @@
 """What the attestors read, over the store: enrollments, CA certificates and pending TPM
-challenges (the protocols of :mod:`provisiond.attestation.base`)."""
+challenges (the protocols of :mod:`provisiond.attestation.base`).
+
+Enrollment groups are read on every group-derived registration and change rarely: they come
+from a loader (the service context's cache, :meth:`ServiceContext.enrollment_groups`) when one
+is given, else straight from the store."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import msgspec
 
@@ -11,9 +15,19 @@ from ..attestation.base import IssuedChallenge, PendingChallenge
 from ..errors import NotFoundError, PreconditionFailedError
 from ..models import AttestationType, CaCertificate, EnrollmentGroup, IndividualEnrollment
 from ..storage import Collection, Store, WriteMode
-from .records import RegistrationRecord
 
-__all__ = ["StoreSources"]
+__all__ = ["GroupsLoader", "StoreSources", "read_groups"]
+
+#: Every enrollment group of one attestation type, in id order (shared: not to be mutated).
+GroupsLoader = Callable[[AttestationType], Awaitable[list[EnrollmentGroup]]]
+
+
+async def read_groups(store: Store, attestation: AttestationType) -> list[EnrollmentGroup]:
+    """Every enrollment group of one attestation type, in id order, from the store."""
+    records = await store.query_all(
+        Collection.ENROLLMENT_GROUPS, filters={"attestation_type": attestation.value.lower()}
+    )
+    return [msgspec.json.decode(r.doc, type=EnrollmentGroup) for r in records]
 
 
 class StoreSources:
@@ -21,8 +35,9 @@ class StoreSources:
     :class:`~provisiond.attestation.base.CaSource` and
     :class:`~provisiond.attestation.base.ChallengeStore` over one store."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, groups: GroupsLoader | None = None) -> None:
         self._store = store
+        self._groups = groups
 
     # --- enrollments -----------------------------------------------------------------------------
 
@@ -31,16 +46,9 @@ class StoreSources:
         return msgspec.json.decode(record.doc, type=IndividualEnrollment) if record else None
 
     async def groups(self, attestation: AttestationType) -> list[EnrollmentGroup]:
-        records = await self._store.query_all(
-            Collection.ENROLLMENT_GROUPS, filters={"attestation_type": attestation.value.lower()}
-        )
-        return [msgspec.json.decode(r.doc, type=EnrollmentGroup) for r in records]
-
-    async def last_group(self, registration_id: str) -> str | None:
-        record = await self._store.get(Collection.REGISTRATIONS, registration_id)
-        return (
-            msgspec.json.decode(record.doc, type=RegistrationRecord).enrollment_group_id if record else None
-        )
+        if self._groups is None:
+            return await read_groups(self._store, attestation)
+        return list(await self._groups(attestation))  # a copy: the caller may reorder it
 
     # --- CA certificates -------------------------------------------------------------------------
 

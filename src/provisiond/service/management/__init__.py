@@ -14,7 +14,7 @@ from reads, as DPS shows them), keep DPS's etag rules (create without an etag, u
 ``*`` for "whatever is there", conditional writes retried where the service itself read the
 etag), and raise :class:`~provisiond.errors.ProvisioningError` subclasses carrying their
 :class:`~provisiond.errors.DpsCode`. A write that changes what the registration path caches
-(settings, linked hubs) calls ``invalidate``. Nothing here knows HTTP: no Starlette, no
+(settings, linked hubs, enrollment groups) calls ``invalidate``. Nothing here knows HTTP: no Starlette, no
 headers (tests/service/test_management.py checks that).
 
 | Attribute | Operations |
@@ -33,13 +33,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ...hub import BuiltinHub, HubBackends
 from ...hub.policies import HubPolicies
 from ...models import LinkedHub
 from ...storage import Store
 from ._base import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Page
+from ._deprovision import Deprovisioner
 from .certificates import CaCertificates
 from .enrollments import EnrollmentGroups, IndividualEnrollments
-from .hubs import LinkedHubs, read_linked_hubs
+from .hubs import CredentialCheck, LinkedHubs, read_linked_hubs
 from .policies import AccessPolicies
 from .registrations import Registrations, registration_state
 from .settings import SETTINGS_KEY, ServiceSettingsManager, read_service_settings, validate_id_scope
@@ -72,13 +74,23 @@ class Management:
     """Every management operation of one service, over its store."""
 
     def __init__(
-        self, store: Store, *, builtin_hub: str, invalidate: Callable[[], None] = _nothing_cached
+        self,
+        store: Store,
+        *,
+        builtin_hub: str,
+        invalidate: Callable[[], None] = _nothing_cached,
+        hubs: HubBackends | None = None,
+        check_hub: CredentialCheck | None = None,
     ) -> None:
+        """:param hubs: the hub backends (deprovisioning); default: the built-in hub over ``store``.
+        :param check_hub: checks a remote hub's credential when it is linked (default: a read
+            of its registry, :func:`provisiond.hub.connection.check_credential`)."""
         self.store = store
-        self.registrations = Registrations(store)
-        self.enrollments = IndividualEnrollments(store, self._linked_hubs, self.registrations)
-        self.groups = EnrollmentGroups(store, self._linked_hubs)
-        self.hubs = LinkedHubs(store, builtin_hub=builtin_hub, invalidate=invalidate)
+        deprovisioner = Deprovisioner(store, hubs or HubBackends(BuiltinHub(store)), self._linked_hubs)
+        self.registrations = Registrations(store, deprovisioner)
+        self.enrollments = IndividualEnrollments(store, self._linked_hubs, self.registrations, deprovisioner)
+        self.groups = EnrollmentGroups(store, self._linked_hubs, deprovisioner, invalidate=invalidate)
+        self.hubs = LinkedHubs(store, builtin_hub=builtin_hub, invalidate=invalidate, check=check_hub)
         self.certificates = CaCertificates(store, invalidate)
         self.policies = AccessPolicies(store, invalidate)
         self.hub_policies = HubPolicies(store)

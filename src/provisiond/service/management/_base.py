@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from ...errors import ConflictError, DpsCode, NotFoundError, PreconditionFailedError
-from ...storage import Collection, Record, Store, WriteMode
+from ...storage import Collection, Record, Store, WriteMode, etags_match
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
     "MAX_PAGE_SIZE",
     "WRITE_RETRIES",
     "Page",
+    "check_precondition",
     "delete_record",
     "get_or_404",
     "page_size",
@@ -57,6 +58,35 @@ async def get_or_404(store: Store, collection: Collection, id: str, code: DpsCod
     return record
 
 
+def _exists(collection: Collection, id: str) -> ConflictError:
+    return ConflictError(
+        f"The {collection.label} {id!r} already exists; to replace it, send its etag in If-Match (or *)."
+    )
+
+
+def _stale(collection: Collection, id: str) -> PreconditionFailedError:
+    return PreconditionFailedError(
+        f"The etag in If-Match does not match the stored {collection.label} {id!r}."
+    )
+
+
+def check_precondition(
+    collection: Collection, id: str, existing: Record | None, if_match: str | None
+) -> None:
+    """What :func:`put_record` would refuse on ``existing`` (as read now), checked before any
+    slow work (a linked hub's credential check); the write still checks it atomically.
+
+    :raises ConflictError: 409, a create of an existing record. :raises PreconditionFailedError:
+        412, ``if_match`` does not match.
+    """
+    if existing is None:
+        return
+    if if_match is None:
+        raise _exists(collection, id)
+    if not etags_match(if_match, existing.etag):
+        raise _stale(collection, id)
+
+
 async def put_record(
     store: Store,
     collection: Collection,
@@ -73,13 +103,9 @@ async def put_record(
             return await store.write(collection, id, doc, mode=WriteMode.CREATE)
         return await store.write(collection, id, doc, mode=WriteMode.UPDATE, if_match=if_match)
     except ConflictError:
-        raise ConflictError(
-            f"The {collection.label} {id!r} already exists; to replace it, send its etag in If-Match (or *)."
-        ) from None
+        raise _exists(collection, id) from None
     except PreconditionFailedError:
-        raise PreconditionFailedError(
-            f"The etag in If-Match does not match the stored {collection.label} {id!r}."
-        ) from None
+        raise _stale(collection, id) from None
     finally:
         invalidate()
 

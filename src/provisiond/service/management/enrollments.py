@@ -30,6 +30,7 @@ from ...models import (
     BulkEnrollmentOperationError,
     BulkEnrollmentOperationResult,
     BulkOperationMode,
+    Deprovision,
     EnrollmentGroup,
     IndividualEnrollment,
     LinkedHub,
@@ -39,6 +40,7 @@ from ...storage import Collection, Delete, Record, Store, Write, WriteMode, etag
 from .. import enrollments as en
 from ..query import ENROLLMENT_FIELDS, GROUP_FIELDS, parse_query
 from ._base import WRITE_RETRIES, Page, delete_record, get_or_404, page_size
+from ._deprovision import Deprovisioner
 from .registrations import Registrations
 
 __all__ = ["EnrollmentGroups", "EnrollmentOperations", "IndividualEnrollments"]
@@ -57,15 +59,29 @@ _BULK_WRITES = {
 LinkedHubsReader = Callable[[], Awaitable[Mapping[str, LinkedHub]]]
 
 
+def _nothing_cached() -> None:
+    pass
+
+
 class EnrollmentOperations(Generic[E]):
     """The operations both kinds share."""
 
     kind: en.EnrollmentKind[E]
     _fields: Mapping[str, tuple[str, bool]]
 
-    def __init__(self, store: Store, linked_hubs: LinkedHubsReader) -> None:
+    def __init__(
+        self,
+        store: Store,
+        linked_hubs: LinkedHubsReader,
+        deprovisioner: Deprovisioner,
+        *,
+        invalidate: Callable[[], None] = _nothing_cached,
+    ) -> None:
         self._store = store
         self._linked_hubs = linked_hubs
+        self._deprovisioner = deprovisioner
+        #: Drops cached copies of this kind after every write (the registration path caches groups).
+        self._invalidate = invalidate
 
     # --- presenting ------------------------------------------------------------------------
 
@@ -145,6 +161,14 @@ class EnrollmentOperations(Generic[E]):
     async def _write(
         self, id: str, doc: bytes, index: dict[str, str | None], existing: Record | None, if_match: str | None
     ) -> Record:
+        try:
+            return await self._write_record(id, doc, index, existing, if_match)
+        finally:
+            self._invalidate()
+
+    async def _write_record(
+        self, id: str, doc: bytes, index: dict[str, str | None], existing: Record | None, if_match: str | None
+    ) -> Record:
         collection, label = self.kind.collection, self.kind.label
         if if_match is None:
             if existing is not None:
@@ -197,19 +221,43 @@ class EnrollmentOperations(Generic[E]):
         """Enable or disable the enrollment (a :meth:`modify`)."""
         return await self.modify(id, lambda e: msgspec.structs.replace(e, provisioning_status=status))
 
-    async def delete(self, id: str, *, if_match: str | None = None) -> None:
-        """Delete the enrollment on ``if_match`` (``None``: whatever is stored).
+    async def delete(
+        self, id: str, *, if_match: str | None = None, deprovision: Deprovision | None = None
+    ) -> None:
+        """Delete the enrollment group on ``if_match`` (``None``: whatever is stored; individual
+        enrollments override this). Its devices' registration records and identities stay, as
+        with DPS, unless ``deprovision``: then, once the group is deleted (no device can register
+        into it any more), every record of its devices is deleted and the identity it names
+        disabled or deleted, a page of records per transaction (:mod:`._deprovision`). A group
+        already deleted whose devices still have records is swept the same way (after a crash,
+        or after a delete without ``deprovision``).
 
-        :raises NotFoundError: 404201 / 404203. :raises PreconditionFailedError: 412001.
+        :raises NotFoundError: 404203 (no such group, nor records of its devices).
+        :raises PreconditionFailedError: 412001. :raises RequestError: a hub cannot take the
+            removal.
         """
-        await delete_record(
-            self._store,
-            self.kind.collection,
-            id,
-            if_match,
-            not_found=self.kind.not_found_code,
-            etag_code=DpsCode.ETAG_MISMATCH,
+        try:
+            await delete_record(
+                self._store,
+                self.kind.collection,
+                id,
+                if_match,
+                not_found=self.kind.not_found_code,
+                etag_code=DpsCode.ETAG_MISMATCH,
+            )
+        except NotFoundError:
+            if deprovision is None or not await self._has_devices(id):
+                raise
+        finally:
+            self._invalidate()
+        if deprovision is not None:
+            await self._deprovisioner.group_devices(id, deprovision)
+
+    async def _has_devices(self, group_id: str) -> bool:
+        page = await self._store.query(
+            Collection.REGISTRATIONS, filters={"enrollment_group_id": group_id.lower()}, limit=1
         )
+        return bool(page.records)
 
     # --- bulk ------------------------------------------------------------------------------
 
@@ -229,7 +277,10 @@ class EnrollmentOperations(Generic[E]):
                 positions.append(i)
             except ProvisioningError as exc:
                 outcomes[i] = exc
-        results = await self._store.write_many(self.kind.collection, writes)
+        try:
+            results = await self._store.write_many(self.kind.collection, writes)
+        finally:
+            self._invalidate()
         for pos, written in zip(positions, results, strict=True):
             outcomes[pos] = written
         if mode is BulkOperationMode.DELETE:
@@ -280,8 +331,14 @@ class IndividualEnrollments(EnrollmentOperations[IndividualEnrollment]):
     kind = en.INDIVIDUAL
     _fields = ENROLLMENT_FIELDS
 
-    def __init__(self, store: Store, linked_hubs: LinkedHubsReader, registrations: Registrations) -> None:
-        super().__init__(store, linked_hubs)
+    def __init__(
+        self,
+        store: Store,
+        linked_hubs: LinkedHubsReader,
+        registrations: Registrations,
+        deprovisioner: Deprovisioner,
+    ) -> None:
+        super().__init__(store, linked_hubs, deprovisioner)
         self._registrations = registrations
 
     async def _present(
@@ -297,12 +354,16 @@ class IndividualEnrollments(EnrollmentOperations[IndividualEnrollment]):
             out.append(en.present(self.kind, record, shown=shown, extra=extra))
         return out
 
-    async def delete(self, id: str, *, if_match: str | None = None) -> None:
-        """Delete the enrollment and, as DPS does, its registration record, in one transaction
-        (the hub identity stays: deprovisioning it is a separate step, as with DPS).
+    async def delete(
+        self, id: str, *, if_match: str | None = None, deprovision: Deprovision | None = None
+    ) -> None:
+        """Delete the enrollment and, as DPS does, its registration record, in one transaction.
+        The hub identity stays, as with DPS, unless ``deprovision`` disables or deletes it in
+        that transaction too (:mod:`._deprovision`).
 
         :raises NotFoundError: 404201. :raises PreconditionFailedError: 412001.
         :raises ConflictError: 409000, the two kept changing under concurrent writes.
+        :raises RequestError: the identity's hub cannot take the removal.
         """
         for _ in range(WRITE_RETRIES):
             enrollment = await self._get_record(id)
@@ -317,11 +378,12 @@ class IndividualEnrollments(EnrollmentOperations[IndividualEnrollment]):
             ]
             if record is not None:
                 items.append((Collection.REGISTRATIONS, Delete(id, record.etag)))
+                items.extend(await self._deprovisioner.removal(record, deprovision))
             try:
                 await self._store.write_atomic(items)
                 return
-            except (PreconditionFailedError, NotFoundError):
-                continue  # one of them changed meanwhile: read both again
+            except (ConflictError, PreconditionFailedError, NotFoundError):
+                continue  # one of them changed meanwhile: read them again
         raise ConflictError(
             f"The individual enrollment {id!r} kept changing under concurrent writes; retry.",
             error_code=DpsCode.CONFLICT,
@@ -340,7 +402,8 @@ class IndividualEnrollments(EnrollmentOperations[IndividualEnrollment]):
 
 
 class EnrollmentGroups(EnrollmentOperations[EnrollmentGroup]):
-    """Enrollment groups (deleting one keeps its devices' registration records, as DPS does)."""
+    """Enrollment groups (deleting one keeps its devices' registration records, as DPS does,
+    unless it deprovisions them: :meth:`EnrollmentOperations.delete`)."""
 
     kind = en.GROUP
     _fields = GROUP_FIELDS

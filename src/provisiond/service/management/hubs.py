@@ -3,8 +3,9 @@ built-in hubs. Azure keeps linked hubs in its Resource Manager; provisiond under
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
 import msgspec
@@ -19,11 +20,13 @@ from ...errors import (
 )
 from ...hub import Device, HubDevice, device_view
 from ...hub._records import decode
+from ...hub.connection import HubConnection, check_credential, parse_ca_certificate
 from ...hub.policies import HubPolicies
 from ...hub.registry import HubRegistry
 from ...models import LinkedHub
+from ...regions import NAME_RULE, is_valid_name
 from ...storage import Collection, Record, Store
-from ._base import Page, delete_record, get_or_404, put_record
+from ._base import Page, check_precondition, delete_record, get_or_404, put_record
 
 __all__ = ["HubIdentity", "LinkedHubs", "identity_view", "read_linked_hubs", "validate_host_name"]
 
@@ -32,6 +35,11 @@ _HOST_NAME = re.compile(
 )
 #: Identities per page of :meth:`LinkedHubs.devices`.
 DEVICES_PAGE = 1000
+#: The largest explicit write budget (registry operations a second) a hub may be given.
+MAX_WRITE_BUDGET = 100_000.0
+
+#: Checks a remote hub's credential when it is linked (:func:`provisiond.hub.connection.check_credential`).
+CredentialCheck = Callable[[LinkedHub, HubConnection], Awaitable[None]]
 
 
 class HubIdentity(NamedTuple):
@@ -84,10 +92,18 @@ class LinkedHubs:
     """List, get, link (create or update) and unlink IoT hubs; read and delete the identities
     of the built-in hubs. Connection strings and device keys never leave."""
 
-    def __init__(self, store: Store, *, builtin_hub: str, invalidate: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        builtin_hub: str,
+        invalidate: Callable[[], None],
+        check: CredentialCheck | None = None,
+    ) -> None:
         self._store = store
         self._builtin_hub = builtin_hub
         self._invalidate = invalidate
+        self._check = check or check_credential
         self._policies = HubPolicies(store)
         self._registry = HubRegistry(store)
 
@@ -106,10 +122,13 @@ class LinkedHubs:
         ``etag``). A hub is built in when it was (the one made on first start) or when a new one
         asks for it (``builtin``): further built-in hubs keep their identities in provisiond's
         database too. Any other hub needs a connection string; a change without one keeps the
-        stored one.
+        stored one. A new connection string or CA certificate is checked against the hub
+        before anything is written (:func:`~provisiond.hub.connection.check_credential`).
 
-        :raises InvalidIdError, InvalidBodyError: a bad host name, weight or missing
-            connection string. :raises ConflictError, PreconditionFailedError: the etag rules.
+        :raises InvalidIdError, InvalidBodyError: a bad host name, weight, location, tier,
+            budget, CA certificate or connection string, or a missing one.
+            :raises RequestError: 400210 / 400211, the hub refused the credential or could not
+            be read with it. :raises ConflictError, PreconditionFailedError: the etag rules.
         """
         validate_host_name(host)
         if hub.host_name.lower() != host.lower():
@@ -119,7 +138,10 @@ class LinkedHubs:
         weight = hub.allocation_weight
         if weight is not None and not 1 <= weight <= 1000:
             raise InvalidBodyError(f"allocationWeight must be between 1 and 1000, not {weight}.")
+        if hub.location is not None and not is_valid_name(hub.location):
+            raise InvalidBodyError(f"location {hub.location[:80]!r} is not a location: it has {NAME_RULE}.")
         existing = await self._store.get(Collection.LINKED_HUBS, host)
+        check_precondition(Collection.LINKED_HUBS, host, existing, if_match or hub.etag)
         old = msgspec.json.decode(existing.doc, type=LinkedHub) if existing else None
         builtin = bool((old and old.builtin) or (old is None and hub.builtin))
         connection_string = hub.connection_string or (old.connection_string if old else None)
@@ -128,6 +150,14 @@ class LinkedHubs:
                 "connectionString is required: how provisiond reaches the hub's identity registry "
                 "(HostName=...;SharedAccessKeyName=...;SharedAccessKey=...)."
             )
+        hub = _remote_settings(hub, builtin)
+        if not builtin and connection_string:
+            connection = HubConnection.parse(connection_string, host=host)
+            if old is None or (connection_string, hub.ca_certificate) != (
+                old.connection_string,
+                old.ca_certificate,
+            ):
+                await self._check(hub, connection)
         doc = msgspec.structs.replace(
             hub,
             etag=None,
@@ -237,3 +267,44 @@ class LinkedHubs:
                 f"The etag in If-Match does not match the device {device_id[:140]!r}.",
                 error_code=DpsCode.PRECONDITION_FAILED,
             ) from None
+
+
+def _remote_settings(hub: LinkedHub, builtin: bool) -> LinkedHub:
+    """``hub`` with its write budget and TLS trust checked: none on a built-in hub (its
+    identities are written in the registration's transaction, by provisiond itself); on a remote
+    hub, ``units`` (default 1) only with a ``tier`` and within what the tier allows, an explicit
+    budget above 0, a CA certificate in PEM.
+
+    :raises InvalidBodyError: one of them is wrong.
+    """
+    remote_only = {
+        "tier": hub.tier,
+        "units": hub.units,
+        "writeBudgetPerSecond": hub.write_budget_per_second,
+        "caCertificate": hub.ca_certificate,
+    }
+    if builtin:
+        given = [name for name, value in remote_only.items() if value is not None]
+        if given:
+            raise InvalidBodyError(
+                f"{', '.join(given)}: not for a built-in hub (provisiond writes its identities "
+                "in the registration's own transaction)."
+            )
+        return hub
+    units = hub.units
+    if units is not None and hub.tier is None:
+        raise InvalidBodyError("units needs the hub's tier (F1, B1-B3, S1-S3).")
+    if hub.tier is not None:
+        units = 1 if units is None else units
+        if not 1 <= units <= hub.tier.max_units:
+            raise InvalidBodyError(
+                f"units must be between 1 and {hub.tier.max_units} for tier {hub.tier.value}, not {units}."
+            )
+    budget = hub.write_budget_per_second
+    if budget is not None and not (math.isfinite(budget) and 0 < budget <= MAX_WRITE_BUDGET):
+        raise InvalidBodyError(
+            f"writeBudgetPerSecond must be above 0 and at most {MAX_WRITE_BUDGET:g}, not {budget}."
+        )
+    if hub.ca_certificate is not None:
+        parse_ca_certificate(hub.ca_certificate)
+    return msgspec.structs.replace(hub, units=units)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ...errors import DpsCode
-from ...models import DeviceRegistrationState
+from ...errors import DpsCode, NotFoundError
+from ...models import Deprovision, DeviceRegistrationState
 from ...storage import Collection, Record, Store
 from ..query import REGISTRATION_FIELDS, parse_query
 from ..records import service_view
 from ._base import Page, delete_record, get_or_404, page_size
+from ._deprovision import Deprovisioner
 
 __all__ = ["Registrations", "registration_state"]
 
@@ -23,8 +24,9 @@ def registration_state(record: Record) -> DeviceRegistrationState:
 class Registrations:
     """Get, delete and query the registration records."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, deprovisioner: Deprovisioner) -> None:
         self._store = store
+        self._deprovisioner = deprovisioner
 
     async def get(self, registration_id: str) -> DeviceRegistrationState:
         """:raises NotFoundError: 404202, no record has this id."""
@@ -38,11 +40,24 @@ class Registrations:
         records = await self._store.get_many(Collection.REGISTRATIONS, registration_ids)
         return {key: registration_state(record) for key, record in records.items()}
 
-    async def delete(self, registration_id: str, *, if_match: str | None = None) -> None:
-        """Delete a record (the device registers afresh next time; its hub identity stays).
+    async def delete(
+        self, registration_id: str, *, if_match: str | None = None, deprovision: Deprovision | None = None
+    ) -> None:
+        """Delete a record (the device registers afresh next time). Its hub identity stays, as
+        with DPS, unless ``deprovision`` disables or deletes it, in the same transaction
+        (:mod:`._deprovision`).
 
         :raises NotFoundError: 404202. :raises PreconditionFailedError: 412001, a stale etag.
+        :raises RequestError: the identity's hub cannot take the removal.
         """
+        if deprovision is not None:
+            deleted = await self._deprovisioner.delete_record(registration_id, deprovision, if_match=if_match)
+            if deleted is None:
+                raise NotFoundError(
+                    f"No registration record is named {registration_id[:140]!r}.",
+                    error_code=DpsCode.REGISTRATION_NOT_FOUND,
+                )
+            return
         await delete_record(
             self._store,
             Collection.REGISTRATIONS,

@@ -1,0 +1,175 @@
+"""CPU per registration without TLS or sockets: the steadier half of ``bench/cpu.py``.
+
+The app of ``create_app`` over a fresh SQLite store, called as ASGI in this process (no uvicorn,
+no TLS): a group-derived device's ``PUT .../register`` against ``GET /nothing`` (404), and the
+registrar alone (``Registrar.register``, no HTTP). Each device registers once, ``--concurrency``
+at a time; CPU is this process's (``time.process_time``: the event loop and the store's
+threads). What it leaves out (the TLS front, uvicorn) is what ``bench/cpu.py`` adds.
+
+    python bench/cpu_inprocess.py [--devices 4000] [--concurrency 32] [--profile]
+
+``--profile`` prints cProfile's top functions of the ASGI registrations (by own time).
+Nothing here asserts a figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import cProfile
+import json
+import os
+import pstats
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from provisiond.models import EnrollmentGroup
+from provisiond.protocol.messages import DeviceRegistration
+from provisiond.protocol.sas import build_sas_token, derive_device_key
+from provisiond.service.app import create_app, initialize
+from provisiond.service.registrar import DeviceRequest, Registrar
+from provisiond.service.settings import Settings
+from provisiond.storage.sqlite import SqliteStore
+
+Call = tuple[str, str, str, dict[str, str], bytes]
+
+
+async def _asgi(app: Any, call: Call) -> int:
+    method, path, query, headers, body = call
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "https",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query.encode(),
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 443),
+        "extensions": {"tls": {"client_cert_chain": ()}},
+        "state": {},
+    }
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # the client never disconnects early
+        raise AssertionError("unreachable")
+
+    status: list[int] = []
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+
+    await app(scope, receive, send)
+    return status[0]
+
+
+async def _phase(
+    name: str, items: list[Any], run: Callable[[Any], Awaitable[None]], concurrency: int, profile: bool
+) -> None:
+    async def worker(k: int) -> None:
+        for item in items[k::concurrency]:
+            await run(item)
+
+    profiler = cProfile.Profile() if profile else None
+    started = time.process_time()
+    if profiler:
+        profiler.enable()
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    if profiler:
+        profiler.disable()
+    cpu = (time.process_time() - started) / len(items) * 1e6
+    print(f"| {name} | {len(items)} | {cpu:.0f} |", flush=True)
+    if profiler:
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(30)
+
+
+async def main(args: argparse.Namespace) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="provisiond-cpu-inprocess-"))
+    store = SqliteStore(tmp / "provisiond.sqlite")
+    await store.open()
+    settings = Settings(data_dir=tmp, host="localhost", https_port=8443, mqtt_port=0, amqp_port=0)
+    scope = (await initialize(store, settings)).id_scope
+    assert scope is not None
+    app = create_app(settings, store=store)
+    key = base64.b64encode(os.urandom(64)).decode()
+    group = {
+        "enrollmentGroupId": "bench-group",
+        "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key, "secondaryKey": key}},
+    }
+    await app.state.ctx.management.groups.create(msgspec.convert(group, EnrollmentGroup))
+    registrar = app.state.registrar
+    expiry = int(time.time()) + 3600
+
+    def token(reg: str) -> str:
+        resource = f"{scope}/registrations/{reg}"
+        return build_sas_token(resource, derive_device_key(key, reg), expiry, key_name="registration")
+
+    def http_call(reg: str) -> Call:
+        body = json.dumps({"registrationId": reg}).encode()
+        headers = {"Host": "localhost", "Authorization": token(reg), "Content-Type": "application/json"}
+        return ("PUT", f"/{scope}/registrations/{reg}/register", "api-version=2021-06-01", headers, body)
+
+    http_calls = [http_call(f"h-{i:07d}") for i in range(args.devices)]
+    trivial: list[Call] = [("GET", "/nothing", "", {"Host": "localhost"}, b"")] * args.devices
+    direct = [
+        DeviceRequest(
+            id_scope=scope,
+            registration_id=reg,
+            body=DeviceRegistration(registration_id=reg),
+            authorization=token(reg),
+        )
+        for reg in (f"r-{i:07d}" for i in range(args.devices))
+    ]
+
+    async def asgi(expected: int) -> Callable[[Call], Awaitable[None]]:
+        async def run(call: Call) -> None:
+            status = await _asgi(app, call)
+            if status != expected:
+                raise RuntimeError(f"{call[0]} {call[1]} answered {status}, not {expected}")
+
+        return run
+
+    async def register(request: DeviceRequest) -> None:
+        await registrar.register(request)
+
+    print("| phase | requests | CPU µs per request |")
+    print("|---|---|---|")
+    async with app.router.lifespan_context(app):
+        assert isinstance(registrar, Registrar)
+        await _phase("trivial (ASGI)", trivial, await asgi(404), args.concurrency, False)
+        await _phase("register (ASGI)", http_calls, await asgi(202), args.concurrency, args.profile)
+        await _phase("registrar alone", direct, register, args.concurrency, False)
+        await _phase("trivial (ASGI)", trivial, await asgi(404), args.concurrency, False)
+    await store.close()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--devices", type=int, default=4000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--profile", action="store_true")
+    arguments = parser.parse_args()
+    try:
+        import uvloop  # what uvicorn runs on when installed
+    except ImportError:
+        asyncio.run(main(arguments))
+    else:
+        uvloop.run(main(arguments))
