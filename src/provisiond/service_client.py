@@ -17,10 +17,11 @@ service's management layer (:mod:`provisiond.service.management`) gives them::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -34,6 +35,7 @@ from .errors import (
     AuthorizationError,
     ConfigurationError,
     ConflictError,
+    GatewayTimeoutError,
     MethodNotAllowedError,
     NotFoundError,
     PreconditionFailedError,
@@ -42,6 +44,9 @@ from .errors import (
     StorageError,
     ThrottledError,
 )
+from .hub.c2d import Enqueued
+from .hub.events import StoredEvent
+from .hub.methods import DEFAULT_RESPONSE_TIMEOUT, CloudToDeviceMethodResult
 from .models import (
     AttestationMechanism,
     BulkEnrollmentGroupOperation,
@@ -66,6 +71,7 @@ __all__ = [
     "API_VERSION",
     "ConnectionString",
     "EnrollmentsClient",
+    "HubMessagesClient",
     "HubsClient",
     "CertificatesClient",
     "PoliciesClient",
@@ -89,6 +95,7 @@ _BY_STATUS: dict[int, type[ProvisioningError]] = {
     405: MethodNotAllowedError,
     409: ConflictError,
     412: PreconditionFailedError,
+    504: GatewayTimeoutError,
 }
 
 
@@ -144,6 +151,7 @@ class ServiceClient:
         self.certificates = CertificatesClient(self)
         self.policies = PoliciesClient(self)
         self.settings = SettingsClient(self)
+        self.hub_messages = HubMessagesClient(self)
 
     @classmethod
     def from_data_dir(cls, data_dir: Path, **kwargs: Any) -> ServiceClient:
@@ -184,17 +192,27 @@ class ServiceClient:
         *,
         body: Any = None,
         headers: dict[str, str] | None = None,
+        content: bytes | None = None,
+        timeout: float | None = None,
         params: dict[str, str] | None = None,
     ) -> httpx.Response:
-        """Send one request; a non-2xx answer raises the matching provisiond error."""
+        """Send one request (``body`` as JSON, or ``content`` as it is; ``timeout``: seconds to
+        wait for the answer, instead of the client's); a non-2xx answer raises the matching
+        provisiond error."""
         all_headers = {"Authorization": self._token(), **(headers or {})}
+        if body is not None:
+            content = _encode(body)
+            all_headers.setdefault("Content-Type", "application/json")
         try:
             response = self._http.request(
                 method,
                 path,
                 params={"api-version": self.api_version, **(params or {})},
-                content=_encode(body) if body is not None else None,
-                headers={**all_headers, **({"Content-Type": "application/json"} if body is not None else {})},
+                content=content,
+                headers=all_headers,
+                timeout=httpx.Timeout(self._http.timeout.connect, read=timeout)
+                if timeout
+                else httpx.USE_CLIENT_DEFAULT,
             )
         except httpx.ConnectError as exc:
             raise ConfigurationError(f"Cannot reach https://{self.connection.host}: {exc}") from exc
@@ -233,6 +251,26 @@ class ServiceClient:
             error = cls(message, error_code=code)
         error.tracking_id = str(tracking) if tracking else None
         return error
+
+    @contextlib.contextmanager
+    def stream(
+        self, path: str, params: dict[str, str], *, read_timeout: float | None
+    ) -> Iterator[httpx.Response]:
+        """A long-lived GET whose answer is read as it comes (``response.iter_lines()``);
+        ``read_timeout`` bounds the wait for each chunk. A non-2xx answer raises the matching
+        provisiond error; a connection that fails raises :class:`httpx.TransportError`."""
+        timeout = httpx.Timeout(self._http.timeout.connect, read=read_timeout)
+        with self._http.stream(
+            "GET",
+            path,
+            params={"api-version": self.api_version, **params},
+            headers={"Authorization": self._token()},
+            timeout=timeout,
+        ) as response:
+            if not response.is_success:
+                response.read()
+                raise self._error(response)
+            yield response
 
     def call(
         self,
@@ -437,6 +475,133 @@ class HubsClient:
 
     def delete(self, host: str, *, if_match: str | None = None) -> None:
         self._client.delete(self.item(host), if_match=if_match)
+
+
+class HubMessagesClient:
+    """The built-in hubs' telemetry and cloud-to-device messages (``service.hub_messages``;
+    provisiond's admin API, :mod:`provisiond.service.hub_ops`)."""
+
+    #: Seconds a broken events stream is retried for before :meth:`events` gives up.
+    RECONNECT_FOR = 30.0
+
+    def __init__(self, client: ServiceClient) -> None:
+        self._client = client
+
+    def events(
+        self,
+        hub: str,
+        *,
+        device_id: str | None = None,
+        after: int | None = None,
+        enqueued_time: str | None = None,
+        quiet_timeout: float | None = None,
+    ) -> Generator[StoredEvent, None, None]:
+        """The hub's telemetry as it arrives: from ``after`` (a seq), else from
+        ``enqueued_time`` (ISO 8601 or Unix ms), else from now on. Ends after
+        ``quiet_timeout`` seconds without an event (None: never). A connection that breaks
+        (the server restarts) is resumed after the last event seen, for up to
+        :attr:`RECONNECT_FOR` seconds; then the error is raised."""
+        params: dict[str, str] = {}
+        if device_id:
+            params["deviceId"] = device_id
+        if quiet_timeout:
+            params["timeout"] = str(max(1, round(quiet_timeout)))
+        if after is not None:
+            params["after"] = str(after)
+        elif enqueued_time:
+            params["enqueuedTime"] = enqueued_time
+        failing_since: float | None = None
+        while True:
+            try:
+                with self._client.stream(
+                    f"{HubsClient.item(hub)}/events", params, read_timeout=_EVENTS_READ_TIMEOUT
+                ) as response:
+                    failing_since = None
+                    for line in response.iter_lines():
+                        if not line.strip():
+                            continue
+                        if line.startswith('{"cursor":'):  # the server's cursor lines
+                            params["after"] = str(msgspec.json.decode(line, type=_Cursor).cursor)
+                            continue
+                        event = msgspec.json.decode(line, type=StoredEvent)
+                        params["after"] = str(event.seq)
+                        yield event
+                    return  # the server ended the stream: quiet_timeout
+            except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if now - failing_since > self.RECONNECT_FOR:
+                    raise ConfigurationError(
+                        f"The events stream of https://{self._client.connection.host} broke and "
+                        f"did not come back within {self.RECONNECT_FOR:.0f} s: {exc}"
+                    ) from exc
+                time.sleep(1.0)
+
+    def send_c2d(
+        self,
+        hub: str,
+        device_id: str,
+        body: bytes,
+        *,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        user_id: str | None = None,
+        ack: str | None = None,
+        expiry: str | None = None,
+        content_type: str | None = None,
+        content_encoding: str | None = None,
+        properties: dict[str, str] | None = None,
+    ) -> Enqueued:
+        """Queue a cloud-to-device message for ``device_id`` (IoT Hub's bounds:
+        :mod:`provisiond.hub.c2d`)."""
+        fields = {
+            "iothub-messageid": message_id,
+            "iothub-correlationid": correlation_id,
+            "iothub-userid": user_id,
+            "iothub-ack": ack,
+            "iothub-expiry": expiry,
+            "iothub-contenttype": content_type,
+            "iothub-contentencoding": content_encoding,
+        }
+        headers = {name: value for name, value in fields.items() if value is not None}
+        headers.update({f"iothub-app-{name}": value for name, value in (properties or {}).items()})
+        headers["Content-Type"] = "application/octet-stream"
+        path = f"{HubsClient.item(hub)}/devices/{seg(device_id)}/messages/deviceBound"
+        response = self._client.request("POST", path, content=body, headers=headers)
+        return msgspec.json.decode(response.content, type=Enqueued)
+
+    def invoke_method(
+        self,
+        hub: str,
+        device_id: str,
+        method_name: str,
+        payload: Any = None,
+        *,
+        response_timeout: int | None = None,
+        connect_timeout: int | None = None,
+    ) -> CloudToDeviceMethodResult:
+        """Invoke direct method ``method_name`` on ``device_id`` and return the device's
+        ``status`` and ``payload`` (IoT Hub's rules and errors: :mod:`provisiond.hub.methods`;
+        404103 DeviceNotOnline raises :class:`NotFoundError`, 504101 GatewayTimeout
+        :class:`GatewayTimeoutError`)."""
+        request: dict[str, Any] = {"methodName": method_name, "payload": payload}
+        if response_timeout is not None:
+            request["responseTimeoutInSeconds"] = response_timeout
+        if connect_timeout is not None:
+            request["connectTimeoutInSeconds"] = connect_timeout
+        waits = (response_timeout or DEFAULT_RESPONSE_TIMEOUT) + (connect_timeout or 0)
+        path = f"{HubsClient.item(hub)}/devices/{seg(device_id)}/methods"
+        response = self._client.request("POST", path, body=request, timeout=waits + 30.0)
+        return msgspec.json.decode(response.content, type=CloudToDeviceMethodResult)
+
+
+class _Cursor(msgspec.Struct):
+    cursor: int
+
+
+#: Seconds without a byte after which an events stream counts as broken (the server sends a
+#: cursor line every 10 s of quiet).
+_EVENTS_READ_TIMEOUT = 45.0
 
 
 class CertificatesClient:

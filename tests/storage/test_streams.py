@@ -95,6 +95,21 @@ async def test_trim_by_count_and_age(store: Store) -> None:
     assert await store.entry_count(EV) == 0
 
 
+async def test_last_seq_tells_where_new_entries_start(store: Store) -> None:
+    assert await store.last_seq(EV) == 0, "an empty stream"
+    old = await store.append(EV, [("hub/a", b"old"), ("hub/b", b"old2")])
+    await store.append(C2D, [("hub/a", b"other stream")])
+    assert await store.last_seq(EV) == old[-1].seq, "the newest of this stream, not of the other"
+    assert await store.last_seq(EV, before=old[0].created) == 0, "nothing older than the first"
+    assert await store.last_seq(EV, before="9999-01-01T00:00:00.000000Z") == old[-1].seq
+    new = await store.append(EV, [("hub/a", b"new")])
+    # A reader starting at a time between the two appends reads only what came after it.
+    start = await store.last_seq(EV, before=new[0].created)
+    assert start == old[-1].seq
+    assert [e.doc for e in await store.read(EV, after=start)] == [b"new"]
+    assert [e.doc for e in await store.read(EV, after=await store.last_seq(EV))] == []
+
+
 async def test_appends_survive_reopening(store_url: str) -> None:
     store = open_store(store_url)
     await store.open()

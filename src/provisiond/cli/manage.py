@@ -5,7 +5,7 @@ Command tree (each group is loaded lazily by :mod:`provisiond.cli`)::
     enrollment  create | show | list | update | enable | disable | delete | keys | import
     group       create | show | list | update | enable | disable | delete | keys | device-key
     registration show | list | delete | deprovision
-    hub         list | show | add | update | remove | device ... | policy ...
+    hub         list | show | add | update | remove | device ... | policy ... | monitor-events | send-c2d | invoke-method
     ca          list | show | upload | verification-code | verify | prove | delete
     policy      list | show | create | update | delete | connection-string
     settings    show | set
@@ -59,6 +59,7 @@ from ._enrollment_flags import (
     individual_attestation,
 )
 from .enroll_import import import_command
+from .hub_ops import invoke_method, monitor_events, send_c2d
 from .hub_registry import hub_device, hub_policy
 from .manage_admin import ca, hub, policy, settings
 
@@ -77,6 +78,9 @@ __all__ = ["ca", "enrollment", "group", "hub", "policy", "registration", "settin
 
 hub.add_command(hub_device)
 hub.add_command(hub_policy)
+hub.add_command(monitor_events)
+hub.add_command(send_c2d)
+hub.add_command(invoke_method)
 
 E = TypeVar("E", IndividualEnrollment, EnrollmentGroup)
 T = TypeVar("T")

@@ -639,6 +639,34 @@ def _run(settings: Settings) -> None:
     "would use them are refused.",
 )
 @click.option(
+    "--hub-events-retention",
+    type=click.FloatRange(min=0, min_open=True),
+    default=86400.0,
+    show_default=True,
+    show_envvar=True,
+    envvar="PROVISIOND_HUB_EVENTS_RETENTION",
+    help="Built-in hubs: seconds a telemetry event is kept (read with `provisiond hub monitor-events`).",
+)
+@click.option(
+    "--hub-events-max-count",
+    type=click.IntRange(min=1),
+    default=100_000,
+    show_default=True,
+    show_envvar=True,
+    envvar="PROVISIOND_HUB_EVENTS_MAX_COUNT",
+    help="Built-in hubs: telemetry events kept at most (every hub together); the oldest go first.",
+)
+@click.option(
+    "--hub-trim-interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    show_envvar=True,
+    envvar="PROVISIOND_HUB_TRIM_INTERVAL",
+    help="Built-in hubs: seconds between two trims of the telemetry to its retention (and of expired "
+    "cloud-to-device messages), in every worker of every node.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -678,6 +706,9 @@ def serve(
     max_connections: int | None,
     max_connections_per_address: int | None,
     fd_reserve: int,
+    hub_events_retention: float,
+    hub_events_max_count: int,
+    hub_trim_interval: float,
     log_level: str,
 ) -> None:
     """Run the provisioning service on its embedded default: SQLite in DATA_DIR, a development
@@ -736,6 +767,9 @@ def serve(
         assignment_budget=assignment_budget,
         hub_write_lease=hub_write_lease,
         webhook_ca_file=webhook_ca_file.absolute() if webhook_ca_file else None,
+        hub_events_retention=hub_events_retention,
+        hub_events_max_count=hub_events_max_count,
+        hub_trim_interval=hub_trim_interval,
     )
     try:
         _run(settings)

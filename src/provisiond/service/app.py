@@ -21,7 +21,7 @@ from ..errors import ConflictError, MethodNotAllowedError, NotFoundError, Provis
 from ..hub.addressing import ensure_builtin_hubs, first_builtin_hub
 from ..models import AllocationPolicy, Right, ServiceSettings, SharedAccessPolicy
 from ..storage import Collection, Store, WriteMode, open_store
-from . import admin, amqp, api, device_api, hub_api, mqtt
+from . import admin, amqp, api, device_api, hub_api, hub_ops, mqtt
 from .context import SETTINGS_KEY, ServiceContext, context_of
 from .enrollments import generate_key
 from .gateway import AMQP_WS, MQTT_WS, DeviceGateway
@@ -133,6 +133,8 @@ def create_app(
         {"mqtt": mqtt.MqttEndpoint(gateway, MQTT_WS, hub), "amqpwsb10": amqp.AmqpEndpoint(gateway, AMQP_WS)}
     )
 
+    retention = hub_ops.RetentionTask(ctx.store, settings, clock=clock)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if owned:
@@ -142,7 +144,7 @@ def create_app(
         try:
             await broker.start()
             await hub.start()
-            async with running_listeners(settings, listeners):
+            async with running_listeners(settings, listeners), retention.running():
                 yield
         finally:
             await hub.close()
@@ -163,8 +165,9 @@ def create_app(
                 Route("/readyz", readyz, methods=["GET"]),
                 *api.routes(),
                 *admin.routes(),
+                *hub_ops.routes(),
                 *device_api.routes(),
-                *hub_api.routes(),
+                *hub_api.routes(extra=hub_ops.hub_api_routes()),
                 WebSocketRoute("/", websockets),
                 WebSocketRoute("/$iothub/websocket", websockets),
             ]

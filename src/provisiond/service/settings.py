@@ -97,6 +97,12 @@ class Settings:
     region: str | None = None
     #: Extra host names the server certificate and SAS ``sr`` checks accept.
     extra_host_names: tuple[str, ...] = field(default_factory=tuple)
+    #: The built-in hubs' telemetry stream is bounded: events older than this many seconds, and
+    #: all but the newest ``hub_events_max_count``, are trimmed every ``hub_trim_interval``
+    #: seconds by every node (flags ``--hub-events-retention`` and the like).
+    hub_events_retention: float = 86400.0
+    hub_events_max_count: int = 100_000
+    hub_trim_interval: float = 60.0
 
     def to_json(self) -> str:
         """For worker processes (see :func:`provisiond.service.app.app_from_environment`)."""

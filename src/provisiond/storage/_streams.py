@@ -35,6 +35,8 @@ READ_PARTITION = (
 )
 COUNT = "SELECT count(*) FROM stream_entries WHERE stream = ?"
 COUNT_PARTITION = "SELECT count(*) FROM stream_entries WHERE stream = ? AND partition = ?"
+LAST_SEQ = "SELECT coalesce(max(seq), 0) FROM stream_entries WHERE stream = ?"
+LAST_SEQ_BEFORE = "SELECT coalesce(max(seq), 0) FROM stream_entries WHERE stream = ? AND created < ?"
 TRIM_BEFORE = "DELETE FROM stream_entries WHERE stream = ? AND created < ?"
 TRIM_BEFORE_PARTITION = "DELETE FROM stream_entries WHERE stream = ? AND partition = ? AND created < ?"
 # The newest ``keep`` entries stay: everything at or below the seq of the (keep+1)-th newest goes.

@@ -54,7 +54,8 @@ passes the bytes together with the index values. What the store guarantees:
   ``seq`` that is unique across streams and increases in commit order: a reader that has seen
   seq N never finds a new entry at or below N later, so ``read(after=N)`` is a complete cursor.
   :meth:`Store.read` returns entries in seq order; :meth:`Store.remove` and :meth:`Store.trim`
-  delete entries (by seq; by age and by count).
+  delete entries (by seq; by age and by count); :meth:`Store.last_seq` tells where a reader
+  that wants only new entries (or those from a time on) starts.
 - **Claims.** :meth:`Store.claim` leases due records of a collection that has ``due`` and
   ``owner`` index columns (the hub outbox): those whose ``due`` (an ISO time as the store
   writes them, so that text order is time order) is at or before ``now``, oldest first, each
@@ -470,3 +471,10 @@ class Store(ABC):
     @abstractmethod
     async def entry_count(self, stream: Stream, *, partition: str | None = None) -> int:
         """How many entries the stream (or one partition of it) holds."""
+
+    @abstractmethod
+    async def last_seq(self, stream: Stream, *, before: str | None = None) -> int:
+        """The seq of the stream's newest entry (of the newest created before ``before``, an ISO
+        8601 UTC time as the store writes them, when given); 0 when there is none. A reader
+        that starts with ``read(after=last_seq(...))`` sees what is appended from then on (or
+        from that time)."""

@@ -427,6 +427,13 @@ class PostgresStore(Store):
             )
         return int(rows[0][0])
 
+    async def last_seq(self, stream: Stream, *, before: str | None = None) -> int:
+        if before is None:
+            rows = await self._fetch_all(_sql.sql(_streams.LAST_SEQ, _STYLE), (stream.value,))
+        else:
+            rows = await self._fetch_all(_sql.sql(_streams.LAST_SEQ_BEFORE, _STYLE), (stream.value, before))
+        return int(rows[0][0])
+
 
 def _stream_lock_id(name: str) -> int:
     digest = hashlib.blake2b(f"stream\0{name}".encode(), digest_size=8).digest()

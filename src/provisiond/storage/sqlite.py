@@ -531,6 +531,11 @@ class SqliteStore(Store):
             return await self._on_reader(_fetch_int, _streams.COUNT, (stream.value,))
         return await self._on_reader(_fetch_int, _streams.COUNT_PARTITION, (stream.value, partition))
 
+    async def last_seq(self, stream: Stream, *, before: str | None = None) -> int:
+        if before is None:
+            return await self._on_reader(_fetch_int, _streams.LAST_SEQ, (stream.value,))
+        return await self._on_reader(_fetch_int, _streams.LAST_SEQ_BEFORE, (stream.value, before))
+
 
 # -- functions that run on a reader or the writer thread ---------------------------------------
 
