@@ -406,7 +406,9 @@ class HubBroker:
             if session is not None:
                 remaining = connect_deadline - self._clock()
                 if await _methods_ready(session, remaining):
-                    session.send_method(name, rid, body)
+                    if rid not in self._taken:  # else this process's relay of it has it already
+                        self._taken[rid] = self._clock() + SIGNAL_TTL
+                        session.send_method(name, rid, body)
                     return
                 if self._sessions.get(key) is session:  # connected, but not subscribed in time
                     raise _not_online(device_id, name, "it is not subscribed to methods")
@@ -427,6 +429,11 @@ class HubBroker:
             # Only a connection newer than the request may need it again (a holder that read it
             # delivers it; a device that connects later is asked again, with the same $rid).
             waiter.arm(seq)
+            if self._sessions.get(key) is not None:
+                # It attached here while we signalled: its ``connected`` may be older than the
+                # request, and the poll may have read the request before it attached (and
+                # dropped it), so nothing would deliver it: deliver it here (once, by $rid).
+                continue
             accepted = asyncio.ensure_future(call.accepted.wait())
             try:
                 waits: set[asyncio.Future[Any]] = {accepted, attached, call.answered}
