@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from ..errors import ProvisioningError
 from ..models import LinkedHub
-from ..storage import Collection, Store
+from ..storage import Collection, Store, utc_iso
 
 __all__ = [
+    "BudgetShare",
     "HubWriterReport",
     "NodeFigures",
     "Pacer",
@@ -55,6 +57,50 @@ class Pacer:
 
     def pause(self, hub: str, seconds: float) -> None:
         self._paused[hub] = max(self._paused.get(hub, 0.0), self._clock() + seconds)
+
+
+class BudgetShare:
+    """This node's share of each hub's write budget: the budget divided among the nodes writing
+    to the hub now, so that a cluster together keeps to it. A node counts while its figures for
+    the hub (``HUB_WRITERS``, stored about once a second while it makes calls, or once per call
+    when its calls are further apart) are recent: within three of its call spacings, and at
+    least :attr:`window` seconds. The count is read again at most every ``refresh`` seconds; a
+    node that starts writing counts for the others from its first stored figures on, so for
+    about a second the cluster may exceed the budget by one node's share.
+
+    :param node: this node's name (its figures' key is ``{hub}/{node}``).
+    """
+
+    window = 5.0
+
+    def __init__(
+        self, store: Store, node: str, *, clock: Callable[[], float] = time.time, refresh: float = 2.0
+    ) -> None:
+        self._store = store
+        self._node = node
+        self._clock = clock
+        self._refresh = refresh
+        self._nodes: dict[str, tuple[int, float]] = {}  # hub -> (writing nodes, read again after)
+
+    async def of(self, hub: str, budget: float | None) -> float | None:
+        """This node's calls a second to ``hub`` (lower-cased host name) under ``budget``."""
+        if not budget:
+            return budget
+        now = self._clock()
+        known = self._nodes.get(hub)
+        if known is None or known[1] <= now:
+            nodes = await self._writing_nodes(hub, budget, known[0] if known else 1, now)
+            known = self._nodes[hub] = (nodes, now + self._refresh)
+        return budget / known[0]
+
+    async def _writing_nodes(self, hub: str, budget: float, previous: int, now: float) -> int:
+        since = utc_iso(now - max(self.window, 3.0 * previous / budget))
+        try:
+            records = await self._store.query_all(Collection.HUB_WRITERS, filters={"hub": hub})
+        except ProvisioningError:
+            return previous  # keep the last count until the store answers again
+        mine = f"{hub}/{self._node}".lower()
+        return 1 + sum(1 for r in records if r.updated >= since and r.id.lower() != mine)
 
 
 class WriterFigures(msgspec.Struct, kw_only=True, rename="camel"):

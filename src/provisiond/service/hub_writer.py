@@ -28,7 +28,8 @@ this item created is deleted, a twin it replaced is restored) and records the re
 ``failed`` with 400209 and the hub's error.
 
 Each hub's calls are paced by its write budget (``writeBudgetPerSecond``, else from ``tier``
-and ``units``: 100 a minute per unit, 5,000 for S3 and B3; none: unpaced), per node.
+and ``units``: 100 a minute per unit, 5,000 for S3 and B3; none: unpaced), each node at its
+share (:class:`BudgetShare`: the budget divided among the nodes writing to the hub now).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from . import records
 from .assignment import Decision, fail_in_hub
 from .context import ServiceContext
 from .hub_figures import (
+    BudgetShare,
     HubWriterReport,
     NodeFigures,
     Pacer,
@@ -115,6 +117,7 @@ class HubWriter:
         self.batch = batch
         self.clock = clock or ctx.clock
         self.pacer = Pacer()
+        self.share = BudgetShare(self.store, self.node)
         self.figures = NodeFigures()
         self._wake = asyncio.Event()
         self._watchers: dict[str, asyncio.Event] = {}
@@ -303,7 +306,8 @@ class HubWriter:
     async def _call(self, hub: LinkedHub | None, call: Callable[[], Awaitable[T]]) -> T:
         """One hub call, paced by the hub's budget and counted."""
         name = hub.host_name.lower() if hub else "?"
-        await self.pacer.acquire(name, budget_per_second(hub) if hub else None)
+        budget = await self.share.of(name, budget_per_second(hub)) if hub else None
+        await self.pacer.acquire(name, budget)
         self.figures.of(name, self.node).calls += 1
         try:
             return await call()
