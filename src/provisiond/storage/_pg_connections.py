@@ -220,6 +220,12 @@ class PgConnections:
         try:
             yield
         except psycopg.Error as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # psycopg answers a cancelled wait with a driver error (it cancels the query on
+                # the server); the caller is being cancelled, so it must see the cancellation,
+                # not a storage error a retry loop would catch and go on with (shutdown hung).
+                raise asyncio.CancelledError() from exc
             if not is_unavailable(exc):
                 raise StorageError(f"PostgreSQL error: {describe(exc)}") from exc
             if pool is not None and pool is self._pool:
