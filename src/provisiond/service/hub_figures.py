@@ -19,15 +19,8 @@ __all__ = [
     "NodeFigures",
     "Pacer",
     "WriterFigures",
-    "budget_per_second",
     "hub_writer_report",
 ]
-
-
-def budget_per_second(hub: LinkedHub) -> float | None:
-    """The hub's write budget (calls a second), or ``None``: unpaced
-    (:meth:`~provisiond.models.LinkedHub.registry_write_budget`)."""
-    return hub.registry_write_budget()
 
 
 class Pacer:
@@ -76,7 +69,7 @@ async def hub_writer_report(store: Store, hub: LinkedHub) -> HubWriterReport:
     """The figures of ``hub`` (:class:`HubWriterReport`)."""
     host = hub.host_name.lower()
     queued = await store.count(Collection.HUB_OUTBOX, filters={"hub": host})
-    report = HubWriterReport(hub=hub.host_name, budget_per_second=budget_per_second(hub), queued=queued)
+    report = HubWriterReport(hub=hub.host_name, budget_per_second=hub.registry_write_budget(), queued=queued)
     for record in await store.query_all(Collection.HUB_WRITERS, filters={"hub": host}):
         figures = msgspec.json.decode(record.doc, type=WriterFigures)
         report.calls += figures.calls

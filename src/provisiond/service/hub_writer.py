@@ -68,12 +68,11 @@ from .hub_figures import (
     NodeFigures,
     Pacer,
     WriterFigures,
-    budget_per_second,
     hub_writer_report,
 )
 from .records import RegistrationRecord
 
-__all__ = ["HubWriter", "HubWriterReport", "Pacer", "WriterFigures", "budget_per_second", "hub_writer_report"]
+__all__ = ["HubWriter", "HubWriterReport", "Pacer", "WriterFigures", "hub_writer_report"]
 
 log = logging.getLogger("provisiond.hub_writer")
 
@@ -303,7 +302,7 @@ class HubWriter:
     async def _call(self, hub: LinkedHub | None, call: Callable[[], Awaitable[T]]) -> T:
         """One hub call, paced by the hub's budget and counted."""
         name = hub.host_name.lower() if hub else "?"
-        await self.pacer.acquire(name, budget_per_second(hub) if hub else None)
+        await self.pacer.acquire(name, hub.registry_write_budget() if hub else None)
         self.figures.of(name, self.node).calls += 1
         try:
             return await call()
