@@ -1,6 +1,6 @@
 """``provisiond hub stats HUB`` and ``hub show HUB --stats``: the hub writer's per-hub figures
 (issue 12, item 4) through the CLI, against the session's ``provisiond serve`` with a remote
-hub linked (tests._hub_standin.py's stand-in registry over HTTPS) and a device registered
+hub linked (tests/_hub_peer.py's stand-in registry over HTTPS) and a device registered
 into it."""
 
 from __future__ import annotations
@@ -9,13 +9,11 @@ import time
 from typing import Any
 
 from provisiond.errors import NotFoundError
-from tests._hub_standin import HubPeer, hub_peer_server
+from tests._hub_peer import HubPeer
 from tests._server import RunningServer
 from tests.cli.test_manage import fails, run, run_json
 from tests.service.test_device_api import enroll_symmetric, uid
 from tests.service.test_hub_writer import register
-
-__all__ = ["hub_peer_server"]
 
 
 def _stats_once_written(server: RunningServer, hub: str, written: int) -> dict[str, Any]:
@@ -29,9 +27,9 @@ def _stats_once_written(server: RunningServer, hub: str, written: int) -> dict[s
         time.sleep(0.2)
 
 
-def test_hub_stats_shows_the_writers_figures(server: RunningServer, hub_peer_server: HubPeer) -> None:
+def test_hub_stats_shows_the_writers_figures(server: RunningServer, hub_peer: HubPeer) -> None:
     with server.client() as admin:
-        hub = hub_peer_server.link(admin, writeBudgetPerSecond=25)
+        hub = hub_peer.link(admin, writeBudgetPerSecond=25)
         before = run_json(server, "hub", "stats", hub, "--json")
         assert before == admin.get(f"/admin/linkedHubs/{hub}/writer")
         assert before["hub"] == hub and before["budgetPerSecond"] == 25
@@ -40,7 +38,7 @@ def test_hub_stats_shows_the_writers_figures(server: RunningServer, hub_peer_ser
     device, body = register(server, reg, key)
     device.close()
     assert body["status"] == "assigned" and body["registrationState"]["assignedHub"] == hub, body
-    assert reg in hub_peer_server.devices
+    assert reg in hub_peer.devices
 
     after = _stats_once_written(server, hub, before["written"] + 1)
     assert after["written"] == before["written"] + 1
@@ -51,7 +49,7 @@ def test_hub_stats_shows_the_writers_figures(server: RunningServer, hub_peer_ser
 
     shown = run_json(server, "hub", "show", hub, "--stats")
     assert shown["writer"]["written"] == after["written"] and shown["hostName"] == hub
-    assert "connectionString" not in shown and hub_peer_server.key not in str(shown)
+    assert "connectionString" not in shown and hub_peer.key not in str(shown)
     assert "writer" not in run_json(server, "hub", "show", hub)
     builtin = server.info["builtinHub"]
     assert "writer" not in run_json(server, "hub", "show", builtin, "--stats")

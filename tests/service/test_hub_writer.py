@@ -1,6 +1,6 @@
 """Identities in remote hubs through the durable outbox (issue 12, items 2-4), over real HTTPS:
 a device registers with a running ``provisiond serve`` whose enrollment names a linked remote
-hub (tests._hub_standin.py: IoT Hub's registry REST API with a fault injector). The registration
+hub (tests/_hub_peer.py: IoT Hub's registry REST API with a fault injector). The registration
 says ``assigned`` only once the hub has the identity and its twin; a throttled or failing hub
 is retried (Retry-After honoured) and the device's polls end ``assigned``; a hub that refuses
 for good leaves the registration ``failed`` with 400209 and the hub's error, and no identity.
@@ -25,11 +25,11 @@ from provisiond.models import Deprovision
 from provisiond.protocol.sas import derive_device_key
 from provisiond.storage import open_store
 from tests._fault_proxy import FaultProxy, fault_proxy
-from tests._hub_standin import Fault, HubPeer, hub_peer, hub_peer_server
+from tests._hub_peer import Fault, HubPeer
 from tests._server import RunningServer, start_server
 from tests.service.test_device_api import Device, enroll_symmetric, uid
 
-__all__ = ["fault_proxy", "hub_peer", "hub_peer_server"]
+__all__ = ["fault_proxy"]
 
 V = {"api-version": "2021-06-01"}
 
