@@ -42,8 +42,9 @@ device's interval but never past IoT Hub's 1,767 s, more publishes in flight.
 * **What the hub publishes**: twin responses and desired patches at the QoS the device was
   granted (desired patches carry ``$version`` in the topic and the body), method requests at QoS
   0 (as IoT Hub), cloud-to-device messages from ``Stream.HUB_C2D`` at the granted QoS, at most
-  :data:`C2D_WINDOW` awaiting their PUBACK; a PUBACK removes the message; an expired one is
-  dropped undelivered; one published to an earlier connection goes out again with DUP.
+  :data:`~provisiond.service.hub_c2d.C2D_WINDOW` awaiting their PUBACK; a PUBACK removes the
+  message; an expired one is dropped undelivered; one published to an earlier connection goes
+  out again with DUP (:mod:`provisiond.service.hub_c2d`).
 * **The identity** learns ``connectionState`` at connect and close, and ``lastActivityTime``
   in batches (every ``--hub-activity-interval`` seconds, :data:`ACTIVITY_INTERVAL` by default;
   not per message).
@@ -73,9 +74,6 @@ from ..errors import (
     StorageError,
 )
 from ..hub.messages import (
-    CloudToDeviceMessage,
-    c2d_properties,
-    decode_c2d,
     encode_event,
     partition,
     telemetry_event,
@@ -85,7 +83,6 @@ from ..protocol import bounded_json
 from ..protocol.hub_topics import (
     Filter,
     PublicationKind,
-    c2d_topic,
     classify_filter,
     desired_patch_topic,
     method_request_topic,
@@ -112,6 +109,7 @@ from ..storage import Stream, utc_iso
 from .context import ServiceContext
 from .hub_auth import HubAuthenticator, Refused
 from .hub_broker import HubBroker
+from .hub_c2d import C2D_WINDOW, C2dDelivery
 from .hub_sessions import SessionStore, StoredSession
 from .streams import ByteStream, StreamClosed
 
@@ -128,8 +126,6 @@ MAX_IDLE = 1767.0
 #: Publishes of the hub a device may leave unacknowledged before it is disconnected.
 MAX_INFLIGHT = 256
 MAX_SUBSCRIPTIONS = 5
-#: Cloud-to-device messages awaiting their PUBACK at once, per device.
-C2D_WINDOW = 10
 #: Seconds between two writes of the devices' ``lastActivityTime`` (the default of
 #: ``Settings.hub_activity_interval``).
 ACTIVITY_INTERVAL = 30.0
@@ -239,12 +235,7 @@ class _HubSession:
         self._recv: asyncio.Future[bytes] | None = None
         self._flushing: asyncio.Task[None] | None = None
         self._methods_waiters: list[asyncio.Future[bool]] = []
-        self._c2d_task: asyncio.Task[None] | None = None
-        self._c2d_again = False
-        self._c2d_cursor = 0
-        self._c2d_inflight: dict[int, int] = {}  # packet id -> seq
-        self._c2d_sent = 0  # the newest seq published (this or an earlier connection)
-        self._c2d_sent_before = 0
+        self.c2d = C2dDelivery(self, endpoint.ctx.store, endpoint.ctx.clock)
         # Desired patches go out in version order, whichever process committed them (a write
         # in another worker or node is relayed through the signal stream, later than a local
         # one): the newest version published (the twin's at CONNECT before any), and the
@@ -290,7 +281,7 @@ class _HubSession:
             await self.endpoint.registry.set_connection_state(self.hub, self.device_id, connected=True)
         except ProvisioningError as exc:  # the database is down, or the record kept changing
             log.warning("MQTT %s: cannot record the connection state (%s)", self.who, exc.message)
-        self._deliver_c2d()
+        self.c2d.wake()
         pipelined = self.machine.feed_bytes(b"")
         if pipelined:
             await self._handle(pipelined)
@@ -354,7 +345,7 @@ class _HubSession:
             kind = classify_filter(topic_filter, self.device_id)
             if kind is not None:
                 self.subscriptions[topic_filter] = (kind, QoS(min(qos, 1)))
-        self._c2d_sent = self._c2d_sent_before = stored.c2d_sent
+        self.c2d.restore(stored.c2d_sent)
         return stored
 
     async def _loop(self) -> None:
@@ -410,9 +401,7 @@ class _HubSession:
             machine.close("closed")
         if self._recv is not None:
             self._recv.cancel()
-        for task in (self._c2d_task,):
-            if task is not None:
-                task.cancel()
+        self.c2d.cancel()
         for waiter in self._methods_waiters:
             if not waiter.done():
                 waiter.set_result(False)
@@ -438,9 +427,9 @@ class _HubSession:
         try:
             if not self.orderly:
                 await self._send_will()
-            if self.persistent and self._c2d_sent > self._c2d_sent_before:
+            if self.persistent and self.c2d.sent_since_restore:
                 await endpoint.sessions.record_c2d_sent(
-                    self.hub, self.device_id, self._c2d_sent, identity=self._identity_created
+                    self.hub, self.device_id, self.c2d.sent, identity=self._identity_created
                 )
             if not self.replaced:
                 await endpoint.registry.set_connection_state(self.hub, self.device_id, connected=False)
@@ -488,7 +477,7 @@ class _HubSession:
         finally:
             self._flushing = None
 
-    def _publish(self, topic: str, payload: bytes, qos: QoS, *, dup: bool = False) -> int | None:
+    def publish(self, topic: str, payload: bytes, qos: QoS, *, dup: bool = False) -> int | None:
         """Queue a publish of ours; None at QoS 0 or when the session closed."""
         if self.machine.state is not State.CONNECTED:
             return None
@@ -500,14 +489,14 @@ class _HubSession:
         self._schedule_flush()
         return packet_id
 
-    def _granted(self, kind: Filter) -> QoS | None:
+    def granted(self, kind: Filter) -> QoS | None:
         granted = [qos for filter_kind, qos in self.subscriptions.values() if filter_kind is kind]
         return max(granted) if granted else None
 
     # --- what the broker asks ----------------------------------------------------------------------
 
     def methods_subscribed(self) -> bool:
-        return self._granted(Filter.METHODS) is not None
+        return self.granted(Filter.METHODS) is not None
 
     async def methods_subscription(self) -> bool:
         if self.methods_subscribed():
@@ -530,7 +519,7 @@ class _HubSession:
 
     def send_method(self, name: str, rid: str, payload: bytes) -> None:
         # IoT Hub publishes method requests at QoS 0 (the MQTT doc), whatever was granted.
-        self._publish(method_request_topic(name, rid), payload, QoS.AT_MOST_ONCE)
+        self.publish(method_request_topic(name, rid), payload, QoS.AT_MOST_ONCE)
 
     def send_desired(self, changes: Mapping[str, Any], version: int) -> None:
         """Publish the desired patch of ``version`` once every earlier one is published (an
@@ -550,10 +539,10 @@ class _HubSession:
                 break
             changes = self._desired_waiting.pop(version)
             self._desired_version = version
-            qos = self._granted(Filter.DESIRED_PATCHES)
+            qos = self.granted(Filter.DESIRED_PATCHES)
             if changes and qos is not None:
                 body = _json.encode(twins.desired_notification(changes, version))
-                self._publish(desired_patch_topic(version), body, qos)
+                self.publish(desired_patch_topic(version), body, qos)
         if not self._desired_waiting and self._desired_timer is not None:
             self._desired_timer.cancel()
             self._desired_timer = None
@@ -565,7 +554,7 @@ class _HubSession:
         self._release_desired(skip_gaps=True)
 
     def wake_c2d(self) -> None:
-        self._deliver_c2d()
+        self.c2d.wake()
 
     # --- packets -----------------------------------------------------------------------------------
 
@@ -596,7 +585,7 @@ class _HubSession:
             elif isinstance(packet, Unsubscribe):
                 await self._on_unsubscribe(packet)
             elif isinstance(packet, Puback):
-                await self._on_puback(packet)
+                await self.c2d.acknowledged(packet.packet_id)  # a cloud-to-device message
             # PINGREQ: the machine answered it; DISCONNECT: above.
         await self._store_telemetry(telemetry)
 
@@ -672,13 +661,13 @@ class _HubSession:
         # Answered whether or not the device subscribed to $iothub/twin/res/# (then at QoS 0):
         # the Python SDK sends its "ensure desired properties" GET on connect without that
         # subscription (pipeline_stages_iothub.EnsureDesiredPropertiesStage) and waits for it.
-        qos = self._granted(Filter.TWIN_RESPONSES) or QoS.AT_MOST_ONCE
+        qos = self.granted(Filter.TWIN_RESPONSES) or QoS.AT_MOST_ONCE
         try:
             topic = twin_response_topic(status, rid, version)
         except LocalProtocolError as exc:
             log.info("MQTT %s: cannot answer $rid=%r: %s", self.who, rid[:64], exc.message)
             return
-        self._publish(topic, body, qos)
+        self.publish(topic, body, qos)
 
     def _twin_error(self, rid: str, kind: PublicationKind, exc: ProvisioningError) -> None:
         code = exc.iothub_code
@@ -727,7 +716,7 @@ class _HubSession:
         if self.machine.state is State.CONNECTED:
             self.machine.grant(subscribe, codes)
         self._ready_methods()
-        self._deliver_c2d()
+        self.c2d.wake()
 
     async def _on_unsubscribe(self, unsubscribe: Unsubscribe) -> None:
         removed = [f for f in unsubscribe.topic_filters if self.subscriptions.pop(f, None) is not None]
@@ -740,74 +729,6 @@ class _HubSession:
     def _stored(self) -> StoredSession:
         return StoredSession(
             subscriptions={f: int(qos) for f, (_, qos) in self.subscriptions.items()},
-            c2d_sent=self._c2d_sent,
+            c2d_sent=self.c2d.sent,
             identity=self._identity_created,
         )
-
-    # --- cloud-to-device messages ----------------------------------------------------------------
-
-    async def _on_puback(self, puback: Puback) -> None:
-        seq = self._c2d_inflight.pop(puback.packet_id, None)
-        if seq is None:
-            return
-        try:
-            await self.endpoint.ctx.store.remove(Stream.HUB_C2D, [seq])
-        except StorageError as exc:
-            log.warning(
-                "MQTT %s: cannot remove an acknowledged cloud-to-device message (%s)", self.who, exc.message
-            )
-        self._deliver_c2d()
-
-    def _deliver_c2d(self) -> None:
-        if self._granted(Filter.C2D) is None or self.machine.state is not State.CONNECTED:
-            return
-        if self._c2d_task is not None:
-            self._c2d_again = True
-            return
-        self._c2d_task = asyncio.get_running_loop().create_task(self._pump_c2d())
-
-    async def _pump_c2d(self) -> None:
-        store = self.endpoint.ctx.store
-        try:
-            while True:
-                self._c2d_again = False
-                qos = self._granted(Filter.C2D)
-                room = C2D_WINDOW - len(self._c2d_inflight)
-                if qos is None or room <= 0 or self.machine.state is not State.CONNECTED:
-                    return
-                entries = await store.read(
-                    Stream.HUB_C2D, partition=self.key, after=self._c2d_cursor, limit=room
-                )
-                now = utc_iso(self.endpoint.ctx.clock())
-                done: list[int] = []
-                for entry in entries:
-                    self._c2d_cursor = entry.seq
-                    message = decode_c2d(entry.doc)
-                    if message.expired(now):
-                        log.info(
-                            "MQTT %s: cloud-to-device message %r expired undelivered: dropped",
-                            self.who,
-                            message.message_id[:128],
-                        )
-                        done.append(entry.seq)
-                        continue
-                    packet_id = self._send_c2d(message, qos, dup=entry.seq <= self._c2d_sent_before)
-                    self._c2d_sent = max(self._c2d_sent, entry.seq)
-                    if packet_id is not None:
-                        self._c2d_inflight[packet_id] = entry.seq
-                    elif self.machine.state is State.CONNECTED:
-                        done.append(entry.seq)  # QoS 0: delivered at most once
-                if done:
-                    await store.remove(Stream.HUB_C2D, done)
-                if len(entries) == room:
-                    continue  # more may be waiting once the window has room
-                if not self._c2d_again:
-                    return
-        except StorageError as exc:
-            log.warning("MQTT %s: cannot read the cloud-to-device queue (%s)", self.who, exc.message)
-        finally:
-            self._c2d_task = None
-
-    def _send_c2d(self, message: CloudToDeviceMessage, qos: QoS, *, dup: bool) -> int | None:
-        topic = c2d_topic(self.device_id, c2d_properties(message))
-        return self._publish(topic, message.body, qos, dup=dup)
