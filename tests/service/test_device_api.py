@@ -114,6 +114,16 @@ def enroll_symmetric(admin: Any, reg: str, **extra: Any) -> str:
     return key
 
 
+def enroll_symmetric_group(admin: Any, gid: str, **extra: Any) -> str:
+    """A symmetric-key enrollment group ``gid``; its primary key (devices derive theirs)."""
+    admin.put(
+        f"/enrollmentGroups/{gid}",
+        {"enrollmentGroupId": gid, "attestation": {"type": "symmetricKey"}, **extra},
+    )
+    key: str = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
+    return key
+
+
 def assigned(r: httpx.Response) -> dict[str, Any]:
     assert r.status_code == 202, r.text
     body: dict[str, Any] = r.json()

@@ -27,7 +27,7 @@ from provisiond.storage import open_store
 from tests._fault_proxy import FaultProxy, fault_proxy
 from tests._hub_peer import Fault, HubPeer
 from tests._server import RunningServer, start_server
-from tests.service.test_device_api import Device, enroll_symmetric, uid
+from tests.service.test_device_api import Device, enroll_symmetric, enroll_symmetric_group, uid
 
 __all__ = ["fault_proxy"]
 
@@ -72,6 +72,45 @@ def register(server: RunningServer, reg: str, key: str) -> tuple[Device, dict[st
     return device, poll(device, device.register(device.token(key)), key)
 
 
+def register_all(server: RunningServer, group_key: str, regs: list[str]) -> None:
+    """The group's devices ``regs`` register at once; every one ends 'assigned'."""
+    with ThreadPoolExecutor(len(regs)) as pool:
+        results = list(pool.map(lambda reg: register(server, reg, derive_device_key(group_key, reg)), regs))
+    for device, body in results:
+        device.close()
+        assert body["status"] == "assigned", body
+
+
+def register_then_kill(node: RunningServer, group_key: str, regs: list[str], *, enough: int) -> set[str]:
+    """The group's devices ``regs`` register, 8 at a time, with ``node``; once ``enough`` are
+    acknowledged (202 with an operation id), the node is killed (kill -9). The acknowledged
+    ones."""
+    acknowledged: set[str] = set()
+    reached = threading.Event()
+
+    def one(reg: str) -> None:
+        device = Device(node, reg)
+        try:
+            r = device.register(device.token(derive_device_key(group_key, reg)))
+            if r.status_code == 202 and r.json().get("operationId"):
+                acknowledged.add(reg)
+                if len(acknowledged) >= enough:
+                    reached.set()
+        except httpx.HTTPError:
+            pass  # the node died under this request: not acknowledged
+        finally:
+            device.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(one, reg) for reg in regs]
+        assert reached.wait(60), "no registrations were acknowledged"
+        node.process.kill()  # kill -9
+        node.process.wait(10)
+        for future in futures:
+            future.result()
+    return acknowledged
+
+
 TWIN = {"tags": {"site": "line-3"}, "properties": {"desired": {"interval": 30}}}
 
 
@@ -103,16 +142,7 @@ def test_group_device_keys_are_the_derived_keys(
 ) -> None:
     hub = hub_peer.link(admin)
     gid = uid("g")
-    admin.put(
-        f"/enrollmentGroups/{gid}",
-        {
-            "enrollmentGroupId": gid,
-            "attestation": {"type": "symmetricKey"},
-            "iotHubs": [hub],
-            "allocationPolicy": "static",
-        },
-    )
-    group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
+    group_key = enroll_symmetric_group(admin, gid, iotHubs=[hub], allocationPolicy="static")
     reg = uid()
     key = derive_device_key(group_key, reg)
     device, body = register(writer_server, reg, key)
@@ -213,44 +243,12 @@ def test_kill_9_under_load_leaves_every_identity_and_record_in_agreement(
     admin = node.client()
     hub = hub_peer.link(admin)
     gid = uid("g")
-    admin.put(
-        f"/enrollmentGroups/{gid}",
-        {
-            "enrollmentGroupId": gid,
-            "attestation": {"type": "symmetricKey"},
-            "iotHubs": [hub],
-            "allocationPolicy": "static",
-            "initialTwin": TWIN,
-        },
-    )
-    group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
+    group_key = enroll_symmetric_group(admin, gid, iotHubs=[hub], allocationPolicy="static", initialTwin=TWIN)
     admin.close()
     # Every identity write is slow: many are in flight when the node dies.
     hub_peer.inject(*(Fault(delay=0.4, method="PUT", kind="devices") for _ in range(40)))
     regs = [uid() for _ in range(24)]
-    acknowledged: set[str] = set()
-    enough = threading.Event()
-
-    def one(reg: str) -> None:
-        device = Device(node, reg)
-        try:
-            r = device.register(device.token(derive_device_key(group_key, reg)))
-            if r.status_code == 202 and r.json().get("operationId"):
-                acknowledged.add(reg)
-                if len(acknowledged) >= 8:
-                    enough.set()
-        except httpx.HTTPError:
-            pass  # the node died under this request: not acknowledged
-        finally:
-            device.close()
-
-    with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(one, reg) for reg in regs]
-        assert enough.wait(60), "no registrations were acknowledged"
-        node.process.kill()  # kill -9
-        node.process.wait(10)
-        for future in futures:
-            future.result()
+    acknowledged = register_then_kill(node, group_key, regs, enough=8)
     assert len(acknowledged) >= 8
 
     node = start_server(data_dir, *args)
@@ -311,25 +309,9 @@ def test_a_write_budget_keeps_a_flood_under_the_hubs_throttle(
     before = admin.get(f"/admin/linkedHubs/{hub}/writer")
     hub_peer.rate_limit = 30
     gid = uid("g")
-    admin.put(
-        f"/enrollmentGroups/{gid}",
-        {
-            "enrollmentGroupId": gid,
-            "attestation": {"type": "symmetricKey"},
-            "iotHubs": [hub],
-            "allocationPolicy": "static",
-            "initialTwin": TWIN,
-        },
-    )
-    group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
+    group_key = enroll_symmetric_group(admin, gid, iotHubs=[hub], allocationPolicy="static", initialTwin=TWIN)
     regs = [uid() for _ in range(12)]
-    with ThreadPoolExecutor(12) as pool:
-        results = list(
-            pool.map(lambda reg: register(writer_server, reg, derive_device_key(group_key, reg)), regs)
-        )
-    for device, body in results:
-        device.close()
-        assert body["status"] == "assigned", body
+    register_all(writer_server, group_key, regs)
     assert hub_peer.answered[429] == 0, hub_peer.answered
     assert set(hub_peer.devices) == set(regs)
     figures = writer_figures(admin, hub, written=before["written"] + 12)
@@ -348,24 +330,9 @@ def test_unpaced_the_flood_is_throttled_and_retried(
     before = admin.get(f"/admin/linkedHubs/{hub}/writer")
     hub_peer.rate_limit = 30
     gid = uid("g")
-    admin.put(
-        f"/enrollmentGroups/{gid}",
-        {
-            "enrollmentGroupId": gid,
-            "attestation": {"type": "symmetricKey"},
-            "iotHubs": [hub],
-            "allocationPolicy": "static",
-        },
-    )
-    group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
+    group_key = enroll_symmetric_group(admin, gid, iotHubs=[hub], allocationPolicy="static")
     regs = [uid() for _ in range(12)]
-    with ThreadPoolExecutor(12) as pool:
-        results = list(
-            pool.map(lambda reg: register(writer_server, reg, derive_device_key(group_key, reg)), regs)
-        )
-    for device, body in results:
-        device.close()
-        assert body["status"] == "assigned", body
+    register_all(writer_server, group_key, regs)
     assert hub_peer.answered[429] > 0
     figures = writer_figures(admin, hub, written=before["written"] + 12)
     assert figures["written"] - before["written"] == 12, (before, figures)
@@ -499,28 +466,12 @@ def test_bulk_writes_send_existing_identities_the_single_way(
     the initial twin's tags and desired properties, as for the others."""
     hub = hub_peer.link(admin, writeBudgetPerSecond=50)
     gid = uid("g")
-    admin.put(
-        f"/enrollmentGroups/{gid}",
-        {
-            "enrollmentGroupId": gid,
-            "attestation": {"type": "symmetricKey"},
-            "iotHubs": [hub],
-            "allocationPolicy": "static",
-            "initialTwin": TWIN,
-        },
-    )
-    group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
+    group_key = enroll_symmetric_group(admin, gid, iotHubs=[hub], allocationPolicy="static", initialTwin=TWIN)
     regs = [uid() for _ in range(8)]
     existing = regs[3]
     hub_peer.devices[existing] = {"deviceId": existing, "authentication": {"type": "sas"}, "etag": "x"}
     hub_peer.twins[existing] = {"tags": {"made": "elsewhere"}, "properties": {"desired": {}, "reported": {}}}
-    with ThreadPoolExecutor(8) as pool:
-        results = list(
-            pool.map(lambda reg: register(writer_server, reg, derive_device_key(group_key, reg)), regs)
-        )
-    for device, body in results:
-        device.close()
-        assert body["status"] == "assigned", body
+    register_all(writer_server, group_key, regs)
     assert set(hub_peer.devices) == set(regs)
     for reg in regs:
         key = derive_device_key(group_key, reg)

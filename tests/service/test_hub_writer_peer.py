@@ -8,22 +8,20 @@ and twins, read back through its REST API and by the official Python service SDK
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from provisiond.errors import NotFoundError
 from provisiond.protocol.sas import derive_device_key
 from tests._fault_proxy import FaultProxy
 from tests._server import RunningServer, start_server
-from tests.service.test_device_api import Device, enroll_symmetric, uid
-from tests.service.test_hub_writer import TWIN, register
+from tests.service.test_device_api import enroll_symmetric, enroll_symmetric_group, uid
+from tests.service.test_hub_writer import TWIN, register, register_then_kill
 
 PEER_HUB = "127.0.0.1"  # the peer's --host, hence its built-in hub (the first server's is localhost)
 
@@ -65,17 +63,9 @@ def test_registrations_land_in_a_second_provisiond_hub(
         reg = uid()
         key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static", initialTwin=TWIN)
         gid = uid("g")
-        admin.put(
-            f"/enrollmentGroups/{gid}",
-            {
-                "enrollmentGroupId": gid,
-                "attestation": {"type": "symmetricKey"},
-                "iotHubs": [hub],
-                "allocationPolicy": "static",
-                "initialTwin": TWIN,
-            },
+        group_key = enroll_symmetric_group(
+            admin, gid, iotHubs=[hub], allocationPolicy="static", initialTwin=TWIN
         )
-        group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
     group_devices = [uid() for _ in range(6)]
     keys = {reg: key, **{d: derive_device_key(group_key, d) for d in group_devices}}
     with ThreadPoolExecutor(7) as pool:
@@ -139,44 +129,12 @@ def test_faults_and_kill_9_against_the_real_peer(
                 },
             )
             gid = uid("g")
-            admin.put(
-                f"/enrollmentGroups/{gid}",
-                {
-                    "enrollmentGroupId": gid,
-                    "attestation": {"type": "symmetricKey"},
-                    "iotHubs": [hub],
-                    "allocationPolicy": "static",
-                    "initialTwin": TWIN,
-                },
+            group_key = enroll_symmetric_group(
+                admin, gid, iotHubs=[hub], allocationPolicy="static", initialTwin=TWIN
             )
-            group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"][
-                "primaryKey"
-            ]
         proxy.drop_answers, proxy.refuse_connections = 3, 2
         regs = [uid() for _ in range(16)]
-        acknowledged: set[str] = set()
-        enough = threading.Event()
-
-        def one(reg: str) -> None:
-            device = Device(node, reg)
-            try:
-                r = device.register(device.token(derive_device_key(group_key, reg)))
-                if r.status_code == 202 and r.json().get("operationId"):
-                    acknowledged.add(reg)
-                    if len(acknowledged) >= 6:
-                        enough.set()
-            except httpx.HTTPError:
-                pass
-            finally:
-                device.close()
-
-        with ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(one, reg) for reg in regs]
-            assert enough.wait(60), "no registrations were acknowledged"
-            node.process.kill()
-            node.process.wait(10)
-            for future in futures:
-                future.result()
+        acknowledged = register_then_kill(node, group_key, regs, enough=6)
         node = start_server(data_dir, *args)
         with node.client() as admin:
             deadline = time.monotonic() + 60
