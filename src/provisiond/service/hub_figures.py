@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from ..models import HubWriterReport, LinkedHub
+from ..models import HubWriterReport, LinkedHub, WriterCounts
 from ..storage import Collection, Store
 
 __all__ = [
@@ -50,19 +50,12 @@ class Pacer:
         self._paused[hub] = max(self._paused.get(hub, 0.0), self._clock() + seconds)
 
 
-class WriterFigures(msgspec.Struct, kw_only=True, rename="camel"):
+class WriterFigures(WriterCounts, kw_only=True, rename="camel"):
     """One node's figures for one hub (``HUB_WRITERS``, keyed ``{hub}/{node}``); the admin API
     sums them over the nodes."""
 
     hub: str
     node: str
-    calls: int = 0
-    written: int = 0
-    throttled: int = 0
-    retried: int = 0
-    failed: int = 0
-    removed: int = 0
-    bulk_calls: int = 0
 
 
 async def hub_writer_report(store: Store, hub: LinkedHub) -> HubWriterReport:
@@ -71,14 +64,7 @@ async def hub_writer_report(store: Store, hub: LinkedHub) -> HubWriterReport:
     queued = await store.count(Collection.HUB_OUTBOX, filters={"hub": host})
     report = HubWriterReport(hub=hub.host_name, budget_per_second=hub.registry_write_budget(), queued=queued)
     for record in await store.query_all(Collection.HUB_WRITERS, filters={"hub": host}):
-        figures = msgspec.json.decode(record.doc, type=WriterFigures)
-        report.calls += figures.calls
-        report.written += figures.written
-        report.throttled += figures.throttled
-        report.retried += figures.retried
-        report.failed += figures.failed
-        report.removed += figures.removed
-        report.bulk_calls += figures.bulk_calls
+        report.add(msgspec.json.decode(record.doc, type=WriterFigures))
         report.nodes += 1
     return report
 
