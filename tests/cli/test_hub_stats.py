@@ -12,8 +12,7 @@ from provisiond.errors import NotFoundError
 from tests._hub_peer import HubPeer
 from tests._server import RunningServer
 from tests.cli.test_manage import fails, run, run_json
-from tests.service.test_device_api import enroll_symmetric, uid
-from tests.service.test_hub_writer import register
+from tests.service.test_hub_writer import enroll_in, register
 
 
 def _stats_once_written(server: RunningServer, hub: str, written: int) -> dict[str, Any]:
@@ -33,8 +32,7 @@ def test_hub_stats_shows_the_writers_figures(server: RunningServer, hub_peer: Hu
         before = run_json(server, "hub", "stats", hub, "--json")
         assert before == admin.get(f"/admin/linkedHubs/{hub}/writer")
         assert before["hub"] == hub and before["budgetPerSecond"] == 25
-        reg = uid()
-        key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static")
+        reg, key = enroll_in(admin, hub)
     device, body = register(server, reg, key)
     device.close()
     assert body["status"] == "assigned" and body["registrationState"]["assignedHub"] == hub, body

@@ -72,6 +72,12 @@ def register(server: RunningServer, reg: str, key: str) -> tuple[Device, dict[st
     return device, poll(device, device.register(device.token(key)), key)
 
 
+def enroll_in(admin: Any, hub: str, **extra: Any) -> tuple[str, str]:
+    """A new symmetric-key enrollment assigned to ``hub`` (static): its registration id and key."""
+    reg = uid()
+    return reg, enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static", **extra)
+
+
 def register_all(server: RunningServer, group_key: str, regs: list[str]) -> None:
     """The group's devices ``regs`` register at once; every one ends 'assigned'."""
     with ThreadPoolExecutor(len(regs)) as pool:
@@ -118,8 +124,7 @@ def test_registration_writes_identity_and_twin_into_the_remote_hub(
     writer_server: RunningServer, admin: Any, hub_peer: HubPeer
 ) -> None:
     hub = hub_peer.link(admin)
-    reg = uid()
-    key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static", initialTwin=TWIN)
+    reg, key = enroll_in(admin, hub, initialTwin=TWIN)
     device, body = register(writer_server, reg, key)
     state = body["registrationState"]
     assert body["status"] == "assigned", body
@@ -155,8 +160,7 @@ def test_throttled_and_failing_hub_is_retried_until_assigned(
     writer_server: RunningServer, admin: Any, hub_peer: HubPeer
 ) -> None:
     hub = hub_peer.link(admin)
-    reg = uid()
-    key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static", initialTwin=TWIN)
+    reg, key = enroll_in(admin, hub, initialTwin=TWIN)
     hub_peer.inject(
         Fault(status=429, retry_after=1, method="PUT"),
         Fault(status=503, method="PUT"),
@@ -180,8 +184,7 @@ def test_a_slow_hub_answers_assigning_and_polls_end_assigned(
     writer_server: RunningServer, admin: Any, hub_peer: HubPeer
 ) -> None:
     hub = hub_peer.link(admin)
-    reg = uid()
-    key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static")
+    reg, key = enroll_in(admin, hub)
     hub_peer.inject(Fault(delay=2.5, method="PUT"))
     device = Device(writer_server, reg)
     first = device.register(device.token(key))
@@ -198,8 +201,7 @@ def test_a_hub_that_refuses_fails_the_registration_and_keeps_nothing(
     writer_server: RunningServer, admin: Any, hub_peer: HubPeer
 ) -> None:
     hub = hub_peer.link(admin)
-    reg = uid()
-    key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static", initialTwin=TWIN)
+    reg, key = enroll_in(admin, hub, initialTwin=TWIN)
     # The identity is created, then the hub refuses its twin for good: compensation deletes it.
     hub_peer.inject(Fault(status=403, code="IotHubQuotaExceeded", method="PUT", kind="twins"))
     device, body = register(writer_server, reg, key)
@@ -217,8 +219,7 @@ def test_a_rotated_key_is_the_hubs_401_named(
     hub = hub_peer.link(admin)
     linked_key = hub_peer.key
     hub_peer.key = "d3Jvbmd3cm9uZ3dyb25nd3Jvbmc="  # the hub's policy key rotated after the link
-    reg = uid()
-    key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static")
+    reg, key = enroll_in(admin, hub)
     try:
         device, body = register(writer_server, reg, key)
     finally:
@@ -347,8 +348,7 @@ def test_deprovisioning_items_are_carried_out(
     """A removal item in the outbox (what deleting a record with ?deprovision= commits with the
     deletion) is carried out by the writer loop: the identity disabled or deleted in the hub."""
     hub = hub_peer.link(admin)
-    reg = uid()
-    key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static")
+    reg, key = enroll_in(admin, hub)
     device, body = register(writer_server, reg, key)
     device.close()
     assert body["status"] == "assigned" and reg in hub_peer.devices
@@ -385,8 +385,7 @@ def test_answers_lost_on_the_way_back_are_retried_without_doubling(
     connections: the writer retries each idempotent step, and the device ends with one
     identity, its keys and its twin."""
     hub = hub_peer.link(admin, port=fault_proxy.port)
-    reg = uid()
-    key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static", initialTwin=TWIN)
+    reg, key = enroll_in(admin, hub, initialTwin=TWIN)
     fault_proxy.drop_answers = 2
     fault_proxy.refuse_connections = 1
     device, body = register(writer_server, reg, key)
@@ -486,8 +485,7 @@ def test_a_record_deleted_while_its_identity_is_written_leaves_no_identity(
     """The operator deletes the registration record while the hub is still writing its
     identity: the writer finds no record to finish and deletes the identity it created."""
     hub = hub_peer.link(admin)
-    reg = uid()
-    key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static")
+    reg, key = enroll_in(admin, hub)
     hub_peer.inject(Fault(delay=2.0, method="PUT", kind="devices"))
     device = Device(writer_server, reg)
     first = device.register(device.token(key))
@@ -516,8 +514,7 @@ def test_deprovisioning_a_registration_through_the_api_reaches_the_remote_hub(
     """DELETE /registrations/{id}?deprovision=... (part admin's operation) commits a removal
     item with the record's deletion; the writer disables or deletes the identity in the hub."""
     hub = hub_peer.link(admin)
-    reg = uid()
-    key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static")
+    reg, key = enroll_in(admin, hub)
     device, body = register(writer_server, reg, key)
     device.close()
     assert body["status"] == "assigned" and reg in hub_peer.devices

@@ -20,8 +20,8 @@ from provisiond.errors import NotFoundError
 from provisiond.protocol.sas import derive_device_key
 from tests._fault_proxy import FaultProxy
 from tests._server import RunningServer, start_server
-from tests.service.test_device_api import enroll_symmetric, enroll_symmetric_group, uid
-from tests.service.test_hub_writer import TWIN, register, register_then_kill
+from tests.service.test_device_api import enroll_symmetric_group, uid
+from tests.service.test_hub_writer import TWIN, enroll_in, register, register_then_kill
 
 PEER_HUB = "127.0.0.1"  # the peer's --host, hence its built-in hub (the first server's is localhost)
 
@@ -60,8 +60,7 @@ def test_registrations_land_in_a_second_provisiond_hub(
     dps, peer = servers
     hub = _link(dps, peer, writeBudgetPerSecond=50)
     with dps.client() as admin:
-        reg = uid()
-        key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static", initialTwin=TWIN)
+        reg, key = enroll_in(admin, hub, initialTwin=TWIN)
         gid = uid("g")
         group_key = enroll_symmetric_group(
             admin, gid, iotHubs=[hub], allocationPolicy="static", initialTwin=TWIN
