@@ -20,7 +20,7 @@ from ..protocol.hub_topics import Filter, c2d_topic
 from ..protocol.mqtt import MqttConnection, QoS, State
 from ..storage import Store, Stream, utc_iso
 
-__all__ = ["C2D_WINDOW", "C2dConnection", "C2dDelivery"]
+__all__ = ["C2D_WINDOW", "DeviceConnection", "C2dDelivery"]
 
 log = logging.getLogger("provisiond.hub")
 
@@ -28,9 +28,10 @@ log = logging.getLogger("provisiond.hub")
 C2D_WINDOW = 10
 
 
-class C2dConnection(Protocol):
-    """What delivery needs of the device's connection."""
+class DeviceConnection(Protocol):
+    """What the hub publishes through: one device's MQTT connection (:mod:`.hub_mqtt`)."""
 
+    hub: str
     device_id: str
     machine: MqttConnection
 
@@ -49,7 +50,7 @@ class C2dDelivery:
     """The cloud-to-device queue of one connection: a pump task reading the device's partition
     past :attr:`cursor`, and the packet ids awaiting their PUBACK."""
 
-    def __init__(self, connection: C2dConnection, store: Store, clock: Callable[[], float]) -> None:
+    def __init__(self, connection: DeviceConnection, store: Store, clock: Callable[[], float]) -> None:
         self._connection = connection
         self._store = store
         self._clock = clock

@@ -35,7 +35,8 @@ device's interval but never past IoT Hub's 1,767 s, more publishes in flight.
   - twin GET answers ``$iothub/twin/res/200/?$rid=`` with the device's view of the twin;
     a reported-properties PATCH answers ``204`` with ``&$version={new reported version}``;
     errors answer their status with a JSON body carrying ``errorCode`` (what the Node.js SDK
-    reads) and ``message``;
+    reads) and ``message`` (:mod:`provisiond.service.hub_twin_channel`, which also
+    publishes the desired patches in version order);
   - a method response (``$iothub/methods/res/{status}/?$rid=``) goes to the broker.
 
   Every QoS 1 publish is acknowledged (the Python SDK publishes everything at QoS 1).
@@ -58,19 +59,15 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import msgspec
 
-from .. import twin as twins
 from ..errors import (
-    IotHubCode,
     LocalProtocolError,
     ProvisioningError,
     RemoteProtocolError,
-    RequestError,
     StorageError,
 )
 from ..hub.messages import (
@@ -79,18 +76,14 @@ from ..hub.messages import (
     telemetry_event,
 )
 from ..hub.registry import HubRegistry
-from ..protocol import bounded_json
 from ..protocol.hub_topics import (
     Filter,
     PublicationKind,
     classify_filter,
-    desired_patch_topic,
     method_request_topic,
     parse_hub_username,
     parse_publication,
-    twin_response_topic,
 )
-from ..protocol.messages import error_body
 from ..protocol.mqtt import (
     Connect,
     ConnectReturnCode,
@@ -111,6 +104,7 @@ from .hub_auth import HubAuthenticator, Refused
 from .hub_broker import HubBroker
 from .hub_c2d import C2D_WINDOW, C2dDelivery
 from .hub_sessions import SessionStore, StoredSession
+from .hub_twin_channel import TwinChannel
 from .streams import ByteStream, StreamClosed
 
 __all__ = ["ACTIVITY_INTERVAL", "C2D_WINDOW", "MAX_MESSAGE_BYTES", "MAX_SUBSCRIPTIONS", "HubEndpoint"]
@@ -129,9 +123,6 @@ MAX_SUBSCRIPTIONS = 5
 #: Seconds between two writes of the devices' ``lastActivityTime`` (the default of
 #: ``Settings.hub_activity_interval``).
 ACTIVITY_INTERVAL = 30.0
-#: Seconds a desired patch waits for an earlier version's (relayed from another process within
-#: the broker's poll interval) before it goes out without it.
-DESIRED_GAP_WAIT = 0.5
 _READ_SIZE = 65536
 _GRANTED = {
     QoS.AT_MOST_ONCE: SubackReturnCode.GRANTED_QOS_0,
@@ -236,13 +227,7 @@ class _HubSession:
         self._flushing: asyncio.Task[None] | None = None
         self._methods_waiters: list[asyncio.Future[bool]] = []
         self.c2d = C2dDelivery(self, endpoint.ctx.store, endpoint.ctx.clock)
-        # Desired patches go out in version order, whichever process committed them (a write
-        # in another worker or node is relayed through the signal stream, later than a local
-        # one): the newest version published (the twin's at CONNECT before any), and the
-        # patches waiting for the versions before them.
-        self._desired_version = 0
-        self._desired_waiting: dict[int, Mapping[str, Any]] = {}
-        self._desired_timer: asyncio.TimerHandle | None = None
+        self.twin = TwinChannel(self, endpoint.registry, endpoint.ctx.clock)
 
     @property
     def key(self) -> str:
@@ -324,7 +309,7 @@ class _HubSession:
             if result.expires is not None:
                 self.expires = time.monotonic() + (result.expires - endpoint.ctx.clock())
             self._identity_created = found.created
-            self._desired_version = found.twin.desired_version
+            self.twin.desired_version = found.twin.desired_version
             stored = await self._restore()
             await self.broker.attach(self)
         except StorageError as exc:
@@ -420,8 +405,7 @@ class _HubSession:
     async def _after_close(self) -> None:
         """The Will, what the stored session must remember, and (last: once it reads
         ``Disconnected``, the rest is done) the connection state."""
-        if self._desired_timer is not None:
-            self._desired_timer.cancel()
+        self.twin.close()
         endpoint = self.endpoint
         endpoint.forget(self.hub, self.device_id)
         try:
@@ -522,36 +506,7 @@ class _HubSession:
         self.publish(method_request_topic(name, rid), payload, QoS.AT_MOST_ONCE)
 
     def send_desired(self, changes: Mapping[str, Any], version: int) -> None:
-        """Publish the desired patch of ``version`` once every earlier one is published (an
-        empty one only moves the version on: a write that changed nothing); one older than
-        the twin the device connected with is in the twin it reads. A version whose patch
-        never comes (its notifier died, or a write that notifies nobody, such as DPS's
-        re-provisioning) holds the later ones back for :data:`DESIRED_GAP_WAIT` at most."""
-        if version <= self._desired_version:
-            return
-        self._desired_waiting[version] = changes
-        self._release_desired(skip_gaps=False)
-
-    def _release_desired(self, *, skip_gaps: bool) -> None:
-        while self._desired_waiting:
-            version = min(self._desired_waiting)
-            if version != self._desired_version + 1 and not skip_gaps:
-                break
-            changes = self._desired_waiting.pop(version)
-            self._desired_version = version
-            qos = self.granted(Filter.DESIRED_PATCHES)
-            if changes and qos is not None:
-                body = _json.encode(twins.desired_notification(changes, version))
-                self.publish(desired_patch_topic(version), body, qos)
-        if not self._desired_waiting and self._desired_timer is not None:
-            self._desired_timer.cancel()
-            self._desired_timer = None
-        elif self._desired_waiting and self._desired_timer is None:
-            self._desired_timer = asyncio.get_running_loop().call_later(DESIRED_GAP_WAIT, self._desired_gap)
-
-    def _desired_gap(self) -> None:
-        self._desired_timer = None
-        self._release_desired(skip_gaps=True)
+        self.twin.send_desired(changes, version)
 
     def wake_c2d(self) -> None:
         self.c2d.wake()
@@ -640,51 +595,7 @@ class _HubSession:
             assert status is not None
             self.broker.method_response(self, rid, status, publish.payload)
             return
-        try:
-            if kind is PublicationKind.TWIN_GET:
-                device = await self.endpoint.registry.get_twin(self.hub, self.device_id)  # 404001
-                self._twin_response(200, rid, _json.encode(twins.device_view(device.twin)))
-            else:
-                try:
-                    patch = bounded_json.decode(publish.payload)
-                except msgspec.DecodeError as exc:
-                    raise RequestError(
-                        f"The reported properties patch is not JSON: {exc}",
-                        error_code=IotHubCode.ARGUMENT_INVALID,
-                    ) from None
-                version = await self.endpoint.registry.patch_reported(self.hub, self.device_id, patch)
-                self._twin_response(204, rid, b"", version=version)
-        except ProvisioningError as exc:
-            self._twin_error(rid, kind, exc)
-
-    def _twin_response(self, status: int, rid: str, body: bytes, *, version: int | None = None) -> None:
-        # Answered whether or not the device subscribed to $iothub/twin/res/# (then at QoS 0):
-        # the Python SDK sends its "ensure desired properties" GET on connect without that
-        # subscription (pipeline_stages_iothub.EnsureDesiredPropertiesStage) and waits for it.
-        qos = self.granted(Filter.TWIN_RESPONSES) or QoS.AT_MOST_ONCE
-        try:
-            topic = twin_response_topic(status, rid, version)
-        except LocalProtocolError as exc:
-            log.info("MQTT %s: cannot answer $rid=%r: %s", self.who, rid[:64], exc.message)
-            return
-        self.publish(topic, body, qos)
-
-    def _twin_error(self, rid: str, kind: PublicationKind, exc: ProvisioningError) -> None:
-        code = exc.iothub_code
-        tracking_id = uuid.uuid4().hex
-        level = logging.INFO if code.http_status < 500 else logging.ERROR
-        log.log(
-            level,
-            "MQTT %s: %s $rid=%s: %d %s (tracking id %s)",
-            self.who,
-            kind.value,
-            rid[:64],
-            code.http_status,
-            exc.message,
-            tracking_id,
-        )
-        body = error_body(code, tracking_id, exc.message, utc_iso(self.endpoint.ctx.clock()))
-        self._twin_response(code.http_status, rid, body)
+        await self.twin.answer(publish, kind, rid)
 
     async def _on_subscribe(self, subscribe: Subscribe) -> None:
         codes: list[SubackReturnCode] = []
