@@ -37,28 +37,33 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningS
         peer.stop()
 
 
-def _link(dps: RunningServer, peer: RunningServer, **fields: Any) -> str:
-    hub = peer.info["builtinHub"]
-    assert hub == PEER_HUB, peer.info
+def link_peer(dps: RunningServer, peer: RunningServer, *, port: int | None = None, **fields: Any) -> str:
+    """Link ``peer``'s built-in hub to ``dps`` by its connection string, out of allocation
+    (``port``: reach it there instead, a proxy in front of it); the hub's host name."""
+    hub = str(peer.info["builtinHub"])
+    connection_string = peer.info["hubConnectionString"]
+    if port is not None:
+        connection_string = connection_string.replace(f":{peer.port};", f":{port};")
     with dps.client() as admin:
         admin.put(
             f"/admin/linkedHubs/{hub}",
             {
                 "hostName": hub,
-                "connectionString": peer.info["hubConnectionString"],
+                "connectionString": connection_string,
                 "caCertificate": Path(peer.ca_file).read_text(),
                 "applyAllocationPolicy": False,
                 **fields,
             },
         )
-    return str(hub)
+    return hub
 
 
 def test_registrations_land_in_a_second_provisiond_hub(
     servers: tuple[RunningServer, RunningServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dps, peer = servers
-    hub = _link(dps, peer, writeBudgetPerSecond=50)
+    hub = link_peer(dps, peer, writeBudgetPerSecond=50)
+    assert hub == PEER_HUB, peer.info
     with dps.client() as admin:
         reg, key = enroll_in(admin, hub, initialTwin=TWIN)
         gid = uid("g")
@@ -114,19 +119,8 @@ def test_faults_and_kill_9_against_the_real_peer(
     args = ("--assignment-budget", "0.5", "--hub-write-lease", "2")
     node = start_server(data_dir, *args)
     try:
-        hub = peer.info["builtinHub"]
+        hub = link_peer(node, peer, port=proxy.port)
         with node.client() as admin:
-            admin.put(
-                f"/admin/linkedHubs/{hub}",
-                {
-                    "hostName": hub,
-                    "connectionString": peer.info["hubConnectionString"].replace(
-                        f":{peer.port};", f":{proxy.port};"
-                    ),
-                    "caCertificate": Path(peer.ca_file).read_text(),
-                    "applyAllocationPolicy": False,
-                },
-            )
             gid = uid("g")
             group_key = enroll_symmetric_group(
                 admin, gid, iotHubs=[hub], allocationPolicy="static", initialTwin=TWIN
