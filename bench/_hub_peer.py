@@ -2,8 +2,9 @@
 provisiond's hub writer makes: devices, twins, statistics), IoT Hub's SAS rules and error bodies,
 and IoT Hub's throttle (429 with Retry-After: a token bucket of a number of calls a second with
 bursts of one second's worth), in its own process. Identities are kept in memory; ``GET /_stats`` (no auth) tells the bench what the hub
-saw. It stands in for a second provisiond whose built-in hub serves the registry REST API
-(issue 11) until that API is on main.
+saw. The tests' stand-in (tests/_hub_peer.py) is a pytest fixture in the test process; this
+one stays the bench's own: it runs as a process of its own without the tests package, throttles
+with a token bucket as IoT Hub does, and survives its clients being killed mid-request (the soak).
 
     python bench/_hub_peer.py --port P --cert CHAIN --key KEY --policy-key B64 [--rate-limit N]
 """

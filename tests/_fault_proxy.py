@@ -12,11 +12,16 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests._hub_peer import HubPeer
+
 __all__ = ["FaultProxy", "fault_proxy"]
 
 
 class FaultProxy:
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, host: str = "127.0.0.1") -> None:
+        #: The hub's address; the proxy listens on the same one (the connection string keeps
+        #: its host name, only the port changes).
+        self.host = host
         self.upstream_port = upstream_port
         self.port = 0
         #: Answers to drop: the connection is aborted when the hub's next answer arrives.
@@ -68,7 +73,7 @@ class FaultProxy:
             client_writer.transport.abort()
             return
         try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+            up_reader, up_writer = await asyncio.open_connection(self.host, self.upstream_port)
         except OSError:
             client_writer.transport.abort()
             return
@@ -85,7 +90,7 @@ class FaultProxy:
             asyncio.set_event_loop(self._loop)
 
             async def serve() -> None:
-                self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+                self._server = await asyncio.start_server(self._handle, self.host, 0)
                 self.port = self._server.sockets[0].getsockname()[1]
                 ready.set()
 
@@ -112,12 +117,9 @@ class FaultProxy:
 
 
 @pytest.fixture
-def fault_proxy(hub_peer_server: object) -> Iterator[FaultProxy]:
-    """A proxy in front of the module's stand-in hub."""
-    from tests._hub_standin import HubPeer
-
-    assert isinstance(hub_peer_server, HubPeer)
-    proxy = FaultProxy(hub_peer_server.port)
+def fault_proxy(hub_peer_server: HubPeer) -> Iterator[FaultProxy]:
+    """A proxy in front of the session's stand-in hub (tests/_hub_peer.py)."""
+    proxy = FaultProxy(hub_peer_server.port, hub_peer_server.host)
     proxy.start()
     yield proxy
     proxy.stop()

@@ -1,141 +1,333 @@
-"""A remote IoT hub's registry read, served over TLS on loopback for the tests that link a hub
-by its connection string (provisiond checks the credential then: ``GET /statistics/devices``).
+"""A stand-in remote IoT hub for the tests: IoT Hub's identity registry REST API (what
+``provisiond.hub.connection`` reads when a hub is linked and ``provisiond.hub.remote`` calls:
+``/devices``, ``/twins``, bulk ``POST /devices``, ``/statistics/devices``) with IoT Hub's SAS
+rules (``sr`` the hub's host name, ``skn`` a policy, HMAC-SHA256 with its key), status codes and
+error bodies, over real HTTPS on loopback in a thread of the test process, with a fault
+injector in front of it (429 with Retry-After, 5xx, slow answers, a throttle).
 
-This is the part of IoT Hub's service REST API the link check reads, with IoT Hub's SAS rules
-(``sr`` the hub's host name, ``skn`` a policy, HMAC-SHA256 with its key) and IoT Hub's 401 body.
-It stands in for a second ``provisiond serve`` (tests/service/test_hub_linking.py links one
-too) where a test needs a hub of its own that answers in IoT Hub's words, and lets a test see
-the requests it got. The hub is ``127.0.0.2`` at the peer's port, its TLS certificate issued by
-a private CA (``caCertificate``).
+The hub is ``127.0.0.2`` (a loopback address of its own: the served built-in hubs are
+``localhost`` and ``127.0.0.1``) at the peer's port, its TLS certificate issued by a private CA
+(``caCertificate``). It keeps what it was told in memory and every request it got, so a test can
+compare the hub's identities with provisiond's records afterwards. Where a test needs the real
+wire end to end, tests/service/test_hub_writer_peer.py links a second ``provisiond serve``.
+
+Fixtures: ``hub_peer_server`` (one running stand-in for the session) and ``hub_peer`` (that one,
+emptied and without faults for the test). bench/_hub_peer.py is the bench's own throttling
+registry: it runs as a process of its own, without the tests package.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
 import json
-import ssl
+import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from provisiond import pki
-from provisiond.errors import AuthenticationError
+from provisiond.errors import NotFoundError
 from provisiond.models import LinkedHub
 from provisiond.protocol.sas import parse_sas_token, verify_signature
-from tests.factories import key, pem
+from tests._server import free_port
 
-#: The stand-in hub's host name: a loopback address of its own (the served hubs are named
-#: ``localhost`` and the like), which its certificate covers.
+__all__ = ["HOST", "POLICY", "Fault", "HubPeer", "hub_peer", "hub_peer_server"]
+
+#: The stand-in hub's host name, which its certificate covers.
 HOST = "127.0.0.2"
 POLICY = "registryReadWrite"
+
+
+@dataclass
+class Fault:
+    """What the next matching request gets instead of an answer."""
+
+    status: int | None = None  # answer this status (429, 503, ...)
+    retry_after: float | None = None
+    delay: float = 0.0  # answer after this long (then normally, unless status)
+    method: str | None = None  # only requests of this method
+    kind: str | None = None  # only requests of this kind ("devices", "twins")
+    code: str | None = None  # the ErrorCode in the body
 
 
 @dataclass
 class HubPeer:
     port: int
     ca_pem: str
-    policy_key: str
-    #: (method, path, Authorization header) of every request, in order.
+    #: The policy's key (a test may rotate it: the hub then refuses the linked one).
+    key: str
+    host: str = HOST
+    key_name: str = POLICY
+    #: (method, path?query, Authorization header) of every request, in order.
     requests: list[tuple[str, str, str]] = field(default_factory=list)
-    devices: int = 3
+    devices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    twins: dict[str, dict[str, Any]] = field(default_factory=dict)
+    faults: list[Fault] = field(default_factory=list)
+    calls: Counter[str] = field(default_factory=Counter)
+    answered: Counter[int] = field(default_factory=Counter)
+    call_times: list[float] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Throttle as IoT Hub does: more calls than this in any second answer 429 (None: never).
+    rate_limit: int | None = None
+    #: Identities created by bulk calls.
+    bulk_devices: int = 0
 
-    def connection_string(self, key_value: str | None = None, *, policy: str = POLICY) -> str:
+    def connection_string(
+        self, key_value: str | None = None, *, policy: str = POLICY, port: int | None = None
+    ) -> str:
+        """The hub's connection string (``port``: a proxy in front of it)."""
         return (
-            f"HostName={HOST}:{self.port};SharedAccessKeyName={policy};"
-            f"SharedAccessKey={key_value or self.policy_key}"
+            f"HostName={self.host}:{port or self.port};SharedAccessKeyName={policy};"
+            f"SharedAccessKey={key_value or self.key}"
         )
 
     def linked_hub(self, **fields: Any) -> LinkedHub:
         fields.setdefault("connection_string", self.connection_string())
         fields.setdefault("ca_certificate", self.ca_pem)
-        return LinkedHub(host_name=HOST, **fields)
+        return LinkedHub(host_name=self.host, **fields)
 
     def body(self, **fields: Any) -> dict[str, Any]:
         """The admin API's body linking this hub."""
         return {
-            "hostName": HOST,
+            "hostName": self.host,
             "connectionString": self.connection_string(),
             "caCertificate": self.ca_pem,
             **fields,
         }
 
+    def link(self, admin: Any, *, port: int | None = None, **fields: Any) -> str:
+        """Link this hub to the provisiond of ``admin`` (replacing an earlier link of it), out
+        of allocation; ``port``: reach it there instead (a proxy in front of it)."""
+        with contextlib.suppress(NotFoundError):
+            admin.delete(f"/admin/linkedHubs/{self.host}")
+        body = self.body(connectionString=self.connection_string(port=port), applyAllocationPolicy=False)
+        admin.put(f"/admin/linkedHubs/{self.host}", {**body, **fields})
+        return self.host
 
-def _unauthorized(handler: BaseHTTPRequestHandler) -> None:
-    """IoT Hub's 401: the error code in a header and in the body's Message."""
-    body = json.dumps(
-        {
-            "Message": "ErrorCode:IotHubUnauthorizedAccess;Unauthorized",
-            "ExceptionMessage": f"Tracking ID:peer0000-G:0-TimeStamp:{time.strftime('%m/%d/%Y %H:%M:%S')}",
-        }
-    ).encode()
-    handler.send_response(401)
-    handler.send_header("Content-Type", "application/json; charset=utf-8")
-    handler.send_header("iothub-errorcode", "IotHubUnauthorizedAccess")
-    handler.send_header("Content-Length", str(len(body)))
-    handler.end_headers()
-    handler.wfile.write(body)
+    def inject(self, *faults: Fault) -> None:
+        with self.lock:
+            self.faults.extend(faults)
+
+    def _fault(self, method: str, kind: str) -> Fault | None:
+        with self.lock:
+            for i, fault in enumerate(self.faults):
+                if fault.method in (None, method) and fault.kind in (None, kind):
+                    return self.faults.pop(i)
+        return None
+
+    def reset(self) -> None:
+        """Empty, without faults or throttle, the requests and counters forgotten."""
+        with self.lock:
+            self.requests.clear()
+            self.devices.clear()
+            self.twins.clear()
+            self.faults.clear()
+            self.calls.clear()
+            self.answered.clear()
+            self.call_times.clear()
+            self.rate_limit = None
+            self.bulk_devices = 0
 
 
-def _serve(peer: HubPeer, certificate: Path, private_key: Path) -> tuple[ThreadingHTTPServer, int]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    body = {
+        "Message": f"ErrorCode:{code};{message}",
+        # IoT Hub's form: "Tracking ID:{id}-G:{gateway}-TimeStamp:{when}"
+        "ExceptionMessage": f"Tracking ID:peer0000-G:0-TimeStamp:{time.strftime('%m/%d/%Y %H:%M:%S')}",
+    }
+    return JSONResponse(body, status, headers={"iothub-errorcode": code, **(headers or {})})
 
-        def do_GET(self) -> None:
-            authorization = self.headers.get("Authorization", "")
-            peer.requests.append(("GET", self.path, authorization))
-            try:
-                token = parse_sas_token(authorization)
-            except AuthenticationError:
-                _unauthorized(self)
-                return
-            if (
-                token.resource.lower() != HOST
-                or token.key_name != POLICY
-                or token.expiry < time.time()
-                or not verify_signature(token, peer.policy_key)
-            ):
-                _unauthorized(self)
-                return
-            if self.path.split("?", 1)[0] != "/statistics/devices":
-                self.send_error(404)
-                return
-            body = json.dumps(
+
+def _app(peer: HubPeer) -> Starlette:
+    async def guard(request: Request) -> Response | None:
+        kind = request.url.path.split("/")[1]
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        peer.requests.append((request.method, target, request.headers.get("authorization", "")))
+        peer.calls[f"{request.method} {kind}"] += 1
+        now = time.monotonic()
+        peer.call_times.append(now)
+        if peer.rate_limit is not None:
+            recent = sum(1 for t in peer.call_times if t > now - 1.0)
+            if recent > peer.rate_limit:
+                return _error(429, "ThrottlingException", "Wait 1 seconds", {"Retry-After": "1"})
+        if request.query_params.get("api-version") is None:
+            return _error(400, "InvalidProtocolVersion", "api-version is missing")
+        try:
+            token = parse_sas_token(request.headers.get("authorization", ""))
+        except Exception:
+            return _error(401, "IotHubUnauthorizedAccess", "Unauthorized")
+        if (
+            token.key_name != peer.key_name
+            or token.resource.lower() != peer.host.lower()
+            or token.expiry < time.time()
+            or not verify_signature(token, peer.key)
+        ):
+            return _error(401, "IotHubUnauthorizedAccess", "Unauthorized")
+        fault = peer._fault(request.method, kind)
+        if fault is not None:
+            if fault.delay:
+                await asyncio.sleep(fault.delay)
+            if fault.status is not None:
+                headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else {}
+                code = fault.code or ("ThrottlingException" if fault.status == 429 else "ServerError")
+                return _error(fault.status, code, "fault injected", headers)
+        return None
+
+    def answer(response: Response) -> Response:
+        peer.answered[response.status_code] += 1
+        return response
+
+    async def device(request: Request) -> Response:
+        refused = await guard(request)
+        if refused is not None:
+            return answer(refused)
+        device_id = request.path_params["id"]
+        stored = peer.devices.get(device_id)
+        if request.method == "GET":
+            if stored is None:
+                return answer(_error(404, "DeviceNotFound", f"Device {device_id} not found"))
+            return answer(JSONResponse(stored))
+        if request.method == "DELETE":
+            if stored is None:
+                return answer(_error(404, "DeviceNotFound", f"Device {device_id} not found"))
+            del peer.devices[device_id]
+            peer.twins.pop(device_id, None)
+            return answer(Response(status_code=204))
+        body = json.loads(await request.body())
+        if_match = request.headers.get("if-match")
+        if stored is None and if_match:
+            return answer(_error(404, "DeviceNotFound", f"Device {device_id} not found"))
+        if stored is not None and not if_match:
+            return answer(_error(409, "DeviceAlreadyExists", f"Device {device_id} already exists"))
+        if body.get("deviceId") != device_id:
+            return answer(_error(400, "ArgumentInvalid", "deviceId differs"))
+        auth = body.get("authentication") or {}
+        if auth.get("type") == "sas" and not (auth.get("symmetricKey") or {}).get("primaryKey"):
+            auth["symmetricKey"] = {"primaryKey": _key(), "secondaryKey": _key()}
+        new = {**body, "etag": base64.b64encode(os.urandom(6)).decode(), "authentication": auth}
+        peer.devices[device_id] = new
+        peer.twins.setdefault(device_id, {"tags": {}, "properties": {"desired": {}, "reported": {}}})
+        return answer(JSONResponse(new))
+
+    async def twin(request: Request) -> Response:
+        refused = await guard(request)
+        if refused is not None:
+            return answer(refused)
+        device_id = request.path_params["id"]
+        if device_id not in peer.devices:
+            return answer(_error(404, "DeviceNotFound", f"Device {device_id} not found"))
+        stored = peer.twins[device_id]
+        if request.method == "PUT":
+            body = json.loads(await request.body())
+            stored["tags"] = body.get("tags") or {}
+            stored["properties"]["desired"] = (body.get("properties") or {}).get("desired") or {}
+        return answer(JSONResponse({"deviceId": device_id, **stored}))
+
+    async def bulk(request: Request) -> Response:
+        refused = await guard(request)
+        if refused is not None:
+            return answer(refused)
+        errors = []
+        for entry in json.loads(await request.body()):
+            device_id = entry["id"]
+            if entry.get("importMode") != "create":
+                errors.append({"deviceId": device_id, "errorCode": "ArgumentInvalid", "errorStatus": "mode"})
+                continue
+            if device_id in peer.devices:
+                errors.append(
+                    {"deviceId": device_id, "errorCode": "DeviceAlreadyExists", "errorStatus": "exists"}
+                )
+                continue
+            peer.devices[device_id] = {
+                "deviceId": device_id,
+                "status": entry.get("status", "enabled"),
+                "authentication": entry.get("authentication") or {},
+                "etag": base64.b64encode(os.urandom(6)).decode(),
+            }
+            peer.twins[device_id] = {
+                "tags": entry.get("tags") or {},
+                "properties": {
+                    "desired": (entry.get("properties") or {}).get("desired") or {},
+                    "reported": {},
+                },
+            }
+            peer.bulk_devices += 1
+        result = {"isSuccessful": not errors, "errors": errors, "warnings": []}
+        return answer(JSONResponse(result, 400 if errors else 200))
+
+    async def statistics(request: Request) -> Response:
+        refused = await guard(request)
+        if refused is not None:
+            return answer(refused)
+        enabled = sum(1 for d in peer.devices.values() if d.get("status", "enabled") == "enabled")
+        total = len(peer.devices)
+        return answer(
+            JSONResponse(
                 {
-                    "totalDeviceCount": peer.devices,
-                    "enabledDeviceCount": peer.devices,
-                    "disabledDeviceCount": 0,
+                    "totalDeviceCount": total,
+                    "enabledDeviceCount": enabled,
+                    "disabledDeviceCount": total - enabled,
                 }
-            ).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            )
+        )
 
-    server = ThreadingHTTPServer((HOST, 0), Handler)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(certificate, private_key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    server.daemon_threads = True
-    return server, server.server_address[1]
+    return Starlette(
+        routes=[
+            Route("/devices", bulk, methods=["POST"]),
+            Route("/devices/{id}", device, methods=["GET", "PUT", "DELETE"]),
+            Route("/twins/{id}", twin, methods=["GET", "PUT"]),
+            Route("/statistics/devices", statistics, methods=["GET"]),
+        ]
+    )
+
+
+def _key() -> str:
+    return base64.b64encode(os.urandom(32)).decode()
 
 
 @pytest.fixture(scope="session")
-def hub_peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubPeer]:
-    directory = tmp_path_factory.mktemp("hubpeer")
-    ca = pki.make_root_ca("hub peer test CA")
-    leaf = pki.make_server_cert(ca, [HOST])
-    pki.write_issued(leaf, directory / "server", chain=False)
-    peer = HubPeer(0, pem(ca), key(b"p"))
-    server, peer.port = _serve(peer, pki.cert_path(directory / "server"), pki.key_path(directory / "server"))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+def hub_peer_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubPeer]:
+    """The running stand-in hub (module docstring), one for the session."""
+    root = pki.make_root_ca("hub peer test CA")
+    prefix = tmp_path_factory.mktemp("hubpeer") / "peer"
+    pki.write_issued(pki.make_server_cert(root, [HOST]), prefix, chain=True)
+    peer = HubPeer(free_port(), pki.certificate_pem(root.cert).decode(), _key())
+    config = uvicorn.Config(
+        _app(peer),
+        host=HOST,
+        port=peer.port,
+        ssl_certfile=str(pki.chain_path(prefix)),
+        ssl_keyfile=str(pki.key_path(prefix)),
+        log_level="warning",
+        lifespan="off",
+        timeout_keep_alive=1,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started, "the hub peer did not start"
     yield peer
-    server.shutdown()
-    server.server_close()
+    server.should_exit = True
+    thread.join(2)  # a daemon thread: idle keep-alive connections may hold it a little longer
+
+
+@pytest.fixture
+def hub_peer(hub_peer_server: HubPeer) -> HubPeer:
+    """The session's stand-in hub, emptied and without faults for this test."""
+    hub_peer_server.reset()
+    return hub_peer_server

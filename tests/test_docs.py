@@ -86,7 +86,7 @@ def test_bash_completion_as_documented(tmp_path: Path) -> None:
     script = f"""{setup}
 try_complete() {{ COMPREPLY=(); COMP_WORDS=("$@"); COMP_CWORD=$(( $# - 1 )); _provisiond_completion provisiond; echo "${{COMPREPLY[*]}}"; }}
 try_complete provisiond enr
-try_complete provisiond hub s
+try_complete provisiond hub sh
 try_complete provisiond serve --https
 """
     env = {**_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}

@@ -3,11 +3,14 @@ tested over TLS in tests/service/test_hub_linking.py)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 
-from provisiond.errors import InvalidBodyError
+from provisiond.errors import ConfigurationError, InvalidBodyError
 from provisiond.hub.connection import HubConnection, hub_error_text, parse_ca_certificate
+from provisiond.hub.remote import RemoteHub
 from provisiond.models import HubTier, LinkedHub
 from provisiond.protocol.sas import parse_sas_token, verify_signature
 from tests.factories import key, pem, root_ca
@@ -34,6 +37,30 @@ def test_the_token_is_iot_hubs_service_token() -> None:
     token = parse_sas_token(connection.token(1_000_000, ttl=60))
     assert token.resource == "h.example.net" and token.key_name == "p" and token.expiry == 1_000_060
     assert verify_signature(token, KEY) and not verify_signature(token, key(b"x"))
+
+
+def test_the_remote_backend_uses_the_same_connection_and_keeps_its_key_out_of_repr() -> None:
+    """One connection client for the link check and the registry calls: the remote backend's
+    connection is :class:`HubConnection` (key hidden), its refusal a ConfigurationError."""
+    text = f"HostName=h.example.net:8443;SharedAccessKeyName=p;SharedAccessKey={KEY}"
+    remote = RemoteHub(LinkedHub(host_name="h.example.net", connection_string=text))
+    try:
+        assert (
+            isinstance(remote.connection, HubConnection)
+            and remote.connection.authority == "h.example.net:8443"
+        )
+        assert KEY not in repr(remote.connection) and KEY not in repr(vars(remote))
+        token = parse_sas_token(remote._authorization())
+        assert token.resource == "h.example.net" and verify_signature(token, KEY)
+    finally:
+        asyncio.run(remote.aclose())
+    with pytest.raises(ConfigurationError, match="SharedAccessKey") as refused:
+        RemoteHub(
+            LinkedHub(
+                host_name="h.example.net", connection_string="HostName=h.example.net;SharedAccessKeyName=p"
+            )
+        )
+    assert KEY not in str(refused.value)
 
 
 @pytest.mark.parametrize(

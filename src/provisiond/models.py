@@ -33,6 +33,8 @@ __all__ = [
     "IndividualEnrollment",
     "InitialTwin",
     "HubTier",
+    "HubWriterReport",
+    "WriterCounts",
     "LinkedHub",
     "ProvisioningStatus",
     "QuerySpecification",
@@ -338,6 +340,40 @@ class LinkedHub(_Model):
         if self.tier is None:
             return None
         return self.tier.registry_operations_per_minute * (self.units or 1) / 60
+
+
+class WriterCounts(msgspec.Struct, kw_only=True, rename="camel"):
+    """The hub writer's counts for one hub: registry calls made, identities written
+    (registrations finished 'assigned'), throttled answers (429), items retried after a
+    transient failure, items failed for good, deprovisioning items done, and the bulk registry
+    calls (``POST /devices``, up to 100 new identities each) among the calls. One node's are
+    :class:`provisiond.service.hub_figures.WriterFigures`; their sum, :class:`HubWriterReport`."""
+
+    calls: int = 0
+    written: int = 0
+    throttled: int = 0
+    retried: int = 0
+    failed: int = 0
+    removed: int = 0
+    bulk_calls: int = 0
+
+    def add(self, other: WriterCounts) -> None:
+        for name in WriterCounts.__struct_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+class HubWriterReport(WriterCounts, kw_only=True, rename="camel"):
+    """``GET /admin/linkedHubs/{hub}/writer``: the hub writer's figures for one hub, summed
+    over the nodes since their figures were first stored (they survive restarts); kept by
+    :mod:`provisiond.service.hub_figures`."""
+
+    hub: str
+    #: The write budget in force (calls a second; ``None``: unpaced).
+    budget_per_second: float | None
+    #: Outbox items not yet done for this hub (registrations 'assigning', deprovisioning),
+    #: whether a writer holds them now or they wait for their turn.
+    queued: int
+    nodes: int = 0
 
 
 class CaCertificate(_Model):

@@ -58,6 +58,7 @@ from .models import (
     Deprovision,
     DeviceRegistrationState,
     EnrollmentGroup,
+    HubWriterReport,
     IndividualEnrollment,
     LinkedHub,
     QuerySpecification,
@@ -472,6 +473,11 @@ class HubsClient:
         return _modify(
             lambda: self.get(host), lambda hub, etag: self.put(change(hub), if_match=etag), lambda h: h.etag
         )
+
+    def writer(self, host: str) -> HubWriterReport:
+        """The hub writer's figures for the remote hub ``host`` (budget, queued, written,
+        throttled, retried, failed), summed over the nodes."""
+        return self._client.call("GET", f"{self.item(host)}/writer", HubWriterReport)
 
     def delete(self, host: str, *, if_match: str | None = None) -> None:
         self._client.delete(self.item(host), if_match=if_match)

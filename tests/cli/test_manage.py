@@ -603,7 +603,7 @@ def test_hub_add_list_update_remove(server: RunningServer, hub_peer: HubPeer, tm
     assert added["hostName"] == host and added["allocationWeight"] == 3
     assert added["applyAllocationPolicy"] is False and "connectionString" not in added
     assert added["tier"] == "S1" and added["units"] == 2 and added["caCertificate"] == hub_peer.ca_pem
-    assert hub_peer.policy_key not in run(server, "hub", "show", host).stdout
+    assert hub_peer.key not in run(server, "hub", "show", host).stdout
     hubs = {h["hostName"]: h for h in run_json(server, "hub", "list", "--json")}
     assert host in hubs and hubs[server.info["builtinHub"]]["builtin"] is True
     assert host in run(server, "hub", "list").stdout

@@ -26,6 +26,7 @@ from provisiond.protocol.sas import build_sas_token
 from tests._server import RunningServer, start_server, wait_for_free_ports
 from tests.interop.test_node_sdk import NODE_DIR, node  # noqa: F401  (the fixture: node, after npm ci)
 from tests.service.test_device_api import enroll_symmetric, uid
+from tests.service.test_hub_writer_peer import link_peer
 
 pytestmark = pytest.mark.interop
 
@@ -53,17 +54,8 @@ def test_node_service_sdk_reads_what_the_writer_wrote(
 ) -> None:
     dps = start_server(tmp_path / "dps", "--host", "127.0.0.1")
     try:
-        hub = peer.info["builtinHub"]
+        hub = link_peer(dps, peer)
         with dps.client() as admin:
-            admin.put(
-                f"/admin/linkedHubs/{hub}",
-                {
-                    "hostName": hub,
-                    "connectionString": peer.info["hubConnectionString"],
-                    "caCertificate": Path(peer.ca_file).read_text(),
-                    "applyAllocationPolicy": False,
-                },
-            )
             keys = {}
             for _ in range(3):
                 reg = uid()

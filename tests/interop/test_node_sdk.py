@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,19 +155,9 @@ def provisioned(
     assert result["assignedHub"] == dps.info["builtinHub"]
     # The service's log line for the assignment names the transport that carried it.
     tag = "https" if transport == "http" else transport
-    line = wait_for_log(dps, f"registration {registration_id} assigned to ")
+    line = dps.wait_for_log(f"registration {registration_id} assigned to ")
     assert line.endswith(f"[{tag}]"), line
     return result
-
-
-def wait_for_log(dps: RunningServer, text: str, timeout: float = 2.0) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [line for line in dps.log().splitlines() if text in line]
-        if found or time.monotonic() > deadline:
-            assert found, f"no log line with {text!r}:\n{dps.log()[-4000:]}"
-            return found[-1]
-        time.sleep(0.02)
 
 
 def write_credential(issued: pki.Issued, directory: Path) -> tuple[Path, Path]:

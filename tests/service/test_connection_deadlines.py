@@ -67,18 +67,6 @@ def port_of(dps: RunningServer, listener: str) -> int:
     return {"HTTPS": dps.port, "MQTT": int(dps.info["mqttPort"]), "AMQP": int(dps.info["amqpPort"])}[listener]
 
 
-def wait_for_log(dps: RunningServer, *words: str) -> str:
-    """The first log line holding all ``words``, waiting for it to be written."""
-    deadline = time.monotonic() + WAIT
-    while True:
-        for line in dps.log().splitlines():
-            if all(word in line for word in words):
-                return line
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no log line with {words}:\n{dps.log()[-3000:]}")
-        time.sleep(0.05)
-
-
 def tls_connect(dps: RunningServer, listener: str) -> ssl.SSLSocket:
     ctx = ssl.create_default_context(cafile=dps.ca_file)
     raw = socket.create_connection(("127.0.0.1", port_of(dps, listener)), timeout=WAIT)
@@ -154,8 +142,8 @@ def test_a_tls_handshake_that_never_ends_is_closed(dps: RunningServer, listener:
     with socket.create_connection(("127.0.0.1", port_of(dps, listener)), timeout=WAIT) as sock:
         sock.sendall(client_hello()[:sent])
         assert assert_closed(sock) == b""
-        wait_for_log(
-            dps, listener, local(sock), "TLS handshake not finished within 1 s (--tls-handshake-timeout)"
+        dps.wait_for_log(
+            listener, local(sock), "TLS handshake not finished within 1 s (--tls-handshake-timeout)"
         )
 
 
@@ -166,8 +154,7 @@ def test_a_tls_handshake_that_never_ends_is_closed(dps: RunningServer, listener:
 def test_silence_after_the_handshake_is_closed(dps: RunningServer, listener: str) -> None:
     with tls_connect(dps, listener) as sock:
         assert assert_closed(sock) == b""
-        wait_for_log(
-            dps,
+        dps.wait_for_log(
             listener,
             local(sock),
             f"no complete {FIRST[listener]} within 1 s",
@@ -187,14 +174,14 @@ def test_half_a_first_request_is_closed(dps: RunningServer, listener: str, start
     with tls_connect(dps, listener) as sock:
         sock.sendall(start)
         assert assert_closed(sock) == b""
-        wait_for_log(dps, listener, local(sock), f"no complete {FIRST[listener]} within 1 s")
+        dps.wait_for_log(listener, local(sock), f"no complete {FIRST[listener]} within 1 s")
 
 
 def test_a_request_head_a_byte_at_a_time_is_closed(dps: RunningServer) -> None:
     head = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nUser-Agent: slow\r\n\r\n"
     with tls_connect(dps, "HTTPS") as sock:
         assert not trickle(sock, head, every=0.25) or assert_closed(sock) == b""
-        wait_for_log(dps, "HTTPS", local(sock), "no complete request head within 1 s")
+        dps.wait_for_log("HTTPS", local(sock), "no complete request head within 1 s")
 
 
 def test_half_a_request_line_on_a_kept_alive_connection_is_closed(dps: RunningServer) -> None:
@@ -204,8 +191,8 @@ def test_half_a_request_line_on_a_kept_alive_connection_is_closed(dps: RunningSe
         assert response.startswith(b"HTTP/1.1 200") and response.endswith(b'{"status":"ok"}')
         sock.sendall(b"GET /heal")
         assert assert_closed(sock) == b""
-        wait_for_log(
-            dps, "HTTPS", local(sock), "request head not complete 1 s after its first byte (--header-timeout)"
+        dps.wait_for_log(
+            "HTTPS", local(sock), "request head not complete 1 s after its first byte (--header-timeout)"
         )
 
 
@@ -214,7 +201,7 @@ def test_an_idle_kept_alive_connection_is_closed(dps: RunningServer) -> None:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert read_response(sock).startswith(b"HTTP/1.1 200")
         assert assert_closed(sock) == b""
-        wait_for_log(dps, "HTTPS", local(sock), "idle 1 s after a response (--keep-alive-timeout)")
+        dps.wait_for_log("HTTPS", local(sock), "idle 1 s after a response (--keep-alive-timeout)")
 
 
 # --- the minimum receive rate ------------------------------------------------------------------------
@@ -229,7 +216,7 @@ def test_a_trickled_body_is_closed_under_the_minimum_rate(dps: RunningServer) ->
     with tls_connect(dps, "HTTPS") as sock:
         sock.sendall(head + body[:20])
         assert not trickle(sock, body[20:], every=0.1) or assert_closed(sock) == b""
-        wait_for_log(dps, "HTTPS", local(sock), "while more was due, under 100 bytes/s (--min-receive-rate)")
+        dps.wait_for_log("HTTPS", local(sock), "while more was due, under 100 bytes/s (--min-receive-rate)")
 
 
 def test_a_body_above_the_minimum_rate_is_answered(dps: RunningServer) -> None:
@@ -288,7 +275,7 @@ def test_a_trickled_mqtt_packet_is_closed_under_the_minimum_rate(dps: RunningSer
         assert not trickle(
             sock, b"\x00\x40$dps/registrations/PUT/iotdps-register/?$rid=1" * 20, every=0.1
         ) or (assert_closed(sock) == b"")
-        wait_for_log(dps, "MQTT", local(sock), "under 100 bytes/s (--min-receive-rate)")
+        dps.wait_for_log("MQTT", local(sock), "under 100 bytes/s (--min-receive-rate)")
 
 
 def test_a_trickled_amqp_frame_is_closed_under_the_minimum_rate(dps: RunningServer) -> None:
@@ -297,7 +284,7 @@ def test_a_trickled_amqp_frame_is_closed_under_the_minimum_rate(dps: RunningServ
         assert sock.recv(8) == AMQP_SASL_HEADER
         sock.sendall(b"\x00\x00\x03\xe8\x02\x01\x00\x00")  # a SASL frame of 1,000 bytes
         assert not trickle(sock, bytes(992), every=0.1) or assert_closed(sock) is not None
-        wait_for_log(dps, "AMQP", local(sock), "under 100 bytes/s (--min-receive-rate)")
+        dps.wait_for_log("AMQP", local(sock), "under 100 bytes/s (--min-receive-rate)")
 
 
 def test_a_trickled_mqtt_packet_over_websockets_is_closed_under_the_minimum_rate(dps: RunningServer) -> None:
@@ -318,7 +305,7 @@ def test_a_trickled_mqtt_packet_over_websockets_is_closed_under_the_minimum_rate
         except ConnectionClosed:
             closed = True
         assert closed, "the server kept the trickling WebSocket open"
-        wait_for_log(dps, "HTTPS", peer, "under 100 bytes/s (--min-receive-rate)")
+        dps.wait_for_log("HTTPS", peer, "under 100 bytes/s (--min-receive-rate)")
 
 
 # --- MQTT sessions -----------------------------------------------------------------------------------
@@ -382,7 +369,7 @@ def test_a_refused_connect_with_keep_alive_0_closes_the_connection(dps: RunningS
         connack = decode_packet(memoryview(wire.read_until_tls_close()))[1]
         assert connack == Connack(return_code=ConnectReturnCode.BAD_USERNAME_OR_PASSWORD)
         assert assert_closed(wire.sock) == b""  # the TCP close (FIN or reset), unanswered TLS close or not
-        wait_for_log(dps, "MQTT", local(wire.sock), "CONNECT refused with return code 4")
+        dps.wait_for_log("MQTT", local(wire.sock), "CONNECT refused with return code 4")
     finally:
         wire.close()
 
@@ -394,7 +381,7 @@ def test_a_silent_session_with_keep_alive_0_is_closed(dps: RunningServer) -> Non
         sock.sendall(mqtt_connect(dps, reg, keep_alive=0))
         assert read_packet(sock) == Connack()
         assert assert_closed(sock) == b""
-        wait_for_log(dps, "MQTT", reg, "closed: nothing received within the idle timeout (2 s)")
+        dps.wait_for_log("MQTT", reg, "closed: nothing received within the idle timeout (2 s)")
 
 
 def test_a_session_whose_keep_alive_is_longer_is_closed_at_the_idle_timeout(dps: RunningServer) -> None:
@@ -403,7 +390,7 @@ def test_a_session_whose_keep_alive_is_longer_is_closed_at_the_idle_timeout(dps:
         sock.sendall(mqtt_connect(dps, reg, keep_alive=3600))
         assert read_packet(sock) == Connack()
         assert assert_closed(sock) == b""
-        wait_for_log(dps, "MQTT", reg, "closed: nothing received within the idle timeout (2 s)")
+        dps.wait_for_log("MQTT", reg, "closed: nothing received within the idle timeout (2 s)")
 
 
 # --- devices still register under these deadlines ----------------------------------------------------

@@ -16,7 +16,7 @@ from provisiond.models import Deprovision
 from provisiond.protocol.sas import derive_device_key
 from tests._server import RunningServer
 from tests.cli.test_manage import run
-from tests.service.test_device_api import Device, assigned, enroll_symmetric, uid
+from tests.service.test_device_api import Device, assigned, enroll_symmetric, enroll_symmetric_group, uid
 
 
 @pytest.fixture
@@ -121,16 +121,7 @@ def test_enrollment_delete_deprovisions_its_device(server: RunningServer, admin:
 
 def test_group_delete_deprovisions_every_device(server: RunningServer, admin: Any, hub: str) -> None:
     gid = uid("depg")
-    admin.put(
-        f"/enrollmentGroups/{gid}",
-        {
-            "enrollmentGroupId": gid,
-            "attestation": {"type": "symmetricKey"},
-            "iotHubs": [hub],
-            "allocationPolicy": "static",
-        },
-    )
-    group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
+    group_key = enroll_symmetric_group(admin, gid, iotHubs=[hub], allocationPolicy="static")
     devices = [uid("depd") for _ in range(3)]
     for reg in devices:
         device = Device(server, reg)
@@ -142,16 +133,7 @@ def test_group_delete_deprovisions_every_device(server: RunningServer, admin: An
         assert _status(admin, hub, reg) == "disabled"
     # a group already deleted without --deprovision is swept the same way later
     again = uid("depg2")
-    admin.put(
-        f"/enrollmentGroups/{again}",
-        {
-            "enrollmentGroupId": again,
-            "attestation": {"type": "symmetricKey"},
-            "iotHubs": [hub],
-            "allocationPolicy": "static",
-        },
-    )
-    key = admin.post(f"/enrollmentGroups/{again}/attestationmechanism")["symmetricKey"]["primaryKey"]
+    key = enroll_symmetric_group(admin, again, iotHubs=[hub], allocationPolicy="static")
     late = uid("depd")
     device = Device(server, late)
     assigned(device.register(device.token(derive_device_key(key, late))))

@@ -23,7 +23,7 @@ import pytest
 
 from provisiond import pki
 from provisiond.protocol.sas import build_sas_token, derive_device_key
-from tests._hub_peer import HubPeer
+from tests._hub_peer import Fault, HubPeer
 from tests._server import RunningServer, start_server
 
 V = {"api-version": "2021-06-01"}
@@ -111,6 +111,16 @@ def enroll_symmetric(admin: Any, reg: str, **extra: Any) -> str:
         f"/enrollments/{reg}", {"registrationId": reg, "attestation": {"type": "symmetricKey"}, **extra}
     )
     key: str = admin.post(f"/enrollments/{reg}/attestationmechanism")["symmetricKey"]["primaryKey"]
+    return key
+
+
+def enroll_symmetric_group(admin: Any, gid: str, **extra: Any) -> str:
+    """A symmetric-key enrollment group ``gid``; its primary key (devices derive theirs)."""
+    admin.put(
+        f"/enrollmentGroups/{gid}",
+        {"enrollmentGroupId": gid, "attestation": {"type": "symmetricKey"}, **extra},
+    )
+    key: str = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
     return key
 
 
@@ -266,11 +276,12 @@ def test_no_hub_available_fails_with_400208(server: RunningServer, admin: Any) -
 def test_a_hub_that_cannot_take_identities_answers_assigning(
     server: RunningServer, admin: Any, hub_peer: HubPeer
 ) -> None:
-    """A linked remote hub whose registry refuses writes with a 5xx (this peer serves only the
-    link check's read): the registration is recorded 'assigning' and its identity write waits
-    in the outbox, retried (tests/service/test_hub_writer.py has the rest)."""
+    """A linked remote hub whose registry refuses every call with a 5xx after the link check's
+    read: the registration is recorded 'assigning' and its identity write waits in the outbox,
+    retried (tests/service/test_hub_writer.py has the rest)."""
     host = hub_peer.linked_hub().host_name
     admin.put(f"/admin/linkedHubs/{host}", hub_peer.body())
+    hub_peer.inject(*(Fault(status=503) for _ in range(1000)))
     reg = uid()
     key = enroll_symmetric(admin, reg, iotHubs=[host], allocationPolicy="static")
     device = Device(server, reg)

@@ -68,7 +68,7 @@ def test_linking_checks_the_credential_with_the_hubs_registry(
         headers={"If-Match": etag},
     )
     assert changed.status_code == 200 and len(hub_peer.requests) == before + 1
-    assert hub_peer.policy_key not in server.log()
+    assert hub_peer.key not in server.log()
 
 
 def test_a_refused_credential_is_the_hubs_own_error(
@@ -92,7 +92,7 @@ def test_a_refused_credential_is_the_hubs_own_error(
         DpsCode.HUB_CREDENTIAL_REJECTED,
         "IotHubUnauthorizedAccess",
     )
-    assert wrong not in server.log() and hub_peer.policy_key not in server.log()
+    assert wrong not in server.log() and hub_peer.key not in server.log()
 
 
 def test_tls_trust_and_reachability_are_checked(server: RunningServer, hub_peer: HubPeer, http: Any) -> None:

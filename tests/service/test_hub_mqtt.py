@@ -69,17 +69,6 @@ def devices() -> Iterator[list[HubPaho]]:
         device.close()
 
 
-def wait_for_log(server: RunningServer, *words: str, timeout: float = WAIT) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        for line in server.log().splitlines():
-            if all(word in line for word in words):
-                return line
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no log line with {words}:\n{server.log()[-3000:]}")
-        time.sleep(0.05)
-
-
 def wait_for_state(server: RunningServer, device: Provisioned, state: str) -> None:
     """Until the identity's connectionState is ``state`` (``Disconnected``: the server is done
     with the connection: its Will, its stored session, then the state)."""
@@ -167,7 +156,7 @@ def test_an_x509_device_connects_with_its_certificate(
         key_file=pki.key_path(tmp_path / "impostor"),
     )
     assert connect(hub_server, other, devices).connack() == (5, 0)
-    wait_for_log(hub_server, device.device_id, "return code 5", "thumbprint mismatch")
+    hub_server.wait_for_log(device.device_id, "return code 5", "thumbprint mismatch")
 
 
 def test_a_ca_authenticated_device_connects_with_its_chain_to_a_verified_ca(
@@ -234,7 +223,7 @@ def test_a_ca_authenticated_device_connects_with_its_chain_to_a_verified_ca(
     name = uid("hubroot")
     admin.put(f"/admin/certificates/{name}", {"certificate": pki.certificate_pem(root.cert).decode()})
     assert connect(hub_server, device, devices).connack() == (5, 0)
-    wait_for_log(hub_server, device.device_id, "return code 5")
+    hub_server.wait_for_log(device.device_id, "return code 5")
     code = admin.post(f"/admin/certificates/{name}/generateVerificationCode")["verificationCode"]
     proof = pki.certificate_pem(pki.make_verification_cert(code, root).cert).decode()
     assert admin.post(f"/admin/certificates/{name}/verify", {"certificate": proof})["isVerified"] is True
@@ -290,7 +279,7 @@ def test_bad_connects_get_iot_hubs_return_codes(
         device = Provisioned(device.hub, "no-such-" + device.device_id, key=device.key)
     words = words.replace("{hub}", device.hub)
     assert connect(hub_server, device, devices, **options).connack() == (code, 0)
-    wait_for_log(hub_server, device.device_id, f"return code {code}", words)
+    hub_server.wait_for_log(device.device_id, f"return code {code}", words)
 
 
 async def test_disabling_a_connected_device_closes_it_and_refuses_it_with_server_unavailable(
@@ -313,10 +302,10 @@ async def test_disabling_a_connected_device_closes_it_and_refuses_it_with_server
         finally:
             await broker.close()
     await asyncio.to_thread(client.next, "disconnect")
-    await asyncio.to_thread(wait_for_log, hub_server, device.device_id, "closed", "the device was disabled")
+    await asyncio.to_thread(hub_server.wait_for_log, device.device_id, "closed", "the device was disabled")
     again = await asyncio.to_thread(connect, hub_server, device, devices)
     assert await asyncio.to_thread(again.connack) == (3, 0)
-    await asyncio.to_thread(wait_for_log, hub_server, device.device_id, "return code 3", "disabled")
+    await asyncio.to_thread(hub_server.wait_for_log, device.device_id, "return code 3", "disabled")
 
 
 def test_dps_connects_keep_working_on_the_shared_listener(
@@ -421,7 +410,7 @@ def test_publishes_iot_hub_does_not_take_close_the_connection(
         topic.replace("{other}", "x" + device.device_id).replace("{id}", device.device_id), b"x", qos=qos
     )
     client.next("disconnect")
-    wait_for_log(hub_server, device.device_id, "closed", words)
+    hub_server.wait_for_log(device.device_id, "closed", words)
 
 
 # --- subscriptions -----------------------------------------------------------------------------
@@ -445,7 +434,7 @@ def test_subscriptions_are_iot_hubs_and_qos_2_is_granted_as_1(
         "$iothub/twin/res/+/#",
         "$iothub/methods/POST/+/#",
     ) == (1, 1, 1, 128)
-    wait_for_log(hub_server, device.device_id, "refused the subscription", "over 5 subscriptions")
+    hub_server.wait_for_log(device.device_id, "refused the subscription", "over 5 subscriptions")
 
 
 # --- twins -------------------------------------------------------------------------------------
@@ -498,7 +487,7 @@ def test_bad_reported_patches_answer_400_with_an_error_body(
     assert topic == "$iothub/twin/res/400/?$rid=9"
     # The Node.js SDK only sees an error through errorCode in the body.
     assert error["errorCode"] == 400004 and words in error["message"] and error["trackingId"]
-    wait_for_log(hub_server, device.device_id, "twin-reported $rid=9: 400", error["trackingId"])
+    hub_server.wait_for_log(device.device_id, "twin-reported $rid=9: 400", error["trackingId"])
     _, twin = client.twin_request("$iothub/twin/GET/?$rid=10", b" ")
     assert twin["reported"] == {"$version": 1}, "a refused patch changes nothing"
 
@@ -612,7 +601,7 @@ def test_one_connection_per_device_the_new_one_wins(
     first = connect(hub_server, device, devices).connected()
     second = connect(hub_server, device, devices).connected(session_present=1)
     first.next("disconnect")
-    wait_for_log(hub_server, device.device_id, "closed", "a new connection of the device replaced it")
+    hub_server.wait_for_log(device.device_id, "closed", "a new connection of the device replaced it")
     second.subscribe("$iothub/twin/res/#")  # the new one works
     _, twin = second.twin_request("$iothub/twin/GET/?$rid=1", b" ")
     assert twin["reported"] == {"$version": 1}
@@ -624,7 +613,7 @@ def test_keep_alive_is_enforced_at_one_and_a_half_times(
     device = provision_symmetric(hub_server, admin)
     client = connect(hub_server, device, devices, keepalive=1).connected()
     client.client.loop_stop()  # no more PINGREQs
-    wait_for_log(hub_server, device.device_id, "closed", "the keep-alive lapsed (1 s)")
+    hub_server.wait_for_log(device.device_id, "closed", "the keep-alive lapsed (1 s)")
 
 
 def test_the_session_ends_when_its_sas_token_expires(
@@ -637,7 +626,7 @@ def test_the_session_ends_when_its_sas_token_expires(
     token = hub_token(device.hub, device.device_id, device.key, ttl=-58)  # 2 s of skew left
     client = connect(hub_server, device, devices, password=token).connected()
     client.next("disconnect")
-    wait_for_log(hub_server, device.device_id, "closed", "the SAS token expired")
+    hub_server.wait_for_log(device.device_id, "closed", "the SAS token expired")
 
 
 # --- persistent sessions and cloud-to-device messages --------------------------------------------
@@ -752,9 +741,7 @@ def test_one_connection_per_device_across_nodes(
         assert first.subscribe("$iothub/methods/POST/#") == (1,)
         second = connect(node_b, device, made).connected(session_present=1)
         first.next("disconnect")
-        wait_for_log(
-            node_a, device.device_id, "closed", "a new connection of the device (on another process)"
-        )
+        node_a.wait_for_log(device.device_id, "closed", "a new connection of the device (on another process)")
 
         async def invoke() -> tuple[Any, bool]:
             store = open_store(db)

@@ -1,6 +1,6 @@
 """Identities in remote hubs through the durable outbox (issue 12, items 2-4), over real HTTPS:
 a device registers with a running ``provisiond serve`` whose enrollment names a linked remote
-hub (tests._hub_standin.py: IoT Hub's registry REST API with a fault injector). The registration
+hub (tests/_hub_peer.py: IoT Hub's registry REST API with a fault injector). The registration
 says ``assigned`` only once the hub has the identity and its twin; a throttled or failing hub
 is retried (Retry-After honoured) and the device's polls end ``assigned``; a hub that refuses
 for good leaves the registration ``failed`` with 400209 and the hub's error, and no identity.
@@ -25,11 +25,11 @@ from provisiond.models import Deprovision
 from provisiond.protocol.sas import derive_device_key
 from provisiond.storage import open_store
 from tests._fault_proxy import FaultProxy, fault_proxy
-from tests._hub_standin import Fault, HubPeer, hub_peer, hub_peer_server
+from tests._hub_peer import Fault, HubPeer
 from tests._server import RunningServer, start_server
-from tests.service.test_device_api import Device, enroll_symmetric, uid
+from tests.service.test_device_api import Device, enroll_symmetric, enroll_symmetric_group, uid
 
-__all__ = ["fault_proxy", "hub_peer", "hub_peer_server"]
+__all__ = ["fault_proxy"]
 
 V = {"api-version": "2021-06-01"}
 
@@ -72,6 +72,51 @@ def register(server: RunningServer, reg: str, key: str) -> tuple[Device, dict[st
     return device, poll(device, device.register(device.token(key)), key)
 
 
+def enroll_in(admin: Any, hub: str, **extra: Any) -> tuple[str, str]:
+    """A new symmetric-key enrollment assigned to ``hub`` (static): its registration id and key."""
+    reg = uid()
+    return reg, enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static", **extra)
+
+
+def register_all(server: RunningServer, group_key: str, regs: list[str]) -> None:
+    """The group's devices ``regs`` register at once; every one ends 'assigned'."""
+    with ThreadPoolExecutor(len(regs)) as pool:
+        results = list(pool.map(lambda reg: register(server, reg, derive_device_key(group_key, reg)), regs))
+    for device, body in results:
+        device.close()
+        assert body["status"] == "assigned", body
+
+
+def register_then_kill(node: RunningServer, group_key: str, regs: list[str], *, enough: int) -> set[str]:
+    """The group's devices ``regs`` register, 8 at a time, with ``node``; once ``enough`` are
+    acknowledged (202 with an operation id), the node is killed (kill -9). The acknowledged
+    ones."""
+    acknowledged: set[str] = set()
+    reached = threading.Event()
+
+    def one(reg: str) -> None:
+        device = Device(node, reg)
+        try:
+            r = device.register(device.token(derive_device_key(group_key, reg)))
+            if r.status_code == 202 and r.json().get("operationId"):
+                acknowledged.add(reg)
+                if len(acknowledged) >= enough:
+                    reached.set()
+        except httpx.HTTPError:
+            pass  # the node died under this request: not acknowledged
+        finally:
+            device.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(one, reg) for reg in regs]
+        assert reached.wait(60), "no registrations were acknowledged"
+        node.process.kill()  # kill -9
+        node.process.wait(10)
+        for future in futures:
+            future.result()
+    return acknowledged
+
+
 TWIN = {"tags": {"site": "line-3"}, "properties": {"desired": {"interval": 30}}}
 
 
@@ -79,8 +124,7 @@ def test_registration_writes_identity_and_twin_into_the_remote_hub(
     writer_server: RunningServer, admin: Any, hub_peer: HubPeer
 ) -> None:
     hub = hub_peer.link(admin)
-    reg = uid()
-    key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static", initialTwin=TWIN)
+    reg, key = enroll_in(admin, hub, initialTwin=TWIN)
     device, body = register(writer_server, reg, key)
     state = body["registrationState"]
     assert body["status"] == "assigned", body
@@ -103,16 +147,7 @@ def test_group_device_keys_are_the_derived_keys(
 ) -> None:
     hub = hub_peer.link(admin)
     gid = uid("g")
-    admin.put(
-        f"/enrollmentGroups/{gid}",
-        {
-            "enrollmentGroupId": gid,
-            "attestation": {"type": "symmetricKey"},
-            "iotHubs": [hub],
-            "allocationPolicy": "static",
-        },
-    )
-    group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
+    group_key = enroll_symmetric_group(admin, gid, iotHubs=[hub], allocationPolicy="static")
     reg = uid()
     key = derive_device_key(group_key, reg)
     device, body = register(writer_server, reg, key)
@@ -125,8 +160,7 @@ def test_throttled_and_failing_hub_is_retried_until_assigned(
     writer_server: RunningServer, admin: Any, hub_peer: HubPeer
 ) -> None:
     hub = hub_peer.link(admin)
-    reg = uid()
-    key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static", initialTwin=TWIN)
+    reg, key = enroll_in(admin, hub, initialTwin=TWIN)
     hub_peer.inject(
         Fault(status=429, retry_after=1, method="PUT"),
         Fault(status=503, method="PUT"),
@@ -150,8 +184,7 @@ def test_a_slow_hub_answers_assigning_and_polls_end_assigned(
     writer_server: RunningServer, admin: Any, hub_peer: HubPeer
 ) -> None:
     hub = hub_peer.link(admin)
-    reg = uid()
-    key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static")
+    reg, key = enroll_in(admin, hub)
     hub_peer.inject(Fault(delay=2.5, method="PUT"))
     device = Device(writer_server, reg)
     first = device.register(device.token(key))
@@ -168,8 +201,7 @@ def test_a_hub_that_refuses_fails_the_registration_and_keeps_nothing(
     writer_server: RunningServer, admin: Any, hub_peer: HubPeer
 ) -> None:
     hub = hub_peer.link(admin)
-    reg = uid()
-    key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static", initialTwin=TWIN)
+    reg, key = enroll_in(admin, hub, initialTwin=TWIN)
     # The identity is created, then the hub refuses its twin for good: compensation deletes it.
     hub_peer.inject(Fault(status=403, code="IotHubQuotaExceeded", method="PUT", kind="twins"))
     device, body = register(writer_server, reg, key)
@@ -187,8 +219,7 @@ def test_a_rotated_key_is_the_hubs_401_named(
     hub = hub_peer.link(admin)
     linked_key = hub_peer.key
     hub_peer.key = "d3Jvbmd3cm9uZ3dyb25nd3Jvbmc="  # the hub's policy key rotated after the link
-    reg = uid()
-    key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static")
+    reg, key = enroll_in(admin, hub)
     try:
         device, body = register(writer_server, reg, key)
     finally:
@@ -213,44 +244,12 @@ def test_kill_9_under_load_leaves_every_identity_and_record_in_agreement(
     admin = node.client()
     hub = hub_peer.link(admin)
     gid = uid("g")
-    admin.put(
-        f"/enrollmentGroups/{gid}",
-        {
-            "enrollmentGroupId": gid,
-            "attestation": {"type": "symmetricKey"},
-            "iotHubs": [hub],
-            "allocationPolicy": "static",
-            "initialTwin": TWIN,
-        },
-    )
-    group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
+    group_key = enroll_symmetric_group(admin, gid, iotHubs=[hub], allocationPolicy="static", initialTwin=TWIN)
     admin.close()
     # Every identity write is slow: many are in flight when the node dies.
     hub_peer.inject(*(Fault(delay=0.4, method="PUT", kind="devices") for _ in range(40)))
     regs = [uid() for _ in range(24)]
-    acknowledged: set[str] = set()
-    enough = threading.Event()
-
-    def one(reg: str) -> None:
-        device = Device(node, reg)
-        try:
-            r = device.register(device.token(derive_device_key(group_key, reg)))
-            if r.status_code == 202 and r.json().get("operationId"):
-                acknowledged.add(reg)
-                if len(acknowledged) >= 8:
-                    enough.set()
-        except httpx.HTTPError:
-            pass  # the node died under this request: not acknowledged
-        finally:
-            device.close()
-
-    with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(one, reg) for reg in regs]
-        assert enough.wait(60), "no registrations were acknowledged"
-        node.process.kill()  # kill -9
-        node.process.wait(10)
-        for future in futures:
-            future.result()
+    acknowledged = register_then_kill(node, group_key, regs, enough=8)
     assert len(acknowledged) >= 8
 
     node = start_server(data_dir, *args)
@@ -311,25 +310,9 @@ def test_a_write_budget_keeps_a_flood_under_the_hubs_throttle(
     before = admin.get(f"/admin/linkedHubs/{hub}/writer")
     hub_peer.rate_limit = 30
     gid = uid("g")
-    admin.put(
-        f"/enrollmentGroups/{gid}",
-        {
-            "enrollmentGroupId": gid,
-            "attestation": {"type": "symmetricKey"},
-            "iotHubs": [hub],
-            "allocationPolicy": "static",
-            "initialTwin": TWIN,
-        },
-    )
-    group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
+    group_key = enroll_symmetric_group(admin, gid, iotHubs=[hub], allocationPolicy="static", initialTwin=TWIN)
     regs = [uid() for _ in range(12)]
-    with ThreadPoolExecutor(12) as pool:
-        results = list(
-            pool.map(lambda reg: register(writer_server, reg, derive_device_key(group_key, reg)), regs)
-        )
-    for device, body in results:
-        device.close()
-        assert body["status"] == "assigned", body
+    register_all(writer_server, group_key, regs)
     assert hub_peer.answered[429] == 0, hub_peer.answered
     assert set(hub_peer.devices) == set(regs)
     figures = writer_figures(admin, hub, written=before["written"] + 12)
@@ -348,24 +331,9 @@ def test_unpaced_the_flood_is_throttled_and_retried(
     before = admin.get(f"/admin/linkedHubs/{hub}/writer")
     hub_peer.rate_limit = 30
     gid = uid("g")
-    admin.put(
-        f"/enrollmentGroups/{gid}",
-        {
-            "enrollmentGroupId": gid,
-            "attestation": {"type": "symmetricKey"},
-            "iotHubs": [hub],
-            "allocationPolicy": "static",
-        },
-    )
-    group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
+    group_key = enroll_symmetric_group(admin, gid, iotHubs=[hub], allocationPolicy="static")
     regs = [uid() for _ in range(12)]
-    with ThreadPoolExecutor(12) as pool:
-        results = list(
-            pool.map(lambda reg: register(writer_server, reg, derive_device_key(group_key, reg)), regs)
-        )
-    for device, body in results:
-        device.close()
-        assert body["status"] == "assigned", body
+    register_all(writer_server, group_key, regs)
     assert hub_peer.answered[429] > 0
     figures = writer_figures(admin, hub, written=before["written"] + 12)
     assert figures["written"] - before["written"] == 12, (before, figures)
@@ -380,8 +348,7 @@ def test_deprovisioning_items_are_carried_out(
     """A removal item in the outbox (what deleting a record with ?deprovision= commits with the
     deletion) is carried out by the writer loop: the identity disabled or deleted in the hub."""
     hub = hub_peer.link(admin)
-    reg = uid()
-    key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static")
+    reg, key = enroll_in(admin, hub)
     device, body = register(writer_server, reg, key)
     device.close()
     assert body["status"] == "assigned" and reg in hub_peer.devices
@@ -418,8 +385,7 @@ def test_answers_lost_on_the_way_back_are_retried_without_doubling(
     connections: the writer retries each idempotent step, and the device ends with one
     identity, its keys and its twin."""
     hub = hub_peer.link(admin, port=fault_proxy.port)
-    reg = uid()
-    key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static", initialTwin=TWIN)
+    reg, key = enroll_in(admin, hub, initialTwin=TWIN)
     fault_proxy.drop_answers = 2
     fault_proxy.refuse_connections = 1
     device, body = register(writer_server, reg, key)
@@ -499,28 +465,12 @@ def test_bulk_writes_send_existing_identities_the_single_way(
     the initial twin's tags and desired properties, as for the others."""
     hub = hub_peer.link(admin, writeBudgetPerSecond=50)
     gid = uid("g")
-    admin.put(
-        f"/enrollmentGroups/{gid}",
-        {
-            "enrollmentGroupId": gid,
-            "attestation": {"type": "symmetricKey"},
-            "iotHubs": [hub],
-            "allocationPolicy": "static",
-            "initialTwin": TWIN,
-        },
-    )
-    group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
+    group_key = enroll_symmetric_group(admin, gid, iotHubs=[hub], allocationPolicy="static", initialTwin=TWIN)
     regs = [uid() for _ in range(8)]
     existing = regs[3]
     hub_peer.devices[existing] = {"deviceId": existing, "authentication": {"type": "sas"}, "etag": "x"}
     hub_peer.twins[existing] = {"tags": {"made": "elsewhere"}, "properties": {"desired": {}, "reported": {}}}
-    with ThreadPoolExecutor(8) as pool:
-        results = list(
-            pool.map(lambda reg: register(writer_server, reg, derive_device_key(group_key, reg)), regs)
-        )
-    for device, body in results:
-        device.close()
-        assert body["status"] == "assigned", body
+    register_all(writer_server, group_key, regs)
     assert set(hub_peer.devices) == set(regs)
     for reg in regs:
         key = derive_device_key(group_key, reg)
@@ -535,8 +485,7 @@ def test_a_record_deleted_while_its_identity_is_written_leaves_no_identity(
     """The operator deletes the registration record while the hub is still writing its
     identity: the writer finds no record to finish and deletes the identity it created."""
     hub = hub_peer.link(admin)
-    reg = uid()
-    key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static")
+    reg, key = enroll_in(admin, hub)
     hub_peer.inject(Fault(delay=2.0, method="PUT", kind="devices"))
     device = Device(writer_server, reg)
     first = device.register(device.token(key))
@@ -565,8 +514,7 @@ def test_deprovisioning_a_registration_through_the_api_reaches_the_remote_hub(
     """DELETE /registrations/{id}?deprovision=... (part admin's operation) commits a removal
     item with the record's deletion; the writer disables or deletes the identity in the hub."""
     hub = hub_peer.link(admin)
-    reg = uid()
-    key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static")
+    reg, key = enroll_in(admin, hub)
     device, body = register(writer_server, reg, key)
     device.close()
     assert body["status"] == "assigned" and reg in hub_peer.devices

@@ -8,22 +8,20 @@ and twins, read back through its REST API and by the official Python service SDK
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from provisiond.errors import NotFoundError
 from provisiond.protocol.sas import derive_device_key
 from tests._fault_proxy import FaultProxy
 from tests._server import RunningServer, start_server
-from tests.service.test_device_api import Device, enroll_symmetric, uid
-from tests.service.test_hub_writer import TWIN, register
+from tests.service.test_device_api import enroll_symmetric_group, uid
+from tests.service.test_hub_writer import TWIN, enroll_in, register, register_then_kill
 
 PEER_HUB = "127.0.0.1"  # the peer's --host, hence its built-in hub (the first server's is localhost)
 
@@ -39,43 +37,39 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningS
         peer.stop()
 
 
-def _link(dps: RunningServer, peer: RunningServer, **fields: Any) -> str:
-    hub = peer.info["builtinHub"]
-    assert hub == PEER_HUB, peer.info
+def link_peer(dps: RunningServer, peer: RunningServer, *, port: int | None = None, **fields: Any) -> str:
+    """Link ``peer``'s built-in hub to ``dps`` by its connection string, out of allocation
+    (``port``: reach it there instead, a proxy in front of it); the hub's host name."""
+    hub = str(peer.info["builtinHub"])
+    connection_string = peer.info["hubConnectionString"]
+    if port is not None:
+        connection_string = connection_string.replace(f":{peer.port};", f":{port};")
     with dps.client() as admin:
         admin.put(
             f"/admin/linkedHubs/{hub}",
             {
                 "hostName": hub,
-                "connectionString": peer.info["hubConnectionString"],
+                "connectionString": connection_string,
                 "caCertificate": Path(peer.ca_file).read_text(),
                 "applyAllocationPolicy": False,
                 **fields,
             },
         )
-    return str(hub)
+    return hub
 
 
 def test_registrations_land_in_a_second_provisiond_hub(
     servers: tuple[RunningServer, RunningServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dps, peer = servers
-    hub = _link(dps, peer, writeBudgetPerSecond=50)
+    hub = link_peer(dps, peer, writeBudgetPerSecond=50)
+    assert hub == PEER_HUB, peer.info
     with dps.client() as admin:
-        reg = uid()
-        key = enroll_symmetric(admin, reg, iotHubs=[hub], allocationPolicy="static", initialTwin=TWIN)
+        reg, key = enroll_in(admin, hub, initialTwin=TWIN)
         gid = uid("g")
-        admin.put(
-            f"/enrollmentGroups/{gid}",
-            {
-                "enrollmentGroupId": gid,
-                "attestation": {"type": "symmetricKey"},
-                "iotHubs": [hub],
-                "allocationPolicy": "static",
-                "initialTwin": TWIN,
-            },
+        group_key = enroll_symmetric_group(
+            admin, gid, iotHubs=[hub], allocationPolicy="static", initialTwin=TWIN
         )
-        group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"]["primaryKey"]
     group_devices = [uid() for _ in range(6)]
     keys = {reg: key, **{d: derive_device_key(group_key, d) for d in group_devices}}
     with ThreadPoolExecutor(7) as pool:
@@ -125,58 +119,15 @@ def test_faults_and_kill_9_against_the_real_peer(
     args = ("--assignment-budget", "0.5", "--hub-write-lease", "2")
     node = start_server(data_dir, *args)
     try:
-        hub = peer.info["builtinHub"]
+        hub = link_peer(node, peer, port=proxy.port)
         with node.client() as admin:
-            admin.put(
-                f"/admin/linkedHubs/{hub}",
-                {
-                    "hostName": hub,
-                    "connectionString": peer.info["hubConnectionString"].replace(
-                        f":{peer.port};", f":{proxy.port};"
-                    ),
-                    "caCertificate": Path(peer.ca_file).read_text(),
-                    "applyAllocationPolicy": False,
-                },
-            )
             gid = uid("g")
-            admin.put(
-                f"/enrollmentGroups/{gid}",
-                {
-                    "enrollmentGroupId": gid,
-                    "attestation": {"type": "symmetricKey"},
-                    "iotHubs": [hub],
-                    "allocationPolicy": "static",
-                    "initialTwin": TWIN,
-                },
+            group_key = enroll_symmetric_group(
+                admin, gid, iotHubs=[hub], allocationPolicy="static", initialTwin=TWIN
             )
-            group_key = admin.post(f"/enrollmentGroups/{gid}/attestationmechanism")["symmetricKey"][
-                "primaryKey"
-            ]
         proxy.drop_answers, proxy.refuse_connections = 3, 2
         regs = [uid() for _ in range(16)]
-        acknowledged: set[str] = set()
-        enough = threading.Event()
-
-        def one(reg: str) -> None:
-            device = Device(node, reg)
-            try:
-                r = device.register(device.token(derive_device_key(group_key, reg)))
-                if r.status_code == 202 and r.json().get("operationId"):
-                    acknowledged.add(reg)
-                    if len(acknowledged) >= 6:
-                        enough.set()
-            except httpx.HTTPError:
-                pass
-            finally:
-                device.close()
-
-        with ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(one, reg) for reg in regs]
-            assert enough.wait(60), "no registrations were acknowledged"
-            node.process.kill()
-            node.process.wait(10)
-            for future in futures:
-                future.result()
+        acknowledged = register_then_kill(node, group_key, regs, enough=6)
         node = start_server(data_dir, *args)
         with node.client() as admin:
             deadline = time.monotonic() + 60

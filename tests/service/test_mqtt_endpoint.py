@@ -87,18 +87,6 @@ def token(dps: RunningServer, reg: str, key: str, ttl: int = 3600) -> str:
     return build_sas_token(f"{dps.id_scope}/registrations/{reg}", key, int(time.time()) + ttl)
 
 
-def wait_for_log(dps: RunningServer, *words: str, timeout: float = WAIT) -> str:
-    """The first log line that holds all ``words`` (waiting for it to be written)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for line in dps.log().splitlines():
-            if all(word in line for word in words):
-                return line
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no log line with {words}:\n{dps.log()[-3000:]}")
-        time.sleep(0.05)
-
-
 # --- paho, the independent peer --------------------------------------------------------------------
 
 
@@ -201,7 +189,7 @@ def test_register_and_poll_symmetric_key(
     topic, qos, polled = device.request(status_topic("p1", body["operationId"]), b" ")
     assert topic == "$dps/registrations/res/200/?$rid=p1" and polled["status"] == "assigned"
     assert admin.get(f"/registrations/{reg}")["status"] == "assigned"
-    wait_for_log(dps, f"registration {reg} assigned", "[mqtt]")
+    dps.wait_for_log(f"registration {reg} assigned", "[mqtt]")
 
 
 def test_group_key_qos0_publish_and_net_style_body(
@@ -288,7 +276,7 @@ def test_a_wrong_key_is_answered_at_register_with_the_dps_error(
     topic, _, body = device.request(register_topic("9"), register_body(reg))
     assert topic == "$dps/registrations/res/401/?$rid=9"
     assert body["errorCode"] == 401002 and "not signed with a key" in body["message"] and body["trackingId"]
-    wait_for_log(dps, "MQTT", reg, "401002", body["trackingId"])
+    dps.wait_for_log("MQTT", reg, "401002", body["trackingId"])
     _, _, body = device.request(status_topic("10", "no-such-operation"), b" ")
     assert body["errorCode"] == 401002  # a poll attests again
 
@@ -333,7 +321,7 @@ def test_bad_connects_get_the_right_connack(
     devices.append(device)
     _, rc, session_present = device.next("connack")
     assert (rc, session_present) == (code, 0)
-    wait_for_log(dps, "MQTT", f"CONNECT refused with return code {code}", words)
+    dps.wait_for_log("MQTT", f"CONNECT refused with return code {code}", words)
 
 
 # --- raw TLS sockets, for what paho will not send --------------------------------------------------
@@ -415,7 +403,7 @@ def test_wire_details(dps: RunningServer, admin: ServiceClient, raw: Raw) -> Non
     assert isinstance(response, Publish) and response.qos is QoS.AT_LEAST_ONCE and not response.retain
     assert response.topic == "$dps/registrations/res/202/?$rid=42"
     raw.send(Puback(packet_id=response.packet_id or 0))
-    wait_for_log(dps, "refused the subscription to 'devices/#'")
+    dps.wait_for_log("refused the subscription to 'devices/#'")
 
 
 @pytest.mark.parametrize(
@@ -429,7 +417,7 @@ def test_other_protocol_versions_get_connack_1(dps: RunningServer, raw: Raw, dat
     raw.send(data)
     assert raw.packet() == Connack(return_code=ConnectReturnCode.UNACCEPTABLE_PROTOCOL_VERSION)
     assert raw.packet() is None
-    wait_for_log(dps, "MQTT", words, "this server speaks MQTT 3.1.1")
+    dps.wait_for_log("MQTT", words, "this server speaks MQTT 3.1.1")
 
 
 def test_unknown_topic_closes(dps: RunningServer, admin: ServiceClient, devices: list[PahoDevice]) -> None:
@@ -439,8 +427,8 @@ def test_unknown_topic_closes(dps: RunningServer, admin: ServiceClient, devices:
     device.client.publish("devices/x/messages/events/", b"telemetry", qos=1)
     assert device.next("disconnect")[1] != 0  # the server closed it
     assert not any(event[0] == "puback" for event in device.log)
-    wait_for_log(
-        dps, "MQTT", reg, "closed: a publish to a topic DPS does not have", "devices/x/messages/events/"
+    dps.wait_for_log(
+        "MQTT", reg, "closed: a publish to a topic DPS does not have", "devices/x/messages/events/"
     )
 
 
@@ -452,7 +440,7 @@ def test_oversized_packet_closes_before_the_body_arrives(
     assert raw.packet() == Connack()
     raw.send(b"\x32\xff\xff\x7f")  # a PUBLISH announcing 2 MB; not one byte of it is sent
     assert raw.closed_within(WAIT) < WAIT
-    wait_for_log(dps, "MQTT", reg, "exceeds the maximum packet size")
+    dps.wait_for_log("MQTT", reg, "exceeds the maximum packet size")
 
 
 def test_malformed_packet_closes(dps: RunningServer, admin: ServiceClient, raw: Raw) -> None:
@@ -461,13 +449,13 @@ def test_malformed_packet_closes(dps: RunningServer, admin: ServiceClient, raw: 
     assert raw.packet() == Connack()
     raw.send(b"\x30\x04\x00\x02\xc3\x28")  # a topic that is not UTF-8
     assert raw.closed_within(WAIT) < WAIT
-    wait_for_log(dps, "MQTT", reg, "not well-formed UTF-8")
+    dps.wait_for_log("MQTT", reg, "not well-formed UTF-8")
 
 
 def test_no_connect_is_closed_after_the_timeout(dps: RunningServer, raw: Raw) -> None:
     took = raw.closed_within(WAIT)
     assert CONNECT_TIMEOUT * 0.9 < took < CONNECT_TIMEOUT + 3
-    wait_for_log(dps, "MQTT", "(before CONNECT)", "closed: no CONNECT arrived within the connect timeout")
+    dps.wait_for_log("MQTT", "(before CONNECT)", "closed: no CONNECT arrived within the connect timeout")
 
 
 def test_keep_alive_lapse_closes(dps: RunningServer, admin: ServiceClient, raw: Raw) -> None:
@@ -476,7 +464,7 @@ def test_keep_alive_lapse_closes(dps: RunningServer, admin: ServiceClient, raw: 
     assert raw.packet() == Connack()
     took = raw.closed_within(WAIT)
     assert 1.3 < took < 4  # one and a half keep-alives (1.5 s) after the last bytes
-    wait_for_log(dps, "MQTT", reg, "closed: the keep-alive lapsed (1 s)")
+    dps.wait_for_log("MQTT", reg, "closed: the keep-alive lapsed (1 s)")
 
 
 def test_pingreq_keeps_a_connection_alive(dps: RunningServer, admin: ServiceClient, raw: Raw) -> None:

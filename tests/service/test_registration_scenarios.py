@@ -46,7 +46,6 @@ from tests.service.test_webhook import Hook, answer_json, start_hook
 TRANSPORTS = [pytest.param(name, id=name) for name in ("https", "mqtt", "mqtt-ws", "amqp", "amqp-ws")]
 #: The assignment budget of this module's server: a webhook slower than this makes the device poll.
 BUDGET = 0.3
-WAIT = 10.0
 
 
 def uid(prefix: str) -> str:
@@ -165,17 +164,6 @@ def x509_group(admin: ServiceClient) -> tuple[str, pki.Issued]:
     return gid, intermediate
 
 
-def wait_for_log(server: RunningServer, *words: str) -> str:
-    """The first log line with all ``words`` (waiting for it to be written)."""
-    deadline = time.monotonic() + WAIT
-    while True:
-        line = next((line for line in server.log().splitlines() if all(w in line for w in words)), None)
-        if line is not None:
-            return line
-        assert time.monotonic() < deadline, f"no log line with {words}:\n{server.log()[-3000:]}"
-        time.sleep(0.05)
-
-
 async def refused(device: Device, status: int, code: int, words: str) -> ServiceResponseError:
     """Register, expect DPS's error with ``status`` and ``code``; the error names the service's
     message, errorCode and trackingId, and the service logged it under that tracking id."""
@@ -186,7 +174,7 @@ async def refused(device: Device, status: int, code: int, words: str) -> Service
     assert words.lower() in exc.body["message"].lower(), exc.body
     assert exc.tracking_id and exc.tracking_id in str(exc) and str(code) in str(exc)
     assert exc.body["message"].rstrip(".") in str(exc)
-    wait_for_log(device.server, exc.tracking_id, f"-> {status} {code}")
+    device.server.wait_for_log(exc.tracking_id, f"-> {status} {code}")
     return exc
 
 
@@ -221,7 +209,7 @@ async def test_symmetric_key_individual(dps: RunningServer, admin: ServiceClient
         "tags": {"t": transport},
         "desired": {"r": 5},
     }
-    wait_for_log(dps, f"registration {reg} assigned to", f"[{transport}]")
+    dps.wait_for_log(f"registration {reg} assigned to", f"[{transport}]")
     # Registering again (forceRegistration or not: DPS and provisiond re-run the assignment
     # anyway) keeps the hub and the device, under a new operation.
     again = await device.register(force=True)
@@ -387,7 +375,7 @@ async def test_a_slow_assignment_is_polled_until_assigned(
         reply.retry_after == 1 for _, reply, status in polls if status.status is RegistrationStatus.ASSIGNING
     )
     assert [r.body["deviceRuntimeContext"]["payload"] for r in hook.requests(url)] == [{"from": transport}]
-    wait_for_log(dps, f"registration {reg} is taking longer than {BUDGET:g} s", f"[{transport}]")
+    dps.wait_for_log(f"registration {reg} is taking longer than {BUDGET:g} s", f"[{transport}]")
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -485,4 +473,4 @@ async def test_tpm(
         assert again.operation_id != result.operation_id
     challenges = [reply.status for request, reply in device.exchanges if reply.status == 401]
     assert challenges == ([401, 401] if transport == "https" else [])  # AMQP's challenge is in SASL
-    wait_for_log(dps, f"registration {reg} assigned to", f"[{transport}]")
+    dps.wait_for_log(f"registration {reg} assigned to", f"[{transport}]")

@@ -5,7 +5,7 @@ Command tree (each group is loaded lazily by :mod:`provisiond.cli`)::
     enrollment  create | show | list | update | enable | disable | delete | keys | import
     group       create | show | list | update | enable | disable | delete | keys | device-key
     registration show | list | delete | deprovision
-    hub         list | show | add | update | remove | device ... | policy ... | monitor-events | send-c2d | invoke-method
+    hub         list | show | stats | add | update | remove | device ... | policy ... | monitor-events | send-c2d | invoke-method
     ca          list | show | upload | verification-code | verify | prove | delete
     policy      list | show | create | update | delete | connection-string
     settings    show | set

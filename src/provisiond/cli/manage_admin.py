@@ -19,6 +19,7 @@ from ..models import (
     CaCertificate,
     CertificateUpload,
     HubTier,
+    HubWriterReport,
     LinkedHub,
     Right,
     ServiceSettingsPatch,
@@ -101,10 +102,48 @@ def hub_list(client: ServiceClient, as_json: bool) -> None:
 
 @hub.command("show")
 @click.argument("host")
+@click.option(
+    "--stats",
+    is_flag=True,
+    help='For a remote hub, add the hub writer\'s figures (as `hub stats --json`) under "writer".',
+)
 @connected()
-def hub_show(client: ServiceClient, host: str) -> None:
+def hub_show(client: ServiceClient, host: str, stats: bool) -> None:
     """Print the linked IoT hub HOST as JSON (its connection string is never shown)."""
-    echo_json(client.hubs.get(host))
+    linked = client.hubs.get(host)
+    if not stats or linked.builtin:
+        echo_json(linked)
+        return
+    echo_json({**msgspec.to_builtins(linked), "writer": msgspec.to_builtins(client.hubs.writer(host))})
+
+
+@hub.command("stats")
+@click.argument("host")
+@json_option
+@connected()
+def hub_stats(client: ServiceClient, host: str, as_json: bool) -> None:
+    """The hub writer's figures for the remote hub HOST, summed over the provisiond nodes since
+    they were first kept: its write budget, outbox items queued, registry calls, identities
+    written, throttled answers (429), retries, failures, deprovisionings."""
+    emit(as_json, client.hubs.writer(host), _print_writer)
+
+
+def _print_writer(report: HubWriterReport) -> None:
+    budget = report.budget_per_second
+    print_fields(
+        f"Hub writer for {report.hub!r}:",
+        [
+            ("Write budget", "none (the hub's 429s pace the writes)" if budget is None else f"{budget:g}/s"),
+            ("Queued", report.queued),
+            ("Registry calls", f"{report.calls} ({report.bulk_calls} bulk)"),
+            ("Written", report.written),
+            ("Throttled (429)", report.throttled),
+            ("Retried", report.retried),
+            ("Failed", report.failed),
+            ("Deprovisioned", report.removed),
+            ("Nodes", report.nodes),
+        ],
+    )
 
 
 def _budget(hub: LinkedHub) -> str | None:

@@ -35,6 +35,7 @@ __all__ = [
     "API_VERSION",
     "HubConnection",
     "check_credential",
+    "hub_error_parts",
     "hub_error_text",
     "parse_ca_certificate",
     "tls_context",
@@ -46,7 +47,8 @@ log = logging.getLogger("provisiond.hub")
 API_VERSION = "2021-04-12"
 #: Seconds the link check waits for the hub (connect, TLS, answer).
 CHECK_TIMEOUT = 10.0
-_TOKEN_TTL = 3600
+#: Seconds a service token made here lasts.
+TOKEN_TTL = 3600
 _PARTS = {"hostname", "sharedaccesskeyname", "sharedaccesskey"}
 #: How much of a hub's error text a message quotes.
 _SNIPPET = 300
@@ -111,7 +113,7 @@ class HubConnection:
         """``host`` or ``host:port``: where the REST API is."""
         return self.host if self.port is None else f"{self.host}:{self.port}"
 
-    def token(self, now: float | None = None, *, ttl: int = _TOKEN_TTL) -> str:
+    def token(self, now: float | None = None, *, ttl: int = TOKEN_TTL) -> str:
         """A service SAS token for the hub, valid ``ttl`` seconds from ``now``."""
         expiry = int(time.time() if now is None else now) + ttl
         return build_sas_token(self.host, self.key, expiry, key_name=self.key_name)
@@ -140,10 +142,12 @@ def tls_context(ca_certificate: str | None) -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
-def hub_error_text(response: httpx.Response) -> str:
-    """IoT Hub's error, as its answer gives it: the status, the ``iothub-errorcode`` header or
-    the code in the body's ``Message`` (``ErrorCode:{code};{text}``), the text, and the tracking
-    id of ``ExceptionMessage``."""
+def hub_error_parts(response: httpx.Response) -> tuple[str | None, str, str]:
+    """IoT Hub's error as its answer gives it: the ``iothub-errorcode`` header or the code in
+    the body's ``Message`` (``ErrorCode:{code};{text}``) or ``errorCode``, the text (the whole
+    answer when it is not a JSON object), and the tracking id of ``ExceptionMessage``. Shared by
+    the link check (:func:`hub_error_text`) and the registry client
+    (:func:`provisiond.hub.remote.hub_error`)."""
     code = response.headers.get("iothub-errorcode")
     text = ""
     tracking = ""
@@ -152,21 +156,30 @@ def hub_error_text(response: httpx.Response) -> str:
     except ValueError:
         body = None
     if isinstance(body, dict):
-        message = str(body.get("Message") or body.get("message") or "")
-        if message.startswith("ErrorCode:"):
-            body_code, _, message = message[len("ErrorCode:") :].partition(";")
-            code = code or body_code
-        text = message
+        message = body.get("Message") or body.get("message") or ""
+        text = message if isinstance(message, str) else ""
+        if text.startswith("ErrorCode:"):
+            body_code, _, text = text[len("ErrorCode:") :].partition(";")
+            code = code or body_code.strip()
+        if code is None and isinstance(body.get("errorCode"), (str, int)):
+            code = str(body["errorCode"])
         exception = str(body.get("ExceptionMessage") or "")
         if exception.startswith("Tracking ID:"):
-            tracking = exception.split("-TimeStamp:", 1)[0][len("Tracking ID:") :]
+            tracking = exception.split("-TimeStamp:", 1)[0][len("Tracking ID:") :].strip()
     elif response.text:
         text = response.text
+    return code, text.strip(), tracking
+
+
+def hub_error_text(response: httpx.Response) -> str:
+    """IoT Hub's error (:func:`hub_error_parts`) in one line: the status, the code (or the
+    reason phrase), the text, and the tracking id."""
+    code, text, tracking = hub_error_parts(response)
     described = f"{response.status_code} {code or response.reason_phrase}".strip()
     if text:
-        described += f": {text.strip()[:_SNIPPET]}"
+        described += f": {text[:_SNIPPET]}"
     if tracking:
-        described += f" (tracking id {tracking.strip()[:64]})"
+        described += f" (tracking id {tracking[:64]})"
     return described
 
 

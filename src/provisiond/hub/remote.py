@@ -28,7 +28,6 @@ string's key never leaves this module (it signs tokens; it is in no message).
 from __future__ import annotations
 
 import re
-import ssl
 import time
 import urllib.parse
 from collections.abc import Sequence
@@ -45,11 +44,12 @@ from ..errors import (
     HubPreconditionFailedError,
     HubThrottledError,
     HubUnavailableError,
+    InvalidBodyError,
 )
 from ..models import LinkedHub
 from ..protocol.registration import parse_retry_after
-from ..protocol.sas import build_sas_token
 from .base import IdentitySpec
+from .connection import API_VERSION, TOKEN_TTL, HubConnection, hub_error_parts, tls_context
 from .models import (
     AuthenticationType,
     DeviceAuthentication,
@@ -59,78 +59,18 @@ from .models import (
     authentication_for,
 )
 
-__all__ = ["API_VERSION", "BULK_LIMIT", "HubConnection", "RemoteHub", "hub_error"]
+__all__ = ["API_VERSION", "BULK_LIMIT", "RemoteHub", "hub_error"]
 
-API_VERSION = "2021-04-12"
 #: IoT Hub's bulk registry call takes at most this many devices.
 BULK_LIMIT = 100
-_TOKEN_TTL = 3600
 _WAIT = re.compile(r"[Ww]ait (\d+(?:\.\d+)?) ?s")
-
-
-class HubConnection(msgspec.Struct, frozen=True):
-    """A hub's connection string, parsed: ``HostName={host}[:{port}];SharedAccessKeyName=...;
-    SharedAccessKey=...``. Tokens are IoT Hub's service tokens (``sr`` the host name, ``skn``
-    the policy); the REST API is at ``host[:port]``."""
-
-    host: str
-    port: int | None
-    key_name: str
-    key: str
-
-    @classmethod
-    def parse(cls, text: str) -> HubConnection:
-        """:raises ConfigurationError: a part is missing or the port is not one (the message
-        never shows the key)."""
-        parts: dict[str, str] = {}
-        for item in text.strip().split(";"):
-            name, sep, value = item.partition("=")
-            if sep:
-                parts[name.strip().lower()] = value.strip()
-        missing = [
-            n for n in ("HostName", "SharedAccessKeyName", "SharedAccessKey") if not parts.get(n.lower())
-        ]
-        if missing:
-            raise ConfigurationError(f"The hub's connection string lacks {', '.join(missing)}.")
-        host, _, port = parts["hostname"].partition(":")
-        if port and not (port.isdigit() and 0 < int(port) < 65536):
-            raise ConfigurationError(f"The hub's connection string has HostName port {port[:10]!r}.")
-        return cls(host, int(port) if port else None, parts["sharedaccesskeyname"], parts["sharedaccesskey"])
-
-    @property
-    def authority(self) -> str:
-        return self.host if self.port is None else f"{self.host}:{self.port}"
-
-
-def _error_code(response: httpx.Response) -> tuple[str | None, str]:
-    """The hub's ``ErrorCode`` and message from its answer (IoT Hub's body is
-    ``{"Message": "ErrorCode:DeviceNotFound;...", "ExceptionMessage": "..."}``, its header
-    ``iothub-errorcode``)."""
-    code = response.headers.get("iothub-errorcode")
-    message = ""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict):
-        raw = body.get("Message") or body.get("message") or ""
-        if isinstance(raw, str):
-            message = raw
-            if raw.startswith("ErrorCode:"):
-                head, _, rest = raw[len("ErrorCode:") :].partition(";")
-                code = code or head.strip()
-                message = rest.strip()
-        if code is None and isinstance(body.get("errorCode"), (str, int)):
-            code = str(body["errorCode"])
-    if not message:
-        message = response.text[:200]
-    return code, message[:300]
 
 
 def hub_error(hub: str, response: httpx.Response, what: str) -> HubError:
     """The hub's refusal of ``what``, as the exception the writer acts on."""
     status = response.status_code
-    code, message = _error_code(response)
+    code, message, _ = hub_error_parts(response)
+    message = (message or response.text[:200])[:300]
     text = f"IoT hub {hub} refused {what}: {status} {code or ''} {message}".rstrip()
     kwargs: dict[str, Any] = {"hub": hub, "status": status, "code": code}
     if status == 429 or (code or "").startswith("Throttl"):
@@ -216,14 +156,14 @@ class RemoteHub:
     def __init__(self, hub: LinkedHub, *, address: str | None = None, timeout: float = 10.0) -> None:
         if not hub.connection_string:
             raise ConfigurationError(f"IoT hub {hub.host_name} has no connection string.")
-        self.connection = HubConnection.parse(hub.connection_string)
+        try:
+            self.connection = HubConnection.parse(hub.connection_string)
+        except InvalidBodyError as exc:  # checked when the hub was linked: a stored one is good
+            raise ConfigurationError(f"IoT hub {hub.host_name}: {exc.message}") from None
         self.host = hub.host_name.lower()
-        verify: ssl.SSLContext | bool = True
-        if hub.ca_certificate:
-            verify = ssl.create_default_context(cadata=hub.ca_certificate)
         self._http = httpx.AsyncClient(
             base_url=address or f"https://{self.connection.authority}",
-            verify=verify,
+            verify=tls_context(hub.ca_certificate),
             timeout=timeout,
             headers={"User-Agent": "provisiond-hub-writer"},
         )
@@ -235,11 +175,7 @@ class RemoteHub:
     def _authorization(self) -> str:
         now = time.time()
         if self._token is None or self._token[0] < now + 300:
-            expiry = int(now) + _TOKEN_TTL
-            token = build_sas_token(
-                self.connection.host, self.connection.key, expiry, key_name=self.connection.key_name
-            )
-            self._token = (expiry, token)
+            self._token = (int(now) + TOKEN_TTL, self.connection.token(now, ttl=TOKEN_TTL))
         return self._token[1]
 
     async def _call(

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from ..errors import ProvisioningError
-from ..models import LinkedHub
+from ..models import HubWriterReport, LinkedHub, WriterCounts
 from ..storage import Collection, Store, utc_iso
 
 __all__ = [
@@ -21,15 +21,8 @@ __all__ = [
     "NodeFigures",
     "Pacer",
     "WriterFigures",
-    "budget_per_second",
     "hub_writer_report",
 ]
-
-
-def budget_per_second(hub: LinkedHub) -> float | None:
-    """The hub's write budget (calls a second), or ``None``: unpaced
-    (:meth:`~provisiond.models.LinkedHub.registry_write_budget`)."""
-    return hub.registry_write_budget()
 
 
 class Pacer:
@@ -103,59 +96,21 @@ class BudgetShare:
         return 1 + sum(1 for r in records if r.updated >= since and r.id.lower() != mine)
 
 
-class WriterFigures(msgspec.Struct, kw_only=True, rename="camel"):
+class WriterFigures(WriterCounts, kw_only=True, rename="camel"):
     """One node's figures for one hub (``HUB_WRITERS``, keyed ``{hub}/{node}``); the admin API
     sums them over the nodes."""
 
     hub: str
     node: str
-    calls: int = 0
-    written: int = 0
-    throttled: int = 0
-    retried: int = 0
-    failed: int = 0
-    removed: int = 0
-    bulk_calls: int = 0
-
-
-class HubWriterReport(msgspec.Struct, kw_only=True, rename="camel"):
-    """``GET /admin/linkedHubs/{hub}/writer``: the hub writer's figures for one hub, summed
-    over the nodes since their figures were first stored (they survive restarts)."""
-
-    hub: str
-    #: The write budget in force (calls a second; ``None``: unpaced).
-    budget_per_second: float | None
-    #: Outbox items not yet done for this hub (registrations 'assigning', deprovisioning),
-    #: whether a writer holds them now or they wait for their turn.
-    queued: int
-    #: Registry calls made, identities written (registrations finished 'assigned'),
-    #: throttled answers (429), items retried after a transient failure, items failed for
-    #: good, deprovisioning items done.
-    calls: int = 0
-    written: int = 0
-    throttled: int = 0
-    retried: int = 0
-    failed: int = 0
-    removed: int = 0
-    #: Bulk registry calls (``POST /devices``, up to 100 new identities each) among the calls.
-    bulk_calls: int = 0
-    nodes: int = 0
 
 
 async def hub_writer_report(store: Store, hub: LinkedHub) -> HubWriterReport:
     """The figures of ``hub`` (:class:`HubWriterReport`)."""
     host = hub.host_name.lower()
     queued = await store.count(Collection.HUB_OUTBOX, filters={"hub": host})
-    report = HubWriterReport(hub=hub.host_name, budget_per_second=budget_per_second(hub), queued=queued)
+    report = HubWriterReport(hub=hub.host_name, budget_per_second=hub.registry_write_budget(), queued=queued)
     for record in await store.query_all(Collection.HUB_WRITERS, filters={"hub": host}):
-        figures = msgspec.json.decode(record.doc, type=WriterFigures)
-        report.calls += figures.calls
-        report.written += figures.written
-        report.throttled += figures.throttled
-        report.retried += figures.retried
-        report.failed += figures.failed
-        report.removed += figures.removed
-        report.bulk_calls += figures.bulk_calls
+        report.add(msgspec.json.decode(record.doc, type=WriterFigures))
         report.nodes += 1
     return report
 

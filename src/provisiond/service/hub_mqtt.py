@@ -35,15 +35,17 @@ device's interval but never past IoT Hub's 1,767 s, more publishes in flight.
   - twin GET answers ``$iothub/twin/res/200/?$rid=`` with the device's view of the twin;
     a reported-properties PATCH answers ``204`` with ``&$version={new reported version}``;
     errors answer their status with a JSON body carrying ``errorCode`` (what the Node.js SDK
-    reads) and ``message``;
+    reads) and ``message`` (:mod:`provisiond.service.hub_twin_channel`, which also
+    publishes the desired patches in version order);
   - a method response (``$iothub/methods/res/{status}/?$rid=``) goes to the broker.
 
   Every QoS 1 publish is acknowledged (the Python SDK publishes everything at QoS 1).
 * **What the hub publishes**: twin responses and desired patches at the QoS the device was
   granted (desired patches carry ``$version`` in the topic and the body), method requests at QoS
   0 (as IoT Hub), cloud-to-device messages from ``Stream.HUB_C2D`` at the granted QoS, at most
-  :data:`C2D_WINDOW` awaiting their PUBACK; a PUBACK removes the message; an expired one is
-  dropped undelivered; one published to an earlier connection goes out again with DUP.
+  :data:`~provisiond.service.hub_c2d.C2D_WINDOW` awaiting their PUBACK; a PUBACK removes the
+  message; an expired one is dropped undelivered; one published to an earlier connection goes
+  out again with DUP (:mod:`provisiond.service.hub_c2d`).
 * **The identity** learns ``connectionState`` at connect and close, and ``lastActivityTime``
   in batches (every ``--hub-activity-interval`` seconds, :data:`ACTIVITY_INTERVAL` by default;
   not per message).
@@ -57,43 +59,31 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import msgspec
 
-from .. import twin as twins
 from ..errors import (
-    IotHubCode,
     LocalProtocolError,
     ProvisioningError,
     RemoteProtocolError,
-    RequestError,
     StorageError,
 )
 from ..hub.messages import (
-    CloudToDeviceMessage,
-    c2d_properties,
-    decode_c2d,
     encode_event,
     partition,
     telemetry_event,
 )
 from ..hub.registry import HubRegistry
-from ..protocol import bounded_json
 from ..protocol.hub_topics import (
     Filter,
     PublicationKind,
-    c2d_topic,
     classify_filter,
-    desired_patch_topic,
     method_request_topic,
     parse_hub_username,
     parse_publication,
-    twin_response_topic,
 )
-from ..protocol.messages import error_body
 from ..protocol.mqtt import (
     Connect,
     ConnectReturnCode,
@@ -112,7 +102,9 @@ from ..storage import Stream, utc_iso
 from .context import ServiceContext
 from .hub_auth import HubAuthenticator, Refused
 from .hub_broker import HubBroker
+from .hub_c2d import C2D_WINDOW, C2dDelivery
 from .hub_sessions import SessionStore, StoredSession
+from .hub_twin_channel import TwinChannel
 from .streams import ByteStream, StreamClosed
 
 __all__ = ["ACTIVITY_INTERVAL", "C2D_WINDOW", "MAX_MESSAGE_BYTES", "MAX_SUBSCRIPTIONS", "HubEndpoint"]
@@ -128,14 +120,9 @@ MAX_IDLE = 1767.0
 #: Publishes of the hub a device may leave unacknowledged before it is disconnected.
 MAX_INFLIGHT = 256
 MAX_SUBSCRIPTIONS = 5
-#: Cloud-to-device messages awaiting their PUBACK at once, per device.
-C2D_WINDOW = 10
 #: Seconds between two writes of the devices' ``lastActivityTime`` (the default of
 #: ``Settings.hub_activity_interval``).
 ACTIVITY_INTERVAL = 30.0
-#: Seconds a desired patch waits for an earlier version's (relayed from another process within
-#: the broker's poll interval) before it goes out without it.
-DESIRED_GAP_WAIT = 0.5
 _READ_SIZE = 65536
 _GRANTED = {
     QoS.AT_MOST_ONCE: SubackReturnCode.GRANTED_QOS_0,
@@ -239,19 +226,8 @@ class _HubSession:
         self._recv: asyncio.Future[bytes] | None = None
         self._flushing: asyncio.Task[None] | None = None
         self._methods_waiters: list[asyncio.Future[bool]] = []
-        self._c2d_task: asyncio.Task[None] | None = None
-        self._c2d_again = False
-        self._c2d_cursor = 0
-        self._c2d_inflight: dict[int, int] = {}  # packet id -> seq
-        self._c2d_sent = 0  # the newest seq published (this or an earlier connection)
-        self._c2d_sent_before = 0
-        # Desired patches go out in version order, whichever process committed them (a write
-        # in another worker or node is relayed through the signal stream, later than a local
-        # one): the newest version published (the twin's at CONNECT before any), and the
-        # patches waiting for the versions before them.
-        self._desired_version = 0
-        self._desired_waiting: dict[int, Mapping[str, Any]] = {}
-        self._desired_timer: asyncio.TimerHandle | None = None
+        self.c2d = C2dDelivery(self, endpoint.ctx.store, endpoint.ctx.clock)
+        self.twin = TwinChannel(self, endpoint.registry, endpoint.ctx.clock)
 
     @property
     def key(self) -> str:
@@ -290,7 +266,7 @@ class _HubSession:
             await self.endpoint.registry.set_connection_state(self.hub, self.device_id, connected=True)
         except ProvisioningError as exc:  # the database is down, or the record kept changing
             log.warning("MQTT %s: cannot record the connection state (%s)", self.who, exc.message)
-        self._deliver_c2d()
+        self.c2d.wake()
         pipelined = self.machine.feed_bytes(b"")
         if pipelined:
             await self._handle(pipelined)
@@ -333,7 +309,7 @@ class _HubSession:
             if result.expires is not None:
                 self.expires = time.monotonic() + (result.expires - endpoint.ctx.clock())
             self._identity_created = found.created
-            self._desired_version = found.twin.desired_version
+            self.twin.desired_version = found.twin.desired_version
             stored = await self._restore()
             await self.broker.attach(self)
         except StorageError as exc:
@@ -354,7 +330,7 @@ class _HubSession:
             kind = classify_filter(topic_filter, self.device_id)
             if kind is not None:
                 self.subscriptions[topic_filter] = (kind, QoS(min(qos, 1)))
-        self._c2d_sent = self._c2d_sent_before = stored.c2d_sent
+        self.c2d.restore(stored.c2d_sent)
         return stored
 
     async def _loop(self) -> None:
@@ -410,9 +386,7 @@ class _HubSession:
             machine.close("closed")
         if self._recv is not None:
             self._recv.cancel()
-        for task in (self._c2d_task,):
-            if task is not None:
-                task.cancel()
+        self.c2d.cancel()
         for waiter in self._methods_waiters:
             if not waiter.done():
                 waiter.set_result(False)
@@ -431,16 +405,15 @@ class _HubSession:
     async def _after_close(self) -> None:
         """The Will, what the stored session must remember, and (last: once it reads
         ``Disconnected``, the rest is done) the connection state."""
-        if self._desired_timer is not None:
-            self._desired_timer.cancel()
+        self.twin.close()
         endpoint = self.endpoint
         endpoint.forget(self.hub, self.device_id)
         try:
             if not self.orderly:
                 await self._send_will()
-            if self.persistent and self._c2d_sent > self._c2d_sent_before:
+            if self.persistent and self.c2d.sent_since_restore:
                 await endpoint.sessions.record_c2d_sent(
-                    self.hub, self.device_id, self._c2d_sent, identity=self._identity_created
+                    self.hub, self.device_id, self.c2d.sent, identity=self._identity_created
                 )
             if not self.replaced:
                 await endpoint.registry.set_connection_state(self.hub, self.device_id, connected=False)
@@ -488,7 +461,7 @@ class _HubSession:
         finally:
             self._flushing = None
 
-    def _publish(self, topic: str, payload: bytes, qos: QoS, *, dup: bool = False) -> int | None:
+    def publish(self, topic: str, payload: bytes, qos: QoS, *, dup: bool = False) -> int | None:
         """Queue a publish of ours; None at QoS 0 or when the session closed."""
         if self.machine.state is not State.CONNECTED:
             return None
@@ -500,14 +473,14 @@ class _HubSession:
         self._schedule_flush()
         return packet_id
 
-    def _granted(self, kind: Filter) -> QoS | None:
+    def granted(self, kind: Filter) -> QoS | None:
         granted = [qos for filter_kind, qos in self.subscriptions.values() if filter_kind is kind]
         return max(granted) if granted else None
 
     # --- what the broker asks ----------------------------------------------------------------------
 
     def methods_subscribed(self) -> bool:
-        return self._granted(Filter.METHODS) is not None
+        return self.granted(Filter.METHODS) is not None
 
     async def methods_subscription(self) -> bool:
         if self.methods_subscribed():
@@ -530,42 +503,13 @@ class _HubSession:
 
     def send_method(self, name: str, rid: str, payload: bytes) -> None:
         # IoT Hub publishes method requests at QoS 0 (the MQTT doc), whatever was granted.
-        self._publish(method_request_topic(name, rid), payload, QoS.AT_MOST_ONCE)
+        self.publish(method_request_topic(name, rid), payload, QoS.AT_MOST_ONCE)
 
     def send_desired(self, changes: Mapping[str, Any], version: int) -> None:
-        """Publish the desired patch of ``version`` once every earlier one is published (an
-        empty one only moves the version on: a write that changed nothing); one older than
-        the twin the device connected with is in the twin it reads. A version whose patch
-        never comes (its notifier died, or a write that notifies nobody, such as DPS's
-        re-provisioning) holds the later ones back for :data:`DESIRED_GAP_WAIT` at most."""
-        if version <= self._desired_version:
-            return
-        self._desired_waiting[version] = changes
-        self._release_desired(skip_gaps=False)
-
-    def _release_desired(self, *, skip_gaps: bool) -> None:
-        while self._desired_waiting:
-            version = min(self._desired_waiting)
-            if version != self._desired_version + 1 and not skip_gaps:
-                break
-            changes = self._desired_waiting.pop(version)
-            self._desired_version = version
-            qos = self._granted(Filter.DESIRED_PATCHES)
-            if changes and qos is not None:
-                body = _json.encode(twins.desired_notification(changes, version))
-                self._publish(desired_patch_topic(version), body, qos)
-        if not self._desired_waiting and self._desired_timer is not None:
-            self._desired_timer.cancel()
-            self._desired_timer = None
-        elif self._desired_waiting and self._desired_timer is None:
-            self._desired_timer = asyncio.get_running_loop().call_later(DESIRED_GAP_WAIT, self._desired_gap)
-
-    def _desired_gap(self) -> None:
-        self._desired_timer = None
-        self._release_desired(skip_gaps=True)
+        self.twin.send_desired(changes, version)
 
     def wake_c2d(self) -> None:
-        self._deliver_c2d()
+        self.c2d.wake()
 
     # --- packets -----------------------------------------------------------------------------------
 
@@ -596,7 +540,7 @@ class _HubSession:
             elif isinstance(packet, Unsubscribe):
                 await self._on_unsubscribe(packet)
             elif isinstance(packet, Puback):
-                await self._on_puback(packet)
+                await self.c2d.acknowledged(packet.packet_id)  # a cloud-to-device message
             # PINGREQ: the machine answered it; DISCONNECT: above.
         await self._store_telemetry(telemetry)
 
@@ -651,51 +595,7 @@ class _HubSession:
             assert status is not None
             self.broker.method_response(self, rid, status, publish.payload)
             return
-        try:
-            if kind is PublicationKind.TWIN_GET:
-                device = await self.endpoint.registry.get_twin(self.hub, self.device_id)  # 404001
-                self._twin_response(200, rid, _json.encode(twins.device_view(device.twin)))
-            else:
-                try:
-                    patch = bounded_json.decode(publish.payload)
-                except msgspec.DecodeError as exc:
-                    raise RequestError(
-                        f"The reported properties patch is not JSON: {exc}",
-                        error_code=IotHubCode.ARGUMENT_INVALID,
-                    ) from None
-                version = await self.endpoint.registry.patch_reported(self.hub, self.device_id, patch)
-                self._twin_response(204, rid, b"", version=version)
-        except ProvisioningError as exc:
-            self._twin_error(rid, kind, exc)
-
-    def _twin_response(self, status: int, rid: str, body: bytes, *, version: int | None = None) -> None:
-        # Answered whether or not the device subscribed to $iothub/twin/res/# (then at QoS 0):
-        # the Python SDK sends its "ensure desired properties" GET on connect without that
-        # subscription (pipeline_stages_iothub.EnsureDesiredPropertiesStage) and waits for it.
-        qos = self._granted(Filter.TWIN_RESPONSES) or QoS.AT_MOST_ONCE
-        try:
-            topic = twin_response_topic(status, rid, version)
-        except LocalProtocolError as exc:
-            log.info("MQTT %s: cannot answer $rid=%r: %s", self.who, rid[:64], exc.message)
-            return
-        self._publish(topic, body, qos)
-
-    def _twin_error(self, rid: str, kind: PublicationKind, exc: ProvisioningError) -> None:
-        code = exc.iothub_code
-        tracking_id = uuid.uuid4().hex
-        level = logging.INFO if code.http_status < 500 else logging.ERROR
-        log.log(
-            level,
-            "MQTT %s: %s $rid=%s: %d %s (tracking id %s)",
-            self.who,
-            kind.value,
-            rid[:64],
-            code.http_status,
-            exc.message,
-            tracking_id,
-        )
-        body = error_body(code, tracking_id, exc.message, utc_iso(self.endpoint.ctx.clock()))
-        self._twin_response(code.http_status, rid, body)
+        await self.twin.answer(publish, kind, rid)
 
     async def _on_subscribe(self, subscribe: Subscribe) -> None:
         codes: list[SubackReturnCode] = []
@@ -727,7 +627,7 @@ class _HubSession:
         if self.machine.state is State.CONNECTED:
             self.machine.grant(subscribe, codes)
         self._ready_methods()
-        self._deliver_c2d()
+        self.c2d.wake()
 
     async def _on_unsubscribe(self, unsubscribe: Unsubscribe) -> None:
         removed = [f for f in unsubscribe.topic_filters if self.subscriptions.pop(f, None) is not None]
@@ -740,74 +640,6 @@ class _HubSession:
     def _stored(self) -> StoredSession:
         return StoredSession(
             subscriptions={f: int(qos) for f, (_, qos) in self.subscriptions.items()},
-            c2d_sent=self._c2d_sent,
+            c2d_sent=self.c2d.sent,
             identity=self._identity_created,
         )
-
-    # --- cloud-to-device messages ----------------------------------------------------------------
-
-    async def _on_puback(self, puback: Puback) -> None:
-        seq = self._c2d_inflight.pop(puback.packet_id, None)
-        if seq is None:
-            return
-        try:
-            await self.endpoint.ctx.store.remove(Stream.HUB_C2D, [seq])
-        except StorageError as exc:
-            log.warning(
-                "MQTT %s: cannot remove an acknowledged cloud-to-device message (%s)", self.who, exc.message
-            )
-        self._deliver_c2d()
-
-    def _deliver_c2d(self) -> None:
-        if self._granted(Filter.C2D) is None or self.machine.state is not State.CONNECTED:
-            return
-        if self._c2d_task is not None:
-            self._c2d_again = True
-            return
-        self._c2d_task = asyncio.get_running_loop().create_task(self._pump_c2d())
-
-    async def _pump_c2d(self) -> None:
-        store = self.endpoint.ctx.store
-        try:
-            while True:
-                self._c2d_again = False
-                qos = self._granted(Filter.C2D)
-                room = C2D_WINDOW - len(self._c2d_inflight)
-                if qos is None or room <= 0 or self.machine.state is not State.CONNECTED:
-                    return
-                entries = await store.read(
-                    Stream.HUB_C2D, partition=self.key, after=self._c2d_cursor, limit=room
-                )
-                now = utc_iso(self.endpoint.ctx.clock())
-                done: list[int] = []
-                for entry in entries:
-                    self._c2d_cursor = entry.seq
-                    message = decode_c2d(entry.doc)
-                    if message.expired(now):
-                        log.info(
-                            "MQTT %s: cloud-to-device message %r expired undelivered: dropped",
-                            self.who,
-                            message.message_id[:128],
-                        )
-                        done.append(entry.seq)
-                        continue
-                    packet_id = self._send_c2d(message, qos, dup=entry.seq <= self._c2d_sent_before)
-                    self._c2d_sent = max(self._c2d_sent, entry.seq)
-                    if packet_id is not None:
-                        self._c2d_inflight[packet_id] = entry.seq
-                    elif self.machine.state is State.CONNECTED:
-                        done.append(entry.seq)  # QoS 0: delivered at most once
-                if done:
-                    await store.remove(Stream.HUB_C2D, done)
-                if len(entries) == room:
-                    continue  # more may be waiting once the window has room
-                if not self._c2d_again:
-                    return
-        except StorageError as exc:
-            log.warning("MQTT %s: cannot read the cloud-to-device queue (%s)", self.who, exc.message)
-        finally:
-            self._c2d_task = None
-
-    def _send_c2d(self, message: CloudToDeviceMessage, qos: QoS, *, dup: bool) -> int | None:
-        topic = c2d_topic(self.device_id, c2d_properties(message))
-        return self._publish(topic, message.body, qos, dup=dup)

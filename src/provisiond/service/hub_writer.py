@@ -70,12 +70,11 @@ from .hub_figures import (
     NodeFigures,
     Pacer,
     WriterFigures,
-    budget_per_second,
     hub_writer_report,
 )
 from .records import RegistrationRecord
 
-__all__ = ["HubWriter", "HubWriterReport", "Pacer", "WriterFigures", "budget_per_second", "hub_writer_report"]
+__all__ = ["HubWriter", "HubWriterReport", "Pacer", "WriterFigures", "hub_writer_report"]
 
 log = logging.getLogger("provisiond.hub_writer")
 
@@ -306,7 +305,7 @@ class HubWriter:
     async def _call(self, hub: LinkedHub | None, call: Callable[[], Awaitable[T]]) -> T:
         """One hub call, paced by the hub's budget and counted."""
         name = hub.host_name.lower() if hub else "?"
-        budget = await self.share.of(name, budget_per_second(hub)) if hub else None
+        budget = await self.share.of(name, hub.registry_write_budget()) if hub else None
         await self.pacer.acquire(name, budget)
         self.figures.of(name, self.node).calls += 1
         try:

@@ -78,7 +78,7 @@ from .assignment import (
 )
 from .context import ServiceContext
 from .enrollments import validate_id
-from .hub_writer import HubWriter, budget_per_second
+from .hub_writer import HubWriter
 from .records import RegistrationRecord
 from .sources import StoreSources
 from .throttle import RateLimiter
@@ -445,7 +445,7 @@ class Registrar:
             enrollment_group_id=decided.enrollment_group_id,
             attestation_type=decided.attestation_type,
         )
-        queued = budget_per_second(change.put.hub) is not None
+        queued = change.put.hub.registry_write_budget() is not None
         due, owner = (now, None) if queued else (now + self.writer.lease, self.writer.node)
         return (
             item_write(reg_id, item, due=due, owner=owner, mode=WriteMode.CREATE),
