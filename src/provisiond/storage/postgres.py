@@ -215,10 +215,38 @@ class PostgresStore(Store):
         prepared = _sql.prepare_atomic(items)
         if not prepared:
             return []
+        if all(isinstance(item, Write) and item.mode is WriteMode.CREATE for _, _, item, _ in prepared):
+            created = await self._create_all(prepared)
+            if created is not None:
+                return created
         tables = ", ".join(sorted({collection.table for collection, *_ in prepared}))
         # A unique violation is an insert that lost a race: the next attempt decides on the row.
         attempt = functools.partial(self._pipelined, _apply_atomic, prepared)
         return await _retrying(tables, attempt, (*_RETRIED, pg_errors.UniqueViolation))
+
+    async def _create_all(self, prepared: list[_sql.AtomicItem]) -> list[Record] | None:
+        """``write_atomic`` of CREATEs only (a first registration: the device identity and its
+        record) as one statement: plain INSERTs, one per item (all but the last in ``WITH``),
+        which commit together or not at all. None when a key exists (a unique violation) or the
+        statement deadlocked with a transaction on the same keys: the caller then takes the
+        general path, which decides every item on the locked rows."""
+        now = utc_now()
+        etags = [new_etag() for _ in prepared]
+        params: list[Any] = []
+        for (_, key, item, values), etag in zip(prepared, etags, strict=True):
+            assert isinstance(item, Write)
+            params += _sql.insert_params(key, item, etag, now, values)
+        try:
+            await self._execute(_create_all_sql(tuple(c for c, _, _, _ in prepared)), params)
+        except StorageError as exc:
+            if isinstance(exc.__cause__, pg_errors.UniqueViolation | pg_errors.DeadlockDetected):
+                return None
+            raise
+        records: list[Record] = []
+        for (collection, _, item, values), etag in zip(prepared, etags, strict=True):
+            assert isinstance(item, Write)
+            records.append(_sql.written_record(collection, item, item.id, etag, now, now, values))
+        return records
 
     async def _write_one_statement(
         self, collection: Collection, key: str, item: Write, values: tuple[str | None, ...]
@@ -574,6 +602,17 @@ def _select_any_sql(collection: Collection, *, meta: bool) -> str:
     statements = _sql.statements(collection, _STYLE)
     prefix = statements.select_meta_prefix if meta else statements.select_full_prefix
     return f"{prefix} WHERE key = ANY(%s::text[]) ORDER BY key"
+
+
+@functools.cache
+def _create_all_sql(collections: tuple[Collection, ...]) -> str:
+    """One statement inserting one row into each of ``collections`` (in order): the inserts
+    but the last are data-modifying ``WITH`` queries, which run to completion with it."""
+    inserts = [_sql.statements(collection, _STYLE).insert for collection in collections]
+    if len(inserts) == 1:
+        return inserts[0]
+    queries = ", ".join(f"w{n} AS ({text})" for n, text in enumerate(inserts[:-1]))
+    return f"WITH {queries} {inserts[-1]}"
 
 
 @functools.cache
