@@ -30,10 +30,18 @@ on a row this transaction has locked:
 - :meth:`PostgresStore.write_atomic` is one transaction too, across tables: the advisory locks
   of all its keys (the same lock ids and global order as batches, so the two queue on shared
   keys instead of deadlocking), the existing rows of each table ``FOR UPDATE``, then every item
-  decided before anything is written, then the writes one by one. A failing item, including
-  one that loses an insert race to another node (decided again as above), raises inside the
+  decided before anything is written, then the writes. A failing item raises inside the
   transaction, which rolls it back: among nodes racing to create the same keys, exactly one
-  commits. It has the same deadlock retry.
+  commits. It has the same deadlock retry. It costs **two round trips** (pipeline mode: the
+  ``BEGIN``, the locks and the reads go together; the writes and ``COMMIT`` go together), so
+  a key that did not exist is inserted with a plain ``INSERT``: one that another node inserted
+  after our look aborts the transaction with a unique violation, and the transaction is tried
+  again (it then finds the row, and decides on it).
+- The registrar's first commit, ``write_atomic`` of CREATEs only (the device identity and its
+  registration record), is **one statement**: the plain INSERTs chained with ``WITH``, which
+  commit together or not at all. If a key exists (a unique violation) or the statement
+  deadlocks with a transaction on the same keys, nothing was written and the general path
+  above decides.
 
 Migrations run in :meth:`PostgresStore.open`, each in a transaction holding
 ``pg_advisory_xact_lock``, so nodes starting together apply each migration exactly once.
@@ -87,7 +95,12 @@ class PostgresStore(Store):
     :param url: a libpq connection string or ``postgresql://`` URL (several hosts allowed:
         provisiond connects to the one that accepts writes).
     :param min_size: connections the pool keeps open.
-    :param max_size: the most connections the pool opens.
+    :param max_size: the most connections the pool opens. The pool opens them as requests wait
+        for one, and closes those idle for 10 minutes, so it follows the load up to this bound:
+        32, because a registration waits for the database twice or three times and 64
+        registrations in flight kept 10 connections busy (docs/performance.md). With several
+        worker processes or nodes, each has its own pool: together they must stay within the
+        server's ``max_connections`` (100 by default).
     :param timeout: seconds a call waits for a free pool connection before failing (503).
     :param connect_timeout: seconds one connection attempt may take (unless the URL sets
         ``connect_timeout``).
@@ -102,7 +115,7 @@ class PostgresStore(Store):
         url: str,
         *,
         min_size: int = 1,
-        max_size: int = 10,
+        max_size: int = 32,
         timeout: float = 30.0,
         connect_timeout: float = 5.0,
         probe_interval: float = 0.5,
