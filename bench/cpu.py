@@ -17,8 +17,16 @@ Phases (HTTPS):
   device once); ``x509-group`` is compared with ``x509-trivial``, made by the same generator,
   not with wrk's ``trivial`` (whose handshakes resume sessions).
 
-    python bench/cpu.py [--devices 20000] [--seconds 10] [--connections 64] [--threads 2] [--db sqlite|postgresql]
+    python bench/cpu.py [--devices 20000] [--seconds 10] [--connections 64] [--threads 2]
+                        [--db sqlite|postgresql|sqlite,postgresql]
                         [--phases trivial,group,individual,trivial,x509-trivial,x509-group] [--log-level info]
+
+``--db sqlite,postgresql`` runs the phases on each backend in turn (a fresh server each; for
+PostgreSQL a throwaway cluster with PostgreSQL's default durability settings, ``bench/_pg.py``)
+and prints one table: rate, wrk's p50/p99 (from the request's write to the answer: the connect
+and handshake are not in it), the server's CPU per request and its ratio, the database server's
+CPU per request (PostgreSQL's processes, from /proc too), and each phase's rate against the
+first backend's.
 
 wrk (Debian's package) is the load: it runs on the same cores as the server, and its CPU is not
 counted (only the server's is). CPU per request is steadier on a shared machine than requests
