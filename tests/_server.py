@@ -79,6 +79,18 @@ class RunningServer:
     def log(self) -> str:
         return self.log_file.read_text(errors="replace")
 
+    def wait_for_log(self, *words: str, timeout: float = 10.0) -> str:
+        """The first log line that holds all ``words``, waiting for the server to write it
+        (a refusal is answered before its log line is flushed)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.log().splitlines():
+                if all(word in line for word in words):
+                    return line
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no log line with {words}:\n{self.log()[-3000:]}")
+            time.sleep(0.05)
+
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)

@@ -5,6 +5,7 @@ built-in hub's transactional plan."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from provisiond import twin as tw
@@ -163,11 +164,24 @@ async def test_the_transactional_plan_commits_whole_or_not_at_all(store: Store, 
     assert (reset.version, reset.desired_version) == (newer.version + 1, newer.desired_version + 1)
 
 
-def test_remote_hubs_are_not_implemented_yet(builtin: BuiltinHub) -> None:
-    backends = HubBackends(builtin)
+def test_remote_hubs_go_through_the_outbox(builtin: BuiltinHub) -> None:
+    made: list[LinkedHub] = []
+
+    def remote(hub: LinkedHub) -> HubBackend:
+        made.append(hub)
+        return builtin  # any HubBackend: only which one serves which hub is tested here
+
+    backends = HubBackends(builtin, remote)
     assert backends.transactional(IdentityChange(put=spec())) is builtin
     assert backends.for_hub(None) is builtin and backends.for_hub(HUB_A) is builtin
-    with pytest.raises(HubError, match="not implemented yet"):
+    assert HubBackends.is_transactional(IdentityChange(put=spec()), {})
+    assert not HubBackends.is_transactional(IdentityChange(put=spec(REMOTE)), {})
+    moved = IdentityChange(put=spec(), remove=IdentityRef(REMOTE.host_name.lower(), "Dev-1"))
+    assert not HubBackends.is_transactional(moved, {REMOTE.host_name.lower(): REMOTE})
+    with pytest.raises(HubError, match="outbox"):
         backends.transactional(IdentityChange(put=spec(REMOTE)))
-    with pytest.raises(HubError, match="not implemented yet"):
-        backends.for_hub(REMOTE)
+    # One backend per remote hub, made again when its link changes.
+    backends.for_hub(REMOTE)
+    backends.for_hub(REMOTE)
+    backends.for_hub(msgspec.structs.replace(REMOTE, allocation_weight=7))
+    assert len(made) == 2

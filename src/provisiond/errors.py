@@ -19,6 +19,12 @@
     ├── ConflictError                      409: the record already exists
     ├── PreconditionFailedError            412: If-Match does not match the stored etag
     ├── ThrottledError                     429: rate limit; carries retry_after
+    ├── HubError                           a linked IoT hub refused a registry call (400209 to the device)
+    │   ├── HubUnavailableError            no answer, 5xx, timeouts: a retry may succeed
+    │   │   └── HubThrottledError          429 from the hub; carries retry_after
+    │   ├── HubDeviceNotFoundError         404 DeviceNotFound
+    │   ├── HubDeviceExistsError           409 DeviceAlreadyExists
+    │   └── HubPreconditionFailedError     412: the identity's etag changed
     ├── StorageError                       500: the database failed (after translation)
     │   └── DatabaseUnavailableError       503: unreachable, failing over, locked; carries retry_after
     ├── GatewayTimeoutError                504: a built-in hub's device did not answer in time
@@ -62,6 +68,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DpsCode",
+    "HubDeviceExistsError",
+    "HubDeviceNotFoundError",
+    "HubError",
+    "HubPreconditionFailedError",
+    "HubThrottledError",
+    "HubUnavailableError",
     "IotHubCode",
     "AmqpProtocolError",
     "AuthenticationError",
@@ -367,6 +379,63 @@ class ThrottledError(ProvisioningError):
         self.retry_after = retry_after
 
     iothub_code = IotHubCode.THROTTLING
+
+
+class HubError(ProvisioningError):
+    """A linked IoT hub refused (or failed) a registry call: its registry REST API, or the
+    built-in hub's identities. Translated once, where the hub's answer is read
+    (:mod:`provisiond.hub.remote`). A device sees it as a failed registration (errorCode 400209,
+    the hub's error in the message); an operator call that reached the hub sees it as a 400.
+
+    :param hub: the hub's host name. :param status: the hub's HTTP status (``None``: no answer).
+    :param code: the hub's ``ErrorCode`` (``DeviceNotFound``, ``ThrottlingBacklogTimeout``, ...).
+    """
+
+    http_status = 400
+    error_code = DpsCode.HUB_FAILED
+    #: Whether a retry may succeed (the hub writer backs off and retries; otherwise it
+    #: compensates and fails the registration).
+    transient: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        hub: str | None = None,
+        status: int | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+        error_code: int | None = None,
+    ) -> None:
+        super().__init__(message, error_code=error_code)
+        self.hub = hub
+        self.status = status
+        self.code = code
+        self.retry_after = retry_after
+
+
+class HubUnavailableError(HubError):
+    """The hub did not answer (connection refused or reset, TLS failure, timeout) or answered
+    5xx or 408: a retry after a while may succeed."""
+
+    transient = True
+
+
+class HubThrottledError(HubUnavailableError):
+    """The hub throttled the call (429, ``ThrottlingException``, ``ThrottlingBacklogTimeout``);
+    ``retry_after`` is the hub's Retry-After (or its message's "Wait N seconds")."""
+
+
+class HubDeviceNotFoundError(HubError):
+    """The hub has no such device identity (404 ``DeviceNotFound``)."""
+
+
+class HubDeviceExistsError(HubError):
+    """The hub already has the device identity a create asked for (409 ``DeviceAlreadyExists``)."""
+
+
+class HubPreconditionFailedError(HubError):
+    """The identity's etag is not the one a conditional call gave (412): someone else wrote it."""
 
 
 class StorageError(ProvisioningError):

@@ -20,6 +20,8 @@ from provisiond.errors import (
     PreconditionFailedError,
     RequestError,
 )
+from provisiond.hub import IdentityRef
+from provisiond.hub.outbox import ItemKind, OutboxItem, removal_key
 from provisiond.models import (
     BulkOperationMode,
     CertificateUpload,
@@ -310,11 +312,11 @@ def test_the_management_layer_knows_nothing_of_http() -> None:
     assert done.returncode == 0, f"provisiond.service.management imports {done.stdout.strip()}{done.stderr}"
 
 
-async def test_deprovisioning_in_a_remote_hub_deletes_nothing_until_the_hub_writer_takes_it(
+async def test_deprovisioning_in_a_remote_hub_commits_an_outbox_item_with_the_deletion(
     store: Store, management: Management, hub_peer: HubPeer
 ) -> None:
-    """A remote hub's removal is an item of the hub writer's outbox (part writer); until it is
-    there, the delete is refused as a whole: the record stays, nothing half done."""
+    """A remote hub's removal is an item of the hub writer's outbox, committed in the
+    transaction that deletes the record (the writer then disables the identity in the hub)."""
     hub = hub_peer.linked_hub(apply_allocation_policy=False)
     await management.hubs.put(hub.host_name, hub)
     state = DeviceRegistrationState(
@@ -326,9 +328,10 @@ async def test_deprovisioning_in_a_remote_hub_deletes_nothing_until_the_hub_writ
     await store.write(
         Collection.REGISTRATIONS, "r-remote", msgspec.json.encode(state), index={"status": "assigned"}
     )
-    with pytest.raises(RequestError, match="Cannot deprovision 'r-remote' in '127.0.0.2'"):
-        await management.registrations.delete("r-remote", deprovision=Deprovision.DISABLE)
-    assert (await management.registrations.get("r-remote")).assigned_hub == hub.host_name
-    await management.registrations.delete("r-remote")  # without deprovisioning, as DPS
+    await management.registrations.delete("r-remote", deprovision=Deprovision.DISABLE)
     with pytest.raises(NotFoundError):
         await management.registrations.get("r-remote")
+    item = await store.get(Collection.HUB_OUTBOX, removal_key(IdentityRef(hub.host_name.lower(), "r-remote")))
+    assert item is not None
+    queued = msgspec.json.decode(item.doc, type=OutboxItem)
+    assert queued.kind is ItemKind.DISABLE and queued.target == IdentityRef(hub.host_name.lower(), "r-remote")

@@ -503,7 +503,17 @@ def _run(settings: Settings) -> None:
     show_envvar=True,
     envvar="PROVISIOND_ASSIGNMENT_BUDGET",
     help="Seconds a register request waits for its assignment; a slower one (a custom allocation "
-    "webhook) answers 'assigning' with Retry-After, and the device polls.",
+    "webhook, a slow or throttled remote hub) answers 'assigning' with Retry-After, and the device polls.",
+)
+@click.option(
+    "--hub-write-lease",
+    type=click.FloatRange(min=0.5),
+    default=30.0,
+    show_default=True,
+    show_envvar=True,
+    envvar="PROVISIOND_HUB_WRITE_LEASE",
+    help="Seconds a node's hub writer holds a remote hub write it started; after a crash, another "
+    "node (or this one, restarted) takes it over once the lease has run out.",
 )
 @click.option(
     "--webhook-timeout",
@@ -654,6 +664,7 @@ def serve(
     device_rate_limit: float | None,
     failed_attestation_limit: float | None,
     assignment_budget: float,
+    hub_write_lease: float,
     webhook_timeout: float,
     webhook_ca_file: Path | None,
     tls_handshake_timeout: float,
@@ -723,6 +734,7 @@ def serve(
         workers=workers,
         webhook_timeout=webhook_timeout,
         assignment_budget=assignment_budget,
+        hub_write_lease=hub_write_lease,
         webhook_ca_file=webhook_ca_file.absolute() if webhook_ca_file else None,
     )
     try:

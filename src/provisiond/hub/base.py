@@ -25,12 +25,15 @@ whenever every hub a change touches is built in (:meth:`HubBackends.transactiona
 from __future__ import annotations
 
 import enum
+import time
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import msgspec
 
 from .. import twin as twins
 from ..attestation.base import IdentityCredential
+from ..errors import ConfigurationError, HubError
 from ..models import Deprovision, DeviceCapabilities, InitialTwin, LinkedHub
 from ..storage import Collection, Delete, Write
 from .models import HubDevice, Twin
@@ -49,11 +52,6 @@ __all__ = [
     "carry_out",
     "resolve_twin",
 ]
-
-
-class HubError(Exception):
-    """The hub could not create or update the identity (internal: the registrar fails the
-    registration with DPS's errorCode 400209)."""
 
 
 #: One write of a registration's transaction (see :meth:`TransactionalHubBackend.plan`).
@@ -196,34 +194,75 @@ class TransactionalHubBackend(HubBackend, Protocol):
 
 
 class HubBackends:
-    """Which backend serves which hub. Today: the built-in hubs (``builtin`` linked hubs);
-    the identities of a hub no longer linked are in the built-in store too."""
+    """Which backend serves which hub: the built-in hubs (``builtin`` linked hubs, and the
+    identities of a hub no longer linked, which are in the built-in store too), and a remote
+    backend per linked hub that is not built in (``remote`` makes it: by default
+    :class:`~provisiond.hub.remote.RemoteHub`, its registry REST API).
+    """
 
-    def __init__(self, builtin: TransactionalHubBackend) -> None:
+    def __init__(
+        self,
+        builtin: TransactionalHubBackend,
+        remote: Callable[[LinkedHub], HubBackend] | None = None,
+    ) -> None:
         self.builtin = builtin
+        self._remote_factory = remote
+        self._remote: dict[str, tuple[LinkedHub, HubBackend]] = {}
+
+    @staticmethod
+    def is_transactional(change: IdentityChange, linked: Mapping[str, LinkedHub]) -> bool:
+        """Whether every hub ``change`` touches is built in (else it goes through the outbox)."""
+        if not change.put.hub.builtin:
+            return False
+        if change.remove is None:
+            return True
+        old = linked.get(change.remove.hub)
+        return old is None or bool(old.builtin)
 
     def transactional(self, change: IdentityChange) -> TransactionalHubBackend:
         """The backend that commits ``change`` in the registration's transaction.
 
-        :raises HubError: the change touches a hub that is not built in (remote hubs come with
-            their durable writer: docs/architecture.md).
+        :raises HubError: the change touches a hub that is not built in (it goes through the
+            durable outbox: ``service/hub_writer.py``).
         """
         hub = change.put.hub
         if not hub.builtin:
             raise HubError(
-                f"IoT hub {hub.host_name!r} is not provisiond's built-in hub, and writing identities to external "
-                "hubs (their registry REST API) is not implemented yet."
+                f"IoT hub {hub.host_name!r} is not built in: its identities go through the outbox."
             )
         return self.builtin
 
     def for_hub(self, hub: LinkedHub | None) -> HubBackend:
-        """The backend of a linked hub (``None``: a hub no longer linked).
+        """The backend of a linked hub (``None``: a hub no longer linked: the built-in store).
+        A remote hub's backend is made once per hub and made again when the hub's link changes.
 
-        :raises HubError: a remote hub (not implemented yet).
+        :raises HubError: a remote hub without a usable connection string.
         """
         if hub is None or hub.builtin:
             return self.builtin
-        raise HubError(f"IoT hub {hub.host_name!r} is not built in; remote hubs are not implemented yet.")
+        key = hub.host_name.lower()
+        known = self._remote.get(key)
+        if known is not None and known[0] == hub:
+            return known[1]
+        if self._remote_factory is None:
+            from .remote import RemoteHub
+
+            try:
+                backend: HubBackend = RemoteHub(hub)
+            except ConfigurationError as exc:  # no usable connection string: the link is broken
+                raise HubError(str(exc), hub=key) from exc
+        else:
+            backend = self._remote_factory(hub)
+        self._remote[key] = (hub, backend)
+        return backend
+
+    async def aclose(self) -> None:
+        """Close the remote backends' connections."""
+        for _, backend in self._remote.values():
+            close = getattr(backend, "aclose", None)
+            if close is not None:
+                await close()
+        self._remote.clear()
 
     async def plan_removal(self, ref: IdentityRef, hub: LinkedHub | None, mode: Deprovision) -> list[Planned]:
         """Deprovisioning: the store writes that disable or delete the identity ``ref``, to commit
@@ -233,14 +272,12 @@ class HubBackends:
         hub's removal is an item of the durable outbox in the same transaction, which the hub
         writer carries out (docs/architecture.md, "Deprovisioning").
 
-        :raises HubError: a remote hub (the outbox is not built yet).
         """
         if hub is None or hub.builtin:
             return await self.builtin.plan_removal(ref, mode)
-        raise HubError(
-            f"IoT hub {hub.host_name!r} is not built in; deprovisioning identities in remote hubs "
-            "is not implemented yet."
-        )
+        from .outbox import removal  # (outbox builds on this module)
+
+        return [removal(ref, mode, now=time.time())]
 
 
 async def resolve_twin(

@@ -7,6 +7,7 @@
 | GET, PATCH | /admin/settings | ID scope, default allocation policy, host names |
 | GET | /admin/linkedHubs | every linked hub (connection strings stripped) |
 | GET, PUT, DELETE | /admin/linkedHubs/{hostName} | one linked hub (``"builtin": true`` on create: a hub provisiond keeps itself) |
+| GET | /admin/linkedHubs/{hostName}/writer | the hub writer's figures for a remote hub (budget, queued, written, throttled, retried, failed) |
 | GET | /admin/linkedHubs/{hostName}/devices | the identities of a built-in hub (keys stripped) |
 | GET, DELETE | /admin/linkedHubs/{hostName}/devices/{deviceId} | one identity, with its twin (ETag: IoT Hub's device etag) |
 | PUT | /admin/linkedHubs/{hostName}/devices/{deviceId} | create an identity (IoT Hub's Device JSON; keys generated when left out; 409 if it exists) |
@@ -42,6 +43,7 @@ from ..models import CertificateUpload, LinkedHub, Right, ServiceSettingsPatch, 
 from .context import ServiceContext, context_of
 from .http import ApiHandler, decode_body, handle_errors, json_response
 from .hub_api import events_of
+from .hub_writer import hub_writer_report
 from .management import Management, validate_id_scope
 from .management.certificates import validate_name
 from .management.hubs import validate_host_name
@@ -104,6 +106,11 @@ async def list_hubs(m: Management, _: dict[str, Any]) -> Response:
 
 async def get_hub(m: Management, p: dict[str, Any]) -> Response:
     return _with_etag(await m.hubs.get(p["name"]))
+
+
+async def get_hub_writer(m: Management, p: dict[str, Any]) -> Response:
+    hub = await m.hubs.get(p["name"])  # 404 for a hub not linked
+    return json_response(await hub_writer_report(m.store, hub))
 
 
 @handle_errors
@@ -268,6 +275,7 @@ def routes() -> list[Route]:
         Route(hub, _handler(get_hub), methods=["GET"]),
         Route(hub, put_hub, methods=["PUT"]),
         Route(hub, delete_hub, methods=["DELETE"]),
+        Route(f"{hub}/writer", _handler(get_hub_writer), methods=["GET"]),
         Route(f"{hub}/devices", list_hub_devices, methods=["GET"]),
         Route(f"{hub}/devices/{{device_id}}", _handler(get_hub_device), methods=["GET"]),
         Route(f"{hub}/devices/{{device_id}}", put_hub_device, methods=["PUT"]),

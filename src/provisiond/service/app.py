@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -136,6 +137,8 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if owned:
             await ctx.store.open()
+        # Every node drains the outbox of remote hubs' identity writes (service/hub_writer.py).
+        writer = asyncio.create_task(registrar.writer.run(), name="hub-writer")
         try:
             await broker.start()
             await hub.start()
@@ -144,6 +147,11 @@ def create_app(
         finally:
             await hub.close()
             await broker.close()
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+            await registrar.writer.flush_figures(force=True)
+            await registrar.hubs.aclose()
             await registrar.webhook.aclose()
             if owned:
                 await ctx.store.close()

@@ -60,9 +60,10 @@ from ..errors import (
     TpmChallengeRequired,
 )
 from ..hub import BuiltinHub, HubBackends, HubError, Planned
+from ..hub.outbox import ItemKind, OutboxItem, StoredChange, item_write
 from ..models import AllocationPolicy, LinkedHub, RegistrationStatus
 from ..protocol.messages import DeviceRegistration, DeviceRegistrationResult, RegistrationOperationStatus
-from ..storage import Collection, Record, utc_iso
+from ..storage import Collection, Record, WriteMode, utc_iso
 from . import records
 from .assignment import (
     AskWebhook,
@@ -77,6 +78,7 @@ from .assignment import (
 )
 from .context import ServiceContext
 from .enrollments import validate_id
+from .hub_writer import HubWriter, budget_per_second
 from .records import RegistrationRecord
 from .sources import StoreSources
 from .throttle import RateLimiter
@@ -123,6 +125,10 @@ class _Attempt(msgspec.Struct, frozen=True):
     written: Record | None = None
     latest: Record | None = None
     based_on: Record | None = None
+    #: The outbox item written with an 'assigning' record (a remote hub's identity), and
+    #: whether it was queued for the writer loop (a paced hub) rather than leased to this request.
+    item: Record | None = None
+    queued: bool = False
 
 
 def _new_operation_id() -> str:
@@ -152,6 +158,7 @@ class Registrar:
         random: Callable[[int], bytes] = secrets.token_bytes,
         new_operation_id: Callable[[], str] = _new_operation_id,
         limiter: RateLimiter | None = None,
+        writer: HubWriter | None = None,
     ) -> None:
         self.ctx = ctx
         self.store = ctx.store
@@ -172,13 +179,15 @@ class Registrar:
             )
         )
         self.hubs = hubs or HubBackends(BuiltinHub(ctx.store, clock=self.clock))
+        #: Works the outbox items of remote hubs (the app runs its loop).
+        self.writer = writer or HubWriter(ctx, self.hubs, clock=self.clock)
         self.webhook: Webhook = webhook or AllocationWebhook(
             timeout=ctx.settings.webhook_timeout, ca_file=ctx.settings.webhook_ca_file
         )
         self.limiter = limiter or ctx.limiter
         self._new_operation_id = new_operation_id
         # Registrations still finishing after their request answered 'assigning'.
-        self._background: set[asyncio.Task[RegistrationOperationStatus]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
 
     # --- entry points ------------------------------------------------------------------------
 
@@ -284,13 +293,21 @@ class Registrar:
         """Steps 3-6 over ``previous``, the record as read (a stale one costs a retry: the
         commit is conditional on its etag)."""
         reg_id = request.registration_id
+        in_flight = await self._in_flight(reg_id, previous)
+        if in_flight is not None:
+            return in_flight
         for attempt in range(_WRITE_ATTEMPTS):
             decision = await self._decide(request, match, previous, operation_id)
             # After a failed commit, plan on what is stored: the identity may exist although the
             # record does not (deleted with its individual enrollment, or through the API).
             result = await self._commit(request, match, decision, previous, operation_id, first=attempt == 0)
+            if result.written is not None and result.item is not None:
+                return await self._await_writer(request, result.item, result.written, queued=result.queued)
             if result.written is not None:
                 return records.operation_view(result.written)
+            in_flight = await self._in_flight(reg_id, result.latest)
+            if in_flight is not None:
+                return in_flight
             latest, previous = result.latest, result.based_on
             # Nothing was written. If a concurrent registration of the same id won, answer with
             # its record; otherwise decide again.
@@ -348,12 +365,18 @@ class Registrar:
         *,
         first: bool,
     ) -> _Attempt:
-        """Write the record and its identity in one transaction, over ``previous``."""
+        """Write the record and its identity in one transaction, over ``previous``; for a
+        remote hub, the record ``assigning`` and the outbox item that writes the identity."""
         decision, identity = await self._plan_identity(request, match, decision, first=first)
         reg_id = request.registration_id
         latest = previous
+        outbox = decision.identity is not None and not identity
         for _ in range(_WRITE_ATTEMPTS):
             try:
+                if outbox:
+                    item, interim, queued = self._outbox_writes(decision, previous)
+                    written = await self.store.write_atomic([item, interim])
+                    return _Attempt(written=written[-1], item=written[0], queued=queued)
                 written = await self.store.write_atomic(
                     [*identity, records.write(reg_id, decision.record, previous)]
                 )
@@ -374,6 +397,11 @@ class Registrar:
         path), or the decision turned into a failure when the hub cannot take the identity."""
         change = decision.identity
         identity: list[Planned] = []
+        if change is not None and not self.hubs.is_transactional(
+            change, await self.ctx.linked_hubs(max_age=CONFIG_MAX_AGE)
+        ):
+            self._log_decision(request, match, decision)
+            return decision, []  # through the outbox (_outbox_writes)
         if change is not None:
             try:
                 backend = self.hubs.transactional(change)
@@ -389,6 +417,79 @@ class Registrar:
                 return fail_in_hub(decision, str(exc)), []
         self._log_decision(request, match, decision)
         return decision, identity
+
+    def _outbox_writes(self, decision: Decision, previous: Record | None) -> tuple[Planned, Planned, bool]:
+        """The outbox item that writes a remote hub's identity and the 'assigning' record that
+        commits with it. The item is leased to this request, which works it at once, unless the
+        hub has a write budget: then it is queued for the writer loop, which coalesces new
+        identities into bulk calls (the third value says which)."""
+        change, decided = decision.identity, decision.record
+        assert change is not None and decided.operation_id is not None
+        reg_id = decided.registration_id or change.put.registration_id
+        now = self.clock()
+        item = OutboxItem(
+            kind=ItemKind.ASSIGN,
+            hub=change.put.ref.hub,
+            created=utc_iso(now),
+            change=StoredChange.of(change),
+            registration_id=reg_id,
+            operation_id=decided.operation_id,
+            outcome=msgspec.to_builtins(decided),
+        )
+        interim = RegistrationRecord(
+            registration_id=decided.registration_id,
+            created_date_time_utc=decided.created_date_time_utc,
+            last_updated_date_time_utc=decided.last_updated_date_time_utc,
+            status=RegistrationStatus.ASSIGNING,
+            operation_id=decided.operation_id,
+            enrollment_group_id=decided.enrollment_group_id,
+            attestation_type=decided.attestation_type,
+        )
+        queued = budget_per_second(change.put.hub) is not None
+        due, owner = (now, None) if queued else (now + self.writer.lease, self.writer.node)
+        return (
+            item_write(reg_id, item, due=due, owner=owner, mode=WriteMode.CREATE),
+            records.write(reg_id, interim, previous),
+            queued,
+        )
+
+    async def _in_flight(self, reg_id: str, record: Record | None) -> RegistrationOperationStatus | None:
+        """The answer for a registration whose hub write is still in the outbox: the operation
+        in flight ('assigning'); ``None`` when there is none."""
+        if record is None or records.decode(record).status is not RegistrationStatus.ASSIGNING:
+            return None
+        if await self.store.get(Collection.HUB_OUTBOX, reg_id) is None:
+            return None
+        return records.operation_view(record)
+
+    async def _await_writer(
+        self, request: DeviceRequest, item: Record, interim: Record, *, queued: bool
+    ) -> RegistrationOperationStatus:
+        """Work the outbox item in this node (or, queued, let the writer loop take it), waiting
+        for it up to the assignment budget; the record as it then is (``assigning`` when the
+        hub is slower)."""
+        if queued:
+            done: asyncio.Future[Any] = asyncio.ensure_future(self.writer.watch(item.id).wait())
+            self.writer.wake()
+        else:
+            done = asyncio.create_task(self.writer.work(item))
+            self._background.add(done)
+            done.add_done_callback(self._finished)
+        try:
+            await asyncio.wait_for(asyncio.shield(done), self.ctx.settings.assignment_budget)
+        except TimeoutError:
+            if queued:  # the writer loop (here or on another node) finishes it; polls will see it
+                done.cancel()
+                self.writer.unwatch(item.id)
+            log.info(
+                "registration %s: the hub write is taking longer than %g s: answering 'assigning' [%s]",
+                request.registration_id,
+                self.ctx.settings.assignment_budget,
+                request.transport,
+            )
+            return records.operation_view(interim)
+        latest = await self.store.get(Collection.REGISTRATIONS, request.registration_id)
+        return records.operation_view(latest if latest is not None else interim)
 
     @staticmethod
     def _log_decision(request: DeviceRequest, match: Match, decision: Decision) -> None:
@@ -434,7 +535,7 @@ class Registrar:
         )
         return records.operation_view(interim)
 
-    def _finished(self, task: asyncio.Task[RegistrationOperationStatus]) -> None:
+    def _finished(self, task: asyncio.Task[Any]) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("a registration failed in the background", exc_info=task.exception())

@@ -73,6 +73,9 @@ class Settings:
     rate_limit: float | None = None
     device_rate_limit: float | None = None
     failed_attestation_limit: float | None = None
+    #: Seconds a hub writer holds an outbox item it claimed (or checkpointed) before any other
+    #: node may take it over (service/hub_writer.py; the recovery time after a crash).
+    hub_write_lease: float = 30.0
     #: MQTT: seconds a connection may take to send its CONNECT (after the TLS handshake).
     mqtt_connect_timeout: float = 10.0
     #: MQTT and AMQP: seconds a session may go without input (MQTT: also with keep-alive 0, and

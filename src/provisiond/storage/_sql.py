@@ -60,6 +60,8 @@ __all__ = [
     "check_item",
     "check_write",
     "chunks",
+    "claim_sql",
+    "claimed_record",
     "count_sql",
     "decode_continuation",
     "encode_continuation",
@@ -373,6 +375,54 @@ def _precondition_failed(collection: Collection, id: str, existing: Meta | None)
             f"If-Match was given but no {collection.label} by the id of {id!r} exists"
         )
     return PreconditionFailedError(f"If-Match does not match the etag of the {collection.label} {id!r}")
+
+
+# -- claims -----------------------------------------------------------------------------------
+
+#: The index columns a collection needs for :meth:`Store.claim`.
+CLAIM_COLUMNS = ("due", "owner")
+
+
+def claim_sql(
+    collection: Collection,
+    filters: Mapping[str, str] | None,
+    limit: int,
+    style: ParamStyle,
+    *,
+    lock: str = "",
+) -> tuple[str, list[Any]]:
+    """The statement and parameters that select the due rows a claim takes (full rows, in
+    ``due`` then key order), ``lock`` appended (PostgreSQL: ``FOR UPDATE SKIP LOCKED``), with
+    ``now`` left as the last parameter but one (the caller appends ``now`` and ``limit``).
+
+    :raises ValueError: the collection cannot be claimed from, a bad filter, ``limit`` below 1.
+    """
+    if not set(CLAIM_COLUMNS) <= set(collection.index_columns):
+        raise ValueError(f"{collection.table} has no {' and '.join(CLAIM_COLUMNS)} index columns to claim by")
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")
+    columns, params = filter_params(collection, filters)
+    conditions = [f"{column} = ?" for column in columns] + ["due <= ?"]
+    text = (
+        f"SELECT {statements(collection, style).columns} FROM {collection.table} "
+        f"WHERE {' AND '.join(conditions)} ORDER BY due, key LIMIT ?{lock}"
+    )
+    return sql(text, style), list(params)
+
+
+def claimed_record(
+    collection: Collection, row: Sequence[Any], etag: str, now: str, until: str, owner: str
+) -> Record:
+    """The record a claim stored for a selected full ``row``."""
+    record = record_from_row(collection, row)
+    return Record(
+        id=record.id,
+        etag=etag,
+        created=record.created,
+        updated=now,
+        doc=record.doc,
+        index={**record.index, "due": until, "owner": owner},
+    )
 
 
 # -- queries ----------------------------------------------------------------------------------

@@ -55,6 +55,14 @@ passes the bytes together with the index values. What the store guarantees:
   seq N never finds a new entry at or below N later, so ``read(after=N)`` is a complete cursor.
   :meth:`Store.read` returns entries in seq order; :meth:`Store.remove` and :meth:`Store.trim`
   delete entries (by seq; by age and by count).
+- **Claims.** :meth:`Store.claim` leases due records of a collection that has ``due`` and
+  ``owner`` index columns (the hub outbox): those whose ``due`` (an ISO time as the store
+  writes them, so that text order is time order) is at or before ``now``, oldest first, each
+  written with ``due`` set to the lease's end and ``owner`` to the claimer, a new etag, the
+  document unchanged. Two claims, concurrent in any tasks, processes or nodes, never return
+  the same record; a claimed record is not due again before its lease ends, and the claimer
+  keeps it by conditional writes on the etag the claim returned (renewing the lease, putting
+  it back with a later ``due``, deleting it), which fail once anyone else wrote it.
 - **Settings.** A small key/value table for the service's own settings (ID scope, keys).
   :meth:`Store.setting_setdefault` is atomic across nodes: the first writer wins and every caller
   gets the winning value.
@@ -142,6 +150,12 @@ class Collection(enum.Enum):
     # The built-in hubs' persistent MQTT sessions (clean session 0): the subscriptions of each
     # device, keyed "{hubHostName}/{deviceId}" like the identities (service/hub_sessions.py).
     HUB_SESSIONS = _CollectionSpec("hub_sessions", "hub MQTT session", False, ())
+    # The durable outbox of hub writes (hub/outbox.py), one item per registration id: ``hub`` is
+    # the hub the item writes to (lower-cased host name), ``due`` when it may be claimed (ISO
+    # time; a claimed item is due again when its lease expires), ``owner`` who holds it.
+    HUB_OUTBOX = _CollectionSpec("hub_outbox", "hub outbox item", True, ("hub", "due", "owner"))
+    # What the hub writers share per hub (hub/pacing.py): the write budget's pace and the figures.
+    HUB_WRITERS = _CollectionSpec("hub_writers", "hub writer state", True, ("hub",))
 
     @property
     def table(self) -> str:
@@ -392,6 +406,25 @@ class Store(ABC):
     @abstractmethod
     async def count(self, collection: Collection, *, filters: Mapping[str, str] | None = None) -> int:
         """How many records match ``filters`` (same rules as :meth:`query`)."""
+
+    @abstractmethod
+    async def claim(
+        self,
+        collection: Collection,
+        *,
+        now: str,
+        until: str,
+        owner: str,
+        limit: int = 1,
+        filters: Mapping[str, str] | None = None,
+    ) -> list[Record]:
+        """Lease at most ``limit`` due records (the module docstring's "Claims"): ``due <= now``
+        and ``filters`` (equality on index columns), in ``due`` then key order; each is stored
+        with ``due = until`` and ``owner = owner`` and returned as stored.
+
+        :raises ValueError: the collection has no ``due`` and ``owner`` index columns, a filter
+            names a column it does not index, or ``limit`` is below 1.
+        """
 
     @abstractmethod
     async def get_setting(self, key: str) -> str | None:

@@ -307,6 +307,38 @@ class PostgresStore(Store):
                 await _roll_back(conn)
                 raise
 
+    async def claim(
+        self,
+        collection: Collection,
+        *,
+        now: str,
+        until: str,
+        owner: str,
+        limit: int = 1,
+        filters: Mapping[str, str] | None = None,
+    ) -> list[Record]:
+        # SKIP LOCKED: concurrent claims take disjoint rows and never wait for each other (nor
+        # for a transaction writing a row: that row is skipped this time).
+        text, params = _sql.claim_sql(collection, filters, limit, _STYLE, lock=" FOR UPDATE SKIP LOCKED")
+        if filters and _sql.holds_nul(filters.values()):
+            return []
+        async with self._connections.connection() as conn, conn.transaction():
+            cursor = await conn.execute(text, [*params, now, limit])
+            rows = await cursor.fetchall()
+            if not rows:
+                return []
+            stamp = utc_now()
+            etags = [new_etag() for _ in rows]
+            await conn.execute(
+                f"UPDATE {collection.table} AS t SET etag = u.etag, updated = %s, due = %s, owner = %s "
+                "FROM unnest(%s::text[], %s::text[]) AS u(key, etag) WHERE t.key = u.key",
+                (stamp, until, owner, [row[0] for row in rows], etags),
+            )
+        return [
+            _sql.claimed_record(collection, row, etag, stamp, until, owner)
+            for row, etag in zip(rows, etags, strict=True)
+        ]
+
     async def query(
         self,
         collection: Collection,

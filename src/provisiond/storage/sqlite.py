@@ -382,6 +382,20 @@ class SqliteStore(Store):
         conn.execute("BEGIN IMMEDIATE")
         return function(conn, *args)
 
+    async def claim(
+        self,
+        collection: Collection,
+        *,
+        now: str,
+        until: str,
+        owner: str,
+        limit: int = 1,
+        filters: Mapping[str, str] | None = None,
+    ) -> list[Record]:
+        # One writer at a time (BEGIN IMMEDIATE): the select and the updates see no other claim.
+        text, params = _sql.claim_sql(collection, filters, limit, _STYLE)
+        return await self._write_transaction(1, _claim, collection, text, [*params, now, limit], until, owner)
+
     async def query(
         self,
         collection: Collection,
@@ -587,6 +601,31 @@ def _apply_atomic(
         _rollback(conn)
         raise
     return records
+
+
+def _claim(
+    conn: sqlite3.Connection,
+    collection: Collection,
+    text: str,
+    params: list[Any],
+    until: str,
+    owner: str,
+) -> list[Record]:
+    """Select the due rows and lease them, in the transaction ``conn`` has begun, and commit."""
+    update = f"UPDATE {collection.table} SET etag = ?, updated = ?, due = ?, owner = ? WHERE key = ?"
+    try:
+        rows = conn.execute(text, params).fetchall()
+        now = utc_now()
+        claimed = []
+        for row in rows:
+            etag = new_etag()
+            conn.execute(update, (etag, now, until, owner, row[0]))
+            claimed.append(_sql.claimed_record(collection, row, etag, now, until, owner))
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+    return claimed
 
 
 @functools.cache
