@@ -17,8 +17,16 @@ Phases (HTTPS):
   device once); ``x509-group`` is compared with ``x509-trivial``, made by the same generator,
   not with wrk's ``trivial`` (whose handshakes resume sessions).
 
-    python bench/cpu.py [--devices 20000] [--seconds 10] [--connections 64] [--threads 2] [--db sqlite|postgresql]
+    python bench/cpu.py [--devices 20000] [--seconds 10] [--connections 64] [--threads 2]
+                        [--db sqlite|postgresql|sqlite,postgresql]
                         [--phases trivial,group,individual,trivial,x509-trivial,x509-group] [--log-level info]
+
+``--db sqlite,postgresql`` runs the phases on each backend in turn (a fresh server each; for
+PostgreSQL a throwaway cluster with PostgreSQL's default durability settings, ``bench/_pg.py``)
+and prints one table: rate, wrk's p50/p99 (from the request's write to the answer: the connect
+and handshake are not in it), the server's CPU per request and its ratio, the database server's
+CPU per request (PostgreSQL's processes, from /proc too), and each phase's rate against the
+first backend's.
 
 wrk (Debian's package) is the load: it runs on the same cores as the server, and its CPU is not
 counted (only the server's is). CPU per request is steadier on a shared machine than requests
@@ -105,12 +113,30 @@ end
 
 function done(summary, latency, requests)
   local statuses = ""
-  io.write(string.format("WRK %d %d %d %d\n", summary.requests, summary.errors.status,
-    summary.errors.connect + summary.errors.read + summary.errors.write, summary.errors.timeout))
+  io.write(string.format("WRK %d %d %d %d %d %d\n", summary.requests, summary.errors.status,
+    summary.errors.connect + summary.errors.read + summary.errors.write, summary.errors.timeout,
+    latency:percentile(50), latency:percentile(99)))
 end
 """
 
-STATUS = re.compile(r"^WRK (\d+) (\d+) (\d+) (\d+)$", re.M)
+STATUS = re.compile(r"^WRK (\d+) (\d+) (\d+) (\d+) (\d+) (\d+)$", re.M)
+
+
+@dataclass
+class Run:
+    """What one phase's load measured."""
+
+    requests: int
+    seconds: float
+    #: CPU seconds of the server's process tree during the phase
+    cpu: float
+    bad_status: int
+    socket_errors: int
+    #: latency percentiles in ms (wrk's: from the request's write, without connect and handshake)
+    p50: float = float("nan")
+    p99: float = float("nan")
+    #: CPU seconds of the database server's processes (PostgreSQL; 0 for SQLite, in process)
+    db_cpu: float = 0.0
 
 
 @dataclass
@@ -121,6 +147,9 @@ class Phase:
     cpu: float
     bad_status: int
     socket_errors: int
+    p50: float = float("nan")
+    p99: float = float("nan")
+    db_cpu: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -130,10 +159,23 @@ class Phase:
     def cpu_us(self) -> float:
         return self.cpu / self.requests * 1e6 if self.requests else float("nan")
 
+    @property
+    def db_cpu_us(self) -> float:
+        return self.db_cpu / self.requests * 1e6 if self.requests else float("nan")
+
 
 def run_wrk(
-    url: str, requests_file: Path, script: Path, *, seconds: float, connections: int, threads: int, pid: int
-) -> tuple[int, float, float, int, int]:
+    url: str,
+    requests_file: Path,
+    script: Path,
+    *,
+    seconds: float,
+    connections: int,
+    threads: int,
+    pid: int,
+    db_pid: int | None = None,
+) -> Run:
+    db_before = process_tree_cpu(db_pid) if db_pid else 0.0
     before, started = process_tree_cpu(pid), time.monotonic()
     out = subprocess.run(
         [
@@ -155,11 +197,12 @@ def run_wrk(
         check=True,
     ).stdout
     elapsed, cpu = time.monotonic() - started, process_tree_cpu(pid) - before
+    db_cpu = process_tree_cpu(db_pid) - db_before if db_pid else 0.0
     match = STATUS.search(out)
     if match is None:
         raise RuntimeError(f"wrk printed no summary:\n{out}")
-    done, bad, socket_errors, _timeouts = (int(g) for g in match.groups())
-    return done, elapsed, cpu, bad, socket_errors
+    done, bad, socket_errors, _timeouts, p50, p99 = (int(g) for g in match.groups())
+    return Run(done, elapsed, cpu, bad, socket_errors, p50 / 1000, p99 / 1000, db_cpu)
 
 
 # -- X.509: wrk cannot present client certificates ---------------------------------------------
@@ -222,12 +265,15 @@ def run_x509(
     concurrency: int,
     processes: int,
     pid: int,
-) -> tuple[int, float, float, int, int]:
-    """Each connection once, from ``processes`` processes; like :func:`run_wrk`'s result."""
+    db_pid: int | None = None,
+) -> Run:
+    """Each connection once, from ``processes`` processes; like :func:`run_wrk`'s result (no
+    latency percentiles)."""
     parts = [connections[i::processes] for i in range(processes)]
     with ProcessPoolExecutor(processes) as pool:
         # start the processes before the clock (their imports are not the server's work)
         list(pool.map(int, range(processes)))
+        db_before = process_tree_cpu(db_pid) if db_pid else 0.0
         before, started = process_tree_cpu(pid), time.monotonic()
         results = list(
             pool.map(
@@ -236,7 +282,8 @@ def run_x509(
             )
         )
         elapsed, cpu = time.monotonic() - started, process_tree_cpu(pid) - before
-    return sum(r[0] for r in results), elapsed, cpu, sum(r[1] for r in results), 0
+        db_cpu = process_tree_cpu(db_pid) - db_before if db_pid else 0.0
+    return Run(sum(r[0] for r in results), elapsed, cpu, sum(r[1] for r in results), 0, db_cpu=db_cpu)
 
 
 def x509_devices(work: Path, count: int) -> tuple[str, list[tuple[str, str, str]]]:
@@ -284,7 +331,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
     parser.add_argument("--connections", type=int, default=64, help="requests in flight (wrk -c)")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
-    parser.add_argument("--db", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument(
+        "--db",
+        default="sqlite",
+        help="backends to measure, in order, comma-separated: sqlite, postgresql (one table for all)",
+    )
     parser.add_argument("--phases", default="trivial,group,individual,trivial,x509-trivial,x509-group")
     parser.add_argument(
         "--x509-devices", type=int, default=3000, help="connections (devices) of each X.509 phase"
@@ -295,37 +346,97 @@ def main() -> int:
         choices=["debug", "info", "warning", "error"],
         help="the server's --log-level (info, its default, logs a line per registration)",
     )
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="an extra argument for `provisiond serve` (repeat for several)",
+    )
     args = parser.parse_args()
+    backends = [name.strip() for name in args.db.split(",") if name.strip()]
+    unknown = set(backends) - {"sqlite", "postgresql"}
+    if unknown or not backends:
+        parser.error(f"--db: unknown backend(s) {sorted(unknown)}; use sqlite, postgresql")
     if shutil.which("wrk") is None:
         print("wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
         return 2
     print(
-        f"# server CPU per request (wrk, new TLS connection each), db {args.db}, log level {args.log_level}"
+        f"# server CPU per request (wrk, new TLS connection each), db {','.join(backends)}, "
+        f"log level {args.log_level}, {args.connections} in flight"
     )
     print(f"# {machine_summary()}")
-    with terminate_on_signals(), tempfile.TemporaryDirectory(prefix="provisiond-cpu-") as tmp:
+    results: list[tuple[str, list[Phase]]] = []
+    with terminate_on_signals():
+        for backend in backends:
+            phases = _run_backend(backend, args)
+            if phases is None:
+                return 2
+            results.append((backend, phases))
+    _print_table(results)
+    return 0
+
+
+def _run_backend(backend: str, args: argparse.Namespace) -> list[Phase] | None:
+    """Start a server on ``backend`` (and a throwaway PostgreSQL cluster for it), run the phases."""
+    with tempfile.TemporaryDirectory(prefix="provisiond-cpu-") as tmp:
         work = Path(tmp)
         extra: list[str] = []
         pg = None
-        if args.db == "postgresql":
+        db_pid: int | None = None
+        if backend == "postgresql":
             from _pg import PostgresCluster, find_bindir
 
             bindir = find_bindir()
             if bindir is None:
                 print("PostgreSQL's server binaries are not installed", file=sys.stderr)
-                return 2
+                return None
             pg = PostgresCluster(bindir)
             extra = ["--db", pg.start()]
-        server = start_server(work / "data", *extra, "--log-level", args.log_level)
+            db_pid = int((pg.data / "postmaster.pid").read_text().split()[0])
         try:
-            return _measure(server, work, args)
+            server = start_server(work / "data", *extra, "--log-level", args.log_level, *args.server_arg)
+            try:
+                return _measure(server, work, args, backend, db_pid)
+            finally:
+                server.stop()
         finally:
-            server.stop()
             if pg is not None:
                 pg.stop()
 
 
-def _measure(server, work: Path, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+def _print_table(results: list[tuple[str, list[Phase]]]) -> None:
+    """One table for every backend: rates, latency, CPU per request, the ratios to the trivial
+    request and, with several backends, each phase's rate against the first backend's."""
+
+    def baseline(phases: list[Phase], name: str) -> float:
+        trivial = [p for p in phases if p.name == name]
+        if not trivial:
+            return float("nan")
+        return sum(p.cpu for p in trivial) / sum(p.requests for p in trivial) * 1e6
+
+    def mean_rate(phases: list[Phase], name: str) -> float:
+        runs = [p for p in phases if p.name == name]
+        return sum(p.requests for p in runs) / sum(p.seconds for p in runs) if runs else float("nan")
+
+    first_backend, first = results[0]
+    print()
+    print(
+        "| db | phase | req/s | p50 ms | p99 ms | server CPU µs/req | ratio (trivial CPU / phase CPU) "
+        f"| database CPU µs/req | rate / {first_backend}'s | non-2xx | socket errors |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for backend, phases in results:
+        bases = {"wrk": baseline(phases, "trivial"), "x509": baseline(phases, "x509-trivial")}
+        for p in phases:
+            base = bases["x509" if p.name.startswith("x509") else "wrk"]
+            versus = p.rate / mean_rate(first, p.name)
+            print(
+                f"| {backend} | {p.name} | {p.rate:.0f} | {p.p50:.1f} | {p.p99:.1f} | {p.cpu_us:.0f} "
+                f"| {base / p.cpu_us:.2f} | {p.db_cpu_us:.0f} | {versus:.2f} | {p.bad_status} | {p.socket_errors} |"
+            )
+
+
+def _measure(server, work: Path, args: argparse.Namespace, backend: str, db_pid: int | None) -> list[Phase]:  # type: ignore[no-untyped-def]
     info = server.info
     scope, port = info["idScope"], int(info["httpsPort"])
     api = server.api()
@@ -406,16 +517,17 @@ def _measure(server, work: Path, args: argparse.Namespace) -> int:  # type: igno
     results: list[Phase] = []
     for name in args.phases.split(","):
         if name.startswith("x509"):
-            done, elapsed, cpu, bad, errors = run_x509(
+            run = run_x509(
                 port,
                 x509_requests[name],
                 expect=b"404" if name == "x509-trivial" else b"2",
                 concurrency=args.connections,
                 processes=2,
                 pid=server.pid,
+                db_pid=db_pid,
             )
         else:
-            done, elapsed, cpu, bad, errors = run_wrk(
+            run = run_wrk(
                 url,
                 files[name],
                 script,
@@ -423,33 +535,21 @@ def _measure(server, work: Path, args: argparse.Namespace) -> int:  # type: igno
                 connections=args.connections,
                 threads=args.threads,
                 pid=server.pid,
+                db_pid=db_pid,
             )
+        bad = run.bad_status if name != "trivial" else 0  # a 404 is trivial's answer
         phase = Phase(
-            name, done, elapsed, cpu, bad if name != "trivial" else 0, errors
-        )  # a 404 is trivial's answer
+            name, run.requests, run.seconds, run.cpu, bad, run.socket_errors, run.p50, run.p99, run.db_cpu
+        )
         results.append(phase)
         print(
-            f"{name:<11} {phase.rate:8.0f} req/s  {phase.cpu_us:7.0f} us CPU/req  "
+            f"{backend:<10} {name:<11} {phase.rate:8.0f} req/s  p50 {phase.p50:6.1f} ms  p99 {phase.p99:6.1f} ms  "
+            f"{phase.cpu_us:7.0f} us CPU/req  db {phase.db_cpu_us:5.0f} us/req  "
             f"non-2xx {phase.bad_status}  socket errors {phase.socket_errors}",
             flush=True,
         )
 
-    def baseline(name: str) -> float:
-        trivial = [p for p in results if p.name == name]
-        if not trivial:
-            return float("nan")
-        return sum(p.cpu for p in trivial) / sum(p.requests for p in trivial) * 1e6
-
-    bases = {"wrk": baseline("trivial"), "x509": baseline("x509-trivial")}
-    print()
-    print("| phase | req/s | server CPU µs/req | ratio (trivial CPU / phase CPU) | non-2xx | socket errors |")
-    print("|---|---|---|---|---|---|")
-    for p in results:
-        base = bases["x509" if p.name.startswith("x509") else "wrk"]
-        print(
-            f"| {p.name} | {p.rate:.0f} | {p.cpu_us:.0f} | {base / p.cpu_us:.2f} | {p.bad_status} | {p.socket_errors} |"
-        )
-    return 0
+    return results
 
 
 def _http_request(scope: str, reg: str) -> bytes:

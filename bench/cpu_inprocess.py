@@ -6,9 +6,14 @@ registrar alone (``Registrar.register``, no HTTP). Each device registers once, `
 at a time; CPU is this process's (``time.process_time``: the event loop and the store's
 threads). What it leaves out (the TLS front, uvicorn) is what ``bench/cpu.py`` adds.
 
-    python bench/cpu_inprocess.py [--devices 4000] [--concurrency 32] [--profile]
+    python bench/cpu_inprocess.py [--devices 4000] [--concurrency 32] [--profile] [--db postgresql]
 
 ``--profile`` prints cProfile's top functions of the ASGI registrations (by own time).
+``--db postgresql`` runs the same over a throwaway PostgreSQL cluster (``bench/_pg.py``, default
+durability settings) and adds two columns: the **round trips** to the database per request (each
+time the driver waits for the server's answer: psycopg's I/O generators woken by a readable socket, counted
+by wrapping ``AsyncConnection.wait``) and the statements per request (``AsyncCursor.execute``).
+CPU is then this process's only (the database server's is not in it).
 Nothing here asserts a figure.
 """
 
@@ -36,7 +41,10 @@ from provisiond.protocol.sas import build_sas_token, derive_device_key
 from provisiond.service.app import create_app, initialize
 from provisiond.service.registrar import DeviceRequest, Registrar
 from provisiond.service.settings import Settings
+from provisiond.storage.base import Store
 from provisiond.storage.sqlite import SqliteStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 Call = tuple[str, str, str, dict[str, str], bytes]
 
@@ -79,6 +87,43 @@ async def _asgi(app: Any, call: Call) -> int:
     return status[0]
 
 
+class _Driver:
+    """Counts what psycopg sends and waits for (``--db postgresql``)."""
+
+    round_trips = 0
+    statements = 0
+
+    @classmethod
+    def install(cls) -> None:
+        import psycopg
+
+        wait, execute = psycopg.AsyncConnection.wait, psycopg.AsyncCursor.execute
+
+        def counting(gen: Any) -> Any:
+            # psycopg's I/O generators yield what they wait for and get back what is ready; a
+            # wait that ends with the socket readable is an answer the server had not sent
+            # yet: a round trip, as the client sees it.
+            value: Any = None
+            while True:
+                try:
+                    state = gen.send(value)
+                except StopIteration as stop:
+                    return stop.value
+                value = yield state
+                if value and int(value) & 1:  # Ready.R or Ready.RW
+                    cls.round_trips += 1
+
+        async def counted_wait(self: Any, gen: Any, *args: Any, **kwargs: Any) -> Any:
+            return await wait(self, counting(gen), *args, **kwargs)
+
+        async def counted_execute(self: Any, *args: Any, **kwargs: Any) -> Any:
+            cls.statements += 1
+            return await execute(self, *args, **kwargs)
+
+        psycopg.AsyncConnection.wait = counted_wait  # type: ignore[method-assign]
+        psycopg.AsyncCursor.execute = counted_execute  # type: ignore[method-assign]
+
+
 async def _phase(
     name: str, items: list[Any], run: Callable[[Any], Awaitable[None]], concurrency: int, profile: bool
 ) -> None:
@@ -87,6 +132,7 @@ async def _phase(
             await run(item)
 
     profiler = cProfile.Profile() if profile else None
+    trips, statements = _Driver.round_trips, _Driver.statements
     started = time.process_time()
     if profiler:
         profiler.enable()
@@ -94,15 +140,40 @@ async def _phase(
     if profiler:
         profiler.disable()
     cpu = (time.process_time() - started) / len(items) * 1e6
-    print(f"| {name} | {len(items)} | {cpu:.0f} |", flush=True)
+    trips = (_Driver.round_trips - trips) / len(items)
+    statements = (_Driver.statements - statements) / len(items)
+    print(f"| {name} | {len(items)} | {cpu:.0f} | {trips:.2f} | {statements:.2f} |", flush=True)
     if profiler:
         pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(30)
 
 
 async def main(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="provisiond-cpu-inprocess-"))
-    store = SqliteStore(tmp / "provisiond.sqlite")
-    await store.open()
+    cluster = None
+    store: Store
+    if args.db == "postgresql":
+        from _pg import PostgresCluster, find_bindir
+
+        from provisiond.storage.postgres import PostgresStore
+
+        bindir = find_bindir()
+        if bindir is None:
+            raise SystemExit("PostgreSQL's server binaries are not installed")
+        cluster = PostgresCluster(bindir)
+        store = PostgresStore(cluster.start())
+        _Driver.install()
+    else:
+        store = SqliteStore(tmp / "provisiond.sqlite")
+    try:
+        await store.open()
+        await _run(args, tmp, store)
+    finally:
+        await store.close()
+        if cluster is not None:
+            cluster.stop()
+
+
+async def _run(args: argparse.Namespace, tmp: Path, store: Store) -> None:
     settings = Settings(data_dir=tmp, host="localhost", https_port=8443, mqtt_port=0, amqp_port=0)
     scope = (await initialize(store, settings)).id_scope
     assert scope is not None
@@ -148,15 +219,17 @@ async def main(args: argparse.Namespace) -> None:
     async def register(request: DeviceRequest) -> None:
         await registrar.register(request)
 
-    print("| phase | requests | CPU µs per request |")
-    print("|---|---|---|")
+    print(f"# {args.db}, {args.devices} devices, {args.concurrency} in flight")
+    print(
+        "| phase | requests | CPU µs per request | database round trips per request | statements per request |"
+    )
+    print("|---|---|---|---|---|")
     async with app.router.lifespan_context(app):
         assert isinstance(registrar, Registrar)
         await _phase("trivial (ASGI)", trivial, await asgi(404), args.concurrency, False)
         await _phase("register (ASGI)", http_calls, await asgi(202), args.concurrency, args.profile)
         await _phase("registrar alone", direct, register, args.concurrency, False)
         await _phase("trivial (ASGI)", trivial, await asgi(404), args.concurrency, False)
-    await store.close()
 
 
 if __name__ == "__main__":
@@ -166,6 +239,7 @@ if __name__ == "__main__":
     parser.add_argument("--devices", type=int, default=4000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--db", choices=["sqlite", "postgresql"], default="sqlite")
     arguments = parser.parse_args()
     try:
         import uvloop  # what uvicorn runs on when installed

@@ -30,10 +30,18 @@ on a row this transaction has locked:
 - :meth:`PostgresStore.write_atomic` is one transaction too, across tables: the advisory locks
   of all its keys (the same lock ids and global order as batches, so the two queue on shared
   keys instead of deadlocking), the existing rows of each table ``FOR UPDATE``, then every item
-  decided before anything is written, then the writes one by one. A failing item, including
-  one that loses an insert race to another node (decided again as above), raises inside the
+  decided before anything is written, then the writes. A failing item raises inside the
   transaction, which rolls it back: among nodes racing to create the same keys, exactly one
-  commits. It has the same deadlock retry.
+  commits. It has the same deadlock retry. It costs **two round trips** (pipeline mode: the
+  ``BEGIN``, the locks and the reads go together; the writes and ``COMMIT`` go together), so
+  a key that did not exist is inserted with a plain ``INSERT``: one that another node inserted
+  after our look aborts the transaction with a unique violation, and the transaction is tried
+  again (it then finds the row, and decides on it).
+- The registrar's first commit, ``write_atomic`` of CREATEs only (the device identity and its
+  registration record), is **one statement**: the plain INSERTs chained with ``WITH``, which
+  commit together or not at all. If a key exists (a unique violation) or the statement
+  deadlocks with a transaction on the same keys, nothing was written and the general path
+  above decides.
 
 Migrations run in :meth:`PostgresStore.open`, each in a transaction holding
 ``pg_advisory_xact_lock``, so nodes starting together apply each migration exactly once.
@@ -44,6 +52,7 @@ riding through a failover are :mod:`._pg_connections`'s.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
@@ -52,6 +61,7 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg import pq
 
 from ..errors import ConflictError, NotFoundError, ProvisioningError, StorageError
 from . import _sql, _streams
@@ -71,6 +81,8 @@ _MIGRATION_LOCK = 0x70726F76
 _TRANSACTION_ATTEMPTS = 3
 #: How often one item re-reads its row after losing an insert race (inside one transaction).
 _ITEM_ATTEMPTS = 5
+#: The driver errors after which a write transaction is tried again.
+_RETRIED: tuple[type[BaseException], ...] = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
 #: The most rows one batched INSERT statement carries.
 _INSERT_CHUNK = 1000
 
@@ -83,7 +95,12 @@ class PostgresStore(Store):
     :param url: a libpq connection string or ``postgresql://`` URL (several hosts allowed:
         provisiond connects to the one that accepts writes).
     :param min_size: connections the pool keeps open.
-    :param max_size: the most connections the pool opens.
+    :param max_size: the most connections the pool opens. The pool opens them as requests wait
+        for one, and closes those idle for 10 minutes, so it follows the load up to this bound:
+        32, because a registration waits for the database twice or three times and 64
+        registrations in flight kept 10 connections busy (docs/performance.md). With several
+        worker processes or nodes, each has its own pool: together they must stay within the
+        server's ``max_connections`` (100 by default).
     :param timeout: seconds a call waits for a free pool connection before failing (503).
     :param connect_timeout: seconds one connection attempt may take (unless the URL sets
         ``connect_timeout``).
@@ -98,7 +115,7 @@ class PostgresStore(Store):
         url: str,
         *,
         min_size: int = 1,
-        max_size: int = 10,
+        max_size: int = 32,
         timeout: float = 30.0,
         connect_timeout: float = 5.0,
         probe_interval: float = 0.5,
@@ -211,8 +228,38 @@ class PostgresStore(Store):
         prepared = _sql.prepare_atomic(items)
         if not prepared:
             return []
+        if all(isinstance(item, Write) and item.mode is WriteMode.CREATE for _, _, item, _ in prepared):
+            created = await self._create_all(prepared)
+            if created is not None:
+                return created
         tables = ", ".join(sorted({collection.table for collection, *_ in prepared}))
-        return await self._transaction(tables, _apply_atomic, prepared)
+        # A unique violation is an insert that lost a race: the next attempt decides on the row.
+        attempt = functools.partial(self._pipelined, _apply_atomic, prepared)
+        return await _retrying(tables, attempt, (*_RETRIED, pg_errors.UniqueViolation))
+
+    async def _create_all(self, prepared: list[_sql.AtomicItem]) -> list[Record] | None:
+        """``write_atomic`` of CREATEs only (a first registration: the device identity and its
+        record) as one statement: plain INSERTs, one per item (all but the last in ``WITH``),
+        which commit together or not at all. None when a key exists (a unique violation) or the
+        statement deadlocked with a transaction on the same keys: the caller then takes the
+        general path, which decides every item on the locked rows."""
+        now = utc_now()
+        etags = [new_etag() for _ in prepared]
+        params: list[Any] = []
+        for (_, key, item, values), etag in zip(prepared, etags, strict=True):
+            assert isinstance(item, Write)
+            params += _sql.insert_params(key, item, etag, now, values)
+        try:
+            await self._execute(_create_all_sql(tuple(c for c, _, _, _ in prepared)), params)
+        except StorageError as exc:
+            if isinstance(exc.__cause__, pg_errors.UniqueViolation | pg_errors.DeadlockDetected):
+                return None
+            raise
+        records: list[Record] = []
+        for (collection, _, item, values), etag in zip(prepared, etags, strict=True):
+            assert isinstance(item, Write)
+            records.append(_sql.written_record(collection, item, item.id, etag, now, now, values))
+        return records
 
     async def _write_one_statement(
         self, collection: Collection, key: str, item: Write, values: tuple[str | None, ...]
@@ -236,17 +283,29 @@ class PostgresStore(Store):
     async def _transaction(self, tables: str, function: Callable[..., Awaitable[_T]], *args: Any) -> _T:
         """``await function(conn, *args)`` in a transaction, which commits when it returns and
         rolls back when it raises; retried after a deadlock or serialization failure."""
-        attempt = 1
-        while True:
+
+        async def attempt() -> _T:
+            async with self._connections.connection() as conn, conn.transaction():
+                return await function(conn, *args)
+
+        return await _retrying(tables, attempt, _RETRIED)
+
+    async def _pipelined(
+        self, function: Callable[..., Awaitable[Callable[[], Awaitable[_T]]]], *args: Any
+    ) -> _T:
+        """One attempt of a pipelined transaction: ``function(conn, *args)`` queues it,
+        ``BEGIN`` to ``COMMIT`` (it may wait for results in between), and returns a coroutine
+        function that gives its outcome once the pipeline's final sync has brought the results
+        of everything it queued. Errors come out of that sync; the transaction is then rolled
+        back here."""
+        async with self._connections.connection() as conn:
             try:
-                async with self._connections.connection() as conn, conn.transaction():
-                    return await function(conn, *args)
-            except StorageError as exc:
-                retry = isinstance(exc.__cause__, pg_errors.DeadlockDetected | pg_errors.SerializationFailure)
-                if not retry or attempt >= _TRANSACTION_ATTEMPTS:
-                    raise
-                log.info("Retrying a write to %s after: %s", tables, exc.__cause__)
-                attempt += 1
+                async with conn.pipeline():
+                    finish = await function(conn, *args)
+                return await finish()
+            except BaseException:
+                await _roll_back(conn)
+                raise
 
     async def claim(
         self,
@@ -435,6 +494,22 @@ class PostgresStore(Store):
         return int(rows[0][0])
 
 
+async def _retrying(
+    tables: str, attempt: Callable[[], Awaitable[_T]], retried: tuple[type[BaseException], ...]
+) -> _T:
+    """``await attempt()``, again (up to :data:`_TRANSACTION_ATTEMPTS` in all) while it fails
+    with a driver error of one of the ``retried`` kinds."""
+    number = 1
+    while True:
+        try:
+            return await attempt()
+        except StorageError as exc:
+            if not isinstance(exc.__cause__, retried) or number >= _TRANSACTION_ATTEMPTS:
+                raise
+            log.info("Retrying a write to %s after: %s", tables, exc.__cause__)
+            number += 1
+
+
 def _stream_lock_id(name: str) -> int:
     digest = hashlib.blake2b(f"stream\0{name}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
@@ -474,28 +549,80 @@ async def _apply_batch(
     return done
 
 
-async def _apply_atomic(conn: _Connection, prepared: list[_sql.AtomicItem]) -> list[Record]:
-    """Apply the items of ``write_atomic`` inside the caller's transaction; raise the first
-    failing item's error, so that the transaction rolls back (see the module docstring)."""
+async def _apply_atomic(
+    conn: _Connection, prepared: list[_sql.AtomicItem]
+) -> Callable[[], Awaitable[list[Record]]]:
+    """Apply the items of ``write_atomic`` in one transaction, in two round trips: ``BEGIN``,
+    the advisory locks and the ``FOR UPDATE`` reads go to the server together, every item is
+    decided on the locked rows, then the writes and ``COMMIT`` go together. ``conn`` is in
+    pipeline mode (:meth:`PostgresStore._pipelined`). The first failing item's error is raised
+    and the transaction rolled back (see the module docstring).
+
+    A key that did not exist is inserted with a plain ``INSERT``: if another transaction
+    inserted it after our look, the unique violation aborts this transaction, which is tried
+    again (and then finds the row locked, and decides on it).
+
+    Returns the coroutine function that gives the records, once the pipeline has synced."""
+    await conn.execute("BEGIN")
     await _lock_keys(conn, [(collection, key) for collection, key, _, _ in prepared])
-    states: dict[Collection, dict[str, Meta | None]] = {}
-    for collection in sorted({collection for collection, *_ in prepared}, key=lambda c: c.table):
-        keys = sorted(key for c, key, _, _ in prepared if c is collection)
-        states[collection] = await _lock_rows(conn, collection, keys)
+    cursors = {
+        collection: await conn.execute(
+            f"{_select_any_sql(collection, meta=True)} FOR UPDATE",
+            (sorted(key for c, key, _, _ in prepared if c is collection),),
+        )
+        for collection in sorted({collection for collection, *_ in prepared}, key=lambda c: c.table)
+    }
+    states = {
+        collection: {row[0]: Meta(*row) for row in await cursor.fetchall()}
+        for collection, cursor in cursors.items()
+    }
     # Every item is decided on the locked rows before anything is written: a failing item
     # (the usual failure: a CREATE racing another request) costs no write to roll back.
     for collection, key, item, _ in prepared:
         error = _sql.check_item(collection, item, states[collection].get(key))
         if error is not None:
             raise error
-    records: list[Record] = []
+    now = utc_now()
+    written: list[Record | psycopg.AsyncCursor[tuple[Any, ...]]] = []
     for collection, key, item, values in prepared:
         statements = _sql.statements(collection, _STYLE)
-        outcome = await _apply(conn, collection, statements, states[collection], key, item, values)
-        if isinstance(outcome, ProvisioningError):  # another node inserted the key after our look
-            raise outcome
-        records.append(outcome)
-    return records
+        existing = states[collection].get(key)
+        if isinstance(item, Delete):
+            written.append(await conn.execute(statements.delete, (key,)))
+            continue
+        etag = new_etag()
+        if existing is None:
+            await conn.execute(statements.insert, _sql.insert_params(key, item, etag, now, values))
+            written.append(_sql.written_record(collection, item, item.id, etag, now, now, values))
+        else:
+            await conn.execute(statements.update, _sql.update_params(key, item, etag, now, values))
+            written.append(
+                _sql.written_record(collection, item, existing.id, etag, existing.created, now, values)
+            )
+    await conn.execute("COMMIT")
+
+    async def finish() -> list[Record]:
+        records: list[Record] = []
+        for (collection, _, _, _), outcome in zip(prepared, written, strict=True):
+            if isinstance(outcome, Record):
+                records.append(outcome)
+                continue
+            row = await outcome.fetchone()
+            assert row is not None, "the row was locked, so the delete found it"
+            records.append(_sql.record_from_row(collection, row))
+        return records
+
+    return finish
+
+
+async def _roll_back(conn: _Connection) -> None:
+    """End the transaction a failed pipelined attempt left open (a connection that cannot
+    answer is discarded by the pool when it comes back)."""
+    if conn.broken or conn.closed:
+        return
+    if conn.info.transaction_status in (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR):
+        with contextlib.suppress(psycopg.Error):
+            await conn.execute("ROLLBACK")
 
 
 async def _lock_keys(conn: _Connection, keys: Sequence[tuple[Collection, str]]) -> None:
@@ -527,6 +654,17 @@ def _select_any_sql(collection: Collection, *, meta: bool) -> str:
     statements = _sql.statements(collection, _STYLE)
     prefix = statements.select_meta_prefix if meta else statements.select_full_prefix
     return f"{prefix} WHERE key = ANY(%s::text[]) ORDER BY key"
+
+
+@functools.cache
+def _create_all_sql(collections: tuple[Collection, ...]) -> str:
+    """One statement inserting one row into each of ``collections`` (in order): the inserts
+    but the last are data-modifying ``WITH`` queries, which run to completion with it."""
+    inserts = [_sql.statements(collection, _STYLE).insert for collection in collections]
+    if len(inserts) == 1:
+        return inserts[0]
+    queries = ", ".join(f"w{n} AS ({text})" for n, text in enumerate(inserts[:-1]))
+    return f"WITH {queries} {inserts[-1]}"
 
 
 @functools.cache

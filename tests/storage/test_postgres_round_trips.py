@@ -1,0 +1,139 @@
+"""What the PostgreSQL store sends for the registrar's commit, counted on the wire: a TCP proxy
+between the store and a real PostgreSQL server reads the frontend protocol's messages (each
+``Execute`` is a statement; each ``Sync`` or ``Flush`` is a point where the client waits for the
+server: a round trip). Counts of messages, not timings."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlsplit
+
+import pytest
+
+from provisiond.errors import ConflictError
+from provisiond.storage import Collection, Write, WriteMode
+from provisiond.storage.postgres import PostgresStore
+
+pytestmark = pytest.mark.postgres
+
+H, R = Collection.HUB_DEVICES, Collection.REGISTRATIONS
+#: The untyped first messages: SSLRequest, GSSENCRequest (answered with one byte), then the
+#: StartupMessage (protocol 3.0), after which every message starts with its type byte.
+_SSL_REQUEST, _GSSENC_REQUEST, _PROTOCOL_3 = 80877103, 80877104, 196608
+
+
+@contextlib.contextmanager
+def _closing(writer: asyncio.StreamWriter) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        writer.close()
+
+
+class _Counting:
+    """A proxy to ``upstream`` that counts the frontend messages of every connection by type."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.upstream = (host, port)
+        self.messages: Counter[str] = Counter()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def _client_to_server(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        started = False
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError), _closing(writer):
+            while True:
+                if not started:
+                    head = await reader.readexactly(8)
+                    length, code = struct.unpack("!ii", head)
+                    rest = await reader.readexactly(length - 8)
+                    started = code not in (_SSL_REQUEST, _GSSENC_REQUEST)
+                    assert not started or code == _PROTOCOL_3
+                    writer.write(head + rest)
+                    continue
+                head = await reader.readexactly(5)
+                kind, length = chr(head[0]), struct.unpack("!i", head[1:])[0]
+                body = await reader.readexactly(length - 4)
+                self.messages[kind] += 1
+                writer.write(head + body)
+
+    async def _server_to_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError), _closing(writer):
+            while data := await reader.read(65536):
+                writer.write(data)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        for coro in (self._client_to_server(reader, up_writer), self._server_to_client(up_reader, writer)):
+            task = asyncio.create_task(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[int]:
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        try:
+            yield server.sockets[0].getsockname()[1]
+        finally:
+            server.close()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _items(n: int, mode: WriteMode, etags: tuple[str, str] | None = None) -> list[tuple[Collection, Write]]:
+    hub_etag, reg_etag = etags or (None, None)
+    return [
+        (H, Write(f"hub.example/d{n}", b"hub", index={"hub": "hub.example"}, mode=mode, if_match=hub_etag)),
+        (R, Write(f"d{n}", b"reg", index={"device_id": f"d{n}"}, mode=mode, if_match=reg_etag)),
+    ]
+
+
+async def _counted(proxy: _Counting, store: PostgresStore, call: object) -> Counter[str]:
+    await store.schema_version()  # the pool's connection is open and idle
+    proxy.messages.clear()
+    assert asyncio.iscoroutine(call)
+    await call
+    return Counter({kind: proxy.messages[kind] for kind in "QEHS" if proxy.messages[kind]})
+
+
+async def test_first_registration_commit_is_one_statement(postgres_db_url: str) -> None:
+    """The registrar's first commit (identity and record, both CREATE) is one statement in one
+    round trip; updating both on their etags is one transaction in two round trips; a CREATE
+    pair over an existing key falls back to the locking transaction and writes nothing."""
+    url = urlsplit(postgres_db_url)
+    assert url.hostname is not None and url.port is not None
+    proxy = _Counting(url.hostname, url.port)
+    async with proxy.running() as port:
+        store = PostgresStore(url._replace(netloc=f"{url.username}@127.0.0.1:{port}").geturl(), max_size=1)
+        await store.open()
+        try:
+            created: list[object] = []
+
+            async def create(n: int) -> None:
+                created.extend(await store.write_atomic(_items(n, WriteMode.CREATE)))
+
+            assert await _counted(proxy, store, create(1)) == Counter({"E": 1, "S": 1})
+            hub, reg = await store.get(H, "hub.example/d1"), await store.get(R, "d1")
+            assert created == [hub, reg]
+
+            assert hub is not None and reg is not None
+            update = store.write_atomic(_items(1, WriteMode.UPDATE, (hub.etag, reg.etag)))
+            counts = await _counted(proxy, store, update)
+            # BEGIN, the advisory locks, a FOR UPDATE read per table, two UPDATEs, COMMIT.
+            assert counts["E"] == 7 and counts["S"] == 1 and counts["H"] <= 2, counts
+            assert "Q" not in counts
+
+            with pytest.raises(ConflictError):
+                await store.write_atomic(
+                    [
+                        (H, Write("hub.example/d2", b"new", mode=WriteMode.CREATE)),
+                        *_items(1, WriteMode.CREATE)[1:],
+                    ]
+                )
+            assert await store.get(H, "hub.example/d2") is None
+        finally:
+            await store.close()
