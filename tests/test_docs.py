@@ -92,4 +92,4 @@ try_complete provisiond serve --https
     env = {**_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     done = subprocess.run([bash, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["enrollment", "send-c2d show", "--https-port"], done.stderr
+    assert done.stdout.splitlines() == ["enrollment", "show", "--https-port"], done.stderr
