@@ -56,6 +56,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from .._cancel import raise_if_cancelling
 from ..errors import (
     DeviceNotOnlineError,
     GatewayTimeoutError,
@@ -536,9 +537,11 @@ class HubBroker:
                     await self._store.trim(Stream.HUB_SIGNALS, before=utc_iso(self._clock() - SIGNAL_TTL))
                     self._expire_relayed()
             except StorageError as exc:
+                raise_if_cancelling()  # (a cancellation inside a database call: see provisiond._cancel)
                 log.warning("hub broker: cannot read the signal stream (%s); retrying", exc.message)
                 await asyncio.sleep(1.0)
                 continue
+            raise_if_cancelling()
             await asyncio.sleep(self._poll_interval)
 
     def _expire_relayed(self) -> None:

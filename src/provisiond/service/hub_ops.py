@@ -39,6 +39,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from .._cancel import raise_if_cancelling
 from ..errors import ProvisioningError, RequestError
 from ..hub.c2d import MAX_MESSAGE_BYTES, CloudToDeviceRequest, enqueue, purge_expired
 from ..hub.events import EventLog, Retention, parse_enqueued_time
@@ -271,16 +272,12 @@ class RetentionTask:
         return events, expired
 
     async def _loop(self) -> None:
-        task = asyncio.current_task()
         while True:
             try:
                 await self.run_once()
             except ProvisioningError as exc:  # the database is away: try again next time
                 log.warning("Retention pass failed: %s", exc)
-            # A cancellation that arrived inside a database call may come out of the driver as
-            # an error, or not at all (psycopg cancels the query on the server): stop anyway.
-            if task is not None and task.cancelling():
-                raise asyncio.CancelledError
+            raise_if_cancelling()  # (a cancellation inside a database call: see provisiond._cancel)
             await asyncio.sleep(self._interval)
 
     @contextlib.asynccontextmanager

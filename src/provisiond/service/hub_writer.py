@@ -46,6 +46,7 @@ from typing import TypeVar
 
 import msgspec
 
+from .._cancel import raise_if_cancelling
 from ..errors import (
     ConflictError,
     HubDeviceExistsError,
@@ -140,9 +141,11 @@ class HubWriter:
             except ProvisioningError as exc:
                 log.warning("the hub writer could not claim outbox items: %s", exc)
                 claimed = []
+            raise_if_cancelling()  # (a cancellation inside a database call: see provisiond._cancel)
             if claimed:
                 await self.work_many(claimed)
             await self.flush_figures()
+            raise_if_cancelling()
             if not claimed:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
