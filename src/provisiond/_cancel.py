@@ -11,8 +11,12 @@ and its ``cancel(); await task`` would hang an app's shutdown. Every such loop c
 from __future__ import annotations
 
 import asyncio
+import logging
+from typing import Any
 
-__all__ = ["raise_if_cancelling"]
+__all__ = ["raise_if_cancelling", "stop"]
+
+log = logging.getLogger("provisiond")
 
 
 def raise_if_cancelling() -> None:
@@ -20,3 +24,16 @@ def raise_if_cancelling() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+async def stop(task: asyncio.Task[Any] | None, what: str, *, grace: float = 10.0) -> None:
+    """Cancel a background ``task`` and wait for it to end, at most ``grace`` seconds: a loop
+    that does not stop is logged as the defect it is instead of hanging the shutdown."""
+    if task is None or task.done():
+        return
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=grace)
+    if not done:
+        log.error("%s did not stop within %g s of being cancelled; shutting down without it", what, grace)
+    elif not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("%s ended with an error", what, exc_info=exc)

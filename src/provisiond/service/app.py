@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 
+from .._cancel import stop
 from ..errors import ConflictError, MethodNotAllowedError, NotFoundError, ProvisioningError, RequestError
 from ..hub.addressing import ensure_builtin_hubs, first_builtin_hub
 from ..models import AllocationPolicy, Right, ServiceSettings, SharedAccessPolicy
@@ -149,9 +150,7 @@ def create_app(
         finally:
             await hub.close()
             await broker.close()
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
+            await stop(writer, "the hub writer")
             await registrar.writer.flush_figures(force=True)
             await registrar.hubs.aclose()
             await registrar.webhook.aclose()

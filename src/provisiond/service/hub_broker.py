@@ -56,7 +56,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from .._cancel import raise_if_cancelling
+from .._cancel import raise_if_cancelling, stop
 from ..errors import (
     DeviceNotOnlineError,
     GatewayTimeoutError,
@@ -259,11 +259,8 @@ class HubBroker:
         self._poller = asyncio.get_running_loop().create_task(self._poll())
 
     async def close(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
-            self._poller = None
+        await stop(self._poller, "the hub broker's signal poll")
+        self._poller = None
         for task in list(self._tasks):
             task.cancel()
         for call in self._calls.values():

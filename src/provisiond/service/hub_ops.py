@@ -39,7 +39,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from .._cancel import raise_if_cancelling
+from .._cancel import raise_if_cancelling, stop
 from ..errors import ProvisioningError, RequestError
 from ..hub.c2d import MAX_MESSAGE_BYTES, CloudToDeviceRequest, enqueue, purge_expired
 from ..hub.events import EventLog, Retention, parse_enqueued_time
@@ -286,6 +286,4 @@ class RetentionTask:
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop(task, "the hub retention task")
