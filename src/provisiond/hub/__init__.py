@@ -10,10 +10,13 @@
 - :mod:`.registry`: the built-in hubs' identity registry, as IoT Hub's service API and the
   hub's device endpoint use it (identities, twins, queries, statistics, connection state);
 - :mod:`.query`: IoT Hub's query language, as far as the built-in hubs read it;
-- :mod:`.policies`: the built-in hubs' shared access policies.
-
-Linked hubs that are not built in are reached through their registry REST API, which is not
-implemented yet: assigning a device to one fails with a message that says so.
+- :mod:`.policies`: the built-in hubs' shared access policies;
+- :mod:`.connection`: a remote hub's connection string, its service token and the credential
+  check made when it is linked;
+- :mod:`.remote`: a remote hub (Azure IoT Hub, or any hub serving IoT Hub's registry REST API)
+  as a :class:`HubBackend`;
+- :mod:`.outbox`: the durable outbox through which identities are written to remote hubs
+  (the hub writer, :mod:`provisiond.service.hub_writer`, carries its items out).
 """
 
 from __future__ import annotations
