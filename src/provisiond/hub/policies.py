@@ -10,11 +10,8 @@ case-insensitive). Keys are secrets: reads strip them unless asked.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 import re
-import secrets
 from collections.abc import Iterable
 
 import msgspec
@@ -27,6 +24,7 @@ from ..errors import (
     NotFoundError,
     PreconditionFailedError,
 )
+from ..protocol.sas import check_key, generate_key
 from ..storage import Collection, Record, Store, WriteMode
 
 __all__ = [
@@ -74,7 +72,6 @@ DEFAULT_POLICIES: dict[str, tuple[HubRight, ...]] = {
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-._]{0,63}$")
 _KEY_BYTES = 32  # IoT Hub's policy keys
-_MIN_KEY_BYTES, _MAX_KEY_BYTES = 16, 64
 
 
 def grants(policy: HubAccessPolicy, wanted: Iterable[HubRight]) -> bool:
@@ -90,22 +87,6 @@ def connection_string(endpoint: str, policy: HubAccessPolicy) -> str:
     """IoT Hub's service connection string for ``policy`` (``endpoint``: ``host`` or
     ``host:port``)."""
     return f"HostName={endpoint};SharedAccessKeyName={policy.key_name};SharedAccessKey={policy.primary_key}"
-
-
-def _new_key() -> str:
-    return base64.b64encode(secrets.token_bytes(_KEY_BYTES)).decode("ascii")
-
-
-def _check_key(value: str, field: str) -> str:
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidBodyError(f"{field} is not valid base64.") from None
-    if not _MIN_KEY_BYTES <= len(raw) <= _MAX_KEY_BYTES:
-        raise InvalidBodyError(
-            f"{field} must decode to {_MIN_KEY_BYTES}-{_MAX_KEY_BYTES} bytes, not {len(raw)}."
-        )
-    return value
 
 
 def _key(hub: str, name: str) -> str:
@@ -131,7 +112,10 @@ class HubPolicies:
         several nodes may start at once)."""
         for name, rights in DEFAULT_POLICIES.items():
             policy = HubAccessPolicy(
-                key_name=name, rights=list(rights), primary_key=_new_key(), secondary_key=_new_key()
+                key_name=name,
+                rights=list(rights),
+                primary_key=generate_key(_KEY_BYTES),
+                secondary_key=generate_key(_KEY_BYTES),
             )
             try:
                 await self._write(hub, policy, mode=WriteMode.CREATE)
@@ -195,11 +179,13 @@ class HubPolicies:
         doc = HubAccessPolicy(
             key_name=old.key_name if old is not None else name,
             rights=sorted(set(policy.rights), key=lambda r: r.value),
-            primary_key=_check_key(
-                policy.primary_key or (old.primary_key if old else None) or _new_key(), "primaryKey"
+            primary_key=check_key(
+                policy.primary_key or (old.primary_key if old else None) or generate_key(_KEY_BYTES),
+                "primaryKey",
             ),
-            secondary_key=_check_key(
-                policy.secondary_key or (old.secondary_key if old else None) or _new_key(), "secondaryKey"
+            secondary_key=check_key(
+                policy.secondary_key or (old.secondary_key if old else None) or generate_key(_KEY_BYTES),
+                "secondaryKey",
             ),
         )
         try:

@@ -18,16 +18,19 @@ import base64
 import binascii
 import hashlib
 import hmac
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlencode
 
-from ..errors import AuthenticationError
+from ..errors import AuthenticationError, InvalidBodyError
 
 __all__ = [
     "SasToken",
     "build_sas_token",
+    "check_key",
     "derive_device_key",
+    "generate_key",
     "parse_sas_token",
     "sign",
     "signed_sas_token",
@@ -35,6 +38,8 @@ __all__ = [
 ]
 
 _PREFIX = "SharedAccessSignature "
+#: A symmetric key's size in bytes: what DPS and IoT Hub accept (DPS generates the largest).
+MIN_KEY_BYTES, MAX_KEY_BYTES = 16, 64
 _MAX_TOKEN_LENGTH = 4096
 
 
@@ -141,3 +146,25 @@ def verify_signature(token: SasToken, key: str | bytes) -> bool:
         # Evaluate every candidate: no early exit that would leak which encoding matched.
         ok |= hmac.compare_digest(actual, expected)
     return ok
+
+
+def generate_key(size: int = MAX_KEY_BYTES) -> str:
+    """A new symmetric key: ``size`` random bytes, base64 (DPS generates 64, IoT Hub's policy
+    keys are 32)."""
+    return base64.b64encode(secrets.token_bytes(size)).decode("ascii")
+
+
+def check_key(value: str, field: str) -> str:
+    """``value`` if it is a symmetric key DPS and IoT Hub accept (base64 of 16 to 64 bytes).
+
+    :raises InvalidBodyError: it is not (400004, the message names ``field``).
+    """
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidBodyError(f"{field} is not valid base64.") from None
+    if not MIN_KEY_BYTES <= len(raw) <= MAX_KEY_BYTES:
+        raise InvalidBodyError(
+            f"{field} must decode to {MIN_KEY_BYTES}-{MAX_KEY_BYTES} bytes, not {len(raw)}."
+        )
+    return value

@@ -12,11 +12,8 @@ only when the enrollment is new, or when the attestation type changes).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 import re
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -41,6 +38,7 @@ from ..models import (
     X509Certificates,
     X509CertificateWithInfo,
 )
+from ..protocol.sas import check_key, generate_key
 from ..storage import Collection, Record
 from ..twin_limits import check_initial_twin
 
@@ -63,8 +61,6 @@ E = TypeVar("E", IndividualEnrollment, EnrollmentGroup)
 # DPS: case-insensitive, up to 128 characters, alphanumerics and "-._:", starting with an
 # alphanumeric, ending with an alphanumeric or "-".
 _ID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9\-._:]{0,126}[A-Za-z0-9\-])?$")
-_MIN_KEY_BYTES = 16
-_MAX_KEY_BYTES = 64
 
 
 @dataclass(frozen=True)
@@ -109,22 +105,6 @@ def validate_id(value: str, what: str) -> str:
             "starting with a letter or digit and ending with a letter, digit or '-'."
         )
     return value
-
-
-def generate_key() -> str:
-    """A new symmetric key: 64 random bytes, base64 (as DPS generates them)."""
-    return base64.b64encode(secrets.token_bytes(_MAX_KEY_BYTES)).decode("ascii")
-
-
-def check_key(value: str, field: str) -> None:
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidBodyError(f"{field} is not valid base64.") from None
-    if not _MIN_KEY_BYTES <= len(raw) <= _MAX_KEY_BYTES:
-        raise InvalidBodyError(
-            f"{field} must decode to {_MIN_KEY_BYTES}-{_MAX_KEY_BYTES} bytes, not {len(raw)}."
-        )
 
 
 def load_certificate(text: str, field: str) -> x509.Certificate:
