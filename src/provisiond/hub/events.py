@@ -24,7 +24,7 @@ import msgspec
 
 from ..errors import RequestError
 from ..storage import Store, Stream, utc_iso
-from .messages import decode_event, partition
+from .messages import TelemetryEvent, decode_event, partition
 
 __all__ = ["EventLog", "Retention", "StoredEvent", "parse_enqueued_time"]
 
@@ -44,17 +44,11 @@ class Retention:
     max_count: int
 
 
-class StoredEvent(msgspec.Struct, rename="camel", omit_defaults=True, kw_only=True):
+class StoredEvent(TelemetryEvent, frozen=True, kw_only=True):
     """A telemetry event with its place in the stream (the NDJSON line of the events endpoint:
     the body is base64)."""
 
     seq: int
-    device_id: str
-    enqueued_time: str
-    module_id: str | None = None
-    properties: dict[str, str | None] = msgspec.field(default_factory=dict)
-    system_properties: dict[str, str] = msgspec.field(default_factory=dict)
-    body: bytes = b""
 
 
 def parse_enqueued_time(text: str) -> str:
@@ -117,17 +111,7 @@ class EventLog:
             except msgspec.DecodeError as exc:
                 log.warning("Telemetry entry %d of %s does not decode: %s", entry.seq, entry.partition, exc)
                 continue
-            events.append(
-                StoredEvent(
-                    seq=entry.seq,
-                    device_id=event.device_id,
-                    module_id=event.module_id,
-                    enqueued_time=event.enqueued_time,
-                    properties=event.properties,
-                    system_properties=event.system_properties,
-                    body=event.body,
-                )
-            )
+            events.append(StoredEvent(seq=entry.seq, **msgspec.structs.asdict(event)))
         return events, cursor
 
     async def trim(self, retention: Retention, *, now: float) -> int:
