@@ -26,7 +26,7 @@ from . import admin, amqp, api, device_api, hub_api, hub_ops, mqtt
 from .context import SETTINGS_KEY, ServiceContext, context_of
 from .enrollments import generate_key
 from .gateway import AMQP_WS, MQTT_WS, DeviceGateway
-from .http import error_answer, handle_errors, route_table, shown_path
+from .http import ShapedRouter, error_answer, handle_errors, route_table, shown_path
 from .hub_broker import HubBroker
 from .hub_mqtt import HubEndpoint
 from .listeners import running_listeners
@@ -173,6 +173,10 @@ def create_app(
         ),
         exception_handlers={HTTPException: _http_exception},
         lifespan=lifespan,
+    )
+    router = app.router
+    app.router = ShapedRouter(
+        router.routes, redirect_slashes=router.redirect_slashes, lifespan=router.lifespan_context
     )
     app.state.ctx = ctx
     app.state.registrar = registrar

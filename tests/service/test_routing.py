@@ -1,0 +1,78 @@
+"""The app's router picks, for every request, the route Starlette's own router would pick.
+
+``ShapedRouter`` narrows the routes by the path's first segment before running their regexes.
+Here both routers get the app's real route table (every path and method of the service, admin,
+hub and device APIs, made case-insensitive with the optional trailing slash by
+``route_table``), each route answering with its own path and method, and the same requests:
+every route's path filled in, upper-cased, with a trailing slash, with the wrong method (405),
+paths that collide across APIs, and paths no route has (404)."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route, Router
+
+from provisiond.service.app import create_app
+from provisiond.service.http import ShapedRouter, route_table
+from provisiond.service.settings import Settings
+
+_PARAM = re.compile(r"\{[^}]+\}")
+
+
+def _echo(route: Route) -> Route:
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse(f"{route.path} {sorted(route.methods or ())}")
+
+    return Route(route.path, endpoint, methods=list(route.methods or ()))
+
+
+def _real_routes(tmp_path: Path) -> list[BaseRoute]:
+    settings = Settings(data_dir=tmp_path, host="localhost", https_port=8443, mqtt_port=0, amqp_port=0)
+    return list(create_app(settings).routes)
+
+
+def _requests(routes: list[BaseRoute]) -> list[tuple[str, str]]:
+    paths = {"/", "/nothing", "//x", "/registrations", "/registrations/registrations/query", "/a/b/c/d/e/f"}
+    for route in routes:
+        if isinstance(route, Route):
+            for value in ("registrations", "x1", "QUERY"):
+                filled = _PARAM.sub(value, route.path)
+                paths |= {filled, filled.upper(), filled + "/", filled.lower() + "//"}
+    methods = ("GET", "PUT", "POST", "DELETE", "PATCH")
+    return sorted(itertools.product(methods, paths))
+
+
+def _app(router: Router) -> Starlette:
+    app = Starlette()
+    app.router = router
+    return app
+
+
+async def test_the_shaped_router_answers_as_starlettes(tmp_path: Path) -> None:
+    real = _real_routes(tmp_path)
+    assert any(isinstance(r, Route) and r.path.startswith("/{") for r in real)  # the device routes
+
+    def table() -> list[BaseRoute]:  # fresh routes each time: route_table changes their regexes
+        return route_table([_echo(r) for r in real if isinstance(r, Route)])
+
+    plain, shaped = _app(Router(table())), _app(ShapedRouter(table()))
+    requests = _requests(real)
+    assert len(requests) > 1000
+    seen: set[int] = set()
+    async with (
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=plain), base_url="https://h") as a,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=shaped), base_url="https://h") as b,
+    ):
+        for method, path in requests:
+            expected = await a.request(method, path)
+            actual = await b.request(method, path)
+            assert (actual.status_code, actual.text) == (expected.status_code, expected.text), (method, path)
+            seen.add(expected.status_code)
+    assert {200, 404, 405} <= seen
