@@ -875,6 +875,26 @@ async def test_concurrent_write_atomic_creates_have_one_winner(store: Store) -> 
     assert sorted(winners[0], key=lambda r: r.doc) == stored  # one task's pair, whole
 
 
+async def test_concurrent_write_atomic_calls_fail_alone(store: Store) -> None:
+    """Concurrent calls (which SQLite commits together, in one transaction): the ones whose
+    last item fails leave nothing behind; the others are all written."""
+    await store.write(E, "seeded", b"s")
+
+    def items(n: int) -> list[tuple[Collection, Write | Delete]]:
+        last = (E, Write("seeded", b"x", mode=CREATE)) if n % 2 else (R, Write(f"dev-{n}", b"r", mode=CREATE))
+        return [(H, Write(f"hub/dev-{n}", b"h", index={"hub": "hub"}, mode=CREATE)), last]
+
+    results = await asyncio.gather(*(outcome(store.write_atomic(items(n))) for n in range(24)))
+    for n, result in enumerate(results):
+        if n % 2:
+            assert isinstance(result, ConflictError), result
+            assert await store.get(H, f"hub/dev-{n}") is None
+        else:
+            assert isinstance(result, list) and ids(result) == [f"hub/dev-{n}", f"dev-{n}"]
+            assert await store.get(H, f"hub/dev-{n}") == result[0]
+    assert (await store.count(H), await store.count(R), await store.count(E)) == (12, 12, 1)
+
+
 async def test_concurrent_write_atomic_on_overlapping_keys(store: Store) -> None:
     """Transactions over the same (new and existing) keys in different orders, mixed with
     batches and single writes: none deadlocks or fails."""
