@@ -49,7 +49,9 @@ def matches_any(token: SasToken, keys: list[str | None]) -> bool:
 
 def matches_group(token: SasToken, group_keys: list[str | None], registration_id: str) -> bool:
     """Whether the token was signed with a device key derived from one of the group's keys."""
-    return any(verify_signature(token, derive_device_key(key, registration_id)) for key in group_keys if key)
+    return matches_any(
+        token, [derive_device_key(key, registration_id) if key else None for key in group_keys]
+    )
 
 
 class SymmetricKeyAttestor:
@@ -99,14 +101,17 @@ class SymmetricKeyAttestor:
             groups.sort(key=lambda g: g.enrollment_group_id.lower() != hint.lower())
         for group in groups:
             keys = group.attestation.symmetric_key
-            if keys is not None and matches_group(parsed, [keys.primary_key, keys.secondary_key], reg_id):
+            if keys is None:
+                continue
+            derived = [
+                derive_device_key(key, reg_id) if key else None
+                for key in (keys.primary_key, keys.secondary_key)
+            ]
+            if matches_any(parsed, derived):  # the device keys, derived once: they become its identity's
                 return Match(
                     enrollment=group,
                     attestation=self.type,
-                    identity_credential=KeyCredential(
-                        derive_device_key(keys.primary_key, reg_id) if keys.primary_key else None,
-                        derive_device_key(keys.secondary_key, reg_id) if keys.secondary_key else None,
-                    ),
+                    identity_credential=KeyCredential(*derived),
                     symmetric_key=SymmetricKeyRegistrationResult(
                         enrollment_group_id=group.enrollment_group_id
                     ),

@@ -8,15 +8,14 @@ absent)::
 
 ``sig`` = base64(HMAC-SHA256(base64decode(key), "{url-encoded sr}\\n{se}")). The SDKs disagree on
 how they URL-encode ``sr`` (``quote``, ``quote_plus``, .NET ``WebUtility.UrlEncode``, or not at
-all), so verification tries the resource as it appeared in the token and its canonical
-encodings, comparing in constant time.
+all), so verification tries the resource as it appeared in the token, then its canonical
+encodings, comparing each signature in constant time.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import secrets
 from collections.abc import Callable
@@ -58,7 +57,7 @@ def sign(key: str | bytes, resource_encoded: str, expiry: int) -> str:
     """The base64 HMAC-SHA256 signature of ``"{resource_encoded}\\n{expiry}"`` under ``key``
     (a base64 string, or raw key bytes)."""
     raw_key = base64.b64decode(key, validate=True) if isinstance(key, str) else key
-    digest = hmac.new(raw_key, f"{resource_encoded}\n{expiry}".encode(), hashlib.sha256).digest()
+    digest = hmac.digest(raw_key, f"{resource_encoded}\n{expiry}".encode(), "sha256")
     return base64.b64encode(digest).decode("ascii")
 
 
@@ -68,7 +67,7 @@ def build_sas_token(resource: str, key: str | bytes, expiry: int, *, key_name: s
     return signed_sas_token(
         resource,
         expiry,
-        lambda message: hmac.new(raw_key, message, hashlib.sha256).digest(),
+        lambda message: hmac.digest(raw_key, message, "sha256"),
         key_name=key_name,
     )
 
@@ -89,7 +88,7 @@ def signed_sas_token(
 
 def derive_device_key(group_key: str, registration_id: str) -> str:
     """An enrollment-group device key: base64(HMAC-SHA256(base64decode(group_key), registration_id))."""
-    digest = hmac.new(base64.b64decode(group_key), registration_id.encode("utf-8"), hashlib.sha256).digest()
+    digest = hmac.digest(base64.b64decode(group_key), registration_id.encode("utf-8"), "sha256")
     return base64.b64encode(digest).decode("ascii")
 
 
@@ -129,23 +128,25 @@ def parse_sas_token(token: str) -> SasToken:
 
 
 def verify_signature(token: SasToken, key: str | bytes) -> bool:
-    """Whether the token was signed with ``key`` (tries every encoding of ``sr`` the SDKs use)."""
+    """Whether the token was signed with ``key``: over ``sr`` as the token carries it (what
+    every official SDK signs), else over one of the other encodings the SDKs use. Each
+    signature is compared in constant time; which encoding matched is no secret (the client
+    chose it), so the first match ends the search."""
     try:
         expected = base64.b64decode(token.signature, validate=True)
+        raw_key = base64.b64decode(key, validate=True) if isinstance(key, str) else key
     except (binascii.Error, ValueError):
         return False
-    candidates = {
-        token.raw_resource,
-        quote(token.resource, safe=""),
-        quote_plus(token.resource),
-        token.resource,
-    }
-    ok = False
-    for encoded in candidates:
-        actual = base64.b64decode(sign(key, encoded, token.expiry))
-        # Evaluate every candidate: no early exit that would leak which encoding matched.
-        ok |= hmac.compare_digest(actual, expected)
-    return ok
+    tail = f"\n{token.expiry}"
+
+    def signed_over(encoded: str) -> bool:
+        return hmac.compare_digest(hmac.digest(raw_key, (encoded + tail).encode(), "sha256"), expected)
+
+    if signed_over(token.raw_resource):
+        return True
+    others = {quote(token.resource, safe=""), quote_plus(token.resource), token.resource}
+    others.discard(token.raw_resource)
+    return any(signed_over(encoded) for encoded in others)
 
 
 def generate_key(size: int = MAX_KEY_BYTES) -> str:

@@ -79,6 +79,8 @@ passes the bytes together with the index values. What the store guarantees:
 from __future__ import annotations
 
 import enum
+import math
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -270,12 +272,23 @@ def etags_match(if_match: str, etag: str) -> bool:
 
 def utc_now() -> str:
     """The current time as the store writes it: ISO 8601 UTC with microseconds and ``Z``."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return utc_iso(time.time())
+
+
+#: The last whole second :func:`utc_iso` formatted, and its text up to the seconds.
+_second: tuple[int, str] = (0, "1970-01-01T00:00:00")
 
 
 def utc_iso(seconds: float) -> str:
-    """A Unix time as the store writes times (see :func:`utc_now`)."""
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """A Unix time as the store writes times (see :func:`utc_now`). Times come in bursts of the
+    same second (a registration writes four): the date and time of day are formatted once per
+    second, the microseconds every time."""
+    global _second
+    fraction, integral = math.modf(seconds)  # as datetime.fromtimestamp rounds
+    whole, fraction = divmod(int(integral) * 1_000_000 + round(fraction * 1e6), 1_000_000)
+    if whole != _second[0]:
+        _second = (whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{_second[1]}.{fraction:06d}Z"
 
 
 class Store(ABC):
