@@ -335,6 +335,25 @@ async def test_get_many(store: Store) -> None:
     assert await store.get_many(E, []) == {}
 
 
+async def test_get_each_and_concurrent_point_reads(store: Store) -> None:
+    """Point reads across collections, alone and many at once (which PostgreSQL answers
+    together, one statement per table): each gets its own record, or None."""
+    await store.write_many(E, [Write(f"Dev-{n}", b"e%d" % n) for n in range(0, 40, 2)])
+    await store.write_many(R, [Write(f"Dev-{n}", b"r%d" % n) for n in range(0, 40, 3)])
+    pairs = [(c, f"DEV-{n}") for n in range(40) for c in (E, R)] + [(E, "nul\x00id"), (R, "missing")]
+    expected = [
+        (b"e%d" if c is E else b"r%d") % n if n % (2 if c is E else 3) == 0 else None
+        for n in range(40)
+        for c in (E, R)
+    ] + [None, None]
+    each = await store.get_each(pairs)
+    assert [r.doc if r else None for r in each] == expected
+    assert each[0] is not None and each[0].id == "Dev-0"
+    alone = await asyncio.gather(*(store.get(c, id) for c, id in pairs))
+    assert list(alone) == each
+    assert await store.get_each([]) == []
+
+
 async def test_query_filters(store: Store) -> None:
     await store.write_many(
         E,

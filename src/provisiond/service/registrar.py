@@ -80,7 +80,7 @@ from .context import ServiceContext
 from .enrollments import validate_id
 from .hub_writer import HubWriter
 from .records import RegistrationRecord
-from .sources import StoreSources
+from .sources import PrefetchedSources, StoreSources
 from .throttle import RateLimiter
 from .webhook import AllocationRequest, AllocationResponse, AllocationWebhook, WebhookError
 
@@ -247,10 +247,17 @@ class Registrar:
         self.limiter.admit(request.source)
         try:
             await self._check_request(request)
-            record = await self.store.get(Collection.REGISTRATIONS, request.registration_id)
+            # The record and the individual enrollment the attestation looks for first, together.
+            record, individual = await self.store.get_each(
+                [
+                    (Collection.REGISTRATIONS, request.registration_id),
+                    (Collection.ENROLLMENTS, request.registration_id),
+                ]
+            )
             last_group = records.decode(record).enrollment_group_id if record is not None else None
             evidence = self._evidence(request, registering, last_group)
-            match = await attest(evidence, self.attestors, self.sources)
+            enrollments = PrefetchedSources(self.sources, request.registration_id, individual)
+            match = await attest(evidence, self.attestors, enrollments)
         except TpmChallengeRequired:
             raise  # the first step of TPM attestation, not a failure
         except AuthenticationError:

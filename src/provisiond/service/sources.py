@@ -14,9 +14,9 @@ import msgspec
 from ..attestation.base import IssuedChallenge, PendingChallenge
 from ..errors import NotFoundError, PreconditionFailedError
 from ..models import AttestationType, CaCertificate, EnrollmentGroup, IndividualEnrollment
-from ..storage import Collection, Store, WriteMode
+from ..storage import Collection, Record, Store, WriteMode
 
-__all__ = ["GroupsLoader", "StoreSources", "read_groups"]
+__all__ = ["GroupsLoader", "PrefetchedSources", "StoreSources", "read_groups"]
 
 #: Every enrollment group of one attestation type, in id order (shared: not to be mutated).
 GroupsLoader = Callable[[AttestationType], Awaitable[list[EnrollmentGroup]]]
@@ -42,8 +42,7 @@ class StoreSources:
     # --- enrollments -----------------------------------------------------------------------------
 
     async def individual(self, registration_id: str) -> IndividualEnrollment | None:
-        record = await self._store.get(Collection.ENROLLMENTS, registration_id)
-        return msgspec.json.decode(record.doc, type=IndividualEnrollment) if record else None
+        return _individual(await self._store.get(Collection.ENROLLMENTS, registration_id))
 
     async def groups(self, attestation: AttestationType) -> list[EnrollmentGroup]:
         if self._groups is None:
@@ -83,3 +82,26 @@ class StoreSources:
         except (PreconditionFailedError, NotFoundError):
             return False
         return True
+
+
+def _individual(record: Record | None) -> IndividualEnrollment | None:
+    return msgspec.json.decode(record.doc, type=IndividualEnrollment) if record else None
+
+
+class PrefetchedSources:
+    """:class:`StoreSources`' enrollments, with one registration id's individual enrollment
+    already read: the registrar reads it together with the registration record
+    (:meth:`~provisiond.storage.Store.get_each`, one round trip on PostgreSQL)."""
+
+    def __init__(self, sources: StoreSources, registration_id: str, record: Record | None) -> None:
+        self._sources = sources
+        self._key = Collection.ENROLLMENTS.key(registration_id)
+        self._record = record
+
+    async def individual(self, registration_id: str) -> IndividualEnrollment | None:
+        if Collection.ENROLLMENTS.key(registration_id) == self._key:
+            return _individual(self._record)
+        return await self._sources.individual(registration_id)
+
+    async def groups(self, attestation: AttestationType) -> list[EnrollmentGroup]:
+        return await self._sources.groups(attestation)

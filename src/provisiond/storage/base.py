@@ -324,6 +324,11 @@ class Store(ABC):
     async def get_many(self, collection: Collection, ids: Sequence[str]) -> dict[str, Record]:
         """The records that exist among ``ids``, keyed by ``collection.key(id)``."""
 
+    async def get_each(self, ids: Sequence[tuple[Collection, str]]) -> list[Record | None]:
+        """One record (or ``None``) per ``(collection, id)``, in order: point reads across
+        collections, which a backend may make in one round trip (PostgreSQL does)."""
+        return [await self.get(collection, id) for collection, id in ids]
+
     async def write(
         self,
         collection: Collection,

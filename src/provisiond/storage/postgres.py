@@ -41,7 +41,16 @@ on a row this transaction has locked:
   registration record), is **one statement**: the plain INSERTs chained with ``WITH``, which
   commit together or not at all. If a key exists (a unique violation) or the statement
   deadlocks with a transaction on the same keys, nothing was written and the general path
-  above decides.
+  above decides. Such calls made while the previous ones are being written (or in the same
+  turn of the event loop) go together: their statements in one pipelined transaction, one
+  round trip and one commit for all; if any of them fails, nothing of it was written and each
+  call is made on its own.
+- **Point reads go together** the same way: the ``get`` calls made while the previous ones are
+  being read become one statement per table (``key = ANY(...)``), pipelined in one round trip,
+  and :meth:`PostgresStore.get_each` asks for several records at once (the registrar's record
+  and individual enrollment). Each wait for the server costs the event loop a wake-up and
+  psycopg its per-statement work whatever it carries: with 64 registrations in flight, a
+  registration's three waits became a fraction of one.
 
 Migrations run in :meth:`PostgresStore.open`, each in a transaction holding
 ``pg_advisory_xact_lock``, so nodes starting together apply each migration exactly once.
@@ -136,6 +145,12 @@ class PostgresStore(Store):
         self._appends: _streams.GroupCommit[tuple[Stream, str, bytes], Entry] = _streams.GroupCommit(
             self._flush_appends
         )
+        self._reads: _streams.GroupCommit[tuple[Collection, str], Record | None] = _streams.GroupCommit(
+            self._flush_reads, max_batch=256
+        )
+        self._creates: _streams.GroupCommit[list[_sql.AtomicItem], list[Record] | None] = (
+            _streams.GroupCommit(self._flush_creates, max_batch=64)
+        )
 
     def __repr__(self) -> str:
         # The URL may carry a password: show only where it points.
@@ -152,6 +167,8 @@ class PostgresStore(Store):
             await self._connections.open(self._migrate)
 
     async def close(self) -> None:
+        await self._reads.close()
+        await self._creates.close()
         await self._appends.close()
         async with self._lifecycle:
             await self._connections.close()
@@ -183,8 +200,41 @@ class PostgresStore(Store):
         key = collection.key(id)
         if _sql.holds_nul((key,)):
             return None
-        rows = await self._fetch_all(_sql.statements(collection, _STYLE).select_many(1), (key,))
-        return _sql.record_from_row(collection, rows[0]) if rows else None
+        [record] = await self._reads.submit([(collection, key)])
+        return record
+
+    async def get_each(self, ids: Sequence[tuple[Collection, str]]) -> list[Record | None]:
+        keys = [(collection, collection.key(id)) for collection, id in ids]
+        wanted = [item for item in keys if not _sql.holds_nul((item[1],))]
+        found = dict(zip(wanted, await self._reads.submit(wanted), strict=True)) if wanted else {}
+        return [found.get(item) for item in keys]
+
+    async def _flush_reads(self, items: list[tuple[Collection, str]]) -> list[Record | None]:
+        """The point reads asked for while the previous ones were being read (or in the same
+        turn of the event loop), in one round trip: one statement per table, pipelined. A
+        registration reads two records; with many in flight, their reads share the wait, the
+        pool connection and psycopg's per-statement cost."""
+        if len(items) == 1:
+            [(collection, key)] = items
+            rows = await self._fetch_all(_sql.statements(collection, _STYLE).select_many(1), (key,))
+            return [_sql.record_from_row(collection, rows[0]) if rows else None]
+        by_table: dict[Collection, list[str]] = {}
+        for collection, key in items:
+            by_table.setdefault(collection, []).append(key)
+        found: dict[tuple[Collection, str], Record] = {}
+        async with self._connections.connection() as conn:
+            async with conn.pipeline():
+                cursors = [
+                    (
+                        collection,
+                        await conn.execute(_select_any_sql(collection, meta=False), (sorted(set(keys)),)),
+                    )
+                    for collection, keys in by_table.items()
+                ]
+            for collection, cursor in cursors:
+                for row in await cursor.fetchall():
+                    found[(collection, row[0])] = _sql.record_from_row(collection, row)
+        return [found.get(item) for item in items]
 
     async def get_many(self, collection: Collection, ids: Sequence[str]) -> dict[str, Record]:
         keys = sorted({collection.key(id) for id in ids if not _sql.holds_nul((id,))})
@@ -229,7 +279,7 @@ class PostgresStore(Store):
         if not prepared:
             return []
         if all(isinstance(item, Write) and item.mode is WriteMode.CREATE for _, _, item, _ in prepared):
-            created = await self._create_all(prepared)
+            [created] = await self._creates.submit([prepared])
             if created is not None:
                 return created
         tables = ", ".join(sorted({collection.table for collection, *_ in prepared}))
@@ -237,28 +287,46 @@ class PostgresStore(Store):
         attempt = functools.partial(self._pipelined, _apply_atomic, prepared)
         return await _retrying(tables, attempt, (*_RETRIED, pg_errors.UniqueViolation))
 
+    async def _flush_creates(self, batch: list[list[_sql.AtomicItem]]) -> list[list[Record] | None]:
+        """The CREATE-only ``write_atomic`` calls made while the previous ones were being
+        written (or in the same turn of the event loop): their statements in one transaction,
+        pipelined (one round trip, one commit for all). If any key exists or the transaction
+        deadlocks, nothing of it was written, and each call is then made on its own
+        (:meth:`_create_all`), so that each succeeds or fails alone."""
+        if len(batch) == 1:
+            return [await self._create_all(batch[0])]
+        now = utc_now()
+        planned = [_create_statement(prepared, now) for prepared in batch]
+        try:
+            async with self._connections.connection() as conn:
+                try:
+                    async with conn.pipeline():
+                        await conn.execute("BEGIN")
+                        for text, params, _ in planned:
+                            await conn.execute(text, params)
+                        await conn.execute("COMMIT")
+                except BaseException:
+                    await _roll_back(conn)
+                    raise
+        except StorageError as exc:
+            if isinstance(exc.__cause__, pg_errors.UniqueViolation | pg_errors.DeadlockDetected):
+                return [await self._create_all(prepared) for prepared in batch]
+            raise
+        return [records for _, _, records in planned]
+
     async def _create_all(self, prepared: list[_sql.AtomicItem]) -> list[Record] | None:
         """``write_atomic`` of CREATEs only (a first registration: the device identity and its
         record) as one statement: plain INSERTs, one per item (all but the last in ``WITH``),
         which commit together or not at all. None when a key exists (a unique violation) or the
         statement deadlocked with a transaction on the same keys: the caller then takes the
         general path, which decides every item on the locked rows."""
-        now = utc_now()
-        etags = [new_etag() for _ in prepared]
-        params: list[Any] = []
-        for (_, key, item, values), etag in zip(prepared, etags, strict=True):
-            assert isinstance(item, Write)
-            params += _sql.insert_params(key, item, etag, now, values)
+        text, params, records = _create_statement(prepared, utc_now())
         try:
-            await self._execute(_create_all_sql(tuple(c for c, _, _, _ in prepared)), params)
+            await self._execute(text, params)
         except StorageError as exc:
             if isinstance(exc.__cause__, pg_errors.UniqueViolation | pg_errors.DeadlockDetected):
                 return None
             raise
-        records: list[Record] = []
-        for (collection, _, item, values), etag in zip(prepared, etags, strict=True):
-            assert isinstance(item, Write)
-            records.append(_sql.written_record(collection, item, item.id, etag, now, now, values))
         return records
 
     async def _write_one_statement(
@@ -654,6 +722,19 @@ def _select_any_sql(collection: Collection, *, meta: bool) -> str:
     statements = _sql.statements(collection, _STYLE)
     prefix = statements.select_meta_prefix if meta else statements.select_full_prefix
     return f"{prefix} WHERE key = ANY(%s::text[]) ORDER BY key"
+
+
+def _create_statement(prepared: list[_sql.AtomicItem], now: str) -> tuple[str, list[Any], list[Record]]:
+    """The one statement of a CREATE-only ``write_atomic`` (:func:`_create_all_sql`), its
+    parameters, and the records it writes."""
+    params: list[Any] = []
+    records: list[Record] = []
+    for collection, key, item, values in prepared:
+        assert isinstance(item, Write)
+        etag = new_etag()
+        params += _sql.insert_params(key, item, etag, now, values)
+        records.append(_sql.written_record(collection, item, item.id, etag, now, now, values))
+    return _create_all_sql(tuple(c for c, _, _, _ in prepared)), params, records
 
 
 @functools.cache
