@@ -110,6 +110,19 @@ def _rollback(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
 
 
+@contextlib.contextmanager
+def _ending(conn: sqlite3.Connection) -> Iterator[None]:
+    """End the transaction ``conn`` has begun with the block: commit it when the block
+    completes (unless the block rolled it back), roll it back when the block raises."""
+    try:
+        yield
+        if conn.in_transaction:
+            conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+
+
 class SqliteStore(Store):
     """A :class:`Store` in one SQLite file (created with its directory if missing).
 
@@ -235,17 +248,13 @@ class SqliteStore(Store):
         transaction (which also keeps two processes from migrating at once)."""
         for migration in _sql.load_migrations("sqlite"):
             conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _ending(conn):
                 conn.execute(_sql.BOOTSTRAP_MIGRATIONS)
                 if conn.execute(_sql.MIGRATION_APPLIED, (migration.version,)).fetchone() is None:
                     for statement in _split_script(migration.text):
                         conn.execute(statement)
                     conn.execute(_sql.RECORD_MIGRATION, (migration.version, utc_now()))
                     log.info("Applied migration %s to %s", migration.name, self.path)
-                conn.execute("COMMIT")
-            except BaseException:
-                _rollback(conn)
-                raise
 
     def _close_writer(self) -> None:
         conn, self._write_conn = self._write_conn, None
@@ -455,14 +464,10 @@ class SqliteStore(Store):
         conn = self._writer_conn()
         statements = _sql.settings_sql(_STYLE)
         conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _ending(conn):
             rows = conn.execute(statements.insert_if_missing, (key, value)).fetchall()
             if not rows:
                 rows = conn.execute(statements.get, (key,)).fetchall()
-            conn.execute("COMMIT")
-        except BaseException:
-            _rollback(conn)
-            raise
         stored: str = rows[0][0]
         return stored
 
@@ -482,15 +487,11 @@ class SqliteStore(Store):
         created = utc_now()
         text = _sql.sql(_streams.INSERT, _STYLE)
         conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _ending(conn):
             entries = []
             for stream, partition, doc in items:
                 [(seq,)] = conn.execute(text, (stream.value, partition, created, doc)).fetchall()
                 entries.append(Entry(stream, seq, partition, created, doc))
-            conn.execute("COMMIT")
-        except BaseException:
-            _rollback(conn)
-            raise
         return entries
 
     async def read(
@@ -604,12 +605,8 @@ def _apply_batch(
 ) -> list[Record | ProvisioningError]:
     """Apply the items of ``write_many`` in the transaction ``conn`` has begun, and commit."""
     statements = _sql.statements(collection, _STYLE)
-    try:
+    with _ending(conn):
         outcomes = [_apply(conn, collection, statements, *entry) for entry in prepared]
-        conn.execute("COMMIT")
-    except BaseException:
-        _rollback(conn)
-        raise
     return outcomes
 
 
@@ -618,15 +615,10 @@ def _apply_atomic(
 ) -> list[Record] | ProvisioningError:
     """Apply the items of ``write_atomic`` in the transaction ``conn`` has begun: commit them
     all, or roll back at the first failing item and return its error."""
-    try:
+    with _ending(conn):
         outcome = _apply_items(conn, prepared)
         if isinstance(outcome, ProvisioningError):
             _rollback(conn)
-            return outcome
-        conn.execute("COMMIT")
-    except BaseException:
-        _rollback(conn)
-        raise
     return outcome
 
 
@@ -652,7 +644,7 @@ def _apply_atomic_batch(
     if len(batch) == 1:
         return [_apply_atomic(conn, batch[0])]
     outcomes: list[list[Record] | ProvisioningError] = []
-    try:
+    with _ending(conn):
         for prepared in batch:
             conn.execute("SAVEPOINT atomic")
             outcome = _apply_items(conn, prepared)
@@ -660,10 +652,6 @@ def _apply_atomic_batch(
                 conn.execute("ROLLBACK TO atomic")
             conn.execute("RELEASE atomic")
             outcomes.append(outcome)
-        conn.execute("COMMIT")
-    except BaseException:
-        _rollback(conn)
-        raise
     return outcomes
 
 
@@ -677,7 +665,7 @@ def _claim(
 ) -> list[Record]:
     """Select the due rows and lease them, in the transaction ``conn`` has begun, and commit."""
     update = f"UPDATE {collection.table} SET etag = ?, updated = ?, due = ?, owner = ? WHERE key = ?"
-    try:
+    with _ending(conn):
         rows = conn.execute(text, params).fetchall()
         now = utc_now()
         claimed = []
@@ -685,10 +673,6 @@ def _claim(
             etag = new_etag()
             conn.execute(update, (etag, now, until, owner, row[0]))
             claimed.append(_sql.claimed_record(collection, row, etag, now, until, owner))
-        conn.execute("COMMIT")
-    except BaseException:
-        _rollback(conn)
-        raise
     return claimed
 
 
