@@ -76,3 +76,29 @@ async def test_the_shaped_router_answers_as_starlettes(tmp_path: Path) -> None:
             assert (actual.status_code, actual.text) == (expected.status_code, expected.text), (method, path)
             seen.add(expected.status_code)
     assert {200, 404, 405} <= seen
+
+
+def test_the_plain_api_version_is_starlettes() -> None:
+    """``require_api_version`` reads a query that needs no decoding itself: the same value as
+    Starlette's parsed query, or it leaves the query to Starlette."""
+    from starlette.datastructures import QueryParams
+
+    from provisiond.service.http import _plain_api_version
+
+    queries = [
+        b"",
+        b"api-version=2021-10-01",
+        b"x=1&api-version=2019-03-31&y",
+        b"api-version=2018-01-01&api-version=2021-10-01",  # the last one, as Starlette's
+        b"api-version",
+        b"api-version=",
+        b"xapi-version=2021-10-01",
+        b"api-version=2021-10-01-preview&&",
+        b"api-version=2021%2D10%2D01",
+        b"api-version=a+b",
+    ]
+    for query in queries:
+        plain = _plain_api_version(query)
+        parsed = QueryParams(query.decode("latin-1")).get("api-version")
+        assert plain is None or plain == parsed, query
+    assert _plain_api_version(b"api-version=2021%2D10%2D01") is None  # left to Starlette

@@ -154,7 +154,9 @@ def require_api_version(request: Request) -> str:
 
     :raises MissingApiVersionError: absent or not such a date.
     """
-    version = request.query_params.get("api-version")
+    version = _plain_api_version(request.scope.get("query_string", b""))
+    if version is None:
+        version = request.query_params.get("api-version")
     if not version:
         raise MissingApiVersionError("The api-version query parameter is required (for example 2021-10-01).")
     match = _API_VERSION.match(version)
@@ -162,6 +164,20 @@ def require_api_version(request: Request) -> str:
         raise MissingApiVersionError(
             f"Unsupported api-version {version[:40]!r}: use a date from 2018 on, such as 2021-10-01."
         )
+    return version
+
+
+def _plain_api_version(query: bytes) -> str | None:
+    """The query's last ``api-version`` when no parameter needs decoding (what every SDK
+    sends: ``api-version=2021-10-01``), without building Starlette's parsed query (about
+    10 µs of every device request); ``None`` otherwise, and the caller parses the query."""
+    if b"%" in query or b"+" in query:
+        return None
+    version = None
+    for part in query.split(b"&"):
+        name, _, value = part.partition(b"=")
+        if name == b"api-version":
+            version = value.decode("ascii", "replace")
     return version
 
 

@@ -155,8 +155,10 @@ class RateLimiter:
 
         :raises ThrottledError: 429003, with ``retry_after``.
         """
+        if self._sources is None:
+            return  # no limit on failed attestations (the default): nothing to look up
         key = source_key(source)
-        if self._sources is None or key is None:
+        if key is None:
             return
         bucket = self._sources.get(key, self.clock(), create=False)
         wait = bucket.wait() if bucket is not None else 0.0
@@ -188,8 +190,10 @@ class RateLimiter:
 
     def failed(self, source: str | None) -> None:
         """Count one failed attestation against ``source``'s budget."""
+        if self._sources is None:
+            return  # no limit on failed attestations (the default): nothing to look up
         key = source_key(source)
-        if self._sources is None or key is None:
+        if key is None:
             return
         bucket = self._sources.get(key, self.clock(), create=True)
         assert bucket is not None
