@@ -81,7 +81,9 @@ class GroupCommit(Generic[I, R]):
         self._pending.append((list(items), future))
         if self._task is None:
             self._task = loop.create_task(self._drain())
-        return await asyncio.shield(future)  # a cancelled caller does not cancel the others' commit
+        # A cancelled caller cancels only its future: its items stay in the batch, which is
+        # written for everyone (the drain skips futures already done).
+        return await future
 
     async def _drain(self) -> None:
         try:
