@@ -106,8 +106,9 @@ class PostgresStore(Store):
     :param min_size: connections the pool keeps open.
     :param max_size: the most connections the pool opens. The pool opens them as requests wait
         for one, and closes those idle for 10 minutes, so it follows the load up to this bound:
-        32, because a registration waits for the database twice or three times and 64
-        registrations in flight kept 10 connections busy (docs/performance.md). With several
+        32, because 64 registrations in flight kept 10 connections busy when each waited for
+        the database three times (docs/performance.md); their reads and first commits now go
+        together, so they need fewer. With several
         worker processes or nodes, each has its own pool: together they must stay within the
         server's ``max_connections`` (100 by default).
     :param timeout: seconds a call waits for a free pool connection before failing (503).
