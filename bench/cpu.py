@@ -17,6 +17,15 @@ Phases (HTTPS):
   device once); ``x509-group`` is compared with ``x509-trivial``, made by the same generator,
   not with wrk's ``trivial`` (whose handshakes resume sessions).
 
+Phases (MQTT and AMQP, ``bench/_transports.py``'s asyncio generator in two processes, each device
+a new TLS connection resuming its slot's previous session as wrk does, ``--connections`` in
+flight, at most ``--seconds``, group-derived devices as in ``group``):
+- ``mqtt-group``: CONNECT, SUBSCRIBE, the register PUBLISH and its answer, each step awaited;
+- ``amqp-group``: SASL PLAIN, open, begin, two links, the register transfer and its answer;
+- ``mqtt-trivial``, ``amqp-trivial``: the TLS handshake on that listener, then the close.
+A second table compares each with ``group`` (HTTPS under wrk) in the same run: the goal is a
+transport's CPU per registration within 1.2x an HTTPS registration's.
+
     python bench/cpu.py [--devices 20000] [--seconds 10] [--connections 64] [--threads 2]
                         [--db sqlite|postgresql|sqlite,postgresql]
                         [--phases trivial,group,individual,trivial,x509-trivial,x509-group] [--log-level info]
@@ -54,6 +63,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine_summary, start_server, terminate_on_signals
+from _transports import run as run_transport
 
 from provisiond import pki
 from provisiond.protocol.sas import build_sas_token, derive_device_key
@@ -373,6 +383,7 @@ def main() -> int:
                 return 2
             results.append((backend, phases))
     _print_table(results)
+    _print_transports(results)
     return 0
 
 
@@ -516,7 +527,9 @@ def _measure(server, work: Path, args: argparse.Namespace, backend: str, db_pid:
     url = f"https://127.0.0.1:{port}"
     results: list[Phase] = []
     for name in args.phases.split(","):
-        if name.startswith("x509"):
+        if name.split("-")[0] in ("mqtt", "amqp"):
+            run = _run_transport(name, server, group_key, args, db_pid)
+        elif name.startswith("x509"):
             run = run_x509(
                 port,
                 x509_requests[name],
@@ -550,6 +563,51 @@ def _measure(server, work: Path, args: argparse.Namespace, backend: str, db_pid:
         )
 
     return results
+
+
+def _run_transport(name: str, server, group_key: str, args: argparse.Namespace, db_pid: int | None) -> Run:  # type: ignore[no-untyped-def]
+    """An MQTT or AMQP phase (``bench/_transports.py``): group-derived devices of their own."""
+    protocol, kind = name.split("-", 1)
+    port = int(server.info["mqttPort" if protocol == "mqtt" else "amqpPort"])
+    names = [f"{protocol[0]}-{i:07d}" for i in range(args.devices)]
+    marks: dict[str, float] = {}
+
+    def start() -> None:
+        marks["db"] = process_tree_cpu(db_pid) if db_pid else 0.0
+        marks["cpu"] = process_tree_cpu(server.pid)
+
+    done, bad, seconds, resumed = run_transport(
+        protocol if kind == "group" else "tls",
+        port,
+        server.info["idScope"],
+        group_key,
+        names,
+        concurrency=args.connections,
+        seconds=args.seconds,
+        processes=2,
+        on_start=start,
+    )
+    cpu = process_tree_cpu(server.pid) - marks["cpu"]
+    print(f"# {name}: {resumed} of {done} connections resumed a TLS session", flush=True)
+    db_cpu = process_tree_cpu(db_pid) - marks["db"] if db_pid else 0.0
+    return Run(done, seconds, cpu, bad, 0, db_cpu=db_cpu)
+
+
+def _print_transports(results: list[tuple[str, list[Phase]]]) -> None:
+    """MQTT and AMQP against HTTPS in the same run: CPU per request and the ratio to ``group``."""
+    for backend, phases in results:
+        own = [p for p in phases if p.name.split("-")[0] in ("mqtt", "amqp")]
+        https = [p for p in phases if p.name == "group"]
+        if not own:
+            continue
+        group = sum(p.cpu for p in https) / sum(p.requests for p in https) * 1e6 if https else float("nan")
+        print()
+        print(f"| db | phase | req/s | server CPU µs/req | x HTTPS group's ({group:.0f} µs) | failed |")
+        print("|---|---|---|---|---|---|")
+        for p in own:
+            print(
+                f"| {backend} | {p.name} | {p.rate:.0f} | {p.cpu_us:.0f} | {p.cpu_us / group:.2f} | {p.bad_status} |"
+            )
 
 
 def _http_request(scope: str, reg: str) -> bytes:
