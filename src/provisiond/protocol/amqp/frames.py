@@ -27,8 +27,8 @@ import struct
 from dataclasses import dataclass
 
 from ...errors import AmqpProtocolError, InsufficientData, LocalProtocolError
-from .performatives import Performative, Transfer, decode_composite, encode_composite
-from .types import Described, decode_value, encode_value
+from .performatives import Performative, Transfer, decode_composite, write_composite
+from .types import Described, decode_value
 
 __all__ = [
     "HEADER_SIZE",
@@ -124,7 +124,7 @@ def encode_frame(frame: Frame, buffer: bytearray) -> None:
     """Append ``frame`` (DOFF 2: no extended header)."""
     body = bytearray()
     if frame.performative is not None:
-        encode_value(encode_composite(frame.performative), body)
+        write_composite(frame.performative, body)
         body += frame.payload
     buffer += _FRAME_HEADER.pack(HEADER_SIZE + len(body), 2, frame.type, frame.channel)
     buffer += body
@@ -133,7 +133,7 @@ def encode_frame(frame: Frame, buffer: bytearray) -> None:
 def frame_size(performative: Performative, payload_size: int = 0) -> int:
     """The size of the frame that would carry ``performative`` and that much payload."""
     body = bytearray()
-    encode_value(encode_composite(performative), body)
+    write_composite(performative, body)
     return HEADER_SIZE + len(body) + payload_size
 
 

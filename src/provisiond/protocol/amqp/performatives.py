@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeAlias
@@ -25,6 +26,7 @@ from .types import (
     Described,
     Symbol,
     Timestamp,
+    TypeCode,
     UByte,
     UInt,
     ULong,
@@ -82,6 +84,7 @@ __all__ = [
     "decode_message",
     "encode_composite",
     "encode_message",
+    "write_composite",
 ]
 
 
@@ -308,19 +311,85 @@ def _described(value: Composite) -> Described:
     return encode_composite(value)
 
 
+@dataclass(frozen=True, slots=True)
+class _Field:
+    name: str
+    kind: Kind
+    mandatory: bool
+    default: Any
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """A composite class's fields in wire order and its descriptor (made once per class)."""
+
+    fields: tuple[_Field, ...]
+    descriptor: ULong
+    #: the descriptor's encoding, constructor included
+    prefix: bytes
+
+
+_LAYOUTS: dict[type[Composite], _Layout] = {}
+
+
+def _layout(cls: type[Composite]) -> _Layout:
+    layout = _LAYOUTS.get(cls)
+    if layout is None:
+        fields = tuple(
+            _Field(f.name, f.metadata["amqp"], f.metadata["mandatory"], f.default)
+            for f in dataclasses.fields(cls)
+        )
+        prefix = bytearray((TypeCode.DESCRIBED,))
+        encode_value(ULong(cls.descriptor_code), prefix)
+        layout = _LAYOUTS[cls] = _Layout(fields, ULong(cls.descriptor_code), bytes(prefix))
+    return layout
+
+
+def write_composite(value: Composite, buffer: bytearray) -> None:
+    """Append ``value``'s encoding: the bytes ``encode_value(encode_composite(value), buffer)``
+    appends, without building the described list first (the frames' path)."""
+    layout = _layout(type(value))
+    body = bytearray()
+    count = nulls = 0
+    for f in layout.fields:
+        current = getattr(value, f.name)
+        if current is None or (not f.mandatory and current == f.default):
+            nulls += 1
+            continue
+        if nulls:
+            body += _NULLS * nulls
+            count += nulls
+            nulls = 0
+        encode_value(f.kind.encode(current), body)
+        count += 1
+    buffer += layout.prefix
+    if not count:
+        buffer.append(TypeCode.LIST0)
+    elif len(body) < 255 and count < 256:
+        buffer += bytes((TypeCode.LIST8, len(body) + 1, count))
+    else:
+        buffer.append(TypeCode.LIST32)
+        buffer += struct.pack(">II", len(body) + 4, count)
+    buffer += body
+
+
+_NULLS = bytes((TypeCode.NULL,))
+
+
 def encode_composite(value: Composite) -> Described:
     """The described list of ``value`` (defaults as null, trailing nulls dropped)."""
+    layout = _layout(type(value))
+    fields, descriptor = layout.fields, layout.descriptor
     items: list[Any] = []
-    for f in dataclasses.fields(value):
+    for f in fields:
         current = getattr(value, f.name)
-        kind: Kind = f.metadata["amqp"]
-        if current is None or (not f.metadata["mandatory"] and current == f.default):
+        if current is None or (not f.mandatory and current == f.default):
             items.append(None)
         else:
-            items.append(kind.encode(current))
+            items.append(f.kind.encode(current))
     while items and items[-1] is None:
         items.pop()
-    return Described(ULong(value.descriptor_code), items)
+    return Described(descriptor, items)
 
 
 def decode_composite(value: Described) -> Composite:
@@ -336,14 +405,14 @@ def decode_composite(value: Described) -> Composite:
     if not isinstance(items, list):
         raise _invalid(f"A {cls.__name__} must be a list, not {type(items).__name__}.")
     kwargs: dict[str, Any] = {}
-    for index, f in enumerate(dataclasses.fields(cls)):
+    for index, f in enumerate(_layout(cls).fields):
         raw = items[index] if index < len(items) else None
         if raw is None:
-            if f.metadata["mandatory"]:
+            if f.mandatory:
                 raise _invalid(f"{cls.__name__}.{f.name} is mandatory.")
             continue
         try:
-            kwargs[f.name] = f.metadata["amqp"].decode(raw)
+            kwargs[f.name] = f.kind.decode(raw)
         except AmqpProtocolError as exc:
             raise _invalid(f"{cls.__name__}.{f.name}: {exc}") from None
     return cls(**kwargs)
