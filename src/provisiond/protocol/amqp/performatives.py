@@ -33,6 +33,7 @@ from .types import (
     UShort,
     decode_value,
     encode_value,
+    register_encoder,
     symbol_array,
 )
 
@@ -164,6 +165,8 @@ class Kind:
 
 def _unsigned(wrap: type[int]) -> Kind:
     def decode(value: Any) -> Any:
+        if type(value) is wrap:
+            return value
         # Any unsigned encoding that fits is accepted (some peers widen small fields).
         if not isinstance(value, UByte | UShort | UInt | ULong):
             raise _invalid(f"expected {wrap.__name__.lower()}, got {type(value).__name__}")
@@ -172,7 +175,10 @@ def _unsigned(wrap: type[int]) -> Kind:
         except Exception:
             raise _invalid(f"{int(value)} does not fit a {wrap.__name__.lower()}") from None
 
-    return Kind(wrap.__name__.lower(), decode, wrap)
+    def encode(value: Any) -> Any:
+        return value if type(value) is wrap else wrap(value)
+
+    return Kind(wrap.__name__.lower(), decode, encode)
 
 
 def _typed(name: str, types: type | tuple[type, ...], convert: Callable[[Any], Any] = lambda v: v) -> Kind:
@@ -297,6 +303,7 @@ class Composite:
                 raise AssertionError(f"{cls.descriptor_code:#x} registered twice")  # pragma: no cover
             COMPOSITES[cls.descriptor_code] = cls
             COMPOSITES[cls.descriptor_name] = cls
+            register_encoder(cls, write_composite)
 
 
 def _lookup(descriptor: Any) -> type[Composite] | None:
@@ -307,8 +314,9 @@ def _lookup(descriptor: Any) -> type[Composite] | None:
     return None
 
 
-def _described(value: Composite) -> Described:
-    return encode_composite(value)
+def _described(value: Composite) -> Composite:
+    """A composite as a field value: :func:`encode_value` encodes it (see :func:`write_composite`)."""
+    return value
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,6 +91,7 @@ __all__ = [
     "UShort",
     "decode_value",
     "encode_value",
+    "register_encoder",
     "symbol_array",
 ]
 
@@ -298,21 +299,32 @@ def _boolean(value: int) -> bool:
     return value == 1
 
 
+def _wire(cls: type[int]) -> Callable[[int], Any]:
+    """``cls`` made from a value its encoding's width already bounds: no range check, and the
+    values of one byte shared (immutable) rather than made again."""
+    small = [int.__new__(cls, i) for i in range(256)] if cls._min == 0 else []  # type: ignore[attr-defined]
+
+    def make(value: int) -> Any:
+        return small[value] if 0 <= value < len(small) else int.__new__(cls, value)
+
+    return make
+
+
 _DECODERS: dict[TypeCode, _Body] = {
     **{code: _constant(value) for code, value in _ZERO_WIDTH.items()},
     TypeCode.BOOLEAN: _fixed(">B", _boolean),
-    TypeCode.UBYTE: _fixed(">B", UByte),
-    TypeCode.USHORT: _fixed(">H", UShort),
-    TypeCode.UINT: _fixed(">I", UInt),
-    TypeCode.SMALLUINT: _fixed(">B", UInt),
-    TypeCode.ULONG: _fixed(">Q", ULong),
-    TypeCode.SMALLULONG: _fixed(">B", ULong),
-    TypeCode.BYTE: _fixed(">b", Byte),
-    TypeCode.SHORT: _fixed(">h", Short),
-    TypeCode.INT: _fixed(">i", Int),
-    TypeCode.SMALLINT: _fixed(">b", Int),
-    TypeCode.LONG: _fixed(">q", Long),
-    TypeCode.SMALLLONG: _fixed(">b", Long),
+    TypeCode.UBYTE: _fixed(">B", _wire(UByte)),
+    TypeCode.USHORT: _fixed(">H", _wire(UShort)),
+    TypeCode.UINT: _fixed(">I", _wire(UInt)),
+    TypeCode.SMALLUINT: _fixed(">B", _wire(UInt)),
+    TypeCode.ULONG: _fixed(">Q", _wire(ULong)),
+    TypeCode.SMALLULONG: _fixed(">B", _wire(ULong)),
+    TypeCode.BYTE: _fixed(">b", _wire(Byte)),
+    TypeCode.SHORT: _fixed(">h", _wire(Short)),
+    TypeCode.INT: _fixed(">i", _wire(Int)),
+    TypeCode.SMALLINT: _fixed(">b", _wire(Int)),
+    TypeCode.LONG: _fixed(">q", _wire(Long)),
+    TypeCode.SMALLLONG: _fixed(">b", _wire(Long)),
     TypeCode.FLOAT: _fixed(">f", Float),
     TypeCode.DOUBLE: _fixed(">d", float),
     TypeCode.CHAR: _fixed(">I", _char),
@@ -705,3 +717,10 @@ _ENCODERS: dict[type, Callable[[Any, bytearray], None]] = {
     Array: _encode_array,
     **{kind: _int_encoder(encode) for kind, encode in _INT_ENCODERS.items()},
 }
+
+
+def register_encoder(cls: type, encoder: Callable[[Any, bytearray], None]) -> None:
+    """Let :func:`encode_value` encode instances of ``cls`` (exactly that class) with
+    ``encoder(value, buffer)``: how the performatives' module has its composites (described
+    lists) encoded where they are field values, without building the described list first."""
+    _ENCODERS[cls] = encoder
