@@ -43,6 +43,7 @@ when half of the peer's has passed without output.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -129,6 +130,16 @@ def _parse(buffer: bytearray, decode: Callable[[memoryview], tuple[memoryview, T
     view = memoryview(buffer)
     rest, item = decode(view)
     return len(view) - len(rest), item
+
+
+@functools.lru_cache(maxsize=16)
+def _mechanisms_frame(mechanisms: tuple[str, ...]) -> bytes:
+    """The sasl-mechanisms frame offering ``mechanisms``: the same bytes for every connection of
+    a server, made once."""
+    frame = bytearray()
+    performative = SaslMechanisms(sasl_server_mechanisms=tuple(Symbol(m) for m in mechanisms))
+    encode_frame(Frame(FrameType.SASL, 0, performative), frame)
+    return bytes(frame)
 
 
 class _Phase(enum.Enum):
@@ -372,8 +383,7 @@ class Connection:
             self._phase = _Phase.SASL
             if self.side is Side.SERVER:
                 self._send_header(ProtocolId.SASL)
-                mechanisms = tuple(Symbol(m) for m in self.config.sasl_mechanisms)
-                self._send_frame(Frame(FrameType.SASL, 0, SaslMechanisms(sasl_server_mechanisms=mechanisms)))
+                self._out += _mechanisms_frame(self.config.sasl_mechanisms)
             return
         self._advance(RECEIVED, ProtocolHeader)
         self._phase = _Phase.AMQP
