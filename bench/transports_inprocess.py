@@ -91,7 +91,8 @@ async def _phase(
         pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(40)
 
 
-async def main(args: argparse.Namespace) -> None:
+async def main(args: argparse.Namespace) -> int:
+    """Run the phases; the number of sessions that were not assigned."""
     tmp = Path(tempfile.mkdtemp(prefix="provisiond-transports-inprocess-"))
     store = SqliteStore(tmp / "provisiond.sqlite")
     await store.open()
@@ -150,6 +151,7 @@ async def main(args: argparse.Namespace) -> None:
         await _phase("amqp", amqp_devices, session(amqp), args.concurrency, args.profile == "amqp")
         if failed:
             print(f"# {failed} sessions did not read an assigned answer", file=sys.stderr)
+        return failed
     finally:
         await store.close()
 
@@ -163,4 +165,4 @@ if __name__ == "__main__":
     parser.add_argument("--profile", choices=["amqp", "mqtt"])
     import uvloop
 
-    uvloop.run(main(parser.parse_args()))
+    sys.exit(1 if uvloop.run(main(parser.parse_args())) else 0)

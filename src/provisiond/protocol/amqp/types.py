@@ -358,6 +358,8 @@ def _decode(data: memoryview, depth: int) -> tuple[memoryview, Any]:
     if not data:
         raise InsufficientData
     code = data[0]
+    if code == 0x40:  # null: most of a performative's fields
+        return data[1:], None
     if code == TypeCode.DESCRIBED:
         rest, descriptor = _decode(data[1:], depth + 1)
         _check_descriptor(descriptor)
