@@ -24,7 +24,9 @@ def _run(*args: str) -> str:
     return result.stdout
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="bench/cpu.py needs wrk (Debian: apt-get install wrk)")
+@pytest.mark.skipif(
+    shutil.which("wrk") is None, reason="bench/cpu.py needs wrk (Debian: apt-get install wrk)"
+)
 def test_cpu_bench_runs_the_mqtt_and_amqp_phases() -> None:
     out = _run(
         str(BENCH / "cpu.py"),
@@ -38,7 +40,9 @@ def test_cpu_bench_runs_the_mqtt_and_amqp_phases() -> None:
         "mqtt-trivial,mqtt-group,amqp-trivial,amqp-group",
     )
     assert "x HTTPS group's" in out, out
-    rows = re.findall(r"^\| sqlite \| (mqtt|amqp)-(trivial|group) \| (\d+) \| (\d+) \| \S+ \| (\d+) \|$", out, re.M)
+    rows = re.findall(
+        r"^\| sqlite \| (mqtt|amqp)-(trivial|group) \| (\d+) \| (\d+) \| \S+ \| (\d+) \|$", out, re.M
+    )
     assert len(rows) == 4, out
     for protocol, kind, _rate, _cpu, failed in rows:
         assert failed == "0", f"{protocol}-{kind}: {failed} devices failed\n{out}"

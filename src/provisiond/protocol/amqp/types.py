@@ -348,6 +348,9 @@ _DECODERS: dict[TypeCode, _Body] = {
 }
 
 
+_SMALL_ULONG = [int.__new__(ULong, i) for i in range(256)]
+_SMALL_UINT = [int.__new__(UInt, i) for i in range(256)]
+
 #: The decoder of each format code, indexed by the code's byte (None: not a format code).
 _BY_BYTE: list[_Body | None] = [_DECODERS.get(code) for code in range(256)]  # type: ignore[call-overload]
 
@@ -358,9 +361,22 @@ def _decode(data: memoryview, depth: int) -> tuple[memoryview, Any]:
     if not data:
         raise InsufficientData
     code = data[0]
+    # The commonest constructors of performatives inline (the table has the same decoders).
     if code == 0x40:  # null: most of a performative's fields
         return data[1:], None
-    if code == TypeCode.DESCRIBED:
+    if code == 0x53 or code == 0x52:  # smallulong (descriptors), smalluint
+        if len(data) < 2:
+            raise InsufficientData
+        return data[2:], (_SMALL_ULONG if code == 0x53 else _SMALL_UINT)[data[1]]
+    if code == 0xA1 or code == 0xA3 or code == 0xA0:  # str8, sym8, vbin8
+        if len(data) < 2:
+            raise InsufficientData
+        end = 2 + data[1]
+        if len(data) < end:
+            raise InsufficientData
+        body = data[2:end]
+        return data[end:], _utf8(body) if code == 0xA1 else _ascii(body) if code == 0xA3 else bytes(body)
+    if code == 0:  # described
         rest, descriptor = _decode(data[1:], depth + 1)
         _check_descriptor(descriptor)
         rest, value = _decode(rest, depth + 1)
