@@ -547,7 +547,7 @@ def _encoder_of(value: Any) -> Callable[[Any, bytearray], None]:
         (Array, _encode_array),
     ):
         if isinstance(value, kind):
-            return encoder  # type: ignore[return-value]
+            return encoder
     raise LocalProtocolError(f"A {type(value).__name__} has no AMQP encoding.")
 
 
