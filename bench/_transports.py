@@ -1,5 +1,5 @@
-"""A cheap load generator for MQTT and AMQP registrations (``bench/cpu.py``'s ``mqtt-*`` and
-``amqp-*`` phases): raw asyncio (uvloop) with byte frames made before the clock starts by the
+"""A cheap load generator for MQTT, AMQP and HTTPS registrations (``bench/cpu.py``'s ``mqtt-*``,
+``amqp-*`` and ``https-*`` phases): raw asyncio (uvloop) with byte frames made before the clock starts by the
 project's own sans-io codecs, so that the load spends little of the 2 shared cores.
 
 Each device is a new TCP and TLS connection. Like wrk, every connection slot keeps the TLS
@@ -16,6 +16,9 @@ step after the other, each step waiting for the server's answer, as the official
   credit in one write -> both attaches and the sender's credit; the register message (a
   transfer) -> the answer (a transfer) and the disposition of the request; then the answer's
   disposition and close -> the server's close, and the client closes.
+* HTTPS: the register PUT with ``Connection: close``, then the answer until the server closes:
+  the same registration as wrk's ``group`` phase, made by this generator, so that MQTT and
+  AMQP are also compared with HTTPS under the same load generator.
 * ``*-trivial``: the TLS handshake, then the client closes: what the listener costs before
   the protocol starts.
 * ``amqp-pipelined`` (a diagnostic, no SDK does it): the SASL header, sasl-init and the AMQP
@@ -74,8 +77,8 @@ _AMQP_ATTACH, _AMQP_FLOW, _AMQP_TRANSFER, _AMQP_CLOSE = 0x12, 0x13, 0x14, 0x18
 
 @dataclass(frozen=True)
 class Job:
-    """One load process's share: ``protocol`` is ``mqtt``, ``amqp``, ``amqp-pipelined`` or
-    ``tls`` (the handshake only)."""
+    """One load process's share: ``protocol`` is ``https``, ``mqtt``, ``amqp``,
+    ``amqp-pipelined`` or ``tls`` (the handshake only)."""
 
     protocol: str
     port: int
@@ -109,6 +112,16 @@ def mqtt_steps(scope: str, reg: str, key: str) -> list[bytes]:
     subscribe = client.get_outbound_data()
     client.publish(register_topic("1"), json.dumps({"registrationId": reg}).encode())
     return [connect, subscribe, client.get_outbound_data()]
+
+
+def https_request(scope: str, reg: str, key: str) -> bytes:
+    """The register PUT with ``Connection: close``, as wrk sends it in ``bench/cpu.py``."""
+    body = json.dumps({"registrationId": reg}).encode()
+    return (
+        f"PUT /{scope}/registrations/{reg}/register?api-version={API_VERSION} HTTP/1.1\r\n"
+        f"Host: localhost\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        f"Authorization: {_token(scope, reg, key)}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
 
 
 def _frame(performative: Any, payload: bytes = b"", *, sasl: bool = False) -> bytes:
@@ -268,7 +281,11 @@ async def _device(job: Job, context: _ResumingContext, steps: list[bytes]) -> tu
     ok = resumed = False
     try:
         buffer = bytearray()
-        if job.protocol == "mqtt":
+        if job.protocol == "https":
+            writer.write(steps[0])
+            answer = await reader.read()  # Connection: close: the answer, then the server closes
+            ok = ASSIGNED in answer
+        elif job.protocol == "mqtt":
             connect, subscribe, publish = steps
             for data, code in ((connect, _MQTT_CONNACK), (subscribe, _MQTT_SUBACK)):
                 writer.write(data)
@@ -373,6 +390,8 @@ def _worker(job: Job, barrier: Any, results: Any) -> None:
             steps.append(mqtt_steps(job.scope, reg, key))
         elif job.protocol.startswith("amqp"):
             steps.append(amqp_steps(job.scope, reg, key))
+        elif job.protocol == "https":
+            steps.append([https_request(job.scope, reg, key)])
         else:
             steps.append([])
     barrier.wait()  # every process has its frames: the clock starts

@@ -37,16 +37,18 @@ def test_cpu_bench_runs_the_mqtt_and_amqp_phases() -> None:
         "--connections",
         "4",
         "--phases",
-        "mqtt-trivial,mqtt-group,amqp-trivial,amqp-group",
+        "https-trivial,https-group,mqtt-trivial,mqtt-group,amqp-trivial,amqp-group,amqp-pipelined",
     )
-    assert "x HTTPS group's" in out, out
+    assert "x https-group's" in out, out
     rows = re.findall(
-        r"^\| sqlite \| (mqtt|amqp)-(trivial|group) \| (\d+) \| (\d+) \| \S+ \| (\d+) \|$", out, re.M
+        r"^\| sqlite \| (https|mqtt|amqp)-(trivial|group|pipelined) \| (\d+) \| (\d+) \| \S+ \| \S+ \| (\d+) \|$",
+        out,
+        re.M,
     )
-    assert len(rows) == 4, out
+    assert len(rows) == 7, out
     for protocol, kind, _rate, _cpu, failed in rows:
         assert failed == "0", f"{protocol}-{kind}: {failed} devices failed\n{out}"
-    for protocol in ("mqtt", "amqp"):
+    for protocol in ("https", "mqtt", "amqp"):
         resumed = re.search(rf"^# {protocol}-group: (\d+) of (\d+) connections resumed", out, re.M)
         assert resumed is not None and int(resumed.group(2)) > 0, out
 
