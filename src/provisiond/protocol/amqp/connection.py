@@ -72,6 +72,7 @@ from .frames import (
     decode_frame,
     decode_protocol_header,
     encode_frame,
+    frame_incomplete,
 )
 from .performatives import (
     Begin,
@@ -273,9 +274,12 @@ class Connection:
         its open, or the answer to an attach (a pipelining peer's next frames depend on it)."""
         if self._phase is _Phase.SASL:
             return self.sasl_state is SaslState.DECIDING
-        return self.state is ConnectionState.OPEN_RCVD or any(
-            s.awaiting_answer for s in self.sessions.values()
-        )
+        if self.state is ConnectionState.OPEN_RCVD:
+            return True
+        for session in self.sessions.values():
+            if session.awaiting_answer:
+                return True
+        return False
 
     @property
     def pending_input(self) -> int:
@@ -333,6 +337,10 @@ class Connection:
 
     def _step(self) -> bool:
         """Handle one header or frame from the input; False when more bytes are needed."""
+        if not self._in or (
+            self._phase is not _Phase.HEADER and frame_incomplete(self._in, self.config.max_frame_size)
+        ):
+            return False  # no exception for the common case of waiting for bytes
         try:
             if self._phase is _Phase.HEADER:
                 consumed, header = _parse(self._in, decode_protocol_header)

@@ -38,6 +38,7 @@ __all__ = [
     "ProtocolHeader",
     "ProtocolId",
     "decode_frame",
+    "frame_incomplete",
     "decode_protocol_header",
     "encode_frame",
     "frame_size",
@@ -139,6 +140,19 @@ def frame_size(performative: Performative, payload_size: int = 0) -> int:
 
 def _framing(message: str) -> AmqpProtocolError:
     return AmqpProtocolError(message, condition="amqp:connection:framing-error")
+
+
+_FRAME_TYPES = frozenset(int(t) for t in FrameType)
+
+
+def frame_incomplete(data: bytes | bytearray, max_frame_size: int) -> bool:
+    """Whether ``data`` is the beginning of a frame that :func:`decode_frame` would wait for
+    (it would raise :class:`InsufficientData`), told from the header alone. False also for a
+    header that :func:`decode_frame` refuses: it does so before the rest arrives."""
+    if len(data) < HEADER_SIZE:
+        return True
+    size, doff, type_code = int.from_bytes(data[:4], "big"), data[4], data[5]
+    return len(data) < size <= max_frame_size and 2 <= doff and doff * 4 <= size and type_code in _FRAME_TYPES
 
 
 def decode_frame(data: memoryview | bytes, max_frame_size: int) -> tuple[memoryview, Frame]:
