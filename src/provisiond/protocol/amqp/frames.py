@@ -142,7 +142,8 @@ def _framing(message: str) -> AmqpProtocolError:
     return AmqpProtocolError(message, condition="amqp:connection:framing-error")
 
 
-_FRAME_TYPES = frozenset(int(t) for t in FrameType)
+_FRAME_TYPE_OF = {int(t): t for t in FrameType}
+_FRAME_TYPES = frozenset(_FRAME_TYPE_OF)
 
 
 def frame_incomplete(data: bytes | bytearray, max_frame_size: int) -> bool:
@@ -174,10 +175,9 @@ def decode_frame(data: memoryview | bytes, max_frame_size: int) -> tuple[memoryv
         raise _framing(f"A frame of {size} bytes exceeds the maximum frame size of {max_frame_size}.")
     if doff < 2 or doff * 4 > size:
         raise _framing(f"A frame's data offset {doff} is outside its size {size}.")
-    try:
-        frame_type = FrameType(type_code)
-    except ValueError:
-        raise _framing(f"Unknown frame type {type_code:#04x}.") from None
+    frame_type = _FRAME_TYPE_OF.get(type_code)
+    if frame_type is None:
+        raise _framing(f"Unknown frame type {type_code:#04x}.")
     if len(view) < size:
         raise InsufficientData
     body = view[doff * 4 : size]

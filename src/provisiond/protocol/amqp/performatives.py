@@ -335,6 +335,8 @@ class _Layout:
     descriptor: ULong
     #: the descriptor's encoding, constructor included
     prefix: bytes
+    #: the optional fields' defaults, by name
+    defaults: dict[str, Any]
 
 
 _LAYOUTS: dict[type[Composite], _Layout] = {}
@@ -349,7 +351,8 @@ def _layout(cls: type[Composite]) -> _Layout:
         )
         prefix = bytearray((TypeCode.DESCRIBED,))
         encode_value(ULong(cls.descriptor_code), prefix)
-        layout = _LAYOUTS[cls] = _Layout(fields, ULong(cls.descriptor_code), bytes(prefix))
+        defaults = {f.name: f.default for f in fields if not f.mandatory}
+        layout = _LAYOUTS[cls] = _Layout(fields, ULong(cls.descriptor_code), bytes(prefix), defaults)
     return layout
 
 
@@ -412,18 +415,24 @@ def decode_composite(value: Described) -> Composite:
     items = value.value
     if not isinstance(items, list):
         raise _invalid(f"A {cls.__name__} must be a list, not {type(items).__name__}.")
-    kwargs: dict[str, Any] = {}
-    for index, f in enumerate(_layout(cls).fields):
-        raw = items[index] if index < len(items) else None
+    layout = _layout(cls)
+    values = dict(layout.defaults)
+    count = len(items)
+    for index, f in enumerate(layout.fields):
+        raw = items[index] if index < count else None
         if raw is None:
             if f.mandatory:
                 raise _invalid(f"{cls.__name__}.{f.name} is mandatory.")
             continue
         try:
-            kwargs[f.name] = f.kind.decode(raw)
+            values[f.name] = f.kind.decode(raw)
         except AmqpProtocolError as exc:
             raise _invalid(f"{cls.__name__}.{f.name}: {exc}") from None
-    return cls(**kwargs)
+    # What the frozen dataclass's __init__ does (composites have no __post_init__), in one
+    # update instead of one object.__setattr__ per field.
+    composite = object.__new__(cls)
+    composite.__dict__.update(values)
+    return composite
 
 
 # --- error, delivery states, terminus ----------------------------------------------------------
