@@ -17,6 +17,19 @@ Phases (HTTPS):
   device once); ``x509-group`` is compared with ``x509-trivial``, made by the same generator,
   not with wrk's ``trivial`` (whose handshakes resume sessions).
 
+Phases (MQTT, AMQP and HTTPS, ``bench/_transports.py``'s asyncio generator in two processes, each device
+a new TLS connection resuming its slot's previous session as wrk does, ``--connections`` in
+flight, at most ``--seconds``, group-derived devices as in ``group``):
+- ``mqtt-group``: CONNECT, SUBSCRIBE, the register PUBLISH and its answer, each step awaited;
+- ``amqp-group``: SASL PLAIN, open, begin, two links, the register transfer and its answer;
+- ``mqtt-trivial``, ``amqp-trivial``: the TLS handshake on that listener, then the close;
+- ``amqp-pipelined`` (a diagnostic): ``amqp-group`` with the SASL and AMQP setup sent in one
+  write, two round trips fewer than the SDKs make;
+- ``https-group``, ``https-trivial``: the HTTPS registration (and a TLS handshake on the HTTPS
+  port) made by the same generator, so that the transports are also compared under one load.
+A second table compares each with ``group`` (HTTPS under wrk) and with ``https-group`` in the
+same run: the goal is a transport's CPU per registration within 1.2x an HTTPS registration's.
+
     python bench/cpu.py [--devices 20000] [--seconds 10] [--connections 64] [--threads 2]
                         [--db sqlite|postgresql|sqlite,postgresql]
                         [--phases trivial,group,individual,trivial,x509-trivial,x509-group] [--log-level info]
@@ -54,6 +67,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine_summary, start_server, terminate_on_signals
+from _transports import run as run_transport
 
 from provisiond import pki
 from provisiond.protocol.sas import build_sas_token, derive_device_key
@@ -373,6 +387,7 @@ def main() -> int:
                 return 2
             results.append((backend, phases))
     _print_table(results)
+    _print_transports(results)
     return 0
 
 
@@ -516,7 +531,9 @@ def _measure(server, work: Path, args: argparse.Namespace, backend: str, db_pid:
     url = f"https://127.0.0.1:{port}"
     results: list[Phase] = []
     for name in args.phases.split(","):
-        if name.startswith("x509"):
+        if name.split("-")[0] in _TRANSPORTS:
+            run = _run_transport(name, server, group_key, args, db_pid)
+        elif name.startswith("x509"):
             run = run_x509(
                 port,
                 x509_requests[name],
@@ -550,6 +567,64 @@ def _measure(server, work: Path, args: argparse.Namespace, backend: str, db_pid:
         )
 
     return results
+
+
+def _run_transport(name: str, server, group_key: str, args: argparse.Namespace, db_pid: int | None) -> Run:  # type: ignore[no-untyped-def]
+    """An MQTT or AMQP phase (``bench/_transports.py``): group-derived devices of their own."""
+    protocol, kind = name.split("-", 1)
+    port = int(server.info[f"{protocol}Port"])
+    names = [f"{protocol[0]}{kind[0]}-{i:07d}" for i in range(args.devices)]  # each phase its own devices
+    marks: dict[str, float] = {}
+
+    def start() -> None:
+        marks["db"] = process_tree_cpu(db_pid) if db_pid else 0.0
+        marks["cpu"] = process_tree_cpu(server.pid)
+
+    done, bad, seconds, resumed = run_transport(
+        {"group": protocol, "pipelined": f"{protocol}-pipelined"}.get(kind, "tls"),
+        port,
+        server.info["idScope"],
+        group_key,
+        names,
+        concurrency=args.connections,
+        seconds=args.seconds,
+        processes=2,
+        on_start=start,
+    )
+    cpu = process_tree_cpu(server.pid) - marks["cpu"]
+    print(f"# {name}: {resumed} of {done} connections resumed a TLS session", flush=True)
+    db_cpu = process_tree_cpu(db_pid) - marks["db"] if db_pid else 0.0
+    return Run(done, seconds, cpu, bad, 0, db_cpu=db_cpu)
+
+
+#: The phases of bench/_transports.py's generator, by their name's first word.
+_TRANSPORTS = ("https", "mqtt", "amqp")
+
+
+def _print_transports(results: list[tuple[str, list[Phase]]]) -> None:
+    """MQTT and AMQP against HTTPS in the same run: CPU per request and the ratios to wrk's
+    ``group`` and to ``https-group`` (the same registration from this generator)."""
+
+    def cpu_of(phases: list[Phase], name: str) -> float:
+        runs = [p for p in phases if p.name == name]
+        return sum(p.cpu for p in runs) / sum(p.requests for p in runs) * 1e6 if runs else float("nan")
+
+    for backend, phases in results:
+        own = [p for p in phases if p.name.split("-")[0] in _TRANSPORTS]
+        if not own:
+            continue
+        wrk, py = cpu_of(phases, "group"), cpu_of(phases, "https-group")
+        print()
+        print(
+            f"| db | phase | req/s | server CPU µs/req | x group's (wrk, {wrk:.0f} µs) "
+            f"| x https-group's ({py:.0f} µs) | failed |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for p in own:
+            print(
+                f"| {backend} | {p.name} | {p.rate:.0f} | {p.cpu_us:.0f} | {p.cpu_us / wrk:.2f} "
+                f"| {p.cpu_us / py:.2f} | {p.bad_status} |"
+            )
 
 
 def _http_request(scope: str, reg: str) -> bytes:

@@ -29,6 +29,7 @@ from provisiond.protocol.mqtt import (
     Connack,
     Connect,
     ConnectReturnCode,
+    Disconnect,
     MqttConnection,
     Packet,
     Pingresp,
@@ -441,6 +442,37 @@ def test_oversized_packet_closes_before_the_body_arrives(
     raw.send(b"\x32\xff\xff\x7f")  # a PUBLISH announcing 2 MB; not one byte of it is sent
     assert raw.closed_within(WAIT) < WAIT
     dps.wait_for_log("MQTT", reg, "exceeds the maximum packet size")
+
+
+def test_a_disconnect_behind_other_packets_is_an_orderly_close(
+    dps: RunningServer, admin: ServiceClient, raw: Raw
+) -> None:
+    """The answer's PUBACK and the DISCONNECT in one write (as a lean client sends them) end the
+    session without a log line at info, like a DISCONNECT alone."""
+    reg = uid()
+    raw.send(
+        connect_packet(dps, reg, enroll(admin, reg)),
+        Subscribe(packet_id=1, subscriptions=(Subscription(topic_filter="$dps/registrations/res/#"),)),
+        Publish(topic=register_topic("1"), payload=register_body(reg)),
+    )
+    assert raw.packet() == Connack()
+    assert isinstance(raw.packet(), Suback)
+    response = raw.packet()
+    assert isinstance(response, Publish) and response.qos is QoS.AT_LEAST_ONCE
+    raw.send(Puback(packet_id=response.packet_id or 0), Disconnect())
+    assert raw.closed_within(WAIT) < WAIT
+    # a second session that ends with a line at info: the first one's line would come before it
+    other, after = Raw(dps), uid()
+    try:
+        other.send(connect_packet(dps, after, enroll(admin, after)))
+        assert other.packet() == Connack()
+        other.send(b"\x30\x04\x00\x02\xc3\x28")  # a topic that is not UTF-8
+        assert other.closed_within(WAIT) < WAIT
+    finally:
+        other.close()
+    dps.wait_for_log("MQTT", after, "not well-formed UTF-8")
+    closes = [line for line in dps.log().splitlines() if f" {reg} " in line and "closed:" in line]
+    assert not [line for line in closes if " INFO " in line], closes
 
 
 def test_malformed_packet_closes(dps: RunningServer, admin: ServiceClient, raw: Raw) -> None:

@@ -142,9 +142,8 @@ class AmqpEndpoint:
         self.gateway = gateway
         self.transport = transport
         self.settings = gateway.ctx.settings
-
-    def config(self) -> ConnectionConfig:
-        return ConnectionConfig(
+        #: Our side of every connection (immutable, so shared): this endpoint is one container.
+        self.config = ConnectionConfig(
             container_id=f"provisiond-{uuid.uuid4()}",
             hostname=self.settings.host,
             idle_timeout=self.settings.session_idle_timeout,  # our open's idle-time-out
@@ -161,7 +160,7 @@ class _Session:
     def __init__(self, endpoint: AmqpEndpoint, stream: ByteStream) -> None:
         self.endpoint = endpoint
         self.stream = stream
-        self.machine = Connection(Side.SERVER, endpoint.config(), clock=time.monotonic)
+        self.machine = Connection(Side.SERVER, endpoint.config, clock=time.monotonic)
         self.identity = _Identity()
         self.senders: dict[dps.RegistrationAddress, LinkId] = {}
         self.receivers: dict[LinkId, dps.RegistrationAddress] = {}
@@ -189,7 +188,9 @@ class _Session:
         with contextlib.suppress(StreamClosed):
             await self._flush()
         normal = self.close_reason in ("the device closed the connection", "the device closed the stream")
-        log.log(logging.DEBUG if normal else logging.INFO, "AMQP %s: closed: %s", self.who, self.close_reason)
+        level = logging.DEBUG if normal else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "AMQP %s: closed: %s", self.who, self.close_reason)
 
     async def _receive(self) -> list[Event]:
         if self.machine.pending_input:
@@ -232,7 +233,8 @@ class _Session:
             await self._on_tpm_response(event.response)
         elif isinstance(event, ConnectionOpened):
             machine.open()
-            log.debug("AMQP %s: open (SASL %s)", self.who, machine.sasl_mechanism or "none")
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("AMQP %s: open (SASL %s)", self.who, machine.sasl_mechanism or "none")
         elif isinstance(event, LinkAttached) and event.answer_needed:
             self._on_attach(event)
         elif isinstance(event, MessageReceived):
@@ -342,7 +344,8 @@ class _Session:
             self.machine.grant_credit(event.link, LINK_CREDIT)
         else:
             self.senders[address] = event.link
-        log.debug("AMQP %s: attached %s link %r", self.who, event.role.name.lower(), remote.name)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("AMQP %s: attached %s link %r", self.who, event.role.name.lower(), remote.name)
 
     def _refuse_link(self, link: LinkId, condition: str, why: str) -> None:
         log.info("AMQP %s: refused a link: %s", self.who, why)

@@ -212,11 +212,12 @@ class _Session:
     # --- packets ---------------------------------------------------------------------------------
 
     async def _handle(self, packets: list[Packet]) -> None:
+        if any(isinstance(packet, Disconnect) for packet in packets):
+            # the machine closed on it already, so the packets before it return early below
+            self.orderly = True
         pending = deque(packets)
         while pending:
             packet = pending.popleft()
-            if isinstance(packet, Disconnect):
-                self.orderly = True
             if self.machine.state is State.CLOSED:
                 return
             if isinstance(packet, Connect):

@@ -43,6 +43,7 @@ when half of the peer's has passed without output.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ from .frames import (
     decode_frame,
     decode_protocol_header,
     encode_frame,
+    frame_incomplete,
 )
 from .performatives import (
     Begin,
@@ -129,6 +131,16 @@ def _parse(buffer: bytearray, decode: Callable[[memoryview], tuple[memoryview, T
     view = memoryview(buffer)
     rest, item = decode(view)
     return len(view) - len(rest), item
+
+
+@functools.lru_cache(maxsize=16)
+def _mechanisms_frame(mechanisms: tuple[str, ...]) -> bytes:
+    """The sasl-mechanisms frame offering ``mechanisms``: the same bytes for every connection of
+    a server, made once."""
+    frame = bytearray()
+    performative = SaslMechanisms(sasl_server_mechanisms=tuple(Symbol(m) for m in mechanisms))
+    encode_frame(Frame(FrameType.SASL, 0, performative), frame)
+    return bytes(frame)
 
 
 class _Phase(enum.Enum):
@@ -262,9 +274,12 @@ class Connection:
         its open, or the answer to an attach (a pipelining peer's next frames depend on it)."""
         if self._phase is _Phase.SASL:
             return self.sasl_state is SaslState.DECIDING
-        return self.state is ConnectionState.OPEN_RCVD or any(
-            s.awaiting_answer for s in self.sessions.values()
-        )
+        if self.state is ConnectionState.OPEN_RCVD:
+            return True
+        for session in self.sessions.values():
+            if session.awaiting_answer:
+                return True
+        return False
 
     @property
     def pending_input(self) -> int:
@@ -322,6 +337,10 @@ class Connection:
 
     def _step(self) -> bool:
         """Handle one header or frame from the input; False when more bytes are needed."""
+        if not self._in or (
+            self._phase is not _Phase.HEADER and frame_incomplete(self._in, self.config.max_frame_size)
+        ):
+            return False  # no exception for the common case of waiting for bytes
         try:
             if self._phase is _Phase.HEADER:
                 consumed, header = _parse(self._in, decode_protocol_header)
@@ -372,8 +391,7 @@ class Connection:
             self._phase = _Phase.SASL
             if self.side is Side.SERVER:
                 self._send_header(ProtocolId.SASL)
-                mechanisms = tuple(Symbol(m) for m in self.config.sasl_mechanisms)
-                self._send_frame(Frame(FrameType.SASL, 0, SaslMechanisms(sasl_server_mechanisms=mechanisms)))
+                self._out += _mechanisms_frame(self.config.sasl_mechanisms)
             return
         self._advance(RECEIVED, ProtocolHeader)
         self._phase = _Phase.AMQP

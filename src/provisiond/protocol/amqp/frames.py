@@ -27,8 +27,8 @@ import struct
 from dataclasses import dataclass
 
 from ...errors import AmqpProtocolError, InsufficientData, LocalProtocolError
-from .performatives import Performative, Transfer, decode_composite, encode_composite
-from .types import Described, decode_value, encode_value
+from .performatives import Performative, Transfer, decode_composite, write_composite
+from .types import Described, decode_value
 
 __all__ = [
     "HEADER_SIZE",
@@ -38,6 +38,7 @@ __all__ = [
     "ProtocolHeader",
     "ProtocolId",
     "decode_frame",
+    "frame_incomplete",
     "decode_protocol_header",
     "encode_frame",
     "frame_size",
@@ -124,7 +125,7 @@ def encode_frame(frame: Frame, buffer: bytearray) -> None:
     """Append ``frame`` (DOFF 2: no extended header)."""
     body = bytearray()
     if frame.performative is not None:
-        encode_value(encode_composite(frame.performative), body)
+        write_composite(frame.performative, body)
         body += frame.payload
     buffer += _FRAME_HEADER.pack(HEADER_SIZE + len(body), 2, frame.type, frame.channel)
     buffer += body
@@ -133,12 +134,26 @@ def encode_frame(frame: Frame, buffer: bytearray) -> None:
 def frame_size(performative: Performative, payload_size: int = 0) -> int:
     """The size of the frame that would carry ``performative`` and that much payload."""
     body = bytearray()
-    encode_value(encode_composite(performative), body)
+    write_composite(performative, body)
     return HEADER_SIZE + len(body) + payload_size
 
 
 def _framing(message: str) -> AmqpProtocolError:
     return AmqpProtocolError(message, condition="amqp:connection:framing-error")
+
+
+_FRAME_TYPE_OF = {int(t): t for t in FrameType}
+_FRAME_TYPES = frozenset(_FRAME_TYPE_OF)
+
+
+def frame_incomplete(data: bytes | bytearray, max_frame_size: int) -> bool:
+    """Whether ``data`` is the beginning of a frame that :func:`decode_frame` would wait for
+    (it would raise :class:`InsufficientData`), told from the header alone. False also for a
+    header that :func:`decode_frame` refuses: it does so before the rest arrives."""
+    if len(data) < HEADER_SIZE:
+        return True
+    size, doff, type_code = int.from_bytes(data[:4], "big"), data[4], data[5]
+    return len(data) < size <= max_frame_size and 2 <= doff and doff * 4 <= size and type_code in _FRAME_TYPES
 
 
 def decode_frame(data: memoryview | bytes, max_frame_size: int) -> tuple[memoryview, Frame]:
@@ -160,10 +175,9 @@ def decode_frame(data: memoryview | bytes, max_frame_size: int) -> tuple[memoryv
         raise _framing(f"A frame of {size} bytes exceeds the maximum frame size of {max_frame_size}.")
     if doff < 2 or doff * 4 > size:
         raise _framing(f"A frame's data offset {doff} is outside its size {size}.")
-    try:
-        frame_type = FrameType(type_code)
-    except ValueError:
-        raise _framing(f"Unknown frame type {type_code:#04x}.") from None
+    frame_type = _FRAME_TYPE_OF.get(type_code)
+    if frame_type is None:
+        raise _framing(f"Unknown frame type {type_code:#04x}.")
     if len(view) < size:
         raise InsufficientData
     body = view[doff * 4 : size]

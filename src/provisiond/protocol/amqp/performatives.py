@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeAlias
@@ -25,12 +26,14 @@ from .types import (
     Described,
     Symbol,
     Timestamp,
+    TypeCode,
     UByte,
     UInt,
     ULong,
     UShort,
     decode_value,
     encode_value,
+    register_encoder,
     symbol_array,
 )
 
@@ -82,6 +85,7 @@ __all__ = [
     "decode_message",
     "encode_composite",
     "encode_message",
+    "write_composite",
 ]
 
 
@@ -161,6 +165,8 @@ class Kind:
 
 def _unsigned(wrap: type[int]) -> Kind:
     def decode(value: Any) -> Any:
+        if type(value) is wrap:
+            return value
         # Any unsigned encoding that fits is accepted (some peers widen small fields).
         if not isinstance(value, UByte | UShort | UInt | ULong):
             raise _invalid(f"expected {wrap.__name__.lower()}, got {type(value).__name__}")
@@ -169,7 +175,10 @@ def _unsigned(wrap: type[int]) -> Kind:
         except Exception:
             raise _invalid(f"{int(value)} does not fit a {wrap.__name__.lower()}") from None
 
-    return Kind(wrap.__name__.lower(), decode, wrap)
+    def encode(value: Any) -> Any:
+        return value if type(value) is wrap else wrap(value)
+
+    return Kind(wrap.__name__.lower(), decode, encode)
 
 
 def _typed(name: str, types: type | tuple[type, ...], convert: Callable[[Any], Any] = lambda v: v) -> Kind:
@@ -294,6 +303,7 @@ class Composite:
                 raise AssertionError(f"{cls.descriptor_code:#x} registered twice")  # pragma: no cover
             COMPOSITES[cls.descriptor_code] = cls
             COMPOSITES[cls.descriptor_name] = cls
+            register_encoder(cls, write_composite)
 
 
 def _lookup(descriptor: Any) -> type[Composite] | None:
@@ -304,23 +314,93 @@ def _lookup(descriptor: Any) -> type[Composite] | None:
     return None
 
 
-def _described(value: Composite) -> Described:
-    return encode_composite(value)
+def _described(value: Composite) -> Composite:
+    """A composite as a field value: :func:`encode_value` encodes it (see :func:`write_composite`)."""
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    name: str
+    kind: Kind
+    mandatory: bool
+    default: Any
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """A composite class's fields in wire order and its descriptor (made once per class)."""
+
+    fields: tuple[_Field, ...]
+    descriptor: ULong
+    #: the descriptor's encoding, constructor included
+    prefix: bytes
+    #: the optional fields' defaults, by name
+    defaults: dict[str, Any]
+
+
+_LAYOUTS: dict[type[Composite], _Layout] = {}
+
+
+def _layout(cls: type[Composite]) -> _Layout:
+    layout = _LAYOUTS.get(cls)
+    if layout is None:
+        fields = tuple(
+            _Field(f.name, f.metadata["amqp"], f.metadata["mandatory"], f.default)
+            for f in dataclasses.fields(cls)
+        )
+        prefix = bytearray((TypeCode.DESCRIBED,))
+        encode_value(ULong(cls.descriptor_code), prefix)
+        defaults = {f.name: f.default for f in fields if not f.mandatory}
+        layout = _LAYOUTS[cls] = _Layout(fields, ULong(cls.descriptor_code), bytes(prefix), defaults)
+    return layout
+
+
+def write_composite(value: Composite, buffer: bytearray) -> None:
+    """Append ``value``'s encoding: the bytes ``encode_value(encode_composite(value), buffer)``
+    appends, without building the described list first (the frames' path)."""
+    layout = _layout(type(value))
+    body = bytearray()
+    count = nulls = 0
+    for f in layout.fields:
+        current = getattr(value, f.name)
+        if current is None or (not f.mandatory and current == f.default):
+            nulls += 1
+            continue
+        if nulls:
+            body += _NULLS * nulls
+            count += nulls
+            nulls = 0
+        encode_value(f.kind.encode(current), body)
+        count += 1
+    buffer += layout.prefix
+    if not count:
+        buffer.append(TypeCode.LIST0)
+    elif len(body) < 255 and count < 256:
+        buffer += bytes((TypeCode.LIST8, len(body) + 1, count))
+    else:
+        buffer.append(TypeCode.LIST32)
+        buffer += struct.pack(">II", len(body) + 4, count)
+    buffer += body
+
+
+_NULLS = bytes((TypeCode.NULL,))
 
 
 def encode_composite(value: Composite) -> Described:
     """The described list of ``value`` (defaults as null, trailing nulls dropped)."""
+    layout = _layout(type(value))
+    fields, descriptor = layout.fields, layout.descriptor
     items: list[Any] = []
-    for f in dataclasses.fields(value):
+    for f in fields:
         current = getattr(value, f.name)
-        kind: Kind = f.metadata["amqp"]
-        if current is None or (not f.metadata["mandatory"] and current == f.default):
+        if current is None or (not f.mandatory and current == f.default):
             items.append(None)
         else:
-            items.append(kind.encode(current))
+            items.append(f.kind.encode(current))
     while items and items[-1] is None:
         items.pop()
-    return Described(ULong(value.descriptor_code), items)
+    return Described(descriptor, items)
 
 
 def decode_composite(value: Described) -> Composite:
@@ -335,18 +415,24 @@ def decode_composite(value: Described) -> Composite:
     items = value.value
     if not isinstance(items, list):
         raise _invalid(f"A {cls.__name__} must be a list, not {type(items).__name__}.")
-    kwargs: dict[str, Any] = {}
-    for index, f in enumerate(dataclasses.fields(cls)):
-        raw = items[index] if index < len(items) else None
+    layout = _layout(cls)
+    values = dict(layout.defaults)
+    count = len(items)
+    for index, f in enumerate(layout.fields):
+        raw = items[index] if index < count else None
         if raw is None:
-            if f.metadata["mandatory"]:
+            if f.mandatory:
                 raise _invalid(f"{cls.__name__}.{f.name} is mandatory.")
             continue
         try:
-            kwargs[f.name] = f.metadata["amqp"].decode(raw)
+            values[f.name] = f.kind.decode(raw)
         except AmqpProtocolError as exc:
             raise _invalid(f"{cls.__name__}.{f.name}: {exc}") from None
-    return cls(**kwargs)
+    # What the frozen dataclass's __init__ does (composites have no __post_init__), in one
+    # update instead of one object.__setattr__ per field.
+    composite = object.__new__(cls)
+    composite.__dict__.update(values)
+    return composite
 
 
 # --- error, delivery states, terminus ----------------------------------------------------------

@@ -155,6 +155,9 @@ class Session:
         self.by_remote_handle: dict[int, Link] = {}
         self._next_delivery_id = 0
         self._sent_unsettled: dict[int, Link] = {}
+        #: Set when the peer attaches a link first; cleared when no link awaits our answer (so
+        #: that the question, asked before every frame, is mostly a flag).
+        self._attach_received = False
 
     # --- begin / end ---------------------------------------------------------------------------
 
@@ -196,7 +199,10 @@ class Session:
     @property
     def awaiting_answer(self) -> bool:
         """Whether the peer attached a link the application has not answered yet."""
-        return any(link.state is LinkState.ATTACH_RCVD for link in self.links.values())
+        if not self._attach_received:
+            return False
+        self._attach_received = any(link.state is LinkState.ATTACH_RCVD for link in self.links.values())
+        return self._attach_received
 
     @property
     def live(self) -> bool:
@@ -312,6 +318,7 @@ class Session:
             self.links[handle] = ours
         answer_needed = ours.state is LinkState.DETACHED
         ours.advance(RECEIVED, Attach)
+        self._attach_received = True
         ours.remote_handle = attach.handle
         ours.remote = attach
         if ours.role is Role.RECEIVER:

@@ -91,6 +91,7 @@ __all__ = [
     "UShort",
     "decode_value",
     "encode_value",
+    "register_encoder",
     "symbol_array",
 ]
 
@@ -117,10 +118,21 @@ def _take(data: memoryview, size: int) -> tuple[memoryview, memoryview]:
 
 def _fixed(fmt: str, wrap: Callable[[Any], Any]) -> _Body:
     packer = struct.Struct(fmt)
+    size, unpack = packer.size, packer.unpack_from
+
+    if fmt == ">B":  # one unsigned byte: no struct
+
+        def decode_byte(data: memoryview, depth: int) -> tuple[memoryview, Any]:
+            if not data:
+                raise InsufficientData
+            return data[1:], wrap(data[0])
+
+        return decode_byte
 
     def decode(data: memoryview, depth: int) -> tuple[memoryview, Any]:
-        rest, raw = _take(data, packer.size)
-        return rest, wrap(packer.unpack(raw)[0])
+        if len(data) < size:
+            raise InsufficientData
+        return data[size:], wrap(unpack(data)[0])
 
     return decode
 
@@ -136,8 +148,12 @@ def _sized(width: int) -> Callable[[memoryview], tuple[memoryview, memoryview]]:
     """Split off a size-prefixed body (the size field is 1 or 4 bytes, big-endian)."""
 
     def split(data: memoryview) -> tuple[memoryview, memoryview]:
-        rest, raw = _take(data, width)
-        return _take(rest, int.from_bytes(raw, "big"))
+        if len(data) < width:
+            raise InsufficientData
+        end = width + (data[0] if width == 1 else int.from_bytes(data[:width], "big"))
+        if len(data) < end:
+            raise InsufficientData
+        return data[end:], data[width:end]
 
     return split
 
@@ -283,21 +299,32 @@ def _boolean(value: int) -> bool:
     return value == 1
 
 
+def _wire(cls: type[int]) -> Callable[[int], Any]:
+    """``cls`` made from a value its encoding's width already bounds: no range check, and the
+    values of one byte shared (immutable) rather than made again."""
+    small = [int.__new__(cls, i) for i in range(256)] if cls._min == 0 else []  # type: ignore[attr-defined]
+
+    def make(value: int) -> Any:
+        return small[value] if 0 <= value < len(small) else int.__new__(cls, value)
+
+    return make
+
+
 _DECODERS: dict[TypeCode, _Body] = {
     **{code: _constant(value) for code, value in _ZERO_WIDTH.items()},
     TypeCode.BOOLEAN: _fixed(">B", _boolean),
-    TypeCode.UBYTE: _fixed(">B", UByte),
-    TypeCode.USHORT: _fixed(">H", UShort),
-    TypeCode.UINT: _fixed(">I", UInt),
-    TypeCode.SMALLUINT: _fixed(">B", UInt),
-    TypeCode.ULONG: _fixed(">Q", ULong),
-    TypeCode.SMALLULONG: _fixed(">B", ULong),
-    TypeCode.BYTE: _fixed(">b", Byte),
-    TypeCode.SHORT: _fixed(">h", Short),
-    TypeCode.INT: _fixed(">i", Int),
-    TypeCode.SMALLINT: _fixed(">b", Int),
-    TypeCode.LONG: _fixed(">q", Long),
-    TypeCode.SMALLLONG: _fixed(">b", Long),
+    TypeCode.UBYTE: _fixed(">B", _wire(UByte)),
+    TypeCode.USHORT: _fixed(">H", _wire(UShort)),
+    TypeCode.UINT: _fixed(">I", _wire(UInt)),
+    TypeCode.SMALLUINT: _fixed(">B", _wire(UInt)),
+    TypeCode.ULONG: _fixed(">Q", _wire(ULong)),
+    TypeCode.SMALLULONG: _fixed(">B", _wire(ULong)),
+    TypeCode.BYTE: _fixed(">b", _wire(Byte)),
+    TypeCode.SHORT: _fixed(">h", _wire(Short)),
+    TypeCode.INT: _fixed(">i", _wire(Int)),
+    TypeCode.SMALLINT: _fixed(">b", _wire(Int)),
+    TypeCode.LONG: _fixed(">q", _wire(Long)),
+    TypeCode.SMALLLONG: _fixed(">b", _wire(Long)),
     TypeCode.FLOAT: _fixed(">f", Float),
     TypeCode.DOUBLE: _fixed(">d", float),
     TypeCode.CHAR: _fixed(">I", _char),
@@ -321,18 +348,43 @@ _DECODERS: dict[TypeCode, _Body] = {
 }
 
 
+_SMALL_ULONG = [int.__new__(ULong, i) for i in range(256)]
+_SMALL_UINT = [int.__new__(UInt, i) for i in range(256)]
+
+#: The decoder of each format code, indexed by the code's byte (None: not a format code).
+_BY_BYTE: list[_Body | None] = [_DECODERS.get(code) for code in range(256)]  # type: ignore[call-overload]
+
+
 def _decode(data: memoryview, depth: int) -> tuple[memoryview, Any]:
     if depth > MAX_DEPTH:
         raise _decode_error(f"Values are nested deeper than {MAX_DEPTH} levels.")
     if not data:
         raise InsufficientData
-    code = _known_code(data[0])
-    if code is TypeCode.DESCRIBED:
+    code = data[0]
+    # The commonest constructors of performatives inline (the table has the same decoders).
+    if code == 0x40:  # null: most of a performative's fields
+        return data[1:], None
+    if code == 0x53 or code == 0x52:  # smallulong (descriptors), smalluint
+        if len(data) < 2:
+            raise InsufficientData
+        return data[2:], (_SMALL_ULONG if code == 0x53 else _SMALL_UINT)[data[1]]
+    if code == 0xA1 or code == 0xA3 or code == 0xA0:  # str8, sym8, vbin8
+        if len(data) < 2:
+            raise InsufficientData
+        end = 2 + data[1]
+        if len(data) < end:
+            raise InsufficientData
+        body = data[2:end]
+        return data[end:], _utf8(body) if code == 0xA1 else _ascii(body) if code == 0xA3 else bytes(body)
+    if code == 0:  # described
         rest, descriptor = _decode(data[1:], depth + 1)
         _check_descriptor(descriptor)
         rest, value = _decode(rest, depth + 1)
         return rest, Described(descriptor, value)
-    return _DECODERS[code](data[1:], depth)
+    decoder = _BY_BYTE[code]
+    if decoder is None:
+        raise _decode_error(f"{code:#04x} is not an AMQP format code.")
+    return decoder(data[1:], depth)
 
 
 def decode_value(data: memoryview | bytes) -> tuple[memoryview, Any]:
@@ -398,50 +450,105 @@ def encode_value(value: Any, buffer: bytearray) -> None:
 
     :raises LocalProtocolError: ``value`` has no AMQP encoding.
     """
-    if value is None:
-        buffer.append(TypeCode.NULL)
-    elif value is True or value is False:
-        buffer.append(TypeCode.TRUE if value else TypeCode.FALSE)
-    elif isinstance(value, int):
-        _encode_int(value, buffer)
-    elif isinstance(value, float):
-        if isinstance(value, Float):
-            _pack(buffer, TypeCode.FLOAT, ">f", value)
-        else:
-            _pack(buffer, TypeCode.DOUBLE, ">d", value)
-    elif isinstance(value, str):
-        if isinstance(value, Symbol):
-            _encode_variable(buffer, value.encode("ascii"), TypeCode.SYM8, TypeCode.SYM32)
-        elif isinstance(value, Char):
-            _pack(buffer, TypeCode.CHAR, ">I", ord(value))
-        else:
-            _encode_variable(buffer, _to_utf8(value), TypeCode.STR8, TypeCode.STR32)
-    elif isinstance(value, bytes | bytearray | memoryview):
-        if isinstance(value, Decimal32 | Decimal64 | Decimal128):
-            code = {4: TypeCode.DECIMAL32, 8: TypeCode.DECIMAL64, 16: TypeCode.DECIMAL128}[len(value)]
-            buffer.append(code)
-            buffer += value
-        else:
-            _encode_variable(buffer, bytes(value), TypeCode.VBIN8, TypeCode.VBIN32)
-    elif isinstance(value, uuid.UUID):
-        buffer.append(TypeCode.UUID)
-        buffer += value.bytes
-    elif isinstance(value, Described):
-        buffer.append(TypeCode.DESCRIBED)
-        encode_value(value.descriptor, buffer)
-        encode_value(value.value, buffer)
-    elif isinstance(value, list | tuple):
-        if not value:
-            buffer.append(TypeCode.LIST0)
-        else:
-            _encode_compound(buffer, value, len(value), TypeCode.LIST8, TypeCode.LIST32)
-    elif isinstance(value, dict):
-        flat = [x for pair in value.items() for x in pair]
-        _encode_compound(buffer, flat, len(flat), TypeCode.MAP8, TypeCode.MAP32)
-    elif isinstance(value, Array):
-        _encode_array(value, buffer)
+    encoder = _ENCODERS.get(type(value))
+    if encoder is None:
+        encoder = _encoder_of(value)
+    encoder(value, buffer)
+
+
+def _encode_null(value: None, buffer: bytearray) -> None:
+    buffer.append(TypeCode.NULL)
+
+
+def _encode_bool(value: bool, buffer: bytearray) -> None:
+    buffer.append(TypeCode.TRUE if value else TypeCode.FALSE)
+
+
+def _encode_float(value: float, buffer: bytearray) -> None:
+    _pack(
+        buffer,
+        TypeCode.FLOAT if isinstance(value, Float) else TypeCode.DOUBLE,
+        ">f" if isinstance(value, Float) else ">d",
+        value,
+    )
+
+
+def _encode_symbol(value: str, buffer: bytearray) -> None:
+    _encode_variable(buffer, value.encode("ascii"), TypeCode.SYM8, TypeCode.SYM32)
+
+
+def _encode_char(value: str, buffer: bytearray) -> None:
+    _pack(buffer, TypeCode.CHAR, ">I", ord(value))
+
+
+def _encode_string(value: str, buffer: bytearray) -> None:
+    _encode_variable(buffer, _to_utf8(value), TypeCode.STR8, TypeCode.STR32)
+
+
+def _encode_decimal(value: bytes, buffer: bytearray) -> None:
+    buffer.append({4: TypeCode.DECIMAL32, 8: TypeCode.DECIMAL64, 16: TypeCode.DECIMAL128}[len(value)])
+    buffer += value
+
+
+def _encode_binary(value: bytes | bytearray | memoryview, buffer: bytearray) -> None:
+    _encode_variable(buffer, bytes(value), TypeCode.VBIN8, TypeCode.VBIN32)
+
+
+def _encode_uuid(value: uuid.UUID, buffer: bytearray) -> None:
+    buffer.append(TypeCode.UUID)
+    buffer += value.bytes
+
+
+def _encode_described(value: Described, buffer: bytearray) -> None:
+    buffer.append(TypeCode.DESCRIBED)
+    encode_value(value.descriptor, buffer)
+    encode_value(value.value, buffer)
+
+
+def _encode_list(value: list[Any] | tuple[Any, ...], buffer: bytearray) -> None:
+    if not value:
+        buffer.append(TypeCode.LIST0)
     else:
-        raise LocalProtocolError(f"A {type(value).__name__} has no AMQP encoding.")
+        _encode_compound(buffer, value, len(value), TypeCode.LIST8, TypeCode.LIST32)
+
+
+def _encode_map(value: dict[Any, Any], buffer: bytearray) -> None:
+    flat = [x for pair in value.items() for x in pair]
+    _encode_compound(buffer, flat, len(flat), TypeCode.MAP8, TypeCode.MAP32)
+
+
+def _encoder_of(value: Any) -> Callable[[Any, bytearray], None]:
+    """The encoder of a value whose exact type is not in :data:`_ENCODERS` (a subclass)."""
+    if value is None:
+        return _encode_null
+    if isinstance(value, bool):
+        return _encode_bool
+    if isinstance(value, int):
+        return _encode_int
+    if isinstance(value, float):
+        return _encode_float
+    if isinstance(value, str):
+        return (
+            _encode_symbol
+            if isinstance(value, Symbol)
+            else _encode_char
+            if isinstance(value, Char)
+            else _encode_string
+        )
+    if isinstance(value, Decimal32 | Decimal64 | Decimal128):
+        return _encode_decimal
+    if isinstance(value, bytes | bytearray | memoryview):
+        return _encode_binary
+    for kind, encoder in (
+        (uuid.UUID, _encode_uuid),
+        (Described, _encode_described),
+        (list | tuple, _encode_list),
+        (dict, _encode_map),
+        (Array, _encode_array),
+    ):
+        if isinstance(value, kind):
+            return encoder
+    raise LocalProtocolError(f"A {type(value).__name__} has no AMQP encoding.")
 
 
 def _to_utf8(value: str) -> bytes:
@@ -470,6 +577,10 @@ def _encode_int(value: int, buffer: bytearray) -> None:
     if encoder is None:
         raise LocalProtocolError(f"A {type(value).__name__} has no AMQP encoding.")
     encoder(buffer, value)
+
+
+def _int_encoder(encode: Callable[[bytearray, int], None]) -> Callable[[Any, bytearray], None]:
+    return lambda value, buffer: encode(buffer, value)
 
 
 # Array element encodings: the fixed-width constructor of each element type, or for variable
@@ -598,3 +709,36 @@ def _encode_array(array: Array, buffer: bytearray) -> None:
         buffer += struct.pack(">II", len(constructor) + len(payload) + 4, count)
     buffer += constructor
     buffer += payload
+
+
+#: The encoder of each exact type :func:`encode_value` meets; a subclass goes through
+#: :func:`_encoder_of`.
+_ENCODERS: dict[type, Callable[[Any, bytearray], None]] = {
+    type(None): _encode_null,
+    bool: _encode_bool,
+    float: _encode_float,
+    Float: _encode_float,
+    str: _encode_string,
+    Symbol: _encode_symbol,
+    Char: _encode_char,
+    bytes: _encode_binary,
+    bytearray: _encode_binary,
+    memoryview: _encode_binary,
+    Decimal32: _encode_decimal,
+    Decimal64: _encode_decimal,
+    Decimal128: _encode_decimal,
+    uuid.UUID: _encode_uuid,
+    Described: _encode_described,
+    list: _encode_list,
+    tuple: _encode_list,
+    dict: _encode_map,
+    Array: _encode_array,
+    **{kind: _int_encoder(encode) for kind, encode in _INT_ENCODERS.items()},
+}
+
+
+def register_encoder(cls: type, encoder: Callable[[Any, bytearray], None]) -> None:
+    """Let :func:`encode_value` encode instances of ``cls`` (exactly that class) with
+    ``encoder(value, buffer)``: how the performatives' module has its composites (described
+    lists) encoded where they are field values, without building the described list first."""
+    _ENCODERS[cls] = encoder
