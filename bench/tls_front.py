@@ -17,7 +17,9 @@ minutes of a shared machine):
   an access log line per request (provisiond logs its 4xx);
 - ``uvicorn-bare``: uvicorn with its own TLS (``--ssl-certfile``, uvloop, httptools) and a
   20-line ASGI app answering 404: no guard, no client certificate requested, no client chain
-  handed to the app, no Starlette: the floor of Python's ssl under uvicorn on this machine.
+  handed to the app, no Starlette: the floor of Python's ssl under uvicorn on this machine;
+  ``uvicorn-asyncio`` the same on asyncio's event loop, ``uvicorn-h11`` with h11 instead of
+  httptools (not in the default list).
 
     python bench/tls_front.py [--seconds 10] [--connections 64] [--rounds 2]
                               [--fronts provisiond,provisiond-healthz,nginx,uvicorn-bare]
@@ -135,8 +137,16 @@ def nginx(work: Path, cert: Path, key: Path) -> Iterator[tuple[int, int]]:
         yield process.pid, port
 
 
+#: the bare uvicorn variants: (event loop, HTTP parser)
+BARE = {
+    "uvicorn-bare": ("uvloop", "httptools"),
+    "uvicorn-asyncio": ("asyncio", "httptools"),
+    "uvicorn-h11": ("uvloop", "h11"),
+}
+
+
 @contextmanager
-def uvicorn_bare(work: Path, cert: Path, key: Path) -> Iterator[tuple[int, int]]:
+def uvicorn_bare(work: Path, cert: Path, key: Path, loop: str, http: str) -> Iterator[tuple[int, int]]:
     (work / "bare_app.py").write_text(BARE_APP)
     port = free_port()
     command = [
@@ -155,9 +165,9 @@ def uvicorn_bare(work: Path, cert: Path, key: Path) -> Iterator[tuple[int, int]]
         "--ssl-keyfile",
         str(key),
         "--loop",
-        "uvloop",
+        loop,
         "--http",
-        "httptools",
+        http,
         "--no-access-log",
         "--log-level",
         "warning",
@@ -185,7 +195,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     names = [n.strip() for n in args.fronts.split(",") if n.strip()]
-    unknown = set(names) - {"provisiond", "provisiond-healthz", "nginx", "uvicorn-bare"}
+    unknown = set(names) - {"provisiond", "provisiond-healthz", "nginx", *BARE}
     if unknown:
         parser.error(f"--fronts: unknown {sorted(unknown)}")
     if shutil.which("wrk") is None:
@@ -272,10 +282,11 @@ def _others(work: Path, names: list[str], cert: Path, key: Path) -> Iterator[dic
             folder = work / "nginx"
             folder.mkdir()
             started["nginx"] = stack.enter_context(nginx(folder, cert, key))
-        if "uvicorn-bare" in names:
-            folder = work / "uvicorn"
-            folder.mkdir()
-            started["uvicorn-bare"] = stack.enter_context(uvicorn_bare(folder, cert, key))
+        for name, (loop, http) in BARE.items():
+            if name in names:
+                folder = work / name
+                folder.mkdir()
+                started[name] = stack.enter_context(uvicorn_bare(folder, cert, key, loop, http))
         yield started
 
 
