@@ -23,6 +23,7 @@ minutes of a shared machine):
 
     python bench/tls_front.py [--seconds 10] [--connections 64] [--rounds 2]
                               [--fronts provisiond,provisiond-healthz,nginx,uvicorn-bare]
+                              [--baseline-src ../other-checkout/src]
 
 nginx is not a dependency of provisiond or of its tests: install it for this bench only
 (Debian: ``apt-get install nginx``; the bench runs the binary in the foreground with its own
@@ -48,7 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import free_port, machine_summary, start_server, terminate_on_signals
+from _common import Server, free_port, machine_summary, start_server, terminate_on_signals
 from cpu import LUA, Run, run_wrk, write_requests
 
 NGINX_CONF = """
@@ -188,6 +189,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="measurements of each front, alternating")
     parser.add_argument("--fronts", default="provisiond,provisiond-healthz,nginx,uvicorn-bare")
     parser.add_argument(
+        "--baseline-src",
+        help="also measure a provisiond from this source tree (a src/ directory, e.g. another "
+        "checkout's), as the 'provisiond (baseline)' front, in the same rounds",
+    )
+    parser.add_argument(
         "--server-arg",
         action="append",
         default=[],
@@ -246,10 +252,14 @@ def _measure(work: Path, names: list[str], args: argparse.Namespace) -> dict[str
             fronts.append(Front("provisiond", url, server.pid, missing))
         if "provisiond-healthz" in names:
             fronts.append(Front("provisiond-healthz", url, server.pid, healthz))
-        with _others(work, names, cert, key) as others:
+        with _others(work, names, cert, key) as others, _baseline(work, args) as baseline:
             for name, (pid, port) in others.items():
                 fronts.append(Front(name, f"https://127.0.0.1:{port}", pid, missing))
             fronts.sort(key=lambda f: names.index(f.name))
+            if baseline is not None:
+                base_url = f"https://127.0.0.1:{baseline.info['httpsPort']}"
+                fronts.insert(0, Front("provisiond (baseline)", base_url, baseline.pid, missing))
+                names.insert(0, "provisiond (baseline)")
             results: dict[str, list[Run]] = {f.name: [] for f in fronts}
             for _round in range(args.rounds):
                 for front in fronts:
@@ -272,6 +282,28 @@ def _measure(work: Path, names: list[str], args: argparse.Namespace) -> dict[str
     finally:
         server.stop()
     return results
+
+
+@contextmanager
+def _baseline(work: Path, args: argparse.Namespace) -> Iterator[Server | None]:
+    """A second ``provisiond serve`` from the source tree ``--baseline-src`` (its own data
+    directory), measured in the same rounds: before and after a change, in the same minutes."""
+    if not args.baseline_src:
+        yield None
+        return
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (args.baseline_src, previous) if p)
+    try:
+        server = start_server(work / "baseline", "--log-level", "info", *args.server_arg)
+    finally:
+        if previous is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = previous
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @contextmanager
