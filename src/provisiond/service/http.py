@@ -252,7 +252,7 @@ class UnknownPaths:
     One expression decides: the union of the routes' patterns (their group names dropped,
     case-insensitive). It matches at least what the routes match, so a request any route would
     serve reaches the router as before; a route of another kind (a mount) turns the shortcut off.
-    WebSocket and lifespan scopes pass through."""
+    WebSocket and lifespan scopes, and requests under a ``root_path``, pass through."""
 
     def __init__(
         self,
@@ -274,12 +274,9 @@ class UnknownPaths:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         known = self._known
-        if known is not None and scope["type"] == "http":
-            path: str = scope["path"]
-            root: str = scope.get("root_path", "")
-            if root and path.startswith(root):
-                path = path[len(root) :]  # as Starlette's routes see it
-            if known.match(path) is None:
+        # Under a root path (never set by serve) the router's own rules apply.
+        if known is not None and scope["type"] == "http" and not scope.get("root_path"):
+            if known.match(scope["path"]) is None:
                 response = await self._not_found(Request(scope, receive))
                 await response(scope, receive, send)
                 return
