@@ -10,6 +10,8 @@ Phases (HTTPS):
 - ``trivial``: ``GET /nothing`` answered 404 (the TLS handshake, one request, the close);
 - ``group``: symmetric-key devices derived from one enrollment group, each registering once;
 - ``individual``: symmetric-key individual enrollments, each registering once;
+- ``reregister`` (with ``--preload``): preloaded devices (individual enrollments that have
+  registered, with their built-in hub identities) registering again, spread over the table;
 - ``x509-trivial`` and ``x509-group``: the same two with a client certificate, one per device
   (leaf and intermediate presented; the X.509 enrollment group holds the root). wrk cannot
   present a client certificate, so these two phases use a small asyncio load generator in two
@@ -33,6 +35,13 @@ same run: the goal is a transport's CPU per registration within 1.2x an HTTPS re
     python bench/cpu.py [--devices 20000] [--seconds 10] [--connections 64] [--threads 2]
                         [--db sqlite|postgresql|sqlite,postgresql]
                         [--phases trivial,group,individual,trivial,x509-trivial,x509-group] [--log-level info]
+
+``--preload N`` runs each backend twice, each time on a fresh server: first over a database
+holding ``--devices`` registered devices, then over one holding N (written through the store's
+batch writes before the server starts, ``bench/_preload.py``); the table's "rate / first's"
+column then compares each phase with the small database's.
+
+    python bench/cpu.py --preload 1000000 --phases trivial,group,individual,reregister,trivial
 
 ``--db sqlite,postgresql`` runs the phases on each backend in turn (a fresh server each; for
 PostgreSQL a throwaway cluster with PostgreSQL's default durability settings, ``bench/_pg.py``)
@@ -361,6 +370,13 @@ def main() -> int:
         help="the server's --log-level (info, its default, logs a line per registration)",
     )
     parser.add_argument(
+        "--preload",
+        type=int,
+        default=0,
+        help="run each backend twice: over --devices, then over this many enrolled and registered "
+        "devices written into the database first (bench/_preload.py), adding the reregister phase",
+    )
+    parser.add_argument(
         "--server-arg",
         action="append",
         default=[],
@@ -382,16 +398,17 @@ def main() -> int:
     results: list[tuple[str, list[Phase]]] = []
     with terminate_on_signals():
         for backend in backends:
-            phases = _run_backend(backend, args)
-            if phases is None:
-                return 2
-            results.append((backend, phases))
+            for preload in (args.devices, args.preload) if args.preload else (0,):
+                phases = _run_backend(backend, args, preload)
+                if phases is None:
+                    return 2
+                results.append((f"{backend} {preload:,} devices" if preload else backend, phases))
     _print_table(results)
     _print_transports(results)
     return 0
 
 
-def _run_backend(backend: str, args: argparse.Namespace) -> list[Phase] | None:
+def _run_backend(backend: str, args: argparse.Namespace, preload: int = 0) -> list[Phase] | None:
     """Start a server on ``backend`` (and a throwaway PostgreSQL cluster for it), run the phases."""
     with tempfile.TemporaryDirectory(prefix="provisiond-cpu-") as tmp:
         work = Path(tmp)
@@ -409,9 +426,16 @@ def _run_backend(backend: str, args: argparse.Namespace) -> list[Phase] | None:
             extra = ["--db", pg.start()]
             db_pid = int((pg.data / "postmaster.pid").read_text().split()[0])
         try:
-            server = start_server(work / "data", *extra, "--log-level", args.log_level, *args.server_arg)
+            server_args = (*extra, "--log-level", args.log_level, *args.server_arg)
+            server = start_server(work / "data", *server_args)
             try:
-                return _measure(server, work, args, backend, db_pid)
+                reregister: list[tuple[str, str]] = []
+                if preload:
+                    from _preload import preload as fill
+
+                    db_url = extra[1] if extra else f"sqlite:///{work / 'data' / 'provisiond.db'}"
+                    server, reregister = fill(server, db_url, work, preload, server_args, args.devices)
+                return _measure(server, work, args, backend, db_pid, reregister)
             finally:
                 server.stop()
         finally:
@@ -451,7 +475,14 @@ def _print_table(results: list[tuple[str, list[Phase]]]) -> None:
             )
 
 
-def _measure(server, work: Path, args: argparse.Namespace, backend: str, db_pid: int | None) -> list[Phase]:  # type: ignore[no-untyped-def]
+def _measure(
+    server,
+    work: Path,
+    args: argparse.Namespace,
+    backend: str,
+    db_pid: int | None,
+    reregister: list[tuple[str, str]] | None = None,
+) -> list[Phase]:  # type: ignore[no-untyped-def]
     info = server.info
     scope, port = info["idScope"], int(info["httpsPort"])
     api = server.api()
@@ -506,6 +537,9 @@ def _measure(server, work: Path, args: argparse.Namespace, backend: str, db_pid:
             )
     files["individual"] = work / "individual.tsv"
     write_requests(files["individual"], device_lines(scope, individual, expiry))
+    # reregister (--preload): preloaded devices registering again
+    files["reregister"] = work / "reregister.tsv"
+    write_requests(files["reregister"], device_lines(scope, reregister or [], expiry))
     x509_requests: dict[str, list[tuple[bytes, str, str]]] = {}
     if "x509" in args.phases:
         root_pem, x509 = x509_devices(work, args.x509_devices)

@@ -100,6 +100,42 @@ def test_device_api_paths_are_case_insensitive_too(server: RunningServer, http: 
     device.close()
 
 
+def test_unknown_paths_are_a_dps_404_with_a_log_line_and_known_ones_still_route(
+    server: RunningServer, http: httpx.Client
+) -> None:
+    """The 404 of an unknown path is answered before the router (service/http.py UnknownPaths):
+    the same DPS body, header and log line as before, for any method and odd bytes; and the
+    paths that some route serves, in any case, with a trailing slash, or under the wrong method,
+    still reach it."""
+    for method, path, shown in (
+        ("GET", "/nothing", "/nothing"),
+        ("DELETE", "/enrollments/a/b/c", "/enrollments/a/b/c"),
+        ("GET", "/%0a%1bodd%20path", "/%0a%1bodd%20path"),
+        (
+            "POST",
+            f"/{server.id_scope}/registrations/x/unknown",
+            f"/{server.id_scope}/registrations/x/unknown",
+        ),
+    ):
+        r = http.request(method, path, params=V)
+        assert r.status_code == 404 and r.headers["x-ms-error-code"] == "404000", r.text
+        body = r.json()
+        assert body["errorCode"] == 404000 and body["message"] == f"No such resource: {method} {shown}."
+        line = log_line(server, body["trackingId"])
+        assert "INFO provisiond.http:" in line and f"{method} {shown} -> 404 404000" in line
+    reg = uid()
+    http.put(f"/enrollments/{reg}", params=V, json=sym(reg)).raise_for_status()
+    for path in (f"/enrollments/{reg}", f"/ENROLLMENTS/{reg}/", f"/Enrollments/{reg}/attestationMechanism"):
+        method = "POST" if path.endswith("Mechanism") else "GET"
+        assert http.request(method, path, params=V).status_code == 200, path
+    assert http.get("/healthz").status_code == 200
+    r = http.patch(f"/enrollments/{reg}", params=V, json={})
+    assert r.status_code == 405 and r.json()["errorCode"] == 405000, r.text
+    # A device path with a scope that is not ours still reaches the device API (its own 4xx).
+    r = http.put("/0neNOTOURS/registrations/x/register", params=V, json={"registrationId": "x"})
+    assert r.status_code != 404 or r.json()["errorCode"] != 404000, r.text
+
+
 def test_service_sas_auth_over_tls(server: RunningServer, http: httpx.Client) -> None:
     reg = uid()
     with server.http() as anon:

@@ -26,7 +26,15 @@ from . import admin, amqp, api, device_api, hub_api, hub_ops, mqtt
 from .context import SETTINGS_KEY, ServiceContext, context_of
 from .enrollments import generate_key
 from .gateway import AMQP_WS, MQTT_WS, DeviceGateway
-from .http import ShapedRouter, error_answer, handle_errors, route_table, shown_path
+from .http import (
+    ShapedRouter,
+    UnknownPaths,
+    error_answer,
+    handle_errors,
+    lean_log_records,
+    route_table,
+    shown_path,
+)
 from .hub_broker import HubBroker
 from .hub_mqtt import HubEndpoint
 from .listeners import running_listeners
@@ -84,12 +92,16 @@ async def owner_key(store: Store) -> str:
     return key
 
 
+async def _not_found(request: Request) -> Response:
+    return error_answer(request, NotFoundError(f"No such resource: {request.method} {shown_path(request)}."))
+
+
 async def _http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     error: ProvisioningError
     if exc.status_code == 404:
-        error = NotFoundError(f"No such resource: {request.method} {shown_path(request)}.")
-    elif exc.status_code == 405:
+        return await _not_found(request)
+    if exc.status_code == 405:
         error = MethodNotAllowedError(f"{request.method} is not allowed on {shown_path(request)}.")
     else:
         error = RequestError(str(exc.detail))
@@ -178,6 +190,8 @@ def create_app(
     app.router = ShapedRouter(
         router.routes, redirect_slashes=router.redirect_slashes, lifespan=router.lifespan_context
     )
+    # An unknown path is answered 404 without the router (the 404 of _not_found).
+    app.add_middleware(UnknownPaths, routes=app.routes, not_found=_not_found)
     app.state.ctx = ctx
     app.state.registrar = registrar
     app.state.gateway = gateway
@@ -199,4 +213,5 @@ def app_from_environment() -> Starlette:
         level=os.environ.get("PROVISIOND_LOG_LEVEL", "info").upper(),
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
     )
+    lean_log_records()
     return create_app(Settings.from_json(raw))

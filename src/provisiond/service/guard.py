@@ -158,7 +158,6 @@ class GuardedConnection(asyncio.Protocol):
         "_timer_at",
         "_tls",
         "_tls_started",
-        "_transport",
         "peer",
         "phase",
     )
@@ -171,7 +170,6 @@ class GuardedConnection(asyncio.Protocol):
         self._raw: asyncio.Transport | None = None
         self._tls: asyncio.Transport | None = None
         self._inner: asyncio.BaseProtocol | None = None
-        self._transport: _GuardedTransport | None = None
         self._task: asyncio.Task[None] | None = None
         self._address = "?"
         self.peer = "?"
@@ -248,10 +246,9 @@ class GuardedConnection(asyncio.Protocol):
                 tls.abort()
             return
         self._tls = tls
-        self._transport = _GuardedTransport(tls, self)
         self._enter(Phase.FIRST, limits.first_request_timeout)
         inner = self._inner = self._make_protocol()
-        inner.connection_made(self._transport)
+        inner.connection_made(_GuardedTransport(tls, self))
         if isinstance(inner, asyncio.Protocol):
             early, self._early = self._early, []
             for data in early:
@@ -331,9 +328,12 @@ class GuardedConnection(asyncio.Protocol):
         return inner.eof_received()  # type: ignore[attr-defined, no-any-return]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        inner = self._inner
+        inner, self._inner = self._inner, None
         self._finish()
         if inner is not None:
+            # No longer ours to reach: the application's protocol (with its app, its requests
+            # and the transport that points back here) is freed when it lets go, not left in a
+            # reference cycle for the garbage collector.
             inner.connection_lost(exc)
 
     def pause_writing(self) -> None:

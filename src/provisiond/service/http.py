@@ -17,7 +17,7 @@ from starlette._utils import get_route_path  # what Starlette's router matches a
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, Router, WebSocketRoute
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import BodyTooLargeError, InvalidBodyError, MissingApiVersionError, ProvisioningError
 from ..protocol import bounded_json
@@ -28,12 +28,14 @@ __all__ = [
     "ApiHandler",
     "ErrorRenderer",
     "ShapedRouter",
+    "UnknownPaths",
     "decode_body",
     "error_answer",
     "error_headers",
     "error_response",
     "handle_errors",
     "json_response",
+    "lean_log_records",
     "read_body",
     "require_api_version",
     "retry_after_of",
@@ -96,7 +98,8 @@ def shown_path(request: Request) -> str:
     the client chose can break the line), without the query string, cut at 300 characters."""
     raw = request.scope.get("raw_path") or request.url.path.encode("utf-8")
     text = bytes(raw).partition(b"?")[0].decode("ascii", "backslashreplace")
-    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
     return text if len(text) <= 300 else text[:300] + "..."
 
 
@@ -122,6 +125,17 @@ def error_answer(
         tid,
     )
     return response
+
+
+def lean_log_records() -> None:
+    """Stop the logging module from collecting, for every record, what provisiond's log formats
+    never show: the caller's file, line and function (a walk up the stack), the thread's name
+    and the multiprocessing process name (the logging HOWTO's "Optimization"). Every 4xx and 5xx
+    answer logs a line (:func:`error_answer`), so that line should cost little. The process id
+    stays: worker processes show it."""
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+    setattr(logging, "_srcfile", None)  # noqa: B010  # the documented switch; private name
 
 
 def handle_errors(handler: ApiHandler, *, render: ErrorRenderer = error_response) -> ApiHandler:
@@ -280,3 +294,48 @@ class ShapedRouter(Router):
         scope.setdefault("router", self)
         first = get_route_path(scope)[1:].partition("/")[0].lower()
         await self._by_first.get(first, self._anywhere).app(scope, receive, send)
+
+
+_GROUP_NAME = re.compile(r"\(\?P<\w+>")
+
+
+class UnknownPaths:
+    """ASGI middleware: an HTTP request whose path no route of ``routes`` can match is answered
+    by ``not_found`` at once. Starlette's router would try every route, then every route again
+    with the trailing slash flipped (which :func:`route_table` already allows), then raise the
+    404 as an exception for its exception middleware to answer: about a hundred regular
+    expressions and a raise per unknown path, most of the cost of a 404 (the trivial request
+    of ``bench/cpu.py``).
+
+    One expression decides: the union of the routes' patterns (their group names dropped,
+    case-insensitive). It matches at least what the routes match, so a request any route would
+    serve reaches the router as before; a route of another kind (a mount) turns the shortcut off.
+    WebSocket and lifespan scopes, and requests under a ``root_path``, pass through."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        routes: Sequence[BaseRoute],
+        not_found: Callable[[Request], Awaitable[Response]],
+    ) -> None:
+        self.app = app
+        self._not_found = not_found
+        self._known: re.Pattern[str] | None = None
+        if all(isinstance(route, Route | WebSocketRoute) for route in routes):
+            patterns = [
+                _GROUP_NAME.sub("(?:", route.path_regex.pattern)
+                for route in routes
+                if isinstance(route, Route)
+            ]
+            self._known = re.compile("|".join(f"(?:{p})" for p in patterns) or "(?!)", re.IGNORECASE)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        known = self._known
+        # Under a root path (never set by serve) the router's own rules apply.
+        if known is not None and scope["type"] == "http" and not scope.get("root_path"):
+            if known.match(scope["path"]) is None:
+                response = await self._not_found(Request(scope, receive))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

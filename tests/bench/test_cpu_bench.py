@@ -1,0 +1,67 @@
+"""bench/tls_front.py and bench/cpu.py --preload run end to end on tiny counts (wrk needed; nginx
+is left out: it is the bench's, never the tests'). Only that they work and print their tables
+is checked: their figures are measured by running them (docs/performance.md), never asserted."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+pytestmark = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+
+
+def _run(*args: str, tmp_path: Path) -> str:
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def test_tls_front_bench_runs_and_prints_its_table(tmp_path: Path) -> None:
+    out = _run(
+        str(BENCH / "tls_front.py"),
+        "--fronts",
+        "provisiond,provisiond-healthz",
+        "--seconds",
+        "1",
+        "--rounds",
+        "1",
+        "--connections",
+        "4",
+        tmp_path=tmp_path,
+    )
+    assert "| front | req/s |" in out
+    for front in ("| provisiond |", "| provisiond-healthz |"):
+        assert front in out, out
+    assert list(tmp_path.iterdir()) == []  # its temporary directory is gone
+
+
+def test_cpu_bench_preload_fills_the_database_and_reregisters(tmp_path: Path) -> None:
+    out = _run(
+        str(BENCH / "cpu.py"),
+        "--devices",
+        "30",
+        "--preload",
+        "300",
+        "--seconds",
+        "1",
+        "--connections",
+        "4",
+        "--phases",
+        "trivial,reregister",
+        tmp_path=tmp_path,
+    )
+    assert "# preloaded 300 devices in" in out
+    for label in ("| sqlite 30 devices | reregister |", "| sqlite 300 devices | reregister |"):
+        assert label in out, out
+    # every re-registration was answered 2xx (the preloaded devices are real ones)
+    rows = [line for line in out.splitlines() if "| reregister |" in line]
+    assert all(line.split("|")[-3].strip() == "0" for line in rows), rows
+    assert list(tmp_path.iterdir()) == []
