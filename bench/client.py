@@ -17,8 +17,8 @@ Clients:
 
 - ``lean``: asyncio streams, one ``ssl.SSLContext`` built once (TLS 1.3, certificate and host
   name verified against the service's CA, no session resumption, as the others), the request
-  bytes built per device (SAS token signed per device): HTTPS sends the bytes httpx sends
-  (``Connection: keep-alive``, closed after the answer), MQTT the CONNECT, SUBSCRIBE and PUBLISH
+  bytes built per device (SAS token signed per device): HTTPS sends the bytes provisiond's
+  client sends (HTTP/1.1 keep-alive, closed after the answer), MQTT the CONNECT, SUBSCRIBE and PUBLISH
   in one write (frames from the project's MQTT codec, the answer parsed by hand), AMQP the
   project's sans-io AMQP connection driven by a minimal loop;
 - ``async``: ``AsyncProvisioningDeviceClient.create(...)`` per device, ``await register()``,
@@ -112,8 +112,7 @@ class Lean:
         head = (
             f"PUT /{self.scope}/registrations/{quoted}/register?api-version={API_VERSION} HTTP/1.1\r\n"
             f"Host: {self.host}:{self.cfg['https_port']}\r\nAccept: application/json\r\n"
-            f"Accept-Encoding: gzip, deflate\r\nConnection: keep-alive\r\n"
-            f"User-Agent: {self.user_agent}\r\nContent-Type: application/json; charset=utf-8\r\n"
+            f"Content-Type: application/json; charset=utf-8\r\nUser-Agent: {self.user_agent}\r\n"
             f"Authorization: {self.token(reg)}\r\nContent-Length: {len(body)}\r\n\r\n"
         ).encode()
         writer.write(head + body)

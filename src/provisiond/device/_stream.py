@@ -20,11 +20,9 @@ from abc import abstractmethod
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
-import httpx
-
 from ..errors import ConnectError, ProvisioningError, TimeoutError, TransportError
 from .security import SecurityProvider
-from .transport import USER_AGENT, Transport, parse_endpoint, tls_context
+from .transport import USER_AGENT, Transport, parse_endpoint, split_endpoint, tls_context
 
 if TYPE_CHECKING:
     from websockets.asyncio.client import ClientConnection
@@ -121,8 +119,7 @@ def host_and_port(host: str, *, scheme: str, default_port: int) -> tuple[str, in
     """
     for prefix in (f"{scheme}://", "wss://"):
         host = host.removeprefix(prefix)
-    url = httpx.URL(f"https://{parse_endpoint(host)}")
-    return url.host, url.port or default_port
+    return split_endpoint(parse_endpoint(host), default_port=default_port)
 
 
 class StreamTransport(Transport):
