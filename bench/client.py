@@ -141,7 +141,12 @@ class Lean:
         body = json.dumps({"registrationId": reg}, separators=(",", ":")).encode()
         writer.write(
             encode_packet(Connect(client_id=reg, username=username, password=self.token(reg).encode()))
-            + encode_packet(Subscribe(packet_id=1, subscriptions=(Subscription(topic_filter=RESPONSE_FILTER, qos=QoS.AT_LEAST_ONCE),)))
+            + encode_packet(
+                Subscribe(
+                    packet_id=1,
+                    subscriptions=(Subscription(topic_filter=RESPONSE_FILTER, qos=QoS.AT_LEAST_ONCE),),
+                )
+            )
             + encode_packet(
                 Publish(
                     topic="$dps/registrations/PUT/iotdps-register/?$rid=1",
@@ -234,7 +239,9 @@ class Lean:
                         machine.send_message(
                             sender,  # type: ignore[arg-type]
                             Message(
-                                properties=Properties(message_id=str(uuid.uuid4()), correlation_id=correlation),
+                                properties=Properties(
+                                    message_id=str(uuid.uuid4()), correlation_id=correlation
+                                ),
                                 application_properties={
                                     dps.OPERATION_TYPE: dps.OperationType.REGISTER.value,
                                     dps.FORCE_REGISTRATION: False,
@@ -316,7 +323,9 @@ class Provisiond:
 
 
 async def _worker(cfg: dict[str, Any]) -> dict[str, Any]:
-    impl: Lean | Provisiond = Lean(cfg) if cfg["client"] == "lean" else Provisiond(cfg, sync=cfg["client"] == "sync")
+    impl: Lean | Provisiond = (
+        Lean(cfg) if cfg["client"] == "lean" else Provisiond(cfg, sync=cfg["client"] == "sync")
+    )
     prefix = f"{cfg['prefix']}-{cfg['client']}-{cfg['transport']}"
     register: Callable[[str], Awaitable[None]] = impl.register
     for i in range(WARMUP):
@@ -386,7 +395,9 @@ def import_cost() -> tuple[int, int]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--devices", type=int, default=300, help="measured registrations per run")
     parser.add_argument("--inflight", type=int, default=1, help="registrations in flight (async clients)")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each (client, transport), alternated")
@@ -445,10 +456,14 @@ def main() -> int:
         finally:
             server.stop()
     bare, loaded = import_cost()
-    print(f"{args.devices} registrations per run, {args.inflight} in flight, {args.rounds} rounds; "
-          f"load average at end {'/'.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"{'transport':9} {'client':6} {'CPU/reg µs':>18} {'x lean':>7} {'reg/s':>7} "
-          f"{'RSS/conn':>10} {'peak/reg':>10}")
+    print(
+        f"{args.devices} registrations per run, {args.inflight} in flight, {args.rounds} rounds; "
+        f"load average at end {'/'.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+    print(
+        f"{'transport':9} {'client':6} {'CPU/reg µs':>18} {'x lean':>7} {'reg/s':>7} "
+        f"{'RSS/conn':>10} {'peak/reg':>10}"
+    )
     for transport in transports:
         lean = results.get((transport, "lean"))
         lean_cpu = min(r["cpu_us"] for r in lean) if lean else float("nan")
@@ -463,8 +478,10 @@ def main() -> int:
                 f"{human_bytes(min(r['rss_per_conn'] for r in runs)):>10} "
                 f"{human_bytes(min(r['peak'] for r in runs)):>10}"
             )
-    print(f"import cost: bare python RSS {human_bytes(bare)}, after `import provisiond.device` "
-          f"{human_bytes(loaded)} (+{human_bytes(loaded - bare)})")
+    print(
+        f"import cost: bare python RSS {human_bytes(bare)}, after `import provisiond.device` "
+        f"{human_bytes(loaded)} (+{human_bytes(loaded - bare)})"
+    )
     return 0
 
 

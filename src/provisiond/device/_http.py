@@ -65,7 +65,9 @@ class HttpConnection:
     :param timeout: seconds for the connect and TLS handshake, and for each write and read.
     """
 
-    def __init__(self, *, host: str, port: int, authority: str, ssl_context: ssl.SSLContext, timeout: float) -> None:
+    def __init__(
+        self, *, host: str, port: int, authority: str, ssl_context: ssl.SSLContext, timeout: float
+    ) -> None:
         self.host = host
         self.port = port
         self.authority = authority
@@ -75,7 +77,9 @@ class HttpConnection:
         self._writer: asyncio.StreamWriter | None = None
         self._h11: h11.Connection | None = None
 
-    async def request(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes) -> HttpResponse:
+    async def request(
+        self, method: str, target: str, headers: list[tuple[str, str]], body: bytes
+    ) -> HttpResponse:
         """Send one request and read the whole answer.
 
         :raises ConnectError: cannot connect (refused, unknown host, TLS handshake failed).
@@ -123,7 +127,9 @@ class HttpConnection:
                     ssl_handshake_timeout=self.timeout,
                 )
         except builtins.TimeoutError as exc:
-            raise TimeoutError(f"{self.authority} did not answer in time (connect, {self.timeout:g} s)") from exc
+            raise TimeoutError(
+                f"{self.authority} did not answer in time (connect, {self.timeout:g} s)"
+            ) from exc
         except OSError as exc:  # refused, unknown host, TLS refused (ssl.SSLError is an OSError)
             raise ConnectError(f"Cannot connect to {self.authority}: {exc or type(exc).__name__}") from exc
         self._reader, self._writer = reader, writer
@@ -174,7 +180,9 @@ class HttpConnection:
             if reused and not heard and isinstance(exc, OSError):
                 raise _Stale from exc
             detail = str(exc) or type(exc).__name__
-            raise TransportError(f"The exchange with {self.authority} failed ({type(exc).__name__}: {detail})") from exc
+            raise TransportError(
+                f"The exchange with {self.authority} failed ({type(exc).__name__}: {detail})"
+            ) from exc
         except BaseException:
             await self.close()
             raise

@@ -155,7 +155,9 @@ class AsyncProvisioningDeviceClient:
             result: RegistrationResult = stop.value
         finally:
             flow.close()
-        await asyncio.to_thread(self.security.complete_registration, result)
+        if type(self.security).complete_registration is not SecurityProvider.complete_registration:
+            # a TPM imports the hub key here (blocking); the base's no-op needs no thread hop
+            await asyncio.to_thread(self.security.complete_registration, result)
         logger.info(
             "%s registered: %s to %s as %s",
             registration_id,

@@ -4,7 +4,9 @@
 The async client runs on an event loop in a private daemon thread, started on first use and
 stopped by :meth:`ProvisioningDeviceClient.close` (or when the client is garbage-collected).
 A daemon thread never keeps the interpreter alive, and the blocking calls work from any thread,
-including one that already runs an event loop (a notebook, a GUI).
+including one that already runs an event loop (a notebook, a GUI). The loops' blocking work
+(name resolution) goes to one thread pool shared by the process's sync clients, so that a
+client does not start and join a worker thread of its own.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import ssl
 import threading
 import weakref
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -26,6 +29,31 @@ from .transport import DEFAULT_API_VERSION, Transport, TransportKind
 __all__ = ["ProvisioningDeviceClient"]
 
 T = TypeVar("T")
+
+
+class _SharedExecutor(ThreadPoolExecutor):
+    """The default executor of every sync client's loop. A loop shuts its default executor down
+    when it closes; this one outlives the loops, so that shutdown is a no-op."""
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        return None
+
+
+_executors: dict[int, _SharedExecutor] = {}
+_executors_lock = threading.Lock()
+
+
+def _shared_executor() -> _SharedExecutor:
+    """This process's pool (a forked child makes its own: the parent's threads are not in it)."""
+    pid = os.getpid()
+    with _executors_lock:
+        executor = _executors.get(pid)
+        if executor is None:
+            _executors.clear()
+            executor = _executors[pid] = _SharedExecutor(
+                max_workers=4, thread_name_prefix="provisiond-device-worker"
+            )
+        return executor
 
 
 class _LoopThread:
@@ -50,6 +78,7 @@ class _LoopThread:
         with self._lock:
             if self._loop is None:
                 loop = asyncio.new_event_loop()
+                loop.set_default_executor(_shared_executor())
                 thread = threading.Thread(target=loop.run_forever, name="provisiond-device", daemon=True)
                 thread.start()
                 self._loop, self._thread = loop, thread
