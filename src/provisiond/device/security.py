@@ -21,6 +21,9 @@ PEM files through :meth:`~ssl.SSLContext.load_cert_chain`, so such an integratio
 relies on an OpenSSL provider or engine configured outside Python; the seam is here so that it
 needs no change to the client or the transports.
 
+cryptography (some 10 MiB of a process's memory) is imported by the X.509 code paths only,
+when they first run: a key-attested device never loads it.
+
 The TPM challenge (device-protocol.md §2.3) goes through :meth:`SecurityProvider.begin_registration`
 (the ``tpm`` of the register body), :attr:`SecurityProvider.answers_challenges`,
 :meth:`SecurityProvider.answer_challenge` and :meth:`SecurityProvider.complete_registration`;
@@ -40,17 +43,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
-from cryptography.x509.oid import NameOID
-
-from .. import certificates
 from ..errors import ConfigurationError
 from ..protocol.messages import TpmAttestationRequest, TpmChallenge
 from ..protocol.sas import build_sas_token, derive_device_key
 
 if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+
+    from .. import certificates
     from ..protocol.registration import RegistrationResult
 
 __all__ = [
@@ -113,6 +114,8 @@ class PemX509Credential(X509Credential):
         return self._chain
 
     def load_into(self, ctx: ssl.SSLContext) -> None:
+        from .. import certificates
+
         # load_cert_chain reads files only. The key goes to disk encrypted under a password that
         # lives only in this frame, in a directory only we can read, and is removed at once.
         secret = secrets.token_urlsafe(24)
@@ -238,6 +241,8 @@ class X509Security(SecurityProvider):
 
         :raises ConfigurationError: a file is unreadable, malformed, or the password is wrong.
         """
+        from .. import certificates
+
         certs = _read_certificates(cert_file)
         if chain_file is not None:
             certs += [c for c in _read_certificates(chain_file) if c not in certs]
@@ -261,6 +266,8 @@ class X509Security(SecurityProvider):
 
         :raises ConfigurationError: unreadable, not PKCS#12, or the password is wrong.
         """
+        from .. import certificates
+
         try:
             issued = certificates.load_pkcs12(_read(path), password)
         except (ValueError, TypeError) as exc:
@@ -304,6 +311,8 @@ def _read(path: str | os.PathLike[str]) -> bytes:
 
 
 def _read_certificates(path: str | os.PathLike[str]) -> list[x509.Certificate]:
+    from .. import certificates
+
     try:
         certs = certificates.load_pem_chain(_read(path))
     except ValueError as exc:
@@ -320,6 +329,8 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def _public_der(key: PublicKeyTypes) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
@@ -328,6 +339,8 @@ def _subject(cert: x509.Certificate) -> str:
 
 
 def _common_name(cert: x509.Certificate) -> str:
+    from cryptography.x509.oid import NameOID
+
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if not names:
         raise ConfigurationError(
