@@ -23,8 +23,8 @@ Clients:
   project's sans-io AMQP connection driven by a minimal loop;
 - ``async``: ``AsyncProvisioningDeviceClient.create(...)`` per device, ``await register()``,
   closed (what a user writes, docs/device-client.md);
-- ``sync``: ``ProvisioningDeviceClient.create(...)`` per device in a ``with`` block, as the
-  samples do (one at a time).
+- ``sync``: ``ProvisioningDeviceClient.create(...)`` per device, ``register()``, closed, from a
+  plain thread as the samples do (one at a time).
 
 It also prints the import cost: RSS of a bare ``python`` against one that ran
 ``import provisiond.device``.
@@ -50,7 +50,7 @@ import time
 import tracemalloc
 import urllib.parse
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -301,20 +301,22 @@ class Provisiond:
         )
 
     async def register(self, reg: str, *, hold: list[Any] | None = None) -> None:
-        if self.sync:
-            client = self._client(reg)
-            result = client.register()
-            if hold is not None:
-                hold.append(client)
-            else:
-                client.close()
+        client = self._client(reg)
+        result = await client.register()
+        if hold is not None:
+            hold.append(client)
         else:
-            client = self._client(reg)
-            result = await client.register()
-            if hold is not None:
-                hold.append(client)
-            else:
-                await client.close()
+            await client.close()
+        if result.status.value != "assigned":
+            raise RuntimeError(f"{reg}: {result}")
+
+    def register_sync(self, reg: str, *, hold: list[Any] | None = None) -> None:
+        client = self._client(reg)
+        result = client.register()
+        if hold is not None:
+            hold.append(client)
+        else:
+            client.close()
         if result.status.value != "assigned":
             raise RuntimeError(f"{reg}: {result}")
 
@@ -322,27 +324,59 @@ class Provisiond:
 # -- one (client, transport) run, in its own process --------------------------------------------
 
 
-async def _worker(cfg: dict[str, Any]) -> dict[str, Any]:
-    impl: Lean | Provisiond = (
-        Lean(cfg) if cfg["client"] == "lean" else Provisiond(cfg, sync=cfg["client"] == "sync")
-    )
+def _worker(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Runs in a fresh process: warm-up, the measured registrations, tracemalloc, held clients.
+    The sync client is called from a plain thread, as the samples do; the others on one loop."""
+    one: Callable[..., None]
+    batch: Callable[[list[str]], None]
+    release: Callable[[list[Any]], None]
+    if cfg["client"] == "sync":
+        sync = Provisiond(cfg, sync=True)
+        one = sync.register_sync
+
+        def batch(names: list[str]) -> None:
+            for reg in names:
+                sync.register_sync(reg)
+
+        def release(held: list[Any]) -> None:
+            for client in held:
+                client.close()
+
+    else:
+        loop = asyncio.new_event_loop()
+        impl: Lean | Provisiond = Lean(cfg) if cfg["client"] == "lean" else Provisiond(cfg, sync=False)
+
+        def one(reg: str, *, hold: list[Any] | None = None) -> None:
+            loop.run_until_complete(impl.register(reg, hold=hold))
+
+        async def gathered(names: list[str]) -> None:
+            gate = asyncio.Semaphore(cfg["inflight"])
+
+            async def each(reg: str) -> None:
+                async with gate:
+                    await impl.register(reg)
+
+            await asyncio.gather(*(each(reg) for reg in names))
+
+        def batch(names: list[str]) -> None:
+            loop.run_until_complete(gathered(names))
+
+        async def closed(held: list[Any]) -> None:
+            for item in held:
+                if isinstance(item, asyncio.StreamWriter):
+                    item.close()
+                else:
+                    await item.close()
+
+        def release(held: list[Any]) -> None:
+            loop.run_until_complete(closed(held))
+
     prefix = f"{cfg['prefix']}-{cfg['client']}-{cfg['transport']}"
-    register: Callable[[str], Awaitable[None]] = impl.register
     for i in range(WARMUP):
-        await register(f"{prefix}-w{i}")
-    gate = asyncio.Semaphore(cfg["inflight"])
-
-    async def one(reg: str) -> None:
-        async with gate:
-            await register(reg)
-
+        one(f"{prefix}-w{i}")
     names = [f"{prefix}-{i}" for i in range(cfg["devices"])]
     cpu, started = time.process_time(), time.monotonic()
-    if cfg["inflight"] == 1 or cfg["client"] == "sync":
-        for reg in names:
-            await register(reg)
-    else:
-        await asyncio.gather(*(one(reg) for reg in names))
+    batch(names)
     cpu, elapsed = time.process_time() - cpu, time.monotonic() - started
     # tracemalloc's peak during one registration
     tracemalloc.start()
@@ -350,22 +384,16 @@ async def _worker(cfg: dict[str, Any]) -> dict[str, Any]:
     for i in range(TRACED):
         tracemalloc.reset_peak()
         base = tracemalloc.get_traced_memory()[0]
-        await register(f"{prefix}-t{i}")
+        one(f"{prefix}-t{i}")
         peaks.append(tracemalloc.get_traced_memory()[1] - base)
     tracemalloc.stop()
     # RSS growth per client (connection) held open after its registration
     held: list[Any] = []
     rss_before = rss_of(os.getpid())[0]
     for i in range(cfg["hold"]):
-        await impl.register(f"{prefix}-h{i}", hold=held)
+        one(f"{prefix}-h{i}", hold=held)
     rss_after = rss_of(os.getpid())[0]
-    for item in held:
-        if isinstance(item, asyncio.StreamWriter):
-            item.close()
-        elif cfg["client"] == "sync":
-            item.close()
-        else:
-            await item.close()
+    release(held)
     return {
         "cpu_us": cpu / cfg["devices"] * 1e6,
         "rate": cfg["devices"] / elapsed,
@@ -407,7 +435,7 @@ def main() -> int:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(asyncio.run(_worker(json.loads(args.worker)))))
+        print(json.dumps(_worker(json.loads(args.worker))))
         return 0
 
     from provisiond.device.transport import USER_AGENT
