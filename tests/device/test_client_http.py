@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -352,3 +354,34 @@ def test_importing_the_device_client_loads_neither_httpx_nor_cryptography() -> N
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_an_x509_credential_loads_without_writing_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device whose temporary directory is missing or read-only still loads its certificate
+    and key (into memory files), and the handshake presents them."""
+    if not hasattr(os, "memfd_create"):
+        pytest.skip("no memfd on this system: the encrypted temporary file is used")
+    root = pki.make_root_ca("memfd root")
+    intermediate = pki.make_intermediate_ca("memfd intermediate", root)
+    security = X509Security.from_issued(pki.make_device_cert("memfd-device", intermediate))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    files = pki.ensure_dev_pki(tmp_path / "pki")
+    server.load_cert_chain(files.cert_file, files.key_file)
+    server.verify_mode = ssl.CERT_REQUIRED
+    server.load_verify_locations(cadata=pki.certificate_pem(root.cert).decode())
+    client = client_ssl_context(ca_file=files.ca_file, security=security)
+    # a handshake in memory: the server verifies the chain the client presents
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls_client = client.wrap_bio(c_in, c_out, server_hostname="localhost")
+    tls_server = server.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):
+        for side in (tls_client, tls_server):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                side.do_handshake()
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+    presented = tls_server.getpeercert()
+    assert presented and dict(item[0] for item in presented["subject"])["commonName"] == "memfd-device"

@@ -12,9 +12,10 @@ two things, depending on the attestation:
 Extension point for hardware-backed keys
 ----------------------------------------
 Transports never read a private key: they call :meth:`X509Credential.load_into` on their
-context. :class:`PemX509Credential` (software keys) writes the chain and a one-time-encrypted
-copy of the key to a private temporary directory, calls :meth:`ssl.SSLContext.load_cert_chain`,
-and removes the files at once, so the plaintext key never touches the disk. A credential whose
+context. :class:`PemX509Credential` (software keys) hands the chain and the key to
+:meth:`ssl.SSLContext.load_cert_chain` in anonymous memory files (Linux's memfd), or elsewhere
+writes the chain and a one-time-encrypted copy of the key to a private temporary directory and
+removes the files at once, so the plaintext key never touches the disk. A credential whose
 key lives in an HSM, a TPM or a PKCS#11 token subclasses :class:`X509Credential` and implements
 ``load_into`` however its integration allows. Note that Python's :mod:`ssl` loads keys only from
 PEM files through :meth:`~ssl.SSLContext.load_cert_chain`, so such an integration usually
@@ -34,12 +35,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import os
 import secrets
 import ssl
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -116,18 +118,29 @@ class PemX509Credential(X509Credential):
     def load_into(self, ctx: ssl.SSLContext) -> None:
         from .. import certificates
 
-        # load_cert_chain reads files only. The key goes to disk encrypted under a password that
-        # lives only in this frame, in a directory only we can read, and is removed at once.
-        secret = secrets.token_urlsafe(24)
-        with tempfile.TemporaryDirectory(prefix="provisiond-") as directory:
-            cert_file = Path(directory, "chain.pem")
-            key_file = Path(directory, "key.pem")
-            _write_private(cert_file, certificates.certificate_pem(self._certificate, *self._chain))
-            _write_private(key_file, certificates.private_key_pem(self._key, secret))
-            try:
+        # load_cert_chain reads files only. Where the system has anonymous memory files (Linux's
+        # memfd), the PEM goes into one: it never touches a disk, and nobody but this process
+        # (and root) can open it. Elsewhere the key goes to disk encrypted under a password that
+        # lives only in this frame, in a directory only we can read, and is removed at once
+        # (the encryption's key derivation costs some milliseconds per load).
+        chain_pem = certificates.certificate_pem(self._certificate, *self._chain)
+        try:
+            if _MEMFD:
+                with (
+                    _memory_file(chain_pem) as cert_file,
+                    _memory_file(certificates.private_key_pem(self._key)) as key_file,
+                ):
+                    ctx.load_cert_chain(cert_file, key_file)
+                return
+            secret = secrets.token_urlsafe(24)
+            with tempfile.TemporaryDirectory(prefix="provisiond-") as directory:
+                cert_file = str(Path(directory, "chain.pem"))
+                key_file = str(Path(directory, "key.pem"))
+                _write_private(Path(cert_file), chain_pem)
+                _write_private(Path(key_file), certificates.private_key_pem(self._key, secret))
                 ctx.load_cert_chain(cert_file, key_file, password=secret)
-            except ssl.SSLError as exc:
-                raise ConfigurationError(f"The TLS library refused the client certificate: {exc}") from exc
+        except ssl.SSLError as exc:
+            raise ConfigurationError(f"The TLS library refused the client certificate: {exc}") from exc
 
     def __repr__(self) -> str:
         return f"<PemX509Credential {_subject(self._certificate)!r} chain={len(self._chain)}>"
@@ -320,6 +333,21 @@ def _read_certificates(path: str | os.PathLike[str]) -> list[x509.Certificate]:
     if not certs:
         raise ConfigurationError(f"{path} holds no PEM certificate.")
     return certs
+
+
+#: Whether anonymous memory files exist here (Linux) and /proc/self/fd can open them.
+_MEMFD = hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
+
+
+@contextlib.contextmanager
+def _memory_file(data: bytes) -> Iterator[str]:
+    """A path to ``data`` in an anonymous memory file, closed (and gone) on exit."""
+    fd = os.memfd_create("provisiond-credential", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, data)
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 def _write_private(path: Path, data: bytes) -> None:
