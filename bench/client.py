@@ -26,11 +26,16 @@ Clients:
 - ``sync``: ``ProvisioningDeviceClient.create(...)`` per device, ``register()``, closed, from a
   plain thread as the samples do (one at a time).
 
+``--transports https-x509`` adds X.509 devices of an enrollment group (leaf and intermediate
+presented, the group holding the root) over HTTPS: there every client builds a TLS context of
+its own, with the device's certificate, from PEM files (``X509Security.from_pem_files``; the
+lean client ``load_cert_chain`` on the same files).
+
 It also prints the import cost: RSS of a bare ``python`` against one that ran
 ``import provisiond.device``.
 
     python bench/client.py [--devices 300] [--inflight 1] [--rounds 2]
-                           [--transports https,mqtt,amqp] [--clients lean,async,sync]
+                           [--transports https,mqtt,amqp,https-x509] [--clients lean,async,sync]
 
 Nothing here asserts a figure.
 """
@@ -64,6 +69,28 @@ API_VERSION = "2021-06-01"
 WARMUP = 5
 TRACED = 5
 
+
+def x509_files(cfg: dict[str, Any], reg: str) -> tuple[str, str]:
+    """The device's chain (leaf, intermediate) and key files, issued before the run."""
+    folder = Path(cfg["x509_dir"])
+    return str(folder / f"{reg}.pem"), str(folder / f"{reg}.key")
+
+
+def issue_x509(folder: Path, names: list[str]) -> str:
+    """A root CA (its PEM, for the enrollment group) and, below an intermediate, a certificate
+    and key file per device name."""
+    from provisiond import pki
+
+    root = pki.make_root_ca("provisiond client bench root")
+    intermediate = pki.make_intermediate_ca("provisiond client bench intermediate", root)
+    folder.mkdir(parents=True, exist_ok=True)
+    for reg in names:
+        issued = pki.make_device_cert(reg, intermediate)
+        pki.write_certificates(folder / f"{reg}.pem", issued.presented_chain)
+        pki.write_private_key(folder / f"{reg}.key", issued.key)
+    return pki.certificate_pem(root.cert).decode()
+
+
 # -- the lean clients ---------------------------------------------------------------------------
 
 
@@ -88,7 +115,16 @@ class Lean:
 
     async def register(self, reg: str, *, hold: list[Any] | None = None) -> None:
         transport = self.cfg["transport"]
-        if transport == "https":
+        if transport == "https-x509":
+            # a context per device: it presents the device's certificate (from its PEM files)
+            ctx = ssl.create_default_context(cafile=self.cfg["ca"])
+            cert, key = x509_files(self.cfg, reg)
+            ctx.load_cert_chain(cert, key)
+            reader, writer = await asyncio.open_connection(
+                self.host, self.cfg["https_port"], ssl=ctx, server_hostname=self.host
+            )
+            await self._https(reg, reader, writer, token=False)
+        elif transport == "https":
             reader, writer = await self._open(self.cfg["https_port"])
             await self._https(reg, reader, writer)
         elif transport == "mqtt":
@@ -106,14 +142,17 @@ class Lean:
         except (OSError, ssl.SSLError):
             pass
 
-    async def _https(self, reg: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _https(
+        self, reg: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, token: bool = True
+    ) -> None:
         body = json.dumps({"registrationId": reg}, separators=(",", ":")).encode()
         quoted = urllib.parse.quote(reg, safe="")
+        authorization = f"Authorization: {self.token(reg)}\r\n" if token else ""
         head = (
             f"PUT /{self.scope}/registrations/{quoted}/register?api-version={API_VERSION} HTTP/1.1\r\n"
             f"Host: {self.host}:{self.cfg['https_port']}\r\nAccept: application/json\r\n"
             f"Content-Type: application/json; charset=utf-8\r\nUser-Agent: {self.user_agent}\r\n"
-            f"Authorization: {self.token(reg)}\r\nContent-Length: {len(body)}\r\n\r\n"
+            f"{authorization}Content-Length: {len(body)}\r\n\r\n"
         ).encode()
         writer.write(head + body)
         status_line = await reader.readuntil(b"\r\n")
@@ -288,17 +327,19 @@ class Provisiond:
         self.device = device
         self.cfg = cfg
         self.sync = sync
-        port = cfg[f"{cfg['transport']}_port"]
-        self.endpoint = f"{cfg['host']}:{port}"
+        self.transport = cfg["transport"].removesuffix("-x509")
+        self.endpoint = f"{cfg['host']}:{cfg[f'{self.transport}_port']}"
 
     def _client(self, reg: str) -> Any:
-        security = self.device.SymmetricKeySecurity.from_group_key(
-            registration_id=reg, group_key=self.cfg["group_key"]
-        )
+        if self.cfg["transport"].endswith("-x509"):
+            cert, key = x509_files(self.cfg, reg)
+            security = self.device.X509Security.from_pem_files(cert, key)
+        else:
+            security = self.device.SymmetricKeySecurity.from_group_key(
+                registration_id=reg, group_key=self.cfg["group_key"]
+            )
         cls = self.device.ProvisioningDeviceClient if self.sync else self.device.AsyncProvisioningDeviceClient
-        return cls.create(
-            self.endpoint, self.cfg["scope"], security, self.cfg["transport"], ca_file=self.cfg["ca"]
-        )
+        return cls.create(self.endpoint, self.cfg["scope"], security, self.transport, ca_file=self.cfg["ca"])
 
     async def register(self, reg: str, *, hold: list[Any] | None = None) -> None:
         client = self._client(reg)
@@ -430,7 +471,9 @@ def main() -> int:
     parser.add_argument("--inflight", type=int, default=1, help="registrations in flight (async clients)")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each (client, transport), alternated")
     parser.add_argument("--hold", type=int, default=20, help="clients held open for the RSS figure")
-    parser.add_argument("--transports", default="https,mqtt,amqp")
+    parser.add_argument(
+        "--transports", default="https,mqtt,amqp", help="also https-x509: X.509 group devices over HTTPS"
+    )
     parser.add_argument("--clients", default="lean,async,sync")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -462,6 +505,32 @@ def main() -> int:
                         }
                     ).encode(),
                 )
+            x509_dir = Path(tmp) / "x509"
+            if any(t.endswith("-x509") for t in transports):
+                names = [
+                    f"r{r}-{client}-{t}-{kind}{i}"
+                    for r in range(args.rounds)
+                    for t in transports
+                    if t.endswith("-x509")
+                    for client in clients
+                    for kind, count in (("w", WARMUP), ("", args.devices), ("t", TRACED), ("h", args.hold))
+                    for i in range(count)
+                ]
+                root_pem = issue_x509(x509_dir, names)
+                with server.api() as api:
+                    api.request(
+                        "PUT",
+                        "/enrollmentGroups/bench-client-x509",
+                        json.dumps(
+                            {
+                                "enrollmentGroupId": "bench-client-x509",
+                                "attestation": {
+                                    "type": "x509",
+                                    "x509": {"signingCertificates": {"primary": {"certificate": root_pem}}},
+                                },
+                            }
+                        ).encode(),
+                    )
             base = {
                 "host": "localhost",
                 "scope": info["idScope"],
@@ -474,6 +543,7 @@ def main() -> int:
                 "devices": args.devices,
                 "inflight": args.inflight,
                 "hold": args.hold,
+                "x509_dir": str(x509_dir),
             }
             results: dict[tuple[str, str], list[dict[str, Any]]] = {}
             for round_ in range(args.rounds):
@@ -501,7 +571,7 @@ def main() -> int:
             best = cpus[0]
             spread = f"{best:.0f}" + (f" ({cpus[-1]:.0f})" if len(cpus) > 1 else "")
             print(
-                f"{transport:9} {client:6} {spread:>18} {best / lean_cpu:7.2f} "
+                f"{transport:10} {client:6} {spread:>18} {best / lean_cpu:7.2f} "
                 f"{max(r['rate'] for r in runs):7.0f} "
                 f"{human_bytes(min(r['rss_per_conn'] for r in runs)):>10} "
                 f"{human_bytes(min(r['peak'] for r in runs)):>10}"
