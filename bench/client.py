@@ -559,7 +559,7 @@ def main() -> int:
         f"load average at end {'/'.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
     print(
-        f"{'transport':9} {'client':6} {'CPU/reg µs':>18} {'x lean':>7} {'reg/s':>7} "
+        f"{'transport':10} {'client':6} {'CPU/reg µs':>18} {'x lean':>7} {'reg/s':>7} "
         f"{'RSS/conn':>10} {'peak/reg':>10}"
     )
     for transport in transports:
