@@ -1,5 +1,6 @@
 """HTTP/1.1 for :class:`~provisiond.device.transport.HttpsTransport`: one keep-alive TLS
-connection on asyncio streams, with h11 (the sans-io HTTP/1.1 core) for the protocol.
+connection (:mod:`provisiond.device._tls`: TLS over memory BIOs on an asyncio TCP stream), with
+h11 (the sans-io HTTP/1.1 core) for the protocol.
 
 A device sends a handful of requests to one host in its life (a register, maybe polls), so
 this is all the client it needs: no pool, no proxies, no redirects, no cookies, no
@@ -16,17 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import contextlib
 import ssl
 
 import h11
 
 from ..errors import ConnectError, TimeoutError, TransportError
+from ._tls import TlsStream, open_tls
 
 __all__ = ["HttpConnection", "HttpResponse"]
 
-#: Bytes asked of the socket per read.
-READ_SIZE = 65536
 #: The largest status line and headers accepted from the service (h11's default is 16 KiB).
 MAX_HEAD = 64 * 1024
 #: The largest body accepted from the service: a registration result is a few KiB.
@@ -73,8 +72,7 @@ class HttpConnection:
         self.authority = authority
         self.timeout = timeout
         self._ssl = ssl_context
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._stream: TlsStream | None = None
         self._h11: h11.Connection | None = None
 
     async def request(
@@ -99,61 +97,52 @@ class HttpConnection:
 
     async def close(self) -> None:
         """Close the connection, if one is open."""
-        writer, self._writer, self._reader, self._h11 = self._writer, None, None, None
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(OSError, builtins.TimeoutError):
-                await asyncio.wait_for(writer.wait_closed(), 2)
+        stream, self._stream, self._h11 = self._stream, None, None
+        if stream is not None:
+            await stream.close()
 
     # --- internals -------------------------------------------------------------------------------
 
     def _usable(self) -> bool:
         """Whether the open connection can carry another request: idle, and not closed by the
         service (which the event loop noticed while the flow slept)."""
-        reader, writer, machine = self._reader, self._writer, self._h11
-        if reader is None or writer is None or machine is None:
+        stream, machine = self._stream, self._h11
+        if stream is None or machine is None:
             return False
-        return machine.our_state is h11.IDLE and not writer.is_closing() and not reader.at_eof()
+        return machine.our_state is h11.IDLE and not stream.closed
 
     async def _connect(self) -> None:
         await self.close()
         try:
             async with asyncio.timeout(self.timeout):
-                reader, writer = await asyncio.open_connection(
-                    self.host,
-                    self.port,
-                    ssl=self._ssl,
-                    server_hostname=self.host,
-                    ssl_handshake_timeout=self.timeout,
-                )
+                stream = await open_tls(self.host, self.port, self._ssl, server_hostname=self.host)
         except builtins.TimeoutError as exc:
             raise TimeoutError(
                 f"{self.authority} did not answer in time (connect, {self.timeout:g} s)"
             ) from exc
         except OSError as exc:  # refused, unknown host, TLS refused (ssl.SSLError is an OSError)
             raise ConnectError(f"Cannot connect to {self.authority}: {exc or type(exc).__name__}") from exc
-        self._reader, self._writer = reader, writer
+        self._stream = stream
         self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
 
     async def _exchange(
         self, method: str, target: str, headers: list[tuple[str, str]], body: bytes, *, reused: bool
     ) -> HttpResponse:
-        reader, writer, machine = self._reader, self._writer, self._h11
-        assert reader is not None and writer is not None and machine is not None
+        stream, machine = self._stream, self._h11
+        assert stream is not None and machine is not None
         heard = False
         try:
             async with asyncio.timeout(self.timeout):
                 data = machine.send(h11.Request(method=method, target=target, headers=headers)) or b""
                 if body:
                     data += machine.send(h11.Data(data=body)) or b""
-                writer.write(data + (machine.send(h11.EndOfMessage()) or b""))
-                await writer.drain()
+                await stream.write(data + (machine.send(h11.EndOfMessage()) or b""))
                 status, answer_headers, chunks = 0, [], []
                 size = 0
                 while True:
                     event = machine.next_event()
                     if event is h11.NEED_DATA:
-                        data = await reader.read(READ_SIZE)
+                        data = await stream.read()
                         if not data and not heard and reused:
                             raise _Stale
                         heard = heard or bool(data)
