@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -385,3 +386,27 @@ def test_an_x509_credential_loads_without_writing_a_file(
         c_in.write(s_out.read())
     presented = tls_server.getpeercert()
     assert presented and dict(item[0] for item in presented["subject"])["commonName"] == "memfd-device"
+
+
+async def test_a_kept_connection_holds_no_large_tls_buffer(scripted: Callable[..., Any]) -> None:
+    """After its register the client keeps its connection for the polls: what it holds then is
+    the TLS state and the answer, not a preallocated read buffer (asyncio's TLS transport
+    zero-fills 256 KiB per connection). Counted: memory allocated under the client's frames (the
+    scripted server runs in this process too)."""
+    dps = ScriptedHttps(lambda n, c: (answer(200, body("assigned")), False))
+    client = await scripted(dps)
+    await client.register()  # warm: the shared TLS context, imports, the event loop's own state
+    await client.close()
+    client = await scripted(dps)
+    mine = [tracemalloc.Filter(True, "*provisiond/device/*", all_frames=True)]
+    tracemalloc.start(64)
+    try:
+        before = tracemalloc.take_snapshot().filter_traces(mine)
+        await client.register()
+        after = tracemalloc.take_snapshot().filter_traces(mine)
+    finally:
+        tracemalloc.stop()
+    held = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    await client.close()
+    assert dps.connections == 2
+    assert held < 64 * 1024, f"the open connection holds {held} bytes"
