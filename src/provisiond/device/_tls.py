@@ -84,6 +84,8 @@ class TlsStream:
             try:
                 result = operation(*args)
             except ssl.SSLWantReadError:
+                if self._incoming.eof:  # nothing more will come
+                    raise ssl.SSLEOFError("the connection closed in the middle of a TLS record") from None
                 self._flush()
                 await self._writer.drain()
                 data = await self._reader.read(READ_SIZE)
