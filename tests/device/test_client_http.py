@@ -191,6 +191,7 @@ async def test_register_and_poll_go_on_one_keep_alive_connection_with_dps_reques
         assert token.resource == f"{SCOPE}/registrations/{REG}" and token.key_name == "registration"
         assert verify_signature(token, KEY)
     assert headers_of(put)["content-length"] == str(len(put_body))
+    assert "content-length" not in headers_of(get) and "transfer-encoding" not in headers_of(get)
 
 
 async def test_a_connection_the_service_closed_while_the_flow_slept_is_replaced(

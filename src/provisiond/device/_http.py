@@ -84,7 +84,9 @@ class HttpConnection:
         :raises TimeoutError: no connection, or no answer, in time.
         :raises TransportError: the connection broke, or the answer is not HTTP/1.1.
         """
-        all_headers = [("Host", self.authority), *headers, ("Content-Length", str(len(body)))]
+        all_headers = [("Host", self.authority), *headers]
+        if body or method != "GET":  # a poll goes without one, as the SDKs' HTTP stacks send it
+            all_headers.append(("Content-Length", str(len(body))))
         reused = self._usable()
         if not reused:
             await self._connect()
