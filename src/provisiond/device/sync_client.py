@@ -47,15 +47,14 @@ _executors_lock = threading.Lock()
 
 
 def _shared_executor() -> _SharedExecutor:
-    """This process's pool (a forked child makes its own: the parent's threads are not in it)."""
+    """This process's pool (a forked child makes its own: the parent's threads are not in it);
+    ThreadPoolExecutor's default size, its threads started as needed."""
     pid = os.getpid()
     with _executors_lock:
         executor = _executors.get(pid)
         if executor is None:
             _executors.clear()
-            executor = _executors[pid] = _SharedExecutor(
-                max_workers=4, thread_name_prefix="provisiond-device-worker"
-            )
+            executor = _executors[pid] = _SharedExecutor(thread_name_prefix="provisiond-device-worker")
         return executor
 
 
