@@ -411,3 +411,48 @@ async def test_a_kept_connection_holds_no_large_tls_buffer(scripted: Callable[..
     await client.close()
     assert dps.connections == 2
     assert held < 64 * 1024, f"the open connection holds {held} bytes"
+
+
+async def test_a_proxy_the_environment_names_is_used_as_before(
+    scripted: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTPS_PROXY reaches the service through the proxy's CONNECT tunnel (the transport hands
+    such a setup to httpx, which reads the environment as it always did)."""
+    tunnels: list[bytes] = []
+    pipes: set[asyncio.Task[None]] = set()
+
+    async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        except OSError:
+            pass
+        finally:
+            sink.close()
+
+    async def tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        tunnels.append(head.split(b"\r\n")[0])
+        port = int(head.split()[1].rpartition(b":")[2])
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        for task in (pipe(reader, up_writer), pipe(up_reader, writer)):
+            pipes.add(asyncio.ensure_future(task))
+
+    proxy = await asyncio.start_server(tunnel, "127.0.0.1", 0)
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.sockets[0].getsockname()[1]}")
+    dps = ScriptedHttps(lambda n, c: (answer(200, body("assigned")), False))
+    client = await scripted(dps)
+    try:
+        assert (await client.register()).device_id == REG
+    finally:
+        await client.close()
+        proxy.close()
+        await proxy.wait_closed()
+        if pipes:
+            await asyncio.wait(pipes, timeout=5)
+    port = client.transport.host.rpartition(":")[2]  # type: ignore[attr-defined]
+    assert tunnels == [f"CONNECT localhost:{port} HTTP/1.1".encode()]

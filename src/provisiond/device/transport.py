@@ -260,11 +260,15 @@ class HttpsTransport(Transport):
             ("User-Agent", USER_AGENT),
         ]
         ssl_context = tls_context(ssl_context, ca_file=ca_file, security=security)
+        hostname, port = split_endpoint(self.host, default_port=443)
         self._http: _Exchange
         if http_transport is not None:
-            self._http = _HttpxExchange(self.host, http_transport, timeout)
+            self._http = _HttpxExchange(self.host, timeout, transport=http_transport)
+        elif _environment_proxy():
+            # HTTPS_PROXY / ALL_PROXY name a proxy: httpx reads them (and NO_PROXY) and speaks
+            # to it (CONNECT, proxy authentication), as this transport always did.
+            self._http = _HttpxExchange(self.host, timeout, verify=ssl_context)
         else:
-            hostname, port = split_endpoint(self.host, default_port=443)
             authority = self.host.removesuffix(":443")
             self._http = HttpConnection(
                 host=hostname, port=port, authority=authority, ssl_context=ssl_context, timeout=timeout
@@ -303,14 +307,26 @@ class HttpsTransport(Transport):
 
 
 class _HttpxExchange:
-    """Requests through a caller's httpx transport (``HttpsTransport(http_transport=...)``)."""
+    """Requests through httpx: a caller's httpx transport (``HttpsTransport(http_transport=...)``),
+    or httpx's own with the proxy the environment names."""
 
-    def __init__(self, host: str, transport: httpx.AsyncBaseTransport, timeout: float) -> None:
+    def __init__(
+        self,
+        host: str,
+        timeout: float,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        verify: ssl.SSLContext | None = None,
+    ) -> None:
         import httpx
 
         self._host = host
         self._client = httpx.AsyncClient(
-            base_url=f"https://{host}", timeout=timeout, follow_redirects=False, transport=transport
+            base_url=f"https://{host}",
+            timeout=timeout,
+            follow_redirects=False,
+            transport=transport,
+            verify=verify if verify is not None else True,
         )
 
     async def request(
@@ -323,6 +339,15 @@ class _HttpxExchange:
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+#: The variables that name a proxy for HTTPS, as httpx's ``trust_env`` reads them.
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _environment_proxy() -> bool:
+    """Whether the environment names a proxy for HTTPS (httpx then applies ``NO_PROXY``)."""
+    return any(os.environ.get(name) for name in _PROXY_VARIABLES)
 
 
 @contextlib.contextmanager
