@@ -374,17 +374,8 @@ def test_an_x509_credential_loads_without_writing_a_file(
     server.load_cert_chain(files.cert_file, files.key_file)
     server.verify_mode = ssl.CERT_REQUIRED
     server.load_verify_locations(cadata=pki.certificate_pem(root.cert).decode())
-    client = client_ssl_context(ca_file=files.ca_file, security=security)
     # a handshake in memory: the server verifies the chain the client presents
-    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls_client = client.wrap_bio(c_in, c_out, server_hostname="localhost")
-    tls_server = server.wrap_bio(s_in, s_out, server_side=True)
-    for _ in range(10):
-        for side in (tls_client, tls_server):
-            with contextlib.suppress(ssl.SSLWantReadError):
-                side.do_handshake()
-        s_in.write(c_out.read())
-        c_in.write(s_out.read())
+    _, tls_server = _handshake(client_ssl_context(ca_file=files.ca_file, security=security), server)
     presented = tls_server.getpeercert()
     assert presented and dict(item[0] for item in presented["subject"])["commonName"] == "memfd-device"
 
@@ -414,7 +405,7 @@ async def test_a_kept_connection_holds_no_large_tls_buffer(scripted: Callable[..
 
 
 async def test_a_proxy_the_environment_names_is_used_as_before(
-    scripted: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+    scripted: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """HTTPS_PROXY reaches the service through the proxy's CONNECT tunnel (the transport hands
     such a setup to httpx, which reads the environment as it always did)."""
@@ -456,3 +447,24 @@ async def test_a_proxy_the_environment_names_is_used_as_before(
             await asyncio.wait(pipes, timeout=5)
     port = client.transport.host.rpartition(":")[2]  # type: ignore[attr-defined]
     assert tunnels == [f"CONNECT localhost:{port} HTTP/1.1".encode()]
+    # httpcore sets ALPN on the context it uses: not on the one other clients (MQTT, AMQP) share
+    files = pki.ensure_dev_pki(tmp_path)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(files.cert_file, files.key_file)
+    server.set_alpn_protocols(["http/1.1", "mqtt"])
+    tls_client, _ = _handshake(client_ssl_context(ca_file=files.ca_file), server)
+    assert tls_client.selected_alpn_protocol() is None
+
+
+def _handshake(client: ssl.SSLContext, server: ssl.SSLContext) -> tuple[ssl.SSLObject, ssl.SSLObject]:
+    """A TLS handshake in memory (server name ``localhost``): the client's and the server's ends."""
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls_client = client.wrap_bio(c_in, c_out, server_hostname="localhost")
+    tls_server = server.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):
+        for side in (tls_client, tls_server):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                side.do_handshake()
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+    return tls_client, tls_server

@@ -259,6 +259,7 @@ class HttpsTransport(Transport):
             ("Content-Type", "application/json; charset=utf-8"),
             ("User-Agent", USER_AGENT),
         ]
+        own_context = ssl_context is not None or security.tls_client_certificate() is not None
         ssl_context = tls_context(ssl_context, ca_file=ca_file, security=security)
         hostname, port = split_endpoint(self.host, default_port=443)
         self._http: _Exchange
@@ -266,8 +267,10 @@ class HttpsTransport(Transport):
             self._http = _HttpxExchange(self.host, timeout, transport=http_transport)
         elif _environment_proxy():
             # HTTPS_PROXY / ALL_PROXY name a proxy: httpx reads them (and NO_PROXY) and speaks
-            # to it (CONNECT, proxy authentication), as this transport always did.
-            self._http = _HttpxExchange(self.host, timeout, verify=ssl_context)
+            # to it (CONNECT, proxy authentication), as this transport always did. httpcore sets
+            # its ALPN on the context it is given: never the shared one.
+            verify = ssl_context if own_context else _trust_context(ca_file)
+            self._http = _HttpxExchange(self.host, timeout, verify=verify)
         else:
             authority = self.host.removesuffix(":443")
             self._http = HttpConnection(
