@@ -9,6 +9,8 @@ import hashlib
 import hmac
 import json
 import ssl
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -152,16 +154,49 @@ def test_transport_errors_are_thrown_into_the_flow_and_retried_when_the_policy_s
         )
 
 
-def test_the_sync_client_stops_its_loop_thread_on_close() -> None:
+def test_the_sync_client_runs_in_the_calling_thread_and_leaves_nothing_running() -> None:
     before = set(threading.enumerate())
     client = ProvisioningDeviceClient.create(
         "unused:1", SCOPE, security(), MockTransport(assigning_then_assigned)
     )
-    client.register()
-    [loop_thread] = [t for t in set(threading.enumerate()) - before if t.name == "provisiond-device"]
-    assert loop_thread.daemon, "an unclosed client must not keep the interpreter alive"
+    assert client.register().device_id == "dev-1"
+    assert client.register().device_id == "dev-1"  # its loop serves every call
+    assert set(threading.enumerate()) - before == set(), "a plain thread's call needs no other thread"
     client.close()
-    assert not loop_thread.is_alive()
+
+
+def test_the_sync_client_works_from_a_thread_that_runs_an_event_loop() -> None:
+    before = set(threading.enumerate())
+    client = ProvisioningDeviceClient.create(
+        "unused:1", SCOPE, security(), MockTransport(assigning_then_assigned)
+    )
+
+    async def notebook_cell() -> str | None:
+        return client.register().device_id
+
+    assert asyncio.run(notebook_cell()) == "dev-1"
+    assert client.register().device_id == "dev-1"  # then from the plain thread, on the same loop
+    client.close()
+    assert not [
+        t for t in set(threading.enumerate()) - before if t.is_alive() and t.name == "provisiond-device"
+    ]
+
+
+def test_an_unclosed_sync_client_does_not_keep_the_interpreter_alive() -> None:
+    answer = status_body("assigned", assignedHub="h", deviceId="dev-1")
+    code = "\n".join(
+        [
+            "from provisiond.device import MockTransport, ProvisioningDeviceClient, SymmetricKeySecurity",
+            "from provisiond.protocol.registration import Reply",
+            f"security = SymmetricKeySecurity(registration_id='dev-1', symmetric_key='{KEY}')",
+            f"transport = MockTransport(lambda r: Reply(status=200, body={answer!r}))",
+            f"client = ProvisioningDeviceClient.create('x:1', '{SCOPE}', security, transport)",
+            "print(client.register().status.value)",  # and exit without closing it
+        ]
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "assigned"
 
 
 def test_create_picks_transports_by_name_or_instance(tmp_path: Path) -> None:

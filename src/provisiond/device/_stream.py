@@ -1,5 +1,6 @@
 """What the stream transports (:mod:`~provisiond.device.mqtt`, :mod:`~provisiond.device.amqp`)
-share: the byte channels to the service (TLS, or a WebSocket at ``wss://host:port/$iothub/websocket``)
+share: the byte channels to the service (TLS, :mod:`~provisiond.device._tls`, or a WebSocket at
+``wss://host:port/$iothub/websocket``)
 and :class:`StreamTransport`, their base: the endpoint with the protocol's default port, the TLS
 context, opening a channel and translating its exceptions into ours.
 
@@ -20,11 +21,10 @@ from abc import abstractmethod
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
-import httpx
-
 from ..errors import ConnectError, ProvisioningError, TimeoutError, TransportError
+from ._tls import TlsStream, open_tls
 from .security import SecurityProvider
-from .transport import USER_AGENT, Transport, parse_endpoint, tls_context
+from .transport import USER_AGENT, Transport, parse_endpoint, split_endpoint, tls_context
 
 if TYPE_CHECKING:
     from websockets.asyncio.client import ClientConnection
@@ -63,25 +63,21 @@ class Channel(Protocol):
 
 
 class TlsChannel:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
+    def __init__(self, stream: TlsStream) -> None:
+        self._stream = stream
 
     @property
     def closed(self) -> bool:
-        return self._reader.at_eof() or self._writer.is_closing()
+        return self._stream.closed
 
     async def read(self) -> bytes:
-        return await self._reader.read(READ_SIZE)
+        return await self._stream.read(READ_SIZE)
 
     async def write(self, data: bytes) -> None:
-        self._writer.write(data)
-        await self._writer.drain()
+        await self._stream.write(data)
 
     async def close(self) -> None:
-        self._writer.close()
-        with contextlib.suppress(OSError, builtins.TimeoutError):
-            await asyncio.wait_for(self._writer.wait_closed(), 2)
+        await self._stream.close()
 
 
 class WebSocketChannel:
@@ -121,8 +117,7 @@ def host_and_port(host: str, *, scheme: str, default_port: int) -> tuple[str, in
     """
     for prefix in (f"{scheme}://", "wss://"):
         host = host.removeprefix(prefix)
-    url = httpx.URL(f"https://{parse_endpoint(host)}")
-    return url.host, url.port or default_port
+    return split_endpoint(parse_endpoint(host), default_port=default_port)
 
 
 class StreamTransport(Transport):
@@ -185,17 +180,10 @@ class StreamTransport(Transport):
     async def _open(self) -> Channel:
         """A new channel to :attr:`address`, TLS handshake (and WebSocket upgrade) done."""
         if not self.websockets:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(
-                    self.host,
-                    self.port,
-                    ssl=self._ssl,
-                    server_hostname=self.host,
-                    ssl_handshake_timeout=self.timeout,
-                ),
-                self.timeout,
+            stream = await asyncio.wait_for(
+                open_tls(self.host, self.port, self._ssl, server_hostname=self.host), self.timeout
             )
-            return TlsChannel(reader, writer)
+            return TlsChannel(stream)
         from websockets.asyncio.client import connect
         from websockets.typing import Subprotocol
 

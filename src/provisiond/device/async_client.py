@@ -22,8 +22,6 @@ from ..protocol.registration import (
     Sleep,
     registration_flow,
 )
-from .amqp import AmqpTransport
-from .mqtt import MqttTransport
 from .security import SecurityProvider
 from .transport import DEFAULT_API_VERSION, HttpsTransport, Transport, TransportKind
 
@@ -101,11 +99,16 @@ class AsyncProvisioningDeviceClient:
                 "timeout": timeout,
                 "api_version": api_version,
             }
+            # MQTT and AMQP (their codecs) are imported by the devices that use them only
             if kind is TransportKind.HTTPS:
                 transport = HttpsTransport(**common)
             elif kind in (TransportKind.MQTT, TransportKind.MQTT_WS):
+                from .mqtt import MqttTransport
+
                 transport = MqttTransport(websockets=kind is TransportKind.MQTT_WS, **common)
             else:
+                from .amqp import AmqpTransport
+
                 transport = AmqpTransport(websockets=kind is TransportKind.AMQP_WS, **common)
         return cls(security=security, transport=transport, retry=retry)
 
@@ -155,7 +158,9 @@ class AsyncProvisioningDeviceClient:
             result: RegistrationResult = stop.value
         finally:
             flow.close()
-        await asyncio.to_thread(self.security.complete_registration, result)
+        if type(self.security).complete_registration is not SecurityProvider.complete_registration:
+            # a TPM imports the hub key here (blocking); the base's no-op needs no thread hop
+            await asyncio.to_thread(self.security.complete_registration, result)
         logger.info(
             "%s registered: %s to %s as %s",
             registration_id,

@@ -12,14 +12,18 @@ two things, depending on the attestation:
 Extension point for hardware-backed keys
 ----------------------------------------
 Transports never read a private key: they call :meth:`X509Credential.load_into` on their
-context. :class:`PemX509Credential` (software keys) writes the chain and a one-time-encrypted
-copy of the key to a private temporary directory, calls :meth:`ssl.SSLContext.load_cert_chain`,
-and removes the files at once, so the plaintext key never touches the disk. A credential whose
+context. :class:`PemX509Credential` (software keys) hands the chain and the key to
+:meth:`ssl.SSLContext.load_cert_chain` in anonymous memory files (Linux's memfd), or elsewhere
+writes the chain and a one-time-encrypted copy of the key to a private temporary directory and
+removes the files at once, so the plaintext key never touches the disk. A credential whose
 key lives in an HSM, a TPM or a PKCS#11 token subclasses :class:`X509Credential` and implements
 ``load_into`` however its integration allows. Note that Python's :mod:`ssl` loads keys only from
 PEM files through :meth:`~ssl.SSLContext.load_cert_chain`, so such an integration usually
 relies on an OpenSSL provider or engine configured outside Python; the seam is here so that it
 needs no change to the client or the transports.
+
+cryptography (some 10 MiB of a process's memory) is imported by the X.509 code paths only,
+when they first run: a key-attested device never loads it.
 
 The TPM challenge (device-protocol.md §2.3) goes through :meth:`SecurityProvider.begin_registration`
 (the ``tpm`` of the register body), :attr:`SecurityProvider.answers_challenges`,
@@ -31,26 +35,25 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import os
 import secrets
 import ssl
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
-from cryptography.x509.oid import NameOID
-
-from .. import certificates
 from ..errors import ConfigurationError
 from ..protocol.messages import TpmAttestationRequest, TpmChallenge
 from ..protocol.sas import build_sas_token, derive_device_key
 
 if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+
+    from .. import certificates
     from ..protocol.registration import RegistrationResult
 
 __all__ = [
@@ -113,18 +116,31 @@ class PemX509Credential(X509Credential):
         return self._chain
 
     def load_into(self, ctx: ssl.SSLContext) -> None:
-        # load_cert_chain reads files only. The key goes to disk encrypted under a password that
-        # lives only in this frame, in a directory only we can read, and is removed at once.
-        secret = secrets.token_urlsafe(24)
-        with tempfile.TemporaryDirectory(prefix="provisiond-") as directory:
-            cert_file = Path(directory, "chain.pem")
-            key_file = Path(directory, "key.pem")
-            _write_private(cert_file, certificates.certificate_pem(self._certificate, *self._chain))
-            _write_private(key_file, certificates.private_key_pem(self._key, secret))
-            try:
+        from .. import certificates
+
+        # load_cert_chain reads files only. Where the system has anonymous memory files (Linux's
+        # memfd), the PEM goes into one: it never touches a disk, and nobody but this process
+        # (and root) can open it. Elsewhere the key goes to disk encrypted under a password that
+        # lives only in this frame, in a directory only we can read, and is removed at once
+        # (the encryption's key derivation costs some milliseconds per load).
+        chain_pem = certificates.certificate_pem(self._certificate, *self._chain)
+        try:
+            if _MEMFD:
+                with (
+                    _memory_file(chain_pem) as cert_file,
+                    _memory_file(certificates.private_key_pem(self._key)) as key_file,
+                ):
+                    ctx.load_cert_chain(cert_file, key_file)
+                return
+            secret = secrets.token_urlsafe(24)
+            with tempfile.TemporaryDirectory(prefix="provisiond-") as directory:
+                cert_file = str(Path(directory, "chain.pem"))
+                key_file = str(Path(directory, "key.pem"))
+                _write_private(Path(cert_file), chain_pem)
+                _write_private(Path(key_file), certificates.private_key_pem(self._key, secret))
                 ctx.load_cert_chain(cert_file, key_file, password=secret)
-            except ssl.SSLError as exc:
-                raise ConfigurationError(f"The TLS library refused the client certificate: {exc}") from exc
+        except ssl.SSLError as exc:
+            raise ConfigurationError(f"The TLS library refused the client certificate: {exc}") from exc
 
     def __repr__(self) -> str:
         return f"<PemX509Credential {_subject(self._certificate)!r} chain={len(self._chain)}>"
@@ -238,6 +254,8 @@ class X509Security(SecurityProvider):
 
         :raises ConfigurationError: a file is unreadable, malformed, or the password is wrong.
         """
+        from .. import certificates
+
         certs = _read_certificates(cert_file)
         if chain_file is not None:
             certs += [c for c in _read_certificates(chain_file) if c not in certs]
@@ -261,6 +279,8 @@ class X509Security(SecurityProvider):
 
         :raises ConfigurationError: unreadable, not PKCS#12, or the password is wrong.
         """
+        from .. import certificates
+
         try:
             issued = certificates.load_pkcs12(_read(path), password)
         except (ValueError, TypeError) as exc:
@@ -304,6 +324,8 @@ def _read(path: str | os.PathLike[str]) -> bytes:
 
 
 def _read_certificates(path: str | os.PathLike[str]) -> list[x509.Certificate]:
+    from .. import certificates
+
     try:
         certs = certificates.load_pem_chain(_read(path))
     except ValueError as exc:
@@ -313,6 +335,21 @@ def _read_certificates(path: str | os.PathLike[str]) -> list[x509.Certificate]:
     return certs
 
 
+#: Whether anonymous memory files exist here (Linux) and /proc/self/fd can open them.
+_MEMFD = hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
+
+
+@contextlib.contextmanager
+def _memory_file(data: bytes) -> Iterator[str]:
+    """A path to ``data`` in an anonymous memory file, closed (and gone) on exit."""
+    fd = os.memfd_create("provisiond-credential", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, data)
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
 def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
@@ -320,6 +357,8 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def _public_der(key: PublicKeyTypes) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
@@ -328,6 +367,8 @@ def _subject(cert: x509.Certificate) -> str:
 
 
 def _common_name(cert: x509.Certificate) -> str:
+    from cryptography.x509.oid import NameOID
+
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if not names:
         raise ConfigurationError(

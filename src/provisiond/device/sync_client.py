@@ -1,20 +1,26 @@
 """The blocking device client: a thin facade over :class:`AsyncProvisioningDeviceClient`
 (as mqttproto's sync client is), so the logic exists once.
 
-The async client runs on an event loop in a private daemon thread, started on first use and
-stopped by :meth:`ProvisioningDeviceClient.close` (or when the client is garbage-collected).
-A daemon thread never keeps the interpreter alive, and the blocking calls work from any thread,
-including one that already runs an event loop (a notebook, a GUI).
+Each client has its own event loop, created on first use and closed by
+:meth:`ProvisioningDeviceClient.close` (or when the client is garbage-collected). A blocking call
+runs that loop in the calling thread when the thread runs no event loop of its own, so a
+registration costs no thread hop; called from a thread that already runs one (a notebook, a
+GUI), it runs the loop in a short-lived daemon thread and waits for it. Calls on one client go
+one at a time. Nothing is left running between calls, so an unclosed client never keeps the
+interpreter alive. The loops' blocking work (name resolution) goes to one thread pool shared by
+the process's sync clients, so that a client does not start and join a worker thread of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import ssl
 import threading
 import weakref
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -28,48 +34,101 @@ __all__ = ["ProvisioningDeviceClient"]
 T = TypeVar("T")
 
 
-class _LoopThread:
-    """An event loop running in a daemon thread; coroutines are submitted to it."""
+class _SharedExecutor(ThreadPoolExecutor):
+    """The default executor of every sync client's loop. A loop shuts its default executor down
+    when it closes; this one outlives the loops, so that shutdown is a no-op."""
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        return None
+
+
+_executors: dict[int, _SharedExecutor] = {}
+_executors_lock = threading.Lock()
+
+
+def _shared_executor() -> _SharedExecutor:
+    """This process's pool (a forked child makes its own: the parent's threads are not in it);
+    ThreadPoolExecutor's default size, its threads started as needed."""
+    pid = os.getpid()
+    with _executors_lock:
+        executor = _executors.get(pid)
+        if executor is None:
+            _executors.clear()
+            executor = _executors[pid] = _SharedExecutor(thread_name_prefix="provisiond-device-worker")
+        return executor
+
+
+class _PrivateLoop:
+    """A client's event loop, run by the calling thread (or, when that thread runs a loop of its
+    own, by a short-lived daemon thread), one call at a time."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        loop = self._start()
-        future = asyncio.run_coroutine_threadsafe(coro, loop)
-        try:
-            return future.result()
-        except BaseException:  # KeyboardInterrupt included: don't leave the coroutine running
-            future.cancel()
-            raise
-
-    def _start(self) -> asyncio.AbstractEventLoop:
         with self._lock:
             if self._loop is None:
                 loop = asyncio.new_event_loop()
-                thread = threading.Thread(target=loop.run_forever, name="provisiond-device", daemon=True)
-                thread.start()
-                self._loop, self._thread = loop, thread
-                self._finalizer = weakref.finalize(self, _stop, loop, thread)
-            return self._loop
+                loop.set_default_executor(_shared_executor())
+                self._loop = loop
+                self._finalizer = weakref.finalize(self, _close, loop)
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:  # the usual case: a plain thread
+                in_a_loop = False
+            else:
+                in_a_loop = True
+            return _run_in_thread(self._loop, coro) if in_a_loop else _run(self._loop, coro)
 
     def stop(self) -> None:
         with self._lock:
             if self._finalizer is not None:
                 self._finalizer()
-            self._loop = self._thread = self._finalizer = None
+            self._loop = self._finalizer = None
 
 
-def _stop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
-    if thread is threading.current_thread():  # pragma: no cover - collected on its own loop
-        loop.call_soon(loop.stop)
-        return
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join()
-    loop.close()
+def _run(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
+    task = loop.create_task(coro)
+    try:
+        return loop.run_until_complete(task)
+    except BaseException:  # KeyboardInterrupt included: don't leave the coroutine half-done
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                loop.run_until_complete(task)
+        raise
+
+
+def _run_in_thread(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
+    outcome: list[tuple[bool, Any]] = []
+
+    def target() -> None:
+        try:
+            outcome.append((True, _run(loop, coro)))
+        except BaseException as exc:
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=target, name="provisiond-device", daemon=True)
+    thread.start()
+    try:
+        thread.join()
+    except BaseException:  # KeyboardInterrupt while waiting: cancel what runs there
+        for task in asyncio.all_tasks(loop):
+            loop.call_soon_threadsafe(task.cancel)
+        thread.join()
+        raise
+    ok, value = outcome[0]
+    if ok:
+        result: T = value
+        return result
+    raise value
+
+
+def _close(loop: asyncio.AbstractEventLoop) -> None:
+    if not loop.is_running() and not loop.is_closed():
+        loop.close()
 
 
 class ProvisioningDeviceClient:
@@ -85,7 +144,7 @@ class ProvisioningDeviceClient:
 
     def __init__(self, *, async_client: AsyncProvisioningDeviceClient) -> None:
         self._async = async_client
-        self._loop = _LoopThread()
+        self._loop = _PrivateLoop()
 
     @classmethod
     def create(
@@ -125,7 +184,7 @@ class ProvisioningDeviceClient:
         return self._loop.run(self._async.register(payload, force=force))
 
     def close(self) -> None:
-        """Close the transport's connections and stop the private event loop."""
+        """Close the transport's connections and the client's event loop."""
         try:
             self._loop.run(self._async.close())
         finally:

@@ -7,7 +7,8 @@ error interpretation live in :mod:`provisiond.protocol.registration`. Failures t
 are raised as :class:`~provisiond.errors.TransportError` (``ConnectError``, ``TimeoutError``),
 translated once, at this boundary.
 
-* :class:`HttpsTransport`: DPS's HTTPS device API on httpx (device-protocol.md §2).
+* :class:`HttpsTransport`: DPS's HTTPS device API (device-protocol.md §2), HTTP/1.1 on one
+  keep-alive TLS connection (:mod:`provisiond.device._http`: asyncio streams and h11).
 * :class:`MockTransport`: answers from a function, for tests (like ``httpx.MockTransport``).
 """
 
@@ -19,19 +20,23 @@ import inspect
 import logging
 import os
 import ssl
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterator
 from types import TracebackType
-from urllib.parse import quote
-
-import httpx
+from typing import TYPE_CHECKING, Protocol
+from urllib.parse import quote, urlsplit
 
 from .. import __version__
 from ..errors import ConfigurationError, ConnectError, TimeoutError, TransportError
 from ..protocol.messages import encode
 from ..protocol.registration import Reply, Request, SendPoll, SendRegister, parse_retry_after
+from ._http import HttpConnection, HttpResponse
 from .security import SecurityProvider
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = [
     "DEFAULT_API_VERSION",
@@ -109,13 +114,51 @@ def client_ssl_context(
     """A TLS client context that trusts ``ca_file`` (else the system's CAs) and presents the
     security provider's client certificate, if it has one. Shared by every transport.
 
+    Without a client certificate the context is built once per CA file (while the file is
+    unchanged) and shared by every client in the process: loading a CA store costs more than
+    the rest of a registration's client-side work. Do not modify it; pass ``ssl_context`` to a
+    transport for a context of your own.
+
     :raises ConfigurationError: the CA file cannot be read.
     """
+    credential = security.tls_client_certificate() if security is not None else None
+    if credential is None:
+        return _shared_trust_context(ca_file)
+    ctx = _trust_context(ca_file)
+    credential.load_into(ctx)
+    return ctx
+
+
+def _trust_context(ca_file: str | os.PathLike[str] | None) -> ssl.SSLContext:
     try:
-        ctx = ssl.create_default_context(cafile=os.fspath(ca_file) if ca_file is not None else None)
+        return ssl.create_default_context(cafile=os.fspath(ca_file) if ca_file is not None else None)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigurationError(f"Cannot load the CA certificates in {ca_file}: {exc}") from exc
-    _load_client_certificate(ctx, security)
+
+
+#: Shared trust-only contexts, by (CA file, its modification time and size); a few at most.
+_SHARED: dict[tuple[str | None, int, int], ssl.SSLContext] = {}
+_SHARED_MAX = 8
+_SHARED_LOCK = threading.Lock()
+
+
+def _shared_trust_context(ca_file: str | os.PathLike[str] | None) -> ssl.SSLContext:
+    key: tuple[str | None, int, int] = (None, 0, 0)
+    if ca_file is not None:
+        path = os.path.abspath(ca_file)
+        try:
+            stat = os.stat(path)
+        except OSError as exc:
+            raise ConfigurationError(f"Cannot load the CA certificates in {ca_file}: {exc}") from exc
+        key = (path, stat.st_mtime_ns, stat.st_size)
+    with _SHARED_LOCK:
+        ctx = _SHARED.get(key)
+    if ctx is None:
+        ctx = _trust_context(ca_file)
+        with _SHARED_LOCK:
+            if len(_SHARED) >= _SHARED_MAX:
+                del _SHARED[next(iter(_SHARED))]
+            ctx = _SHARED.setdefault(key, ctx)
     return ctx
 
 
@@ -159,25 +202,19 @@ def tls_context(
     return ssl_context
 
 
-@contextlib.contextmanager
-def _map_httpx_exceptions(host: str) -> Iterator[None]:
-    """Translate httpx's exceptions into ours, keeping the cause (httpx's ``map_httpcore_exceptions``)."""
-    try:
-        yield
-    except httpx.TimeoutException as exc:
-        raise TimeoutError(
-            f"{host} did not answer in time ({type(exc).__name__}: {exc or 'no details'})"
-        ) from exc
-    except httpx.ConnectError as exc:
-        raise ConnectError(f"Cannot connect to {host}: {exc or 'no details'}") from exc
-    except httpx.RequestError as exc:  # network, protocol, proxy and decoding failures
-        raise TransportError(
-            f"The exchange with {host} failed ({type(exc).__name__}: {exc or 'no details'})"
-        ) from exc
+class _Exchange(Protocol):
+    """Sends one HTTP request and reads the whole answer (the network, or an httpx transport)."""
+
+    async def request(
+        self, method: str, target: str, headers: list[tuple[str, str]], body: bytes
+    ) -> HttpResponse: ...
+
+    async def close(self) -> None: ...
 
 
 class HttpsTransport(Transport):
-    """DPS's HTTPS device API (device-protocol.md §2.1, §2.2) on an ``httpx.AsyncClient``.
+    """DPS's HTTPS device API (device-protocol.md §2.1, §2.2): HTTP/1.1 on one keep-alive TLS
+    connection, which serves the register and the polls while it lives.
 
     :param host: the global endpoint, ``host`` or ``host:port`` (``https://`` is allowed).
     :param id_scope: the service's ID scope.
@@ -217,55 +254,122 @@ class HttpsTransport(Transport):
         self.api_version = api_version
         self._security = security
         self._sas_ttl = sas_ttl
+        self._headers = [
+            ("Accept", "application/json"),
+            ("Content-Type", "application/json; charset=utf-8"),
+            ("User-Agent", USER_AGENT),
+        ]
+        own_context = ssl_context is not None or security.tls_client_certificate() is not None
         ssl_context = tls_context(ssl_context, ca_file=ca_file, security=security)
-        self._client = httpx.AsyncClient(
-            base_url=f"https://{self.host}",
-            verify=ssl_context,
-            timeout=timeout,
-            follow_redirects=False,
-            transport=http_transport,
-            headers={
-                "Accept": "application/json",
-                "Content-Type": "application/json; charset=utf-8",
-                "User-Agent": USER_AGENT,
-            },
-        )
+        hostname, port = split_endpoint(self.host, default_port=443)
+        self._http: _Exchange
+        if http_transport is not None:
+            self._http = _HttpxExchange(self.host, timeout, transport=http_transport)
+        elif _environment_proxy():
+            # HTTPS_PROXY / ALL_PROXY name a proxy: httpx reads them (and NO_PROXY) and speaks
+            # to it (CONNECT, proxy authentication), as this transport always did. httpcore sets
+            # its ALPN on the context it is given: never the shared one.
+            verify = ssl_context if own_context else _trust_context(ca_file)
+            self._http = _HttpxExchange(self.host, timeout, verify=verify)
+        else:
+            authority = self.host.removesuffix(":443")
+            self._http = HttpConnection(
+                host=hostname, port=port, authority=authority, ssl_context=ssl_context, timeout=timeout
+            )
 
     async def send(self, request: Request) -> Reply:
         prefix = f"/{_segment(self.id_scope)}/registrations/{_segment(request.registration_id)}"
-        params = {"api-version": self.api_version}
+        query = f"?api-version={_segment(self.api_version)}"
         headers = self._authorization(request.registration_id)
-        with _map_httpx_exceptions(self.host):
-            if isinstance(request, SendRegister):
-                if request.force:
-                    params["forceRegistration"] = "true"
-                response = await self._client.put(
-                    f"{prefix}/register", params=params, headers=headers, content=encode(request.body)
-                )
-            elif isinstance(request, SendPoll):
-                response = await self._client.get(
-                    f"{prefix}/operations/{_segment(request.operation_id)}", params=params, headers=headers
-                )
-            else:  # pragma: no cover - the Request union is closed
-                raise TypeError(f"cannot send {request!r}")
-            body = await response.aread()
-        logger.debug("%s %s -> %d", response.request.method, response.request.url.path, response.status_code)
+        if isinstance(request, SendRegister):
+            method, target, body = "PUT", f"{prefix}/register{query}", encode(request.body)
+            if request.force:
+                target += "&forceRegistration=true"
+        elif isinstance(request, SendPoll):
+            method, target, body = "GET", f"{prefix}/operations/{_segment(request.operation_id)}{query}", b""
+        else:  # pragma: no cover - the Request union is closed
+            raise TypeError(f"cannot send {request!r}")
+        response = await self._http.request(method, target, headers, body)
+        logger.debug("%s %s -> %d", method, target.partition("?")[0], response.status)
         return Reply(
-            status=response.status_code,
-            body=body,
-            retry_after=parse_retry_after(response.headers.get("retry-after")),
+            status=response.status,
+            body=response.body,
+            retry_after=parse_retry_after(response.header(b"retry-after")),
         )
 
-    def _authorization(self, registration_id: str) -> dict[str, str]:
+    def _authorization(self, registration_id: str) -> list[tuple[str, str]]:
         resource = f"{self.id_scope}/registrations/{registration_id}"
         token = self._security.sas_token(resource, int(time.time()) + self._sas_ttl)
-        return {"Authorization": token} if token else {}
+        return [*self._headers, ("Authorization", token)] if token else self._headers
+
+    async def close(self) -> None:
+        await self._http.close()
+
+    def __repr__(self) -> str:
+        return f"<HttpsTransport https://{self.host} id_scope={self.id_scope!r}>"
+
+
+class _HttpxExchange:
+    """Requests through httpx: a caller's httpx transport (``HttpsTransport(http_transport=...)``),
+    or httpx's own with the proxy the environment names."""
+
+    def __init__(
+        self,
+        host: str,
+        timeout: float,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        verify: ssl.SSLContext | None = None,
+    ) -> None:
+        import httpx
+
+        self._host = host
+        self._client = httpx.AsyncClient(
+            base_url=f"https://{host}",
+            timeout=timeout,
+            follow_redirects=False,
+            transport=transport,
+            verify=verify if verify is not None else True,
+        )
+
+    async def request(
+        self, method: str, target: str, headers: list[tuple[str, str]], body: bytes
+    ) -> HttpResponse:
+        with _map_httpx_exceptions(self._host):
+            response = await self._client.request(method, target, headers=headers, content=body or None)
+            data = await response.aread()
+        return HttpResponse(response.status_code, [(k.lower(), v) for k, v in response.headers.raw], data)
 
     async def close(self) -> None:
         await self._client.aclose()
 
-    def __repr__(self) -> str:
-        return f"<HttpsTransport https://{self.host} id_scope={self.id_scope!r}>"
+
+#: The variables that name a proxy for HTTPS, as httpx's ``trust_env`` reads them.
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _environment_proxy() -> bool:
+    """Whether the environment names a proxy for HTTPS (httpx then applies ``NO_PROXY``)."""
+    return any(os.environ.get(name) for name in _PROXY_VARIABLES)
+
+
+@contextlib.contextmanager
+def _map_httpx_exceptions(host: str) -> Iterator[None]:
+    """Translate httpx's exceptions into ours, keeping the cause (httpx's ``map_httpcore_exceptions``)."""
+    import httpx
+
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise TimeoutError(
+            f"{host} did not answer in time ({type(exc).__name__}: {exc or 'no details'})"
+        ) from exc
+    except httpx.ConnectError as exc:
+        raise ConnectError(f"Cannot connect to {host}: {exc or 'no details'}") from exc
+    except httpx.RequestError as exc:  # network, protocol, proxy and decoding failures
+        raise TransportError(
+            f"The exchange with {host} failed ({type(exc).__name__}: {exc or 'no details'})"
+        ) from exc
 
 
 def _segment(value: str) -> str:
@@ -283,10 +387,24 @@ def parse_endpoint(host: str) -> str:
     text = text.rstrip("/")
     if not text or "/" in text or "://" in text or any(c.isspace() for c in text):
         raise ValueError(f"{host!r} is not an endpoint host[:port].")
-    try:
-        port = httpx.URL(f"https://{text}").port
-    except httpx.InvalidURL as exc:
-        raise ValueError(f"{host!r} is not an endpoint host[:port]: {exc}") from exc
-    if port is not None and not 0 < port < 65536:
-        raise ValueError(f"{host!r} has an invalid port.")
+    split_endpoint(text, default_port=443, original=host)
     return text
+
+
+def split_endpoint(endpoint: str, *, default_port: int, original: str | None = None) -> tuple[str, int]:
+    """The host name (IPv6 without brackets) and port of ``host[:port]``; ``default_port``
+    when it names none.
+
+    :raises ValueError: not a ``host[:port]``, or a port out of range.
+    """
+    shown = endpoint if original is None else original
+    try:
+        parts = urlsplit(f"https://{endpoint}")
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{shown!r} is not an endpoint host[:port]: {exc}") from exc
+    if not parts.hostname or parts.path or parts.query or parts.fragment or "@" in parts.netloc:
+        raise ValueError(f"{shown!r} is not an endpoint host[:port].")
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"{shown!r} has an invalid port.")
+    return parts.hostname, port or default_port
