@@ -2,8 +2,9 @@
 
 The app of ``create_app`` over a fresh SQLite store, called as ASGI in this process (no uvicorn,
 no TLS): a group-derived device's ``PUT .../register`` against ``GET /nothing`` (404), and the
-registrar alone (``Registrar.register``, no HTTP). Each device registers once, ``--concurrency``
-at a time; CPU is this process's (``time.process_time``: the event loop and the store's
+registrar alone (``Registrar.register``, no HTTP), then the same devices again (a
+re-registration: the record's and the identity's updates). Each device registers once per
+phase, ``--concurrency`` at a time; CPU is this process's (``time.process_time``: the event loop and the store's
 threads). What it leaves out (the TLS front, uvicorn) is what ``bench/cpu.py`` adds.
 
     python bench/cpu_inprocess.py [--devices 4000] [--concurrency 32] [--profile] [--db postgresql]
@@ -229,6 +230,7 @@ async def _run(args: argparse.Namespace, tmp: Path, store: Store) -> None:
         await _phase("trivial (ASGI)", trivial, await asgi(404), args.concurrency, False)
         await _phase("register (ASGI)", http_calls, await asgi(202), args.concurrency, args.profile)
         await _phase("registrar alone", direct, register, args.concurrency, False)
+        await _phase("registrar again (re-registration)", direct, register, args.concurrency, False)
         await _phase("trivial (ASGI)", trivial, await asgi(404), args.concurrency, False)
 
 

@@ -188,6 +188,8 @@ class Statements:
     insert_if_missing: str
     upsert: str
     update: str
+    #: :attr:`update` only when the row's etag is the last parameter; returns ``id, created``.
+    update_if_etag: str
     delete: str
     select_full_prefix: str
     select_meta_prefix: str
@@ -223,6 +225,9 @@ def statements(collection: Collection, style: ParamStyle) -> Statements:
         insert_if_missing=sql(f"{insert} ON CONFLICT (key) DO NOTHING RETURNING id, created", style),
         upsert=sql(f"{insert} ON CONFLICT (key) DO UPDATE SET {replaced} RETURNING id, created", style),
         update=sql(f"UPDATE {table} SET {assignments} WHERE key = ?", style),
+        update_if_etag=sql(
+            f"UPDATE {table} SET {assignments} WHERE key = ? AND etag = ? RETURNING id, created", style
+        ),
         delete=sql(f"DELETE FROM {table} WHERE key = ? RETURNING {columns}", style),
         select_full_prefix=f"SELECT {columns} FROM {table}",
         select_meta_prefix=f"SELECT key, id, etag, created FROM {table}",

@@ -256,6 +256,12 @@ def _bare_etag(etag: str) -> str:
     return etag.strip('"')
 
 
+def stored_etag(if_match: str) -> str:
+    """``if_match`` (an etag, quoted or not, weak or not) in the form the store writes etags
+    (:func:`new_etag`): what a stored etag equals when :func:`etags_match` says it matches."""
+    return f'"{_bare_etag(if_match)}"'
+
+
 def is_wildcard(if_match: str | None) -> bool:
     """Whether an If-Match value is the wildcard: ``*``, or ``"*"`` as the official IoT Hub
     service SDKs send it (``azure-iothub``'s ``_ensureQuoted('*')``, ``azure-iot-hub``'s

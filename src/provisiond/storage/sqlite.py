@@ -58,12 +58,26 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 from ..errors import DatabaseUnavailableError, ProvisioningError, StorageError
 from . import _sql, _streams
 from ._sql import Meta, ParamStyle
-from .base import Collection, Delete, Entry, Page, Record, Store, Stream, Write, WriteMode, new_etag, utc_now
+from .base import (
+    Collection,
+    Delete,
+    Entry,
+    Page,
+    Record,
+    Store,
+    Stream,
+    Write,
+    WriteMode,
+    is_wildcard,
+    new_etag,
+    stored_etag,
+    utc_now,
+)
 
 __all__ = ["SqliteStore"]
 
@@ -676,6 +690,11 @@ def _claim(
     return claimed
 
 
+def _conditional(if_match: str | None) -> TypeGuard[str]:
+    """Whether ``if_match`` names one etag (not absent, not the wildcard)."""
+    return if_match is not None and not is_wildcard(if_match)
+
+
 @functools.cache
 def _insert_or_nothing(insert: str) -> str:
     # Not RETURNING: SQLite's RETURNING costs as much as the read it would save.
@@ -698,6 +717,14 @@ def _apply(
         params = _sql.insert_params(key, item, etag, now, values)
         if conn.execute(_insert_or_nothing(statements.insert), params).rowcount == 1:
             return _sql.written_record(collection, item, item.id, etag, now, now, values)
+    elif isinstance(item, Write) and item.mode is not WriteMode.CREATE and _conditional(item.if_match):
+        # An update on the etag read (a re-registration's two rows): one statement finds the
+        # row and checks its etag; only when it changes nothing is the row read to say why.
+        etag, now = new_etag(), utc_now()
+        params = (*_sql.update_params(key, item, etag, now, values), stored_etag(item.if_match))
+        row = conn.execute(statements.update_if_etag, params).fetchone()
+        if row is not None:
+            return _sql.written_record(collection, item, row[0], etag, row[1], now, values)
     row = conn.execute(statements.select_meta, (key,)).fetchone()
     existing = None if row is None else Meta(*row)
     if isinstance(item, Delete):
