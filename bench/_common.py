@@ -33,6 +33,7 @@ __all__ = [
     "Api",
     "ApiError",
     "Server",
+    "app_with_group",
     "free_port",
     "human_bytes",
     "machine_summary",
@@ -296,3 +297,29 @@ def terminate_on_signals() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+async def app_with_group(store: Any, data_dir: Path) -> tuple[Any, str, str]:
+    """The app of ``create_app`` over ``store`` (open), initialized as on a first start, with one
+    symmetric-key enrollment group, ``bench-group``: the app (not started), the ID scope and
+    the group's key. For the benches that call the app in process; the service is imported
+    here, not by every bench that uses this module."""
+    import base64
+
+    import msgspec
+
+    from provisiond.models import EnrollmentGroup
+    from provisiond.service.app import create_app, initialize
+    from provisiond.service.settings import Settings
+
+    settings = Settings(data_dir=data_dir, host="localhost", https_port=8443, mqtt_port=0, amqp_port=0)
+    scope = (await initialize(store, settings)).id_scope
+    assert scope is not None
+    app = create_app(settings, store=store)
+    key = base64.b64encode(os.urandom(64)).decode()
+    group = {
+        "enrollmentGroupId": "bench-group",
+        "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key, "secondaryKey": key}},
+    }
+    await app.state.ctx.management.groups.create(msgspec.convert(group, EnrollmentGroup))
+    return app, scope, key

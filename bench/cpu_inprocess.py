@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import cProfile
 import json
-import os
 import pstats
 import sys
 import tempfile
@@ -34,18 +32,15 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
-from provisiond.models import EnrollmentGroup
 from provisiond.protocol.messages import DeviceRegistration
 from provisiond.protocol.sas import build_sas_token, derive_device_key
-from provisiond.service.app import create_app, initialize
 from provisiond.service.registrar import DeviceRequest, Registrar
-from provisiond.service.settings import Settings
 from provisiond.storage.base import Store
 from provisiond.storage.sqlite import SqliteStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import app_with_group
 
 Call = tuple[str, str, str, dict[str, str], bytes]
 
@@ -175,16 +170,7 @@ async def main(args: argparse.Namespace) -> None:
 
 
 async def _run(args: argparse.Namespace, tmp: Path, store: Store) -> None:
-    settings = Settings(data_dir=tmp, host="localhost", https_port=8443, mqtt_port=0, amqp_port=0)
-    scope = (await initialize(store, settings)).id_scope
-    assert scope is not None
-    app = create_app(settings, store=store)
-    key = base64.b64encode(os.urandom(64)).decode()
-    group = {
-        "enrollmentGroupId": "bench-group",
-        "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key, "secondaryKey": key}},
-    }
-    await app.state.ctx.management.groups.create(msgspec.convert(group, EnrollmentGroup))
+    app, scope, key = await app_with_group(store, tmp)
     registrar = app.state.registrar
     expiry = int(time.time()) + 3600
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import cProfile
-import os
 import pstats
 import sys
 import tempfile
@@ -26,22 +24,18 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import app_with_group
 from _transports import ASSIGNED, amqp_steps, mqtt_steps
 
-from provisiond.models import EnrollmentGroup
 from provisiond.protocol.messages import DeviceRegistration
 from provisiond.protocol.sas import build_sas_token, derive_device_key
 from provisiond.service.amqp import AmqpEndpoint
-from provisiond.service.app import create_app, initialize
 from provisiond.service.gateway import AMQP, MQTT
 from provisiond.service.guard import NO_GUARD
 from provisiond.service.mqtt import MqttEndpoint
 from provisiond.service.registrar import DeviceRequest
-from provisiond.service.settings import Settings
 from provisiond.storage.sqlite import SqliteStore
 
 
@@ -97,16 +91,7 @@ async def main(args: argparse.Namespace) -> int:
     store = SqliteStore(tmp / "provisiond.sqlite")
     await store.open()
     try:
-        settings = Settings(data_dir=tmp, host="localhost", https_port=8443, mqtt_port=0, amqp_port=0)
-        scope = (await initialize(store, settings)).id_scope
-        assert scope is not None
-        app = create_app(settings, store=store)
-        key = base64.b64encode(os.urandom(64)).decode()
-        group = {
-            "enrollmentGroupId": "bench-group",
-            "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key, "secondaryKey": key}},
-        }
-        await app.state.ctx.management.groups.create(msgspec.convert(group, EnrollmentGroup))
+        app, scope, key = await app_with_group(store, tmp)
         gateway = app.state.gateway
         n = args.devices
         amqp = AmqpEndpoint(gateway, AMQP)
