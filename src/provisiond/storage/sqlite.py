@@ -17,7 +17,7 @@ Queries still hop. Once the thread has made a small write (below), its point rea
 same connection, with a page cache of ``INLINE_CACHE_KIB``: SQLite drops a connection's whole
 cache when another connection has committed, so a separate read connection started cold after
 every registration's commit, and over a million devices each read went back to the file
-(a re-registration cost about 12% more server CPU than over 20,000 devices; about 5% now).
+(a re-registration cost about 12% more server CPU than over 20,000 devices; about 6% now).
 
 Small writes (a few items) first try the same on the caller's thread, with a connection whose
 ``busy_timeout`` is zero: ``BEGIN IMMEDIATE`` either gets the write lock at once or fails at
