@@ -70,7 +70,6 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
-from psycopg import pq
 
 from ..errors import ConflictError, NotFoundError, ProvisioningError, StorageError
 from . import _sql, _streams
@@ -224,17 +223,21 @@ class PostgresStore(Store):
             by_table.setdefault(collection, []).append(key)
         found: dict[tuple[Collection, str], Record] = {}
         async with self._connections.connection() as conn:
-            async with conn.pipeline():
-                cursors = [
-                    (
-                        collection,
-                        await conn.execute(_select_any_sql(collection, meta=False), (sorted(set(keys)),)),
-                    )
-                    for collection, keys in by_table.items()
-                ]
-            for collection, cursor in cursors:
-                for row in await cursor.fetchall():
-                    found[(collection, row[0])] = _sql.record_from_row(collection, row)
+            try:
+                async with conn.pipeline():
+                    cursors = [
+                        (
+                            collection,
+                            await conn.execute(_select_any_sql(collection, meta=False), (sorted(set(keys)),)),
+                        )
+                        for collection, keys in by_table.items()
+                    ]
+                for collection, cursor in cursors:
+                    for row in await cursor.fetchall():
+                        found[(collection, row[0])] = _sql.record_from_row(collection, row)
+            except BaseException:
+                await _roll_back(conn)
+                raise
         return [found.get(item) for item in items]
 
     async def get_many(self, collection: Collection, ids: Sequence[str]) -> dict[str, Record]:
@@ -685,13 +688,15 @@ async def _apply_atomic(
 
 
 async def _roll_back(conn: _Connection) -> None:
-    """End the transaction a failed pipelined attempt left open (a connection that cannot
-    answer is discarded by the pool when it comes back)."""
-    if conn.broken or conn.closed:
-        return
-    if conn.info.transaction_status in (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR):
+    """End a failed pipeline: close its connection (the server rolls back what it left open,
+    and the pool replaces the connection when it comes back). Not a ``ROLLBACK`` on a
+    connection kept: psycopg (3.3) may count a statement queued in an aborted pipeline as
+    prepared although the server never prepared it, and that connection's next use of the
+    statement then fails ("prepared statement _pg3_0 does not exist"). Pipelines fail rarely
+    (a key that exists, an insert race), so a new connection each time costs little."""
+    if not conn.closed:
         with contextlib.suppress(psycopg.Error):
-            await conn.execute("ROLLBACK")
+            await conn.close()
 
 
 async def _lock_keys(conn: _Connection, keys: Sequence[tuple[Collection, str]]) -> None:
