@@ -368,8 +368,8 @@ class PostgresStore(Store):
         """One attempt of a pipelined transaction: ``function(conn, *args)`` queues it,
         ``BEGIN`` to ``COMMIT`` (it may wait for results in between), and returns a coroutine
         function that gives its outcome once the pipeline's final sync has brought the results
-        of everything it queued. Errors come out of that sync; the transaction is then rolled
-        back here."""
+        of everything it queued. Errors come out of that sync; the connection is then closed
+        here, which rolls the transaction back (:func:`_roll_back`)."""
         async with self._connections.connection() as conn:
             try:
                 async with conn.pipeline():
