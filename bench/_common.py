@@ -34,6 +34,7 @@ __all__ = [
     "ApiError",
     "Server",
     "app_with_group",
+    "cpu_per_item",
     "free_port",
     "human_bytes",
     "machine_summary",
@@ -323,3 +324,30 @@ async def app_with_group(store: Any, data_dir: Path) -> tuple[Any, str, str]:
     }
     await app.state.ctx.management.groups.create(msgspec.convert(group, EnrollmentGroup))
     return app, scope, key
+
+
+async def cpu_per_item(
+    items: Sequence[Any], run: Any, concurrency: int, *, profile: bool = False, top: int = 30
+) -> float:
+    """``await run(item)`` for every item, ``concurrency`` at a time: this process's CPU
+    (``time.process_time``: its event loop and threads) per item in µs. With ``profile``,
+    cProfile's ``top`` functions by own time go to stderr."""
+    import asyncio
+    import cProfile
+    import pstats
+
+    async def worker(k: int) -> None:
+        for item in items[k::concurrency]:
+            await run(item)
+
+    profiler = cProfile.Profile() if profile else None
+    started = time.process_time()
+    if profiler:
+        profiler.enable()
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    if profiler:
+        profiler.disable()
+    cpu = (time.process_time() - started) / len(items) * 1e6
+    if profiler:
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(top)
+    return cpu

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import cProfile
 import json
-import pstats
 import sys
 import tempfile
 import time
@@ -40,7 +38,7 @@ from provisiond.storage.sqlite import SqliteStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import app_with_group
+from _common import app_with_group, cpu_per_item
 
 Call = tuple[str, str, str, dict[str, str], bytes]
 
@@ -123,24 +121,11 @@ class _Driver:
 async def _phase(
     name: str, items: list[Any], run: Callable[[Any], Awaitable[None]], concurrency: int, profile: bool
 ) -> None:
-    async def worker(k: int) -> None:
-        for item in items[k::concurrency]:
-            await run(item)
-
-    profiler = cProfile.Profile() if profile else None
     trips, statements = _Driver.round_trips, _Driver.statements
-    started = time.process_time()
-    if profiler:
-        profiler.enable()
-    await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    if profiler:
-        profiler.disable()
-    cpu = (time.process_time() - started) / len(items) * 1e6
+    cpu = await cpu_per_item(items, run, concurrency, profile=profile)
     trips = (_Driver.round_trips - trips) / len(items)
     statements = (_Driver.statements - statements) / len(items)
     print(f"| {name} | {len(items)} | {cpu:.0f} | {trips:.2f} | {statements:.2f} |", flush=True)
-    if profiler:
-        pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(30)
 
 
 async def main(args: argparse.Namespace) -> None:

@@ -14,9 +14,6 @@ asserts a figure.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import cProfile
-import pstats
 import sys
 import tempfile
 import time
@@ -26,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import app_with_group
+from _common import app_with_group, cpu_per_item
 from _transports import ASSIGNED, amqp_steps, mqtt_steps
 
 from provisiond.protocol.messages import DeviceRegistration
@@ -68,21 +65,8 @@ def _mqtt_done() -> bytes:
 async def _phase(
     name: str, items: list[Any], run: Callable[[Any], Awaitable[None]], concurrency: int, profile: bool
 ) -> None:
-    async def worker(k: int) -> None:
-        for item in items[k::concurrency]:
-            await run(item)
-
-    profiler = cProfile.Profile() if profile else None
-    started = time.process_time()
-    if profiler:
-        profiler.enable()
-    await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    if profiler:
-        profiler.disable()
-    cpu = (time.process_time() - started) / len(items) * 1e6
+    cpu = await cpu_per_item(items, run, concurrency, profile=profile, top=40)
     print(f"| {name} | {len(items)} | {cpu:.0f} |", flush=True)
-    if profiler:
-        pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(40)
 
 
 async def main(args: argparse.Namespace) -> int:

@@ -25,11 +25,8 @@ the hub's device side (:class:`HubEvents`).
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import random
 import re
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -47,6 +44,7 @@ from ..errors import (
     PreconditionFailedError,
     ThrottledError,
 )
+from ..protocol.sas import check_key, generate_key
 from ..storage import Collection, Record, Store, Stream, WriteMode, etags_match, is_wildcard, utc_iso
 from . import _records
 from .models import (
@@ -92,7 +90,6 @@ WRITE_ATTEMPTS = 25
 _BACKOFF = 0.002
 _SCAN_BATCH = 500
 _KEY_BYTES = 32  # IoT Hub's generated keys
-_MIN_KEY_BYTES, _MAX_KEY_BYTES = 16, 64
 _STATUS_REASON_MAX = 128
 # IoT Hub's device ids: up to 128 ASCII letters, digits and - . + % _ # * ? ! ( ) , : = @ $ '
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9\-.+%_#*?!(),:=@$']{1,128}$")
@@ -173,17 +170,14 @@ def _invalid(message: str) -> InvalidBodyError:
 
 
 def _key(value: str | None, field: str) -> str:
+    """A device's symmetric key as given (checked as DPS checks keys, with IoT Hub's error
+    code), or a new one of IoT Hub's size."""
     if not value:
-        return base64.b64encode(secrets.token_bytes(_KEY_BYTES)).decode("ascii")
+        return generate_key(_KEY_BYTES)
     try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise _invalid(f"authentication.symmetricKey.{field} is not valid base64.") from None
-    if not _MIN_KEY_BYTES <= len(raw) <= _MAX_KEY_BYTES:
-        raise _invalid(
-            f"authentication.symmetricKey.{field} must decode to {_MIN_KEY_BYTES}-{_MAX_KEY_BYTES} bytes, not {len(raw)}."
-        )
-    return value
+        return check_key(value, f"authentication.symmetricKey.{field}")
+    except InvalidBodyError as exc:
+        raise _invalid(exc.message) from None
 
 
 def _authentication(

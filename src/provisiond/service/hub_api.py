@@ -50,7 +50,7 @@ from .auth import authorize_hub
 from .context import ServiceContext, context_of
 from .http import ApiHandler, decode_body, handle_errors, json_response, require_api_version, retry_after_of
 
-__all__ = ["HUB_PATHS", "events_of", "host_name", "hub_error_response", "hub_of", "routes"]
+__all__ = ["HUB_PATHS", "authorized", "events_of", "host_name", "hub_error_response", "hub_of", "routes"]
 
 #: The path prefixes the hub's API owns (the rest of the HTTPS port is DPS's).
 HUB_PATHS = ("/devices", "/twins", "/statistics")
@@ -107,7 +107,7 @@ async def hub_of(request: Request, ctx: ServiceContext) -> str:
     return name if name in hubs else hubs[0]
 
 
-async def _authorized(
+async def authorized(
     request: Request, rights: tuple[HubRight, ...]
 ) -> tuple[ServiceContext, HubRegistry, str]:
     """The context, the registry and the hub of an authorized request."""
@@ -156,21 +156,21 @@ def _int_header(request: Request, name: str) -> int | None:
 
 @_handler
 async def list_devices(request: Request) -> Response:
-    _, registry, hub = await _authorized(request, READ)
+    _, registry, hub = await authorized(request, READ)
     devices = await registry.list(hub, top=_int_header(request, "top"))
     return json_response([device_view(device) for device in devices])
 
 
 @_handler
 async def get_device(request: Request) -> Response:
-    _, registry, hub = await _authorized(request, READ)
+    _, registry, hub = await authorized(request, READ)
     device = await registry.get(hub, request.path_params["id"])
     return _device_response(device, device.cloud_to_device_message_count)
 
 
 @_handler
 async def put_device(request: Request) -> Response:
-    ctx, registry, hub = await _authorized(request, WRITE)
+    ctx, registry, hub = await authorized(request, WRITE)
     device_id = request.path_params["id"]
     device = decode_body(await ctx.body(request), Device, "device")
     if device.device_id is not None and device.device_id != device_id:
@@ -190,7 +190,7 @@ async def put_device(request: Request) -> Response:
 
 @_handler
 async def delete_device(request: Request) -> Response:
-    _, registry, hub = await _authorized(request, WRITE)
+    _, registry, hub = await authorized(request, WRITE)
     device_id = request.path_params["id"]
     await registry.delete(hub, device_id, if_match=_if_match(request))
     await events_of(request).disconnect(hub, device_id, "the device was deleted")
@@ -199,7 +199,7 @@ async def delete_device(request: Request) -> Response:
 
 @_handler
 async def query_devices(request: Request) -> Response:
-    ctx, registry, hub = await _authorized(request, READ_OR_SERVICE)
+    ctx, registry, hub = await authorized(request, READ_OR_SERVICE)
     query = decode_body(await ctx.body(request), _Query, "query specification")
     page = await registry.query(
         hub,
@@ -220,13 +220,13 @@ async def query_devices(request: Request) -> Response:
 
 @_handler
 async def get_twin(request: Request) -> Response:
-    _, registry, hub = await _authorized(request, READ_OR_SERVICE)
+    _, registry, hub = await authorized(request, READ_OR_SERVICE)
     return _twin_response(await registry.get_twin(hub, request.path_params["id"]))
 
 
 def _twin_write(*, replace: bool) -> ApiHandler:
     async def write_twin(request: Request) -> Response:
-        ctx, registry, hub = await _authorized(request, SERVICE)
+        ctx, registry, hub = await authorized(request, SERVICE)
         device_id = request.path_params["id"]
         patch = decode_body(await ctx.body(request), TwinPatch, "twin")
         update = await registry.update_twin(
@@ -246,13 +246,13 @@ def _twin_write(*, replace: bool) -> ApiHandler:
 
 @_handler
 async def device_statistics(request: Request) -> Response:
-    _, registry, hub = await _authorized(request, READ)
+    _, registry, hub = await authorized(request, READ)
     return json_response(await registry.statistics(hub))
 
 
 @_handler
 async def service_statistics(request: Request) -> Response:
-    _, registry, hub = await _authorized(request, READ_OR_SERVICE)
+    _, registry, hub = await authorized(request, READ_OR_SERVICE)
     return json_response({"connectedDeviceCount": await registry.connected_count(hub)})
 
 

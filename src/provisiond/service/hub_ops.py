@@ -47,10 +47,9 @@ from ..hub.methods import MAX_REQUEST_BYTES, MethodBroker, invoke
 from ..hub.policies import HubRight
 from ..models import Right
 from ..storage import Store, Stream
-from .auth import authorize_hub
 from .context import ServiceContext, context_of
-from .http import handle_errors, json_response, read_body, require_api_version
-from .hub_api import hub_error_response, hub_of
+from .http import handle_errors, json_response, read_body
+from .hub_api import authorized, hub_error_response
 from .settings import Settings
 
 __all__ = ["CURSOR_EVERY", "POLL_INTERVAL", "RetentionTask", "routes"]
@@ -200,21 +199,9 @@ async def invoke_method_on_hub(request: Request) -> Response:
     ``Client.invokeDeviceMethod`` and ``azure-iot-hub``'s ``invoke_device_method`` call): the
     hub is the request's (:func:`provisiond.service.hub_api.hub_of`), the token one of its
     policies with ServiceConnect, errors IoT Hub's body and ``iothub-errorcode``."""
-    ctx = context_of(request)
-    hub = await hub_of(request, ctx)
-    require_api_version(request)
-    await authorize_hub(
-        ctx.management.hub_policies,
-        request.headers.get("authorization"),
-        (HubRight.SERVICE_CONNECT,),
-        hub=hub,
-        request_host=request.headers.get("host", ""),
-        path=request.url.path,
-        now=int(ctx.clock()),
-        clock_skew=ctx.settings.clock_skew,
-    )
+    _, registry, hub = await authorized(request, (HubRight.SERVICE_CONNECT,))
     body = await read_body(request, MAX_REQUEST_BYTES)
-    result = await invoke(broker_of(request), ctx.hub_registry, hub, request.path_params["id"], body)
+    result = await invoke(broker_of(request), registry, hub, request.path_params["id"], body)
     return json_response(result)
 
 
