@@ -29,6 +29,7 @@ from ._errors import advise
 
 __all__ = [
     "CONTEXT",
+    "builtin_hub",
     "emit",
     "etag_option",
     "connected",
@@ -269,3 +270,13 @@ def query_text(collection: str, where: str | None) -> str:
     if where.lstrip().lower().startswith("select "):
         return where
     return f"SELECT * FROM {collection} WHERE {where}"
+
+
+def builtin_hub(client: ServiceClient, hub: str | None) -> str:
+    """``hub``, else the first built-in hub the service links (the one connection.json names)."""
+    if hub:
+        return hub
+    for linked in client.hubs.list():
+        if linked.builtin:
+            return linked.host_name
+    raise click.UsageError("The service has no built-in hub; name one with --hub.")

@@ -27,21 +27,11 @@ from ..hub.methods import (
     MIN_RESPONSE_TIMEOUT,
 )
 from ..service_client import ServiceClient
-from ._common import CONTEXT, connected, echo_json, json_option, print_fields
+from ._common import CONTEXT, builtin_hub, connected, echo_json, json_option, print_fields
 
 __all__ = ["invoke_method", "monitor_events", "send_c2d"]
 
 _PROPERTY_KINDS = ("sys", "app", "anno", "all")
-
-
-def _default_hub(client: ServiceClient, hub: str | None) -> str:
-    """``hub``, else the first built-in hub the service links."""
-    if hub:
-        return hub
-    for linked in client.hubs.list():
-        if linked.builtin:
-            return linked.host_name
-    raise click.UsageError("The service has no built-in hub; name one with --hub.")
 
 
 def _payload(event: StoredEvent) -> Any:
@@ -131,7 +121,7 @@ def monitor_events(
 ) -> None:
     """Print the telemetry devices send to a built-in hub, as it arrives (like
     `az iot hub monitor-events`). Stop with Ctrl-C."""
-    host = _default_hub(client, hub)
+    host = builtin_hub(client, hub)
     on = f", filtering on device: {device_id}" if device_id else ""
     click.echo(f"Starting event monitor on {host}{on}, use ctrl-c to stop...", err=True)
     count = 0
@@ -239,7 +229,7 @@ def send_c2d(
     """Send a cloud-to-device message to DEVICE_ID of a built-in hub (like
     `az iot device c2d-message send`). It waits in the device's queue (at most 50 messages)
     until the device takes it, or it expires."""
-    host = _default_hub(client, hub)
+    host = builtin_hub(client, hub)
     queued = client.hub_messages.send_c2d(
         host,
         device_id,
@@ -317,7 +307,7 @@ def invoke_method(
     """Invoke a direct method on DEVICE_ID of a built-in hub and print the device's answer,
     {"status": ..., "payload": ...} (like `az iot hub invoke-device-method`). Fails when the
     device is not connected (404103) or does not answer in time (504101)."""
-    host = _default_hub(client, hub)
+    host = builtin_hub(client, hub)
     result = client.hub_messages.invoke_method(
         host,
         device_id,

@@ -14,7 +14,17 @@ from typing import Any
 import click
 
 from ..service_client import ServiceClient, seg
-from ._common import CONTEXT, connected, echo_json, emit, etag_option, json_option, print_fields, print_table
+from ._common import (
+    CONTEXT,
+    builtin_hub,
+    connected,
+    echo_json,
+    emit,
+    etag_option,
+    json_option,
+    print_fields,
+    print_table,
+)
 
 __all__ = ["hub_device", "hub_policy"]
 
@@ -27,18 +37,8 @@ def _hub_option(func: Any) -> Any:
     )(func)
 
 
-def _builtin_hub(client: ServiceClient, hub: str | None) -> str:
-    """``hub``, else the first built-in hub the service links (the one connection.json names)."""
-    if hub:
-        return hub
-    for linked in client.hubs.list():
-        if linked.builtin:
-            return linked.host_name
-    raise click.UsageError("The service has no built-in hub; name one with --hub.")
-
-
 def _base(client: ServiceClient, hub: str | None) -> str:
-    return f"/admin/linkedHubs/{seg(_builtin_hub(client, hub))}"
+    return f"/admin/linkedHubs/{seg(builtin_hub(client, hub))}"
 
 
 def _endpoint(client: ServiceClient, hub: str) -> str:
@@ -153,7 +153,7 @@ def device_create(
     }
     if edge:
         body["capabilities"] = {"iotEdge": True}
-    hub = _builtin_hub(client, hub_name)
+    hub = builtin_hub(client, hub_name)
     device = client.put(f"/admin/linkedHubs/{seg(hub)}/devices/{seg(device_id)}", body)
     if as_json:
         echo_json(device)
@@ -234,7 +234,7 @@ def policy_show(client: ServiceClient, name: str, hub_name: str | None, keys: bo
 def policy_connection_string(client: ServiceClient, name: str, hub_name: str | None) -> None:
     """Print the hub's service connection string for the policy NAME [default: iothubowner], for
     the official service SDKs (azure-iot-hub, azure-iothub) and scripts."""
-    hub = _builtin_hub(client, hub_name)
+    hub = builtin_hub(client, hub_name)
     policy = client.post(f"/admin/linkedHubs/{seg(hub)}/sharedAccessPolicies/{seg(name)}/listKeys")
     click.echo(
         f"HostName={_endpoint(client, hub)};SharedAccessKeyName={policy['keyName']};"
