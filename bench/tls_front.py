@@ -25,6 +25,16 @@ minutes of a shared machine):
                               [--fronts provisiond,provisiond-healthz,nginx,uvicorn-bare]
                               [--baseline-src ../other-checkout/src]
 
+``--offload`` measures something else (``bench/_offload.py``): provisiond serving TLS itself
+against **HAProxy terminating TLS** (Debian's package, one thread, the same chain, key and TLS
+settings) in front of provisiond's own app over plain HTTP on loopback, the presented chain
+handed on in two headers (``ssl_c_der``, ``ssl_c_chain_der``), on one database: the trivial
+request, group registrations (wrk), and with ``--x509-devices N`` X.509 group registrations
+(full handshakes), the CPU of each front's processes (HAProxy's and the app's together).
+
+    python bench/tls_front.py --offload [--offload-phases trivial,group,x509-trivial,x509-group]
+                              [--devices 20000] [--x509-devices 1500] [--seconds 8] [--rounds 3]
+
 nginx is not a dependency of provisiond or of its tests: install it for this bench only
 (Debian: ``apt-get install nginx``; the bench runs the binary in the foreground with its own
 configuration in a temporary directory and never touches the system's). Nothing here asserts a
@@ -199,7 +209,13 @@ def main() -> int:
         default=[],
         help="an extra argument for `provisiond serve` (repeat for several)",
     )
+    parser.add_argument("--offload", action="store_true", help="provisiond against HAProxy terminating TLS")
+    parser.add_argument("--offload-phases", default="trivial,group,x509-trivial,x509-group")
+    parser.add_argument("--devices", type=int, default=20000, help="--offload: devices per group phase")
+    parser.add_argument("--x509-devices", type=int, default=1500, help="--offload: devices per X.509 phase")
     args = parser.parse_args()
+    if args.offload:
+        return _offload(args)
     names = [n.strip() for n in args.fronts.split(",") if n.strip()]
     unknown = set(names) - {"provisiond", "provisiond-healthz", "nginx", *BARE}
     if unknown:
@@ -227,6 +243,21 @@ def main() -> int:
             f"| {name} | {rate:.0f} | {runs[-1].p50:.1f} | {runs[-1].p99:.1f} | {cpu:.0f} "
             f"| {cpu / base:.2f} | {spread} |"
         )
+    print(f"# load average at end {'/'.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return 0
+
+
+def _offload(args: argparse.Namespace) -> int:
+    import _offload
+
+    if shutil.which("wrk") is None or _offload.haproxy_binary() is None:
+        print("wrk and haproxy are needed (Debian: apt-get install wrk haproxy)", file=sys.stderr)
+        return 2
+    print(f"# HAProxy terminating TLS against provisiond's own: {args.connections} in flight")
+    print(f"# {machine_summary()}")
+    with terminate_on_signals(), tempfile.TemporaryDirectory(prefix="provisiond-offload-") as tmp:
+        results = _offload.measure(Path(tmp), args)
+    _offload.print_table(results)
     print(f"# load average at end {'/'.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
