@@ -59,23 +59,35 @@ frontend dps
     http-request del-header X-Client-Chain
     http-request set-header X-Client-Cert %[ssl_c_der,base64] if {{ ssl_c_used }}
     http-request set-header X-Client-Chain %[ssl_c_chain_der,base64] if {{ ssl_c_used }}
-    default_backend app
-backend app
-    server app 127.0.0.1:{app_port}
+{answer}
 """
+
+#: HAProxy forwarding to the app
+_FORWARD = """    default_backend app
+backend app
+    server app 127.0.0.1:{app_port}"""
+
+#: HAProxy answering the trivial request itself (tls_front.py's ``haproxy`` front, beside nginx)
+_ANSWER_404 = (
+    """    http-request return status 404 content-type application/json string '{"errorCode":404000}'"""
+)
 
 
 def haproxy_binary() -> str | None:
     return shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
 
 
-def write_haproxy_conf(work: Path, *, port: int, app_port: int, cert_chain: Path, key: Path, ca: Path) -> Path:
-    """HAProxy's configuration (and its certificate file: chain and key in one PEM) in ``work``."""
+def write_haproxy_conf(
+    work: Path, *, port: int, app_port: int | None, cert_chain: Path, key: Path, ca: Path
+) -> Path:
+    """HAProxy's configuration (and its certificate file: chain and key in one PEM) in ``work``;
+    without ``app_port`` HAProxy answers every request 404 itself."""
     pem = work / "haproxy.pem"
     pem.write_bytes(cert_chain.read_bytes() + key.read_bytes())
     pem.chmod(0o600)
     conf = work / "haproxy.cfg"
-    conf.write_text(HAPROXY_CONF.format(port=port, app_port=app_port, pem=pem, ca=ca))
+    answer = _ANSWER_404 if app_port is None else _FORWARD.format(app_port=app_port)
+    conf.write_text(HAPROXY_CONF.format(port=port, pem=pem, ca=ca, answer=answer))
     return conf
 
 
@@ -193,7 +205,7 @@ def measure(work: Path, args: argparse.Namespace) -> Results:
             key=pki_dir / "server.key",
             ca=pki_dir / "ca.pem",
         )
-        log = open(work / "app.log", "ab")  # noqa: SIM115 - closed with the process below
+        log = open(work / "app.log", "ab")
         command = [sys.executable, __file__, "app", "--data-dir", str(work / "data"), "--port", str(app_port)]
         app_process = subprocess.Popen([*command, "--haproxy", str(conf)], stdout=log, stderr=log)
         log.close()
@@ -371,7 +383,7 @@ def _serve_app(args: argparse.Namespace) -> None:
     if args.haproxy:
         binary = haproxy_binary()
         assert binary is not None, "haproxy is not installed"
-        out = open(Path(args.haproxy).with_suffix(".out"), "ab")  # noqa: SIM115 - the child's, for its life
+        out = open(Path(args.haproxy).with_suffix(".out"), "ab")
         haproxy = subprocess.Popen(
             [binary, "-db", "-f", args.haproxy], stdout=out, stderr=out, preexec_fn=_die_with_parent
         )
@@ -399,7 +411,9 @@ def _serve_app(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     app = sub.add_parser("app", help="provisiond's app over plain HTTP, the chain from HAProxy's headers")
     app.add_argument("--data-dir", required=True, help="initialised by `provisiond serve`")

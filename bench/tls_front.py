@@ -15,6 +15,10 @@ minutes of a shared machine):
   ``OP_NO_TICKET``), a client certificate requested and any accepted
   (``ssl_verify_client optional_no_ca``, as provisiond's accept-any callback), ``return 404`` and
   an access log line per request (provisiond logs its 4xx);
+- ``haproxy``: Debian's HAProxy, one thread, the same chain, key and TLS settings as nginx
+  (``bench/_offload.py``'s: ``verify optional`` with every verification error ignored, a
+  4,096-session cache, no tickets), the client's chain put into request headers, answering the
+  404 itself (``http-request return``), no log (not in the default list);
 - ``uvicorn-bare``: uvicorn with its own TLS (``--ssl-certfile``, uvloop, httptools) and a
   20-line ASGI app answering 404: no guard, no client certificate requested, no client chain
   handed to the app, no Starlette: the floor of Python's ssl under uvicorn on this machine;
@@ -148,6 +152,21 @@ def nginx(work: Path, cert: Path, key: Path) -> Iterator[tuple[int, int]]:
         yield process.pid, port
 
 
+@contextmanager
+def haproxy(work: Path, cert: Path, key: Path) -> Iterator[tuple[int, int]]:
+    """HAProxy in the foreground, one thread, answering 404 itself (bench/_offload.py's TLS
+    settings, the client's chain put into headers as for the app): (its pid, its port)."""
+    import _offload
+
+    port = free_port()
+    conf = _offload.write_haproxy_conf(
+        work, port=port, app_port=None, cert_chain=cert, key=key, ca=cert.with_name("ca.pem")
+    )
+    command = [_offload.haproxy_binary() or "haproxy", "-db", "-f", str(conf)]
+    with _process(command, work / "haproxy.out", "haproxy", port) as process:
+        yield process.pid, port
+
+
 #: the bare uvicorn variants: (event loop, HTTP parser)
 BARE = {
     "uvicorn-bare": ("uvloop", "httptools"),
@@ -217,7 +236,7 @@ def main() -> int:
     if args.offload:
         return _offload(args)
     names = [n.strip() for n in args.fronts.split(",") if n.strip()]
-    unknown = set(names) - {"provisiond", "provisiond-healthz", "nginx", *BARE}
+    unknown = set(names) - {"provisiond", "provisiond-healthz", "nginx", "haproxy", *BARE}
     if unknown:
         parser.error(f"--fronts: unknown {sorted(unknown)}")
     if shutil.which("wrk") is None:
@@ -345,6 +364,10 @@ def _others(work: Path, names: list[str], cert: Path, key: Path) -> Iterator[dic
             folder = work / "nginx"
             folder.mkdir()
             started["nginx"] = stack.enter_context(nginx(folder, cert, key))
+        if "haproxy" in names:
+            folder = work / "haproxy"
+            folder.mkdir()
+            started["haproxy"] = stack.enter_context(haproxy(folder, cert, key))
         for name, (loop, http) in BARE.items():
             if name in names:
                 folder = work / name
