@@ -192,6 +192,7 @@ def measure(work: Path, args: argparse.Namespace) -> Results:
     from provisiond.protocol.sas import derive_device_key
 
     server = start_server(work / "data", "--log-level", "info", *args.server_arg)
+    second = None
     app_process = None
     try:
         info, pki_dir = server.info, work / "data" / "pki"
@@ -216,6 +217,11 @@ def measure(work: Path, args: argparse.Namespace) -> Results:
             "provisiond": (int(info["httpsPort"]), server.pid),
             "haproxy": (port, app_process.pid),
         }
+        if "provisiond-2w" in args.offload_fronts.split(","):
+            # a second `provisiond serve`, two worker processes, on the same database
+            second = start_server(work / "data", "--log-level", "info", "--workers", "2", *args.server_arg)
+            fronts["provisiond-2w"] = (int(second.info["httpsPort"]), second.pid)
+        fronts = {name: fronts[name] for name in args.offload_fronts.split(",") if name in fronts}
         api = server.api()
         group_key = base64.b64encode(os.urandom(64)).decode()
         api.request(
@@ -261,8 +267,8 @@ def measure(work: Path, args: argparse.Namespace) -> Results:
         results: Results = {}
         for rnd in range(args.rounds):
             for phase in phases:
-                for front, (front_port, pid) in fronts.items():
-                    tag = f"{front[0]}{rnd}"
+                for number, (front, (front_port, pid)) in enumerate(fronts.items()):
+                    tag = f"{number}r{rnd}"
                     if phase in ("trivial", "group"):
                         if phase == "group":
                             names = [f"og{tag}-{i:06d}" for i in range(args.devices)]
@@ -317,6 +323,8 @@ def measure(work: Path, args: argparse.Namespace) -> Results:
                 app_process.wait(15)
             except subprocess.TimeoutExpired:
                 app_process.kill()
+        if second is not None:
+            second.stop()
         server.stop()
 
 

@@ -37,6 +37,7 @@ request, group registrations (wrk), and with ``--x509-devices N`` X.509 group re
 (full handshakes), the CPU of each front's processes (HAProxy's and the app's together).
 
     python bench/tls_front.py --offload [--offload-phases trivial,group,x509-trivial,x509-group]
+                              [--offload-fronts provisiond,haproxy,provisiond-2w]
                               [--devices 20000] [--x509-devices 1500] [--seconds 8] [--rounds 3]
 
 nginx is not a dependency of provisiond or of its tests: install it for this bench only
@@ -230,6 +231,11 @@ def main() -> int:
     )
     parser.add_argument("--offload", action="store_true", help="provisiond against HAProxy terminating TLS")
     parser.add_argument("--offload-phases", default="trivial,group,x509-trivial,x509-group")
+    parser.add_argument(
+        "--offload-fronts",
+        default="provisiond,haproxy",
+        help="--offload: also provisiond-2w (`provisiond serve --workers 2` on the same database)",
+    )
     parser.add_argument("--devices", type=int, default=20000, help="--offload: devices per group phase")
     parser.add_argument("--x509-devices", type=int, default=1500, help="--offload: devices per X.509 phase")
     args = parser.parse_args()
