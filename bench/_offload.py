@@ -42,8 +42,8 @@ HAPROXY_CONF = """
 global
     nbthread 1
     maxconn 4096
-    # provisiond: a stateful cache of 4,096 sessions per process, no tickets (tls.py)
-    tune.ssl.cachesize 4096
+    # provisiond: a stateful cache of 4,096 sessions per process, no tickets (tls.py); 0: none
+    tune.ssl.cachesize {cache}
     ssl-default-bind-options ssl-min-ver TLSv1.2 no-tls-tickets
 defaults
     mode http
@@ -78,16 +78,24 @@ def haproxy_binary() -> str | None:
 
 
 def write_haproxy_conf(
-    work: Path, *, port: int, app_port: int | None, cert_chain: Path, key: Path, ca: Path
+    work: Path,
+    *,
+    port: int,
+    app_port: int | None,
+    cert_chain: Path,
+    key: Path,
+    ca: Path,
+    session_cache: int = 4096,
 ) -> Path:
     """HAProxy's configuration (and its certificate file: chain and key in one PEM) in ``work``;
-    without ``app_port`` HAProxy answers every request 404 itself."""
+    without ``app_port`` HAProxy answers every request 404 itself; ``session_cache`` 0: no
+    resumption (every handshake full, as an X.509 device's intermediates need behind HAProxy)."""
     pem = work / "haproxy.pem"
     pem.write_bytes(cert_chain.read_bytes() + key.read_bytes())
     pem.chmod(0o600)
     conf = work / "haproxy.cfg"
     answer = _ANSWER_404 if app_port is None else _FORWARD.format(app_port=app_port)
-    conf.write_text(HAPROXY_CONF.format(port=port, pem=pem, ca=ca, answer=answer))
+    conf.write_text(HAPROXY_CONF.format(port=port, pem=pem, ca=ca, answer=answer, cache=session_cache))
     return conf
 
 
@@ -205,6 +213,7 @@ def measure(work: Path, args: argparse.Namespace) -> Results:
             cert_chain=pki_dir / "server-chain.pem",
             key=pki_dir / "server.key",
             ca=pki_dir / "ca.pem",
+            session_cache=args.haproxy_session_cache,
         )
         log = open(work / "app.log", "ab")
         command = [sys.executable, __file__, "app", "--data-dir", str(work / "data"), "--port", str(app_port)]

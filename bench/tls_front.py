@@ -154,14 +154,20 @@ def nginx(work: Path, cert: Path, key: Path) -> Iterator[tuple[int, int]]:
 
 
 @contextmanager
-def haproxy(work: Path, cert: Path, key: Path) -> Iterator[tuple[int, int]]:
+def haproxy(work: Path, cert: Path, key: Path, session_cache: int) -> Iterator[tuple[int, int]]:
     """HAProxy in the foreground, one thread, answering 404 itself (bench/_offload.py's TLS
     settings, the client's chain put into headers as for the app): (its pid, its port)."""
     import _offload
 
     port = free_port()
     conf = _offload.write_haproxy_conf(
-        work, port=port, app_port=None, cert_chain=cert, key=key, ca=cert.with_name("ca.pem")
+        work,
+        port=port,
+        app_port=None,
+        cert_chain=cert,
+        key=key,
+        ca=cert.with_name("ca.pem"),
+        session_cache=session_cache,
     )
     command = [_offload.haproxy_binary() or "haproxy", "-db", "-f", str(conf)]
     with _process(command, work / "haproxy.out", "haproxy", port) as process:
@@ -236,6 +242,12 @@ def main() -> int:
         default="provisiond,haproxy",
         help="--offload: also provisiond-2w (`provisiond serve --workers 2` on the same database)",
     )
+    parser.add_argument(
+        "--haproxy-session-cache",
+        type=int,
+        default=4096,
+        help="HAProxy's TLS session cache (tune.ssl.cachesize); 0: no resumption, every handshake full",
+    )
     parser.add_argument("--devices", type=int, default=20000, help="--offload: devices per group phase")
     parser.add_argument("--x509-devices", type=int, default=1500, help="--offload: devices per X.509 phase")
     args = parser.parse_args()
@@ -308,7 +320,7 @@ def _measure(work: Path, names: list[str], args: argparse.Namespace) -> dict[str
             fronts.append(Front("provisiond", url, server.pid, missing))
         if "provisiond-healthz" in names:
             fronts.append(Front("provisiond-healthz", url, server.pid, healthz))
-        with _others(work, names, cert, key) as others, _baseline(work, args) as baseline:
+        with _others(work, names, cert, key, args) as others, _baseline(work, args) as baseline:
             for name, (pid, port) in others.items():
                 fronts.append(Front(name, f"https://127.0.0.1:{port}", pid, missing))
             fronts.sort(key=lambda f: names.index(f.name))
@@ -363,7 +375,9 @@ def _baseline(work: Path, args: argparse.Namespace) -> Iterator[Server | None]:
 
 
 @contextmanager
-def _others(work: Path, names: list[str], cert: Path, key: Path) -> Iterator[dict[str, tuple[int, int]]]:
+def _others(
+    work: Path, names: list[str], cert: Path, key: Path, args: argparse.Namespace
+) -> Iterator[dict[str, tuple[int, int]]]:
     started: dict[str, tuple[int, int]] = {}
     with ExitStack() as stack:
         if "nginx" in names:
@@ -373,7 +387,7 @@ def _others(work: Path, names: list[str], cert: Path, key: Path) -> Iterator[dic
         if "haproxy" in names:
             folder = work / "haproxy"
             folder.mkdir()
-            started["haproxy"] = stack.enter_context(haproxy(folder, cert, key))
+            started["haproxy"] = stack.enter_context(haproxy(folder, cert, key, args.haproxy_session_cache))
         for name, (loop, http) in BARE.items():
             if name in names:
                 folder = work / name
