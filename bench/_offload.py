@@ -180,6 +180,36 @@ def _x509_set(work: Path, intermediate: Any, prefix: str, count: int) -> list[tu
     return devices
 
 
+def _resumed_x509(work: Path, port: int, scope: str, intermediate: Any, prefix: str) -> list[str]:
+    """Status lines of one X.509 device (leaf and intermediate) registering on a full handshake
+    and then again on the session it resumes, over TLS 1.2 and TLS 1.3: behind HAProxy the
+    intermediates are lost on resumption (its ``ssl_c_chain_der``), behind provisiond they are not."""
+    import socket
+    import ssl
+
+    from cpu import _http_request
+
+    statuses = []
+    for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        ((reg, cert, key),) = _x509_set(work, intermediate, f"{prefix}{version.name[-1]}", 1)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # the front's behaviour is looked at, not its trust
+        context.minimum_version = context.maximum_version = version
+        context.load_cert_chain(cert, key)
+        session = None
+        for _ in range(2):
+            with context.wrap_socket(socket.create_connection(("127.0.0.1", port)), session=session) as tls:
+                tls.sendall(_http_request(scope, reg))
+                answer = b""
+                while chunk := tls.recv(65536):
+                    answer += chunk
+                kind = "resumed" if tls.session_reused else "full"
+                statuses.append(f"{version.name} {kind} {answer[9:12].decode(errors='replace')}")
+                session = tls.session
+    return statuses
+
+
 def measure(work: Path, args: argparse.Namespace) -> Results:
     """provisiond serving TLS itself against HAProxy terminating TLS in front of the same app over
     plain HTTP, on one database, phase by phase, alternating, ``args.rounds`` times.
@@ -273,6 +303,13 @@ def measure(work: Path, args: argparse.Namespace) -> Results:
                     }
                 ).encode(),
             )
+            for front, (front_port, _pid) in fronts.items():
+                statuses = _resumed_x509(work, front_port, scope, intermediate, f"oxr{front}")
+                print(
+                    f"# {front}: an X.509 device registering, then again on its resumed TLS session "
+                    f"(1.2 and 1.3): {', '.join(statuses)}",
+                    flush=True,
+                )
         results: Results = {}
         for rnd in range(args.rounds):
             for phase in phases:

@@ -94,4 +94,7 @@ def test_tls_front_offload_runs_through_haproxy_and_prints_its_table(tmp_path: P
     # the X.509 registrations through HAProxy were answered 2xx: the chain reached the app
     x509 = next(line for line in out.splitlines() if line.startswith("| haproxy | x509-group |"))
     assert x509.rstrip(" |").endswith("| 0"), out
+    # the resumption probe ran on both fronts (what HAProxy does on resumption is its own, not asserted)
+    for front in ("provisiond", "haproxy"):
+        assert f"# {front}: an X.509 device registering" in out, out
     assert list(tmp_path.iterdir()) == []
