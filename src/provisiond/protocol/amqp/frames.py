@@ -27,8 +27,7 @@ import struct
 from dataclasses import dataclass
 
 from ...errors import AmqpProtocolError, InsufficientData, LocalProtocolError
-from .performatives import Performative, Transfer, decode_composite, write_composite
-from .types import Described, decode_value
+from .performatives import Performative, Transfer, decode_composite_at, write_composite
 
 __all__ = [
     "HEADER_SIZE",
@@ -188,24 +187,20 @@ def decode_frame(data: memoryview | bytes, max_frame_size: int) -> tuple[memoryv
         if frame_type is FrameType.SASL:
             raise AmqpProtocolError("An empty SASL frame.", condition="amqp:decode-error")
         return rest, Frame(frame_type, channel, None)
+    raw = bytes(body)
     try:
-        after, value = decode_value(body)
+        performative, after = decode_composite_at(raw, 0, len(raw))
     except InsufficientData:
         raise AmqpProtocolError(
             "A frame's performative is truncated.", condition="amqp:decode-error"
         ) from None
-    if not isinstance(value, Described):
-        raise AmqpProtocolError(
-            "A frame body does not start with a performative.", condition="amqp:decode-error"
-        )
-    performative = decode_composite(value)
     if not isinstance(performative, Performative) or performative.sasl != (frame_type is FrameType.SASL):
         raise AmqpProtocolError(
             f"A {type(performative).__name__} is not a performative of a {frame_type.name} frame.",
             condition="amqp:decode-error",
         )
-    if after and not isinstance(performative, Transfer):
+    if after < len(raw) and not isinstance(performative, Transfer):
         raise AmqpProtocolError(
-            f"{len(after)} bytes follow a {type(performative).__name__}.", condition="amqp:decode-error"
+            f"{len(raw) - after} bytes follow a {type(performative).__name__}.", condition="amqp:decode-error"
         )
-    return rest, Frame(frame_type, channel, performative, bytes(after))
+    return rest, Frame(frame_type, channel, performative, raw[after:])

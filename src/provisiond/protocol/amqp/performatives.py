@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeAlias
 
 from ...errors import AmqpProtocolError, InsufficientData
+from .decoding import decode_at, list_at
 from .types import (
     Array,
     Described,
@@ -82,6 +83,7 @@ __all__ = [
     "Transfer",
     "amqp_field",
     "decode_composite",
+    "decode_composite_at",
     "decode_message",
     "encode_composite",
     "encode_message",
@@ -415,6 +417,32 @@ def decode_composite(value: Described) -> Composite:
     items = value.value
     if not isinstance(items, list):
         raise _invalid(f"A {cls.__name__} must be a list, not {type(items).__name__}.")
+    return _from_items(cls, items)
+
+
+def decode_composite_at(buf: bytes, pos: int, end: int) -> tuple[Any, int]:
+    """The value at ``buf[pos]`` (no further than ``end``), which must be a composite; and the
+    position after it. The common form (a small-ulong descriptor and a list) is decoded into
+    the composite without the described list between them; any other goes through
+    :func:`decode_composite`.
+
+    :raises InsufficientData: the value runs past ``end``.
+    :raises AmqpProtocolError: as :func:`decode_composite`, or the value is not described.
+    """
+    if end - pos > 3 and buf[pos] == 0 and buf[pos + 1] == 0x53:
+        cls = COMPOSITES.get(buf[pos + 2])
+        if cls is not None:
+            found = list_at(buf, pos + 3, end, 1)
+            if found is not None:
+                items, pos = found
+                return _from_items(cls, items), pos
+    value, pos = decode_at(buf, pos, end)
+    if not isinstance(value, Described):
+        raise _invalid(f"Expected a performative or composite, not a {type(value).__name__}.")
+    return decode_composite(value), pos
+
+
+def _from_items(cls: type[Composite], items: list[Any]) -> Composite:
     layout = _layout(cls)
     values = dict(layout.defaults)
     count = len(items)
