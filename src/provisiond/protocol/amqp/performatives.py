@@ -34,6 +34,7 @@ from .types import (
     UShort,
     decode_value,
     encode_value,
+    int_writer,
     register_encoder,
     symbol_array,
 )
@@ -163,6 +164,8 @@ class Kind:
     name: str
     decode: Callable[[Any], Any]
     encode: Callable[[Any], Any]
+    #: Appends a Python value's encoding at once (else ``encode_value(encode(value), buffer)``).
+    write: Callable[[Any, bytearray], None] | None = None
 
 
 def _unsigned(wrap: type[int]) -> Kind:
@@ -180,15 +183,17 @@ def _unsigned(wrap: type[int]) -> Kind:
     def encode(value: Any) -> Any:
         return value if type(value) is wrap else wrap(value)
 
-    return Kind(wrap.__name__.lower(), decode, encode)
+    return Kind(wrap.__name__.lower(), decode, encode, int_writer(wrap))
 
 
-def _typed(name: str, types: type | tuple[type, ...], convert: Callable[[Any], Any] = lambda v: v) -> Kind:
+def _typed(name: str, types: type | tuple[type, ...], convert: Callable[[Any], Any] | None = None) -> Kind:
     def decode(value: Any) -> Any:
         if not isinstance(value, types):
             raise _invalid(f"expected {name}, got {type(value).__name__}")
-        return convert(value)
+        return value if convert is None else convert(value)
 
+    if convert is None:  # the value is encoded as it is
+        return Kind(name, decode, lambda v: v, encode_value)
     return Kind(name, decode, convert)
 
 
@@ -201,9 +206,16 @@ def _enum_kind(enum_type: type[enum.Enum], base: Kind) -> Kind:
             raise _invalid(f"{raw!r} is not a {enum_type.__name__}") from None
 
     def encode(value: Any) -> Any:
-        return base.encode(enum_type(value).value)
+        return base.encode((value if type(value) is enum_type else enum_type(value)).value)
 
-    return Kind(enum_type.__name__, decode, encode)
+    base_write = base.write
+    if base_write is None:
+        return Kind(enum_type.__name__, decode, encode)
+
+    def write(value: Any, buffer: bytearray) -> None:
+        base_write((value if type(value) is enum_type else enum_type(value)).value, buffer)
+
+    return Kind(enum_type.__name__, decode, encode, write)
 
 
 def _fields_map(value: Any) -> dict[Symbol, Any]:
@@ -327,6 +339,14 @@ class _Field:
     kind: Kind
     mandatory: bool
     default: Any
+    write: Callable[[Any, bytearray], None]
+
+
+def _writer(kind: Kind) -> Callable[[Any, bytearray], None]:
+    if kind.write is not None:
+        return kind.write
+    encode = kind.encode
+    return lambda value, buffer: encode_value(encode(value), buffer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,13 +368,20 @@ def _layout(cls: type[Composite]) -> _Layout:
     layout = _LAYOUTS.get(cls)
     if layout is None:
         fields = tuple(
-            _Field(f.name, f.metadata["amqp"], f.metadata["mandatory"], f.default)
+            _Field(
+                f.name, f.metadata["amqp"], f.metadata["mandatory"], f.default, _writer(f.metadata["amqp"])
+            )
             for f in dataclasses.fields(cls)
         )
         prefix = bytearray((TypeCode.DESCRIBED,))
         encode_value(ULong(cls.descriptor_code), prefix)
         defaults = {f.name: f.default for f in fields if not f.mandatory}
-        layout = _LAYOUTS[cls] = _Layout(fields, ULong(cls.descriptor_code), bytes(prefix), defaults)
+        layout = _LAYOUTS[cls] = _Layout(
+            fields,
+            ULong(cls.descriptor_code),
+            bytes(prefix),
+            defaults,
+        )
     return layout
 
 
@@ -373,7 +400,7 @@ def write_composite(value: Composite, buffer: bytearray) -> None:
             body += _NULLS * nulls
             count += nulls
             nulls = 0
-        encode_value(f.kind.encode(current), body)
+        f.write(current, body)
         count += 1
     buffer += layout.prefix
     if not count:

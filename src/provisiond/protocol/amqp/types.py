@@ -92,6 +92,7 @@ __all__ = [
     "UShort",
     "decode_value",
     "encode_value",
+    "int_writer",
     "register_encoder",
     "symbol_array",
 ]
@@ -277,6 +278,24 @@ def _encode_int(value: int, buffer: bytearray) -> None:
     if encoder is None:
         raise LocalProtocolError(f"A {type(value).__name__} has no AMQP encoding.")
     encoder(buffer, value)
+
+
+def int_writer(cls: type[int]) -> Callable[[Any, bytearray], None]:
+    """An encoder of any ``int`` as the AMQP integer type ``cls`` (:class:`UInt`...), range
+    checked as ``cls(value)`` would be but without making one: how the performatives' module
+    writes the plain ints of its fields.
+
+    :raises LocalProtocolError: (from the encoder) the value is out of ``cls``'s range.
+    """
+    encode = _INT_ENCODERS[cls]
+    low, high = cls._min, cls._max  # type: ignore[attr-defined]
+
+    def write(value: Any, buffer: bytearray) -> None:
+        if not low <= value <= high:
+            raise LocalProtocolError(f"{value!r} is out of range for an AMQP {cls.__name__.lower()}")
+        encode(buffer, value)
+
+    return write
 
 
 def _int_encoder(encode: Callable[[bytearray, int], None]) -> Callable[[Any, bytearray], None]:
