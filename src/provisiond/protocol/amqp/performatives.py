@@ -899,30 +899,41 @@ class Message:
 
 def encode_message(message: Message) -> bytes:
     """The bytes of a message's sections, in order (a transfer's payload)."""
-    sections: list[Any] = []
+    buffer = bytearray()
     if message.header is not None:
-        sections.append(encode_composite(message.header))
-    for cls, value in (
-        (DeliveryAnnotations, message.delivery_annotations),
-        (MessageAnnotations, message.message_annotations),
+        write_composite(message.header, buffer)
+    for code, value in (
+        (DeliveryAnnotations.descriptor_code, message.delivery_annotations),
+        (MessageAnnotations.descriptor_code, message.message_annotations),
+        (Properties.descriptor_code, message.properties),
+        (ApplicationProperties.descriptor_code, message.application_properties),
     ):
-        if value is not None:
-            sections.append(Described(ULong(cls.descriptor_code), value))
-    if message.properties is not None:
-        sections.append(encode_composite(message.properties))
-    if message.application_properties is not None:
-        sections.append(
-            Described(ULong(ApplicationProperties.descriptor_code), message.application_properties)
-        )
+        if value is None:
+            continue
+        if isinstance(value, Composite):
+            write_composite(value, buffer)
+        else:
+            buffer += _SECTION_PREFIX[code]
+            encode_value(value, buffer)
     body = message.body
     for section in (body,) if isinstance(body, AmqpValue) else body or ():
-        sections.append(Described(ULong(section.descriptor_code), section.value))
+        if type(section) is Data and type(section.value) is bytes and len(section.value) < 0x1_0000_0000:
+            # the common body: one data section, written without the described value
+            buffer += _SECTION_PREFIX[Data.descriptor_code]
+            size = len(section.value)
+            buffer += bytes((TypeCode.VBIN8, size)) if size < 256 else b"\xb0" + size.to_bytes(4, "big")
+            buffer += section.value
+        else:
+            buffer += _SECTION_PREFIX[section.descriptor_code]
+            encode_value(section.value, buffer)
     if message.footer is not None:
-        sections.append(Described(ULong(Footer.descriptor_code), message.footer))
-    buffer = bytearray()
-    for section in sections:
-        encode_value(section, buffer)
+        buffer += _SECTION_PREFIX[Footer.descriptor_code]
+        encode_value(message.footer, buffer)
     return bytes(buffer)
+
+
+#: A described section's constructor and descriptor (small ulong), by descriptor code.
+_SECTION_PREFIX = {code: bytes((TypeCode.DESCRIBED, TypeCode.SMALLULONG, code)) for code in range(0x70, 0x79)}
 
 
 def _section(value: Any) -> Any:
