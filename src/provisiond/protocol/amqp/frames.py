@@ -18,6 +18,13 @@ there, refuses a frame larger than ``max_frame_size`` as soon as its size field 
 (``amqp:connection:framing-error``), so that a peer cannot make the decoder buffer more than
 that, and treats anything wrong inside a complete frame as malformed
 (``amqp:decode-error``), never as "need more".
+
+Frames that every connection of a peer's kind sends alike (an SDK's begin, flow, disposition
+and close are the same bytes on every connection) are decoded once: a small bounded table
+maps the bytes of a short frame to the frame they decode to, when that frame holds only
+immutable values (:func:`decode_frame`); likewise the bytes of the short frames we send
+alike (:func:`encode_frame`). Frames and performatives are immutable, so sharing them
+between connections is safe; a peer sending ever different frames only churns the table.
 """
 
 from __future__ import annotations
@@ -25,9 +32,23 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from ...errors import AmqpProtocolError, InsufficientData, LocalProtocolError
-from .performatives import Performative, Transfer, decode_composite_at, write_composite
+from .performatives import (
+    Begin,
+    Close,
+    Composite,
+    Detach,
+    Disposition,
+    End,
+    Flow,
+    Performative,
+    SaslOutcome,
+    Transfer,
+    decode_composite_at,
+    write_composite,
+)
 
 __all__ = [
     "HEADER_SIZE",
@@ -120,14 +141,50 @@ class Frame:
             )
 
 
+#: Frames of at most this many bytes are looked up in the tables of frames met before.
+SHARED_FRAME_SIZE = 64
+#: Entries in each table (it is emptied when full).
+_SHARED_ENTRIES = 512
+_DECODED: dict[bytes, Frame] = {}
+_ENCODED: dict[Frame, bytes] = {}
+#: The performatives shared that way (the others are mostly unique to a link or delivery).
+_SHARED = frozenset({Begin, Close, Detach, Disposition, End, Flow, SaslOutcome})
+
+
+def _immutable(value: Any) -> bool:
+    """Whether ``value`` holds nothing mutable (so that one decoded frame may be shared)."""
+    if value is None or isinstance(value, int | str | bytes | float | enum.Enum):
+        return True
+    if isinstance(value, Composite):
+        return all(_immutable(field) for field in vars(value).values())
+    return False
+
+
 def encode_frame(frame: Frame, buffer: bytearray) -> None:
     """Append ``frame`` (DOFF 2: no extended header)."""
+    if type(frame.performative) in _SHARED and not frame.payload:
+        try:
+            encoded = _ENCODED.get(frame)
+        except TypeError:  # a field holds a map: not hashable, not shared
+            pass
+        else:
+            if encoded is None:
+                encoded = _encode(frame)
+                if len(encoded) <= SHARED_FRAME_SIZE:
+                    if len(_ENCODED) >= _SHARED_ENTRIES:
+                        _ENCODED.clear()
+                    _ENCODED[frame] = encoded
+            buffer += encoded
+            return
+    buffer += _encode(frame)
+
+
+def _encode(frame: Frame) -> bytes:
     body = bytearray()
     if frame.performative is not None:
         write_composite(frame.performative, body)
         body += frame.payload
-    buffer += _FRAME_HEADER.pack(HEADER_SIZE + len(body), 2, frame.type, frame.channel)
-    buffer += body
+    return _FRAME_HEADER.pack(HEADER_SIZE + len(body), 2, frame.type, frame.channel) + body
 
 
 def frame_size(performative: Performative, payload_size: int = 0) -> int:
@@ -179,14 +236,29 @@ def decode_frame(data: memoryview | bytes, max_frame_size: int) -> tuple[memoryv
         raise _framing(f"Unknown frame type {type_code:#04x}.")
     if len(view) < size:
         raise InsufficientData
-    body = view[doff * 4 : size]
     rest = view[size:]
+    if size <= SHARED_FRAME_SIZE:
+        key = bytes(view[:size])
+        frame = _DECODED.get(key)
+        if frame is None:
+            frame = _decode_body(view[:size], doff, frame_type, channel)
+            if type(frame.performative) in _SHARED and _immutable(frame.performative):
+                if len(_DECODED) >= _SHARED_ENTRIES:
+                    _DECODED.clear()
+                _DECODED[key] = frame
+        return rest, frame
+    return rest, _decode_body(view[:size], doff, frame_type, channel)
+
+
+def _decode_body(view: memoryview, doff: int, frame_type: FrameType, channel: int) -> Frame:
+    """The frame whose whole bytes are ``view``."""
+    body = view[doff * 4 :]
     if frame_type is FrameType.SASL:
         channel = 0  # ignored for SASL frames (Part 5 §5.3.1)
     if not body:
         if frame_type is FrameType.SASL:
             raise AmqpProtocolError("An empty SASL frame.", condition="amqp:decode-error")
-        return rest, Frame(frame_type, channel, None)
+        return Frame(frame_type, channel, None)
     raw = bytes(body)
     try:
         performative, after = decode_composite_at(raw, 0, len(raw))
@@ -203,4 +275,4 @@ def decode_frame(data: memoryview | bytes, max_frame_size: int) -> tuple[memoryv
         raise AmqpProtocolError(
             f"{len(raw) - after} bytes follow a {type(performative).__name__}.", condition="amqp:decode-error"
         )
-    return rest, Frame(frame_type, channel, performative, raw[after:])
+    return Frame(frame_type, channel, performative, raw[after:])
