@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeAlias
 
 from ...errors import AmqpProtocolError, InsufficientData
+from .codegen import FieldSpec, make_reader, make_writer
 from .decoding import decode_at, list_at
 from .types import (
     Array,
@@ -359,6 +359,10 @@ class _Layout:
     prefix: bytes
     #: the optional fields' defaults, by name
     defaults: dict[str, Any]
+    #: ``write(value, buffer)``: what :func:`write_composite` appends (:mod:`.codegen`)
+    write: Callable[[Any, bytearray], None]
+    #: ``read(items)``: the composite of a described list's items (:mod:`.codegen`)
+    read: Callable[[list[Any]], Any]
 
 
 _LAYOUTS: dict[type[Composite], _Layout] = {}
@@ -376,11 +380,14 @@ def _layout(cls: type[Composite]) -> _Layout:
         prefix = bytearray((TypeCode.DESCRIBED,))
         encode_value(ULong(cls.descriptor_code), prefix)
         defaults = {f.name: f.default for f in fields if not f.mandatory}
+        specs = [FieldSpec(f.name, f.mandatory, f.default, f.write, f.kind.decode) for f in fields]
         layout = _LAYOUTS[cls] = _Layout(
             fields,
             ULong(cls.descriptor_code),
             bytes(prefix),
             defaults,
+            make_writer(bytes(prefix), specs),
+            make_reader(cls, specs, _from_items_checked),
         )
     return layout
 
@@ -388,32 +395,8 @@ def _layout(cls: type[Composite]) -> _Layout:
 def write_composite(value: Composite, buffer: bytearray) -> None:
     """Append ``value``'s encoding: the bytes ``encode_value(encode_composite(value), buffer)``
     appends, without building the described list first (the frames' path)."""
-    layout = _layout(type(value))
-    body = bytearray()
-    count = nulls = 0
-    for f in layout.fields:
-        current = getattr(value, f.name)
-        if current is None or (not f.mandatory and current == f.default):
-            nulls += 1
-            continue
-        if nulls:
-            body += _NULLS * nulls
-            count += nulls
-            nulls = 0
-        f.write(current, body)
-        count += 1
-    buffer += layout.prefix
-    if not count:
-        buffer.append(TypeCode.LIST0)
-    elif len(body) < 255 and count < 256:
-        buffer += bytes((TypeCode.LIST8, len(body) + 1, count))
-    else:
-        buffer.append(TypeCode.LIST32)
-        buffer += struct.pack(">II", len(body) + 4, count)
-    buffer += body
-
-
-_NULLS = bytes((TypeCode.NULL,))
+    layout = _LAYOUTS.get(type(value)) or _layout(type(value))
+    layout.write(value, buffer)
 
 
 def encode_composite(value: Composite) -> Described:
@@ -470,6 +453,12 @@ def decode_composite_at(buf: bytes, pos: int, end: int) -> tuple[Any, int]:
 
 
 def _from_items(cls: type[Composite], items: list[Any]) -> Composite:
+    layout = _LAYOUTS.get(cls) or _layout(cls)
+    return layout.read(items)  # type: ignore[no-any-return]
+
+
+def _from_items_checked(cls: type[Composite], items: list[Any]) -> Composite:
+    """:func:`_from_items` field by field: the error names the field that is wrong."""
     layout = _layout(cls)
     values = dict(layout.defaults)
     count = len(items)
