@@ -128,13 +128,29 @@ def _elements(buf: bytes, pos: int, end: int, count: int, depth: int, what: str)
     """``count`` values that must fill ``buf[pos:end]`` exactly."""
     if count > end - pos:  # every element has at least a one-byte constructor
         raise _decode_error(f"A {what} claims {count} elements in {end - pos} bytes.")
-    items = []
+    items: list[Any] = []
     append = items.append
     depth += 1
     try:
         for _ in range(count):
-            item, pos = _decode(buf, pos, end, depth)
-            append(item)
+            # The commonest elements of performatives inline, the others through _decode.
+            code = buf[pos] if pos < end else -1
+            if code == 0x40:  # null
+                append(None)
+                pos += 1
+            elif code == 0x52 or code == 0x53 or code == 0x50:  # smalluint, smallulong, ubyte
+                if pos + 2 > end:
+                    raise InsufficientData
+                append(
+                    (_SMALL_UINT if code == 0x52 else _SMALL_ULONG if code == 0x53 else _UBYTES)[buf[pos + 1]]
+                )
+                pos += 2
+            elif code == 0x41 or code == 0x42:  # true, false
+                append(code == 0x41)
+                pos += 1
+            else:
+                item, pos = _decode(buf, pos, end, depth)
+                append(item)
     except InsufficientData:
         raise _decode_error(f"The elements of a {what} overrun its size.") from None
     if pos != end:
@@ -225,7 +241,7 @@ def _known_code(code: int) -> TypeCode:
 
 
 def _check_descriptor(descriptor: Any) -> None:
-    if not isinstance(descriptor, ULong | Symbol):
+    if type(descriptor) is not ULong and not isinstance(descriptor, ULong | Symbol):
         raise _decode_error(f"A descriptor must be a ulong or a symbol, not {type(descriptor).__name__}.")
 
 
@@ -300,6 +316,7 @@ _DECODERS: dict[TypeCode, _Body] = {
 
 _SMALL_ULONG = [int.__new__(ULong, i) for i in range(256)]
 _SMALL_UINT = [int.__new__(UInt, i) for i in range(256)]
+_UBYTES = [int.__new__(UByte, i) for i in range(256)]
 
 #: The decoder of each format code, indexed by the code's byte (None: not a format code).
 _BY_BYTE: list[_Body | None] = [_DECODERS.get(code) for code in range(256)]  # type: ignore[call-overload]
