@@ -69,10 +69,9 @@ from .frames import (
     FrameType,
     ProtocolHeader,
     ProtocolId,
-    decode_frame,
     decode_protocol_header,
     encode_frame,
-    frame_incomplete,
+    frame_at,
 )
 from .performatives import (
     Begin,
@@ -258,7 +257,7 @@ class Connection:
         SASL frame we had to answer first), and return the events. Call it after acting on
         events until it returns none."""
         try:
-            while not self.finished and not self._paused and self._step():
+            while self._in and self._phase is not _Phase.FINISHED and not self._paused and self._step():
                 pass
         except AmqpProtocolError as exc:
             failure = exc
@@ -337,19 +336,18 @@ class Connection:
 
     def _step(self) -> bool:
         """Handle one header or frame from the input; False when more bytes are needed."""
-        if not self._in or (
-            self._phase is not _Phase.HEADER and frame_incomplete(self._in, self.config.max_frame_size)
-        ):
-            return False  # no exception for the common case of waiting for bytes
-        try:
-            if self._phase is _Phase.HEADER:
+        if self._phase is _Phase.HEADER:
+            try:
                 consumed, header = _parse(self._in, decode_protocol_header)
-                del self._in[:consumed]
-                self._on_header(header)
-                return True
-            consumed, frame = _parse(self._in, lambda view: decode_frame(view, self.config.max_frame_size))
-        except InsufficientData:
-            return False
+            except InsufficientData:
+                return False
+            del self._in[:consumed]
+            self._on_header(header)
+            return True
+        found = frame_at(self._in, self.config.max_frame_size)
+        if found is None:
+            return False  # no exception for the common case of waiting for bytes
+        frame, consumed = found
         del self._in[:consumed]
         expected = FrameType.SASL if self._phase is _Phase.SASL else FrameType.AMQP
         if frame.type is not expected:

@@ -58,7 +58,7 @@ __all__ = [
     "ProtocolHeader",
     "ProtocolId",
     "decode_frame",
-    "frame_incomplete",
+    "frame_at",
     "decode_protocol_header",
     "encode_frame",
     "frame_size",
@@ -199,17 +199,6 @@ def _framing(message: str) -> AmqpProtocolError:
 
 
 _FRAME_TYPE_OF = {int(t): t for t in FrameType}
-_FRAME_TYPES = frozenset(_FRAME_TYPE_OF)
-
-
-def frame_incomplete(data: bytes | bytearray, max_frame_size: int) -> bool:
-    """Whether ``data`` is the beginning of a frame that :func:`decode_frame` would wait for
-    (it would raise :class:`InsufficientData`), told from the header alone. False also for a
-    header that :func:`decode_frame` refuses: it does so before the rest arrives."""
-    if len(data) < HEADER_SIZE:
-        return True
-    size, doff, type_code = int.from_bytes(data[:4], "big"), data[4], data[5]
-    return len(data) < size <= max_frame_size and 2 <= doff and doff * 4 <= size and type_code in _FRAME_TYPES
 
 
 def decode_frame(data: memoryview | bytes, max_frame_size: int) -> tuple[memoryview, Frame]:
@@ -221,10 +210,21 @@ def decode_frame(data: memoryview | bytes, max_frame_size: int) -> tuple[memoryv
         performative of the frame's type, or a payload after anything but a transfer
         (``amqp:decode-error``).
     """
-    view = memoryview(data)
-    if len(view) < HEADER_SIZE:
+    buf = data if isinstance(data, bytes | bytearray) else bytes(data)
+    found = frame_at(buf, max_frame_size)
+    if found is None:
         raise InsufficientData
-    size, doff, type_code, channel = _FRAME_HEADER.unpack(view[:HEADER_SIZE])
+    frame, size = found
+    return memoryview(data)[size:], frame
+
+
+def frame_at(buf: bytes | bytearray, max_frame_size: int) -> tuple[Frame, int] | None:
+    """The frame at the start of ``buf`` and its size; None when it is not complete yet (no
+    exception: the common case of a connection waiting for bytes). Refusals as
+    :func:`decode_frame`'s."""
+    if len(buf) < HEADER_SIZE:
+        return None
+    size, doff, type_code, channel = _FRAME_HEADER.unpack_from(buf)
     if size < HEADER_SIZE:
         raise _framing(f"A frame of size {size} is smaller than its header.")
     if size > max_frame_size:
@@ -234,32 +234,30 @@ def decode_frame(data: memoryview | bytes, max_frame_size: int) -> tuple[memoryv
     frame_type = _FRAME_TYPE_OF.get(type_code)
     if frame_type is None:
         raise _framing(f"Unknown frame type {type_code:#04x}.")
-    if len(view) < size:
-        raise InsufficientData
-    rest = view[size:]
+    if len(buf) < size:
+        return None
     if size <= SHARED_FRAME_SIZE:
-        key = bytes(view[:size])
+        key = bytes(buf[:size])
         frame = _DECODED.get(key)
         if frame is None:
-            frame = _decode_body(view[:size], doff, frame_type, channel)
+            frame = _decode_body(key, doff, frame_type, channel)
             if type(frame.performative) in _SHARED and _immutable(frame.performative):
                 if len(_DECODED) >= _SHARED_ENTRIES:
                     _DECODED.clear()
                 _DECODED[key] = frame
-        return rest, frame
-    return rest, _decode_body(view[:size], doff, frame_type, channel)
+        return frame, size
+    return _decode_body(bytes(buf[:size]), doff, frame_type, channel), size
 
 
-def _decode_body(view: memoryview, doff: int, frame_type: FrameType, channel: int) -> Frame:
-    """The frame whose whole bytes are ``view``."""
-    body = view[doff * 4 :]
+def _decode_body(data: bytes, doff: int, frame_type: FrameType, channel: int) -> Frame:
+    """The frame whose whole bytes are ``data``."""
+    raw = data[doff * 4 :]
     if frame_type is FrameType.SASL:
         channel = 0  # ignored for SASL frames (Part 5 §5.3.1)
-    if not body:
+    if not raw:
         if frame_type is FrameType.SASL:
             raise AmqpProtocolError("An empty SASL frame.", condition="amqp:decode-error")
         return Frame(frame_type, channel, None)
-    raw = bytes(body)
     try:
         performative, after = decode_composite_at(raw, 0, len(raw))
     except InsufficientData:
