@@ -61,7 +61,8 @@ def make_writer(prefix: bytes, fields: Sequence[FieldSpec]) -> Callable[[Any, by
         "        buffer += _pack(size + 4, count)",
         "    buffer += body",
     ]
-    return _compile(lines, names, "write")
+    writer: Callable[[Any, bytearray], None] = _compile(lines, names, "write")
+    return writer
 
 
 def make_reader(
@@ -91,7 +92,8 @@ def make_reader(
         "    value.__dict__.update({" + ", ".join(f"{f.name!r}: v{i}" for i, f in enumerate(fields)) + "})",
         "    return value",
     ]
-    return _compile(lines, names, "read")
+    reader: Callable[[list[Any]], Any] = _compile(lines, names, "read")
+    return reader
 
 
 def _compile(lines: list[str], names: dict[str, Any], function: str) -> Any:
