@@ -59,6 +59,7 @@ __all__ = [
     "ProtocolId",
     "decode_frame",
     "frame_at",
+    "write_frame",
     "decode_protocol_header",
     "encode_frame",
     "frame_size",
@@ -146,7 +147,7 @@ SHARED_FRAME_SIZE = 64
 #: Entries in each table (it is emptied when full).
 _SHARED_ENTRIES = 512
 _DECODED: dict[bytes, Frame] = {}
-_ENCODED: dict[Frame, bytes] = {}
+_ENCODED: dict[tuple[FrameType, int, Performative | None], bytes] = {}
 #: The performatives shared that way (the others are mostly unique to a link or delivery).
 _SHARED = frozenset({Begin, Close, Detach, Disposition, End, Flow, SaslOutcome})
 
@@ -162,29 +163,42 @@ def _immutable(value: Any) -> bool:
 
 def encode_frame(frame: Frame, buffer: bytearray) -> None:
     """Append ``frame`` (DOFF 2: no extended header)."""
-    if type(frame.performative) in _SHARED and not frame.payload:
+    write_frame(buffer, frame.type, frame.channel, frame.performative, frame.payload)
+
+
+def write_frame(
+    buffer: bytearray,
+    frame_type: FrameType,
+    channel: int,
+    performative: Performative | None,
+    payload: bytes = b"",
+) -> None:
+    """Append the frame of these parts, as :func:`encode_frame` would once they are checked as
+    a :class:`Frame` (the connection's path: what it sends is well formed by construction)."""
+    if type(performative) in _SHARED and not payload:
+        key = (frame_type, channel, performative)
         try:
-            encoded = _ENCODED.get(frame)
+            encoded = _ENCODED.get(key)
         except TypeError:  # a field holds a map: not hashable, not shared
             pass
         else:
             if encoded is None:
-                encoded = _encode(frame)
+                encoded = _encode(frame_type, channel, performative, payload)
                 if len(encoded) <= SHARED_FRAME_SIZE:
                     if len(_ENCODED) >= _SHARED_ENTRIES:
                         _ENCODED.clear()
-                    _ENCODED[frame] = encoded
+                    _ENCODED[key] = encoded
             buffer += encoded
             return
-    buffer += _encode(frame)
+    buffer += _encode(frame_type, channel, performative, payload)
 
 
-def _encode(frame: Frame) -> bytes:
+def _encode(frame_type: FrameType, channel: int, performative: Performative | None, payload: bytes) -> bytes:
     body = bytearray()
-    if frame.performative is not None:
-        write_composite(frame.performative, body)
-        body += frame.payload
-    return _FRAME_HEADER.pack(HEADER_SIZE + len(body), 2, frame.type, frame.channel) + body
+    if performative is not None:
+        write_composite(performative, body)
+        body += payload
+    return _FRAME_HEADER.pack(HEADER_SIZE + len(body), 2, frame_type, channel) + body
 
 
 def frame_size(performative: Performative, payload_size: int = 0) -> int:
