@@ -1,6 +1,7 @@
 """AMQP 1.0 composite types, declared once for both roles: the transport performatives (Part 2
 §2.7), the error and delivery states (Part 2 §2.8, Part 3 §3.4), source and target (Part 3
-§3.5), the message sections (Part 3 §3.2) and the SASL frames (Part 5 §5.3.3).
+§3.5) and the SASL frames (Part 5 §5.3.3); the message sections (Part 3 §3.2) are in
+:mod:`.message` and named here too.
 
 Each composite is a frozen dataclass whose fields carry their AMQP wire type in the field's
 metadata (:func:`amqp_field`). One generic pair of functions maps every composite to and from
@@ -9,6 +10,9 @@ default is sent as null, trailing nulls are dropped, a null or missing field dec
 default, a missing mandatory field or a field of the wrong type is a decode error. Composite
 classes register themselves by descriptor code and by descriptor name (``__init_subclass__``),
 so that either form of descriptor decodes. Fields a later protocol version adds are ignored.
+The frames' path does the same without the described list: each class's writer and reader
+are made once from its fields (:mod:`.codegen`), and the generic loop remains the reference
+(a test compares them) and the reader of last resort, whose errors name the field.
 """
 
 from __future__ import annotations

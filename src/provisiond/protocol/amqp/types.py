@@ -35,7 +35,8 @@ that contradicts its contents, invalid UTF-8 in a string, a non-ASCII symbol, a 
 odd element count or duplicate keys, nesting deeper than :data:`MAX_DEPTH`, or an element count
 larger than its bytes could hold (so that a hostile count cannot make the decoder allocate).
 Encoding a value that has no AMQP encoding (a ``set``, a ``UInt(-1)``) is our bug and raises
-:class:`~provisiond.errors.LocalProtocolError`.
+:class:`~provisiond.errors.LocalProtocolError`. The decoder lives in :mod:`.decoding` (on
+offsets into one ``bytes`` object); ``decode_value`` is named here too.
 """
 
 from __future__ import annotations
