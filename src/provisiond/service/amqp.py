@@ -193,16 +193,17 @@ class _Session:
             log.log(level, "AMQP %s: closed: %s", self.who, self.close_reason)
 
     async def _receive(self) -> list[Event]:
-        if self.machine.pending_input:
+        machine = self.machine
+        if machine.pending_input:
             self.stream.guard.receiving()
         else:
             self.stream.guard.busy()
-        deadlines = [d for d in (self.machine.next_deadline(),) if d is not None]
-        if not self.machine.opened:
-            deadlines.append(self.started + HANDSHAKE_TIMEOUT)
-        timeout = min(deadlines) - time.monotonic() if deadlines else None
+        deadline = machine.next_deadline()
+        if not machine.opened:
+            handshake = self.started + HANDSHAKE_TIMEOUT
+            deadline = handshake if deadline is None or handshake < deadline else deadline
         try:
-            async with asyncio.timeout(max(0.0, timeout) if timeout is not None else None):
+            async with asyncio.timeout(None if deadline is None else max(0.0, deadline - time.monotonic())):
                 data = await self.stream.receive(_READ_SIZE)
         except TimeoutError:
             if not self.machine.opened and time.monotonic() >= self.started + HANDSHAKE_TIMEOUT:

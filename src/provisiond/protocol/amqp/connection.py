@@ -69,10 +69,10 @@ from .frames import (
     FrameType,
     ProtocolHeader,
     ProtocolId,
-    decode_frame,
     decode_protocol_header,
     encode_frame,
-    frame_incomplete,
+    frame_at,
+    write_frame,
 )
 from .performatives import (
     Begin,
@@ -141,6 +141,33 @@ def _mechanisms_frame(mechanisms: tuple[str, ...]) -> bytes:
     performative = SaslMechanisms(sasl_server_mechanisms=tuple(Symbol(m) for m in mechanisms))
     encode_frame(Frame(FrameType.SASL, 0, performative), frame)
     return bytes(frame)
+
+
+def _open_frame(config: ConnectionConfig) -> bytes:
+    """Our open frame: the same bytes for every connection of one config, made once (unless
+    the config's properties, a map, make it unhashable)."""
+    try:
+        return _open_frame_of(config)
+    except TypeError:
+        return _encode_open(config)
+
+
+def _encode_open(config: ConnectionConfig) -> bytes:
+    idle = config.idle_timeout
+    open_ = Open(
+        container_id=config.container_id,
+        hostname=config.hostname,
+        max_frame_size=config.max_frame_size,
+        channel_max=config.channel_max,
+        idle_time_out=int(idle * 1000) if idle is not None else None,
+        properties=config.properties,
+    )
+    buffer = bytearray()
+    write_frame(buffer, FrameType.AMQP, 0, open_)
+    return bytes(buffer)
+
+
+_open_frame_of = functools.lru_cache(maxsize=16)(_encode_open)
 
 
 class _Phase(enum.Enum):
@@ -258,7 +285,7 @@ class Connection:
         SASL frame we had to answer first), and return the events. Call it after acting on
         events until it returns none."""
         try:
-            while not self.finished and not self._paused and self._step():
+            while self._in and self._phase is not _Phase.FINISHED and not self._paused and self._step():
                 pass
         except AmqpProtocolError as exc:
             failure = exc
@@ -337,19 +364,18 @@ class Connection:
 
     def _step(self) -> bool:
         """Handle one header or frame from the input; False when more bytes are needed."""
-        if not self._in or (
-            self._phase is not _Phase.HEADER and frame_incomplete(self._in, self.config.max_frame_size)
-        ):
-            return False  # no exception for the common case of waiting for bytes
-        try:
-            if self._phase is _Phase.HEADER:
+        if self._phase is _Phase.HEADER:
+            try:
                 consumed, header = _parse(self._in, decode_protocol_header)
-                del self._in[:consumed]
-                self._on_header(header)
-                return True
-            consumed, frame = _parse(self._in, lambda view: decode_frame(view, self.config.max_frame_size))
-        except InsufficientData:
-            return False
+            except InsufficientData:
+                return False
+            del self._in[:consumed]
+            self._on_header(header)
+            return True
+        found = frame_at(self._in, self.config.max_frame_size)
+        if found is None:
+            return False  # no exception for the common case of waiting for bytes
+        frame, consumed = found
         del self._in[:consumed]
         expected = FrameType.SASL if self._phase is _Phase.SASL else FrameType.AMQP
         if frame.type is not expected:
@@ -557,14 +583,14 @@ class Connection:
         encode_frame(frame, self._out)
 
     def _send_session_frame(self, channel: int, performative: Performative, payload: bytes) -> None:
-        self._send_frame(Frame(FrameType.AMQP, channel, performative, payload))
+        write_frame(self._out, FrameType.AMQP, channel, performative, payload)
 
     def _send_sasl(self, performative: Performative) -> None:
         if self._phase is not _Phase.SASL:
             raise LocalProtocolError("Not in the SASL phase.")
         self._advance_sasl(SENT, type(performative))
         before = len(self._out)
-        self._send_frame(Frame(FrameType.SASL, 0, performative))
+        write_frame(self._out, FrameType.SASL, 0, performative)
         if len(self._out) - before > MIN_MAX_FRAME_SIZE:
             del self._out[before:]
             raise LocalProtocolError(f"A SASL frame must fit {MIN_MAX_FRAME_SIZE} bytes; chunk the data.")
@@ -597,22 +623,8 @@ class Connection:
 
     def open(self) -> None:
         """Send our open (a client may send it right after its header, before the server's)."""
-        idle = self.config.idle_timeout
         self._advance(SENT, Open)
-        self._send_frame(
-            Frame(
-                FrameType.AMQP,
-                0,
-                Open(
-                    container_id=self.config.container_id,
-                    hostname=self.config.hostname,
-                    max_frame_size=self.config.max_frame_size,
-                    channel_max=self.config.channel_max,
-                    idle_time_out=int(idle * 1000) if idle is not None else None,
-                    properties=self.config.properties,
-                ),
-            )
-        )
+        self._out += _open_frame(self.config)
 
     def close(self, err: Error | None = None) -> None:
         """Send close; the connection is finished when the peer's close arrives."""

@@ -18,6 +18,13 @@ there, refuses a frame larger than ``max_frame_size`` as soon as its size field 
 (``amqp:connection:framing-error``), so that a peer cannot make the decoder buffer more than
 that, and treats anything wrong inside a complete frame as malformed
 (``amqp:decode-error``), never as "need more".
+
+Frames that every connection of a peer's kind sends alike (an SDK's begin, flow, disposition
+and close are the same bytes on every connection) are decoded once: a small bounded table
+maps the bytes of a short frame to the frame they decode to, when that frame holds only
+immutable values (:func:`decode_frame`); likewise the bytes of the short frames we send
+alike (:func:`encode_frame`). Frames and performatives are immutable, so sharing them
+between connections is safe; a peer sending ever different frames only churns the table.
 """
 
 from __future__ import annotations
@@ -25,10 +32,23 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from ...errors import AmqpProtocolError, InsufficientData, LocalProtocolError
-from .performatives import Performative, Transfer, decode_composite, write_composite
-from .types import Described, decode_value
+from .performatives import (
+    Begin,
+    Close,
+    Composite,
+    Detach,
+    Disposition,
+    End,
+    Flow,
+    Performative,
+    SaslOutcome,
+    Transfer,
+    decode_composite_at,
+    write_composite,
+)
 
 __all__ = [
     "HEADER_SIZE",
@@ -38,7 +58,8 @@ __all__ = [
     "ProtocolHeader",
     "ProtocolId",
     "decode_frame",
-    "frame_incomplete",
+    "frame_at",
+    "write_frame",
     "decode_protocol_header",
     "encode_frame",
     "frame_size",
@@ -121,14 +142,63 @@ class Frame:
             )
 
 
+#: Frames of at most this many bytes are looked up in the tables of frames met before.
+SHARED_FRAME_SIZE = 64
+#: Entries in each table (it is emptied when full).
+_SHARED_ENTRIES = 512
+_DECODED: dict[bytes, Frame] = {}
+_ENCODED: dict[tuple[FrameType, int, Performative | None], bytes] = {}
+#: The performatives shared that way (the others are mostly unique to a link or delivery).
+_SHARED = frozenset({Begin, Close, Detach, Disposition, End, Flow, SaslOutcome})
+
+
+def _immutable(value: Any) -> bool:
+    """Whether ``value`` holds nothing mutable (so that one decoded frame may be shared)."""
+    if value is None or isinstance(value, int | str | bytes | float | enum.Enum):
+        return True
+    if isinstance(value, Composite):
+        return all(_immutable(field) for field in vars(value).values())
+    return False
+
+
 def encode_frame(frame: Frame, buffer: bytearray) -> None:
     """Append ``frame`` (DOFF 2: no extended header)."""
+    write_frame(buffer, frame.type, frame.channel, frame.performative, frame.payload)
+
+
+def write_frame(
+    buffer: bytearray,
+    frame_type: FrameType,
+    channel: int,
+    performative: Performative | None,
+    payload: bytes = b"",
+) -> None:
+    """Append the frame of these parts, as :func:`encode_frame` would once they are checked as
+    a :class:`Frame` (the connection's path: what it sends is well formed by construction)."""
+    if type(performative) in _SHARED and not payload:
+        key = (frame_type, channel, performative)
+        try:
+            encoded = _ENCODED.get(key)
+        except TypeError:  # a field holds a map: not hashable, not shared
+            pass
+        else:
+            if encoded is None:
+                encoded = _encode(frame_type, channel, performative, payload)
+                if len(encoded) <= SHARED_FRAME_SIZE:
+                    if len(_ENCODED) >= _SHARED_ENTRIES:
+                        _ENCODED.clear()
+                    _ENCODED[key] = encoded
+            buffer += encoded
+            return
+    buffer += _encode(frame_type, channel, performative, payload)
+
+
+def _encode(frame_type: FrameType, channel: int, performative: Performative | None, payload: bytes) -> bytes:
     body = bytearray()
-    if frame.performative is not None:
-        write_composite(frame.performative, body)
-        body += frame.payload
-    buffer += _FRAME_HEADER.pack(HEADER_SIZE + len(body), 2, frame.type, frame.channel)
-    buffer += body
+    if performative is not None:
+        write_composite(performative, body)
+        body += payload
+    return _FRAME_HEADER.pack(HEADER_SIZE + len(body), 2, frame_type, channel) + body
 
 
 def frame_size(performative: Performative, payload_size: int = 0) -> int:
@@ -143,17 +213,6 @@ def _framing(message: str) -> AmqpProtocolError:
 
 
 _FRAME_TYPE_OF = {int(t): t for t in FrameType}
-_FRAME_TYPES = frozenset(_FRAME_TYPE_OF)
-
-
-def frame_incomplete(data: bytes | bytearray, max_frame_size: int) -> bool:
-    """Whether ``data`` is the beginning of a frame that :func:`decode_frame` would wait for
-    (it would raise :class:`InsufficientData`), told from the header alone. False also for a
-    header that :func:`decode_frame` refuses: it does so before the rest arrives."""
-    if len(data) < HEADER_SIZE:
-        return True
-    size, doff, type_code = int.from_bytes(data[:4], "big"), data[4], data[5]
-    return len(data) < size <= max_frame_size and 2 <= doff and doff * 4 <= size and type_code in _FRAME_TYPES
 
 
 def decode_frame(data: memoryview | bytes, max_frame_size: int) -> tuple[memoryview, Frame]:
@@ -165,10 +224,21 @@ def decode_frame(data: memoryview | bytes, max_frame_size: int) -> tuple[memoryv
         performative of the frame's type, or a payload after anything but a transfer
         (``amqp:decode-error``).
     """
-    view = memoryview(data)
-    if len(view) < HEADER_SIZE:
+    buf = data if isinstance(data, bytes | bytearray) else bytes(data)
+    found = frame_at(buf, max_frame_size)
+    if found is None:
         raise InsufficientData
-    size, doff, type_code, channel = _FRAME_HEADER.unpack(view[:HEADER_SIZE])
+    frame, size = found
+    return memoryview(data)[size:], frame
+
+
+def frame_at(buf: bytes | bytearray, max_frame_size: int) -> tuple[Frame, int] | None:
+    """The frame at the start of ``buf`` and its size; None when it is not complete yet (no
+    exception: the common case of a connection waiting for bytes). Refusals as
+    :func:`decode_frame`'s."""
+    if len(buf) < HEADER_SIZE:
+        return None
+    size, doff, type_code, channel = _FRAME_HEADER.unpack_from(buf)
     if size < HEADER_SIZE:
         raise _framing(f"A frame of size {size} is smaller than its header.")
     if size > max_frame_size:
@@ -178,34 +248,43 @@ def decode_frame(data: memoryview | bytes, max_frame_size: int) -> tuple[memoryv
     frame_type = _FRAME_TYPE_OF.get(type_code)
     if frame_type is None:
         raise _framing(f"Unknown frame type {type_code:#04x}.")
-    if len(view) < size:
-        raise InsufficientData
-    body = view[doff * 4 : size]
-    rest = view[size:]
+    if len(buf) < size:
+        return None
+    if size <= SHARED_FRAME_SIZE:
+        key = bytes(buf[:size])
+        frame = _DECODED.get(key)
+        if frame is None:
+            frame = _decode_body(key, doff, frame_type, channel)
+            if type(frame.performative) in _SHARED and _immutable(frame.performative):
+                if len(_DECODED) >= _SHARED_ENTRIES:
+                    _DECODED.clear()
+                _DECODED[key] = frame
+        return frame, size
+    return _decode_body(bytes(buf[:size]), doff, frame_type, channel), size
+
+
+def _decode_body(data: bytes, doff: int, frame_type: FrameType, channel: int) -> Frame:
+    """The frame whose whole bytes are ``data``."""
+    raw = data[doff * 4 :]
     if frame_type is FrameType.SASL:
         channel = 0  # ignored for SASL frames (Part 5 §5.3.1)
-    if not body:
+    if not raw:
         if frame_type is FrameType.SASL:
             raise AmqpProtocolError("An empty SASL frame.", condition="amqp:decode-error")
-        return rest, Frame(frame_type, channel, None)
+        return Frame(frame_type, channel, None)
     try:
-        after, value = decode_value(body)
+        performative, after = decode_composite_at(raw, 0, len(raw))
     except InsufficientData:
         raise AmqpProtocolError(
             "A frame's performative is truncated.", condition="amqp:decode-error"
         ) from None
-    if not isinstance(value, Described):
-        raise AmqpProtocolError(
-            "A frame body does not start with a performative.", condition="amqp:decode-error"
-        )
-    performative = decode_composite(value)
     if not isinstance(performative, Performative) or performative.sasl != (frame_type is FrameType.SASL):
         raise AmqpProtocolError(
             f"A {type(performative).__name__} is not a performative of a {frame_type.name} frame.",
             condition="amqp:decode-error",
         )
-    if after and not isinstance(performative, Transfer):
+    if after < len(raw) and not isinstance(performative, Transfer):
         raise AmqpProtocolError(
-            f"{len(after)} bytes follow a {type(performative).__name__}.", condition="amqp:decode-error"
+            f"{len(raw) - after} bytes follow a {type(performative).__name__}.", condition="amqp:decode-error"
         )
-    return rest, Frame(frame_type, channel, performative, bytes(after))
+    return Frame(frame_type, channel, performative, raw[after:])

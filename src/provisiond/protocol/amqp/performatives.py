@@ -1,6 +1,7 @@
 """AMQP 1.0 composite types, declared once for both roles: the transport performatives (Part 2
 §2.7), the error and delivery states (Part 2 §2.8, Part 3 §3.4), source and target (Part 3
-§3.5), the message sections (Part 3 §3.2) and the SASL frames (Part 5 §5.3.3).
+§3.5) and the SASL frames (Part 5 §5.3.3); the message sections (Part 3 §3.2) are in
+:mod:`.message` and named here too.
 
 Each composite is a frozen dataclass whose fields carry their AMQP wire type in the field's
 metadata (:func:`amqp_field`). One generic pair of functions maps every composite to and from
@@ -9,18 +10,22 @@ default is sent as null, trailing nulls are dropped, a null or missing field dec
 default, a missing mandatory field or a field of the wrong type is a decode error. Composite
 classes register themselves by descriptor code and by descriptor name (``__init_subclass__``),
 so that either form of descriptor decodes. Fields a later protocol version adds are ignored.
+The frames' path does the same without the described list: each class's writer and reader
+are made once from its fields (:mod:`.codegen`), and the generic loop remains the reference
+(a test compares them) and the reader of last resort, whose errors name the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, ClassVar
 
-from ...errors import AmqpProtocolError, InsufficientData
+from ...errors import AmqpProtocolError
+from .codegen import FieldSpec, make_reader, make_writer
+from .decoding import decode_at, list_at
 from .types import (
     Array,
     Described,
@@ -31,8 +36,8 @@ from .types import (
     UInt,
     ULong,
     UShort,
-    decode_value,
     encode_value,
+    int_writer,
     register_encoder,
     symbol_array,
 )
@@ -82,6 +87,7 @@ __all__ = [
     "Transfer",
     "amqp_field",
     "decode_composite",
+    "decode_composite_at",
     "decode_message",
     "encode_composite",
     "encode_message",
@@ -161,6 +167,8 @@ class Kind:
     name: str
     decode: Callable[[Any], Any]
     encode: Callable[[Any], Any]
+    #: Appends a Python value's encoding at once (else ``encode_value(encode(value), buffer)``).
+    write: Callable[[Any, bytearray], None] | None = None
 
 
 def _unsigned(wrap: type[int]) -> Kind:
@@ -178,15 +186,17 @@ def _unsigned(wrap: type[int]) -> Kind:
     def encode(value: Any) -> Any:
         return value if type(value) is wrap else wrap(value)
 
-    return Kind(wrap.__name__.lower(), decode, encode)
+    return Kind(wrap.__name__.lower(), decode, encode, int_writer(wrap))
 
 
-def _typed(name: str, types: type | tuple[type, ...], convert: Callable[[Any], Any] = lambda v: v) -> Kind:
+def _typed(name: str, types: type | tuple[type, ...], convert: Callable[[Any], Any] | None = None) -> Kind:
     def decode(value: Any) -> Any:
         if not isinstance(value, types):
             raise _invalid(f"expected {name}, got {type(value).__name__}")
-        return convert(value)
+        return value if convert is None else convert(value)
 
+    if convert is None:  # the value is encoded as it is
+        return Kind(name, decode, lambda v: v, encode_value)
     return Kind(name, decode, convert)
 
 
@@ -199,9 +209,16 @@ def _enum_kind(enum_type: type[enum.Enum], base: Kind) -> Kind:
             raise _invalid(f"{raw!r} is not a {enum_type.__name__}") from None
 
     def encode(value: Any) -> Any:
-        return base.encode(enum_type(value).value)
+        return base.encode((value if type(value) is enum_type else enum_type(value)).value)
 
-    return Kind(enum_type.__name__, decode, encode)
+    base_write = base.write
+    if base_write is None:
+        return Kind(enum_type.__name__, decode, encode)
+
+    def write(value: Any, buffer: bytearray) -> None:
+        base_write((value if type(value) is enum_type else enum_type(value)).value, buffer)
+
+    return Kind(enum_type.__name__, decode, encode, write)
 
 
 def _fields_map(value: Any) -> dict[Symbol, Any]:
@@ -325,6 +342,14 @@ class _Field:
     kind: Kind
     mandatory: bool
     default: Any
+    write: Callable[[Any, bytearray], None]
+
+
+def _writer(kind: Kind) -> Callable[[Any, bytearray], None]:
+    if kind.write is not None:
+        return kind.write
+    encode = kind.encode
+    return lambda value, buffer: encode_value(encode(value), buffer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,6 +362,10 @@ class _Layout:
     prefix: bytes
     #: the optional fields' defaults, by name
     defaults: dict[str, Any]
+    #: ``write(value, buffer)``: what :func:`write_composite` appends (:mod:`.codegen`)
+    write: Callable[[Any, bytearray], None]
+    #: ``read(items)``: the composite of a described list's items (:mod:`.codegen`)
+    read: Callable[[list[Any]], Any]
 
 
 _LAYOUTS: dict[type[Composite], _Layout] = {}
@@ -346,45 +375,31 @@ def _layout(cls: type[Composite]) -> _Layout:
     layout = _LAYOUTS.get(cls)
     if layout is None:
         fields = tuple(
-            _Field(f.name, f.metadata["amqp"], f.metadata["mandatory"], f.default)
+            _Field(
+                f.name, f.metadata["amqp"], f.metadata["mandatory"], f.default, _writer(f.metadata["amqp"])
+            )
             for f in dataclasses.fields(cls)
         )
         prefix = bytearray((TypeCode.DESCRIBED,))
         encode_value(ULong(cls.descriptor_code), prefix)
         defaults = {f.name: f.default for f in fields if not f.mandatory}
-        layout = _LAYOUTS[cls] = _Layout(fields, ULong(cls.descriptor_code), bytes(prefix), defaults)
+        specs = [FieldSpec(f.name, f.mandatory, f.default, f.write, f.kind.decode) for f in fields]
+        layout = _LAYOUTS[cls] = _Layout(
+            fields,
+            ULong(cls.descriptor_code),
+            bytes(prefix),
+            defaults,
+            make_writer(bytes(prefix), specs),
+            make_reader(cls, specs, _from_items_checked),
+        )
     return layout
 
 
 def write_composite(value: Composite, buffer: bytearray) -> None:
     """Append ``value``'s encoding: the bytes ``encode_value(encode_composite(value), buffer)``
     appends, without building the described list first (the frames' path)."""
-    layout = _layout(type(value))
-    body = bytearray()
-    count = nulls = 0
-    for f in layout.fields:
-        current = getattr(value, f.name)
-        if current is None or (not f.mandatory and current == f.default):
-            nulls += 1
-            continue
-        if nulls:
-            body += _NULLS * nulls
-            count += nulls
-            nulls = 0
-        encode_value(f.kind.encode(current), body)
-        count += 1
-    buffer += layout.prefix
-    if not count:
-        buffer.append(TypeCode.LIST0)
-    elif len(body) < 255 and count < 256:
-        buffer += bytes((TypeCode.LIST8, len(body) + 1, count))
-    else:
-        buffer.append(TypeCode.LIST32)
-        buffer += struct.pack(">II", len(body) + 4, count)
-    buffer += body
-
-
-_NULLS = bytes((TypeCode.NULL,))
+    layout = _LAYOUTS.get(type(value)) or _layout(type(value))
+    layout.write(value, buffer)
 
 
 def encode_composite(value: Composite) -> Described:
@@ -415,6 +430,38 @@ def decode_composite(value: Described) -> Composite:
     items = value.value
     if not isinstance(items, list):
         raise _invalid(f"A {cls.__name__} must be a list, not {type(items).__name__}.")
+    return _from_items(cls, items)
+
+
+def decode_composite_at(buf: bytes, pos: int, end: int) -> tuple[Any, int]:
+    """The value at ``buf[pos]`` (no further than ``end``), which must be a composite; and the
+    position after it. The common form (a small-ulong descriptor and a list) is decoded into
+    the composite without the described list between them; any other goes through
+    :func:`decode_composite`.
+
+    :raises InsufficientData: the value runs past ``end``.
+    :raises AmqpProtocolError: as :func:`decode_composite`, or the value is not described.
+    """
+    if end - pos > 3 and buf[pos] == 0 and buf[pos + 1] == 0x53:
+        cls = COMPOSITES.get(buf[pos + 2])
+        if cls is not None:
+            found = list_at(buf, pos + 3, end, 1)
+            if found is not None:
+                items, pos = found
+                return _from_items(cls, items), pos
+    value, pos = decode_at(buf, pos, end)
+    if not isinstance(value, Described):
+        raise _invalid(f"Expected a performative or composite, not a {type(value).__name__}.")
+    return decode_composite(value), pos
+
+
+def _from_items(cls: type[Composite], items: list[Any]) -> Composite:
+    layout = _LAYOUTS.get(cls) or _layout(cls)
+    return layout.read(items)  # type: ignore[no-any-return]
+
+
+def _from_items_checked(cls: type[Composite], items: list[Any]) -> Composite:
+    """:func:`_from_items` field by field: the error names the field that is wrong."""
     layout = _layout(cls)
     values = dict(layout.defaults)
     count = len(items)
@@ -699,237 +746,19 @@ class SaslOutcome(Performative):
     additional_data: bytes | None = amqp_field(BINARY)
 
 
-# --- message sections (Part 3 §3.2) ------------------------------------------------------------
+# --- message sections: in .message, named here too (where the layers import them from) --------
 
-
-@dataclass(frozen=True, kw_only=True)
-class Header(Composite):
-    descriptor_code = 0x70
-    descriptor_name = "amqp:header:list"
-    durable: bool = amqp_field(BOOLEAN, False)
-    priority: int = amqp_field(UBYTE, 4)
-    ttl: int | None = amqp_field(UINT)
-    first_acquirer: bool = amqp_field(BOOLEAN, False)
-    delivery_count: int = amqp_field(UINT, 0)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Properties(Composite):
-    descriptor_code = 0x73
-    descriptor_name = "amqp:properties:list"
-    message_id: Any = amqp_field(ANY)
-    user_id: bytes | None = amqp_field(BINARY)
-    to: Any = amqp_field(ANY)
-    subject: str | None = amqp_field(STRING)
-    reply_to: Any = amqp_field(ANY)
-    correlation_id: Any = amqp_field(ANY)
-    content_type: Symbol | None = amqp_field(SYMBOL)
-    content_encoding: Symbol | None = amqp_field(SYMBOL)
-    absolute_expiry_time: Timestamp | None = amqp_field(TIMESTAMP)
-    creation_time: Timestamp | None = amqp_field(TIMESTAMP)
-    group_id: str | None = amqp_field(STRING)
-    group_sequence: int | None = amqp_field(UINT)
-    reply_to_group_id: str | None = amqp_field(STRING)
-
-
-@dataclass(frozen=True)
-class _Section:
-    """A described non-list section: its value is kept as it is."""
-
-    descriptor_code: ClassVar[int]
-    descriptor_name: ClassVar[str]
-    value: Any
-
-
-@dataclass(frozen=True)
-class DeliveryAnnotations(_Section):
-    descriptor_code = 0x71
-    descriptor_name = "amqp:delivery-annotations:map"
-
-
-@dataclass(frozen=True)
-class MessageAnnotations(_Section):
-    descriptor_code = 0x72
-    descriptor_name = "amqp:message-annotations:map"
-
-
-@dataclass(frozen=True)
-class ApplicationProperties(_Section):
-    descriptor_code = 0x74
-    descriptor_name = "amqp:application-properties:map"
-
-
-@dataclass(frozen=True)
-class Data(_Section):
-    descriptor_code = 0x75
-    descriptor_name = "amqp:data:binary"
-
-
-@dataclass(frozen=True)
-class AmqpSequence(_Section):
-    descriptor_code = 0x76
-    descriptor_name = "amqp:amqp-sequence:list"
-
-
-@dataclass(frozen=True)
-class AmqpValue(_Section):
-    descriptor_code = 0x77
-    descriptor_name = "amqp:amqp-value:*"
-
-
-@dataclass(frozen=True)
-class Footer(_Section):
-    descriptor_code = 0x78
-    descriptor_name = "amqp:footer:map"
-
-
-# Section order in a bare message (Part 3 §3.2): position, and whether it may repeat.
-_SECTION_ORDER: dict[type[Any], int] = {
-    Header: 0,
-    DeliveryAnnotations: 1,
-    MessageAnnotations: 2,
-    Properties: 3,
-    ApplicationProperties: 4,
-    Data: 5,
-    AmqpSequence: 5,
-    AmqpValue: 5,
-    Footer: 6,
-}
-_SECTIONS: dict[int | str, type[_Section]] = {
-    key: cls
-    for cls in (
-        DeliveryAnnotations,
-        MessageAnnotations,
-        ApplicationProperties,
-        Data,
-        AmqpSequence,
-        AmqpValue,
-        Footer,
-    )
-    for key in (cls.descriptor_code, cls.descriptor_name)
-}
-_SECTION_TYPES: dict[type[_Section], tuple[type, ...]] = {
-    DeliveryAnnotations: (dict,),
-    MessageAnnotations: (dict,),
-    ApplicationProperties: (dict,),
-    Data: (bytes,),
-    AmqpSequence: (list,),
-    AmqpValue: (object,),
-    Footer: (dict,),
-}
-
-Body: TypeAlias = "tuple[Data, ...] | tuple[AmqpSequence, ...] | AmqpValue | None"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Message:
-    """An annotated message: every section optional; the body is data sections, sequence
-    sections, or one amqp-value."""
-
-    header: Header | None = None
-    delivery_annotations: dict[Any, Any] | None = None
-    message_annotations: dict[Any, Any] | None = None
-    properties: Properties | None = None
-    application_properties: dict[str, Any] | None = None
-    body: Body = None
-    footer: dict[Any, Any] | None = None
-
-    @property
-    def data(self) -> bytes | None:
-        """The concatenated data sections, or None when the body is not data."""
-        if isinstance(self.body, tuple) and all(isinstance(s, Data) for s in self.body):
-            return b"".join(s.value for s in self.body if isinstance(s, Data))
-        return None
-
-
-def encode_message(message: Message) -> bytes:
-    """The bytes of a message's sections, in order (a transfer's payload)."""
-    sections: list[Any] = []
-    if message.header is not None:
-        sections.append(encode_composite(message.header))
-    for cls, value in (
-        (DeliveryAnnotations, message.delivery_annotations),
-        (MessageAnnotations, message.message_annotations),
-    ):
-        if value is not None:
-            sections.append(Described(ULong(cls.descriptor_code), value))
-    if message.properties is not None:
-        sections.append(encode_composite(message.properties))
-    if message.application_properties is not None:
-        sections.append(
-            Described(ULong(ApplicationProperties.descriptor_code), message.application_properties)
-        )
-    body = message.body
-    for section in (body,) if isinstance(body, AmqpValue) else body or ():
-        sections.append(Described(ULong(section.descriptor_code), section.value))
-    if message.footer is not None:
-        sections.append(Described(ULong(Footer.descriptor_code), message.footer))
-    buffer = bytearray()
-    for section in sections:
-        encode_value(section, buffer)
-    return bytes(buffer)
-
-
-def _section(value: Any) -> Any:
-    if not isinstance(value, Described):
-        raise _invalid(f"A message section must be described, not {type(value).__name__}.")
-    key = int(value.descriptor) if isinstance(value.descriptor, ULong) else str(value.descriptor)
-    if key in (
-        Header.descriptor_code,
-        Header.descriptor_name,
-        Properties.descriptor_code,
-        Properties.descriptor_name,
-    ):
-        return decode_composite(value)
-    cls = _SECTIONS.get(key)
-    if cls is None:
-        raise _invalid(f"{value.descriptor!r} is not a message section.")
-    if not isinstance(value.value, _SECTION_TYPES[cls]):
-        raise _invalid(f"A {cls.__name__} section holds a {type(value.value).__name__}.")
-    return cls(value.value)
-
-
-def decode_message(payload: bytes | memoryview) -> Message:
-    """The message in a (complete) transfer payload.
-
-    :raises AmqpProtocolError: a section is malformed, unknown, out of order or repeated, or the
-        body mixes section kinds (``amqp:decode-error``).
-    """
-    data = memoryview(payload)
-    found: dict[str, Any] = {}
-    body: list[Any] = []
-    position = -1
-    while data:
-        try:
-            data, raw = decode_value(data)
-        except InsufficientData:
-            raise _invalid("A message section is truncated.") from None
-        section = _section(raw)
-        order = _SECTION_ORDER[type(section)]
-        if order < position or (order == position and (order != 5 or isinstance(section, AmqpValue))):
-            raise _invalid(f"The {type(section).__name__} section is out of order or repeated.")
-        position = order
-        if order == 5:
-            if body and type(body[0]) is not type(section):
-                raise _invalid("A message body mixes section kinds.")
-            body.append(section)
-        else:
-            found[type(section).__name__] = section
-    if body and isinstance(body[0], AmqpValue):
-        message_body: Body = body[0]
-    else:
-        message_body = tuple(body) if body else None
-    annotations = found.get("ApplicationProperties")
-    return Message(
-        header=found.get("Header"),
-        delivery_annotations=_value(found.get("DeliveryAnnotations")),
-        message_annotations=_value(found.get("MessageAnnotations")),
-        properties=found.get("Properties"),
-        application_properties=_value(annotations),
-        body=message_body,
-        footer=_value(found.get("Footer")),
-    )
-
-
-def _value(section: _Section | None) -> Any:
-    return None if section is None else section.value
+from .message import (  # noqa: E402 - .message builds on the composites above
+    AmqpSequence,
+    AmqpValue,
+    ApplicationProperties,
+    Data,
+    DeliveryAnnotations,
+    Footer,
+    Header,
+    Message,
+    MessageAnnotations,
+    Properties,
+    decode_message,
+    encode_message,
+)

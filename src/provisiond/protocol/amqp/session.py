@@ -83,6 +83,9 @@ __all__ = ["Link", "Session", "SessionLimits"]
 logger = logging.getLogger("provisiond.protocol.amqp")
 
 _MOD = 1 << 32
+#: More than the frame of a message's first transfer takes besides the payload (header,
+#: handle, delivery id and 4-byte tag, format, settled, more: 39 bytes at most).
+_TRANSFER_FRAME_BOUND = 64
 #: Our outgoing window: we never hold transfers back on our side.
 _OUTGOING_WINDOW = 0x7FFF_FFFF
 
@@ -474,10 +477,15 @@ class Session:
                 delivery_tag=delivery_id.to_bytes(4, "big"),
                 message_format=0,
                 settled=settled,
-                more=True,
+                more=False,
             )
-            room = max(64, self._remote_max_frame_size() - frame_size(first))
-            chunks = [payload[i : i + room] for i in range(0, len(payload), room)] or [b""]
+            if len(payload) <= self._remote_max_frame_size() - _TRANSFER_FRAME_BOUND:
+                chunks = [payload]  # one frame (the common case: no need to measure the transfer)
+            else:
+                room = max(
+                    64, self._remote_max_frame_size() - frame_size(dataclasses.replace(first, more=True))
+                )
+                chunks = [payload[i : i + room] for i in range(0, len(payload), room)] or [b""]
             if len(chunks) > self.remote_incoming_window:
                 return  # wait for the peer to open its session window
             link.pending.popleft()
@@ -489,7 +497,7 @@ class Session:
             for index, chunk in enumerate(chunks):
                 more = index < len(chunks) - 1
                 transfer = (
-                    dataclasses.replace(first, more=more)
+                    (dataclasses.replace(first, more=True) if more else first)
                     if index == 0
                     else Transfer(handle=link.id.handle, more=more)
                 )

@@ -52,14 +52,21 @@ __all__ = [
 ]
 
 
-class Side(enum.Enum):
+class _State(enum.Enum):
+    """An enum hashed by identity (its members are singletons, compared by identity): a C call
+    where :class:`enum.Enum`'s hash is a Python one, and the tables are read on every frame."""
+
+    __hash__ = object.__hash__
+
+
+class Side(_State):
     """Which end of the TCP connection we are (h11's CLIENT/SERVER)."""
 
     CLIENT = "client"
     SERVER = "server"
 
 
-class Direction(enum.Enum):
+class Direction(_State):
     SENT = "sent"
     RECEIVED = "received"
 
@@ -67,7 +74,7 @@ class Direction(enum.Enum):
 SENT, RECEIVED = Direction.SENT, Direction.RECEIVED
 
 
-class SaslState(enum.Enum):
+class SaslState(_State):
     AWAIT_HEADER = "await-header"
     AWAIT_MECHANISMS = "await-mechanisms"  # client
     AWAIT_INIT = "await-init"  # server
@@ -106,7 +113,7 @@ SASL_TRANSITIONS: dict[Side, dict[SaslState, dict[Key, SaslState]]] = {
 }
 
 
-class ConnectionState(enum.Enum):
+class ConnectionState(_State):
     """Part 2 §2.4.6, from the AMQP protocol header on (SASL, if any, is over by then)."""
 
     START = "start"
@@ -163,7 +170,7 @@ SESSION_FRAMES_PROCESSED = frozenset({ConnectionState.OPENED})
 SESSION_FRAMES_DISCARDED = frozenset({ConnectionState.CLOSE_SENT, ConnectionState.CLOSE_PIPE})
 
 
-class SessionState(enum.Enum):
+class SessionState(_State):
     UNMAPPED = "unmapped"
     BEGIN_SENT = "begin-sent"
     BEGIN_RCVD = "begin-rcvd"
@@ -192,7 +199,7 @@ SESSION_TRANSITIONS: dict[SessionState, dict[Key, SessionState]] = {
 }
 
 
-class LinkState(enum.Enum):
+class LinkState(_State):
     DETACHED = "detached"
     ATTACH_SENT = "attach-sent"
     ATTACH_RCVD = "attach-rcvd"

@@ -35,7 +35,8 @@ that contradicts its contents, invalid UTF-8 in a string, a non-ASCII symbol, a 
 odd element count or duplicate keys, nesting deeper than :data:`MAX_DEPTH`, or an element count
 larger than its bytes could hold (so that a hostile count cannot make the decoder allocate).
 Encoding a value that has no AMQP encoding (a ``set``, a ``UInt(-1)``) is our bug and raises
-:class:`~provisiond.errors.LocalProtocolError`.
+:class:`~provisiond.errors.LocalProtocolError`. The decoder lives in :mod:`.decoding` (on
+offsets into one ``bytes`` object); ``decode_value`` is named here too.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ...errors import AmqpProtocolError, InsufficientData, LocalProtocolError
+from ...errors import LocalProtocolError
+from .decoding import MAX_DEPTH, decode_value
 from .values import (
     CANONICAL,
     Array,
@@ -91,310 +93,10 @@ __all__ = [
     "UShort",
     "decode_value",
     "encode_value",
+    "int_writer",
     "register_encoder",
     "symbol_array",
 ]
-
-#: Deepest nesting of compound and described values the decoder accepts (DPS needs 4).
-MAX_DEPTH = 32
-#: Most elements an array of zero-width elements (nulls, uint0, ...) may claim.
-MAX_EMPTY_ELEMENTS = 1024
-
-
-def _decode_error(message: str) -> AmqpProtocolError:
-    return AmqpProtocolError(message, condition="amqp:decode-error")
-
-
-# --- decoding ----------------------------------------------------------------------------------
-
-_Body = Callable[[memoryview, int], tuple[memoryview, Any]]
-
-
-def _take(data: memoryview, size: int) -> tuple[memoryview, memoryview]:
-    if len(data) < size:
-        raise InsufficientData
-    return data[size:], data[:size]
-
-
-def _fixed(fmt: str, wrap: Callable[[Any], Any]) -> _Body:
-    packer = struct.Struct(fmt)
-    size, unpack = packer.size, packer.unpack_from
-
-    if fmt == ">B":  # one unsigned byte: no struct
-
-        def decode_byte(data: memoryview, depth: int) -> tuple[memoryview, Any]:
-            if not data:
-                raise InsufficientData
-            return data[1:], wrap(data[0])
-
-        return decode_byte
-
-    def decode(data: memoryview, depth: int) -> tuple[memoryview, Any]:
-        if len(data) < size:
-            raise InsufficientData
-        return data[size:], wrap(unpack(data)[0])
-
-    return decode
-
-
-def _constant(value: Any) -> _Body:
-    def decode(data: memoryview, depth: int) -> tuple[memoryview, Any]:
-        return data, value
-
-    return decode
-
-
-def _sized(width: int) -> Callable[[memoryview], tuple[memoryview, memoryview]]:
-    """Split off a size-prefixed body (the size field is 1 or 4 bytes, big-endian)."""
-
-    def split(data: memoryview) -> tuple[memoryview, memoryview]:
-        if len(data) < width:
-            raise InsufficientData
-        end = width + (data[0] if width == 1 else int.from_bytes(data[:width], "big"))
-        if len(data) < end:
-            raise InsufficientData
-        return data[end:], data[width:end]
-
-    return split
-
-
-def _variable(width: int, wrap: Callable[[memoryview], Any]) -> _Body:
-    split = _sized(width)
-
-    def decode(data: memoryview, depth: int) -> tuple[memoryview, Any]:
-        rest, body = split(data)
-        return rest, wrap(body)
-
-    return decode
-
-
-def _utf8(body: memoryview) -> str:
-    try:
-        return bytes(body).decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise _decode_error(f"A string is not valid UTF-8: {exc}") from None
-
-
-def _ascii(body: memoryview) -> Symbol:
-    try:
-        return Symbol(bytes(body).decode("ascii"))
-    except UnicodeDecodeError:
-        raise _decode_error("A symbol is not ASCII.") from None
-
-
-def _char(value: int) -> Char:
-    if value > 0x10FFFF or 0xD800 <= value <= 0xDFFF:
-        raise _decode_error(f"{value:#x} is not a Unicode code point.")
-    return Char(chr(value))
-
-
-def _elements(body: memoryview, count: int, depth: int, what: str) -> list[Any]:
-    """``count`` values that must fill ``body`` exactly."""
-    if count > len(body):  # every element has at least a one-byte constructor
-        raise _decode_error(f"A {what} claims {count} elements in {len(body)} bytes.")
-    items = []
-    try:
-        for _ in range(count):
-            body, item = _decode(body, depth + 1)
-            items.append(item)
-    except InsufficientData:
-        raise _decode_error(f"The elements of a {what} overrun its size.") from None
-    if body:
-        raise _decode_error(f"A {what} has {len(body)} bytes after its {count} elements.")
-    return items
-
-
-def _compound(width: int, make: Callable[[list[Any]], Any], what: str) -> _Body:
-    split = _sized(width)
-
-    def decode(data: memoryview, depth: int) -> tuple[memoryview, Any]:
-        rest, body = split(data)
-        if len(body) < width:
-            raise _decode_error(f"A {what} of size {len(body)} has no room for its count.")
-        count = int.from_bytes(body[:width], "big")
-        return rest, make(_elements(body[width:], count, depth, what))
-
-    return decode
-
-
-def _map(items: list[Any]) -> dict[Any, Any]:
-    if len(items) % 2:
-        raise _decode_error(f"A map has an odd number of elements ({len(items)}).")
-    result: dict[Any, Any] = {}
-    for key, value in zip(items[::2], items[1::2], strict=True):
-        try:
-            if key in result:
-                raise _decode_error(f"A map has the key {key!r} twice.")
-        except TypeError:
-            raise _decode_error(f"A map key of type {type(key).__name__} is not supported.") from None
-        result[key] = value
-    return result
-
-
-def _array(width: int) -> _Body:
-    split = _sized(width)
-
-    def decode(data: memoryview, depth: int) -> tuple[memoryview, Any]:
-        rest, body = split(data)
-        try:
-            return rest, _array_body(body, width, depth)
-        except InsufficientData:
-            raise _decode_error("An array's elements overrun its size.") from None
-
-    return decode
-
-
-def _array_body(body: memoryview, width: int, depth: int) -> Array:
-    if depth >= MAX_DEPTH:
-        raise _decode_error(f"Values are nested deeper than {MAX_DEPTH} levels.")
-    body, raw = _take(body, width)
-    count = int.from_bytes(raw, "big")
-    body, code = _take(body, 1)
-    descriptor = None
-    if code[0] == TypeCode.DESCRIBED:
-        body, descriptor = _decode(body, depth + 1)
-        _check_descriptor(descriptor)
-        body, code = _take(body, 1)
-    element = _known_code(code[0])
-    if element is TypeCode.DESCRIBED:
-        raise _decode_error("An array element constructor is described twice.")
-    limit = MAX_EMPTY_ELEMENTS if element in _ZERO_WIDTH else len(body)
-    if count > limit:
-        raise _decode_error(f"An array claims {count} elements in {len(body)} bytes.")
-    decoder = _DECODERS[element]
-    items = []
-    for _ in range(count):
-        body, item = decoder(body, depth + 1)
-        items.append(item)
-    if body:
-        raise _decode_error(f"An array has {len(body)} bytes after its {count} elements.")
-    return Array(CANONICAL[element], tuple(items), descriptor)
-
-
-def _known_code(code: int) -> TypeCode:
-    try:
-        return TypeCode(code)
-    except ValueError:
-        raise _decode_error(f"{code:#04x} is not an AMQP format code.") from None
-
-
-def _check_descriptor(descriptor: Any) -> None:
-    if not isinstance(descriptor, ULong | Symbol):
-        raise _decode_error(f"A descriptor must be a ulong or a symbol, not {type(descriptor).__name__}.")
-
-
-_ZERO_WIDTH: dict[TypeCode, Any] = {
-    TypeCode.NULL: None,
-    TypeCode.TRUE: True,
-    TypeCode.FALSE: False,
-    TypeCode.UINT0: UInt(0),
-    TypeCode.ULONG0: ULong(0),
-    TypeCode.LIST0: [],
-}
-
-
-def _boolean(value: int) -> bool:
-    if value > 1:
-        raise _decode_error(f"{value:#04x} is not a boolean (0x00 or 0x01).")
-    return value == 1
-
-
-def _wire(cls: type[int]) -> Callable[[int], Any]:
-    """``cls`` made from a value its encoding's width already bounds: no range check, and the
-    values of one byte shared (immutable) rather than made again."""
-    small = [int.__new__(cls, i) for i in range(256)] if cls._min == 0 else []  # type: ignore[attr-defined]
-
-    def make(value: int) -> Any:
-        return small[value] if 0 <= value < len(small) else int.__new__(cls, value)
-
-    return make
-
-
-_DECODERS: dict[TypeCode, _Body] = {
-    **{code: _constant(value) for code, value in _ZERO_WIDTH.items()},
-    TypeCode.BOOLEAN: _fixed(">B", _boolean),
-    TypeCode.UBYTE: _fixed(">B", _wire(UByte)),
-    TypeCode.USHORT: _fixed(">H", _wire(UShort)),
-    TypeCode.UINT: _fixed(">I", _wire(UInt)),
-    TypeCode.SMALLUINT: _fixed(">B", _wire(UInt)),
-    TypeCode.ULONG: _fixed(">Q", _wire(ULong)),
-    TypeCode.SMALLULONG: _fixed(">B", _wire(ULong)),
-    TypeCode.BYTE: _fixed(">b", _wire(Byte)),
-    TypeCode.SHORT: _fixed(">h", _wire(Short)),
-    TypeCode.INT: _fixed(">i", _wire(Int)),
-    TypeCode.SMALLINT: _fixed(">b", _wire(Int)),
-    TypeCode.LONG: _fixed(">q", _wire(Long)),
-    TypeCode.SMALLLONG: _fixed(">b", _wire(Long)),
-    TypeCode.FLOAT: _fixed(">f", Float),
-    TypeCode.DOUBLE: _fixed(">d", float),
-    TypeCode.CHAR: _fixed(">I", _char),
-    TypeCode.TIMESTAMP: _fixed(">q", Timestamp),
-    TypeCode.DECIMAL32: _fixed(">4s", Decimal32),
-    TypeCode.DECIMAL64: _fixed(">8s", Decimal64),
-    TypeCode.DECIMAL128: _fixed(">16s", Decimal128),
-    TypeCode.UUID: _fixed(">16s", lambda raw: uuid.UUID(bytes=raw)),
-    TypeCode.VBIN8: _variable(1, bytes),
-    TypeCode.VBIN32: _variable(4, bytes),
-    TypeCode.STR8: _variable(1, _utf8),
-    TypeCode.STR32: _variable(4, _utf8),
-    TypeCode.SYM8: _variable(1, _ascii),
-    TypeCode.SYM32: _variable(4, _ascii),
-    TypeCode.LIST8: _compound(1, list, "list8"),
-    TypeCode.LIST32: _compound(4, list, "list32"),
-    TypeCode.MAP8: _compound(1, _map, "map8"),
-    TypeCode.MAP32: _compound(4, _map, "map32"),
-    TypeCode.ARRAY8: _array(1),
-    TypeCode.ARRAY32: _array(4),
-}
-
-
-_SMALL_ULONG = [int.__new__(ULong, i) for i in range(256)]
-_SMALL_UINT = [int.__new__(UInt, i) for i in range(256)]
-
-#: The decoder of each format code, indexed by the code's byte (None: not a format code).
-_BY_BYTE: list[_Body | None] = [_DECODERS.get(code) for code in range(256)]  # type: ignore[call-overload]
-
-
-def _decode(data: memoryview, depth: int) -> tuple[memoryview, Any]:
-    if depth > MAX_DEPTH:
-        raise _decode_error(f"Values are nested deeper than {MAX_DEPTH} levels.")
-    if not data:
-        raise InsufficientData
-    code = data[0]
-    # The commonest constructors of performatives inline (the table has the same decoders).
-    if code == 0x40:  # null: most of a performative's fields
-        return data[1:], None
-    if code == 0x53 or code == 0x52:  # smallulong (descriptors), smalluint
-        if len(data) < 2:
-            raise InsufficientData
-        return data[2:], (_SMALL_ULONG if code == 0x53 else _SMALL_UINT)[data[1]]
-    if code == 0xA1 or code == 0xA3 or code == 0xA0:  # str8, sym8, vbin8
-        if len(data) < 2:
-            raise InsufficientData
-        end = 2 + data[1]
-        if len(data) < end:
-            raise InsufficientData
-        body = data[2:end]
-        return data[end:], _utf8(body) if code == 0xA1 else _ascii(body) if code == 0xA3 else bytes(body)
-    if code == 0:  # described
-        rest, descriptor = _decode(data[1:], depth + 1)
-        _check_descriptor(descriptor)
-        rest, value = _decode(rest, depth + 1)
-        return rest, Described(descriptor, value)
-    decoder = _BY_BYTE[code]
-    if decoder is None:
-        raise _decode_error(f"{code:#04x} is not an AMQP format code.")
-    return decoder(data[1:], depth)
-
-
-def decode_value(data: memoryview | bytes) -> tuple[memoryview, Any]:
-    """Decode one value from the start of ``data``; return the bytes after it and the value.
-
-    :raises InsufficientData: ``data`` ends before the value does.
-    :raises AmqpProtocolError: the bytes are not an AMQP value (``amqp:decode-error``).
-    """
-    return _decode(memoryview(data), 0)
-
 
 # --- encoding ----------------------------------------------------------------------------------
 
@@ -577,6 +279,24 @@ def _encode_int(value: int, buffer: bytearray) -> None:
     if encoder is None:
         raise LocalProtocolError(f"A {type(value).__name__} has no AMQP encoding.")
     encoder(buffer, value)
+
+
+def int_writer(cls: type[int]) -> Callable[[Any, bytearray], None]:
+    """An encoder of any ``int`` as the AMQP integer type ``cls`` (:class:`UInt`...), range
+    checked as ``cls(value)`` would be but without making one: how the performatives' module
+    writes the plain ints of its fields.
+
+    :raises LocalProtocolError: (from the encoder) the value is out of ``cls``'s range.
+    """
+    encode = _INT_ENCODERS[cls]
+    low, high = cls._min, cls._max  # type: ignore[attr-defined]
+
+    def write(value: Any, buffer: bytearray) -> None:
+        if not low <= value <= high:
+            raise LocalProtocolError(f"{value!r} is out of range for an AMQP {cls.__name__.lower()}")
+        encode(buffer, value)
+
+    return write
 
 
 def _int_encoder(encode: Callable[[bytearray, int], None]) -> Callable[[Any, bytearray], None]:
