@@ -14,6 +14,7 @@ asserts a figure.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -123,6 +124,7 @@ async def main(args: argparse.Namespace) -> int:
         return failed
     finally:
         await store.close()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
