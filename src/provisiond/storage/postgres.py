@@ -106,12 +106,10 @@ class PostgresStore(Store):
         provisiond connects to the one that accepts writes).
     :param min_size: connections the pool keeps open.
     :param max_size: the most connections the pool opens. The pool opens them as requests wait
-        for one, and closes those idle for 10 minutes, so it follows the load up to this bound:
-        32, because 64 registrations in flight kept 10 connections busy when each waited for
-        the database three times (docs/performance.md); their reads and first commits now go
-        together, so they need fewer. With several
-        worker processes or nodes, each has its own pool: together they must stay within the
-        server's ``max_connections`` (100 by default).
+        for one, and closes those idle for 10 minutes, so it follows the load up to this bound
+        (``--db-pool-size``; :class:`~provisiond.storage.PoolSize` says how the default was
+        chosen). With several worker processes or nodes, each has its own pool: together they
+        must stay within the server's ``max_connections`` (100 by default).
     :param timeout: seconds a call waits for a free pool connection before failing (503).
     :param connect_timeout: seconds one connection attempt may take (unless the URL sets
         ``connect_timeout``).
@@ -126,7 +124,7 @@ class PostgresStore(Store):
         url: str,
         *,
         min_size: int = 1,
-        max_size: int = 32,
+        max_size: int = 16,
         timeout: float = 30.0,
         connect_timeout: float = 5.0,
         probe_interval: float = 0.5,
