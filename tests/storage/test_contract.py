@@ -983,7 +983,8 @@ async def test_write_atomic_updates_on_etags_are_all_or_nothing(store: Store, st
 async def test_concurrent_re_registrations_have_one_winner_and_fail_alone(store: Store) -> None:
     """Concurrent updates of one pair on the same etags (which PostgreSQL sends in one
     transaction): exactly one commits, whole; the others fail with 412 and write nothing. Calls
-    on other pairs in the same turn go through."""
+    on other pairs in the same turn go through, and so do they when creates in the same turn
+    fail."""
     hub, reg = await store.write_atomic(hub_and_registration(0))
     others = []
     for n in range(8):
@@ -997,7 +998,12 @@ async def test_concurrent_re_registrations_have_one_winner_and_fail_alone(store:
         )
     calls = [outcome(store.write_atomic(re_registration(hub, reg, n))) for n in range(24)]
     calls += [outcome(store.write_atomic(re_registration(h, r, 100))) for h, r in others]
+    # Creates of keys that exist, in the same turn: PostgreSQL's shared transaction fails, and
+    # every call is then made alone.
+    calls += [outcome(store.write_atomic(hub_and_registration(n))) for n in range(4)]
     results = await asyncio.gather(*calls)
+    assert all(isinstance(r, ConflictError) for r in results[-4:]), results[-4:]
+    results = results[:-4]
     winners = [r for r in results[:24] if isinstance(r, list)]
     assert len(winners) == 1, results
     assert all(isinstance(r, PreconditionFailedError) for r in results[:24] if not isinstance(r, list))
