@@ -60,7 +60,7 @@ class PoolSize:
     ``max_connections`` (100 by default, 3 of them reserved for superusers).
 
     The default, 1 to 16: with 64 registrations in flight a worker's reads, first commits and
-    re-registration commits go in batches, one pipelined round trip each, and keep 2 to 5
+    re-registration commits go in batches, one pipelined round trip each, and keep 4 or 5
     connections busy (docs/performance.md); 16 leaves room for bursts of other statements, and
     four workers or nodes fit PostgreSQL's default ``max_connections``."""
 
