@@ -303,7 +303,12 @@ class PostgresStore(Store):
         if len(batch) == 1:
             return [await self._one_statement(batch[0])]
         now = utc_now()
-        planned = [_pg_atomic.one_statement(prepared, now) for prepared in batch]
+        planned = [
+            statement
+            for prepared in batch
+            if (statement := _pg_atomic.one_statement(prepared, now)) is not None
+        ]
+        assert len(planned) == len(batch), "write_atomic submits only the shapes _pg_atomic fits"
         rows: list[list[tuple[Any, ...]]] = []
         try:
             async with self._connections.connection() as conn:
@@ -312,11 +317,9 @@ class PostgresStore(Store):
                         await conn.execute("BEGIN")
                         cursors = []
                         for statement in planned:
-                            assert statement is not None
                             cursors.append(await conn.execute(statement.text, statement.params))
                         await conn.execute("COMMIT")
                     for statement, cursor in zip(planned, cursors, strict=True):
-                        assert statement is not None
                         rows.append(await cursor.fetchall() if statement.returns_rows else [])
                 except BaseException:
                     await _roll_back(conn)
@@ -325,7 +328,7 @@ class PostgresStore(Store):
             if isinstance(exc.__cause__, pg_errors.UniqueViolation | pg_errors.DeadlockDetected):
                 return [await self._one_statement(prepared) for prepared in batch]
             raise
-        return [statement.finish(found) for statement, found in zip(planned, rows, strict=True) if statement]
+        return [statement.finish(found) for statement, found in zip(planned, rows, strict=True)]
 
     async def _one_statement(self, prepared: list[_sql.AtomicItem]) -> list[Record] | None:
         """One ``write_atomic`` call as one statement (:mod:`._pg_atomic`). None when it wrote
