@@ -1077,6 +1077,31 @@ async def test_two_nodes_race_write_atomic(store_url: str) -> None:
         await asyncio.gather(one.close(), two.close())
 
 
+async def test_two_nodes_race_re_registrations(store_url: str) -> None:
+    """The same re-registration (both rows updated on the etags read) from two nodes, many
+    times over, several rounds: each round exactly one call commits, whole, and the others
+    fail with 412 (on PostgreSQL: separate transactions, whose row locks re-check the etags)."""
+    one, two = open_store(store_url), open_store(store_url)
+    await asyncio.gather(one.open(), two.open())
+    try:
+        hub, reg = await one.write_atomic(hub_and_registration(0))
+        for round_ in range(5):
+            results = await asyncio.gather(
+                *(
+                    outcome(node.write_atomic(re_registration(hub, reg, 100 * round_ + n)))
+                    for n, node in enumerate((one, two) * 8)
+                )
+            )
+            winners = [r for r in results if isinstance(r, list)]
+            assert len(winners) == 1, results
+            assert sum(isinstance(r, PreconditionFailedError) for r in results) == 15, results
+            hub, reg = winners[0]
+            assert [await two.get(H, hub.id), await one.get(R, reg.id)] == [hub, reg]
+            assert hub.doc[4:] == reg.doc[4:]  # one call's pair
+    finally:
+        await asyncio.gather(one.close(), two.close())
+
+
 async def test_sqlite_write_atomic_waits_for_another_writer(tmp_path: Path) -> None:
     """With the write lock taken, a small write_atomic goes to the writer thread and waits."""
     path = tmp_path / "db.sqlite"
