@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -160,6 +161,7 @@ async def main(args: argparse.Namespace) -> None:
         await store.close()
         if cluster is not None:
             cluster.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def _run(args: argparse.Namespace, tmp: Path, store: Store) -> None:

@@ -15,6 +15,10 @@ minutes of a shared machine):
   ``OP_NO_TICKET``), a client certificate requested and any accepted
   (``ssl_verify_client optional_no_ca``, as provisiond's accept-any callback), ``return 404`` and
   an access log line per request (provisiond logs its 4xx);
+- ``haproxy``: Debian's HAProxy, one thread, the same chain, key and TLS settings as nginx
+  (``bench/_offload.py``'s: ``verify optional`` with every verification error ignored, a
+  4,096-session cache, no tickets), the client's chain put into request headers, answering the
+  404 itself (``http-request return``), no log (not in the default list);
 - ``uvicorn-bare``: uvicorn with its own TLS (``--ssl-certfile``, uvloop, httptools) and a
   20-line ASGI app answering 404: no guard, no client certificate requested, no client chain
   handed to the app, no Starlette: the floor of Python's ssl under uvicorn on this machine;
@@ -24,6 +28,17 @@ minutes of a shared machine):
     python bench/tls_front.py [--seconds 10] [--connections 64] [--rounds 2]
                               [--fronts provisiond,provisiond-healthz,nginx,uvicorn-bare]
                               [--baseline-src ../other-checkout/src]
+
+``--offload`` measures something else (``bench/_offload.py``): provisiond serving TLS itself
+against **HAProxy terminating TLS** (Debian's package, one thread, the same chain, key and TLS
+settings) in front of provisiond's own app over plain HTTP on loopback, the presented chain
+handed on in two headers (``ssl_c_der``, ``ssl_c_chain_der``), on one database: the trivial
+request, group registrations (wrk), and with ``--x509-devices N`` X.509 group registrations
+(full handshakes), the CPU of each front's processes (HAProxy's and the app's together).
+
+    python bench/tls_front.py --offload [--offload-phases trivial,group,x509-trivial,x509-group]
+                              [--offload-fronts provisiond,haproxy,provisiond-2w]
+                              [--devices 20000] [--x509-devices 1500] [--seconds 8] [--rounds 3]
 
 nginx is not a dependency of provisiond or of its tests: install it for this bench only
 (Debian: ``apt-get install nginx``; the bench runs the binary in the foreground with its own
@@ -138,6 +153,27 @@ def nginx(work: Path, cert: Path, key: Path) -> Iterator[tuple[int, int]]:
         yield process.pid, port
 
 
+@contextmanager
+def haproxy(work: Path, cert: Path, key: Path, session_cache: int) -> Iterator[tuple[int, int]]:
+    """HAProxy in the foreground, one thread, answering 404 itself (bench/_offload.py's TLS
+    settings, the client's chain put into headers as for the app): (its pid, its port)."""
+    import _offload
+
+    port = free_port()
+    conf = _offload.write_haproxy_conf(
+        work,
+        port=port,
+        app_port=None,
+        cert_chain=cert,
+        key=key,
+        ca=cert.with_name("ca.pem"),
+        session_cache=session_cache,
+    )
+    command = [_offload.haproxy_binary() or "haproxy", "-db", "-f", str(conf)]
+    with _process(command, work / "haproxy.out", "haproxy", port) as process:
+        yield process.pid, port
+
+
 #: the bare uvicorn variants: (event loop, HTTP parser)
 BARE = {
     "uvicorn-bare": ("uvloop", "httptools"),
@@ -199,9 +235,26 @@ def main() -> int:
         default=[],
         help="an extra argument for `provisiond serve` (repeat for several)",
     )
+    parser.add_argument("--offload", action="store_true", help="provisiond against HAProxy terminating TLS")
+    parser.add_argument("--offload-phases", default="trivial,group,x509-trivial,x509-group")
+    parser.add_argument(
+        "--offload-fronts",
+        default="provisiond,haproxy",
+        help="--offload: also provisiond-2w (`provisiond serve --workers 2` on the same database)",
+    )
+    parser.add_argument(
+        "--haproxy-session-cache",
+        type=int,
+        default=4096,
+        help="HAProxy's TLS session cache (tune.ssl.cachesize); 0: no resumption, every handshake full",
+    )
+    parser.add_argument("--devices", type=int, default=20000, help="--offload: devices per group phase")
+    parser.add_argument("--x509-devices", type=int, default=1500, help="--offload: devices per X.509 phase")
     args = parser.parse_args()
+    if args.offload:
+        return _offload(args)
     names = [n.strip() for n in args.fronts.split(",") if n.strip()]
-    unknown = set(names) - {"provisiond", "provisiond-healthz", "nginx", *BARE}
+    unknown = set(names) - {"provisiond", "provisiond-healthz", "nginx", "haproxy", *BARE}
     if unknown:
         parser.error(f"--fronts: unknown {sorted(unknown)}")
     if shutil.which("wrk") is None:
@@ -231,6 +284,21 @@ def main() -> int:
     return 0
 
 
+def _offload(args: argparse.Namespace) -> int:
+    import _offload
+
+    if shutil.which("wrk") is None or _offload.haproxy_binary() is None:
+        print("wrk and haproxy are needed (Debian: apt-get install wrk haproxy)", file=sys.stderr)
+        return 2
+    print(f"# HAProxy terminating TLS against provisiond's own: {args.connections} in flight")
+    print(f"# {machine_summary()}")
+    with terminate_on_signals(), tempfile.TemporaryDirectory(prefix="provisiond-offload-") as tmp:
+        results = _offload.measure(Path(tmp), args)
+    _offload.print_table(results)
+    print(f"# load average at end {'/'.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return 0
+
+
 def _cpu_us(runs: list[Run]) -> float:
     requests = sum(r.requests for r in runs)
     return sum(r.cpu for r in runs) / requests * 1e6 if requests else float("nan")
@@ -252,7 +320,7 @@ def _measure(work: Path, names: list[str], args: argparse.Namespace) -> dict[str
             fronts.append(Front("provisiond", url, server.pid, missing))
         if "provisiond-healthz" in names:
             fronts.append(Front("provisiond-healthz", url, server.pid, healthz))
-        with _others(work, names, cert, key) as others, _baseline(work, args) as baseline:
+        with _others(work, names, cert, key, args) as others, _baseline(work, args) as baseline:
             for name, (pid, port) in others.items():
                 fronts.append(Front(name, f"https://127.0.0.1:{port}", pid, missing))
             fronts.sort(key=lambda f: names.index(f.name))
@@ -307,13 +375,19 @@ def _baseline(work: Path, args: argparse.Namespace) -> Iterator[Server | None]:
 
 
 @contextmanager
-def _others(work: Path, names: list[str], cert: Path, key: Path) -> Iterator[dict[str, tuple[int, int]]]:
+def _others(
+    work: Path, names: list[str], cert: Path, key: Path, args: argparse.Namespace
+) -> Iterator[dict[str, tuple[int, int]]]:
     started: dict[str, tuple[int, int]] = {}
     with ExitStack() as stack:
         if "nginx" in names:
             folder = work / "nginx"
             folder.mkdir()
             started["nginx"] = stack.enter_context(nginx(folder, cert, key))
+        if "haproxy" in names:
+            folder = work / "haproxy"
+            folder.mkdir()
+            started["haproxy"] = stack.enter_context(haproxy(folder, cert, key, args.haproxy_session_cache))
         for name, (loop, http) in BARE.items():
             if name in names:
                 folder = work / name

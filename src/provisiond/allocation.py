@@ -100,4 +100,6 @@ def allocate(
 
 def _hashed(registration_id: str, candidates: Sequence[LinkedHub]) -> LinkedHub:
     """Weighted rendezvous hashing (the host name breaks an exact tie of scores)."""
+    if len(candidates) == 1:  # the usual single hub: no score to compute
+        return candidates[0]
     return max(candidates, key=lambda hub: (_score(registration_id, hub), hub.host_name))

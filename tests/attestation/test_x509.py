@@ -5,6 +5,9 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import NameOID
 
 from provisiond import pki
 from provisiond.attestation import x509 as x5
@@ -65,3 +68,82 @@ def test_the_presented_chain_must_parse_and_be_present() -> None:
     assert none.value.error_code == DpsCode.X509_NO_CERTIFICATE
     with pytest.raises(AuthenticationError, match="does not parse"):
         x5.parse_presented_chain([b"not a certificate"])
+
+
+def test_a_remembered_path_still_checks_every_leaf_and_every_date() -> None:
+    """After one device's chain verifies, devices presenting the same intermediates have only
+    their own link checked (_VerifiedPaths): a forged or expired leaf is still refused, and so
+    is the whole path once an intermediate has expired."""
+    root = pki.make_root_ca("root")
+    inter = pki.make_intermediate_ca("inter", root, days=30)
+    x5.verify_chain(chain_of(pki.make_device_cert("first", inter)), root.cert, NOW)
+    assert x5._VERIFIED_PATHS.issuer(root.cert, (inter.cert,)) == inter.cert
+    x5.verify_chain(chain_of(pki.make_device_cert("second", inter)), root.cert, NOW)
+
+    # Signed by another key under the same issuer name, presented with the real intermediate.
+    impostor_ca = pki.make_intermediate_ca("inter", root)
+    forged = pki.make_device_cert("forged", impostor_ca)
+    with pytest.raises(AuthenticationError, match="does not verify") as refused:
+        x5.verify_chain(x5.PresentedChain(forged.cert, (inter.cert,)), root.cert, NOW)
+    assert refused.value.error_code == DpsCode.X509_CHAIN_INVALID
+
+    expired = pki.make_device_cert(
+        "expired", inter, not_before=NOW - dt.timedelta(days=9), not_after=NOW - dt.timedelta(days=1)
+    )
+    with pytest.raises(AuthenticationError, match="expired"):
+        x5.verify_chain(chain_of(expired), root.cert, NOW)
+
+    later = NOW + dt.timedelta(days=60)  # the intermediate has expired, the leaf has not
+    fresh = pki.make_device_cert("fresh", inter, not_before=NOW, days=365)
+    with pytest.raises(AuthenticationError, match="intermediate certificate .* expired"):
+        x5.verify_chain(chain_of(fresh), root.cert, later)
+
+
+def _name_constrained_root(permitted_dns: str) -> pki.Issued:
+    key = pki.generate_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "constrained root")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - dt.timedelta(days=1))
+        .not_valid_after(NOW + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.NameConstraints(permitted_subtrees=[x509.DNSName(permitted_dns)], excluded_subtrees=None),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return pki.Issued(cert, key)
+
+
+def _leaf_with_dns_name(cn: str, issuer: pki.Issued, dns: str) -> x509.Certificate:
+    key = pki.generate_key()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .issuer_name(issuer.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - dt.timedelta(days=1))
+        .not_valid_after(NOW + dt.timedelta(days=10))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False)
+        .sign(issuer.key, hashes.SHA256())
+    )
+
+
+def test_a_path_under_name_constraints_is_checked_whole_for_every_leaf() -> None:
+    """A root's name constraints bind every leaf below it; checked against the intermediate
+    alone (the remembered path's short check) a leaf outside them would pass."""
+    root = _name_constrained_root("allowed.example")
+    inter = pki.make_intermediate_ca("inter", root)
+    inside = _leaf_with_dns_name("inside", inter, "dev.allowed.example")
+    x5.verify_chain(x5.PresentedChain(inside, (inter.cert,)), root.cert, NOW)
+    assert x5._VERIFIED_PATHS.issuer(root.cert, (inter.cert,)) is None
+    outside = _leaf_with_dns_name("outside", inter, "dev.elsewhere.example")
+    with pytest.raises(AuthenticationError, match="name constraints"):
+        x5.verify_chain(x5.PresentedChain(outside, (inter.cert,)), root.cert, NOW)

@@ -65,3 +65,36 @@ def test_cpu_bench_preload_fills_the_database_and_reregisters(tmp_path: Path) ->
     rows = [line for line in out.splitlines() if "| reregister |" in line]
     assert all(line.split("|")[-3].strip() == "0" for line in rows), rows
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(
+    shutil.which("haproxy") is None, reason="haproxy is not installed (the bench's, not the tests')"
+)
+def test_tls_front_offload_runs_through_haproxy_and_prints_its_table(tmp_path: Path) -> None:
+    out = _run(
+        str(BENCH / "tls_front.py"),
+        "--offload",
+        "--offload-phases",
+        "trivial,group,x509-group",
+        "--devices",
+        "40",
+        "--x509-devices",
+        "6",
+        "--seconds",
+        "1",
+        "--rounds",
+        "1",
+        "--connections",
+        "4",
+        tmp_path=tmp_path,
+    )
+    assert "| front | phase | req/s |" in out
+    for row in ("| haproxy | trivial |", "| haproxy | group |", "| haproxy | x509-group |"):
+        assert row in out, out
+    # the X.509 registrations through HAProxy were answered 2xx: the chain reached the app
+    x509 = next(line for line in out.splitlines() if line.startswith("| haproxy | x509-group |"))
+    assert x509.rstrip(" |").endswith("| 0"), out
+    # the resumption probe ran on both fronts (what HAProxy does on resumption is its own, not asserted)
+    for front in ("provisiond", "haproxy"):
+        assert f"# {front}: an X.509 device registering" in out, out
+    assert list(tmp_path.iterdir()) == []

@@ -124,6 +124,11 @@ def verify_chain(chain: PresentedChain, anchor: x509.Certificate, now: dt.dateti
     """Verify that the leaf chains to ``anchor`` through the presented intermediates (which may
     include ``anchor`` itself or certificates above it; those are ignored).
 
+    A path above the leaf that verified once is remembered (:class:`_VerifiedPaths`): a device
+    presenting the same intermediates for the same anchor then has only its own link checked
+    (its signature by the same issuer, its dates and extensions), one signature instead of
+    two or more.
+
     :raises AuthenticationError: expired or not-yet-valid certificates, or no valid path.
     """
     for i, cert in enumerate(chain.certificates):
@@ -131,7 +136,25 @@ def verify_chain(chain: PresentedChain, anchor: x509.Certificate, now: dt.dateti
             break
         _check_dates(cert, now, "device" if i == 0 else "intermediate")
     _check_dates(anchor, now, "enrollment's signing")
-    verifier = (
+    issuer = _VERIFIED_PATHS.issuer(anchor, chain.intermediates)
+    if issuer is not None:
+        try:
+            _verifier(issuer, now).verify(chain.leaf, [])
+            return
+        except xv.VerificationError:
+            pass  # the whole path is verified again below, and its error is the one reported
+    try:
+        verified = _verifier(anchor, now).verify(chain.leaf, list(chain.intermediates))
+    except xv.VerificationError as exc:
+        raise AuthenticationError(
+            f"The presented certificate chain does not verify up to {anchor.subject.rfc4514_string()!r}: {exc}",
+            error_code=DpsCode.X509_CHAIN_INVALID,
+        ) from None
+    _VERIFIED_PATHS.remember(anchor, chain.intermediates, verified.chain)
+
+
+def _verifier(anchor: x509.Certificate, now: dt.datetime) -> xv.ClientVerifier:
+    return (
         xv.PolicyBuilder()
         .store(xv.Store([anchor]))
         .time(now)
@@ -139,13 +162,57 @@ def verify_chain(chain: PresentedChain, anchor: x509.Certificate, now: dt.dateti
         .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
         .build_client_verifier()
     )
-    try:
-        verifier.verify(chain.leaf, list(chain.intermediates))
-    except xv.VerificationError as exc:
-        raise AuthenticationError(
-            f"The presented certificate chain does not verify up to {anchor.subject.rfc4514_string()!r}: {exc}",
-            error_code=DpsCode.X509_CHAIN_INVALID,
-        ) from None
+
+
+#: Extensions of a CA certificate whose checks depend on the certificates below it: a path
+#: with any of them is never remembered (the leaf must be checked against them every time).
+_LEAF_DEPENDENT = (x509.NameConstraints, x509.PolicyConstraints, x509.InhibitAnyPolicy)
+
+
+class _VerifiedPaths:
+    """Paths above a leaf that verified: for an anchor and the intermediates a device presented,
+    the certificate that issued that device's leaf in the verified path. Whatever the verifier
+    checks above the leaf (the intermediates' signatures, CA constraints, path lengths, key
+    usages) depends only on those certificates, not on the leaf, except name and policy
+    constraints; paths with those are not kept. So another leaf below the same issuer, with the
+    same intermediates presented, needs only its own link verified, with the issuer as the trust
+    anchor. Dates are checked on every call by :func:`verify_chain` (a path verified once
+    does not outlive its certificates), and a leaf whose short check fails gets the full one.
+    At most ``size`` paths, the oldest dropped first; content-addressed, so shared by every
+    store and event loop of the process."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self._size = size
+        self._issuers: dict[tuple[x509.Certificate, tuple[x509.Certificate, ...]], x509.Certificate] = {}
+
+    def issuer(
+        self, anchor: x509.Certificate, intermediates: tuple[x509.Certificate, ...]
+    ) -> x509.Certificate | None:
+        return self._issuers.get((anchor, intermediates))
+
+    def remember(
+        self,
+        anchor: x509.Certificate,
+        intermediates: tuple[x509.Certificate, ...],
+        path: Sequence[x509.Certificate],
+    ) -> None:
+        """``path``: the verified path, leaf first, anchor last."""
+        if len(path) < 3:  # the leaf's issuer is the anchor: nothing to save
+            return
+        for cert in path[1:]:
+            for extension in _LEAF_DEPENDENT:
+                try:
+                    cert.extensions.get_extension_for_class(extension)
+                except x509.ExtensionNotFound:
+                    continue
+                return
+        key = (anchor, intermediates)
+        if key not in self._issuers and len(self._issuers) >= self._size:
+            del self._issuers[next(iter(self._issuers))]
+        self._issuers[key] = path[1]
+
+
+_VERIFIED_PATHS = _VerifiedPaths()
 
 
 def verify_self_signed(cert: x509.Certificate, now: dt.datetime) -> None:

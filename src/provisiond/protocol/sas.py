@@ -20,7 +20,7 @@ import hmac
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlencode
+from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlencode
 
 from ..errors import AuthenticationError, InvalidBodyError
 
@@ -117,7 +117,8 @@ def parse_sas_token(token: str) -> SasToken:
         expiry = int(raw["se"])
     except ValueError:
         raise AuthenticationError("The SAS token's expiry (se) is not an integer.") from None
-    skn = dict(parse_qsl(f"skn={raw['skn']}")).get("skn") if "skn" in raw else None
+    # As a query parser reads it ("+" a space, %XX decoded); an empty skn is no key name.
+    skn = unquote_plus(raw["skn"]) if raw.get("skn") else None
     return SasToken(
         resource=unquote(raw["sr"].replace("+", " ")),
         raw_resource=raw["sr"],

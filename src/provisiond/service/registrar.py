@@ -40,12 +40,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import msgspec
 
+from .._ids import uuid4_text
 from ..attestation.base import Attestor, Evidence, Match, attest
 from ..attestation.symmetric_key import SymmetricKeyAttestor
 from ..attestation.tpm import TpmAttestor
@@ -132,7 +132,7 @@ class _Attempt(msgspec.Struct, frozen=True):
 
 
 def _new_operation_id() -> str:
-    return str(uuid.uuid4())
+    return uuid4_text()
 
 
 class Registrar:

@@ -81,12 +81,12 @@ from __future__ import annotations
 import enum
 import math
 import time
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from .._ids import uuid4_text
 from ..errors import ProvisioningError
 
 __all__ = [
@@ -246,7 +246,7 @@ class Page:
 
 def new_etag() -> str:
     """A fresh etag in DPS's shape: a quoted opaque string."""
-    return f'"{uuid.uuid4()}"'
+    return f'"{uuid4_text()}"'
 
 
 def _bare_etag(etag: str) -> str:

@@ -1,0 +1,23 @@
+"""provisiond._ids: random UUIDs as text, the same shape as ``str(uuid.uuid4())``."""
+
+from __future__ import annotations
+
+import uuid
+
+from provisiond._ids import uuid4_text
+
+
+def test_uuid4_text_is_a_random_version_4_uuid_as_uuid_writes_it() -> None:
+    made = [uuid4_text() for _ in range(2000)]
+    assert len(set(made)) == len(made)
+    for text in made:
+        parsed = uuid.UUID(text)
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+        assert str(parsed) == text  # lower-case, hyphens where uuid puts them
+    # Every random bit varies: over 2,000 ids, each of the 122 is set in some and clear in others.
+    ints = [uuid.UUID(text).int for text in made]
+    fixed = (0xF << 76) | (0x3 << 62)  # the version and variant bits
+    varying = 0
+    for value in ints:
+        varying |= value ^ ints[0]
+    assert varying == ((1 << 128) - 1) & ~fixed
