@@ -4,11 +4,10 @@ it knows lives in the database, so several service nodes can share one."""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from starlette.requests import Request
 
@@ -25,8 +24,6 @@ from .throttle import RateLimiter
 
 __all__ = ["SETTINGS_KEY", "ServiceContext", "context_of"]
 
-_T = TypeVar("_T")
-
 
 @dataclass
 class ServiceContext:
@@ -38,8 +35,6 @@ class ServiceContext:
     _cache: dict[str, tuple[float, Any]] = field(default_factory=dict, repr=False)
     # Bumped by ``invalidate``: a copy read across an invalidation is not kept.
     _generation: int = field(default=0, repr=False)
-    # The reads of cached copies in progress, by key and generation (``_read``).
-    _reading: dict[tuple[str, int], asyncio.Future[Any]] = field(default_factory=dict, repr=False)
     #: The device API's rate limits in this worker, one for every transport (HTTPS, MQTT, AMQP).
     limiter: RateLimiter = field(init=False, repr=False)
     #: The management operations (service and admin API, a console), over the same store.
@@ -78,36 +73,6 @@ class ServiceContext:
         if generation == self._generation:
             self._cache[key] = (time.monotonic(), value)
 
-    async def _read(self, key: str, max_age: float, read: Callable[[], Awaitable[_T]]) -> _T:
-        """The copy cached under ``key`` if younger than ``max_age``, else ``await read()``
-        (kept for the next callers). With ``max_age`` > 0 (the registration path) the read is
-        shared by every caller that misses the cache while it is in progress: when the copy
-        expires with 64 registrations in flight, one read instead of 64 at once (each holding a
-        database connection, they grew PostgreSQL's pool to its bound every second). A caller
-        arriving after an invalidation starts a read of its own. The shared read is a task of
-        its own, so that a caller cancelled while waiting cancels only its own wait."""
-        cached: _T | None = self._cached(key, max_age)
-        if cached is not None:
-            return cached
-        generation = self._generation
-        if max_age <= 0:
-            value = await read()
-            self._keep(key, value, generation)
-            return value
-        reading = self._reading.get((key, generation))
-        if reading is None:
-            reading = asyncio.ensure_future(read())
-            self._reading[(key, generation)] = reading
-
-            def done(task: asyncio.Future[Any]) -> None:
-                del self._reading[(key, generation)]
-                if not task.cancelled() and task.exception() is None:
-                    self._keep(key, task.result(), generation)
-
-            reading.add_done_callback(done)
-        shared: _T = await asyncio.shield(reading)
-        return shared
-
     async def authorize(self, request: Request, right: Right) -> None:
         """Check api-version and the SAS token for ``right`` (raises the DPS error)."""
         require_api_version(request)
@@ -127,11 +92,23 @@ class ServiceContext:
 
     async def service_settings(self, *, max_age: float = 0) -> ServiceSettings:
         """The service settings; ``max_age`` > 0 accepts a copy read that many seconds ago."""
-        return await self._read(SETTINGS_KEY, max_age, lambda: read_service_settings(self.store))
+        cached: ServiceSettings | None = self._cached(SETTINGS_KEY, max_age)
+        if cached is not None:
+            return cached
+        generation = self._generation
+        settings = await read_service_settings(self.store)
+        self._keep(SETTINGS_KEY, settings, generation)
+        return settings
 
     async def linked_hubs(self, *, max_age: float = 0) -> dict[str, LinkedHub]:
         """Every linked hub, keyed by lower-cased host name (``max_age``: as for settings)."""
-        return await self._read("linked_hubs", max_age, lambda: read_linked_hubs(self.store))
+        cached: dict[str, LinkedHub] | None = self._cached("linked_hubs", max_age)
+        if cached is not None:
+            return cached
+        generation = self._generation
+        hubs = await read_linked_hubs(self.store)
+        self._keep("linked_hubs", hubs, generation)
+        return hubs
 
     async def enrollment_groups(
         self, attestation: AttestationType, *, max_age: float = 0
@@ -139,7 +116,13 @@ class ServiceContext:
         """Every enrollment group of one attestation type, in id order (``max_age``: as for
         settings). The list is shared with other requests: callers copy it to reorder it."""
         key = f"groups:{attestation.value}"
-        return await self._read(key, max_age, lambda: read_groups(self.store, attestation))
+        cached: list[EnrollmentGroup] | None = self._cached(key, max_age)
+        if cached is not None:
+            return cached
+        generation = self._generation
+        groups = await read_groups(self.store, attestation)
+        self._keep(key, groups, generation)
+        return groups
 
     async def builtin_hubs(self, *, max_age: float = 0) -> list[str]:
         """The host names of the built-in hubs (lower-cased), the first one first (``max_age``:
