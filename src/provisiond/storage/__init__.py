@@ -59,10 +59,11 @@ class PoolSize:
     node has its own pool: together their ``max`` must stay within the server's
     ``max_connections`` (100 by default, 3 of them reserved for superusers).
 
-    The default, 1 to 16: with 64 registrations in flight a worker's reads, first commits and
-    re-registration commits go in batches, one pipelined round trip each, and keep 4 or 5
-    connections busy (docs/performance.md); 16 leaves room for bursts of other statements, and
-    four workers or nodes fit PostgreSQL's default ``max_connections``."""
+    The default, 1 to 16: with 64 registrations in flight a worker's reads and commits go in
+    batches (a few connections), but the registration path's cached settings, hubs and groups
+    are read again by every request in flight when they expire, each second, and those bursts
+    grow the pool to 10-16 connections (docs/performance.md). Four workers or nodes at 16 fit
+    PostgreSQL's default ``max_connections``."""
 
     min: int = _POOL_MIN
     max: int = 16
