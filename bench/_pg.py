@@ -99,3 +99,27 @@ class PostgresCluster:
                 self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+    #: What :meth:`stats` reads: the client sessions (the provisiond pools' connections, the
+    #: pool's size since connections idle for 10 minutes before it closes them), transactions
+    #: committed, checkpoints, WAL written and flushed, autovacuum and autoanalyze runs.
+    STATS = (
+        "SELECT (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+        " AND pid <> pg_backend_pid()),"
+        " (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()),"
+        " (SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter),"
+        " (SELECT wal_bytes FROM pg_stat_wal), (SELECT wal_sync FROM pg_stat_wal),"
+        " (SELECT coalesce(sum(autovacuum_count + autoanalyze_count), 0) FROM pg_stat_user_tables)"
+    )
+
+    def stats(self) -> dict[str, float]:
+        """The server's cumulative statistics (``pg_stat_*``): what differs between a good and
+        a bad round. Backends report theirs about a second after they go idle: call it a
+        moment after the load stops."""
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            row = conn.execute(self.STATS).fetchone()
+        assert row is not None
+        names = ("connections", "commits", "checkpoints", "wal_bytes", "wal_syncs", "autovacuums")
+        return {name: float(value) for name, value in zip(names, row, strict=True)}

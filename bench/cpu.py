@@ -69,6 +69,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -435,12 +436,31 @@ def _run_backend(backend: str, args: argparse.Namespace, preload: int = 0) -> li
 
                     db_url = extra[1] if extra else f"sqlite:///{work / 'data' / 'provisiond.db'}"
                     server, reregister = fill(server, db_url, work, preload, server_args, args.devices)
-                return _measure(server, work, args, backend, db_pid, reregister)
+                stats = pg.stats if pg is not None else None
+                return _measure(server, work, args, backend, db_pid, reregister, stats)
             finally:
                 server.stop()
         finally:
             if pg is not None:
                 pg.stop()
+
+
+def _print_db_stats(
+    name: str, before: dict[str, float], stats: Callable[[], dict[str, float]], requests: int
+) -> None:
+    """PostgreSQL's side of a phase (``bench/_pg.py`` ``stats``): its pool connections at the end,
+    and per request the commits, WAL bytes and WAL flushes (fewer: larger batches); checkpoints
+    and autovacuum runs during it."""
+    time.sleep(1.5)  # backends report their statistics about a second after they go idle
+    after = stats()
+    d = {key: after[key] - before[key] for key in after}
+    per = max(requests, 1)
+    print(
+        f"{'':<10} {name:<11} pg: {after['connections']:.0f} connections, {d['commits'] / per:.2f} commits/req, "
+        f"{d['wal_bytes'] / per:,.0f} WAL bytes/req, {d['wal_syncs'] / per:.3f} WAL flushes/req, "
+        f"{d['checkpoints']:.0f} checkpoints, {d['autovacuums']:.0f} autovacuum/analyze runs",
+        flush=True,
+    )
 
 
 def _print_table(results: list[tuple[str, list[Phase]]]) -> None:
@@ -482,6 +502,7 @@ def _measure(
     backend: str,
     db_pid: int | None,
     reregister: list[tuple[str, str]] | None = None,
+    db_stats: Callable[[], dict[str, float]] | None = None,
 ) -> list[Phase]:  # type: ignore[no-untyped-def]
     info = server.info
     scope, port = info["idScope"], int(info["httpsPort"])
@@ -565,6 +586,7 @@ def _measure(
     url = f"https://127.0.0.1:{port}"
     results: list[Phase] = []
     for name in args.phases.split(","):
+        stats_before = db_stats() if db_stats else None
         if name.split("-")[0] in _TRANSPORTS:
             run = _run_transport(name, server, group_key, args, db_pid)
         elif name.startswith("x509"):
@@ -599,6 +621,8 @@ def _measure(
             f"non-2xx {phase.bad_status}  socket errors {phase.socket_errors}",
             flush=True,
         )
+        if stats_before is not None:
+            _print_db_stats(name, stats_before, db_stats, phase.requests)
 
     return results
 

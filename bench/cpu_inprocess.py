@@ -40,6 +40,7 @@ from provisiond.storage.sqlite import SqliteStore
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import app_with_group, cpu_per_item
+from cpu import process_tree_cpu
 
 Call = tuple[str, str, str, dict[str, str], bytes]
 
@@ -87,6 +88,8 @@ class _Driver:
 
     round_trips = 0
     statements = 0
+    #: The postmaster: the database's CPU is its process tree's (``bench/cpu.py``'s reading).
+    db_pid: int | None = None
 
     @classmethod
     def install(cls) -> None:
@@ -123,10 +126,14 @@ async def _phase(
     name: str, items: list[Any], run: Callable[[Any], Awaitable[None]], concurrency: int, profile: bool
 ) -> None:
     trips, statements = _Driver.round_trips, _Driver.statements
+    db_before = process_tree_cpu(_Driver.db_pid) if _Driver.db_pid else 0.0
     cpu = await cpu_per_item(items, run, concurrency, profile=profile)
     trips = (_Driver.round_trips - trips) / len(items)
     statements = (_Driver.statements - statements) / len(items)
-    print(f"| {name} | {len(items)} | {cpu:.0f} | {trips:.2f} | {statements:.2f} |", flush=True)
+    db_cpu = (process_tree_cpu(_Driver.db_pid) - db_before) / len(items) * 1e6 if _Driver.db_pid else 0.0
+    print(
+        f"| {name} | {len(items)} | {cpu:.0f} | {trips:.2f} | {statements:.2f} | {db_cpu:.0f} |", flush=True
+    )
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -144,6 +151,7 @@ async def main(args: argparse.Namespace) -> None:
         cluster = PostgresCluster(bindir)
         store = PostgresStore(cluster.start())
         _Driver.install()
+        _Driver.db_pid = int((cluster.data / "postmaster.pid").read_text().split()[0])
     else:
         store = SqliteStore(tmp / "provisiond.sqlite")
     try:
@@ -195,9 +203,10 @@ async def _run(args: argparse.Namespace, tmp: Path, store: Store) -> None:
 
     print(f"# {args.db}, {args.devices} devices, {args.concurrency} in flight")
     print(
-        "| phase | requests | CPU µs per request | database round trips per request | statements per request |"
+        "| phase | requests | CPU µs per request | database round trips per request | statements per request "
+        "| database CPU µs per request |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     async with app.router.lifespan_context(app):
         assert isinstance(registrar, Registrar)
         await _phase("trivial (ASGI)", trivial, await asgi(404), args.concurrency, False)

@@ -236,7 +236,7 @@ def replicated_postgres() -> Iterator[ReplicatedPair]:
             standby.stop()
 
 
-def _connections_to(admin_url: str, dbname: str) -> int:
+def connections_to(admin_url: str, dbname: str) -> int:
     with psycopg.connect(admin_url, autocommit=True) as conn:
         row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (dbname,)).fetchone()
         assert row is not None
@@ -247,7 +247,7 @@ def wait_for_no_connections(admin_url: str, dbname: str, timeout: float = 5.0) -
     """Poll until no session is connected to ``dbname`` (backends exit a moment after their
     client closes the socket); the count left at the deadline."""
     deadline = time.monotonic() + timeout
-    while (count := _connections_to(admin_url, dbname)) and time.monotonic() < deadline:
+    while (count := connections_to(admin_url, dbname)) and time.monotonic() < deadline:
         time.sleep(0.02)
     return count
 

@@ -6,10 +6,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from tests._server import free_port
+import pytest
+
+from tests._postgres import connections_to, wait_for_no_connections
+from tests._server import free_port, start_server
 
 #: A ``sitecustomize`` that makes the interpreter behave as if the ``postgres`` extra (psycopg,
 #: psycopg-pool) were not installed, as after ``make run``.
@@ -28,13 +32,19 @@ sys.meta_path.insert(0, _NoPsycopg())
 """
 
 
-def serve(tmp_path: Path, db: str, *, pythonpath: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROVISIOND_")}
+def serve(
+    tmp_path: Path,
+    db: str,
+    *extra: str,
+    pythonpath: Sequence[str] = (),
+    env_vars: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROVISIOND_")} | dict(env_vars or {})
     env["PYTHONPATH"] = os.pathsep.join([*pythonpath, *filter(None, [env.get("PYTHONPATH")])])
     command = [
         sys.executable, "-m", "provisiond", "serve", "--data-dir", str(tmp_path / "data"),
         "--bind", "127.0.0.1", "--https-port", str(free_port()), "--mqtt-port", "0",
-        "--amqp-port", "0", "--db", db,
+        "--amqp-port", "0", "--db", db, *extra,
     ]  # fmt: skip
     # The timeout is the test's bound: an unreachable database must not wait out a pool timeout.
     return subprocess.run(command, capture_output=True, text=True, timeout=20, env=env)
@@ -64,3 +74,47 @@ def test_unreachable_postgres_fails_at_once_with_the_connection_error(tmp_path: 
     [line] = error_lines(result)
     assert line.startswith("Error: The database is unavailable: "), line
     assert f"port {port} failed: Connection refused" in line, line
+
+
+@pytest.mark.parametrize(
+    ("given", "env"), [("5-2", False), ("0", False), ("2-x", False), ("sixteen", True), ("-1", True)]
+)
+def test_a_bad_pool_size_is_refused_at_start(tmp_path: Path, given: str, env: bool) -> None:
+    """``--db-pool-size`` (or PROVISIOND_DB_POOL_SIZE) is checked before anything starts: one
+    line naming the flag and what it takes, exit status 2."""
+    db = "postgresql://postgres@127.0.0.1:1/provisiond"  # never reached
+    if env:
+        result = serve(tmp_path, db, env_vars={"PROVISIOND_DB_POOL_SIZE": given})
+    else:
+        result = serve(tmp_path, db, "--db-pool-size", given)
+    assert result.returncode == 2, result.stderr
+    [line] = error_lines(result)
+    assert line == (
+        f"Error: Invalid value for --db-pool-size: {given!r} is not a pool size: MAX or MIN-MAX, "
+        "whole numbers with 0 <= MIN <= MAX and MAX >= 1 (e.g. 16 or 2-16)"
+    ), line
+
+
+@pytest.mark.postgres
+def test_the_pool_size_reaches_every_workers_pool(postgres_db_url: str, tmp_path: Path) -> None:
+    """Each worker's pool keeps at least the MIN of ``--db-pool-size`` open and at most its MAX
+    (so the setting reached it, through the settings the workers are given); the default keeps
+    one to 16 each. Startup's concurrent statements may grow a pool above its MIN."""
+    url = urlsplit(postgres_db_url)
+    admin, dbname = url._replace(path="/postgres").geturl(), url.path.lstrip("/")
+    for n, (extra, env, low, high) in enumerate(
+        [
+            (("--db-pool-size", "7-7"), None, 14, 14),
+            ((), {"PROVISIOND_DB_POOL_SIZE": "5-6"}, 10, 12),
+            ((), None, 2, 32),
+        ]
+    ):
+        assert wait_for_no_connections(admin, dbname) == 0
+        server = start_server(
+            tmp_path / f"data{n}", "--db", postgres_db_url, "--workers", "2", *extra, env=env
+        )
+        try:
+            server.wait_for_log("provisiond is running.")  # every worker has opened its pool
+            assert low <= connections_to(admin, dbname) <= high, (extra, env)
+        finally:
+            server.stop()

@@ -597,6 +597,27 @@ async def test_concurrent_registrations_of_one_id_make_one_identity_and_one_reco
     assert [msgspec.json.decode(d.doc)["registrationId"] for d in devices].count(reg) == 1
 
 
+async def test_concurrent_re_registrations_of_one_id_keep_one_identity_and_one_record(world: World) -> None:
+    """Re-registrations racing on one device (PostgreSQL writes each as one conditional
+    statement, several in one transaction): every one is answered, and the record and the
+    identity are one winner's, whole."""
+    reg = uid()
+    await world.enroll(symmetric(reg))
+    first = await world.register(reg, authorization=world.token(reg, KEY_A))
+    assert first.status is RegistrationStatus.ASSIGNED and first.registration_state is not None
+    results = await asyncio.gather(
+        *(world.register(reg, authorization=world.token(reg, KEY_A)) for _ in range(8))
+    )
+    assert {r.status for r in results} == {RegistrationStatus.ASSIGNED}
+    record = await world.store.get(Collection.REGISTRATIONS, reg)
+    assert record is not None
+    stored = msgspec.json.decode(record.doc)
+    assert stored["operationId"] in {r.operation_id for r in results}
+    assert stored["createdDateTimeUtc"] == first.registration_state.created_date_time_utc
+    devices = await world.store.query_all(Collection.HUB_DEVICES, filters={"hub": world.builtin_hub})
+    assert [msgspec.json.decode(d.doc)["registrationId"] for d in devices].count(reg) == 1
+
+
 # --- custom allocation -----------------------------------------------------------------------------
 
 

@@ -914,6 +914,105 @@ async def test_concurrent_write_atomic_calls_fail_alone(store: Store) -> None:
     assert (await store.count(H), await store.count(R), await store.count(E)) == (12, 12, 1)
 
 
+@pytest.mark.parametrize("if_match", ["*", '"some-etag"'])
+async def test_write_atomic_creates_with_if_match_on_a_missing_record_fail(
+    store: Store, if_match: str
+) -> None:
+    """``if_match`` is checked before the mode, in ``write_atomic`` too: a CREATE with one on a
+    record that does not exist is a failed precondition (PostgreSQL's one-statement creates
+    once wrote it)."""
+    items: list[tuple[Collection, Write | Delete]] = [
+        (H, Write("hub.example/Dev", b"h", index={"hub": "hub.example"}, mode=CREATE, if_match=if_match)),
+        (R, Write("dev", b"r", index={"device_id": "Dev"}, mode=CREATE)),
+    ]
+    with pytest.raises(PreconditionFailedError, match="hub.example/Dev"):
+        await store.write_atomic(items)
+    with pytest.raises(PreconditionFailedError, match="hub.example/Dev"):
+        await store.write_atomic(items[:1])
+    assert (await store.count(H), await store.count(R)) == (0, 0)
+
+
+def re_registration(hub: Record, reg: Record, n: int) -> list[tuple[Collection, Write | Delete]]:
+    """The registrar's re-registration: the identity and the record, each updated on its etag."""
+    return [
+        (
+            H,
+            Write(
+                hub.id, b"hub-%d" % n, index={"hub": "hub.example"}, mode=WriteMode.UPDATE, if_match=hub.etag
+            ),
+        ),
+        (
+            R,
+            Write(
+                reg.id, b"reg-%d" % n, index={"device_id": "Dev"}, mode=WriteMode.UPDATE, if_match=reg.etag
+            ),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("stale", ["first", "second", "gone"])
+async def test_write_atomic_updates_on_etags_are_all_or_nothing(store: Store, stale: str) -> None:
+    """Updates on etags only (PostgreSQL writes them as one statement): one etag that no
+    longer matches, or a row that is gone, and nothing is written; the error names it."""
+    hub, reg = await store.write_atomic(hub_and_registration(0))
+    if stale == "first":
+        moved = await store.write(H, hub.id, b"moved", index={"hub": "hub.example"})
+    elif stale == "second":
+        moved = await store.write(R, reg.id, b"moved", index={"device_id": "Dev"})
+    else:
+        moved = await store.delete(R, reg.id)
+    before = await snapshot(store)
+    with pytest.raises(PreconditionFailedError) as info:
+        await store.write_atomic(re_registration(hub, reg, 1))
+    assert repr(moved.id) in str(info.value)
+    assert await snapshot(store) == before
+    if stale == "first":
+        hub = moved
+    elif stale == "second":
+        reg = moved
+    else:
+        return
+    records = await store.write_atomic(re_registration(hub, reg, 2))
+    assert [r.doc for r in records] == [b"hub-2", b"reg-2"]
+    assert [await store.get(H, hub.id), await store.get(R, reg.id)] == records
+    assert [(r.id, r.created) for r in records] == [(hub.id, hub.created), (reg.id, reg.created)]
+    assert records[1].index == {**reg.index, "device_id": "Dev"}
+    assert not {hub.etag, reg.etag} & {r.etag for r in records}
+
+
+async def test_concurrent_re_registrations_have_one_winner_and_fail_alone(store: Store) -> None:
+    """Concurrent updates of one pair on the same etags (which PostgreSQL sends in one
+    transaction): exactly one commits, whole; the others fail with 412 and write nothing. Calls
+    on other pairs in the same turn go through, and so do they when creates in the same turn
+    fail."""
+    hub, reg = await store.write_atomic(hub_and_registration(0))
+    others = []
+    for n in range(8):
+        others.append(
+            await store.write_atomic(
+                [
+                    (H, Write(f"hub.example/o{n}", b"h", index={"hub": "hub.example"}, mode=CREATE)),
+                    (R, Write(f"o{n}", b"r", index={"device_id": f"o{n}"}, mode=CREATE)),
+                ]
+            )
+        )
+    calls = [outcome(store.write_atomic(re_registration(hub, reg, n))) for n in range(24)]
+    calls += [outcome(store.write_atomic(re_registration(h, r, 100))) for h, r in others]
+    # Creates of keys that exist, in the same turn: PostgreSQL's shared transaction fails, and
+    # every call is then made alone.
+    calls += [outcome(store.write_atomic(hub_and_registration(n))) for n in range(4)]
+    results = await asyncio.gather(*calls)
+    assert all(isinstance(r, ConflictError) for r in results[-4:]), results[-4:]
+    results = results[:-4]
+    winners = [r for r in results[:24] if isinstance(r, list)]
+    assert len(winners) == 1, results
+    assert all(isinstance(r, PreconditionFailedError) for r in results[:24] if not isinstance(r, list))
+    assert winners[0] == [await store.get(H, hub.id), await store.get(R, reg.id)]
+    assert winners[0][0].doc[4:] == winners[0][1].doc[4:]  # one call's pair, whole
+    for result in results[24:]:
+        assert isinstance(result, list) and [r.doc for r in result] == [b"hub-100", b"reg-100"]
+
+
 async def test_concurrent_write_atomic_on_overlapping_keys(store: Store) -> None:
     """Transactions over the same (new and existing) keys in different orders, mixed with
     batches and single writes: none deadlocks or fails."""
@@ -974,6 +1073,31 @@ async def test_two_nodes_race_write_atomic(store_url: str) -> None:
                 assert isinstance(atomic, ConflictError) and isinstance(single, Record)
                 assert await one.get(H, f"hub/{n}") is None
                 assert await one.get(R, f"r{n}") == single
+    finally:
+        await asyncio.gather(one.close(), two.close())
+
+
+async def test_two_nodes_race_re_registrations(store_url: str) -> None:
+    """The same re-registration (both rows updated on the etags read) from two nodes, many
+    times over, several rounds: each round exactly one call commits, whole, and the others
+    fail with 412 (on PostgreSQL: separate transactions, whose row locks re-check the etags)."""
+    one, two = open_store(store_url), open_store(store_url)
+    await asyncio.gather(one.open(), two.open())
+    try:
+        hub, reg = await one.write_atomic(hub_and_registration(0))
+        for round_ in range(5):
+            results = await asyncio.gather(
+                *(
+                    outcome(node.write_atomic(re_registration(hub, reg, 100 * round_ + n)))
+                    for n, node in enumerate((one, two) * 8)
+                )
+            )
+            winners = [r for r in results if isinstance(r, list)]
+            assert len(winners) == 1, results
+            assert sum(isinstance(r, PreconditionFailedError) for r in results) == 15, results
+            hub, reg = winners[0]
+            assert [await two.get(H, hub.id), await one.get(R, reg.id)] == [hub, reg]
+            assert hub.doc[4:] == reg.doc[4:]  # one call's pair
     finally:
         await asyncio.gather(one.close(), two.close())
 

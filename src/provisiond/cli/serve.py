@@ -21,6 +21,7 @@ import click
 from ..errors import ConfigurationError
 from ..service import admission
 from ..service.settings import ConnectionLimits, Settings
+from ..storage import PoolSize
 
 __all__ = ["connection_info", "serve"]
 
@@ -160,7 +161,7 @@ async def _prepare(settings: Settings) -> _Prepared:
     from ..service.app import initialize, owner_key
     from ..storage import open_store
 
-    store = open_store(settings.db_url)
+    store = open_store(settings.db_url, pool=settings.db_pool)
     await store.open()
     try:
         service_settings = await initialize(store, settings)
@@ -255,6 +256,14 @@ def _check_ports(bind: str, *, https_port: int, mqtt_port: int, amqp_port: int) 
     finally:
         for sock in held:
             sock.close()
+
+
+def _pool_size(value: str) -> PoolSize:
+    """``--db-pool-size`` parsed; a bad value is a usage error naming the flag."""
+    try:
+        return PoolSize.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--db-pool-size") from None
 
 
 def _region(region: str | None) -> str | None:
@@ -423,6 +432,17 @@ def _run(settings: Settings) -> None:
     envvar="PROVISIOND_DB",
     help="A SQLite file path (default DATA_DIR/provisiond.db) or a postgresql:// URL (the postgres "
     "extra; several hosts, postgresql://user@db1,db2/name, reach the one that accepts writes).",
+)
+@click.option(
+    "--db-pool-size",
+    default=str(PoolSize()),
+    show_default=True,
+    show_envvar=True,
+    envvar="PROVISIOND_DB_POOL_SIZE",
+    callback=lambda _ctx, _param, value: _pool_size(value),
+    help="PostgreSQL: the bounds of each worker's connection pool, MAX or MIN-MAX. The pool opens "
+    "connections up to MAX as requests wait for one; every worker of every node has its own, and "
+    "together their MAX must fit the server's max_connections (100 by default).",
 )
 @click.option(
     "--server-cert",
@@ -683,6 +703,7 @@ def serve(
     mqtt_connect_timeout: float,
     amqp_port: int,
     db: str | None,
+    db_pool_size: PoolSize,
     server_cert: Path | None,
     server_key: Path | None,
     builtin_hub: str | None,
@@ -758,6 +779,7 @@ def serve(
         ),
         amqp_port=amqp_port,
         db=db,
+        db_pool=db_pool_size,
         server_cert=server_cert,
         server_key=server_key,
         builtin_hub=builtin_hub,

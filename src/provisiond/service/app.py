@@ -131,7 +131,9 @@ def create_app(
     here must already be open and stays the caller's.
     """
     owned = store is None
-    ctx = ServiceContext(settings=settings, store=store or open_store(settings.db_url), clock=clock)
+    ctx = ServiceContext(
+        settings=settings, store=store or open_store(settings.db_url, pool=settings.db_pool), clock=clock
+    )
 
     registrar = Registrar(ctx)
     # The device transports: one gateway; MQTT and AMQP on their own TLS ports (the lifespan

@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from ..storage import PoolSize
+
 __all__ = ["DEFAULT_BUILTIN_HUB", "MAX_BODY_BYTES", "ConnectionLimits", "Settings"]
 
 #: DPS's maximum message size; larger request bodies are refused with a 400.
@@ -64,6 +66,8 @@ class Settings:
     #: ``serve`` resolves it before the workers start.
     builtin_hub: str | None = None
     workers: int = 1
+    #: PostgreSQL: the bounds of each worker's connection pool (``--db-pool-size``).
+    db_pool: PoolSize = field(default_factory=PoolSize)
     max_body_bytes: int = MAX_BODY_BYTES
     #: Allowed clock skew for SAS token expiry checks, in seconds.
     clock_skew: int = 60
@@ -108,6 +112,7 @@ class Settings:
         """For worker processes (see :func:`provisiond.service.app.app_from_environment`)."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["connections"] = asdict(self.connections)
+        data["db_pool"] = str(self.db_pool)
         return json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()})
 
     @classmethod
@@ -118,6 +123,7 @@ class Settings:
                 data[name] = Path(data[name])
         data["extra_host_names"] = tuple(data.get("extra_host_names") or ())
         data["connections"] = ConnectionLimits(**data.get("connections", {}))
+        data["db_pool"] = PoolSize.parse(data["db_pool"]) if "db_pool" in data else PoolSize()
         return cls(**data)
 
     @property

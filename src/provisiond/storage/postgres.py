@@ -37,14 +37,16 @@ on a row this transaction has locked:
   a key that did not exist is inserted with a plain ``INSERT``: one that another node inserted
   after our look aborts the transaction with a unique violation, and the transaction is tried
   again (it then finds the row, and decides on it).
-- The registrar's first commit, ``write_atomic`` of CREATEs only (the device identity and its
-  registration record), is **one statement**: the plain INSERTs chained with ``WITH``, which
-  commit together or not at all. If a key exists (a unique violation) or the statement
-  deadlocks with a transaction on the same keys, nothing was written and the general path
-  above decides. Such calls made while the previous ones are being written (or in the same
-  turn of the event loop) go together: their statements in one pipelined transaction, one
-  round trip and one commit for all; if any of them fails, nothing of it was written and each
-  call is made on its own.
+- The registrar's commits are **one statement** each (:mod:`._pg_atomic`): a first
+  registration's ``write_atomic`` of CREATEs only (the device identity and its record: plain
+  INSERTs chained with ``WITH``, which commit together or not at all), and a re-registration's
+  updates of both on the etags read before (the rows locked and counted, then updated only when
+  all matched). If a key exists (a unique violation), an etag no longer matches (no row back),
+  or the statement deadlocks with a transaction on the same keys, nothing was written and the
+  general path above decides (and names the error). Such calls made while the previous ones
+  are being written (or in the same turn of the event loop) go together: their statements in
+  one pipelined transaction, one round trip and one commit for all; if a create in it fails,
+  nothing of it was written and each call is made on its own.
 - **Point reads go together** the same way: the ``get`` calls made while the previous ones are
   being read become one statement per table (``key = ANY(...)``), pipelined in one round trip,
   and :meth:`PostgresStore.get_each` asks for several records at once (the registrar's record
@@ -72,7 +74,7 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from ..errors import ConflictError, NotFoundError, ProvisioningError, StorageError
-from . import _sql, _streams
+from . import _pg_atomic, _sql, _streams
 from ._pg_connections import Connection as _Connection
 from ._pg_connections import PgConnections
 from ._sql import Meta, ParamStyle
@@ -104,12 +106,10 @@ class PostgresStore(Store):
         provisiond connects to the one that accepts writes).
     :param min_size: connections the pool keeps open.
     :param max_size: the most connections the pool opens. The pool opens them as requests wait
-        for one, and closes those idle for 10 minutes, so it follows the load up to this bound:
-        32, because 64 registrations in flight kept 10 connections busy when each waited for
-        the database three times (docs/performance.md); their reads and first commits now go
-        together, so they need fewer. With several
-        worker processes or nodes, each has its own pool: together they must stay within the
-        server's ``max_connections`` (100 by default).
+        for one, and closes those idle for 10 minutes, so it follows the load up to this bound
+        (``--db-pool-size``; :class:`~provisiond.storage.PoolSize` says how the default was
+        chosen). With several worker processes or nodes, each has its own pool: together they
+        must stay within the server's ``max_connections`` (100 by default).
     :param timeout: seconds a call waits for a free pool connection before failing (503).
     :param connect_timeout: seconds one connection attempt may take (unless the URL sets
         ``connect_timeout``).
@@ -124,7 +124,7 @@ class PostgresStore(Store):
         url: str,
         *,
         min_size: int = 1,
-        max_size: int = 32,
+        max_size: int = 16,
         timeout: float = 30.0,
         connect_timeout: float = 5.0,
         probe_interval: float = 0.5,
@@ -148,8 +148,8 @@ class PostgresStore(Store):
         self._reads: _streams.GroupCommit[tuple[Collection, str], Record | None] = _streams.GroupCommit(
             self._flush_reads, max_batch=256
         )
-        self._creates: _streams.GroupCommit[list[_sql.AtomicItem], list[Record] | None] = (
-            _streams.GroupCommit(self._flush_creates, max_batch=64)
+        self._simple: _streams.GroupCommit[list[_sql.AtomicItem], list[Record] | None] = _streams.GroupCommit(
+            self._flush_simple, max_batch=64
         )
 
     def __repr__(self) -> str:
@@ -168,7 +168,7 @@ class PostgresStore(Store):
 
     async def close(self) -> None:
         await self._reads.close()
-        await self._creates.close()
+        await self._simple.close()
         await self._appends.close()
         async with self._lifecycle:
             await self._connections.close()
@@ -282,56 +282,72 @@ class PostgresStore(Store):
         prepared = _sql.prepare_atomic(items)
         if not prepared:
             return []
-        if all(isinstance(item, Write) and item.mode is WriteMode.CREATE for _, _, item, _ in prepared):
-            [created] = await self._creates.submit([prepared])
-            if created is not None:
-                return created
+        if _pg_atomic.fits(prepared):
+            [written] = await self._simple.submit([prepared])
+            if written is not None:
+                return written
         tables = ", ".join(sorted({collection.table for collection, *_ in prepared}))
         # A unique violation is an insert that lost a race: the next attempt decides on the row.
         attempt = functools.partial(self._pipelined, _apply_atomic, prepared)
         return await _retrying(tables, attempt, (*_RETRIED, pg_errors.UniqueViolation))
 
-    async def _flush_creates(self, batch: list[list[_sql.AtomicItem]]) -> list[list[Record] | None]:
-        """The CREATE-only ``write_atomic`` calls made while the previous ones were being
+    async def _flush_simple(self, batch: list[list[_sql.AtomicItem]]) -> list[list[Record] | None]:
+        """The one-statement ``write_atomic`` calls (:mod:`._pg_atomic`: first registrations'
+        creates, re-registrations' updates on an etag) made while the previous ones were being
         written (or in the same turn of the event loop): their statements in one transaction,
-        pipelined (one round trip, one commit for all). If any key exists or the transaction
-        deadlocks, nothing of it was written, and each call is then made on its own
-        (:meth:`_create_all`), so that each succeeds or fails alone."""
+        pipelined (one round trip, one commit for all). An update whose etag no longer matches
+        writes nothing and costs the others nothing; its caller gets ``None`` and takes the
+        general path. If a create's key exists or the transaction deadlocks, nothing of it was
+        written, and each call is then made on its own (:meth:`_one_statement`), so that each
+        succeeds or fails alone."""
         if len(batch) == 1:
-            return [await self._create_all(batch[0])]
+            return [await self._one_statement(batch[0])]
         now = utc_now()
-        planned = [_create_statement(prepared, now) for prepared in batch]
+        planned = [
+            statement
+            for prepared in batch
+            if (statement := _pg_atomic.one_statement(prepared, now)) is not None
+        ]
+        assert len(planned) == len(batch), "write_atomic submits only the shapes _pg_atomic fits"
+        rows: list[list[tuple[Any, ...]]] = []
         try:
             async with self._connections.connection() as conn:
                 try:
                     async with conn.pipeline():
                         await conn.execute("BEGIN")
-                        for text, params, _ in planned:
-                            await conn.execute(text, params)
+                        cursors = []
+                        for statement in planned:
+                            cursors.append(await conn.execute(statement.text, statement.params))
                         await conn.execute("COMMIT")
+                    for statement, cursor in zip(planned, cursors, strict=True):
+                        rows.append(await cursor.fetchall() if statement.returns_rows else [])
                 except BaseException:
                     await _roll_back(conn)
                     raise
         except StorageError as exc:
             if isinstance(exc.__cause__, pg_errors.UniqueViolation | pg_errors.DeadlockDetected):
-                return [await self._create_all(prepared) for prepared in batch]
+                return [await self._one_statement(prepared) for prepared in batch]
             raise
-        return [records for _, _, records in planned]
+        return [statement.finish(found) for statement, found in zip(planned, rows, strict=True)]
 
-    async def _create_all(self, prepared: list[_sql.AtomicItem]) -> list[Record] | None:
-        """``write_atomic`` of CREATEs only (a first registration: the device identity and its
-        record) as one statement: plain INSERTs, one per item (all but the last in ``WITH``),
-        which commit together or not at all. None when a key exists (a unique violation) or the
-        statement deadlocked with a transaction on the same keys: the caller then takes the
-        general path, which decides every item on the locked rows."""
-        text, params, records = _create_statement(prepared, utc_now())
+    async def _one_statement(self, prepared: list[_sql.AtomicItem]) -> list[Record] | None:
+        """One ``write_atomic`` call as one statement (:mod:`._pg_atomic`). None when it wrote
+        nothing: a key exists (a unique violation), an etag no longer matches, or the statement
+        deadlocked with a transaction on the same keys. The caller then takes the general path,
+        which decides every item on the locked rows (and names the error)."""
+        statement = _pg_atomic.one_statement(prepared, utc_now())
+        assert statement is not None
         try:
-            await self._execute(text, params)
+            if statement.returns_rows:
+                rows = await self._fetch_all(statement.text, statement.params)
+            else:
+                rows = []
+                await self._execute(statement.text, statement.params)
         except StorageError as exc:
             if isinstance(exc.__cause__, pg_errors.UniqueViolation | pg_errors.DeadlockDetected):
                 return None
             raise
-        return records
+        return statement.finish(rows)
 
     async def _write_one_statement(
         self, collection: Collection, key: str, item: Write, values: tuple[str | None, ...]
@@ -728,30 +744,6 @@ def _select_any_sql(collection: Collection, *, meta: bool) -> str:
     statements = _sql.statements(collection, _STYLE)
     prefix = statements.select_meta_prefix if meta else statements.select_full_prefix
     return f"{prefix} WHERE key = ANY(%s::text[]) ORDER BY key"
-
-
-def _create_statement(prepared: list[_sql.AtomicItem], now: str) -> tuple[str, list[Any], list[Record]]:
-    """The one statement of a CREATE-only ``write_atomic`` (:func:`_create_all_sql`), its
-    parameters, and the records it writes."""
-    params: list[Any] = []
-    records: list[Record] = []
-    for collection, key, item, values in prepared:
-        assert isinstance(item, Write)
-        etag = new_etag()
-        params += _sql.insert_params(key, item, etag, now, values)
-        records.append(_sql.written_record(collection, item, item.id, etag, now, now, values))
-    return _create_all_sql(tuple(c for c, _, _, _ in prepared)), params, records
-
-
-@functools.cache
-def _create_all_sql(collections: tuple[Collection, ...]) -> str:
-    """One statement inserting one row into each of ``collections`` (in order): the inserts
-    but the last are data-modifying ``WITH`` queries, which run to completion with it."""
-    inserts = [_sql.statements(collection, _STYLE).insert for collection in collections]
-    if len(inserts) == 1:
-        return inserts[0]
-    queries = ", ".join(f"w{n} AS ({text})" for n, text in enumerate(inserts[:-1]))
-    return f"WITH {queries} {inserts[-1]}"
 
 
 @functools.cache
