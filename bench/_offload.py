@@ -165,19 +165,9 @@ Results = dict[tuple[str, str], list[Any]]
 
 def _x509_set(work: Path, intermediate: Any, prefix: str, count: int) -> list[tuple[str, str, str]]:
     """``count`` devices below ``intermediate``: (registration id, chain file, key file)."""
-    from provisiond import pki
+    from cpu import issue_devices
 
-    folder = work / prefix
-    folder.mkdir()
-    devices = []
-    for i in range(count):
-        reg = f"{prefix}-{i:06d}"
-        issued = pki.make_device_cert(reg, intermediate)
-        cert, key = folder / f"{reg}.pem", folder / f"{reg}.key"
-        pki.write_certificates(cert, issued.presented_chain)
-        pki.write_private_key(key, issued.key)
-        devices.append((reg, str(cert), str(key)))
-    return devices
+    return issue_devices(work / prefix, intermediate, [f"{prefix}-{i:06d}" for i in range(count)])
 
 
 def _resumed_x509(work: Path, port: int, scope: str, intermediate: Any, prefix: str) -> list[str]:

@@ -69,7 +69,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,17 +315,22 @@ def x509_devices(work: Path, count: int) -> tuple[str, list[tuple[str, str, str]
     issued by an intermediate CA below it."""
     root = pki.make_root_ca("provisiond bench root")
     intermediate = pki.make_intermediate_ca("provisiond bench intermediate", root)
-    folder = work / "x509"
+    devices = issue_devices(work / "x509", intermediate, [f"x-{i:07d}" for i in range(count)])
+    return pki.certificate_pem(root.cert).decode(), devices
+
+
+def issue_devices(folder: Path, intermediate: pki.Issued, ids: Sequence[str]) -> list[tuple[str, str, str]]:
+    """A device certificate below ``intermediate`` for each id, its chain (leaf and
+    intermediate) and key written in ``folder`` (created): (id, chain file, key file)."""
     folder.mkdir()
     devices = []
-    for i in range(count):
-        reg = f"x-{i:07d}"
+    for reg in ids:
         issued = pki.make_device_cert(reg, intermediate)
         cert, key = folder / f"{reg}.pem", folder / f"{reg}.key"
         pki.write_certificates(cert, issued.presented_chain)
         pki.write_private_key(key, issued.key)
         devices.append((reg, str(cert), str(key)))
-    return pki.certificate_pem(root.cert).decode(), devices
+    return devices
 
 
 def write_requests(path: Path, lines: list[tuple[str, str, str, str]]) -> None:
