@@ -68,7 +68,7 @@ def test_cpu_bench_preload_fills_the_database_and_reregisters(tmp_path: Path) ->
 
 
 @pytest.mark.skipif(
-    shutil.which("haproxy") is None, reason="haproxy is not installed (the bench's, not the tests')"
+    shutil.which("haproxy") is None, reason="haproxy is not installed (.ci/run installs it)"
 )
 def test_tls_front_offload_runs_through_haproxy_and_prints_its_table(tmp_path: Path) -> None:
     out = _run(
