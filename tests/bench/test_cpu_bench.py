@@ -67,9 +67,7 @@ def test_cpu_bench_preload_fills_the_database_and_reregisters(tmp_path: Path) ->
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.skipif(
-    shutil.which("haproxy") is None, reason="haproxy is not installed (.ci/run installs it)"
-)
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed (.ci/run installs it)")
 def test_tls_front_offload_runs_through_haproxy_and_prints_its_table(tmp_path: Path) -> None:
     out = _run(
         str(BENCH / "tls_front.py"),
