@@ -57,10 +57,10 @@ more than one packet (plus at most what one read returned).
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from .._enums import IdentityEnum
 from ..errors import InsufficientData, LocalProtocolError, RemoteProtocolError
 from ._mqtt_packets import (
     DEFAULT_MAX_PACKET_SIZE,
@@ -90,19 +90,19 @@ KEEP_ALIVE_GRACE = 1.5  # MQTT-3.1.2-24: the server allows one and a half keep-a
 _SHOWN_BYTES = 32  # of a peer that does not speak MQTT, in the error
 
 
-class Role(enum.Enum):
+class Role(IdentityEnum):
     CLIENT = "client"
     SERVER = "server"
 
 
-class State(enum.Enum):
+class State(IdentityEnum):
     IDLE = "idle"
     CONNECTING = "connecting"
     CONNECTED = "connected"
     CLOSED = "closed"
 
 
-class Lapse(enum.Enum):
+class Lapse(IdentityEnum):
     """Why :meth:`MqttConnection.handle_deadline` closed the connection."""
 
     CONNECT_TIMEOUT = "no CONNECT arrived within the connect timeout"

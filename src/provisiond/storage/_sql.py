@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import enum
 import functools
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from .._enums import IdentityEnum
 from ..errors import ConflictError, InvalidQueryError, NotFoundError, PreconditionFailedError
 from .base import Collection, Delete, Page, Record, Write, WriteMode, etags_match
 
@@ -88,7 +88,7 @@ CHUNK = 500
 BASE_COLUMNS = ("key", "id", "etag", "created", "updated", "doc")
 
 
-class ParamStyle(enum.Enum):
+class ParamStyle(IdentityEnum):
     """Placeholder style of a DB-API driver."""
 
     QMARK = "qmark"  # sqlite3

@@ -86,6 +86,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from .._enums import IdentityEnum
 from .._ids import uuid4_text
 from ..errors import ProvisioningError
 
@@ -115,7 +116,7 @@ class _CollectionSpec:
     index_columns: tuple[str, ...]
 
 
-class Collection(enum.Enum):
+class Collection(IdentityEnum):
     """The collections the store holds. ``value`` is the table's spec."""
 
     ENROLLMENTS = _CollectionSpec(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 from typing import TypeAlias, TypeVar
 
+from ..._enums import IdentityEnum
 from ...errors import AmqpProtocolError, LocalProtocolError
 from .frames import ProtocolHeader
 from .performatives import (
@@ -52,21 +53,14 @@ __all__ = [
 ]
 
 
-class _State(enum.Enum):
-    """An enum hashed by identity (its members are singletons, compared by identity): a C call
-    where :class:`enum.Enum`'s hash is a Python one, and the tables are read on every frame."""
-
-    __hash__ = object.__hash__
-
-
-class Side(_State):
+class Side(IdentityEnum):
     """Which end of the TCP connection we are (h11's CLIENT/SERVER)."""
 
     CLIENT = "client"
     SERVER = "server"
 
 
-class Direction(_State):
+class Direction(IdentityEnum):
     SENT = "sent"
     RECEIVED = "received"
 
@@ -74,7 +68,7 @@ class Direction(_State):
 SENT, RECEIVED = Direction.SENT, Direction.RECEIVED
 
 
-class SaslState(_State):
+class SaslState(IdentityEnum):
     AWAIT_HEADER = "await-header"
     AWAIT_MECHANISMS = "await-mechanisms"  # client
     AWAIT_INIT = "await-init"  # server
@@ -113,7 +107,7 @@ SASL_TRANSITIONS: dict[Side, dict[SaslState, dict[Key, SaslState]]] = {
 }
 
 
-class ConnectionState(_State):
+class ConnectionState(IdentityEnum):
     """Part 2 §2.4.6, from the AMQP protocol header on (SASL, if any, is over by then)."""
 
     START = "start"
@@ -170,7 +164,7 @@ SESSION_FRAMES_PROCESSED = frozenset({ConnectionState.OPENED})
 SESSION_FRAMES_DISCARDED = frozenset({ConnectionState.CLOSE_SENT, ConnectionState.CLOSE_PIPE})
 
 
-class SessionState(_State):
+class SessionState(IdentityEnum):
     UNMAPPED = "unmapped"
     BEGIN_SENT = "begin-sent"
     BEGIN_RCVD = "begin-rcvd"
@@ -199,7 +193,7 @@ SESSION_TRANSITIONS: dict[SessionState, dict[Key, SessionState]] = {
 }
 
 
-class LinkState(_State):
+class LinkState(IdentityEnum):
     DETACHED = "detached"
     ATTACH_SENT = "attach-sent"
     ATTACH_RCVD = "attach-rcvd"
