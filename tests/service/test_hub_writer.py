@@ -9,6 +9,7 @@ for good leaves the registration ``failed`` with 400209 and the hub's error, and
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from collections.abc import Iterator
@@ -87,6 +88,14 @@ def register_all(server: RunningServer, group_key: str, regs: list[str]) -> None
         assert body["status"] == "assigned", body
 
 
+#: For the tests that kill a node under requests (register_then_kill): a request cut off by the
+#: kill can leave the test's own HTTP client (httpx, in the registering threads) with a TLS
+#: socket it never closes, in a reference cycle. Its ResourceWarning is about that client, not
+#: about the service under test (a separate process); register_then_kill collects the cycles
+#: before it returns, so that the warning comes within the marked test, not in a later one.
+KILLED_UNDER_REQUESTS = pytest.mark.filterwarnings("ignore:unclosed <ssl.SSLSocket:ResourceWarning")
+
+
 def register_then_kill(node: RunningServer, group_key: str, regs: list[str], *, enough: int) -> set[str]:
     """The group's devices ``regs`` register, 8 at a time, with ``node``; once ``enough`` are
     acknowledged (202 with an operation id), the node is killed (kill -9). The acknowledged
@@ -114,6 +123,7 @@ def register_then_kill(node: RunningServer, group_key: str, regs: list[str], *, 
         node.process.wait(10)
         for future in futures:
             future.result()
+    gc.collect()  # what the cut-off requests left in cycles goes now, under the test's filter
     return acknowledged
 
 
@@ -231,6 +241,7 @@ def test_a_rotated_key_is_the_hubs_401_named(
     assert linked_key not in writer_server.log() and linked_key not in state["errorMessage"]
 
 
+@KILLED_UNDER_REQUESTS
 def test_kill_9_under_load_leaves_every_identity_and_record_in_agreement(
     tmp_path_factory: pytest.TempPathFactory, hub_peer: HubPeer
 ) -> None:

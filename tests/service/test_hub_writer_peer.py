@@ -21,7 +21,7 @@ from provisiond.protocol.sas import derive_device_key
 from tests._fault_proxy import FaultProxy
 from tests._server import RunningServer, start_server
 from tests.service.test_device_api import enroll_symmetric_group, uid
-from tests.service.test_hub_writer import TWIN, enroll_in, register, register_then_kill
+from tests.service.test_hub_writer import KILLED_UNDER_REQUESTS, TWIN, enroll_in, register, register_then_kill
 
 PEER_HUB = "127.0.0.1"  # the peer's --host, hence its built-in hub (the first server's is localhost)
 
@@ -105,6 +105,7 @@ def test_registrations_land_in_a_second_provisiond_hub(
     assert set(keys) <= listed
 
 
+@KILLED_UNDER_REQUESTS
 def test_faults_and_kill_9_against_the_real_peer(
     servers: tuple[RunningServer, RunningServer], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
