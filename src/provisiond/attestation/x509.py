@@ -200,9 +200,13 @@ class _VerifiedPaths:
         if len(path) < 3:  # the leaf's issuer is the anchor: nothing to save
             return
         for cert in path[1:]:
+            try:
+                extensions = cert.extensions
+            except ValueError:  # an extension the Python API cannot parse: not remembered
+                return
             for extension in _LEAF_DEPENDENT:
                 try:
-                    cert.extensions.get_extension_for_class(extension)
+                    extensions.get_extension_for_class(extension)
                 except x509.ExtensionNotFound:
                     continue
                 return
