@@ -55,18 +55,24 @@ class OneStatement:
 
 def fits(prepared: list[_sql.AtomicItem]) -> bool:
     """Whether ``prepared`` has one of the shapes :func:`one_statement` writes."""
-    return all(_is_create(item) for _, _, item, _ in prepared) or all(
-        _is_update_on_etag(item) for _, _, item, _ in prepared
-    )
+    return _writer(prepared) is not None
 
 
 def one_statement(prepared: list[_sql.AtomicItem], now: str) -> OneStatement | None:
     """The one statement of ``prepared`` (see the module docstring), or ``None`` when its
     shape needs the general path."""
+    writer = _writer(prepared)
+    return writer(prepared, now) if writer is not None else None
+
+
+def _writer(
+    prepared: list[_sql.AtomicItem],
+) -> Callable[[list[_sql.AtomicItem], str], OneStatement] | None:
+    """What makes ``prepared``'s statement: all creates, or all updates on an etag."""
     if all(_is_create(item) for _, _, item, _ in prepared):
-        return _creates(prepared, now)
+        return _creates
     if all(_is_update_on_etag(item) for _, _, item, _ in prepared):
-        return _updates(prepared, now)
+        return _updates
     return None
 
 
