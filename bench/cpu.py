@@ -73,6 +73,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -388,7 +389,26 @@ def main() -> int:
         default=[],
         help="an extra argument for `provisiond serve` (repeat for several)",
     )
+    parser.add_argument(
+        "--pg-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a server setting for the throwaway PostgreSQL cluster beyond its defaults (repeat; "
+        "printed with the figures). Durability settings (fsync, synchronous_commit, "
+        "full_page_writes) are refused: the bench keeps PostgreSQL's",
+    )
+    parser.add_argument(
+        "--pg-diagnose",
+        action="store_true",
+        help="after each PostgreSQL phase, print where its CPU went: per process type (user and "
+        "system), WAL records, full-page images, bytes and flushes, checkpoints, rows and HOT "
+        "updates, and the statements (pg_stat_statements, WAL I/O timing on: a little dearer)",
+    )
     args = parser.parse_args()
+    durable = {"fsync", "synchronous_commit", "full_page_writes", "wal_sync_method", "wal_level"}
+    if refused := [s for s in args.pg_setting if s.partition("=")[0] in durable]:
+        parser.error(f"--pg-setting: the bench keeps PostgreSQL's durability settings; refused {refused}")
     backends = [name.strip() for name in args.db.split(",") if name.strip()]
     unknown = set(backends) - {"sqlite", "postgresql"}
     if unknown or not backends:
@@ -401,6 +421,16 @@ def main() -> int:
         f"log level {args.log_level}, {args.connections} in flight"
     )
     print(f"# {machine_summary()}")
+    if "postgresql" in backends:
+        print(
+            "# PostgreSQL settings: "
+            + (", ".join(args.pg_setting) + " (NOT the defaults)" if args.pg_setting else "the defaults")
+            + (
+                ", plus pg_stat_statements and track_wal_io_timing (--pg-diagnose)"
+                if args.pg_diagnose
+                else ""
+            )
+        )
     results: list[tuple[str, list[Phase]]] = []
     with terminate_on_signals():
         for backend in backends:
@@ -428,7 +458,7 @@ def _run_backend(backend: str, args: argparse.Namespace, preload: int = 0) -> li
             if bindir is None:
                 print("PostgreSQL's server binaries are not installed", file=sys.stderr)
                 return None
-            pg = PostgresCluster(bindir)
+            pg = PostgresCluster(bindir, settings=args.pg_setting, diagnose=args.pg_diagnose)
             extra = ["--db", pg.start()]
             db_pid = int((pg.data / "postmaster.pid").read_text().split()[0])
         try:
@@ -442,7 +472,8 @@ def _run_backend(backend: str, args: argparse.Namespace, preload: int = 0) -> li
                     db_url = extra[1] if extra else f"sqlite:///{work / 'data' / 'provisiond.db'}"
                     server, reregister = fill(server, db_url, work, preload, server_args, args.devices)
                 stats = pg.stats if pg is not None else None
-                return _measure(server, work, args, backend, db_pid, reregister, stats)
+                snapshot = pg.snapshot if pg is not None and args.pg_diagnose else None
+                return _measure(server, work, args, backend, db_pid, reregister, stats, snapshot)
             finally:
                 server.stop()
         finally:
@@ -508,6 +539,7 @@ def _measure(
     db_pid: int | None,
     reregister: list[tuple[str, str]] | None = None,
     db_stats: Callable[[], dict[str, float]] | None = None,
+    db_snapshot: Callable[[], dict[str, Any]] | None = None,
 ) -> list[Phase]:  # type: ignore[no-untyped-def]
     info = server.info
     scope, port = info["idScope"], int(info["httpsPort"])
@@ -592,6 +624,7 @@ def _measure(
     results: list[Phase] = []
     for name in args.phases.split(","):
         stats_before = db_stats() if db_stats else None
+        snapshot_before = db_snapshot() if db_snapshot else None
         if name.split("-")[0] in _TRANSPORTS:
             run = _run_transport(name, server, group_key, args, db_pid)
         elif name.startswith("x509"):
@@ -628,6 +661,11 @@ def _measure(
         )
         if stats_before is not None:
             _print_db_stats(name, stats_before, db_stats, phase.requests)
+        if snapshot_before is not None and db_snapshot is not None:
+            from _pg import diagnosis
+
+            for line in diagnosis(snapshot_before, db_snapshot(), phase.requests):
+                print(f"{'':<10} {name:<11} pg: {line}", flush=True)
 
     return results
 

@@ -294,33 +294,50 @@ class PostgresStore(Store):
     async def _flush_simple(self, batch: list[list[_sql.AtomicItem]]) -> list[list[Record] | None]:
         """The one-statement ``write_atomic`` calls (:mod:`._pg_atomic`: first registrations'
         creates, re-registrations' updates on an etag) made while the previous ones were being
-        written (or in the same turn of the event loop): their statements in one transaction,
-        pipelined (one round trip, one commit for all). An update whose etag no longer matches
-        writes nothing and costs the others nothing; its caller gets ``None`` and takes the
-        general path. If a create's key exists or the transaction deadlocks, nothing of it was
-        written, and each call is then made on its own (:meth:`_one_statement`), so that each
-        succeeds or fails alone."""
+        written (or in the same turn of the event loop), in one transaction (one round trip,
+        one commit for all). The creates of one shape (every first registration's) are one
+        statement together (:func:`._pg_atomic.creates_together`); a batch of those alone is
+        sent as that statement, its own transaction; anything else is pipelined between
+        ``BEGIN`` and ``COMMIT``. An update whose etag no longer matches writes nothing and
+        costs the others nothing; its caller gets ``None`` and takes the general path. If a
+        create's key exists or the transaction deadlocks, nothing of it was written, and each
+        call is then made on its own (:meth:`_one_statement`), so that each succeeds or fails
+        alone."""
         if len(batch) == 1:
             return [await self._one_statement(batch[0])]
         now = utc_now()
-        planned = [
-            statement
-            for prepared in batch
-            if (statement := _pg_atomic.one_statement(prepared, now)) is not None
+        # (text, params, whether it returns rows, the outcome of each call it carries from its rows)
+        parts: list[
+            tuple[str, list[Any], bool, Callable[[list[tuple[Any, ...]]], dict[int, list[Record] | None]]]
         ]
-        assert len(planned) == len(batch), "write_atomic submits only the shapes _pg_atomic fits"
-        rows: list[list[tuple[Any, ...]]] = []
+        parts = []
+        shapes: dict[tuple[Collection, ...], list[int]] = {}
+        for n, prepared in enumerate(batch):
+            shape = _pg_atomic.creates_shape(prepared)
+            if shape is not None:
+                shapes.setdefault(shape, []).append(n)
+                continue
+            statement = _pg_atomic.one_statement(prepared, now)
+            assert statement is not None, "write_atomic submits only the shapes _pg_atomic fits"
+            parts.append((statement.text, statement.params, statement.returns_rows, _outcome(n, statement)))
+        for calls in shapes.values():
+            together = _pg_atomic.creates_together([batch[n] for n in calls], now)
+            parts.append((together.text, together.params, False, _written(calls, together.records)))
+        outcomes: dict[int, list[Record] | None] = {}
         try:
             async with self._connections.connection() as conn:
                 try:
-                    async with conn.pipeline():
-                        await conn.execute("BEGIN")
-                        cursors = []
-                        for statement in planned:
-                            cursors.append(await conn.execute(statement.text, statement.params))
-                        await conn.execute("COMMIT")
-                    for statement, cursor in zip(planned, cursors, strict=True):
-                        rows.append(await cursor.fetchall() if statement.returns_rows else [])
+                    if len(parts) == 1:
+                        [(text, params, returns_rows, finish)] = parts
+                        cursor = await conn.execute(text, params)
+                        outcomes.update(finish(await cursor.fetchall() if returns_rows else []))
+                    else:
+                        async with conn.pipeline():
+                            await conn.execute("BEGIN")
+                            cursors = [await conn.execute(text, params) for text, params, _, _ in parts]
+                            await conn.execute("COMMIT")
+                        for (_, _, returns_rows, finish), cursor in zip(parts, cursors, strict=True):
+                            outcomes.update(finish(await cursor.fetchall() if returns_rows else []))
                 except BaseException:
                     await _roll_back(conn)
                     raise
@@ -328,7 +345,7 @@ class PostgresStore(Store):
             if isinstance(exc.__cause__, pg_errors.UniqueViolation | pg_errors.DeadlockDetected):
                 return [await self._one_statement(prepared) for prepared in batch]
             raise
-        return [statement.finish(found) for statement, found in zip(planned, rows, strict=True)]
+        return [outcomes[n] for n in range(len(batch))]
 
     async def _one_statement(self, prepared: list[_sql.AtomicItem]) -> list[Record] | None:
         """One ``write_atomic`` call as one statement (:mod:`._pg_atomic`). None when it wrote
@@ -580,6 +597,21 @@ class PostgresStore(Store):
         else:
             rows = await self._fetch_all(_sql.sql(_streams.LAST_SEQ_BEFORE, _STYLE), (stream.value, before))
         return int(rows[0][0])
+
+
+def _outcome(
+    n: int, statement: _pg_atomic.OneStatement
+) -> Callable[[list[tuple[Any, ...]]], dict[int, list[Record] | None]]:
+    """How :meth:`PostgresStore._flush_simple` reads call ``n``'s outcome from its statement's rows."""
+    return lambda rows: {n: statement.finish(rows)}
+
+
+def _written(
+    calls: list[int], records: list[list[Record]]
+) -> Callable[[list[tuple[Any, ...]]], dict[int, list[Record] | None]]:
+    """The outcome of calls ``calls`` whose creates went in one statement: what they wrote."""
+    written: dict[int, list[Record] | None] = dict(zip(calls, records, strict=True))
+    return lambda rows: written
 
 
 async def _retrying(
