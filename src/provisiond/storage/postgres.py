@@ -95,6 +95,17 @@ _ITEM_ATTEMPTS = 5
 _RETRIED: tuple[type[BaseException], ...] = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
 #: The most rows one batched INSERT statement carries.
 _INSERT_CHUNK = 1000
+#: psycopg's ``prepare`` for the reads of rows by key (``key = ANY(...)``): ``False``, planned
+#: at every call, never a prepared statement's cached generic plan. A generic plan is made
+#: once per connection, on the table as it is then, and kept until the table is analyzed:
+#: made while a table is new or small (a fresh database, a first burst of registrations, a
+#: bulk import), it is a sequential scan, and it stays one while the table grows by thousands
+#: of rows a second, until autovacuum's next ANALYZE (a minute or more). Under a registration
+#: burst on a fresh database every record read then scanned the whole table (a third of
+#: PostgreSQL's CPU per registration, ``docs/performance.md``). A plan made at each call sees
+#: the table's current size (its pages), so a read of a few keys is an index scan as soon as
+#: the table has more than a few pages. Planning costs some 25-50 µs per statement.
+_PLAN_KEY_READS = False
 
 _T = TypeVar("_T")
 
@@ -185,9 +196,11 @@ class PostgresStore(Store):
                 await conn.execute(_sql.sql(_sql.RECORD_MIGRATION, _STYLE), (migration.version, utc_now()))
                 log.info("Applied migration %s to %r", migration.name, self)
 
-    async def _fetch_all(self, text: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    async def _fetch_all(
+        self, text: str, params: Sequence[Any], *, prepare: bool | None = None
+    ) -> list[tuple[Any, ...]]:
         async with self._connections.connection() as conn:
-            cursor = await conn.execute(text, params)
+            cursor = await conn.execute(text, params, prepare=prepare)
             return await cursor.fetchall()
 
     # -- records ------------------------------------------------------------------------------
@@ -216,7 +229,9 @@ class PostgresStore(Store):
         pool connection and psycopg's per-statement cost."""
         if len(items) == 1:
             [(collection, key)] = items
-            rows = await self._fetch_all(_sql.statements(collection, _STYLE).select_many(1), (key,))
+            rows = await self._fetch_all(
+                _sql.statements(collection, _STYLE).select_many(1), (key,), prepare=_PLAN_KEY_READS
+            )
             return [_sql.record_from_row(collection, rows[0]) if rows else None]
         by_table: dict[Collection, list[str]] = {}
         for collection, key in items:
@@ -228,7 +243,11 @@ class PostgresStore(Store):
                     cursors = [
                         (
                             collection,
-                            await conn.execute(_select_any_sql(collection, meta=False), (sorted(set(keys)),)),
+                            await conn.execute(
+                                _select_any_sql(collection, meta=False),
+                                (sorted(set(keys)),),
+                                prepare=_PLAN_KEY_READS,
+                            ),
                         )
                         for collection, keys in by_table.items()
                     ]
@@ -245,7 +264,9 @@ class PostgresStore(Store):
         if not keys:
             return {}
         # One statement (one snapshot) with one array parameter, whatever the number of keys.
-        rows = await self._fetch_all(_select_any_sql(collection, meta=False), (keys,))
+        rows = await self._fetch_all(
+            _select_any_sql(collection, meta=False), (keys,), prepare=_PLAN_KEY_READS
+        )
         return {row[0]: _sql.record_from_row(collection, row) for row in rows}
 
     async def write(
@@ -764,7 +785,9 @@ async def _lock_keys(conn: _Connection, keys: Sequence[tuple[Collection, str]]) 
 
 async def _lock_rows(conn: _Connection, collection: Collection, keys: list[str]) -> dict[str, Meta | None]:
     """Lock the existing rows among ``keys`` (sorted) for this transaction; their metadata."""
-    cursor = await conn.execute(f"{_select_any_sql(collection, meta=True)} FOR UPDATE", (keys,))
+    cursor = await conn.execute(
+        f"{_select_any_sql(collection, meta=True)} FOR UPDATE", (keys,), prepare=_PLAN_KEY_READS
+    )
     return {row[0]: Meta(*row) for row in await cursor.fetchall()}
 
 
