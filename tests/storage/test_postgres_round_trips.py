@@ -183,3 +183,42 @@ async def test_first_registrations_made_together_are_one_statement(postgres_db_u
                 assert records == [await store.get(H, f"hub.example/d{n}"), await store.get(R, f"d{n}")]
         finally:
             await store.close()
+
+
+async def test_reads_of_several_tables_are_one_statement(postgres_db_url: str) -> None:
+    """The registrar's two reads (its record and the individual enrollment), made with others
+    in one turn, are one statement for every table (main sent one per table), and each record
+    comes back whole, its index columns included (the tables have different numbers of them)."""
+    url = urlsplit(postgres_db_url)
+    assert url.hostname is not None and url.port is not None
+    proxy = _Counting(url.hostname, url.port)
+    E = Collection.ENROLLMENTS
+    async with proxy.running() as port:
+        store = PostgresStore(url._replace(netloc=f"{url.username}@127.0.0.1:{port}").geturl(), max_size=1)
+        await store.open()
+        try:
+            written = await store.write_atomic(_items(1, WriteMode.CREATE))
+            enrollment = await store.write(
+                E, "d2", b"enr", index={"device_id": "D2", "attestation_type": "tpm"}
+            )
+            results: list[list[object]] = []
+
+            async def read() -> None:
+                results.extend(
+                    await asyncio.gather(
+                        store.get_each([(R, "d1"), (E, "d1")]),
+                        store.get_each([(R, "d2"), (E, "d2")]),
+                        store.get_each([(H, "hub.example/d1"), (R, "nobody")]),
+                    )
+                )
+
+            assert await _counted(proxy, store, read()) == Counter({"E": 1, "S": 1})
+            assert results == [[written[1], None], [None, enrollment], [written[0], None]]
+            assert enrollment.index == {
+                "device_id": "D2",
+                "provisioning_status": None,
+                "attestation_type": "tpm",
+                "iot_hub_host_name": None,
+            }
+        finally:
+            await store.close()

@@ -44,13 +44,15 @@ on a row this transaction has locked:
   all matched). If a key exists (a unique violation), an etag no longer matches (no row back),
   or the statement deadlocks with a transaction on the same keys, nothing was written and the
   general path above decides (and names the error). Such calls made while the previous ones
-  are being written (or in the same turn of the event loop) go together: their statements in
-  one pipelined transaction, one round trip and one commit for all; if a create in it fails,
-  nothing of it was written and each call is made on its own.
+  are being written (or in the same turn of the event loop) go together, in one transaction,
+  one round trip and one commit for all: first registrations' creates as one statement (an
+  ``INSERT ... SELECT FROM unnest(...)`` per table), the updates pipelined with it; if a create
+  in it fails, nothing of it was written and each call is made on its own.
 - **Point reads go together** the same way: the ``get`` calls made while the previous ones are
-  being read become one statement per table (``key = ANY(...)``), pipelined in one round trip,
-  and :meth:`PostgresStore.get_each` asks for several records at once (the registrar's record
-  and individual enrollment). Each wait for the server costs the event loop a wake-up and
+  being read become one statement (``key = ANY(...)`` per table, the tables' rows joined with
+  ``UNION ALL``), and :meth:`PostgresStore.get_each` asks for several records at once (the
+  registrar's record and individual enrollment). Reads by key are planned at each call, never
+  from a cached generic plan (:data:`_PLAN_KEY_READS` says why). Each wait for the server costs the event loop a wake-up and
   psycopg its per-statement work whatever it carries: with 64 registrations in flight, a
   registration's three waits became a fraction of one.
 
@@ -224,39 +226,33 @@ class PostgresStore(Store):
 
     async def _flush_reads(self, items: list[tuple[Collection, str]]) -> list[Record | None]:
         """The point reads asked for while the previous ones were being read (or in the same
-        turn of the event loop), in one round trip: one statement per table, pipelined. A
-        registration reads two records; with many in flight, their reads share the wait, the
-        pool connection and psycopg's per-statement cost."""
+        turn of the event loop), in one round trip and **one statement**: the rows of each
+        table by one array of keys, the tables' rows together (``UNION ALL``, each row tagged
+        with its table). A registration reads two records (its record and its individual
+        enrollment); with many in flight, their reads share the wait, the pool connection and
+        the per-statement cost (the database's and psycopg's), which is most of a read's."""
         if len(items) == 1:
             [(collection, key)] = items
             rows = await self._fetch_all(
                 _sql.statements(collection, _STYLE).select_many(1), (key,), prepare=_PLAN_KEY_READS
             )
             return [_sql.record_from_row(collection, rows[0]) if rows else None]
-        by_table: dict[Collection, list[str]] = {}
+        by_table: dict[Collection, set[str]] = {}
         for collection, key in items:
-            by_table.setdefault(collection, []).append(key)
+            by_table.setdefault(collection, set()).add(key)
+        tables = tuple(sorted(by_table, key=lambda collection: collection.table))
+        params = [sorted(by_table[collection]) for collection in tables]
         found: dict[tuple[Collection, str], Record] = {}
-        async with self._connections.connection() as conn:
-            try:
-                async with conn.pipeline():
-                    cursors = [
-                        (
-                            collection,
-                            await conn.execute(
-                                _select_any_sql(collection, meta=False),
-                                (sorted(set(keys)),),
-                                prepare=_PLAN_KEY_READS,
-                            ),
-                        )
-                        for collection, keys in by_table.items()
-                    ]
-                for collection, cursor in cursors:
-                    for row in await cursor.fetchall():
-                        found[(collection, row[0])] = _sql.record_from_row(collection, row)
-            except BaseException:
-                await _roll_back(conn)
-                raise
+        if len(tables) == 1:
+            for row in await self._fetch_all(
+                _select_any_sql(tables[0], meta=False), params, prepare=_PLAN_KEY_READS
+            ):
+                found[(tables[0], row[0])] = _sql.record_from_row(tables[0], row)
+        else:
+            for row in await self._fetch_all(_select_tables_sql(tables), params, prepare=_PLAN_KEY_READS):
+                collection = tables[row[0]]
+                width = 7 + len(collection.index_columns)
+                found[(collection, row[1])] = _sql.record_from_row(collection, row[1:width])
         return [found.get(item) for item in items]
 
     async def get_many(self, collection: Collection, ids: Sequence[str]) -> dict[str, Record]:
@@ -799,6 +795,20 @@ def _select_any_sql(collection: Collection, *, meta: bool) -> str:
     statements = _sql.statements(collection, _STYLE)
     prefix = statements.select_meta_prefix if meta else statements.select_full_prefix
     return f"{prefix} WHERE key = ANY(%s::text[]) ORDER BY key"
+
+
+@functools.cache
+def _select_tables_sql(collections: tuple[Collection, ...]) -> str:
+    """The full rows of several tables whose key is in one array parameter per table (in
+    order), as one statement: each row is its table's number in ``collections``, then its full
+    row, padded with NULLs to the widest table's (every index column is text)."""
+    width = max(len(collection.index_columns) for collection in collections)
+    selects = []
+    for n, collection in enumerate(collections):
+        columns = ", ".join((*_sql.BASE_COLUMNS, *collection.index_columns))
+        padding = ", NULL::text" * (width - len(collection.index_columns))
+        selects.append(f"SELECT {n}, {columns}{padding} FROM {collection.table} WHERE key = ANY(%s::text[])")
+    return " UNION ALL ".join(selects)
 
 
 @functools.cache
