@@ -50,6 +50,17 @@ and handshake are not in it), the server's CPU per request and its ratio, the da
 CPU per request (PostgreSQL's processes, from /proc too), and each phase's rate against the
 first backend's.
 
+``--pg-diagnose`` adds, after each PostgreSQL phase, where PostgreSQL's CPU went
+(``bench/_pg.py`` ``diagnosis``): utime and stime per process type (backends, walwriter,
+checkpointer, ...), ``pg_stat_wal`` per request (records, full-page images, bytes, writes and
+flushes with their time), checkpoints and buffers written, rows inserted, updated and
+HOT-updated per table, and the statements that took the time (``pg_stat_statements``: calls,
+time, rows and WAL per request). It loads pg_stat_statements and turns on WAL I/O timing, which
+cost a little CPU: compare figures taken with the same flags. ``--pg-setting NAME=VALUE``
+(repeatable) starts the throwaway cluster with a setting beyond the defaults; the output's
+header says so. Durability settings (fsync, synchronous_commit, full_page_writes,
+wal_sync_method, wal_level) are refused: the bench keeps PostgreSQL's.
+
 wrk (Debian's package) is the load: it runs on the same cores as the server, and its CPU is not
 counted (only the server's is). CPU per request is steadier on a shared machine than requests
 per second; both are printed. Nothing here asserts a figure.
