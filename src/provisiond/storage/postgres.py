@@ -103,8 +103,9 @@ _INSERT_CHUNK = 1000
 #: made while a table is new or small (a fresh database, a first burst of registrations, a
 #: bulk import), it is a sequential scan, and it stays one while the table grows by thousands
 #: of rows a second, until autovacuum's next ANALYZE (a minute or more). Under a registration
-#: burst on a fresh database every record read then scanned the whole table (a third of
-#: PostgreSQL's CPU per registration, ``docs/performance.md``). A plan made at each call sees
+#: burst on a fresh database every record read then scanned the whole table (about a quarter
+#: of PostgreSQL's CPU per registration under the bench's load, over half of it with a pool of
+#: 4 connections: ``docs/performance.md``, "The fourth round"). A plan made at each call sees
 #: the table's current size (its pages), so a read of a few keys is an index scan as soon as
 #: the table has more than a few pages. Planning costs some 25-50 µs per statement.
 _PLAN_KEY_READS = False
