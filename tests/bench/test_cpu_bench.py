@@ -74,6 +74,8 @@ def test_tls_front_offload_runs_through_haproxy_and_prints_its_table(tmp_path: P
         "--offload",
         "--offload-phases",
         "trivial,group,x509-group",
+        "--offload-fronts",
+        "provisiond,haproxy,haproxy-resume",
         "--devices",
         "40",
         "--x509-devices",
@@ -92,7 +94,12 @@ def test_tls_front_offload_runs_through_haproxy_and_prints_its_table(tmp_path: P
     # the X.509 registrations through HAProxy were answered 2xx: the chain reached the app
     x509 = next(line for line in out.splitlines() if line.startswith("| haproxy | x509-group |"))
     assert x509.rstrip(" |").endswith("| 0"), out
-    # the resumption probe ran on both fronts (what HAProxy does on resumption is its own, not asserted)
-    for front in ("provisiond", "haproxy"):
+    # the resumption probe ran on every front; with the sample config (no resumption) the
+    # device registers again (what HAProxy does on a resumed session is its own, not asserted)
+    for front in ("provisiond", "haproxy", "haproxy-resume"):
         assert f"# {front}: an X.509 device registering" in out, out
+    probe = next(line for line in out.splitlines() if line.startswith("# haproxy: an X.509"))
+    assert probe.split("): ", 1)[1].split(", ") == [
+        f"{v} full 202" for v in ("TLSv1_2", "TLSv1_2", "TLSv1_3", "TLSv1_3")
+    ]
     assert list(tmp_path.iterdir()) == []
