@@ -26,6 +26,8 @@ from typing import Any
 import pytest
 
 from provisiond import pki
+from provisiond.device import ProvisioningDeviceClient, X509Security
+from provisiond.models import RegistrationStatus
 from provisiond.protocol.sas import build_sas_token, derive_device_key
 from provisiond.service.front import CERT_HEADER, CHAIN_HEADER, MAX_CHAIN_BYTES, chain_from_headers
 from tests._server import RunningServer, free_port, start_server
@@ -454,3 +456,25 @@ def test_front_port_needs_trusted_front(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "--trusted-front" in result.stderr
+
+
+@pytest.mark.parametrize("transport", ["https", "mqtt-ws", "amqp-ws"])
+def test_device_client_registers_through_haproxy(front: Front, admin: Any, transport: str) -> None:
+    """provisiond's own device client, an X.509 group device with an intermediate, through
+    HAProxy: over HTTPS, and over MQTT and AMQP on WebSockets (the upgrade request carries the
+    headers, so the session gets the chain as on provisiond's own TLS)."""
+    root = pki.make_root_ca(uid("Client Root"))
+    gid = x509_group(admin, root)
+    reg = uid("fdc")
+    security = X509Security.from_issued(
+        pki.make_device_cert(reg, pki.make_intermediate_ca(uid("Client I"), root))
+    )
+    with ProvisioningDeviceClient.create(
+        f"localhost:{front.port}", front.scope, security, transport, ca_file=front.server.ca_file, timeout=20
+    ) as client:
+        result = client.register()
+    assert result.status == RegistrationStatus.ASSIGNED, result
+    assert result.registration_state is not None
+    assert result.registration_state.x509 is not None
+    assert result.registration_state.x509.enrollment_group_id == gid
+    assert result.device_id == reg
