@@ -478,3 +478,27 @@ def test_device_client_registers_through_haproxy(front: Front, admin: Any, trans
     assert result.registration_state.x509 is not None
     assert result.registration_state.x509.enrollment_group_id == gid
     assert result.device_id == reg
+
+
+def test_every_worker_serves_the_front_port(tmp_path: Path) -> None:
+    """``--workers 2``: each worker listens on the front port (SO_REUSEPORT) with the same
+    trusted list; an untrusted source is closed at accept by whichever worker takes it."""
+    front_port = free_port()
+    running = start_server(
+        tmp_path, "--workers", "2", "--front-port", str(front_port), "--trusted-front", "127.0.0.1"
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while running.log().count("serving plain HTTP for the trusted front") < 2:
+            assert time.monotonic() < deadline, running.log()[-3000:]
+            time.sleep(0.1)
+        fake = Front(running, None, 0, front_port, tmp_path)  # type: ignore[arg-type]  # no HAProxy here
+        for _ in range(8):
+            answer = plain(fake, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+        try:
+            assert plain(fake, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", source="127.0.0.2") == b""
+        except ConnectionResetError:
+            pass
+    finally:
+        running.stop()
