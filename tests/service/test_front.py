@@ -3,7 +3,7 @@
 configuration is the tested one), devices over real TLS sockets to HAProxy, and direct plain
 connections to the front port, from a trusted address and from an untrusted one (127.0.0.2).
 
-Skipped when the haproxy binary is missing (.ci/run installs it)."""
+The tests that need HAProxy skip when its binary is missing (.ci/run installs it)."""
 
 from __future__ import annotations
 
@@ -34,8 +34,6 @@ from tests._server import RunningServer, free_port, start_server
 
 SAMPLE = Path(__file__).resolve().parents[2] / "samples" / "haproxy" / "haproxy.cfg"
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
-
-pytestmark = pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed")
 
 
 def uid(prefix: str) -> str:
@@ -69,8 +67,10 @@ def _wait_port(port: int, process: subprocess.Popen[bytes], what: str) -> None:
 
 
 def start_front(work: Path, *extra: str, sample: Path = SAMPLE) -> Front:
-    """provisiond with its front port trusted from 127.0.0.1, and HAProxy from ``sample``."""
-    assert HAPROXY is not None
+    """provisiond with its front port trusted from 127.0.0.1, and HAProxy from ``sample``
+    (skips the test when the haproxy binary is missing)."""
+    if HAPROXY is None:
+        pytest.skip("haproxy is not installed (.ci/run installs it)")
     front_port, port = free_port(), free_port()
     server = start_server(
         work / "data", "--front-port", str(front_port), "--trusted-front", "127.0.0.1", *extra
@@ -437,25 +437,22 @@ def test_client_address_is_the_devices_not_a_forged_one(tmp_path: Path) -> None:
         stop_front(running)
 
 
-def test_front_port_needs_trusted_front(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("trusted", "words"),
+    [([], "--front-port needs --trusted-front"), (["--trusted-front", "0.0.0.0/0"], "trusts every address")],
+    ids=["missing", "everyone"],
+)
+def test_front_port_needs_a_trusted_front(tmp_path: Path, trusted: list[str], words: str) -> None:
+    command = ["serve", "--data-dir", str(tmp_path), "--front-port", str(free_port()), *trusted]
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "provisiond",
-            "serve",
-            "--data-dir",
-            str(tmp_path),
-            "--front-port",
-            str(free_port()),
-        ],
+        [sys.executable, "-m", "provisiond", *command],
         capture_output=True,
         text=True,
         timeout=60,
         env={k: v for k, v in os.environ.items() if not k.startswith("PROVISIOND_")},
     )
     assert result.returncode == 2
-    assert "--trusted-front" in result.stderr
+    assert words in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("transport", ["https", "mqtt-ws", "amqp-ws"])

@@ -83,13 +83,16 @@ class TrustedFronts:
     """The addresses (or networks) ``--trusted-front`` names; a source address is trusted when one
     of them holds it (an IPv4-mapped IPv6 address counts as its IPv4 address).
 
-    :raises ValueError: an entry is not an address or a network.
+    :raises ValueError: an entry is not an address or a network, or is every address (``/0``).
     """
 
     def __init__(self, entries: Iterable[str]) -> None:
         self.networks = tuple(ipaddress.ip_network(entry.strip(), strict=False) for entry in entries)
         if not self.networks:
             raise ValueError("no trusted front address")
+        for network in self.networks:
+            if network.prefixlen == 0:
+                raise ValueError(f"{network} trusts every address: name the front's addresses")
         self._seen: dict[str, bool] = {}
 
     def __call__(self, address: str) -> bool:

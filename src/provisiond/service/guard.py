@@ -475,7 +475,7 @@ class GuardedConnection(asyncio.Protocol):
         elif phase is Phase.FIRST:
             why = (
                 f"no complete {self._listener.first_request} within {limits.first_request_timeout:g} s "
-                "of the TLS handshake (--first-request-timeout)"
+                f"of the {'TLS handshake' if self._listener.ssl_context else 'accept'} (--first-request-timeout)"
             )
         elif phase is Phase.HEAD:
             why = f"request head not complete {limits.header_timeout:g} s after its first byte (--header-timeout)"
