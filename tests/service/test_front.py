@@ -66,12 +66,12 @@ def _wait_port(port: int, process: subprocess.Popen[bytes], what: str) -> None:
     raise RuntimeError(f"{what} did not listen on {port}")
 
 
-def start_front(work: Path, *extra: str, sample: Path = SAMPLE) -> Front:
+def start_front(work: Path, *extra: str, sample: Path = SAMPLE, port: int | None = None) -> Front:
     """provisiond with its front port trusted from 127.0.0.1, and HAProxy from ``sample``
     (skips the test when the haproxy binary is missing)."""
     if HAPROXY is None:
         pytest.skip("haproxy is not installed (.ci/run installs it)")
-    front_port, port = free_port(), free_port()
+    front_port, port = free_port(), port or free_port()
     server = start_server(
         work / "data", "--front-port", str(front_port), "--trusted-front", "127.0.0.1", *extra
     )
