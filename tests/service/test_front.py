@@ -489,6 +489,9 @@ def test_every_worker_serves_the_front_port(tmp_path: Path) -> None:
         while running.log().count("serving plain HTTP for the trusted front") < 2:
             assert time.monotonic() < deadline, running.log()[-3000:]
             time.sleep(0.1)
+        running.wait_for_log(
+            "Trusted front", f"http://127.0.0.1:{front_port}", "from 127.0.0.1 only"
+        )  # the banner
         fake = Front(running, None, 0, front_port, tmp_path)  # type: ignore[arg-type]  # no HAProxy here
         for _ in range(8):
             answer = plain(fake, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")

@@ -136,13 +136,24 @@ provisiond is running.
   Built-in IoT hub         {hub}   (devices: {mqtt}wss://{hub_endpoint}/$iothub/websocket;
                            service API: https://{hub_endpoint}, hubConnectionString in connection.json)
   Connection details       {path}
-  Open files               {_open_files(settings)}
+  Open files               {_open_files(settings)}{_front_line(settings)}
 
 Provision a first device (in another terminal):
   {prog} enrollment create my-first-device --data-dir {d}
   {prog} device register --data-dir {d} --registration-id my-first-device --symmetric-key <its primary key>
   {prog} registration show my-first-device --data-dir {d}
 """
+
+
+def _front_line(settings: Settings) -> str:
+    """The banner's line for ``--front-port`` (none when it is off)."""
+    if not settings.front_port:
+        return ""
+    trusted = ",".join(settings.trusted_fronts)
+    return (
+        f"\n  Trusted front            http://{settings.front_bind}:{settings.front_port} "
+        f"(plain HTTP, from {trusted} only; docs/tls-front.md)"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
