@@ -1,5 +1,7 @@
 """The front door of every TLS listener (HTTPS with its WebSockets, MQTT, AMQP): admission, the
-TLS handshake, and the deadlines of each connection, in one mechanism.
+TLS handshake, and the deadlines of each connection, in one mechanism. The trusted front's plain
+listener (:mod:`provisiond.service.front`) goes through it too, without the handshake and with
+a check of the source address before admission.
 
 Theory of operation
 -------------------
