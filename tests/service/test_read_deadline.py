@@ -124,3 +124,27 @@ def test_no_timer_is_left_after_close() -> None:
         await asyncio.sleep(0.1)  # a timer left armed would cancel this sleep
 
     _run(main())
+
+
+def test_a_stream_that_swallows_the_cancellation_leaves_the_task_uncancelled() -> None:
+    # A stream whose read ends on cancellation instead of raising it (as a read that turns an
+    # error into b"" might): the deadline's cancellation must not stay pending on the task.
+    class _Swallowing(_Stream):
+        async def receive(self, max_bytes: int = 65536) -> bytes:
+            try:
+                return await super().receive(max_bytes)
+            except asyncio.CancelledError:
+                return b""
+
+    async def main() -> tuple[bytes | None, int]:
+        stream, deadline = _Swallowing(), ReadDeadline()
+        try:
+            got = await deadline.receive(stream, 10, time.monotonic() + 0.05)
+            task = asyncio.current_task()
+            assert task is not None
+            await asyncio.sleep(0.01)  # a cancellation left pending would land here
+            return got, task.cancelling()
+        finally:
+            deadline.close()
+
+    assert _run(main()) == (b"", 0)

@@ -36,6 +36,7 @@ class ReadDeadline:
         self._armed: float | None = None  # when the timer fires (clock seconds)
         self._waiting = False
         self._fired = False
+        self._cancelling = 0  # the task's cancellation requests before the timer's own
 
     async def receive(self, stream: ByteStream, max_bytes: int, due: float | None) -> bytes | None:
         """The stream's next bytes (``b""``: the peer closed), or None when ``due`` (clock
@@ -47,14 +48,18 @@ class ReadDeadline:
         try:
             return await stream.receive(max_bytes)
         except asyncio.CancelledError:
-            if not self._fired:
-                raise
-            self._fired = False
-            if self._task.uncancel() > 0:
-                raise  # cancelled from outside too (a shutdown): that wins
-            return None
+            if self._fired:
+                self._fired = False
+                if self._task.uncancel() <= self._cancelling:
+                    return None  # our cancellation alone
+            raise  # cancelled from outside too (a shutdown): that wins
         finally:
             self._waiting = False
+            if self._fired:
+                # Our cancellation met a read that ended otherwise (a stream that turned it
+                # into b"", say): it must not stay pending on the task.
+                self._fired = False
+                self._task.uncancel()
 
     def close(self) -> None:
         """Stop the timer (the session is over)."""
@@ -77,4 +82,5 @@ class ReadDeadline:
             self._arm(due)  # the deadline moved on since the timer was armed
             return
         self._fired = True
+        self._cancelling = self._task.cancelling()
         self._task.cancel()
