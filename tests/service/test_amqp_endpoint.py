@@ -692,3 +692,20 @@ async def test_a_session_cancelled_while_reading_is_cancelled_not_timed_out(tmp_
     with pytest.raises(asyncio.CancelledError):
         await task
     assert b"amqp:resource-limit-exceeded" not in stream.sent
+
+
+async def test_a_stream_that_swallows_the_deadline_leaves_the_task_uncancelled(tmp_path: Path) -> None:
+    # A stream whose read ends on cancellation rather than raising it (as a read that turns an
+    # error into b"" might): the deadline's cancellation must not stay pending on the task.
+    class _Swallowing(_SilentStream):
+        async def receive(self, max_bytes: int = 65536) -> bytes:
+            try:
+                return await super().receive(max_bytes)
+            except asyncio.CancelledError:
+                return b""
+
+    stream = _Swallowing([_opened_without_sasl(None)])
+    task = asyncio.create_task(_endpoint(tmp_path, session_idle_timeout=0.3)(stream))
+    done, _ = await asyncio.wait({task}, timeout=5)
+    assert task in done and task.exception() is None
+    assert task.cancelling() == 0

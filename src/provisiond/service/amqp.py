@@ -190,14 +190,17 @@ class _ReadDeadline:
         try:
             return await stream.receive(_READ_SIZE)
         except asyncio.CancelledError:
-            task = self._task
-            if self._expired and task is not None:
+            if self._expired and self._task is not None:
                 self._expired = False
-                if task.uncancel() <= self._cancelling:  # our cancellation alone
+                if self._task.uncancel() <= self._cancelling:  # our cancellation alone
                     raise TimeoutError from None
             raise
         finally:
             self._reading = False
+            if self._expired and self._task is not None:
+                # Our cancellation met a read that ended otherwise (a stream that swallowed it).
+                self._expired = False
+                self._task.uncancel()
 
     def _arm(self, deadline: float) -> None:
         if self._task is None:

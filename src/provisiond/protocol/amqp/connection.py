@@ -285,6 +285,8 @@ class Connection:
         """Process input that waited for the application (a pipelining peer's bytes after a
         SASL frame we had to answer first), and return the events. Call it after acting on
         events until it returns none."""
+        if not self._in:  # the common case after acting on events: nothing waited
+            return self._take_events()
         try:
             while self._in and self._phase is not _Phase.FINISHED and not self._paused and self._step():
                 pass
@@ -313,7 +315,7 @@ class Connection:
     def pending_input(self) -> int:
         """Bytes of a protocol header or frame that has begun but is not complete (0 while the
         input waits for the application)."""
-        return 0 if self._paused else len(self._in)
+        return 0 if not self._in or self._paused else len(self._in)
 
     def get_outbound_data(self) -> bytes:
         """The bytes to send now (and forget)."""
@@ -360,6 +362,8 @@ class Connection:
         return max(_MIN_HEARTBEAT, self.remote_open.idle_time_out / 2000)
 
     def _take_events(self) -> list[Event]:
+        if not self._events:
+            return []
         events = list(self._events)
         self._events.clear()  # in place: the sessions append to this same list
         return events
