@@ -9,7 +9,10 @@ bytes go into a server :class:`~provisiond.protocol.amqp.connection.Connection`,
 returns are answered here, and what it queued is written back. The loop waits for bytes no
 longer than the machine's next deadline (its idle timeout, ``--session-idle-timeout``, and the
 heartbeats the device's idle-time-out asks for) and never longer than
-:data:`HANDSHAKE_TIMEOUT` for the connection to be open. The connection's guard
+:data:`HANDSHAKE_TIMEOUT` for the connection to be open. The deadline is kept by one timer
+per connection (:class:`_ReadDeadline`), moved only when a read's deadline is earlier than
+the timer: a deadline that moves later (every read, for the idle timeout) costs nothing until
+the timer fires and finds it later. The connection's guard
 (:mod:`provisiond.service.guard`) learns when the protocol header is in and whether a frame is
 incomplete, so that a device trickling a frame byte by byte is held to the minimum receive rate.
 
@@ -56,6 +59,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,6 +160,74 @@ class AmqpEndpoint:
         await _Session(self, stream).run()
 
 
+class _ReadDeadline:
+    """Interrupts a read that outlives its deadline, as ``asyncio.timeout`` around each read
+    would, with one timer per connection instead of one per read.
+
+    :meth:`read` notes the read's deadline (``time.monotonic`` time) and moves the timer only
+    when the deadline is earlier than it. When the timer fires it looks again: it waits on for
+    a later deadline, does nothing between reads, and cancels the task when a read is past its
+    deadline; :meth:`read` turns that cancellation (only that one) into ``TimeoutError``.
+    """
+
+    __slots__ = ("_cancelling", "_deadline", "_expired", "_reading", "_task", "_timer", "_timer_at")
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[Any] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._deadline: float | None = None
+        self._reading = False
+        self._expired = False
+        self._cancelling = 0
+
+    async def read(self, stream: ByteStream, deadline: float | None) -> bytes:
+        """``stream.receive()``; :class:`TimeoutError` once ``deadline`` has passed."""
+        self._deadline = deadline
+        if deadline is not None and (self._timer is None or deadline < self._timer_at):
+            self._arm(deadline)
+        self._reading = True
+        try:
+            return await stream.receive(_READ_SIZE)
+        except asyncio.CancelledError:
+            if self._expired and self._task is not None:
+                self._expired = False
+                if self._task.uncancel() <= self._cancelling:  # our cancellation alone
+                    raise TimeoutError from None
+            raise
+        finally:
+            self._reading = False
+            if self._expired and self._task is not None:
+                # Our cancellation met a read that ended otherwise (a stream that swallowed it).
+                self._expired = False
+                self._task.uncancel()
+
+    def _arm(self, deadline: float) -> None:
+        if self._task is None:
+            self._task = asyncio.current_task()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, deadline - time.monotonic()), self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if not self._reading or deadline is None:
+            return  # the next read arms it again
+        if deadline > time.monotonic():
+            self._arm(deadline)
+        elif self._task is not None and not self._expired:
+            self._expired = True
+            self._cancelling = self._task.cancelling()
+            self._task.cancel()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 class _Session:
     def __init__(self, endpoint: AmqpEndpoint, stream: ByteStream) -> None:
         self.endpoint = endpoint
@@ -167,6 +239,7 @@ class _Session:
         self.close_reason = "closed"
         self.started = time.monotonic()
         self.aborted = False
+        self.deadline = _ReadDeadline()
 
     @property
     def who(self) -> str:
@@ -185,6 +258,8 @@ class _Session:
                 await self._flush()
         except StreamClosed as exc:
             self.close_reason = f"the connection broke while sending ({exc or 'reset'})"
+        finally:
+            self.deadline.stop()
         with contextlib.suppress(StreamClosed):
             await self._flush()
         normal = self.close_reason in ("the device closed the connection", "the device closed the stream")
@@ -203,8 +278,7 @@ class _Session:
             handshake = self.started + HANDSHAKE_TIMEOUT
             deadline = handshake if deadline is None or handshake < deadline else deadline
         try:
-            async with asyncio.timeout(None if deadline is None else max(0.0, deadline - time.monotonic())):
-                data = await self.stream.receive(_READ_SIZE)
+            data = await self.deadline.read(self.stream, deadline)
         except TimeoutError:
             if not self.machine.opened and time.monotonic() >= self.started + HANDSHAKE_TIMEOUT:
                 self.close_reason = f"the connection was not open within {HANDSHAKE_TIMEOUT:g} s"
@@ -219,36 +293,39 @@ class _Session:
             await self.stream.send(data)
 
     async def _handle(self, events: list[Event]) -> None:
+        handlers = _HANDLERS
         while events:
             for event in events:
-                await self._on_event(event)
+                handler = handlers.get(type(event))
+                if handler is not None:
+                    await handler(self, event)
             events = self.machine.poll_events()
 
-    async def _on_event(self, event: Event) -> None:
+    async def _on_header(self, event: ProtocolHeaderReceived) -> None:
+        self.stream.guard.head_received()  # the first request, as far as the guard is concerned
+
+    async def _on_sasl_response(self, event: SaslResponseReceived) -> None:
+        await self._on_tpm_response(event.response)
+
+    async def _on_opened(self, event: ConnectionOpened) -> None:
         machine = self.machine
-        if isinstance(event, ProtocolHeaderReceived):
-            self.stream.guard.head_received()  # the first request, as far as the guard is concerned
-        elif isinstance(event, SaslInitReceived):
-            await self._on_sasl_init(event)
-        elif isinstance(event, SaslResponseReceived):
-            await self._on_tpm_response(event.response)
-        elif isinstance(event, ConnectionOpened):
-            machine.open()
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("AMQP %s: open (SASL %s)", self.who, machine.sasl_mechanism or "none")
-        elif isinstance(event, LinkAttached) and event.answer_needed:
+        machine.open()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("AMQP %s: open (SASL %s)", self.who, machine.sasl_mechanism or "none")
+
+    async def _on_link(self, event: LinkAttached) -> None:
+        if event.answer_needed:
             self._on_attach(event)
-        elif isinstance(event, MessageReceived):
-            await self._on_message(event)
-        elif isinstance(event, ConnectionClosed):
-            if event.by_peer:
-                self.close_reason = (
-                    f"the device closed with {event.error.condition}: {event.error.description}"
-                    if event.error
-                    else "the device closed the connection"
-                )
-            elif event.error is not None and self.close_reason == "closed":
-                self.close_reason = f"{event.error.description} ({event.error.condition})"
+
+    async def _on_closed(self, event: ConnectionClosed) -> None:
+        if event.by_peer:
+            self.close_reason = (
+                f"the device closed with {event.error.condition}: {event.error.description}"
+                if event.error
+                else "the device closed the connection"
+            )
+        elif event.error is not None and self.close_reason == "closed":
+            self.close_reason = f"{event.error.description} ({event.error.condition})"
 
     # --- SASL ----------------------------------------------------------------------------------
 
@@ -430,6 +507,18 @@ class _Session:
             describe=describe,
         )
         return await gateway.answer(call)
+
+
+#: What the session does with each kind of event (the others need nothing from it).
+_HANDLERS: dict[type[Event], Callable[[_Session, Any], Awaitable[None]]] = {
+    ProtocolHeaderReceived: _Session._on_header,
+    SaslInitReceived: _Session._on_sasl_init,
+    SaslResponseReceived: _Session._on_sasl_response,
+    ConnectionOpened: _Session._on_opened,
+    LinkAttached: _Session._on_link,
+    MessageReceived: _Session._on_message,
+    ConnectionClosed: _Session._on_closed,
+}
 
 
 def _rejection(answer: Answer) -> Rejected:
