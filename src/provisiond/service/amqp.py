@@ -10,7 +10,7 @@ returns are answered here, and what it queued is written back. The loop waits fo
 longer than the machine's next deadline (its idle timeout, ``--session-idle-timeout``, and the
 heartbeats the device's idle-time-out asks for) and never longer than
 :data:`HANDSHAKE_TIMEOUT` for the connection to be open. The deadline is kept by one timer
-per connection (:class:`_ReadDeadline`), moved only when a read's deadline is earlier than
+per connection (:class:`~provisiond.service._deadline.ReadDeadline`, shared with MQTT), moved only when a read's deadline is earlier than
 the timer: a deadline that moves later (every read, for the idle timeout) costs nothing until
 the timer fires and finds it later. The connection's guard
 (:mod:`provisiond.service.guard`) learns when the protocol header is in and whether a frame is
@@ -54,7 +54,6 @@ when the device should come back later (the .NET SDK derives the status from
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -93,6 +92,7 @@ from ..protocol.amqp.sasl_tpm import MakeBlob, SendChallenge, TokenReceived, Tpm
 from ..protocol.amqp.session import SessionLimits
 from ..protocol.amqp.types import Symbol
 from ..protocol.messages import TpmAttestationRequest
+from ._deadline import ReadDeadline
 from .gateway import AMQP, Answer, Credential, DeviceCall, DeviceGateway, Operation, Transport
 from .listeners import TlsListener
 from .streams import ByteStream, StreamClosed
@@ -160,74 +160,6 @@ class AmqpEndpoint:
         await _Session(self, stream).run()
 
 
-class _ReadDeadline:
-    """Interrupts a read that outlives its deadline, as ``asyncio.timeout`` around each read
-    would, with one timer per connection instead of one per read.
-
-    :meth:`read` notes the read's deadline (``time.monotonic`` time) and moves the timer only
-    when the deadline is earlier than it. When the timer fires it looks again: it waits on for
-    a later deadline, does nothing between reads, and cancels the task when a read is past its
-    deadline; :meth:`read` turns that cancellation (only that one) into ``TimeoutError``.
-    """
-
-    __slots__ = ("_cancelling", "_deadline", "_expired", "_reading", "_task", "_timer", "_timer_at")
-
-    def __init__(self) -> None:
-        self._task: asyncio.Task[Any] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
-        self._deadline: float | None = None
-        self._reading = False
-        self._expired = False
-        self._cancelling = 0
-
-    async def read(self, stream: ByteStream, deadline: float | None) -> bytes:
-        """``stream.receive()``; :class:`TimeoutError` once ``deadline`` has passed."""
-        self._deadline = deadline
-        if deadline is not None and (self._timer is None or deadline < self._timer_at):
-            self._arm(deadline)
-        self._reading = True
-        try:
-            return await stream.receive(_READ_SIZE)
-        except asyncio.CancelledError:
-            if self._expired and self._task is not None:
-                self._expired = False
-                if self._task.uncancel() <= self._cancelling:  # our cancellation alone
-                    raise TimeoutError from None
-            raise
-        finally:
-            self._reading = False
-            if self._expired and self._task is not None:
-                # Our cancellation met a read that ended otherwise (a stream that swallowed it).
-                self._expired = False
-                self._task.uncancel()
-
-    def _arm(self, deadline: float) -> None:
-        if self._task is None:
-            self._task = asyncio.current_task()
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = deadline
-        self._timer = asyncio.get_running_loop().call_later(max(0.0, deadline - time.monotonic()), self._fire)
-
-    def _fire(self) -> None:
-        self._timer = None
-        deadline = self._deadline
-        if not self._reading or deadline is None:
-            return  # the next read arms it again
-        if deadline > time.monotonic():
-            self._arm(deadline)
-        elif self._task is not None and not self._expired:
-            self._expired = True
-            self._cancelling = self._task.cancelling()
-            self._task.cancel()
-
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-
 class _Session:
     def __init__(self, endpoint: AmqpEndpoint, stream: ByteStream) -> None:
         self.endpoint = endpoint
@@ -239,7 +171,7 @@ class _Session:
         self.close_reason = "closed"
         self.started = time.monotonic()
         self.aborted = False
-        self.deadline = _ReadDeadline()
+        self.deadline = ReadDeadline()  # created in the task that runs the session
 
     @property
     def who(self) -> str:
@@ -259,7 +191,7 @@ class _Session:
         except StreamClosed as exc:
             self.close_reason = f"the connection broke while sending ({exc or 'reset'})"
         finally:
-            self.deadline.stop()
+            self.deadline.close()
         with contextlib.suppress(StreamClosed):
             await self._flush()
         normal = self.close_reason in ("the device closed the connection", "the device closed the stream")
@@ -277,9 +209,8 @@ class _Session:
         if not machine.opened:
             handshake = self.started + HANDSHAKE_TIMEOUT
             deadline = handshake if deadline is None or handshake < deadline else deadline
-        try:
-            data = await self.deadline.read(self.stream, deadline)
-        except TimeoutError:
+        data = await self.deadline.receive(self.stream, _READ_SIZE, deadline)
+        if data is None:
             if not self.machine.opened and time.monotonic() >= self.started + HANDSHAKE_TIMEOUT:
                 self.close_reason = f"the connection was not open within {HANDSHAKE_TIMEOUT:g} s"
                 self.aborted = True
