@@ -61,6 +61,11 @@ cost a little CPU: compare figures taken with the same flags. ``--pg-setting NAM
 header says so. Durability settings (fsync, synchronous_commit, full_page_writes,
 wal_sync_method, wal_level) are refused: the bench keeps PostgreSQL's.
 
+``--front haproxy`` sends the wrk and X.509 phases through HAProxy running
+samples/haproxy/haproxy.cfg (TLS terminated there, no session resumption) in front of
+``provisiond serve --front-port`` (docs/tls-front.md), and counts HAProxy's CPU with the
+server's; the https/mqtt/amqp generator phases stay on provisiond's own ports.
+
 wrk (Debian's package) is the load: it runs on the same cores as the server, and its CPU is not
 counted (only the server's is). CPU per request is steadier on a shared machine than requests
 per second; both are printed. Nothing here asserts a figure.
@@ -71,6 +76,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import re
@@ -88,7 +94,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_summary, start_server, terminate_on_signals
+from _common import free_port, machine_summary, start_server, terminate_on_signals
 from _transports import run as run_transport
 
 from provisiond import pki
@@ -416,6 +422,14 @@ def main() -> int:
         "system), WAL records, full-page images, bytes and flushes, checkpoints, rows and HOT "
         "updates, and the statements (pg_stat_statements, WAL I/O timing on: a little dearer)",
     )
+    parser.add_argument(
+        "--front",
+        choices=["provisiond", "haproxy"],
+        default="provisiond",
+        help="haproxy: the wrk and X.509 phases through HAProxy running samples/haproxy/haproxy.cfg "
+        "in front of `serve --front-port` (docs/tls-front.md), the CPU provisiond's and HAProxy's; "
+        "the https/mqtt/amqp generator phases stay on provisiond's own ports",
+    )
     args = parser.parse_args()
     durable = {"fsync", "synchronous_commit", "full_page_writes", "wal_sync_method", "wal_level"}
     if refused := [s for s in args.pg_setting if s.partition("=")[0] in durable]:
@@ -472,6 +486,9 @@ def _run_backend(backend: str, args: argparse.Namespace, preload: int = 0) -> li
             pg = PostgresCluster(bindir, settings=args.pg_setting, diagnose=args.pg_diagnose)
             extra = ["--db", pg.start()]
             db_pid = int((pg.data / "postmaster.pid").read_text().split()[0])
+        front_port = free_port()
+        if args.front == "haproxy":
+            extra += ["--front-port", str(front_port), "--trusted-front", "127.0.0.1"]
         try:
             server_args = (*extra, "--log-level", args.log_level, *args.server_arg)
             server = start_server(work / "data", *server_args)
@@ -480,11 +497,19 @@ def _run_backend(backend: str, args: argparse.Namespace, preload: int = 0) -> li
                 if preload:
                     from _preload import preload as fill
 
-                    db_url = extra[1] if extra else f"sqlite:///{work / 'data' / 'provisiond.db'}"
+                    db_url = (
+                        extra[1]
+                        if backend == "postgresql"
+                        else f"sqlite:///{work / 'data' / 'provisiond.db'}"
+                    )
                     server, reregister = fill(server, db_url, work, preload, server_args, args.devices)
                 stats = pg.stats if pg is not None else None
                 snapshot = pg.snapshot if pg is not None and args.pg_diagnose else None
-                return _measure(server, work, args, backend, db_pid, reregister, stats, snapshot)
+                with contextlib.ExitStack() as stack:
+                    front = None
+                    if args.front == "haproxy":
+                        front = _haproxy_front(stack, work, front_port)
+                    return _measure(server, work, args, backend, db_pid, reregister, stats, front, snapshot)
             finally:
                 server.stop()
         finally:
@@ -542,6 +567,21 @@ def _print_table(results: list[tuple[str, list[Phase]]]) -> None:
             )
 
 
+def _haproxy_front(stack: contextlib.ExitStack, work: Path, front_port: int) -> tuple[int, int]:
+    """``--front haproxy``: HAProxy from the sample config, forwarding to provisiond's front port
+    (bench/_offload.py): (its TLS port, its pid)."""
+    from _offload import sample_haproxy
+    from tls_front import _wait_for_port
+
+    port = free_port()
+    haproxy = stack.enter_context(
+        sample_haproxy(work, work / "data" / "pki", port=port, front_port=front_port, resume=False)
+    )
+    _wait_for_port(port, haproxy, "haproxy")
+    print(f"# through HAProxy (samples/haproxy/haproxy.cfg) on port {port}", flush=True)
+    return port, haproxy.pid
+
+
 def _measure(
     server,
     work: Path,
@@ -550,10 +590,13 @@ def _measure(
     db_pid: int | None,
     reregister: list[tuple[str, str]] | None = None,
     db_stats: Callable[[], dict[str, float]] | None = None,
+    front: tuple[int, int] | None = None,
     db_snapshot: Callable[[], dict[str, Any]] | None = None,
 ) -> list[Phase]:  # type: ignore[no-untyped-def]
     info = server.info
     scope, port = info["idScope"], int(info["httpsPort"])
+    if front is not None:  # --front haproxy: (HAProxy's port, its pid)
+        port = front[0]
     api = server.api()
     expiry = int(time.time()) + 7200
     script = work / "bench.lua"
@@ -636,6 +679,7 @@ def _measure(
     for name in args.phases.split(","):
         stats_before = db_stats() if db_stats else None
         snapshot_before = db_snapshot() if db_snapshot else None
+        front_before = process_tree_cpu(front[1]) if front is not None else 0.0
         if name.split("-")[0] in _TRANSPORTS:
             run = _run_transport(name, server, group_key, args, db_pid)
         elif name.startswith("x509"):
@@ -659,6 +703,8 @@ def _measure(
                 pid=server.pid,
                 db_pid=db_pid,
             )
+        if front is not None:
+            run.cpu += process_tree_cpu(front[1]) - front_before  # the front's CPU too
         bad = run.bad_status if name != "trivial" else 0  # a 404 is trivial's answer
         phase = Phase(
             name, run.requests, run.seconds, run.cpu, bad, run.socket_errors, run.p50, run.p99, run.db_cpu

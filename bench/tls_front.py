@@ -30,14 +30,14 @@ minutes of a shared machine):
                               [--baseline-src ../other-checkout/src]
 
 ``--offload`` measures something else (``bench/_offload.py``): provisiond serving TLS itself
-against **HAProxy terminating TLS** (Debian's package, one thread, the same chain, key and TLS
-settings) in front of provisiond's own app over plain HTTP on loopback, the presented chain
-handed on in two headers (``ssl_c_der``, ``ssl_c_chain_der``), on one database: the trivial
-request, group registrations (wrk), and with ``--x509-devices N`` X.509 group registrations
-(full handshakes), the CPU of each front's processes (HAProxy's and the app's together).
+against **HAProxy terminating TLS** in front of ``provisiond serve --front-port`` (the same
+process, docs/tls-front.md), HAProxy running samples/haproxy/haproxy.cfg itself (no session
+resumption; ``haproxy-resume``: the same with it on), on one database: the trivial request,
+group registrations (wrk), and with ``--x509-devices N`` X.509 group registrations (full
+handshakes), each front's CPU (provisiond's and HAProxy's together).
 
     python bench/tls_front.py --offload [--offload-phases trivial,group,x509-trivial,x509-group]
-                              [--offload-fronts provisiond,haproxy,provisiond-2w]
+                              [--offload-fronts provisiond,haproxy,haproxy-resume,provisiond-2w]
                               [--devices 20000] [--x509-devices 1500] [--seconds 8] [--rounds 3]
 
 nginx is not a dependency of provisiond or of its tests: install it for this bench only
@@ -163,7 +163,6 @@ def haproxy(work: Path, cert: Path, key: Path, session_cache: int) -> Iterator[t
     conf = _offload.write_haproxy_conf(
         work,
         port=port,
-        app_port=None,
         cert_chain=cert,
         key=key,
         ca=cert.with_name("ca.pem"),
@@ -240,13 +239,15 @@ def main() -> int:
     parser.add_argument(
         "--offload-fronts",
         default="provisiond,haproxy",
-        help="--offload: also provisiond-2w (`provisiond serve --workers 2` on the same database)",
+        help="--offload: also haproxy-resume (the sample config with session resumption on: what "
+        "turning it off costs) and provisiond-2w (`provisiond serve --workers 2` on the same database)",
     )
     parser.add_argument(
         "--haproxy-session-cache",
         type=int,
         default=4096,
-        help="HAProxy's TLS session cache (tune.ssl.cachesize); 0: no resumption, every handshake full",
+        help="the haproxy front (answering 404 itself): its TLS session cache (tune.ssl.cachesize); 0: "
+        "no resumption, as samples/haproxy/haproxy.cfg; --offload runs the sample itself",
     )
     parser.add_argument("--devices", type=int, default=20000, help="--offload: devices per group phase")
     parser.add_argument("--x509-devices", type=int, default=1500, help="--offload: devices per X.509 phase")

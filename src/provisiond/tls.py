@@ -353,7 +353,7 @@ class _TlsApp:
     def __init__(
         self,
         app: Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]],
-        tls: TlsScopeExtension,
+        tls: TlsScopeExtension | None,
         guard: Guard,
     ) -> None:
         self._app = app
@@ -362,10 +362,14 @@ class _TlsApp:
 
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] in ("http", "websocket"):
-            # A fresh dict per request: an app that edits its scope cannot touch the next request's.
-            tls: TlsScopeExtension = {**self._tls, "client_cert_chain": list(self._tls["client_cert_chain"])}
             extensions = cast("dict[str, Any]", scope.setdefault("extensions", {}))
-            extensions["tls"] = tls
+            if self._tls is not None:
+                # A fresh dict per request: an app that edits its scope cannot touch the next request's.
+                tls: TlsScopeExtension = {
+                    **self._tls,
+                    "client_cert_chain": list(self._tls["client_cert_chain"]),
+                }
+                extensions["tls"] = tls
             extensions[GUARD_INFO] = self._guard
         await self._app(scope, receive, send)
 
@@ -390,6 +394,8 @@ class _TlsScopeMixin(asyncio.Protocol):
             tls = tls_extension(ssl_object)
             logger.debug("TLS connection: %d client certificate(s)", len(tls["client_cert_chain"]))
             self.app = _TlsApp(self.app, tls, self.guard)
+        elif self.guard is not NO_GUARD:  # the trusted front's plain listener: the guard only
+            self.app = _TlsApp(self.app, None, self.guard)
 
 
 class TlsHttpToolsProtocol(_TlsScopeMixin, HttpToolsProtocol):
@@ -549,5 +555,8 @@ def uvicorn_config(
         ws=TlsWebSocketsProtocol,
         # The guard closes idle connections (and says so); uvicorn's own timer is a backstop.
         timeout_keep_alive=int(limits.keep_alive_timeout) + 2,
+        # Devices connect here themselves: no X-Forwarded-For is theirs to set (uvicorn's default
+        # honours it from 127.0.0.1 and ::1). A front's listener is service/front.py's.
+        proxy_headers=False,
         **kwargs,
     )

@@ -74,6 +74,8 @@ def test_tls_front_offload_runs_through_haproxy_and_prints_its_table(tmp_path: P
         "--offload",
         "--offload-phases",
         "trivial,group,x509-group",
+        "--offload-fronts",
+        "provisiond,haproxy,haproxy-resume",
         "--devices",
         "40",
         "--x509-devices",
@@ -92,9 +94,41 @@ def test_tls_front_offload_runs_through_haproxy_and_prints_its_table(tmp_path: P
     # the X.509 registrations through HAProxy were answered 2xx: the chain reached the app
     x509 = next(line for line in out.splitlines() if line.startswith("| haproxy | x509-group |"))
     assert x509.rstrip(" |").endswith("| 0"), out
-    # the resumption probe ran on both fronts (what HAProxy does on resumption is its own, not asserted)
-    for front in ("provisiond", "haproxy"):
+    # the resumption probe ran on every front; with the sample config (no resumption) the
+    # device registers again (what HAProxy does on a resumed session is its own, not asserted)
+    for front in ("provisiond", "haproxy", "haproxy-resume"):
         assert f"# {front}: an X.509 device registering" in out, out
+    probe = next(line for line in out.splitlines() if line.startswith("# haproxy: an X.509"))
+    assert probe.split("): ", 1)[1].split(", ") == [
+        f"{v} full 202" for v in ("TLSv1_2", "TLSv1_2", "TLSv1_3", "TLSv1_3")
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed (.ci/run installs it)")
+def test_cpu_bench_through_haproxy_front(tmp_path: Path) -> None:
+    """``--front haproxy``: the phases go through HAProxy running the sample config in front of
+    ``serve --front-port``; every registration, symmetric-key and X.509 group, is answered 2xx."""
+    out = _run(
+        str(BENCH / "cpu.py"),
+        "--front",
+        "haproxy",
+        "--phases",
+        "trivial,group,x509-group",
+        "--devices",
+        "40",
+        "--x509-devices",
+        "6",
+        "--seconds",
+        "1",
+        "--connections",
+        "4",
+        tmp_path=tmp_path,
+    )
+    assert "# through HAProxy (samples/haproxy/haproxy.cfg)" in out, out
+    for phase in ("group", "x509-group"):
+        row = next(line for line in out.splitlines() if line.startswith(f"| sqlite | {phase} |"))
+        assert row.split("|")[-3].strip() == "0", row  # non-2xx
     assert list(tmp_path.iterdir()) == []
 
 

@@ -514,3 +514,46 @@ def test_fuzz_mutated_frames(capsys: pytest.CaptureFixture[str]) -> None:
     assert tried == FUZZ_INPUTS
     with capsys.disabled():
         print(f"\n[amqp fuzz] frames and messages: {tried} mutated frames tried")  # noqa: T201 (the report line)
+
+
+def test_templates_make_one_performative_per_values_and_stay_bounded() -> None:
+    made: list[tuple[int, Any]] = []
+
+    def make(credit: int, properties: Any = None) -> Flow:
+        made.append((credit, properties))
+        return Flow(
+            incoming_window=9,
+            next_outgoing_id=0,
+            outgoing_window=9,
+            link_credit=credit,
+            properties=properties,
+        )
+
+    flows = frames_module.Templates(make)
+    assert flows(5) is flows(5) and len(made) == 1
+    assert flows(6) == Flow(incoming_window=9, next_outgoing_id=0, outgoing_window=9, link_credit=6)
+    # Values that cannot be hashed (a map) make a new performative each time, never a shared one.
+    mapped = {Symbol("k"): "v"}
+    assert flows(7, mapped) is not flows(7, mapped)
+    for credit in range(3 * frames_module._SHARED_ENTRIES):
+        assert flows(credit).link_credit == credit
+    assert len(flows) <= frames_module._SHARED_ENTRIES
+
+
+def test_symbols_met_before_are_shared_and_their_table_stays_bounded() -> None:
+    from provisiond.protocol.amqp import decoding
+
+    def sym8(text: str) -> bytes:
+        return bytes((0xA3, len(text))) + text.encode("ascii")
+
+    first = decoding.decode_value(sym8("com.microsoft:api-version"))[1]
+    assert type(first) is Symbol and first == "com.microsoft:api-version"
+    assert decoding.decode_value(sym8("com.microsoft:api-version"))[1] is first
+    long = "x" * (decoding._SHARED_SYMBOL_SIZE + 1)
+    assert decoding.decode_value(sym8(long))[1] == long
+    assert long.encode() not in decoding._SYMBOLS
+    for n in range(3 * decoding._SYMBOL_ENTRIES):
+        assert decoding.decode_value(sym8(f"s{n}"))[1] == f"s{n}"
+    assert len(decoding._SYMBOLS) <= decoding._SYMBOL_ENTRIES
+    with pytest.raises(AmqpProtocolError, match="not ASCII"):
+        decoding.decode_value(b"\xa3\x02\xc3\xa9")

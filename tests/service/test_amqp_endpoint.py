@@ -643,3 +643,69 @@ async def test_an_idle_connection_is_closed_with_resource_limit_exceeded(
         await asyncio.wait_for(_endpoint(tmp_path, session_idle_timeout=0.3)(stream), 5)
     assert b"amqp:resource-limit-exceeded" in stream.sent
     assert "idle timeout" in caplog.text
+
+
+def _opened_without_sasl(idle_timeout: float | None) -> bytes:
+    """A device's AMQP header and open (no SASL), asking for heartbeats at half ``idle_timeout``."""
+    client = Connection(
+        Side.CLIENT,
+        ConnectionConfig(container_id="d", use_sasl=False, idle_timeout=idle_timeout),
+        clock=time.monotonic,
+    )
+    client.open()
+    return client.get_outbound_data()
+
+
+_EMPTY_FRAME = b"\x00\x00\x00\x08\x02\x00\x00\x00"
+
+
+async def test_a_silent_device_gets_the_heartbeats_it_asked_for_then_the_idle_close(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The device's idle-time-out of 1 s asks for a frame every 0.5 s; our idle timeout of 1.6 s
+    # closes the connection later. Each read waits for the earlier of the two deadlines.
+    stream = _SilentStream([_opened_without_sasl(1.0)])
+    with caplog.at_level("INFO", logger="provisiond.amqp"):
+        await asyncio.wait_for(_endpoint(tmp_path, session_idle_timeout=1.6)(stream), 10)
+    after_open = bytes(stream.sent).split(b"\x00\x53\x10", 1)[1]
+    assert after_open.count(_EMPTY_FRAME) >= 2  # heartbeats, then the close
+    assert b"amqp:resource-limit-exceeded" in after_open
+    assert after_open.index(_EMPTY_FRAME) < after_open.index(b"amqp:resource-limit-exceeded")
+    assert "idle timeout" in caplog.text
+
+
+async def test_a_session_cancelled_while_reading_is_cancelled_not_timed_out(tmp_path: Path) -> None:
+    # The read deadline cancels the task to interrupt a read; a cancellation from outside (the
+    # server shutting down) must still end the session as a cancellation.
+    waiting = asyncio.Event()
+
+    class _Waiting(_SilentStream):
+        async def receive(self, max_bytes: int = 65536) -> bytes:
+            if not self._chunks:
+                waiting.set()  # the session reads past its open: nothing more will come
+            return await super().receive(max_bytes)
+
+    stream = _Waiting([_opened_without_sasl(None)])
+    task = asyncio.create_task(_endpoint(tmp_path, session_idle_timeout=0.5)(stream))
+    await waiting.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert b"amqp:resource-limit-exceeded" not in stream.sent
+
+
+async def test_a_stream_that_swallows_the_deadline_leaves_the_task_uncancelled(tmp_path: Path) -> None:
+    # A stream whose read ends on cancellation rather than raising it (as a read that turns an
+    # error into b"" might): the deadline's cancellation must not stay pending on the task.
+    class _Swallowing(_SilentStream):
+        async def receive(self, max_bytes: int = 65536) -> bytes:
+            try:
+                return await super().receive(max_bytes)
+            except asyncio.CancelledError:
+                return b""
+
+    stream = _Swallowing([_opened_without_sasl(None)])
+    task = asyncio.create_task(_endpoint(tmp_path, session_idle_timeout=0.3)(stream))
+    done, _ = await asyncio.wait({task}, timeout=5)
+    assert task in done and task.exception() is None
+    assert task.cancelling() == 0

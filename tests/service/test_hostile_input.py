@@ -5,8 +5,8 @@
   before any attestation, never a traceback; JSON nested within the limit still registers.
 * The rate limits cannot be turned against a device: a stranger who names its registration id
   spends the stranger's source-address budget of failed attestations, not the device's own
-  budget, on every transport. The source address of HTTPS requests is the client's (or, from a
-  proxy on loopback, X-Forwarded-For, which these tests use to play several sources).
+  budget, on every transport. The source address of HTTPS requests is the client's (never
+  X-Forwarded-For on the TLS port): these tests play several sources from loopback addresses.
 """
 
 from __future__ import annotations
@@ -245,15 +245,23 @@ def limited(tmp_path: Path) -> Iterator[RunningServer]:
 def https_register(
     http: httpx.Client, server: RunningServer, reg: str, token: str | None, source: str | None = None
 ) -> httpx.Response:
+    """A register over ``http``, or from ``source`` (a loopback address) on a connection of its own."""
     headers = {"Authorization": token} if token else {}
-    if source is not None:
-        headers["X-Forwarded-For"] = source  # trusted from a proxy on loopback (uvicorn's rule)
-    return http.put(
-        f"/{server.id_scope}/registrations/{reg}/register",
-        params=V,
-        json={"registrationId": reg},
-        headers=headers,
-    )
+    if source is None:
+        return http.put(
+            f"/{server.id_scope}/registrations/{reg}/register",
+            params=V,
+            json={"registrationId": reg},
+            headers=headers,
+        )
+    verify = ssl.create_default_context(cafile=server.ca_file)
+    with server.http(transport=httpx.HTTPTransport(local_address=source, verify=verify)) as own:
+        return own.put(
+            f"/{server.id_scope}/registrations/{reg}/register",
+            params=V,
+            json={"registrationId": reg},
+            headers=headers,
+        )
 
 
 def test_strangers_naming_a_device_do_not_spend_its_budget(limited: RunningServer) -> None:
@@ -264,11 +272,11 @@ def test_strangers_naming_a_device_do_not_spend_its_budget(limited: RunningServe
     with limited.http() as http:
         statuses = []
         for n in range(3 * DEVICE_LIMIT):  # several strangers, each until it is refused
-            source = f"198.51.100.{n // (FAILURE_LIMIT + 1)}"
+            source = f"127.51.100.{n // (FAILURE_LIMIT + 1)}"
             statuses.append(https_register(http, limited, reg, wrong if n % 2 else None, source).status_code)
         assert set(statuses) <= {401, 429} and statuses.count(401) >= DEVICE_LIMIT
         # The device itself still has its whole budget, on every transport.
-        r = https_register(http, limited, reg, device_token(limited, reg, key), "203.0.113.9")
+        r = https_register(http, limited, reg, device_token(limited, reg, key), "127.0.113.9")
         assert r.status_code == 202 and r.json()["status"] == "assigned", r.text
     for transport in ("mqtt", "amqp", "mqtt-ws"):
         assert register(limited, reg, key, transport).device_id == reg
@@ -283,7 +291,7 @@ def test_a_source_over_its_failure_budget_is_refused_before_attestation(limited:
         reg, other = uid("target"), uid("bystander")
         key, other_key = enroll(admin, reg), enroll(admin, other)
     wrong = device_token(limited, reg, "AAAA" * 11)
-    attacker = "192.0.2.77"
+    attacker = "127.0.2.77"
     with limited.http() as http:
         for _ in range(FAILURE_LIMIT):
             assert https_register(http, limited, reg, wrong, attacker).status_code == 401
@@ -294,7 +302,7 @@ def test_a_source_over_its_failure_budget_is_refused_before_attestation(limited:
         r = https_register(http, limited, other, device_token(limited, other, other_key), attacker)
         assert_error(r, 429, 429003, "per source address")
         # Another source, the same devices: attested as usual.
-        r = https_register(http, limited, reg, device_token(limited, reg, key), "192.0.2.78")
+        r = https_register(http, limited, reg, device_token(limited, reg, key), "127.0.2.78")
         assert r.status_code == 202, r.text
     assert f"-> 429 429003: Too many failed attestations from {attacker}" in limited.log()
 
@@ -314,7 +322,7 @@ def test_failures_over_mqtt_and_amqp_count_against_their_source_address(limited:
             register(limited, reg, key, transport)
         assert info.value.status_code == 429 and info.value.error_code == 429003, transport
     with limited.http() as http:  # the same device from another address
-        r = https_register(http, limited, reg, device_token(limited, reg, key), "203.0.113.10")
+        r = https_register(http, limited, reg, device_token(limited, reg, key), "127.0.113.10")
         assert r.status_code == 202, r.text
 
 

@@ -48,6 +48,8 @@ __all__ = [
 ]
 
 _MAX_CHAIN = 8
+#: The most certificates a device may present (the trusted front's header parser applies it too).
+MAX_CHAIN = _MAX_CHAIN
 _DER = Encoding.DER
 
 

@@ -136,13 +136,24 @@ provisiond is running.
   Built-in IoT hub         {hub}   (devices: {mqtt}wss://{hub_endpoint}/$iothub/websocket;
                            service API: https://{hub_endpoint}, hubConnectionString in connection.json)
   Connection details       {path}
-  Open files               {_open_files(settings)}
+  Open files               {_open_files(settings)}{_front_line(settings)}
 
 Provision a first device (in another terminal):
   {prog} enrollment create my-first-device --data-dir {d}
   {prog} device register --data-dir {d} --registration-id my-first-device --symmetric-key <its primary key>
   {prog} registration show my-first-device --data-dir {d}
 """
+
+
+def _front_line(settings: Settings) -> str:
+    """The banner's line for ``--front-port`` (none when it is off)."""
+    if not settings.front_port:
+        return ""
+    trusted = ",".join(settings.trusted_fronts)
+    return (
+        f"\n  Trusted front            http://{settings.front_bind}:{settings.front_port} "
+        f"(plain HTTP, from {trusted} only; docs/tls-front.md)"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +267,37 @@ def _check_ports(bind: str, *, https_port: int, mqtt_port: int, amqp_port: int) 
     finally:
         for sock in held:
             sock.close()
+
+
+def _front_options(port: int, bind: str, trusted: str | None, others: tuple[int, ...]) -> tuple[str, ...]:
+    """``--front-port``'s companions checked: the trusted list (required, addresses or networks)
+    and a port of its own that can be bound on ``--front-bind``.
+
+    :raises click.UsageError: a missing or malformed --trusted-front.
+    :raises ConfigurationError: the port is another listener's or cannot be bound.
+    """
+    from ..service.front import TrustedFronts
+
+    if not port:
+        return ()
+    entries = tuple(e.strip() for e in (trusted or "").split(",") if e.strip())
+    if not entries:
+        raise click.UsageError("--front-port needs --trusted-front: the addresses of the TLS front.")
+    try:
+        TrustedFronts(entries)
+    except ValueError as exc:
+        raise click.UsageError(f"--trusted-front: {exc}") from None
+    if port in others:
+        raise ConfigurationError(f"--front-port {port} is another listener's port: give it its own.")
+    try:
+        for sock in _bind_probe(bind, port):
+            sock.close()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"The front port {port} on {bind} cannot be bound: {exc.strerror or exc}; choose another with "
+            "--front-port or --front-bind."
+        ) from None
+    return entries
 
 
 def _pool_size(value: str) -> PoolSize:
@@ -687,6 +729,32 @@ def _run(settings: Settings) -> None:
     "cloud-to-device messages), in every worker of every node.",
 )
 @click.option(
+    "--front-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    show_envvar=True,
+    envvar="PROVISIOND_FRONT_PORT",
+    help="Plain-HTTP port for a TLS-terminating front (HAProxy) that hands on the client's certificate "
+    "chain in headers (docs/tls-front.md); needs --trusted-front. 0: off.",
+)
+@click.option(
+    "--front-bind",
+    default="127.0.0.1",
+    show_default=True,
+    show_envvar=True,
+    envvar="PROVISIOND_FRONT_BIND",
+    help="Address of the --front-port listener; anything but loopback must be chosen here.",
+)
+@click.option(
+    "--trusted-front",
+    default=None,
+    show_envvar=True,
+    envvar="PROVISIOND_TRUSTED_FRONT",
+    help="Addresses or networks (comma-separated) allowed to connect to --front-port; connections from "
+    "any other address are closed at accept. Only these can set the client certificate headers.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -730,6 +798,9 @@ def serve(
     hub_events_retention: float,
     hub_events_max_count: int,
     hub_trim_interval: float,
+    front_port: int,
+    front_bind: str,
+    trusted_front: str | None,
     log_level: str,
 ) -> None:
     """Run the provisioning service on its embedded default: SQLite in DATA_DIR, a development
@@ -751,6 +822,7 @@ def serve(
     if (server_cert is None) != (server_key is None):
         raise click.UsageError("--server-cert and --server-key go together.")
     _check_ports(bind, https_port=https_port, mqtt_port=mqtt_port, amqp_port=amqp_port)
+    trusted_fronts = _front_options(front_port, front_bind, trusted_front, (https_port, mqtt_port, amqp_port))
     data_dir = data_dir.absolute()
     data_dir.mkdir(parents=True, exist_ok=True)
     open_files = admission.raise_open_file_limit()  # before workers start: they inherit it
@@ -775,7 +847,9 @@ def serve(
         session_idle_timeout=session_idle_timeout,
         hub_activity_interval=hub_activity_interval,
         connections=admission.resolve(
-            limits, listeners=1 + bool(mqtt_port) + bool(amqp_port), open_files=open_files.soft
+            limits,
+            listeners=1 + bool(mqtt_port) + bool(amqp_port) + bool(front_port),
+            open_files=open_files.soft,
         ),
         amqp_port=amqp_port,
         db=db,
@@ -795,6 +869,9 @@ def serve(
         hub_events_retention=hub_events_retention,
         hub_events_max_count=hub_events_max_count,
         hub_trim_interval=hub_trim_interval,
+        front_port=front_port,
+        front_bind=front_bind,
+        trusted_fronts=trusted_fronts,
     )
     try:
         _run(settings)

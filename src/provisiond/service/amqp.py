@@ -9,7 +9,10 @@ bytes go into a server :class:`~provisiond.protocol.amqp.connection.Connection`,
 returns are answered here, and what it queued is written back. The loop waits for bytes no
 longer than the machine's next deadline (its idle timeout, ``--session-idle-timeout``, and the
 heartbeats the device's idle-time-out asks for) and never longer than
-:data:`HANDSHAKE_TIMEOUT` for the connection to be open. The connection's guard
+:data:`HANDSHAKE_TIMEOUT` for the connection to be open. The deadline is kept by one timer
+per connection (:class:`~provisiond.service._deadline.ReadDeadline`, shared with MQTT), moved only when a read's deadline is earlier than
+the timer: a deadline that moves later (every read, for the idle timeout) costs nothing until
+the timer fires and finds it later. The connection's guard
 (:mod:`provisiond.service.guard`) learns when the protocol header is in and whether a frame is
 incomplete, so that a device trickling a frame byte by byte is held to the minimum receive rate.
 
@@ -51,11 +54,11 @@ when the device should come back later (the .NET SDK derives the status from
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +92,7 @@ from ..protocol.amqp.sasl_tpm import MakeBlob, SendChallenge, TokenReceived, Tpm
 from ..protocol.amqp.session import SessionLimits
 from ..protocol.amqp.types import Symbol
 from ..protocol.messages import TpmAttestationRequest
+from ._deadline import ReadDeadline
 from .gateway import AMQP, Answer, Credential, DeviceCall, DeviceGateway, Operation, Transport
 from .listeners import TlsListener
 from .streams import ByteStream, StreamClosed
@@ -167,6 +171,7 @@ class _Session:
         self.close_reason = "closed"
         self.started = time.monotonic()
         self.aborted = False
+        self.deadline = ReadDeadline()  # created in the task that runs the session
 
     @property
     def who(self) -> str:
@@ -185,6 +190,8 @@ class _Session:
                 await self._flush()
         except StreamClosed as exc:
             self.close_reason = f"the connection broke while sending ({exc or 'reset'})"
+        finally:
+            self.deadline.close()
         with contextlib.suppress(StreamClosed):
             await self._flush()
         normal = self.close_reason in ("the device closed the connection", "the device closed the stream")
@@ -202,10 +209,8 @@ class _Session:
         if not machine.opened:
             handshake = self.started + HANDSHAKE_TIMEOUT
             deadline = handshake if deadline is None or handshake < deadline else deadline
-        try:
-            async with asyncio.timeout(None if deadline is None else max(0.0, deadline - time.monotonic())):
-                data = await self.stream.receive(_READ_SIZE)
-        except TimeoutError:
+        data = await self.deadline.receive(self.stream, _READ_SIZE, deadline)
+        if data is None:
             if not self.machine.opened and time.monotonic() >= self.started + HANDSHAKE_TIMEOUT:
                 self.close_reason = f"the connection was not open within {HANDSHAKE_TIMEOUT:g} s"
                 self.aborted = True
@@ -219,36 +224,39 @@ class _Session:
             await self.stream.send(data)
 
     async def _handle(self, events: list[Event]) -> None:
+        handlers = _HANDLERS
         while events:
             for event in events:
-                await self._on_event(event)
+                handler = handlers.get(type(event))
+                if handler is not None:
+                    await handler(self, event)
             events = self.machine.poll_events()
 
-    async def _on_event(self, event: Event) -> None:
+    async def _on_header(self, event: ProtocolHeaderReceived) -> None:
+        self.stream.guard.head_received()  # the first request, as far as the guard is concerned
+
+    async def _on_sasl_response(self, event: SaslResponseReceived) -> None:
+        await self._on_tpm_response(event.response)
+
+    async def _on_opened(self, event: ConnectionOpened) -> None:
         machine = self.machine
-        if isinstance(event, ProtocolHeaderReceived):
-            self.stream.guard.head_received()  # the first request, as far as the guard is concerned
-        elif isinstance(event, SaslInitReceived):
-            await self._on_sasl_init(event)
-        elif isinstance(event, SaslResponseReceived):
-            await self._on_tpm_response(event.response)
-        elif isinstance(event, ConnectionOpened):
-            machine.open()
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("AMQP %s: open (SASL %s)", self.who, machine.sasl_mechanism or "none")
-        elif isinstance(event, LinkAttached) and event.answer_needed:
+        machine.open()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("AMQP %s: open (SASL %s)", self.who, machine.sasl_mechanism or "none")
+
+    async def _on_link(self, event: LinkAttached) -> None:
+        if event.answer_needed:
             self._on_attach(event)
-        elif isinstance(event, MessageReceived):
-            await self._on_message(event)
-        elif isinstance(event, ConnectionClosed):
-            if event.by_peer:
-                self.close_reason = (
-                    f"the device closed with {event.error.condition}: {event.error.description}"
-                    if event.error
-                    else "the device closed the connection"
-                )
-            elif event.error is not None and self.close_reason == "closed":
-                self.close_reason = f"{event.error.description} ({event.error.condition})"
+
+    async def _on_closed(self, event: ConnectionClosed) -> None:
+        if event.by_peer:
+            self.close_reason = (
+                f"the device closed with {event.error.condition}: {event.error.description}"
+                if event.error
+                else "the device closed the connection"
+            )
+        elif event.error is not None and self.close_reason == "closed":
+            self.close_reason = f"{event.error.description} ({event.error.condition})"
 
     # --- SASL ----------------------------------------------------------------------------------
 
@@ -430,6 +438,18 @@ class _Session:
             describe=describe,
         )
         return await gateway.answer(call)
+
+
+#: What the session does with each kind of event (the others need nothing from it).
+_HANDLERS: dict[type[Event], Callable[[_Session, Any], Awaitable[None]]] = {
+    ProtocolHeaderReceived: _Session._on_header,
+    SaslInitReceived: _Session._on_sasl_init,
+    SaslResponseReceived: _Session._on_sasl_response,
+    ConnectionOpened: _Session._on_opened,
+    LinkAttached: _Session._on_link,
+    MessageReceived: _Session._on_message,
+    ConnectionClosed: _Session._on_closed,
+}
 
 
 def _rejection(answer: Answer) -> Rejected:

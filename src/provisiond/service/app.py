@@ -25,6 +25,7 @@ from ..storage import Collection, Store, WriteMode, open_store
 from . import admin, amqp, api, device_api, hub_api, hub_ops, mqtt
 from .context import SETTINGS_KEY, ServiceContext, context_of
 from .enrollments import generate_key
+from .front import running_front
 from .gateway import AMQP_WS, MQTT_WS, DeviceGateway
 from .http import (
     ShapedRouter,
@@ -159,7 +160,11 @@ def create_app(
         try:
             await broker.start()
             await hub.start()
-            async with running_listeners(settings, listeners), retention.running():
+            async with (
+                running_listeners(settings, listeners),
+                running_front(settings, app),
+                retention.running(),
+            ):
                 yield
         finally:
             await hub.close()

@@ -1,5 +1,7 @@
 """The front door of every TLS listener (HTTPS with its WebSockets, MQTT, AMQP): admission, the
-TLS handshake, and the deadlines of each connection, in one mechanism.
+TLS handshake, and the deadlines of each connection, in one mechanism. The trusted front's plain
+listener (:mod:`provisiond.service.front`) goes through it too, without the handshake and with
+a check of the source address before admission.
 
 Theory of operation
 -------------------
@@ -110,13 +112,25 @@ class Phase(enum.Enum):
 
 class Listener:
     """One TLS listener of this process: its name for the logs, TLS context, limits and
-    admission. ``first_request`` names what the FIRST phase waits for, for the logs."""
+    admission. ``first_request`` names what the FIRST phase waits for, for the logs.
+
+    Without ``ssl_context`` the listener serves plain TCP (the trusted front's listener,
+    :mod:`provisiond.service.front`): no HANDSHAKE phase, the FIRST deadline runs from the accept.
+    ``allowed`` (a source address -> whether it may connect), when given, is asked first: a
+    connection from any other address is closed at accept, with a log line, before admission."""
 
     def __init__(
-        self, name: str, ssl_context: ssl.SSLContext, limits: ConnectionLimits, *, first_request: str
+        self,
+        name: str,
+        ssl_context: ssl.SSLContext | None,
+        limits: ConnectionLimits,
+        *,
+        first_request: str,
+        allowed: Callable[[str], bool] | None = None,
     ) -> None:
         self.name = name
         self.ssl_context = ssl_context
+        self.allowed = allowed
         self.limits = limits
         self.first_request = first_request
         self.events = ThrottledLog(log, name)
@@ -200,11 +214,23 @@ class GuardedConnection(asyncio.Protocol):
         if peername:
             self._address = str(peername[0])
             self.peer = f"{peername[0]}:{peername[1]}"
+        allowed = self._listener.allowed
+        if allowed is not None and not allowed(self._address):
+            self.phase = Phase.CLOSED
+            self._listener.events.log(
+                logging.WARNING, "refused", "%s: refused: not a trusted front (--trusted-front)", self.peer
+            )
+            transport.abort()
+            return
         if not self._listener.admission.admit(self._address):
             self.phase = Phase.CLOSED
             transport.abort()
             return
         self._admitted = True
+        if self._listener.ssl_context is None:  # plain TCP: the application's from the start
+            self._tls_started = True
+            self._start_application(transport, self._limits.first_request_timeout)
+            return
         # Until start_tls has put the TLS layer in place. uvloop starts reading after this
         # returns all the same; what it reads is kept in _hello and handed to the TLS layer.
         transport.pause_reading()
@@ -213,6 +239,7 @@ class GuardedConnection(asyncio.Protocol):
 
     async def _handshake(self, raw: asyncio.Transport) -> None:
         limits = self._limits
+        assert self._listener.ssl_context is not None  # plain listeners never get here
         tls: asyncio.Transport | None = None
         try:
             if self.phase is Phase.HANDSHAKE:
@@ -245,16 +272,20 @@ class GuardedConnection(asyncio.Protocol):
             if tls is not None:
                 tls.abort()
             return
-        self._tls = tls
-        self._enter(Phase.FIRST, limits.first_request_timeout)
+        self._start_application(tls, limits.first_request_timeout)
+
+    def _start_application(self, transport: asyncio.Transport, first_request_timeout: float) -> None:
+        """The application's protocol takes over ``transport`` (TLS, or the plain TCP one)."""
+        self._tls = transport
+        self._enter(Phase.FIRST, first_request_timeout)
         inner = self._inner = self._make_protocol()
-        inner.connection_made(_GuardedTransport(tls, self))
+        inner.connection_made(_GuardedTransport(transport, self))
         if isinstance(inner, asyncio.Protocol):
             early, self._early = self._early, []
             for data in early:
                 inner.data_received(data)
             if self._early_eof and not inner.eof_received():
-                tls.close()
+                transport.close()
 
     def _replay_hello(self, raw: asyncio.Transport) -> None:
         """Hand the TLS bytes read before start_tls to the TLS protocol it installed."""
@@ -446,7 +477,7 @@ class GuardedConnection(asyncio.Protocol):
         elif phase is Phase.FIRST:
             why = (
                 f"no complete {self._listener.first_request} within {limits.first_request_timeout:g} s "
-                "of the TLS handshake (--first-request-timeout)"
+                f"of the {'TLS handshake' if self._listener.ssl_context else 'accept'} (--first-request-timeout)"
             )
         elif phase is Phase.HEAD:
             why = f"request head not complete {limits.header_timeout:g} s after its first byte (--header-timeout)"

@@ -55,7 +55,6 @@ register as a ``ClientError`` caused by ``ServiceError(... status code 401)``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -85,6 +84,7 @@ from ..protocol.topics import (
     parse_username,
     response_topic,
 )
+from ._deadline import ReadDeadline
 from .enrollments import validate_id
 from .gateway import MQTT, Answer, Credential, DeviceCall, DeviceGateway, Operation, Transport
 from .listeners import TlsListener
@@ -145,6 +145,7 @@ class _Session:
         self.identity: Credential | None = None
         self.orderly = False  # the device said DISCONNECT, or closed its end: no log line at info
         self.hub: str | None = None  # the built-in hub whose CONNECT this is (its session takes over)
+        self.deadline = ReadDeadline()  # created in the task that runs the session
 
     @property
     def who(self) -> str:
@@ -177,6 +178,8 @@ class _Session:
             pass  # the machine closed itself and kept the reason
         except StreamClosed as exc:
             machine.close(f"the connection broke while sending ({exc or 'reset'})")
+        finally:
+            self.deadline.close()
         with contextlib.suppress(StreamClosed):
             await self._flush()  # a refusing CONNACK, for instance
         self._log_close()
@@ -189,15 +192,10 @@ class _Session:
             guard.receiving()
         else:
             guard.busy()
-        deadline = self.machine.deadline()
-        if deadline is None:
-            return await self.stream.receive(_READ_SIZE)
-        try:
-            async with asyncio.timeout(deadline - time.monotonic()):
-                return await self.stream.receive(_READ_SIZE)
-        except TimeoutError:
+        data = await self.deadline.receive(self.stream, _READ_SIZE, self.machine.deadline())
+        if data is None:
             self.machine.handle_deadline()
-            return None
+        return data
 
     async def _flush(self) -> None:
         data = self.machine.get_outbound_data()

@@ -107,6 +107,12 @@ class Settings:
     hub_events_retention: float = 86400.0
     hub_events_max_count: int = 100_000
     hub_trim_interval: float = 60.0
+    #: The trusted front's plain-HTTP listener (service/front.py): port (0: off), address, and the
+    #: addresses or networks allowed to connect to it (``--front-port``, ``--front-bind``,
+    #: ``--trusted-front``).
+    front_port: int = 0
+    front_bind: str = "127.0.0.1"
+    trusted_fronts: tuple[str, ...] = field(default_factory=tuple)
 
     def to_json(self) -> str:
         """For worker processes (see :func:`provisiond.service.app.app_from_environment`)."""
@@ -122,6 +128,7 @@ class Settings:
             if data.get(name) is not None:
                 data[name] = Path(data[name])
         data["extra_host_names"] = tuple(data.get("extra_host_names") or ())
+        data["trusted_fronts"] = tuple(data.get("trusted_fronts") or ())
         data["connections"] = ConnectionLimits(**data.get("connections", {}))
         data["db_pool"] = PoolSize.parse(data["db_pool"]) if "db_pool" in data else PoolSize()
         return cls(**data)

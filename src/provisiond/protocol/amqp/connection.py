@@ -69,6 +69,7 @@ from .frames import (
     FrameType,
     ProtocolHeader,
     ProtocolId,
+    Templates,
     decode_protocol_header,
     encode_frame,
     frame_at,
@@ -284,6 +285,8 @@ class Connection:
         """Process input that waited for the application (a pipelining peer's bytes after a
         SASL frame we had to answer first), and return the events. Call it after acting on
         events until it returns none."""
+        if not self._in:  # the common case after acting on events: nothing waited
+            return self._take_events()
         try:
             while self._in and self._phase is not _Phase.FINISHED and not self._paused and self._step():
                 pass
@@ -304,7 +307,7 @@ class Connection:
         if self.state is ConnectionState.OPEN_RCVD:
             return True
         for session in self.sessions.values():
-            if session.awaiting_answer:
+            if session.attach_received and session.awaiting_answer:
                 return True
         return False
 
@@ -312,7 +315,7 @@ class Connection:
     def pending_input(self) -> int:
         """Bytes of a protocol header or frame that has begun but is not complete (0 while the
         input waits for the application)."""
-        return 0 if self._paused else len(self._in)
+        return 0 if not self._in or self._paused else len(self._in)
 
     def get_outbound_data(self) -> bytes:
         """The bytes to send now (and forget)."""
@@ -338,13 +341,16 @@ class Connection:
 
     def next_deadline(self) -> float | None:
         """When :meth:`tick` has something to do (in ``clock`` time); None for never."""
-        deadlines = []
-        if not self.finished and self.config.idle_timeout is not None:
-            deadlines.append(self._last_received + self.config.idle_timeout)
+        if self._phase is _Phase.FINISHED:
+            return None
+        idle = self.config.idle_timeout
+        deadline = None if idle is None else self._last_received + idle
         interval = self._heartbeat_interval()
-        if interval is not None and not self.finished:
-            deadlines.append(self._last_sent + interval)
-        return min(deadlines) if deadlines else None
+        if interval is not None:
+            beat = self._last_sent + interval
+            if deadline is None or beat < deadline:
+                deadline = beat
+        return deadline
 
     def _heartbeat_interval(self) -> float | None:
         if (
@@ -356,6 +362,8 @@ class Connection:
         return max(_MIN_HEARTBEAT, self.remote_open.idle_time_out / 2000)
 
     def _take_events(self) -> list[Event]:
+        if not self._events:
+            return []
         events = list(self._events)
         self._events.clear()  # in place: the sessions append to this same list
         return events
@@ -463,7 +471,9 @@ class Connection:
     def _on_frame(self, frame: Frame) -> None:
         performative = frame.performative
         assert performative is not None
-        if isinstance(performative, Open):
+        kind = type(performative)  # a decoded performative is of its exact class
+        if kind is Open:
+            assert isinstance(performative, Open)
             self._advance(RECEIVED, Open)
             if performative.max_frame_size < MIN_MAX_FRAME_SIZE:
                 raise AmqpProtocolError(
@@ -473,12 +483,13 @@ class Connection:
             self.remote_open = performative
             if self.state is ConnectionState.OPENED or self.state is ConnectionState.OPEN_RCVD:
                 self._events.append(ConnectionOpened(open=performative))
-        elif isinstance(performative, Close):
+        elif kind is Close:
+            assert isinstance(performative, Close)
             answer = self.state is ConnectionState.OPENED
             self._advance(RECEIVED, Close)
             if answer:
                 self._advance(SENT, Close)
-                self._send_frame(Frame(FrameType.AMQP, 0, Close()))
+                write_frame(self._out, FrameType.AMQP, 0, _CLOSE)
             self._phase = _Phase.FINISHED
             self._events.append(ConnectionClosed(error=performative.error, by_peer=True))
         elif self.state in SESSION_FRAMES_DISCARDED:
@@ -488,8 +499,8 @@ class Connection:
                 f"A {type(performative).__name__} before the connection is open.",
                 condition=ErrorCondition.ILLEGAL_STATE,
             )
-        elif isinstance(performative, Begin):
-            self._on_begin(frame.channel, performative)
+        elif kind is Begin:
+            self._on_begin(frame.channel, performative)  # type: ignore[arg-type]
         else:
             session = self._by_remote_channel.get(frame.channel)
             if session is None:
@@ -616,7 +627,7 @@ class Connection:
 
     def sasl_outcome(self, code: SaslCode, additional_data: bytes | None = None) -> None:
         """Server: end the SASL exchange; anything but OK finishes the connection."""
-        self._send_sasl(SaslOutcome(code=code, additional_data=additional_data))
+        self._send_sasl(_OUTCOMES(code, additional_data))
         self._sasl_done(code)
 
     # --- operations: connection and sessions ---------------------------------------------------
@@ -699,3 +710,8 @@ class Connection:
     def settle(self, link: LinkId, delivery_id: int, state: DeliveryState) -> None:
         """Settle a received message with an outcome (accepted, rejected...)."""
         self._session(link.channel).settle(link, delivery_id, state)
+
+
+#: The close that answers the peer's (no error).
+_CLOSE = Close()
+_OUTCOMES = Templates(lambda code, additional_data: SaslOutcome(code=code, additional_data=additional_data))

@@ -103,11 +103,27 @@ def _utf8(raw: bytes) -> str:
         raise _decode_error(f"A string is not valid UTF-8: {exc}") from None
 
 
+#: Symbols met before, by their bytes: a peer's symbols come from small domains (mechanisms,
+#: capabilities, property keys, error conditions), and a symbol is immutable, so one decoded
+#: symbol is shared. Emptied when full, so that a peer sending many cannot grow it.
+_SYMBOLS: dict[bytes, Symbol] = {}
+_SYMBOL_ENTRIES = 512
+_SHARED_SYMBOL_SIZE = 64
+
+
 def _ascii(raw: bytes) -> Symbol:
+    symbol = _SYMBOLS.get(raw)
+    if symbol is not None:
+        return symbol
     try:
-        return Symbol(raw.decode("ascii"))
+        symbol = Symbol(raw.decode("ascii"))
     except UnicodeDecodeError:
         raise _decode_error("A symbol is not ASCII.") from None
+    if len(raw) <= _SHARED_SYMBOL_SIZE:
+        if len(_SYMBOLS) >= _SYMBOL_ENTRIES:
+            _SYMBOLS.clear()
+        _SYMBOLS[raw] = symbol
+    return symbol
 
 
 def _variable(width: int, wrap: Callable[[bytes], Any]) -> _Body:

@@ -25,14 +25,18 @@ maps the bytes of a short frame to the frame they decode to, when that frame hol
 immutable values (:func:`decode_frame`); likewise the bytes of the short frames we send
 alike (:func:`encode_frame`). Frames and performatives are immutable, so sharing them
 between connections is safe; a peer sending ever different frames only churns the table.
+The machines make the performatives they send alike through :class:`Templates`: one per
+distinct tuple of the values a call site makes it from, so that such a frame costs a tuple
+and two lookups rather than a performative (a frozen dataclass's ``__init__``) each time.
 """
 
 from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from ...errors import AmqpProtocolError, InsufficientData, LocalProtocolError
 from .performatives import (
@@ -57,6 +61,7 @@ __all__ = [
     "FrameType",
     "ProtocolHeader",
     "ProtocolId",
+    "Templates",
     "decode_frame",
     "frame_at",
     "write_frame",
@@ -150,6 +155,37 @@ _DECODED: dict[bytes, Frame] = {}
 _ENCODED: dict[tuple[FrameType, int, Performative | None], bytes] = {}
 #: The performatives shared that way (the others are mostly unique to a link or delivery).
 _SHARED = frozenset({Begin, Close, Detach, Disposition, End, Flow, SaslOutcome})
+
+
+P = TypeVar("P", bound=Performative)
+
+
+class Templates(Generic[P]):
+    """The performatives one call site makes, one per distinct tuple of the values it makes
+    them from: ``templates(*values)`` is ``make(*values)``, made once while the table holds
+    it (at most :data:`_SHARED_ENTRIES`, emptied when full). Only for performatives whose
+    fields are immutable; values that cannot be hashed (a map) make a new one each time."""
+
+    __slots__ = ("_made", "_make")
+
+    def __init__(self, make: Callable[..., P]) -> None:
+        self._make = make
+        self._made: dict[tuple[Any, ...], P] = {}
+
+    def __call__(self, *values: Any) -> P:
+        try:
+            found = self._made.get(values)
+        except TypeError:  # a map among the values
+            return self._make(*values)
+        if found is None:
+            found = self._make(*values)
+            if len(self._made) >= _SHARED_ENTRIES:
+                self._made.clear()
+            self._made[values] = found
+        return found
+
+    def __len__(self) -> int:
+        return len(self._made)
 
 
 def _immutable(value: Any) -> bool:

@@ -40,6 +40,7 @@ from .types import (
     int_writer,
     register_encoder,
     symbol_array,
+    write_string,
 )
 
 __all__ = [
@@ -197,6 +198,12 @@ def _typed(name: str, types: type | tuple[type, ...], convert: Callable[[Any], A
 
     if convert is None:  # the value is encoded as it is
         return Kind(name, decode, lambda v: v, encode_value)
+    if convert is str:
+
+        def write(value: Any, buffer: bytearray) -> None:
+            write_string(value if type(value) is str else str(value), buffer)
+
+        return Kind(name, decode, convert, write)
     return Kind(name, decode, convert)
 
 
@@ -258,7 +265,7 @@ def _composite_of(*types: type[Composite]) -> Kind:
     def encode(value: Any) -> Any:
         return _described(value)
 
-    return Kind("/".join(t.__name__ for t in types), decode, encode)
+    return Kind("/".join(t.__name__ for t in types), decode, encode, write_composite)
 
 
 def _any_composite(value: Any) -> Any:
@@ -284,7 +291,7 @@ BINARY = _typed("binary", bytes)
 TIMESTAMP = _typed("timestamp", Timestamp)
 FIELDS = Kind("fields", _fields_map, lambda v: {Symbol(k): _any_encode(x) for k, x in v.items()})
 MAP = _typed("map", dict)
-ANY = Kind("*", _any_composite, _any_encode)
+ANY = Kind("*", _any_composite, _any_encode, encode_value)  # a composite is its own encoder
 ROLE = _enum_kind(Role, BOOLEAN)
 SND_SETTLE_MODE = _enum_kind(SndSettleMode, UBYTE)
 RCV_SETTLE_MODE = _enum_kind(RcvSettleMode, UBYTE)

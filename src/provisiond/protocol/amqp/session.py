@@ -34,6 +34,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ...errors import AmqpProtocolError, LocalProtocolError
 from .events import (
@@ -46,8 +47,9 @@ from .events import (
     MessageReceived,
     SessionEnded,
 )
-from .frames import frame_size
+from .frames import Templates, frame_size
 from .performatives import (
+    Accepted,
     Attach,
     Begin,
     DeliveryState,
@@ -160,7 +162,7 @@ class Session:
         self._sent_unsettled: dict[int, Link] = {}
         #: Set when the peer attaches a link first; cleared when no link awaits our answer (so
         #: that the question, asked before every frame, is mostly a flag).
-        self._attach_received = False
+        self.attach_received = False
 
     # --- begin / end ---------------------------------------------------------------------------
 
@@ -171,12 +173,11 @@ class Session:
         """Send our begin (the answer to ``remote`` when the peer began)."""
         self.state = transition(SESSION_TRANSITIONS, self.state, SENT, Begin, "session")
         self._send(
-            Begin(
-                remote_channel=self.remote_channel if remote is not None else None,
-                next_outgoing_id=self.next_outgoing_id,
-                incoming_window=self.incoming_window,
-                outgoing_window=_OUTGOING_WINDOW,
-                handle_max=self.limits.handle_max,
+            _BEGINS(
+                self.remote_channel if remote is not None else None,
+                self.next_outgoing_id,
+                self.incoming_window,
+                self.limits.handle_max,
             )
         )
 
@@ -202,10 +203,10 @@ class Session:
     @property
     def awaiting_answer(self) -> bool:
         """Whether the peer attached a link the application has not answered yet."""
-        if not self._attach_received:
+        if not self.attach_received:
             return False
-        self._attach_received = any(link.state is LinkState.ATTACH_RCVD for link in self.links.values())
-        return self._attach_received
+        self.attach_received = any(link.state is LinkState.ATTACH_RCVD for link in self.links.values())
+        return self.attach_received
 
     @property
     def live(self) -> bool:
@@ -213,24 +214,20 @@ class Session:
         return self.state is SessionState.MAPPED
 
     def on_frame(self, performative: Performative, payload: bytes) -> None:
-        if isinstance(performative, End):
-            self._on_end(performative)
-        elif not self.live:
+        kind = type(performative)
+        if kind is End:
+            self._on_end(performative)  # type: ignore[arg-type]
+        elif self.state is not SessionState.MAPPED:
             return  # we are ending the session: discard until the peer's end
-        elif isinstance(performative, Attach):
-            self._on_attach(performative)
-        elif isinstance(performative, Flow):
-            self._on_flow(performative)
-        elif isinstance(performative, Transfer):
-            self._on_transfer(performative, payload)
-        elif isinstance(performative, Disposition):
-            self._on_disposition(performative)
-        elif isinstance(performative, Detach):
-            self._on_detach(performative)
+        elif kind is Transfer:
+            self._on_transfer(performative, payload)  # type: ignore[arg-type]
         else:
-            raise AmqpProtocolError(
-                f"A {type(performative).__name__} is not a session frame.", condition="amqp:illegal-state"
-            )
+            handler = _HANDLERS.get(kind)
+            if handler is None:
+                raise AmqpProtocolError(
+                    f"A {kind.__name__} is not a session frame.", condition="amqp:illegal-state"
+                )
+            handler(self, performative)
 
     def _on_end(self, end: End) -> None:
         answer = self.state is SessionState.MAPPED
@@ -321,7 +318,7 @@ class Session:
             self.links[handle] = ours
         answer_needed = ours.state is LinkState.DETACHED
         ours.advance(RECEIVED, Attach)
-        self._attach_received = True
+        self.attach_received = True
         ours.remote_handle = attach.handle
         ours.remote = attach
         if ours.role is Role.RECEIVER:
@@ -395,19 +392,29 @@ class Session:
     # --- flow control --------------------------------------------------------------------------
 
     def _flow(self, link: Link | None = None, *, echo: bool = False) -> None:
-        self._send(
-            Flow(
-                next_incoming_id=self.next_incoming_id,
-                incoming_window=self.incoming_window,
-                next_outgoing_id=self.next_outgoing_id,
-                outgoing_window=_OUTGOING_WINDOW,
-                handle=link.id.handle if link else None,
-                delivery_count=link.delivery_count if link else None,
-                link_credit=link.credit if link else None,
-                available=len(link.pending) if link and link.role is Role.SENDER else None,
-                echo=echo,
+        if link is None:
+            flow = _FLOWS(
+                self.next_incoming_id,
+                self.incoming_window,
+                self.next_outgoing_id,
+                None,
+                None,
+                None,
+                None,
+                echo,
             )
-        )
+        else:
+            flow = _FLOWS(
+                self.next_incoming_id,
+                self.incoming_window,
+                self.next_outgoing_id,
+                link.id.handle,
+                link.delivery_count,
+                link.credit,
+                len(link.pending) if link.role is Role.SENDER else None,
+                echo,
+            )
+        self._send(flow)
 
     def grant_credit(self, link_id: LinkId, credit: int) -> None:
         """Let the peer send ``credit`` more messages on our receiving link (absolute, not added)."""
@@ -471,14 +478,7 @@ class Session:
         while link.pending and link.credit > 0 and link.state is LinkState.ATTACHED and self.live:
             payload, settled = link.pending[0]
             delivery_id = self._next_delivery_id
-            first = Transfer(
-                handle=link.id.handle,
-                delivery_id=delivery_id,
-                delivery_tag=delivery_id.to_bytes(4, "big"),
-                message_format=0,
-                settled=settled,
-                more=False,
-            )
+            first = _TRANSFERS(link.id.handle, delivery_id, settled)
             if len(payload) <= self._remote_max_frame_size() - _TRANSFER_FRAME_BOUND:
                 chunks = [payload]  # one frame (the common case: no need to measure the transfer)
             else:
@@ -510,7 +510,10 @@ class Session:
         link = self.link(link_id)
         if link.role is not Role.RECEIVER:
             raise LocalProtocolError(f"{link.name!r} does not receive messages.")
-        self._send(Disposition(role=Role.RECEIVER, first=delivery_id, settled=True, state=state))
+        if type(state) is Accepted:  # the common outcome: one per delivery id
+            self._send(_ACCEPTED(delivery_id, state))
+        else:
+            self._send(Disposition(role=Role.RECEIVER, first=delivery_id, settled=True, state=state))
 
     # --- receiving -----------------------------------------------------------------------------
 
@@ -618,3 +621,54 @@ class Session:
                         settled=disposition.settled,
                     )
                 )
+
+
+#: What a session does with each of its frames but end and transfer (by the performative's
+#: exact class: a decoded performative is one).
+_HANDLERS: dict[type[Performative], Callable[[Session, Any], None]] = {
+    Attach: Session._on_attach,
+    Flow: Session._on_flow,
+    Disposition: Session._on_disposition,
+    Detach: Session._on_detach,
+}
+
+
+# The performatives the machine sends alike on every connection, made once per distinct
+# values (see :class:`~.frames.Templates`).
+_BEGINS = Templates(
+    lambda remote_channel, next_outgoing_id, incoming_window, handle_max: Begin(
+        remote_channel=remote_channel,
+        next_outgoing_id=next_outgoing_id,
+        incoming_window=incoming_window,
+        outgoing_window=_OUTGOING_WINDOW,
+        handle_max=handle_max,
+    )
+)
+_FLOWS = Templates(
+    lambda next_incoming_id, incoming_window, next_outgoing_id, handle, delivery_count, credit, available, echo: (
+        Flow(
+            next_incoming_id=next_incoming_id,
+            incoming_window=incoming_window,
+            next_outgoing_id=next_outgoing_id,
+            outgoing_window=_OUTGOING_WINDOW,
+            handle=handle,
+            delivery_count=delivery_count,
+            link_credit=credit,
+            available=available,
+            echo=echo,
+        )
+    )
+)
+_ACCEPTED = Templates(
+    lambda first, state: Disposition(role=Role.RECEIVER, first=first, settled=True, state=state)
+)
+_TRANSFERS = Templates(
+    lambda handle, delivery_id, settled: Transfer(
+        handle=handle,
+        delivery_id=delivery_id,
+        delivery_tag=delivery_id.to_bytes(4, "big"),
+        message_format=0,
+        settled=settled,
+        more=False,
+    )
+)

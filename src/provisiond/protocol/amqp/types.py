@@ -95,6 +95,7 @@ __all__ = [
     "encode_value",
     "int_writer",
     "register_encoder",
+    "write_string",
     "symbol_array",
 ]
 
@@ -184,6 +185,11 @@ def _encode_char(value: str, buffer: bytearray) -> None:
 
 
 def _encode_string(value: str, buffer: bytearray) -> None:
+    _encode_variable(buffer, _to_utf8(value), TypeCode.STR8, TypeCode.STR32)
+
+
+def write_string(value: str, buffer: bytearray) -> None:
+    """Append ``value`` as an AMQP string (a ``str`` subclass as its text)."""
     _encode_variable(buffer, _to_utf8(value), TypeCode.STR8, TypeCode.STR32)
 
 
