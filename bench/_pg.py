@@ -17,9 +17,13 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from _common import free_port
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 __all__ = ["PostgresCluster", "find_bindir"]
 
@@ -45,8 +49,19 @@ def find_bindir() -> Path | None:
 class PostgresCluster:
     """One throwaway cluster. ``start()`` returns the ``postgres`` database's URL."""
 
-    def __init__(self, bindir: Path, *, parent: Path | None = None) -> None:
+    def __init__(
+        self,
+        bindir: Path,
+        *,
+        parent: Path | None = None,
+        settings: Sequence[str] = (),
+        diagnose: bool = False,
+    ) -> None:
         self.bindir = bindir
+        #: ``NAME=VALUE`` server settings beyond the defaults (``--pg-setting``: the bench says so)
+        self.settings = tuple(settings)
+        #: pg_stat_statements and WAL I/O timing on (``--pg-diagnose``: they cost a little CPU)
+        self.diagnose = diagnose
         self.as_root = os.geteuid() == 0
         # Not under the bench's own (0700, root-owned) temp dir: the postgres user must reach it.
         self.dir = Path(tempfile.mkdtemp(prefix="provisiond-bench-pg-", dir=parent or "/tmp"))
@@ -86,10 +101,22 @@ class PostgresCluster:
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8")
         # Only where to listen: every durability and memory setting stays at its default.
         options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir}"
+        if self.diagnose:
+            options += " -c shared_preload_libraries=pg_stat_statements -c track_wal_io_timing=on"
+        for setting in self.settings:
+            name, _, value = setting.partition("=")
+            if not re.fullmatch(r"[a-z_.]+", name) or not re.fullmatch(r"[\w.]+", value):
+                raise ValueError(f"--pg-setting {setting!r}: expected NAME=VALUE (letters, digits, _ .)")
+            options += f" -c {name}={value}"
         # -l: the server must not inherit our pipes, or capture_output would wait for it.
         self._run(
             "pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.dir / "server.log"), "-w", "start"
         )
+        if self.diagnose:
+            import psycopg
+
+            with psycopg.connect(self.url, autocommit=True) as conn:
+                conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         return self.url
 
     def stop(self) -> None:
@@ -123,3 +150,113 @@ class PostgresCluster:
         assert row is not None
         names = ("connections", "commits", "checkpoints", "wal_bytes", "wal_syncs", "autovacuums")
         return {name: float(value) for name, value in zip(names, row, strict=True)}
+
+    # -- where PostgreSQL's CPU goes (--pg-diagnose) -------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """What :func:`diagnosis` compares: each PostgreSQL process's utime and stime (by its
+        ``backend_type``), ``pg_stat_wal``, the checkpointer's and bgwriter's counters, the
+        tables' inserted, updated and HOT-updated rows and, with ``diagnose``,
+        ``pg_stat_statements``. Call it a moment after the load stops (statistics are
+        reported about a second after a backend goes idle)."""
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            processes = conn.execute(
+                "SELECT pid, backend_type FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+            ).fetchall()
+            wal = conn.execute(
+                "SELECT wal_records, wal_fpi, wal_bytes, wal_buffers_full, wal_write, wal_sync,"
+                " wal_write_time, wal_sync_time FROM pg_stat_wal"
+            ).fetchone()
+            bgwriter = conn.execute(
+                "SELECT checkpoints_timed + checkpoints_req, buffers_checkpoint, buffers_clean,"
+                " buffers_backend, buffers_backend_fsync FROM pg_stat_bgwriter"
+            ).fetchone()
+            tables = conn.execute(
+                "SELECT relname, n_tup_ins, n_tup_upd, n_tup_hot_upd, autovacuum_count + autoanalyze_count"
+                " FROM pg_stat_user_tables"
+            ).fetchall()
+            statements = []
+            if self.diagnose:
+                statements = conn.execute(
+                    "SELECT queryid, left(regexp_replace(query, '\\s+', ' ', 'g'), 110), calls,"
+                    " total_exec_time, rows, wal_bytes, wal_fpi FROM pg_stat_statements"
+                ).fetchall()
+        cpu: dict[str, list[float]] = {}
+        for pid, kind in processes:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            times = cpu.setdefault(kind or "?", [0.0, 0.0, 0.0])
+            times[0] += int(fields[11]) / CLOCK_TICKS
+            times[1] += int(fields[12]) / CLOCK_TICKS
+            times[2] += 1
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        fields = Path(f"/proc/{postmaster}/stat").read_text().rsplit(")", 1)[1].split()
+        # the postmaster itself, and what its exited children (autovacuum workers, ...) used
+        cpu["postmaster (+ exited)"] = [
+            (int(fields[11]) + int(fields[13])) / CLOCK_TICKS,
+            (int(fields[12]) + int(fields[14])) / CLOCK_TICKS,
+            1,
+        ]
+        return {
+            "cpu": cpu,
+            "wal": [float(v) for v in wal or ()],
+            "bgwriter": [float(v) for v in bgwriter or ()],
+            "tables": {row[0]: [float(v) for v in row[1:]] for row in tables},
+            "statements": {row[0]: (row[1], *[float(v) for v in row[2:]]) for row in statements},
+        }
+
+
+def diagnosis(before: dict[str, Any], after: dict[str, Any], requests: int) -> list[str]:
+    """Per request between two :meth:`PostgresCluster.snapshot`s: where PostgreSQL's CPU went
+    (utime and stime by process type), its WAL (records, full-page images, bytes, writes and
+    flushes and their time), the checkpointer's work, the rows written and HOT-updated, and
+    the statements that took the time (pg_stat_statements, with ``diagnose``)."""
+    per = max(requests, 1)
+    lines = []
+    cpu = []
+    for kind, (user, system, count) in sorted(after["cpu"].items()):
+        was = before["cpu"].get(kind, [0.0, 0.0, 0])
+        u, s = (user - was[0]) / per * 1e6, (system - was[1]) / per * 1e6
+        if u + s >= 0.5:
+            cpu.append(f"{kind} x{count:.0f} {u:.0f}+{s:.0f}")
+    lines.append("cpu us/req (user+system): " + ", ".join(cpu))
+    w = [a - b for a, b in zip(after["wal"], before["wal"], strict=True)]
+    lines.append(
+        f"wal/req: {w[0] / per:.2f} records, {w[1] / per:.3f} full-page images, {w[2] / per:,.0f} bytes, "
+        f"{w[4] / per:.3f} writes ({w[6] * 1000 / max(w[4], 1):.0f} us each), "
+        f"{w[5] / per:.3f} flushes ({w[7] * 1000 / max(w[5], 1):.0f} us each), {w[3]:.0f} buffers full"
+    )
+    g = [a - b for a, b in zip(after["bgwriter"], before["bgwriter"], strict=True)]
+    lines.append(
+        f"checkpoints {g[0]:.0f}, buffers written/req: checkpoint {g[1] / per:.3f}, bgwriter {g[2] / per:.3f}, "
+        f"backends {g[3] / per:.3f} (fsyncs {g[4]:.0f})"
+    )
+    rows = []
+    for table, values in sorted(after["tables"].items()):
+        was = before["tables"].get(table, [0.0] * 4)
+        d = [a - b for a, b in zip(values, was, strict=True)]
+        if d[0] or d[1] or d[3]:
+            rows.append(
+                f"{table} +{d[0] / per:.2f} ins {d[1] / per:.2f} upd ({d[2] / per:.2f} HOT) av {d[3]:.0f}"
+            )
+    lines.append("rows/req: " + ("; ".join(rows) or "none"))
+    changes = []
+    for queryid, (text, calls, time_ms, nrows, wal_bytes, fpi) in after["statements"].items():
+        was = before["statements"].get(queryid, (text, 0.0, 0.0, 0.0, 0.0, 0.0))
+        d_calls = calls - was[1]
+        if d_calls > 0:
+            changes.append(
+                (time_ms - was[2], d_calls, nrows - was[3], wal_bytes - was[4], fpi - was[5], text)
+            )
+    changes.sort(reverse=True)
+    for time_ms, calls, nrows, wal_bytes, fpi, text in changes[:8]:
+        lines.append(
+            f"  {time_ms * 1000 / per:6.1f} us/req {calls / per:6.3f} calls/req {nrows / max(calls, 1):5.1f} rows/call "
+            f"{wal_bytes / per:6.0f} WAL B/req {fpi / per:.3f} fpi/req  {text}"
+        )
+    return lines

@@ -50,6 +50,17 @@ and handshake are not in it), the server's CPU per request and its ratio, the da
 CPU per request (PostgreSQL's processes, from /proc too), and each phase's rate against the
 first backend's.
 
+``--pg-diagnose`` adds, after each PostgreSQL phase, where PostgreSQL's CPU went
+(``bench/_pg.py`` ``diagnosis``): utime and stime per process type (backends, walwriter,
+checkpointer, ...), ``pg_stat_wal`` per request (records, full-page images, bytes, writes and
+flushes with their time), checkpoints and buffers written, rows inserted, updated and
+HOT-updated per table, and the statements that took the time (``pg_stat_statements``: calls,
+time, rows and WAL per request). It loads pg_stat_statements and turns on WAL I/O timing, which
+cost a little CPU: compare figures taken with the same flags. ``--pg-setting NAME=VALUE``
+(repeatable) starts the throwaway cluster with a setting beyond the defaults; the output's
+header says so. Durability settings (fsync, synchronous_commit, full_page_writes,
+wal_sync_method, wal_level) are refused: the bench keeps PostgreSQL's.
+
 ``--front haproxy`` sends the wrk and X.509 phases through HAProxy running
 samples/haproxy/haproxy.cfg (TLS terminated there, no session resumption) in front of
 ``provisiond serve --front-port`` (docs/tls-front.md), and counts HAProxy's CPU with the
@@ -79,6 +90,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -395,6 +407,22 @@ def main() -> int:
         help="an extra argument for `provisiond serve` (repeat for several)",
     )
     parser.add_argument(
+        "--pg-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a server setting for the throwaway PostgreSQL cluster beyond its defaults (repeat; "
+        "printed with the figures). Durability settings (fsync, synchronous_commit, "
+        "full_page_writes) are refused: the bench keeps PostgreSQL's",
+    )
+    parser.add_argument(
+        "--pg-diagnose",
+        action="store_true",
+        help="after each PostgreSQL phase, print where its CPU went: per process type (user and "
+        "system), WAL records, full-page images, bytes and flushes, checkpoints, rows and HOT "
+        "updates, and the statements (pg_stat_statements, WAL I/O timing on: a little dearer)",
+    )
+    parser.add_argument(
         "--front",
         choices=["provisiond", "haproxy"],
         default="provisiond",
@@ -403,6 +431,9 @@ def main() -> int:
         "the https/mqtt/amqp generator phases stay on provisiond's own ports",
     )
     args = parser.parse_args()
+    durable = {"fsync", "synchronous_commit", "full_page_writes", "wal_sync_method", "wal_level"}
+    if refused := [s for s in args.pg_setting if s.partition("=")[0] in durable]:
+        parser.error(f"--pg-setting: the bench keeps PostgreSQL's durability settings; refused {refused}")
     backends = [name.strip() for name in args.db.split(",") if name.strip()]
     unknown = set(backends) - {"sqlite", "postgresql"}
     if unknown or not backends:
@@ -415,6 +446,16 @@ def main() -> int:
         f"log level {args.log_level}, {args.connections} in flight"
     )
     print(f"# {machine_summary()}")
+    if "postgresql" in backends:
+        print(
+            "# PostgreSQL settings: "
+            + (", ".join(args.pg_setting) + " (NOT the defaults)" if args.pg_setting else "the defaults")
+            + (
+                ", plus pg_stat_statements and track_wal_io_timing (--pg-diagnose)"
+                if args.pg_diagnose
+                else ""
+            )
+        )
     results: list[tuple[str, list[Phase]]] = []
     with terminate_on_signals():
         for backend in backends:
@@ -442,7 +483,7 @@ def _run_backend(backend: str, args: argparse.Namespace, preload: int = 0) -> li
             if bindir is None:
                 print("PostgreSQL's server binaries are not installed", file=sys.stderr)
                 return None
-            pg = PostgresCluster(bindir)
+            pg = PostgresCluster(bindir, settings=args.pg_setting, diagnose=args.pg_diagnose)
             extra = ["--db", pg.start()]
             db_pid = int((pg.data / "postmaster.pid").read_text().split()[0])
         front_port = free_port()
@@ -463,11 +504,12 @@ def _run_backend(backend: str, args: argparse.Namespace, preload: int = 0) -> li
                     )
                     server, reregister = fill(server, db_url, work, preload, server_args, args.devices)
                 stats = pg.stats if pg is not None else None
+                snapshot = pg.snapshot if pg is not None and args.pg_diagnose else None
                 with contextlib.ExitStack() as stack:
                     front = None
                     if args.front == "haproxy":
                         front = _haproxy_front(stack, work, front_port)
-                    return _measure(server, work, args, backend, db_pid, reregister, stats, front)
+                    return _measure(server, work, args, backend, db_pid, reregister, stats, front, snapshot)
             finally:
                 server.stop()
         finally:
@@ -549,6 +591,7 @@ def _measure(
     reregister: list[tuple[str, str]] | None = None,
     db_stats: Callable[[], dict[str, float]] | None = None,
     front: tuple[int, int] | None = None,
+    db_snapshot: Callable[[], dict[str, Any]] | None = None,
 ) -> list[Phase]:  # type: ignore[no-untyped-def]
     info = server.info
     scope, port = info["idScope"], int(info["httpsPort"])
@@ -635,6 +678,7 @@ def _measure(
     results: list[Phase] = []
     for name in args.phases.split(","):
         stats_before = db_stats() if db_stats else None
+        snapshot_before = db_snapshot() if db_snapshot else None
         front_before = process_tree_cpu(front[1]) if front is not None else 0.0
         if name.split("-")[0] in _TRANSPORTS:
             run = _run_transport(name, server, group_key, args, db_pid)
@@ -674,6 +718,11 @@ def _measure(
         )
         if stats_before is not None:
             _print_db_stats(name, stats_before, db_stats, phase.requests)
+        if snapshot_before is not None and db_snapshot is not None:
+            from _pg import diagnosis
+
+            for line in diagnosis(snapshot_before, db_snapshot(), phase.requests):
+                print(f"{'':<10} {name:<11} pg: {line}", flush=True)
 
     return results
 

@@ -130,3 +130,42 @@ def test_cpu_bench_through_haproxy_front(tmp_path: Path) -> None:
         row = next(line for line in out.splitlines() if line.startswith(f"| sqlite | {phase} |"))
         assert row.split("|")[-3].strip() == "0", row  # non-2xx
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(
+    not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")), reason="PostgreSQL's server is not installed"
+)
+def test_cpu_bench_diagnoses_postgresql_and_says_which_settings(tmp_path: Path) -> None:
+    out = _run(
+        str(BENCH / "cpu.py"),
+        "--db",
+        "postgresql",
+        "--pg-diagnose",
+        "--pg-setting",
+        "wal_compression=on",
+        "--devices",
+        "30",
+        "--seconds",
+        "1",
+        "--connections",
+        "4",
+        "--phases",
+        "trivial,group",
+        tmp_path=tmp_path,
+    )
+    assert "# PostgreSQL settings: wal_compression=on (NOT the defaults)" in out, out
+    for part in (
+        "group       pg: cpu us/req",
+        "group       pg: wal/req",
+        "group       pg: rows/req: hub_devices",
+    ):
+        assert part in out, out
+    assert "| postgresql | group |" in out
+    assert list(tmp_path.iterdir()) == []
+    refused = subprocess.run(
+        [sys.executable, str(BENCH / "cpu.py"), "--db", "postgresql", "--pg-setting", "fsync=off"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2 and "durability" in refused.stderr, refused.stderr

@@ -337,7 +337,7 @@ async def test_get_many(store: Store) -> None:
 
 async def test_get_each_and_concurrent_point_reads(store: Store) -> None:
     """Point reads across collections, alone and many at once (which PostgreSQL answers
-    together, one statement per table): each gets its own record, or None."""
+    together, in one statement): each gets its own record, or None."""
     await store.write_many(E, [Write(f"Dev-{n}", b"e%d" % n) for n in range(0, 40, 2)])
     await store.write_many(R, [Write(f"Dev-{n}", b"r%d" % n) for n in range(0, 40, 3)])
     pairs = [(c, f"DEV-{n}") for n in range(40) for c in (E, R)] + [(E, "nul\x00id"), (R, "missing")]

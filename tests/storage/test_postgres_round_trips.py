@@ -147,3 +147,78 @@ async def test_first_registration_commit_is_one_statement(postgres_db_url: str) 
             assert await store.get(H, "hub.example/d2") is None
         finally:
             await store.close()
+
+
+async def test_first_registrations_made_together_are_one_statement(postgres_db_url: str) -> None:
+    """First registrations made in one turn of the event loop are written together as **one
+    statement** (an INSERT of all their rows per table, its own transaction), not a statement
+    each between BEGIN and COMMIT (main sent 10 Executes). Each gets its own records, as
+    stored; a batch with a key that exists writes nothing, and each of its calls is then made
+    alone (the one on the existing key fails, the others are written)."""
+    url = urlsplit(postgres_db_url)
+    assert url.hostname is not None and url.port is not None
+    proxy = _Counting(url.hostname, url.port)
+    async with proxy.running() as port:
+        store = PostgresStore(url._replace(netloc=f"{url.username}@127.0.0.1:{port}").geturl(), max_size=1)
+        await store.open()
+        try:
+            results: list[object] = []
+
+            async def create(numbers: range) -> None:
+                results.extend(
+                    await asyncio.gather(*(store.write_atomic(_items(n, WriteMode.CREATE)) for n in numbers))
+                )
+
+            assert await _counted(proxy, store, create(range(8))) == Counter({"E": 1, "S": 1})
+            for n, records in enumerate(results):
+                assert records == [await store.get(H, f"hub.example/d{n}"), await store.get(R, f"d{n}")]
+                assert isinstance(records, list) and records[1].index["device_id"] == f"d{n}"
+
+            outcomes = await asyncio.gather(
+                *(store.write_atomic(_items(n, WriteMode.CREATE)) for n in (20, 21, 3, 22)),
+                return_exceptions=True,
+            )
+            assert isinstance(outcomes[2], ConflictError), outcomes
+            for n, records in zip((20, 21, 22), (outcomes[0], outcomes[1], outcomes[3]), strict=True):
+                assert records == [await store.get(H, f"hub.example/d{n}"), await store.get(R, f"d{n}")]
+        finally:
+            await store.close()
+
+
+async def test_reads_of_several_tables_are_one_statement(postgres_db_url: str) -> None:
+    """The registrar's two reads (its record and the individual enrollment), made with others
+    in one turn, are one statement for every table (main sent one per table), and each record
+    comes back whole, its index columns included (the tables have different numbers of them)."""
+    url = urlsplit(postgres_db_url)
+    assert url.hostname is not None and url.port is not None
+    proxy = _Counting(url.hostname, url.port)
+    E = Collection.ENROLLMENTS
+    async with proxy.running() as port:
+        store = PostgresStore(url._replace(netloc=f"{url.username}@127.0.0.1:{port}").geturl(), max_size=1)
+        await store.open()
+        try:
+            written = await store.write_atomic(_items(1, WriteMode.CREATE))
+            enrollment = await store.write(
+                E, "d2", b"enr", index={"device_id": "D2", "attestation_type": "tpm"}
+            )
+            results: list[list[object]] = []
+
+            async def read() -> None:
+                results.extend(
+                    await asyncio.gather(
+                        store.get_each([(R, "d1"), (E, "d1")]),
+                        store.get_each([(R, "d2"), (E, "d2")]),
+                        store.get_each([(H, "hub.example/d1"), (R, "nobody")]),
+                    )
+                )
+
+            assert await _counted(proxy, store, read()) == Counter({"E": 1, "S": 1})
+            assert results == [[written[1], None], [None, enrollment], [written[0], None]]
+            assert enrollment.index == {
+                "device_id": "D2",
+                "provisioning_status": None,
+                "attestation_type": "tpm",
+                "iot_hub_host_name": None,
+            }
+        finally:
+            await store.close()

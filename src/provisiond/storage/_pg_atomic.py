@@ -23,6 +23,16 @@ calls can share one pipelined transaction (:meth:`PostgresStore._flush_simple`):
 
 Anything else (deletes, wildcard or missing ``If-Match`` on an update, mixed shapes) is the
 general path's.
+
+**Creates of several calls are one statement too** (:func:`creates_together`): the calls that
+create rows in the same tables (every first registration: the identity, then the record) have
+their rows inserted by one ``INSERT ... SELECT FROM unnest(...)`` per table, chained with
+``WITH``, one array parameter per column. A batch of first registrations is then one statement
+and its own transaction, where it was ``BEGIN``, a statement per call and ``COMMIT``: each
+statement costs the database its parse, plan, executor start and protocol messages, and the
+server psycopg's per-statement work, whatever it carries. A key that exists (or two calls of
+the batch on one key) fails it with a unique violation, and nothing of it was written, as with
+the transaction before.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from . import _sql
 from ._sql import ParamStyle
 from .base import Collection, Delete, Record, Write, WriteMode, is_wildcard, new_etag, stored_etag
 
-__all__ = ["OneStatement", "fits", "one_statement"]
+__all__ = ["OneStatement", "Together", "creates_shape", "creates_together", "fits", "one_statement"]
 
 _STYLE = ParamStyle.FORMAT
 
@@ -63,6 +73,48 @@ def one_statement(prepared: list[_sql.AtomicItem], now: str) -> OneStatement | N
     shape needs the general path."""
     writer = _writer(prepared)
     return writer(prepared, now) if writer is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class Together:
+    """The one statement of several calls' creates (:func:`creates_together`)."""
+
+    text: str
+    params: list[Any]
+    #: The records each call writes, in the calls' order.
+    records: list[list[Record]]
+
+
+def creates_shape(prepared: list[_sql.AtomicItem]) -> tuple[Collection, ...] | None:
+    """The tables ``prepared`` creates a row in, in order, when it is creates only (the calls
+    of one shape can go in one statement, :func:`creates_together`); otherwise ``None``."""
+    if _writer(prepared) is not _creates:
+        return None
+    return tuple(collection for collection, _, _, _ in prepared)
+
+
+def creates_together(batch: Sequence[list[_sql.AtomicItem]], now: str) -> Together:
+    """One statement creating the rows of every call of ``batch``, which all have the same
+    :func:`creates_shape`: per position, one ``INSERT`` of all the calls' rows (in key order,
+    so that batches racing on shared keys wait for each other in one order)."""
+    shape = creates_shape(batch[0])
+    assert shape is not None
+    rows: list[list[tuple[Any, ...]]] = [[] for _ in shape]
+    records: list[list[Record]] = []
+    for prepared in batch:
+        assert creates_shape(prepared) == shape, "creates_together takes calls of one shape"
+        written = []
+        for n, (collection, key, item, values) in enumerate(prepared):
+            assert isinstance(item, Write)
+            etag = new_etag()
+            rows[n].append(_sql.insert_params(key, item, etag, now, values))
+            written.append(_sql.written_record(collection, item, item.id, etag, now, now, values))
+        records.append(written)
+    params: list[Any] = []
+    for table_rows in rows:
+        table_rows.sort(key=lambda row: row[0])
+        params += [list(column) for column in zip(*table_rows, strict=True)]
+    return Together(_create_together_sql(shape), params, records)
 
 
 def _writer(
@@ -165,3 +217,20 @@ def _update_all_sql(collections: tuple[Collection, ...], order: tuple[int, ...])
         f"WITH ok AS (SELECT {checks} = {len(collections)} AS ok), {', '.join(updates)} "
         f"SELECT {columns} FROM {sources}"
     )
+
+
+@functools.cache
+def _create_together_sql(collections: tuple[Collection, ...]) -> str:
+    """One statement inserting many rows into each of ``collections`` (in order), one array
+    parameter per column; the inserts but the last are data-modifying ``WITH`` queries."""
+    inserts = []
+    for collection in collections:
+        columns = (*_sql.BASE_COLUMNS, *collection.index_columns)
+        arrays = ", ".join("%s::bytea[]" if column == "doc" else "%s::text[]" for column in columns)
+        inserts.append(
+            f"INSERT INTO {collection.table} ({', '.join(columns)}) SELECT * FROM unnest({arrays})"
+        )
+    if len(inserts) == 1:
+        return inserts[0]
+    queries = ", ".join(f"w{n} AS ({text})" for n, text in enumerate(inserts[:-1]))
+    return f"WITH {queries} {inserts[-1]}"

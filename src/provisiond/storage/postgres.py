@@ -44,13 +44,15 @@ on a row this transaction has locked:
   all matched). If a key exists (a unique violation), an etag no longer matches (no row back),
   or the statement deadlocks with a transaction on the same keys, nothing was written and the
   general path above decides (and names the error). Such calls made while the previous ones
-  are being written (or in the same turn of the event loop) go together: their statements in
-  one pipelined transaction, one round trip and one commit for all; if a create in it fails,
-  nothing of it was written and each call is made on its own.
+  are being written (or in the same turn of the event loop) go together, in one transaction,
+  one round trip and one commit for all: first registrations' creates as one statement (an
+  ``INSERT ... SELECT FROM unnest(...)`` per table), the updates pipelined with it; if a create
+  in it fails, nothing of it was written and each call is made on its own.
 - **Point reads go together** the same way: the ``get`` calls made while the previous ones are
-  being read become one statement per table (``key = ANY(...)``), pipelined in one round trip,
-  and :meth:`PostgresStore.get_each` asks for several records at once (the registrar's record
-  and individual enrollment). Each wait for the server costs the event loop a wake-up and
+  being read become one statement (``key = ANY(...)`` per table, the tables' rows joined with
+  ``UNION ALL``), and :meth:`PostgresStore.get_each` asks for several records at once (the
+  registrar's record and individual enrollment). Reads by key are planned at each call, never
+  from a cached generic plan (:data:`_PLAN_KEY_READS` says why). Each wait for the server costs the event loop a wake-up and
   psycopg its per-statement work whatever it carries: with 64 registrations in flight, a
   registration's three waits became a fraction of one.
 
@@ -95,6 +97,18 @@ _ITEM_ATTEMPTS = 5
 _RETRIED: tuple[type[BaseException], ...] = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
 #: The most rows one batched INSERT statement carries.
 _INSERT_CHUNK = 1000
+#: psycopg's ``prepare`` for the reads of rows by key (``key = ANY(...)``): ``False``, planned
+#: at every call, never a prepared statement's cached generic plan. A generic plan is made
+#: once per connection, on the table as it is then, and kept until the table is analyzed:
+#: made while a table is new or small (a fresh database, a first burst of registrations, a
+#: bulk import), it is a sequential scan, and it stays one while the table grows by thousands
+#: of rows a second, until autovacuum's next ANALYZE (a minute or more). Under a registration
+#: burst on a fresh database every record read then scanned the whole table (about a quarter
+#: of PostgreSQL's CPU per registration under the bench's load, over half of it with a pool of
+#: 4 connections: ``docs/performance.md``, "The fourth round"). A plan made at each call sees
+#: the table's current size (its pages), so a read of a few keys is an index scan as soon as
+#: the table has more than a few pages. Planning costs some 25-50 µs per statement.
+_PLAN_KEY_READS = False
 
 _T = TypeVar("_T")
 
@@ -185,9 +199,11 @@ class PostgresStore(Store):
                 await conn.execute(_sql.sql(_sql.RECORD_MIGRATION, _STYLE), (migration.version, utc_now()))
                 log.info("Applied migration %s to %r", migration.name, self)
 
-    async def _fetch_all(self, text: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    async def _fetch_all(
+        self, text: str, params: Sequence[Any], *, prepare: bool | None = None
+    ) -> list[tuple[Any, ...]]:
         async with self._connections.connection() as conn:
-            cursor = await conn.execute(text, params)
+            cursor = await conn.execute(text, params, prepare=prepare)
             return await cursor.fetchall()
 
     # -- records ------------------------------------------------------------------------------
@@ -211,33 +227,33 @@ class PostgresStore(Store):
 
     async def _flush_reads(self, items: list[tuple[Collection, str]]) -> list[Record | None]:
         """The point reads asked for while the previous ones were being read (or in the same
-        turn of the event loop), in one round trip: one statement per table, pipelined. A
-        registration reads two records; with many in flight, their reads share the wait, the
-        pool connection and psycopg's per-statement cost."""
+        turn of the event loop), in one round trip and **one statement**: the rows of each
+        table by one array of keys, the tables' rows together (``UNION ALL``, each row tagged
+        with its table). A registration reads two records (its record and its individual
+        enrollment); with many in flight, their reads share the wait, the pool connection and
+        the per-statement cost (the database's and psycopg's), which is most of a read's."""
         if len(items) == 1:
             [(collection, key)] = items
-            rows = await self._fetch_all(_sql.statements(collection, _STYLE).select_many(1), (key,))
+            rows = await self._fetch_all(
+                _sql.statements(collection, _STYLE).select_many(1), (key,), prepare=_PLAN_KEY_READS
+            )
             return [_sql.record_from_row(collection, rows[0]) if rows else None]
-        by_table: dict[Collection, list[str]] = {}
+        by_table: dict[Collection, set[str]] = {}
         for collection, key in items:
-            by_table.setdefault(collection, []).append(key)
+            by_table.setdefault(collection, set()).add(key)
+        tables = tuple(sorted(by_table, key=lambda collection: collection.table))
+        params = [sorted(by_table[collection]) for collection in tables]
         found: dict[tuple[Collection, str], Record] = {}
-        async with self._connections.connection() as conn:
-            try:
-                async with conn.pipeline():
-                    cursors = [
-                        (
-                            collection,
-                            await conn.execute(_select_any_sql(collection, meta=False), (sorted(set(keys)),)),
-                        )
-                        for collection, keys in by_table.items()
-                    ]
-                for collection, cursor in cursors:
-                    for row in await cursor.fetchall():
-                        found[(collection, row[0])] = _sql.record_from_row(collection, row)
-            except BaseException:
-                await _roll_back(conn)
-                raise
+        if len(tables) == 1:
+            for row in await self._fetch_all(
+                _select_any_sql(tables[0], meta=False), params, prepare=_PLAN_KEY_READS
+            ):
+                found[(tables[0], row[0])] = _sql.record_from_row(tables[0], row)
+        else:
+            for row in await self._fetch_all(_select_tables_sql(tables), params, prepare=_PLAN_KEY_READS):
+                collection = tables[row[0]]
+                width = 7 + len(collection.index_columns)
+                found[(collection, row[1])] = _sql.record_from_row(collection, row[1:width])
         return [found.get(item) for item in items]
 
     async def get_many(self, collection: Collection, ids: Sequence[str]) -> dict[str, Record]:
@@ -245,7 +261,9 @@ class PostgresStore(Store):
         if not keys:
             return {}
         # One statement (one snapshot) with one array parameter, whatever the number of keys.
-        rows = await self._fetch_all(_select_any_sql(collection, meta=False), (keys,))
+        rows = await self._fetch_all(
+            _select_any_sql(collection, meta=False), (keys,), prepare=_PLAN_KEY_READS
+        )
         return {row[0]: _sql.record_from_row(collection, row) for row in rows}
 
     async def write(
@@ -294,33 +312,50 @@ class PostgresStore(Store):
     async def _flush_simple(self, batch: list[list[_sql.AtomicItem]]) -> list[list[Record] | None]:
         """The one-statement ``write_atomic`` calls (:mod:`._pg_atomic`: first registrations'
         creates, re-registrations' updates on an etag) made while the previous ones were being
-        written (or in the same turn of the event loop): their statements in one transaction,
-        pipelined (one round trip, one commit for all). An update whose etag no longer matches
-        writes nothing and costs the others nothing; its caller gets ``None`` and takes the
-        general path. If a create's key exists or the transaction deadlocks, nothing of it was
-        written, and each call is then made on its own (:meth:`_one_statement`), so that each
-        succeeds or fails alone."""
+        written (or in the same turn of the event loop), in one transaction (one round trip,
+        one commit for all). The creates of one shape (every first registration's) are one
+        statement together (:func:`._pg_atomic.creates_together`); a batch of those alone is
+        sent as that statement, its own transaction; anything else is pipelined between
+        ``BEGIN`` and ``COMMIT``. An update whose etag no longer matches writes nothing and
+        costs the others nothing; its caller gets ``None`` and takes the general path. If a
+        create's key exists or the transaction deadlocks, nothing of it was written, and each
+        call is then made on its own (:meth:`_one_statement`), so that each succeeds or fails
+        alone."""
         if len(batch) == 1:
             return [await self._one_statement(batch[0])]
         now = utc_now()
-        planned = [
-            statement
-            for prepared in batch
-            if (statement := _pg_atomic.one_statement(prepared, now)) is not None
+        # (text, params, whether it returns rows, the outcome of each call it carries from its rows)
+        parts: list[
+            tuple[str, list[Any], bool, Callable[[list[tuple[Any, ...]]], dict[int, list[Record] | None]]]
         ]
-        assert len(planned) == len(batch), "write_atomic submits only the shapes _pg_atomic fits"
-        rows: list[list[tuple[Any, ...]]] = []
+        parts = []
+        shapes: dict[tuple[Collection, ...], list[int]] = {}
+        for n, prepared in enumerate(batch):
+            shape = _pg_atomic.creates_shape(prepared)
+            if shape is not None:
+                shapes.setdefault(shape, []).append(n)
+                continue
+            statement = _pg_atomic.one_statement(prepared, now)
+            assert statement is not None, "write_atomic submits only the shapes _pg_atomic fits"
+            parts.append((statement.text, statement.params, statement.returns_rows, _outcome(n, statement)))
+        for calls in shapes.values():
+            together = _pg_atomic.creates_together([batch[n] for n in calls], now)
+            parts.append((together.text, together.params, False, _written(calls, together.records)))
+        outcomes: dict[int, list[Record] | None] = {}
         try:
             async with self._connections.connection() as conn:
                 try:
-                    async with conn.pipeline():
-                        await conn.execute("BEGIN")
-                        cursors = []
-                        for statement in planned:
-                            cursors.append(await conn.execute(statement.text, statement.params))
-                        await conn.execute("COMMIT")
-                    for statement, cursor in zip(planned, cursors, strict=True):
-                        rows.append(await cursor.fetchall() if statement.returns_rows else [])
+                    if len(parts) == 1:
+                        [(text, params, returns_rows, finish)] = parts
+                        cursor = await conn.execute(text, params)
+                        outcomes.update(finish(await cursor.fetchall() if returns_rows else []))
+                    else:
+                        async with conn.pipeline():
+                            await conn.execute("BEGIN")
+                            cursors = [await conn.execute(text, params) for text, params, _, _ in parts]
+                            await conn.execute("COMMIT")
+                        for (_, _, returns_rows, finish), cursor in zip(parts, cursors, strict=True):
+                            outcomes.update(finish(await cursor.fetchall() if returns_rows else []))
                 except BaseException:
                     await _roll_back(conn)
                     raise
@@ -328,7 +363,7 @@ class PostgresStore(Store):
             if isinstance(exc.__cause__, pg_errors.UniqueViolation | pg_errors.DeadlockDetected):
                 return [await self._one_statement(prepared) for prepared in batch]
             raise
-        return [statement.finish(found) for statement, found in zip(planned, rows, strict=True)]
+        return [outcomes[n] for n in range(len(batch))]
 
     async def _one_statement(self, prepared: list[_sql.AtomicItem]) -> list[Record] | None:
         """One ``write_atomic`` call as one statement (:mod:`._pg_atomic`). None when it wrote
@@ -582,6 +617,21 @@ class PostgresStore(Store):
         return int(rows[0][0])
 
 
+def _outcome(
+    n: int, statement: _pg_atomic.OneStatement
+) -> Callable[[list[tuple[Any, ...]]], dict[int, list[Record] | None]]:
+    """How :meth:`PostgresStore._flush_simple` reads call ``n``'s outcome from its statement's rows."""
+    return lambda rows: {n: statement.finish(rows)}
+
+
+def _written(
+    calls: list[int], records: list[list[Record]]
+) -> Callable[[list[tuple[Any, ...]]], dict[int, list[Record] | None]]:
+    """The outcome of calls ``calls`` whose creates went in one statement: what they wrote."""
+    written: dict[int, list[Record] | None] = dict(zip(calls, records, strict=True))
+    return lambda rows: written
+
+
 async def _retrying(
     tables: str, attempt: Callable[[], Awaitable[_T]], retried: tuple[type[BaseException], ...]
 ) -> _T:
@@ -732,7 +782,9 @@ async def _lock_keys(conn: _Connection, keys: Sequence[tuple[Collection, str]]) 
 
 async def _lock_rows(conn: _Connection, collection: Collection, keys: list[str]) -> dict[str, Meta | None]:
     """Lock the existing rows among ``keys`` (sorted) for this transaction; their metadata."""
-    cursor = await conn.execute(f"{_select_any_sql(collection, meta=True)} FOR UPDATE", (keys,))
+    cursor = await conn.execute(
+        f"{_select_any_sql(collection, meta=True)} FOR UPDATE", (keys,), prepare=_PLAN_KEY_READS
+    )
     return {row[0]: Meta(*row) for row in await cursor.fetchall()}
 
 
@@ -744,6 +796,20 @@ def _select_any_sql(collection: Collection, *, meta: bool) -> str:
     statements = _sql.statements(collection, _STYLE)
     prefix = statements.select_meta_prefix if meta else statements.select_full_prefix
     return f"{prefix} WHERE key = ANY(%s::text[]) ORDER BY key"
+
+
+@functools.cache
+def _select_tables_sql(collections: tuple[Collection, ...]) -> str:
+    """The full rows of several tables whose key is in one array parameter per table (in
+    order), as one statement: each row is its table's number in ``collections``, then its full
+    row, padded with NULLs to the widest table's (every index column is text)."""
+    width = max(len(collection.index_columns) for collection in collections)
+    selects = []
+    for n, collection in enumerate(collections):
+        columns = ", ".join((*_sql.BASE_COLUMNS, *collection.index_columns))
+        padding = ", NULL::text" * (width - len(collection.index_columns))
+        selects.append(f"SELECT {n}, {columns}{padding} FROM {collection.table} WHERE key = ANY(%s::text[])")
+    return " UNION ALL ".join(selects)
 
 
 @functools.cache
