@@ -543,11 +543,11 @@ def _print_table(results: list[tuple[str, list[Phase]]]) -> None:
         trivial = [p for p in phases if p.name == name]
         if not trivial:
             return float("nan")
-        return sum(p.cpu for p in trivial) / sum(p.requests for p in trivial) * 1e6
+        return _ratio(sum(p.cpu for p in trivial), sum(p.requests for p in trivial)) * 1e6
 
     def mean_rate(phases: list[Phase], name: str) -> float:
         runs = [p for p in phases if p.name == name]
-        return sum(p.requests for p in runs) / sum(p.seconds for p in runs) if runs else float("nan")
+        return _ratio(sum(p.requests for p in runs), sum(p.seconds for p in runs))
 
     first_backend, first = results[0]
     print()
@@ -560,10 +560,10 @@ def _print_table(results: list[tuple[str, list[Phase]]]) -> None:
         bases = {"wrk": baseline(phases, "trivial"), "x509": baseline(phases, "x509-trivial")}
         for p in phases:
             base = bases["x509" if p.name.startswith("x509") else "wrk"]
-            versus = p.rate / mean_rate(first, p.name)
+            versus = _ratio(p.rate, mean_rate(first, p.name))
             print(
                 f"| {backend} | {p.name} | {p.rate:.0f} | {p.p50:.1f} | {p.p99:.1f} | {p.cpu_us:.0f} "
-                f"| {base / p.cpu_us:.2f} | {p.db_cpu_us:.0f} | {versus:.2f} | {p.bad_status} | {p.socket_errors} |"
+                f"| {_ratio(base, p.cpu_us):.2f} | {p.db_cpu_us:.0f} | {versus:.2f} | {p.bad_status} | {p.socket_errors} |"
             )
 
 
@@ -580,6 +580,12 @@ def _haproxy_front(stack: contextlib.ExitStack, work: Path, front_port: int) -> 
     _wait_for_port(port, haproxy, "haproxy")
     print(f"# through HAProxy (samples/haproxy/haproxy.cfg) on port {port}", flush=True)
     return port, haproxy.pid
+
+
+def _ratio(a: float, b: float) -> float:
+    """``a / b``, or nan when ``b`` is 0 (a phase too short for the kernel's CPU clock ticks, or
+    none ran): a table cell, never a ZeroDivisionError."""
+    return a / b if b else float("nan")
 
 
 def _measure(
@@ -765,7 +771,7 @@ def _print_transports(results: list[tuple[str, list[Phase]]]) -> None:
 
     def cpu_of(phases: list[Phase], name: str) -> float:
         runs = [p for p in phases if p.name == name]
-        return sum(p.cpu for p in runs) / sum(p.requests for p in runs) * 1e6 if runs else float("nan")
+        return _ratio(sum(p.cpu for p in runs), sum(p.requests for p in runs)) * 1e6
 
     for backend, phases in results:
         own = [p for p in phases if p.name.split("-")[0] in _TRANSPORTS]
@@ -780,8 +786,8 @@ def _print_transports(results: list[tuple[str, list[Phase]]]) -> None:
         print("|---|---|---|---|---|---|---|")
         for p in own:
             print(
-                f"| {backend} | {p.name} | {p.rate:.0f} | {p.cpu_us:.0f} | {p.cpu_us / wrk:.2f} "
-                f"| {p.cpu_us / py:.2f} | {p.bad_status} |"
+                f"| {backend} | {p.name} | {p.rate:.0f} | {p.cpu_us:.0f} | {_ratio(p.cpu_us, wrk):.2f} "
+                f"| {_ratio(p.cpu_us, py):.2f} | {p.bad_status} |"
             )
 
 
