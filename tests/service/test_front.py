@@ -30,6 +30,7 @@ from provisiond.device import ProvisioningDeviceClient, X509Security
 from provisiond.models import RegistrationStatus
 from provisiond.protocol.sas import build_sas_token, derive_device_key
 from provisiond.service.front import CERT_HEADER, CHAIN_HEADER, MAX_CHAIN_BYTES, chain_from_headers
+from tests import factories
 from tests._server import RunningServer, free_port, start_server
 
 SAMPLE = Path(__file__).resolve().parents[2] / "samples" / "haproxy" / "haproxy.cfg"
@@ -218,38 +219,12 @@ def assigned(answer: Answer) -> dict[str, Any]:
 
 def x509_group(admin: Any, root: pki.Issued) -> str:
     gid = uid("fxg")
-    admin.put(
-        f"/enrollmentGroups/{gid}",
-        {
-            "enrollmentGroupId": gid,
-            "attestation": {
-                "type": "x509",
-                "x509": {
-                    "signingCertificates": {
-                        "primary": {"certificate": pki.certificate_pem(root.cert).decode()}
-                    }
-                },
-            },
-        },
-    )
+    admin.put(f"/enrollmentGroups/{gid}", factories.body(factories.x509_group(gid, root)))
     return gid
 
 
 def x509_individual(admin: Any, device: pki.Issued, reg: str) -> None:
-    admin.put(
-        f"/enrollments/{reg}",
-        {
-            "registrationId": reg,
-            "attestation": {
-                "type": "x509",
-                "x509": {
-                    "clientCertificates": {
-                        "primary": {"certificate": pki.certificate_pem(device.cert).decode()}
-                    }
-                },
-            },
-        },
-    )
+    admin.put(f"/enrollments/{reg}", factories.body(factories.x509_enrollment(reg, device)))
 
 
 # --- through HAProxy -----------------------------------------------------------------------------
