@@ -92,6 +92,21 @@ def _items(n: int, mode: WriteMode, etags: tuple[str, str] | None = None) -> lis
     ]
 
 
+@contextlib.asynccontextmanager
+async def _counted_store(postgres_db_url: str) -> AsyncIterator[tuple[_Counting, PostgresStore]]:
+    """A store with one pool connection, through a proxy that counts the protocol messages."""
+    url = urlsplit(postgres_db_url)
+    assert url.hostname is not None and url.port is not None
+    proxy = _Counting(url.hostname, url.port)
+    async with proxy.running() as port:
+        store = PostgresStore(url._replace(netloc=f"{url.username}@127.0.0.1:{port}").geturl(), max_size=1)
+        await store.open()
+        try:
+            yield proxy, store
+        finally:
+            await store.close()
+
+
 async def _counted(proxy: _Counting, store: PostgresStore, call: object) -> Counter[str]:
     await store.schema_version()  # the pool's connection is open and idle
     proxy.messages.clear()
@@ -105,48 +120,40 @@ async def test_first_registration_commit_is_one_statement(postgres_db_url: str) 
     round trip, and so is a re-registration's (both updated on their etags); a CREATE pair over
     an existing key, or updates on a stale etag, fall back to the locking transaction and write
     nothing."""
-    url = urlsplit(postgres_db_url)
-    assert url.hostname is not None and url.port is not None
-    proxy = _Counting(url.hostname, url.port)
-    async with proxy.running() as port:
-        store = PostgresStore(url._replace(netloc=f"{url.username}@127.0.0.1:{port}").geturl(), max_size=1)
-        await store.open()
-        try:
-            created: list[object] = []
+    async with _counted_store(postgres_db_url) as (proxy, store):
+        created: list[object] = []
 
-            async def create(n: int) -> None:
-                created.extend(await store.write_atomic(_items(n, WriteMode.CREATE)))
+        async def create(n: int) -> None:
+            created.extend(await store.write_atomic(_items(n, WriteMode.CREATE)))
 
-            assert await _counted(proxy, store, create(1)) == Counter({"E": 1, "S": 1})
-            hub, reg = await store.get(H, "hub.example/d1"), await store.get(R, "d1")
-            assert created == [hub, reg]
+        assert await _counted(proxy, store, create(1)) == Counter({"E": 1, "S": 1})
+        hub, reg = await store.get(H, "hub.example/d1"), await store.get(R, "d1")
+        assert created == [hub, reg]
 
-            assert hub is not None and reg is not None
-            updated: list[object] = []
+        assert hub is not None and reg is not None
+        updated: list[object] = []
 
-            async def update(etags: tuple[str, str]) -> None:
-                updated.extend(await store.write_atomic(_items(1, WriteMode.UPDATE, etags)))
+        async def update(etags: tuple[str, str]) -> None:
+            updated.extend(await store.write_atomic(_items(1, WriteMode.UPDATE, etags)))
 
-            # A re-registration: both updated on their etags, one statement too.
-            assert await _counted(proxy, store, update((hub.etag, reg.etag))) == Counter({"E": 1, "S": 1})
-            assert updated == [await store.get(H, "hub.example/d1"), await store.get(R, "d1")]
+        # A re-registration: both updated on their etags, one statement too.
+        assert await _counted(proxy, store, update((hub.etag, reg.etag))) == Counter({"E": 1, "S": 1})
+        assert updated == [await store.get(H, "hub.example/d1"), await store.get(R, "d1")]
 
-            # On an etag that no longer matches, the statement writes nothing, and the general
-            # path (BEGIN, the advisory locks, a FOR UPDATE read per table) says why.
-            with pytest.raises(PreconditionFailedError):
-                await _counted(proxy, store, update((hub.etag, reg.etag)))
-            assert updated == [await store.get(H, "hub.example/d1"), await store.get(R, "d1")]
+        # On an etag that no longer matches, the statement writes nothing, and the general
+        # path (BEGIN, the advisory locks, a FOR UPDATE read per table) says why.
+        with pytest.raises(PreconditionFailedError):
+            await _counted(proxy, store, update((hub.etag, reg.etag)))
+        assert updated == [await store.get(H, "hub.example/d1"), await store.get(R, "d1")]
 
-            with pytest.raises(ConflictError):
-                await store.write_atomic(
-                    [
-                        (H, Write("hub.example/d2", b"new", mode=WriteMode.CREATE)),
-                        *_items(1, WriteMode.CREATE)[1:],
-                    ]
-                )
-            assert await store.get(H, "hub.example/d2") is None
-        finally:
-            await store.close()
+        with pytest.raises(ConflictError):
+            await store.write_atomic(
+                [
+                    (H, Write("hub.example/d2", b"new", mode=WriteMode.CREATE)),
+                    *_items(1, WriteMode.CREATE)[1:],
+                ]
+            )
+        assert await store.get(H, "hub.example/d2") is None
 
 
 async def test_first_registrations_made_together_are_one_statement(postgres_db_url: str) -> None:
@@ -155,70 +162,52 @@ async def test_first_registrations_made_together_are_one_statement(postgres_db_u
     each between BEGIN and COMMIT (main sent 10 Executes). Each gets its own records, as
     stored; a batch with a key that exists writes nothing, and each of its calls is then made
     alone (the one on the existing key fails, the others are written)."""
-    url = urlsplit(postgres_db_url)
-    assert url.hostname is not None and url.port is not None
-    proxy = _Counting(url.hostname, url.port)
-    async with proxy.running() as port:
-        store = PostgresStore(url._replace(netloc=f"{url.username}@127.0.0.1:{port}").geturl(), max_size=1)
-        await store.open()
-        try:
-            results: list[object] = []
+    async with _counted_store(postgres_db_url) as (proxy, store):
+        results: list[object] = []
 
-            async def create(numbers: range) -> None:
-                results.extend(
-                    await asyncio.gather(*(store.write_atomic(_items(n, WriteMode.CREATE)) for n in numbers))
-                )
-
-            assert await _counted(proxy, store, create(range(8))) == Counter({"E": 1, "S": 1})
-            for n, records in enumerate(results):
-                assert records == [await store.get(H, f"hub.example/d{n}"), await store.get(R, f"d{n}")]
-                assert isinstance(records, list) and records[1].index["device_id"] == f"d{n}"
-
-            outcomes = await asyncio.gather(
-                *(store.write_atomic(_items(n, WriteMode.CREATE)) for n in (20, 21, 3, 22)),
-                return_exceptions=True,
+        async def create(numbers: range) -> None:
+            results.extend(
+                await asyncio.gather(*(store.write_atomic(_items(n, WriteMode.CREATE)) for n in numbers))
             )
-            assert isinstance(outcomes[2], ConflictError), outcomes
-            for n, records in zip((20, 21, 22), (outcomes[0], outcomes[1], outcomes[3]), strict=True):
-                assert records == [await store.get(H, f"hub.example/d{n}"), await store.get(R, f"d{n}")]
-        finally:
-            await store.close()
+
+        assert await _counted(proxy, store, create(range(8))) == Counter({"E": 1, "S": 1})
+        for n, records in enumerate(results):
+            assert records == [await store.get(H, f"hub.example/d{n}"), await store.get(R, f"d{n}")]
+            assert isinstance(records, list) and records[1].index["device_id"] == f"d{n}"
+
+        outcomes = await asyncio.gather(
+            *(store.write_atomic(_items(n, WriteMode.CREATE)) for n in (20, 21, 3, 22)),
+            return_exceptions=True,
+        )
+        assert isinstance(outcomes[2], ConflictError), outcomes
+        for n, records in zip((20, 21, 22), (outcomes[0], outcomes[1], outcomes[3]), strict=True):
+            assert records == [await store.get(H, f"hub.example/d{n}"), await store.get(R, f"d{n}")]
 
 
 async def test_reads_of_several_tables_are_one_statement(postgres_db_url: str) -> None:
     """The registrar's two reads (its record and the individual enrollment), made with others
     in one turn, are one statement for every table (main sent one per table), and each record
     comes back whole, its index columns included (the tables have different numbers of them)."""
-    url = urlsplit(postgres_db_url)
-    assert url.hostname is not None and url.port is not None
-    proxy = _Counting(url.hostname, url.port)
     E = Collection.ENROLLMENTS
-    async with proxy.running() as port:
-        store = PostgresStore(url._replace(netloc=f"{url.username}@127.0.0.1:{port}").geturl(), max_size=1)
-        await store.open()
-        try:
-            written = await store.write_atomic(_items(1, WriteMode.CREATE))
-            enrollment = await store.write(
-                E, "d2", b"enr", index={"device_id": "D2", "attestation_type": "tpm"}
-            )
-            results: list[list[object]] = []
+    async with _counted_store(postgres_db_url) as (proxy, store):
+        written = await store.write_atomic(_items(1, WriteMode.CREATE))
+        enrollment = await store.write(E, "d2", b"enr", index={"device_id": "D2", "attestation_type": "tpm"})
+        results: list[list[object]] = []
 
-            async def read() -> None:
-                results.extend(
-                    await asyncio.gather(
-                        store.get_each([(R, "d1"), (E, "d1")]),
-                        store.get_each([(R, "d2"), (E, "d2")]),
-                        store.get_each([(H, "hub.example/d1"), (R, "nobody")]),
-                    )
+        async def read() -> None:
+            results.extend(
+                await asyncio.gather(
+                    store.get_each([(R, "d1"), (E, "d1")]),
+                    store.get_each([(R, "d2"), (E, "d2")]),
+                    store.get_each([(H, "hub.example/d1"), (R, "nobody")]),
                 )
+            )
 
-            assert await _counted(proxy, store, read()) == Counter({"E": 1, "S": 1})
-            assert results == [[written[1], None], [None, enrollment], [written[0], None]]
-            assert enrollment.index == {
-                "device_id": "D2",
-                "provisioning_status": None,
-                "attestation_type": "tpm",
-                "iot_hub_host_name": None,
-            }
-        finally:
-            await store.close()
+        assert await _counted(proxy, store, read()) == Counter({"E": 1, "S": 1})
+        assert results == [[written[1], None], [None, enrollment], [written[0], None]]
+        assert enrollment.index == {
+            "device_id": "D2",
+            "provisioning_status": None,
+            "attestation_type": "tpm",
+            "iot_hub_host_name": None,
+        }
