@@ -13,8 +13,9 @@ import pytest
 
 from provisiond import pki
 from provisiond.service_client import ServiceClient
+from tests import factories
 from tests._server import RunningServer, port_is_free
-from tests.interop.test_node_sdk import HTTPS_PORT, _uid, node, pem, provisioned, write_credential
+from tests.interop.test_node_sdk import HTTPS_PORT, _uid, node, provisioned, write_credential
 from tests.service.test_front import Front, start_front, stop_front
 
 pytestmark = pytest.mark.interop
@@ -55,16 +56,7 @@ def test_x509_group_with_intermediate_through_haproxy(
     root = pki.make_root_ca(_uid("Front Node Root"))
     inter = pki.make_intermediate_ca(_uid("Front Node Intermediate"), root)
     gid = _uid(f"front-{transport}-xg")
-    admin.put(
-        f"/enrollmentGroups/{gid}",
-        {
-            "enrollmentGroupId": gid,
-            "attestation": {
-                "type": "x509",
-                "x509": {"signingCertificates": {"primary": {"certificate": pem(root)}}},
-            },
-        },
-    )
+    admin.put(f"/enrollmentGroups/{gid}", factories.body(factories.x509_group(gid, root)))
     reg = _uid(f"front-{transport}-xd")
     cert, key = write_credential(pki.make_device_cert(reg, inter), tmp_path)
     for _ in range(2):  # a first registration, then the same device again
