@@ -75,7 +75,10 @@ def sample_haproxy(
     work: Path, pki_dir: Path, *, port: int, front_port: int, resume: bool
 ) -> Iterator[subprocess.Popen[bytes]]:
     """HAProxy from samples/haproxy/haproxy.cfg (with ``resume``: ``tune.ssl.cachesize 4096``
-    instead of 0), on ``port``, forwarding to provisiond's front port: yields its process."""
+    instead of 0), on ``port``, forwarding to provisiond's front port: yields its process once
+    it listens."""
+    from tls_front import _wait_for_port
+
     binary = haproxy_binary()
     assert binary is not None, "haproxy is not installed"
     text = SAMPLE.read_text()
@@ -97,6 +100,7 @@ def sample_haproxy(
     with open(conf.with_suffix(".out"), "ab") as out:
         process = subprocess.Popen([binary, "-db", "-f", str(conf)], stdout=out, stderr=out, env=env)
     try:
+        _wait_for_port(port, process, "haproxy")
         yield process
     finally:
         process.send_signal(signal.SIGTERM)
@@ -164,7 +168,6 @@ def measure(work: Path, args: argparse.Namespace) -> Results:
 
     from _common import free_port, start_server
     from cpu import LUA, _http_request, device_lines, process_tree_cpu, run_wrk, run_x509, write_requests
-    from tls_front import _wait_for_port
 
     from provisiond import pki
     from provisiond.protocol.sas import derive_device_key
@@ -196,7 +199,6 @@ def measure(work: Path, args: argparse.Namespace) -> Results:
                         work, pki_dir, port=port, front_port=front_port, resume=name == "haproxy-resume"
                     )
                 )
-                _wait_for_port(port, haproxy, name)
                 fronts[name] = (port, server.pid, haproxy.pid)
         if "provisiond-2w" in names:
             # a second `provisiond serve`, two worker processes, on the same database

@@ -571,13 +571,11 @@ def _haproxy_front(stack: contextlib.ExitStack, work: Path, front_port: int) -> 
     """``--front haproxy``: HAProxy from the sample config, forwarding to provisiond's front port
     (bench/_offload.py): (its TLS port, its pid)."""
     from _offload import sample_haproxy
-    from tls_front import _wait_for_port
 
     port = free_port()
     haproxy = stack.enter_context(
         sample_haproxy(work, work / "data" / "pki", port=port, front_port=front_port, resume=False)
     )
-    _wait_for_port(port, haproxy, "haproxy")
     print(f"# through HAProxy (samples/haproxy/haproxy.cfg) on port {port}", flush=True)
     return port, haproxy.pid
 
