@@ -32,13 +32,10 @@ from provisiond.protocol.sas import build_sas_token, derive_device_key
 from provisiond.service.front import CERT_HEADER, CHAIN_HEADER, MAX_CHAIN_BYTES, chain_from_headers
 from tests import factories
 from tests._server import RunningServer, free_port, start_server
+from tests.factories import uid
 
 SAMPLE = Path(__file__).resolve().parents[2] / "samples" / "haproxy" / "haproxy.cfg"
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
-
-
-def uid(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
 @dataclass
