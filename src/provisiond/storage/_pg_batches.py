@@ -46,7 +46,15 @@ from ._sql import ParamStyle
 from ._streams import Pending, fail_pending, settle, take
 from .base import Collection, Record
 
-__all__ = ["Exchange", "ReadStatement", "WritePart", "read_statement", "select_any_sql", "write_parts"]
+__all__ = [
+    "Exchange",
+    "ReadStatement",
+    "WritePart",
+    "creates_then_read",
+    "read_statement",
+    "select_any_sql",
+    "write_parts",
+]
 
 _STYLE = ParamStyle.FORMAT
 
@@ -183,6 +191,9 @@ class WritePart:
     returns_rows: bool
     #: The outcome of each call it carries (by the call's position in the batch), from its rows.
     outcomes: Callable[[list[tuple[Any, ...]]], dict[int, list[Record] | None]]
+    #: The tables of the creates it carries (:func:`._pg_atomic.creates_together`), if that is
+    #: what it is: a read can then go in the same statement (:func:`creates_then_read`).
+    shape: tuple[Collection, ...] | None = None
 
 
 def write_parts(batch: Sequence[list[_sql.AtomicItem]], now: str) -> list[WritePart]:
@@ -201,10 +212,23 @@ def write_parts(batch: Sequence[list[_sql.AtomicItem]], now: str) -> list[WriteP
         parts.append(
             WritePart(statement.text, statement.params, statement.returns_rows, _outcome(n, statement))
         )
-    for calls in shapes.values():
+    for shape, calls in shapes.items():
         together = _pg_atomic.creates_together([batch[n] for n in calls], now)
-        parts.append(WritePart(together.text, together.params, False, _written(calls, together.records)))
+        parts.append(
+            WritePart(together.text, together.params, False, _written(calls, together.records), shape)
+        )
     return parts
+
+
+def creates_then_read(part: WritePart, read: ReadStatement) -> ReadStatement | None:
+    """``part`` (creates) and ``read`` as **one statement** returning the read's rows, if
+    ``part`` is creates (:func:`._pg_atomic.creates_then`); else ``None``. The read sees the
+    tables as they were before the creates, as if it had gone first."""
+    if part.shape is None:
+        return None
+    return ReadStatement(
+        _pg_atomic.creates_then(part.shape, read.text), [*part.params, *read.params], read.records
+    )
 
 
 def _outcome(

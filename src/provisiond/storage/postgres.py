@@ -285,44 +285,43 @@ class PostgresStore(Store):
     ) -> tuple[list[Record | None] | Exception, list[list[Record] | None] | Exception]:
         """A turn of :class:`._pg_batches.Exchange`: the point reads and the one-statement
         ``write_atomic`` calls made while the previous turn was at the server (or in the same
-        turn of the event loop), in one round trip (see :mod:`._pg_batches`). Each side gets its
-        results or its own error: if the shared round trip fails, each side is made again on
-        its own."""
+        turn of the event loop). When the writes are first registrations' creates, the reads go
+        in their statement (see :mod:`._pg_batches`); otherwise each side is its own statement,
+        both at once. Each side gets its results or its own error."""
         if not writes:
             return await _outcomes(self._flush_reads(reads)), []
-        if not reads:
-            return [], await _outcomes(self._flush_simple(writes))
+        if reads:
+            parts = _pg_batches.write_parts(writes, utc_now())
+            together = _pg_batches.creates_then_read(parts[0], _pg_batches.read_statement(reads))
+            if len(parts) == 1 and together is not None:
+                return await self._read_and_create(reads, writes, parts[0], together)
+        read_outcome, write_outcome = await asyncio.gather(
+            _outcomes(self._flush_reads(reads)) if reads else _nothing(),
+            _outcomes(self._flush_simple(writes)),
+        )
+        return read_outcome, write_outcome
+
+    async def _read_and_create(
+        self,
+        reads: list[tuple[Collection, str]],
+        writes: list[list[_sql.AtomicItem]],
+        creates: _pg_batches.WritePart,
+        together: _pg_batches.ReadStatement,
+    ) -> tuple[list[Record | None] | Exception, list[list[Record] | None] | Exception]:
+        """First registrations' creates and the reads, as one statement (its own transaction).
+        If it fails, nothing of it was written, and each side is made again on its own: the
+        reads alone, the writes each alone on a unique violation or a deadlock (as
+        :meth:`_flush_simple`), any other error being the writes' error."""
         try:
-            return await self._read_and_write(reads, writes)
+            rows = await self._fetch_all(together.text, together.params, prepare=_PLAN_KEY_READS)
         except StorageError as exc:
-            log.debug("A shared round trip failed, each side on its own: %s", exc)
+            log.debug("Reads and creates together failed, each side on its own: %s", exc)
             read_outcome = await _outcomes(self._flush_reads(reads))
             if isinstance(exc.__cause__, pg_errors.UniqueViolation | pg_errors.DeadlockDetected):
                 return read_outcome, await _outcomes(self._each_alone(writes))
             return read_outcome, exc
-
-    async def _read_and_write(
-        self, reads: list[tuple[Collection, str]], writes: list[list[_sql.AtomicItem]]
-    ) -> tuple[list[Record | None], list[list[Record] | None]]:
-        """Reads and writes in one pipeline, one transaction, one round trip: the read
-        statement first, then the writes (:mod:`._pg_batches`)."""
-        read = _pg_batches.read_statement(reads)
-        parts = _pg_batches.write_parts(writes, utc_now())
-        async with self._connections.connection() as conn:
-            try:
-                async with conn.pipeline():
-                    if len(parts) > 1:
-                        await conn.execute("BEGIN")
-                    read_cursor = await conn.execute(read.text, read.params, prepare=_PLAN_KEY_READS)
-                    cursors = [await conn.execute(part.text, part.params) for part in parts]
-                    if len(parts) > 1:
-                        await conn.execute("COMMIT")
-                records = read.records(await read_cursor.fetchall())
-                outcomes = await _part_outcomes(parts, cursors)
-            except BaseException:
-                await _roll_back(conn)
-                raise
-        return records, [outcomes[n] for n in range(len(writes))]
+        outcomes = creates.outcomes([])
+        return together.records(rows), [outcomes[n] for n in range(len(writes))]
 
     async def _flush_simple(self, batch: list[list[_sql.AtomicItem]]) -> list[list[Record] | None]:
         """The one-statement ``write_atomic`` calls of a turn with no reads (:mod:`._pg_atomic`:
@@ -621,6 +620,10 @@ async def _outcomes(call: Awaitable[list[_T]]) -> list[_T] | Exception:
         return await call
     except Exception as exc:
         return exc
+
+
+async def _nothing() -> list[Record | None]:
+    return []
 
 
 async def _part_outcomes(
