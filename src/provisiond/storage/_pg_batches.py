@@ -86,31 +86,34 @@ class Exchange(Generic[A, RA, B, RB]):
         self._max_reads, self._max_writes = max_reads, max_writes
         self._reads: Pending[A, RA] = []
         self._writes: Pending[B, RB] = []
-        self._task: asyncio.Task[None] | None = None
+        #: The loop of writes (with the reads pending when it starts a turn), and the loop of
+        #: reads alone.
+        self._writer: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
 
     async def read(self, items: Sequence[A]) -> list[RA]:
-        future: asyncio.Future[list[RA]] = self._loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[RA]] = loop.create_future()
         self._reads.append((list(items), future))
+        if self._reader is None:
+            self._reader = loop.create_task(self._drain(writer=False))
         return await future
 
     async def write(self, items: Sequence[B]) -> list[RB]:
-        future: asyncio.Future[list[RB]] = self._loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[RB]] = loop.create_future()
         self._writes.append((list(items), future))
+        if self._writer is None:
+            self._writer = loop.create_task(self._drain(writer=True))
         # A cancelled caller cancels only its future: its items stay in the batch, which is
         # written for everyone (settle skips futures already done).
         return await future
 
-    def _loop(self) -> asyncio.AbstractEventLoop:
-        loop = asyncio.get_running_loop()
-        if self._task is None:
-            self._task = loop.create_task(self._drain())
-        return loop
-
-    async def _drain(self) -> None:
+    async def _drain(self, *, writer: bool) -> None:
         try:
-            while self._reads or self._writes:
+            while self._writes if writer else self._reads:
                 reads = take(self._reads, self._max_reads) if self._reads else []
-                writes = take(self._writes, self._max_writes) if self._writes else []
+                writes = take(self._writes, self._max_writes) if writer and self._writes else []
                 try:
                     read_results, write_results = await self._flush(
                         [item for items, _ in reads for item in items],
@@ -125,16 +128,21 @@ class Exchange(Generic[A, RA, B, RB]):
                 settle(reads, read_results)
                 settle(writes, write_results)
         finally:
-            self._task = None
-            fail_pending(self._reads)
-            fail_pending(self._writes)
+            # Marked done before anything else can run: a call made from now on starts a loop.
+            if writer:
+                self._writer = None
+            else:
+                self._reader = None
+            if self._writer is None and self._reader is None:  # only when a loop was cancelled
+                fail_pending(self._reads)
+                fail_pending(self._writes)
 
     async def close(self) -> None:
         """Wait for the pending turns to finish."""
-        task = self._task
-        if task is not None:
-            with contextlib.suppress(Exception):
-                await task
+        for task in (self._writer, self._reader):
+            if task is not None:
+                with contextlib.suppress(Exception):
+                    await task
 
 
 @dataclass(frozen=True, slots=True)
