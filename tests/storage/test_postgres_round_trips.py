@@ -43,6 +43,8 @@ class _Counting:
         #: Cleared, the server's answers wait here (a client is then waiting for the server).
         self.answers = asyncio.Event()
         self.answers.set()
+        #: Set at each Sync a client sends.
+        self.synced = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def _client_to_server(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -61,6 +63,8 @@ class _Counting:
                 kind, length = chr(head[0]), struct.unpack("!i", head[1:])[0]
                 body = await reader.readexactly(length - 4)
                 self.messages[kind] += 1
+                if kind == "S":
+                    self.synced.set()
                 writer.write(head + body)
 
     async def _server_to_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -234,9 +238,9 @@ async def test_reads_waiting_go_in_the_statement_of_first_registrations(postgres
         async def turn(numbers: tuple[int, ...]) -> None:
             # A read in flight: the read loop is busy until its answer is back, held here.
             proxy.answers.clear()
+            proxy.synced.clear()
             in_flight = asyncio.create_task(store.get(E, "d1"))
-            while proxy.messages["S"] < 1:
-                await asyncio.sleep(0.001)
+            await proxy.synced.wait()
             calls = asyncio.gather(
                 store.get_each([(R, "d1"), (E, "d1")]),
                 store.get(R, f"d{numbers[0]}"),
