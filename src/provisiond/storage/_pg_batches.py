@@ -50,6 +50,7 @@ __all__ = [
     "Exchange",
     "ReadStatement",
     "WritePart",
+    "carries_reads",
     "creates_then_read",
     "read_statement",
     "select_any_sql",
@@ -78,11 +79,13 @@ class Exchange(Generic[A, RA, B, RB]):
     def __init__(
         self,
         flush: Callable[[list[A], list[B]], Awaitable[Outcomes[RA, RB]]],
+        carries: Callable[[list[B]], bool],
         *,
         max_reads: int,
         max_writes: int,
     ) -> None:
         self._flush = flush
+        self._carries = carries
         self._max_reads, self._max_writes = max_reads, max_writes
         self._reads: Pending[A, RA] = []
         self._writes: Pending[B, RB] = []
@@ -112,12 +115,13 @@ class Exchange(Generic[A, RA, B, RB]):
     async def _drain(self, *, writer: bool) -> None:
         try:
             while self._writes if writer else self._reads:
-                reads = take(self._reads, self._max_reads) if self._reads else []
-                writes = take(self._writes, self._max_writes) if writer and self._writes else []
+                writes = take(self._writes, self._max_writes) if writer else []
+                write_items = [item for items, _ in writes for item in items]
+                carried = self._reads and (not writer or self._carries(write_items))
+                reads = take(self._reads, self._max_reads) if carried else []
                 try:
                     read_results, write_results = await self._flush(
-                        [item for items, _ in reads for item in items],
-                        [item for items, _ in writes for item in items],
+                        [item for items, _ in reads for item in items], write_items
                     )
                 except BaseException as exc:  # every caller of this turn learns it failed
                     settle(reads, exc)
@@ -228,12 +232,18 @@ def write_parts(batch: Sequence[list[_sql.AtomicItem]], now: str) -> list[WriteP
     return parts
 
 
-def creates_then_read(part: WritePart, read: ReadStatement) -> ReadStatement | None:
-    """``part`` (creates) and ``read`` as **one statement** returning the read's rows, if
-    ``part`` is creates (:func:`._pg_atomic.creates_then`); else ``None``. The read sees the
-    tables as they were before the creates, as if it had gone first."""
-    if part.shape is None:
-        return None
+def carries_reads(batch: list[list[_sql.AtomicItem]]) -> bool:
+    """Whether reads can go in the statement of ``batch``: creates only, all of one shape (the
+    first registrations'), which :func:`write_parts` makes one statement."""
+    shape = _pg_atomic.creates_shape(batch[0])
+    return shape is not None and all(_pg_atomic.creates_shape(prepared) == shape for prepared in batch[1:])
+
+
+def creates_then_read(part: WritePart, read: ReadStatement) -> ReadStatement:
+    """``part`` (creates: :func:`carries_reads`) and ``read`` as **one statement** returning
+    the read's rows (:func:`._pg_atomic.creates_then`). The read sees the tables as they were
+    before the creates, as if it had gone first."""
+    assert part.shape is not None, "only creates carry reads"
     return ReadStatement(
         _pg_atomic.creates_then(part.shape, read.text), [*part.params, *read.params], read.records
     )

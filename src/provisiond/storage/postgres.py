@@ -161,7 +161,9 @@ class PostgresStore(Store):
         )
         self._exchange: _pg_batches.Exchange[
             tuple[Collection, str], Record | None, list[_sql.AtomicItem], list[Record] | None
-        ] = _pg_batches.Exchange(self._flush_exchange, max_reads=256, max_writes=64)
+        ] = _pg_batches.Exchange(
+            self._flush_exchange, _pg_batches.carries_reads, max_reads=256, max_writes=64
+        )
 
     def __repr__(self) -> str:
         # The URL may carry a password: show only where it points.
@@ -283,23 +285,16 @@ class PostgresStore(Store):
     async def _flush_exchange(
         self, reads: list[tuple[Collection, str]], writes: list[list[_sql.AtomicItem]]
     ) -> tuple[list[Record | None] | Exception, list[list[Record] | None] | Exception]:
-        """A turn of :class:`._pg_batches.Exchange`: the point reads and the one-statement
-        ``write_atomic`` calls made while the previous turn was at the server (or in the same
-        turn of the event loop). When the writes are first registrations' creates, the reads go
-        in their statement (see :mod:`._pg_batches`); otherwise each side is its own statement,
-        both at once. Each side gets its results or its own error."""
+        """A turn of :class:`._pg_batches.Exchange`: reads alone, writes alone, or first
+        registrations' creates with the reads waiting when they were sent, in one statement
+        (see :mod:`._pg_batches`). Each side gets its results or its own error."""
         if not writes:
             return await _outcomes(self._flush_reads(reads)), []
-        if reads:
-            parts = _pg_batches.write_parts(writes, utc_now())
-            together = _pg_batches.creates_then_read(parts[0], _pg_batches.read_statement(reads))
-            if len(parts) == 1 and together is not None:
-                return await self._read_and_create(reads, writes, parts[0], together)
-        read_outcome, write_outcome = await asyncio.gather(
-            _outcomes(self._flush_reads(reads)) if reads else _nothing(),
-            _outcomes(self._flush_simple(writes)),
-        )
-        return read_outcome, write_outcome
+        if not reads:
+            return [], await _outcomes(self._flush_simple(writes))
+        [creates] = _pg_batches.write_parts(writes, utc_now())
+        together = _pg_batches.creates_then_read(creates, _pg_batches.read_statement(reads))
+        return await self._read_and_create(reads, writes, creates, together)
 
     async def _read_and_create(
         self,
@@ -620,10 +615,6 @@ async def _outcomes(call: Awaitable[list[_T]]) -> list[_T] | Exception:
         return await call
     except Exception as exc:
         return exc
-
-
-async def _nothing() -> list[Record | None]:
-    return []
 
 
 async def _part_outcomes(
