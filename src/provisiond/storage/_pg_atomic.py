@@ -6,7 +6,8 @@ A registration commits its device identity and its registration record together
 (:meth:`~provisiond.storage.base.Store.write_atomic`). The general path decides every item on
 rows it has locked, which takes two round trips (the reads, then the writes and ``COMMIT``).
 Two shapes need no decision in Python, so they are one statement, and statements of several
-calls can share one pipelined transaction (:meth:`PostgresStore._flush_simple`):
+calls can share one pipelined transaction (:meth:`PostgresStore._flush_simple`), and first
+registrations' creates can carry point reads (:func:`creates_then`, :mod:`._pg_batches`):
 
 - **Creates** (a first registration): plain INSERTs chained with ``WITH``, which commit
   together or not at all. A key that exists fails the statement with a unique violation:

@@ -1,35 +1,38 @@
-"""What the PostgreSQL store sends together: point reads and the registrar's commits, batched by
-**one loop** that sends both kinds in one round trip.
+"""What the PostgreSQL store sends together: point reads and the registrar's commits, batched
+by two loops, the write loop carrying the reads that are waiting when it sends.
 
 Theory of operation
 -------------------
 The registrar's calls come in two kinds: point reads (its record, the individual enrollment:
 :meth:`~provisiond.storage.postgres.PostgresStore.get`, ``get_each``) and one-statement commits
 (``write_atomic`` of first registrations' creates and re-registrations' updates on an etag,
-:mod:`._pg_atomic`). With many registrations in flight, both are batched: the calls made while
-the previous batch is at the server go together in the next.
+:mod:`._pg_atomic`). With many registrations in flight each kind is batched: the calls made
+while the previous batch of that kind is at the server go together in the next (group commit).
 
-Each wait for the server costs the database a backend wake-up, a transaction's start and end and
-a context switch, and the server an event-loop wake-up and psycopg's per-round-trip work, whatever
-the round trip carries. When reads and writes had a loop each, a registration cost about half a
-wait on each side. :class:`Exchange` drains both queues in one loop: each turn takes what each
-queue holds and sends it all in one pipeline on one connection, **one round trip**:
+Each wait for the server costs the database a backend wake-up, a transaction's start and end
+and a context switch, and the server an event-loop wake-up and psycopg's per-round-trip work,
+whatever the round trip carries. :class:`Exchange` has a loop for each kind, and **the write
+loop carries the reads that are waiting** (made while the read loop's turn is at the server)
+when its writes are first registrations' creates: the creates and the reads are then **one
+statement** (:func:`creates_then_read`: the inserts as data-modifying ``WITH`` queries, then the
+reads' ``SELECT``), one round trip where there were two. The read loop then finds fewer reads
+waiting when its turn ends, and more often none.
 
-- reads only: the read statement, alone (its own implicit transaction);
-- writes only: the writes as before (:func:`write_parts`);
-- both: the read statement first, then the writes, all in one transaction (``BEGIN`` ... ``COMMIT``
-  when there are several writes; a single write statement and the read are one implicit
-  transaction, committed by the pipeline's ``Sync``). The read runs before any write, on rows
-  committed by others: what it returns does not depend on this transaction committing.
+What was measured and not kept: **one loop for both kinds** (every turn carrying whatever both
+queues hold). It made fewer round trips still (about 0.33 a registration under ``bench/cpu.py``'s
+load, against 0.65), but then every read waited for a commit's WAL flush, turns grew longer, and
+the median latency under load doubled or tripled, with p99 over 100 ms
+(``docs/performance.md``, "The fifth round"). Here a read waits for a WAL flush only when it
+would otherwise have waited for the read loop's turn in flight and the next one.
 
-Durability is unchanged: a write's caller is answered after its ``COMMIT`` came back. A read
-made in the same turn as a write may be answered a little later than alone (after the commit's
-WAL flush); calls in one batch are concurrent, so either order is a correct one.
+Durability is unchanged: a write's caller is answered after its commit came back. A read made
+while creates are being sent is answered as the tables were before them; such calls are
+concurrent, so either order is a correct one.
 
-A failure in a shared round trip fails neither side for the other: the reads are made again
-alone, and the writes take the path they took alone (on a unique violation or a deadlock, each
-call on its own; any other error is the writes' error), so one registration's failing write
-costs the others only a round trip.
+A failure in a shared statement fails neither side for the other: nothing of it was written;
+the reads are made again alone, and the writes take the path they take alone (on a unique
+violation or a deadlock, each call on its own; any other error is the writes' error), so one
+registration's failing create costs the others only a round trip.
 """
 
 from __future__ import annotations
@@ -69,12 +72,12 @@ Outcomes = tuple[list[RA] | Exception, list[RB] | Exception]
 
 
 class Exchange(Generic[A, RA, B, RB]):
-    """Two queues (reads and writes) drained by one loop: each turn takes the calls each queue
-    holds (up to ``max_reads`` and ``max_writes`` items) and hands both to ``flush(reads,
-    writes)``, which sends them together and returns each side's results, or each side's error.
-    The first call to arrive starts a turn at once; calls that arrive while a turn is at the
-    server wait for the next, which carries all of them (group commit). Use from one event
-    loop."""
+    """Two queues (reads and writes), each drained by its own loop. The first call of a kind to
+    arrive starts a turn at once; calls that arrive while that kind's turn is at the server wait
+    for the next, which carries all of them (up to ``max_reads`` or ``max_writes`` items). A
+    write turn also takes the reads waiting when it starts, if ``carries(writes)``. A turn is
+    ``flush(reads, writes)``, which returns each side's results, or each side's error. Use from
+    one event loop."""
 
     def __init__(
         self,

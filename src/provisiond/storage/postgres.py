@@ -52,9 +52,12 @@ on a row this transaction has locked:
   being read become one statement (``key = ANY(...)`` per table, the tables' rows joined with
   ``UNION ALL``), and :meth:`PostgresStore.get_each` asks for several records at once (the
   registrar's record and individual enrollment). Reads by key are planned at each call, never
-  from a cached generic plan (:data:`_PLAN_KEY_READS` says why). Each wait for the server costs the event loop a wake-up and
-  psycopg its per-statement work whatever it carries: with 64 registrations in flight, a
-  registration's three waits became a fraction of one.
+  from a cached generic plan (:data:`_PLAN_KEY_READS` says why). Each wait for the server costs the
+  event loop a wake-up and psycopg its per-statement work whatever it carries: with 64
+  registrations in flight, a registration's three waits became a fraction of one.
+- **The reads waiting when first registrations are written go in their statement**
+  (:mod:`._pg_batches`): the reads and the commits each have a loop, and a turn of creates
+  takes the reads made while the read loop's turn is at the server, one round trip for both.
 
 Migrations run in :meth:`PostgresStore.open`, each in a transaction holding
 ``pg_advisory_xact_lock``, so nodes starting together apply each migration exactly once.
