@@ -40,11 +40,6 @@ class _Counting:
     def __init__(self, host: str, port: int) -> None:
         self.upstream = (host, port)
         self.messages: Counter[str] = Counter()
-        #: Cleared, the server's answers wait here (a client is then waiting for the server).
-        self.answers = asyncio.Event()
-        self.answers.set()
-        #: Set at each Sync a client sends.
-        self.synced = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def _client_to_server(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -63,14 +58,11 @@ class _Counting:
                 kind, length = chr(head[0]), struct.unpack("!i", head[1:])[0]
                 body = await reader.readexactly(length - 4)
                 self.messages[kind] += 1
-                if kind == "S":
-                    self.synced.set()
                 writer.write(head + body)
 
     async def _server_to_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError), _closing(writer):
             while data := await reader.read(65536):
-                await self.answers.wait()
                 writer.write(data)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -219,51 +211,3 @@ async def test_reads_of_several_tables_are_one_statement(postgres_db_url: str) -
             "attestation_type": "tpm",
             "iot_hub_host_name": None,
         }
-
-
-async def test_reads_waiting_go_in_the_statement_of_first_registrations(postgres_db_url: str) -> None:
-    """Point reads waiting for the read loop (its turn is at the server) when first
-    registrations' creates are sent go in the creates' statement: the reads and the creates
-    are one Execute and one Sync (main sent them as two statements, two round trips, after the
-    read in flight). A read sees the tables as before the creates. When one create of the turn
-    fails (its key exists), the statement wrote nothing, and each side is made again on its
-    own: the reads are answered, the other creates are written, and only the failing call
-    fails."""
-    E = Collection.ENROLLMENTS
-    async with _counted_store(postgres_db_url) as (proxy, store):
-        existing = await store.write_atomic(_items(1, WriteMode.CREATE))
-        enrollment = await store.write(E, "d1", b"enr", index={"device_id": "d1"})
-        results: list[object] = []
-
-        async def turn(numbers: tuple[int, ...]) -> None:
-            # A read in flight: the read loop is busy until its answer is back, held here.
-            proxy.answers.clear()
-            proxy.synced.clear()
-            in_flight = asyncio.create_task(store.get(E, "d1"))
-            await proxy.synced.wait()
-            calls = asyncio.gather(
-                store.get_each([(R, "d1"), (E, "d1")]),
-                store.get(R, f"d{numbers[0]}"),
-                *(store.write_atomic(_items(n, WriteMode.CREATE)) for n in numbers),
-                return_exceptions=True,
-            )
-            await asyncio.sleep(0)  # the calls are made (the reads wait for the read loop)
-            proxy.answers.set()
-            results[:] = await calls
-            assert await in_flight == enrollment
-
-        assert await _counted(proxy, store, turn((10, 11, 12))) == Counter({"E": 2, "S": 2})
-        reads, read_created, *written = results
-        assert reads == [existing[1], enrollment]
-        assert read_created is None  # read in the creates' statement: the row was not there yet
-        for n, records in zip((10, 11, 12), written, strict=True):
-            assert records == [await store.get(H, f"hub.example/d{n}"), await store.get(R, f"d{n}")]
-
-        await _counted(proxy, store, turn((20, 1, 21)))
-        reads, read_created, *outcomes = results
-        assert reads == [existing[1], enrollment]
-        assert read_created is None
-        assert isinstance(outcomes[1], ConflictError), outcomes
-        for n, records in zip((20, 21), (outcomes[0], outcomes[2]), strict=True):
-            assert records == [await store.get(H, f"hub.example/d{n}"), await store.get(R, f"d{n}")]
-        assert await store.get(R, "d1") == existing[1]

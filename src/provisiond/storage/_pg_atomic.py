@@ -6,8 +6,7 @@ A registration commits its device identity and its registration record together
 (:meth:`~provisiond.storage.base.Store.write_atomic`). The general path decides every item on
 rows it has locked, which takes two round trips (the reads, then the writes and ``COMMIT``).
 Two shapes need no decision in Python, so they are one statement, and statements of several
-calls can share one pipelined transaction (:meth:`PostgresStore._flush_simple`), and first
-registrations' creates can carry point reads (:func:`creates_then`, :mod:`._pg_batches`):
+calls can share one pipelined transaction (:meth:`PostgresStore._flush_simple`):
 
 - **Creates** (a first registration): plain INSERTs chained with ``WITH``, which commit
   together or not at all. A key that exists fails the statement with a unique violation:
@@ -47,15 +46,7 @@ from . import _sql
 from ._sql import ParamStyle
 from .base import Collection, Delete, Record, Write, WriteMode, is_wildcard, new_etag, stored_etag
 
-__all__ = [
-    "OneStatement",
-    "Together",
-    "creates_shape",
-    "creates_then",
-    "creates_together",
-    "fits",
-    "one_statement",
-]
+__all__ = ["OneStatement", "Together", "creates_shape", "creates_together", "fits", "one_statement"]
 
 _STYLE = ParamStyle.FORMAT
 
@@ -232,25 +223,6 @@ def _update_all_sql(collections: tuple[Collection, ...], order: tuple[int, ...])
 def _create_together_sql(collections: tuple[Collection, ...]) -> str:
     """One statement inserting many rows into each of ``collections`` (in order), one array
     parameter per column; the inserts but the last are data-modifying ``WITH`` queries."""
-    inserts = _inserts_together(collections)
-    if len(inserts) == 1:
-        return inserts[0]
-    queries = ", ".join(f"w{n} AS ({text})" for n, text in enumerate(inserts[:-1]))
-    return f"WITH {queries} {inserts[-1]}"
-
-
-@functools.cache
-def creates_then(collections: tuple[Collection, ...], select: str) -> str:
-    """The statement of :func:`creates_together` (its parameters first) followed by ``select``
-    (its parameters next), as one statement returning ``select``'s rows: every insert is a
-    data-modifying ``WITH`` query, which runs to completion with it. ``select`` sees the tables
-    as they were when the statement started, without its inserts' rows."""
-    queries = ", ".join(f"w{n} AS ({text})" for n, text in enumerate(_inserts_together(collections)))
-    return f"WITH {queries} {select}"
-
-
-def _inserts_together(collections: tuple[Collection, ...]) -> list[str]:
-    """Per table of ``collections``, an ``INSERT`` of many rows, one array parameter per column."""
     inserts = []
     for collection in collections:
         columns = (*_sql.BASE_COLUMNS, *collection.index_columns)
@@ -258,4 +230,7 @@ def _inserts_together(collections: tuple[Collection, ...]) -> list[str]:
         inserts.append(
             f"INSERT INTO {collection.table} ({', '.join(columns)}) SELECT * FROM unnest({arrays})"
         )
-    return inserts
+    if len(inserts) == 1:
+        return inserts[0]
+    queries = ", ".join(f"w{n} AS ({text})" for n, text in enumerate(inserts[:-1]))
+    return f"WITH {queries} {inserts[-1]}"

@@ -18,7 +18,7 @@ from typing import Generic, TypeVar
 from ..errors import StorageError
 from .base import Entry, Stream
 
-__all__ = ["GroupCommit", "check_items", "entry_from_row", "fail_pending", "settle", "take"]
+__all__ = ["GroupCommit", "check_items", "entry_from_row"]
 
 I = TypeVar("I")  # noqa: E741  (an item)
 R = TypeVar("R")  # a result
@@ -65,10 +65,6 @@ def check_items(items: Sequence[tuple[str, bytes]]) -> None:
             raise TypeError("a stream entry's doc is bytes")
 
 
-#: Calls waiting for a batch: each call's items and the future of its results.
-Pending = list[tuple[list[I], "asyncio.Future[list[R]]"]]
-
-
 class GroupCommit(Generic[I, R]):
     """Batches concurrent submissions into calls of ``flush(items) -> results`` (one result per
     item, in order). Use from one event loop."""
@@ -76,7 +72,7 @@ class GroupCommit(Generic[I, R]):
     def __init__(self, flush: Callable[[list[I]], Awaitable[list[R]]], *, max_batch: int = MAX_BATCH) -> None:
         self._flush = flush
         self._max_batch = max_batch
-        self._pending: Pending[I, R] = []
+        self._pending: list[tuple[list[I], asyncio.Future[list[R]]]] = []
         self._task: asyncio.Task[None] | None = None
 
     async def submit(self, items: Sequence[I]) -> list[R]:
@@ -92,18 +88,33 @@ class GroupCommit(Generic[I, R]):
     async def _drain(self) -> None:
         try:
             while self._pending:
-                batch = take(self._pending, self._max_batch)
+                batch: list[tuple[list[I], asyncio.Future[list[R]]]] = []
+                size = 0
+                while self._pending and (not batch or size + len(self._pending[0][0]) <= self._max_batch):
+                    entry = self._pending.pop(0)
+                    batch.append(entry)
+                    size += len(entry[0])
+                flat = [item for items, _ in batch for item in items]
                 try:
-                    results = await self._flush([item for items, _ in batch for item in items])
+                    results = await self._flush(flat)
                 except BaseException as exc:  # every caller of this transaction learns it failed
-                    settle(batch, exc)
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
                     if not isinstance(exc, Exception):
                         raise
                     continue
-                settle(batch, results)
+                position = 0
+                for items, future in batch:
+                    if not future.done():
+                        future.set_result(results[position : position + len(items)])
+                    position += len(items)
         finally:
             self._task = None
-            fail_pending(self._pending)
+            for _, future in self._pending:  # only when the loop ended abnormally (cancelled)
+                if not future.done():
+                    future.set_exception(StorageError("the store stopped before this append was committed"))
+            self._pending.clear()
 
     async def close(self) -> None:
         """Wait for the pending flushes to finish."""
@@ -111,36 +122,3 @@ class GroupCommit(Generic[I, R]):
         if task is not None:
             with contextlib.suppress(Exception):
                 await task
-
-
-def take(pending: Pending[I, R], max_batch: int) -> Pending[I, R]:
-    """The first calls of ``pending`` (removed from it) that fit in ``max_batch`` items (at
-    least one call, whatever its size)."""
-    batch: Pending[I, R] = []
-    size = 0
-    while pending and (not batch or size + len(pending[0][0]) <= max_batch):
-        entry = pending.pop(0)
-        batch.append(entry)
-        size += len(entry[0])
-    return batch
-
-
-def settle(batch: Pending[I, R], outcome: list[R] | BaseException) -> None:
-    """Answer each call of ``batch``: its slice of ``outcome`` (one result per item, in order),
-    or ``outcome`` itself when it is an exception. A cancelled caller's future is skipped."""
-    position = 0
-    for items, future in batch:
-        if not future.done():
-            if isinstance(outcome, BaseException):
-                future.set_exception(outcome)
-            else:
-                future.set_result(outcome[position : position + len(items)])
-        position += len(items)
-
-
-def fail_pending(pending: Pending[I, R]) -> None:
-    """Fail the calls left waiting when a drain loop ended abnormally (it was cancelled)."""
-    for _, future in pending:
-        if not future.done():
-            future.set_exception(StorageError("the store stopped before this call was committed"))
-    pending.clear()

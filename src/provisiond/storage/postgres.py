@@ -52,12 +52,9 @@ on a row this transaction has locked:
   being read become one statement (``key = ANY(...)`` per table, the tables' rows joined with
   ``UNION ALL``), and :meth:`PostgresStore.get_each` asks for several records at once (the
   registrar's record and individual enrollment). Reads by key are planned at each call, never
-  from a cached generic plan (:data:`_PLAN_KEY_READS` says why). Each wait for the server costs the
-  event loop a wake-up and psycopg its per-statement work whatever it carries: with 64
-  registrations in flight, a registration's three waits became a fraction of one.
-- **The reads waiting when first registrations are written go in their statement**
-  (:mod:`._pg_batches`): the reads and the commits each have a loop, and a turn of creates
-  takes the reads made while the read loop's turn is at the server, one round trip for both.
+  from a cached generic plan (:data:`_PLAN_KEY_READS` says why). Each wait for the server costs the event loop a wake-up and
+  psycopg its per-statement work whatever it carries: with 64 registrations in flight, a
+  registration's three waits became a fraction of one.
 
 Migrations run in :meth:`PostgresStore.open`, each in a transaction holding
 ``pg_advisory_xact_lock``, so nodes starting together apply each migration exactly once.
@@ -79,7 +76,7 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from ..errors import ConflictError, NotFoundError, ProvisioningError, StorageError
-from . import _pg_atomic, _pg_batches, _sql, _streams
+from . import _pg_atomic, _sql, _streams
 from ._pg_connections import Connection as _Connection
 from ._pg_connections import PgConnections
 from ._sql import Meta, ParamStyle
@@ -162,10 +159,11 @@ class PostgresStore(Store):
         self._appends: _streams.GroupCommit[tuple[Stream, str, bytes], Entry] = _streams.GroupCommit(
             self._flush_appends
         )
-        self._exchange: _pg_batches.Exchange[
-            tuple[Collection, str], Record | None, list[_sql.AtomicItem], list[Record] | None
-        ] = _pg_batches.Exchange(
-            self._flush_exchange, _pg_batches.carries_reads, max_reads=256, max_writes=64
+        self._reads: _streams.GroupCommit[tuple[Collection, str], Record | None] = _streams.GroupCommit(
+            self._flush_reads, max_batch=256
+        )
+        self._simple: _streams.GroupCommit[list[_sql.AtomicItem], list[Record] | None] = _streams.GroupCommit(
+            self._flush_simple, max_batch=64
         )
 
     def __repr__(self) -> str:
@@ -183,7 +181,8 @@ class PostgresStore(Store):
             await self._connections.open(self._migrate)
 
     async def close(self) -> None:
-        await self._exchange.close()
+        await self._reads.close()
+        await self._simple.close()
         await self._appends.close()
         async with self._lifecycle:
             await self._connections.close()
@@ -217,20 +216,45 @@ class PostgresStore(Store):
         key = collection.key(id)
         if _sql.holds_nul((key,)):
             return None
-        [record] = await self._exchange.read([(collection, key)])
+        [record] = await self._reads.submit([(collection, key)])
         return record
 
     async def get_each(self, ids: Sequence[tuple[Collection, str]]) -> list[Record | None]:
         keys = [(collection, collection.key(id)) for collection, id in ids]
         wanted = [item for item in keys if not _sql.holds_nul((item[1],))]
-        found = dict(zip(wanted, await self._exchange.read(wanted), strict=True)) if wanted else {}
+        found = dict(zip(wanted, await self._reads.submit(wanted), strict=True)) if wanted else {}
         return [found.get(item) for item in keys]
 
     async def _flush_reads(self, items: list[tuple[Collection, str]]) -> list[Record | None]:
-        """Point reads (:mod:`._pg_batches`) alone: one statement, one round trip."""
-        statement = _pg_batches.read_statement(items)
-        rows = await self._fetch_all(statement.text, statement.params, prepare=_PLAN_KEY_READS)
-        return statement.records(rows)
+        """The point reads asked for while the previous ones were being read (or in the same
+        turn of the event loop), in one round trip and **one statement**: the rows of each
+        table by one array of keys, the tables' rows together (``UNION ALL``, each row tagged
+        with its table). A registration reads two records (its record and its individual
+        enrollment); with many in flight, their reads share the wait, the pool connection and
+        the per-statement cost (the database's and psycopg's), which is most of a read's."""
+        if len(items) == 1:
+            [(collection, key)] = items
+            rows = await self._fetch_all(
+                _sql.statements(collection, _STYLE).select_many(1), (key,), prepare=_PLAN_KEY_READS
+            )
+            return [_sql.record_from_row(collection, rows[0]) if rows else None]
+        by_table: dict[Collection, set[str]] = {}
+        for collection, key in items:
+            by_table.setdefault(collection, set()).add(key)
+        tables = tuple(sorted(by_table, key=lambda collection: collection.table))
+        params = [sorted(by_table[collection]) for collection in tables]
+        found: dict[tuple[Collection, str], Record] = {}
+        if len(tables) == 1:
+            for row in await self._fetch_all(
+                _select_any_sql(tables[0], meta=False), params, prepare=_PLAN_KEY_READS
+            ):
+                found[(tables[0], row[0])] = _sql.record_from_row(tables[0], row)
+        else:
+            for row in await self._fetch_all(_select_tables_sql(tables), params, prepare=_PLAN_KEY_READS):
+                collection = tables[row[0]]
+                width = 7 + len(collection.index_columns)
+                found[(collection, row[1])] = _sql.record_from_row(collection, row[1:width])
+        return [found.get(item) for item in items]
 
     async def get_many(self, collection: Collection, ids: Sequence[str]) -> dict[str, Record]:
         keys = sorted({collection.key(id) for id in ids if not _sql.holds_nul((id,))})
@@ -238,7 +262,7 @@ class PostgresStore(Store):
             return {}
         # One statement (one snapshot) with one array parameter, whatever the number of keys.
         rows = await self._fetch_all(
-            _pg_batches.select_any_sql(collection, meta=False), (keys,), prepare=_PLAN_KEY_READS
+            _select_any_sql(collection, meta=False), (keys,), prepare=_PLAN_KEY_READS
         )
         return {row[0]: _sql.record_from_row(collection, row) for row in rows}
 
@@ -277,7 +301,7 @@ class PostgresStore(Store):
         if not prepared:
             return []
         if _pg_atomic.fits(prepared):
-            [written] = await self._exchange.write([prepared])
+            [written] = await self._simple.submit([prepared])
             if written is not None:
                 return written
         tables = ", ".join(sorted({collection.table for collection, *_ in prepared}))
@@ -285,80 +309,61 @@ class PostgresStore(Store):
         attempt = functools.partial(self._pipelined, _apply_atomic, prepared)
         return await _retrying(tables, attempt, (*_RETRIED, pg_errors.UniqueViolation))
 
-    async def _flush_exchange(
-        self, reads: list[tuple[Collection, str]], writes: list[list[_sql.AtomicItem]]
-    ) -> tuple[list[Record | None] | Exception, list[list[Record] | None] | Exception]:
-        """A turn of :class:`._pg_batches.Exchange`: reads alone, writes alone, or first
-        registrations' creates with the reads waiting when they were sent, in one statement
-        (see :mod:`._pg_batches`). Each side gets its results or its own error."""
-        if not writes:
-            return await _outcomes(self._flush_reads(reads)), []
-        if not reads:
-            return [], await _outcomes(self._flush_simple(writes))
-        [creates] = _pg_batches.write_parts(writes, utc_now())
-        together = _pg_batches.creates_then_read(creates, _pg_batches.read_statement(reads))
-        return await self._read_and_create(reads, writes, creates, together)
-
-    async def _read_and_create(
-        self,
-        reads: list[tuple[Collection, str]],
-        writes: list[list[_sql.AtomicItem]],
-        creates: _pg_batches.WritePart,
-        together: _pg_batches.ReadStatement,
-    ) -> tuple[list[Record | None] | Exception, list[list[Record] | None] | Exception]:
-        """First registrations' creates and the reads, as one statement (its own transaction).
-        If it fails, nothing of it was written, and each side is made again on its own: the
-        reads alone, the writes each alone on a unique violation or a deadlock (as
-        :meth:`_flush_simple`), any other error being the writes' error."""
-        try:
-            rows = await self._fetch_all(together.text, together.params, prepare=_PLAN_KEY_READS)
-        except StorageError as exc:
-            log.debug("Reads and creates together failed, each side on its own: %s", exc)
-            read_outcome = await _outcomes(self._flush_reads(reads))
-            if isinstance(exc.__cause__, pg_errors.UniqueViolation | pg_errors.DeadlockDetected):
-                return read_outcome, await _outcomes(self._each_alone(writes))
-            return read_outcome, exc
-        outcomes = creates.outcomes([])
-        return together.records(rows), [outcomes[n] for n in range(len(writes))]
-
     async def _flush_simple(self, batch: list[list[_sql.AtomicItem]]) -> list[list[Record] | None]:
-        """The one-statement ``write_atomic`` calls of a turn with no reads (:mod:`._pg_atomic`:
-        first registrations' creates, re-registrations' updates on an etag), in one transaction
-        (one round trip, one commit for all). The creates of one shape (every first
-        registration's) are one statement together (:func:`._pg_batches.write_parts`); a batch
-        of those alone is sent as that statement, its own transaction; anything else is
-        pipelined between ``BEGIN`` and ``COMMIT``. An update whose etag no longer matches
-        writes nothing and costs the others nothing; its caller gets ``None`` and takes the
-        general path. If a create's key exists or the transaction deadlocks, nothing of it was
-        written, and each call is then made on its own (:meth:`_each_alone`), so that each
-        succeeds or fails alone."""
+        """The one-statement ``write_atomic`` calls (:mod:`._pg_atomic`: first registrations'
+        creates, re-registrations' updates on an etag) made while the previous ones were being
+        written (or in the same turn of the event loop), in one transaction (one round trip,
+        one commit for all). The creates of one shape (every first registration's) are one
+        statement together (:func:`._pg_atomic.creates_together`); a batch of those alone is
+        sent as that statement, its own transaction; anything else is pipelined between
+        ``BEGIN`` and ``COMMIT``. An update whose etag no longer matches writes nothing and
+        costs the others nothing; its caller gets ``None`` and takes the general path. If a
+        create's key exists or the transaction deadlocks, nothing of it was written, and each
+        call is then made on its own (:meth:`_one_statement`), so that each succeeds or fails
+        alone."""
         if len(batch) == 1:
             return [await self._one_statement(batch[0])]
-        parts = _pg_batches.write_parts(batch, utc_now())
+        now = utc_now()
+        # (text, params, whether it returns rows, the outcome of each call it carries from its rows)
+        parts: list[
+            tuple[str, list[Any], bool, Callable[[list[tuple[Any, ...]]], dict[int, list[Record] | None]]]
+        ]
+        parts = []
+        shapes: dict[tuple[Collection, ...], list[int]] = {}
+        for n, prepared in enumerate(batch):
+            shape = _pg_atomic.creates_shape(prepared)
+            if shape is not None:
+                shapes.setdefault(shape, []).append(n)
+                continue
+            statement = _pg_atomic.one_statement(prepared, now)
+            assert statement is not None, "write_atomic submits only the shapes _pg_atomic fits"
+            parts.append((statement.text, statement.params, statement.returns_rows, _outcome(n, statement)))
+        for calls in shapes.values():
+            together = _pg_atomic.creates_together([batch[n] for n in calls], now)
+            parts.append((together.text, together.params, False, _written(calls, together.records)))
+        outcomes: dict[int, list[Record] | None] = {}
         try:
             async with self._connections.connection() as conn:
                 try:
                     if len(parts) == 1:
-                        [part] = parts
-                        cursor = await conn.execute(part.text, part.params)
-                        outcomes = part.outcomes(await cursor.fetchall() if part.returns_rows else [])
+                        [(text, params, returns_rows, finish)] = parts
+                        cursor = await conn.execute(text, params)
+                        outcomes.update(finish(await cursor.fetchall() if returns_rows else []))
                     else:
                         async with conn.pipeline():
                             await conn.execute("BEGIN")
-                            cursors = [await conn.execute(part.text, part.params) for part in parts]
+                            cursors = [await conn.execute(text, params) for text, params, _, _ in parts]
                             await conn.execute("COMMIT")
-                        outcomes = await _part_outcomes(parts, cursors)
+                        for (_, _, returns_rows, finish), cursor in zip(parts, cursors, strict=True):
+                            outcomes.update(finish(await cursor.fetchall() if returns_rows else []))
                 except BaseException:
                     await _roll_back(conn)
                     raise
         except StorageError as exc:
             if isinstance(exc.__cause__, pg_errors.UniqueViolation | pg_errors.DeadlockDetected):
-                return await self._each_alone(batch)
+                return [await self._one_statement(prepared) for prepared in batch]
             raise
         return [outcomes[n] for n in range(len(batch))]
-
-    async def _each_alone(self, batch: list[list[_sql.AtomicItem]]) -> list[list[Record] | None]:
-        return [await self._one_statement(prepared) for prepared in batch]
 
     async def _one_statement(self, prepared: list[_sql.AtomicItem]) -> list[Record] | None:
         """One ``write_atomic`` call as one statement (:mod:`._pg_atomic`). None when it wrote
@@ -612,22 +617,19 @@ class PostgresStore(Store):
         return int(rows[0][0])
 
 
-async def _outcomes(call: Awaitable[list[_T]]) -> list[_T] | Exception:
-    """``await call``, or the error it raised (one side of a :meth:`PostgresStore._flush_exchange`)."""
-    try:
-        return await call
-    except Exception as exc:
-        return exc
+def _outcome(
+    n: int, statement: _pg_atomic.OneStatement
+) -> Callable[[list[tuple[Any, ...]]], dict[int, list[Record] | None]]:
+    """How :meth:`PostgresStore._flush_simple` reads call ``n``'s outcome from its statement's rows."""
+    return lambda rows: {n: statement.finish(rows)}
 
 
-async def _part_outcomes(
-    parts: list[_pg_batches.WritePart], cursors: list[psycopg.AsyncCursor[tuple[Any, ...]]]
-) -> dict[int, list[Record] | None]:
-    """Each call's outcome, from the rows of the statements of :func:`._pg_batches.write_parts`."""
-    outcomes: dict[int, list[Record] | None] = {}
-    for part, cursor in zip(parts, cursors, strict=True):
-        outcomes.update(part.outcomes(await cursor.fetchall() if part.returns_rows else []))
-    return outcomes
+def _written(
+    calls: list[int], records: list[list[Record]]
+) -> Callable[[list[tuple[Any, ...]]], dict[int, list[Record] | None]]:
+    """The outcome of calls ``calls`` whose creates went in one statement: what they wrote."""
+    written: dict[int, list[Record] | None] = dict(zip(calls, records, strict=True))
+    return lambda rows: written
 
 
 async def _retrying(
@@ -703,7 +705,7 @@ async def _apply_atomic(
     await _lock_keys(conn, [(collection, key) for collection, key, _, _ in prepared])
     cursors = {
         collection: await conn.execute(
-            f"{_pg_batches.select_any_sql(collection, meta=True)} FOR UPDATE",
+            f"{_select_any_sql(collection, meta=True)} FOR UPDATE",
             (sorted(key for c, key, _, _ in prepared if c is collection),),
         )
         for collection in sorted({collection for collection, *_ in prepared}, key=lambda c: c.table)
@@ -781,9 +783,33 @@ async def _lock_keys(conn: _Connection, keys: Sequence[tuple[Collection, str]]) 
 async def _lock_rows(conn: _Connection, collection: Collection, keys: list[str]) -> dict[str, Meta | None]:
     """Lock the existing rows among ``keys`` (sorted) for this transaction; their metadata."""
     cursor = await conn.execute(
-        f"{_pg_batches.select_any_sql(collection, meta=True)} FOR UPDATE", (keys,), prepare=_PLAN_KEY_READS
+        f"{_select_any_sql(collection, meta=True)} FOR UPDATE", (keys,), prepare=_PLAN_KEY_READS
     )
     return {row[0]: Meta(*row) for row in await cursor.fetchall()}
+
+
+@functools.cache
+def _select_any_sql(collection: Collection, *, meta: bool) -> str:
+    """The rows (full, or ``key, id, etag, created`` when ``meta``) whose key is in one array
+    parameter, in key order. One short text whatever the number of keys, so psycopg prepares it
+    once, where an ``IN (...)`` list would be a new statement to parse and plan for every size."""
+    statements = _sql.statements(collection, _STYLE)
+    prefix = statements.select_meta_prefix if meta else statements.select_full_prefix
+    return f"{prefix} WHERE key = ANY(%s::text[]) ORDER BY key"
+
+
+@functools.cache
+def _select_tables_sql(collections: tuple[Collection, ...]) -> str:
+    """The full rows of several tables whose key is in one array parameter per table (in
+    order), as one statement: each row is its table's number in ``collections``, then its full
+    row, padded with NULLs to the widest table's (every index column is text)."""
+    width = max(len(collection.index_columns) for collection in collections)
+    selects = []
+    for n, collection in enumerate(collections):
+        columns = ", ".join((*_sql.BASE_COLUMNS, *collection.index_columns))
+        padding = ", NULL::text" * (width - len(collection.index_columns))
+        selects.append(f"SELECT {n}, {columns}{padding} FROM {collection.table} WHERE key = ANY(%s::text[])")
+    return " UNION ALL ".join(selects)
 
 
 @functools.cache
