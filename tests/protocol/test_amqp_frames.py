@@ -290,6 +290,29 @@ def test_unusual_encodings_read_the_same_by_bytes_or_generically(body: str) -> N
     assert type(decoded.handle) is UInt and decoded.role is Role.RECEIVER
 
 
+def test_composites_nested_too_deep_are_a_decode_error() -> None:
+    """Sources nested in each other's default-outcome, 2,000 deep, in one attach: the decode
+    error for nesting, as the generic path says it, not a RecursionError from the byte readers."""
+    plain = Attach(name="l", handle=0, role=Role.SENDER, source=Source(address="a"), target=Target())
+    body = bytearray()
+    write_composite(plain, body)
+    assert decode_composite_at(bytes(body), 0, len(body))[0] == plain  # the source's byte reader is made
+    inner = bytes.fromhex("00532845")  # source: an empty list
+    for _ in range(2000):
+        elements = b"\x40" * 8 + inner  # eight nulls, then default-outcome
+        inner = (
+            bytes.fromhex("005328d0")
+            + (4 + len(elements)).to_bytes(4, "big")
+            + b"\x00\x00\x00\x09"
+            + elements
+        )
+    elements = bytes.fromhex("a1016c5201414040") + inner  # name, handle, role, two nulls, source
+    body = bytes.fromhex("005312d0") + (4 + len(elements)).to_bytes(4, "big") + b"\x00\x00\x00\x06" + elements
+    with pytest.raises(AmqpProtocolError, match="nested deeper than") as info:
+        decode_composite_at(body, 0, len(body))
+    assert info.value.condition == "amqp:decode-error"
+
+
 def test_a_field_of_the_wrong_type_is_named_in_the_error() -> None:
     # attach(name "l", handle "x" (a string where a uint goes), role true)
     body = bytes.fromhex("005312c00803a1016ca1017841")

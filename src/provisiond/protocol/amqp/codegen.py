@@ -117,13 +117,15 @@ def make_reader_at(
     is at ``buf[pos]`` (the bytes after the descriptor), and the position after the list; the
     same value the generic path (the list's items, then :func:`make_reader`'s reader) makes.
     ``wire`` holds the decoder's pieces (``_decode``, ``_utf8``, ``_ascii``, the shared small
-    integers); ``readers`` maps a composite's descriptor code to its byte reader, for fields
+    integers, ``_MAX`` the deepest nesting); ``readers`` maps a composite's descriptor code to its byte reader, for fields
     that may hold one. Raises :class:`Unrecognised` for anything it does not handle."""
     names: dict[str, Any] = {**wire, "_cls": cls, "_new": object.__new__, "_U": Unrecognised}
     names["_readers"] = readers
     names["_II"] = struct.Struct(">II").unpack_from
     lines = [
         "def read_at(buf, pos, end, depth):",
+        "    if depth > _MAX:  # nested too deep: the generic path says so",
+        "        raise _U",
         "    code = buf[pos]",
         "    if code == 0xC0:",
         "        if pos + 3 > end:",

@@ -406,7 +406,8 @@ def decode_value(data: memoryview | bytes | bytearray) -> tuple[memoryview, Any]
 
 
 #: What the composites' byte readers (:func:`~.codegen.make_reader_at`) decode with: the generic
-#: decoder, strings and symbols, and the shared small integers (smalluint, smallulong, ubyte).
+#: decoder, strings and symbols, the shared small integers (smalluint, smallulong, ubyte), and
+#: the deepest nesting.
 WIRE: dict[str, Any] = {
     "_decode": _decode,
     "_utf8": _utf8,
@@ -414,4 +415,5 @@ WIRE: dict[str, Any] = {
     "_SU": _SMALL_UINT,
     "_SL": _SMALL_ULONG,
     "_UB": _UBYTES,
+    "_MAX": MAX_DEPTH,
 }
