@@ -5,17 +5,23 @@ the real gateway, registrar and a fresh SQLite store; the registrar alone (no tr
 baseline. CPU is this process's (``time.process_time``). What it leaves out (TLS, the listener
 and its guard, the socket writes) is what ``bench/cpu.py`` adds.
 
-    python bench/transports_inprocess.py [--devices 3000] [--concurrency 32] [--profile amqp]
+    python bench/transports_inprocess.py [--devices 3000] [--concurrency 32] [--profile amqp] [--layers]
 
-The phase "amqp, answered at once" is the AMQP endpoint with the registrar's answer replaced
-by one it gave before (the endpoint, its connection and session machines and the codec, with
-the gateway's token check): what the endpoint itself costs. ``--profile amqp`` (or ``mqtt``,
-``amqp-alone``) prints cProfile's top functions of that phase. Nothing here asserts a figure.
+The phases "amqp, answered at once" and "mqtt, answered at once" are the endpoints with the
+registrar's answer replaced by one it gave before (the endpoint, its protocol machines and
+codec, with the gateway's token check): what the endpoint itself costs. ``--profile amqp`` (or
+``mqtt``, ``amqp-alone``) prints cProfile's top functions of that phase. ``--layers`` adds a
+second table, AMQP's layers against MQTT's, sessions one after another (the least CPU of five
+rounds): each endpoint answered at once, AMQP's codec alone (decoding a device's frames and its
+message; encoding the server's frames and answer), the reads and writes a session makes, and
+the objects a finished session leaves in reference cycles (freed only by the cycle
+collector). Nothing here asserts a figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import shutil
 import sys
 import tempfile
@@ -142,12 +148,132 @@ async def main(args: argparse.Namespace) -> int:
         await _phase(
             "amqp, answered at once", again, session(alone), args.concurrency, args.profile == "amqp-alone"
         )
+        mqtt_alone = MqttEndpoint(_AnsweredAtOnce(gateway), MQTT)  # type: ignore[arg-type]
+        mqtt_again = [
+            [*mqtt_steps(scope, r, derive_device_key(key, r)), _mqtt_done()]
+            for r in (f"n-{i:07d}" for i in range(n))
+        ]
+        await _phase("mqtt, answered at once", mqtt_again, session(mqtt_alone), args.concurrency, False)
+        if args.layers:
+            await _layers(alone, again, mqtt_alone, mqtt_again)
         if failed:
             print(f"# {failed} sessions did not read an assigned answer", file=sys.stderr)
         return failed
     finally:
         await store.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _frames(data: bytes) -> list[bytes]:
+    """The AMQP frames of ``data`` (protocol headers left out)."""
+    frames, i = [], 0
+    while i < len(data):
+        if data[i : i + 4] == b"AMQP":
+            i += 8
+            continue
+        size = int.from_bytes(data[i : i + 4], "big")
+        frames.append(data[i : i + size])
+        i += size
+    return frames
+
+
+async def _layers(
+    amqp: Any, amqp_devices: list[list[bytes]], mqtt: Any, mqtt_devices: list[list[bytes]]
+) -> None:
+    """The second table (``--layers``): see the module docstring."""
+    import uuid
+
+    from provisiond.protocol.amqp.frames import frame_at, write_frame
+    from provisiond.protocol.amqp.message import decode_message, encode_message
+    from provisiond.protocol.amqp.performatives import Data, Message, Properties, Transfer
+
+    async def least(run: Callable[[list[bytes]], Any], items: list[list[bytes]]) -> float:
+        rounds = []
+        for _ in range(5):
+            gc.collect()
+            started = time.process_time()
+            for item in items:
+                await run(item)
+            rounds.append((time.process_time() - started) / len(items) * 1e6)
+        return min(rounds)
+
+    async def amqp_session(steps: list[bytes]) -> None:
+        await amqp(MemoryStream(steps))
+
+    async def mqtt_session(steps: list[bytes]) -> None:
+        await mqtt(MemoryStream(steps))
+
+    sample = MemoryStream(amqp_devices[0])
+    await amqp(sample)
+    server = [frame_at(f, 1 << 20) for f in _frames(bytes(sample.sent))]
+    device_frames = [_frames(b"".join(steps)) for steps in amqp_devices]
+
+    async def decode(frames: list[bytes]) -> None:
+        for data in frames:
+            found = frame_at(data, 1 << 20)
+            if found is not None and type(found[0].performative) is Transfer:
+                decode_message(found[0].payload)
+
+    async def encode(_: Any) -> None:
+        buffer = bytearray()
+        for found in server:
+            assert found is not None
+            frame = found[0]
+            payload = frame.payload
+            if type(frame.performative) is Transfer:  # the answer: a new message each time
+                answer = Message(properties=Properties(message_id=str(uuid.uuid4())), body=(Data(payload),))
+                payload = encode_message(answer)
+            write_frame(buffer, frame.type, frame.channel, frame.performative, payload)
+
+    def cycles(run: Callable[[list[bytes]], Any], items: list[list[bytes]]) -> Callable[[], Awaitable[float]]:
+        async def count() -> float:
+            gc.collect()
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            try:
+                for item in items:
+                    await run(item)
+                gc.collect()
+                left = len(gc.garbage)
+            finally:
+                gc.set_debug(0)
+                gc.garbage.clear()
+            return left / len(items)
+
+        return count
+
+    few = min(len(amqp_devices), 50)
+    print("\n| layer, sessions one after another | AMQP | MQTT |")
+    print("|---|---|---|")
+    amqp_cpu, mqtt_cpu = await least(amqp_session, amqp_devices), await least(mqtt_session, mqtt_devices)
+    print(f"| CPU µs per session, answered at once | {amqp_cpu:.0f} | {mqtt_cpu:.0f} |")
+    print(
+        f"| of which AMQP's codec: decoding a device's frames and message | {await least(decode, device_frames):.0f} | |"
+    )
+    print(
+        f"| of which AMQP's codec: encoding the server's frames and answer | {await least(encode, device_frames):.0f} | |"
+    )
+
+    class Counted(MemoryStream):
+        reads = writes = 0
+
+        async def receive(self, max_bytes: int = 65536) -> bytes:
+            self.reads += 1
+            return await super().receive(max_bytes)
+
+        async def send(self, data: bytes) -> None:
+            self.writes += 1
+            await super().send(data)
+
+    counted = [Counted(amqp_devices[0]), Counted(mqtt_devices[0])]
+    await amqp(counted[0])
+    await mqtt(counted[1])
+    print(
+        f"| reads, writes, bytes written per session | {counted[0].reads}, {counted[0].writes}, "
+        f"{len(counted[0].sent)} | {counted[1].reads}, {counted[1].writes}, {len(counted[1].sent)} |"
+    )
+    left_amqp = await cycles(amqp_session, amqp_devices[:few])()
+    left_mqtt = await cycles(mqtt_session, mqtt_devices[:few])()
+    print(f"| objects left in reference cycles per session | {left_amqp:.1f} | {left_mqtt:.1f} |")
 
 
 if __name__ == "__main__":
@@ -157,6 +283,7 @@ if __name__ == "__main__":
     parser.add_argument("--devices", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--profile", choices=["amqp", "mqtt", "amqp-alone"])
+    parser.add_argument("--layers", action="store_true", help="AMQP's layers against MQTT's (see above)")
     import uvloop
 
     sys.exit(1 if uvloop.run(main(parser.parse_args())) else 0)

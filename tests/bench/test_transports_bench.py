@@ -54,6 +54,10 @@ def test_cpu_bench_runs_the_mqtt_and_amqp_phases() -> None:
 
 
 def test_inprocess_transport_bench_runs() -> None:
-    out = _run(str(BENCH / "transports_inprocess.py"), "--devices", "30", "--concurrency", "4")
-    for phase in ("registrar alone", "mqtt", "amqp"):
+    out = _run(str(BENCH / "transports_inprocess.py"), "--devices", "30", "--concurrency", "4", "--layers")
+    for phase in ("registrar alone", "mqtt", "amqp", "amqp, answered at once", "mqtt, answered at once"):
         assert re.search(rf"^\| {phase} \| 30 \| \d+ \|$", out, re.M), out
+    assert re.search(r"^\| CPU µs per session, answered at once \| \d+ \| \d+ \|$", out, re.M), out
+    assert re.search(
+        r"^\| objects left in reference cycles per session \| [\d.]+ \| [\d.]+ \|$", out, re.M
+    ), out

@@ -5,7 +5,9 @@ right condition, misuse, and a bounded fuzz of the server with mutated valid ses
 
 from __future__ import annotations
 
+import gc
 import random
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -235,6 +237,22 @@ def test_plain_sasl_registration_exchange(bytewise: bool) -> None:
     assert pair.client.finished and pair.server.finished
     assert pair.client.state is ConnectionState.END is pair.server.state
     assert pair.server.sasl_mechanism == "PLAIN"
+
+
+def test_a_finished_connection_is_freed_without_the_cycle_collector() -> None:
+    """Sessions hold the connection's output buffer and event list, not the connection: the
+    connection, its sessions and links and the peer's frames go when the last reference does,
+    not at the next cycle collection (a server makes one connection per registration)."""
+    pair = make_pair()
+    pair.run()
+    assert pair.server.finished and pair.server.sessions  # a session was begun and is still mapped
+    server, session = weakref.ref(pair.server), weakref.ref(next(iter(pair.server.sessions.values())))
+    gc.disable()
+    try:
+        del pair
+        assert server() is None and session() is None
+    finally:
+        gc.enable()
 
 
 def test_every_attach_carries_max_message_size() -> None:

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from provisiond.errors import AmqpProtocolError, InsufficientData, LocalProtocolError
 from provisiond.protocol.amqp import frames as frames_module
+from provisiond.protocol.amqp import performatives as performatives_module
+from provisiond.protocol.amqp.decoding import list_at
 from provisiond.protocol.amqp.frames import (
     SHARED_FRAME_SIZE,
     Frame,
@@ -56,12 +58,13 @@ from provisiond.protocol.amqp.performatives import (
     Source,
     Target,
     Transfer,
+    decode_composite_at,
     decode_message,
     encode_composite,
     encode_message,
     write_composite,
 )
-from provisiond.protocol.amqp.types import Described, Symbol, Timestamp, ULong, encode_value
+from provisiond.protocol.amqp.types import Described, Symbol, Timestamp, UInt, ULong, encode_value
 
 BIG = 1 << 20
 
@@ -245,6 +248,69 @@ def test_each_composite_writer_writes_the_generic_described_list(frame: Frame) -
     written = bytearray()
     write_composite(performative, written)
     assert bytes(written) == bytes(expected)
+
+
+@pytest.mark.parametrize("frame", [f for f in FRAMES if f.values[0].performative is not None])
+def test_each_composite_byte_reader_reads_what_the_generic_path_reads(frame: Frame) -> None:
+    """The byte reader made for each class (codegen.py) reads the common encoding by itself (no
+    fallback) and makes the composite the generic path makes from the list's items."""
+    performative = frame.performative
+    assert performative is not None
+    body = bytearray()
+    write_composite(performative, body)
+    data = bytes(body)
+    by_bytes, end = performatives_module._layout(type(performative)).read_at(data, 3, len(data), 2)
+    items = list_at(data, 3, len(data), 1)
+    assert items is not None
+    assert end == len(data) and by_bytes == performative == decode_composite_at(data, 0, len(data))[0]
+    assert vars(by_bytes) == vars(performatives_module._from_items(type(performative), items[0]))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # attach("l", handle 1 as a smallulong (widened), role true, two nulls, a source as a
+        # list32, a target described by its symbolic name)
+        "005312c03007a1016c5301414040005328d00000000800000002a101614000a310616d71703a746172676574"
+        "3a6c697374c0020140",
+        # attach("l", 1, true) as a list32, twelve nulls, and an element past the last field
+        "005312d0000000180000000fa1016c5201414040404040404040404040a1017a",
+    ],
+    ids=["widened-and-named", "list32-extra-element"],
+)
+def test_unusual_encodings_read_the_same_by_bytes_or_generically(body: str) -> None:
+    """What the byte reader does not handle goes to the generic path, and what it handles
+    reads the same as the generic path would: one answer either way."""
+    data = bytes.fromhex(body)
+    decoded, end = decode_composite_at(data, 0, len(data))
+    items = list_at(data, 3, len(data), 1)
+    assert items is not None and end == len(data)
+    assert decoded == performatives_module._from_items(Attach, items[0])
+    assert isinstance(decoded, Attach) and decoded.name == "l" and decoded.handle == 1
+    assert type(decoded.handle) is UInt and decoded.role is Role.RECEIVER
+
+
+def test_composites_nested_too_deep_are_a_decode_error() -> None:
+    """Sources nested in each other's default-outcome, 2,000 deep, in one attach: the decode
+    error for nesting, as the generic path says it, not a RecursionError from the byte readers."""
+    plain = Attach(name="l", handle=0, role=Role.SENDER, source=Source(address="a"), target=Target())
+    body = bytearray()
+    write_composite(plain, body)
+    assert decode_composite_at(bytes(body), 0, len(body))[0] == plain  # the source's byte reader is made
+    inner = bytes.fromhex("00532845")  # source: an empty list
+    for _ in range(2000):
+        elements = b"\x40" * 8 + inner  # eight nulls, then default-outcome
+        inner = (
+            bytes.fromhex("005328d0")
+            + (4 + len(elements)).to_bytes(4, "big")
+            + b"\x00\x00\x00\x09"
+            + elements
+        )
+    elements = bytes.fromhex("a1016c5201414040") + inner  # name, handle, role, two nulls, source
+    body = bytes.fromhex("005312d0") + (4 + len(elements)).to_bytes(4, "big") + b"\x00\x00\x00\x06" + elements
+    with pytest.raises(AmqpProtocolError, match="nested deeper than") as info:
+        decode_composite_at(body, 0, len(body))
+    assert info.value.condition == "amqp:decode-error"
 
 
 def test_a_field_of_the_wrong_type_is_named_in_the_error() -> None:

@@ -7,6 +7,14 @@ of field attributes, and each field's kind, default and name bound as constants.
 
 A reader only handles well-formed items: on any decode error it hands the items to the
 generic function, which raises the error naming the field.
+
+A composite's *byte reader* (:func:`make_reader_at`) goes one step further: it reads the
+described list's fields straight from the frame's bytes (no list of items, no
+:class:`~.values.Described` for a nested composite such as an attach's source and target), the
+commonest constructors inline, any other through the generic decoder. It handles only what it
+recognises: on anything else (a malformed or unusual encoding) it gives up with
+:class:`Unrecognised`, and the caller decodes the same bytes the generic way, which accepts it
+or raises the error it always did.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from typing import Any, NamedTuple
 
 from ...errors import AmqpProtocolError
 
-__all__ = ["FieldSpec", "make_reader", "make_writer"]
+__all__ = ["FieldSpec", "Unrecognised", "make_reader", "make_reader_at", "make_writer"]
 
 
 class FieldSpec(NamedTuple):
@@ -28,6 +36,12 @@ class FieldSpec(NamedTuple):
     write: Callable[[Any, bytearray], None]
     #: ``decode(item)``: the field's value from the decoded item (raises AmqpProtocolError)
     decode: Callable[[Any], Any]
+    #: whether the field may hold a composite (``*``: an attach's source and target)
+    composite: bool = False
+
+
+class Unrecognised(Exception):
+    """A byte reader met an encoding it does not handle: decode the bytes the generic way."""
 
 
 def make_writer(prefix: bytes, fields: Sequence[FieldSpec]) -> Callable[[Any, bytearray], None]:
@@ -93,6 +107,102 @@ def make_reader(
         "    return value",
     ]
     reader: Callable[[list[Any]], Any] = _compile(lines, names, "read")
+    return reader
+
+
+def make_reader_at(
+    cls: type, fields: Sequence[FieldSpec], wire: dict[str, Any], readers: dict[int, Any]
+) -> Callable[[bytes, int, int, int], tuple[Any, int]]:
+    """``read_at(buf, pos, end, depth)``: an instance of ``cls`` from the list whose constructor
+    is at ``buf[pos]`` (the bytes after the descriptor), and the position after the list; the
+    same value the generic path (the list's items, then :func:`make_reader`'s reader) makes.
+    ``wire`` holds the decoder's pieces (``_decode``, ``_utf8``, ``_ascii``, the shared small
+    integers, ``_MAX`` the deepest nesting); ``readers`` maps a composite's descriptor code to its byte reader, for fields
+    that may hold one. Raises :class:`Unrecognised` for anything it does not handle."""
+    names: dict[str, Any] = {**wire, "_cls": cls, "_new": object.__new__, "_U": Unrecognised}
+    names["_readers"] = readers
+    names["_II"] = struct.Struct(">II").unpack_from
+    lines = [
+        "def read_at(buf, pos, end, depth):",
+        "    if depth > _MAX:  # nested too deep: the generic path says so",
+        "        raise _U",
+        "    code = buf[pos]",
+        "    if code == 0xC0:",
+        "        if pos + 3 > end:",
+        "            raise _U",
+        "        stop = pos + 2 + buf[pos + 1]",
+        "        n = buf[pos + 2]",
+        "        pos += 3",
+        "    elif code == 0xD0:",
+        "        if pos + 9 > end:",
+        "            raise _U",
+        "        size, n = _II(buf, pos + 1)",
+        "        stop = pos + 5 + size",
+        "        pos += 9",
+        "    elif code == 0x45:",
+        "        stop = pos = pos + 1",
+        "        n = 0",
+        "    else:",
+        "        raise _U",
+        "    if stop > end or n > stop - pos:",
+        "        raise _U",
+    ]
+    for index, field in enumerate(fields):
+        names[f"_R{index}"] = field.decode
+        if field.mandatory:
+            null = "raise _U"
+        else:
+            names[f"_D{index}"] = field.default
+            null = f"v{index} = _D{index}"
+        lines += [
+            f"    if n > {index}:",
+            "        if pos >= stop:",
+            "            raise _U",
+            "        c = buf[pos]",
+            "        if c == 0x40:",
+            f"            {null}",
+            "            pos += 1",
+            "        elif c == 0x52 or c == 0x53 or c == 0x50:",
+            "            if pos + 2 > stop:",
+            "                raise _U",
+            f"            v{index} = _R{index}((_SU if c == 0x52 else _SL if c == 0x53 else _UB)[buf[pos + 1]])",
+            "            pos += 2",
+            "        elif c == 0x41 or c == 0x42:",
+            f"            v{index} = _R{index}(c == 0x41)",
+            "            pos += 1",
+            "        elif c == 0xA1 or c == 0xA3 or c == 0xA0:",
+            "            s = pos + 2 + buf[pos + 1]",
+            "            if s > stop:",
+            "                raise _U",
+            "            r = buf[pos + 2 : s]",
+            f"            v{index} = _R{index}(_utf8(r) if c == 0xA1 else _ascii(r) if c == 0xA3 else r)",
+            "            pos = s",
+        ]
+        if field.composite:  # a nested composite: its own byte reader, no described value between
+            lines += [
+                "        elif c == 0 and pos + 4 <= stop and buf[pos + 1] == 0x53 and buf[pos + 2] in _readers:",
+                f"            v{index}, pos = _readers[buf[pos + 2]](buf, pos + 3, stop, depth + 2)",
+            ]
+        lines += [
+            "        else:",
+            "            r, pos = _decode(buf, pos, stop, depth)",
+            "            if r is None:",
+            f"                {null}",
+            "            else:",
+            f"                v{index} = _R{index}(r)",
+            "    else:",
+            f"        {null}",
+        ]
+    lines += [
+        f"    for _ in range(n - {len(fields)}):  # elements past the known fields: decoded, not kept",
+        "        r, pos = _decode(buf, pos, stop, depth)",
+        "    if pos != stop:",
+        "        raise _U",
+        "    value = _new(_cls)",
+        "    value.__dict__.update({" + ", ".join(f"{f.name!r}: v{i}" for i, f in enumerate(fields)) + "})",
+        "    return value, stop",
+    ]
+    reader: Callable[[bytes, int, int, int], tuple[Any, int]] = _compile(lines, names, "read_at")
     return reader
 
 

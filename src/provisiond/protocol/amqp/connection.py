@@ -540,12 +540,15 @@ class Connection:
             raise AmqpProtocolError(
                 f"All {limit + 1} channels are in use.", condition=ErrorCondition.RESOURCE_LIMIT_EXCEEDED
             )
+        # The session holds the output buffer and the event list, not this connection: no
+        # reference cycle, so that a finished connection is freed by its reference count (with
+        # its sessions, links and the peer's frames) instead of waiting for the cycle collector.
         session = Session(
             channel,
             limits=self.config.sessions,
-            send=self._send_session_frame,
+            send=functools.partial(_write_session_frame, self._out),
             events=self._events,
-            remote_max_frame_size=lambda: self.remote_max_frame_size,
+            remote_max_frame_size=self.remote_max_frame_size,
         )
         self.sessions[channel] = session
         return session
@@ -592,9 +595,6 @@ class Connection:
 
     def _send_frame(self, frame: Frame) -> None:
         encode_frame(frame, self._out)
-
-    def _send_session_frame(self, channel: int, performative: Performative, payload: bytes) -> None:
-        write_frame(self._out, FrameType.AMQP, channel, performative, payload)
 
     def _send_sasl(self, performative: Performative) -> None:
         if self._phase is not _Phase.SASL:
@@ -710,6 +710,10 @@ class Connection:
     def settle(self, link: LinkId, delivery_id: int, state: DeliveryState) -> None:
         """Settle a received message with an outcome (accepted, rejected...)."""
         self._session(link.channel).settle(link, delivery_id, state)
+
+
+def _write_session_frame(out: bytearray, channel: int, performative: Performative, payload: bytes) -> None:
+    write_frame(out, FrameType.AMQP, channel, performative, payload)
 
 
 #: The close that answers the peer's (no error).

@@ -39,7 +39,7 @@ from .values import (
     UShort,
 )
 
-__all__ = ["MAX_DEPTH", "MAX_EMPTY_ELEMENTS", "decode_at", "decode_value", "list_at"]
+__all__ = ["MAX_DEPTH", "MAX_EMPTY_ELEMENTS", "WIRE", "decode_at", "decode_value", "list_at"]
 
 #: Deepest nesting of compound and described values the decoder accepts (DPS needs 4).
 MAX_DEPTH = 32
@@ -403,3 +403,17 @@ def decode_value(data: memoryview | bytes | bytearray) -> tuple[memoryview, Any]
     buf = data if type(data) is bytes else bytes(data)
     value, pos = _decode(buf, 0, len(buf), 0)
     return memoryview(data)[pos:], value
+
+
+#: What the composites' byte readers (:func:`~.codegen.make_reader_at`) decode with: the generic
+#: decoder, strings and symbols, the shared small integers (smalluint, smallulong, ubyte), and
+#: the deepest nesting.
+WIRE: dict[str, Any] = {
+    "_decode": _decode,
+    "_utf8": _utf8,
+    "_ascii": _ascii,
+    "_SU": _SMALL_UINT,
+    "_SL": _SMALL_ULONG,
+    "_UB": _UBYTES,
+    "_MAX": MAX_DEPTH,
+}

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeAlias
 
 from ...errors import InsufficientData
-from .decoding import decode_value
+from .decoding import decode_at
 from .performatives import (
     ANY,
     BINARY,
@@ -23,6 +23,7 @@ from .performatives import (
     _invalid,
     amqp_field,
     decode_composite,
+    decode_composite_at,
     write_composite,
 )
 from .types import Described, Symbol, Timestamp, TypeCode, ULong, encode_value
@@ -219,6 +220,8 @@ def encode_message(message: Message) -> bytes:
     return bytes(buffer)
 
 
+#: The sections that are composites, by descriptor code.
+_COMPOSITE_SECTIONS = frozenset({Header.descriptor_code, Properties.descriptor_code})
 #: A described section's constructor and descriptor (small ulong), by descriptor code.
 _SECTION_PREFIX = {code: bytes((TypeCode.DESCRIBED, TypeCode.SMALLULONG, code)) for code in range(0x70, 0x79)}
 
@@ -248,16 +251,26 @@ def decode_message(payload: bytes | memoryview) -> Message:
     :raises AmqpProtocolError: a section is malformed, unknown, out of order or repeated, or the
         body mixes section kinds (``amqp:decode-error``).
     """
-    data = memoryview(payload)
+    buf = payload if type(payload) is bytes else bytes(payload)
     found: dict[str, Any] = {}
     body: list[Any] = []
     position = -1
-    while data:
+    pos, end = 0, len(buf)
+    while pos < end:
         try:
-            data, raw = decode_value(data)
+            if (
+                buf[pos] == 0
+                and end - pos > 3
+                and buf[pos + 1] == 0x53
+                and buf[pos + 2] in _COMPOSITE_SECTIONS
+            ):
+                # the header and properties read straight from their bytes (no described value)
+                section, pos = decode_composite_at(buf, pos, end)
+            else:
+                raw, pos = decode_at(buf, pos, end)
+                section = _section(raw)
         except InsufficientData:
             raise _invalid("A message section is truncated.") from None
-        section = _section(raw)
         order = _SECTION_ORDER[type(section)]
         if order < position or (order == position and (order != 5 or isinstance(section, AmqpValue))):
             raise _invalid(f"The {type(section).__name__} section is out of order or repeated.")

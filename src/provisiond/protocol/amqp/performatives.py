@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ...errors import AmqpProtocolError
-from .codegen import FieldSpec, make_reader, make_writer
-from .decoding import decode_at, list_at
+from ...errors import AmqpProtocolError, InsufficientData
+from .codegen import FieldSpec, Unrecognised, make_reader, make_reader_at, make_writer
+from .decoding import WIRE, decode_at, list_at
 from .types import (
     Array,
     Described,
@@ -208,8 +209,14 @@ def _typed(name: str, types: type | tuple[type, ...], convert: Callable[[Any], A
 
 
 def _enum_kind(enum_type: type[enum.Enum], base: Kind) -> Kind:
+    # The members by value: a dict lookup, not the enum's call (a Python-level lookup each time).
+    members: dict[Any, enum.Enum] = {member.value: member for member in enum_type}
+
     def decode(value: Any) -> Any:
         raw = base.decode(value)
+        member = members.get(raw)
+        if member is not None:
+            return member
         try:
             return enum_type(raw if not isinstance(raw, int) or isinstance(raw, bool) else int(raw))
         except ValueError:
@@ -373,6 +380,13 @@ class _Layout:
     write: Callable[[Any, bytearray], None]
     #: ``read(items)``: the composite of a described list's items (:mod:`.codegen`)
     read: Callable[[list[Any]], Any]
+    #: ``read_at(buf, pos, end, depth)``: the composite straight from the list's bytes (:mod:`.codegen`)
+    read_at: Callable[[bytes, int, int, int], tuple[Any, int]]
+
+
+#: The byte reader of each composite whose layout is made, by descriptor code: for the fields
+#: that may hold a composite (``*``), read without a described value between.
+_READERS_AT: dict[int, Callable[[bytes, int, int, int], tuple[Any, int]]] = {}
 
 
 _LAYOUTS: dict[type[Composite], _Layout] = {}
@@ -390,7 +404,9 @@ def _layout(cls: type[Composite]) -> _Layout:
         prefix = bytearray((TypeCode.DESCRIBED,))
         encode_value(ULong(cls.descriptor_code), prefix)
         defaults = {f.name: f.default for f in fields if not f.mandatory}
-        specs = [FieldSpec(f.name, f.mandatory, f.default, f.write, f.kind.decode) for f in fields]
+        specs = [
+            FieldSpec(f.name, f.mandatory, f.default, f.write, f.kind.decode, f.kind is ANY) for f in fields
+        ]
         layout = _LAYOUTS[cls] = _Layout(
             fields,
             ULong(cls.descriptor_code),
@@ -398,7 +414,9 @@ def _layout(cls: type[Composite]) -> _Layout:
             defaults,
             make_writer(bytes(prefix), specs),
             make_reader(cls, specs, _from_items_checked),
+            make_reader_at(cls, specs, WIRE, _READERS_AT),
         )
+        _READERS_AT[cls.descriptor_code] = layout.read_at
     return layout
 
 
@@ -452,6 +470,11 @@ def decode_composite_at(buf: bytes, pos: int, end: int) -> tuple[Any, int]:
     if end - pos > 3 and buf[pos] == 0 and buf[pos + 1] == 0x53:
         cls = COMPOSITES.get(buf[pos + 2])
         if cls is not None:
+            layout = _LAYOUTS.get(cls) or _layout(cls)
+            try:
+                return layout.read_at(buf, pos + 3, end, 2)
+            except (Unrecognised, AmqpProtocolError, InsufficientData, IndexError, struct.error):
+                pass  # not the common form, or malformed: the generic path accepts it or says why
             found = list_at(buf, pos + 3, end, 1)
             if found is not None:
                 items, pos = found

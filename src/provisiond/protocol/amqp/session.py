@@ -142,7 +142,7 @@ class Session:
         limits: SessionLimits,
         send: SendFrame,
         events: list[Event],
-        remote_max_frame_size: Callable[[], int],
+        remote_max_frame_size: int,
     ) -> None:
         self.channel = channel
         self.remote_channel: int | None = None
@@ -150,7 +150,8 @@ class Session:
         self.limits = limits
         self._send_frame = send
         self._events = events
-        self._remote_max_frame_size = remote_max_frame_size
+        #: The peer's max-frame-size (a session begins once the peer's open is in).
+        self.remote_max_frame_size = remote_max_frame_size
         self.next_outgoing_id = 0
         self.next_incoming_id = 0
         self.incoming_window = limits.incoming_window
@@ -479,12 +480,10 @@ class Session:
             payload, settled = link.pending[0]
             delivery_id = self._next_delivery_id
             first = _TRANSFERS(link.id.handle, delivery_id, settled)
-            if len(payload) <= self._remote_max_frame_size() - _TRANSFER_FRAME_BOUND:
+            if len(payload) <= self.remote_max_frame_size - _TRANSFER_FRAME_BOUND:
                 chunks = [payload]  # one frame (the common case: no need to measure the transfer)
             else:
-                room = max(
-                    64, self._remote_max_frame_size() - frame_size(dataclasses.replace(first, more=True))
-                )
+                room = max(64, self.remote_max_frame_size - frame_size(dataclasses.replace(first, more=True)))
                 chunks = [payload[i : i + room] for i in range(0, len(payload), room)] or [b""]
             if len(chunks) > self.remote_incoming_window:
                 return  # wait for the peer to open its session window
