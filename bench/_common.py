@@ -109,9 +109,10 @@ class Server:
         return self.process.returncode
 
 
-def start_server(data_dir: Path, *extra: str, timeout: float = 60.0) -> Server:
+def start_server(data_dir: Path, *extra: str, timeout: float = 60.0, wrapper: Sequence[str] = ()) -> Server:
     """Start ``provisiond serve`` (stderr and stdout to DATA_DIR/serve.log) and wait until it
-    answers. It runs in its own session, so a Ctrl-C reaches only the bench, which stops it."""
+    answers. It runs in its own session, so a Ctrl-C reaches only the bench, which stops it.
+    ``wrapper``: a command the server runs under (``valgrind ...``: its pid is the server's)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     conn = data_dir / "connection.json"
@@ -119,6 +120,7 @@ def start_server(data_dir: Path, *extra: str, timeout: float = 60.0) -> Server:
     log_file = data_dir / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROVISIOND_")}
     command = [
+        *wrapper,
         sys.executable,
         "-m",
         "provisiond",

@@ -66,6 +66,16 @@ samples/haproxy/haproxy.cfg (TLS terminated there, no session resumption) in fro
 ``provisiond serve --front-port`` (docs/tls-front.md), and counts HAProxy's CPU with the
 server's; the https/mqtt/amqp generator phases stay on provisiond's own ports.
 
+``--callgrind`` runs the server under valgrind's callgrind and reports, instead of CPU time,
+the **instructions** the server executed per request in each phase (instrumentation on only
+during the phases, switched and read with ``callgrind_control``). Instructions do not vary with
+the other work on the machine, so two versions compare in one run each; they leave out the
+kernel's work (reads, writes, the TCP stack) and memory stalls, so the ratios they give are not
+the CPU ratios. The server runs about 50 times slower: use few connections and short phases,
+
+    python bench/cpu.py --callgrind --connections 4 --threads 1 --seconds 15 --devices 3000 \
+        --phases trivial,group,https-trivial,https-group,mqtt-group,amqp-group
+
 wrk (Debian's package) is the load: it runs on the same cores as the server, and its CPU is not
 counted (only the server's is). CPU per request is steadier on a shared machine than requests
 per second; both are printed. Nothing here asserts a figure.
@@ -192,6 +202,18 @@ class Phase:
     p50: float = float("nan")
     p99: float = float("nan")
     db_cpu: float = 0.0
+    #: the server's instructions during the phase (``--callgrind``), else None
+    instructions: float | None = None
+
+    @property
+    def spent(self) -> float:
+        """What the tables compare: giga-instructions with ``--callgrind``, else CPU seconds."""
+        return self.instructions * 1e-9 if self.instructions is not None else self.cpu
+
+    @property
+    def cost(self) -> float:
+        """Per request: thousands of instructions with ``--callgrind``, else CPU µs."""
+        return self.spent / self.requests * 1e6 if self.requests else float("nan")
 
     @property
     def rate(self) -> float:
@@ -245,6 +267,63 @@ def run_wrk(
         raise RuntimeError(f"wrk printed no summary:\n{out}")
     done, bad, socket_errors, _timeouts, p50, p99 = (int(g) for g in match.groups())
     return Run(done, elapsed, cpu, bad, socket_errors, p50 / 1000, p99 / 1000, db_cpu)
+
+
+# -- --callgrind: the server's instructions per phase ---------------------------------------
+
+
+class Callgrind:
+    """The server under callgrind with its instrumentation off (start-up runs at valgrind's
+    uninstrumented speed), switched on for each phase and read from a dump at its end."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        #: instructions a second of the idle server (its timers: the hub broker's poll, ...),
+        #: taken off each phase: under valgrind a request lasts 50 times longer, so they count
+        self.idle_rate = 0.0
+        self._started = 0.0
+
+    def measure_idle(self, pid: int, seconds: float = 5.0) -> None:
+        self.start(pid)
+        time.sleep(seconds)
+        self.idle_rate = self.stop(pid, "idle") / seconds
+        print(f"# the idle server: {self.idle_rate / 1e6:.2f} M instructions a second, taken off each phase")
+
+    def wrapper(self) -> list[str]:
+        return [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={self.out_dir / 'callgrind.out.%p'}",
+        ]
+
+    def start(self, pid: int) -> None:
+        self._control("-z", pid)  # counters to zero, then count
+        self._control("-i", "on", pid)
+        self._started = time.monotonic()
+
+    def stop(self, pid: int, label: str) -> float:
+        """The instructions since :meth:`start`, from a dump named after the phase, less the idle
+        server's over the same time."""
+        self._control("-i", "off", pid)
+        idle = self.idle_rate * (time.monotonic() - self._started)
+        before = set(self.out_dir.glob(f"callgrind.out.{pid}.*"))
+        self._control(f"--dump={label}", pid)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the dump is written after callgrind_control returns
+            for dump in set(self.out_dir.glob(f"callgrind.out.{pid}.*")) - before:
+                for line in dump.read_text().splitlines():
+                    if line.startswith("totals:"):  # its last line: the dump is complete
+                        return float(line.split()[1]) - idle
+            time.sleep(0.2)
+        raise RuntimeError(f"callgrind wrote no complete dump for phase {label} within 60 s")
+
+    @staticmethod
+    def _control(*args: str | int) -> None:
+        # it exits 0 whether or not it found the process: its "OK." is the answer
+        done = subprocess.run(["callgrind_control", *map(str, args)], capture_output=True, text=True)
+        if "OK." not in done.stdout:
+            raise RuntimeError(f"callgrind_control {args}: {done.stdout}{done.stderr}")
 
 
 # -- X.509: wrk cannot present client certificates ---------------------------------------------
@@ -430,6 +509,12 @@ def main() -> int:
         "in front of `serve --front-port` (docs/tls-front.md), the CPU provisiond's and HAProxy's; "
         "the https/mqtt/amqp generator phases stay on provisiond's own ports",
     )
+    parser.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="count the server's instructions per request (valgrind's callgrind, on during the "
+        "phases) instead of its CPU time: steady on a busy machine, about 50 times slower",
+    )
     args = parser.parse_args()
     durable = {"fsync", "synchronous_commit", "full_page_writes", "wal_sync_method", "wal_level"}
     if refused := [s for s in args.pg_setting if s.partition("=")[0] in durable]:
@@ -441,11 +526,20 @@ def main() -> int:
     if shutil.which("wrk") is None:
         print("wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
         return 2
+    if args.callgrind and shutil.which("callgrind_control") is None:
+        print("--callgrind needs valgrind (Debian: apt-get install valgrind)", file=sys.stderr)
+        return 2
+    if args.callgrind and ("x509" in args.phases or args.preload or args.front != "provisiond"):
+        parser.error(
+            "--callgrind counts the wrk and generator phases of one server: no x509 phases, --preload or --front"
+        )
     print(
         f"# server CPU per request (wrk, new TLS connection each), db {','.join(backends)}, "
         f"log level {args.log_level}, {args.connections} in flight"
     )
     print(f"# {machine_summary()}")
+    if args.callgrind:
+        print("# --callgrind: the server's instructions per request (k), not its CPU time")
     if "postgresql" in backends:
         print(
             "# PostgreSQL settings: "
@@ -491,7 +585,13 @@ def _run_backend(backend: str, args: argparse.Namespace, preload: int = 0) -> li
             extra += ["--front-port", str(front_port), "--trusted-front", "127.0.0.1"]
         try:
             server_args = (*extra, "--log-level", args.log_level, *args.server_arg)
-            server = start_server(work / "data", *server_args)
+            callgrind = Callgrind(work) if args.callgrind else None
+            server = start_server(
+                work / "data",
+                *server_args,
+                timeout=600.0 if callgrind else 60.0,
+                wrapper=callgrind.wrapper() if callgrind else (),
+            )
             try:
                 reregister: list[tuple[str, str]] = []
                 if preload:
@@ -509,7 +609,9 @@ def _run_backend(backend: str, args: argparse.Namespace, preload: int = 0) -> li
                     front = None
                     if args.front == "haproxy":
                         front = _haproxy_front(stack, work, front_port)
-                    return _measure(server, work, args, backend, db_pid, reregister, stats, front, snapshot)
+                    return _measure(
+                        server, work, args, backend, db_pid, reregister, stats, front, snapshot, callgrind
+                    )
             finally:
                 server.stop()
         finally:
@@ -543,7 +645,7 @@ def _print_table(results: list[tuple[str, list[Phase]]]) -> None:
         trivial = [p for p in phases if p.name == name]
         if not trivial:
             return float("nan")
-        return _ratio(sum(p.cpu for p in trivial), sum(p.requests for p in trivial)) * 1e6
+        return _ratio(sum(p.spent for p in trivial), sum(p.requests for p in trivial)) * 1e6
 
     def mean_rate(phases: list[Phase], name: str) -> float:
         runs = [p for p in phases if p.name == name]
@@ -551,8 +653,9 @@ def _print_table(results: list[tuple[str, list[Phase]]]) -> None:
 
     first_backend, first = results[0]
     print()
+    cost = _cost_label(results)
     print(
-        "| db | phase | req/s | p50 ms | p99 ms | server CPU µs/req | ratio (trivial CPU / phase CPU) "
+        f"| db | phase | req/s | p50 ms | p99 ms | {cost} | ratio (trivial's / phase's) "
         f"| database CPU µs/req | rate / {first_backend}'s | non-2xx | socket errors |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -562,8 +665,8 @@ def _print_table(results: list[tuple[str, list[Phase]]]) -> None:
             base = bases["x509" if p.name.startswith("x509") else "wrk"]
             versus = _ratio(p.rate, mean_rate(first, p.name))
             print(
-                f"| {backend} | {p.name} | {p.rate:.0f} | {p.p50:.1f} | {p.p99:.1f} | {p.cpu_us:.0f} "
-                f"| {_ratio(base, p.cpu_us):.2f} | {p.db_cpu_us:.0f} | {versus:.2f} | {p.bad_status} | {p.socket_errors} |"
+                f"| {backend} | {p.name} | {p.rate:.0f} | {p.p50:.1f} | {p.p99:.1f} | {p.cost:.0f} "
+                f"| {_ratio(base, p.cost):.2f} | {p.db_cpu_us:.0f} | {versus:.2f} | {p.bad_status} | {p.socket_errors} |"
             )
 
 
@@ -578,6 +681,15 @@ def _haproxy_front(stack: contextlib.ExitStack, work: Path, front_port: int) -> 
     )
     print(f"# through HAProxy (samples/haproxy/haproxy.cfg) on port {port}", flush=True)
     return port, haproxy.pid
+
+
+_CPU_LABEL = "server CPU µs/req"
+
+
+def _cost_label(results: list[tuple[str, list[Phase]]]) -> str:
+    """The tables' cost column: CPU time, or instructions with ``--callgrind``."""
+    counted = any(p.instructions is not None for _, phases in results for p in phases)
+    return "server k instructions/req (callgrind)" if counted else _CPU_LABEL
 
 
 def _ratio(a: float, b: float) -> float:
@@ -596,6 +708,7 @@ def _measure(
     db_stats: Callable[[], dict[str, float]] | None = None,
     front: tuple[int, int] | None = None,
     db_snapshot: Callable[[], dict[str, Any]] | None = None,
+    callgrind: Callgrind | None = None,
 ) -> list[Phase]:  # type: ignore[no-untyped-def]
     info = server.info
     scope, port = info["idScope"], int(info["httpsPort"])
@@ -679,11 +792,16 @@ def _measure(
         ]
         x509_requests["x509-group"] = [(_http_request(scope, reg), cert, key) for reg, cert, key in x509]
     url = f"https://127.0.0.1:{port}"
+    if callgrind is not None:
+        _warm_up(server, work, args, url, script, files["trivial"], scope, group_key, expiry)
+        callgrind.measure_idle(server.pid)
     results: list[Phase] = []
     for name in args.phases.split(","):
         stats_before = db_stats() if db_stats else None
         snapshot_before = db_snapshot() if db_snapshot else None
         front_before = process_tree_cpu(front[1]) if front is not None else 0.0
+        if callgrind is not None:
+            callgrind.start(server.pid)
         if name.split("-")[0] in _TRANSPORTS:
             run = _run_transport(name, server, group_key, args, db_pid)
         elif name.startswith("x509"):
@@ -707,17 +825,28 @@ def _measure(
                 pid=server.pid,
                 db_pid=db_pid,
             )
+        instructions = callgrind.stop(server.pid, f"phase{len(results)}-{name}") if callgrind else None
         if front is not None:
             run.cpu += process_tree_cpu(front[1]) - front_before  # the front's CPU too
         bad = run.bad_status if name != "trivial" else 0  # a 404 is trivial's answer
         phase = Phase(
-            name, run.requests, run.seconds, run.cpu, bad, run.socket_errors, run.p50, run.p99, run.db_cpu
+            name,
+            run.requests,
+            run.seconds,
+            run.cpu,
+            bad,
+            run.socket_errors,
+            run.p50,
+            run.p99,
+            run.db_cpu,
+            instructions,
         )
         results.append(phase)
         print(
             f"{backend:<10} {name:<11} {phase.rate:8.0f} req/s  p50 {phase.p50:6.1f} ms  p99 {phase.p99:6.1f} ms  "
             f"{phase.cpu_us:7.0f} us CPU/req  db {phase.db_cpu_us:5.0f} us/req  "
-            f"non-2xx {phase.bad_status}  socket errors {phase.socket_errors}",
+            + (f"{phase.cost:7.0f} k instructions/req  " if phase.instructions is not None else "")
+            + f"non-2xx {phase.bad_status}  socket errors {phase.socket_errors}",
             flush=True,
         )
         if stats_before is not None:
@@ -729,6 +858,51 @@ def _measure(
                 print(f"{'':<10} {name:<11} pg: {line}", flush=True)
 
     return results
+
+
+def _warm_up(  # type: ignore[no-untyped-def]
+    server,
+    work: Path,
+    args: argparse.Namespace,
+    url: str,
+    script: Path,
+    trivial: Path,
+    scope: str,
+    group_key: str,
+    expiry: int,
+) -> None:
+    """``--callgrind``: each kind of phase once, uncounted, with devices of its own, before
+    anything is counted: the first registrations of a process compile code (the AMQP codec's
+    readers and writers, regular expressions, ...) and fill caches, which would otherwise count
+    in the first phase that meets them (hundreds of requests under valgrind, not thousands)."""
+    devices = [(f"w-{i:07d}", derive_device_key(group_key, f"w-{i:07d}")) for i in range(300)]
+    warm = work / "warm-up.tsv"
+    write_requests(warm, device_lines(scope, devices, expiry))
+    for requests in (trivial, warm):
+        run_wrk(
+            url,
+            requests,
+            script,
+            seconds=3,
+            connections=args.connections,
+            threads=args.threads,
+            pid=server.pid,
+        )
+    for protocol in sorted({name.split("-")[0] for name in args.phases.split(",")} & set(_TRANSPORTS)):
+        names = [f"w{protocol[0]}-{i:07d}" for i in range(100)]
+        port = int(server.info[f"{protocol}Port"])
+        run_transport(
+            protocol,
+            port,
+            scope,
+            group_key,
+            names,
+            concurrency=args.connections,
+            seconds=3,
+            processes=1,
+            on_start=lambda: None,
+        )
+    print("# warmed up: a few seconds of each kind of phase, not counted", flush=True)
 
 
 def _run_transport(name: str, server, group_key: str, args: argparse.Namespace, db_pid: int | None) -> Run:  # type: ignore[no-untyped-def]
@@ -769,23 +943,24 @@ def _print_transports(results: list[tuple[str, list[Phase]]]) -> None:
 
     def cpu_of(phases: list[Phase], name: str) -> float:
         runs = [p for p in phases if p.name == name]
-        return _ratio(sum(p.cpu for p in runs), sum(p.requests for p in runs)) * 1e6
+        return _ratio(sum(p.spent for p in runs), sum(p.requests for p in runs)) * 1e6
 
     for backend, phases in results:
         own = [p for p in phases if p.name.split("-")[0] in _TRANSPORTS]
         if not own:
             continue
         wrk, py = cpu_of(phases, "group"), cpu_of(phases, "https-group")
+        unit = "k" if _cost_label(results) != _CPU_LABEL else "µs"
         print()
         print(
-            f"| db | phase | req/s | server CPU µs/req | x group's (wrk, {wrk:.0f} µs) "
-            f"| x https-group's ({py:.0f} µs) | failed |"
+            f"| db | phase | req/s | {_cost_label(results)} | x group's (wrk, {wrk:.0f} {unit}) "
+            f"| x https-group's ({py:.0f} {unit}) | failed |"
         )
         print("|---|---|---|---|---|---|---|")
         for p in own:
             print(
-                f"| {backend} | {p.name} | {p.rate:.0f} | {p.cpu_us:.0f} | {_ratio(p.cpu_us, wrk):.2f} "
-                f"| {_ratio(p.cpu_us, py):.2f} | {p.bad_status} |"
+                f"| {backend} | {p.name} | {p.rate:.0f} | {p.cost:.0f} | {_ratio(p.cost, wrk):.2f} "
+                f"| {_ratio(p.cost, py):.2f} | {p.bad_status} |"
             )
 
 

@@ -169,3 +169,41 @@ def test_cpu_bench_diagnoses_postgresql_and_says_which_settings(tmp_path: Path) 
         timeout=60,
     )
     assert refused.returncode == 2 and "durability" in refused.stderr, refused.stderr
+
+
+@pytest.mark.skipif(
+    shutil.which("callgrind_control") is None, reason="valgrind is not installed (.ci/run installs it)"
+)
+def test_cpu_bench_counts_the_servers_instructions_under_callgrind(tmp_path: Path) -> None:
+    """``--callgrind``: the server under callgrind, each phase's instructions per request in the
+    tables instead of CPU time; every registration is answered 2xx."""
+    out = _run(
+        str(BENCH / "cpu.py"),
+        "--callgrind",
+        "--phases",
+        "trivial,group,amqp-group",
+        "--devices",
+        "60",
+        "--seconds",
+        "2",
+        "--connections",
+        "2",
+        "--threads",
+        "1",
+        tmp_path=tmp_path,
+    )
+    assert "# warmed up:" in out and "# the idle server:" in out, out
+    assert "| server k instructions/req (callgrind) |" in out, out
+    for phase in ("group", "amqp-group"):
+        row = next(line for line in out.splitlines() if line.startswith(f"| sqlite | {phase} |"))
+        cells = [cell.strip() for cell in row.split("|")]
+        assert float(cells[6]) > 0, row  # k instructions per request
+        assert cells[-3] == "0", row  # non-2xx
+    assert list(tmp_path.iterdir()) == []
+    refused = subprocess.run(
+        [sys.executable, str(BENCH / "cpu.py"), "--callgrind", "--phases", "x509-group"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2 and "--callgrind" in refused.stderr, refused.stderr
