@@ -287,7 +287,10 @@ class Callgrind:
         self.start(pid)
         time.sleep(seconds)
         self.idle_rate = self.stop(pid, "idle") / seconds
-        print(f"# the idle server: {self.idle_rate / 1e6:.2f} M instructions a second, taken off each phase")
+        print(
+            f"# the idle server: {self.idle_rate / 1e6:.2f} M instructions a second, taken off each phase",
+            flush=True,
+        )
 
     def wrapper(self) -> list[str]:
         return [
