@@ -76,6 +76,9 @@ the CPU ratios. The server runs about 50 times slower: use few connections and s
     python bench/cpu.py --callgrind --connections 4 --threads 1 --seconds 15 --devices 3000 \
         --phases trivial,group,https-trivial,https-group,mqtt-group,amqp-group
 
+``--callgrind-dir DIR`` keeps each phase's dump (``callgrind.out.PID.N``, its phase named in the
+file) for ``callgrind_annotate``.
+
 wrk (Debian's package) is the load: it runs on the same cores as the server, and its CPU is not
 counted (only the server's is). CPU per request is steadier on a shared machine than requests
 per second; both are printed. Nothing here asserts a figure.
@@ -518,6 +521,12 @@ def main() -> int:
         help="count the server's instructions per request (valgrind's callgrind, on during the "
         "phases) instead of its CPU time: steady on a busy machine, about 50 times slower",
     )
+    parser.add_argument(
+        "--callgrind-dir",
+        type=Path,
+        help="keep callgrind's dumps here, one per phase (callgrind_annotate reads them); by "
+        "default they go with the run's temporary directory",
+    )
     args = parser.parse_args()
     durable = {"fsync", "synchronous_commit", "full_page_writes", "wal_sync_method", "wal_level"}
     if refused := [s for s in args.pg_setting if s.partition("=")[0] in durable]:
@@ -588,7 +597,10 @@ def _run_backend(backend: str, args: argparse.Namespace, preload: int = 0) -> li
             extra += ["--front-port", str(front_port), "--trusted-front", "127.0.0.1"]
         try:
             server_args = (*extra, "--log-level", args.log_level, *args.server_arg)
-            callgrind = Callgrind(work) if args.callgrind else None
+            callgrind = None
+            if args.callgrind:
+                callgrind = Callgrind(args.callgrind_dir or work)
+                callgrind.out_dir.mkdir(parents=True, exist_ok=True)
             server = start_server(
                 work / "data",
                 *server_args,

@@ -176,10 +176,14 @@ def test_cpu_bench_diagnoses_postgresql_and_says_which_settings(tmp_path: Path) 
 )
 def test_cpu_bench_counts_the_servers_instructions_under_callgrind(tmp_path: Path) -> None:
     """``--callgrind``: the server under callgrind, each phase's instructions per request in the
-    tables instead of CPU time; every registration is answered 2xx."""
+    tables instead of CPU time; every registration is answered 2xx; ``--callgrind-dir`` keeps
+    each phase's dump."""
+    dumps = tmp_path / "dumps"
     out = _run(
         str(BENCH / "cpu.py"),
         "--callgrind",
+        "--callgrind-dir",
+        str(dumps),
         "--phases",
         "trivial,group,amqp-group",
         "--devices",
@@ -199,7 +203,10 @@ def test_cpu_bench_counts_the_servers_instructions_under_callgrind(tmp_path: Pat
         cells = [cell.strip() for cell in row.split("|")]
         assert float(cells[6]) > 0, row  # k instructions per request
         assert cells[-3] == "0", row  # non-2xx
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [dumps]
+    kept = "".join(dump.read_text(errors="replace") for dump in dumps.glob("callgrind.out.*.*"))
+    for label in ("dump idle", "dump phase0-trivial", "dump phase1-group", "dump phase2-amqp-group"):
+        assert f"Trigger: {label}\n" in kept, label
     refused = subprocess.run(
         [sys.executable, str(BENCH / "cpu.py"), "--callgrind", "--phases", "x509-group"],
         capture_output=True,
