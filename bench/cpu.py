@@ -960,15 +960,16 @@ def _print_transports(results: list[tuple[str, list[Phase]]]) -> None:
         runs = [p for p in phases if p.name == name]
         return _ratio(sum(p.spent for p in runs), sum(p.requests for p in runs)) * 1e6
 
+    cost = _cost_label(results)
+    unit = "µs" if cost == _CPU_LABEL else "k"
     for backend, phases in results:
         own = [p for p in phases if p.name.split("-")[0] in _TRANSPORTS]
         if not own:
             continue
         wrk, py = cpu_of(phases, "group"), cpu_of(phases, "https-group")
-        unit = "k" if _cost_label(results) != _CPU_LABEL else "µs"
         print()
         print(
-            f"| db | phase | req/s | {_cost_label(results)} | x group's (wrk, {wrk:.0f} {unit}) "
+            f"| db | phase | req/s | {cost} | x group's (wrk, {wrk:.0f} {unit}) "
             f"| x https-group's ({py:.0f} {unit}) | failed |"
         )
         print("|---|---|---|---|---|---|---|")
