@@ -654,6 +654,18 @@ def _run(settings: Settings) -> None:
     "(batched: not a write per message).",
 )
 @click.option(
+    "--hub-signal-poll",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    show_envvar=True,
+    envvar="PROVISIOND_HUB_SIGNAL_POLL",
+    help="Built-in hubs on PostgreSQL: seconds between two reads of the signal stream (methods, "
+    "twin patches, messages for devices connected to another worker or node) when no notification "
+    "came (LISTEN/NOTIFY wakes the reader at once; this is the safety net). On SQLite, and while "
+    "the listening connection is lost, the stream is read every 20 ms.",
+)
+@click.option(
     "--min-receive-rate",
     type=click.FloatRange(min=0),
     default=240.0,
@@ -790,6 +802,7 @@ def serve(
     keep_alive_timeout: float,
     session_idle_timeout: float,
     hub_activity_interval: float,
+    hub_signal_poll: float,
     min_receive_rate: float,
     min_receive_rate_grace: float,
     max_connections: int | None,
@@ -846,6 +859,7 @@ def serve(
         mqtt_connect_timeout=mqtt_connect_timeout,
         session_idle_timeout=session_idle_timeout,
         hub_activity_interval=hub_activity_interval,
+        hub_signal_poll=hub_signal_poll,
         connections=admission.resolve(
             limits,
             listeners=1 + bool(mqtt_port) + bool(amqp_port) + bool(front_port),

@@ -142,7 +142,7 @@ def create_app(
     gateway = DeviceGateway(ctx, registrar)
     # The built-in hubs: their devices share the MQTT listener and the WebSocket router (told
     # apart by the CONNECT's user name); the broker links them to the service side.
-    broker = HubBroker(ctx.store, clock=clock)
+    broker = HubBroker(ctx.store, clock=clock, fallback_interval=settings.hub_signal_poll)
     hub = HubEndpoint(ctx, broker, ctx.hub_registry)
     listeners = [mqtt.tls_listener(gateway, hub), amqp.tls_listener(gateway)]
     websockets = WebSocketRouter(

@@ -8,8 +8,12 @@ other (``--workers N``; several ``provisiond serve`` on one PostgreSQL database)
 of each process knows the sessions connected to it (:class:`DeviceSession`, one per device:
 the MQTT endpoint attaches a session after its CONNECT is authenticated and detaches it when
 it closes), and reaches the others through a **signal stream** (``Stream.HUB_SIGNALS``):
-every process appends what another process must act on and polls the stream every
-:data:`POLL_INTERVAL` seconds for what concerns its own sessions.
+every process appends what another process must act on and reads the stream for what concerns
+its own sessions: when woken (a :class:`~provisiond.storage.StreamWatch`: on PostgreSQL,
+LISTEN/NOTIFY wakes every process once the append is committed), at most every
+:data:`POLL_INTERVAL` seconds, and every ``fallback_interval`` seconds without a wake (a safety
+net for a lost notification). On SQLite, and on PostgreSQL while the listening connection is
+lost, the watch is not live and the broker polls every :data:`POLL_INTERVAL` seconds.
 
 * **In-process fast path.** When the device's session is in this process, every operation acts
   on it directly; no signal is written or read.
@@ -66,10 +70,11 @@ from ..errors import (
     StorageError,
 )
 from ..hub.messages import partition
-from ..storage import Entry, Store, Stream, utc_iso
+from ..storage import Entry, Store, Stream, StreamWatch, utc_iso
 
 __all__ = [
     "ACCEPT_WINDOW",
+    "FALLBACK_INTERVAL",
     "MAX_METHOD_PAYLOAD",
     "POLL_INTERVAL",
     "SIGNAL_TTL",
@@ -80,8 +85,13 @@ __all__ = [
 
 log = logging.getLogger("provisiond.hub")
 
-#: Seconds between two polls of the signal stream.
+#: Seconds between two reads of the signal stream: the poll when the store cannot wake the
+#: broker (SQLite; PostgreSQL's listening connection lost), the shortest gap between two reads
+#: when it can (a burst of signals is read in batches, not once per signal).
 POLL_INTERVAL = 0.02
+#: Seconds between two reads of the signal stream when the store can wake the broker and did
+#: not (``serve --hub-signal-poll``).
+FALLBACK_INTERVAL = 1.0
 #: Seconds a process that invoked a method for a device it does not hold waits for another
 #: process to say it holds it (the device is not online otherwise).
 ACCEPT_WINDOW = 1.0
@@ -226,7 +236,10 @@ class HubBroker:
     to the app's lifespan.
 
     :param clock: Unix seconds (connect deadlines travel between processes as Unix times).
-    :param poll_interval: seconds between two reads of the signal stream.
+    :param poll_interval: seconds between two reads of the signal stream when the store cannot
+        wake the broker, and the shortest gap between two reads when it can.
+    :param fallback_interval: seconds between two reads when the store can wake the broker and
+        did not.
     """
 
     def __init__(
@@ -235,11 +248,13 @@ class HubBroker:
         *,
         clock: Callable[[], float] = time.time,
         poll_interval: float = POLL_INTERVAL,
+        fallback_interval: float = FALLBACK_INTERVAL,
         accept_window: float = ACCEPT_WINDOW,
     ) -> None:
         self._store = store
         self._clock = clock
         self._poll_interval = poll_interval
+        self._fallback_interval = max(fallback_interval, poll_interval)
         self._accept_window = accept_window
         self.node = uuid.uuid4().hex[:16]
         self._sessions: dict[str, DeviceSession] = {}
@@ -248,6 +263,7 @@ class HubBroker:
         self._taken: dict[str, float] = {}  # rid -> expiry: requests delivered here already
         self._attach_waiters: dict[str, set[_AttachWaiter]] = {}
         self._cursor = 0
+        self._watch: StreamWatch | None = None
         self._poller: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -255,12 +271,21 @@ class HubBroker:
 
     async def start(self) -> None:
         """Start reading the signal stream at its end (and deleting old signals)."""
-        self._cursor = await self._end_of_stream()
-        self._poller = asyncio.get_running_loop().create_task(self._poll())
+        watch = self._store.watch(Stream.HUB_SIGNALS)  # before the first read: no wake is missed
+        try:
+            self._cursor = await self._end_of_stream()
+        except BaseException:
+            watch.close()
+            raise
+        self._watch = watch
+        self._poller = asyncio.get_running_loop().create_task(self._poll(watch))
 
     async def close(self) -> None:
         await stop(self._poller, "the hub broker's signal poll")
         self._poller = None
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         for task in list(self._tasks):
             task.cancel()
         for call in self._calls.values():
@@ -515,9 +540,10 @@ class HubBroker:
             else:
                 log.error("hub broker: internal error", exc_info=exc)
 
-    async def _poll(self) -> None:
+    async def _poll(self, watch: StreamWatch) -> None:
         last_trim = 0.0
         while True:
+            read_at = time.monotonic()
             try:
                 while True:
                     entries = await self._store.read(
@@ -539,7 +565,11 @@ class HubBroker:
                 await asyncio.sleep(1.0)
                 continue
             raise_if_cancelling()
-            await asyncio.sleep(self._poll_interval)
+            await watch.wait(self._fallback_interval if watch.live else self._poll_interval)
+            # Woken at once, but not more often than a poll would read (a burst: one read).
+            gap = read_at + self._poll_interval - time.monotonic()
+            if gap > 0:
+                await asyncio.sleep(gap)
 
     def _expire_relayed(self) -> None:
         now = self._clock()

@@ -87,6 +87,9 @@ class Settings:
     session_idle_timeout: float = 240.0
     #: Built-in hubs: seconds between two writes of the connected devices' ``lastActivityTime``.
     hub_activity_interval: float = 30.0
+    #: Built-in hubs on PostgreSQL: seconds between two reads of the broker's signal stream when
+    #: no notification woke it (service/hub_broker.py).
+    hub_signal_poll: float = 1.0
     #: Deadlines and caps of every connection (flags ``--tls-handshake-timeout`` and the like).
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     #: Custom allocation: seconds a webhook may take to answer, and an extra CA file (PEM) its

@@ -178,6 +178,17 @@ class PgConnections:
         assert self._conninfo is not None
         return await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
 
+    async def connect_outside(self) -> Connection:
+        """A connection outside the pool (the store's listening connection), with the pool's
+        connection string: on a multi-host URL it reaches the server that accepts writes.
+
+        :raises StorageError: the store is not open.
+        :raises psycopg.Error: the connection failed (not translated: the caller retries).
+        """
+        if not self._open or self._conninfo is None:
+            raise StorageError(f"{self._label} is not open")
+        return await self._connect()
+
     async def _start_pool(self) -> AsyncConnectionPool[Connection]:
         assert self._conninfo is not None
         pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(

@@ -56,6 +56,13 @@ passes the bytes together with the index values. What the store guarantees:
   :meth:`Store.read` returns entries in seq order; :meth:`Store.remove` and :meth:`Store.trim`
   delete entries (by seq; by age and by count); :meth:`Store.last_seq` tells where a reader
   that wants only new entries (or those from a time on) starts.
+- **Watches.** :meth:`Store.watch` gives a reader of a stream a :class:`StreamWatch` to wait on
+  between reads instead of polling. While the watch is ``live``, every append another process
+  or node commits to the stream after the watch was made wakes it (after the commit, so the
+  woken reader's read finds the entries); a wake may also find nothing new. A watch that is not
+  live (SQLite; PostgreSQL's listening connection lost) wakes only when it becomes live, and
+  the reader polls at its own pace meanwhile. A store's own appends need not wake its watches
+  (the appender knows what it appended).
 - **Claims.** :meth:`Store.claim` leases due records of a collection that has ``due`` and
   ``owner`` index columns (the hub outbox): those whose ``due`` (an ISO time as the store
   writes them, so that text order is time order) is at or before ``now``, oldest first, each
@@ -89,6 +96,7 @@ from datetime import UTC, datetime
 from .._enums import IdentityEnum
 from .._ids import uuid4_text
 from ..errors import ProvisioningError
+from ._watch import StreamWatch
 
 __all__ = [
     "Collection",
@@ -98,6 +106,7 @@ __all__ = [
     "Record",
     "Store",
     "Stream",
+    "StreamWatch",
     "Write",
     "WriteMode",
     "etags_match",
@@ -492,6 +501,12 @@ class Store(ABC):
     ) -> int:
         """Delete the entries created before ``before`` and, with ``keep``, all but the newest
         ``keep`` (of ``partition`` when given, else of the whole stream); return how many."""
+
+    def watch(self, stream: Stream) -> StreamWatch:
+        """A :class:`StreamWatch` on ``stream`` (see "Watches" in the module docstring): make it
+        before the first read it is to follow up, then read after the cursor each time
+        :meth:`StreamWatch.wait` returns; close it when done. This one is never live."""
+        return StreamWatch(stream)
 
     @abstractmethod
     async def entry_count(self, stream: Stream, *, partition: str | None = None) -> int:

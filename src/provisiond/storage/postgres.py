@@ -56,6 +56,10 @@ on a row this transaction has locked:
   psycopg its per-statement work whatever it carries: with 64 registrations in flight, a
   registration's three waits became a fraction of one.
 
+**Watches** (:meth:`PostgresStore.watch`) are LISTEN/NOTIFY on one more connection per store,
+outside the pool (:mod:`._pg_listen`): appends to the hub's signal stream notify in their
+transaction.
+
 Migrations run in :meth:`PostgresStore.open`, each in a transaction holding
 ``pg_advisory_xact_lock``, so nodes starting together apply each migration exactly once.
 Connections, the translation of driver exceptions (503 when the database is unreachable) and
@@ -76,11 +80,26 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from ..errors import ConflictError, NotFoundError, ProvisioningError, StorageError
-from . import _pg_atomic, _sql, _streams
+from . import _pg_atomic, _pg_listen, _sql, _streams
 from ._pg_connections import Connection as _Connection
 from ._pg_connections import PgConnections
+from ._pg_listen import NOTIFIED, PgListener
 from ._sql import Meta, ParamStyle
-from .base import Collection, Delete, Entry, Page, Record, Store, Stream, Write, WriteMode, new_etag, utc_now
+from ._watch import Watches
+from .base import (
+    Collection,
+    Delete,
+    Entry,
+    Page,
+    Record,
+    Store,
+    Stream,
+    StreamWatch,
+    Write,
+    WriteMode,
+    new_etag,
+    utc_now,
+)
 
 __all__ = ["PostgresStore"]
 
@@ -156,6 +175,10 @@ class PostgresStore(Store):
             retry_after=retry_after,
         )
         self._lifecycle = asyncio.Lock()
+        self._watches = Watches()
+        self._listener = PgListener(
+            self._connections.connect_outside, label=repr(self), watches=self._watches
+        )
         self._appends: _streams.GroupCommit[tuple[Stream, str, bytes], Entry] = _streams.GroupCommit(
             self._flush_appends
         )
@@ -181,6 +204,7 @@ class PostgresStore(Store):
             await self._connections.open(self._migrate)
 
     async def close(self) -> None:
+        await self._listener.close()
         await self._reads.close()
         await self._simple.close()
         await self._appends.close()
@@ -523,8 +547,15 @@ class PostgresStore(Store):
         entries: list[Entry] = []
         async with self._connections.connection() as conn, conn.transaction():
             # One lock per stream, in one order: seq values of a stream become visible in order.
-            for name in sorted({stream.value for stream, _, _ in items}):
-                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_stream_lock_id(name),))
+            # A watched stream notifies its listeners too, delivered at the commit (_pg_listen).
+            for stream in sorted({stream for stream, _, _ in items}, key=lambda stream: stream.value):
+                if stream in NOTIFIED:
+                    await conn.execute(
+                        "SELECT pg_advisory_xact_lock(%s), pg_notify(%s, %s)",
+                        (_stream_lock_id(stream.value), _pg_listen.channel(stream), self._listener.sender),
+                    )
+                else:
+                    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_stream_lock_id(stream.value),))
             for start in range(0, len(items), _INSERT_CHUNK):
                 chunk = items[start : start + _INSERT_CHUNK]
                 cursor = await conn.execute(
@@ -546,6 +577,16 @@ class PostgresStore(Store):
                     for (stream, partition, doc), seq in zip(chunk, seqs, strict=True)
                 ]
         return entries
+
+    def watch(self, stream: Stream) -> StreamWatch:
+        """Live while the store's listening connection is up, for the hub's signal stream
+        (:data:`._pg_listen.NOTIFIED`; any other stream's watch is never live). The first such
+        watch opens the listening connection (call it on an open store)."""
+        if stream not in NOTIFIED:
+            return super().watch(stream)
+        watch = self._watches.add(stream)
+        self._listener.start()
+        return watch
 
     async def read(
         self, stream: Stream, *, after: int = 0, partition: str | None = None, limit: int = 100
