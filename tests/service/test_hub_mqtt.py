@@ -11,6 +11,7 @@ import asyncio
 import json
 import socket
 import ssl
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -725,14 +726,21 @@ def test_one_connection_per_device_across_nodes(
 ) -> None:
     """Two ``provisiond serve`` on one database (a SQLite file; PostgreSQL, as several nodes
     run): the device's newer connection, on the other node, closes the older one; the identity
-    stays connected, and a method invoked from a third process reaches the device where it is
-    now."""
+    stays connected, and a method invoked from a third process, a method and a cloud-to-device
+    message sent through the first node's API reach the device where it is now.
+
+    On PostgreSQL every process reads the signal stream when a notification wakes it, and its
+    fallback poll is set to 30 s here: a signal read by the poll would fail the method calls
+    (nobody accepts them within the broker's 1 s) and time the client's waits out."""
+    fallback = 30.0
     if backend == "postgresql":
         db = str(request.getfixturevalue("postgres_db_url"))
+        options = ["--hub-signal-poll", str(fallback)]
     else:
         db = f"sqlite:///{tmp_path / 'a' / 'provisiond.db'}"
-    node_a = start_server(tmp_path / "a", "--db", db.removeprefix("sqlite:///"))
-    node_b = start_server(tmp_path / "b", "--db", db.removeprefix("sqlite:///"))
+        options = []
+    node_a = start_server(tmp_path / "a", "--db", db.removeprefix("sqlite:///"), *options)
+    node_b = start_server(tmp_path / "b", "--db", db.removeprefix("sqlite:///"), *options)
     made: list[HubPaho] = []
     try:
         with node_a.client() as admin:
@@ -747,7 +755,7 @@ def test_one_connection_per_device_across_nodes(
             store = open_store(db)
             await store.open()
             try:
-                broker = HubBroker(store)
+                broker = HubBroker(store, fallback_interval=fallback)
                 await broker.start()
                 try:
                     answering = asyncio.ensure_future(asyncio.to_thread(answer))
@@ -770,6 +778,19 @@ def test_one_connection_per_device_across_nodes(
         result, connected = asyncio.run(invoke())
         assert (result.status, result.payload) == (200, "node b")
         assert connected, "the replaced connection does not mark the identity disconnected"
+
+        # Through node A's API (real sockets end to end): a method, then a message.
+        with node_a.client() as admin:
+            answering = threading.Thread(target=answer)
+            answering.start()
+            called = admin.hub_messages.invoke_method(device.hub, device.device_id, "where", response_timeout=10)
+            answering.join()
+            assert (called.status, called.payload) == (200, "node b")
+            assert second.subscribe(f"devices/{device.device_id}/messages/devicebound/#") == (1,)
+            admin.hub_messages.send_c2d(device.hub, device.device_id, b"to node b")
+            topic, _, payload, _ = second.message()
+            assert topic.startswith(f"devices/{device.device_id}/messages/devicebound/")
+            assert payload == b"to node b"
     finally:
         for client in made:
             client.close()
