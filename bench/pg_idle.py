@@ -26,8 +26,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Server, machine_summary, start_server, terminate_on_signals  # noqa: E402
-from _pg import PostgresCluster, find_bindir  # noqa: E402
+from _common import Server, machine_summary, start_server, terminate_on_signals
+from _pg import PostgresCluster, find_bindir
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 #: The bench's own statements (``PostgresCluster.snapshot`` and ``stats``), not counted.
@@ -98,7 +98,9 @@ def report(before: dict[str, Any], after: dict[str, Any], processes: int) -> lis
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=10.0)
