@@ -783,7 +783,9 @@ def test_one_connection_per_device_across_nodes(
         with node_a.client() as admin:
             answering = threading.Thread(target=answer)
             answering.start()
-            called = admin.hub_messages.invoke_method(device.hub, device.device_id, "where", response_timeout=10)
+            called = admin.hub_messages.invoke_method(
+                device.hub, device.device_id, "where", response_timeout=10
+            )
             answering.join()
             assert (called.status, called.payload) == (200, "node b")
             assert second.subscribe(f"devices/{device.device_id}/messages/devicebound/#") == (1,)
