@@ -58,7 +58,8 @@ class PoolSize:
     """The bounds of a PostgreSQL store's connection pool, in one worker process
     (``--db-pool-size``). The pool keeps ``min`` connections open and opens more, up to
     ``max``, while calls wait for one (closing those idle for 10 minutes). Every worker of every
-    node has its own pool: together their ``max`` must stay within the server's
+    node has its own pool, and one listening connection besides (the hub broker's
+    :meth:`Store.watch`): together their ``max + 1`` must stay within the server's
     ``max_connections`` (100 by default, 3 of them reserved for superusers).
 
     The default, 1 to 16: with 64 registrations in flight a worker's reads and commits go in
