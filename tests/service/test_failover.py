@@ -5,7 +5,8 @@ symmetric key); the primary's postmaster is killed (SIGKILL) and the standby pro
 While the database is gone, requests fail fast with DPS's retryable 503 + Retry-After over
 HTTPS, MQTT and AMQP (never a hang: every client call has a timeout, and one that runs out
 fails the test), ``/readyz`` says not ready while ``/healthz`` stays up; afterwards the node serves registrations and service
-reads again by itself, and every registration it answered ``assigned`` is on the new primary.
+reads again by itself (its hub broker listening for notifications there too), and every
+registration it answered ``assigned`` is on the new primary.
 """
 
 from __future__ import annotations
@@ -219,6 +220,16 @@ def test_a_node_rides_through_a_postgres_failover(
         )
         with server.client() as admin:
             assert admin.get("/enrollmentGroups/failover")["enrollmentGroupId"] == "failover"
+
+        # The hub broker's listening connection (LISTEN, outside the pool) follows it too.
+        def listening_on_the_new_primary() -> bool:
+            with psycopg.connect(pair.standby.url, autocommit=True) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN %'"
+                ).fetchone()
+            return row is not None and row[0] == 1
+
+        wait_for(listening_on_the_new_primary, "the listening connection on the new primary")
         devices.stop()
     finally:
         probe.stopping.set()

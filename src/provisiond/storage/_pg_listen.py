@@ -49,7 +49,7 @@ NOTIFIED = frozenset({Stream.HUB_SIGNALS})
 #: Seconds before the first reconnection of a lost listening connection; doubled each failure.
 RETRY_FIRST = 0.5
 #: The most seconds between two reconnection attempts.
-RETRY_MAX = 15.0
+RETRY_MAX = 5.0
 
 
 def channel(stream: Stream) -> str:
