@@ -10,8 +10,9 @@ the MQTT endpoint attaches a session after its CONNECT is authenticated and deta
 it closes), and reaches the others through a **signal stream** (``Stream.HUB_SIGNALS``):
 every process appends what another process must act on and reads the stream for what concerns
 its own sessions: when woken (a :class:`~provisiond.storage.StreamWatch`: on PostgreSQL,
-LISTEN/NOTIFY wakes every process once the append is committed), at most every
-:data:`POLL_INTERVAL` seconds, and every ``fallback_interval`` seconds without a wake (a safety
+LISTEN/NOTIFY wakes every process once the append is committed), at most once per
+:data:`POLL_INTERVAL` over time (a few reads back to back, then one per interval through a burst
+of signals), and every ``fallback_interval`` seconds without a wake (a safety
 net for a lost notification). On SQLite, and on PostgreSQL while the listening connection is
 lost, the watch is not live and the broker polls every :data:`POLL_INTERVAL` seconds.
 
@@ -86,8 +87,8 @@ __all__ = [
 log = logging.getLogger("provisiond.hub")
 
 #: Seconds between two reads of the signal stream: the poll when the store cannot wake the
-#: broker (SQLite; PostgreSQL's listening connection lost), the shortest gap between two reads
-#: when it can (a burst of signals is read in batches, not once per signal).
+#: broker (SQLite; PostgreSQL's listening connection lost); when it can, the broker reads at
+#: most this often over time (a burst of signals is read in batches, not once per signal).
 POLL_INTERVAL = 0.02
 #: Seconds between two reads of the signal stream when the store can wake the broker and did
 #: not (``serve --hub-signal-poll``).
@@ -99,6 +100,10 @@ ACCEPT_WINDOW = 1.0
 SIGNAL_TTL = 60.0
 _TRIM_EVERY = 15.0
 _READ_BATCH = 500
+#: Reads of the signal stream the broker may make back to back when woken (a method call from
+#: another process takes two or three: the request, the holder's ``accepted``, the answer)
+#: before it falls back to one per :data:`POLL_INTERVAL`.
+_READ_BURST = 4
 #: IoT Hub's limit on a direct method's request and response payloads (bytes of JSON).
 MAX_METHOD_PAYLOAD = 128 * 1024
 _NODE_PREFIX = "node:"
@@ -237,7 +242,8 @@ class HubBroker:
 
     :param clock: Unix seconds (connect deadlines travel between processes as Unix times).
     :param poll_interval: seconds between two reads of the signal stream when the store cannot
-        wake the broker, and the shortest gap between two reads when it can.
+        wake the broker; when it can, the broker reads at most that often over time (after a
+        few reads at once).
     :param fallback_interval: seconds between two reads when the store can wake the broker and
         did not.
     """
@@ -542,8 +548,8 @@ class HubBroker:
 
     async def _poll(self, watch: StreamWatch) -> None:
         last_trim = 0.0
+        credit, credited = float(_READ_BURST), time.monotonic()
         while True:
-            read_at = time.monotonic()
             try:
                 while True:
                     entries = await self._store.read(
@@ -566,10 +572,14 @@ class HubBroker:
                 continue
             raise_if_cancelling()
             await watch.wait(self._fallback_interval if watch.live else self._poll_interval)
-            # Woken at once, but not more often than a poll would read (a burst: one read).
-            gap = read_at + self._poll_interval - time.monotonic()
-            if gap > 0:
-                await asyncio.sleep(gap)
+            # Read at once when woken, but through a burst of signals no more often than the
+            # poll would: up to _READ_BURST reads back to back, then one per poll interval.
+            now = time.monotonic()
+            credit, credited = min(_READ_BURST, credit + (now - credited) / self._poll_interval), now
+            if credit < 1:
+                await asyncio.sleep((1 - credit) * self._poll_interval)
+                credit, credited = 1.0, time.monotonic()
+            credit -= 1
 
     def _expire_relayed(self) -> None:
         now = self._clock()
