@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import msgspec
+import psycopg
 import pytest
 
 from provisiond import pki
@@ -731,7 +732,8 @@ def test_one_connection_per_device_across_nodes(
 
     On PostgreSQL every process reads the signal stream when a notification wakes it, and its
     fallback poll is set to 30 s here: a signal read by the poll would fail the method calls
-    (nobody accepts them within the broker's 1 s) and time the client's waits out."""
+    (nobody accepts them within the broker's 1 s) and time the client's waits out. The nodes'
+    listening connections are terminated half-way: they come back, and wake the nodes again."""
     fallback = 30.0
     if backend == "postgresql":
         db = str(request.getfixturevalue("postgres_db_url"))
@@ -778,6 +780,18 @@ def test_one_connection_per_device_across_nodes(
         result, connected = asyncio.run(invoke())
         assert (result.status, result.payload) == (200, "node b")
         assert connected, "the replaced connection does not mark the identity disconnected"
+
+        if backend == "postgresql":
+            # Both nodes lose their listening connections: they reconnect by themselves (and
+            # read what came meanwhile), and notifications wake them again.
+            with psycopg.connect(db, autocommit=True) as conn:
+                ended = conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND query LIKE 'LISTEN %'"
+                ).fetchall()
+            assert ended == [(True,), (True,)], "one listening connection per node"
+            for node in (node_a, node_b):
+                node.wait_for_log("listening for notifications again")
 
         # Through node A's API (real sockets end to end): a method, then a message.
         with node_a.client() as admin:
