@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import psycopg
 import pytest
 
 from tests._postgres import connections_to, wait_for_no_connections
@@ -96,10 +98,27 @@ def test_a_bad_pool_size_is_refused_at_start(tmp_path: Path, given: str, env: bo
 
 
 @pytest.mark.postgres
+def listening(admin_url: str, dbname: str, expected: int, timeout: float = 10.0) -> int:
+    """How many sessions to ``dbname`` have run ``LISTEN``, once there are ``expected`` (or at
+    the deadline)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND query LIKE 'LISTEN %%'",
+                (dbname,),
+            ).fetchone()
+        count = int(row[0]) if row is not None else 0
+        if count == expected or time.monotonic() > deadline:
+            return count
+        time.sleep(0.05)
+
+
 def test_the_pool_size_reaches_every_workers_pool(postgres_db_url: str, tmp_path: Path) -> None:
     """Each worker's pool keeps at least the MIN of ``--db-pool-size`` open and at most its MAX
     (so the setting reached it, through the settings the workers are given); the default keeps
-    one to 16 each. Startup's concurrent statements may grow a pool above its MIN."""
+    one to 16 each. Startup's concurrent statements may grow a pool above its MIN. Each worker
+    holds one listening connection besides."""
     url = urlsplit(postgres_db_url)
     admin, dbname = url._replace(path="/postgres").geturl(), url.path.lstrip("/")
     for n, (extra, env, low, high) in enumerate(
@@ -115,6 +134,9 @@ def test_the_pool_size_reaches_every_workers_pool(postgres_db_url: str, tmp_path
         )
         try:
             server.wait_for_log("provisiond is running.")  # every worker has opened its pool
-            assert low <= connections_to(admin, dbname) <= high, (extra, env)
+            # ... and one listening connection each, outside the pool (the hub broker's LISTEN),
+            # which its worker opens in the background.
+            assert listening(admin, dbname, 2) == 2
+            assert low + 2 <= connections_to(admin, dbname) <= high + 2, (extra, env)
         finally:
             server.stop()
