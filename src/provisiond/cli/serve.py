@@ -656,7 +656,7 @@ def _run(settings: Settings) -> None:
 @click.option(
     "--hub-signal-poll",
     type=click.FloatRange(min=0, min_open=True),
-    default=1.0,
+    default=0.25,
     show_default=True,
     show_envvar=True,
     envvar="PROVISIOND_HUB_SIGNAL_POLL",

@@ -92,7 +92,10 @@ log = logging.getLogger("provisiond.hub")
 POLL_INTERVAL = 0.02
 #: Seconds between two reads of the signal stream when the store can wake the broker and did
 #: not (``serve --hub-signal-poll``).
-FALLBACK_INTERVAL = 1.0
+#: A quarter of :data:`ACCEPT_WINDOW`: should a listening connection die silently (no FIN; TCP
+#: keepalives notice within about 25 s), the holder of a device still reads a method request
+#: and says it holds the device within the window.
+FALLBACK_INTERVAL = 0.25
 #: Seconds a process that invoked a method for a device it does not hold waits for another
 #: process to say it holds it (the device is not online otherwise).
 ACCEPT_WINDOW = 1.0

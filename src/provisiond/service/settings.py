@@ -89,7 +89,7 @@ class Settings:
     hub_activity_interval: float = 30.0
     #: Built-in hubs on PostgreSQL: seconds between two reads of the broker's signal stream when
     #: no notification woke it (service/hub_broker.py).
-    hub_signal_poll: float = 1.0
+    hub_signal_poll: float = 0.25
     #: Deadlines and caps of every connection (flags ``--tls-handshake-timeout`` and the like).
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     #: Custom allocation: seconds a webhook may take to answer, and an extra CA file (PEM) its
