@@ -18,9 +18,10 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route, Router
+from starlette.types import Receive, Scope, Send
 
 from provisiond.service.app import create_app
-from provisiond.service.http import ShapedRouter, route_table
+from provisiond.service.http import DirectRoutes, ShapedRouter, route_table
 from provisiond.service.settings import Settings
 
 _PARAM = re.compile(r"\{[^}]+\}")
@@ -28,7 +29,7 @@ _PARAM = re.compile(r"\{[^}]+\}")
 
 def _echo(route: Route) -> Route:
     async def endpoint(request: Request) -> Response:
-        return PlainTextResponse(f"{route.path} {sorted(route.methods or ())}")
+        return PlainTextResponse(f"{route.path} {sorted(route.methods or ())} {request.path_params}")
 
     return Route(route.path, endpoint, methods=list(route.methods or ()))
 
@@ -76,6 +77,70 @@ async def test_the_shaped_router_answers_as_starlettes(tmp_path: Path) -> None:
             assert (actual.status_code, actual.text) == (expected.status_code, expected.text), (method, path)
             seen.add(expected.status_code)
     assert {200, 404, 405} <= seen
+
+
+async def test_direct_routes_answer_as_the_router(tmp_path: Path) -> None:
+    """``DirectRoutes`` in front of the router: every request gets the router's answer (HEAD,
+    405, 404, case and trailing slashes, a scope that is another API's first segment), and the
+    device routes' requests are answered without reaching the router."""
+    real = _real_routes(tmp_path)
+
+    def table() -> list[BaseRoute]:
+        return route_table([_echo(r) for r in real if isinstance(r, Route)])
+
+    routed: list[str] = []
+    inner = _app(ShapedRouter(table()))
+
+    async def counted(scope: Scope, receive: Receive, send: Send) -> None:
+        routed.append(scope["path"])
+        await inner(scope, receive, send)
+
+    plain = _app(Router(table()))
+    direct = DirectRoutes(counted, routes=table())
+    requests = _requests(real) + [(method, path) for method, path in _requests(real) if method == "GET"]
+    requests += [("HEAD", path) for _, path in requests]
+    literal = {
+        r.path.split("/")[1].lower() for r in real if isinstance(r, Route) and not r.path.startswith("/{")
+    }
+    taken = 0
+    async with (
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=plain), base_url="https://h") as a,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=direct), base_url="https://h") as b,
+    ):
+        for method, path in requests:
+            expected = await a.request(method, path)
+            before = len(routed)
+            actual = await b.request(method, path)
+            assert (actual.status_code, actual.text) == (expected.status_code, expected.text), (method, path)
+            device = (
+                expected.status_code == 200
+                and expected.text.startswith("/{scope}/")
+                and method != "HEAD"
+                and path.split("/")[1].lower() not in literal
+            )
+            assert (len(routed) == before) == device, (method, path)
+            taken += device
+    assert taken >= 20  # the device routes' requests, in every case and with the slashes
+
+
+def test_direct_routes_step_aside_for_routes_they_cannot_call() -> None:
+    """A parameter route the router must call itself (an ASGI app, route middleware, a body
+    limit, a sync endpoint) turns ``DirectRoutes`` off: every request goes to the app."""
+
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("x")
+
+    def sync_endpoint(request: Request) -> Response:
+        return PlainTextResponse("x")
+
+    for route in (
+        Route("/{a}/b", PlainTextResponse("x")),
+        Route("/{a}/b", endpoint, max_body_size=10),
+        Route("/{a}/b", sync_endpoint),
+    ):
+        direct = DirectRoutes(_app(Router([])), routes=[Route("/{a}/c", endpoint), route])
+        assert direct._direct == ()  # what the middleware decided
+    assert len(DirectRoutes(_app(Router([])), routes=[Route("/{a}/c", endpoint)])._direct) == 1
 
 
 def test_the_plain_api_version_is_starlettes() -> None:

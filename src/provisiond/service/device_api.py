@@ -22,38 +22,36 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..errors import ProvisioningError
-from .context import context_of
 from .gateway import HTTPS, Answer, Credential, DeviceCall, DeviceGateway, Operation
-from .http import error_headers, handle_errors, json_response, require_api_version, shown_path
+from .http import error_headers, handle_errors, json_response, read_body, require_api_version, shown_path
 
 __all__ = ["routes"]
 
 
-def _gateway(request: Request) -> DeviceGateway:
-    gateway: DeviceGateway = request.app.state.gateway
-    return gateway
-
-
-async def _serve(request: Request, operation: Operation) -> Response:
-    gateway = _gateway(request)
+async def _serve(gateway: DeviceGateway, request: Request, operation: Operation) -> Response:
     describe = f"{request.method} {shown_path(request)}"
     try:
         require_api_version(request)
-        payload = b"" if operation is Operation.OPERATION_STATUS else await context_of(request).body(request)
+        payload = (
+            b""
+            if operation is Operation.OPERATION_STATUS
+            else await read_body(request, gateway.max_body_bytes)
+        )
     except ProvisioningError as exc:
         return _response(gateway.refuse(exc, HTTPS, describe))
     tls = request.scope.get("extensions", {}).get("tls", {})
+    params = request.path_params
     call = DeviceCall(
         credential=Credential(
-            id_scope=request.path_params["scope"],
-            registration_id=request.path_params["id"],
+            id_scope=params["scope"],
+            registration_id=params["id"],
             authorization=request.headers.get("authorization"),
             client_chain=tls.get("client_cert_chain", ()),
         ),
         operation=operation,
         transport=HTTPS,
         payload=payload,
-        operation_id=request.path_params.get("operation"),
+        operation_id=params.get("operation"),
         peer=request.client.host if request.client else None,
         describe=describe,
     )
@@ -68,22 +66,22 @@ def _response(answer: Answer) -> Response:
     return json_response(answer.body, answer.status, headers)
 
 
-@handle_errors
-async def register(request: Request) -> Response:
-    return await _serve(request, Operation.REGISTER)
+def routes(gateway: DeviceGateway) -> list[Route]:
+    """The device API's routes, answered by ``gateway`` (bound here: no lookup in the app's
+    state per request)."""
 
+    @handle_errors
+    async def register(request: Request) -> Response:
+        return await _serve(gateway, request, Operation.REGISTER)
 
-@handle_errors
-async def operation_status(request: Request) -> Response:
-    return await _serve(request, Operation.OPERATION_STATUS)
+    @handle_errors
+    async def operation_status(request: Request) -> Response:
+        return await _serve(gateway, request, Operation.OPERATION_STATUS)
 
+    @handle_errors
+    async def status_lookup(request: Request) -> Response:
+        return await _serve(gateway, request, Operation.STATUS_LOOKUP)
 
-@handle_errors
-async def status_lookup(request: Request) -> Response:
-    return await _serve(request, Operation.STATUS_LOOKUP)
-
-
-def routes() -> list[Route]:
     return [
         Route("/{scope}/registrations/{id}/register", register, methods=["PUT"]),
         Route("/{scope}/registrations/{id}/operations/{operation}", operation_status, methods=["GET"]),
