@@ -15,23 +15,32 @@ from pathlib import Path
 
 import httpx
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route, Router
 from starlette.types import Receive, Scope, Send
 
 from provisiond.service.app import create_app
-from provisiond.service.http import DirectRoutes, ShapedRouter, route_table
+from provisiond.service.http import AsgiEndpoint, DirectRoutes, ShapedRouter, UnknownPaths, route_table
 from provisiond.service.settings import Settings
 
 _PARAM = re.compile(r"\{[^}]+\}")
 
 
-def _echo(route: Route) -> Route:
-    async def endpoint(request: Request) -> Response:
-        return PlainTextResponse(f"{route.path} {sorted(route.methods or ())} {request.path_params}")
+class _Echo(AsgiEndpoint):
+    """Answers with its route's path and methods, and the path parameters it was given."""
 
-    return Route(route.path, endpoint, methods=list(route.methods or ()))
+    def __init__(self, route: Route) -> None:
+        self.route = route
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        text = f"{self.route.path} {sorted(self.route.methods or ())} {scope.get('path_params')}"
+        await PlainTextResponse(text)(scope, receive, send)
+
+
+def _echo(route: Route) -> Route:
+    return Route(route.path, _Echo(route), methods=list(route.methods or ()))
 
 
 def _real_routes(tmp_path: Path) -> list[BaseRoute]:
@@ -124,23 +133,30 @@ async def test_direct_routes_answer_as_the_router(tmp_path: Path) -> None:
 
 
 def test_direct_routes_step_aside_for_routes_they_cannot_call() -> None:
-    """A parameter route the router must call itself (an ASGI app, route middleware, a body
-    limit, a sync endpoint) turns ``DirectRoutes`` off: every request goes to the app."""
+    """A parameter route the router must call itself (a function endpoint, which relies on the
+    app's exception handling; route middleware; a body limit) turns ``DirectRoutes`` off: every
+    request goes to the app."""
+    echo = _Echo(Route("/{a}/c", PlainTextResponse("x")))
 
     async def endpoint(request: Request) -> Response:
         return PlainTextResponse("x")
 
-    def sync_endpoint(request: Request) -> Response:
-        return PlainTextResponse("x")
-
     for route in (
-        Route("/{a}/b", PlainTextResponse("x")),
-        Route("/{a}/b", endpoint, max_body_size=10),
-        Route("/{a}/b", sync_endpoint),
+        Route("/{a}/b", endpoint, methods=["GET"]),
+        Route("/{a}/b", echo, methods=["GET"], max_body_size=10),
+        Route(
+            "/{a}/b",
+            echo,
+            methods=["GET"],
+            middleware=[Middleware(UnknownPaths, routes=[], not_found=endpoint)],
+        ),
+        Route("/{a}/b", PlainTextResponse("x"), methods=["GET"]),
+        Route("/{a}/b", echo),  # no methods: any
     ):
-        direct = DirectRoutes(_app(Router([])), routes=[Route("/{a}/c", endpoint), route])
+        direct = DirectRoutes(_app(Router([])), routes=[Route("/{a}/c", echo, methods=["GET"]), route])
         assert direct._direct == ()  # what the middleware decided
-    assert len(DirectRoutes(_app(Router([])), routes=[Route("/{a}/c", endpoint)])._direct) == 1
+    both = [Route("/{a}/c", echo, methods=["GET"]), Route("/{a}/b", echo, methods=["PUT"])]
+    assert len(DirectRoutes(_app(Router([])), routes=both)._direct) == 2
 
 
 def test_the_plain_api_version_is_starlettes() -> None:
