@@ -42,3 +42,16 @@ def test_malformed_tokens_are_refused_with_the_reason() -> None:
         parse_sas_token("SharedAccessSignature sr=" + "a" * 5000 + "&sig=b&se=1")
     with pytest.raises(AuthenticationError, match="not a SharedAccessSignature"):
         parse_sas_token("Bearer abc")
+
+
+def test_derived_device_keys_are_the_hmac_of_the_registration_id() -> None:
+    """Each derivation is HMAC-SHA256(base64decode(group key), registration id), also when the
+    group's keyed HMAC is reused for the next device (a copy: the first device's bytes must not
+    leak into the second's key)."""
+    import base64
+    import hmac
+
+    group = "MpSOpkdWeJ/XVXo7PtbUhyii2HsmLtZyRsR8Hz/3gPM="
+    for reg in ("dev-1", "dev-2", "dev-1", "déjà-vu"):
+        expected = hmac.digest(base64.b64decode(group), reg.encode("utf-8"), "sha256")
+        assert derive_device_key(group, reg) == base64.b64encode(expected).decode("ascii")

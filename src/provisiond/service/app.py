@@ -28,6 +28,7 @@ from .enrollments import generate_key
 from .front import running_front
 from .gateway import AMQP_WS, MQTT_WS, DeviceGateway
 from .http import (
+    DirectRoutes,
     ShapedRouter,
     UnknownPaths,
     error_answer,
@@ -184,7 +185,7 @@ def create_app(
                 *api.routes(),
                 *admin.routes(),
                 *hub_ops.routes(),
-                *device_api.routes(),
+                *device_api.routes(gateway),
                 *hub_api.routes(extra=hub_ops.hub_api_routes()),
                 WebSocketRoute("/", websockets),
                 WebSocketRoute("/$iothub/websocket", websockets),
@@ -199,6 +200,8 @@ def create_app(
     )
     # An unknown path is answered 404 without the router (the 404 of _not_found).
     app.add_middleware(UnknownPaths, routes=app.routes, not_found=_not_found)
+    # The device API's requests go to their endpoints without the router's layers.
+    app.add_middleware(DirectRoutes, routes=app.routes)
     app.state.ctx = ctx
     app.state.registrar = registrar
     app.state.gateway = gateway

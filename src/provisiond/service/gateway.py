@@ -214,10 +214,7 @@ class DeviceGateway:
         except Exception:
             tid = str(uuid.uuid4())
             call.transport.log.exception("%s -> 500: internal error [trackingId=%s]", call.describe, tid)
-            return self._error(
-                ProvisioningError(f"Internal error; the service log has the details under trackingId {tid}."),
-                tid,
-            )
+            return self.internal_error(tid)
 
     def _request(self, call: DeviceCall) -> DeviceRequest:
         credential = call.credential
@@ -299,6 +296,13 @@ class DeviceGateway:
             tid,
         )
         return self._error(exc, tid)
+
+    def internal_error(self, tid: str) -> Answer:
+        """The answer to a request that failed on a bug of ours (logged by the caller, with its
+        traceback, under ``tid``)."""
+        return self._error(
+            ProvisioningError(f"Internal error; the service log has the details under trackingId {tid}."), tid
+        )
 
     @staticmethod
     def _error(exc: ProvisioningError, tid: str) -> Answer:

@@ -6,6 +6,7 @@ with too, through the device gateway (:mod:`provisiond.service.gateway`)."""
 
 from __future__ import annotations
 
+import abc
 import logging
 import re
 import uuid
@@ -14,7 +15,8 @@ from typing import Any, TypeVar
 
 import msgspec
 from starlette._utils import get_route_path  # what Starlette's router matches against
-from starlette.requests import ClientDisconnect, Request
+from starlette.datastructures import QueryParams
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, Router, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -26,9 +28,12 @@ from ..storage import utc_now
 
 __all__ = [
     "ApiHandler",
+    "AsgiEndpoint",
+    "DirectRoutes",
     "ErrorRenderer",
     "ShapedRouter",
     "UnknownPaths",
+    "api_version_of",
     "decode_body",
     "error_answer",
     "error_headers",
@@ -36,7 +41,9 @@ __all__ = [
     "handle_errors",
     "json_response",
     "lean_log_records",
+    "path_shown",
     "read_body",
+    "receive_body",
     "require_api_version",
     "retry_after_of",
     "route_table",
@@ -96,7 +103,12 @@ def error_headers(error_code: int, retry_after: int | None) -> dict[str, str]:
 def shown_path(request: Request) -> str:
     """The path as the client sent it, for a log line: still percent-encoded (so that no byte
     the client chose can break the line), without the query string, cut at 300 characters."""
-    raw = request.scope.get("raw_path") or request.url.path.encode("utf-8")
+    return path_shown(request.scope)
+
+
+def path_shown(scope: Scope) -> str:
+    """:func:`shown_path` of an HTTP scope."""
+    raw = scope.get("raw_path") or scope["path"].encode("utf-8")
     text = bytes(raw).partition(b"?")[0].decode("ascii", "backslashreplace")
     if not text.isprintable():
         text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
@@ -168,9 +180,15 @@ def require_api_version(request: Request) -> str:
 
     :raises MissingApiVersionError: absent or not such a date.
     """
-    version = _plain_api_version(request.scope.get("query_string", b""))
+    return api_version_of(request.scope)
+
+
+def api_version_of(scope: Scope) -> str:
+    """:func:`require_api_version` of an HTTP scope."""
+    query: bytes = scope.get("query_string", b"")
+    version = _plain_api_version(query)
     if version is None:
-        version = request.query_params.get("api-version")
+        version = QueryParams(query).get("api-version")
     if not version:
         raise MissingApiVersionError("The api-version query parameter is required (for example 2021-10-01).")
     match = _API_VERSION.match(version)
@@ -185,7 +203,8 @@ def _plain_api_version(query: bytes) -> str | None:
     """The query's last ``api-version`` when no parameter needs decoding (what every SDK
     sends: ``api-version=2021-10-01``), without building Starlette's parsed query (about
     10 µs of every device request); ``None`` otherwise, and the caller parses the query."""
-    if b"%" in query or b"+" in query:
+    # find, not `in`: bytes' `in` tries its operand as an int first (a TypeError made and dropped)
+    if query.find(b"%") >= 0 or query.find(b"+") >= 0:
         return None
     version = None
     for part in query.split(b"&"):
@@ -201,7 +220,12 @@ async def read_body(request: Request, limit: int) -> bytes:
     :raises BodyTooLargeError: the body is larger than ``limit``.
     :raises InvalidBodyError: the connection closed before the body's end.
     """
-    declared = request.headers.get("content-length")
+    return await receive_body(request.headers.get("content-length"), request.receive, limit)
+
+
+async def receive_body(declared: str | None, receive: Receive, limit: int) -> bytes:
+    """:func:`read_body` from an ASGI ``receive``, given the Content-Length header (or
+    ``None``); the body must not have been read yet."""
     if declared is not None:
         try:
             if int(declared) > limit:
@@ -212,18 +236,21 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise InvalidBodyError("The Content-Length header is not a number.") from None
     chunks: list[bytes] = []
     size = 0
-    try:
-        async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.request":
+            chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 raise BodyTooLargeError(f"The request body exceeds the {limit}-byte limit.")
             chunks.append(chunk)
-    except ClientDisconnect:  # the device left, or its connection was closed (too slow)
-        raise InvalidBodyError(
-            f"The client closed the connection after {size} bytes of its body"
-            + (f" (of {declared} announced)." if declared is not None else ".")
-        ) from None
-    return b"".join(chunks)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        elif message["type"] == "http.disconnect":  # the device left, or its connection was closed (too slow)
+            raise InvalidBodyError(
+                f"The client closed the connection after {size} bytes of its body"
+                + (f" (of {declared} announced)." if declared is not None else ".")
+            )
 
 
 def decode_body(body: bytes, type_: type[T], what: str) -> T:
@@ -338,4 +365,66 @@ class UnknownPaths:
                 response = await self._not_found(Request(scope, receive))
                 await response(scope, receive, send)
                 return
+        await self.app(scope, receive, send)
+
+
+class AsgiEndpoint(abc.ABC):
+    """A route's endpoint that is an ASGI app answering every request itself, errors included
+    (it raises nothing: no exception handler of the app is needed), so that
+    :class:`DirectRoutes` may call it without the app's layers."""
+
+    @abc.abstractmethod
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None: ...
+
+
+class DirectRoutes:
+    """ASGI middleware: the routes whose path starts with a parameter (the device API's
+    ``/{idScope}/registrations/...``) called directly, without the layers between the app's
+    entry and a route's endpoint: the exception middleware, the router and
+    :class:`UnknownPaths`' expression. About a dozen coroutine frames and two
+    regular-expression passes per request, on the path every device registration over HTTPS
+    takes.
+
+    It answers what the router would answer, and nothing else: a request is taken here only
+    when its first path segment is not the literal first segment of any route (the router
+    would then try the parameter routes only, :class:`ShapedRouter`) and one of those routes
+    matches it fully, path and method. ``HEAD`` (answered by a ``GET`` route), a ``405``, a
+    ``404`` and requests under a ``root_path`` go on to the app. Every parameter route must be
+    a plain :class:`~starlette.routing.Route` whose endpoint is an :class:`AsgiEndpoint` (no
+    route middleware, no body limit); any other turns this off."""
+
+    def __init__(self, app: ASGIApp, *, routes: Sequence[BaseRoute]) -> None:
+        self.app = app
+        literal: set[str] = set()
+        direct: list[tuple[re.Pattern[str], frozenset[str], AsgiEndpoint]] = []
+        for route in routes:
+            first = _first_segment(route)
+            if first is not None:
+                literal.add(first)
+            elif (
+                isinstance(route, Route)
+                and route.methods
+                and isinstance(route.endpoint, AsgiEndpoint)
+                and route.app is route.endpoint
+            ):
+                direct.append((route.path_regex, frozenset(route.methods - {"HEAD"}), route.endpoint))
+            else:
+                direct = []
+                break
+        self._literal = frozenset(literal)
+        self._direct = tuple(direct)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self._direct and not scope.get("root_path"):
+            path = scope["path"]
+            method = scope["method"]
+            if path[1:].partition("/")[0].lower() not in self._literal:
+                for regex, methods, endpoint in self._direct:
+                    match = regex.match(path)
+                    if match is not None and method in methods:
+                        scope["path_params"] = match.groupdict()
+                        scope["endpoint"] = endpoint
+                        await endpoint(scope, receive, send)
+                        return
+                # no route, or the router's 405 (HEAD: a GET route's)
         await self.app(scope, receive, send)

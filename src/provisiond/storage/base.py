@@ -170,20 +170,22 @@ class Collection(IdentityEnum):
     # What the hub writers share per hub (hub/pacing.py): the write budget's pace and the figures.
     HUB_WRITERS = _CollectionSpec("hub_writers", "hub writer state", True, ("hub",))
 
-    @property
-    def table(self) -> str:
-        return self.value.table
+    # The spec's fields as the member's own attributes, set once: ``member.value.table`` is two
+    # Python calls per read (enum's ``value`` is a descriptor), and a registration reads them
+    # about twenty times.
+    table: str
+    label: str
+    index_columns: tuple[str, ...]
+    _case_insensitive: bool
 
-    @property
-    def label(self) -> str:
-        return self.value.label
-
-    @property
-    def index_columns(self) -> tuple[str, ...]:
-        return self.value.index_columns
+    def __init__(self, spec: _CollectionSpec) -> None:
+        self.table = spec.table
+        self.label = spec.label
+        self.index_columns = spec.index_columns
+        self._case_insensitive = spec.case_insensitive
 
     def key(self, id: str) -> str:
-        return id.lower() if self.value.case_insensitive else id
+        return id.lower() if self._case_insensitive else id
 
 
 class Stream(enum.Enum):
