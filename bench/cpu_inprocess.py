@@ -1,9 +1,10 @@
 """CPU per registration without TLS or sockets: the steadier half of ``bench/cpu.py``.
 
 The app of ``create_app`` over a fresh SQLite store, called as ASGI in this process (no uvicorn,
-no TLS): a group-derived device's ``PUT .../register`` against ``GET /nothing`` (404), and the
-registrar alone (``Registrar.register``, no HTTP), then the same devices again (a
-re-registration: the record's and the identity's updates). Each device registers once per
+no TLS): a group-derived device's ``PUT .../register`` against ``GET /nothing`` (404), the
+device gateway (``DeviceGateway.answer``: what every transport hands over, no HTTP), and the
+registrar alone (``Registrar.register``), then the same devices again (a re-registration: the
+record's and the identity's updates). Each phase registers devices of its own. Each device registers once per
 phase, ``--concurrency`` at a time; CPU is this process's (``time.process_time``: the event loop and the store's
 threads). What it leaves out (the TLS front, uvicorn) is what ``bench/cpu.py`` adds.
 
@@ -33,6 +34,7 @@ from typing import Any
 
 from provisiond.protocol.messages import DeviceRegistration
 from provisiond.protocol.sas import build_sas_token, derive_device_key
+from provisiond.service.gateway import HTTPS, Credential, DeviceCall, Operation
 from provisiond.service.registrar import DeviceRequest, Registrar
 from provisiond.storage.base import Store
 from provisiond.storage.sqlite import SqliteStore
@@ -201,6 +203,24 @@ async def _run(args: argparse.Namespace, tmp: Path, store: Store) -> None:
     async def register(request: DeviceRequest) -> None:
         await registrar.register(request)
 
+    gateway = app.state.gateway
+    gateway_calls = [
+        DeviceCall(
+            credential=Credential(id_scope=scope, registration_id=reg, authorization=token(reg)),
+            operation=Operation.REGISTER,
+            transport=HTTPS,
+            payload=json.dumps({"registrationId": reg}).encode(),
+            peer="127.0.0.1",
+            describe=f"PUT /{scope}/registrations/{reg}/register",
+        )
+        for reg in (f"g-{i:07d}" for i in range(args.devices))
+    ]
+
+    async def answer(call: DeviceCall) -> None:
+        status = (await gateway.answer(call)).status
+        if status != 202:
+            raise RuntimeError(f"the gateway answered {status}, not 202")
+
     print(f"# {args.db}, {args.devices} devices, {args.concurrency} in flight")
     print(
         "| phase | requests | CPU µs per request | database round trips per request | statements per request "
@@ -211,6 +231,7 @@ async def _run(args: argparse.Namespace, tmp: Path, store: Store) -> None:
         assert isinstance(registrar, Registrar)
         await _phase("trivial (ASGI)", trivial, await asgi(404), args.concurrency, False)
         await _phase("register (ASGI)", http_calls, await asgi(202), args.concurrency, args.profile)
+        await _phase("gateway (no HTTP)", gateway_calls, answer, args.concurrency, False)
         await _phase("registrar alone", direct, register, args.concurrency, False)
         await _phase("registrar again (re-registration)", direct, register, args.concurrency, False)
         await _phase("trivial (ASGI)", trivial, await asgi(404), args.concurrency, False)
