@@ -13,7 +13,10 @@ from provisiond import pki
 from provisiond.attestation import x509 as x5
 from provisiond.errors import AuthenticationError, DpsCode
 
-NOW = dt.datetime.now(dt.UTC)
+# The checks' "now": an hour after import, so that certificates the tests make later (valid from
+# the moment they are made) are valid at it however long the suite ran before this module's
+# tests (a suite ordered differently failed here).
+NOW = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
 
 
 def chain_of(issued: pki.Issued) -> x5.PresentedChain:
