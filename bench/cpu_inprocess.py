@@ -4,11 +4,19 @@ The app of ``create_app`` over a fresh SQLite store, called as ASGI in this proc
 no TLS): a group-derived device's ``PUT .../register`` against ``GET /nothing`` (404), the
 device gateway (``DeviceGateway.answer``: what every transport hands over, no HTTP), and the
 registrar alone (``Registrar.register``), then the same devices again (a re-registration: the
-record's and the identity's updates). Each phase registers devices of its own. Each device registers once per
-phase, ``--concurrency`` at a time; CPU is this process's (``time.process_time``: the event loop and the store's
-threads). What it leaves out (the TLS front, uvicorn) is what ``bench/cpu.py`` adds.
+record's and the identity's updates). Each phase registers devices of its own, each once,
+``--concurrency`` at a time; CPU is this process's (``time.process_time``: the event loop and
+the store's threads). What it leaves out (the TLS front, uvicorn) is what ``bench/cpu.py`` adds.
 
     python bench/cpu_inprocess.py [--devices 4000] [--concurrency 32] [--profile] [--db postgresql]
+                                  [--callgrind]
+
+``--callgrind`` runs the same under valgrind's callgrind and prints, instead of CPU time, the
+instructions this process executes per request in each phase (instrumentation switched on for
+the phase only, as ``bench/cpu.py --callgrind`` does for the server; the app's idle
+instructions, its timers, taken off). Instructions do not move with the machine's load: a
+change of a few percent shows in one run of each version. About 40 times slower: use
+``--devices 2000``.
 
 ``--profile`` prints cProfile's top functions of the ASGI registrations (by own time).
 ``--db postgresql`` runs the same over a throwaway PostgreSQL cluster (``bench/_pg.py``, default
@@ -24,7 +32,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +53,7 @@ from provisiond.storage.sqlite import SqliteStore
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import app_with_group, cpu_per_item
-from cpu import process_tree_cpu
+from cpu import Callgrind, process_tree_cpu
 
 Call = tuple[str, str, str, dict[str, str], bytes]
 
@@ -124,12 +135,37 @@ class _Driver:
         psycopg.AsyncCursor.execute = counted_execute  # type: ignore[method-assign]
 
 
+#: Set in the process that runs under callgrind: where its dumps go (``--callgrind``).
+_CALLGRIND_DIR = "PROVISIOND_BENCH_CALLGRIND_DIR"
+
+
+def _callgrind() -> Callgrind | None:
+    """The callgrind control of this process, when ``--callgrind`` runs it under valgrind."""
+    out = os.environ.get(_CALLGRIND_DIR)
+    return Callgrind(Path(out)) if out else None
+
+
+_METER = _callgrind()
+
+
+async def _measure_idle(seconds: float = 3.0) -> None:
+    """The app's own instructions a second while no request runs (its timers), for the phases."""
+    if _METER is not None:
+        _METER.start(os.getpid())
+        await asyncio.sleep(seconds)
+        _METER.idle_rate = _METER.stop(os.getpid(), "idle") / seconds
+
+
 async def _phase(
     name: str, items: list[Any], run: Callable[[Any], Awaitable[None]], concurrency: int, profile: bool
 ) -> None:
     trips, statements = _Driver.round_trips, _Driver.statements
     db_before = process_tree_cpu(_Driver.db_pid) if _Driver.db_pid else 0.0
+    if _METER is not None:
+        _METER.start(os.getpid())
     cpu = await cpu_per_item(items, run, concurrency, profile=profile)
+    if _METER is not None:  # k instructions, not µs
+        cpu = _METER.stop(os.getpid(), re.sub(r"\W+", "-", name).strip("-")) / len(items) / 1000
     trips = (_Driver.round_trips - trips) / len(items)
     statements = (_Driver.statements - statements) / len(items)
     db_cpu = (process_tree_cpu(_Driver.db_pid) - db_before) / len(items) * 1e6 if _Driver.db_pid else 0.0
@@ -222,19 +258,34 @@ async def _run(args: argparse.Namespace, tmp: Path, store: Store) -> None:
             raise RuntimeError(f"the gateway answered {status}, not 202")
 
     print(f"# {args.db}, {args.devices} devices, {args.concurrency} in flight")
+    measure = "k instructions per request (callgrind)" if _METER is not None else "CPU µs per request"
     print(
-        "| phase | requests | CPU µs per request | database round trips per request | statements per request "
+        f"| phase | requests | {measure} | database round trips per request | statements per request "
         "| database CPU µs per request |"
     )
     print("|---|---|---|---|---|---|")
     async with app.router.lifespan_context(app):
         assert isinstance(registrar, Registrar)
+        await _measure_idle()
         await _phase("trivial (ASGI)", trivial, await asgi(404), args.concurrency, False)
         await _phase("register (ASGI)", http_calls, await asgi(202), args.concurrency, args.profile)
         await _phase("gateway (no HTTP)", gateway_calls, answer, args.concurrency, False)
         await _phase("registrar alone", direct, register, args.concurrency, False)
         await _phase("registrar again (re-registration)", direct, register, args.concurrency, False)
         await _phase("trivial (ASGI)", trivial, await asgi(404), args.concurrency, False)
+
+
+def _under_callgrind(argv: list[str]) -> int:
+    """Run this script again, with ``argv``, under callgrind with its instrumentation off."""
+    if shutil.which("callgrind_control") is None:
+        print("--callgrind needs valgrind (Debian: apt-get install valgrind)", file=sys.stderr)
+        return 2
+    out = Path(tempfile.mkdtemp(prefix="provisiond-callgrind-"))
+    try:
+        command = [*Callgrind(out).wrapper(), f"--log-file={out / 'valgrind.log'}", sys.executable, __file__]
+        return subprocess.run([*command, *argv], env={**os.environ, _CALLGRIND_DIR: str(out)}).returncode
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":
@@ -245,7 +296,10 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--db", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument("--callgrind", action="store_true", help="count instructions (see above)")
     arguments = parser.parse_args()
+    if arguments.callgrind and _METER is None:
+        sys.exit(_under_callgrind(sys.argv[1:]))
     try:
         import uvloop  # what uvicorn runs on when installed
     except ImportError:

@@ -214,3 +214,16 @@ def test_cpu_bench_counts_the_servers_instructions_under_callgrind(tmp_path: Pat
         timeout=60,
     )
     assert refused.returncode == 2 and "--callgrind" in refused.stderr, refused.stderr
+
+
+@pytest.mark.skipif(
+    shutil.which("callgrind_control") is None, reason="valgrind is not installed (.ci/run installs it)"
+)
+def test_cpu_inprocess_counts_instructions_under_callgrind(tmp_path: Path) -> None:
+    """``bench/cpu_inprocess.py --callgrind`` runs itself again under callgrind and prints each
+    phase's instructions per request in place of CPU time, every phase counted."""
+    out = _run(str(BENCH / "cpu_inprocess.py"), "--callgrind", "--devices", "20", tmp_path=tmp_path)
+    assert "| k instructions per request (callgrind) |" in out, out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| ") and "(ASGI)" in line]
+    assert len(rows) == 3 and all(float(row[3]) > 0 for row in rows), out
+    assert not list(tmp_path.glob("provisiond-callgrind-*")), "the dumps' directory is left behind"
