@@ -24,7 +24,6 @@ measures CPU).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -35,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import Server, machine_summary, percentile, start_server, terminate_on_signals
 from _pg import PostgresCluster, find_bindir
+from cpu import process_tree_cpu
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 #: The bench's own statements (``PostgresCluster.snapshot`` and ``stats``), not counted.
 _OWN = (
     "SELECT queryid",
@@ -48,35 +47,13 @@ _OWN = (
 )
 
 
-def tree_cpu(root: int) -> float:
-    """utime + stime (seconds) of ``root`` and its living descendants."""
-    parents: dict[int, int] = {}
-    times: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        parents[int(entry.name)] = int(fields[1])
-        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        total += times.get(pid, 0.0)
-        todo += [child for child, parent in parents.items() if parent == pid]
-    return total
-
-
 def sample(cluster: PostgresCluster, servers: list[Server]) -> dict[str, Any]:
     snapshot = cluster.snapshot()
     return {
         "at": time.monotonic(),
         "pg": snapshot,
         "commits": cluster.stats()["commits"],
-        "nodes": sum(tree_cpu(server.pid) for server in servers),
+        "nodes": sum(process_tree_cpu(server.pid) for server in servers),
     }
 
 
