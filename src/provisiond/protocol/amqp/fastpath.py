@@ -42,6 +42,7 @@ machine as if it had just arrived, and the application carries on with the gener
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,7 +58,16 @@ from .events import (
     MessageReceived,
     SaslInitReceived,
 )
-from .frames import MIN_MAX_FRAME_SIZE, FrameType, ProtocolHeader, ProtocolId, frame_at, write_frame
+from .frames import (
+    _FRAME_HEADER,
+    HEADER_SIZE,
+    MIN_MAX_FRAME_SIZE,
+    FrameType,
+    ProtocolHeader,
+    ProtocolId,
+    frame_at,
+    write_frame,
+)
 from .performatives import (
     Accepted,
     Attach,
@@ -73,11 +83,14 @@ from .performatives import (
     Role,
     SaslCode,
     SaslInit,
+    SndSettleMode,
     Source,
     Target,
     Transfer,
+    _layout,
     decode_message,
     encode_message,
+    write_composite,
 )
 from .session import _ACCEPTED, _BEGINS, _FLOWS, _OUTGOING_WINDOW, _TRANSFER_FRAME_BOUND, _TRANSFERS
 from .state import Side
@@ -94,6 +107,7 @@ __all__ = [
 ]
 
 _MOD = 1 << 32
+_LIST32 = struct.Struct(">II")
 _SASL_HEADER = ProtocolHeader(ProtocolId.SASL).encode()
 _AMQP_HEADER = ProtocolHeader(ProtocolId.AMQP).encode()
 
@@ -414,17 +428,14 @@ class SdkPath:
         self._links[link.handle] = link
         self._by_remote[link.remote_handle] = link
         sender = link.role is Role.SENDER
-        attach = Attach(
-            name=link.name,
-            handle=link.handle,
-            role=link.role,
-            snd_settle_mode=remote.snd_settle_mode,
-            source=remote.source if isinstance(remote.source, Source) else None,
-            target=remote.target if isinstance(remote.target, Target) else None,
-            initial_delivery_count=0 if sender else None,
-            max_message_size=self.config.sessions.max_message_size,
+        _write_attach(
+            self._out,
+            link,
+            remote.source if isinstance(remote.source, Source) else None,
+            remote.target if isinstance(remote.target, Target) else None,
+            0 if sender else None,
+            self.config.sessions.max_message_size,
         )
-        self._write(attach)
         if not sender:
             link.credit = self.credit
             self._link_flow(link)
@@ -522,7 +533,7 @@ class SdkPath:
             self._next_delivery_id = (delivery_id + 1) % _MOD
             out_link.credit -= 1
             out_link.delivery_count = (out_link.delivery_count + 1) % _MOD
-            self._write(_TRANSFERS(out_link.handle, delivery_id, False), payload)
+            _write_transfer(self._out, out_link.handle, delivery_id, payload)
             self._next_outgoing_id = (self._next_outgoing_id + 1) % _MOD
             self._remote_incoming_window -= 1
         link = self._links[step.link.handle]
@@ -598,6 +609,98 @@ def _replay(machine: Connection, events: list[Event], answers: deque[_Answer], c
 
 
 _END = End()
+
+# --- answers from precomputed bytes ----------------------------------------------------------------
+#
+# The machine writes an attach and a transfer through their composites' writers
+# (:func:`~.performatives.write_composite`): a described list of the fields, each null when it
+# is None or its default, trailing nulls cut. The fast path writes the same bytes from parts
+# made once: every field of the answering attach but its name and termini, and a transfer's
+# performative; only the name and the termini are encoded per link.
+
+_ATTACH = _layout(Attach)
+_ATTACH_FIELDS = {f.name: f for f in _ATTACH.fields}
+_HEAD: dict[tuple[int, Role, SndSettleMode], bytes] = {}
+_TAIL: dict[tuple[int | None, int], bytes] = {}
+_TRANSFER_BODIES: dict[tuple[int, int], bytes] = {}
+_TABLE_ENTRIES = 256
+
+
+def _fields(values: dict[str, Any]) -> bytes:
+    """The encoding of consecutive attach fields (none of them the last written)."""
+    body = bytearray()
+    for name, value in values.items():
+        field = _ATTACH_FIELDS[name]
+        if value is None or (not field.mandatory and value == field.default):
+            body.append(0x40)
+        else:
+            field.write(value, body)
+    return bytes(body)
+
+
+def _write_attach(
+    out: bytearray,
+    link: _Link,
+    source: Source | None,
+    target: Target | None,
+    delivery_count: int | None,
+    max_size: int,
+) -> None:
+    """The machine's ``Attach(name, handle, role, snd_settle_mode, source, target,
+    initial_delivery_count, max_message_size)`` frame on channel 0 (max-message-size is set, so
+    the list always ends with it: 11 fields)."""
+    mode = link.remote.snd_settle_mode
+    head = _HEAD.get((link.handle, link.role, mode))
+    if head is None:
+        head = _fields(
+            {"handle": link.handle, "role": link.role, "snd_settle_mode": mode, "rcv_settle_mode": None}
+        )
+        if len(_HEAD) >= _TABLE_ENTRIES:
+            _HEAD.clear()
+        _HEAD[link.handle, link.role, mode] = head
+    tail = _TAIL.get((delivery_count, max_size))
+    if tail is None:
+        last = bytearray()
+        _ATTACH_FIELDS["max_message_size"].write(max_size, last)
+        fields = {"unsettled": None, "incomplete_unsettled": False, "initial_delivery_count": delivery_count}
+        tail = _fields(fields) + last
+        if len(_TAIL) >= _TABLE_ENTRIES:
+            _TAIL.clear()
+        _TAIL[delivery_count, max_size] = tail
+    body = bytearray()
+    _ATTACH_FIELDS["name"].write(link.name, body)
+    body += head
+    if source is None:
+        body.append(0x40)
+    else:
+        write_composite(source, body)
+    if target is None:
+        body.append(0x40)
+    else:
+        write_composite(target, body)
+    body += tail
+    size = len(body)
+    list_head = bytes((0xC0, size + 1, 11)) if size < 255 else b"\xd0" + _LIST32.pack(size + 4, 11)
+    out += _FRAME_HEADER.pack(HEADER_SIZE + len(_ATTACH.prefix) + len(list_head) + size, 2, 0, 0)
+    out += _ATTACH.prefix
+    out += list_head
+    out += body
+
+
+def _write_transfer(out: bytearray, handle: int, delivery_id: int, payload: bytes) -> None:
+    """The machine's first (and only) transfer of an unsettled delivery on channel 0."""
+    key = (handle, delivery_id)
+    performative = _TRANSFER_BODIES.get(key)
+    if performative is None:
+        body = bytearray()
+        write_composite(_TRANSFERS(handle, delivery_id, False), body)
+        performative = bytes(body)
+        if len(_TRANSFER_BODIES) >= _TABLE_ENTRIES:
+            _TRANSFER_BODIES.clear()
+        _TRANSFER_BODIES[key] = performative
+    out += _FRAME_HEADER.pack(HEADER_SIZE + len(performative) + len(payload), 2, 0, 0)
+    out += performative
+    out += payload
 
 
 assert _OUTGOING_WINDOW  # the begin and flow templates' outgoing window, shared with the machine
