@@ -8,6 +8,7 @@ AMQP suite and the interop tests run on the fast path (it is the default)."""
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import random
 import time
@@ -70,7 +71,10 @@ class _Run:
     def __init__(self, tmp_path: Path, lines: _Lines, monkeypatch: pytest.MonkeyPatch) -> None:
         self.lines = lines
         self.monkeypatch = monkeypatch
-        ctx = ServiceContext(settings=Settings(data_dir=tmp_path), store=None, clock=time.time)  # type: ignore[arg-type]
+        #: The service's clock (the SAS tokens' expiry): now, or when a recording was made.
+        self.now: float | None = None
+        clock = lambda: time.time() if self.now is None else self.now  # noqa: E731
+        ctx = ServiceContext(settings=Settings(data_dir=tmp_path), store=None, clock=clock)  # type: ignore[arg-type]
         gateway = DeviceGateway(ctx, _StubRegistrar())  # type: ignore[arg-type]
         self.endpoints = {fast: AmqpEndpoint(gateway, AMQP, fast_path=fast) for fast in (True, False)}
         self.endpoints[False].config = self.endpoints[True].config  # one container id
@@ -187,6 +191,25 @@ async def test_refusals_and_unusual_sessions_are_the_machines(run: _Run) -> None
     no_credit = turns[2].replace(b"\x43\x52\x08", b"\x43\x52\x00")
     assert no_credit != turns[2]
     assert await run.same([turns[0], turns[1], no_credit, *turns[3:]])
+
+
+#: What the Node.js SDK sent, read by read (see the file's "about").
+_NODE_SDK = json.loads((Path(__file__).parent / "amqp_node_sdk.json").read_text())["sessions"]
+
+
+@pytest.mark.parametrize("session", sorted(_NODE_SDK))
+async def test_the_node_sdk_recorded_is_answered_on_the_fast_path_as_by_the_machine(
+    run: _Run, session: str
+) -> None:
+    recorded = _NODE_SDK[session]
+    run.now = recorded["time"] + 1
+    reads = [bytes.fromhex(read) for read in recorded["reads"]]
+    assert not await run.same(reads)  # the whole session on the fast path
+    sent, logged = await run.one(True, reads, None)
+    assert b'"status":"assigned"' in sent or session == "bad"
+    assert await run.same(reads[:3] + [_DEVIATIONS["heartbeat"]] + reads[3:])  # and handed over
+    for at in range(1, len(reads)):  # two reads in one
+        await run.same([*reads[: at - 1], reads[at - 1] + reads[at], *reads[at + 1 :]])
 
 
 #: Mutated sessions compared on both paths.

@@ -507,12 +507,7 @@ class _Session:
         if address is None:
             return
         state, sender, message = await self._answer_message(address, event.message, event.settled)
-        if state is not None:
-            self.machine.settle(event.link, event.delivery_id, state)
-        if sender is not None and message is not None:
-            self.machine.send_message(sender, message)
-        if self.machine.credit(event.link) < LINK_CREDIT // 2:
-            self.machine.grant_credit(event.link, LINK_CREDIT)
+        _deliver(self.machine, event, state, sender, message, LINK_CREDIT)
 
     async def _answer_message(
         self, address: dps.RegistrationAddress, message: Message, settled: bool
@@ -597,6 +592,28 @@ _HANDLERS: dict[type[Event], Callable[[_Session, Any], Awaitable[None]]] = {
     MessageReceived: _Session._on_message,
     ConnectionClosed: _Session._on_closed,
 }
+
+
+def _deliver(
+    machine: Connection,
+    event: MessageReceived,
+    state: DeliveryState | None,
+    sender: LinkId | None,
+    message: Message | None,
+    credit: int,
+) -> None:
+    """Settle a request, send its answer and top its link's credit up, on the links that are
+    still there: the device may have detached either in the same read as its request (the
+    machine read that detach before the request was answered)."""
+    if machine.has_link(event.link):
+        if state is not None:
+            machine.settle(event.link, event.delivery_id, state)
+    elif log.isEnabledFor(logging.DEBUG):
+        log.debug("AMQP: the link of delivery %d detached before its answer", event.delivery_id)
+    if sender is not None and message is not None and machine.has_link(sender):
+        machine.send_message(sender, message)
+    if machine.has_link(event.link) and machine.credit(event.link) < credit // 2:
+        machine.grant_credit(event.link, credit)
 
 
 def _rejection(answer: Answer) -> Rejected:

@@ -598,12 +598,16 @@ def _replay(machine: Connection, events: list[Event], answers: deque[_Answer], c
                     machine.grant_credit(event.link, credit)
             elif kind is MessageReceived:
                 assert isinstance(event, MessageReceived)
-                answer = answers.popleft()
-                if answer.state is not None:
+                answer = answers.popleft()  # as the application delivers it (on the links still there)
+                if answer.state is not None and machine.has_link(event.link):
                     machine.settle(event.link, event.delivery_id, answer.state)
-                if answer.message is not None and answer.sender is not None:
+                if (
+                    answer.message is not None
+                    and answer.sender is not None
+                    and machine.has_link(answer.sender)
+                ):
                     machine.send_message(answer.sender, answer.message)
-                if machine.credit(event.link) < credit // 2:
+                if machine.has_link(event.link) and machine.credit(event.link) < credit // 2:
                     machine.grant_credit(event.link, credit)
         events = machine.poll_events()
 
