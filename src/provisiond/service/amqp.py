@@ -267,7 +267,7 @@ class _Session:
     async def _fast_steps(self, fast: SdkPath) -> bool:
         """Answer the fast path's steps until it needs bytes; False to hand over."""
         while True:
-            step = fast.try_next()
+            step = fast.next()
             if step is None:
                 return True
             if step is False:

@@ -200,8 +200,11 @@ class SdkPath:
         self.remote_open: Open | None = None
         self.finished = False
         #: The bytes of the frames handled (answered), and of the one awaiting the application.
-        self._handled = bytearray()
-        self._waiting = b""
+        #: Every read (kept for a hand-over), and how many of their bytes were handled
+        #: (answered), then how many the step awaiting the application holds.
+        self._received: list[bytes] = []
+        self._handled = 0
+        self._waiting = 0
         self._answers: list[_Answer] = []
         self._step: Step | None = None
         # The one session: the peer's channel (None: none begun, -1: ended) and its numbers.
@@ -245,6 +248,7 @@ class SdkPath:
     def receive(self, data: bytes) -> None:
         """Bytes from the peer (not ``b""``: the stream's end is :meth:`ended`)."""
         self.last_received = self._clock()
+        self._received.append(data)
         self._in += data
 
     def ended(self) -> ClosedStep:
@@ -265,67 +269,69 @@ class SdkPath:
 
     # --- the script ---------------------------------------------------------------------------
 
-    def next(self) -> Step | None:
-        """The next step for the application, None when more bytes are needed (or the
-        connection is finished); raises :class:`_Handover` (caught by the caller through
-        :meth:`try_next`)."""
+    def next(self) -> Step | None | bool:
+        """The next step for the application; None when more bytes are needed (or the
+        connection is finished); False when the input leaves the script: :meth:`handover`."""
         if self._step is not None:
             raise RuntimeError("The previous step is not answered.")
-        while self._in and not self.finished:
-            expect = self._expect
-            if expect == _HEADER or expect == _AMQP_HEADER_AFTER_SASL:
-                return self._header()
-            found = frame_at(self._in, self.config.max_frame_size)
-            if found is None:
-                return None
-            frame, size = found
-            if frame.type is not (FrameType.SASL if expect == _SASL_INIT else FrameType.AMQP):
-                raise _Handover
-            performative = frame.performative
-            kind = type(performative)
-            data = bytes(self._in[:size])
-            if expect == _SASL_INIT:
-                if kind is not SaslInit:
-                    raise _Handover
-                assert isinstance(performative, SaslInit)
-                return self._wait(data, SaslInitStep(performative.mechanism, performative.initial_response))
-            if expect == _OPEN:
-                if kind is not Open:
-                    raise _Handover
-                assert isinstance(performative, Open)
-                if performative.max_frame_size < MIN_MAX_FRAME_SIZE:
-                    raise _Handover
-                self.remote_open = performative
-                self._out += _open_frame(self.config)
-                self._expect = _FRAMES
-                self._done(size)
-                return OPENED
-            step = self._frame(frame.channel, performative, frame.payload, size)
-            if step is not None:
-                return step
-        return None
-
-    def try_next(self) -> Step | None | bool:
-        """:meth:`next`, with False for "hand over now" (:meth:`handover`)."""
         try:
-            return self.next()
+            while self._in and not self.finished:
+                expect = self._expect
+                if expect == _FRAMES:
+                    found = frame_at(self._in, self.config.max_frame_size)
+                    if found is None:
+                        return None
+                    frame, size = found
+                    if frame.type is not FrameType.AMQP:
+                        return False
+                    step = self._frame(frame.channel, frame.performative, frame.payload, size)
+                    if step is not None:
+                        return step
+                elif expect == _HEADER or expect == _AMQP_HEADER_AFTER_SASL:
+                    return self._header()
+                else:
+                    return self._opening(expect)
         except (_Handover, AmqpProtocolError):
             return False
+        return None
+
+    def _opening(self, expect: int) -> Step | None:
+        """sasl-init, or the open."""
+        found = frame_at(self._in, self.config.max_frame_size)
+        if found is None:
+            return None
+        frame, size = found
+        performative = frame.performative
+        if expect == _SASL_INIT:
+            if frame.type is not FrameType.SASL or type(performative) is not SaslInit:
+                raise _Handover
+            assert isinstance(performative, SaslInit)
+            return self._wait(size, SaslInitStep(performative.mechanism, performative.initial_response))
+        if frame.type is not FrameType.AMQP or type(performative) is not Open:
+            raise _Handover
+        assert isinstance(performative, Open)
+        if performative.max_frame_size < MIN_MAX_FRAME_SIZE:
+            raise _Handover
+        self.remote_open = performative
+        self._out += _open_frame(self.config)
+        self._expect = _FRAMES
+        self._done(size)
+        return OPENED
 
     def _done(self, size: int) -> None:
-        self._handled += self._in[:size]
+        self._handled += size
         del self._in[:size]
 
-    def _wait(self, data: bytes, step: Step) -> Step:
+    def _wait(self, size: int, step: Step) -> Step:
         """A frame that the application answers: kept aside until it has."""
-        del self._in[: len(data)]
-        self._waiting = data
+        del self._in[:size]
+        self._waiting = size
         self._step = step
         return step
 
     def _answered(self) -> None:
         self._handled += self._waiting
-        self._waiting = b""
+        self._waiting = 0
         self._step = None
 
     def _header(self) -> Step | None:
@@ -415,9 +421,8 @@ class SdkPath:
             raise _Handover
         role = Role.RECEIVER if attach.role is Role.SENDER else Role.SENDER
         link = _Link(handle, attach, role)
-        data = bytes(self._in[:size])
         self._pending_link = link
-        return self._wait(data, AttachStep(LinkId(0, handle), role, attach))
+        return self._wait(size, AttachStep(LinkId(0, handle), role, attach))
 
     def accept_link(self) -> None:
         """Answer the attach of the last :class:`AttachStep` with ours (and the receiving
@@ -488,13 +493,12 @@ class SdkPath:
         ):
             raise _Handover
         message = decode_message(payload)  # a malformed message: the machine rejects it
-        data = bytes(self._in[:size])
         self._incoming_window -= 1
         self._next_incoming_id = (self._next_incoming_id + 1) % _MOD
         link.credit -= 1
         link.delivery_count = (link.delivery_count + 1) % _MOD
         step = MessageStep(LinkId(0, link.handle), transfer.delivery_id, message, bool(transfer.settled))
-        return self._wait(data, step)
+        return self._wait(size, step)
 
     def answer(self, state: DeliveryState | None, sender: LinkId | None, message: Message | None) -> bool:
         """Answer the last :class:`MessageStep`: settle it with ``state`` (None: the device had
@@ -559,19 +563,22 @@ class SdkPath:
         the events of the input it has not handled (see the module docstring)."""
         machine = Connection(Side.SERVER, self.config, clock=self._clock)
         answers = deque(self._answers)
-        if self._handled:
-            _replay(machine, machine.feed_bytes(bytes(self._handled)), answers, self.credit)
+        received = b"".join(self._received)
+        handled, waiting = self._handled, self._waiting
+        if handled:
+            _replay(machine, machine.feed_bytes(received[:handled]), answers, self.credit)
             machine.get_outbound_data()  # the fast path's answers: already sent, or in self._out
         kept = b""
-        if self._waiting and answers:  # a message answered but not sent: the machine sends it
-            _replay(machine, machine.feed_bytes(self._waiting), answers, self.credit)
+        if waiting and answers:  # a message answered but not sent: the machine sends it
+            _replay(machine, machine.feed_bytes(received[handled : handled + waiting]), answers, self.credit)
             kept = machine.get_outbound_data()
-            self._waiting = b""
+            handled += waiting
         machine._out += self._out
         machine._out += kept
         machine._last_received = self.last_received
         machine._last_sent = self.last_sent
-        rest = self._waiting + bytes(self._in)  # a step the application refused, and the rest
+        rest = received[handled:]  # a step the application refused, and the rest
+        assert rest.endswith(self._in)
         self._in.clear()
         self._out.clear()
         self.finished = True
