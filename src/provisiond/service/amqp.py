@@ -12,7 +12,17 @@ heartbeats the device's idle-time-out asks for) and never longer than
 :data:`HANDSHAKE_TIMEOUT` for the connection to be open. The deadline is kept by one timer
 per connection (:class:`~provisiond.service._deadline.ReadDeadline`, shared with MQTT), moved only when a read's deadline is earlier than
 the timer: a deadline that moves later (every read, for the idle timeout) costs nothing until
-the timer fires and finds it later. The connection's guard
+the timer fires and finds it later.
+
+A connection starts on the **fast path** (:mod:`provisiond.protocol.amqp.fastpath`): the frames
+of the official SDKs' provisioning script are answered in one pass, without the general
+machines, and the steps that need this endpoint (the SASL mechanism, a link's address, a
+request) go through the same checks and answers as the machine's events. Anything else (a
+refusal, TPM, a deadline, a frame the script does not have) hands the connection over to a
+:class:`~provisiond.protocol.amqp.connection.Connection` in the same state (its input
+replayed), and the loop above carries on: the device sees the same bytes and the log the
+same lines either way (``AmqpEndpoint(..., fast_path=False)`` runs the machine from the
+start). The connection's guard
 (:mod:`provisiond.service.guard`) learns when the protocol header is in and whether a frame is
 incomplete, so that a device trickling a frame byte by byte is held to the minimum receive rate.
 
