@@ -23,9 +23,12 @@ from bench._transports import amqp_steps
 import provisiond.service.amqp as endpoint_module
 import provisiond.service.gateway as gateway_module
 from provisiond.protocol.amqp import dps
+from provisiond.protocol.amqp.fastpath import Reply
 from provisiond.protocol.amqp.frames import Frame, FrameType, encode_frame
+from provisiond.protocol.amqp.message import encode_message
 from provisiond.protocol.amqp.performatives import Begin, Flow, SaslCode, SaslInit, SaslOutcome
 from provisiond.protocol.amqp.types import Symbol
+from provisiond.protocol.amqp.values import ULong
 from provisiond.service.amqp import HANDED_OVER, AmqpEndpoint
 from provisiond.service.context import ServiceContext
 from provisiond.service.gateway import AMQP, DeviceGateway
@@ -232,3 +235,15 @@ async def test_mutated_sessions_are_answered_alike(run: _Run) -> None:
                 data[where:where] = rng.randbytes(rng.randint(1, 8))
         cuts = sorted(rng.sample(range(1, len(data)), k=min(5, len(data) - 1)))
         await run.same([bytes(data[a:b]) for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)])
+
+
+@pytest.mark.parametrize(
+    "correlation_id",
+    [None, "c0", uuid.UUID(int=7), ULong(9), b"\x01\x02", "x" * 300],
+    ids=["none", "string", "uuid", "ulong", "binary", "long"],
+)
+@pytest.mark.parametrize("size", [0, 255, 256, 70_000])
+def test_an_answer_written_from_its_parts_is_the_message_encoded(correlation_id: Any, size: int) -> None:
+    for properties in (None, {"retry-after": "3", "Retry-After": "3"}):
+        reply = Reply(str(uuid.UUID(int=5)), correlation_id, properties, b"b" * size)
+        assert reply.payload() == encode_message(reply.message())

@@ -92,6 +92,7 @@ from ..protocol.amqp.fastpath import (
     AttachStep,
     ClosedStep,
     MessageStep,
+    Reply,
     SaslInitStep,
     SdkPath,
 )
@@ -99,7 +100,6 @@ from ..protocol.amqp.performatives import (
     Accepted,
     AmqpValue,
     Attach,
-    Data,
     DeliveryState,
     Error,
     ErrorCondition,
@@ -521,7 +521,7 @@ class _Session:
 
     async def _answer_message(
         self, address: dps.RegistrationAddress, message: Message, settled: bool
-    ) -> tuple[DeliveryState | None, LinkId | None, Message | None]:
+    ) -> tuple[DeliveryState | None, LinkId | None, Reply | None]:
         """The gateway's answer to one request: how to settle it (None: the device settled
         it), and the answer's message and the link to send it on (None: none)."""
         properties = message.properties or Properties()
@@ -536,12 +536,7 @@ class _Session:
         retry: dict[str, Any] = {}
         if answer.retry_after is not None:
             retry = {name: answer.retry_after for name in dps.RETRY_AFTER_NAMES}
-        response = Message(
-            properties=Properties(message_id=str(uuid.uuid4()), correlation_id=properties.correlation_id),
-            application_properties=retry or None,
-            body=(Data(answer.body),),
-        )
-        return state, sender, response
+        return state, sender, Reply(str(uuid.uuid4()), properties.correlation_id, retry or None, answer.body)
 
     async def _answer(self, address: dps.RegistrationAddress, message: Message) -> Answer:
         """The gateway's answer to one request message."""
@@ -609,7 +604,7 @@ def _deliver(
     event: MessageReceived,
     state: DeliveryState | None,
     sender: LinkId | None,
-    message: Message | None,
+    message: Reply | None,
     credit: int,
 ) -> None:
     """Settle a request, send its answer and top its link's credit up, on the links that are
@@ -621,7 +616,7 @@ def _deliver(
     elif log.isEnabledFor(logging.DEBUG):
         log.debug("AMQP: the link of delivery %d detached before its answer", event.delivery_id)
     if sender is not None and message is not None and machine.has_link(sender):
-        machine.send_message(sender, message)
+        machine.send_message(sender, message.message())
     if machine.has_link(event.link) and machine.credit(event.link) < credit // 2:
         machine.grant_credit(event.link, credit)
 

@@ -73,6 +73,7 @@ from .performatives import (
     Attach,
     Begin,
     Close,
+    Data,
     DeliveryState,
     Detach,
     Disposition,
@@ -80,6 +81,7 @@ from .performatives import (
     Flow,
     Message,
     Open,
+    Properties,
     Role,
     SaslCode,
     SaslInit,
@@ -89,17 +91,17 @@ from .performatives import (
     Transfer,
     _layout,
     decode_message,
-    encode_message,
     write_composite,
 )
 from .session import _ACCEPTED, _BEGINS, _FLOWS, _OUTGOING_WINDOW, _TRANSFER_FRAME_BOUND, _TRANSFERS
 from .state import Side
-from .types import Symbol
+from .types import Symbol, encode_value
 
 __all__ = [
     "HEADER",
     "OPENED",
     "AttachStep",
+    "Reply",
     "ClosedStep",
     "MessageStep",
     "SaslInitStep",
@@ -177,12 +179,52 @@ class _Link:
 
 
 @dataclass(frozen=True, slots=True)
+class Reply:
+    """An answer's message as the endpoint sends it: properties with a message-id and the
+    request's correlation-id, application properties (or None), one data section."""
+
+    message_id: str
+    correlation_id: Any
+    application_properties: dict[str, Any] | None
+    body: bytes
+
+    def message(self) -> Message:
+        return Message(
+            properties=Properties(message_id=self.message_id, correlation_id=self.correlation_id),
+            application_properties=self.application_properties,
+            body=(Data(self.body),),
+        )
+
+    def payload(self) -> bytes:
+        """``encode_message(self.message())``, written from its parts."""
+        props = bytearray()
+        _MESSAGE_ID.write(self.message_id, props)
+        count = 1
+        if self.correlation_id is not None:
+            props += b"\x40\x40\x40\x40"  # user-id, to, subject, reply-to
+            _CORRELATION_ID.write(self.correlation_id, props)
+            count = 6
+        size = len(props)
+        buffer = bytearray(_PROPERTIES.prefix)
+        buffer += bytes((0xC0, size + 1, count)) if size < 255 else b"\xd0" + _LIST32.pack(size + 4, count)
+        buffer += props
+        if self.application_properties is not None:
+            buffer += _APPLICATION_PROPERTIES
+            encode_value(self.application_properties, buffer)
+        body = self.body
+        buffer += _DATA
+        buffer += bytes((0xA0, len(body))) if len(body) < 256 else b"\xb0" + len(body).to_bytes(4, "big")
+        buffer += body
+        return bytes(buffer)
+
+
+@dataclass(frozen=True, slots=True)
 class _Answer:
     """What the application did with one message (replayed on a hand-over)."""
 
     state: DeliveryState | None
     sender: LinkId | None
-    message: Message | None
+    reply: Reply | None
 
 
 class SdkPath:
@@ -500,7 +542,7 @@ class SdkPath:
         step = MessageStep(LinkId(0, link.handle), transfer.delivery_id, message, bool(transfer.settled))
         return self._wait(size, step)
 
-    def answer(self, state: DeliveryState | None, sender: LinkId | None, message: Message | None) -> bool:
+    def answer(self, state: DeliveryState | None, sender: LinkId | None, message: Reply | None) -> bool:
         """Answer the last :class:`MessageStep`: settle it with ``state`` (None: the device had
         settled it), send ``message`` on our ``sender`` link, top the credit up. False when the
         fast path cannot send the answer itself: hand over (the machine then queues it)."""
@@ -511,7 +553,7 @@ class SdkPath:
         out_link = None
         if message is not None and sender is not None:
             out_link = self._links.get(sender.handle)
-            payload = encode_message(message)
+            payload = message.payload()
             remote = self.remote_open
             assert remote is not None
             limit = out_link.remote.max_message_size if out_link is not None else None
@@ -608,12 +650,8 @@ def _replay(machine: Connection, events: list[Event], answers: deque[_Answer], c
                 answer = answers.popleft()  # as the application delivers it (on the links still there)
                 if answer.state is not None and machine.has_link(event.link):
                     machine.settle(event.link, event.delivery_id, answer.state)
-                if (
-                    answer.message is not None
-                    and answer.sender is not None
-                    and machine.has_link(answer.sender)
-                ):
-                    machine.send_message(answer.sender, answer.message)
+                if answer.reply is not None and answer.sender is not None and machine.has_link(answer.sender):
+                    machine.send_message(answer.sender, answer.reply.message())
                 if machine.has_link(event.link) and machine.credit(event.link) < credit // 2:
                     machine.grant_credit(event.link, credit)
         events = machine.poll_events()
@@ -630,6 +668,11 @@ _END = End()
 # performative; only the name and the termini are encoded per link.
 
 _ATTACH = _layout(Attach)
+_PROPERTIES = _layout(Properties)
+_MESSAGE_ID = next(f for f in _PROPERTIES.fields if f.name == "message_id")
+_CORRELATION_ID = next(f for f in _PROPERTIES.fields if f.name == "correlation_id")
+_APPLICATION_PROPERTIES = bytes((0x00, 0x53, 0x74))
+_DATA = bytes((0x00, 0x53, 0x75))
 _ATTACH_FIELDS = {f.name: f for f in _ATTACH.fields}
 _HEAD: dict[tuple[int, Role, SndSettleMode], bytes] = {}
 _TAIL: dict[tuple[int | None, int], bytes] = {}
