@@ -49,7 +49,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...errors import AmqpProtocolError
-from .connection import _CLOSE, _OUTCOMES, Connection, ConnectionConfig, _mechanisms_frame, _open_frame
+from .connection import (
+    _CLOSE,
+    _MIN_HEARTBEAT,
+    _OUTCOMES,
+    Connection,
+    ConnectionConfig,
+    _mechanisms_frame,
+    _open_frame,
+)
 from .events import (
     ConnectionOpened,
     Event,
@@ -93,7 +101,7 @@ from .performatives import (
     decode_message,
     write_composite,
 )
-from .session import _ACCEPTED, _BEGINS, _FLOWS, _OUTGOING_WINDOW, _TRANSFER_FRAME_BOUND, _TRANSFERS
+from .session import _ACCEPTED, _BEGINS, _FLOWS, _TRANSFER_FRAME_BOUND, _TRANSFERS
 from .state import Side
 from .types import Symbol, encode_value
 
@@ -241,7 +249,6 @@ class SdkPath:
         self.sasl_mechanism: Symbol | None = None
         self.remote_open: Open | None = None
         self.finished = False
-        #: The bytes of the frames handled (answered), and of the one awaiting the application.
         #: Every read (kept for a hand-over), and how many of their bytes were handled
         #: (answered), then how many the step awaiting the application holds.
         self._received: list[bytes] = []
@@ -282,7 +289,7 @@ class SdkPath:
         deadline = None if idle is None else self.last_received + idle
         remote = self.remote_open
         if remote is not None and remote.idle_time_out:
-            beat = self.last_sent + max(0.5, remote.idle_time_out / 2000)
+            beat = self.last_sent + max(_MIN_HEARTBEAT, remote.idle_time_out / 2000)
             if deadline is None or beat < deadline:
                 deadline = beat
         return deadline
@@ -755,6 +762,3 @@ def _write_transfer(out: bytearray, handle: int, delivery_id: int, payload: byte
     out += _FRAME_HEADER.pack(HEADER_SIZE + len(performative) + len(payload), 2, 0, 0)
     out += performative
     out += payload
-
-
-assert _OUTGOING_WINDOW  # the begin and flow templates' outgoing window, shared with the machine
