@@ -23,8 +23,8 @@ from bench._transports import amqp_steps
 import provisiond.service.amqp as endpoint_module
 import provisiond.service.gateway as gateway_module
 from provisiond.protocol.amqp import dps
-from provisiond.protocol.amqp.fastpath import Reply
-from provisiond.protocol.amqp.frames import Frame, FrameType, encode_frame
+from provisiond.protocol.amqp.fastpath import Reply, attach_like
+from provisiond.protocol.amqp.frames import Frame, FrameType, encode_frame, frame_at
 from provisiond.protocol.amqp.message import encode_message
 from provisiond.protocol.amqp.performatives import Begin, Flow, SaslCode, SaslInit, SaslOutcome
 from provisiond.protocol.amqp.types import Symbol
@@ -247,3 +247,30 @@ def test_an_answer_written_from_its_parts_is_the_message_encoded(correlation_id:
     for properties in (None, {"retry-after": "3", "Retry-After": "3"}):
         reply = Reply(str(uuid.UUID(int=5)), correlation_id, properties, b"b" * size)
         assert reply.payload() == encode_message(reply.message())
+
+
+def test_an_attach_read_by_its_shape_is_the_attach_decoded() -> None:
+    """The SDKs' attaches read from the shape of one read before (the name and the device's
+    address put back) equal the general decoder's; what has no such shape is left to it."""
+    sessions = {name: [bytes.fromhex(read) for read in s["reads"]] for name, s in _NODE_SDK.items()}
+    sessions["generator"] = list(_SDK_TURNS)
+    read = 0
+    for name, reads in sessions.items():
+        units = _units(b"".join(reads))
+        init = next((u for u in units if u[8:11] == b"\x00\x53\x41"), None)
+        if init is None:
+            continue  # X.509: no address from SASL, the attaches are read the general way
+        found = frame_at(init, 1 << 20)
+        assert found is not None and isinstance(found[0].performative, SaslInit)
+        address = (found[0].performative.initial_response or b"").split(b"\x00")[1]
+        for unit in (u for u in units if u[8:11] == b"\x00\x53\x12"):
+            decoded = frame_at(unit, 1 << 20)
+            assert decoded is not None
+            for _ in range(2):  # the shape made, then found
+                assert attach_like(unit, address) == decoded[0].performative, name
+                read += 1
+            assert attach_like(unit, address.upper()) is None  # the address is not in it
+            # A name that is not UTF-8 is not read by its shape (the decoder refuses it).
+            bad = unit.replace(b"\xa1" + bytes((unit[unit.index(b"\xa1") + 1],)), b"\xa1\x01\xff", 1)
+            assert attach_like(bad, address) is None or attach_like(bad, address) == frame_at(bad, 1 << 20)
+    assert read >= 12

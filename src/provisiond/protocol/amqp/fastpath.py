@@ -73,6 +73,7 @@ from .frames import (
     FrameType,
     ProtocolHeader,
     ProtocolId,
+    _immutable,
     frame_at,
     write_frame,
 )
@@ -267,6 +268,8 @@ class SdkPath:
         self._links: dict[int, _Link] = {}
         self._by_remote: dict[int, _Link] = {}
         self._pending_link: _Link | None = None
+        #: The device's address as SASL PLAIN named it (its links name it too), in UTF-8.
+        self._address: bytes | None = None
         now = clock()
         self.last_received = now
         self.last_sent = now
@@ -327,6 +330,9 @@ class SdkPath:
             while self._in and not self.finished:
                 expect = self._expect
                 if expect == _FRAMES:
+                    attach = self._known_attach()
+                    if attach is not None:
+                        return self._attach(attach[0], attach[1])
                     found = frame_at(self._in, self.config.max_frame_size)
                     if found is None:
                         return None
@@ -459,6 +465,20 @@ class SdkPath:
         return None
 
     # --- links ---------------------------------------------------------------------------------
+
+    def _known_attach(self) -> tuple[Attach, int] | None:
+        """The attach at the start of the input, read through :func:`attach_like`; None when it
+        is not one that can be (the frame then goes through :func:`~.frames.frame_at`)."""
+        buf = self._in
+        if self._address is None or len(buf) < 14 or buf[8:11] != _ATTACH_DESCRIPTOR:
+            return None
+        size = int.from_bytes(buf[:4], "big")
+        if size > len(buf) or size > self.config.max_frame_size or buf[4:8] != _CHANNEL_0:
+            return None
+        if self._channel != 0:
+            return None
+        attach = attach_like(bytes(buf[:size]), self._address)
+        return None if attach is None else (attach, size)
 
     def _attach(self, attach: Attach, size: int) -> Step:
         limits = self.config.sessions
@@ -601,6 +621,8 @@ class SdkPath:
         step = self._step
         assert isinstance(step, SaslInitStep)
         self.sasl_mechanism = step.mechanism
+        if step.mechanism == "PLAIN" and step.initial_response:
+            self._address = step.initial_response.split(b"\x00")[1]  # as the endpoint read it
         write_frame(self._out, FrameType.SASL, 0, _OUTCOMES(SaslCode.OK, None))
         self._expect = _AMQP_HEADER_AFTER_SASL
         self._answered()
@@ -665,6 +687,115 @@ def _replay(machine: Connection, events: list[Event], answers: deque[_Answer], c
 
 
 _END = End()
+
+# --- attaches read from one made before ------------------------------------------------------------
+#
+# The SDKs' attaches differ from one device to the next only in the link's name and the
+# device's address (its terminus's). An attach whose bytes are those of one read before, but
+# for the name and the one place the address is, is that attach with the two strings put back:
+# its bytes are read once per shape (the placeholders keep every length, so every size and
+# offset is the same), checked to hold the placeholders exactly in the name and one terminus's
+# address, and kept; the strings are decoded as the reader decodes them (UTF-8).
+
+_ATTACH_DESCRIPTOR = bytes((0x00, 0x53, 0x12))
+_CHANNEL_0 = bytes((2, 0, 0, 0))  # DOFF 2, an AMQP frame, channel 0
+_SHAPES: dict[tuple[bytes, int, bytes, int, bytes], tuple[Attach, bool] | None] = {}
+
+
+def attach_like(frame: bytes, address: bytes) -> Attach | None:
+    """The attach ``frame`` (a whole frame, DOFF 2) decodes to, from the one of its shape read
+    before; None when it has no known shape (read it the general way)."""
+    code = frame[11]
+    if code == 0xC0:
+        at = 14
+    elif code == 0xD0:
+        at = 20
+    else:
+        return None
+    if len(frame) < at + 2 or frame[at] != 0xA1:  # a str8 name
+        return None
+    name_end = at + 2 + frame[at + 1]
+    where = frame.find(address, name_end)
+    if where < 0 or frame.find(address, where + 1) >= 0:
+        return None
+    after = where + len(address)
+    key = (frame[: at + 2], name_end - at - 2, frame[name_end:where], len(address), frame[after:])
+    shape = _SHAPES.get(key, _UNKNOWN)
+    if shape is _UNKNOWN:
+        shape = _SHAPES[key] = _read_shape(key)
+        if len(_SHAPES) > _TABLE_ENTRIES:
+            _SHAPES.clear()
+    if shape is None:
+        return None
+    template, in_source = shape
+    try:
+        name = frame[at + 2 : name_end].decode("utf-8")
+        text = address.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    attach: Attach = _copy(template)
+    attach.__dict__["name"] = name
+    put = _copy(template.source if in_source else template.target)
+    put.__dict__["address"] = text
+    attach.__dict__["source" if in_source else "target"] = put
+    other = "target" if in_source else "source"
+    if isinstance(attach.__dict__[other], Source | Target):
+        attach.__dict__[other] = _copy(attach.__dict__[other])
+    return attach
+
+
+def _copy(value: Any) -> Any:
+    """A composite with its fields, and a copy of each map among them (each connection gets
+    its own maps, as from the decoder; their values are immutable, :func:`_read_shape`)."""
+    made = object.__new__(type(value))
+    fields = made.__dict__
+    fields.update(value.__dict__)
+    for name, field in fields.items():
+        if type(field) is dict:
+            fields[name] = dict(field)
+    return made
+
+
+_UNKNOWN: Any = object()
+_NAME_MARK = 0x6E  # "n"
+_ADDRESS_MARK = 0x61  # "a"
+
+
+def _read_shape(key: tuple[bytes, int, bytes, int, bytes]) -> tuple[Attach, bool] | None:
+    """The attach of one shape, with placeholders for the name and the address, and whether
+    the address is its source's; None when the frame does not decode to an attach holding the
+    placeholders exactly there."""
+    head, name_size, middle, address_size, tail = key
+    name, address = bytes((_NAME_MARK,)) * name_size, bytes((_ADDRESS_MARK,)) * address_size
+    try:
+        found = frame_at(head + name + middle + address + tail, MAX_SHAPE)
+    except AmqpProtocolError:
+        return None
+    if found is None or type(found[0].performative) is not Attach or found[0].payload:
+        return None
+    attach = found[0].performative
+    assert isinstance(attach, Attach)
+    text = address.decode()
+    in_source = isinstance(attach.source, Source) and attach.source.address == text
+    in_target = isinstance(attach.target, Target) and attach.target.address == text
+    if attach.name != name.decode() or in_source == in_target:
+        return None
+    if not isinstance(attach.source, Source | None) or not isinstance(attach.target, Target | None):
+        return None  # a terminus of another kind (kept as read): the general way
+    maps = [
+        field
+        for composite in (attach, attach.source, attach.target)
+        if composite is not None
+        for field in vars(composite).values()
+        if isinstance(field, dict)
+    ]
+    if not all(_immutable(value) for map_ in maps for item in map_.items() for value in item):
+        return None  # a map holding a map or a list: read each such attach the general way
+    return attach, in_source
+
+
+#: The largest attach read by its shape (the frame's own size was checked against the limit).
+MAX_SHAPE = 0xFFFF_FFFF
 
 # --- answers from precomputed bytes ----------------------------------------------------------------
 #
