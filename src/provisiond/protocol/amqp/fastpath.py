@@ -10,10 +10,12 @@ end and close. The general machines (connection, session and link, with their st
 events) answer every frame the specification allows, and cost about twice MQTT's whole endpoint
 for that script. :class:`SdkPath` answers *only* that script, in one pass over the frames:
 
-* each frame is decoded once (:func:`~.frames.frame_at`, the composites' byte readers), checked
-  against what the script allows at that point, and answered at once from the same templates
-  the machines use (:class:`~.frames.Templates`, :func:`~.frames.write_frame`): the answers are
-  the machines' bytes by construction;
+* each frame is decoded once (:func:`~.frames.frame_at`, the composites' byte readers; an SDK's
+  attach from the shape of one read before, :func:`attach_like`), checked against what the
+  script allows at that point, and answered at once from the same templates the machines use
+  (:class:`~.frames.Templates`, :func:`~.frames.write_frame`), the attach, the answer's transfer
+  and its message (:class:`Reply`) from parts made once with the composites' own writers: the
+  machines' bytes;
 * the state is a handful of numbers: one session, its windows and ids, and a small record per
   link (handle, role, delivery count, credit);
 * what needs the application (the SASL mechanism's check, a link's address, a message's answer)
