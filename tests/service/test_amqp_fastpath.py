@@ -23,10 +23,10 @@ from bench._transports import amqp_steps
 import provisiond.service.amqp as endpoint_module
 import provisiond.service.gateway as gateway_module
 from provisiond.protocol.amqp import dps
-from provisiond.protocol.amqp.fastpath import Reply, attach_like
 from provisiond.protocol.amqp.frames import Frame, FrameType, encode_frame, frame_at
 from provisiond.protocol.amqp.message import encode_message
 from provisiond.protocol.amqp.performatives import Begin, Flow, SaslCode, SaslInit, SaslOutcome
+from provisiond.protocol.amqp.shapes import Reply, attach_like
 from provisiond.protocol.amqp.types import Symbol
 from provisiond.protocol.amqp.values import ULong
 from provisiond.service.amqp import HANDED_OVER, AmqpEndpoint
