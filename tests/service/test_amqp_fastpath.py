@@ -26,7 +26,7 @@ from provisiond.protocol.amqp import dps
 from provisiond.protocol.amqp.frames import Frame, FrameType, encode_frame, frame_at
 from provisiond.protocol.amqp.message import encode_message
 from provisiond.protocol.amqp.performatives import Begin, Flow, SaslCode, SaslInit, SaslOutcome
-from provisiond.protocol.amqp.shapes import Reply, attach_like
+from provisiond.protocol.amqp.shapes import Reply, attach_like, open_like
 from provisiond.protocol.amqp.types import Symbol
 from provisiond.protocol.amqp.values import ULong
 from provisiond.service.amqp import HANDED_OVER, AmqpEndpoint
@@ -273,4 +273,19 @@ def test_an_attach_read_by_its_shape_is_the_attach_decoded() -> None:
             # A name that is not UTF-8 is not read by its shape (the decoder refuses it).
             bad = unit.replace(b"\xa1" + bytes((unit[unit.index(b"\xa1") + 1],)), b"\xa1\x01\xff", 1)
             assert attach_like(bad, address) is None or attach_like(bad, address) == frame_at(bad, 1 << 20)
+    assert read >= 12
+
+
+def test_an_open_read_by_its_shape_is_the_open_decoded() -> None:
+    sessions = [[bytes.fromhex(read) for read in s["reads"]] for s in _NODE_SDK.values()]
+    read = 0
+    for reads in [*sessions, list(_SDK_TURNS), [_WIRES[None]]]:
+        for unit in (u for u in _units(b"".join(reads)) if u[8:11] == b"\x00\x53\x10"):
+            decoded = frame_at(unit, 1 << 20)
+            assert decoded is not None
+            for _ in range(2):  # the shape made, then found
+                assert open_like(unit) == decoded[0].performative
+                read += 1
+            at = unit.index(b"\xa1")  # the container-id: not UTF-8, not read by its shape
+            assert open_like(unit[: at + 2] + b"\xff" + unit[at + 3 :]) is None
     assert read >= 12

@@ -96,7 +96,7 @@ from .performatives import (
     decode_message,
 )
 from .session import _ACCEPTED, _BEGINS, _FLOWS, _TRANSFER_FRAME_BOUND
-from .shapes import Reply, attach_like, write_attach, write_transfer
+from .shapes import Reply, attach_like, open_like, write_attach, write_transfer
 from .state import Side
 from .types import Symbol
 
@@ -114,6 +114,7 @@ __all__ = [
 _MOD = 1 << 32
 _SASL_HEADER = ProtocolHeader(ProtocolId.SASL).encode()
 _ATTACH_DESCRIPTOR = bytes((0x00, 0x53, 0x12))
+_OPEN_DESCRIPTOR = bytes((0x00, 0x53, 0x10))
 _CHANNEL_0 = bytes((2, 0, 0, 0))  # DOFF 2, an AMQP frame, channel 0
 _AMQP_HEADER = ProtocolHeader(ProtocolId.AMQP).encode()
 
@@ -307,6 +308,11 @@ class SdkPath:
 
     def _opening(self, expect: int) -> Step | None:
         """sasl-init, or the open."""
+        known = self._known(_OPEN_DESCRIPTOR) if expect == _OPEN else None
+        if known is not None:
+            performative: Any = open_like(known)
+            if performative is not None:
+                return self._open(performative, len(known))
         found = frame_at(self._in, self.config.max_frame_size)
         if found is None:
             return None
@@ -319,7 +325,9 @@ class SdkPath:
             return self._wait(size, SaslInitStep(performative.mechanism, performative.initial_response))
         if frame.type is not FrameType.AMQP or type(performative) is not Open:
             raise _Handover
-        assert isinstance(performative, Open)
+        return self._open(performative, size)
+
+    def _open(self, performative: Open, size: int) -> Step:
         if performative.max_frame_size < MIN_MAX_FRAME_SIZE:
             raise _Handover
         self.remote_open = performative
@@ -421,19 +429,27 @@ class SdkPath:
 
     # --- links ---------------------------------------------------------------------------------
 
-    def _known_attach(self) -> tuple[Attach, int] | None:
-        """The attach at the start of the input, read through :func:`attach_like`; None when it
-        is not one that can be (the frame then goes through :func:`~.frames.frame_at`)."""
+    def _known(self, descriptor: bytes) -> bytes | None:
+        """The whole frame at the start of the input when it is complete, within our limit, on
+        channel 0 with no extended header, and its performative's descriptor is ``descriptor``
+        (read then by its shape, :mod:`.shapes`); else None (read it through
+        :func:`~.frames.frame_at`)."""
         buf = self._in
-        if self._address is None or len(buf) < 14 or buf[8:11] != _ATTACH_DESCRIPTOR:
+        if len(buf) < 14 or buf[8:11] != descriptor or buf[4:8] != _CHANNEL_0:
             return None
         size = int.from_bytes(buf[:4], "big")
-        if size > len(buf) or size > self.config.max_frame_size or buf[4:8] != _CHANNEL_0:
+        if size > len(buf) or size > self.config.max_frame_size:
             return None
-        if self._channel != 0:
+        return bytes(buf[:size])
+
+    def _known_attach(self) -> tuple[Attach, int] | None:
+        """The attach at the start of the input, read through :func:`attach_like`; None when it
+        is not one that can be."""
+        if self._address is None or self._channel != 0:
             return None
-        attach = attach_like(bytes(buf[:size]), self._address)
-        return None if attach is None else (attach, size)
+        frame = self._known(_ATTACH_DESCRIPTOR)
+        attach = None if frame is None else attach_like(frame, self._address)
+        return None if attach is None or frame is None else (attach, len(frame))
 
     def _attach(self, attach: Attach, size: int) -> Step:
         limits = self.config.sessions

@@ -29,6 +29,7 @@ from .performatives import (
     Attach,
     Data,
     Message,
+    Open,
     Properties,
     Role,
     SndSettleMode,
@@ -40,7 +41,7 @@ from .performatives import (
 from .session import _TRANSFERS
 from .types import encode_value
 
-__all__ = ["Reply", "attach_like", "write_attach", "write_transfer"]
+__all__ = ["Reply", "attach_like", "open_like", "write_attach", "write_transfer"]
 
 _LIST32 = struct.Struct(">II")
 
@@ -137,6 +138,54 @@ def attach_like(frame: bytes, address: bytes) -> Attach | None:
     if isinstance(attach.__dict__[other], Source | Target):
         attach.__dict__[other] = _copy(attach.__dict__[other])
     return attach
+
+
+def open_like(frame: bytes) -> Open | None:
+    """The open ``frame`` (a whole frame, DOFF 2) decodes to, from the one of its shape read
+    before (an SDK's opens differ in their container-id, the first field); None when it has no
+    known shape."""
+    code = frame[11]
+    at = 14 if code == 0xC0 else 20 if code == 0xD0 else 0
+    if not at or len(frame) < at + 2 or frame[at] != 0xA1:  # a str8 container-id
+        return None
+    end = at + 2 + frame[at + 1]
+    key = (frame[: at + 2], end - at - 2, frame[end:])
+    template = _OPENS.get(key, _UNKNOWN)
+    if template is _UNKNOWN:
+        template = _OPENS[key] = _read_open(key)
+        if len(_OPENS) > _TABLE_ENTRIES:
+            _OPENS.clear()
+    if template is None:
+        return None
+    try:
+        container_id = frame[at + 2 : end].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    made: Open = _copy(template)
+    made.__dict__["container_id"] = container_id
+    return made
+
+
+_OPENS: dict[tuple[bytes, int, bytes], Open | None] = {}
+
+
+def _read_open(key: tuple[bytes, int, bytes]) -> Open | None:
+    head, size, tail = key
+    placeholder = bytes((_NAME_MARK,)) * size
+    try:
+        found = frame_at(head + placeholder + tail, MAX_SHAPE)
+    except AmqpProtocolError:
+        return None
+    if found is None or type(found[0].performative) is not Open or found[0].payload:
+        return None
+    opened = found[0].performative
+    assert isinstance(opened, Open)
+    if opened.container_id != placeholder.decode():
+        return None
+    properties = opened.properties or {}
+    if not all(_immutable(value) for item in properties.items() for value in item):
+        return None
+    return opened
 
 
 def _copy(value: Any) -> Any:
