@@ -709,3 +709,33 @@ async def test_a_stream_that_swallows_the_deadline_leaves_the_task_uncancelled(t
     done, _ = await asyncio.wait({task}, timeout=5)
     assert task in done and task.exception() is None
     assert task.cancelling() == 0
+
+
+async def test_a_request_whose_links_detach_in_the_same_read_is_answered_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """A device's request, then the detach of both its links, in one read: the machine reads
+    the detaches before the request is answered, so there is no link left to settle it on or
+    to answer it on; the session goes on (it used to end in LocalProtocolError)."""
+    units = []
+    wire = _client_wire("PLAIN")
+    at = 0
+    while at < len(wire):
+        size = 8 if wire[at : at + 4] == b"AMQP" else int.from_bytes(wire[at : at + 4], "big")
+        units.append(wire[at : at + size])
+        at += size
+    transfers = [i for i, unit in enumerate(units) if unit[8:11] == b"\x00\x53\x14"]
+    from provisiond.protocol.amqp.frames import Frame, FrameType, encode_frame
+    from provisiond.protocol.amqp.performatives import Close, Detach
+
+    detaches = bytearray()
+    for handle in (0, 1):
+        encode_frame(Frame(FrameType.AMQP, 0, Detach(handle=handle, closed=True)), detaches)
+    encode_frame(Frame(FrameType.AMQP, 0, Close()), detaches)
+    first = transfers[0]
+    for fast in (True, False):
+        endpoint = _endpoint(tmp_path)
+        endpoint.fast_path = fast
+        stream = _FakeStream([*units[:first], units[first] + bytes(detaches)])
+        await asyncio.wait_for(endpoint(stream), 5)
+        assert stream.sent.endswith(b"\x00\x53\x18\x45")  # our close answers the device's

@@ -12,7 +12,17 @@ heartbeats the device's idle-time-out asks for) and never longer than
 :data:`HANDSHAKE_TIMEOUT` for the connection to be open. The deadline is kept by one timer
 per connection (:class:`~provisiond.service._deadline.ReadDeadline`, shared with MQTT), moved only when a read's deadline is earlier than
 the timer: a deadline that moves later (every read, for the idle timeout) costs nothing until
-the timer fires and finds it later. The connection's guard
+the timer fires and finds it later.
+
+A connection starts on the **fast path** (:mod:`provisiond.protocol.amqp.fastpath`): the frames
+of the official SDKs' provisioning script are answered in one pass, without the general
+machines, and the steps that need this endpoint (the SASL mechanism, a link's address, a
+request) go through the same checks and answers as the machine's events. Anything else (a
+refusal, TPM, a deadline, a frame the script does not have) hands the connection over to a
+:class:`~provisiond.protocol.amqp.connection.Connection` in the same state (its input
+replayed), and the loop above carries on: the device sees the same bytes and the log the
+same lines either way (``AmqpEndpoint(..., fast_path=False)`` runs the machine from the
+start). The connection's guard
 (:mod:`provisiond.service.guard`) learns when the protocol header is in and whether a frame is
 incomplete, so that a device trickling a frame byte by byte is held to the minimum receive rate.
 
@@ -76,10 +86,21 @@ from ..protocol.amqp.events import (
     SaslInitReceived,
     SaslResponseReceived,
 )
+from ..protocol.amqp.fastpath import (
+    HEADER,
+    OPENED,
+    AttachStep,
+    ClosedStep,
+    MessageStep,
+    Reply,
+    SaslInitStep,
+    SdkPath,
+)
 from ..protocol.amqp.performatives import (
     Accepted,
     AmqpValue,
-    Data,
+    Attach,
+    DeliveryState,
     Error,
     ErrorCondition,
     Message,
@@ -105,6 +126,8 @@ log = logging.getLogger("provisiond.amqp")
 HANDSHAKE_TIMEOUT = 30.0
 #: Requests a device may have in flight on its sending link.
 LINK_CREDIT = 16
+#: The debug line of a connection the fast path hands over to the general machine.
+HANDED_OVER = "handed over to the general machine"
 #: Room for the sections and properties above the largest registration body.
 MESSAGE_OVERHEAD = 8 * 1024
 _READ_SIZE = 65536
@@ -142,8 +165,12 @@ class AmqpEndpoint:
     TLS, ``AMQP_WS`` over WebSockets: :mod:`provisiond.service.gateway`). An instance is a
     session handler."""
 
-    def __init__(self, gateway: DeviceGateway, transport: Transport) -> None:
+    def __init__(self, gateway: DeviceGateway, transport: Transport, *, fast_path: bool = True) -> None:
         self.gateway = gateway
+        #: Whether connections start on the one-pass path for the SDKs' script
+        #: (:mod:`provisiond.protocol.amqp.fastpath`), handed over to the general machine on
+        #: anything else.
+        self.fast_path = fast_path
         self.transport = transport
         self.settings = gateway.ctx.settings
         #: Our side of every connection (immutable, so shared): this endpoint is one container.
@@ -164,7 +191,12 @@ class _Session:
     def __init__(self, endpoint: AmqpEndpoint, stream: ByteStream) -> None:
         self.endpoint = endpoint
         self.stream = stream
-        self.machine = Connection(Side.SERVER, endpoint.config, clock=time.monotonic)
+        self.machine: Connection
+        self.fast: SdkPath | None = None
+        if endpoint.fast_path:
+            self.fast = SdkPath(endpoint.config, credit=LINK_CREDIT, clock=time.monotonic)
+        else:
+            self.machine = Connection(Side.SERVER, endpoint.config, clock=time.monotonic)
         self.identity = _Identity()
         self.senders: dict[dps.RegistrationAddress, LinkId] = {}
         self.receivers: dict[LinkId, dps.RegistrationAddress] = {}
@@ -182,22 +214,112 @@ class _Session:
     # --- the loop ------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        machine = self.machine
         try:
-            while not machine.finished and not self.aborted:
-                events = await self._receive()
-                await self._handle(events)
-                await self._flush()
+            if self.fast is None or await self._run_fast():
+                machine = self.machine
+                while not machine.finished and not self.aborted:
+                    events = await self._receive()
+                    await self._handle(events)
+                    await self._flush()
         except StreamClosed as exc:
             self.close_reason = f"the connection broke while sending ({exc or 'reset'})"
         finally:
             self.deadline.close()
         with contextlib.suppress(StreamClosed):
             await self._flush()
+        self._log_close()
+
+    def _log_close(self) -> None:
         normal = self.close_reason in ("the device closed the connection", "the device closed the stream")
         level = logging.DEBUG if normal else logging.INFO
         if log.isEnabledFor(level):
             log.log(level, "AMQP %s: closed: %s", self.who, self.close_reason)
+
+    # --- the fast path (the SDKs' script) ------------------------------------------------------
+
+    async def _run_fast(self) -> bool:
+        """Serve the connection on the fast path; True once it is handed over to the machine
+        (which then carries on), False when the connection is over."""
+        fast = self.fast
+        assert fast is not None
+        guard = self.stream.guard
+        while not fast.finished and not self.aborted:
+            if fast.pending_input:
+                guard.receiving()
+            else:
+                guard.busy()
+            deadline = fast.next_deadline()
+            if not fast.opened:
+                handshake = self.started + HANDSHAKE_TIMEOUT
+                deadline = handshake if deadline is None or handshake < deadline else deadline
+            data = await self.deadline.receive(self.stream, _READ_SIZE, deadline)
+            if data is None:
+                if not fast.opened and time.monotonic() >= self.started + HANDSHAKE_TIMEOUT:
+                    self.close_reason = f"the connection was not open within {HANDSHAKE_TIMEOUT:g} s"
+                    self.aborted = True
+                    return False
+                await self._hand_over()  # a heartbeat or the idle timeout: the machine's
+                await self._handle(self.machine.tick())
+                await self._flush()
+                return True
+            if not data:
+                self._closed_by_peer(None)
+                fast.ended()
+                return False
+            fast.receive(data)
+            if not await self._fast_steps(fast):
+                await self._hand_over()
+                await self._flush()
+                return True
+            await self._flush()
+        return False
+
+    async def _fast_steps(self, fast: SdkPath) -> bool:
+        """Answer the fast path's steps until it needs bytes; False to hand over."""
+        while True:
+            step = fast.next()
+            if step is None:
+                return True
+            if step is False:
+                return False
+            kind = type(step)
+            if step is HEADER:
+                self.stream.guard.head_received()
+            elif kind is MessageStep:
+                assert isinstance(step, MessageStep)
+                address = self.receivers[step.link]
+                state, sender, message = await self._answer_message(address, step.message, step.settled)
+                if not fast.answer(state, sender, message):
+                    return False
+            elif kind is AttachStep:
+                assert isinstance(step, AttachStep)
+                found = self._link_address(step.role, step.remote)
+                if isinstance(found, tuple):
+                    return False  # refused the general way, with its log line
+                fast.accept_link()
+                self._attached(step.link, step.role, step.remote, found)
+            elif kind is SaslInitStep:
+                assert isinstance(step, SaslInitStep)
+                self.identity.mechanism = str(step.mechanism)[:40]
+                mechanism = _FAST_MECHANISMS.get(step.mechanism)
+                if mechanism is None or self._authenticate(mechanism, step.initial_response) is not None:
+                    return False
+                fast.sasl_ok()
+            elif step is OPENED:
+                self._log_open(fast.sasl_mechanism)
+            elif kind is ClosedStep:
+                assert isinstance(step, ClosedStep)
+                self._closed_by_peer(step.close.error if step.close is not None else None)
+
+    async def _hand_over(self) -> None:
+        """Carry on with the general machine, in the state the fast path reached."""
+        fast = self.fast
+        assert fast is not None
+        self.machine, events = fast.handover()
+        self.fast = None
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("AMQP %s: %s", self.who, HANDED_OVER)
+        await self._handle(events)
 
     async def _receive(self) -> list[Event]:
         machine = self.machine
@@ -219,7 +341,7 @@ class _Session:
         return self.machine.feed_bytes(data)
 
     async def _flush(self) -> None:
-        data = self.machine.get_outbound_data()
+        data = self.fast.get_outbound_data() if self.fast is not None else self.machine.get_outbound_data()
         if data:
             await self.stream.send(data)
 
@@ -241,8 +363,11 @@ class _Session:
     async def _on_opened(self, event: ConnectionOpened) -> None:
         machine = self.machine
         machine.open()
+        self._log_open(machine.sasl_mechanism)
+
+    def _log_open(self, mechanism: Symbol | None) -> None:
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("AMQP %s: open (SASL %s)", self.who, machine.sasl_mechanism or "none")
+            log.debug("AMQP %s: open (SASL %s)", self.who, mechanism or "none")
 
     async def _on_link(self, event: LinkAttached) -> None:
         if event.answer_needed:
@@ -250,13 +375,16 @@ class _Session:
 
     async def _on_closed(self, event: ConnectionClosed) -> None:
         if event.by_peer:
-            self.close_reason = (
-                f"the device closed with {event.error.condition}: {event.error.description}"
-                if event.error
-                else "the device closed the connection"
-            )
+            self._closed_by_peer(event.error)
         elif event.error is not None and self.close_reason == "closed":
             self.close_reason = f"{event.error.description} ({event.error.condition})"
+
+    def _closed_by_peer(self, error: Error | None) -> None:
+        self.close_reason = (
+            f"the device closed with {error.condition}: {error.description}"
+            if error
+            else "the device closed the connection"
+        )
 
     # --- SASL ----------------------------------------------------------------------------------
 
@@ -272,29 +400,43 @@ class _Session:
         except ValueError:
             self._sasl_fail("not a mechanism this service offered")
             return
-        try:
-            if mechanism is dps.Mechanism.PLAIN:
-                username, password = dps.parse_plain(init.initial_response)
-                identity.address = dps.parse_registration_address(username)
-                self.endpoint.gateway.check_token(
-                    password, identity.address.id_scope, identity.address.registration_id
-                )
-                identity.authorization = password
-            elif mechanism is dps.Mechanism.TPM:
+        if mechanism is dps.Mechanism.TPM:
+            try:
                 exchange = identity.tpm_exchange = TpmSaslServer()
                 challenge = exchange.receive_init(init.initial_response)
                 assert exchange.init is not None
                 identity.address = dps.RegistrationAddress(
                     exchange.init.id_scope, exchange.init.registration_id
                 )
-                self.machine.sasl_challenge(challenge)  # send the SRK
+            except (AmqpProtocolError, ProvisioningError) as exc:
+                self._sasl_fail(exc.message)
                 return
+            self.machine.sasl_challenge(challenge)  # send the SRK
+            return
+        why = self._authenticate(mechanism, init.initial_response)
+        if why is not None:
+            self._sasl_fail(why)
+            return
+        self.machine.sasl_outcome(SaslCode.OK)
+
+    def _authenticate(self, mechanism: dps.Mechanism, initial_response: bytes | None) -> str | None:
+        """PLAIN, EXTERNAL or ANONYMOUS: who the device is (``identity``); None when the outcome
+        is *ok*, else why not. No side effect but ``identity`` (the fast path hands a refusal
+        over to the general machine, which asks again)."""
+        identity = self.identity
+        try:
+            if mechanism is dps.Mechanism.PLAIN:
+                username, password = dps.parse_plain(initial_response)
+                identity.address = dps.parse_registration_address(username)
+                self.endpoint.gateway.check_token(
+                    password, identity.address.id_scope, identity.address.registration_id
+                )
+                identity.authorization = password
             elif mechanism is dps.Mechanism.EXTERNAL and not self.stream.client_chain:
                 raise AmqpProtocolError("EXTERNAL needs a client certificate in the TLS handshake.")
         except (AmqpProtocolError, ProvisioningError) as exc:
-            self._sasl_fail(exc.message)
-            return
-        self.machine.sasl_outcome(SaslCode.OK)
+            return exc.message
+        return None
 
     async def _on_tpm_response(self, response: bytes) -> None:
         """One step of the SASL TPM exchange (:mod:`provisiond.protocol.amqp.sasl_tpm`); the
@@ -328,33 +470,41 @@ class _Session:
     # --- links ---------------------------------------------------------------------------------
 
     def _on_attach(self, event: LinkAttached) -> None:
-        remote = event.remote
-        terminus = remote.target if event.role is Role.RECEIVER else remote.source
+        found = self._link_address(event.role, event.remote)
+        if isinstance(found, tuple):
+            self._refuse_link(event.link, *found)
+            return
+        self.machine.accept_link(event.link)
+        if event.role is Role.RECEIVER:
+            self.machine.grant_credit(event.link, LINK_CREDIT)
+        self._attached(event.link, event.role, event.remote, found)
+
+    def _link_address(self, role: Role, remote: Attach) -> dps.RegistrationAddress | tuple[str, str]:
+        """The device's address a link names, or the condition and reason to refuse it."""
+        terminus = remote.target if role is Role.RECEIVER else remote.source
         try:
             address = dps.parse_registration_address(getattr(terminus, "address", None))
         except AmqpProtocolError as exc:
-            self._refuse_link(event.link, ErrorCondition.NOT_FOUND, exc.message)
-            return
+            return ErrorCondition.NOT_FOUND, exc.message
         known = self.identity.address
         if known is not None and (
             known.registration_id.lower() != address.registration_id.lower()
             or known.id_scope.lower() != address.id_scope.lower()
         ):
-            self._refuse_link(
-                event.link,
+            return (
                 ErrorCondition.UNAUTHORIZED_ACCESS,
                 f"The link is for {address}, but the connection authenticated {known}.",
             )
-            return
-        self.identity.address = known or address
-        self.machine.accept_link(event.link)
-        if event.role is Role.RECEIVER:
-            self.receivers[event.link] = address
-            self.machine.grant_credit(event.link, LINK_CREDIT)
+        return address
+
+    def _attached(self, link: LinkId, role: Role, remote: Attach, address: dps.RegistrationAddress) -> None:
+        self.identity.address = self.identity.address or address
+        if role is Role.RECEIVER:
+            self.receivers[link] = address
         else:
-            self.senders[address] = event.link
+            self.senders[address] = link
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("AMQP %s: attached %s link %r", self.who, event.role.name.lower(), remote.name)
+            log.debug("AMQP %s: attached %s link %r", self.who, role.name.lower(), remote.name)
 
     def _refuse_link(self, link: LinkId, condition: str, why: str) -> None:
         log.info("AMQP %s: refused a link: %s", self.who, why)
@@ -366,35 +516,27 @@ class _Session:
         address = self.receivers.get(event.link)
         if address is None:
             return
-        message = event.message
+        state, sender, message = await self._answer_message(address, event.message, event.settled)
+        _deliver(self.machine, event, state, sender, message, LINK_CREDIT)
+
+    async def _answer_message(
+        self, address: dps.RegistrationAddress, message: Message, settled: bool
+    ) -> tuple[DeliveryState | None, LinkId | None, Reply | None]:
+        """The gateway's answer to one request: how to settle it (None: the device settled
+        it), and the answer's message and the link to send it on (None: none)."""
         properties = message.properties or Properties()
         answer = await self._answer(address, message)
         if answer.refused:
-            if not event.settled:
-                self.machine.settle(event.link, event.delivery_id, _rejection(answer))
-        else:
-            if not event.settled:
-                self.machine.settle(event.link, event.delivery_id, Accepted())
-            self._respond(address, properties.correlation_id, answer)
-        if self.machine.credit(event.link) < LINK_CREDIT // 2:
-            self.machine.grant_credit(event.link, LINK_CREDIT)
-
-    def _respond(self, address: dps.RegistrationAddress, correlation_id: Any, answer: Answer) -> None:
+            return (None if settled else _rejection(answer)), None, None
+        state = None if settled else Accepted()
         sender = self.senders.get(address)
         if sender is None:
             log.info("AMQP %s: no receiving link to answer on; the answer is dropped", self.who)
-            return
-        properties: dict[str, Any] = {}
+            return state, None, None
+        retry: dict[str, Any] = {}
         if answer.retry_after is not None:
-            properties = {name: answer.retry_after for name in dps.RETRY_AFTER_NAMES}
-        self.machine.send_message(
-            sender,
-            Message(
-                properties=Properties(message_id=str(uuid.uuid4()), correlation_id=correlation_id),
-                application_properties=properties or None,
-                body=(Data(answer.body),),
-            ),
-        )
+            retry = {name: answer.retry_after for name in dps.RETRY_AFTER_NAMES}
+        return state, sender, Reply(str(uuid.uuid4()), properties.correlation_id, retry or None, answer.body)
 
     async def _answer(self, address: dps.RegistrationAddress, message: Message) -> Answer:
         """The gateway's answer to one request message."""
@@ -440,6 +582,11 @@ class _Session:
         return await gateway.answer(call)
 
 
+#: The mechanisms the fast path serves (TPM's exchange is the general machine's).
+_FAST_MECHANISMS = {
+    Symbol(m.value): m for m in (dps.Mechanism.PLAIN, dps.Mechanism.EXTERNAL, dps.Mechanism.ANONYMOUS)
+}
+
 #: What the session does with each kind of event (the others need nothing from it).
 _HANDLERS: dict[type[Event], Callable[[_Session, Any], Awaitable[None]]] = {
     ProtocolHeaderReceived: _Session._on_header,
@@ -450,6 +597,28 @@ _HANDLERS: dict[type[Event], Callable[[_Session, Any], Awaitable[None]]] = {
     MessageReceived: _Session._on_message,
     ConnectionClosed: _Session._on_closed,
 }
+
+
+def _deliver(
+    machine: Connection,
+    event: MessageReceived,
+    state: DeliveryState | None,
+    sender: LinkId | None,
+    message: Reply | None,
+    credit: int,
+) -> None:
+    """Settle a request, send its answer and top its link's credit up, on the links that are
+    still there: the device may have detached either in the same read as its request (the
+    machine read that detach before the request was answered)."""
+    if machine.has_link(event.link):
+        if state is not None:
+            machine.settle(event.link, event.delivery_id, state)
+    elif log.isEnabledFor(logging.DEBUG):
+        log.debug("AMQP: the link of delivery %d detached before its answer", event.delivery_id)
+    if sender is not None and message is not None and machine.has_link(sender):
+        machine.send_message(sender, message.message())
+    if machine.has_link(event.link) and machine.credit(event.link) < credit // 2:
+        machine.grant_credit(event.link, credit)
 
 
 def _rejection(answer: Answer) -> Rejected:

@@ -701,6 +701,12 @@ class Connection:
         """Queue ``message`` on our sending link; it leaves when the peer grants credit."""
         self._session(link.channel).send_message(link, encode_message(message), settled=settled)
 
+    def has_link(self, link: LinkId) -> bool:
+        """Whether ``link`` is still one of ours (a detach from the peer forgets it)."""
+        session = self.sessions.get(link.channel)
+        found = session.links.get(link.handle) if session else None
+        return found is not None and found.id == link
+
     def credit(self, link: LinkId) -> int:
         """The link credit left on one of our links (0 when it is gone)."""
         session = self.sessions.get(link.channel)
