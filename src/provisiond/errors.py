@@ -90,6 +90,7 @@ __all__ = [
     "InvalidIdError",
     "InvalidQueryError",
     "LocalProtocolError",
+    "MessageTooLargeError",
     "MethodNotAllowedError",
     "MissingApiVersionError",
     "NotFoundError",
@@ -489,6 +490,13 @@ class ProtocolError(ProvisioningError):
 
 class LocalProtocolError(ProtocolError):
     """Our side broke the protocol: a driver sent the flow something it did not ask for (a bug)."""
+
+
+class MessageTooLargeError(LocalProtocolError):
+    """A message our side would send is larger than the peer's link accepts (its
+    max-message-size); nothing was sent. The one local protocol error a driver is expected to
+    handle: the peer chose the limit (the AMQP endpoint detaches the link with
+    ``amqp:link:message-size-exceeded``)."""
 
 
 class RemoteProtocolError(ProtocolError):

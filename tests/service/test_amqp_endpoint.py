@@ -22,7 +22,8 @@ import pytest
 from click.testing import CliRunner
 from proton import Message as ProtonMessage
 from proton import SSLDomain
-from proton.utils import BlockingConnection, SendException
+from proton.reactor import LinkOption
+from proton.utils import BlockingConnection, LinkDetached, SendException
 
 from provisiond import pki
 from provisiond.cli import cli
@@ -227,6 +228,46 @@ def test_proton_reads_max_message_size_on_both_links(server: RunningServer, admi
         assert receiver.link.remote_max_message_size == limit
     finally:
         conn.close()
+
+
+def test_an_answer_larger_than_the_devices_receiving_link_accepts_detaches_that_link(
+    server: RunningServer, admin: ServiceClient
+) -> None:
+    """A device whose receiving link takes messages of at most 64 bytes: the register is
+    accepted, its answer (larger) is not sent, and the link is detached with
+    ``amqp:link:message-size-exceeded`` and a log line, not a traceback; the connection lives
+    on (the device could attach again with a larger limit)."""
+
+    class SmallMessages(LinkOption):
+        def apply(self, link: Any) -> None:
+            link.max_message_size = 64
+
+    reg = uid("amqp-small")
+    key = enroll_symmetric(admin, reg)
+    address = f"{server.id_scope}/registrations/{reg}"
+    conn = BlockingConnection(
+        amqp_url(server),
+        ssl_domain=proton_tls(server),
+        sasl_enabled=True,
+        allowed_mechs="PLAIN",
+        user=address,
+        password=token_for(server, reg, key),
+        timeout=10,
+    )
+    try:
+        sender = conn.create_sender(address)
+        receiver = conn.create_receiver(address, options=SmallMessages())
+        with pytest.raises(LinkDetached) as detached:  # while the send waits for its settlement
+            sender.send(register_message(reg, "c"))
+            receiver.receive(timeout=10)
+        assert detached.value.condition == "amqp:link:message-size-exceeded"
+        server.wait_for_log("an answer is not sent", "peer's limit of 64 bytes", "message-size-exceeded")
+        again = conn.create_receiver(address, name="again")  # on the same connection and sender
+        sender.send(register_message(reg, "d"))
+        assert operation(again.receive(timeout=10))["status"] == "assigned"
+    finally:
+        conn.close()
+    assert "Traceback" not in server.log()
 
 
 def test_proton_external_with_a_client_certificate(

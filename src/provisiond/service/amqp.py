@@ -72,7 +72,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import AmqpProtocolError, InvalidBodyError, ProvisioningError, RequestError, ThrottledError
+from ..errors import (
+    AmqpProtocolError,
+    InvalidBodyError,
+    MessageTooLargeError,
+    ProvisioningError,
+    RequestError,
+    ThrottledError,
+)
 from ..protocol.amqp import dps
 from ..protocol.amqp.connection import Connection, ConnectionConfig, Side
 from ..protocol.amqp.events import (
@@ -95,6 +102,7 @@ from ..protocol.amqp.fastpath import (
     Reply,
     SaslInitStep,
     SdkPath,
+    deliver,
 )
 from ..protocol.amqp.performatives import (
     Accepted,
@@ -311,12 +319,21 @@ class _Session:
                 assert isinstance(step, ClosedStep)
                 self._closed_by_peer(step.close.error if step.close is not None else None)
 
+    def _log_unsent(self, too_large: MessageTooLargeError) -> None:
+        log.info(
+            "AMQP %s: an answer is not sent (%s); its link is detached with amqp:link:message-size-exceeded",
+            self.who,
+            too_large.message,
+        )
+
     async def _hand_over(self) -> None:
         """Carry on with the general machine, in the state the fast path reached."""
         fast = self.fast
         assert fast is not None
         self.machine, events = fast.handover()
         self.fast = None
+        for too_large in fast.unsent:
+            self._log_unsent(too_large)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("AMQP %s: %s", self.who, HANDED_OVER)
         await self._handle(events)
@@ -517,7 +534,13 @@ class _Session:
         if address is None:
             return
         state, sender, message = await self._answer_message(address, event.message, event.settled)
-        _deliver(self.machine, event, state, sender, message, LINK_CREDIT)
+        if not self.machine.has_link(event.link) and log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "AMQP %s: the link of delivery %d detached before its answer", self.who, event.delivery_id
+            )
+        too_large = deliver(self.machine, event, state, sender, message, LINK_CREDIT)
+        if too_large is not None:
+            self._log_unsent(too_large)
 
     async def _answer_message(
         self, address: dps.RegistrationAddress, message: Message, settled: bool
@@ -597,28 +620,6 @@ _HANDLERS: dict[type[Event], Callable[[_Session, Any], Awaitable[None]]] = {
     MessageReceived: _Session._on_message,
     ConnectionClosed: _Session._on_closed,
 }
-
-
-def _deliver(
-    machine: Connection,
-    event: MessageReceived,
-    state: DeliveryState | None,
-    sender: LinkId | None,
-    message: Reply | None,
-    credit: int,
-) -> None:
-    """Settle a request, send its answer and top its link's credit up, on the links that are
-    still there: the device may have detached either in the same read as its request (the
-    machine read that detach before the request was answered)."""
-    if machine.has_link(event.link):
-        if state is not None:
-            machine.settle(event.link, event.delivery_id, state)
-    elif log.isEnabledFor(logging.DEBUG):
-        log.debug("AMQP: the link of delivery %d detached before its answer", event.delivery_id)
-    if sender is not None and message is not None and machine.has_link(sender):
-        machine.send_message(sender, message.message())
-    if machine.has_link(event.link) and machine.credit(event.link) < credit // 2:
-        machine.grant_credit(event.link, credit)
 
 
 def _rejection(answer: Answer) -> Rejected:

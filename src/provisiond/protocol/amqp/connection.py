@@ -698,7 +698,10 @@ class Connection:
         self._session(link.channel).grant_credit(link, credit)
 
     def send_message(self, link: LinkId, message: Message, *, settled: bool = False) -> None:
-        """Queue ``message`` on our sending link; it leaves when the peer grants credit."""
+        """Queue ``message`` on our sending link; it leaves when the peer grants credit.
+
+        :raises MessageTooLargeError: it is larger than the peer's max-message-size for the link.
+        """
         self._session(link.channel).send_message(link, encode_message(message), settled=settled)
 
     def has_link(self, link: LinkId) -> bool:

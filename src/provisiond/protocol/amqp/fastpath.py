@@ -35,7 +35,7 @@ The hand-over replays: a fresh server :class:`~.connection.Connection` (sans-io,
 deterministic) is fed the bytes the fast path handled, and answers its events with the
 decisions the fast path recorded (the SASL outcome, each link accepted, each message's
 settlement and answer). The machine's output for those bytes is dropped: the fast path sent the
-same bytes (``tests/protocol/test_amqp_fastpath.py`` drives both with the SDKs' recorded
+same bytes (``tests/service/test_amqp_fastpath.py`` drives both with the SDKs' recorded
 sequences and variants, cut at every frame, and compares them). A message whose answer the fast
 path could not send itself (no link credit, the peer's window closed, an answer larger than a
 frame) is replayed last and that output is kept. The unread rest of the input then goes to the
@@ -49,7 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ...errors import AmqpProtocolError
+from ...errors import AmqpProtocolError, MessageTooLargeError
 from .connection import (
     _CLOSE,
     _MIN_HEARTBEAT,
@@ -84,6 +84,8 @@ from .performatives import (
     Detach,
     Disposition,
     End,
+    Error,
+    ErrorCondition,
     Flow,
     Message,
     Open,
@@ -109,6 +111,7 @@ __all__ = [
     "MessageStep",
     "SaslInitStep",
     "SdkPath",
+    "deliver",
 ]
 
 _MOD = 1 << 32
@@ -206,6 +209,9 @@ class SdkPath:
         self.sasl_mechanism: Symbol | None = None
         self.remote_open: Open | None = None
         self.finished = False
+        #: The answers the hand-over could not send (larger than the device's link takes: the
+        #: link is detached), for the application's log line.
+        self.unsent: list[MessageTooLargeError] = []
         #: Every read (kept for a hand-over), and how many of their bytes were handled
         #: (answered), then how many the step awaiting the application holds.
         self._received: list[bytes] = []
@@ -608,11 +614,17 @@ class SdkPath:
         received = b"".join(self._received)
         handled, waiting = self._handled, self._waiting
         if handled:
-            _replay(machine, machine.feed_bytes(received[:handled]), answers, self.credit)
+            _replay(machine, machine.feed_bytes(received[:handled]), answers, self.credit, self.unsent)
             machine.get_outbound_data()  # the fast path's answers: already sent, or in self._out
         kept = b""
         if waiting and answers:  # a message answered but not sent: the machine sends it
-            _replay(machine, machine.feed_bytes(received[handled : handled + waiting]), answers, self.credit)
+            _replay(
+                machine,
+                machine.feed_bytes(received[handled : handled + waiting]),
+                answers,
+                self.credit,
+                self.unsent,
+            )
             kept = machine.get_outbound_data()
             handled += waiting
         machine._out += self._out
@@ -631,8 +643,15 @@ class SdkPath:
         return machine, events
 
 
-def _replay(machine: Connection, events: list[Event], answers: deque[_Answer], credit: int) -> None:
-    """Answer the machine's events as the application answered the fast path's steps."""
+def _replay(
+    machine: Connection,
+    events: list[Event],
+    answers: deque[_Answer],
+    credit: int,
+    unsent: list[MessageTooLargeError],
+) -> None:
+    """Answer the machine's events as the application answered the fast path's steps (an
+    answer too large for the device's link goes to ``unsent``)."""
     while events:
         for event in events:
             kind = type(event)
@@ -647,14 +666,39 @@ def _replay(machine: Connection, events: list[Event], answers: deque[_Answer], c
                     machine.grant_credit(event.link, credit)
             elif kind is MessageReceived:
                 assert isinstance(event, MessageReceived)
-                answer = answers.popleft()  # as the application delivers it (on the links still there)
-                if answer.state is not None and machine.has_link(event.link):
-                    machine.settle(event.link, event.delivery_id, answer.state)
-                if answer.reply is not None and answer.sender is not None and machine.has_link(answer.sender):
-                    machine.send_message(answer.sender, answer.reply.message())
-                if machine.has_link(event.link) and machine.credit(event.link) < credit // 2:
-                    machine.grant_credit(event.link, credit)
+                answer = answers.popleft()  # as the application delivers it
+                too_large = deliver(machine, event, answer.state, answer.sender, answer.reply, credit)
+                if too_large is not None:
+                    unsent.append(too_large)
         events = machine.poll_events()
+
+
+def deliver(
+    machine: Connection,
+    event: MessageReceived,
+    state: DeliveryState | None,
+    sender: LinkId | None,
+    reply: Reply | None,
+    credit: int,
+) -> MessageTooLargeError | None:
+    """Settle a request, send its answer and top its link's credit up, on the links that are
+    still there (the device may have detached either in the same read as its request: the
+    machine read that detach before the request was answered). An answer larger than the
+    device's receiving link takes is not sent: that link is detached with
+    ``amqp:link:message-size-exceeded``, and the error is returned (for the log line)."""
+    too_large = None
+    if state is not None and machine.has_link(event.link):
+        machine.settle(event.link, event.delivery_id, state)
+    if sender is not None and reply is not None and machine.has_link(sender):
+        try:
+            machine.send_message(sender, reply.message())
+        except MessageTooLargeError as exc:
+            too_large = exc
+            error = Error(condition=Symbol(ErrorCondition.MESSAGE_SIZE_EXCEEDED), description=exc.message)
+            machine.detach(sender, error)
+    if machine.has_link(event.link) and machine.credit(event.link) < credit // 2:
+        machine.grant_credit(event.link, credit)
+    return too_large
 
 
 _END = End()

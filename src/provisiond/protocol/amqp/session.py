@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...errors import AmqpProtocolError, LocalProtocolError
+from ...errors import AmqpProtocolError, LocalProtocolError, MessageTooLargeError
 from .events import (
     CreditGranted,
     DeliveryUpdated,
@@ -464,8 +464,8 @@ class Session:
             raise LocalProtocolError(f"Cannot send on {link.name!r} ({link.role.name}, {link.state.value}).")
         limit = link.remote.max_message_size if link.remote else None
         if limit and len(payload) > limit:
-            raise LocalProtocolError(
-                f"A {len(payload)}-byte message exceeds the peer's limit of {limit} bytes."
+            raise MessageTooLargeError(
+                f"a {len(payload)}-byte message exceeds the peer's limit of {int(limit)} bytes on {link.name!r}"
             )
         link.pending.append((payload, settled))
         self._pump(link)
