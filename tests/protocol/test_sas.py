@@ -55,3 +55,13 @@ def test_derived_device_keys_are_the_hmac_of_the_registration_id() -> None:
     for reg in ("dev-1", "dev-2", "dev-1", "déjà-vu"):
         expected = hmac.digest(base64.b64decode(group), reg.encode("utf-8"), "sha256")
         assert derive_device_key(group, reg) == base64.b64encode(expected).decode("ascii")
+
+
+def test_a_token_parsed_again_reads_the_same_and_a_malformed_one_is_refused_every_time() -> None:
+    """Parsed tokens are remembered (a device's token is parsed at CONNECT or SASL and again at
+    register time); a malformed token is not: it is refused each time it comes."""
+    token = build_sas_token("scope/registrations/dev-1", KEY, 2_000_000_000, key_name="registration")
+    assert parse_sas_token(token) == parse_sas_token(token)
+    for _ in range(2):
+        with pytest.raises(AuthenticationError):
+            parse_sas_token("SharedAccessSignature sr=x&se=1")

@@ -104,12 +104,23 @@ def _keyed(key: str) -> hmac.HMAC:
 
 
 def parse_sas_token(token: str) -> SasToken:
-    """Parse a token (with or without the ``SharedAccessSignature`` prefix).
+    """Parse a token (with or without the ``SharedAccessSignature`` prefix). The last
+    :data:`_PARSED` tokens parsed are remembered: an MQTT or AMQP device's token is parsed when
+    its CONNECT or SASL PLAIN is checked, and again when it registers.
 
     :raises AuthenticationError: the token is malformed (the message says how).
     """
     if len(token) > _MAX_TOKEN_LENGTH:
         raise AuthenticationError("The SAS token is too long.")
+    return _parse(token)
+
+
+#: How many parsed tokens :func:`parse_sas_token` remembers.
+_PARSED = 1024
+
+
+@functools.lru_cache(maxsize=_PARSED)
+def _parse(token: str) -> SasToken:
     text = token.strip()
     if text.startswith(_PREFIX) or text.lower().startswith(_PREFIX.lower()):
         text = text[len(_PREFIX) :]
