@@ -289,3 +289,15 @@ def test_an_open_read_by_its_shape_is_the_open_decoded() -> None:
             at = unit.index(b"\xa1")  # the container-id: not UTF-8, not read by its shape
             assert open_like(unit[: at + 2] + b"\xff" + unit[at + 3 :]) is None
     assert read >= 12
+
+
+async def test_an_attach_whose_address_is_a_symbol_is_answered_alike(run: _Run) -> None:
+    """An attach whose terminus address is encoded as a symbol rather than a string (the
+    mutated-session fuzz found one): the machine echoes a symbol, so the fast path must not
+    read it by the shape of a string address."""
+    data = bytearray(b"".join(_SDK_TURNS))
+    at = data.index(b"\x00S)\xc0") + 6  # the source's list8: its address, the first field
+    assert data[at] == 0xA1  # str8
+    data[at] = 0xA3  # sym8
+    for split in ([bytes(data)], [bytes(data[:at]), bytes(data[at:])]):
+        await run.same(split)

@@ -220,8 +220,10 @@ def _read_shape(key: tuple[bytes, int, bytes, int, bytes]) -> tuple[Attach, bool
     attach = found[0].performative
     assert isinstance(attach, Attach)
     text = address.decode()
-    in_source = isinstance(attach.source, Source) and attach.source.address == text
-    in_target = isinstance(attach.target, Target) and attach.target.address == text
+    # The address must be a string (str8 or str32), as the one put back: a symbol compares
+    # equal to its text but is echoed as a symbol (a mutated session's attach found it).
+    in_source = isinstance(attach.source, Source) and _is_text(attach.source.address, text)
+    in_target = isinstance(attach.target, Target) and _is_text(attach.target.address, text)
     if attach.name != name.decode() or in_source == in_target:
         return None
     if not isinstance(attach.source, Source | None) or not isinstance(attach.target, Target | None):
@@ -236,6 +238,10 @@ def _read_shape(key: tuple[bytes, int, bytes, int, bytes]) -> tuple[Attach, bool
     if not all(_immutable(value) for map_ in maps for item in map_.items() for value in item):
         return None  # a map holding a map or a list: read each such attach the general way
     return attach, in_source
+
+
+def _is_text(value: Any, text: str) -> bool:
+    return type(value) is str and value == text
 
 
 #: The largest attach read by its shape (the frame's own size was checked against the limit).
