@@ -115,6 +115,19 @@ def proton_tls(server: RunningServer, client_cert: tuple[Path, Path] | None = No
     return domain
 
 
+def proton_plain(server: RunningServer, reg: str, key: str) -> BlockingConnection:
+    """python-qpid-proton connected over TLS, authenticated with SASL PLAIN as ``reg``."""
+    return BlockingConnection(
+        amqp_url(server),
+        ssl_domain=proton_tls(server),
+        sasl_enabled=True,
+        allowed_mechs="PLAIN",
+        user=f"{server.id_scope}/registrations/{reg}",
+        password=token_for(server, reg, key),
+        timeout=10,
+    )
+
+
 def register_message(reg: str, correlation_id: str, **properties: Any) -> ProtonMessage:
     return ProtonMessage(
         body=json.dumps({"registrationId": reg}).encode(),
@@ -148,15 +161,7 @@ def test_proton_plain_registration_exchange(server: RunningServer, admin: Servic
     reg = uid("amqp-plain")
     key = enroll_symmetric(admin, reg)
     address = f"{server.id_scope}/registrations/{reg}"
-    conn = BlockingConnection(
-        amqp_url(server),
-        ssl_domain=proton_tls(server),
-        sasl_enabled=True,
-        allowed_mechs="PLAIN",
-        user=address,
-        password=token_for(server, reg, key),
-        timeout=10,
-    )
+    conn = proton_plain(server, reg, key)
     try:
         register = register_message(reg, "corr-1", **{dps.FORCE_REGISTRATION: False})
         sender = conn.create_sender(address)
@@ -211,15 +216,7 @@ def test_proton_reads_max_message_size_on_both_links(server: RunningServer, admi
     reg = uid("amqp-attach")
     key = enroll_symmetric(admin, reg)
     address = f"{server.id_scope}/registrations/{reg}"
-    conn = BlockingConnection(
-        amqp_url(server),
-        ssl_domain=proton_tls(server),
-        sasl_enabled=True,
-        allowed_mechs="PLAIN",
-        user=address,
-        password=token_for(server, reg, key),
-        timeout=10,
-    )
+    conn = proton_plain(server, reg, key)
     try:
         sender = conn.create_sender(address)  # returns once the service's attach arrived
         receiver = conn.create_receiver(address)
@@ -245,15 +242,7 @@ def test_an_answer_larger_than_the_devices_receiving_link_accepts_detaches_that_
     reg = uid("amqp-small")
     key = enroll_symmetric(admin, reg)
     address = f"{server.id_scope}/registrations/{reg}"
-    conn = BlockingConnection(
-        amqp_url(server),
-        ssl_domain=proton_tls(server),
-        sasl_enabled=True,
-        allowed_mechs="PLAIN",
-        user=address,
-        password=token_for(server, reg, key),
-        timeout=10,
-    )
+    conn = proton_plain(server, reg, key)
     try:
         sender = conn.create_sender(address)
         receiver = conn.create_receiver(address, options=SmallMessages())
