@@ -290,12 +290,19 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return url
 
 
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    """An open store on a fresh database, once per backend; closed after the test."""
-    opened = open_store(store_url)
+@contextlib.asynccontextmanager
+async def opened_store(url: str) -> AsyncIterator[Store]:
+    """The store of ``url``, open for the block and closed after it."""
+    opened = open_store(url)
     await opened.open()
     try:
         yield opened
     finally:
         await opened.close()
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[Store]:
+    """An open store on a fresh database, once per backend; closed after the test."""
+    async with opened_store(store_url) as opened:
+        yield opened

@@ -194,15 +194,7 @@ def test_proton_with_the_c_sdks_amqps_address_prefix(server: RunningServer, admi
     reg = uid("amqp-prefix")
     key = enroll_symmetric(admin, reg)
     resource = f"{server.id_scope}/registrations/{reg}"
-    conn = BlockingConnection(
-        amqp_url(server),
-        ssl_domain=proton_tls(server),
-        sasl_enabled=True,
-        allowed_mechs="PLAIN",
-        user=resource,
-        password=token_for(server, reg, key),
-        timeout=10,
-    )
+    conn = proton_plain(server, reg, key)
     try:
         (answer,) = exchange(conn, f"amqps://localhost/{resource}", register_message(reg, "c"))
         assert operation(answer)["status"] == "assigned"
@@ -326,15 +318,7 @@ def test_proton_with_a_token_for_another_device_fails_sasl(
 def test_proton_link_for_another_device_is_refused(server: RunningServer, admin: ServiceClient) -> None:
     reg = uid("amqp-other")
     key = enroll_symmetric(admin, reg)
-    conn = BlockingConnection(
-        amqp_url(server),
-        ssl_domain=proton_tls(server),
-        sasl_enabled=True,
-        allowed_mechs="PLAIN",
-        user=f"{server.id_scope}/registrations/{reg}",
-        password=token_for(server, reg, key),
-        timeout=10,
-    )
+    conn = proton_plain(server, reg, key)
     try:
         with pytest.raises(Exception, match="unauthorized|authenticated"):
             conn.create_sender(f"{server.id_scope}/registrations/not-{reg}")

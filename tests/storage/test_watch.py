@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 import psycopg
 import pytest
 
-from provisiond.storage import Store, Stream, StreamWatch, open_store
+from provisiond.storage import Store, Stream, StreamWatch
+from tests._postgres import opened_store
 
 SIGNALS = Stream.HUB_SIGNALS
 #: A generous bound on a wake that must come (the point is that it comes, not how fast).
@@ -21,12 +22,8 @@ WAKE = 30.0
 @pytest.fixture
 async def other(store_url: str) -> AsyncIterator[Store]:
     """A second store on the test's database: another process, as far as the first knows."""
-    opened = open_store(store_url)
-    await opened.open()
-    try:
+    async with opened_store(store_url) as opened:
         yield opened
-    finally:
-        await opened.close()
 
 
 async def until(watch: StreamWatch, live: bool) -> None:

@@ -250,21 +250,10 @@ class _Session:
         (which then carries on), False when the connection is over."""
         fast = self.fast
         assert fast is not None
-        guard = self.stream.guard
         while not fast.finished and not self.aborted:
-            if fast.pending_input:
-                guard.receiving()
-            else:
-                guard.busy()
-            deadline = fast.next_deadline()
-            if not fast.opened:
-                handshake = self.started + HANDSHAKE_TIMEOUT
-                deadline = handshake if deadline is None or handshake < deadline else deadline
-            data = await self.deadline.receive(self.stream, _READ_SIZE, deadline)
+            data = await self._read(fast)
             if data is None:
-                if not fast.opened and time.monotonic() >= self.started + HANDSHAKE_TIMEOUT:
-                    self.close_reason = f"the connection was not open within {HANDSHAKE_TIMEOUT:g} s"
-                    self.aborted = True
+                if self.aborted:
                     return False
                 await self._hand_over()  # a heartbeat or the idle timeout: the machine's
                 await self._handle(self.machine.tick())
@@ -339,23 +328,29 @@ class _Session:
         await self._handle(events)
 
     async def _receive(self) -> list[Event]:
-        machine = self.machine
-        if machine.pending_input:
+        data = await self._read(self.machine)
+        if data is None:
+            return [] if self.aborted else self.machine.tick()
+        return self.machine.feed_bytes(data)
+
+    async def _read(self, side: SdkPath | Connection) -> bytes | None:
+        """The next bytes for ``side`` (the fast path or the machine; empty when the device
+        closed), waiting no longer than its next deadline and, until the connection is open,
+        :data:`HANDSHAKE_TIMEOUT`; None when a deadline came first, with the connection
+        aborted when it was the handshake's."""
+        if side.pending_input:
             self.stream.guard.receiving()
         else:
             self.stream.guard.busy()
-        deadline = machine.next_deadline()
-        if not machine.opened:
+        deadline = side.next_deadline()
+        if not side.opened:
             handshake = self.started + HANDSHAKE_TIMEOUT
             deadline = handshake if deadline is None or handshake < deadline else deadline
         data = await self.deadline.receive(self.stream, _READ_SIZE, deadline)
-        if data is None:
-            if not self.machine.opened and time.monotonic() >= self.started + HANDSHAKE_TIMEOUT:
-                self.close_reason = f"the connection was not open within {HANDSHAKE_TIMEOUT:g} s"
-                self.aborted = True
-                return []
-            return self.machine.tick()
-        return self.machine.feed_bytes(data)
+        if data is None and not side.opened and time.monotonic() >= self.started + HANDSHAKE_TIMEOUT:
+            self.close_reason = f"the connection was not open within {HANDSHAKE_TIMEOUT:g} s"
+            self.aborted = True
+        return data
 
     async def _flush(self) -> None:
         data = self.fast.get_outbound_data() if self.fast is not None else self.machine.get_outbound_data()

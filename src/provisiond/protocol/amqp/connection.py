@@ -343,23 +343,12 @@ class Connection:
         """When :meth:`tick` has something to do (in ``clock`` time); None for never."""
         if self._phase is _Phase.FINISHED:
             return None
-        idle = self.config.idle_timeout
-        deadline = None if idle is None else self._last_received + idle
-        interval = self._heartbeat_interval()
-        if interval is not None:
-            beat = self._last_sent + interval
-            if deadline is None or beat < deadline:
-                deadline = beat
-        return deadline
+        return next_deadline(
+            self.config.idle_timeout, self._last_received, self._last_sent, self._heartbeat_interval()
+        )
 
     def _heartbeat_interval(self) -> float | None:
-        if (
-            self.remote_open is None
-            or not self.remote_open.idle_time_out
-            or self.state is not ConnectionState.OPENED
-        ):
-            return None
-        return max(_MIN_HEARTBEAT, self.remote_open.idle_time_out / 2000)
+        return heartbeat_interval(self.remote_open) if self.state is ConnectionState.OPENED else None
 
     def _take_events(self) -> list[Event]:
         if not self._events:
@@ -719,6 +708,27 @@ class Connection:
     def settle(self, link: LinkId, delivery_id: int, state: DeliveryState) -> None:
         """Settle a received message with an outcome (accepted, rejected...)."""
         self._session(link.channel).settle(link, delivery_id, state)
+
+
+def heartbeat_interval(remote_open: Open | None) -> float | None:
+    """How often we must send something for the peer's idle-time-out: half of it, at least
+    :data:`_MIN_HEARTBEAT` seconds; None when the peer asks for none (or has not opened)."""
+    if remote_open is None or not remote_open.idle_time_out:
+        return None
+    return max(_MIN_HEARTBEAT, remote_open.idle_time_out / 2000)
+
+
+def next_deadline(
+    idle_timeout: float | None, last_received: float, last_sent: float, heartbeat: float | None
+) -> float | None:
+    """The earlier of the idle timeout (after the last bytes received) and the next heartbeat
+    (after the last bytes sent); None for neither."""
+    deadline = None if idle_timeout is None else last_received + idle_timeout
+    if heartbeat is not None:
+        beat = last_sent + heartbeat
+        if deadline is None or beat < deadline:
+            deadline = beat
+    return deadline
 
 
 def _write_session_frame(out: bytearray, channel: int, performative: Performative, payload: bytes) -> None:

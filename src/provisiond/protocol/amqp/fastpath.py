@@ -52,12 +52,13 @@ from typing import Any
 from ...errors import AmqpProtocolError, MessageTooLargeError
 from .connection import (
     _CLOSE,
-    _MIN_HEARTBEAT,
     _OUTCOMES,
     Connection,
     ConnectionConfig,
     _mechanisms_frame,
     _open_frame,
+    heartbeat_interval,
+    next_deadline,
 )
 from .events import (
     ConnectionOpened,
@@ -250,14 +251,8 @@ class SdkPath:
         """The machine's :meth:`~.connection.Connection.next_deadline` in the same state."""
         if self.finished:
             return None
-        idle = self.config.idle_timeout
-        deadline = None if idle is None else self.last_received + idle
-        remote = self.remote_open
-        if remote is not None and remote.idle_time_out:
-            beat = self.last_sent + max(_MIN_HEARTBEAT, remote.idle_time_out / 2000)
-            if deadline is None or beat < deadline:
-                deadline = beat
-        return deadline
+        heartbeat = heartbeat_interval(self.remote_open)
+        return next_deadline(self.config.idle_timeout, self.last_received, self.last_sent, heartbeat)
 
     def receive(self, data: bytes) -> None:
         """Bytes from the peer (not ``b""``: the stream's end is :meth:`ended`)."""

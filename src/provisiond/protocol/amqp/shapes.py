@@ -20,8 +20,9 @@ a transfer's performative, and the answer's properties are written from parts ma
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ...errors import AmqpProtocolError
 from .frames import _FRAME_HEADER, HEADER_SIZE, _immutable, frame_at
@@ -101,14 +102,8 @@ _SHAPES: dict[tuple[bytes, int, bytes, int, bytes], tuple[Attach, bool] | None] 
 def attach_like(frame: bytes, address: bytes) -> Attach | None:
     """The attach ``frame`` (a whole frame, DOFF 2) decodes to, from the one of its shape read
     before; None when it has no known shape (read it the general way)."""
-    code = frame[11]
-    if code == 0xC0:
-        at = 14
-    elif code == 0xD0:
-        at = 20
-    else:
-        return None
-    if len(frame) < at + 2 or frame[at] != 0xA1:  # a str8 name
+    at = _first_field(frame)
+    if not at or len(frame) < at + 2 or frame[at] != 0xA1:  # a str8 name
         return None
     name_end = at + 2 + frame[at + 1]
     where = frame.find(address, name_end)
@@ -116,11 +111,7 @@ def attach_like(frame: bytes, address: bytes) -> Attach | None:
         return None
     after = where + len(address)
     key = (frame[: at + 2], name_end - at - 2, frame[name_end:where], len(address), frame[after:])
-    shape = _SHAPES.get(key, _UNKNOWN)
-    if shape is _UNKNOWN:
-        shape = _SHAPES[key] = _read_shape(key)
-        if len(_SHAPES) > _TABLE_ENTRIES:
-            _SHAPES.clear()
+    shape = _known(_SHAPES, key, _read_shape)
     if shape is None:
         return None
     template, in_source = shape
@@ -144,17 +135,12 @@ def open_like(frame: bytes) -> Open | None:
     """The open ``frame`` (a whole frame, DOFF 2) decodes to, from the one of its shape read
     before (an SDK's opens differ in their container-id, the first field); None when it has no
     known shape."""
-    code = frame[11]
-    at = 14 if code == 0xC0 else 20 if code == 0xD0 else 0
+    at = _first_field(frame)
     if not at or len(frame) < at + 2 or frame[at] != 0xA1:  # a str8 container-id
         return None
     end = at + 2 + frame[at + 1]
     key = (frame[: at + 2], end - at - 2, frame[end:])
-    template = _OPENS.get(key, _UNKNOWN)
-    if template is _UNKNOWN:
-        template = _OPENS[key] = _read_open(key)
-        if len(_OPENS) > _TABLE_ENTRIES:
-            _OPENS.clear()
+    template = _known(_OPENS, key, _read_open)
     if template is None:
         return None
     try:
@@ -167,6 +153,28 @@ def open_like(frame: bytes) -> Open | None:
 
 
 _OPENS: dict[tuple[bytes, int, bytes], Open | None] = {}
+
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def _first_field(frame: bytes) -> int:
+    """Where the first field of a whole frame's performative (DOFF 2) starts: after its
+    descriptor and list8 or list32 header; 0 when it is not such a list."""
+    code = frame[11]
+    return 14 if code == 0xC0 else 20 if code == 0xD0 else 0
+
+
+def _known(table: dict[_K, _V | None], key: _K, read: Callable[[_K], _V | None]) -> _V | None:
+    """The shape of ``key``: read on first sight and kept in ``table`` (emptied when it holds
+    more than :data:`_TABLE_ENTRIES`), None when frames of that shape are read the general way."""
+    found = table.get(key, _UNKNOWN)
+    if found is _UNKNOWN:
+        found = table[key] = read(key)
+        if len(table) > _TABLE_ENTRIES:
+            table.clear()
+    return found
 
 
 def _read_open(key: tuple[bytes, int, bytes]) -> Open | None:
