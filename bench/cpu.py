@@ -119,8 +119,14 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 def process_tree_cpu(root: int) -> float:
     """CPU seconds (user + system) of ``root`` and every process below it, from /proc."""
+    return sum(process_tree_times(root))
+
+
+def process_tree_times(root: int) -> tuple[float, float]:
+    """CPU seconds in user space and in the kernel (utime, stime) of ``root`` and every process
+    below it, from /proc."""
     children: dict[int, list[int]] = {}
-    times: dict[int, float] = {}
+    times: dict[int, tuple[float, float]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -131,13 +137,15 @@ def process_tree_cpu(root: int) -> float:
         fields = stat[stat.rindex(")") + 2 :].split()
         pid, ppid = int(entry.name), int(fields[1])
         children.setdefault(ppid, []).append(pid)
-        times[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-    total, stack = 0.0, [root]
+        times[pid] = (int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS)
+    user = system = 0.0
+    stack = [root]
     while stack:
         pid = stack.pop()
-        total += times.get(pid, 0.0)
+        pid_user, pid_system = times.get(pid, (0.0, 0.0))
+        user, system = user + pid_user, system + pid_system
         stack += children.get(pid, [])
-    return total
+    return user, system
 
 
 LUA = r"""
@@ -192,6 +200,8 @@ class Run:
     p99: float = float("nan")
     #: CPU seconds of the database server's processes (PostgreSQL; 0 for SQLite, in process)
     db_cpu: float = 0.0
+    #: of ``cpu``, the seconds in the kernel (stime: system calls, the TCP stack, page faults)
+    stime: float = 0.0
 
 
 @dataclass
@@ -207,6 +217,8 @@ class Phase:
     db_cpu: float = 0.0
     #: the server's instructions during the phase (``--callgrind``), else None
     instructions: float | None = None
+    #: of ``cpu``, the seconds in the kernel
+    stime: float = 0.0
 
     @property
     def spent(self) -> float:
@@ -227,6 +239,10 @@ class Phase:
         return self.cpu / self.requests * 1e6 if self.requests else float("nan")
 
     @property
+    def stime_us(self) -> float:
+        return self.stime / self.requests * 1e6 if self.requests else float("nan")
+
+    @property
     def db_cpu_us(self) -> float:
         return self.db_cpu / self.requests * 1e6 if self.requests else float("nan")
 
@@ -243,7 +259,7 @@ def run_wrk(
     db_pid: int | None = None,
 ) -> Run:
     db_before = process_tree_cpu(db_pid) if db_pid else 0.0
-    before, started = process_tree_cpu(pid), time.monotonic()
+    before, started = process_tree_times(pid), time.monotonic()
     out = subprocess.run(
         [
             "wrk",
@@ -263,13 +279,14 @@ def run_wrk(
         text=True,
         check=True,
     ).stdout
-    elapsed, cpu = time.monotonic() - started, process_tree_cpu(pid) - before
+    elapsed, after = time.monotonic() - started, process_tree_times(pid)
+    cpu, stime = sum(after) - sum(before), after[1] - before[1]
     db_cpu = process_tree_cpu(db_pid) - db_before if db_pid else 0.0
     match = STATUS.search(out)
     if match is None:
         raise RuntimeError(f"wrk printed no summary:\n{out}")
     done, bad, socket_errors, _timeouts, p50, p99 = (int(g) for g in match.groups())
-    return Run(done, elapsed, cpu, bad, socket_errors, p50 / 1000, p99 / 1000, db_cpu)
+    return Run(done, elapsed, cpu, bad, socket_errors, p50 / 1000, p99 / 1000, db_cpu, stime)
 
 
 # -- --callgrind: the server's instructions per phase ---------------------------------------
@@ -670,17 +687,17 @@ def _print_table(results: list[tuple[str, list[Phase]]]) -> None:
     print()
     cost = _cost_label(results)
     print(
-        f"| db | phase | req/s | p50 ms | p99 ms | {cost} | ratio (trivial's / phase's) "
+        f"| db | phase | req/s | p50 ms | p99 ms | {cost} | of it system µs/req | ratio (trivial's / phase's) "
         f"| database CPU µs/req | rate / {first_backend}'s | non-2xx | socket errors |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for backend, phases in results:
         bases = {"wrk": baseline(phases, "trivial"), "x509": baseline(phases, "x509-trivial")}
         for p in phases:
             base = bases["x509" if p.name.startswith("x509") else "wrk"]
             versus = _ratio(p.rate, mean_rate(first, p.name))
             print(
-                f"| {backend} | {p.name} | {p.rate:.0f} | {p.p50:.1f} | {p.p99:.1f} | {p.cost:.0f} "
+                f"| {backend} | {p.name} | {p.rate:.0f} | {p.p50:.1f} | {p.p99:.1f} | {p.cost:.0f} | {p.stime_us:.0f} "
                 f"| {_ratio(base, p.cost):.2f} | {p.db_cpu_us:.0f} | {versus:.2f} | {p.bad_status} | {p.socket_errors} |"
             )
 
@@ -855,11 +872,12 @@ def _measure(
             run.p99,
             run.db_cpu,
             instructions,
+            run.stime,
         )
         results.append(phase)
         print(
             f"{backend:<10} {name:<11} {phase.rate:8.0f} req/s  p50 {phase.p50:6.1f} ms  p99 {phase.p99:6.1f} ms  "
-            f"{phase.cpu_us:7.0f} us CPU/req  db {phase.db_cpu_us:5.0f} us/req  "
+            f"{phase.cpu_us:7.0f} us CPU/req (system {phase.stime_us:4.0f})  db {phase.db_cpu_us:5.0f} us/req  "
             + (f"{phase.cost:7.0f} k instructions/req  " if phase.instructions is not None else "")
             + f"non-2xx {phase.bad_status}  socket errors {phase.socket_errors}",
             flush=True,
@@ -929,7 +947,7 @@ def _run_transport(name: str, server, group_key: str, args: argparse.Namespace, 
 
     def start() -> None:
         marks["db"] = process_tree_cpu(db_pid) if db_pid else 0.0
-        marks["cpu"] = process_tree_cpu(server.pid)
+        marks["user"], marks["system"] = process_tree_times(server.pid)
 
     done, bad, seconds, resumed = run_transport(
         {"group": protocol, "pipelined": f"{protocol}-pipelined"}.get(kind, "tls"),
@@ -942,10 +960,11 @@ def _run_transport(name: str, server, group_key: str, args: argparse.Namespace, 
         processes=2,
         on_start=start,
     )
-    cpu = process_tree_cpu(server.pid) - marks["cpu"]
+    user, system = process_tree_times(server.pid)
+    cpu, stime = user + system - marks["user"] - marks["system"], system - marks["system"]
     print(f"# {name}: {resumed} of {done} connections resumed a TLS session", flush=True)
     db_cpu = process_tree_cpu(db_pid) - marks["db"] if db_pid else 0.0
-    return Run(done, seconds, cpu, bad, 0, db_cpu=db_cpu)
+    return Run(done, seconds, cpu, bad, 0, db_cpu=db_cpu, stime=stime)
 
 
 #: The phases of bench/_transports.py's generator, by their name's first word.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 
 from provisiond._ids import uuid4_text
@@ -21,3 +22,19 @@ def test_uuid4_text_is_a_random_version_4_uuid_as_uuid_writes_it() -> None:
     for value in ints:
         varying |= value ^ ints[0]
     assert varying == ((1 << 128) - 1) & ~fixed
+
+
+def test_a_forked_child_does_not_make_its_parents_next_ids() -> None:
+    uuid4_text()  # the buffer holds unused bytes now
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        os.close(reader)
+        os.write(writer, " ".join(uuid4_text() for _ in range(50)).encode())
+        os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader) as pipe:
+        child = pipe.read().split()
+    os.waitpid(pid, 0)
+    parent = [uuid4_text() for _ in range(50)]
+    assert len(child) == 50 and not set(child) & set(parent)

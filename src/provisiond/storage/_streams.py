@@ -69,9 +69,12 @@ class GroupCommit(Generic[I, R]):
     """Batches concurrent submissions into calls of ``flush(items) -> results`` (one result per
     item, in order). Use from one event loop."""
 
-    def __init__(self, flush: Callable[[list[I]], Awaitable[list[R]]], *, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self, flush: Callable[[list[I]], Awaitable[list[R]]], *, max_batch: int = MAX_BATCH, linger: int = 0
+    ) -> None:
         self._flush = flush
         self._max_batch = max_batch
+        self._linger = linger
         self._pending: list[tuple[list[I], asyncio.Future[list[R]]]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -88,6 +91,7 @@ class GroupCommit(Generic[I, R]):
     async def _drain(self) -> None:
         try:
             while self._pending:
+                await self._gather()
                 batch: list[tuple[list[I], asyncio.Future[list[R]]]] = []
                 size = 0
                 while self._pending and (not batch or size + len(self._pending[0][0]) <= self._max_batch):
@@ -115,6 +119,17 @@ class GroupCommit(Generic[I, R]):
                 if not future.done():
                     future.set_exception(StorageError("the store stopped before this append was committed"))
             self._pending.clear()
+
+    async def _gather(self) -> None:
+        import os
+        mode = os.environ.get("I13_LINGER_MODE", "adaptive")
+        for _ in range(self._linger):
+            waiting = len(self._pending)
+            if waiting >= self._max_batch:
+                return
+            await asyncio.sleep(0)
+            if mode == "adaptive" and len(self._pending) == waiting:
+                return
 
     async def close(self) -> None:
         """Wait for the pending flushes to finish."""

@@ -178,7 +178,7 @@ class SqliteStore(Store):
             self._flush_appends
         )
         self._atomics: _streams.GroupCommit[list[_sql.AtomicItem], list[Record] | ProvisioningError] = (
-            _streams.GroupCommit(self._flush_atomics, max_batch=64)
+            _streams.GroupCommit(self._flush_atomics, max_batch=64, linger=int(os.environ.get("I13_LINGER", "0")))
         )
 
     def __repr__(self) -> str:
@@ -385,7 +385,15 @@ class SqliteStore(Store):
         in the same turn of the event loop), in one transaction: one ``COMMIT``, whose WAL
         writes (a frame per page changed) are most of a registration's write, for all of
         them. Each call still succeeds or fails alone (a savepoint each), and every caller is
-        answered after the one ``COMMIT``, so an answered write is as durable as before."""
+        answered after the one ``COMMIT``, so an answered write is as durable as before.
+
+        A batch is first written without savepoints (each would copy every page its call changes
+        into SQLite's sub-journal first); only when one of its calls fails is the transaction
+        rolled back and the batch written again, each call in its own savepoint."""
+        if len(batch) > 1:
+            outcomes = await self._write_transaction(1, _apply_atomic_batch_at_once, batch)
+            if outcomes is not None:
+                return outcomes
         return await self._write_transaction(1, _apply_atomic_batch, batch)
 
     async def _write_transaction(self, size: int, function: Callable[..., _T], *args: Any) -> _T:
@@ -665,6 +673,22 @@ def _apply_items(
             return outcome
         records.append(outcome)
     return records
+
+
+def _apply_atomic_batch_at_once(
+    conn: sqlite3.Connection, batch: list[list[_sql.AtomicItem]]
+) -> list[list[Record]] | None:
+    """Several ``write_atomic`` calls in the transaction ``conn`` has begun, without savepoints,
+    and one commit; or, when one of them fails, nothing (the transaction rolled back): ``None``."""
+    outcomes: list[list[Record]] = []
+    with _ending(conn):
+        for prepared in batch:
+            outcome = _apply_items(conn, prepared)
+            if isinstance(outcome, ProvisioningError):
+                _rollback(conn)
+                return None
+            outcomes.append(outcome)
+    return outcomes
 
 
 def _apply_atomic_batch(
