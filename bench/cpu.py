@@ -76,6 +76,12 @@ the CPU ratios. The server runs about 50 times slower: use few connections and s
     python bench/cpu.py --callgrind --connections 4 --threads 1 --seconds 15 --devices 3000 \
         --phases trivial,group,https-trivial,https-group,mqtt-group,amqp-group
 
+``--syscalls`` counts, in each phase, the server's system calls per request with ``perf stat``
+on the kernel's tracepoints (``bench/_syscalls.py``): SQLite's WAL writes (``pwrite64``, of them
+the 24-byte frame headers: the WAL frames), its locks (``fcntl``), ``getrandom``, ``futex``,
+context switches, and with root SQLite's commits and checkpoints (uprobes on its library). The
+table's "of it system" column is the kernel's share of the server's CPU (stime).
+
 ``--callgrind-dir DIR`` keeps each phase's dump (``callgrind.out.PID.N``, its phase named in the
 file) for ``callgrind_annotate``.
 
@@ -539,6 +545,12 @@ def main() -> int:
         "phases) instead of its CPU time: steady on a busy machine, about 50 times slower",
     )
     parser.add_argument(
+        "--syscalls",
+        action="store_true",
+        help="count the server's system calls per request in each phase (perf stat on the kernel's "
+        "tracepoints; with root also SQLite's commits and checkpoints): bench/_syscalls.py",
+    )
+    parser.add_argument(
         "--callgrind-dir",
         type=Path,
         help="keep callgrind's dumps here, one per phase (callgrind_annotate reads them); by "
@@ -558,6 +570,12 @@ def main() -> int:
     if args.callgrind and shutil.which("callgrind_control") is None:
         print("--callgrind needs valgrind (Debian: apt-get install valgrind)", file=sys.stderr)
         return 2
+    if args.syscalls:
+        from _syscalls import available
+
+        if (why := available()) is not None:
+            print(why, file=sys.stderr)
+            return 2
     if args.callgrind and ("x509" in args.phases or args.preload or args.front != "provisiond"):
         parser.error(
             "--callgrind counts the wrk and generator phases of one server: no x509 phases, --preload or --front"
@@ -641,8 +659,19 @@ def _run_backend(backend: str, args: argparse.Namespace, preload: int = 0) -> li
                     front = None
                     if args.front == "haproxy":
                         front = _haproxy_front(stack, work, front_port)
+                    syscalls = _syscall_counter(stack, server.pid) if args.syscalls else None
                     return _measure(
-                        server, work, args, backend, db_pid, reregister, stats, front, snapshot, callgrind
+                        server,
+                        work,
+                        args,
+                        backend,
+                        db_pid,
+                        reregister,
+                        stats,
+                        front,
+                        snapshot,
+                        callgrind,
+                        syscalls,
                     )
             finally:
                 server.stop()
@@ -702,6 +731,16 @@ def _print_table(results: list[tuple[str, list[Phase]]]) -> None:
             )
 
 
+def _syscall_counter(stack: contextlib.ExitStack, pid: int) -> Any:
+    """``--syscalls``: a counter of the server's system calls (bench/_syscalls.py), with SQLite's
+    uprobes while it lives."""
+    from _syscalls import SyscallCounter, sqlite_probes
+
+    counter = SyscallCounter(pid, stack.enter_context(sqlite_probes(pid)))
+    stack.callback(counter.close)
+    return counter
+
+
 def _haproxy_front(stack: contextlib.ExitStack, work: Path, front_port: int) -> tuple[int, int]:
     """``--front haproxy``: HAProxy from the sample config, forwarding to provisiond's front port
     (bench/_offload.py): (its TLS port, its pid)."""
@@ -741,6 +780,7 @@ def _measure(
     front: tuple[int, int] | None = None,
     db_snapshot: Callable[[], dict[str, Any]] | None = None,
     callgrind: Callgrind | None = None,
+    syscalls: Any = None,
 ) -> list[Phase]:  # type: ignore[no-untyped-def]
     info = server.info
     scope, port = info["idScope"], int(info["httpsPort"])
@@ -834,6 +874,8 @@ def _measure(
         front_before = process_tree_cpu(front[1]) if front is not None else 0.0
         if callgrind is not None:
             callgrind.start(server.pid)
+        if syscalls is not None:
+            syscalls.start()
         if name.split("-")[0] in _TRANSPORTS:
             run = _run_transport(name, server, group_key, args, db_pid)
         elif name.startswith("x509"):
@@ -882,6 +924,13 @@ def _measure(
             + f"non-2xx {phase.bad_status}  socket errors {phase.socket_errors}",
             flush=True,
         )
+        if syscalls is not None:
+            counts = syscalls.stop(phase.requests)
+            print(
+                f"{'':<10} {name:<11} per request: "
+                + ", ".join(f"{label} {value:.2f}" for label, value in counts),
+                flush=True,
+            )
         if stats_before is not None:
             _print_db_stats(name, stats_before, db_stats, phase.requests)
         if snapshot_before is not None and db_snapshot is not None:

@@ -67,7 +67,13 @@ def check_items(items: Sequence[tuple[str, bytes]]) -> None:
 
 class GroupCommit(Generic[I, R]):
     """Batches concurrent submissions into calls of ``flush(items) -> results`` (one result per
-    item, in order). Use from one event loop."""
+    item, in order). Use from one event loop.
+
+    ``linger``: how many more turns of the event loop a batch waits for submissions before it
+    is flushed. With 0 a batch holds what was submitted in the turn that started it and while
+    the previous flush ran; a flush that runs on the loop's own thread (SQLite's small writes)
+    lets nothing in meanwhile, so under load one more turn makes its batches larger.
+    """
 
     def __init__(
         self, flush: Callable[[list[I]], Awaitable[list[R]]], *, max_batch: int = MAX_BATCH, linger: int = 0
@@ -121,15 +127,12 @@ class GroupCommit(Generic[I, R]):
             self._pending.clear()
 
     async def _gather(self) -> None:
-        import os
-        mode = os.environ.get("I13_LINGER_MODE", "adaptive")
+        """Let the event loop run ``linger`` more turns before a batch is formed (unless it is
+        full already): the submissions those turns make join it."""
         for _ in range(self._linger):
-            waiting = len(self._pending)
-            if waiting >= self._max_batch:
+            if sum(len(items) for items, _ in self._pending) >= self._max_batch:
                 return
             await asyncio.sleep(0)
-            if mode == "adaptive" and len(self._pending) == waiting:
-                return
 
     async def close(self) -> None:
         """Wait for the pending flushes to finish."""

@@ -27,8 +27,10 @@ keeps the two writers (and other processes) serialized; the caller's thread neve
 The connections on the caller's thread never checkpoint the WAL (``wal_autocheckpoint`` 0): a
 checkpoint copies pages into the database file and syncs it, milliseconds of I/O that would stall
 the event loop. Every ``CHECKPOINT_EVERY`` small writes the store asks the writer thread for a
-passive checkpoint instead (which waits for no one); the writer's own connection keeps SQLite's
-automatic checkpoints. Durability is unchanged: a commit is in the WAL either way.
+checkpoint instead: a passive one (which waits for no one), then a short ``RESTART`` one that lets
+the WAL start over (see ``_checkpoint``: without it, steady writes never let the WAL start over and
+its file grew without bound); the writer's own connection keeps SQLite's automatic checkpoints.
+Durability is unchanged: a commit is in the WAL either way.
 
 Writes take ``BEGIN IMMEDIATE`` before reading the row they are about to change, so the
 check-then-write of a conditional write is atomic even when other processes (or other stores)
@@ -41,12 +43,14 @@ transaction atomic across crashes as well. It takes the same two paths as ``writ
 caller's thread when it is small and the lock is free at once, else the writer thread.
 
 Small ``write_atomic`` calls are **committed together**: the calls made while the previous batch
-was being written, or in the same turn of the event loop, share one transaction, each inside its
-own savepoint (rolled back alone when one of its items fails), and every caller is answered after
-the one ``COMMIT``. A commit writes each changed page to the WAL (a registration changes about
-eight: two tables and their indexes), which was most of a registration's write; a batch writes a
-shared page once. Nothing is answered before it is in the WAL, so durability is as before
-(tests/service/test_registration_crash.py kills the server under load).
+was being written, in the same turn of the event loop or in the next one (``COMMIT_LINGER``),
+share one transaction, and every caller is answered after the one ``COMMIT``. A commit writes
+each changed page to the WAL (a registration changes eight b-trees: two tables and their
+indexes), which was most of a registration's write; a batch writes a shared page once. The batch
+is written without savepoints (each would first copy every page its call changes); when one call
+fails, the transaction is rolled back and the batch written again with a savepoint per call, so
+each call still fails alone. Nothing is answered before it is in the WAL, so durability is as
+before (tests/service/test_registration_crash.py kills the server under load).
 """
 
 from __future__ import annotations
@@ -159,6 +163,12 @@ class SqliteStore(Store):
     CHECKPOINT_EVERY = 200
     #: The page cache (KiB) of the connection a caller's thread writes and reads with.
     INLINE_CACHE_KIB = 65536
+    #: Turns of the event loop a batch of small ``write_atomic`` calls waits for more (module docstring).
+    COMMIT_LINGER = 1
+    #: How long (ms) the checkpoint's second step waits for the write lock and for readers.
+    RESTART_WAIT_MS = 5
+    #: The WAL file is cut back to this size (bytes) when it starts over (``journal_size_limit``).
+    WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
     def __init__(self, path: str | os.PathLike[str], *, readers: int = 4, busy_timeout: float = 10.0) -> None:
         if readers < 1:
@@ -178,7 +188,7 @@ class SqliteStore(Store):
             self._flush_appends
         )
         self._atomics: _streams.GroupCommit[list[_sql.AtomicItem], list[Record] | ProvisioningError] = (
-            _streams.GroupCommit(self._flush_atomics, max_batch=64, linger=int(os.environ.get("I13_LINGER", "0")))
+            _streams.GroupCommit(self._flush_atomics, max_batch=64, linger=self.COMMIT_LINGER)
         )
 
     def __repr__(self) -> str:
@@ -230,6 +240,7 @@ class SqliteStore(Store):
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
             conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute(f"PRAGMA journal_size_limit = {self.WAL_SIZE_LIMIT}")
         except BaseException:
             conn.close()
             raise
@@ -382,18 +393,18 @@ class SqliteStore(Store):
         self, batch: list[list[_sql.AtomicItem]]
     ) -> list[list[Record] | ProvisioningError]:
         """The small ``write_atomic`` calls made while the previous batch was being written (or
-        in the same turn of the event loop), in one transaction: one ``COMMIT``, whose WAL
-        writes (a frame per page changed) are most of a registration's write, for all of
-        them. Each call still succeeds or fails alone (a savepoint each), and every caller is
-        answered after the one ``COMMIT``, so an answered write is as durable as before.
+        in the same turn of the event loop, or the next), in one transaction: one ``COMMIT``,
+        whose WAL writes (a frame per page changed) are most of a registration's write, for
+        all of them. Each call still succeeds or fails alone, and every caller is answered
+        after the one ``COMMIT``, so an answered write is as durable as before.
 
         A batch is first written without savepoints (each would copy every page its call changes
         into SQLite's sub-journal first); only when one of its calls fails is the transaction
         rolled back and the batch written again, each call in its own savepoint."""
         if len(batch) > 1:
-            outcomes = await self._write_transaction(1, _apply_atomic_batch_at_once, batch)
-            if outcomes is not None:
-                return outcomes
+            at_once = await self._write_transaction(1, _apply_atomic_batch_at_once, batch)
+            if at_once is not None:
+                return list(at_once)
         return await self._write_transaction(1, _apply_atomic_batch, batch)
 
     async def _write_transaction(self, size: int, function: Callable[..., _T], *args: Any) -> _T:
@@ -412,18 +423,33 @@ class SqliteStore(Store):
         return await self._on_writer(self._on_writer_transaction, function, *args)
 
     def _checkpoint_soon(self) -> None:
-        """A passive checkpoint on the writer thread, not waited for."""
+        """A checkpoint on the writer thread, not waited for."""
         writer = self._writer
         if writer is not None:
             with contextlib.suppress(RuntimeError):  # shut down meanwhile
                 writer.submit(self._checkpoint)
 
     def _checkpoint(self) -> None:
+        """Copy the WAL's pages into the database file, then let the WAL start over.
+
+        A passive checkpoint copies what the WAL holds without holding up anyone. Under steady
+        writes it never catches up: the callers' threads commit more frames while it runs, SQLite
+        starts the WAL over only once every frame is copied, and so the file grew by every
+        commit (hundreds of megabytes a minute of registrations), each write landing in new file
+        blocks. A second, ``RESTART`` checkpoint then copies the few frames since, holding the
+        write lock (writers wait, or go to this thread behind it) and waiting for readers at most
+        ``RESTART_WAIT_MS``: after it the next commit writes from the WAL's start. When a long
+        read keeps it from finishing, the next checkpoint tries again."""
         conn = self._write_conn
         if conn is None:
             return
         try:
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            conn.execute(f"PRAGMA busy_timeout = {self.RESTART_WAIT_MS}")
+            try:
+                conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
         except sqlite3.Error as exc:  # the next one will do; automatic checkpoints still run
             log.warning("WAL checkpoint of %s failed: %s", self.path, exc)
 
