@@ -928,9 +928,14 @@ def _measure(
             counts = syscalls.stop(phase.requests)
             print(
                 f"{'':<10} {name:<11} per request: "
-                + ", ".join(f"{label} {value:.2f}" for label, value in counts),
+                + ", ".join(f"{label} {value:.3g}" for label, value in counts),
                 flush=True,
             )
+            wal = work / "data" / "provisiond.db-wal"
+            if wal.exists():
+                print(
+                    f"{'':<10} {name:<11} SQLite's WAL file: {wal.stat().st_size / 2**20:.1f} MiB", flush=True
+                )
         if stats_before is not None:
             _print_db_stats(name, stats_before, db_stats, phase.requests)
         if snapshot_before is not None and db_snapshot is not None:
