@@ -227,3 +227,42 @@ def test_cpu_inprocess_counts_instructions_under_callgrind(tmp_path: Path) -> No
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| ") and "(ASGI)" in line]
     assert len(rows) == 3 and all(float(row[3]) > 0 for row in rows), out
     assert not list(tmp_path.glob("provisiond-callgrind-*")), "the dumps' directory is left behind"
+
+
+def _syscalls_unavailable() -> str | None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        from _syscalls import available
+    finally:
+        sys.path.remove(str(BENCH))
+    return available()
+
+
+@pytest.mark.skipif(
+    shutil.which("perf") is None or _syscalls_unavailable() is not None,
+    reason="perf cannot count the kernel's tracepoints here",
+)
+def test_cpu_bench_counts_system_calls(tmp_path: Path) -> None:
+    out = _run(
+        str(BENCH / "cpu.py"),
+        "--syscalls",
+        "--devices",
+        "50",
+        "--seconds",
+        "1",
+        "--connections",
+        "4",
+        "--phases",
+        "trivial,group",
+        tmp_path=tmp_path,
+    )
+    counted = [line for line in out.splitlines() if " per request: pwrite64 " in line]
+    assert [line.split()[0] for line in counted] == ["trivial", "group"], out
+    assert "of them WAL frames (24-byte)" in counted[1] and "getrandom" in counted[1]
+    assert "group       SQLite's WAL file:" in out, out
+    assert "| sqlite | group |" in out and "of it system µs/req" in out
+    assert list(tmp_path.iterdir()) == []
+    assert (
+        "provisiond_bench_"
+        not in subprocess.run(["perf", "probe", "-l"], capture_output=True, text=True).stdout
+    )
