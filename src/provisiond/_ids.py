@@ -32,7 +32,7 @@ def _forget() -> None:
 os.register_at_fork(after_in_child=_forget)
 
 
-def random16() -> bytes:
+def _random16() -> bytes:
     """16 bytes from ``os.urandom``, taken from the buffer."""
     global _buffer, _offset
     with _lock:
@@ -45,7 +45,7 @@ def random16() -> bytes:
 
 def uuid4_text() -> str:
     """A random UUID (version 4, RFC 9562's variant), as lower-case text with hyphens."""
-    raw = bytearray(random16())
+    raw = bytearray(_random16())
     raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
     raw[8] = (raw[8] & 0x3F) | 0x80  # the variant
     digits = raw.hex()

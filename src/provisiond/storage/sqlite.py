@@ -435,8 +435,7 @@ class SqliteStore(Store):
         A passive checkpoint copies what the WAL holds without holding up anyone. Under steady
         writes it never catches up: the callers' threads commit more frames while it runs, SQLite
         starts the WAL over only once every frame is copied, and so the file grew by every
-        commit (hundreds of megabytes a minute of registrations), each write landing in new file
-        blocks. A second, ``RESTART`` checkpoint then copies the few frames since, holding the
+        commit (about 15 MiB a second of registrations), each write landing in new file blocks. A second, ``RESTART`` checkpoint then copies the few frames since, holding the
         write lock (writers wait, or go to this thread behind it) and waiting for readers at most
         ``RESTART_WAIT_MS``: after it the next commit writes from the WAL's start. When a long
         read keeps it from finishing, the next checkpoint tries again."""
