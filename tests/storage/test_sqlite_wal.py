@@ -7,7 +7,9 @@ commit), the size from the file system: what SQLite wrote, not what the store sa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import sqlite3
 import struct
 from pathlib import Path
 
@@ -101,3 +103,38 @@ async def test_under_steady_writes_the_wal_starts_over(tmp_path: Path) -> None:
         assert await store.count(R) == 3000
     finally:
         await store.close()
+
+
+async def test_the_group_index_holds_only_group_devices_and_serves_their_query(tmp_path: Path) -> None:
+    """Schema 9: an individual enrollment's registration writes no entry to the registrations'
+    group index, and a group's devices are still read through it (not by scanning the table)."""
+    store = SqliteStore(tmp_path / "p.db")
+    await store.open()
+    try:
+        await store.write_many(
+            R,
+            [Write(f"g-{n}", b"r", index={"enrollment_group_id": "group"}, mode=CREATE) for n in range(50)]
+            + [Write(f"i-{n}", b"r", mode=CREATE) for n in range(70)],
+        )
+        page = await store.query(R, filters={"enrollment_group_id": "group"}, limit=100)
+        assert sorted(r.id for r in page.records) == sorted(f"g-{n}" for n in range(50))
+    finally:
+        await store.close()
+    entries, plan = index_entries_and_plan(store.path)
+    assert entries == 50
+    assert "USING INDEX registrations_enrollment_group_id_idx" in plan, plan
+
+
+def index_entries_and_plan(path: Path) -> tuple[int, str]:
+    """The entries of the registrations' group index (from its pages, ``dbstat``), and the plan of
+    the store's own query for a group's devices."""
+    from provisiond.storage import _sql
+
+    text, params = _sql.page_query(R, {"enrollment_group_id": "group"}, 100, None, _sql.ParamStyle.QMARK)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        [(entries,)] = conn.execute(
+            "SELECT sum(ncell) FROM dbstat WHERE name = 'registrations_enrollment_group_id_idx'"
+            " AND pagetype = 'leaf'"
+        ).fetchall()
+        plan = " ".join(row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {text}", params))
+    return int(entries), plan
