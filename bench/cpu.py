@@ -424,16 +424,19 @@ def run_x509(
         # start the processes before the clock (their imports are not the server's work)
         list(pool.map(int, range(processes)))
         db_before = process_tree_cpu(db_pid) if db_pid else 0.0
-        before, started = process_tree_cpu(pid), time.monotonic()
+        before, started = process_tree_times(pid), time.monotonic()
         results = list(
             pool.map(
                 _x509_worker,
                 [X509Job(port, part, max(1, concurrency // processes), expect) for part in parts],
             )
         )
-        elapsed, cpu = time.monotonic() - started, process_tree_cpu(pid) - before
+        elapsed, after = time.monotonic() - started, process_tree_times(pid)
         db_cpu = process_tree_cpu(db_pid) - db_before if db_pid else 0.0
-    return Run(sum(r[0] for r in results), elapsed, cpu, sum(r[1] for r in results), 0, db_cpu=db_cpu)
+    cpu, stime = sum(after) - sum(before), after[1] - before[1]
+    return Run(
+        sum(r[0] for r in results), elapsed, cpu, sum(r[1] for r in results), 0, db_cpu=db_cpu, stime=stime
+    )
 
 
 def x509_devices(work: Path, count: int) -> tuple[str, list[tuple[str, str, str]]]:
