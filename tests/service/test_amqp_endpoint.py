@@ -491,8 +491,9 @@ def _endpoint(tmp_path: Path, **settings: Any) -> AmqpEndpoint:
     return AmqpEndpoint(DeviceGateway(ctx, _StubRegistrar()), AMQP)  # type: ignore[arg-type]
 
 
-def _client_wire(mechanism: str | None) -> bytes:
-    """What a device sends in a whole registration, recorded against a stand-in server."""
+def _client_wire(mechanism: str | None, expiry: int | None = None) -> bytes:
+    """What a device sends in a whole registration, recorded against a stand-in server (its
+    PLAIN token expires in ten minutes unless ``expiry`` is given)."""
     clock = time.monotonic
     client = Connection(
         Side.CLIENT, ConnectionConfig(container_id="d", use_sasl=mechanism is not None), clock=clock
@@ -510,7 +511,7 @@ def _client_wire(mechanism: str | None) -> bytes:
 
     def on_client(event: Event) -> None:
         if isinstance(event, SaslMechanismsReceived):
-            token = build_sas_token(address, "AAAA", int(time.time()) + 600)
+            token = build_sas_token(address, "AAAA", expiry or int(time.time()) + 600)
             client.sasl_init(
                 mechanism or "", dps.plain_response(address, token) if mechanism == "PLAIN" else None
             )

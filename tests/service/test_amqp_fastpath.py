@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import random
 import time
 import uuid
@@ -74,9 +75,10 @@ class _Run:
     def __init__(self, tmp_path: Path, lines: _Lines, monkeypatch: pytest.MonkeyPatch) -> None:
         self.lines = lines
         self.monkeypatch = monkeypatch
-        #: The service's clock (the SAS tokens' expiry): now, or when a recording was made.
-        self.now: float | None = None
-        clock = lambda: time.time() if self.now is None else self.now  # noqa: E731
+        #: The service's clock (the SAS tokens' expiry): the seed sessions' fixed time, or when
+        #: a recording was made.
+        self.now: float = _CLOCK
+        clock = lambda: self.now  # noqa: E731
         ctx = ServiceContext(settings=Settings(data_dir=tmp_path), store=None, clock=clock)  # type: ignore[arg-type]
         gateway = DeviceGateway(ctx, _StubRegistrar())  # type: ignore[arg-type]
         self.endpoints = {fast: AmqpEndpoint(gateway, AMQP, fast_path=fast) for fast in (True, False)}
@@ -128,10 +130,26 @@ def _frame(performative: Any, *, sasl: bool = False, channel: int = 0) -> bytes:
     return bytes(buffer)
 
 
-#: The SDK-like script of the load generator, in the turns a device sends it.
-_SDK_TURNS = amqp_steps(SCOPE, REG, "AAAA")
-#: Devices of the project's own AMQP layer (both requests on one link), by SASL mechanism.
-_WIRES = {name: _client_wire(name) for name in ("PLAIN", "ANONYMOUS", "EXTERNAL", None)}
+#: The service's clock in these tests, and the expiry of the seed sessions' SAS tokens: fixed,
+#: so that the sessions (and so the mutations of :func:`test_mutated_sessions_are_answered_alike`)
+#: are the same bytes in every run.
+_CLOCK = 1_800_000_000.0
+_EXPIRY = int(_CLOCK) + 3600
+
+
+def _sdk_turns(scope: str = SCOPE) -> list[bytes]:
+    """The SDK-like script of the load generator, in the turns a device sends it (a fixed
+    expiry, and fixed ids for the container, the links and the message)."""
+    return amqp_steps(scope, REG, "AAAA", expiry=_EXPIRY, ids=_Ids().uuid4)
+
+
+def _wires() -> dict[str | None, bytes]:
+    """Devices of the project's own AMQP layer (both requests on one link), by SASL mechanism."""
+    return {name: _client_wire(name, _EXPIRY) for name in ("PLAIN", "ANONYMOUS", "EXTERNAL", None)}
+
+
+_SDK_TURNS = _sdk_turns()
+_WIRES = _wires()
 _CHAIN = [b"a certificate"]
 
 #: Frames that the fast path does not serve, each inserted after every frame of a script.
@@ -182,7 +200,7 @@ async def test_a_deviation_after_any_frame_is_handed_over_unseen(run: _Run, devi
 
 async def test_refusals_and_unusual_sessions_are_the_machines(run: _Run) -> None:
     turns = list(_SDK_TURNS)
-    other = amqp_steps("0ne00OTHER0", REG, "AAAA")
+    other = _sdk_turns("0ne00OTHER0")
     assert await run.same([turns[0], other[1], *turns[2:]])  # the links name another scope
     bad_token = dps.plain_response(f"{SCOPE}/registrations/{REG}", "SharedAccessSignature sr=x")
     init = _frame(SaslInit(mechanism=Symbol("PLAIN"), initial_response=bad_token), sasl=True)
@@ -215,26 +233,67 @@ async def test_the_node_sdk_recorded_is_answered_on_the_fast_path_as_by_the_mach
         await run.same([*reads[: at - 1], reads[at - 1] + reads[at], *reads[at + 1 :]])
 
 
-#: Mutated sessions compared on both paths.
-FUZZ_SESSIONS = 1500
+#: Mutated sessions compared on both paths, per fuzz seed.
+FUZZ_SESSIONS = 4000
+#: The fuzz seeds of a wide run by hand: ``PROVISIOND_AMQP_FUZZ=FIRST-LAST`` (inclusive).
+FUZZ_VARIABLE = "PROVISIOND_AMQP_FUZZ"
+
+
+def _fuzz_seeds() -> range:
+    wide = os.environ.get(FUZZ_VARIABLE)
+    if not wide:
+        return range(13, 14)
+    first, _, last = wide.partition("-")
+    return range(int(first), int(last or first) + 1)
+
+
+def _seed_sessions() -> list[tuple[bytes, float]]:
+    """The sessions the fuzz mutates, each with the service's clock it is read at: the load
+    generator's script, the project's own client (PLAIN, ANONYMOUS, no SASL) and the Node SDK's
+    recordings."""
+    seeds = [(b"".join(_sdk_turns()), _CLOCK)]
+    seeds += [(wire, _CLOCK) for name, wire in _wires().items() if name != "EXTERNAL"]
+    for _, recorded in sorted(_NODE_SDK.items()):
+        seeds.append((b"".join(bytes.fromhex(read) for read in recorded["reads"]), recorded["time"] + 1))
+    return seeds
+
+
+def test_the_fuzz_reads_the_same_sessions_in_every_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seed sessions do not depend on the wall clock or on random ids."""
+    first = _seed_sessions()
+    monkeypatch.setattr(time, "time", lambda: 2_000_000_000.0)
+    assert _seed_sessions() == first
 
 
 async def test_mutated_sessions_are_answered_alike(run: _Run) -> None:
-    seeds = [b"".join(_SDK_TURNS), *(_WIRES[name] for name in ("PLAIN", "ANONYMOUS", None))]
-    rng = random.Random(13)
-    for _ in range(FUZZ_SESSIONS):
-        data = bytearray(rng.choice(seeds))
-        for _ in range(rng.randint(1, 3)):
-            where = rng.randrange(len(data))
-            op = rng.randrange(3)
-            if op == 0:
-                data[where] ^= 1 << rng.randrange(8)
-            elif op == 1:
-                del data[where : where + rng.randint(1, 8)]
-            else:
-                data[where:where] = rng.randbytes(rng.randint(1, 8))
-        cuts = sorted(rng.sample(range(1, len(data)), k=min(5, len(data) - 1)))
-        await run.same([bytes(data[a:b]) for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)])
+    """Mutated sessions (bits flipped, bytes cut out and put in), cut into random reads, are
+    answered alike on both paths. The seed sessions and the mutations are the same in every run
+    (seed 13, :data:`FUZZ_SESSIONS` sessions). A wider fuzz by hand, over a range of seeds::
+
+        PROVISIOND_AMQP_FUZZ=0-99 pytest tests/service/test_amqp_fastpath.py -k mutated
+
+    A mismatch names the seed and the session's number."""
+    seeds = _seed_sessions()
+    for seed in _fuzz_seeds():
+        rng = random.Random(seed)
+        for number in range(FUZZ_SESSIONS):
+            wire, run.now = rng.choice(seeds)
+            data = bytearray(wire)
+            for _ in range(rng.randint(1, 3)):
+                where = rng.randrange(len(data))
+                op = rng.randrange(3)
+                if op == 0:
+                    data[where] ^= 1 << rng.randrange(8)
+                elif op == 1:
+                    del data[where : where + rng.randint(1, 8)]
+                else:
+                    data[where:where] = rng.randbytes(rng.randint(1, 8))
+            cuts = sorted(rng.sample(range(1, len(data)), k=min(5, len(data) - 1)))
+            chunks = [bytes(data[a:b]) for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+            try:
+                await run.same(chunks)
+            except AssertionError as exc:
+                raise AssertionError(f"seed {seed}, session {number}") from exc
 
 
 @pytest.mark.parametrize(
