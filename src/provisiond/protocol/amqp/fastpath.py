@@ -439,8 +439,8 @@ class SdkPath:
         if len(buf) < 14 or buf[8:11] != descriptor or buf[4:8] != _CHANNEL_0:
             return None
         size = int.from_bytes(buf[:4], "big")
-        if size > len(buf) or size > self.config.max_frame_size:
-            return None
+        if size < 14 or size > len(buf) or size > self.config.max_frame_size:
+            return None  # shorter than its own header and descriptor: malformed, the decoder says so
         return bytes(buf[:size])
 
     def _known_attach(self) -> tuple[Attach, int] | None:
