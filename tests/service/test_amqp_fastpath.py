@@ -27,7 +27,7 @@ from provisiond.protocol.amqp import dps
 from provisiond.protocol.amqp.frames import Frame, FrameType, encode_frame, frame_at
 from provisiond.protocol.amqp.message import encode_message
 from provisiond.protocol.amqp.performatives import Begin, Flow, SaslCode, SaslInit, SaslOutcome
-from provisiond.protocol.amqp.shapes import Reply, attach_like, open_like
+from provisiond.protocol.amqp.shapes import Reply, attach_like, open_like, sasl_init_like, transfer_like
 from provisiond.protocol.amqp.types import Symbol
 from provisiond.protocol.amqp.values import ULong
 from provisiond.service.amqp import HANDED_OVER, AmqpEndpoint
@@ -348,6 +348,58 @@ def test_an_open_read_by_its_shape_is_the_open_decoded() -> None:
             at = unit.index(b"\xa1")  # the container-id: not UTF-8, not read by its shape
             assert open_like(unit[: at + 2] + b"\xff" + unit[at + 3 :]) is None
     assert read >= 12
+
+
+def _every_unit() -> list[bytes]:
+    """Every frame of the Node SDK's recordings, the load generator's script and the project's
+    own client's sessions."""
+    sessions = [[bytes.fromhex(read) for read in s["reads"]] for s in _NODE_SDK.values()]
+    sessions += [list(_SDK_TURNS), *([wire] for wire in _WIRES.values())]
+    return [unit for reads in sessions for unit in _units(b"".join(reads))]
+
+
+def test_a_sasl_init_read_by_its_shape_is_the_sasl_init_decoded() -> None:
+    read = 0
+    for unit in (u for u in _every_unit() if u[4:11] == b"\x02\x01\x00\x00\x00\x53\x41"):
+        decoded = frame_at(unit, 1 << 20)
+        assert decoded is not None
+        for _ in range(2):  # the shape made, then found (a response is what it is read around)
+            found = sasl_init_like(unit)
+            assert found == decoded[0].performative or (found is None and b"PLAIN" not in unit)
+            read += found is not None
+        # A response claiming more bytes than the frame holds: left to the decoder.
+        at = unit.index(b"PLAIN") + 5 if b"PLAIN" in unit else 0
+        if at and unit[at] == 0xA0:
+            assert sasl_init_like(unit[: at + 1] + b"\xff" + unit[at + 2 :]) is None
+    # Responses of every size around vbin8's limit (vbin32 above it), and none.
+    for size in (0, 1, 254, 255, 256, 300):
+        for response in (bytes(range(256)) * 2)[:size], None:
+            made = _frame(
+                SaslInit(mechanism=Symbol("PLAIN"), initial_response=response, hostname="h"), sasl=True
+            )
+            decoded = frame_at(made, 1 << 20)
+            assert decoded is not None
+            for _ in range(2):
+                found = sasl_init_like(made)
+                assert found is None or found == decoded[0].performative
+                read += found is not None
+    assert read >= 8
+
+
+def test_a_transfer_read_by_its_performative_is_the_transfer_decoded() -> None:
+    read = 0
+    for unit in (u for u in _every_unit() if u[4:11] == b"\x02\x00\x00\x00\x00\x53\x14"):
+        decoded = frame_at(unit, 1 << 20)
+        assert decoded is not None
+        for _ in range(2):
+            assert transfer_like(unit) == (decoded[0].performative, decoded[0].payload)
+            read += 1
+        # Its performative cut short (the list claims more than the frame holds): not read so.
+        assert transfer_like(unit[:13] + bytes((len(unit),)) + unit[14:]) is None
+    # A delivery state holding a map is not shared.
+    state = bytes.fromhex("0053145006")  # not a transfer at all: no shape
+    assert transfer_like(b"\x00\x00\x00\x0d\x02\x00\x00\x00" + state) is None
+    assert read >= 16
 
 
 async def test_an_attach_whose_address_is_a_symbol_is_answered_alike(run: _Run) -> None:

@@ -99,7 +99,15 @@ from .performatives import (
     decode_message,
 )
 from .session import _ACCEPTED, _BEGINS, _FLOWS, _TRANSFER_FRAME_BOUND
-from .shapes import Reply, attach_like, open_like, write_attach, write_transfer
+from .shapes import (
+    Reply,
+    attach_like,
+    open_like,
+    sasl_init_like,
+    transfer_like,
+    write_attach,
+    write_transfer,
+)
 from .state import Side
 from .types import Symbol
 
@@ -119,6 +127,9 @@ _MOD = 1 << 32
 _SASL_HEADER = ProtocolHeader(ProtocolId.SASL).encode()
 _ATTACH_DESCRIPTOR = bytes((0x00, 0x53, 0x12))
 _OPEN_DESCRIPTOR = bytes((0x00, 0x53, 0x10))
+_TRANSFER_DESCRIPTOR = bytes((0x00, 0x53, 0x14))
+_SASL_INIT_DESCRIPTOR = bytes((0x00, 0x53, 0x41))
+_SASL_CHANNEL_0 = bytes((2, 1, 0, 0))  # DOFF 2, a SASL frame, channel 0
 _CHANNEL_0 = bytes((2, 0, 0, 0))  # DOFF 2, an AMQP frame, channel 0
 _AMQP_HEADER = ProtocolHeader(ProtocolId.AMQP).encode()
 
@@ -290,6 +301,9 @@ class SdkPath:
                     attach = self._known_attach()
                     if attach is not None:
                         return self._attach(attach[0], attach[1])
+                    transfer = self._known_transfer()
+                    if transfer is not None:
+                        return self._transfer(*transfer)
                     found = frame_at(self._in, self.config.max_frame_size)
                     if found is None:
                         return None
@@ -309,11 +323,17 @@ class SdkPath:
 
     def _opening(self, expect: int) -> Step | None:
         """sasl-init, or the open."""
-        known = self._known(_OPEN_DESCRIPTOR) if expect == _OPEN else None
-        if known is not None:
-            performative: Any = open_like(known)
-            if performative is not None:
+        if expect == _OPEN:
+            known = self._known(_OPEN_DESCRIPTOR)
+            performative: Any = None if known is None else open_like(known)
+            if performative is not None and known is not None:
                 return self._open(performative, len(known))
+        else:
+            known = self._known(_SASL_INIT_DESCRIPTOR, _SASL_CHANNEL_0)
+            performative = None if known is None else sasl_init_like(known)
+            if performative is not None and known is not None:
+                step = SaslInitStep(performative.mechanism, performative.initial_response)
+                return self._wait(len(known), step)
         found = frame_at(self._in, self.config.max_frame_size)
         if found is None:
             return None
@@ -430,13 +450,13 @@ class SdkPath:
 
     # --- links ---------------------------------------------------------------------------------
 
-    def _known(self, descriptor: bytes) -> bytes | None:
+    def _known(self, descriptor: bytes, head: bytes = _CHANNEL_0) -> bytes | None:
         """The whole frame at the start of the input when it is complete, within our limit, on
         channel 0 with no extended header, and its performative's descriptor is ``descriptor``
         (read then by its shape, :mod:`.shapes`); else None (read it through
         :func:`~.frames.frame_at`)."""
         buf = self._in
-        if len(buf) < 14 or buf[8:11] != descriptor or buf[4:8] != _CHANNEL_0:
+        if len(buf) < 14 or buf[8:11] != descriptor or buf[4:8] != head:
             return None
         size = int.from_bytes(buf[:4], "big")
         if size < 14 or size > len(buf) or size > self.config.max_frame_size:
@@ -451,6 +471,15 @@ class SdkPath:
         frame = self._known(_ATTACH_DESCRIPTOR)
         attach = None if frame is None else attach_like(frame, self._address)
         return None if attach is None or frame is None else (attach, len(frame))
+
+    def _known_transfer(self) -> tuple[Transfer, bytes, int] | None:
+        """The transfer at the start of the input and its payload, read through
+        :func:`transfer_like`; None when it is not one that can be."""
+        if self._channel != 0:
+            return None
+        frame = self._known(_TRANSFER_DESCRIPTOR)
+        found = None if frame is None else transfer_like(frame)
+        return None if found is None or frame is None else (found[0], found[1], len(frame))
 
     def _attach(self, attach: Attach, size: int) -> Step:
         limits = self.config.sessions

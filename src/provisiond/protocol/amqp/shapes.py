@@ -33,16 +33,26 @@ from .performatives import (
     Open,
     Properties,
     Role,
+    SaslInit,
     SndSettleMode,
     Source,
     Target,
+    Transfer,
     _layout,
     write_composite,
 )
 from .session import _TRANSFERS
 from .types import encode_value
 
-__all__ = ["Reply", "attach_like", "open_like", "write_attach", "write_transfer"]
+__all__ = [
+    "Reply",
+    "attach_like",
+    "open_like",
+    "sasl_init_like",
+    "transfer_like",
+    "write_attach",
+    "write_transfer",
+]
 
 _LIST32 = struct.Struct(">II")
 
@@ -153,6 +163,80 @@ def open_like(frame: bytes) -> Open | None:
 
 
 _OPENS: dict[tuple[bytes, int, bytes], Open | None] = {}
+
+
+def sasl_init_like(frame: bytes) -> SaslInit | None:
+    """The sasl-init ``frame`` (a whole SASL frame, DOFF 2) decodes to, from the one of its
+    shape read before (the SDKs' differ in their initial response: PLAIN's user and token);
+    None when it has no known shape."""
+    at = _first_field(frame)
+    if not at or len(frame) < at + 2 or frame[at] != 0xA3:  # a sym8 mechanism
+        return None
+    start = at + 2 + frame[at + 1]
+    if len(frame) < start + 5:
+        return None
+    code = frame[start]
+    if code == 0xA0:  # vbin8
+        size, begin = frame[start + 1], start + 2
+    elif code == 0xB0:  # vbin32
+        size, begin = int.from_bytes(frame[start + 1 : start + 5], "big"), start + 5
+    else:
+        return None
+    end = begin + size
+    if end > len(frame):
+        return None
+    template = _known(_SASL_INITS, (frame[:begin], size, frame[end:]), _read_sasl_init)
+    if template is None:
+        return None
+    made: SaslInit = _copy(template)
+    made.__dict__["initial_response"] = frame[begin:end]
+    return made
+
+
+_SASL_INITS: dict[tuple[bytes, int, bytes], SaslInit | None] = {}
+
+
+def _read_sasl_init(key: tuple[bytes, int, bytes]) -> SaslInit | None:
+    head, size, tail = key
+    placeholder = bytes((_NAME_MARK,)) * size
+    try:
+        found = frame_at(head + placeholder + tail, MAX_SHAPE)
+    except AmqpProtocolError:
+        return None
+    if found is None or type(found[0].performative) is not SaslInit or found[0].payload:
+        return None
+    init = found[0].performative
+    assert isinstance(init, SaslInit)
+    return init if init.initial_response == placeholder else None
+
+
+def transfer_like(frame: bytes) -> tuple[Transfer, bytes] | None:
+    """The transfer ``frame`` (a whole frame, DOFF 2) decodes to and its payload, the transfer
+    from the one of the same performative bytes read before (an SDK's first request's is the
+    same on every connection); None when it has none, or holds a mutable value."""
+    code = frame[11]
+    end = 13 + frame[12] if code == 0xC0 else 16 + int.from_bytes(frame[12:16], "big") if code == 0xD0 else 0
+    if not end or end > len(frame):
+        return None
+    transfer = _known(_TRANSFERS_READ, frame[4:end], _read_transfer)
+    return None if transfer is None else (transfer, frame[end:])
+
+
+_TRANSFERS_READ: dict[bytes, Transfer | None] = {}
+
+
+def _read_transfer(performative: bytes) -> Transfer | None:
+    """The transfer of a frame of these performative bytes and no payload; None when it does
+    not decode to one that ends exactly there, or holds a mutable value (a delivery state's map)."""
+    try:
+        found = frame_at((len(performative) + 4).to_bytes(4, "big") + performative, MAX_SHAPE)
+    except AmqpProtocolError:
+        return None
+    if found is None or type(found[0].performative) is not Transfer or found[0].payload:
+        return None
+    transfer = found[0].performative
+    assert isinstance(transfer, Transfer)
+    return transfer if _immutable(transfer) else None
 
 
 _K = TypeVar("_K")
