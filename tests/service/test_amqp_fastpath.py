@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -26,8 +27,16 @@ import provisiond.service.gateway as gateway_module
 from provisiond.protocol.amqp import dps
 from provisiond.protocol.amqp.frames import Frame, FrameType, encode_frame, frame_at
 from provisiond.protocol.amqp.message import encode_message
-from provisiond.protocol.amqp.performatives import Begin, Flow, SaslCode, SaslInit, SaslOutcome
-from provisiond.protocol.amqp.shapes import Reply, attach_like, open_like, sasl_init_like, transfer_like
+from provisiond.protocol.amqp.performatives import Begin, Flow, Role, SaslCode, SaslInit, SaslOutcome
+from provisiond.protocol.amqp.shapes import (
+    Reply,
+    attach_and_termini,
+    attach_like,
+    open_like,
+    sasl_init_like,
+    transfer_like,
+    write_attach,
+)
 from provisiond.protocol.amqp.types import Symbol
 from provisiond.protocol.amqp.values import ULong
 from provisiond.service.amqp import HANDED_OVER, AmqpEndpoint
@@ -328,6 +337,14 @@ def test_an_attach_read_by_its_shape_is_the_attach_decoded() -> None:
             for _ in range(2):  # the shape made, then found
                 assert attach_like(unit, address) == decoded[0].performative, name
                 read += 1
+            # Its termini echoed from the shape's encoding, as encoded from the attach.
+            found = attach_and_termini(unit, address)
+            assert found is not None and found[1] is not None, name
+            link = SimpleNamespace(name=found[0].name, handle=3, role=Role.RECEIVER, remote=found[0])
+            echoed, encoded = bytearray(), bytearray()
+            write_attach(echoed, link, None, 1 << 20, found[1])
+            write_attach(encoded, link, None, 1 << 20)
+            assert echoed == encoded, name
             assert attach_like(unit, address.upper()) is None  # the address is not in it
             # A name that is not UTF-8 is not read by its shape (the decoder refuses it).
             bad = unit.replace(b"\xa1" + bytes((unit[unit.index(b"\xa1") + 1],)), b"\xa1\x01\xff", 1)

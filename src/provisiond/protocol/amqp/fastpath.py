@@ -93,15 +93,13 @@ from .performatives import (
     Role,
     SaslCode,
     SaslInit,
-    Source,
-    Target,
     Transfer,
     decode_message,
 )
 from .session import _ACCEPTED, _BEGINS, _FLOWS, _TRANSFER_FRAME_BOUND
 from .shapes import (
     Reply,
-    attach_like,
+    attach_and_termini,
     open_like,
     sasl_init_like,
     transfer_like,
@@ -186,7 +184,7 @@ Step = str | SaslInitStep | AttachStep | MessageStep | ClosedStep
 
 
 class _Link:
-    __slots__ = ("credit", "delivery_count", "handle", "name", "remote", "remote_handle", "role")
+    __slots__ = ("credit", "delivery_count", "handle", "name", "remote", "remote_handle", "role", "termini")
 
     def __init__(self, handle: int, remote: Attach, role: Role) -> None:
         self.handle = handle
@@ -196,6 +194,8 @@ class _Link:
         self.role = role
         self.credit = 0
         self.delivery_count = (remote.initial_delivery_count or 0) if role is Role.RECEIVER else 0
+        #: The encoding of the answering attach's source and target, when known (:mod:`.shapes`).
+        self.termini: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,7 +300,7 @@ class SdkPath:
                 if expect == _FRAMES:
                     attach = self._known_attach()
                     if attach is not None:
-                        return self._attach(attach[0], attach[1])
+                        return self._attach(*attach)
                     transfer = self._known_transfer()
                     if transfer is not None:
                         return self._transfer(*transfer)
@@ -463,14 +463,14 @@ class SdkPath:
             return None  # shorter than its own header and descriptor: malformed, the decoder says so
         return bytes(buf[:size])
 
-    def _known_attach(self) -> tuple[Attach, int] | None:
-        """The attach at the start of the input, read through :func:`attach_like`; None when it
-        is not one that can be."""
+    def _known_attach(self) -> tuple[Attach, int, bytes | None] | None:
+        """The attach at the start of the input, read through :func:`attach_and_termini`
+        (with its termini's echo); None when it is not one that can be."""
         if self._address is None or self._channel != 0:
             return None
         frame = self._known(_ATTACH_DESCRIPTOR)
-        attach = None if frame is None else attach_like(frame, self._address)
-        return None if attach is None or frame is None else (attach, len(frame))
+        found = None if frame is None else attach_and_termini(frame, self._address)
+        return None if found is None or frame is None else (found[0], len(frame), found[1])
 
     def _known_transfer(self) -> tuple[Transfer, bytes, int] | None:
         """The transfer at the start of the input and its payload, read through
@@ -481,7 +481,7 @@ class SdkPath:
         found = None if frame is None else transfer_like(frame)
         return None if found is None or frame is None else (found[0], found[1], len(frame))
 
-    def _attach(self, attach: Attach, size: int) -> Step:
+    def _attach(self, attach: Attach, size: int, termini: bytes | None = None) -> Step:
         limits = self.config.sessions
         if attach.handle > limits.handle_max or attach.handle in self._by_remote:
             raise _Handover
@@ -491,6 +491,7 @@ class SdkPath:
             raise _Handover
         role = Role.RECEIVER if attach.role is Role.SENDER else Role.SENDER
         link = _Link(handle, attach, role)
+        link.termini = termini
         self._pending_link = link
         return self._wait(size, AttachStep(LinkId(0, handle), role, attach))
 
@@ -499,17 +500,11 @@ class SdkPath:
         link's credit)."""
         link = self._pending_link
         assert link is not None
-        remote = link.remote
         self._links[link.handle] = link
         self._by_remote[link.remote_handle] = link
         sender = link.role is Role.SENDER
         write_attach(
-            self._out,
-            link,
-            remote.source if isinstance(remote.source, Source) else None,
-            remote.target if isinstance(remote.target, Target) else None,
-            0 if sender else None,
-            self.config.sessions.max_message_size,
+            self._out, link, 0 if sender else None, self.config.sessions.max_message_size, link.termini
         )
         if not sender:
             link.credit = self.credit
