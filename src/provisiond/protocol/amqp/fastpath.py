@@ -403,7 +403,7 @@ class SdkPath:
         """One AMQP frame after the open; a step, or None when it needed no application."""
         kind = type(performative)
         if kind is Close:
-            self._write(_CLOSE)
+            self._out += _CLOSE_FRAME()
             self.finished = True
             self._done(size)
             return ClosedStep(performative)
@@ -419,7 +419,7 @@ class SdkPath:
             self._remote_incoming_window = performative.incoming_window
             self._remote_handle_max = performative.handle_max
             limits = self.config.sessions
-            self._write(_BEGINS(channel, 0, self._incoming_window, limits.handle_max))
+            self._out += _BEGIN_FRAMES(channel, 0, self._incoming_window, limits.handle_max)
             self._done(size)
             return None
         if performative is None or channel != self._channel:
@@ -512,17 +512,15 @@ class SdkPath:
         self._answered()
 
     def _link_flow(self, link: _Link) -> None:
-        self._write(
-            _FLOWS(
-                self._next_incoming_id,
-                self._incoming_window,
-                self._next_outgoing_id,
-                link.handle,
-                link.delivery_count,
-                link.credit,
-                None,
-                False,
-            ),
+        self._out += _FLOW_FRAMES(
+            self._next_incoming_id,
+            self._incoming_window,
+            self._next_outgoing_id,
+            link.handle,
+            link.delivery_count,
+            link.credit,
+            None,
+            False,
         )
 
     def _flow(self, flow: Flow) -> None:
@@ -591,7 +589,7 @@ class SdkPath:
                 return False
         if state is not None:
             if type(state) is Accepted:
-                self._write(_ACCEPTED(step.delivery_id, state))
+                self._out += _ACCEPTED_FRAMES(step.delivery_id, _ACCEPTED_STATE)
             else:
                 disposition = Disposition(
                     role=Role.RECEIVER, first=step.delivery_id, settled=True, state=state
@@ -619,7 +617,7 @@ class SdkPath:
         self.sasl_mechanism = step.mechanism
         if step.mechanism == "PLAIN" and step.initial_response:
             self._address = step.initial_response.split(b"\x00")[1]  # as the endpoint read it
-        write_frame(self._out, FrameType.SASL, 0, _OUTCOMES(SaslCode.OK, None))
+        self._out += _OUTCOME_FRAMES(SaslCode.OK, None)
         self._expect = _AMQP_HEADER_AFTER_SASL
         self._answered()
 
@@ -721,3 +719,37 @@ def deliver(
 
 
 _END = End()
+
+
+class _Frames:
+    """The frames (channel 0) of one call site's performatives: ``frames(*values)`` is the
+    encoding of ``make(*values)`` (a :class:`~.frames.Templates` or a constant's maker),
+    written once per tuple of values (while the table holds it; emptied when full) rather
+    than looked up by the performative each time."""
+
+    __slots__ = ("_frames", "_make", "_type")
+
+    def __init__(self, make: Callable[..., Any], frame_type: FrameType = FrameType.AMQP) -> None:
+        self._make = make
+        self._type = frame_type
+        self._frames: dict[tuple[Any, ...], bytes] = {}
+
+    def __call__(self, *values: Any) -> bytes:
+        found = self._frames.get(values)
+        if found is None:
+            buffer = bytearray()
+            write_frame(buffer, self._type, 0, self._make(*values))
+            found = bytes(buffer)
+            if len(self._frames) >= _FRAME_ENTRIES:
+                self._frames.clear()
+            self._frames[values] = found
+        return found
+
+
+_FRAME_ENTRIES = 256
+_ACCEPTED_STATE = Accepted()
+_CLOSE_FRAME = _Frames(lambda: _CLOSE)
+_BEGIN_FRAMES = _Frames(_BEGINS)
+_FLOW_FRAMES = _Frames(_FLOWS)
+_ACCEPTED_FRAMES = _Frames(_ACCEPTED)
+_OUTCOME_FRAMES = _Frames(_OUTCOMES, FrameType.SASL)
