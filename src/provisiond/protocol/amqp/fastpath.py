@@ -298,12 +298,15 @@ class SdkPath:
             while self._in and not self.finished:
                 expect = self._expect
                 if expect == _FRAMES:
-                    attach = self._known_attach()
-                    if attach is not None:
-                        return self._attach(*attach)
-                    transfer = self._known_transfer()
-                    if transfer is not None:
-                        return self._transfer(*transfer)
+                    code = self._in[10] if len(self._in) > 10 else 0  # the descriptor's, if small
+                    if code == 0x12:
+                        attach = self._known_attach()
+                        if attach is not None:
+                            return self._attach(*attach)
+                    elif code == 0x14:
+                        transfer = self._known_transfer()
+                        if transfer is not None:
+                            return self._transfer(*transfer)
                     found = frame_at(self._in, self.config.max_frame_size)
                     if found is None:
                         return None

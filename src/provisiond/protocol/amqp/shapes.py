@@ -133,7 +133,7 @@ def attach_and_termini(frame: bytes, address: bytes) -> tuple[Attach, bytes | No
     shape = _known(_SHAPES, key, _read_shape)
     if shape is None:
         return None
-    template, in_source, termini = shape
+    template, in_source, termini, other_maps = shape
     try:
         name = frame[at + 2 : name_end].decode("utf-8")
         text = address.decode("utf-8")
@@ -145,7 +145,7 @@ def attach_and_termini(frame: bytes, address: bytes) -> tuple[Attach, bytes | No
     put.__dict__["address"] = text
     attach.__dict__["source" if in_source else "target"] = put
     other = "target" if in_source else "source"
-    if isinstance(attach.__dict__[other], Source | Target):
+    if other_maps:  # the other terminus holds maps: each connection its own (else shared)
         attach.__dict__[other] = _copy(attach.__dict__[other])
     return attach, None if termini is None else termini[0] + address + termini[1]
 
@@ -306,9 +306,10 @@ _NAME_MARK = 0x6E  # "n"
 _ADDRESS_MARK = 0x61  # "a"
 
 
-#: An attach's shape: the attach with placeholders, whether the address is its source's, and
-#: the encoding of its termini as echoed around the address (None: not known).
-_Shape = tuple[Attach, bool, tuple[bytes, bytes] | None]
+#: An attach's shape: the attach with placeholders, whether the address is its source's, the
+#: encoding of its termini as echoed around the address (None: not known), and whether the
+#: other terminus holds a map.
+_Shape = tuple[Attach, bool, tuple[bytes, bytes] | None, bool]
 
 
 def _read_shape(key: tuple[bytes, int, bytes, int, bytes]) -> _Shape | None:
@@ -351,7 +352,9 @@ def _read_shape(key: tuple[bytes, int, bytes, int, bytes]) -> _Shape | None:
     termini = (bytes(echo[:at]), bytes(echo[at + len(address) :])) if at >= 0 else None
     if at >= 0 and echo.find(address, at + 1) >= 0:
         termini = None
-    return attach, in_source, termini
+    other = attach.target if in_source else attach.source
+    other_maps = other is not None and any(type(field) is dict for field in vars(other).values())
+    return attach, in_source, termini, other_maps
 
 
 def _write_termini(source: Any, target: Any, body: bytearray) -> None:
