@@ -541,3 +541,50 @@ def test_deprovisioning_a_registration_through_the_api_reaches_the_remote_hub(
     ):
         assert time.monotonic() < deadline, hub_peer.devices.get(reg)
         time.sleep(0.1)
+
+
+@pytest.mark.postgres
+def test_on_postgresql_the_writer_is_woken_not_polled(
+    tmp_path_factory: pytest.TempPathFactory, postgres_db_url: str, hub_peer: HubPeer
+) -> None:
+    """On PostgreSQL the writer loop waits on the store's watch of the outbox, and looks by
+    itself only after the lease (60 s here), longer than any wait below: a retry whose backoff
+    ends comes due (the loop waits for the earliest due it saw), and a deprovisioning item that
+    another process commits wakes it (LISTEN/NOTIFY); both are done long before a poll."""
+    lease = 60.0
+    node = start_server(
+        tmp_path_factory.mktemp("woken"), "--db", postgres_db_url, "--hub-write-lease", str(lease)
+    )
+    admin = node.client()
+    try:
+        hub = hub_peer.link(admin)
+        reg, key = enroll_in(admin, hub)
+        # The first identity write gets 503 with Retry-After 1: the item is put back, due later.
+        hub_peer.inject(Fault(status=503, retry_after=1, method="PUT", kind="devices"))
+        started = time.monotonic()
+        device, body = register(node, reg, key)
+        device.close()
+        assert body["status"] == "assigned", body
+        assert hub_peer.answered[503] == 1
+        assert time.monotonic() - started < lease / 3, "the retry waited for the fallback"
+        # Once its figures are stored, the writer has nothing left: it waits.
+        writer_figures(admin, hub, written=1)
+
+        async def enqueue() -> None:  # another process (this one) queues a removal
+            store = open_store(postgres_db_url)
+            await store.open()
+            try:
+                await store.write_atomic(
+                    [removal(IdentityRef(hub, reg), Deprovision.DISABLE, now=time.time())]
+                )
+            finally:
+                await store.close()
+
+        started = time.monotonic()
+        asyncio.run(enqueue())
+        while hub_peer.devices[reg].get("status") != "disabled":
+            assert time.monotonic() - started < lease / 3, "the removal waited for the fallback"
+            time.sleep(0.1)
+    finally:
+        admin.close()
+        node.stop()
