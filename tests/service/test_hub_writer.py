@@ -572,8 +572,14 @@ def test_on_postgresql_the_writer_is_woken_not_polled(
         assert body["status"] == "assigned", body
         assert hub_peer.answered[503] == 1
         assert time.monotonic() - started < lease / 3, "the retry waited for the fallback"
-        # Once its figures are stored, the writer has nothing left: it waits.
-        writer_figures(admin, hub, written=1)
+        # Once its figures are stored, the writer has nothing left: it waits. A registration
+        # worked by its request meanwhile has its figures stored within about a second too.
+        assert writer_figures(admin, hub, written=1)["written"] == 1
+        second, second_key = enroll_in(admin, hub)
+        device, body = register(node, second, second_key)
+        device.close()
+        assert body["status"] == "assigned", body
+        assert writer_figures(admin, hub, written=2)["written"] == 2, "the figures waited for the fallback"
 
         async def enqueue() -> None:  # another process (this one) queues a removal
             store = open_store(postgres_db_url)

@@ -134,6 +134,7 @@ class HubWriter:
         self.share = BudgetShare(self.store, self.node)
         self.figures = NodeFigures()
         self._watch: StreamWatch | None = None
+        self._flush_soon = False
         self._watchers: dict[str, asyncio.Event] = {}
         #: Hubs that refused a bulk call as a whole (not served): written singly from then on.
         self._no_bulk: set[str] = set()
@@ -186,8 +187,11 @@ class HubWriter:
         return 0.0
 
     def _flush_within(self, wait: float) -> float:
-        """``wait``, shortened so that figures not stored yet are stored within about a second."""
-        if self.figures.dirty:
+        """``wait``, shortened so that figures not stored yet are stored within about a second
+        (``_flush_soon``: the loop's wait is that short; work outside the loop that changes
+        figures while it is not wakes the loop)."""
+        self._flush_soon = bool(self.figures.dirty)
+        if self._flush_soon:
             return min(wait, max(0.05, 1.0 - (time.monotonic() - self._last_flush)))
         return wait
 
@@ -233,10 +237,15 @@ class HubWriter:
     # --- one item -----------------------------------------------------------------------------
 
     async def work(self, record: Record) -> None:
-        """Work one item this node holds (claimed, or written leased to it)."""
-        await self._work(
-            _Holder(self, record.id, record.etag, msgspec.json.decode(record.doc, type=OutboxItem))
-        )
+        """Work one item this node holds (claimed, or written leased to it: a request works it
+        outside the loop, which then stores the figures it changed within about a second)."""
+        try:
+            await self._work(
+                _Holder(self, record.id, record.etag, msgspec.json.decode(record.doc, type=OutboxItem))
+            )
+        finally:
+            if self.figures.dirty and not self._flush_soon:
+                self.wake()
 
     async def work_many(self, records: list[Record]) -> None:
         """Work the items a claim returned: new identities of one remote hub in bulk calls
