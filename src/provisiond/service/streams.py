@@ -116,7 +116,7 @@ class TcpStream:
         if self._transport.is_closing():
             await asyncio.sleep(0)  # let connection_lost run, as a drain would
             if protocol.lost:
-                raise StreamClosed(str(protocol.error or "Connection lost"))
+                raise StreamClosed("Connection lost")  # as asyncio's drain says it
         if protocol.paused_writing:
             await protocol.drained()
 
