@@ -37,6 +37,7 @@ import multiprocessing
 import ssl
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,10 +93,10 @@ class Job:
 # --- frames, made before the clock ---------------------------------------------------------------
 
 
-def _token(scope: str, reg: str, key: str) -> str:
-    return build_sas_token(
-        f"{scope}/registrations/{reg}", key, int(time.time()) + 7200, key_name="registration"
-    )
+def _token(scope: str, reg: str, key: str, expiry: int | None = None) -> str:
+    if expiry is None:
+        expiry = int(time.time()) + 7200
+    return build_sas_token(f"{scope}/registrations/{reg}", key, expiry, key_name="registration")
 
 
 def mqtt_steps(scope: str, reg: str, key: str) -> list[bytes]:
@@ -130,16 +131,26 @@ def _frame(performative: Any, payload: bytes = b"", *, sasl: bool = False) -> by
     return bytes(buffer)
 
 
-def amqp_steps(scope: str, reg: str, key: str, host: str = "localhost") -> list[bytes]:
+def amqp_steps(
+    scope: str,
+    reg: str,
+    key: str,
+    host: str = "localhost",
+    *,
+    expiry: int | None = None,
+    ids: Callable[[], uuid.UUID] = uuid.uuid4,
+) -> list[bytes]:
     """The SASL header; sasl-init; the AMQP header, open, begin, attaches and flow; the register
-    transfer; the answer's disposition and close."""
+    transfer; the answer's disposition and close. The token expires in two hours unless
+    ``expiry`` is given, the container-id, link names and message ids are ``ids()`` (the
+    tests fix both, so that their sessions are the same bytes in every run)."""
     address = f"{scope}/registrations/{reg}"
     properties = {Symbol(dps.API_VERSION_PROPERTY): API_VERSION}
     sasl_header = ProtocolHeader(ProtocolId.SASL, (1, 0, 0)).encode()
     init = _frame(
         SaslInit(
             mechanism=Symbol(dps.Mechanism.PLAIN.value),
-            initial_response=dps.plain_response(address, _token(scope, reg, key)),
+            initial_response=dps.plain_response(address, _token(scope, reg, key, expiry)),
             hostname=host,
         ),
         sasl=True,
@@ -147,11 +158,11 @@ def amqp_steps(scope: str, reg: str, key: str, host: str = "localhost") -> list[
     setup = b"".join(
         [
             ProtocolHeader(ProtocolId.AMQP, (1, 0, 0)).encode(),
-            _frame(Open(container_id=str(uuid.uuid4()), hostname=host)),
+            _frame(Open(container_id=str(ids()), hostname=host)),
             _frame(Begin(next_outgoing_id=0, incoming_window=5000, outgoing_window=5000)),
             _frame(
                 Attach(
-                    name=f"sender-{uuid.uuid4()}",
+                    name=f"sender-{ids()}",
                     handle=0,
                     role=Role.SENDER,
                     source=Source(),
@@ -162,7 +173,7 @@ def amqp_steps(scope: str, reg: str, key: str, host: str = "localhost") -> list[
             ),
             _frame(
                 Attach(
-                    name=f"receiver-{uuid.uuid4()}",
+                    name=f"receiver-{ids()}",
                     handle=1,
                     role=Role.RECEIVER,
                     source=Source(address=address),
@@ -184,7 +195,7 @@ def amqp_steps(scope: str, reg: str, key: str, host: str = "localhost") -> list[
         ]
     )
     message = Message(
-        properties=Properties(message_id=str(uuid.uuid4()), correlation_id=str(uuid.uuid4())),
+        properties=Properties(message_id=str(ids()), correlation_id=str(ids())),
         application_properties={
             dps.OPERATION_TYPE: dps.OperationType.REGISTER.value,
             dps.FORCE_REGISTRATION: False,

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from provisiond.errors import AmqpProtocolError, InsufficientData, LocalProtocolError
 from provisiond.protocol.amqp import frames as frames_module
+from provisiond.protocol.amqp import message as message_module
 from provisiond.protocol.amqp import performatives as performatives_module
 from provisiond.protocol.amqp.decoding import list_at
 from provisiond.protocol.amqp.frames import (
@@ -529,6 +530,55 @@ def _d(code: int, value: Any) -> Described:
 def test_malformed_messages(payload: bytes) -> None:
     with pytest.raises(AmqpProtocolError):
         decode_message(payload)
+
+
+def _outcome(payload: bytes) -> Any:
+    try:
+        return decode_message(payload)
+    except AmqpProtocolError as exc:
+        return (type(exc), exc.message, exc.condition)
+
+
+def test_data_and_application_properties_read_from_their_bytes_are_the_sections_decoded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``decode_message`` reads a data section and application properties from their bytes
+    (the second from the ones of the same bytes read before): every message here, every cut of
+    it and every byte of it changed decodes to the same message, or the same error, as with
+    that read off (the general decoder)."""
+    properties = [
+        {"iotdps-operation-type": "iotdps-register", "iotdps-forceRegistration": False},
+        {"a": "x" * 300},  # map32
+        {"nested": {"k": 1}},  # not shared: a map in a map
+        {"list": [1, 2]},
+        {"id": uuid.UUID(int=3)},
+        {},
+    ]
+    payloads = [
+        encode_message(Message(application_properties=props, body=(Data(b"b" * size),)))
+        for props in properties
+        for size in (0, 1, 255, 256, 70_000)
+    ]
+    payloads += [encode_message(cast(Message, p.values[0])) for p in MESSAGES]
+    variants: list[bytes] = []
+    for payload in payloads:
+        if len(payload) > 2000:
+            variants += [payload, payload[:-1], payload[:7]]
+            continue
+        variants += [payload[:cut] for cut in range(len(payload))]
+        for at in range(len(payload)):
+            for value in (0x00, 0xFF, payload[at] ^ 0x01, payload[at] ^ 0x80):
+                variants.append(payload[:at] + bytes((value,)) + payload[at + 1 :])
+    fast = [_outcome(v) for v in variants] + [_outcome(v) for v in variants]  # made, then found
+    monkeypatch.setattr(message_module, "_known_section", lambda buf, pos, end: None)
+    general = [_outcome(v) for v in variants]
+    assert fast == general + general
+    decoded = [f for f in fast if isinstance(f, Message)]
+    assert len(decoded) > len(payloads)  # not only errors
+    monkeypatch.undo()
+    first, again = decode_message(payloads[0]), decode_message(payloads[0])
+    assert first.application_properties == again.application_properties
+    assert first.application_properties is not again.application_properties  # each its own map
 
 
 # --- fuzz --------------------------------------------------------------------------------------

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from urllib.parse import unquote
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from provisiond.errors import AuthenticationError
-from provisiond.protocol.sas import build_sas_token, derive_device_key, parse_sas_token, verify_signature
+from provisiond.protocol.sas import (
+    build_sas_token,
+    derive_device_key,
+    parse_sas_token,
+    percent_decoded,
+    verify_signature,
+)
 
 KEY = derive_device_key("MpSOpkdWeJ/XVXo7PtbUhyii2HsmLtZyRsR8Hz/3gPM=", "dev-1")
 
@@ -65,3 +75,36 @@ def test_a_token_parsed_again_reads_the_same_and_a_malformed_one_is_refused_ever
     for _ in range(2):
         with pytest.raises(AuthenticationError):
             parse_sas_token("SharedAccessSignature sr=x&se=1")
+
+
+#: Text made of pieces of percent-encoding: escapes of ASCII, of UTF-8 sequences whole and
+#: broken, escapes cut short or not hexadecimal, and characters outside ASCII.
+_ESCAPED = st.lists(
+    st.sampled_from(
+        [
+            "%",
+            "%2",
+            "%2F",
+            "%2f",
+            "%3D",
+            "%zz",
+            "%C3",
+            "%A9",
+            "%C3%A9",
+            "%E2%82",
+            "%80",
+            "a",
+            "+",
+            "/",
+            "=",
+            "é",
+            "\x80",
+        ]
+    ),
+    max_size=12,
+).map("".join)
+
+
+@given(st.one_of(_ESCAPED, st.text(max_size=40)))
+def test_percent_decoding_is_unquotes_for_any_text(text: str) -> None:
+    assert percent_decoded(text) == unquote(text)

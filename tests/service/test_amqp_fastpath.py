@@ -10,11 +10,13 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import random
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -25,8 +27,16 @@ import provisiond.service.gateway as gateway_module
 from provisiond.protocol.amqp import dps
 from provisiond.protocol.amqp.frames import Frame, FrameType, encode_frame, frame_at
 from provisiond.protocol.amqp.message import encode_message
-from provisiond.protocol.amqp.performatives import Begin, Flow, SaslCode, SaslInit, SaslOutcome
-from provisiond.protocol.amqp.shapes import Reply, attach_like, open_like
+from provisiond.protocol.amqp.performatives import Begin, Flow, Role, SaslCode, SaslInit, SaslOutcome
+from provisiond.protocol.amqp.shapes import (
+    Reply,
+    attach_and_termini,
+    attach_like,
+    open_like,
+    sasl_init_like,
+    transfer_like,
+    write_attach,
+)
 from provisiond.protocol.amqp.types import Symbol
 from provisiond.protocol.amqp.values import ULong
 from provisiond.service.amqp import HANDED_OVER, AmqpEndpoint
@@ -74,9 +84,10 @@ class _Run:
     def __init__(self, tmp_path: Path, lines: _Lines, monkeypatch: pytest.MonkeyPatch) -> None:
         self.lines = lines
         self.monkeypatch = monkeypatch
-        #: The service's clock (the SAS tokens' expiry): now, or when a recording was made.
-        self.now: float | None = None
-        clock = lambda: time.time() if self.now is None else self.now  # noqa: E731
+        #: The service's clock (the SAS tokens' expiry): the seed sessions' fixed time, or when
+        #: a recording was made.
+        self.now: float = _CLOCK
+        clock = lambda: self.now  # noqa: E731
         ctx = ServiceContext(settings=Settings(data_dir=tmp_path), store=None, clock=clock)  # type: ignore[arg-type]
         gateway = DeviceGateway(ctx, _StubRegistrar())  # type: ignore[arg-type]
         self.endpoints = {fast: AmqpEndpoint(gateway, AMQP, fast_path=fast) for fast in (True, False)}
@@ -128,10 +139,26 @@ def _frame(performative: Any, *, sasl: bool = False, channel: int = 0) -> bytes:
     return bytes(buffer)
 
 
-#: The SDK-like script of the load generator, in the turns a device sends it.
-_SDK_TURNS = amqp_steps(SCOPE, REG, "AAAA")
-#: Devices of the project's own AMQP layer (both requests on one link), by SASL mechanism.
-_WIRES = {name: _client_wire(name) for name in ("PLAIN", "ANONYMOUS", "EXTERNAL", None)}
+#: The service's clock in these tests, and the expiry of the seed sessions' SAS tokens: fixed,
+#: so that the sessions (and so the mutations of :func:`test_mutated_sessions_are_answered_alike`)
+#: are the same bytes in every run.
+_CLOCK = 1_800_000_000.0
+_EXPIRY = int(_CLOCK) + 3600
+
+
+def _sdk_turns(scope: str = SCOPE) -> list[bytes]:
+    """The SDK-like script of the load generator, in the turns a device sends it (a fixed
+    expiry, and fixed ids for the container, the links and the message)."""
+    return amqp_steps(scope, REG, "AAAA", expiry=_EXPIRY, ids=_Ids().uuid4)
+
+
+def _wires() -> dict[str | None, bytes]:
+    """Devices of the project's own AMQP layer (both requests on one link), by SASL mechanism."""
+    return {name: _client_wire(name, _EXPIRY) for name in ("PLAIN", "ANONYMOUS", "EXTERNAL", None)}
+
+
+_SDK_TURNS = _sdk_turns()
+_WIRES = _wires()
 _CHAIN = [b"a certificate"]
 
 #: Frames that the fast path does not serve, each inserted after every frame of a script.
@@ -182,7 +209,7 @@ async def test_a_deviation_after_any_frame_is_handed_over_unseen(run: _Run, devi
 
 async def test_refusals_and_unusual_sessions_are_the_machines(run: _Run) -> None:
     turns = list(_SDK_TURNS)
-    other = amqp_steps("0ne00OTHER0", REG, "AAAA")
+    other = _sdk_turns("0ne00OTHER0")
     assert await run.same([turns[0], other[1], *turns[2:]])  # the links name another scope
     bad_token = dps.plain_response(f"{SCOPE}/registrations/{REG}", "SharedAccessSignature sr=x")
     init = _frame(SaslInit(mechanism=Symbol("PLAIN"), initial_response=bad_token), sasl=True)
@@ -215,26 +242,67 @@ async def test_the_node_sdk_recorded_is_answered_on_the_fast_path_as_by_the_mach
         await run.same([*reads[: at - 1], reads[at - 1] + reads[at], *reads[at + 1 :]])
 
 
-#: Mutated sessions compared on both paths.
-FUZZ_SESSIONS = 1500
+#: Mutated sessions compared on both paths, per fuzz seed.
+FUZZ_SESSIONS = 4000
+#: The fuzz seeds of a wide run by hand: ``PROVISIOND_AMQP_FUZZ=FIRST-LAST`` (inclusive).
+FUZZ_VARIABLE = "PROVISIOND_AMQP_FUZZ"
+
+
+def _fuzz_seeds() -> range:
+    wide = os.environ.get(FUZZ_VARIABLE)
+    if not wide:
+        return range(13, 14)
+    first, _, last = wide.partition("-")
+    return range(int(first), int(last or first) + 1)
+
+
+def _seed_sessions() -> list[tuple[bytes, float]]:
+    """The sessions the fuzz mutates, each with the service's clock it is read at: the load
+    generator's script, the project's own client (PLAIN, ANONYMOUS, no SASL) and the Node SDK's
+    recordings."""
+    seeds = [(b"".join(_sdk_turns()), _CLOCK)]
+    seeds += [(wire, _CLOCK) for name, wire in _wires().items() if name != "EXTERNAL"]
+    for _, recorded in sorted(_NODE_SDK.items()):
+        seeds.append((b"".join(bytes.fromhex(read) for read in recorded["reads"]), recorded["time"] + 1))
+    return seeds
+
+
+def test_the_fuzz_reads_the_same_sessions_in_every_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seed sessions do not depend on the wall clock or on random ids."""
+    first = _seed_sessions()
+    monkeypatch.setattr(time, "time", lambda: 2_000_000_000.0)
+    assert _seed_sessions() == first
 
 
 async def test_mutated_sessions_are_answered_alike(run: _Run) -> None:
-    seeds = [b"".join(_SDK_TURNS), *(_WIRES[name] for name in ("PLAIN", "ANONYMOUS", None))]
-    rng = random.Random(13)
-    for _ in range(FUZZ_SESSIONS):
-        data = bytearray(rng.choice(seeds))
-        for _ in range(rng.randint(1, 3)):
-            where = rng.randrange(len(data))
-            op = rng.randrange(3)
-            if op == 0:
-                data[where] ^= 1 << rng.randrange(8)
-            elif op == 1:
-                del data[where : where + rng.randint(1, 8)]
-            else:
-                data[where:where] = rng.randbytes(rng.randint(1, 8))
-        cuts = sorted(rng.sample(range(1, len(data)), k=min(5, len(data) - 1)))
-        await run.same([bytes(data[a:b]) for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)])
+    """Mutated sessions (bits flipped, bytes cut out and put in), cut into random reads, are
+    answered alike on both paths. The seed sessions and the mutations are the same in every run
+    (seed 13, :data:`FUZZ_SESSIONS` sessions). A wider fuzz by hand, over a range of seeds::
+
+        PROVISIOND_AMQP_FUZZ=0-99 pytest tests/service/test_amqp_fastpath.py -k mutated
+
+    A mismatch names the seed and the session's number."""
+    seeds = _seed_sessions()
+    for seed in _fuzz_seeds():
+        rng = random.Random(seed)
+        for number in range(FUZZ_SESSIONS):
+            wire, run.now = rng.choice(seeds)
+            data = bytearray(wire)
+            for _ in range(rng.randint(1, 3)):
+                where = rng.randrange(len(data))
+                op = rng.randrange(3)
+                if op == 0:
+                    data[where] ^= 1 << rng.randrange(8)
+                elif op == 1:
+                    del data[where : where + rng.randint(1, 8)]
+                else:
+                    data[where:where] = rng.randbytes(rng.randint(1, 8))
+            cuts = sorted(rng.sample(range(1, len(data)), k=min(5, len(data) - 1)))
+            chunks = [bytes(data[a:b]) for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+            try:
+                await run.same(chunks)
+            except Exception as exc:
+                raise AssertionError(f"seed {seed}, session {number}") from exc
 
 
 @pytest.mark.parametrize(
@@ -269,6 +337,14 @@ def test_an_attach_read_by_its_shape_is_the_attach_decoded() -> None:
             for _ in range(2):  # the shape made, then found
                 assert attach_like(unit, address) == decoded[0].performative, name
                 read += 1
+            # Its termini echoed from the shape's encoding, as encoded from the attach.
+            found = attach_and_termini(unit, address)
+            assert found is not None and found[1] is not None, name
+            link = SimpleNamespace(name=found[0].name, handle=3, role=Role.RECEIVER, remote=found[0])
+            echoed, encoded = bytearray(), bytearray()
+            write_attach(echoed, link, None, 1 << 20, found[1])
+            write_attach(encoded, link, None, 1 << 20)
+            assert echoed == encoded, name
             assert attach_like(unit, address.upper()) is None  # the address is not in it
             # A name that is not UTF-8 is not read by its shape (the decoder refuses it).
             bad = unit.replace(b"\xa1" + bytes((unit[unit.index(b"\xa1") + 1],)), b"\xa1\x01\xff", 1)
@@ -291,6 +367,58 @@ def test_an_open_read_by_its_shape_is_the_open_decoded() -> None:
     assert read >= 12
 
 
+def _every_unit() -> list[bytes]:
+    """Every frame of the Node SDK's recordings, the load generator's script and the project's
+    own client's sessions."""
+    sessions = [[bytes.fromhex(read) for read in s["reads"]] for s in _NODE_SDK.values()]
+    sessions += [list(_SDK_TURNS), *([wire] for wire in _WIRES.values())]
+    return [unit for reads in sessions for unit in _units(b"".join(reads))]
+
+
+def test_a_sasl_init_read_by_its_shape_is_the_sasl_init_decoded() -> None:
+    read = 0
+    for unit in (u for u in _every_unit() if u[4:11] == b"\x02\x01\x00\x00\x00\x53\x41"):
+        decoded = frame_at(unit, 1 << 20)
+        assert decoded is not None
+        for _ in range(2):  # the shape made, then found (a response is what it is read around)
+            found = sasl_init_like(unit)
+            assert found == decoded[0].performative or (found is None and b"PLAIN" not in unit)
+            read += found is not None
+        # A response claiming more bytes than the frame holds: left to the decoder.
+        at = unit.index(b"PLAIN") + 5 if b"PLAIN" in unit else 0
+        if at and unit[at] == 0xA0:
+            assert sasl_init_like(unit[: at + 1] + b"\xff" + unit[at + 2 :]) is None
+    # Responses of every size around vbin8's limit (vbin32 above it), and none.
+    for size in (0, 1, 254, 255, 256, 300):
+        for response in (bytes(range(256)) * 2)[:size], None:
+            made = _frame(
+                SaslInit(mechanism=Symbol("PLAIN"), initial_response=response, hostname="h"), sasl=True
+            )
+            decoded = frame_at(made, 1 << 20)
+            assert decoded is not None
+            for _ in range(2):
+                found = sasl_init_like(made)
+                assert found is None or found == decoded[0].performative
+                read += found is not None
+    assert read >= 8
+
+
+def test_a_transfer_read_by_its_performative_is_the_transfer_decoded() -> None:
+    read = 0
+    for unit in (u for u in _every_unit() if u[4:11] == b"\x02\x00\x00\x00\x00\x53\x14"):
+        decoded = frame_at(unit, 1 << 20)
+        assert decoded is not None
+        for _ in range(2):
+            assert transfer_like(unit) == (decoded[0].performative, decoded[0].payload)
+            read += 1
+        # Its performative cut short (the list claims more than the frame holds): not read so.
+        assert transfer_like(unit[:13] + bytes((len(unit),)) + unit[14:]) is None
+    # A delivery state holding a map is not shared.
+    state = bytes.fromhex("0053145006")  # not a transfer at all: no shape
+    assert transfer_like(b"\x00\x00\x00\x0d\x02\x00\x00\x00" + state) is None
+    assert read >= 16
+
+
 async def test_an_attach_whose_address_is_a_symbol_is_answered_alike(run: _Run) -> None:
     """An attach whose terminus address is encoded as a symbol rather than a string (the
     mutated-session fuzz found one): the machine echoes a symbol, so the fast path must not
@@ -301,3 +429,18 @@ async def test_an_attach_whose_address_is_a_symbol_is_answered_alike(run: _Run) 
     data[at] = 0xA3  # sym8
     for split in ([bytes(data)], [bytes(data[:at]), bytes(data[at:])]):
         await run.same(split)
+
+
+async def test_a_frame_shorter_than_its_header_is_answered_alike(run: _Run) -> None:
+    """A frame whose size says fewer bytes than a frame header, its descriptor an open's or an
+    attach's (the wide fuzz found it): a framing error on both paths, not an IndexError in the
+    shape readers."""
+    turns = _sdk_turns()
+    setup = turns[2]
+    at = setup.index(b"\x00\x53\x10") - 8  # the open's frame, after the AMQP header
+    short_open = setup[:at] + b"\x00\x00\x00\x05" + setup[at + 4 :]
+    at = setup.index(b"\x00\x53\x12") - 8  # the first attach's frame
+    short_attach = setup[:at] + b"\x00\x00\x00\x0b" + setup[at + 4 :]
+    for broken in (short_open, short_attach):
+        assert await run.same([*turns[:2], broken, *turns[3:]])
+        assert await run.same([b"".join([*turns[:2], broken, *turns[3:]])])

@@ -242,15 +242,20 @@ def test_a_rotated_key_is_the_hubs_401_named(
 
 
 @KILLED_UNDER_REQUESTS
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def test_kill_9_under_load_leaves_every_identity_and_record_in_agreement(
-    tmp_path_factory: pytest.TempPathFactory, hub_peer: HubPeer
+    tmp_path_factory: pytest.TempPathFactory, hub_peer: HubPeer, backend: str, request: pytest.FixtureRequest
 ) -> None:
     """kill -9 of the registering provisiond while its hub writes are in flight; a restart on
-    the same database finishes them once their leases run out. Afterwards every acknowledged
-    registration is assigned and has its identity (and twin) in the hub, every identity in the
-    hub has its assigned record, and nothing is doubled."""
+    the same database finishes them once their leases run out (on PostgreSQL the restarted
+    writer's watch is live: it waits for the earliest lease's end it reads, which no
+    notification announces). Afterwards every acknowledged registration is assigned and has
+    its identity (and twin) in the hub, every identity in the hub has its assigned record, and
+    nothing is doubled."""
     data_dir = tmp_path_factory.mktemp("kill9")
-    args = ("--assignment-budget", "0.5", "--hub-write-lease", "2")
+    args: tuple[str, ...] = ("--assignment-budget", "0.5", "--hub-write-lease", "2")
+    if backend == "postgresql":
+        args += ("--db", str(request.getfixturevalue("postgres_db_url")))
     node = start_server(data_dir, *args)
     admin = node.client()
     hub = hub_peer.link(admin)
@@ -541,3 +546,56 @@ def test_deprovisioning_a_registration_through_the_api_reaches_the_remote_hub(
     ):
         assert time.monotonic() < deadline, hub_peer.devices.get(reg)
         time.sleep(0.1)
+
+
+@pytest.mark.postgres
+def test_on_postgresql_the_writer_is_woken_not_polled(
+    tmp_path_factory: pytest.TempPathFactory, postgres_db_url: str, hub_peer: HubPeer
+) -> None:
+    """On PostgreSQL the writer loop waits on the store's watch of the outbox, and looks by
+    itself only after the lease (60 s here), longer than any wait below: a retry whose backoff
+    ends comes due (the loop waits for the earliest due it saw), and a deprovisioning item that
+    another process commits wakes it (LISTEN/NOTIFY); both are done long before a poll."""
+    lease = 60.0
+    node = start_server(
+        tmp_path_factory.mktemp("woken"), "--db", postgres_db_url, "--hub-write-lease", str(lease)
+    )
+    admin = node.client()
+    try:
+        hub = hub_peer.link(admin)
+        reg, key = enroll_in(admin, hub)
+        # The first identity write gets 503 with Retry-After 1: the item is put back, due later.
+        hub_peer.inject(Fault(status=503, retry_after=1, method="PUT", kind="devices"))
+        started = time.monotonic()
+        device, body = register(node, reg, key)
+        device.close()
+        assert body["status"] == "assigned", body
+        assert hub_peer.answered[503] == 1
+        assert time.monotonic() - started < lease / 3, "the retry waited for the fallback"
+        # Once its figures are stored, the writer has nothing left: it waits. A registration
+        # worked by its request meanwhile has its figures stored within about a second too.
+        assert writer_figures(admin, hub, written=1)["written"] == 1
+        second, second_key = enroll_in(admin, hub)
+        device, body = register(node, second, second_key)
+        device.close()
+        assert body["status"] == "assigned", body
+        assert writer_figures(admin, hub, written=2)["written"] == 2, "the figures waited for the fallback"
+
+        async def enqueue() -> None:  # another process (this one) queues a removal
+            store = open_store(postgres_db_url)
+            await store.open()
+            try:
+                await store.write_atomic(
+                    [removal(IdentityRef(hub, reg), Deprovision.DISABLE, now=time.time())]
+                )
+            finally:
+                await store.close()
+
+        started = time.monotonic()
+        asyncio.run(enqueue())
+        while hub_peer.devices[reg].get("status") != "disabled":
+            assert time.monotonic() - started < lease / 3, "the removal waited for the fallback"
+            time.sleep(0.1)
+    finally:
+        admin.close()
+        node.stop()

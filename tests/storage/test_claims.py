@@ -120,6 +120,21 @@ async def test_claims_refuse_collections_without_a_lease(store: Store) -> None:
         await store.claim(OUTBOX, now=at(0), until=at(1), owner="x", filters={"nope": "1"})
 
 
+async def test_next_due_is_the_earliest_due_leases_included(store: Store) -> None:
+    """When a claim may next find a record no write announced: a backoff's end, a lease's end."""
+    assert await store.next_due(OUTBOX) is None
+    await put(store, "later", due=50)
+    await put(store, "soon", due=5)
+    assert await store.next_due(OUTBOX) == at(5)
+    [leased] = await store.claim(OUTBOX, now=at(5), until=at(20), owner="one")
+    assert leased.id == "soon"
+    assert await store.next_due(OUTBOX) == at(20), "a leased record is due again at its lease's end"
+    await store.delete(OUTBOX, "soon", if_match=leased.etag)
+    assert await store.next_due(OUTBOX) == at(50)
+    with pytest.raises(ValueError):
+        await store.next_due(Collection.ENROLLMENTS)
+
+
 async def test_concurrent_claims_are_disjoint(store: Store) -> None:
     for n in range(60):
         await put(store, f"dev-{n:02}", due=n % 7)

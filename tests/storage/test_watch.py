@@ -1,20 +1,23 @@
 """The watch rules of the storage contract (:mod:`provisiond.storage.base`, "Watches"), on every
 backend through the ``store`` fixture: another store on the same database stands for another
 process or node. PostgreSQL's watches are live (LISTEN/NOTIFY on a listening connection, which
-reconnects when it is lost); SQLite's never are (its readers poll)."""
+reconnects when it is lost); SQLite's never are (its readers poll). A watch of the hub outbox
+wakes on releases (items left without an owner), the store's own too, on every backend."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import psycopg
 import pytest
 
-from provisiond.storage import Store, Stream, StreamWatch
+from provisiond.storage import Collection, Record, Store, Stream, StreamWatch, Write, WriteMode, utc_iso
 from tests._postgres import opened_store
 
 SIGNALS = Stream.HUB_SIGNALS
+OUTBOX = Collection.HUB_OUTBOX
 #: A generous bound on a wake that must come (the point is that it comes, not how fast).
 WAKE = 30.0
 
@@ -91,3 +94,79 @@ async def test_the_listening_connection_comes_back(
     lines = [r.getMessage() for r in caplog.records]
     assert sum("no listening connection" in line for line in lines) == 1, lines
     assert sum("listening for notifications again" in line for line in lines) == 1, lines
+
+
+async def put(store: Store, id: str, owner: str | None, *, if_match: str | None = None) -> Record:
+    """An outbox item held by ``owner`` for 30 s, or released (None: claimable by anyone now)."""
+    due = time.time() + (0 if owner is None else 30)
+    return await store.write(
+        OUTBOX,
+        id,
+        b"{}",
+        index={"hub": "hub-a", "due": utc_iso(due), "owner": owner},
+        mode=WriteMode.UPSERT if if_match is None else WriteMode.UPDATE,
+        if_match=if_match,
+    )
+
+
+async def test_the_stores_own_releases_wake_a_watch_of_the_outbox(store: Store) -> None:
+    """Every backend: a write that leaves an item without an owner (a new unleased item, one
+    put back) wakes the outbox's watches at once; a leased write, a claim, a delete do not."""
+    watch = store.watch(OUTBOX)
+    try:
+        if store.backend == "postgresql":
+            await until(watch, live=True)  # (becoming live wakes it)
+            await watch.wait(0)
+        leased = await put(store, "leased", "node-1")
+        await store.delete(OUTBOX, "leased", if_match=leased.etag)
+        await store.write(OUTBOX, "due", b"{}", index={"due": utc_iso(time.time()), "owner": "node-1"})
+        now = time.time()
+        [claimed] = await store.claim(OUTBOX, now=utc_iso(now), until=utc_iso(now + 30), owner="n")
+        await store.delete(OUTBOX, "due", if_match=claimed.etag)
+        assert await watch.wait(0) is False, "a leased write, a claim, a delete release nothing"
+        queued = await put(store, "queued", None)
+        assert await watch.wait(0) is True, "a new unleased item wakes the watch"
+        [claimed] = await store.claim(
+            OUTBOX, now=utc_iso(time.time()), until=utc_iso(time.time() + 30), owner="n"
+        )
+        assert claimed.id == queued.id and await watch.wait(0) is False
+        await put(store, "queued", None, if_match=claimed.etag)  # put back
+        assert await watch.wait(0) is True, "an item put back wakes the watch"
+        await store.write_atomic([(OUTBOX, Write("other", b"{}", {"due": utc_iso(time.time())}))])
+        assert await watch.wait(0) is True, "write_atomic's releases wake it too"
+    finally:
+        watch.close()
+
+
+async def test_another_stores_release_wakes_a_live_watch_of_the_outbox(
+    store_url: str, store: Store, other: Store
+) -> None:
+    """Another process's release wakes a live watch (PostgreSQL: it notifies after its commit),
+    and its leased writes do not notify: a listener of the channel gets a marker sent after
+    them first."""
+    watch = store.watch(OUTBOX)
+    try:
+        if store.backend == "sqlite":
+            assert not watch.live, "SQLite cannot wake another process: the writers poll"
+            return
+        await until(watch, live=True)
+        await watch.wait(0)
+        async with await psycopg.AsyncConnection.connect(store_url, autocommit=True) as listener:
+            await listener.execute("LISTEN provisiond_hub_outbox")
+            record = await put(other, "leased", "node-2")
+            await put(other, "leased", "node-2", if_match=record.etag)  # a checkpoint
+            await listener.execute("SELECT pg_notify('provisiond_hub_outbox', 'marker')")
+            released = await put(other, "queued", None)
+            assert await watch.wait(WAKE), "another store's release wakes the watch"
+            # The wake comes after the commit: the woken claimer finds the item.
+            [claimed] = await store.claim(
+                OUTBOX, now=utc_iso(time.time()), until=utc_iso(time.time() + 30), owner="n"
+            )
+            assert claimed.id == released.id
+            payloads = []
+            async for notify in listener.notifies(timeout=WAKE, stop_after=2):
+                payloads.append(notify.payload)
+            assert payloads[0] == "marker", "the leased writes before it notified nobody"
+            assert payloads[1] != "marker", payloads
+    finally:
+        watch.close()

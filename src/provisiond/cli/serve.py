@@ -575,7 +575,9 @@ def _run(settings: Settings) -> None:
     show_envvar=True,
     envvar="PROVISIOND_HUB_WRITE_LEASE",
     help="Seconds a node's hub writer holds a remote hub write it started; after a crash, another "
-    "node (or this one, restarted) takes it over once the lease has run out.",
+    "node (or this one, restarted) takes it over once the lease has run out. On PostgreSQL also the "
+    "longest an idle writer goes without looking for work when nothing woke it (queued items wake "
+    "it on every node); on SQLite it looks every 0.5 s.",
 )
 @click.option(
     "--webhook-timeout",

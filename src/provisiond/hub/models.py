@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import base64
 import enum
-import secrets
+import os
 from typing import Any
 
 import msgspec
@@ -133,12 +133,19 @@ class HubDevice(_HubModel):
 def new_generation_id() -> str:
     """A fresh ``generationId``: IoT Hub's tells apart identities of one device id deleted and
     created again (18 decimal digits, the shape IoT Hub gives them)."""
-    return f"{secrets.randbelow(9 * 10**17) + 10**17}"
+    return f"{_uniform(9 * 10**17) + 10**17}"
 
 
 def new_device_etag() -> str:
     """A fresh device etag in IoT Hub's shape (base64 of a decimal number, ``"MjM0NTY3ODkw"``)."""
-    return base64.b64encode(str(secrets.randbelow(9 * 10**8) + 10**8).encode("ascii")).decode("ascii")
+    return base64.b64encode(b"%d" % (_uniform(9 * 10**8) + 10**8)).decode("ascii")
+
+
+def _uniform(bound: int) -> int:
+    """A random integer in ``[0, bound)`` for ``bound`` below 2**64: 96 random bits reduced
+    modulo ``bound``, whose bias (under 2**-32) no identifier can show, for about half the
+    cost of ``secrets.randbelow`` (its rejection loop and ``SystemRandom``'s Python layers)."""
+    return int.from_bytes(os.urandom(12)) % bound
 
 
 # --- the wire: IoT Hub's service REST API -------------------------------------------------------

@@ -22,7 +22,7 @@ import hmac
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlencode
+from urllib.parse import quote, quote_plus, unquote, unquote_plus, unquote_to_bytes, urlencode
 
 from ..errors import AuthenticationError, InvalidBodyError
 
@@ -132,22 +132,34 @@ def _parse(token: str) -> SasToken:
         if not sep:
             raise AuthenticationError(f"The SAS token has a malformed field {name[:32]!r}.")
         raw[name.strip()] = value.strip()
-    missing = [name for name in ("sr", "sig", "se") if not raw.get(name)]
-    if missing:
+    resource, signature, expiry_text = raw.get("sr"), raw.get("sig"), raw.get("se")
+    if not (resource and signature and expiry_text):
+        missing = [name for name in ("sr", "sig", "se") if not raw.get(name)]
         raise AuthenticationError(f"The SAS token lacks {', '.join(missing)}.")
     try:
-        expiry = int(raw["se"])
+        expiry = int(expiry_text)
     except ValueError:
         raise AuthenticationError("The SAS token's expiry (se) is not an integer.") from None
     # As a query parser reads it ("+" a space, %XX decoded); an empty skn is no key name.
     skn = unquote_plus(raw["skn"]) if raw.get("skn") else None
     return SasToken(
-        resource=unquote(raw["sr"].replace("+", " ")),
-        raw_resource=raw["sr"],
-        signature=unquote(raw["sig"]),
+        resource=percent_decoded(resource.replace("+", " ")),
+        raw_resource=resource,
+        signature=percent_decoded(signature),
         expiry=expiry,
         key_name=skn,
     )
+
+
+def percent_decoded(text: str) -> str:
+    """``urllib.parse.unquote(text)``, for about half its cost on the ASCII text a token is:
+    ``unquote`` splits its argument into ASCII and other runs with a regular expression and
+    decodes each ASCII run as UTF-8, which for ASCII text is the one run, whole."""
+    if "%" not in text:
+        return text
+    if text.isascii():
+        return unquote_to_bytes(text).decode("utf-8", "replace")
+    return unquote(text)
 
 
 def verify_signature(token: SasToken, key: str | bytes) -> bool:

@@ -27,6 +27,16 @@ that hub (:class:`Pacer`). A permanent refusal, or too many attempts, compensate
 this item created is deleted, a twin it replaced is restored) and records the registration
 ``failed`` with 400209 and the hub's error.
 
+**Waiting for work.** The loop claims when an item is due, and otherwise waits on the store's
+watch of the outbox (:meth:`~provisiond.storage.Store.watch`): woken when any process or node
+releases an item (queues one unleased, puts one back: on PostgreSQL by LISTEN/NOTIFY, in this
+process by the store itself), or when the earliest item it saw comes due
+(:meth:`~provisiond.storage.Store.next_due`: a retry's backoff, the lease of a writer that
+died), and at the latest after ``idle`` seconds (the lease: a safety net for a notification
+lost on the way). An idle wake costs one read; nothing due, no claim. While the watch is not
+live (SQLite, which cannot hear other processes; PostgreSQL while its listening connection is
+lost) the loop looks every ``poll`` seconds, as it always did.
+
 Each hub's calls are paced by its write budget (``writeBudgetPerSecond``, else from ``tier``
 and ``units``: 100 a minute per unit, 5,000 for S3 and B3; none: unpaced), each node at its
 share (:class:`BudgetShare`: the budget divided among the nodes writing to the hub now).
@@ -61,7 +71,7 @@ from ..hub.models import AuthenticationType, DeviceAuthentication
 from ..hub.outbox import ItemKind, OutboxItem, item_write
 from ..hub.remote import BULK_LIMIT, RemoteHub
 from ..models import LinkedHub, RegistrationStatus
-from ..storage import Collection, Delete, Record, WriteMode, utc_iso
+from ..storage import Collection, Delete, Record, StreamWatch, WriteMode, utc_iso, utc_seconds
 from . import records
 from .assignment import Decision, fail_in_hub
 from .context import ServiceContext
@@ -91,7 +101,9 @@ class HubWriter:
 
     :param lease: how long a claim or checkpoint holds an item (seconds; default:
         ``settings.hub_write_lease``).
-    :param poll: how often the loop looks for due items when there were none.
+    :param poll: how often the loop looks for due items when its watch is not live, and the
+        least it waits after finding due items it could not claim.
+    :param idle: the most the loop waits when its watch is live (default: the lease).
     :param max_attempts: transient failures before an item fails for good.
     """
 
@@ -103,6 +115,7 @@ class HubWriter:
         node: str | None = None,
         lease: float | None = None,
         poll: float = 0.5,
+        idle: float | None = None,
         max_attempts: int = 8,
         batch: int = BULK_LIMIT,
         clock: Callable[[], float] | None = None,
@@ -113,13 +126,15 @@ class HubWriter:
         self.node = node or uuid.uuid4().hex[:12]
         self.lease = lease if lease is not None else ctx.settings.hub_write_lease
         self.poll = poll
+        self.idle = idle if idle is not None else self.lease
         self.max_attempts = max_attempts
         self.batch = batch
         self.clock = clock or ctx.clock
         self.pacer = Pacer()
         self.share = BudgetShare(self.store, self.node)
         self.figures = NodeFigures()
-        self._wake = asyncio.Event()
+        self._watch: StreamWatch | None = None
+        self._flush_soon = False
         self._watchers: dict[str, asyncio.Event] = {}
         #: Hubs that refused a bulk call as a whole (not served): written singly from then on.
         self._no_bulk: set[str] = set()
@@ -128,32 +143,63 @@ class HubWriter:
     # --- the loop -----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Claim and work due items until cancelled."""
-        while True:
-            try:
+        """Claim and work due items until cancelled (module docstring, "Waiting for work")."""
+        self._watch = watch = self.store.watch(Collection.HUB_OUTBOX)
+        try:
+            while True:
+                wait = await self._claim_and_work(watch.live)
+                raise_if_cancelling()  # (a cancellation inside a database call: see provisiond._cancel)
+                await self.flush_figures()
+                raise_if_cancelling()
+                if wait > 0:
+                    await watch.wait(wait)
+        finally:
+            self._watch = None
+            watch.close()
+
+    async def _claim_and_work(self, live: bool) -> float:
+        """Claim the due items and work them, when there are; how long to wait before looking
+        again (0: at once)."""
+        fallback = self.idle if live else self.poll
+        try:
+            next_due = await self.store.next_due(Collection.HUB_OUTBOX)
+            now = self.clock()
+            if next_due is not None and (due := utc_seconds(next_due)) > now:
+                return self._flush_within(min(fallback, due - now))
+            claimed = []
+            if next_due is not None:
                 claimed = await self.store.claim(
                     Collection.HUB_OUTBOX,
-                    now=utc_iso(self.clock()),
-                    until=utc_iso(self.clock() + self.lease),
+                    now=utc_iso(now),
+                    until=utc_iso(now + self.lease),
                     owner=self.node,
                     limit=self.batch,
                 )
-            except ProvisioningError as exc:
-                log.warning("the hub writer could not claim outbox items: %s", exc)
-                claimed = []
-            raise_if_cancelling()  # (a cancellation inside a database call: see provisiond._cancel)
-            if claimed:
-                await self.work_many(claimed)
-            await self.flush_figures()
-            raise_if_cancelling()
-            if not claimed:
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll)
+        except ProvisioningError as exc:
+            log.warning("the hub writer could not claim outbox items: %s", exc)
+            return self.poll
+        if not claimed:
+            # Nothing at all (wait for a release), or due items that are not claimable now
+            # (being written by another transaction): look again soon.
+            return self._flush_within(fallback if next_due is None else min(fallback, self.poll))
+        raise_if_cancelling()
+        await self.work_many(claimed)
+        return 0.0
+
+    def _flush_within(self, wait: float) -> float:
+        """``wait``, shortened so that figures not stored yet are stored within about a second
+        (``_flush_soon``: the loop's wait is that short; work outside the loop that changes
+        figures while it is not wakes the loop)."""
+        self._flush_soon = bool(self.figures.dirty)
+        if self._flush_soon:
+            return min(wait, max(0.05, 1.0 - (time.monotonic() - self._last_flush)))
+        return wait
 
     def wake(self) -> None:
-        """Claim at once (an item was queued)."""
-        self._wake.set()
+        """Claim at once (an item was queued; the store's watch wakes the loop by itself for
+        items it stores unleased, this is for a caller that knows of more)."""
+        if self._watch is not None:
+            self._watch.wake()
 
     def watch(self, key: str) -> asyncio.Event:
         """An event set when this node's writer is done with item ``key`` (its outcome is
@@ -191,10 +237,15 @@ class HubWriter:
     # --- one item -----------------------------------------------------------------------------
 
     async def work(self, record: Record) -> None:
-        """Work one item this node holds (claimed, or written leased to it)."""
-        await self._work(
-            _Holder(self, record.id, record.etag, msgspec.json.decode(record.doc, type=OutboxItem))
-        )
+        """Work one item this node holds (claimed, or written leased to it: a request works it
+        outside the loop, which then stores the figures it changed within about a second)."""
+        try:
+            await self._work(
+                _Holder(self, record.id, record.etag, msgspec.json.decode(record.doc, type=OutboxItem))
+            )
+        finally:
+            if self.figures.dirty and not self._flush_soon:
+                self.wake()
 
     async def work_many(self, records: list[Record]) -> None:
         """Work the items a claim returned: new identities of one remote hub in bulk calls

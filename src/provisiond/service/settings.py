@@ -78,7 +78,8 @@ class Settings:
     device_rate_limit: float | None = None
     failed_attestation_limit: float | None = None
     #: Seconds a hub writer holds an outbox item it claimed (or checkpointed) before any other
-    #: node may take it over (service/hub_writer.py; the recovery time after a crash).
+    #: node may take it over (service/hub_writer.py; the recovery time after a crash). Also the
+    #: longest the writer waits for work when its watch of the outbox is live (PostgreSQL).
     hub_write_lease: float = 30.0
     #: MQTT: seconds a connection may take to send its CONNECT (after the TLS handshake).
     mqtt_connect_timeout: float = 10.0

@@ -77,39 +77,54 @@ SessionHandler = Callable[[ByteStream], Awaitable[None]]
 
 
 class TcpStream:
-    """A :class:`ByteStream` over an asyncio TLS connection."""
+    """A :class:`ByteStream` over an asyncio TLS (or plain TCP) connection, read and written
+    through its :class:`_SessionProtocol` (what asyncio's StreamReader and StreamWriter did, in
+    fewer calls per read and write: a session loop makes one of each per packet or frame)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
-        ssl_object = writer.get_extra_info("ssl_object")
+    def __init__(self, protocol: _SessionProtocol, transport: asyncio.Transport) -> None:
+        self._protocol = protocol
+        self._transport = transport
+        ssl_object = transport.get_extra_info("ssl_object")
         self.client_chain = peer_chain(ssl_object) if ssl_object is not None else []
-        peername = writer.get_extra_info("peername")
+        peername = transport.get_extra_info("peername")
         self.peer = f"{peername[0]}:{peername[1]}" if peername else "?"
-        self.guard: Guard = writer.get_extra_info(GUARD_INFO) or NO_GUARD
+        self.guard: Guard = transport.get_extra_info(GUARD_INFO) or NO_GUARD
         self.address = str(peername[0]) if peername else None
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
-        try:
-            return await self._reader.read(max_bytes)
-        except (ConnectionError, ssl.SSLError):
+        protocol = self._protocol
+        if not protocol.chunks and protocol.error is None and not protocol.eof:
+            waiter = protocol.waiter = protocol.loop.create_future()
+            try:
+                await waiter
+            finally:
+                protocol.waiter = None
+        if protocol.error is not None:  # a broken connection (reset, TLS error): its end
             return b""
+        return protocol.take(max_bytes)
 
     async def send(self, data: bytes) -> None:
+        protocol = self._protocol
         try:
-            self._writer.write(data)
-            await self._writer.drain()
+            self._transport.write(data)
         except (ConnectionError, ssl.SSLError) as exc:
             raise StreamClosed(str(exc)) from exc
+        if protocol.error is not None:
+            raise StreamClosed(str(protocol.error))
+        if protocol.lost:
+            raise StreamClosed("Connection lost")
+        if self._transport.is_closing():
+            await asyncio.sleep(0)  # let connection_lost run, as a drain would
+            if protocol.lost:
+                raise StreamClosed("Connection lost")  # as asyncio's drain says it
+        if protocol.paused_writing:
+            await protocol.drained()
 
     async def close(self) -> None:
-        if self._writer.is_closing():
+        if self._transport.is_closing():
             return
-        self._writer.close()
-        try:
-            await asyncio.wait_for(self._writer.wait_closed(), 2)
-        except (ConnectionError, ssl.SSLError, TimeoutError):
-            pass
+        self._transport.close()
+        await self._protocol.closed(2.0)
 
 
 class WebSocketStream:
@@ -162,25 +177,127 @@ class WebSocketStream:
             pass
 
 
-class _SessionProtocol(asyncio.StreamReaderProtocol):
-    """The application protocol of one stream connection: a reader and a writer, and a task
-    that runs ``session`` over them (asyncio's own callback would log a traceback for a session
-    cancelled at shutdown on Python 3.11)."""
+#: Bytes read and not yet taken above which a connection stops reading (asyncio's
+#: StreamReader's: twice its 64 KiB limit), and at or below which it reads again.
+_PAUSE_ABOVE = 2 * 65536
+_RESUME_AT = 65536
 
-    def __init__(
-        self, session: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
-    ) -> None:
-        self._reader = asyncio.StreamReader()
-        super().__init__(self._reader)
+
+class _SessionProtocol(asyncio.Protocol):
+    """The application protocol of one stream connection: the bytes the peer sent and the
+    session has not taken yet, a waiter for more, flow control both ways, and a task that runs
+    ``session`` over its :class:`TcpStream` (asyncio's own callback would log a traceback for a
+    session cancelled at shutdown on Python 3.11)."""
+
+    def __init__(self, session: Callable[[TcpStream], Coroutine[Any, Any, None]]) -> None:
         self._session = session
         self._task: asyncio.Task[None] | None = None
+        self._transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_running_loop()
+        #: What the peer sent, not taken yet (:meth:`take`), and how many bytes that is.
+        self.chunks: list[bytes] = []
+        self._size = 0
+        self.eof = False
+        #: The exception the connection was lost with (then reads end, writes fail).
+        self.error: BaseException | None = None
+        self.lost = False
+        self.waiter: asyncio.Future[None] | None = None
+        self._paused_reading = False
+        self.paused_writing = False
+        self._over_tls = False
+        self._drain: asyncio.Future[None] | None = None
+        self._closed: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
         transport = cast("asyncio.Transport", transport)
-        loop = asyncio.get_running_loop()
-        writer = asyncio.StreamWriter(transport, self, self._reader, loop)
-        self._task = loop.create_task(self._session(self._reader, writer))
+        self._transport = transport
+        self._over_tls = transport.get_extra_info("sslcontext") is not None
+        self._task = self.loop.create_task(self._session(TcpStream(self, transport)))
+
+    def data_received(self, data: bytes) -> None:
+        if not data:
+            return
+        self.chunks.append(data)
+        self._size += len(data)
+        self._wake()
+        if self._size > _PAUSE_ABOVE and not self._paused_reading and self._transport is not None:
+            self._paused_reading = True
+            self._transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return not self._over_tls  # TLS closes on the peer's end; plain TCP stays half open
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if exc is None:
+            self.eof = True
+        else:
+            self.error = exc
+        self._wake()
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.paused_writing = True
+
+    def resume_writing(self) -> None:
+        self.paused_writing = False
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def take(self, max_bytes: int) -> bytes:
+        """Up to ``max_bytes`` of what the peer sent (``b""`` at its end)."""
+        chunks = self.chunks
+        if not chunks:
+            return b""
+        if len(chunks) == 1 and len(chunks[0]) <= max_bytes:
+            data = chunks.pop()
+        else:
+            joined = b"".join(chunks)
+            data, rest = joined[:max_bytes], joined[max_bytes:]
+            chunks[:] = [rest] if rest else []
+        self._size -= len(data)
+        if self._paused_reading and self._size <= _RESUME_AT and self._transport is not None:
+            self._paused_reading = False
+            self._transport.resume_reading()
+        return data
+
+    async def drained(self) -> None:
+        """Until the transport takes writes again (or the connection is lost)."""
+        if self.lost:
+            raise StreamClosed(str(self.error or "Connection lost"))
+        if self._drain is None:
+            self._drain = self.loop.create_future()
+        await self._drain
+        if self.error is not None:
+            raise StreamClosed(str(self.error))
+
+    async def closed(self, within: float) -> None:
+        """Until the connection is lost, at most ``within`` seconds."""
+        if self.lost:
+            return
+        closed = self._closed = self.loop.create_future()
+        timer = self.loop.call_later(within, _release, closed)
+        try:
+            await closed
+        finally:
+            timer.cancel()
+
+
+def _release(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 async def serve_tls(
@@ -199,8 +316,7 @@ async def serve_tls(
     (SO_REUSEPORT) lets every worker process of one service listen on the same port; a single
     worker leaves it off, so that a second service on a taken port fails loudly instead of sharing it."""
 
-    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        stream = TcpStream(reader, writer)
+    async def on_connection(stream: TcpStream) -> None:
         try:
             await handler(stream)
         except Exception:

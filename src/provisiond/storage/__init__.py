@@ -21,6 +21,7 @@ from .base import (
     new_etag,
     utc_iso,
     utc_now,
+    utc_seconds,
 )
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "open_store",
     "utc_iso",
     "utc_now",
+    "utc_seconds",
 ]
 
 

@@ -5,9 +5,14 @@ Theory of operation
 **Notify.** An append to a stream of :data:`NOTIFIED` (the hub broker's signals) also calls
 ``pg_notify`` in its transaction, in the statement that takes the stream's lock (no extra round
 trip): PostgreSQL delivers the notification after the commit, so a reader it wakes finds the
-rows. The payload names the store that appended (:attr:`PgListener.sender`); a store ignores
-its own. Other streams do not notify: nobody watches them across processes, and the commits of
-notifying transactions are serialized by PostgreSQL (a lock on its notification queue).
+rows. A write that releases a record of the hub outbox (a new unleased item, an item put back:
+:func:`~provisiond.storage.base.releases`) notifies in a statement of its own once it has
+committed (one more round trip, on those writes only: the registrations of hubs with a write
+budget, deprovisioning, retries; not the leased items of registrations a node works itself,
+nor claims and checkpoints). The payload names the store that wrote
+(:attr:`PgListener.sender`); a store ignores its own (it wakes its watches itself). Other
+streams and collections do not notify: nobody watches them across processes, and the commits
+of notifying transactions are serialized by PostgreSQL (a lock on its notification queue).
 
 **Listen.** The first watch of a notified stream starts :class:`PgListener`: one connection per
 store (one per worker process), opened outside the pool with the pool's connection string (so a
@@ -38,23 +43,24 @@ from .._cancel import raise_if_cancelling, stop
 from ..errors import StorageError
 from ._pg_connections import Connection, describe
 from ._watch import Watches
-from .base import Stream
+from .base import Collection, Stream
 
 __all__ = ["NOTIFIED", "RETRY_FIRST", "RETRY_MAX", "PgListener", "channel"]
 
 log = logging.getLogger("provisiond.storage.postgres")
 
-#: The streams whose appends notify, and that a listener listens for.
-NOTIFIED = frozenset({Stream.HUB_SIGNALS})
+#: The streams whose appends notify, the collections whose releases notify, and that a
+#: listener listens for.
+NOTIFIED: frozenset[Stream | Collection] = frozenset({Stream.HUB_SIGNALS, Collection.HUB_OUTBOX})
 #: Seconds before the first reconnection of a lost listening connection; doubled each failure.
 RETRY_FIRST = 0.5
 #: The most seconds between two reconnection attempts.
 RETRY_MAX = 5.0
 
 
-def channel(stream: Stream) -> str:
+def channel(stream: Stream | Collection) -> str:
     """The notification channel of ``stream`` (an SQL identifier as it stands)."""
-    return "provisiond_" + stream.value
+    return "provisiond_" + (stream.table if isinstance(stream, Collection) else stream.value)
 
 
 class PgListener:
@@ -128,8 +134,8 @@ class PgListener:
             if lost is None:
                 lost = time.monotonic()
                 log.warning(
-                    "%s: no listening connection (%s): readers of the hub's signals poll until it "
-                    "is back; reconnecting with backoff (up to every %g s)",
+                    "%s: no listening connection (%s): readers of the hub's signals and the hub writer poll until "
+                    "it is back; reconnecting with backoff (up to every %g s)",
                     self._label,
                     reason,
                     self._retry_max,

@@ -415,6 +415,17 @@ def claim_sql(
     return sql(text, style), list(params)
 
 
+def next_due_sql(collection: Collection) -> str:
+    """The statement that reads the earliest ``due`` of a claimable collection (the index on
+    ``due`` answers it from one end).
+
+    :raises ValueError: the collection cannot be claimed from.
+    """
+    if not collection.claimable:
+        raise ValueError(f"{collection.table} has no {' and '.join(CLAIM_COLUMNS)} index columns to claim by")
+    return f"SELECT min(due) FROM {collection.table}"
+
+
 def claimed_record(
     collection: Collection, row: Sequence[Any], etag: str, now: str, until: str, owner: str
 ) -> Record:

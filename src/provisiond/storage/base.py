@@ -62,7 +62,13 @@ passes the bytes together with the index values. What the store guarantees:
   woken reader's read finds the entries); a wake may also find nothing new. A watch that is not
   live (SQLite; PostgreSQL's listening connection lost) wakes only when it becomes live, and
   the reader polls at its own pace meanwhile. A store's own appends need not wake its watches
-  (the appender knows what it appended).
+  (the appender knows what it appended). A claimable collection (see "Claims": the hub outbox)
+  is watched the same way for *releases*: a write that leaves a record without an ``owner``
+  (claimable by anyone once due: a new unleased item, an item put back) wakes the watch,
+  after its commit, whether this store (always) or another process or node (while live)
+  made it; claims, leased writes and deletes do not. :meth:`Store.next_due` says when the
+  earliest record, leased ones included, comes due, which no write announces (a retry's
+  backoff, the lease of a claimer that died).
 - **Claims.** :meth:`Store.claim` leases due records of a collection that has ``due`` and
   ``owner`` index columns (the hub outbox): those whose ``due`` (an ISO time as the store
   writes them, so that text order is time order) is at or before ``now``, oldest first, each
@@ -112,8 +118,10 @@ __all__ = [
     "etags_match",
     "is_wildcard",
     "new_etag",
+    "releases",
     "utc_iso",
     "utc_now",
+    "utc_seconds",
 ]
 
 
@@ -176,12 +184,15 @@ class Collection(IdentityEnum):
     table: str
     label: str
     index_columns: tuple[str, ...]
+    #: Whether records can be claimed from it (``due`` and ``owner`` index columns: "Claims").
+    claimable: bool
     _case_insensitive: bool
 
     def __init__(self, spec: _CollectionSpec) -> None:
         self.table = spec.table
         self.label = spec.label
         self.index_columns = spec.index_columns
+        self.claimable = {"due", "owner"} <= set(spec.index_columns)
         self._case_insensitive = spec.case_insensitive
 
     def key(self, id: str) -> str:
@@ -307,6 +318,17 @@ def utc_iso(seconds: float) -> str:
     if whole != _second[0]:
         _second = (whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
     return f"{_second[1]}.{fraction:06d}Z"
+
+
+def utc_seconds(iso: str) -> float:
+    """A time the store wrote (:func:`utc_iso`) as a Unix time."""
+    return datetime.fromisoformat(iso).timestamp()
+
+
+def releases(collection: Collection, item: Write | Delete) -> bool:
+    """Whether a write item releases a record of a claimable collection (leaves it without an
+    ``owner``): what wakes the collection's watches ("Watches" in the module docstring)."""
+    return collection.claimable and isinstance(item, Write) and item.index.get("owner") is None
 
 
 class Store(ABC):
@@ -464,6 +486,15 @@ class Store(ABC):
         """
 
     @abstractmethod
+    async def next_due(self, collection: Collection) -> str | None:
+        """The earliest ``due`` of the collection's records (a leased record's is its lease's
+        end), ``None`` when it has none: when a claim may next find a record that no write
+        since has released (the module docstring's "Watches").
+
+        :raises ValueError: the collection has no ``due`` and ``owner`` index columns.
+        """
+
+    @abstractmethod
     async def get_setting(self, key: str) -> str | None:
         """A service setting, or ``None``."""
 
@@ -504,10 +535,11 @@ class Store(ABC):
         """Delete the entries created before ``before`` and, with ``keep``, all but the newest
         ``keep`` (of ``partition`` when given, else of the whole stream); return how many."""
 
-    def watch(self, stream: Stream) -> StreamWatch:
-        """A :class:`StreamWatch` on ``stream`` (see "Watches" in the module docstring): make it
-        before the first read it is to follow up, then read after the cursor each time
-        :meth:`StreamWatch.wait` returns; close it when done. This one is never live."""
+    def watch(self, stream: Stream | Collection) -> StreamWatch:
+        """A :class:`StreamWatch` on ``stream``, or on a claimable collection's releases (see
+        "Watches" in the module docstring): make it before the first read (claim) it is to
+        follow up, then read after the cursor (claim) each time :meth:`StreamWatch.wait`
+        returns; close it when done. This one is never live, nor woken."""
         return StreamWatch(stream)
 
     @abstractmethod

@@ -58,7 +58,7 @@ on a row this transaction has locked:
 
 **Watches** (:meth:`PostgresStore.watch`) are LISTEN/NOTIFY on one more connection per store,
 outside the pool (:mod:`._pg_listen`): appends to the hub's signal stream notify in their
-transaction.
+transaction; writes that release hub outbox items notify once committed.
 
 Migrations run in :meth:`PostgresStore.open`, each in a transaction holding
 ``pg_advisory_xact_lock``, so nodes starting together apply each migration exactly once.
@@ -98,6 +98,7 @@ from .base import (
     Write,
     WriteMode,
     new_etag,
+    releases,
     utc_now,
 )
 
@@ -310,6 +311,8 @@ class PostgresStore(Store):
             [outcome] = await self._write_batch(collection, [(key, item, values)])
         if isinstance(outcome, ProvisioningError):
             raise outcome
+        if collection.claimable and releases(collection, item):
+            await self._released(collection)
         return outcome
 
     async def write_many(
@@ -318,20 +321,42 @@ class PostgresStore(Store):
         prepared = _sql.prepare_items(collection, items)
         if not prepared:
             return []
-        return await self._write_batch(collection, prepared)
+        outcomes = await self._write_batch(collection, prepared)
+        if collection.claimable and any(releases(collection, item) for item in items):
+            await self._released(collection)
+        return outcomes
 
     async def write_atomic(self, items: Sequence[tuple[Collection, Write | Delete]]) -> list[Record]:
         prepared = _sql.prepare_atomic(items)
         if not prepared:
             return []
+        written: list[Record] | None = None
         if _pg_atomic.fits(prepared):
             [written] = await self._simple.submit([prepared])
-            if written is not None:
-                return written
-        tables = ", ".join(sorted({collection.table for collection, *_ in prepared}))
-        # A unique violation is an insert that lost a race: the next attempt decides on the row.
-        attempt = functools.partial(self._pipelined, _apply_atomic, prepared)
-        return await _retrying(tables, attempt, (*_RETRIED, pg_errors.UniqueViolation))
+        if written is None:
+            tables = ", ".join(sorted({collection.table for collection, *_ in prepared}))
+            # A unique violation is an insert that lost a race: the next attempt decides on the row.
+            attempt = functools.partial(self._pipelined, _apply_atomic, prepared)
+            written = await _retrying(tables, attempt, (*_RETRIED, pg_errors.UniqueViolation))
+        for collection, item in items:
+            if releases(collection, item):
+                await self._released(collection)
+                break
+        return written
+
+    async def _released(self, collection: Collection) -> None:
+        """A committed write released records of ``collection``: wake this store's watches, and
+        notify the other stores' (:mod:`._pg_listen`; a notification that fails to go is
+        logged: the write stands, and the other writers find its records at their fallback)."""
+        self._watches.wake(collection)
+        try:
+            await self._execute(
+                "SELECT pg_notify(%s, %s)", (_pg_listen.channel(collection), self._listener.sender)
+            )
+        except StorageError as exc:
+            log.warning(
+                "%r: could not notify the other nodes of a release in %s: %s", self, collection.table, exc
+            )
 
     async def _flush_simple(self, batch: list[list[_sql.AtomicItem]]) -> list[list[Record] | None]:
         """The one-statement ``write_atomic`` calls (:mod:`._pg_atomic`: first registrations'
@@ -486,6 +511,10 @@ class PostgresStore(Store):
             for row, etag in zip(rows, etags, strict=True)
         ]
 
+    async def next_due(self, collection: Collection) -> str | None:
+        [(due,)] = await self._fetch_all(_sql.next_due_sql(collection), ())
+        return None if due is None else str(due)
+
     async def query(
         self,
         collection: Collection,
@@ -578,10 +607,11 @@ class PostgresStore(Store):
                 ]
         return entries
 
-    def watch(self, stream: Stream) -> StreamWatch:
-        """Live while the store's listening connection is up, for the hub's signal stream
-        (:data:`._pg_listen.NOTIFIED`; any other stream's watch is never live). The first such
-        watch opens the listening connection (call it on an open store)."""
+    def watch(self, stream: Stream | Collection) -> StreamWatch:
+        """Live while the store's listening connection is up, for the hub's signal stream and
+        the hub outbox's releases (:data:`._pg_listen.NOTIFIED`; any other watch is never
+        live). The first such watch opens the listening connection (call it on an open
+        store)."""
         if stream not in NOTIFIED:
             return super().watch(stream)
         watch = self._watches.add(stream)

@@ -51,6 +51,9 @@ is written without savepoints (each would first copy every page its call changes
 fails, the transaction is rolled back and the batch written again with a savepoint per call, so
 each call still fails alone. Nothing is answered before it is in the WAL, so durability is as
 before (tests/service/test_registration_crash.py kills the server under load).
+
+**Watches** (:meth:`SqliteStore.watch`) are never live: another process's commits cannot wake
+them (its readers poll). A watch on the hub outbox is woken by this store's own releases.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ from typing import Any, TypeGuard, TypeVar
 from ..errors import DatabaseUnavailableError, ProvisioningError, StorageError
 from . import _sql, _streams
 from ._sql import Meta, ParamStyle
+from ._watch import Watches
 from .base import (
     Collection,
     Delete,
@@ -79,10 +83,12 @@ from .base import (
     Record,
     Store,
     Stream,
+    StreamWatch,
     Write,
     WriteMode,
     is_wildcard,
     new_etag,
+    releases,
     stored_etag,
     utc_now,
 )
@@ -190,6 +196,7 @@ class SqliteStore(Store):
         self._atomics: _streams.GroupCommit[list[_sql.AtomicItem], list[Record] | ProvisioningError] = (
             _streams.GroupCommit(self._flush_atomics, max_batch=64, linger=self.COMMIT_LINGER)
         )
+        self._watches = Watches()
 
     def __repr__(self) -> str:
         return f"SqliteStore({str(self.path)!r})"
@@ -375,7 +382,10 @@ class SqliteStore(Store):
         prepared = _sql.prepare_items(collection, items)
         if not prepared:
             return []
-        return await self._write_transaction(len(prepared), _apply_batch, collection, prepared)
+        outcomes = await self._write_transaction(len(prepared), _apply_batch, collection, prepared)
+        if collection.claimable and any(releases(collection, item) for item in items):
+            self._watches.wake(collection)
+        return outcomes
 
     async def write_atomic(self, items: Sequence[tuple[Collection, Write | Delete]]) -> list[Record]:
         prepared = _sql.prepare_atomic(items)
@@ -387,6 +397,9 @@ class SqliteStore(Store):
             outcome = await self._write_transaction(len(prepared), _apply_atomic, prepared)
         if isinstance(outcome, ProvisioningError):
             raise outcome
+        for collection, item in items:
+            if releases(collection, item):
+                self._watches.wake(collection)
         return outcome
 
     async def _flush_atomics(
@@ -493,6 +506,16 @@ class SqliteStore(Store):
         # One writer at a time (BEGIN IMMEDIATE): the select and the updates see no other claim.
         text, params = _sql.claim_sql(collection, filters, limit, _STYLE)
         return await self._write_transaction(1, _claim, collection, text, [*params, now, limit], until, owner)
+
+    async def next_due(self, collection: Collection) -> str | None:
+        rows = self._inline(_fetch_all, _sql.next_due_sql(collection), ())
+        return None if rows[0][0] is None else str(rows[0][0])
+
+    def watch(self, stream: Stream | Collection) -> StreamWatch:
+        """Never live; a watch on a claimable collection is woken by this store's releases."""
+        if isinstance(stream, Collection) and stream.claimable:
+            return self._watches.add(stream)
+        return super().watch(stream)
 
     async def query(
         self,

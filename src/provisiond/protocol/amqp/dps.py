@@ -19,6 +19,7 @@ response                       a data section with the JSON; ``retry-after`` and
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 
 from ...errors import AmqpProtocolError
@@ -82,6 +83,13 @@ def parse_registration_address(address: object) -> RegistrationAddress:
     """
     if not isinstance(address, str):
         raise _bad(f"The link address must be a string, not {type(address).__name__}.")
+    return _parse_address(address)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_address(address: str) -> RegistrationAddress:
+    """:func:`parse_registration_address` of a string, remembered: a device's address is read
+    from its SASL PLAIN user and again from each of its links."""
     text = address
     for scheme in ("amqps://", "amqp://", "wss://"):
         if text.lower().startswith(scheme):

@@ -93,13 +93,19 @@ from .performatives import (
     Role,
     SaslCode,
     SaslInit,
-    Source,
-    Target,
     Transfer,
     decode_message,
 )
 from .session import _ACCEPTED, _BEGINS, _FLOWS, _TRANSFER_FRAME_BOUND
-from .shapes import Reply, attach_like, open_like, write_attach, write_transfer
+from .shapes import (
+    Reply,
+    attach_and_termini,
+    open_like,
+    sasl_init_like,
+    transfer_like,
+    write_attach,
+    write_transfer,
+)
 from .state import Side
 from .types import Symbol
 
@@ -119,6 +125,9 @@ _MOD = 1 << 32
 _SASL_HEADER = ProtocolHeader(ProtocolId.SASL).encode()
 _ATTACH_DESCRIPTOR = bytes((0x00, 0x53, 0x12))
 _OPEN_DESCRIPTOR = bytes((0x00, 0x53, 0x10))
+_TRANSFER_DESCRIPTOR = bytes((0x00, 0x53, 0x14))
+_SASL_INIT_DESCRIPTOR = bytes((0x00, 0x53, 0x41))
+_SASL_CHANNEL_0 = bytes((2, 1, 0, 0))  # DOFF 2, a SASL frame, channel 0
 _CHANNEL_0 = bytes((2, 0, 0, 0))  # DOFF 2, an AMQP frame, channel 0
 _AMQP_HEADER = ProtocolHeader(ProtocolId.AMQP).encode()
 
@@ -175,7 +184,7 @@ Step = str | SaslInitStep | AttachStep | MessageStep | ClosedStep
 
 
 class _Link:
-    __slots__ = ("credit", "delivery_count", "handle", "name", "remote", "remote_handle", "role")
+    __slots__ = ("credit", "delivery_count", "handle", "name", "remote", "remote_handle", "role", "termini")
 
     def __init__(self, handle: int, remote: Attach, role: Role) -> None:
         self.handle = handle
@@ -185,6 +194,8 @@ class _Link:
         self.role = role
         self.credit = 0
         self.delivery_count = (remote.initial_delivery_count or 0) if role is Role.RECEIVER else 0
+        #: The encoding of the answering attach's source and target, when known (:mod:`.shapes`).
+        self.termini: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,9 +298,15 @@ class SdkPath:
             while self._in and not self.finished:
                 expect = self._expect
                 if expect == _FRAMES:
-                    attach = self._known_attach()
-                    if attach is not None:
-                        return self._attach(attach[0], attach[1])
+                    code = self._in[10] if len(self._in) > 10 else 0  # the descriptor's, if small
+                    if code == 0x12:
+                        attach = self._known_attach()
+                        if attach is not None:
+                            return self._attach(*attach)
+                    elif code == 0x14:
+                        transfer = self._known_transfer()
+                        if transfer is not None:
+                            return self._transfer(*transfer)
                     found = frame_at(self._in, self.config.max_frame_size)
                     if found is None:
                         return None
@@ -309,11 +326,17 @@ class SdkPath:
 
     def _opening(self, expect: int) -> Step | None:
         """sasl-init, or the open."""
-        known = self._known(_OPEN_DESCRIPTOR) if expect == _OPEN else None
-        if known is not None:
-            performative: Any = open_like(known)
-            if performative is not None:
+        if expect == _OPEN:
+            known = self._known(_OPEN_DESCRIPTOR)
+            performative: Any = None if known is None else open_like(known)
+            if performative is not None and known is not None:
                 return self._open(performative, len(known))
+        else:
+            known = self._known(_SASL_INIT_DESCRIPTOR, _SASL_CHANNEL_0)
+            performative = None if known is None else sasl_init_like(known)
+            if performative is not None and known is not None:
+                step = SaslInitStep(performative.mechanism, performative.initial_response)
+                return self._wait(len(known), step)
         found = frame_at(self._in, self.config.max_frame_size)
         if found is None:
             return None
@@ -383,7 +406,7 @@ class SdkPath:
         """One AMQP frame after the open; a step, or None when it needed no application."""
         kind = type(performative)
         if kind is Close:
-            self._write(_CLOSE)
+            self._out += _CLOSE_FRAME()
             self.finished = True
             self._done(size)
             return ClosedStep(performative)
@@ -399,7 +422,7 @@ class SdkPath:
             self._remote_incoming_window = performative.incoming_window
             self._remote_handle_max = performative.handle_max
             limits = self.config.sessions
-            self._write(_BEGINS(channel, 0, self._incoming_window, limits.handle_max))
+            self._out += _BEGIN_FRAMES(channel, 0, self._incoming_window, limits.handle_max)
             self._done(size)
             return None
         if performative is None or channel != self._channel:
@@ -430,29 +453,38 @@ class SdkPath:
 
     # --- links ---------------------------------------------------------------------------------
 
-    def _known(self, descriptor: bytes) -> bytes | None:
+    def _known(self, descriptor: bytes, head: bytes = _CHANNEL_0) -> bytes | None:
         """The whole frame at the start of the input when it is complete, within our limit, on
         channel 0 with no extended header, and its performative's descriptor is ``descriptor``
         (read then by its shape, :mod:`.shapes`); else None (read it through
         :func:`~.frames.frame_at`)."""
         buf = self._in
-        if len(buf) < 14 or buf[8:11] != descriptor or buf[4:8] != _CHANNEL_0:
+        if len(buf) < 14 or buf[8:11] != descriptor or buf[4:8] != head:
             return None
         size = int.from_bytes(buf[:4], "big")
-        if size > len(buf) or size > self.config.max_frame_size:
-            return None
+        if size < 14 or size > len(buf) or size > self.config.max_frame_size:
+            return None  # shorter than its own header and descriptor: malformed, the decoder says so
         return bytes(buf[:size])
 
-    def _known_attach(self) -> tuple[Attach, int] | None:
-        """The attach at the start of the input, read through :func:`attach_like`; None when it
-        is not one that can be."""
+    def _known_attach(self) -> tuple[Attach, int, bytes | None] | None:
+        """The attach at the start of the input, read through :func:`attach_and_termini`
+        (with its termini's echo); None when it is not one that can be."""
         if self._address is None or self._channel != 0:
             return None
         frame = self._known(_ATTACH_DESCRIPTOR)
-        attach = None if frame is None else attach_like(frame, self._address)
-        return None if attach is None or frame is None else (attach, len(frame))
+        found = None if frame is None else attach_and_termini(frame, self._address)
+        return None if found is None or frame is None else (found[0], len(frame), found[1])
 
-    def _attach(self, attach: Attach, size: int) -> Step:
+    def _known_transfer(self) -> tuple[Transfer, bytes, int] | None:
+        """The transfer at the start of the input and its payload, read through
+        :func:`transfer_like`; None when it is not one that can be."""
+        if self._channel != 0:
+            return None
+        frame = self._known(_TRANSFER_DESCRIPTOR)
+        found = None if frame is None else transfer_like(frame)
+        return None if found is None or frame is None else (found[0], found[1], len(frame))
+
+    def _attach(self, attach: Attach, size: int, termini: bytes | None = None) -> Step:
         limits = self.config.sessions
         if attach.handle > limits.handle_max or attach.handle in self._by_remote:
             raise _Handover
@@ -462,6 +494,7 @@ class SdkPath:
             raise _Handover
         role = Role.RECEIVER if attach.role is Role.SENDER else Role.SENDER
         link = _Link(handle, attach, role)
+        link.termini = termini
         self._pending_link = link
         return self._wait(size, AttachStep(LinkId(0, handle), role, attach))
 
@@ -470,17 +503,11 @@ class SdkPath:
         link's credit)."""
         link = self._pending_link
         assert link is not None
-        remote = link.remote
         self._links[link.handle] = link
         self._by_remote[link.remote_handle] = link
         sender = link.role is Role.SENDER
         write_attach(
-            self._out,
-            link,
-            remote.source if isinstance(remote.source, Source) else None,
-            remote.target if isinstance(remote.target, Target) else None,
-            0 if sender else None,
-            self.config.sessions.max_message_size,
+            self._out, link, 0 if sender else None, self.config.sessions.max_message_size, link.termini
         )
         if not sender:
             link.credit = self.credit
@@ -488,17 +515,15 @@ class SdkPath:
         self._answered()
 
     def _link_flow(self, link: _Link) -> None:
-        self._write(
-            _FLOWS(
-                self._next_incoming_id,
-                self._incoming_window,
-                self._next_outgoing_id,
-                link.handle,
-                link.delivery_count,
-                link.credit,
-                None,
-                False,
-            ),
+        self._out += _FLOW_FRAMES(
+            self._next_incoming_id,
+            self._incoming_window,
+            self._next_outgoing_id,
+            link.handle,
+            link.delivery_count,
+            link.credit,
+            None,
+            False,
         )
 
     def _flow(self, flow: Flow) -> None:
@@ -567,7 +592,7 @@ class SdkPath:
                 return False
         if state is not None:
             if type(state) is Accepted:
-                self._write(_ACCEPTED(step.delivery_id, state))
+                self._out += _ACCEPTED_FRAMES(step.delivery_id, _ACCEPTED_STATE)
             else:
                 disposition = Disposition(
                     role=Role.RECEIVER, first=step.delivery_id, settled=True, state=state
@@ -595,7 +620,7 @@ class SdkPath:
         self.sasl_mechanism = step.mechanism
         if step.mechanism == "PLAIN" and step.initial_response:
             self._address = step.initial_response.split(b"\x00")[1]  # as the endpoint read it
-        write_frame(self._out, FrameType.SASL, 0, _OUTCOMES(SaslCode.OK, None))
+        self._out += _OUTCOME_FRAMES(SaslCode.OK, None)
         self._expect = _AMQP_HEADER_AFTER_SASL
         self._answered()
 
@@ -697,3 +722,37 @@ def deliver(
 
 
 _END = End()
+
+
+class _Frames:
+    """The frames (channel 0) of one call site's performatives: ``frames(*values)`` is the
+    encoding of ``make(*values)`` (a :class:`~.frames.Templates` or a constant's maker),
+    written once per tuple of values (while the table holds it; emptied when full) rather
+    than looked up by the performative each time."""
+
+    __slots__ = ("_frames", "_make", "_type")
+
+    def __init__(self, make: Callable[..., Any], frame_type: FrameType = FrameType.AMQP) -> None:
+        self._make = make
+        self._type = frame_type
+        self._frames: dict[tuple[Any, ...], bytes] = {}
+
+    def __call__(self, *values: Any) -> bytes:
+        found = self._frames.get(values)
+        if found is None:
+            buffer = bytearray()
+            write_frame(buffer, self._type, 0, self._make(*values))
+            found = bytes(buffer)
+            if len(self._frames) >= _FRAME_ENTRIES:
+                self._frames.clear()
+            self._frames[values] = found
+        return found
+
+
+_FRAME_ENTRIES = 256
+_ACCEPTED_STATE = Accepted()
+_CLOSE_FRAME = _Frames(lambda: _CLOSE)
+_BEGIN_FRAMES = _Frames(_BEGINS)
+_FLOW_FRAMES = _Frames(_FLOWS)
+_ACCEPTED_FRAMES = _Frames(_ACCEPTED)
+_OUTCOME_FRAMES = _Frames(_OUTCOMES, FrameType.SASL)

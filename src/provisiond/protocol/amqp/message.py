@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeAlias
 
-from ...errors import InsufficientData
+from ...errors import AmqpProtocolError, InsufficientData
 from .decoding import decode_at
 from .performatives import (
     ANY,
@@ -245,6 +245,61 @@ def _section(value: Any) -> Any:
     return cls(value.value)
 
 
+def _known_section(buf: bytes, pos: int, end: int) -> tuple[Any, int] | None:
+    """A data section (vbin8 or vbin32) read straight from its bytes, and application
+    properties from the ones of the same bytes read before (each message gets its own map);
+    with where it ends. None when the section is neither, is not complete, or has a value that
+    is not immutable: it is read the general way (which says what is wrong with it)."""
+    if buf[pos + 1] != 0x53:
+        return None
+    code, kind = buf[pos + 2], buf[pos + 3]
+    if code == 0x75:  # data
+        if kind == 0xA0:
+            start, size = pos + 5, buf[pos + 4]
+        elif kind == 0xB0 and end - pos >= 8:
+            start, size = pos + 8, int.from_bytes(buf[pos + 4 : pos + 8], "big")
+        else:
+            return None
+        stop = start + size
+        return (Data(buf[start:stop]), stop) if stop <= end else None
+    if code != 0x74:
+        return None
+    if kind == 0xC1:  # map8
+        stop = pos + 5 + buf[pos + 4]
+    elif kind == 0xD1 and end - pos >= 8:  # map32
+        stop = pos + 8 + int.from_bytes(buf[pos + 4 : pos + 8], "big")
+    else:
+        return None
+    if stop > end or stop - pos > _SHARED_SECTION_SIZE:
+        return None
+    key = buf[pos:stop]
+    found = _APPLICATION_PROPERTIES.get(key)
+    if found is None:
+        try:
+            raw, after = decode_at(key, 0, len(key))
+            section = _section(raw)
+        except (InsufficientData, AmqpProtocolError):
+            return None
+        if after != len(key) or not isinstance(section.value, dict):
+            return None
+        if not all(
+            value is None or isinstance(value, _PLAIN) for item in section.value.items() for value in item
+        ):
+            return None
+        if len(_APPLICATION_PROPERTIES) >= _SHARED_SECTIONS:
+            _APPLICATION_PROPERTIES.clear()
+        found = _APPLICATION_PROPERTIES[key] = section
+    return ApplicationProperties(dict(found.value)), stop
+
+
+#: Application properties of these bytes, read before (:func:`_known_section`).
+_APPLICATION_PROPERTIES: dict[bytes, ApplicationProperties] = {}
+_SHARED_SECTIONS = 256
+#: The values application properties are shared with (immutable: strings, symbols, numbers, binaries).
+_PLAIN = (str, int, float, bytes)
+_SHARED_SECTION_SIZE = 1024
+
+
 def decode_message(payload: bytes | memoryview) -> Message:
     """The message in a (complete) transfer payload.
 
@@ -258,7 +313,10 @@ def decode_message(payload: bytes | memoryview) -> Message:
     pos, end = 0, len(buf)
     while pos < end:
         try:
-            if (
+            known = _known_section(buf, pos, end) if buf[pos] == 0 and end - pos > 4 else None
+            if known is not None:
+                section, pos = known
+            elif (
                 buf[pos] == 0
                 and end - pos > 3
                 and buf[pos + 1] == 0x53

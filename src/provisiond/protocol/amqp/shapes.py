@@ -33,16 +33,27 @@ from .performatives import (
     Open,
     Properties,
     Role,
+    SaslInit,
     SndSettleMode,
     Source,
     Target,
+    Transfer,
     _layout,
     write_composite,
 )
 from .session import _TRANSFERS
 from .types import encode_value
 
-__all__ = ["Reply", "attach_like", "open_like", "write_attach", "write_transfer"]
+__all__ = [
+    "Reply",
+    "attach_and_termini",
+    "attach_like",
+    "open_like",
+    "sasl_init_like",
+    "transfer_like",
+    "write_attach",
+    "write_transfer",
+]
 
 _LIST32 = struct.Struct(">II")
 
@@ -96,12 +107,20 @@ class Reply:
 # offset is the same), checked to hold the placeholders exactly in the name and one terminus's
 # address, and kept; the strings are decoded as the reader decodes them (UTF-8).
 
-_SHAPES: dict[tuple[bytes, int, bytes, int, bytes], tuple[Attach, bool] | None] = {}
+_SHAPES: dict[tuple[bytes, int, bytes, int, bytes], _Shape | None] = {}
 
 
 def attach_like(frame: bytes, address: bytes) -> Attach | None:
     """The attach ``frame`` (a whole frame, DOFF 2) decodes to, from the one of its shape read
     before; None when it has no known shape (read it the general way)."""
+    found = attach_and_termini(frame, address)
+    return None if found is None else found[0]
+
+
+def attach_and_termini(frame: bytes, address: bytes) -> tuple[Attach, bytes | None] | None:
+    """:func:`attach_like`, and the encoding of its source and target as
+    :func:`write_attach` echoes them (None: encode them), from the shape's with the address
+    put back."""
     at = _first_field(frame)
     if not at or len(frame) < at + 2 or frame[at] != 0xA1:  # a str8 name
         return None
@@ -114,7 +133,7 @@ def attach_like(frame: bytes, address: bytes) -> Attach | None:
     shape = _known(_SHAPES, key, _read_shape)
     if shape is None:
         return None
-    template, in_source = shape
+    template, in_source, termini, other_maps = shape
     try:
         name = frame[at + 2 : name_end].decode("utf-8")
         text = address.decode("utf-8")
@@ -126,9 +145,9 @@ def attach_like(frame: bytes, address: bytes) -> Attach | None:
     put.__dict__["address"] = text
     attach.__dict__["source" if in_source else "target"] = put
     other = "target" if in_source else "source"
-    if isinstance(attach.__dict__[other], Source | Target):
+    if other_maps:  # the other terminus holds maps: each connection its own (else shared)
         attach.__dict__[other] = _copy(attach.__dict__[other])
-    return attach
+    return attach, None if termini is None else termini[0] + address + termini[1]
 
 
 def open_like(frame: bytes) -> Open | None:
@@ -153,6 +172,80 @@ def open_like(frame: bytes) -> Open | None:
 
 
 _OPENS: dict[tuple[bytes, int, bytes], Open | None] = {}
+
+
+def sasl_init_like(frame: bytes) -> SaslInit | None:
+    """The sasl-init ``frame`` (a whole SASL frame, DOFF 2) decodes to, from the one of its
+    shape read before (the SDKs' differ in their initial response: PLAIN's user and token);
+    None when it has no known shape."""
+    at = _first_field(frame)
+    if not at or len(frame) < at + 2 or frame[at] != 0xA3:  # a sym8 mechanism
+        return None
+    start = at + 2 + frame[at + 1]
+    if len(frame) < start + 5:
+        return None
+    code = frame[start]
+    if code == 0xA0:  # vbin8
+        size, begin = frame[start + 1], start + 2
+    elif code == 0xB0:  # vbin32
+        size, begin = int.from_bytes(frame[start + 1 : start + 5], "big"), start + 5
+    else:
+        return None
+    end = begin + size
+    if end > len(frame):
+        return None
+    template = _known(_SASL_INITS, (frame[:begin], size, frame[end:]), _read_sasl_init)
+    if template is None:
+        return None
+    made: SaslInit = _copy(template)
+    made.__dict__["initial_response"] = frame[begin:end]
+    return made
+
+
+_SASL_INITS: dict[tuple[bytes, int, bytes], SaslInit | None] = {}
+
+
+def _read_sasl_init(key: tuple[bytes, int, bytes]) -> SaslInit | None:
+    head, size, tail = key
+    placeholder = bytes((_NAME_MARK,)) * size
+    try:
+        found = frame_at(head + placeholder + tail, MAX_SHAPE)
+    except AmqpProtocolError:
+        return None
+    if found is None or type(found[0].performative) is not SaslInit or found[0].payload:
+        return None
+    init = found[0].performative
+    assert isinstance(init, SaslInit)
+    return init if init.initial_response == placeholder else None
+
+
+def transfer_like(frame: bytes) -> tuple[Transfer, bytes] | None:
+    """The transfer ``frame`` (a whole frame, DOFF 2) decodes to and its payload, the transfer
+    from the one of the same performative bytes read before (an SDK's first request's is the
+    same on every connection); None when it has none, or holds a mutable value."""
+    code = frame[11]
+    end = 13 + frame[12] if code == 0xC0 else 16 + int.from_bytes(frame[12:16], "big") if code == 0xD0 else 0
+    if not end or end > len(frame):
+        return None
+    transfer = _known(_TRANSFERS_READ, frame[4:end], _read_transfer)
+    return None if transfer is None else (transfer, frame[end:])
+
+
+_TRANSFERS_READ: dict[bytes, Transfer | None] = {}
+
+
+def _read_transfer(performative: bytes) -> Transfer | None:
+    """The transfer of a frame of these performative bytes and no payload; None when it does
+    not decode to one that ends exactly there, or holds a mutable value (a delivery state's map)."""
+    try:
+        found = frame_at((len(performative) + 4).to_bytes(4, "big") + performative, MAX_SHAPE)
+    except AmqpProtocolError:
+        return None
+    if found is None or type(found[0].performative) is not Transfer or found[0].payload:
+        return None
+    transfer = found[0].performative
+    assert isinstance(transfer, Transfer)
+    return transfer if _immutable(transfer) else None
 
 
 _K = TypeVar("_K")
@@ -213,10 +306,16 @@ _NAME_MARK = 0x6E  # "n"
 _ADDRESS_MARK = 0x61  # "a"
 
 
-def _read_shape(key: tuple[bytes, int, bytes, int, bytes]) -> tuple[Attach, bool] | None:
-    """The attach of one shape, with placeholders for the name and the address, and whether
-    the address is its source's; None when the frame does not decode to an attach holding the
-    placeholders exactly there."""
+#: An attach's shape: the attach with placeholders, whether the address is its source's, the
+#: encoding of its termini as echoed around the address (None: not known), and whether the
+#: other terminus holds a map.
+_Shape = tuple[Attach, bool, tuple[bytes, bytes] | None, bool]
+
+
+def _read_shape(key: tuple[bytes, int, bytes, int, bytes]) -> _Shape | None:
+    """The attach of one shape, with placeholders for the name and the address, whether the
+    address is its source's, and its termini's echo around the address; None when the frame
+    does not decode to an attach holding the placeholders exactly there."""
     head, name_size, middle, address_size, tail = key
     name, address = bytes((_NAME_MARK,)) * name_size, bytes((_ADDRESS_MARK,)) * address_size
     try:
@@ -245,7 +344,29 @@ def _read_shape(key: tuple[bytes, int, bytes, int, bytes]) -> tuple[Attach, bool
     ]
     if not all(_immutable(value) for map_ in maps for item in map_.items() for value in item):
         return None  # a map holding a map or a list: read each such attach the general way
-    return attach, in_source
+    echo = bytearray()
+    _write_termini(attach.source, attach.target, echo)
+    # The termini with another address of the same length differ only there: one string of
+    # the same encoded length. Split around it, when the placeholder is there once.
+    at = echo.find(address)
+    termini = (bytes(echo[:at]), bytes(echo[at + len(address) :])) if at >= 0 else None
+    if at >= 0 and echo.find(address, at + 1) >= 0:
+        termini = None
+    other = attach.target if in_source else attach.source
+    other_maps = other is not None and any(type(field) is dict for field in vars(other).values())
+    return attach, in_source, termini, other_maps
+
+
+def _write_termini(source: Any, target: Any, body: bytearray) -> None:
+    """An answering attach's source and target: the peer's, each null unless a Source, a Target."""
+    if isinstance(source, Source):
+        write_composite(source, body)
+    else:
+        body.append(0x40)
+    if isinstance(target, Target):
+        write_composite(target, body)
+    else:
+        body.append(0x40)
 
 
 def _is_text(value: Any, text: str) -> bool:
@@ -291,15 +412,15 @@ def _fields(values: dict[str, Any]) -> bytes:
 def write_attach(
     out: bytearray,
     link: Any,
-    source: Source | None,
-    target: Target | None,
     delivery_count: int | None,
     max_size: int,
+    termini: bytes | None = None,
 ) -> None:
     """The machine's ``Attach(name, handle, role, snd_settle_mode, source, target,
     initial_delivery_count, max_message_size)`` frame on channel 0 (max-message-size is set, so
     the list always ends with it: 11 fields), for ``link`` (its name, handle, role, and the
-    peer's attach as ``remote``)."""
+    peer's attach as ``remote``, whose source and target it echoes: ``termini`` is their
+    encoding when known, :func:`attach_and_termini`)."""
     mode = link.remote.snd_settle_mode
     head = _HEAD.get((link.handle, link.role, mode))
     if head is None:
@@ -321,14 +442,10 @@ def write_attach(
     body = bytearray()
     _ATTACH_FIELDS["name"].write(link.name, body)
     body += head
-    if source is None:
-        body.append(0x40)
+    if termini is None:
+        _write_termini(link.remote.source, link.remote.target, body)
     else:
-        write_composite(source, body)
-    if target is None:
-        body.append(0x40)
-    else:
-        write_composite(target, body)
+        body += termini
     body += tail
     size = len(body)
     list_head = bytes((0xC0, size + 1, 11)) if size < 255 else b"\xd0" + _LIST32.pack(size + 4, 11)
