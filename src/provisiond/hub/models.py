@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import base64
 import enum
-import os
 from typing import Any
 
 import msgspec
 
+from .._ids import random_below
 from ..attestation.base import CertificateCredential, IdentityCredential, KeyCredential
 from ..models import DeviceCapabilities, LinkedHub, X509GroupAuthentication
 from ..twin import NEVER, Twin, section_view, twin_etag
@@ -133,19 +133,12 @@ class HubDevice(_HubModel):
 def new_generation_id() -> str:
     """A fresh ``generationId``: IoT Hub's tells apart identities of one device id deleted and
     created again (18 decimal digits, the shape IoT Hub gives them)."""
-    return f"{_uniform(9 * 10**17) + 10**17}"
+    return f"{random_below(9 * 10**17) + 10**17}"
 
 
 def new_device_etag() -> str:
     """A fresh device etag in IoT Hub's shape (base64 of a decimal number, ``"MjM0NTY3ODkw"``)."""
-    return base64.b64encode(b"%d" % (_uniform(9 * 10**8) + 10**8)).decode("ascii")
-
-
-def _uniform(bound: int) -> int:
-    """A random integer in ``[0, bound)`` for ``bound`` below 2**64: 96 random bits reduced
-    modulo ``bound``, whose bias (under 2**-32) no identifier can show, for about half the
-    cost of ``secrets.randbelow`` (its rejection loop and ``SystemRandom``'s Python layers)."""
-    return int.from_bytes(os.urandom(12)) % bound
+    return base64.b64encode(b"%d" % (random_below(9 * 10**8) + 10**8)).decode("ascii")
 
 
 # --- the wire: IoT Hub's service REST API -------------------------------------------------------
