@@ -208,15 +208,8 @@ _SASL_INITS: dict[tuple[bytes, int, bytes], SaslInit | None] = {}
 def _read_sasl_init(key: tuple[bytes, int, bytes]) -> SaslInit | None:
     head, size, tail = key
     placeholder = bytes((_NAME_MARK,)) * size
-    try:
-        found = frame_at(head + placeholder + tail, MAX_SHAPE)
-    except AmqpProtocolError:
-        return None
-    if found is None or type(found[0].performative) is not SaslInit or found[0].payload:
-        return None
-    init = found[0].performative
-    assert isinstance(init, SaslInit)
-    return init if init.initial_response == placeholder else None
+    init = _alone(head + placeholder + tail, SaslInit)
+    return init if init is not None and init.initial_response == placeholder else None
 
 
 def transfer_like(frame: bytes) -> tuple[Transfer, bytes] | None:
@@ -237,19 +230,27 @@ _TRANSFERS_READ: dict[bytes, Transfer | None] = {}
 def _read_transfer(performative: bytes) -> Transfer | None:
     """The transfer of a frame of these performative bytes and no payload; None when it does
     not decode to one that ends exactly there, or holds a mutable value (a delivery state's map)."""
-    try:
-        found = frame_at((len(performative) + 4).to_bytes(4, "big") + performative, MAX_SHAPE)
-    except AmqpProtocolError:
-        return None
-    if found is None or type(found[0].performative) is not Transfer or found[0].payload:
-        return None
-    transfer = found[0].performative
-    assert isinstance(transfer, Transfer)
-    return transfer if _immutable(transfer) else None
+    transfer = _alone((len(performative) + 4).to_bytes(4, "big") + performative, Transfer)
+    return transfer if transfer is not None and _immutable(transfer) else None
 
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
+
+_P = TypeVar("_P")
+
+
+def _alone(frame: bytes, kind: type[_P]) -> _P | None:
+    """The performative ``frame`` decodes to, whole, when it is a ``kind`` with no payload;
+    else None (the frame is then read the general way)."""
+    try:
+        found = frame_at(frame, MAX_SHAPE)
+    except AmqpProtocolError:
+        return None
+    if found is None or type(found[0].performative) is not kind or found[0].payload:
+        return None
+    performative: _P = found[0].performative
+    return performative
 
 
 def _first_field(frame: bytes) -> int:
@@ -273,15 +274,8 @@ def _known(table: dict[_K, _V | None], key: _K, read: Callable[[_K], _V | None])
 def _read_open(key: tuple[bytes, int, bytes]) -> Open | None:
     head, size, tail = key
     placeholder = bytes((_NAME_MARK,)) * size
-    try:
-        found = frame_at(head + placeholder + tail, MAX_SHAPE)
-    except AmqpProtocolError:
-        return None
-    if found is None or type(found[0].performative) is not Open or found[0].payload:
-        return None
-    opened = found[0].performative
-    assert isinstance(opened, Open)
-    if opened.container_id != placeholder.decode():
+    opened = _alone(head + placeholder + tail, Open)
+    if opened is None or opened.container_id != placeholder.decode():
         return None
     properties = opened.properties or {}
     if not all(_immutable(value) for item in properties.items() for value in item):
@@ -318,14 +312,9 @@ def _read_shape(key: tuple[bytes, int, bytes, int, bytes]) -> _Shape | None:
     does not decode to an attach holding the placeholders exactly there."""
     head, name_size, middle, address_size, tail = key
     name, address = bytes((_NAME_MARK,)) * name_size, bytes((_ADDRESS_MARK,)) * address_size
-    try:
-        found = frame_at(head + name + middle + address + tail, MAX_SHAPE)
-    except AmqpProtocolError:
+    attach = _alone(head + name + middle + address + tail, Attach)
+    if attach is None:
         return None
-    if found is None or type(found[0].performative) is not Attach or found[0].payload:
-        return None
-    attach = found[0].performative
-    assert isinstance(attach, Attach)
     text = address.decode()
     # The address must be a string (str8 or str32), as the one put back: a symbol compares
     # equal to its text but is echoed as a symbol (a mutated session's attach found it).
