@@ -33,6 +33,7 @@ __all__ = [
     "derive_device_key",
     "generate_key",
     "parse_sas_token",
+    "percent_decoded",
     "sign",
     "signed_sas_token",
     "verify_signature",
