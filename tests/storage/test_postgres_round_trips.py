@@ -211,3 +211,24 @@ async def test_reads_of_several_tables_are_one_statement(postgres_db_url: str) -
             "attestation_type": "tpm",
             "iot_hub_host_name": None,
         }
+
+
+async def test_registrations_made_in_consecutive_turns_are_one_statement(postgres_db_url: str) -> None:
+    """A batch of the registrar's commits waits one more turn of the event loop
+    (``COMMIT_LINGER``): calls made in the turn after the first join it, so a burst of answers
+    spread over two turns is still one statement (with no linger, two)."""
+    async with _counted_store(postgres_db_url) as (proxy, store):
+        results: list[object] = []
+
+        async def later(n: int) -> list[object]:
+            await asyncio.sleep(0)  # the next turn of the event loop
+            return list(await store.write_atomic(_items(n, WriteMode.CREATE)))
+
+        async def create() -> None:
+            results.extend(
+                await asyncio.gather(store.write_atomic(_items(1, WriteMode.CREATE)), later(2), later(3))
+            )
+
+        assert await _counted(proxy, store, create()) == Counter({"E": 1, "S": 1})
+        for n, records in zip((1, 2, 3), results, strict=True):
+            assert records == [await store.get(H, f"hub.example/d{n}"), await store.get(R, f"d{n}")]
