@@ -73,6 +73,7 @@ from .frames import (
     FrameType,
     ProtocolHeader,
     ProtocolId,
+    Templates,
     frame_at,
     write_frame,
 )
@@ -724,35 +725,22 @@ def deliver(
 _END = End()
 
 
-class _Frames:
+def _framed(make: Callable[..., Any], frame_type: FrameType = FrameType.AMQP) -> Templates[bytes]:
     """The frames (channel 0) of one call site's performatives: ``frames(*values)`` is the
     encoding of ``make(*values)`` (a :class:`~.frames.Templates` or a constant's maker),
-    written once per tuple of values (while the table holds it; emptied when full) rather
-    than looked up by the performative each time."""
+    written once per tuple of values rather than looked up by the performative each time."""
 
-    __slots__ = ("_frames", "_make", "_type")
+    def frame(*values: Any) -> bytes:
+        buffer = bytearray()
+        write_frame(buffer, frame_type, 0, make(*values))
+        return bytes(buffer)
 
-    def __init__(self, make: Callable[..., Any], frame_type: FrameType = FrameType.AMQP) -> None:
-        self._make = make
-        self._type = frame_type
-        self._frames: dict[tuple[Any, ...], bytes] = {}
-
-    def __call__(self, *values: Any) -> bytes:
-        found = self._frames.get(values)
-        if found is None:
-            buffer = bytearray()
-            write_frame(buffer, self._type, 0, self._make(*values))
-            found = bytes(buffer)
-            if len(self._frames) >= _FRAME_ENTRIES:
-                self._frames.clear()
-            self._frames[values] = found
-        return found
+    return Templates(frame)
 
 
-_FRAME_ENTRIES = 256
 _ACCEPTED_STATE = Accepted()
-_CLOSE_FRAME = _Frames(lambda: _CLOSE)
-_BEGIN_FRAMES = _Frames(_BEGINS)
-_FLOW_FRAMES = _Frames(_FLOWS)
-_ACCEPTED_FRAMES = _Frames(_ACCEPTED)
-_OUTCOME_FRAMES = _Frames(_OUTCOMES, FrameType.SASL)
+_CLOSE_FRAME = _framed(lambda: _CLOSE)
+_BEGIN_FRAMES = _framed(_BEGINS)
+_FLOW_FRAMES = _framed(_FLOWS)
+_ACCEPTED_FRAMES = _framed(_ACCEPTED)
+_OUTCOME_FRAMES = _framed(_OUTCOMES, FrameType.SASL)

@@ -157,14 +157,14 @@ _ENCODED: dict[tuple[FrameType, int, Performative | None], bytes] = {}
 _SHARED = frozenset({Begin, Close, Detach, Disposition, End, Flow, SaslOutcome})
 
 
-P = TypeVar("P", bound=Performative)
+P = TypeVar("P")
 
 
 class Templates(Generic[P]):
-    """The performatives one call site makes, one per distinct tuple of the values it makes
-    them from: ``templates(*values)`` is ``make(*values)``, made once while the table holds
-    it (at most :data:`_SHARED_ENTRIES`, emptied when full). Only for performatives whose
-    fields are immutable; values that cannot be hashed (a map) make a new one each time."""
+    """The performatives (or their frames' bytes) one call site makes, one per distinct tuple of
+    the values it makes them from: ``templates(*values)`` is ``make(*values)``, made once while
+    the table holds it (at most :data:`_SHARED_ENTRIES`, emptied when full). Only for what is
+    immutable; values that cannot be hashed (a map) make a new one each time."""
 
     __slots__ = ("_made", "_make")
 
