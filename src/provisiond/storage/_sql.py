@@ -24,7 +24,7 @@ from typing import Any
 
 from .._enums import IdentityEnum
 from ..errors import ConflictError, InvalidQueryError, NotFoundError, PreconditionFailedError
-from .base import Collection, Delete, Page, Record, Write, WriteMode, etags_match
+from .base import CLAIM_COLUMNS, Collection, Delete, Page, Record, Write, WriteMode, etags_match
 
 #: An item of a write batch: its key, the item, and (for writes) its index values.
 Prepared = tuple[str, Write | Delete, tuple[str | None, ...]]
@@ -384,8 +384,11 @@ def _precondition_failed(collection: Collection, id: str, existing: Meta | None)
 
 # -- claims -----------------------------------------------------------------------------------
 
-#: The index columns a collection needs for :meth:`Store.claim`.
-CLAIM_COLUMNS = ("due", "owner")
+
+def require_claimable(collection: Collection) -> None:
+    """:raises ValueError: ``collection`` has not the index columns a claim needs."""
+    if not collection.claimable:
+        raise ValueError(f"{collection.table} has no {' and '.join(CLAIM_COLUMNS)} index columns to claim by")
 
 
 def claim_sql(
@@ -402,8 +405,7 @@ def claim_sql(
 
     :raises ValueError: the collection cannot be claimed from, a bad filter, ``limit`` below 1.
     """
-    if not set(CLAIM_COLUMNS) <= set(collection.index_columns):
-        raise ValueError(f"{collection.table} has no {' and '.join(CLAIM_COLUMNS)} index columns to claim by")
+    require_claimable(collection)
     if limit < 1:
         raise ValueError(f"limit must be at least 1, not {limit}")
     columns, params = filter_params(collection, filters)
@@ -421,8 +423,7 @@ def next_due_sql(collection: Collection) -> str:
 
     :raises ValueError: the collection cannot be claimed from.
     """
-    if not collection.claimable:
-        raise ValueError(f"{collection.table} has no {' and '.join(CLAIM_COLUMNS)} index columns to claim by")
+    require_claimable(collection)
     return f"SELECT min(due) FROM {collection.table}"
 
 

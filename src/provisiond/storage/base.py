@@ -125,6 +125,10 @@ __all__ = [
 ]
 
 
+#: The index columns a collection needs for :meth:`Store.claim`.
+CLAIM_COLUMNS = ("due", "owner")
+
+
 @dataclass(frozen=True, slots=True)
 class _CollectionSpec:
     table: str
@@ -192,7 +196,7 @@ class Collection(IdentityEnum):
         self.table = spec.table
         self.label = spec.label
         self.index_columns = spec.index_columns
-        self.claimable = {"due", "owner"} <= set(spec.index_columns)
+        self.claimable = set(CLAIM_COLUMNS) <= set(spec.index_columns)
         self._case_insensitive = spec.case_insensitive
 
     def key(self, id: str) -> str:
