@@ -95,7 +95,7 @@ import enum
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -118,6 +118,7 @@ __all__ = [
     "etags_match",
     "is_wildcard",
     "new_etag",
+    "released",
     "releases",
     "utc_iso",
     "utc_now",
@@ -333,6 +334,15 @@ def releases(collection: Collection, item: Write | Delete) -> bool:
     """Whether a write item releases a record of a claimable collection (leaves it without an
     ``owner``): what wakes the collection's watches ("Watches" in the module docstring)."""
     return collection.claimable and isinstance(item, Write) and item.index.get("owner") is None
+
+
+def released(items: Iterable[tuple[Collection, Write | Delete]]) -> Collection | None:
+    """The claimable collection (the hub outbox) whose records the write ``items`` release, if
+    any: whose watches a store wakes once they are committed."""
+    for collection, item in items:
+        if releases(collection, item):
+            return collection
+    return None
 
 
 class Store(ABC):

@@ -100,6 +100,7 @@ from .base import (
     Write,
     WriteMode,
     new_etag,
+    released,
     releases,
     utc_now,
 )
@@ -328,7 +329,7 @@ class PostgresStore(Store):
         if not prepared:
             return []
         outcomes = await self._write_batch(collection, prepared)
-        if collection.claimable and any(releases(collection, item) for item in items):
+        if collection.claimable and released((collection, item) for item in items):
             await self._released(collection)
         return outcomes
 
@@ -344,10 +345,8 @@ class PostgresStore(Store):
             # A unique violation is an insert that lost a race: the next attempt decides on the row.
             attempt = functools.partial(self._pipelined, _apply_atomic, prepared)
             written = await _retrying(tables, attempt, (*_RETRIED, pg_errors.UniqueViolation))
-        for collection, item in items:
-            if releases(collection, item):
-                await self._released(collection)
-                break
+        if (collection := released(items)) is not None:
+            await self._released(collection)
         return written
 
     async def _released(self, collection: Collection) -> None:

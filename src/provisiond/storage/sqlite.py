@@ -88,7 +88,7 @@ from .base import (
     WriteMode,
     is_wildcard,
     new_etag,
-    releases,
+    released,
     stored_etag,
     utc_now,
 )
@@ -383,7 +383,7 @@ class SqliteStore(Store):
         if not prepared:
             return []
         outcomes = await self._write_transaction(len(prepared), _apply_batch, collection, prepared)
-        if collection.claimable and any(releases(collection, item) for item in items):
+        if collection.claimable and released((collection, item) for item in items):
             self._watches.wake(collection)
         return outcomes
 
@@ -397,9 +397,8 @@ class SqliteStore(Store):
             outcome = await self._write_transaction(len(prepared), _apply_atomic, prepared)
         if isinstance(outcome, ProvisioningError):
             raise outcome
-        for collection, item in items:
-            if releases(collection, item):
-                self._watches.wake(collection)
+        if (collection := released(items)) is not None:
+            self._watches.wake(collection)
         return outcome
 
     async def _flush_atomics(
