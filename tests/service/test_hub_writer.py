@@ -12,7 +12,7 @@ import asyncio
 import gc
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -96,10 +96,17 @@ def register_all(server: RunningServer, group_key: str, regs: list[str]) -> None
 KILLED_UNDER_REQUESTS = pytest.mark.filterwarnings("ignore:unclosed <ssl.SSLSocket:ResourceWarning")
 
 
-def register_then_kill(node: RunningServer, group_key: str, regs: list[str], *, enough: int) -> set[str]:
+def register_then_kill(
+    node: RunningServer,
+    group_key: str,
+    regs: list[str],
+    *,
+    enough: int,
+    in_flight: Callable[[int], bool] | None = None,
+) -> set[str]:
     """The group's devices ``regs`` register, 8 at a time, with ``node``; once ``enough`` are
-    acknowledged (202 with an operation id), the node is killed (kill -9). The acknowledged
-    ones."""
+    acknowledged (202 with an operation id), and ``in_flight(acknowledged)`` says that more work
+    is under way (up to 10 s more), the node is killed (kill -9). The acknowledged ones."""
     acknowledged: set[str] = set()
     reached = threading.Event()
 
@@ -119,6 +126,9 @@ def register_then_kill(node: RunningServer, group_key: str, regs: list[str], *, 
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(one, reg) for reg in regs]
         assert reached.wait(60), "no registrations were acknowledged"
+        deadline = time.monotonic() + 10
+        while in_flight is not None and not in_flight(len(acknowledged)) and time.monotonic() < deadline:
+            time.sleep(0.005)
         node.process.kill()  # kill -9
         node.process.wait(10)
         for future in futures:
@@ -267,7 +277,11 @@ def test_kill_9_under_load_leaves_every_identity_and_record_in_agreement(
     # Every identity write is slow: many are in flight when the node dies.
     hub_peer.inject(*(Fault(delay=0.4, method="PUT", kind="devices") for _ in range(40)))
     regs = [uid() for _ in range(24)]
-    acknowledged = register_then_kill(node, group_key, regs, enough=8)
+    # Killed while a hub write beyond the acknowledged ones' has started (each takes 0.4 s): its
+    # record is then 'assigning', whatever the machine's speed.
+    acknowledged = register_then_kill(
+        node, group_key, regs, enough=8, in_flight=lambda done: hub_peer.calls["PUT devices"] > done + 1
+    )
     assert len(acknowledged) >= 8
     # What the kill cut short, read from the database before the restart: had no hub write been
     # in flight (records 'assigning', their outbox items leased), the test would prove nothing.
