@@ -354,6 +354,21 @@ async def test_get_each_and_concurrent_point_reads(store: Store) -> None:
     assert await store.get_each([]) == []
 
 
+async def test_get_each_of_a_few_records_across_tables(store: Store) -> None:
+    """A registration's kind of point reads (a few, SQLite's one statement): tables of different
+    widths, one table twice, a missing key and a key no record can have; each answer in its
+    place, with its index values."""
+    await store.write(R, "Dev-1", b"r1", index={"status": "assigned", "device_id": "dev-1"})
+    await store.write(E, "Dev-1", b"e1")
+    await store.write(E, "Dev-2", b"e2")
+    pairs = [(R, "DEV-1"), (E, "dev-1"), (R, "dev-2"), (E, "DEV-2"), (E, "nul\x00id")]
+    each = await store.get_each(pairs)
+    assert [r.doc if r else None for r in each] == [b"r1", b"e1", None, b"e2", None]
+    assert each[0] is not None and each[0].index["status"] == "assigned" and each[0].id == "Dev-1"
+    assert each == list(await asyncio.gather(*(store.get(c, id) for c, id in pairs)))
+    assert await store.get_each([(E, "dev-2")]) == [await store.get(E, "Dev-2")]
+
+
 async def test_query_filters(store: Store) -> None:
     await store.write_many(
         E,

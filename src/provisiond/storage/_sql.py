@@ -266,6 +266,27 @@ def update_params(
     return (etag, now, item.doc, *values, key)
 
 
+@functools.cache
+def tagged_rows_sql(collections: tuple[Collection, ...], where: str, null: str) -> str:
+    """One statement reading the full rows of several tables (a table may come more than once):
+    each row is its part's number in ``collections``, then its full row, padded with ``null``
+    (the dialect's text NULL) to the widest table's (every index column is text). ``where``
+    selects each part's rows, with its one parameter. Read back with :func:`tagged_record`."""
+    width = max(len(collection.index_columns) for collection in collections)
+    selects = []
+    for n, collection in enumerate(collections):
+        columns = ", ".join((*BASE_COLUMNS, *collection.index_columns))
+        padding = f", {null}" * (width - len(collection.index_columns))
+        selects.append(f"SELECT {n}, {columns}{padding} FROM {collection.table} WHERE {where}")
+    return " UNION ALL ".join(selects)
+
+
+def tagged_record(collections: tuple[Collection, ...], row: Sequence[Any]) -> tuple[int, Record]:
+    """A row of :func:`tagged_rows_sql`: its part's number and its record."""
+    collection = collections[row[0]]
+    return row[0], record_from_row(collection, row[1 : 1 + len(BASE_COLUMNS) + len(collection.index_columns)])
+
+
 def record_from_row(collection: Collection, row: Sequence[Any]) -> Record:
     """A :class:`Record` from a full row (``key, id, etag, created, updated, doc, *index``)."""
     return Record(

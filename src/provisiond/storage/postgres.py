@@ -282,10 +282,10 @@ class PostgresStore(Store):
             ):
                 found[(tables[0], row[0])] = _sql.record_from_row(tables[0], row)
         else:
-            for row in await self._fetch_all(_select_tables_sql(tables), params, prepare=_PLAN_KEY_READS):
-                collection = tables[row[0]]
-                width = 7 + len(collection.index_columns)
-                found[(collection, row[1])] = _sql.record_from_row(collection, row[1:width])
+            statement = _sql.tagged_rows_sql(tables, "key = ANY(%s::text[])", "NULL::text")
+            for row in await self._fetch_all(statement, params, prepare=_PLAN_KEY_READS):
+                n, record = _sql.tagged_record(tables, row)
+                found[(tables[n], row[1])] = record
         return [found.get(item) for item in items]
 
     async def get_many(self, collection: Collection, ids: Sequence[str]) -> dict[str, Record]:
@@ -872,20 +872,6 @@ def _select_any_sql(collection: Collection, *, meta: bool) -> str:
     statements = _sql.statements(collection, _STYLE)
     prefix = statements.select_meta_prefix if meta else statements.select_full_prefix
     return f"{prefix} WHERE key = ANY(%s::text[]) ORDER BY key"
-
-
-@functools.cache
-def _select_tables_sql(collections: tuple[Collection, ...]) -> str:
-    """The full rows of several tables whose key is in one array parameter per table (in
-    order), as one statement: each row is its table's number in ``collections``, then its full
-    row, padded with NULLs to the widest table's (every index column is text)."""
-    width = max(len(collection.index_columns) for collection in collections)
-    selects = []
-    for n, collection in enumerate(collections):
-        columns = ", ".join((*_sql.BASE_COLUMNS, *collection.index_columns))
-        padding = ", NULL::text" * (width - len(collection.index_columns))
-        selects.append(f"SELECT {n}, {columns}{padding} FROM {collection.table} WHERE key = ANY(%s::text[])")
-    return " UNION ALL ".join(selects)
 
 
 @functools.cache
