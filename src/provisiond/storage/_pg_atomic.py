@@ -226,7 +226,7 @@ def _create_together_sql(collections: tuple[Collection, ...]) -> str:
     inserts = []
     for collection in collections:
         columns = (*_sql.BASE_COLUMNS, *collection.index_columns)
-        arrays = ", ".join("%s::bytea[]" if column == "doc" else "%s::text[]" for column in columns)
+        arrays = ", ".join("%b::bytea[]" if column == "doc" else "%b::text[]" for column in columns)
         inserts.append(
             f"INSERT INTO {collection.table} ({', '.join(columns)}) SELECT * FROM unnest({arrays})"
         )

@@ -282,7 +282,7 @@ class PostgresStore(Store):
             ):
                 found[(tables[0], row[0])] = _sql.record_from_row(tables[0], row)
         else:
-            statement = _sql.tagged_rows_sql(tables, "key = ANY(%s::text[])", "NULL::text")
+            statement = _sql.tagged_rows_sql(tables, "key = ANY(%b::text[])", "NULL::text")
             for row in await self._fetch_all(statement, params, prepare=_PLAN_KEY_READS):
                 n, record = _sql.tagged_record(tables, row)
                 found[(tables[n], row[1])] = record
@@ -508,7 +508,7 @@ class PostgresStore(Store):
             etags = [new_etag() for _ in rows]
             await conn.execute(
                 f"UPDATE {collection.table} AS t SET etag = u.etag, updated = %s, due = %s, owner = %s "
-                "FROM unnest(%s::text[], %s::text[]) AS u(key, etag) WHERE t.key = u.key",
+                "FROM unnest(%b::text[], %b::text[]) AS u(key, etag) WHERE t.key = u.key",
                 (stamp, until, owner, [row[0] for row in rows], etags),
             )
         return [
@@ -594,7 +594,7 @@ class PostgresStore(Store):
                 chunk = items[start : start + _INSERT_CHUNK]
                 cursor = await conn.execute(
                     "INSERT INTO stream_entries (stream, partition, created, doc) "
-                    "SELECT s, p, %s, d FROM unnest(%s::text[], %s::text[], %s::bytea[]) "
+                    "SELECT s, p, %s, d FROM unnest(%b::text[], %b::text[], %b::bytea[]) "
                     "WITH ORDINALITY AS t(s, p, d, n) ORDER BY n RETURNING seq",
                     (
                         created,
@@ -871,14 +871,14 @@ def _select_any_sql(collection: Collection, *, meta: bool) -> str:
     once, where an ``IN (...)`` list would be a new statement to parse and plan for every size."""
     statements = _sql.statements(collection, _STYLE)
     prefix = statements.select_meta_prefix if meta else statements.select_full_prefix
-    return f"{prefix} WHERE key = ANY(%s::text[]) ORDER BY key"
+    return f"{prefix} WHERE key = ANY(%b::text[]) ORDER BY key"
 
 
 @functools.cache
 def _batch_insert_sql(collection: Collection) -> str:
     """One INSERT of many rows, one array parameter per column; returns the keys it inserted."""
     columns = (*_sql.BASE_COLUMNS, *collection.index_columns)
-    arrays = ", ".join("%s::bytea[]" if column == "doc" else "%s::text[]" for column in columns)
+    arrays = ", ".join("%b::bytea[]" if column == "doc" else "%b::text[]" for column in columns)
     return (
         f"INSERT INTO {collection.table} ({', '.join(columns)}) SELECT * FROM unnest({arrays}) "
         "ON CONFLICT (key) DO NOTHING RETURNING key"
