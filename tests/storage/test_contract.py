@@ -909,6 +909,41 @@ async def test_concurrent_write_atomic_creates_have_one_winner(store: Store) -> 
     assert sorted(winners[0], key=lambda r: r.doc) == stored  # one task's pair, whole
 
 
+#: Index values a text encoding of arrays must quote or escape (PostgreSQL's array input:
+#: braces, delimiters, quotes, backslashes, white space, the word NULL, the empty string).
+AWKWARD = ["NULL", "null", "", " ", '"{a,b}"', "back\\slash", "tab\tand\nline", "\u3000", "é✓"]
+
+
+async def test_concurrent_creates_keep_awkward_values_and_documents(store: Store) -> None:
+    """First registrations' shape (an identity and a record created together), many at once so
+    that PostgreSQL writes them as one statement of arrays: every index value (None apart from
+    the text "NULL") and every document byte comes back as written, by point reads, reads
+    across tables and filtered queries."""
+    docs = [bytes(range(256)) * 2 + b"%d" % n for n in range(len(AWKWARD))]
+    calls = [
+        [
+            (
+                H,
+                Write(
+                    f"hub.example/d{n}", docs[n], index={"hub": "hub.example", "status": value}, mode=CREATE
+                ),
+            ),
+            (R, Write(f"d{n}", docs[n][::-1], index={"device_id": value, "status": None}, mode=CREATE)),
+        ]
+        for n, value in enumerate(AWKWARD)
+    ]
+    written = await asyncio.gather(*(store.write_atomic(call) for call in calls))
+    for n, value in enumerate(AWKWARD):
+        hub, reg = written[n]
+        assert await store.get_each([(H, f"hub.example/d{n}"), (R, f"d{n}")]) == [hub, reg]
+        assert hub.doc == docs[n] and hub.index["status"] == value
+        assert reg.doc == docs[n][::-1] and reg.index == {**reg.index, "device_id": value, "status": None}
+        page = await store.query(H, filters={"status": value})
+        assert [r.id for r in page.records] == [f"hub.example/d{n}"]
+    found = await store.get_many(R, [f"d{n}" for n in range(len(AWKWARD))])
+    assert sorted(r.index["device_id"] for r in found.values()) == sorted(AWKWARD)
+
+
 async def test_concurrent_write_atomic_calls_fail_alone(store: Store) -> None:
     """Concurrent calls (which SQLite commits together, in one transaction): the ones whose
     last item fails leave nothing behind; the others are all written."""
