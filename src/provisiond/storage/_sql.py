@@ -33,16 +33,16 @@ Prepared = tuple[str, Write | Delete, tuple[str | None, ...]]
 def prepare_items(collection: Collection, items: Sequence[Write | Delete]) -> list[Prepared]:
     """Key and index values of each item of a :meth:`Store.write_many` batch.
 
-    :raises ValueError: an item names an index column the collection does not have.
+    :raises ValueError: an item names an index column the collection does not have, or has a
+        key that does not start with its key prefix (:func:`index_values`).
     """
-    return [
-        (
-            collection.key(item.id),
-            item,
-            index_values(collection, item.index) if isinstance(item, Write) else (),
+    prepared: list[Prepared] = []
+    for item in items:
+        key = collection.key(item.id)
+        prepared.append(
+            (key, item, index_values(collection, key, item.index) if isinstance(item, Write) else ())
         )
-        for item in items
-    ]
+    return prepared
 
 
 __all__ = [
@@ -65,9 +65,11 @@ __all__ = [
     "count_sql",
     "decode_continuation",
     "encode_continuation",
+    "filter_conditions",
     "filter_params",
     "index_values",
     "insert_params",
+    "key_range",
     "load_migrations",
     "make_page",
     "page_query",
@@ -241,14 +243,21 @@ def chunks(keys: Sequence[str], size: int = CHUNK) -> Iterator[Sequence[str]]:
         yield keys[start : start + size]
 
 
-def index_values(collection: Collection, index: Mapping[str, str | None]) -> tuple[str | None, ...]:
-    """The values of every index column of ``collection``, in column order (missing ones None).
+def index_values(collection: Collection, key: str, index: Mapping[str, str | None]) -> tuple[str | None, ...]:
+    """The values of every index column of ``collection``, in column order (missing ones None),
+    for the record ``key``.
 
-    :raises ValueError: ``index`` names a column the collection does not have.
+    :raises ValueError: ``index`` names a column the collection does not have, or its value of
+        the key prefix column is not the start of ``key`` ("Key prefixes" in ``base``).
     """
     unknown = set(index).difference(collection.index_columns)
     if unknown:
         raise ValueError(f"{collection.table} has no index column(s) {sorted(unknown)}")
+    column = collection.key_prefix_column
+    if column is not None:
+        prefix = index.get(column)
+        if prefix is not None and not key.startswith(prefix + "/"):
+            raise ValueError(f"The {collection.label} {key!r} has {column} {prefix!r}: not its key's prefix")
     return tuple(index.get(column) for column in collection.index_columns)
 
 
@@ -390,7 +399,7 @@ def prepare_atomic(items: Sequence[tuple[Collection, Write | Delete]]) -> list[A
         if (collection, key) in seen:
             raise ValueError(f"write_atomic has two items on the {collection.label} {item.id!r}")
         seen.add((collection, key))
-        values = index_values(collection, item.index) if isinstance(item, Write) else ()
+        values = index_values(collection, key, item.index) if isinstance(item, Write) else ()
         prepared.append((collection, key, item, values))
     return prepared
 
@@ -430,7 +439,7 @@ def claim_sql(
     if limit < 1:
         raise ValueError(f"limit must be at least 1, not {limit}")
     columns, params = filter_params(collection, filters)
-    conditions = [f"{column} = ?" for column in columns] + ["due <= ?"]
+    conditions = [*filter_conditions(collection, columns, style), "due <= ?"]
     text = (
         f"SELECT {statements(collection, style).columns} FROM {collection.table} "
         f"WHERE {' AND '.join(conditions)} ORDER BY due, key LIMIT ?{lock}"
@@ -500,7 +509,8 @@ def holds_nul(values: Iterable[str]) -> bool:
 def filter_params(
     collection: Collection, filters: Mapping[str, str] | None
 ) -> tuple[tuple[str, ...], list[str]]:
-    """The filtered columns (sorted, ``"id"`` becoming ``key``) and their values.
+    """The filtered columns (sorted, ``"id"`` becoming ``key``) and the parameters of their
+    :func:`filter_conditions`, in order.
 
     :raises ValueError: a filter names neither ``"id"`` nor an index column of ``collection``.
     """
@@ -512,13 +522,43 @@ def filter_params(
     names = sorted(filters)
     columns = tuple("key" if name == "id" else name for name in names)
     values = [collection.key(filters[name]) if name == "id" else filters[name] for name in names]
+    if columns == (collection.key_prefix_column,):
+        values += key_range(values[0])
     return columns, values
+
+
+def key_range(prefix: str) -> tuple[str, str]:
+    """The bounds ``[low, high)`` of the keys that start with ``prefix`` and ``/``. The keys
+    compare by code point (SQLite's BINARY collation on UTF-8, PostgreSQL's "C"), in which
+    ``0`` follows ``/``: every key with that start is in the range, and no other key is."""
+    return prefix + "/", prefix + "0"
+
+
+def filter_conditions(collection: Collection, columns: tuple[str, ...], style: ParamStyle) -> list[str]:
+    """The conditions of ``columns`` (from :func:`filter_params`), each equal to a parameter
+    (``?``; the caller converts them to ``style``).
+
+    A filter on the key prefix column alone also bounds the key to its range
+    (:func:`key_range`), which the key's own index reads ("Key prefixes" in ``base``); the
+    equality stays, so the rows are exactly those it selects. On SQLite (``QMARK``) it is
+    written ``+column = ?``, which no index answers: the hub devices' other indexes start with
+    ``hub``, and SQLite's planner, which has no statistics here, ranks an equality above a
+    range, so it would read the hub from one of them and sort it. PostgreSQL's planner sizes
+    both from its statistics and reads the range, in key order, for a page (its plans are
+    tested in ``tests/storage/test_hub_device_keys.py``). With other columns the range is left
+    out: their indexes (hub first) answer those filters.
+    """
+    if columns != (collection.key_prefix_column,):
+        return [f"{column} = ?" for column in columns]
+    unindexed = "+" if style is ParamStyle.QMARK else ""
+    return [f"{unindexed}{columns[0]} = ?", "key >= ?", "key < ?"]
 
 
 @functools.lru_cache(maxsize=256)
 def page_sql(collection: Collection, columns: tuple[str, ...], after: bool, style: ParamStyle) -> str:
-    """A page query: ``columns`` equal to parameters, then (``after``) ``key > ?``, then LIMIT ?."""
-    conditions = [f"{column} = ?" for column in columns]
+    """A page query: ``columns`` equal to parameters (:func:`filter_conditions`), then
+    (``after``) ``key > ?``, then LIMIT ?."""
+    conditions = filter_conditions(collection, columns, style)
     if after:
         conditions.append("key > ?")
     where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
@@ -530,8 +570,8 @@ def page_sql(collection: Collection, columns: tuple[str, ...], after: bool, styl
 
 @functools.lru_cache(maxsize=256)
 def count_sql(collection: Collection, columns: tuple[str, ...], style: ParamStyle) -> str:
-    """A count query with ``columns`` equal to parameters."""
-    where = f" WHERE {' AND '.join(f'{column} = ?' for column in columns)}" if columns else ""
+    """A count query with ``columns`` equal to parameters (:func:`filter_conditions`)."""
+    where = f" WHERE {' AND '.join(filter_conditions(collection, columns, style))}" if columns else ""
     return sql(f"SELECT count(*) FROM {collection.table}{where}", style)
 
 

@@ -47,6 +47,11 @@ passes the bytes together with the index values. What the store guarantees:
   not returned).
   :meth:`Store.continuation_after` makes the token that resumes after a given record (for a
   caller that filters a page further and stops in its middle).
+- **Key prefixes.** In a collection with a :attr:`Collection.key_prefix_column` (the hub
+  devices' ``hub``), a record whose value of that column is set has a key that starts with
+  that value and ``/`` (``{hub}/{deviceId}``); a write that breaks this raises ``ValueError``
+  and writes nothing. So a filter on that column is answered from a range of the keys, in the
+  key's own index, without an index of its own.
 - **Streams.** Append-only sequences of documents (:class:`Stream`: the built-in hubs'
   telemetry and queued cloud-to-device messages), each entry in a *partition* (a device).
   :meth:`Store.append` returns once its entries are committed (durable against a crash of the
@@ -136,6 +141,7 @@ class _CollectionSpec:
     label: str
     case_insensitive: bool
     index_columns: tuple[str, ...]
+    key_prefix_column: str | None = None
 
 
 class Collection(IdentityEnum):
@@ -164,8 +170,10 @@ class Collection(IdentityEnum):
     ACCESS_POLICIES = _CollectionSpec("access_policies", "shared access policy", True, ())
     # The built-in hub's device identities (with their twins), keyed "{hubHostName}/{deviceId}"
     # (the host name lower-cased: IoT Hub device ids are case-sensitive, host names are not).
+    # Its ``hub`` is the key's prefix: a hub's identities are a range of the primary key, and
+    # no separate (hub, key) index is written (schema 10).
     HUB_DEVICES = _CollectionSpec(
-        "hub_devices", "hub device identity", False, ("hub", "status", "connection_state")
+        "hub_devices", "hub device identity", False, ("hub", "status", "connection_state"), "hub"
     )
     # The built-in hubs' shared access policies (iothubowner, service, ...), keyed
     # "{hubHostName}/{keyName}" (case-insensitive, as IoT Hub's policy names are).
@@ -191,6 +199,9 @@ class Collection(IdentityEnum):
     index_columns: tuple[str, ...]
     #: Whether records can be claimed from it (``due`` and ``owner`` index columns: "Claims").
     claimable: bool
+    #: The index column whose value, when set, is the start of the record's key up to its first
+    #: ``/`` (the module docstring's "Key prefixes"), or ``None``.
+    key_prefix_column: str | None
     _case_insensitive: bool
 
     def __init__(self, spec: _CollectionSpec) -> None:
@@ -198,6 +209,7 @@ class Collection(IdentityEnum):
         self.label = spec.label
         self.index_columns = spec.index_columns
         self.claimable = set(CLAIM_COLUMNS) <= set(spec.index_columns)
+        self.key_prefix_column = spec.key_prefix_column
         self._case_insensitive = spec.case_insensitive
 
     def key(self, id: str) -> str:
@@ -435,8 +447,9 @@ class Store(ABC):
         :raises NotFoundError: an UPDATE item, or a delete, on a missing key.
         :raises PreconditionFailedError: an item's ``if_match`` not satisfied.
         :raises ValueError: two items on one (collection, key) (ids compared as
-            :meth:`Collection.key` does), or an item naming an unknown index column; raised
-            before anything is written.
+            :meth:`Collection.key` does), an item naming an unknown index column, or an item
+            whose key does not start with its key prefix ("Key prefixes"); raised before
+            anything is written.
         """
 
     @abstractmethod

@@ -309,8 +309,8 @@ class PostgresStore(Store):
         if_match: str | None = None,
     ) -> Record:
         item = Write(id, doc, index or {}, mode, if_match)
-        values = _sql.index_values(collection, item.index)
         key = collection.key(id)
+        values = _sql.index_values(collection, key, item.index)
         outcome: Record | ProvisioningError
         if if_match is None and mode is not WriteMode.UPDATE:
             outcome = await self._write_one_statement(collection, key, item, values)
