@@ -403,6 +403,43 @@ async def test_query_pages_resume_after_the_last_item_without_repeats(registry: 
     assert seen == ["q-1", "q-2", "q-4", "q-5", "q-7", "q-8"] and pages == 3
 
 
+async def test_hubs_whose_names_are_prefixes_of_each_other_stay_apart(registry: HubRegistry) -> None:
+    """Schema 10 reads a hub's identities as a range of the record keys ("{hub}/..."): hubs
+    whose names start alike, or differ just below or above "/", never see each other's."""
+    hubs = {"Hub.A": 5, "hub.a.b": 4, "hub-a": 3, "hub.a0": 2}
+    for hub, count in hubs.items():
+        for n in range(count):
+            await registry.create(
+                hub, sas(f"d-{n}", status=DeviceStatus.DISABLED if n == 0 else DeviceStatus.ENABLED)
+            )
+        await registry.set_connection_state(hub, "d-1", connected=True)
+    for hub, count in hubs.items():
+        expected = [f"d-{n}" for n in range(count)]
+        assert [device.device_id for device in await registry.list(hub.upper())] == expected
+        assert [device.device_id for device in await registry.list(hub, top=2)] == expected[:2]
+        stats = await registry.statistics(hub)
+        assert (stats.total_device_count, stats.enabled_device_count, stats.disabled_device_count) == (
+            count,
+            count - 1,
+            1,
+        )
+        assert await registry.connected_count(hub) == 1
+        seen: list[str] = []
+        token = None
+        while True:
+            page = await registry.query(hub, "SELECT * FROM devices", page_size=2, continuation=token)
+            seen += ids(page)
+            if (token := page.continuation) is None:
+                break
+        assert seen == expected
+        disabled = await registry.query(hub, "SELECT * FROM devices WHERE status = 'disabled'")
+        assert ids(disabled) == ["d-0"]
+        counted = await registry.query(
+            hub, "SELECT COUNT() AS n FROM devices WHERE connectionState = 'Disconnected'"
+        )
+        assert counted.items == [{"n": count - 1}]
+
+
 async def test_count_projection_and_top(registry: HubRegistry) -> None:
     await _fleet(registry)
     count = await registry.query(

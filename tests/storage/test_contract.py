@@ -83,11 +83,15 @@ async def test_every_collection_stores_and_filters_its_index_columns(
     store: Store, collection: Collection
 ) -> None:
     index = {column: f"{column}-value" for column in collection.index_columns}
-    written = await store.write(collection, "Some-Id", b'{"a": 1}', index=index)
+    # A key prefix column's value starts the key ("Key prefixes": the hub devices' hub).
+    id = (
+        "Some-Id" if collection.key_prefix_column is None else f"{collection.key_prefix_column}-value/Some-Id"
+    )
+    written = await store.write(collection, id, b'{"a": 1}', index=index)
     assert written.index == index
-    assert await store.get(collection, "Some-Id") == written
+    assert await store.get(collection, id) == written
     for column, value in index.items():
-        assert ids((await store.query(collection, filters={column: value})).records) == ["Some-Id"]
+        assert ids((await store.query(collection, filters={column: value})).records) == [id]
         assert await store.count(collection, filters={column: value}) == 1
         assert await store.count(collection, filters={column: "other"}) == 0
 
