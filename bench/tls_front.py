@@ -276,10 +276,11 @@ def main() -> int:
         runs = results[name]
         rate = sum(r.requests for r in runs) / sum(r.seconds for r in runs)
         cpu = _cpu_us(runs)
-        spread = "/".join(f"{r.cpu / r.requests * 1e6:.0f}" for r in runs)
+        spread = "/".join(f"{r.cpu / max(r.requests, 1) * 1e6:.0f}" for r in runs)
+        versus = f"{cpu / base:.2f}" if base else "-"  # a tiny run can read no CPU tick
         print(
             f"| {name} | {rate:.0f} | {runs[-1].p50:.1f} | {runs[-1].p99:.1f} | {cpu:.0f} "
-            f"| {cpu / base:.2f} | {spread} |"
+            f"| {versus} | {spread} |"
         )
     print(f"# load average at end {'/'.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
