@@ -275,7 +275,7 @@ def update_params(
     return (etag, now, item.doc, *values, key)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=256)  # SQLite's point reads may come in any order of tables
 def tagged_rows_sql(collections: tuple[Collection, ...], where: str, null: str) -> str:
     """One statement reading the full rows of several tables (a table may come more than once):
     each row is its part's number in ``collections``, then its full row, padded with ``null``
