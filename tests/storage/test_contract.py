@@ -948,6 +948,29 @@ async def test_concurrent_creates_keep_awkward_values_and_documents(store: Store
     assert sorted(r.index["device_id"] for r in found.values()) == sorted(AWKWARD)
 
 
+async def test_updates_told_their_index_before_store_the_whole_index(store: Store) -> None:
+    """``Write.index_before`` (the index of the version ``if_match`` names) changes nothing a
+    caller sees: every index column holds the new value, changed or not, by reads and queries;
+    a stale etag still fails the update."""
+    old = {
+        "device_id": "dev-1",
+        "status": "assigned",
+        "assigned_hub": "hub.example",
+        "enrollment_group_id": "g",
+    }
+    first = await store.write(R, "Dev-1", b"r0", index=old)
+    new = {**old, "status": "disabled", "operation_id": "op-2"}
+    item = Write(
+        "DEV-1", b"r1", index=new, mode=WriteMode.UPDATE, if_match=first.etag, index_before=first.index
+    )
+    [written] = await store.write_atomic([(R, item)])
+    assert written.index == {**first.index, **new} and await store.get(R, "dev-1") == written
+    assert [r.id for r in (await store.query(R, filters={"status": "disabled"})).records] == ["Dev-1"]
+    assert [r.id for r in (await store.query(R, filters={"enrollment_group_id": "g"})).records] == ["Dev-1"]
+    with pytest.raises(PreconditionFailedError):
+        await store.write_atomic([(R, item)])  # the etag it names is gone
+
+
 async def test_concurrent_write_atomic_calls_fail_alone(store: Store) -> None:
     """Concurrent calls (which SQLite commits together, in one transaction): the ones whose
     last item fails leave nothing behind; the others are all written."""

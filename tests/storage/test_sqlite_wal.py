@@ -12,6 +12,7 @@ import os
 import sqlite3
 import struct
 from pathlib import Path
+from typing import Any
 
 from provisiond.storage import Collection, Write, WriteMode
 from provisiond.storage.sqlite import SqliteStore
@@ -38,6 +39,19 @@ def wal_commits(path: Path) -> int:
         commits += struct.unpack(">I", header[4:8])[0] != 0
         offset += 24 + page_size
     return commits
+
+
+def wal_frames(path: Path) -> int:
+    """The frames (pages written) in the WAL of the database at ``path`` since its current start."""
+    data = (path.parent / f"{path.name}-wal").read_bytes()
+    if len(data) < 32:
+        return 0
+    page_size = struct.unpack(">I", data[8:12])[0]
+    salts, frames, offset = data[16:24], 0, 32
+    while offset + 24 + page_size <= len(data) and data[offset + 8 : offset + 16] == salts:
+        frames += 1
+        offset += 24 + page_size
+    return frames
 
 
 def wal_restarts(path: Path) -> int:
@@ -138,3 +152,51 @@ def index_entries_and_plan(path: Path) -> tuple[int, str]:
         ).fetchall()
         plan = " ".join(row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {text}", params))
     return int(entries), plan
+
+
+async def test_an_update_told_its_index_before_leaves_unchanged_indexes_alone(tmp_path: Path) -> None:
+    """A re-registration's update on the etag read: SQLite rewrites an index entry for every
+    column an UPDATE sets, changed or not. Told the index values of the version it updates
+    (``Write.index_before``), the store sets only the columns that change: the hub devices'
+    status and connection state indexes are then not written, one page a commit instead of
+    three (counted in the WAL's frames), and the records read back are the same."""
+    store = SqliteStore(tmp_path / "p.db")
+    await store.open()
+    try:
+        index = {"hub": "hub.example", "status": "enabled", "connection_state": "Disconnected"}
+        keys = [f"hub.example/device-{n:03d}" for n in range(40)]
+        created = await store.write_many(
+            H, [Write(key, b"h" * 600, index=index, mode=CREATE) for key in keys]
+        )
+
+        async def update(records: list[Any], hint: bool, new: dict[str, str]) -> tuple[float, list[Any]]:
+            before, written = wal_frames(store.path), []
+            for record in records:  # one commit each
+                item = Write(
+                    record.id,
+                    b"u" * 600,
+                    index={**index, **new},
+                    mode=WriteMode.UPDATE,
+                    if_match=record.etag,
+                    index_before=record.index if hint else None,
+                )
+                written += await store.write_atomic([(H, item)])
+            return (wal_frames(store.path) - before) / len(records), written
+
+        plain, _ = await update(created[:20], False, {})
+        hinted, written = await update(created[20:30], True, {})
+        assert plain >= 2.5 and hinted <= 1.5, (plain, hinted)
+        assert [record.index for record in written] == [index] * 10
+        # A column that changes is set (and its index written); the others are left as they were.
+        _, moved = await update(written[:5], True, {"status": "disabled"})
+        assert [record.index["status"] for record in moved] == ["disabled"] * 5
+        for record in moved:
+            assert await store.get(H, record.id) == record
+        disabled = await store.query(H, filters={"hub": "hub.example", "status": "disabled"}, limit=100)
+        assert [record.id for record in disabled.records] == keys[20:25]
+        everyone = await store.query(
+            H, filters={"hub": "hub.example", "connection_state": "Disconnected"}, limit=100
+        )
+        assert [record.id for record in everyone.records] == keys
+    finally:
+        await store.close()

@@ -35,10 +35,10 @@ def index_of(device: HubDevice) -> dict[str, str | None]:
 def write_of(device: HubDevice, existing: Record | None) -> Write:
     """The store write of ``device``: a create when there is no record yet, else an update on
     the etag of the record read."""
-    mode, etag = (WriteMode.CREATE, None) if existing is None else (WriteMode.UPDATE, existing.etag)
-    return Write(
-        device_key(device.hub, device.device_id), msgspec.json.encode(device), index_of(device), mode, etag
-    )
+    key, doc, index = device_key(device.hub, device.device_id), msgspec.json.encode(device), index_of(device)
+    if existing is None:
+        return Write(key, doc, index, WriteMode.CREATE)
+    return Write(key, doc, index, WriteMode.UPDATE, existing.etag, index_before=existing.index)
 
 
 async def read(store: Store, hub: str, device_id: str) -> Record | None:

@@ -99,4 +99,6 @@ def write(registration_id: str, state: RegistrationRecord, previous: Record | No
     doc = msgspec.json.encode(state)
     if previous is None:
         return Collection.REGISTRATIONS, Write(registration_id, doc, index, WriteMode.CREATE)
-    return Collection.REGISTRATIONS, Write(registration_id, doc, index, WriteMode.UPDATE, previous.etag)
+    return Collection.REGISTRATIONS, Write(
+        registration_id, doc, index, WriteMode.UPDATE, previous.etag, index_before=previous.index
+    )

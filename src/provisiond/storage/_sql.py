@@ -46,16 +46,17 @@ def prepare_items(collection: Collection, items: Sequence[Write | Delete]) -> li
 
 
 __all__ = [
+    "AtomicItem",
     "BOOTSTRAP_MIGRATIONS",
     "CHUNK",
     "MIGRATION_APPLIED",
-    "RECORD_MIGRATION",
-    "SCHEMA_VERSION",
-    "AtomicItem",
     "Meta",
     "Migration",
     "ParamStyle",
+    "RECORD_MIGRATION",
+    "SCHEMA_VERSION",
     "Statements",
+    "changed_index",
     "check_delete",
     "check_item",
     "check_write",
@@ -79,6 +80,9 @@ __all__ = [
     "settings_sql",
     "sql",
     "statements",
+    "tagged_record",
+    "tagged_rows_sql",
+    "update_if_etag_setting",
     "update_params",
     "written_record",
 ]
@@ -235,6 +239,34 @@ def statements(collection: Collection, style: ParamStyle) -> Statements:
         select_meta_prefix=f"SELECT key, id, etag, created FROM {table}",
         placeholder=sql("?", style),
     )
+
+
+@functools.lru_cache(maxsize=256)
+def update_if_etag_setting(collection: Collection, columns: tuple[str, ...], style: ParamStyle) -> str:
+    """:attr:`Statements.update_if_etag` setting only ``columns`` of the index columns (in their
+    order; the others keep their values): parameters etag, updated, doc, those columns' values,
+    key, etag read. See :func:`changed_index`."""
+    assignments = ", ".join(f"{column} = ?" for column in ("etag", "updated", "doc", *columns))
+    return sql(
+        f"UPDATE {collection.table} SET {assignments} WHERE key = ? AND etag = ? RETURNING id, created", style
+    )
+
+
+def changed_index(
+    collection: Collection, item: Write, values: tuple[str | None, ...]
+) -> tuple[tuple[str, ...], tuple[str | None, ...]] | None:
+    """The index columns an update on an etag changes, and their new values (from ``values``,
+    :func:`index_values`), when ``item`` says what they were (:attr:`Write.index_before`);
+    ``None`` when it does not."""
+    before = item.index_before
+    if before is None:
+        return None
+    changed = [
+        (column, value)
+        for column, value in zip(collection.index_columns, values, strict=True)
+        if before.get(column) != value
+    ]
+    return tuple(column for column, _ in changed), tuple(value for _, value in changed)
 
 
 def chunks(keys: Sequence[str], size: int = CHUNK) -> Iterator[Sequence[str]]:

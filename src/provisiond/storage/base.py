@@ -268,6 +268,11 @@ class Write:
     index: Mapping[str, str | None] = field(default_factory=dict)
     mode: WriteMode = WriteMode.UPSERT
     if_match: str | None = None
+    #: With ``if_match`` naming one etag: the index values of the record of that etag, as read
+    #: (its :attr:`Record.index`). A store may then leave the columns whose value does not
+    #: change, and their indexes, alone (SQLite rewrites an index entry for every column an
+    #: UPDATE sets, changed or not). The outcome is the same with or without it.
+    index_before: Mapping[str, str | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
