@@ -46,15 +46,15 @@ def prepare_items(collection: Collection, items: Sequence[Write | Delete]) -> li
 
 
 __all__ = [
-    "AtomicItem",
     "BOOTSTRAP_MIGRATIONS",
     "CHUNK",
     "MIGRATION_APPLIED",
+    "RECORD_MIGRATION",
+    "SCHEMA_VERSION",
+    "AtomicItem",
     "Meta",
     "Migration",
     "ParamStyle",
-    "RECORD_MIGRATION",
-    "SCHEMA_VERSION",
     "Statements",
     "changed_index",
     "check_delete",
