@@ -231,9 +231,7 @@ def statements(collection: Collection, style: ParamStyle) -> Statements:
         insert_if_missing=sql(f"{insert} ON CONFLICT (key) DO NOTHING RETURNING id, created", style),
         upsert=sql(f"{insert} ON CONFLICT (key) DO UPDATE SET {replaced} RETURNING id, created", style),
         update=sql(f"UPDATE {table} SET {assignments} WHERE key = ?", style),
-        update_if_etag=sql(
-            f"UPDATE {table} SET {assignments} WHERE key = ? AND etag = ? RETURNING id, created", style
-        ),
+        update_if_etag=update_if_etag_setting(collection, index, style),
         delete=sql(f"DELETE FROM {table} WHERE key = ? RETURNING {columns}", style),
         select_full_prefix=f"SELECT {columns} FROM {table}",
         select_meta_prefix=f"SELECT key, id, etag, created FROM {table}",
@@ -243,8 +241,9 @@ def statements(collection: Collection, style: ParamStyle) -> Statements:
 
 @functools.lru_cache(maxsize=256)
 def update_if_etag_setting(collection: Collection, columns: tuple[str, ...], style: ParamStyle) -> str:
-    """:attr:`Statements.update_if_etag` setting only ``columns`` of the index columns (in their
-    order; the others keep their values): parameters etag, updated, doc, those columns' values,
+    """An update of the row whose key and etag match, setting its etag, time, document and
+    ``columns`` of its index columns (in their order; the others keep their values; all of them:
+    :attr:`Statements.update_if_etag`): parameters etag, updated, doc, those columns' values,
     key, etag read. See :func:`changed_index`."""
     assignments = ", ".join(f"{column} = ?" for column in ("etag", "updated", "doc", *columns))
     return sql(
@@ -254,13 +253,13 @@ def update_if_etag_setting(collection: Collection, columns: tuple[str, ...], sty
 
 def changed_index(
     collection: Collection, item: Write, values: tuple[str | None, ...]
-) -> tuple[tuple[str, ...], tuple[str | None, ...]] | None:
-    """The index columns an update on an etag changes, and their new values (from ``values``,
-    :func:`index_values`), when ``item`` says what they were (:attr:`Write.index_before`);
-    ``None`` when it does not."""
+) -> tuple[tuple[str, ...], tuple[str | None, ...]]:
+    """The index columns an update on an etag sets, and their new values (from ``values``,
+    :func:`index_values`): those that change when ``item`` says what they were
+    (:attr:`Write.index_before`), else all of them."""
     before = item.index_before
     if before is None:
-        return None
+        return collection.index_columns, values
     changed = [
         (column, value)
         for column, value in zip(collection.index_columns, values, strict=True)
@@ -554,9 +553,15 @@ def filter_params(
     names = sorted(filters)
     columns = tuple("key" if name == "id" else name for name in names)
     values = [collection.key(filters[name]) if name == "id" else filters[name] for name in names]
-    if columns == (collection.key_prefix_column,):
+    if _prefix_alone(collection, columns):
         values += key_range(values[0])
     return columns, values
+
+
+def _prefix_alone(collection: Collection, columns: tuple[str, ...]) -> bool:
+    """Whether a filter on ``columns`` is on the collection's key prefix column alone (then
+    read as a range of the key: :func:`key_range`, :func:`filter_conditions`)."""
+    return columns == (collection.key_prefix_column,)
 
 
 def key_range(prefix: str) -> tuple[str, str]:
@@ -580,7 +585,7 @@ def filter_conditions(collection: Collection, columns: tuple[str, ...], style: P
     tested in ``tests/storage/test_hub_device_keys.py``). With other columns the range is left
     out: their indexes (hub first) answer those filters.
     """
-    if columns != (collection.key_prefix_column,):
+    if not _prefix_alone(collection, columns):
         return [f"{column} = ?" for column in columns]
     unindexed = "+" if style is ParamStyle.QMARK else ""
     return [f"{unindexed}{columns[0]} = ?", "key >= ?", "key < ?"]

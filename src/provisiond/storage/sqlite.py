@@ -829,14 +829,10 @@ def _apply(
         # An update on the etag read (a re-registration's two rows): one statement finds the
         # row and checks its etag; only when it changes nothing is the row read to say why.
         etag, now = new_etag(), utc_now()
-        changed = _sql.changed_index(collection, item, values)
-        if changed is None:
-            text = statements.update_if_etag
-            params = (*_sql.update_params(key, item, etag, now, values), stored_etag(item.if_match))
-        else:  # the index columns that keep their value, and their indexes, are left alone
-            text = _sql.update_if_etag_setting(collection, changed[0], _STYLE)
-            params = (etag, now, item.doc, *changed[1], key, stored_etag(item.if_match))
-        row = conn.execute(text, params).fetchone()
+        # Index columns that keep their value (Write.index_before), and their indexes, are left alone.
+        columns, changed = _sql.changed_index(collection, item, values)
+        params = (etag, now, item.doc, *changed, key, stored_etag(item.if_match))
+        row = conn.execute(_sql.update_if_etag_setting(collection, columns, _STYLE), params).fetchone()
         if row is not None:
             return _sql.written_record(collection, item, row[0], etag, row[1], now, values)
     row = conn.execute(statements.select_meta, (key,)).fetchone()
