@@ -82,6 +82,14 @@ the 24-byte frame headers: the WAL frames), its locks (``fcntl``), ``getrandom``
 context switches, and with root SQLite's commits and checkpoints (uprobes on its library). The
 table's "of it system" column is the kernel's share of the server's CPU (stime).
 
+``--libraries`` samples the server with ``perf record`` during each phase and shares the phase's
+CPU per request out by the library the samples landed in (``bench/_libraries.py``): the
+interpreter (libpython), OpenSSL, the C library, the kernel, SQLite, compiled packages. A table
+after the phases gives each phase's figures and their difference from the first phase's: what a
+registration adds to the trivial request, library by library.
+
+    python bench/cpu.py --libraries --phases trivial,group,individual
+
 ``--callgrind-dir DIR`` keeps each phase's dump (``callgrind.out.PID.N``, its phase named in the
 file) for ``callgrind_annotate``.
 
@@ -554,6 +562,13 @@ def main() -> int:
         "tracepoints; with root also SQLite's commits and checkpoints): bench/_syscalls.py",
     )
     parser.add_argument(
+        "--libraries",
+        action="store_true",
+        help="sample the server with perf record in each phase and share its CPU per request out "
+        "by library (the interpreter, OpenSSL, the C library, the kernel, SQLite, ...), with each "
+        "phase's difference from the first: bench/_libraries.py",
+    )
+    parser.add_argument(
         "--callgrind-dir",
         type=Path,
         help="keep callgrind's dumps here, one per phase (callgrind_annotate reads them); by "
@@ -577,6 +592,14 @@ def main() -> int:
         from _syscalls import available
 
         if (why := available()) is not None:
+            print(why, file=sys.stderr)
+            return 2
+    if args.libraries:
+        from _libraries import available as sampling
+
+        if args.callgrind:
+            parser.error("--libraries samples the server's CPU time; --callgrind counts instructions instead")
+        if (why := sampling()) is not None:
             print(why, file=sys.stderr)
             return 2
     if args.callgrind and ("x509" in args.phases or args.preload or args.front != "provisiond"):
@@ -663,6 +686,7 @@ def _run_backend(backend: str, args: argparse.Namespace, preload: int = 0) -> li
                     if args.front == "haproxy":
                         front = _haproxy_front(stack, work, front_port)
                     syscalls = _syscall_counter(stack, server.pid) if args.syscalls else None
+                    libraries = _library_sampler(stack, server.pid) if args.libraries else None
                     return _measure(
                         server,
                         work,
@@ -675,6 +699,7 @@ def _run_backend(backend: str, args: argparse.Namespace, preload: int = 0) -> li
                         snapshot,
                         callgrind,
                         syscalls,
+                        libraries,
                     )
             finally:
                 server.stop()
@@ -744,6 +769,15 @@ def _syscall_counter(stack: contextlib.ExitStack, pid: int) -> Any:
     return counter
 
 
+def _library_sampler(stack: contextlib.ExitStack, pid: int) -> Any:
+    """``--libraries``: a sampler of the server's CPU by library (bench/_libraries.py)."""
+    from _libraries import LibrarySampler
+
+    sampler = LibrarySampler(pid)
+    stack.callback(sampler.close)
+    return sampler
+
+
 def _haproxy_front(stack: contextlib.ExitStack, work: Path, front_port: int) -> tuple[int, int]:
     """``--front haproxy``: HAProxy from the sample config, forwarding to provisiond's front port
     (bench/_offload.py): (its TLS port, its pid)."""
@@ -784,6 +818,7 @@ def _measure(
     db_snapshot: Callable[[], dict[str, Any]] | None = None,
     callgrind: Callgrind | None = None,
     syscalls: Any = None,
+    libraries: Any = None,
 ) -> list[Phase]:  # type: ignore[no-untyped-def]
     info = server.info
     scope, port = info["idScope"], int(info["httpsPort"])
@@ -871,6 +906,7 @@ def _measure(
         _warm_up(server, work, args, url, script, files["trivial"], scope, group_key, expiry)
         callgrind.measure_idle(server.pid)
     results: list[Phase] = []
+    by_library: list[tuple[str, dict[str, float]]] = []
     for name in args.phases.split(","):
         stats_before = db_stats() if db_stats else None
         snapshot_before = db_snapshot() if db_snapshot else None
@@ -879,6 +915,8 @@ def _measure(
             callgrind.start(server.pid)
         if syscalls is not None:
             syscalls.start()
+        if libraries is not None:
+            libraries.start()
         if name.split("-")[0] in _TRANSPORTS:
             run = _run_transport(name, server, group_key, args, db_pid)
         elif name.startswith("x509"):
@@ -927,6 +965,13 @@ def _measure(
             + f"non-2xx {phase.bad_status}  socket errors {phase.socket_errors}",
             flush=True,
         )
+        if libraries is not None:
+            by_library.append((name, libraries.stop(phase.cpu_us)))
+            print(
+                f"{'':<10} {name:<11} µs/req by library: "
+                + ", ".join(f"{lib} {us:.0f}" for lib, us in by_library[-1][1].items() if us >= 1),
+                flush=True,
+            )
         if syscalls is not None:
             counts = syscalls.stop(phase.requests)
             print(
@@ -947,6 +992,10 @@ def _measure(
             for line in diagnosis(snapshot_before, db_snapshot(), phase.requests):
                 print(f"{'':<10} {name:<11} pg: {line}", flush=True)
 
+    if by_library:
+        from _libraries import print_table
+
+        print_table(backend, by_library)
     return results
 
 

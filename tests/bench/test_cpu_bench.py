@@ -266,3 +266,40 @@ def test_cpu_bench_counts_system_calls(tmp_path: Path) -> None:
         "provisiond_bench_"
         not in subprocess.run(["perf", "probe", "-l"], capture_output=True, text=True).stdout
     )
+
+
+def _libraries_unavailable() -> str | None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        from _libraries import available
+    finally:
+        sys.path.remove(str(BENCH))
+    return available()
+
+
+@pytest.mark.skipif(
+    shutil.which("perf") is None or _libraries_unavailable() is not None,
+    reason="perf cannot sample processes here",
+)
+def test_cpu_bench_shares_cpu_out_by_library(tmp_path: Path) -> None:
+    out = _run(
+        str(BENCH / "cpu.py"),
+        "--libraries",
+        "--devices",
+        "50",
+        "--seconds",
+        "1",
+        "--connections",
+        "4",
+        "--phases",
+        "trivial,group",
+        tmp_path=tmp_path,
+    )
+    shared = [line for line in out.splitlines() if " µs/req by library: " in line]
+    assert [line.split()[0] for line in shared] == ["trivial", "group"], out
+    assert "libpython" in shared[1] and "libsqlite3" in shared[1], out
+    assert "| library | trivial | group | group − trivial |" in out, out
+    [total] = [line.split("|") for line in out.splitlines() if line.startswith("| all |")]
+    group = [line.split("|") for line in out.splitlines() if line.startswith("| sqlite | group |")][0]
+    assert abs(float(total[3]) - float(group[6])) <= 1, out  # the shares add up to the phase's CPU
+    assert list(tmp_path.iterdir()) == []
