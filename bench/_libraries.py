@@ -57,7 +57,7 @@ def available() -> str | None:
 
 def library_name(dso: str) -> str:
     """A short name for a sample's object file (its path, as ``perf script`` shows it)."""
-    if dso.startswith("[kernel") or dso in ("[vdso]", "[unknown]"):
+    if dso.startswith("["):  # [kernel.kallsyms], [vdso], [unknown]
         return "kernel" if dso.startswith("[kernel") else dso.strip("[]")
     if "site-packages/" in dso:  # a compiled package: its module path
         dso = dso.rsplit("site-packages/", 1)[1]
