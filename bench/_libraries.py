@@ -17,6 +17,8 @@ library (or executable, or the kernel) they landed in, and spreads the phase's C
 
 Samples are taken about a thousand times a second, so a phase of ``--seconds 8`` at one busy
 core gives about 8,000: a library's figure is good to about a percent of the phase's CPU. The
+sampling itself costs the server a few percent (each sample interrupts it): compare phases of
+one run, or runs that both sample, not a sampled run with an unsampled one. The
 table after the phases subtracts the first phase's figures from each other phase's: what a
 registration adds to the trivial request, library by library.
 
