@@ -365,7 +365,7 @@ def _run_workers(config: uvicorn.Config, sock: socket.socket, announce: Callable
 
 
 def _run(settings: Settings) -> None:
-    from ..service.app import WORKER_SETTINGS_ENV, create_app
+    from ..service.app import WORKER_SETTINGS_ENV, create_app, freeze_startup_heap
     from ..tls import uvicorn_config
 
     prepared = asyncio.run(_prepare(settings))
@@ -392,7 +392,9 @@ def _run(settings: Settings) -> None:
         settings.workers,
     )
     if settings.workers == 1:
-        _announcing_server(uvicorn_config(create_app(settings), **common), announce).run()
+        app = create_app(settings)
+        freeze_startup_heap()
+        _announcing_server(uvicorn_config(app, **common), announce).run()
         return
     os.environ[WORKER_SETTINGS_ENV] = settings.to_json()
     os.environ["PROVISIOND_LOG_LEVEL"] = logging.getLevelName(logging.getLogger().level).lower()
