@@ -164,13 +164,14 @@ def test_connection_json_names_host_and_port_off_443(server: RunningServer) -> N
     assert server.connection_string.startswith(f"HostName={endpoint};SharedAccessKeyName=")
 
 
-def test_the_serving_process_freezes_its_start_up_heap_but_not_its_garbage() -> None:
-    """``freeze_startup_heap``, which serve calls in each serving process before it serves:
-    start-up's cyclic garbage is collected first, not frozen; what lives is exempt from the
-    collector's later full collections. In a process of its own: freezing is for life."""
+def test_the_serving_process_settles_its_garbage_collector() -> None:
+    """``settle_garbage_collector``, which serve calls in each serving process before it
+    serves: start-up's cyclic garbage is collected first, not frozen; what lives is exempt from
+    the collector's later full collections; the youngest generation waits for 10,000 new
+    objects. In a process of its own: freezing is for life."""
     script = """
 import gc, weakref
-from provisiond.service.app import freeze_startup_heap
+from provisiond.service.app import settle_garbage_collector
 
 class Node:
     pass
@@ -179,9 +180,10 @@ a, b = Node(), Node()
 a.peer, b.peer = b, a
 dead = weakref.ref(a)
 del a, b  # a cycle: garbage that only the collector frees
-freeze_startup_heap()
+settle_garbage_collector()
 assert dead() is None, "start-up garbage was frozen"
 assert gc.get_freeze_count() > 10_000, gc.get_freeze_count()
+assert gc.get_threshold() == (10_000, 10, 10), gc.get_threshold()
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -365,7 +365,7 @@ def _run_workers(config: uvicorn.Config, sock: socket.socket, announce: Callable
 
 
 def _run(settings: Settings) -> None:
-    from ..service.app import WORKER_SETTINGS_ENV, create_app, freeze_startup_heap
+    from ..service.app import WORKER_SETTINGS_ENV, create_app, settle_garbage_collector
     from ..tls import uvicorn_config
 
     prepared = asyncio.run(_prepare(settings))
@@ -393,7 +393,7 @@ def _run(settings: Settings) -> None:
     )
     if settings.workers == 1:
         app = create_app(settings)
-        freeze_startup_heap()
+        settle_garbage_collector()
         _announcing_server(uvicorn_config(app, **common), announce).run()
         return
     os.environ[WORKER_SETTINGS_ENV] = settings.to_json()
