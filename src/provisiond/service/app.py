@@ -51,8 +51,8 @@ __all__ = [
     "YOUNG_COLLECTION_THRESHOLD",
     "app_from_environment",
     "create_app",
-    "settle_garbage_collector",
     "initialize",
+    "settle_garbage_collector",
 ]
 
 WORKER_SETTINGS_ENV = "PROVISIOND_WORKER_SETTINGS"
