@@ -302,7 +302,8 @@ def insert_params(
 def update_params(
     key: str, item: Write, etag: str, now: str, values: tuple[str | None, ...]
 ) -> tuple[Any, ...]:
-    """Parameters of :attr:`Statements.update`."""
+    """Parameters of :attr:`Statements.update`; followed by the etag read, of
+    :func:`update_if_etag_setting` when ``values`` are those of its columns."""
     return (etag, now, item.doc, *values, key)
 
 

@@ -831,7 +831,7 @@ def _apply(
         etag, now = new_etag(), utc_now()
         # Index columns that keep their value (Write.index_before), and their indexes, are left alone.
         columns, changed = _sql.changed_index(collection, item, values)
-        params = (etag, now, item.doc, *changed, key, stored_etag(item.if_match))
+        params = (*_sql.update_params(key, item, etag, now, changed), stored_etag(item.if_match))
         row = conn.execute(_sql.update_if_etag_setting(collection, columns, _STYLE), params).fetchone()
         if row is not None:
             return _sql.written_record(collection, item, row[0], etag, row[1], now, values)
