@@ -193,7 +193,7 @@ class DpsCode(enum.IntEnum):
     # 429: rate limits (with Retry-After)
     THROTTLED = 429000, "Over a rate limit."
     DEVICE_RATE_LIMIT = 429001, "The device is over its per-device request limit."
-    NODE_RATE_LIMIT = 429002, "The service node is over its registration rate limit."
+    NODE_RATE_LIMIT = 429002, "The service node is over its rate limit for device requests."
     FAILED_ATTESTATION_LIMIT = 429003, "The source address is over its budget of failed attestations."
     # 5xx
     INTERNAL = 500000, "Internal error; the service log has the details under the tracking id."

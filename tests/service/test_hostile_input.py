@@ -27,7 +27,7 @@ import msgspec
 import pytest
 
 from provisiond.device import ProvisioningDeviceClient, RetryPolicy, SecurityProvider, SymmetricKeySecurity
-from provisiond.errors import NotFoundError, ServiceResponseError
+from provisiond.errors import NotFoundError, ServiceResponseError, ThrottledError
 from provisiond.protocol import tpm
 from provisiond.protocol.bounded_json import MAX_DEPTH
 from provisiond.protocol.sas import build_sas_token
@@ -377,6 +377,62 @@ def test_source_budget_refills_and_memory_is_bounded() -> None:
     for n in range(10_000):  # a flood of distinct sources keeps at most max_keys buckets
         limiter.failed(f"10.1.{n // 256}.{n % 256}")
     assert limiter._sources is not None and len(limiter._sources) == 50
+
+
+def test_the_node_rate_is_shared_among_its_workers() -> None:
+    """Each of a node's workers admits its share of ``--rate-limit``: a burst of one second's
+    share, then the share a second; the refusal names the node's limit."""
+    clock = Clock()
+    limiter = RateLimiter(clock=clock, global_per_second=10, workers=2)
+    for _ in range(5):
+        limiter.admit(None)
+    with pytest.raises(ThrottledError) as info:
+        limiter.admit(None)
+    assert (info.value.error_code, info.value.retry_after) == (429002, 1)
+    assert "10 device requests a second" in info.value.message
+    clock.now += 0.2  # one request's worth at 5 a second
+    limiter.admit(None)
+    with pytest.raises(ThrottledError):
+        limiter.admit(None)
+
+
+def test_a_rate_under_one_a_second_admits_a_request_every_so_often() -> None:
+    clock = Clock()
+    limiter = RateLimiter(clock=clock, global_per_second=0.5)
+    limiter.admit(None)
+    with pytest.raises(ThrottledError) as info:
+        limiter.admit(None)
+    assert info.value.retry_after == 2
+    clock.now += 2
+    limiter.admit(None)
+
+
+def test_two_workers_each_admit_half_the_node_rate(tmp_path: Path) -> None:
+    """``serve --workers 2 --rate-limit 0.2``: each worker admits one request at once and then
+    one every 10 s (half the node's 0.2 a second), so six requests arriving together on new
+    connections get at most two through, and the others a Retry-After of about 10 s (5 s, were
+    each worker to admit the node's whole rate)."""
+    running = start_server(tmp_path, "--workers", "2", "--rate-limit", "0.2")
+    try:
+        answers = []
+        for _ in range(6):
+            with running.http(headers={"Connection": "close"}) as http:
+                answers.append(
+                    http.put(
+                        f"/{running.id_scope}/registrations/nobody/register",
+                        params=V,
+                        json={"registrationId": "nobody"},
+                    )
+                )
+        admitted = [r for r in answers if r.status_code == 401]  # attested, and failed
+        refused = [r for r in answers if r.status_code == 429]
+        assert len(admitted) + len(refused) == 6 and 1 <= len(admitted) <= 2, [r.text for r in answers]
+        for r in refused:
+            assert_error(r, 429, 429002, "over its limit of 0.2 device requests a second")
+            assert 8 <= int(r.headers["retry-after"]) <= 10, r.headers
+        no_tracebacks(running)
+    finally:
+        running.stop()
 
 
 def test_source_keys() -> None:

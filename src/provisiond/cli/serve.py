@@ -485,8 +485,9 @@ def _run(settings: Settings) -> None:
     envvar="PROVISIOND_DB_POOL_SIZE",
     callback=lambda _ctx, _param, value: _pool_size(value),
     help="PostgreSQL: the bounds of each worker's connection pool, MAX or MIN-MAX. The pool opens "
-    "connections up to MAX as requests wait for one; every worker of every node has its own, and "
-    "together their MAX must fit the server's max_connections (100 by default).",
+    "connections up to MAX as requests wait for one; every worker of every node has its own, plus "
+    "one LISTEN connection, so nodes x workers x (MAX + 1) must stay within the server's "
+    "max_connections (100 by default, 3 of them reserved for superusers).",
 )
 @click.option(
     "--server-cert",
@@ -531,7 +532,8 @@ def _run(settings: Settings) -> None:
     show_default=True,
     show_envvar=True,
     envvar="PROVISIOND_WORKERS",
-    help="Worker processes sharing the HTTPS port (each with its own database connections).",
+    help="Worker processes sharing the HTTPS, MQTT and AMQP ports (each with its own database "
+    "connections and rate-limit buckets).",
 )
 @click.option(
     "--rate-limit",
@@ -539,7 +541,9 @@ def _run(settings: Settings) -> None:
     default=None,
     show_envvar=True,
     envvar="PROVISIOND_RATE_LIMIT",
-    help="Device API limit: registrations per second on this node (default: none). Over it: 429 + Retry-After.",
+    help="Device API limit: requests per second on this node (registrations, operation polls, status "
+    "lookups), whoever sends them; each of --workers admits its share (default: none). Over it: "
+    "429 + Retry-After.",
 )
 @click.option(
     "--device-rate-limit",
@@ -548,7 +552,7 @@ def _run(settings: Settings) -> None:
     show_envvar=True,
     envvar="PROVISIOND_DEVICE_RATE_LIMIT",
     help="Device API limit: requests per minute per registration id, counted once the device "
-    "attested (default: none).",
+    "attested, in each worker (default: none).",
 )
 @click.option(
     "--failed-attestation-limit",
@@ -777,6 +781,9 @@ def _run(settings: Settings) -> None:
     show_default=True,
     show_envvar=True,
     envvar="PROVISIOND_LOG_LEVEL",
+    help="What the log (standard error) shows: info a line per registration and per refused "
+    "request (4xx), warning and error only what went wrong on the server's side, debug the "
+    "transports' protocol steps too.",
 )
 def serve(
     data_dir: Path,

@@ -52,6 +52,7 @@ class ServiceContext:
             global_per_second=self.settings.rate_limit,
             device_per_minute=self.settings.device_rate_limit,
             failures_per_minute=self.settings.failed_attestation_limit,
+            workers=self.settings.workers,
         )
 
     def invalidate(self) -> None:

@@ -71,9 +71,9 @@ class Settings:
     max_body_bytes: int = MAX_BODY_BYTES
     #: Allowed clock skew for SAS token expiry checks, in seconds.
     clock_skew: int = 60
-    #: Device API rate limits (None: off): registrations per second on this node, requests per
-    #: minute per registration id (attested requests only), and failed attestations per minute
-    #: per source address.
+    #: Device API rate limits (None: off): device API requests per second on this node (each of
+    #: ``workers`` admits its share), requests per minute per registration id (attested requests
+    #: only), and failed attestations per minute per source address (both per worker).
     rate_limit: float | None = None
     device_rate_limit: float | None = None
     failed_attestation_limit: float | None = None

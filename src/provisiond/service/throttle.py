@@ -1,8 +1,10 @@
 """Rate limits on the device API, applied by the registrar for every transport (HTTPS, MQTT,
 AMQP). Token buckets; each is off unless its setting is given.
 
-* **Global** (``--rate-limit``): requests a second on this node, counted before attestation;
-  it sheds load, whoever sends it (429002).
+* **Global** (``--rate-limit``): device API requests a second on this node (registrations,
+  operation polls and status lookups), counted before attestation; it sheds load, whoever sends
+  it (429002). With ``--workers N`` each worker admits its share, the rate over N: the kernel
+  spreads new connections evenly over the workers, so together they admit about the node's rate.
 * **Per device** (``--device-rate-limit``): requests a minute per registration id, counted only
   *after* the device attested: a stranger who merely names a registration id spends nothing of
   that device's budget, so it cannot lock the device out (429001).
@@ -11,8 +13,10 @@ AMQP). Token buckets; each is off unless its setting is given.
   budget is refused before any attestation work until the budget refills (429003); requests
   that attest spend nothing of it.
 
-The buckets live in the node's memory, not in the database: with several nodes (or workers) each
-enforces its own share. Per-device and per-source buckets are kept for the most recent keys only
+The buckets live in each worker's memory, not in the database. The global limit is divided among
+a node's workers (above); the per-device and per-source budgets are not, because one device's or
+one source's connections may all land on one worker: with N workers a device or a source may
+spend up to N times its budget. With several nodes, each node enforces its own limits. Per-device and per-source buckets are kept for the most recent keys only
 (a bounded LRU), so a flood of distinct ids or addresses cannot grow memory without bound; a
 forgotten bucket starts full again.
 """
@@ -119,6 +123,8 @@ class RateLimiter:
     device_per_minute: float | None = None
     failures_per_minute: float | None = None
     max_keys: int = MAX_KEYS
+    #: The node's worker processes: this limiter admits ``global_per_second / workers``.
+    workers: int = 1
     _global: _Bucket | None = field(default=None, init=False)
     _devices: _Buckets | None = field(default=None, init=False)
     _sources: _Buckets | None = field(default=None, init=False)
@@ -139,13 +145,15 @@ class RateLimiter:
         now = self.clock()
         if self.global_per_second:
             if self._global is None:
-                self._global = _Bucket(
-                    self.global_per_second, self.global_per_second, self.global_per_second, now
-                )
+                share = self.global_per_second / self.workers
+                # A burst of one second's share, and at least one request (else a share under
+                # one a second would never admit any).
+                capacity = max(1.0, share)
+                self._global = _Bucket(share, capacity, capacity, now)
             wait = self._global.take(now)
             if wait:
                 raise ThrottledError(
-                    f"The service is over its limit of {self.global_per_second:g} registrations a second.",
+                    f"The service is over its limit of {self.global_per_second:g} device requests a second.",
                     retry_after=_retry_after(wait),
                     error_code=DpsCode.NODE_RATE_LIMIT,
                 )
