@@ -16,8 +16,9 @@ Steps:
 2. connect to that hub (IoTHubDeviceClient) with the same key;
 3. send --messages telemetry messages (read them with `provisiond hub monitor-events`);
 4. read the twin (what the enrollment's initial twin gave it) and report properties;
-5. answer direct methods (`provisiond hub invoke-method DEVICE --mn NAME`) until --wait
-   seconds pass, or one method named 'stop' arrives.
+5. answer direct methods (`provisiond hub invoke-method DEVICE --mn NAME`) and print
+   cloud-to-device messages (`provisiond hub send-c2d DEVICE --data TEXT`) until --wait seconds
+   pass, or one method named 'stop' arrives.
 """
 
 from __future__ import annotations
@@ -89,7 +90,15 @@ def main() -> None:
         if request.name == "stop":
             stop.set()
 
+    def on_message(message: Message) -> None:
+        data = message.data.decode("utf-8", "replace") if isinstance(message.data, bytes) else message.data
+        print(
+            f"cloud-to-device message {data!r}, properties {json.dumps(message.custom_properties)}",
+            flush=True,
+        )
+
     client.on_method_request_received = on_method  # subscribes to methods
+    client.on_message_received = on_message  # and to cloud-to-device messages
     client.connect()
     print("connected to the hub", flush=True)
     try:

@@ -1,6 +1,6 @@
 """The documentation does what it says: the README's Python snippets run as pasted against a real
-server, ``GET /healthz`` answers as docs/service-api.md says, and the bash completion line of
-docs/cli.md completes in a real bash."""
+server, ``GET /healthz`` answers as docs/service-api.md says, the bash completion line of
+docs/cli.md completes in a real bash, and the docs' relative links and anchors resolve."""
 
 from __future__ import annotations
 
@@ -93,3 +93,35 @@ try_complete provisiond serve --https
     done = subprocess.run([bash, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["enrollment", "show", "--https-port"], done.stderr
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, inline code marks and punctuation
+    other than ``-`` and ``_`` dropped, spaces to ``-``."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    text = re.sub(r"^```.*?^```$", "", path.read_text(), flags=re.MULTILINE | re.DOTALL)
+    return {_anchor(heading) for heading in re.findall(r"^#{1,6} (.+)$", text, flags=re.MULTILINE)}
+
+
+def test_relative_links_and_anchors_resolve() -> None:
+    """Every relative link of the README, docs/ and samples/README.md names a file that exists,
+    and its ``#anchor``, if any, a heading of that file."""
+    pages = [ROOT / "README.md", ROOT / "samples" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    checked = 0
+    for page in pages:
+        text = re.sub(r"^```.*?^```$", "", page.read_text(), flags=re.MULTILINE | re.DOTALL)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # https:, mailto:
+            name, _, anchor = target.partition("#")
+            linked = (page.parent / name).resolve() if name else page
+            checked += 1
+            if not linked.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert checked > 100 and not broken, "\n".join(broken)

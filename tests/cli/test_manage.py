@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -753,6 +754,34 @@ def test_policy_with_a_limited_right(server: RunningServer) -> None:
     )
     run(server, "policy", "delete", name)
     assert isinstance(fails(server, "policy", "show", name), NotFoundError)
+
+
+def test_policy_sas_token_authorizes_the_rest_api(server: RunningServer) -> None:
+    """`policy sas-token` prints a token for an Authorization header: it authorizes what its
+    policy may do, expires after --ttl, and --secondary signs with the other key."""
+    name = uid("cli-tok")
+    run(server, "policy", "create", name, "--rights", "EnrollmentRead")
+    started = int(time.time())
+    token = run(server, "policy", "sas-token", name, "--ttl", "120").stdout.strip()
+    fields = dict(part.split("=", 1) for part in token.removeprefix("SharedAccessSignature ").split("&"))
+    assert fields["skn"] == name and started + 120 <= int(fields["se"]) <= int(time.time()) + 120
+    secondary = run(server, "policy", "sas-token", name, "--secondary").stdout.strip()
+    with server.http() as http:
+        for each in (token, secondary):
+            r = http.get(
+                f"/enrollments/{uid('none')}",
+                params={"api-version": "2021-10-01"},
+                headers={"Authorization": each},
+            )
+            assert r.status_code == 404, r.text  # authenticated; no such enrollment
+        r = http.put(
+            f"/enrollments/{uid('nope')}",
+            params={"api-version": "2021-10-01"},
+            json={"attestation": {"type": "symmetricKey"}},
+            headers={"Authorization": token},
+        )
+        assert r.status_code == 403 and r.json()["errorCode"] == 403001, r.text  # no EnrollmentWrite
+    run(server, "policy", "delete", name)
 
 
 # --- settings ------------------------------------------------------------------------------------

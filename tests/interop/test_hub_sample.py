@@ -112,6 +112,10 @@ def test_the_sample_provisions_then_exchanges_telemetry_twin_and_methods(
             sample.wait_for("reported properties now at $version 2")
             sample.wait_for("answering direct methods")
 
+            admin.hub_messages.send_c2d(hub, registration_id, b"hello", properties={"kind": "greeting"})
+            assert sample.wait_for("cloud-to-device message") == (
+                'cloud-to-device message \'hello\', properties {"kind": "greeting"}'
+            )
             answer = admin.hub_messages.invoke_method(hub, registration_id, "getInfo", {"verbose": True})
             assert answer.status == 200
             assert answer.payload["method"] == "getInfo" and answer.payload["received"] == {"verbose": True}

@@ -5,6 +5,7 @@ API (Azure keeps these in its Resource Manager). Re-exported by :mod:`provisiond
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +27,7 @@ from ..models import (
     SharedAccessPolicy,
     X509GroupAuthentication,
 )
+from ..protocol.sas import build_sas_token
 from ..service_client import ServiceClient
 from ._common import (
     CONTEXT,
@@ -608,6 +610,31 @@ def policy_connection_string(client: ServiceClient, name: str, secondary: bool) 
     click.echo(
         f"HostName={client.connection.host};SharedAccessKeyName={keys.key_name or name};SharedAccessKey={key}"
     )
+
+
+@policy.command("sas-token")
+@click.argument("name")
+@click.option("--secondary", is_flag=True, help="Sign with the policy's secondary key.")
+@click.option(
+    "--ttl",
+    type=click.IntRange(1, 365 * 24 * 3600),
+    default=3600,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long the token is valid.",
+)
+@connected()
+def policy_sas_token(client: ServiceClient, name: str, secondary: bool, ttl: int) -> None:
+    """Print a SAS token for this service's REST API signed with the policy NAME's key, for an
+    Authorization header (curl -H "Authorization: $(provisiond policy sas-token NAME ...)")."""
+    keys = client.policies.get(name, keys=True)
+    key = keys.secondary_key if secondary else keys.primary_key
+    if not key:
+        raise click.ClickException(
+            f"The policy {name!r} has no {'secondary' if secondary else 'primary'} key."
+        )
+    expiry = int(time.time()) + ttl
+    click.echo(build_sas_token(client.connection.host, key, expiry, key_name=keys.key_name or name))
 
 
 # --- settings ------------------------------------------------------------------------------------
