@@ -348,9 +348,16 @@ class NotFoundError(ProvisioningError, LookupError):
 
 class DeviceNotOnlineError(NotFoundError):
     """A built-in hub's device is not connected (or has not subscribed to direct methods): IoT
-    Hub's 404103 ``DeviceNotOnline``."""
+    Hub's 404103 ``DeviceNotOnline``. The admin API answers it with the same number in its DPS
+    body (not NotFoundError's 404000), so that a caller can tell "not connected" from "no such
+    device" (404001) as it can on the hub's own API; ``provisiond hub invoke-method`` promises it."""
 
     iothub_code = IotHubCode.DEVICE_NOT_ONLINE
+
+    def __init__(self, message: str, *, error_code: int | None = None) -> None:
+        super().__init__(
+            message, error_code=IotHubCode.DEVICE_NOT_ONLINE if error_code is None else error_code
+        )
 
 
 class ConflictError(ProvisioningError):

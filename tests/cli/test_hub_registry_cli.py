@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
+
 from provisiond.errors import NotFoundError
 from tests._hub_service import HubService, iothub_error
 from tests._server import RunningServer
-from tests.cli.test_manage import fails, invoke, run, run_json
+from tests.cli.test_manage import _main, _service_error, fails, invoke, run, run_json
 
 
 def uid(prefix: str) -> str:
@@ -98,3 +100,58 @@ def test_hub_devices_and_policies(server: RunningServer) -> None:
         assert isinstance(fails(server, "hub", "device", "list", "--hub", "nowhere.example"), NotFoundError)
     finally:
         hub.close()
+
+
+def test_hub_errors_advise_the_command_that_finds_the_record(
+    server: RunningServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device the hub lacks is worded one way by every command and points at `hub device list`
+    (not at `hub list`, which is for a hub the service lacks); a device that is not connected is
+    404103 and points at --connect-timeout; `hub device` and `hub policy` are not the top-level
+    `device` and `policy` groups."""
+    for name in ("PROVISIOND_CONNECTION_STRING", "PROVISIOND_DATA_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    data = ["--data-dir", server.data_dir]
+    device_id, ghost = uid("cli-offline"), uid("cli-ghost")
+    run(server, "hub", "device", "create", device_id)  # an identity, not connected
+
+    code, lines = _main(capsys, "hub", "invoke-method", device_id, "--mn", "reboot", *data)
+    assert code == 1 and lines[:2] == [
+        f"Error: Cannot invoke method 'reboot' on device {device_id!r}: it is not connected.",
+        "  Give --connect-timeout SECONDS to wait for the device to connect and subscribe to methods.",
+    ], lines
+    _service_error(server, lines, 404103)
+
+    missing = [
+        ("hub", "invoke-method", ghost, "--mn", "reboot"),
+        ("hub", "send-c2d", ghost, "--data", "hi"),
+        ("hub", "device", "show", ghost),
+        ("hub", "device", "delete", ghost),
+    ]
+    for args in missing:
+        code, lines = _main(capsys, *args, *data)
+        assert code == 1 and lines[:2] == [
+            f"Error: Device {ghost!r} does not exist in IoT hub 'localhost'.",
+            "  `provisiond hub device list` lists the hub's device identities.",
+        ], (args, lines)
+        _service_error(server, lines, 404001)
+
+    code, lines = _main(capsys, "hub", "send-c2d", ghost, "--hub", "nowhere.example", *data)
+    assert code == 1 and lines[1] == "  `provisiond hub list` shows the linked IoT hubs there are.", lines
+    _service_error(server, lines, 404204)
+
+    # hub policy and hub device commands advise hub policy and hub device commands
+    _, lines = _main(capsys, "hub", "policy", "show", uid("nopol"), "--hub", "localhost", *data)
+    assert lines[1] == "  `provisiond hub policy list --hub localhost` shows the hub policies there are.", (
+        lines
+    )
+    _, lines = _main(capsys, "hub", "device", "create", device_id, *data)
+    assert lines[:2] == [
+        f"Error: Device {device_id!r} already exists in IoT hub 'localhost'.",
+        f"  `provisiond hub device show {device_id}` prints it; delete it first.",
+    ], lines
+    _, lines = _main(capsys, "hub", "device", "delete", device_id, "--etag", '"stale"', *data)
+    assert (
+        lines[1]
+        == f"  `provisiond hub device show {device_id}` prints its current etag (or leave out --etag)."
+    )

@@ -111,6 +111,27 @@ def test_every_management_command_has_help() -> None:
             assert "--data-dir" in result.output, command
 
 
+@pytest.mark.parametrize("group", ["enrollment", "group"])
+def test_update_help_does_not_claim_create_defaults(group: str) -> None:
+    """update takes create's flags, but a flag it is not given keeps the stored value: its help
+    says so and shows none of the defaults that only create applies."""
+    with click.Context(cli) as ctx:
+        command_group = cli.get_command(ctx, group)
+        assert isinstance(command_group, click.Group)
+        create, update = (command_group.get_command(ctx, name) for name in ("create", "update"))
+    assert create is not None and update is not None
+    assert [p.opts for p in update.params] == [p.opts for p in create.params], "the same flags"
+
+    updated = " ".join(invoke(group, "update", "--help").output.split())  # unwrapped
+    options = updated.split("Options:")[1].split("--json")[0]
+    assert "default" not in options.lower(), options
+    assert "A flag left out keeps the current value" in updated
+    assert "--webhook-url without it gets 2019-03-31" in options  # what update does do
+    created = " ".join(invoke(group, "create", "--help").output.split())
+    for default in ("[default: generated]", "(the default)", "[default: migrate]", "[default: 2019-03-31]"):
+        assert default in created, default
+
+
 # --- connection errors ---------------------------------------------------------------------------
 
 

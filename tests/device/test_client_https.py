@@ -264,6 +264,18 @@ def test_cli_errors_print_the_cause_and_exit_non_zero(server: RunningServer, adm
     assert usage.exit_code == 2 and "needs --registration-id" in usage.output
     both = device_register(server, "--registration-id", reg, "--symmetric-key", "AAAA", "--group-key", "AAAA")
     assert both.exit_code == 2 and "exactly one attestation" in both.output
+    not_base64 = subprocess.run(
+        [*process.args[:-1], "not base64!"],  # the same command, a key that is not base64
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert not_base64.returncode == 2 and "is not base64" in not_base64.stderr, not_base64
+
+    # --help says what the user sees, as checked above, in the user's terms
+    shown = " ".join(device_register(server, "--help").output.split())
+    assert "the exit status is 1" in shown and "exit with 2" in shown and "DPS errorCode" in shown
+    assert "ProvisioningError" not in shown and "main()" not in shown
 
 
 # --- throttling ----------------------------------------------------------------------------------

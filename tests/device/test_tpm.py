@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import os
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -158,15 +159,10 @@ def test_the_cli_reads_the_ek_enrolls_it_and_registers_the_device(
     srk = json.loads(invoke("tpm", "srk", "--tcti", simulator.tcti, "--json").stdout)
     assert tpm.storage_root_key(base64.b64decode(srk["storageRootKey"]))
 
-    created = invoke(
-        "enrollment",
-        "create",
-        ek["registrationId"],
-        "--tpm-ek",
-        ek["endorsementKey"],
-        "--data-dir",
-        server.data_dir,
-    )
+    # the command it prints enrolls the device as pasted, once DIR names the service's data dir
+    [printed] = [line.strip() for line in human.stdout.splitlines() if "enrollment create" in line]
+    assert printed.startswith("provisiond enrollment create ") and printed.endswith(" --data-dir DIR")
+    created = invoke(*shlex.split(printed.replace(" DIR", f" {shlex.quote(str(server.data_dir))}"))[1:])
     assert created.exit_code == 0, created.output
     registered = invoke(
         "device", "register", "--data-dir", server.data_dir, "--tpm", simulator.tcti, "--json"

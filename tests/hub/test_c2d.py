@@ -139,7 +139,7 @@ def test_send_c2d_command(server: RunningServer, admin: ServiceClient) -> None:
     missing = CliRunner().invoke(
         cli, ["hub", "send-c2d", uid("ghost"), "--data-dir", str(server.data_dir)], env=_ENV
     )
-    assert missing.exit_code == 1 and "No device" in str(missing.exception)
+    assert missing.exit_code == 1 and "does not exist in IoT hub" in str(missing.exception)
 
 
 def test_the_queue_holds_fifty_messages_and_expired_ones_do_not_count(

@@ -89,9 +89,12 @@ def test_a_device_that_is_not_connected_is_not_online(server: RunningServer, adm
     device = provision_symmetric(server, admin)
     response = invoke(server, device, {"methodName": "reboot"})
     assert response.status_code == 404, response.text
+    # IoT Hub's 404103 DeviceNotOnline, in a DPS body like every admin answer: not a bare 404000
+    assert response.json()["errorCode"] == 404103 and response.headers["x-ms-error-code"] == "404103"
     assert "it is not connected" in response.json()["message"]
     missing = invoke(server, Provisioned(device.hub, uid("ghost")), {"methodName": "reboot"})
     assert missing.status_code == 404 and "does not exist" in missing.json()["message"], missing.text
+    assert missing.json()["errorCode"] == 404001, missing.text
 
 
 def test_a_device_that_does_not_answer_in_time_times_out(server: RunningServer, admin: ServiceClient) -> None:
@@ -179,6 +182,7 @@ def test_the_cli_invokes_a_method_and_prints_the_answer(
         env=_ENV,
     )
     assert offline.exit_code == 1 and "it is not connected" in str(offline.exception), offline.output
+    assert getattr(offline.exception, "error_code", None) == 404103, "as invoke-method --help promises"
 
 
 # --- the hub's REST API: POST /twins/{id}/methods ----------------------------------------------

@@ -128,8 +128,19 @@ class Reprovision(enum.Enum):
         )
 
 
-def common_enrollment_options(func: F) -> F:
-    """The flags individual enrollments and groups share (create and update)."""
+def common_enrollment_options(*, create: bool) -> Callable[[F], F]:
+    """The flags individual enrollments and groups share. On create, the help of a flag says
+    what leaving it out gives; on update, leaving a flag out keeps the stored value (the update
+    commands' help says so once), so create's defaults are not shown there."""
+
+    def default(text: str) -> str:
+        return f" [default: {text}]" if create else ""
+
+    webhook_version = (
+        default(DEFAULT_WEBHOOK_API_VERSION)
+        if create
+        else f" (a new --webhook-url without it gets {DEFAULT_WEBHOOK_API_VERSION})"
+    )
     options = [
         click.option(
             "--hub",
@@ -147,7 +158,7 @@ def common_enrollment_options(func: F) -> F:
                 AllocationPolicy.GEO_LATENCY,
                 AllocationPolicy.CUSTOM,
             ),
-            help="How a hub is chosen [default: the service's].",
+            help="How a hub is chosen" + default("the service's") + ".",
         ),
         click.option(
             "--webhook-url",
@@ -157,13 +168,13 @@ def common_enrollment_options(func: F) -> F:
         click.option(
             "--webhook-api-version",
             metavar="V",
-            help=f"API version sent to the custom allocation webhook [default: {DEFAULT_WEBHOOK_API_VERSION}].",
+            help=f"API version sent to the custom allocation webhook{webhook_version}.",
         ),
         click.option(
             "--disabled/--enabled",
             "disabled",
             default=None,
-            help="Provisioning status [create default: enabled].",
+            help=f"Provisioning status{default('enabled')}.",
         ),
         click.option("--edge/--no-edge", default=None, help="The device is an IoT Edge device."),
         click.option(
@@ -175,14 +186,18 @@ def common_enrollment_options(func: F) -> F:
             "--reprovision",
             type=EnumChoice(*Reprovision),
             help="On re-provisioning: never move the device, move it and reset its twin, or move it "
-            "and migrate its data [default: migrate].",
+            f"and migrate its data{default('migrate')}.",
         ),
     ]
-    decorated: Any = func
-    for option in reversed(options):
-        decorated = option(decorated)
-    result: F = decorated
-    return result
+
+    def decorator(func: F) -> F:
+        decorated: Any = func
+        for option in reversed(options):
+            decorated = option(decorated)
+        result: F = decorated
+        return result
+
+    return decorator
 
 
 def _initial_twin(value: str) -> InitialTwin:

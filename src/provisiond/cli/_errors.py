@@ -23,6 +23,8 @@ from ..errors import (
     AuthenticationError,
     AuthorizationError,
     ConflictError,
+    DpsCode,
+    IotHubCode,
     NotFoundError,
     PreconditionFailedError,
     ProvisioningError,
@@ -30,7 +32,8 @@ from ..errors import (
 
 __all__ = ["advise", "render"]
 
-#: Command group -> what one of its records is called, and what several are.
+#: Command group (its path under ``provisiond``: ``hub policy`` is not ``policy``) -> what one of
+#: its records is called, and what several are.
 _WHAT = {
     "enrollment": ("individual enrollment", "individual enrollments"),
     "group": ("enrollment group", "enrollment groups"),
@@ -38,6 +41,8 @@ _WHAT = {
     "ca": ("CA certificate", "CA certificates"),
     "policy": ("shared access policy", "shared access policies"),
     "registration": ("registration record", "registration records"),
+    "hub device": ("device identity", "device identities"),
+    "hub policy": ("hub policy", "hub policies"),
 }
 #: (group, command) -> the advice when the record it creates already exists (409).
 _EXISTS = {
@@ -46,6 +51,8 @@ _EXISTS = {
     ("hub", "add"): "Use `provisiond hub update {id}` to change it.",
     ("policy", "create"): "Use `provisiond policy update {id}` to change it.",
     ("ca", "upload"): "Add --replace to replace it (it must then be verified again).",
+    ("hub device", "create"): "`provisiond hub device show {id}{hub}` prints it; delete it first.",
+    ("hub policy", "create"): "`provisiond hub policy show {id}{hub}` prints it; delete it first.",
 }
 #: Commands that read a record and write it back with its etag (412: someone wrote in between).
 _READ_MODIFY_WRITE = {"update", "enable", "disable"}
@@ -59,11 +66,55 @@ def _id(ctx: click.Context) -> str:
     return ""
 
 
+def _group(ctx: click.Context) -> str:
+    """The command's group as typed: ``hub device`` for ``provisiond hub device show``."""
+    names = []
+    parent = ctx.parent
+    while parent is not None and parent.parent is not None:
+        names.append(parent.info_name or "")
+        parent = parent.parent
+    return " ".join(reversed(names))
+
+
+def _hub_flag(params: Mapping[str, Any]) -> str:
+    """`` --hub HOST`` when the command was given one (its commands name the option's value
+    ``hub`` or ``hub_name``), so that the advised command looks in the same hub."""
+    hub = params.get("hub") or params.get("hub_name")
+    return f" --hub {shlex.quote(str(hub))}" if hub else ""
+
+
+def _not_found(error: NotFoundError, group: str, command: str, params: Mapping[str, Any]) -> str | None:
+    """Where to look when the record a command names does not exist (None: nowhere useful).
+    The errorCode says which record it was: `hub invoke-method` names a hub and a device."""
+    code = int(error.error_code)
+    if code == IotHubCode.DEVICE_NOT_ONLINE:  # the device exists: listing devices would not help
+        if command == "invoke-method" and not params.get("connect_timeout"):
+            return (
+                "Give --connect-timeout SECONDS to wait for the device to connect and subscribe to methods."
+            )
+        return None
+    if code == IotHubCode.DEVICE_NOT_FOUND:  # 404001, the hub has no such identity
+        return f"`provisiond hub device list{_hub_flag(params)}` lists the hub's device identities."
+    if code == DpsCode.LINKED_HUB_NOT_FOUND:
+        group = "hub"
+    if group == "registration" and command != "list":
+        return (
+            "The device has not registered, or its record was deleted; "
+            "`provisiond registration list GROUP_ID` lists the records of a group's devices."
+        )
+    listed = "group" if group == "registration" else group
+    if listed in _WHAT:
+        where = _hub_flag(params) if listed.startswith("hub ") else ""
+        return f"`provisiond {listed} list{where}` shows the {_WHAT[listed][1]} there are."
+    return None
+
+
 def _advice(
     error: ProvisioningError, group: str, command: str, id: str, params: Mapping[str, Any]
 ) -> tuple[str | None, str | None]:
     """(the command's own statement or None for the service's, the advice or None)."""
     arg = shlex.quote(id)
+    hub = _hub_flag(params) if group.startswith("hub ") else ""
     label = _WHAT.get(group, ("record", "records"))[0]
     if isinstance(error, AuthenticationError):
         return None, (
@@ -79,23 +130,15 @@ def _advice(
     if isinstance(error, NotFoundError):
         if error.message.startswith("No such resource"):
             return None, None  # the service has no such API at all (not provisiond?): its message says so
-        if group == "registration" and command != "list":
-            return None, (
-                "The device has not registered, or its record was deleted; "
-                "`provisiond registration list GROUP_ID` lists the records of a group's devices."
-            )
-        listed = "group" if group == "registration" else group
-        if listed in _WHAT:
-            return None, f"`provisiond {listed} list` shows the {_WHAT[listed][1]} there are."
-        return None, None
+        return None, _not_found(error, group, command, params)
     if isinstance(error, ConflictError):
         advice = _EXISTS.get((group, command))
-        return None, advice.format(id=arg) if advice else None
+        return None, advice.format(id=arg, hub=hub) if advice else None
     if isinstance(error, PreconditionFailedError):
         if params.get("etag"):
             return (
                 f"The {label} {id!r} no longer has the etag {params['etag']}: it changed since that etag was read.",
-                f"`provisiond {group} show {arg}` prints its current etag (or leave out --etag).",
+                f"`provisiond {group} show {arg}{hub}` prints its current etag (or leave out --etag).",
             )
         if (group, command) == ("ca", "upload"):
             return f"There is no CA certificate {id!r} to replace.", "Leave out --replace to upload it."
@@ -113,8 +156,7 @@ def advise(error: ProvisioningError, ctx: click.Context) -> None:
     message, the command's advice as a note."""
     if error.tracking_id is None or ctx.parent is None:
         return
-    group, command = ctx.parent.info_name or "", ctx.info_name or ""
-    statement, advice = _advice(error, group, command, _id(ctx), ctx.params)
+    statement, advice = _advice(error, _group(ctx), ctx.info_name or "", _id(ctx), ctx.params)
     if advice:
         error.message = statement or _statement(error.message)
         error.add_note(advice)

@@ -250,9 +250,12 @@ def register(
     """Register a device and print where it was assigned.
 
     Exactly one attestation: --symmetric-key or --group-key (with --registration-id),
-    --cert and --key (X.509, PEM), --pkcs12 (X.509), or --tpm (TPM 2.0). On failure the service's message,
-    errorCode and trackingId are printed and the exit code is non-zero (the error propagates as
-    a ProvisioningError, which `provisiond`'s main() prints, as for every command).
+    --cert and --key (X.509, PEM), --pkcs12 (X.509), or --tpm (TPM 2.0).
+
+    When the registration fails, the error is printed on stderr, with the DPS errorCode (and the
+    trackingId the service logged it under) when the service answered, and the exit status is 1.
+    Flags that cannot work (no attestation or two, a key that is not base64, an unreadable
+    certificate or key) exit with 2 before anything is sent.
     """
     if verbose:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

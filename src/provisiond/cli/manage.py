@@ -321,15 +321,22 @@ def _add_shared_commands(group_cmd: click.Group, kind: Kind[E], id_name: str) ->
             print_fields(f"Attestation of {label} {id!r}:", _key_fields(mechanism))
 
 
-def _symmetric_key_options(func: Any) -> Any:
+def _symmetric_key_options(func: Any, *, create: bool) -> Any:
+    """--symmetric-key, --primary-key, --secondary-key; create's help says what omitting them
+    gives, update's what switching to symmetric keys does (an omitted key is kept otherwise)."""
+    generated = " [default: generated]" if create else ""
     func = click.option(
-        "--secondary-key", metavar="KEY", help="Secondary symmetric key (base64) [default: generated]."
+        "--secondary-key", metavar="KEY", help=f"Secondary symmetric key (base64){generated}."
     )(func)
-    func = click.option(
-        "--primary-key", metavar="KEY", help="Primary symmetric key (base64) [default: generated]."
-    )(func)
+    func = click.option("--primary-key", metavar="KEY", help=f"Primary symmetric key (base64){generated}.")(
+        func
+    )
     return click.option(
-        "--symmetric-key", is_flag=True, help="Symmetric key attestation (the default on create)."
+        "--symmetric-key",
+        is_flag=True,
+        help="Symmetric key attestation (the default)."
+        if create
+        else "Switch to symmetric key attestation (keys the flags do not give are generated).",
     )(func)
 
 
@@ -397,10 +404,18 @@ def enrollment() -> None:
     """Manage individual enrollments: one device, one attestation (symmetric key, X.509, TPM)."""
 
 
-def _individual_options(func: Any) -> Any:
-    func = common_enrollment_options(func)
+def _individual_options(*, create: bool) -> Callable[[Any], Any]:
+    """The flags of an individual enrollment's create (``create``) or update: the same flags, whose help
+    names defaults only on create (on update, a flag left out keeps the stored value)."""
+    return lambda func: _add_individual_options(func, create=create)
+
+
+def _add_individual_options(func: Any, *, create: bool) -> Any:
+    func = common_enrollment_options(create=create)(func)
     func = click.option(
-        "--device-id", metavar="ID", help="IoT hub device id [default: the registration id]."
+        "--device-id",
+        metavar="ID",
+        help="IoT hub device id" + (" [default: the registration id]." if create else "."),
     )(func)
     func = click.option("--tpm-srk", metavar="B64", help="TPM storage root key (base64).")(func)
     func = click.option("--tpm-ek", metavar="B64", help="TPM attestation: the endorsement key (base64).")(
@@ -416,12 +431,12 @@ def _individual_options(func: Any) -> Any:
         type=click.Path(dir_okay=False, exists=True, path_type=Path),
         help="X.509 attestation: the device's certificate (PEM).",
     )(func)
-    return _symmetric_key_options(func)
+    return _symmetric_key_options(func, create=create)
 
 
 @enrollment.command("create")
 @click.argument("registration_id")
-@_individual_options
+@_individual_options(create=True)
 @json_option
 @connected()
 def enrollment_create(client: ServiceClient, registration_id: str, as_json: bool, **flags: Any) -> None:
@@ -435,13 +450,14 @@ def enrollment_create(client: ServiceClient, registration_id: str, as_json: bool
 
 @enrollment.command("update")
 @click.argument("registration_id")
-@_individual_options
+@_individual_options(create=False)
 @json_option
 @connected()
 def enrollment_update(client: ServiceClient, registration_id: str, as_json: bool, **flags: Any) -> None:
     """Change an individual enrollment: read it, apply the flags, write it back with its etag
-    (If-Match), so that a concurrent change is not overwritten. What no flag names is kept,
-    including the stored keys and certificates."""
+    (If-Match), so that a concurrent change is not overwritten. A flag left out keeps the
+    current value, including the stored keys and certificates (the defaults of
+    `enrollment create --help` are create's)."""
     _update(client, ENROLLMENTS, registration_id, flags, as_json)
 
 
@@ -457,8 +473,14 @@ def group() -> None:
     """Manage enrollment groups: many devices sharing a group key or a CA."""
 
 
-def _group_options(func: Any) -> Any:
-    func = common_enrollment_options(func)
+def _group_options(*, create: bool) -> Callable[[Any], Any]:
+    """The flags of an enrollment group's create (``create``) or update: the same flags, whose help
+    names defaults only on create (on update, a flag left out keeps the stored value)."""
+    return lambda func: _add_group_options(func, create=create)
+
+
+def _add_group_options(func: Any, *, create: bool) -> Any:
+    func = common_enrollment_options(create=create)(func)
     func = click.option(
         "--ca-ref",
         metavar="NAME",
@@ -469,12 +491,12 @@ def _group_options(func: Any) -> Any:
         type=click.Path(dir_okay=False, exists=True, path_type=Path),
         help="X.509 attestation by a signing (CA) certificate, PEM (signingCertificates.primary).",
     )(func)
-    return _symmetric_key_options(func)
+    return _symmetric_key_options(func, create=create)
 
 
 @group.command("create")
 @click.argument("group_id")
-@_group_options
+@_group_options(create=True)
 @json_option
 @connected()
 def group_create(client: ServiceClient, group_id: str, as_json: bool, **flags: Any) -> None:
@@ -488,12 +510,13 @@ def group_create(client: ServiceClient, group_id: str, as_json: bool, **flags: A
 
 @group.command("update")
 @click.argument("group_id")
-@_group_options
+@_group_options(create=False)
 @json_option
 @connected()
 def group_update(client: ServiceClient, group_id: str, as_json: bool, **flags: Any) -> None:
     """Change an enrollment group: read it, apply the flags, write it back with its etag
-    (If-Match). What no flag names is kept, including the stored keys and certificates."""
+    (If-Match). A flag left out keeps the current value, including the stored keys and
+    certificates (the defaults of `group create --help` are create's)."""
     _update(client, GROUPS, group_id, flags, as_json)
 
 

@@ -66,9 +66,11 @@ def ek(tcti: str, as_json: bool) -> None:
         "TPM endorsement key",
         [("Registration ID", doc["registrationId"]), ("Endorsement key", doc["endorsementKey"])],
     )
+    # DIR as in the group's help: this runs where the TPM is, which knows no service to name
     click.echo(
-        "\nEnroll it with:\n"
+        "\nEnroll it with (DIR: the --data-dir of the `provisiond serve` to enroll it in):\n"
         f"  provisiond enrollment create {doc['registrationId']} --tpm-ek {doc['endorsementKey']}"
+        " --data-dir DIR"
     )
 
 

@@ -22,10 +22,11 @@ from collections.abc import Sequence
 
 import msgspec
 
-from ..errors import AuthorizationError, IotHubCode, NotFoundError, RequestError
+from ..errors import AuthorizationError, IotHubCode, RequestError
 from ..storage import Collection, Entry, Store, Stream, utc_iso
 from .events import parse_enqueued_time
 from .messages import AckMode, CloudToDeviceMessage, c2d_to, decode_c2d, encode_c2d, new_message_id, partition
+from .registry import device_not_found
 
 __all__ = [
     "ACKS",
@@ -144,9 +145,7 @@ async def enqueue(
     """
     ack, expiry = _check(request, now)
     if await store.get(Collection.HUB_DEVICES, partition(hub, device_id)) is None:
-        raise NotFoundError(
-            f"No device {device_id[:128]!r} in the hub {hub!r}.", error_code=IotHubCode.DEVICE_NOT_FOUND
-        )
+        raise device_not_found(hub, device_id)
     key = partition(hub, device_id)
     queued = await store.read(Stream.HUB_C2D, partition=key, limit=MAX_QUEUE_DEPTH * 2)
     kept = await purge_expired(store, queued, now=now)

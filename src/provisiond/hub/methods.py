@@ -34,8 +34,9 @@ from typing import Any, Protocol
 
 import msgspec
 
-from ..errors import InvalidBodyError, IotHubCode, NotFoundError
+from ..errors import InvalidBodyError, IotHubCode
 from ..protocol import bounded_json
+from .registry import device_not_found
 
 __all__ = [
     "DEFAULT_RESPONSE_TIMEOUT",
@@ -164,10 +165,7 @@ async def invoke(
     """
     name, payload, response_timeout, connect_timeout = parse_invocation(body)
     if await identities.find(hub, device_id) is None:
-        raise NotFoundError(
-            f"Device {device_id[:140]!r} does not exist in IoT hub {hub!r}.",
-            error_code=IotHubCode.DEVICE_NOT_FOUND,
-        )
+        raise device_not_found(hub, device_id)
     result = await broker.invoke_method(
         hub, device_id, name, payload, response_timeout=response_timeout, connect_timeout=connect_timeout
     )

@@ -75,6 +75,7 @@ __all__ = [
     "NoHubEvents",
     "QueryPage",
     "TwinUpdate",
+    "device_not_found",
     "validate_device_id",
 ]
 
@@ -158,7 +159,9 @@ def validate_device_id(device_id: str) -> str:
     return device_id
 
 
-def _not_found(hub: str, device_id: str) -> NotFoundError:
+def device_not_found(hub: str, device_id: str) -> NotFoundError:
+    """The error for "the built-in hub ``hub`` has no identity ``device_id``" (404001
+    DeviceNotFound), one wording wherever a command or API names a device the hub lacks."""
     return NotFoundError(
         f"Device {device_id[:140]!r} does not exist in IoT hub {hub!r}.",
         error_code=IotHubCode.DEVICE_NOT_FOUND,
@@ -245,7 +248,7 @@ class HubRegistry:
         """
         device = await self.find(hub, device_id)
         if device is None:
-            raise _not_found(hub, device_id)
+            raise device_not_found(hub, device_id)
         queued = await self._store.entry_count(Stream.HUB_C2D, partition=_records.device_key(hub, device_id))
         return msgspec.structs.replace(device, cloud_to_device_message_count=queued)
 
@@ -336,7 +339,7 @@ class HubRegistry:
                 await asyncio.sleep(random.uniform(0, _BACKOFF * attempt))
             record = await _records.read(self._store, hub, device_id)
             if record is None:
-                raise _not_found(hub, device_id)
+                raise device_not_found(hub, device_id)
             device = _records.decode(record)
             self._check_etag(if_match, device.etag, "device")
             try:
@@ -344,7 +347,7 @@ class HubRegistry:
             except PreconditionFailedError:
                 continue
             except NotFoundError:
-                raise _not_found(hub, device_id) from None
+                raise device_not_found(hub, device_id) from None
             await self._store.trim(Stream.HUB_C2D, keep=0, partition=_records.device_key(hub, device_id))
             return device
         raise self._contended(device_id)
@@ -442,7 +445,7 @@ class HubRegistry:
         """
         device = await self.find(hub, device_id)
         if device is None:
-            raise _not_found(hub, device_id)
+            raise device_not_found(hub, device_id)
         return device
 
     async def update_twin(
@@ -560,7 +563,7 @@ class HubRegistry:
                 await asyncio.sleep(random.uniform(0, _BACKOFF * attempt))
             record = await _records.read(self._store, hub, device_id)
             if record is None:
-                raise _not_found(hub, device_id)
+                raise device_not_found(hub, device_id)
             old = _records.decode(record)
             new = change(old, self._now())
             if new is old:  # nothing to write

@@ -14,7 +14,6 @@ from ...errors import (
     DpsCode,
     InvalidBodyError,
     InvalidIdError,
-    NotFoundError,
     PreconditionFailedError,
     RequestError,
 )
@@ -22,7 +21,7 @@ from ...hub import Device, HubDevice, device_view
 from ...hub._records import decode
 from ...hub.connection import HubConnection, check_credential, parse_ca_certificate
 from ...hub.policies import HubPolicies
-from ...hub.registry import HubRegistry
+from ...hub.registry import HubRegistry, device_not_found
 from ...models import LinkedHub
 from ...regions import NAME_RULE, is_valid_name
 from ...storage import Collection, Record, Store
@@ -234,10 +233,7 @@ class LinkedHubs:
         :raises NotFoundError: 404001."""
         device = await self._registry.find(host, device_id)
         if device is None:
-            raise NotFoundError(
-                f"IoT hub {host!r} has no device {device_id[:140]!r}.",
-                error_code=DpsCode.HUB_DEVICE_NOT_FOUND,
-            )
+            raise device_not_found(host, device_id)
         return HubIdentity(identity_view(device), f'"{device.etag}"')
 
     async def create_device(self, host: str, device: Device) -> dict[str, Any]:
@@ -255,13 +251,9 @@ class LinkedHubs:
         """Delete an identity and its queued cloud-to-device messages (its registration record
         stays: the device's next registration creates it again).
 
-        :raises NotFoundError: 404000. :raises PreconditionFailedError: 412000."""
+        :raises NotFoundError: 404001. :raises PreconditionFailedError: 412000."""
         try:
             await self._registry.delete(host, device_id, if_match=if_match)
-        except NotFoundError:
-            raise NotFoundError(
-                f"IoT hub {host!r} has no device {device_id[:140]!r}.", error_code=DpsCode.NOT_FOUND
-            ) from None
         except PreconditionFailedError:
             raise PreconditionFailedError(
                 f"The etag in If-Match does not match the device {device_id[:140]!r}.",
