@@ -81,7 +81,7 @@ def _free_port_pair() -> int:
 
 def enroll(service: dict[str, str], security: TpmSecurity) -> None:
     """Create (or update) the individual enrollment of this TPM, as an operator would with
-    `provisiond enrollment create ID --tpm-ek EK` (the EK from `provisiond tpm ek`)."""
+    `provisiond enrollment create ID --tpm-ek EK --data-dir DIR` (the EK from `provisiond tpm ek`)."""
     admin = ServiceClient(service["serviceConnectionString"], ca_file=service["caCertificate"])
     try:
         path = f"/enrollments/{security.registration_id}"

@@ -174,6 +174,7 @@ class DpsCode(enum.IntEnum):
     # 404: a record does not exist
     NOT_FOUND = 404000, "No such resource."
     HUB_DEVICE_NOT_FOUND = 404001, "No such device identity in the hub."
+    HUB_DEVICE_NOT_ONLINE = 404103, "The hub's device is not connected, or not subscribed to direct methods."
     ENROLLMENT_NOT_FOUND = 404201, "No such individual enrollment."
     REGISTRATION_NOT_FOUND = 404202, "No such device registration record."
     GROUP_NOT_FOUND = 404203, "No such enrollment group."
@@ -199,7 +200,7 @@ class DpsCode(enum.IntEnum):
     INTERNAL = 500000, "Internal error; the service log has the details under the tracking id."
     STORAGE = 500001, "The database failed."
     DATABASE_UNAVAILABLE = 503000, "The database cannot be reached; retry after the delay given."
-    GATEWAY_TIMEOUT = 504000, "A built-in hub's device did not answer in time."
+    GATEWAY_TIMEOUT = 504101, "A built-in hub's device did not answer in time."
 
 
 class IotHubCode(enum.IntEnum):
@@ -352,12 +353,8 @@ class DeviceNotOnlineError(NotFoundError):
     body (not NotFoundError's 404000), so that a caller can tell "not connected" from "no such
     device" (404001) as it can on the hub's own API; ``provisiond hub invoke-method`` promises it."""
 
+    error_code = DpsCode.HUB_DEVICE_NOT_ONLINE
     iothub_code = IotHubCode.DEVICE_NOT_ONLINE
-
-    def __init__(self, message: str, *, error_code: int | None = None) -> None:
-        super().__init__(
-            message, error_code=IotHubCode.DEVICE_NOT_ONLINE if error_code is None else error_code
-        )
 
 
 class ConflictError(ProvisioningError):

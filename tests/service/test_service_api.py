@@ -403,6 +403,22 @@ async def test_bulk_modes(http: httpx.AsyncClient) -> None:
     assert (await http.get(f"/enrollments/{ids[0]}", params=V)).status_code == 404
 
 
+async def test_bulk_operations_refuse_a_deprovision_option(http: httpx.AsyncClient) -> None:
+    """?deprovision is an option of single deletes: on a bulk call it is refused (400000),
+    and nothing is deleted, rather than ignored while the caller believes it happened."""
+    reg = uid("bulkdep")
+    assert (await http.put(f"/enrollments/{reg}", params=V, json=sym(reg))).status_code == 200
+    for path in ("/enrollments", "/enrollmentGroups"):
+        r = await http.post(
+            path,
+            params={**V, "deprovision": "delete"},
+            json={"mode": "delete", "enrollments": [sym(reg)], "enrollmentGroups": []},
+        )
+        assert_error(r, 400, DpsCode.BAD_REQUEST)
+        assert "bulk operation takes no deprovision option" in r.json()["message"]
+    assert (await http.get(f"/enrollments/{reg}", params=V)).status_code == 200
+
+
 async def test_bulk_delete_of_individual_enrollments_deletes_their_records(service: InProcess) -> None:
     http = service.http
     regs = [uid("bulkrec") for _ in range(2)]

@@ -24,7 +24,6 @@ from ..errors import (
     AuthorizationError,
     ConflictError,
     DpsCode,
-    IotHubCode,
     NotFoundError,
     PreconditionFailedError,
     ProvisioningError,
@@ -87,13 +86,13 @@ def _not_found(error: NotFoundError, group: str, command: str, params: Mapping[s
     """Where to look when the record a command names does not exist (None: nowhere useful).
     The errorCode says which record it was: `hub invoke-method` names a hub and a device."""
     code = int(error.error_code)
-    if code == IotHubCode.DEVICE_NOT_ONLINE:  # the device exists: listing devices would not help
+    if code == DpsCode.HUB_DEVICE_NOT_ONLINE:  # the device exists: listing devices would not help
         if command == "invoke-method" and not params.get("connect_timeout"):
             return (
                 "Give --connect-timeout SECONDS to wait for the device to connect and subscribe to methods."
             )
         return None
-    if code == IotHubCode.DEVICE_NOT_FOUND:  # 404001, the hub has no such identity
+    if code == DpsCode.HUB_DEVICE_NOT_FOUND:  # the hub has no such identity
         return f"`provisiond hub device list{_hub_flag(params)}` lists the hub's device identities."
     if code == DpsCode.LINKED_HUB_NOT_FOUND:
         group = "hub"

@@ -147,6 +147,12 @@ async def query_enrollments(request: Request) -> Response:
 async def bulk_enrollments(request: Request) -> Response:
     ctx, enrollments = _operations(request)
     await ctx.authorize(request, Right.ENROLLMENT_WRITE)
+    if "deprovision" in request.query_params:
+        # Refused, not ignored: a caller who asked to deprovision must not believe it happened.
+        raise RequestError(
+            "A bulk operation takes no deprovision option: delete the enrollments one by one with "
+            "?deprovision=disable|delete, or deprovision their registrations afterwards."
+        )
     body = await ctx.body(request)
     if isinstance(enrollments, IndividualEnrollments):
         op = decode_body(body, BulkEnrollmentOperation, "bulk enrollment operation")
