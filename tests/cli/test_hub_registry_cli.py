@@ -4,12 +4,13 @@ identities and policies they make are the ones the hub's service REST API serves
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 
 from provisiond.errors import NotFoundError
 from tests._hub_service import HubService, iothub_error
-from tests._server import RunningServer
+from tests._server import RunningServer, start_server
 from tests.cli.test_manage import _main, _service_error, fails, invoke, run, run_json
 
 
@@ -155,3 +156,21 @@ def test_hub_errors_advise_the_command_that_finds_the_record(
         lines[1]
         == f"  `provisiond hub device show {device_id}` prints its current etag (or leave out --etag)."
     )
+
+
+def test_commands_without_hub_use_the_first_built_in_hub(tmp_path: Path) -> None:
+    """With a second built-in hub whose name sorts first, the commands that take --hub still
+    default to the first one, the hub connection.json names."""
+    running = start_server(tmp_path / "data")
+    try:
+        first = running.info["builtinHub"]
+        with running.client() as admin:
+            admin.put("/admin/linkedHubs/a-second.local", {"hostName": "a-second.local", "builtin": True})
+            assert [hub.host_name for hub in admin.hubs.list()][0] == first
+        device_id = uid("first")
+        run(running, "hub", "device", "create", device_id)
+        assert device_id in {d["deviceId"] for d in run_json(running, "hub", "device", "list", "--json")}
+        assert device_id not in run(running, "hub", "device", "list", "--hub", "a-second.local").stdout
+        assert run(running, "hub", "policy", "connection-string").stdout.startswith(f"HostName={first}")
+    finally:
+        running.stop()

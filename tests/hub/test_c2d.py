@@ -164,6 +164,12 @@ def test_the_queue_holds_fifty_messages_and_expired_ones_do_not_count(
         m.message_id != "expired" for m in queued(server, device)
     )
     assert "-> 403 403004" in server.log()
+    # The command line says so, without advice about policies' rights (it is no question of rights).
+    refused = CliRunner().invoke(
+        cli, ["hub", "send-c2d", device, "--data-dir", str(server.data_dir), "--data", "x"], env=_ENV
+    )
+    assert refused.exit_code == 1 and "maximum of 50" in str(refused.exception)
+    assert not getattr(refused.exception, "__notes__", None), refused.exception.__notes__
 
 
 @pytest.mark.parametrize(

@@ -273,7 +273,8 @@ def query_text(collection: str, where: str | None) -> str:
 
 
 def builtin_hub(client: ServiceClient, hub: str | None) -> str:
-    """``hub``, else the first built-in hub the service links (the one connection.json names)."""
+    """``hub``, else the first built-in hub (the one connection.json names: the service lists it
+    first)."""
     if hub:
         return hub
     for linked in client.hubs.list():

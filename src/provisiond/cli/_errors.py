@@ -122,6 +122,8 @@ def _advice(
             "service; `provisiond policy connection-string NAME` prints a current connection string."
         )
     if isinstance(error, AuthorizationError):
+        if int(error.error_code) not in (DpsCode.FORBIDDEN, DpsCode.MISSING_RIGHT):
+            return None, None  # refused for what it asks, not for who asks (a full queue: 403004)
         return None, (
             "Use the connection string of a policy that has this right (`provisiond policy list` "
             "shows each policy's rights), or grant it with `provisiond policy update NAME --rights ...`."

@@ -107,7 +107,11 @@ class LinkedHubs:
         self._registry = HubRegistry(store)
 
     async def list(self) -> list[LinkedHub]:
-        return [_present(r) for r in await self._store.query_all(Collection.LINKED_HUBS)]
+        """Every linked hub, the first built-in hub first (the one connection.json names, which
+        clients take when they name no hub), the others in the store's order."""
+        hubs = [_present(r) for r in await self._store.query_all(Collection.LINKED_HUBS)]
+        first = self._builtin_hub.lower()
+        return sorted(hubs, key=lambda hub: hub.host_name.lower() != first)
 
     async def get(self, host: str) -> LinkedHub:
         """:raises NotFoundError: 404204."""
