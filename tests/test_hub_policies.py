@@ -39,6 +39,11 @@ async def test_defaults_once_per_hub_and_keys_secret(store: Store) -> None:
     # creating the defaults again keeps the keys
     await policies.ensure_defaults("hub-a.example")
     assert (await policies.get("hub-a.example", "iothubowner", keys=True)).primary_key == owner_a.primary_key
+    # and a default policy the operator deleted stays deleted (every start ensures the defaults)
+    await policies.delete("hub-b.example", "iothubowner")
+    await policies.ensure_defaults("hub-b.example")
+    with pytest.raises(NotFoundError):
+        await policies.get("hub-b.example", "iothubowner")
     assert grants(owner_a, (HubRight.SERVICE_CONNECT,))
     reader = await policies.get("hub-a.example", "registryRead")
     assert grants(reader, (HubRight.REGISTRY_READ,)) and not grants(reader, (HubRight.REGISTRY_WRITE,))

@@ -108,8 +108,12 @@ class HubPolicies:
         self._store = store
 
     async def ensure_defaults(self, hub: str) -> None:
-        """Create IoT Hub's default policies of ``hub`` that do not exist (first writer wins:
-        several nodes may start at once)."""
+        """Give ``hub`` IoT Hub's default policies when it has no policy at all: a hub just
+        linked, or one from a database older than hub policies (first writer wins: several
+        nodes may start at once). A hub that has policies keeps what its operator made of them:
+        a default policy deleted stays deleted."""
+        if await self._store.query_all(Collection.HUB_POLICIES, filters={"hub": hub.lower()}):
+            return
         for name, rights in DEFAULT_POLICIES.items():
             policy = HubAccessPolicy(
                 key_name=name,
