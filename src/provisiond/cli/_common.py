@@ -16,7 +16,7 @@ import secrets
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 import msgspec
@@ -44,6 +44,7 @@ __all__ = [
     "query_text",
     "read_certificate_file",
     "seg",
+    "with_options",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -135,13 +136,18 @@ def connected(*, connection_string_flag: bool = True) -> Callable[[F], F]:
                 "[default: caCertificate of connection.json, else the system trust store]",
             ),
         ]
-        decorated: Any = wrapper
-        for option in reversed(options):
-            decorated = option(decorated)
-        result: F = decorated
-        return result
+        return with_options(cast(F, wrapper), options)  # wraps(func): func's signature, less the flags
 
     return decorator
+
+
+def with_options(func: F, options: Sequence[Callable[[Any], Any]]) -> F:
+    """``func`` decorated with click ``options``, the first one listed first in ``--help``."""
+    decorated: Any = func
+    for option in reversed(options):
+        decorated = option(decorated)
+    result: F = decorated
+    return result
 
 
 #: click context settings of every management group.

@@ -35,7 +35,7 @@ from ..models import (
     X509CertificateWithInfo,
 )
 from ..service_client import EnrollmentsClient, ServiceClient
-from ._common import load_json_arg, read_certificate_file
+from ._common import load_json_arg, read_certificate_file, with_options
 
 __all__ = [
     "DEFAULT_WEBHOOK_API_VERSION",
@@ -191,11 +191,7 @@ def common_enrollment_options(*, create: bool) -> Callable[[F], F]:
     ]
 
     def decorator(func: F) -> F:
-        decorated: Any = func
-        for option in reversed(options):
-            decorated = option(decorated)
-        result: F = decorated
-        return result
+        return with_options(func, options)
 
     return decorator
 
