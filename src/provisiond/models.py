@@ -20,6 +20,7 @@ __all__ = [
     "AttestationType",
     "BulkEnrollmentGroupOperation",
     "BulkEnrollmentOperation",
+    "BulkEnrollmentOperationBody",
     "BulkEnrollmentOperationError",
     "BulkEnrollmentOperationResult",
     "BulkOperationMode",
@@ -31,6 +32,7 @@ __all__ = [
     "DeviceRegistrationState",
     "EnrollmentGroup",
     "IndividualEnrollment",
+    "IndividualEnrollmentBody",
     "InitialTwin",
     "HubTier",
     "HubWriterReport",
@@ -280,8 +282,23 @@ class QuerySpecification(_Model):
     query: str
 
 
+class IndividualEnrollmentBody(IndividualEnrollment, kw_only=True):
+    """An individual enrollment as a client sends it. ``registrationState`` is read-only
+    (DPS's specification marks it so, and its examples send ``{}``): whatever a client puts there
+    is accepted, then dropped, never checked against the registration record's shape."""
+
+    registration_state: Any = None
+
+
 class BulkEnrollmentOperation(_Model):
     enrollments: list[IndividualEnrollment]
+    mode: BulkOperationMode
+
+
+class BulkEnrollmentOperationBody(_Model):
+    """:class:`BulkEnrollmentOperation` as a client sends it (see :class:`IndividualEnrollmentBody`)."""
+
+    enrollments: list[IndividualEnrollmentBody]
     mode: BulkOperationMode
 
 

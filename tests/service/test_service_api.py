@@ -360,6 +360,37 @@ async def test_bad_continuation_token(http: httpx.AsyncClient) -> None:
     assert_error(r, 400)
 
 
+async def test_a_read_only_registration_state_in_a_body_is_ignored(http: httpx.AsyncClient) -> None:
+    """DPS's specification marks ``registrationState`` read-only and its examples send ``{}``:
+    whatever a client puts there is dropped, on a PUT and in a bulk call."""
+    for state in ({}, {"registrationId": "someone", "status": "someNewStatus", "errorCode": "x"}):
+        reg = uid("rostate")
+        r = await http.put(f"/enrollments/{reg}", params=V, json=sym(reg, registrationState=state))
+        assert r.status_code == 200, r.text
+        assert "registrationState" not in r.json()
+        bulk = {"mode": "update", "enrollments": [sym(reg, registrationState=state)]}
+        assert (await http.post("/enrollments", params=V, json=bulk)).json()["isSuccessful"] is True
+        assert "registrationState" not in (await http.get(f"/enrollments/{reg}", params=V)).json()
+
+
+async def test_device_ids_follow_iot_hubs_rule(service: InProcess) -> None:
+    """An enrollment's deviceId may use every character IoT Hub allows in a device id (wider
+    than DPS's registration ids), and the device is created in the hub under it."""
+    http = service.http
+    reg, device_id = uid("devid"), f"plant+3@line#4(a)=x$'{uuid.uuid4().hex[:6]}"
+    created = await http.put(f"/enrollments/{reg}", params=V, json=sym(reg, deviceId=device_id))
+    assert created.status_code == 200 and created.json()["deviceId"] == device_id, created.text
+    state = await service.register(reg, created.json()["attestation"]["symmetricKey"]["primaryKey"])
+    assert state["deviceId"] == device_id
+    hub = state["assignedHub"]
+    identity = await http.get(f"/admin/linkedHubs/{hub}/devices", params=V)
+    assert device_id in {d["deviceId"] for d in identity.json()}, identity.text
+    for bad in ("with/slash", "with space", "x" * 129, "é"):
+        other = uid("devid")
+        r = await http.put(f"/enrollments/{other}", params=V, json=sym(other, deviceId=bad))
+        assert_error(r, 400, DpsCode.INVALID_ID, "Invalid deviceId")
+
+
 # --- bulk ------------------------------------------------------------------------------------
 
 

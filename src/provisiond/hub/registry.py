@@ -75,7 +75,9 @@ __all__ = [
     "NoHubEvents",
     "QueryPage",
     "TwinUpdate",
+    "DEVICE_ID_RULE",
     "device_not_found",
+    "is_device_id",
     "validate_device_id",
 ]
 
@@ -149,11 +151,20 @@ class QueryPage:
     continuation: str | None
 
 
+#: What IoT Hub accepts as a device id, for messages that state the rule.
+DEVICE_ID_RULE = "up to 128 ASCII letters, digits and - . + % _ # * ? ! ( ) , : = @ $ '"
+
+
+def is_device_id(value: str) -> bool:
+    """Whether IoT Hub accepts ``value`` as a device id."""
+    return _DEVICE_ID.match(value) is not None
+
+
 def validate_device_id(device_id: str) -> str:
     """``device_id`` if IoT Hub accepts it. :raises InvalidIdError: it does not."""
-    if not _DEVICE_ID.match(device_id):
+    if not is_device_id(device_id):
         raise InvalidIdError(
-            f"Invalid device id {device_id[:140]!r}: up to 128 ASCII letters, digits and - . + % _ # * ? ! ( ) , : = @ $ '.",
+            f"Invalid device id {device_id[:140]!r}: {DEVICE_ID_RULE}.",
             error_code=IotHubCode.ARGUMENT_INVALID,
         )
     return device_id

@@ -31,7 +31,7 @@ from starlette.routing import Route
 from ..errors import RequestError
 from ..models import (
     BulkEnrollmentGroupOperation,
-    BulkEnrollmentOperation,
+    BulkEnrollmentOperationBody,
     Deprovision,
     QuerySpecification,
     Right,
@@ -112,7 +112,7 @@ async def put_enrollment(request: Request) -> Response:
     await ctx.authorize(request, Right.ENROLLMENT_WRITE)
     id = enrollments.validate_id(request.path_params["id"])
     kind = enrollments.kind
-    enrollment = decode_body(await ctx.body(request), kind.model, kind.label)
+    enrollment = decode_body(await ctx.body(request), kind.body, kind.label)
     item = await enrollments.put(id, enrollment, if_match=request.headers.get("if-match"))
     return json_response(item, headers=_etag(item))
 
@@ -155,7 +155,7 @@ async def bulk_enrollments(request: Request) -> Response:
         )
     body = await ctx.body(request)
     if isinstance(enrollments, IndividualEnrollments):
-        op = decode_body(body, BulkEnrollmentOperation, "bulk enrollment operation")
+        op = decode_body(body, BulkEnrollmentOperationBody, "bulk enrollment operation")
         return json_response(await enrollments.bulk(op.mode, op.enrollments))
     gop = decode_body(body, BulkEnrollmentGroupOperation, "bulk enrollment group operation")
     return json_response(await enrollments.bulk(gop.mode, gop.enrollment_groups))

@@ -25,12 +25,14 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from .. import certificates
 from ..attestation import tpm as tpm_attestation
 from ..errors import DpsCode, InvalidBodyError, InvalidIdError
+from ..hub.registry import DEVICE_ID_RULE, is_device_id
 from ..models import (
     AllocationPolicy,
     AttestationMechanism,
     AttestationType,
     EnrollmentGroup,
     IndividualEnrollment,
+    IndividualEnrollmentBody,
     ProvisioningStatus,
     SymmetricKeyAttestation,
     X509Attestation,
@@ -67,6 +69,8 @@ _ID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9\-._:]{0,126}[A-Za-z0-9\-])?$")
 class EnrollmentKind(Generic[E]):
     collection: Collection
     model: type[E]
+    #: What a client's body decodes as (read-only fields it may send are not checked).
+    body: type[E]
     id_field: str
     label: str
     not_found_code: DpsCode
@@ -81,12 +85,14 @@ class EnrollmentKind(Generic[E]):
 INDIVIDUAL: EnrollmentKind[IndividualEnrollment] = EnrollmentKind(
     Collection.ENROLLMENTS,
     IndividualEnrollment,
+    IndividualEnrollmentBody,
     "registrationId",
     "individual enrollment",
     DpsCode.ENROLLMENT_NOT_FOUND,
 )
 GROUP: EnrollmentKind[EnrollmentGroup] = EnrollmentKind(
     Collection.ENROLLMENT_GROUPS,
+    EnrollmentGroup,
     EnrollmentGroup,
     "enrollmentGroupId",
     "enrollment group",
@@ -266,7 +272,8 @@ def prepare(
         twin = enrollment.initial_twin
         check_initial_twin(twin.tags, twin.properties.desired if twin.properties else None)
     if isinstance(enrollment, IndividualEnrollment) and enrollment.device_id is not None:
-        validate_id(enrollment.device_id, "deviceId")
+        if not is_device_id(enrollment.device_id):  # the hub's rule: wider than DPS's ids
+            raise InvalidIdError(f"Invalid deviceId {enrollment.device_id[:140]!r}: {DEVICE_ID_RULE}.")
     doc = msgspec.structs.replace(
         enrollment,
         attestation=attestation,
