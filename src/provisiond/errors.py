@@ -191,6 +191,8 @@ class DpsCode(enum.IntEnum):
     # 412: If-Match
     PRECONDITION_FAILED = 412000, "The etag in If-Match does not match the stored record."
     ETAG_MISMATCH = 412001, "The etag in If-Match does not match the stored record."
+    # 431: the request head is too large (refused by the HTTP front, before any handler)
+    HEAD_TOO_LARGE = 431000, "The request head (request line and headers) exceeds the {limit}-byte limit."
     # 429: rate limits (with Retry-After)
     THROTTLED = 429000, "Over a rate limit."
     DEVICE_RATE_LIMIT = 429001, "The device is over its per-device request limit."

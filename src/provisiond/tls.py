@@ -46,6 +46,7 @@ import os
 import ssl
 import sys
 import tempfile
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,9 +59,11 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from . import pki
-from .errors import ConfigurationError
+from .errors import ConfigurationError, DpsCode
+from .protocol.messages import error_body
 from .service.guard import GUARD_INFO, NO_GUARD, Guard, Listener
 from .service.settings import ConnectionLimits
+from .storage import utc_now
 
 if TYPE_CHECKING:
     from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
@@ -398,11 +401,50 @@ class _TlsScopeMixin(asyncio.Protocol):
             self.app = _TlsApp(self.app, None, self.guard)
 
 
+#: The most a request's head (its request line and headers) may take on the HTTPS port. httptools
+#: keeps a head whole until it is complete and uvicorn bounds it only in time, so without this a
+#: peer could make the server hold hundreds of MB for ``--header-timeout``. 64 KiB is four times
+#: h11's default and leaves room for a trusted front's client-certificate headers.
+MAX_HEAD_BYTES = 64 * 1024
+
+
 class TlsHttpToolsProtocol(_TlsScopeMixin, HttpToolsProtocol):
     """uvicorn's httptools HTTP/1.1 protocol with ``scope["extensions"]["tls"]``, telling its guard
-    where each request stands (from httptools' callbacks)."""
+    where each request stands (from httptools' callbacks), and refusing a request head over
+    :data:`MAX_HEAD_BYTES` (431, DPS's error body)."""
 
     _in_message = False
+    _in_head = True  # waiting for a request's head (the first, or the next on a kept-alive connection)
+    _head_bytes = 0  # received while _in_head
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if self._in_head and self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+            self._refuse_head()
+
+    def _refuse_head(self) -> None:
+        code = DpsCode.HEAD_TOO_LARGE
+        message = code.message(limit=MAX_HEAD_BYTES)
+        tracking_id = str(uuid.uuid4())
+        peer = f"{self.client[0]}:{self.client[1]}" if self.client else "(unknown peer)"
+        logger.info(
+            "%s: request head -> %d %d: %s [trackingId=%s]",
+            peer,
+            code.http_status,
+            code,
+            message,
+            tracking_id,
+        )
+        body = error_body(code, tracking_id, message, utc_now())
+        self.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"content-type: application/json; charset=utf-8\r\n"
+            b"x-ms-error-code: %d\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (int(code), len(body), body)
+        )
+        self.transport.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -410,12 +452,14 @@ class TlsHttpToolsProtocol(_TlsScopeMixin, HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
+        self._in_head, self._head_bytes = False, 0
         self.guard.head_received()
         self.guard.receiving()  # the body, if any (on_message_complete follows at once if none)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_message = False
+        self._in_head = True
         self._between_requests()
 
     def on_response_complete(self) -> None:

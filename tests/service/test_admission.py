@@ -79,3 +79,41 @@ async def test_the_throttled_log_holds_back_and_then_sums_up(caplog: pytest.LogC
     assert caplog.records[2].getMessage() == (
         "T: 3 more like the above in the last 0.2 s, not logged one by one (kind-b: 2, kind-a: 1)"
     )
+
+
+async def test_a_protocol_that_raises_on_the_peers_bytes_closes_its_connection_with_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The application's protocol raising on bytes a peer sent (uvicorn's WebSocket protocol
+    did, on frames before the upgrade was accepted) closes that connection with one warning of
+    the listener, not asyncio's "Fatal error" with a traceback; the listener serves on. A real
+    listener on loopback (plain TCP, as the trusted front's), and a peer over a real socket."""
+    from provisiond.service.guard import Listener
+
+    class Raising(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            if data.startswith(b"boom"):
+                raise AssertionError("the library's own assertion")
+
+    listener = Listener(
+        "TEST", None, resolve(ConnectionLimits(), listeners=1, open_files=1024), first_request="line"
+    )
+    server = await asyncio.get_running_loop().create_server(
+        listener.protocol_factory(Raising), "127.0.0.1", 0
+    )
+    port = server.sockets[0].getsockname()[1]
+    caplog.set_level(logging.DEBUG, logger="provisiond.connections")
+    try:
+        for _ in range(2):  # the listener serves on after the first failure
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"boom\n")
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+            writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 2 and all(
+        "Raising failed on the peer's data: AssertionError" in r.getMessage() for r in lines
+    )
+    assert all(r.exc_info is None for r in lines) and not any(r.name == "asyncio" for r in caplog.records)

@@ -758,3 +758,32 @@ async def test_a_request_whose_links_detach_in_the_same_read_is_answered_without
         stream = _FakeStream([*units[:first], units[first] + bytes(detaches)])
         await asyncio.wait_for(endpoint(stream), 5)
         assert stream.sent.endswith(b"\x00\x53\x18\x45")  # our close answers the device's
+
+
+def test_a_blank_body_over_the_limit_is_refused_as_over_https(
+    server: RunningServer, admin: ServiceClient
+) -> None:
+    """The registration body's size limit holds whatever the body holds: 100,000 spaces over
+    AMQP were taken as no body (and the device assigned), where HTTPS answers 400007. The
+    transfer is rejected (the SDKs' way to hear a 400 over AMQP) and nothing is registered."""
+    from proton import Delivery
+    from proton.utils import SendException
+
+    reg = uid("amqp-blank")
+    key = enroll_symmetric(admin, reg)
+    conn = proton_plain(server, reg, key)
+    blank = ProtonMessage(
+        body=b" " * 100_000,
+        inferred=True,
+        correlation_id="big-1",
+        properties={dps.OPERATION_TYPE: dps.OperationType.REGISTER.value},
+    )
+    try:
+        sender = conn.create_sender(f"{server.id_scope}/registrations/{reg}")
+        conn.create_receiver(f"{server.id_scope}/registrations/{reg}")
+        with pytest.raises(SendException) as refused:
+            sender.send(blank)
+    finally:
+        conn.close()
+    assert refused.value.state == Delivery.REJECTED
+    assert "400007" in server.log() and f"registration {reg} assigned" not in server.log()

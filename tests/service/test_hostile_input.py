@@ -200,6 +200,42 @@ def test_a_body_cut_short_by_a_hang_up_is_one_log_line(server: RunningServer) ->
     no_tracebacks(server)
 
 
+def _raw_https(server: RunningServer, chunks: list[bytes]) -> bytes:
+    """Send ``chunks`` on a new TLS connection and read until the server closes it."""
+    context = ssl.create_default_context(cafile=server.ca_file)
+    answer = b""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as sock:
+            try:
+                for chunk in chunks:
+                    sock.sendall(chunk)
+            except OSError:
+                pass  # closed while we still sent: the answer is already on its way
+            while data := sock.recv(65536):
+                answer += data
+    return answer
+
+
+def test_a_request_head_over_64_kib_is_431_and_the_connection_closed(server: RunningServer) -> None:
+    """httptools holds a head whole until it is complete, and uvicorn bounds it only in time:
+    without a bound a peer made the server hold 256 MB of headers. Over 64 KiB of head is a
+    431 with DPS's body (before any handler runs) and a log line; 60 KiB still passes."""
+    header = b"X-Filler: " + b"a" * 30_000 + b"\r\n"
+    answer = _raw_https(server, [b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n", *[header] * 100, b"\r\n"])
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 "), answer[:300]
+    assert b"x-ms-error-code: 431000" in head
+    error = json.loads(body)
+    assert error["errorCode"] == 431000 and "65536-byte limit" in error["message"]
+    assert "request head -> 431 431000" in server.log() and error["trackingId"] in server.log()
+    fits = b"X-Filler: " + b"a" * 20_000 + b"\r\n"
+    answer = _raw_https(
+        server, [b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n" + fits * 3 + b"\r\n"]
+    )
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    no_tracebacks(server)
+
+
 def test_a_tpm_register_with_an_unusable_srk_is_400004(server: RunningServer, admin: ServiceClient) -> None:
     """The EK is public: anyone may send a TPM device's EK with a storage root key whose modulus
     is even. It is refused as malformed before the activation blob is made (that failed in

@@ -234,14 +234,15 @@ class DeviceGateway:
         )
 
     def _decode(self, payload: bytes, transport: Transport) -> DeviceRegistration:
-        """The registration body: none (empty or blank), or bounded JSON within the size limit."""
-        if not payload.strip():
-            return DeviceRegistration()
+        """The registration body within the size limit (as over HTTPS, whatever it holds): none
+        (empty or blank), or bounded JSON."""
         limit = self.max_body_bytes
         if len(payload) > limit:
             raise BodyTooLargeError(
                 f"The registration body ({len(payload)} bytes) exceeds the {limit}-byte limit."
             )
+        if not payload.strip():
+            return DeviceRegistration()
         body = decode_body(payload, DeviceRegistration, "device registration")
         if body.tpm is not None and transport.tpm is TpmSupport.NONE:
             raise InvalidBodyError(

@@ -283,7 +283,11 @@ class GuardedConnection(asyncio.Protocol):
         if isinstance(inner, asyncio.Protocol):
             early, self._early = self._early, []
             for data in early:
-                inner.data_received(data)
+                try:
+                    inner.data_received(data)
+                except Exception as exc:
+                    self._protocol_failed(inner, exc)
+                    return
             if self._early_eof and not inner.eof_received():
                 transport.close()
 
@@ -346,8 +350,20 @@ class GuardedConnection(asyncio.Protocol):
         inner = self._inner
         if inner is None:
             self._early.append(data)  # the handshake finished and data came before our task resumed
-        else:
+            return
+        try:
             inner.data_received(data)  # type: ignore[attr-defined]  # a Protocol (see _switch)
+        except Exception as exc:
+            self._protocol_failed(inner, exc)
+
+    def _protocol_failed(self, inner: asyncio.BaseProtocol, exc: Exception) -> None:
+        """The application's protocol raised on the peer's bytes (a library's bug the peer can
+        trigger: uvicorn's WebSocket protocol asserted on frames that came before the upgrade was
+        accepted). The connection is closed with one throttled log line, not asyncio's "Fatal
+        error" and traceback for every such peer; the traceback goes to the debug log."""
+        log.debug("%s %s: %s failed", self._listener.name, self.peer, type(inner).__name__, exc_info=exc)
+        why = f"{type(inner).__name__} failed on the peer's data: {type(exc).__name__}: {exc}"
+        self._close(logging.WARNING, "protocol failure", why[:300])
 
     def eof_received(self) -> bool | None:
         if not self._tls_started:
