@@ -433,6 +433,28 @@ def test_a_bad_frame_after_open_is_closed_with_decode_error(server: RunningServe
     server.wait_for_log("Open.container_id is mandatory. (amqp:decode-error)")
 
 
+def test_a_session_rule_broken_ends_the_session_with_a_log_line(server: RunningServer) -> None:
+    """A transfer on a handle that was never attached ends the session with
+    amqp:session:unattached-handle, as the specification says, and the log says why (it said
+    nothing: the machine decided it at debug level)."""
+    from provisiond.protocol.amqp.frames import Frame, FrameType, encode_frame
+    from provisiond.protocol.amqp.performatives import Begin, Open, Transfer
+
+    wire = bytearray(b"AMQP\x00\x01\x00\x00")
+    encode_frame(Frame(FrameType.AMQP, 0, Open(container_id="raw")), wire)
+    encode_frame(
+        Frame(FrameType.AMQP, 0, Begin(next_outgoing_id=0, incoming_window=10, outgoing_window=10)), wire
+    )
+    encode_frame(Frame(FrameType.AMQP, 0, Transfer(handle=7, delivery_id=0, delivery_tag=b"t")), wire)
+    with raw_tls(server) as sock:
+        sock.sendall(bytes(wire))
+        time.sleep(0.3)
+        answer = sock.recv(65536)
+    assert b"amqp:session:unattached-handle" in answer
+    server.wait_for_log("ended session 0:")
+    assert "(amqp:session:unattached-handle)" in server.log()
+
+
 # --- the endpoint in process: pipelining and a fuzz of mutated sessions -------------------------
 
 

@@ -87,11 +87,13 @@ from ..protocol.amqp.events import (
     ConnectionOpened,
     Event,
     LinkAttached,
+    LinkDetached,
     LinkId,
     MessageReceived,
     ProtocolHeaderReceived,
     SaslInitReceived,
     SaslResponseReceived,
+    SessionEnded,
 )
 from ..protocol.amqp.fastpath import (
     HEADER,
@@ -208,6 +210,7 @@ class _Session:
         self.identity = _Identity()
         self.senders: dict[dps.RegistrationAddress, LinkId] = {}
         self.receivers: dict[LinkId, dps.RegistrationAddress] = {}
+        self.refused: set[LinkId] = set()  # links refused with their own log line
         self.close_reason = "closed"
         self.started = time.monotonic()
         self.aborted = False
@@ -391,6 +394,27 @@ class _Session:
         elif event.error is not None and self.close_reason == "closed":
             self.close_reason = f"{event.error.description} ({event.error.condition})"
 
+    async def _on_session_ended(self, event: SessionEnded) -> None:
+        if not event.by_peer and event.error is not None:  # the device broke a session rule
+            log.info(
+                "AMQP %s: ended session %d: %s (%s)",
+                self.who,
+                event.channel,
+                event.error.description,
+                event.error.condition,
+            )
+
+    async def _on_link_detached(self, event: LinkDetached) -> None:
+        error = event.error
+        if event.by_peer or error is None or event.link in self.refused:
+            return  # the device's own detach, or a refusal already logged
+        if (
+            str(error.condition) == ErrorCondition.MESSAGE_SIZE_EXCEEDED.value
+            and event.link in self.senders.values()
+        ):
+            return  # an answer too large for the device's link: _log_unsent said so
+        log.info("AMQP %s: detached a link: %s (%s)", self.who, error.description, error.condition)
+
     def _closed_by_peer(self, error: Error | None) -> None:
         self.close_reason = (
             f"the device closed with {error.condition}: {error.description}"
@@ -520,6 +544,7 @@ class _Session:
 
     def _refuse_link(self, link: LinkId, condition: str, why: str) -> None:
         log.info("AMQP %s: refused a link: %s", self.who, why)
+        self.refused.add(link)
         self.machine.refuse_link(link, Error(condition=Symbol(condition), description=why))
 
     # --- messages ------------------------------------------------------------------------------
@@ -614,6 +639,8 @@ _HANDLERS: dict[type[Event], Callable[[_Session, Any], Awaitable[None]]] = {
     LinkAttached: _Session._on_link,
     MessageReceived: _Session._on_message,
     ConnectionClosed: _Session._on_closed,
+    SessionEnded: _Session._on_session_ended,
+    LinkDetached: _Session._on_link_detached,
 }
 
 
