@@ -425,24 +425,27 @@ class TlsHttpToolsProtocol(_TlsScopeMixin, HttpToolsProtocol):
             self._refuse_head()
 
     def _refuse_head(self) -> None:
-        code = DpsCode.HEAD_TOO_LARGE
-        message = code.message(limit=MAX_HEAD_BYTES)
+        self._refuse(DpsCode.HEAD_TOO_LARGE, b"431 Request Header Fields Too Large", limit=MAX_HEAD_BYTES)
+
+    def send_400_response(self, msg: str) -> None:
+        """What httptools could not parse (a bad Content-Length, a chunk size, an HTTP/2 preface,
+        a NUL in the path...): DPS's body and a log line with the peer, instead of uvicorn's
+        plain-text answer."""
+        self._refuse(DpsCode.BAD_REQUEST, b"400 Bad Request", detail=msg.rstrip("."))
+
+    def _refuse(self, code: DpsCode, status_line: bytes, **fields: object) -> None:
+        """Answer ``code`` with DPS's error body before any handler runs, log it, close."""
+        message = code.message(**fields)
         tracking_id = str(uuid.uuid4())
         peer = f"{self.client[0]}:{self.client[1]}" if self.client else "(unknown peer)"
         logger.info(
-            "%s: request head -> %d %d: %s [trackingId=%s]",
-            peer,
-            code.http_status,
-            code,
-            message,
-            tracking_id,
+            "%s: request -> %d %d: %s [trackingId=%s]", peer, code.http_status, code, message, tracking_id
         )
         body = error_body(code, tracking_id, message, utc_now())
         self.transport.write(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-            b"content-type: application/json; charset=utf-8\r\n"
+            b"HTTP/1.1 %s\r\ncontent-type: application/json; charset=utf-8\r\n"
             b"x-ms-error-code: %d\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
-            % (int(code), len(body), body)
+            % (status_line, int(code), len(body), body)
         )
         self.transport.close()
 

@@ -227,12 +227,35 @@ def test_a_request_head_over_64_kib_is_431_and_the_connection_closed(server: Run
     assert b"x-ms-error-code: 431000" in head
     error = json.loads(body)
     assert error["errorCode"] == 431000 and "65536-byte limit" in error["message"]
-    assert "request head -> 431 431000" in server.log() and error["trackingId"] in server.log()
+    assert "request -> 431 431000" in server.log() and error["trackingId"] in server.log()
     fits = b"X-Filler: " + b"a" * 20_000 + b"\r\n"
     answer = _raw_https(
         server, [b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n" + fits * 3 + b"\r\n"]
     )
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    no_tracebacks(server)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param(b"PUT /x HTTP/1.1\r\nHost: l\r\nContent-Length: -5\r\n\r\n", id="negative-length"),
+        pytest.param(
+            b"PUT /x HTTP/1.1\r\nHost: l\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", id="two-lengths"
+        ),
+        pytest.param(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", id="http2-preface"),
+        pytest.param(b"GET /a\x00b HTTP/1.1\r\nHost: l\r\n\r\n", id="nul-in-path"),
+    ],
+)
+def test_what_the_http_parser_refuses_is_a_dps_400(server: RunningServer, head: bytes) -> None:
+    """Requests httptools cannot parse get DPS's body (400000) and a log line with the peer and
+    the tracking id, not uvicorn's plain-text answer and anonymous warning."""
+    answer = _raw_https(server, [head])
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 400 ") and b"x-ms-error-code: 400000" in status, answer[:300]
+    error = json.loads(body)
+    assert error["errorCode"] == 400000 and error["message"].startswith("The request is malformed: ")
+    server.wait_for_log("request -> 400 400000", error["trackingId"])
     no_tracebacks(server)
 
 
