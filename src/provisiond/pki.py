@@ -68,6 +68,7 @@ __all__ = [
     "cert_path",
     "certificate_der",
     "certificate_info",
+    "certificate_names",
     "certificate_pem",
     "chain_path",
     "ensure_dev_pki",
@@ -454,6 +455,18 @@ def _server_cert_is_usable(
         logger.info("server certificate expires on %s; issuing a new one", cert.not_valid_after_utc)
         return False
     return cert.public_key() == key.public_key()
+
+
+def certificate_names(cert_file: Path) -> tuple[str, ...]:
+    """The host names and IP addresses the first certificate of ``cert_file`` (PEM) covers, in
+    its SubjectAlternativeName (none when it has none)."""
+    cert = load_pem_chain(cert_file.read_bytes())[0]
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ()
+    names = [name.lower() for name in san.get_values_for_type(x509.DNSName)]
+    return (*names, *(str(address) for address in san.get_values_for_type(x509.IPAddress)))
 
 
 def ensure_dev_pki(

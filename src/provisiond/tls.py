@@ -406,6 +406,10 @@ class _TlsScopeMixin(asyncio.Protocol):
 #: peer could make the server hold hundreds of MB for ``--header-timeout``. 64 KiB is four times
 #: h11's default and leaves room for a trusted front's client-certificate headers.
 MAX_HEAD_BYTES = 64 * 1024
+#: The same on the trusted front's plain listener (``serve --front-port``), whose requests carry
+#: the client's certificates in two headers: up to ``front.MAX_CHAIN_BYTES`` (100 KiB) of DER,
+#: as base64, which the front refuses itself with DPS's 400 when there is more.
+MAX_FRONT_HEAD_BYTES = MAX_HEAD_BYTES + 2 * (100 * 1024 * 4 // 3 + 4)
 
 
 class TlsHttpToolsProtocol(_TlsScopeMixin, HttpToolsProtocol):
@@ -416,16 +420,22 @@ class TlsHttpToolsProtocol(_TlsScopeMixin, HttpToolsProtocol):
     _in_message = False
     _in_head = True  # waiting for a request's head (the first, or the next on a kept-alive connection)
     _head_bytes = 0  # received while _in_head
+    _head_limit = MAX_HEAD_BYTES
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if transport.get_extra_info("ssl_object") is None:  # the trusted front's listener
+            self._head_limit = MAX_FRONT_HEAD_BYTES
 
     def data_received(self, data: bytes) -> None:
         if self._in_head:
             self._head_bytes += len(data)
         super().data_received(data)
-        if self._in_head and self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+        if self._in_head and self._head_bytes > self._head_limit and not self.transport.is_closing():
             self._refuse_head()
 
     def _refuse_head(self) -> None:
-        self._refuse(DpsCode.HEAD_TOO_LARGE, b"431 Request Header Fields Too Large", limit=MAX_HEAD_BYTES)
+        self._refuse(DpsCode.HEAD_TOO_LARGE, b"431 Request Header Fields Too Large", limit=self._head_limit)
 
     def send_400_response(self, msg: str) -> None:
         """What httptools could not parse (a bad Content-Length, a chunk size, an HTTP/2 preface,

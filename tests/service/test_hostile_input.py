@@ -200,6 +200,30 @@ def test_a_body_cut_short_by_a_hang_up_is_one_log_line(server: RunningServer) ->
     no_tracebacks(server)
 
 
+def test_a_service_token_names_a_host_the_server_certificate_covers(server: RunningServer) -> None:
+    """``sr`` may name --host or any name of the server's certificate (the development PKI's
+    covers 127.0.0.1), and nothing else, whatever Host header comes with it."""
+    from provisiond.service_client import ConnectionString
+
+    cs = ConnectionString.parse(server.connection_string)
+    expiry = int(time.time()) + 300
+
+    def token(host: str) -> str:
+        return build_sas_token(host, cs.key, expiry, key_name=cs.key_name)
+
+    with server.http() as http:
+        ok = http.get(
+            "/enrollments/nobody", params=V, headers={"Authorization": token(f"127.0.0.1:{server.port}")}
+        )
+        assert ok.status_code == 404, ok.text  # authenticated: there is no such enrollment
+        forged = http.get(
+            "/enrollments/nobody",
+            params=V,
+            headers={"Authorization": token("evil.example"), "Host": "evil.example"},
+        )
+        assert_error(forged, 401, 401004, "not this service")
+
+
 def _raw_https(server: RunningServer, chunks: list[bytes]) -> bytes:
     """Send ``chunks`` on a new TLS connection and read until the server closes it."""
     context = ssl.create_default_context(cafile=server.ca_file)

@@ -603,6 +603,13 @@ async def test_service_sas_auth_failures(service: InProcess) -> None:
         ]
         for token, code, words in cases:
             assert_error(await anon.get(path, params=V, headers={"Authorization": token}), 401, code, words)
+        # the Host header the client sends does not make its token's sr this service's: a token
+        # made for another service that shares a key (a staging copy of the database) is refused
+        for host in ("other.example.net", "other.example.net:1234"):
+            replayed = await anon.get(
+                path, params=V, headers={"Authorization": service.token(resource=host), "Host": host}
+            )
+            assert_error(replayed, 401, DpsCode.TOKEN_AUDIENCE, "not this service")
         # the secondary key signs too, and a resource that is a path prefix of the request
         secondary = (
             await service.management.policies.get("provisioningserviceowner", keys=True)

@@ -187,6 +187,12 @@ async def _prepare(settings: Settings) -> _Prepared:
             files = ensure_dev_pki(settings.data_dir, [settings.host, *hubs])
             settings = dataclasses.replace(settings, server_cert=files.cert_file, server_key=files.key_file)
             ca_file = files.ca_file
+        # The names a service token's sr may give: --host and what the certificate covers.
+        from ..pki import certificate_names
+
+        assert settings.server_cert is not None
+        names = (*settings.extra_host_names, *certificate_names(settings.server_cert))
+        settings = dataclasses.replace(settings, extra_host_names=tuple(dict.fromkeys(names)))
         info = connection_info(
             settings,
             id_scope=service_settings.id_scope,

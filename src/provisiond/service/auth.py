@@ -2,7 +2,10 @@
 policies for the service and admin APIs, a built-in hub's for that hub's API).
 
 A token's ``sr`` must name this service (one of its host names, with or without the port, or a
-path prefix of the request matched segment by segment), ``skn`` must name a policy, ``sig`` must
+path prefix of the request matched segment by segment): for the DPS service and admin APIs the
+names ``serve`` knows (``--host`` and the names its server certificate covers), never the
+``Host`` header the client sent, so that a token made for another service that shares a key
+(a staging copy of the database) is not accepted here; ``skn`` must name a policy, ``sig`` must
 verify under one of the policy's keys, and ``se`` must not be in the past (beyond a small clock
 skew). The policy must hold the right the operation needs. Each failure says which.
 """
@@ -20,14 +23,13 @@ from ..storage import Collection, Store
 __all__ = ["authorize", "authorize_hub"]
 
 
-def _resource_matches(resource: str, host_names: tuple[str, ...], request_host: str, path: str) -> bool:
+def _resource_matches(resource: str, host_names: tuple[str, ...], path: str) -> bool:
     res = resource.lower().strip()
     for prefix in ("https://", "http://"):
         res = res.removeprefix(prefix)
     host, _, res_path = res.partition("/")
     host_only = host.split(":", 1)[0]
-    known = {h.lower() for h in host_names} | {request_host.lower().split(":", 1)[0]}
-    if host_only not in known:
+    if host_only not in {h.lower().split(":", 1)[0] for h in host_names}:
         return False
     if not res_path:
         return True
@@ -42,7 +44,6 @@ async def authorize(
     right: Right,
     *,
     host_names: tuple[str, ...],
-    request_host: str,
     path: str,
     now: int,
     clock_skew: int,
@@ -52,7 +53,7 @@ async def authorize(
     :raises AuthenticationError: missing, malformed, expired, forged, or for another service.
     :raises AuthorizationError: the policy lacks ``right``.
     """
-    token = _service_token(authorization, host_names, request_host, path, now, clock_skew, "this service")
+    token = _service_token(authorization, host_names, path, now, clock_skew, "this service")
     assert token.key_name is not None
     record = await store.get(Collection.ACCESS_POLICIES, token.key_name)
     if record is None:
@@ -77,7 +78,6 @@ async def authorize(
 def _service_token(
     authorization: str | None,
     host_names: tuple[str, ...],
-    request_host: str,
     path: str,
     now: int,
     clock_skew: int,
@@ -95,7 +95,7 @@ def _service_token(
             f"The SAS token expired {now - token.expiry} s ago (se={token.expiry}).",
             error_code=DpsCode.TOKEN_EXPIRED,
         )
-    if not _resource_matches(token.resource, host_names, request_host, path):
+    if not _resource_matches(token.resource, host_names, path):
         raise AuthenticationError(
             f"The SAS token is for resource {token.resource[:200]!r}, not {audience}.",
             error_code=DpsCode.TOKEN_AUDIENCE,
@@ -121,7 +121,7 @@ async def authorize_hub(
     :raises AuthenticationError: missing, malformed, expired, forged, or for another hub.
     :raises AuthorizationError: the policy holds none of ``rights`` (IoT Hub answers 401).
     """
-    token = _service_token(authorization, (hub,), request_host, path, now, clock_skew, f"IoT hub {hub!r}")
+    token = _service_token(authorization, (hub, request_host), path, now, clock_skew, f"IoT hub {hub!r}")
     assert token.key_name is not None
     policy = await policies.find(hub, token.key_name)
     if policy is None:

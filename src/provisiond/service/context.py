@@ -82,7 +82,6 @@ class ServiceContext:
             request.headers.get("authorization"),
             right,
             host_names=self.settings.host_names,
-            request_host=request.headers.get("host", ""),
             path=request.url.path,
             now=int(self.clock()),
             clock_skew=self.settings.clock_skew,
