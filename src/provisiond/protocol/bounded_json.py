@@ -32,8 +32,12 @@ MAX_DEPTH = 64
 #: device sent (its ``payload``) two levels deeper than the device sent it.
 REPLY_MAX_DEPTH = MAX_DEPTH + 16
 
-# A JSON string: quote, then runs of plain characters and escapes, then quote (unrolled, linear).
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# A JSON string: quote, then runs of plain characters and escapes (unrolled), then its closing
+# quote, or the end of the data for a string never closed (with its last escape cut short). Every
+# quote it tries from matches, so one pass over the data: a pattern that needed the closing quote
+# failed from every quote of an unclosed string and tried again from the next, which took
+# quadratic time (26 s for a 96 KB register body of escaped quotes, the event loop stalled).
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 # Opening brackets to +1, closing ones to -1 (as signed bytes).
 _STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
