@@ -359,6 +359,64 @@ async def test_telemetry_is_acknowledged_once_stored_with_its_properties(
     assert events[2].properties == {"mqtt-retain": "true"}
 
 
+async def test_telemetry_sent_just_before_disconnect_is_stored(
+    hub_server: RunningServer, admin: ServiceClient
+) -> None:
+    """A PUBLISH and a DISCONNECT in one write (a quick ``publish(); disconnect()``): the
+    DISCONNECT closes the session as it is read, and the publishes before it were dropped
+    without a word; they are the device's telemetry and are stored."""
+    device = provision_symmetric(hub_server, admin)
+    silent = SilentDevice(hub_server, device)
+    assert isinstance(silent.next(Connack), Connack)
+    topic = f"devices/{device.device_id}/messages/events/"
+    silent.machine.publish(topic, b"at most once", qos=QoS.AT_MOST_ONCE)
+    silent.machine.publish(topic, b"at least once", qos=QoS.AT_LEAST_ONCE)
+    silent.disconnect()  # one sendall: both publishes and the DISCONNECT
+
+    async def stored() -> bool:
+        async with server_store(hub_server) as store:
+            entries = await store.read(Stream.HUB_EVENTS, partition=partition(device.hub, device.device_id))
+        return [decode_event(e.doc).body for e in entries] == [b"at most once", b"at least once"]
+
+    assert await poll_until(stored)
+    assert "Traceback" not in hub_server.log()
+
+
+def test_a_device_that_does_not_read_its_answers_is_disconnected(
+    hub_server: RunningServer, admin: ServiceClient
+) -> None:
+    """A device that sends requests and never reads the answers (twin GETs at QoS 0, which no
+    in-flight cap bounds): the session stops reading it once 256 KiB of answers wait behind the
+    kernel's buffers, and disconnects it after 30 s, where it used to read on and hold
+    gigabytes of answers."""
+    device = provision_symmetric(hub_server, admin)
+    reported = {f"k{n}": "x" * 3000 for n in range(10)}  # each answer about 30 KB
+    twin = HubPaho(hub_server, device, clean_session=True)
+    twin.connected()
+    twin.subscribe("$iothub/twin/res/#")
+    response_topic, _ = twin.twin_request(
+        "$iothub/twin/PATCH/properties/reported/?$rid=1", json.dumps(reported).encode()
+    )
+    assert response_topic.startswith("$iothub/twin/res/204/"), response_topic
+    twin.close()
+    silent = SilentDevice(hub_server, device)
+    assert isinstance(silent.next(Connack), Connack)
+    silent.sock.settimeout(1.0)
+    sent, deadline = 0, time.monotonic() + 90
+    try:  # 100 GETs (3 MB of answers) at a time, reading nothing, until the server gives up
+        while time.monotonic() < deadline:
+            for _ in range(100):
+                silent.machine.publish(f"$iothub/twin/GET/?$rid={sent}", b"", qos=QoS.AT_MOST_ONCE)
+                sent += 1
+            silent.sock.sendall(silent.machine.get_outbound_data())
+    except OSError:
+        pass  # a send that timed out (the server stopped reading), or the connection closed
+    line = hub_server.wait_for_log(device.device_id, "the device did not read its answers", timeout=60)
+    assert "bytes more were waiting after 30 s" in line
+    silent.sock.close()
+    assert "Traceback" not in hub_server.log()
+
+
 async def test_a_will_on_the_telemetry_topic_is_stored_when_the_connection_breaks(
     hub_server: RunningServer, admin: ServiceClient, devices: list[HubPaho]
 ) -> None:

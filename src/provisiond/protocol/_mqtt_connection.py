@@ -269,6 +269,11 @@ class MqttConnection:
         the application, as after a CONNECT)."""
         return 0 if self._paused() else len(self._in)
 
+    @property
+    def outbound_pending(self) -> int:
+        """Bytes queued for the peer and not yet taken by :meth:`get_outbound_data`."""
+        return len(self._out)
+
     def get_outbound_data(self) -> bytes:
         """The bytes to send to the peer, in order (empty when there are none)."""
         if not self._out:

@@ -124,6 +124,12 @@ MAX_SUBSCRIPTIONS = 5
 #: ``Settings.hub_activity_interval``).
 ACTIVITY_INTERVAL = 30.0
 _READ_SIZE = 65536
+#: Output queued for a device that does not read it (its answers while an earlier write waits
+#: for the peer) past which the session stops reading the device's requests, and how long the
+#: device then has to read before it is disconnected. Without it a device that sends requests
+#: (twin GETs at QoS 0, say) and never reads made the server hold gigabytes of answers.
+MAX_UNREAD = 256 * 1024
+UNREAD_TIMEOUT = 30.0
 _GRANTED = {
     QoS.AT_MOST_ONCE: SubackReturnCode.GRANTED_QOS_0,
     QoS.AT_LEAST_ONCE: SubackReturnCode.GRANTED_QOS_1,
@@ -220,6 +226,7 @@ class _HubSession:
         self.subscriptions: dict[str, tuple[Filter, QoS]] = {}
         self.orderly = False  # the device sent DISCONNECT: no Will, no log line at info
         self.replaced = False  # a newer connection of the device took over
+        self.unread = False  # the device did not read what it was sent (MAX_UNREAD)
         self.attached = False
         self._session_present = False
         self._identity_created: str | None = None
@@ -336,6 +343,9 @@ class _HubSession:
     async def _loop(self) -> None:
         machine = self.machine
         while machine.state is not State.CLOSED:
+            if machine.outbound_pending > MAX_UNREAD:
+                await self._wait_for_the_reader()
+                continue
             data = await self._receive()
             if data is None:
                 continue
@@ -373,6 +383,22 @@ class _HubSession:
             self.machine.handle_deadline()
         return None
 
+    async def _wait_for_the_reader(self) -> None:
+        """Go on with nothing more of the device's until it has read what it was sent (see
+        MAX_UNREAD)."""
+        self._schedule_flush()
+        flushing = self._flushing
+        assert flushing is not None
+        done, _ = await asyncio.wait({flushing}, timeout=UNREAD_TIMEOUT)
+        if not done:
+            self.kick(
+                f"the device did not read its answers: {self.machine.outbound_pending} bytes more were "
+                f"waiting after {UNREAD_TIMEOUT:g} s"
+            )
+            self.unread = True  # nothing more is sent: the close aborts what is queued
+            flushing.cancel()
+            await asyncio.wait({flushing})
+
     def kick(self, reason: str, *, replaced: bool = False) -> None:
         """Close the connection from outside (the broker)."""
         self.replaced = self.replaced or replaced
@@ -393,7 +419,7 @@ class _HubSession:
         with contextlib.suppress(StreamClosed):
             if self._flushing is not None:
                 await self._flushing
-            if data := machine.get_outbound_data():
+            if (data := machine.get_outbound_data()) and not self.unread:
                 await self.stream.send(data)
         if self.attached:
             self.broker.detach(self)
@@ -515,10 +541,15 @@ class _HubSession:
 
     async def _handle(self, packets: list[Packet]) -> None:
         telemetry: list[tuple[Publish, dict[str, str | None]]] = []
+        # A DISCONNECT closes the machine as soon as it is read, but what the device sent before
+        # it in the same read is still its telemetry: stored (nothing can be acknowledged any
+        # more); its requests are not answered.
+        disconnected = any(isinstance(packet, Disconnect) for packet in packets)
         for packet in packets:
             if isinstance(packet, Disconnect):  # the machine closed on it: an orderly end
                 self.orderly = True
-            if self.machine.state is State.CLOSED:
+                break
+            if self.machine.state is State.CLOSED and not disconnected:
                 return
             if isinstance(packet, Publish):
                 try:
@@ -532,9 +563,14 @@ class _HubSession:
                     telemetry.append((packet, publication.properties))
                     continue
                 await self._store_telemetry(telemetry)
-                await self._on_request(packet, publication.kind, publication.rid or "", publication.status)
+                if self.machine.state is not State.CLOSED:
+                    await self._on_request(packet, publication.kind, publication.rid or "", publication.status)
+                    if self.machine.outbound_pending > MAX_UNREAD:  # answers the device has not read
+                        await self._wait_for_the_reader()
                 continue
             await self._store_telemetry(telemetry)
+            if self.machine.state is State.CLOSED:
+                continue
             if isinstance(packet, Subscribe):
                 await self._on_subscribe(packet)
             elif isinstance(packet, Unsubscribe):
@@ -584,6 +620,8 @@ class _HubSession:
             # Not acknowledged: the device sends them again on its next connection.
             self.machine.close(f"telemetry could not be stored ({exc.message})")
             return
+        if self.machine.state is State.CLOSED:
+            return  # closed while they were stored (the device disconnected, or was replaced)
         for publish in publishes:
             self.machine.acknowledge(publish)
 
