@@ -564,7 +564,9 @@ class _HubSession:
                     continue
                 await self._store_telemetry(telemetry)
                 if self.machine.state is not State.CLOSED:
-                    await self._on_request(packet, publication.kind, publication.rid or "", publication.status)
+                    await self._on_request(
+                        packet, publication.kind, publication.rid or "", publication.status
+                    )
                     if self.machine.outbound_pending > MAX_UNREAD:  # answers the device has not read
                         await self._wait_for_the_reader()
                 continue
