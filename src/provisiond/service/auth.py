@@ -28,14 +28,18 @@ def _resource_matches(resource: str, host_names: tuple[str, ...], path: str) -> 
     for prefix in ("https://", "http://"):
         res = res.removeprefix(prefix)
     host, _, res_path = res.partition("/")
-    host_only = host.split(":", 1)[0]
-    if host_only not in {h.lower().split(":", 1)[0] for h in host_names}:
+    if not host or _without_port(host) not in {_without_port(h.lower()) for h in host_names}:
         return False
     if not res_path:
         return True
     want = [s for s in res_path.split("/") if s]
     have = [s for s in path.lower().split("/") if s]
     return have[: len(want)] == want
+
+
+def _without_port(host: str) -> str:
+    """``host`` without a ``:port`` (an IPv6 address, with more than one colon, stays whole)."""
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 async def authorize(
