@@ -7,10 +7,15 @@ sends (camelCase, unset fields left out), for tests at the wire level.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import uuid
 from typing import Any
 
 import msgspec
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from provisiond import pki
 from provisiond.models import (
@@ -186,3 +191,43 @@ def policy(name: str | None = None, *rights: Right, **fields: Any) -> SharedAcce
     return SharedAccessPolicy(
         key_name=name or uid("pol"), rights=list(rights or [Right.ENROLLMENT_READ]), **fields
     )
+
+
+def duplicate_extension_certificate(common_name: str) -> x509.Certificate:
+    """A self-signed certificate (EC P-256) with one extension twice, which cryptography parses
+    but whose ``extensions`` raise :class:`x509.DuplicateExtension`: made with two private
+    extensions, then the second's OID rewritten to the first's and the TBS signed again."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = dt.datetime.now(dt.UTC)
+    built = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(
+            x509.UnrecognizedExtension(ObjectIdentifier("1.3.6.1.4.1.99999.1"), b"\x05\x00"), False
+        )
+        .add_extension(
+            x509.UnrecognizedExtension(ObjectIdentifier("1.3.6.1.4.1.99999.2"), b"\x05\x00"), False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    tbs = built.tbs_certificate_bytes.replace(b"\x86\x8d\x1f\x02", b"\x86\x8d\x1f\x01")  # ...99999.2 -> .1
+    der = built.public_bytes(serialization.Encoding.DER)
+    rest = der[der.index(built.tbs_certificate_bytes) + len(built.tbs_certificate_bytes) :]
+    algorithm = rest[: rest[1] + 2]  # the signature algorithm's SEQUENCE (short form)
+    signature = key.sign(tbs, ec.ECDSA(hashes.SHA256()))
+    bits = b"\x03" + _der_length(len(signature) + 1) + b"\x00" + signature
+    body = tbs + algorithm + bits
+    return x509.load_der_x509_certificate(b"\x30" + _der_length(len(body)) + body)
+
+
+def _der_length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(raw)]) + raw

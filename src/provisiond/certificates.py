@@ -117,7 +117,9 @@ def load_certificate(text: str) -> x509.Certificate:
     base64 of DER, or base64 of PEM text (the official C service client always sends that, and
     so do many Node.js users). Whitespace and line breaks inside the base64 are ignored.
 
-    :raises ValueError: none of the three forms, a malformed certificate, or more than one.
+    :raises ValueError: none of the three forms, a malformed certificate (its extensions
+        included: one that cannot be read would fail every registration that meets it), or more
+        than one.
     """
     data = text.strip().encode("utf-8", "replace")
     if not data.startswith(b"-----BEGIN"):
@@ -126,11 +128,20 @@ def load_certificate(text: str) -> x509.Certificate:
         except (binascii.Error, ValueError):
             raise ValueError("neither PEM text nor base64 (of DER or of PEM text)") from None
         if not data.lstrip().startswith(b"-----BEGIN"):
-            return x509.load_der_x509_certificate(data)  # as decoded: DER may end in any byte
+            return _with_readable_extensions(x509.load_der_x509_certificate(data))  # DER may end in any byte
     certs = x509.load_pem_x509_certificates(data)
     if len(certs) != 1:
         raise ValueError(f"{len(certs)} certificates where one was expected")
-    return certs[0]
+    return _with_readable_extensions(certs[0])
+
+
+def _with_readable_extensions(cert: x509.Certificate) -> x509.Certificate:
+    """``cert``, once its extensions parse. :raises ValueError: they do not (one twice, say)."""
+    try:
+        cert.extensions  # noqa: B018  # parsed here, and cached by cryptography
+    except x509.DuplicateExtension as exc:
+        raise ValueError(f"the certificate has the extension {exc.oid.dotted_string} twice") from None
+    return cert
 
 
 def load_private_key(data: bytes, password: str | bytes | None = None) -> PrivateKey:

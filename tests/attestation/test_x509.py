@@ -150,3 +150,113 @@ def test_a_path_under_name_constraints_is_checked_whole_for_every_leaf() -> None
     outside = _leaf_with_dns_name("outside", inter, "dev.elsewhere.example")
     with pytest.raises(AuthenticationError, match="name constraints"):
         x5.verify_chain(x5.PresentedChain(outside, (inter.cert,)), root.cert, NOW)
+
+
+def test_an_enrolled_certificate_with_an_extension_twice_fails_attestation_not_the_service() -> None:
+    """An enrolled certificate whose extensions cannot be read (enrolled before that was refused)
+    is no signer: a device presenting another certificate gets 401011, not a 500 (is_ca raised
+    DuplicateExtension, a traceback for every such registration); a group anchored on it too."""
+    from provisiond.certificates import certificate_pem, load_certificate
+    from tests.factories import duplicate_extension_certificate
+
+    broken = duplicate_extension_certificate("dev")
+    with pytest.raises(x509.DuplicateExtension):
+        broken.extensions  # noqa: B018
+    assert x5.is_ca(broken) is False
+    device = pki.make_device_cert("dev")
+    with pytest.raises(AuthenticationError) as refused:
+        x5.match_individual("dev", [broken], chain_of(device), NOW)
+    assert refused.value.error_code == DpsCode.X509_CHAIN_INVALID
+    assert x5.find_anchor(chain_of(device), [("group", broken)]) is None
+    with pytest.raises(ValueError, match=r"extension 1\.3\.6\.1\.4\.1\.99999\.1 twice"):
+        load_certificate(certificate_pem(broken).decode())  # and enrolling it is refused (400004)
+
+
+def test_a_forbidden_key_algorithm_is_named_plainly_not_dumped() -> None:
+    """An intermediate with an Ed25519 key (outside the verifier's policy): the verifier's
+    message dumped the algorithm's parameters (a DSA prime of any size the peer chose made a
+    300 KB error and log line); the error says it in one sentence."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    root = pki.make_root_ca("root")
+    now = dt.datetime.now(dt.UTC)
+
+    def issued(
+        subject: str, public_key: object, issuer: x509.Name, signer: object, *, ca: bool
+    ) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(issuer)
+            .public_key(public_key)  # type: ignore[arg-type]
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        algorithm = None if isinstance(signer, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+        return builder.sign(signer, algorithm)  # type: ignore[arg-type]
+
+    inter_key = ed25519.Ed25519PrivateKey.generate()
+    inter = issued("inter", inter_key.public_key(), root.cert.subject, root.key, ca=True)
+    leaf = issued(
+        "dev", ec.generate_private_key(ec.SECP256R1()).public_key(), inter.subject, inter_key, ca=False
+    )
+    with pytest.raises(AuthenticationError) as refused:
+        x5.verify_chain(x5.PresentedChain(leaf, (inter,)), root.cert, NOW)
+    message = refused.value.message
+    assert "public key algorithm is not allowed" in message and len(message) < 400, message
+    assert "AlgorithmIdentifier" not in message
+
+
+def test_a_ca_whose_key_usage_lacks_key_cert_sign_signs_no_device() -> None:
+    """RFC 5280: a CA certificate with a keyUsage must allow keyCertSign. The permissive CA policy
+    left that check out, and a chain through an intermediate allowed only digitalSignature was
+    accepted; it is refused (401011), and the same intermediate with keyCertSign verifies."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    root = pki.make_root_ca("root")
+    now = dt.datetime.now(dt.UTC)
+
+    def chain(key_cert_sign: bool) -> x5.PresentedChain:
+        inter_key = ec.generate_private_key(ec.SECP256R1())
+        usage = x509.KeyUsage(
+            digital_signature=True,
+            content_commitment=False,
+            key_encipherment=False,
+            data_encipherment=False,
+            key_agreement=False,
+            key_cert_sign=key_cert_sign,
+            crl_sign=False,
+            encipher_only=False,
+            decipher_only=False,
+        )
+        inter = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "inter")]))
+            .issuer_name(root.cert.subject)
+            .public_key(inter_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(usage, critical=True)
+            .sign(root.key, hashes.SHA256())  # type: ignore[arg-type]
+        )
+        leaf = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev")]))
+            .issuer_name(inter.subject)
+            .public_key(ec.generate_private_key(ec.SECP256R1()).public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(inter_key, hashes.SHA256())
+        )
+        return x5.PresentedChain(leaf, (inter,))
+
+    x5.verify_chain(chain(key_cert_sign=True), root.cert, NOW)
+    with pytest.raises(AuthenticationError, match="keyUsage lacks keyCertSign") as refused:
+        x5.verify_chain(chain(key_cert_sign=False), root.cert, NOW)
+    assert refused.value.error_code == DpsCode.X509_CHAIN_INVALID

@@ -54,10 +54,12 @@ _DER = Encoding.DER
 
 
 def is_ca(cert: x509.Certificate) -> bool:
-    """Whether the certificate asserts basicConstraints CA (only such can sign a device's)."""
+    """Whether the certificate asserts basicConstraints CA (only such can sign a device's); an
+    enrolled certificate whose extensions cannot be read (one twice, say: enrolled before that
+    was refused) signs nothing."""
     try:
         return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except x509.ExtensionNotFound:
+    except (x509.ExtensionNotFound, x509.DuplicateExtension, ValueError):
         return False
 
 
@@ -116,8 +118,19 @@ def _check_dates(cert: x509.Certificate, now: dt.datetime, what: str) -> None:
         )
 
 
-_CA_POLICY = xv.ExtensionPolicy.permit_all().require_present(
-    x509.BasicConstraints, xv.Criticality.AGNOSTIC, None
+def _signs_certificates(policy: object, cert: x509.Certificate, usage: x509.KeyUsage | None) -> None:
+    """A CA certificate whose keyUsage is given must allow keyCertSign (RFC 5280 4.2.1.3): the
+    verifier's own CA policy checks it, and the permissive one below would not."""
+    if usage is not None and not usage.key_cert_sign:
+        raise ValueError(f"{cert.subject.rfc4514_string()!r} is a CA whose keyUsage lacks keyCertSign")
+
+
+# Permissive, as device PKIs often are (no authority key identifier, say), but basicConstraints
+# must be there and a CA's keyUsage, when given, must allow signing certificates.
+_CA_POLICY = (
+    xv.ExtensionPolicy.permit_all()
+    .require_present(x509.BasicConstraints, xv.Criticality.AGNOSTIC, None)
+    .may_be_present(x509.KeyUsage, xv.Criticality.AGNOSTIC, _signs_certificates)
 )
 _EE_POLICY = xv.ExtensionPolicy.permit_all()
 
@@ -149,7 +162,8 @@ def verify_chain(chain: PresentedChain, anchor: x509.Certificate, now: dt.dateti
         verified = _verifier(anchor, now).verify(chain.leaf, list(chain.intermediates))
     except xv.VerificationError as exc:
         raise AuthenticationError(
-            f"The presented certificate chain does not verify up to {anchor.subject.rfc4514_string()!r}: {exc}",
+            f"The presented certificate chain does not verify up to {anchor.subject.rfc4514_string()!r}: "
+            f"{_reason(exc)}",
             error_code=DpsCode.X509_CHAIN_INVALID,
         ) from None
     _VERIFIED_PATHS.remember(anchor, chain.intermediates, verified.chain)
@@ -204,7 +218,7 @@ class _VerifiedPaths:
         for cert in path[1:]:
             try:
                 extensions = cert.extensions
-            except ValueError:  # an extension the Python API cannot parse: not remembered
+            except (ValueError, x509.DuplicateExtension):  # extensions the Python API cannot read
                 return
             for extension in _LEAF_DEPENDENT:
                 try:
@@ -219,6 +233,25 @@ class _VerifiedPaths:
 
 
 _VERIFIED_PATHS = _VerifiedPaths()
+
+
+#: The verifier's words for a key or signature algorithm it refuses are followed by a debug
+#: dump of the algorithm's parameters (a DSA prime of any size the peer chose): said plainly.
+_FORBIDDEN = {
+    "Forbidden public key algorithm": "a certificate's public key algorithm is not allowed (RSA of at "
+    "least 2048 bits, or EC on P-256, P-384 or P-521)",
+    "Forbidden signature algorithm": "a certificate's signature algorithm is not allowed",
+}
+_MAX_REASON = 300
+
+
+def _reason(exc: xv.VerificationError) -> str:
+    """Why a chain does not verify, for the error and the log line, bounded in length."""
+    text = str(exc)
+    for words, plain in _FORBIDDEN.items():
+        if words in text:
+            return plain
+    return text if len(text) <= _MAX_REASON else text[:_MAX_REASON] + "..."
 
 
 def verify_self_signed(cert: x509.Certificate, now: dt.datetime) -> None:
