@@ -41,7 +41,7 @@ from provisiond.device import (
     X509Security,
 )
 from provisiond.device.transport import client_ssl_context
-from provisiond.errors import TimeoutError, TransportError
+from provisiond.errors import RemoteProtocolError, TimeoutError, TransportError
 from provisiond.protocol.sas import parse_sas_token, verify_signature
 
 KEY = "c2VjcmV0LWtleS1mb3ItdGVzdHMtb25seS0wMTIzNDU2Nzg5"
@@ -260,6 +260,19 @@ async def test_an_answer_that_is_not_http_is_a_transport_error(scripted: Callabl
     dps = ScriptedHttps(lambda n, c: (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", True))
     client = await scripted(dps)
     with pytest.raises(TransportError, match="RemoteProtocolError"):
+        await client.register()
+    await client.close()
+
+
+@pytest.mark.parametrize("status", [600, 999])
+async def test_a_status_beyond_599_is_the_services_protocol_error(
+    scripted: Callable[..., Any], status: int
+) -> None:
+    """HTTP's parser takes any three digits; a status HTTP does not have is the service's
+    error (RemoteProtocolError), not the client's own misuse (LocalProtocolError, as it was)."""
+    dps = ScriptedHttps(lambda n, c: (answer(status, body("assigned")), True))
+    client = await scripted(dps)
+    with pytest.raises(RemoteProtocolError, match=f"status {status}, not an HTTP status"):
         await client.register()
     await client.close()
 

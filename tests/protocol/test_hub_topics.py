@@ -221,3 +221,18 @@ def test_build_hub_username_round_trip() -> None:
     username = t.build_hub_username("h.example", "d1", client_type="provisiond/0.1")
     parsed = t.parse_hub_username(username)
     assert (parsed.host_name, parsed.device_id, parsed.client_type) == ("h.example", "d1", "provisiond/0.1")
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "$iothub/methods/res/²/?$rid=1",  # str.isdigit takes it, int refuses it: a ValueError
+        "$iothub/methods/res/٢٠٠/?$rid=1",  # Arabic-Indic digits, which int reads as 200
+        "$iothub/twin/PATCH/properties/reported/?$rid=1&$version=²",
+    ],
+)
+def test_numbers_in_a_devices_topic_are_ascii_digits(topic: str) -> None:
+    """A device chose these topics: anything but ASCII digits is a protocol error, never a
+    ValueError that ended the device's session with a traceback."""
+    with pytest.raises(RemoteProtocolError):
+        t.parse_publication(topic)

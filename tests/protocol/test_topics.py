@@ -233,3 +233,11 @@ def test_property_username_round_trip(scope: str, reg: str, version: str) -> Non
     parsed = parse_username(username)
     assert (parsed.id_scope, parsed.registration_id, parsed.api_version) == (scope, reg, "2021-06-01")
     assert parsed.client_version == (version or None)
+
+
+@pytest.mark.parametrize("status", ["²", "٢٠٠", "２００"])
+def test_a_response_status_is_ascii_digits(status: str) -> None:
+    """What the service chose: a status that is not ASCII digits is a protocol error for the
+    device client (it was a ValueError, or read as 200)."""
+    with pytest.raises(RemoteProtocolError):
+        parse_response_topic(f"$dps/registrations/res/{status}/?$rid=1")

@@ -89,13 +89,18 @@ class WebSocketChannel:
         return self._ws.close_code is not None
 
     async def read(self) -> bytes:
+        """The next message's bytes; b"" once the connection closed. An empty message (which
+        WebSocket allows) is not the end of the connection: the next one is read."""
         from websockets.exceptions import ConnectionClosed
 
-        try:
-            message = await self._ws.recv()
-        except ConnectionClosed:
-            return b""
-        return message if isinstance(message, bytes) else message.encode()
+        while True:
+            try:
+                message = await self._ws.recv()
+            except ConnectionClosed:
+                return b""
+            data = message if isinstance(message, bytes) else message.encode()
+            if data:
+                return data
 
     async def write(self, data: bytes) -> None:
         from websockets.exceptions import ConnectionClosed
@@ -195,6 +200,9 @@ class StreamTransport(Transport):
             ping_interval=None,  # MQTT's keep-alive does this job; the AMQP client asks for none
             compression=None,
             max_size=None,  # the protocol layer bounds what it accepts
+            # A service that does not answer our close is not waited for past the timeout (the
+            # library's default, 10 s, came on top of it).
+            close_timeout=min(self.timeout, 1.0),
             user_agent_header=USER_AGENT,
         )
         return WebSocketChannel(websocket)

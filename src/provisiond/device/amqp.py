@@ -289,7 +289,11 @@ class AmqpTransport(StreamTransport):
                         )
                         machine.sasl_init(mechanism.value, tpm.initial_response())
                 elif isinstance(event, SaslChallengeReceived):
-                    assert tpm is not None
+                    if tpm is None:  # PLAIN and EXTERNAL have no challenge
+                        raise RemoteProtocolError(
+                            f"{self.address} sent a SASL challenge to a {mechanism.value} authentication, "
+                            "which has none: is it a DPS service?"
+                        )
                     machine.sasl_response(await self._tpm_answer(tpm, event.challenge, resource))
                 elif isinstance(event, SaslOutcomeReceived):
                     if event.code is not SaslCode.OK:
@@ -338,8 +342,9 @@ class AmqpTransport(StreamTransport):
         )
         machine.grant_credit(link.receiver, 8)
         await link.flush()
+        give_up = time.monotonic() + self.timeout  # for both answers, whatever else comes
         while len(link.attached) < 2:
-            for event in await self._events(link):
+            for event in await self._events(link, give_up=give_up):
                 if isinstance(event, LinkAttached):
                     link.attached.add(event.link)
                 elif isinstance(event, LinkDetached):
@@ -347,15 +352,19 @@ class AmqpTransport(StreamTransport):
 
     # --- answers -------------------------------------------------------------------------------
 
-    async def _events(self, link: _Link, *, until_opened: bool = False) -> list[Event]:
-        """The next events (reading as needed, within the timeout); ends the connection on a close."""
+    async def _events(
+        self, link: _Link, *, until_opened: bool = False, give_up: float | None = None
+    ) -> list[Event]:
+        """The next events (reading as needed, before ``give_up``: the timeout from now unless
+        the caller's wait began earlier); ends the connection on a close."""
         if until_opened and link.machine.opened:
             return []
         if link.backlog and not until_opened:
             events, link.backlog = link.backlog, []
             return events
         await link.flush()
-        give_up = time.monotonic() + self.timeout
+        if give_up is None:
+            give_up = time.monotonic() + self.timeout
         collected: list[Event] = []
         while True:
             try:
@@ -379,8 +388,12 @@ class AmqpTransport(StreamTransport):
     async def _answer(self, link: _Link, correlation_id: str) -> Reply:
         outcome: Reply | None = None
         accepted = False
+        # One timeout for the whole answer: frames that are not it (flow, another request's
+        # answer) do not start the wait again, or a service that sent them forever held the
+        # device forever.
+        give_up = time.monotonic() + self.timeout
         while True:
-            for event in await self._events(link):
+            for event in await self._events(link, give_up=give_up):
                 if isinstance(event, DeliveryUpdated) and event.link == link.sender:
                     if isinstance(event.state, Rejected):
                         outcome = _rejection(event.state.error)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 from urllib.parse import quote, urlsplit
 
 from .. import __version__
-from ..errors import ConfigurationError, ConnectError, TimeoutError, TransportError
+from ..errors import ConfigurationError, ConnectError, RemoteProtocolError, TimeoutError, TransportError
 from ..protocol.messages import encode
 from ..protocol.registration import Reply, Request, SendPoll, SendRegister, parse_retry_after
 from ._http import HttpConnection, HttpResponse
@@ -291,6 +291,10 @@ class HttpsTransport(Transport):
             raise TypeError(f"cannot send {request!r}")
         response = await self._http.request(method, target, headers, body)
         logger.debug("%s %s -> %d", method, target.partition("?")[0], response.status)
+        if not 100 <= response.status <= 599:  # HTTP's own parser lets three digits through
+            raise RemoteProtocolError(
+                f"{self.host} answered with status {response.status}, not an HTTP status."
+            )
         return Reply(
             status=response.status,
             body=response.body,

@@ -93,7 +93,7 @@ class HubConnection:
         name, _, port_text = parts["hostname"].partition(":")
         port = None
         if port_text:
-            if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
                 raise InvalidBodyError(f"connectionString: HostName's port {port_text[:10]!r} is not a port.")
             port = int(port_text)
         if host is not None and name.lower() != host.lower():

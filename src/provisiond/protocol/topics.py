@@ -170,7 +170,7 @@ def parse_response_topic(topic: str) -> ResponseTopic:
     if not topic.startswith(RESPONSE_PREFIX):
         raise RemoteProtocolError(f"{topic[:_MAX_TOPIC_CHARS]!r} is not a DPS response topic.")
     status_text, sep, query = topic[len(RESPONSE_PREFIX) :].partition("/?")
-    if not sep or not status_text.isdigit() or not 100 <= int(status_text) <= 599:
+    if not sep or not (status_text.isascii() and status_text.isdigit()) or not 100 <= int(status_text) <= 599:
         raise RemoteProtocolError(f"The response topic {topic[:_MAX_TOPIC_CHARS]!r} carries no status code.")
     properties = _properties(query, topic)
     rid = properties.get("$rid")
