@@ -78,11 +78,15 @@ def _register(server: RunningServer, reg: str, token: str | None, ctx: ssl.SSLCo
     return state
 
 
-def provision_symmetric(server: RunningServer, admin: Any, *, initial_twin: Any = None) -> Provisioned:
+def provision_symmetric(
+    server: RunningServer, admin: Any, *, initial_twin: Any = None, device_id: str | None = None
+) -> Provisioned:
     reg = uid("hsk")
     body: dict[str, Any] = {"registrationId": reg, "attestation": {"type": "symmetricKey"}}
     if initial_twin is not None:
         body["initialTwin"] = initial_twin
+    if device_id is not None:
+        body["deviceId"] = device_id
     admin.put(f"/enrollments/{reg}", body)
     key: str = admin.post(f"/enrollments/{reg}/attestationmechanism")["symmetricKey"]["primaryKey"]
     token = build_sas_token(

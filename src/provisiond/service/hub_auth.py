@@ -203,7 +203,12 @@ def _check_audience(token: SasToken, hub: str, device_id: str) -> Refused | None
             ConnectReturnCode.BAD_USERNAME_OR_PASSWORD,
             f"the SAS token names the policy {token.key_name[:64]!r}; a device signs with its own key",
         )
-    if not sep or host.lower() != hub.lower() or unquote(rest) != f"devices/{device_id}":
+    # ``resource`` is already URL-decoded once (sr is encoded once, as the Python SDK does); the
+    # device id in it may have been encoded once more before that (as encodeURIComponent of
+    # the id, then of the whole URI), so both readings count. Decoding only twice refused
+    # an id with "%" and two hex digits ("d%20x" became "d x").
+    wanted = f"devices/{device_id}"
+    if not sep or host.lower() != hub.lower() or wanted not in (rest, unquote(rest)):
         return Refused(
             ConnectReturnCode.BAD_USERNAME_OR_PASSWORD,
             f"the SAS token is for {token.resource[:200]!r}, not {hub}/devices/{device_id}",
