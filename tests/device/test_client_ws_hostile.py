@@ -6,19 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
-import ssl
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from provisiond import pki
-from provisiond.device import AsyncProvisioningDeviceClient, RetryPolicy, SymmetricKeySecurity
 from provisiond.errors import TimeoutError
+from tests.device._hostile import Session, hostile_service
 
-KEY = "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LTAxMjM="
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
@@ -43,13 +38,9 @@ def _handshake(request: bytes) -> bytes:
     )
 
 
-@contextlib.asynccontextmanager
-async def serving(after_upgrade: bytes, tmp_path: Path) -> AsyncIterator[AsyncProvisioningDeviceClient]:
+def _service(after_upgrade: bytes) -> Session:
     """A service that upgrades, sends ``after_upgrade``, then reads everything and says nothing
     (it never answers a close)."""
-    files = pki.ensure_dev_pki(tmp_path)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(files.cert_file, files.key_file)
 
     async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -61,29 +52,13 @@ async def serving(after_upgrade: bytes, tmp_path: Path) -> AsyncIterator[AsyncPr
         finally:
             writer.close()
 
-    listener = await asyncio.start_server(session, "127.0.0.1", 0, ssl=context)
-    port = listener.sockets[0].getsockname()[1]
-    security = SymmetricKeySecurity(registration_id="dev", symmetric_key=KEY)
-    client = AsyncProvisioningDeviceClient.create(
-        f"localhost:{port}",
-        "0ne00000001",
-        security,
-        "mqtt-ws",
-        ca_file=files.ca_file,
-        timeout=1.0,
-        retry=RetryPolicy(max_attempts=1),
-    )
-    try:
-        yield client
-    finally:
-        await client.close()
-        listener.close()
+    return session
 
 
 async def test_a_silent_service_does_not_hold_the_client_past_its_timeout(tmp_path: Path) -> None:
     """No CONNACK, and no answer to the client's close: provisiond's TimeoutError, within the
     5 s guard (the WebSocket library's own close wait, 10 s, came on top of the timeout)."""
-    async with serving(b"", tmp_path) as client:
+    async with hostile_service(_service(b""), "mqtt-ws", tmp_path) as client:
         with pytest.raises(TimeoutError):  # provisiond's: asyncio's (the guard) is not one
             await asyncio.wait_for(client.register(), 5)
 
@@ -93,6 +68,6 @@ async def test_an_empty_message_is_not_the_end_of_the_connection(tmp_path: Path)
     subscription is never answered: a timeout), where the empty one read as a hang-up and the
     client said the service was not an MQTT server."""
     connack = b"\x20\x02\x00\x00"
-    async with serving(_frame(b"") + _frame(connack), tmp_path) as client:
+    async with hostile_service(_service(_frame(b"") + _frame(connack)), "mqtt-ws", tmp_path) as client:
         with pytest.raises(TimeoutError, match="did not answer"):
             await asyncio.wait_for(client.register(), 5)
