@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -106,3 +107,39 @@ def test_nesting_is_bounded() -> None:
     assert parse(f"SELECT * FROM devices WHERE {chain}").matches({"a": 9})
     chain = " AND ".join("a=1" for _ in range(1020))
     assert parse(f"SELECT * FROM devices WHERE {chain}").matches({"a": 1})
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("SELECT COUNT() FROM devices WHERE tags.n = 1" + "0" * 4400, "too long"),  # was a 500 (ValueError)
+        ("SELECT COUNT() AS", "after AS"),  # was a 500 (IndexError)
+        ("SELECT deviceId AS", "after AS"),
+        ("SELECT deviceId AS , FROM devices", "after AS"),  # "," was taken as the name
+    ],
+)
+def test_malformed_queries_are_invalid_query_errors(text: str, words: str) -> None:
+    with pytest.raises(InvalidQueryError, match=words):
+        parse(text)
+
+
+def test_and_inside_a_string_literal_does_not_narrow_the_index_filter() -> None:
+    """The store narrows a query by its top-level equalities on indexed fields; "and" inside a
+    string literal was split as text, so a tag value holding "deviceId = 'dev005'" became a
+    filter and the matching device was left out."""
+    query = parse("""SELECT * FROM devices WHERE tags.inj = "q and deviceId = 'dev005' and q" """)
+    assert dict(query.required) == {}
+    assert query.matches({"deviceId": "dev010", "tags": {"inj": "q and deviceId = 'dev005' and q"}})
+    both = parse("SELECT * FROM devices WHERE deviceId = 'it''s' AND status = 'enabled'")
+    assert dict(both.required) == {"deviceId": "it's", "status": "enabled"}
+
+
+def test_a_member_is_found_without_regard_to_case_among_many() -> None:
+    """A member not found as written is looked up by lower case once per twin (a query of
+    hundreds of terms over twins of thousands of keys passed over every key for each term)."""
+    desired = {f"Key{n}": n for n in range(3000)}
+    terms = " OR ".join(f"properties.desired.key{n} = -1" for n in range(200))
+    query = parse(f"SELECT * FROM devices WHERE {terms} OR properties.desired.KEY2999 = 2999")
+    assert query.matches({"properties": {"desired": desired}})
+    desired["Key2999"] = 0  # the same twin, changed: read again
+    assert not query.matches({"properties": {"desired": desired}})

@@ -178,8 +178,14 @@ def test_the_queue_holds_fifty_messages_and_expired_ones_do_not_count(
         ({"iothub-ack": "sometimes"}, "ack must be one of"),
         ({"iothub-expiry": "2001-01-01T00:00:00Z"}, "in the past"),
         ({"iothub-expiry": utc_iso(time.time() + 49 * 3600)}, "48 hours"),
-        ({"iothub-expiry": "soon"}, "neither an ISO 8601 time"),
+        ({"iothub-expiry": "soon"}, "expiryTimeUtc 'soon' is neither an ISO 8601 time"),
         ({"iothub-app-$reserved": "x"}, "reserved"),
+        # System properties count and are bounded: a 100 KB correlation id was queued, and the
+        # device was disconnected on every connection by a topic over MQTT's 65,535 bytes.
+        ({"iothub-correlationid": "c" * 129}, "at most 128"),
+        ({"iothub-messageid": "m" * 129}, "at most 128"),
+        # Properties that URL-encode to three times their size (within the 64 KB of the message).
+        ({f"iothub-app-p{n}": "%" * 8000 for n in range(4)}, "over MQTT's 65535"),
     ],
 )
 def test_out_of_bounds_messages_are_400s(

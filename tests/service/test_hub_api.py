@@ -192,6 +192,19 @@ def test_twin_patch_replace_and_etags(hub: HubService) -> None:
     assert iothub_error(hub.request("PATCH", f"/twins/{uid()}", json=patch)) == (404, "DeviceNotFound")
 
 
+def test_a_refused_twin_key_cannot_forge_a_log_line(hub: HubService, server: RunningServer) -> None:
+    """The 400 for a twin key with a newline quotes the key in the log line: its control
+    characters are escaped, so the key cannot start a line of its own (it forged "ERROR ...")."""
+    device_id = uid()
+    assert hub.request("PUT", f"/devices/{device_id}", json={"deviceId": device_id}).status_code == 200
+    forged = "x\n2026-12-06 03:30:00,000 ERROR provisiond.http: FORGED " + device_id + "\n"
+    refused = hub.request("PATCH", f"/twins/{device_id}", json={"tags": {forged: 1}})
+    assert refused.status_code == 400, refused.text
+    line = server.wait_for_log(f"PATCH /twins/{device_id} -> 400", "FORGED")
+    assert "x\\n2026-12-06 03:30:00,000 ERROR" in line  # one line, the newline escaped
+    assert not any(text.startswith("2026-12-06 03:30:00,000 ERROR") for text in server.log().splitlines())
+
+
 def test_query_with_where_and_paging(hub: HubService) -> None:
     site = uid("site")
     ids = sorted(uid() for _ in range(3))

@@ -846,9 +846,10 @@ def serve(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from ..service.http import lean_log_records
+    from ..service.http import lean_log_records, one_line_logs
 
     lean_log_records()
+    one_line_logs()
     if (server_cert is None) != (server_key is None):
         raise click.UsageError("--server-cert and --server-key go together.")
     _check_ports(bind, https_port=https_port, mqtt_port=mqtt_port, amqp_port=amqp_port)

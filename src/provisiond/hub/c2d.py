@@ -23,9 +23,19 @@ from collections.abc import Sequence
 import msgspec
 
 from ..errors import AuthorizationError, IotHubCode, RequestError
+from ..protocol.hub_topics import c2d_topic
 from ..storage import Collection, Entry, Store, Stream, utc_iso
 from .events import parse_enqueued_time
-from .messages import AckMode, CloudToDeviceMessage, c2d_to, decode_c2d, encode_c2d, new_message_id, partition
+from .messages import (
+    AckMode,
+    CloudToDeviceMessage,
+    c2d_properties,
+    c2d_to,
+    decode_c2d,
+    encode_c2d,
+    new_message_id,
+    partition,
+)
 from .registry import device_not_found
 
 __all__ = [
@@ -74,8 +84,27 @@ class Enqueued(msgspec.Struct, rename="camel", kw_only=True):
     ack: str
 
 
+#: IoT Hub's bound on a message id and a correlation id; provisiond holds the other system
+#: properties (user id, content type and encoding) to it too.
+MAX_SYSTEM_PROPERTY = 128
+#: MQTT's bound on a topic name, which carries the properties to the device.
+_MAX_TOPIC_BYTES = 65535
+
+
+def _system_properties(request: CloudToDeviceRequest) -> dict[str, str | None]:
+    return {
+        "messageId": request.message_id,
+        "correlationId": request.correlation_id,
+        "userId": request.user_id,
+        "contentType": request.content_type,
+        "contentEncoding": request.content_encoding,
+    }
+
+
 def _size(request: CloudToDeviceRequest) -> int:
-    return len(request.body) + sum(len(k.encode()) + len(v.encode()) for k, v in request.properties.items())
+    """Body and properties, the system ones included."""
+    properties = [*request.properties.items(), *_system_properties(request).items()]
+    return len(request.body) + sum(len(k.encode()) + len((v or "").encode()) for k, v in properties)
 
 
 def _check(request: CloudToDeviceRequest, now: float) -> tuple[AckMode, str]:
@@ -86,6 +115,11 @@ def _check(request: CloudToDeviceRequest, now: float) -> tuple[AckMode, str]:
         raise RequestError(
             f"ack must be one of {', '.join(ACKS)}, not {(request.ack or '')[:40]!r}."
         ) from None
+    for name, value in _system_properties(request).items():
+        if value is not None and len(value) > MAX_SYSTEM_PROPERTY:
+            raise RequestError(
+                f"{name} is {len(value)} characters; IoT Hub takes at most {MAX_SYSTEM_PROPERTY}."
+            )
     if _size(request) > MAX_MESSAGE_BYTES:
         raise RequestError(
             f"The message (body and properties, {_size(request)} bytes) exceeds IoT Hub's "
@@ -98,7 +132,7 @@ def _check(request: CloudToDeviceRequest, now: float) -> tuple[AckMode, str]:
             )
     if request.expiry_time_utc is None:
         return ack, utc_iso(now + DEFAULT_TTL)
-    expiry = parse_enqueued_time(request.expiry_time_utc)
+    expiry = parse_enqueued_time(request.expiry_time_utc, field="expiryTimeUtc")
     if expiry <= utc_iso(now):
         raise RequestError(f"expiryTimeUtc {expiry} is in the past: the message would never be delivered.")
     if expiry > utc_iso(now + MAX_TTL):
@@ -168,6 +202,12 @@ async def enqueue(
         properties=dict[str, str | None](request.properties),
         body=request.body,
     )
+    topic = len(c2d_topic(device_id, c2d_properties(message)).encode())
+    if topic > _MAX_TOPIC_BYTES:  # properties that URL-encode to three times their size
+        raise RequestError(
+            f"The message's properties make an MQTT topic of {topic} bytes, over MQTT's {_MAX_TOPIC_BYTES}: "
+            "the device could never receive it."
+        )
     await store.append(Stream.HUB_C2D, [(key, encode_c2d(message))])
     return message, Enqueued(
         message_id=message.message_id,

@@ -51,7 +51,7 @@ class StoredEvent(TelemetryEvent, frozen=True, kw_only=True):
     seq: int
 
 
-def parse_enqueued_time(text: str) -> str:
+def parse_enqueued_time(text: str, *, field: str = "enqueuedTime") -> str:
     """A reader's start time as the store writes times (ISO 8601 UTC, microseconds, ``Z``).
     Accepts ISO 8601 (a time without an offset is UTC) and Unix time in milliseconds, as
     ``az iot hub monitor-events --enqueued-time`` does.
@@ -65,7 +65,7 @@ def parse_enqueued_time(text: str) -> str:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
     except (ValueError, OverflowError, OSError):
         raise RequestError(
-            f"enqueuedTime {text[:64]!r} is neither an ISO 8601 time nor Unix time in milliseconds."
+            f"{field} {text[:64]!r} is neither an ISO 8601 time nor Unix time in milliseconds."
         ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)

@@ -79,7 +79,10 @@ def _tokens(text: str) -> list[_Token]:
         if kind == "string":
             value = raw[1:-1].replace(raw[0] * 2, raw[0])
         elif kind == "number":
-            value = float(raw) if any(c in raw for c in ".eE") else int(raw)
+            try:
+                value = float(raw) if any(c in raw for c in ".eE") else int(raw)
+            except ValueError:  # more digits than Python converts (4,300)
+                raise InvalidQueryError(f"The number {raw[:20]}... is too long.") from None
         tokens.append(_Token(kind, raw, value))
         pos = match.end()
     tokens.append(_Token("end", ""))
@@ -102,14 +105,34 @@ def _lookup(doc: Any, path: str) -> Any:
         if part in value:
             value = value[part]
             continue
-        folded = part.lower()
-        for key in value:
-            if isinstance(key, str) and key.lower() == folded:
-                value = value[key]
-                break
-        else:
+        key = _folded(value).get(part.lower())
+        if key is None or key not in value:
             return _MISSING
+        value = value[key]
     return value
+
+
+#: Each recently met mapping (kept, so that its id is not reused), its size when met (a changed
+#: mapping is read again) and its keys by lower case:
+#: a name not found as written is then one dict lookup, not a pass over every key. Without it a
+#: query of a few hundred terms over twins of thousands of keys took seconds of the server's CPU.
+_FOLDED: dict[int, tuple[Mapping[Any, Any], int, dict[str, str]]] = {}
+_FOLDED_MAX = 256
+
+
+def _folded(mapping: Mapping[Any, Any]) -> dict[str, str]:
+    """``mapping``'s string keys by their lower case (the first of each, in its order)."""
+    hit = _FOLDED.get(id(mapping))
+    if hit is not None and hit[0] is mapping and hit[1] == len(mapping):
+        return hit[2]
+    folded: dict[str, str] = {}
+    for key in mapping:
+        if isinstance(key, str):
+            folded.setdefault(key.lower(), key)
+    if len(_FOLDED) >= _FOLDED_MAX:
+        _FOLDED.clear()
+    _FOLDED[id(mapping)] = (mapping, len(mapping), folded)
+    return folded
 
 
 def _kind(value: Any) -> str:
@@ -183,7 +206,8 @@ class _Parser:
 
     def take(self) -> _Token:
         token = self.token
-        self.pos += 1
+        if token.kind != "end":  # the end stays the current token, however often it is taken
+            self.pos += 1
         return token
 
     def expect_word(self, word: str) -> None:
@@ -295,6 +319,16 @@ class _Parser:
             self.expect_punct(",")
 
 
+def _alias(parser: _Parser) -> str:
+    """The name after AS."""
+    token = parser.take()
+    if token.kind != "word" or token.text.lower() in _KEYWORDS:
+        raise InvalidQueryError(
+            f"Expected a name after AS, not {'the end of the query' if token.kind == 'end' else repr(token.text)}."
+        )
+    return token.text
+
+
 def _any(terms: Sequence[Predicate]) -> Predicate:
     return lambda doc: any(term(doc) for term in terms)
 
@@ -352,23 +386,31 @@ class Query:
 
 
 _REQUIRED = {"deviceid": "deviceId", "status": "status", "connectionstate": "connectionState"}
-_EQUALITY = re.compile(
-    r"""^\s*([A-Za-z]+)\s*=\s*(?:'((?:[^']|'')*)'|"((?:[^"]|"")*)")\s*$""",
-)
 
 
 def _required(where: str) -> dict[str, str]:
     """The equality conditions of the top-level AND chain on the indexed fields (a cheap, safe
-    reading: the full condition is evaluated on every candidate anyway)."""
-    if re.search(r"\bor\b|\bnot\b|\(", where, re.IGNORECASE):
+    reading: the full condition is evaluated on every candidate anyway). Read from the tokens,
+    so that "and" or "or" inside a string literal is the literal's (split as text, a tag value
+    such as "q and deviceId = 'x'" became a filter, and the query missed the device)."""
+    tokens = _tokens(where)[:-1]  # without the end
+    if any(t.kind == "word" and t.text.lower() in ("or", "not") or t.text == "(" for t in tokens):
         return {}
     required: dict[str, str] = {}
-    for part in re.split(r"\band\b", where, flags=re.IGNORECASE):
-        match = _EQUALITY.match(part)
-        if match and match.group(1).lower() in _REQUIRED:
-            quoted = match.group(2) if match.group(2) is not None else match.group(3)
-            quote = "'" if match.group(2) is not None else '"'
-            required[_REQUIRED[match.group(1).lower()]] = quoted.replace(quote * 2, quote)
+    part: list[_Token] = []
+    for token in [*tokens, _Token("word", "and")]:
+        if token.kind != "word" or token.text.lower() != "and":
+            part.append(token)
+            continue
+        if (
+            len(part) == 3
+            and part[0].kind == "word"
+            and part[0].text.lower() in _REQUIRED
+            and part[1].text == "="
+            and part[2].kind == "string"
+        ):
+            required[_REQUIRED[part[0].text.lower()]] = part[2].value
+        part = []
     return required
 
 
@@ -401,7 +443,7 @@ def parse(text: str) -> Query:
         count = "$1"
         if parser.is_word("as"):
             parser.take()
-            count = parser.take().text
+            count = _alias(parser)
     else:
         fields = []
         while True:
@@ -413,7 +455,7 @@ def parse(text: str) -> Query:
             name = token.text.rsplit(".", 1)[-1]
             if parser.is_word("as"):
                 parser.take()
-                name = parser.take().text
+                name = _alias(parser)
             fields.append((token.text, name))
             if parser.token.text != ",":
                 break

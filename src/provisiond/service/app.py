@@ -35,6 +35,7 @@ from .http import (
     error_answer,
     handle_errors,
     lean_log_records,
+    one_line_logs,
     route_table,
     shown_path,
 )
@@ -237,6 +238,7 @@ def app_from_environment() -> Starlette:
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
     )
     lean_log_records()
+    one_line_logs()
     app = create_app(Settings.from_json(raw))
     settle_garbage_collector()
     return app

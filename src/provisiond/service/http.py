@@ -31,6 +31,7 @@ __all__ = [
     "AsgiEndpoint",
     "DirectRoutes",
     "ErrorRenderer",
+    "OneLineFormatter",
     "ShapedRouter",
     "UnknownPaths",
     "api_version_of",
@@ -41,6 +42,7 @@ __all__ = [
     "handle_errors",
     "json_response",
     "lean_log_records",
+    "one_line_logs",
     "path_shown",
     "read_body",
     "receive_body",
@@ -148,6 +150,34 @@ def lean_log_records() -> None:
     logging.logThreads = False
     logging.logMultiprocessing = False
     setattr(logging, "_srcfile", None)  # noqa: B010  # the documented switch; private name
+
+
+#: Control characters (and Unicode's line breaks) as escapes: a record stays one line whatever
+#: a peer put into its message (a twin key with a newline forged a log line of its own).
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {
+    0x0A: "\\n",
+    0x0D: "\\r",
+    0x09: "\\t",
+    0x85: "\\x85",
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+}
+
+
+class OneLineFormatter(logging.Formatter):
+    """A formatter whose message is always one line: control characters are escaped (a
+    traceback, which follows the message, keeps its lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # logging's name
+        record.message = record.message.translate(_CONTROL)
+        return super().formatMessage(record)
+
+
+def one_line_logs() -> None:
+    """Give the root logger's handlers a :class:`OneLineFormatter` with their format."""
+    for handler in logging.getLogger().handlers:
+        current = handler.formatter or logging.Formatter()
+        handler.setFormatter(OneLineFormatter(current._fmt, current.datefmt))
 
 
 def handle_errors(handler: ApiHandler, *, render: ErrorRenderer = error_response) -> ApiHandler:

@@ -169,7 +169,7 @@ async def send_c2d(request: Request) -> Response:
     broker = getattr(request.app.state, "broker", None)
     if broker is not None:
         await broker.notify_c2d(hub, device_id)
-    log.info("Queued cloud-to-device message %r for %s/%s", queued.message_id, hub, device_id)
+    log.info("Queued cloud-to-device message %r for %s/%s", queued.message_id[:128], hub, device_id)
     return json_response(queued)
 
 
