@@ -322,7 +322,7 @@ class _Parser:
 def _alias(parser: _Parser) -> str:
     """The name after AS."""
     token = parser.take()
-    if token.kind != "word" or token.text.lower() in _KEYWORDS:
+    if token.kind != "word":  # a keyword may be a name here ("AS where"), as IoT Hub takes it
         raise InvalidQueryError(
             f"Expected a name after AS, not {'the end of the query' if token.kind == 'end' else repr(token.text)}."
         )
