@@ -30,6 +30,7 @@ from cryptography import x509
 from ..errors import DpsCode, InvalidBodyError, RequestError
 from ..models import LinkedHub
 from ..protocol.sas import build_sas_token
+from ..protocol.topics import ascii_digits
 
 __all__ = [
     "API_VERSION",
@@ -93,7 +94,7 @@ class HubConnection:
         name, _, port_text = parts["hostname"].partition(":")
         port = None
         if port_text:
-            if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
+            if not ascii_digits(port_text) or not 0 < int(port_text) < 65536:
                 raise InvalidBodyError(f"connectionString: HostName's port {port_text[:10]!r} is not a port.")
             port = int(port_text)
         if host is not None and name.lower() != host.lower():

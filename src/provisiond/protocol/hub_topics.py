@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
 
 from ..errors import LocalProtocolError, RemoteProtocolError
+from .topics import ascii_digits
 
 __all__ = [
     "SYSTEM_PROPERTIES",
@@ -83,12 +84,6 @@ TWIN_DESIRED_PREFIX = "$iothub/twin/PATCH/properties/desired/"
 TWIN_RESPONSE_PREFIX = "$iothub/twin/res/"
 METHOD_REQUEST_PREFIX = "$iothub/methods/POST/"
 METHOD_RESPONSE_PREFIX = "$iothub/methods/res/"
-
-
-def _is_number(text: str) -> bool:
-    """ASCII digits only: ``str.isdigit`` also takes "²" (which ``int`` refuses) and "٢" (which
-    it reads as 2), and a peer chose the text."""
-    return text.isascii() and text.isdigit()
 
 
 def _q(value: str) -> str:
@@ -207,14 +202,14 @@ def parse_publication(topic: str) -> Publication:
                 raise RemoteProtocolError(f"The twin topic {topic[:_MAX_QUOTED]!r} has no ?$rid=.")
             items = _query(query[1:], topic)
             version = items.get("$version")
-            if version is not None and not _is_number(version):
+            if version is not None and not ascii_digits(version):
                 raise RemoteProtocolError(f"The twin topic {topic[:_MAX_QUOTED]!r} has a malformed $version.")
             return Publication(
                 kind=kind, rid=_rid(items, topic), version=int(version) if version is not None else None
             )
     if topic.startswith(METHOD_RESPONSE_PREFIX):
         status_text, sep, query = topic[len(METHOD_RESPONSE_PREFIX) :].partition("/?")
-        if not sep or not _is_number(status_text.removeprefix("-")) or len(status_text) > 10:
+        if not sep or not ascii_digits(status_text.removeprefix("-")) or len(status_text) > 10:
             raise RemoteProtocolError(f"The method response topic {topic[:_MAX_QUOTED]!r} has no status.")
         items = _query(query, topic)
         return Publication(
@@ -294,14 +289,14 @@ def parse_twin_response_topic(topic: str) -> TwinResponseTopic:
     if not topic.startswith(TWIN_RESPONSE_PREFIX):
         raise RemoteProtocolError(f"{topic[:_MAX_QUOTED]!r} is not a twin response topic.")
     status_text, sep, query = topic[len(TWIN_RESPONSE_PREFIX) :].partition("/?")
-    if not sep or not _is_number(status_text) or len(status_text) != 3:
+    if not sep or not ascii_digits(status_text) or len(status_text) != 3:
         raise RemoteProtocolError(f"The twin response topic {topic[:_MAX_QUOTED]!r} has no status.")
     items = _query(query, topic)
     version = items.get("$version")
     return TwinResponseTopic(
         status=int(status_text),
         rid=_rid(items, topic),
-        version=int(version) if version is not None and _is_number(version) else None,
+        version=int(version) if version is not None and ascii_digits(version) else None,
     )
 
 

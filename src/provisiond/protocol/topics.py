@@ -39,6 +39,7 @@ __all__ = [
     "RequestTopic",
     "ResponseTopic",
     "Username",
+    "ascii_digits",
     "build_username",
     "is_response_filter",
     "parse_request_topic",
@@ -92,6 +93,12 @@ class Username:
 
 
 # --- requests (device -> service) ------------------------------------------------------------------
+
+
+def ascii_digits(text: str) -> bool:
+    """Whether ``text`` is ASCII digits only: ``str.isdigit`` also takes "²" (which ``int``
+    refuses) and "٢" (which it reads as 2), and a peer chose the text."""
+    return text.isascii() and text.isdigit()
 
 
 def _echoable(rid: str) -> bool:
@@ -170,7 +177,7 @@ def parse_response_topic(topic: str) -> ResponseTopic:
     if not topic.startswith(RESPONSE_PREFIX):
         raise RemoteProtocolError(f"{topic[:_MAX_TOPIC_CHARS]!r} is not a DPS response topic.")
     status_text, sep, query = topic[len(RESPONSE_PREFIX) :].partition("/?")
-    if not sep or not (status_text.isascii() and status_text.isdigit()) or not 100 <= int(status_text) <= 599:
+    if not sep or not ascii_digits(status_text) or not 100 <= int(status_text) <= 599:
         raise RemoteProtocolError(f"The response topic {topic[:_MAX_TOPIC_CHARS]!r} carries no status code.")
     properties = _properties(query, topic)
     rid = properties.get("$rid")

@@ -169,7 +169,8 @@ class OneLineFormatter(logging.Formatter):
     traceback, which follows the message, keeps its lines)."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # logging's name
-        record.message = record.message.translate(_CONTROL)
+        if not record.message.isprintable():  # one C pass; escaping only when it is needed
+            record.message = record.message.translate(_CONTROL)
         return super().formatMessage(record)
 
 
